@@ -1,0 +1,1 @@
+//! Placeholder: the container registry (being written).

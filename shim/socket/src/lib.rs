@@ -1,0 +1,1 @@
+//! libfsocket.so
