@@ -1,1 +1,0 @@
-//! Placeholder: the container registry (being written).

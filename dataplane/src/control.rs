@@ -1,0 +1,409 @@
+//! The router's control thread: accepts shims on `router.sock` and runs the attach handshake,
+//! answers the control socket `router.ctl`, and turns SIGTERM into a clean shutdown. It blocks
+//! in poll(2) and never touches a shard's rings: shards get work through their inboxes.
+
+use crate::attachment::Attachment;
+use crate::shard::{AttachedTable, ShardCommand, ShardHandle};
+use crate::sys;
+use freeflow_proto::attach::{Hello, HelloError, Refusal, Welcome, HELLO_LEN};
+use freeflow_proto::control::{
+    self as ctl, AttachedStatus, ContainerEntry, ControlRequest, ControlResponse, RouterStatus,
+    ShardStatus,
+};
+use freeflow_proto::fdpass;
+use freeflow_proto::identity::NetnsId;
+use freeflow_proto::RingGeometry;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// How long a connected shim may take to send its hello.
+const HELLO_DEADLINE: Duration = Duration::from_secs(2);
+/// Most handshakes in progress at once; more are refused as busy.
+const MAX_PENDING: usize = 256;
+/// How long one control-socket exchange may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct Pending {
+    conn: OwnedFd,
+    deadline: Instant,
+}
+
+pub struct ControlThread {
+    pub attach_listener: OwnedFd,
+    pub control_listener: std::os::unix::net::UnixListener,
+    pub signals: OwnedFd,
+    pub shards: Vec<ShardHandle>,
+    pub attached: AttachedTable,
+    pub geometry: RingGeometry,
+    pub started: Instant,
+    table: HashMap<NetnsId, ContainerEntry>,
+    pending: Vec<Pending>,
+    next_id: u32,
+    accepted: u64,
+    refused: u64,
+}
+
+impl ControlThread {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        attach_listener: OwnedFd,
+        control_listener: std::os::unix::net::UnixListener,
+        signals: OwnedFd,
+        shards: Vec<ShardHandle>,
+        attached: AttachedTable,
+        geometry: RingGeometry,
+    ) -> ControlThread {
+        ControlThread {
+            attach_listener,
+            control_listener,
+            signals,
+            shards,
+            attached,
+            geometry,
+            started: Instant::now(),
+            table: HashMap::new(),
+            pending: Vec::new(),
+            next_id: 1,
+            accepted: 0,
+            refused: 0,
+        }
+    }
+
+    /// Serves until a termination signal or a shutdown request.
+    pub fn run(&mut self) -> io::Result<()> {
+        loop {
+            let now = Instant::now();
+            self.expire_pending(now);
+            let timeout = self
+                .pending
+                .iter()
+                .map(|p| p.deadline.saturating_duration_since(now).as_millis() as i32 + 1)
+                .min()
+                .unwrap_or(-1);
+            let mut fds = vec![
+                (self.signals.as_raw_fd(), libc::POLLIN),
+                (self.attach_listener.as_raw_fd(), libc::POLLIN),
+                (self.control_listener.as_raw_fd(), libc::POLLIN),
+            ];
+            fds.extend(
+                self.pending
+                    .iter()
+                    .map(|p| (p.conn.as_raw_fd(), libc::POLLIN)),
+            );
+            let revents = sys::poll(&fds, timeout)?;
+            if revents[0] != 0 {
+                if let Some(sig) = sys::read_signal(&self.signals) {
+                    eprintln!("freeflow-router: signal {sig}, shutting down");
+                    return Ok(());
+                }
+            }
+            // Handshakes first (indices shift as they are removed: walk backwards).
+            for i in (0..self.pending.len()).rev() {
+                if revents[3 + i] != 0 {
+                    let pending = self.pending.swap_remove(i);
+                    self.handshake(pending.conn);
+                }
+            }
+            if revents[1] != 0 {
+                self.accept_shims();
+            }
+            if revents[2] != 0 && self.serve_control()? {
+                eprintln!("freeflow-router: shutdown requested");
+                return Ok(());
+            }
+        }
+    }
+
+    fn expire_pending(&mut self, now: Instant) {
+        let before = self.pending.len();
+        self.pending.retain(|p| p.deadline > now);
+        let expired = before - self.pending.len();
+        if expired > 0 {
+            self.refused += expired as u64;
+            eprintln!(
+                "freeflow-router: dropped {expired} connection(s) that sent no hello in time"
+            );
+        }
+    }
+
+    fn accept_shims(&mut self) {
+        // Accept everything waiting, bounded so a flood cannot starve the rest of the loop.
+        for _ in 0..64 {
+            match fdpass::accept_unix(self.attach_listener.as_fd()) {
+                Ok(conn) => {
+                    if self.pending.len() >= MAX_PENDING {
+                        self.refuse(
+                            &conn,
+                            Refusal::Busy,
+                            "too many attaches in progress, retry".into(),
+                        );
+                        continue;
+                    }
+                    self.pending.push(Pending {
+                        conn,
+                        deadline: Instant::now() + HELLO_DEADLINE,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    eprintln!("freeflow-router: accept on router.sock: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn refuse(&mut self, conn: &OwnedFd, reason: Refusal, message: String) {
+        self.refused += 1;
+        eprintln!("freeflow-router: refused attach ({reason:?}): {message}");
+        let _ = fdpass::send_with_fds(
+            conn.as_fd(),
+            &Welcome::Refused { reason, message }.encode(),
+            &[],
+        );
+    }
+
+    fn handshake(&mut self, conn: OwnedFd) {
+        let mut buf = [0u8; HELLO_LEN + 1];
+        let got = match fdpass::recv_with_fds(conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.pending.push(Pending {
+                    conn,
+                    deadline: Instant::now() + HELLO_DEADLINE,
+                });
+                return;
+            }
+            Err(_) => return,
+        };
+        if got.len == 0 && got.fds.is_empty() {
+            return; // the peer left mid-handshake
+        }
+        if !got.fds.is_empty() || got.truncated {
+            return self.refuse(
+                &conn,
+                Refusal::Malformed,
+                "hello must be 16 bytes and carry no fds".into(),
+            );
+        }
+        let kind = match Hello::decode(&buf[..got.len]) {
+            Ok((_, kind)) => kind,
+            Err(e @ HelloError::Version { .. }) => {
+                return self.refuse(&conn, Refusal::VersionMismatch, e.to_string())
+            }
+            Err(e) => return self.refuse(&conn, Refusal::Malformed, e.to_string()),
+        };
+        let pid = match fdpass::peer_credentials(conn.as_fd()) {
+            Ok(cred) => cred.pid,
+            Err(e) => {
+                return self.refuse(
+                    &conn,
+                    Refusal::Internal,
+                    format!("cannot identify the caller: {e}"),
+                )
+            }
+        };
+        let netns = match NetnsId::of_pid(pid) {
+            Ok(ns) => ns,
+            Err(e) => {
+                return self.refuse(
+                    &conn,
+                    Refusal::Internal,
+                    format!("cannot read the network namespace of pid {pid}: {e}"),
+                )
+            }
+        };
+        let Some(container) = self.table.get(&netns).cloned() else {
+            return self.refuse(
+                &conn,
+                Refusal::NotRegistered,
+                format!(
+                    "pid {pid} is in network namespace net:[{}], which no registered container uses; \
+                     register it with `freeflow container add`",
+                    netns.ino
+                ),
+            );
+        };
+        let Some(shard) = self
+            .shards
+            .iter()
+            .min_by_key(|s| s.stats.attached.load(Ordering::Relaxed))
+        else {
+            return self.refuse(&conn, Refusal::Internal, "router has no shards".into());
+        };
+        let (shard_index, bell) = (shard.index, shard.bell.clone());
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let (attachment, memfd) =
+            match Attachment::create(id, container.clone(), pid, kind, conn, self.geometry) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // The connection moved into the failed call and is closed: the shim sees EOF.
+                    self.refused += 1;
+                    eprintln!(
+                        "freeflow-router: cannot create region for {}: {e}",
+                        container.name
+                    );
+                    return;
+                }
+            };
+        let welcome = Welcome::Accepted {
+            shard: shard_index as u16,
+            attachment_id: id,
+            ip: container.ip,
+            container: container.name.clone(),
+            tenant: container.tenant.clone(),
+        };
+        if let Err(e) = fdpass::send_with_fds(
+            attachment.conn.as_fd(),
+            &welcome.encode(),
+            &[memfd.as_fd(), bell.as_fd()],
+        ) {
+            eprintln!("freeflow-router: welcome to pid {pid} failed: {e}");
+            return;
+        }
+        drop(memfd);
+        if let Ok(mut table) = self.attached.lock() {
+            table.insert(
+                id,
+                AttachedStatus {
+                    id,
+                    container: container.name.clone(),
+                    pid,
+                    shard: shard_index,
+                    kind: kind.name().into(),
+                },
+            );
+        }
+        if self.shards[shard_index]
+            .send(ShardCommand::Adopt(Box::new(attachment)))
+            .is_err()
+        {
+            eprintln!("freeflow-router: shard {shard_index} inbox full; dropping attachment {id}");
+            if let Ok(mut table) = self.attached.lock() {
+                table.remove(&id);
+            }
+            return;
+        }
+        self.accepted += 1;
+        eprintln!(
+            "freeflow-router: attached {id}: container {} (tenant {}, {}) pid {pid} as {} on shard {shard_index}",
+            container.name,
+            container.tenant,
+            container.ip,
+            kind.name()
+        );
+    }
+
+    /// Serves one control connection. Returns true if it asked for shutdown.
+    fn serve_control(&mut self) -> io::Result<bool> {
+        let (stream, _) = match self.control_listener.accept() {
+            Ok(pair) => pair,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => {
+                eprintln!("freeflow-router: accept on router.ctl: {e}");
+                return Ok(false);
+            }
+        };
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
+        stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
+        let mut reader = io::BufReader::new(&stream);
+        let request: Option<ControlRequest> = match ctl::read_line(&mut reader) {
+            Ok(r) => r,
+            Err(e) => {
+                let mut w = &stream;
+                let _ = ctl::write_line(
+                    &mut w,
+                    &ControlResponse::Error {
+                        message: e.to_string(),
+                    },
+                );
+                return Ok(false);
+            }
+        };
+        let Some(request) = request else {
+            return Ok(false);
+        };
+        let (response, shutdown) = match request {
+            ControlRequest::SetContainers { containers } => {
+                (self.set_containers(containers), false)
+            }
+            ControlRequest::Status => (ControlResponse::Status(self.status()), false),
+            ControlRequest::Shutdown => (ControlResponse::Ok, true),
+        };
+        let mut w = &stream;
+        let _ = ctl::write_line(&mut w, &response);
+        Ok(shutdown)
+    }
+
+    fn set_containers(&mut self, containers: Vec<ContainerEntry>) -> ControlResponse {
+        let mut table = HashMap::new();
+        for c in containers {
+            if let Some(other) = table.insert(c.netns, c.clone()) {
+                return ControlResponse::Error {
+                    message: format!(
+                        "containers {} and {} share a network namespace",
+                        other.name, c.name
+                    ),
+                };
+            }
+        }
+        // Detach attachments whose container is gone or changed.
+        let stale: Vec<(u32, usize)> = match self.attached.lock() {
+            Ok(attached) => attached
+                .values()
+                .filter(|a| {
+                    !table
+                        .values()
+                        .any(|c: &ContainerEntry| c.name == a.container)
+                })
+                .map(|a| (a.id, a.shard))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for (id, shard) in stale {
+            let _ = self.shards[shard].send(ShardCommand::Detach(id));
+        }
+        eprintln!(
+            "freeflow-router: serving {} registered container(s)",
+            table.len()
+        );
+        self.table = table;
+        ControlResponse::Ok
+    }
+
+    fn status(&self) -> RouterStatus {
+        let mut attached: Vec<AttachedStatus> = self
+            .attached
+            .lock()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
+        attached.sort_by_key(|a| a.id);
+        RouterStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            shards: self
+                .shards
+                .iter()
+                .map(|s| ShardStatus {
+                    index: s.index,
+                    core: s.core,
+                    attached: s.stats.attached.load(Ordering::Relaxed),
+                    requests: s.stats.requests.load(Ordering::Relaxed),
+                    wakeups: s.stats.wakeups.load(Ordering::Relaxed),
+                    parks: s.stats.parks.load(Ordering::Relaxed),
+                    protocol_errors: s.stats.protocol_errors.load(Ordering::Relaxed),
+                })
+                .collect(),
+            registered: self.table.len(),
+            attached,
+            attaches_accepted: self.accepted,
+            attaches_refused: self.refused,
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! A shard: one thread pinned to one core, serving its attachments run-to-completion.
+//!
+//! Loop: adopt or drop attachments handed over by the control thread, visit every
+//! attachment's request ring, reap io_uring completions (hang-ups of attach connections and the
+//! shard's doorbell), submit what was queued in one batch. After `spin` without work, park: raise
+//! the parked flag on every request ring, look once more, and block in io_uring until the
+//! doorbell or a connection fires. Idle costs no CPU; a shim rings the doorbell only when it
+//! finds the flag raised.
+
+use crate::attachment::Attachment;
+use crate::uring::Uring;
+use crossbeam_queue::ArrayQueue;
+use freeflow_proto::doorbell::EventFd;
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Work handed to a shard by the control thread.
+pub enum ShardCommand {
+    Adopt(Box<Attachment>),
+    Detach(u32),
+}
+
+/// Counters a shard publishes; written only by the shard, read by the control thread.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub attached: AtomicUsize,
+    pub requests: AtomicU64,
+    pub wakeups: AtomicU64,
+    pub parks: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+/// Handle the control thread keeps for each shard.
+pub struct ShardHandle {
+    pub index: usize,
+    pub core: Option<usize>,
+    pub bell: Arc<EventFd>,
+    pub inbox: Arc<ArrayQueue<ShardCommand>>,
+    pub stats: Arc<ShardStats>,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl ShardHandle {
+    /// Queues a command and wakes the shard. Gives the command back if the inbox is full.
+    pub fn send(&self, command: ShardCommand) -> Result<(), ShardCommand> {
+        self.inbox.push(command)?;
+        if let Err(e) = self.bell.ring() {
+            eprintln!("freeflow-router: shard {} doorbell: {e}", self.index);
+        }
+        Ok(())
+    }
+}
+
+/// Shared view of which attachments exist, for status; touched only on attach and detach.
+pub type AttachedTable = Arc<Mutex<HashMap<u32, freeflow_proto::control::AttachedStatus>>>;
+
+const BELL_TAG: u64 = 0;
+
+fn conn_tag(slot: usize, generation: u32) -> u64 {
+    ((slot as u64 + 1) << 32) | generation as u64
+}
+
+struct Slot {
+    attachment: Attachment,
+    generation: u32,
+}
+
+pub struct Shard {
+    index: usize,
+    bell: Arc<EventFd>,
+    inbox: Arc<ArrayQueue<ShardCommand>>,
+    stats: Arc<ShardStats>,
+    stop: Arc<AtomicBool>,
+    attached_table: AttachedTable,
+    spin: Duration,
+    uring: Uring,
+    slots: Vec<Option<Slot>>,
+    next_generation: u32,
+    served_total: u64,
+}
+
+impl Shard {
+    pub fn new(
+        handle: &ShardHandle,
+        attached_table: AttachedTable,
+        spin: Duration,
+    ) -> std::io::Result<Shard> {
+        let mut uring = Uring::new(256)?;
+        uring.poll_add(
+            handle.bell.as_fd().as_raw_fd(),
+            libc::POLLIN as u32,
+            BELL_TAG,
+        )?;
+        Ok(Shard {
+            index: handle.index,
+            bell: handle.bell.clone(),
+            inbox: handle.inbox.clone(),
+            stats: handle.stats.clone(),
+            stop: handle.stop.clone(),
+            attached_table,
+            spin,
+            uring,
+            slots: Vec::new(),
+            next_generation: 1,
+            served_total: 0,
+        })
+    }
+
+    /// Runs until the stop flag is raised; then drops every attachment (closing their
+    /// connections, which tells the shims).
+    pub fn run(mut self) {
+        let mut idle_since = Instant::now();
+        let mut spins: u32 = 0;
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut work = self.take_commands();
+            work += self.visit_all();
+            if self.uring.has_completions() {
+                work += self.reap();
+            }
+            if let Err(e) = self.uring.submit_queued() {
+                eprintln!(
+                    "freeflow-router: shard {}: io_uring submit: {e}",
+                    self.index
+                );
+            }
+            if work > 0 {
+                spins = 0;
+                idle_since = Instant::now();
+                continue;
+            }
+            spins = spins.wrapping_add(1);
+            // Reading the clock on every empty pass would cost more than the pass itself.
+            if spins % 128 != 0 || idle_since.elapsed() < self.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.park();
+            spins = 0;
+            idle_since = Instant::now();
+        }
+        let ids: Vec<u32> = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| s.attachment.id)
+            .collect();
+        for id in ids {
+            self.detach_id(id, "router shutting down");
+        }
+    }
+
+    fn take_commands(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(command) = self.inbox.pop() {
+            n += 1;
+            match command {
+                ShardCommand::Adopt(attachment) => self.adopt(*attachment),
+                ShardCommand::Detach(id) => self.detach_id(id, "container unregistered"),
+            }
+        }
+        n
+    }
+
+    fn adopt(&mut self, attachment: Attachment) {
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let index = match self.slots.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let fd = attachment.conn.as_raw_fd();
+        if let Err(e) = self.uring.poll_add(
+            fd,
+            (libc::POLLIN | libc::POLLRDHUP) as u32,
+            conn_tag(index, generation),
+        ) {
+            eprintln!(
+                "freeflow-router: shard {}: cannot watch attachment {}: {e}",
+                self.index, attachment.id
+            );
+            self.forget(attachment.id);
+            return;
+        }
+        self.slots[index] = Some(Slot {
+            attachment,
+            generation,
+        });
+        self.stats.attached.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn visit_all(&mut self) -> usize {
+        let mut served = 0;
+        let mut broken = Vec::new();
+        for slot in self.slots.iter_mut().flatten() {
+            match slot.attachment.visit() {
+                Ok(v) => served += v.served,
+                Err(e) => broken.push((slot.attachment.id, e)),
+            }
+        }
+        for (id, e) in broken {
+            self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            self.detach_id(id, &format!("ring protocol violation: {e}"));
+        }
+        if served > 0 {
+            self.served_total += served as u64;
+            self.stats
+                .requests
+                .store(self.served_total, Ordering::Relaxed);
+        }
+        served
+    }
+
+    fn reap(&mut self) -> usize {
+        let mut events = Vec::new();
+        let n = self.uring.drain(|tag, result| events.push((tag, result)));
+        for (tag, result) in events {
+            if tag == BELL_TAG {
+                self.bell.drain();
+                if let Err(e) = self.uring.poll_add(
+                    self.bell.as_fd().as_raw_fd(),
+                    libc::POLLIN as u32,
+                    BELL_TAG,
+                ) {
+                    eprintln!(
+                        "freeflow-router: shard {}: re-arming doorbell: {e}",
+                        self.index
+                    );
+                }
+                continue;
+            }
+            let index = (tag >> 32) as usize - 1;
+            let generation = tag as u32;
+            let Some(Some(slot)) = self.slots.get(index) else {
+                continue;
+            };
+            if slot.generation != generation {
+                continue; // a completion for an attachment that is gone
+            }
+            if result == -libc::ECANCELED {
+                continue;
+            }
+            self.on_connection_event(index);
+        }
+        n
+    }
+
+    /// The attach connection is readable or hung up. After the handshake a shim sends nothing
+    /// on it, so anything but "would block" ends the attachment.
+    fn on_connection_event(&mut self, index: usize) {
+        let Some(slot) = self.slots[index].as_ref() else {
+            return;
+        };
+        let id = slot.attachment.id;
+        let mut byte = [0u8; 64];
+        match crate::sys::recv_nonblocking(&slot.attachment.conn, &mut byte) {
+            Ok(None) => {
+                let (fd, generation) = (slot.attachment.conn.as_raw_fd(), slot.generation);
+                if self
+                    .uring
+                    .poll_add(
+                        fd,
+                        (libc::POLLIN | libc::POLLRDHUP) as u32,
+                        conn_tag(index, generation),
+                    )
+                    .is_err()
+                {
+                    self.detach_id(id, "cannot re-arm connection watch");
+                }
+            }
+            Ok(Some(0)) | Err(_) => self.detach_id(id, "process went away"),
+            Ok(Some(_)) => {
+                self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                self.detach_id(id, "unexpected message on attach connection");
+            }
+        }
+    }
+
+    fn detach_id(&mut self, id: u32, why: &str) {
+        let Some(index) = self
+            .slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.attachment.id == id))
+        else {
+            return;
+        };
+        let slot = self.slots[index].take().expect("found above");
+        // The poll on this connection may still be in flight: cancel it and submit before the
+        // fd closes, so the kernel never sees a stale fd number in a queued entry.
+        let _ = self.uring.cancel(conn_tag(index, slot.generation));
+        let _ = self.uring.submit_queued();
+        let a = &slot.attachment;
+        eprintln!(
+            "freeflow-router: shard {}: detached {} ({} shim of container {}, pid {}): {why}",
+            self.index,
+            a.id,
+            a.kind.name(),
+            a.container.name,
+            a.pid
+        );
+        drop(slot);
+        self.forget(id);
+        self.stats.attached.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn forget(&self, id: u32) {
+        if let Ok(mut table) = self.attached_table.lock() {
+            table.remove(&id);
+        }
+    }
+
+    /// Parks until the doorbell rings or a connection event arrives. Aborts the park if any
+    /// request ring turns out not to be empty once its flag is up.
+    fn park(&mut self) {
+        let mut raised = 0;
+        let mut busy = false;
+        let mut broken = Vec::new();
+        for slot in self.slots.iter_mut().flatten() {
+            match slot.attachment.prepare_park() {
+                Ok(true) => raised += 1,
+                Ok(false) => {
+                    busy = true;
+                    break;
+                }
+                Err(e) => broken.push((slot.attachment.id, e)),
+            }
+        }
+        let _ = raised;
+        if !busy && broken.is_empty() && self.inbox.is_empty() && !self.stop.load(Ordering::Relaxed)
+        {
+            self.stats.parks.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.uring.submit_and_wait() {
+                eprintln!("freeflow-router: shard {}: io_uring wait: {e}", self.index);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+        }
+        for slot in self.slots.iter().flatten() {
+            slot.attachment.unpark();
+        }
+        for (id, e) in broken {
+            self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            self.detach_id(id, &format!("ring protocol violation: {e}"));
+        }
+    }
+}

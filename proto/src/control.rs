@@ -1,0 +1,119 @@
+//! The router's control socket (`$FREEFLOW_DIR/router.ctl`, root only): JSON, one object per
+//! line, one request and one response at a time. Used by the control daemon, the CLI and bench.
+
+use crate::identity::NetnsId;
+use serde::{Deserialize, Serialize};
+use std::io::{self, BufRead, Write};
+use std::net::Ipv4Addr;
+
+/// Longest line either side accepts.
+pub const MAX_LINE: usize = 4 << 20;
+
+/// A container the router serves: the attach check matches callers against these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerEntry {
+    pub name: String,
+    pub tenant: String,
+    pub ip: Ipv4Addr,
+    pub netns: NetnsId,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Replaces the table of containers; attached containers no longer in it are detached.
+    SetContainers { containers: Vec<ContainerEntry> },
+    /// Asks for [`RouterStatus`].
+    Status,
+    /// Stops the router cleanly.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ControlResponse {
+    Ok,
+    Status(RouterStatus),
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterStatus {
+    pub pid: u32,
+    pub version: String,
+    pub uptime_ms: u64,
+    pub shards: Vec<ShardStatus>,
+    pub registered: usize,
+    pub attached: Vec<AttachedStatus>,
+    pub attaches_accepted: u64,
+    pub attaches_refused: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub index: usize,
+    pub core: Option<usize>,
+    pub attached: usize,
+    pub requests: u64,
+    pub wakeups: u64,
+    pub parks: u64,
+    pub protocol_errors: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttachedStatus {
+    pub id: u32,
+    pub container: String,
+    pub pid: i32,
+    pub shard: usize,
+    pub kind: String,
+}
+
+/// Writes one message as a line.
+pub fn write_line<T: Serialize>(w: &mut impl Write, value: &T) -> io::Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line)?;
+    w.flush()
+}
+
+/// Reads one line (bounded by [`MAX_LINE`]) and parses it. `Ok(None)` at end of stream.
+pub fn read_line<T: for<'de> Deserialize<'de>>(r: &mut impl BufRead) -> io::Result<Option<T>> {
+    let mut line = Vec::new();
+    let n = io::Read::take(&mut *r, MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "control line too long or cut short",
+        ));
+    }
+    serde_json::from_slice(&line).map(Some).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad control message: {e}"),
+        )
+    })
+}
+
+/// Sends one request to the router's control socket at `path` and returns its response.
+pub fn call(
+    path: &std::path::Path,
+    request: &ControlRequest,
+    timeout: std::time::Duration,
+) -> io::Result<ControlResponse> {
+    let stream = std::os::unix::net::UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut writer = &stream;
+    write_line(&mut writer, request)?;
+    let mut reader = io::BufReader::new(&stream);
+    read_line(&mut reader)?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "router closed the control connection",
+        )
+    })
+}

@@ -1,0 +1,89 @@
+//! Messages carried in ring slots: a 16-byte header and a body that fills the rest of the slot.
+//!
+//! All fields are little-endian and decoded from a private copy of the slot, never read in
+//! place. `len` is checked against the slot size by whoever decodes it.
+
+/// Bytes of the header at the start of every slot.
+pub const HEADER_LEN: usize = 16;
+
+/// Set in the opcode of every reply.
+pub const REPLY: u16 = 0x8000;
+
+/// Request opcodes.
+pub mod op {
+    /// Echo the body back (latency measurements, liveness).
+    pub const PING: u16 = 1;
+    /// Consume without reply (one-way throughput measurements).
+    pub const NOP: u16 = 2;
+    /// Reply with the number of NOPs consumed since the previous FLUSH (body: u64).
+    pub const FLUSH: u16 = 3;
+}
+
+/// Reply status codes.
+pub mod status {
+    pub const OK: u16 = 0;
+    /// The router does not know this opcode.
+    pub const UNKNOWN_OP: u16 = 1;
+    /// `len` does not fit the slot or the opcode's body.
+    pub const BAD_LENGTH: u16 = 2;
+}
+
+/// The fixed header of a slot message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MsgHeader {
+    pub opcode: u16,
+    pub status: u16,
+    /// Body bytes following the header.
+    pub len: u32,
+    /// Chosen by the requester, echoed in the reply.
+    pub cookie: u64,
+}
+
+impl MsgHeader {
+    /// Writes the header into the first [`HEADER_LEN`] bytes of `buf`.
+    pub fn encode(&self, buf: &mut [u8]) {
+        buf[0..2].copy_from_slice(&self.opcode.to_le_bytes());
+        buf[2..4].copy_from_slice(&self.status.to_le_bytes());
+        buf[4..8].copy_from_slice(&self.len.to_le_bytes());
+        buf[8..16].copy_from_slice(&self.cookie.to_le_bytes());
+    }
+
+    /// Reads a header from the first [`HEADER_LEN`] bytes of `buf`.
+    pub fn decode(buf: &[u8]) -> MsgHeader {
+        MsgHeader {
+            opcode: u16::from_le_bytes([buf[0], buf[1]]),
+            status: u16::from_le_bytes([buf[2], buf[3]]),
+            len: u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes")),
+            cookie: u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes")),
+        }
+    }
+
+    /// The body of a message of this header inside `slot`, if its length fits.
+    pub fn body<'a>(&self, slot: &'a [u8]) -> Option<&'a [u8]> {
+        let end = HEADER_LEN.checked_add(self.len as usize)?;
+        slot.get(HEADER_LEN..end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_bounds_body() {
+        let h = MsgHeader {
+            opcode: op::PING,
+            status: 7,
+            len: 5,
+            cookie: u64::MAX - 3,
+        };
+        let mut slot = [0u8; 64];
+        h.encode(&mut slot);
+        assert_eq!(MsgHeader::decode(&slot), h);
+        assert_eq!(h.body(&slot).map(<[u8]>::len), Some(5));
+        let too_long = MsgHeader { len: 49, ..h };
+        assert!(too_long.body(&slot).is_none());
+        let huge = MsgHeader { len: u32::MAX, ..h };
+        assert!(huge.body(&slot).is_none());
+    }
+}

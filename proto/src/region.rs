@@ -1,0 +1,306 @@
+//! The shared region of one attachment: a sealed memfd holding a header and a set of rings.
+//!
+//! The router creates the memfd, sizes it, seals its size (so a container cannot shrink it and
+//! make the router's accesses fault with SIGBUS), writes the header and passes the fd to the shim,
+//! which maps it and validates the header against the file's real size before using it. The
+//! router never reads the header back: it addresses the rings with the layout it created.
+
+use crate::ring::RingGeometry;
+use crate::RingMemory;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// An `mmap`ed range, unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Mapping is an address range; it is only reached through atomics or the ring
+// protocol's exclusive slot ownership, so sharing it between threads is sound.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` shared, readable and writable.
+    pub fn map_fd(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        Self::map(Some(fd), len)
+    }
+
+    /// Anonymous shared memory, inherited across fork (for tests and single-process use).
+    pub fn anonymous_shared(len: usize) -> io::Result<Self> {
+        Self::map(None, len)
+    }
+
+    fn map(fd: Option<BorrowedFd<'_>>, len: usize) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        }
+        let (flags, raw) = match fd {
+            Some(fd) => (libc::MAP_SHARED, fd.as_raw_fd()),
+            None => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1),
+        };
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL) aliases no Rust object; the
+        // arguments are plain values and the result is checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `len` bytes at `offset` out of the mapping.
+    fn read_bytes(&self, offset: usize, out: &mut [u8]) {
+        assert!(offset + out.len() <= self.len);
+        // SAFETY: the range is inside the mapping (asserted); bytes are copied as plain data.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+    }
+
+    /// Copies `data` into the mapping at `offset`.
+    fn write_bytes(&self, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= self.len);
+        // SAFETY: the range is inside the mapping (asserted); the source is a separate buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+        };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned, and no reference into the range can
+        // outlive self (RingMemory holds an Arc<Mapping>).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Magic at offset 0 of every region.
+pub const REGION_MAGIC: [u8; 8] = *b"FFREGN\0\x01";
+/// Layout version of the region header.
+pub const REGION_VERSION: u32 = 1;
+/// Most rings one region can hold.
+pub const MAX_RINGS: usize = 8;
+/// Bytes reserved for the header; rings start here.
+pub const HEADER_SIZE: usize = 256;
+/// Largest region the shim accepts (a sanity bound on what a router may ask it to map).
+pub const MAX_REGION_SIZE: usize = 1 << 30;
+
+/// Errors setting up or attaching a region.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error("{op} failed: {source}")]
+    Os {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid region: {0}")]
+    Invalid(String),
+}
+
+fn os(op: &'static str) -> impl FnOnce(io::Error) -> RegionError {
+    move |source| RegionError::Os { op, source }
+}
+
+/// A mapped region with its validated ring layout.
+#[derive(Debug, Clone)]
+pub struct SharedRegion {
+    mapping: Arc<Mapping>,
+    rings: Vec<(usize, RingGeometry)>,
+}
+
+/// Offsets for `rings` laid out after the header, each 128-byte aligned, and the total size
+/// rounded up to a page.
+fn layout(rings: &[RingGeometry]) -> Result<(Vec<(usize, RingGeometry)>, usize), RegionError> {
+    if rings.is_empty() || rings.len() > MAX_RINGS {
+        return Err(RegionError::Invalid(format!(
+            "{} rings, expected 1..={MAX_RINGS}",
+            rings.len()
+        )));
+    }
+    let mut offset = HEADER_SIZE;
+    let mut placed = Vec::with_capacity(rings.len());
+    for &geometry in rings {
+        let geometry = geometry.validate().map_err(RegionError::Invalid)?;
+        placed.push((offset, geometry));
+        offset = (offset + geometry.byte_len()).next_multiple_of(128);
+    }
+    let size = offset.next_multiple_of(4096);
+    if size > MAX_REGION_SIZE {
+        return Err(RegionError::Invalid(format!(
+            "region of {size} bytes is too large"
+        )));
+    }
+    Ok((placed, size))
+}
+
+impl SharedRegion {
+    /// Creates a sealed memfd laid out with `rings` (router side). Returns the mapped region and
+    /// the fd to pass to the other process.
+    pub fn create(
+        name: &str,
+        rings: &[RingGeometry],
+    ) -> Result<(SharedRegion, OwnedFd), RegionError> {
+        let (placed, size) = layout(rings)?;
+        let cname = std::ffi::CString::new(name)
+            .map_err(|_| RegionError::Invalid("name has NUL".into()))?;
+        // SAFETY: cname is a valid NUL-terminated string; flags are constants.
+        let raw = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if raw < 0 {
+            return Err(os("memfd_create")(io::Error::last_os_error()));
+        }
+        // SAFETY: raw is a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: plain syscall on an fd we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+            return Err(os("ftruncate")(io::Error::last_os_error()));
+        }
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: plain fcntl on an fd we own.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(os("F_ADD_SEALS")(io::Error::last_os_error()));
+        }
+        let mapping = Arc::new(Mapping::map_fd(fd.as_fd(), size).map_err(os("mmap"))?);
+        let mut header = [0u8; HEADER_SIZE];
+        header[0..8].copy_from_slice(&REGION_MAGIC);
+        header[8..12].copy_from_slice(&REGION_VERSION.to_le_bytes());
+        header[12..16].copy_from_slice(&(placed.len() as u32).to_le_bytes());
+        header[16..24].copy_from_slice(&(size as u64).to_le_bytes());
+        for (i, (offset, geometry)) in placed.iter().enumerate() {
+            let at = 32 + i * 16;
+            header[at..at + 8].copy_from_slice(&(*offset as u64).to_le_bytes());
+            header[at + 8..at + 12].copy_from_slice(&geometry.slot_size.to_le_bytes());
+            header[at + 12..at + 16].copy_from_slice(&geometry.slot_count.to_le_bytes());
+        }
+        mapping.write_bytes(0, &header);
+        Ok((
+            SharedRegion {
+                mapping,
+                rings: placed,
+            },
+            fd,
+        ))
+    }
+
+    /// Maps a region received from the router (shim side) and validates its header against the
+    /// file's real size and seals.
+    pub fn attach(fd: BorrowedFd<'_>) -> Result<SharedRegion, RegionError> {
+        // SAFETY: fstat writes into the zeroed stat buffer we pass; the fd is borrowed and open.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(os("fstat")(io::Error::last_os_error()));
+        }
+        let size = usize::try_from(st.st_size).unwrap_or(0);
+        if !(HEADER_SIZE..=MAX_REGION_SIZE).contains(&size) {
+            return Err(RegionError::Invalid(format!("region file of {size} bytes")));
+        }
+        // SAFETY: plain fcntl query on a borrowed open fd.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(RegionError::Invalid(
+                "region file is not sealed against shrinking".into(),
+            ));
+        }
+        let mapping = Arc::new(Mapping::map_fd(fd, size).map_err(os("mmap"))?);
+        let mut header = [0u8; HEADER_SIZE];
+        mapping.read_bytes(0, &mut header);
+        let u32_at =
+            |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at =
+            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        if header[0..8] != REGION_MAGIC {
+            return Err(RegionError::Invalid("bad magic".into()));
+        }
+        if u32_at(8) != REGION_VERSION {
+            return Err(RegionError::Invalid(format!(
+                "region version {}, this build speaks {REGION_VERSION}",
+                u32_at(8)
+            )));
+        }
+        let count = u32_at(12) as usize;
+        let declared = u64_at(16);
+        if declared != size as u64 {
+            return Err(RegionError::Invalid(format!(
+                "header says {declared} bytes, file has {size}"
+            )));
+        }
+        let geometries: Vec<RingGeometry> = (0..count.min(MAX_RINGS + 1))
+            .map(|i| RingGeometry {
+                slot_size: u32_at(32 + i * 16 + 8),
+                slot_count: u32_at(32 + i * 16 + 12),
+            })
+            .collect();
+        let (placed, expected_size) = layout(&geometries)?;
+        for (i, (offset, _)) in placed.iter().enumerate() {
+            if u64_at(32 + i * 16) != *offset as u64 {
+                return Err(RegionError::Invalid(format!(
+                    "ring {i} at an unexpected offset"
+                )));
+            }
+        }
+        if expected_size != size {
+            return Err(RegionError::Invalid(format!(
+                "layout needs {expected_size} bytes, file has {size}"
+            )));
+        }
+        Ok(SharedRegion {
+            mapping,
+            rings: placed,
+        })
+    }
+
+    /// Number of rings.
+    pub fn ring_count(&self) -> usize {
+        self.rings.len()
+    }
+
+    /// Handle on ring `index`.
+    pub fn ring(&self, index: usize) -> Result<RingMemory, RegionError> {
+        let (offset, geometry) = *self
+            .rings
+            .get(index)
+            .ok_or_else(|| RegionError::Invalid(format!("no ring {index}")))?;
+        RingMemory::new(self.mapping.clone(), offset, geometry).map_err(RegionError::Invalid)
+    }
+
+    /// Total mapped bytes.
+    pub fn byte_len(&self) -> usize {
+        self.mapping.len()
+    }
+}
