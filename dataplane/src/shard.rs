@@ -133,7 +133,7 @@ impl Shard {
             }
             spins = spins.wrapping_add(1);
             // Reading the clock on every empty pass would cost more than the pass itself.
-            if spins % 128 != 0 || idle_since.elapsed() < self.spin {
+            if !spins.is_multiple_of(128) || idle_since.elapsed() < self.spin {
                 std::hint::spin_loop();
                 continue;
             }

@@ -53,9 +53,8 @@ impl EventFd {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: raw is a fresh fd that nothing else owns.
-        Ok(EventFd {
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(EventFd { fd })
     }
 
     /// Wraps an eventfd received from another process.
