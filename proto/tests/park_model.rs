@@ -43,12 +43,11 @@ fn steps(s: State, capacity: u8, total: u8) -> Vec<State> {
     let mut p = s;
     match s.p_pc {
         P_PUSH if s.sent == total => p.p_pc = P_DONE,
-        P_PUSH => {
-            if s.tail - s.head < capacity {
-                p.tail += 1;
-                p.sent += 1;
-                p.p_pc = P_CHECK;
-            } // else: spin (no state change)
+        // With no room the producer spins: no state change.
+        P_PUSH if s.tail - s.head < capacity => {
+            p.tail += 1;
+            p.sent += 1;
+            p.p_pc = P_CHECK;
         }
         P_CHECK => p.p_pc = if s.parked { P_CLAIM } else { P_PUSH },
         P_CLAIM => {
@@ -83,11 +82,10 @@ fn steps(s: State, capacity: u8, total: u8) -> Vec<State> {
             c.c_pc = C_RECHECK;
         }
         C_RECHECK => c.c_pc = if s.tail > s.got { C_UNPARK } else { C_WAIT },
-        C_WAIT => {
-            if s.bell > 0 {
-                c.bell -= 1;
-                c.c_pc = C_UNPARK;
-            } // else: blocked
+        // With no ring of the bell the consumer stays blocked: no state change.
+        C_WAIT if s.bell > 0 => {
+            c.bell -= 1;
+            c.c_pc = C_UNPARK;
         }
         C_UNPARK => {
             c.parked = false;
