@@ -1,1 +1,147 @@
-fn main() {}
+//! freeflow-bench: Freeflow's experiments. Each prints a table, or JSON with `--json`.
+
+mod idle;
+mod ring;
+mod router;
+mod stats;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: freeflow-bench <experiment> [options]
+
+experiments:
+  ring [--json] [--reps N] [--samples N] [--messages N] [--app-core N] [--router-core N]
+      round trip of a request through a shared-memory ring to a router shard and back
+      (p50/p99/p99.9), and one-way throughput of batched messages
+  idle [--json] [--containers N] [--seconds N] [--router-core N]      (root)
+      router CPU with N attached containers that do nothing";
+
+fn cores() -> (usize, usize) {
+    let ids: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let first = ids.first().copied().unwrap_or(0);
+    let last = ids.last().copied().unwrap_or(0);
+    (first, last)
+}
+
+struct Args {
+    json: bool,
+    values: std::collections::HashMap<String, String>,
+}
+
+impl Args {
+    fn parse(args: &[String], allowed: &[&str]) -> Result<Args, String> {
+        let mut json = false;
+        let mut values = std::collections::HashMap::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if a == "--json" {
+                json = true;
+            } else if let Some(name) = a.strip_prefix("--").filter(|n| allowed.contains(n)) {
+                let v = it.next().ok_or(format!("--{name} needs a value"))?;
+                values.insert(name.to_string(), v.clone());
+            } else {
+                return Err(format!("unknown argument {a:?}\n{USAGE}"));
+            }
+        }
+        Ok(Args { json, values })
+    }
+
+    fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
+        match self.values.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| format!("--{name}: bad value {v:?}")),
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(experiment) = argv.first() else {
+        return Err(USAGE.into());
+    };
+    let rest = &argv[1..];
+    let (app_default, router_default) = cores();
+    let mut progress = |msg: &str| eprintln!("[freeflow-bench] {msg}");
+    match experiment.as_str() {
+        "ring" => {
+            let a = Args::parse(
+                rest,
+                &["reps", "samples", "messages", "app-core", "router-core"],
+            )?;
+            let opts = ring::Options {
+                reps: a.get("reps", 5)?,
+                rtt_samples: a.get("samples", 200_000)?,
+                messages: a.get("messages", 20_000_000)?,
+                app_core: a.get("app-core", app_default)?,
+                router_core: a.get("router-core", router_default)?,
+            };
+            let r = ring::run(&opts, &mut progress)?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "ring: app on core {}, router shard on core {}, {}-byte slots, batches of {}",
+                    r.app_core, r.router_core, r.slot_bytes, r.batch
+                );
+                println!("{:<28}{:>14}", "metric (median of reps)", "value");
+                println!("{:<28}{:>11} ns", "round trip p50", r.rtt_p50_ns);
+                println!("{:<28}{:>11} ns", "round trip p99", r.rtt_p99_ns);
+                println!("{:<28}{:>11} ns", "round trip p99.9", r.rtt_p999_ns);
+                println!(
+                    "{:<28}{:>10.1} M/s",
+                    "one-way messages",
+                    r.msgs_per_sec / 1e6
+                );
+                println!(
+                    "{:<28}{:>11.1} ns",
+                    "router CPU per message", r.router_cpu_ns_per_msg
+                );
+            }
+        }
+        "idle" => {
+            let a = Args::parse(rest, &["containers", "seconds", "router-core"])?;
+            let opts = idle::Options {
+                containers: a.get("containers", 50)?,
+                seconds: a.get("seconds", 10)?,
+                router_core: a.get("router-core", router_default)?,
+            };
+            let r = idle::run(&opts, &mut progress)?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "idle: {} attached containers, router used {:.3}% of a core over {:.1} s ({} parks, {} wake-ups)",
+                    r.attached, r.router_cpu_percent, r.seconds, r.router_parks, r.router_wakeups
+                );
+            }
+        }
+        "hold" => {
+            let dir = rest.first().ok_or("hold DIR SECONDS")?;
+            let seconds = rest.get(1).and_then(|s| s.parse().ok()).unwrap_or(60);
+            idle::hold(std::path::Path::new(dir), seconds)?;
+        }
+        "-h" | "--help" | "help" => println!("{USAGE}"),
+        other => return Err(format!("unknown experiment {other:?}\n{USAGE}")),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("freeflow-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -128,10 +128,14 @@ impl Shard {
             }
             if work > 0 {
                 spins = 0;
-                idle_since = Instant::now();
                 continue;
             }
             spins = spins.wrapping_add(1);
+            // The idle clock starts at the first empty pass, so a busy shard reads no clock.
+            if spins == 1 {
+                idle_since = Instant::now();
+                continue;
+            }
             // Reading the clock on every empty pass would cost more than the pass itself.
             if !spins.is_multiple_of(128) || idle_since.elapsed() < self.spin {
                 std::hint::spin_loop();

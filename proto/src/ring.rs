@@ -28,7 +28,7 @@
 //! construction and never re-read from shared memory, and slots are copied out before anyone
 //! looks at them, so a peer that rewrites a slot while it is read cannot change a checked value.
 
-use crate::sync::{fence, AtomicU32, Ordering, Padded};
+use crate::sync::{full_fence, AtomicU32, Ordering, Padded};
 
 /// Control lines at the start of every ring.
 #[repr(C)]
@@ -205,7 +205,7 @@ impl Producer {
         control.tail.0.store(self.tail, Ordering::Release);
         self.published = self.tail;
         // Pairs with the consumer's fence in `Consumer::prepare_park` (see the module comment).
-        fence(Ordering::SeqCst);
+        full_fence();
         if control.parked.0.load(Ordering::Relaxed) != 0
             && control.parked.0.swap(0, Ordering::AcqRel) != 0
         {
@@ -224,6 +224,9 @@ impl Producer {
         &self.mem
     }
 }
+
+/// How many slots ahead the consumer prefetches while draining a batch.
+const PREFETCH_AHEAD: u32 = 4;
 
 /// The consuming end of a ring.
 #[derive(Debug)]
@@ -287,6 +290,12 @@ impl Consumer {
             return Ok(false);
         }
         let len = out.len().min(self.slot_size);
+        // Ask for a slot a few ahead now, so its cross-core transfer overlaps with this one
+        // instead of stalling the next pop.
+        if self.tail_cache.wrapping_sub(self.head) > PREFETCH_AHEAD {
+            self.mem
+                .prefetch_slot(self.head.wrapping_add(PREFETCH_AHEAD) & self.mask);
+        }
         self.mem.read_slot(self.head & self.mask, &mut out[..len]);
         self.head = self.head.wrapping_add(1);
         Ok(true)
@@ -312,7 +321,7 @@ impl Consumer {
         self.release();
         self.mem.control().parked.0.store(1, Ordering::Relaxed);
         // Pairs with the producer's fence in `Producer::publish` (see the module comment).
-        fence(Ordering::SeqCst);
+        full_fence();
         if self.available()? != 0 {
             self.unpark();
             return Ok(false);

@@ -86,6 +86,20 @@ mod mapped {
             unsafe { std::ptr::copy_nonoverlapping(message.as_ptr(), self.slot_ptr(index), len) };
         }
 
+        /// Hints the CPU to start fetching slot `index`.
+        #[inline(always)]
+        pub(crate) fn prefetch_slot(&self, index: u32) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let ptr = self.slot_ptr(index) as *const i8;
+                // SAFETY: a prefetch is a hint with no architectural effect; the address is
+                // inside the mapping (slot_ptr masks the index).
+                unsafe { std::arch::x86_64::_mm_prefetch(ptr, std::arch::x86_64::_MM_HINT_T0) };
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = index;
+        }
+
         pub(crate) fn read_slot(&self, index: u32, out: &mut [u8]) {
             let len = out.len().min(self.geometry.slot_size as usize);
             // SAFETY: as in write_slot, the slot is inside the mapping and len <= slot_size. The
@@ -156,6 +170,8 @@ mod modelled {
                 slot[..message.len()].copy_from_slice(message);
             });
         }
+
+        pub(crate) fn prefetch_slot(&self, _index: u32) {}
 
         pub(crate) fn read_slot(&self, index: u32, out: &mut [u8]) {
             self.inner.slots[index as usize].with(|slot| {
