@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every check CI runs, from a fresh Debian 12 machine with a Rust toolchain: installs the Debian
+# packages the tests use, then formatting, lints, the build, all tests (as root: they build
+# network namespaces) and the loom model of the ring.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/test.sh: the tests build network namespaces; run as root (sudo -E scripts/test.sh)" >&2
+  exit 1
+fi
+
+# Debian packages: ip/bridge (iproute2), ping (iputils-ping), ps/kill (procps), python3 for the
+# shim's preload test.
+packages=(iproute2 iputils-ping procps python3)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "== installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+for c in rustfmt clippy; do
+  if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$c"
+  fi
+done
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo build (the CLI and shim tests use the built binaries and libraries)"
+cargo build --workspace
+echo "== cargo test"
+cargo test --workspace
+echo "== loom model of the ring"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p freeflow-proto --test loom_ring --release
+echo "== all checks passed"
