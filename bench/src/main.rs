@@ -1,6 +1,7 @@
 //! freeflow-bench: Freeflow's experiments. Each prints a table, or JSON with `--json`.
 
 mod idle;
+mod probe;
 mod ring;
 mod router;
 mod stats;
@@ -14,7 +15,10 @@ experiments:
       round trip of a request through a shared-memory ring to a router shard and back
       (p50/p99/p99.9), and one-way throughput of batched messages
   idle [--json] [--containers N] [--seconds N] [--router-core N]      (root)
-      router CPU with N attached containers that do nothing";
+      router CPU with N attached containers that do nothing
+  probe DIR [--json] [--samples N]
+      attach to the router serving DIR from this process's network namespace (a registered
+      container) and time round trips through it; a refusal is printed with the router's reason";
 
 fn cores() -> (usize, usize) {
     let ids: Vec<usize> = core_affinity::get_core_ids()
@@ -122,6 +126,22 @@ fn run() -> Result<(), String> {
                 println!(
                     "idle: {} attached containers, router used {:.3}% of a core over {:.1} s ({} parks, {} wake-ups)",
                     r.attached, r.router_cpu_percent, r.seconds, r.router_parks, r.router_wakeups
+                );
+            }
+        }
+        "probe" => {
+            let dir = rest.first().ok_or("probe DIR")?;
+            let a = Args::parse(&rest[1..], &["samples"])?;
+            let r = probe::run(std::path::Path::new(dir), a.get("samples", 20_000)?)?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "probe: attached as container {} ({}, tenant {}) on shard {}: round trip p50 {} ns, p99 {} ns",
+                    r.container, r.ip, r.tenant, r.shard, r.rtt_p50_ns, r.rtt_p99_ns
                 );
             }
         }
