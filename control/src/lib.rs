@@ -1,4 +1,8 @@
 //! The Freeflow control plane: registry, daemon, supervision, CLI, test topology and demo.
 
+pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod registry;
+pub mod supervise;
 pub mod topology;

@@ -1,0 +1,723 @@
+//! The control daemon of one host: starts `freeflow-router`, keeps its container table in step
+//! with the registry, restarts it with backoff when it dies, and stops it on SIGTERM.
+//!
+//! One loop, single-threaded. It sleeps in poll(2) on a signalfd (SIGTERM, SIGINT, SIGHUP,
+//! SIGCHLD) for at most [`REGISTRY_POLL`], so a dying router wakes it at once (SIGCHLD) and a
+//! registry change is seen within one poll interval. State the CLI shows lives in
+//! `DIR/daemon-status.json`, replaced atomically on every change; liveness is the flock on
+//! `DIR/daemon.lock`, which the kernel drops with the process whatever way it dies.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
+
+use freeflow_proto::control::{self, ContainerEntry, ControlRequest, ControlResponse};
+use freeflow_proto::identity::NetnsId;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, Config, ConfigError, RuntimeDir};
+use crate::registry::{self, Fingerprint, Registry, RegistryError, Snapshot};
+use crate::supervise::{
+    self, exit_reason, format_duration, os, unix_ms_now, Backoff, Router, RouterSpec,
+    SuperviseError,
+};
+
+/// How often the registry's fingerprint is checked.
+pub const REGISTRY_POLL: Duration = Duration::from_millis(200);
+/// How long a starting router may take to report ready.
+pub const ROUTER_READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the router gets to stop after SIGTERM before SIGKILL.
+pub const ROUTER_STOP_GRACE: Duration = Duration::from_secs(5);
+/// Timeout of one exchange on the router's control socket.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+/// A push the router refused is retried this often while the table stays the same.
+const PUSH_RETRY: Duration = Duration::from_secs(2);
+
+/// `state` values in [`DaemonStatus`].
+pub const STATE_STARTING: &str = "starting";
+/// The router is (or was) up and has had its table; the daemon supervises it.
+pub const STATE_READY: &str = "ready";
+/// The daemon is shutting down.
+pub const STATE_STOPPING: &str = "stopping";
+
+/// Errors that stop the daemon (or keep it from starting).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Reading the configuration failed.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The registry cannot be opened or read.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The router could not be found or started.
+    #[error(transparent)]
+    Supervise(#[from] SuperviseError),
+    /// Another daemon holds the directory's lock.
+    #[error("a freeflow daemon is already running for {dir}{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    AlreadyRunning {
+        /// The runtime directory.
+        dir: String,
+        /// Its pid, if its pid file says.
+        pid: Option<u32>,
+    },
+    /// The router took its table with an error, or the control socket failed.
+    #[error("could not give the router its container table: {0}")]
+    Push(String),
+    /// A file or system call of the daemon failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+/// A container left out of the router's table, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedContainer {
+    /// Its registry name.
+    pub name: String,
+    /// Why it was left out.
+    pub reason: String,
+}
+
+/// What the daemon reports in `DIR/daemon-status.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DaemonStatus {
+    /// The daemon's pid.
+    pub pid: u32,
+    /// [`STATE_STARTING`], [`STATE_READY`] or [`STATE_STOPPING`].
+    pub state: String,
+    /// When the daemon started (ms since the epoch).
+    pub started_unix_ms: u64,
+    /// This host's address.
+    pub host_ip: Option<Ipv4Addr>,
+    /// The registry URL.
+    pub registry: String,
+    /// The router binary.
+    pub router_program: String,
+    /// The running router's pid; `None` while it is down.
+    pub router_pid: Option<u32>,
+    /// When the running router was started.
+    pub router_started_unix_ms: Option<u64>,
+    /// Router starts after the first one (successful or not).
+    pub restarts: u64,
+    /// Starts that failed (the router died or hung before it was ready).
+    pub start_failures: u64,
+    /// Why the last router ended, or why the last start failed.
+    pub last_exit: Option<String>,
+    /// When that was.
+    pub last_exit_unix_ms: Option<u64>,
+    /// When the last restart began.
+    pub last_restart_unix_ms: Option<u64>,
+    /// When the next start is due while the router is down.
+    pub next_restart_unix_ms: Option<u64>,
+    /// Containers in the running router's table.
+    pub containers_pushed: Option<usize>,
+    /// Registry generation the running router's table reflects.
+    pub registry_generation: Option<u64>,
+    /// When the table was last pushed.
+    pub last_push_unix_ms: Option<u64>,
+    /// Containers of this host left out of the table.
+    pub skipped: Vec<SkippedContainer>,
+    /// The last registry or push error, cleared when things work again.
+    pub last_error: Option<String>,
+}
+
+impl DaemonStatus {
+    /// Reads `DIR/daemon-status.json`; `None` if it is missing or unreadable.
+    pub fn read(dir: &RuntimeDir) -> Option<DaemonStatus> {
+        let bytes = fs::read(dir.status_file()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// Whether a daemon runs for a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonState {
+    /// Nobody holds `daemon.lock`.
+    Stopped,
+    /// A process holds `daemon.lock`; its pid if `freeflow.pid` names one.
+    Running {
+        /// From the pid file.
+        pid: Option<u32>,
+    },
+}
+
+/// Looks at the daemon lock of `dir` without disturbing a running daemon.
+pub fn probe(dir: &RuntimeDir) -> Result<DaemonState, DaemonError> {
+    let path = dir.daemon_lock();
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DaemonState::Stopped),
+        Err(source) => {
+            return Err(DaemonError::Io {
+                what: format!("cannot open {}", path.display()),
+                source,
+            })
+        }
+    };
+    // Taking the lock succeeds only if nobody holds it; closing the file releases it again.
+    let free =
+        os::try_lock_exclusive(&file).map_err(io_err(format!("cannot lock {}", path.display())))?;
+    drop(file);
+    if free {
+        Ok(DaemonState::Stopped)
+    } else {
+        Ok(DaemonState::Running { pid: read_pid(dir) })
+    }
+}
+
+/// Whether a router holds `DIR/router.lock` (`None` if that cannot be told).
+pub fn router_lock_held(dir: &RuntimeDir) -> Option<bool> {
+    let file = match File::open(dir.router_lock()) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Some(false),
+        Err(_) => return None,
+    };
+    os::try_lock_exclusive(&file).ok().map(|free| !free)
+}
+
+/// The pid in `DIR/freeflow.pid`.
+pub fn read_pid(dir: &RuntimeDir) -> Option<u32> {
+    fs::read_to_string(dir.pid_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&p| p > 0)
+}
+
+/// One log line on stderr (the log file in background mode), with time and pid.
+pub fn log(message: impl std::fmt::Display) {
+    let _ = writeln!(
+        io::stderr(),
+        "{} freeflow[{}]: {message}",
+        supervise::format_unix_ms(unix_ms_now()),
+        std::process::id()
+    );
+}
+
+/// Removes the pid and status files when the daemon ends (before its lock goes).
+struct StateFiles<'a> {
+    dir: &'a RuntimeDir,
+}
+
+impl Drop for StateFiles<'_> {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(self.dir.pid_file());
+        let _ = fs::remove_file(self.dir.status_file());
+    }
+}
+
+/// Runs the daemon for `dir` until SIGTERM, SIGINT or SIGHUP. `foreground` prints a line on
+/// stdout once the router is ready and has its table.
+pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
+    let config = Config::load(dir)?;
+    let lock_path = dir.daemon_lock();
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&lock_path)
+        .map_err(io_err(format!("cannot open {}", lock_path.display())))?;
+    if !os::try_lock_exclusive(&lock)
+        .map_err(io_err(format!("cannot lock {}", lock_path.display())))?
+    {
+        return Err(DaemonError::AlreadyRunning {
+            dir: dir.path().display().to_string(),
+            pid: read_pid(dir),
+        });
+    }
+    let pid = std::process::id();
+    config::write_atomic(&dir.pid_file(), format!("{pid}\n").as_bytes(), 0o644)?;
+    let _state_files = StateFiles { dir };
+
+    // Block the signals before the first child exists, so no SIGCHLD is lost.
+    let signals = os::SignalFd::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD])
+        .map_err(io_err("cannot set up signal handling"))?;
+    let registry = registry::open(&config.registry)?;
+    let program = supervise::router_program()?;
+    let spec = RouterSpec {
+        program: program.clone(),
+        dir: dir.path().to_path_buf(),
+        cores: config.cores.clone(),
+        log: dir.router_log(),
+    };
+    let now = Instant::now();
+    let mut daemon = Daemon {
+        dir: dir.clone(),
+        status: DaemonStatus {
+            pid,
+            state: STATE_STARTING.to_owned(),
+            started_unix_ms: unix_ms_now(),
+            host_ip: Some(config.host_ip),
+            registry: registry.url(),
+            router_program: program.display().to_string(),
+            ..DaemonStatus::default()
+        },
+        config,
+        registry,
+        signals,
+        spec,
+        router: None,
+        backoff: Backoff::default(),
+        next_start: now,
+        snapshot: None,
+        fingerprint: None,
+        next_registry_poll: now,
+        registry_error: None,
+        pushed: None,
+        last_attempt: None,
+        skipped: BTreeMap::new(),
+        status_dirty: true,
+    };
+    log(format_args!(
+        "starting for {} (host {}, overlay {}, registry {}, router {})",
+        dir.path().display(),
+        daemon.config.host_ip,
+        daemon.config.vnet_prefix,
+        daemon.status.registry,
+        program.display()
+    ));
+    daemon.write_status();
+
+    let result = match daemon.startup() {
+        Ok(()) => {
+            daemon.status.state = STATE_READY.to_owned();
+            daemon.status_dirty = true;
+            daemon.write_status();
+            let router_pid = daemon.status.router_pid.unwrap_or(0);
+            let pushed = daemon.status.containers_pushed.unwrap_or(0);
+            log(format_args!(
+                "ready: router pid {router_pid} serves {pushed} container(s)"
+            ));
+            if foreground {
+                let _ = writeln!(
+                    io::stdout(),
+                    "freeflow: up: daemon pid {pid}, router pid {router_pid} serving {} \
+                     (host {}, {pushed} container(s)); stop with SIGTERM, Ctrl-C or `freeflow \
+                     down --dir {}`",
+                    dir.path().display(),
+                    daemon.config.host_ip,
+                    dir.path().display()
+                );
+            }
+            daemon.serve()
+        }
+        Err(e) => Err(e),
+    };
+    daemon.shutdown();
+    drop(daemon);
+    drop(_state_files);
+    drop(lock);
+    result
+}
+
+struct Daemon {
+    dir: RuntimeDir,
+    config: Config,
+    registry: Box<dyn Registry>,
+    signals: os::SignalFd,
+    spec: RouterSpec,
+    router: Option<Router>,
+    backoff: Backoff,
+    /// When to start the router next; meaningful while `router` is `None`.
+    next_start: Instant,
+    snapshot: Option<Snapshot>,
+    fingerprint: Option<Fingerprint>,
+    next_registry_poll: Instant,
+    registry_error: Option<String>,
+    /// The table the running router has.
+    pushed: Option<Vec<ContainerEntry>>,
+    /// The last push that failed, to retry it at a calm pace.
+    last_attempt: Option<(Vec<ContainerEntry>, Instant)>,
+    skipped: BTreeMap<String, String>,
+    status: DaemonStatus,
+    status_dirty: bool,
+}
+
+/// Why the serve loop ended.
+enum Stop {
+    Signal(i32),
+}
+
+impl Daemon {
+    /// First start: the router must come up and take its table, else the daemon gives up
+    /// (and `freeflow up` reports why).
+    fn startup(&mut self) -> Result<(), DaemonError> {
+        self.refresh_registry(true)?;
+        let router = Router::start(&self.spec, ROUTER_READY_TIMEOUT, &self.signals)?;
+        log(format_args!(
+            "router pid {} ready after {}",
+            router.pid,
+            format_duration(router.started.elapsed())
+        ));
+        self.router_started(router);
+        self.sync_table();
+        if self.pushed.is_none() {
+            return Err(DaemonError::Push(
+                self.status
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "unknown error".to_owned()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The supervision loop; returns when a termination signal arrives.
+    fn serve(&mut self) -> Result<(), DaemonError> {
+        loop {
+            let now = Instant::now();
+            let mut wake = self.next_registry_poll;
+            if self.router.is_none() {
+                wake = wake.min(self.next_start);
+            }
+            let timeout = wake.saturating_duration_since(now).min(REGISTRY_POLL);
+            let readable =
+                os::poll_readable(&[self.signals.as_fd()], timeout).map_err(io_err("poll"))?;
+            if readable[0] {
+                if let Some(Stop::Signal(sig)) = self.take_signals()? {
+                    log(format_args!(
+                        "received {}, shutting down",
+                        supervise::signal_name(sig)
+                    ));
+                    return Ok(());
+                }
+            }
+            self.reap();
+            if self.router.is_none() && Instant::now() >= self.next_start {
+                if let Some(Stop::Signal(sig)) = self.restart() {
+                    log(format_args!(
+                        "received {} while starting the router, shutting down",
+                        supervise::signal_name(sig)
+                    ));
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= self.next_registry_poll {
+                // Errors are logged and kept in the status; the last good table stays.
+                let _ = self.refresh_registry(false);
+                self.next_registry_poll = Instant::now() + REGISTRY_POLL;
+            }
+            self.sync_table();
+            self.write_status();
+        }
+    }
+
+    fn take_signals(&mut self) -> Result<Option<Stop>, DaemonError> {
+        let signals = self.signals.drain().map_err(io_err("read signalfd"))?;
+        Ok(signals
+            .into_iter()
+            .find(|s| os::TERMINATION_SIGNALS.contains(s))
+            .map(Stop::Signal))
+    }
+
+    fn router_started(&mut self, router: Router) {
+        self.status.router_pid = Some(router.pid);
+        self.status.router_started_unix_ms = Some(router.started_unix_ms);
+        self.status.next_restart_unix_ms = None;
+        self.status.containers_pushed = None;
+        self.status.registry_generation = None;
+        self.pushed = None;
+        self.last_attempt = None;
+        self.router = Some(router);
+        self.status_dirty = true;
+    }
+
+    /// Notices a router that ended, says why, and schedules the restart.
+    fn reap(&mut self) {
+        let Some(router) = self.router.as_mut() else {
+            return;
+        };
+        let status = match router.try_wait() {
+            Ok(Some(status)) => status,
+            Ok(None) => return,
+            Err(e) => {
+                log(format_args!("waitpid on router pid {}: {e}", router.pid));
+                return;
+            }
+        };
+        let uptime = router.started.elapsed();
+        let reason = format!("the router (pid {}) {}", router.pid, exit_reason(status));
+        // After a crash or an error exit its last words say why; after a signal they only
+        // repeat its start-up line.
+        let last_line = status
+            .code()
+            .and_then(|_| supervise::last_log_line(&self.spec.log, 0, "freeflow-router"));
+        self.router = None;
+        self.pushed = None;
+        let delay = self.backoff.next_delay(uptime);
+        self.next_start = Instant::now() + delay;
+        log(format_args!(
+            "{reason} after {}{}; restarting {}",
+            format_duration(uptime),
+            last_line
+                .map(|l| format!(" (its last log line: {l})"))
+                .unwrap_or_default(),
+            if delay.is_zero() {
+                "now".to_owned()
+            } else {
+                format!("in {}", format_duration(delay))
+            }
+        ));
+        let now_ms = unix_ms_now();
+        self.status.last_exit = Some(reason);
+        self.status.last_exit_unix_ms = Some(now_ms);
+        self.status.router_pid = None;
+        self.status.router_started_unix_ms = None;
+        self.status.containers_pushed = None;
+        self.status.registry_generation = None;
+        self.status.next_restart_unix_ms = Some(now_ms + delay.as_millis() as u64);
+        self.status_dirty = true;
+        self.write_status();
+    }
+
+    /// Starts the router again; on failure schedules the next try with backoff.
+    fn restart(&mut self) -> Option<Stop> {
+        self.status.restarts += 1;
+        self.status.last_restart_unix_ms = Some(unix_ms_now());
+        self.status_dirty = true;
+        match Router::start(&self.spec, ROUTER_READY_TIMEOUT, &self.signals) {
+            Ok(router) => {
+                log(format_args!(
+                    "router restarted: pid {} ready after {} (restart {})",
+                    router.pid,
+                    format_duration(router.started.elapsed()),
+                    self.status.restarts
+                ));
+                self.router_started(router);
+                self.sync_table();
+                self.write_status();
+                None
+            }
+            Err(SuperviseError::Interrupted(sig)) => Some(Stop::Signal(sig)),
+            Err(e) => {
+                let delay = self.backoff.next_delay(Duration::ZERO);
+                self.next_start = Instant::now() + delay;
+                log(format_args!(
+                    "router start failed: {e}; next try in {}",
+                    format_duration(delay)
+                ));
+                let now_ms = unix_ms_now();
+                self.status.start_failures += 1;
+                self.status.last_exit = Some(format!("start failed: {e}"));
+                self.status.last_exit_unix_ms = Some(now_ms);
+                self.status.next_restart_unix_ms = Some(now_ms + delay.as_millis() as u64);
+                self.write_status();
+                None
+            }
+        }
+    }
+
+    /// Reloads the registry if its fingerprint changed (always if `force`).
+    fn refresh_registry(&mut self, force: bool) -> Result<(), RegistryError> {
+        let result = (|| -> Result<(), RegistryError> {
+            let fingerprint = self.registry.fingerprint()?;
+            if !force && self.fingerprint.as_ref() == Some(&fingerprint) {
+                return Ok(());
+            }
+            let snapshot = self.registry.load()?;
+            self.snapshot = Some(snapshot);
+            self.fingerprint = Some(fingerprint);
+            Ok(())
+        })();
+        match &result {
+            Ok(()) => {
+                if self.registry_error.take().is_some() {
+                    log("the registry is readable again");
+                    self.status.last_error = None;
+                    self.status_dirty = true;
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if self.registry_error.as_deref() != Some(message.as_str()) {
+                    log(format_args!(
+                        "{message} (the router keeps its current table)"
+                    ));
+                    self.status.last_error = Some(message.clone());
+                    self.status_dirty = true;
+                    self.registry_error = Some(message);
+                }
+            }
+        }
+        result
+    }
+
+    /// The router's table from the current snapshot: this host's containers whose namespace
+    /// exists now. Logs containers that start or stop being skipped.
+    fn table(&mut self) -> Option<(Vec<ContainerEntry>, u64)> {
+        let snapshot = self.snapshot.as_ref()?;
+        let mut entries = Vec::new();
+        let mut skipped = BTreeMap::new();
+        let mut seen: HashMap<NetnsId, &str> = HashMap::new();
+        for rec in snapshot.containers_on(self.config.host_ip) {
+            match NetnsId::of_path(&rec.netns) {
+                Ok(netns) => {
+                    if let Some(other) = seen.insert(netns, &rec.name) {
+                        skipped.insert(
+                            rec.name.clone(),
+                            format!(
+                                "its network namespace {} is the same as container {other:?}'s",
+                                rec.netns.display()
+                            ),
+                        );
+                        seen.insert(netns, other);
+                        continue;
+                    }
+                    entries.push(ContainerEntry {
+                        name: rec.name.clone(),
+                        tenant: rec.tenant.clone(),
+                        ip: rec.ip,
+                        netns,
+                    });
+                }
+                Err(e) => {
+                    skipped.insert(
+                        rec.name.clone(),
+                        format!("network namespace {}: {e}", rec.netns.display()),
+                    );
+                }
+            }
+        }
+        let generation = snapshot.generation;
+        if skipped != self.skipped {
+            for (name, reason) in &skipped {
+                if self.skipped.get(name) != Some(reason) {
+                    log(format_args!("container {name:?} skipped: {reason}"));
+                }
+            }
+            for name in self.skipped.keys() {
+                if !skipped.contains_key(name) {
+                    log(format_args!("container {name:?} is no longer skipped"));
+                }
+            }
+            self.status.skipped = skipped
+                .iter()
+                .map(|(name, reason)| SkippedContainer {
+                    name: name.clone(),
+                    reason: reason.clone(),
+                })
+                .collect();
+            self.skipped = skipped;
+            self.status_dirty = true;
+        }
+        Some((entries, generation))
+    }
+
+    /// Pushes the table to the router when it differs from what the router has.
+    fn sync_table(&mut self) {
+        if self.router.is_none() {
+            return;
+        }
+        let Some((entries, generation)) = self.table() else {
+            return;
+        };
+        if self.pushed.as_ref() == Some(&entries) {
+            if self.status.registry_generation != Some(generation) {
+                self.status.registry_generation = Some(generation);
+                self.status_dirty = true;
+            }
+            return;
+        }
+        if let Some((last, at)) = &self.last_attempt {
+            if *last == entries && at.elapsed() < PUSH_RETRY {
+                return;
+            }
+        }
+        let request = ControlRequest::SetContainers {
+            containers: entries.clone(),
+        };
+        let failure = match control::call(&self.dir.control_socket(), &request, CONTROL_TIMEOUT) {
+            Ok(ControlResponse::Ok) => None,
+            Ok(ControlResponse::Error { message }) => Some(format!("the router said: {message}")),
+            Ok(other) => Some(format!("unexpected answer from the router: {other:?}")),
+            Err(e) => Some(format!("{}: {e}", self.dir.control_socket().display())),
+        };
+        match failure {
+            None => {
+                log(format_args!(
+                    "router table: {} container(s) (registry generation {generation})",
+                    entries.len()
+                ));
+                self.status.containers_pushed = Some(entries.len());
+                self.status.registry_generation = Some(generation);
+                self.status.last_push_unix_ms = Some(unix_ms_now());
+                if self.registry_error.is_none() {
+                    self.status.last_error = None;
+                }
+                self.pushed = Some(entries);
+                self.last_attempt = None;
+            }
+            Some(message) => {
+                log(format_args!(
+                    "pushing the container table failed: {message}"
+                ));
+                self.status.last_error = Some(format!("push failed: {message}"));
+                self.last_attempt = Some((entries, Instant::now()));
+            }
+        }
+        self.status_dirty = true;
+    }
+
+    fn write_status(&mut self) {
+        if !self.status_dirty {
+            return;
+        }
+        let mut bytes = match serde_json::to_vec_pretty(&self.status) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                log(format_args!("cannot encode the status: {e}"));
+                return;
+            }
+        };
+        bytes.push(b'\n');
+        match config::write_atomic(&self.dir.status_file(), &bytes, 0o644) {
+            Ok(()) => self.status_dirty = false,
+            Err(e) => log(format_args!("cannot write the status file: {e}")),
+        }
+    }
+
+    /// Stops the router (SIGTERM, then SIGKILL after the grace period).
+    fn shutdown(&mut self) {
+        self.status.state = STATE_STOPPING.to_owned();
+        self.status_dirty = true;
+        self.write_status();
+        if let Some(mut router) = self.router.take() {
+            log(format_args!("stopping router pid {}", router.pid));
+            let (status, killed) = router.stop(ROUTER_STOP_GRACE);
+            let how = status
+                .map(exit_reason)
+                .unwrap_or_else(|| "did not go away".to_owned());
+            if killed {
+                log(format_args!(
+                    "router pid {} ignored SIGTERM for {}, killed: {how}",
+                    router.pid,
+                    format_duration(ROUTER_STOP_GRACE)
+                ));
+                // A killed router leaves its sockets behind; nobody serves them now.
+                let _ = fs::remove_file(self.dir.router_socket());
+                let _ = fs::remove_file(self.dir.control_socket());
+            } else {
+                log(format_args!("router pid {} {how}", router.pid));
+            }
+        }
+        log("stopped");
+    }
+}

@@ -1,0 +1,671 @@
+//! Supervision of `freeflow-router`: starting it with a readiness pipe, telling why it ended,
+//! the restart backoff, and the few operating-system calls the daemon and the CLI need
+//! ([`os`], the only module of the control plane with `unsafe` outside the registry's flock).
+
+use std::fs::OpenOptions;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Errors while starting or stopping the router.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    /// The router binary is not where we looked.
+    #[error(
+        "router binary {} not found: build it (`cargo build --workspace`), install it next to \
+         the freeflow executable, or set $FREEFLOW_ROUTER",
+        .0.display()
+    )]
+    RouterMissing(PathBuf),
+    /// A system call failed while preparing or spawning the router.
+    #[error("cannot start {}: {source}", program.display())]
+    Spawn {
+        /// The router binary.
+        program: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The router ended before it reported ready.
+    #[error("the router {reason} before it was ready: {detail}")]
+    DiedStarting {
+        /// How it ended ("exited with status 1", "was killed by signal 9 (SIGKILL)").
+        reason: String,
+        /// Its last log line, or where to look.
+        detail: String,
+    },
+    /// The router did not report ready in time and was killed.
+    #[error("the router did not report ready within {0:?} and was killed; see its log")]
+    NotReady(Duration),
+    /// A termination signal arrived while waiting for the router.
+    #[error("interrupted by signal {0}")]
+    Interrupted(i32),
+    /// Waiting for the router failed.
+    #[error("waiting for the router: {0}")]
+    Wait(#[source] io::Error),
+}
+
+/// Where the router binary is: `$FREEFLOW_ROUTER`, else `freeflow-router` next to the running
+/// executable.
+pub fn router_program() -> Result<PathBuf, SuperviseError> {
+    if let Some(path) = std::env::var_os("FREEFLOW_ROUTER").filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(SuperviseError::RouterMissing(path))
+        };
+    }
+    let path = sibling_of_exe("freeflow-router");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(SuperviseError::RouterMissing(path))
+    }
+}
+
+/// `name` in the directory of the running executable.
+pub fn sibling_of_exe(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// How to run the router.
+#[derive(Debug, Clone)]
+pub struct RouterSpec {
+    /// The binary.
+    pub program: PathBuf,
+    /// Its runtime directory (`--dir`).
+    pub dir: PathBuf,
+    /// `--cores`, if the user chose.
+    pub cores: Option<String>,
+    /// File its stdout and stderr are appended to.
+    pub log: PathBuf,
+}
+
+/// A running router: our child, not reaped yet, so its pid cannot be reused while we hold it.
+#[derive(Debug)]
+pub struct Router {
+    child: Child,
+    /// Process id.
+    pub pid: u32,
+    /// When it was started (monotonic).
+    pub started: Instant,
+    /// When it was started (wall clock, ms since the epoch).
+    pub started_unix_ms: u64,
+}
+
+impl Router {
+    /// Starts the router and waits until it writes its ready line (or `timeout` passes, or
+    /// it dies, or a termination signal shows up on `signals`).
+    ///
+    /// The router gets SIGTERM if this process dies (PR_SET_PDEATHSIG), so a daemon killed
+    /// with SIGKILL does not leave an unsupervised router behind.
+    pub fn start(
+        spec: &RouterSpec,
+        timeout: Duration,
+        signals: &os::SignalFd,
+    ) -> Result<Router, SuperviseError> {
+        let spawn_error = |source| SuperviseError::Spawn {
+            program: spec.program.clone(),
+            source,
+        };
+        let (mut ours, theirs) = UnixStream::pair().map_err(spawn_error)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log)
+            .map_err(spawn_error)?;
+        let mut cmd = Command::new(&spec.program);
+        cmd.arg("--dir")
+            .arg(&spec.dir)
+            .arg("--ready-fd")
+            .arg(theirs.as_raw_fd().to_string());
+        if let Some(cores) = &spec.cores {
+            cmd.arg("--cores").arg(cores);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(spawn_error)?)
+            .stderr(log);
+        os::prepare_router_child(&mut cmd, theirs.as_raw_fd());
+        let log_start = std::fs::metadata(&spec.log).map(|m| m.len()).unwrap_or(0);
+        let started = Instant::now();
+        let child = cmd.spawn().map_err(spawn_error)?;
+        // Only the router holds the write end now: its death closes the pipe.
+        drop(theirs);
+        let mut router = Router {
+            pid: child.id(),
+            child,
+            started,
+            started_unix_ms: unix_ms_now(),
+        };
+        match router.wait_ready(&mut ours, timeout, signals) {
+            Ok(()) => Ok(router),
+            Err(SuperviseError::DiedStarting { reason, .. }) => {
+                router.kill_and_reap();
+                let detail = last_log_line(&spec.log, log_start, "freeflow-router")
+                    .unwrap_or_else(|| format!("nothing in {}", spec.log.display()));
+                Err(SuperviseError::DiedStarting { reason, detail })
+            }
+            Err(e) => {
+                router.kill_and_reap();
+                Err(e)
+            }
+        }
+    }
+
+    fn wait_ready(
+        &mut self,
+        pipe: &mut UnixStream,
+        timeout: Duration,
+        signals: &os::SignalFd,
+    ) -> Result<(), SuperviseError> {
+        let deadline = Instant::now() + timeout;
+        let mut line = Vec::new();
+        pipe.set_nonblocking(true).map_err(SuperviseError::Wait)?;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(SuperviseError::NotReady(timeout));
+            }
+            let ready = os::poll_readable(&[pipe.as_fd(), signals.as_fd()], deadline - now)
+                .map_err(SuperviseError::Wait)?;
+            if ready[1] {
+                if let Some(sig) = signals
+                    .drain()
+                    .map_err(SuperviseError::Wait)?
+                    .into_iter()
+                    .find(|s| os::TERMINATION_SIGNALS.contains(s))
+                {
+                    return Err(SuperviseError::Interrupted(sig));
+                }
+            }
+            if !ready[0] {
+                continue;
+            }
+            let mut buf = [0u8; 64];
+            match pipe.read(&mut buf) {
+                Ok(0) => {
+                    // Closed without a ready line: it is exiting. Give it a moment to finish.
+                    let status = self.wait_bounded(Duration::from_secs(1));
+                    let reason = match status {
+                        Some(status) => exit_reason(status),
+                        None => "closed its ready pipe".to_owned(),
+                    };
+                    return Err(SuperviseError::DiedStarting {
+                        reason,
+                        detail: String::new(),
+                    });
+                }
+                Ok(n) => {
+                    line.extend_from_slice(&buf[..n]);
+                    if line.contains(&b'\n') {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(SuperviseError::Wait(e)),
+            }
+        }
+    }
+
+    /// Non-blocking reap: `Some(status)` once it has ended.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// Reaps it if it ends within `limit`.
+    fn wait_bounded(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// SIGKILL and reap (bounded: a killed process goes away unless stuck in the kernel).
+    pub fn kill_and_reap(&mut self) -> Option<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        let _ = self.child.kill();
+        self.wait_bounded(Duration::from_secs(5))
+    }
+
+    /// Stops it: SIGTERM, up to `grace` to exit, then SIGKILL. Returns how it ended and
+    /// whether it had to be killed.
+    pub fn stop(&mut self, grace: Duration) -> (Option<ExitStatus>, bool) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return (Some(status), false);
+        }
+        // The child is not reaped yet, so the pid still names it.
+        if os::send_signal(self.pid as i32, libc::SIGTERM).is_ok() {
+            if let Some(status) = self.wait_bounded(grace) {
+                return (Some(status), false);
+            }
+        }
+        (self.kill_and_reap(), true)
+    }
+}
+
+/// How a process ended, in words.
+pub fn exit_reason(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        format!("exited with status {code}")
+    } else if let Some(sig) = status.signal() {
+        format!(
+            "was killed by signal {sig} ({}){}",
+            signal_name(sig),
+            if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            }
+        )
+    } else {
+        format!("ended ({status})")
+    }
+}
+
+/// The usual name of a signal number.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGCHLD => "SIGCHLD",
+        libc::SIGSYS => "SIGSYS",
+        _ => "unknown signal",
+    }
+}
+
+/// Delay before restarting a router that died: the first restart is immediate, each further
+/// quick failure doubles the delay from [`Backoff::MIN`] up to [`Backoff::MAX`], and a router
+/// that stayed up for [`Backoff::HEALTHY_AFTER`] resets the sequence.
+#[derive(Debug, Clone, Default)]
+pub struct Backoff {
+    /// Failures since the last healthy run.
+    consecutive: u32,
+}
+
+impl Backoff {
+    /// Delay of the second restart in a row.
+    pub const MIN: Duration = Duration::from_millis(50);
+    /// Longest delay.
+    pub const MAX: Duration = Duration::from_secs(5);
+    /// A router up this long counts as healthy.
+    pub const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+    /// The delay before the next start, given how long the router that just ended was up
+    /// (`Duration::ZERO` for a start that failed).
+    pub fn next_delay(&mut self, uptime: Duration) -> Duration {
+        if uptime >= Self::HEALTHY_AFTER {
+            self.consecutive = 0;
+        }
+        let delay = match self.consecutive {
+            0 => Duration::ZERO,
+            n => Self::MIN
+                .checked_mul(1u32 << (n - 1).min(16))
+                .unwrap_or(Self::MAX)
+                .min(Self::MAX),
+        };
+        self.consecutive = self.consecutive.saturating_add(1);
+        delay
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `2024-05-01T12:00:00.123Z` for a time in ms since the epoch (UTC, proleptic Gregorian).
+pub fn format_unix_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// `850ms`, `12.3s`, `5m 03s`, `2h 05m`, `3d 04h`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    let s = d.as_secs();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if s < 60 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else if s < 3600 {
+        format!("{}m {:02}s", s / 60, s % 60)
+    } else if s < 86_400 {
+        format!("{}h {:02}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}d {:02}h", s / 86_400, s % 86_400 / 3600)
+    }
+}
+
+/// The last non-empty line of a log file that starts with `prefix` (or any line if `prefix`
+/// is empty), looking only at the file's last 16 KiB and, if given, only after byte `from`.
+pub fn last_log_line(path: &Path, from: u64, prefix: &str) -> Option<String> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let start = from.max(len.saturating_sub(16 * 1024));
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut text = String::new();
+    file.take(16 * 1024).read_to_string(&mut text).ok()?;
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && l.contains(prefix))
+        .map(str::to_owned)
+}
+
+/// The operating-system calls of the control plane. Each wrapper is small and safe to call.
+pub mod os {
+    use std::fs::File;
+    use std::io::{self, Read};
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+    use std::time::Duration;
+
+    /// Signals that ask the daemon to stop.
+    pub const TERMINATION_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+    /// Signals blocked for the whole process and read, when they arrive, from a descriptor.
+    #[derive(Debug)]
+    pub struct SignalFd {
+        file: File,
+    }
+
+    impl SignalFd {
+        /// Blocks `signals` in the calling thread (call it before starting threads; children
+        /// started with `Command` get an empty mask again) and returns a non-blocking
+        /// signalfd for them.
+        pub fn block(signals: &[i32]) -> io::Result<SignalFd> {
+            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            // SAFETY: sigemptyset initialises the set it is pointed at and cannot fail.
+            unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+            // SAFETY: initialised by sigemptyset just above.
+            let mut set = unsafe { set.assume_init() };
+            for &sig in signals {
+                // SAFETY: `set` is an initialised sigset; an invalid number only yields EINVAL.
+                if unsafe { libc::sigaddset(&mut set, sig) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // SAFETY: `set` is a valid sigset; the old mask is not asked for (null).
+            let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            // SAFETY: -1 asks for a new descriptor; `set` is valid for the call.
+            let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: signalfd returned a fresh descriptor that nothing else owns.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            Ok(SignalFd {
+                file: File::from(owned),
+            })
+        }
+
+        /// The signals that arrived since the last call (each standard signal at most once).
+        pub fn drain(&self) -> io::Result<Vec<i32>> {
+            // struct signalfd_siginfo is 128 bytes; ssi_signo is its first field (u32).
+            let mut buf = [0u8; 128 * 8];
+            let mut out = Vec::new();
+            loop {
+                match (&self.file).read(&mut buf) {
+                    Ok(0) => return Ok(out),
+                    Ok(n) => {
+                        for info in buf[..n].chunks_exact(128) {
+                            let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+                            out.push(signo as i32);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    impl AsFd for SignalFd {
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            self.file.as_fd()
+        }
+    }
+
+    /// Waits up to `timeout` until one of `fds` is readable (or hung up); one flag per fd.
+    /// An interrupted wait returns all false.
+    pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
+        let mut pollfds: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|fd| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: `pollfds` is a valid, exclusively borrowed array of `len` pollfd structures;
+        // poll writes only their `revents` fields. The descriptors are borrowed, so open.
+        let rc = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, ms) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                return Ok(vec![false; fds.len()]);
+            }
+            return Err(err);
+        }
+        Ok(pollfds.iter().map(|p| p.revents != 0).collect())
+    }
+
+    /// Takes an exclusive flock without waiting: `Ok(true)` if we now hold it, `Ok(false)` if
+    /// another open file description holds it.
+    pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+        // SAFETY: flock takes a descriptor and flags, no memory; `file` keeps the fd open.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(false)
+        } else {
+            Err(err)
+        }
+    }
+
+    /// Sends `sig` to process `pid` (never to a group: `pid` must be positive).
+    pub fn send_signal(pid: i32, sig: i32) -> io::Result<()> {
+        if pid <= 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("refusing to signal pid {pid}"),
+            ));
+        }
+        // SAFETY: kill takes two integers; a positive pid addresses exactly one process.
+        if unsafe { libc::kill(pid, sig) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Whether process `pid` exists (zombies included).
+    pub fn process_exists(pid: i32) -> bool {
+        pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    /// The child starts a new session (no controlling terminal, its own process group), so a
+    /// terminal's Ctrl-C or hangup does not reach the daemon.
+    pub fn new_session_on_exec(cmd: &mut Command) {
+        // SAFETY: the closure runs in the forked child before exec and only calls setsid,
+        // which is async-signal-safe; it allocates nothing (last_os_error does not allocate).
+        unsafe {
+            cmd.pre_exec(|| {
+                // SAFETY: setsid has no memory arguments; failing (already a group leader)
+                // is reported as an error and aborts the spawn.
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Prepares the router's child process: it inherits `ready_fd` (the write end of its
+    /// readiness pipe) and gets SIGTERM when its parent dies.
+    pub fn prepare_router_child(cmd: &mut Command, ready_fd: RawFd) {
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl,
+        // getppid and fcntl, which are async-signal-safe, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // SAFETY: PR_SET_PDEATHSIG takes a signal number; the other arguments are
+                // unused integers.
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGTERM as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                // The parent may have died before prctl took effect: then nobody supervises
+                // us, so do not start at all.
+                // SAFETY: getppid has no preconditions.
+                if libc::getppid() != parent {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                // Clear close-on-exec so the router inherits its readiness pipe.
+                // SAFETY: F_SETFD with 0 only changes the descriptor flags of `ready_fd`,
+                // which the parent keeps open across the fork.
+                if libc::fcntl(ready_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// The kind of namespace a namespace file refers to (`CLONE_NEWNET` for a network
+    /// namespace); an error (ENOTTY, EINVAL) if `file` is not a namespace file at all.
+    pub fn namespace_type(file: &File) -> io::Result<i32> {
+        /// `_IO(0xb7, 0x3)` from linux/nsfs.h.
+        const NS_GET_NSTYPE: u32 = 0xb703;
+        // SAFETY: NS_GET_NSTYPE takes no argument and writes no memory; `file` keeps the
+        // descriptor open for the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_resets() {
+        let mut b = Backoff::default();
+        let quick = Duration::from_millis(100);
+        let delays: Vec<u128> = (0..10).map(|_| b.next_delay(quick).as_millis()).collect();
+        assert_eq!(delays, [0, 50, 100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(b.next_delay(Backoff::HEALTHY_AFTER), Duration::ZERO);
+        assert_eq!(b.next_delay(Duration::ZERO), Backoff::MIN);
+        for _ in 0..100 {
+            assert!(b.next_delay(Duration::ZERO) <= Backoff::MAX);
+        }
+    }
+
+    #[test]
+    fn time_formats() {
+        assert_eq!(format_unix_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_unix_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(
+            format_unix_ms(1_714_564_800_000),
+            "2024-05-01T12:00:00.000Z"
+        );
+        assert_eq!(format_duration(Duration::from_millis(850)), "850ms");
+        assert_eq!(format_duration(Duration::from_millis(12_340)), "12.3s");
+        assert_eq!(format_duration(Duration::from_secs(303)), "5m 03s");
+        assert_eq!(format_duration(Duration::from_secs(7500)), "2h 05m");
+    }
+
+    #[test]
+    fn exit_reasons() {
+        assert_eq!(
+            exit_reason(ExitStatus::from_raw(1 << 8)),
+            "exited with status 1"
+        );
+        assert_eq!(
+            exit_reason(ExitStatus::from_raw(9)),
+            "was killed by signal 9 (SIGKILL)"
+        );
+    }
+
+    #[test]
+    fn namespace_type_of_own_netns() {
+        let f = std::fs::File::open("/proc/self/ns/net").unwrap();
+        assert_eq!(os::namespace_type(&f).unwrap(), libc::CLONE_NEWNET);
+        let f = std::fs::File::open("/proc/self/ns/mnt").unwrap();
+        assert_eq!(os::namespace_type(&f).unwrap(), libc::CLONE_NEWNS);
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(os::namespace_type(&f).is_err());
+    }
+}
