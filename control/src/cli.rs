@@ -69,6 +69,9 @@ enum Cmd {
     /// Show the daemon, the router (shards, counters), containers and attached shims
     #[command(after_help = "Exit code 1 when the daemon or the router is not running.")]
     Status(StatusArgs),
+    /// Build or remove a simulated cluster on this machine (network namespaces; root)
+    #[command(subcommand)]
+    Cluster(crate::cluster_cli::ClusterCmd),
     /// Run the daemon in this process, detached (what `freeflow up` starts)
     #[command(hide = true)]
     Daemon(DirArg),
@@ -253,6 +256,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Container(ContainerCmd::Rm(args)) => container_rm(&args),
         Cmd::Container(ContainerCmd::Ls(args)) => container_ls(&args),
         Cmd::Status(args) => status(&args),
+        Cmd::Cluster(cmd) => {
+            crate::cluster_cli::run(cmd).map_err(CliError::Invalid)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Daemon(args) => {
             let dir = args.runtime_dir()?;
             daemon::run(&dir, false)?;

@@ -1,6 +1,7 @@
 //! The Freeflow control plane: registry, daemon, supervision, CLI, test topology and demo.
 
 pub mod cli;
+pub mod cluster_cli;
 pub mod config;
 pub mod daemon;
 pub mod registry;
