@@ -72,7 +72,10 @@ impl PrivateRouter {
     pub fn set_containers(&self, containers: Vec<ContainerEntry>) -> Result<(), String> {
         match control::call(
             &self.control_path(),
-            &ControlRequest::SetContainers { containers },
+            &ControlRequest::SetContainers {
+                containers,
+                network: None,
+            },
             Duration::from_secs(5),
         ) {
             Ok(ControlResponse::Ok) => Ok(()),

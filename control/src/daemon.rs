@@ -15,7 +15,9 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
-use freeflow_proto::control::{self, ContainerEntry, ControlRequest, ControlResponse};
+use freeflow_proto::control::{
+    self, ContainerEntry, ControlRequest, ControlResponse, NetworkView, OverlayEntry, PeerHost,
+};
 use freeflow_proto::identity::NetnsId;
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +27,14 @@ use crate::supervise::{
     self, exit_reason, format_duration, os, unix_ms_now, Backoff, Router, RouterSpec,
     SuperviseError,
 };
+
+/// What the router is told: this host's containers (for the attach check) and the cluster's
+/// overlay addresses and peer routers (for TCP mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RouterTable {
+    containers: Vec<ContainerEntry>,
+    network: NetworkView,
+}
 
 /// How often the registry's fingerprint is checked.
 pub const REGISTRY_POLL: Duration = Duration::from_millis(200);
@@ -343,9 +353,9 @@ struct Daemon {
     next_registry_poll: Instant,
     registry_error: Option<String>,
     /// The table the running router has.
-    pushed: Option<Vec<ContainerEntry>>,
+    pushed: Option<RouterTable>,
     /// The last push that failed, to retry it at a calm pace.
-    last_attempt: Option<(Vec<ContainerEntry>, Instant)>,
+    last_attempt: Option<(RouterTable, Instant)>,
     skipped: BTreeMap<String, String>,
     status: DaemonStatus,
     status_dirty: bool,
@@ -562,8 +572,30 @@ impl Daemon {
 
     /// The router's table from the current snapshot: this host's containers whose namespace
     /// exists now. Logs containers that start or stop being skipped.
-    fn table(&mut self) -> Option<(Vec<ContainerEntry>, u64)> {
+    fn table(&mut self) -> Option<(RouterTable, u64)> {
         let snapshot = self.snapshot.as_ref()?;
+        let network = NetworkView {
+            host_ip: self.config.host_ip,
+            peer_port: self.config.peer_port,
+            hosts: snapshot
+                .hosts
+                .iter()
+                .filter(|h| h.host_ip != self.config.host_ip)
+                .map(|h| PeerHost {
+                    host_ip: h.host_ip,
+                    peer_port: h.peer_port,
+                })
+                .collect(),
+            overlay: snapshot
+                .containers
+                .iter()
+                .map(|c| OverlayEntry {
+                    ip: c.ip,
+                    tenant: c.tenant.clone(),
+                    host_ip: c.host_ip,
+                })
+                .collect(),
+        };
         let mut entries = Vec::new();
         let mut skipped = BTreeMap::new();
         let mut seen: HashMap<NetnsId, &str> = HashMap::new();
@@ -618,7 +650,13 @@ impl Daemon {
             self.skipped = skipped;
             self.status_dirty = true;
         }
-        Some((entries, generation))
+        Some((
+            RouterTable {
+                containers: entries,
+                network,
+            },
+            generation,
+        ))
     }
 
     /// Pushes the table to the router when it differs from what the router has.
@@ -642,7 +680,8 @@ impl Daemon {
             }
         }
         let request = ControlRequest::SetContainers {
-            containers: entries.clone(),
+            containers: entries.containers.clone(),
+            network: Some(entries.network.clone()),
         };
         let failure = match control::call(&self.dir.control_socket(), &request, CONTROL_TIMEOUT) {
             Ok(ControlResponse::Ok) => None,
@@ -653,10 +692,13 @@ impl Daemon {
         match failure {
             None => {
                 log(format_args!(
-                    "router table: {} container(s) (registry generation {generation})",
-                    entries.len()
+                    "router table: {} container(s), {} overlay address(es), {} peer host(s) \
+                     (registry generation {generation})",
+                    entries.containers.len(),
+                    entries.network.overlay.len(),
+                    entries.network.hosts.len()
                 ));
-                self.status.containers_pushed = Some(entries.len());
+                self.status.containers_pushed = Some(entries.containers.len());
                 self.status.registry_generation = Some(generation);
                 self.status.last_push_unix_ms = Some(unix_ms_now());
                 if self.registry_error.is_none() {

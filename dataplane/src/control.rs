@@ -5,13 +5,15 @@
 use crate::attachment::Attachment;
 use crate::shard::{AttachedTable, ShardCommand, ShardHandle};
 use crate::sys;
-use freeflow_proto::attach::{Hello, HelloError, Refusal, Welcome, HELLO_LEN};
+use crate::tcp::{Caller, Deferred, TcpService};
+use freeflow_proto::attach::{Hello, HelloError, Refusal, ShimKind, Welcome, HELLO_LEN};
 use freeflow_proto::control::{
     self as ctl, AttachedStatus, ContainerEntry, ControlRequest, ControlResponse, RouterStatus,
     ShardStatus,
 };
 use freeflow_proto::fdpass;
 use freeflow_proto::identity::NetnsId;
+use freeflow_proto::sockmsg::{SockReply, SockRequest, SOCKMSG_LEN};
 use freeflow_proto::RingGeometry;
 use std::collections::HashMap;
 use std::io;
@@ -31,6 +33,14 @@ struct Pending {
     deadline: Instant,
 }
 
+/// A socket shim (TCP mode): served by this thread, not by a shard, because its requests are
+/// connection setup with sockets passed back, not ring traffic.
+struct SocketShim {
+    conn: OwnedFd,
+    container: ContainerEntry,
+    pid: i32,
+}
+
 pub struct ControlThread {
     pub attach_listener: OwnedFd,
     pub control_listener: std::os::unix::net::UnixListener,
@@ -41,6 +51,8 @@ pub struct ControlThread {
     pub started: Instant,
     table: HashMap<NetnsId, ContainerEntry>,
     pending: Vec<Pending>,
+    socket_shims: HashMap<u32, SocketShim>,
+    tcp: TcpService,
     next_id: u32,
     accepted: u64,
     refused: u64,
@@ -66,6 +78,8 @@ impl ControlThread {
             started: Instant::now(),
             table: HashMap::new(),
             pending: Vec::new(),
+            socket_shims: HashMap::new(),
+            tcp: TcpService::default(),
             next_id: 1,
             accepted: 0,
             refused: 0,
@@ -81,6 +95,7 @@ impl ControlThread {
                 .pending
                 .iter()
                 .map(|p| p.deadline.saturating_duration_since(now).as_millis() as i32 + 1)
+                .chain(self.tcp.next_timeout_ms(now))
                 .min()
                 .unwrap_or(-1);
             let mut fds = vec![
@@ -93,7 +108,34 @@ impl ControlThread {
                     .iter()
                     .map(|p| (p.conn.as_raw_fd(), libc::POLLIN)),
             );
+            let shim_ids: Vec<u32> = self.socket_shims.keys().copied().collect();
+            let shims_at = fds.len();
+            fds.extend(
+                shim_ids
+                    .iter()
+                    .map(|id| (self.socket_shims[id].conn.as_raw_fd(), libc::POLLIN)),
+            );
+            let tcp_fds = self.tcp.poll_fds();
+            let tcp_at = fds.len();
+            fds.extend(tcp_fds.iter().map(|&fd| (fd, libc::POLLIN)));
             let revents = sys::poll(&fds, timeout)?;
+            // Peer routers first (announcements that pending resolves wait for), then the
+            // socket shims' requests, then deferred answers.
+            let mut deferred = Deferred::new();
+            for (i, &fd) in tcp_fds.iter().enumerate() {
+                if revents[tcp_at + i] != 0 {
+                    self.tcp.on_ready(fd, &mut deferred);
+                }
+            }
+            for (i, &id) in shim_ids.iter().enumerate() {
+                if revents[shims_at + i] != 0 {
+                    self.serve_socket_shim(id);
+                }
+            }
+            self.tcp.tick(&mut deferred);
+            for (id, reply) in deferred {
+                self.reply_socket_shim(id, reply, None);
+            }
             if revents[0] != 0 {
                 if let Some(sig) = sys::read_signal(&self.signals) {
                     eprintln!("freeflow-router: signal {sig}, shutting down");
@@ -227,6 +269,9 @@ impl ControlThread {
                 ),
             );
         };
+        if kind == ShimKind::Socket {
+            return self.adopt_socket_shim(conn, container, pid);
+        }
         let Some(shard) = self
             .shards
             .iter()
@@ -298,6 +343,100 @@ impl ControlThread {
         );
     }
 
+    fn adopt_socket_shim(&mut self, conn: OwnedFd, container: ContainerEntry, pid: i32) {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let welcome = Welcome::Accepted {
+            shard: u16::MAX,
+            attachment_id: id,
+            ip: container.ip,
+            container: container.name.clone(),
+            tenant: container.tenant.clone(),
+        };
+        if let Err(e) = fdpass::send_with_fds(conn.as_fd(), &welcome.encode(), &[]) {
+            eprintln!("freeflow-router: welcome to pid {pid} failed: {e}");
+            return;
+        }
+        if let Ok(mut table) = self.attached.lock() {
+            table.insert(
+                id,
+                AttachedStatus {
+                    id,
+                    container: container.name.clone(),
+                    pid,
+                    shard: usize::MAX,
+                    kind: "socket".into(),
+                },
+            );
+        }
+        self.accepted += 1;
+        self.socket_shims.insert(
+            id,
+            SocketShim {
+                conn,
+                container,
+                pid,
+            },
+        );
+    }
+
+    fn drop_socket_shim(&mut self, id: u32, why: &str) {
+        if let Some(shim) = self.socket_shims.remove(&id) {
+            eprintln!(
+                "freeflow-router: detached {id} (socket shim of container {}, pid {}): {why}",
+                shim.container.name, shim.pid
+            );
+        }
+        self.tcp.detach(id);
+        if let Ok(mut table) = self.attached.lock() {
+            table.remove(&id);
+        }
+    }
+
+    /// Reads and serves one request of a socket shim.
+    fn serve_socket_shim(&mut self, id: u32) {
+        let Some(shim) = self.socket_shims.get(&id) else {
+            return;
+        };
+        let mut buf = [0u8; SOCKMSG_LEN + 1];
+        let got = match fdpass::recv_with_fds(shim.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(_) => return self.drop_socket_shim(id, "connection error"),
+        };
+        if got.len == 0 && got.fds.is_empty() {
+            return self.drop_socket_shim(id, "process went away");
+        }
+        let request = match (
+            got.fds.is_empty() && !got.truncated,
+            SockRequest::decode(&buf[..got.len]),
+        ) {
+            (true, Ok(r)) => r,
+            (_, Err(e)) => return self.drop_socket_shim(id, &format!("malformed request: {e}")),
+            (false, _) => return self.drop_socket_shim(id, "request carried fds or was truncated"),
+        };
+        let container = shim.container.clone();
+        if let Some((reply, socket)) = self.tcp.handle(
+            Caller {
+                attachment: id,
+                container: &container,
+            },
+            request,
+        ) {
+            self.reply_socket_shim(id, reply, socket);
+        }
+    }
+
+    fn reply_socket_shim(&mut self, id: u32, reply: SockReply, socket: Option<OwnedFd>) {
+        let Some(shim) = self.socket_shims.get(&id) else {
+            return;
+        };
+        let fds: Vec<_> = socket.iter().map(|s| s.as_fd()).collect();
+        if let Err(e) = fdpass::send_with_fds(shim.conn.as_fd(), &reply.encode(), &fds) {
+            self.drop_socket_shim(id, &format!("reply failed: {e}"));
+        }
+    }
+
     /// Serves one control connection. Returns true if it asked for shutdown.
     fn serve_control(&mut self) -> io::Result<bool> {
         let (stream, _) = match self.control_listener.accept() {
@@ -329,8 +468,15 @@ impl ControlThread {
             return Ok(false);
         };
         let (response, shutdown) = match request {
-            ControlRequest::SetContainers { containers } => {
-                (self.set_containers(containers), false)
+            ControlRequest::SetContainers {
+                containers,
+                network,
+            } => {
+                let response = self.set_containers(containers);
+                if let (ControlResponse::Ok, Some(network)) = (&response, network) {
+                    self.tcp.set_network(network);
+                }
+                (response, false)
             }
             ControlRequest::Status => (ControlResponse::Status(self.status()), false),
             ControlRequest::Shutdown => (ControlResponse::Ok, true),
@@ -366,7 +512,11 @@ impl ControlThread {
             Err(_) => Vec::new(),
         };
         for (id, shard) in stale {
-            let _ = self.shards[shard].send(ShardCommand::Detach(id));
+            if self.socket_shims.contains_key(&id) {
+                self.drop_socket_shim(id, "container unregistered");
+            } else if let Some(shard) = self.shards.get(shard) {
+                let _ = shard.send(ShardCommand::Detach(id));
+            }
         }
         eprintln!(
             "freeflow-router: serving {} registered container(s)",
@@ -404,6 +554,9 @@ impl ControlThread {
             attached,
             attaches_accepted: self.accepted,
             attaches_refused: self.refused,
+            tcp_listeners: self.tcp.listeners(),
+            tcp_connects: self.tcp.connects,
+            tcp_fallbacks: self.tcp.fallbacks,
         }
     }
 }

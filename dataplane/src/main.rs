@@ -5,6 +5,7 @@ mod attachment;
 mod control;
 mod shard;
 mod sys;
+mod tcp;
 mod uring;
 
 use freeflow_proto::doorbell::EventFd;

@@ -108,3 +108,161 @@ pub fn poll(fds: &[(i32, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
     }
     Ok(pfds.iter().map(|p| p.revents).collect())
 }
+
+/// A socket address for `ip:port`, as sockaddr_in, or as an IPv4-mapped sockaddr_in6 when
+/// `v6` (for sockets the application created as AF_INET6).
+fn sockaddr(
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    v6: bool,
+) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; zero is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    if v6 {
+        let sin6 = libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as libc::sa_family_t,
+            sin6_port: port.to_be(),
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: ip.to_ipv6_mapped().octets(),
+            },
+            sin6_scope_id: 0,
+        };
+        // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+        unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+        (
+            storage,
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    } else {
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+        unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+        (
+            storage,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    }
+}
+
+/// A new TCP socket in the router's (host) network namespace: non-blocking, close-on-exec.
+pub fn tcp_socket(v6: bool) -> io::Result<OwnedFd> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain syscall; the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Binds `fd` to `ip:port` (port 0: the kernel picks).
+pub fn bind(fd: &OwnedFd, ip: std::net::Ipv4Addr, port: u16, v6: bool) -> io::Result<()> {
+    let (addr, len) = sockaddr(ip, port, v6);
+    // SAFETY: addr holds a valid socket address of `len` bytes.
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Starts connecting `fd` to `ip:port` without waiting. Ok(true) if already connected,
+/// Ok(false) if in progress.
+pub fn connect_nonblocking(
+    fd: &OwnedFd,
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    v6: bool,
+) -> io::Result<bool> {
+    let (addr, len) = sockaddr(ip, port, v6);
+    // SAFETY: addr holds a valid socket address of `len` bytes.
+    if unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } == 0
+    {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EINPROGRESS) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+/// Listens on `fd` with `backlog`.
+pub fn listen(fd: &OwnedFd, backlog: i32) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The local port `fd` is bound to.
+pub fn local_port(fd: &OwnedFd) -> io::Result<u16> {
+    // SAFETY: sockaddr_storage is plain data; zero is valid.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into addr.
+    if unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // Both sockaddr_in and sockaddr_in6 keep the port right after the family.
+    // SAFETY: the kernel filled an AF_INET or AF_INET6 address; the port field sits at the same
+    // offset in both, inside the storage.
+    let port =
+        unsafe { (*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()).sin_port };
+    Ok(u16::from_be(port))
+}
+
+/// Sets SO_REUSEADDR.
+pub fn set_reuseaddr(fd: &OwnedFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: passes a live c_int of the declared size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -92,7 +92,10 @@ impl Router {
             .collect();
         let r = control::call(
             &self.dir.join("router.ctl"),
-            &ControlRequest::SetContainers { containers },
+            &ControlRequest::SetContainers {
+                containers,
+                network: None,
+            },
             Duration::from_secs(5),
         );
         assert!(

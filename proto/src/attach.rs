@@ -285,9 +285,13 @@ pub struct Session {
     pub spin_limit: u32,
 }
 
-/// Connects to the router in `dir` and attaches as `kind`, waiting at most `timeout` for the
-/// router's answer.
-pub fn attach(dir: &Path, kind: ShimKind, timeout: Duration) -> Result<Session, AttachError> {
+/// Connects to `dir/router.sock`, says hello as `kind` and returns the connection, the router's
+/// answer and any descriptors that came with it.
+fn handshake(
+    dir: &Path,
+    kind: ShimKind,
+    timeout: Duration,
+) -> Result<(OwnedFd, AttachInfo, Vec<OwnedFd>), AttachError> {
     let path = dir.join(crate::ROUTER_SOCKET);
     let conn = fdpass::unix_socket(libc::SOCK_SEQPACKET)?;
     fdpass::connect_unix(conn.as_fd(), &path).map_err(|source| AttachError::Unreachable {
@@ -312,40 +316,68 @@ pub fn attach(dir: &Path, kind: ShimKind, timeout: Duration) -> Result<Session, 
             ip,
             container,
             tenant,
-        } => {
-            let mut fds = got.fds.into_iter();
-            let (Some(memfd), Some(bell), None) = (fds.next(), fds.next(), fds.next()) else {
-                return Err(AttachError::Protocol(
-                    "welcome must carry exactly two fds".into(),
-                ));
-            };
-            let region = SharedRegion::attach(memfd.as_fd())?;
-            if region.ring_count() < 2 {
-                return Err(AttachError::Protocol(
-                    "region has fewer than two rings".into(),
-                ));
-            }
-            let requests = Producer::new(region.ring(REQUEST_RING)?);
-            let replies = Consumer::new(region.ring(REPLY_RING)?);
-            let scratch = vec![0u8; replies.slot_size()];
-            Ok(Session {
-                conn,
-                region,
-                requests,
-                replies,
-                router_bell: EventFd::from_owned(bell),
-                info: AttachInfo {
-                    shard,
-                    attachment_id,
-                    ip,
-                    container,
-                    tenant,
-                },
-                scratch,
-                spin_limit: 20_000,
-            })
-        }
+        } => Ok((
+            conn,
+            AttachInfo {
+                shard,
+                attachment_id,
+                ip,
+                container,
+                tenant,
+            },
+            got.fds,
+        )),
     }
+}
+
+/// Connects to the router in `dir` and attaches as `kind` with a pair of rings, waiting at most
+/// `timeout` for the router's answer.
+pub fn attach(dir: &Path, kind: ShimKind, timeout: Duration) -> Result<Session, AttachError> {
+    let (conn, info, fds) = handshake(dir, kind, timeout)?;
+    let mut fds = fds.into_iter();
+    let (Some(memfd), Some(bell), None) = (fds.next(), fds.next(), fds.next()) else {
+        return Err(AttachError::Protocol(
+            "welcome must carry exactly two fds".into(),
+        ));
+    };
+    let region = SharedRegion::attach(memfd.as_fd())?;
+    if region.ring_count() < 2 {
+        return Err(AttachError::Protocol(
+            "region has fewer than two rings".into(),
+        ));
+    }
+    let requests = Producer::new(region.ring(REQUEST_RING)?);
+    let replies = Consumer::new(region.ring(REPLY_RING)?);
+    let scratch = vec![0u8; replies.slot_size()];
+    Ok(Session {
+        conn,
+        region,
+        requests,
+        replies,
+        router_bell: EventFd::from_owned(bell),
+        info,
+        scratch,
+        spin_limit: 20_000,
+    })
+}
+
+/// The socket shim's attachment: no rings, because every TCP-mode setup request needs a
+/// socket passed back with its reply; requests and replies travel on the attach connection.
+#[derive(Debug)]
+pub struct SocketSession {
+    pub conn: OwnedFd,
+    pub info: AttachInfo,
+}
+
+/// Attaches as the socket shim.
+pub fn attach_socket(dir: &Path, timeout: Duration) -> Result<SocketSession, AttachError> {
+    let (conn, info, fds) = handshake(dir, ShimKind::Socket, timeout)?;
+    if !fds.is_empty() {
+        return Err(AttachError::Protocol(
+            "a socket attach carries no fds".into(),
+        ));
+    }
+    Ok(SocketSession { conn, info })
 }
 
 impl Session {

@@ -18,11 +18,41 @@ pub struct ContainerEntry {
     pub netns: NetnsId,
 }
 
+/// Another host's router, reachable on the host network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHost {
+    pub host_ip: Ipv4Addr,
+    pub peer_port: u16,
+}
+
+/// Where an overlay address lives, and whose it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayEntry {
+    pub ip: Ipv4Addr,
+    pub tenant: String,
+    pub host_ip: Ipv4Addr,
+}
+
+/// What TCP mode needs to know about the cluster: this host, the other hosts' routers, and
+/// every registered overlay address (all hosts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkView {
+    pub host_ip: Ipv4Addr,
+    pub peer_port: u16,
+    pub hosts: Vec<PeerHost>,
+    pub overlay: Vec<OverlayEntry>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
     /// Replaces the table of containers; attached containers no longer in it are detached.
-    SetContainers { containers: Vec<ContainerEntry> },
+    /// `network` (absent for a router used alone) enables TCP-mode acceleration.
+    SetContainers {
+        containers: Vec<ContainerEntry>,
+        #[serde(default)]
+        network: Option<NetworkView>,
+    },
     /// Asks for [`RouterStatus`].
     Status,
     /// Stops the router cleanly.
@@ -47,6 +77,15 @@ pub struct RouterStatus {
     pub attached: Vec<AttachedStatus>,
     pub attaches_accepted: u64,
     pub attaches_refused: u64,
+    /// TCP mode: accelerated listeners on this host.
+    #[serde(default)]
+    pub tcp_listeners: usize,
+    /// TCP mode: connections set up on the host network.
+    #[serde(default)]
+    pub tcp_connects: u64,
+    /// TCP mode: connects sent back to the overlay path (destination not accelerated).
+    #[serde(default)]
+    pub tcp_fallbacks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

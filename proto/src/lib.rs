@@ -21,6 +21,7 @@ pub mod identity;
 pub mod msg;
 #[cfg(not(loom))]
 pub mod region;
+pub mod sockmsg;
 
 pub use ring::{Consumer, Producer, RingError, RingGeometry, Wake};
 pub use ring_memory::RingMemory;

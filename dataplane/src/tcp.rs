@@ -1,0 +1,601 @@
+//! TCP mode in the router: the setup half. A container's `libfsocket.so` asks, over its attach
+//! connection, to connect to or listen on an overlay address; the router answers with a
+//! host-network socket that the shim puts under the application's fd. After that the bytes flow
+//! on the host network and never touch the router.
+//!
+//! - listen: a host socket listening on an ephemeral port of this host's address. The router
+//!   keeps a duplicate so the port cannot be reused by someone else while the listener is
+//!   registered, and tells every peer router "overlay ip:port is at host:port".
+//! - connect: only to registered overlay addresses of the caller's tenant that have an
+//!   accelerated listener; the router binds a host socket, tells the destination's router which
+//!   overlay address this host port stands for, starts a non-blocking connect and hands the
+//!   connecting socket over, so EINPROGRESS, SO_ERROR and ECONNREFUSED are the kernel's own.
+//!   Anything else gets "fall back": the shim connects over the overlay as without Freeflow.
+//! - resolve: an accepted connection's host peer address back to the overlay address the
+//!   client's router announced; unknown peers (someone on the host network who was never
+//!   announced) are refused, so a listener sees only connections made through Freeflow.
+//!
+//! Router-to-router messages (JSON lines on TCP to each host's peer port) carry listener tables
+//! and connection announcements. Peers are accepted only from registered host addresses.
+
+use crate::sys;
+use freeflow_proto::control::{ContainerEntry, NetworkView};
+use freeflow_proto::sockmsg::{SockOp, SockReply, SockRequest, SockStatus, FLAG_INET6};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{self, BufRead, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// How long a resolve waits for the client router's announcement.
+const RESOLVE_WAIT: Duration = Duration::from_secs(1);
+/// How long an announcement is kept (the accept that needs it comes right after the connect).
+const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(120);
+/// How often a lost peer connection is retried.
+const PEER_RETRY: Duration = Duration::from_millis(300);
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+const MAX_PEER_LINE: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ListenerEntry {
+    ip: Ipv4Addr,
+    port: u16,
+    host_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum PeerMsg {
+    /// The sender's complete listener table (replaces what the receiver had for that host).
+    Listeners {
+        host: Ipv4Addr,
+        entries: Vec<ListenerEntry>,
+    },
+    /// Host port `host_port` of the sender is the overlay address `ip:port`.
+    Conn {
+        host: Ipv4Addr,
+        host_port: u16,
+        ip: Ipv4Addr,
+        port: u16,
+    },
+}
+
+struct LocalListener {
+    attachment: u32,
+    host_port: u16,
+    /// Keeps the socket (and its port) alive while registered.
+    _socket: OwnedFd,
+}
+
+struct PeerIn {
+    stream: TcpStream,
+    from: Ipv4Addr,
+    buf: Vec<u8>,
+}
+
+struct PeerOut {
+    port: u16,
+    stream: Option<TcpStream>,
+    next_try: Instant,
+}
+
+/// A resolve waiting for its announcement.
+pub struct PendingResolve {
+    pub attachment: u32,
+    pub seq: u32,
+    key: (Ipv4Addr, u16),
+    deadline: Instant,
+}
+
+/// The caller of a request, as the attach check established it.
+pub struct Caller<'a> {
+    pub attachment: u32,
+    pub container: &'a ContainerEntry,
+}
+
+#[derive(Default)]
+pub struct TcpService {
+    network: Option<NetworkView>,
+    overlay: HashMap<Ipv4Addr, (String, Ipv4Addr)>,
+    local: HashMap<(Ipv4Addr, u16), LocalListener>,
+    remote: HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16)>,
+    announced: HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16, Instant)>,
+    pending: Vec<PendingResolve>,
+    peer_listener: Option<TcpListener>,
+    incoming: Vec<PeerIn>,
+    outgoing: HashMap<Ipv4Addr, PeerOut>,
+    pub connects: u64,
+    pub fallbacks: u64,
+}
+
+/// Replies that became ready outside a request (resolves whose announcement arrived or timed out).
+pub type Deferred = Vec<(u32, SockReply)>;
+
+impl TcpService {
+    /// Takes a new view of the cluster: overlay addresses, this host, peer hosts.
+    pub fn set_network(&mut self, network: NetworkView) {
+        self.overlay = network
+            .overlay
+            .iter()
+            .map(|e| (e.ip, (e.tenant.clone(), e.host_ip)))
+            .collect();
+        let host_changed = self.network.as_ref().map(|n| (n.host_ip, n.peer_port))
+            != Some((network.host_ip, network.peer_port));
+        if host_changed || self.peer_listener.is_none() {
+            let addr = SocketAddr::V4(SocketAddrV4::new(network.host_ip, network.peer_port));
+            match TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
+                Ok(l) => self.peer_listener = Some(l),
+                Err(e) => {
+                    eprintln!("freeflow-router: tcp: cannot listen for peer routers on {addr}: {e}")
+                }
+            }
+        }
+        let wanted: HashMap<Ipv4Addr, u16> = network
+            .hosts
+            .iter()
+            .map(|h| (h.host_ip, h.peer_port))
+            .collect();
+        self.outgoing
+            .retain(|ip, p| wanted.get(ip) == Some(&p.port));
+        for (ip, port) in &wanted {
+            self.outgoing.entry(*ip).or_insert(PeerOut {
+                port: *port,
+                stream: None,
+                next_try: Instant::now(),
+            });
+        }
+        self.remote.retain(|_, (host, _)| wanted.contains_key(host));
+        self.network = Some(network);
+    }
+
+    fn host_ip(&self) -> Option<Ipv4Addr> {
+        self.network.as_ref().map(|n| n.host_ip)
+    }
+
+    /// Serves one request. Returns the reply and the socket to pass with it, or `None` when the
+    /// reply is deferred (a resolve waiting for its announcement).
+    pub fn handle(
+        &mut self,
+        caller: Caller<'_>,
+        req: SockRequest,
+    ) -> Option<(SockReply, Option<OwnedFd>)> {
+        let Some(host_ip) = self.host_ip() else {
+            // A router without a network view (run alone) accelerates nothing.
+            return Some((SockReply::fallback(req.seq), None));
+        };
+        let v6 = req.flags & FLAG_INET6 != 0;
+        match req.op {
+            SockOp::Connect => Some(self.connect(caller, req, host_ip, v6)),
+            SockOp::Listen => Some(self.listen(caller, req, host_ip, v6)),
+            SockOp::Unlisten => {
+                let key = (caller.container.ip, req.port);
+                if self
+                    .local
+                    .get(&key)
+                    .is_some_and(|l| l.attachment == caller.attachment)
+                {
+                    self.local.remove(&key);
+                    self.broadcast_listeners();
+                }
+                Some((ok(req.seq, caller.container.ip, req.port), None))
+            }
+            SockOp::Resolve => {
+                let key = (req.ip, req.port);
+                match self.lookup_announcement(key) {
+                    Some((ip, port)) => Some((ok(req.seq, ip, port), None)),
+                    None => {
+                        self.pending.push(PendingResolve {
+                            attachment: caller.attachment,
+                            seq: req.seq,
+                            key,
+                            deadline: Instant::now() + RESOLVE_WAIT,
+                        });
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn lookup_announcement(&self, key: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
+        self.announced.get(&key).map(|(ip, port, _)| (*ip, *port))
+    }
+
+    fn connect(
+        &mut self,
+        caller: Caller<'_>,
+        req: SockRequest,
+        host_ip: Ipv4Addr,
+        v6: bool,
+    ) -> (SockReply, Option<OwnedFd>) {
+        let dst = (req.ip, req.port);
+        // Policy: only registered overlay addresses of the caller's own tenant.
+        let Some((tenant, dst_host)) = self.overlay.get(&req.ip).cloned() else {
+            self.fallbacks += 1;
+            return (SockReply::fallback(req.seq), None);
+        };
+        if tenant != caller.container.tenant {
+            self.fallbacks += 1;
+            return (SockReply::fallback(req.seq), None);
+        }
+        let target = if dst_host == host_ip {
+            self.local.get(&dst).map(|l| (host_ip, l.host_port))
+        } else {
+            self.remote.get(&dst).copied()
+        };
+        let Some((target_ip, target_port)) = target else {
+            self.fallbacks += 1;
+            return (SockReply::fallback(req.seq), None);
+        };
+        let result = (|| -> io::Result<(OwnedFd, u16)> {
+            let socket = sys::tcp_socket(v6)?;
+            sys::bind(&socket, host_ip, 0, v6)?;
+            let port = sys::local_port(&socket)?;
+            // Announce before connecting, so the announcement is on its way before the SYN.
+            let conn = PeerMsg::Conn {
+                host: host_ip,
+                host_port: port,
+                ip: caller.container.ip,
+                port,
+            };
+            if dst_host == host_ip {
+                self.announced
+                    .insert((host_ip, port), (caller.container.ip, port, Instant::now()));
+            } else {
+                self.send_to(dst_host, &conn);
+            }
+            sys::connect_nonblocking(&socket, target_ip, target_port, v6)?;
+            Ok((socket, port))
+        })();
+        match result {
+            Ok((socket, port)) => {
+                self.connects += 1;
+                (ok(req.seq, caller.container.ip, port), Some(socket))
+            }
+            Err(e) => (
+                SockReply::error(req.seq, e.raw_os_error().unwrap_or(libc::EIO)),
+                None,
+            ),
+        }
+    }
+
+    fn listen(
+        &mut self,
+        caller: Caller<'_>,
+        req: SockRequest,
+        host_ip: Ipv4Addr,
+        v6: bool,
+    ) -> (SockReply, Option<OwnedFd>) {
+        let ip = caller.container.ip;
+        if req.ip != Ipv4Addr::UNSPECIFIED && req.ip != ip {
+            return (SockReply::fallback(req.seq), None);
+        }
+        let key = (ip, req.port);
+        if let Some(existing) = self.local.get(&key) {
+            if existing.attachment != caller.attachment {
+                return (SockReply::error(req.seq, libc::EADDRINUSE), None);
+            }
+        }
+        let backlog = req.backlog.min(i32::MAX as u32) as i32;
+        let result = (|| -> io::Result<(OwnedFd, OwnedFd, u16)> {
+            let socket = sys::tcp_socket(v6)?;
+            sys::set_reuseaddr(&socket)?;
+            sys::bind(&socket, host_ip, 0, v6)?;
+            sys::listen(&socket, backlog)?;
+            let host_port = sys::local_port(&socket)?;
+            let keep = socket.try_clone()?;
+            Ok((socket, keep, host_port))
+        })();
+        match result {
+            Ok((socket, keep, host_port)) => {
+                self.local.insert(
+                    key,
+                    LocalListener {
+                        attachment: caller.attachment,
+                        host_port,
+                        _socket: keep,
+                    },
+                );
+                self.broadcast_listeners();
+                (ok(req.seq, ip, req.port), Some(socket))
+            }
+            Err(e) => (
+                SockReply::error(req.seq, e.raw_os_error().unwrap_or(libc::EIO)),
+                None,
+            ),
+        }
+    }
+
+    /// Forgets everything an attachment registered (its process went away).
+    pub fn detach(&mut self, attachment: u32) {
+        let before = self.local.len();
+        self.local.retain(|_, l| l.attachment != attachment);
+        self.pending.retain(|p| p.attachment != attachment);
+        if self.local.len() != before {
+            self.broadcast_listeners();
+        }
+    }
+
+    fn table(&self) -> Option<PeerMsg> {
+        let host = self.host_ip()?;
+        let mut entries: Vec<ListenerEntry> = self
+            .local
+            .iter()
+            .map(|(&(ip, port), l)| ListenerEntry {
+                ip,
+                port,
+                host_port: l.host_port,
+            })
+            .collect();
+        entries.sort_by_key(|e| (e.ip, e.port));
+        Some(PeerMsg::Listeners { host, entries })
+    }
+
+    fn broadcast_listeners(&mut self) {
+        let Some(msg) = self.table() else { return };
+        let hosts: Vec<Ipv4Addr> = self.outgoing.keys().copied().collect();
+        for host in hosts {
+            self.send_to(host, &msg);
+        }
+    }
+
+    fn send_to(&mut self, host: Ipv4Addr, msg: &PeerMsg) {
+        let Some(peer) = self.outgoing.get_mut(&host) else {
+            return;
+        };
+        if peer.stream.is_none() {
+            Self::try_connect(host, peer);
+            if peer.stream.is_some() {
+                // A fresh connection starts with our whole table; then the message.
+                if let Some(table) = self.table() {
+                    let peer = self.outgoing.get_mut(&host).expect("present");
+                    Self::write(host, peer, &table);
+                }
+            }
+        }
+        let peer = self.outgoing.get_mut(&host).expect("present");
+        Self::write(host, peer, msg);
+    }
+
+    fn try_connect(host: Ipv4Addr, peer: &mut PeerOut) {
+        if Instant::now() < peer.next_try {
+            return;
+        }
+        peer.next_try = Instant::now() + PEER_RETRY;
+        let addr = SocketAddr::V4(SocketAddrV4::new(host, peer.port));
+        match TcpStream::connect_timeout(&addr, PEER_CONNECT_TIMEOUT) {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+                peer.stream = Some(stream);
+            }
+            Err(e) => eprintln!("freeflow-router: tcp: peer router {addr} not reachable: {e}"),
+        }
+    }
+
+    fn write(host: Ipv4Addr, peer: &mut PeerOut, msg: &PeerMsg) {
+        let Some(stream) = peer.stream.as_mut() else {
+            return;
+        };
+        let mut line = serde_json::to_vec(msg).expect("peer messages serialise");
+        line.push(b'\n');
+        if let Err(e) = stream.write_all(&line) {
+            eprintln!("freeflow-router: tcp: lost peer router {host}: {e}");
+            peer.stream = None;
+        }
+    }
+
+    /// Descriptors the control loop must poll for the peer channel.
+    pub fn poll_fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.peer_listener.iter().map(|l| l.as_raw_fd()).collect();
+        fds.extend(self.incoming.iter().map(|p| p.stream.as_raw_fd()));
+        fds
+    }
+
+    /// Milliseconds until the service needs a tick (pending resolves, peer retries), if ever.
+    pub fn next_timeout_ms(&self, now: Instant) -> Option<i32> {
+        let resolve = self.pending.iter().map(|p| p.deadline).min();
+        let retry = self
+            .outgoing
+            .values()
+            .filter(|p| p.stream.is_none())
+            .map(|p| p.next_try)
+            .min();
+        [resolve, retry]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| t.saturating_duration_since(now).as_millis() as i32 + 1)
+    }
+
+    /// Handles readiness on `fd` (one of `poll_fds`), answering resolves that can now be
+    /// answered.
+    pub fn on_ready(&mut self, fd: RawFd, deferred: &mut Deferred) {
+        if self
+            .peer_listener
+            .as_ref()
+            .is_some_and(|l| l.as_raw_fd() == fd)
+        {
+            self.accept_peers();
+            return;
+        }
+        let Some(index) = self
+            .incoming
+            .iter()
+            .position(|p| p.stream.as_raw_fd() == fd)
+        else {
+            return;
+        };
+        let mut messages = Vec::new();
+        let keep = Self::read_peer(&mut self.incoming[index], &mut messages);
+        let from = self.incoming[index].from;
+        if !keep {
+            self.incoming.swap_remove(index);
+        }
+        for msg in messages {
+            self.apply(from, msg);
+        }
+        self.answer_pending(deferred, Instant::now());
+    }
+
+    fn accept_peers(&mut self) {
+        let Some(listener) = self.peer_listener.as_ref() else {
+            return;
+        };
+        loop {
+            match listener.accept() {
+                Ok((stream, SocketAddr::V4(addr))) => {
+                    let known = self.overlay.values().any(|(_, h)| h == addr.ip())
+                        || self.outgoing.contains_key(addr.ip());
+                    if !known {
+                        eprintln!("freeflow-router: tcp: refused peer connection from {addr}: not a registered host");
+                        continue;
+                    }
+                    if stream.set_nonblocking(true).is_ok() {
+                        self.incoming.push(PeerIn {
+                            stream,
+                            from: *addr.ip(),
+                            buf: Vec::new(),
+                        });
+                    }
+                }
+                Ok((_, addr)) => {
+                    eprintln!("freeflow-router: tcp: refused peer connection from {addr}")
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    eprintln!("freeflow-router: tcp: accept on peer port: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads what is available; false when the peer is gone or misbehaved.
+    fn read_peer(peer: &mut PeerIn, out: &mut Vec<PeerMsg>) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match io::Read::read(&mut peer.stream, &mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => peer.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+            if peer.buf.len() > MAX_PEER_LINE {
+                eprintln!(
+                    "freeflow-router: tcp: peer {} sent an oversized message; dropping it",
+                    peer.from
+                );
+                return false;
+            }
+        }
+        let mut cursor = io::Cursor::new(std::mem::take(&mut peer.buf));
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match cursor.read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) if line.last() == Some(&b'\n') => {
+                    match serde_json::from_slice::<PeerMsg>(&line) {
+                        Ok(msg) => out.push(msg),
+                        Err(e) => {
+                            eprintln!(
+                                "freeflow-router: tcp: bad message from peer {}: {e}",
+                                peer.from
+                            );
+                            return false;
+                        }
+                    }
+                }
+                Ok(_) => {
+                    peer.buf = line.clone(); // an incomplete line: keep it for the next read
+                    break;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    fn apply(&mut self, from: Ipv4Addr, msg: PeerMsg) {
+        match msg {
+            // A peer speaks only for its own address.
+            PeerMsg::Listeners { host, entries } if host == from => {
+                self.remote.retain(|_, (h, _)| *h != host);
+                for e in entries {
+                    // Only overlay addresses the registry places on that host.
+                    if self.overlay.get(&e.ip).is_some_and(|(_, h)| *h == host) {
+                        self.remote.insert((e.ip, e.port), (host, e.host_port));
+                    }
+                }
+            }
+            PeerMsg::Conn {
+                host,
+                host_port,
+                ip,
+                port,
+            } if host == from => {
+                if self.overlay.get(&ip).is_some_and(|(_, h)| *h == host) {
+                    self.announced
+                        .insert((host, host_port), (ip, port, Instant::now()));
+                }
+            }
+            other => {
+                eprintln!("freeflow-router: tcp: peer {from} spoke for another host: {other:?}")
+            }
+        }
+    }
+
+    fn answer_pending(&mut self, deferred: &mut Deferred, now: Instant) {
+        let mut still = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            if let Some((ip, port)) = self.lookup_announcement(p.key) {
+                deferred.push((p.attachment, ok(p.seq, ip, port)));
+            } else if now >= p.deadline {
+                deferred.push((p.attachment, SockReply::error(p.seq, libc::ECONNREFUSED)));
+            } else {
+                still.push(p);
+            }
+        }
+        self.pending = still;
+    }
+
+    /// Periodic work: expire resolves and old announcements, reconnect lost peers.
+    pub fn tick(&mut self, deferred: &mut Deferred) {
+        let now = Instant::now();
+        self.answer_pending(deferred, now);
+        self.announced
+            .retain(|_, (_, _, at)| now.duration_since(*at) < ANNOUNCEMENT_TTL);
+        let lost: Vec<Ipv4Addr> = self
+            .outgoing
+            .iter()
+            .filter(|(_, p)| p.stream.is_none() && now >= p.next_try)
+            .map(|(h, _)| *h)
+            .collect();
+        if !lost.is_empty() {
+            if let Some(table) = self.table() {
+                for host in lost {
+                    let peer = self.outgoing.get_mut(&host).expect("present");
+                    Self::try_connect(host, peer);
+                    Self::write(host, peer, &table);
+                }
+            }
+        }
+    }
+
+    pub fn listeners(&self) -> usize {
+        self.local.len()
+    }
+}
+
+fn ok(seq: u32, ip: Ipv4Addr, port: u16) -> SockReply {
+    SockReply {
+        status: SockStatus::Ok,
+        seq,
+        errno: 0,
+        ip,
+        port,
+    }
+}
