@@ -1,0 +1,396 @@
+//! The functions this library exports in place of the C library's: connect, listen, accept,
+//! accept4, getsockname, getpeername, close, dup2, dup3. Each decides from its arguments whether
+//! the call concerns an overlay TCP socket; if not, it calls the C library unchanged.
+
+use crate::real::{self, Endpoint};
+use crate::session::{self, config, debug};
+use crate::state::{self, Accelerated, Role};
+use freeflow_proto::sockmsg::{SockOp, SockRequest, SockStatus, FLAG_INET6};
+use libc::{c_int, sockaddr, socklen_t};
+use std::net::Ipv4Addr;
+use std::os::fd::{IntoRawFd, OwnedFd};
+
+fn is_stream(fd: c_int) -> bool {
+    real::get_int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
+fn in_overlay(ip: Ipv4Addr) -> bool {
+    config().prefix.is_some_and(|p| p.contains(ip))
+}
+
+/// Puts `socket` under the application's `fd`, keeping the fd's blocking mode and close-on-exec
+/// flag and the options the application is likely to have set.
+fn install(socket: OwnedFd, fd: c_int) -> Result<(), c_int> {
+    let new = socket.into_raw_fd();
+    let status_flags = real::fcntl_get(fd, libc::F_GETFL);
+    let fd_flags = real::fcntl_get(fd, libc::F_GETFD);
+    if status_flags < 0 || fd_flags < 0 {
+        real::close(new);
+        return Err(libc::EBADF);
+    }
+    let nonblocking = status_flags & libc::O_NONBLOCK != 0;
+    let new_status = real::fcntl_get(new, libc::F_GETFL);
+    let wanted = if nonblocking {
+        new_status | libc::O_NONBLOCK
+    } else {
+        new_status & !libc::O_NONBLOCK
+    };
+    real::fcntl_set(new, libc::F_SETFL, wanted);
+    for (level, name) in [
+        (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    ] {
+        if let Some(v) = real::get_int_opt(fd, level, name) {
+            if v != 0 {
+                real::set_int_opt(new, level, name, v);
+            }
+        }
+    }
+    let cloexec = if fd_flags & libc::FD_CLOEXEC != 0 {
+        libc::O_CLOEXEC
+    } else {
+        0
+    };
+    let rc = real::dup3(new, fd, cloexec);
+    let err = real::errno();
+    real::close(new);
+    if rc < 0 {
+        return Err(err);
+    }
+    Ok(())
+}
+
+fn fail(errno: c_int) -> c_int {
+    real::set_errno(errno);
+    -1
+}
+
+/// connect(2).
+///
+/// # Safety
+/// Called by the application with connect(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: addr/len are the application's connect(2) arguments.
+    let Some((ip, port, v6)) = (unsafe { real::read_endpoint(addr, len) }) else {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real::connect(fd, addr, len) };
+    };
+    if !in_overlay(ip) || state::get(fd).is_some() || !is_stream(fd) {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real::connect(fd, addr, len) };
+    }
+    match accelerate_connect(fd, (ip, port, v6)) {
+        Some(rc) => rc,
+        // SAFETY: forwarded unchanged.
+        None => unsafe { real::connect(fd, addr, len) },
+    }
+}
+
+/// Returns the connect result, or None to take the normal path.
+fn accelerate_connect(fd: c_int, (ip, port, v6): Endpoint) -> Option<c_int> {
+    let request = SockRequest {
+        op: SockOp::Connect,
+        flags: if v6 { FLAG_INET6 } else { 0 },
+        seq: 0,
+        ip,
+        port,
+        backlog: 0,
+    };
+    let (reply, socket) = session::call(request).ok()?;
+    match reply.status {
+        SockStatus::Fallback => {
+            debug(format_args!(
+                "connect {ip}:{port}: not accelerated, overlay path"
+            ));
+            None
+        }
+        SockStatus::Error => Some(fail(reply.errno)),
+        SockStatus::Ok => {
+            let Some(socket) = socket else {
+                return Some(fail(libc::EIO));
+            };
+            if let Err(e) = install(socket, fd) {
+                return Some(fail(e));
+            }
+            state::insert(
+                fd,
+                Accelerated {
+                    role: Role::Connection,
+                    local: (reply.ip, reply.port),
+                    peer: Some((ip, port)),
+                    v6,
+                },
+            );
+            debug(format_args!(
+                "connect {ip}:{port}: host network, local {}:{}",
+                reply.ip, reply.port
+            ));
+            let nonblocking = real::fcntl_get(fd, libc::F_GETFL) & libc::O_NONBLOCK != 0;
+            if nonblocking {
+                return Some(fail(libc::EINPROGRESS));
+            }
+            if !real::wait_writable(fd) {
+                // Interrupted: like the kernel, the connect goes on in the background.
+                return Some(fail(libc::EINTR));
+            }
+            match real::get_int_opt(fd, libc::SOL_SOCKET, libc::SO_ERROR) {
+                Some(0) => Some(0),
+                Some(err) => Some(fail(err)),
+                None => Some(fail(libc::EIO)),
+            }
+        }
+    }
+}
+
+/// listen(2).
+///
+/// # Safety
+/// Called by the application with listen(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    if config().prefix.is_none() || state::get(fd).is_some() || !is_stream(fd) {
+        return real::listen(fd, backlog);
+    }
+    let mut storage: libc::sockaddr_storage = unsafe_zeroed_storage();
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
+    // SAFETY: storage is a local buffer of `len` bytes.
+    let rc = unsafe {
+        real::getsockname(
+            fd,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: the kernel filled `len` bytes of storage.
+    let bound = (rc == 0)
+        .then(|| unsafe {
+            real::read_endpoint((&storage as *const libc::sockaddr_storage).cast(), len)
+        })
+        .flatten();
+    let Some((ip, port, v6)) = bound else {
+        return real::listen(fd, backlog);
+    };
+    // Only wildcard or overlay addresses, and only a port the application chose or bound.
+    if port == 0 || !(ip.is_unspecified() || in_overlay(ip)) {
+        return real::listen(fd, backlog);
+    }
+    let request = SockRequest {
+        op: SockOp::Listen,
+        flags: if v6 { FLAG_INET6 } else { 0 },
+        seq: 0,
+        ip,
+        port,
+        backlog: backlog.max(0) as u32,
+    };
+    let Ok((reply, socket)) = session::call(request) else {
+        return real::listen(fd, backlog);
+    };
+    match (reply.status, socket) {
+        (SockStatus::Ok, Some(socket)) => {
+            if let Err(e) = install(socket, fd) {
+                return fail(e);
+            }
+            state::insert(
+                fd,
+                Accelerated {
+                    role: Role::Listener,
+                    local: (reply.ip, reply.port),
+                    peer: None,
+                    v6,
+                },
+            );
+            debug(format_args!(
+                "listen {}:{}: host network",
+                reply.ip, reply.port
+            ));
+            0
+        }
+        (SockStatus::Error, _) => fail(reply.errno),
+        _ => real::listen(fd, backlog),
+    }
+}
+
+fn unsafe_zeroed_storage() -> libc::sockaddr_storage {
+    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// accept(2).
+///
+/// # Safety
+/// Called by the application with accept(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: same contract.
+    unsafe { accept4(fd, addr, len, 0) }
+}
+
+/// accept4(2).
+///
+/// # Safety
+/// Called by the application with accept4(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    let Some(listener) = state::get(fd).filter(|s| s.role == Role::Listener) else {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real::accept4(fd, addr, len, flags) };
+    };
+    loop {
+        let mut storage = unsafe_zeroed_storage();
+        let mut peer_len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
+        // SAFETY: storage is a local buffer of peer_len bytes.
+        let new = unsafe {
+            real::accept4(
+                fd,
+                (&mut storage as *mut libc::sockaddr_storage).cast(),
+                &mut peer_len,
+                flags,
+            )
+        };
+        if new < 0 {
+            return new;
+        }
+        // SAFETY: the kernel filled peer_len bytes of storage.
+        let host_peer = unsafe {
+            real::read_endpoint((&storage as *const libc::sockaddr_storage).cast(), peer_len)
+        };
+        let overlay_peer = host_peer.and_then(|(ip, port, _)| {
+            let request = SockRequest {
+                op: SockOp::Resolve,
+                flags: 0,
+                seq: 0,
+                ip,
+                port,
+                backlog: 0,
+            };
+            match session::call(request) {
+                Ok((reply, _)) if reply.status == SockStatus::Ok => Some((reply.ip, reply.port)),
+                _ => None,
+            }
+        });
+        let Some((peer_ip, peer_port)) = overlay_peer else {
+            // Not announced by any router: someone on the host network reached the listener
+            // directly. Containers only see connections made through Freeflow.
+            debug(format_args!(
+                "dropped an unannounced connection from {host_peer:?}"
+            ));
+            real::close(new);
+            continue;
+        };
+        state::insert(
+            new,
+            Accelerated {
+                role: Role::Connection,
+                local: listener.local,
+                peer: Some((peer_ip, peer_port)),
+                v6: listener.v6,
+            },
+        );
+        // SAFETY: addr/len are the application's accept arguments (NULL allowed).
+        unsafe { real::write_endpoint(addr, len, peer_ip, peer_port, listener.v6) };
+        return new;
+    }
+}
+
+/// getsockname(2).
+///
+/// # Safety
+/// Called by the application with getsockname(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    if let Some(s) = state::get(fd) {
+        // SAFETY: the application's getsockname arguments.
+        if unsafe { real::write_endpoint(addr, len, s.local.0, s.local.1, s.v6) } {
+            return 0;
+        }
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: forwarded unchanged.
+    unsafe { real::getsockname(fd, addr, len) }
+}
+
+/// getpeername(2).
+///
+/// # Safety
+/// Called by the application with getpeername(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    if let Some(s) = state::get(fd) {
+        let Some((ip, port)) = s.peer else {
+            return fail(libc::ENOTCONN);
+        };
+        // A connection still being set up has no peer yet, as the kernel would say.
+        // SAFETY: forwarded unchanged, only to ask the kernel whether it is connected.
+        let connected = unsafe { real::getpeername(fd, addr, len) } == 0;
+        if !connected {
+            return -1;
+        }
+        // SAFETY: the application's getpeername arguments.
+        unsafe { real::write_endpoint(addr, len, ip, port, s.v6) };
+        return 0;
+    }
+    // SAFETY: forwarded unchanged.
+    unsafe { real::getpeername(fd, addr, len) }
+}
+
+/// close(2).
+///
+/// # Safety
+/// Called by the application with close(2)'s argument.
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if let Some(s) = state::remove(fd) {
+        if s.role == Role::Listener {
+            let request = SockRequest {
+                op: SockOp::Unlisten,
+                flags: 0,
+                seq: 0,
+                ip: s.local.0,
+                port: s.local.1,
+                backlog: 0,
+            };
+            let _ = session::call(request);
+        }
+    }
+    real::close(fd)
+}
+
+/// dup2(2): the new fd refers to the same socket, so it carries the same overlay addresses.
+///
+/// # Safety
+/// Called by the application with dup2(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    let rc = real::dup3(old, new, 0);
+    if old == new {
+        // dup2 of an fd onto itself checks validity and does nothing (dup3 refuses it).
+        return if real::fcntl_get(old, libc::F_GETFD) < 0 {
+            -1
+        } else {
+            new
+        };
+    }
+    if rc >= 0 {
+        state::copy(old, new);
+    }
+    rc
+}
+
+/// dup3(2).
+///
+/// # Safety
+/// Called by the application with dup3(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    let rc = real::dup3(old, new, flags);
+    if rc >= 0 {
+        state::copy(old, new);
+    }
+    rc
+}

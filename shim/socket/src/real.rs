@@ -1,0 +1,234 @@
+//! The C library's own socket functions, found with `dlsym(RTLD_NEXT)`, and the raw calls the
+//! shim makes. All of the shim's unsafe code that is not the exported ABI lives here.
+
+use libc::{c_int, sockaddr, socklen_t};
+use std::sync::OnceLock;
+
+type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type Accept4Fn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int;
+type NameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
+type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
+
+struct Real {
+    connect: ConnectFn,
+    listen: ListenFn,
+    accept4: Accept4Fn,
+    getsockname: NameFn,
+    getpeername: NameFn,
+    close: CloseFn,
+}
+
+fn lookup(name: &std::ffi::CStr) -> *mut libc::c_void {
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name only reads the loader's tables.
+    let sym = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    assert!(!sym.is_null(), "libfsocket: the C library has no {name:?}");
+    sym
+}
+
+fn real() -> &'static Real {
+    static REAL: OnceLock<Real> = OnceLock::new();
+    REAL.get_or_init(|| {
+        // SAFETY: each symbol is the C library's function of exactly the signature named by
+        // its type alias (POSIX prototypes), so the transmuted pointers are callable as such.
+        unsafe {
+            Real {
+                connect: std::mem::transmute::<*mut libc::c_void, ConnectFn>(lookup(c"connect")),
+                listen: std::mem::transmute::<*mut libc::c_void, ListenFn>(lookup(c"listen")),
+                accept4: std::mem::transmute::<*mut libc::c_void, Accept4Fn>(lookup(c"accept4")),
+                getsockname: std::mem::transmute::<*mut libc::c_void, NameFn>(lookup(
+                    c"getsockname",
+                )),
+                getpeername: std::mem::transmute::<*mut libc::c_void, NameFn>(lookup(
+                    c"getpeername",
+                )),
+                close: std::mem::transmute::<*mut libc::c_void, CloseFn>(lookup(c"close")),
+            }
+        }
+    })
+}
+
+/// # Safety
+/// `addr` must point at `len` readable bytes (the application's own arguments, passed on).
+pub unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: forwarded unchanged; the caller's contract is connect(2)'s.
+    unsafe { (real().connect)(fd, addr, len) }
+}
+
+pub fn listen(fd: c_int, backlog: c_int) -> c_int {
+    // SAFETY: listen takes no pointers.
+    unsafe { (real().listen)(fd, backlog) }
+}
+
+/// # Safety
+/// `addr`/`len` must be NULL or valid as for accept4(2).
+pub unsafe fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    // SAFETY: forwarded unchanged; the caller's contract is accept4(2)'s.
+    unsafe { (real().accept4)(fd, addr, len, flags) }
+}
+
+/// # Safety
+/// As for getsockname(2).
+pub unsafe fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: forwarded unchanged.
+    unsafe { (real().getsockname)(fd, addr, len) }
+}
+
+/// # Safety
+/// As for getpeername(2).
+pub unsafe fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: forwarded unchanged.
+    unsafe { (real().getpeername)(fd, addr, len) }
+}
+
+pub fn close(fd: c_int) -> c_int {
+    // SAFETY: close takes no pointers; closing an fd the shim owns or the app asked to close.
+    unsafe { (real().close)(fd) }
+}
+
+pub fn errno() -> c_int {
+    // SAFETY: __errno_location returns this thread's errno slot, always valid.
+    unsafe { *libc::__errno_location() }
+}
+
+pub fn set_errno(value: c_int) {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = value };
+}
+
+/// An IPv4 endpoint read from a socket address: (ip, port, was it AF_INET6 v4-mapped).
+pub type Endpoint = (std::net::Ipv4Addr, u16, bool);
+
+/// Reads an AF_INET or v4-mapped AF_INET6 address.
+///
+/// # Safety
+/// `addr` must be NULL or point at `len` readable bytes.
+pub unsafe fn read_endpoint(addr: *const sockaddr, len: socklen_t) -> Option<Endpoint> {
+    if addr.is_null() || (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
+        return None;
+    }
+    // SAFETY: at least the family field is readable (checked above); read unaligned.
+    let family = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sa_family_t>()) } as c_int;
+    match family {
+        libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: len covers a whole sockaddr_in.
+            let sin = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sockaddr_in>()) };
+            Some((
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+                false,
+            ))
+        }
+        libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: len covers a whole sockaddr_in6.
+            let sin6 = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sockaddr_in6>()) };
+            let ip6 = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            let port = u16::from_be(sin6.sin6_port);
+            if ip6.is_unspecified() {
+                return Some((std::net::Ipv4Addr::UNSPECIFIED, port, true));
+            }
+            ip6.to_ipv4_mapped().map(|ip| (ip, port, true))
+        }
+        _ => None,
+    }
+}
+
+/// Writes `ip:port` (as AF_INET6 v4-mapped when `v6`) the way getsockname(2) does: at most
+/// `*len` bytes, and `*len` set to the full size.
+///
+/// # Safety
+/// `addr` must point at `*len` writable bytes and `len` at a writable socklen_t, or either NULL.
+pub unsafe fn write_endpoint(
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    v6: bool,
+) -> bool {
+    if addr.is_null() || len.is_null() {
+        return false;
+    }
+    // SAFETY: len is non-null and writable per the contract.
+    let room = unsafe { *len } as usize;
+    let mut storage = [0u8; std::mem::size_of::<libc::sockaddr_in6>()];
+    let full = if v6 {
+        let sin6 = libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as libc::sa_family_t,
+            sin6_port: port.to_be(),
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: ip.to_ipv6_mapped().octets(),
+            },
+            sin6_scope_id: 0,
+        };
+        // SAFETY: storage has room for a sockaddr_in6; written unaligned.
+        unsafe { std::ptr::write_unaligned(storage.as_mut_ptr().cast(), sin6) };
+        std::mem::size_of::<libc::sockaddr_in6>()
+    } else {
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: storage has room for a sockaddr_in; written unaligned.
+        unsafe { std::ptr::write_unaligned(storage.as_mut_ptr().cast(), sin) };
+        std::mem::size_of::<libc::sockaddr_in>()
+    };
+    // SAFETY: addr has `room` writable bytes; we copy at most that many; len is writable.
+    unsafe {
+        std::ptr::copy_nonoverlapping(storage.as_ptr(), addr.cast::<u8>(), full.min(room));
+        *len = full as socklen_t;
+    }
+    true
+}
+
+/// An integer socket option of `fd`.
+pub fn get_int_opt(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
+    let mut value: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into value.
+    let rc =
+        unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut c_int).cast(), &mut len) };
+    (rc == 0).then_some(value)
+}
+
+pub fn set_int_opt(fd: c_int, level: c_int, name: c_int, value: c_int) {
+    // SAFETY: passes a live c_int of the declared size.
+    unsafe { libc::setsockopt(fd, level, name, (&value as *const c_int).cast(), 4) };
+}
+
+pub fn fcntl_get(fd: c_int, cmd: c_int) -> c_int {
+    // SAFETY: F_GETFL / F_GETFD take no pointer argument.
+    unsafe { libc::fcntl(fd, cmd) }
+}
+
+pub fn fcntl_set(fd: c_int, cmd: c_int, value: c_int) -> c_int {
+    // SAFETY: F_SETFL / F_SETFD take an int argument.
+    unsafe { libc::fcntl(fd, cmd, value) }
+}
+
+/// dup3 by system call: `libc::dup3` would bind to this library's own exported `dup3`.
+pub fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    // SAFETY: plain syscall on integers.
+    unsafe { libc::syscall(libc::SYS_dup3, old, new, flags) as c_int }
+}
+
+/// Waits until `fd` is writable (a connect finished). Returns false on EINTR.
+pub fn wait_writable(fd: c_int) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+    n >= 0
+}
+
+pub fn getpid() -> i32 {
+    // SAFETY: no arguments, no failure.
+    unsafe { libc::getpid() }
+}

@@ -1,0 +1,167 @@
+//! The shim's attachment to its router: configuration from the environment, a lazy attach on
+//! the first overlay connect or listen, and request/reply exchanges that may carry a socket.
+
+use crate::real;
+use freeflow_proto::attach::{attach_socket, AttachError, SocketSession};
+use freeflow_proto::fdpass;
+use freeflow_proto::sockmsg::{SockReply, SockRequest, SOCKMSG_LEN};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// The overlay prefix: `VNET_PREFIX`, as a network address and mask.
+#[derive(Debug, Clone, Copy)]
+pub struct Prefix {
+    net: u32,
+    mask: u32,
+}
+
+impl Prefix {
+    pub fn parse(s: &str) -> Option<Prefix> {
+        let (ip, len) = s.trim().split_once('/')?;
+        let ip: Ipv4Addr = ip.parse().ok()?;
+        let len: u32 = len.parse().ok()?;
+        if len > 32 {
+            return None;
+        }
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Some(Prefix {
+            net: u32::from(ip) & mask,
+            mask,
+        })
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask == self.net
+    }
+}
+
+pub struct Config {
+    pub prefix: Option<Prefix>,
+    pub dir: std::path::PathBuf,
+    pub debug: bool,
+}
+
+pub fn config() -> &'static Config {
+    static CONFIG: OnceLock<Config> = OnceLock::new();
+    CONFIG.get_or_init(|| {
+        let debug = std::env::var_os("FREEFLOW_DEBUG").is_some_and(|v| !v.is_empty() && v != "0");
+        let prefix = std::env::var("VNET_PREFIX").ok().and_then(|v| {
+            let p = Prefix::parse(&v);
+            if p.is_none() {
+                eprintln!(
+                    "libfsocket: VNET_PREFIX={v:?} is not an IPv4 CIDR prefix; acceleration off"
+                );
+            }
+            p
+        });
+        Config {
+            prefix,
+            dir: freeflow_proto::runtime_dir(),
+            debug,
+        }
+    })
+}
+
+pub fn debug(msg: std::fmt::Arguments<'_>) {
+    if config().debug {
+        eprintln!("libfsocket[{}]: {msg}", real::getpid());
+    }
+}
+
+/// The attachment of this process (a forked child attaches anew: the router identifies each
+/// process by its own credentials, and two processes must not share one request channel).
+struct Attached {
+    pid: i32,
+    session: Option<SocketSession>,
+}
+
+static SESSION: Mutex<Option<Attached>> = Mutex::new(None);
+static SEQ: AtomicU32 = AtomicU32::new(1);
+
+/// Why a request got no answer: the caller then takes the normal path.
+#[derive(Debug)]
+pub enum Unavailable {
+    NotAttached,
+    Broken,
+}
+
+/// Sends `request` and waits for the reply and the socket that may come with it.
+pub fn call(mut request: SockRequest) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
+    let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = real::getpid();
+    if guard.as_ref().is_none_or(|a| a.pid != pid) {
+        let session = match attach_socket(&config().dir, Duration::from_secs(2)) {
+            Ok(s) => {
+                debug(format_args!(
+                    "attached as container {} ({})",
+                    s.info.container, s.info.ip
+                ));
+                Some(s)
+            }
+            Err(AttachError::Refused { message, .. }) => {
+                debug(format_args!("not accelerated: {message}"));
+                None
+            }
+            Err(e) => {
+                debug(format_args!("not accelerated: {e}"));
+                None
+            }
+        };
+        // A session inherited from the parent is forgotten without closing its fd here: the
+        // child's copy closes with the OwnedFd drop, the parent's stays open.
+        *guard = Some(Attached { pid, session });
+    }
+    let attached = guard.as_mut().expect("set above");
+    let Some(session) = attached.session.as_ref() else {
+        return Err(Unavailable::NotAttached);
+    };
+    request.seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let exchange = || -> Result<(SockReply, Option<OwnedFd>), String> {
+        fdpass::send_with_fds(session.conn.as_fd(), &request.encode(), &[])
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; SOCKMSG_LEN + 1];
+        let got =
+            fdpass::recv_with_fds(session.conn.as_fd(), &mut buf, 0).map_err(|e| e.to_string())?;
+        if got.len == 0 {
+            return Err("router closed the connection".into());
+        }
+        let reply = SockReply::decode(&buf[..got.len])?;
+        if reply.seq != request.seq {
+            return Err(format!("reply {} to request {}", reply.seq, request.seq));
+        }
+        Ok((reply, got.fds.into_iter().next()))
+    };
+    match exchange() {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            // The router went away or misbehaved: stop using it (new connections take the
+            // normal path; established ones are host sockets and do not need it).
+            debug(format_args!("router unavailable: {e}"));
+            attached.session = None;
+            Err(Unavailable::Broken)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Prefix;
+
+    #[test]
+    fn prefixes() {
+        let p = Prefix::parse("10.32.0.0/12").unwrap();
+        assert!(p.contains("10.32.0.5".parse().unwrap()));
+        assert!(p.contains("10.47.255.255".parse().unwrap()));
+        assert!(!p.contains("10.48.0.0".parse().unwrap()));
+        assert!(!p.contains("192.168.1.1".parse().unwrap()));
+        assert!(Prefix::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("1.2.3.4".parse().unwrap()));
+        assert!(Prefix::parse("10.0.0.0/33").is_none());
+        assert!(Prefix::parse("10.0.0/8").is_none());
+        assert!(Prefix::parse("garbage").is_none());
+    }
+}

@@ -1,0 +1,61 @@
+//! What the shim knows about the application's sockets that it set up: the overlay addresses
+//! they stand for.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Listener,
+    Connection,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Accelerated {
+    pub role: Role,
+    pub local: (Ipv4Addr, u16),
+    /// The overlay peer, for connections.
+    pub peer: Option<(Ipv4Addr, u16)>,
+    /// The application's socket was AF_INET6: report v4-mapped addresses.
+    pub v6: bool,
+}
+
+static TABLE: Mutex<Option<HashMap<i32, Accelerated>>> = Mutex::new(None);
+/// Set once anything is in the table, so that close() in programs that never use an
+/// accelerated socket costs one relaxed load.
+static IN_USE: AtomicBool = AtomicBool::new(false);
+
+fn with<R>(f: impl FnOnce(&mut HashMap<i32, Accelerated>) -> R) -> R {
+    let mut guard = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    f(guard.get_or_insert_with(HashMap::new))
+}
+
+pub fn insert(fd: i32, state: Accelerated) {
+    IN_USE.store(true, Ordering::Relaxed);
+    with(|t| t.insert(fd, state));
+}
+
+pub fn get(fd: i32) -> Option<Accelerated> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return None;
+    }
+    with(|t| t.get(&fd).copied())
+}
+
+pub fn remove(fd: i32) -> Option<Accelerated> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return None;
+    }
+    with(|t| t.remove(&fd))
+}
+
+/// Another fd now refers to the same socket (dup2/dup3/F_DUPFD).
+pub fn copy(from: i32, to: i32) {
+    if let Some(s) = get(from) {
+        insert(to, s);
+    } else {
+        remove(to);
+    }
+}
