@@ -11,8 +11,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages: ip/bridge (iproute2), ping (iputils-ping), ps/kill (procps), python3 for the
-# shim's preload test.
-packages=(iproute2 iputils-ping procps python3)
+# shim's preload and TCP-mode tests, iperf3 (unmodified program through the shim).
+packages=(iproute2 iputils-ping procps python3 iperf3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

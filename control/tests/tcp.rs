@@ -450,3 +450,88 @@ fn same_host_ipv6_sockets_refusal_and_mix_and_match() {
     assert!(out.contains("ECHO_OK"), "{out}");
     wait_exit(server);
 }
+
+/// iperf3, unmodified, with a daemonized server (it listens, then forks and its parent exits:
+/// the listener must survive the hand-over to the child).
+#[test]
+fn iperf3_runs_accelerated_with_a_daemonized_server() {
+    let site = Site::new("ti");
+    let db = site
+        .cluster()
+        .containers()
+        .iter()
+        .find(|c| c.name == "db")
+        .unwrap()
+        .netns
+        .clone();
+    let mut server = topology::command_in(&db, "env");
+    server
+        .arg(format!("FREEFLOW_DIR={}", site.dirs[1].display()))
+        .arg(format!("VNET_PREFIX={VNET}"))
+        .arg(format!("LD_PRELOAD={}", shim().display()))
+        .args(["iperf3", "-s", "-D", "-1", "-p", "5201"]);
+    let out = server
+        .output()
+        .expect("iperf3 is installed (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "iperf3 -s -D: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Longer than the router's grace for a listener whose owner left: the child must have
+    // claimed it.
+    std::thread::sleep(Duration::from_millis(2500));
+    let web = site
+        .cluster()
+        .containers()
+        .iter()
+        .find(|c| c.name == "web")
+        .unwrap()
+        .netns
+        .clone();
+    let before = site.vxlan_tx(0);
+    let out = topology::command_in(&web, "env")
+        .arg(format!("FREEFLOW_DIR={}", site.dirs[0].display()))
+        .arg(format!("VNET_PREFIX={VNET}"))
+        .arg(format!("LD_PRELOAD={}", shim().display()))
+        .args([
+            "timeout",
+            "30",
+            "iperf3",
+            "-c",
+            "10.32.0.4",
+            "-p",
+            "5201",
+            "-t",
+            "1",
+            "-J",
+        ])
+        .output()
+        .unwrap();
+    let after = site.vxlan_tx(0);
+    assert!(
+        out.status.success(),
+        "iperf3 -c: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    println!(
+        "iperf3 through Freeflow: {:.1} Gbit/s, {} VXLAN packets",
+        bps / 1e9,
+        after - before
+    );
+    assert!(bps > 0.0, "{report}");
+    assert!(
+        after - before < 50,
+        "iperf3 data went through VXLAN: {} packets",
+        after - before
+    );
+    assert_eq!(
+        report["start"]["connected"][0]["remote_host"].as_str(),
+        Some("10.32.0.4")
+    );
+}

@@ -32,6 +32,9 @@ use std::time::{Duration, Instant};
 const RESOLVE_WAIT: Duration = Duration::from_secs(1);
 /// How long an announcement is kept (the accept that needs it comes right after the connect).
 const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(120);
+/// How long a listener outlives its last known holder: a forked child that inherited it (a
+/// daemonizing server, a pre-fork server whose parent exits) claims it within this time.
+const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 /// How often a lost peer connection is retried.
 const PEER_RETRY: Duration = Duration::from_millis(300);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -62,7 +65,10 @@ enum PeerMsg {
 }
 
 struct LocalListener {
-    attachment: u32,
+    /// Attachments (processes) holding the listener; it is kept while any is alive.
+    owners: Vec<u32>,
+    /// Since when no holder is known.
+    orphaned_at: Option<Instant>,
     host_port: u16,
     /// Keeps the socket (and its port) alive while registered.
     _socket: OwnedFd,
@@ -173,12 +179,25 @@ impl TcpService {
                 if self
                     .local
                     .get(&key)
-                    .is_some_and(|l| l.attachment == caller.attachment)
+                    .is_some_and(|l| l.owners.contains(&caller.attachment))
                 {
                     self.local.remove(&key);
                     self.broadcast_listeners();
                 }
                 Some((ok(req.seq, caller.container.ip, req.port), None))
+            }
+            SockOp::Own => {
+                let key = (caller.container.ip, req.port);
+                match self.local.get_mut(&key) {
+                    Some(l) => {
+                        if !l.owners.contains(&caller.attachment) {
+                            l.owners.push(caller.attachment);
+                        }
+                        l.orphaned_at = None;
+                        Some((ok(req.seq, caller.container.ip, req.port), None))
+                    }
+                    None => Some((SockReply::error(req.seq, libc::ENOENT), None)),
+                }
             }
             SockOp::Resolve => {
                 let key = (req.ip, req.port);
@@ -273,7 +292,7 @@ impl TcpService {
         }
         let key = (ip, req.port);
         if let Some(existing) = self.local.get(&key) {
-            if existing.attachment != caller.attachment {
+            if existing.orphaned_at.is_none() && !existing.owners.contains(&caller.attachment) {
                 return (SockReply::error(req.seq, libc::EADDRINUSE), None);
             }
         }
@@ -292,7 +311,8 @@ impl TcpService {
                 self.local.insert(
                     key,
                     LocalListener {
-                        attachment: caller.attachment,
+                        owners: vec![caller.attachment],
+                        orphaned_at: None,
                         host_port,
                         _socket: keep,
                     },
@@ -308,13 +328,17 @@ impl TcpService {
     }
 
     /// Forgets everything an attachment registered (its process went away).
+    /// Listeners it held alone stay for [`ORPHAN_GRACE`], for a forked child to claim.
     pub fn detach(&mut self, attachment: u32) {
-        let before = self.local.len();
-        self.local.retain(|_, l| l.attachment != attachment);
-        self.pending.retain(|p| p.attachment != attachment);
-        if self.local.len() != before {
-            self.broadcast_listeners();
+        let now = Instant::now();
+        for l in self.local.values_mut() {
+            let before = l.owners.len();
+            l.owners.retain(|&a| a != attachment);
+            if before > 0 && l.owners.is_empty() {
+                l.orphaned_at = Some(now);
+            }
         }
+        self.pending.retain(|p| p.attachment != attachment);
     }
 
     fn table(&self) -> Option<PeerMsg> {
@@ -390,12 +414,29 @@ impl TcpService {
     pub fn poll_fds(&self) -> Vec<RawFd> {
         let mut fds: Vec<RawFd> = self.peer_listener.iter().map(|l| l.as_raw_fd()).collect();
         fds.extend(self.incoming.iter().map(|p| p.stream.as_raw_fd()));
+        // Outgoing connections too: a peer never writes on them, so readable means it closed
+        // or reset. Noticing that at once matters: a write into a dead connection can still
+        // succeed locally, and the announcement in it would be lost.
+        fds.extend(
+            self.outgoing
+                .values()
+                .filter_map(|p| p.stream.as_ref().map(|s| s.as_raw_fd())),
+        );
         fds
     }
 
     /// Milliseconds until the service needs a tick (pending resolves, peer retries), if ever.
     pub fn next_timeout_ms(&self, now: Instant) -> Option<i32> {
-        let resolve = self.pending.iter().map(|p| p.deadline).min();
+        let resolve = self
+            .pending
+            .iter()
+            .map(|p| p.deadline)
+            .chain(
+                self.local
+                    .values()
+                    .filter_map(|l| l.orphaned_at.map(|at| at + ORPHAN_GRACE)),
+            )
+            .min();
         let retry = self
             .outgoing
             .values()
@@ -418,6 +459,18 @@ impl TcpService {
             .is_some_and(|l| l.as_raw_fd() == fd)
         {
             self.accept_peers();
+            return;
+        }
+        if let Some((host, peer)) = self
+            .outgoing
+            .iter_mut()
+            .find(|(_, p)| p.stream.as_ref().is_some_and(|s| s.as_raw_fd() == fd))
+        {
+            eprintln!(
+                "freeflow-router: tcp: peer router {host} closed our connection; reconnecting"
+            );
+            peer.stream = None;
+            peer.next_try = Instant::now();
             return;
         }
         let Some(index) = self
@@ -568,6 +621,14 @@ impl TcpService {
         self.answer_pending(deferred, now);
         self.announced
             .retain(|_, (_, _, at)| now.duration_since(*at) < ANNOUNCEMENT_TTL);
+        let before = self.local.len();
+        self.local.retain(|_, l| {
+            l.orphaned_at
+                .is_none_or(|at| now.duration_since(at) < ORPHAN_GRACE)
+        });
+        if self.local.len() != before {
+            self.broadcast_listeners();
+        }
         let lost: Vec<Ipv4Addr> = self
             .outgoing
             .iter()

@@ -23,6 +23,8 @@ pub enum SockOp {
     Unlisten = 3,
     /// Which overlay address is behind this host address and port (an accepted peer)?
     Resolve = 4,
+    /// This (forked) process holds the listener on `port` too: keep it while any holder lives.
+    Own = 5,
 }
 
 impl SockOp {
@@ -32,6 +34,7 @@ impl SockOp {
             2 => SockOp::Listen,
             3 => SockOp::Unlisten,
             4 => SockOp::Resolve,
+            5 => SockOp::Own,
             _ => return None,
         })
     }

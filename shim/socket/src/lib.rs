@@ -17,3 +17,23 @@ mod state;
 #[no_mangle]
 #[used]
 pub static FREEFLOW_FSOCKET_VERSION: [u8; 6] = *b"0.1.0\0";
+
+/// Runs when the library is loaded: registers the fork handler.
+extern "C" fn on_load() {
+    // SAFETY: registers a handler with no prepare/parent parts; the child handler is an
+    // `extern "C" fn()` that lives as long as the process (this library is never unloaded:
+    // it is preloaded).
+    unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+}
+
+/// In a forked child: claim the inherited listeners with a session of the child's own.
+extern "C" fn after_fork_in_child() {
+    let ports = state::listener_ports();
+    if !ports.is_empty() {
+        session::claim_inherited_listeners(&ports);
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static ON_LOAD: extern "C" fn() = on_load;

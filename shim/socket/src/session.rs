@@ -4,7 +4,7 @@
 use crate::real;
 use freeflow_proto::attach::{attach_socket, AttachError, SocketSession};
 use freeflow_proto::fdpass;
-use freeflow_proto::sockmsg::{SockReply, SockRequest, SOCKMSG_LEN};
+use freeflow_proto::sockmsg::{SockOp, SockReply, SockRequest, SOCKMSG_LEN};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -89,8 +89,37 @@ pub enum Unavailable {
 }
 
 /// Sends `request` and waits for the reply and the socket that may come with it.
-pub fn call(mut request: SockRequest) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
+pub fn call(request: SockRequest) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
     let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+    call_locked(&mut guard, request)
+}
+
+/// In a freshly forked child: tells the router this process holds the listeners it inherited,
+/// so they outlive a parent that exits (daemonizing and pre-fork servers). If another thread of
+/// the parent held the session lock at the fork, the child cannot take it and skips this.
+pub fn claim_inherited_listeners(ports: &[u16]) {
+    let Ok(mut guard) = SESSION.try_lock() else {
+        return;
+    };
+    for &port in ports {
+        let request = SockRequest {
+            op: SockOp::Own,
+            flags: 0,
+            seq: 0,
+            ip: Ipv4Addr::UNSPECIFIED,
+            port,
+            backlog: 0,
+        };
+        if call_locked(&mut guard, request).is_err() {
+            return;
+        }
+    }
+}
+
+fn call_locked(
+    guard: &mut Option<Attached>,
+    mut request: SockRequest,
+) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
     let pid = real::getpid();
     if guard.as_ref().is_none_or(|a| a.pid != pid) {
         let session = match attach_socket(&config().dir, Duration::from_secs(2)) {

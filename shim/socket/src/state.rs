@@ -59,3 +59,23 @@ pub fn copy(from: i32, to: i32) {
         remove(to);
     }
 }
+
+/// Overlay ports of the listeners this process has (for a forked child to claim).
+pub fn listener_ports() -> Vec<u16> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    let mut guard = match TABLE.try_lock() {
+        Ok(g) => g,
+        Err(_) => return Vec::new(),
+    };
+    let table = guard.get_or_insert_with(HashMap::new);
+    let mut ports: Vec<u16> = table
+        .values()
+        .filter(|s| s.role == Role::Listener)
+        .map(|s| s.local.1)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
