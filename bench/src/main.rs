@@ -5,6 +5,7 @@ mod probe;
 mod ring;
 mod router;
 mod stats;
+mod tcp;
 
 use std::process::ExitCode;
 
@@ -16,6 +17,9 @@ experiments:
       (p50/p99/p99.9), and one-way throughput of batched messages
   idle [--json] [--containers N] [--seconds N] [--router-core N]      (root)
       router CPU with N attached containers that do nothing
+  tcp [--json] [--reps N] [--seconds S] [--samples N] [--setups N]      (root)
+      two simulated hosts: host link vs overlay vs Freeflow, side by side: one-stream
+      throughput, 64-byte round trip, connection setup (connect to first byte), connections/s
   probe DIR [--json] [--samples N]
       attach to the router serving DIR from this process's network namespace (a registered
       container) and time round trips through it; a refusal is printed with the router's reason";
@@ -144,6 +148,73 @@ fn run() -> Result<(), String> {
                     r.container, r.ip, r.tenant, r.shard, r.rtt_p50_ns, r.rtt_p99_ns
                 );
             }
+        }
+        "tcp" => {
+            let a = Args::parse(rest, &["reps", "seconds", "samples", "setups"])?;
+            let opts = tcp::Options {
+                reps: a.get("reps", 3)?,
+                seconds: a.get("seconds", 2.0)?,
+                rtt_samples: a.get("samples", 20_000)?,
+                setups: a.get("setups", 1_000)?,
+            };
+            let r = tcp::run_experiment(&opts, &mut progress)?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "tcp between two simulated hosts, medians of {} repetitions",
+                    r.repetitions
+                );
+                println!(
+                    "{:<10}{:>12}{:>12}{:>12}{:>13}{:>13}{:>12}",
+                    "path",
+                    "Gbit/s",
+                    "rtt p50 us",
+                    "rtt p99 us",
+                    "setup p50 us",
+                    "setup p99 us",
+                    "conns/s"
+                );
+                for p in &r.paths {
+                    let m = &p.median;
+                    println!(
+                        "{:<10}{:>12.2}{:>12.1}{:>12.1}{:>13.1}{:>13.1}{:>12.0}",
+                        p.path,
+                        m.gbit_per_sec,
+                        m.rtt_p50_us,
+                        m.rtt_p99_us,
+                        m.setup_p50_us,
+                        m.setup_p99_us,
+                        m.conns_per_sec
+                    );
+                }
+                let f = &r.freeflow_vs_host;
+                let o = &r.overlay_vs_host;
+                println!(
+                    "freeflow/host: throughput {:.2}x, round trip {:.2}x, setup {:.2}x",
+                    f.throughput, f.rtt_p50, f.setup_p50
+                );
+                println!(
+                    "overlay/host:  throughput {:.2}x, round trip {:.2}x, setup {:.2}x",
+                    o.throughput, o.rtt_p50, o.setup_p50
+                );
+            }
+        }
+        "tcp-server" => {
+            let port = rest
+                .first()
+                .and_then(|p| p.parse().ok())
+                .ok_or("tcp-server PORT")?;
+            tcp::serve(port)?;
+        }
+        "tcp-client" => {
+            let usage = "tcp-client ADDR SECONDS SAMPLES SETUPS";
+            let addr = rest.first().and_then(|a| a.parse().ok()).ok_or(usage)?;
+            let num = |i: usize| rest.get(i).and_then(|v| v.parse::<f64>().ok()).ok_or(usage);
+            tcp::client(addr, num(1)?, num(2)? as u64, num(3)? as u64)?;
         }
         "hold" => {
             let dir = rest.first().ok_or("hold DIR SECONDS")?;

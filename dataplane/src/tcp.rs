@@ -105,7 +105,8 @@ pub struct TcpService {
     network: Option<NetworkView>,
     overlay: HashMap<Ipv4Addr, (String, Ipv4Addr)>,
     local: HashMap<(Ipv4Addr, u16), LocalListener>,
-    remote: HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16)>,
+    /// Listeners of other hosts: (host, overlay ip, overlay port) -> host port.
+    remote: HashMap<(Ipv4Addr, Ipv4Addr, u16), u16>,
     announced: HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16, Instant)>,
     pending: Vec<PendingResolve>,
     peer_listener: Option<TcpListener>,
@@ -151,7 +152,8 @@ impl TcpService {
                 next_try: Instant::now(),
             });
         }
-        self.remote.retain(|_, (host, _)| wanted.contains_key(host));
+        self.remote
+            .retain(|(host, _, _), _| wanted.contains_key(host));
         self.network = Some(network);
     }
 
@@ -217,8 +219,14 @@ impl TcpService {
         }
     }
 
+    /// The overlay address announced for host address `key`, if the registry places that
+    /// overlay address on the announcing host.
     fn lookup_announcement(&self, key: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
-        self.announced.get(&key).map(|(ip, port, _)| (*ip, *port))
+        let (ip, port, _) = self.announced.get(&key)?;
+        self.overlay
+            .get(ip)
+            .is_some_and(|(_, host)| *host == key.0)
+            .then_some((*ip, *port))
     }
 
     fn connect(
@@ -241,7 +249,9 @@ impl TcpService {
         let target = if dst_host == host_ip {
             self.local.get(&dst).map(|l| (host_ip, l.host_port))
         } else {
-            self.remote.get(&dst).copied()
+            self.remote
+                .get(&(dst_host, dst.0, dst.1))
+                .map(|&host_port| (dst_host, host_port))
         };
         let Some((target_ip, target_port)) = target else {
             self.fallbacks += 1;
@@ -576,12 +586,12 @@ impl TcpService {
         match msg {
             // A peer speaks only for its own address.
             PeerMsg::Listeners { host, entries } if host == from => {
-                self.remote.retain(|_, (h, _)| *h != host);
+                // Stored as the peer said it, attributed to the peer; whether the registry places
+                // an address on that host is checked when a connect uses the entry (the peer's
+                // table may arrive before our daemon has pushed us the container).
+                self.remote.retain(|&(h, _, _), _| h != host);
                 for e in entries {
-                    // Only overlay addresses the registry places on that host.
-                    if self.overlay.get(&e.ip).is_some_and(|(_, h)| *h == host) {
-                        self.remote.insert((e.ip, e.port), (host, e.host_port));
-                    }
+                    self.remote.insert((host, e.ip, e.port), e.host_port);
                 }
             }
             PeerMsg::Conn {
@@ -590,10 +600,9 @@ impl TcpService {
                 ip,
                 port,
             } if host == from => {
-                if self.overlay.get(&ip).is_some_and(|(_, h)| *h == host) {
-                    self.announced
-                        .insert((host, host_port), (ip, port, Instant::now()));
-                }
+                // Checked against the registry when a resolve uses it, as above.
+                self.announced
+                    .insert((host, host_port), (ip, port, Instant::now()));
             }
             other => {
                 eprintln!("freeflow-router: tcp: peer {from} spoke for another host: {other:?}")
