@@ -166,7 +166,8 @@ impl Site {
         if preload {
             cmd.arg(format!("LD_PRELOAD={}", shim().display()));
         }
-        cmd.args(["python3", "-c", script]);
+        // Every program the tests start is bounded in time.
+        cmd.args(["timeout", "60", "python3", "-c", script]);
         cmd
     }
 
@@ -254,12 +255,18 @@ f = s.makefile("rb")
 print("SERVER_SAW", f.readline().decode().strip(), flush=True)
 print("CLIENT_SOCKNAME", s.getsockname()[0], "PEERNAME", s.getpeername()[0], s.getpeername()[1], flush=True)
 payload = bytes(range(256)) * (size // 256)
-s.sendall(payload); s.shutdown(socket.SHUT_WR)
+# Send from a thread while reading the echo: an echo server blocks once both directions'
+# buffers are full if the client only reads after sending everything.
+import threading
+def send():
+    s.sendall(payload); s.shutdown(socket.SHUT_WR)
+sender = threading.Thread(target=send); sender.start()
 got = b""
 while len(got) < len(payload):
     chunk = f.read(min(65536, len(payload) - len(got)))
     if not chunk: break
     got += chunk
+sender.join()
 print("ECHO_OK" if got == payload else "ECHO_BAD %d" % len(got), flush=True)
 "#;
 

@@ -109,49 +109,6 @@ pub fn poll(fds: &[(i32, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
     Ok(pfds.iter().map(|p| p.revents).collect())
 }
 
-/// A socket address for `ip:port`, as sockaddr_in, or as an IPv4-mapped sockaddr_in6 when
-/// `v6` (for sockets the application created as AF_INET6).
-fn sockaddr(
-    ip: std::net::Ipv4Addr,
-    port: u16,
-    v6: bool,
-) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data; zero is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    if v6 {
-        let sin6 = libc::sockaddr_in6 {
-            sin6_family: libc::AF_INET6 as libc::sa_family_t,
-            sin6_port: port.to_be(),
-            sin6_flowinfo: 0,
-            sin6_addr: libc::in6_addr {
-                s6_addr: ip.to_ipv6_mapped().octets(),
-            },
-            sin6_scope_id: 0,
-        };
-        // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-        unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-        (
-            storage,
-            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        )
-    } else {
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(ip).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-        unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-        (
-            storage,
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    }
-}
-
 /// A new TCP socket in the router's (host) network namespace: non-blocking, close-on-exec.
 pub fn tcp_socket(v6: bool) -> io::Result<OwnedFd> {
     let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
@@ -172,7 +129,7 @@ pub fn tcp_socket(v6: bool) -> io::Result<OwnedFd> {
 
 /// Binds `fd` to `ip:port` (port 0: the kernel picks).
 pub fn bind(fd: &OwnedFd, ip: std::net::Ipv4Addr, port: u16, v6: bool) -> io::Result<()> {
-    let (addr, len) = sockaddr(ip, port, v6);
+    let (addr, len) = freeflow_proto::fdpass::inet_sockaddr(ip, port, v6);
     // SAFETY: addr holds a valid socket address of `len` bytes.
     if unsafe {
         libc::bind(
@@ -195,7 +152,7 @@ pub fn connect_nonblocking(
     port: u16,
     v6: bool,
 ) -> io::Result<bool> {
-    let (addr, len) = sockaddr(ip, port, v6);
+    let (addr, len) = freeflow_proto::fdpass::inet_sockaddr(ip, port, v6);
     // SAFETY: addr holds a valid socket address of `len` bytes.
     if unsafe {
         libc::connect(

@@ -285,3 +285,46 @@ pub fn set_timeouts(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Res
     }
     Ok(())
 }
+
+/// A socket address for `ip:port`, as sockaddr_in, or as an IPv4-mapped sockaddr_in6 when
+/// `v6` (for sockets the application created as AF_INET6).
+pub fn inet_sockaddr(
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    v6: bool,
+) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; zero is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    if v6 {
+        let sin6 = libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as libc::sa_family_t,
+            sin6_port: port.to_be(),
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: ip.to_ipv6_mapped().octets(),
+            },
+            sin6_scope_id: 0,
+        };
+        // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+        unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+        (
+            storage,
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    } else {
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+        unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+        (
+            storage,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    }
+}

@@ -150,36 +150,15 @@ pub unsafe fn write_endpoint(
     }
     // SAFETY: len is non-null and writable per the contract.
     let room = unsafe { *len } as usize;
-    let mut storage = [0u8; std::mem::size_of::<libc::sockaddr_in6>()];
-    let full = if v6 {
-        let sin6 = libc::sockaddr_in6 {
-            sin6_family: libc::AF_INET6 as libc::sa_family_t,
-            sin6_port: port.to_be(),
-            sin6_flowinfo: 0,
-            sin6_addr: libc::in6_addr {
-                s6_addr: ip.to_ipv6_mapped().octets(),
-            },
-            sin6_scope_id: 0,
-        };
-        // SAFETY: storage has room for a sockaddr_in6; written unaligned.
-        unsafe { std::ptr::write_unaligned(storage.as_mut_ptr().cast(), sin6) };
-        std::mem::size_of::<libc::sockaddr_in6>()
-    } else {
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(ip).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: storage has room for a sockaddr_in; written unaligned.
-        unsafe { std::ptr::write_unaligned(storage.as_mut_ptr().cast(), sin) };
-        std::mem::size_of::<libc::sockaddr_in>()
-    };
+    let (storage, full) = freeflow_proto::fdpass::inet_sockaddr(ip, port, v6);
+    let full = full as usize;
     // SAFETY: addr has `room` writable bytes; we copy at most that many; len is writable.
     unsafe {
-        std::ptr::copy_nonoverlapping(storage.as_ptr(), addr.cast::<u8>(), full.min(room));
+        std::ptr::copy_nonoverlapping(
+            (&storage as *const libc::sockaddr_storage).cast::<u8>(),
+            addr.cast::<u8>(),
+            full.min(room),
+        );
         *len = full as socklen_t;
     }
     true
