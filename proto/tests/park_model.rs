@@ -99,8 +99,13 @@ fn steps(s: State, capacity: u8, total: u8) -> Vec<State> {
     next
 }
 
-/// Explores every reachable state; returns how many there were, or the first stuck state.
-fn check(capacity: u8, total: u8) -> Result<usize, State> {
+/// Explores every state reachable by `step`; returns how many there were, or the first stuck
+/// state.
+fn explore(
+    step: impl Fn(State, u8, u8) -> Vec<State>,
+    capacity: u8,
+    total: u8,
+) -> Result<usize, State> {
     let start = State {
         tail: 0,
         head: 0,
@@ -119,7 +124,7 @@ fn check(capacity: u8, total: u8) -> Result<usize, State> {
         }
         assert!(s.tail - s.head <= capacity, "ring over capacity in {s:?}");
         assert!(s.got <= s.tail, "consumer ahead of producer in {s:?}");
-        let next = steps(s, capacity, total);
+        let next = step(s, capacity, total);
         let finished = s.c_pc == C_DONE && s.p_pc == P_DONE;
         if next.is_empty() && !finished {
             return Err(s); // nobody can move and the work is not done: a lost wake-up
@@ -135,7 +140,7 @@ fn check(capacity: u8, total: u8) -> Result<usize, State> {
 fn no_lost_wakeup_for_any_interleaving() {
     for capacity in [1u8, 2, 4] {
         for total in 1u8..=6 {
-            let states = check(capacity, total)
+            let states = explore(steps, capacity, total)
                 .unwrap_or_else(|s| panic!("stuck: {s:?} (capacity {capacity}, {total} messages)"));
             assert!(states > 10);
         }
@@ -156,28 +161,6 @@ fn model_finds_the_bug_without_the_doorbell() {
             })
             .collect()
     }
-    let start = State {
-        tail: 0,
-        head: 0,
-        parked: false,
-        bell: 0,
-        sent: 0,
-        p_pc: P_PUSH,
-        got: 0,
-        c_pc: C_POP,
-    };
-    let mut seen = HashSet::new();
-    let mut stack = vec![start];
-    let mut stuck = false;
-    while let Some(s) = stack.pop() {
-        if !seen.insert(s) {
-            continue;
-        }
-        let next = steps_without_bell(s, 1, 2);
-        if next.is_empty() && !(s.c_pc == C_DONE && s.p_pc == P_DONE) {
-            stuck = true;
-        }
-        stack.extend(next);
-    }
+    let stuck = explore(steps_without_bell, 1, 2).is_err();
     assert!(stuck, "removing the doorbell must be caught");
 }
