@@ -1213,7 +1213,7 @@ fn print_status_text(
                     a.id.to_string(),
                     a.container.clone(),
                     a.pid.to_string(),
-                    a.shard.to_string(),
+                    a.shard.map_or_else(|| "-".into(), |s| s.to_string()),
                     a.kind.clone(),
                 ]);
             }

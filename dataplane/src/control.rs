@@ -280,8 +280,7 @@ impl ControlThread {
             return self.refuse(&conn, Refusal::Internal, "router has no shards".into());
         };
         let (shard_index, bell) = (shard.index, shard.bell.clone());
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let id = self.allocate_id();
         let (attachment, memfd) =
             match Attachment::create(id, container.clone(), pid, kind, conn, self.geometry) {
                 Ok(pair) => pair,
@@ -311,18 +310,7 @@ impl ControlThread {
             return;
         }
         drop(memfd);
-        if let Ok(mut table) = self.attached.lock() {
-            table.insert(
-                id,
-                AttachedStatus {
-                    id,
-                    container: container.name.clone(),
-                    pid,
-                    shard: shard_index,
-                    kind: kind.name().into(),
-                },
-            );
-        }
+        self.record_attached(id, &container, pid, Some(shard_index), kind.name());
         if self.shards[shard_index]
             .send(ShardCommand::Adopt(Box::new(attachment)))
             .is_err()
@@ -343,9 +331,39 @@ impl ControlThread {
         );
     }
 
-    fn adopt_socket_shim(&mut self, conn: OwnedFd, container: ContainerEntry, pid: i32) {
+    /// A fresh attachment id (never 0, wrapping).
+    fn allocate_id(&mut self) -> u32 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// Makes an attachment visible to `status` (and to the detach of unregistered containers).
+    fn record_attached(
+        &self,
+        id: u32,
+        container: &ContainerEntry,
+        pid: i32,
+        shard: Option<usize>,
+        kind: &str,
+    ) {
+        if let Ok(mut table) = self.attached.lock() {
+            let container = container.name.clone();
+            table.insert(
+                id,
+                AttachedStatus {
+                    id,
+                    container,
+                    pid,
+                    shard,
+                    kind: kind.into(),
+                },
+            );
+        }
+    }
+
+    fn adopt_socket_shim(&mut self, conn: OwnedFd, container: ContainerEntry, pid: i32) {
+        let id = self.allocate_id();
         let welcome = Welcome::Accepted {
             shard: u16::MAX,
             attachment_id: id,
@@ -357,18 +375,7 @@ impl ControlThread {
             eprintln!("freeflow-router: welcome to pid {pid} failed: {e}");
             return;
         }
-        if let Ok(mut table) = self.attached.lock() {
-            table.insert(
-                id,
-                AttachedStatus {
-                    id,
-                    container: container.name.clone(),
-                    pid,
-                    shard: usize::MAX,
-                    kind: "socket".into(),
-                },
-            );
-        }
+        self.record_attached(id, &container, pid, None, ShimKind::Socket.name());
         self.accepted += 1;
         self.socket_shims.insert(
             id,
@@ -499,7 +506,7 @@ impl ControlThread {
             }
         }
         // Detach attachments whose container is gone or changed.
-        let stale: Vec<(u32, usize)> = match self.attached.lock() {
+        let stale: Vec<(u32, Option<usize>)> = match self.attached.lock() {
             Ok(attached) => attached
                 .values()
                 .filter(|a| {
@@ -512,10 +519,11 @@ impl ControlThread {
             Err(_) => Vec::new(),
         };
         for (id, shard) in stale {
-            if self.socket_shims.contains_key(&id) {
-                self.drop_socket_shim(id, "container unregistered");
-            } else if let Some(shard) = self.shards.get(shard) {
-                let _ = shard.send(ShardCommand::Detach(id));
+            match shard.and_then(|s| self.shards.get(s)) {
+                Some(shard) => {
+                    let _ = shard.send(ShardCommand::Detach(id));
+                }
+                None => self.drop_socket_shim(id, "container unregistered"),
             }
         }
         eprintln!(

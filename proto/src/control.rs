@@ -104,7 +104,8 @@ pub struct AttachedStatus {
     pub id: u32,
     pub container: String,
     pub pid: i32,
-    pub shard: usize,
+    /// The shard serving its rings; `None` for a socket shim, which the control thread serves.
+    pub shard: Option<usize>,
     pub kind: String,
 }
 
