@@ -11,8 +11,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages: ip/bridge (iproute2), ping (iputils-ping), ps/kill (procps), python3 for the
-# shim's preload and TCP-mode tests, iperf3 (unmodified program through the shim).
-packages=(iproute2 iputils-ping procps python3 iperf3)
+# shim's preload and TCP-mode tests, iperf3, redis-server and redis-tools (unmodified programs
+# through the shim).
+packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -20,8 +21,25 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "== installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # redis-server's postinst starts the system service and fails the install if that fails (no
+  # init system in a container, port 6379 taken). The tests start their own redis-server in a
+  # container namespace, so forbid service starts for the install: invoke-rc.d and
+  # deb-systemd-invoke ask policy-rc.d, and 101 means "action forbidden". Docker images already
+  # have one; leave an existing file alone.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    own_policy=1
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  if [ "$own_policy" -eq 1 ]; then
+    rm -f "$policy"
+    trap - EXIT
+  fi
 fi
 for c in rustfmt clippy; do
   if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then
