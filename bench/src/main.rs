@@ -4,6 +4,7 @@ mod idle;
 mod probe;
 mod ring;
 mod router;
+mod signals;
 mod stats;
 mod tcp;
 
@@ -17,9 +18,10 @@ experiments:
       (p50/p99/p99.9), and one-way throughput of batched messages
   idle [--json] [--containers N] [--seconds N] [--router-core N]      (root)
       router CPU with N attached containers that do nothing
-  tcp [--json] [--reps N] [--seconds S] [--samples N] [--setups N]      (root)
+  tcp [--json] [--reps N] [--seconds S] [--samples N] [--setups N] [--tag T]      (root)
       two simulated hosts: host link vs overlay vs Freeflow, side by side: one-stream
-      throughput, 64-byte round trip, connection setup (connect to first byte), connections/s
+      throughput, 64-byte round trip, connection setup (connect to first byte), connections/s;
+      the cluster's namespaces are ff-T-* (T: 1 to 8 of a-z 0-9); Ctrl-C removes everything
   probe DIR [--json] [--samples N]
       attach to the router serving DIR from this process's network namespace (a registered
       container) and time round trips through it; a refusal is printed with the router's reason";
@@ -150,12 +152,13 @@ fn run() -> Result<(), String> {
             }
         }
         "tcp" => {
-            let a = Args::parse(rest, &["reps", "seconds", "samples", "setups"])?;
+            let a = Args::parse(rest, &["reps", "seconds", "samples", "setups", "tag"])?;
             let opts = tcp::Options {
                 reps: a.get("reps", 3)?,
                 seconds: a.get("seconds", 2.0)?,
                 rtt_samples: a.get("samples", 20_000)?,
                 setups: a.get("setups", 1_000)?,
+                tag: a.values.get("tag").cloned(),
             };
             let r = tcp::run_experiment(&opts, &mut progress)?;
             if a.json {

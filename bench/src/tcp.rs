@@ -3,12 +3,17 @@
 //! request/response round trip, connection setup (connect to first byte) and connections per
 //! second. The cluster, the routers and the registrations are made with the public `freeflow`
 //! commands; servers and clients are this binary re-executed inside the namespaces.
+//!
+//! SIGINT, SIGTERM and SIGHUP stop the experiment at the next step (see [`crate::signals`]):
+//! whatever it made is removed before the process exits.
 
+use crate::signals::Interrupts;
 use crate::stats::median;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +23,14 @@ pub struct Options {
     pub seconds: f64,
     pub rtt_samples: u64,
     pub setups: u64,
+    /// Cluster tag; `None` picks one from the pid. A caller that passes one (`freeflow demo`)
+    /// can check afterwards that nothing of it is left, also if this process was killed.
+    pub tag: Option<String>,
+}
+
+/// Where the experiment keeps the runtime directories and the registry of cluster `tag`.
+pub fn work_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("freeflow-bench-tcp-{tag}"))
 }
 
 /// One path's numbers for one repetition.
@@ -186,15 +199,37 @@ fn freeflow_binary() -> Result<PathBuf, String> {
         .ok_or(format!("{} not found: build the workspace", p.display()))
 }
 
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+/// Runs `cmd` to completion and returns its stdout; a termination signal kills it and ends the
+/// experiment.
+fn run(cmd: &mut Command, stop: &Interrupts) -> Result<String, String> {
+    stop.check()?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    // Read both pipes while waiting, so a child that says a lot cannot stall on a full pipe.
+    let read_all = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text);
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = read_all(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read_all(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = stop.wait_child(&mut child);
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if !status?.success() {
+        // A Ctrl-C from the terminal reaches the child too; say why it failed.
+        stop.check()?;
+        return Err(format!("{cmd:?} failed: {}", stderr.trim()));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(stdout)
 }
 
 fn in_netns(netns: &str, program: &Path) -> Command {
@@ -217,74 +252,123 @@ impl Drop for Bench {
             let _ = s.kill();
             let _ = s.wait();
         }
+        // The clean-up commands run in their own process group: a second Ctrl-C at the
+        // terminal must not kill them half way.
         for h in 0..2 {
             let _ = in_netns(&format!("ff-{}-h{h}", self.tag), &self.freeflow)
                 .args(["down", "--dir"])
                 .arg(self.work.join(format!("h{h}")))
+                .process_group(0)
                 .output();
         }
         let _ = Command::new(&self.freeflow)
             .args(["cluster", "down", "--tag", &self.tag])
+            .process_group(0)
             .output();
         let _ = std::fs::remove_dir_all(&self.work);
     }
 }
 
+/// Runs the experiment. It blocks SIGINT, SIGTERM and SIGHUP for the rest of the process's life
+/// (call it from the main thread before starting any other); one of them stops it with an error
+/// after everything it made is removed.
 pub fn run_experiment(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, String> {
+    let stop = Interrupts::block()?;
     let freeflow = freeflow_binary()?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let shim = exe.with_file_name("libfsocket.so");
     if !shim.exists() {
         return Err(format!("{} not found: build the workspace", shim.display()));
     }
-    let tag = format!("bt{}", std::process::id() % 100_000);
-    let work = std::env::temp_dir().join(format!("freeflow-bench-tcp-{tag}"));
+    let tag = opts
+        .tag
+        .clone()
+        .unwrap_or_else(|| format!("bt{}", std::process::id() % 100_000));
+    // The tag names a directory that is removed; only the cluster tag alphabet may reach it.
+    if tag.is_empty()
+        || tag.len() > 8
+        || !tag
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(format!("--tag {tag:?}: 1 to 8 of a-z 0-9"));
+    }
+    let work = work_dir(&tag);
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     let mut bench = Bench {
-        tag: tag.clone(),
-        work: work.clone(),
-        freeflow: freeflow.clone(),
+        tag,
+        work,
+        freeflow,
         servers: Vec::new(),
     };
+    let result = measure(&mut bench, &exe, &shim, opts, &stop, progress);
+    progress("tcp: removing the two simulated hosts");
+    drop(bench);
+    result.map_err(|e| match stop.check() {
+        Err(_) => format!("{e}; removed everything it made"),
+        Ok(()) => e,
+    })
+}
+
+fn measure(
+    bench: &mut Bench,
+    exe: &Path,
+    shim: &Path,
+    opts: &Options,
+    stop: &Interrupts,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Report, String> {
+    let tag = bench.tag.clone();
+    let work = bench.work.clone();
+    let freeflow = bench.freeflow.clone();
     progress("tcp: building two simulated hosts");
-    run(Command::new(&freeflow).args([
-        "cluster",
-        "up",
-        "--tag",
-        &tag,
-        "--hosts",
-        "2",
-        "--container",
-        "web:0:10.32.0.2",
-        "--container",
-        "db:1:10.32.0.4",
-    ]))?;
+    run(
+        Command::new(&freeflow).args([
+            "cluster",
+            "up",
+            "--tag",
+            &tag,
+            "--hosts",
+            "2",
+            "--container",
+            "web:0:10.32.0.2",
+            "--container",
+            "db:1:10.32.0.4",
+        ]),
+        stop,
+    )?;
     let host = |h: usize| format!("ff-{tag}-h{h}");
     let registry = format!("file:{}", work.join("registry.json").display());
     for h in 0..2 {
-        run(in_netns(&host(h), &freeflow)
-            .args(["up", "--dir"])
-            .arg(work.join(format!("h{h}")))
-            .args([
-                "--host-ip",
-                &format!("192.168.1.{}", h + 1),
-                "--vnet-prefix",
-                "10.32.0.0/12",
-                "--registry",
-                &registry,
-            ]))?;
+        run(
+            in_netns(&host(h), &freeflow)
+                .args(["up", "--dir"])
+                .arg(work.join(format!("h{h}")))
+                .args([
+                    "--host-ip",
+                    &format!("192.168.1.{}", h + 1),
+                    "--vnet-prefix",
+                    "10.32.0.0/12",
+                    "--registry",
+                    &registry,
+                ]),
+            stop,
+        )?;
     }
     for (h, name, ip) in [(0, "web", "10.32.0.2"), (1, "db", "10.32.0.4")] {
-        run(in_netns(&host(h), &freeflow)
-            .args(["container", "add", name, "--dir"])
-            .arg(work.join(format!("h{h}")))
-            .args([
-                "--netns",
-                &format!("/run/netns/ff-{tag}-c-{name}"),
-                "--ip",
-                ip,
-            ]))?;
+        run(
+            in_netns(&host(h), &freeflow)
+                .args(["container", "add", name, "--dir"])
+                .arg(work.join(format!("h{h}")))
+                .args([
+                    "--netns",
+                    &format!("/run/netns/ff-{tag}-c-{name}"),
+                    "--ip",
+                    ip,
+                ]),
+            stop,
+        )?;
     }
     let env = |h: usize, preload: bool| {
         let mut v = vec![
@@ -303,26 +387,31 @@ pub fn run_experiment(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<
         (format!("ff-{tag}-c-db"), 7003, true),
     ];
     for (netns, port, preload) in &servers {
+        stop.check()?;
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns, "env"])
             .args(env(1, *preload))
-            .arg(&exe)
+            .arg(exe)
             .args(["tcp-server", &port.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| e.to_string())?;
         let mut ready = [0u8; 6];
-        child
+        let started = child
             .stdout
             .as_mut()
             .ok_or("no stdout")?
-            .read_exact(&mut ready)
-            .map_err(|e| format!("server start: {e}"))?;
+            .read_exact(&mut ready);
+        // Owned by `bench` before anything can fail, so that it is killed on every path.
         bench.servers.push(child);
+        if let Err(e) = started {
+            stop.check()?;
+            return Err(format!("server start: {e}"));
+        }
     }
     // Listener tables travel between the routers; give them a moment.
-    std::thread::sleep(Duration::from_millis(1000));
+    stop.sleep(Duration::from_millis(1000))?;
     let clients: [(&'static str, String, &str, bool); 3] = [
         ("host", host(0), "192.168.1.2:7001", false),
         (
@@ -346,17 +435,20 @@ pub fn run_experiment(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<
                 rep + 1,
                 opts.reps
             ));
-            let out = run(Command::new("ip")
-                .args(["netns", "exec", netns, "env"])
-                .args(env(0, *preload))
-                .arg(&exe)
-                .args([
-                    "tcp-client",
-                    addr,
-                    &opts.seconds.to_string(),
-                    &opts.rtt_samples.to_string(),
-                    &opts.setups.to_string(),
-                ]))?;
+            let out = run(
+                Command::new("ip")
+                    .args(["netns", "exec", netns, "env"])
+                    .args(env(0, *preload))
+                    .arg(exe)
+                    .args([
+                        "tcp-client",
+                        addr,
+                        &opts.seconds.to_string(),
+                        &opts.rtt_samples.to_string(),
+                        &opts.setups.to_string(),
+                    ]),
+                stop,
+            )?;
             let sample: Sample = serde_json::from_str(out.trim())
                 .map_err(|e| format!("{name} client said {out:?}: {e}"))?;
             samples[i].push(sample);
@@ -384,14 +476,12 @@ pub fn run_experiment(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<
         rtt_p50: p.rtt_p50_us / h.rtt_p50_us,
         setup_p50: p.setup_p50_us / h.setup_p50_us,
     };
-    let report = Report {
+    Ok(Report {
         experiment: "tcp",
         repetitions: opts.reps,
         stream_seconds: opts.seconds,
         freeflow_vs_host: ratios(&paths[2].median, &paths[0].median),
         overlay_vs_host: ratios(&paths[1].median, &paths[0].median),
         paths,
-    };
-    drop(bench);
-    Ok(report)
+    })
 }

@@ -1,5 +1,5 @@
-//! The `freeflow` command line: `up`, `down`, `container add|rm|ls`, `status`, and the hidden
-//! `daemon` subcommand that `up` re-executes itself as.
+//! The `freeflow` command line: `up`, `down`, `container add|rm|ls`, `status`, `cluster`, `demo`
+//! (see `demo`), and the hidden `daemon` subcommand that `up` re-executes itself as.
 //!
 //! Every command needs only the runtime directory: `up` records host address, overlay prefix,
 //! registry URL, cores and peer port in `DIR/config.json`, and the others read them from there.
@@ -48,6 +48,12 @@ share one registry: pass the same --registry file:/shared/registry.json to each.
 Containers use the shims installed into DIR: LD_PRELOAD=DIR/libfsocket.so (TCP mode) or \
 LD_LIBRARY_PATH=DIR/verbs (RDMA mode), with DIR mounted into the container.";
 
+const DEMO_HELP: &str = "\
+Progress goes to stderr, one line per step; the results and the table to stdout. It takes about \
+a minute with the defaults. Needs freeflow-bench, freeflow-router and libfsocket.so next to \
+this executable (cargo build --release --workspace). Exit code 130 after Ctrl-C (143 after \
+SIGTERM), once everything is removed.";
+
 /// Freeflow: host-network speed for containers on an overlay network.
 #[derive(Parser, Debug)]
 #[command(name = "freeflow", version, after_help = EXIT_CODES)]
@@ -72,6 +78,11 @@ enum Cmd {
     /// Build or remove a simulated cluster on this machine (network namespaces; root)
     #[command(subcommand)]
     Cluster(crate::cluster_cli::ClusterCmd),
+    /// Try Freeflow on this machine (root): a simulated two-host cluster, Freeflow on both,
+    /// containers attaching, the TCP comparison (host link, overlay, Freeflow); removes
+    /// everything it made, also on Ctrl-C
+    #[command(after_help = DEMO_HELP)]
+    Demo(crate::demo::DemoArgs),
     /// Run the daemon in this process, detached (what `freeflow up` starts)
     #[command(hide = true)]
     Daemon(DirArg),
@@ -260,6 +271,17 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             crate::cluster_cli::run(cmd).map_err(CliError::Invalid)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Demo(args) => match crate::demo::run(&args) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                let _ = writeln!(io::stderr(), "freeflow: demo: {e}");
+                // 128 + signal, as a shell reports a program the signal ended.
+                Ok(match e.signal() {
+                    Some(sig) => ExitCode::from(128u8.saturating_add(sig as u8)),
+                    None => ExitCode::FAILURE,
+                })
+            }
+        },
         Cmd::Daemon(args) => {
             let dir = args.runtime_dir()?;
             daemon::run(&dir, false)?;

@@ -30,6 +30,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1102,7 +1103,11 @@ fn run_with_stdin(cmd: &mut Command, stdin: &[u8]) -> Result<Output, TopologyErr
             stderr: "injected fault".into(),
         });
     }
+    // Its own process group: a terminal's Ctrl-C reaches only the program using this module,
+    // which decides what to do (the demo tears the cluster down); an `ip` killed half way through
+    // a teardown would leave interfaces behind.
     let spawned = cmd
+        .process_group(0)
         .stdin(if stdin.is_empty() {
             Stdio::null()
         } else {

@@ -1,0 +1,259 @@
+//! `freeflow demo` end to end: the real demo with the smallest measurements, and the same
+//! interrupted part way. They need root and the whole workspace built (`cargo build
+//! --workspace`: the demo runs freeflow-bench, freeflow-router and libfsocket.so from next to
+//! the `freeflow` binary); without either they fail saying so, they never skip.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use freeflow_control::supervise::os;
+use freeflow_control::topology;
+
+const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");
+/// Bound on one demo run; with `--reps 1 --seconds 0.3` it takes about 10 s in a debug build.
+const DEMO_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn preflight() {
+    if let Err(e) = topology::ensure_root() {
+        panic!("the demo tests must run as root: {e}");
+    }
+    for sibling in ["freeflow-bench", "freeflow-router", "libfsocket.so"] {
+        let path = Path::new(FREEFLOW).with_file_name(sibling);
+        assert!(
+            path.is_file(),
+            "{} is missing: run `cargo build --workspace` before these tests",
+            path.display()
+        );
+    }
+}
+
+fn demo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(FREEFLOW);
+    cmd.arg("demo")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// The cluster tags the demo announced (`namespaces ff-<tag>-*` in its progress lines).
+fn announced_tags(stderr: &str) -> Vec<String> {
+    stderr
+        .split("namespaces ff-")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("-*").map(|(tag, _)| tag.to_owned()))
+        .collect()
+}
+
+/// Fails if any namespace of `tags`, or a process of the demo's directories, is left.
+#[track_caller]
+fn assert_nothing_left(tags: &[String], output: &str) {
+    for tag in tags {
+        let left = topology::netns_of_tag(tag).expect("list namespaces");
+        if !left.is_empty() {
+            // Do not leave them to the next run either.
+            let _ = topology::teardown_tag(tag);
+            panic!("namespaces of cluster {tag} left behind: {left:?}\n{output}");
+        }
+        for dir in [
+            std::env::temp_dir().join(format!("freeflow-demo-{tag}")),
+            std::env::temp_dir().join(format!("freeflow-bench-tcp-{tag}")),
+        ] {
+            assert!(!dir.exists(), "{} left behind\n{output}", dir.display());
+        }
+    }
+}
+
+/// Waits for `child` within [`DEMO_TIMEOUT`], collecting output. One that takes longer gets
+/// SIGTERM (so that it still removes what it made), then SIGKILL, and the test fails.
+fn wait_bounded(child: Child) -> Output {
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(DEMO_TIMEOUT) {
+        Ok(out) => out.expect("wait for freeflow demo"),
+        Err(_) => {
+            let _ = os::send_signal(pid, libc::SIGTERM);
+            if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+                let _ = os::send_signal(pid, libc::SIGKILL);
+            }
+            panic!("freeflow demo did not finish within {DEMO_TIMEOUT:?}");
+        }
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn demo_prints_the_table_and_removes_everything() {
+    preflight();
+    let child = demo(&["--reps", "1", "--seconds", "0.3"])
+        .spawn()
+        .expect("start freeflow demo");
+    let out = wait_bounded(child);
+    let all = text(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tags = announced_tags(&stderr);
+    assert_eq!(tags.len(), 2, "two clusters announced\n{all}");
+    assert_nothing_left(&tags, &all);
+    assert!(out.status.success(), "{all}");
+
+    // The attach part: both containers in, the stranger out, the status shown.
+    assert!(
+        stdout.contains("web   (10.32.0.2, host 0) attached"),
+        "{all}"
+    );
+    assert!(
+        stdout.contains("db    (10.32.0.4, host 1) attached"),
+        "{all}"
+    );
+    assert!(stdout.contains("was refused: "), "{all}");
+    assert!(stdout.contains("router:     running"), "{all}");
+    // The table: three rows with numbers, then the two-line summary.
+    for row in ["host link", "overlay (VXLAN)", "Freeflow"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(row) && l.contains("Gbit/s"))
+            .unwrap_or_else(|| panic!("no table row {row:?}\n{all}"));
+        assert_eq!(line.matches(" µs").count(), 2, "{line}\n{all}");
+    }
+    assert!(stdout.contains("On the overlay, containers get "), "{all}");
+    assert!(
+        stdout.contains("With Freeflow, the same containers"),
+        "{all}"
+    );
+    // One numbered progress line per step, the last one counting all of them.
+    assert!(
+        stderr.contains("[1/10] building a simulated cluster"),
+        "{all}"
+    );
+    assert!(stderr.contains("[10/10] TCP comparison: removing"), "{all}");
+}
+
+#[test]
+fn demo_interrupted_removes_everything() {
+    preflight();
+    let mut child = demo(&["--reps", "3", "--seconds", "1"])
+        .spawn()
+        .expect("start freeflow demo");
+    let pid = child.id() as i32;
+    // Read progress until the TCP measurements run (freeflow-bench, its cluster, daemons and
+    // servers all exist then), and interrupt there.
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut signalled = false;
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if !signalled && String::from_utf8_lossy(&seen).contains("TCP repetition 1/3: overlay")
+            {
+                signalled = true;
+                // Only the demo gets it (not its process group, unlike a terminal's Ctrl-C): it
+                // must pass it on to freeflow-bench itself.
+                let _ = os::send_signal(pid, libc::SIGINT);
+            }
+        }
+        let _ = tx.send((signalled, String::from_utf8_lossy(&seen).into_owned()));
+    });
+    let start = Instant::now();
+    let mut out = wait_bounded(child);
+    let (signalled, stderr) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("stderr reader");
+    out.stderr = stderr.clone().into_bytes();
+    let all = text(&out);
+    assert!(
+        signalled,
+        "the demo never reached the TCP measurements\n{all}"
+    );
+    let tags = announced_tags(&stderr);
+    assert_eq!(tags.len(), 2, "two clusters announced\n{all}");
+    assert_nothing_left(&tags, &all);
+    assert_eq!(out.status.code(), Some(130), "128 + SIGINT\n{all}");
+    assert!(
+        stderr.contains("freeflow: demo: interrupted by SIGINT"),
+        "{all}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("Gbit/s"),
+        "no table after an interruption\n{all}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "stopping took {:?}\n{all}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn demo_needs_root() {
+    preflight();
+    // A copy in a directory anyone may enter (the build directory may be under /root): the
+    // root check comes before the demo looks for anything else.
+    let tmp = tempfile::Builder::new()
+        .prefix("ff-demo-root-")
+        .tempdir()
+        .expect("temporary directory");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod 755");
+    let copy = tmp.path().join("freeflow");
+    std::fs::copy(FREEFLOW, &copy).expect("copy freeflow");
+    let out = wait_bounded(
+        Command::new(&copy)
+            .arg("demo")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // The demo builds network namespaces; as nobody it must say so and do nothing.
+            .uid(65534)
+            .gid(65534)
+            .spawn()
+            .expect("start freeflow demo as nobody"),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .starts_with("freeflow: demo: the demo builds network namespaces and must run as root"),
+        "{all}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one clear line\n{all}");
+}
+
+#[test]
+fn demo_rejects_bad_options() {
+    for args in [
+        &["--reps", "0"][..],
+        &["--seconds", "0"],
+        &["--seconds", "x"],
+    ] {
+        let out = Command::new(FREEFLOW)
+            .arg("demo")
+            .args(args)
+            .output()
+            .expect("run freeflow demo");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+    }
+}
