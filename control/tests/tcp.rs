@@ -456,6 +456,133 @@ fn same_host_ipv6_sockets_refusal_and_mix_and_match() {
     let out = run_client(&site, "web", "10.32.0.5", 6003, 1 << 16, "blocking", false);
     assert!(out.contains("ECHO_OK"), "{out}");
     wait_exit(server);
+
+    // The reverse: clients without Freeflow (a registered container without the shim on
+    // another host, and a container Freeflow does not know on the same host) reaching an
+    // accelerated server. They come over the overlay; the server's router hands each to the
+    // application at accept, with its real address.
+    let relayed_before = site.router_status(1)["router"]["tcp_relayed"]
+        .as_u64()
+        .unwrap_or(0);
+    let server = start_server(&site, "db", 2, 6004, false, true);
+    let out = run_client(
+        &site,
+        "web",
+        "10.32.0.4",
+        6004,
+        1 << 16,
+        "nonblocking",
+        false,
+    );
+    assert!(out.contains("ECHO_OK"), "{out}");
+    assert!(out.contains("SERVER_SAW ('10.32.0.2',"), "{out}");
+    let out = run_client(
+        &site,
+        "plain",
+        "10.32.0.4",
+        6004,
+        1 << 16,
+        "blocking",
+        false,
+    );
+    assert!(out.contains("ECHO_OK"), "{out}");
+    assert!(out.contains("SERVER_SAW ('10.32.0.5',"), "{out}");
+    wait_exit(server);
+    let relayed = site.router_status(1)["router"]["tcp_relayed"]
+        .as_u64()
+        .unwrap_or(0)
+        - relayed_before;
+    assert_eq!(relayed, 2, "both clients relayed by host 1's router");
+}
+
+/// A client that keeps one connection and makes another after being told to.
+const HOLDING_CLIENT: &str = r#"
+import socket, sys, errno
+c = socket.create_connection(("10.32.0.4", 6100), timeout=10)
+c.sendall(b"a"); assert c.recv(10) == b"a"
+print("CONNECTED", flush=True)
+sys.stdin.readline()
+c.sendall(b"b"); print("AFTER", c.recv(10), flush=True)
+try:
+    n = socket.create_connection(("10.32.0.4", 6100), timeout=10)
+    n.sendall(b"c"); print("NEW", n.recv(10), flush=True)
+except OSError as e:
+    print("NEW_ERROR", e.errno, flush=True)
+"#;
+
+/// A server that echoes on every connection it accepts, each in a thread.
+const THREADED_ECHO: &str = r#"
+import socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 6100)); s.listen(8); print("LISTENING", flush=True)
+def echo(c):
+    while True:
+        d = c.recv(100)
+        if not d: break
+        c.sendall(d)
+while True:
+    c, _ = s.accept(); threading.Thread(target=echo, args=(c,), daemon=True).start()
+"#;
+
+/// Freeflow stopped on the server's host: the established connection goes on (it is a host
+/// socket of the two applications); a new connection fails at once with ECONNREFUSED (the
+/// overlay listener lived in the router), instead of hanging.
+#[test]
+fn connections_outlive_the_router_and_new_ones_fail_clearly() {
+    let site = Site::new("td");
+    let mut server = site
+        .python("db", THREADED_ECHO, true)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::{BufRead, Write};
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("LISTENING"), "{line:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = site
+        .python("web", HOLDING_CLIENT, true)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(client.stdout.take().unwrap());
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "CONNECTED");
+    let down = site
+        .in_host(1, env!("CARGO_BIN_EXE_freeflow"))
+        .args(["down", "--dir"])
+        .arg(&site.dirs[1])
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "{down:?}");
+    // Host 0's router notices its peer went away (the peer channel closes).
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    client.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let _ = client.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        rest.contains("AFTER b'b'"),
+        "established connection: {rest}"
+    );
+    assert!(
+        rest.contains(&format!("NEW_ERROR {}", libc::ECONNREFUSED)),
+        "new connection: {rest}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 /// iperf3, unmodified, with a daemonized server (it listens, then forks and its parent exits:
@@ -540,5 +667,339 @@ fn iperf3_runs_accelerated_with_a_daemonized_server() {
     assert_eq!(
         report["start"]["connected"][0]["remote_host"].as_str(),
         Some("10.32.0.4")
+    );
+}
+
+/// The server half of the socket-semantics battery (in `db`, with the shim). Each part listens on
+/// its own port and prints `OK <part>` when its checks pass; `READY` once everything listens.
+const SEMANTICS_SERVER: &str = r#"
+import socket, sys, os, select, threading, ctypes, signal, errno, fcntl, time
+libc = ctypes.CDLL(None, use_errno=True)
+portfile = sys.argv[1]
+def listener(port, reuseport=False, bind=True):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport: s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if bind: s.bind(("0.0.0.0", port))
+    return s
+def overlay(addr): return addr[0].startswith("10.32.")
+def ok(part): print("OK", part, flush=True)
+
+# epoll registration made before listen; accept4 with SOCK_NONBLOCK|SOCK_CLOEXEC through the C ABI.
+ep = select.epoll()
+s1 = listener(7101); s1.setblocking(False)
+ep.register(s1.fileno(), select.EPOLLIN)
+s1.listen(8)
+def part_epoll_accept4():
+    events = ep.poll(20)
+    assert events and events[0][0] == s1.fileno(), events
+    fd = libc.accept4(s1.fileno(), None, None, os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0, ctypes.get_errno()
+    assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+    assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    c = socket.socket(fileno=fd); c.setblocking(True)
+    assert overlay(c.getpeername()), c.getpeername()
+    # dup, dup2, F_DUPFD_CLOEXEC: every copy reports the overlay peer.
+    d1 = os.dup(fd); d2 = os.dup2(fd, 200); d3 = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 300)
+    for d in (d1, d2, d3):
+        assert socket.socket(fileno=os.dup(d)).getpeername() == c.getpeername(), d
+    c.sendall(c.recv(100))
+    for d in (d1, d2, d3): os.close(d)
+    c.close()
+    ok("epoll_accept4_dup")
+
+# Many concurrent clients, each paired with the right peer.
+s2 = listener(7102); s2.listen(64)
+def part_many():
+    def serve(c, peer):
+        line = c.makefile("rb").readline().decode().split()
+        c.sendall(("%s %d\n" % (line[0], peer[1])).encode()); c.close()
+    threads = []
+    for _ in range(20):
+        c, peer = s2.accept()
+        assert overlay(peer), peer
+        t = threading.Thread(target=serve, args=(c, peer)); t.start(); threads.append(t)
+    for t in threads: t.join()
+    ok("many")
+
+# shutdown: the client half-closes; we read to EOF, then answer.
+s4 = listener(7104); s4.listen(4)
+def part_shutdown():
+    c, _ = s4.accept()
+    got = b""
+    while True:
+        chunk = c.recv(65536)
+        if not chunk: break
+        got += chunk
+    c.sendall(b"got %d" % len(got)); c.shutdown(socket.SHUT_WR); c.close()
+    ok("shutdown")
+
+# SO_REUSEADDR: close the listener and listen again on the same port at once.
+s5 = listener(7105); s5.listen(4)
+def part_reuseaddr():
+    global s5
+    c, _ = s5.accept(); c.sendall(b"first"); c.close(); s5.close()
+    s5 = listener(7105); s5.listen(4)
+    print("RELISTENED", flush=True)
+    c, peer = s5.accept(); assert overlay(peer); c.sendall(b"second"); c.close()
+    ok("reuseaddr")
+
+# Port 0: listen without bind; the kernel's port is the overlay port.
+s7 = listener(0, bind=False); s7.listen(4)
+port7 = s7.getsockname()[1]
+assert port7 != 0
+def part_port0():
+    c, peer = s7.accept(); assert overlay(peer); c.sendall(b"port0"); c.close()
+    ok("port0")
+
+# fork: listen in the parent, accept in two children.
+s3 = listener(7103); s3.listen(16)
+children = []
+for i in range(2):
+    pid = os.fork()
+    if pid == 0:
+        s3.settimeout(8)
+        try:
+            while True:
+                c, peer = s3.accept()
+                assert overlay(peer), peer
+                c.sendall(("%d %s\n" % (os.getpid(), peer[0])).encode()); c.close()
+        except socket.timeout:
+            pass
+        os._exit(0)
+    children.append(pid)
+
+# SO_REUSEPORT: a second process of the container listens on the same port.
+s6 = listener(7106, reuseport=True); s6.listen(8)
+pid6 = os.fork()
+if pid6 == 0:
+    t = listener(7106, reuseport=True); t.listen(8); t.settimeout(8)
+    try:
+        while True:
+            c, _ = t.accept(); c.sendall(b"child"); c.close()
+    except socket.timeout:
+        pass
+    os._exit(0)
+children.append(pid6)
+def part_reuseport():
+    s6.settimeout(8)
+    try:
+        while True:
+            c, _ = s6.accept(); c.sendall(b"parent"); c.close()
+    except socket.timeout:
+        pass
+
+# EINTR: a blocking accept on an accelerated listener, interrupted by a signal with a handler.
+s8 = listener(7108); s8.listen(4)
+def part_eintr():
+    signal.signal(signal.SIGALRM, lambda *a: None)
+    signal.siginterrupt(signal.SIGALRM, True)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    rc = libc.accept(s8.fileno(), None, None)
+    assert rc == -1 and ctypes.get_errno() == errno.EINTR, (rc, ctypes.get_errno())
+    ok("eintr")
+
+with open(portfile + ".tmp", "w") as f: f.write(str(port7))
+os.rename(portfile + ".tmp", portfile)
+print("READY", flush=True)
+part_eintr()
+workers = [threading.Thread(target=p) for p in (part_epoll_accept4, part_many, part_shutdown, part_reuseaddr, part_port0, part_reuseport)]
+for w in workers: w.start()
+for w in workers: w.join()
+for pid in children:
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, status
+ok("children")
+"#;
+
+/// The client half (in `web`, with the shim).
+const SEMANTICS_CLIENT: &str = r#"
+import socket, sys, os, select, threading, errno, time
+db = "10.32.0.4"; portfile = sys.argv[1]
+def ok(part): print("OK", part, flush=True)
+def expect_overlay(s, port):
+    assert s.getpeername() == (db, port), s.getpeername()
+    assert s.getsockname()[0] == "10.32.0.2", s.getsockname()
+
+# epoll registration made before connect; non-blocking connect.
+s = socket.socket(); s.setblocking(False)
+ep = select.epoll(); ep.register(s.fileno(), select.EPOLLOUT)
+rc = s.connect_ex((db, 7101))
+assert rc in (0, errno.EINPROGRESS), rc
+events = ep.poll(10)
+assert events and events[0][0] == s.fileno() and events[0][1] & select.EPOLLOUT, events
+assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+expect_overlay(s, 7101)
+s.setblocking(True); s.sendall(b"ping"); assert s.recv(100) == b"ping"; s.close()
+ok("epoll_connect")
+
+# 20 concurrent clients from threads.
+errors = []
+def one(i):
+    try:
+        c = socket.create_connection((db, 7102), timeout=10)
+        expect_overlay(c, 7102)
+        c.sendall(b"%d %d\n" % (i, c.getsockname()[1]))
+        idx, seen_port = c.makefile("rb").readline().decode().split()
+        assert int(idx) == i and int(seen_port) == c.getsockname()[1], (i, idx, seen_port)
+        c.close()
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
+ok("many")
+
+# fork-accepting server: every connection answered by a child, with our overlay address.
+pids = set()
+for _ in range(6):
+    c = socket.create_connection((db, 7103), timeout=10)
+    pid, peer = c.makefile("rb").readline().decode().split()
+    assert peer == "10.32.0.2", peer
+    pids.add(pid); c.close()
+print("FORK_PIDS", len(pids), flush=True)
+ok("fork")
+
+# shutdown(SHUT_WR), then read the answer.
+c = socket.create_connection((db, 7104), timeout=10)
+c.sendall(b"x" * 1000); c.shutdown(socket.SHUT_WR)
+assert c.recv(100) == b"got 1000"; assert c.recv(100) == b""; c.close()
+ok("shutdown")
+
+# Re-listened port.
+c = socket.create_connection((db, 7105), timeout=10); assert c.recv(10) == b"first"; c.close()
+deadline = time.time() + 10
+while True:
+    try:
+        c = socket.create_connection((db, 7105), timeout=10); got = c.recv(10); c.close()
+        if got == b"second": break
+    except OSError:
+        pass
+    assert time.time() < deadline, "no second listener"
+    time.sleep(0.05)
+ok("reuseaddr")
+
+# Port 0.
+port7 = int(open(portfile).read())
+c = socket.create_connection((db, port7), timeout=10); expect_overlay(c, port7)
+assert c.recv(10) == b"port0"; c.close()
+ok("port0")
+
+# SO_REUSEPORT: both processes serve the port.
+answers = []
+for _ in range(8):
+    c = socket.create_connection((db, 7106), timeout=10); answers.append(c.recv(10)); c.close()
+assert all(a in (b"parent", b"child") for a in answers), answers
+print("REUSEPORT", sorted(set(answers)), flush=True)
+ok("reuseport")
+ok("client_done")
+"#;
+
+/// Socket semantics through the shim, across two hosts: epoll registrations made before connect
+/// and listen, accept4 flags, dup/dup2/F_DUPFD, many concurrent clients, fork, shutdown,
+/// SO_REUSEADDR, SO_REUSEPORT, port 0, EINTR; every connection accelerated.
+#[test]
+fn socket_semantics_through_the_shim() {
+    let site = Site::new("ts");
+    let portfile = site.work.join("port0");
+    let mut server = site
+        .python("db", SEMANTICS_SERVER, true)
+        .arg(&portfile)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let stdout = server.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut server_lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server_lines.iter().any(|l: &String| l == "READY") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines_rx.recv_timeout(left) {
+            Ok(line) => server_lines.push(line),
+            Err(_) => {
+                let _ = server.kill();
+                let out = server.wait_with_output().unwrap();
+                panic!(
+                    "server not ready: {server_lines:?} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+    let connects_before = site.router_status(0)["router"]["tcp_connects"]
+        .as_u64()
+        .unwrap_or(0);
+    let client = site
+        .python("web", SEMANTICS_CLIENT, true)
+        .arg(&portfile)
+        .output()
+        .unwrap();
+    let client_out = String::from_utf8_lossy(&client.stdout).into_owned();
+    let client_err = String::from_utf8_lossy(&client.stderr).into_owned();
+    // The server finishes when its accept loops time out (8 s idle).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = server.kill();
+    let status = server.wait().unwrap();
+    let mut stderr = String::new();
+    let _ = std::io::Read::read_to_string(server.stderr.as_mut().unwrap(), &mut stderr);
+    while let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(200)) {
+        server_lines.push(line);
+    }
+    let report = format!(
+        "client:\n{client_out}{client_err}\nserver ({status}):\n{}\n{stderr}",
+        server_lines.join("\n")
+    );
+    for part in [
+        "epoll_connect",
+        "many",
+        "fork",
+        "shutdown",
+        "reuseaddr",
+        "port0",
+        "reuseport",
+        "client_done",
+    ] {
+        assert!(
+            client_out.contains(&format!("OK {part}\n")),
+            "client part {part}: {report}"
+        );
+    }
+    for part in [
+        "eintr",
+        "epoll_accept4_dup",
+        "many",
+        "shutdown",
+        "reuseaddr",
+        "port0",
+        "children",
+    ] {
+        assert!(
+            server_lines.contains(&format!("OK {part}")),
+            "server part {part}: {report}"
+        );
+    }
+    // Every connection above was set up by the router on the host network: 1 + 20 + 6 + 1 + 2
+    // + 1 + 8 = 39, except that a connect made while the re-listened port was not yet known on
+    // host 0 takes the overlay (and reaches the new listener there, relayed by host 1's router).
+    let status = site.router_status(0);
+    let connects = status["router"]["tcp_connects"].as_u64().unwrap_or(0) - connects_before;
+    let fallbacks = status["router"]["tcp_fallbacks"].as_u64().unwrap_or(0);
+    assert!(
+        connects + fallbacks >= 39 && fallbacks <= 2,
+        "accelerated connects {connects}, fallbacks {fallbacks}\n{report}"
     );
 }

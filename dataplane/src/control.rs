@@ -13,7 +13,7 @@ use freeflow_proto::control::{
 };
 use freeflow_proto::fdpass;
 use freeflow_proto::identity::NetnsId;
-use freeflow_proto::sockmsg::{SockReply, SockRequest, SOCKMSG_LEN};
+use freeflow_proto::sockmsg::{SockOp, SockReply, SockRequest, SOCKMSG_LEN};
 use freeflow_proto::RingGeometry;
 use std::collections::HashMap;
 use std::io;
@@ -56,6 +56,10 @@ pub struct ControlThread {
     next_id: u32,
     accepted: u64,
     refused: u64,
+    /// After activity, the loop polls without sleeping for this long: connection setup is a
+    /// burst of requests, and waking a sleeping thread costs more than the work.
+    spin: Duration,
+    last_activity: Instant,
 }
 
 impl ControlThread {
@@ -67,6 +71,7 @@ impl ControlThread {
         shards: Vec<ShardHandle>,
         attached: AttachedTable,
         geometry: RingGeometry,
+        spin: Duration,
     ) -> ControlThread {
         ControlThread {
             attach_listener,
@@ -83,6 +88,8 @@ impl ControlThread {
             next_id: 1,
             accepted: 0,
             refused: 0,
+            spin,
+            last_activity: Instant::now(),
         }
     }
 
@@ -98,6 +105,11 @@ impl ControlThread {
                 .chain(self.tcp.next_timeout_ms(now))
                 .min()
                 .unwrap_or(-1);
+            let timeout = if now.duration_since(self.last_activity) < self.spin {
+                0
+            } else {
+                timeout
+            };
             let mut fds = vec![
                 (self.signals.as_raw_fd(), libc::POLLIN),
                 (self.attach_listener.as_raw_fd(), libc::POLLIN),
@@ -119,6 +131,9 @@ impl ControlThread {
             let tcp_at = fds.len();
             fds.extend(tcp_fds.iter().map(|&fd| (fd, libc::POLLIN)));
             let revents = sys::poll(&fds, timeout)?;
+            if revents.iter().any(|&r| r != 0) {
+                self.last_activity = Instant::now();
+            }
             // Peer routers first (announcements that pending resolves wait for), then the
             // socket shims' requests, then deferred answers.
             let mut deferred = Deferred::new();
@@ -132,10 +147,13 @@ impl ControlThread {
                     self.serve_socket_shim(id);
                 }
             }
+            // Notices first: a listener's process may be about to accept.
+            self.send_notices();
             self.tcp.tick(&mut deferred);
             for (id, reply) in deferred {
                 self.reply_socket_shim(id, reply, None);
             }
+            self.send_notices();
             if revents[0] != 0 {
                 if let Some(sig) = sys::read_signal(&self.signals) {
                     eprintln!("freeflow-router: signal {sig}, shutting down");
@@ -414,14 +432,16 @@ impl ControlThread {
         if got.len == 0 && got.fds.is_empty() {
             return self.drop_socket_shim(id, "process went away");
         }
-        let request = match (
-            got.fds.is_empty() && !got.truncated,
-            SockRequest::decode(&buf[..got.len]),
-        ) {
-            (true, Ok(r)) => r,
-            (_, Err(e)) => return self.drop_socket_shim(id, &format!("malformed request: {e}")),
-            (false, _) => return self.drop_socket_shim(id, "request carried fds or was truncated"),
+        let request = match SockRequest::decode(&buf[..got.len]) {
+            Ok(r) => r,
+            Err(e) => return self.drop_socket_shim(id, &format!("malformed request: {e}")),
         };
+        // Only a listen may carry a descriptor (the application's overlay listener), one.
+        let fds_allowed = if request.op == SockOp::Listen { 1 } else { 0 };
+        if got.truncated || got.fds.len() > fds_allowed {
+            return self.drop_socket_shim(id, "request carried fds or was truncated");
+        }
+        let passed = got.fds.into_iter().next();
         let container = shim.container.clone();
         if let Some((reply, socket)) = self.tcp.handle(
             Caller {
@@ -429,6 +449,7 @@ impl ControlThread {
                 container: &container,
             },
             request,
+            passed,
         ) {
             self.reply_socket_shim(id, reply, socket);
         }
@@ -439,8 +460,26 @@ impl ControlThread {
             return;
         };
         let fds: Vec<_> = socket.iter().map(|s| s.as_fd()).collect();
-        if let Err(e) = fdpass::send_with_fds(shim.conn.as_fd(), &reply.encode(), &fds) {
+        // Never blocks: a process that sends requests without reading the replies fills its
+        // socket and is dropped, instead of stopping this thread.
+        if let Err(e) = fdpass::try_send_with_fds(shim.conn.as_fd(), &reply.encode(), &fds) {
             self.drop_socket_shim(id, &format!("reply failed: {e}"));
+        }
+    }
+
+    /// Sends the notices the TCP service queued. A notice is an optimisation (accept does a
+    /// Resolve without it), so it is skipped rather than let a process that is slow to read
+    /// them fill its socket beyond half: the other half is room for replies.
+    fn send_notices(&mut self) {
+        for (id, notice) in std::mem::take(&mut self.tcp.notices) {
+            let Some(shim) = self.socket_shims.get(&id) else {
+                continue;
+            };
+            let room = sys::unread_and_capacity(shim.conn.as_fd())
+                .is_ok_and(|(unread, capacity)| unread < capacity / 2);
+            if room {
+                let _ = fdpass::try_send_with_fds(shim.conn.as_fd(), &notice.encode(), &[]);
+            }
         }
     }
 
@@ -565,6 +604,7 @@ impl ControlThread {
             tcp_listeners: self.tcp.listeners(),
             tcp_connects: self.tcp.connects,
             tcp_fallbacks: self.tcp.fallbacks,
+            tcp_relayed: self.tcp.relayed,
         }
     }
 }

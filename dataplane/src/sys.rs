@@ -2,7 +2,8 @@
 //! exclusive lock file, and file modes. All of the router's unsafe code for these lives here.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and every thread it spawns later)
@@ -222,4 +223,104 @@ pub fn set_reuseaddr(fd: &OwnedFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// An integer socket option.
+pub fn int_opt(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into value.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Sets O_NONBLOCK on `fd`'s open file description.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we hold; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Accepts one connection on a non-blocking listener: the connection (blocking, close-on-exec)
+/// and its peer's IPv4 address (v4-mapped IPv6 peers included). `None` when none is waiting.
+pub fn accept_one(listener: BorrowedFd<'_>) -> io::Result<Option<(OwnedFd, Ipv4Addr, u16)>> {
+    // SAFETY: sockaddr_storage is plain data; zero is valid.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: accept4 writes at most `len` bytes into addr.
+    let raw = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        let err = io::Error::last_os_error();
+        return match err.kind() {
+            io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(err),
+        };
+    }
+    // SAFETY: raw is a fresh fd nobody else owns.
+    let conn = unsafe { OwnedFd::from_raw_fd(raw) };
+    let peer = match i32::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in.
+            let sin =
+                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some((
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6.
+            let sin6 =
+                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)
+                .to_ipv4_mapped()
+                .map(|ip| (ip, u16::from_be(sin6.sin6_port)))
+        }
+        _ => None,
+    };
+    match peer {
+        Some((ip, port)) => Ok(Some((conn, ip, port))),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "accepted a peer that is not IPv4",
+        )),
+    }
+}
+
+/// Bytes sent on a Unix socket that its peer has not read yet (SIOCOUTQ), and the send buffer
+/// size: how close a peer that does not read is to blocking us.
+pub fn unread_and_capacity(fd: BorrowedFd<'_>) -> io::Result<(usize, usize)> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let capacity = int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
+    Ok((queued.max(0) as usize, capacity.max(0) as usize))
 }

@@ -20,12 +20,14 @@
 
 use crate::sys;
 use freeflow_proto::control::{ContainerEntry, NetworkView};
-use freeflow_proto::sockmsg::{SockOp, SockReply, SockRequest, SockStatus, FLAG_INET6};
+use freeflow_proto::sockmsg::{
+    SockNotice, SockOp, SockReply, SockRequest, SockStatus, FLAG_INET6, FLAG_REUSEPORT,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// How long a resolve waits for the client router's announcement.
@@ -39,6 +41,14 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 const PEER_RETRY: Duration = Duration::from_millis(300);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 const MAX_PEER_LINE: usize = 1 << 20;
+/// How long a client that reached an overlay listener without Freeflow waits, in the router,
+/// for the application to accept it through the host listener.
+const RELAY_TTL: Duration = Duration::from_secs(60);
+/// Clients taken from one overlay listener per wake-up (the rest wait for the next turn).
+const RELAY_BATCH: usize = 64;
+/// Host sockets kept created and bound ahead of connects (IPv4), so that a connect request
+/// costs only the connect: they are made after replies, off the requester's path.
+const SPARE_SOCKETS: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct ListenerEntry {
@@ -55,12 +65,15 @@ enum PeerMsg {
         host: Ipv4Addr,
         entries: Vec<ListenerEntry>,
     },
-    /// Host port `host_port` of the sender is the overlay address `ip:port`.
+    /// Host port `host_port` of the sender is the overlay address `ip:port`; it is about to
+    /// connect to the receiver's listener on host port `to_port`.
     Conn {
         host: Ipv4Addr,
         host_port: u16,
         ip: Ipv4Addr,
         port: u16,
+        #[serde(default)]
+        to_port: Option<u16>,
     },
 }
 
@@ -70,8 +83,25 @@ struct LocalListener {
     /// Since when no holder is known.
     orphaned_at: Option<Instant>,
     host_port: u16,
+    /// Created for an application socket with SO_REUSEPORT: other processes of the container
+    /// asking for the same port with SO_REUSEPORT share it.
+    reuseport: bool,
     /// Keeps the socket (and its port) alive while registered.
-    _socket: OwnedFd,
+    socket: OwnedFd,
+    /// The application's own socket, listening on the overlay address in the container, for
+    /// clients that come without Freeflow (not accelerated; relayed once, at accept).
+    overlay: Option<OwnedFd>,
+}
+
+/// A client that reached an overlay listener without Freeflow, waiting to be accepted: the
+/// router connected `doorbell` to the host listener, and the application's accept of that
+/// connection gets `conn` instead.
+struct Relay {
+    conn: OwnedFd,
+    _doorbell: OwnedFd,
+    listener: (Ipv4Addr, u16),
+    peer: (Ipv4Addr, u16),
+    since: Instant,
 }
 
 struct PeerIn {
@@ -108,12 +138,19 @@ pub struct TcpService {
     /// Listeners of other hosts: (host, overlay ip, overlay port) -> host port.
     remote: HashMap<(Ipv4Addr, Ipv4Addr, u16), u16>,
     announced: HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16, Instant)>,
+    /// Relayed clients by the doorbell's host address.
+    relays: HashMap<(Ipv4Addr, u16), Relay>,
     pending: Vec<PendingResolve>,
+    /// Notices for the listeners' processes, for the control loop to send.
+    pub notices: Vec<(u32, SockNotice)>,
+    /// Bound, unconnected IPv4 host sockets and their ports (never handed out unconnected).
+    spare: Vec<(OwnedFd, u16)>,
     peer_listener: Option<TcpListener>,
     incoming: Vec<PeerIn>,
     outgoing: HashMap<Ipv4Addr, PeerOut>,
     pub connects: u64,
     pub fallbacks: u64,
+    pub relayed: u64,
 }
 
 /// Replies that became ready outside a request (resolves whose announcement arrived or timed out).
@@ -129,6 +166,9 @@ impl TcpService {
             .collect();
         let host_changed = self.network.as_ref().map(|n| (n.host_ip, n.peer_port))
             != Some((network.host_ip, network.peer_port));
+        if host_changed {
+            self.spare.clear();
+        }
         if host_changed || self.peer_listener.is_none() {
             let addr = SocketAddr::V4(SocketAddrV4::new(network.host_ip, network.peer_port));
             match TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
@@ -163,10 +203,12 @@ impl TcpService {
 
     /// Serves one request. Returns the reply and the socket to pass with it, or `None` when the
     /// reply is deferred (a resolve waiting for its announcement).
+    /// `passed` is a descriptor that came with the request (only a Listen may carry one).
     pub fn handle(
         &mut self,
         caller: Caller<'_>,
         req: SockRequest,
+        passed: Option<OwnedFd>,
     ) -> Option<(SockReply, Option<OwnedFd>)> {
         let Some(host_ip) = self.host_ip() else {
             // A router without a network view (run alone) accelerates nothing.
@@ -175,7 +217,7 @@ impl TcpService {
         let v6 = req.flags & FLAG_INET6 != 0;
         match req.op {
             SockOp::Connect => Some(self.connect(caller, req, host_ip, v6)),
-            SockOp::Listen => Some(self.listen(caller, req, host_ip, v6)),
+            SockOp::Listen => Some(self.listen(caller, req, host_ip, v6, passed)),
             SockOp::Unlisten => {
                 let key = (caller.container.ip, req.port);
                 if self
@@ -203,6 +245,15 @@ impl TcpService {
             }
             SockOp::Resolve => {
                 let key = (req.ip, req.port);
+                if let Some(relay) = self.relays.get(&key) {
+                    // Only the container that holds the listener gets the client.
+                    if relay.listener.0 != caller.container.ip {
+                        return Some((SockReply::error(req.seq, libc::ECONNREFUSED), None));
+                    }
+                    let relay = self.relays.remove(&key).expect("present");
+                    self.relayed += 1;
+                    return Some((ok(req.seq, relay.peer.0, relay.peer.1), Some(relay.conn)));
+                }
                 match self.lookup_announcement(key) {
                     Some((ip, port)) => Some((ok(req.seq, ip, port), None)),
                     None => {
@@ -257,20 +308,24 @@ impl TcpService {
             self.fallbacks += 1;
             return (SockReply::fallback(req.seq), None);
         };
+        let spare = if v6 { None } else { self.spare.pop() };
         let result = (|| -> io::Result<(OwnedFd, u16)> {
-            let socket = sys::tcp_socket(v6)?;
-            sys::bind(&socket, host_ip, 0, v6)?;
-            let port = sys::local_port(&socket)?;
+            let (socket, port) = match spare {
+                Some(ready) => ready,
+                None => bound_socket(host_ip, v6)?,
+            };
             // Announce before connecting, so the announcement is on its way before the SYN.
             let conn = PeerMsg::Conn {
                 host: host_ip,
                 host_port: port,
                 ip: caller.container.ip,
                 port,
+                to_port: Some(target_port),
             };
             if dst_host == host_ip {
                 self.announced
                     .insert((host_ip, port), (caller.container.ip, port, Instant::now()));
+                self.notify(target_port, (host_ip, port));
             } else {
                 self.send_to(dst_host, &conn);
             }
@@ -295,17 +350,46 @@ impl TcpService {
         req: SockRequest,
         host_ip: Ipv4Addr,
         v6: bool,
+        passed: Option<OwnedFd>,
     ) -> (SockReply, Option<OwnedFd>) {
         let ip = caller.container.ip;
         if req.ip != Ipv4Addr::UNSPECIFIED && req.ip != ip {
             return (SockReply::fallback(req.seq), None);
         }
         let key = (ip, req.port);
-        if let Some(existing) = self.local.get(&key) {
-            if existing.orphaned_at.is_none() && !existing.owners.contains(&caller.attachment) {
+        let reuseport = req.flags & FLAG_REUSEPORT != 0;
+        if let Some(existing) = self.local.get_mut(&key) {
+            let held_by_others =
+                existing.orphaned_at.is_none() && !existing.owners.contains(&caller.attachment);
+            if held_by_others && !(reuseport && existing.reuseport) {
                 return (SockReply::error(req.seq, libc::EADDRINUSE), None);
             }
+            if held_by_others {
+                // SO_REUSEPORT on both: one more process of the container serves the port; it
+                // shares the host listener (the overlay socket it passed is not needed: the first
+                // one already takes clients that come without Freeflow).
+                return match existing.socket.try_clone() {
+                    Ok(shared) => {
+                        existing.owners.push(caller.attachment);
+                        (ok(req.seq, ip, req.port), Some(shared))
+                    }
+                    Err(e) => (
+                        SockReply::error(req.seq, e.raw_os_error().unwrap_or(libc::EIO)),
+                        None,
+                    ),
+                };
+            }
         }
+        let overlay = passed.and_then(|fd| match overlay_listener_ok(&fd, req.port) {
+            Ok(()) => Some(fd),
+            Err(why) => {
+                eprintln!(
+                    "freeflow-router: tcp: container {} passed an unusable overlay listener for port {}: {why}",
+                    caller.container.name, req.port
+                );
+                None
+            }
+        });
         let backlog = req.backlog.min(i32::MAX as u32) as i32;
         let result = (|| -> io::Result<(OwnedFd, OwnedFd, u16)> {
             let socket = sys::tcp_socket(v6)?;
@@ -324,7 +408,9 @@ impl TcpService {
                         owners: vec![caller.attachment],
                         orphaned_at: None,
                         host_port,
-                        _socket: keep,
+                        reuseport,
+                        socket: keep,
+                        overlay,
                     },
                 );
                 self.broadcast_listeners();
@@ -334,6 +420,81 @@ impl TcpService {
                 SockReply::error(req.seq, e.raw_os_error().unwrap_or(libc::EIO)),
                 None,
             ),
+        }
+    }
+
+    /// Queues a notice for every process holding the local listener on host port `to_port`:
+    /// the connection from host address `from` is the overlay address announced for it.
+    fn notify(&mut self, to_port: u16, from: (Ipv4Addr, u16)) {
+        let Some((ip, port)) = self.lookup_announcement(from) else {
+            return;
+        };
+        let Some(listener) = self.local.values().find(|l| l.host_port == to_port) else {
+            return;
+        };
+        let notice = SockNotice {
+            host_ip: from.0,
+            host_port: from.1,
+            ip,
+            port,
+        };
+        self.notices
+            .extend(listener.owners.iter().map(|&owner| (owner, notice)));
+    }
+
+    /// Takes the clients waiting on the overlay listener `fd` (they came without Freeflow) and
+    /// rings the host listener for each, so the application accepts them where it accepts
+    /// everything else.
+    fn relay_from(&mut self, fd: RawFd) {
+        let Some(host_ip) = self.host_ip() else {
+            return;
+        };
+        let Some((&key, listener)) = self
+            .local
+            .iter()
+            .find(|(_, l)| l.overlay.as_ref().is_some_and(|o| o.as_raw_fd() == fd))
+        else {
+            return;
+        };
+        let overlay = listener.overlay.as_ref().expect("matched above");
+        let host_port = listener.host_port;
+        let mut taken = Vec::new();
+        for _ in 0..RELAY_BATCH {
+            match sys::accept_one(overlay.as_fd()) {
+                Ok(Some(client)) => taken.push(client),
+                Ok(None) => break,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => continue,
+                Err(e) => {
+                    eprintln!("freeflow-router: tcp: accept on overlay listener {key:?}: {e}");
+                    break;
+                }
+            }
+        }
+        for (conn, peer_ip, peer_port) in taken {
+            let doorbell = (|| -> io::Result<(OwnedFd, u16)> {
+                let socket = sys::tcp_socket(false)?;
+                sys::bind(&socket, host_ip, 0, false)?;
+                let port = sys::local_port(&socket)?;
+                sys::connect_nonblocking(&socket, host_ip, host_port, false)?;
+                Ok((socket, port))
+            })();
+            match doorbell {
+                Ok((doorbell, port)) => {
+                    self.relays.insert(
+                        (host_ip, port),
+                        Relay {
+                            conn,
+                            _doorbell: doorbell,
+                            listener: key,
+                            peer: (peer_ip, peer_port),
+                            since: Instant::now(),
+                        },
+                    );
+                }
+                // The client's connection closes with `conn`: it sees a reset, as when a
+                // server's accept queue overflows.
+                Err(e) => eprintln!("freeflow-router: tcp: relay for {key:?}: {e}"),
+            }
         }
     }
 
@@ -432,6 +593,11 @@ impl TcpService {
                 .values()
                 .filter_map(|p| p.stream.as_ref().map(|s| s.as_raw_fd())),
         );
+        fds.extend(
+            self.local
+                .values()
+                .filter_map(|l| l.overlay.as_ref().map(|o| o.as_raw_fd())),
+        );
         fds
     }
 
@@ -453,7 +619,8 @@ impl TcpService {
             .filter(|p| p.stream.is_none())
             .map(|p| p.next_try)
             .min();
-        [resolve, retry]
+        let relay = self.relays.values().map(|r| r.since + RELAY_TTL).min();
+        [resolve, retry, relay]
             .into_iter()
             .flatten()
             .min()
@@ -481,6 +648,8 @@ impl TcpService {
             );
             peer.stream = None;
             peer.next_try = Instant::now();
+            let host = *host;
+            self.forget_listeners_of(host);
             return;
         }
         let Some(index) = self
@@ -488,18 +657,25 @@ impl TcpService {
             .iter()
             .position(|p| p.stream.as_raw_fd() == fd)
         else {
-            return;
+            return self.relay_from(fd);
         };
         let mut messages = Vec::new();
         let keep = Self::read_peer(&mut self.incoming[index], &mut messages);
         let from = self.incoming[index].from;
         if !keep {
             self.incoming.swap_remove(index);
+            // The table came over this connection: without it, it may be stale (a restarted
+            // router has none). New connects to that host fall back until it sends a new one.
+            self.forget_listeners_of(from);
         }
         for msg in messages {
             self.apply(from, msg);
         }
         self.answer_pending(deferred, Instant::now());
+    }
+
+    fn forget_listeners_of(&mut self, host: Ipv4Addr) {
+        self.remote.retain(|&(h, _, _), _| h != host);
     }
 
     fn accept_peers(&mut self) {
@@ -599,10 +775,14 @@ impl TcpService {
                 host_port,
                 ip,
                 port,
+                to_port,
             } if host == from => {
-                // Checked against the registry when a resolve uses it, as above.
+                // Checked against the registry when a resolve or a notice uses it, as above.
                 self.announced
                     .insert((host, host_port), (ip, port, Instant::now()));
+                if let Some(to_port) = to_port {
+                    self.notify(to_port, (host, host_port));
+                }
             }
             other => {
                 eprintln!("freeflow-router: tcp: peer {from} spoke for another host: {other:?}")
@@ -624,12 +804,23 @@ impl TcpService {
         self.pending = still;
     }
 
-    /// Periodic work: expire resolves and old announcements, reconnect lost peers.
+    /// Periodic work: expire resolves and old announcements, reconnect lost peers, make spare
+    /// sockets.
     pub fn tick(&mut self, deferred: &mut Deferred) {
         let now = Instant::now();
+        if let Some(host_ip) = self.host_ip() {
+            while self.spare.len() < SPARE_SOCKETS {
+                match bound_socket(host_ip, false) {
+                    Ok(ready) => self.spare.push(ready),
+                    Err(_) => break,
+                }
+            }
+        }
         self.answer_pending(deferred, now);
         self.announced
             .retain(|_, (_, _, at)| now.duration_since(*at) < ANNOUNCEMENT_TTL);
+        self.relays
+            .retain(|_, r| now.duration_since(r.since) < RELAY_TTL);
         let before = self.local.len();
         self.local.retain(|_, l| {
             l.orphaned_at
@@ -658,6 +849,36 @@ impl TcpService {
     pub fn listeners(&self) -> usize {
         self.local.len()
     }
+}
+
+/// A new host socket bound to `host_ip` and a port the kernel chose, and that port.
+fn bound_socket(host_ip: Ipv4Addr, v6: bool) -> io::Result<(OwnedFd, u16)> {
+    let socket = sys::tcp_socket(v6)?;
+    sys::bind(&socket, host_ip, 0, v6)?;
+    let port = sys::local_port(&socket)?;
+    Ok((socket, port))
+}
+
+/// Checks that a descriptor a container passed is what the shim says it is: a TCP socket
+/// listening on overlay port `port`; then makes it non-blocking for the control loop. The
+/// container is not trusted: anything else is refused.
+fn overlay_listener_ok(fd: &OwnedFd, port: u16) -> Result<(), String> {
+    let opt = |level, name| sys::int_opt(fd.as_fd(), level, name).map_err(|e| e.to_string());
+    if opt(libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err("not a stream socket".into());
+    }
+    let domain = opt(libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    if domain != libc::AF_INET && domain != libc::AF_INET6 {
+        return Err("not an internet socket".into());
+    }
+    if opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 1 {
+        return Err("not listening".into());
+    }
+    let bound = sys::local_port(fd).map_err(|e| e.to_string())?;
+    if bound != port {
+        return Err(format!("bound to port {bound}"));
+    }
+    sys::set_nonblocking(fd.as_fd()).map_err(|e| e.to_string())
 }
 
 fn ok(seq: u32, ip: Ipv4Addr, port: u16) -> SockReply {

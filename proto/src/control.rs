@@ -86,6 +86,10 @@ pub struct RouterStatus {
     /// TCP mode: connects sent back to the overlay path (destination not accelerated).
     #[serde(default)]
     pub tcp_fallbacks: u64,
+    /// TCP mode: clients that reached an accelerated listener without Freeflow, handed to the
+    /// application through the router.
+    #[serde(default)]
+    pub tcp_relayed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

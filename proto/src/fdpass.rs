@@ -14,6 +14,25 @@ pub fn send_with_fds(
     data: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<usize> {
+    send_with_fds_flags(sock, data, fds, 0)
+}
+
+/// As [`send_with_fds`], but never blocks: a peer that does not read gets `WouldBlock`, not a
+/// stuck sender (the router talks to processes it does not trust to read their replies).
+pub fn try_send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    send_with_fds_flags(sock, data, fds, libc::MSG_DONTWAIT)
+}
+
+fn send_with_fds_flags(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    flags: libc::c_int,
+) -> io::Result<usize> {
     if fds.len() > MAX_FDS {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many fds"));
     }
@@ -49,7 +68,7 @@ pub fn send_with_fds(
         }
     }
     // SAFETY: msg points at live iov and control buffers for the duration of the call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | flags) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }

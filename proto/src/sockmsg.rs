@@ -11,17 +11,23 @@ use std::net::Ipv4Addr;
 pub const SOCKMSG_LEN: usize = 32;
 const REQUEST_MAGIC: [u8; 4] = *b"FFSQ";
 const REPLY_MAGIC: [u8; 4] = *b"FFSR";
+const NOTICE_MAGIC: [u8; 4] = *b"FFSN";
 
 /// What the shim asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SockOp {
     /// Connect to an overlay address; reply carries a connecting host socket, or says fall back.
     Connect = 1,
-    /// Listen on an overlay address; reply carries a listening host socket.
+    /// Listen on an overlay address; reply carries a listening host socket. The request may
+    /// carry the application's own socket, already listening on the overlay address in the
+    /// container: the router accepts clients that arrive there without Freeflow and hands each
+    /// to the application through the host listener (see `Resolve`).
     Listen = 2,
     /// The application closed its listener.
     Unlisten = 3,
-    /// Which overlay address is behind this host address and port (an accepted peer)?
+    /// Which overlay address is behind this host address and port (an accepted peer)? If the
+    /// accepted connection stands for a client that reached the overlay listener without
+    /// Freeflow, the reply carries that client's real (overlay) connection to use instead.
     Resolve = 4,
     /// This (forked) process holds the listener on `port` too: keep it while any holder lives.
     Own = 5,
@@ -42,6 +48,9 @@ impl SockOp {
 
 /// Flag: the application's socket is AF_INET6 (the host socket must be too).
 pub const FLAG_INET6: u16 = 1;
+/// Flag (listen): the application's socket has SO_REUSEPORT; other processes of the same
+/// container listening on the port with SO_REUSEPORT share the listener.
+pub const FLAG_REUSEPORT: u16 = 2;
 
 /// A request from the shim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +170,59 @@ impl SockReply {
     }
 }
 
+/// Sent by the router without a request, to the processes holding an accelerated listener: "the
+/// connection that will arrive from host address `host_ip:host_port` is the overlay address
+/// `ip:port`". With it, accept needs no round trip to the router (a Resolve is the fallback when
+/// the notice has not arrived yet, or was dropped because the process was not reading).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockNotice {
+    pub host_ip: Ipv4Addr,
+    pub host_port: u16,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+}
+
+impl SockNotice {
+    pub fn encode(&self) -> [u8; SOCKMSG_LEN] {
+        let mut b = [0u8; SOCKMSG_LEN];
+        b[0..4].copy_from_slice(&NOTICE_MAGIC);
+        b[4..8].copy_from_slice(&self.host_ip.octets());
+        b[8..10].copy_from_slice(&self.host_port.to_le_bytes());
+        b[12..16].copy_from_slice(&self.ip.octets());
+        b[16..18].copy_from_slice(&self.port.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<SockNotice, String> {
+        if b.len() != SOCKMSG_LEN || b[0..4] != NOTICE_MAGIC {
+            return Err(format!("not a socket notice ({} bytes)", b.len()));
+        }
+        Ok(SockNotice {
+            host_ip: Ipv4Addr::new(b[4], b[5], b[6], b[7]),
+            host_port: u16::from_le_bytes([b[8], b[9]]),
+            ip: Ipv4Addr::new(b[12], b[13], b[14], b[15]),
+            port: u16::from_le_bytes([b[16], b[17]]),
+        })
+    }
+}
+
+/// What the router may send on a socket shim's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FromRouter {
+    Reply(SockReply),
+    Notice(SockNotice),
+}
+
+impl FromRouter {
+    pub fn decode(b: &[u8]) -> Result<FromRouter, String> {
+        if b.len() >= 4 && b[0..4] == NOTICE_MAGIC {
+            SockNotice::decode(b).map(FromRouter::Notice)
+        } else {
+            SockReply::decode(b).map(FromRouter::Reply)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +257,21 @@ mod tests {
                 .errno,
             111
         );
+        let notice = SockNotice {
+            host_ip: Ipv4Addr::new(192, 168, 1, 2),
+            host_port: 41000,
+            ip: Ipv4Addr::new(10, 32, 0, 4),
+            port: 41000,
+        };
+        assert_eq!(
+            FromRouter::decode(&notice.encode()).unwrap(),
+            FromRouter::Notice(notice)
+        );
+        assert_eq!(
+            FromRouter::decode(&reply.encode()).unwrap(),
+            FromRouter::Reply(reply)
+        );
+        assert!(FromRouter::decode(&notice.encode()[..20]).is_err());
+        assert!(FromRouter::decode(&r.encode()).is_err());
     }
 }

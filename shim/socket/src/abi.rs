@@ -1,11 +1,13 @@
 //! The functions this library exports in place of the C library's: connect, listen, accept,
-//! accept4, getsockname, getpeername, close, dup2, dup3. Each decides from its arguments whether
-//! the call concerns an overlay TCP socket; if not, it calls the C library unchanged.
+//! accept4, getsockname, getpeername, close, dup, dup2, dup3, fcntl (F_DUPFD), epoll_create and
+//! epoll_create1. Each decides from its arguments whether the call concerns an overlay TCP
+//! socket; if not, it calls the C library unchanged.
 
+use crate::epoll;
 use crate::real::{self, Endpoint};
 use crate::session::{self, config, debug};
 use crate::state::{self, Accelerated, Role};
-use freeflow_proto::sockmsg::{SockOp, SockRequest, SockStatus, FLAG_INET6};
+use freeflow_proto::sockmsg::{SockOp, SockRequest, SockStatus, FLAG_INET6, FLAG_REUSEPORT};
 use libc::{c_int, sockaddr, socklen_t};
 use std::net::Ipv4Addr;
 use std::os::fd::{IntoRawFd, OwnedFd};
@@ -18,17 +20,26 @@ fn in_overlay(ip: Ipv4Addr) -> bool {
     config().prefix.is_some_and(|p| p.contains(ip))
 }
 
-/// Puts `socket` under the application's `fd`, keeping the fd's blocking mode and close-on-exec
-/// flag and the options the application is likely to have set.
-fn install(socket: OwnedFd, fd: c_int) -> Result<(), c_int> {
-    let new = socket.into_raw_fd();
+/// Whether `fd` is in non-blocking mode, read before the router sees the socket (a listen
+/// passes it to the router, which makes its own use of it non-blocking).
+fn is_nonblocking(fd: c_int) -> Result<bool, c_int> {
     let status_flags = real::fcntl_get(fd, libc::F_GETFL);
+    if status_flags < 0 {
+        return Err(libc::EBADF);
+    }
+    Ok(status_flags & libc::O_NONBLOCK != 0)
+}
+
+/// Puts `socket` under the application's `fd`, with the fd's blocking mode (`nonblocking`, as it
+/// was before the call), its close-on-exec flag and the options the application is likely to
+/// have set.
+fn install(socket: OwnedFd, fd: c_int, nonblocking: bool) -> Result<(), c_int> {
+    let new = socket.into_raw_fd();
     let fd_flags = real::fcntl_get(fd, libc::F_GETFD);
-    if status_flags < 0 || fd_flags < 0 {
+    if fd_flags < 0 {
         real::close(new);
         return Err(libc::EBADF);
     }
-    let nonblocking = status_flags & libc::O_NONBLOCK != 0;
     let new_status = real::fcntl_get(new, libc::F_GETFL);
     let wanted = if nonblocking {
         new_status | libc::O_NONBLOCK
@@ -51,12 +62,14 @@ fn install(socket: OwnedFd, fd: c_int) -> Result<(), c_int> {
     } else {
         0
     };
+    let watched = epoll::registrations_of(fd);
     let rc = real::dup3(new, fd, cloexec);
     let err = real::errno();
     real::close(new);
     if rc < 0 {
         return Err(err);
     }
+    epoll::restore(fd, &watched);
     Ok(())
 }
 
@@ -110,7 +123,8 @@ fn accelerate_connect(fd: c_int, (ip, port, v6): Endpoint) -> Option<c_int> {
             let Some(socket) = socket else {
                 return Some(fail(libc::EIO));
             };
-            if let Err(e) = install(socket, fd) {
+            let installed = is_nonblocking(fd).and_then(|nb| install(socket, fd, nb));
+            if let Err(e) = installed {
                 return Some(fail(e));
             }
             state::insert(
@@ -152,43 +166,43 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     if config().prefix.is_none() || state::get(fd).is_some() || !is_stream(fd) {
         return real::listen(fd, backlog);
     }
-    let mut storage: libc::sockaddr_storage = unsafe_zeroed_storage();
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
-    // SAFETY: storage is a local buffer of `len` bytes.
-    let rc = unsafe {
-        real::getsockname(
-            fd,
-            (&mut storage as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    // SAFETY: the kernel filled `len` bytes of storage.
-    let bound = (rc == 0)
-        .then(|| unsafe {
-            real::read_endpoint((&storage as *const libc::sockaddr_storage).cast(), len)
-        })
-        .flatten();
-    let Some((ip, port, v6)) = bound else {
+    // The kernel listens first, in the container: that binds a port if the application did not
+    // (port 0), and the socket goes on taking clients that come without Freeflow, which the
+    // router hands to the application through the host listener.
+    let Ok(nonblocking) = is_nonblocking(fd) else {
         return real::listen(fd, backlog);
     };
-    // Only wildcard or overlay addresses, and only a port the application chose or bound.
+    let rc = real::listen(fd, backlog);
+    if rc != 0 {
+        return rc;
+    }
+    let Some((ip, port, v6)) = bound_endpoint(fd) else {
+        return 0;
+    };
+    // Only wildcard or overlay addresses.
     if port == 0 || !(ip.is_unspecified() || in_overlay(ip)) {
-        return real::listen(fd, backlog);
+        return 0;
+    }
+    let mut flags = if v6 { FLAG_INET6 } else { 0 };
+    if real::get_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT).is_some_and(|v| v != 0) {
+        flags |= FLAG_REUSEPORT;
     }
     let request = SockRequest {
         op: SockOp::Listen,
-        flags: if v6 { FLAG_INET6 } else { 0 },
+        flags,
         seq: 0,
         ip,
         port,
         backlog: backlog.max(0) as u32,
     };
-    let Ok((reply, socket)) = session::call(request) else {
-        return real::listen(fd, backlog);
+    // SAFETY: fd is the application's open socket for the duration of the call.
+    let overlay = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let Ok((reply, socket)) = session::call_passing(request, overlay) else {
+        return 0;
     };
     match (reply.status, socket) {
         (SockStatus::Ok, Some(socket)) => {
-            if let Err(e) = install(socket, fd) {
+            if let Err(e) = install(socket, fd, nonblocking) {
                 return fail(e);
             }
             state::insert(
@@ -207,8 +221,28 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
             0
         }
         (SockStatus::Error, _) => fail(reply.errno),
-        _ => real::listen(fd, backlog),
+        _ => 0,
     }
+}
+
+/// The address `fd` is bound to, as the kernel says.
+fn bound_endpoint(fd: c_int) -> Option<Endpoint> {
+    let mut storage: libc::sockaddr_storage = unsafe_zeroed_storage();
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
+    // SAFETY: storage is a local buffer of `len` bytes.
+    let rc = unsafe {
+        real::getsockname(
+            fd,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: the kernel filled `len` bytes of storage.
+    (rc == 0)
+        .then(|| unsafe {
+            real::read_endpoint((&storage as *const libc::sockaddr_storage).cast(), len)
+        })
+        .flatten()
 }
 
 fn unsafe_zeroed_storage() -> libc::sockaddr_storage {
@@ -260,7 +294,12 @@ pub unsafe extern "C" fn accept4(
         let host_peer = unsafe {
             real::read_endpoint((&storage as *const libc::sockaddr_storage).cast(), peer_len)
         };
+        let mut relayed = None;
         let overlay_peer = host_peer.and_then(|(ip, port, _)| {
+            // The router's notice usually comes before the connection: no round trip.
+            if let Some(found) = session::noticed((ip, port)) {
+                return Some(found);
+            }
             let request = SockRequest {
                 op: SockOp::Resolve,
                 flags: 0,
@@ -270,7 +309,10 @@ pub unsafe extern "C" fn accept4(
                 backlog: 0,
             };
             match session::call(request) {
-                Ok((reply, _)) if reply.status == SockStatus::Ok => Some((reply.ip, reply.port)),
+                Ok((reply, conn)) if reply.status == SockStatus::Ok => {
+                    relayed = conn;
+                    Some((reply.ip, reply.port))
+                }
                 _ => None,
             }
         });
@@ -283,6 +325,21 @@ pub unsafe extern "C" fn accept4(
             real::close(new);
             continue;
         };
+        if let Some(conn) = relayed {
+            // A client that came without Freeflow: the application gets its real connection
+            // (on the overlay, in the container) in place of the router's doorbell.
+            if let Err(e) = adopt_relayed(conn, new, flags) {
+                real::close(new);
+                return fail(e);
+            }
+            state::remove(new);
+            debug(format_args!(
+                "accepted {peer_ip}:{peer_port} on the overlay (client without Freeflow)"
+            ));
+            // SAFETY: addr/len are the application's accept arguments (NULL allowed).
+            unsafe { real::write_endpoint(addr, len, peer_ip, peer_port, listener.v6) };
+            return new;
+        }
         state::insert(
             new,
             Accelerated {
@@ -296,6 +353,23 @@ pub unsafe extern "C" fn accept4(
         unsafe { real::write_endpoint(addr, len, peer_ip, peer_port, listener.v6) };
         return new;
     }
+}
+
+/// Puts a relayed client's connection under `fd` with accept4's `flags`.
+fn adopt_relayed(conn: OwnedFd, fd: c_int, flags: c_int) -> Result<(), c_int> {
+    let conn = conn.into_raw_fd();
+    let cloexec = flags & libc::SOCK_CLOEXEC;
+    if flags & libc::SOCK_NONBLOCK != 0 {
+        let status = real::fcntl_get(conn, libc::F_GETFL);
+        real::fcntl_set(conn, libc::F_SETFL, status | libc::O_NONBLOCK);
+    }
+    let rc = real::dup3(conn, fd, if cloexec != 0 { libc::O_CLOEXEC } else { 0 });
+    let err = real::errno();
+    real::close(conn);
+    if rc < 0 {
+        return Err(err);
+    }
+    Ok(())
 }
 
 /// getsockname(2).
@@ -345,6 +419,7 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
 /// Called by the application with close(2)'s argument.
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    epoll::closed(fd);
     if let Some(s) = state::remove(fd) {
         if s.role == Role::Listener {
             let request = SockRequest {
@@ -367,6 +442,9 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 /// Called by the application with dup2(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    if old != new {
+        epoll::closed(new);
+    }
     let rc = real::dup3(old, new, 0);
     if old == new {
         // dup2 of an fd onto itself checks validity and does nothing (dup3 refuses it).
@@ -390,7 +468,75 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     let rc = real::dup3(old, new, flags);
     if rc >= 0 {
+        epoll::closed(new);
         state::copy(old, new);
     }
     rc
+}
+
+/// dup(2).
+///
+/// # Safety
+/// Called by the application with dup(2)'s argument.
+#[no_mangle]
+pub unsafe extern "C" fn dup(old: c_int) -> c_int {
+    let new = real::dup(old);
+    if new >= 0 {
+        state::copy(old, new);
+    }
+    new
+}
+
+/// fcntl(2): F_DUPFD and F_DUPFD_CLOEXEC make another fd for the same socket; every other
+/// command goes to the C library as it came.
+///
+/// fcntl is variadic in C; on the platforms this library builds for, a variadic call passes
+/// its third argument in the same register as a fixed one, so a word-sized parameter receives
+/// it whether it is an int or a pointer (and an unused one is ignored by the kernel).
+///
+/// # Safety
+/// Called by the application with fcntl(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    // SAFETY: forwarded as it came.
+    let rc = unsafe { real::fcntl(fd, cmd, arg) };
+    if rc >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
+        state::copy(fd, rc);
+    }
+    rc
+}
+
+/// fcntl64: the name programs built with 64-bit file offsets call.
+///
+/// # Safety
+/// As [`fcntl`].
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    // SAFETY: same contract.
+    unsafe { fcntl(fd, cmd, arg) }
+}
+
+/// epoll_create(2): remembered, so registrations survive the swap to a host socket.
+///
+/// # Safety
+/// Called by the application with epoll_create(2)'s argument.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_create(size: c_int) -> c_int {
+    if size <= 0 {
+        return fail(libc::EINVAL);
+    }
+    let epfd = real::epoll_create1(0);
+    epoll::created(epfd);
+    epfd
+}
+
+/// epoll_create1(2).
+///
+/// # Safety
+/// Called by the application with epoll_create1(2)'s argument.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
+    let epfd = real::epoll_create1(flags);
+    epoll::created(epfd);
+    epfd
 }

@@ -9,6 +9,7 @@
 //! registered, a router that is down) takes the normal path untouched.
 
 mod abi;
+mod epoll;
 mod real;
 mod session;
 mod state;

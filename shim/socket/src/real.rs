@@ -9,6 +9,9 @@ type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type Accept4Fn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int;
 type NameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
 type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
+type DupFn = unsafe extern "C" fn(c_int) -> c_int;
+type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+type EpollCreate1Fn = unsafe extern "C" fn(c_int) -> c_int;
 
 struct Real {
     connect: ConnectFn,
@@ -17,6 +20,9 @@ struct Real {
     getsockname: NameFn,
     getpeername: NameFn,
     close: CloseFn,
+    dup: DupFn,
+    fcntl: FcntlFn,
+    epoll_create1: EpollCreate1Fn,
 }
 
 fn lookup(name: &std::ffi::CStr) -> *mut libc::c_void {
@@ -43,6 +49,11 @@ fn real() -> &'static Real {
                     c"getpeername",
                 )),
                 close: std::mem::transmute::<*mut libc::c_void, CloseFn>(lookup(c"close")),
+                dup: std::mem::transmute::<*mut libc::c_void, DupFn>(lookup(c"dup")),
+                fcntl: std::mem::transmute::<*mut libc::c_void, FcntlFn>(lookup(c"fcntl")),
+                epoll_create1: std::mem::transmute::<*mut libc::c_void, EpollCreate1Fn>(lookup(
+                    c"epoll_create1",
+                )),
             }
         }
     })
@@ -179,14 +190,36 @@ pub fn set_int_opt(fd: c_int, level: c_int, name: c_int, value: c_int) {
     unsafe { libc::setsockopt(fd, level, name, (&value as *const c_int).cast(), 4) };
 }
 
+// The C library's fcntl, dup and epoll_create1 through dlsym: this library exports its own
+// (`libc::fcntl` would bind to them).
 pub fn fcntl_get(fd: c_int, cmd: c_int) -> c_int {
     // SAFETY: F_GETFL / F_GETFD take no pointer argument.
-    unsafe { libc::fcntl(fd, cmd) }
+    unsafe { (real().fcntl)(fd, cmd) }
 }
 
 pub fn fcntl_set(fd: c_int, cmd: c_int, value: c_int) -> c_int {
     // SAFETY: F_SETFL / F_SETFD take an int argument.
-    unsafe { libc::fcntl(fd, cmd, value) }
+    unsafe { (real().fcntl)(fd, cmd, value) }
+}
+
+/// The C library's fcntl with the application's third argument, passed on as the machine word
+/// it arrived in (an int or a pointer).
+///
+/// # Safety
+/// `arg` must be what fcntl(2) expects for `cmd`.
+pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { (real().fcntl)(fd, cmd, arg) }
+}
+
+pub fn dup(fd: c_int) -> c_int {
+    // SAFETY: dup takes an fd number and touches no memory.
+    unsafe { (real().dup)(fd) }
+}
+
+pub fn epoll_create1(flags: c_int) -> c_int {
+    // SAFETY: epoll_create1 takes flags and touches no memory.
+    unsafe { (real().epoll_create1)(flags) }
 }
 
 /// dup3 by system call: `libc::dup3` would bind to this library's own exported `dup3`.

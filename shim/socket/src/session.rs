@@ -4,9 +4,12 @@
 use crate::real;
 use freeflow_proto::attach::{attach_socket, AttachError, SocketSession};
 use freeflow_proto::fdpass;
-use freeflow_proto::sockmsg::{SockOp, SockReply, SockRequest, SOCKMSG_LEN};
+use freeflow_proto::sockmsg::{
+    FromRouter, SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN,
+};
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -40,6 +43,8 @@ impl Prefix {
 
 pub struct Config {
     pub prefix: Option<Prefix>,
+    /// How long a request polls for its reply before sleeping (`FREEFLOW_SPIN_US`).
+    pub reply_spin: Duration,
     pub dir: std::path::PathBuf,
     pub debug: bool,
 }
@@ -57,8 +62,15 @@ pub fn config() -> &'static Config {
             }
             p
         });
+        let reply_spin = Duration::from_micros(
+            std::env::var("FREEFLOW_SPIN_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        );
         Config {
             prefix,
+            reply_spin,
             dir: freeflow_proto::runtime_dir(),
             debug,
         }
@@ -76,6 +88,23 @@ pub fn debug(msg: std::fmt::Arguments<'_>) {
 struct Attached {
     pid: i32,
     session: Option<SocketSession>,
+    /// Overlay addresses of connections about to be accepted, by host address, as the router's
+    /// notices said (see `SockNotice`).
+    notices: HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16)>,
+}
+
+/// Notices kept at most; beyond, the oldest knowledge is dropped (accept then asks the router).
+/// Notices pile up in processes that hold a listener but leave the accepting to others.
+const MAX_NOTICES: usize = 4096;
+
+impl Attached {
+    fn remember(&mut self, notice: SockNotice) {
+        if self.notices.len() >= MAX_NOTICES {
+            self.notices.clear();
+        }
+        self.notices
+            .insert((notice.host_ip, notice.host_port), (notice.ip, notice.port));
+    }
 }
 
 static SESSION: Mutex<Option<Attached>> = Mutex::new(None);
@@ -91,7 +120,47 @@ pub enum Unavailable {
 /// Sends `request` and waits for the reply and the socket that may come with it.
 pub fn call(request: SockRequest) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
     let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
-    call_locked(&mut guard, request)
+    call_locked(&mut guard, request, None)
+}
+
+/// As [`call`], passing `fd` to the router with the request.
+pub fn call_passing(
+    request: SockRequest,
+    fd: BorrowedFd<'_>,
+) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
+    let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+    call_locked(&mut guard, request, Some(fd))
+}
+
+/// The overlay address of the connection accepted from host address `host`, if the router's
+/// notice for it has arrived: no round trip. Reads the notices waiting on the session without
+/// blocking.
+pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
+    let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+    let attached = guard.as_mut().filter(|a| a.pid == real::getpid())?;
+    if let Some(found) = attached.notices.remove(&host) {
+        return Some(found);
+    }
+    let session = attached.session.as_ref()?;
+    let mut buf = [0u8; SOCKMSG_LEN + 1];
+    let mut read = Vec::new();
+    // Bounded: a router sends at most half a socket buffer of notices ahead.
+    for _ in 0..1024 {
+        match fdpass::recv_with_fds(session.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+            Ok(got) if got.len == SOCKMSG_LEN && !got.truncated => {
+                match FromRouter::decode(&buf[..got.len]) {
+                    Ok(FromRouter::Notice(n)) => read.push(n),
+                    // Nothing else comes unasked; stop reading the session if it does.
+                    _ => break,
+                }
+            }
+            _ => break,
+        }
+    }
+    for n in read {
+        attached.remember(n);
+    }
+    attached.notices.remove(&host)
 }
 
 /// In a freshly forked child: tells the router this process holds the listeners it inherited,
@@ -110,7 +179,7 @@ pub fn claim_inherited_listeners(ports: &[u16]) {
             port,
             backlog: 0,
         };
-        if call_locked(&mut guard, request).is_err() {
+        if call_locked(&mut guard, request, None).is_err() {
             return;
         }
     }
@@ -119,6 +188,7 @@ pub fn claim_inherited_listeners(ports: &[u16]) {
 fn call_locked(
     guard: &mut Option<Attached>,
     mut request: SockRequest,
+    passing: Option<BorrowedFd<'_>>,
 ) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
     let pid = real::getpid();
     if guard.as_ref().is_none_or(|a| a.pid != pid) {
@@ -141,29 +211,48 @@ fn call_locked(
         };
         // A session inherited from the parent is forgotten without closing its fd here: the
         // child's copy closes with the OwnedFd drop, the parent's stays open.
-        *guard = Some(Attached { pid, session });
+        *guard = Some(Attached {
+            pid,
+            session,
+            notices: HashMap::new(),
+        });
     }
     let attached = guard.as_mut().expect("set above");
     let Some(session) = attached.session.as_ref() else {
         return Err(Unavailable::NotAttached);
     };
     request.seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let exchange = || -> Result<(SockReply, Option<OwnedFd>), String> {
-        fdpass::send_with_fds(session.conn.as_fd(), &request.encode(), &[])
+    let mut notices = Vec::new();
+    let mut exchange = || -> Result<(SockReply, Option<OwnedFd>), String> {
+        let passed: Vec<BorrowedFd<'_>> = passing.into_iter().collect();
+        fdpass::send_with_fds(session.conn.as_fd(), &request.encode(), &passed)
             .map_err(|e| e.to_string())?;
         let mut buf = [0u8; SOCKMSG_LEN + 1];
-        let got =
-            fdpass::recv_with_fds(session.conn.as_fd(), &mut buf, 0).map_err(|e| e.to_string())?;
-        if got.len == 0 {
-            return Err("router closed the connection".into());
+        // Notices may come before the reply; each is kept. Bounded like `noticed`.
+        for _ in 0..4096 {
+            let got = receive(session.conn.as_fd(), &mut buf).map_err(|e| e.to_string())?;
+            if got.len == 0 {
+                return Err("router closed the connection".into());
+            }
+            let reply = match FromRouter::decode(&buf[..got.len])? {
+                FromRouter::Notice(n) => {
+                    notices.push(n);
+                    continue;
+                }
+                FromRouter::Reply(reply) => reply,
+            };
+            if reply.seq != request.seq {
+                return Err(format!("reply {} to request {}", reply.seq, request.seq));
+            }
+            return Ok((reply, got.fds.into_iter().next()));
         }
-        let reply = SockReply::decode(&buf[..got.len])?;
-        if reply.seq != request.seq {
-            return Err(format!("reply {} to request {}", reply.seq, request.seq));
-        }
-        Ok((reply, got.fds.into_iter().next()))
+        Err("no reply among the router's notices".into())
     };
-    match exchange() {
+    let outcome = exchange();
+    for n in notices {
+        attached.remember(n);
+    }
+    match outcome {
         Ok(r) => Ok(r),
         Err(e) => {
             // The router went away or misbehaved: stop using it (new connections take the
@@ -173,6 +262,20 @@ fn call_locked(
             Err(Unavailable::Broken)
         }
     }
+}
+
+/// Receives the router's next message: polls for up to `FREEFLOW_SPIN_US` (the router answers
+/// in a few microseconds, and being woken can cost more than that), then blocks.
+fn receive(conn: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<fdpass::Received> {
+    let spin = config().reply_spin;
+    let start = std::time::Instant::now();
+    while start.elapsed() < spin {
+        match fdpass::recv_with_fds(conn, buf, libc::MSG_DONTWAIT) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            other => return other,
+        }
+    }
+    fdpass::recv_with_fds(conn, buf, 0)
 }
 
 #[cfg(test)]
