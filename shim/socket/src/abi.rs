@@ -40,13 +40,12 @@ fn install(socket: OwnedFd, fd: c_int, nonblocking: bool) -> Result<(), c_int> {
         real::close(new);
         return Err(libc::EBADF);
     }
-    let new_status = real::fcntl_get(new, libc::F_GETFL);
-    let wanted = if nonblocking {
-        new_status | libc::O_NONBLOCK
-    } else {
-        new_status & !libc::O_NONBLOCK
-    };
-    real::fcntl_set(new, libc::F_SETFL, wanted);
+    // The router's socket is fresh: O_NONBLOCK is the only status flag F_SETFL could find set.
+    real::fcntl_set(
+        new,
+        libc::F_SETFL,
+        if nonblocking { libc::O_NONBLOCK } else { 0 },
+    );
     for (level, name) in [
         (libc::IPPROTO_TCP, libc::TCP_NODELAY),
         (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
@@ -123,8 +122,11 @@ fn accelerate_connect(fd: c_int, (ip, port, v6): Endpoint) -> Option<c_int> {
             let Some(socket) = socket else {
                 return Some(fail(libc::EIO));
             };
-            let installed = is_nonblocking(fd).and_then(|nb| install(socket, fd, nb));
-            if let Err(e) = installed {
+            let nonblocking = match is_nonblocking(fd) {
+                Ok(nb) => nb,
+                Err(e) => return Some(fail(e)),
+            };
+            if let Err(e) = install(socket, fd, nonblocking) {
                 return Some(fail(e));
             }
             state::insert(
@@ -140,7 +142,6 @@ fn accelerate_connect(fd: c_int, (ip, port, v6): Endpoint) -> Option<c_int> {
                 "connect {ip}:{port}: host network, local {}:{}",
                 reply.ip, reply.port
             ));
-            let nonblocking = real::fcntl_get(fd, libc::F_GETFL) & libc::O_NONBLOCK != 0;
             if nonblocking {
                 return Some(fail(libc::EINPROGRESS));
             }

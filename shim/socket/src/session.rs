@@ -144,12 +144,19 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
     let session = attached.session.as_ref()?;
     let mut buf = [0u8; SOCKMSG_LEN + 1];
     let mut read = Vec::new();
-    // Bounded: a router sends at most half a socket buffer of notices ahead.
+    // Bounded: a router sends at most half a socket buffer of notices ahead. Stops at the one
+    // wanted (the usual case: one read).
     for _ in 0..1024 {
         match fdpass::recv_with_fds(session.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
             Ok(got) if got.len == SOCKMSG_LEN && !got.truncated => {
                 match FromRouter::decode(&buf[..got.len]) {
-                    Ok(FromRouter::Notice(n)) => read.push(n),
+                    Ok(FromRouter::Notice(n)) => {
+                        let wanted = (n.host_ip, n.host_port) == host;
+                        read.push(n);
+                        if wanted {
+                            break;
+                        }
+                    }
                     // Nothing else comes unasked; stop reading the session if it does.
                     _ => break,
                 }
