@@ -752,12 +752,19 @@ def part_port0():
     c, peer = s7.accept(); assert overlay(peer); c.sendall(b"port0"); c.close()
     ok("port0")
 
-# fork: listen in the parent, accept in two children.
+s8 = listener(7108); s8.listen(4)
+
+# fork: listen in the parent, accept in two children. Children close the listeners they do not
+# serve, as servers do: a listener lives while any process holds it (with or without Freeflow).
 s3 = listener(7103); s3.listen(16)
+def close_others(keep):
+    for other in (s1, s2, s3, s4, s5, s7, s8):
+        if other not in keep: other.close()
 children = []
 for i in range(2):
     pid = os.fork()
     if pid == 0:
+        close_others([s3])
         s3.settimeout(8)
         try:
             while True:
@@ -773,6 +780,7 @@ for i in range(2):
 s6 = listener(7106, reuseport=True); s6.listen(8)
 pid6 = os.fork()
 if pid6 == 0:
+    close_others([]); s6.close()
     t = listener(7106, reuseport=True); t.listen(8); t.settimeout(8)
     try:
         while True:
@@ -790,7 +798,6 @@ def part_reuseport():
         pass
 
 # EINTR: a blocking accept on an accelerated listener, interrupted by a signal with a handler.
-s8 = listener(7108); s8.listen(4)
 def part_eintr():
     signal.signal(signal.SIGALRM, lambda *a: None)
     signal.siginterrupt(signal.SIGALRM, True)
@@ -811,6 +818,21 @@ for pid in children:
     assert status == 0, status
 ok("children")
 "#;
+
+/// Stops a program started through `timeout`: SIGTERM (which `timeout` passes on to the
+/// program), then SIGKILL if it is still there after two seconds.
+fn stop(child: &mut Child) -> std::process::ExitStatus {
+    if child.try_wait().unwrap().is_none() {
+        // SAFETY: kill has no memory preconditions; the pid is our own child's.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+    }
+    child.wait().unwrap()
+}
 
 /// The client half (in `web`, with the shim).
 const SEMANTICS_CLIENT: &str = r#"
@@ -903,11 +925,13 @@ ok("client_done")
 fn socket_semantics_through_the_shim() {
     let site = Site::new("ts");
     let portfile = site.work.join("port0");
+    // stderr to a file: a pipe would stay open in a grandchild that outlives a kill.
+    let server_err = site.work.join("server.err");
     let mut server = site
         .python("db", SEMANTICS_SERVER, true)
         .arg(&portfile)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&server_err).unwrap())
         .spawn()
         .unwrap();
     use std::io::BufRead;
@@ -928,11 +952,10 @@ fn socket_semantics_through_the_shim() {
         match lines_rx.recv_timeout(left) {
             Ok(line) => server_lines.push(line),
             Err(_) => {
-                let _ = server.kill();
-                let out = server.wait_with_output().unwrap();
+                stop(&mut server);
                 panic!(
                     "server not ready: {server_lines:?} {}",
-                    String::from_utf8_lossy(&out.stderr)
+                    std::fs::read_to_string(&server_err).unwrap_or_default()
                 );
             }
         }
@@ -952,10 +975,8 @@ fn socket_semantics_through_the_shim() {
     while server.try_wait().unwrap().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = server.kill();
-    let status = server.wait().unwrap();
-    let mut stderr = String::new();
-    let _ = std::io::Read::read_to_string(server.stderr.as_mut().unwrap(), &mut stderr);
+    let status = stop(&mut server);
+    let stderr = std::fs::read_to_string(&server_err).unwrap_or_default();
     while let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(200)) {
         server_lines.push(line);
     }

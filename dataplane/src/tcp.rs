@@ -46,6 +46,9 @@ const MAX_PEER_LINE: usize = 1 << 20;
 const RELAY_TTL: Duration = Duration::from_secs(60);
 /// Clients taken from one overlay listener per wake-up (the rest wait for the next turn).
 const RELAY_BATCH: usize = 64;
+/// Clients without Freeflow held for one listener's application at most; more are turned away
+/// (reset), as a full accept queue would, so that a container cannot pile up the router's fds.
+const MAX_RELAYS_PER_LISTENER: usize = 256;
 /// Host sockets kept created and bound ahead of connects (IPv4), so that a connect request
 /// costs only the connect: they are made after replies, off the requester's path.
 const SPARE_SOCKETS: usize = 4;
@@ -219,14 +222,15 @@ impl TcpService {
             SockOp::Connect => Some(self.connect(caller, req, host_ip, v6)),
             SockOp::Listen => Some(self.listen(caller, req, host_ip, v6, passed)),
             SockOp::Unlisten => {
+                // One holder let go; the listener goes when the last one does (forked children
+                // and SO_REUSEPORT peers may still serve it).
                 let key = (caller.container.ip, req.port);
-                if self
-                    .local
-                    .get(&key)
-                    .is_some_and(|l| l.owners.contains(&caller.attachment))
-                {
-                    self.local.remove(&key);
-                    self.broadcast_listeners();
+                if let Some(l) = self.local.get_mut(&key) {
+                    l.owners.retain(|&a| a != caller.attachment);
+                    if l.owners.is_empty() && l.orphaned_at.is_none() {
+                        self.local.remove(&key);
+                        self.broadcast_listeners();
+                    }
                 }
                 Some((ok(req.seq, caller.container.ip, req.port), None))
             }
@@ -469,6 +473,15 @@ impl TcpService {
                     break;
                 }
             }
+        }
+        let held = self.relays.values().filter(|r| r.listener == key).count();
+        let room = MAX_RELAYS_PER_LISTENER.saturating_sub(held);
+        if taken.len() > room {
+            eprintln!(
+                "freeflow-router: tcp: {} clients of {key:?} turned away: {held} wait for accept",
+                taken.len() - room
+            );
+            taken.truncate(room);
         }
         for (conn, peer_ip, peer_port) in taken {
             let doorbell = (|| -> io::Result<(OwnedFd, u16)> {

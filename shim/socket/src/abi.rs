@@ -422,7 +422,8 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     epoll::closed(fd);
     if let Some(s) = state::remove(fd) {
-        if s.role == Role::Listener {
+        // Another fd of this process (a dup) may still hold the listener.
+        if s.role == Role::Listener && !state::holds_listener(s.local) {
             let request = SockRequest {
                 op: SockOp::Unlisten,
                 flags: 0,

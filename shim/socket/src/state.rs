@@ -60,6 +60,17 @@ pub fn copy(from: i32, to: i32) {
     }
 }
 
+/// Whether some fd of this process is still the listener on overlay address `local`.
+pub fn holds_listener(local: (Ipv4Addr, u16)) -> bool {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return false;
+    }
+    with(|t| {
+        t.values()
+            .any(|s| s.role == Role::Listener && s.local == local)
+    })
+}
+
 /// Overlay ports of the listeners this process has (for a forked child to claim).
 pub fn listener_ports() -> Vec<u16> {
     if !IN_USE.load(Ordering::Relaxed) {
