@@ -1024,3 +1024,81 @@ fn socket_semantics_through_the_shim() {
         "accelerated connects {connects}, fallbacks {fallbacks}\n{report}"
     );
 }
+
+/// A server that execs itself twice: once holding its accelerated listener (and waiting longer
+/// than the router keeps a listener nobody holds), once holding the accepted connection.
+const EXEC_SERVER: &str = r#"
+import socket, os, sys, time
+SRC = open("/proc/self/cmdline", "rb").read().split(b"\0")[2].decode()
+def again(*args):
+    os.execv(sys.executable, [sys.executable, "-c", SRC] + list(args))
+if len(sys.argv) == 1:
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 7201)); s.listen(4)
+    os.set_inheritable(s.fileno(), True)
+    again("listener", str(s.fileno()))
+elif sys.argv[1] == "listener":
+    time.sleep(2.5)
+    s = socket.socket(fileno=int(sys.argv[2]))
+    print("READY", s.getsockname(), flush=True)
+    c, peer = s.accept()
+    os.set_inheritable(c.fileno(), True)
+    again("conn", str(c.fileno()), peer[0])
+else:
+    c = socket.socket(fileno=int(sys.argv[2]))
+    print("INHERITED", c.getpeername()[0], c.getsockname()[0], sys.argv[3], flush=True)
+    c.sendall(c.recv(100))
+"#;
+
+/// Accelerated sockets inherited across exec keep their overlay addresses, and an inherited
+/// listener stays registered with the router.
+#[test]
+fn sockets_inherited_across_exec_keep_overlay_addresses() {
+    let site = Site::new("tx");
+    let mut server = site
+        .python("db", EXEC_SERVER, true)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("READY ('10.32.0.4', 7201)")
+            || line.starts_with("READY ('0.0.0.0', 7201)"),
+        "{line:?}"
+    );
+    let client = site
+        .python(
+            "web",
+            r#"
+import socket
+c = socket.create_connection(("10.32.0.4", 7201), timeout=10)
+c.sendall(b"over exec"); print("ECHO", c.recv(100), c.getpeername(), flush=True)
+"#,
+            true,
+        )
+        .output()
+        .unwrap();
+    let client_out = String::from_utf8_lossy(&client.stdout).into_owned();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    stop(&mut server);
+    assert!(
+        client_out.contains("ECHO b'over exec' ('10.32.0.4', 7201)"),
+        "{client_out} {}",
+        String::from_utf8_lossy(&client.stderr)
+    );
+    assert_eq!(
+        line.trim(),
+        "INHERITED 10.32.0.2 10.32.0.4 10.32.0.2",
+        "after exec the connection reports overlay addresses"
+    );
+    let status = site.router_status(0);
+    assert!(
+        status["router"]["tcp_connects"].as_u64().unwrap_or(0) >= 1,
+        "the connection was accelerated: {status}"
+    );
+}

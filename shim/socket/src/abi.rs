@@ -1,6 +1,6 @@
 //! The functions this library exports in place of the C library's: connect, listen, accept,
-//! accept4, getsockname, getpeername, close, dup, dup2, dup3, fcntl (F_DUPFD), epoll_create and
-//! epoll_create1. Each decides from its arguments whether the call concerns an overlay TCP
+//! accept4, getsockname, getpeername, close, dup, dup2, dup3, fcntl (F_DUPFD), epoll_create,
+//! epoll_create1, and execve/execv/execvp/execvpe (to pass accelerated sockets on). Each decides from its arguments whether the call concerns an overlay TCP
 //! socket; if not, it calls the C library unchanged.
 
 use crate::epoll;
@@ -541,4 +541,74 @@ pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
     let epfd = real::epoll_create1(flags);
     epoll::created(epfd);
     epfd
+}
+
+extern "C" {
+    static environ: *const *const libc::c_char;
+}
+
+/// execve(2): accelerated sockets that survive the exec keep their overlay addresses.
+///
+/// # Safety
+/// Called by the application with execve(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn execve(
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> c_int {
+    let Some(ours) = crate::inherit::exported() else {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real::execve(path, argv, envp) };
+    };
+    // SAFETY: envp is execve's NULL-terminated environment.
+    let env = unsafe { crate::inherit::environment_with(envp, &ours) };
+    // SAFETY: env is a NULL-terminated array of strings alive across the call.
+    unsafe { real::execve(path, argv, env.as_ptr()) }
+}
+
+/// execv(3).
+///
+/// # Safety
+/// Called by the application with execv(3)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn execv(
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+) -> c_int {
+    // SAFETY: environ is the process's environment, valid here.
+    unsafe { execve(path, argv, environ) }
+}
+
+/// execvpe(3).
+///
+/// # Safety
+/// Called by the application with execvpe(3)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn execvpe(
+    file: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> c_int {
+    let Some(ours) = crate::inherit::exported() else {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real::execvpe(file, argv, envp) };
+    };
+    // SAFETY: envp is the NULL-terminated environment.
+    let env = unsafe { crate::inherit::environment_with(envp, &ours) };
+    // SAFETY: env is a NULL-terminated array of strings alive across the call.
+    unsafe { real::execvpe(file, argv, env.as_ptr()) }
+}
+
+/// execvp(3).
+///
+/// # Safety
+/// Called by the application with execvp(3)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn execvp(
+    file: *const libc::c_char,
+    argv: *const *const libc::c_char,
+) -> c_int {
+    // SAFETY: environ is the process's environment, valid here.
+    unsafe { execvpe(file, argv, environ) }
 }

@@ -10,6 +10,7 @@
 
 mod abi;
 mod epoll;
+mod inherit;
 mod real;
 mod session;
 mod state;
@@ -19,12 +20,14 @@ mod state;
 #[used]
 pub static FREEFLOW_FSOCKET_VERSION: [u8; 6] = *b"0.1.0\0";
 
-/// Runs when the library is loaded: registers the fork handler.
+/// Runs when the library is loaded: registers the fork handler and takes back the sockets an
+/// exec passed on.
 extern "C" fn on_load() {
     // SAFETY: registers a handler with no prepare/parent parts; the child handler is an
     // `extern "C" fn()` that lives as long as the process (this library is never unloaded:
     // it is preloaded).
     unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    inherit::adopt();
 }
 
 /// In a forked child: claim the inherited listeners with a session of the child's own.

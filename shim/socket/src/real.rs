@@ -12,6 +12,11 @@ type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
 type DupFn = unsafe extern "C" fn(c_int) -> c_int;
 type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
 type EpollCreate1Fn = unsafe extern "C" fn(c_int) -> c_int;
+type ExecveFn = unsafe extern "C" fn(
+    *const libc::c_char,
+    *const *const libc::c_char,
+    *const *const libc::c_char,
+) -> c_int;
 
 struct Real {
     connect: ConnectFn,
@@ -23,6 +28,8 @@ struct Real {
     dup: DupFn,
     fcntl: FcntlFn,
     epoll_create1: EpollCreate1Fn,
+    execve: ExecveFn,
+    execvpe: ExecveFn,
 }
 
 fn lookup(name: &std::ffi::CStr) -> *mut libc::c_void {
@@ -54,6 +61,8 @@ fn real() -> &'static Real {
                 epoll_create1: std::mem::transmute::<*mut libc::c_void, EpollCreate1Fn>(lookup(
                     c"epoll_create1",
                 )),
+                execve: std::mem::transmute::<*mut libc::c_void, ExecveFn>(lookup(c"execve")),
+                execvpe: std::mem::transmute::<*mut libc::c_void, ExecveFn>(lookup(c"execvpe")),
             }
         }
     })
@@ -215,6 +224,32 @@ pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
 pub fn dup(fd: c_int) -> c_int {
     // SAFETY: dup takes an fd number and touches no memory.
     unsafe { (real().dup)(fd) }
+}
+
+/// The C library's execve.
+///
+/// # Safety
+/// execve(2)'s contract: NUL-terminated strings and NULL-terminated arrays.
+pub unsafe fn execve(
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { (real().execve)(path, argv, envp) }
+}
+
+/// The C library's execvpe (searches PATH like execvp).
+///
+/// # Safety
+/// As [`execve`].
+pub unsafe fn execvpe(
+    file: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { (real().execvpe)(file, argv, envp) }
 }
 
 pub fn epoll_create1(flags: c_int) -> c_int {

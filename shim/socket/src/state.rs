@@ -60,6 +60,14 @@ pub fn copy(from: i32, to: i32) {
     }
 }
 
+/// Every fd the table knows, with what it stands for.
+pub fn snapshot() -> Vec<(i32, Accelerated)> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    with(|t| t.iter().map(|(&fd, &s)| (fd, s)).collect())
+}
+
 /// Whether some fd of this process is still the listener on overlay address `local`.
 pub fn holds_listener(local: (Ipv4Addr, u16)) -> bool {
     if !IN_USE.load(Ordering::Relaxed) {
