@@ -1102,3 +1102,89 @@ c.sendall(b"over exec"); print("ECHO", c.recv(100), c.getpeername(), flush=True)
         "the connection was accelerated: {status}"
     );
 }
+
+/// Connects to db's echo server on 6100 until it answers (10 s at most); prints the answer.
+const RETRYING_CLIENT: &str = r#"
+import socket, time
+deadline = time.time() + 10
+while True:
+    try:
+        c = socket.create_connection(("10.32.0.4", 6100), timeout=5)
+        c.sendall(b"again"); print("ECHO", c.recv(10), flush=True); break
+    except OSError as e:
+        if time.time() > deadline:
+            print("GAVE_UP", e, flush=True); break
+        time.sleep(0.05)
+"#;
+
+/// The router killed and restarted by the daemon: the server's shim hands its listener to the
+/// new router, so accelerated clients and clients without Freeflow reach it again, without the
+/// server doing anything.
+#[test]
+fn listeners_survive_a_router_restart() {
+    let site = Site::new("tr");
+    let mut server = site
+        .python("db", THREADED_ECHO, true)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("LISTENING"), "{line:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let first = site.python("web", RETRYING_CLIENT, true).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("ECHO b'again'"),
+        "{first:?}"
+    );
+    let restarts_before = site.router_status(1)["daemon"]["restarts"]
+        .as_u64()
+        .unwrap_or(0);
+    let pattern = format!("freeflow-router --dir {}", site.dirs[1].display());
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-f", &pattern])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "router process found");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = site.router_status(1);
+        if status["daemon"]["restarts"].as_u64().unwrap_or(0) > restarts_before
+            && status["router"]["running"].as_bool() == Some(true)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "router not restarted: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let connects_before = site.router_status(0)["router"]["tcp_connects"]
+        .as_u64()
+        .unwrap_or(0);
+    let accelerated = site.python("web", RETRYING_CLIENT, true).output().unwrap();
+    let plain = site
+        .python("plain", RETRYING_CLIENT, false)
+        .output()
+        .unwrap();
+    let listeners = site.router_status(1)["router"]["tcp_listeners"]
+        .as_u64()
+        .unwrap_or(0);
+    let connects = site.router_status(0)["router"]["tcp_connects"]
+        .as_u64()
+        .unwrap_or(0)
+        - connects_before;
+    stop(&mut server);
+    assert!(
+        String::from_utf8_lossy(&accelerated.stdout).contains("ECHO b'again'"),
+        "accelerated client after the restart: {accelerated:?}"
+    );
+    assert!(connects >= 1, "it went over the host network");
+    assert!(
+        String::from_utf8_lossy(&plain.stdout).contains("ECHO b'again'"),
+        "client without Freeflow after the restart: {plain:?}"
+    );
+    assert_eq!(listeners, 1, "the new router knows the listener");
+}

@@ -436,12 +436,17 @@ impl ControlThread {
             Ok(r) => r,
             Err(e) => return self.drop_socket_shim(id, &format!("malformed request: {e}")),
         };
-        // Only a listen may carry a descriptor (the application's overlay listener), one.
-        let fds_allowed = if request.op == SockOp::Listen { 1 } else { 0 };
+        // Only a listen carries a descriptor (the application's overlay listener), a relisten
+        // two (host listener, overlay listener).
+        let fds_allowed = match request.op {
+            SockOp::Listen => 1,
+            SockOp::Relisten => 2,
+            _ => 0,
+        };
         if got.truncated || got.fds.len() > fds_allowed {
             return self.drop_socket_shim(id, "request carried fds or was truncated");
         }
-        let passed = got.fds.into_iter().next();
+        let passed = got.fds;
         let container = shim.container.clone();
         if let Some((reply, socket)) = self.tcp.handle(
             Caller {

@@ -284,26 +284,7 @@ pub fn accept_one(listener: BorrowedFd<'_>) -> io::Result<Option<(OwnedFd, Ipv4A
     }
     // SAFETY: raw is a fresh fd nobody else owns.
     let conn = unsafe { OwnedFd::from_raw_fd(raw) };
-    let peer = match i32::from(addr.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the kernel wrote a sockaddr_in.
-            let sin =
-                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Some((
-                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-                u16::from_be(sin.sin_port),
-            ))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the kernel wrote a sockaddr_in6.
-            let sin6 =
-                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)
-                .to_ipv4_mapped()
-                .map(|ip| (ip, u16::from_be(sin6.sin6_port)))
-        }
-        _ => None,
-    };
+    let peer = ipv4_of(&addr);
     match peer {
         Some((ip, port)) => Ok(Some((conn, ip, port))),
         None => Err(io::Error::new(
@@ -323,4 +304,48 @@ pub fn unread_and_capacity(fd: BorrowedFd<'_>) -> io::Result<(usize, usize)> {
     }
     let capacity = int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
     Ok((queued.max(0) as usize, capacity.max(0) as usize))
+}
+
+/// The IPv4 address and port `fd` is bound to (v4-mapped IPv6 included).
+pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<(Ipv4Addr, u16)> {
+    // SAFETY: sockaddr_storage is plain data; zero is valid.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into addr.
+    let rc = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let found = ipv4_of(&addr);
+    found.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an IPv4 address"))
+}
+
+/// The IPv4 address and port in a socket address the kernel wrote (v4-mapped IPv6 included).
+fn ipv4_of(addr: &libc::sockaddr_storage) -> Option<(Ipv4Addr, u16)> {
+    match i32::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some((
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)
+                .to_ipv4_mapped()
+                .map(|ip| (ip, u16::from_be(sin6.sin6_port)))
+        }
+        _ => None,
+    }
 }

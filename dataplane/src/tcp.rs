@@ -206,12 +206,13 @@ impl TcpService {
 
     /// Serves one request. Returns the reply and the socket to pass with it, or `None` when the
     /// reply is deferred (a resolve waiting for its announcement).
-    /// `passed` is a descriptor that came with the request (only a Listen may carry one).
+    /// `passed` are the descriptors that came with the request (a Listen carries at most one, a
+    /// Relisten two; the control thread refuses others).
     pub fn handle(
         &mut self,
         caller: Caller<'_>,
         req: SockRequest,
-        passed: Option<OwnedFd>,
+        passed: Vec<OwnedFd>,
     ) -> Option<(SockReply, Option<OwnedFd>)> {
         let Some(host_ip) = self.host_ip() else {
             // A router without a network view (run alone) accelerates nothing.
@@ -220,7 +221,10 @@ impl TcpService {
         let v6 = req.flags & FLAG_INET6 != 0;
         match req.op {
             SockOp::Connect => Some(self.connect(caller, req, host_ip, v6)),
-            SockOp::Listen => Some(self.listen(caller, req, host_ip, v6, passed)),
+            SockOp::Listen => {
+                Some(self.listen(caller, req, host_ip, v6, passed.into_iter().next()))
+            }
+            SockOp::Relisten => Some(self.relisten(caller, req, host_ip, passed)),
             SockOp::Unlisten => {
                 // One holder let go; the listener goes when the last one does (forked children
                 // and SO_REUSEPORT peers may still serve it).
@@ -425,6 +429,59 @@ impl TcpService {
                 None,
             ),
         }
+    }
+
+    /// A process that held an accelerated listener before this router started hands it back,
+    /// with a new overlay listener. Checked like everything from a container: the first must be
+    /// a TCP listener on this host's address (a container only has those from a router), the
+    /// second a listener on the overlay port.
+    fn relisten(
+        &mut self,
+        caller: Caller<'_>,
+        req: SockRequest,
+        host_ip: Ipv4Addr,
+        passed: Vec<OwnedFd>,
+    ) -> (SockReply, Option<OwnedFd>) {
+        let key = (caller.container.ip, req.port);
+        let mut fds = passed.into_iter();
+        let (Some(host), overlay) = (fds.next(), fds.next()) else {
+            return (SockReply::error(req.seq, libc::EINVAL), None);
+        };
+        let host_port = match host_listener_ok(&host, host_ip) {
+            Ok(port) => port,
+            Err(why) => {
+                eprintln!(
+                    "freeflow-router: tcp: container {} handed back an unusable listener for port {}: {why}",
+                    caller.container.name, req.port
+                );
+                return (SockReply::error(req.seq, libc::EINVAL), None);
+            }
+        };
+        if let Some(existing) = self.local.get_mut(&key) {
+            // Another holder of the same listener came first (forked processes).
+            if existing.host_port != host_port {
+                return (SockReply::error(req.seq, libc::EADDRINUSE), None);
+            }
+            if !existing.owners.contains(&caller.attachment) {
+                existing.owners.push(caller.attachment);
+            }
+            existing.orphaned_at = None;
+            return (ok(req.seq, key.0, key.1), None);
+        }
+        let overlay = overlay.filter(|fd| overlay_listener_ok(fd, req.port).is_ok());
+        self.local.insert(
+            key,
+            LocalListener {
+                owners: vec![caller.attachment],
+                orphaned_at: None,
+                host_port,
+                reuseport: req.flags & FLAG_REUSEPORT != 0,
+                socket: host,
+                overlay,
+            },
+        );
+        self.broadcast_listeners();
+        (ok(req.seq, key.0, key.1), None)
     }
 
     /// Queues a notice for every process holding the local listener on host port `to_port`:
@@ -892,6 +949,21 @@ fn overlay_listener_ok(fd: &OwnedFd, port: u16) -> Result<(), String> {
         return Err(format!("bound to port {bound}"));
     }
     sys::set_nonblocking(fd.as_fd()).map_err(|e| e.to_string())
+}
+
+/// Checks that a descriptor a container handed back is a TCP listener on `host_ip`; its port.
+fn host_listener_ok(fd: &OwnedFd, host_ip: Ipv4Addr) -> Result<u16, String> {
+    let opt = |level, name| sys::int_opt(fd.as_fd(), level, name).map_err(|e| e.to_string());
+    if opt(libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM
+        || opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 1
+    {
+        return Err("not a TCP listener".into());
+    }
+    let (ip, port) = sys::local_addr(fd.as_fd()).map_err(|e| e.to_string())?;
+    if ip != host_ip {
+        return Err(format!("bound to {ip}, not this host"));
+    }
+    Ok(port)
 }
 
 fn ok(seq: u32, ip: Ipv4Addr, port: u16) -> SockReply {

@@ -31,6 +31,10 @@ pub enum SockOp {
     Resolve = 4,
     /// This (forked) process holds the listener on `port` too: keep it while any holder lives.
     Own = 5,
+    /// After a router restart: this process still holds an accelerated listener on overlay
+    /// `port`. The request carries that host listener and a new overlay listener (in this order),
+    /// so that the new router takes up where the old one stopped.
+    Relisten = 6,
 }
 
 impl SockOp {
@@ -41,6 +45,7 @@ impl SockOp {
             3 => SockOp::Unlisten,
             4 => SockOp::Resolve,
             5 => SockOp::Own,
+            6 => SockOp::Relisten,
             _ => return None,
         })
     }

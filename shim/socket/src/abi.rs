@@ -219,6 +219,7 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
                 "listen {}:{}: host network",
                 reply.ip, reply.port
             ));
+            session::ensure_watcher();
             0
         }
         (SockStatus::Error, _) => fail(reply.errno),
@@ -276,6 +277,8 @@ pub unsafe extern "C" fn accept4(
         // SAFETY: forwarded unchanged.
         return unsafe { real::accept4(fd, addr, len, flags) };
     };
+    // A forked or exec'd server's first accept: it needs its own watcher.
+    session::ensure_watcher();
     loop {
         let mut storage = unsafe_zeroed_storage();
         let mut peer_len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;

@@ -32,6 +32,7 @@ extern "C" fn on_load() {
 
 /// In a forked child: claim the inherited listeners with a session of the child's own.
 extern "C" fn after_fork_in_child() {
+    session::forget_watcher_after_fork();
     let ports = state::listener_ports();
     if !ports.is_empty() {
         session::claim_inherited_listeners(&ports);

@@ -2,6 +2,7 @@
 //! the first overlay connect or listen, and request/reply exchanges that may carry a socket.
 
 use crate::real;
+use crate::state;
 use freeflow_proto::attach::{attach_socket, AttachError, SocketSession};
 use freeflow_proto::fdpass;
 use freeflow_proto::sockmsg::{
@@ -9,8 +10,8 @@ use freeflow_proto::sockmsg::{
 };
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -120,7 +121,7 @@ pub enum Unavailable {
 /// Sends `request` and waits for the reply and the socket that may come with it.
 pub fn call(request: SockRequest) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
     let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
-    call_locked(&mut guard, request, None)
+    call_locked(&mut guard, request, &[])
 }
 
 /// As [`call`], passing `fd` to the router with the request.
@@ -129,7 +130,7 @@ pub fn call_passing(
     fd: BorrowedFd<'_>,
 ) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
     let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
-    call_locked(&mut guard, request, Some(fd))
+    call_locked(&mut guard, request, &[fd])
 }
 
 /// The overlay address of the connection accepted from host address `host`, if the router's
@@ -186,7 +187,7 @@ pub fn claim_inherited_listeners(ports: &[u16]) {
             port,
             backlog: 0,
         };
-        if call_locked(&mut guard, request, None).is_err() {
+        if call_locked(&mut guard, request, &[]).is_err() {
             return;
         }
     }
@@ -195,7 +196,7 @@ pub fn claim_inherited_listeners(ports: &[u16]) {
 fn call_locked(
     guard: &mut Option<Attached>,
     mut request: SockRequest,
-    passing: Option<BorrowedFd<'_>>,
+    passing: &[BorrowedFd<'_>],
 ) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
     let pid = real::getpid();
     if guard.as_ref().is_none_or(|a| a.pid != pid) {
@@ -231,8 +232,7 @@ fn call_locked(
     request.seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let mut notices = Vec::new();
     let mut exchange = || -> Result<(SockReply, Option<OwnedFd>), String> {
-        let passed: Vec<BorrowedFd<'_>> = passing.into_iter().collect();
-        fdpass::send_with_fds(session.conn.as_fd(), &request.encode(), &passed)
+        fdpass::send_with_fds(session.conn.as_fd(), &request.encode(), passing)
             .map_err(|e| e.to_string())?;
         let mut buf = [0u8; SOCKMSG_LEN + 1];
         // Notices may come before the reply; each is kept. Bounded like `noticed`.
@@ -269,6 +269,151 @@ fn call_locked(
             Err(Unavailable::Broken)
         }
     }
+}
+
+/// The process whose listener watcher runs (0: none); a forked child starts its own.
+static WATCHER_PID: AtomicI32 = AtomicI32::new(0);
+/// The watcher's duplicate of the router connection, for a forked child to close (-1: none).
+static WATCHED_FD: AtomicI32 = AtomicI32::new(-1);
+/// How long the watcher keeps trying to hand listeners to a restarting router.
+const RECOVERY_WINDOW: Duration = Duration::from_secs(60);
+
+/// Makes sure this process has a thread that notices its router going away and hands the
+/// accelerated listeners to the router that replaces it (the daemon restarts a dead router in
+/// milliseconds; without this, listeners would be unknown to the new one). Called where a
+/// process holds listeners: after listen, at accept.
+pub fn ensure_watcher() {
+    let pid = real::getpid();
+    if WATCHER_PID.load(Ordering::Relaxed) == pid || WATCHER_PID.swap(pid, Ordering::AcqRel) == pid
+    {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("freeflow-watch".into())
+        .spawn(watch_router);
+    if spawned.is_err() {
+        WATCHER_PID.store(0, Ordering::Release);
+    }
+}
+
+/// In a forked child: the parent's watcher did not come along; its fd did.
+pub fn forget_watcher_after_fork() {
+    let fd = WATCHED_FD.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        real::close(fd);
+    }
+}
+
+fn watch_router() {
+    loop {
+        let conn = {
+            let guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+            guard
+                .as_ref()
+                .filter(|a| a.pid == real::getpid())
+                .and_then(|a| a.session.as_ref())
+                .and_then(|s| s.conn.try_clone().ok())
+        };
+        if let Some(conn) = conn {
+            WATCHED_FD.store(conn.as_raw_fd(), Ordering::Release);
+            wait_for_hangup(conn.as_fd());
+            WATCHED_FD.store(-1, Ordering::Release);
+        }
+        if state::listener_ports().is_empty() {
+            break;
+        }
+        let deadline = std::time::Instant::now() + RECOVERY_WINDOW;
+        while !relisten_all() {
+            if std::time::Instant::now() > deadline {
+                debug(format_args!(
+                    "router did not come back; listeners stay unknown to it"
+                ));
+                WATCHER_PID.store(0, Ordering::Release);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    WATCHER_PID.store(0, Ordering::Release);
+}
+
+/// Blocks until the router's end of `conn` is gone. Asks for no events: only hang-up and error
+/// wake it, so it never competes with the requests for messages.
+fn wait_for_hangup(conn: BorrowedFd<'_>) {
+    let mut pfd = libc::pollfd {
+        fd: conn.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one live pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if n > 0 || (n < 0 && real::errno() != libc::EINTR) {
+            return;
+        }
+    }
+}
+
+/// Attaches to the (new) router and hands it every listener this process holds, each with a
+/// fresh overlay listener for clients without Freeflow. False if the router is not there yet.
+fn relisten_all() -> bool {
+    let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+    let session = match attach_socket(&config().dir, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(_) => return false,
+    };
+    *guard = Some(Attached {
+        pid: real::getpid(),
+        session: Some(session),
+        notices: HashMap::new(),
+    });
+    let mut done = Vec::new();
+    for (fd, s) in state::snapshot() {
+        if s.role != state::Role::Listener || done.contains(&s.local.1) {
+            continue;
+        }
+        let overlay = overlay_listener(s.local.1, s.v6);
+        // SAFETY: fd is one of this process's listeners in the table; if the application
+        // closed it meanwhile, the send fails with EBADF and the whole hand-over is retried.
+        let host = unsafe { BorrowedFd::borrow_raw(fd) };
+        let mut fds = vec![host];
+        fds.extend(overlay.as_ref().map(|o| o.as_fd()));
+        let request = SockRequest {
+            op: SockOp::Relisten,
+            flags: 0,
+            seq: 0,
+            ip: s.local.0,
+            port: s.local.1,
+            backlog: 0,
+        };
+        if call_locked(&mut guard, request, &fds).is_err() {
+            return false;
+        }
+        done.push(s.local.1);
+        debug(format_args!(
+            "listener {}:{} handed to the restarted router",
+            s.local.0, s.local.1
+        ));
+    }
+    true
+}
+
+/// A new listening socket on the wildcard address and overlay `port`, in this process's (the
+/// container's) network namespace.
+fn overlay_listener(port: u16, v6: bool) -> Option<OwnedFd> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain syscall; the result is checked.
+    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: raw is a fresh fd nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    real::set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    let (addr, len) = fdpass::inet_sockaddr(Ipv4Addr::UNSPECIFIED, port, v6);
+    // SAFETY: addr holds a socket address of `len` bytes.
+    let bound = unsafe { libc::bind(raw, (&addr as *const libc::sockaddr_storage).cast(), len) };
+    (bound == 0 && real::listen(raw, 128) == 0).then_some(socket)
 }
 
 /// Receives the router's next message: polls for up to `FREEFLOW_SPIN_US` (the router answers
