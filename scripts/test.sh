@@ -12,8 +12,9 @@ fi
 
 # Debian packages: ip/bridge (iproute2), ping (iputils-ping), ps/kill (procps), python3 for the
 # shim's preload and TCP-mode tests, iperf3, redis-server and redis-tools (unmodified programs
-# through the shim).
-packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools)
+# through the shim), ibverbs-utils (ibv_devices, ibv_devinfo, ibv_rc_pingpong through the verbs
+# library) and libibverbs-dev (the verbs headers its ABI is checked against).
+packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

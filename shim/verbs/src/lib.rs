@@ -1,11 +1,48 @@
-//! The drop-in `libibverbs.so.1` of Freeflow's fully-isolated RDMA mode (installed by
-//! `freeflow up` as `$FREEFLOW_DIR/verbs/libibverbs.so.1`).
+//! The drop-in `libibverbs.so.1` of Freeflow's fully-isolated RDMA mode, installed by
+//! `freeflow up` as `$FREEFLOW_DIR/verbs/libibverbs.so.1` and used with
+//! `LD_LIBRARY_PATH=$FREEFLOW_DIR/verbs` by unmodified rdma-core programs.
 //!
-//! Status: this build exports no verbs yet; the verbs forwarding over the shared-memory rings
-//! is the RDMA-mode work item. Do not point `LD_LIBRARY_PATH` at it before then: programs that
-//! need libibverbs will fail to resolve its symbols.
+//! What works: in a registered container a process sees one virtual device, `ffv0`, with one
+//! active RoCE-like port whose only GID is the container's overlay address (`::ffff:10.32.0.5`);
+//! the device list, open/close and the device, port, GID and P_Key queries answer as rdma-core's
+//! do (`ibv_devices`, `ibv_devinfo -v`). Outside a registered container, or without a router,
+//! the device list is empty. Every other verb of rdma-core 44's public ABI exists, with the same
+//! symbol version, and fails cleanly with EOPNOTSUPP: programs load, and report the failure.
+//!
+//! Layout: `abi` is the C ABI (hand-written, checked against the installed headers); `device`
+//! derives the device's attributes from the container's identity; `registry` holds the
+//! process's attachments, devices and contexts; `exports`, `utility` and `unsupported` are the
+//! exported C functions. Unsafe code is confined to the C boundary: `exports`, `unsupported`,
+//! `utility` and `ffi`.
+#![deny(unsafe_code)]
 
-/// Version of the shim.
+/// Binds exported functions to their version nodes (`libibverbs.map`): `name@@NODE` makes NODE
+/// the version that binaries linking against `name` record, as with rdma-core's library.
+/// Unit-test builds link no version script, so they leave the directives out.
+macro_rules! symbol_versions {
+    ($($node:literal: [$($name:ident),* $(,)?]),* $(,)?) => {
+        $($(
+            #[cfg(not(test))]
+            std::arch::global_asm!(concat!(
+                ".symver ", stringify!($name), ", ", stringify!($name), "@@", $node
+            ));
+        )*)*
+    };
+}
+
+mod abi;
+mod device;
+mod error;
+mod exports;
+mod ffi;
+mod registry;
+mod strings;
+mod sysfs;
+mod unsupported;
+mod utility;
+
+/// Version of the library, for `strings libibverbs.so.1`.
+#[allow(unsafe_code)]
 #[no_mangle]
 #[used]
 pub static FREEFLOW_VERBS_VERSION: [u8; 6] = *b"0.1.0\0";

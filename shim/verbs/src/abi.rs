@@ -1,0 +1,789 @@
+//! The C ABI of libibverbs (rdma-core 44, `<infiniband/verbs.h>`), written by hand from the
+//! header: the structures this library hands out or fills in, and the enum values it uses.
+//! `tests::layout_matches_the_installed_headers` compiles a C program against the installed
+//! headers and compares every size, alignment and offset here with the C compiler's.
+//!
+//! Function-pointer slots this library does not fill yet are [`OpaqueFn`]: NULL, of pointer size.
+//! Objects that do not exist yet (PD, CQ, QP, ...) are passed around as `*mut c_void`; the slices
+//! that implement them replace those with their own `#[repr(C)]` types.
+
+use std::ffi::{c_char, c_int, c_void};
+
+/// An unused function-pointer slot (always NULL here).
+pub type OpaqueFn = Option<unsafe extern "C" fn()>;
+
+pub const IBV_SYSFS_NAME_MAX: usize = 64;
+pub const IBV_SYSFS_PATH_MAX: usize = 256;
+
+// enum ibv_node_type
+pub const IBV_NODE_CA: c_int = 1;
+// enum ibv_transport_type
+pub const IBV_TRANSPORT_IB: c_int = 0;
+// enum ibv_port_state
+pub const IBV_PORT_ACTIVE: u32 = 4;
+// enum ibv_mtu
+pub const IBV_MTU_1024: u32 = 3;
+pub const IBV_MTU_4096: u32 = 5;
+// link layers
+pub const IBV_LINK_LAYER_ETHERNET: u8 = 2;
+// enum ibv_atomic_cap
+pub const IBV_ATOMIC_HCA: u32 = 1;
+// enum ibv_device_cap_flags
+pub const IBV_DEVICE_SYS_IMAGE_GUID: u32 = 1 << 11;
+pub const IBV_DEVICE_RC_RNR_NAK_GEN: u32 = 1 << 12;
+// enum ibv_port_cap_flags
+pub const IBV_PORT_IP_BASED_GIDS: u32 = 1 << 26;
+// enum ibv_gid_type (struct ibv_gid_entry.gid_type)
+pub const IBV_GID_TYPE_ROCE_V2: u32 = 2;
+/// `enum ibv_gid_type_sysfs` (rdma-core's private `driver.h`, used by `ibv_query_gid_type`).
+pub const IBV_GID_TYPE_SYSFS_ROCE_V2: c_int = 1;
+// enum ibv_fork_status
+pub const IBV_FORK_DISABLED: c_int = 0;
+pub const IBV_FORK_ENABLED: c_int = 1;
+/// `enum ibv_rereg_mr_err_code`: old MR still valid, bad input.
+pub const IBV_REREG_MR_ERR_INPUT: c_int = -1;
+
+/// `struct _ibv_device_ops`: obsolete, never used, kept for the layout.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvDeviceOpsCompat {
+    pub dummy1: OpaqueFn,
+    pub dummy2: OpaqueFn,
+}
+
+/// `struct ibv_device`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvDevice {
+    pub ops: IbvDeviceOpsCompat,
+    pub node_type: c_int,
+    pub transport_type: c_int,
+    /// Name of the device, e.g. "ffv0".
+    pub name: [c_char; IBV_SYSFS_NAME_MAX],
+    /// Name of the uverbs device (a kernel character device for real hardware).
+    pub dev_name: [c_char; IBV_SYSFS_NAME_MAX],
+    pub dev_path: [c_char; IBV_SYSFS_PATH_MAX],
+    pub ibdev_path: [c_char; IBV_SYSFS_PATH_MAX],
+}
+
+/// `struct ibv_context_ops`. Programs call `poll_cq`, `req_notify_cq`, `post_srq_recv`,
+/// `post_send` and `post_recv` (and the memory-window ops) through it from inline functions
+/// in `verbs.h`, so these offsets are ABI.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvContextOps {
+    pub compat_query_device:
+        Option<unsafe extern "C" fn(*mut IbvContext, *mut IbvDeviceAttr) -> c_int>,
+    /// Takes `struct _compat_ibv_port_attr`: the first [`COMPAT_PORT_ATTR_LEN`] bytes of
+    /// [`IbvPortAttr`].
+    pub compat_query_port:
+        Option<unsafe extern "C" fn(*mut IbvContext, u8, *mut IbvPortAttr) -> c_int>,
+    pub compat_alloc_pd: OpaqueFn,
+    pub compat_dealloc_pd: OpaqueFn,
+    pub compat_reg_mr: OpaqueFn,
+    pub compat_rereg_mr: OpaqueFn,
+    pub compat_dereg_mr: OpaqueFn,
+    /// NULL makes the inline `ibv_alloc_mw` fail with EOPNOTSUPP.
+    pub alloc_mw: OpaqueFn,
+    pub bind_mw: OpaqueFn,
+    pub dealloc_mw: OpaqueFn,
+    pub compat_create_cq: OpaqueFn,
+    pub poll_cq: Option<unsafe extern "C" fn(*mut c_void, c_int, *mut c_void) -> c_int>,
+    pub req_notify_cq: Option<unsafe extern "C" fn(*mut c_void, c_int) -> c_int>,
+    pub compat_cq_event: OpaqueFn,
+    pub compat_resize_cq: OpaqueFn,
+    pub compat_destroy_cq: OpaqueFn,
+    pub compat_create_srq: OpaqueFn,
+    pub compat_modify_srq: OpaqueFn,
+    pub compat_query_srq: OpaqueFn,
+    pub compat_destroy_srq: OpaqueFn,
+    pub post_srq_recv: Option<PostFn>,
+    pub compat_create_qp: OpaqueFn,
+    pub compat_query_qp: OpaqueFn,
+    pub compat_modify_qp: OpaqueFn,
+    pub compat_destroy_qp: OpaqueFn,
+    pub post_send: Option<PostFn>,
+    pub post_recv: Option<PostFn>,
+    pub compat_create_ah: OpaqueFn,
+    pub compat_destroy_ah: OpaqueFn,
+    pub compat_attach_mcast: OpaqueFn,
+    pub compat_detach_mcast: OpaqueFn,
+    pub compat_async_event: OpaqueFn,
+}
+
+/// `post_send`, `post_recv`, `post_srq_recv`: (queue, first work request, where to put the
+/// first failed one).
+pub type PostFn = unsafe extern "C" fn(*mut c_void, *mut c_void, *mut *mut c_void) -> c_int;
+
+/// `struct ibv_context`.
+#[repr(C)]
+pub struct IbvContext {
+    pub device: *mut IbvDevice,
+    pub ops: IbvContextOps,
+    pub cmd_fd: c_int,
+    pub async_fd: c_int,
+    pub num_comp_vectors: c_int,
+    pub mutex: libc::pthread_mutex_t,
+    /// `(void *)UINTPTR_MAX` marks a context that is the tail of a [`VerbsContext`].
+    pub abi_compat: *mut c_void,
+}
+
+/// `__VERBS_ABI_IS_EXTENDED`: the `abi_compat` value of an extended context.
+pub const VERBS_ABI_IS_EXTENDED: usize = usize::MAX;
+
+/// `verbs_context.query_port`.
+pub type QueryPortFn = unsafe extern "C" fn(*mut IbvContext, u8, *mut IbvPortAttr, usize) -> c_int;
+/// `verbs_context.query_device_ex`.
+pub type QueryDeviceExFn = unsafe extern "C" fn(
+    *mut IbvContext,
+    *const IbvQueryDeviceExInput,
+    *mut IbvDeviceAttrEx,
+    usize,
+) -> c_int;
+
+/// `struct verbs_context`: the extended operations that `verbs.h` reaches with
+/// `verbs_get_ctx_op` (an op counts as present if it is non-NULL and `sz` covers it), followed by
+/// the `ibv_context` that programs hold. NULL ops make the inline wrappers fail with EOPNOTSUPP
+/// (or fall back to the plain verb, as `ibv_query_device_ex` and `ibv_query_port` do).
+#[repr(C)]
+pub struct VerbsContext {
+    pub query_port: Option<QueryPortFn>,
+    pub advise_mr: OpaqueFn,
+    pub alloc_null_mr: OpaqueFn,
+    pub read_counters: OpaqueFn,
+    pub attach_counters_point_flow: OpaqueFn,
+    pub create_counters: OpaqueFn,
+    pub destroy_counters: OpaqueFn,
+    pub reg_dm_mr: OpaqueFn,
+    pub alloc_dm: OpaqueFn,
+    pub free_dm: OpaqueFn,
+    pub modify_flow_action_esp: OpaqueFn,
+    pub destroy_flow_action: OpaqueFn,
+    pub create_flow_action_esp: OpaqueFn,
+    pub modify_qp_rate_limit: OpaqueFn,
+    pub alloc_parent_domain: OpaqueFn,
+    pub dealloc_td: OpaqueFn,
+    pub alloc_td: OpaqueFn,
+    pub modify_cq: OpaqueFn,
+    pub post_srq_ops: OpaqueFn,
+    pub destroy_rwq_ind_table: OpaqueFn,
+    pub create_rwq_ind_table: OpaqueFn,
+    pub destroy_wq: OpaqueFn,
+    pub modify_wq: OpaqueFn,
+    pub create_wq: OpaqueFn,
+    pub query_rt_values: OpaqueFn,
+    pub create_cq_ex: OpaqueFn,
+    /// `struct verbs_ex_private *priv`: rdma-core's own bookkeeping, unused here.
+    pub priv_: *mut c_void,
+    pub query_device_ex: Option<QueryDeviceExFn>,
+    pub ibv_destroy_flow: OpaqueFn,
+    pub abi_placeholder2: OpaqueFn,
+    pub ibv_create_flow: OpaqueFn,
+    pub abi_placeholder1: OpaqueFn,
+    pub open_qp: OpaqueFn,
+    pub create_qp_ex: OpaqueFn,
+    pub get_srq_num: OpaqueFn,
+    pub create_srq_ex: OpaqueFn,
+    pub open_xrcd: OpaqueFn,
+    pub close_xrcd: OpaqueFn,
+    pub abi_placeholder3: u64,
+    /// Bytes of this structure that are valid, counted from the first op (so `size_of`).
+    pub sz: usize,
+    pub context: IbvContext,
+}
+
+/// `struct ibv_device_attr`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvDeviceAttr {
+    pub fw_ver: [c_char; 64],
+    /// Network byte order.
+    pub node_guid: u64,
+    /// Network byte order.
+    pub sys_image_guid: u64,
+    pub max_mr_size: u64,
+    pub page_size_cap: u64,
+    pub vendor_id: u32,
+    pub vendor_part_id: u32,
+    pub hw_ver: u32,
+    pub max_qp: c_int,
+    pub max_qp_wr: c_int,
+    pub device_cap_flags: u32,
+    pub max_sge: c_int,
+    pub max_sge_rd: c_int,
+    pub max_cq: c_int,
+    pub max_cqe: c_int,
+    pub max_mr: c_int,
+    pub max_pd: c_int,
+    pub max_qp_rd_atom: c_int,
+    pub max_ee_rd_atom: c_int,
+    pub max_res_rd_atom: c_int,
+    pub max_qp_init_rd_atom: c_int,
+    pub max_ee_init_rd_atom: c_int,
+    pub atomic_cap: u32,
+    pub max_ee: c_int,
+    pub max_rdd: c_int,
+    pub max_mw: c_int,
+    pub max_raw_ipv6_qp: c_int,
+    pub max_raw_ethy_qp: c_int,
+    pub max_mcast_grp: c_int,
+    pub max_mcast_qp_attach: c_int,
+    pub max_total_mcast_qp_attach: c_int,
+    pub max_ah: c_int,
+    pub max_fmr: c_int,
+    pub max_map_per_fmr: c_int,
+    pub max_srq: c_int,
+    pub max_srq_wr: c_int,
+    pub max_srq_sge: c_int,
+    pub max_pkeys: u16,
+    pub local_ca_ack_delay: u8,
+    pub phys_port_cnt: u8,
+}
+
+/// `struct ibv_query_device_ex_input`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvQueryDeviceExInput {
+    pub comp_mask: u32,
+}
+
+/// `struct ibv_odp_caps` (with its anonymous `per_transport_caps` flattened: same layout).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvOdpCaps {
+    pub general_caps: u64,
+    pub rc_odp_caps: u32,
+    pub uc_odp_caps: u32,
+    pub ud_odp_caps: u32,
+}
+
+/// `struct ibv_tso_caps`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvTsoCaps {
+    pub max_tso: u32,
+    pub supported_qpts: u32,
+}
+
+/// `struct ibv_rss_caps`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvRssCaps {
+    pub supported_qpts: u32,
+    pub max_rwq_indirection_tables: u32,
+    pub max_rwq_indirection_table_size: u32,
+    pub rx_hash_fields_mask: u64,
+    pub rx_hash_function: u8,
+}
+
+/// `struct ibv_packet_pacing_caps`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvPacketPacingCaps {
+    pub qp_rate_limit_min: u32,
+    pub qp_rate_limit_max: u32,
+    pub supported_qpts: u32,
+}
+
+/// `struct ibv_tm_caps`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvTmCaps {
+    pub max_rndv_hdr_size: u32,
+    pub max_num_tags: u32,
+    pub flags: u32,
+    pub max_ops: u32,
+    pub max_sge: u32,
+}
+
+/// `struct ibv_cq_moderation_caps`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvCqModerationCaps {
+    pub max_cq_count: u16,
+    pub max_cq_period: u16,
+}
+
+/// `struct ibv_pci_atomic_caps`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvPciAtomicCaps {
+    pub fetch_add: u16,
+    pub swap: u16,
+    pub compare_swap: u16,
+}
+
+/// `struct ibv_device_attr_ex`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvDeviceAttrEx {
+    pub orig_attr: IbvDeviceAttr,
+    pub comp_mask: u32,
+    pub odp_caps: IbvOdpCaps,
+    pub completion_timestamp_mask: u64,
+    pub hca_core_clock: u64,
+    pub device_cap_flags_ex: u64,
+    pub tso_caps: IbvTsoCaps,
+    pub rss_caps: IbvRssCaps,
+    pub max_wq_type_rq: u32,
+    pub packet_pacing_caps: IbvPacketPacingCaps,
+    pub raw_packet_caps: u32,
+    pub tm_caps: IbvTmCaps,
+    pub cq_mod_caps: IbvCqModerationCaps,
+    pub max_dm_size: u64,
+    pub pci_atomic_caps: IbvPciAtomicCaps,
+    pub xrc_odp_caps: u32,
+    pub phys_port_cnt_ex: u32,
+}
+
+/// `struct ibv_port_attr`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvPortAttr {
+    pub state: u32,
+    pub max_mtu: u32,
+    pub active_mtu: u32,
+    pub gid_tbl_len: c_int,
+    pub port_cap_flags: u32,
+    pub max_msg_sz: u32,
+    pub bad_pkey_cntr: u32,
+    pub qkey_viol_cntr: u32,
+    pub pkey_tbl_len: u16,
+    pub lid: u16,
+    pub sm_lid: u16,
+    pub lmc: u8,
+    pub max_vl_num: u8,
+    pub sm_sl: u8,
+    pub subnet_timeout: u8,
+    pub init_type_reply: u8,
+    pub active_width: u8,
+    pub active_speed: u8,
+    pub phys_state: u8,
+    pub link_layer: u8,
+    pub flags: u8,
+    pub port_cap_flags2: u16,
+}
+
+/// Bytes of `struct _compat_ibv_port_attr`, what the exported `ibv_query_port` fills: the
+/// port attributes as they were before `port_cap_flags2` was appended (everything up to and
+/// including `flags`, once a reserved byte). Binaries built against those headers pass a buffer
+/// of this size; current ones call the `verbs_context` op, which is told the size.
+pub const COMPAT_PORT_ATTR_LEN: usize = std::mem::offset_of!(IbvPortAttr, port_cap_flags2);
+
+/// `union ibv_gid` (16 bytes; 8-aligned because of its `__be64` view).
+#[repr(C, align(8))]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IbvGid {
+    pub raw: [u8; 16],
+}
+
+/// `struct ibv_gid_entry`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvGidEntry {
+    pub gid: IbvGid,
+    pub gid_index: u32,
+    pub port_num: u32,
+    pub gid_type: u32,
+    pub ndev_ifindex: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::mem::{align_of, offset_of, size_of};
+    use std::process::Command;
+
+    /// One fact to compare: the C expression and what Rust says it is.
+    struct Fact {
+        c_expr: String,
+        rust: usize,
+    }
+
+    macro_rules! layout {
+        ($facts:ident, $rty:ty, $cty:literal, [$($field:ident $(= $cfield:literal)?),* $(,)?]) => {
+            $facts.push(Fact {
+                c_expr: format!("sizeof({})", $cty),
+                rust: size_of::<$rty>(),
+            });
+            $facts.push(Fact {
+                c_expr: format!("_Alignof({})", $cty),
+                rust: align_of::<$rty>(),
+            });
+            $(
+                $facts.push(Fact {
+                    c_expr: format!("offsetof({}, {})", $cty, layout!(@c $field $(= $cfield)?)),
+                    rust: offset_of!($rty, $field),
+                });
+            )*
+        };
+        (@c $field:ident = $cfield:literal) => { $cfield };
+        (@c $field:ident) => { stringify!($field) };
+    }
+
+    macro_rules! values {
+        ($facts:ident, [$($name:ident),* $(,)?]) => {
+            $(
+                $facts.push(Fact {
+                    c_expr: format!("(size_t)({})", stringify!($name)),
+                    rust: $name as usize,
+                });
+            )*
+        };
+    }
+
+    fn facts() -> Vec<Fact> {
+        let mut f = Vec::new();
+        layout!(
+            f,
+            IbvDevice,
+            "struct ibv_device",
+            [
+                ops = "_ops",
+                node_type,
+                transport_type,
+                name,
+                dev_name,
+                dev_path,
+                ibdev_path
+            ]
+        );
+        layout!(
+            f,
+            IbvContextOps,
+            "struct ibv_context_ops",
+            [
+                compat_query_device = "_compat_query_device",
+                compat_query_port = "_compat_query_port",
+                alloc_mw,
+                bind_mw,
+                dealloc_mw,
+                poll_cq,
+                req_notify_cq,
+                post_srq_recv,
+                post_send,
+                post_recv,
+                compat_async_event = "_compat_async_event"
+            ]
+        );
+        layout!(
+            f,
+            IbvContext,
+            "struct ibv_context",
+            [
+                device,
+                ops,
+                cmd_fd,
+                async_fd,
+                num_comp_vectors,
+                mutex,
+                abi_compat
+            ]
+        );
+        layout!(
+            f,
+            VerbsContext,
+            "struct verbs_context",
+            [
+                query_port,
+                advise_mr,
+                create_cq_ex,
+                priv_ = "priv",
+                query_device_ex,
+                ibv_destroy_flow,
+                abi_placeholder2 = "ABI_placeholder2",
+                ibv_create_flow,
+                abi_placeholder1 = "ABI_placeholder1",
+                open_qp,
+                create_qp_ex,
+                get_srq_num,
+                create_srq_ex,
+                open_xrcd,
+                close_xrcd,
+                abi_placeholder3 = "_ABI_placeholder3",
+                sz,
+                context
+            ]
+        );
+        layout!(
+            f,
+            IbvDeviceAttr,
+            "struct ibv_device_attr",
+            [
+                fw_ver,
+                node_guid,
+                sys_image_guid,
+                max_mr_size,
+                page_size_cap,
+                vendor_id,
+                vendor_part_id,
+                hw_ver,
+                max_qp,
+                max_qp_wr,
+                device_cap_flags,
+                max_sge,
+                max_sge_rd,
+                max_cq,
+                max_cqe,
+                max_mr,
+                max_pd,
+                max_qp_rd_atom,
+                max_ee_rd_atom,
+                max_res_rd_atom,
+                max_qp_init_rd_atom,
+                max_ee_init_rd_atom,
+                atomic_cap,
+                max_ee,
+                max_rdd,
+                max_mw,
+                max_raw_ipv6_qp,
+                max_raw_ethy_qp,
+                max_mcast_grp,
+                max_mcast_qp_attach,
+                max_total_mcast_qp_attach,
+                max_ah,
+                max_fmr,
+                max_map_per_fmr,
+                max_srq,
+                max_srq_wr,
+                max_srq_sge,
+                max_pkeys,
+                local_ca_ack_delay,
+                phys_port_cnt
+            ]
+        );
+        layout!(
+            f,
+            IbvQueryDeviceExInput,
+            "struct ibv_query_device_ex_input",
+            [comp_mask]
+        );
+        layout!(
+            f,
+            IbvOdpCaps,
+            "struct ibv_odp_caps",
+            [
+                general_caps,
+                rc_odp_caps = "per_transport_caps.rc_odp_caps",
+                uc_odp_caps = "per_transport_caps.uc_odp_caps",
+                ud_odp_caps = "per_transport_caps.ud_odp_caps"
+            ]
+        );
+        layout!(
+            f,
+            IbvTsoCaps,
+            "struct ibv_tso_caps",
+            [max_tso, supported_qpts]
+        );
+        layout!(
+            f,
+            IbvRssCaps,
+            "struct ibv_rss_caps",
+            [
+                supported_qpts,
+                max_rwq_indirection_tables,
+                max_rwq_indirection_table_size,
+                rx_hash_fields_mask,
+                rx_hash_function
+            ]
+        );
+        layout!(
+            f,
+            IbvPacketPacingCaps,
+            "struct ibv_packet_pacing_caps",
+            [qp_rate_limit_min, qp_rate_limit_max, supported_qpts]
+        );
+        layout!(
+            f,
+            IbvTmCaps,
+            "struct ibv_tm_caps",
+            [max_rndv_hdr_size, max_num_tags, flags, max_ops, max_sge]
+        );
+        layout!(
+            f,
+            IbvCqModerationCaps,
+            "struct ibv_cq_moderation_caps",
+            [max_cq_count, max_cq_period]
+        );
+        layout!(
+            f,
+            IbvPciAtomicCaps,
+            "struct ibv_pci_atomic_caps",
+            [fetch_add, swap, compare_swap]
+        );
+        layout!(
+            f,
+            IbvDeviceAttrEx,
+            "struct ibv_device_attr_ex",
+            [
+                orig_attr,
+                comp_mask,
+                odp_caps,
+                completion_timestamp_mask,
+                hca_core_clock,
+                device_cap_flags_ex,
+                tso_caps,
+                rss_caps,
+                max_wq_type_rq,
+                packet_pacing_caps,
+                raw_packet_caps,
+                tm_caps,
+                cq_mod_caps,
+                max_dm_size,
+                pci_atomic_caps,
+                xrc_odp_caps,
+                phys_port_cnt_ex
+            ]
+        );
+        layout!(
+            f,
+            IbvPortAttr,
+            "struct ibv_port_attr",
+            [
+                state,
+                max_mtu,
+                active_mtu,
+                gid_tbl_len,
+                port_cap_flags,
+                max_msg_sz,
+                bad_pkey_cntr,
+                qkey_viol_cntr,
+                pkey_tbl_len,
+                lid,
+                sm_lid,
+                lmc,
+                max_vl_num,
+                sm_sl,
+                subnet_timeout,
+                init_type_reply,
+                active_width,
+                active_speed,
+                phys_state,
+                link_layer,
+                flags,
+                port_cap_flags2
+            ]
+        );
+        layout!(f, IbvGid, "union ibv_gid", [raw]);
+        layout!(
+            f,
+            IbvGidEntry,
+            "struct ibv_gid_entry",
+            [gid, gid_index, port_num, gid_type, ndev_ifindex]
+        );
+        values!(
+            f,
+            [
+                IBV_SYSFS_NAME_MAX,
+                IBV_SYSFS_PATH_MAX,
+                IBV_NODE_CA,
+                IBV_TRANSPORT_IB,
+                IBV_PORT_ACTIVE,
+                IBV_MTU_1024,
+                IBV_MTU_4096,
+                IBV_LINK_LAYER_ETHERNET,
+                IBV_ATOMIC_HCA,
+                IBV_DEVICE_SYS_IMAGE_GUID,
+                IBV_DEVICE_RC_RNR_NAK_GEN,
+                IBV_PORT_IP_BASED_GIDS,
+                IBV_GID_TYPE_ROCE_V2,
+                IBV_FORK_DISABLED,
+                IBV_FORK_ENABLED
+            ]
+        );
+        f.push(Fact {
+            c_expr: "(size_t)__VERBS_ABI_IS_EXTENDED".into(),
+            rust: VERBS_ABI_IS_EXTENDED,
+        });
+        f.push(Fact {
+            c_expr: "(size_t)(IBV_REREG_MR_ERR_INPUT + 100)".into(),
+            rust: (IBV_REREG_MR_ERR_INPUT + 100) as usize,
+        });
+        f
+    }
+
+    /// Compiles and runs a C program printing every fact as the installed headers define it.
+    fn c_values(facts: &[Fact]) -> BTreeMap<String, usize> {
+        let header = std::path::Path::new("/usr/include/infiniband/verbs.h");
+        assert!(
+            header.exists(),
+            "{} missing: apt-get install libibverbs-dev (scripts/test.sh does)",
+            header.display()
+        );
+        let dir = std::env::temp_dir().join(format!("ff-verbs-layout-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut program = String::from(
+            "#include <stdio.h>\n#include <stddef.h>\n#include <infiniband/verbs.h>\n\
+             int main(void) {\n",
+        );
+        for fact in facts {
+            program.push_str(&format!(
+                "    printf(\"%s=%zu\\n\", \"{0}\", (size_t)({0}));\n",
+                fact.c_expr
+            ));
+        }
+        program.push_str("    return 0;\n}\n");
+        let source = dir.join("layout.c");
+        let binary = dir.join("layout");
+        std::fs::write(&source, program).unwrap();
+        let cc = Command::new("cc")
+            .arg("-Wall")
+            .arg("-o")
+            .arg(&binary)
+            .arg(&source)
+            .output()
+            .expect("run cc");
+        assert!(
+            cc.status.success(),
+            "cc failed:\n{}",
+            String::from_utf8_lossy(&cc.stderr)
+        );
+        let out = Command::new(&binary)
+            .output()
+            .expect("run the layout program");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(out.status.success());
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let (k, v) = line.rsplit_once('=').unwrap();
+                (k.to_string(), v.parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layout_matches_the_installed_headers() {
+        let facts = facts();
+        let c = c_values(&facts);
+        let mismatches: Vec<String> = facts
+            .iter()
+            .filter(|f| c.get(&f.c_expr) != Some(&f.rust))
+            .map(|f| format!("{}: C {:?}, Rust {}", f.c_expr, c.get(&f.c_expr), f.rust))
+            .collect();
+        assert!(
+            mismatches.is_empty(),
+            "ABI mismatches:\n{}",
+            mismatches.join("\n")
+        );
+        assert!(facts.len() > 150, "only {} facts checked", facts.len());
+    }
+
+    /// The numbers DESIGN.md section 7 quotes (also covered by the comparison above).
+    #[test]
+    fn design_numbers() {
+        assert_eq!(offset_of!(IbvContextOps, poll_cq), 88);
+        assert_eq!(offset_of!(IbvContextOps, req_notify_cq), 96);
+        assert_eq!(offset_of!(IbvContextOps, post_srq_recv), 160);
+        assert_eq!(offset_of!(IbvContextOps, post_send), 200);
+        assert_eq!(offset_of!(IbvContextOps, post_recv), 208);
+        assert_eq!(size_of::<IbvContextOps>(), 256);
+        assert_eq!(size_of::<IbvContext>(), 328);
+        assert_eq!(size_of::<VerbsContext>(), 648);
+        assert_eq!(offset_of!(VerbsContext, sz), 312);
+        assert_eq!(offset_of!(VerbsContext, context), 320);
+        assert_eq!(COMPAT_PORT_ATTR_LEN, 48);
+    }
+}

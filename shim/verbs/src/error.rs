@@ -1,0 +1,85 @@
+//! Why a verb failed. Typed inside the library; [`VerbsError::errno`] turns it into the errno
+//! value the C API reports (as a return value or in `errno`, per verb).
+
+use freeflow_proto::attach::{AttachError, Refusal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerbsError {
+    #[error("this container is not registered with Freeflow: {0}")]
+    NotRegistered(String),
+    #[error("router refused the attach ({reason:?}): {message}")]
+    Refused { reason: Refusal, message: String },
+    #[error("no Freeflow router: {0}")]
+    NoRouter(String),
+    #[error("attach failed: {0}")]
+    Attach(String),
+    #[error("the device is no longer this process's (the container's registration changed)")]
+    DeviceGone,
+    #[error("not a device of this library")]
+    UnknownDevice,
+    #[error("not an open context of this library")]
+    UnknownContext,
+    #[error("no port {0} (the device has port 1 only)")]
+    NoSuchPort(u32),
+    #[error("no {table} entry {index} (the table has one entry)")]
+    NoSuchIndex { table: &'static str, index: i64 },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl VerbsError {
+    /// The errno value that stands for this error at the C boundary.
+    pub fn errno(&self) -> i32 {
+        match self {
+            VerbsError::NotRegistered(_) => libc::EPERM,
+            VerbsError::Refused { .. } => libc::ECONNREFUSED,
+            VerbsError::NoRouter(_) | VerbsError::DeviceGone => libc::ENODEV,
+            VerbsError::Attach(_) => libc::EIO,
+            VerbsError::UnknownDevice
+            | VerbsError::UnknownContext
+            | VerbsError::NoSuchPort(_)
+            | VerbsError::NoSuchIndex { .. }
+            | VerbsError::InvalidArgument(_) => libc::EINVAL,
+            VerbsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+impl From<AttachError> for VerbsError {
+    fn from(e: AttachError) -> VerbsError {
+        match e {
+            AttachError::Refused {
+                reason: Refusal::NotRegistered,
+                message,
+            } => VerbsError::NotRegistered(message),
+            AttachError::Refused { reason, message } => VerbsError::Refused { reason, message },
+            e @ AttachError::Unreachable { .. } => VerbsError::NoRouter(e.to_string()),
+            e => VerbsError::Attach(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_values() {
+        assert_eq!(VerbsError::NoSuchPort(2).errno(), libc::EINVAL);
+        assert_eq!(
+            VerbsError::NotRegistered(String::new()).errno(),
+            libc::EPERM
+        );
+        let unreachable = AttachError::Unreachable {
+            path: "/x/router.sock".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        assert_eq!(VerbsError::from(unreachable).errno(), libc::ENODEV);
+        assert_eq!(
+            VerbsError::Io(std::io::Error::from_raw_os_error(libc::EMFILE)).errno(),
+            libc::EMFILE
+        );
+    }
+}

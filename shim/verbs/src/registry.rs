@@ -1,0 +1,194 @@
+//! What this process holds: its attachments to the router, the devices it has seen and its open
+//! contexts.
+//!
+//! The device exists only for a process of a registered container. `ibv_get_device_list`
+//! attaches to the router as the verbs shim (the router identifies the caller by its network
+//! namespace, never by anything we say) and keeps that attachment for the first
+//! `ibv_open_device`; every further context attaches anew, so each context has rings of its own.
+//! A forked child attaches with its own credentials.
+
+use crate::abi::IbvDevice;
+use crate::device::Identity;
+use crate::error::VerbsError;
+use freeflow_proto::attach::{attach, Session, ShimKind};
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+/// How long an attach waits for the router's answer.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A device handed out to the program. Devices are never freed (programs may keep using a
+/// `struct ibv_device *` of an open context after freeing the list); there is one per identity
+/// this process has seen, normally one.
+#[derive(Debug)]
+pub struct Device {
+    /// What the program sees. The program only reads it.
+    pub ibv: IbvDevice,
+    pub identity: Identity,
+}
+
+impl Device {
+    /// The pointer handed to C.
+    pub fn as_c(&'static self) -> *mut IbvDevice {
+        &self.ibv as *const IbvDevice as *mut IbvDevice
+    }
+}
+
+/// The Rust side of an open context (the C side is its `verbs_context`, see `exports`).
+#[derive(Debug)]
+pub struct ContextState {
+    pub device: &'static Device,
+    /// This context's attachment. It carries no verbs yet; it keeps the router's view of the
+    /// process (`freeflow status`) and the rings that the PD/MR/CQ/QP verbs will use.
+    pub session: Mutex<Session>,
+    /// `async_fd`: an eventfd nothing writes yet (no asynchronous events exist yet), so
+    /// `ibv_get_async_event` blocks, or fails with EAGAIN if the program made it non-blocking,
+    /// exactly as with a device that has no events to report.
+    pub async_events: OwnedFd,
+}
+
+impl ContextState {
+    /// The router's number for this context's attachment (`freeflow status`).
+    pub fn attachment_id(&self) -> u32 {
+        lock(&self.session).info().attachment_id
+    }
+}
+
+struct Process {
+    devices: Vec<&'static Device>,
+    /// The attachment made by the last `ibv_get_device_list`, for the next `ibv_open_device`.
+    spare: Option<Spare>,
+}
+
+struct Spare {
+    pid: u32,
+    session: Session,
+}
+
+static PROCESS: Mutex<Process> = Mutex::new(Process {
+    devices: Vec::new(),
+    spare: None,
+});
+
+/// Open contexts by the address of their `struct ibv_context`.
+static CONTEXTS: Mutex<BTreeMap<usize, Arc<ContextState>>> = Mutex::new(BTreeMap::new());
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves consistent data (no multi-step updates).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `FREEFLOW_DEBUG=1`: say what the library does, one line per event, on stderr.
+pub fn debug_enabled() -> bool {
+    static DEBUG: OnceLock<bool> = OnceLock::new();
+    *DEBUG.get_or_init(|| {
+        std::env::var_os("FREEFLOW_DEBUG").is_some_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
+pub fn debug(msg: std::fmt::Arguments<'_>) {
+    if debug_enabled() {
+        eprintln!("libibverbs (freeflow) [{}]: {msg}", std::process::id());
+    }
+}
+
+fn identity_of(session: &Session) -> Identity {
+    let info = session.info();
+    Identity {
+        ip: info.ip,
+        container: info.container.clone(),
+        tenant: info.tenant.clone(),
+    }
+}
+
+fn attach_now() -> Result<Session, VerbsError> {
+    let dir = freeflow_proto::runtime_dir();
+    match attach(&dir, ShimKind::Verbs, ATTACH_TIMEOUT) {
+        Ok(session) => {
+            let info = session.info();
+            debug(format_args!(
+                "attached to the router in {} as container {} ({}, tenant {})",
+                dir.display(),
+                info.container,
+                info.ip,
+                info.tenant
+            ));
+            Ok(session)
+        }
+        Err(e) => Err(VerbsError::from(e)),
+    }
+}
+
+/// The device of this process, attaching to the router if needed. An error means the process
+/// has no device (not in a registered container, or no router).
+pub fn current_device() -> Result<&'static Device, VerbsError> {
+    let mut process = lock(&PROCESS);
+    let pid = std::process::id();
+    let usable = process
+        .spare
+        .as_ref()
+        .is_some_and(|s| s.pid == pid && !s.session.router_hung_up());
+    if !usable {
+        // A spare inherited across fork belongs to the parent: forget it without using it.
+        process.spare = None;
+        let session = attach_now()?;
+        process.spare = Some(Spare { pid, session });
+    }
+    let identity = identity_of(&process.spare.as_ref().expect("set above").session);
+    if let Some(device) = process.devices.iter().find(|d| d.identity == identity) {
+        return Ok(device);
+    }
+    let device: &'static Device = Box::leak(Box::new(Device {
+        ibv: identity.ibv_device(),
+        identity,
+    }));
+    process.devices.push(device);
+    Ok(device)
+}
+
+/// The device whose `struct ibv_device` is at `ptr`, if it is one of ours.
+pub fn device_at(ptr: *const IbvDevice) -> Option<&'static Device> {
+    lock(&PROCESS)
+        .devices
+        .iter()
+        .copied()
+        .find(|d| std::ptr::eq(&d.ibv, ptr))
+}
+
+/// The device most recently seen (what the virtual sysfs describes).
+pub fn latest_device() -> Option<&'static Device> {
+    lock(&PROCESS).devices.last().copied()
+}
+
+/// An attachment for a new context on `device`: the spare one if it is this process's and
+/// still connected, else a new one. Fails if the router now says we are someone else.
+pub fn attach_for(device: &'static Device) -> Result<Session, VerbsError> {
+    let mut process = lock(&PROCESS);
+    let pid = std::process::id();
+    let session = match process.spare.take() {
+        Some(s) if s.pid == pid && !s.session.router_hung_up() => s.session,
+        _ => attach_now()?,
+    };
+    if identity_of(&session) != device.identity {
+        return Err(VerbsError::DeviceGone);
+    }
+    Ok(session)
+}
+
+pub fn add_context(key: usize, state: Arc<ContextState>) {
+    lock(&CONTEXTS).insert(key, state);
+}
+
+pub fn context(key: usize) -> Result<Arc<ContextState>, VerbsError> {
+    lock(&CONTEXTS)
+        .get(&key)
+        .cloned()
+        .ok_or(VerbsError::UnknownContext)
+}
+
+/// Forgets an open context; `None` if it was not open (closed twice, or not ours).
+pub fn remove_context(key: usize) -> Option<Arc<ContextState>> {
+    lock(&CONTEXTS).remove(&key)
+}
