@@ -1,12 +1,18 @@
 //! One attached shim process as its shard sees it: the connection, the shared region, the two
 //! rings, and the request handlers. Everything read from the region is untrusted.
+//!
+//! A verbs shim's attachment also has a verbs table (`crate::verbs`), and its connection carries
+//! one message after the handshake: the shim's memory file. Nothing else may arrive there.
 
+use crate::verbs::VerbsTable;
 use freeflow_proto::attach::{wake_futex_consumer, ShimKind, REPLY_RING, REQUEST_RING};
 use freeflow_proto::control::ContainerEntry;
+use freeflow_proto::fdpass;
 use freeflow_proto::msg::{op, status, MsgHeader, HEADER_LEN, REPLY};
 use freeflow_proto::region::{RegionError, SharedRegion};
+use freeflow_proto::verbs::{self as wire, MemoryFileMsg};
 use freeflow_proto::{Consumer, Producer, RingError, RingGeometry, Wake};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 /// Requests one attachment may have served per visit before the shard moves on (fairness).
 pub const BATCH: usize = 64;
@@ -24,6 +30,21 @@ pub struct Attachment {
     scratch: Vec<u8>,
     reply: Vec<u8>,
     nops_since_flush: u64,
+    /// PDs and MRs of a verbs shim's context; None for other shims.
+    verbs: Option<VerbsTable>,
+    /// Set when the connection carried something a shim must not send; the shard detaches.
+    violation: Option<String>,
+}
+
+/// What reading the attach connection found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// Everything waiting was taken: keep watching.
+    Quiet,
+    /// The process closed its end, or the connection broke.
+    Closed,
+    /// Something a shim must not send: the attachment must go.
+    Violation(String),
 }
 
 /// What one visit to an attachment did.
@@ -63,6 +84,8 @@ impl Attachment {
                 scratch: vec![0; slot],
                 reply: vec![0; slot],
                 nops_since_flush: 0,
+                verbs: (kind == ShimKind::Verbs).then(VerbsTable::default),
+                violation: None,
             },
             memfd,
         ))
@@ -114,8 +137,89 @@ impl Attachment {
                 self.reply[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&count.to_le_bytes());
                 self.send_reply(header, status::OK, 8)
             }
+            opcode if wire::op::is_verbs(opcode) && self.verbs.is_some() => {
+                self.serve_verbs(header)
+            }
             _ => self.send_reply(header, status::UNKNOWN_OP, 0),
         }
+    }
+
+    fn serve_verbs(&mut self, header: MsgHeader) -> Result<(), RingError> {
+        if header.opcode == wire::op::REG_MR
+            && self.verbs.as_ref().is_some_and(|t| !t.has_memory_file())
+        {
+            // The shim sends its memory file on the connection before the first registration
+            // it pushes, so it is in the socket by now, even if the shard's watch on the
+            // connection has not fired yet.
+            match self.on_connection_readable() {
+                ConnectionEvent::Violation(why) => self.violation = Some(why),
+                ConnectionEvent::Quiet | ConnectionEvent::Closed => {}
+            }
+        }
+        let table = self.verbs.as_mut().expect("a verbs attachment");
+        let header_len = HEADER_LEN + header.len as usize;
+        let (status, len) = table.serve(
+            header.opcode,
+            &self.scratch[HEADER_LEN..header_len],
+            &mut self.reply[HEADER_LEN..],
+        );
+        self.send_reply(header, status, len)
+    }
+
+    /// Reads what waits on the attach connection. A verbs shim may send its memory file (once);
+    /// anything else is a violation.
+    pub fn on_connection_readable(&mut self) -> ConnectionEvent {
+        if self.verbs.is_none() {
+            let mut byte = [0u8; 64];
+            return match crate::sys::recv_nonblocking(&self.conn, &mut byte) {
+                Ok(None) => ConnectionEvent::Quiet,
+                Ok(Some(0)) | Err(_) => ConnectionEvent::Closed,
+                Ok(Some(_)) => {
+                    ConnectionEvent::Violation("unexpected message on attach connection".into())
+                }
+            };
+        }
+        loop {
+            let mut buf = [0u8; MemoryFileMsg::LEN + 1];
+            let got = match fdpass::recv_with_fds(self.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                Ok(got) => got,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return ConnectionEvent::Quiet
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return ConnectionEvent::Closed,
+            };
+            if got.len == 0 && got.fds.is_empty() {
+                return ConnectionEvent::Closed;
+            }
+            let table = self.verbs.as_mut().expect("checked above");
+            let msg = match MemoryFileMsg::decode(&buf[..got.len]) {
+                Ok(msg) if !got.truncated => msg,
+                Ok(_) => return ConnectionEvent::Violation("memory file message truncated".into()),
+                Err(e) => {
+                    return ConnectionEvent::Violation(format!("bad memory file message: {e}"))
+                }
+            };
+            let mut fds = got.fds.into_iter();
+            let (Some(fd), None) = (fds.next(), fds.next()) else {
+                return ConnectionEvent::Violation(
+                    "a memory file message carries exactly one fd".into(),
+                );
+            };
+            if let Err(e) = table.adopt_memory_file(msg, fd) {
+                return ConnectionEvent::Violation(format!("memory file refused: {e}"));
+            }
+        }
+    }
+
+    /// PDs and MRs a verbs attachment holds (freed with it).
+    pub fn verbs_held(&self) -> Option<(usize, usize)> {
+        self.verbs.as_ref().map(|t| (t.pd_count(), t.mr_count()))
+    }
+
+    /// Why the attachment must go, if its connection carried something it must not.
+    pub fn take_violation(&mut self) -> Option<String> {
+        self.violation.take()
     }
 
     fn send_reply(

@@ -7,6 +7,7 @@ mod shard;
 mod sys;
 mod tcp;
 mod uring;
+mod verbs;
 
 use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::{fdpass, RingGeometry, CONTROL_SOCKET, ROUTER_SOCKET};

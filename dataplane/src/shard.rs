@@ -7,7 +7,7 @@
 //! doorbell or a connection fires. Idle costs no CPU; a shim rings the doorbell only when it
 //! finds the flag raised.
 
-use crate::attachment::Attachment;
+use crate::attachment::{Attachment, ConnectionEvent};
 use crate::uring::Uring;
 use crossbeam_queue::ArrayQueue;
 use freeflow_proto::doorbell::EventFd;
@@ -204,12 +204,17 @@ impl Shard {
         for slot in self.slots.iter_mut().flatten() {
             match slot.attachment.visit() {
                 Ok(v) => served += v.served,
-                Err(e) => broken.push((slot.attachment.id, e)),
+                Err(e) => {
+                    broken.push((slot.attachment.id, format!("ring protocol violation: {e}")))
+                }
+            }
+            if let Some(why) = slot.attachment.take_violation() {
+                broken.push((slot.attachment.id, why));
             }
         }
-        for (id, e) in broken {
+        for (id, why) in broken {
             self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            self.detach_id(id, &format!("ring protocol violation: {e}"));
+            self.detach_id(id, &why);
         }
         if served > 0 {
             self.served_total += served as u64;
@@ -255,15 +260,15 @@ impl Shard {
     }
 
     /// The attach connection is readable or hung up. After the handshake a shim sends nothing
-    /// on it, so anything but "would block" ends the attachment.
+    /// on it but, for a verbs shim, its memory file (see `Attachment::on_connection_readable`);
+    /// anything else ends the attachment.
     fn on_connection_event(&mut self, index: usize) {
-        let Some(slot) = self.slots[index].as_ref() else {
+        let Some(slot) = self.slots[index].as_mut() else {
             return;
         };
         let id = slot.attachment.id;
-        let mut byte = [0u8; 64];
-        match crate::sys::recv_nonblocking(&slot.attachment.conn, &mut byte) {
-            Ok(None) => {
+        match slot.attachment.on_connection_readable() {
+            ConnectionEvent::Quiet => {
                 let (fd, generation) = (slot.attachment.conn.as_raw_fd(), slot.generation);
                 if self
                     .uring
@@ -277,10 +282,10 @@ impl Shard {
                     self.detach_id(id, "cannot re-arm connection watch");
                 }
             }
-            Ok(Some(0)) | Err(_) => self.detach_id(id, "process went away"),
-            Ok(Some(_)) => {
+            ConnectionEvent::Closed => self.detach_id(id, "process went away"),
+            ConnectionEvent::Violation(why) => {
                 self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                self.detach_id(id, "unexpected message on attach connection");
+                self.detach_id(id, &why);
             }
         }
     }
@@ -299,8 +304,12 @@ impl Shard {
         let _ = self.uring.cancel(conn_tag(index, slot.generation));
         let _ = self.uring.submit_queued();
         let a = &slot.attachment;
+        let held = match a.verbs_held() {
+            Some((pds, mrs)) if pds + mrs > 0 => format!(" (freed {pds} PDs, {mrs} MRs)"),
+            _ => String::new(),
+        };
         eprintln!(
-            "freeflow-router: shard {}: detached {} ({} shim of container {}, pid {}): {why}",
+            "freeflow-router: shard {}: detached {} ({} shim of container {}, pid {}): {why}{held}",
             self.index,
             a.id,
             a.kind.name(),

@@ -22,6 +22,7 @@ pub mod msg;
 #[cfg(not(loom))]
 pub mod region;
 pub mod sockmsg;
+pub mod verbs;
 
 pub use ring::{Consumer, Producer, RingError, RingGeometry, Wake};
 pub use ring_memory::RingMemory;

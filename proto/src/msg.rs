@@ -17,6 +17,10 @@ pub mod op {
     pub const NOP: u16 = 2;
     /// Reply with the number of NOPs consumed since the previous FLUSH (body: u64).
     pub const FLUSH: u16 = 3;
+    /// First opcode of the verbs shim's requests (RDMA mode, see [`crate::verbs::op`]).
+    pub const VERBS_FIRST: u16 = 0x0100;
+    /// End (exclusive) of the verbs opcodes.
+    pub const VERBS_END: u16 = 0x0200;
 }
 
 /// Reply status codes.

@@ -1,0 +1,537 @@
+//! The router's verbs state of one attachment (one open device context of a container): its
+//! protection domains, its memory regions with the router's own mapping of their pages, and the
+//! keys that name them. Everything the container sees is virtual: handles and keys are numbers
+//! of this table, never addresses; keys are random, so a key of another container's table is a
+//! guess that almost surely names nothing here (and if it does, it names this container's own
+//! memory).
+//!
+//! [`VerbsTable::serve`] answers the requests of `freeflow_proto::verbs`, validating every field
+//! against this table; [`VerbsTable::resolve`] is what the engine (CQ/QP/post, a later slice)
+//! uses to turn a key and an address range of a work request into memory, with the checks of
+//! the IB specification: the key names a region of this table in the QP's protection domain, the
+//! range lies inside the region (no wrap-around), and the region grants the access.
+//!
+//! Unsafe code is confined to `memory` (the memory file, mappings, views).
+//!
+//! The engine's side of this module (`resolve`, remote keys, views' copies and atomics) has no
+//! caller in the router yet: its tests use it, the CQ/QP slice will. Those items carry
+//! `cfg_attr(not(test), allow(dead_code))` until then.
+#![deny(unsafe_code)]
+
+mod memory;
+
+pub use memory::{MemView, MemoryError, MemoryFile};
+
+use freeflow_proto::msg::status;
+use freeflow_proto::verbs::{
+    self, access, check_mr_access, limits, op, wc_status, AccessFlagsError, Body, DeallocPd,
+    DecodeError, DeregMr, MemoryFileMsg, MrCreated, PdCreated, RegMr, TestDigest, TestRead,
+    TestWrite, VerbsStatus, MEMORY_FILE_SIZE, PAGE_SIZE,
+};
+use memory::Mapping;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::os::fd::OwnedFd;
+use std::sync::OnceLock;
+
+/// Why a verbs request failed, inside the router. [`VerbsError::status`] is what the reply says.
+#[derive(Debug, thiserror::Error)]
+pub enum VerbsError {
+    #[error("malformed request: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("{0}")]
+    Access(#[from] AccessFlagsError),
+    #[error("invalid: {0}")]
+    Invalid(&'static str),
+    #[error("no protection domain {0}")]
+    NoSuchPd(u32),
+    #[error("no memory region {0}")]
+    NoSuchMr(u32),
+    #[error("protection domain {pd} still has {mrs} memory regions")]
+    PdBusy { pd: u32, mrs: u32 },
+    #[error("limit reached: {0}")]
+    Limit(&'static str),
+    #[error("no memory file yet: the shim must send it before registering")]
+    NoMemoryFile,
+    #[error("the memory file was already given")]
+    SecondMemoryFile,
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("test hooks are off (start the router with FREEFLOW_TEST_HOOKS=1)")]
+    TestHooksOff,
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("unknown verbs opcode {0:#x}")]
+    UnknownOp(u16),
+}
+
+impl VerbsError {
+    /// The status of the reply that reports this error.
+    pub fn status(&self) -> u16 {
+        let s = match self {
+            VerbsError::Decode(_) => return status::BAD_LENGTH,
+            VerbsError::Access(AccessFlagsError::NotSupported(_)) => VerbsStatus::NotSupported,
+            VerbsError::Access(_) | VerbsError::Invalid(_) => VerbsStatus::Invalid,
+            VerbsError::NoSuchPd(_) | VerbsError::NoSuchMr(_) => VerbsStatus::BadHandle,
+            VerbsError::PdBusy { .. } => VerbsStatus::Busy,
+            VerbsError::Limit(_) => VerbsStatus::NoResources,
+            VerbsError::NoMemoryFile | VerbsError::SecondMemoryFile => VerbsStatus::NoMemoryFile,
+            VerbsError::Memory(MemoryError::Os { source, .. })
+                if source.raw_os_error() == Some(libc::ENOMEM) =>
+            {
+                VerbsStatus::NoResources
+            }
+            VerbsError::Memory(_) => VerbsStatus::Fault,
+            VerbsError::TestHooksOff => VerbsStatus::TestHooksOff,
+            VerbsError::Resolve(_) => VerbsStatus::Protection,
+            VerbsError::UnknownOp(_) => return status::UNKNOWN_OP,
+        };
+        s as u16
+    }
+}
+
+/// Which key a work request names: a local key (scatter/gather entries) or a remote key (the
+/// target of RDMA READ/WRITE and atomics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub enum Key {
+    Local(u32),
+    Remote(u32),
+}
+
+/// What the engine will do with resolved memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub enum Need {
+    /// Read through a local key (gather of a send, source of a write): every region allows it.
+    LocalRead,
+    /// Write through a local key (scatter of a receive, destination of a read or an atomic's
+    /// result): needs IBV_ACCESS_LOCAL_WRITE.
+    LocalWrite,
+    RemoteRead,
+    RemoteWrite,
+    RemoteAtomic,
+}
+
+impl Need {
+    fn is_remote(self) -> bool {
+        matches!(
+            self,
+            Need::RemoteRead | Need::RemoteWrite | Need::RemoteAtomic
+        )
+    }
+
+    /// The access flag a region needs for this, if any.
+    fn flag(self) -> u32 {
+        match self {
+            Need::LocalRead => 0,
+            Need::LocalWrite => access::LOCAL_WRITE,
+            Need::RemoteRead => access::REMOTE_READ,
+            Need::RemoteWrite => access::REMOTE_WRITE,
+            Need::RemoteAtomic => access::REMOTE_ATOMIC,
+        }
+    }
+}
+
+/// Why a key and a range did not resolve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveFailure {
+    #[error("no region has this key")]
+    UnknownKey,
+    #[error("the region is in another protection domain")]
+    WrongPd,
+    #[error("the range leaves the region")]
+    OutOfRange,
+    #[error("address + length overflows")]
+    Overflow,
+    #[error("the region does not grant this access")]
+    AccessDenied,
+    #[error("a local key used for remote access or a remote key for local access")]
+    WrongKeyKind,
+}
+
+/// A failed resolve, with what the work completion says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{} key {key:#x}: {failure}", if *.remote { "remote" } else { "local" })]
+pub struct ResolveError {
+    pub remote: bool,
+    pub key: u32,
+    pub failure: ResolveFailure,
+}
+
+impl ResolveError {
+    /// `IBV_WC_LOC_PROT_ERR` for local keys, `IBV_WC_REM_ACCESS_ERR` for remote ones.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn wc_status(&self) -> u32 {
+        if self.remote {
+            wc_status::REM_ACCESS_ERR
+        } else {
+            wc_status::LOC_PROT_ERR
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pd {
+    mrs: u32,
+}
+
+#[derive(Debug)]
+struct Mr {
+    pd: u32,
+    access: u32,
+    /// Start of the region in the address space work requests use.
+    iova: u64,
+    length: u64,
+    lkey: u32,
+    rkey: u32,
+    /// The region's pages as the router maps them.
+    mapping: Mapping,
+    /// Where the region's first byte is in `mapping`.
+    offset: usize,
+}
+
+/// Test hooks (`freeflow_proto::verbs::op::TEST_READ`/`TEST_WRITE`) are served only if the
+/// router's environment says `FREEFLOW_TEST_HOOKS=1`.
+fn test_hooks_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("FREEFLOW_TEST_HOOKS").is_some_and(|v| v == "1"))
+}
+
+/// Random 32-bit keys from a randomly keyed SipHash of a counter (std's `RandomState`: its keys
+/// come from the OS), so keys cannot be predicted from handles, from each other, or across
+/// tables.
+#[derive(Debug)]
+struct KeyGen {
+    state: std::collections::hash_map::RandomState,
+    counter: u64,
+}
+
+impl KeyGen {
+    fn new() -> KeyGen {
+        KeyGen {
+            state: std::collections::hash_map::RandomState::new(),
+            counter: 0,
+        }
+    }
+
+    fn next(&mut self) -> u32 {
+        self.counter += 1;
+        let mut h = self.state.build_hasher();
+        h.write_u64(self.counter);
+        h.finish() as u32
+    }
+}
+
+/// The verbs table of one attachment.
+#[derive(Debug)]
+pub struct VerbsTable {
+    memory: Option<MemoryFile>,
+    pds: HashMap<u32, Pd>,
+    mrs: HashMap<u32, Mr>,
+    /// Key to region handle. Local and remote keys are drawn apart (never equal), so a local key
+    /// is never accepted as a remote one.
+    lkeys: HashMap<u32, u32>,
+    rkeys: HashMap<u32, u32>,
+    next_handle: u32,
+    keys: KeyGen,
+    mapped_bytes: u64,
+    test_hooks: bool,
+}
+
+impl Default for VerbsTable {
+    fn default() -> Self {
+        VerbsTable::new(test_hooks_enabled())
+    }
+}
+
+impl VerbsTable {
+    pub fn new(test_hooks: bool) -> VerbsTable {
+        VerbsTable {
+            memory: None,
+            pds: HashMap::new(),
+            mrs: HashMap::new(),
+            lkeys: HashMap::new(),
+            rkeys: HashMap::new(),
+            next_handle: 0,
+            keys: KeyGen::new(),
+            mapped_bytes: 0,
+            test_hooks,
+        }
+    }
+
+    pub fn has_memory_file(&self) -> bool {
+        self.memory.is_some()
+    }
+
+    pub fn pd_count(&self) -> usize {
+        self.pds.len()
+    }
+
+    pub fn mr_count(&self) -> usize {
+        self.mrs.len()
+    }
+
+    /// Takes the memory file the shim sent with `msg`. One per attachment: a second is refused.
+    pub fn adopt_memory_file(&mut self, msg: MemoryFileMsg, fd: OwnedFd) -> Result<(), VerbsError> {
+        if self.memory.is_some() {
+            return Err(VerbsError::SecondMemoryFile);
+        }
+        self.memory = Some(MemoryFile::adopt(fd, msg.size, MEMORY_FILE_SIZE)?);
+        Ok(())
+    }
+
+    /// A handle not in use by any PD or MR of this table (never 0).
+    fn new_handle(&mut self) -> u32 {
+        loop {
+            self.next_handle = self.next_handle.wrapping_add(1);
+            let h = self.next_handle;
+            if h != 0 && !self.pds.contains_key(&h) && !self.mrs.contains_key(&h) {
+                return h;
+            }
+        }
+    }
+
+    /// A key in neither key table (never 0).
+    fn new_key(&mut self) -> u32 {
+        loop {
+            let k = self.keys.next();
+            if k != 0 && !self.lkeys.contains_key(&k) && !self.rkeys.contains_key(&k) {
+                return k;
+            }
+        }
+    }
+
+    pub fn alloc_pd(&mut self) -> Result<u32, VerbsError> {
+        if self.pds.len() >= limits::MAX_PD as usize {
+            return Err(VerbsError::Limit("protection domains"));
+        }
+        let h = self.new_handle();
+        self.pds.insert(h, Pd { mrs: 0 });
+        Ok(h)
+    }
+
+    /// Frees a PD; refused (EBUSY) while regions use it, as the kernel refuses it.
+    pub fn dealloc_pd(&mut self, pd: u32) -> Result<(), VerbsError> {
+        let entry = self.pds.get(&pd).ok_or(VerbsError::NoSuchPd(pd))?;
+        if entry.mrs > 0 {
+            return Err(VerbsError::PdBusy { pd, mrs: entry.mrs });
+        }
+        self.pds.remove(&pd);
+        Ok(())
+    }
+
+    /// Registers a region: checks every field, maps its pages from the memory file and gives it
+    /// a handle and two keys.
+    pub fn reg_mr(&mut self, r: &RegMr) -> Result<MrCreated, VerbsError> {
+        if !self.pds.contains_key(&r.pd) {
+            return Err(VerbsError::NoSuchPd(r.pd));
+        }
+        let access = check_mr_access(r.access)?;
+        if r.length == 0 {
+            return Err(VerbsError::Invalid("zero-length region"));
+        }
+        if r.length > limits::MAX_MR_SIZE {
+            return Err(VerbsError::Invalid("region longer than max_mr_size"));
+        }
+        let end = r
+            .addr
+            .checked_add(r.length)
+            .ok_or(VerbsError::Invalid("addr + length overflows"))?;
+        r.iova
+            .checked_add(r.length)
+            .ok_or(VerbsError::Invalid("iova + length overflows"))?;
+        // As the kernel requires: the iova keeps the address's offset in its page.
+        if r.addr % PAGE_SIZE != r.iova % PAGE_SIZE {
+            return Err(VerbsError::Invalid(
+                "iova and addr differ in their page offset",
+            ));
+        }
+        if self.mrs.len() >= limits::MAX_MR as usize {
+            return Err(VerbsError::Limit("memory regions"));
+        }
+        let first_page = r.addr - r.addr % PAGE_SIZE;
+        let end_page = end
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(VerbsError::Invalid("region ends beyond the address space"))?;
+        let pages = end_page - first_page;
+        if self.mapped_bytes + pages > limits::MAX_MAPPED_BYTES {
+            return Err(VerbsError::Limit("registered bytes"));
+        }
+        let memory = self.memory.as_ref().ok_or(VerbsError::NoMemoryFile)?;
+        // The page at virtual address A lives at file offset A (see freeflow_proto::verbs).
+        let mapping = memory.map(first_page, pages)?;
+        let handle = self.new_handle();
+        let lkey = self.new_key();
+        self.lkeys.insert(lkey, handle);
+        let rkey = self.new_key();
+        self.rkeys.insert(rkey, handle);
+        self.mapped_bytes += pages;
+        self.pds.get_mut(&r.pd).expect("checked above").mrs += 1;
+        self.mrs.insert(
+            handle,
+            Mr {
+                pd: r.pd,
+                access,
+                iova: r.iova,
+                length: r.length,
+                lkey,
+                rkey,
+                mapping,
+                offset: (r.addr - first_page) as usize,
+            },
+        );
+        Ok(MrCreated {
+            mr: handle,
+            lkey,
+            rkey,
+        })
+    }
+
+    /// Deregisters a region: its keys stop resolving and its mapping goes.
+    pub fn dereg_mr(&mut self, mr: u32) -> Result<(), VerbsError> {
+        let entry = self.mrs.remove(&mr).ok_or(VerbsError::NoSuchMr(mr))?;
+        self.lkeys.remove(&entry.lkey);
+        self.rkeys.remove(&entry.rkey);
+        self.mapped_bytes -= entry.mapping.len() as u64;
+        if let Some(pd) = self.pds.get_mut(&entry.pd) {
+            pd.mrs -= 1;
+        }
+        Ok(())
+    }
+
+    /// The memory of `len` bytes at `addr` (in the region's iova space) of the region that
+    /// `key` names, if that region is in protection domain `pd`, contains the whole range and
+    /// grants `need`. A zero-length range touches no memory: only the key, the domain and the
+    /// access are checked (the engine skips zero-length remote operations before calling this,
+    /// as the IB specification does not validate their R_Key).
+    pub fn resolve(
+        &self,
+        pd: u32,
+        key: Key,
+        addr: u64,
+        len: u64,
+        need: Need,
+    ) -> Result<MemView<'_>, ResolveError> {
+        let (remote, key, table) = match key {
+            Key::Local(k) => (false, k, &self.lkeys),
+            Key::Remote(k) => (true, k, &self.rkeys),
+        };
+        let fail = |failure| ResolveError {
+            remote,
+            key,
+            failure,
+        };
+        if remote != need.is_remote() {
+            return Err(fail(ResolveFailure::WrongKeyKind));
+        }
+        let mr = table
+            .get(&key)
+            .and_then(|h| self.mrs.get(h))
+            .ok_or(fail(ResolveFailure::UnknownKey))?;
+        if mr.pd != pd {
+            return Err(fail(ResolveFailure::WrongPd));
+        }
+        if mr.access & need.flag() != need.flag() {
+            return Err(fail(ResolveFailure::AccessDenied));
+        }
+        if len == 0 {
+            return Ok(mr.mapping.view(mr.offset, 0).expect("offset inside"));
+        }
+        let end = addr
+            .checked_add(len)
+            .ok_or(fail(ResolveFailure::Overflow))?;
+        // iova + length cannot overflow: reg_mr checked it.
+        if addr < mr.iova || end > mr.iova + mr.length {
+            return Err(fail(ResolveFailure::OutOfRange));
+        }
+        let offset = mr.offset + (addr - mr.iova) as usize;
+        Ok(mr
+            .mapping
+            .view(offset, len as usize)
+            .expect("inside the region, hence inside its mapping"))
+    }
+
+    /// Serves one verbs request: writes the reply body into `reply` and returns its status and
+    /// length. `reply` must hold the largest reply body (16 bytes).
+    pub fn serve(&mut self, opcode: u16, body: &[u8], reply: &mut [u8]) -> (u16, usize) {
+        match self.serve_inner(opcode, body, reply) {
+            Ok(len) => (status::OK, len),
+            Err(e) => (e.status(), 0),
+        }
+    }
+
+    fn serve_inner(
+        &mut self,
+        opcode: u16,
+        body: &[u8],
+        reply: &mut [u8],
+    ) -> Result<usize, VerbsError> {
+        match opcode {
+            op::ALLOC_PD => {
+                if !body.is_empty() {
+                    return Err(DecodeError::Length {
+                        what: "AllocPd",
+                        got: body.len(),
+                        expected: 0,
+                    }
+                    .into());
+                }
+                let pd = self.alloc_pd()?;
+                Ok(PdCreated { pd }.encode(reply))
+            }
+            op::DEALLOC_PD => {
+                let r = DeallocPd::decode(body)?;
+                self.dealloc_pd(r.pd)?;
+                Ok(0)
+            }
+            op::REG_MR => {
+                let r = RegMr::decode(body)?;
+                Ok(self.reg_mr(&r)?.encode(reply))
+            }
+            op::DEREG_MR => {
+                let r = DeregMr::decode(body)?;
+                self.dereg_mr(r.mr)?;
+                Ok(0)
+            }
+            op::TEST_READ => {
+                if !self.test_hooks {
+                    return Err(VerbsError::TestHooksOff);
+                }
+                let r = TestRead::decode(body)?;
+                let view =
+                    self.resolve(r.pd, Key::Local(r.lkey), r.addr, r.length, Need::LocalRead)?;
+                Ok(TestDigest {
+                    digest: view.digest(),
+                }
+                .encode(reply))
+            }
+            op::TEST_WRITE => {
+                if !self.test_hooks {
+                    return Err(VerbsError::TestHooksOff);
+                }
+                let r = TestWrite::decode(body)?;
+                let view = self.resolve(
+                    r.pd,
+                    Key::Local(r.lkey),
+                    r.addr,
+                    r.data.len() as u64,
+                    Need::LocalWrite,
+                )?;
+                view.write_at(0, &r.data)
+                    .expect("resolved to the data's length");
+                Ok(0)
+            }
+            other => Err(VerbsError::UnknownOp(other)),
+        }
+    }
+}
+
+/// Largest reply body of a verbs request.
+pub const MAX_REPLY_BODY: usize = 16;
+
+const _: () = assert!(MrCreated::LEN <= MAX_REPLY_BODY && TestDigest::LEN <= MAX_REPLY_BODY);
+const _: () = assert!(verbs::MEMORY_FILE_SIZE.is_multiple_of(PAGE_SIZE));
+
+#[cfg(test)]
+mod tests;
