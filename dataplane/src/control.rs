@@ -95,6 +95,7 @@ impl ControlThread {
 
     /// Serves until a termination signal or a shutdown request.
     pub fn run(&mut self) -> io::Result<()> {
+        sys::raise_fd_limit();
         loop {
             let now = Instant::now();
             self.expire_pending(now);
@@ -446,7 +447,7 @@ impl ControlThread {
         if got.truncated || got.fds.len() > fds_allowed {
             return self.drop_socket_shim(id, "request carried fds or was truncated");
         }
-        let passed = got.fds;
+        let passed = got.fds.into_iter().map(sys::Untrusted::new).collect();
         let container = shim.container.clone();
         if let Some((reply, socket)) = self.tcp.handle(
             Caller {

@@ -349,3 +349,178 @@ fn ipv4_of(addr: &libc::sockaddr_storage) -> Option<(Ipv4Addr, u16)> {
         _ => None,
     }
 }
+
+/// A descriptor that came from a container (or that a container also holds). Closing one can
+/// block: a socket the container gave SO_LINGER with unsent data, a file on a FUSE mount. So it
+/// is closed on a separate thread, never on the control thread.
+#[derive(Debug)]
+pub struct Untrusted(Option<OwnedFd>);
+
+impl Untrusted {
+    pub fn new(fd: OwnedFd) -> Untrusted {
+        Untrusted(Some(fd))
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.0.as_ref().expect("present until drop").as_fd()
+    }
+
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.as_fd().as_raw_fd()
+    }
+
+    /// Closes it here if it is a listening TCP socket (closing one cannot block: it has no data
+    /// to send), elsewhere otherwise.
+    pub fn close_if_listening(mut self) {
+        let listening =
+            int_opt(self.as_fd(), libc::SOL_SOCKET, libc::SO_ACCEPTCONN).is_ok_and(|v| v == 1);
+        if listening {
+            drop(self.0.take());
+        }
+    }
+
+    /// A duplicate (same open file description).
+    pub fn try_clone(&self) -> io::Result<OwnedFd> {
+        self.as_fd().try_clone_to_owned()
+    }
+}
+
+impl Drop for Untrusted {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0.take() {
+            close_elsewhere(fd);
+        }
+    }
+}
+
+fn close_elsewhere(fd: OwnedFd) {
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::{Mutex, OnceLock};
+    static CLOSER: OnceLock<Mutex<Sender<OwnedFd>>> = OnceLock::new();
+    let sender = CLOSER.get_or_init(|| {
+        let (tx, rx) = channel::<OwnedFd>();
+        let spawned = std::thread::Builder::new()
+            .name("ff-closer".into())
+            .spawn(move || rx.into_iter().for_each(drop));
+        if let Err(e) = spawned {
+            eprintln!("freeflow-router: cannot start the closer thread: {e}");
+        }
+        Mutex::new(tx)
+    });
+    let sender = sender.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(returned) = sender.send(fd) {
+        // No closer thread: leaking the fd is better than blocking the control thread.
+        std::mem::forget(returned.0);
+    }
+}
+
+/// Whether socket `fd` belongs to the network namespace this process runs in. A container can
+/// make sockets only in its own namespace, so a socket in ours came from a router.
+pub fn in_our_netns(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    // SAFETY: SIOCGSKNS takes no argument and returns a new fd for the socket's namespace.
+    let ns = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS as _) };
+    if ns < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ns is a fresh fd nobody else owns.
+    let ns = unsafe { OwnedFd::from_raw_fd(ns) };
+    let theirs = std::fs::File::from(ns).metadata()?;
+    let ours = std::fs::metadata("/proc/thread-self/ns/net")?;
+    use std::os::unix::fs::MetadataExt;
+    Ok(theirs.ino() == ours.ino() && theirs.dev() == ours.dev())
+}
+
+/// Raises this process's open-file limit to its hard limit (the router holds sockets for every
+/// accelerated listener and waiting client).
+pub fn raise_fd_limit() {
+    // SAFETY: rlimit is plain data; zero is valid.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit writes one rlimit into a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0
+        && limit.rlim_cur < limit.rlim_max
+    {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads one rlimit from a live local.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    }
+}
+
+/// Accepts on a listener a container also holds. The container can clear O_NONBLOCK on the
+/// shared file description at any moment, so the accept runs under a one-shot timer that
+/// interrupts it (EINTR) if it blocks: `Ok(None)` then, and the caller gives up on the listener.
+pub struct GuardedAccept {
+    timer: libc::timer_t,
+}
+
+const GUARD_SIGNAL_OFFSET: libc::c_int = 3;
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+impl GuardedAccept {
+    /// Sets up the timer for the calling thread (the control thread).
+    pub fn new() -> io::Result<GuardedAccept> {
+        let signal = libc::SIGRTMIN() + GUARD_SIGNAL_OFFSET;
+        // SAFETY: sigaction is plain data; zero is a valid start.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = ignore_signal as *const () as usize;
+        // No SA_RESTART: the blocked accept must return EINTR.
+        action.sa_flags = 0;
+        // SAFETY: installs a handler that does nothing, for a signal nothing else uses.
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: sigevent is plain data; zero is a valid start.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = signal;
+        // SAFETY: gettid has no preconditions.
+        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: timer_create reads the live sigevent and writes the timer id.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(GuardedAccept { timer })
+    }
+
+    fn arm(&self, nanos: i64) {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: nanos,
+            },
+        };
+        // SAFETY: reads one live itimerspec; the timer is ours.
+        unsafe { libc::timer_settime(self.timer, 0, &spec, std::ptr::null_mut()) };
+    }
+
+    /// `Err` for a listener that must be given up (blocked, hung up, failing); `Ok(None)` when
+    /// no client waits.
+    pub fn accept(&self, listener: BorrowedFd<'_>) -> io::Result<Option<(OwnedFd, Ipv4Addr, u16)>> {
+        // SAFETY: F_GETFL on an fd we hold.
+        let flags = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 || flags & libc::O_NONBLOCK == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the container made its overlay listener blocking",
+            ));
+        }
+        self.arm(20_000_000);
+        let result = accept_one(listener);
+        self.arm(0);
+        result
+    }
+}
+
+impl Drop for GuardedAccept {
+    fn drop(&mut self) {
+        // SAFETY: the timer is ours and deleted once.
+        unsafe { libc::timer_delete(self.timer) };
+    }
+}

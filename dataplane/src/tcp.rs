@@ -18,16 +18,16 @@
 //! Router-to-router messages (JSON lines on TCP to each host's peer port) carry listener tables
 //! and connection announcements. Peers are accepted only from registered host addresses.
 
-use crate::sys;
+use crate::sys::{self, GuardedAccept, Untrusted};
 use freeflow_proto::control::{ContainerEntry, NetworkView};
 use freeflow_proto::sockmsg::{
-    SockNotice, SockOp, SockReply, SockRequest, SockStatus, FLAG_INET6, FLAG_REUSEPORT,
+    SockNotice, SockOp, SockReply, SockRequest, SockStatus, FLAG_INET6, FLAG_ORPHAN, FLAG_REUSEPORT,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// How long a resolve waits for the client router's announcement.
@@ -49,6 +49,10 @@ const RELAY_BATCH: usize = 64;
 /// Clients without Freeflow held for one listener's application at most; more are turned away
 /// (reset), as a full accept queue would, so that a container cannot pile up the router's fds.
 const MAX_RELAYS_PER_LISTENER: usize = 256;
+/// Relayed clients waiting in all (each holds two fds and a host port).
+const MAX_RELAYS: usize = 4096;
+/// Accelerated listeners one container may have.
+const MAX_LISTENERS_PER_CONTAINER: usize = 256;
 /// Host sockets kept created and bound ahead of connects (IPv4), so that a connect request
 /// costs only the connect: they are made after replies, off the requester's path.
 const SPARE_SOCKETS: usize = 4;
@@ -89,11 +93,23 @@ struct LocalListener {
     /// Created for an application socket with SO_REUSEPORT: other processes of the container
     /// asking for the same port with SO_REUSEPORT share it.
     reuseport: bool,
-    /// Keeps the socket (and its port) alive while registered.
-    socket: OwnedFd,
+    /// Keeps the socket (and its port) alive while registered. The container holds it too.
+    socket: Untrusted,
     /// The application's own socket, listening on the overlay address in the container, for
     /// clients that come without Freeflow (not accelerated; relayed once, at accept).
-    overlay: Option<OwnedFd>,
+    overlay: Option<Untrusted>,
+}
+
+impl LocalListener {
+    /// No known holder any more: kept for the orphan grace (a forked child may claim it), but
+    /// its overlay socket goes at once, so that the port is free in the container for a server
+    /// that restarts (clients without Freeflow are refused meanwhile).
+    fn orphan(&mut self, now: Instant) {
+        self.orphaned_at = Some(now);
+        if let Some(overlay) = self.overlay.take() {
+            overlay.close_if_listening();
+        }
+    }
 }
 
 /// A client that reached an overlay listener without Freeflow, waiting to be accepted: the
@@ -119,9 +135,18 @@ struct PeerOut {
     next_try: Instant,
 }
 
+/// What a client's router said about one of its connections.
+struct Announced {
+    ip: Ipv4Addr,
+    port: u16,
+    at: Instant,
+    to_port: Option<u16>,
+}
+
 /// A resolve waiting for its announcement.
 pub struct PendingResolve {
     pub attachment: u32,
+    listener_ip: Ipv4Addr,
     pub seq: u32,
     key: (Ipv4Addr, u16),
     deadline: Instant,
@@ -140,7 +165,9 @@ pub struct TcpService {
     local: HashMap<(Ipv4Addr, u16), LocalListener>,
     /// Listeners of other hosts: (host, overlay ip, overlay port) -> host port.
     remote: HashMap<(Ipv4Addr, Ipv4Addr, u16), u16>,
-    announced: HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16, Instant)>,
+    /// Host address of a client -> its overlay address, when announced, and the host port of
+    /// the listener it connects to.
+    announced: HashMap<(Ipv4Addr, u16), Announced>,
     /// Relayed clients by the doorbell's host address.
     relays: HashMap<(Ipv4Addr, u16), Relay>,
     pending: Vec<PendingResolve>,
@@ -154,6 +181,8 @@ pub struct TcpService {
     pub connects: u64,
     pub fallbacks: u64,
     pub relayed: u64,
+    /// Accepts on overlay listeners (which containers share) run under this timer.
+    guard: Option<GuardedAccept>,
 }
 
 /// Replies that became ready outside a request (resolves whose announcement arrived or timed out).
@@ -212,7 +241,7 @@ impl TcpService {
         &mut self,
         caller: Caller<'_>,
         req: SockRequest,
-        passed: Vec<OwnedFd>,
+        passed: Vec<Untrusted>,
     ) -> Option<(SockReply, Option<OwnedFd>)> {
         let Some(host_ip) = self.host_ip() else {
             // A router without a network view (run alone) accelerates nothing.
@@ -230,10 +259,15 @@ impl TcpService {
                 // and SO_REUSEPORT peers may still serve it).
                 let key = (caller.container.ip, req.port);
                 if let Some(l) = self.local.get_mut(&key) {
+                    let held = !l.owners.is_empty();
                     l.owners.retain(|&a| a != caller.attachment);
-                    if l.owners.is_empty() && l.orphaned_at.is_none() {
-                        self.local.remove(&key);
-                        self.broadcast_listeners();
+                    if held && l.owners.is_empty() {
+                        if req.flags & FLAG_ORPHAN != 0 {
+                            l.orphan(Instant::now());
+                        } else {
+                            self.local.remove(&key);
+                            self.broadcast_listeners();
+                        }
                     }
                 }
                 Some((ok(req.seq, caller.container.ip, req.port), None))
@@ -262,11 +296,12 @@ impl TcpService {
                     self.relayed += 1;
                     return Some((ok(req.seq, relay.peer.0, relay.peer.1), Some(relay.conn)));
                 }
-                match self.lookup_announcement(key) {
+                match self.lookup_announcement(key, caller.container.ip) {
                     Some((ip, port)) => Some((ok(req.seq, ip, port), None)),
                     None => {
                         self.pending.push(PendingResolve {
                             attachment: caller.attachment,
+                            listener_ip: caller.container.ip,
                             seq: req.seq,
                             key,
                             deadline: Instant::now() + RESOLVE_WAIT,
@@ -278,14 +313,25 @@ impl TcpService {
         }
     }
 
-    /// The overlay address announced for host address `key`, if the registry places that
-    /// overlay address on the announcing host.
-    fn lookup_announcement(&self, key: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
-        let (ip, port, _) = self.announced.get(&key)?;
-        self.overlay
-            .get(ip)
-            .is_some_and(|(_, host)| *host == key.0)
-            .then_some((*ip, *port))
+    /// The overlay address announced for host address `key`, for a listener of container
+    /// `listener_ip`: only if the registry places that overlay address on the announcing host,
+    /// in the listener's tenant, and the announcement names one of that container's listeners
+    /// (no container learns about connections to another).
+    fn lookup_announcement(
+        &self,
+        key: (Ipv4Addr, u16),
+        listener_ip: Ipv4Addr,
+    ) -> Option<(Ipv4Addr, u16)> {
+        let a = self.announced.get(&key)?;
+        let (client_tenant, client_host) = self.overlay.get(&a.ip)?;
+        let (listener_tenant, _) = self.overlay.get(&listener_ip)?;
+        let to_port = a.to_port?;
+        let targets_listener = self
+            .local
+            .iter()
+            .any(|(&(ip, _), l)| ip == listener_ip && l.host_port == to_port);
+        (*client_host == key.0 && client_tenant == listener_tenant && targets_listener)
+            .then_some((a.ip, a.port))
     }
 
     fn connect(
@@ -331,8 +377,15 @@ impl TcpService {
                 to_port: Some(target_port),
             };
             if dst_host == host_ip {
-                self.announced
-                    .insert((host_ip, port), (caller.container.ip, port, Instant::now()));
+                self.announced.insert(
+                    (host_ip, port),
+                    Announced {
+                        ip: caller.container.ip,
+                        port,
+                        at: Instant::now(),
+                        to_port: Some(target_port),
+                    },
+                );
                 self.notify(target_port, (host_ip, port));
             } else {
                 self.send_to(dst_host, &conn);
@@ -358,7 +411,7 @@ impl TcpService {
         req: SockRequest,
         host_ip: Ipv4Addr,
         v6: bool,
-        passed: Option<OwnedFd>,
+        passed: Option<Untrusted>,
     ) -> (SockReply, Option<OwnedFd>) {
         let ip = caller.container.ip;
         if req.ip != Ipv4Addr::UNSPECIFIED && req.ip != ip {
@@ -387,6 +440,9 @@ impl TcpService {
                     ),
                 };
             }
+        }
+        if !self.local.contains_key(&key) && self.listeners_of(ip) >= MAX_LISTENERS_PER_CONTAINER {
+            return (SockReply::error(req.seq, libc::ENOBUFS), None);
         }
         let overlay = passed.and_then(|fd| match overlay_listener_ok(&fd, req.port) {
             Ok(()) => Some(fd),
@@ -417,7 +473,7 @@ impl TcpService {
                         orphaned_at: None,
                         host_port,
                         reuseport,
-                        socket: keep,
+                        socket: Untrusted::new(keep),
                         overlay,
                     },
                 );
@@ -440,7 +496,7 @@ impl TcpService {
         caller: Caller<'_>,
         req: SockRequest,
         host_ip: Ipv4Addr,
-        passed: Vec<OwnedFd>,
+        passed: Vec<Untrusted>,
     ) -> (SockReply, Option<OwnedFd>) {
         let key = (caller.container.ip, req.port);
         let mut fds = passed.into_iter();
@@ -468,6 +524,13 @@ impl TcpService {
             existing.orphaned_at = None;
             return (ok(req.seq, key.0, key.1), None);
         }
+        // A host port is one listener's: a container handing back a socket bound to another
+        // listener's port (its own, under another overlay port) gets nothing.
+        if self.local.values().any(|l| l.host_port == host_port)
+            || self.listeners_of(key.0) >= MAX_LISTENERS_PER_CONTAINER
+        {
+            return (SockReply::error(req.seq, libc::EADDRINUSE), None);
+        }
         let overlay = overlay.filter(|fd| overlay_listener_ok(fd, req.port).is_ok());
         self.local.insert(
             key,
@@ -487,10 +550,13 @@ impl TcpService {
     /// Queues a notice for every process holding the local listener on host port `to_port`:
     /// the connection from host address `from` is the overlay address announced for it.
     fn notify(&mut self, to_port: u16, from: (Ipv4Addr, u16)) {
-        let Some((ip, port)) = self.lookup_announcement(from) else {
+        let Some((&(listener_ip, _), listener)) =
+            self.local.iter().find(|(_, l)| l.host_port == to_port)
+        else {
             return;
         };
-        let Some(listener) = self.local.values().find(|l| l.host_port == to_port) else {
+        let owners = listener.owners.clone();
+        let Some((ip, port)) = self.lookup_announcement(from, listener_ip) else {
             return;
         };
         let notice = SockNotice {
@@ -500,7 +566,21 @@ impl TcpService {
             port,
         };
         self.notices
-            .extend(listener.owners.iter().map(|&owner| (owner, notice)));
+            .extend(owners.into_iter().map(|owner| (owner, notice)));
+    }
+
+    fn listeners_of(&self, container_ip: Ipv4Addr) -> usize {
+        self.local
+            .keys()
+            .filter(|(ip, _)| *ip == container_ip)
+            .count()
+    }
+
+    /// Stops taking clients on a listener's overlay socket (closed off the control thread).
+    fn give_up_overlay(&mut self, key: (Ipv4Addr, u16)) {
+        if let Some(l) = self.local.get_mut(&key) {
+            l.overlay = None;
+        }
     }
 
     /// Takes the clients waiting on the overlay listener `fd` (they came without Freeflow) and
@@ -517,22 +597,47 @@ impl TcpService {
         else {
             return;
         };
-        let overlay = listener.overlay.as_ref().expect("matched above");
         let host_port = listener.host_port;
+        if self.guard.is_none() {
+            match GuardedAccept::new() {
+                Ok(guard) => self.guard = Some(guard),
+                Err(e) => {
+                    eprintln!("freeflow-router: tcp: no accept timer ({e}); overlay listeners off");
+                    return self.give_up_overlay(key);
+                }
+            }
+        }
+        let guard = self.guard.as_ref().expect("set above");
+        let overlay = listener.overlay.as_ref().expect("matched above");
         let mut taken = Vec::new();
+        let mut give_up = None;
         for _ in 0..RELAY_BATCH {
-            match sys::accept_one(overlay.as_fd()) {
+            match guard.accept(overlay.as_fd()) {
                 Ok(Some(client)) => taken.push(client),
                 Ok(None) => break,
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => continue,
+                // A client that went away, or one that is not IPv4: skip it.
+                Err(e)
+                    if e.kind() == io::ErrorKind::InvalidData
+                        || e.kind() == io::ErrorKind::ConnectionAborted =>
+                {
+                    continue
+                }
+                // Blocked (the container cleared O_NONBLOCK), shut down, or failing: the
+                // listener would keep the control thread busy or stuck; stop using it.
                 Err(e) => {
-                    eprintln!("freeflow-router: tcp: accept on overlay listener {key:?}: {e}");
+                    give_up = Some(e);
                     break;
                 }
             }
         }
+        if let Some(e) = give_up {
+            eprintln!("freeflow-router: tcp: overlay listener {key:?} given up: {e}");
+            self.give_up_overlay(key);
+        }
         let held = self.relays.values().filter(|r| r.listener == key).count();
-        let room = MAX_RELAYS_PER_LISTENER.saturating_sub(held);
+        let room = MAX_RELAYS_PER_LISTENER
+            .saturating_sub(held)
+            .min(MAX_RELAYS.saturating_sub(self.relays.len()));
         if taken.len() > room {
             eprintln!(
                 "freeflow-router: tcp: {} clients of {key:?} turned away: {held} wait for accept",
@@ -576,7 +681,7 @@ impl TcpService {
             let before = l.owners.len();
             l.owners.retain(|&a| a != attachment);
             if before > 0 && l.owners.is_empty() {
-                l.orphaned_at = Some(now);
+                l.orphan(now);
             }
         }
         self.pending.retain(|p| p.attachment != attachment);
@@ -755,8 +860,11 @@ impl TcpService {
         loop {
             match listener.accept() {
                 Ok((stream, SocketAddr::V4(addr))) => {
-                    let known = self.overlay.values().any(|(_, h)| h == addr.ip())
-                        || self.outgoing.contains_key(addr.ip());
+                    // Never from this host's own address: only the router itself is there, and
+                    // containers can bind sockets to it (IP_FREEBIND).
+                    let known = (self.overlay.values().any(|(_, h)| h == addr.ip())
+                        || self.outgoing.contains_key(addr.ip()))
+                        && Some(*addr.ip()) != self.host_ip();
                     if !known {
                         eprintln!("freeflow-router: tcp: refused peer connection from {addr}: not a registered host");
                         continue;
@@ -848,8 +956,15 @@ impl TcpService {
                 to_port,
             } if host == from => {
                 // Checked against the registry when a resolve or a notice uses it, as above.
-                self.announced
-                    .insert((host, host_port), (ip, port, Instant::now()));
+                self.announced.insert(
+                    (host, host_port),
+                    Announced {
+                        ip,
+                        port,
+                        at: Instant::now(),
+                        to_port,
+                    },
+                );
                 if let Some(to_port) = to_port {
                     self.notify(to_port, (host, host_port));
                 }
@@ -863,7 +978,7 @@ impl TcpService {
     fn answer_pending(&mut self, deferred: &mut Deferred, now: Instant) {
         let mut still = Vec::new();
         for p in std::mem::take(&mut self.pending) {
-            if let Some((ip, port)) = self.lookup_announcement(p.key) {
+            if let Some((ip, port)) = self.lookup_announcement(p.key, p.listener_ip) {
                 deferred.push((p.attachment, ok(p.seq, ip, port)));
             } else if now >= p.deadline {
                 deferred.push((p.attachment, SockReply::error(p.seq, libc::ECONNREFUSED)));
@@ -888,9 +1003,12 @@ impl TcpService {
         }
         self.answer_pending(deferred, now);
         self.announced
-            .retain(|_, (_, _, at)| now.duration_since(*at) < ANNOUNCEMENT_TTL);
-        self.relays
-            .retain(|_, r| now.duration_since(r.since) < RELAY_TTL);
+            .retain(|_, a| now.duration_since(a.at) < ANNOUNCEMENT_TTL);
+        // A relayed client waits until accepted, its time is up, or its listener is gone.
+        let local = &self.local;
+        self.relays.retain(|_, r| {
+            now.duration_since(r.since) < RELAY_TTL && local.contains_key(&r.listener)
+        });
         let before = self.local.len();
         self.local.retain(|_, l| {
             l.orphaned_at
@@ -932,7 +1050,11 @@ fn bound_socket(host_ip: Ipv4Addr, v6: bool) -> io::Result<(OwnedFd, u16)> {
 /// Checks that a descriptor a container passed is what the shim says it is: a TCP socket
 /// listening on overlay port `port`; then makes it non-blocking for the control loop. The
 /// container is not trusted: anything else is refused.
-fn overlay_listener_ok(fd: &OwnedFd, port: u16) -> Result<(), String> {
+fn overlay_listener_ok(fd: &Untrusted, port: u16) -> Result<(), String> {
+    // Only the container's own sockets: one in our namespace would be a host socket.
+    if sys::in_our_netns(fd.as_fd()).map_err(|e| e.to_string())? {
+        return Err("a host-network socket".into());
+    }
     let opt = |level, name| sys::int_opt(fd.as_fd(), level, name).map_err(|e| e.to_string());
     if opt(libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
         return Err("not a stream socket".into());
@@ -944,7 +1066,7 @@ fn overlay_listener_ok(fd: &OwnedFd, port: u16) -> Result<(), String> {
     if opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 1 {
         return Err("not listening".into());
     }
-    let bound = sys::local_port(fd).map_err(|e| e.to_string())?;
+    let (_, bound) = sys::local_addr(fd.as_fd()).map_err(|e| e.to_string())?;
     if bound != port {
         return Err(format!("bound to port {bound}"));
     }
@@ -952,7 +1074,12 @@ fn overlay_listener_ok(fd: &OwnedFd, port: u16) -> Result<(), String> {
 }
 
 /// Checks that a descriptor a container handed back is a TCP listener on `host_ip`; its port.
-fn host_listener_ok(fd: &OwnedFd, host_ip: Ipv4Addr) -> Result<u16, String> {
+fn host_listener_ok(fd: &Untrusted, host_ip: Ipv4Addr) -> Result<u16, String> {
+    // A container can bind a socket of its own to this host's address (IP_FREEBIND needs no
+    // privilege), but cannot make one in our namespace: only a router gave it those.
+    if !sys::in_our_netns(fd.as_fd()).map_err(|e| e.to_string())? {
+        return Err("not a host-network socket".into());
+    }
     let opt = |level, name| sys::int_opt(fd.as_fd(), level, name).map_err(|e| e.to_string());
     if opt(libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM
         || opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 1

@@ -56,6 +56,9 @@ pub const FLAG_INET6: u16 = 1;
 /// Flag (listen): the application's socket has SO_REUSEPORT; other processes of the same
 /// container listening on the port with SO_REUSEPORT share the listener.
 pub const FLAG_REUSEPORT: u16 = 2;
+/// Flag (unlisten): the process forked while holding the listener, so a child may hold it
+/// without having claimed it yet: keep it for the orphan grace instead of removing it.
+pub const FLAG_ORPHAN: u16 = 4;
 
 /// A request from the shim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

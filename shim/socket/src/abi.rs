@@ -7,7 +7,9 @@ use crate::epoll;
 use crate::real::{self, Endpoint};
 use crate::session::{self, config, debug};
 use crate::state::{self, Accelerated, Role};
-use freeflow_proto::sockmsg::{SockOp, SockRequest, SockStatus, FLAG_INET6, FLAG_REUSEPORT};
+use freeflow_proto::sockmsg::{
+    SockOp, SockRequest, SockStatus, FLAG_INET6, FLAG_ORPHAN, FLAG_REUSEPORT,
+};
 use libc::{c_int, sockaddr, socklen_t};
 use std::net::Ipv4Addr;
 use std::os::fd::{IntoRawFd, OwnedFd};
@@ -62,6 +64,7 @@ fn install(socket: OwnedFd, fd: c_int, nonblocking: bool) -> Result<(), c_int> {
         0
     };
     let watched = epoll::registrations_of(fd);
+    epoll::forget(fd, &watched);
     let rc = real::dup3(new, fd, cloexec);
     let err = real::errno();
     real::close(new);
@@ -198,7 +201,21 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     };
     // SAFETY: fd is the application's open socket for the duration of the call.
     let overlay = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    // The router makes its own use of the socket non-blocking; when the application keeps it
+    // (no acceleration), it gets its own mode back.
+    let keep_mode = || {
+        let status = real::fcntl_get(fd, libc::F_GETFL);
+        if status >= 0 {
+            let wanted = if nonblocking {
+                status | libc::O_NONBLOCK
+            } else {
+                status & !libc::O_NONBLOCK
+            };
+            real::fcntl_set(fd, libc::F_SETFL, wanted);
+        }
+    };
     let Ok((reply, socket)) = session::call_passing(request, overlay) else {
+        keep_mode();
         return 0;
     };
     match (reply.status, socket) {
@@ -222,8 +239,14 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
             session::ensure_watcher();
             0
         }
-        (SockStatus::Error, _) => fail(reply.errno),
-        _ => 0,
+        (SockStatus::Error, _) => {
+            keep_mode();
+            fail(reply.errno)
+        }
+        _ => {
+            keep_mode();
+            0
+        }
     }
 }
 
@@ -429,7 +452,8 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
         if s.role == Role::Listener && !state::holds_listener(s.local) {
             let request = SockRequest {
                 op: SockOp::Unlisten,
-                flags: 0,
+                // Another process may hold it without having told the router yet.
+                flags: if state::forked() { FLAG_ORPHAN } else { 0 },
                 seq: 0,
                 ip: s.local.0,
                 port: s.local.1,

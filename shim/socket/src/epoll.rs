@@ -9,10 +9,10 @@
 
 use crate::real;
 use libc::c_int;
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
-static EPOLL_FDS: Mutex<Vec<c_int>> = Mutex::new(Vec::new());
+pub(crate) static EPOLL_FDS: Mutex<Vec<c_int>> = Mutex::new(Vec::new());
 /// Set once an epoll instance exists, so that close() elsewhere costs one relaxed load.
 static ANY: AtomicBool = AtomicBool::new(false);
 
@@ -21,7 +21,7 @@ pub fn created(epfd: c_int) {
         return;
     }
     ANY.store(true, Ordering::Relaxed);
-    let mut fds = EPOLL_FDS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut fds = EPOLL_FDS.lock();
     if !fds.contains(&epfd) {
         fds.push(epfd);
     }
@@ -32,10 +32,7 @@ pub fn closed(fd: c_int) {
     if !ANY.load(Ordering::Relaxed) {
         return;
     }
-    EPOLL_FDS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|&e| e != fd);
+    EPOLL_FDS.lock().retain(|&e| e != fd);
 }
 
 /// One epoll instance's interest in an fd.
@@ -54,7 +51,7 @@ pub fn registrations_of(fd: c_int) -> Vec<Registration> {
     let Some(inode) = inode_of(fd) else {
         return Vec::new();
     };
-    let epfds = EPOLL_FDS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let epfds = EPOLL_FDS.lock().clone();
     let mut found = Vec::new();
     for epfd in epfds {
         let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{epfd}")) else {
@@ -72,6 +69,17 @@ pub fn registrations_of(fd: c_int) -> Vec<Registration> {
         );
     }
     found
+}
+
+/// Removes the registrations of `fd` (the original socket) before the swap. The kernel would
+/// drop them itself only when the original file is closed everywhere, and the router keeps a
+/// copy of a listener's: the application would get events from a socket it no longer has.
+pub fn forget(fd: c_int, registrations: &[Registration]) {
+    for r in registrations {
+        let mut unused = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: EPOLL_CTL_DEL ignores the event; a live one is passed for old kernels.
+        unsafe { libc::epoll_ctl(r.epfd, libc::EPOLL_CTL_DEL, fd, &mut unused) };
+    }
 }
 
 /// Registers `fd` (now the host socket) as it was registered before the swap.

@@ -23,15 +23,49 @@ pub static FREEFLOW_FSOCKET_VERSION: [u8; 6] = *b"0.1.0\0";
 /// Runs when the library is loaded: registers the fork handler and takes back the sockets an
 /// exec passed on.
 extern "C" fn on_load() {
-    // SAFETY: registers a handler with no prepare/parent parts; the child handler is an
-    // `extern "C" fn()` that lives as long as the process (this library is never unloaded:
-    // it is preloaded).
-    unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    // SAFETY: registers three `extern "C" fn()` handlers that live as long as the process (this
+    // library is never unloaded: it is preloaded).
+    unsafe {
+        libc::pthread_atfork(
+            Some(before_fork),
+            Some(after_fork_in_parent),
+            Some(after_fork_in_child),
+        )
+    };
     inherit::adopt();
+}
+
+/// Before fork: takes every lock of the shim, so that the child does not inherit one held by
+/// another thread (it would wait for it forever). Fork waits while a thread is in a request to
+/// the router.
+extern "C" fn before_fork() {
+    std::mem::forget(session::SESSION.lock());
+    std::mem::forget(state::TABLE.lock());
+    std::mem::forget(epoll::EPOLL_FDS.lock());
+}
+
+/// Releases the locks `before_fork` took.
+fn release_fork_locks() {
+    // SAFETY: before_fork took each of these locks in this thread and forgot the guards; in
+    // the child, this thread is the one that returned from fork.
+    unsafe {
+        epoll::EPOLL_FDS.force_unlock();
+        state::TABLE.force_unlock();
+        session::SESSION.force_unlock();
+    }
+}
+
+/// In the parent after fork: the listeners now have other holders; closing one here must not
+/// take it from a child that has not claimed it yet.
+extern "C" fn after_fork_in_parent() {
+    release_fork_locks();
+    state::note_fork();
 }
 
 /// In a forked child: claim the inherited listeners with a session of the child's own.
 extern "C" fn after_fork_in_child() {
+    release_fork_locks();
+    state::note_fork();
     session::forget_watcher_after_fork();
     let ports = state::listener_ports();
     if !ports.is_empty() {

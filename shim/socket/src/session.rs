@@ -8,12 +8,13 @@ use freeflow_proto::fdpass;
 use freeflow_proto::sockmsg::{
     FromRouter, SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN,
 };
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// The overlay prefix: `VNET_PREFIX`, as a network address and mask.
 #[derive(Debug, Clone, Copy)]
@@ -86,13 +87,22 @@ pub fn debug(msg: std::fmt::Arguments<'_>) {
 
 /// The attachment of this process (a forked child attaches anew: the router identifies each
 /// process by its own credentials, and two processes must not share one request channel).
-struct Attached {
+pub(crate) struct Attached {
     pid: i32,
     session: Option<SocketSession>,
     /// Overlay addresses of connections about to be accepted, by host address, as the router's
-    /// notices said (see `SockNotice`).
-    notices: HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16)>,
+    /// notices said (see `SockNotice`), with when they came.
+    notices: HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16, Instant)>,
+    /// With no session: when attaching may be tried again (a router restarting, a container
+    /// registered later, a request that timed out).
+    retry_at: Instant,
 }
+
+/// How long a notice is trusted: host ports are reused, and a notice meant for another process
+/// (the router sends them to every holder of a listener) must not name a later connection.
+const NOTICE_TTL: Duration = Duration::from_secs(5);
+/// How often a process without a router session tries to attach again.
+const REATTACH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Notices kept at most; beyond, the oldest knowledge is dropped (accept then asks the router).
 /// Notices pile up in processes that hold a listener but leave the accepting to others.
@@ -100,15 +110,28 @@ const MAX_NOTICES: usize = 4096;
 
 impl Attached {
     fn remember(&mut self, notice: SockNotice) {
+        let now = Instant::now();
         if self.notices.len() >= MAX_NOTICES {
-            self.notices.clear();
+            self.notices
+                .retain(|_, (_, _, at)| now.duration_since(*at) < NOTICE_TTL);
+            if self.notices.len() >= MAX_NOTICES {
+                self.notices.clear();
+            }
         }
-        self.notices
-            .insert((notice.host_ip, notice.host_port), (notice.ip, notice.port));
+        self.notices.insert(
+            (notice.host_ip, notice.host_port),
+            (notice.ip, notice.port, now),
+        );
+    }
+
+    /// The fresh notice for `host`, taken out.
+    fn take_notice(&mut self, host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
+        let (ip, port, at) = self.notices.remove(&host)?;
+        (at.elapsed() < NOTICE_TTL).then_some((ip, port))
     }
 }
 
-static SESSION: Mutex<Option<Attached>> = Mutex::new(None);
+pub(crate) static SESSION: Mutex<Option<Attached>> = Mutex::new(None);
 static SEQ: AtomicU32 = AtomicU32::new(1);
 
 /// Why a request got no answer: the caller then takes the normal path.
@@ -120,7 +143,7 @@ pub enum Unavailable {
 
 /// Sends `request` and waits for the reply and the socket that may come with it.
 pub fn call(request: SockRequest) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
-    let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = SESSION.lock();
     call_locked(&mut guard, request, &[])
 }
 
@@ -129,7 +152,7 @@ pub fn call_passing(
     request: SockRequest,
     fd: BorrowedFd<'_>,
 ) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
-    let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = SESSION.lock();
     call_locked(&mut guard, request, &[fd])
 }
 
@@ -137,12 +160,13 @@ pub fn call_passing(
 /// notice for it has arrived: no round trip. Reads the notices waiting on the session without
 /// blocking.
 pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
-    let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = SESSION.lock();
     let attached = guard.as_mut().filter(|a| a.pid == real::getpid())?;
-    if let Some(found) = attached.notices.remove(&host) {
-        return Some(found);
-    }
-    let session = attached.session.as_ref()?;
+    // What waits on the session first: a notice kept from earlier may be stale (host ports are
+    // reused), the one just sent for this connection replaces it.
+    let Some(session) = attached.session.as_ref() else {
+        return attached.take_notice(host);
+    };
     let mut buf = [0u8; SOCKMSG_LEN + 1];
     let mut read = Vec::new();
     // Bounded: a router sends at most half a socket buffer of notices ahead. Stops at the one
@@ -168,16 +192,14 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
     for n in read {
         attached.remember(n);
     }
-    attached.notices.remove(&host)
+    attached.take_notice(host)
 }
 
-/// In a freshly forked child: tells the router this process holds the listeners it inherited,
-/// so they outlive a parent that exits (daemonizing and pre-fork servers). If another thread of
-/// the parent held the session lock at the fork, the child cannot take it and skips this.
+/// In a freshly forked child (and after exec): tells the router this process holds the
+/// listeners it inherited, so they outlive a parent that exits (daemonizing and pre-fork
+/// servers). The fork handlers make sure no other thread holds the lock.
 pub fn claim_inherited_listeners(ports: &[u16]) {
-    let Ok(mut guard) = SESSION.try_lock() else {
-        return;
-    };
+    let mut guard = SESSION.lock();
     for &port in ports {
         let request = SockRequest {
             op: SockOp::Own,
@@ -199,7 +221,10 @@ fn call_locked(
     passing: &[BorrowedFd<'_>],
 ) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
     let pid = real::getpid();
-    if guard.as_ref().is_none_or(|a| a.pid != pid) {
+    let attach_now = guard
+        .as_ref()
+        .is_none_or(|a| a.pid != pid || (a.session.is_none() && Instant::now() >= a.retry_at));
+    if attach_now {
         let session = match attach_socket(&config().dir, Duration::from_secs(2)) {
             Ok(s) => {
                 debug(format_args!(
@@ -223,6 +248,7 @@ fn call_locked(
             pid,
             session,
             notices: HashMap::new(),
+            retry_at: Instant::now() + REATTACH_INTERVAL,
         });
     }
     let attached = guard.as_mut().expect("set above");
@@ -232,8 +258,13 @@ fn call_locked(
     request.seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let mut notices = Vec::new();
     let mut exchange = || -> Result<(SockReply, Option<OwnedFd>), String> {
-        fdpass::send_with_fds(session.conn.as_fd(), &request.encode(), passing)
-            .map_err(|e| e.to_string())?;
+        loop {
+            match fdpass::send_with_fds(session.conn.as_fd(), &request.encode(), passing) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.to_string()),
+                Ok(_) => break,
+            }
+        }
         let mut buf = [0u8; SOCKMSG_LEN + 1];
         // Notices may come before the reply; each is kept. Bounded like `noticed`.
         for _ in 0..4096 {
@@ -266,6 +297,7 @@ fn call_locked(
             // normal path; established ones are host sockets and do not need it).
             debug(format_args!("router unavailable: {e}"));
             attached.session = None;
+            attached.retry_at = Instant::now() + REATTACH_INTERVAL;
             Err(Unavailable::Broken)
         }
     }
@@ -305,9 +337,18 @@ pub fn forget_watcher_after_fork() {
 }
 
 fn watch_router() {
+    // Signals are the application's business: none may be delivered to this thread (a server
+    // that blocks SIGTERM to read it from a signalfd must still get it there).
+    // SAFETY: sigset_t is plain data filled by sigfillset; pthread_sigmask changes only this
+    // thread's mask.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
     loop {
         let conn = {
-            let guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+            let guard = SESSION.lock();
             guard
                 .as_ref()
                 .filter(|a| a.pid == real::getpid())
@@ -319,7 +360,7 @@ fn watch_router() {
             wait_for_hangup(conn.as_fd());
             WATCHED_FD.store(-1, Ordering::Release);
         }
-        if state::listener_ports().is_empty() {
+        if !state::has_listeners() {
             break;
         }
         let deadline = std::time::Instant::now() + RECOVERY_WINDOW;
@@ -357,7 +398,7 @@ fn wait_for_hangup(conn: BorrowedFd<'_>) {
 /// Attaches to the (new) router and hands it every listener this process holds, each with a
 /// fresh overlay listener for clients without Freeflow. False if the router is not there yet.
 fn relisten_all() -> bool {
-    let mut guard = SESSION.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = SESSION.lock();
     let session = match attach_socket(&config().dir, Duration::from_secs(2)) {
         Ok(s) => s,
         Err(_) => return false,
@@ -366,6 +407,7 @@ fn relisten_all() -> bool {
         pid: real::getpid(),
         session: Some(session),
         notices: HashMap::new(),
+        retry_at: Instant::now(),
     });
     let mut done = Vec::new();
     for (fd, s) in state::snapshot() {
@@ -378,9 +420,15 @@ fn relisten_all() -> bool {
         let host = unsafe { BorrowedFd::borrow_raw(fd) };
         let mut fds = vec![host];
         fds.extend(overlay.as_ref().map(|o| o.as_fd()));
+        let reuseport =
+            real::get_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT).is_some_and(|v| v != 0);
         let request = SockRequest {
             op: SockOp::Relisten,
-            flags: 0,
+            flags: if reuseport {
+                freeflow_proto::sockmsg::FLAG_REUSEPORT
+            } else {
+                0
+            },
             seq: 0,
             ip: s.local.0,
             port: s.local.1,
@@ -427,7 +475,13 @@ fn receive(conn: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<fdpass::Rece
             other => return other,
         }
     }
-    fdpass::recv_with_fds(conn, buf, 0)
+    loop {
+        // A signal in the application is no reason to give up on the router.
+        match fdpass::recv_with_fds(conn, buf, 0) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
 }
 
 #[cfg(test)]

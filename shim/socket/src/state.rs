@@ -1,10 +1,10 @@
 //! What the shim knows about the application's sockets that it set up: the overlay addresses
 //! they stand for.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -22,13 +22,13 @@ pub struct Accelerated {
     pub v6: bool,
 }
 
-static TABLE: Mutex<Option<HashMap<i32, Accelerated>>> = Mutex::new(None);
+pub(crate) static TABLE: Mutex<Option<HashMap<i32, Accelerated>>> = Mutex::new(None);
 /// Set once anything is in the table, so that close() in programs that never use an
 /// accelerated socket costs one relaxed load.
 static IN_USE: AtomicBool = AtomicBool::new(false);
 
 fn with<R>(f: impl FnOnce(&mut HashMap<i32, Accelerated>) -> R) -> R {
-    let mut guard = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = TABLE.lock();
     f(guard.get_or_insert_with(HashMap::new))
 }
 
@@ -60,6 +60,25 @@ pub fn copy(from: i32, to: i32) {
     }
 }
 
+/// Set once this process forked, or was forked, while holding an accelerated listener.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+pub fn note_fork() {
+    if IN_USE.load(Ordering::Relaxed) {
+        FORKED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Whether listeners of this process may be held by another process too (see [`note_fork`]).
+pub fn forked() -> bool {
+    FORKED.load(Ordering::Relaxed)
+}
+
+/// Whether this process holds any accelerated listener (blocking: not for fork handlers).
+pub fn has_listeners() -> bool {
+    IN_USE.load(Ordering::Relaxed) && with(|t| t.values().any(|s| s.role == Role::Listener))
+}
+
 /// Every fd the table knows, with what it stands for.
 pub fn snapshot() -> Vec<(i32, Accelerated)> {
     if !IN_USE.load(Ordering::Relaxed) {
@@ -84,9 +103,8 @@ pub fn listener_ports() -> Vec<u16> {
     if !IN_USE.load(Ordering::Relaxed) {
         return Vec::new();
     }
-    let mut guard = match TABLE.try_lock() {
-        Ok(g) => g,
-        Err(_) => return Vec::new(),
+    let Some(mut guard) = TABLE.try_lock() else {
+        return Vec::new();
     };
     let table = guard.get_or_insert_with(HashMap::new);
     let mut ports: Vec<u16> = table
