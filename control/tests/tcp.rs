@@ -1110,7 +1110,9 @@ deadline = time.time() + 10
 while True:
     try:
         c = socket.create_connection(("10.32.0.4", 6100), timeout=5)
-        c.sendall(b"again"); print("ECHO", c.recv(10), flush=True); break
+        c.sendall(b"again"); print("ECHO", c.recv(10), flush=True)
+        # Held open a moment, for the test to see where it runs.
+        time.sleep(1); break
     except OSError as e:
         if time.time() > deadline:
             print("GAVE_UP", e, flush=True); break
@@ -1164,7 +1166,29 @@ fn listeners_survive_a_router_restart() {
     let connects_before = site.router_status(0)["router"]["tcp_connects"]
         .as_u64()
         .unwrap_or(0);
-    let accelerated = site.python("web", RETRYING_CLIENT, true).output().unwrap();
+    let mut accelerated = site
+        .python("web", RETRYING_CLIENT, true)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut echo = String::new();
+    std::io::BufReader::new(accelerated.stdout.take().unwrap())
+        .read_line(&mut echo)
+        .unwrap();
+    // The connection that answered is a host-network connection between the two hosts.
+    let on_host_link = site.host_link_connections(0);
+    let _ = accelerated.wait();
+    assert!(
+        echo.contains("ECHO b'again'"),
+        "accelerated client after the restart: {echo}"
+    );
+    // (Not the routers' own channel on port 7471.)
+    assert!(
+        on_host_link
+            .lines()
+            .any(|l| l.contains("192.168.1.2:") && !l.contains(":7471")),
+        "the answer came over the host network: {on_host_link}"
+    );
     let plain = site
         .python("plain", RETRYING_CLIENT, false)
         .output()
@@ -1177,14 +1201,232 @@ fn listeners_survive_a_router_restart() {
         .unwrap_or(0)
         - connects_before;
     stop(&mut server);
-    assert!(
-        String::from_utf8_lossy(&accelerated.stdout).contains("ECHO b'again'"),
-        "accelerated client after the restart: {accelerated:?}"
-    );
-    assert!(connects >= 1, "it went over the host network");
+    assert!(connects >= 1, "the router set it up");
     assert!(
         String::from_utf8_lossy(&plain.stdout).contains("ECHO b'again'"),
         "client without Freeflow after the restart: {plain:?}"
     );
     assert_eq!(listeners, 1, "the new router knows the listener");
+}
+
+/// A hostile program in the registered container `db`, speaking the shim's protocol itself
+/// (no shim): it tries to make the router adopt a socket it bound to the host address itself
+/// (IP_FREEBIND), to block the router's control thread on an overlay listener it made blocking,
+/// to make it spin on one it shut down, and sends garbage. Prints what the router answered.
+const HOSTILE: &str = r#"
+import socket, struct, sys, os, fcntl, time
+sockpath = sys.argv[1]
+def attach():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sockpath)
+    s.send(b"FFHI" + struct.pack("<HH", 1, 1) + bytes(8))
+    welcome = s.recv(4096)
+    assert welcome[:4] == b"FFWE" or len(welcome) > 0, welcome
+    return s
+def request(s, op, port, fds=(), flags=0):
+    msg = b"FFSQ" + struct.pack("<HHI", op, flags, 7) + bytes([0, 0, 0, 0]) + struct.pack("<H", port) + bytes(2) + struct.pack("<I", 16) + bytes(8)
+    socket.send_fds(s, [msg], list(fds))
+    s.settimeout(5)
+    data = s.recv(64)
+    return struct.unpack("<H", data[4:6])[0], struct.unpack("<i", data[12:16])[0]
+def overlay_listener(port):
+    o = socket.socket(); o.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    o.bind(("0.0.0.0", port)); o.listen(8); return o
+
+s = attach()
+# 1. A socket of our own, bound to the host's address, handed back as "our host listener".
+fake = socket.socket()
+fake.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
+fake.bind(("192.168.1.2", 47999)); fake.listen(8)
+o1 = overlay_listener(9001)
+status, errno_ = request(s, 6, 9001, [fake.fileno(), o1.fileno()])
+print("RELISTEN_FAKE", status, errno_, flush=True)
+
+# 2. An overlay listener made blocking after the router took it, then clients.
+o2 = overlay_listener(9002)
+status, _ = request(s, 2, 9002, [o2.fileno()])
+print("LISTEN", status, flush=True)
+flags = fcntl.fcntl(o2.fileno(), fcntl.F_GETFL)
+fcntl.fcntl(o2.fileno(), fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+clients = [socket.create_connection(("10.32.0.4", 9002), timeout=2) for _ in range(3)]
+print("CLIENTS_CONNECTED", flush=True)
+
+# 3. An overlay listener shut down after the router took it.
+o3 = overlay_listener(9003)
+status, _ = request(s, 2, 9003, [o3.fileno()])
+o3.shutdown(socket.SHUT_RDWR)
+print("SHUT", status, flush=True)
+
+# 4. Garbage: the router drops this attachment, nothing else.
+g = attach(); g.send(b"garbage!" * 4)
+g.settimeout(5)
+print("GARBAGE_ANSWER", g.recv(64), flush=True)
+sys.stdin.readline()
+"#;
+
+/// The router against a hostile container: nothing it does gives it host sockets of its own
+/// choosing, blocks or spins the router, or disturbs other containers.
+#[test]
+fn a_hostile_container_cannot_misuse_or_stall_the_router() {
+    let site = Site::new("th");
+    let sock = site.dirs[1].join("router.sock");
+    let mut hostile = site
+        .python("db", HOSTILE, false)
+        .arg(&sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::{BufRead, Write};
+    let mut out = std::io::BufReader::new(hostile.stdout.take().unwrap());
+    let mut said = Vec::new();
+    while !said
+        .iter()
+        .any(|l: &String| l.starts_with("GARBAGE_ANSWER"))
+    {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            stop(&mut hostile);
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(hostile.stderr.as_mut().unwrap(), &mut err);
+            panic!("hostile program ended early: {said:?} {err}");
+        }
+        said.push(line.trim().to_string());
+    }
+    // 1: refused with EINVAL (status 2 = error).
+    assert!(
+        said.contains(&format!("RELISTEN_FAKE 2 {}", libc::EINVAL)),
+        "{said:?}"
+    );
+    assert!(said.contains(&"LISTEN 0".to_string()), "{said:?}");
+    assert!(said.contains(&"SHUT 0".to_string()), "{said:?}");
+    assert!(
+        said.iter().any(|l| l == "GARBAGE_ANSWER b''"),
+        "garbage gets the attachment closed: {said:?}"
+    );
+    // The router still answers, at once, and does not spin.
+    let router_pid = {
+        let out = Command::new("pgrep")
+            .args([
+                "-f",
+                &format!("freeflow-router --dir {}", site.dirs[1].display()),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let cpu = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{router_pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = cpu();
+    let started = Instant::now();
+    let status = site.router_status(1);
+    assert!(
+        status["router"]["running"].as_bool() == Some(true),
+        "router answers: {status}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(1));
+    let ticks = cpu() - before;
+    // Clock ticks are 10 ms: a spinning router would use about 100 in this second.
+    assert!(ticks < 30, "router used {ticks} ticks in a second");
+    // The fake listener was not adopted: web's connect to db:9001 is not accelerated; it
+    // takes the overlay (where the hostile program's own socket listens).
+    let client = site
+        .python(
+            "web",
+            r#"
+import socket
+try:
+    socket.create_connection(("10.32.0.4", 9001), timeout=5); print("CONNECTED")
+except OSError as e:
+    print("ERROR", e.errno)
+"#,
+            true,
+        )
+        .output()
+        .unwrap();
+    let _ = hostile.stdin.as_mut().unwrap().write_all(b"\n");
+    stop(&mut hostile);
+    let host0 = site.router_status(0);
+    assert!(!client.stdout.is_empty(), "{client:?}");
+    assert_eq!(
+        host0["router"]["tcp_connects"].as_u64(),
+        Some(0),
+        "no accelerated connection to the fake listener: {host0}"
+    );
+    assert_eq!(
+        host0["router"]["tcp_fallbacks"].as_u64(),
+        Some(1),
+        "{host0}"
+    );
+}
+
+/// Forks while other threads are inside the shim (epoll instances coming and going, closes,
+/// accelerated connects): every child must be able to close a socket and exit.
+const FORK_STRESS: &str = r#"
+import os, socket, select, threading, time
+stop = False
+def churn():
+    while not stop:
+        e = select.epoll(); s = socket.socket(); e.register(s.fileno(), select.EPOLLIN); e.close(); s.close()
+def connects():
+    while not stop:
+        try:
+            c = socket.create_connection(("10.32.0.4", 6100), timeout=2); c.close()
+        except OSError:
+            pass
+threads = [threading.Thread(target=churn), threading.Thread(target=churn), threading.Thread(target=connects)]
+for t in threads: t.start()
+hung = 0
+for i in range(100):
+    pid = os.fork()
+    if pid == 0:
+        s = socket.socket(); s.close(); os._exit(0)
+    deadline = time.time() + 5
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done: break
+        if time.time() > deadline:
+            hung += 1; os.kill(pid, 9); os.waitpid(pid, 0); break
+        time.sleep(0.001)
+stop = True
+for t in threads: t.join()
+print("HUNG", hung, flush=True)
+"#;
+
+#[test]
+fn forks_while_threads_use_the_shim_do_not_deadlock_children() {
+    let site = Site::new("tf");
+    let mut server = site
+        .python("db", THREADED_ECHO, true)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let out = site.python("web", FORK_STRESS, true).output().unwrap();
+    stop(&mut server);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "HUNG 0",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

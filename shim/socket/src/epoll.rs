@@ -7,12 +7,12 @@
 //! events and data for the new socket. The shim knows the process's epoll instances by
 //! wrapping epoll_create/epoll_create1: nothing is tracked on the epoll_ctl/epoll_wait path.
 
+use crate::forklock::ForkLock;
 use crate::real;
 use libc::c_int;
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-pub(crate) static EPOLL_FDS: Mutex<Vec<c_int>> = Mutex::new(Vec::new());
+pub(crate) static EPOLL_FDS: ForkLock<Vec<c_int>> = ForkLock::new(Vec::new());
 /// Set once an epoll instance exists, so that close() elsewhere costs one relaxed load.
 static ANY: AtomicBool = AtomicBool::new(false);
 

@@ -10,6 +10,7 @@
 
 mod abi;
 mod epoll;
+mod forklock;
 mod inherit;
 mod real;
 mod session;
@@ -39,32 +40,25 @@ extern "C" fn on_load() {
 /// another thread (it would wait for it forever). Fork waits while a thread is in a request to
 /// the router.
 extern "C" fn before_fork() {
-    std::mem::forget(session::SESSION.lock());
-    std::mem::forget(state::TABLE.lock());
-    std::mem::forget(epoll::EPOLL_FDS.lock());
-}
-
-/// Releases the locks `before_fork` took.
-fn release_fork_locks() {
-    // SAFETY: before_fork took each of these locks in this thread and forgot the guards; in
-    // the child, this thread is the one that returned from fork.
-    unsafe {
-        epoll::EPOLL_FDS.force_unlock();
-        state::TABLE.force_unlock();
-        session::SESSION.force_unlock();
-    }
+    session::SESSION.hold_across_fork();
+    state::TABLE.hold_across_fork();
+    epoll::EPOLL_FDS.hold_across_fork();
 }
 
 /// In the parent after fork: the listeners now have other holders; closing one here must not
 /// take it from a child that has not claimed it yet.
 extern "C" fn after_fork_in_parent() {
-    release_fork_locks();
+    epoll::EPOLL_FDS.release_in_parent();
+    state::TABLE.release_in_parent();
+    session::SESSION.release_in_parent();
     state::note_fork();
 }
 
 /// In a forked child: claim the inherited listeners with a session of the child's own.
 extern "C" fn after_fork_in_child() {
-    release_fork_locks();
+    epoll::EPOLL_FDS.release_in_child();
+    state::TABLE.release_in_child();
+    session::SESSION.release_in_child();
     state::note_fork();
     session::forget_watcher_after_fork();
     let ports = state::listener_ports();

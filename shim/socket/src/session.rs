@@ -1,6 +1,7 @@
 //! The shim's attachment to its router: configuration from the environment, a lazy attach on
 //! the first overlay connect or listen, and request/reply exchanges that may carry a socket.
 
+use crate::forklock::ForkLock;
 use crate::real;
 use crate::state;
 use freeflow_proto::attach::{attach_socket, AttachError, SocketSession};
@@ -8,7 +9,6 @@ use freeflow_proto::fdpass;
 use freeflow_proto::sockmsg::{
     FromRouter, SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN,
 };
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -131,7 +131,7 @@ impl Attached {
     }
 }
 
-pub(crate) static SESSION: Mutex<Option<Attached>> = Mutex::new(None);
+pub(crate) static SESSION: ForkLock<Option<Attached>> = ForkLock::new(None);
 static SEQ: AtomicU32 = AtomicU32::new(1);
 
 /// Why a request got no answer: the caller then takes the normal path.

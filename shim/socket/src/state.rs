@@ -1,7 +1,7 @@
 //! What the shim knows about the application's sockets that it set up: the overlay addresses
 //! they stand for.
 
-use parking_lot::Mutex;
+use crate::forklock::ForkLock;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +22,7 @@ pub struct Accelerated {
     pub v6: bool,
 }
 
-pub(crate) static TABLE: Mutex<Option<HashMap<i32, Accelerated>>> = Mutex::new(None);
+pub(crate) static TABLE: ForkLock<Option<HashMap<i32, Accelerated>>> = ForkLock::new(None);
 /// Set once anything is in the table, so that close() in programs that never use an
 /// accelerated socket costs one relaxed load.
 static IN_USE: AtomicBool = AtomicBool::new(false);
