@@ -4,7 +4,7 @@
 //! headers and compares every size, alignment and offset here with the C compiler's.
 //!
 //! Function-pointer slots this library does not fill yet are [`OpaqueFn`]: NULL, of pointer size.
-//! Objects that do not exist yet (PD, CQ, QP, ...) are passed around as `*mut c_void`; the slices
+//! Objects that do not exist yet (CQ, QP, ...) are passed around as `*mut c_void`; the slices
 //! that implement them replace those with their own `#[repr(C)]` types.
 
 use std::ffi::{c_char, c_int, c_void};
@@ -42,6 +42,26 @@ pub const IBV_FORK_DISABLED: c_int = 0;
 pub const IBV_FORK_ENABLED: c_int = 1;
 /// `enum ibv_rereg_mr_err_code`: old MR still valid, bad input.
 pub const IBV_REREG_MR_ERR_INPUT: c_int = -1;
+/// `struct ibv_pd`. The library allocates it; `handle` is the router's (virtual) handle.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvPd {
+    pub context: *mut IbvContext,
+    pub handle: u32,
+}
+
+/// `struct ibv_mr`. The library allocates it; `handle`, `lkey` and `rkey` are the router's.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvMr {
+    pub context: *mut IbvContext,
+    pub pd: *mut IbvPd,
+    pub addr: *mut c_void,
+    pub length: usize,
+    pub handle: u32,
+    pub lkey: u32,
+    pub rkey: u32,
+}
 
 /// `struct _ibv_device_ops`: obsolete, never used, kept for the layout.
 #[repr(C)]
@@ -422,6 +442,21 @@ mod tests {
         (@c $field:ident) => { stringify!($field) };
     }
 
+    // The wire format's numbers are rdma-core's (what the shim passes through unchanged).
+    // enum ibv_access_flags
+    const IBV_ACCESS_LOCAL_WRITE: u32 = freeflow_proto::verbs::access::LOCAL_WRITE;
+    const IBV_ACCESS_REMOTE_WRITE: u32 = freeflow_proto::verbs::access::REMOTE_WRITE;
+    const IBV_ACCESS_REMOTE_READ: u32 = freeflow_proto::verbs::access::REMOTE_READ;
+    const IBV_ACCESS_REMOTE_ATOMIC: u32 = freeflow_proto::verbs::access::REMOTE_ATOMIC;
+    const IBV_ACCESS_MW_BIND: u32 = freeflow_proto::verbs::access::MW_BIND;
+    const IBV_ACCESS_ZERO_BASED: u32 = freeflow_proto::verbs::access::ZERO_BASED;
+    const IBV_ACCESS_ON_DEMAND: u32 = freeflow_proto::verbs::access::ON_DEMAND;
+    const IBV_ACCESS_HUGETLB: u32 = freeflow_proto::verbs::access::HUGETLB;
+    const IBV_ACCESS_OPTIONAL_RANGE: u32 = freeflow_proto::verbs::access::OPTIONAL_RANGE;
+    // enum ibv_wc_status: the completion statuses the router's memory checks produce.
+    const IBV_WC_LOC_PROT_ERR: u32 = freeflow_proto::verbs::wc_status::LOC_PROT_ERR;
+    const IBV_WC_REM_ACCESS_ERR: u32 = freeflow_proto::verbs::wc_status::REM_ACCESS_ERR;
+
     macro_rules! values {
         ($facts:ident, [$($name:ident),* $(,)?]) => {
             $(
@@ -666,6 +701,13 @@ mod tests {
             ]
         );
         layout!(f, IbvGid, "union ibv_gid", [raw]);
+        layout!(f, IbvPd, "struct ibv_pd", [context, handle]);
+        layout!(
+            f,
+            IbvMr,
+            "struct ibv_mr",
+            [context, pd, addr, length, handle, lkey, rkey]
+        );
         layout!(
             f,
             IbvGidEntry,
@@ -689,7 +731,18 @@ mod tests {
                 IBV_PORT_IP_BASED_GIDS,
                 IBV_GID_TYPE_ROCE_V2,
                 IBV_FORK_DISABLED,
-                IBV_FORK_ENABLED
+                IBV_FORK_ENABLED,
+                IBV_ACCESS_LOCAL_WRITE,
+                IBV_ACCESS_REMOTE_WRITE,
+                IBV_ACCESS_REMOTE_READ,
+                IBV_ACCESS_REMOTE_ATOMIC,
+                IBV_ACCESS_MW_BIND,
+                IBV_ACCESS_ZERO_BASED,
+                IBV_ACCESS_ON_DEMAND,
+                IBV_ACCESS_HUGETLB,
+                IBV_ACCESS_OPTIONAL_RANGE,
+                IBV_WC_LOC_PROT_ERR,
+                IBV_WC_REM_ACCESS_ERR
             ]
         );
         f.push(Fact {

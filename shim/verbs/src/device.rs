@@ -22,8 +22,9 @@ pub const BOARD_ID: &str = "FREEFLOW_VIRTUAL";
 /// The maxima the device reports. The router's verbs engine enforces the same numbers, per
 /// container: every container has its own virtual device.
 pub mod limits {
-    /// Largest memory region: 4 GiB.
-    pub const MAX_MR_SIZE: u64 = 1 << 32;
+    use freeflow_proto::verbs::limits as router;
+    /// Largest memory region: 4 GiB (the router enforces it).
+    pub const MAX_MR_SIZE: u64 = router::MAX_MR_SIZE;
     /// Registered memory is handled in 4 KiB pages.
     pub const PAGE_SIZE_CAP: u64 = 4096;
     pub const MAX_QP: i32 = 1024;
@@ -33,8 +34,8 @@ pub mod limits {
     pub const MAX_SGE: i32 = 16;
     pub const MAX_CQ: i32 = 1024;
     pub const MAX_CQE: i32 = 65535;
-    pub const MAX_MR: i32 = 4096;
-    pub const MAX_PD: i32 = 1024;
+    pub const MAX_MR: i32 = router::MAX_MR as i32;
+    pub const MAX_PD: i32 = router::MAX_PD as i32;
     /// Outstanding RDMA reads and atomics per QP, as responder and as initiator.
     pub const MAX_QP_RD_ATOM: i32 = 16;
     pub const MAX_SRQ: i32 = 1024;

@@ -1,7 +1,9 @@
 //! Why a verb failed. Typed inside the library; [`VerbsError::errno`] turns it into the errno
 //! value the C API reports (as a return value or in `errno`, per verb).
 
+use crate::pages::PagesError;
 use freeflow_proto::attach::{AttachError, Refusal};
+use freeflow_proto::verbs::{AccessFlagsError, VerbsStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerbsError {
@@ -25,6 +27,20 @@ pub enum VerbsError {
     NoSuchIndex { table: &'static str, index: i64 },
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+    #[error("not a {0} of this library (or already freed)")]
+    UnknownObject(&'static str),
+    #[error("{0}")]
+    Access(#[from] AccessFlagsError),
+    #[error(transparent)]
+    Pages(#[from] PagesError),
+    #[error("the router refused: {0:?}")]
+    RouterRefused(VerbsStatus),
+    #[error("the router went away (restarted or stopped); open the device again")]
+    RouterGone,
+    #[error("protocol error with the router: {0}")]
+    Protocol(String),
+    #[error("this context belongs to the parent process; open the device in the child")]
+    ForkedContext,
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -41,7 +57,23 @@ impl VerbsError {
             | VerbsError::UnknownContext
             | VerbsError::NoSuchPort(_)
             | VerbsError::NoSuchIndex { .. }
-            | VerbsError::InvalidArgument(_) => libc::EINVAL,
+            | VerbsError::InvalidArgument(_)
+            | VerbsError::UnknownObject(_)
+            | VerbsError::ForkedContext => libc::EINVAL,
+            VerbsError::Access(AccessFlagsError::NotSupported(_)) => libc::EOPNOTSUPP,
+            VerbsError::Access(_) => libc::EINVAL,
+            VerbsError::Pages(e) => e.errno(),
+            VerbsError::RouterRefused(status) => match status {
+                VerbsStatus::Invalid | VerbsStatus::BadHandle => libc::EINVAL,
+                VerbsStatus::Busy => libc::EBUSY,
+                VerbsStatus::NoResources => libc::ENOMEM,
+                VerbsStatus::Fault => libc::EFAULT,
+                VerbsStatus::NotSupported | VerbsStatus::TestHooksOff => libc::EOPNOTSUPP,
+                VerbsStatus::Protection => libc::EACCES,
+                VerbsStatus::NoMemoryFile => libc::EIO,
+            },
+            VerbsError::RouterGone => libc::ENODEV,
+            VerbsError::Protocol(_) => libc::EIO,
             VerbsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -80,6 +112,26 @@ mod tests {
         assert_eq!(
             VerbsError::Io(std::io::Error::from_raw_os_error(libc::EMFILE)).errno(),
             libc::EMFILE
+        );
+        assert_eq!(
+            VerbsError::RouterRefused(VerbsStatus::Busy).errno(),
+            libc::EBUSY
+        );
+        assert_eq!(
+            VerbsError::RouterRefused(VerbsStatus::BadHandle).errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            VerbsError::Access(AccessFlagsError::RemoteWriteNeedsLocalWrite).errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            VerbsError::Access(AccessFlagsError::NotSupported(64)).errno(),
+            libc::EOPNOTSUPP
+        );
+        assert_eq!(
+            VerbsError::Pages(PagesError::Unmapped(0)).errno(),
+            libc::EFAULT
         );
     }
 }

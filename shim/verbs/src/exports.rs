@@ -241,7 +241,7 @@ pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
         let context = unsafe { std::ptr::addr_of_mut!((*c_side).context) };
         let state = Arc::new(ContextState {
             device,
-            session: Mutex::new(session),
+            channel: Mutex::new(crate::channel::Channel::new(session)),
             async_events,
         });
         registry::debug(format_args!(
@@ -278,6 +278,9 @@ pub unsafe extern "C" fn ibv_close_device(context: *mut IbvContext) -> c_int {
             crate::device::DEVICE_NAME,
             state.attachment_id()
         ));
+        // PDs and MRs go with the context (the router frees its side when the attachment
+        // closes); the regions' pages move back to private memory.
+        crate::pd_mr::forget_objects_of(context as usize);
         // The attachment and the async eventfd close when the last user of the state is done.
         drop(state);
         0

@@ -5,15 +5,22 @@
 //! What works: in a registered container a process sees one virtual device, `ffv0`, with one
 //! active RoCE-like port whose only GID is the container's overlay address (`::ffff:10.32.0.5`);
 //! the device list, open/close and the device, port, GID and P_Key queries answer as rdma-core's
-//! do (`ibv_devices`, `ibv_devinfo -v`). Outside a registered container, or without a router,
-//! the device list is empty. Every other verb of rdma-core 44's public ABI exists, with the same
-//! symbol version, and fails cleanly with EOPNOTSUPP: programs load, and report the failure.
+//! do (`ibv_devices`, `ibv_devinfo -v`). Protection domains and memory regions are real: each is
+//! an entry of the router's table for the context (virtual handles and keys), and a region's
+//! pages move onto the process's memory file, which the router maps too, so the router works on
+//! the program's own bytes without a staging copy (`pages`, `memory`). Outside a registered
+//! container, or without a router, the device list is empty. Every other verb of rdma-core 44's
+//! public ABI exists, with the same symbol version, and fails cleanly with EOPNOTSUPP: programs
+//! load, and report the failure.
 //!
 //! Layout: `abi` is the C ABI (hand-written, checked against the installed headers); `device`
 //! derives the device's attributes from the container's identity; `registry` holds the
-//! process's attachments, devices and contexts; `exports`, `utility` and `unsupported` are the
-//! exported C functions. Unsafe code is confined to the C boundary: `exports`, `unsupported`,
-//! `utility` and `ffi`.
+//! process's attachments, devices, contexts, PDs and MRs; `channel` is a context's request/reply
+//! conversation with the router; `maps`, `pages` and `memory` are registered memory;
+//! `exports`, `pd_mr`, `utility` and `unsupported` are the exported C functions. Unsafe code is
+//! confined to the C boundary (`exports`, `pd_mr`, `unsupported`, `utility`, `ffi`) and to
+//! `memory` (the system calls that move pages), whose two entry points `pages` calls right
+//! after checking `/proc/self/maps`.
 #![deny(unsafe_code)]
 
 /// Binds exported functions to their version nodes (`libibverbs.map`): `name@@NODE` makes NODE
@@ -31,10 +38,15 @@ macro_rules! symbol_versions {
 }
 
 mod abi;
+mod channel;
 mod device;
 mod error;
 mod exports;
 mod ffi;
+mod maps;
+mod memory;
+mod pages;
+mod pd_mr;
 mod registry;
 mod strings;
 mod sysfs;

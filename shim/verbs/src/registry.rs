@@ -6,10 +6,16 @@
 //! namespace, never by anything we say) and keeps that attachment for the first
 //! `ibv_open_device`; every further context attaches anew, so each context has rings of its own.
 //! A forked child attaches with its own credentials.
+//!
+//! It also holds the protection domains and memory regions handed out (by the address of their
+//! C structures, so a pointer the program passes back is looked up, never trusted), and the
+//! process's registered pages.
 
 use crate::abi::IbvDevice;
+use crate::channel::Channel;
 use crate::device::Identity;
 use crate::error::VerbsError;
+use crate::pages::Pages;
 use freeflow_proto::attach::{attach, Session, ShimKind};
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -40,9 +46,9 @@ impl Device {
 #[derive(Debug)]
 pub struct ContextState {
     pub device: &'static Device,
-    /// This context's attachment. It carries no verbs yet; it keeps the router's view of the
-    /// process (`freeflow status`) and the rings that the PD/MR/CQ/QP verbs will use.
-    pub session: Mutex<Session>,
+    /// This context's attachment: the rings its verbs travel on (and the router's view of the
+    /// process in `freeflow status`).
+    pub channel: Mutex<Channel>,
     /// `async_fd`: an eventfd nothing writes yet (no asynchronous events exist yet), so
     /// `ibv_get_async_event` blocks, or fails with EAGAIN if the program made it non-blocking,
     /// exactly as with a device that has no events to report.
@@ -52,7 +58,7 @@ pub struct ContextState {
 impl ContextState {
     /// The router's number for this context's attachment (`freeflow status`).
     pub fn attachment_id(&self) -> u32 {
-        lock(&self.session).info().attachment_id
+        lock(&self.channel).info().attachment_id
     }
 }
 
@@ -75,7 +81,7 @@ static PROCESS: Mutex<Process> = Mutex::new(Process {
 /// Open contexts by the address of their `struct ibv_context`.
 static CONTEXTS: Mutex<BTreeMap<usize, Arc<ContextState>>> = Mutex::new(BTreeMap::new());
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves consistent data (no multi-step updates).
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -191,4 +197,82 @@ pub fn context(key: usize) -> Result<Arc<ContextState>, VerbsError> {
 /// Forgets an open context; `None` if it was not open (closed twice, or not ours).
 pub fn remove_context(key: usize) -> Option<Arc<ContextState>> {
     lock(&CONTEXTS).remove(&key)
+}
+
+/// A protection domain handed out, by the address of its `struct ibv_pd`.
+#[derive(Debug, Clone, Copy)]
+pub struct PdEntry {
+    /// Key of its context in the context table.
+    pub context: usize,
+    /// The router's handle.
+    pub handle: u32,
+}
+
+/// A memory region handed out, by the address of its `struct ibv_mr`.
+#[derive(Debug, Clone, Copy)]
+pub struct MrEntry {
+    pub context: usize,
+    pub handle: u32,
+    /// The registered pages `[first, end)`.
+    pub pages: (u64, u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Object {
+    Pd(PdEntry),
+    Mr(MrEntry),
+}
+
+static OBJECTS: Mutex<BTreeMap<usize, Object>> = Mutex::new(BTreeMap::new());
+
+static PAGES: Mutex<Option<Pages>> = Mutex::new(None);
+
+/// The process's registered pages. Held across a whole registration or deregistration (which
+/// serializes them), taken before any context's channel.
+pub fn pages() -> MutexGuard<'static, Option<Pages>> {
+    let mut guard = lock(&PAGES);
+    guard.get_or_insert_with(Pages::default);
+    guard
+}
+
+pub fn add_pd(key: usize, entry: PdEntry) {
+    lock(&OBJECTS).insert(key, Object::Pd(entry));
+}
+
+pub fn add_mr(key: usize, entry: MrEntry) {
+    lock(&OBJECTS).insert(key, Object::Mr(entry));
+}
+
+pub fn pd(key: usize) -> Result<PdEntry, VerbsError> {
+    match lock(&OBJECTS).get(&key) {
+        Some(Object::Pd(e)) => Ok(*e),
+        _ => Err(VerbsError::UnknownObject("protection domain")),
+    }
+}
+
+pub fn mr(key: usize) -> Result<MrEntry, VerbsError> {
+    match lock(&OBJECTS).get(&key) {
+        Some(Object::Mr(e)) => Ok(*e),
+        _ => Err(VerbsError::UnknownObject("memory region")),
+    }
+}
+
+/// Forgets a PD or MR; false if it was not there (freed twice, or not ours).
+pub fn remove_object(key: usize) -> bool {
+    lock(&OBJECTS).remove(&key).is_some()
+}
+
+/// Forgets every object of a context that is closing; returns its memory regions.
+pub fn remove_objects_of(context: usize) -> Vec<MrEntry> {
+    let mut objects = lock(&OBJECTS);
+    let mut regions = Vec::new();
+    objects.retain(|_, o| match o {
+        Object::Pd(e) => e.context != context,
+        Object::Mr(e) if e.context == context => {
+            regions.push(*e);
+            false
+        }
+        Object::Mr(_) => true,
+    });
+    regions
 }

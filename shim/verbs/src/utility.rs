@@ -59,9 +59,9 @@ pub extern "C" fn mbps_to_ibv_rate(mbps: c_int) -> c_int {
 /// Set by `ibv_fork_init`.
 static FORK_SAFE: AtomicBool = AtomicBool::new(false);
 
-/// `ibv_fork_init`: 0. Fork protection matters for registered memory, and none can exist yet;
-/// from then on `ibv_dontfork_range` marks ranges MADV_DONTFORK. (Once memory registration
-/// exists, a call after the first registration must fail with EINVAL.)
+/// `ibv_fork_init`: 0. From then on `ibv_dontfork_range` marks ranges MADV_DONTFORK. Registered
+/// memory needs no call: registration always keeps its pages out of forked children (they are a
+/// shared mapping of the memory file, which a child must not inherit).
 #[no_mangle]
 pub extern "C" fn ibv_fork_init() -> c_int {
     FORK_SAFE.store(true, Ordering::Relaxed);

@@ -1,0 +1,152 @@
+//! A context's conversation with the router: one request at a time on the context's rings,
+//! matched to its reply by cookie, and the memory file sent once per attachment on the attach
+//! connection (before the first registration that needs it, so it is in the socket before the
+//! router reads that registration from the ring).
+
+use crate::error::VerbsError;
+use freeflow_proto::attach::{AttachInfo, CallError, Session};
+use freeflow_proto::fdpass;
+use freeflow_proto::msg::{status, MsgHeader, HEADER_LEN};
+use freeflow_proto::verbs::{MemoryFileMsg, VerbsStatus, MEMORY_FILE_SIZE};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+/// How long a verb waits for the router. Registration maps memory on the router's side; the
+/// rest is table work. A router that does not answer in this time is stuck.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest reply body a verb receives.
+pub const MAX_REPLY: usize = 16;
+
+#[derive(Debug)]
+pub struct Channel {
+    session: Session,
+    /// The process that opened the context: its rings are not a forked child's to use.
+    owner: u32,
+    next_cookie: u64,
+    /// Generation of the memory file this attachment has (see `pages`).
+    memory_generation: Option<u64>,
+    buf: Vec<u8>,
+}
+
+impl Channel {
+    pub fn new(session: Session) -> Channel {
+        let buf = vec![0; session.slot_size()];
+        Channel {
+            session,
+            owner: std::process::id(),
+            next_cookie: 1,
+            memory_generation: None,
+            buf,
+        }
+    }
+
+    pub fn info(&self) -> &AttachInfo {
+        self.session.info()
+    }
+
+    fn check_owner(&self) -> Result<(), VerbsError> {
+        if std::process::id() == self.owner {
+            Ok(())
+        } else {
+            Err(VerbsError::ForkedContext)
+        }
+    }
+
+    /// Sends `fd`, the process's memory file of `generation`, unless this attachment has it.
+    pub fn ensure_memory_file(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        generation: u64,
+    ) -> Result<(), VerbsError> {
+        self.check_owner()?;
+        if self.memory_generation == Some(generation) {
+            return Ok(());
+        }
+        if self.memory_generation.is_some() {
+            // The router takes one file per attachment; a new file means a new process
+            // (check_owner rules that out), so this is a bug, not a case to handle.
+            return Err(VerbsError::Protocol(
+                "second memory file for one attachment".into(),
+            ));
+        }
+        let msg = MemoryFileMsg {
+            size: MEMORY_FILE_SIZE,
+        };
+        fdpass::send_with_fds(self.session.connection().as_fd(), &msg.encode(), &[fd])?;
+        self.memory_generation = Some(generation);
+        Ok(())
+    }
+
+    /// Sends one request and waits for its reply. `Ok` holds the reply body of a successful
+    /// verb; a refusal comes back as [`VerbsError::RouterRefused`].
+    pub fn call(&mut self, opcode: u16, body: &[u8]) -> Result<ReplyBody, VerbsError> {
+        self.check_owner()?;
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        let header = MsgHeader {
+            opcode,
+            status: 0,
+            len: body.len() as u32,
+            cookie,
+        };
+        if !self.session.push(header, body).map_err(call_error)? {
+            return Err(VerbsError::Protocol("request ring full".into()));
+        }
+        self.session.flush().map_err(call_error)?;
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let reply = self
+                .session
+                .wait_reply(&mut self.buf, left)
+                .map_err(call_error)?;
+            // A reply to a call that timed out earlier: not ours, skip it.
+            if reply.cookie != cookie {
+                continue;
+            }
+            let body = reply
+                .body(&self.buf)
+                .ok_or_else(|| VerbsError::Protocol("reply longer than its slot".into()))?;
+            return match reply.status {
+                status::OK if body.len() <= MAX_REPLY => {
+                    let mut out = ReplyBody {
+                        bytes: [0; MAX_REPLY],
+                        len: body.len(),
+                    };
+                    out.bytes[..body.len()].copy_from_slice(body);
+                    Ok(out)
+                }
+                status::OK => Err(VerbsError::Protocol("reply body too long".into())),
+                other => match VerbsStatus::from_u16(other) {
+                    Some(refusal) => Err(VerbsError::RouterRefused(refusal)),
+                    None => Err(VerbsError::Protocol(format!(
+                        "router answered opcode {opcode:#x} with status {other}"
+                    ))),
+                },
+            };
+        }
+    }
+}
+
+/// The body of a successful reply.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyBody {
+    bytes: [u8; MAX_REPLY],
+    len: usize,
+}
+
+impl ReplyBody {
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+fn call_error(e: CallError) -> VerbsError {
+    match e {
+        CallError::RouterGone => VerbsError::RouterGone,
+        other => VerbsError::Protocol(other.to_string()),
+    }
+}
+
+const _: () = assert!(HEADER_LEN + MAX_REPLY <= 64);

@@ -1,0 +1,626 @@
+//! Which pages of this process are registered memory, and the memory file that backs them.
+//!
+//! One memory file per process (not per context): a page can only be mapped from one file, and
+//! two contexts, or two regions, may register the same page. The page at virtual address A
+//! lives at file offset A, so a region's pages are one contiguous file range, two regions on
+//! one page share that page without any bookkeeping beyond a count, and the router maps a
+//! region with one `mmap`. The counts say how many registered regions cover each page: the
+//! first registration moves pages onto the file, the last deregistration moves them back onto
+//! private memory and frees the file's pages, so after `ibv_dereg_mr` the process's memory is
+//! as it was (and the file holds no memory for pages the program later unmaps).
+//!
+//! Before moving anything, `/proc/self/maps` says what the range is: unmapped or unreadable
+//! pages fail with EFAULT, as pinning them would; pages shared with something else (a `MAP_SHARED`
+//! mapping that is not ours) are not supported, since moving them would cut that sharing;
+//! pages already counted must still be this file's mapping (else the program unmapped
+//! registered memory and mapped something new there).
+//!
+//! After `fork`, the child has none of the registered pages (MADV_DONTFORK) and starts with an
+//! empty table and a new file.
+
+use crate::maps::{self, Vma};
+use crate::memory::{self, SideStack};
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+/// Why pages could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum PagesError {
+    #[error("address {0:#x} of the range is not mapped or not readable")]
+    Unmapped(u64),
+    #[error(
+        "pages at {0:#x} are a shared mapping of something else; registering them is not supported"
+    )]
+    SharedMapping(u64),
+    #[error("pages at {0:#x} are registered but no longer this library's mapping (unmapped and mapped anew while registered)")]
+    Stale(u64),
+    #[error("range {0:#x}.. lies beyond the addresses the memory file covers")]
+    BeyondFile(u64),
+    #[error("range {0:#x}.. includes this library's own memory")]
+    LibraryMemory(u64),
+    #[error("reading /proc/self/maps: {0}")]
+    Maps(io::Error),
+    #[error("{op}: {source}")]
+    Os {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl PagesError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            PagesError::Unmapped(_)
+            | PagesError::Stale(_)
+            | PagesError::BeyondFile(_)
+            | PagesError::LibraryMemory(_) => libc::EFAULT,
+            PagesError::SharedMapping(_) => libc::EOPNOTSUPP,
+            PagesError::Maps(e) | PagesError::Os { source: e, .. } => {
+                e.raw_os_error().unwrap_or(libc::EIO)
+            }
+        }
+    }
+}
+
+/// How many registrations cover each part of the address space: non-overlapping `[start, end)`
+/// segments with non-zero counts.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RangeCounts {
+    segments: BTreeMap<u64, (u64, u32)>,
+}
+
+impl RangeCounts {
+    /// `[start, end)` cut at segment boundaries, with the count of each part (0: not covered).
+    pub fn parts(&self, start: u64, end: u64) -> Vec<(u64, u64, u32)> {
+        let mut out = Vec::new();
+        let mut at = start;
+        // The segment that may begin before `start`, then every segment beginning inside.
+        let first = self.segments.range(..=start).next_back();
+        let rest = self.segments.range(start.saturating_add(1)..end);
+        for (&s, &(e, count)) in first.into_iter().chain(rest) {
+            if e <= at || s >= end {
+                continue;
+            }
+            if s > at {
+                out.push((at, s, 0));
+                at = s;
+            }
+            let part_end = e.min(end);
+            out.push((at, part_end, count));
+            at = part_end;
+        }
+        if at < end {
+            out.push((at, end, 0));
+        }
+        out
+    }
+
+    /// Counts one more registration of `[start, end)`.
+    pub fn add(&mut self, start: u64, end: u64) {
+        self.change(start, end, |c| c + 1);
+    }
+
+    /// Counts one registration of `[start, end)` less; returns the parts no registration covers
+    /// any more.
+    pub fn remove(&mut self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let freed: Vec<(u64, u64)> = self
+            .parts(start, end)
+            .into_iter()
+            .filter(|&(_, _, c)| c == 1)
+            .map(|(s, e, _)| (s, e))
+            .collect();
+        self.change(start, end, |c| c.saturating_sub(1));
+        freed
+    }
+
+    fn change(&mut self, start: u64, end: u64, f: impl Fn(u32) -> u32) {
+        if start >= end {
+            return;
+        }
+        self.split_at(start);
+        self.split_at(end);
+        for (s, e, count) in self.parts(start, end) {
+            let new = f(count);
+            self.segments.remove(&s);
+            if new > 0 {
+                self.segments.insert(s, (e, new));
+            }
+        }
+        self.merge_around(start);
+        self.merge_around(end);
+    }
+
+    /// Makes `at` a segment boundary.
+    fn split_at(&mut self, at: u64) {
+        if let Some((&s, &(e, c))) = self.segments.range(..at).next_back() {
+            if e > at {
+                self.segments.insert(s, (at, c));
+                self.segments.insert(at, (e, c));
+            }
+        }
+    }
+
+    /// Joins the segments meeting at `at` if their counts are equal (keeps the map small).
+    fn merge_around(&mut self, at: u64) {
+        let Some((&s, &(e, c))) = self.segments.range(..at).next_back() else {
+            return;
+        };
+        if e != at {
+            return;
+        }
+        if let Some(&(e2, c2)) = self.segments.get(&at) {
+            if c2 == c {
+                self.segments.remove(&at);
+                self.segments.insert(s, (e2, c));
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+}
+
+/// The memory file of this process and how its pages are used.
+#[derive(Debug)]
+struct Backing {
+    pid: u32,
+    fd: OwnedFd,
+    id: ((u32, u32), u64),
+    /// Changes with every new file (a forked child makes its own): attachments that were sent
+    /// another generation need this one.
+    generation: u64,
+}
+
+/// The process's registered pages.
+#[derive(Debug, Default)]
+pub struct Pages {
+    backing: Option<Backing>,
+    counts: RangeCounts,
+    generations: u64,
+    /// Where the moves run (see `memory`); made on first use.
+    side: Option<SideStack>,
+}
+
+fn os(op: &'static str) -> impl FnOnce(io::Error) -> PagesError {
+    move |source| PagesError::Os { op, source }
+}
+
+impl Pages {
+    /// The memory file of this process (made on first use, and anew in a forked child) and its
+    /// generation.
+    pub fn file(&mut self) -> Result<(&OwnedFd, u64), PagesError> {
+        let pid = std::process::id();
+        if self.backing.as_ref().is_none_or(|b| b.pid != pid) {
+            // A child inherited its parent's table and file; it has none of those pages.
+            self.counts = RangeCounts::default();
+            self.backing = None;
+            let fd = memory::create_memory_file().map_err(|source| PagesError::Os {
+                op: "memory file",
+                source,
+            })?;
+            let id = memory::file_id(fd.as_fd()).map_err(|source| PagesError::Os {
+                op: "fstat of the memory file",
+                source,
+            })?;
+            self.generations += 1;
+            self.backing = Some(Backing {
+                pid,
+                fd,
+                id,
+                generation: self.generations,
+            });
+        }
+        let b = self.backing.as_ref().expect("set above");
+        Ok((&b.fd, b.generation))
+    }
+
+    /// Registers the pages `[start, end)` (page-aligned) once more: pages no registration
+    /// covered yet move onto the memory file. On error nothing changed.
+    pub fn acquire(&mut self, start: u64, end: u64) -> Result<(), PagesError> {
+        if end > freeflow_proto::verbs::MEMORY_FILE_SIZE {
+            return Err(PagesError::BeyondFile(start));
+        }
+        self.file()?;
+        if self.side.is_none() {
+            self.side = Some(SideStack::new().map_err(os("side stack"))?);
+        }
+        let side = self.side.as_mut().expect("made above");
+        let (side_lo, side_hi) = side.range();
+        if start < side_hi && side_lo < end {
+            return Err(PagesError::LibraryMemory(start));
+        }
+        let backing = self.backing.as_ref().expect("made by file()");
+        let vmas = maps::read_self().map_err(PagesError::Maps)?;
+        let mut plan: Vec<(u64, u64, i32)> = Vec::new();
+        for (a, b, count) in self.counts.parts(start, end) {
+            let pieces = maps::pieces(&vmas, a, b).map_err(PagesError::Unmapped)?;
+            for (pa, pb, vma) in pieces {
+                let ours = vma.is_identity_mapping_of(backing.id.0, backing.id.1);
+                if count > 0 {
+                    if !ours {
+                        return Err(PagesError::Stale(pa));
+                    }
+                    continue;
+                }
+                check_movable(vma, pa, ours)?;
+                if !ours {
+                    plan.push((pa, pb, vma.prot()));
+                }
+            }
+        }
+        // The moves, on the side stack. Nothing in the job allocates; results are written
+        // only between moves (see `memory`).
+        let fd = backing.fd.as_fd();
+        let mut failure: Option<io::Error> = None;
+        let mut job = || {
+            for (i, &(a, b, prot)) in plan.iter().enumerate() {
+                // SAFETY: /proc/self/maps just said [a, b) is a private readable mapping of the
+                // application (check_movable) and not this library's side stack; this library
+                // holds no reference into it.
+                #[allow(unsafe_code)]
+                let moved = unsafe { memory::move_onto_file(fd, a, b - a, prot) };
+                if let Err(e) = moved {
+                    for &(a, b, prot) in plan[..i].iter().rev() {
+                        // A page that cannot move back stays on the file, uncounted; a later
+                        // registration finds it there and uses it as it is.
+                        if give_back(a, b, prot).is_ok() {
+                            memory::punch_hole(fd, a, b - a);
+                        }
+                    }
+                    failure = Some(e);
+                    return;
+                }
+            }
+        };
+        side.run(&mut job)
+            .map_err(os("switching to the side stack"))?;
+        if let Some(source) = failure {
+            return Err(PagesError::Os {
+                op: "moving pages onto the memory file",
+                source,
+            });
+        }
+        self.counts.add(start, end);
+        Ok(())
+    }
+
+    /// Registers `[start, end)` once less: pages no registration covers any more move back
+    /// onto private memory and leave the file. Pages the program unmapped meanwhile are only
+    /// freed in the file.
+    pub fn release(&mut self, start: u64, end: u64) {
+        let pid = std::process::id();
+        let Some(backing) = self.backing.as_ref().filter(|b| b.pid == pid) else {
+            return; // registered by the parent of this forked child: nothing of it is here
+        };
+        let freed = self.counts.remove(start, end);
+        if freed.is_empty() {
+            return;
+        }
+        let vmas = maps::read_self().unwrap_or_default();
+        let mut plan: Vec<(u64, u64, i32)> = Vec::new();
+        for &(a, b) in &freed {
+            for vma in vmas.iter().filter(|v| v.start < b && v.end > a) {
+                if vma.is_identity_mapping_of(backing.id.0, backing.id.1) {
+                    plan.push((vma.start.max(a), vma.end.min(b), vma.prot()));
+                }
+            }
+        }
+        let fd = backing.fd.as_fd();
+        // Pieces that could not move back keep their pages in the file (the program still uses
+        // them); everything else of the freed ranges leaves the file.
+        let mut kept: Vec<(u64, u64)> = Vec::with_capacity(plan.len());
+        let mut job = || {
+            for &(a, b, prot) in &plan {
+                if give_back(a, b, prot).is_err() {
+                    kept.push((a, b)); // within capacity: no allocation
+                }
+            }
+        };
+        let Some(side) = self.side.as_mut() else {
+            return; // nothing was ever moved
+        };
+        if let Err(e) = side.run(&mut job) {
+            crate::registry::debug(format_args!("side stack: {e}"));
+            return;
+        }
+        if !kept.is_empty() {
+            crate::registry::debug(format_args!(
+                "pages {kept:x?} could not move off the memory file; they stay on it"
+            ));
+        }
+        for (a, b) in freed {
+            let mut at = a;
+            for &(ka, kb) in kept.iter().filter(|&&(ka, kb)| ka < b && kb > a) {
+                if ka > at {
+                    memory::punch_hole(fd, at, ka - at);
+                }
+                at = at.max(kb);
+            }
+            if at < b {
+                memory::punch_hole(fd, at, b - at);
+            }
+        }
+    }
+
+    /// True if no page is registered (tests).
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+}
+
+fn check_movable(vma: &Vma, at: u64, ours: bool) -> Result<(), PagesError> {
+    if !vma.read {
+        return Err(PagesError::Unmapped(at));
+    }
+    if vma.shared && !ours {
+        return Err(PagesError::SharedMapping(at));
+    }
+    Ok(())
+}
+
+/// Moves `[a, b)` off the file onto private memory (bytes kept). Runs inside the moves: no
+/// allocation, no logging.
+fn give_back(a: u64, b: u64, prot: i32) -> io::Result<()> {
+    // SAFETY: [a, b) is this library's identity mapping of the file (checked by the callers
+    // from /proc/self/maps), registered memory of the application that no Rust reference
+    // points into; this runs on the side stack.
+    #[allow(unsafe_code)]
+    unsafe {
+        memory::move_off_file(a, b - a, prot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_split_merge_and_free() {
+        let mut c = RangeCounts::default();
+        c.add(0x1000, 0x3000);
+        assert_eq!(
+            c.parts(0, 0x4000),
+            [(0, 0x1000, 0), (0x1000, 0x3000, 1), (0x3000, 0x4000, 0)]
+        );
+        c.add(0x2000, 0x5000);
+        assert_eq!(
+            c.parts(0x1000, 0x5000),
+            [
+                (0x1000, 0x2000, 1),
+                (0x2000, 0x3000, 2),
+                (0x3000, 0x5000, 1)
+            ]
+        );
+        assert_eq!(c.parts(0x2800, 0x2900), [(0x2800, 0x2900, 2)]);
+        // Freeing the first: only its page that nobody else covers is freed.
+        assert_eq!(c.remove(0x1000, 0x3000), [(0x1000, 0x2000)]);
+        assert_eq!(
+            c.parts(0x1000, 0x5000),
+            [(0x1000, 0x2000, 0), (0x2000, 0x5000, 1)]
+        );
+        assert_eq!(c.segments.len(), 1, "equal neighbours merge: {c:?}");
+        assert_eq!(c.remove(0x2000, 0x5000), [(0x2000, 0x5000)]);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn counts_stay_consistent_under_many_overlaps() {
+        // Compare with a page-by-page model.
+        let mut c = RangeCounts::default();
+        let mut model = vec![0u32; 64];
+        let mut seed = 12345u64;
+        let mut live: Vec<(u64, u64)> = Vec::new();
+        for _ in 0..2000 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let a = (seed >> 33) % 64;
+            let b = a + 1 + (seed >> 20) % (64 - a);
+            if live.is_empty() || !(seed >> 11).is_multiple_of(3) {
+                c.add(a * 4096, b * 4096);
+                (a..b).for_each(|p| model[p as usize] += 1);
+                live.push((a, b));
+            } else {
+                let (a, b) = live.swap_remove((seed >> 40) as usize % live.len());
+                let freed = c.remove(a * 4096, b * 4096);
+                let expected: Vec<u64> = (a..b).filter(|&p| model[p as usize] == 1).collect();
+                let got: Vec<u64> = freed
+                    .iter()
+                    .flat_map(|&(s, e)| (s / 4096)..(e / 4096))
+                    .collect();
+                assert_eq!(got, expected);
+                (a..b).for_each(|p| model[p as usize] -= 1);
+            }
+            for (s, e, n) in c.parts(0, 64 * 4096) {
+                for p in s / 4096..e / 4096 {
+                    assert_eq!(n, model[p as usize]);
+                }
+            }
+        }
+    }
+
+    fn mapping_of(addr: u64) -> Vma {
+        maps::read_self()
+            .unwrap()
+            .into_iter()
+            .find(|v| v.start <= addr && addr < v.end)
+            .unwrap()
+    }
+
+    /// Five private pages of our own (not the heap: other test threads allocate there, and
+    /// their writes could race with the move, see `memory`).
+    fn private_pages() -> &'static mut [u8] {
+        // SAFETY: a fresh private mapping, leaked for the test's lifetime; nothing else uses it.
+        #[allow(unsafe_code)]
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                5 * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            std::slice::from_raw_parts_mut(p.cast::<u8>(), 5 * 4096)
+        }
+    }
+
+    /// The real thing in this test process: an unaligned buffer, its neighbours on the same
+    /// pages, a second region on the same page, and the way back.
+    #[test]
+    fn pages_move_onto_the_file_and_back_keeping_every_byte() {
+        use std::os::unix::fs::FileExt;
+        let mut pages = Pages::default();
+        let mem = private_pages();
+        for (i, b) in mem.iter_mut().enumerate() {
+            *b = (i * 7 + 3) as u8;
+        }
+        let before = mem.to_vec();
+        let base = mem.as_ptr() as u64;
+        // A buffer from 100 bytes before the end of the first page to the middle of the third.
+        let (buf, len) = (base + 4096 - 100, 8292u64);
+        let (first, end) = (base, (buf + len).next_multiple_of(4096));
+        assert_eq!(end, base + 3 * 4096);
+        pages.acquire(first, end).unwrap();
+        let (fd, _) = pages.file().unwrap();
+        let id = memory::file_id(fd.as_fd()).unwrap();
+        assert!(mapping_of(buf).is_identity_mapping_of(id.0, id.1));
+        assert!(mapping_of(buf + len - 1).is_identity_mapping_of(id.0, id.1));
+        assert!(!mapping_of(end).is_identity_mapping_of(id.0, id.1));
+        // Every byte, buffer and neighbours, is where it was; the file holds the same bytes.
+        assert_eq!(mem, &before[..]);
+        let file = std::fs::File::from(fd.try_clone().unwrap());
+        let mut in_file = vec![0u8; (end - first) as usize];
+        file.read_exact_at(&mut in_file, first).unwrap();
+        assert_eq!(in_file, mem[..in_file.len()]);
+        // Writes after registration are in the file (what the router maps).
+        mem[5000] = 0xee;
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, first + 5000).unwrap();
+        assert_eq!(byte, [0xee]);
+        // A second region on the first page shares it; the first one's release keeps it.
+        pages.acquire(first, first + 4096).unwrap();
+        pages.release(first, end);
+        assert!(mapping_of(first).is_identity_mapping_of(id.0, id.1));
+        assert!(!mapping_of(first + 4096).is_identity_mapping_of(id.0, id.1));
+        mem[1] = 0xdd;
+        file.read_exact_at(&mut byte, first + 1).unwrap();
+        assert_eq!(byte, [0xdd]);
+        pages.release(first, first + 4096);
+        assert!(!mapping_of(first).is_identity_mapping_of(id.0, id.1));
+        assert!(pages.is_empty());
+        let mut expected = before.clone();
+        expected[5000] = 0xee;
+        expected[1] = 0xdd;
+        assert_eq!(mem, &expected[..]);
+        // The file gave its pages back.
+        file.read_exact_at(&mut byte, first + 1).unwrap();
+        assert_eq!(byte, [0]);
+        // Registered pages that the program unmapped and mapped anew are refused, not reused.
+        pages.acquire(first, first + 4096).unwrap();
+        // SAFETY: replaces our own test page with a fresh private one.
+        #[allow(unsafe_code)]
+        unsafe {
+            let p = libc::mmap(
+                first as *mut libc::c_void,
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            );
+            assert_eq!(p as u64, first);
+        }
+        assert!(matches!(
+            pages.acquire(first, first + 4096),
+            Err(PagesError::Stale(_))
+        ));
+        pages.release(first, first + 4096);
+        assert!(pages.is_empty());
+    }
+
+    /// A buffer on this thread's own stack, with this library's frames on the same pages while
+    /// it moves them (the reason for the side stack).
+    #[test]
+    fn a_buffer_on_the_callers_own_stack_survives() {
+        let mut pages = Pages::default();
+        let mut buf = [0u8; 3000];
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        let addr = std::hint::black_box(&buf).as_ptr() as u64;
+        // From 32 KiB below the buffer: where the frames of acquire and release will be.
+        let (first, end) = (
+            (addr - 32 * 1024) & !4095,
+            (addr + 3000).next_multiple_of(4096),
+        );
+        for _ in 0..3 {
+            pages.acquire(first, end).unwrap();
+            let (fd, _) = pages.file().unwrap();
+            let id = memory::file_id(fd.as_fd()).unwrap();
+            assert!(mapping_of(addr).is_identity_mapping_of(id.0, id.1));
+            buf[7] = buf[7].wrapping_add(1);
+            pages.release(first, end);
+            assert!(!mapping_of(addr).is_identity_mapping_of(id.0, id.1));
+        }
+        let expected: Vec<u8> = (0..3000)
+            .map(|i| if i == 7 { 10 } else { (i % 251) as u8 })
+            .collect();
+        assert_eq!(std::hint::black_box(&buf)[..], expected[..]);
+    }
+
+    #[test]
+    fn unmapped_and_shared_pages_are_refused() {
+        let mut pages = Pages::default();
+        assert!(matches!(
+            pages.acquire(0x1000, 0x2000),
+            Err(PagesError::Unmapped(0x1000))
+        ));
+        assert!(matches!(
+            pages.acquire(0, 1 << 48),
+            Err(PagesError::BeyondFile(_))
+        ));
+        // SAFETY: a fresh shared anonymous mapping and a PROT_NONE one, unmapped at the end.
+        #[allow(unsafe_code)]
+        let (shared, none) = unsafe {
+            (
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                ),
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                ),
+            )
+        };
+        let e = pages
+            .acquire(shared as u64, shared as u64 + 4096)
+            .unwrap_err();
+        assert!(matches!(e, PagesError::SharedMapping(_)), "{e}");
+        assert_eq!(e.errno(), libc::EOPNOTSUPP);
+        let e = pages.acquire(none as u64, none as u64 + 4096).unwrap_err();
+        assert_eq!(e.errno(), libc::EFAULT);
+        assert!(pages.is_empty());
+        // SAFETY: our own mappings.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::munmap(shared, 4096);
+            libc::munmap(none, 4096);
+        }
+    }
+}
