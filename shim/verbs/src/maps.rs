@@ -86,7 +86,11 @@ pub fn parse(text: &str) -> Result<Vec<Vma>, ParseError> {
 
 /// This process's mappings, in address order.
 pub fn read_self() -> io::Result<Vec<Vma>> {
-    let text = std::fs::read_to_string("/proc/self/maps")?;
+    use std::io::Read;
+    // The file reports size 0, so a plain read_to_string starts with a tiny buffer and needs a
+    // dozen reads; the kernel fills as much as it is offered.
+    let mut text = String::with_capacity(64 * 1024);
+    std::fs::File::open("/proc/self/maps")?.read_to_string(&mut text)?;
     parse(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
