@@ -101,6 +101,8 @@ pub(crate) struct Attached {
 /// How long a notice is trusted: host ports are reused, and a notice meant for another process
 /// (the router sends them to every holder of a listener) must not name a later connection.
 const NOTICE_TTL: Duration = Duration::from_secs(5);
+/// How long accept polls for a notice that has not arrived before it asks the router.
+const NOTICE_WAIT: Duration = Duration::from_micros(50);
 /// How often a process without a router session tries to attach again.
 const REATTACH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -168,9 +170,12 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
         return attached.take_notice(host);
     };
     let mut buf = [0u8; SOCKMSG_LEN + 1];
+    // The notice and the connection travel separately (router to router, then to us; and the
+    // TCP handshake): the connection can win by a few microseconds. Polling for the notice that
+    // long is cheaper than the round trip of a Resolve. Bounded in time and in messages (a
+    // router sends at most half a socket buffer of notices ahead).
+    let deadline = Instant::now() + NOTICE_WAIT;
     let mut read = Vec::new();
-    // Bounded: a router sends at most half a socket buffer of notices ahead. Stops at the one
-    // wanted (the usual case: one read).
     for _ in 0..1024 {
         match fdpass::recv_with_fds(session.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
             Ok(got) if got.len == SOCKMSG_LEN && !got.truncated => {
@@ -185,6 +190,9 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
                     // Nothing else comes unasked; stop reading the session if it does.
                     _ => break,
                 }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::hint::spin_loop();
             }
             _ => break,
         }
