@@ -1174,6 +1174,13 @@ fn print_status_text(
             rs.attaches_accepted,
             rs.attaches_refused
         );
+        out!(
+            "  tcp mode:   {} listener(s), {} connect(s) on the host network, {} sent to the overlay, {} client(s) without Freeflow relayed",
+            rs.tcp_listeners,
+            rs.tcp_connects,
+            rs.tcp_fallbacks,
+            rs.tcp_relayed
+        );
         for shard in &rs.shards {
             out!(
                 "  shard {}:    core {}, {} attached, {} requests, {} wakeups, {} parks, {} protocol errors",

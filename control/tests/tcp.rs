@@ -411,6 +411,23 @@ print("UP", flush=True); time.sleep(1.5); s.close()
         status["router"]["tcp_connects"].as_u64().unwrap_or(0) >= 3,
         "router counters: {status}"
     );
+    // The text view shows the same counters.
+    let text = site
+        .in_host(0, env!("CARGO_BIN_EXE_freeflow"))
+        .args(["status", "--dir"])
+        .arg(&site.dirs[0])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("tcp mode:"))
+        .unwrap_or_else(|| panic!("no tcp line in: {text}"));
+    let connects = status["router"]["tcp_connects"].as_u64().unwrap();
+    assert!(
+        line.contains(&format!("{connects} connect(s) on the host network")),
+        "{line}"
+    );
 }
 
 #[test]
