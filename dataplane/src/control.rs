@@ -130,7 +130,7 @@ impl ControlThread {
             );
             let tcp_fds = self.tcp.poll_fds();
             let tcp_at = fds.len();
-            fds.extend(tcp_fds.iter().map(|&fd| (fd, libc::POLLIN)));
+            fds.extend(tcp_fds.iter().copied());
             let revents = sys::poll(&fds, timeout)?;
             if revents.iter().any(|&r| r != 0) {
                 self.last_activity = Instant::now();
@@ -138,7 +138,7 @@ impl ControlThread {
             // Peer routers first (announcements that pending resolves wait for), then the
             // socket shims' requests, then deferred answers.
             let mut deferred = Deferred::new();
-            for (i, &fd) in tcp_fds.iter().enumerate() {
+            for (i, &(fd, _)) in tcp_fds.iter().enumerate() {
                 if revents[tcp_at + i] != 0 {
                     self.tcp.on_ready(fd, &mut deferred);
                 }

@@ -39,7 +39,7 @@ const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(120);
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
 /// How often a lost peer connection is retried.
 const PEER_RETRY: Duration = Duration::from_millis(300);
-const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_PEER_LINE: usize = 1 << 20;
 /// How long a client that reached an overlay listener without Freeflow waits, in the router,
 /// for the application to accept it through the host listener.
@@ -132,7 +132,21 @@ struct PeerIn {
 struct PeerOut {
     port: u16,
     stream: Option<TcpStream>,
+    /// A connection on its way (non-blocking: an unreachable peer must not stall the control
+    /// thread), its deadline, and what to send once it is up (our table first).
+    connecting: Option<(TcpStream, Instant)>,
+    queue: Vec<u8>,
     next_try: Instant,
+}
+
+/// Bytes kept for a peer while its connection is being made; beyond, they are dropped (the
+/// table goes first on every new connection anyway; a lost announcement costs a Resolve).
+const MAX_PEER_QUEUE: usize = 1 << 20;
+
+fn peer_line(msg: &PeerMsg) -> Vec<u8> {
+    let mut line = serde_json::to_vec(msg).expect("peer messages serialise");
+    line.push(b'\n');
+    line
 }
 
 /// What a client's router said about one of its connections.
@@ -221,6 +235,8 @@ impl TcpService {
             self.outgoing.entry(*ip).or_insert(PeerOut {
                 port: *port,
                 stream: None,
+                connecting: None,
+                queue: Vec::new(),
                 next_try: Instant::now(),
             });
         }
@@ -714,50 +730,79 @@ impl TcpService {
         let Some(peer) = self.outgoing.get_mut(&host) else {
             return;
         };
-        if peer.stream.is_none() {
-            Self::try_connect(host, peer);
-            if peer.stream.is_some() {
-                // A fresh connection starts with our whole table; then the message.
-                if let Some(table) = self.table() {
-                    let peer = self.outgoing.get_mut(&host).expect("present");
-                    Self::write(host, peer, &table);
-                }
-            }
+        if peer.stream.is_none() && peer.connecting.is_none() {
+            let table = self.table().map(|t| peer_line(&t)).unwrap_or_default();
+            let peer = self.outgoing.get_mut(&host).expect("present");
+            Self::try_connect(host, peer, table);
         }
         let peer = self.outgoing.get_mut(&host).expect("present");
         Self::write(host, peer, msg);
     }
 
-    fn try_connect(host: Ipv4Addr, peer: &mut PeerOut) {
-        if Instant::now() < peer.next_try {
+    /// Starts connecting to a peer (without waiting); `first` is sent once connected (a fresh
+    /// connection starts with our whole table).
+    fn try_connect(host: Ipv4Addr, peer: &mut PeerOut, first: Vec<u8>) {
+        if Instant::now() < peer.next_try || peer.stream.is_some() || peer.connecting.is_some() {
             return;
         }
         peer.next_try = Instant::now() + PEER_RETRY;
-        let addr = SocketAddr::V4(SocketAddrV4::new(host, peer.port));
-        match TcpStream::connect_timeout(&addr, PEER_CONNECT_TIMEOUT) {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-                peer.stream = Some(stream);
+        let started = sys::tcp_socket(false).and_then(|socket| {
+            let done = sys::connect_nonblocking(&socket, host, peer.port, false)?;
+            Ok((TcpStream::from(socket), done))
+        });
+        match started {
+            Ok((stream, _)) => {
+                peer.queue = first;
+                peer.connecting = Some((stream, Instant::now() + PEER_CONNECT_TIMEOUT));
             }
-            Err(e) => eprintln!("freeflow-router: tcp: peer router {addr} not reachable: {e}"),
+            Err(e) => eprintln!("freeflow-router: tcp: peer router {host} not reachable: {e}"),
         }
     }
 
+    /// The connection to a peer finished connecting (it polled writable): up, or failed.
+    fn finish_connect(host: Ipv4Addr, peer: &mut PeerOut) {
+        let Some((stream, _)) = peer.connecting.take() else {
+            return;
+        };
+        let queued = std::mem::take(&mut peer.queue);
+        let up = match stream.take_error() {
+            Ok(None) => stream.peer_addr().is_ok(),
+            _ => false,
+        };
+        if !up {
+            eprintln!("freeflow-router: tcp: peer router {host} not reachable");
+            return;
+        }
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+        peer.stream = Some(stream);
+        Self::write_bytes(host, peer, &queued);
+    }
+
     fn write(host: Ipv4Addr, peer: &mut PeerOut, msg: &PeerMsg) {
+        let line = peer_line(msg);
+        if peer.stream.is_some() {
+            Self::write_bytes(host, peer, &line);
+        } else if peer.connecting.is_some() {
+            if peer.queue.len() + line.len() <= MAX_PEER_QUEUE {
+                peer.queue.extend_from_slice(&line);
+            }
+        }
+    }
+
+    fn write_bytes(host: Ipv4Addr, peer: &mut PeerOut, bytes: &[u8]) {
         let Some(stream) = peer.stream.as_mut() else {
             return;
         };
-        let mut line = serde_json::to_vec(msg).expect("peer messages serialise");
-        line.push(b'\n');
-        if let Err(e) = stream.write_all(&line) {
+        if let Err(e) = stream.write_all(bytes) {
             eprintln!("freeflow-router: tcp: lost peer router {host}: {e}");
             peer.stream = None;
         }
     }
 
     /// Descriptors the control loop must poll for the peer channel.
-    pub fn poll_fds(&self) -> Vec<RawFd> {
+    pub fn poll_fds(&self) -> Vec<(RawFd, i16)> {
         let mut fds: Vec<RawFd> = self.peer_listener.iter().map(|l| l.as_raw_fd()).collect();
         fds.extend(self.incoming.iter().map(|p| p.stream.as_raw_fd()));
         // Outgoing connections too: a peer never writes on them, so readable means it closed
@@ -773,7 +818,16 @@ impl TcpService {
                 .values()
                 .filter_map(|l| l.overlay.as_ref().map(|o| o.as_raw_fd())),
         );
-        fds
+        let mut with_events: Vec<(RawFd, i16)> =
+            fds.into_iter().map(|fd| (fd, libc::POLLIN)).collect();
+        // Connections to peers on their way: writable when done.
+        with_events.extend(
+            self.outgoing
+                .values()
+                .filter_map(|p| p.connecting.as_ref())
+                .map(|(s, _)| (s.as_raw_fd(), libc::POLLOUT)),
+        );
+        with_events
     }
 
     /// Milliseconds until the service needs a tick (pending resolves, peer retries), if ever.
@@ -792,7 +846,10 @@ impl TcpService {
             .outgoing
             .values()
             .filter(|p| p.stream.is_none())
-            .map(|p| p.next_try)
+            .map(|p| match &p.connecting {
+                Some((_, deadline)) => *deadline,
+                None => p.next_try,
+            })
             .min();
         let relay = self.relays.values().map(|r| r.since + RELAY_TTL).min();
         [resolve, retry, relay]
@@ -811,6 +868,14 @@ impl TcpService {
             .is_some_and(|l| l.as_raw_fd() == fd)
         {
             self.accept_peers();
+            return;
+        }
+        if let Some((&host, peer)) = self.outgoing.iter_mut().find(|(_, p)| {
+            p.connecting
+                .as_ref()
+                .is_some_and(|(s, _)| s.as_raw_fd() == fd)
+        }) {
+            Self::finish_connect(host, peer);
             return;
         }
         if let Some((host, peer)) = self
@@ -1017,19 +1082,28 @@ impl TcpService {
         if self.local.len() != before {
             self.broadcast_listeners();
         }
+        for (host, peer) in self.outgoing.iter_mut() {
+            if peer
+                .connecting
+                .as_ref()
+                .is_some_and(|(_, deadline)| now >= *deadline)
+            {
+                eprintln!("freeflow-router: tcp: peer router {host} not reachable: timed out");
+                peer.connecting = None;
+                peer.queue.clear();
+            }
+        }
         let lost: Vec<Ipv4Addr> = self
             .outgoing
             .iter()
-            .filter(|(_, p)| p.stream.is_none() && now >= p.next_try)
+            .filter(|(_, p)| p.stream.is_none() && p.connecting.is_none() && now >= p.next_try)
             .map(|(h, _)| *h)
             .collect();
         if !lost.is_empty() {
-            if let Some(table) = self.table() {
-                for host in lost {
-                    let peer = self.outgoing.get_mut(&host).expect("present");
-                    Self::try_connect(host, peer);
-                    Self::write(host, peer, &table);
-                }
+            let table = self.table().map(|t| peer_line(&t)).unwrap_or_default();
+            for host in lost {
+                let peer = self.outgoing.get_mut(&host).expect("present");
+                Self::try_connect(host, peer, table.clone());
             }
         }
     }
@@ -1100,5 +1174,57 @@ fn ok(seq: u32, ip: Ipv4Addr, port: u16) -> SockReply {
         errno: 0,
         ip,
         port,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freeflow_proto::control::PeerHost;
+
+    /// A listener on loopback whose accept queue is full (listen backlog 0, nobody accepts):
+    /// the kernel drops further SYNs, so a connect to it hangs, like one to a host that is down.
+    fn black_hole() -> (Vec<TcpStream>, OwnedFd, u16) {
+        let socket = sys::tcp_socket(false).unwrap();
+        sys::bind(&socket, Ipv4Addr::LOCALHOST, 0, false).unwrap();
+        sys::listen(&socket, 0).unwrap();
+        let port = sys::local_port(&socket).unwrap();
+        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+        // Fill the queue; each bounded.
+        let fill = (0..4)
+            .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok())
+            .collect();
+        (fill, socket, port)
+    }
+
+    /// A blocking connect would return only after the peer answered or the timeout passed;
+    /// here the connect is left under way, for the control loop to watch.
+    #[test]
+    fn an_unreachable_peer_does_not_stall_the_control_thread() {
+        let (_fill, _hole, port) = black_hole();
+        let mut tcp = TcpService::default();
+        tcp.set_network(NetworkView {
+            host_ip: Ipv4Addr::LOCALHOST,
+            peer_port: 0,
+            hosts: vec![PeerHost {
+                host_ip: Ipv4Addr::LOCALHOST,
+                peer_port: port,
+            }],
+            overlay: Vec::new(),
+        });
+        let mut deferred = Deferred::new();
+        tcp.tick(&mut deferred);
+        tcp.broadcast_listeners();
+        let peer = tcp.outgoing.values().next().unwrap();
+        assert!(
+            peer.stream.is_none(),
+            "not connected: the peer never answers"
+        );
+        let (connecting, _) = peer.connecting.as_ref().expect("a connect under way");
+        assert!(!peer.queue.is_empty(), "our table waits to be sent");
+        assert!(tcp
+            .poll_fds()
+            .contains(&(connecting.as_raw_fd(), libc::POLLOUT)));
+        assert!(tcp.next_timeout_ms(Instant::now()).is_some());
     }
 }
