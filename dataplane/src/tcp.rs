@@ -784,10 +784,8 @@ impl TcpService {
         let line = peer_line(msg);
         if peer.stream.is_some() {
             Self::write_bytes(host, peer, &line);
-        } else if peer.connecting.is_some() {
-            if peer.queue.len() + line.len() <= MAX_PEER_QUEUE {
-                peer.queue.extend_from_slice(&line);
-            }
+        } else if peer.connecting.is_some() && peer.queue.len() + line.len() <= MAX_PEER_QUEUE {
+            peer.queue.extend_from_slice(&line);
         }
     }
 
