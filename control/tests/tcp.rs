@@ -1447,3 +1447,65 @@ fn forks_while_threads_use_the_shim_do_not_deadlock_children() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Two SO_REUSEPORT listeners in one process share the port (closing one leaves the other
+/// serving), and dup2 over a listener closes it as close() would.
+const REUSEPORT_ONE_PROCESS: &str = r#"
+import socket, os
+def listener(port, opt):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, opt, 1)
+    s.bind(("0.0.0.0", port)); s.listen(8); return s
+a = listener(7301, socket.SO_REUSEPORT)
+b = listener(7301, socket.SO_REUSEPORT)
+b.close()
+x = listener(7302, socket.SO_REUSEADDR)
+devnull = os.open("/dev/null", os.O_RDONLY)
+os.dup2(devnull, x.fileno())
+print("READY", flush=True)
+a.settimeout(10)
+c, peer = a.accept(); c.sendall(b"a"); c.close()
+print("SERVED", peer[0], flush=True)
+"#;
+
+#[test]
+fn reuseport_listeners_of_one_process_share_and_dup2_closes_a_listener() {
+    let site = Site::new("tu");
+    let mut server = site
+        .python("db", REUSEPORT_ONE_PROCESS, true)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "READY");
+    std::thread::sleep(Duration::from_millis(300));
+    let listeners = site.router_status(1)["router"]["tcp_listeners"].as_u64();
+    let client = site
+        .python(
+            "web",
+            r#"
+import socket
+c = socket.create_connection(("10.32.0.4", 7301), timeout=5)
+try:
+    print("GOT", c.recv(1))
+except OSError as e:
+    print("ERROR", e)
+"#,
+            true,
+        )
+        .output()
+        .unwrap();
+    line.clear();
+    let _ = reader.read_line(&mut line);
+    stop(&mut server);
+    assert_eq!(
+        String::from_utf8_lossy(&client.stdout).trim(),
+        "GOT b'a'",
+        "the remaining listener serves"
+    );
+    assert_eq!(line.trim(), "SERVED 10.32.0.2");
+    assert_eq!(listeners, Some(1), "7302 is gone after dup2 over it");
+}

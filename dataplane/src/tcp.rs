@@ -436,18 +436,17 @@ impl TcpService {
         let key = (ip, req.port);
         let reuseport = req.flags & FLAG_REUSEPORT != 0;
         if let Some(existing) = self.local.get_mut(&key) {
-            let held_by_others =
-                existing.orphaned_at.is_none() && !existing.owners.contains(&caller.attachment);
-            if held_by_others && !(reuseport && existing.reuseport) {
-                return (SockReply::error(req.seq, libc::EADDRINUSE), None);
-            }
-            if held_by_others {
-                // SO_REUSEPORT on both: one more process of the container serves the port; it
-                // shares the host listener (the overlay socket it passed is not needed: the first
-                // one already takes clients that come without Freeflow).
+            let live = existing.orphaned_at.is_none();
+            if live && reuseport && existing.reuseport {
+                // SO_REUSEPORT on both: one more socket serves the port, in this process or
+                // another of the container; it shares the host listener (the overlay socket it
+                // passed is not needed: the first one already takes clients that come without
+                // Freeflow).
                 return match existing.socket.try_clone() {
                     Ok(shared) => {
-                        existing.owners.push(caller.attachment);
+                        if !existing.owners.contains(&caller.attachment) {
+                            existing.owners.push(caller.attachment);
+                        }
                         (ok(req.seq, ip, req.port), Some(shared))
                     }
                     Err(e) => (
@@ -455,6 +454,9 @@ impl TcpService {
                         None,
                     ),
                 };
+            }
+            if live && !existing.owners.contains(&caller.attachment) {
+                return (SockReply::error(req.seq, libc::EADDRINUSE), None);
             }
         }
         if !self.local.contains_key(&key) && self.listeners_of(ip) >= MAX_LISTENERS_PER_CONTAINER {

@@ -474,6 +474,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     if old != new {
         epoll::closed(new);
     }
+    let replaced = (old != new).then(|| state::get(new)).flatten();
     let rc = real::dup3(old, new, 0);
     if old == new {
         // dup2 of an fd onto itself checks validity and does nothing (dup3 refuses it).
@@ -485,8 +486,29 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     }
     if rc >= 0 {
         state::copy(old, new);
+        unlisten_if_last(replaced);
     }
     rc
+}
+
+/// After `new` was replaced by dup2/dup3: if it was the process's last fd for an accelerated
+/// listener, the listener is closed, as close() would have said.
+fn unlisten_if_last(replaced: Option<Accelerated>) {
+    let Some(s) = replaced.filter(|s| s.role == Role::Listener) else {
+        return;
+    };
+    if state::holds_listener(s.local) {
+        return;
+    }
+    let request = SockRequest {
+        op: SockOp::Unlisten,
+        flags: if state::forked() { FLAG_ORPHAN } else { 0 },
+        seq: 0,
+        ip: s.local.0,
+        port: s.local.1,
+        backlog: 0,
+    };
+    let _ = session::call(request);
 }
 
 /// dup3(2).
@@ -495,10 +517,12 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 /// Called by the application with dup3(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    let replaced = (old != new).then(|| state::get(new)).flatten();
     let rc = real::dup3(old, new, flags);
     if rc >= 0 {
         epoll::closed(new);
         state::copy(old, new);
+        unlisten_if_last(replaced);
     }
     rc
 }
