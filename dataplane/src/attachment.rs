@@ -1,10 +1,12 @@
 //! One attached shim process as its shard sees it: the connection, the shared region, the two
 //! rings, and the request handlers. Everything read from the region is untrusted.
 //!
-//! A verbs shim's attachment also has a verbs table (`crate::verbs`), and its connection carries
-//! one message after the handshake: the shim's memory file. Nothing else may arrive there.
+//! A verbs shim's attachment has a context in the shard's verbs engine (`crate::verbs`), which
+//! serves its verbs requests. Its connection carries one message from the shim after the
+//! handshake, the shim's memory file; nothing else may arrive there. The other way, the engine
+//! sends the files of the CQs, QPs and completion channels it creates.
 
-use crate::verbs::VerbsTable;
+use crate::verbs::Engine;
 use freeflow_proto::attach::{wake_futex_consumer, ShimKind, REPLY_RING, REQUEST_RING};
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
@@ -30,8 +32,8 @@ pub struct Attachment {
     scratch: Vec<u8>,
     reply: Vec<u8>,
     nops_since_flush: u64,
-    /// PDs and MRs of a verbs shim's context; None for other shims.
-    verbs: Option<VerbsTable>,
+    /// A verbs shim: its context lives in the shard's verbs engine, under this attachment's id.
+    verbs: bool,
     /// Set when the connection carried something a shim must not send; the shard detaches.
     violation: Option<String>,
 }
@@ -64,6 +66,15 @@ impl Attachment {
         conn: OwnedFd,
         geometry: RingGeometry,
     ) -> Result<(Attachment, OwnedFd), RegionError> {
+        // Verbs requests (modify_qp, query_qp) need bigger slots than the default.
+        let geometry = if kind == ShimKind::Verbs {
+            RingGeometry {
+                slot_size: geometry.slot_size.max(wire::MIN_SLOT_SIZE),
+                ..geometry
+            }
+        } else {
+            geometry
+        };
         let (region, memfd) = SharedRegion::create(
             &format!("freeflow-{}", container.name),
             &[geometry, geometry],
@@ -84,7 +95,7 @@ impl Attachment {
                 scratch: vec![0; slot],
                 reply: vec![0; slot],
                 nops_since_flush: 0,
-                verbs: (kind == ShimKind::Verbs).then(VerbsTable::default),
+                verbs: kind == ShimKind::Verbs,
                 violation: None,
             },
             memfd,
@@ -93,7 +104,7 @@ impl Attachment {
 
     /// Serves up to [`BATCH`] requests, then publishes replies and consumed slots once.
     /// An error means the container broke the ring protocol and must be detached.
-    pub fn visit(&mut self) -> Result<Visit, RingError> {
+    pub fn visit(&mut self, engine: &mut Engine) -> Result<Visit, RingError> {
         let mut served = 0;
         while served < BATCH {
             // Back-pressure: a request may need a reply slot; a container that does not read
@@ -105,7 +116,7 @@ impl Attachment {
                 break;
             }
             served += 1;
-            self.serve_one()?;
+            self.serve_one(engine)?;
         }
         if served > 0 {
             self.requests.release();
@@ -116,7 +127,7 @@ impl Attachment {
         Ok(Visit { served })
     }
 
-    fn serve_one(&mut self) -> Result<(), RingError> {
+    fn serve_one(&mut self, engine: &mut Engine) -> Result<(), RingError> {
         // `scratch` is our private copy of the slot: checks made on it hold.
         let header = MsgHeader::decode(&self.scratch);
         let Some(body) = header.body(&self.scratch) else {
@@ -137,28 +148,25 @@ impl Attachment {
                 self.reply[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&count.to_le_bytes());
                 self.send_reply(header, status::OK, 8)
             }
-            opcode if wire::op::is_verbs(opcode) && self.verbs.is_some() => {
-                self.serve_verbs(header)
-            }
+            opcode if wire::op::is_verbs(opcode) && self.verbs => self.serve_verbs(header, engine),
             _ => self.send_reply(header, status::UNKNOWN_OP, 0),
         }
     }
 
-    fn serve_verbs(&mut self, header: MsgHeader) -> Result<(), RingError> {
-        if header.opcode == wire::op::REG_MR
-            && self.verbs.as_ref().is_some_and(|t| !t.has_memory_file())
-        {
+    fn serve_verbs(&mut self, header: MsgHeader, engine: &mut Engine) -> Result<(), RingError> {
+        if header.opcode == wire::op::REG_MR && !engine.has_memory_file(self.id) {
             // The shim sends its memory file on the connection before the first registration
             // it pushes, so it is in the socket by now, even if the shard's watch on the
             // connection has not fired yet.
-            match self.on_connection_readable() {
+            match self.on_connection_readable(engine) {
                 ConnectionEvent::Violation(why) => self.violation = Some(why),
                 ConnectionEvent::Quiet | ConnectionEvent::Closed => {}
             }
         }
-        let table = self.verbs.as_mut().expect("a verbs attachment");
         let header_len = HEADER_LEN + header.len as usize;
-        let (status, len) = table.serve(
+        let (status, len) = engine.serve(
+            self.id,
+            self.conn.as_fd(),
             header.opcode,
             &self.scratch[HEADER_LEN..header_len],
             &mut self.reply[HEADER_LEN..],
@@ -168,8 +176,8 @@ impl Attachment {
 
     /// Reads what waits on the attach connection. A verbs shim may send its memory file (once);
     /// anything else is a violation.
-    pub fn on_connection_readable(&mut self) -> ConnectionEvent {
-        if self.verbs.is_none() {
+    pub fn on_connection_readable(&mut self, engine: &mut Engine) -> ConnectionEvent {
+        if !self.verbs {
             let mut byte = [0u8; 64];
             return match crate::sys::recv_nonblocking(&self.conn, &mut byte) {
                 Ok(None) => ConnectionEvent::Quiet,
@@ -192,7 +200,6 @@ impl Attachment {
             if got.len == 0 && got.fds.is_empty() {
                 return ConnectionEvent::Closed;
             }
-            let table = self.verbs.as_mut().expect("checked above");
             let msg = match MemoryFileMsg::decode(&buf[..got.len]) {
                 Ok(msg) if !got.truncated => msg,
                 Ok(_) => return ConnectionEvent::Violation("memory file message truncated".into()),
@@ -206,15 +213,10 @@ impl Attachment {
                     "a memory file message carries exactly one fd".into(),
                 );
             };
-            if let Err(e) = table.adopt_memory_file(msg, fd) {
+            if let Err(e) = engine.adopt_memory_file(self.id, msg, fd) {
                 return ConnectionEvent::Violation(format!("memory file refused: {e}"));
             }
         }
-    }
-
-    /// PDs and MRs a verbs attachment holds (freed with it).
-    pub fn verbs_held(&self) -> Option<(usize, usize)> {
-        self.verbs.as_ref().map(|t| (t.pd_count(), t.mr_count()))
     }
 
     /// Why the attachment must go, if its connection carried something it must not.

@@ -291,11 +291,17 @@ impl ControlThread {
         if kind == ShimKind::Socket {
             return self.adopt_socket_shim(conn, container, pid);
         }
-        let Some(shard) = self
+        // Verbs attachments all go to the first shard: its engine holds both ends of every
+        // same-host RDMA connection (see crate::verbs::Engine). Others go to the least loaded.
+        let least_loaded = self
             .shards
             .iter()
-            .min_by_key(|s| s.stats.attached.load(Ordering::Relaxed))
-        else {
+            .min_by_key(|s| s.stats.attached.load(Ordering::Relaxed));
+        let Some(shard) = (if kind == ShimKind::Verbs {
+            self.shards.first()
+        } else {
+            least_loaded
+        }) else {
             return self.refuse(&conn, Refusal::Internal, "router has no shards".into());
         };
         let (shard_index, bell) = (shard.index, shard.bell.clone());

@@ -9,6 +9,7 @@
 
 use crate::attachment::{Attachment, ConnectionEvent};
 use crate::uring::Uring;
+use crate::verbs::Engine;
 use crossbeam_queue::ArrayQueue;
 use freeflow_proto::doorbell::EventFd;
 use std::collections::HashMap;
@@ -80,6 +81,8 @@ pub struct Shard {
     slots: Vec<Option<Slot>>,
     next_generation: u32,
     served_total: u64,
+    /// Every verbs context of the attachments this shard serves, and their queues.
+    engine: Engine,
 }
 
 impl Shard {
@@ -106,6 +109,7 @@ impl Shard {
             slots: Vec::new(),
             next_generation: 1,
             served_total: 0,
+            engine: Engine::default(),
         })
     }
 
@@ -117,6 +121,7 @@ impl Shard {
         while !self.stop.load(Ordering::Relaxed) {
             let mut work = self.take_commands();
             work += self.visit_all();
+            work += self.run_engine();
             if self.uring.has_completions() {
                 work += self.reap();
             }
@@ -191,6 +196,10 @@ impl Shard {
             self.forget(attachment.id);
             return;
         }
+        if attachment.kind == freeflow_proto::attach::ShimKind::Verbs {
+            self.engine
+                .open(attachment.id, attachment.container.clone());
+        }
         self.slots[index] = Some(Slot {
             attachment,
             generation,
@@ -202,7 +211,7 @@ impl Shard {
         let mut served = 0;
         let mut broken = Vec::new();
         for slot in self.slots.iter_mut().flatten() {
-            match slot.attachment.visit() {
+            match slot.attachment.visit(&mut self.engine) {
                 Ok(v) => served += v.served,
                 Err(e) => {
                     broken.push((slot.attachment.id, format!("ring protocol violation: {e}")))
@@ -223,6 +232,16 @@ impl Shard {
                 .store(self.served_total, Ordering::Relaxed);
         }
         served
+    }
+
+    /// Executes posted work requests and flushes; detaches attachments that broke their queues.
+    fn run_engine(&mut self) -> usize {
+        let work = self.engine.poll();
+        for (id, why) in self.engine.take_broken() {
+            self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            self.detach_id(id, &why);
+        }
+        work
     }
 
     fn reap(&mut self) -> usize {
@@ -267,7 +286,7 @@ impl Shard {
             return;
         };
         let id = slot.attachment.id;
-        match slot.attachment.on_connection_readable() {
+        match slot.attachment.on_connection_readable(&mut self.engine) {
             ConnectionEvent::Quiet => {
                 let (fd, generation) = (slot.attachment.conn.as_raw_fd(), slot.generation);
                 if self
@@ -304,8 +323,11 @@ impl Shard {
         let _ = self.uring.cancel(conn_tag(index, slot.generation));
         let _ = self.uring.submit_queued();
         let a = &slot.attachment;
-        let held = match a.verbs_held() {
-            Some((pds, mrs)) if pds + mrs > 0 => format!(" (freed {pds} PDs, {mrs} MRs)"),
+        let held = match self.engine.close(a.id) {
+            Some(h) if h.pds + h.mrs + h.cqs + h.qps > 0 => format!(
+                " (freed {} PDs, {} MRs, {} CQs, {} QPs)",
+                h.pds, h.mrs, h.cqs, h.qps
+            ),
             _ => String::new(),
         };
         eprintln!(
@@ -344,10 +366,26 @@ impl Shard {
             }
         }
         let _ = raised;
-        if !busy && broken.is_empty() && self.inbox.is_empty() && !self.stop.load(Ordering::Relaxed)
+        let plan = if busy {
+            crate::verbs::ParkPlan::default()
+        } else {
+            self.engine.prepare_park()
+        };
+        if !busy
+            && !plan.busy
+            && broken.is_empty()
+            && self.inbox.is_empty()
+            && !self.stop.load(Ordering::Relaxed)
         {
             self.stats.parks.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.uring.submit_and_wait() {
+            // A verbs retry timer (RNR, transport retry, a full CQ) bounds the sleep.
+            let waited = match plan.deadline {
+                Some(d) => self
+                    .uring
+                    .submit_and_wait_timeout(d.saturating_duration_since(Instant::now())),
+                None => self.uring.submit_and_wait(),
+            };
+            if let Err(e) = waited {
                 eprintln!("freeflow-router: shard {}: io_uring wait: {e}", self.index);
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -356,6 +394,7 @@ impl Shard {
         for slot in self.slots.iter().flatten() {
             slot.attachment.unpark();
         }
+        self.engine.unpark();
         for (id, e) in broken {
             self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             self.detach_id(id, &format!("ring protocol violation: {e}"));

@@ -73,6 +73,26 @@ impl Uring {
         }
     }
 
+    /// As [`Uring::submit_and_wait`], but returns after `timeout` at the latest.
+    pub fn submit_and_wait_timeout(&mut self, timeout: std::time::Duration) -> io::Result<()> {
+        let ts = types::Timespec::new()
+            .sec(timeout.as_secs())
+            .nsec(timeout.subsec_nanos());
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {
+                self.queued = 0;
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
+                self.queued = 0;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Hands every ready completion to `f` as (user_data, result). Cancellation acknowledgements
     /// are swallowed here.
     pub fn drain(&mut self, mut f: impl FnMut(u64, i32)) -> usize {

@@ -497,6 +497,12 @@ impl Session {
         n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
     }
 
+    /// The doorbell of the router's shard (for queues of this attachment that the shim
+    /// produces into, such as a verbs QP's send and receive rings).
+    pub fn router_bell(&self) -> &EventFd {
+        &self.router_bell
+    }
+
     /// The attach connection (for tests that misbehave on purpose).
     pub fn connection(&self) -> &OwnedFd {
         &self.conn

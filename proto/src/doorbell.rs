@@ -57,6 +57,13 @@ impl EventFd {
         Ok(EventFd { fd })
     }
 
+    /// Another handle on the same doorbell (a dup of the fd).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(EventFd {
+            fd: self.fd.try_clone()?,
+        })
+    }
+
     /// Wraps an eventfd received from another process.
     pub fn from_owned(fd: OwnedFd) -> Self {
         EventFd { fd }

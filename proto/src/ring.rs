@@ -329,6 +329,18 @@ impl Consumer {
         Ok(true)
     }
 
+    /// Raises the parked flag without looking at the ring and without sleeping, so that the
+    /// producer's next publish claims it and reports [`Wake::Needed`]. This is a completion
+    /// queue's `ibv_req_notify_cq` ("tell me about the next entry"; entries already in the ring
+    /// do not count, the program polls after arming). The fence orders the flag before the
+    /// caller's later loads of the tail and pairs with the producer's fence in
+    /// [`Producer::publish`]: either the producer sees the flag and rings, or the caller's next
+    /// poll sees the entry.
+    pub fn request_wake(&self) {
+        self.mem.control().parked.0.store(1, Ordering::Relaxed);
+        full_fence();
+    }
+
     /// Lowers the parked flag after waking (the producer may have lowered it already). A swap
     /// rather than a store: it only runs around a park, never on the fast path, and as a
     /// read-modify-write it is ordered after the producer's claim in the flag's modification

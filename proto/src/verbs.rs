@@ -17,6 +17,9 @@
 
 use crate::msg::HEADER_LEN;
 
+pub mod qp;
+pub mod work;
+
 /// Request opcodes of the verbs shim (`0x0100..0x0200`, see [`crate::msg::op`]).
 pub mod op {
     /// Allocate a protection domain. Body empty; reply [`super::PdCreated`].
@@ -27,6 +30,31 @@ pub mod op {
     pub const REG_MR: u16 = 0x0103;
     /// Deregister a memory region. Body [`super::DeregMr`]; reply empty.
     pub const DEREG_MR: u16 = 0x0104;
+    /// Create a completion channel. Body empty; reply [`super::ObjectHandle`]. Before the
+    /// reply, the channel's file (the read end of a pipe the router writes the handle of each
+    /// notified CQ to) comes on the attach connection ([`super::QueueFileMsg`]).
+    pub const CREATE_COMP_CHANNEL: u16 = 0x0105;
+    /// Destroy a completion channel. Body [`super::ObjectHandle`]; reply empty (Busy while CQs
+    /// use it).
+    pub const DESTROY_COMP_CHANNEL: u16 = 0x0106;
+    /// Create a completion queue. Body [`super::CreateCq`]; reply [`super::CqCreated`]. The CQ's
+    /// region (one ring of [`super::work::Cqe`], router to shim) comes on the attach connection
+    /// before the reply.
+    pub const CREATE_CQ: u16 = 0x0107;
+    /// Destroy a completion queue. Body [`super::ObjectHandle`]; reply empty (Busy while QPs
+    /// use it).
+    pub const DESTROY_CQ: u16 = 0x0108;
+    /// Create an RC queue pair. Body [`super::qp::CreateQp`]; reply [`super::qp::QpCreated`].
+    /// The QP's region (send and receive rings, shim to router) comes on the attach connection
+    /// before the reply.
+    pub const CREATE_QP: u16 = 0x0109;
+    /// Modify a QP. Body [`super::qp::ModifyQp`]; reply [`super::ObjectHandle`] holding the new
+    /// state.
+    pub const MODIFY_QP: u16 = 0x010a;
+    /// Query a QP. Body [`super::ObjectHandle`]; reply [`super::qp::QpQueried`].
+    pub const QUERY_QP: u16 = 0x010b;
+    /// Destroy a QP. Body [`super::ObjectHandle`]; reply empty.
+    pub const DESTROY_QP: u16 = 0x010c;
     /// Test hook, served only by a router started with `FREEFLOW_TEST_HOOKS=1`: the router
     /// reads a range of a region through its own mapping, the way the engine will, and replies
     /// with a digest. Body [`super::TestRead`]; reply [`super::TestDigest`].
@@ -65,6 +93,8 @@ pub enum VerbsStatus {
     Protection = 23,
     /// Test hooks are off in this router (EOPNOTSUPP).
     TestHooksOff = 24,
+    /// The destination of a connection is no container this router can reach (ENETUNREACH).
+    Unreachable = 25,
 }
 
 impl VerbsStatus {
@@ -80,6 +110,7 @@ impl VerbsStatus {
             NoMemoryFile,
             Protection,
             TestHooksOff,
+            Unreachable,
         ]
         .into_iter()
         .find(|s| *s as u16 == v)
@@ -142,12 +173,29 @@ pub fn check_mr_access(flags: u32) -> Result<u32, AccessFlagsError> {
     Ok(flags & !access::OPTIONAL_RANGE)
 }
 
-/// Work completion statuses (`enum ibv_wc_status`) that memory checks produce.
+/// Work completion statuses (`enum ibv_wc_status`) the engine produces.
 pub mod wc_status {
+    pub const SUCCESS: u32 = 0;
+    /// The receive buffers are shorter than the message (`IBV_WC_LOC_LEN_ERR`).
+    pub const LOC_LEN_ERR: u32 = 1;
+    /// A malformed work request (`IBV_WC_LOC_QP_OP_ERR`).
+    pub const LOC_QP_OP_ERR: u32 = 2;
     /// A local key, address range or access right did not match (`IBV_WC_LOC_PROT_ERR`).
     pub const LOC_PROT_ERR: u32 = 4;
+    /// Outstanding work requests of a QP in the error state (`IBV_WC_WR_FLUSH_ERR`).
+    pub const WR_FLUSH_ERR: u32 = 5;
+    /// The responder could not take the message: its receive was too short
+    /// (`IBV_WC_REM_INV_REQ_ERR`).
+    pub const REM_INV_REQ_ERR: u32 = 9;
     /// A remote key, address range or access right did not match (`IBV_WC_REM_ACCESS_ERR`).
     pub const REM_ACCESS_ERR: u32 = 10;
+    /// The responder failed the operation locally (its receive's key) (`IBV_WC_REM_OP_ERR`).
+    pub const REM_OP_ERR: u32 = 11;
+    /// No answer from the destination within the transport retries (`IBV_WC_RETRY_EXC_ERR`).
+    pub const RETRY_EXC_ERR: u32 = 12;
+    /// The responder had no receive posted for the QP's RNR retries
+    /// (`IBV_WC_RNR_RETRY_EXC_ERR`).
+    pub const RNR_RETRY_EXC_ERR: u32 = 13;
 }
 
 /// Limits of the virtual device that the router enforces per attachment (the shim's device
@@ -162,6 +210,25 @@ pub mod limits {
     /// Page-rounded bytes the router maps for one context's regions together: 1 TiB of its
     /// address space (a sanity bound; memory is only used for pages the container wrote).
     pub const MAX_MAPPED_BYTES: u64 = 1 << 40;
+    /// Completion queues per context.
+    pub const MAX_CQ: u32 = 1024;
+    /// Entries of one completion queue.
+    pub const MAX_CQE: u32 = 65535;
+    /// Queue pairs per context.
+    pub const MAX_QP: u32 = 1024;
+    /// Work requests per send or receive queue.
+    pub const MAX_QP_WR: u32 = 4096;
+    /// Scatter/gather entries per work request.
+    pub const MAX_SGE: u32 = super::work::MAX_SGE;
+    /// Inline data per send work request.
+    pub const MAX_INLINE_DATA: u32 = 960;
+    /// Completion channels per context.
+    pub const MAX_COMP_CHANNELS: u32 = 1024;
+    /// Outstanding RDMA reads and atomics per QP (accepted in the attributes; the engine
+    /// executes them at once).
+    pub const MAX_QP_RD_ATOM: u32 = 16;
+    /// Largest message: 2 GiB, RoCE's limit.
+    pub const MAX_MSG_SZ: u64 = 1 << 31;
 }
 
 /// Size of a shim's memory file: the whole x86-64 user address space (4-level paging), so a
@@ -335,6 +402,143 @@ impl Body for DeregMr {
         DeregMr { mr: u32_at(b, 0) }
     }
 }
+
+/// A handle of a CQ, QP or completion channel: the body of the destroy and query requests, and
+/// the reply to [`op::CREATE_COMP_CHANNEL`] and [`op::MODIFY_QP`] (the new state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectHandle {
+    pub handle: u32,
+}
+
+impl Body for ObjectHandle {
+    const LEN: usize = 4;
+    const NAME: &'static str = "ObjectHandle";
+    fn write(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.handle.to_le_bytes());
+    }
+    fn read(b: &[u8]) -> Self {
+        ObjectHandle {
+            handle: u32_at(b, 0),
+        }
+    }
+}
+
+/// Body of [`op::CREATE_CQ`]: at least `cqe` entries, notifications to `channel` (0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateCq {
+    pub cqe: u32,
+    pub channel: u32,
+    pub comp_vector: u32,
+}
+
+impl Body for CreateCq {
+    const LEN: usize = 12;
+    const NAME: &'static str = "CreateCq";
+    fn write(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.cqe.to_le_bytes());
+        out[4..8].copy_from_slice(&self.channel.to_le_bytes());
+        out[8..12].copy_from_slice(&self.comp_vector.to_le_bytes());
+    }
+    fn read(b: &[u8]) -> Self {
+        CreateCq {
+            cqe: u32_at(b, 0),
+            channel: u32_at(b, 4),
+            comp_vector: u32_at(b, 8),
+        }
+    }
+}
+
+/// Reply to [`op::CREATE_CQ`]: the handle and the entries the CQ really has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CqCreated {
+    pub cq: u32,
+    pub cqe: u32,
+}
+
+impl Body for CqCreated {
+    const LEN: usize = 8;
+    const NAME: &'static str = "CqCreated";
+    fn write(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.cq.to_le_bytes());
+        out[4..8].copy_from_slice(&self.cqe.to_le_bytes());
+    }
+    fn read(b: &[u8]) -> Self {
+        CqCreated {
+            cq: u32_at(b, 0),
+            cqe: u32_at(b, 4),
+        }
+    }
+}
+
+/// What a [`QueueFileMsg`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum QueueFileKind {
+    /// A CQ's region: one ring of CQEs (router to shim).
+    Cq = 1,
+    /// A QP's region: the send ring and the receive ring (shim to router).
+    Qp = 2,
+    /// A completion channel: the read end of the pipe the router writes notified CQ handles
+    /// to, 4 bytes (little-endian) each.
+    Channel = 3,
+}
+
+/// The message the router sends on the attach connection, with one fd (SCM_RIGHTS), right
+/// before the reply to a request that creates a CQ, QP or completion channel. Sent without
+/// blocking: a shim that does not read its connection gets a refusal, not a stuck router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFileMsg {
+    pub kind: QueueFileKind,
+    pub handle: u32,
+}
+
+const QUEUE_FILE_MAGIC: [u8; 4] = *b"FFQF";
+
+impl QueueFileMsg {
+    pub const LEN: usize = 12;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..4].copy_from_slice(&QUEUE_FILE_MAGIC);
+        b[4..6].copy_from_slice(&(self.kind as u16).to_le_bytes());
+        b[8..12].copy_from_slice(&self.handle.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<QueueFileMsg, DecodeError> {
+        exact("QueueFileMsg", b, Self::LEN)?;
+        let invalid = |why| DecodeError::Invalid {
+            what: "QueueFileMsg",
+            why,
+        };
+        if b[0..4] != QUEUE_FILE_MAGIC {
+            return Err(invalid("bad magic"));
+        }
+        let kind = match u16::from_le_bytes([b[4], b[5]]) {
+            1 => QueueFileKind::Cq,
+            2 => QueueFileKind::Qp,
+            3 => QueueFileKind::Channel,
+            _ => return Err(invalid("unknown kind")),
+        };
+        Ok(QueueFileMsg {
+            kind,
+            handle: u32_at(b, 8),
+        })
+    }
+}
+
+/// Smallest slot of a verbs attachment's request and reply rings: room for the largest body
+/// ([`qp::ModifyQp`], [`qp::QpQueried`]). The router gives verbs attachments slots of at least
+/// this size whatever its `--slot-size`.
+pub const MIN_SLOT_SIZE: u32 = 256;
+
+/// Largest reply body of a verbs request.
+pub const MAX_REPLY_BODY: usize = qp::QpQueried::LEN;
+
+/// Ring of a QP's region that carries send WQEs.
+pub const SEND_RING: usize = 0;
+/// Ring of a QP's region that carries receive WQEs.
+pub const RECV_RING: usize = 1;
 
 /// Body of [`op::TEST_READ`]: `length` bytes at `addr` (in the region's iova space, as in a
 /// scatter/gather entry) of the region with local key `lkey` in protection domain `pd`.
@@ -561,6 +765,39 @@ mod tests {
     }
 
     #[test]
+    fn queue_bodies_round_trip_and_fit_a_verbs_slot() {
+        round_trip(ObjectHandle { handle: 77 });
+        round_trip(CreateCq {
+            cqe: 500,
+            channel: 3,
+            comp_vector: 0,
+        });
+        round_trip(CqCreated { cq: 1, cqe: 512 });
+        for len in [
+            qp::ModifyQp::LEN,
+            qp::QpQueried::LEN,
+            qp::CreateQp::LEN,
+            qp::QpCreated::LEN,
+            MAX_REPLY_BODY,
+        ] {
+            assert!(HEADER_LEN + len <= MIN_SLOT_SIZE as usize, "{len}");
+        }
+        let m = QueueFileMsg {
+            kind: QueueFileKind::Qp,
+            handle: 9,
+        };
+        let b = m.encode();
+        assert_eq!(QueueFileMsg::decode(&b), Ok(m));
+        let mut bad = b;
+        bad[4] = 7;
+        assert!(QueueFileMsg::decode(&bad).is_err());
+        assert!(QueueFileMsg::decode(&b[..11]).is_err());
+        let mut bad = b;
+        bad[1] = 0;
+        assert!(QueueFileMsg::decode(&bad).is_err());
+    }
+
+    #[test]
     fn test_write_bounds_its_data() {
         let w = TestWrite {
             pd: 1,
@@ -654,6 +891,14 @@ mod tests {
             op::DEREG_MR,
             op::TEST_READ,
             op::TEST_WRITE,
+            op::CREATE_COMP_CHANNEL,
+            op::DESTROY_COMP_CHANNEL,
+            op::CREATE_CQ,
+            op::DESTROY_CQ,
+            op::CREATE_QP,
+            op::MODIFY_QP,
+            op::QUERY_QP,
+            op::DESTROY_QP,
         ] {
             assert!(op::is_verbs(o));
         }

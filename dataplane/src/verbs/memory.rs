@@ -199,7 +199,6 @@ impl Drop for Mapping {
 
 /// Why a view operation did not happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub enum ViewError {
     #[error("{offset}+{len} leaves a view of {view_len} bytes")]
     OutOfRange {
@@ -223,7 +222,6 @@ pub struct MemView<'a> {
 }
 
 impl MemView<'_> {
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn len(&self) -> usize {
         self.len
     }
@@ -242,6 +240,18 @@ impl MemView<'_> {
                 view_len: self.len,
             }),
         }
+    }
+
+    /// The bytes `offset..offset + len` of this view.
+    pub fn slice(&self, offset: usize, len: usize) -> Result<MemView<'_>, ViewError> {
+        self.check(offset, len)?;
+        Ok(MemView {
+            // SAFETY: offset + len <= self.len (checked), so the pointer stays inside the view
+            // (or one past its end for an empty slice), which lies inside a live mapping.
+            ptr: unsafe { self.ptr.add(offset) },
+            len,
+            _mapping: PhantomData,
+        })
     }
 
     /// Copies `out.len()` bytes at `offset` into `out`.
@@ -263,7 +273,6 @@ impl MemView<'_> {
 
     /// Copies all of `src` into this view (same length). The two may overlap (two regions on
     /// one page, or one region twice), so this is a memmove.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn copy_from(&self, src: &MemView<'_>) -> Result<(), ViewError> {
         if src.len != self.len {
             return Err(ViewError::LengthMismatch(src.len, self.len));
@@ -274,7 +283,6 @@ impl MemView<'_> {
         Ok(())
     }
 
-    #[cfg_attr(not(test), allow(dead_code))]
     fn atomic(&self) -> Result<&AtomicU64, ViewError> {
         if self.len != 8 || !(self.ptr as usize).is_multiple_of(8) {
             return Err(ViewError::Misaligned);
@@ -286,14 +294,12 @@ impl MemView<'_> {
     }
 
     /// `IBV_WR_ATOMIC_FETCH_AND_ADD` on this 8-byte view: returns the old value.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn fetch_add_u64(&self, add: u64) -> Result<u64, ViewError> {
         Ok(self.atomic()?.fetch_add(add, Ordering::SeqCst))
     }
 
     /// `IBV_WR_ATOMIC_CMP_AND_SWP` on this 8-byte view: returns the old value (swapped if it
     /// equalled `compare`).
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn compare_swap_u64(&self, compare: u64, swap: u64) -> Result<u64, ViewError> {
         let atomic = self.atomic()?;
         Ok(

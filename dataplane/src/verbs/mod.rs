@@ -5,28 +5,32 @@
 //! guess that almost surely names nothing here (and if it does, it names this container's own
 //! memory).
 //!
-//! [`VerbsTable::serve`] answers the requests of `freeflow_proto::verbs`, validating every field
-//! against this table; [`VerbsTable::resolve`] is what the engine (CQ/QP/post, a later slice)
-//! uses to turn a key and an address range of a work request into memory, with the checks of
+//! `VerbsTable::serve_inner` answers the PD, MR and test-hook requests of
+//! `freeflow_proto::verbs`, validating every field against this table; [`VerbsTable::resolve`]
+//! is what the engine uses to turn a key and an address range of a work request into memory,
+//! with the checks of
 //! the IB specification: the key names a region of this table in the QP's protection domain, the
 //! range lies inside the region (no wrap-around), and the region grants the access.
 //!
 //! Unsafe code is confined to `memory` (the memory file, mappings, views).
 //!
-//! The engine's side of this module (`resolve`, remote keys, views' copies and atomics) has no
-//! caller in the router yet: its tests use it, the CQ/QP slice will. Those items carry
-//! `cfg_attr(not(test), allow(dead_code))` until then.
+//! `engine` (with `exec`) is the software verbs engine of a shard: CQs, QPs and the execution
+//! of work requests between the tables of two contexts.
 #![deny(unsafe_code)]
 
+mod engine;
+mod exec;
 mod memory;
+mod notify;
 
+pub use engine::{Engine, ParkPlan};
 pub use memory::{MemView, MemoryError, MemoryFile};
 
 use freeflow_proto::msg::status;
 use freeflow_proto::verbs::{
-    self, access, check_mr_access, limits, op, wc_status, AccessFlagsError, Body, DeallocPd,
-    DecodeError, DeregMr, MemoryFileMsg, MrCreated, PdCreated, RegMr, TestDigest, TestRead,
-    TestWrite, VerbsStatus, MEMORY_FILE_SIZE, PAGE_SIZE,
+    self, access, check_mr_access, limits, op, AccessFlagsError, Body, DeallocPd, DecodeError,
+    DeregMr, MemoryFileMsg, MrCreated, PdCreated, RegMr, TestDigest, TestRead, TestWrite,
+    VerbsStatus, MEMORY_FILE_SIZE, PAGE_SIZE,
 };
 use memory::Mapping;
 use std::collections::HashMap;
@@ -47,8 +51,8 @@ pub enum VerbsError {
     NoSuchPd(u32),
     #[error("no memory region {0}")]
     NoSuchMr(u32),
-    #[error("protection domain {pd} still has {mrs} memory regions")]
-    PdBusy { pd: u32, mrs: u32 },
+    #[error("protection domain {pd} still has {mrs} memory regions and {qps} queue pairs")]
+    PdBusy { pd: u32, mrs: u32, qps: u32 },
     #[error("limit reached: {0}")]
     Limit(&'static str),
     #[error("no memory file yet: the shim must send it before registering")]
@@ -63,6 +67,20 @@ pub enum VerbsError {
     Resolve(#[from] ResolveError),
     #[error("unknown verbs opcode {0:#x}")]
     UnknownOp(u16),
+    #[error("no {0} {1}")]
+    NoSuchObject(&'static str, u32),
+    #[error("{0} {1} is still in use")]
+    ObjectBusy(&'static str, u32),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("not supported: {0}")]
+    NotSupported(&'static str),
+    #[error(transparent)]
+    Transition(#[from] freeflow_proto::verbs::qp::TransitionError),
+    #[error("cannot set up the queue's shared memory: {0}")]
+    Queue(#[from] freeflow_proto::region::RegionError),
+    #[error("cannot pass the queue's file to the shim: {0}")]
+    PassFile(std::io::Error),
 }
 
 impl VerbsError {
@@ -85,6 +103,12 @@ impl VerbsError {
             VerbsError::TestHooksOff => VerbsStatus::TestHooksOff,
             VerbsError::Resolve(_) => VerbsStatus::Protection,
             VerbsError::UnknownOp(_) => return status::UNKNOWN_OP,
+            VerbsError::NoSuchObject(..) => VerbsStatus::BadHandle,
+            VerbsError::ObjectBusy(..) => VerbsStatus::Busy,
+            VerbsError::Unreachable(_) => VerbsStatus::Unreachable,
+            VerbsError::NotSupported(_) => VerbsStatus::NotSupported,
+            VerbsError::Transition(_) => VerbsStatus::Invalid,
+            VerbsError::Queue(_) | VerbsError::PassFile(_) => VerbsStatus::NoResources,
         };
         s as u16
     }
@@ -93,7 +117,6 @@ impl VerbsError {
 /// Which key a work request names: a local key (scatter/gather entries) or a remote key (the
 /// target of RDMA READ/WRITE and atomics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub enum Key {
     Local(u32),
     Remote(u32),
@@ -101,7 +124,6 @@ pub enum Key {
 
 /// What the engine will do with resolved memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(test), allow(dead_code))]
 pub enum Need {
     /// Read through a local key (gather of a send, source of a write): every region allows it.
     LocalRead,
@@ -161,8 +183,9 @@ pub struct ResolveError {
 
 impl ResolveError {
     /// `IBV_WC_LOC_PROT_ERR` for local keys, `IBV_WC_REM_ACCESS_ERR` for remote ones.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub fn wc_status(&self) -> u32 {
+        use freeflow_proto::verbs::wc_status;
         if self.remote {
             wc_status::REM_ACCESS_ERR
         } else {
@@ -174,6 +197,8 @@ impl ResolveError {
 #[derive(Debug)]
 struct Pd {
     mrs: u32,
+    /// Queue pairs created in this PD (the engine holds and releases them).
+    qps: u32,
 }
 
 #[derive(Debug)]
@@ -202,20 +227,20 @@ fn test_hooks_enabled() -> bool {
 /// come from the OS), so keys cannot be predicted from handles, from each other, or across
 /// tables.
 #[derive(Debug)]
-struct KeyGen {
+pub(crate) struct KeyGen {
     state: std::collections::hash_map::RandomState,
     counter: u64,
 }
 
 impl KeyGen {
-    fn new() -> KeyGen {
+    pub(crate) fn new() -> KeyGen {
         KeyGen {
             state: std::collections::hash_map::RandomState::new(),
             counter: 0,
         }
     }
 
-    fn next(&mut self) -> u32 {
+    pub(crate) fn next(&mut self) -> u32 {
         self.counter += 1;
         let mut h = self.state.build_hasher();
         h.write_u64(self.counter);
@@ -307,18 +332,35 @@ impl VerbsTable {
             return Err(VerbsError::Limit("protection domains"));
         }
         let h = self.new_handle();
-        self.pds.insert(h, Pd { mrs: 0 });
+        self.pds.insert(h, Pd { mrs: 0, qps: 0 });
         Ok(h)
     }
 
     /// Frees a PD; refused (EBUSY) while regions use it, as the kernel refuses it.
     pub fn dealloc_pd(&mut self, pd: u32) -> Result<(), VerbsError> {
         let entry = self.pds.get(&pd).ok_or(VerbsError::NoSuchPd(pd))?;
-        if entry.mrs > 0 {
-            return Err(VerbsError::PdBusy { pd, mrs: entry.mrs });
+        if entry.mrs > 0 || entry.qps > 0 {
+            return Err(VerbsError::PdBusy {
+                pd,
+                mrs: entry.mrs,
+                qps: entry.qps,
+            });
         }
         self.pds.remove(&pd);
         Ok(())
+    }
+
+    /// Counts a queue pair created in `pd` (which must exist), so the PD stays until it goes.
+    pub fn hold_pd(&mut self, pd: u32) -> Result<(), VerbsError> {
+        self.pds.get_mut(&pd).ok_or(VerbsError::NoSuchPd(pd))?.qps += 1;
+        Ok(())
+    }
+
+    /// Undoes [`VerbsTable::hold_pd`].
+    pub fn release_pd(&mut self, pd: u32) {
+        if let Some(entry) = self.pds.get_mut(&pd) {
+            entry.qps = entry.qps.saturating_sub(1);
+        }
     }
 
     /// Registers a region: checks every field, maps its pages from the memory file and gives it
@@ -452,8 +494,9 @@ impl VerbsTable {
             .expect("inside the region, hence inside its mapping"))
     }
 
-    /// Serves one verbs request: writes the reply body into `reply` and returns its status and
-    /// length. `reply` must hold the largest reply body (16 bytes).
+    /// Serves one PD, MR or test-hook request: writes the reply body into `reply` and returns
+    /// its status and length (the engine serves the rest, and calls `serve_inner`).
+    #[cfg(test)]
     pub fn serve(&mut self, opcode: u16, body: &[u8], reply: &mut [u8]) -> (u16, usize) {
         match self.serve_inner(opcode, body, reply) {
             Ok(len) => (status::OK, len),
@@ -461,7 +504,7 @@ impl VerbsTable {
         }
     }
 
-    fn serve_inner(
+    pub(super) fn serve_inner(
         &mut self,
         opcode: u16,
         body: &[u8],
@@ -528,7 +571,7 @@ impl VerbsTable {
 }
 
 /// Largest reply body of a verbs request.
-pub const MAX_REPLY_BODY: usize = 16;
+pub const MAX_REPLY_BODY: usize = verbs::MAX_REPLY_BODY;
 
 const _: () = assert!(MrCreated::LEN <= MAX_REPLY_BODY && TestDigest::LEN <= MAX_REPLY_BODY);
 const _: () = assert!(verbs::MEMORY_FILE_SIZE.is_multiple_of(PAGE_SIZE));

@@ -4,8 +4,7 @@
 //! headers and compares every size, alignment and offset here with the C compiler's.
 //!
 //! Function-pointer slots this library does not fill yet are [`OpaqueFn`]: NULL, of pointer size.
-//! Objects that do not exist yet (CQ, QP, ...) are passed around as `*mut c_void`; the slices
-//! that implement them replace those with their own `#[repr(C)]` types.
+//! Objects that do not exist here (SRQ, AH, MW, ...) are passed around as `*mut c_void`.
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -108,8 +107,8 @@ pub struct IbvContextOps {
     pub bind_mw: OpaqueFn,
     pub dealloc_mw: OpaqueFn,
     pub compat_create_cq: OpaqueFn,
-    pub poll_cq: Option<unsafe extern "C" fn(*mut c_void, c_int, *mut c_void) -> c_int>,
-    pub req_notify_cq: Option<unsafe extern "C" fn(*mut c_void, c_int) -> c_int>,
+    pub poll_cq: Option<unsafe extern "C" fn(*mut IbvCq, c_int, *mut IbvWc) -> c_int>,
+    pub req_notify_cq: Option<unsafe extern "C" fn(*mut IbvCq, c_int) -> c_int>,
     pub compat_cq_event: OpaqueFn,
     pub compat_resize_cq: OpaqueFn,
     pub compat_destroy_cq: OpaqueFn,
@@ -117,13 +116,13 @@ pub struct IbvContextOps {
     pub compat_modify_srq: OpaqueFn,
     pub compat_query_srq: OpaqueFn,
     pub compat_destroy_srq: OpaqueFn,
-    pub post_srq_recv: Option<PostFn>,
+    pub post_srq_recv: Option<PostSrqRecvFn>,
     pub compat_create_qp: OpaqueFn,
     pub compat_query_qp: OpaqueFn,
     pub compat_modify_qp: OpaqueFn,
     pub compat_destroy_qp: OpaqueFn,
-    pub post_send: Option<PostFn>,
-    pub post_recv: Option<PostFn>,
+    pub post_send: Option<PostSendFn>,
+    pub post_recv: Option<PostRecvFn>,
     pub compat_create_ah: OpaqueFn,
     pub compat_destroy_ah: OpaqueFn,
     pub compat_attach_mcast: OpaqueFn,
@@ -131,9 +130,15 @@ pub struct IbvContextOps {
     pub compat_async_event: OpaqueFn,
 }
 
-/// `post_send`, `post_recv`, `post_srq_recv`: (queue, first work request, where to put the
-/// first failed one).
-pub type PostFn = unsafe extern "C" fn(*mut c_void, *mut c_void, *mut *mut c_void) -> c_int;
+/// `post_send`: (QP, first work request, where to put the first failed one).
+pub type PostSendFn =
+    unsafe extern "C" fn(*mut IbvQp, *mut IbvSendWr, *mut *mut IbvSendWr) -> c_int;
+/// `post_recv`.
+pub type PostRecvFn =
+    unsafe extern "C" fn(*mut IbvQp, *mut IbvRecvWr, *mut *mut IbvRecvWr) -> c_int;
+/// `post_srq_recv` (no SRQ exists here).
+pub type PostSrqRecvFn =
+    unsafe extern "C" fn(*mut c_void, *mut IbvRecvWr, *mut *mut IbvRecvWr) -> c_int;
 
 /// `struct ibv_context`.
 #[repr(C)]
@@ -406,6 +411,210 @@ pub struct IbvGidEntry {
     pub port_num: u32,
     pub gid_type: u32,
     pub ndev_ifindex: u32,
+}
+
+/// `struct ibv_comp_channel`. The library allocates it (inside its own object); `fd` is the
+/// read end of the channel's pipe.
+#[repr(C)]
+#[derive(Debug)]
+pub struct IbvCompChannel {
+    pub context: *mut IbvContext,
+    pub fd: c_int,
+    pub refcnt: c_int,
+}
+
+/// `struct ibv_cq`. The library allocates it (inside its own object).
+#[repr(C)]
+pub struct IbvCq {
+    pub context: *mut IbvContext,
+    pub channel: *mut IbvCompChannel,
+    pub cq_context: *mut c_void,
+    pub handle: u32,
+    pub cqe: c_int,
+    pub mutex: libc::pthread_mutex_t,
+    pub cond: libc::pthread_cond_t,
+    pub comp_events_completed: u32,
+    pub async_events_completed: u32,
+}
+
+/// `struct ibv_qp`. The library allocates it (inside its own object).
+#[repr(C)]
+pub struct IbvQp {
+    pub context: *mut IbvContext,
+    pub qp_context: *mut c_void,
+    pub pd: *mut IbvPd,
+    pub send_cq: *mut IbvCq,
+    pub recv_cq: *mut IbvCq,
+    pub srq: *mut c_void,
+    pub handle: u32,
+    pub qp_num: u32,
+    pub state: u32,
+    pub qp_type: u32,
+    pub mutex: libc::pthread_mutex_t,
+    pub cond: libc::pthread_cond_t,
+    pub events_completed: u32,
+}
+
+/// `struct ibv_qp_cap`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvQpCap {
+    pub max_send_wr: u32,
+    pub max_recv_wr: u32,
+    pub max_send_sge: u32,
+    pub max_recv_sge: u32,
+    pub max_inline_data: u32,
+}
+
+/// `struct ibv_qp_init_attr`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvQpInitAttr {
+    pub qp_context: *mut c_void,
+    pub send_cq: *mut IbvCq,
+    pub recv_cq: *mut IbvCq,
+    pub srq: *mut c_void,
+    pub cap: IbvQpCap,
+    pub qp_type: u32,
+    pub sq_sig_all: c_int,
+}
+
+/// `struct ibv_global_route`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvGlobalRoute {
+    pub dgid: IbvGid,
+    pub flow_label: u32,
+    pub sgid_index: u8,
+    pub hop_limit: u8,
+    pub traffic_class: u8,
+}
+
+/// `struct ibv_ah_attr`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvAhAttr {
+    pub grh: IbvGlobalRoute,
+    pub dlid: u16,
+    pub sl: u8,
+    pub src_path_bits: u8,
+    pub static_rate: u8,
+    pub is_global: u8,
+    pub port_num: u8,
+}
+
+/// `struct ibv_qp_attr`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvQpAttr {
+    pub qp_state: u32,
+    pub cur_qp_state: u32,
+    pub path_mtu: u32,
+    pub path_mig_state: u32,
+    pub qkey: u32,
+    pub rq_psn: u32,
+    pub sq_psn: u32,
+    pub dest_qp_num: u32,
+    pub qp_access_flags: u32,
+    pub cap: IbvQpCap,
+    pub ah_attr: IbvAhAttr,
+    pub alt_ah_attr: IbvAhAttr,
+    pub pkey_index: u16,
+    pub alt_pkey_index: u16,
+    pub en_sqd_async_notify: u8,
+    pub sq_draining: u8,
+    pub max_rd_atomic: u8,
+    pub max_dest_rd_atomic: u8,
+    pub min_rnr_timer: u8,
+    pub port_num: u8,
+    pub timeout: u8,
+    pub retry_cnt: u8,
+    pub rnr_retry: u8,
+    pub alt_port_num: u8,
+    pub alt_timeout: u8,
+    pub rate_limit: u32,
+}
+
+/// `struct ibv_sge`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvSge {
+    pub addr: u64,
+    pub length: u32,
+    pub lkey: u32,
+}
+
+/// `wr.rdma` of `struct ibv_send_wr`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvRdmaWr {
+    pub remote_addr: u64,
+    pub rkey: u32,
+}
+
+/// `wr.atomic` of `struct ibv_send_wr`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvAtomicWr {
+    pub remote_addr: u64,
+    pub compare_add: u64,
+    pub swap: u64,
+    pub rkey: u32,
+}
+
+/// The `wr` union of `struct ibv_send_wr` (its `ud` member is not used here: no UD QPs).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union IbvSendWrWr {
+    pub rdma: IbvRdmaWr,
+    pub atomic: IbvAtomicWr,
+}
+
+/// `struct ibv_send_wr`. The program owns it; the library only reads it.
+#[repr(C)]
+pub struct IbvSendWr {
+    pub wr_id: u64,
+    pub next: *mut IbvSendWr,
+    pub sg_list: *mut IbvSge,
+    pub num_sge: c_int,
+    pub opcode: u32,
+    pub send_flags: u32,
+    /// `imm_data` (network byte order) or `invalidate_rkey`.
+    pub imm_data: u32,
+    pub wr: IbvSendWrWr,
+    /// `qp_type.xrc.remote_srqn`.
+    pub qp_type: u32,
+    /// The `bind_mw`/`tso` union (not used here).
+    pub bind_mw: [u64; 6],
+}
+
+/// `struct ibv_recv_wr`. The program owns it; the library only reads it.
+#[repr(C)]
+pub struct IbvRecvWr {
+    pub wr_id: u64,
+    pub next: *mut IbvRecvWr,
+    pub sg_list: *mut IbvSge,
+    pub num_sge: c_int,
+}
+
+/// `struct ibv_wc` (the router writes completions in exactly this layout, see
+/// `freeflow_proto::verbs::work::Cqe`).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvWc {
+    pub wr_id: u64,
+    pub status: u32,
+    pub opcode: u32,
+    pub vendor_err: u32,
+    pub byte_len: u32,
+    pub imm_data: u32,
+    pub qp_num: u32,
+    pub src_qp: u32,
+    pub wc_flags: u32,
+    pub pkey_index: u16,
+    pub slid: u16,
+    pub sl: u8,
+    pub dlid_path_bits: u8,
 }
 
 #[cfg(test)]
@@ -714,6 +923,274 @@ mod tests {
             "struct ibv_gid_entry",
             [gid, gid_index, port_num, gid_type, ndev_ifindex]
         );
+        layout!(
+            f,
+            IbvCompChannel,
+            "struct ibv_comp_channel",
+            [context, fd, refcnt]
+        );
+        layout!(
+            f,
+            IbvCq,
+            "struct ibv_cq",
+            [
+                context,
+                channel,
+                cq_context,
+                handle,
+                cqe,
+                mutex,
+                cond,
+                comp_events_completed,
+                async_events_completed
+            ]
+        );
+        layout!(
+            f,
+            IbvQp,
+            "struct ibv_qp",
+            [
+                context,
+                qp_context,
+                pd,
+                send_cq,
+                recv_cq,
+                srq,
+                handle,
+                qp_num,
+                state,
+                qp_type,
+                mutex,
+                cond,
+                events_completed
+            ]
+        );
+        layout!(
+            f,
+            IbvQpCap,
+            "struct ibv_qp_cap",
+            [
+                max_send_wr,
+                max_recv_wr,
+                max_send_sge,
+                max_recv_sge,
+                max_inline_data
+            ]
+        );
+        layout!(
+            f,
+            IbvQpInitAttr,
+            "struct ibv_qp_init_attr",
+            [qp_context, send_cq, recv_cq, srq, cap, qp_type, sq_sig_all]
+        );
+        layout!(
+            f,
+            IbvGlobalRoute,
+            "struct ibv_global_route",
+            [dgid, flow_label, sgid_index, hop_limit, traffic_class]
+        );
+        layout!(
+            f,
+            IbvAhAttr,
+            "struct ibv_ah_attr",
+            [
+                grh,
+                dlid,
+                sl,
+                src_path_bits,
+                static_rate,
+                is_global,
+                port_num
+            ]
+        );
+        layout!(
+            f,
+            IbvQpAttr,
+            "struct ibv_qp_attr",
+            [
+                qp_state,
+                cur_qp_state,
+                path_mtu,
+                path_mig_state,
+                qkey,
+                rq_psn,
+                sq_psn,
+                dest_qp_num,
+                qp_access_flags,
+                cap,
+                ah_attr,
+                alt_ah_attr,
+                pkey_index,
+                alt_pkey_index,
+                en_sqd_async_notify,
+                sq_draining,
+                max_rd_atomic,
+                max_dest_rd_atomic,
+                min_rnr_timer,
+                port_num,
+                timeout,
+                retry_cnt,
+                rnr_retry,
+                alt_port_num,
+                alt_timeout,
+                rate_limit
+            ]
+        );
+        layout!(f, IbvSge, "struct ibv_sge", [addr, length, lkey]);
+        layout!(
+            f,
+            IbvSendWr,
+            "struct ibv_send_wr",
+            [wr_id, next, sg_list, num_sge, opcode, send_flags, imm_data, wr, qp_type, bind_mw]
+        );
+        for (c_field, rust) in [
+            (
+                "wr.rdma.remote_addr",
+                offset_of!(IbvSendWr, wr) + offset_of!(IbvRdmaWr, remote_addr),
+            ),
+            (
+                "wr.rdma.rkey",
+                offset_of!(IbvSendWr, wr) + offset_of!(IbvRdmaWr, rkey),
+            ),
+            (
+                "wr.atomic.remote_addr",
+                offset_of!(IbvSendWr, wr) + offset_of!(IbvAtomicWr, remote_addr),
+            ),
+            (
+                "wr.atomic.compare_add",
+                offset_of!(IbvSendWr, wr) + offset_of!(IbvAtomicWr, compare_add),
+            ),
+            (
+                "wr.atomic.swap",
+                offset_of!(IbvSendWr, wr) + offset_of!(IbvAtomicWr, swap),
+            ),
+            (
+                "wr.atomic.rkey",
+                offset_of!(IbvSendWr, wr) + offset_of!(IbvAtomicWr, rkey),
+            ),
+        ] {
+            f.push(Fact {
+                c_expr: format!("offsetof(struct ibv_send_wr, {c_field})"),
+                rust,
+            });
+        }
+        layout!(
+            f,
+            IbvRecvWr,
+            "struct ibv_recv_wr",
+            [wr_id, next, sg_list, num_sge]
+        );
+        layout!(
+            f,
+            IbvWc,
+            "struct ibv_wc",
+            [
+                wr_id,
+                status,
+                opcode,
+                vendor_err,
+                byte_len,
+                imm_data,
+                qp_num,
+                src_qp,
+                wc_flags,
+                pkey_index,
+                slid,
+                sl,
+                dlid_path_bits
+            ]
+        );
+        {
+            use freeflow_proto::verbs::qp::{mask, QpState, MTU_MAX, QPT_RC};
+            use freeflow_proto::verbs::wc_status as st;
+            use freeflow_proto::verbs::work::{send_flags, wc_flags, wc_opcode, wr_opcode, Cqe};
+            let wire = [
+                ("IBV_QPS_RESET", QpState::Reset as usize),
+                ("IBV_QPS_INIT", QpState::Init as usize),
+                ("IBV_QPS_RTR", QpState::Rtr as usize),
+                ("IBV_QPS_RTS", QpState::Rts as usize),
+                ("IBV_QPS_SQD", QpState::Sqd as usize),
+                ("IBV_QPS_SQE", QpState::Sqe as usize),
+                ("IBV_QPS_ERR", QpState::Err as usize),
+                ("IBV_QPT_RC", QPT_RC as usize),
+                ("IBV_MTU_4096", MTU_MAX as usize),
+                ("IBV_QP_STATE", mask::STATE as usize),
+                ("IBV_QP_CUR_STATE", mask::CUR_STATE as usize),
+                (
+                    "IBV_QP_EN_SQD_ASYNC_NOTIFY",
+                    mask::EN_SQD_ASYNC_NOTIFY as usize,
+                ),
+                ("IBV_QP_ACCESS_FLAGS", mask::ACCESS_FLAGS as usize),
+                ("IBV_QP_PKEY_INDEX", mask::PKEY_INDEX as usize),
+                ("IBV_QP_PORT", mask::PORT as usize),
+                ("IBV_QP_QKEY", mask::QKEY as usize),
+                ("IBV_QP_AV", mask::AV as usize),
+                ("IBV_QP_PATH_MTU", mask::PATH_MTU as usize),
+                ("IBV_QP_TIMEOUT", mask::TIMEOUT as usize),
+                ("IBV_QP_RETRY_CNT", mask::RETRY_CNT as usize),
+                ("IBV_QP_RNR_RETRY", mask::RNR_RETRY as usize),
+                ("IBV_QP_RQ_PSN", mask::RQ_PSN as usize),
+                ("IBV_QP_MAX_QP_RD_ATOMIC", mask::MAX_QP_RD_ATOMIC as usize),
+                ("IBV_QP_ALT_PATH", mask::ALT_PATH as usize),
+                ("IBV_QP_MIN_RNR_TIMER", mask::MIN_RNR_TIMER as usize),
+                ("IBV_QP_SQ_PSN", mask::SQ_PSN as usize),
+                (
+                    "IBV_QP_MAX_DEST_RD_ATOMIC",
+                    mask::MAX_DEST_RD_ATOMIC as usize,
+                ),
+                ("IBV_QP_PATH_MIG_STATE", mask::PATH_MIG_STATE as usize),
+                ("IBV_QP_CAP", mask::CAP as usize),
+                ("IBV_QP_DEST_QPN", mask::DEST_QPN as usize),
+                ("IBV_QP_RATE_LIMIT", mask::RATE_LIMIT as usize),
+                ("IBV_WR_RDMA_WRITE", wr_opcode::RDMA_WRITE as usize),
+                (
+                    "IBV_WR_RDMA_WRITE_WITH_IMM",
+                    wr_opcode::RDMA_WRITE_WITH_IMM as usize,
+                ),
+                ("IBV_WR_SEND", wr_opcode::SEND as usize),
+                ("IBV_WR_SEND_WITH_IMM", wr_opcode::SEND_WITH_IMM as usize),
+                ("IBV_WR_RDMA_READ", wr_opcode::RDMA_READ as usize),
+                (
+                    "IBV_WR_ATOMIC_CMP_AND_SWP",
+                    wr_opcode::ATOMIC_CMP_AND_SWP as usize,
+                ),
+                (
+                    "IBV_WR_ATOMIC_FETCH_AND_ADD",
+                    wr_opcode::ATOMIC_FETCH_AND_ADD as usize,
+                ),
+                ("IBV_SEND_FENCE", send_flags::FENCE as usize),
+                ("IBV_SEND_SIGNALED", send_flags::SIGNALED as usize),
+                ("IBV_SEND_SOLICITED", send_flags::SOLICITED as usize),
+                ("IBV_SEND_INLINE", send_flags::INLINE as usize),
+                ("IBV_SEND_IP_CSUM", send_flags::IP_CSUM as usize),
+                ("IBV_WC_SEND", wc_opcode::SEND as usize),
+                ("IBV_WC_RDMA_WRITE", wc_opcode::RDMA_WRITE as usize),
+                ("IBV_WC_RDMA_READ", wc_opcode::RDMA_READ as usize),
+                ("IBV_WC_COMP_SWAP", wc_opcode::COMP_SWAP as usize),
+                ("IBV_WC_FETCH_ADD", wc_opcode::FETCH_ADD as usize),
+                ("IBV_WC_RECV", wc_opcode::RECV as usize),
+                (
+                    "IBV_WC_RECV_RDMA_WITH_IMM",
+                    wc_opcode::RECV_RDMA_WITH_IMM as usize,
+                ),
+                ("IBV_WC_WITH_IMM", wc_flags::WITH_IMM as usize),
+                ("IBV_WC_SUCCESS", st::SUCCESS as usize),
+                ("IBV_WC_LOC_LEN_ERR", st::LOC_LEN_ERR as usize),
+                ("IBV_WC_LOC_QP_OP_ERR", st::LOC_QP_OP_ERR as usize),
+                ("IBV_WC_WR_FLUSH_ERR", st::WR_FLUSH_ERR as usize),
+                ("IBV_WC_REM_INV_REQ_ERR", st::REM_INV_REQ_ERR as usize),
+                ("IBV_WC_REM_OP_ERR", st::REM_OP_ERR as usize),
+                ("IBV_WC_RETRY_EXC_ERR", st::RETRY_EXC_ERR as usize),
+                ("IBV_WC_RNR_RETRY_EXC_ERR", st::RNR_RETRY_EXC_ERR as usize),
+                ("sizeof(struct ibv_wc)", Cqe::LEN),
+            ];
+            for (c_expr, rust) in wire {
+                f.push(Fact {
+                    c_expr: format!("(size_t)({c_expr})"),
+                    rust,
+                });
+            }
+        }
         values!(
             f,
             [

@@ -5,10 +5,13 @@
 
 use crate::error::VerbsError;
 use freeflow_proto::attach::{AttachInfo, CallError, Session};
+use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::fdpass;
 use freeflow_proto::msg::{status, MsgHeader, HEADER_LEN};
-use freeflow_proto::verbs::{MemoryFileMsg, VerbsStatus, MEMORY_FILE_SIZE};
-use std::os::fd::{AsFd, BorrowedFd};
+use freeflow_proto::verbs::{
+    MemoryFileMsg, QueueFileKind, QueueFileMsg, VerbsStatus, MEMORY_FILE_SIZE, MIN_SLOT_SIZE,
+};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// How long a verb waits for the router. Registration maps memory on the router's side; the
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest reply body a verb receives.
-pub const MAX_REPLY: usize = 16;
+pub const MAX_REPLY: usize = freeflow_proto::verbs::MAX_REPLY_BODY;
 
 #[derive(Debug)]
 pub struct Channel {
@@ -76,6 +79,51 @@ impl Channel {
         fdpass::send_with_fds(self.session.connection().as_fd(), &msg.encode(), &[fd])?;
         self.memory_generation = Some(generation);
         Ok(())
+    }
+
+    /// A handle on the router shard's doorbell, for queues this context produces into.
+    pub fn router_bell(&self) -> Result<EventFd, VerbsError> {
+        Ok(self.session.router_bell().try_clone()?)
+    }
+
+    /// Takes the file of the `kind` object `handle` from the attach connection: the router
+    /// sends it right before the reply that created the object, so it is there now. Files of
+    /// earlier calls that timed out are dropped on the way.
+    pub fn take_queue_file(
+        &mut self,
+        kind: QueueFileKind,
+        handle: u32,
+    ) -> Result<OwnedFd, VerbsError> {
+        loop {
+            let mut buf = [0u8; QueueFileMsg::LEN + 1];
+            let got = match fdpass::recv_with_fds(
+                self.session.connection().as_fd(),
+                &mut buf,
+                libc::MSG_DONTWAIT,
+            ) {
+                Ok(got) => got,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(VerbsError::Protocol(format!(
+                        "the router sent no file for {kind:?} {handle}"
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if got.len == 0 && got.fds.is_empty() {
+                return Err(VerbsError::RouterGone);
+            }
+            let msg = QueueFileMsg::decode(&buf[..got.len])
+                .map_err(|e| VerbsError::Protocol(e.to_string()))?;
+            let mut fds = got.fds.into_iter();
+            if let (true, Some(fd), None) = (
+                msg.kind == kind && msg.handle == handle && !got.truncated,
+                fds.next(),
+                fds.next(),
+            ) {
+                return Ok(fd);
+            }
+        }
     }
 
     /// Sends one request and waits for its reply. `Ok` holds the reply body of a successful
@@ -149,4 +197,4 @@ fn call_error(e: CallError) -> VerbsError {
     }
 }
 
-const _: () = assert!(HEADER_LEN + MAX_REPLY <= 64);
+const _: () = assert!(HEADER_LEN + MAX_REPLY <= MIN_SLOT_SIZE as usize);

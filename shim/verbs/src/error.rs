@@ -33,7 +33,7 @@ pub enum VerbsError {
     Access(#[from] AccessFlagsError),
     #[error(transparent)]
     Pages(#[from] PagesError),
-    #[error("the router refused: {0:?}")]
+    #[error("the router refused: {}", refusal_text(*.0))]
     RouterRefused(VerbsStatus),
     #[error("the router went away (restarted or stopped); open the device again")]
     RouterGone,
@@ -43,6 +43,29 @@ pub enum VerbsError {
     ForkedContext,
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("busy: {0}")]
+    Busy(&'static str),
+    #[error("not supported by this device: {0}")]
+    NotSupported(&'static str),
+}
+
+/// What a router's refusal means, for `FREEFLOW_DEBUG` lines.
+fn refusal_text(status: VerbsStatus) -> &'static str {
+    match status {
+        VerbsStatus::Invalid => "invalid argument",
+        VerbsStatus::BadHandle => "no such object",
+        VerbsStatus::Busy => "still in use",
+        VerbsStatus::NoResources => "a limit of the device was reached",
+        VerbsStatus::Fault => "the memory is not registered",
+        VerbsStatus::NotSupported => "not supported by this device",
+        VerbsStatus::NoMemoryFile => "no memory file (a shim bug)",
+        VerbsStatus::Protection => "protection error",
+        VerbsStatus::TestHooksOff => "test hooks are off",
+        VerbsStatus::Unreachable => {
+            "the destination is not reachable: no container of this tenant with RDMA on this \
+             host (RDMA between hosts is not implemented yet)"
+        }
+    }
 }
 
 impl VerbsError {
@@ -71,10 +94,13 @@ impl VerbsError {
                 VerbsStatus::NotSupported | VerbsStatus::TestHooksOff => libc::EOPNOTSUPP,
                 VerbsStatus::Protection => libc::EACCES,
                 VerbsStatus::NoMemoryFile => libc::EIO,
+                VerbsStatus::Unreachable => libc::ENETUNREACH,
             },
             VerbsError::RouterGone => libc::ENODEV,
             VerbsError::Protocol(_) => libc::EIO,
             VerbsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            VerbsError::Busy(_) => libc::EBUSY,
+            VerbsError::NotSupported(_) => libc::EOPNOTSUPP,
         }
     }
 }

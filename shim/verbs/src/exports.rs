@@ -154,11 +154,11 @@ fn context_ops() -> IbvContextOps {
     IbvContextOps {
         compat_query_device: Some(ibv_query_device),
         compat_query_port: Some(ibv_query_port),
-        poll_cq: Some(unsupported::poll_cq),
-        req_notify_cq: Some(unsupported::req_notify_cq),
+        poll_cq: Some(crate::cq::poll_cq),
+        req_notify_cq: Some(crate::cq::req_notify_cq),
         post_srq_recv: Some(unsupported::post_srq_recv),
-        post_send: Some(unsupported::post_send),
-        post_recv: Some(unsupported::post_recv),
+        post_send: Some(crate::qp::post_send),
+        post_recv: Some(crate::qp::post_recv),
         ..IbvContextOps::default()
     }
 }

@@ -8,17 +8,21 @@
 //! do (`ibv_devices`, `ibv_devinfo -v`). Protection domains and memory regions are real: each is
 //! an entry of the router's table for the context (virtual handles and keys), and a region's
 //! pages move onto the process's memory file, which the router maps too, so the router works on
-//! the program's own bytes without a staging copy (`pages`, `memory`). Outside a registered
-//! container, or without a router, the device list is empty. Every other verb of rdma-core 44's
-//! public ABI exists, with the same symbol version, and fails cleanly with EOPNOTSUPP: programs
-//! load, and report the failure.
+//! the program's own bytes without a staging copy (`pages`, `memory`). CQs, completion channels
+//! and RC QPs are real too (`cq`, `qp`): completions, send and receive queues are rings in
+//! memory shared with the router, so posting and polling make no system call, and the router's
+//! software engine executes the work requests between containers of the host. Outside a
+//! registered container, or without a router, the device list is empty. Every other verb of
+//! rdma-core 44's public ABI exists, with the same symbol version, and fails cleanly with
+//! EOPNOTSUPP: programs load, and report the failure.
 //!
 //! Layout: `abi` is the C ABI (hand-written, checked against the installed headers); `device`
 //! derives the device's attributes from the container's identity; `registry` holds the
-//! process's attachments, devices, contexts, PDs and MRs; `channel` is a context's request/reply
-//! conversation with the router; `maps`, `pages` and `memory` are registered memory;
-//! `exports`, `pd_mr`, `utility` and `unsupported` are the exported C functions. Unsafe code is
-//! confined to the C boundary (`exports`, `pd_mr`, `unsupported`, `utility`, `ffi`) and to
+//! process's attachments, devices, contexts and verbs objects; `channel` is a context's
+//! request/reply conversation with the router; `maps`, `pages` and `memory` are registered
+//! memory; `exports`, `pd_mr`, `cq`, `qp`, `utility` and `unsupported` are the exported C
+//! functions. Unsafe code is confined to the C boundary (`exports`, `pd_mr`, `cq`, `qp`,
+//! `unsupported`, `utility`, `ffi`) and to
 //! `memory` (the system calls that move pages), whose two entry points `pages` calls right
 //! after checking `/proc/self/maps`.
 #![deny(unsafe_code)]
@@ -39,6 +43,7 @@ macro_rules! symbol_versions {
 
 mod abi;
 mod channel;
+mod cq;
 mod device;
 mod error;
 mod exports;
@@ -47,6 +52,7 @@ mod maps;
 mod memory;
 mod pages;
 mod pd_mr;
+mod qp;
 mod registry;
 mod strings;
 mod sysfs;

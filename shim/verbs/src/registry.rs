@@ -217,10 +217,29 @@ pub struct MrEntry {
     pub pages: (u64, u64),
 }
 
+/// A CQ, QP or completion channel handed out, by the address of its object (whose C
+/// structure comes first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub context: usize,
+    pub handle: u32,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Object {
     Pd(PdEntry),
     Mr(MrEntry),
+    Cq(QueueEntry),
+    Qp(QueueEntry),
+    Channel(QueueEntry),
+}
+
+/// Which kind of queue object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    Cq,
+    Qp,
+    Channel,
 }
 
 static OBJECTS: Mutex<BTreeMap<usize, Object>> = Mutex::new(BTreeMap::new());
@@ -241,6 +260,29 @@ pub fn add_pd(key: usize, entry: PdEntry) {
 
 pub fn add_mr(key: usize, entry: MrEntry) {
     lock(&OBJECTS).insert(key, Object::Mr(entry));
+}
+
+pub fn add_queue(key: usize, kind: QueueKind, entry: QueueEntry) {
+    let object = match kind {
+        QueueKind::Cq => Object::Cq(entry),
+        QueueKind::Qp => Object::Qp(entry),
+        QueueKind::Channel => Object::Channel(entry),
+    };
+    lock(&OBJECTS).insert(key, object);
+}
+
+/// The queue object of `kind` at `key`, if it is one of ours and alive.
+pub fn queue(key: usize, kind: QueueKind) -> Result<QueueEntry, VerbsError> {
+    match (lock(&OBJECTS).get(&key), kind) {
+        (Some(Object::Cq(e)), QueueKind::Cq)
+        | (Some(Object::Qp(e)), QueueKind::Qp)
+        | (Some(Object::Channel(e)), QueueKind::Channel) => Ok(*e),
+        _ => Err(VerbsError::UnknownObject(match kind {
+            QueueKind::Cq => "completion queue",
+            QueueKind::Qp => "queue pair",
+            QueueKind::Channel => "completion channel",
+        })),
+    }
 }
 
 pub fn pd(key: usize) -> Result<PdEntry, VerbsError> {
@@ -273,6 +315,7 @@ pub fn remove_objects_of(context: usize) -> Vec<MrEntry> {
             false
         }
         Object::Mr(_) => true,
+        Object::Cq(e) | Object::Qp(e) | Object::Channel(e) => e.context != context,
     });
     regions
 }

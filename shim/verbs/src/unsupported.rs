@@ -3,15 +3,15 @@
 //! errno value EOPNOTSUPP itself. None pretends to succeed. Under `FREEFLOW_DEBUG` the first
 //! call of each says so on stderr.
 //!
-//! The CQ and QP slices move their verbs from here into real implementations (PD and MR are in
-//! `pd_mr`). `ibv_rereg_mr` stays here for now: it answers IBV_REREG_MR_ERR_INPUT, the old
-//! region unchanged.
+//! Implemented verbs live elsewhere (`pd_mr`, `cq`, `qp`). `ibv_rereg_mr` stays here for now:
+//! it answers IBV_REREG_MR_ERR_INPUT, the old region unchanged. Not yet: `ibv_resize_cq`, shared
+//! receive queues, address handles (no UD), multicast, `ibv_qp_to_qp_ex` (the new post API).
 #![allow(unsafe_code)]
 
-use crate::abi::IBV_REREG_MR_ERR_INPUT;
+use crate::abi::{IbvRecvWr, IBV_REREG_MR_ERR_INPUT};
 use crate::ffi::set_errno;
 use std::collections::BTreeSet;
-use std::ffi::{c_int, c_uint, c_void};
+use std::ffi::{c_int, c_void};
 use std::ptr::null_mut;
 use std::sync::Mutex;
 
@@ -52,29 +52,14 @@ macro_rules! unsupported {
 type Obj = *mut c_void;
 
 unsupported! {
-    "IBVERBS_1.0" fn ibv_create_comp_channel(context: Obj) -> Obj = null_mut();
-    "IBVERBS_1.0" fn ibv_destroy_comp_channel(channel: Obj) -> c_int = libc::EOPNOTSUPP;
-
     "IBVERBS_1.1" fn ibv_rereg_mr(mr: Obj, flags: c_int, pd: Obj, addr: Obj, length: usize,
         access: c_int) -> c_int = IBV_REREG_MR_ERR_INPUT;
-    "IBVERBS_1.1" fn ibv_create_cq(context: Obj, cqe: c_int, cq_context: Obj, channel: Obj,
-        comp_vector: c_int) -> Obj = null_mut();
     "IBVERBS_1.1" fn ibv_resize_cq(cq: Obj, cqe: c_int) -> c_int = libc::EOPNOTSUPP;
-    "IBVERBS_1.1" fn ibv_destroy_cq(cq: Obj) -> c_int = libc::EOPNOTSUPP;
-    "IBVERBS_1.1" fn ibv_get_cq_event(channel: Obj, cq: *mut Obj, cq_context: *mut Obj) -> c_int =
-        -1;
-    "IBVERBS_1.1" fn ibv_ack_cq_events(cq: Obj, nevents: c_uint);
     "IBVERBS_1.1" fn ibv_create_srq(pd: Obj, srq_init_attr: Obj) -> Obj = null_mut();
     "IBVERBS_1.1" fn ibv_modify_srq(srq: Obj, srq_attr: Obj, srq_attr_mask: c_int) -> c_int =
         libc::EOPNOTSUPP;
     "IBVERBS_1.1" fn ibv_query_srq(srq: Obj, srq_attr: Obj) -> c_int = libc::EOPNOTSUPP;
     "IBVERBS_1.1" fn ibv_destroy_srq(srq: Obj) -> c_int = libc::EOPNOTSUPP;
-    "IBVERBS_1.1" fn ibv_create_qp(pd: Obj, qp_init_attr: Obj) -> Obj = null_mut();
-    "IBVERBS_1.1" fn ibv_query_qp(qp: Obj, attr: Obj, attr_mask: c_int, init_attr: Obj) -> c_int =
-        libc::EOPNOTSUPP;
-    "IBVERBS_1.1" fn ibv_modify_qp(qp: Obj, attr: Obj, attr_mask: c_int) -> c_int =
-        libc::EOPNOTSUPP;
-    "IBVERBS_1.1" fn ibv_destroy_qp(qp: Obj) -> c_int = libc::EOPNOTSUPP;
     "IBVERBS_1.1" fn ibv_create_ah(pd: Obj, attr: Obj) -> Obj = null_mut();
     "IBVERBS_1.1" fn ibv_destroy_ah(ah: Obj) -> c_int = libc::EOPNOTSUPP;
     "IBVERBS_1.1" fn ibv_init_ah_from_wc(context: Obj, port_num: u8, wc: Obj, grh: Obj,
@@ -106,58 +91,23 @@ unsupported! {
     "IBVERBS_1.14" fn ibv_query_qp_data_in_order(qp: Obj, op: c_int, flags: u32) -> c_int = 0;
 }
 
-// The fast-path operations every context carries in `ibv_context.ops`. Programs reach them
-// through inline functions with a CQ, QP or SRQ, none of which can exist yet; they are set
-// anyway so that no call through a context of this library lands on NULL.
+// `ops.post_srq_recv`: every context carries it (no call through a context of this library
+// lands on NULL), though no SRQ can exist.
 
-/// `ops.poll_cq`: negative on failure.
-pub unsafe extern "C" fn poll_cq(cq: Obj, num_entries: c_int, wc: Obj) -> c_int {
-    let _ = (cq, num_entries, wc);
-    not_supported("ibv_poll_cq");
-    -1
-}
-
-/// `ops.req_notify_cq`: an errno value on failure.
-pub unsafe extern "C" fn req_notify_cq(cq: Obj, solicited_only: c_int) -> c_int {
-    let _ = (cq, solicited_only);
-    not_supported("ibv_req_notify_cq");
-    libc::EOPNOTSUPP
-}
-
-/// `*bad_wr = wr`: the first work request is the one that failed.
+/// `ops.post_srq_recv`: EOPNOTSUPP with `*bad_wr = wr`.
 ///
 /// # Safety
 /// `bad_wr` is NULL or writable.
-unsafe fn all_failed(wr: Obj, bad_wr: *mut Obj) {
-    if !bad_wr.is_null() {
-        // SAFETY: the caller passes its own `struct ibv_*_wr **`.
-        unsafe { *bad_wr = wr };
-    }
-}
-
-/// `ops.post_send`: an errno value on failure.
-pub unsafe extern "C" fn post_send(qp: Obj, wr: Obj, bad_wr: *mut Obj) -> c_int {
-    let _ = qp;
-    not_supported("ibv_post_send");
-    // SAFETY: forwarded caller guarantee.
-    unsafe { all_failed(wr, bad_wr) };
-    libc::EOPNOTSUPP
-}
-
-/// `ops.post_recv`.
-pub unsafe extern "C" fn post_recv(qp: Obj, wr: Obj, bad_wr: *mut Obj) -> c_int {
-    let _ = qp;
-    not_supported("ibv_post_recv");
-    // SAFETY: forwarded caller guarantee.
-    unsafe { all_failed(wr, bad_wr) };
-    libc::EOPNOTSUPP
-}
-
-/// `ops.post_srq_recv`.
-pub unsafe extern "C" fn post_srq_recv(srq: Obj, wr: Obj, bad_wr: *mut Obj) -> c_int {
+pub unsafe extern "C" fn post_srq_recv(
+    srq: Obj,
+    wr: *mut IbvRecvWr,
+    bad_wr: *mut *mut IbvRecvWr,
+) -> c_int {
     let _ = srq;
     not_supported("ibv_post_srq_recv");
-    // SAFETY: forwarded caller guarantee.
-    unsafe { all_failed(wr, bad_wr) };
+    if !bad_wr.is_null() {
+        // SAFETY: the caller passes its own `struct ibv_recv_wr **`.
+        unsafe { *bad_wr = wr };
+    }
     libc::EOPNOTSUPP
 }

@@ -1,0 +1,539 @@
+//! Completion queues and completion channels: `ibv_create_cq`, `ibv_destroy_cq`, the context
+//! ops `poll_cq` and `req_notify_cq` (reached through the inline `ibv_poll_cq` and
+//! `ibv_req_notify_cq`), `ibv_create_comp_channel`, `ibv_destroy_comp_channel`,
+//! `ibv_get_cq_event` and `ibv_ack_cq_events`.
+//!
+//! A CQ is a ring in memory shared with the router (a region it creates and passes on the
+//! attach connection), which the router produces completions into in the layout of `struct
+//! ibv_wc`. `poll_cq` pops slots straight into the program's array: an empty poll is a load of
+//! the ring's tail, no system call. `req_notify_cq` raises the ring's parked flag (the ring's
+//! park/wake protocol), so the router's next publish to that CQ writes the CQ's handle into the
+//! completion channel's pipe, whose read end is `channel->fd` (poll/epoll work on it).
+//!
+//! The fast-path ops receive the program's `struct ibv_cq *`: as every provider does, the
+//! library takes it to be the first field of its own object (checking a magic number first);
+//! the slow-path verbs look it up in the registry.
+#![allow(unsafe_code)]
+
+use crate::abi::{IbvCompChannel, IbvContext, IbvCq, IbvWc};
+use crate::error::VerbsError;
+use crate::ffi::{guard, set_errno};
+use crate::registry::{self, lock, QueueEntry, QueueKind};
+use freeflow_proto::region::SharedRegion;
+use freeflow_proto::verbs::{limits, op, Body, CqCreated, CreateCq, ObjectHandle, QueueFileKind};
+use freeflow_proto::Consumer;
+use std::collections::BTreeMap;
+use std::ffi::{c_int, c_uint, c_void};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::ptr::null_mut;
+use std::sync::{Condvar, Mutex};
+
+symbol_versions! {
+    "IBVERBS_1.0": [ibv_create_comp_channel, ibv_destroy_comp_channel],
+    "IBVERBS_1.1": [ibv_create_cq, ibv_destroy_cq, ibv_get_cq_event, ibv_ack_cq_events],
+}
+
+const CQ_MAGIC: u64 = u64::from_le_bytes(*b"FFCQv001");
+const CHANNEL_MAGIC: u64 = u64::from_le_bytes(*b"FFCCv001");
+
+/// What the library keeps for a CQ, behind its `struct ibv_cq`.
+struct CqState {
+    context: usize,
+    handle: u32,
+    ring: Mutex<Consumer>,
+    /// Events handed out by `ibv_get_cq_event` and acknowledged by `ibv_ack_cq_events`.
+    events: Mutex<(u64, u64)>,
+    acked: Condvar,
+    /// The channel's object, or null.
+    channel: *mut ChannelObject,
+    _region: SharedRegion,
+}
+
+/// The allocation behind a `struct ibv_cq *` of this library.
+#[repr(C)]
+struct CqObject {
+    ibv: IbvCq,
+    magic: u64,
+    state: *const CqState,
+}
+
+/// What the library keeps for a completion channel.
+struct ChannelState {
+    handle: u32,
+    /// The read end of the router's pipe (`channel->fd`).
+    fd: OwnedFd,
+    /// CQs using this channel: handle to `struct ibv_cq` address.
+    cqs: Mutex<BTreeMap<u32, usize>>,
+}
+
+#[repr(C)]
+struct ChannelObject {
+    ibv: IbvCompChannel,
+    magic: u64,
+    state: *const ChannelState,
+}
+
+/// The state behind `cq`, if it is one of this library's CQs.
+///
+/// # Safety
+/// `cq` is NULL or points at a CQ this library created and has not destroyed (what the inline
+/// wrappers of `verbs.h` pass, and what every provider assumes).
+unsafe fn cq_state<'a>(cq: *mut IbvCq) -> Option<&'a CqState> {
+    if cq.is_null() {
+        return None;
+    }
+    let obj = cq.cast::<CqObject>();
+    // SAFETY: per the contract, `obj` is a live CqObject; fields are read through raw pointers,
+    // without a reference to the part the program shares.
+    unsafe {
+        if std::ptr::addr_of!((*obj).magic).read() != CQ_MAGIC {
+            return None;
+        }
+        std::ptr::addr_of!((*obj).state).read().as_ref()
+    }
+}
+
+fn fail(verb: &str, e: &VerbsError) -> c_int {
+    registry::debug(format_args!("{verb}: {e}"));
+    let errno = e.errno();
+    set_errno(errno);
+    errno
+}
+
+fn encoded<T: Body>(value: &T) -> Vec<u8> {
+    let mut b = vec![0u8; T::LEN];
+    value.encode(&mut b);
+    b
+}
+
+/// Undoes a router-side creation whose shim side failed (best effort).
+fn destroy_on_router(context: usize, opcode: u16, handle: u32) {
+    if let Ok(state) = registry::context(context) {
+        let _ = lock(&state.channel).call(opcode, &encoded(&ObjectHandle { handle }));
+    }
+}
+
+fn create_comp_channel(context: *mut IbvContext) -> Result<*mut IbvCompChannel, VerbsError> {
+    let key = context as usize;
+    let state = registry::context(key)?;
+    let (handle, fd) = {
+        let mut channel = lock(&state.channel);
+        let reply = channel.call(op::CREATE_COMP_CHANNEL, &[])?;
+        let handle = ObjectHandle::decode(reply.bytes())
+            .map_err(|e| VerbsError::Protocol(e.to_string()))?
+            .handle;
+        let fd = channel.take_queue_file(QueueFileKind::Channel, handle);
+        (handle, fd)
+    };
+    let fd = match fd {
+        Ok(fd) => fd,
+        Err(e) => {
+            destroy_on_router(key, op::DESTROY_COMP_CHANNEL, handle);
+            return Err(e);
+        }
+    };
+    let raw = fd.as_raw_fd();
+    let st = Box::into_raw(Box::new(ChannelState {
+        handle,
+        fd,
+        cqs: Mutex::new(BTreeMap::new()),
+    }));
+    let obj = Box::into_raw(Box::new(ChannelObject {
+        ibv: IbvCompChannel {
+            context,
+            fd: raw,
+            refcnt: 0,
+        },
+        magic: CHANNEL_MAGIC,
+        state: st,
+    }));
+    registry::add_queue(
+        obj as usize,
+        QueueKind::Channel,
+        QueueEntry {
+            context: key,
+            handle,
+        },
+    );
+    registry::debug(format_args!(
+        "created completion channel {handle} (fd {raw})"
+    ));
+    Ok(obj.cast())
+}
+
+/// `ibv_create_comp_channel`: a channel whose `fd` becomes readable when an armed CQ of it gets
+/// a completion; NULL with errno on failure.
+#[no_mangle]
+pub extern "C" fn ibv_create_comp_channel(context: *mut IbvContext) -> *mut IbvCompChannel {
+    guard(null_mut(), || {
+        create_comp_channel(context).unwrap_or_else(|e| {
+            fail("ibv_create_comp_channel", &e);
+            null_mut()
+        })
+    })
+}
+
+/// The channel object at `channel`, looked up in the registry.
+fn channel_object(
+    channel: *mut IbvCompChannel,
+) -> Result<(QueueEntry, &'static ChannelState), VerbsError> {
+    let entry = registry::queue(channel as usize, QueueKind::Channel)?;
+    let obj = channel.cast::<ChannelObject>();
+    // SAFETY: the registry holds `channel`, so it is a live ChannelObject made by
+    // `create_comp_channel`; its state lives until the channel is destroyed, which is the
+    // program's promise not to do while it uses the channel.
+    let state = unsafe { &*std::ptr::addr_of!((*obj).state).read() };
+    Ok((entry, state))
+}
+
+fn destroy_comp_channel(channel: *mut IbvCompChannel) -> Result<(), VerbsError> {
+    let (entry, state) = channel_object(channel)?;
+    if !lock(&state.cqs).is_empty() {
+        return Err(VerbsError::Busy("completion channel still has CQs"));
+    }
+    let ctx = registry::context(entry.context)?;
+    let body = encoded(&ObjectHandle {
+        handle: entry.handle,
+    });
+    match lock(&ctx.channel).call(op::DESTROY_COMP_CHANNEL, &body) {
+        Ok(_) | Err(VerbsError::RouterGone) => {}
+        Err(e) => return Err(e),
+    }
+    if registry::remove_object(channel as usize) {
+        let obj = channel.cast::<ChannelObject>();
+        // SAFETY: the registry held the channel: it is the Box leaked by
+        // `create_comp_channel`, and so is its state; both are freed once (removal from the
+        // registry happens once). Dropping the state closes the fd.
+        unsafe {
+            let obj = Box::from_raw(obj);
+            drop(Box::from_raw(obj.state.cast_mut()));
+        }
+    }
+    Ok(())
+}
+
+/// `ibv_destroy_comp_channel`: 0, or an errno value (EBUSY while CQs use it).
+#[no_mangle]
+pub extern "C" fn ibv_destroy_comp_channel(channel: *mut IbvCompChannel) -> c_int {
+    guard(libc::EIO, || {
+        destroy_comp_channel(channel).map_or_else(|e| fail("ibv_destroy_comp_channel", &e), |()| 0)
+    })
+}
+
+fn create_cq(
+    context: *mut IbvContext,
+    cqe: c_int,
+    cq_context: *mut c_void,
+    channel: *mut IbvCompChannel,
+    comp_vector: c_int,
+) -> Result<*mut IbvCq, VerbsError> {
+    let key = context as usize;
+    let state = registry::context(key)?;
+    if cqe < 1 || cqe as u32 > limits::MAX_CQE {
+        return Err(VerbsError::InvalidArgument("cqe out of range"));
+    }
+    if comp_vector != 0 {
+        return Err(VerbsError::InvalidArgument(
+            "the device has one completion vector",
+        ));
+    }
+    let channel_state = if channel.is_null() {
+        None
+    } else {
+        let (entry, st) = channel_object(channel)?;
+        if entry.context != key {
+            return Err(VerbsError::InvalidArgument(
+                "the channel belongs to another context",
+            ));
+        }
+        Some(st)
+    };
+    let body = encoded(&CreateCq {
+        cqe: cqe as u32,
+        channel: channel_state.map_or(0, |c| c.handle),
+        comp_vector: 0,
+    });
+    let (created, fd) = {
+        let mut ch = lock(&state.channel);
+        let reply = ch.call(op::CREATE_CQ, &body)?;
+        let created =
+            CqCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
+        (created, ch.take_queue_file(QueueFileKind::Cq, created.cq))
+    };
+    let attached = fd.and_then(|fd| {
+        let region = SharedRegion::attach(fd.as_fd())
+            .map_err(|e| VerbsError::Protocol(format!("CQ region: {e}")))?;
+        let ring = region
+            .ring(0)
+            .map_err(|e| VerbsError::Protocol(format!("CQ ring: {e}")))?;
+        if (ring.geometry().slot_size as usize) < std::mem::size_of::<IbvWc>() {
+            return Err(VerbsError::Protocol("CQ slots smaller than ibv_wc".into()));
+        }
+        Ok((region, Consumer::new(ring)))
+    });
+    let (region, ring) = match attached {
+        Ok(parts) => parts,
+        Err(e) => {
+            destroy_on_router(key, op::DESTROY_CQ, created.cq);
+            return Err(e);
+        }
+    };
+    let st = Box::into_raw(Box::new(CqState {
+        context: key,
+        handle: created.cq,
+        ring: Mutex::new(ring),
+        events: Mutex::new((0, 0)),
+        acked: Condvar::new(),
+        channel: channel.cast(),
+        _region: region,
+    }));
+    let obj = Box::into_raw(Box::new(CqObject {
+        ibv: IbvCq {
+            context,
+            channel,
+            cq_context,
+            handle: created.cq,
+            cqe: created.cqe as c_int,
+            mutex: libc::PTHREAD_MUTEX_INITIALIZER,
+            cond: libc::PTHREAD_COND_INITIALIZER,
+            comp_events_completed: 0,
+            async_events_completed: 0,
+        },
+        magic: CQ_MAGIC,
+        state: st,
+    }));
+    if let Some(ch) = channel_state {
+        lock(&ch.cqs).insert(created.cq, obj as usize);
+        // SAFETY: `channel` is a live channel object (looked up above); the count is only
+        // changed here and in destroy, under the registry's serialization of the program's
+        // calls on this channel.
+        unsafe { (*channel).refcnt += 1 };
+    }
+    registry::add_queue(
+        obj as usize,
+        QueueKind::Cq,
+        QueueEntry {
+            context: key,
+            handle: created.cq,
+        },
+    );
+    registry::debug(format_args!(
+        "created CQ {} ({} entries{})",
+        created.cq,
+        created.cqe,
+        if channel.is_null() {
+            ""
+        } else {
+            ", with a channel"
+        }
+    ));
+    Ok(obj.cast())
+}
+
+/// `ibv_create_cq`: a CQ of at least `cqe` entries, or NULL with errno.
+#[no_mangle]
+pub extern "C" fn ibv_create_cq(
+    context: *mut IbvContext,
+    cqe: c_int,
+    cq_context: *mut c_void,
+    channel: *mut IbvCompChannel,
+    comp_vector: c_int,
+) -> *mut IbvCq {
+    guard(null_mut(), || {
+        create_cq(context, cqe, cq_context, channel, comp_vector).unwrap_or_else(|e| {
+            fail("ibv_create_cq", &e);
+            null_mut()
+        })
+    })
+}
+
+fn destroy_cq(cq: *mut IbvCq) -> Result<(), VerbsError> {
+    let entry = registry::queue(cq as usize, QueueKind::Cq)?;
+    // SAFETY: the registry holds `cq`: a live CQ of this library.
+    let state = unsafe { cq_state(cq) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
+    let ctx = registry::context(entry.context)?;
+    let body = encoded(&ObjectHandle {
+        handle: entry.handle,
+    });
+    match lock(&ctx.channel).call(op::DESTROY_CQ, &body) {
+        Ok(_) | Err(VerbsError::RouterGone) => {}
+        Err(e) => return Err(e),
+    }
+    // As rdma-core: a CQ goes only once every event handed out for it is acknowledged.
+    {
+        let mut events = lock(&state.events);
+        while events.1 < events.0 {
+            events = state.acked.wait(events).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+    if !state.channel.is_null() {
+        // SAFETY: a CQ's channel outlives it (destroying a channel with CQs is refused).
+        let ch = unsafe { &*std::ptr::addr_of!((*state.channel).state).read() };
+        lock(&ch.cqs).remove(&state.handle);
+        // SAFETY: as above, a live channel object.
+        unsafe { (*state.channel).ibv.refcnt -= 1 };
+    }
+    if registry::remove_object(cq as usize) {
+        // SAFETY: the registry held `cq`: the Box leaked by `create_cq` and its state, freed
+        // once.
+        unsafe {
+            let obj = Box::from_raw(cq.cast::<CqObject>());
+            drop(Box::from_raw(obj.state.cast_mut()));
+        }
+    }
+    registry::debug(format_args!("destroyed CQ {}", entry.handle));
+    Ok(())
+}
+
+/// `ibv_destroy_cq`: 0, or an errno value (EBUSY while QPs use it).
+#[no_mangle]
+pub extern "C" fn ibv_destroy_cq(cq: *mut IbvCq) -> c_int {
+    guard(libc::EIO, || {
+        destroy_cq(cq).map_or_else(|e| fail("ibv_destroy_cq", &e), |()| 0)
+    })
+}
+
+/// `ops.poll_cq` (the inline `ibv_poll_cq`): up to `num_entries` completions into `wc`; the
+/// number taken, or -1. No system call: the ring is shared memory.
+///
+/// # Safety
+/// `cq` is a live CQ of this library; `wc` has room for `num_entries` entries.
+pub unsafe extern "C" fn poll_cq(cq: *mut IbvCq, num_entries: c_int, wc: *mut IbvWc) -> c_int {
+    // SAFETY: forwarded caller guarantee.
+    let Some(state) = (unsafe { cq_state(cq) }) else {
+        set_errno(libc::EINVAL);
+        return -1;
+    };
+    if num_entries <= 0 || wc.is_null() {
+        return if num_entries == 0 { 0 } else { -1 };
+    }
+    guard(-1, || {
+        let mut ring = lock(&state.ring);
+        let mut taken = 0usize;
+        while taken < num_entries as usize {
+            // SAFETY: the caller's array has `num_entries` entries; entry `taken` is inside it
+            // and the program does not touch it during the call.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(
+                    wc.add(taken).cast::<u8>(),
+                    std::mem::size_of::<IbvWc>(),
+                )
+            };
+            match ring.pop(out) {
+                Ok(true) => taken += 1,
+                Ok(false) => break,
+                // The router broke the ring: nothing more can be trusted from it.
+                Err(_) if taken == 0 => return -1,
+                Err(_) => break,
+            }
+        }
+        if taken > 0 {
+            ring.release();
+        }
+        taken as c_int
+    })
+}
+
+/// `ops.req_notify_cq`: the next completion added to the CQ writes an event to its channel.
+/// Solicited-only requests are treated as requests for any completion (more events than asked
+/// for, which programs handle: they poll after each event). No system call.
+///
+/// # Safety
+/// `cq` is a live CQ of this library.
+pub unsafe extern "C" fn req_notify_cq(cq: *mut IbvCq, solicited_only: c_int) -> c_int {
+    let _ = solicited_only;
+    // SAFETY: forwarded caller guarantee.
+    let Some(state) = (unsafe { cq_state(cq) }) else {
+        return libc::EINVAL;
+    };
+    lock(&state.ring).request_wake();
+    0
+}
+
+fn get_cq_event(
+    channel: *mut IbvCompChannel,
+    cq: *mut *mut IbvCq,
+    cq_context: *mut *mut c_void,
+) -> Result<(), VerbsError> {
+    let (_, ch) = channel_object(channel)?;
+    if cq.is_null() || cq_context.is_null() {
+        return Err(VerbsError::InvalidArgument("NULL out pointer"));
+    }
+    loop {
+        let mut buf = [0u8; 4];
+        // SAFETY: reads at most 4 bytes into a live buffer from the channel's fd. It blocks
+        // unless the program made the fd non-blocking (then EAGAIN, as with rdma-core).
+        let n = unsafe { libc::read(ch.fd.as_raw_fd(), buf.as_mut_ptr().cast(), 4) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        if n == 0 {
+            return Err(VerbsError::RouterGone);
+        }
+        if n != 4 {
+            return Err(VerbsError::Protocol("partial event on the channel".into()));
+        }
+        let handle = u32::from_le_bytes(buf);
+        let Some(&address) = lock(&ch.cqs).get(&handle) else {
+            // The CQ was destroyed after its event was written: skip it.
+            continue;
+        };
+        let ptr = address as *mut IbvCq;
+        // SAFETY: the channel's table holds only live CQs of this library (destroy removes
+        // them first).
+        let state =
+            unsafe { cq_state(ptr) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
+        lock(&state.events).0 += 1;
+        // SAFETY: the out pointers were checked for NULL and are the caller's; `ptr` is live.
+        unsafe {
+            *cq = ptr;
+            *cq_context = std::ptr::addr_of!((*ptr).cq_context).read();
+        }
+        return Ok(());
+    }
+}
+
+/// `ibv_get_cq_event`: waits for the next event on `channel`; 0, or -1 with errno.
+#[no_mangle]
+pub extern "C" fn ibv_get_cq_event(
+    channel: *mut IbvCompChannel,
+    cq: *mut *mut IbvCq,
+    cq_context: *mut *mut c_void,
+) -> c_int {
+    guard(-1, || match get_cq_event(channel, cq, cq_context) {
+        Ok(()) => 0,
+        Err(e) => {
+            fail("ibv_get_cq_event", &e);
+            -1
+        }
+    })
+}
+
+/// `ibv_ack_cq_events`: acknowledges `nevents` events of `cq` (a CQ can only be destroyed
+/// once all its events are acknowledged).
+#[no_mangle]
+pub extern "C" fn ibv_ack_cq_events(cq: *mut IbvCq, nevents: c_uint) {
+    guard((), || {
+        if registry::queue(cq as usize, QueueKind::Cq).is_err() {
+            return;
+        }
+        // SAFETY: the registry holds `cq`: a live CQ of this library.
+        let Some(state) = (unsafe { cq_state(cq) }) else {
+            return;
+        };
+        let mut events = lock(&state.events);
+        events.1 += u64::from(nevents);
+        // SAFETY: `cq` is live; programs read this field, the library alone writes it.
+        unsafe { (*cq).comp_events_completed = events.1 as u32 };
+        state.acked.notify_all();
+    })
+}
+
+/// The context a CQ belongs to and its router handle (for `ibv_create_qp`).
+pub fn cq_handle(cq: *mut IbvCq) -> Result<QueueEntry, VerbsError> {
+    let entry = registry::queue(cq as usize, QueueKind::Cq)?;
+    // SAFETY: the registry holds `cq`: a live CQ of this library.
+    let state = unsafe { cq_state(cq) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
+    debug_assert_eq!((state.context, state.handle), (entry.context, entry.handle));
+    Ok(entry)
+}

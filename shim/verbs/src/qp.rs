@@ -1,0 +1,698 @@
+//! Reliable-connected queue pairs: `ibv_create_qp`, `ibv_modify_qp`, `ibv_query_qp`,
+//! `ibv_destroy_qp`, and the context ops `post_send` and `post_recv` (reached through the inline
+//! `ibv_post_send` and `ibv_post_recv`).
+//!
+//! The router is the authority on a QP: its state machine checks every modify (transitions and
+//! attribute masks, EINVAL as the kernel reports them), it gives the virtual QP number, and it
+//! resolves the destination GID at RTR. A QP's send and receive queues are two rings in a region
+//! the router creates and passes on the attach connection; posting encodes each work request
+//! into a slot (inline data copied in) and publishes the batch with one store. The router's
+//! shard is woken (an eventfd write) only if it parked: a busy router costs the poster no system
+//! call.
+//!
+//! As in rdma-core, posting checks what a provider checks at post time (opcode, number of
+//! scatter/gather entries, inline size, room in the queue, the QP's state) and returns an errno
+//! value with `*bad_wr` at the first refused request; everything else (keys, ranges, access)
+//! is checked by the router when the request executes and comes back as a completion.
+#![allow(unsafe_code)]
+
+use crate::abi::{
+    IbvContext, IbvPd, IbvQp, IbvQpAttr, IbvQpCap, IbvQpInitAttr, IbvRecvWr, IbvSendWr, IbvSge,
+};
+use crate::error::VerbsError;
+use crate::ffi::{copy_out, guard, set_errno};
+use crate::registry::{self, lock, QueueEntry, QueueKind};
+use freeflow_proto::doorbell::EventFd;
+use freeflow_proto::region::SharedRegion;
+use freeflow_proto::verbs::qp::{
+    CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpQueried, QpState, QPT_RC,
+};
+use freeflow_proto::verbs::work::{
+    send_flags, wr_opcode, RecvWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
+};
+use freeflow_proto::verbs::{op, Body, ObjectHandle, QueueFileKind, RECV_RING, SEND_RING};
+use freeflow_proto::{Producer, Wake};
+use std::ffi::c_int;
+use std::os::fd::AsFd;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
+
+symbol_versions! {
+    "IBVERBS_1.1": [ibv_create_qp, ibv_query_qp, ibv_modify_qp, ibv_destroy_qp],
+}
+
+const QP_MAGIC: u64 = u64::from_le_bytes(*b"FFQPv001");
+
+/// One of the QP's rings and the buffer a WQE is built in.
+struct Queue {
+    ring: Producer,
+    buf: Vec<u8>,
+}
+
+/// What the library keeps for a QP, behind its `struct ibv_qp`.
+struct QpShared {
+    /// The state the router last reported (modify and query replies).
+    state: AtomicU8,
+    cap: QpCap,
+    send: Mutex<Queue>,
+    recv: Mutex<Queue>,
+    /// The router shard's doorbell (rung only when the shard parked).
+    bell: EventFd,
+    _region: SharedRegion,
+}
+
+#[repr(C)]
+struct QpObject {
+    ibv: IbvQp,
+    magic: u64,
+    state: *const QpShared,
+}
+
+/// The state behind `qp`, if it is one of this library's QPs.
+///
+/// # Safety
+/// `qp` is NULL or points at a QP this library created and has not destroyed.
+unsafe fn qp_state<'a>(qp: *mut IbvQp) -> Option<&'a QpShared> {
+    if qp.is_null() {
+        return None;
+    }
+    let obj = qp.cast::<QpObject>();
+    // SAFETY: per the contract, a live QpObject; fields read through raw pointers.
+    unsafe {
+        if std::ptr::addr_of!((*obj).magic).read() != QP_MAGIC {
+            return None;
+        }
+        std::ptr::addr_of!((*obj).state).read().as_ref()
+    }
+}
+
+fn fail(verb: &str, e: &VerbsError) -> c_int {
+    registry::debug(format_args!("{verb}: {e}"));
+    let errno = e.errno();
+    set_errno(errno);
+    errno
+}
+
+fn encoded<T: Body>(value: &T) -> Vec<u8> {
+    let mut b = vec![0u8; T::LEN];
+    value.encode(&mut b);
+    b
+}
+
+fn wire_cap(c: &IbvQpCap) -> QpCap {
+    QpCap {
+        max_send_wr: c.max_send_wr,
+        max_recv_wr: c.max_recv_wr,
+        max_send_sge: c.max_send_sge,
+        max_recv_sge: c.max_recv_sge,
+        max_inline_data: c.max_inline_data,
+    }
+}
+
+fn c_cap(c: &QpCap) -> IbvQpCap {
+    IbvQpCap {
+        max_send_wr: c.max_send_wr,
+        max_recv_wr: c.max_recv_wr,
+        max_send_sge: c.max_send_sge,
+        max_recv_sge: c.max_recv_sge,
+        max_inline_data: c.max_inline_data,
+    }
+}
+
+fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, VerbsError> {
+    let pd_entry = registry::pd(pd as usize)?;
+    if init.is_null() {
+        return Err(VerbsError::InvalidArgument("qp_init_attr is NULL"));
+    }
+    // SAFETY: the caller's init attributes (checked for NULL).
+    let a = unsafe { *init };
+    let send_cq = crate::cq::cq_handle(a.send_cq)?;
+    let recv_cq = crate::cq::cq_handle(a.recv_cq)?;
+    if send_cq.context != pd_entry.context || recv_cq.context != pd_entry.context {
+        return Err(VerbsError::InvalidArgument(
+            "the CQs belong to another context than the PD",
+        ));
+    }
+    if !a.srq.is_null() {
+        return Err(VerbsError::InvalidArgument(
+            "no shared receive queue exists",
+        ));
+    }
+    if a.qp_type != QPT_RC {
+        return Err(VerbsError::NotSupported("only RC queue pairs"));
+    }
+    let state = registry::context(pd_entry.context)?;
+    let body = encoded(&CreateQp {
+        pd: pd_entry.handle,
+        send_cq: send_cq.handle,
+        recv_cq: recv_cq.handle,
+        srq: 0,
+        qp_type: a.qp_type,
+        sq_sig_all: u32::from(a.sq_sig_all != 0),
+        cap: wire_cap(&a.cap),
+    });
+    let (created, fd, bell) = {
+        let mut ch = lock(&state.channel);
+        let reply = ch.call(op::CREATE_QP, &body)?;
+        let created =
+            QpCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
+        let fd = ch.take_queue_file(QueueFileKind::Qp, created.qp);
+        (created, fd, ch.router_bell())
+    };
+    let made = fd.and_then(|fd| {
+        let region = SharedRegion::attach(fd.as_fd())
+            .map_err(|e| VerbsError::Protocol(format!("QP region: {e}")))?;
+        let ring = |i| {
+            region
+                .ring(i)
+                .map(Producer::new)
+                .map_err(|e| VerbsError::Protocol(format!("QP ring: {e}")))
+        };
+        let (send, recv) = (ring(SEND_RING)?, ring(RECV_RING)?);
+        Ok((region, send, recv, bell?))
+    });
+    let (region, send, recv, bell) = match made {
+        Ok(parts) => parts,
+        Err(e) => {
+            let _ = lock(&state.channel).call(
+                op::DESTROY_QP,
+                &encoded(&ObjectHandle { handle: created.qp }),
+            );
+            return Err(e);
+        }
+    };
+    let queue = |ring: Producer| {
+        let size = ring.slot_size();
+        Mutex::new(Queue {
+            ring,
+            buf: vec![0; size],
+        })
+    };
+    let st = Box::into_raw(Box::new(QpShared {
+        state: AtomicU8::new(QpState::Reset as u8),
+        cap: created.cap,
+        send: queue(send),
+        recv: queue(recv),
+        bell,
+        _region: region,
+    }));
+    let context = pd_entry.context as *mut IbvContext;
+    let obj = Box::into_raw(Box::new(QpObject {
+        ibv: IbvQp {
+            context,
+            qp_context: a.qp_context,
+            pd,
+            send_cq: a.send_cq,
+            recv_cq: a.recv_cq,
+            srq: null_mut(),
+            handle: created.qp,
+            qp_num: created.qpn,
+            state: QpState::Reset as u32,
+            qp_type: a.qp_type,
+            mutex: libc::PTHREAD_MUTEX_INITIALIZER,
+            cond: libc::PTHREAD_COND_INITIALIZER,
+            events_completed: 0,
+        },
+        magic: QP_MAGIC,
+        state: st,
+    }));
+    // As providers do: the caller learns the capacities the QP really has.
+    // SAFETY: `init` is the caller's (checked for NULL above).
+    unsafe { (*init).cap = c_cap(&created.cap) };
+    registry::add_queue(
+        obj as usize,
+        QueueKind::Qp,
+        QueueEntry {
+            context: pd_entry.context,
+            handle: created.qp,
+        },
+    );
+    registry::debug(format_args!(
+        "created QP {} (number {:#08x}, {} send / {} receive WRs, inline {})",
+        created.qp,
+        created.qpn,
+        created.cap.max_send_wr,
+        created.cap.max_recv_wr,
+        created.cap.max_inline_data
+    ));
+    Ok(obj.cast())
+}
+
+/// `ibv_create_qp`: an RC QP in RESET, or NULL with errno (EOPNOTSUPP for other types, EINVAL
+/// for capacities beyond the device's limits).
+#[no_mangle]
+pub extern "C" fn ibv_create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> *mut IbvQp {
+    guard(null_mut(), || {
+        create_qp(pd, init).unwrap_or_else(|e| {
+            fail("ibv_create_qp", &e);
+            null_mut()
+        })
+    })
+}
+
+fn lookup(qp: *mut IbvQp) -> Result<(QueueEntry, &'static QpShared), VerbsError> {
+    let entry = registry::queue(qp as usize, QueueKind::Qp)?;
+    // SAFETY: the registry holds `qp`: a live QP of this library, whose state lives until the
+    // program destroys it (which it promises not to do while using it).
+    let state = unsafe { qp_state(qp) }.ok_or(VerbsError::UnknownObject("queue pair"))?;
+    Ok((entry, state))
+}
+
+fn wire_attr(a: &IbvQpAttr) -> QpAttr {
+    QpAttr {
+        qp_state: a.qp_state.min(255) as u8,
+        cur_qp_state: a.cur_qp_state.min(255) as u8,
+        path_mtu: a.path_mtu.min(255) as u8,
+        path_mig_state: a.path_mig_state.min(255) as u8,
+        qkey: a.qkey,
+        rq_psn: a.rq_psn,
+        sq_psn: a.sq_psn,
+        dest_qp_num: a.dest_qp_num,
+        qp_access_flags: a.qp_access_flags,
+        pkey_index: a.pkey_index,
+        en_sqd_async_notify: a.en_sqd_async_notify,
+        sq_draining: a.sq_draining,
+        max_rd_atomic: a.max_rd_atomic,
+        max_dest_rd_atomic: a.max_dest_rd_atomic,
+        min_rnr_timer: a.min_rnr_timer,
+        port_num: a.port_num,
+        timeout: a.timeout,
+        retry_cnt: a.retry_cnt,
+        rnr_retry: a.rnr_retry,
+        dgid: a.ah_attr.grh.dgid.raw,
+        flow_label: a.ah_attr.grh.flow_label,
+        sgid_index: a.ah_attr.grh.sgid_index,
+        hop_limit: a.ah_attr.grh.hop_limit,
+        traffic_class: a.ah_attr.grh.traffic_class,
+        is_global: a.ah_attr.is_global,
+        dlid: a.ah_attr.dlid,
+        sl: a.ah_attr.sl,
+        src_path_bits: a.ah_attr.src_path_bits,
+        static_rate: a.ah_attr.static_rate,
+        ah_port_num: a.ah_attr.port_num,
+        rate_limit: a.rate_limit,
+        cap: wire_cap(&a.cap),
+    }
+}
+
+fn c_attr(a: &QpAttr) -> IbvQpAttr {
+    let mut out = IbvQpAttr {
+        qp_state: u32::from(a.qp_state),
+        cur_qp_state: u32::from(a.cur_qp_state),
+        path_mtu: u32::from(a.path_mtu),
+        path_mig_state: u32::from(a.path_mig_state),
+        qkey: a.qkey,
+        rq_psn: a.rq_psn,
+        sq_psn: a.sq_psn,
+        dest_qp_num: a.dest_qp_num,
+        qp_access_flags: a.qp_access_flags,
+        cap: c_cap(&a.cap),
+        pkey_index: a.pkey_index,
+        en_sqd_async_notify: a.en_sqd_async_notify,
+        sq_draining: a.sq_draining,
+        max_rd_atomic: a.max_rd_atomic,
+        max_dest_rd_atomic: a.max_dest_rd_atomic,
+        min_rnr_timer: a.min_rnr_timer,
+        port_num: a.port_num,
+        timeout: a.timeout,
+        retry_cnt: a.retry_cnt,
+        rnr_retry: a.rnr_retry,
+        rate_limit: a.rate_limit,
+        ..IbvQpAttr::default()
+    };
+    out.ah_attr.grh.dgid.raw = a.dgid;
+    out.ah_attr.grh.flow_label = a.flow_label;
+    out.ah_attr.grh.sgid_index = a.sgid_index;
+    out.ah_attr.grh.hop_limit = a.hop_limit;
+    out.ah_attr.grh.traffic_class = a.traffic_class;
+    out.ah_attr.is_global = a.is_global;
+    out.ah_attr.dlid = a.dlid;
+    out.ah_attr.sl = a.sl;
+    out.ah_attr.src_path_bits = a.src_path_bits;
+    out.ah_attr.static_rate = a.static_rate;
+    out.ah_attr.port_num = a.ah_port_num;
+    out
+}
+
+fn set_state(qp: *mut IbvQp, state: &QpShared, new: u32) {
+    state.state.store(new as u8, Ordering::Release);
+    // SAFETY: `qp` is live (looked up); rdma-core updates `qp->state` after a modify or query,
+    // and programs only read it.
+    unsafe { (*qp).state = new };
+}
+
+fn modify_qp(qp: *mut IbvQp, attr: *mut IbvQpAttr, attr_mask: c_int) -> Result<(), VerbsError> {
+    let (entry, state) = lookup(qp)?;
+    if attr.is_null() {
+        return Err(VerbsError::InvalidArgument("attr is NULL"));
+    }
+    // SAFETY: the caller's attributes (checked for NULL).
+    let a = unsafe { *attr };
+    let ctx = registry::context(entry.context)?;
+    let body = encoded(&ModifyQp {
+        qp: entry.handle,
+        attr_mask: attr_mask as u32,
+        attr: wire_attr(&a),
+    });
+    let reply = lock(&ctx.channel).call(op::MODIFY_QP, &body)?;
+    let new = ObjectHandle::decode(reply.bytes())
+        .map_err(|e| VerbsError::Protocol(e.to_string()))?
+        .handle;
+    set_state(qp, state, new);
+    registry::debug(format_args!(
+        "modified QP {} (mask {attr_mask:#x}): state {new}",
+        entry.handle
+    ));
+    Ok(())
+}
+
+/// `ibv_modify_qp`: 0, or an errno value (EINVAL for a transition or attribute mask the state
+/// machine refuses, ENETUNREACH for a destination no container here has).
+#[no_mangle]
+pub extern "C" fn ibv_modify_qp(qp: *mut IbvQp, attr: *mut IbvQpAttr, attr_mask: c_int) -> c_int {
+    guard(libc::EIO, || {
+        modify_qp(qp, attr, attr_mask).map_or_else(|e| fail("ibv_modify_qp", &e), |()| 0)
+    })
+}
+
+fn query_qp(
+    qp: *mut IbvQp,
+    attr: *mut IbvQpAttr,
+    init: *mut IbvQpInitAttr,
+) -> Result<(), VerbsError> {
+    let (entry, state) = lookup(qp)?;
+    if attr.is_null() || init.is_null() {
+        return Err(VerbsError::InvalidArgument("attr or init_attr is NULL"));
+    }
+    let ctx = registry::context(entry.context)?;
+    let reply = lock(&ctx.channel).call(
+        op::QUERY_QP,
+        &encoded(&ObjectHandle {
+            handle: entry.handle,
+        }),
+    )?;
+    let q = QpQueried::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
+    let out = c_attr(&q.attr);
+    // SAFETY: `qp` is live; its public fields are read as plain values.
+    let init_value = unsafe {
+        IbvQpInitAttr {
+            qp_context: (*qp).qp_context,
+            send_cq: (*qp).send_cq,
+            recv_cq: (*qp).recv_cq,
+            srq: null_mut(),
+            cap: out.cap,
+            qp_type: (*qp).qp_type,
+            sq_sig_all: q.sq_sig_all as c_int,
+        }
+    };
+    // SAFETY: the caller's structures (checked for NULL), written whole.
+    unsafe {
+        copy_out(attr, &out, std::mem::size_of::<IbvQpAttr>());
+        copy_out(init, &init_value, std::mem::size_of::<IbvQpInitAttr>());
+    }
+    set_state(qp, state, out.qp_state);
+    Ok(())
+}
+
+/// `ibv_query_qp`: every attribute (whatever the mask asks) and the init attributes; 0 or an
+/// errno value.
+#[no_mangle]
+pub extern "C" fn ibv_query_qp(
+    qp: *mut IbvQp,
+    attr: *mut IbvQpAttr,
+    attr_mask: c_int,
+    init_attr: *mut IbvQpInitAttr,
+) -> c_int {
+    let _ = attr_mask;
+    guard(libc::EIO, || {
+        query_qp(qp, attr, init_attr).map_or_else(|e| fail("ibv_query_qp", &e), |()| 0)
+    })
+}
+
+fn destroy_qp(qp: *mut IbvQp) -> Result<(), VerbsError> {
+    let (entry, _) = lookup(qp)?;
+    let ctx = registry::context(entry.context)?;
+    match lock(&ctx.channel).call(
+        op::DESTROY_QP,
+        &encoded(&ObjectHandle {
+            handle: entry.handle,
+        }),
+    ) {
+        Ok(_) | Err(VerbsError::RouterGone) => {}
+        Err(e) => return Err(e),
+    }
+    if registry::remove_object(qp as usize) {
+        // SAFETY: the registry held `qp`: the Box leaked by `create_qp` and its state, freed
+        // once.
+        unsafe {
+            let obj = Box::from_raw(qp.cast::<QpObject>());
+            drop(Box::from_raw(obj.state.cast_mut()));
+        }
+    }
+    registry::debug(format_args!("destroyed QP {}", entry.handle));
+    Ok(())
+}
+
+/// `ibv_destroy_qp`: 0 or an errno value.
+#[no_mangle]
+pub extern "C" fn ibv_destroy_qp(qp: *mut IbvQp) -> c_int {
+    guard(libc::EIO, || {
+        destroy_qp(qp).map_or_else(|e| fail("ibv_destroy_qp", &e), |()| 0)
+    })
+}
+
+/// Encodes one send work request into `buf`; returns its length or the errno of a refusal.
+///
+/// # Safety
+/// `wr` is a live work request whose scatter/gather list has `num_sge` entries, and whose inline
+/// data (with IBV_SEND_INLINE) is readable.
+unsafe fn encode_send(wr: &IbvSendWr, cap: &QpCap, buf: &mut [u8]) -> Result<usize, c_int> {
+    if !wr_opcode::is_supported(wr.opcode) {
+        return Err(libc::EINVAL);
+    }
+    let op = wr.opcode as u8;
+    if wr.num_sge < 0 || wr.num_sge as u32 > cap.max_send_sge {
+        return Err(libc::EINVAL);
+    }
+    let flags = wr.send_flags & send_flags::KNOWN;
+    let inline = flags & send_flags::INLINE != 0;
+    let sges: &[IbvSge] = if wr.num_sge == 0 || wr.sg_list.is_null() {
+        &[]
+    } else {
+        // SAFETY: the caller's list has `num_sge` entries.
+        unsafe { std::slice::from_raw_parts(wr.sg_list, wr.num_sge as usize) }
+    };
+    // SAFETY: reading the union member the opcode selects, as a provider does.
+    let (remote_addr, rkey, compare_add, swap) = unsafe {
+        match op {
+            wr_opcode::ATOMIC_CMP_AND_SWP | wr_opcode::ATOMIC_FETCH_AND_ADD => (
+                wr.wr.atomic.remote_addr,
+                wr.wr.atomic.rkey,
+                wr.wr.atomic.compare_add,
+                wr.wr.atomic.swap,
+            ),
+            wr_opcode::SEND | wr_opcode::SEND_WITH_IMM => (0, 0, 0, 0),
+            _ => (wr.wr.rdma.remote_addr, wr.wr.rdma.rkey, 0, 0),
+        }
+    };
+    let with_imm = matches!(
+        op,
+        wr_opcode::SEND_WITH_IMM | wr_opcode::RDMA_WRITE_WITH_IMM
+    );
+    let mut header = SendWqeHeader {
+        wr_id: wr.wr_id,
+        opcode: op,
+        flags: flags as u8,
+        num_sge: sges.len() as u16,
+        imm_data: if with_imm { wr.imm_data } else { 0 },
+        remote_addr,
+        rkey,
+        inline_len: 0,
+        compare_add,
+        swap,
+    };
+    let body = &mut buf[SendWqeHeader::LEN..];
+    let len = if inline {
+        if matches!(
+            op,
+            wr_opcode::RDMA_READ | wr_opcode::ATOMIC_CMP_AND_SWP | wr_opcode::ATOMIC_FETCH_AND_ADD
+        ) {
+            return Err(libc::EINVAL);
+        }
+        let total: u64 = sges.iter().map(|s| u64::from(s.length)).sum();
+        if total > u64::from(cap.max_inline_data) || total as usize > body.len() {
+            return Err(libc::EINVAL);
+        }
+        let mut at = 0usize;
+        for s in sges {
+            let n = s.length as usize;
+            if n > 0 {
+                // SAFETY: inline data is read from the program's buffer at post time, as the
+                // verbs API defines (the buffer may be reused right after the call).
+                let src = unsafe { std::slice::from_raw_parts(s.addr as *const u8, n) };
+                body[at..at + n].copy_from_slice(src);
+            }
+            at += n;
+        }
+        header.num_sge = 0;
+        header.inline_len = total as u32;
+        at
+    } else {
+        for (i, s) in sges.iter().enumerate() {
+            Sge {
+                addr: s.addr,
+                length: s.length,
+                lkey: s.lkey,
+            }
+            .write(&mut body[i * Sge::LEN..]);
+        }
+        sges.len() * Sge::LEN
+    };
+    header.write(buf);
+    Ok(SendWqeHeader::LEN + len)
+}
+
+/// `ops.post_send` (the inline `ibv_post_send`): 0, or an errno value with `*bad_wr` at the
+/// first request not posted (the ones before it are posted). No system call unless the router
+/// sleeps.
+///
+/// # Safety
+/// `qp` is a live QP of this library; `wr` a valid list of work requests; `bad_wr` NULL or
+/// writable.
+pub unsafe extern "C" fn post_send(
+    qp: *mut IbvQp,
+    wr: *mut IbvSendWr,
+    bad_wr: *mut *mut IbvSendWr,
+) -> c_int {
+    let report = |at: *mut IbvSendWr, errno: c_int| {
+        if !bad_wr.is_null() {
+            // SAFETY: the caller's out pointer.
+            unsafe { *bad_wr = at };
+        }
+        errno
+    };
+    // SAFETY: forwarded caller guarantee.
+    let Some(state) = (unsafe { qp_state(qp) }) else {
+        return report(wr, libc::EINVAL);
+    };
+    let current = QpState::from_u32(u32::from(state.state.load(Ordering::Acquire)));
+    if !current.is_some_and(QpState::accepts_sends) {
+        return report(wr, libc::EINVAL);
+    }
+    guard(libc::EIO, || {
+        let mut queue = lock(&state.send);
+        let Queue { ring, buf } = &mut *queue;
+        let mut cur = wr;
+        let mut errno = 0;
+        while !cur.is_null() {
+            // SAFETY: a live work request of the caller's list.
+            let w = unsafe { &*cur };
+            // SAFETY: forwarded caller guarantee about the request's lists and data.
+            let len = match unsafe { encode_send(w, &state.cap, buf) } {
+                Ok(len) => len,
+                Err(e) => {
+                    errno = e;
+                    break;
+                }
+            };
+            match ring.push(&buf[..len]) {
+                Ok(true) => {}
+                Ok(false) => {
+                    errno = libc::ENOMEM;
+                    break;
+                }
+                Err(_) => {
+                    errno = libc::EIO;
+                    break;
+                }
+            }
+            cur = w.next;
+        }
+        if ring.publish() == Wake::Needed {
+            let _ = state.bell.ring();
+        }
+        if errno != 0 {
+            report(cur, errno)
+        } else {
+            0
+        }
+    })
+}
+
+/// `ops.post_recv` (the inline `ibv_post_recv`): as `post_send`, for receive requests (the QP
+/// must be past RESET).
+///
+/// # Safety
+/// As `post_send`.
+pub unsafe extern "C" fn post_recv(
+    qp: *mut IbvQp,
+    wr: *mut IbvRecvWr,
+    bad_wr: *mut *mut IbvRecvWr,
+) -> c_int {
+    let report = |at: *mut IbvRecvWr, errno: c_int| {
+        if !bad_wr.is_null() {
+            // SAFETY: the caller's out pointer.
+            unsafe { *bad_wr = at };
+        }
+        errno
+    };
+    // SAFETY: forwarded caller guarantee.
+    let Some(state) = (unsafe { qp_state(qp) }) else {
+        return report(wr, libc::EINVAL);
+    };
+    let current = QpState::from_u32(u32::from(state.state.load(Ordering::Acquire)));
+    if !current.is_some_and(QpState::accepts_receives) {
+        return report(wr, libc::EINVAL);
+    }
+    guard(libc::EIO, || {
+        let mut queue = lock(&state.recv);
+        let Queue { ring, buf } = &mut *queue;
+        let mut cur = wr;
+        let mut errno = 0;
+        while !cur.is_null() {
+            // SAFETY: a live work request of the caller's list.
+            let w = unsafe { &*cur };
+            if w.num_sge < 0 || w.num_sge as u32 > state.cap.max_recv_sge {
+                errno = libc::EINVAL;
+                break;
+            }
+            let sges: &[IbvSge] = if w.num_sge == 0 || w.sg_list.is_null() {
+                &[]
+            } else {
+                // SAFETY: the caller's list has `num_sge` entries.
+                unsafe { std::slice::from_raw_parts(w.sg_list, w.num_sge as usize) }
+            };
+            RecvWqe::write_header(w.wr_id, sges.len() as u32, buf);
+            for (i, s) in sges.iter().enumerate() {
+                Sge {
+                    addr: s.addr,
+                    length: s.length,
+                    lkey: s.lkey,
+                }
+                .write(&mut buf[RECV_WQE_HEADER + i * Sge::LEN..]);
+            }
+            let len = RecvWqe::slot_bytes(sges.len() as u32);
+            match ring.push(&buf[..len]) {
+                Ok(true) => {}
+                Ok(false) => {
+                    errno = libc::ENOMEM;
+                    break;
+                }
+                Err(_) => {
+                    errno = libc::EIO;
+                    break;
+                }
+            }
+            cur = w.next;
+        }
+        if ring.publish() == Wake::Needed {
+            let _ = state.bell.ring();
+        }
+        if errno != 0 {
+            report(cur, errno)
+        } else {
+            0
+        }
+    })
+}
