@@ -13,8 +13,9 @@ fi
 # Debian packages: ip/bridge (iproute2), ping (iputils-ping), ps/kill (procps), python3 for the
 # shim's preload and TCP-mode tests, iperf3, redis-server and redis-tools (unmodified programs
 # through the shim), ibverbs-utils (ibv_devices, ibv_devinfo, ibv_rc_pingpong through the verbs
-# library) and libibverbs-dev (the verbs headers its ABI is checked against).
-packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev)
+# library), libibverbs-dev (the verbs headers its ABI is checked against) and strace (the RDMA
+# fast path is checked to make no system call).
+packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

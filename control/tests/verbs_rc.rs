@@ -6,8 +6,12 @@
 //! masks, every opcode, inline data, unsignaled sends, scatter/gather lists, and the errors
 //! (LOC_PROT_ERR, REM_ACCESS_ERR, RNR, WR_FLUSH_ERR, RETRY_EXC_ERR, ENETUNREACH, EINVAL).
 //!
-//! Needs root, a built workspace (`cargo build --workspace`), ibverbs-utils and libibverbs-dev
-//! (scripts/test.sh installs them). The Site set-up is a trimmed copy of the one in verbs_mr.rs
+//! Under strace, polling an empty CQ and posting receives make no system call, and posting a
+//! list of sends at most one (the doorbell of a parked router). Containers cannot use each
+//! other's QP numbers or keys, and one that writes garbage into its queue is detached alone.
+//!
+//! Needs root, a built workspace (`cargo build --workspace`), ibverbs-utils, libibverbs-dev and
+//! strace (scripts/test.sh installs them). The Site set-up is a trimmed copy of the one in verbs_mr.rs
 //! (integration test files are separate crates).
 
 use freeflow_control::topology::{self, Cluster, ClusterSpec};
@@ -266,4 +270,157 @@ fn unmodified_ibv_rc_pingpong_runs_between_two_containers() {
         &["-g", "0", "-c", "-e", "-s", "100000", "-n", "50"],
     );
     assert_pingpong(&site, &runs, 50, 100000);
+}
+
+/// The C side of the checks below (its own file, to be readable and compilable by hand).
+const PROBE: &str = include_str!("verbs_rc_probe.c");
+
+/// Builds [`PROBE`] against the installed headers and the system's libibverbs (so it imports
+/// the verbs with rdma-core's symbol versions, like any Debian binary).
+fn build_probe(work: &Path) -> PathBuf {
+    let source = work.join("qp_probe.c");
+    let binary = work.join("qp_probe");
+    std::fs::write(&source, PROBE).unwrap();
+    let out = Command::new("cc")
+        .args(["-Wall", "-Werror", "-O1", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .arg("-libverbs")
+        .output()
+        .expect("run cc");
+    assert!(
+        out.status.success(),
+        "building the probe failed (libibverbs-dev installed?):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    binary
+}
+
+#[test]
+fn every_verb_and_every_error_as_rdma_core_reports_them() {
+    let site = Site::new("vrq");
+    let probe = build_probe(&site.work);
+    let out = site
+        .verbs_app("client", &probe, &[])
+        .args(["checks", "10.32.0.4"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        "{}\n--- router log\n{}",
+        describe(&out),
+        site.router_log()
+    );
+}
+
+/// Lines of an strace log strictly between the first two lines that start with `marker`.
+fn between_markers<'a>(log: &'a str, marker: &str) -> Vec<&'a str> {
+    let lines: Vec<&str> = log.lines().collect();
+    let at: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with(marker))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(at.len() >= 2, "markers {marker} missing in:\n{log}");
+    lines[at[0] + 1..at[1]].to_vec()
+}
+
+#[test]
+fn polling_and_posting_make_no_system_call() {
+    let site = Site::new("vrs");
+    let probe = build_probe(&site.work);
+    let log = site.work.join("strace.log");
+    let out = site
+        .verbs_app("client", Path::new("strace"), &[])
+        .args(["-qq", "-o"])
+        .arg(&log)
+        .arg(&probe)
+        .arg("nosyscall")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        "{}",
+        describe(&out)
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    // 100,000 empty polls and 32 receives posted: not one system call.
+    let polls = between_markers(&log, "getppid(");
+    assert!(polls.is_empty(), "system calls while polling: {polls:?}");
+    // 32 sends posted in one list: at most the doorbell, if the router's shard was parked.
+    let sends = between_markers(&log, "getpgrp(");
+    eprintln!(
+        "100000 empty polls and 32 posted receives: {} system calls; 32 posted sends: {} ({sends:?})",
+        polls.len(),
+        sends.len()
+    );
+    assert!(
+        sends.is_empty() || (sends.len() == 1 && sends[0].starts_with("write(")),
+        "system calls while posting sends: {sends:?}"
+    );
+}
+
+#[test]
+fn containers_cannot_reach_each_others_queues_or_memory() {
+    let site = Site::new("vri");
+    let probe = build_probe(&site.work);
+    // server holds a QP and a region and says their numbers; client guesses with them.
+    let mut holder = site
+        .verbs_app("server", &probe, &[])
+        .arg("hold")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = holder.stdout.as_mut().unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .unwrap();
+    }
+    let numbers: Vec<&str> = first.split_whitespace().collect();
+    assert_eq!(numbers.len(), 4, "holder said {first:?}");
+    let out = site
+        .verbs_app("client", &probe, &[])
+        .args(["guess", "10.32.0.2"])
+        .args(&numbers)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        "guess: {}",
+        describe(&out)
+    );
+    // A container that writes garbage into its queue is detached; nobody else is.
+    let out = site
+        .verbs_app("other", &probe, &[])
+        .arg("hostile")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        "hostile: {}\n--- router log\n{}",
+        describe(&out),
+        site.router_log()
+    );
+    assert!(
+        site.router_log()
+            .contains("verbs queue protocol violation: ring index out of bounds"),
+        "{}",
+        site.router_log()
+    );
+    drop(holder.stdin.take());
+    let held = holder.wait_with_output().unwrap();
+    assert!(
+        held.status.success() && String::from_utf8_lossy(&held.stdout).contains("checks passed"),
+        "holder: {}",
+        describe(&held)
+    );
+    // And the two containers still talk.
+    let runs = pingpong(&site, 18519, &["-g", "0", "-c", "-n", "20"]);
+    assert_pingpong(&site, &runs, 20, 4096);
 }

@@ -49,6 +49,14 @@ struct Effects {
     receiver_error: bool,
 }
 
+/// Why a message that consumes a receive could not go.
+enum NoReceive {
+    /// The responder has none posted (Receiver Not Ready).
+    Rnr,
+    /// The responder's receive ring is corrupt (its attachment is being detached).
+    Broken,
+}
+
 /// What became of one attempt at a send WQE.
 enum Outcome {
     /// Completed (successfully or not): take the next.
@@ -397,24 +405,18 @@ impl Engine {
                 self.hold(index, now);
                 return Outcome::Waiting;
             }
-            let p = self.qps.get_mut(peer.index).expect("found above");
-            match p.rq.available() {
-                Ok(0) => return self.rnr_wait(index, &peer, now),
-                Ok(_) => {}
-                Err(e) => {
-                    p.broken = true;
-                    let owner = p.owner;
-                    self.break_owner(owner, e);
-                    return self.transport_wait(index, now);
-                }
-            }
         }
         if let Some(qp) = self.qps.get_mut(index) {
             qp.held = None;
         }
         let slot = std::mem::take(&mut self.qps.get_mut(index).expect("checked").sq_slot);
-        let effects = self.move_data(index, &peer, &pending, &slot);
+        let moved = self.move_data(index, &peer, &pending, &slot);
         self.qps.get_mut(index).expect("checked").sq_slot = slot;
+        let effects = match moved {
+            Ok(effects) => effects,
+            Err(NoReceive::Rnr) => return self.rnr_wait(index, &peer, now),
+            Err(NoReceive::Broken) => return self.transport_wait(index, now),
+        };
         let recv_cq = peer.recv_cq;
         if let Some(c) = effects.receiver {
             self.push_cqe(recv_cq, &c);
@@ -433,6 +435,21 @@ impl Engine {
             }
         }
         Outcome::Done
+    }
+
+    /// Whether the responder has a receive posted.
+    fn receive_ready(&mut self, peer: &Peer) -> Result<(), NoReceive> {
+        let p = self.qps.get_mut(peer.index).ok_or(NoReceive::Broken)?;
+        match p.rq.available() {
+            Ok(0) => Err(NoReceive::Rnr),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                p.broken = true;
+                let owner = p.owner;
+                self.break_owner(owner, e);
+                Err(NoReceive::Broken)
+            }
+        }
     }
 
     /// Takes the responder's next receive WQE (one is there: checked before).
@@ -456,8 +473,15 @@ impl Engine {
     }
 
     /// Moves the data of one WQE and says what completes. `slot` is the sender's copy of the
-    /// WQE (inline data).
-    fn move_data(&mut self, index: usize, peer: &Peer, pending: &Pending, slot: &[u8]) -> Effects {
+    /// WQE (inline data). The checks that refuse a message before it reaches the responder
+    /// (local keys, then remote keys) come before the one for a posted receive, as on the wire.
+    fn move_data(
+        &mut self,
+        index: usize,
+        peer: &Peer,
+        pending: &Pending,
+        slot: &[u8],
+    ) -> Result<Effects, NoReceive> {
         let wqe = &pending.wqe;
         let h = wqe.header;
         let qp = self.qps.get(index).expect("checked");
@@ -480,7 +504,7 @@ impl Engine {
             wr_opcode::ATOMIC_CMP_AND_SWP | wr_opcode::ATOMIC_FETCH_AND_ADD
         );
         if inline && (is_atomic || h.opcode == wr_opcode::RDMA_READ) {
-            return fail(wc_status::LOC_QP_OP_ERR);
+            return Ok(fail(wc_status::LOC_QP_OP_ERR));
         }
         let local_need = if h.opcode == wr_opcode::RDMA_READ || is_atomic {
             Need::LocalWrite
@@ -491,6 +515,7 @@ impl Engine {
         // The receive a SEND or WRITE_WITH_IMM consumes is taken after the local and remote
         // checks that would refuse the message without consuming one.
         let contexts = std::mem::take(&mut self.contexts);
+        let mut no_receive = None;
         let effects = (|| {
             let local_table = &contexts.get(&owner).expect("a QP's context").table;
             let remote_table = &contexts.get(&peer.owner).expect("a QP's context").table;
@@ -520,6 +545,10 @@ impl Engine {
             };
             match h.opcode {
                 wr_opcode::SEND | wr_opcode::SEND_WITH_IMM => {
+                    if let Err(why) = self.receive_ready(peer) {
+                        no_receive = Some(why);
+                        return Effects::default();
+                    }
                     let recv = match self.take_receive(peer) {
                         Ok(r) => r,
                         Err(()) => {
@@ -607,6 +636,12 @@ impl Engine {
                     } else {
                         None
                     };
+                    if h.opcode == wr_opcode::RDMA_WRITE_WITH_IMM {
+                        if let Err(why) = self.receive_ready(peer) {
+                            no_receive = Some(why);
+                            return Effects::default();
+                        }
+                    }
                     let dst = [target];
                     if inline {
                         copy(&dst, Source::Bytes(wqe.inline(slot)), total);
@@ -713,7 +748,10 @@ impl Engine {
             }
         })();
         self.contexts = contexts;
-        effects
+        match no_receive {
+            Some(why) => Err(why),
+            None => Ok(effects),
+        }
     }
 
     /// Completes everything queued on a QP in the error state with IBV_WC_WR_FLUSH_ERR, as far
