@@ -2,6 +2,7 @@
 
 mod idle;
 mod probe;
+mod rdma;
 mod ring;
 mod router;
 mod signals;
@@ -22,6 +23,10 @@ experiments:
       two simulated hosts: host link vs overlay vs Freeflow, side by side: one-stream
       throughput, 64-byte round trip, connection setup (connect to first byte), connections/s;
       the cluster's namespaces are ff-T-* (T: 1 to 8 of a-z 0-9); Ctrl-C removes everything
+  rdma [--json] [--reps N] [--messages N] [--samples N] [--bw-ops N] [--app-core N] [--router-core N]      (root)
+      two QPs of one host through the router's software engine: 64-byte SEND/RECV and
+      RDMA WRITE message rate, SEND round trip (p50/p99), 64 KiB RDMA WRITE bandwidth against
+      memcpy on the application's core, router CPU per operation (needs cc and libibverbs-dev)
   probe DIR [--json] [--samples N]
       attach to the router serving DIR from this process's network namespace (a registered
       container) and time round trips through it; a refusal is printed with the router's reason";
@@ -133,6 +138,68 @@ fn run() -> Result<(), String> {
                     "idle: {} attached containers, router used {:.3}% of a core over {:.1} s ({} parks, {} wake-ups)",
                     r.attached, r.router_cpu_percent, r.seconds, r.router_parks, r.router_wakeups
                 );
+            }
+        }
+        "rdma" => {
+            let a = Args::parse(
+                rest,
+                &[
+                    "reps",
+                    "messages",
+                    "samples",
+                    "bw-ops",
+                    "app-core",
+                    "router-core",
+                ],
+            )?;
+            let opts = rdma::Options {
+                reps: a.get("reps", 3)?,
+                messages: a.get("messages", 2_000_000)?,
+                samples: a.get("samples", 100_000)?,
+                bw_ops: a.get("bw-ops", 20_000)?,
+                app_core: a.get("app-core", app_default)?,
+                router_core: a.get("router-core", router_default)?,
+            };
+            let r = rdma::run(&opts, &mut progress)?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+                );
+            } else {
+                let m = &r.median;
+                println!(
+                    "rdma: two QPs of one host through the router's software engine; application on core {}, router on core {}; medians of {} repetitions",
+                    r.app_core, r.router_core, r.repetitions
+                );
+                println!("{:<34}{:>14}{:>18}", "metric", "value", "router CPU/op");
+                println!(
+                    "{:<34}{:>10.2} M/s{:>15.0} ns",
+                    "64 B SEND/RECV message rate", m.send_mops, m.router_ns_per_send
+                );
+                println!(
+                    "{:<34}{:>10.2} M/s{:>15.0} ns",
+                    "64 B RDMA WRITE message rate", m.write_mops, m.router_ns_per_write
+                );
+                println!(
+                    "{:<34}{:>11.2} us{:>15.0} ns",
+                    "64 B SEND round trip p50", m.rtt_p50_us, m.router_ns_per_round_trip
+                );
+                println!(
+                    "{:<34}{:>11.2} us",
+                    "64 B SEND round trip p99", m.rtt_p99_us
+                );
+                println!(
+                    "{:<34}{:>9.2} GB/s{:>15.0} ns",
+                    "64 KiB RDMA WRITE bandwidth",
+                    m.write_gbytes_per_sec,
+                    m.router_ns_per_64k_write
+                );
+                println!(
+                    "{:<34}{:>9.2} GB/s",
+                    "memcpy of 64 KiB, one core", m.memcpy_gbytes_per_sec
+                );
+                println!("RDMA WRITE bandwidth / memcpy: {:.2}", m.write_vs_memcpy);
             }
         }
         "probe" => {

@@ -30,7 +30,7 @@
 //! overflows); the shard then wakes every millisecond to retry.
 
 use super::notify;
-use super::{KeyGen, VerbsError, VerbsTable};
+use super::{KeyGen, NumberMap, VerbsError, VerbsTable};
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
 use freeflow_proto::region::SharedRegion;
@@ -44,7 +44,6 @@ use freeflow_proto::verbs::{
     QueueFileKind, QueueFileMsg, RECV_RING, SEND_RING,
 };
 use freeflow_proto::{Consumer, Producer, RingError, RingGeometry, Wake};
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -121,9 +120,9 @@ impl<T> Slab<T> {
 pub(super) struct Context {
     pub(super) container: ContainerEntry,
     pub(super) table: VerbsTable,
-    channels: HashMap<u32, CompChannel>,
-    cqs: HashMap<u32, usize>,
-    qps: HashMap<u32, usize>,
+    channels: NumberMap<CompChannel>,
+    cqs: NumberMap<usize>,
+    qps: NumberMap<usize>,
     next_handle: u32,
 }
 
@@ -221,11 +220,11 @@ pub struct Held {
 /// The verbs engine of one shard.
 #[derive(Debug)]
 pub struct Engine {
-    pub(super) contexts: HashMap<u32, Context>,
+    pub(super) contexts: NumberMap<Context>,
     pub(super) cqs: Slab<Cq>,
     pub(super) qps: Slab<Qp>,
     /// Virtual QP number to QP, for every QP of this engine.
-    qpns: HashMap<u32, usize>,
+    qpns: NumberMap<usize>,
     qpn_keys: KeyGen,
     test_hooks: bool,
     /// CQs with entries pushed and not yet published.
@@ -281,10 +280,10 @@ pub(super) fn ack_timeout(code: u8) -> Option<Duration> {
 impl Engine {
     pub fn new(test_hooks: bool) -> Engine {
         Engine {
-            contexts: HashMap::new(),
+            contexts: NumberMap::default(),
             cqs: Slab::default(),
             qps: Slab::default(),
-            qpns: HashMap::new(),
+            qpns: NumberMap::default(),
             qpn_keys: KeyGen::new(),
             test_hooks,
             dirty: Vec::new(),
@@ -299,9 +298,9 @@ impl Engine {
             Context {
                 container,
                 table: VerbsTable::new(self.test_hooks),
-                channels: HashMap::new(),
-                cqs: HashMap::new(),
-                qps: HashMap::new(),
+                channels: NumberMap::default(),
+                cqs: NumberMap::default(),
+                qps: NumberMap::default(),
                 next_handle: 0,
             },
         );

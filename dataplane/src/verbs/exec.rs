@@ -81,7 +81,7 @@ struct Peer {
 fn resolve_list<'a>(
     table: &'a VerbsTable,
     pd: u32,
-    sges: &[Sge],
+    sges: impl Iterator<Item = Sge>,
     need: Need,
     views: &mut Views<'a>,
 ) -> Result<u64, ()> {
@@ -523,7 +523,7 @@ impl Engine {
             let total = if inline {
                 wqe.inline(slot).len() as u64
             } else {
-                match resolve_list(local_table, pd, wqe.sges(), local_need, &mut src) {
+                match resolve_list(local_table, pd, wqe.sges(slot), local_need, &mut src) {
                     Ok(t) => t,
                     Err(()) => return fail(wc_status::LOC_PROT_ERR),
                 }
@@ -574,10 +574,11 @@ impl Engine {
                         ..Cqe::default()
                     };
                     let mut dst: Views<'_> = [const { None }; MAX_SGE as usize];
+                    let rq_slot = &self.qps.get(peer.index).expect("found above").rq_slot;
                     let room = match resolve_list(
                         remote_table,
                         peer.pd,
-                        recv.sges(),
+                        recv.sges(rq_slot),
                         Need::LocalWrite,
                         &mut dst,
                     ) {

@@ -146,13 +146,12 @@ impl SendWqeHeader {
     }
 }
 
-/// A send WQE as the router decoded it from its copy of a slot: the header and the
-/// scatter/gather entries (inline data stays in the slot copy: [`SendWqe::inline`]). Fixed size,
-/// so the fast path allocates nothing.
+/// A send WQE as the router decoded it from its copy of a slot: the checked header. Its
+/// scatter/gather entries and inline data stay in the slot copy ([`SendWqe::sges`],
+/// [`SendWqe::inline`]), so the WQE is small to move and the fast path allocates nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendWqe {
     pub header: SendWqeHeader,
-    sges: [Sge; MAX_SGE as usize],
 }
 
 impl SendWqe {
@@ -180,10 +179,7 @@ impl SendWqe {
             return Err(invalid("unknown flags"));
         }
         let body = &slot[SendWqeHeader::LEN..];
-        let mut wqe = SendWqe {
-            header,
-            sges: [Sge::default(); MAX_SGE as usize],
-        };
+        let wqe = SendWqe { header };
         if header.has(send_flags::INLINE) {
             if header.inline_len > max_inline
                 || header.inline_len as usize > body.len()
@@ -197,15 +193,14 @@ impl SendWqe {
         if u32::from(header.num_sge) > max_sge.min(MAX_SGE) || n * Sge::LEN > body.len() {
             return Err(invalid("more scatter/gather entries than the QP allows"));
         }
-        for (i, sge) in wqe.sges[..n].iter_mut().enumerate() {
-            *sge = Sge::read(&body[i * Sge::LEN..]);
-        }
         Ok(wqe)
     }
 
-    /// The scatter/gather entries (none for inline data).
-    pub fn sges(&self) -> &[Sge] {
-        &self.sges[..usize::from(self.header.num_sge)]
+    /// The scatter/gather entries in `slot`, the copy the WQE was decoded from (none for
+    /// inline data).
+    pub fn sges<'a>(&self, slot: &'a [u8]) -> impl Iterator<Item = Sge> + 'a {
+        let body = &slot[SendWqeHeader::LEN..];
+        (0..usize::from(self.header.num_sge)).map(move |i| Sge::read(&body[i * Sge::LEN..]))
     }
 
     /// The inline data of this WQE in `slot`, the copy it was decoded from (empty without
@@ -222,12 +217,12 @@ impl SendWqe {
 /// The fixed part of a receive WQE: `wr_id u64, num_sge u32, reserved u32`, then the entries.
 pub const RECV_WQE_HEADER: usize = 16;
 
-/// A receive WQE (fixed size, like [`SendWqe`]).
+/// A receive WQE as the router decoded it: its scatter/gather entries stay in the slot copy
+/// ([`RecvWqe::sges`]), like [`SendWqe`]'s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecvWqe {
     pub wr_id: u64,
-    num_sge: u32,
-    sges: [Sge; MAX_SGE as usize],
+    pub num_sge: u32,
 }
 
 impl RecvWqe {
@@ -258,19 +253,15 @@ impl RecvWqe {
                 why: "more scatter/gather entries than the QP allows",
             });
         }
-        let mut wqe = RecvWqe {
+        Ok(RecvWqe {
             wr_id: u64_at(slot, 0),
             num_sge,
-            sges: [Sge::default(); MAX_SGE as usize],
-        };
-        for (i, sge) in wqe.sges[..n].iter_mut().enumerate() {
-            *sge = Sge::read(&slot[RECV_WQE_HEADER + i * Sge::LEN..]);
-        }
-        Ok(wqe)
+        })
     }
 
-    pub fn sges(&self) -> &[Sge] {
-        &self.sges[..self.num_sge as usize]
+    /// The scatter/gather entries in `slot`, the copy the WQE was decoded from.
+    pub fn sges<'a>(&self, slot: &'a [u8]) -> impl Iterator<Item = Sge> + 'a {
+        (0..self.num_sge as usize).map(move |i| Sge::read(&slot[RECV_WQE_HEADER + i * Sge::LEN..]))
     }
 }
 
@@ -377,7 +368,7 @@ mod tests {
         };
         let slot = send(wr_opcode::SEND, send_flags::SIGNALED, &[sge, sge], &[]);
         let w = SendWqe::decode(&slot, 2, 0).unwrap();
-        assert_eq!(w.sges(), &[sge, sge]);
+        assert_eq!(w.sges(&slot).collect::<Vec<_>>(), vec![sge, sge]);
         assert_eq!(w.header.wr_id, 77);
         assert!(w.header.has(send_flags::SIGNALED));
         // More entries than the QP's max_send_sge, or than the slot holds.
@@ -392,7 +383,7 @@ mod tests {
             SendWqe::decode(&slot, 1, 5).unwrap().inline(&slot),
             b"hello"
         );
-        assert!(SendWqe::decode(&slot, 1, 5).unwrap().sges().is_empty());
+        assert_eq!(SendWqe::decode(&slot, 1, 5).unwrap().sges(&slot).count(), 0);
         assert!(SendWqe::decode(&slot, 1, 4).is_err());
         assert!(SendWqe::decode(&slot[..50], 1, 5).is_err());
         assert_eq!(SendWqe::slot_bytes(1, 0), 64);
@@ -412,7 +403,7 @@ mod tests {
         s.write(&mut slot[32..]);
         let w = RecvWqe::decode(&slot, 2).unwrap();
         assert_eq!(w.wr_id, 5);
-        assert_eq!(w.sges(), &[s, s]);
+        assert_eq!(w.sges(&slot).collect::<Vec<_>>(), vec![s, s]);
         assert!(RecvWqe::decode(&slot, 1).is_err());
         assert!(RecvWqe::decode(&slot[..40], 2).is_err());
         RecvWqe::write_header(5, u32::MAX, &mut slot);

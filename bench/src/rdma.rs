@@ -1,0 +1,248 @@
+//! `freeflow-bench rdma`: RDMA mode through the router's software engine, between two QPs of
+//! one host. Needs root (a network namespace stands for the container), a C compiler and the
+//! verbs headers (libibverbs-dev): the measuring program is C, built against the installed
+//! headers and run with Freeflow's `libibverbs.so.1`, as any verbs program is.
+//!
+//! A private router runs on one core; the program runs pinned to another, in a registered
+//! namespace, with two device contexts (two attachments, as two containers would have) and one
+//! QP each, connected through the router. One application thread drives both ends so that the
+//! application and the router have a core each. Phases: the message rate of 64-byte
+//! SEND/RECV and of 64-byte RDMA WRITE (inline, lists of 32 with one signaled), the round trip
+//! of a 64-byte SEND from one QP to the other and back (hdrhistogram p50/p99), the bandwidth of
+//! 64 KiB RDMA WRITEs against a memcpy of the same buffers on the application's core in the
+//! same run, and the router's CPU time per operation in each phase.
+
+use crate::router::PrivateRouter;
+use crate::stats::median;
+use freeflow_proto::control::ContainerEntry;
+use freeflow_proto::identity::NetnsId;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The measuring program.
+const PROGRAM: &str = include_str!("rdma_bench.c");
+
+pub struct Options {
+    pub reps: usize,
+    pub messages: u64,
+    pub samples: u64,
+    pub bw_ops: u64,
+    pub app_core: usize,
+    pub router_core: usize,
+}
+
+/// One repetition's numbers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Sample {
+    pub send_mops: f64,
+    pub write_mops: f64,
+    pub rtt_p50_us: f64,
+    pub rtt_p99_us: f64,
+    pub write_gbytes_per_sec: f64,
+    pub memcpy_gbytes_per_sec: f64,
+    pub write_vs_memcpy: f64,
+    pub router_ns_per_send: f64,
+    pub router_ns_per_write: f64,
+    pub router_ns_per_round_trip: f64,
+    pub router_ns_per_64k_write: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub experiment: &'static str,
+    pub repetitions: usize,
+    pub app_core: usize,
+    pub router_core: usize,
+    pub messages: u64,
+    pub rtt_samples: u64,
+    pub bw_ops: u64,
+    pub median: Sample,
+    pub reps: Vec<Sample>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Phase {
+    phase: String,
+    #[serde(default)]
+    ops: u64,
+    #[serde(default)]
+    seconds: f64,
+    #[serde(default)]
+    router_cpu_s: f64,
+    #[serde(default)]
+    bytes: u64,
+    #[serde(default)]
+    ns: Vec<u64>,
+}
+
+/// The namespace standing for the container; removed on drop.
+struct Namespace(String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn built_library() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let lib = exe.with_file_name("libibverbs.so");
+    if lib.exists() {
+        Ok(lib)
+    } else {
+        Err(format!(
+            "{} not found: build the workspace (it is the verbs shim)",
+            lib.display()
+        ))
+    }
+}
+
+fn compile(dir: &Path) -> Result<PathBuf, String> {
+    let source = dir.join("rdma_bench.c");
+    let binary = dir.join("rdma_bench");
+    std::fs::write(&source, PROGRAM).map_err(|e| e.to_string())?;
+    let out = Command::new("cc")
+        .args(["-O2", "-Wall", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .arg("-libverbs")
+        .output()
+        .map_err(|e| format!("cc: {e} (a C compiler is needed)"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building the measuring program failed (libibverbs-dev installed?):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(binary)
+}
+
+fn one_run(
+    router: &PrivateRouter,
+    ns: &str,
+    program: &Path,
+    opts: &Options,
+) -> Result<Sample, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "env"])
+        .arg(format!("FREEFLOW_DIR={}", router.dir().display()))
+        .arg(format!(
+            "LD_LIBRARY_PATH={}",
+            router.dir().join("verbs").display()
+        ))
+        .args(["timeout", "-s", "KILL", "300"])
+        .arg(program)
+        .arg(router.pid().to_string())
+        .arg(opts.app_core.to_string())
+        .arg(opts.messages.to_string())
+        .arg(opts.samples.to_string())
+        .arg(opts.bw_ops.to_string())
+        .output()
+        .map_err(|e| format!("running the measuring program: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the measuring program failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let mut phases = std::collections::HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let p: Phase =
+            serde_json::from_str(line).map_err(|e| format!("bad phase line {line:?}: {e}"))?;
+        phases.insert(p.phase.clone(), p);
+    }
+    let get = |name: &str| {
+        phases
+            .get(name)
+            .ok_or_else(|| format!("the program reported no {name} phase"))
+    };
+    let (send, write, rtt, bw, memcpy, samples) = (
+        get("send_rate")?,
+        get("write_rate")?,
+        get("rtt")?,
+        get("write_bw")?,
+        get("memcpy_bw")?,
+        get("rtt_samples")?,
+    );
+    let mut h = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    for &ns in &samples.ns {
+        h.record(ns.max(1)).map_err(|e| e.to_string())?;
+    }
+    let rate = |p: &Phase| p.ops as f64 / p.seconds / 1e6;
+    let gbps = |p: &Phase| p.bytes as f64 / p.seconds / 1e9;
+    let cpu_ns = |p: &Phase| p.router_cpu_s * 1e9 / p.ops.max(1) as f64;
+    Ok(Sample {
+        send_mops: rate(send),
+        write_mops: rate(write),
+        rtt_p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
+        rtt_p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
+        write_gbytes_per_sec: gbps(bw),
+        memcpy_gbytes_per_sec: gbps(memcpy),
+        write_vs_memcpy: gbps(bw) / gbps(memcpy),
+        router_ns_per_send: cpu_ns(send),
+        router_ns_per_write: cpu_ns(write),
+        router_ns_per_round_trip: cpu_ns(rtt),
+        router_ns_per_64k_write: cpu_ns(bw),
+    })
+}
+
+pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, String> {
+    let router = PrivateRouter::start("rdma", &opts.router_core.to_string())?;
+    let verbs = router.dir().join("verbs");
+    std::fs::create_dir_all(&verbs).map_err(|e| e.to_string())?;
+    std::fs::copy(built_library()?, verbs.join("libibverbs.so.1"))
+        .map_err(|e| format!("installing the verbs library: {e}"))?;
+    let program = compile(router.dir())?;
+    let name = format!("ffrdma-{}", std::process::id());
+    let status = Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .map_err(|e| format!("ip: {e}"))?;
+    if !status.success() {
+        return Err("ip netns add failed (run as root)".into());
+    }
+    let ns = Namespace(name);
+    let netns =
+        NetnsId::of_path(&Path::new("/run/netns").join(&ns.0)).map_err(|e| e.to_string())?;
+    router.set_containers(vec![ContainerEntry {
+        name: "rdma".into(),
+        tenant: "bench".into(),
+        ip: Ipv4Addr::new(10, 40, 0, 1),
+        netns,
+    }])?;
+    let mut reps = Vec::new();
+    for rep in 0..opts.reps {
+        progress(&format!("rdma: repetition {} of {}", rep + 1, opts.reps));
+        reps.push(one_run(&router, &ns.0, &program, opts)?);
+    }
+    let m = |f: fn(&Sample) -> f64| median(reps.iter().map(f));
+    let median = Sample {
+        send_mops: m(|s| s.send_mops),
+        write_mops: m(|s| s.write_mops),
+        rtt_p50_us: m(|s| s.rtt_p50_us),
+        rtt_p99_us: m(|s| s.rtt_p99_us),
+        write_gbytes_per_sec: m(|s| s.write_gbytes_per_sec),
+        memcpy_gbytes_per_sec: m(|s| s.memcpy_gbytes_per_sec),
+        write_vs_memcpy: m(|s| s.write_vs_memcpy),
+        router_ns_per_send: m(|s| s.router_ns_per_send),
+        router_ns_per_write: m(|s| s.router_ns_per_write),
+        router_ns_per_round_trip: m(|s| s.router_ns_per_round_trip),
+        router_ns_per_64k_write: m(|s| s.router_ns_per_64k_write),
+    };
+    drop(ns);
+    Ok(Report {
+        experiment: "rdma",
+        repetitions: opts.reps,
+        app_core: opts.app_core,
+        router_core: opts.router_core,
+        messages: opts.messages,
+        rtt_samples: opts.samples,
+        bw_ops: opts.bw_ops,
+        median,
+        reps,
+    })
+}
