@@ -962,12 +962,14 @@ impl Engine {
     }
 
     /// Raises the parked flag on every queue the engine would act on when something is posted:
-    /// the send rings of QPs in RTS that are not waiting, both rings of QPs in the error state.
-    /// Receive rings of healthy QPs stay unflagged: a posted receive needs no action until a
-    /// SEND arrives (and a SEND waiting for one retries on its RNR timer).
+    /// the send rings of QPs in RTS that are not waiting, both rings of QPs in the error state,
+    /// and the receive rings of responders a SEND waits on (RNR). Other receive rings stay
+    /// unflagged: a posted receive needs no action until a SEND arrives. Waits (RNR and
+    /// transport timers, full CQs) set the deadline of the park.
     pub fn prepare_park(&mut self) -> ParkPlan {
         let mut plan = ParkPlan::default();
         let mut broken = Vec::new();
+        let mut rnr_peers = Vec::new();
         for qp in self.qps.iter_mut() {
             if qp.broken {
                 continue;
@@ -985,7 +987,13 @@ impl Engine {
                             plan.busy = true;
                             continue;
                         }
-                        Wait::Rnr { deadline, .. } | Wait::Transport { deadline, .. } => deadline,
+                        Wait::Rnr { deadline, .. } => {
+                            if let Some(Route::Local { qpn, .. }) = qp.route {
+                                rnr_peers.push(qpn);
+                            }
+                            deadline
+                        }
+                        Wait::Transport { deadline, .. } => deadline,
                     };
                     plan.deadline = Some(plan.deadline.map_or(deadline, |d| d.min(deadline)));
                     continue;
@@ -1006,10 +1014,30 @@ impl Engine {
                 }
             }
         }
+        // A SEND waiting for a receive retries at once when the responder posts one, instead
+        // of sleeping out its RNR timer: the responder's receive ring rings the doorbell too.
+        for qpn in rnr_peers {
+            let Some(peer) = self.qps_by_number_mut(qpn) else {
+                continue;
+            };
+            match peer.rq.prepare_park() {
+                Ok(true) => {}
+                Ok(false) => plan.busy = true,
+                Err(e) => {
+                    peer.broken = true;
+                    broken.push((peer.owner, e));
+                }
+            }
+        }
         for (owner, e) in broken {
             self.break_owner(owner, e);
         }
         plan
+    }
+
+    fn qps_by_number_mut(&mut self, qpn: u32) -> Option<&mut Qp> {
+        let index = *self.qpns.get(&qpn)?;
+        self.qps.get_mut(index).filter(|q| !q.broken)
     }
 
     /// Lowers every parked flag after the shard woke.

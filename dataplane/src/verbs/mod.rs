@@ -614,4 +614,6 @@ const _: () = assert!(MrCreated::LEN <= MAX_REPLY_BODY && TestDigest::LEN <= MAX
 const _: () = assert!(verbs::MEMORY_FILE_SIZE.is_multiple_of(PAGE_SIZE));
 
 #[cfg(test)]
+mod engine_tests;
+#[cfg(test)]
 mod tests;

@@ -46,6 +46,25 @@ pub fn notify(write_end: &OwnedFd, cq_handle: u32) {
     let _ = unsafe { libc::write(write_end.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
 }
 
+/// A connected pair of SOCK_SEQPACKET sockets (the engine's tests stand in for an attach
+/// connection with one).
+#[cfg(test)]
+pub fn test_seqpacket_pair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [-1i32; 2];
+    // SAFETY: socketpair writes two fds into the array; the result is checked.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0, "socketpair");
+    // SAFETY: both fds are fresh and ours.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

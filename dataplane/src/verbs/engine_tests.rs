@@ -1,0 +1,553 @@
+//! The engine with two contexts in one process: each "shim" side is played by the test with the
+//! same proto types a shim uses (queue files from a socket pair, rings mapped from them).
+
+use super::memory::test_memfd;
+use super::notify::test_seqpacket_pair;
+use super::*;
+use freeflow_proto::control::ContainerEntry;
+use freeflow_proto::fdpass;
+use freeflow_proto::identity::NetnsId;
+use freeflow_proto::region::SharedRegion;
+use freeflow_proto::verbs::qp::{mask, CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpState};
+use freeflow_proto::verbs::work::{
+    send_flags, wc_opcode, wr_opcode, Cqe, RecvWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
+};
+use freeflow_proto::verbs::{
+    wc_status, CqCreated, CreateCq, ObjectHandle, PdCreated, QueueFileKind, QueueFileMsg,
+    REQUIRED_SEALS,
+};
+use freeflow_proto::{Consumer, Producer};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+const BASE: u64 = 0x7f10_0000_0000;
+const BACKED: u64 = 4 * PAGE_SIZE;
+const ALL: u32 =
+    access::LOCAL_WRITE | access::REMOTE_WRITE | access::REMOTE_READ | access::REMOTE_ATOMIC;
+
+/// One context as its shim sees it.
+struct Side {
+    id: u32,
+    ip: [u8; 4],
+    conn: OwnedFd,
+    /// The shim's end of the attach connection.
+    shim: OwnedFd,
+    file: std::fs::File,
+    pd: u32,
+    mr: MrCreated,
+    cq: u32,
+    cq_ring: Consumer,
+    qp: u32,
+    qpn: u32,
+    sq: Producer,
+    rq: Producer,
+    _regions: Vec<SharedRegion>,
+}
+
+fn call(engine: &mut Engine, id: u32, conn: &OwnedFd, op: u16, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut reply = [0u8; MAX_REPLY_BODY];
+    let (status, len) = engine.serve(id, conn.as_fd(), op, body, &mut reply);
+    (status, reply[..len].to_vec())
+}
+
+fn ok<T: Body>(engine: &mut Engine, id: u32, conn: &OwnedFd, op: u16, body: &[u8]) -> T {
+    let (status, reply) = call(engine, id, conn, op, body);
+    assert_eq!(status, status::OK, "opcode {op:#x}");
+    T::decode(&reply).unwrap()
+}
+
+fn enc<T: Body>(v: &T) -> Vec<u8> {
+    let mut b = vec![0u8; T::LEN];
+    v.encode(&mut b);
+    b
+}
+
+/// The queue file the engine passed on the connection for `handle`, mapped.
+fn queue_file(shim: &OwnedFd, kind: QueueFileKind, handle: u32) -> SharedRegion {
+    let mut buf = [0u8; 32];
+    let got = fdpass::recv_with_fds(shim.as_fd(), &mut buf, libc::MSG_DONTWAIT).unwrap();
+    let msg = QueueFileMsg::decode(&buf[..got.len]).unwrap();
+    assert_eq!((msg.kind, msg.handle), (kind, handle));
+    SharedRegion::attach(got.fds[0].as_fd()).unwrap()
+}
+
+fn gid(ip: [u8; 4]) -> [u8; 16] {
+    let mut g = [0u8; 16];
+    g[10] = 0xff;
+    g[11] = 0xff;
+    g[12..].copy_from_slice(&ip);
+    g
+}
+
+fn side(engine: &mut Engine, id: u32, ip: [u8; 4], tenant: &str, cqe: u32) -> Side {
+    engine.open(
+        id,
+        ContainerEntry {
+            name: format!("c{id}"),
+            tenant: tenant.into(),
+            ip: ip.into(),
+            netns: NetnsId {
+                dev: 0,
+                ino: id as u64,
+            },
+        },
+    );
+    let (conn, shim) = test_seqpacket_pair();
+    let fd = test_memfd(MEMORY_FILE_SIZE, REQUIRED_SEALS);
+    let file = std::fs::File::from(fd.try_clone().unwrap());
+    file.write_all_at(&vec![0u8; BACKED as usize], BASE)
+        .unwrap();
+    engine
+        .adopt_memory_file(
+            id,
+            MemoryFileMsg {
+                size: MEMORY_FILE_SIZE,
+            },
+            fd,
+        )
+        .unwrap();
+    let pd = ok::<PdCreated>(engine, id, &conn, op::ALLOC_PD, &[]).pd;
+    let mr: MrCreated = ok(
+        engine,
+        id,
+        &conn,
+        op::REG_MR,
+        &enc(&RegMr {
+            pd,
+            access: ALL,
+            addr: BASE,
+            length: BACKED,
+            iova: BASE,
+        }),
+    );
+    let cq: CqCreated = ok(
+        engine,
+        id,
+        &conn,
+        op::CREATE_CQ,
+        &enc(&CreateCq {
+            cqe,
+            channel: 0,
+            comp_vector: 0,
+        }),
+    );
+    let cq_region = queue_file(&shim, QueueFileKind::Cq, cq.cq);
+    let cq_ring = Consumer::new(cq_region.ring(0).unwrap());
+    let qp: QpCreated = ok(
+        engine,
+        id,
+        &conn,
+        op::CREATE_QP,
+        &enc(&CreateQp {
+            pd,
+            send_cq: cq.cq,
+            recv_cq: cq.cq,
+            srq: 0,
+            qp_type: freeflow_proto::verbs::qp::QPT_RC,
+            sq_sig_all: 0,
+            cap: QpCap {
+                max_send_wr: 64,
+                max_recv_wr: 64,
+                max_send_sge: 2,
+                max_recv_sge: 2,
+                max_inline_data: 0,
+            },
+        }),
+    );
+    let qp_region = queue_file(&shim, QueueFileKind::Qp, qp.qp);
+    let sq = Producer::new(qp_region.ring(freeflow_proto::verbs::SEND_RING).unwrap());
+    let rq = Producer::new(qp_region.ring(freeflow_proto::verbs::RECV_RING).unwrap());
+    Side {
+        id,
+        ip,
+        conn,
+        shim,
+        file,
+        pd,
+        mr,
+        cq: cq.cq,
+        cq_ring,
+        qp: qp.qp,
+        qpn: qp.qpn,
+        sq,
+        rq,
+        _regions: vec![cq_region, qp_region],
+    }
+}
+
+fn modify(engine: &mut Engine, s: &Side, attr_mask: u32, attr: QpAttr) -> u16 {
+    let body = enc(&ModifyQp {
+        qp: s.qp,
+        attr_mask,
+        attr,
+    });
+    call(engine, s.id, &s.conn, op::MODIFY_QP, &body).0
+}
+
+/// RESET → INIT → RTR (to `peer_ip`/`peer_qpn`) → RTS, as rc_pingpong does it.
+fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_retry: u8) {
+    let init = QpAttr {
+        qp_state: QpState::Init as u8,
+        port_num: 1,
+        qp_access_flags: ALL,
+        ..QpAttr::default()
+    };
+    let m = mask::STATE | mask::PKEY_INDEX | mask::PORT | mask::ACCESS_FLAGS;
+    assert_eq!(modify(engine, s, m, init), status::OK);
+    let rtr = QpAttr {
+        qp_state: QpState::Rtr as u8,
+        path_mtu: 3,
+        dest_qp_num: peer_qpn,
+        min_rnr_timer: 1,
+        max_dest_rd_atomic: 1,
+        is_global: 1,
+        ah_port_num: 1,
+        dgid: gid(peer_ip),
+        ..QpAttr::default()
+    };
+    let m = mask::STATE
+        | mask::AV
+        | mask::PATH_MTU
+        | mask::DEST_QPN
+        | mask::RQ_PSN
+        | mask::MAX_DEST_RD_ATOMIC
+        | mask::MIN_RNR_TIMER;
+    assert_eq!(modify(engine, s, m, rtr), status::OK);
+    let rts = QpAttr {
+        qp_state: QpState::Rts as u8,
+        timeout: 1,
+        retry_cnt: 1,
+        rnr_retry,
+        ..QpAttr::default()
+    };
+    let m = mask::STATE
+        | mask::TIMEOUT
+        | mask::RETRY_CNT
+        | mask::RNR_RETRY
+        | mask::SQ_PSN
+        | mask::MAX_QP_RD_ATOMIC;
+    assert_eq!(modify(engine, s, m, rts), status::OK);
+}
+
+fn post_send(s: &mut Side, wr_id: u64, opcode: u8, sges: &[Sge], raddr: u64, rkey: u32) {
+    let mut slot = vec![0u8; s.sq.slot_size()];
+    SendWqeHeader {
+        wr_id,
+        opcode,
+        flags: send_flags::SIGNALED as u8,
+        num_sge: sges.len() as u16,
+        remote_addr: raddr,
+        rkey,
+        ..SendWqeHeader::default()
+    }
+    .write(&mut slot);
+    for (i, sge) in sges.iter().enumerate() {
+        sge.write(&mut slot[SendWqeHeader::LEN + i * Sge::LEN..]);
+    }
+    assert!(s.sq.push(&slot).unwrap());
+    let _ = s.sq.publish();
+}
+
+fn post_recv(s: &mut Side, wr_id: u64, sge: Sge) {
+    let mut slot = vec![0u8; s.rq.slot_size()];
+    RecvWqe::write_header(wr_id, 1, &mut slot);
+    sge.write(&mut slot[RECV_WQE_HEADER..]);
+    assert!(s.rq.push(&slot).unwrap());
+    let _ = s.rq.publish();
+}
+
+fn completions(s: &mut Side) -> Vec<Cqe> {
+    let mut out = Vec::new();
+    let mut slot = [0u8; 64];
+    while s.cq_ring.pop(&mut slot).unwrap() {
+        out.push(Cqe::decode(&slot));
+    }
+    s.cq_ring.release();
+    out
+}
+
+fn sge(lkey: u32, offset: u64, length: u32) -> Sge {
+    Sge {
+        addr: BASE + offset,
+        length,
+        lkey,
+    }
+}
+
+fn pair(engine: &mut Engine) -> (Side, Side) {
+    let a = side(engine, 1, [10, 32, 0, 2], "blue", 64);
+    let b = side(engine, 2, [10, 32, 0, 3], "blue", 64);
+    connect(engine, &a, b.ip, b.qpn, 7);
+    connect(engine, &b, a.ip, a.qpn, 7);
+    (a, b)
+}
+
+#[test]
+fn send_and_write_copy_between_two_containers_memory() {
+    let mut engine = Engine::new(false);
+    let (mut a, mut b) = pair(&mut engine);
+    let (ak, bk) = (a.mr.lkey, b.mr.lkey);
+    a.file
+        .write_all_at(b"hello from a, in two pieces", BASE + 100)
+        .unwrap();
+    post_recv(&mut b, 7, sge(bk, 2000, 100));
+    post_send(
+        &mut a,
+        8,
+        wr_opcode::SEND,
+        &[sge(ak, 100, 11), sge(ak, 111, 16)],
+        0,
+        0,
+    );
+    engine.poll();
+    let (ca, cb) = (completions(&mut a), completions(&mut b));
+    assert_eq!(ca.len(), 1);
+    assert_eq!(
+        (ca[0].wr_id, ca[0].status, ca[0].opcode),
+        (8, 0, wc_opcode::SEND)
+    );
+    assert_eq!(cb.len(), 1);
+    assert_eq!(
+        (
+            cb[0].wr_id,
+            cb[0].status,
+            cb[0].byte_len,
+            cb[0].qp_num,
+            cb[0].src_qp
+        ),
+        (7, 0, 27, b.qpn, a.qpn)
+    );
+    let mut got = [0u8; 27];
+    b.file.read_exact_at(&mut got, BASE + 2000).unwrap();
+    assert_eq!(&got, b"hello from a, in two pieces");
+
+    // RDMA WRITE with b's rkey lands in b's memory; a READ brings it back elsewhere in a.
+    post_send(
+        &mut a,
+        9,
+        wr_opcode::RDMA_WRITE,
+        &[sge(ak, 100, 5)],
+        BASE + 3000,
+        b.mr.rkey,
+    );
+    post_send(
+        &mut a,
+        10,
+        wr_opcode::RDMA_READ,
+        &[sge(ak, 500, 5)],
+        BASE + 3000,
+        b.mr.rkey,
+    );
+    engine.poll();
+    let ca = completions(&mut a);
+    assert_eq!(
+        ca.iter().map(|c| (c.wr_id, c.status)).collect::<Vec<_>>(),
+        vec![(9, 0), (10, 0)]
+    );
+    let mut got = [0u8; 5];
+    a.file.read_exact_at(&mut got, BASE + 500).unwrap();
+    assert_eq!(&got, b"hello");
+    assert!(completions(&mut b).is_empty());
+}
+
+#[test]
+fn bad_keys_fail_the_work_request_and_flush_the_queue() {
+    let mut engine = Engine::new(false);
+    let (mut a, b) = pair(&mut engine);
+    let (ak, bk, a_rkey) = (a.mr.lkey, b.mr.lkey, a.mr.rkey);
+    // b's lkey is nothing in a's table.
+    let foreign = sge(bk, 0, 8);
+    post_recv(&mut a, 1, sge(ak, 0, 8));
+    post_send(&mut a, 2, wr_opcode::SEND, &[foreign], 0, 0);
+    post_send(&mut a, 3, wr_opcode::SEND, &[sge(ak, 0, 8)], 0, 0);
+    engine.poll();
+    engine.poll();
+    let ca = completions(&mut a);
+    let statuses: Vec<(u64, u32)> = ca.iter().map(|c| (c.wr_id, c.status)).collect();
+    assert_eq!(statuses[0], (2, wc_status::LOC_PROT_ERR), "{statuses:?}");
+    assert!(
+        statuses.contains(&(3, wc_status::WR_FLUSH_ERR)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&(1, wc_status::WR_FLUSH_ERR)),
+        "{statuses:?}"
+    );
+    // a's own rkey is nothing in b's table: REM_ACCESS_ERR, and both QPs go to ERR.
+    connect_again(&mut engine, &a, &b);
+    post_send(
+        &mut a,
+        4,
+        wr_opcode::RDMA_WRITE,
+        &[sge(ak, 0, 8)],
+        BASE,
+        a_rkey,
+    );
+    engine.poll();
+    let ca = completions(&mut a);
+    assert_eq!((ca[0].wr_id, ca[0].status), (4, wc_status::REM_ACCESS_ERR));
+    let q: freeflow_proto::verbs::qp::QpQueried = ok(
+        &mut engine,
+        b.id,
+        &b.conn,
+        op::QUERY_QP,
+        &enc(&ObjectHandle { handle: b.qp }),
+    );
+    assert_eq!(q.attr.qp_state, QpState::Err as u8);
+}
+
+fn connect_again(engine: &mut Engine, a: &Side, b: &Side) {
+    for s in [a, b] {
+        let reset = QpAttr {
+            qp_state: QpState::Reset as u8,
+            ..QpAttr::default()
+        };
+        assert_eq!(modify(engine, s, mask::STATE, reset), status::OK);
+    }
+    connect(engine, a, b.ip, b.qpn, 7);
+    connect(engine, b, a.ip, a.qpn, 7);
+}
+
+#[test]
+fn modify_checks_masks_and_destinations() {
+    let mut engine = Engine::new(false);
+    let a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
+    let _red = side(&mut engine, 2, [10, 32, 0, 9], "red", 16);
+    let init = QpAttr {
+        qp_state: QpState::Init as u8,
+        port_num: 1,
+        ..QpAttr::default()
+    };
+    // A missing required bit, an extra bit, port 2: EINVAL; nothing changes.
+    assert_eq!(
+        modify(&mut engine, &a, mask::STATE | mask::PORT, init),
+        VerbsStatus::Invalid as u16
+    );
+    let full = mask::STATE | mask::PKEY_INDEX | mask::PORT | mask::ACCESS_FLAGS;
+    assert_eq!(
+        modify(&mut engine, &a, full | mask::QKEY, init),
+        VerbsStatus::Invalid as u16
+    );
+    let port2 = QpAttr {
+        port_num: 2,
+        ..init
+    };
+    assert_eq!(
+        modify(&mut engine, &a, full, port2),
+        VerbsStatus::Invalid as u16
+    );
+    assert_eq!(modify(&mut engine, &a, full, init), status::OK);
+    // RTR towards another tenant's container, or an address nobody has: ENETUNREACH.
+    let rtr = |ip| QpAttr {
+        qp_state: QpState::Rtr as u8,
+        path_mtu: 3,
+        is_global: 1,
+        dgid: gid(ip),
+        dest_qp_num: 5,
+        ..QpAttr::default()
+    };
+    let m = mask::STATE
+        | mask::AV
+        | mask::PATH_MTU
+        | mask::DEST_QPN
+        | mask::RQ_PSN
+        | mask::MAX_DEST_RD_ATOMIC
+        | mask::MIN_RNR_TIMER;
+    for ip in [[10, 32, 0, 9], [10, 32, 7, 7]] {
+        assert_eq!(
+            modify(&mut engine, &a, m, rtr(ip)),
+            VerbsStatus::Unreachable as u16
+        );
+    }
+    assert_eq!(modify(&mut engine, &a, m, rtr(a.ip)), status::OK);
+    // Handles are per context: the same number in another context names that context's own
+    // QP (still in RESET), never a's (now in RTR); a number it does not have is EINVAL.
+    let (st, reply) = call(
+        &mut engine,
+        2,
+        &a.conn,
+        op::QUERY_QP,
+        &enc(&ObjectHandle { handle: a.qp }),
+    );
+    assert_eq!(st, status::OK);
+    let q = freeflow_proto::verbs::qp::QpQueried::decode(&reply).unwrap();
+    assert_eq!(q.attr.qp_state, QpState::Reset as u8);
+    let (st, _) = call(
+        &mut engine,
+        2,
+        &a.conn,
+        op::QUERY_QP,
+        &enc(&ObjectHandle { handle: a.qp + 1 }),
+    );
+    assert_eq!(st, VerbsStatus::BadHandle as u16);
+}
+
+#[test]
+fn a_full_cq_holds_the_queue_back_without_losing_completions() {
+    let mut engine = Engine::new(false);
+    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
+    let mut b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
+    connect(&mut engine, &a, b.ip, b.qpn, 7);
+    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    let ak = a.mr.lkey;
+    for i in 0..40 {
+        post_send(
+            &mut a,
+            i,
+            wr_opcode::RDMA_WRITE,
+            &[sge(ak, 0, 8)],
+            BASE,
+            b.mr.rkey,
+        );
+    }
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        engine.poll();
+        engine.poll();
+        let c = completions(&mut a);
+        assert!(c.len() <= 16, "{} completions in a 16-entry CQ", c.len());
+        seen.extend(c.iter().map(|c| (c.wr_id, c.status)));
+    }
+    assert_eq!(seen, (0..40).map(|i| (i, 0)).collect::<Vec<_>>());
+    let _ = &mut b;
+}
+
+#[test]
+fn a_corrupt_ring_breaks_only_its_owner() {
+    let mut engine = Engine::new(false);
+    let (a, mut b) = pair(&mut engine);
+    let bk = b.mr.lkey;
+    let tail = &a.sq.memory().control().tail.0;
+    tail.store(
+        tail.load(std::sync::atomic::Ordering::Relaxed)
+            .wrapping_add(1_000_000),
+        std::sync::atomic::Ordering::Release,
+    );
+    engine.poll();
+    let broken = engine.take_broken();
+    assert_eq!(broken.len(), 1, "{broken:?}");
+    assert_eq!(broken[0].0, a.id);
+    assert!(
+        broken[0].1.contains("ring index out of bounds"),
+        "{broken:?}"
+    );
+    engine.close(a.id);
+    // b is unharmed: a QP of its own, connected to itself, still works.
+    connect_again_self(&mut engine, &b);
+    post_recv(&mut b, 1, sge(bk, 0, 8));
+    post_send(&mut b, 2, wr_opcode::SEND, &[sge(bk, 8, 8)], 0, 0);
+    engine.poll();
+    let cb = completions(&mut b);
+    assert_eq!(cb.len(), 2, "{cb:?}");
+    assert!(cb.iter().all(|c| c.status == 0));
+    let _ = (&a.shim, &b.cq, &b.pd);
+}
+
+fn connect_again_self(engine: &mut Engine, s: &Side) {
+    let reset = QpAttr {
+        qp_state: QpState::Reset as u8,
+        ..QpAttr::default()
+    };
+    assert_eq!(modify(engine, s, mask::STATE, reset), status::OK);
+    connect(engine, s, s.ip, s.qpn, 7);
+}
