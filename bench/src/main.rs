@@ -154,9 +154,9 @@ fn run() -> Result<(), String> {
             )?;
             let opts = rdma::Options {
                 reps: a.get("reps", 3)?,
-                messages: a.get("messages", 2_000_000)?,
+                messages: a.get("messages", 5_000_000)?,
                 samples: a.get("samples", 100_000)?,
-                bw_ops: a.get("bw-ops", 20_000)?,
+                bw_ops: a.get("bw-ops", 200_000)?,
                 app_core: a.get("app-core", app_default)?,
                 router_core: a.get("router-core", router_default)?,
             };

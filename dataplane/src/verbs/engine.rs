@@ -119,6 +119,8 @@ impl<T> Slab<T> {
 #[derive(Debug)]
 pub(super) struct Context {
     pub(super) container: ContainerEntry,
+    /// The container's tenant as a number of this engine (compared on every work request).
+    pub(super) tenant: u32,
     pub(super) table: VerbsTable,
     channels: NumberMap<CompChannel>,
     cqs: NumberMap<usize>,
@@ -226,6 +228,8 @@ pub struct Engine {
     /// Virtual QP number to QP, for every QP of this engine.
     qpns: NumberMap<usize>,
     qpn_keys: KeyGen,
+    /// Tenant names to the numbers contexts carry.
+    tenants: std::collections::HashMap<String, u32>,
     test_hooks: bool,
     /// CQs with entries pushed and not yet published.
     pub(super) dirty: Vec<usize>,
@@ -285,6 +289,7 @@ impl Engine {
             qps: Slab::default(),
             qpns: NumberMap::default(),
             qpn_keys: KeyGen::new(),
+            tenants: std::collections::HashMap::new(),
             test_hooks,
             dirty: Vec::new(),
             broken: Vec::new(),
@@ -293,10 +298,13 @@ impl Engine {
 
     /// A verbs attachment arrived: it gets an empty context.
     pub fn open(&mut self, attachment: u32, container: ContainerEntry) {
+        let next = self.tenants.len() as u32;
+        let tenant = *self.tenants.entry(container.tenant.clone()).or_insert(next);
         self.contexts.insert(
             attachment,
             Context {
                 container,
+                tenant,
                 table: VerbsTable::new(self.test_hooks),
                 channels: NumberMap::default(),
                 cqs: NumberMap::default(),

@@ -280,7 +280,7 @@ impl Engine {
         let p_index = self.qp_by_number(qpn)?;
         let p = self.qps.get(p_index)?;
         let p_ctx = self.contexts.get(&p.owner)?;
-        if p_ctx.container.ip != ip || p_ctx.container.tenant != my_ctx.container.tenant {
+        if p_ctx.container.ip != ip || p_ctx.tenant != my_ctx.tenant {
             return None;
         }
         if !matches!(p.state, QpState::Rtr | QpState::Rts) || p.broken {
