@@ -541,25 +541,34 @@ while True:
     c, _ = s.accept(); threading.Thread(target=echo, args=(c,), daemon=True).start()
 "#;
 
-/// Freeflow stopped on the server's host: the established connection goes on (it is a host
-/// socket of the two applications); a new connection fails at once with ECONNREFUSED (the
-/// overlay listener lived in the router), instead of hanging.
-#[test]
-fn connections_outlive_the_router_and_new_ones_fail_clearly() {
-    let site = Site::new("td");
+/// Starts THREADED_ECHO in `db` with the shim and waits until it listens and the listener is
+/// known on the other host.
+fn start_echo(site: &Site) -> Child {
+    use std::io::BufRead;
     let mut server = site
         .python("db", THREADED_ECHO, true)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    use std::io::{BufRead, Write};
     let mut line = String::new();
     std::io::BufReader::new(server.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     assert!(line.starts_with("LISTENING"), "{line:?}");
     std::thread::sleep(Duration::from_millis(300));
+    server
+}
+
+/// Freeflow stopped on the server's host: the established connection goes on (it is a host
+/// socket of the two applications); a new connection fails at once with ECONNREFUSED (the
+/// overlay listener lived in the router), instead of hanging.
+#[test]
+fn connections_outlive_the_router_and_new_ones_fail_clearly() {
+    let site = Site::new("td");
+    let mut server = start_echo(&site);
+    use std::io::{BufRead, Write};
+    let mut line = String::new();
     let mut client = site
         .python("web", HOLDING_CLIENT, true)
         .stdin(Stdio::piped())
@@ -1142,19 +1151,8 @@ while True:
 #[test]
 fn listeners_survive_a_router_restart() {
     let site = Site::new("tr");
-    let mut server = site
-        .python("db", THREADED_ECHO, true)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = start_echo(&site);
     use std::io::BufRead;
-    let mut line = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("LISTENING"), "{line:?}");
-    std::thread::sleep(Duration::from_millis(300));
     let first = site.python("web", RETRYING_CLIENT, true).output().unwrap();
     assert!(
         String::from_utf8_lossy(&first.stdout).contains("ECHO b'again'"),
@@ -1427,17 +1425,7 @@ print("HUNG", hung, flush=True)
 #[test]
 fn forks_while_threads_use_the_shim_do_not_deadlock_children() {
     let site = Site::new("tf");
-    let mut server = site
-        .python("db", THREADED_ECHO, true)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut line = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut server = start_echo(&site);
     let out = site.python("web", FORK_STRESS, true).output().unwrap();
     stop(&mut server);
     assert_eq!(

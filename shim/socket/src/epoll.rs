@@ -48,7 +48,7 @@ pub fn registrations_of(fd: c_int) -> Vec<Registration> {
     if !ANY.load(Ordering::Relaxed) {
         return Vec::new();
     }
-    let Some(inode) = inode_of(fd) else {
+    let Some(inode) = real::socket_inode(fd) else {
         return Vec::new();
     };
     let epfds = EPOLL_FDS.lock().clone();
@@ -96,13 +96,6 @@ pub fn restore(fd: c_int, registrations: &[Registration]) {
             unsafe { libc::epoll_ctl(r.epfd, libc::EPOLL_CTL_MOD, fd, &mut event) };
         }
     }
-}
-
-fn inode_of(fd: c_int) -> Option<u64> {
-    // SAFETY: stat is plain data; zero is valid.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes one struct stat into a live local.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
 }
 
 /// One "tfd:" line of an epoll instance's fdinfo.

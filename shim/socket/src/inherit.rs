@@ -23,7 +23,9 @@ pub fn exported() -> Option<CString> {
         if fd_flags < 0 || fd_flags & libc::FD_CLOEXEC != 0 {
             continue;
         }
-        let Some(ino) = inode_of(fd) else { continue };
+        let Some(ino) = real::socket_inode(fd) else {
+            continue;
+        };
         parts.push(encode(fd, &s, ino));
     }
     if parts.is_empty() {
@@ -110,7 +112,7 @@ pub fn adopt() {
         let Some((fd, s, ino)) = decode(entry) else {
             continue;
         };
-        if inode_of(fd) != Some(ino) {
+        if real::socket_inode(fd) != Some(ino) {
             continue; // not the same socket any more
         }
         if s.role == Role::Listener {
@@ -123,14 +125,6 @@ pub fn adopt() {
         ports.dedup();
         crate::session::claim_inherited_listeners(&ports);
     }
-}
-
-fn inode_of(fd: c_int) -> Option<u64> {
-    // SAFETY: stat is plain data; zero is valid.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes one struct stat into a live local.
-    let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
-    (ok && st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then_some(st.st_ino)
 }
 
 #[cfg(test)]

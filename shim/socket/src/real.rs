@@ -279,3 +279,13 @@ pub fn getpid() -> i32 {
     // SAFETY: no arguments, no failure.
     unsafe { libc::getpid() }
 }
+
+/// The inode of socket `fd` (None if it is not an open socket): what tells one socket from
+/// another that later got the same fd number.
+pub fn socket_inode(fd: c_int) -> Option<u64> {
+    // SAFETY: stat is plain data; zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one struct stat into a live local.
+    let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
+    (ok && st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then_some(st.st_ino)
+}
