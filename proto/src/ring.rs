@@ -219,6 +219,42 @@ impl Producer {
         self.tail.wrapping_sub(self.published)
     }
 
+    /// Messages pushed and not yet consumed, published or not, with the consumer's head
+    /// reloaded (not the cached view).
+    pub fn unconsumed(&mut self) -> Result<u32, RingError> {
+        self.reload_head()?;
+        Ok(self.tail.wrapping_sub(self.head_cache))
+    }
+
+    /// Copies the first `min(out.len(), slot_size)` bytes of the `n`th message not yet
+    /// consumed (0: the oldest, as of the last [`Producer::unconsumed`]) into `out`; false if
+    /// there is no such message. For handing what a ring holds over to a new ring while its
+    /// consumer is known to stand still (a completion queue being resized): a consumer that
+    /// pops meanwhile only duplicates its own messages.
+    pub fn read_unconsumed(&self, n: u32, out: &mut [u8]) -> bool {
+        if n >= self.tail.wrapping_sub(self.head_cache) {
+            return false;
+        }
+        let len = out.len().min(self.slot_size);
+        self.mem
+            .read_slot(self.head_cache.wrapping_add(n) & self.mask, &mut out[..len]);
+        true
+    }
+
+    /// Whether the consumer's parked flag is up: a completion queue's consumer asked to be
+    /// told about the next message ([`Consumer::request_wake`]) and no publish claimed it yet.
+    pub fn consumer_parked(&self) -> bool {
+        self.mem.control().parked.0.load(Ordering::Relaxed) != 0
+    }
+
+    /// Raises the consumer's parked flag on its behalf, so that the next publish reports
+    /// [`Wake::Needed`]: a request for a wake-up carried over from another ring (a resized
+    /// completion queue). The fence orders it before this producer's next publish.
+    pub fn raise_parked(&self) {
+        self.mem.control().parked.0.store(1, Ordering::Relaxed);
+        full_fence();
+    }
+
     /// The ring's shared memory, for doorbells that wait on the parked word.
     pub fn memory(&self) -> &RingMemory {
         &self.mem

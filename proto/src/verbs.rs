@@ -55,6 +55,12 @@ pub mod op {
     pub const QUERY_QP: u16 = 0x010b;
     /// Destroy a QP. Body [`super::ObjectHandle`]; reply empty.
     pub const DESTROY_QP: u16 = 0x010c;
+    /// Resize a completion queue. Body [`super::ResizeCq`]; reply [`super::CqCreated`] (the
+    /// entries the CQ has now). The CQ's new region comes on the attach connection before the
+    /// reply, holding the completions not yet polled from the old one, in order; the router
+    /// produces into the new ring only from then on. The shim holds the CQ's ring lock across
+    /// the call, so nothing is taken from the old ring while the router copies it.
+    pub const RESIZE_CQ: u16 = 0x010d;
     /// Test hook, served only by a router started with `FREEFLOW_TEST_HOOKS=1`: the router
     /// reads a range of a region through its own mapping, the way the engine will, and replies
     /// with a digest. Body [`super::TestRead`]; reply [`super::TestDigest`].
@@ -448,6 +454,28 @@ impl Body for CreateCq {
     }
 }
 
+/// Body of [`op::RESIZE_CQ`]: at least `cqe` entries for CQ `cq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResizeCq {
+    pub cq: u32,
+    pub cqe: u32,
+}
+
+impl Body for ResizeCq {
+    const LEN: usize = 8;
+    const NAME: &'static str = "ResizeCq";
+    fn write(&self, out: &mut [u8]) {
+        out[0..4].copy_from_slice(&self.cq.to_le_bytes());
+        out[4..8].copy_from_slice(&self.cqe.to_le_bytes());
+    }
+    fn read(b: &[u8]) -> Self {
+        ResizeCq {
+            cq: u32_at(b, 0),
+            cqe: u32_at(b, 4),
+        }
+    }
+}
+
 /// Reply to [`op::CREATE_CQ`]: the handle and the entries the CQ really has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CqCreated {
@@ -773,6 +801,7 @@ mod tests {
             comp_vector: 0,
         });
         round_trip(CqCreated { cq: 1, cqe: 512 });
+        round_trip(ResizeCq { cq: 2, cqe: 70 });
         for len in [
             qp::ModifyQp::LEN,
             qp::QpQueried::LEN,
@@ -899,6 +928,7 @@ mod tests {
             op::MODIFY_QP,
             op::QUERY_QP,
             op::DESTROY_QP,
+            op::RESIZE_CQ,
         ] {
             assert!(op::is_verbs(o));
         }

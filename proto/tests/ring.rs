@@ -247,3 +247,47 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_producer_reads_back_what_the_consumer_has_not_taken() {
+    let (mut p, mut c) = ring(64, 8);
+    for i in 0..5u8 {
+        assert!(p.push(&[i]).unwrap());
+    }
+    let _ = p.publish();
+    assert!(p.push(&[5]).unwrap());
+    let mut out = [0u8; 64];
+    assert!(c.pop(&mut out).unwrap() && c.pop(&mut out).unwrap());
+    // Popped but not released: still counted, as the head the producer sees has not moved.
+    assert_eq!(p.unconsumed().unwrap(), 6);
+    c.release();
+    // Published or not, every message after the consumer's head.
+    assert_eq!(p.unconsumed().unwrap(), 4);
+    let mut got = Vec::new();
+    for n in 0..4 {
+        assert!(p.read_unconsumed(n, &mut out));
+        got.push(out[0]);
+    }
+    assert_eq!(got, vec![2, 3, 4, 5]);
+    assert!(!p.read_unconsumed(4, &mut out));
+    // A head beyond the tail is refused.
+    c.memory().control().head.0.store(1000, Ordering::Release);
+    assert!(matches!(
+        p.unconsumed(),
+        Err(RingError::CorruptIndex { .. })
+    ));
+}
+
+#[test]
+fn a_wake_up_request_is_seen_and_can_be_raised_by_the_producer() {
+    let (mut p, c) = ring(64, 8);
+    assert!(!p.consumer_parked());
+    c.request_wake();
+    assert!(p.consumer_parked());
+    c.unpark();
+    p.raise_parked();
+    assert!(c.is_parked() && p.consumer_parked());
+    assert!(p.push(b"x").unwrap());
+    assert_eq!(p.publish(), Wake::Needed);
+    assert!(!p.consumer_parked());
+}

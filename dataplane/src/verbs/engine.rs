@@ -41,7 +41,7 @@ use freeflow_proto::verbs::qp::{
 use freeflow_proto::verbs::work::{RecvWqe, SendWqe, MAX_SGE};
 use freeflow_proto::verbs::{
     access, limits, op, Body, CqCreated, CreateCq, DecodeError, MemoryFileMsg, ObjectHandle,
-    QueueFileKind, QueueFileMsg, RECV_RING, SEND_RING,
+    QueueFileKind, QueueFileMsg, ResizeCq, RECV_RING, SEND_RING,
 };
 use freeflow_proto::{Consumer, Producer, RingError, RingGeometry, Wake};
 use std::net::Ipv4Addr;
@@ -421,6 +421,10 @@ impl Engine {
                 self.destroy_cq(attachment, r.handle)?;
                 Ok(0)
             }
+            op::RESIZE_CQ => {
+                let r = ResizeCq::decode(body)?;
+                Ok(self.resize_cq(attachment, conn, &r)?.encode(reply))
+            }
             op::CREATE_QP => {
                 let r = CreateQp::decode(body)?;
                 Ok(self.create_qp(attachment, conn, &r)?.encode(reply))
@@ -591,6 +595,85 @@ impl Engine {
         self.cqs.remove(index);
         self.dirty.retain(|&i| i != index);
         Ok(())
+    }
+
+    /// `ibv_resize_cq`: a new ring of at least `cqe` entries replaces the CQ's ring, holding
+    /// the completions the program has not polled yet, in order (at the start of the new
+    /// ring). Nothing is produced between the copy and the switch: this shard is the only
+    /// producer and serves the request between two passes. Entries pushed but not published
+    /// are published first (so an armed CQ is notified of them as at any publish), and a
+    /// request for notification still pending on the old ring is carried over to the new one.
+    /// Fewer entries than the completions in the CQ is EINVAL, and the CQ stays as it was.
+    ///
+    /// The count of completions relies on the shim: it holds the CQ's lock across the call,
+    /// so the consumer's head is published and stands still. A shim that polls meanwhile only
+    /// sees its own completions twice.
+    fn resize_cq(
+        &mut self,
+        attachment: u32,
+        conn: BorrowedFd<'_>,
+        r: &ResizeCq,
+    ) -> Result<CqCreated, VerbsError> {
+        let ctx = self
+            .contexts
+            .get_mut(&attachment)
+            .expect("checked by serve");
+        let &index = ctx
+            .cqs
+            .get(&r.cq)
+            .ok_or(VerbsError::NoSuchObject("completion queue", r.cq))?;
+        if r.cqe == 0 || r.cqe > limits::MAX_CQE {
+            return Err(VerbsError::Invalid("cqe out of range"));
+        }
+        let cq = self.cqs.get_mut(index).expect("tables agree");
+        if cq.broken {
+            return Err(VerbsError::Invalid("the CQ's ring is broken"));
+        }
+        if cq.ring.publish() == Wake::Needed {
+            if let Some(pipe) = &cq.notify {
+                notify::notify(pipe, cq.handle);
+            }
+        }
+        let pending = match cq.ring.unconsumed() {
+            Ok(n) => n,
+            Err(e) => {
+                cq.broken = true;
+                let owner = cq.owner;
+                self.break_owner(owner, e);
+                return Err(VerbsError::Invalid("the CQ's ring is broken"));
+            }
+        };
+        if pending > r.cqe {
+            return Err(VerbsError::Invalid(
+                "fewer entries than the completions in the CQ",
+            ));
+        }
+        let geometry = RingGeometry {
+            slot_size: 64,
+            slot_count: ring_slots(r.cqe),
+        }
+        .validate()
+        .map_err(|_| VerbsError::Invalid("cqe out of range"))?;
+        let (region, memfd) = SharedRegion::create("freeflow-cq", &[geometry])?;
+        let mut ring = Producer::new(region.ring(0)?);
+        let mut slot = [0u8; 64];
+        for n in 0..pending {
+            let copied = cq.ring.read_unconsumed(n, &mut slot);
+            let pushed = matches!(ring.push(&slot), Ok(true));
+            debug_assert!(copied && pushed, "the new ring holds every pending entry");
+        }
+        // The new ring's consumer is not parked: this publish wakes nobody.
+        let _ = ring.publish();
+        if cq.ring.consumer_parked() {
+            ring.raise_parked();
+        }
+        Self::pass_file(conn, QueueFileKind::Cq, r.cq, memfd.as_fd())?;
+        cq.ring = ring;
+        cq._region = region;
+        Ok(CqCreated {
+            cq: r.cq,
+            cqe: geometry.slot_count,
+        })
     }
 
     /// A QP number in neither this engine's table nor the reserved range (QP0, QP1), 24 bits.

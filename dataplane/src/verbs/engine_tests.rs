@@ -551,3 +551,155 @@ fn connect_again_self(engine: &mut Engine, s: &Side) {
     assert_eq!(modify(engine, s, mask::STATE, reset), status::OK);
     connect(engine, s, s.ip, s.qpn, 7);
 }
+
+/// `ibv_resize_cq` as the shim does it: the request, then the new ring from the connection.
+fn resize(engine: &mut Engine, s: &mut Side, cqe: u32) -> Result<u32, u16> {
+    let body = enc(&freeflow_proto::verbs::ResizeCq { cq: s.cq, cqe });
+    let (st, reply) = call(engine, s.id, &s.conn, op::RESIZE_CQ, &body);
+    if st != status::OK {
+        // A refused resize passes no file.
+        let mut buf = [0u8; 32];
+        assert!(fdpass::recv_with_fds(s.shim.as_fd(), &mut buf, libc::MSG_DONTWAIT).is_err());
+        return Err(st);
+    }
+    let created = CqCreated::decode(&reply).unwrap();
+    assert_eq!(created.cq, s.cq);
+    let region = queue_file(&s.shim, QueueFileKind::Cq, s.cq);
+    s.cq_ring = Consumer::new(region.ring(0).unwrap());
+    s._regions.push(region);
+    Ok(created.cqe)
+}
+
+fn write_ids(s: &mut Side, peer: &Side, ids: std::ops::Range<u64>) {
+    let k = s.mr.lkey;
+    for i in ids {
+        post_send(
+            s,
+            i,
+            wr_opcode::RDMA_WRITE,
+            &[sge(k, 0, 8)],
+            BASE,
+            peer.mr.rkey,
+        );
+    }
+}
+
+#[test]
+fn resizing_a_cq_keeps_its_pending_completions_in_order() {
+    let mut engine = Engine::new(false);
+    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
+    let b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
+    connect(&mut engine, &a, b.ip, b.qpn, 7);
+    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    write_ids(&mut a, &b, 0..10);
+    engine.poll();
+    // Two polled, eight pending.
+    let mut slot = [0u8; 64];
+    for want in 0..2 {
+        assert!(a.cq_ring.pop(&mut slot).unwrap());
+        assert_eq!(Cqe::decode(&slot).wr_id, want);
+    }
+    a.cq_ring.release();
+    // Below the pending count, zero and beyond max_cqe: EINVAL, the CQ unchanged.
+    for cqe in [7, 0, limits::MAX_CQE + 1] {
+        assert_eq!(
+            resize(&mut engine, &mut a, cqe),
+            Err(VerbsStatus::Invalid as u16)
+        );
+    }
+    // Down to exactly the pending count (granted: the smallest ring).
+    assert_eq!(resize(&mut engine, &mut a, 8), Ok(16));
+    // Completions produced after the resize come after the old ones, in the new ring.
+    write_ids(&mut a, &b, 10..14);
+    engine.poll();
+    let ids: Vec<u64> = completions(&mut a).iter().map(|c| c.wr_id).collect();
+    assert_eq!(ids, (2..14).collect::<Vec<_>>());
+    // Up: a larger ring holds more than the old one could.
+    assert_eq!(resize(&mut engine, &mut a, 100), Ok(128));
+    for batch in [14..64, 64..114] {
+        write_ids(&mut a, &b, batch);
+        for _ in 0..4 {
+            engine.poll();
+        }
+    }
+    let got = completions(&mut a);
+    assert_eq!(got.len(), 100);
+    assert!(got
+        .iter()
+        .zip(14..)
+        .all(|(c, i)| c.wr_id == i && c.status == 0));
+    // Another context's handle names nothing here.
+    let (st, _) = call(
+        &mut engine,
+        b.id,
+        &b.conn,
+        op::RESIZE_CQ,
+        &enc(&freeflow_proto::verbs::ResizeCq {
+            cq: a.cq + 100,
+            cqe: 16,
+        }),
+    );
+    assert_eq!(st, VerbsStatus::BadHandle as u16);
+}
+
+#[test]
+fn no_completion_is_lost_when_a_full_cq_is_resized_meanwhile() {
+    let mut engine = Engine::new(false);
+    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
+    let b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
+    connect(&mut engine, &a, b.ip, b.qpn, 7);
+    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    // 60 writes into a 16-entry CQ: the QP waits for room; resizes in between, some up, some
+    // down, with completions pending each time.
+    write_ids(&mut a, &b, 0..60);
+    let mut seen = Vec::new();
+    let mut slot = [0u8; 64];
+    for (round, cqe) in [16u32, 40, 16, 64, 20, 16]
+        .into_iter()
+        .cycle()
+        .take(40)
+        .enumerate()
+    {
+        engine.poll();
+        // Take a few, leave the rest pending.
+        for _ in 0..(round % 5) {
+            if a.cq_ring.pop(&mut slot).unwrap() {
+                seen.push(Cqe::decode(&slot).wr_id);
+            }
+        }
+        a.cq_ring.release();
+        match resize(&mut engine, &mut a, cqe) {
+            Ok(granted) => assert!(granted >= cqe),
+            Err(st) => assert_eq!(st, VerbsStatus::Invalid as u16),
+        }
+        if seen.len() == 60 {
+            break;
+        }
+    }
+    for _ in 0..10 {
+        engine.poll();
+        seen.extend(completions(&mut a).iter().map(|c| c.wr_id));
+    }
+    assert_eq!(seen, (0..60).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_request_for_notification_survives_a_resize() {
+    let mut engine = Engine::new(false);
+    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
+    let b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
+    connect(&mut engine, &a, b.ip, b.qpn, 7);
+    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    // Not armed: the new ring is not either.
+    assert_eq!(resize(&mut engine, &mut a, 32), Ok(32));
+    assert!(!a.cq_ring.is_parked());
+    // Armed (ibv_req_notify_cq) and not fired: the arm moves to the new ring, and the next
+    // completion claims it there.
+    a.cq_ring.request_wake();
+    assert_eq!(resize(&mut engine, &mut a, 64), Ok(64));
+    assert!(a.cq_ring.is_parked());
+    write_ids(&mut a, &b, 0..1);
+    engine.poll();
+    assert!(!a.cq_ring.is_parked(), "the completion claimed the wake-up");
+    assert_eq!(completions(&mut a).len(), 1);
+}

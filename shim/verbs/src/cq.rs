@@ -1,6 +1,6 @@
-//! Completion queues and completion channels: `ibv_create_cq`, `ibv_destroy_cq`, the context
-//! ops `poll_cq` and `req_notify_cq` (reached through the inline `ibv_poll_cq` and
-//! `ibv_req_notify_cq`), `ibv_create_comp_channel`, `ibv_destroy_comp_channel`,
+//! Completion queues and completion channels: `ibv_create_cq`, `ibv_resize_cq`,
+//! `ibv_destroy_cq`, the context ops `poll_cq` and `req_notify_cq` (reached through the inline
+//! `ibv_poll_cq` and `ibv_req_notify_cq`), `ibv_create_comp_channel`, `ibv_destroy_comp_channel`,
 //! `ibv_get_cq_event` and `ibv_ack_cq_events`.
 //!
 //! A CQ is a ring in memory shared with the router (a region it creates and passes on the
@@ -9,6 +9,13 @@
 //! the ring's tail, no system call. `req_notify_cq` raises the ring's parked flag (the ring's
 //! park/wake protocol), so the router's next publish to that CQ writes the CQ's handle into the
 //! completion channel's pipe, whose read end is `channel->fd` (poll/epoll work on it).
+//!
+//! Resizing replaces the ring: the router makes a new one, copies the completions not yet
+//! polled into its start and produces only there from then on. The CQ's ring lock is held
+//! from before the request until the new ring is in place, so a `poll_cq` in another thread
+//! waits for the hand-over instead of taking from the old ring while the router copies it
+//! (which would deliver those completions twice), and a `req_notify_cq` made before the resize
+//! is carried over by the router.
 //!
 //! The fast-path ops receive the program's `struct ibv_cq *`: as every provider does, the
 //! library takes it to be the first field of its own object (checking a magic number first);
@@ -20,7 +27,9 @@ use crate::error::VerbsError;
 use crate::ffi::{guard, set_errno};
 use crate::registry::{self, lock, QueueEntry, QueueKind};
 use freeflow_proto::region::SharedRegion;
-use freeflow_proto::verbs::{limits, op, Body, CqCreated, CreateCq, ObjectHandle, QueueFileKind};
+use freeflow_proto::verbs::{
+    limits, op, Body, CqCreated, CreateCq, ObjectHandle, QueueFileKind, ResizeCq,
+};
 use freeflow_proto::Consumer;
 use std::collections::BTreeMap;
 use std::ffi::{c_int, c_uint, c_void};
@@ -30,7 +39,9 @@ use std::sync::{Condvar, Mutex};
 
 symbol_versions! {
     "IBVERBS_1.0": [ibv_create_comp_channel, ibv_destroy_comp_channel],
-    "IBVERBS_1.1": [ibv_create_cq, ibv_destroy_cq, ibv_get_cq_event, ibv_ack_cq_events],
+    "IBVERBS_1.1": [
+        ibv_create_cq, ibv_resize_cq, ibv_destroy_cq, ibv_get_cq_event, ibv_ack_cq_events,
+    ],
 }
 
 const CQ_MAGIC: u64 = u64::from_le_bytes(*b"FFCQv001");
@@ -40,13 +51,13 @@ const CHANNEL_MAGIC: u64 = u64::from_le_bytes(*b"FFCCv001");
 struct CqState {
     context: usize,
     handle: u32,
+    /// The CQ's ring (it keeps the region's mapping alive). Replaced by a resize.
     ring: Mutex<Consumer>,
     /// Events handed out by `ibv_get_cq_event` and acknowledged by `ibv_ack_cq_events`.
     events: Mutex<(u64, u64)>,
     acked: Condvar,
     /// The channel's object, or null.
     channel: *mut ChannelObject,
-    _region: SharedRegion,
 }
 
 /// The allocation behind a `struct ibv_cq *` of this library.
@@ -220,6 +231,19 @@ pub extern "C" fn ibv_destroy_comp_channel(channel: *mut IbvCompChannel) -> c_in
     })
 }
 
+/// Maps the region of a CQ's ring that the router passed.
+fn attach_ring(fd: &OwnedFd) -> Result<Consumer, VerbsError> {
+    let region = SharedRegion::attach(fd.as_fd())
+        .map_err(|e| VerbsError::Protocol(format!("CQ region: {e}")))?;
+    let ring = region
+        .ring(0)
+        .map_err(|e| VerbsError::Protocol(format!("CQ ring: {e}")))?;
+    if (ring.geometry().slot_size as usize) < std::mem::size_of::<IbvWc>() {
+        return Err(VerbsError::Protocol("CQ slots smaller than ibv_wc".into()));
+    }
+    Ok(Consumer::new(ring))
+}
+
 fn create_cq(
     context: *mut IbvContext,
     cqe: c_int,
@@ -260,18 +284,8 @@ fn create_cq(
             CqCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
         (created, ch.take_queue_file(QueueFileKind::Cq, created.cq))
     };
-    let attached = fd.and_then(|fd| {
-        let region = SharedRegion::attach(fd.as_fd())
-            .map_err(|e| VerbsError::Protocol(format!("CQ region: {e}")))?;
-        let ring = region
-            .ring(0)
-            .map_err(|e| VerbsError::Protocol(format!("CQ ring: {e}")))?;
-        if (ring.geometry().slot_size as usize) < std::mem::size_of::<IbvWc>() {
-            return Err(VerbsError::Protocol("CQ slots smaller than ibv_wc".into()));
-        }
-        Ok((region, Consumer::new(ring)))
-    });
-    let (region, ring) = match attached {
+    let attached = fd.and_then(|fd| attach_ring(&fd));
+    let ring = match attached {
         Ok(parts) => parts,
         Err(e) => {
             destroy_on_router(key, op::DESTROY_CQ, created.cq);
@@ -285,7 +299,6 @@ fn create_cq(
         events: Mutex::new((0, 0)),
         acked: Condvar::new(),
         channel: channel.cast(),
-        _region: region,
     }));
     let obj = Box::into_raw(Box::new(CqObject {
         ibv: IbvCq {
@@ -344,6 +357,49 @@ pub extern "C" fn ibv_create_cq(
             fail("ibv_create_cq", &e);
             null_mut()
         })
+    })
+}
+
+fn resize_cq(cq: *mut IbvCq, cqe: c_int) -> Result<(), VerbsError> {
+    let entry = registry::queue(cq as usize, QueueKind::Cq)?;
+    // SAFETY: the registry holds `cq`: a live CQ of this library.
+    let state = unsafe { cq_state(cq) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
+    if cqe < 1 || cqe as u32 > limits::MAX_CQE {
+        return Err(VerbsError::InvalidArgument("cqe out of range"));
+    }
+    let ctx = registry::context(entry.context)?;
+    // Held until the new ring replaces the old one (see the module comment). Every poll
+    // releases what it took before unlocking, so the router sees the head as it is.
+    let mut ring = lock(&state.ring);
+    let body = encoded(&ResizeCq {
+        cq: entry.handle,
+        cqe: cqe as u32,
+    });
+    let (resized, fd) = {
+        let mut ch = lock(&ctx.channel);
+        let reply = ch.call(op::RESIZE_CQ, &body)?;
+        let resized =
+            CqCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
+        (resized, ch.take_queue_file(QueueFileKind::Cq, entry.handle))
+    };
+    // The router produces into the new ring from now on: a failure here leaves the CQ without
+    // completions (EIO), as a device whose CQ memory failed.
+    *ring = fd.and_then(|fd| attach_ring(&fd))?;
+    // SAFETY: `cq` is live; the library alone writes `cqe` (programs read it).
+    unsafe { (*cq).cqe = resized.cqe as c_int };
+    registry::debug(format_args!(
+        "resized CQ {} to {} entries",
+        entry.handle, resized.cqe
+    ));
+    Ok(())
+}
+
+/// `ibv_resize_cq`: 0, or an errno value (EINVAL for a size out of range or smaller than the
+/// completions in the CQ, which then stays as it was). `cq->cqe` becomes the size granted.
+#[no_mangle]
+pub extern "C" fn ibv_resize_cq(cq: *mut IbvCq, cqe: c_int) -> c_int {
+    guard(libc::EIO, || {
+        resize_cq(cq, cqe).map_or_else(|e| fail("ibv_resize_cq", &e), |()| 0)
     })
 }
 

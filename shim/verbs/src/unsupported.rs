@@ -4,8 +4,8 @@
 //! call of each says so on stderr.
 //!
 //! Implemented verbs live elsewhere (`pd_mr`, `cq`, `qp`). `ibv_rereg_mr` stays here for now:
-//! it answers IBV_REREG_MR_ERR_INPUT, the old region unchanged. Not yet: `ibv_resize_cq`, shared
-//! receive queues, address handles (no UD), multicast, `ibv_qp_to_qp_ex` (the new post API).
+//! it answers IBV_REREG_MR_ERR_INPUT, the old region unchanged. Not yet: shared receive queues,
+//! address handles (no UD), multicast, `ibv_qp_to_qp_ex` (the new post API).
 #![allow(unsafe_code)]
 
 use crate::abi::{IbvRecvWr, IBV_REREG_MR_ERR_INPUT};
@@ -54,7 +54,6 @@ type Obj = *mut c_void;
 unsupported! {
     "IBVERBS_1.1" fn ibv_rereg_mr(mr: Obj, flags: c_int, pd: Obj, addr: Obj, length: usize,
         access: c_int) -> c_int = IBV_REREG_MR_ERR_INPUT;
-    "IBVERBS_1.1" fn ibv_resize_cq(cq: Obj, cqe: c_int) -> c_int = libc::EOPNOTSUPP;
     "IBVERBS_1.1" fn ibv_create_srq(pd: Obj, srq_init_attr: Obj) -> Obj = null_mut();
     "IBVERBS_1.1" fn ibv_modify_srq(srq: Obj, srq_attr: Obj, srq_attr_mask: c_int) -> c_int =
         libc::EOPNOTSUPP;

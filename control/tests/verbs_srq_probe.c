@@ -1,0 +1,383 @@
+/* Checks of ibv_resize_cq and shared receive queues through Freeflow's libibverbs.so.1, built
+ * against the installed headers (control/tests/verbs_srq.rs runs it in registered containers).
+ * Modes: "resize" (sizes, pending completions, a poller thread, completion channels) and
+ * "srq" (one SRQ shared by two QPs, its verbs and errors). Every wait is bounded in time. */
+#define _GNU_SOURCE
+#include <infiniband/verbs.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static int failures;
+#define CHECK(cond, ...) do { if (!(cond)) { failures++; \
+    printf("FAIL line %d (errno %d): ", __LINE__, errno); printf(__VA_ARGS__); printf("\n"); \
+    fflush(stdout); } } while (0)
+
+static struct ibv_context *ctx;
+static struct ibv_pd *pd;
+static union ibv_gid my_gid;
+static struct ibv_device_attr dev;
+
+static double now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+static void open_ctx(void)
+{
+    int n = 0;
+    struct ibv_device **list = ibv_get_device_list(&n);
+    if (!list || n != 1) {
+        printf("no device (%d)\n", n);
+        exit(1);
+    }
+    ctx = ibv_open_device(list[0]);
+    ibv_free_device_list(list);
+    if (!ctx) {
+        printf("open: %s\n", strerror(errno));
+        exit(1);
+    }
+    pd = ibv_alloc_pd(ctx);
+    if (!pd || ibv_query_gid(ctx, 1, 0, &my_gid) || ibv_query_device(ctx, &dev)) {
+        printf("pd/gid/device: %s\n", strerror(errno));
+        exit(1);
+    }
+}
+
+#define ALL_ACCESS_FLAGS (IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | \
+                          IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_ATOMIC)
+
+static int to_init(struct ibv_qp *qp, int access)
+{
+    struct ibv_qp_attr a = { .qp_state = IBV_QPS_INIT, .pkey_index = 0, .port_num = 1,
+                             .qp_access_flags = access };
+    return ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT |
+                                 IBV_QP_ACCESS_FLAGS);
+}
+
+static int to_rtr(struct ibv_qp *qp, uint32_t dest, int min_rnr)
+{
+    struct ibv_qp_attr a = { .qp_state = IBV_QPS_RTR, .path_mtu = IBV_MTU_1024,
+                             .dest_qp_num = dest, .rq_psn = 0, .max_dest_rd_atomic = 1,
+                             .min_rnr_timer = min_rnr };
+    a.ah_attr.is_global = 1;
+    a.ah_attr.port_num = 1;
+    a.ah_attr.grh.dgid = my_gid;
+    a.ah_attr.grh.hop_limit = 1;
+    return ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN |
+                                 IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC |
+                                 IBV_QP_MIN_RNR_TIMER);
+}
+
+static int to_rts(struct ibv_qp *qp, int rnr_retry)
+{
+    struct ibv_qp_attr a = { .qp_state = IBV_QPS_RTS, .timeout = 14, .retry_cnt = 7,
+                             .rnr_retry = rnr_retry, .sq_psn = 0, .max_rd_atomic = 1 };
+    return ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT |
+                                 IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC);
+}
+
+static int to_state(struct ibv_qp *qp, enum ibv_qp_state s)
+{
+    struct ibv_qp_attr a = { .qp_state = s };
+    return ibv_modify_qp(qp, &a, IBV_QP_STATE);
+}
+
+__attribute__((unused)) static enum ibv_qp_state state_of(struct ibv_qp *qp)
+{
+    struct ibv_qp_attr a;
+    struct ibv_qp_init_attr i;
+    if (ibv_query_qp(qp, &a, IBV_QP_STATE, &i))
+        return (enum ibv_qp_state)-1;
+    return a.qp_state;
+}
+
+/* x and y from any state to RTS, connected to each other (this container's own GID). */
+static int connect_qps(struct ibv_qp *x, struct ibv_qp *y, int rnr_retry, int min_rnr)
+{
+    int r = 0;
+    r |= to_state(x, IBV_QPS_RESET) | to_state(y, IBV_QPS_RESET);
+    r |= to_init(x, ALL_ACCESS_FLAGS) | to_init(y, ALL_ACCESS_FLAGS);
+    r |= to_rtr(x, y->qp_num, min_rnr) | to_rtr(y, x->qp_num, min_rnr);
+    r |= to_rts(x, rnr_retry) | to_rts(y, rnr_retry);
+    return r;
+}
+
+static struct ibv_qp *new_qp(struct ibv_cq *scq, struct ibv_cq *rcq, struct ibv_srq *srq)
+{
+    struct ibv_qp_init_attr init = { .send_cq = scq, .recv_cq = rcq, .srq = srq,
+                                     .qp_type = IBV_QPT_RC,
+                                     .cap = { .max_send_wr = 64, .max_recv_wr = 64,
+                                              .max_send_sge = 2, .max_recv_sge = 2 } };
+    return ibv_create_qp(pd, &init);
+}
+
+/* One completion within ms milliseconds; 0 on timeout or error. */
+static int wait_wc(struct ibv_cq *cq, struct ibv_wc *wc, int ms)
+{
+    double end = now_ms() + ms;
+    do {
+        int n = ibv_poll_cq(cq, 1, wc);
+        if (n < 0)
+            return 0;
+        if (n == 1)
+            return 1;
+    } while (now_ms() < end);
+    return 0;
+}
+
+static int quiet(struct ibv_cq *cq, int ms)
+{
+    struct ibv_wc wc;
+    return !wait_wc(cq, &wc, ms);
+}
+
+static void expect_wc(struct ibv_cq *cq, uint64_t id, enum ibv_wc_status st, int opcode,
+                      const char *what, int line)
+{
+    struct ibv_wc wc;
+    memset(&wc, 0xee, sizeof(wc));
+    if (!wait_wc(cq, &wc, 3000)) {
+        failures++;
+        printf("FAIL line %d: %s: no completion\n", line, what);
+        return;
+    }
+    if (wc.wr_id != id || wc.status != st || (opcode >= 0 && (int)wc.opcode != opcode)) {
+        failures++;
+        printf("FAIL line %d: %s: wr_id %" PRIu64 " status %s (%d) opcode %d; expected %" PRIu64
+               " %s opcode %d\n", line, what, wc.wr_id, ibv_wc_status_str(wc.status), wc.status,
+               wc.opcode, id, ibv_wc_status_str(st), opcode);
+    }
+}
+#define EXPECT(cq, id, st, op, what) expect_wc(cq, id, st, op, what, __LINE__)
+
+static int post(struct ibv_qp *qp, enum ibv_wr_opcode op, uint64_t id, void *buf, uint32_t len,
+                uint32_t lkey, unsigned flags, uint64_t raddr, uint32_t rkey)
+{
+    struct ibv_sge sge = { .addr = (uintptr_t)buf, .length = len, .lkey = lkey };
+    struct ibv_send_wr wr = { .wr_id = id, .sg_list = &sge, .num_sge = 1, .opcode = op,
+                              .send_flags = flags }, *bad = NULL;
+    wr.wr.rdma.remote_addr = raddr;
+    wr.wr.rdma.rkey = rkey;
+    return ibv_post_send(qp, &wr, &bad);
+}
+
+static int post_recv(struct ibv_qp *qp, uint64_t id, void *buf, uint32_t len, uint32_t lkey)
+{
+    struct ibv_sge sge = { .addr = (uintptr_t)buf, .length = len, .lkey = lkey };
+    struct ibv_recv_wr wr = { .wr_id = id, .sg_list = &sge, .num_sge = 1 }, *bad = NULL;
+    return ibv_post_recv(qp, &wr, &bad);
+}
+
+#define SIG IBV_SEND_SIGNALED
+
+static unsigned char *buf;
+static struct ibv_mr *mr;
+#define BUF_LEN (1 << 16)
+
+static void reg_buf(void)
+{
+    buf = aligned_alloc(4096, BUF_LEN);
+    memset(buf, 0, BUF_LEN);
+    mr = ibv_reg_mr(pd, buf, BUF_LEN, ALL_ACCESS_FLAGS);
+    if (!mr) {
+        printf("reg_mr: %s\n", strerror(errno));
+        exit(1);
+    }
+}
+
+/* ---- resize ---------------------------------------------------------------------------- */
+
+/* The QPs of the resize checks: a writes into b; a's send CQ is the one resized. b's receive
+ * CQ (cqb) is the witness: a's SQ runs in order, so once an unsignaled SEND posted after the
+ * writes has landed in b, the writes' completions are in a's CQ. */
+static struct ibv_qp *ra, *rb;
+static struct ibv_cq *rcqb;
+
+static void writes(uint64_t first, int n)
+{
+    for (int i = 0; i < n; i++)
+        CHECK(post(ra, IBV_WR_RDMA_WRITE, first + i, buf, 8, mr->lkey, SIG,
+                   (uintptr_t)buf + 4096, mr->rkey) == 0, "post write %d", i);
+}
+
+static void settle(uint64_t id)
+{
+    CHECK(post_recv(rb, id, buf + 8192, 8, mr->lkey) == 0, "post_recv witness");
+    CHECK(post(ra, IBV_WR_SEND, 999999, buf, 8, mr->lkey, 0, 0, 0) == 0, "post witness send");
+    EXPECT(rcqb, id, IBV_WC_SUCCESS, IBV_WC_RECV, "witness");
+}
+
+static void expect_ids(struct ibv_cq *cq, uint64_t first, int n, const char *what)
+{
+    for (int i = 0; i < n; i++)
+        EXPECT(cq, first + i, IBV_WC_SUCCESS, IBV_WC_RDMA_WRITE, what);
+}
+
+struct poller {
+    struct ibv_cq *cq;
+    int total;
+    int seen;
+    int out_of_order;
+    int errors;
+    uint64_t *ids;
+};
+
+static void *poll_thread(void *arg)
+{
+    struct poller *p = arg;
+    double end = now_ms() + 30000;
+    struct ibv_wc wc[8];
+    while (p->seen < p->total && now_ms() < end) {
+        int n = ibv_poll_cq(p->cq, 8, wc);
+        if (n < 0) {
+            p->errors++;
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            if (wc[i].status != IBV_WC_SUCCESS)
+                p->errors++;
+            if (p->seen < p->total)
+                p->ids[p->seen] = wc[i].wr_id;
+            if (wc[i].wr_id != (uint64_t)p->seen)
+                p->out_of_order++;
+            p->seen++;
+        }
+    }
+    return NULL;
+}
+
+static int resize_checks(void)
+{
+    open_ctx();
+    reg_buf();
+    struct ibv_cq *cq = ibv_create_cq(ctx, 16, NULL, NULL, 0);
+    rcqb = ibv_create_cq(ctx, 16, NULL, NULL, 0);
+    CHECK(cq && rcqb && cq->cqe >= 16, "create CQs");
+    ra = new_qp(cq, cq, NULL);
+    rb = new_qp(rcqb, rcqb, NULL);
+    CHECK(ra && rb && connect_qps(ra, rb, 7, 1) == 0, "connect");
+    if (failures)
+        return 1;
+
+    /* Ten completions, two polled, eight pending. */
+    writes(0, 10);
+    settle(1);
+    expect_ids(cq, 0, 2, "before any resize");
+    int before = cq->cqe;
+    CHECK(ibv_resize_cq(cq, 7) == EINVAL && cq->cqe == before, "below the 8 pending: EINVAL");
+    CHECK(ibv_resize_cq(cq, 0) == EINVAL && ibv_resize_cq(cq, -3) == EINVAL, "size 0 or less");
+    CHECK(ibv_resize_cq(cq, dev.max_cqe + 1) == EINVAL && cq->cqe == before, "beyond max_cqe");
+    CHECK(ibv_resize_cq(cq, 8) == 0 && cq->cqe >= 8, "down to the pending count (cqe %d)",
+          cq->cqe);
+    expect_ids(cq, 2, 8, "pending completions kept in order");
+    CHECK(quiet(cq, 20), "nothing more");
+
+    /* Up with 12 pending, then down to exactly the 40 pending; new ones after old ones. */
+    writes(100, 12);
+    settle(2);
+    CHECK(ibv_resize_cq(cq, 300) == 0 && cq->cqe >= 300, "up to 300 (cqe %d)", cq->cqe);
+    writes(112, 28);
+    settle(3);
+    CHECK(ibv_resize_cq(cq, 39) == EINVAL, "39 < 40 pending");
+    CHECK(ibv_resize_cq(cq, 40) == 0 && cq->cqe >= 40 && cq->cqe < 300,
+          "down to 40 (cqe %d)", cq->cqe);
+    writes(140, 10);
+    settle(4);
+    expect_ids(cq, 100, 50, "in order across two resizes");
+    CHECK(quiet(cq, 20), "nothing more");
+    /* The larger ring really holds more than the original 16 without holding the QP back. */
+    CHECK(ibv_resize_cq(cq, 200) == 0, "up to 200");
+    writes(200, 60);
+    settle(5);
+    CHECK(ibv_resize_cq(cq, 59) == EINVAL, "60 pending in a 200-entry CQ");
+    expect_ids(cq, 200, 60, "60 completions held at once");
+
+    /* A poller thread takes completions while this thread posts and resizes: each arrives
+     * exactly once, in order. */
+    struct poller pt = { .cq = cq, .total = 3000 };
+    pt.ids = calloc(pt.total, sizeof(uint64_t));
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, poll_thread, &pt) == 0, "poller thread");
+    int sizes[] = { 16, 64, 33, 128, 20, 1000, 17 };
+    int resized = 0, refused = 0, other = 0;
+    double end = now_ms() + 30000;
+    for (int next = 0, k = 0; next < pt.total && now_ms() < end; k++) {
+        int batch = pt.total - next < 32 ? pt.total - next : 32;
+        for (int i = 0; i < batch && now_ms() < end;) {
+            int r = post(ra, IBV_WR_RDMA_WRITE, next, buf, 8, mr->lkey, SIG,
+                         (uintptr_t)buf + 4096, mr->rkey);
+            if (r == 0) {
+                next++;
+                i++;
+            } else if (r != ENOMEM) {
+                other++;
+                break;
+            }
+        }
+        int r = ibv_resize_cq(cq, sizes[k % 7]);
+        if (r == 0)
+            resized++;
+        else if (r == EINVAL)
+            refused++;
+        else
+            other++;
+    }
+    pthread_join(th, NULL);
+    CHECK(pt.seen == pt.total && pt.out_of_order == 0 && pt.errors == 0 && other == 0,
+          "poller saw %d of %d, %d out of order, %d errors; %d other failures", pt.seen,
+          pt.total, pt.out_of_order, pt.errors, other);
+    CHECK(resized > 10, "%d resizes succeeded (%d refused)", resized, refused);
+    printf("concurrent poller: %d completions, %d resizes, %d refused (pending > size)\n",
+           pt.seen, resized, refused);
+    free(pt.ids);
+    CHECK(quiet(cq, 20), "nothing more");
+
+    /* A completion channel keeps working: armed before a resize, notified after it. */
+    struct ibv_comp_channel *ch = ibv_create_comp_channel(ctx);
+    int tag;
+    struct ibv_cq *ecq = ch ? ibv_create_cq(ctx, 16, &tag, ch, 0) : NULL;
+    struct ibv_qp *ea = ecq ? new_qp(ecq, ecq, NULL) : NULL;
+    CHECK(ch && ecq && ea && connect_qps(ea, rb, 7, 1) == 0, "channel, CQ and QP");
+    if (!ea)
+        return 1;
+    ra = ea;
+    struct pollfd pfd = { .fd = ch->fd, .events = POLLIN };
+    for (int round = 0; round < 3; round++) {
+        CHECK(ibv_req_notify_cq(ecq, 0) == 0, "arm");
+        CHECK(ibv_resize_cq(ecq, round == 1 ? 16 : 64 + round * 100) == 0, "resize armed CQ");
+        CHECK(poll(&pfd, 1, 30) == 0, "no event before a completion");
+        writes(5000 + round, 1);
+        CHECK(poll(&pfd, 1, 3000) == 1 && (pfd.revents & POLLIN), "event after the resize");
+        struct ibv_cq *evcq = NULL;
+        void *evctx = NULL;
+        CHECK(ibv_get_cq_event(ch, &evcq, &evctx) == 0 && evcq == ecq && evctx == &tag,
+              "get_cq_event");
+        ibv_ack_cq_events(ecq, 1);
+        EXPECT(ecq, 5000 + round, IBV_WC_SUCCESS, IBV_WC_RDMA_WRITE, "the notified completion");
+        CHECK(poll(&pfd, 1, 20) == 0, "one event per arming");
+    }
+    CHECK(ibv_destroy_qp(ea) == 0 && ibv_destroy_cq(ecq) == 0 &&
+          ibv_destroy_comp_channel(ch) == 0, "destroy the channel's objects");
+    printf(failures ? "%d checks failed\n" : "checks passed\n", failures);
+    return failures != 0;
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc >= 2 && strcmp(argv[1], "resize") == 0)
+        return resize_checks();
+    printf("usage: srq_probe resize | srq\n");
+    return 2;
+}
