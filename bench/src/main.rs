@@ -26,7 +26,8 @@ experiments:
   rdma [--json] [--reps N] [--messages N] [--samples N] [--bw-ops N] [--app-core N] [--router-core N]      (root)
       two QPs of one host through the router's software engine: 64-byte SEND/RECV and
       RDMA WRITE message rate, SEND round trip (p50/p99), 64 KiB RDMA WRITE bandwidth against
-      memcpy on the application's core, router CPU per operation (needs cc and libibverbs-dev)
+      memcpy on the application's core, router CPU per operation (needs cc and libibverbs-dev);
+      Ctrl-C removes everything
   probe DIR [--json] [--samples N]
       attach to the router serving DIR from this process's network namespace (a registered
       container) and time round trips through it; a refusal is printed with the router's reason";

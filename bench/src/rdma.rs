@@ -11,19 +11,29 @@
 //! of a 64-byte SEND from one QP to the other and back (hdrhistogram p50/p99), the bandwidth of
 //! 64 KiB RDMA WRITEs against a memcpy of the same buffers on the application's core in the
 //! same run, and the router's CPU time per operation in each phase.
+//!
+//! Ctrl-C (SIGINT, SIGTERM, SIGHUP; also when `freeflow demo` forwards it): the signals are
+//! blocked and collected (see `signals`), the measuring program is killed, and the namespace, the
+//! router and its directory are removed before the experiment ends with an error.
 
 use crate::router::PrivateRouter;
+use crate::signals::Interrupts;
 use crate::stats::median;
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::identity::NetnsId;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+use std::io::Read;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The measuring program.
 const PROGRAM: &str = include_str!("rdma_bench.c");
+/// Longest one run of the measuring program may take before it is killed (the defaults take a
+/// few seconds).
+const RUN_LIMIT: Duration = Duration::from_secs(300);
 
 pub struct Options {
     pub reps: usize,
@@ -125,32 +135,71 @@ fn one_run(
     ns: &str,
     program: &Path,
     opts: &Options,
+    stop: &Interrupts,
 ) -> Result<Sample, String> {
-    let out = Command::new("ip")
+    stop.check()?;
+    // `ip netns exec` and `env` exec the program, so the child is the program itself and
+    // killing it leaves nothing behind (unlike `timeout`, which runs it in a process group of
+    // its own).
+    let mut child = Command::new("ip")
         .args(["netns", "exec", ns, "env"])
         .arg(format!("FREEFLOW_DIR={}", router.dir().display()))
         .arg(format!(
             "LD_LIBRARY_PATH={}",
             router.dir().join("verbs").display()
         ))
-        .args(["timeout", "-s", "KILL", "300"])
         .arg(program)
         .arg(router.pid().to_string())
         .arg(opts.app_core.to_string())
         .arg(opts.messages.to_string())
         .arg(opts.samples.to_string())
         .arg(opts.bw_ops.to_string())
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| format!("running the measuring program: {e}"))?;
-    if !out.status.success() {
+    // Both pipes are read while waiting: the round-trip samples alone are a few hundred KB.
+    let read_all = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text);
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = read_all(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read_all(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + RUN_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| format!("wait: {e}"))? {
+            break Ok(status);
+        }
+        // SIGCHLD ends this wait when the program exits.
+        let interrupted = stop.wait(Duration::from_millis(200)).is_some();
+        if interrupted || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            stop.check()?;
+            break Err(format!(
+                "the measuring program did not finish within {RUN_LIMIT:?} and was killed"
+            ));
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    let status = status?;
+    if !status.success() {
+        // A Ctrl-C from the terminal reaches the program too; say why it failed.
+        stop.check()?;
         return Err(format!(
-            "the measuring program failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            "the measuring program failed ({status}): {}",
+            stderr.trim()
         ));
     }
     let mut phases = std::collections::HashMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in stdout.lines() {
         let p: Phase =
             serde_json::from_str(line).map_err(|e| format!("bad phase line {line:?}: {e}"))?;
         phases.insert(p.phase.clone(), p);
@@ -191,6 +240,12 @@ fn one_run(
 }
 
 pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, String> {
+    // Before any thread is started (see `signals`).
+    let stop = Interrupts::block()?;
+    progress(&format!(
+        "rdma: starting a private router on core {} and building the measuring program",
+        opts.router_core
+    ));
     let router = PrivateRouter::start("rdma", &opts.router_core.to_string())?;
     let verbs = router.dir().join("verbs");
     std::fs::create_dir_all(&verbs).map_err(|e| e.to_string())?;
@@ -216,9 +271,11 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Str
     }])?;
     let mut reps = Vec::new();
     for rep in 0..opts.reps {
+        stop.check()?;
         progress(&format!("rdma: repetition {} of {}", rep + 1, opts.reps));
-        reps.push(one_run(&router, &ns.0, &program, opts)?);
+        reps.push(one_run(&router, &ns.0, &program, opts, &stop)?);
     }
+    progress("rdma: stopping the router and removing its namespace");
     let m = |f: fn(&Sample) -> f64| median(reps.iter().map(f));
     let median = Sample {
         send_mops: m(|s| s.send_mops),
@@ -234,6 +291,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Str
         router_ns_per_64k_write: m(|s| s.router_ns_per_64k_write),
     };
     drop(ns);
+    drop(router);
     Ok(Report {
         experiment: "rdma",
         repetitions: opts.reps,

@@ -8,6 +8,13 @@
 //!    `freeflow-bench tcp --json`, which builds and removes a second cluster of its own. Its
 //!    progress lines become ours; its JSON report becomes the table. Running it as a program
 //!    keeps this crate independent of the bench crate.
+//! 3. Runs the RDMA comparison on this host the same way, with `freeflow-bench rdma --json`: a
+//!    private router and two QPs through its software verbs engine; the table sets message rate,
+//!    round trip and bandwidth against the project's targets and against memcpy in the same run.
+//!    It needs a C compiler and the verbs headers (its measuring program is C); without them the
+//!    demo says the part is skipped and why, and still succeeds (`--part rdma` fails instead).
+//!
+//! `--part tcp` runs 1 and 2, `--part rdma` only 3.
 //!
 //! Progress goes to stderr, one line per step (`[3/16] ...`); results go to stdout.
 //!
@@ -28,7 +35,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -59,20 +66,52 @@ const CHILD_CLEANUP_LIMIT: Duration = Duration::from_secs(60);
 /// After a child exited, how long to wait for its pipes to close (a grandchild that survived
 /// may hold them; we stop reading rather than hang).
 const PIPE_GRACE: Duration = Duration::from_secs(2);
-/// Fixed steps: build, up, register, attach + status, remove, TCP build, TCP remove.
-const FIXED_STEPS: usize = 7;
+/// Sizes of one RDMA repetition (`freeflow-bench rdma`): about a second on this VM, so three
+/// repetitions add well under 20 s. Big enough for the router's CPU time, which the kernel counts
+/// in 10 ms ticks: the shortest phase (the round trips) spans about ten of them.
+const RDMA_MESSAGES: &str = "2000000";
+const RDMA_SAMPLES: &str = "100000";
+const RDMA_BW_OPS: &str = "100000";
+/// The project's RDMA targets (the issue): messages per second per router core, 3x what the
+/// original Freeflow reached on real hardware, and the round trip.
+const RDMA_TARGET_MOPS: f64 = 4.2;
+const ORIGINAL_FREEFLOW_MOPS: f64 = 1.4;
+const RDMA_TARGET_RTT_US: f64 = 2.0;
+/// What to install when the RDMA part cannot run.
+const RDMA_INSTALL_HINT: &str = "install build-essential libibverbs-dev";
+/// Steps of the attach part: build, up, register, attach + status, remove.
+const ATTACH_STEPS: usize = 5;
+/// Fixed steps of the TCP comparison (build, remove) and of the RDMA one (start, stop); each
+/// repetition adds one per TCP path and one for RDMA.
+const TCP_FIXED_STEPS: usize = 2;
+const RDMA_FIXED_STEPS: usize = 2;
+
+/// Which parts of the demo to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Part {
+    /// The simulated cluster, then the TCP and the RDMA comparisons
+    All,
+    /// The simulated cluster (attachments, status) and the TCP comparison
+    Tcp,
+    /// Only the RDMA comparison on this host
+    Rdma,
+}
 
 /// `freeflow demo` options.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Repetitions of each TCP measurement; the table shows medians
+    /// Which part to run
+    #[arg(long, value_enum, default_value_t = Part::All)]
+    part: Part,
+    /// Repetitions of each TCP and RDMA measurement; the tables show medians
     #[arg(long, value_name = "N", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..=100))]
     reps: u32,
     /// Seconds of each one-stream throughput measurement
     #[arg(long, value_name = "S", default_value_t = 2.0, value_parser = parse_seconds)]
     seconds: f64,
-    /// Print one JSON object (clusters, attachments, status, TCP report) instead of text
+    /// Print one JSON object (clusters, attachments, status, TCP and RDMA reports) instead of
+    /// text
     #[arg(long)]
     json: bool,
 }
@@ -126,6 +165,9 @@ pub enum DemoError {
         /// Its last words on stderr.
         said: String,
     },
+    /// `--part rdma` on a machine that cannot build the RDMA measuring program.
+    #[error("the RDMA comparison cannot run here: {0}")]
+    RdmaUnavailable(String),
     /// Something did not behave as Freeflow should (e.g. a stranger was let in).
     #[error("{0}")]
     Unexpected(String),
@@ -270,6 +312,8 @@ enum Event {
 
 /// What [`run_child`] tells its caller while the child runs.
 enum Seen<'a> {
+    /// The child started with this pid.
+    Started(u32),
     /// A line the child wrote to stderr.
     Line(&'a str),
     /// A termination signal arrived and was forwarded to the child.
@@ -293,6 +337,7 @@ fn run_child(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(io_err(format!("cannot run `{command}`")))?;
+    seen(Seen::Started(child.id()));
     // Readers in threads (they inherit the blocked signals) so that the main thread can watch
     // the signalfd and the child at the same time.
     let (tx, rx) = mpsc::channel();
@@ -729,6 +774,7 @@ fn tcp_part(
             "{}: freeflow-bench stops and removes its cluster",
             signal_name(sig)
         )),
+        Seen::Started(_) => {}
     });
     // Whatever happened to freeflow-bench (killed after the limit, crashed), nothing of its
     // cluster may stay: its namespaces (and the processes in them) and its directory.
@@ -825,6 +871,341 @@ fn print_table(report: &TcpReport) {
     let _ = out.flush();
 }
 
+// ---------------------------------------------------------------- part 3: RDMA
+
+/// What the RDMA table reads of `freeflow-bench rdma --json`.
+#[derive(Debug, Deserialize)]
+struct RdmaReport {
+    repetitions: usize,
+    app_core: usize,
+    router_core: usize,
+    median: RdmaSample,
+}
+
+#[derive(Debug, Deserialize)]
+struct RdmaSample {
+    send_mops: f64,
+    write_mops: f64,
+    rtt_p50_us: f64,
+    rtt_p99_us: f64,
+    write_gbytes_per_sec: f64,
+    memcpy_gbytes_per_sec: f64,
+    write_vs_memcpy: f64,
+    router_ns_per_send: f64,
+    router_ns_per_write: f64,
+    router_ns_per_round_trip: f64,
+    router_ns_per_64k_write: f64,
+}
+
+/// `Ok` if freeflow-bench can build its RDMA measuring program here: a C compiler (`cc`) and the
+/// verbs headers and library (libibverbs-dev). Else why not, with what to install. Compiles and
+/// links a two-line program, as freeflow-bench will (a tenth of a second).
+fn rdma_prerequisites() -> Result<(), String> {
+    let output =
+        std::env::temp_dir().join(format!("freeflow-demo-verbs-check-{}", std::process::id()));
+    let child = Command::new("cc")
+        .args(["-x", "c", "-", "-o"])
+        .arg(&output)
+        .arg("-libverbs")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(format!("no C compiler (cc) found; {RDMA_INSTALL_HINT}"));
+        }
+        Err(e) => return Err(format!("cannot run cc ({e}); {RDMA_INSTALL_HINT}")),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // A failed write shows as cc's error below.
+        let _ = stdin.write_all(
+            b"#include <infiniband/verbs.h>\n\
+              int main(void) { return ibv_get_device_list(0) != 0; }\n",
+        );
+    }
+    let result = child.wait_with_output();
+    let _ = std::fs::remove_file(&output);
+    let out = result.map_err(|e| format!("waiting for cc: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    Err(if said.contains("verbs.h") {
+        format!("the verbs headers (infiniband/verbs.h) are not installed; {RDMA_INSTALL_HINT}")
+    } else if said.contains("ibverbs") {
+        format!("the verbs library (libibverbs.so) is not installed; {RDMA_INSTALL_HINT}")
+    } else {
+        format!(
+            "cc cannot build a verbs program ({}); {RDMA_INSTALL_HINT}",
+            last_words(&said)
+        )
+    })
+}
+
+/// freeflow-bench rdma's namespace and router directory, named after its pid (bench/src/rdma.rs
+/// and bench/src/router.rs).
+fn rdma_netns(bench_pid: u32) -> String {
+    format!("ffrdma-{bench_pid}")
+}
+
+fn rdma_dir(bench_pid: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("freeflow-bench-rdma-{bench_pid}"))
+}
+
+/// Our step line for one of freeflow-bench rdma's progress lines (`None`: not a progress line).
+fn rdma_step(line: &str, netns: &str) -> Option<String> {
+    let what = line.strip_prefix("[freeflow-bench] rdma: ")?;
+    Some(
+        if let Some(core) = what.strip_prefix("starting a private router on core ") {
+            let core = core.split_whitespace().next().unwrap_or("?");
+            format!(
+                "RDMA comparison on this host: a private router on core {core}; a C program built \
+             against the verbs headers runs in namespace {netns} (a registered container) \
+             with two QPs connected through the router"
+            )
+        } else if let Some(rest) = what.strip_prefix("repetition ") {
+            match rest.split_once(" of ") {
+                Some((done, total)) => format!(
+                    "RDMA repetition {done}/{total}: 64 B SEND/RECV and RDMA WRITE message rates, \
+                 SEND round trips, 64 KiB RDMA WRITE bandwidth and memcpy"
+                ),
+                None => format!("RDMA {what}"),
+            }
+        } else if what.starts_with("stopping") {
+            format!("RDMA comparison: stopping its router and removing namespace {netns}")
+        } else {
+            format!("RDMA: {what}")
+        },
+    )
+}
+
+fn rdma_part(
+    args: &DemoArgs,
+    programs: &Programs,
+    stop: &Interrupt,
+    progress: &mut Progress,
+) -> Result<Value, DemoError> {
+    let mut cmd = Command::new(&programs.bench);
+    cmd.args(["rdma", "--json", "--reps", &args.reps.to_string()])
+        .args(["--messages", RDMA_MESSAGES, "--samples", RDMA_SAMPLES])
+        .args(["--bw-ops", RDMA_BW_OPS]);
+    let command = describe(&cmd);
+    let mut bench_pid = None;
+    let finished = run_child(&mut cmd, stop, &mut |seen| match seen {
+        Seen::Started(pid) => bench_pid = Some(pid),
+        Seen::Line(line) => {
+            let netns = rdma_netns(bench_pid.unwrap_or_default());
+            if let Some(step) = rdma_step(line, &netns) {
+                progress.step(step);
+            } else if !line.starts_with("freeflow-bench: ") {
+                progress.note(line);
+            }
+        }
+        Seen::Signal(sig) => progress.note(format_args!(
+            "{}: freeflow-bench stops its router and removes its namespace",
+            signal_name(sig)
+        )),
+    });
+    let leftovers = bench_pid.map_or(Ok(()), remove_rdma_leftovers);
+    let out = finished?.ok(&command)?;
+    leftovers?;
+    serde_json::from_str(out.trim()).map_err(|e| {
+        DemoError::Unexpected(format!(
+            "freeflow-bench rdma printed no report ({e}): {out:?}"
+        ))
+    })
+}
+
+/// Removes what a freeflow-bench rdma (pid `bench_pid`) that could not clean up left: the
+/// program in its namespace, the namespace, its router and the router's directory.
+fn remove_rdma_leftovers(bench_pid: u32) -> Result<(), DemoError> {
+    let mut problems = Vec::new();
+    let netns = rdma_netns(bench_pid);
+    match topology::list_netns() {
+        Ok(all) if all.contains(&netns) => {
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &netns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        let _ = os::send_signal(pid, libc::SIGKILL);
+                    }
+                }
+            }
+            match Command::new("ip").args(["netns", "del", &netns]).output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => problems.push(format!(
+                    "ip netns del {netns}: {}",
+                    last_words(&String::from_utf8_lossy(&out.stderr))
+                )),
+                Err(e) => problems.push(format!("ip netns del {netns}: {e}")),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => problems.push(e.to_string()),
+    }
+    let dir = rdma_dir(bench_pid);
+    for pid in routers_serving(&dir) {
+        let _ = os::send_signal(pid, libc::SIGKILL);
+    }
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            problems.push(format!("removing {}: {e}", dir.display()));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(DemoError::Cleanup(problems))
+    }
+}
+
+/// Processes started with `--dir DIR` (a router freeflow-bench started and could not stop).
+fn routers_serving(dir: &std::path::Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let dir = dir.as_os_str().as_encoded_bytes();
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args.windows(2).any(|w| w[0] == b"--dir" && w[1] == dir)
+        })
+        .collect()
+}
+
+/// Width of the notes under a table.
+const NOTE_WIDTH: usize = 95;
+
+/// `text` in lines of at most `width` characters, broken between words.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// `1.36x`: a ratio for the comparison column.
+fn times(ratio: f64) -> String {
+    format!("{ratio:.2}x")
+}
+
+fn print_rdma_table(report: &RdmaReport) {
+    let m = &report.median;
+    let mut out = io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\nRDMA between two QPs on this host, through Freeflow's router: its software verbs \
+         engine, no RDMA NIC\n(medians of {} repetition{}; application on core {}, router on \
+         core {})",
+        report.repetitions,
+        if report.repetitions == 1 { "" } else { "s" },
+        report.app_core,
+        report.router_core
+    );
+    let row = |what: &str, value: String, cpu: Option<f64>, compared: String| {
+        format!(
+            "{what:<30}{value:>11}{:>16}   {compared}",
+            cpu.map(|ns| format!("{ns:.0} ns")).unwrap_or_default()
+        )
+    };
+    let rows = [
+        format!(
+            "{:<30}{:>11}{:>16}   {}",
+            "", "measured", "router CPU/op", "compared with"
+        ),
+        row(
+            "64 B SEND/RECV message rate",
+            format!("{:.2} M/s", m.send_mops),
+            Some(m.router_ns_per_send),
+            format!(
+                "{} the {RDMA_TARGET_MOPS} M/s target",
+                times(m.send_mops / RDMA_TARGET_MOPS)
+            ),
+        ),
+        row(
+            "64 B RDMA WRITE message rate",
+            format!("{:.2} M/s", m.write_mops),
+            Some(m.router_ns_per_write),
+            format!(
+                "{} the {RDMA_TARGET_MOPS} M/s target",
+                times(m.write_mops / RDMA_TARGET_MOPS)
+            ),
+        ),
+        row(
+            "64 B SEND round trip p50",
+            format!("{:.2} µs", m.rtt_p50_us),
+            Some(m.router_ns_per_round_trip),
+            format!(
+                "{} the {RDMA_TARGET_RTT_US} µs target",
+                times(m.rtt_p50_us / RDMA_TARGET_RTT_US)
+            ),
+        ),
+        row(
+            "64 B SEND round trip p99",
+            format!("{:.2} µs", m.rtt_p99_us),
+            None,
+            format!(
+                "{} the {RDMA_TARGET_RTT_US} µs target",
+                times(m.rtt_p99_us / RDMA_TARGET_RTT_US)
+            ),
+        ),
+        row(
+            "64 KiB RDMA WRITE bandwidth",
+            format!("{:.1} GB/s", m.write_gbytes_per_sec),
+            Some(m.router_ns_per_64k_write),
+            format!(
+                "{} memcpy on one core ({:.1} GB/s)",
+                times(m.write_vs_memcpy),
+                m.memcpy_gbytes_per_sec
+            ),
+        ),
+    ];
+    for line in rows {
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    let notes = format!(
+        "Targets (from the project's issue): {RDMA_TARGET_MOPS} M messages/s per router core, \
+         {:.0}x the {ORIGINAL_FREEFLOW_MOPS} M/s the original Freeflow reached on real RDMA \
+         hardware; a round trip under {RDMA_TARGET_RTT_US} µs (lower is better). memcpy: one \
+         core copying the same 64 KiB buffers in this run, about the most a software copy can \
+         move. Router CPU/op: the router's CPU time in a phase divided by its operations (a \
+         round trip is two SENDs; the router polls while work is pending, so there it is about \
+         the elapsed time). All of this is the router's software engine between two programs \
+         on one host: what the router costs, not what an RDMA NIC between two hosts would do.",
+        RDMA_TARGET_MOPS / ORIGINAL_FREEFLOW_MOPS
+    );
+    let _ = writeln!(out);
+    for line in wrap(&notes, NOTE_WIDTH) {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = out.flush();
+}
+
+/// Says on stdout that the RDMA part did not run, and why.
+fn print_rdma_skipped(reason: &str) {
+    let _ = writeln!(
+        io::stdout(),
+        "\nRDMA comparison skipped: {reason}; then run `sudo freeflow demo --part rdma`."
+    );
+}
+
 // ---------------------------------------------------------------- the command
 
 fn require_root() -> Result<(), DemoError> {
@@ -852,18 +1233,93 @@ fn require_file(path: PathBuf) -> Result<PathBuf, DemoError> {
 /// is removed.
 pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     require_root()?;
+    let with_tcp = args.part != Part::Rdma;
+    let with_rdma = args.part != Part::Tcp;
     let programs = Programs {
         freeflow: std::env::current_exe().map_err(io_err("cannot find the freeflow executable"))?,
         bench: require_file(supervise::sibling_of_exe("freeflow-bench"))?,
     };
     supervise::router_program()
         .map_err(|_| DemoError::Missing(supervise::sibling_of_exe("freeflow-router")))?;
-    require_file(supervise::sibling_of_exe("libfsocket.so"))?;
+    if with_tcp {
+        require_file(supervise::sibling_of_exe("libfsocket.so"))?;
+    }
+    // Whether the RDMA part can run here is known before the first step, so that the step
+    // count is right; asked for alone, it must run.
+    let rdma_ready = if with_rdma {
+        require_file(supervise::sibling_of_exe("libibverbs.so"))?;
+        Some(rdma_prerequisites())
+    } else {
+        None
+    };
+    if let (Part::Rdma, Some(Err(reason))) = (args.part, &rdma_ready) {
+        return Err(DemoError::RdmaUnavailable(reason.clone()));
+    }
     let stop = Interrupt::install()?;
+    let reps = args.reps as usize;
     let mut progress = Progress {
         done: 0,
-        total: FIXED_STEPS + 3 * args.reps as usize,
+        total: if with_tcp {
+            ATTACH_STEPS + TCP_FIXED_STEPS + 3 * reps
+        } else {
+            0
+        } + match &rdma_ready {
+            Some(Ok(())) => RDMA_FIXED_STEPS + reps,
+            Some(Err(_)) => 1,
+            None => 0,
+        },
     };
+    let mut value = serde_json::Map::new();
+    let mut removed = Vec::new();
+    if with_tcp {
+        let tags = cluster_and_tcp(args, &programs, &stop, &mut progress, &mut value)?;
+        removed.push(format!(
+            "clusters {} and {} and their daemons",
+            tags[0], tags[1]
+        ));
+    }
+    match rdma_ready {
+        None => {}
+        Some(Ok(())) => {
+            stop.check()?;
+            let rdma_json = rdma_part(args, &programs, &stop, &mut progress)?;
+            let report: RdmaReport = serde_json::from_value(rdma_json.clone()).map_err(|e| {
+                DemoError::Unexpected(format!(
+                    "freeflow-bench rdma's report is not what we read: {e}"
+                ))
+            })?;
+            if !args.json {
+                print_rdma_table(&report);
+            }
+            value.insert("rdma".into(), rdma_json);
+            removed.push("the RDMA comparison's router and namespace".to_owned());
+        }
+        Some(Err(reason)) => {
+            progress.step(format_args!("RDMA comparison skipped: {reason}"));
+            if !args.json {
+                print_rdma_skipped(&reason);
+            }
+            value.insert("rdma".into(), json!({ "skipped": reason }));
+        }
+    }
+    if args.json {
+        let text =
+            serde_json::to_string_pretty(&Value::Object(value)).unwrap_or_else(|_| "null".into());
+        let _ = writeln!(io::stdout(), "{text}");
+    }
+    let _ = writeln!(io::stderr(), "done: {} are removed", removed.join("; "));
+    Ok(())
+}
+
+/// Parts 1 and 2: the simulated cluster, then the TCP comparison. Prints their text (unless
+/// `--json`), adds `clusters`, `attach` and `tcp` to `value`, returns the two cluster tags.
+fn cluster_and_tcp(
+    args: &DemoArgs,
+    programs: &Programs,
+    stop: &Interrupt,
+    progress: &mut Progress,
+    value: &mut serde_json::Map<String, Value>,
+) -> Result<[String; 2], DemoError> {
     // Two clusters, so two tags; both are printed in the progress lines, so a leftover (after
     // a SIGKILL) can be found and removed with `freeflow cluster down --tag`.
     let attach_tag = topology::fresh_tag("dm");
@@ -876,7 +1332,7 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         work_created: false,
         hosts_up: Vec::new(),
     };
-    let attached = attach_part(&mut made, &attach_tag, &programs, &stop, &mut progress);
+    let attached = attach_part(&mut made, &attach_tag, programs, stop, progress);
     if let Ok(a) = &attached {
         if !args.json {
             print_attached(&attach_tag, a);
@@ -900,7 +1356,7 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     };
     stop.check()?;
 
-    let tcp_json = tcp_part(&tcp_tag, args, &programs, &stop, &mut progress)?;
+    let tcp_json = tcp_part(&tcp_tag, args, programs, stop, progress)?;
     let report: TcpReport = serde_json::from_value(tcp_json.clone()).map_err(|e| {
         DemoError::Unexpected(format!(
             "freeflow-bench tcp's report is not what we read: {e}"
@@ -912,27 +1368,7 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
             report.paths.len()
         )));
     }
-    if args.json {
-        let value = json!({
-            "clusters": [attach_tag, tcp_tag],
-            "attach": {
-                "containers": attached.probes.iter().map(|(host, p)| json!({
-                    "host": host,
-                    "container": p.container,
-                    "tenant": p.tenant,
-                    "ip": p.ip,
-                    "shard": p.shard,
-                    "rtt_p50_ns": p.rtt_p50_ns,
-                    "rtt_p99_ns": p.rtt_p99_ns,
-                })).collect::<Vec<_>>(),
-                "stranger_refused": attached.stranger_refused,
-                "status": attached.status_json,
-            },
-            "tcp": tcp_json,
-        });
-        let text = serde_json::to_string_pretty(&value).unwrap_or_else(|_| "null".into());
-        let _ = writeln!(io::stdout(), "{text}");
-    } else {
+    if !args.json {
         print_table(&report);
     }
     let left: Vec<String> = [&attach_tag, &tcp_tag]
@@ -946,11 +1382,25 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
             left.join(" ")
         )]));
     }
-    let _ = writeln!(
-        io::stderr(),
-        "done: clusters {attach_tag} and {tcp_tag} and their daemons are removed"
+    value.insert("clusters".into(), json!([attach_tag, tcp_tag]));
+    value.insert(
+        "attach".into(),
+        json!({
+            "containers": attached.probes.iter().map(|(host, p)| json!({
+                "host": host,
+                "container": p.container,
+                "tenant": p.tenant,
+                "ip": p.ip,
+                "shard": p.shard,
+                "rtt_p50_ns": p.rtt_p50_ns,
+                "rtt_p99_ns": p.rtt_p99_ns,
+            })).collect::<Vec<_>>(),
+            "stranger_refused": attached.stranger_refused,
+            "status": attached.status_json,
+        }),
     );
-    Ok(())
+    value.insert("tcp".into(), tcp_json);
+    Ok([attach_tag, tcp_tag])
 }
 
 #[cfg(test)]
@@ -977,6 +1427,44 @@ mod tests {
                 .contains("ff-t1-*")
         );
         assert_eq!(tcp_step("freeflow-bench: boom", "t1"), None);
+    }
+
+    #[test]
+    fn rdma_progress_becomes_steps() {
+        let start = rdma_step(
+            "[freeflow-bench] rdma: starting a private router on core 1 and building the \
+             measuring program",
+            "ffrdma-42",
+        )
+        .unwrap();
+        assert!(start.contains("router on core 1;"), "{start}");
+        assert!(start.contains("namespace ffrdma-42 "), "{start}");
+        assert!(
+            rdma_step("[freeflow-bench] rdma: repetition 2 of 3", "ffrdma-42")
+                .unwrap()
+                .starts_with("RDMA repetition 2/3: ")
+        );
+        assert_eq!(
+            rdma_step(
+                "[freeflow-bench] rdma: stopping the router and removing its namespace",
+                "ffrdma-42"
+            )
+            .as_deref(),
+            Some("RDMA comparison: stopping its router and removing namespace ffrdma-42")
+        );
+        assert_eq!(rdma_step("freeflow-bench: boom", "ffrdma-42"), None);
+        assert_eq!(rdma_step("[freeflow-bench] tcp: x", "ffrdma-42"), None);
+    }
+
+    #[test]
+    fn notes_wrap_between_words() {
+        assert_eq!(wrap("a bb ccc dd", 6), ["a bb", "ccc dd"]);
+        assert_eq!(wrap("abcdefgh ij", 4), ["abcdefgh", "ij"]);
+        assert!(wrap("  ", 10).is_empty());
+        let text = "word ".repeat(100);
+        assert!(wrap(&text, NOTE_WIDTH)
+            .iter()
+            .all(|l| l.len() <= NOTE_WIDTH));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `freeflow demo` end to end: the real demo with the smallest measurements, and the same
-//! interrupted part way. They need root and the whole workspace built (`cargo build
-//! --workspace`: the demo runs freeflow-bench, freeflow-router and libfsocket.so from next to
-//! the `freeflow` binary); without either they fail saying so, they never skip.
+//! interrupted part way (in the TCP part and in the RDMA part). They need root, the whole
+//! workspace built (`cargo build --workspace`: the demo runs freeflow-bench, freeflow-router,
+//! libfsocket.so and libibverbs.so from next to the `freeflow` binary) and, for the RDMA part, a
+//! C compiler and libibverbs-dev (scripts/test.sh installs it); without them they fail saying
+//! so, they never skip.
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -15,14 +17,20 @@ use freeflow_control::supervise::os;
 use freeflow_control::topology;
 
 const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");
-/// Bound on one demo run; with `--reps 1 --seconds 0.3` it takes about 10 s in a debug build.
+/// Bound on one demo run; with `--reps 1 --seconds 0.3` it takes about 30 s in a debug build
+/// (10 s the cluster and TCP parts, 17 s the RDMA part).
 const DEMO_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn preflight() {
     if let Err(e) = topology::ensure_root() {
         panic!("the demo tests must run as root: {e}");
     }
-    for sibling in ["freeflow-bench", "freeflow-router", "libfsocket.so"] {
+    for sibling in [
+        "freeflow-bench",
+        "freeflow-router",
+        "libfsocket.so",
+        "libibverbs.so",
+    ] {
         let path = Path::new(FREEFLOW).with_file_name(sibling);
         assert!(
             path.is_file(),
@@ -90,6 +98,69 @@ fn wait_bounded(child: Child) -> Output {
     }
 }
 
+/// The RDMA part's namespace, as the demo announced it (`namespace ffrdma-<pid> `).
+fn announced_rdma_netns(stderr: &str) -> Option<String> {
+    let rest = stderr.split("namespace ffrdma-").nth(1)?;
+    let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    (!pid.is_empty()).then(|| format!("ffrdma-{pid}"))
+}
+
+/// Fails if the RDMA part's namespace, its router's directory or a process serving that
+/// directory is left.
+#[track_caller]
+fn assert_no_rdma_left(netns: &str, output: &str) {
+    let pid = netns.trim_start_matches("ffrdma-");
+    let left = topology::list_netns().expect("list namespaces");
+    if left.iter().any(|n| n == netns) {
+        let _ = Command::new("ip").args(["netns", "del", netns]).status();
+        panic!("namespace {netns} left behind\n{output}");
+    }
+    let dir = std::env::temp_dir().join(format!("freeflow-bench-rdma-{pid}"));
+    assert!(!dir.exists(), "{} left behind\n{output}", dir.display());
+    let dir = dir.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert!(
+            !args.windows(2).any(|w| w[0] == "--dir" && w[1] == dir),
+            "a process still serves {dir}: {args:?}\n{output}"
+        );
+    }
+}
+
+/// The numbers on the RDMA table's row `label` (`9.33 M/s  108 ns  2.22x the 4.2 M/s target`
+/// gives 9.33, 108, 2.22, 4.2); each must be positive and finite.
+#[track_caller]
+fn rdma_row(stdout: &str, label: &str, units: &[&str], all: &str) -> Vec<f64> {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no RDMA row {label:?}\n{all}"));
+    let rest = &line[label.len()..];
+    for unit in units {
+        assert!(rest.contains(unit), "{unit:?} missing: {line}\n{all}");
+    }
+    let numbers: Vec<f64> = rest
+        .split_whitespace()
+        .filter_map(|t| {
+            t.trim_start_matches('(')
+                .trim_end_matches([')', 'x'])
+                .parse::<f64>()
+                .ok()
+        })
+        .collect();
+    assert!(!numbers.is_empty(), "no numbers: {line}\n{all}");
+    for n in &numbers {
+        assert!(n.is_finite() && *n > 0.0, "{n} in {line}\n{all}");
+    }
+    numbers
+}
+
 fn text(out: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}--- stderr\n{}",
@@ -112,6 +183,9 @@ fn demo_prints_the_table_and_removes_everything() {
     let tags = announced_tags(&stderr);
     assert_eq!(tags.len(), 2, "two clusters announced\n{all}");
     assert_nothing_left(&tags, &all);
+    let rdma_netns = announced_rdma_netns(&stderr)
+        .unwrap_or_else(|| panic!("the RDMA part did not run (cc, libibverbs-dev?)\n{all}"));
+    assert_no_rdma_left(&rdma_netns, &all);
     assert!(out.status.success(), "{all}");
 
     // The attach part: both containers in, the stranger out, the status shown.
@@ -138,12 +212,51 @@ fn demo_prints_the_table_and_removes_everything() {
         stdout.contains("With Freeflow, the same containers"),
         "{all}"
     );
-    // One numbered progress line per step, the last one counting all of them.
+    // The RDMA table: five rows, each with its measurement, the router's CPU per operation
+    // where there is one, and the comparison (numbers parsed; no thresholds, the machine is
+    // shared).
     assert!(
-        stderr.contains("[1/10] building a simulated cluster"),
+        stdout.contains("\nRDMA between two QPs on this host"),
         "{all}"
     );
-    assert!(stderr.contains("[10/10] TCP comparison: removing"), "{all}");
+    let cpu_and_ratio = |n: &[f64]| n.len() >= 3;
+    for (label, unit) in [
+        ("64 B SEND/RECV message rate", "M/s"),
+        ("64 B RDMA WRITE message rate", "M/s"),
+        ("64 B SEND round trip p50", "µs"),
+    ] {
+        let n = rdma_row(&stdout, label, &[unit, " ns ", "x the "], &all);
+        assert!(cpu_and_ratio(&n), "{label}: {n:?}\n{all}");
+    }
+    let p99 = rdma_row(
+        &stdout,
+        "64 B SEND round trip p99",
+        &["µs", "x the 2 µs target"],
+        &all,
+    );
+    assert!(p99.len() >= 2, "{p99:?}\n{all}");
+    let bw = rdma_row(
+        &stdout,
+        "64 KiB RDMA WRITE bandwidth",
+        &["GB/s", " ns ", "x memcpy"],
+        &all,
+    );
+    assert_eq!(bw.len(), 4, "bandwidth, CPU, ratio, memcpy: {bw:?}\n{all}");
+    assert!(
+        stdout.contains("the router's software engine between two programs on one host"),
+        "{all}"
+    );
+    // One numbered progress line per step, the last one counting all of them.
+    assert!(
+        stderr.contains("[1/13] building a simulated cluster"),
+        "{all}"
+    );
+    assert!(stderr.contains("[10/13] TCP comparison: removing"), "{all}");
+    assert!(stderr.contains("[12/13] RDMA repetition 1/1: "), "{all}");
+    assert!(
+        stderr.contains("[13/13] RDMA comparison: stopping its router"),
+        "{all}"
+    );
 }
 
 #[test]
@@ -207,6 +320,83 @@ fn demo_interrupted_removes_everything() {
 }
 
 #[test]
+fn demo_interrupted_in_the_rdma_part_removes_everything() {
+    preflight();
+    let mut child = demo(&["--part", "rdma", "--reps", "2"])
+        .spawn()
+        .expect("start freeflow demo");
+    let pid = child.id() as i32;
+    // Interrupt while the measuring program runs (the router, the namespace and the program
+    // all exist then).
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut signalled = false;
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if !signalled && String::from_utf8_lossy(&seen).contains("RDMA repetition 1/2") {
+                signalled = true;
+                // Only the demo: it must pass the signal on to freeflow-bench.
+                let _ = os::send_signal(pid, libc::SIGINT);
+            }
+        }
+        let _ = tx.send((signalled, String::from_utf8_lossy(&seen).into_owned()));
+    });
+    let mut out = wait_bounded(child);
+    let (signalled, stderr) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("stderr reader");
+    out.stderr = stderr.clone().into_bytes();
+    let all = text(&out);
+    assert!(
+        signalled,
+        "the demo never reached the RDMA measurements\n{all}"
+    );
+    let netns = announced_rdma_netns(&stderr).expect("the RDMA namespace announced");
+    assert_no_rdma_left(&netns, &all);
+    assert_eq!(out.status.code(), Some(130), "128 + SIGINT\n{all}");
+    assert!(
+        stderr.contains("freeflow: demo: interrupted by SIGINT"),
+        "{all}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("M/s"),
+        "no table after an interruption\n{all}"
+    );
+}
+
+#[test]
+fn demo_rdma_part_without_a_c_compiler_says_what_to_install() {
+    preflight();
+    // A PATH without cc: asked for alone, the RDMA part must fail and say why, before it
+    // starts anything. (In the whole demo the same check skips the part, saying so.)
+    let empty = tempfile::Builder::new()
+        .prefix("ff-demo-path-")
+        .tempdir()
+        .expect("temporary directory");
+    let out = wait_bounded(
+        demo(&["--part", "rdma"])
+            .env("PATH", empty.path())
+            .spawn()
+            .expect("start freeflow demo"),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim_end(),
+        "freeflow: demo: the RDMA comparison cannot run here: no C compiler (cc) found; \
+         install build-essential libibverbs-dev",
+        "{all}"
+    );
+}
+
+#[test]
 fn demo_needs_root() {
     preflight();
     // A copy in a directory anyone may enter (the build directory may be under /root): the
@@ -248,6 +438,7 @@ fn demo_rejects_bad_options() {
         &["--reps", "0"][..],
         &["--seconds", "0"],
         &["--seconds", "x"],
+        &["--part", "udp"],
     ] {
         let out = Command::new(FREEFLOW)
             .arg("demo")
