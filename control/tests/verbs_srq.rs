@@ -7,14 +7,24 @@
 //! and resizes (each completion exactly once, in order), and completion channels armed before
 //! a resize and notified after it.
 //!
-//! Needs root, a built workspace (`cargo build --workspace`), ibverbs-utils and libibverbs-dev
-//! (scripts/test.sh installs them). The Site set-up is a trimmed copy of the one in
+//! Shared receive queues: one SRQ feeding two QPs that receive SENDs from two peers (receives
+//! taken in posting order, data in the SRQ's buffers), `ibv_post_srq_recv` lists, a full SRQ
+//! (ENOMEM), `ibv_query_srq`, `ibv_modify_srq` (no limit events: EOPNOTSUPP), EBUSY while QPs
+//! use it, `ibv_post_recv` refused on such a QP, RNR on an empty SRQ and the waiting SEND
+//! completing once a receive is posted, a QP in ERR leaving the SRQ to the other QP, another
+//! context's SRQ refused; and Debian's unmodified `ibv_srq_pingpong` (16 QPs on one SRQ)
+//! between two containers, polling and with completion events. Under strace, posting
+//! receives to an SRQ (and polling an empty CQ) makes no system call.
+//!
+//! Needs root, a built workspace (`cargo build --workspace`), ibverbs-utils, libibverbs-dev and
+//! strace (scripts/test.sh installs them). The Site set-up is a trimmed copy of the one in
 //! verbs_rc.rs (integration test files are separate crates).
 
 use freeflow_control::topology::{self, Cluster, ClusterSpec};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 const VNET: &str = "10.32.0.0/12";
 
@@ -126,6 +136,30 @@ impl Site {
         cmd
     }
 
+    /// Waits until something listens on TCP `port` in `container`'s network namespace.
+    fn wait_listening(&self, container: &str, port: u16, server: &mut Child) {
+        let c = self.cluster().container(container).unwrap();
+        let needle = format!(":{port:04X} 00000000:0000 0A");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = topology::command_in(&c.netns, "cat")
+                .args(["/proc/net/tcp", "/proc/net/tcp6"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains(&needle) {
+                return;
+            }
+            if let Ok(Some(status)) = server.try_wait() {
+                panic!("the server exited before listening: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on {port} in {container}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn router_log(&self) -> String {
         std::fs::read_dir(&self.dir)
             .into_iter()
@@ -184,6 +218,10 @@ fn build_probe(work: &Path) -> PathBuf {
 
 fn run_probe(site: &Site, probe: &Path, mode: &str) {
     let out = site.verbs_app("client", probe).arg(mode).output().unwrap();
+    check_probe(site, mode, &out);
+}
+
+fn check_probe(site: &Site, mode: &str, out: &Output) {
     eprintln!(
         "{mode}: {}",
         String::from_utf8_lossy(&out.stdout).trim_end()
@@ -191,7 +229,7 @@ fn run_probe(site: &Site, probe: &Path, mode: &str) {
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
         "{mode}: {}\n--- router log\n{}",
-        describe(&out),
+        describe(out),
         site.router_log()
     );
 }
@@ -201,4 +239,114 @@ fn resize_cq_keeps_pending_completions_in_order_and_refuses_too_small_sizes() {
     let site = Site::new("vsz");
     let probe = build_probe(&site.work);
     run_probe(&site, &probe, "resize");
+}
+
+#[test]
+fn a_shared_receive_queue_feeds_two_qps_and_reports_its_errors() {
+    let site = Site::new("vsq");
+    let probe = build_probe(&site.work);
+    run_probe(&site, &probe, "srq");
+}
+
+/// Lines of an strace log strictly between the first two lines that start with `marker`.
+fn between_markers<'a>(log: &'a str, marker: &str) -> Vec<&'a str> {
+    let lines: Vec<&str> = log.lines().collect();
+    let at: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with(marker))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(at.len() >= 2, "markers {marker} missing in:\n{log}");
+    lines[at[0] + 1..at[1]].to_vec()
+}
+
+#[test]
+fn posting_to_an_srq_makes_no_system_call() {
+    let site = Site::new("vsn");
+    let probe = build_probe(&site.work);
+    let log = site.work.join("strace.log");
+    let out = site
+        .verbs_app("client", Path::new("strace"))
+        .args(["-qq", "-o"])
+        .arg(&log)
+        .arg(&probe)
+        .arg("nosyscall")
+        .output()
+        .unwrap();
+    check_probe(&site, "nosyscall", &out);
+    let log = std::fs::read_to_string(&log).unwrap();
+    let calls = between_markers(&log, "getppid(");
+    assert!(
+        calls.is_empty(),
+        "system calls while posting to an SRQ: {calls:?}"
+    );
+}
+
+/// Runs `ibv_srq_pingpong ARGS` as server in `server` and as client in `client`.
+fn srq_pingpong(site: &Site, port: u16, args: &[&str]) -> (Output, Output) {
+    let program = Path::new("ibv_srq_pingpong");
+    let port_arg = port.to_string();
+    let mut server = site
+        .verbs_app("server", program)
+        .args(["-p", &port_arg])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    site.wait_listening("server", port, &mut server);
+    let client = site
+        .verbs_app("client", program)
+        .args(["-p", &port_arg])
+        .args(args)
+        .arg("10.32.0.2")
+        .output()
+        .unwrap();
+    let server = server.wait_with_output().unwrap();
+    (server, client)
+}
+
+#[test]
+fn unmodified_ibv_srq_pingpong_runs_between_two_containers() {
+    let site = Site::new("vsp");
+    for (port, args, iters, size) in [
+        (18521, vec!["-g", "0", "-n", "1000"], 1000u64, 4096u64),
+        (
+            18522,
+            vec!["-g", "0", "-e", "-n", "300", "-s", "64"],
+            300,
+            64,
+        ),
+        (
+            18523,
+            vec!["-g", "0", "-q", "4", "-r", "50", "-n", "500"],
+            500,
+            4096,
+        ),
+    ] {
+        let (server, client) = srq_pingpong(&site, port, &args);
+        for (who, out) in [("server", &server), ("client", &client)] {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "ibv_srq_pingpong {args:?} {who}: {}\n--- router log\n{}",
+                describe(out),
+                site.router_log()
+            );
+            assert!(
+                text.contains(&format!("{} bytes in", iters * size * 2))
+                    && text.contains(&format!("{iters} iters in")),
+                "{who}: {}",
+                describe(out)
+            );
+            // Every QP printed its address: local and remote, with the GIDs of both.
+            assert!(
+                text.contains("GID ::ffff:10.32.0.2") && text.contains("GID ::ffff:10.32.0.3"),
+                "{who}: {}",
+                describe(out)
+            );
+            eprintln!("{who} {args:?}: {}", text.lines().last().unwrap_or(""));
+        }
+    }
 }

@@ -18,6 +18,7 @@
 use crate::msg::HEADER_LEN;
 
 pub mod qp;
+pub mod srq;
 pub mod work;
 
 /// Request opcodes of the verbs shim (`0x0100..0x0200`, see [`crate::msg::op`]).
@@ -61,6 +62,16 @@ pub mod op {
     /// produces into the new ring only from then on. The shim holds the CQ's ring lock across
     /// the call, so nothing is taken from the old ring while the router copies it.
     pub const RESIZE_CQ: u16 = 0x010d;
+    /// Create a shared receive queue. Body [`super::srq::CreateSrq`]; reply
+    /// [`super::srq::SrqCreated`]. The SRQ's region (one ring of receive WQEs, shim to router)
+    /// comes on the attach connection before the reply.
+    pub const CREATE_SRQ: u16 = 0x010e;
+    /// Modify an SRQ. Body [`super::srq::ModifySrq`]; reply empty.
+    pub const MODIFY_SRQ: u16 = 0x010f;
+    /// Query an SRQ. Body [`super::ObjectHandle`]; reply [`super::srq::SrqAttr`].
+    pub const QUERY_SRQ: u16 = 0x0110;
+    /// Destroy an SRQ. Body [`super::ObjectHandle`]; reply empty (Busy while QPs use it).
+    pub const DESTROY_SRQ: u16 = 0x0111;
     /// Test hook, served only by a router started with `FREEFLOW_TEST_HOOKS=1`: the router
     /// reads a range of a region through its own mapping, the way the engine will, and replies
     /// with a digest. Body [`super::TestRead`]; reply [`super::TestDigest`].
@@ -224,6 +235,12 @@ pub mod limits {
     pub const MAX_QP: u32 = 1024;
     /// Work requests per send or receive queue.
     pub const MAX_QP_WR: u32 = 4096;
+    /// Shared receive queues per context.
+    pub const MAX_SRQ: u32 = 1024;
+    /// Work requests per shared receive queue.
+    pub const MAX_SRQ_WR: u32 = 4096;
+    /// Scatter/gather entries per work request of a shared receive queue.
+    pub const MAX_SRQ_SGE: u32 = super::work::MAX_SGE;
     /// Scatter/gather entries per work request.
     pub const MAX_SGE: u32 = super::work::MAX_SGE;
     /// Inline data per send work request.
@@ -509,11 +526,14 @@ pub enum QueueFileKind {
     /// A completion channel: the read end of the pipe the router writes notified CQ handles
     /// to, 4 bytes (little-endian) each.
     Channel = 3,
+    /// A shared receive queue's region: one ring of receive WQEs (shim to router).
+    Srq = 4,
 }
 
 /// The message the router sends on the attach connection, with one fd (SCM_RIGHTS), right
-/// before the reply to a request that creates a CQ, QP or completion channel. Sent without
-/// blocking: a shim that does not read its connection gets a refusal, not a stuck router.
+/// before the reply to a request that creates a CQ, QP, SRQ or completion channel (or resizes
+/// a CQ). Sent without blocking: a shim that does not read its connection gets a refusal, not
+/// a stuck router.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueFileMsg {
     pub kind: QueueFileKind,
@@ -546,6 +566,7 @@ impl QueueFileMsg {
             1 => QueueFileKind::Cq,
             2 => QueueFileKind::Qp,
             3 => QueueFileKind::Channel,
+            4 => QueueFileKind::Srq,
             _ => return Err(invalid("unknown kind")),
         };
         Ok(QueueFileMsg {
@@ -929,6 +950,10 @@ mod tests {
             op::QUERY_QP,
             op::DESTROY_QP,
             op::RESIZE_CQ,
+            op::CREATE_SRQ,
+            op::MODIFY_SRQ,
+            op::QUERY_SRQ,
+            op::DESTROY_SRQ,
         ] {
             assert!(op::is_verbs(o));
         }

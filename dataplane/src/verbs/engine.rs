@@ -20,6 +20,13 @@
 //! checked first (see `freeflow_proto::verbs::work`); a ring whose indices are corrupt ends the
 //! attachment that owns it.
 //!
+//! Shared receive queues: an SRQ is a ring of receive WQEs of its own; a QP created with one
+//! takes the receives of incoming messages from it (an empty SRQ is RNR, as an empty receive
+//! queue is), and the keys of those receives are checked in the SRQ's protection domain. A QP
+//! going to the error state flushes its send queue only: the SRQ's WQEs stay for its other
+//! QPs. A resized CQ gets a new ring holding the completions not polled yet
+//! (`Engine::resize_cq`).
+//!
 //! Semantics follow the InfiniBand RC rules as rdma-core reports them: completions in order per
 //! queue; unsignaled sends complete silently unless they fail; a failed work request moves its
 //! QP to the error state, and every WQE still queued there (send and receive) completes with
@@ -38,6 +45,7 @@ use freeflow_proto::verbs::qp::{
     check_transition, mask, CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpQueried, QpState,
     MTU_MAX, MTU_MIN, QPT_RC,
 };
+use freeflow_proto::verbs::srq::{self, CreateSrq, ModifySrq, SrqAttr, SrqCreated};
 use freeflow_proto::verbs::work::{RecvWqe, SendWqe, MAX_SGE};
 use freeflow_proto::verbs::{
     access, limits, op, Body, CqCreated, CreateCq, DecodeError, MemoryFileMsg, ObjectHandle,
@@ -125,6 +133,7 @@ pub(super) struct Context {
     channels: NumberMap<CompChannel>,
     cqs: NumberMap<usize>,
     qps: NumberMap<usize>,
+    srqs: NumberMap<usize>,
     next_handle: u32,
 }
 
@@ -144,6 +153,21 @@ pub(super) struct Cq {
     notify: Option<Arc<OwnedFd>>,
     users: u32,
     pub(super) dirty: bool,
+    /// The owner wrote a corrupt index into the ring: it is no longer touched.
+    pub(super) broken: bool,
+    _region: SharedRegion,
+}
+
+/// A shared receive queue: receive WQEs that any QP created with it consumes.
+#[derive(Debug)]
+pub(super) struct Srq {
+    pub(super) owner: u32,
+    /// Its protection domain: the keys of its receives are checked there.
+    pub(super) pd: u32,
+    pub(super) ring: Consumer,
+    pub(super) attr: SrqAttr,
+    /// QPs created with it (destroying it is refused while there are any).
+    users: u32,
     /// The owner wrote a corrupt index into the ring: it is no longer touched.
     pub(super) broken: bool,
     _region: SharedRegion,
@@ -187,7 +211,10 @@ pub(super) struct Qp {
     pub(super) cap: QpCap,
     pub(super) sq_sig_all: bool,
     pub(super) sq: Consumer,
+    /// The QP's own receive queue; unused (never read) when it has an SRQ.
     pub(super) rq: Consumer,
+    /// The SRQ it takes its receives from instead of `rq`.
+    pub(super) srq: Option<usize>,
     /// The router's copy of the send WQE being executed (its inline data stays here while it
     /// waits).
     pub(super) sq_slot: Vec<u8>,
@@ -225,6 +252,7 @@ pub struct Engine {
     pub(super) contexts: NumberMap<Context>,
     pub(super) cqs: Slab<Cq>,
     pub(super) qps: Slab<Qp>,
+    pub(super) srqs: Slab<Srq>,
     /// Virtual QP number to QP, for every QP of this engine.
     qpns: NumberMap<usize>,
     qpn_keys: KeyGen,
@@ -287,6 +315,7 @@ impl Engine {
             contexts: NumberMap::default(),
             cqs: Slab::default(),
             qps: Slab::default(),
+            srqs: Slab::default(),
             qpns: NumberMap::default(),
             qpn_keys: KeyGen::new(),
             tenants: std::collections::HashMap::new(),
@@ -309,6 +338,7 @@ impl Engine {
                 channels: NumberMap::default(),
                 cqs: NumberMap::default(),
                 qps: NumberMap::default(),
+                srqs: NumberMap::default(),
                 next_handle: 0,
             },
         );
@@ -331,6 +361,9 @@ impl Engine {
         }
         for &i in ctx.cqs.values() {
             self.cqs.remove(i);
+        }
+        for &i in ctx.srqs.values() {
+            self.srqs.remove(i);
         }
         self.dirty.retain(|&i| self.cqs.get(i).is_some());
         Some(held)
@@ -446,6 +479,30 @@ impl Engine {
                 self.destroy_qp(attachment, r.handle)?;
                 Ok(0)
             }
+            op::CREATE_SRQ => {
+                let r = CreateSrq::decode(body)?;
+                Ok(self.create_srq(attachment, conn, &r)?.encode(reply))
+            }
+            op::MODIFY_SRQ => {
+                let r = ModifySrq::decode(body)?;
+                self.modify_srq(attachment, &r)?;
+                Ok(0)
+            }
+            op::QUERY_SRQ => {
+                let r = ObjectHandle::decode(body)?;
+                let index = self.srq_index(attachment, r.handle)?;
+                Ok(self
+                    .srqs
+                    .get(index)
+                    .expect("tables agree")
+                    .attr
+                    .encode(reply))
+            }
+            op::DESTROY_SRQ => {
+                let r = ObjectHandle::decode(body)?;
+                self.destroy_srq(attachment, r.handle)?;
+                Ok(0)
+            }
             _ => {
                 let ctx = self.contexts.get_mut(&attachment).expect("checked above");
                 ctx.table.serve_inner(opcode, body, reply)
@@ -467,6 +524,7 @@ impl Engine {
                 && !ctx.channels.contains_key(&h)
                 && !ctx.cqs.contains_key(&h)
                 && !ctx.qps.contains_key(&h)
+                && !ctx.srqs.contains_key(&h)
             {
                 return h;
             }
@@ -695,10 +753,7 @@ impl Engine {
         if r.qp_type != QPT_RC {
             return Err(VerbsError::NotSupported("only RC queue pairs"));
         }
-        if r.srq != 0 {
-            return Err(VerbsError::Invalid("no shared receive queue exists"));
-        }
-        let c = r.cap;
+        let mut c = r.cap;
         if c.max_send_wr > limits::MAX_QP_WR
             || c.max_recv_wr > limits::MAX_QP_WR
             || c.max_send_sge > limits::MAX_SGE
@@ -723,6 +778,20 @@ impl Engine {
             .cqs
             .get(&r.recv_cq)
             .ok_or(VerbsError::NoSuchObject("completion queue", r.recv_cq))?;
+        // With an SRQ the receive capacities are ignored (rdma-core): the QP's own receive
+        // ring is the smallest one and stays unused; its receive slot copy is the SRQ's size.
+        let srq = match r.srq {
+            0 => None,
+            h => Some(
+                *ctx.srqs
+                    .get(&h)
+                    .ok_or(VerbsError::NoSuchObject("shared receive queue", h))?,
+            ),
+        };
+        if srq.is_some() {
+            c.max_recv_wr = 0;
+            c.max_recv_sge = 0;
+        }
         ctx.table.hold_pd(r.pd)?;
         // Every slot holds the largest WQE the capacities allow; what the slot has room for
         // beyond that is granted too (a device reports at least what was asked).
@@ -741,11 +810,14 @@ impl Engine {
         };
         let cap = QpCap {
             max_send_wr: send.slot_count,
-            max_recv_wr: recv.slot_count,
+            max_recv_wr: if srq.is_some() { 0 } else { recv.slot_count },
             max_send_sge: ((send_slot as usize - SendWqe::slot_bytes(0, 0)) / 16)
                 .min(MAX_SGE as usize) as u32,
-            max_recv_sge: ((recv_slot as usize - RecvWqe::slot_bytes(0)) / 16).min(MAX_SGE as usize)
-                as u32,
+            max_recv_sge: if srq.is_some() {
+                0
+            } else {
+                ((recv_slot as usize - RecvWqe::slot_bytes(0)) / 16).min(MAX_SGE as usize) as u32
+            },
             max_inline_data: (send_slot - SendWqe::slot_bytes(0, 0) as u32)
                 .min(limits::MAX_INLINE_DATA),
         };
@@ -767,6 +839,10 @@ impl Engine {
             ctx.table.release_pd(r.pd);
             return Err(e);
         }
+        let rq_slot = match srq {
+            Some(i) => self.srqs.get(i).expect("tables agree").ring.slot_size(),
+            None => recv_slot as usize,
+        };
         let index = self.qps.insert(Qp {
             owner: attachment,
             qpn,
@@ -782,8 +858,9 @@ impl Engine {
             sq_sig_all: r.sq_sig_all != 0,
             sq,
             rq,
+            srq,
             sq_slot: vec![0; send_slot as usize],
-            rq_slot: vec![0; recv_slot as usize],
+            rq_slot: vec![0; rq_slot],
             pending: None,
             route: None,
             broken: false,
@@ -794,6 +871,9 @@ impl Engine {
         self.qpns.insert(qpn, index);
         for cq in [send_cq, recv_cq] {
             self.cqs.get_mut(cq).expect("tables agree").users += 1;
+        }
+        if let Some(i) = srq {
+            self.srqs.get_mut(i).expect("tables agree").users += 1;
         }
         Ok(QpCreated {
             qp: handle,
@@ -1002,9 +1082,119 @@ impl Engine {
                 cq.users -= 1;
             }
         }
+        if let Some(srq) = qp.srq.and_then(|i| self.srqs.get_mut(i)) {
+            srq.users -= 1;
+        }
         let ctx = self.contexts.get_mut(&attachment).expect("checked");
         ctx.qps.remove(&handle);
         ctx.table.release_pd(qp.pd);
+        Ok(())
+    }
+
+    fn srq_index(&self, attachment: u32, handle: u32) -> Result<usize, VerbsError> {
+        self.contexts
+            .get(&attachment)
+            .and_then(|c| c.srqs.get(&handle))
+            .copied()
+            .ok_or(VerbsError::NoSuchObject("shared receive queue", handle))
+    }
+
+    /// `ibv_create_srq`: a ring of at least `max_wr` receive slots of `max_sge` entries in the
+    /// caller's PD (held, like a QP holds it). A zero `max_wr` is EINVAL; `max_sge` 0 gets 1.
+    fn create_srq(
+        &mut self,
+        attachment: u32,
+        conn: BorrowedFd<'_>,
+        r: &CreateSrq,
+    ) -> Result<SrqCreated, VerbsError> {
+        if r.max_wr == 0 || r.max_wr > limits::MAX_SRQ_WR || r.max_sge > limits::MAX_SRQ_SGE {
+            return Err(VerbsError::Invalid("SRQ capacity out of range"));
+        }
+        let ctx = self
+            .contexts
+            .get_mut(&attachment)
+            .expect("checked by serve");
+        if ctx.srqs.len() >= limits::MAX_SRQ as usize {
+            return Err(VerbsError::Limit("shared receive queues"));
+        }
+        ctx.table.hold_pd(r.pd)?;
+        let slot = slot_size(RecvWqe::slot_bytes(r.max_sge.max(1)));
+        let geometry = RingGeometry {
+            slot_size: slot,
+            slot_count: ring_slots(r.max_wr),
+        };
+        let made = (|| {
+            let (region, memfd) = SharedRegion::create("freeflow-srq", &[geometry])?;
+            let ring = Consumer::new(region.ring(0)?);
+            Ok::<_, VerbsError>((region, memfd, ring))
+        })();
+        let (region, memfd, ring) = match made {
+            Ok(parts) => parts,
+            Err(e) => {
+                ctx.table.release_pd(r.pd);
+                return Err(e);
+            }
+        };
+        let handle = Self::new_handle(ctx);
+        if let Err(e) = Self::pass_file(conn, QueueFileKind::Srq, handle, memfd.as_fd()) {
+            ctx.table.release_pd(r.pd);
+            return Err(e);
+        }
+        let attr = SrqAttr {
+            max_wr: geometry.slot_count,
+            max_sge: ((slot as usize - RecvWqe::slot_bytes(0)) / 16).min(MAX_SGE as usize) as u32,
+            srq_limit: 0,
+        };
+        let index = self.srqs.insert(Srq {
+            owner: attachment,
+            pd: r.pd,
+            ring,
+            attr,
+            users: 0,
+            broken: false,
+            _region: region,
+        });
+        ctx.srqs.insert(handle, index);
+        Ok(SrqCreated { srq: handle, attr })
+    }
+
+    /// `ibv_modify_srq`. Resizing (IBV_SRQ_MAX_WR) is refused as by a device without
+    /// IBV_DEVICE_SRQ_RESIZE (EINVAL). Arming the limit (IBV_SRQ_LIMIT) would need the
+    /// asynchronous event IBV_EVENT_SRQ_LIMIT_REACHED, which this device does not deliver yet:
+    /// a limit of 0 (disarmed, what the SRQ has) is accepted, any other is EOPNOTSUPP (EINVAL
+    /// first if it exceeds `max_wr`, as a device checks).
+    fn modify_srq(&mut self, attachment: u32, r: &ModifySrq) -> Result<(), VerbsError> {
+        let index = self.srq_index(attachment, r.srq)?;
+        let attr = self.srqs.get(index).expect("tables agree").attr;
+        if r.attr_mask & !srq::mask::KNOWN != 0 {
+            return Err(VerbsError::Invalid("unknown SRQ attribute mask bits"));
+        }
+        if r.attr_mask & srq::mask::MAX_WR != 0 {
+            return Err(VerbsError::Invalid("the device cannot resize an SRQ"));
+        }
+        if r.attr_mask & srq::mask::LIMIT != 0 {
+            if r.srq_limit > attr.max_wr {
+                return Err(VerbsError::Invalid("SRQ limit beyond max_wr"));
+            }
+            if r.srq_limit != 0 {
+                return Err(VerbsError::NotSupported(
+                    "SRQ limit events (no asynchronous events yet)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn destroy_srq(&mut self, attachment: u32, handle: u32) -> Result<(), VerbsError> {
+        let index = self.srq_index(attachment, handle)?;
+        let srq = self.srqs.get(index).expect("tables agree");
+        if srq.users > 0 {
+            return Err(VerbsError::ObjectBusy("shared receive queue", handle));
+        }
+        let srq = self.srqs.remove(index).expect("tables agree");
+        let ctx = self.contexts.get_mut(&attachment).expect("checked");
+        ctx.srqs.remove(&handle);
+        ctx.table.release_pd(srq.pd);
         Ok(())
     }
 
@@ -1089,6 +1279,8 @@ impl Engine {
                     plan.deadline = Some(plan.deadline.map_or(deadline, |d| d.min(deadline)));
                     continue;
                 }
+                // An SRQ is not the QP's to flush: only its own receive ring.
+                (QpState::Err, None) if qp.srq.is_some() => qp.sq.prepare_park(),
                 (QpState::Err, None) => qp
                     .sq
                     .prepare_park()
@@ -1108,16 +1300,30 @@ impl Engine {
         // A SEND waiting for a receive retries at once when the responder posts one, instead
         // of sleeping out its RNR timer: the responder's receive ring rings the doorbell too.
         for qpn in rnr_peers {
-            let Some(peer) = self.qps_by_number_mut(qpn) else {
+            let Some(&index) = self.qpns.get(&qpn) else {
                 continue;
             };
-            match peer.rq.prepare_park() {
+            let Some(peer) = self.qps.get_mut(index).filter(|q| !q.broken) else {
+                continue;
+            };
+            let result = match peer.srq {
+                None => peer.rq.prepare_park().map_err(|e| {
+                    peer.broken = true;
+                    (peer.owner, e)
+                }),
+                // The receive comes from the SRQ: its ring rings the doorbell.
+                Some(i) => match self.srqs.get_mut(i).filter(|q| !q.broken) {
+                    None => continue,
+                    Some(q) => q.ring.prepare_park().map_err(|e| {
+                        q.broken = true;
+                        (q.owner, e)
+                    }),
+                },
+            };
+            match result {
                 Ok(true) => {}
                 Ok(false) => plan.busy = true,
-                Err(e) => {
-                    peer.broken = true;
-                    broken.push((peer.owner, e));
-                }
+                Err(owner_error) => broken.push(owner_error),
             }
         }
         for (owner, e) in broken {
@@ -1126,16 +1332,14 @@ impl Engine {
         plan
     }
 
-    fn qps_by_number_mut(&mut self, qpn: u32) -> Option<&mut Qp> {
-        let index = *self.qpns.get(&qpn)?;
-        self.qps.get_mut(index).filter(|q| !q.broken)
-    }
-
     /// Lowers every parked flag after the shard woke.
     pub fn unpark(&self) {
         for qp in self.qps.iter() {
             qp.sq.unpark();
             qp.rq.unpark();
+        }
+        for srq in self.srqs.iter() {
+            srq.ring.unpark();
         }
     }
 }

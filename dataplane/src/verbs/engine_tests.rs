@@ -703,3 +703,410 @@ fn a_request_for_notification_survives_a_resize() {
     assert!(!a.cq_ring.is_parked(), "the completion claimed the wake-up");
     assert_eq!(completions(&mut a).len(), 1);
 }
+
+// ---- shared receive queues ----------------------------------------------------------------
+
+use freeflow_proto::verbs::srq::{self as srq_wire, CreateSrq, ModifySrq, SrqAttr, SrqCreated};
+
+/// An SRQ of `s`'s context, in PD `pd`, with the shim's producing end of its ring.
+fn create_srq(engine: &mut Engine, s: &mut Side, pd: u32, max_wr: u32) -> (u32, Producer) {
+    let created: SrqCreated = ok(
+        engine,
+        s.id,
+        &s.conn,
+        op::CREATE_SRQ,
+        &enc(&CreateSrq {
+            pd,
+            max_wr,
+            max_sge: 2,
+            srq_limit: 0,
+        }),
+    );
+    assert!(created.attr.max_wr >= max_wr && created.attr.max_sge >= 2);
+    let region = queue_file(&s.shim, QueueFileKind::Srq, created.srq);
+    let ring = Producer::new(region.ring(0).unwrap());
+    s._regions.push(region);
+    (created.srq, ring)
+}
+
+/// A QP of `s`'s context on its CQ taking its receives from SRQ `srq`: (handle, number).
+fn create_srq_qp(engine: &mut Engine, s: &mut Side, srq: u32) -> (u32, u32) {
+    let body = enc(&CreateQp {
+        pd: s.pd,
+        send_cq: s.cq,
+        recv_cq: s.cq,
+        srq,
+        qp_type: freeflow_proto::verbs::qp::QPT_RC,
+        sq_sig_all: 0,
+        cap: QpCap {
+            max_send_wr: 16,
+            max_recv_wr: 16,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            max_inline_data: 0,
+        },
+    });
+    let (st, reply) = call(engine, s.id, &s.conn, op::CREATE_QP, &body);
+    assert_eq!(st, status::OK);
+    let qp = QpCreated::decode(&reply).unwrap();
+    // With an SRQ the QP has no receive capacity of its own (rdma-core reports 0).
+    assert_eq!((qp.cap.max_recv_wr, qp.cap.max_recv_sge), (0, 0));
+    s._regions
+        .push(queue_file(&s.shim, QueueFileKind::Qp, qp.qp));
+    (qp.qp, qp.qpn)
+}
+
+/// `s` with its QP handle replaced (the helpers above modify `s.qp`).
+fn as_qp(s: &Side, qp: u32) -> Side {
+    let (conn, shim) = (s.conn.try_clone().unwrap(), s.shim.try_clone().unwrap());
+    Side {
+        id: s.id,
+        ip: s.ip,
+        conn,
+        shim,
+        file: s.file.try_clone().unwrap(),
+        pd: s.pd,
+        mr: s.mr,
+        cq: s.cq,
+        cq_ring: Consumer::new(s.cq_ring.memory().clone()),
+        qp,
+        qpn: 0,
+        sq: Producer::new(s.sq.memory().clone()),
+        rq: Producer::new(s.rq.memory().clone()),
+        _regions: Vec::new(),
+    }
+}
+
+fn push_recv(ring: &mut Producer, wr_id: u64, sge: Sge) {
+    let mut slot = vec![0u8; ring.slot_size()];
+    RecvWqe::write_header(wr_id, 1, &mut slot);
+    sge.write(&mut slot[RECV_WQE_HEADER..]);
+    assert!(ring.push(&slot).unwrap());
+    let _ = ring.publish();
+}
+
+/// Senders a and b, and r whose two QPs r1 (connected to a) and r2 (to b) share one SRQ.
+struct SrqSite {
+    a: Side,
+    b: Side,
+    r: Side,
+    srq: u32,
+    srq_ring: Producer,
+    r1: (u32, u32),
+    r2: (u32, u32),
+}
+
+fn srq_site(engine: &mut Engine, rnr_retry: u8) -> SrqSite {
+    let a = side(engine, 1, [10, 32, 0, 2], "blue", 64);
+    let b = side(engine, 2, [10, 32, 0, 3], "blue", 64);
+    let mut r = side(engine, 3, [10, 32, 0, 4], "blue", 64);
+    let pd = r.pd;
+    let (srq, srq_ring) = create_srq(engine, &mut r, pd, 8);
+    let r1 = create_srq_qp(engine, &mut r, srq);
+    let r2 = create_srq_qp(engine, &mut r, srq);
+    connect(engine, &a, r.ip, r1.1, rnr_retry);
+    connect(engine, &as_qp(&r, r1.0), a.ip, a.qpn, rnr_retry);
+    connect(engine, &b, r.ip, r2.1, rnr_retry);
+    connect(engine, &as_qp(&r, r2.0), b.ip, b.qpn, rnr_retry);
+    SrqSite {
+        a,
+        b,
+        r,
+        srq,
+        srq_ring,
+        r1,
+        r2,
+    }
+}
+
+fn send(s: &mut Side, wr_id: u64, offset: u64, len: u32) {
+    let k = s.mr.lkey;
+    post_send(s, wr_id, wr_opcode::SEND, &[sge(k, offset, len)], 0, 0);
+}
+
+#[test]
+fn an_srq_feeds_two_qps_in_post_order() {
+    let mut engine = Engine::new(false);
+    let mut t = srq_site(&mut engine, 7);
+    let rk = t.r.mr.lkey;
+    t.a.file.write_all_at(b"from a", BASE).unwrap();
+    t.b.file.write_all_at(b"from b", BASE).unwrap();
+    for i in 0..4 {
+        push_recv(&mut t.srq_ring, 10 + i, sge(rk, 1000 + i * 100, 100));
+    }
+    send(&mut t.a, 1, 0, 6);
+    engine.poll();
+    send(&mut t.b, 2, 0, 6);
+    engine.poll();
+    send(&mut t.a, 3, 0, 6);
+    engine.poll();
+    let got: Vec<(u64, u32, u32, u32)> = completions(&mut t.r)
+        .iter()
+        .map(|c| (c.wr_id, c.status, c.qp_num, c.byte_len))
+        .collect();
+    // Receives are taken in the order they were posted, whichever QP the message came to.
+    assert_eq!(
+        got,
+        vec![(10, 0, t.r1.1, 6), (11, 0, t.r2.1, 6), (12, 0, t.r1.1, 6)]
+    );
+    let mut data = [0u8; 6];
+    for (offset, want) in [(1000, b"from a"), (1100, b"from b"), (1200, b"from a")] {
+        t.r.file.read_exact_at(&mut data, BASE + offset).unwrap();
+        assert_eq!(&data, want);
+    }
+    assert_eq!(completions(&mut t.a).len(), 2);
+    assert_eq!(completions(&mut t.b).len(), 1);
+
+    // One receive left: the next SEND takes it, the one after finds the SRQ empty and waits
+    // (RNR, rnr_retry 7: for ever) until a receive is posted.
+    send(&mut t.b, 4, 0, 6);
+    engine.poll();
+    send(&mut t.a, 5, 0, 6);
+    for _ in 0..3 {
+        engine.poll();
+    }
+    let got: Vec<u64> = completions(&mut t.r).iter().map(|c| c.wr_id).collect();
+    assert_eq!(got, vec![13]);
+    assert_eq!(completions(&mut t.a).len(), 0, "a's SEND waits in RNR");
+    let plan = engine.prepare_park();
+    assert!(!plan.busy && plan.deadline.is_some());
+    // The SRQ's ring is flagged: posting to it rings the doorbell.
+    let mut slot = vec![0u8; t.srq_ring.slot_size()];
+    RecvWqe::write_header(14, 1, &mut slot);
+    sge(rk, 2000, 100).write(&mut slot[RECV_WQE_HEADER..]);
+    assert!(t.srq_ring.push(&slot).unwrap());
+    assert_eq!(t.srq_ring.publish(), freeflow_proto::Wake::Needed);
+    engine.unpark();
+    engine.poll();
+    let got: Vec<(u64, u32)> = completions(&mut t.r)
+        .iter()
+        .map(|c| (c.wr_id, c.qp_num))
+        .collect();
+    assert_eq!(got, vec![(14, t.r1.1)]);
+    let ca = completions(&mut t.a);
+    assert_eq!((ca[0].wr_id, ca[0].status), (5, 0));
+}
+
+#[test]
+fn an_empty_srq_is_receiver_not_ready() {
+    let mut engine = Engine::new(false);
+    let mut t = srq_site(&mut engine, 0);
+    send(&mut t.a, 1, 0, 6);
+    engine.poll();
+    let ca = completions(&mut t.a);
+    assert_eq!(
+        (ca[0].wr_id, ca[0].status),
+        (1, wc_status::RNR_RETRY_EXC_ERR)
+    );
+    assert!(completions(&mut t.r).is_empty());
+}
+
+#[test]
+fn a_qp_in_error_leaves_the_srq_to_the_others() {
+    let mut engine = Engine::new(false);
+    let mut t = srq_site(&mut engine, 7);
+    let rk = t.r.mr.lkey;
+    push_recv(&mut t.srq_ring, 20, sge(rk, 0, 64));
+    push_recv(&mut t.srq_ring, 21, sge(rk, 64, 64));
+    // r1 to ERR: nothing of the SRQ is flushed.
+    let err = QpAttr {
+        qp_state: QpState::Err as u8,
+        ..QpAttr::default()
+    };
+    assert_eq!(
+        modify(&mut engine, &as_qp(&t.r, t.r1.0), mask::STATE, err),
+        status::OK
+    );
+    for _ in 0..3 {
+        engine.poll();
+    }
+    assert!(
+        completions(&mut t.r).is_empty(),
+        "a QP going to ERR flushed SRQ receives"
+    );
+    // r2 still gets them, in order.
+    send(&mut t.b, 1, 0, 8);
+    send(&mut t.b, 2, 0, 8);
+    engine.poll();
+    let got: Vec<(u64, u32, u32)> = completions(&mut t.r)
+        .iter()
+        .map(|c| (c.wr_id, c.status, c.qp_num))
+        .collect();
+    assert_eq!(got, vec![(20, 0, t.r2.1), (21, 0, t.r2.1)]);
+    // A bad key in an SRQ receive: LOC_PROT_ERR for the QP that took it (which goes to ERR),
+    // REM_OP_ERR at the sender.
+    push_recv(&mut t.srq_ring, 22, sge(rk ^ 0x55, 0, 64));
+    push_recv(&mut t.srq_ring, 23, sge(rk, 0, 64));
+    send(&mut t.b, 3, 0, 8);
+    engine.poll();
+    let got: Vec<(u64, u32, u32)> = completions(&mut t.r)
+        .iter()
+        .map(|c| (c.wr_id, c.status, c.qp_num))
+        .collect();
+    assert_eq!(got, vec![(22, wc_status::LOC_PROT_ERR, t.r2.1)]);
+    let cb: Vec<(u64, u32)> = completions(&mut t.b)
+        .iter()
+        .map(|c| (c.wr_id, c.status))
+        .collect();
+    assert_eq!(cb.last(), Some(&(3, wc_status::REM_OP_ERR)));
+    // Both of r's QPs are in ERR now, and receive 23 is still queued in the SRQ, unflushed.
+    for _ in 0..3 {
+        engine.poll();
+    }
+    assert!(completions(&mut t.r).is_empty());
+    let _ = t.srq;
+}
+
+#[test]
+fn srq_receives_use_the_srqs_protection_domain() {
+    let mut engine = Engine::new(false);
+    let a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 64);
+    let mut r = side(&mut engine, 3, [10, 32, 0, 4], "blue", 64);
+    // The SRQ in a second PD, where r's region (in its first PD) is no key.
+    let pd2 = ok::<PdCreated>(&mut engine, r.id, &r.conn, op::ALLOC_PD, &[]).pd;
+    let (srq, mut ring) = create_srq(&mut engine, &mut r, pd2, 4);
+    let r1 = create_srq_qp(&mut engine, &mut r, srq);
+    connect(&mut engine, &a, r.ip, r1.1, 7);
+    connect(&mut engine, &as_qp(&r, r1.0), a.ip, a.qpn, 7);
+    let mut a = a;
+    push_recv(&mut ring, 1, sge(r.mr.lkey, 0, 64));
+    send(&mut a, 2, 0, 8);
+    engine.poll();
+    let got: Vec<(u64, u32)> = completions(&mut r)
+        .iter()
+        .map(|c| (c.wr_id, c.status))
+        .collect();
+    assert_eq!(got, vec![(1, wc_status::LOC_PROT_ERR)]);
+}
+
+#[test]
+fn srq_verbs_check_handles_limits_and_users() {
+    let mut engine = Engine::new(false);
+    let mut t = srq_site(&mut engine, 7);
+    let r = &t.r;
+    let h = |handle| enc(&ObjectHandle { handle });
+    // Query.
+    let attr: SrqAttr = ok(&mut engine, r.id, &r.conn, op::QUERY_SRQ, &h(t.srq));
+    assert_eq!((attr.max_wr, attr.srq_limit), (16, 0));
+    // Modify: limit 0 accepted; a real limit needs async events (EOPNOTSUPP); a limit above
+    // max_wr, resizing and unknown bits are EINVAL.
+    let m = |attr_mask, max_wr, srq_limit| {
+        enc(&ModifySrq {
+            srq: t.srq,
+            attr_mask,
+            max_wr,
+            srq_limit,
+        })
+    };
+    for (body, want) in [
+        (m(srq_wire::mask::LIMIT, 0, 0), status::OK),
+        (
+            m(srq_wire::mask::LIMIT, 0, 4),
+            VerbsStatus::NotSupported as u16,
+        ),
+        (m(srq_wire::mask::LIMIT, 0, 17), VerbsStatus::Invalid as u16),
+        (
+            m(srq_wire::mask::MAX_WR, 32, 0),
+            VerbsStatus::Invalid as u16,
+        ),
+        (m(1 << 5, 0, 0), VerbsStatus::Invalid as u16),
+    ] {
+        assert_eq!(
+            call(&mut engine, r.id, &r.conn, op::MODIFY_SRQ, &body).0,
+            want
+        );
+    }
+    // Creation limits.
+    for (max_wr, max_sge) in [
+        (0, 1),
+        (limits::MAX_SRQ_WR + 1, 1),
+        (4, limits::MAX_SRQ_SGE + 1),
+    ] {
+        let body = enc(&CreateSrq {
+            pd: r.pd,
+            max_wr,
+            max_sge,
+            srq_limit: 0,
+        });
+        assert_eq!(
+            call(&mut engine, r.id, &r.conn, op::CREATE_SRQ, &body).0,
+            VerbsStatus::Invalid as u16
+        );
+    }
+    // Another context's SRQ handle is nothing there: for a query, and for a QP.
+    let a = &t.a;
+    assert_eq!(
+        call(&mut engine, a.id, &a.conn, op::QUERY_SRQ, &h(t.srq)).0,
+        VerbsStatus::BadHandle as u16
+    );
+    let body = enc(&CreateQp {
+        pd: a.pd,
+        send_cq: a.cq,
+        recv_cq: a.cq,
+        srq: t.srq,
+        qp_type: freeflow_proto::verbs::qp::QPT_RC,
+        ..CreateQp::default()
+    });
+    assert_eq!(
+        call(&mut engine, a.id, &a.conn, op::CREATE_QP, &body).0,
+        VerbsStatus::BadHandle as u16
+    );
+    // Busy while QPs use it, and its PD while it exists.
+    let r = &t.r;
+    assert_eq!(
+        call(&mut engine, r.id, &r.conn, op::DESTROY_SRQ, &h(t.srq)).0,
+        VerbsStatus::Busy as u16
+    );
+    for qp in [t.r1.0, t.r2.0] {
+        assert_eq!(
+            call(&mut engine, r.id, &r.conn, op::DESTROY_QP, &h(qp)).0,
+            status::OK
+        );
+    }
+    assert_eq!(
+        call(&mut engine, r.id, &r.conn, op::DESTROY_QP, &h(r.qp)).0,
+        status::OK
+    );
+    let pd = enc(&DeallocPd { pd: r.pd });
+    assert_eq!(
+        call(&mut engine, r.id, &r.conn, op::DEALLOC_PD, &pd).0,
+        VerbsStatus::Busy as u16
+    );
+    assert_eq!(
+        call(&mut engine, r.id, &r.conn, op::DESTROY_SRQ, &h(t.srq)).0,
+        status::OK
+    );
+    assert_eq!(
+        call(&mut engine, r.id, &r.conn, op::DESTROY_SRQ, &h(t.srq)).0,
+        VerbsStatus::BadHandle as u16
+    );
+    let _ = &mut t.srq_ring;
+}
+
+#[test]
+fn a_corrupt_srq_ring_breaks_only_its_owner() {
+    let mut engine = Engine::new(false);
+    let mut t = srq_site(&mut engine, 7);
+    let tail = &t.srq_ring.memory().control().tail.0;
+    tail.store(
+        tail.load(std::sync::atomic::Ordering::Relaxed)
+            .wrapping_add(1_000_000),
+        std::sync::atomic::Ordering::Release,
+    );
+    send(&mut t.a, 1, 0, 8);
+    engine.poll();
+    let broken = engine.take_broken();
+    assert_eq!(broken.len(), 1, "{broken:?}");
+    assert_eq!(broken[0].0, t.r.id);
+    engine.close(t.r.id);
+    // a and b still work: b to itself.
+    let _ = (&t.a, &t.srq);
+    connect_again_self(&mut engine, &t.b);
+    let bk = t.b.mr.lkey;
+    post_recv(&mut t.b, 1, sge(bk, 0, 8));
+    send(&mut t.b, 2, 8, 8);
+    engine.poll();
+    let cb = completions(&mut t.b);
+    assert_eq!(cb.len(), 2, "{cb:?}");
+    assert!(cb.iter().all(|c| c.status == 0));
+}

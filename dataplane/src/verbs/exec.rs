@@ -73,6 +73,10 @@ struct Peer {
     pd: u32,
     qpn: u32,
     recv_cq: usize,
+    /// Where its receives come from: its SRQ, or its own receive queue.
+    srq: Option<usize>,
+    /// The protection domain the keys of its receives belong to (the SRQ's, with one).
+    recv_pd: u32,
     access: u32,
     min_rnr_timer: u8,
 }
@@ -293,12 +297,18 @@ impl Engine {
         if p.route != Some(back) {
             return None;
         }
+        let recv_pd = match p.srq {
+            Some(i) => self.srqs.get(i)?.pd,
+            None => p.pd,
+        };
         Some(Peer {
             index: p_index,
             owner: p.owner,
             pd: p.pd,
             qpn: p.qpn,
             recv_cq: p.recv_cq,
+            srq: p.srq,
+            recv_pd,
             access: p.attr.qp_access_flags,
             min_rnr_timer: p.attr.min_rnr_timer,
         })
@@ -437,31 +447,55 @@ impl Engine {
         Outcome::Done
     }
 
-    /// Whether the responder has a receive posted.
+    /// Whether the responder has a receive posted (in its SRQ, if it has one: an empty SRQ
+    /// is Receiver Not Ready as an empty receive queue is).
     fn receive_ready(&mut self, peer: &Peer) -> Result<(), NoReceive> {
-        let p = self.qps.get_mut(peer.index).ok_or(NoReceive::Broken)?;
-        match p.rq.available() {
+        let available = match peer.srq {
+            None => {
+                let p = self.qps.get_mut(peer.index).ok_or(NoReceive::Broken)?;
+                p.rq.available().map_err(|e| {
+                    p.broken = true;
+                    (p.owner, e)
+                })
+            }
+            Some(i) => {
+                let q = self.srqs.get_mut(i).ok_or(NoReceive::Broken)?;
+                if q.broken {
+                    return Err(NoReceive::Broken);
+                }
+                q.ring.available().map_err(|e| {
+                    q.broken = true;
+                    (q.owner, e)
+                })
+            }
+        };
+        match available {
             Ok(0) => Err(NoReceive::Rnr),
             Ok(_) => Ok(()),
-            Err(e) => {
-                p.broken = true;
-                let owner = p.owner;
+            Err((owner, e)) => {
                 self.break_owner(owner, e);
                 Err(NoReceive::Broken)
             }
         }
     }
 
-    /// Takes the responder's next receive WQE (one is there: checked before).
+    /// Takes the responder's next receive WQE (one is there: checked before) into its slot
+    /// copy `rq_slot`, from its SRQ if it has one.
     fn take_receive(&mut self, peer: &Peer) -> Result<RecvWqe, ()> {
         let p = self.qps.get_mut(peer.index).ok_or(())?;
-        match p.rq.pop(&mut p.rq_slot) {
+        let (ring, max_sge) = match peer.srq {
+            None => (&mut p.rq, p.cap.max_recv_sge),
+            Some(i) => {
+                let q = self.srqs.get_mut(i).ok_or(())?;
+                (&mut q.ring, q.attr.max_sge)
+            }
+        };
+        match ring.pop(&mut p.rq_slot) {
             Ok(true) => {}
             Ok(false) | Err(_) => return Err(()),
         }
-        p.rq.release();
-        let decoded = RecvWqe::decode(&p.rq_slot, p.cap.max_recv_sge);
-        decoded.map_err(|_| ())
+        ring.release();
+        RecvWqe::decode(&p.rq_slot, max_sge).map_err(|_| ())
     }
 
     /// The wr_id of the receive WQE in the responder's slot copy (for a malformed one).
@@ -577,7 +611,7 @@ impl Engine {
                     let rq_slot = &self.qps.get(peer.index).expect("found above").rq_slot;
                     let room = match resolve_list(
                         remote_table,
-                        peer.pd,
+                        peer.recv_pd,
                         recv.sges(rq_slot),
                         Need::LocalWrite,
                         &mut dst,
@@ -800,8 +834,10 @@ impl Engine {
             self.push_cqe(send_cq, &cqe);
             n += 1;
         }
-        // Receive queue.
-        while !blocked {
+        // Receive queue: the QP's own. An SRQ's receives are not this QP's: a QP going to the
+        // error state leaves them for the SRQ's other QPs, as the IB specification has it.
+        let has_srq = self.qps.get(index).is_some_and(|q| q.srq.is_some());
+        while !blocked && !has_srq {
             if !self.room(recv_cq, 1) {
                 blocked = true;
                 break;

@@ -88,7 +88,7 @@ pub enum VerbsError {
     NoSuchPd(u32),
     #[error("no memory region {0}")]
     NoSuchMr(u32),
-    #[error("protection domain {pd} still has {mrs} memory regions and {qps} queue pairs")]
+    #[error("protection domain {pd} still has {mrs} memory regions and {qps} queue pairs or SRQs")]
     PdBusy { pd: u32, mrs: u32, qps: u32 },
     #[error("limit reached: {0}")]
     Limit(&'static str),

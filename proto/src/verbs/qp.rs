@@ -359,7 +359,8 @@ pub struct CreateQp {
     pub pd: u32,
     pub send_cq: u32,
     pub recv_cq: u32,
-    /// Shared receive queues do not exist here: must be 0.
+    /// The SRQ the QP takes its receives from (its handle), or 0 for a receive queue of its
+    /// own (then `cap.max_recv_*` size it; with an SRQ they are ignored).
     pub srq: u32,
     pub qp_type: u32,
     pub sq_sig_all: u32,

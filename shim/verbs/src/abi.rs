@@ -136,9 +136,9 @@ pub type PostSendFn =
 /// `post_recv`.
 pub type PostRecvFn =
     unsafe extern "C" fn(*mut IbvQp, *mut IbvRecvWr, *mut *mut IbvRecvWr) -> c_int;
-/// `post_srq_recv` (no SRQ exists here).
+/// `post_srq_recv`.
 pub type PostSrqRecvFn =
-    unsafe extern "C" fn(*mut c_void, *mut IbvRecvWr, *mut *mut IbvRecvWr) -> c_int;
+    unsafe extern "C" fn(*mut IbvSrq, *mut IbvRecvWr, *mut *mut IbvRecvWr) -> c_int;
 
 /// `struct ibv_context`.
 #[repr(C)]
@@ -453,6 +453,35 @@ pub struct IbvQp {
     pub mutex: libc::pthread_mutex_t,
     pub cond: libc::pthread_cond_t,
     pub events_completed: u32,
+}
+
+/// `struct ibv_srq`. The library allocates it (inside its own object).
+#[repr(C)]
+pub struct IbvSrq {
+    pub context: *mut IbvContext,
+    pub srq_context: *mut c_void,
+    pub pd: *mut IbvPd,
+    pub handle: u32,
+    pub mutex: libc::pthread_mutex_t,
+    pub cond: libc::pthread_cond_t,
+    pub events_completed: u32,
+}
+
+/// `struct ibv_srq_attr`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvSrqAttr {
+    pub max_wr: u32,
+    pub max_sge: u32,
+    pub srq_limit: u32,
+}
+
+/// `struct ibv_srq_init_attr`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvSrqInitAttr {
+    pub srq_context: *mut c_void,
+    pub attr: IbvSrqAttr,
 }
 
 /// `struct ibv_qp_cap`.
@@ -967,6 +996,32 @@ mod tests {
         );
         layout!(
             f,
+            IbvSrq,
+            "struct ibv_srq",
+            [
+                context,
+                srq_context,
+                pd,
+                handle,
+                mutex,
+                cond,
+                events_completed
+            ]
+        );
+        layout!(
+            f,
+            IbvSrqAttr,
+            "struct ibv_srq_attr",
+            [max_wr, max_sge, srq_limit]
+        );
+        layout!(
+            f,
+            IbvSrqInitAttr,
+            "struct ibv_srq_init_attr",
+            [srq_context, attr]
+        );
+        layout!(
+            f,
             IbvQpCap,
             "struct ibv_qp_cap",
             [
@@ -1183,6 +1238,14 @@ mod tests {
                 ("IBV_WC_RETRY_EXC_ERR", st::RETRY_EXC_ERR as usize),
                 ("IBV_WC_RNR_RETRY_EXC_ERR", st::RNR_RETRY_EXC_ERR as usize),
                 ("sizeof(struct ibv_wc)", Cqe::LEN),
+                (
+                    "IBV_SRQ_MAX_WR",
+                    freeflow_proto::verbs::srq::mask::MAX_WR as usize,
+                ),
+                (
+                    "IBV_SRQ_LIMIT",
+                    freeflow_proto::verbs::srq::mask::LIMIT as usize,
+                ),
             ];
             for (c_expr, rust) in wire {
                 f.push(Fact {

@@ -10,7 +10,7 @@ use crate::device::{PKEY_BE, PORT};
 use crate::error::VerbsError;
 use crate::ffi::{copy_out, guard, set_errno};
 use crate::registry::{self, ContextState};
-use crate::{sysfs, unsupported};
+use crate::sysfs;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::mem::{offset_of, size_of};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -156,7 +156,7 @@ fn context_ops() -> IbvContextOps {
         compat_query_port: Some(ibv_query_port),
         poll_cq: Some(crate::cq::poll_cq),
         req_notify_cq: Some(crate::cq::req_notify_cq),
-        post_srq_recv: Some(unsupported::post_srq_recv),
+        post_srq_recv: Some(crate::srq::post_srq_recv),
         post_send: Some(crate::qp::post_send),
         post_recv: Some(crate::qp::post_recv),
         ..IbvContextOps::default()

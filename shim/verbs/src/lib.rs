@@ -8,8 +8,9 @@
 //! do (`ibv_devices`, `ibv_devinfo -v`). Protection domains and memory regions are real: each is
 //! an entry of the router's table for the context (virtual handles and keys), and a region's
 //! pages move onto the process's memory file, which the router maps too, so the router works on
-//! the program's own bytes without a staging copy (`pages`, `memory`). CQs, completion channels
-//! and RC QPs are real too (`cq`, `qp`): completions, send and receive queues are rings in
+//! the program's own bytes without a staging copy (`pages`, `memory`). CQs (resizable),
+//! completion channels, RC QPs and shared receive queues are real too (`cq`, `qp`, `srq`):
+//! completions, send and receive queues are rings in
 //! memory shared with the router, so posting and polling make no system call, and the router's
 //! software engine executes the work requests between containers of the host. Outside a
 //! registered container, or without a router, the device list is empty. Every other verb of
@@ -20,9 +21,9 @@
 //! derives the device's attributes from the container's identity; `registry` holds the
 //! process's attachments, devices, contexts and verbs objects; `channel` is a context's
 //! request/reply conversation with the router; `maps`, `pages` and `memory` are registered
-//! memory; `exports`, `pd_mr`, `cq`, `qp`, `utility` and `unsupported` are the exported C
-//! functions. Unsafe code is confined to the C boundary (`exports`, `pd_mr`, `cq`, `qp`,
-//! `unsupported`, `utility`, `ffi`) and to
+//! memory; `exports`, `pd_mr`, `cq`, `qp`, `srq`, `utility` and `unsupported` are the
+//! exported C functions. Unsafe code is confined to the C boundary (`exports`, `pd_mr`, `cq`,
+//! `qp`, `srq`, `unsupported`, `utility`, `ffi`) and to
 //! `memory` (the system calls that move pages), whose two entry points `pages` calls right
 //! after checking `/proc/self/maps`.
 #![deny(unsafe_code)]
@@ -54,6 +55,7 @@ mod pages;
 mod pd_mr;
 mod qp;
 mod registry;
+mod srq;
 mod strings;
 mod sysfs;
 mod unsupported;

@@ -1,6 +1,7 @@
 //! Reliable-connected queue pairs: `ibv_create_qp`, `ibv_modify_qp`, `ibv_query_qp`,
 //! `ibv_destroy_qp`, and the context ops `post_send` and `post_recv` (reached through the inline
-//! `ibv_post_send` and `ibv_post_recv`).
+//! `ibv_post_send` and `ibv_post_recv`). A QP created with an SRQ (`init_attr.srq`) takes its
+//! receives from it (`srq`); its own receive ring stays unused.
 //!
 //! The router is the authority on a QP: its state machine checks every modify (transitions and
 //! attribute masks, EINVAL as the kernel reports them), it gives the virtual QP number, and it
@@ -44,10 +45,20 @@ symbol_versions! {
 
 const QP_MAGIC: u64 = u64::from_le_bytes(*b"FFQPv001");
 
-/// One of the QP's rings and the buffer a WQE is built in.
-struct Queue {
+/// One of the QP's rings (or an SRQ's ring) and the buffer a WQE is built in.
+pub(crate) struct Queue {
     ring: Producer,
     buf: Vec<u8>,
+}
+
+impl Queue {
+    pub(crate) fn new(ring: Producer) -> Mutex<Queue> {
+        let size = ring.slot_size();
+        Mutex::new(Queue {
+            ring,
+            buf: vec![0; size],
+        })
+    }
 }
 
 /// What the library keeps for a QP, behind its `struct ibv_qp`.
@@ -55,6 +66,8 @@ struct QpShared {
     /// The state the router last reported (modify and query replies).
     state: AtomicU8,
     cap: QpCap,
+    /// It takes its receives from an SRQ: `post_recv` on it is refused.
+    has_srq: bool,
     send: Mutex<Queue>,
     recv: Mutex<Queue>,
     /// The router shard's doorbell (rung only when the shard parked).
@@ -134,11 +147,17 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
             "the CQs belong to another context than the PD",
         ));
     }
-    if !a.srq.is_null() {
-        return Err(VerbsError::InvalidArgument(
-            "no shared receive queue exists",
-        ));
-    }
+    let srq = if a.srq.is_null() {
+        None
+    } else {
+        let entry = crate::srq::srq_handle(a.srq.cast())?;
+        if entry.context != pd_entry.context {
+            return Err(VerbsError::InvalidArgument(
+                "the SRQ belongs to another context than the PD",
+            ));
+        }
+        Some(entry)
+    };
     if a.qp_type != QPT_RC {
         return Err(VerbsError::NotSupported("only RC queue pairs"));
     }
@@ -147,7 +166,7 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
         pd: pd_entry.handle,
         send_cq: send_cq.handle,
         recv_cq: recv_cq.handle,
-        srq: 0,
+        srq: srq.map_or(0, |e| e.handle),
         qp_type: a.qp_type,
         sq_sig_all: u32::from(a.sq_sig_all != 0),
         cap: wire_cap(&a.cap),
@@ -182,18 +201,12 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
             return Err(e);
         }
     };
-    let queue = |ring: Producer| {
-        let size = ring.slot_size();
-        Mutex::new(Queue {
-            ring,
-            buf: vec![0; size],
-        })
-    };
     let st = Box::into_raw(Box::new(QpShared {
         state: AtomicU8::new(QpState::Reset as u8),
         cap: created.cap,
-        send: queue(send),
-        recv: queue(recv),
+        has_srq: srq.is_some(),
+        send: Queue::new(send),
+        recv: Queue::new(recv),
         bell,
         _region: region,
     }));
@@ -205,7 +218,7 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
             pd,
             send_cq: a.send_cq,
             recv_cq: a.recv_cq,
-            srq: null_mut(),
+            srq: a.srq,
             handle: created.qp,
             qp_num: created.qpn,
             state: QpState::Reset as u32,
@@ -400,7 +413,7 @@ fn query_qp(
             qp_context: (*qp).qp_context,
             send_cq: (*qp).send_cq,
             recv_cq: (*qp).recv_cq,
-            srq: null_mut(),
+            srq: (*qp).srq,
             cap: out.cap,
             qp_type: (*qp).qp_type,
             sq_sig_all: q.sq_sig_all as c_int,
@@ -621,7 +634,8 @@ pub unsafe extern "C" fn post_send(
 }
 
 /// `ops.post_recv` (the inline `ibv_post_recv`): as `post_send`, for receive requests (the QP
-/// must be past RESET).
+/// must be past RESET). A QP that takes its receives from an SRQ refuses them (EINVAL), as
+/// rdma-core's providers do.
 ///
 /// # Safety
 /// As `post_send`.
@@ -630,30 +644,59 @@ pub unsafe extern "C" fn post_recv(
     wr: *mut IbvRecvWr,
     bad_wr: *mut *mut IbvRecvWr,
 ) -> c_int {
-    let report = |at: *mut IbvRecvWr, errno: c_int| {
-        if !bad_wr.is_null() {
-            // SAFETY: the caller's out pointer.
-            unsafe { *bad_wr = at };
-        }
-        errno
-    };
     // SAFETY: forwarded caller guarantee.
     let Some(state) = (unsafe { qp_state(qp) }) else {
-        return report(wr, libc::EINVAL);
+        // SAFETY: forwarded caller guarantee about `bad_wr`.
+        return unsafe { report_recv(bad_wr, wr, libc::EINVAL) };
     };
     let current = QpState::from_u32(u32::from(state.state.load(Ordering::Acquire)));
-    if !current.is_some_and(QpState::accepts_receives) {
-        return report(wr, libc::EINVAL);
+    if !current.is_some_and(QpState::accepts_receives) || state.has_srq {
+        // SAFETY: forwarded caller guarantee about `bad_wr`.
+        return unsafe { report_recv(bad_wr, wr, libc::EINVAL) };
     }
+    // SAFETY: forwarded caller guarantee.
+    unsafe { push_receives(&state.recv, state.cap.max_recv_sge, &state.bell, wr, bad_wr) }
+}
+
+/// Stores `at` in `*bad_wr` (if not NULL) and returns `errno`.
+///
+/// # Safety
+/// `bad_wr` is NULL or writable.
+pub(crate) unsafe fn report_recv(
+    bad_wr: *mut *mut IbvRecvWr,
+    at: *mut IbvRecvWr,
+    errno: c_int,
+) -> c_int {
+    if !bad_wr.is_null() {
+        // SAFETY: the caller's out pointer.
+        unsafe { *bad_wr = at };
+    }
+    errno
+}
+
+/// Encodes the receive requests of the list `wr` into `queue`'s ring and publishes them with
+/// one store, ringing the router's doorbell only if its shard parked: 0, or an errno value
+/// with `*bad_wr` at the first request not posted (the ones before it are posted). Used for a
+/// QP's receive queue and for an SRQ.
+///
+/// # Safety
+/// `wr` is a valid list of receive requests; `bad_wr` NULL or writable.
+pub(crate) unsafe fn push_receives(
+    queue: &Mutex<Queue>,
+    max_sge: u32,
+    bell: &EventFd,
+    wr: *mut IbvRecvWr,
+    bad_wr: *mut *mut IbvRecvWr,
+) -> c_int {
     guard(libc::EIO, || {
-        let mut queue = lock(&state.recv);
+        let mut queue = lock(queue);
         let Queue { ring, buf } = &mut *queue;
         let mut cur = wr;
         let mut errno = 0;
         while !cur.is_null() {
             // SAFETY: a live work request of the caller's list.
             let w = unsafe { &*cur };
-            if w.num_sge < 0 || w.num_sge as u32 > state.cap.max_recv_sge {
+            if w.num_sge < 0 || w.num_sge as u32 > max_sge {
                 errno = libc::EINVAL;
                 break;
             }
@@ -687,10 +730,11 @@ pub unsafe extern "C" fn post_recv(
             cur = w.next;
         }
         if ring.publish() == Wake::Needed {
-            let _ = state.bell.ring();
+            let _ = bell.ring();
         }
         if errno != 0 {
-            report(cur, errno)
+            // SAFETY: forwarded caller guarantee.
+            unsafe { report_recv(bad_wr, cur, errno) }
         } else {
             0
         }

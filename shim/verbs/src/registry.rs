@@ -217,7 +217,7 @@ pub struct MrEntry {
     pub pages: (u64, u64),
 }
 
-/// A CQ, QP or completion channel handed out, by the address of its object (whose C
+/// A CQ, QP, SRQ or completion channel handed out, by the address of its object (whose C
 /// structure comes first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueEntry {
@@ -232,6 +232,7 @@ enum Object {
     Cq(QueueEntry),
     Qp(QueueEntry),
     Channel(QueueEntry),
+    Srq(QueueEntry),
 }
 
 /// Which kind of queue object.
@@ -240,6 +241,7 @@ pub enum QueueKind {
     Cq,
     Qp,
     Channel,
+    Srq,
 }
 
 static OBJECTS: Mutex<BTreeMap<usize, Object>> = Mutex::new(BTreeMap::new());
@@ -267,6 +269,7 @@ pub fn add_queue(key: usize, kind: QueueKind, entry: QueueEntry) {
         QueueKind::Cq => Object::Cq(entry),
         QueueKind::Qp => Object::Qp(entry),
         QueueKind::Channel => Object::Channel(entry),
+        QueueKind::Srq => Object::Srq(entry),
     };
     lock(&OBJECTS).insert(key, object);
 }
@@ -276,11 +279,13 @@ pub fn queue(key: usize, kind: QueueKind) -> Result<QueueEntry, VerbsError> {
     match (lock(&OBJECTS).get(&key), kind) {
         (Some(Object::Cq(e)), QueueKind::Cq)
         | (Some(Object::Qp(e)), QueueKind::Qp)
-        | (Some(Object::Channel(e)), QueueKind::Channel) => Ok(*e),
+        | (Some(Object::Channel(e)), QueueKind::Channel)
+        | (Some(Object::Srq(e)), QueueKind::Srq) => Ok(*e),
         _ => Err(VerbsError::UnknownObject(match kind {
             QueueKind::Cq => "completion queue",
             QueueKind::Qp => "queue pair",
             QueueKind::Channel => "completion channel",
+            QueueKind::Srq => "shared receive queue",
         })),
     }
 }
@@ -315,7 +320,7 @@ pub fn remove_objects_of(context: usize) -> Vec<MrEntry> {
             false
         }
         Object::Mr(_) => true,
-        Object::Cq(e) | Object::Qp(e) | Object::Channel(e) => e.context != context,
+        Object::Cq(e) | Object::Qp(e) | Object::Channel(e) | Object::Srq(e) => e.context != context,
     });
     regions
 }

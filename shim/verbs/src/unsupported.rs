@@ -3,12 +3,12 @@
 //! errno value EOPNOTSUPP itself. None pretends to succeed. Under `FREEFLOW_DEBUG` the first
 //! call of each says so on stderr.
 //!
-//! Implemented verbs live elsewhere (`pd_mr`, `cq`, `qp`). `ibv_rereg_mr` stays here for now:
-//! it answers IBV_REREG_MR_ERR_INPUT, the old region unchanged. Not yet: shared receive queues,
-//! address handles (no UD), multicast, `ibv_qp_to_qp_ex` (the new post API).
+//! Implemented verbs live elsewhere (`pd_mr`, `cq`, `qp`, `srq`). `ibv_rereg_mr` stays here for
+//! now: it answers IBV_REREG_MR_ERR_INPUT, the old region unchanged. Not yet: address handles
+//! (no UD), multicast, `ibv_qp_to_qp_ex` (the new post API).
 #![allow(unsafe_code)]
 
-use crate::abi::{IbvRecvWr, IBV_REREG_MR_ERR_INPUT};
+use crate::abi::IBV_REREG_MR_ERR_INPUT;
 use crate::ffi::set_errno;
 use std::collections::BTreeSet;
 use std::ffi::{c_int, c_void};
@@ -54,11 +54,6 @@ type Obj = *mut c_void;
 unsupported! {
     "IBVERBS_1.1" fn ibv_rereg_mr(mr: Obj, flags: c_int, pd: Obj, addr: Obj, length: usize,
         access: c_int) -> c_int = IBV_REREG_MR_ERR_INPUT;
-    "IBVERBS_1.1" fn ibv_create_srq(pd: Obj, srq_init_attr: Obj) -> Obj = null_mut();
-    "IBVERBS_1.1" fn ibv_modify_srq(srq: Obj, srq_attr: Obj, srq_attr_mask: c_int) -> c_int =
-        libc::EOPNOTSUPP;
-    "IBVERBS_1.1" fn ibv_query_srq(srq: Obj, srq_attr: Obj) -> c_int = libc::EOPNOTSUPP;
-    "IBVERBS_1.1" fn ibv_destroy_srq(srq: Obj) -> c_int = libc::EOPNOTSUPP;
     "IBVERBS_1.1" fn ibv_create_ah(pd: Obj, attr: Obj) -> Obj = null_mut();
     "IBVERBS_1.1" fn ibv_destroy_ah(ah: Obj) -> c_int = libc::EOPNOTSUPP;
     "IBVERBS_1.1" fn ibv_init_ah_from_wc(context: Obj, port_num: u8, wc: Obj, grh: Obj,
@@ -88,25 +83,4 @@ unsupported! {
 
     // 0: "not guaranteed to be written in order", the answer that promises nothing.
     "IBVERBS_1.14" fn ibv_query_qp_data_in_order(qp: Obj, op: c_int, flags: u32) -> c_int = 0;
-}
-
-// `ops.post_srq_recv`: every context carries it (no call through a context of this library
-// lands on NULL), though no SRQ can exist.
-
-/// `ops.post_srq_recv`: EOPNOTSUPP with `*bad_wr = wr`.
-///
-/// # Safety
-/// `bad_wr` is NULL or writable.
-pub unsafe extern "C" fn post_srq_recv(
-    srq: Obj,
-    wr: *mut IbvRecvWr,
-    bad_wr: *mut *mut IbvRecvWr,
-) -> c_int {
-    let _ = srq;
-    not_supported("ibv_post_srq_recv");
-    if !bad_wr.is_null() {
-        // SAFETY: the caller passes its own `struct ibv_recv_wr **`.
-        unsafe { *bad_wr = wr };
-    }
-    libc::EOPNOTSUPP
 }

@@ -1,0 +1,299 @@
+//! Shared receive queues: `ibv_create_srq`, `ibv_modify_srq`, `ibv_query_srq`,
+//! `ibv_destroy_srq`, and the context op `post_srq_recv` (reached through the inline
+//! `ibv_post_srq_recv`). `ibv_create_srq_ex` is the inline of `verbs.h`, which calls
+//! `ibv_create_srq` for a basic SRQ with a PD; other types (XRC, tag matching) find no
+//! `create_srq_ex` op and fail with EOPNOTSUPP.
+//!
+//! An SRQ is a ring of receive WQEs in a region the router creates and passes on the attach
+//! connection, like a QP's receive queue: posting encodes each request into a slot and
+//! publishes the batch with one store, and rings the router's doorbell only if its shard
+//! parked, so `ibv_post_srq_recv` makes no system call on a busy router. The router is the
+//! authority on everything else: capacities, the PD, handles (another context's SRQ is
+//! nothing to it), and users (destroying an SRQ that QPs use is EBUSY).
+//!
+//! The SRQ limit (IBV_SRQ_LIMIT) needs the asynchronous event IBV_EVENT_SRQ_LIMIT_REACHED,
+//! and this device delivers no asynchronous events yet: arming a non-zero limit fails with
+//! EOPNOTSUPP (a limit of 0, disarmed, is accepted), and `srq_limit` at creation is ignored
+//! as rdma-core documents.
+#![allow(unsafe_code)]
+
+use crate::abi::{IbvContext, IbvPd, IbvRecvWr, IbvSrq, IbvSrqAttr, IbvSrqInitAttr};
+use crate::error::VerbsError;
+use crate::ffi::{copy_out, guard, set_errno};
+use crate::qp::{push_receives, report_recv, Queue};
+use crate::registry::{self, lock, QueueEntry, QueueKind};
+use freeflow_proto::doorbell::EventFd;
+use freeflow_proto::region::SharedRegion;
+use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq, SrqAttr, SrqCreated};
+use freeflow_proto::verbs::{op, Body, ObjectHandle, QueueFileKind};
+use freeflow_proto::Producer;
+use std::ffi::c_int;
+use std::os::fd::AsFd;
+use std::ptr::null_mut;
+use std::sync::Mutex;
+
+symbol_versions! {
+    "IBVERBS_1.1": [ibv_create_srq, ibv_modify_srq, ibv_query_srq, ibv_destroy_srq],
+}
+
+const SRQ_MAGIC: u64 = u64::from_le_bytes(*b"FFSRv001");
+
+/// What the library keeps for an SRQ, behind its `struct ibv_srq`.
+struct SrqShared {
+    max_sge: u32,
+    recv: Mutex<Queue>,
+    /// The router shard's doorbell (rung only when the shard parked).
+    bell: EventFd,
+}
+
+#[repr(C)]
+struct SrqObject {
+    ibv: IbvSrq,
+    magic: u64,
+    state: *const SrqShared,
+}
+
+/// The state behind `srq`, if it is one of this library's SRQs.
+///
+/// # Safety
+/// `srq` is NULL or points at an SRQ this library created and has not destroyed (what the
+/// inline `ibv_post_srq_recv` passes, and what every provider assumes).
+unsafe fn srq_state<'a>(srq: *mut IbvSrq) -> Option<&'a SrqShared> {
+    if srq.is_null() {
+        return None;
+    }
+    let obj = srq.cast::<SrqObject>();
+    // SAFETY: per the contract, a live SrqObject; fields read through raw pointers.
+    unsafe {
+        if std::ptr::addr_of!((*obj).magic).read() != SRQ_MAGIC {
+            return None;
+        }
+        std::ptr::addr_of!((*obj).state).read().as_ref()
+    }
+}
+
+fn fail(verb: &str, e: &VerbsError) -> c_int {
+    registry::debug(format_args!("{verb}: {e}"));
+    let errno = e.errno();
+    set_errno(errno);
+    errno
+}
+
+fn encoded<T: Body>(value: &T) -> Vec<u8> {
+    let mut b = vec![0u8; T::LEN];
+    value.encode(&mut b);
+    b
+}
+
+fn create_srq(pd: *mut IbvPd, init: *mut IbvSrqInitAttr) -> Result<*mut IbvSrq, VerbsError> {
+    let pd_entry = registry::pd(pd as usize)?;
+    if init.is_null() {
+        return Err(VerbsError::InvalidArgument("srq_init_attr is NULL"));
+    }
+    // SAFETY: the caller's init attributes (checked for NULL).
+    let a = unsafe { *init };
+    let state = registry::context(pd_entry.context)?;
+    let body = encoded(&CreateSrq {
+        pd: pd_entry.handle,
+        max_wr: a.attr.max_wr,
+        max_sge: a.attr.max_sge,
+        srq_limit: a.attr.srq_limit,
+    });
+    let (created, fd, bell) = {
+        let mut ch = lock(&state.channel);
+        let reply = ch.call(op::CREATE_SRQ, &body)?;
+        let created =
+            SrqCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
+        let fd = ch.take_queue_file(QueueFileKind::Srq, created.srq);
+        (created, fd, ch.router_bell())
+    };
+    let made = fd.and_then(|fd| {
+        let region = SharedRegion::attach(fd.as_fd())
+            .map_err(|e| VerbsError::Protocol(format!("SRQ region: {e}")))?;
+        let ring = region
+            .ring(0)
+            .map(Producer::new)
+            .map_err(|e| VerbsError::Protocol(format!("SRQ ring: {e}")))?;
+        Ok((ring, bell?))
+    });
+    let (ring, bell) = match made {
+        Ok(parts) => parts,
+        Err(e) => {
+            let _ = lock(&state.channel).call(
+                op::DESTROY_SRQ,
+                &encoded(&ObjectHandle {
+                    handle: created.srq,
+                }),
+            );
+            return Err(e);
+        }
+    };
+    let st = Box::into_raw(Box::new(SrqShared {
+        max_sge: created.attr.max_sge,
+        recv: Queue::new(ring),
+        bell,
+    }));
+    let obj = Box::into_raw(Box::new(SrqObject {
+        ibv: IbvSrq {
+            context: pd_entry.context as *mut IbvContext,
+            srq_context: a.srq_context,
+            pd,
+            handle: created.srq,
+            mutex: libc::PTHREAD_MUTEX_INITIALIZER,
+            cond: libc::PTHREAD_COND_INITIALIZER,
+            events_completed: 0,
+        },
+        magic: SRQ_MAGIC,
+        state: st,
+    }));
+    // As rdma-core documents: the caller learns the capacities the SRQ really has.
+    // SAFETY: `init` is the caller's (checked for NULL above).
+    unsafe {
+        (*init).attr.max_wr = created.attr.max_wr;
+        (*init).attr.max_sge = created.attr.max_sge;
+    }
+    registry::add_queue(
+        obj as usize,
+        QueueKind::Srq,
+        QueueEntry {
+            context: pd_entry.context,
+            handle: created.srq,
+        },
+    );
+    registry::debug(format_args!(
+        "created SRQ {} ({} WRs of {} SGEs)",
+        created.srq, created.attr.max_wr, created.attr.max_sge
+    ));
+    Ok(obj.cast())
+}
+
+/// `ibv_create_srq`: an SRQ of at least `attr.max_wr` receives of `attr.max_sge` entries
+/// (written back), or NULL with errno (EINVAL for capacities beyond the device's).
+#[no_mangle]
+pub extern "C" fn ibv_create_srq(pd: *mut IbvPd, init: *mut IbvSrqInitAttr) -> *mut IbvSrq {
+    guard(null_mut(), || {
+        create_srq(pd, init).unwrap_or_else(|e| {
+            fail("ibv_create_srq", &e);
+            null_mut()
+        })
+    })
+}
+
+/// The context an SRQ belongs to and its router handle (for `ibv_create_qp`).
+pub fn srq_handle(srq: *mut IbvSrq) -> Result<QueueEntry, VerbsError> {
+    let entry = registry::queue(srq as usize, QueueKind::Srq)?;
+    // SAFETY: the registry holds `srq`: a live SRQ of this library.
+    unsafe { srq_state(srq) }.ok_or(VerbsError::UnknownObject("shared receive queue"))?;
+    Ok(entry)
+}
+
+fn modify_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr, mask: c_int) -> Result<(), VerbsError> {
+    let entry = srq_handle(srq)?;
+    if attr.is_null() {
+        return Err(VerbsError::InvalidArgument("srq_attr is NULL"));
+    }
+    // SAFETY: the caller's attributes (checked for NULL).
+    let a = unsafe { *attr };
+    let ctx = registry::context(entry.context)?;
+    let body = encoded(&ModifySrq {
+        srq: entry.handle,
+        attr_mask: mask as u32,
+        max_wr: a.max_wr,
+        srq_limit: a.srq_limit,
+    });
+    lock(&ctx.channel).call(op::MODIFY_SRQ, &body)?;
+    Ok(())
+}
+
+/// `ibv_modify_srq`: 0, or an errno value (EINVAL for a resize, which this device does not
+/// do, or a limit above `max_wr`; EOPNOTSUPP for a non-zero limit: no asynchronous events).
+#[no_mangle]
+pub extern "C" fn ibv_modify_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr, mask: c_int) -> c_int {
+    guard(libc::EIO, || {
+        modify_srq(srq, attr, mask).map_or_else(|e| fail("ibv_modify_srq", &e), |()| 0)
+    })
+}
+
+fn query_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr) -> Result<(), VerbsError> {
+    let entry = srq_handle(srq)?;
+    if attr.is_null() {
+        return Err(VerbsError::InvalidArgument("srq_attr is NULL"));
+    }
+    let ctx = registry::context(entry.context)?;
+    let reply = lock(&ctx.channel).call(
+        op::QUERY_SRQ,
+        &encoded(&ObjectHandle {
+            handle: entry.handle,
+        }),
+    )?;
+    let q = SrqAttr::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
+    let out = IbvSrqAttr {
+        max_wr: q.max_wr,
+        max_sge: q.max_sge,
+        srq_limit: q.srq_limit,
+    };
+    // SAFETY: the caller's structure (checked for NULL), written whole.
+    unsafe { copy_out(attr, &out, std::mem::size_of::<IbvSrqAttr>()) };
+    Ok(())
+}
+
+/// `ibv_query_srq`: 0, or an errno value.
+#[no_mangle]
+pub extern "C" fn ibv_query_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr) -> c_int {
+    guard(libc::EIO, || {
+        query_srq(srq, attr).map_or_else(|e| fail("ibv_query_srq", &e), |()| 0)
+    })
+}
+
+fn destroy_srq(srq: *mut IbvSrq) -> Result<(), VerbsError> {
+    let entry = srq_handle(srq)?;
+    let ctx = registry::context(entry.context)?;
+    match lock(&ctx.channel).call(
+        op::DESTROY_SRQ,
+        &encoded(&ObjectHandle {
+            handle: entry.handle,
+        }),
+    ) {
+        Ok(_) | Err(VerbsError::RouterGone) => {}
+        Err(e) => return Err(e),
+    }
+    if registry::remove_object(srq as usize) {
+        // SAFETY: the registry held `srq`: the Box leaked by `create_srq` and its state, freed
+        // once.
+        unsafe {
+            let obj = Box::from_raw(srq.cast::<SrqObject>());
+            drop(Box::from_raw(obj.state.cast_mut()));
+        }
+    }
+    registry::debug(format_args!("destroyed SRQ {}", entry.handle));
+    Ok(())
+}
+
+/// `ibv_destroy_srq`: 0, or an errno value (EBUSY while QPs use it).
+#[no_mangle]
+pub extern "C" fn ibv_destroy_srq(srq: *mut IbvSrq) -> c_int {
+    guard(libc::EIO, || {
+        destroy_srq(srq).map_or_else(|e| fail("ibv_destroy_srq", &e), |()| 0)
+    })
+}
+
+/// `ops.post_srq_recv` (the inline `ibv_post_srq_recv`): 0, or an errno value with `*bad_wr`
+/// at the first request not posted (ENOMEM when the SRQ is full, EINVAL for more entries than
+/// `max_sge`). No system call unless the router sleeps.
+///
+/// # Safety
+/// `srq` is a live SRQ of this library; `wr` a valid list of receive requests; `bad_wr` NULL
+/// or writable.
+pub unsafe extern "C" fn post_srq_recv(
+    srq: *mut IbvSrq,
+    wr: *mut IbvRecvWr,
+    bad_wr: *mut *mut IbvRecvWr,
+) -> c_int {
+    // SAFETY: forwarded caller guarantee.
+    let Some(state) = (unsafe { srq_state(srq) }) else {
+        // SAFETY: forwarded caller guarantee about `bad_wr`.
+        return unsafe { report_recv(bad_wr, wr, libc::EINVAL) };
+    };
+    // SAFETY: forwarded caller guarantee.
+    unsafe { push_receives(&state.recv, state.max_sge, &state.bell, wr, bad_wr) }
+}
