@@ -240,25 +240,27 @@ fn run() -> Result<(), String> {
                     r.repetitions
                 );
                 println!(
-                    "{:<10}{:>12}{:>12}{:>12}{:>13}{:>13}{:>12}",
+                    "{:<10}{:>12}{:>12}{:>12}{:>13}{:>13}{:>12}{:>12}",
                     "path",
                     "Gbit/s",
                     "rtt p50 us",
                     "rtt p99 us",
                     "setup p50 us",
                     "setup p99 us",
+                    "connect p50",
                     "conns/s"
                 );
                 for p in &r.paths {
                     let m = &p.median;
                     println!(
-                        "{:<10}{:>12.2}{:>12.1}{:>12.1}{:>13.1}{:>13.1}{:>12.0}",
+                        "{:<10}{:>12.2}{:>12.1}{:>12.1}{:>13.1}{:>13.1}{:>12.1}{:>12.0}",
                         p.path,
                         m.gbit_per_sec,
                         m.rtt_p50_us,
                         m.rtt_p99_us,
                         m.setup_p50_us,
                         m.setup_p99_us,
+                        m.connect_p50_us,
                         m.conns_per_sec
                     );
                 }

@@ -41,6 +41,9 @@ pub struct Sample {
     pub rtt_p99_us: f64,
     pub setup_p50_us: f64,
     pub setup_p99_us: f64,
+    /// The connect call alone, within the setup (Freeflow's extra work is all in there).
+    #[serde(default)]
+    pub connect_p50_us: f64,
     pub conns_per_sec: f64,
 }
 
@@ -162,10 +165,15 @@ pub fn client(addr: SocketAddr, seconds: f64, rtt_samples: u64, setups: u64) -> 
     // Setup: connect until the first byte arrives, one connection after another.
     let mut setup =
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|x| x.to_string())?;
+    let mut connect =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|x| x.to_string())?;
     let start = Instant::now();
     for _ in 0..setups {
         let t = Instant::now();
         let mut c = TcpStream::connect(addr).map_err(e("setup connect"))?;
+        connect
+            .record(t.elapsed().as_nanos().max(1) as u64)
+            .map_err(|x| x.to_string())?;
         c.write_all(b"F").map_err(e("setup write"))?;
         let mut b = [0u8; 1];
         c.read_exact(&mut b).map_err(e("setup read"))?;
@@ -180,6 +188,7 @@ pub fn client(addr: SocketAddr, seconds: f64, rtt_samples: u64, setups: u64) -> 
         rtt_p99_us: rtt.value_at_quantile(0.99) as f64 / 1000.0,
         setup_p50_us: setup.value_at_quantile(0.5) as f64 / 1000.0,
         setup_p99_us: setup.value_at_quantile(0.99) as f64 / 1000.0,
+        connect_p50_us: connect.value_at_quantile(0.5) as f64 / 1000.0,
         conns_per_sec: setups as f64 / setup_elapsed,
     };
     println!(
@@ -460,6 +469,7 @@ fn measure(
         rtt_p99_us: median(v.iter().map(|s| s.rtt_p99_us)),
         setup_p50_us: median(v.iter().map(|s| s.setup_p50_us)),
         setup_p99_us: median(v.iter().map(|s| s.setup_p99_us)),
+        connect_p50_us: median(v.iter().map(|s| s.connect_p50_us)),
         conns_per_sec: median(v.iter().map(|s| s.conns_per_sec)),
     };
     let paths: Vec<PathReport> = clients

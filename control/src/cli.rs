@@ -1175,9 +1175,10 @@ fn print_status_text(
             rs.attaches_refused
         );
         out!(
-            "  tcp mode:   {} listener(s), {} connect(s) on the host network, {} sent to the overlay, {} client(s) without Freeflow relayed",
+            "  tcp mode:   {} listener(s), {} connect(s) on the host network ({} on claimed ports), {} sent to the overlay, {} client(s) without Freeflow relayed",
             rs.tcp_listeners,
             rs.tcp_connects,
+            rs.tcp_claimed,
             rs.tcp_fallbacks,
             rs.tcp_relayed
         );

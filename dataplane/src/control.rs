@@ -13,7 +13,7 @@ use freeflow_proto::control::{
 };
 use freeflow_proto::fdpass;
 use freeflow_proto::identity::NetnsId;
-use freeflow_proto::sockmsg::{SockOp, SockReply, SockRequest, SOCKMSG_LEN};
+use freeflow_proto::sockmsg::{SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN};
 use freeflow_proto::RingGeometry;
 use std::collections::HashMap;
 use std::io;
@@ -39,6 +39,30 @@ struct SocketShim {
     conn: OwnedFd,
     container: ContainerEntry,
     pid: i32,
+    /// Notices to this process are being skipped (it does not read them); it was told to
+    /// forget what it knew.
+    notice_gap: bool,
+}
+
+/// What to do with a notice for a process whose connection holds `unread` of `capacity` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoticeStep {
+    Send,
+    /// Tell it to forget everything and skip notices from now on: a skipped notice may be
+    /// the one that overrides what it was told earlier (host ports are reused).
+    ForgetAllAndSkip,
+    Skip,
+}
+
+/// Notices are an optimisation; replies must always have room. A process that does not read
+/// its notices is skipped from 3/8 of its socket buffer until it has read down to 1/8.
+fn notice_step(gap: bool, unread: usize, capacity: usize) -> NoticeStep {
+    match (gap, unread) {
+        (false, u) if u < capacity / 8 * 3 => NoticeStep::Send,
+        (false, _) => NoticeStep::ForgetAllAndSkip,
+        (true, u) if u < capacity / 8 => NoticeStep::Send,
+        (true, _) => NoticeStep::Skip,
+    }
 }
 
 pub struct ControlThread {
@@ -408,6 +432,7 @@ impl ControlThread {
                 conn,
                 container,
                 pid,
+                notice_gap: false,
             },
         );
     }
@@ -481,16 +506,32 @@ impl ControlThread {
 
     /// Sends the notices the TCP service queued. A notice is an optimisation (accept does a
     /// Resolve without it), so it is skipped rather than let a process that is slow to read
-    /// them fill its socket beyond half: the other half is room for replies.
+    /// them fill its socket (see [`notice_step`]): the rest is room for replies.
     fn send_notices(&mut self) {
         for (id, notice) in std::mem::take(&mut self.tcp.notices) {
-            let Some(shim) = self.socket_shims.get(&id) else {
+            let Some(shim) = self.socket_shims.get_mut(&id) else {
                 continue;
             };
-            let room = sys::unread_and_capacity(shim.conn.as_fd())
-                .is_ok_and(|(unread, capacity)| unread < capacity / 2);
-            if room {
-                let _ = fdpass::try_send_with_fds(shim.conn.as_fd(), &notice.encode(), &[]);
+            let step = match sys::unread_and_capacity(shim.conn.as_fd()) {
+                Ok((unread, capacity)) => notice_step(shim.notice_gap, unread, capacity),
+                Err(_) => NoticeStep::Skip,
+            };
+            let send = |n: SockNotice| {
+                fdpass::try_send_with_fds(shim.conn.as_fd(), &n.encode(), &[]).is_ok()
+            };
+            match step {
+                NoticeStep::Send => {
+                    shim.notice_gap = false;
+                    if !send(notice) {
+                        shim.notice_gap = true;
+                        send(SockNotice::forget_all());
+                    }
+                }
+                NoticeStep::ForgetAllAndSkip => {
+                    shim.notice_gap = true;
+                    send(SockNotice::forget_all());
+                }
+                NoticeStep::Skip => {}
             }
         }
     }
@@ -617,6 +658,25 @@ impl ControlThread {
             tcp_connects: self.tcp.connects,
             tcp_fallbacks: self.tcp.fallbacks,
             tcp_relayed: self.tcp.relayed,
+            tcp_claimed: self.tcp.claimed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{notice_step, NoticeStep};
+
+    #[test]
+    fn a_process_that_does_not_read_its_notices_is_told_to_forget_then_skipped() {
+        let cap = 8000;
+        assert_eq!(notice_step(false, 0, cap), NoticeStep::Send);
+        assert_eq!(notice_step(false, 2999, cap), NoticeStep::Send);
+        assert_eq!(notice_step(false, 3000, cap), NoticeStep::ForgetAllAndSkip);
+        // Skipped until it has read down to 1/8, so the forget comes before any gap.
+        assert_eq!(notice_step(true, 2000, cap), NoticeStep::Skip);
+        assert_eq!(notice_step(true, 999, cap), NoticeStep::Send);
+        // Never beyond half: replies keep their room.
+        assert_ne!(notice_step(false, cap / 2, cap), NoticeStep::Send);
     }
 }

@@ -57,6 +57,20 @@ const MAX_LISTENERS_PER_CONTAINER: usize = 256;
 /// costs only the connect: they are made after replies, off the requester's path.
 const SPARE_SOCKETS: usize = 4;
 
+/// Host sockets bound ahead for one container's connects to other hosts, their ports claimed
+/// to the peer routers in advance (see [`ClaimPool`]): refilled to this many...
+const CLAIM_POOL_SIZE: usize = 8;
+/// ...when fewer than this many are left (one claim message per several connects).
+const CLAIM_POOL_LOW: usize = 2;
+/// A container that has not connected for this long gives its pool back.
+const CLAIM_POOL_IDLE: Duration = Duration::from_secs(60);
+/// Claims are said again this often, well within [`ANNOUNCEMENT_TTL`].
+const CLAIM_REFRESH: Duration = Duration::from_secs(30);
+/// Sockets in all pools at most (each holds a host port).
+const MAX_CLAIMED: usize = 1024;
+/// Ports one claim or release message may name.
+const MAX_CLAIM_PORTS: usize = 64;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct ListenerEntry {
     ip: Ipv4Addr,
@@ -82,6 +96,30 @@ enum PeerMsg {
         #[serde(default)]
         to_port: Option<u16>,
     },
+    /// Host ports `ports` of the sender are bound for connects of the overlay address `ip`
+    /// (each port is also its overlay port), to any listener of `ip`'s tenant: announced ahead,
+    /// so that neither router is on the connect's critical path for the announcement.
+    Claim {
+        host: Ipv4Addr,
+        ip: Ipv4Addr,
+        ports: Vec<u16>,
+    },
+    /// Claimed ports given back unused.
+    Release {
+        host: Ipv4Addr,
+        ip: Ipv4Addr,
+        ports: Vec<u16>,
+    },
+}
+
+/// One container's pool of claimed host sockets. A connect to another host takes one, if the
+/// connection to that host's router is up (then the claim reached it: a reconnection sends all
+/// claims again), and sends nothing to the peer: the peer router had notified the listeners'
+/// processes of the claim, so their accept needs no round trip either.
+struct ClaimPool {
+    sockets: Vec<(OwnedFd, u16)>,
+    used_at: Instant,
+    claimed_at: Instant,
 }
 
 struct LocalListener {
@@ -157,6 +195,22 @@ struct Announced {
     to_port: Option<u16>,
 }
 
+/// What a connect announces about the host port it uses.
+struct Announcement {
+    container: Ipv4Addr,
+    dst_host: Ipv4Addr,
+    host_ip: Ipv4Addr,
+    target_port: u16,
+}
+
+/// The error of a bind or connect that found no usable local port.
+fn port_taken(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRINUSE) | Some(libc::EADDRNOTAVAIL)
+    )
+}
+
 /// A resolve waiting for its announcement.
 pub struct PendingResolve {
     pub attachment: u32,
@@ -189,12 +243,16 @@ pub struct TcpService {
     pub notices: Vec<(u32, SockNotice)>,
     /// Bound, unconnected IPv4 host sockets and their ports (never handed out unconnected).
     spare: Vec<(OwnedFd, u16)>,
+    /// Claimed sockets by container (overlay address), for connects to other hosts.
+    pools: HashMap<Ipv4Addr, ClaimPool>,
+    binder: PortBinder,
     peer_listener: Option<TcpListener>,
     incoming: Vec<PeerIn>,
     outgoing: HashMap<Ipv4Addr, PeerOut>,
     pub connects: u64,
     pub fallbacks: u64,
     pub relayed: u64,
+    pub claimed: u64,
     /// Accepts on overlay listeners (which containers share) run under this timer.
     guard: Option<GuardedAccept>,
 }
@@ -214,6 +272,7 @@ impl TcpService {
             != Some((network.host_ip, network.peer_port));
         if host_changed {
             self.spare.clear();
+            self.pools.clear();
         }
         if host_changed || self.peer_listener.is_none() {
             let addr = SocketAddr::V4(SocketAddrV4::new(network.host_ip, network.peer_port));
@@ -341,11 +400,11 @@ impl TcpService {
         let a = self.announced.get(&key)?;
         let (client_tenant, client_host) = self.overlay.get(&a.ip)?;
         let (listener_tenant, _) = self.overlay.get(&listener_ip)?;
-        let to_port = a.to_port?;
+        // A claim names no listener: any of the container's will do.
         let targets_listener = self
             .local
             .iter()
-            .any(|(&(ip, _), l)| ip == listener_ip && l.host_port == to_port);
+            .any(|(&(ip, _), l)| ip == listener_ip && a.to_port.is_none_or(|to| l.host_port == to));
         (*client_host == key.0 && client_tenant == listener_tenant && targets_listener)
             .then_some((a.ip, a.port))
     }
@@ -378,37 +437,54 @@ impl TcpService {
             self.fallbacks += 1;
             return (SockReply::fallback(req.seq), None);
         };
-        let spare = if v6 { None } else { self.spare.pop() };
-        let result = (|| -> io::Result<(OwnedFd, u16)> {
-            let (socket, port) = match spare {
-                Some(ready) => ready,
-                None => bound_socket(host_ip, v6)?,
-            };
-            // Announce before connecting, so the announcement is on its way before the SYN.
-            let conn = PeerMsg::Conn {
-                host: host_ip,
-                host_port: port,
-                ip: caller.container.ip,
-                port,
-                to_port: Some(target_port),
-            };
-            if dst_host == host_ip {
-                self.announced.insert(
-                    (host_ip, port),
-                    Announced {
-                        ip: caller.container.ip,
-                        port,
-                        at: Instant::now(),
-                        to_port: Some(target_port),
-                    },
-                );
-                self.notify(target_port, (host_ip, port));
-            } else {
-                self.send_to(dst_host, &conn);
+        let claimed = if dst_host != host_ip && !v6 {
+            self.take_claimed(caller.container.ip, dst_host)
+        } else {
+            None
+        };
+        if let Some((socket, port)) = claimed {
+            match sys::connect_nonblocking(&socket, target_ip, target_port, v6) {
+                Ok(_) => {
+                    self.connects += 1;
+                    self.claimed += 1;
+                    return (ok(req.seq, caller.container.ip, port), Some(socket));
+                }
+                // The four-tuple is taken (a connection from that port to this listener in
+                // TIME_WAIT): the general way below.
+                Err(e) if port_taken(&e) => {}
+                Err(e) => {
+                    return (
+                        SockReply::error(req.seq, e.raw_os_error().unwrap_or(libc::EIO)),
+                        None,
+                    )
+                }
             }
-            sys::connect_nonblocking(&socket, target_ip, target_port, v6)?;
-            Ok((socket, port))
-        })();
+        }
+        let announce = Announcement {
+            container: caller.container.ip,
+            dst_host,
+            host_ip,
+            target_port,
+        };
+        let spare = if v6 { None } else { self.spare.pop() };
+        let bound = spare
+            .map(Ok)
+            .unwrap_or_else(|| self.binder.bind(host_ip, v6));
+        let result = match bound {
+            Ok((socket, port)) => {
+                // Announce before connecting, so the announcement is on its way before the SYN.
+                self.announce(&announce, port);
+                match sys::connect_nonblocking(&socket, target_ip, target_port, v6) {
+                    Ok(_) => Ok((socket, port)),
+                    Err(e) if port_taken(&e) => self.connect_unbound(&announce, target_ip, v6),
+                    Err(e) => Err(e),
+                }
+            }
+            // No port is free for every destination (many connections in TIME_WAIT): let
+            // connect pick one free towards this one.
+            Err(e) if port_taken(&e) => self.connect_unbound(&announce, target_ip, v6),
+            Err(e) => Err(e),
+        };
         match result {
             Ok((socket, port)) => {
                 self.connects += 1;
@@ -418,6 +494,182 @@ impl TcpService {
                 SockReply::error(req.seq, e.raw_os_error().unwrap_or(libc::EIO)),
                 None,
             ),
+        }
+    }
+
+    /// Tells the destination's router (or this router's own listeners) which overlay address
+    /// host port `port` stands for.
+    fn announce(&mut self, a: &Announcement, port: u16) {
+        if a.dst_host == a.host_ip {
+            self.announced.insert(
+                (a.host_ip, port),
+                Announced {
+                    ip: a.container,
+                    port,
+                    at: Instant::now(),
+                    to_port: Some(a.target_port),
+                },
+            );
+            self.notify(a.target_port, (a.host_ip, port));
+        } else {
+            let conn = PeerMsg::Conn {
+                host: a.host_ip,
+                host_port: port,
+                ip: a.container,
+                port,
+                to_port: Some(a.target_port),
+            };
+            self.send_to(a.dst_host, &conn);
+        }
+    }
+
+    /// Connects from a port connect picks, then announces it (the SYN goes first: the server's
+    /// accept may have to wait for the announcement with a Resolve).
+    fn connect_unbound(
+        &mut self,
+        a: &Announcement,
+        target_ip: Ipv4Addr,
+        v6: bool,
+    ) -> io::Result<(OwnedFd, u16)> {
+        let socket = sys::tcp_socket(v6)?;
+        sys::set_bind_address_no_port(&socket)?;
+        sys::bind(&socket, a.host_ip, 0, v6)?;
+        sys::connect_nonblocking(&socket, target_ip, a.target_port, v6)?;
+        let port = sys::local_port(&socket)?;
+        self.announce(a, port);
+        Ok((socket, port))
+    }
+
+    /// A socket of `container`'s pool for a connect to `dst_host`, if its claim is known there
+    /// (the connection to that host's router is up). The first connect to another host makes
+    /// the pool (filled by `tick`, after the reply).
+    fn take_claimed(&mut self, container: Ipv4Addr, dst_host: Ipv4Addr) -> Option<(OwnedFd, u16)> {
+        let now = Instant::now();
+        let pool = self.pools.entry(container).or_insert_with(|| ClaimPool {
+            sockets: Vec::new(),
+            used_at: now,
+            claimed_at: now,
+        });
+        pool.used_at = now;
+        let peer_up = self
+            .outgoing
+            .get(&dst_host)
+            .is_some_and(|p| p.stream.is_some());
+        if peer_up {
+            pool.sockets.pop()
+        } else {
+            None
+        }
+    }
+
+    /// Claim messages for every pool (sent first on a new connection to a peer router).
+    fn claim_lines(&self, host_ip: Ipv4Addr) -> Vec<u8> {
+        let mut lines = Vec::new();
+        for (&ip, pool) in &self.pools {
+            let ports: Vec<u16> = pool.sockets.iter().map(|&(_, port)| port).collect();
+            for chunk in ports.chunks(MAX_CLAIM_PORTS) {
+                lines.extend(peer_line(&PeerMsg::Claim {
+                    host: host_ip,
+                    ip,
+                    ports: chunk.to_vec(),
+                }));
+            }
+        }
+        lines
+    }
+
+    /// Refills the pools that ran low, says the claims again when due, and gives back the pools
+    /// of containers that stopped connecting or left the registry.
+    fn refill_pools(&mut self, host_ip: Ipv4Addr, now: Instant) {
+        let mut messages = Vec::new();
+        let overlay = &self.overlay;
+        self.pools.retain(|&ip, pool| {
+            let keep = now.duration_since(pool.used_at) < CLAIM_POOL_IDLE
+                && overlay.get(&ip).is_some_and(|(_, host)| *host == host_ip);
+            if !keep && !pool.sockets.is_empty() {
+                let ports: Vec<u16> = pool.sockets.iter().map(|&(_, port)| port).collect();
+                for chunk in ports.chunks(MAX_CLAIM_PORTS) {
+                    messages.push(PeerMsg::Release {
+                        host: host_ip,
+                        ip,
+                        ports: chunk.to_vec(),
+                    });
+                }
+            }
+            keep
+        });
+        let mut room =
+            MAX_CLAIMED.saturating_sub(self.pools.values().map(|p| p.sockets.len()).sum());
+        for (&ip, pool) in self.pools.iter_mut() {
+            let mut fresh = Vec::new();
+            if pool.sockets.len() < CLAIM_POOL_LOW {
+                while pool.sockets.len() < CLAIM_POOL_SIZE && room > 0 {
+                    match self.binder.bind(host_ip, false) {
+                        Ok(bound) => {
+                            fresh.push(bound.1);
+                            pool.sockets.push(bound);
+                            room -= 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            let ports = if now.duration_since(pool.claimed_at) >= CLAIM_REFRESH {
+                pool.claimed_at = now;
+                pool.sockets.iter().map(|&(_, port)| port).collect()
+            } else {
+                fresh
+            };
+            for chunk in ports.chunks(MAX_CLAIM_PORTS) {
+                messages.push(PeerMsg::Claim {
+                    host: host_ip,
+                    ip,
+                    ports: chunk.to_vec(),
+                });
+            }
+        }
+        if messages.is_empty() {
+            return;
+        }
+        let hosts: Vec<Ipv4Addr> = self.outgoing.keys().copied().collect();
+        for host in hosts {
+            for msg in &messages {
+                self.send_to(host, msg);
+            }
+        }
+    }
+
+    /// Queues notices of `keys` (host addresses claimed by overlay address `ip`, or taken
+    /// back) for every process holding a listener of `ip`'s tenant, if the registry places `ip`
+    /// on the claiming host.
+    fn notify_tenant(&mut self, ip: Ipv4Addr, keys: &[(Ipv4Addr, u16)], forget: bool) {
+        let Some((tenant, client_host)) = self.overlay.get(&ip) else {
+            return;
+        };
+        let mut owners: Vec<u32> = self
+            .local
+            .iter()
+            .filter(|(&(listener_ip, _), _)| {
+                self.overlay
+                    .get(&listener_ip)
+                    .is_some_and(|(t, _)| t == tenant)
+            })
+            .flat_map(|(_, l)| l.owners.iter().copied())
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        for &key in keys.iter().filter(|k| k.0 == *client_host) {
+            let notice = if forget {
+                SockNotice::forget(key)
+            } else {
+                SockNotice {
+                    host_ip: key.0,
+                    host_port: key.1,
+                    ip,
+                    port: key.1,
+                }
+            };
+            self.notices.extend(owners.iter().map(|&o| (o, notice)));
         }
     }
 
@@ -673,6 +925,12 @@ impl TcpService {
             })();
             match doorbell {
                 Ok((doorbell, port)) => {
+                    // The doorbell's host port may have been claimed or announced before: only
+                    // a Resolve hands this client over.
+                    let owners = self.local.get(&key).map(|l| l.owners.clone());
+                    let forget = SockNotice::forget((host_ip, port));
+                    self.notices
+                        .extend(owners.into_iter().flatten().map(|o| (o, forget)));
                     self.relays.insert(
                         (host_ip, port),
                         Relay {
@@ -720,6 +978,19 @@ impl TcpService {
         Some(PeerMsg::Listeners { host, entries })
     }
 
+    /// What a new connection to a peer router starts with: our listener table, then our
+    /// claims (claims sent while the peer was away were dropped).
+    fn first_lines(&self) -> Vec<u8> {
+        let Some(table) = self.table() else {
+            return Vec::new();
+        };
+        let mut lines = peer_line(&table);
+        if let Some(host_ip) = self.host_ip() {
+            lines.extend(self.claim_lines(host_ip));
+        }
+        lines
+    }
+
     fn broadcast_listeners(&mut self) {
         let Some(msg) = self.table() else { return };
         let hosts: Vec<Ipv4Addr> = self.outgoing.keys().copied().collect();
@@ -733,7 +1004,7 @@ impl TcpService {
             return;
         };
         if peer.stream.is_none() && peer.connecting.is_none() {
-            let table = self.table().map(|t| peer_line(&t)).unwrap_or_default();
+            let table = self.first_lines();
             let peer = self.outgoing.get_mut(&host).expect("present");
             Self::try_connect(host, peer, table);
         }
@@ -1034,6 +1305,50 @@ impl TcpService {
                     self.notify(to_port, (host, host_port));
                 }
             }
+            PeerMsg::Claim { host, ip, ports } if host == from => {
+                if ports.len() > MAX_CLAIM_PORTS {
+                    eprintln!("freeflow-router: tcp: peer {from} claimed too many ports at once");
+                    return;
+                }
+                let now = Instant::now();
+                let mut fresh = Vec::new();
+                for port in ports {
+                    let key = (host, port);
+                    let known = self
+                        .announced
+                        .get(&key)
+                        .is_some_and(|a| a.ip == ip && a.to_port.is_none());
+                    if !known {
+                        fresh.push(key);
+                    }
+                    self.announced.insert(
+                        key,
+                        Announced {
+                            ip,
+                            port,
+                            at: now,
+                            to_port: None,
+                        },
+                    );
+                }
+                // A claim said again only refreshes what the processes were told.
+                self.notify_tenant(ip, &fresh, false);
+            }
+            PeerMsg::Release { host, ip, ports } if host == from => {
+                let mut gone = Vec::new();
+                for port in ports.into_iter().take(MAX_CLAIM_PORTS) {
+                    let key = (host, port);
+                    if self
+                        .announced
+                        .get(&key)
+                        .is_some_and(|a| a.ip == ip && a.to_port.is_none())
+                    {
+                        self.announced.remove(&key);
+                        gone.push(key);
+                    }
+                }
+                self.notify_tenant(ip, &gone, true);
+            }
             other => {
                 eprintln!("freeflow-router: tcp: peer {from} spoke for another host: {other:?}")
             }
@@ -1060,11 +1375,14 @@ impl TcpService {
         let now = Instant::now();
         if let Some(host_ip) = self.host_ip() {
             while self.spare.len() < SPARE_SOCKETS {
-                match bound_socket(host_ip, false) {
+                match self.binder.bind(host_ip, false) {
                     Ok(ready) => self.spare.push(ready),
                     Err(_) => break,
                 }
             }
+        }
+        if let Some(host_ip) = self.host_ip() {
+            self.refill_pools(host_ip, now);
         }
         self.answer_pending(deferred, now);
         self.announced
@@ -1100,7 +1418,7 @@ impl TcpService {
             .map(|(h, _)| *h)
             .collect();
         if !lost.is_empty() {
-            let table = self.table().map(|t| peer_line(&t)).unwrap_or_default();
+            let table = self.first_lines();
             for host in lost {
                 let peer = self.outgoing.get_mut(&host).expect("present");
                 Self::try_connect(host, peer, table.clone());
@@ -1114,6 +1432,31 @@ impl TcpService {
 }
 
 /// A new host socket bound to `host_ip` and a port the kernel chose, and that port.
+/// Binds host sockets to ports of their own ahead of connects, and stops trying for a while
+/// when no port is free for every destination: such a bind scans the whole port range before
+/// it fails, and the spares and pools would try it on every turn of the control loop.
+#[derive(Default)]
+struct PortBinder {
+    short_until: Option<Instant>,
+}
+
+/// How long binds are not tried after one found no free port.
+const PORTS_SHORT_BACKOFF: Duration = Duration::from_secs(1);
+
+impl PortBinder {
+    fn bind(&mut self, host_ip: Ipv4Addr, v6: bool) -> io::Result<(OwnedFd, u16)> {
+        let now = Instant::now();
+        if self.short_until.is_some_and(|until| now < until) {
+            return Err(io::Error::from_raw_os_error(libc::EADDRINUSE));
+        }
+        let bound = bound_socket(host_ip, v6);
+        if bound.as_ref().is_err_and(port_taken) {
+            self.short_until = Some(now + PORTS_SHORT_BACKOFF);
+        }
+        bound
+    }
+}
+
 fn bound_socket(host_ip: Ipv4Addr, v6: bool) -> io::Result<(OwnedFd, u16)> {
     let socket = sys::tcp_socket(v6)?;
     sys::bind(&socket, host_ip, 0, v6)?;
@@ -1226,5 +1569,91 @@ mod tests {
             .poll_fds()
             .contains(&(connecting.as_raw_fd(), libc::POLLOUT)));
         assert!(tcp.next_timeout_ms(Instant::now()).is_some());
+    }
+
+    /// Claims come from peer routers; each is believed only as far as the registry goes, and
+    /// told only to processes holding listeners of the claiming container's tenant.
+    #[test]
+    fn claims_reach_only_listeners_of_the_same_tenant() {
+        let host_a = Ipv4Addr::new(192, 0, 2, 1);
+        let host_c = Ipv4Addr::new(192, 0, 2, 3);
+        let here = Ipv4Addr::LOCALHOST;
+        let client = Ipv4Addr::new(10, 32, 0, 2);
+        let server = Ipv4Addr::new(10, 32, 0, 4);
+        let stranger = Ipv4Addr::new(10, 32, 0, 9);
+        let entry = |ip, tenant: &str, host_ip| freeflow_proto::control::OverlayEntry {
+            ip,
+            tenant: tenant.into(),
+            host_ip,
+        };
+        let mut tcp = TcpService::default();
+        tcp.set_network(NetworkView {
+            host_ip: here,
+            peer_port: 0,
+            hosts: Vec::new(),
+            overlay: vec![
+                entry(client, "blue", host_a),
+                entry(server, "blue", here),
+                entry(stranger, "red", here),
+            ],
+        });
+        for (ip, owner) in [(server, 1), (stranger, 2)] {
+            let socket = sys::tcp_socket(false).unwrap();
+            tcp.local.insert(
+                (ip, 80),
+                LocalListener {
+                    owners: vec![owner],
+                    orphaned_at: None,
+                    host_port: 5000 + owner as u16,
+                    reuseport: false,
+                    socket: Untrusted::new(socket),
+                    overlay: None,
+                },
+            );
+        }
+        let claim = |host, ip, ports: &[u16]| PeerMsg::Claim {
+            host,
+            ip,
+            ports: ports.to_vec(),
+        };
+        tcp.apply(host_a, claim(host_a, client, &[40001, 40002]));
+        let told: Vec<(u32, SockNotice)> = std::mem::take(&mut tcp.notices);
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(told.iter().all(|(owner, n)| *owner == 1
+            && n.ip == client
+            && n.host_ip == host_a
+            && n.port == n.host_port));
+        assert_eq!(
+            tcp.lookup_announcement((host_a, 40001), server),
+            Some((client, 40001))
+        );
+        assert_eq!(
+            tcp.lookup_announcement((host_a, 40001), stranger),
+            None,
+            "another tenant's listener"
+        );
+        // Said again: nothing new to tell.
+        tcp.apply(host_a, claim(host_a, client, &[40001]));
+        assert!(tcp.notices.is_empty());
+        // A router speaks only for its own host, and for containers the registry puts there.
+        tcp.apply(host_c, claim(host_a, client, &[40003]));
+        assert_eq!(tcp.lookup_announcement((host_a, 40003), server), None);
+        tcp.apply(host_a, claim(host_a, server, &[40004]));
+        assert_eq!(tcp.lookup_announcement((host_a, 40004), server), None);
+        assert!(tcp.notices.is_empty());
+        let many: Vec<u16> = (41000..41000 + MAX_CLAIM_PORTS as u16 + 1).collect();
+        tcp.apply(host_a, claim(host_a, client, &many));
+        assert_eq!(tcp.lookup_announcement((host_a, 41000), server), None);
+        // Given back: forgotten here and by the processes told.
+        tcp.apply(
+            host_a,
+            PeerMsg::Release {
+                host: host_a,
+                ip: client,
+                ports: vec![40002],
+            },
+        );
+        assert_eq!(tcp.lookup_announcement((host_a, 40002), server), None);
+        assert_eq!(tcp.notices, vec![(1, SockNotice::forget((host_a, 40002)))]);
     }
 }

@@ -90,6 +90,10 @@ pub struct RouterStatus {
     /// application through the router.
     #[serde(default)]
     pub tcp_relayed: u64,
+    /// TCP mode: connects to other hosts made on a host port claimed in advance (the peer
+    /// router and the server's process knew it before the connection came).
+    #[serde(default)]
+    pub tcp_claimed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

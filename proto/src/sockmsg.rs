@@ -182,6 +182,12 @@ impl SockReply {
 /// connection that will arrive from host address `host_ip:host_port` is the overlay address
 /// `ip:port`". With it, accept needs no round trip to the router (a Resolve is the fallback when
 /// the notice has not arrived yet, or was dropped because the process was not reading).
+///
+/// Two notices take knowledge back, read in order with the others:
+/// - [`SockNotice::forget`]: what was said about `host_ip:host_port` no longer holds (the port is
+///   now used otherwise, e.g. by a relayed client that only a Resolve can hand over);
+/// - [`SockNotice::forget_all`]: the router is about to skip notices to this process (it is not
+///   reading them): everything said before may have been overtaken by a notice it did not get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SockNotice {
     pub host_ip: Ipv4Addr,
@@ -191,6 +197,34 @@ pub struct SockNotice {
 }
 
 impl SockNotice {
+    /// Takes back what was said about host address `host`.
+    pub fn forget(host: (Ipv4Addr, u16)) -> SockNotice {
+        SockNotice {
+            host_ip: host.0,
+            host_port: host.1,
+            ip: Ipv4Addr::UNSPECIFIED,
+            port: 0,
+        }
+    }
+
+    /// Takes back everything said before.
+    pub fn forget_all() -> SockNotice {
+        SockNotice::forget((Ipv4Addr::UNSPECIFIED, 0))
+    }
+
+    /// What this notice tells.
+    pub fn meaning(&self) -> NoticeMeaning {
+        let host = (self.host_ip, self.host_port);
+        match (self.ip.is_unspecified(), host == (Ipv4Addr::UNSPECIFIED, 0)) {
+            (false, _) => NoticeMeaning::Is {
+                host,
+                overlay: (self.ip, self.port),
+            },
+            (true, false) => NoticeMeaning::Forget(host),
+            (true, true) => NoticeMeaning::ForgetAll,
+        }
+    }
+
     pub fn encode(&self) -> [u8; SOCKMSG_LEN] {
         let mut b = [0u8; SOCKMSG_LEN];
         b[0..4].copy_from_slice(&NOTICE_MAGIC);
@@ -212,6 +246,18 @@ impl SockNotice {
             port: u16::from_le_bytes([b[16], b[17]]),
         })
     }
+}
+
+/// A [`SockNotice`], read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoticeMeaning {
+    /// The connection from host address `host` is the overlay address `overlay`.
+    Is {
+        host: (Ipv4Addr, u16),
+        overlay: (Ipv4Addr, u16),
+    },
+    Forget((Ipv4Addr, u16)),
+    ForgetAll,
 }
 
 /// What the router may send on a socket shim's connection.
@@ -281,5 +327,32 @@ mod tests {
         );
         assert!(FromRouter::decode(&notice.encode()[..20]).is_err());
         assert!(FromRouter::decode(&r.encode()).is_err());
+    }
+
+    #[test]
+    fn notices_say_what_they_mean() {
+        let host = (Ipv4Addr::new(192, 168, 1, 2), 41000);
+        let is = SockNotice {
+            host_ip: host.0,
+            host_port: host.1,
+            ip: Ipv4Addr::new(10, 32, 0, 4),
+            port: 41000,
+        };
+        assert_eq!(
+            is.meaning(),
+            NoticeMeaning::Is {
+                host,
+                overlay: (Ipv4Addr::new(10, 32, 0, 4), 41000)
+            }
+        );
+        let forget = SockNotice::forget(host);
+        assert_eq!(forget.meaning(), NoticeMeaning::Forget(host));
+        assert_eq!(SockNotice::forget_all().meaning(), NoticeMeaning::ForgetAll);
+        for n in [forget, SockNotice::forget_all()] {
+            assert_eq!(
+                FromRouter::decode(&n.encode()).unwrap(),
+                FromRouter::Notice(n)
+            );
+        }
     }
 }

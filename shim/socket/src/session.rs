@@ -7,7 +7,7 @@ use crate::state;
 use freeflow_proto::attach::{attach_socket, AttachError, SocketSession};
 use freeflow_proto::fdpass;
 use freeflow_proto::sockmsg::{
-    FromRouter, SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN,
+    FromRouter, NoticeMeaning, SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN,
 };
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -90,9 +90,8 @@ pub fn debug(msg: std::fmt::Arguments<'_>) {
 pub(crate) struct Attached {
     pid: i32,
     session: Option<SocketSession>,
-    /// Overlay addresses of connections about to be accepted, by host address, as the router's
-    /// notices said (see `SockNotice`), with when they came.
-    notices: HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16, Instant)>,
+    /// What the router's notices said (see `SockNotice`).
+    notices: Notices,
     /// With no session: when attaching may be tried again (a router restarting, a container
     /// registered later, a request that timed out).
     retry_at: Instant,
@@ -110,25 +109,45 @@ const REATTACH_INTERVAL: Duration = Duration::from_secs(1);
 /// Notices pile up in processes that hold a listener but leave the accepting to others.
 const MAX_NOTICES: usize = 4096;
 
-impl Attached {
+/// What the router's notices said: overlay addresses of connections about to be accepted, by
+/// host address, with when each came.
+#[derive(Default)]
+pub(crate) struct Notices(HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16, Instant)>);
+
+impl Notices {
+    /// Applies one notice (in the order they came: a later one overrides).
     fn remember(&mut self, notice: SockNotice) {
+        let (host, overlay) = match notice.meaning() {
+            NoticeMeaning::Is { host, overlay } => (host, overlay),
+            NoticeMeaning::Forget(host) => {
+                self.0.remove(&host);
+                return;
+            }
+            NoticeMeaning::ForgetAll => {
+                self.0.clear();
+                return;
+            }
+        };
         let now = Instant::now();
-        if self.notices.len() >= MAX_NOTICES {
-            self.notices
+        if self.0.len() >= MAX_NOTICES {
+            self.0
                 .retain(|_, (_, _, at)| now.duration_since(*at) < NOTICE_TTL);
-            if self.notices.len() >= MAX_NOTICES {
-                self.notices.clear();
+            if self.0.len() >= MAX_NOTICES {
+                self.0.clear();
             }
         }
-        self.notices.insert(
-            (notice.host_ip, notice.host_port),
-            (notice.ip, notice.port, now),
-        );
+        self.0.insert(host, (overlay.0, overlay.1, now));
+    }
+
+    fn knows(&self, host: (Ipv4Addr, u16)) -> bool {
+        self.0
+            .get(&host)
+            .is_some_and(|(_, _, at)| at.elapsed() < NOTICE_TTL)
     }
 
     /// The fresh notice for `host`, taken out.
-    fn take_notice(&mut self, host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
-        let (ip, port, at) = self.notices.remove(&host)?;
+    fn take(&mut self, host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
+        let (ip, port, at) = self.0.remove(&host)?;
         (at.elapsed() < NOTICE_TTL).then_some((ip, port))
     }
 }
@@ -164,26 +183,29 @@ pub fn call_passing(
 pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
     let mut guard = SESSION.lock();
     let attached = guard.as_mut().filter(|a| a.pid == real::getpid())?;
-    // What waits on the session first: a notice kept from earlier may be stale (host ports are
-    // reused), the one just sent for this connection replaces it.
-    let Some(session) = attached.session.as_ref() else {
-        return attached.take_notice(host);
+    let Attached {
+        session, notices, ..
+    } = attached;
+    // What waits on the session first, in order: a notice kept from earlier may be stale (host
+    // ports are reused), a later one replaces or takes it back.
+    let Some(session) = session.as_ref() else {
+        return notices.take(host);
     };
     let mut buf = [0u8; SOCKMSG_LEN + 1];
     // The notice and the connection travel separately (router to router, then to us; and the
     // TCP handshake): the connection can win by a few microseconds. Polling for the notice that
-    // long is cheaper than the round trip of a Resolve. Bounded in time and in messages (a
-    // router sends at most half a socket buffer of notices ahead).
+    // long is cheaper than the round trip of a Resolve; but not when it came earlier (a claim
+    // announced ahead). Bounded in time and in messages (a router sends at most part of a
+    // socket buffer of notices ahead).
     let deadline = Instant::now() + NOTICE_WAIT;
-    let mut read = Vec::new();
     for _ in 0..1024 {
         match fdpass::recv_with_fds(session.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
             Ok(got) if got.len == SOCKMSG_LEN && !got.truncated => {
                 match FromRouter::decode(&buf[..got.len]) {
                     Ok(FromRouter::Notice(n)) => {
-                        let wanted = (n.host_ip, n.host_port) == host;
-                        read.push(n);
-                        if wanted {
+                        notices.remember(n);
+                        // (A Forget for this host means a Resolve is needed: read on.)
+                        if matches!(n.meaning(), NoticeMeaning::Is { host: h, .. } if h == host) {
                             break;
                         }
                     }
@@ -191,16 +213,17 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
                     _ => break,
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && !notices.knows(host)
+                    && Instant::now() < deadline =>
+            {
                 std::hint::spin_loop();
             }
             _ => break,
         }
     }
-    for n in read {
-        attached.remember(n);
-    }
-    attached.take_notice(host)
+    notices.take(host)
 }
 
 /// In a freshly forked child (and after exec): tells the router this process holds the
@@ -255,7 +278,7 @@ fn call_locked(
         *guard = Some(Attached {
             pid,
             session,
-            notices: HashMap::new(),
+            notices: Notices::default(),
             retry_at: Instant::now() + REATTACH_INTERVAL,
         });
     }
@@ -296,7 +319,7 @@ fn call_locked(
     };
     let outcome = exchange();
     for n in notices {
-        attached.remember(n);
+        attached.notices.remember(n);
     }
     match outcome {
         Ok(r) => Ok(r),
@@ -414,7 +437,7 @@ fn relisten_all() -> bool {
     *guard = Some(Attached {
         pid: real::getpid(),
         session: Some(session),
-        notices: HashMap::new(),
+        notices: Notices::default(),
         retry_at: Instant::now(),
     });
     let mut done = Vec::new();
@@ -494,7 +517,39 @@ fn receive(conn: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<fdpass::Rece
 
 #[cfg(test)]
 mod tests {
-    use super::Prefix;
+    use super::{Notices, Prefix};
+    use freeflow_proto::sockmsg::SockNotice;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn notices_are_applied_in_order_and_can_be_taken_back() {
+        let mut notices = Notices::default();
+        let host_ip = Ipv4Addr::new(192, 168, 1, 2);
+        let is = |port: u16, ip: Ipv4Addr| SockNotice {
+            host_ip,
+            host_port: port,
+            ip,
+            port,
+        };
+        let a = Ipv4Addr::new(10, 32, 0, 2);
+        let b = Ipv4Addr::new(10, 32, 0, 3);
+        notices.remember(is(40001, a));
+        notices.remember(is(40001, b));
+        assert!(notices.knows((host_ip, 40001)));
+        assert!(!notices.knows((host_ip, 40009)));
+        assert_eq!(notices.take((host_ip, 40001)), Some((b, 40001)));
+        assert_eq!(notices.take((host_ip, 40001)), None, "taken once");
+        notices.remember(is(40002, a));
+        notices.remember(SockNotice::forget((host_ip, 40002)));
+        assert_eq!(notices.take((host_ip, 40002)), None);
+        notices.remember(is(40003, a));
+        notices.remember(is(40004, a));
+        notices.remember(SockNotice::forget_all());
+        notices.remember(is(40005, b));
+        assert_eq!(notices.take((host_ip, 40003)), None);
+        assert_eq!(notices.take((host_ip, 40004)), None);
+        assert_eq!(notices.take((host_ip, 40005)), Some((b, 40005)));
+    }
 
     #[test]
     fn prefixes() {
