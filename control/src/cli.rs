@@ -51,8 +51,9 @@ LD_LIBRARY_PATH=DIR/verbs (RDMA mode), with DIR mounted into the container.";
 const DEMO_HELP: &str = "\
 Progress goes to stderr, one line per step; the results and the table to stdout. It takes about \
 a minute with the defaults. Needs freeflow-bench, freeflow-router and libfsocket.so next to \
-this executable (cargo build --release --workspace). Exit code 130 after Ctrl-C (143 after \
-SIGTERM), once everything is removed.";
+this executable (cargo build --release --workspace); the RDMA part also needs a C compiler and \
+the verbs headers (build-essential libibverbs-dev), and is skipped, saying so, without them. \
+Exit code 130 after Ctrl-C (143 after SIGTERM), once everything is removed.";
 
 /// Freeflow: host-network speed for containers on an overlay network.
 #[derive(Parser, Debug)]
@@ -79,8 +80,9 @@ enum Cmd {
     #[command(subcommand)]
     Cluster(crate::cluster_cli::ClusterCmd),
     /// Try Freeflow on this machine (root): a simulated two-host cluster, Freeflow on both,
-    /// containers attaching, the TCP comparison (host link, overlay, Freeflow); removes
-    /// everything it made, also on Ctrl-C
+    /// containers attaching, the TCP comparison (host link, overlay, Freeflow) and the RDMA
+    /// comparison on one host (the router's software engine); removes everything it made,
+    /// also on Ctrl-C
     #[command(after_help = DEMO_HELP)]
     Demo(crate::demo::DemoArgs),
     /// Run the daemon in this process, detached (what `freeflow up` starts)
