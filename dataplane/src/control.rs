@@ -164,7 +164,7 @@ impl ControlThread {
             let mut deferred = Deferred::new();
             for (i, &(fd, _)) in tcp_fds.iter().enumerate() {
                 if revents[tcp_at + i] != 0 {
-                    self.tcp.on_ready(fd, &mut deferred);
+                    self.tcp.on_ready(fd, revents[tcp_at + i], &mut deferred);
                 }
             }
             for (i, &id) in shim_ids.iter().enumerate() {

@@ -1046,9 +1046,9 @@ impl TcpService {
             eprintln!("freeflow-router: tcp: peer router {host} not reachable");
             return;
         }
-        let _ = stream.set_nonblocking(false);
+        // Stays non-blocking: a peer that stops reading must not stall the control thread;
+        // what it does not take waits in `queue`.
         let _ = stream.set_nodelay(true);
-        let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
         peer.stream = Some(stream);
         Self::write_bytes(host, peer, &queued);
     }
@@ -1062,14 +1062,45 @@ impl TcpService {
         }
     }
 
+    /// Writes what the connection takes now and queues the rest behind what already waits.
+    /// A peer that lets more than [`MAX_PEER_QUEUE`] pile up is dropped: the connection made
+    /// anew starts with our table and claims; announcements lost with it cost Resolves that
+    /// time out.
     fn write_bytes(host: Ipv4Addr, peer: &mut PeerOut, bytes: &[u8]) {
+        if peer.stream.is_none() {
+            return;
+        }
+        if peer.queue.len() + bytes.len() > MAX_PEER_QUEUE {
+            eprintln!("freeflow-router: tcp: peer router {host} does not read; reconnecting");
+            peer.stream = None;
+            peer.queue.clear();
+            return;
+        }
+        peer.queue.extend_from_slice(bytes);
+        Self::flush(host, peer);
+    }
+
+    /// Writes queued bytes until the connection would block.
+    fn flush(host: Ipv4Addr, peer: &mut PeerOut) {
         let Some(stream) = peer.stream.as_mut() else {
             return;
         };
-        if let Err(e) = stream.write_all(bytes) {
-            eprintln!("freeflow-router: tcp: lost peer router {host}: {e}");
-            peer.stream = None;
+        let mut sent = 0;
+        while sent < peer.queue.len() {
+            match stream.write(&peer.queue[sent..]) {
+                Ok(0) => break,
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("freeflow-router: tcp: lost peer router {host}: {e}");
+                    peer.stream = None;
+                    peer.queue.clear();
+                    return;
+                }
+            }
         }
+        peer.queue.drain(..sent);
     }
 
     /// Descriptors the control loop must poll for the peer channel.
@@ -1080,17 +1111,18 @@ impl TcpService {
         // or reset. Noticing that at once matters: a write into a dead connection can still
         // succeed locally, and the announcement in it would be lost.
         fds.extend(
-            self.outgoing
-                .values()
-                .filter_map(|p| p.stream.as_ref().map(|s| s.as_raw_fd())),
-        );
-        fds.extend(
             self.local
                 .values()
                 .filter_map(|l| l.overlay.as_ref().map(|o| o.as_raw_fd())),
         );
         let mut with_events: Vec<(RawFd, i16)> =
             fds.into_iter().map(|fd| (fd, libc::POLLIN)).collect();
+        // Up connections to peers: writable matters only while bytes wait.
+        with_events.extend(self.outgoing.values().filter_map(|p| {
+            let s = p.stream.as_ref()?;
+            let out = if p.queue.is_empty() { 0 } else { libc::POLLOUT };
+            Some((s.as_raw_fd(), libc::POLLIN | out))
+        }));
         // Connections to peers on their way: writable when done.
         with_events.extend(
             self.outgoing
@@ -1132,7 +1164,7 @@ impl TcpService {
 
     /// Handles readiness on `fd` (one of `poll_fds`), answering resolves that can now be
     /// answered.
-    pub fn on_ready(&mut self, fd: RawFd, deferred: &mut Deferred) {
+    pub fn on_ready(&mut self, fd: RawFd, revents: i16, deferred: &mut Deferred) {
         if self
             .peer_listener
             .as_ref()
@@ -1154,6 +1186,10 @@ impl TcpService {
             .iter_mut()
             .find(|(_, p)| p.stream.as_ref().is_some_and(|s| s.as_raw_fd() == fd))
         {
+            if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) == 0 {
+                // Only writable: room for what waits.
+                return Self::flush(*host, peer);
+            }
             eprintln!(
                 "freeflow-router: tcp: peer router {host} closed our connection; reconnecting"
             );
@@ -1177,7 +1213,11 @@ impl TcpService {
             self.incoming.swap_remove(index);
             // The table came over this connection: without it, it may be stale (a restarted
             // router has none). New connects to that host fall back until it sends a new one.
-            self.forget_listeners_of(from);
+            // Unless a newer connection from that host brought one already (the restarted
+            // router's, read before the old connection's end).
+            if !self.incoming.iter().any(|p| p.from == from) {
+                self.forget_listeners_of(from);
+            }
         }
         for msg in messages {
             self.apply(from, msg);
@@ -1569,6 +1609,55 @@ mod tests {
             .poll_fds()
             .contains(&(connecting.as_raw_fd(), libc::POLLOUT)));
         assert!(tcp.next_timeout_ms(Instant::now()).is_some());
+    }
+
+    /// A peer router that accepts our connection but never reads: our writes never wait for
+    /// it; what it does not take is queued, up to a bound, and then the connection is dropped
+    /// (to be made anew, starting with our table).
+    #[test]
+    fn a_peer_that_does_not_read_never_blocks_our_writes() {
+        let peer_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = peer_listener.local_addr().unwrap().port();
+        let mut tcp = TcpService::default();
+        tcp.set_network(NetworkView {
+            host_ip: Ipv4Addr::LOCALHOST,
+            peer_port: 0,
+            hosts: vec![PeerHost {
+                host_ip: Ipv4Addr::LOCALHOST,
+                peer_port: port,
+            }],
+            overlay: Vec::new(),
+        });
+        let mut deferred = Deferred::new();
+        tcp.tick(&mut deferred);
+        let connecting = {
+            let peer = tcp.outgoing.get(&Ipv4Addr::LOCALHOST).unwrap();
+            peer.connecting
+                .as_ref()
+                .expect("connect under way")
+                .0
+                .as_raw_fd()
+        };
+        // Loopback connects at once; the kernel accepts into the backlog (nobody calls accept).
+        tcp.on_ready(connecting, libc::POLLOUT, &mut deferred);
+        let peer = tcp.outgoing.get_mut(&Ipv4Addr::LOCALHOST).unwrap();
+        assert!(peer.stream.is_some(), "connected");
+        let chunk = vec![b'x'; 256 * 1024];
+        let mut queued_at_most = 0;
+        for _ in 0..400 {
+            TcpService::write_bytes(Ipv4Addr::LOCALHOST, peer, &chunk);
+            if peer.stream.is_none() {
+                break;
+            }
+            queued_at_most = queued_at_most.max(peer.queue.len());
+        }
+        assert!(
+            peer.stream.is_none(),
+            "dropped once the queue passed its bound"
+        );
+        assert!(queued_at_most > 0 && queued_at_most <= MAX_PEER_QUEUE);
+        assert!(peer.queue.is_empty());
+        drop(peer_listener);
     }
 
     /// Claims come from peer routers; each is believed only as far as the registry goes, and
