@@ -13,9 +13,10 @@ fi
 # Debian packages: ip/bridge (iproute2), ping (iputils-ping), ps/kill (procps), python3 for the
 # shim's preload and TCP-mode tests, iperf3, redis-server and redis-tools (unmodified programs
 # through the shim), ibverbs-utils (ibv_devices, ibv_devinfo, ibv_rc_pingpong through the verbs
-# library), libibverbs-dev (the verbs headers its ABI is checked against) and strace (the RDMA
-# fast path is checked to make no system call).
-packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace)
+# library), libibverbs-dev (the verbs headers its ABI is checked against), strace (the RDMA
+# fast path is checked to make no system call) and perftest (ib_write_lat, ib_send_bw, ...
+# through the verbs library).
+packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

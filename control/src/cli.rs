@@ -461,10 +461,16 @@ fn up(args: UpArgs) -> Result<ExitCode, CliError> {
 
 /// Copies the shims from next to the `freeflow` executable into DIR. A missing shim is a
 /// warning (the router and TCP-less setups work without it); a failing copy is an error.
+/// Next to the verbs library go the stand-ins for rdma-core's hardware providers libmlx5 and
+/// libefa (one file, two names): programs that link those (perftest's `ib_*` tools) then load
+/// them instead of the real ones, which need libibverbs' private driver interface.
 fn install_shims(dir: &RuntimeDir) -> Result<(), CliError> {
+    let verbs_dir = |file: &str| dir.verbs_shim().with_file_name(file);
     for (name, dest) in [
         ("libfsocket.so", dir.socket_shim()),
         ("libibverbs.so", dir.verbs_shim()),
+        ("libfreeflow_providers.so", verbs_dir("libmlx5.so.1")),
+        ("libfreeflow_providers.so", verbs_dir("libefa.so.1")),
     ] {
         let src = supervise::sibling_of_exe(name);
         if !src.is_file() {

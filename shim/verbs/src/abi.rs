@@ -532,6 +532,31 @@ pub struct IbvAhAttr {
     pub port_num: u8,
 }
 
+/// `struct ibv_sa_path_rec` (`infiniband/sa.h`).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IbvSaPathRec {
+    pub dgid: IbvGid,
+    pub sgid: IbvGid,
+    pub dlid: u16,
+    pub slid: u16,
+    pub raw_traffic: i32,
+    pub flow_label: u32,
+    pub hop_limit: u8,
+    pub traffic_class: u8,
+    pub reversible: i32,
+    pub numb_path: u8,
+    pub pkey: u16,
+    pub sl: u8,
+    pub mtu_selector: u8,
+    pub mtu: u8,
+    pub rate_selector: u8,
+    pub rate: u8,
+    pub packet_life_time_selector: u8,
+    pub packet_life_time: u8,
+    pub preference: u8,
+}
+
 /// `struct ibv_qp_attr`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -939,6 +964,116 @@ mod tests {
             ]
         );
         layout!(f, IbvGid, "union ibv_gid", [raw]);
+        layout!(
+            f,
+            IbvSaPathRec,
+            "struct ibv_sa_path_rec",
+            [
+                dgid,
+                sgid,
+                dlid,
+                slid,
+                raw_traffic,
+                flow_label,
+                hop_limit,
+                traffic_class,
+                reversible,
+                numb_path,
+                pkey,
+                sl,
+                mtu_selector,
+                mtu,
+                rate_selector,
+                rate,
+                packet_life_time_selector,
+                packet_life_time,
+                preference
+            ]
+        );
+        // The kernel structures `ibv_copy_*_from_kern` read (crate::marshall).
+        layout!(
+            f,
+            crate::marshall::KernAhAttr,
+            "struct ib_uverbs_ah_attr",
+            [
+                grh,
+                dlid,
+                sl,
+                src_path_bits,
+                static_rate,
+                is_global,
+                port_num
+            ]
+        );
+        layout!(
+            f,
+            crate::marshall::KernGlobalRoute,
+            "struct ib_uverbs_global_route",
+            [dgid, flow_label, sgid_index, hop_limit, traffic_class]
+        );
+        layout!(
+            f,
+            crate::marshall::KernQpAttr,
+            "struct ib_uverbs_qp_attr",
+            [
+                qp_attr_mask,
+                qp_state,
+                cur_qp_state,
+                path_mtu,
+                path_mig_state,
+                qkey,
+                rq_psn,
+                sq_psn,
+                dest_qp_num,
+                qp_access_flags,
+                ah_attr,
+                alt_ah_attr,
+                max_send_wr,
+                max_recv_wr,
+                max_send_sge,
+                max_recv_sge,
+                max_inline_data,
+                pkey_index,
+                alt_pkey_index,
+                en_sqd_async_notify,
+                sq_draining,
+                max_rd_atomic,
+                max_dest_rd_atomic,
+                min_rnr_timer,
+                port_num,
+                timeout,
+                retry_cnt,
+                rnr_retry,
+                alt_port_num,
+                alt_timeout
+            ]
+        );
+        layout!(
+            f,
+            crate::marshall::KernPathRec,
+            "struct ib_user_path_rec",
+            [
+                dgid,
+                sgid,
+                dlid,
+                slid,
+                raw_traffic,
+                flow_label,
+                reversible,
+                mtu,
+                pkey,
+                hop_limit,
+                traffic_class,
+                numb_path,
+                sl,
+                mtu_selector,
+                rate_selector,
+                rate,
+                packet_life_time_selector,
+                packet_life_time,
+                preference
+            ]
+        );
         layout!(f, IbvPd, "struct ibv_pd", [context, handle]);
         layout!(
             f,
@@ -1308,6 +1443,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let mut program = String::from(
             "#include <stdio.h>\n#include <stddef.h>\n#include <infiniband/verbs.h>\n\
+             #include <infiniband/sa.h>\n#include <rdma/ib_user_verbs.h>\n#include <rdma/ib_user_sa.h>\n\
              int main(void) {\n",
         );
         for fact in facts {

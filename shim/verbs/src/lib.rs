@@ -21,9 +21,9 @@
 //! derives the device's attributes from the container's identity; `registry` holds the
 //! process's attachments, devices, contexts and verbs objects; `channel` is a context's
 //! request/reply conversation with the router; `maps`, `pages` and `memory` are registered
-//! memory; `exports`, `pd_mr`, `cq`, `qp`, `srq`, `utility` and `unsupported` are the
-//! exported C functions. Unsafe code is confined to the C boundary (`exports`, `pd_mr`, `cq`,
-//! `qp`, `srq`, `unsupported`, `utility`, `ffi`) and to
+//! memory; `exports`, `pd_mr`, `cq`, `qp`, `srq`, `utility`, `marshall` (the kernel-structure
+//! converters librdmacm binds at load time) and `unsupported` are the exported C functions. Unsafe code is confined to the C boundary (`exports`, `pd_mr`, `cq`,
+//! `qp`, `srq`, `unsupported`, `utility`, `marshall`, `ffi`) and to
 //! `memory` (the system calls that move pages), whose two entry points `pages` calls right
 //! after checking `/proc/self/maps`.
 #![deny(unsafe_code)]
@@ -50,6 +50,7 @@ mod error;
 mod exports;
 mod ffi;
 mod maps;
+mod marshall;
 mod memory;
 mod pages;
 mod pd_mr;
