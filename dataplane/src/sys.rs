@@ -211,13 +211,6 @@ pub fn set_reuseaddr(fd: &OwnedFd) -> io::Result<()> {
     set_flag(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)
 }
 
-/// Sets IP_BIND_ADDRESS_NO_PORT: a bind to port 0 leaves the port to connect, which picks one
-/// whose four-tuple is free (a port in TIME_WAIT towards another destination is fine), where
-/// bind alone can only take ports free for every destination.
-pub fn set_bind_address_no_port(fd: &OwnedFd) -> io::Result<()> {
-    set_flag(fd, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT)
-}
-
 /// Sets an integer socket option to 1.
 fn set_flag(fd: &OwnedFd, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
     let one: libc::c_int = 1;

@@ -57,15 +57,20 @@ const MAX_LISTENERS_PER_CONTAINER: usize = 256;
 /// costs only the connect: they are made after replies, off the requester's path.
 const SPARE_SOCKETS: usize = 4;
 
-/// Host sockets bound ahead for one container's connects to other hosts, their ports claimed
-/// to the peer routers in advance (see [`ClaimPool`]): refilled to this many...
-const CLAIM_POOL_SIZE: usize = 8;
+/// Host sockets bound ahead for one container's connects to one listener of another host,
+/// their ports claimed to that host's router in advance (see [`ClaimPool`]): refilled to this
+/// many...
+const CLAIM_POOL_SIZE: usize = 6;
 /// ...when fewer than this many are left (one claim message per several connects).
 const CLAIM_POOL_LOW: usize = 2;
-/// A container that has not connected for this long gives its pool back.
+/// Listeners one container keeps pools for (the most recently used).
+const POOLS_PER_CONTAINER: usize = 4;
+/// A pool not used for this long is given back.
 const CLAIM_POOL_IDLE: Duration = Duration::from_secs(60);
 /// Claims are said again this often, well within [`ANNOUNCEMENT_TTL`].
 const CLAIM_REFRESH: Duration = Duration::from_secs(30);
+/// How often pools are checked for being given back.
+const POOL_SWEEP: Duration = Duration::from_secs(1);
 /// Sockets in all pools at most (each holds a host port).
 const MAX_CLAIMED: usize = 1024;
 /// Ports one claim or release message may name.
@@ -96,30 +101,44 @@ enum PeerMsg {
         #[serde(default)]
         to_port: Option<u16>,
     },
-    /// Host ports `ports` of the sender are bound for connects of the overlay address `ip`
-    /// (each port is also its overlay port), to any listener of `ip`'s tenant: announced ahead,
-    /// so that neither router is on the connect's critical path for the announcement.
+    /// Host ports `ports` of the sender are bound for connects of the overlay address `ip` to
+    /// the receiver's listener on host port `to_port` (each port is also its overlay port):
+    /// announcements made ahead, so that neither router is on the connect's critical path.
+    /// `fresh`: newly bound ports (the listener's processes are told); otherwise said again.
     Claim {
         host: Ipv4Addr,
         ip: Ipv4Addr,
+        to_port: u16,
         ports: Vec<u16>,
+        fresh: bool,
     },
     /// Claimed ports given back unused.
     Release {
         host: Ipv4Addr,
         ip: Ipv4Addr,
+        to_port: u16,
         ports: Vec<u16>,
     },
 }
 
-/// One container's pool of claimed host sockets. A connect to another host takes one, if the
-/// connection to that host's router is up (then the claim reached it: a reconnection sends all
-/// claims again), and sends nothing to the peer: the peer router had notified the listeners'
-/// processes of the claim, so their accept needs no round trip either.
+/// One container's pool of claimed host sockets for one listener of another host. A connect
+/// there takes one if the connection to that host's router is up (then the claims reached it:
+/// a reconnection sends them all again) and sends nothing: the peer router has recorded the
+/// claim as it records a connect's announcement, and told the listener's processes, so their
+/// accept needs no round trip either. The ports stay bound by this router until used, so no
+/// one else can connect from them meanwhile.
 struct ClaimPool {
     sockets: Vec<(OwnedFd, u16)>,
     used_at: Instant,
     claimed_at: Instant,
+}
+
+/// Whose pool: a container's, for the listener on host port `to_port` of `dst_host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PoolKey {
+    container: Ipv4Addr,
+    dst_host: Ipv4Addr,
+    to_port: u16,
 }
 
 struct LocalListener {
@@ -193,6 +212,9 @@ struct Announced {
     port: u16,
     at: Instant,
     to_port: Option<u16>,
+    /// Claimed ahead (the port may still be unused): forgotten when the claiming router's
+    /// connection ends, since its unused ports are then free for anyone on that host.
+    claimed: bool,
 }
 
 /// What a connect announces about the host port it uses.
@@ -244,7 +266,10 @@ pub struct TcpService {
     /// Bound, unconnected IPv4 host sockets and their ports (never handed out unconnected).
     spare: Vec<(OwnedFd, u16)>,
     /// Claimed sockets by container (overlay address), for connects to other hosts.
-    pools: HashMap<Ipv4Addr, ClaimPool>,
+    pools: HashMap<PoolKey, ClaimPool>,
+    /// Claimed ports whose socket closed unused (its connect failed), to give back.
+    unused_claims: Vec<(PoolKey, u16)>,
+    pools_swept_at: Option<Instant>,
     binder: PortBinder,
     peer_listener: Option<TcpListener>,
     incoming: Vec<PeerIn>,
@@ -437,8 +462,13 @@ impl TcpService {
             self.fallbacks += 1;
             return (SockReply::fallback(req.seq), None);
         };
+        let key = PoolKey {
+            container: caller.container.ip,
+            dst_host,
+            to_port: target_port,
+        };
         let claimed = if dst_host != host_ip && !v6 {
-            self.take_claimed(caller.container.ip, dst_host)
+            self.take_claimed(key)
         } else {
             None
         };
@@ -450,8 +480,9 @@ impl TcpService {
                     return (ok(req.seq, caller.container.ip, port), Some(socket));
                 }
                 // The four-tuple is taken (a connection from that port to this listener in
-                // TIME_WAIT): the general way below.
-                Err(e) if port_taken(&e) => {}
+                // TIME_WAIT): the port is given back (the socket closes here, so the claim
+                // must go too), and the general way below is taken.
+                Err(e) if port_taken(&e) => self.unused_claims.push((key, port)),
                 Err(e) => {
                     return (
                         SockReply::error(req.seq, e.raw_os_error().unwrap_or(libc::EIO)),
@@ -474,17 +505,19 @@ impl TcpService {
             Ok((socket, port)) => {
                 // Announce before connecting, so the announcement is on its way before the SYN.
                 self.announce(&announce, port);
-                match sys::connect_nonblocking(&socket, target_ip, target_port, v6) {
-                    Ok(_) => Ok((socket, port)),
-                    Err(e) if port_taken(&e) => self.connect_unbound(&announce, target_ip, v6),
-                    Err(e) => Err(e),
-                }
+                sys::connect_nonblocking(&socket, target_ip, target_port, v6)
+                    .map(|_| (socket, port))
             }
-            // No port is free for every destination (many connections in TIME_WAIT): let
-            // connect pick one free towards this one.
-            Err(e) if port_taken(&e) => self.connect_unbound(&announce, target_ip, v6),
             Err(e) => Err(e),
         };
+        if result.as_ref().is_err_and(port_taken) {
+            // No port is free for every destination (many connections in TIME_WAIT), or not
+            // towards this one. A port connect picks would be announced only after the SYN,
+            // and the server could meet an older announcement of that port first: the overlay
+            // is the safe way (the server's router relays the client at accept).
+            self.fallbacks += 1;
+            return (SockReply::fallback(req.seq), None);
+        }
         match result {
             Ok((socket, port)) => {
                 self.connects += 1;
@@ -508,6 +541,7 @@ impl TcpService {
                     port,
                     at: Instant::now(),
                     to_port: Some(a.target_port),
+                    claimed: false,
                 },
             );
             self.notify(a.target_port, (a.host_ip, port));
@@ -523,38 +557,39 @@ impl TcpService {
         }
     }
 
-    /// Connects from a port connect picks, then announces it (the SYN goes first: the server's
-    /// accept may have to wait for the announcement with a Resolve).
-    fn connect_unbound(
-        &mut self,
-        a: &Announcement,
-        target_ip: Ipv4Addr,
-        v6: bool,
-    ) -> io::Result<(OwnedFd, u16)> {
-        let socket = sys::tcp_socket(v6)?;
-        sys::set_bind_address_no_port(&socket)?;
-        sys::bind(&socket, a.host_ip, 0, v6)?;
-        sys::connect_nonblocking(&socket, target_ip, a.target_port, v6)?;
-        let port = sys::local_port(&socket)?;
-        self.announce(a, port);
-        Ok((socket, port))
-    }
-
-    /// A socket of `container`'s pool for a connect to `dst_host`, if its claim is known there
-    /// (the connection to that host's router is up). The first connect to another host makes
-    /// the pool (filled by `tick`, after the reply).
-    fn take_claimed(&mut self, container: Ipv4Addr, dst_host: Ipv4Addr) -> Option<(OwnedFd, u16)> {
+    /// A socket of the pool `key`, if its claims are known at the destination (the connection
+    /// to that host's router is up). The first connect to a listener makes its pool (filled by
+    /// `tick`, after the reply); a container keeps pools for a few listeners.
+    fn take_claimed(&mut self, key: PoolKey) -> Option<(OwnedFd, u16)> {
         let now = Instant::now();
-        let pool = self.pools.entry(container).or_insert_with(|| ClaimPool {
-            sockets: Vec::new(),
-            used_at: now,
-            claimed_at: now,
-        });
-        pool.used_at = now;
+        if !self.pools.contains_key(&key) {
+            let mine: Vec<(PoolKey, Instant)> = self
+                .pools
+                .iter()
+                .filter(|(k, _)| k.container == key.container)
+                .map(|(k, p)| (*k, p.used_at))
+                .collect();
+            if mine.len() >= POOLS_PER_CONTAINER {
+                if let Some(&(oldest, _)) = mine.iter().min_by_key(|(_, at)| *at) {
+                    self.release_pool(oldest);
+                }
+            }
+            self.pools.insert(
+                key,
+                ClaimPool {
+                    sockets: Vec::new(),
+                    used_at: now,
+                    claimed_at: now,
+                },
+            );
+            return None;
+        }
         let peer_up = self
             .outgoing
-            .get(&dst_host)
+            .get(&key.dst_host)
             .is_some_and(|p| p.stream.is_some());
+        let pool = self.pools.get_mut(&key).expect("present");
+        pool.used_at = now;
         if peer_up {
             pool.sockets.pop()
         } else {
@@ -562,45 +597,94 @@ impl TcpService {
         }
     }
 
-    /// Claim messages for every pool (sent first on a new connection to a peer router).
-    fn claim_lines(&self, host_ip: Ipv4Addr) -> Vec<u8> {
+    /// Removes pool `key`, telling its host that the ports are given back.
+    fn release_pool(&mut self, key: PoolKey) {
+        let Some(pool) = self.pools.remove(&key) else {
+            return;
+        };
+        let ports: Vec<u16> = pool.sockets.iter().map(|&(_, port)| port).collect();
+        self.send_release(key, &ports);
+    }
+
+    fn send_release(&mut self, key: PoolKey, ports: &[u16]) {
+        let Some(host_ip) = self.host_ip() else {
+            return;
+        };
+        for chunk in ports.chunks(MAX_CLAIM_PORTS) {
+            let msg = PeerMsg::Release {
+                host: host_ip,
+                ip: key.container,
+                to_port: key.to_port,
+                ports: chunk.to_vec(),
+            };
+            self.send_to(key.dst_host, &msg);
+        }
+    }
+
+    fn claim_messages(host_ip: Ipv4Addr, key: PoolKey, ports: &[u16], fresh: bool) -> Vec<PeerMsg> {
+        ports
+            .chunks(MAX_CLAIM_PORTS)
+            .map(|chunk| PeerMsg::Claim {
+                host: host_ip,
+                ip: key.container,
+                to_port: key.to_port,
+                ports: chunk.to_vec(),
+                fresh,
+            })
+            .collect()
+    }
+
+    /// Claim messages of every pool for `dst_host` (sent first on a new connection to it).
+    fn claim_lines(&self, host_ip: Ipv4Addr, dst_host: Ipv4Addr) -> Vec<u8> {
         let mut lines = Vec::new();
-        for (&ip, pool) in &self.pools {
+        for (&key, pool) in self.pools.iter().filter(|(k, _)| k.dst_host == dst_host) {
             let ports: Vec<u16> = pool.sockets.iter().map(|&(_, port)| port).collect();
-            for chunk in ports.chunks(MAX_CLAIM_PORTS) {
-                lines.extend(peer_line(&PeerMsg::Claim {
-                    host: host_ip,
-                    ip,
-                    ports: chunk.to_vec(),
-                }));
+            for msg in Self::claim_messages(host_ip, key, &ports, true) {
+                lines.extend(peer_line(&msg));
             }
         }
         lines
     }
 
-    /// Refills the pools that ran low, says the claims again when due, and gives back the pools
-    /// of containers that stopped connecting or left the registry.
+    /// Refills the pools that ran low, says the claims again when due, and gives back the
+    /// pools that were not used for a while or whose container or listener went away.
     fn refill_pools(&mut self, host_ip: Ipv4Addr, now: Instant) {
-        let mut messages = Vec::new();
-        let overlay = &self.overlay;
-        self.pools.retain(|&ip, pool| {
-            let keep = now.duration_since(pool.used_at) < CLAIM_POOL_IDLE
-                && overlay.get(&ip).is_some_and(|(_, host)| *host == host_ip);
-            if !keep && !pool.sockets.is_empty() {
-                let ports: Vec<u16> = pool.sockets.iter().map(|&(_, port)| port).collect();
-                for chunk in ports.chunks(MAX_CLAIM_PORTS) {
-                    messages.push(PeerMsg::Release {
-                        host: host_ip,
-                        ip,
-                        ports: chunk.to_vec(),
-                    });
-                }
+        for (key, port) in std::mem::take(&mut self.unused_claims) {
+            self.send_release(key, &[port]);
+        }
+        // The sweep for pools to give back runs once a second, not on every turn of the loop.
+        if self
+            .pools_swept_at
+            .is_none_or(|at| now.duration_since(at) >= POOL_SWEEP)
+        {
+            self.pools_swept_at = Some(now);
+            let listening: std::collections::HashSet<(Ipv4Addr, u16)> = self
+                .remote
+                .iter()
+                .map(|(&(host, _, _), &port)| (host, port))
+                .collect();
+            let gone: Vec<PoolKey> = self
+                .pools
+                .iter()
+                .filter(|(key, pool)| {
+                    let registered = self
+                        .overlay
+                        .get(&key.container)
+                        .is_some_and(|(_, host)| *host == host_ip);
+                    now.duration_since(pool.used_at) >= CLAIM_POOL_IDLE
+                        || !registered
+                        || !listening.contains(&(key.dst_host, key.to_port))
+                })
+                .map(|(key, _)| *key)
+                .collect();
+            for key in gone {
+                self.release_pool(key);
             }
-            keep
-        });
+        }
+        let mut messages = Vec::new();
         let mut room =
             MAX_CLAIMED.saturating_sub(self.pools.values().map(|p| p.sockets.len()).sum());
-        for (&ip, pool) in self.pools.iter_mut() {
+        for (&key, pool) in self.pools.iter_mut() {
             let mut fresh = Vec::new();
             if pool.sockets.len() < CLAIM_POOL_LOW {
                 while pool.sockets.len() < CLAIM_POOL_SIZE && room > 0 {
@@ -614,62 +698,49 @@ impl TcpService {
                     }
                 }
             }
-            let ports = if now.duration_since(pool.claimed_at) >= CLAIM_REFRESH {
+            if now.duration_since(pool.claimed_at) >= CLAIM_REFRESH {
                 pool.claimed_at = now;
-                pool.sockets.iter().map(|&(_, port)| port).collect()
-            } else {
-                fresh
-            };
-            for chunk in ports.chunks(MAX_CLAIM_PORTS) {
-                messages.push(PeerMsg::Claim {
-                    host: host_ip,
-                    ip,
-                    ports: chunk.to_vec(),
-                });
+                let all: Vec<u16> = pool.sockets.iter().map(|&(_, port)| port).collect();
+                let again: Vec<u16> = all.into_iter().filter(|p| !fresh.contains(p)).collect();
+                messages.extend(
+                    Self::claim_messages(host_ip, key, &again, false)
+                        .into_iter()
+                        .map(|m| (key.dst_host, m)),
+                );
             }
+            messages.extend(
+                Self::claim_messages(host_ip, key, &fresh, true)
+                    .into_iter()
+                    .map(|m| (key.dst_host, m)),
+            );
         }
-        if messages.is_empty() {
-            return;
+        for (host, msg) in messages {
+            self.send_to(host, &msg);
         }
-        let hosts: Vec<Ipv4Addr> = self.outgoing.keys().copied().collect();
-        for host in hosts {
-            for msg in &messages {
-                self.send_to(host, msg);
+    }
+
+    /// Takes back what `host`'s router claimed (its connection to us ended: its unused ports
+    /// are free for anyone on that host now), here and in the listeners' processes.
+    fn forget_claims_of(&mut self, host: Ipv4Addr) {
+        let gone: Vec<((Ipv4Addr, u16), Option<u16>)> = self
+            .announced
+            .iter()
+            .filter(|(key, a)| key.0 == host && a.claimed)
+            .map(|(key, a)| (*key, a.to_port))
+            .collect();
+        for (key, to_port) in gone {
+            self.announced.remove(&key);
+            if let Some(to_port) = to_port {
+                self.tell_listener(to_port, SockNotice::forget(key));
             }
         }
     }
 
-    /// Queues notices of `keys` (host addresses claimed by overlay address `ip`, or taken
-    /// back) for every process holding a listener of `ip`'s tenant, if the registry places `ip`
-    /// on the claiming host.
-    fn notify_tenant(&mut self, ip: Ipv4Addr, keys: &[(Ipv4Addr, u16)], forget: bool) {
-        let Some((tenant, client_host)) = self.overlay.get(&ip) else {
-            return;
-        };
-        let mut owners: Vec<u32> = self
-            .local
-            .iter()
-            .filter(|(&(listener_ip, _), _)| {
-                self.overlay
-                    .get(&listener_ip)
-                    .is_some_and(|(t, _)| t == tenant)
-            })
-            .flat_map(|(_, l)| l.owners.iter().copied())
-            .collect();
-        owners.sort_unstable();
-        owners.dedup();
-        for &key in keys.iter().filter(|k| k.0 == *client_host) {
-            let notice = if forget {
-                SockNotice::forget(key)
-            } else {
-                SockNotice {
-                    host_ip: key.0,
-                    host_port: key.1,
-                    ip,
-                    port: key.1,
-                }
-            };
-            self.notices.extend(owners.iter().map(|&o| (o, notice)));
+    /// Queues `notice` for every process holding the local listener on host port `to_port`.
+    fn tell_listener(&mut self, to_port: u16, notice: SockNotice) {
+        if let Some(l) = self.local.values().find(|l| l.host_port == to_port) {
+            self.notices
+                .extend(l.owners.iter().map(|&owner| (owner, notice)));
         }
     }
 
@@ -980,13 +1051,13 @@ impl TcpService {
 
     /// What a new connection to a peer router starts with: our listener table, then our
     /// claims (claims sent while the peer was away were dropped).
-    fn first_lines(&self) -> Vec<u8> {
+    fn first_lines(&self, dst_host: Ipv4Addr) -> Vec<u8> {
         let Some(table) = self.table() else {
             return Vec::new();
         };
         let mut lines = peer_line(&table);
         if let Some(host_ip) = self.host_ip() {
-            lines.extend(self.claim_lines(host_ip));
+            lines.extend(self.claim_lines(host_ip, dst_host));
         }
         lines
     }
@@ -1004,7 +1075,7 @@ impl TcpService {
             return;
         };
         if peer.stream.is_none() && peer.connecting.is_none() {
-            let table = self.first_lines();
+            let table = self.first_lines(host);
             let peer = self.outgoing.get_mut(&host).expect("present");
             Self::try_connect(host, peer, table);
         }
@@ -1217,6 +1288,7 @@ impl TcpService {
             // router's, read before the old connection's end).
             if !self.incoming.iter().any(|p| p.from == from) {
                 self.forget_listeners_of(from);
+                self.forget_claims_of(from);
             }
         }
         for msg in messages {
@@ -1339,55 +1411,66 @@ impl TcpService {
                         port,
                         at: Instant::now(),
                         to_port,
+                        claimed: false,
                     },
                 );
                 if let Some(to_port) = to_port {
                     self.notify(to_port, (host, host_port));
                 }
             }
-            PeerMsg::Claim { host, ip, ports } if host == from => {
+            PeerMsg::Claim {
+                host,
+                ip,
+                to_port,
+                ports,
+                fresh,
+            } if host == from => {
                 if ports.len() > MAX_CLAIM_PORTS {
                     eprintln!("freeflow-router: tcp: peer {from} claimed too many ports at once");
                     return;
                 }
                 let now = Instant::now();
-                let mut fresh = Vec::new();
                 for port in ports {
                     let key = (host, port);
+                    // Said again: the processes were told (and may have used it up).
                     let known = self
                         .announced
                         .get(&key)
-                        .is_some_and(|a| a.ip == ip && a.to_port.is_none());
-                    if !known {
-                        fresh.push(key);
-                    }
+                        .is_some_and(|a| a.claimed && a.ip == ip && a.to_port == Some(to_port));
+                    // Checked against the registry when a resolve or a notice uses it, as a
+                    // connect's announcement.
                     self.announced.insert(
                         key,
                         Announced {
                             ip,
                             port,
                             at: now,
-                            to_port: None,
+                            to_port: Some(to_port),
+                            claimed: true,
                         },
                     );
+                    if fresh || !known {
+                        self.notify(to_port, key);
+                    }
                 }
-                // A claim said again only refreshes what the processes were told.
-                self.notify_tenant(ip, &fresh, false);
             }
-            PeerMsg::Release { host, ip, ports } if host == from => {
-                let mut gone = Vec::new();
+            PeerMsg::Release {
+                host,
+                ip,
+                to_port,
+                ports,
+            } if host == from => {
                 for port in ports.into_iter().take(MAX_CLAIM_PORTS) {
                     let key = (host, port);
                     if self
                         .announced
                         .get(&key)
-                        .is_some_and(|a| a.ip == ip && a.to_port.is_none())
+                        .is_some_and(|a| a.claimed && a.ip == ip && a.to_port == Some(to_port))
                     {
                         self.announced.remove(&key);
-                        gone.push(key);
+                        self.tell_listener(to_port, SockNotice::forget(key));
                     }
                 }
-                self.notify_tenant(ip, &gone, true);
             }
             other => {
                 eprintln!("freeflow-router: tcp: peer {from} spoke for another host: {other:?}")
@@ -1457,12 +1540,10 @@ impl TcpService {
             .filter(|(_, p)| p.stream.is_none() && p.connecting.is_none() && now >= p.next_try)
             .map(|(h, _)| *h)
             .collect();
-        if !lost.is_empty() {
-            let table = self.first_lines();
-            for host in lost {
-                let peer = self.outgoing.get_mut(&host).expect("present");
-                Self::try_connect(host, peer, table.clone());
-            }
+        for host in lost {
+            let first = self.first_lines(host);
+            let peer = self.outgoing.get_mut(&host).expect("present");
+            Self::try_connect(host, peer, first);
         }
     }
 
@@ -1660,15 +1741,16 @@ mod tests {
         drop(peer_listener);
     }
 
-    /// Claims come from peer routers; each is believed only as far as the registry goes, and
-    /// told only to processes holding listeners of the claiming container's tenant.
+    /// Claims come from peer routers; each is believed only as far as the registry goes (as a
+    /// connect's announcement), and told only to the processes holding the listener it names.
     #[test]
-    fn claims_reach_only_listeners_of_the_same_tenant() {
+    fn claims_are_announcements_made_ahead_for_one_listener() {
         let host_a = Ipv4Addr::new(192, 0, 2, 1);
         let host_c = Ipv4Addr::new(192, 0, 2, 3);
         let here = Ipv4Addr::LOCALHOST;
         let client = Ipv4Addr::new(10, 32, 0, 2);
         let server = Ipv4Addr::new(10, 32, 0, 4);
+        let other = Ipv4Addr::new(10, 32, 0, 5);
         let stranger = Ipv4Addr::new(10, 32, 0, 9);
         let entry = |ip, tenant: &str, host_ip| freeflow_proto::control::OverlayEntry {
             ip,
@@ -1683,10 +1765,12 @@ mod tests {
             overlay: vec![
                 entry(client, "blue", host_a),
                 entry(server, "blue", here),
+                entry(other, "blue", here),
                 entry(stranger, "red", here),
             ],
         });
-        for (ip, owner) in [(server, 1), (stranger, 2)] {
+        // Listeners on host ports 5001 (server, process 1), 5002 (other, 2), 5003 (stranger, 3).
+        for (ip, owner) in [(server, 1u32), (other, 2), (stranger, 3)] {
             let socket = sys::tcp_socket(false).unwrap();
             tcp.local.insert(
                 (ip, 80),
@@ -1700,12 +1784,14 @@ mod tests {
                 },
             );
         }
-        let claim = |host, ip, ports: &[u16]| PeerMsg::Claim {
+        let claim = |host, ip, to_port, ports: &[u16], fresh| PeerMsg::Claim {
             host,
             ip,
+            to_port,
             ports: ports.to_vec(),
+            fresh,
         };
-        tcp.apply(host_a, claim(host_a, client, &[40001, 40002]));
+        tcp.apply(host_a, claim(host_a, client, 5001, &[40001, 40002], true));
         let told: Vec<(u32, SockNotice)> = std::mem::take(&mut tcp.notices);
         assert_eq!(told.len(), 2, "{told:?}");
         assert!(told.iter().all(|(owner, n)| *owner == 1
@@ -1716,22 +1802,23 @@ mod tests {
             tcp.lookup_announcement((host_a, 40001), server),
             Some((client, 40001))
         );
-        assert_eq!(
-            tcp.lookup_announcement((host_a, 40001), stranger),
-            None,
-            "another tenant's listener"
-        );
-        // Said again: nothing new to tell.
-        tcp.apply(host_a, claim(host_a, client, &[40001]));
+        // Only the listener it names: not another of the tenant, not another tenant's.
+        assert_eq!(tcp.lookup_announcement((host_a, 40001), other), None);
+        assert_eq!(tcp.lookup_announcement((host_a, 40001), stranger), None);
+        // Said again (a refresh): nothing new to tell; newly bound again: told again.
+        tcp.apply(host_a, claim(host_a, client, 5001, &[40001], false));
         assert!(tcp.notices.is_empty());
+        tcp.apply(host_a, claim(host_a, client, 5001, &[40001], true));
+        assert_eq!(tcp.notices.len(), 1);
+        tcp.notices.clear();
         // A router speaks only for its own host, and for containers the registry puts there.
-        tcp.apply(host_c, claim(host_a, client, &[40003]));
+        tcp.apply(host_c, claim(host_a, client, 5001, &[40003], true));
         assert_eq!(tcp.lookup_announcement((host_a, 40003), server), None);
-        tcp.apply(host_a, claim(host_a, server, &[40004]));
+        tcp.apply(host_a, claim(host_a, server, 5001, &[40004], true));
         assert_eq!(tcp.lookup_announcement((host_a, 40004), server), None);
-        assert!(tcp.notices.is_empty());
+        assert!(tcp.notices.is_empty(), "{:?}", tcp.notices);
         let many: Vec<u16> = (41000..41000 + MAX_CLAIM_PORTS as u16 + 1).collect();
-        tcp.apply(host_a, claim(host_a, client, &many));
+        tcp.apply(host_a, claim(host_a, client, 5001, &many, true));
         assert_eq!(tcp.lookup_announcement((host_a, 41000), server), None);
         // Given back: forgotten here and by the processes told.
         tcp.apply(
@@ -1739,10 +1826,24 @@ mod tests {
             PeerMsg::Release {
                 host: host_a,
                 ip: client,
+                to_port: 5001,
                 ports: vec![40002],
             },
         );
         assert_eq!(tcp.lookup_announcement((host_a, 40002), server), None);
-        assert_eq!(tcp.notices, vec![(1, SockNotice::forget((host_a, 40002)))]);
+        assert_eq!(
+            std::mem::take(&mut tcp.notices),
+            vec![(1, SockNotice::forget((host_a, 40002)))]
+        );
+        // The claiming router's connection ended: its unused ports are free on its host now.
+        tcp.forget_claims_of(host_a);
+        assert_eq!(tcp.lookup_announcement((host_a, 40001), server), None);
+        assert!(tcp
+            .notices
+            .contains(&(1, SockNotice::forget((host_a, 40001)))));
+        assert!(tcp
+            .notices
+            .iter()
+            .all(|(owner, n)| *owner == 1 && n.ip.is_unspecified()));
     }
 }

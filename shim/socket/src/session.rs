@@ -192,23 +192,19 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
         return notices.take(host);
     };
     let mut buf = [0u8; SOCKMSG_LEN + 1];
+    // Every notice waiting is applied, in order, before deciding: an earlier one about this
+    // host address may be overridden or taken back by a later one (host ports are reused).
     // The notice and the connection travel separately (router to router, then to us; and the
     // TCP handshake): the connection can win by a few microseconds. Polling for the notice that
     // long is cheaper than the round trip of a Resolve; but not when it came earlier (a claim
     // announced ahead). Bounded in time and in messages (a router sends at most part of a
     // socket buffer of notices ahead).
     let deadline = Instant::now() + NOTICE_WAIT;
-    for _ in 0..1024 {
+    for _ in 0..4096 {
         match fdpass::recv_with_fds(session.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
             Ok(got) if got.len == SOCKMSG_LEN && !got.truncated => {
                 match FromRouter::decode(&buf[..got.len]) {
-                    Ok(FromRouter::Notice(n)) => {
-                        notices.remember(n);
-                        // (A Forget for this host means a Resolve is needed: read on.)
-                        if matches!(n.meaning(), NoticeMeaning::Is { host: h, .. } if h == host) {
-                            break;
-                        }
-                    }
+                    Ok(FromRouter::Notice(n)) => notices.remember(n),
                     // Nothing else comes unasked; stop reading the session if it does.
                     _ => break,
                 }
