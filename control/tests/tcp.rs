@@ -1076,15 +1076,17 @@ elif sys.argv[1] == "listener":
     print("READY", s.getsockname(), flush=True)
     c, peer = s.accept()
     os.set_inheritable(c.fileno(), True)
-    again("conn", str(c.fileno()), peer[0])
+    # The connection goes to a program started with posix_spawn (not exec).
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", SRC, "conn", str(c.fileno()), peer[0]], os.environ)
+    os.waitpid(pid, 0)
 else:
     c = socket.socket(fileno=int(sys.argv[2]))
     print("INHERITED", c.getpeername()[0], c.getsockname()[0], sys.argv[3], flush=True)
     c.sendall(c.recv(100))
 "#;
 
-/// Accelerated sockets inherited across exec keep their overlay addresses, and an inherited
-/// listener stays registered with the router.
+/// Accelerated sockets inherited across exec (a listener) and posix_spawn (a connection) keep
+/// their overlay addresses, and an inherited listener stays registered with the router.
 #[test]
 fn sockets_inherited_across_exec_keep_overlay_addresses() {
     let site = Site::new("tx");

@@ -1,7 +1,8 @@
 //! The functions this library exports in place of the C library's: connect, listen, accept,
 //! accept4, getsockname, getpeername, close, dup, dup2, dup3, fcntl (F_DUPFD), epoll_create,
-//! epoll_create1, and execve/execv/execvp/execvpe (to pass accelerated sockets on). Each decides from its arguments whether the call concerns an overlay TCP
-//! socket; if not, it calls the C library unchanged.
+//! epoll_create1, and execve/execv/execvp/execvpe/posix_spawn/posix_spawnp (to pass accelerated
+//! sockets on). Each decides from its arguments whether the call concerns an overlay TCP socket;
+//! if not, it calls the C library unchanged.
 
 use crate::epoll;
 use crate::real::{self, Endpoint};
@@ -662,4 +663,71 @@ pub unsafe extern "C" fn execvp(
 ) -> c_int {
     // SAFETY: environ is the process's environment, valid here.
     unsafe { execvpe(file, argv, environ) }
+}
+
+/// posix_spawn(3): like execve, the new program gets the table of the accelerated sockets it
+/// inherits. (glibc's posix_spawn calls its internal execve, which the shim cannot see.)
+///
+/// # Safety
+/// Called by the application with posix_spawn(3)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut libc::pid_t,
+    path: *const libc::c_char,
+    file_actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    // SAFETY: posix_spawn's arguments, passed on.
+    unsafe { spawn_passing_sockets(false, pid, path, file_actions, attr, argv, envp) }
+}
+
+/// posix_spawnp(3), as [`posix_spawn`].
+///
+/// # Safety
+/// Called by the application with posix_spawnp(3)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut libc::pid_t,
+    file: *const libc::c_char,
+    file_actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    // SAFETY: posix_spawnp's arguments, passed on.
+    unsafe { spawn_passing_sockets(true, pid, file, file_actions, attr, argv, envp) }
+}
+
+/// # Safety
+/// posix_spawn(3)'s contract.
+unsafe fn spawn_passing_sockets(
+    search: bool,
+    pid: *mut libc::pid_t,
+    path: *const libc::c_char,
+    file_actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    let Some(ours) = crate::inherit::exported() else {
+        // SAFETY: forwarded unchanged.
+        return unsafe { real::posix_spawn(search, pid, path, file_actions, attr, argv, envp) };
+    };
+    // SAFETY: envp is the NULL-terminated environment (the same layout with const entries).
+    let env = unsafe { crate::inherit::environment_with(envp.cast(), &ours) };
+    // SAFETY: env is a NULL-terminated array of strings alive across the call; the callee
+    // does not write through it (the C prototype's missing const).
+    unsafe {
+        real::posix_spawn(
+            search,
+            pid,
+            path,
+            file_actions,
+            attr,
+            argv,
+            env.as_ptr().cast(),
+        )
+    }
 }

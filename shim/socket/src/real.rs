@@ -18,6 +18,15 @@ type ExecveFn = unsafe extern "C" fn(
     *const *const libc::c_char,
 ) -> c_int;
 
+type PosixSpawnFn = unsafe extern "C" fn(
+    *mut libc::pid_t,
+    *const libc::c_char,
+    *const libc::posix_spawn_file_actions_t,
+    *const libc::posix_spawnattr_t,
+    *const *mut libc::c_char,
+    *const *mut libc::c_char,
+) -> c_int;
+
 struct Real {
     connect: ConnectFn,
     listen: ListenFn,
@@ -30,6 +39,8 @@ struct Real {
     epoll_create1: EpollCreate1Fn,
     execve: ExecveFn,
     execvpe: ExecveFn,
+    posix_spawn: PosixSpawnFn,
+    posix_spawnp: PosixSpawnFn,
 }
 
 fn lookup(name: &std::ffi::CStr) -> *mut libc::c_void {
@@ -63,6 +74,12 @@ fn real() -> &'static Real {
                 )),
                 execve: std::mem::transmute::<*mut libc::c_void, ExecveFn>(lookup(c"execve")),
                 execvpe: std::mem::transmute::<*mut libc::c_void, ExecveFn>(lookup(c"execvpe")),
+                posix_spawn: std::mem::transmute::<*mut libc::c_void, PosixSpawnFn>(lookup(
+                    c"posix_spawn",
+                )),
+                posix_spawnp: std::mem::transmute::<*mut libc::c_void, PosixSpawnFn>(lookup(
+                    c"posix_spawnp",
+                )),
             }
         }
     })
@@ -250,6 +267,29 @@ pub unsafe fn execvpe(
 ) -> c_int {
     // SAFETY: the caller's contract.
     unsafe { (real().execvpe)(file, argv, envp) }
+}
+
+/// The C library's posix_spawn (`search`: posix_spawnp, which searches PATH).
+///
+/// # Safety
+/// posix_spawn(3)'s contract: valid pointers (or NULL where allowed), NUL-terminated strings
+/// and NULL-terminated arrays.
+pub unsafe fn posix_spawn(
+    search: bool,
+    pid: *mut libc::pid_t,
+    path: *const libc::c_char,
+    file_actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    let f = if search {
+        real().posix_spawnp
+    } else {
+        real().posix_spawn
+    };
+    // SAFETY: the caller's contract.
+    unsafe { f(pid, path, file_actions, attr, argv, envp) }
 }
 
 pub fn epoll_create1(flags: c_int) -> c_int {
