@@ -6,6 +6,9 @@
 //! cluster tag. A [`Daemons`] guard stops whatever a test started, also when it fails: it runs
 //! `freeflow down` and then kills any process still naming the test's directory.
 
+mod common;
+
+use common::{FREEFLOW, VNET};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
@@ -16,10 +19,8 @@ use freeflow_control::topology::{self, Cluster, ClusterSpec};
 use freeflow_proto::control::{self, ControlRequest, ControlResponse};
 use serde_json::Value;
 
-const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");
 /// Bound on any one CLI invocation (the CLI bounds its own waits at about 10 s).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
-const VNET: &str = "10.32.0.0/12";
 
 fn preflight() {
     if let Err(e) = topology::ensure_root() {
@@ -208,17 +209,10 @@ fn status_json(d: &Daemons) -> (Option<i32>, Value) {
 
 /// Polls `f` every 10 ms until it returns `Some`, at most `limit`.
 #[track_caller]
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
+fn wait_for<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    match common::poll(limit, Duration::from_millis(10), f) {
+        Some(v) => v,
+        None => panic!("timed out after {limit:?} waiting for {what}"),
     }
 }
 

@@ -2,170 +2,40 @@
 //! programs (Python's socket module, unmodified) with libfsocket.so preloaded in the containers.
 //! Needs root and a built workspace (`cargo build --workspace`: the shim and the router).
 
-use freeflow_control::topology::{self, Cluster, ClusterSpec};
-use std::net::Ipv4Addr;
-use std::path::PathBuf;
+mod common;
+
+use common::{Site, SiteSpec};
+use freeflow_control::topology;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const VNET: &str = "10.32.0.0/12";
-
-fn target_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_freeflow"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn shim() -> PathBuf {
-    let p = target_dir().join("libfsocket.so");
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace` first",
-        p.display()
-    );
-    p
-}
-
-struct Site {
-    cluster: Option<Cluster>,
-    dirs: Vec<PathBuf>,
-    work: PathBuf,
-}
 
 impl Site {
     /// Two hosts; containers web and cache on host 0, db and plain on host 1; Freeflow up on
     /// both; web, cache and db registered (plain is a container Freeflow does not know).
     fn new(prefix: &str) -> Site {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "TCP-mode tests build network namespaces: run as root"
-        );
-        assert!(
-            target_dir().join("freeflow-router").exists(),
-            "build the workspace first (freeflow-router missing)"
-        );
-        let tag = topology::fresh_tag(prefix);
-        let mut cluster = Cluster::create(ClusterSpec::new(&tag, 2)).unwrap();
-        for (host, name, ip) in [
-            (0, "web", [10, 32, 0, 2]),
-            (0, "cache", [10, 32, 0, 3]),
-            (1, "db", [10, 32, 0, 4]),
-            (1, "plain", [10, 32, 0, 5]),
-        ] {
-            cluster
-                .add_container(host, name, Ipv4Addr::from(ip), 12)
-                .unwrap();
-        }
-        let work = std::env::temp_dir().join(format!("ff-tcp-{tag}"));
-        let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work).unwrap();
-        let mut site = Site {
-            cluster: Some(cluster),
-            dirs: Vec::new(),
-            work: work.clone(),
-        };
-        for h in 0..2 {
-            let dir = work.join(format!("h{h}"));
-            let out = site
-                .in_host(h, env!("CARGO_BIN_EXE_freeflow"))
-                .args(["up", "--dir"])
-                .arg(&dir)
-                .args([
-                    "--host-ip",
-                    &format!("192.168.1.{}", h + 1),
-                    "--vnet-prefix",
-                    VNET,
-                    "--registry",
-                ])
-                .arg(format!("file:{}", work.join("registry.json").display()))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "freeflow up: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            site.dirs.push(dir);
-        }
-        for (host, name) in [(0, "web"), (0, "cache"), (1, "db")] {
-            let netns = site
-                .cluster()
-                .containers()
-                .iter()
-                .find(|c| c.name == name)
-                .unwrap()
-                .netns_path
-                .clone();
-            let ip = site.container_ip(name);
-            let out = site
-                .in_host(host, env!("CARGO_BIN_EXE_freeflow"))
-                .args(["container", "add", name, "--dir"])
-                .arg(&site.dirs[host])
-                .arg("--netns")
-                .arg(&netns)
-                .args(["--ip", &ip.to_string(), "--tenant", "blue"])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "container add {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        common::require_root("TCP-mode");
+        common::require_built(&["freeflow-router"]);
+        let site = Site::create(SiteSpec {
+            prefix,
+            work_prefix: "ff-tcp",
+            hosts: 2,
+            containers: &[
+                (0, "web", [10, 32, 0, 2]),
+                (0, "cache", [10, 32, 0, 3]),
+                (1, "db", [10, 32, 0, 4]),
+                (1, "plain", [10, 32, 0, 5]),
+            ],
+            registered: &[("web", "blue"), ("cache", "blue"), ("db", "blue")],
+            ..SiteSpec::default()
+        });
         // Let both routers see each other's tables (peer connections come up on first use).
         std::thread::sleep(Duration::from_millis(300));
         site
     }
 
-    fn cluster(&self) -> &Cluster {
-        self.cluster.as_ref().unwrap()
-    }
-
-    fn container_ip(&self, name: &str) -> Ipv4Addr {
-        self.cluster()
-            .containers()
-            .iter()
-            .find(|c| c.name == name)
-            .unwrap()
-            .ip
-    }
-
-    fn in_host(&self, host: usize, program: &str) -> Command {
-        self.cluster()
-            .command_in(&self.cluster().hosts()[host].netns, program)
-    }
-
-    fn host_of(&self, container: &str) -> usize {
-        self.cluster()
-            .containers()
-            .iter()
-            .find(|c| c.name == container)
-            .unwrap()
-            .host
-    }
-
     /// python3 running `script` in a container, with the shim preloaded unless `plain`.
     fn python(&self, container: &str, script: &str, preload: bool) -> Command {
-        let netns = self
-            .cluster()
-            .containers()
-            .iter()
-            .find(|c| c.name == container)
-            .unwrap()
-            .netns
-            .clone();
-        let mut cmd = topology::command_in(&netns, "env");
-        cmd.arg(format!(
-            "FREEFLOW_DIR={}",
-            self.dirs[self.host_of(container)].display()
-        ));
-        cmd.arg(format!("VNET_PREFIX={VNET}"));
-        if preload {
-            cmd.arg(format!("LD_PRELOAD={}", shim().display()));
-        }
+        let mut cmd = self.shim_env(container, preload);
         // Every program the tests start is bounded in time.
         cmd.args(["timeout", "60", "python3", "-c", script]);
         cmd
@@ -184,30 +54,6 @@ impl Site {
         topology::link_stats(&self.cluster().hosts()[host].netns, "vx0")
             .unwrap()
             .tx_packets
-    }
-
-    fn router_status(&self, host: usize) -> serde_json::Value {
-        let out = self
-            .in_host(host, env!("CARGO_BIN_EXE_freeflow"))
-            .args(["status", "--json", "--dir"])
-            .arg(&self.dirs[host])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        for (h, dir) in self.dirs.iter().enumerate() {
-            let _ = self
-                .in_host(h, env!("CARGO_BIN_EXE_freeflow"))
-                .args(["down", "--dir"])
-                .arg(dir)
-                .output();
-        }
-        drop(self.cluster.take());
-        let _ = std::fs::remove_dir_all(&self.work);
     }
 }
 
@@ -616,20 +462,8 @@ fn connections_outlive_the_router_and_new_ones_fail_clearly() {
 #[test]
 fn iperf3_runs_accelerated_with_a_daemonized_server() {
     let site = Site::new("ti");
-    let db = site
-        .cluster()
-        .containers()
-        .iter()
-        .find(|c| c.name == "db")
-        .unwrap()
-        .netns
-        .clone();
-    let mut server = topology::command_in(&db, "env");
-    server
-        .arg(format!("FREEFLOW_DIR={}", site.dirs[1].display()))
-        .arg(format!("VNET_PREFIX={VNET}"))
-        .arg(format!("LD_PRELOAD={}", shim().display()))
-        .args(["iperf3", "-s", "-D", "-1", "-p", "5201"]);
+    let mut server = site.shim_env("db", true);
+    server.args(["iperf3", "-s", "-D", "-1", "-p", "5201"]);
     let out = server
         .output()
         .expect("iperf3 is installed (scripts/test.sh installs it)");
@@ -641,19 +475,9 @@ fn iperf3_runs_accelerated_with_a_daemonized_server() {
     // Longer than the router's grace for a listener whose owner left: the child must have
     // claimed it.
     std::thread::sleep(Duration::from_millis(2500));
-    let web = site
-        .cluster()
-        .containers()
-        .iter()
-        .find(|c| c.name == "web")
-        .unwrap()
-        .netns
-        .clone();
     let before = site.vxlan_tx(0);
-    let out = topology::command_in(&web, "env")
-        .arg(format!("FREEFLOW_DIR={}", site.dirs[0].display()))
-        .arg(format!("VNET_PREFIX={VNET}"))
-        .arg(format!("LD_PRELOAD={}", shim().display()))
+    let out = site
+        .shim_env("web", true)
         .args([
             "timeout",
             "30",

@@ -4,155 +4,55 @@
 //! Needs root, a built workspace (`cargo build --workspace`: the shim and the router) and the
 //! Debian packages redis-server and redis-tools (scripts/test.sh installs them).
 //!
-//! The Site set-up is a trimmed copy of the one in tcp.rs: integration test files are separate
-//! crates and cannot share code without a common module.
+//! The Site scaffolding is in common/mod.rs.
 
-use freeflow_control::topology::{self, Cluster, ClusterSpec};
+mod common;
+
+use common::{Site, SiteSpec};
+use freeflow_control::topology;
 use std::io::BufRead;
-use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const VNET: &str = "10.32.0.0/12";
 const DB_IP: &str = "10.32.0.4";
 const REDIS_PORT: u16 = 6379;
 /// Requests per benchmark test; four tests run.
 const REQUESTS: u64 = 20_000;
 
-fn target_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_freeflow"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn shim() -> PathBuf {
-    let p = target_dir().join("libfsocket.so");
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace` first",
-        p.display()
-    );
-    p
-}
-
-struct Site {
-    cluster: Option<Cluster>,
-    dirs: Vec<PathBuf>,
-    work: PathBuf,
-}
-
 impl Site {
     /// Two hosts; containers web and cache on host 0, db on host 1, all registered with
     /// Freeflow (tenant blue), Freeflow up on both hosts with a shared registry.
     fn new(prefix: &str) -> Site {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "TCP-mode tests build network namespaces: run as root"
+        common::require_root("TCP-mode");
+        common::require_built(&["freeflow-router"]);
+        common::shim();
+        common::require_programs(
+            &["redis-server", "redis-benchmark", "redis-cli"],
+            "redis-server redis-tools",
         );
-        assert!(
-            target_dir().join("freeflow-router").exists(),
-            "build the workspace first (freeflow-router missing)"
-        );
-        shim();
-        for program in ["redis-server", "redis-benchmark", "redis-cli"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {program}")])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            assert!(
-                found,
-                "{program} missing: apt-get install redis-server redis-tools (scripts/test.sh does)"
-            );
-        }
-        let tag = topology::fresh_tag(prefix);
-        let mut cluster = Cluster::create(ClusterSpec::new(&tag, 2)).unwrap();
-        for (host, name, ip) in [
-            (0, "web", [10, 32, 0, 2]),
-            (0, "cache", [10, 32, 0, 3]),
-            (1, "db", [10, 32, 0, 4]),
-        ] {
-            cluster
-                .add_container(host, name, Ipv4Addr::from(ip), 12)
-                .unwrap();
-        }
-        let work = std::env::temp_dir().join(format!("ff-redis-{tag}"));
-        let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work).unwrap();
-        let mut site = Site {
-            cluster: Some(cluster),
-            dirs: Vec::new(),
-            work: work.clone(),
-        };
-        for h in 0..2 {
-            let dir = work.join(format!("h{h}"));
-            let out = site
-                .in_host(h, env!("CARGO_BIN_EXE_freeflow"))
-                .args(["up", "--dir"])
-                .arg(&dir)
-                .args([
-                    "--host-ip",
-                    &format!("192.168.1.{}", h + 1),
-                    "--vnet-prefix",
-                    VNET,
-                    "--registry",
-                ])
-                .arg(format!("file:{}", work.join("registry.json").display()))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "freeflow up: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            site.dirs.push(dir);
-        }
-        for name in ["web", "cache", "db"] {
-            let c = site.cluster().container(name).unwrap().clone();
-            let out = site
-                .in_host(c.host, env!("CARGO_BIN_EXE_freeflow"))
-                .args(["container", "add", name, "--dir"])
-                .arg(&site.dirs[c.host])
-                .arg("--netns")
-                .arg(&c.netns_path)
-                .args(["--ip", &c.ip.to_string(), "--tenant", "blue"])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "container add {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let site = Site::create(SiteSpec {
+            prefix,
+            work_prefix: "ff-redis",
+            hosts: 2,
+            containers: &[
+                (0, "web", [10, 32, 0, 2]),
+                (0, "cache", [10, 32, 0, 3]),
+                (1, "db", [10, 32, 0, 4]),
+            ],
+            registered: &[("web", "blue"), ("cache", "blue"), ("db", "blue")],
+            ..SiteSpec::default()
+        });
         // Let both routers see each other's tables (peer connections come up on first use).
         std::thread::sleep(Duration::from_millis(300));
         site
     }
 
-    fn cluster(&self) -> &Cluster {
-        self.cluster.as_ref().unwrap()
-    }
-
-    fn in_host(&self, host: usize, program: &str) -> Command {
-        self.cluster()
-            .command_in(&self.cluster().hosts()[host].netns, program)
-    }
-
-    /// `program` in a container with the shim preloaded. `env` and `ip netns exec` both exec,
-    /// so the child's pid is the program's own: killing the child kills the program.
-    /// FREEFLOW_DEBUG passes through from the test's environment.
+    /// `program` in a container with the shim preloaded. FREEFLOW_DEBUG passes through from
+    /// the test's environment.
     fn app(&self, container: &str, program: &str) -> Command {
-        let c = self.cluster().container(container).unwrap();
-        let mut cmd = topology::command_in(&c.netns, "env");
-        cmd.arg(format!("FREEFLOW_DIR={}", self.dirs[c.host].display()))
-            .arg(format!("VNET_PREFIX={VNET}"))
-            .arg(format!("LD_PRELOAD={}", shim().display()))
-            .arg(program);
+        let mut cmd = self.shim_env(container, true);
+        cmd.arg(program);
         cmd
     }
 
@@ -190,30 +90,6 @@ impl Site {
 
     fn link(&self, host: usize, dev: &str) -> topology::LinkStats {
         topology::link_stats(&self.cluster().hosts()[host].netns, dev).unwrap()
-    }
-
-    fn router_status(&self, host: usize) -> serde_json::Value {
-        let out = self
-            .in_host(host, env!("CARGO_BIN_EXE_freeflow"))
-            .args(["status", "--json", "--dir"])
-            .arg(&self.dirs[host])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        for (h, dir) in self.dirs.iter().enumerate() {
-            let _ = self
-                .in_host(h, env!("CARGO_BIN_EXE_freeflow"))
-                .args(["down", "--dir"])
-                .arg(dir)
-                .output();
-        }
-        drop(self.cluster.take());
-        let _ = std::fs::remove_dir_all(&self.work);
     }
 }
 
@@ -254,20 +130,6 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Polls `f` every 50 ms until it returns Some or `limit` passes.
-fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -317,7 +179,7 @@ fn redis_server_and_clients_run_accelerated() {
     // Ready once a PING through the shim answers. Until redis-server listens, the shim falls
     // back to the overlay and the connect is refused.
     let mut last = String::new();
-    let ready = wait_for(Duration::from_secs(20), || {
+    let ready = common::poll(Duration::from_secs(20), Duration::from_millis(50), || {
         let out = site.redis_cli("web", &["ping"]);
         last = text(&out);
         last.contains("PONG").then_some(())

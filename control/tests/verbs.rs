@@ -7,146 +7,45 @@
 //! Needs root, a built workspace (`cargo build --workspace`) and the Debian packages
 //! ibverbs-utils and libibverbs-dev (scripts/test.sh installs them).
 //!
-//! The Site set-up is a trimmed copy of the one in tcp_redis.rs: integration test files are
-//! separate crates and cannot share code without a common module.
+//! The Site scaffolding is in common/mod.rs.
 
-use freeflow_control::topology::{self, Cluster, ClusterSpec};
-use std::net::Ipv4Addr;
+mod common;
+
+use common::{build_c_probe, describe, Site, SiteSpec};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-const VNET: &str = "10.32.0.0/12";
-
-fn target_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_freeflow"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-struct Site {
-    cluster: Option<Cluster>,
-    dirs: Vec<PathBuf>,
-    work: PathBuf,
-}
+use std::process::{Output, Stdio};
 
 impl Site {
     /// Two hosts with Freeflow up (shared registry); containers web (host 0) and db (host 1)
     /// registered, stranger (host 0) not.
     fn new(prefix: &str) -> Site {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "RDMA-mode tests build network namespaces: run as root"
+        common::require_root("RDMA-mode");
+        common::require_built(&["freeflow-router", "libibverbs.so"]);
+        common::require_programs(
+            &["ibv_devices", "ibv_devinfo", "ibv_rc_pingpong"],
+            "ibverbs-utils",
         );
-        for built in ["freeflow-router", "libibverbs.so"] {
-            assert!(
-                target_dir().join(built).exists(),
-                "build the workspace first ({built} missing)"
-            );
-        }
-        for program in ["ibv_devices", "ibv_devinfo", "ibv_rc_pingpong"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {program}")])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            assert!(
-                found,
-                "{program} missing: apt-get install ibverbs-utils (scripts/test.sh does)"
-            );
-        }
-        let tag = topology::fresh_tag(prefix);
-        let mut cluster = Cluster::create(ClusterSpec::new(&tag, 2)).unwrap();
-        for (host, name, ip) in [
-            (0, "web", [10, 32, 0, 2]),
-            (0, "stranger", [10, 32, 0, 3]),
-            (1, "db", [10, 32, 0, 4]),
-        ] {
-            cluster
-                .add_container(host, name, Ipv4Addr::from(ip), 12)
-                .unwrap();
-        }
-        let work = std::env::temp_dir().join(format!("ff-verbs-{tag}"));
-        let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work).unwrap();
-        let mut site = Site {
-            cluster: Some(cluster),
-            dirs: Vec::new(),
-            work: work.clone(),
-        };
-        for h in 0..2 {
-            let dir = work.join(format!("h{h}"));
-            let out = site
-                .in_host(h, env!("CARGO_BIN_EXE_freeflow"))
-                .args(["up", "--dir"])
-                .arg(&dir)
-                .args([
-                    "--host-ip",
-                    &format!("192.168.1.{}", h + 1),
-                    "--vnet-prefix",
-                    VNET,
-                    "--registry",
-                ])
-                .arg(format!("file:{}", work.join("registry.json").display()))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "freeflow up: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        let site = Site::create(SiteSpec {
+            prefix,
+            work_prefix: "ff-verbs",
+            hosts: 2,
+            containers: &[
+                (0, "web", [10, 32, 0, 2]),
+                (0, "stranger", [10, 32, 0, 3]),
+                (1, "db", [10, 32, 0, 4]),
+            ],
+            registered: &[("web", "blue"), ("db", "blue")],
+            verbs_timeout: 30,
+            ..SiteSpec::default()
+        });
+        for dir in &site.dirs {
             assert!(
                 dir.join("verbs/libibverbs.so.1").is_file(),
                 "freeflow up did not install verbs/libibverbs.so.1"
             );
-            site.dirs.push(dir);
-        }
-        for name in ["web", "db"] {
-            let c = site.cluster().container(name).unwrap().clone();
-            let out = site
-                .in_host(c.host, env!("CARGO_BIN_EXE_freeflow"))
-                .args(["container", "add", name, "--dir"])
-                .arg(&site.dirs[c.host])
-                .arg("--netns")
-                .arg(&c.netns_path)
-                .args(["--ip", &c.ip.to_string(), "--tenant", "blue"])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "container add {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
         }
         site
-    }
-
-    fn cluster(&self) -> &Cluster {
-        self.cluster.as_ref().unwrap()
-    }
-
-    fn in_host(&self, host: usize, program: &str) -> Command {
-        self.cluster()
-            .command_in(&self.cluster().hosts()[host].netns, program)
-    }
-
-    /// `program` in a container the way the usage runs it:
-    /// `FREEFLOW_DIR=DIR LD_LIBRARY_PATH=DIR/verbs program`, bounded in time by `timeout`.
-    fn verbs_app(&self, container: &str, program: &str, env: &[(&str, &str)]) -> Command {
-        let c = self.cluster().container(container).unwrap();
-        let dir = &self.dirs[c.host];
-        let mut cmd = topology::command_in(&c.netns, "env");
-        cmd.arg(format!("FREEFLOW_DIR={}", dir.display()))
-            .arg(format!("LD_LIBRARY_PATH={}", dir.join("verbs").display()));
-        for (k, v) in env {
-            cmd.arg(format!("{k}={v}"));
-        }
-        cmd.args(["timeout", "-s", "KILL", "30", program])
-            .stdin(Stdio::null());
-        cmd
     }
 
     fn run(&self, container: &str, program: &str, args: &[&str]) -> Output {
@@ -157,56 +56,12 @@ impl Site {
     }
 }
 
-impl Drop for Site {
-    fn drop(&mut self) {
-        for (h, dir) in self.dirs.iter().enumerate() {
-            let _ = self
-                .in_host(h, env!("CARGO_BIN_EXE_freeflow"))
-                .args(["down", "--dir"])
-                .arg(dir)
-                .output();
-        }
-        drop(self.cluster.take());
-        let _ = std::fs::remove_dir_all(&self.work);
-    }
-}
-
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Waits until something listens on TCP `port` in `container`'s network namespace.
-fn wait_listening(site: &Site, container: &str, port: u16) {
-    let c = site.cluster().container(container).unwrap();
-    let needle = format!(":{port:04X} 00000000:0000 0A");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let out = topology::command_in(&c.netns, "cat")
-            .args(["/proc/net/tcp", "/proc/net/tcp6"])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&out.stdout).contains(&needle) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nothing listens on {port} in {container}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status,
-        stdout(out),
-        stderr(out)
-    )
 }
 
 /// Checks made from C against the installed headers, the way rdma-core programs call the verbs
@@ -314,22 +169,7 @@ int main(void)
 /// Builds [`PROBE`] against the installed headers and the system's libibverbs (so it imports
 /// the verbs with rdma-core's symbol versions, like any Debian binary).
 fn build_probe(work: &Path) -> PathBuf {
-    let source = work.join("probe.c");
-    let binary = work.join("probe");
-    std::fs::write(&source, PROBE).unwrap();
-    let out = Command::new("cc")
-        .args(["-Wall", "-o"])
-        .arg(&binary)
-        .arg(&source)
-        .arg("-libverbs")
-        .output()
-        .expect("run cc");
-    assert!(
-        out.status.success(),
-        "building the probe failed (libibverbs-dev installed?):\n{}",
-        stderr(&out)
-    );
-    binary
+    build_c_probe(work, "probe", PROBE, &["-Wall"], &["-libverbs"])
 }
 
 #[test]
@@ -414,7 +254,7 @@ fn unmodified_ibverbs_utils_see_one_device_per_registered_container() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_listening(&site, "db", 18520);
+    site.wait_listening("db", 18520, None);
     let client = site
         .verbs_app("web", "ibv_rc_pingpong", &[("FREEFLOW_DEBUG", "1")])
         .args(["-g", "0", "-p", "18520", "10.32.0.4"])

@@ -9,157 +9,30 @@
 //! A second container tries the first one's keys and gets errors.
 //!
 //! Needs root, a built workspace (`cargo build --workspace`) and libibverbs-dev (scripts/test.sh
-//! installs it). The Site set-up is a trimmed copy of the one in verbs.rs (integration test files
-//! are separate crates).
+//! installs it). The Site scaffolding is in common/mod.rs.
 
-use freeflow_control::topology::{self, Cluster, ClusterSpec};
+mod common;
+
+use common::{build_c_probe, describe, Site, SiteSpec};
 use std::io::{BufRead, BufReader, Write};
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-const VNET: &str = "10.32.0.0/12";
-
-fn target_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_freeflow"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-struct Site {
-    cluster: Option<Cluster>,
-    dir: PathBuf,
-    work: PathBuf,
-}
+use std::process::Stdio;
 
 impl Site {
     /// One host with Freeflow up (test hooks on) and containers web and peer registered.
     fn new(prefix: &str) -> Site {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "RDMA-mode tests build network namespaces: run as root"
-        );
-        for built in ["freeflow-router", "libibverbs.so"] {
-            assert!(
-                target_dir().join(built).exists(),
-                "build the workspace first ({built} missing)"
-            );
-        }
-        let tag = topology::fresh_tag(prefix);
-        let mut cluster = Cluster::create(ClusterSpec::new(&tag, 1)).unwrap();
-        for (name, ip) in [("web", [10, 32, 0, 2]), ("peer", [10, 32, 0, 3])] {
-            cluster
-                .add_container(0, name, Ipv4Addr::from(ip), 12)
-                .unwrap();
-        }
-        let work = std::env::temp_dir().join(format!("ff-verbs-mr-{tag}"));
-        let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work).unwrap();
-        let dir = work.join("h0");
-        let mut site = Site {
-            cluster: Some(cluster),
-            dir: dir.clone(),
-            work: work.clone(),
-        };
-        let out = site
-            .in_host(env!("CARGO_BIN_EXE_freeflow"))
-            .env("FREEFLOW_TEST_HOOKS", "1")
-            .args(["up", "--dir"])
-            .arg(&dir)
-            .args([
-                "--host-ip",
-                "192.168.1.1",
-                "--vnet-prefix",
-                VNET,
-                "--registry",
-            ])
-            .arg(format!("file:{}", work.join("registry.json").display()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "freeflow up: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for name in ["web", "peer"] {
-            let c = site.cluster().container(name).unwrap().clone();
-            let out = site
-                .in_host(env!("CARGO_BIN_EXE_freeflow"))
-                .args(["container", "add", name, "--dir"])
-                .arg(&site.dir)
-                .arg("--netns")
-                .arg(&c.netns_path)
-                .args(["--ip", &c.ip.to_string(), "--tenant", "blue"])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "container add {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        site.dir = dir;
-        site
+        common::require_root("RDMA-mode");
+        common::require_built(&["freeflow-router", "libibverbs.so"]);
+        Site::create(SiteSpec {
+            prefix,
+            work_prefix: "ff-verbs-mr",
+            hosts: 1,
+            containers: &[(0, "web", [10, 32, 0, 2]), (0, "peer", [10, 32, 0, 3])],
+            registered: &[("web", "blue"), ("peer", "blue")],
+            up_env: &[("FREEFLOW_TEST_HOOKS", "1")],
+            verbs_timeout: 30,
+        })
     }
-
-    fn cluster(&self) -> &Cluster {
-        self.cluster.as_ref().unwrap()
-    }
-
-    fn in_host(&self, program: &str) -> Command {
-        self.cluster()
-            .command_in(&self.cluster().hosts()[0].netns, program)
-    }
-
-    /// `program` in a container with `FREEFLOW_DIR=DIR LD_LIBRARY_PATH=DIR/verbs`, bounded by
-    /// a timeout.
-    fn verbs_app(&self, container: &str, program: &Path) -> Command {
-        let c = self.cluster().container(container).unwrap();
-        let mut cmd = topology::command_in(&c.netns, "env");
-        cmd.arg(format!("FREEFLOW_DIR={}", self.dir.display()))
-            .arg(format!(
-                "LD_LIBRARY_PATH={}",
-                self.dir.join("verbs").display()
-            ))
-            .args(["timeout", "-s", "KILL", "30"])
-            .arg(program);
-        cmd
-    }
-
-    fn router_log(&self) -> String {
-        std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
-            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let _ = self
-            .in_host(env!("CARGO_BIN_EXE_freeflow"))
-            .args(["down", "--dir"])
-            .arg(&self.dir)
-            .output();
-        drop(self.cluster.take());
-        let _ = std::fs::remove_dir_all(&self.work);
-    }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The C side. `mr_probe checks`: every check of one container; `mr_probe hold`: registers a
@@ -559,22 +432,13 @@ int main(int argc, char **argv)
 "#;
 
 fn build_probe(work: &Path) -> PathBuf {
-    let source = work.join("mr_probe.c");
-    let binary = work.join("mr_probe");
-    std::fs::write(&source, MR_PROBE).unwrap();
-    let out = Command::new("cc")
-        .args(["-Wall", "-Werror", "-O1", "-o"])
-        .arg(&binary)
-        .arg(&source)
-        .args(["-libverbs", "-ldl"])
-        .output()
-        .expect("run cc");
-    assert!(
-        out.status.success(),
-        "building the probe failed (libibverbs-dev installed?):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    binary
+    build_c_probe(
+        work,
+        "mr_probe",
+        MR_PROBE,
+        &["-Wall", "-Werror", "-O1"],
+        &["-libverbs", "-ldl"],
+    )
 }
 
 #[test]
@@ -583,7 +447,7 @@ fn memory_regions_share_the_programs_own_memory_with_the_router() {
     let probe = build_probe(&site.work);
 
     let out = site
-        .verbs_app("web", &probe)
+        .verbs_app("web", &probe, &[])
         .arg("checks")
         .stdin(Stdio::null())
         .output()
@@ -597,7 +461,7 @@ fn memory_regions_share_the_programs_own_memory_with_the_router() {
 
     // web holds a region; peer (same host, same tenant) tries its keys.
     let mut holder = site
-        .verbs_app("web", &probe)
+        .verbs_app("web", &probe, &[])
         .arg("hold")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -614,7 +478,7 @@ fn memory_regions_share_the_programs_own_memory_with_the_router() {
         site.router_log()
     );
     let out = site
-        .verbs_app("peer", &probe)
+        .verbs_app("peer", &probe, &[])
         .args(["guess", keys[1], keys[2], keys[3]])
         .stdin(Stdio::null())
         .output()

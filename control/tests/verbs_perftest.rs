@@ -10,184 +10,32 @@
 //! (no timing thresholds).
 //!
 //! Needs root, a built workspace (`cargo build --workspace`) and perftest (scripts/test.sh
-//! installs it). The Site set-up is a trimmed copy of the one in verbs_srq.rs (integration
-//! test files are separate crates).
+//! installs it). The Site scaffolding is in common/mod.rs.
 
-use freeflow_control::topology::{self, Cluster, ClusterSpec};
-use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-const VNET: &str = "10.32.0.0/12";
-
-fn target_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_freeflow"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-struct Site {
-    cluster: Option<Cluster>,
-    dir: PathBuf,
-    work: PathBuf,
-}
+use common::{describe, Site, SiteSpec};
+use std::path::Path;
 
 impl Site {
     /// One host with Freeflow up; containers server and client (tenant blue) registered.
     fn new(prefix: &str) -> Site {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "RDMA-mode tests build network namespaces: run as root"
-        );
-        for built in [
+        common::require_root("RDMA-mode");
+        common::require_built(&[
             "freeflow-router",
             "libibverbs.so",
             "libfreeflow_providers.so",
-        ] {
-            assert!(
-                target_dir().join(built).exists(),
-                "build the workspace first ({built} missing)"
-            );
-        }
-        let tag = topology::fresh_tag(prefix);
-        let mut cluster = Cluster::create(ClusterSpec::new(&tag, 1)).unwrap();
-        for (name, ip) in [("server", [10, 32, 0, 2]), ("client", [10, 32, 0, 3])] {
-            cluster
-                .add_container(0, name, Ipv4Addr::from(ip), 12)
-                .unwrap();
-        }
-        let work = std::env::temp_dir().join(format!("ff-verbs-perftest-{tag}"));
-        let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work).unwrap();
-        let dir = work.join("h0");
-        let site = Site {
-            cluster: Some(cluster),
-            dir: dir.clone(),
-            work: work.clone(),
-        };
-        let out = site
-            .in_host(env!("CARGO_BIN_EXE_freeflow"))
-            .args(["up", "--dir"])
-            .arg(&dir)
-            .args([
-                "--host-ip",
-                "192.168.1.1",
-                "--vnet-prefix",
-                VNET,
-                "--registry",
-            ])
-            .arg(format!("file:{}", work.join("registry.json").display()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "freeflow up: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for name in ["server", "client"] {
-            let c = site.cluster().container(name).unwrap().clone();
-            let out = site
-                .in_host(env!("CARGO_BIN_EXE_freeflow"))
-                .args(["container", "add", name, "--dir"])
-                .arg(&site.dir)
-                .arg("--netns")
-                .arg(&c.netns_path)
-                .args(["--ip", &c.ip.to_string(), "--tenant", "blue"])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "container add {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        site
+        ]);
+        Site::create(SiteSpec {
+            prefix,
+            work_prefix: "ff-verbs-perftest",
+            hosts: 1,
+            containers: &[(0, "server", [10, 32, 0, 2]), (0, "client", [10, 32, 0, 3])],
+            registered: &[("server", "blue"), ("client", "blue")],
+            verbs_timeout: 60,
+            ..SiteSpec::default()
+        })
     }
-
-    fn cluster(&self) -> &Cluster {
-        self.cluster.as_ref().unwrap()
-    }
-
-    fn in_host(&self, program: &str) -> Command {
-        self.cluster()
-            .command_in(&self.cluster().hosts()[0].netns, program)
-    }
-
-    /// `program` in a container with `FREEFLOW_DIR=DIR LD_LIBRARY_PATH=DIR/verbs`, bounded by
-    /// a timeout.
-    fn verbs_app(&self, container: &str, program: &Path) -> Command {
-        let c = self.cluster().container(container).unwrap();
-        let mut cmd = topology::command_in(&c.netns, "env");
-        cmd.arg(format!("FREEFLOW_DIR={}", self.dir.display()))
-            .arg(format!(
-                "LD_LIBRARY_PATH={}",
-                self.dir.join("verbs").display()
-            ))
-            .args(["timeout", "-s", "KILL", "60"])
-            .arg(program)
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    /// Waits until something listens on TCP `port` in `container`'s network namespace.
-    fn wait_listening(&self, container: &str, port: u16, server: &mut Child) {
-        let c = self.cluster().container(container).unwrap();
-        let needle = format!(":{port:04X} 00000000:0000 0A");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = topology::command_in(&c.netns, "cat")
-                .args(["/proc/net/tcp", "/proc/net/tcp6"])
-                .output()
-                .unwrap();
-            if String::from_utf8_lossy(&out.stdout).contains(&needle) {
-                return;
-            }
-            if let Ok(Some(status)) = server.try_wait() {
-                panic!("the server exited before listening: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nothing listens on {port} in {container}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn router_log(&self) -> String {
-        std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
-            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let _ = self
-            .in_host(env!("CARGO_BIN_EXE_freeflow"))
-            .args(["down", "--dir"])
-            .arg(&self.dir)
-            .output();
-        drop(self.cluster.take());
-        let _ = std::fs::remove_dir_all(&self.work);
-    }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Which table a tool prints.
@@ -243,21 +91,7 @@ fn perftest(site: &Site, tool: &str, kind: Kind, port: u16, size: u64, iters: u6
     let args = [
         "-d", "ffv0", "-p", &port_arg, "-s", &size_arg, "-n", &iters_arg,
     ];
-    let mut server = site
-        .verbs_app("server", Path::new(tool))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    site.wait_listening("server", port, &mut server);
-    let client = site
-        .verbs_app("client", Path::new(tool))
-        .args(args)
-        .arg("10.32.0.2")
-        .output()
-        .unwrap();
-    let server = server.wait_with_output().unwrap();
+    let (server, client) = site.verbs_server_and_client(Path::new(tool), port, &args);
     for (who, out) in [("server", &server), ("client", &client)] {
         assert!(
             out.status.success(),
@@ -291,7 +125,7 @@ fn unmodified_ib_write_lat_and_ib_send_bw_run_between_two_containers() {
     let site = Site::new("vpf");
     for standin in ["libmlx5.so.1", "libefa.so.1"] {
         assert!(
-            site.dir.join("verbs").join(standin).is_file(),
+            site.dirs[0].join("verbs").join(standin).is_file(),
             "freeflow up did not install the provider stand-in {standin}"
         );
     }

@@ -11,213 +11,45 @@
 //! other's QP numbers or keys, and one that writes garbage into its queue is detached alone.
 //!
 //! Needs root, a built workspace (`cargo build --workspace`), ibverbs-utils, libibverbs-dev and
-//! strace (scripts/test.sh installs them). The Site set-up is a trimmed copy of the one in verbs_mr.rs
-//! (integration test files are separate crates).
+//! strace (scripts/test.sh installs them). The Site scaffolding is in common/mod.rs.
 
-use freeflow_control::topology::{self, Cluster, ClusterSpec};
-use std::net::Ipv4Addr;
+mod common;
+
+use common::{between_markers, build_c_probe, describe, Site, SiteSpec};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-const VNET: &str = "10.32.0.0/12";
-
-fn target_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_freeflow"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-struct Site {
-    cluster: Option<Cluster>,
-    dir: PathBuf,
-    work: PathBuf,
-}
+use std::process::{Output, Stdio};
 
 impl Site {
     /// One host with Freeflow up; containers server, client (tenant blue) and other (tenant red)
     /// registered.
     fn new(prefix: &str) -> Site {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "RDMA-mode tests build network namespaces: run as root"
-        );
-        for built in ["freeflow-router", "libibverbs.so"] {
-            assert!(
-                target_dir().join(built).exists(),
-                "build the workspace first ({built} missing)"
-            );
-        }
-        let tag = topology::fresh_tag(prefix);
-        let mut cluster = Cluster::create(ClusterSpec::new(&tag, 1)).unwrap();
-        for (name, ip) in [
-            ("server", [10, 32, 0, 2]),
-            ("client", [10, 32, 0, 3]),
-            ("other", [10, 32, 0, 4]),
-        ] {
-            cluster
-                .add_container(0, name, Ipv4Addr::from(ip), 12)
-                .unwrap();
-        }
-        let work = std::env::temp_dir().join(format!("ff-verbs-rc-{tag}"));
-        let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work).unwrap();
-        let dir = work.join("h0");
-        let site = Site {
-            cluster: Some(cluster),
-            dir: dir.clone(),
-            work: work.clone(),
-        };
-        let out = site
-            .in_host(env!("CARGO_BIN_EXE_freeflow"))
-            .args(["up", "--dir"])
-            .arg(&dir)
-            .args([
-                "--host-ip",
-                "192.168.1.1",
-                "--vnet-prefix",
-                VNET,
-                "--registry",
-            ])
-            .arg(format!("file:{}", work.join("registry.json").display()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "freeflow up: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for (name, tenant) in [("server", "blue"), ("client", "blue"), ("other", "red")] {
-            let c = site.cluster().container(name).unwrap().clone();
-            let out = site
-                .in_host(env!("CARGO_BIN_EXE_freeflow"))
-                .args(["container", "add", name, "--dir"])
-                .arg(&site.dir)
-                .arg("--netns")
-                .arg(&c.netns_path)
-                .args(["--ip", &c.ip.to_string(), "--tenant", tenant])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "container add {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        site
+        common::require_root("RDMA-mode");
+        common::require_built(&["freeflow-router", "libibverbs.so"]);
+        Site::create(SiteSpec {
+            prefix,
+            work_prefix: "ff-verbs-rc",
+            hosts: 1,
+            containers: &[
+                (0, "server", [10, 32, 0, 2]),
+                (0, "client", [10, 32, 0, 3]),
+                (0, "other", [10, 32, 0, 4]),
+            ],
+            registered: &[("server", "blue"), ("client", "blue"), ("other", "red")],
+            verbs_timeout: 60,
+            ..SiteSpec::default()
+        })
     }
-
-    fn cluster(&self) -> &Cluster {
-        self.cluster.as_ref().unwrap()
-    }
-
-    fn in_host(&self, program: &str) -> Command {
-        self.cluster()
-            .command_in(&self.cluster().hosts()[0].netns, program)
-    }
-
-    /// `program` in a container with `FREEFLOW_DIR=DIR LD_LIBRARY_PATH=DIR/verbs`, bounded by
-    /// a timeout.
-    fn verbs_app(&self, container: &str, program: &Path, env: &[(&str, &str)]) -> Command {
-        let c = self.cluster().container(container).unwrap();
-        let mut cmd = topology::command_in(&c.netns, "env");
-        cmd.arg(format!("FREEFLOW_DIR={}", self.dir.display()))
-            .arg(format!(
-                "LD_LIBRARY_PATH={}",
-                self.dir.join("verbs").display()
-            ));
-        for (k, v) in env {
-            cmd.arg(format!("{k}={v}"));
-        }
-        cmd.args(["timeout", "-s", "KILL", "60"])
-            .arg(program)
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    /// Waits until something listens on TCP `port` in `container`'s network namespace.
-    fn wait_listening(&self, container: &str, port: u16, server: &mut Child) {
-        let c = self.cluster().container(container).unwrap();
-        let needle = format!(":{port:04X} 00000000:0000 0A");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = topology::command_in(&c.netns, "cat")
-                .args(["/proc/net/tcp", "/proc/net/tcp6"])
-                .output()
-                .unwrap();
-            if String::from_utf8_lossy(&out.stdout).contains(&needle) {
-                return;
-            }
-            if let Ok(Some(status)) = server.try_wait() {
-                panic!("the server exited before listening: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nothing listens on {port} in {container}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn router_log(&self) -> String {
-        std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
-            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let _ = self
-            .in_host(env!("CARGO_BIN_EXE_freeflow"))
-            .args(["down", "--dir"])
-            .arg(&self.dir)
-            .output();
-        drop(self.cluster.take());
-        let _ = std::fs::remove_dir_all(&self.work);
-    }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Runs `ibv_rc_pingpong ARGS` as server in `server` and as client (naming the server's
 /// overlay address) in `client`; returns both outputs.
 fn pingpong(site: &Site, port: u16, args: &[&str]) -> (Output, Output) {
-    let program = Path::new("ibv_rc_pingpong");
     let port_arg = port.to_string();
-    let mut server = site
-        .verbs_app("server", program, &[])
-        .args(["-p", &port_arg])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    site.wait_listening("server", port, &mut server);
-    let client = site
-        .verbs_app("client", program, &[])
-        .args(["-p", &port_arg])
-        .args(args)
-        .arg("10.32.0.2")
-        .output()
-        .unwrap();
-    let server = server.wait_with_output().unwrap();
-    (server, client)
+    let args: Vec<&str> = ["-p", &port_arg]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    site.verbs_server_and_client(Path::new("ibv_rc_pingpong"), port, &args)
 }
 
 /// Checks a pingpong run: both sides exit 0, report their transfer, and show the GIDs of both
@@ -278,22 +110,13 @@ const PROBE: &str = include_str!("verbs_rc_probe.c");
 /// Builds [`PROBE`] against the installed headers and the system's libibverbs (so it imports
 /// the verbs with rdma-core's symbol versions, like any Debian binary).
 fn build_probe(work: &Path) -> PathBuf {
-    let source = work.join("qp_probe.c");
-    let binary = work.join("qp_probe");
-    std::fs::write(&source, PROBE).unwrap();
-    let out = Command::new("cc")
-        .args(["-Wall", "-Werror", "-O1", "-o"])
-        .arg(&binary)
-        .arg(&source)
-        .arg("-libverbs")
-        .output()
-        .expect("run cc");
-    assert!(
-        out.status.success(),
-        "building the probe failed (libibverbs-dev installed?):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    binary
+    build_c_probe(
+        work,
+        "qp_probe",
+        PROBE,
+        &["-Wall", "-Werror", "-O1"],
+        &["-libverbs"],
+    )
 }
 
 #[test]
@@ -311,19 +134,6 @@ fn every_verb_and_every_error_as_rdma_core_reports_them() {
         describe(&out),
         site.router_log()
     );
-}
-
-/// Lines of an strace log strictly between the first two lines that start with `marker`.
-fn between_markers<'a>(log: &'a str, marker: &str) -> Vec<&'a str> {
-    let lines: Vec<&str> = log.lines().collect();
-    let at: Vec<usize> = lines
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.starts_with(marker))
-        .map(|(i, _)| i)
-        .collect();
-    assert!(at.len() >= 2, "markers {marker} missing in:\n{log}");
-    lines[at[0] + 1..at[1]].to_vec()
 }
 
 #[test]

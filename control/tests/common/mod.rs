@@ -1,0 +1,372 @@
+//! Scaffolding shared by the integration tests of freeflow-control: where the built binaries
+//! are, preflight checks, a simulated cluster with Freeflow up on its hosts and registered
+//! network-namespace "containers" ([`Site`]), programs run in a container's namespace, the
+//! routers' status and logs, C probes built against the installed headers, bounded waits.
+//!
+//! Each file in tests/ is a crate of its own that includes this module with `mod common;` and
+//! uses only part of it, so what one crate leaves unused is not dead code: hence the allow.
+#![allow(dead_code)]
+
+use freeflow_control::topology::{self, Cluster, ClusterSpec};
+use std::ffi::OsStr;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `freeflow` binary under test.
+pub const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");
+
+/// The overlay network every test cluster uses.
+pub const VNET: &str = "10.32.0.0/12";
+
+/// Where cargo put the workspace's binaries and libraries (next to `freeflow`).
+pub fn target_dir() -> PathBuf {
+    PathBuf::from(FREEFLOW).parent().unwrap().to_path_buf()
+}
+
+/// The TCP-mode shim, `libfsocket.so`; fails if the workspace is not built.
+pub fn shim() -> PathBuf {
+    let p = target_dir().join("libfsocket.so");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace` first",
+        p.display()
+    );
+    p
+}
+
+/// Fails (never skips) unless the test runs as root; `mode` names the tests ("TCP-mode").
+pub fn require_root(mode: &str) {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "{mode} tests build network namespaces: run as root"
+    );
+}
+
+/// Fails unless each of `built` is in the target directory.
+pub fn require_built(built: &[&str]) {
+    for built in built {
+        assert!(
+            target_dir().join(built).exists(),
+            "build the workspace first ({built} missing)"
+        );
+    }
+}
+
+/// Fails unless each of `programs` is on PATH; `packages` says what to install.
+pub fn require_programs(programs: &[&str], packages: &str) {
+    for program in programs {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {program}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(
+            found,
+            "{program} missing: apt-get install {packages} (scripts/test.sh does)"
+        );
+    }
+}
+
+/// What [`Site::create`] builds.
+#[derive(Default)]
+pub struct SiteSpec<'a> {
+    /// Prefix of the cluster's fresh tag (one per test, so that tests can run in parallel).
+    pub prefix: &'a str,
+    /// The work directory is `$TMPDIR/<work_prefix>-<tag>`.
+    pub work_prefix: &'a str,
+    pub hosts: usize,
+    /// Every container: its host, name and overlay address (in a /12).
+    pub containers: &'a [(usize, &'a str, [u8; 4])],
+    /// The containers registered with `freeflow container add`, in order, with their tenants.
+    pub registered: &'a [(&'a str, &'a str)],
+    /// Environment variables of `freeflow up`.
+    pub up_env: &'a [(&'a str, &'a str)],
+    /// How long [`Site::verbs_app`] lets a program run, in seconds (`timeout`'s 0, the
+    /// default, is no bound: set it on a site that runs RDMA programs).
+    pub verbs_timeout: u32,
+}
+
+/// A simulated cluster with Freeflow up on every host (host h is 192.168.1.<h+1>, all share a
+/// file registry in the work directory) and containers registered. Dropping it runs
+/// `freeflow down` on every host, deletes the namespaces and the work directory.
+pub struct Site {
+    cluster: Option<Cluster>,
+    /// Freeflow's runtime directory (`--dir`) of each host: `<work>/h<host>`.
+    pub dirs: Vec<PathBuf>,
+    /// The test's own directory: the hosts' directories, the registry, probes, logs.
+    pub work: PathBuf,
+    verbs_timeout: u32,
+}
+
+impl Site {
+    /// Builds the cluster and its containers, runs `freeflow up` on each host in turn, then
+    /// registers the containers of `spec.registered`; fails on the first error.
+    pub fn create(spec: SiteSpec<'_>) -> Site {
+        let tag = topology::fresh_tag(spec.prefix);
+        let mut cluster = Cluster::create(ClusterSpec::new(&tag, spec.hosts)).unwrap();
+        for &(host, name, ip) in spec.containers {
+            cluster
+                .add_container(host, name, Ipv4Addr::from(ip), 12)
+                .unwrap();
+        }
+        let work = std::env::temp_dir().join(format!("{}-{tag}", spec.work_prefix));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).unwrap();
+        let mut site = Site {
+            cluster: Some(cluster),
+            dirs: Vec::new(),
+            work: work.clone(),
+            verbs_timeout: spec.verbs_timeout,
+        };
+        for h in 0..spec.hosts {
+            let dir = work.join(format!("h{h}"));
+            let out = site
+                .in_host(h, FREEFLOW)
+                .envs(spec.up_env.iter().copied())
+                .args(["up", "--dir"])
+                .arg(&dir)
+                .args([
+                    "--host-ip",
+                    &format!("192.168.1.{}", h + 1),
+                    "--vnet-prefix",
+                    VNET,
+                    "--registry",
+                ])
+                .arg(format!("file:{}", work.join("registry.json").display()))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "freeflow up: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            site.dirs.push(dir);
+        }
+        for &(name, tenant) in spec.registered {
+            let c = site.cluster().container(name).unwrap().clone();
+            let out = site
+                .in_host(c.host, FREEFLOW)
+                .args(["container", "add", name, "--dir"])
+                .arg(&site.dirs[c.host])
+                .arg("--netns")
+                .arg(&c.netns_path)
+                .args(["--ip", &c.ip.to_string(), "--tenant", tenant])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "container add {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        site
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        self.cluster.as_ref().unwrap()
+    }
+
+    /// `program` in host `host`'s network namespace.
+    pub fn in_host(&self, host: usize, program: &str) -> Command {
+        self.cluster()
+            .command_in(&self.cluster().hosts()[host].netns, program)
+    }
+
+    /// `env FREEFLOW_DIR=DIR VNET_PREFIX=VNET [LD_PRELOAD=libfsocket.so]` in a container, the
+    /// program and its arguments still to be added. `env` and `ip netns exec` both exec, so the
+    /// child's pid is the program's own: killing the child kills the program.
+    pub fn shim_env(&self, container: &str, preload: bool) -> Command {
+        let c = self.cluster().container(container).unwrap();
+        let mut cmd = topology::command_in(&c.netns, "env");
+        cmd.arg(format!("FREEFLOW_DIR={}", self.dirs[c.host].display()))
+            .arg(format!("VNET_PREFIX={VNET}"));
+        if preload {
+            cmd.arg(format!("LD_PRELOAD={}", shim().display()));
+        }
+        cmd
+    }
+
+    /// `program` in a container the way RDMA programs run there:
+    /// `FREEFLOW_DIR=DIR LD_LIBRARY_PATH=DIR/verbs [env] program`, stdin closed, killed by
+    /// `timeout` after the site's `verbs_timeout`.
+    pub fn verbs_app(
+        &self,
+        container: &str,
+        program: impl AsRef<OsStr>,
+        env: &[(&str, &str)],
+    ) -> Command {
+        let c = self.cluster().container(container).unwrap();
+        let dir = &self.dirs[c.host];
+        let mut cmd = topology::command_in(&c.netns, "env");
+        cmd.arg(format!("FREEFLOW_DIR={}", dir.display()))
+            .arg(format!("LD_LIBRARY_PATH={}", dir.join("verbs").display()));
+        for (k, v) in env {
+            cmd.arg(format!("{k}={v}"));
+        }
+        cmd.args(["timeout", "-s", "KILL", &self.verbs_timeout.to_string()])
+            .arg(program)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `program ARGS` as a server in container `server` and, once it listens on TCP
+    /// `port`, as a client (`program ARGS 10.32.0.2`, the server's overlay address) in
+    /// container `client`; returns both outputs.
+    pub fn verbs_server_and_client(
+        &self,
+        program: &Path,
+        port: u16,
+        args: &[&str],
+    ) -> (Output, Output) {
+        let mut server = self
+            .verbs_app("server", program, &[])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.wait_listening("server", port, Some(&mut server));
+        let client = self
+            .verbs_app("client", program, &[])
+            .args(args)
+            .arg("10.32.0.2")
+            .output()
+            .unwrap();
+        let server = server.wait_with_output().unwrap();
+        (server, client)
+    }
+
+    /// Waits (20 s at most) until something listens on TCP `port` in `container`'s network
+    /// namespace; fails early if `server` exits first.
+    pub fn wait_listening(&self, container: &str, port: u16, mut server: Option<&mut Child>) {
+        let c = self.cluster().container(container).unwrap();
+        let needle = format!(":{port:04X} 00000000:0000 0A");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = topology::command_in(&c.netns, "cat")
+                .args(["/proc/net/tcp", "/proc/net/tcp6"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains(&needle) {
+                return;
+            }
+            if let Some(server) = server.as_deref_mut() {
+                if let Ok(Some(status)) = server.try_wait() {
+                    panic!("the server exited before listening: {status}");
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on {port} in {container}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the hosts' routers logged (every `*.log` of their directories).
+    pub fn router_log(&self) -> String {
+        self.dirs
+            .iter()
+            .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `freeflow status --json` of host `host` (Null if it printed no JSON).
+    pub fn router_status(&self, host: usize) -> serde_json::Value {
+        let out = self
+            .in_host(host, FREEFLOW)
+            .args(["status", "--json", "--dir"])
+            .arg(&self.dirs[host])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        for (h, dir) in self.dirs.iter().enumerate() {
+            let _ = self
+                .in_host(h, FREEFLOW)
+                .args(["down", "--dir"])
+                .arg(dir)
+                .output();
+        }
+        drop(self.cluster.take());
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// A program's exit status and output, for failure messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Writes `source` to `<work>/<name>.c` and builds `<work>/<name>` with
+/// `cc CFLAGS -o BINARY SOURCE LIBS` against the installed headers and the system's libraries
+/// (so a verbs probe imports the verbs with rdma-core's symbol versions, like any Debian
+/// binary); returns the binary.
+pub fn build_c_probe(
+    work: &Path,
+    name: &str,
+    source: &str,
+    cflags: &[&str],
+    libs: &[&str],
+) -> PathBuf {
+    let source_path = work.join(format!("{name}.c"));
+    let binary = work.join(name);
+    std::fs::write(&source_path, source).unwrap();
+    let out = Command::new("cc")
+        .args(cflags)
+        .arg("-o")
+        .arg(&binary)
+        .arg(&source_path)
+        .args(libs)
+        .output()
+        .expect("run cc");
+    assert!(
+        out.status.success(),
+        "building the probe failed (libibverbs-dev installed?):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    binary
+}
+
+/// Lines of an strace log strictly between the first two lines that start with `marker`.
+pub fn between_markers<'a>(log: &'a str, marker: &str) -> Vec<&'a str> {
+    let lines: Vec<&str> = log.lines().collect();
+    let at: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with(marker))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(at.len() >= 2, "markers {marker} missing in:\n{log}");
+    lines[at[0] + 1..at[1]].to_vec()
+}
+
+/// Calls `f` every `every` until it returns Some, for at most `limit` (then None).
+pub fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
