@@ -33,7 +33,7 @@ impl Site {
         site
     }
 
-    /// python3 running `script` in a container, with the shim preloaded unless `plain`.
+    /// python3 running `script` in a container, with the shim preloaded if `preload`.
     fn python(&self, container: &str, script: &str, preload: bool) -> Command {
         let mut cmd = self.shim_env(container, preload);
         // Every program the tests start is bounded in time.
