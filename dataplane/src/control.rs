@@ -516,7 +516,9 @@ impl ControlThread {
                 Ok((unread, capacity)) => notice_step(shim.notice_gap, unread, capacity),
                 Err(_) => NoticeStep::Skip,
             };
-            let send = |n: SockNotice| {
+            // Stamped now: the process trusts it for a while after this, not after it reads it.
+            let send = |mut n: SockNotice| {
+                n.sent_ms = freeflow_proto::clock::monotonic_ms();
                 fdpass::try_send_with_fds(shim.conn.as_fd(), &n.encode(), &[]).is_ok()
             };
             match step {

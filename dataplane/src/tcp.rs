@@ -905,6 +905,7 @@ impl TcpService {
             host_port: from.1,
             ip,
             port,
+            sent_ms: 0,
         };
         self.notices
             .extend(owners.into_iter().map(|owner| (owner, notice)));

@@ -2,7 +2,7 @@
 //! holds an attachment's rings, doorbells, the attach handshake on `router.sock`, the messages in
 //! ring slots and the router's control protocol.
 //!
-//! Unsafe code lives only in `ring_memory`, `region`, `doorbell` and `fdpass`.
+//! Unsafe code lives only in `ring_memory`, `region`, `doorbell`, `fdpass` and `clock`.
 
 pub mod ring;
 mod ring_memory;
@@ -10,6 +10,8 @@ mod sync;
 
 #[cfg(not(loom))]
 pub mod attach;
+#[cfg(not(loom))]
+pub mod clock;
 #[cfg(not(loom))]
 pub mod control;
 #[cfg(not(loom))]

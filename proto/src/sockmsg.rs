@@ -194,6 +194,9 @@ pub struct SockNotice {
     pub host_port: u16,
     pub ip: Ipv4Addr,
     pub port: u16,
+    /// When the router sent it ([`crate::clock::monotonic_ms`], set at sending): the shim
+    /// trusts a notice for a while after it was sent, however long it waited unread.
+    pub sent_ms: u32,
 }
 
 impl SockNotice {
@@ -204,6 +207,7 @@ impl SockNotice {
             host_port: host.1,
             ip: Ipv4Addr::UNSPECIFIED,
             port: 0,
+            sent_ms: 0,
         }
     }
 
@@ -232,6 +236,7 @@ impl SockNotice {
         b[8..10].copy_from_slice(&self.host_port.to_le_bytes());
         b[12..16].copy_from_slice(&self.ip.octets());
         b[16..18].copy_from_slice(&self.port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.sent_ms.to_le_bytes());
         b
     }
 
@@ -244,6 +249,7 @@ impl SockNotice {
             host_port: u16::from_le_bytes([b[8], b[9]]),
             ip: Ipv4Addr::new(b[12], b[13], b[14], b[15]),
             port: u16::from_le_bytes([b[16], b[17]]),
+            sent_ms: u32::from_le_bytes([b[20], b[21], b[22], b[23]]),
         })
     }
 }
@@ -316,6 +322,7 @@ mod tests {
             host_port: 41000,
             ip: Ipv4Addr::new(10, 32, 0, 4),
             port: 41000,
+            sent_ms: 123_456,
         };
         assert_eq!(
             FromRouter::decode(&notice.encode()).unwrap(),
@@ -337,6 +344,7 @@ mod tests {
             host_port: host.1,
             ip: Ipv4Addr::new(10, 32, 0, 4),
             port: 41000,
+            sent_ms: 0,
         };
         assert_eq!(
             is.meaning(),

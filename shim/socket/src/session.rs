@@ -5,6 +5,7 @@ use crate::forklock::ForkLock;
 use crate::real;
 use crate::state;
 use freeflow_proto::attach::{attach_socket, AttachError, SocketSession};
+use freeflow_proto::clock::monotonic_ms;
 use freeflow_proto::fdpass;
 use freeflow_proto::sockmsg::{
     FromRouter, NoticeMeaning, SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN,
@@ -97,9 +98,11 @@ pub(crate) struct Attached {
     retry_at: Instant,
 }
 
-/// How long a notice is trusted: host ports are reused, and a notice meant for another process
-/// (the router sends them to every holder of a listener) must not name a later connection.
-const NOTICE_TTL: Duration = Duration::from_secs(5);
+/// How long after the router sent it a notice is trusted. Host ports are reused: a later
+/// notice about the same port overrides an earlier one, but a port reused by a connection
+/// nobody announced would not. Long enough for a port claimed ahead (a claim is told when the
+/// port is bound, and used at the container's next connects to that listener).
+const NOTICE_TTL_MS: u32 = 60_000;
 /// How long accept polls for a notice that has not arrived before it asks the router.
 const NOTICE_WAIT: Duration = Duration::from_micros(50);
 /// How often a process without a router session tries to attach again.
@@ -110,9 +113,15 @@ const REATTACH_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_NOTICES: usize = 4096;
 
 /// What the router's notices said: overlay addresses of connections about to be accepted, by
-/// host address, with when each came.
+/// host address, with when the router sent each.
 #[derive(Default)]
-pub(crate) struct Notices(HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16, Instant)>);
+pub(crate) struct Notices(HashMap<(Ipv4Addr, u16), (Ipv4Addr, u16, u32)>);
+
+/// Whether a notice sent at `sent_ms` (the router's reading of the shared monotonic clock) is
+/// still to be trusted.
+fn fresh(sent_ms: u32) -> bool {
+    monotonic_ms().wrapping_sub(sent_ms) < NOTICE_TTL_MS
+}
 
 impl Notices {
     /// Applies one notice (in the order they came: a later one overrides).
@@ -128,27 +137,28 @@ impl Notices {
                 return;
             }
         };
-        let now = Instant::now();
         if self.0.len() >= MAX_NOTICES {
-            self.0
-                .retain(|_, (_, _, at)| now.duration_since(*at) < NOTICE_TTL);
+            self.0.retain(|_, (_, _, sent)| fresh(*sent));
             if self.0.len() >= MAX_NOTICES {
                 self.0.clear();
             }
         }
-        self.0.insert(host, (overlay.0, overlay.1, now));
+        if fresh(notice.sent_ms) {
+            self.0.insert(host, (overlay.0, overlay.1, notice.sent_ms));
+        } else {
+            // Too old to trust, but it still overrides what was said before it.
+            self.0.remove(&host);
+        }
     }
 
     fn knows(&self, host: (Ipv4Addr, u16)) -> bool {
-        self.0
-            .get(&host)
-            .is_some_and(|(_, _, at)| at.elapsed() < NOTICE_TTL)
+        self.0.get(&host).is_some_and(|(_, _, sent)| fresh(*sent))
     }
 
     /// The fresh notice for `host`, taken out.
     fn take(&mut self, host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
-        let (ip, port, at) = self.0.remove(&host)?;
-        (at.elapsed() < NOTICE_TTL).then_some((ip, port))
+        let (ip, port, sent) = self.0.remove(&host)?;
+        fresh(sent).then_some((ip, port))
     }
 }
 
@@ -513,7 +523,7 @@ fn receive(conn: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<fdpass::Rece
 
 #[cfg(test)]
 mod tests {
-    use super::{Notices, Prefix};
+    use super::{monotonic_ms, Notices, Prefix, NOTICE_TTL_MS};
     use freeflow_proto::sockmsg::SockNotice;
     use std::net::Ipv4Addr;
 
@@ -526,6 +536,7 @@ mod tests {
             host_port: port,
             ip,
             port,
+            sent_ms: monotonic_ms(),
         };
         let a = Ipv4Addr::new(10, 32, 0, 2);
         let b = Ipv4Addr::new(10, 32, 0, 3);
@@ -545,6 +556,16 @@ mod tests {
         assert_eq!(notices.take((host_ip, 40003)), None);
         assert_eq!(notices.take((host_ip, 40004)), None);
         assert_eq!(notices.take((host_ip, 40005)), Some((b, 40005)));
+        // Trusted for a while after the router sent it, however long it waited unread; an old
+        // one is not trusted, but still overrides what came before it.
+        notices.remember(is(40006, a));
+        let old = SockNotice {
+            sent_ms: monotonic_ms().wrapping_sub(NOTICE_TTL_MS + 1000),
+            ..is(40006, b)
+        };
+        notices.remember(old);
+        assert!(!notices.knows((host_ip, 40006)));
+        assert_eq!(notices.take((host_ip, 40006)), None);
     }
 
     #[test]
