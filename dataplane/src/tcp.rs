@@ -112,7 +112,7 @@ enum PeerMsg {
         ports: Vec<u16>,
         fresh: bool,
     },
-    /// Claimed ports given back unused.
+    /// Claimed or announced ports given back unused (a claim's pool went, a connect failed).
     Release {
         host: Ipv4Addr,
         ip: Ipv4Addr,
@@ -505,8 +505,12 @@ impl TcpService {
             Ok((socket, port)) => {
                 // Announce before connecting, so the announcement is on its way before the SYN.
                 self.announce(&announce, port);
-                sys::connect_nonblocking(&socket, target_ip, target_port, v6)
-                    .map(|_| (socket, port))
+                let connected = sys::connect_nonblocking(&socket, target_ip, target_port, v6);
+                if connected.is_err() {
+                    // The port is free again (the socket closes here): take the word back.
+                    self.retract(&announce, port);
+                }
+                connected.map(|_| (socket, port))
             }
             Err(e) => Err(e),
         };
@@ -554,6 +558,30 @@ impl TcpService {
                 to_port: Some(a.target_port),
             };
             self.send_to(a.dst_host, &conn);
+        }
+    }
+
+    /// Takes back the announcement of host port `port`, whose connect failed.
+    fn retract(&mut self, a: &Announcement, port: u16) {
+        if a.dst_host == a.host_ip {
+            let key = (a.host_ip, port);
+            if self
+                .announced
+                .get(&key)
+                .is_some_and(|e| e.ip == a.container && e.to_port == Some(a.target_port))
+            {
+                self.announced.remove(&key);
+                self.tell_listener(a.target_port, SockNotice::forget(key));
+            }
+        } else {
+            self.send_release(
+                PoolKey {
+                    container: a.container,
+                    dst_host: a.dst_host,
+                    to_port: a.target_port,
+                },
+                &[port],
+            );
         }
     }
 
@@ -1466,7 +1494,7 @@ impl TcpService {
                     if self
                         .announced
                         .get(&key)
-                        .is_some_and(|a| a.claimed && a.ip == ip && a.to_port == Some(to_port))
+                        .is_some_and(|a| a.ip == ip && a.to_port == Some(to_port))
                     {
                         self.announced.remove(&key);
                         self.tell_listener(to_port, SockNotice::forget(key));
@@ -1835,6 +1863,36 @@ mod tests {
         assert_eq!(
             std::mem::take(&mut tcp.notices),
             vec![(1, SockNotice::forget((host_a, 40002)))]
+        );
+        // A connect's announcement is taken back the same way when the connect failed.
+        tcp.apply(
+            host_a,
+            PeerMsg::Conn {
+                host: host_a,
+                host_port: 40010,
+                ip: client,
+                port: 40010,
+                to_port: Some(5001),
+            },
+        );
+        assert_eq!(
+            tcp.lookup_announcement((host_a, 40010), server),
+            Some((client, 40010))
+        );
+        tcp.notices.clear();
+        tcp.apply(
+            host_a,
+            PeerMsg::Release {
+                host: host_a,
+                ip: client,
+                to_port: 5001,
+                ports: vec![40010],
+            },
+        );
+        assert_eq!(tcp.lookup_announcement((host_a, 40010), server), None);
+        assert_eq!(
+            std::mem::take(&mut tcp.notices),
+            vec![(1, SockNotice::forget((host_a, 40010)))]
         );
         // The claiming router's connection ended: its unused ports are free on its host now.
         tcp.forget_claims_of(host_a);
