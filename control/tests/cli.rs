@@ -817,9 +817,14 @@ fn crashing_router_is_restarted_with_backoff() {
         "{st}"
     );
     std::fs::remove_file(&flag).unwrap();
+    // The router answers status as soon as it is up; the daemon records the restart in its
+    // own status file a moment later: wait for both.
     let st = wait_for(Duration::from_secs(6), "the router to come back", || {
         let (code, st) = status_json(&d);
-        (code == Some(0)).then_some(st)
+        let restarts = st["daemon"]["restarts"].as_u64();
+        let failures = st["daemon"]["start_failures"].as_u64();
+        let recorded = matches!((restarts, failures), (Some(r), Some(f)) if r == f + 1);
+        (code == Some(0) && recorded).then_some(st)
     });
     // Every restart but the last failed; one more may have failed after the sample above.
     let restarts = st["daemon"]["restarts"].as_u64().unwrap();
