@@ -133,9 +133,10 @@ struct ClaimPool {
     claimed_at: Instant,
 }
 
-/// Whose pool: a container's, for the listener on host port `to_port` of `dst_host`.
+/// A container's connects to the listener on host port `to_port` of `dst_host`: what an
+/// announcement or a claim names, and the key of a claim pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct PoolKey {
+struct Target {
     container: Ipv4Addr,
     dst_host: Ipv4Addr,
     to_port: u16,
@@ -217,12 +218,11 @@ struct Announced {
     claimed: bool,
 }
 
-/// What a connect announces about the host port it uses.
-struct Announcement {
-    container: Ipv4Addr,
-    dst_host: Ipv4Addr,
-    host_ip: Ipv4Addr,
-    target_port: u16,
+impl Announced {
+    /// Whether it says host port → overlay address `ip`, for the listener on host port `to_port`.
+    fn names(&self, ip: Ipv4Addr, to_port: u16) -> bool {
+        self.ip == ip && self.to_port == Some(to_port)
+    }
 }
 
 /// The error of a bind or connect that found no usable local port.
@@ -266,9 +266,9 @@ pub struct TcpService {
     /// Bound, unconnected IPv4 host sockets and their ports (never handed out unconnected).
     spare: Vec<(OwnedFd, u16)>,
     /// Claimed sockets by container (overlay address), for connects to other hosts.
-    pools: HashMap<PoolKey, ClaimPool>,
+    pools: HashMap<Target, ClaimPool>,
     /// Claimed ports whose socket closed unused (its connect failed), to give back.
-    unused_claims: Vec<(PoolKey, u16)>,
+    unused_claims: Vec<(Target, u16)>,
     pools_swept_at: Option<Instant>,
     binder: PortBinder,
     peer_listener: Option<TcpListener>,
@@ -462,7 +462,7 @@ impl TcpService {
             self.fallbacks += 1;
             return (SockReply::fallback(req.seq), None);
         };
-        let key = PoolKey {
+        let key = Target {
             container: caller.container.ip,
             dst_host,
             to_port: target_port,
@@ -491,12 +491,6 @@ impl TcpService {
                 }
             }
         }
-        let announce = Announcement {
-            container: caller.container.ip,
-            dst_host,
-            host_ip,
-            target_port,
-        };
         let spare = if v6 { None } else { self.spare.pop() };
         let bound = spare
             .map(Ok)
@@ -504,11 +498,11 @@ impl TcpService {
         let result = match bound {
             Ok((socket, port)) => {
                 // Announce before connecting, so the announcement is on its way before the SYN.
-                self.announce(&announce, port);
+                self.announce(key, host_ip, port);
                 let connected = sys::connect_nonblocking(&socket, target_ip, target_port, v6);
                 if connected.is_err() {
                     // The port is free again (the socket closes here): take the word back.
-                    self.retract(&announce, port);
+                    self.retract(key, host_ip, port);
                 }
                 connected.map(|_| (socket, port))
             }
@@ -536,62 +530,55 @@ impl TcpService {
 
     /// Tells the destination's router (or this router's own listeners) which overlay address
     /// host port `port` stands for.
-    fn announce(&mut self, a: &Announcement, port: u16) {
-        if a.dst_host == a.host_ip {
+    fn announce(&mut self, t: Target, host_ip: Ipv4Addr, port: u16) {
+        if t.dst_host == host_ip {
             self.announced.insert(
-                (a.host_ip, port),
+                (host_ip, port),
                 Announced {
-                    ip: a.container,
+                    ip: t.container,
                     port,
                     at: Instant::now(),
-                    to_port: Some(a.target_port),
+                    to_port: Some(t.to_port),
                     claimed: false,
                 },
             );
-            self.notify(a.target_port, (a.host_ip, port));
+            self.notify(t.to_port, (host_ip, port));
         } else {
             let conn = PeerMsg::Conn {
-                host: a.host_ip,
+                host: host_ip,
                 host_port: port,
-                ip: a.container,
+                ip: t.container,
                 port,
-                to_port: Some(a.target_port),
+                to_port: Some(t.to_port),
             };
-            self.send_to(a.dst_host, &conn);
+            self.send_to(t.dst_host, &conn);
         }
     }
 
     /// Takes back the announcement of host port `port`, whose connect failed.
-    fn retract(&mut self, a: &Announcement, port: u16) {
-        if a.dst_host == a.host_ip {
-            let key = (a.host_ip, port);
+    fn retract(&mut self, t: Target, host_ip: Ipv4Addr, port: u16) {
+        if t.dst_host == host_ip {
+            let key = (host_ip, port);
             if self
                 .announced
                 .get(&key)
-                .is_some_and(|e| e.ip == a.container && e.to_port == Some(a.target_port))
+                .is_some_and(|e| e.names(t.container, t.to_port))
             {
                 self.announced.remove(&key);
-                self.tell_listener(a.target_port, SockNotice::forget(key));
+                self.tell_listener(t.to_port, SockNotice::forget(key));
             }
         } else {
-            self.send_release(
-                PoolKey {
-                    container: a.container,
-                    dst_host: a.dst_host,
-                    to_port: a.target_port,
-                },
-                &[port],
-            );
+            self.send_release(t, &[port]);
         }
     }
 
     /// A socket of the pool `key`, if its claims are known at the destination (the connection
     /// to that host's router is up). The first connect to a listener makes its pool (filled by
     /// `tick`, after the reply); a container keeps pools for a few listeners.
-    fn take_claimed(&mut self, key: PoolKey) -> Option<(OwnedFd, u16)> {
+    fn take_claimed(&mut self, key: Target) -> Option<(OwnedFd, u16)> {
         let now = Instant::now();
         if !self.pools.contains_key(&key) {
-            let mine: Vec<(PoolKey, Instant)> = self
+            let mine: Vec<(Target, Instant)> = self
                 .pools
                 .iter()
                 .filter(|(k, _)| k.container == key.container)
@@ -626,7 +613,7 @@ impl TcpService {
     }
 
     /// Removes pool `key`, telling its host that the ports are given back.
-    fn release_pool(&mut self, key: PoolKey) {
+    fn release_pool(&mut self, key: Target) {
         let Some(pool) = self.pools.remove(&key) else {
             return;
         };
@@ -634,7 +621,7 @@ impl TcpService {
         self.send_release(key, &ports);
     }
 
-    fn send_release(&mut self, key: PoolKey, ports: &[u16]) {
+    fn send_release(&mut self, key: Target, ports: &[u16]) {
         let Some(host_ip) = self.host_ip() else {
             return;
         };
@@ -649,7 +636,7 @@ impl TcpService {
         }
     }
 
-    fn claim_messages(host_ip: Ipv4Addr, key: PoolKey, ports: &[u16], fresh: bool) -> Vec<PeerMsg> {
+    fn claim_messages(host_ip: Ipv4Addr, key: Target, ports: &[u16], fresh: bool) -> Vec<PeerMsg> {
         ports
             .chunks(MAX_CLAIM_PORTS)
             .map(|chunk| PeerMsg::Claim {
@@ -691,7 +678,7 @@ impl TcpService {
                 .iter()
                 .map(|(&(host, _, _), &port)| (host, port))
                 .collect();
-            let gone: Vec<PoolKey> = self
+            let gone: Vec<Target> = self
                 .pools
                 .iter()
                 .filter(|(key, pool)| {
@@ -1465,7 +1452,7 @@ impl TcpService {
                     let known = self
                         .announced
                         .get(&key)
-                        .is_some_and(|a| a.claimed && a.ip == ip && a.to_port == Some(to_port));
+                        .is_some_and(|a| a.claimed && a.names(ip, to_port));
                     // Checked against the registry when a resolve or a notice uses it, as a
                     // connect's announcement.
                     self.announced.insert(
@@ -1494,7 +1481,7 @@ impl TcpService {
                     if self
                         .announced
                         .get(&key)
-                        .is_some_and(|a| a.ip == ip && a.to_port == Some(to_port))
+                        .is_some_and(|a| a.names(ip, to_port))
                     {
                         self.announced.remove(&key);
                         self.tell_listener(to_port, SockNotice::forget(key));

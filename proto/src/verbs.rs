@@ -312,6 +312,13 @@ pub trait Body: Sized {
         Self::LEN
     }
 
+    /// The encoded body on its own.
+    fn to_vec(&self) -> Vec<u8> {
+        let mut b = vec![0u8; Self::LEN];
+        self.write(&mut b);
+        b
+    }
+
     fn decode(body: &[u8]) -> Result<Self, DecodeError> {
         exact(Self::NAME, body, Self::LEN)?;
         Ok(Self::read(body))

@@ -609,14 +609,8 @@ pub unsafe extern "C" fn execve(
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
 ) -> c_int {
-    let Some(ours) = crate::inherit::exported() else {
-        // SAFETY: forwarded unchanged.
-        return unsafe { real::execve(path, argv, envp) };
-    };
-    // SAFETY: envp is execve's NULL-terminated environment.
-    let env = unsafe { crate::inherit::environment_with(envp, &ours) };
-    // SAFETY: env is a NULL-terminated array of strings alive across the call.
-    unsafe { real::execve(path, argv, env.as_ptr()) }
+    // SAFETY: execve's arguments, passed on (the environment with our variable added).
+    unsafe { crate::inherit::with_inherited_fds(envp, |env| real::execve(path, argv, env)) }
 }
 
 /// execv(3).
@@ -642,14 +636,8 @@ pub unsafe extern "C" fn execvpe(
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
 ) -> c_int {
-    let Some(ours) = crate::inherit::exported() else {
-        // SAFETY: forwarded unchanged.
-        return unsafe { real::execvpe(file, argv, envp) };
-    };
-    // SAFETY: envp is the NULL-terminated environment.
-    let env = unsafe { crate::inherit::environment_with(envp, &ours) };
-    // SAFETY: env is a NULL-terminated array of strings alive across the call.
-    unsafe { real::execvpe(file, argv, env.as_ptr()) }
+    // SAFETY: execvpe's arguments, passed on (the environment with our variable added).
+    unsafe { crate::inherit::with_inherited_fds(envp, |env| real::execvpe(file, argv, env)) }
 }
 
 /// execvp(3).
@@ -711,23 +699,11 @@ unsafe fn spawn_passing_sockets(
     argv: *const *mut libc::c_char,
     envp: *const *mut libc::c_char,
 ) -> c_int {
-    let Some(ours) = crate::inherit::exported() else {
-        // SAFETY: forwarded unchanged.
-        return unsafe { real::posix_spawn(search, pid, path, file_actions, attr, argv, envp) };
-    };
-    // SAFETY: envp is the NULL-terminated environment (the same layout with const entries).
-    let env = unsafe { crate::inherit::environment_with(envp.cast(), &ours) };
-    // SAFETY: env is a NULL-terminated array of strings alive across the call; the callee
-    // does not write through it (the C prototype's missing const).
+    // SAFETY: posix_spawn's arguments, passed on (the environment with our variable added;
+    // the C prototype's pointers to mutable strings are not written through).
     unsafe {
-        real::posix_spawn(
-            search,
-            pid,
-            path,
-            file_actions,
-            attr,
-            argv,
-            env.as_ptr().cast(),
-        )
+        crate::inherit::with_inherited_fds(envp.cast(), |env| {
+            real::posix_spawn(search, pid, path, file_actions, attr, argv, env.cast())
+        })
     }
 }

@@ -71,12 +71,30 @@ fn decode(entry: &str) -> Option<(c_int, Accelerated, u64)> {
     ))
 }
 
+/// Calls `exec` (an exec or spawn of the C library) with `envp`, plus the table of the
+/// accelerated fds the new program inherits if there are any (else `envp` unchanged).
+///
+/// # Safety
+/// `envp` is NULL or a NULL-terminated array of NUL-terminated strings.
+pub unsafe fn with_inherited_fds(
+    envp: *const *const c_char,
+    exec: impl FnOnce(*const *const c_char) -> c_int,
+) -> c_int {
+    let Some(ours) = exported() else {
+        return exec(envp);
+    };
+    // SAFETY: the caller's contract.
+    let env = unsafe { environment_with(envp, &ours) };
+    // `env` (and the strings it points to) lives across the call.
+    exec(env.as_ptr())
+}
+
 /// `envp` with our variable replaced by `ours`: the pointers the new environment array holds
 /// (NULL-terminated). The strings stay owned by the caller's `envp` and by `ours`.
 ///
 /// # Safety
 /// `envp` is NULL or a NULL-terminated array of NUL-terminated strings.
-pub unsafe fn environment_with(envp: *const *const c_char, ours: &CString) -> Vec<*const c_char> {
+unsafe fn environment_with(envp: *const *const c_char, ours: &CString) -> Vec<*const c_char> {
     let prefix = format!("{VAR}=");
     let mut env = Vec::new();
     if !envp.is_null() {

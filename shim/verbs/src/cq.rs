@@ -23,7 +23,7 @@
 #![allow(unsafe_code)]
 
 use crate::abi::{IbvCompChannel, IbvContext, IbvCq, IbvWc};
-use crate::error::VerbsError;
+use crate::error::{fail, VerbsError};
 use crate::ffi::{guard, set_errno};
 use crate::registry::{self, lock, QueueEntry, QueueKind};
 use freeflow_proto::region::SharedRegion;
@@ -104,23 +104,10 @@ unsafe fn cq_state<'a>(cq: *mut IbvCq) -> Option<&'a CqState> {
     }
 }
 
-fn fail(verb: &str, e: &VerbsError) -> c_int {
-    registry::debug(format_args!("{verb}: {e}"));
-    let errno = e.errno();
-    set_errno(errno);
-    errno
-}
-
-fn encoded<T: Body>(value: &T) -> Vec<u8> {
-    let mut b = vec![0u8; T::LEN];
-    value.encode(&mut b);
-    b
-}
-
 /// Undoes a router-side creation whose shim side failed (best effort).
 fn destroy_on_router(context: usize, opcode: u16, handle: u32) {
     if let Ok(state) = registry::context(context) {
-        let _ = lock(&state.channel).call(opcode, &encoded(&ObjectHandle { handle }));
+        let _ = lock(&state.channel).call(opcode, &ObjectHandle { handle }.to_vec());
     }
 }
 
@@ -203,9 +190,10 @@ fn destroy_comp_channel(channel: *mut IbvCompChannel) -> Result<(), VerbsError> 
         return Err(VerbsError::Busy("completion channel still has CQs"));
     }
     let ctx = registry::context(entry.context)?;
-    let body = encoded(&ObjectHandle {
+    let body = ObjectHandle {
         handle: entry.handle,
-    });
+    }
+    .to_vec();
     match lock(&ctx.channel).call(op::DESTROY_COMP_CHANNEL, &body) {
         Ok(_) | Err(VerbsError::RouterGone) => {}
         Err(e) => return Err(e),
@@ -272,11 +260,12 @@ fn create_cq(
         }
         Some(st)
     };
-    let body = encoded(&CreateCq {
+    let body = CreateCq {
         cqe: cqe as u32,
         channel: channel_state.map_or(0, |c| c.handle),
         comp_vector: 0,
-    });
+    }
+    .to_vec();
     let (created, fd) = {
         let mut ch = lock(&state.channel);
         let reply = ch.call(op::CREATE_CQ, &body)?;
@@ -371,10 +360,11 @@ fn resize_cq(cq: *mut IbvCq, cqe: c_int) -> Result<(), VerbsError> {
     // Held until the new ring replaces the old one (see the module comment). Every poll
     // releases what it took before unlocking, so the router sees the head as it is.
     let mut ring = lock(&state.ring);
-    let body = encoded(&ResizeCq {
+    let body = ResizeCq {
         cq: entry.handle,
         cqe: cqe as u32,
-    });
+    }
+    .to_vec();
     let (resized, fd) = {
         let mut ch = lock(&ctx.channel);
         let reply = ch.call(op::RESIZE_CQ, &body)?;
@@ -408,9 +398,10 @@ fn destroy_cq(cq: *mut IbvCq) -> Result<(), VerbsError> {
     // SAFETY: the registry holds `cq`: a live CQ of this library.
     let state = unsafe { cq_state(cq) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
     let ctx = registry::context(entry.context)?;
-    let body = encoded(&ObjectHandle {
+    let body = ObjectHandle {
         handle: entry.handle,
-    });
+    }
+    .to_vec();
     match lock(&ctx.channel).call(op::DESTROY_CQ, &body) {
         Ok(_) | Err(VerbsError::RouterGone) => {}
         Err(e) => return Err(e),

@@ -119,6 +119,15 @@ impl From<AttachError> for VerbsError {
     }
 }
 
+/// Reports `e` at the C boundary: errno (also returned, for the verbs that return it), and a
+/// line under `FREEFLOW_DEBUG`.
+pub(crate) fn fail(verb: &str, e: &VerbsError) -> std::ffi::c_int {
+    crate::registry::debug(format_args!("{verb}: {e}"));
+    let errno = e.errno();
+    crate::ffi::set_errno(errno);
+    errno
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@
 
 use crate::abi::*;
 use crate::device::{PKEY_BE, PORT};
-use crate::error::VerbsError;
+use crate::error::{fail, VerbsError};
 use crate::ffi::{copy_out, guard, set_errno};
 use crate::registry::{self, ContextState};
 use crate::sysfs;
@@ -28,14 +28,6 @@ symbol_versions! {
     "IBVERBS_1.9": [ibv_get_device_index],
     "IBVERBS_1.11": [_ibv_query_gid_ex, _ibv_query_gid_table],
     "IBVERBS_PRIVATE_34": [ibv_query_gid_type],
-}
-
-/// Reports `e` at the C boundary: errno, and a line under `FREEFLOW_DEBUG`.
-fn fail(verb: &str, e: &VerbsError) -> c_int {
-    registry::debug(format_args!("{verb}: {e}"));
-    let errno = e.errno();
-    set_errno(errno);
-    errno
 }
 
 /// The state of the context at `context`, or EINVAL for a pointer that is not an open context.

@@ -12,8 +12,8 @@
 #![allow(unsafe_code)]
 
 use crate::abi::{IbvContext, IbvMr, IbvPd};
-use crate::error::VerbsError;
-use crate::ffi::{guard, set_errno};
+use crate::error::{fail, VerbsError};
+use crate::ffi::guard;
 use crate::registry::{self, lock, MrEntry, PdEntry};
 use freeflow_proto::verbs::{
     check_mr_access, limits, op, Body, DeallocPd, DeregMr, MrCreated, PdCreated, RegMr, TestDigest,
@@ -27,19 +27,6 @@ symbol_versions! {
     "IBVERBS_1.1": [ibv_alloc_pd, ibv_dealloc_pd, ibv_reg_mr, ibv_dereg_mr],
     "IBVERBS_1.7": [ibv_reg_mr_iova],
     "IBVERBS_1.8": [ibv_reg_mr_iova2],
-}
-
-fn fail(verb: &str, e: &VerbsError) -> c_int {
-    registry::debug(format_args!("{verb}: {e}"));
-    let errno = e.errno();
-    set_errno(errno);
-    errno
-}
-
-fn encoded<T: Body>(value: &T) -> [u8; 32] {
-    let mut b = [0u8; 32];
-    value.encode(&mut b);
-    b
 }
 
 fn alloc_pd(context: *mut IbvContext) -> Result<*mut IbvPd, VerbsError> {
@@ -75,7 +62,7 @@ pub extern "C" fn ibv_alloc_pd(context: *mut IbvContext) -> *mut IbvPd {
 fn dealloc_pd(pd: *mut IbvPd) -> Result<(), VerbsError> {
     let entry = registry::pd(pd as usize)?;
     let state = registry::context(entry.context)?;
-    let body = encoded(&DeallocPd { pd: entry.handle });
+    let body = DeallocPd { pd: entry.handle }.to_vec();
     match lock(&state.channel).call(op::DEALLOC_PD, &body[..DeallocPd::LEN]) {
         // A router that went away took the PD with it.
         Ok(_) | Err(VerbsError::RouterGone) => {}
@@ -145,13 +132,14 @@ fn reg_mr(
         let (fd, generation) = pages.file()?;
         let mut channel = lock(&state.channel);
         channel.ensure_memory_file(fd.as_fd(), generation)?;
-        let body = encoded(&RegMr {
+        let body = RegMr {
             pd: entry.handle,
             access,
             addr: addr as u64,
             length: length as u64,
             iova,
-        });
+        }
+        .to_vec();
         let reply = channel.call(op::REG_MR, &body[..RegMr::LEN])?;
         MrCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))
     })();
@@ -245,7 +233,7 @@ fn dereg_mr(mr: *mut IbvMr) -> Result<(), VerbsError> {
     let entry = registry::mr(mr as usize)?;
     let state = registry::context(entry.context)?;
     let mut pages_guard = registry::pages();
-    let body = encoded(&DeregMr { mr: entry.handle });
+    let body = DeregMr { mr: entry.handle }.to_vec();
     match lock(&state.channel).call(op::DEREG_MR, &body[..DeregMr::LEN]) {
         // A router that went away took the region with it.
         Ok(_) | Err(VerbsError::RouterGone) => {}
@@ -308,12 +296,13 @@ pub unsafe extern "C" fn freeflow_test_mr_read(
         let result = (|| {
             let entry = registry::pd(pd as usize)?;
             let state = registry::context(entry.context)?;
-            let body = encoded(&TestRead {
+            let body = TestRead {
                 pd: entry.handle,
                 lkey,
                 addr,
                 length,
-            });
+            }
+            .to_vec();
             let reply = lock(&state.channel).call(op::TEST_READ, &body[..TestRead::LEN])?;
             TestDigest::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))
         })();

@@ -20,8 +20,8 @@
 use crate::abi::{
     IbvContext, IbvPd, IbvQp, IbvQpAttr, IbvQpCap, IbvQpInitAttr, IbvRecvWr, IbvSendWr, IbvSge,
 };
-use crate::error::VerbsError;
-use crate::ffi::{copy_out, guard, set_errno};
+use crate::error::{fail, VerbsError};
+use crate::ffi::{copy_out, guard};
 use crate::registry::{self, lock, QueueEntry, QueueKind};
 use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::region::SharedRegion;
@@ -100,19 +100,6 @@ unsafe fn qp_state<'a>(qp: *mut IbvQp) -> Option<&'a QpShared> {
     }
 }
 
-fn fail(verb: &str, e: &VerbsError) -> c_int {
-    registry::debug(format_args!("{verb}: {e}"));
-    let errno = e.errno();
-    set_errno(errno);
-    errno
-}
-
-fn encoded<T: Body>(value: &T) -> Vec<u8> {
-    let mut b = vec![0u8; T::LEN];
-    value.encode(&mut b);
-    b
-}
-
 fn wire_cap(c: &IbvQpCap) -> QpCap {
     QpCap {
         max_send_wr: c.max_send_wr,
@@ -162,7 +149,7 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
         return Err(VerbsError::NotSupported("only RC queue pairs"));
     }
     let state = registry::context(pd_entry.context)?;
-    let body = encoded(&CreateQp {
+    let body = CreateQp {
         pd: pd_entry.handle,
         send_cq: send_cq.handle,
         recv_cq: recv_cq.handle,
@@ -170,7 +157,8 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
         qp_type: a.qp_type,
         sq_sig_all: u32::from(a.sq_sig_all != 0),
         cap: wire_cap(&a.cap),
-    });
+    }
+    .to_vec();
     let (created, fd, bell) = {
         let mut ch = lock(&state.channel);
         let reply = ch.call(op::CREATE_QP, &body)?;
@@ -196,7 +184,7 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
         Err(e) => {
             let _ = lock(&state.channel).call(
                 op::DESTROY_QP,
-                &encoded(&ObjectHandle { handle: created.qp }),
+                &ObjectHandle { handle: created.qp }.to_vec(),
             );
             return Err(e);
         }
@@ -363,11 +351,12 @@ fn modify_qp(qp: *mut IbvQp, attr: *mut IbvQpAttr, attr_mask: c_int) -> Result<(
     // SAFETY: the caller's attributes (checked for NULL).
     let a = unsafe { *attr };
     let ctx = registry::context(entry.context)?;
-    let body = encoded(&ModifyQp {
+    let body = ModifyQp {
         qp: entry.handle,
         attr_mask: attr_mask as u32,
         attr: wire_attr(&a),
-    });
+    }
+    .to_vec();
     let reply = lock(&ctx.channel).call(op::MODIFY_QP, &body)?;
     let new = ObjectHandle::decode(reply.bytes())
         .map_err(|e| VerbsError::Protocol(e.to_string()))?
@@ -401,9 +390,10 @@ fn query_qp(
     let ctx = registry::context(entry.context)?;
     let reply = lock(&ctx.channel).call(
         op::QUERY_QP,
-        &encoded(&ObjectHandle {
+        &ObjectHandle {
             handle: entry.handle,
-        }),
+        }
+        .to_vec(),
     )?;
     let q = QpQueried::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
     let out = c_attr(&q.attr);
@@ -448,9 +438,10 @@ fn destroy_qp(qp: *mut IbvQp) -> Result<(), VerbsError> {
     let ctx = registry::context(entry.context)?;
     match lock(&ctx.channel).call(
         op::DESTROY_QP,
-        &encoded(&ObjectHandle {
+        &ObjectHandle {
             handle: entry.handle,
-        }),
+        }
+        .to_vec(),
     ) {
         Ok(_) | Err(VerbsError::RouterGone) => {}
         Err(e) => return Err(e),

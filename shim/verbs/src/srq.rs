@@ -18,8 +18,8 @@
 #![allow(unsafe_code)]
 
 use crate::abi::{IbvContext, IbvPd, IbvRecvWr, IbvSrq, IbvSrqAttr, IbvSrqInitAttr};
-use crate::error::VerbsError;
-use crate::ffi::{copy_out, guard, set_errno};
+use crate::error::{fail, VerbsError};
+use crate::ffi::{copy_out, guard};
 use crate::qp::{push_receives, report_recv, Queue};
 use crate::registry::{self, lock, QueueEntry, QueueKind};
 use freeflow_proto::doorbell::EventFd;
@@ -72,19 +72,6 @@ unsafe fn srq_state<'a>(srq: *mut IbvSrq) -> Option<&'a SrqShared> {
     }
 }
 
-fn fail(verb: &str, e: &VerbsError) -> c_int {
-    registry::debug(format_args!("{verb}: {e}"));
-    let errno = e.errno();
-    set_errno(errno);
-    errno
-}
-
-fn encoded<T: Body>(value: &T) -> Vec<u8> {
-    let mut b = vec![0u8; T::LEN];
-    value.encode(&mut b);
-    b
-}
-
 fn create_srq(pd: *mut IbvPd, init: *mut IbvSrqInitAttr) -> Result<*mut IbvSrq, VerbsError> {
     let pd_entry = registry::pd(pd as usize)?;
     if init.is_null() {
@@ -93,12 +80,13 @@ fn create_srq(pd: *mut IbvPd, init: *mut IbvSrqInitAttr) -> Result<*mut IbvSrq, 
     // SAFETY: the caller's init attributes (checked for NULL).
     let a = unsafe { *init };
     let state = registry::context(pd_entry.context)?;
-    let body = encoded(&CreateSrq {
+    let body = CreateSrq {
         pd: pd_entry.handle,
         max_wr: a.attr.max_wr,
         max_sge: a.attr.max_sge,
         srq_limit: a.attr.srq_limit,
-    });
+    }
+    .to_vec();
     let (created, fd, bell) = {
         let mut ch = lock(&state.channel);
         let reply = ch.call(op::CREATE_SRQ, &body)?;
@@ -121,9 +109,10 @@ fn create_srq(pd: *mut IbvPd, init: *mut IbvSrqInitAttr) -> Result<*mut IbvSrq, 
         Err(e) => {
             let _ = lock(&state.channel).call(
                 op::DESTROY_SRQ,
-                &encoded(&ObjectHandle {
+                &ObjectHandle {
                     handle: created.srq,
-                }),
+                }
+                .to_vec(),
             );
             return Err(e);
         }
@@ -195,12 +184,13 @@ fn modify_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr, mask: c_int) -> Result<()
     // SAFETY: the caller's attributes (checked for NULL).
     let a = unsafe { *attr };
     let ctx = registry::context(entry.context)?;
-    let body = encoded(&ModifySrq {
+    let body = ModifySrq {
         srq: entry.handle,
         attr_mask: mask as u32,
         max_wr: a.max_wr,
         srq_limit: a.srq_limit,
-    });
+    }
+    .to_vec();
     lock(&ctx.channel).call(op::MODIFY_SRQ, &body)?;
     Ok(())
 }
@@ -222,9 +212,10 @@ fn query_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr) -> Result<(), VerbsError> 
     let ctx = registry::context(entry.context)?;
     let reply = lock(&ctx.channel).call(
         op::QUERY_SRQ,
-        &encoded(&ObjectHandle {
+        &ObjectHandle {
             handle: entry.handle,
-        }),
+        }
+        .to_vec(),
     )?;
     let q = SrqAttr::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
     let out = IbvSrqAttr {
@@ -250,9 +241,10 @@ fn destroy_srq(srq: *mut IbvSrq) -> Result<(), VerbsError> {
     let ctx = registry::context(entry.context)?;
     match lock(&ctx.channel).call(
         op::DESTROY_SRQ,
-        &encoded(&ObjectHandle {
+        &ObjectHandle {
             handle: entry.handle,
-        }),
+        }
+        .to_vec(),
     ) {
         Ok(_) | Err(VerbsError::RouterGone) => {}
         Err(e) => return Err(e),
