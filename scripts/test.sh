@@ -14,9 +14,10 @@ fi
 # shim's preload and TCP-mode tests, iperf3, redis-server and redis-tools (unmodified programs
 # through the shim), ibverbs-utils (ibv_devices, ibv_devinfo, ibv_rc_pingpong through the verbs
 # library), libibverbs-dev (the verbs headers its ABI is checked against), strace (the RDMA
-# fast path is checked to make no system call) and perftest (ib_write_lat, ib_send_bw, ...
-# through the verbs library).
-packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest)
+# fast path is checked to make no system call), perftest (ib_write_lat, ib_send_bw, ...
+# through the verbs library), and gcc with libc6-dev (the tests' C probes and freeflow-bench
+# rdma's measuring program; a Rust toolchain usually brings them, as its linker).
+packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
