@@ -3,12 +3,15 @@
 
 mod attachment;
 mod control;
+mod log;
 mod shard;
 mod sys;
 mod tcp;
 mod uring;
 mod verbs;
 
+use ::log::{error, info, warn};
+use clap::Parser;
 use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::{fdpass, RingGeometry, CONTROL_SOCKET, ROUTER_SOCKET};
 use shard::{Shard, ShardHandle, ShardStats};
@@ -21,14 +24,40 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const USAGE: &str = "usage: freeflow-router [--dir DIR] [--cores LIST] [--spin-us N] [--slots N] [--slot-size N] [--ready-fd FD]
+/// What `--help` adds after the options.
+const ENVIRONMENT: &str = "Environment:
+  FREEFLOW_DIR              the default of --dir
+  FREEFLOW_CONTROL_SPIN_US  how long the control thread polls without sleeping after a request (default 0)
 
-  --dir DIR        runtime directory holding router.sock and router.ctl (default $FREEFLOW_DIR or /freeflow)
-  --cores LIST     cores to run one pinned shard each on, e.g. 1 or 0,1 or 0-3 (default: the last core)
-  --spin-us N      how long an idle shard spins before it parks (default 50)
-  --slots N        slots per ring, a power of two (default 1024)
-  --slot-size N    bytes per slot, a multiple of 64 (default 64)
-  --ready-fd FD    write \"ready\\n\" to this fd once serving, then close it";
+Log lines on stderr: <RFC 3339 UTC time, ms> freeflow-router[<pid>] <ERROR|WARN|INFO> <message>";
+
+/// freeflow-router: the Freeflow dataplane for one host (normally started by `freeflow up`)
+#[derive(Parser, Debug)]
+#[command(name = "freeflow-router", args_override_self = true, after_help = ENVIRONMENT)]
+struct Args {
+    /// runtime directory holding router.sock and router.ctl [default: $FREEFLOW_DIR, else /freeflow]
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// cores to run one pinned shard each on, e.g. 1 or 0,1 or 0-3 [default: the last core]
+    #[arg(long, value_name = "LIST", value_parser = parse_core_list)]
+    cores: Option<CoreList>,
+    /// how long an idle shard spins before it parks, in microseconds
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    spin_us: u64,
+    /// slots per ring, a power of two
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    slots: u32,
+    /// bytes per slot, a multiple of 64
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    slot_size: u32,
+    /// write "ready\n" to this fd once serving, then close it
+    #[arg(long, value_name = "FD")]
+    ready_fd: Option<i32>,
+}
+
+/// A parsed `--cores` list (a newtype, so that clap takes it as one value).
+#[derive(Clone, Debug)]
+struct CoreList(Vec<usize>);
 
 struct Config {
     dir: PathBuf,
@@ -36,6 +65,10 @@ struct Config {
     spin: Duration,
     geometry: RingGeometry,
     ready_fd: Option<i32>,
+}
+
+fn parse_core_list(s: &str) -> Result<CoreList, String> {
+    parse_cores(s).map(CoreList)
 }
 
 fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
@@ -64,63 +97,35 @@ fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
     Ok(cores)
 }
 
-fn parse_args() -> Result<Config, String> {
-    let mut args = std::env::args().skip(1);
+/// The configuration the arguments describe, with the defaults that depend on this host
+/// filled in; errors for a geometry or cores this router cannot use.
+fn configure(args: Args) -> Result<Config, String> {
     let available: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
         .iter()
         .map(|c| c.id)
         .collect();
-    let mut config = Config {
-        dir: freeflow_proto::runtime_dir(),
-        cores: vec![available.last().copied().unwrap_or(0)],
-        spin: Duration::from_micros(50),
-        geometry: RingGeometry {
-            slot_size: 64,
-            slot_count: 1024,
-        },
-        ready_fd: None,
-    };
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
-        match arg.as_str() {
-            "--dir" => config.dir = PathBuf::from(value("--dir")?),
-            "--cores" => config.cores = parse_cores(&value("--cores")?)?,
-            "--spin-us" => {
-                config.spin = Duration::from_micros(
-                    value("--spin-us")?
-                        .parse()
-                        .map_err(|e| format!("--spin-us: {e}"))?,
-                )
-            }
-            "--slots" => {
-                config.geometry.slot_count = value("--slots")?
-                    .parse()
-                    .map_err(|e| format!("--slots: {e}"))?
-            }
-            "--slot-size" => {
-                config.geometry.slot_size = value("--slot-size")?
-                    .parse()
-                    .map_err(|e| format!("--slot-size: {e}"))?
-            }
-            "--ready-fd" => {
-                config.ready_fd = Some(
-                    value("--ready-fd")?
-                        .parse()
-                        .map_err(|e| format!("--ready-fd: {e}"))?,
-                )
-            }
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
-        }
+    let geometry = RingGeometry {
+        slot_size: args.slot_size,
+        slot_count: args.slots,
     }
-    config.geometry = config.geometry.validate()?;
-    if let Some(bad) = config.cores.iter().find(|c| !available.contains(c)) {
+    .validate()?;
+    let cores = match args.cores {
+        Some(CoreList(cores)) => cores,
+        None => vec![available.last().copied().unwrap_or(0)],
+    };
+    if let Some(bad) = cores.iter().find(|c| !available.contains(c)) {
         return Err(format!(
             "core {bad} is not available to this process (available: {available:?})"
         ));
     }
-    Ok(config)
+    Ok(Config {
+        dir: args.dir.unwrap_or_else(freeflow_proto::runtime_dir),
+        cores,
+        spin: Duration::from_micros(args.spin_us),
+        geometry,
+        ready_fd: args.ready_fd,
+    })
 }
 
 fn run(config: Config) -> Result<(), String> {
@@ -170,7 +175,7 @@ fn run(config: Config) -> Result<(), String> {
             .name(format!("ff-shard-{index}"))
             .spawn(move || {
                 if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-                    eprintln!("freeflow-router: shard {index}: could not pin to core {core}");
+                    warn!("shard {index}: could not pin to core {core}");
                 }
                 shard.run();
             })
@@ -188,8 +193,8 @@ fn run(config: Config) -> Result<(), String> {
         config.geometry,
         control_spin(),
     );
-    eprintln!(
-        "freeflow-router: pid {} serving {} with {} shard(s) on cores {:?}",
+    info!(
+        "pid {} serving {} with {} shard(s) on cores {:?}",
         std::process::id(),
         config.dir.display(),
         config.cores.len(),
@@ -210,22 +215,35 @@ fn run(config: Config) -> Result<(), String> {
     }
     let _ = std::fs::remove_file(&attach_path);
     let _ = std::fs::remove_file(&control_path);
-    eprintln!("freeflow-router: stopped");
+    info!("stopped");
     result
 }
 
 fn main() -> ExitCode {
-    let config = match parse_args() {
+    log::init();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.render().to_string();
+            error!(
+                "{}",
+                text.strip_prefix("error: ").unwrap_or(&text).trim_end()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let config = match configure(args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("freeflow-router: {e}");
+            error!("{e}");
             return ExitCode::from(2);
         }
     };
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("freeflow-router: {e}");
+            error!("{e}");
             ExitCode::FAILURE
         }
     }
@@ -245,7 +263,36 @@ fn control_spin() -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_cores;
+    use super::{parse_cores, Args, CoreList};
+    use clap::{CommandFactory, Parser};
+    use std::path::Path;
+
+    #[test]
+    fn argument_definitions_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn the_daemons_arguments_parse_and_a_repeated_flag_takes_the_last_value() {
+        let args = Args::try_parse_from([
+            "freeflow-router",
+            "--dir",
+            "/tmp/a",
+            "--ready-fd",
+            "7",
+            "--cores",
+            "0-1",
+            "--dir",
+            "/tmp/b",
+        ])
+        .unwrap();
+        assert_eq!(args.dir.as_deref(), Some(Path::new("/tmp/b")));
+        assert_eq!(args.ready_fd, Some(7));
+        assert!(matches!(args.cores, Some(CoreList(c)) if c == [0, 1]));
+        assert_eq!((args.spin_us, args.slots, args.slot_size), (50, 1024, 64));
+        assert!(Args::try_parse_from(["freeflow-router", "--cores", "3-1"]).is_err());
+        assert!(Args::try_parse_from(["freeflow-router", "--bogus"]).is_err());
+    }
 
     #[test]
     fn core_lists() {

@@ -49,7 +49,7 @@ impl ShardHandle {
     pub fn send(&self, command: ShardCommand) -> Result<(), ShardCommand> {
         self.inbox.push(command)?;
         if let Err(e) = self.bell.ring() {
-            eprintln!("freeflow-router: shard {} doorbell: {e}", self.index);
+            log::warn!("shard {} doorbell: {e}", self.index);
         }
         Ok(())
     }
@@ -126,10 +126,7 @@ impl Shard {
                 work += self.reap();
             }
             if let Err(e) = self.uring.submit_queued() {
-                eprintln!(
-                    "freeflow-router: shard {}: io_uring submit: {e}",
-                    self.index
-                );
+                log::warn!("shard {}: io_uring submit: {e}", self.index);
             }
             if work > 0 {
                 spins = 0;
@@ -189,9 +186,10 @@ impl Shard {
             (libc::POLLIN | libc::POLLRDHUP) as u32,
             conn_tag(index, generation),
         ) {
-            eprintln!(
-                "freeflow-router: shard {}: cannot watch attachment {}: {e}",
-                self.index, attachment.id
+            log::warn!(
+                "shard {}: cannot watch attachment {}: {e}",
+                self.index,
+                attachment.id
             );
             self.forget(attachment.id);
             return;
@@ -255,10 +253,7 @@ impl Shard {
                     libc::POLLIN as u32,
                     BELL_TAG,
                 ) {
-                    eprintln!(
-                        "freeflow-router: shard {}: re-arming doorbell: {e}",
-                        self.index
-                    );
+                    log::warn!("shard {}: re-arming doorbell: {e}", self.index);
                 }
                 continue;
             }
@@ -330,8 +325,8 @@ impl Shard {
             ),
             _ => String::new(),
         };
-        eprintln!(
-            "freeflow-router: shard {}: detached {} ({} shim of container {}, pid {}): {why}{held}",
+        log::info!(
+            "shard {}: detached {} ({} shim of container {}, pid {}): {why}{held}",
             self.index,
             a.id,
             a.kind.name(),
@@ -386,7 +381,7 @@ impl Shard {
                 None => self.uring.submit_and_wait(),
             };
             if let Err(e) = waited {
-                eprintln!("freeflow-router: shard {}: io_uring wait: {e}", self.index);
+                log::warn!("shard {}: io_uring wait: {e}", self.index);
                 std::thread::sleep(Duration::from_millis(1));
             }
             self.stats.wakeups.fetch_add(1, Ordering::Relaxed);

@@ -409,7 +409,7 @@ fn close_elsewhere(fd: OwnedFd) {
             .name("ff-closer".into())
             .spawn(move || rx.into_iter().for_each(drop));
         if let Err(e) = spawned {
-            eprintln!("freeflow-router: cannot start the closer thread: {e}");
+            log::warn!("cannot start the closer thread: {e}");
         }
         Mutex::new(tx)
     });

@@ -10,6 +10,7 @@ use freeflow_proto::fdpass;
 use freeflow_proto::sockmsg::{
     FromRouter, NoticeMeaning, SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN,
 };
+use ipnet::Ipv4Net;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -17,30 +18,19 @@ use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The overlay prefix: `VNET_PREFIX`, as a network address and mask.
+/// The overlay prefix: `VNET_PREFIX`, an IPv4 CIDR prefix such as `10.32.0.0/12` (host bits
+/// may be set; they are ignored).
 #[derive(Debug, Clone, Copy)]
-pub struct Prefix {
-    net: u32,
-    mask: u32,
-}
+pub struct Prefix(Ipv4Net);
 
 impl Prefix {
+    /// `None` unless `s` (surrounding white space aside) is `a.b.c.d/len` with `len` at most 32.
     pub fn parse(s: &str) -> Option<Prefix> {
-        let (ip, len) = s.trim().split_once('/')?;
-        let ip: Ipv4Addr = ip.parse().ok()?;
-        let len: u32 = len.parse().ok()?;
-        if len > 32 {
-            return None;
-        }
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-        Some(Prefix {
-            net: u32::from(ip) & mask,
-            mask,
-        })
+        s.trim().parse().ok().map(Prefix)
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask == self.net
+        self.0.contains(&ip)
     }
 }
 
