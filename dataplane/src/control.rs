@@ -657,10 +657,10 @@ impl ControlThread {
             attaches_accepted: self.accepted,
             attaches_refused: self.refused,
             tcp_listeners: self.tcp.listeners(),
-            tcp_connects: self.tcp.connects,
-            tcp_fallbacks: self.tcp.fallbacks,
-            tcp_relayed: self.tcp.relayed,
-            tcp_claimed: self.tcp.claimed,
+            tcp_connects: self.tcp.counters.connects,
+            tcp_fallbacks: self.tcp.counters.fallbacks,
+            tcp_relayed: self.tcp.counters.relayed,
+            tcp_claimed: self.tcp.counters.claimed,
         }
     }
 }
