@@ -251,7 +251,24 @@ impl ControlThread {
         );
     }
 
+    /// Runs the attach handshake on a connection whose hello is (or may be) waiting: checks
+    /// the hello and who sent it, then hands the shim to this thread (socket shims) or a shard.
     fn handshake(&mut self, conn: OwnedFd) {
+        let Some((conn, kind)) = self.receive_hello(conn) else {
+            return;
+        };
+        let Some((container, pid)) = self.identify(&conn) else {
+            return;
+        };
+        if kind == ShimKind::Socket {
+            return self.adopt_socket_shim(conn, container, pid);
+        }
+        self.attach_to_shard(conn, container, pid, kind);
+    }
+
+    /// Reads and checks the hello. `None` when the connection is done with (refused, gone) or
+    /// back among the pending ones (its hello has not come yet).
+    fn receive_hello(&mut self, conn: OwnedFd) -> Option<(OwnedFd, ShimKind)> {
         let mut buf = [0u8; HELLO_LEN + 1];
         let got = match fdpass::recv_with_fds(conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
             Ok(got) => got,
@@ -260,50 +277,56 @@ impl ControlThread {
                     conn,
                     deadline: Instant::now() + HELLO_DEADLINE,
                 });
-                return;
+                return None;
             }
-            Err(_) => return,
+            Err(_) => return None,
         };
         if got.len == 0 && got.fds.is_empty() {
-            return; // the peer left mid-handshake
+            return None; // the peer left mid-handshake
         }
         if !got.fds.is_empty() || got.truncated {
-            return self.refuse(
+            self.refuse(
                 &conn,
                 Refusal::Malformed,
                 "hello must be 16 bytes and carry no fds".into(),
             );
+            return None;
         }
-        let kind = match Hello::decode(&buf[..got.len]) {
-            Ok((_, kind)) => kind,
+        match Hello::decode(&buf[..got.len]) {
+            Ok((_, kind)) => Some((conn, kind)),
             Err(e @ HelloError::Version { .. }) => {
-                return self.refuse(&conn, Refusal::VersionMismatch, e.to_string())
+                self.refuse(&conn, Refusal::VersionMismatch, e.to_string());
+                None
             }
-            Err(e) => return self.refuse(&conn, Refusal::Malformed, e.to_string()),
-        };
+            Err(e) => {
+                self.refuse(&conn, Refusal::Malformed, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// The registered container the caller runs in (by its network namespace), and its pid;
+    /// `None` (refused) for anyone else.
+    fn identify(&mut self, conn: &OwnedFd) -> Option<(ContainerEntry, i32)> {
         let pid = match fdpass::peer_credentials(conn.as_fd()) {
             Ok(cred) => cred.pid,
             Err(e) => {
-                return self.refuse(
-                    &conn,
-                    Refusal::Internal,
-                    format!("cannot identify the caller: {e}"),
-                )
+                let message = format!("cannot identify the caller: {e}");
+                self.refuse(conn, Refusal::Internal, message);
+                return None;
             }
         };
         let netns = match NetnsId::of_pid(pid) {
             Ok(ns) => ns,
             Err(e) => {
-                return self.refuse(
-                    &conn,
-                    Refusal::Internal,
-                    format!("cannot read the network namespace of pid {pid}: {e}"),
-                )
+                let message = format!("cannot read the network namespace of pid {pid}: {e}");
+                self.refuse(conn, Refusal::Internal, message);
+                return None;
             }
         };
         let Some(container) = self.table.get(&netns).cloned() else {
-            return self.refuse(
-                &conn,
+            self.refuse(
+                conn,
                 Refusal::NotRegistered,
                 format!(
                     "pid {pid} is in network namespace net:[{}], which no registered container uses; \
@@ -311,10 +334,20 @@ impl ControlThread {
                     netns.ino
                 ),
             );
+            return None;
         };
-        if kind == ShimKind::Socket {
-            return self.adopt_socket_shim(conn, container, pid);
-        }
+        Some((container, pid))
+    }
+
+    /// Creates the attachment's region, welcomes the shim with it and hands the attachment to
+    /// a shard.
+    fn attach_to_shard(
+        &mut self,
+        conn: OwnedFd,
+        container: ContainerEntry,
+        pid: i32,
+        kind: ShimKind,
+    ) {
         // Verbs attachments all go to the first shard: its engine holds both ends of every
         // same-host RDMA connection (see crate::verbs::Engine). Others go to the least loaded.
         let least_loaded = self
@@ -360,6 +393,19 @@ impl ControlThread {
         }
         drop(memfd);
         self.record_attached(id, &container, pid, Some(shard_index), kind.name());
+        self.adopt_on_shard(shard_index, attachment, &container, pid, kind);
+    }
+
+    /// Hands a welcomed attachment to shard `shard_index`.
+    fn adopt_on_shard(
+        &mut self,
+        shard_index: usize,
+        attachment: Attachment,
+        container: &ContainerEntry,
+        pid: i32,
+        kind: ShimKind,
+    ) {
+        let id = attachment.id;
         if self.shards[shard_index]
             .send(ShardCommand::Adopt(Box::new(attachment)))
             .is_err()
@@ -657,10 +703,10 @@ impl ControlThread {
             attaches_accepted: self.accepted,
             attaches_refused: self.refused,
             tcp_listeners: self.tcp.listeners(),
-            tcp_connects: self.tcp.connects,
-            tcp_fallbacks: self.tcp.fallbacks,
-            tcp_relayed: self.tcp.relayed,
-            tcp_claimed: self.tcp.claimed,
+            tcp_connects: self.tcp.counters.connects,
+            tcp_fallbacks: self.tcp.counters.fallbacks,
+            tcp_relayed: self.tcp.counters.relayed,
+            tcp_claimed: self.tcp.counters.claimed,
         }
     }
 }

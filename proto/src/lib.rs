@@ -21,6 +21,7 @@ pub mod fdpass;
 #[cfg(not(loom))]
 pub mod identity;
 pub mod msg;
+pub mod peer;
 #[cfg(not(loom))]
 pub mod region;
 pub mod sockmsg;

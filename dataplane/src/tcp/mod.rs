@@ -1,0 +1,213 @@
+//! TCP mode in the router: the setup half. A container's `libfsocket.so` asks, over its attach
+//! connection, to connect to or listen on an overlay address; the router answers with a
+//! host-network socket that the shim puts under the application's fd. After that the bytes flow
+//! on the host network and never touch the router.
+//!
+//! - listen ([`listen`]): a host socket listening on an ephemeral port of this host's address.
+//!   The router keeps a duplicate so the port cannot be reused by someone else while the
+//!   listener is registered, and tells every peer router "overlay ip:port is at host:port".
+//! - connect ([`connect`]): only to registered overlay addresses of the caller's tenant that
+//!   have an accelerated listener; the router binds a host socket ([`ports`]), tells the
+//!   destination's router which overlay address this host port stands for, starts a
+//!   non-blocking connect and hands the connecting socket over, so EINPROGRESS, SO_ERROR and
+//!   ECONNREFUSED are the kernel's own. Connects to another host's listener take sockets whose
+//!   ports were announced ahead ([`claims`]). Anything else gets "fall back": the shim connects
+//!   over the overlay as without Freeflow.
+//! - resolve ([`resolve`]): an accepted connection's host peer address back to the overlay
+//!   address the client's router announced; unknown peers (someone on the host network who was
+//!   never announced) are refused, so a listener sees only connections made through Freeflow.
+//!   Clients that reach the overlay listener without Freeflow are relayed ([`relay`]).
+//!
+//! Router-to-router messages ([`freeflow_proto::peer`], JSON lines on TCP to each host's peer
+//! port, [`peers`]) carry listener tables and connection announcements. Peers are accepted only
+//! from registered host addresses.
+//!
+//! Addresses are [`OverlayEndpoint`]s or [`HostEndpoint`](endpoint::HostEndpoint)s, never one
+//! for the other ([`endpoint`]); what the daemon says of the cluster is in [`registry`], and the
+//! descriptors a container passes are checked in [`passed`].
+
+mod claims;
+mod connect;
+mod endpoint;
+mod listen;
+mod passed;
+mod peers;
+mod ports;
+mod registry;
+mod relay;
+mod resolve;
+#[cfg(test)]
+mod tests;
+
+use crate::sys::Untrusted;
+use claims::Claims;
+use endpoint::OverlayEndpoint;
+use freeflow_proto::control::{ContainerEntry, NetworkView};
+use freeflow_proto::sockmsg::{SockNotice, SockOp, SockReply, SockRequest, SockStatus, FLAG_INET6};
+use listen::Listeners;
+use peers::Peers;
+use ports::HostPorts;
+use registry::Registry;
+use relay::Relays;
+use resolve::Announcements;
+use std::io;
+use std::os::fd::{OwnedFd, RawFd};
+use std::time::Instant;
+
+/// The caller of a request, as the attach check established it.
+pub struct Caller<'a> {
+    pub attachment: u32,
+    pub container: &'a ContainerEntry,
+}
+
+/// Replies that became ready outside a request (resolves whose announcement arrived or timed out).
+pub type Deferred = Vec<(u32, SockReply)>;
+
+/// A reply, and the socket to pass with it.
+type Reply = (SockReply, Option<OwnedFd>);
+
+/// What the service did, for `status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Connects accelerated (a host socket handed over).
+    pub connects: u64,
+    /// Requests answered "fall back" (the shim uses the overlay).
+    pub fallbacks: u64,
+    /// Clients without Freeflow handed to an application's accept.
+    pub relayed: u64,
+    /// Connects from a claimed socket.
+    pub claimed: u64,
+}
+
+#[derive(Default)]
+pub struct TcpService {
+    registry: Registry,
+    listeners: Listeners,
+    announcements: Announcements,
+    relays: Relays,
+    claims: Claims,
+    ports: HostPorts,
+    peers: Peers,
+    /// Notices for the listeners' processes, for the control loop to send.
+    pub notices: Vec<(u32, SockNotice)>,
+    pub counters: Counters,
+}
+
+impl TcpService {
+    /// Takes a new view of the cluster: overlay addresses, this host, peer hosts.
+    pub fn set_network(&mut self, network: NetworkView) {
+        let host_changed = self.registry.changes_host(&network);
+        if host_changed {
+            self.ports.clear_spares();
+            self.claims.clear();
+        }
+        self.peers.set_hosts(&network, host_changed);
+        let outgoing = &self.peers.outgoing;
+        self.listeners
+            .retain_remote(|host| outgoing.contains_key(&host));
+        self.registry.set(network);
+    }
+
+    /// Serves one request. Returns the reply and the socket to pass with it, or `None` when the
+    /// reply is deferred (a resolve waiting for its announcement).
+    /// `passed` are the descriptors that came with the request (a Listen carries at most one, a
+    /// Relisten two; the control thread refuses others).
+    pub fn handle(
+        &mut self,
+        caller: Caller<'_>,
+        req: SockRequest,
+        passed: Vec<Untrusted>,
+    ) -> Option<(SockReply, Option<OwnedFd>)> {
+        let Some(host_ip) = self.registry.host_ip() else {
+            // A router without a network view (run alone) accelerates nothing.
+            return Some((SockReply::fallback(req.seq), None));
+        };
+        let v6 = req.flags & FLAG_INET6 != 0;
+        match req.op {
+            SockOp::Connect => Some(self.connect(caller, req, host_ip, v6)),
+            SockOp::Listen => {
+                Some(self.listen(caller, req, host_ip, v6, passed.into_iter().next()))
+            }
+            SockOp::Relisten => Some(self.relisten(caller, req, host_ip, passed)),
+            SockOp::Unlisten => Some(self.unlisten(caller, req)),
+            SockOp::Own => Some(self.own(caller, req)),
+            SockOp::Resolve => self.resolve(caller, req),
+        }
+    }
+
+    /// Forgets everything an attachment registered (its process went away).
+    /// Listeners it held alone stay for the orphan grace, for a forked child to claim.
+    pub fn detach(&mut self, attachment: u32) {
+        self.listeners.detach(attachment, Instant::now());
+        self.announcements.drop_pending_of(attachment);
+    }
+
+    /// Descriptors the control loop must poll for the peer channel.
+    pub fn poll_fds(&self) -> Vec<(RawFd, i16)> {
+        self.peer_poll_fds()
+    }
+
+    /// Milliseconds until the service needs a tick (pending resolves, peer retries), if ever.
+    pub fn next_timeout_ms(&self, now: Instant) -> Option<i32> {
+        let resolve = self
+            .announcements
+            .next_deadline()
+            .into_iter()
+            .chain(self.listeners.next_orphan_deadline())
+            .min();
+        let retry = self.next_peer_deadline();
+        let relay = self.relays.next_deadline();
+        [resolve, retry, relay]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| t.saturating_duration_since(now).as_millis() as i32 + 1)
+    }
+
+    /// Handles readiness on `fd` (one of `poll_fds`), answering resolves that can now be
+    /// answered.
+    pub fn on_ready(&mut self, fd: RawFd, revents: i16, deferred: &mut Deferred) {
+        if !self.on_peer_ready(fd, revents, deferred) {
+            self.relay_from(fd);
+        }
+    }
+
+    /// Periodic work: expire resolves and old announcements, reconnect lost peers, make spare
+    /// sockets.
+    pub fn tick(&mut self, deferred: &mut Deferred) {
+        let now = Instant::now();
+        if let Some(host_ip) = self.registry.host_ip() {
+            self.ports.refill_spares(host_ip);
+            self.refill_pools(host_ip, now);
+        }
+        self.answer_pending(deferred, now);
+        self.announcements.expire(now);
+        let local = &self.listeners.local;
+        self.relays
+            .expire(now, |listener| local.contains_key(&listener));
+        if self.listeners.expire_orphans(now) {
+            self.broadcast_listeners();
+        }
+        self.reconnect_peers(now);
+    }
+
+    pub fn listeners(&self) -> usize {
+        self.listeners.local.len()
+    }
+}
+
+/// A success reply naming overlay address `addr`.
+fn ok(seq: u32, addr: OverlayEndpoint) -> SockReply {
+    SockReply {
+        status: SockStatus::Ok,
+        seq,
+        errno: 0,
+        ip: addr.ip(),
+        port: addr.port(),
+    }
+}
+
+/// The error reply for `e` (EIO if it carries no errno).
+fn errno_reply(seq: u32, e: &io::Error) -> SockReply {
+    SockReply::error(seq, e.raw_os_error().unwrap_or(libc::EIO))
+}

@@ -1,0 +1,270 @@
+//! Unit tests of the TCP service: the peer channel never waits, claims are believed only as
+//! far as the registry goes.
+
+use super::claims::MAX_CLAIM_PORTS;
+use super::endpoint::{HostEndpoint, OverlayEndpoint};
+use super::listen::LocalListener;
+use super::peers::MAX_PEER_QUEUE;
+use super::*;
+use crate::sys::{self, Untrusted};
+use freeflow_proto::control::{NetworkView, PeerHost};
+use freeflow_proto::peer::PeerMsg;
+use freeflow_proto::sockmsg::SockNotice;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+/// A listener on loopback whose accept queue is full (listen backlog 0, nobody accepts):
+/// the kernel drops further SYNs, so a connect to it hangs, like one to a host that is down.
+fn black_hole() -> (Vec<TcpStream>, OwnedFd, u16) {
+    let socket = sys::tcp_socket(false).unwrap();
+    sys::bind(&socket, Ipv4Addr::LOCALHOST, 0, false).unwrap();
+    sys::listen(&socket, 0).unwrap();
+    let port = sys::local_port(&socket).unwrap();
+    let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+    // Fill the queue; each bounded.
+    let fill = (0..4)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok())
+        .collect();
+    (fill, socket, port)
+}
+
+/// A blocking connect would return only after the peer answered or the timeout passed;
+/// here the connect is left under way, for the control loop to watch.
+#[test]
+fn an_unreachable_peer_does_not_stall_the_control_thread() {
+    let (_fill, _hole, port) = black_hole();
+    let mut tcp = TcpService::default();
+    tcp.set_network(NetworkView {
+        host_ip: Ipv4Addr::LOCALHOST,
+        peer_port: 0,
+        hosts: vec![PeerHost {
+            host_ip: Ipv4Addr::LOCALHOST,
+            peer_port: port,
+        }],
+        overlay: Vec::new(),
+    });
+    let mut deferred = Deferred::new();
+    tcp.tick(&mut deferred);
+    tcp.broadcast_listeners();
+    let peer = tcp.peers.outgoing.values().next().unwrap();
+    assert!(
+        peer.stream.is_none(),
+        "not connected: the peer never answers"
+    );
+    let (connecting, _) = peer.connecting.as_ref().expect("a connect under way");
+    assert!(!peer.queue.is_empty(), "our table waits to be sent");
+    assert!(tcp
+        .poll_fds()
+        .contains(&(connecting.as_raw_fd(), libc::POLLOUT)));
+    assert!(tcp.next_timeout_ms(Instant::now()).is_some());
+}
+
+/// A peer router that accepts our connection but never reads: our writes never wait for
+/// it; what it does not take is queued, up to a bound, and then the connection is dropped
+/// (to be made anew, starting with our table).
+#[test]
+fn a_peer_that_does_not_read_never_blocks_our_writes() {
+    let peer_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = peer_listener.local_addr().unwrap().port();
+    let mut tcp = TcpService::default();
+    tcp.set_network(NetworkView {
+        host_ip: Ipv4Addr::LOCALHOST,
+        peer_port: 0,
+        hosts: vec![PeerHost {
+            host_ip: Ipv4Addr::LOCALHOST,
+            peer_port: port,
+        }],
+        overlay: Vec::new(),
+    });
+    let mut deferred = Deferred::new();
+    tcp.tick(&mut deferred);
+    let connecting = {
+        let peer = tcp.peers.outgoing.get(&Ipv4Addr::LOCALHOST).unwrap();
+        peer.connecting
+            .as_ref()
+            .expect("connect under way")
+            .0
+            .as_raw_fd()
+    };
+    // Loopback connects at once; the kernel accepts into the backlog (nobody calls accept).
+    tcp.on_ready(connecting, libc::POLLOUT, &mut deferred);
+    let peer = tcp.peers.outgoing.get_mut(&Ipv4Addr::LOCALHOST).unwrap();
+    assert!(peer.stream.is_some(), "connected");
+    let chunk = vec![b'x'; 256 * 1024];
+    let mut queued_at_most = 0;
+    for _ in 0..400 {
+        peer.write_bytes(Ipv4Addr::LOCALHOST, &chunk);
+        if peer.stream.is_none() {
+            break;
+        }
+        queued_at_most = queued_at_most.max(peer.queue.len());
+    }
+    assert!(
+        peer.stream.is_none(),
+        "dropped once the queue passed its bound"
+    );
+    assert!(queued_at_most > 0 && queued_at_most <= MAX_PEER_QUEUE);
+    assert!(peer.queue.is_empty());
+    drop(peer_listener);
+}
+
+/// Claims come from peer routers; each is believed only as far as the registry goes (as a
+/// connect's announcement), and told only to the processes holding the listener it names.
+#[test]
+fn claims_are_announcements_made_ahead_for_one_listener() {
+    let host_a = Ipv4Addr::new(192, 0, 2, 1);
+    let host_c = Ipv4Addr::new(192, 0, 2, 3);
+    let here = Ipv4Addr::LOCALHOST;
+    let client = Ipv4Addr::new(10, 32, 0, 2);
+    let server = Ipv4Addr::new(10, 32, 0, 4);
+    let other = Ipv4Addr::new(10, 32, 0, 5);
+    let stranger = Ipv4Addr::new(10, 32, 0, 9);
+    let entry = |ip, tenant: &str, host_ip| freeflow_proto::control::OverlayEntry {
+        ip,
+        tenant: tenant.into(),
+        host_ip,
+    };
+    let mut tcp = TcpService::default();
+    tcp.set_network(NetworkView {
+        host_ip: here,
+        peer_port: 0,
+        hosts: Vec::new(),
+        overlay: vec![
+            entry(client, "blue", host_a),
+            entry(server, "blue", here),
+            entry(other, "blue", here),
+            entry(stranger, "red", here),
+        ],
+    });
+    // Listeners on host ports 5001 (server, process 1), 5002 (other, 2), 5003 (stranger, 3).
+    for (ip, owner) in [(server, 1u32), (other, 2), (stranger, 3)] {
+        let socket = sys::tcp_socket(false).unwrap();
+        tcp.listeners.local.insert(
+            OverlayEndpoint::new(ip, 80),
+            LocalListener {
+                owners: vec![owner],
+                orphaned_at: None,
+                host_port: 5000 + owner as u16,
+                reuseport: false,
+                socket: Untrusted::new(socket),
+                overlay: None,
+            },
+        );
+    }
+    let claim = |host, ip, to_port, ports: &[u16], fresh| PeerMsg::Claim {
+        host,
+        ip,
+        to_port,
+        ports: ports.to_vec(),
+        fresh,
+    };
+    tcp.apply(host_a, claim(host_a, client, 5001, &[40001, 40002], true));
+    let told: Vec<(u32, SockNotice)> = std::mem::take(&mut tcp.notices);
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert!(told.iter().all(|(owner, n)| *owner == 1
+        && n.ip == client
+        && n.host_ip == host_a
+        && n.port == n.host_port));
+    assert_eq!(
+        tcp.lookup_announcement(HostEndpoint::new(host_a, 40001), server),
+        Some(OverlayEndpoint::new(client, 40001))
+    );
+    // Only the listener it names: not another of the tenant, not another tenant's.
+    assert_eq!(
+        tcp.lookup_announcement(HostEndpoint::new(host_a, 40001), other),
+        None
+    );
+    assert_eq!(
+        tcp.lookup_announcement(HostEndpoint::new(host_a, 40001), stranger),
+        None
+    );
+    // Said again (a refresh): nothing new to tell; newly bound again: told again.
+    tcp.apply(host_a, claim(host_a, client, 5001, &[40001], false));
+    assert!(tcp.notices.is_empty());
+    tcp.apply(host_a, claim(host_a, client, 5001, &[40001], true));
+    assert_eq!(tcp.notices.len(), 1);
+    tcp.notices.clear();
+    // A router speaks only for its own host, and for containers the registry puts there.
+    tcp.apply(host_c, claim(host_a, client, 5001, &[40003], true));
+    assert_eq!(
+        tcp.lookup_announcement(HostEndpoint::new(host_a, 40003), server),
+        None
+    );
+    tcp.apply(host_a, claim(host_a, server, 5001, &[40004], true));
+    assert_eq!(
+        tcp.lookup_announcement(HostEndpoint::new(host_a, 40004), server),
+        None
+    );
+    assert!(tcp.notices.is_empty(), "{:?}", tcp.notices);
+    let many: Vec<u16> = (41000..41000 + MAX_CLAIM_PORTS as u16 + 1).collect();
+    tcp.apply(host_a, claim(host_a, client, 5001, &many, true));
+    assert_eq!(
+        tcp.lookup_announcement(HostEndpoint::new(host_a, 41000), server),
+        None
+    );
+    // Given back: forgotten here and by the processes told.
+    tcp.apply(
+        host_a,
+        PeerMsg::Release {
+            host: host_a,
+            ip: client,
+            to_port: 5001,
+            ports: vec![40002],
+        },
+    );
+    assert_eq!(
+        tcp.lookup_announcement(HostEndpoint::new(host_a, 40002), server),
+        None
+    );
+    assert_eq!(
+        std::mem::take(&mut tcp.notices),
+        vec![(1, SockNotice::forget((host_a, 40002)))]
+    );
+    // A connect's announcement is taken back the same way when the connect failed.
+    tcp.apply(
+        host_a,
+        PeerMsg::Conn {
+            host: host_a,
+            host_port: 40010,
+            ip: client,
+            port: 40010,
+            to_port: Some(5001),
+        },
+    );
+    assert_eq!(
+        tcp.lookup_announcement(HostEndpoint::new(host_a, 40010), server),
+        Some(OverlayEndpoint::new(client, 40010))
+    );
+    tcp.notices.clear();
+    tcp.apply(
+        host_a,
+        PeerMsg::Release {
+            host: host_a,
+            ip: client,
+            to_port: 5001,
+            ports: vec![40010],
+        },
+    );
+    assert_eq!(
+        tcp.lookup_announcement(HostEndpoint::new(host_a, 40010), server),
+        None
+    );
+    assert_eq!(
+        std::mem::take(&mut tcp.notices),
+        vec![(1, SockNotice::forget((host_a, 40010)))]
+    );
+    // The claiming router's connection ended: its unused ports are free on its host now.
+    tcp.forget_claims_of(host_a);
+    assert_eq!(
+        tcp.lookup_announcement(HostEndpoint::new(host_a, 40001), server),
+        None
+    );
+    assert!(tcp
+        .notices
+        .contains(&(1, SockNotice::forget((host_a, 40001)))));
+    assert!(tcp
+        .notices
+        .iter()
+        .all(|(owner, n)| *owner == 1 && n.ip.is_unspecified()));
+}
