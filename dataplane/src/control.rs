@@ -181,7 +181,7 @@ impl ControlThread {
             self.send_notices();
             if revents[0] != 0 {
                 if let Some(sig) = sys::read_signal(&self.signals) {
-                    eprintln!("freeflow-router: signal {sig}, shutting down");
+                    log::info!("signal {sig}, shutting down");
                     return Ok(());
                 }
             }
@@ -196,7 +196,7 @@ impl ControlThread {
                 self.accept_shims();
             }
             if revents[2] != 0 && self.serve_control()? {
-                eprintln!("freeflow-router: shutdown requested");
+                log::info!("shutdown requested");
                 return Ok(());
             }
         }
@@ -208,9 +208,7 @@ impl ControlThread {
         let expired = before - self.pending.len();
         if expired > 0 {
             self.refused += expired as u64;
-            eprintln!(
-                "freeflow-router: dropped {expired} connection(s) that sent no hello in time"
-            );
+            log::warn!("dropped {expired} connection(s) that sent no hello in time");
         }
     }
 
@@ -234,7 +232,7 @@ impl ControlThread {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    eprintln!("freeflow-router: accept on router.sock: {e}");
+                    log::warn!("accept on router.sock: {e}");
                     return;
                 }
             }
@@ -243,7 +241,7 @@ impl ControlThread {
 
     fn refuse(&mut self, conn: &OwnedFd, reason: Refusal, message: String) {
         self.refused += 1;
-        eprintln!("freeflow-router: refused attach ({reason:?}): {message}");
+        log::warn!("refused attach ({reason:?}): {message}");
         let _ = fdpass::send_with_fds(
             conn.as_fd(),
             &Welcome::Refused { reason, message }.encode(),
@@ -369,10 +367,7 @@ impl ControlThread {
                 Err(e) => {
                     // The connection moved into the failed call and is closed: the shim sees EOF.
                     self.refused += 1;
-                    eprintln!(
-                        "freeflow-router: cannot create region for {}: {e}",
-                        container.name
-                    );
+                    log::warn!("cannot create region for {}: {e}", container.name);
                     return;
                 }
             };
@@ -388,7 +383,7 @@ impl ControlThread {
             &welcome.encode(),
             &[memfd.as_fd(), bell.as_fd()],
         ) {
-            eprintln!("freeflow-router: welcome to pid {pid} failed: {e}");
+            log::warn!("welcome to pid {pid} failed: {e}");
             return;
         }
         drop(memfd);
@@ -410,15 +405,15 @@ impl ControlThread {
             .send(ShardCommand::Adopt(Box::new(attachment)))
             .is_err()
         {
-            eprintln!("freeflow-router: shard {shard_index} inbox full; dropping attachment {id}");
+            log::warn!("shard {shard_index} inbox full; dropping attachment {id}");
             if let Ok(mut table) = self.attached.lock() {
                 table.remove(&id);
             }
             return;
         }
         self.accepted += 1;
-        eprintln!(
-            "freeflow-router: attached {id}: container {} (tenant {}, {}) pid {pid} as {} on shard {shard_index}",
+        log::info!(
+            "attached {id}: container {} (tenant {}, {}) pid {pid} as {} on shard {shard_index}",
             container.name,
             container.tenant,
             container.ip,
@@ -467,7 +462,7 @@ impl ControlThread {
             tenant: container.tenant.clone(),
         };
         if let Err(e) = fdpass::send_with_fds(conn.as_fd(), &welcome.encode(), &[]) {
-            eprintln!("freeflow-router: welcome to pid {pid} failed: {e}");
+            log::warn!("welcome to pid {pid} failed: {e}");
             return;
         }
         self.record_attached(id, &container, pid, None, ShimKind::Socket.name());
@@ -485,9 +480,10 @@ impl ControlThread {
 
     fn drop_socket_shim(&mut self, id: u32, why: &str) {
         if let Some(shim) = self.socket_shims.remove(&id) {
-            eprintln!(
-                "freeflow-router: detached {id} (socket shim of container {}, pid {}): {why}",
-                shim.container.name, shim.pid
+            log::info!(
+                "detached {id} (socket shim of container {}, pid {}): {why}",
+                shim.container.name,
+                shim.pid
             );
         }
         self.tcp.detach(id);
@@ -590,7 +586,7 @@ impl ControlThread {
             Ok(pair) => pair,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) => {
-                eprintln!("freeflow-router: accept on router.ctl: {e}");
+                log::warn!("accept on router.ctl: {e}");
                 return Ok(false);
             }
         };
@@ -666,10 +662,7 @@ impl ControlThread {
                 None => self.drop_socket_shim(id, "container unregistered"),
             }
         }
-        eprintln!(
-            "freeflow-router: serving {} registered container(s)",
-            table.len()
-        );
+        log::info!("serving {} registered container(s)", table.len());
         self.table = table;
         ControlResponse::Ok
     }

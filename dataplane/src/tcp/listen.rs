@@ -248,9 +248,10 @@ impl TcpService {
         let overlay = passed.and_then(|fd| match overlay_listener_ok(&fd, req.port) {
             Ok(()) => Some(fd),
             Err(why) => {
-                eprintln!(
-                    "freeflow-router: tcp: container {} passed an unusable overlay listener for port {}: {why}",
-                    caller.container.name, req.port
+                log::warn!(
+                    "tcp: container {} passed an unusable overlay listener for port {}: {why}",
+                    caller.container.name,
+                    req.port
                 );
                 None
             }
@@ -293,9 +294,10 @@ impl TcpService {
         let host_port = match host_listener_ok(&host, host_ip) {
             Ok(port) => port,
             Err(why) => {
-                eprintln!(
-                    "freeflow-router: tcp: container {} handed back an unusable listener for port {}: {why}",
-                    caller.container.name, req.port
+                log::warn!(
+                    "tcp: container {} handed back an unusable listener for port {}: {why}",
+                    caller.container.name,
+                    req.port
                 );
                 return (SockReply::error(req.seq, libc::EINVAL), None);
             }

@@ -54,7 +54,7 @@ impl Peers {
             match TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
                 Ok(l) => self.listener = Some(l),
                 Err(e) => {
-                    eprintln!("freeflow-router: tcp: cannot listen for peer routers on {addr}: {e}")
+                    log::warn!("tcp: cannot listen for peer routers on {addr}: {e}")
                 }
             }
         }
@@ -135,7 +135,9 @@ impl Peers {
                         || self.outgoing.contains_key(addr.ip()))
                         && Some(*addr.ip()) != host_ip;
                     if !known {
-                        eprintln!("freeflow-router: tcp: refused peer connection from {addr}: not a registered host");
+                        log::warn!(
+                            "tcp: refused peer connection from {addr}: not a registered host"
+                        );
                         continue;
                     }
                     if stream.set_nonblocking(true).is_ok() {
@@ -147,11 +149,11 @@ impl Peers {
                     }
                 }
                 Ok((_, addr)) => {
-                    eprintln!("freeflow-router: tcp: refused peer connection from {addr}")
+                    log::warn!("tcp: refused peer connection from {addr}")
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    eprintln!("freeflow-router: tcp: accept on peer port: {e}");
+                    log::warn!("tcp: accept on peer port: {e}");
                     return;
                 }
             }
@@ -166,7 +168,7 @@ impl Peers {
                 .as_ref()
                 .is_some_and(|(_, deadline)| now >= *deadline)
             {
-                eprintln!("freeflow-router: tcp: peer router {host} not reachable: timed out");
+                log::warn!("tcp: peer router {host} not reachable: timed out");
                 peer.connecting = None;
                 peer.queue.clear();
             }
@@ -200,7 +202,7 @@ impl PeerOut {
                 self.queue = first;
                 self.connecting = Some((stream, Instant::now() + PEER_CONNECT_TIMEOUT));
             }
-            Err(e) => eprintln!("freeflow-router: tcp: peer router {host} not reachable: {e}"),
+            Err(e) => log::warn!("tcp: peer router {host} not reachable: {e}"),
         }
     }
 
@@ -215,7 +217,7 @@ impl PeerOut {
             _ => false,
         };
         if !up {
-            eprintln!("freeflow-router: tcp: peer router {host} not reachable");
+            log::warn!("tcp: peer router {host} not reachable");
             return;
         }
         // Stays non-blocking: a peer that stops reading must not stall the control thread;
@@ -243,7 +245,7 @@ impl PeerOut {
             return;
         }
         if self.queue.len() + bytes.len() > MAX_PEER_QUEUE {
-            eprintln!("freeflow-router: tcp: peer router {host} does not read; reconnecting");
+            log::warn!("tcp: peer router {host} does not read; reconnecting");
             self.stream = None;
             self.queue.clear();
             return;
@@ -265,7 +267,7 @@ impl PeerOut {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    eprintln!("freeflow-router: tcp: lost peer router {host}: {e}");
+                    log::warn!("tcp: lost peer router {host}: {e}");
                     self.stream = None;
                     self.queue.clear();
                     return;
@@ -289,8 +291,8 @@ impl PeerIn {
                 Err(_) => return false,
             }
             if self.buf.len() > MAX_PEER_LINE {
-                eprintln!(
-                    "freeflow-router: tcp: peer {} sent an oversized message; dropping it",
+                log::warn!(
+                    "tcp: peer {} sent an oversized message; dropping it",
                     self.from
                 );
                 return false;
@@ -305,10 +307,7 @@ impl PeerIn {
                 Ok(_) if line.last() == Some(&b'\n') => match PeerMsg::decode_line(&line) {
                     Ok(msg) => out.push(msg),
                     Err(e) => {
-                        eprintln!(
-                            "freeflow-router: tcp: bad message from peer {}: {e}",
-                            self.from
-                        );
+                        log::warn!("tcp: bad message from peer {}: {e}", self.from);
                         return false;
                     }
                 },
@@ -374,9 +373,7 @@ impl TcpService {
                 peer.flush(host);
                 return true;
             }
-            eprintln!(
-                "freeflow-router: tcp: peer router {host} closed our connection; reconnecting"
-            );
+            log::warn!("tcp: peer router {host} closed our connection; reconnecting");
             peer.stream = None;
             peer.next_try = Instant::now();
             self.listeners.forget_remote(host);
@@ -452,7 +449,7 @@ impl TcpService {
                 ports,
             } if host == from => self.record_release(host, ip, to_port, ports),
             other => {
-                eprintln!("freeflow-router: tcp: peer {from} spoke for another host: {other:?}")
+                log::warn!("tcp: peer {from} spoke for another host: {other:?}")
             }
         }
     }

@@ -109,7 +109,7 @@ impl TcpService {
             match GuardedAccept::new() {
                 Ok(guard) => self.relays.guard = Some(guard),
                 Err(e) => {
-                    eprintln!("freeflow-router: tcp: no accept timer ({e}); overlay listeners off");
+                    log::warn!("tcp: no accept timer ({e}); overlay listeners off");
                     return self.listeners.give_up_overlay(key);
                 }
             }
@@ -117,8 +117,8 @@ impl TcpService {
         let mut taken = self.accept_clients(key);
         let (held, room) = self.relays.room_for(key);
         if taken.len() > room {
-            eprintln!(
-                "freeflow-router: tcp: {} clients of {key} turned away: {held} wait for accept",
+            log::warn!(
+                "tcp: {} clients of {key} turned away: {held} wait for accept",
                 taken.len() - room
             );
             taken.truncate(room);
@@ -159,7 +159,7 @@ impl TcpService {
             }
         }
         if let Some(e) = give_up {
-            eprintln!("freeflow-router: tcp: overlay listener {key} given up: {e}");
+            log::warn!("tcp: overlay listener {key} given up: {e}");
             self.listeners.give_up_overlay(key);
         }
         taken
@@ -199,7 +199,7 @@ impl TcpService {
                 };
                 self.relays.waiting.insert(from, relay);
             }
-            Err(e) => eprintln!("freeflow-router: tcp: relay for {key}: {e}"),
+            Err(e) => log::warn!("tcp: relay for {key}: {e}"),
         }
     }
 }

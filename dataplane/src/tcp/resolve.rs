@@ -174,7 +174,7 @@ impl TcpService {
         fresh: bool,
     ) {
         if ports.len() > MAX_CLAIM_PORTS {
-            eprintln!("freeflow-router: tcp: peer {host} claimed too many ports at once");
+            log::warn!("tcp: peer {host} claimed too many ports at once");
             return;
         }
         let now = Instant::now();
