@@ -5,12 +5,14 @@
 //! SIGCHLD) for at most [`REGISTRY_POLL`], so a dying router wakes it at once (SIGCHLD) and a
 //! registry change is seen within one poll interval. State the CLI shows lives in
 //! `DIR/daemon-status.json`, replaced atomically on every change; liveness is the flock on
-//! `DIR/daemon.lock`, which the kernel drops with the process whatever way it dies.
+//! `DIR/daemon.lock`, which the kernel drops with the process whatever way it dies; `state`
+//! holds those files' types and how the CLI reads them.
+
+mod state;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
@@ -19,7 +21,11 @@ use freeflow_proto::control::{
     self, ContainerEntry, ControlRequest, ControlResponse, NetworkView, OverlayEntry, PeerHost,
 };
 use freeflow_proto::identity::NetnsId;
-use serde::{Deserialize, Serialize};
+
+pub use state::{
+    probe, read_pid, router_lock_held, DaemonState, DaemonStatus, SkippedContainer, STATE_READY,
+    STATE_STARTING, STATE_STOPPING,
+};
 
 use crate::config::{self, Config, ConfigError, RuntimeDir};
 use crate::registry::{self, Fingerprint, Registry, RegistryError, Snapshot};
@@ -46,13 +52,6 @@ pub const ROUTER_STOP_GRACE: Duration = Duration::from_secs(5);
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 /// A push the router refused is retried this often while the table stays the same.
 const PUSH_RETRY: Duration = Duration::from_secs(2);
-
-/// `state` values in [`DaemonStatus`].
-pub const STATE_STARTING: &str = "starting";
-/// The router is (or was) up and has had its table; the daemon supervises it.
-pub const STATE_READY: &str = "ready";
-/// The daemon is shutting down.
-pub const STATE_STOPPING: &str = "stopping";
 
 /// Errors that stop the daemon (or keep it from starting).
 #[derive(Debug, thiserror::Error)]
@@ -93,123 +92,6 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
     move |source| DaemonError::Io { what, source }
 }
 
-/// A container left out of the router's table, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SkippedContainer {
-    /// Its registry name.
-    pub name: String,
-    /// Why it was left out.
-    pub reason: String,
-}
-
-/// What the daemon reports in `DIR/daemon-status.json`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct DaemonStatus {
-    /// The daemon's pid.
-    pub pid: u32,
-    /// [`STATE_STARTING`], [`STATE_READY`] or [`STATE_STOPPING`].
-    pub state: String,
-    /// When the daemon started (ms since the epoch).
-    pub started_unix_ms: u64,
-    /// This host's address.
-    pub host_ip: Option<Ipv4Addr>,
-    /// The registry URL.
-    pub registry: String,
-    /// The router binary.
-    pub router_program: String,
-    /// The running router's pid; `None` while it is down.
-    pub router_pid: Option<u32>,
-    /// When the running router was started.
-    pub router_started_unix_ms: Option<u64>,
-    /// Router starts after the first one (successful or not).
-    pub restarts: u64,
-    /// Starts that failed (the router died or hung before it was ready).
-    pub start_failures: u64,
-    /// Why the last router ended, or why the last start failed.
-    pub last_exit: Option<String>,
-    /// When that was.
-    pub last_exit_unix_ms: Option<u64>,
-    /// When the last restart began.
-    pub last_restart_unix_ms: Option<u64>,
-    /// When the next start is due while the router is down.
-    pub next_restart_unix_ms: Option<u64>,
-    /// Containers in the running router's table.
-    pub containers_pushed: Option<usize>,
-    /// Registry generation the running router's table reflects.
-    pub registry_generation: Option<u64>,
-    /// When the table was last pushed.
-    pub last_push_unix_ms: Option<u64>,
-    /// Containers of this host left out of the table.
-    pub skipped: Vec<SkippedContainer>,
-    /// The last registry or push error, cleared when things work again.
-    pub last_error: Option<String>,
-}
-
-impl DaemonStatus {
-    /// Reads `DIR/daemon-status.json`; `None` if it is missing or unreadable.
-    pub fn read(dir: &RuntimeDir) -> Option<DaemonStatus> {
-        let bytes = fs::read(dir.status_file()).ok()?;
-        serde_json::from_slice(&bytes).ok()
-    }
-}
-
-/// Whether a daemon runs for a directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DaemonState {
-    /// Nobody holds `daemon.lock`.
-    Stopped,
-    /// A process holds `daemon.lock`; its pid if `freeflow.pid` names one.
-    Running {
-        /// From the pid file.
-        pid: Option<u32>,
-    },
-}
-
-/// Looks at the daemon lock of `dir` without disturbing a running daemon.
-pub fn probe(dir: &RuntimeDir) -> Result<DaemonState, DaemonError> {
-    let path = dir.daemon_lock();
-    let file = match File::open(&path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DaemonState::Stopped),
-        Err(source) => {
-            return Err(DaemonError::Io {
-                what: format!("cannot open {}", path.display()),
-                source,
-            })
-        }
-    };
-    // Taking the lock succeeds only if nobody holds it; closing the file releases it again.
-    let free =
-        os::try_lock_exclusive(&file).map_err(io_err(format!("cannot lock {}", path.display())))?;
-    drop(file);
-    if free {
-        Ok(DaemonState::Stopped)
-    } else {
-        Ok(DaemonState::Running { pid: read_pid(dir) })
-    }
-}
-
-/// Whether a router holds `DIR/router.lock` (`None` if that cannot be told).
-pub fn router_lock_held(dir: &RuntimeDir) -> Option<bool> {
-    let file = match File::open(dir.router_lock()) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Some(false),
-        Err(_) => return None,
-    };
-    os::try_lock_exclusive(&file).ok().map(|free| !free)
-}
-
-/// The pid in `DIR/freeflow.pid`.
-pub fn read_pid(dir: &RuntimeDir) -> Option<u32> {
-    fs::read_to_string(dir.pid_file())
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|&p| p > 0)
-}
-
 /// One log line on stderr (the log file in background mode), with time and pid.
 pub fn log(message: impl std::fmt::Display) {
     let _ = writeln!(
@@ -236,6 +118,39 @@ impl Drop for StateFiles<'_> {
 /// stdout once the router is ready and has its table.
 pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
     let config = Config::load(dir)?;
+    let lock = lock_dir(dir)?;
+    let pid = std::process::id();
+    config::write_atomic(&dir.pid_file(), format!("{pid}\n").as_bytes(), 0o644)?;
+    let state_files = StateFiles { dir };
+
+    // Block the signals before the first child exists, so no SIGCHLD is lost.
+    let signals = os::SignalFd::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD])
+        .map_err(io_err("cannot set up signal handling"))?;
+    let mut daemon = Daemon::new(dir, config, signals)?;
+    log(format_args!(
+        "starting for {} (host {}, overlay {}, registry {}, router {})",
+        dir.path().display(),
+        daemon.config.host_ip,
+        daemon.config.vnet_prefix,
+        daemon.status.registry,
+        daemon.spec.program.display()
+    ));
+    daemon.write_status();
+
+    let result = daemon.startup().and_then(|()| {
+        daemon.ready(foreground);
+        daemon.serve()
+    });
+    daemon.shutdown();
+    // The order matters: the router is gone, then the pid and status files, then the lock.
+    drop(daemon);
+    drop(state_files);
+    drop(lock);
+    result
+}
+
+/// Opens and takes `DIR/daemon.lock`, which this process then holds for its whole life.
+fn lock_dir(dir: &RuntimeDir) -> Result<File, DaemonError> {
     let lock_path = dir.daemon_lock();
     let lock = OpenOptions::new()
         .read(true)
@@ -253,89 +168,7 @@ pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
             pid: read_pid(dir),
         });
     }
-    let pid = std::process::id();
-    config::write_atomic(&dir.pid_file(), format!("{pid}\n").as_bytes(), 0o644)?;
-    let _state_files = StateFiles { dir };
-
-    // Block the signals before the first child exists, so no SIGCHLD is lost.
-    let signals = os::SignalFd::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD])
-        .map_err(io_err("cannot set up signal handling"))?;
-    let registry = registry::open(&config.registry)?;
-    let program = supervise::router_program()?;
-    let spec = RouterSpec {
-        program: program.clone(),
-        dir: dir.path().to_path_buf(),
-        cores: config.cores.clone(),
-        log: dir.router_log(),
-    };
-    let now = Instant::now();
-    let mut daemon = Daemon {
-        dir: dir.clone(),
-        status: DaemonStatus {
-            pid,
-            state: STATE_STARTING.to_owned(),
-            started_unix_ms: unix_ms_now(),
-            host_ip: Some(config.host_ip),
-            registry: registry.url(),
-            router_program: program.display().to_string(),
-            ..DaemonStatus::default()
-        },
-        config,
-        registry,
-        signals,
-        spec,
-        router: None,
-        backoff: Backoff::default(),
-        next_start: now,
-        snapshot: None,
-        fingerprint: None,
-        next_registry_poll: now,
-        registry_error: None,
-        pushed: None,
-        last_attempt: None,
-        skipped: BTreeMap::new(),
-        status_dirty: true,
-    };
-    log(format_args!(
-        "starting for {} (host {}, overlay {}, registry {}, router {})",
-        dir.path().display(),
-        daemon.config.host_ip,
-        daemon.config.vnet_prefix,
-        daemon.status.registry,
-        program.display()
-    ));
-    daemon.write_status();
-
-    let result = match daemon.startup() {
-        Ok(()) => {
-            daemon.status.state = STATE_READY.to_owned();
-            daemon.status_dirty = true;
-            daemon.write_status();
-            let router_pid = daemon.status.router_pid.unwrap_or(0);
-            let pushed = daemon.status.containers_pushed.unwrap_or(0);
-            log(format_args!(
-                "ready: router pid {router_pid} serves {pushed} container(s)"
-            ));
-            if foreground {
-                let _ = writeln!(
-                    io::stdout(),
-                    "freeflow: up: daemon pid {pid}, router pid {router_pid} serving {} \
-                     (host {}, {pushed} container(s)); stop with SIGTERM, Ctrl-C or `freeflow \
-                     down --dir {}`",
-                    dir.path().display(),
-                    daemon.config.host_ip,
-                    dir.path().display()
-                );
-            }
-            daemon.serve()
-        }
-        Err(e) => Err(e),
-    };
-    daemon.shutdown();
-    drop(daemon);
-    drop(_state_files);
-    drop(lock);
-    result
+    Ok(lock)
 }
 
 struct Daemon {
@@ -367,6 +200,70 @@ enum Stop {
 }
 
 impl Daemon {
+    /// The daemon of `dir` before its first start: registry opened, router binary found.
+    fn new(dir: &RuntimeDir, config: Config, signals: os::SignalFd) -> Result<Daemon, DaemonError> {
+        let registry = registry::open(&config.registry)?;
+        let program = supervise::router_program()?;
+        let spec = RouterSpec {
+            program: program.clone(),
+            dir: dir.path().to_path_buf(),
+            cores: config.cores.clone(),
+            log: dir.router_log(),
+        };
+        let now = Instant::now();
+        Ok(Daemon {
+            dir: dir.clone(),
+            status: DaemonStatus {
+                pid: std::process::id(),
+                state: STATE_STARTING.to_owned(),
+                started_unix_ms: unix_ms_now(),
+                host_ip: Some(config.host_ip),
+                registry: registry.url(),
+                router_program: program.display().to_string(),
+                ..DaemonStatus::default()
+            },
+            config,
+            registry,
+            signals,
+            spec,
+            router: None,
+            backoff: Backoff::default(),
+            next_start: now,
+            snapshot: None,
+            fingerprint: None,
+            next_registry_poll: now,
+            registry_error: None,
+            pushed: None,
+            last_attempt: None,
+            skipped: BTreeMap::new(),
+            status_dirty: true,
+        })
+    }
+
+    /// After [`Daemon::startup`]: records and logs the ready state (`freeflow up` waits for it
+    /// in the status file), and says so on stdout in the foreground.
+    fn ready(&mut self, foreground: bool) {
+        self.status.state = STATE_READY.to_owned();
+        self.status_dirty = true;
+        self.write_status();
+        let router_pid = self.status.router_pid.unwrap_or(0);
+        let pushed = self.status.containers_pushed.unwrap_or(0);
+        log(format_args!(
+            "ready: router pid {router_pid} serves {pushed} container(s)"
+        ));
+        if foreground {
+            let dir = self.dir.path().display();
+            let _ = writeln!(
+                io::stdout(),
+                "freeflow: up: daemon pid {}, router pid {router_pid} serving {dir} \
+                 (host {}, {pushed} container(s)); stop with SIGTERM, Ctrl-C or `freeflow \
+                 down --dir {dir}`",
+                self.status.pid,
+                self.config.host_ip,
+            );
+        }
+    }
+
     /// First start: the router must come up and take its table, else the daemon gives up
     /// (and `freeflow up` reports why).
     fn startup(&mut self) -> Result<(), DaemonError> {
@@ -574,28 +471,7 @@ impl Daemon {
     /// exists now. Logs containers that start or stop being skipped.
     fn table(&mut self) -> Option<(RouterTable, u64)> {
         let snapshot = self.snapshot.as_ref()?;
-        let network = NetworkView {
-            host_ip: self.config.host_ip,
-            peer_port: self.config.peer_port,
-            hosts: snapshot
-                .hosts
-                .iter()
-                .filter(|h| h.host_ip != self.config.host_ip)
-                .map(|h| PeerHost {
-                    host_ip: h.host_ip,
-                    peer_port: h.peer_port,
-                })
-                .collect(),
-            overlay: snapshot
-                .containers
-                .iter()
-                .map(|c| OverlayEntry {
-                    ip: c.ip,
-                    tenant: c.tenant.clone(),
-                    host_ip: c.host_ip,
-                })
-                .collect(),
-        };
+        let network = network_view(&self.config, snapshot);
         let mut entries = Vec::new();
         let mut skipped = BTreeMap::new();
         let mut seen: HashMap<NetnsId, &str> = HashMap::new();
@@ -629,27 +505,7 @@ impl Daemon {
             }
         }
         let generation = snapshot.generation;
-        if skipped != self.skipped {
-            for (name, reason) in &skipped {
-                if self.skipped.get(name) != Some(reason) {
-                    log(format_args!("container {name:?} skipped: {reason}"));
-                }
-            }
-            for name in self.skipped.keys() {
-                if !skipped.contains_key(name) {
-                    log(format_args!("container {name:?} is no longer skipped"));
-                }
-            }
-            self.status.skipped = skipped
-                .iter()
-                .map(|(name, reason)| SkippedContainer {
-                    name: name.clone(),
-                    reason: reason.clone(),
-                })
-                .collect();
-            self.skipped = skipped;
-            self.status_dirty = true;
-        }
+        self.note_skipped(skipped);
         Some((
             RouterTable {
                 containers: entries,
@@ -657,6 +513,33 @@ impl Daemon {
             },
             generation,
         ))
+    }
+
+    /// Records which containers are left out of the table, logging those that start or stop
+    /// being skipped.
+    fn note_skipped(&mut self, skipped: BTreeMap<String, String>) {
+        if skipped == self.skipped {
+            return;
+        }
+        for (name, reason) in &skipped {
+            if self.skipped.get(name) != Some(reason) {
+                log(format_args!("container {name:?} skipped: {reason}"));
+            }
+        }
+        for name in self.skipped.keys() {
+            if !skipped.contains_key(name) {
+                log(format_args!("container {name:?} is no longer skipped"));
+            }
+        }
+        self.status.skipped = skipped
+            .iter()
+            .map(|(name, reason)| SkippedContainer {
+                name: name.clone(),
+                reason: reason.clone(),
+            })
+            .collect();
+        self.skipped = skipped;
+        self.status_dirty = true;
     }
 
     /// Pushes the table to the router when it differs from what the router has.
@@ -761,5 +644,32 @@ impl Daemon {
             }
         }
         log("stopped");
+    }
+}
+
+/// The cluster as this host's router needs it for TCP mode: the other hosts' routers and every
+/// overlay address.
+fn network_view(config: &Config, snapshot: &Snapshot) -> NetworkView {
+    NetworkView {
+        host_ip: config.host_ip,
+        peer_port: config.peer_port,
+        hosts: snapshot
+            .hosts
+            .iter()
+            .filter(|h| h.host_ip != config.host_ip)
+            .map(|h| PeerHost {
+                host_ip: h.host_ip,
+                peer_port: h.peer_port,
+            })
+            .collect(),
+        overlay: snapshot
+            .containers
+            .iter()
+            .map(|c| OverlayEntry {
+                ip: c.ip,
+                tenant: c.tenant.clone(),
+                host_ip: c.host_ip,
+            })
+            .collect(),
     }
 }

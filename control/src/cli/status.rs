@@ -1,0 +1,420 @@
+//! `freeflow status`: gathers a [`StatusReport`] (settings, daemon, router, this host's
+//! containers) and prints it as JSON (`--json`) or text (`status_text`).
+//!
+//! The JSON is the report serialised through `serde_json::Value`, whose maps keep their keys
+//! sorted: every object of `status --json` lists its keys in alphabetical order, as it always
+//! has, whatever the order of the fields below.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use freeflow_proto::control::{
+    self, AttachedStatus, ControlRequest, ControlResponse, RouterStatus, ShardStatus,
+};
+use serde::Serialize;
+
+use super::{status_text, CliError, StatusArgs};
+use crate::config::{Config, RuntimeDir};
+use crate::daemon::{self, DaemonState, DaemonStatus, SkippedContainer};
+use crate::registry::{self, ContainerRecord};
+
+/// What `freeflow status` reports about one runtime directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// The runtime directory (absolute).
+    pub dir: PathBuf,
+    /// The settings of the last `up`, if `config.json` is there and readable.
+    pub config: Option<Config>,
+    /// Why there are no settings (missing or unreadable `config.json`).
+    pub config_error: Option<String>,
+    /// The daemon.
+    pub daemon: DaemonReport,
+    /// The router, as its control socket reports it.
+    pub router: RouterReport,
+    /// This host's containers in the registry.
+    pub containers: Vec<ContainerRecord>,
+    /// Why the registry could not be read, if it could not.
+    pub registry_error: Option<String>,
+}
+
+/// The daemon part of a [`StatusReport`]: whether it runs, and its counters from
+/// `daemon-status.json` (absent: `None`, zero or empty) while it does.
+#[derive(Debug, Clone, Serialize)]
+pub struct DaemonReport {
+    /// Whether a process holds `daemon.lock`.
+    pub running: bool,
+    /// Its pid, if `freeflow.pid` names one.
+    pub pid: Option<u32>,
+    /// Its state; `None` when its status file was not read (not running, or not written yet).
+    pub state: Option<String>,
+    /// When it started (ms since the epoch).
+    pub started_unix_ms: Option<u64>,
+    /// Router starts after the first one.
+    pub restarts: u64,
+    /// Router starts that failed.
+    pub start_failures: u64,
+    /// Why the last router ended, or why the last start failed.
+    pub last_exit: Option<String>,
+    /// When that was.
+    pub last_exit_unix_ms: Option<u64>,
+    /// When the last restart began.
+    pub last_restart_unix_ms: Option<u64>,
+    /// When the next start is due while the router is down.
+    pub next_restart_unix_ms: Option<u64>,
+    /// Containers in the running router's table.
+    pub containers_pushed: Option<usize>,
+    /// Registry generation the running router's table reflects.
+    pub registry_generation: Option<u64>,
+    /// When the table was last pushed.
+    pub last_push_unix_ms: Option<u64>,
+    /// Containers of this host left out of the table, and why.
+    pub skipped: Vec<SkippedContainer>,
+    /// The daemon's last registry or push error.
+    pub last_error: Option<String>,
+}
+
+/// The router part of a [`StatusReport`]. Both forms carry `running`, `pid`, `shards`,
+/// `attached` and `registered`, so readers find those keys either way.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum RouterReport {
+    /// The router answered on its control socket: its status, plus `running: true`.
+    Running {
+        /// Always `true`.
+        running: bool,
+        /// What the router said.
+        #[serde(flatten)]
+        status: RouterStatus,
+    },
+    /// It did not answer.
+    NotRunning {
+        /// Always `false`.
+        running: bool,
+        /// Always `None`.
+        pid: Option<u32>,
+        /// Always empty.
+        shards: Vec<ShardStatus>,
+        /// Always empty.
+        attached: Vec<AttachedStatus>,
+        /// Always 0.
+        registered: usize,
+        /// Why the control socket did not answer.
+        error: String,
+    },
+}
+
+impl RouterReport {
+    /// The report of a router that answered, or of one that did not and why.
+    fn new(answer: Result<RouterStatus, String>) -> RouterReport {
+        match answer {
+            Ok(status) => RouterReport::Running {
+                running: true,
+                status,
+            },
+            Err(error) => RouterReport::NotRunning {
+                running: false,
+                pid: None,
+                shards: Vec::new(),
+                attached: Vec::new(),
+                registered: 0,
+                error,
+            },
+        }
+    }
+
+    /// What the router said, if it answered.
+    pub fn status(&self) -> Result<&RouterStatus, &str> {
+        match self {
+            RouterReport::Running { status, .. } => Ok(status),
+            RouterReport::NotRunning { error, .. } => Err(error),
+        }
+    }
+}
+
+impl DaemonReport {
+    /// The report of the daemon in `state`, with the counters of its status file if read.
+    fn new(state: DaemonState, status: Option<&DaemonStatus>) -> DaemonReport {
+        DaemonReport {
+            running: matches!(state, DaemonState::Running { .. }),
+            pid: match state {
+                DaemonState::Running { pid } => pid,
+                DaemonState::Stopped => None,
+            },
+            state: status.map(|s| s.state.clone()),
+            started_unix_ms: status.map(|s| s.started_unix_ms),
+            restarts: status.map(|s| s.restarts).unwrap_or(0),
+            start_failures: status.map(|s| s.start_failures).unwrap_or(0),
+            last_exit: status.and_then(|s| s.last_exit.clone()),
+            last_exit_unix_ms: status.and_then(|s| s.last_exit_unix_ms),
+            last_restart_unix_ms: status.and_then(|s| s.last_restart_unix_ms),
+            next_restart_unix_ms: status.and_then(|s| s.next_restart_unix_ms),
+            containers_pushed: status.and_then(|s| s.containers_pushed),
+            registry_generation: status.and_then(|s| s.registry_generation),
+            last_push_unix_ms: status.and_then(|s| s.last_push_unix_ms),
+            skipped: status.map(|s| s.skipped.clone()).unwrap_or_default(),
+            last_error: status.and_then(|s| s.last_error.clone()),
+        }
+    }
+
+    /// Whether the daemon's status file was read (its counters are meaningful).
+    pub fn reported(&self) -> bool {
+        self.state.is_some()
+    }
+}
+
+impl StatusReport {
+    /// Looks at everything `status` shows: `config.json`, the daemon lock and status file, the
+    /// router's control socket and the registry.
+    pub fn gather(dir: &RuntimeDir) -> Result<StatusReport, CliError> {
+        let config = Config::load_if_present(dir);
+        let daemon_state = daemon::probe(dir)?;
+        let daemon_status = match daemon_state {
+            DaemonState::Running { .. } => DaemonStatus::read(dir),
+            DaemonState::Stopped => None,
+        };
+        let router = RouterReport::new(ask_router(dir));
+        let (containers, registry_error) = match &config {
+            Ok(Some(c)) => host_containers(c),
+            _ => (Vec::new(), None),
+        };
+        let (config, config_error) = match config {
+            Ok(Some(c)) => (Some(c), None),
+            Ok(None) => (
+                None,
+                Some(format!("{} does not exist", dir.config().display())),
+            ),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        Ok(StatusReport {
+            dir: dir.path().to_path_buf(),
+            config,
+            config_error,
+            daemon: DaemonReport::new(daemon_state, daemon_status.as_ref()),
+            router,
+            containers,
+            registry_error,
+        })
+    }
+
+    /// What is wrong, if the daemon or the router is not running (`status` then exits 1).
+    pub fn problem(&self) -> Option<String> {
+        let dir = self.dir.display();
+        if !self.daemon.running {
+            return Some(if self.config.is_none() {
+                format!(
+                    "no daemon is running for {dir} and it was never set up (run `freeflow up \
+                     --dir {dir}`)"
+                )
+            } else {
+                format!("no daemon is running for {dir} (start it with `freeflow up --dir {dir}`)")
+            });
+        }
+        let Err(e) = self.router.status() else {
+            return None;
+        };
+        Some(format!(
+            "the router is not running ({e}){}",
+            self.daemon
+                .last_exit
+                .as_ref()
+                .map(|x| format!("; last exit: {x}; the daemon restarts it"))
+                .unwrap_or_default()
+        ))
+    }
+
+    /// The report as one line of JSON (keys sorted, see the module docs).
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        Ok(serde_json::to_value(self)?.to_string())
+    }
+}
+
+/// `freeflow status`: prints the report; exits 1 (after saying why on stderr) when the daemon
+/// or the router is not running.
+pub(super) fn status(args: &StatusArgs) -> Result<ExitCode, CliError> {
+    let dir = args.dir.runtime_dir()?;
+    let report = StatusReport::gather(&dir)?;
+    if args.json {
+        let json = report
+            .to_json()
+            .map_err(|e| CliError::Invalid(format!("cannot encode the status as JSON: {e}")))?;
+        out!("{json}");
+    } else {
+        status_text::print(&report);
+    }
+    match report.problem() {
+        Some(message) => {
+            let _ = writeln!(io::stderr(), "freeflow: {message}");
+            Ok(ExitCode::FAILURE)
+        }
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Asks the router's control socket for its status; the error says, for a person, why there
+/// is no answer.
+fn ask_router(dir: &RuntimeDir) -> Result<RouterStatus, String> {
+    let socket = dir.control_socket();
+    match control::call(&socket, &ControlRequest::Status, daemon::CONTROL_TIMEOUT) {
+        Ok(ControlResponse::Status(s)) => Ok(s),
+        Ok(other) => Err(format!("unexpected answer: {other:?}")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(format!("{} does not exist", socket.display()))
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            Err(format!("nothing listens on {}", socket.display()))
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(format!(
+            "{}: permission denied (the control socket is root's)",
+            socket.display()
+        )),
+        Err(e) => Err(format!("{}: {e}", socket.display())),
+    }
+}
+
+/// This host's containers in the registry of `config`, or why the registry cannot be read.
+fn host_containers(config: &Config) -> (Vec<ContainerRecord>, Option<String>) {
+    match registry::open(&config.registry).and_then(|r| r.load()) {
+        Ok(snapshot) => (
+            snapshot.containers_on(config.host_ip).cloned().collect(),
+            None,
+        ),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(daemon: DaemonReport, router: RouterReport) -> StatusReport {
+        StatusReport {
+            dir: "/tmp/ff x".into(),
+            config: Some(Config {
+                version: 1,
+                host_ip: "192.168.1.1".parse().unwrap(),
+                vnet_prefix: "10.32.0.0/12".parse().unwrap(),
+                registry: "file:/r.json".into(),
+                cores: Some("0,1".into()),
+                peer_port: 7471,
+            }),
+            config_error: None,
+            daemon,
+            router,
+            containers: vec![ContainerRecord {
+                name: "web".into(),
+                tenant: "t".into(),
+                ip: "10.32.0.5".parse().unwrap(),
+                netns: "/run/netns/web".into(),
+                host_ip: "192.168.1.1".parse().unwrap(),
+            }],
+            registry_error: None,
+        }
+    }
+
+    fn router_status() -> RouterStatus {
+        RouterStatus {
+            pid: 11,
+            version: "0.1".into(),
+            uptime_ms: 1234,
+            shards: vec![ShardStatus {
+                index: 0,
+                core: None,
+                attached: 2,
+                requests: 3,
+                wakeups: 4,
+                parks: 5,
+                protocol_errors: 6,
+            }],
+            registered: 1,
+            attached: vec![AttachedStatus {
+                id: 1,
+                container: "web".into(),
+                pid: 77,
+                shard: Some(0),
+                kind: "socket".into(),
+            }],
+            attaches_accepted: 1,
+            attaches_refused: 2,
+            tcp_listeners: 3,
+            tcp_connects: 4,
+            tcp_fallbacks: 5,
+            tcp_relayed: 6,
+            tcp_claimed: 7,
+        }
+    }
+
+    /// The JSON `status --json` printed when it was built with `json!` (keys sorted at every
+    /// level); the typed report must print the same bytes.
+    #[test]
+    fn status_json_keeps_its_keys_order_and_values() {
+        let daemon_status = DaemonStatus {
+            pid: 5,
+            state: "ready".into(),
+            started_unix_ms: 17,
+            restarts: 2,
+            start_failures: 1,
+            last_exit: Some("bye \"q\"".into()),
+            last_exit_unix_ms: Some(4),
+            last_restart_unix_ms: Some(5),
+            containers_pushed: Some(1),
+            registry_generation: Some(8),
+            last_push_unix_ms: Some(6),
+            skipped: vec![SkippedContainer {
+                name: "a".into(),
+                reason: "r".into(),
+            }],
+            ..DaemonStatus::default()
+        };
+        let up = report(
+            DaemonReport::new(DaemonState::Running { pid: Some(5) }, Some(&daemon_status)),
+            RouterReport::new(Ok(router_status())),
+        );
+        assert_eq!(
+            up.to_json().unwrap(),
+            concat!(
+                r#"{"config":{"cores":"0,1","host_ip":"192.168.1.1","peer_port":7471,"#,
+                r#""registry":"file:/r.json","version":1,"vnet_prefix":"10.32.0.0/12"},"#,
+                r#""config_error":null,"containers":[{"host_ip":"192.168.1.1","ip":"10.32.0.5","#,
+                r#""name":"web","netns":"/run/netns/web","tenant":"t"}],"#,
+                r#""daemon":{"containers_pushed":1,"last_error":null,"last_exit":"bye \"q\"","#,
+                r#""last_exit_unix_ms":4,"last_push_unix_ms":6,"last_restart_unix_ms":5,"#,
+                r#""next_restart_unix_ms":null,"pid":5,"registry_generation":8,"restarts":2,"#,
+                r#""running":true,"skipped":[{"name":"a","reason":"r"}],"start_failures":1,"#,
+                r#""started_unix_ms":17,"state":"ready"},"dir":"/tmp/ff x","registry_error":null,"#,
+                r#""router":{"attached":[{"container":"web","id":1,"kind":"socket","pid":77,"#,
+                r#""shard":0}],"attaches_accepted":1,"attaches_refused":2,"pid":11,"#,
+                r#""registered":1,"running":true,"shards":[{"attached":2,"core":null,"index":0,"#,
+                r#""parks":5,"protocol_errors":6,"requests":3,"wakeups":4}],"tcp_claimed":7,"#,
+                r#""tcp_connects":4,"tcp_fallbacks":5,"tcp_listeners":3,"tcp_relayed":6,"#,
+                r#""uptime_ms":1234,"version":"0.1"}}"#
+            )
+        );
+        assert_eq!(up.problem(), None);
+
+        let down = report(
+            DaemonReport::new(DaemonState::Stopped, None),
+            RouterReport::new(Err("nothing listens".into())),
+        );
+        assert_eq!(
+            down.to_json().unwrap(),
+            concat!(
+                r#"{"config":{"cores":"0,1","host_ip":"192.168.1.1","peer_port":7471,"#,
+                r#""registry":"file:/r.json","version":1,"vnet_prefix":"10.32.0.0/12"},"#,
+                r#""config_error":null,"containers":[{"host_ip":"192.168.1.1","ip":"10.32.0.5","#,
+                r#""name":"web","netns":"/run/netns/web","tenant":"t"}],"#,
+                r#""daemon":{"containers_pushed":null,"last_error":null,"last_exit":null,"#,
+                r#""last_exit_unix_ms":null,"last_push_unix_ms":null,"last_restart_unix_ms":null,"#,
+                r#""next_restart_unix_ms":null,"pid":null,"registry_generation":null,"restarts":0,"#,
+                r#""running":false,"skipped":[],"start_failures":0,"started_unix_ms":null,"#,
+                r#""state":null},"dir":"/tmp/ff x","registry_error":null,"#,
+                r#""router":{"attached":[],"error":"nothing listens","pid":null,"registered":0,"#,
+                r#""running":false,"shards":[]}}"#
+            )
+        );
+        assert!(down
+            .problem()
+            .unwrap()
+            .starts_with("no daemon is running for /tmp/ff x (start it"));
+    }
+}

@@ -1,0 +1,138 @@
+//! What a daemon leaves in its runtime directory for the CLI, and how to read it: liveness is
+//! the flock on `DIR/daemon.lock`, the pid is in `DIR/freeflow.pid`, the counters are in
+//! `DIR/daemon-status.json` ([`DaemonStatus`]). The daemon writes them (`super`); `freeflow
+//! status`, `up` and `down` read them here.
+
+use std::fs::{self, File};
+use std::io;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use super::{io_err, DaemonError};
+use crate::config::RuntimeDir;
+use crate::supervise::os;
+
+/// `state` values in [`DaemonStatus`].
+pub const STATE_STARTING: &str = "starting";
+/// The router is (or was) up and has had its table; the daemon supervises it.
+pub const STATE_READY: &str = "ready";
+/// The daemon is shutting down.
+pub const STATE_STOPPING: &str = "stopping";
+
+/// A container left out of the router's table, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedContainer {
+    /// Its registry name.
+    pub name: String,
+    /// Why it was left out.
+    pub reason: String,
+}
+
+/// What the daemon reports in `DIR/daemon-status.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DaemonStatus {
+    /// The daemon's pid.
+    pub pid: u32,
+    /// [`STATE_STARTING`], [`STATE_READY`] or [`STATE_STOPPING`].
+    pub state: String,
+    /// When the daemon started (ms since the epoch).
+    pub started_unix_ms: u64,
+    /// This host's address.
+    pub host_ip: Option<Ipv4Addr>,
+    /// The registry URL.
+    pub registry: String,
+    /// The router binary.
+    pub router_program: String,
+    /// The running router's pid; `None` while it is down.
+    pub router_pid: Option<u32>,
+    /// When the running router was started.
+    pub router_started_unix_ms: Option<u64>,
+    /// Router starts after the first one (successful or not).
+    pub restarts: u64,
+    /// Starts that failed (the router died or hung before it was ready).
+    pub start_failures: u64,
+    /// Why the last router ended, or why the last start failed.
+    pub last_exit: Option<String>,
+    /// When that was.
+    pub last_exit_unix_ms: Option<u64>,
+    /// When the last restart began.
+    pub last_restart_unix_ms: Option<u64>,
+    /// When the next start is due while the router is down.
+    pub next_restart_unix_ms: Option<u64>,
+    /// Containers in the running router's table.
+    pub containers_pushed: Option<usize>,
+    /// Registry generation the running router's table reflects.
+    pub registry_generation: Option<u64>,
+    /// When the table was last pushed.
+    pub last_push_unix_ms: Option<u64>,
+    /// Containers of this host left out of the table.
+    pub skipped: Vec<SkippedContainer>,
+    /// The last registry or push error, cleared when things work again.
+    pub last_error: Option<String>,
+}
+
+impl DaemonStatus {
+    /// Reads `DIR/daemon-status.json`; `None` if it is missing or unreadable.
+    pub fn read(dir: &RuntimeDir) -> Option<DaemonStatus> {
+        let bytes = fs::read(dir.status_file()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// Whether a daemon runs for a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonState {
+    /// Nobody holds `daemon.lock`.
+    Stopped,
+    /// A process holds `daemon.lock`; its pid if `freeflow.pid` names one.
+    Running {
+        /// From the pid file.
+        pid: Option<u32>,
+    },
+}
+
+/// Looks at the daemon lock of `dir` without disturbing a running daemon.
+pub fn probe(dir: &RuntimeDir) -> Result<DaemonState, DaemonError> {
+    let path = dir.daemon_lock();
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DaemonState::Stopped),
+        Err(source) => {
+            return Err(DaemonError::Io {
+                what: format!("cannot open {}", path.display()),
+                source,
+            })
+        }
+    };
+    // Taking the lock succeeds only if nobody holds it; closing the file releases it again.
+    let free =
+        os::try_lock_exclusive(&file).map_err(io_err(format!("cannot lock {}", path.display())))?;
+    drop(file);
+    if free {
+        Ok(DaemonState::Stopped)
+    } else {
+        Ok(DaemonState::Running { pid: read_pid(dir) })
+    }
+}
+
+/// Whether a router holds `DIR/router.lock` (`None` if that cannot be told).
+pub fn router_lock_held(dir: &RuntimeDir) -> Option<bool> {
+    let file = match File::open(dir.router_lock()) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Some(false),
+        Err(_) => return None,
+    };
+    os::try_lock_exclusive(&file).ok().map(|free| !free)
+}
+
+/// The pid in `DIR/freeflow.pid`.
+pub fn read_pid(dir: &RuntimeDir) -> Option<u32> {
+    fs::read_to_string(dir.pid_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&p| p > 0)
+}
