@@ -58,7 +58,7 @@ use super::{KeyGen, NumberMap, VerbsError, VerbsTable};
 use cq::{CompChannel, Cq};
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
-use freeflow_proto::verbs::qp::{CreateQp, ModifyQp};
+use freeflow_proto::verbs::qp::{CreateQp, ModifyQp, QpState};
 use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq};
 use freeflow_proto::verbs::{
     op, Body, CreateCq, DecodeError, MemoryFileMsg, ObjectHandle, QueueFileKind, QueueFileMsg,
@@ -372,10 +372,8 @@ impl Engine {
                 continue;
             }
             match qp.state {
-                freeflow_proto::verbs::qp::QpState::Rts => {
-                    work += self.run_send_queue(index, &mut now)
-                }
-                freeflow_proto::verbs::qp::QpState::Err => work += self.flush(index, &mut now),
+                QpState::Rts => work += self.run_send_queue(index, &mut now),
+                QpState::Err => work += self.flush(index, &mut now),
                 _ => {}
             }
         }

@@ -58,6 +58,18 @@ enum Outcome {
     Waiting,
 }
 
+/// What [`Engine::take_send`] found on a send ring.
+enum Taken {
+    /// A WQE, now the QP's pending one.
+    Wqe,
+    /// Nothing.
+    Empty,
+    /// A corrupt ring (its owner is being detached).
+    Broken,
+    /// A malformed WQE: it completed with an error and the QP is in the error state.
+    Malformed,
+}
+
 /// Facts about the QP at the other end of a connection.
 #[derive(Debug, Clone, Copy)]
 struct Peer {
@@ -96,43 +108,11 @@ impl Engine {
                     self.hold(index, now);
                     break;
                 }
-                let qp = self.qps.get_mut(index).expect("caller checked");
-                qp.held = None;
-                match qp.sq.pop(&mut qp.sq_slot) {
-                    Ok(true) => popped = true,
-                    Ok(false) => break,
-                    Err(e) => {
-                        qp.broken = true;
-                        let owner = qp.owner;
-                        self.break_owner(owner, e);
-                        break;
-                    }
-                }
-                let decoded =
-                    SendWqe::decode(&qp.sq_slot, qp.cap.max_send_sge, qp.cap.max_inline_data)
-                        .ok()
-                        .and_then(|wqe| Some((wqe, SendOp::decode(wqe.header.opcode)?)));
-                match decoded {
-                    Some((wqe, op)) => {
-                        qp.pending = Some(Pending {
-                            wqe,
-                            op,
-                            wait: Wait::Ready,
-                        })
-                    }
-                    None => {
-                        // Malformed (a shim would not write it): the QP fails as a device's
-                        // does on a bad WQE.
-                        let h = SendWqeHeader::read(&qp.sq_slot);
-                        let cqe = Cqe {
-                            wr_id: h.wr_id,
-                            status: wc_status::LOC_QP_OP_ERR,
-                            opcode: wc_opcode_of(h.opcode),
-                            qp_num: qp.qpn,
-                            ..Cqe::default()
-                        };
-                        qp.state = QpState::Err;
-                        self.push_cqe(send_cq, &cqe);
+                match self.take_send(index, send_cq) {
+                    Taken::Wqe => popped = true,
+                    Taken::Empty | Taken::Broken => break,
+                    Taken::Malformed => {
+                        popped = true;
                         done += 1;
                         break;
                     }
@@ -149,6 +129,47 @@ impl Engine {
             }
         }
         done
+    }
+
+    /// Takes the next send WQE off the ring of the QP at `index` (in RTS, with room in its
+    /// send CQ `send_cq`) and makes it the QP's pending one.
+    fn take_send(&mut self, index: QpId, send_cq: CqId) -> Taken {
+        let qp = self.qps.get_mut(index).expect("caller checked");
+        qp.held = None;
+        match qp.sq.pop(&mut qp.sq_slot) {
+            Ok(true) => {}
+            Ok(false) => return Taken::Empty,
+            Err(e) => {
+                qp.broken = true;
+                let owner = qp.owner;
+                self.break_owner(owner, e);
+                return Taken::Broken;
+            }
+        }
+        let decoded = SendWqe::decode(&qp.sq_slot, qp.cap.max_send_sge, qp.cap.max_inline_data)
+            .ok()
+            .and_then(|wqe| Some((wqe, SendOp::decode(wqe.header.opcode)?)));
+        let Some((wqe, op)) = decoded else {
+            // Malformed (a shim would not write it): the QP fails as a device's does on a bad
+            // WQE.
+            let h = SendWqeHeader::read(&qp.sq_slot);
+            let cqe = Cqe {
+                wr_id: h.wr_id,
+                status: wc_status::LOC_QP_OP_ERR,
+                opcode: wc_opcode_of(h.opcode),
+                qp_num: qp.qpn,
+                ..Cqe::default()
+            };
+            qp.state = QpState::Err;
+            self.push_cqe(send_cq, &cqe);
+            return Taken::Malformed;
+        };
+        qp.pending = Some(Pending {
+            wqe,
+            op,
+            wait: Wait::Ready,
+        });
+        Taken::Wqe
     }
 
     /// Whether the CQ at `cq` has room for `n` more entries (false for a broken one).
