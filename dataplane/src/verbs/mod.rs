@@ -15,15 +15,19 @@
 //! Unsafe code is confined to `memory` (the memory file, mappings, views).
 //!
 //! `engine` (with `exec`) is the software verbs engine of a shard: CQs, QPs and the execution
-//! of work requests between the tables of two contexts.
+//! of work requests between the tables of two contexts; `send_op` decodes a work request's
+//! operation, and `ids` gives the engine's numbers their own types.
 #![deny(unsafe_code)]
 
 mod engine;
 mod exec;
+mod ids;
 mod memory;
 mod notify;
+mod send_op;
 
 pub use engine::{Engine, ParkPlan};
+use ids::PdId;
 pub use memory::{MemView, MemoryError, MemoryFile};
 
 use freeflow_proto::msg::status;
@@ -39,41 +43,9 @@ use std::sync::OnceLock;
 
 /// A hash map keyed by the router's own numbers (handles, keys, QP numbers, attachment ids).
 /// They are chosen by the router, never by a container (which can only look them up), so a fast
-/// multiplicative hash is safe from collision attacks; SipHash cost a fifth of the engine's time.
-pub(crate) type NumberMap<V> = std::collections::HashMap<u32, V, NumberHash>;
-
-/// The hasher of [`NumberMap`]: Fibonacci hashing of the key, folded so that both the low bits
-/// (bucket index) and the high bits (hashbrown's control byte) vary.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct NumberHash;
-
-impl BuildHasher for NumberHash {
-    type Hasher = NumberHasher;
-    fn build_hasher(&self) -> NumberHasher {
-        NumberHasher(0)
-    }
-}
-
-#[derive(Debug)]
-pub(crate) struct NumberHasher(u64);
-
-impl Hasher for NumberHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        let h = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = h ^ (h >> 32);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
+/// multiplicative hash (rustc's Fx hash) is safe from collision attacks; SipHash cost a fifth of
+/// the engine's time.
+pub(crate) type NumberMap<K, V> = rustc_hash::FxHashMap<K, V>;
 
 /// Why a verbs request failed, inside the router. [`VerbsError::status`] is what the reply says.
 #[derive(Debug, thiserror::Error)]
@@ -240,7 +212,7 @@ struct Pd {
 
 #[derive(Debug)]
 struct Mr {
-    pd: u32,
+    pd: PdId,
     access: u32,
     /// Start of the region in the address space work requests use.
     iova: u64,
@@ -289,12 +261,12 @@ impl KeyGen {
 #[derive(Debug)]
 pub struct VerbsTable {
     memory: Option<MemoryFile>,
-    pds: NumberMap<Pd>,
-    mrs: NumberMap<Mr>,
+    pds: NumberMap<PdId, Pd>,
+    mrs: NumberMap<u32, Mr>,
     /// Key to region handle. Local and remote keys are drawn apart (never equal), so a local key
     /// is never accepted as a remote one.
-    lkeys: NumberMap<u32>,
-    rkeys: NumberMap<u32>,
+    lkeys: NumberMap<u32, u32>,
+    rkeys: NumberMap<u32, u32>,
     next_handle: u32,
     keys: KeyGen,
     mapped_bytes: u64,
@@ -348,7 +320,7 @@ impl VerbsTable {
         loop {
             self.next_handle = self.next_handle.wrapping_add(1);
             let h = self.next_handle;
-            if h != 0 && !self.pds.contains_key(&h) && !self.mrs.contains_key(&h) {
+            if h != 0 && !self.pds.contains_key(&PdId(h)) && !self.mrs.contains_key(&h) {
                 return h;
             }
         }
@@ -364,21 +336,21 @@ impl VerbsTable {
         }
     }
 
-    pub fn alloc_pd(&mut self) -> Result<u32, VerbsError> {
+    pub fn alloc_pd(&mut self) -> Result<PdId, VerbsError> {
         if self.pds.len() >= limits::MAX_PD as usize {
             return Err(VerbsError::Limit("protection domains"));
         }
-        let h = self.new_handle();
-        self.pds.insert(h, Pd { mrs: 0, qps: 0 });
-        Ok(h)
+        let pd = PdId(self.new_handle());
+        self.pds.insert(pd, Pd { mrs: 0, qps: 0 });
+        Ok(pd)
     }
 
     /// Frees a PD; refused (EBUSY) while regions use it, as the kernel refuses it.
-    pub fn dealloc_pd(&mut self, pd: u32) -> Result<(), VerbsError> {
-        let entry = self.pds.get(&pd).ok_or(VerbsError::NoSuchPd(pd))?;
+    pub fn dealloc_pd(&mut self, pd: PdId) -> Result<(), VerbsError> {
+        let entry = self.pds.get(&pd).ok_or(VerbsError::NoSuchPd(pd.0))?;
         if entry.mrs > 0 || entry.qps > 0 {
             return Err(VerbsError::PdBusy {
-                pd,
+                pd: pd.0,
                 mrs: entry.mrs,
                 qps: entry.qps,
             });
@@ -388,13 +360,13 @@ impl VerbsTable {
     }
 
     /// Counts a queue pair created in `pd` (which must exist), so the PD stays until it goes.
-    pub fn hold_pd(&mut self, pd: u32) -> Result<(), VerbsError> {
-        self.pds.get_mut(&pd).ok_or(VerbsError::NoSuchPd(pd))?.qps += 1;
+    pub fn hold_pd(&mut self, pd: PdId) -> Result<(), VerbsError> {
+        self.pds.get_mut(&pd).ok_or(VerbsError::NoSuchPd(pd.0))?.qps += 1;
         Ok(())
     }
 
     /// Undoes [`VerbsTable::hold_pd`].
-    pub fn release_pd(&mut self, pd: u32) {
+    pub fn release_pd(&mut self, pd: PdId) {
         if let Some(entry) = self.pds.get_mut(&pd) {
             entry.qps = entry.qps.saturating_sub(1);
         }
@@ -403,7 +375,8 @@ impl VerbsTable {
     /// Registers a region: checks every field, maps its pages from the memory file and gives it
     /// a handle and two keys.
     pub fn reg_mr(&mut self, r: &RegMr) -> Result<MrCreated, VerbsError> {
-        if !self.pds.contains_key(&r.pd) {
+        let pd = PdId(r.pd);
+        if !self.pds.contains_key(&pd) {
             return Err(VerbsError::NoSuchPd(r.pd));
         }
         let access = check_mr_access(r.access)?;
@@ -446,11 +419,11 @@ impl VerbsTable {
         let rkey = self.new_key();
         self.rkeys.insert(rkey, handle);
         self.mapped_bytes += pages;
-        self.pds.get_mut(&r.pd).expect("checked above").mrs += 1;
+        self.pds.get_mut(&pd).expect("checked above").mrs += 1;
         self.mrs.insert(
             handle,
             Mr {
-                pd: r.pd,
+                pd,
                 access,
                 iova: r.iova,
                 length: r.length,
@@ -486,7 +459,7 @@ impl VerbsTable {
     /// as the IB specification does not validate their R_Key).
     pub fn resolve(
         &self,
-        pd: u32,
+        pd: PdId,
         key: Key,
         addr: u64,
         len: u64,
@@ -558,11 +531,11 @@ impl VerbsTable {
                     .into());
                 }
                 let pd = self.alloc_pd()?;
-                Ok(PdCreated { pd }.encode(reply))
+                Ok(PdCreated { pd: pd.0 }.encode(reply))
             }
             op::DEALLOC_PD => {
                 let r = DeallocPd::decode(body)?;
-                self.dealloc_pd(r.pd)?;
+                self.dealloc_pd(PdId(r.pd))?;
                 Ok(0)
             }
             op::REG_MR => {
@@ -579,8 +552,13 @@ impl VerbsTable {
                     return Err(VerbsError::TestHooksOff);
                 }
                 let r = TestRead::decode(body)?;
-                let view =
-                    self.resolve(r.pd, Key::Local(r.lkey), r.addr, r.length, Need::LocalRead)?;
+                let view = self.resolve(
+                    PdId(r.pd),
+                    Key::Local(r.lkey),
+                    r.addr,
+                    r.length,
+                    Need::LocalRead,
+                )?;
                 Ok(TestDigest {
                     digest: view.digest(),
                 }
@@ -592,7 +570,7 @@ impl VerbsTable {
                 }
                 let r = TestWrite::decode(body)?;
                 let view = self.resolve(
-                    r.pd,
+                    PdId(r.pd),
                     Key::Local(r.lkey),
                     r.addr,
                     r.data.len() as u64,
@@ -613,7 +591,5 @@ pub const MAX_REPLY_BODY: usize = verbs::MAX_REPLY_BODY;
 const _: () = assert!(MrCreated::LEN <= MAX_REPLY_BODY && TestDigest::LEN <= MAX_REPLY_BODY);
 const _: () = assert!(verbs::MEMORY_FILE_SIZE.is_multiple_of(PAGE_SIZE));
 
-#[cfg(test)]
-mod engine_tests;
 #[cfg(test)]
 mod tests;

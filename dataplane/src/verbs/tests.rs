@@ -32,9 +32,9 @@ fn pattern(addr: u64) -> u8 {
     (addr.wrapping_mul(31) >> 3) as u8
 }
 
-fn reg(t: &mut VerbsTable, pd: u32, addr: u64, length: u64, access: u32) -> MrCreated {
+fn reg(t: &mut VerbsTable, pd: PdId, addr: u64, length: u64, access: u32) -> MrCreated {
     t.reg_mr(&RegMr {
-        pd,
+        pd: pd.0,
         access,
         addr,
         length,
@@ -56,12 +56,15 @@ fn protection_domains_have_distinct_nonzero_handles_and_free_once() {
     let mut t = VerbsTable::new(false);
     let a = t.alloc_pd().unwrap();
     let b = t.alloc_pd().unwrap();
-    assert!(a != 0 && b != 0 && a != b);
+    assert!(a != PdId(0) && b != PdId(0) && a != b);
     t.dealloc_pd(a).unwrap();
     assert!(matches!(t.dealloc_pd(a), Err(VerbsError::NoSuchPd(_))));
-    assert!(matches!(t.dealloc_pd(0), Err(VerbsError::NoSuchPd(0))));
     assert!(matches!(
-        t.dealloc_pd(u32::MAX),
+        t.dealloc_pd(PdId(0)),
+        Err(VerbsError::NoSuchPd(0))
+    ));
+    assert!(matches!(
+        t.dealloc_pd(PdId(u32::MAX)),
         Err(VerbsError::NoSuchPd(_))
     ));
     assert_eq!(t.pd_count(), 1);
@@ -83,14 +86,14 @@ fn registration_checks_every_field() {
     let (mut t, _file) = table_with_memory();
     let pd = t.alloc_pd().unwrap();
     let ok = RegMr {
-        pd,
+        pd: pd.0,
         access: access::LOCAL_WRITE,
         addr: BASE + 100,
         length: 200,
         iova: BASE + 100,
     };
     let cases: Vec<(RegMr, u16)> = vec![
-        (RegMr { pd: pd + 1, ..ok }, VerbsStatus::BadHandle as u16),
+        (RegMr { pd: pd.0 + 1, ..ok }, VerbsStatus::BadHandle as u16),
         (RegMr { pd: 0, ..ok }, VerbsStatus::BadHandle as u16),
         (
             RegMr {
@@ -198,7 +201,7 @@ fn registration_needs_the_memory_file_and_takes_only_one() {
     let pd = t.alloc_pd().unwrap();
     let e = t
         .reg_mr(&RegMr {
-            pd,
+            pd: pd.0,
             access: 0,
             addr: BASE,
             length: 10,
@@ -317,7 +320,7 @@ fn keys_must_match_their_kind_pd_and_access() {
     assert_ne!(read_only.lkey, read_only.rkey);
     fn check(
         t: &VerbsTable,
-        pd: u32,
+        pd: PdId,
         key: Key,
         addr: u64,
         need: Need,
@@ -531,7 +534,7 @@ fn iova_regions_resolve_in_their_own_address_space() {
     let iova = 0x5000 + 123;
     let mr = t
         .reg_mr(&RegMr {
-            pd,
+            pd: pd.0,
             access: 0,
             addr,
             length: 1000,
@@ -675,7 +678,7 @@ fn registered_bytes_are_bounded() {
     reg(&mut t, pd, BASE, 10, 0);
     let e = t
         .reg_mr(&RegMr {
-            pd,
+            pd: pd.0,
             access: 0,
             addr: BASE,
             length: 10,

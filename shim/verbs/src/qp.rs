@@ -22,7 +22,7 @@ use crate::abi::{
 };
 use crate::error::{fail, VerbsError};
 use crate::ffi::{copy_out, guard};
-use crate::registry::{self, lock, QueueEntry, QueueKind};
+use crate::registry::{self, lock, ContextState, PdEntry, QueueEntry, QueueKind};
 use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::region::SharedRegion;
 use freeflow_proto::verbs::qp::{
@@ -34,7 +34,7 @@ use freeflow_proto::verbs::work::{
 use freeflow_proto::verbs::{op, Body, ObjectHandle, QueueFileKind, RECV_RING, SEND_RING};
 use freeflow_proto::{Producer, Wake};
 use std::ffi::c_int;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -120,66 +120,14 @@ fn c_cap(c: &QpCap) -> IbvQpCap {
     }
 }
 
+/// `ibv_create_qp` in steps: check the caller's objects, ask the router, map the queues it
+/// passed (destroying the router's QP if that fails), then build and register the library's
+/// object.
 fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, VerbsError> {
-    let pd_entry = registry::pd(pd as usize)?;
-    if init.is_null() {
-        return Err(VerbsError::InvalidArgument("qp_init_attr is NULL"));
-    }
-    // SAFETY: the caller's init attributes (checked for NULL).
-    let a = unsafe { *init };
-    let send_cq = crate::cq::cq_handle(a.send_cq)?;
-    let recv_cq = crate::cq::cq_handle(a.recv_cq)?;
-    if send_cq.context != pd_entry.context || recv_cq.context != pd_entry.context {
-        return Err(VerbsError::InvalidArgument(
-            "the CQs belong to another context than the PD",
-        ));
-    }
-    let srq = if a.srq.is_null() {
-        None
-    } else {
-        let entry = crate::srq::srq_handle(a.srq.cast())?;
-        if entry.context != pd_entry.context {
-            return Err(VerbsError::InvalidArgument(
-                "the SRQ belongs to another context than the PD",
-            ));
-        }
-        Some(entry)
-    };
-    if a.qp_type != QPT_RC {
-        return Err(VerbsError::NotSupported("only RC queue pairs"));
-    }
-    let state = registry::context(pd_entry.context)?;
-    let body = CreateQp {
-        pd: pd_entry.handle,
-        send_cq: send_cq.handle,
-        recv_cq: recv_cq.handle,
-        srq: srq.map_or(0, |e| e.handle),
-        qp_type: a.qp_type,
-        sq_sig_all: u32::from(a.sq_sig_all != 0),
-        cap: wire_cap(&a.cap),
-    }
-    .to_vec();
-    let (created, fd, bell) = {
-        let mut ch = lock(&state.channel);
-        let reply = ch.call(op::CREATE_QP, &body)?;
-        let created =
-            QpCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
-        let fd = ch.take_queue_file(QueueFileKind::Qp, created.qp);
-        (created, fd, ch.router_bell())
-    };
-    let made = fd.and_then(|fd| {
-        let region = SharedRegion::attach(fd.as_fd())
-            .map_err(|e| VerbsError::Protocol(format!("QP region: {e}")))?;
-        let ring = |i| {
-            region
-                .ring(i)
-                .map(Producer::new)
-                .map_err(|e| VerbsError::Protocol(format!("QP ring: {e}")))
-        };
-        let (send, recv) = (ring(SEND_RING)?, ring(RECV_RING)?);
-        Ok((region, send, recv, bell?))
-    });
-    let (region, send, recv, bell) = match made {
+    let request = QpRequest::check(pd, init)?;
+    let state = registry::context(request.pd.context)?;
+    let QpReply { created, fd, bell } = request_qp(&state, &request)?;
+    let (region, send, recv, bell) = match map_queues(fd, bell) {
         Ok(parts) => parts,
         Err(e) => {
             let _ = lock(&state.channel).call(
@@ -192,16 +140,150 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
     let st = Box::into_raw(Box::new(QpShared {
         state: AtomicU8::new(QpState::Reset as u8),
         cap: created.cap,
-        has_srq: srq.is_some(),
+        has_srq: request.srq.is_some(),
         send: Queue::new(send),
         recv: Queue::new(recv),
         bell,
         _region: region,
     }));
-    let context = pd_entry.context as *mut IbvContext;
-    let obj = Box::into_raw(Box::new(QpObject {
+    let obj = new_qp_object(pd, &request, &created, st);
+    // As providers do: the caller learns the capacities the QP really has.
+    // SAFETY: `init` is the caller's (checked for NULL by QpRequest::check).
+    unsafe { (*init).cap = c_cap(&created.cap) };
+    registry::add_queue(
+        obj as usize,
+        QueueKind::Qp,
+        QueueEntry {
+            context: request.pd.context,
+            handle: created.qp,
+        },
+    );
+    registry::debug(format_args!(
+        "created QP {} (number {:#08x}, {} send / {} receive WRs, inline {})",
+        created.qp,
+        created.qpn,
+        created.cap.max_send_wr,
+        created.cap.max_recv_wr,
+        created.cap.max_inline_data
+    ));
+    Ok(obj.cast())
+}
+
+/// What `ibv_create_qp` was asked for, with the PD, CQs and SRQ found in the registry and
+/// checked to be of one context.
+struct QpRequest {
+    pd: PdEntry,
+    /// The caller's init attributes (a copy).
+    attr: IbvQpInitAttr,
+    send_cq: QueueEntry,
+    recv_cq: QueueEntry,
+    srq: Option<QueueEntry>,
+}
+
+impl QpRequest {
+    fn check(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<QpRequest, VerbsError> {
+        let pd_entry = registry::pd(pd as usize)?;
+        if init.is_null() {
+            return Err(VerbsError::InvalidArgument("qp_init_attr is NULL"));
+        }
+        // SAFETY: the caller's init attributes (checked for NULL).
+        let a = unsafe { *init };
+        let send_cq = crate::cq::cq_handle(a.send_cq)?;
+        let recv_cq = crate::cq::cq_handle(a.recv_cq)?;
+        if send_cq.context != pd_entry.context || recv_cq.context != pd_entry.context {
+            return Err(VerbsError::InvalidArgument(
+                "the CQs belong to another context than the PD",
+            ));
+        }
+        let srq = if a.srq.is_null() {
+            None
+        } else {
+            let entry = crate::srq::srq_handle(a.srq.cast())?;
+            if entry.context != pd_entry.context {
+                return Err(VerbsError::InvalidArgument(
+                    "the SRQ belongs to another context than the PD",
+                ));
+            }
+            Some(entry)
+        };
+        if a.qp_type != QPT_RC {
+            return Err(VerbsError::NotSupported("only RC queue pairs"));
+        }
+        Ok(QpRequest {
+            pd: pd_entry,
+            attr: a,
+            send_cq,
+            recv_cq,
+            srq,
+        })
+    }
+}
+
+/// The router's answer to CREATE_QP. The router holds a QP from here on: if taking its file or
+/// the doorbell failed, the caller destroys it.
+struct QpReply {
+    created: QpCreated,
+    /// The QP's queue file, taken from the attach connection (the router sent it just before
+    /// the reply).
+    fd: Result<OwnedFd, VerbsError>,
+    /// The router shard's doorbell.
+    bell: Result<EventFd, VerbsError>,
+}
+
+/// Sends CREATE_QP.
+fn request_qp(state: &ContextState, request: &QpRequest) -> Result<QpReply, VerbsError> {
+    let a = &request.attr;
+    let body = CreateQp {
+        pd: request.pd.handle,
+        send_cq: request.send_cq.handle,
+        recv_cq: request.recv_cq.handle,
+        srq: request.srq.map_or(0, |e| e.handle),
+        qp_type: a.qp_type,
+        sq_sig_all: u32::from(a.sq_sig_all != 0),
+        cap: wire_cap(&a.cap),
+    }
+    .to_vec();
+    let mut ch = lock(&state.channel);
+    let reply = ch.call(op::CREATE_QP, &body)?;
+    let created =
+        QpCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
+    let fd = ch.take_queue_file(QueueFileKind::Qp, created.qp);
+    Ok(QpReply {
+        created,
+        fd,
+        bell: ch.router_bell(),
+    })
+}
+
+/// Maps the QP's region from its queue file: its send and receive rings.
+fn map_queues(
+    fd: Result<OwnedFd, VerbsError>,
+    bell: Result<EventFd, VerbsError>,
+) -> Result<(SharedRegion, Producer, Producer, EventFd), VerbsError> {
+    let fd = fd?;
+    let region = SharedRegion::attach(fd.as_fd())
+        .map_err(|e| VerbsError::Protocol(format!("QP region: {e}")))?;
+    let ring = |i| {
+        region
+            .ring(i)
+            .map(Producer::new)
+            .map_err(|e| VerbsError::Protocol(format!("QP ring: {e}")))
+    };
+    let (send, recv) = (ring(SEND_RING)?, ring(RECV_RING)?);
+    Ok((region, send, recv, bell?))
+}
+
+/// The library's object of a new QP: its `struct ibv_qp` (in RESET) and its state `st`.
+fn new_qp_object(
+    pd: *mut IbvPd,
+    request: &QpRequest,
+    created: &QpCreated,
+    st: *const QpShared,
+) -> *mut QpObject {
+    let a = &request.attr;
+    Box::into_raw(Box::new(QpObject {
         ibv: IbvQp {
-            context,
+            context: request.pd.context as *mut IbvContext,
             qp_context: a.qp_context,
             pd,
             send_cq: a.send_cq,
@@ -217,27 +299,7 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
         },
         magic: QP_MAGIC,
         state: st,
-    }));
-    // As providers do: the caller learns the capacities the QP really has.
-    // SAFETY: `init` is the caller's (checked for NULL above).
-    unsafe { (*init).cap = c_cap(&created.cap) };
-    registry::add_queue(
-        obj as usize,
-        QueueKind::Qp,
-        QueueEntry {
-            context: pd_entry.context,
-            handle: created.qp,
-        },
-    );
-    registry::debug(format_args!(
-        "created QP {} (number {:#08x}, {} send / {} receive WRs, inline {})",
-        created.qp,
-        created.qpn,
-        created.cap.max_send_wr,
-        created.cap.max_recv_wr,
-        created.cap.max_inline_data
-    ));
-    Ok(obj.cast())
+    }))
 }
 
 /// `ibv_create_qp`: an RC QP in RESET, or NULL with errno (EOPNOTSUPP for other types, EINVAL

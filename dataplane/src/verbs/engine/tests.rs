@@ -1,9 +1,9 @@
 //! The engine with two contexts in one process: each "shim" side is played by the test with the
 //! same proto types a shim uses (queue files from a socket pair, rings mapped from them).
 
-use super::memory::test_memfd;
-use super::notify::test_seqpacket_pair;
-use super::*;
+use crate::verbs::memory::test_memfd;
+use crate::verbs::notify::test_seqpacket_pair;
+use crate::verbs::*;
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
 use freeflow_proto::identity::NetnsId;

@@ -1,0 +1,265 @@
+//! Completion channels and completion queues: `ibv_create_comp_channel`, `ibv_create_cq`,
+//! `ibv_resize_cq` and their destruction, and the publishing of a pass's completions (with the
+//! wake-up of armed CQs' channels).
+
+use super::{ring_slots, Engine};
+use crate::verbs::ids::{AttachmentId, CqId};
+use crate::verbs::{notify, VerbsError};
+use freeflow_proto::region::SharedRegion;
+use freeflow_proto::verbs::{limits, CqCreated, CreateCq, QueueFileKind, ResizeCq};
+use freeflow_proto::{Producer, RingGeometry, Wake};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub(super) struct CompChannel {
+    /// The write end of the channel's pipe.
+    pipe: Arc<OwnedFd>,
+    cqs: u32,
+}
+
+#[derive(Debug)]
+pub(in crate::verbs) struct Cq {
+    pub(in crate::verbs) owner: AttachmentId,
+    handle: u32,
+    pub(in crate::verbs) ring: Producer,
+    channel: u32,
+    notify: Option<Arc<OwnedFd>>,
+    /// QPs that complete into it (destroying it is refused while there are any).
+    pub(super) users: u32,
+    pub(in crate::verbs) dirty: bool,
+    /// The owner wrote a corrupt index into the ring: it is no longer touched.
+    pub(in crate::verbs) broken: bool,
+    _region: SharedRegion,
+}
+
+impl Cq {
+    /// Publishes the entries pushed since the last publish; a program that armed the CQ
+    /// (`ibv_req_notify_cq`) gets the CQ's handle on its completion channel.
+    fn publish(&mut self) {
+        if self.ring.publish() == Wake::Needed {
+            if let Some(pipe) = &self.notify {
+                notify::notify(pipe, self.handle);
+            }
+        }
+    }
+}
+
+/// The geometry of a CQ ring of at least `cqe` entries.
+fn cq_geometry(cqe: u32) -> Result<RingGeometry, VerbsError> {
+    RingGeometry {
+        slot_size: 64,
+        slot_count: ring_slots(cqe),
+    }
+    .validate()
+    .map_err(|_| VerbsError::Invalid("cqe out of range"))
+}
+
+impl Engine {
+    pub(super) fn cq_index(
+        &self,
+        attachment: AttachmentId,
+        handle: u32,
+    ) -> Result<CqId, VerbsError> {
+        self.contexts
+            .get(&attachment)
+            .and_then(|c| c.cqs.get(&handle))
+            .copied()
+            .ok_or(VerbsError::NoSuchObject("completion queue", handle))
+    }
+
+    pub(super) fn create_channel(
+        &mut self,
+        attachment: AttachmentId,
+        conn: BorrowedFd<'_>,
+    ) -> Result<u32, VerbsError> {
+        let ctx = self.context(attachment)?;
+        if ctx.channels.len() >= limits::MAX_COMP_CHANNELS as usize {
+            return Err(VerbsError::Limit("completion channels"));
+        }
+        let (read, write) = notify::channel_pipe().map_err(VerbsError::PassFile)?;
+        let handle = Self::new_handle(ctx);
+        Self::pass_file(conn, QueueFileKind::Channel, handle, read.as_fd())?;
+        ctx.channels.insert(
+            handle,
+            CompChannel {
+                pipe: Arc::new(write),
+                cqs: 0,
+            },
+        );
+        Ok(handle)
+    }
+
+    pub(super) fn destroy_channel(
+        &mut self,
+        attachment: AttachmentId,
+        handle: u32,
+    ) -> Result<(), VerbsError> {
+        let ctx = self.context(attachment)?;
+        let ch = ctx
+            .channels
+            .get(&handle)
+            .ok_or(VerbsError::NoSuchObject("completion channel", handle))?;
+        if ch.cqs > 0 {
+            return Err(VerbsError::ObjectBusy("completion channel", handle));
+        }
+        ctx.channels.remove(&handle);
+        Ok(())
+    }
+
+    pub(super) fn create_cq(
+        &mut self,
+        attachment: AttachmentId,
+        conn: BorrowedFd<'_>,
+        r: &CreateCq,
+    ) -> Result<CqCreated, VerbsError> {
+        let ctx = self
+            .contexts
+            .get_mut(&attachment)
+            .expect("checked by serve");
+        if r.cqe == 0 || r.cqe > limits::MAX_CQE {
+            return Err(VerbsError::Invalid("cqe out of range"));
+        }
+        if r.comp_vector != 0 {
+            return Err(VerbsError::Invalid("the device has one completion vector"));
+        }
+        if ctx.cqs.len() >= limits::MAX_CQ as usize {
+            return Err(VerbsError::Limit("completion queues"));
+        }
+        let notify = match r.channel {
+            0 => None,
+            h => Some(
+                ctx.channels
+                    .get(&h)
+                    .ok_or(VerbsError::NoSuchObject("completion channel", h))?
+                    .pipe
+                    .clone(),
+            ),
+        };
+        let geometry = cq_geometry(r.cqe)?;
+        let (region, memfd) = SharedRegion::create("freeflow-cq", &[geometry])?;
+        let ring = Producer::new(region.ring(0)?);
+        let handle = Self::new_handle(ctx);
+        Self::pass_file(conn, QueueFileKind::Cq, handle, memfd.as_fd())?;
+        if r.channel != 0 {
+            ctx.channels.get_mut(&r.channel).expect("found above").cqs += 1;
+        }
+        let index = self.cqs.insert(Cq {
+            owner: attachment,
+            handle,
+            ring,
+            channel: r.channel,
+            notify,
+            users: 0,
+            dirty: false,
+            broken: false,
+            _region: region,
+        });
+        ctx.cqs.insert(handle, index);
+        Ok(CqCreated {
+            cq: handle,
+            cqe: geometry.slot_count,
+        })
+    }
+
+    pub(super) fn destroy_cq(
+        &mut self,
+        attachment: AttachmentId,
+        handle: u32,
+    ) -> Result<(), VerbsError> {
+        let ctx = self
+            .contexts
+            .get_mut(&attachment)
+            .expect("checked by serve");
+        let &index = ctx
+            .cqs
+            .get(&handle)
+            .ok_or(VerbsError::NoSuchObject("completion queue", handle))?;
+        let cq = self.cqs.get(index).expect("tables agree");
+        if cq.users > 0 {
+            return Err(VerbsError::ObjectBusy("completion queue", handle));
+        }
+        if let Some(ch) = ctx.channels.get_mut(&cq.channel) {
+            ch.cqs -= 1;
+        }
+        ctx.cqs.remove(&handle);
+        self.cqs.remove(index);
+        self.dirty.retain(|&i| i != index);
+        Ok(())
+    }
+
+    /// `ibv_resize_cq`: a new ring of at least `cqe` entries replaces the CQ's ring, holding
+    /// the completions the program has not polled yet, in order (at the start of the new
+    /// ring). Nothing is produced between the copy and the switch: this shard is the only
+    /// producer and serves the request between two passes. Entries pushed but not published
+    /// are published first (so an armed CQ is notified of them as at any publish), and a
+    /// request for notification still pending on the old ring is carried over to the new one.
+    /// Fewer entries than the completions in the CQ is EINVAL, and the CQ stays as it was.
+    ///
+    /// The count of completions relies on the shim: it holds the CQ's lock across the call,
+    /// so the consumer's head is published and stands still. A shim that polls meanwhile only
+    /// sees its own completions twice.
+    pub(super) fn resize_cq(
+        &mut self,
+        attachment: AttachmentId,
+        conn: BorrowedFd<'_>,
+        r: &ResizeCq,
+    ) -> Result<CqCreated, VerbsError> {
+        let index = self.cq_index(attachment, r.cq)?;
+        if r.cqe == 0 || r.cqe > limits::MAX_CQE {
+            return Err(VerbsError::Invalid("cqe out of range"));
+        }
+        let cq = self.cqs.get_mut(index).expect("tables agree");
+        if cq.broken {
+            return Err(VerbsError::Invalid("the CQ's ring is broken"));
+        }
+        cq.publish();
+        let pending = match cq.ring.unconsumed() {
+            Ok(n) => n,
+            Err(e) => {
+                cq.broken = true;
+                let owner = cq.owner;
+                self.break_owner(owner, e);
+                return Err(VerbsError::Invalid("the CQ's ring is broken"));
+            }
+        };
+        if pending > r.cqe {
+            return Err(VerbsError::Invalid(
+                "fewer entries than the completions in the CQ",
+            ));
+        }
+        let geometry = cq_geometry(r.cqe)?;
+        let (region, memfd) = SharedRegion::create("freeflow-cq", &[geometry])?;
+        let mut ring = Producer::new(region.ring(0)?);
+        let mut slot = [0u8; 64];
+        for n in 0..pending {
+            let copied = cq.ring.read_unconsumed(n, &mut slot);
+            let pushed = matches!(ring.push(&slot), Ok(true));
+            debug_assert!(copied && pushed, "the new ring holds every pending entry");
+        }
+        // The new ring's consumer is not parked: this publish wakes nobody.
+        let _ = ring.publish();
+        if cq.ring.consumer_parked() {
+            ring.raise_parked();
+        }
+        Self::pass_file(conn, QueueFileKind::Cq, r.cq, memfd.as_fd())?;
+        cq.ring = ring;
+        cq._region = region;
+        Ok(CqCreated {
+            cq: r.cq,
+            cqe: geometry.slot_count,
+        })
+    }
+
+    /// Publishes every CQ with new entries once; a program that armed the CQ
+    /// (`ibv_req_notify_cq`) gets the CQ's handle on its completion channel.
+    pub(in crate::verbs) fn publish(&mut self) {
+        while let Some(index) = self.dirty.pop() {
+            let Some(cq) = self.cqs.get_mut(index) else {
+                continue;
+            };
+            cq.dirty = false;
+            cq.publish();
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The software verbs engine of one shard: every verbs context (one per verbs attachment) with
+//! its PD/MR table, completion channels, CQs and QPs, and the execution of work requests by
+//! copying between containers' registered memory.
+//!
+//! Routing: all verbs attachments of a host are served by one shard (the control thread sends
+//! them to shard 0), so both ends of a same-host connection live in this one engine and a work
+//! request runs to completion on one thread, with no locks and no cross-shard handoff. That
+//! caps RDMA mode at one router core per host for now; spreading it means handing work between
+//! engines (a crossbeam queue per shard pair) or partitioning by connection.
+//!
+//! Where a QP's destination lives is decided at RTR from its GID (`::ffff:<overlay ip>`): a
+//! container of the caller's tenant with a verbs context on this host is [`Route::Local`];
+//! anything else fails the modify with ENETUNREACH. Other hosts (a router-to-router transport)
+//! and a hardware backend would be further routes, resolved at the same point.
+//!
+//! The fast path: the shim pushes WQEs onto the QP's send and receive rings and polls the CQ's
+//! ring; the engine pops send WQEs of QPs in RTS, executes each (SEND pops the responder's next
+//! receive WQE), pushes CQEs and publishes each touched CQ once per pass, ringing the CQ's
+//! completion channel if the program armed it. Everything read from shared memory is copied and
+//! checked first (see `freeflow_proto::verbs::work`); a ring whose indices are corrupt ends the
+//! attachment that owns it.
+//!
+//! Shared receive queues: an SRQ is a ring of receive WQEs of its own; a QP created with one
+//! takes the receives of incoming messages from it (an empty SRQ is RNR, as an empty receive
+//! queue is), and the keys of those receives are checked in the SRQ's protection domain. A QP
+//! going to the error state flushes its send queue only: the SRQ's WQEs stay for its other
+//! QPs. A resized CQ gets a new ring holding the completions not polled yet
+//! (`Engine::resize_cq`).
+//!
+//! Semantics follow the InfiniBand RC rules as rdma-core reports them: completions in order per
+//! queue; unsignaled sends complete silently unless they fail; a failed work request moves its
+//! QP to the error state, and every WQE still queued there (send and receive) completes with
+//! IBV_WC_WR_FLUSH_ERR. A SEND finding no receive waits the responder's RNR timer and retries
+//! up to `rnr_retry` times (7: for ever); a destination QP that is missing, not ready or not
+//! connected back to the sender is retried every local ACK timeout up to `retry_cnt` times, then
+//! IBV_WC_RETRY_EXC_ERR. A CQ without room for a completion holds its QP back (the ring never
+//! overflows); the shard then wakes every millisecond to retry.
+//!
+//! The engine is split by object: this module holds the engine, its per-attachment contexts and
+//! the dispatch of requests; `cq` the completion channels and CQs, `qp` the QPs and their state
+//! machine, `srq` the shared receive queues, `park` the parking of the shard and the retry
+//! timers, `objects` the tables of CQs, QPs and SRQs. `super::exec` executes work requests.
+
+mod cq;
+mod objects;
+mod park;
+mod qp;
+mod srq;
+#[cfg(test)]
+mod tests;
+
+pub use park::ParkPlan;
+pub(super) use park::{ack_timeout, rnr_timer, CQ_FULL_RETRY};
+pub(super) use qp::{Pending, Route, Wait};
+
+use super::ids::{AttachmentId, CqId, QpId, SrqId, TenantId};
+use super::{KeyGen, NumberMap, VerbsError, VerbsTable};
+use cq::{CompChannel, Cq};
+use freeflow_proto::control::ContainerEntry;
+use freeflow_proto::fdpass;
+use freeflow_proto::verbs::qp::{CreateQp, ModifyQp, QpState};
+use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq};
+use freeflow_proto::verbs::{
+    op, Body, CreateCq, DecodeError, MemoryFileMsg, ObjectHandle, QueueFileKind, QueueFileMsg,
+    ResizeCq,
+};
+use freeflow_proto::RingError;
+use objects::Objects;
+use qp::Qp;
+use srq::Srq;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+/// Smallest number of slots of a queue's ring.
+const MIN_RING_SLOTS: u32 = 16;
+
+/// The verbs state of one attachment (one open device context).
+#[derive(Debug)]
+pub(super) struct Context {
+    pub(super) container: ContainerEntry,
+    /// The container's tenant as a number of this engine (compared on every work request).
+    pub(super) tenant: TenantId,
+    pub(super) table: VerbsTable,
+    channels: NumberMap<u32, CompChannel>,
+    cqs: NumberMap<u32, CqId>,
+    qps: NumberMap<u32, QpId>,
+    srqs: NumberMap<u32, SrqId>,
+    next_handle: u32,
+}
+
+/// What a context held when it closed (for the detach log line).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Held {
+    pub pds: usize,
+    pub mrs: usize,
+    pub cqs: usize,
+    pub qps: usize,
+}
+
+/// The verbs engine of one shard.
+#[derive(Debug)]
+pub struct Engine {
+    pub(super) contexts: NumberMap<AttachmentId, Context>,
+    pub(super) cqs: Objects<CqId, Cq>,
+    pub(super) qps: Objects<QpId, Qp>,
+    pub(super) srqs: Objects<SrqId, Srq>,
+    /// Virtual QP number to QP, for every QP of this engine.
+    qpns: NumberMap<u32, QpId>,
+    qpn_keys: KeyGen,
+    /// Tenant names to the numbers contexts carry.
+    tenants: std::collections::HashMap<String, TenantId>,
+    test_hooks: bool,
+    /// CQs with entries pushed and not yet published.
+    pub(super) dirty: Vec<CqId>,
+    /// Attachments that broke a ring (to be detached by the shard), with the reason.
+    pub(super) broken: Vec<(AttachmentId, String)>,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::new(super::test_hooks_enabled())
+    }
+}
+
+fn ring_slots(wanted: u32) -> u32 {
+    wanted.max(MIN_RING_SLOTS).next_power_of_two()
+}
+
+fn slot_size(bytes: usize) -> u32 {
+    (bytes.max(64) as u32).next_multiple_of(64)
+}
+
+impl Engine {
+    pub fn new(test_hooks: bool) -> Engine {
+        Engine {
+            contexts: NumberMap::default(),
+            cqs: Objects::default(),
+            qps: Objects::default(),
+            srqs: Objects::default(),
+            qpns: NumberMap::default(),
+            qpn_keys: KeyGen::new(),
+            tenants: std::collections::HashMap::new(),
+            test_hooks,
+            dirty: Vec::new(),
+            broken: Vec::new(),
+        }
+    }
+
+    /// A verbs attachment arrived: it gets an empty context.
+    pub fn open(&mut self, attachment: u32, container: ContainerEntry) {
+        let next = TenantId(self.tenants.len() as u32);
+        let tenant = *self.tenants.entry(container.tenant.clone()).or_insert(next);
+        self.contexts.insert(
+            AttachmentId(attachment),
+            Context {
+                container,
+                tenant,
+                table: VerbsTable::new(self.test_hooks),
+                channels: NumberMap::default(),
+                cqs: NumberMap::default(),
+                qps: NumberMap::default(),
+                srqs: NumberMap::default(),
+                next_handle: 0,
+            },
+        );
+    }
+
+    /// An attachment went: everything of its context goes (peers connected to its QPs see
+    /// their destination gone, as if the remote host had died).
+    pub fn close(&mut self, attachment: u32) -> Option<Held> {
+        let ctx = self.contexts.remove(&AttachmentId(attachment))?;
+        let held = Held {
+            pds: ctx.table.pd_count(),
+            mrs: ctx.table.mr_count(),
+            cqs: ctx.cqs.len(),
+            qps: ctx.qps.len(),
+        };
+        for &i in ctx.qps.values() {
+            if let Some(qp) = self.qps.remove(i) {
+                self.qpns.remove(&qp.qpn);
+            }
+        }
+        for &i in ctx.cqs.values() {
+            self.cqs.remove(i);
+        }
+        for &i in ctx.srqs.values() {
+            self.srqs.remove(i);
+        }
+        self.dirty.retain(|&i| self.cqs.get(i).is_some());
+        Some(held)
+    }
+
+    pub fn has_memory_file(&self, attachment: u32) -> bool {
+        self.contexts
+            .get(&AttachmentId(attachment))
+            .is_some_and(|c| c.table.has_memory_file())
+    }
+
+    pub fn adopt_memory_file(
+        &mut self,
+        attachment: u32,
+        msg: MemoryFileMsg,
+        fd: OwnedFd,
+    ) -> Result<(), VerbsError> {
+        self.context(AttachmentId(attachment))?
+            .table
+            .adopt_memory_file(msg, fd)
+    }
+
+    /// Attachments whose rings broke since the last call (the shard detaches them).
+    pub fn take_broken(&mut self) -> Vec<(u32, String)> {
+        std::mem::take(&mut self.broken)
+            .into_iter()
+            .map(|(owner, why)| (owner.0, why))
+            .collect()
+    }
+
+    pub(super) fn break_owner(&mut self, owner: AttachmentId, e: RingError) {
+        if !self.broken.iter().any(|(id, _)| *id == owner) {
+            self.broken
+                .push((owner, format!("verbs queue protocol violation: {e}")));
+        }
+    }
+
+    /// Serves one verbs request of `attachment`, whose attach connection is `conn` (queue files
+    /// go there). Writes the reply body into `reply`; returns its status and length.
+    pub fn serve(
+        &mut self,
+        attachment: u32,
+        conn: BorrowedFd<'_>,
+        opcode: u16,
+        body: &[u8],
+        reply: &mut [u8],
+    ) -> (u16, usize) {
+        match self.serve_inner(AttachmentId(attachment), conn, opcode, body, reply) {
+            Ok(len) => (freeflow_proto::msg::status::OK, len),
+            Err(e) => (e.status(), 0),
+        }
+    }
+
+    fn serve_inner(
+        &mut self,
+        attachment: AttachmentId,
+        conn: BorrowedFd<'_>,
+        opcode: u16,
+        body: &[u8],
+        reply: &mut [u8],
+    ) -> Result<usize, VerbsError> {
+        self.context(attachment)?;
+        match opcode {
+            op::CREATE_COMP_CHANNEL => {
+                if !body.is_empty() {
+                    return Err(DecodeError::Length {
+                        what: "CreateCompChannel",
+                        got: body.len(),
+                        expected: 0,
+                    }
+                    .into());
+                }
+                let handle = self.create_channel(attachment, conn)?;
+                Ok(ObjectHandle { handle }.encode(reply))
+            }
+            op::DESTROY_COMP_CHANNEL => {
+                let r = ObjectHandle::decode(body)?;
+                self.destroy_channel(attachment, r.handle)?;
+                Ok(0)
+            }
+            op::CREATE_CQ => {
+                let r = CreateCq::decode(body)?;
+                Ok(self.create_cq(attachment, conn, &r)?.encode(reply))
+            }
+            op::DESTROY_CQ => {
+                let r = ObjectHandle::decode(body)?;
+                self.destroy_cq(attachment, r.handle)?;
+                Ok(0)
+            }
+            op::RESIZE_CQ => {
+                let r = ResizeCq::decode(body)?;
+                Ok(self.resize_cq(attachment, conn, &r)?.encode(reply))
+            }
+            op::CREATE_QP => {
+                let r = CreateQp::decode(body)?;
+                Ok(self.create_qp(attachment, conn, &r)?.encode(reply))
+            }
+            op::MODIFY_QP => {
+                let r = ModifyQp::decode(body)?;
+                let state = self.modify_qp(attachment, &r)?;
+                Ok(ObjectHandle {
+                    handle: state as u32,
+                }
+                .encode(reply))
+            }
+            op::QUERY_QP => {
+                let r = ObjectHandle::decode(body)?;
+                Ok(self.query_qp(attachment, r.handle)?.encode(reply))
+            }
+            op::DESTROY_QP => {
+                let r = ObjectHandle::decode(body)?;
+                self.destroy_qp(attachment, r.handle)?;
+                Ok(0)
+            }
+            op::CREATE_SRQ => {
+                let r = CreateSrq::decode(body)?;
+                Ok(self.create_srq(attachment, conn, &r)?.encode(reply))
+            }
+            op::MODIFY_SRQ => {
+                let r = ModifySrq::decode(body)?;
+                self.modify_srq(attachment, &r)?;
+                Ok(0)
+            }
+            op::QUERY_SRQ => {
+                let r = ObjectHandle::decode(body)?;
+                Ok(self.query_srq(attachment, r.handle)?.encode(reply))
+            }
+            op::DESTROY_SRQ => {
+                let r = ObjectHandle::decode(body)?;
+                self.destroy_srq(attachment, r.handle)?;
+                Ok(0)
+            }
+            _ => self
+                .context(attachment)?
+                .table
+                .serve_inner(opcode, body, reply),
+        }
+    }
+
+    fn context(&mut self, attachment: AttachmentId) -> Result<&mut Context, VerbsError> {
+        self.contexts
+            .get_mut(&attachment)
+            .ok_or(VerbsError::NoSuchObject("context", attachment.0))
+    }
+
+    /// A handle not in use by any channel, CQ, QP or SRQ of the context (never 0).
+    fn new_handle(ctx: &mut Context) -> u32 {
+        loop {
+            ctx.next_handle = ctx.next_handle.wrapping_add(1);
+            let h = ctx.next_handle;
+            if h != 0
+                && !ctx.channels.contains_key(&h)
+                && !ctx.cqs.contains_key(&h)
+                && !ctx.qps.contains_key(&h)
+                && !ctx.srqs.contains_key(&h)
+            {
+                return h;
+            }
+        }
+    }
+
+    /// Sends the file of a new queue (or channel) `handle` on the attach connection, before
+    /// the reply that creates it.
+    fn pass_file(
+        conn: BorrowedFd<'_>,
+        kind: QueueFileKind,
+        handle: u32,
+        fd: BorrowedFd<'_>,
+    ) -> Result<(), VerbsError> {
+        let msg = QueueFileMsg { kind, handle }.encode();
+        fdpass::try_send_with_fds(conn, &msg, &[fd]).map_err(VerbsError::PassFile)?;
+        Ok(())
+    }
+
+    /// One pass over every QP: executes send WQEs of QPs in RTS, flushes QPs in the error
+    /// state, then publishes the CQs that got entries (ringing armed ones' channels). Returns
+    /// how much work was done.
+    pub fn poll(&mut self) -> usize {
+        let mut work = 0;
+        let mut now = None;
+        for index in self.qps.keys() {
+            let Some(qp) = self.qps.get(index) else {
+                continue;
+            };
+            if qp.broken {
+                continue;
+            }
+            match qp.state {
+                QpState::Rts => work += self.run_send_queue(index, &mut now),
+                QpState::Err => work += self.flush(index, &mut now),
+                _ => {}
+            }
+        }
+        self.publish();
+        work
+    }
+}

@@ -1,0 +1,157 @@
+//! Shared receive queues: `ibv_create_srq`, `ibv_modify_srq`, `ibv_query_srq` and
+//! `ibv_destroy_srq`. An SRQ is a ring of receive WQEs of its own; a QP created with one takes
+//! the receives of incoming messages from it, and the keys of those receives are checked in
+//! the SRQ's protection domain.
+
+use super::{ring_slots, slot_size, Engine};
+use crate::verbs::ids::{AttachmentId, PdId, SrqId};
+use crate::verbs::VerbsError;
+use freeflow_proto::region::SharedRegion;
+use freeflow_proto::verbs::srq::{self, CreateSrq, ModifySrq, SrqAttr, SrqCreated};
+use freeflow_proto::verbs::work::{RecvWqe, MAX_SGE};
+use freeflow_proto::verbs::{limits, QueueFileKind};
+use freeflow_proto::{Consumer, RingGeometry};
+use std::os::fd::{AsFd, BorrowedFd};
+
+/// A shared receive queue: receive WQEs that any QP created with it consumes.
+#[derive(Debug)]
+pub(in crate::verbs) struct Srq {
+    pub(in crate::verbs) owner: AttachmentId,
+    /// Its protection domain: the keys of its receives are checked there.
+    pub(in crate::verbs) pd: PdId,
+    pub(in crate::verbs) ring: Consumer,
+    pub(in crate::verbs) attr: SrqAttr,
+    /// QPs created with it (destroying it is refused while there are any).
+    pub(super) users: u32,
+    /// The owner wrote a corrupt index into the ring: it is no longer touched.
+    pub(in crate::verbs) broken: bool,
+    _region: SharedRegion,
+}
+
+impl Engine {
+    fn srq_index(&self, attachment: AttachmentId, handle: u32) -> Result<SrqId, VerbsError> {
+        self.contexts
+            .get(&attachment)
+            .and_then(|c| c.srqs.get(&handle))
+            .copied()
+            .ok_or(VerbsError::NoSuchObject("shared receive queue", handle))
+    }
+
+    /// `ibv_create_srq`: a ring of at least `max_wr` receive slots of `max_sge` entries in the
+    /// caller's PD (held, like a QP holds it). A zero `max_wr` is EINVAL; `max_sge` 0 gets 1.
+    pub(super) fn create_srq(
+        &mut self,
+        attachment: AttachmentId,
+        conn: BorrowedFd<'_>,
+        r: &CreateSrq,
+    ) -> Result<SrqCreated, VerbsError> {
+        if r.max_wr == 0 || r.max_wr > limits::MAX_SRQ_WR || r.max_sge > limits::MAX_SRQ_SGE {
+            return Err(VerbsError::Invalid("SRQ capacity out of range"));
+        }
+        let ctx = self
+            .contexts
+            .get_mut(&attachment)
+            .expect("checked by serve");
+        if ctx.srqs.len() >= limits::MAX_SRQ as usize {
+            return Err(VerbsError::Limit("shared receive queues"));
+        }
+        let pd = PdId(r.pd);
+        ctx.table.hold_pd(pd)?;
+        let slot = slot_size(RecvWqe::slot_bytes(r.max_sge.max(1)));
+        let geometry = RingGeometry {
+            slot_size: slot,
+            slot_count: ring_slots(r.max_wr),
+        };
+        let made = (|| {
+            let (region, memfd) = SharedRegion::create("freeflow-srq", &[geometry])?;
+            let ring = Consumer::new(region.ring(0)?);
+            Ok::<_, VerbsError>((region, memfd, ring))
+        })();
+        let (region, memfd, ring) = match made {
+            Ok(parts) => parts,
+            Err(e) => {
+                ctx.table.release_pd(pd);
+                return Err(e);
+            }
+        };
+        let handle = Self::new_handle(ctx);
+        if let Err(e) = Self::pass_file(conn, QueueFileKind::Srq, handle, memfd.as_fd()) {
+            ctx.table.release_pd(pd);
+            return Err(e);
+        }
+        let attr = SrqAttr {
+            max_wr: geometry.slot_count,
+            max_sge: ((slot as usize - RecvWqe::slot_bytes(0)) / 16).min(MAX_SGE as usize) as u32,
+            srq_limit: 0,
+        };
+        let index = self.srqs.insert(Srq {
+            owner: attachment,
+            pd,
+            ring,
+            attr,
+            users: 0,
+            broken: false,
+            _region: region,
+        });
+        ctx.srqs.insert(handle, index);
+        Ok(SrqCreated { srq: handle, attr })
+    }
+
+    /// `ibv_modify_srq`. Resizing (IBV_SRQ_MAX_WR) is refused as by a device without
+    /// IBV_DEVICE_SRQ_RESIZE (EINVAL). Arming the limit (IBV_SRQ_LIMIT) would need the
+    /// asynchronous event IBV_EVENT_SRQ_LIMIT_REACHED, which this device does not deliver yet:
+    /// a limit of 0 (disarmed, what the SRQ has) is accepted, any other is EOPNOTSUPP (EINVAL
+    /// first if it exceeds `max_wr`, as a device checks).
+    pub(super) fn modify_srq(
+        &mut self,
+        attachment: AttachmentId,
+        r: &ModifySrq,
+    ) -> Result<(), VerbsError> {
+        let index = self.srq_index(attachment, r.srq)?;
+        let attr = self.srqs.get(index).expect("tables agree").attr;
+        if r.attr_mask & !srq::mask::KNOWN != 0 {
+            return Err(VerbsError::Invalid("unknown SRQ attribute mask bits"));
+        }
+        if r.attr_mask & srq::mask::MAX_WR != 0 {
+            return Err(VerbsError::Invalid("the device cannot resize an SRQ"));
+        }
+        if r.attr_mask & srq::mask::LIMIT != 0 {
+            if r.srq_limit > attr.max_wr {
+                return Err(VerbsError::Invalid("SRQ limit beyond max_wr"));
+            }
+            if r.srq_limit != 0 {
+                return Err(VerbsError::NotSupported(
+                    "SRQ limit events (no asynchronous events yet)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn destroy_srq(
+        &mut self,
+        attachment: AttachmentId,
+        handle: u32,
+    ) -> Result<(), VerbsError> {
+        let index = self.srq_index(attachment, handle)?;
+        let srq = self.srqs.get(index).expect("tables agree");
+        if srq.users > 0 {
+            return Err(VerbsError::ObjectBusy("shared receive queue", handle));
+        }
+        let srq = self.srqs.remove(index).expect("tables agree");
+        let ctx = self.contexts.get_mut(&attachment).expect("checked");
+        ctx.srqs.remove(&handle);
+        ctx.table.release_pd(srq.pd);
+        Ok(())
+    }
+
+    /// `ibv_query_srq`: the SRQ's attributes.
+    pub(super) fn query_srq(
+        &self,
+        attachment: AttachmentId,
+        handle: u32,
+    ) -> Result<SrqAttr, VerbsError> {
+        let index = self.srq_index(attachment, handle)?;
+        Ok(self.srqs.get(index).expect("tables agree").attr)
+    }
+}

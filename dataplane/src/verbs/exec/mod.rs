@@ -1,0 +1,452 @@
+//! The engine's data path: executing send WQEs by copying between two containers' registered
+//! memory (through `VerbsTable::resolve`, so every key, range and access right is checked
+//! against the owner's own table), the waits of RC (RNR, transport retries, full CQs) and the
+//! flush of QPs in the error state.
+//!
+//! Errors become completions as an RC requester and responder report them (see
+//! `freeflow_proto::verbs::wc_status`): a bad local key or range is the requester's
+//! LOC_PROT_ERR; a bad remote key, range or access right, or a QP that does not allow the
+//! access, is REM_ACCESS_ERR (and the responder's QP goes to the error state too, as for the
+//! specification's class C responder errors); a receive that is too short is LOC_LEN_ERR at the
+//! responder and REM_INV_REQ_ERR at the requester; a receive with a bad key is LOC_PROT_ERR at
+//! the responder and REM_OP_ERR at the requester. Atomics work on the 64-bit word in host byte
+//! order (both containers are on this host), and return the old value in host order.
+//!
+//! This module drives a QP's send queue (waits, retries, completions); `ops` carries out each
+//! operation, `copy` resolves scatter/gather lists and copies between them, `flush` empties
+//! QPs in the error state.
+
+mod copy;
+mod flush;
+mod ops;
+
+use super::engine::{ack_timeout, rnr_timer, Engine, Pending, Route, Wait, CQ_FULL_RETRY};
+use super::ids::{AttachmentId, CqId, PdId, QpId, SrqId};
+use super::send_op::{wc_opcode_of, SendOp};
+use freeflow_proto::verbs::qp::QpState;
+use freeflow_proto::verbs::wc_status;
+use freeflow_proto::verbs::work::{Cqe, RecvWqe, SendWqe, SendWqeHeader};
+use std::time::Instant;
+
+/// Send WQEs one QP may execute per pass before the engine moves on (fairness).
+const QP_BATCH: usize = 32;
+
+/// What one executed WQE leaves behind.
+#[derive(Debug, Default)]
+struct Effects {
+    /// For the requester's send CQ.
+    sender: Option<Cqe>,
+    sender_error: bool,
+    /// For the responder's receive CQ (a receive WQE was consumed).
+    receiver: Option<Cqe>,
+    receiver_error: bool,
+}
+
+/// Why a message that consumes a receive could not go.
+enum NoReceive {
+    /// The responder has none posted (Receiver Not Ready).
+    Rnr,
+    /// The responder's receive ring is corrupt (its attachment is being detached).
+    Broken,
+}
+
+/// What became of one attempt at a send WQE.
+enum Outcome {
+    /// Completed (successfully or not): take the next.
+    Done,
+    /// Waiting (RNR, transport retry, full CQ): the queue stops here for now.
+    Waiting,
+}
+
+/// What [`Engine::take_send`] found on a send ring.
+enum Taken {
+    /// A WQE, now the QP's pending one.
+    Wqe,
+    /// Nothing.
+    Empty,
+    /// A corrupt ring (its owner is being detached).
+    Broken,
+    /// A malformed WQE: it completed with an error and the QP is in the error state.
+    Malformed,
+}
+
+/// Facts about the QP at the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    index: QpId,
+    owner: AttachmentId,
+    pd: PdId,
+    qpn: u32,
+    recv_cq: CqId,
+    /// Where its receives come from: its SRQ, or its own receive queue.
+    srq: Option<SrqId>,
+    /// The protection domain the keys of its receives belong to (the SRQ's, with one).
+    recv_pd: PdId,
+    access: u32,
+    min_rnr_timer: u8,
+}
+
+impl Engine {
+    /// Executes up to a batch of send WQEs of the QP at `index` (in RTS).
+    pub(in crate::verbs) fn run_send_queue(
+        &mut self,
+        index: QpId,
+        now: &mut Option<Instant>,
+    ) -> usize {
+        let mut done = 0;
+        let mut popped = false;
+        while done < QP_BATCH {
+            let qp = self.qps.get_mut(index).expect("caller checked");
+            if qp.state != QpState::Rts || qp.broken {
+                break;
+            }
+            if qp.pending.is_none() {
+                // A WQE's completion always needs room in the send CQ (errors complete even
+                // unsignaled): check before taking it off the ring.
+                let send_cq = qp.send_cq;
+                if !self.room(send_cq, 1) {
+                    self.hold(index, now);
+                    break;
+                }
+                match self.take_send(index, send_cq) {
+                    Taken::Wqe => popped = true,
+                    Taken::Empty | Taken::Broken => break,
+                    Taken::Malformed => {
+                        popped = true;
+                        done += 1;
+                        break;
+                    }
+                }
+            }
+            match self.execute(index, now) {
+                Outcome::Done => done += 1,
+                Outcome::Waiting => break,
+            }
+        }
+        if popped {
+            if let Some(qp) = self.qps.get_mut(index) {
+                qp.sq.release();
+            }
+        }
+        done
+    }
+
+    /// Takes the next send WQE off the ring of the QP at `index` (in RTS, with room in its
+    /// send CQ `send_cq`) and makes it the QP's pending one.
+    fn take_send(&mut self, index: QpId, send_cq: CqId) -> Taken {
+        let qp = self.qps.get_mut(index).expect("caller checked");
+        qp.held = None;
+        match qp.sq.pop(&mut qp.sq_slot) {
+            Ok(true) => {}
+            Ok(false) => return Taken::Empty,
+            Err(e) => {
+                qp.broken = true;
+                let owner = qp.owner;
+                self.break_owner(owner, e);
+                return Taken::Broken;
+            }
+        }
+        let decoded = SendWqe::decode(&qp.sq_slot, qp.cap.max_send_sge, qp.cap.max_inline_data)
+            .ok()
+            .and_then(|wqe| Some((wqe, SendOp::decode(wqe.header.opcode)?)));
+        let Some((wqe, op)) = decoded else {
+            // Malformed (a shim would not write it): the QP fails as a device's does on a bad
+            // WQE.
+            let h = SendWqeHeader::read(&qp.sq_slot);
+            let cqe = Cqe {
+                wr_id: h.wr_id,
+                status: wc_status::LOC_QP_OP_ERR,
+                opcode: wc_opcode_of(h.opcode),
+                qp_num: qp.qpn,
+                ..Cqe::default()
+            };
+            qp.state = QpState::Err;
+            self.push_cqe(send_cq, &cqe);
+            return Taken::Malformed;
+        };
+        qp.pending = Some(Pending {
+            wqe,
+            op,
+            wait: Wait::Ready,
+        });
+        Taken::Wqe
+    }
+
+    /// Whether the CQ at `cq` has room for `n` more entries (false for a broken one).
+    pub(in crate::verbs) fn room(&mut self, cq: CqId, n: u32) -> bool {
+        let Some(c) = self.cqs.get_mut(cq) else {
+            return false;
+        };
+        if c.broken {
+            return false;
+        }
+        match c.ring.free_slots() {
+            Ok(free) => free >= n,
+            Err(e) => {
+                c.broken = true;
+                let owner = c.owner;
+                self.break_owner(owner, e);
+                false
+            }
+        }
+    }
+
+    /// Holds the QP back for a full CQ; the shard retries after [`CQ_FULL_RETRY`].
+    fn hold(&mut self, index: QpId, now: &mut Option<Instant>) {
+        let t = *now.get_or_insert_with(Instant::now);
+        if let Some(qp) = self.qps.get_mut(index) {
+            qp.held = Some(t + CQ_FULL_RETRY);
+        }
+    }
+
+    /// Pushes a completion (room was checked) and marks the CQ for publishing.
+    pub(in crate::verbs) fn push_cqe(&mut self, cq: CqId, cqe: &Cqe) {
+        let Some(c) = self.cqs.get_mut(cq) else {
+            return;
+        };
+        if c.broken {
+            return;
+        }
+        match c.ring.push(&cqe.encode()) {
+            Ok(true) => {
+                if !c.dirty {
+                    c.dirty = true;
+                    self.dirty.push(cq);
+                }
+            }
+            // Room was checked before the work request ran.
+            Ok(false) => debug_assert!(false, "CQ full after a room check"),
+            Err(e) => {
+                c.broken = true;
+                let owner = c.owner;
+                self.break_owner(owner, e);
+            }
+        }
+    }
+
+    /// The QP a connection leads to, if it is there, ready to receive (RTR or RTS) and
+    /// connected back to the sender, in the sender's tenant: what an RC responder accepts.
+    fn peer(&self, index: QpId, route: Route) -> Option<Peer> {
+        let me = self.qps.get(index)?;
+        let my_ctx = self.contexts.get(&me.owner)?;
+        let Route::Local { ip, qpn } = route;
+        let p_index = self.qp_by_number(qpn)?;
+        let p = self.qps.get(p_index)?;
+        let p_ctx = self.contexts.get(&p.owner)?;
+        if p_ctx.container.ip != ip || p_ctx.tenant != my_ctx.tenant {
+            return None;
+        }
+        if !matches!(p.state, QpState::Rtr | QpState::Rts) || p.broken {
+            return None;
+        }
+        let back = Route::Local {
+            ip: my_ctx.container.ip,
+            qpn: me.qpn,
+        };
+        if p.route != Some(back) {
+            return None;
+        }
+        let recv_pd = match p.srq {
+            Some(i) => self.srqs.get(i)?.pd,
+            None => p.pd,
+        };
+        Some(Peer {
+            index: p_index,
+            owner: p.owner,
+            pd: p.pd,
+            qpn: p.qpn,
+            recv_cq: p.recv_cq,
+            srq: p.srq,
+            recv_pd,
+            access: p.attr.qp_access_flags,
+            min_rnr_timer: p.attr.min_rnr_timer,
+        })
+    }
+
+    /// Completes the pending WQE of `index` with `status` (an error) and moves the QP to the
+    /// error state.
+    fn fail_pending(&mut self, index: QpId, status: u32) -> Outcome {
+        let qp = self.qps.get_mut(index).expect("caller checked");
+        let Some(p) = qp.pending.take() else {
+            return Outcome::Done;
+        };
+        let cqe = Cqe {
+            wr_id: p.wqe.header.wr_id,
+            status,
+            opcode: p.op.wc_opcode(),
+            qp_num: qp.qpn,
+            ..Cqe::default()
+        };
+        qp.state = QpState::Err;
+        let send_cq = qp.send_cq;
+        self.push_cqe(send_cq, &cqe);
+        Outcome::Done
+    }
+
+    /// The destination did not take the packet: wait a local ACK timeout and retry, up to
+    /// `retry_cnt` times, then IBV_WC_RETRY_EXC_ERR.
+    fn transport_wait(&mut self, index: QpId, now: &mut Option<Instant>) -> Outcome {
+        let t = *now.get_or_insert_with(Instant::now);
+        let qp = self.qps.get_mut(index).expect("caller checked");
+        let period = ack_timeout(qp.attr.timeout).unwrap_or(CQ_FULL_RETRY);
+        let infinite = qp.attr.timeout == 0;
+        let retry_cnt = qp.attr.retry_cnt;
+        let pending = qp.pending.as_mut().expect("caller checked");
+        pending.wait = match pending.wait {
+            Wait::Transport { left, deadline } if t < deadline => {
+                Wait::Transport { left, deadline }
+            }
+            Wait::Transport { left, .. } if infinite || left > 1 => Wait::Transport {
+                left: if infinite { left } else { left - 1 },
+                deadline: t + period,
+            },
+            Wait::Transport { .. } => return self.fail_pending(index, wc_status::RETRY_EXC_ERR),
+            _ if retry_cnt == 0 && !infinite => {
+                return self.fail_pending(index, wc_status::RETRY_EXC_ERR)
+            }
+            _ => Wait::Transport {
+                left: retry_cnt,
+                deadline: t + period,
+            },
+        };
+        Outcome::Waiting
+    }
+
+    /// The responder had no receive: wait its RNR timer and retry, up to `rnr_retry` times (7:
+    /// for ever), then IBV_WC_RNR_RETRY_EXC_ERR. A receive posted meanwhile is taken at the
+    /// next pass (a retry that came early).
+    fn rnr_wait(&mut self, index: QpId, peer: &Peer, now: &mut Option<Instant>) -> Outcome {
+        let t = *now.get_or_insert_with(Instant::now);
+        let period = rnr_timer(peer.min_rnr_timer);
+        let qp = self.qps.get_mut(index).expect("caller checked");
+        let rnr_retry = qp.attr.rnr_retry;
+        let pending = qp.pending.as_mut().expect("caller checked");
+        pending.wait = match pending.wait {
+            Wait::Rnr { left, deadline } if t < deadline => Wait::Rnr { left, deadline },
+            Wait::Rnr { left: 7, .. } => Wait::Rnr {
+                left: 7,
+                deadline: t + period,
+            },
+            Wait::Rnr { left, .. } if left > 1 => Wait::Rnr {
+                left: left - 1,
+                deadline: t + period,
+            },
+            Wait::Rnr { .. } => return self.fail_pending(index, wc_status::RNR_RETRY_EXC_ERR),
+            _ if rnr_retry == 0 => return self.fail_pending(index, wc_status::RNR_RETRY_EXC_ERR),
+            _ => Wait::Rnr {
+                left: rnr_retry,
+                deadline: t + period,
+            },
+        };
+        Outcome::Waiting
+    }
+
+    /// One attempt at the pending WQE of the QP at `index`.
+    fn execute(&mut self, index: QpId, now: &mut Option<Instant>) -> Outcome {
+        let qp = self.qps.get(index).expect("caller checked");
+        let pending = qp.pending.expect("caller set it");
+        let (send_cq, route) = (qp.send_cq, qp.route);
+        if !self.room(send_cq, 1) {
+            self.hold(index, now);
+            return Outcome::Waiting;
+        }
+        let Some(peer) = route.and_then(|r| self.peer(index, r)) else {
+            return self.transport_wait(index, now);
+        };
+        if pending.op.consumes_receive() {
+            let both = if peer.recv_cq == send_cq { 2 } else { 1 };
+            if !self.room(peer.recv_cq, both) {
+                self.hold(index, now);
+                return Outcome::Waiting;
+            }
+        }
+        if let Some(qp) = self.qps.get_mut(index) {
+            qp.held = None;
+        }
+        let slot = std::mem::take(&mut self.qps.get_mut(index).expect("checked").sq_slot);
+        let moved = self.move_data(index, &peer, &pending, &slot);
+        self.qps.get_mut(index).expect("checked").sq_slot = slot;
+        let effects = match moved {
+            Ok(effects) => effects,
+            Err(NoReceive::Rnr) => return self.rnr_wait(index, &peer, now),
+            Err(NoReceive::Broken) => return self.transport_wait(index, now),
+        };
+        let recv_cq = peer.recv_cq;
+        if let Some(c) = effects.receiver {
+            self.push_cqe(recv_cq, &c);
+        }
+        if let Some(c) = effects.sender {
+            self.push_cqe(send_cq, &c);
+        }
+        let qp = self.qps.get_mut(index).expect("checked");
+        qp.pending = None;
+        if effects.sender_error {
+            qp.state = QpState::Err;
+        }
+        if effects.receiver_error {
+            if let Some(p) = self.qps.get_mut(peer.index) {
+                p.state = QpState::Err;
+            }
+        }
+        Outcome::Done
+    }
+
+    /// Whether the responder has a receive posted (in its SRQ, if it has one: an empty SRQ
+    /// is Receiver Not Ready as an empty receive queue is).
+    fn receive_ready(&mut self, peer: &Peer) -> Result<(), NoReceive> {
+        let available = match peer.srq {
+            None => {
+                let p = self.qps.get_mut(peer.index).ok_or(NoReceive::Broken)?;
+                p.rq.available().map_err(|e| {
+                    p.broken = true;
+                    (p.owner, e)
+                })
+            }
+            Some(i) => {
+                let q = self.srqs.get_mut(i).ok_or(NoReceive::Broken)?;
+                if q.broken {
+                    return Err(NoReceive::Broken);
+                }
+                q.ring.available().map_err(|e| {
+                    q.broken = true;
+                    (q.owner, e)
+                })
+            }
+        };
+        match available {
+            Ok(0) => Err(NoReceive::Rnr),
+            Ok(_) => Ok(()),
+            Err((owner, e)) => {
+                self.break_owner(owner, e);
+                Err(NoReceive::Broken)
+            }
+        }
+    }
+
+    /// Takes the responder's next receive WQE (one is there: checked before) into its slot
+    /// copy `rq_slot`, from its SRQ if it has one.
+    fn take_receive(&mut self, peer: &Peer) -> Result<RecvWqe, ()> {
+        let p = self.qps.get_mut(peer.index).ok_or(())?;
+        let (ring, max_sge) = match peer.srq {
+            None => (&mut p.rq, p.cap.max_recv_sge),
+            Some(i) => {
+                let q = self.srqs.get_mut(i).ok_or(())?;
+                (&mut q.ring, q.attr.max_sge)
+            }
+        };
+        match ring.pop(&mut p.rq_slot) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return Err(()),
+        }
+        ring.release();
+        RecvWqe::decode(&p.rq_slot, max_sge).map_err(|_| ())
+    }
+
+    /// The wr_id of the receive WQE in the responder's slot copy (for a malformed one).
+    fn receive_wr_id(&self, peer: &Peer) -> u64 {
+        self.qps
+            .get(peer.index)
+            .map(|p| u64::from_le_bytes(p.rq_slot[..8].try_into().expect("8 bytes")))
+            .unwrap_or(0)
+    }
+}
