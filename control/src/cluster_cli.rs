@@ -1,8 +1,8 @@
-//! `freeflow cluster up|down|ls`: the simulated cluster of `topology` from the command line,
+//! `freeflow cluster up|down|ls`: the simulated cluster of freeflow-testbed from the command line,
 //! for the demo and for trying Freeflow by hand on one machine.
 
-use crate::topology::{self, Cluster, ClusterSpec, TopologyError};
 use clap::{Args, Subcommand};
+use freeflow_testbed::{self as topology, Cluster, ClusterSpec, TopologyError};
 use std::net::Ipv4Addr;
 
 #[derive(Subcommand, Debug)]

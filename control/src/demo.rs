@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::supervise::{self, os, signal_name};
-use crate::topology::{self, Cluster, ClusterSpec, TopologyError};
+use freeflow_testbed::{self as topology, Cluster, ClusterSpec, TopologyError};
 
 /// Overlay prefix of both simulated clusters.
 const VNET: &str = "10.32.0.0/12";

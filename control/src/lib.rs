@@ -1,4 +1,5 @@
-//! The Freeflow control plane: registry, daemon, supervision, CLI, test topology and demo.
+//! The Freeflow control plane: registry, daemon, supervision, CLI and demo (the simulated
+//! cluster the demo and `freeflow cluster` build is the crate freeflow-testbed).
 
 pub mod cli;
 pub mod cluster_cli;
@@ -7,4 +8,3 @@ pub mod daemon;
 pub mod demo;
 pub mod registry;
 pub mod supervise;
-pub mod topology;

@@ -6,19 +6,19 @@
 //! cluster tag. A [`Daemons`] guard stops whatever a test started, also when it fails: it runs
 //! `freeflow down` and then kills any process still naming the test's directory.
 
-mod common;
-
-use common::{FREEFLOW, VNET};
+use freeflow_testbed::test_support::{self, VNET};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use freeflow_control::supervise::os;
-use freeflow_control::topology::{self, Cluster, ClusterSpec};
 use freeflow_proto::control::{self, ControlRequest, ControlResponse};
+use freeflow_testbed::{self as topology, Cluster, ClusterSpec};
 use serde_json::Value;
 
+/// The `freeflow` binary under test.
+const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");
 /// Bound on any one CLI invocation (the CLI bounds its own waits at about 10 s).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -210,7 +210,7 @@ fn status_json(d: &Daemons) -> (Option<i32>, Value) {
 /// Polls `f` every 10 ms until it returns `Some`, at most `limit`.
 #[track_caller]
 fn wait_for<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
-    match common::poll(limit, Duration::from_millis(10), f) {
+    match test_support::poll(limit, Duration::from_millis(10), f) {
         Some(v) => v,
         None => panic!("timed out after {limit:?} waiting for {what}"),
     }

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use freeflow_control::supervise::os;
-use freeflow_control::topology;
+use freeflow_testbed as topology;
 
 const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");
 /// Bound on one demo run; with `--reps 1 --seconds 0.3` it takes about 30 s in a debug build

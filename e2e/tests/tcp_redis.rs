@@ -9,7 +9,7 @@
 mod common;
 
 use common::{Site, SiteSpec};
-use freeflow_control::topology;
+use freeflow_testbed as topology;
 use std::io::BufRead;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;

@@ -1,61 +1,9 @@
-//! RDMA mode, protection domains and memory regions, end to end: a C program built against the
-//! installed headers runs in registered containers with `LD_LIBRARY_PATH=DIR/verbs` and checks
-//! `ibv_alloc_pd`, `ibv_reg_mr` (and its iova variants), `ibv_dereg_mr` and `ibv_dealloc_pd` as
-//! rdma-core programs call them, and that the router really works on the program's own memory:
-//! the registered pages move onto the process's memory file (without losing a byte of the
-//! buffer or of its neighbours on the same pages), and the router, through the test hooks
-//! (`freeflow_test_mr_read`/`_write`, served because this test starts Freeflow with
-//! `FREEFLOW_TEST_HOOKS=1`), reads what the program wrote and writes what the program then reads.
-//! A second container tries the first one's keys and gets errors.
-//!
-//! Needs root, a built workspace (`cargo build --workspace`) and libibverbs-dev (scripts/test.sh
-//! installs it). The Site scaffolding is in common/mod.rs.
-
-mod common;
-
-use common::{build_c_probe, describe, Site, SiteSpec};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-
-impl Site {
-    /// One host with Freeflow up (test hooks on) and containers web and peer registered.
-    fn new(prefix: &str) -> Site {
-        common::require_root("RDMA-mode");
-        common::require_built(&["freeflow-router", "libibverbs.so"]);
-        Site::create(SiteSpec {
-            prefix,
-            work_prefix: "ff-verbs-mr",
-            hosts: 1,
-            containers: &[(0, "web", [10, 32, 0, 2]), (0, "peer", [10, 32, 0, 3])],
-            registered: &[("web", "blue"), ("peer", "blue")],
-            up_env: &[("FREEFLOW_TEST_HOOKS", "1")],
-            verbs_timeout: 30,
-        })
-    }
-}
-
-/// The C side. `mr_probe checks`: every check of one container; `mr_probe hold`: registers a
-/// region, prints its keys, keeps it until stdin closes; `mr_probe guess LKEY RKEY`: tries
-/// another container's keys through the router.
-const MR_PROBE: &str = r#"
-#define _GNU_SOURCE
-#include <infiniband/verbs.h>
+/* Protection domains and memory regions through Freeflow's libibverbs.so.1, built against the
+ * installed headers (e2e/tests/verbs_mr.rs runs it in registered containers). */
+#include "verbs_probe.h"
 #include <dlfcn.h>
-#include <errno.h>
-#include <inttypes.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
-#include <unistd.h>
-
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; \
-    printf("FAIL line %d (errno %d): ", __LINE__, errno); printf(__VA_ARGS__); printf("\n"); \
-    fflush(stdout); } } while (0)
 
 /* Freeflow's test hooks (not rdma-core API): the router reads (a digest) or writes a region
  * through its own mapping. */
@@ -114,26 +62,9 @@ static int on_memory_file(const void *addr)
 #define PAGE 4096UL
 #define PAGE_OF(p) ((uintptr_t)(p) & ~(PAGE - 1))
 
-static struct ibv_context *open_ctx(void)
-{
-    int n = 0;
-    struct ibv_device **list = ibv_get_device_list(&n);
-    if (!list || n != 1) {
-        printf("no device (%d)\n", n);
-        exit(1);
-    }
-    struct ibv_context *ctx = ibv_open_device(list[0]);
-    ibv_free_device_list(list);
-    if (!ctx) {
-        printf("open: %s\n", strerror(errno));
-        exit(1);
-    }
-    return ctx;
-}
-
 static int checks(void)
 {
-    struct ibv_context *ctx = open_ctx();
+    struct ibv_context *ctx = open_device();
     struct ibv_pd *pd = ibv_alloc_pd(ctx);
     CHECK(pd != NULL && pd->context == ctx, "alloc_pd: %s", strerror(errno));
     if (!pd)
@@ -341,7 +272,7 @@ static int checks(void)
     CHECK(mf && ibv_dereg_mr(mf) == 0, "dereg after fork");
 
     /* Two contexts register the same page; closing one keeps the other's region. */
-    struct ibv_context *ctx2 = open_ctx();
+    struct ibv_context *ctx2 = open_device();
     struct ibv_pd *pdb = ibv_alloc_pd(ctx2);
     struct ibv_mr *ma = ibv_reg_mr(pd, buf, 100, IBV_ACCESS_LOCAL_WRITE);
     struct ibv_mr *mb = ibv_reg_mr(pdb, buf + 50, 100, IBV_ACCESS_LOCAL_WRITE);
@@ -367,7 +298,7 @@ static int checks(void)
 /* Registers a region, prints its keys, keeps it until stdin closes, then checks it. */
 static int hold(void)
 {
-    struct ibv_context *ctx = open_ctx();
+    struct ibv_context *ctx = open_device();
     struct ibv_pd *pd = ibv_alloc_pd(ctx);
     static unsigned char secret[4096];
     memset(secret, 0x5e, sizeof(secret));
@@ -394,7 +325,7 @@ static int hold(void)
 /* Another container's keys name nothing here. */
 static int guess(uint32_t lkey, uint32_t rkey, uint64_t addr)
 {
-    struct ibv_context *ctx = open_ctx();
+    struct ibv_context *ctx = open_device();
     struct ibv_pd *pd = ibv_alloc_pd(ctx);
     static unsigned char mine[4096];
     struct ibv_mr *mr = ibv_reg_mr(pd, mine, sizeof(mine), IBV_ACCESS_LOCAL_WRITE);
@@ -428,73 +359,4 @@ int main(int argc, char **argv)
                      strtoull(argv[4], NULL, 10));
     printf("usage: mr_probe checks | hold | guess LKEY RKEY ADDR\n");
     return 2;
-}
-"#;
-
-fn build_probe(work: &Path) -> PathBuf {
-    build_c_probe(
-        work,
-        "mr_probe",
-        MR_PROBE,
-        &["-Wall", "-Werror", "-O1"],
-        &["-libverbs", "-ldl"],
-    )
-}
-
-#[test]
-fn memory_regions_share_the_programs_own_memory_with_the_router() {
-    let site = Site::new("vm");
-    let probe = build_probe(&site.work);
-
-    let out = site
-        .verbs_app("web", &probe, &[])
-        .arg("checks")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
-        "mr_probe checks in web: {}\nrouter log:\n{}",
-        describe(&out),
-        site.router_log()
-    );
-
-    // web holds a region; peer (same host, same tenant) tries its keys.
-    let mut holder = site
-        .verbs_app("web", &probe, &[])
-        .arg("hold")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = BufReader::new(holder.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let keys: Vec<&str> = line.split_whitespace().collect();
-    assert!(
-        keys.len() == 4 && keys[0] == "keys",
-        "holder said {line:?}; router log:\n{}",
-        site.router_log()
-    );
-    let out = site
-        .verbs_app("peer", &probe, &[])
-        .args(["guess", keys[1], keys[2], keys[3]])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("guesses refused"),
-        "mr_probe guess in peer: {}",
-        describe(&out)
-    );
-    // The holder's region is untouched and still works.
-    holder.stdin.take().unwrap().write_all(b"done\n").unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
-    let status = holder.wait().unwrap();
-    assert!(
-        status.success() && rest.contains("held"),
-        "holder: {status:?} {rest}"
-    );
 }

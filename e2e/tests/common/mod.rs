@@ -1,28 +1,54 @@
-//! Scaffolding shared by the integration tests of freeflow-control: where the built binaries
-//! are, preflight checks, a simulated cluster with Freeflow up on its hosts and registered
+//! Scaffolding shared by the end-to-end tests of freeflow-e2e: where the built binaries are,
+//! preflight checks, a simulated cluster with Freeflow up on its hosts and registered
 //! network-namespace "containers" ([`Site`]), programs run in a container's namespace, the
-//! routers' status and logs, C probes built against the installed headers, bounded waits.
+//! routers' status and logs, C probes built against the installed headers (from the sources in
+//! tests/programs/), bounded waits. The generic checks and helpers of tests that build clusters
+//! ([`require_root`], [`require_programs`], [`describe`], [`poll`], [`VNET`]) are
+//! freeflow-testbed's `test_support`, re-exported here.
+//!
+//! The tests use the binaries and libraries of a built workspace (`cargo build --workspace`):
+//! `freeflow`, `freeflow-router`, `libfsocket.so`, `libibverbs.so`, found in the target
+//! directory the test executable itself was built into.
 //!
 //! Each file in tests/ is a crate of its own that includes this module with `mod common;` and
 //! uses only part of it, so what one crate leaves unused is not dead code: hence the allow.
 #![allow(dead_code)]
 
-use freeflow_control::topology::{self, Cluster, ClusterSpec};
+use freeflow_testbed::{self as topology, Cluster, ClusterSpec};
 use std::ffi::OsStr;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-/// The `freeflow` binary under test.
-pub const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");
+// Not every test crate uses every helper (see the allow above).
+#[allow(unused_imports)]
+pub use freeflow_testbed::test_support::{describe, poll, require_programs, require_root, VNET};
 
-/// The overlay network every test cluster uses.
-pub const VNET: &str = "10.32.0.0/12";
+/// The `freeflow` binary under test, next to this test executable's `deps/` directory; fails if
+/// the workspace is not built.
+pub static FREEFLOW: LazyLock<String> = LazyLock::new(|| {
+    let p = target_dir().join("freeflow");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace` first",
+        p.display()
+    );
+    p.to_string_lossy().into_owned()
+});
 
-/// Where cargo put the workspace's binaries and libraries (next to `freeflow`).
+/// Where cargo put the workspace's binaries and libraries: the directory above the `deps/`
+/// directory that holds this test executable (`target/<profile>/deps/<test>-<hash>`).
 pub fn target_dir() -> PathBuf {
-    PathBuf::from(FREEFLOW).parent().unwrap().to_path_buf()
+    let exe = std::env::current_exe().expect("path of the test executable");
+    let deps = exe.parent().expect("directory of the test executable");
+    let dir = if deps.file_name() == Some(OsStr::new("deps")) {
+        deps.parent().expect("target directory")
+    } else {
+        deps
+    };
+    dir.to_path_buf()
 }
 
 /// The TCP-mode shim, `libfsocket.so`; fails if the workspace is not built.
@@ -36,37 +62,12 @@ pub fn shim() -> PathBuf {
     p
 }
 
-/// Fails (never skips) unless the test runs as root; `mode` names the tests ("TCP-mode").
-pub fn require_root(mode: &str) {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "{mode} tests build network namespaces: run as root"
-    );
-}
-
 /// Fails unless each of `built` is in the target directory.
 pub fn require_built(built: &[&str]) {
     for built in built {
         assert!(
             target_dir().join(built).exists(),
             "build the workspace first ({built} missing)"
-        );
-    }
-}
-
-/// Fails unless each of `programs` is on PATH; `packages` says what to install.
-pub fn require_programs(programs: &[&str], packages: &str) {
-    for program in programs {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {program}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        assert!(
-            found,
-            "{program} missing: apt-get install {packages} (scripts/test.sh does)"
         );
     }
 }
@@ -125,7 +126,7 @@ impl Site {
         for h in 0..spec.hosts {
             let dir = work.join(format!("h{h}"));
             let out = site
-                .in_host(h, FREEFLOW)
+                .in_host(h, &FREEFLOW)
                 .envs(spec.up_env.iter().copied())
                 .args(["up", "--dir"])
                 .arg(&dir)
@@ -149,7 +150,7 @@ impl Site {
         for &(name, tenant) in spec.registered {
             let c = site.cluster().container(name).unwrap().clone();
             let out = site
-                .in_host(c.host, FREEFLOW)
+                .in_host(c.host, &FREEFLOW)
                 .args(["container", "add", name, "--dir"])
                 .arg(&site.dirs[c.host])
                 .arg("--netns")
@@ -281,7 +282,7 @@ impl Site {
     /// `freeflow status --json` of host `host` (Null if it printed no JSON).
     pub fn router_status(&self, host: usize) -> serde_json::Value {
         let out = self
-            .in_host(host, FREEFLOW)
+            .in_host(host, &FREEFLOW)
             .args(["status", "--json", "--dir"])
             .arg(&self.dirs[host])
             .output()
@@ -294,7 +295,7 @@ impl Drop for Site {
     fn drop(&mut self) {
         for (h, dir) in self.dirs.iter().enumerate() {
             let _ = self
-                .in_host(h, FREEFLOW)
+                .in_host(h, &FREEFLOW)
                 .args(["down", "--dir"])
                 .arg(dir)
                 .output();
@@ -304,17 +305,12 @@ impl Drop for Site {
     }
 }
 
-/// A program's exit status and output, for failure messages.
-pub fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+/// The header the C probes share (tests/programs/verbs_probe.h); [`build_c_probe`] writes it
+/// next to each probe's source.
+const VERBS_PROBE_HEADER: &str = include_str!("../programs/verbs_probe.h");
 
-/// Writes `source` to `<work>/<name>.c` and builds `<work>/<name>` with
+/// Writes `source` to `<work>/<name>.c` (and the probes' shared header `verbs_probe.h` next to
+/// it) and builds `<work>/<name>` with
 /// `cc CFLAGS -o BINARY SOURCE LIBS` against the installed headers and the system's libraries
 /// (so a verbs probe imports the verbs with rdma-core's symbol versions, like any Debian
 /// binary); returns the binary.
@@ -327,6 +323,7 @@ pub fn build_c_probe(
 ) -> PathBuf {
     let source_path = work.join(format!("{name}.c"));
     let binary = work.join(name);
+    std::fs::write(work.join("verbs_probe.h"), VERBS_PROBE_HEADER).unwrap();
     std::fs::write(&source_path, source).unwrap();
     let out = Command::new("cc")
         .args(cflags)
@@ -355,18 +352,4 @@ pub fn between_markers<'a>(log: &'a str, marker: &str) -> Vec<&'a str> {
         .collect();
     assert!(at.len() >= 2, "markers {marker} missing in:\n{log}");
     lines[at[0] + 1..at[1]].to_vec()
-}
-
-/// Calls `f` every `every` until it returns Some, for at most `limit` (then None).
-pub fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(every);
-    }
 }

@@ -1,46 +1,17 @@
-#define _GNU_SOURCE
-#include <infiniband/verbs.h>
+/* Reliable connections through Freeflow's libibverbs.so.1, built against the installed headers
+ * (e2e/tests/verbs_rc.rs runs it in registered containers): CQs, completion channels, the QP
+ * state machine, every opcode and the errors. */
+#include "verbs_probe.h"
 #include <arpa/inet.h>
-#include <errno.h>
-#include <inttypes.h>
 #include <poll.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; \
-    printf("FAIL line %d (errno %d): ", __LINE__, errno); printf(__VA_ARGS__); printf("\n"); \
-    fflush(stdout); } } while (0)
 
 static struct ibv_context *ctx;
 static struct ibv_pd *pd;
 static union ibv_gid my_gid;
 
-static double now_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
-}
-
 static void open_ctx(void)
 {
-    int n = 0;
-    struct ibv_device **list = ibv_get_device_list(&n);
-    if (!list || n != 1) {
-        printf("no device (%d)\n", n);
-        exit(1);
-    }
-    ctx = ibv_open_device(list[0]);
-    ibv_free_device_list(list);
-    if (!ctx) {
-        printf("open: %s\n", strerror(errno));
-        exit(1);
-    }
+    ctx = open_device();
     pd = ibv_alloc_pd(ctx);
     if (!pd || ibv_query_gid(ctx, 1, 0, &my_gid)) {
         printf("pd/gid: %s\n", strerror(errno));
@@ -56,14 +27,6 @@ static union ibv_gid gid_of(const char *ip)
     g.raw[11] = 0xff;
     inet_pton(AF_INET, ip, &g.raw[12]);
     return g;
-}
-
-static int to_init(struct ibv_qp *qp, int access)
-{
-    struct ibv_qp_attr a = { .qp_state = IBV_QPS_INIT, .pkey_index = 0, .port_num = 1,
-                             .qp_access_flags = access };
-    return ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT |
-                                 IBV_QP_ACCESS_FLAGS);
 }
 
 #define RTR_MASK (IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | \
@@ -94,21 +57,6 @@ static int to_rts(struct ibv_qp *qp, int timeout, int retry, int rnr_retry)
                              .rnr_retry = rnr_retry, .sq_psn = 0, .max_rd_atomic = 1 };
     return ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT |
                                  IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC);
-}
-
-static int to_state(struct ibv_qp *qp, enum ibv_qp_state s)
-{
-    struct ibv_qp_attr a = { .qp_state = s };
-    return ibv_modify_qp(qp, &a, IBV_QP_STATE);
-}
-
-static enum ibv_qp_state state_of(struct ibv_qp *qp)
-{
-    struct ibv_qp_attr a;
-    struct ibv_qp_init_attr i;
-    if (ibv_query_qp(qp, &a, IBV_QP_STATE, &i))
-        return (enum ibv_qp_state)-1;
-    return a.qp_state;
 }
 
 struct pair {
@@ -149,67 +97,6 @@ static void new_pair(struct pair *p)
     }
 }
 
-/* One completion within ms milliseconds; 0 on timeout. */
-static int wait_wc(struct ibv_cq *cq, struct ibv_wc *wc, int ms)
-{
-    double end = now_ms() + ms;
-    do {
-        int n = ibv_poll_cq(cq, 1, wc);
-        if (n < 0)
-            return 0;
-        if (n == 1)
-            return 1;
-    } while (now_ms() < end);
-    return 0;
-}
-
-/* No completion for ms milliseconds. */
-static int quiet(struct ibv_cq *cq, int ms)
-{
-    struct ibv_wc wc;
-    return !wait_wc(cq, &wc, ms);
-}
-
-static int post_recv(struct ibv_qp *qp, uint64_t id, void *buf, uint32_t len, uint32_t lkey)
-{
-    struct ibv_sge sge = { .addr = (uintptr_t)buf, .length = len, .lkey = lkey };
-    struct ibv_recv_wr wr = { .wr_id = id, .sg_list = &sge, .num_sge = 1 }, *bad = NULL;
-    return ibv_post_recv(qp, &wr, &bad);
-}
-
-static int post(struct ibv_qp *qp, enum ibv_wr_opcode op, uint64_t id, void *buf, uint32_t len,
-                uint32_t lkey, unsigned flags, uint64_t raddr, uint32_t rkey)
-{
-    struct ibv_sge sge = { .addr = (uintptr_t)buf, .length = len, .lkey = lkey };
-    struct ibv_send_wr wr = { .wr_id = id, .sg_list = &sge, .num_sge = 1, .opcode = op,
-                              .send_flags = flags }, *bad = NULL;
-    wr.wr.rdma.remote_addr = raddr;
-    wr.wr.rdma.rkey = rkey;
-    return ibv_post_send(qp, &wr, &bad);
-}
-
-#define SIG IBV_SEND_SIGNALED
-#define ALL_ACCESS (IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ | \
-                    IBV_ACCESS_REMOTE_ATOMIC)
-
-static void expect_wc(struct ibv_cq *cq, uint64_t id, enum ibv_wc_status st, int opcode,
-                      const char *what, int line)
-{
-    struct ibv_wc wc;
-    memset(&wc, 0xee, sizeof(wc));
-    if (!wait_wc(cq, &wc, 3000)) {
-        failures++;
-        printf("FAIL line %d: %s: no completion\n", line, what);
-        return;
-    }
-    if (wc.wr_id != id || wc.status != st || (opcode >= 0 && (int)wc.opcode != opcode)) {
-        failures++;
-        printf("FAIL line %d: %s: wr_id %" PRIu64 " status %s (%d) opcode %d; expected %" PRIu64
-               " %s opcode %d\n", line, what, wc.wr_id, ibv_wc_status_str(wc.status), wc.status,
-               wc.opcode, id, ibv_wc_status_str(st), opcode);
-    }
-}
-#define EXPECT(cq, id, st, op, what) expect_wc(cq, id, st, op, what, __LINE__)
 
 static int checks(const char *other_tenant_ip)
 {

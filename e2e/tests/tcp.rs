@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Site, SiteSpec};
-use freeflow_control::topology;
+use freeflow_testbed as topology;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -59,62 +59,11 @@ impl Site {
 
 /// An echo server: accepts `n` connections; for each, sends back the peer address it sees and
 /// echoes everything until the client shuts down its side.
-const SERVER: &str = r#"
-import socket, sys
-n = int(sys.argv[1]); port = int(sys.argv[2]); family = socket.AF_INET6 if sys.argv[3] == "6" else socket.AF_INET
-srv = socket.socket(family, socket.SOCK_STREAM)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port)); srv.listen(16)
-print("LISTENING", srv.getsockname(), flush=True)
-for _ in range(n):
-    conn, peer = srv.accept()
-    conn.sendall((repr((peer[0], peer[1], conn.getpeername()[0], conn.getsockname()[0])) + "\n").encode())
-    while True:
-        data = conn.recv(65536)
-        if not data: break
-        conn.sendall(data)
-    conn.close()
-"#;
+const SERVER: &str = include_str!("programs/tcp_echo_server.py");
 
 /// A client: connects (blocking or not), reads the server's view of the connection, sends
 /// `size` bytes and checks the echo; prints what it saw.
-const CLIENT: &str = r#"
-import socket, sys, select, errno
-ip, port, size, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-s = socket.socket(family, socket.SOCK_STREAM)
-if mode == "nonblocking":
-    s.setblocking(False)
-    rc = s.connect_ex((ip, port))
-    print("CONNECT_EX", rc, flush=True)
-    assert rc in (0, errno.EINPROGRESS), rc
-    _, w, _ = select.select([], [s], [], 10)
-    assert w, "connect did not complete"
-    print("SO_ERROR", s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), flush=True)
-    s.setblocking(True)
-else:
-    try:
-        s.connect((ip, port))
-    except OSError as e:
-        print("CONNECT_ERROR", e.errno, flush=True); sys.exit(0)
-f = s.makefile("rb")
-print("SERVER_SAW", f.readline().decode().strip(), flush=True)
-print("CLIENT_SOCKNAME", s.getsockname()[0], "PEERNAME", s.getpeername()[0], s.getpeername()[1], flush=True)
-payload = bytes(range(256)) * (size // 256)
-# Send from a thread while reading the echo: an echo server blocks once both directions'
-# buffers are full if the client only reads after sending everything.
-import threading
-def send():
-    s.sendall(payload); s.shutdown(socket.SHUT_WR)
-sender = threading.Thread(target=send); sender.start()
-got = b""
-while len(got) < len(payload):
-    chunk = f.read(min(65536, len(payload) - len(got)))
-    if not chunk: break
-    got += chunk
-sender.join()
-print("ECHO_OK" if got == payload else "ECHO_BAD %d" % len(got), flush=True)
-"#;
+const CLIENT: &str = include_str!("programs/tcp_echo_client.py");
 
 fn start_server(
     site: &Site,
@@ -233,11 +182,7 @@ fn accelerated_connections_use_the_host_network_and_keep_overlay_addresses() {
 
     // While a connection is open, `ss` in the host namespaces shows it between host addresses.
     let server = start_server(&site, "db", 1, 5001, false, true);
-    let script = r#"
-import socket, time
-s = socket.create_connection(("10.32.0.4", 5001)); s.makefile("rb").readline()
-print("UP", flush=True); time.sleep(1.5); s.close()
-"#;
+    let script = include_str!("programs/tcp_hold_one_connection.py");
     let mut holder = site
         .python("web", script, true)
         .stdout(Stdio::piped())
@@ -259,7 +204,7 @@ print("UP", flush=True); time.sleep(1.5); s.close()
     );
     // The text view shows the same counters.
     let text = site
-        .in_host(0, env!("CARGO_BIN_EXE_freeflow"))
+        .in_host(0, &common::FREEFLOW)
         .args(["status", "--dir"])
         .arg(&site.dirs[0])
         .output()
@@ -359,33 +304,10 @@ fn same_host_ipv6_sockets_refusal_and_mix_and_match() {
 }
 
 /// A client that keeps one connection and makes another after being told to.
-const HOLDING_CLIENT: &str = r#"
-import socket, sys, errno
-c = socket.create_connection(("10.32.0.4", 6100), timeout=10)
-c.sendall(b"a"); assert c.recv(10) == b"a"
-print("CONNECTED", flush=True)
-sys.stdin.readline()
-c.sendall(b"b"); print("AFTER", c.recv(10), flush=True)
-try:
-    n = socket.create_connection(("10.32.0.4", 6100), timeout=10)
-    n.sendall(b"c"); print("NEW", n.recv(10), flush=True)
-except OSError as e:
-    print("NEW_ERROR", e.errno, flush=True)
-"#;
+const HOLDING_CLIENT: &str = include_str!("programs/tcp_holding_client.py");
 
 /// A server that echoes on every connection it accepts, each in a thread.
-const THREADED_ECHO: &str = r#"
-import socket, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 6100)); s.listen(8); print("LISTENING", flush=True)
-def echo(c):
-    while True:
-        d = c.recv(100)
-        if not d: break
-        c.sendall(d)
-while True:
-    c, _ = s.accept(); threading.Thread(target=echo, args=(c,), daemon=True).start()
-"#;
+const THREADED_ECHO: &str = include_str!("programs/tcp_threaded_echo.py");
 
 /// Starts THREADED_ECHO in `db` with the shim and waits until it listens and the listener is
 /// known on the other host.
@@ -427,7 +349,7 @@ fn connections_outlive_the_router_and_new_ones_fail_clearly() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "CONNECTED");
     let down = site
-        .in_host(1, env!("CARGO_BIN_EXE_freeflow"))
+        .in_host(1, &common::FREEFLOW)
         .args(["down", "--dir"])
         .arg(&site.dirs[1])
         .output()
@@ -522,152 +444,7 @@ fn iperf3_runs_accelerated_with_a_daemonized_server() {
 
 /// The server half of the socket-semantics battery (in `db`, with the shim). Each part listens on
 /// its own port and prints `OK <part>` when its checks pass; `READY` once everything listens.
-const SEMANTICS_SERVER: &str = r#"
-import socket, sys, os, select, threading, ctypes, signal, errno, fcntl, time
-libc = ctypes.CDLL(None, use_errno=True)
-portfile = sys.argv[1]
-def listener(port, reuseport=False, bind=True):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuseport: s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if bind: s.bind(("0.0.0.0", port))
-    return s
-def overlay(addr): return addr[0].startswith("10.32.")
-def ok(part): print("OK", part, flush=True)
-
-# epoll registration made before listen; accept4 with SOCK_NONBLOCK|SOCK_CLOEXEC through the C ABI.
-ep = select.epoll()
-s1 = listener(7101); s1.setblocking(False)
-ep.register(s1.fileno(), select.EPOLLIN)
-s1.listen(8)
-def part_epoll_accept4():
-    events = ep.poll(20)
-    assert events and events[0][0] == s1.fileno(), events
-    fd = libc.accept4(s1.fileno(), None, None, os.O_NONBLOCK | os.O_CLOEXEC)
-    assert fd >= 0, ctypes.get_errno()
-    assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
-    assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
-    c = socket.socket(fileno=fd); c.setblocking(True)
-    assert overlay(c.getpeername()), c.getpeername()
-    # dup, dup2, F_DUPFD_CLOEXEC: every copy reports the overlay peer.
-    d1 = os.dup(fd); d2 = os.dup2(fd, 200); d3 = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 300)
-    for d in (d1, d2, d3):
-        assert socket.socket(fileno=os.dup(d)).getpeername() == c.getpeername(), d
-    c.sendall(c.recv(100))
-    for d in (d1, d2, d3): os.close(d)
-    c.close()
-    ok("epoll_accept4_dup")
-
-# Many concurrent clients, each paired with the right peer.
-s2 = listener(7102); s2.listen(64)
-def part_many():
-    def serve(c, peer):
-        line = c.makefile("rb").readline().decode().split()
-        c.sendall(("%s %d\n" % (line[0], peer[1])).encode()); c.close()
-    threads = []
-    for _ in range(20):
-        c, peer = s2.accept()
-        assert overlay(peer), peer
-        t = threading.Thread(target=serve, args=(c, peer)); t.start(); threads.append(t)
-    for t in threads: t.join()
-    ok("many")
-
-# shutdown: the client half-closes; we read to EOF, then answer.
-s4 = listener(7104); s4.listen(4)
-def part_shutdown():
-    c, _ = s4.accept()
-    got = b""
-    while True:
-        chunk = c.recv(65536)
-        if not chunk: break
-        got += chunk
-    c.sendall(b"got %d" % len(got)); c.shutdown(socket.SHUT_WR); c.close()
-    ok("shutdown")
-
-# SO_REUSEADDR: close the listener and listen again on the same port at once.
-s5 = listener(7105); s5.listen(4)
-def part_reuseaddr():
-    global s5
-    c, _ = s5.accept(); c.sendall(b"first"); c.close(); s5.close()
-    s5 = listener(7105); s5.listen(4)
-    print("RELISTENED", flush=True)
-    c, peer = s5.accept(); assert overlay(peer); c.sendall(b"second"); c.close()
-    ok("reuseaddr")
-
-# Port 0: listen without bind; the kernel's port is the overlay port.
-s7 = listener(0, bind=False); s7.listen(4)
-port7 = s7.getsockname()[1]
-assert port7 != 0
-def part_port0():
-    c, peer = s7.accept(); assert overlay(peer); c.sendall(b"port0"); c.close()
-    ok("port0")
-
-s8 = listener(7108); s8.listen(4)
-
-# fork: listen in the parent, accept in two children. Children close the listeners they do not
-# serve, as servers do: a listener lives while any process holds it (with or without Freeflow).
-s3 = listener(7103); s3.listen(16)
-def close_others(keep):
-    for other in (s1, s2, s3, s4, s5, s7, s8):
-        if other not in keep: other.close()
-children = []
-for i in range(2):
-    pid = os.fork()
-    if pid == 0:
-        close_others([s3])
-        s3.settimeout(8)
-        try:
-            while True:
-                c, peer = s3.accept()
-                assert overlay(peer), peer
-                c.sendall(("%d %s\n" % (os.getpid(), peer[0])).encode()); c.close()
-        except socket.timeout:
-            pass
-        os._exit(0)
-    children.append(pid)
-
-# SO_REUSEPORT: a second process of the container listens on the same port.
-s6 = listener(7106, reuseport=True); s6.listen(8)
-pid6 = os.fork()
-if pid6 == 0:
-    close_others([]); s6.close()
-    t = listener(7106, reuseport=True); t.listen(8); t.settimeout(8)
-    try:
-        while True:
-            c, _ = t.accept(); c.sendall(b"child"); c.close()
-    except socket.timeout:
-        pass
-    os._exit(0)
-children.append(pid6)
-def part_reuseport():
-    s6.settimeout(8)
-    try:
-        while True:
-            c, _ = s6.accept(); c.sendall(b"parent"); c.close()
-    except socket.timeout:
-        pass
-
-# EINTR: a blocking accept on an accelerated listener, interrupted by a signal with a handler.
-def part_eintr():
-    signal.signal(signal.SIGALRM, lambda *a: None)
-    signal.siginterrupt(signal.SIGALRM, True)
-    signal.setitimer(signal.ITIMER_REAL, 0.2)
-    rc = libc.accept(s8.fileno(), None, None)
-    assert rc == -1 and ctypes.get_errno() == errno.EINTR, (rc, ctypes.get_errno())
-    ok("eintr")
-
-with open(portfile + ".tmp", "w") as f: f.write(str(port7))
-os.rename(portfile + ".tmp", portfile)
-print("READY", flush=True)
-part_eintr()
-workers = [threading.Thread(target=p) for p in (part_epoll_accept4, part_many, part_shutdown, part_reuseaddr, part_port0, part_reuseport)]
-for w in workers: w.start()
-for w in workers: w.join()
-for pid in children:
-    _, status = os.waitpid(pid, 0)
-    assert status == 0, status
-ok("children")
-"#;
+const SEMANTICS_SERVER: &str = include_str!("programs/tcp_semantics_server.py");
 
 /// Stops a program started through `timeout`: SIGTERM (which `timeout` passes on to the
 /// program), then SIGKILL if it is still there after two seconds.
@@ -685,88 +462,7 @@ fn stop(child: &mut Child) -> std::process::ExitStatus {
 }
 
 /// The client half (in `web`, with the shim).
-const SEMANTICS_CLIENT: &str = r#"
-import socket, sys, os, select, threading, errno, time
-db = "10.32.0.4"; portfile = sys.argv[1]
-def ok(part): print("OK", part, flush=True)
-def expect_overlay(s, port):
-    assert s.getpeername() == (db, port), s.getpeername()
-    assert s.getsockname()[0] == "10.32.0.2", s.getsockname()
-
-# epoll registration made before connect; non-blocking connect.
-s = socket.socket(); s.setblocking(False)
-ep = select.epoll(); ep.register(s.fileno(), select.EPOLLOUT)
-rc = s.connect_ex((db, 7101))
-assert rc in (0, errno.EINPROGRESS), rc
-events = ep.poll(10)
-assert events and events[0][0] == s.fileno() and events[0][1] & select.EPOLLOUT, events
-assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
-expect_overlay(s, 7101)
-s.setblocking(True); s.sendall(b"ping"); assert s.recv(100) == b"ping"; s.close()
-ok("epoll_connect")
-
-# 20 concurrent clients from threads.
-errors = []
-def one(i):
-    try:
-        c = socket.create_connection((db, 7102), timeout=10)
-        expect_overlay(c, 7102)
-        c.sendall(b"%d %d\n" % (i, c.getsockname()[1]))
-        idx, seen_port = c.makefile("rb").readline().decode().split()
-        assert int(idx) == i and int(seen_port) == c.getsockname()[1], (i, idx, seen_port)
-        c.close()
-    except Exception as e:
-        errors.append(repr(e))
-threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
-for t in threads: t.start()
-for t in threads: t.join()
-assert not errors, errors
-ok("many")
-
-# fork-accepting server: every connection answered by a child, with our overlay address.
-pids = set()
-for _ in range(6):
-    c = socket.create_connection((db, 7103), timeout=10)
-    pid, peer = c.makefile("rb").readline().decode().split()
-    assert peer == "10.32.0.2", peer
-    pids.add(pid); c.close()
-print("FORK_PIDS", len(pids), flush=True)
-ok("fork")
-
-# shutdown(SHUT_WR), then read the answer.
-c = socket.create_connection((db, 7104), timeout=10)
-c.sendall(b"x" * 1000); c.shutdown(socket.SHUT_WR)
-assert c.recv(100) == b"got 1000"; assert c.recv(100) == b""; c.close()
-ok("shutdown")
-
-# Re-listened port.
-c = socket.create_connection((db, 7105), timeout=10); assert c.recv(10) == b"first"; c.close()
-deadline = time.time() + 10
-while True:
-    try:
-        c = socket.create_connection((db, 7105), timeout=10); got = c.recv(10); c.close()
-        if got == b"second": break
-    except OSError:
-        pass
-    assert time.time() < deadline, "no second listener"
-    time.sleep(0.05)
-ok("reuseaddr")
-
-# Port 0.
-port7 = int(open(portfile).read())
-c = socket.create_connection((db, port7), timeout=10); expect_overlay(c, port7)
-assert c.recv(10) == b"port0"; c.close()
-ok("port0")
-
-# SO_REUSEPORT: both processes serve the port.
-answers = []
-for _ in range(8):
-    c = socket.create_connection((db, 7106), timeout=10); answers.append(c.recv(10)); c.close()
-assert all(a in (b"parent", b"child") for a in answers), answers
-print("REUSEPORT", sorted(set(answers)), flush=True)
-ok("reuseport")
-ok("client_done")
-"#;
+const SEMANTICS_CLIENT: &str = include_str!("programs/tcp_semantics_client.py");
 
 /// Socket semantics through the shim, across two hosts: epoll registrations made before connect
 /// and listen, accept4 flags, dup/dup2/F_DUPFD, many concurrent clients, fork, shutdown,
@@ -884,30 +580,7 @@ fn socket_semantics_through_the_shim() {
 
 /// A server that execs itself twice: once holding its accelerated listener (and waiting longer
 /// than the router keeps a listener nobody holds), once holding the accepted connection.
-const EXEC_SERVER: &str = r#"
-import socket, os, sys, time
-SRC = open("/proc/self/cmdline", "rb").read().split(b"\0")[2].decode()
-def again(*args):
-    os.execv(sys.executable, [sys.executable, "-c", SRC] + list(args))
-if len(sys.argv) == 1:
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", 7201)); s.listen(4)
-    os.set_inheritable(s.fileno(), True)
-    again("listener", str(s.fileno()))
-elif sys.argv[1] == "listener":
-    time.sleep(2.5)
-    s = socket.socket(fileno=int(sys.argv[2]))
-    print("READY", s.getsockname(), flush=True)
-    c, peer = s.accept()
-    os.set_inheritable(c.fileno(), True)
-    # The connection goes to a program started with posix_spawn (not exec).
-    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", SRC, "conn", str(c.fileno()), peer[0]], os.environ)
-    os.waitpid(pid, 0)
-else:
-    c = socket.socket(fileno=int(sys.argv[2]))
-    print("INHERITED", c.getpeername()[0], c.getsockname()[0], sys.argv[3], flush=True)
-    c.sendall(c.recv(100))
-"#;
+const EXEC_SERVER: &str = include_str!("programs/tcp_exec_server.py");
 
 /// Accelerated sockets inherited across exec (a listener) and posix_spawn (a connection) keep
 /// their overlay addresses, and an inherited listener stays registered with the router.
@@ -930,15 +603,7 @@ fn sockets_inherited_across_exec_keep_overlay_addresses() {
         "{line:?}"
     );
     let client = site
-        .python(
-            "web",
-            r#"
-import socket
-c = socket.create_connection(("10.32.0.4", 7201), timeout=10)
-c.sendall(b"over exec"); print("ECHO", c.recv(100), c.getpeername(), flush=True)
-"#,
-            true,
-        )
+        .python("web", include_str!("programs/tcp_exec_client.py"), true)
         .output()
         .unwrap();
     let client_out = String::from_utf8_lossy(&client.stdout).into_owned();
@@ -963,20 +628,7 @@ c.sendall(b"over exec"); print("ECHO", c.recv(100), c.getpeername(), flush=True)
 }
 
 /// Connects to db's echo server on 6100 until it answers (10 s at most); prints the answer.
-const RETRYING_CLIENT: &str = r#"
-import socket, time
-deadline = time.time() + 10
-while True:
-    try:
-        c = socket.create_connection(("10.32.0.4", 6100), timeout=5)
-        c.sendall(b"again"); print("ECHO", c.recv(10), flush=True)
-        # Held open a moment, for the test to see where it runs.
-        time.sleep(1); break
-    except OSError as e:
-        if time.time() > deadline:
-            print("GAVE_UP", e, flush=True); break
-        time.sleep(0.05)
-"#;
+const RETRYING_CLIENT: &str = include_str!("programs/tcp_retrying_client.py");
 
 /// The router killed and restarted by the daemon: the server's shim hands its listener to the
 /// new router, so accelerated clients and clients without Freeflow reach it again, without the
@@ -1061,56 +713,7 @@ fn listeners_survive_a_router_restart() {
 /// (no shim): it tries to make the router adopt a socket it bound to the host address itself
 /// (IP_FREEBIND), to block the router's control thread on an overlay listener it made blocking,
 /// to make it spin on one it shut down, and sends garbage. Prints what the router answered.
-const HOSTILE: &str = r#"
-import socket, struct, sys, os, fcntl, time
-sockpath = sys.argv[1]
-def attach():
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.connect(sockpath)
-    s.send(b"FFHI" + struct.pack("<HH", 1, 1) + bytes(8))
-    welcome = s.recv(4096)
-    assert welcome[:4] == b"FFWE" or len(welcome) > 0, welcome
-    return s
-def request(s, op, port, fds=(), flags=0):
-    msg = b"FFSQ" + struct.pack("<HHI", op, flags, 7) + bytes([0, 0, 0, 0]) + struct.pack("<H", port) + bytes(2) + struct.pack("<I", 16) + bytes(8)
-    socket.send_fds(s, [msg], list(fds))
-    s.settimeout(5)
-    data = s.recv(64)
-    return struct.unpack("<H", data[4:6])[0], struct.unpack("<i", data[12:16])[0]
-def overlay_listener(port):
-    o = socket.socket(); o.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    o.bind(("0.0.0.0", port)); o.listen(8); return o
-
-s = attach()
-# 1. A socket of our own, bound to the host's address, handed back as "our host listener".
-fake = socket.socket()
-fake.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
-fake.bind(("192.168.1.2", 47999)); fake.listen(8)
-o1 = overlay_listener(9001)
-status, errno_ = request(s, 6, 9001, [fake.fileno(), o1.fileno()])
-print("RELISTEN_FAKE", status, errno_, flush=True)
-
-# 2. An overlay listener made blocking after the router took it, then clients.
-o2 = overlay_listener(9002)
-status, _ = request(s, 2, 9002, [o2.fileno()])
-print("LISTEN", status, flush=True)
-flags = fcntl.fcntl(o2.fileno(), fcntl.F_GETFL)
-fcntl.fcntl(o2.fileno(), fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-clients = [socket.create_connection(("10.32.0.4", 9002), timeout=2) for _ in range(3)]
-print("CLIENTS_CONNECTED", flush=True)
-
-# 3. An overlay listener shut down after the router took it.
-o3 = overlay_listener(9003)
-status, _ = request(s, 2, 9003, [o3.fileno()])
-o3.shutdown(socket.SHUT_RDWR)
-print("SHUT", status, flush=True)
-
-# 4. Garbage: the router drops this attachment, nothing else.
-g = attach(); g.send(b"garbage!" * 4)
-g.settimeout(5)
-print("GARBAGE_ANSWER", g.recv(64), flush=True)
-sys.stdin.readline()
-"#;
+const HOSTILE: &str = include_str!("programs/tcp_hostile.py");
 
 /// The router against a hostile container: nothing it does gives it host sockets of its own
 /// choosing, blocks or spins the router, or disturbs other containers.
@@ -1195,13 +798,7 @@ fn a_hostile_container_cannot_misuse_or_stall_the_router() {
     let client = site
         .python(
             "web",
-            r#"
-import socket
-try:
-    socket.create_connection(("10.32.0.4", 9001), timeout=5); print("CONNECTED")
-except OSError as e:
-    print("ERROR", e.errno)
-"#,
+            include_str!("programs/tcp_fake_listener_client.py"),
             true,
         )
         .output()
@@ -1224,36 +821,7 @@ except OSError as e:
 
 /// Forks while other threads are inside the shim (epoll instances coming and going, closes,
 /// accelerated connects): every child must be able to close a socket and exit.
-const FORK_STRESS: &str = r#"
-import os, socket, select, threading, time
-stop = False
-def churn():
-    while not stop:
-        e = select.epoll(); s = socket.socket(); e.register(s.fileno(), select.EPOLLIN); e.close(); s.close()
-def connects():
-    while not stop:
-        try:
-            c = socket.create_connection(("10.32.0.4", 6100), timeout=2); c.close()
-        except OSError:
-            pass
-threads = [threading.Thread(target=churn), threading.Thread(target=churn), threading.Thread(target=connects)]
-for t in threads: t.start()
-hung = 0
-for i in range(100):
-    pid = os.fork()
-    if pid == 0:
-        s = socket.socket(); s.close(); os._exit(0)
-    deadline = time.time() + 5
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done: break
-        if time.time() > deadline:
-            hung += 1; os.kill(pid, 9); os.waitpid(pid, 0); break
-        time.sleep(0.001)
-stop = True
-for t in threads: t.join()
-print("HUNG", hung, flush=True)
-"#;
+const FORK_STRESS: &str = include_str!("programs/tcp_fork_stress.py");
 
 #[test]
 fn forks_while_threads_use_the_shim_do_not_deadlock_children() {
@@ -1271,22 +839,7 @@ fn forks_while_threads_use_the_shim_do_not_deadlock_children() {
 
 /// Two SO_REUSEPORT listeners in one process share the port (closing one leaves the other
 /// serving), and dup2 over a listener closes it as close() would.
-const REUSEPORT_ONE_PROCESS: &str = r#"
-import socket, os
-def listener(port, opt):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, opt, 1)
-    s.bind(("0.0.0.0", port)); s.listen(8); return s
-a = listener(7301, socket.SO_REUSEPORT)
-b = listener(7301, socket.SO_REUSEPORT)
-b.close()
-x = listener(7302, socket.SO_REUSEADDR)
-devnull = os.open("/dev/null", os.O_RDONLY)
-os.dup2(devnull, x.fileno())
-print("READY", flush=True)
-a.settimeout(10)
-c, peer = a.accept(); c.sendall(b"a"); c.close()
-print("SERVED", peer[0], flush=True)
-"#;
+const REUSEPORT_ONE_PROCESS: &str = include_str!("programs/tcp_reuseport_one_process.py");
 
 #[test]
 fn reuseport_listeners_of_one_process_share_and_dup2_closes_a_listener() {
@@ -1307,14 +860,7 @@ fn reuseport_listeners_of_one_process_share_and_dup2_closes_a_listener() {
     let client = site
         .python(
             "web",
-            r#"
-import socket
-c = socket.create_connection(("10.32.0.4", 7301), timeout=5)
-try:
-    print("GOT", c.recv(1))
-except OSError as e:
-    print("ERROR", e)
-"#,
+            include_str!("programs/tcp_reuseport_client.py"),
             true,
         )
         .output()

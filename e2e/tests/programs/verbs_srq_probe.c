@@ -1,68 +1,25 @@
 /* Checks of ibv_resize_cq and shared receive queues through Freeflow's libibverbs.so.1, built
- * against the installed headers (control/tests/verbs_srq.rs runs it in registered containers).
+ * against the installed headers (e2e/tests/verbs_srq.rs runs it in registered containers).
  * Modes: "resize" (sizes, pending completions, a poller thread, completion channels), "srq"
  * (one SRQ shared by two QPs, its verbs and errors) and "nosyscall" (run under strace). Every wait is bounded in time. */
-#define _GNU_SOURCE
-#include <infiniband/verbs.h>
+#include "verbs_probe.h"
 #include <arpa/inet.h>
-#include <errno.h>
-#include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; \
-    printf("FAIL line %d (errno %d): ", __LINE__, errno); printf(__VA_ARGS__); printf("\n"); \
-    fflush(stdout); } } while (0)
 
 static struct ibv_context *ctx;
 static struct ibv_pd *pd;
 static union ibv_gid my_gid;
 static struct ibv_device_attr dev;
 
-static double now_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
-}
-
 static void open_ctx(void)
 {
-    int n = 0;
-    struct ibv_device **list = ibv_get_device_list(&n);
-    if (!list || n != 1) {
-        printf("no device (%d)\n", n);
-        exit(1);
-    }
-    ctx = ibv_open_device(list[0]);
-    ibv_free_device_list(list);
-    if (!ctx) {
-        printf("open: %s\n", strerror(errno));
-        exit(1);
-    }
+    ctx = open_device();
     pd = ibv_alloc_pd(ctx);
     if (!pd || ibv_query_gid(ctx, 1, 0, &my_gid) || ibv_query_device(ctx, &dev)) {
         printf("pd/gid/device: %s\n", strerror(errno));
         exit(1);
     }
-}
-
-#define ALL_ACCESS_FLAGS (IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | \
-                          IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_ATOMIC)
-
-static int to_init(struct ibv_qp *qp, int access)
-{
-    struct ibv_qp_attr a = { .qp_state = IBV_QPS_INIT, .pkey_index = 0, .port_num = 1,
-                             .qp_access_flags = access };
-    return ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT |
-                                 IBV_QP_ACCESS_FLAGS);
 }
 
 static int to_rtr(struct ibv_qp *qp, uint32_t dest, int min_rnr)
@@ -87,27 +44,12 @@ static int to_rts(struct ibv_qp *qp, int rnr_retry)
                                  IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC);
 }
 
-static int to_state(struct ibv_qp *qp, enum ibv_qp_state s)
-{
-    struct ibv_qp_attr a = { .qp_state = s };
-    return ibv_modify_qp(qp, &a, IBV_QP_STATE);
-}
-
-static enum ibv_qp_state state_of(struct ibv_qp *qp)
-{
-    struct ibv_qp_attr a;
-    struct ibv_qp_init_attr i;
-    if (ibv_query_qp(qp, &a, IBV_QP_STATE, &i))
-        return (enum ibv_qp_state)-1;
-    return a.qp_state;
-}
-
 /* x and y from any state to RTS, connected to each other (this container's own GID). */
 static int connect_qps(struct ibv_qp *x, struct ibv_qp *y, int rnr_retry, int min_rnr)
 {
     int r = 0;
     r |= to_state(x, IBV_QPS_RESET) | to_state(y, IBV_QPS_RESET);
-    r |= to_init(x, ALL_ACCESS_FLAGS) | to_init(y, ALL_ACCESS_FLAGS);
+    r |= to_init(x, ALL_ACCESS) | to_init(y, ALL_ACCESS);
     r |= to_rtr(x, y->qp_num, min_rnr) | to_rtr(y, x->qp_num, min_rnr);
     r |= to_rts(x, rnr_retry) | to_rts(y, rnr_retry);
     return r;
@@ -122,64 +64,6 @@ static struct ibv_qp *new_qp(struct ibv_cq *scq, struct ibv_cq *rcq, struct ibv_
     return ibv_create_qp(pd, &init);
 }
 
-/* One completion within ms milliseconds; 0 on timeout or error. */
-static int wait_wc(struct ibv_cq *cq, struct ibv_wc *wc, int ms)
-{
-    double end = now_ms() + ms;
-    do {
-        int n = ibv_poll_cq(cq, 1, wc);
-        if (n < 0)
-            return 0;
-        if (n == 1)
-            return 1;
-    } while (now_ms() < end);
-    return 0;
-}
-
-static int quiet(struct ibv_cq *cq, int ms)
-{
-    struct ibv_wc wc;
-    return !wait_wc(cq, &wc, ms);
-}
-
-static void expect_wc(struct ibv_cq *cq, uint64_t id, enum ibv_wc_status st, int opcode,
-                      const char *what, int line)
-{
-    struct ibv_wc wc;
-    memset(&wc, 0xee, sizeof(wc));
-    if (!wait_wc(cq, &wc, 3000)) {
-        failures++;
-        printf("FAIL line %d: %s: no completion\n", line, what);
-        return;
-    }
-    if (wc.wr_id != id || wc.status != st || (opcode >= 0 && (int)wc.opcode != opcode)) {
-        failures++;
-        printf("FAIL line %d: %s: wr_id %" PRIu64 " status %s (%d) opcode %d; expected %" PRIu64
-               " %s opcode %d\n", line, what, wc.wr_id, ibv_wc_status_str(wc.status), wc.status,
-               wc.opcode, id, ibv_wc_status_str(st), opcode);
-    }
-}
-#define EXPECT(cq, id, st, op, what) expect_wc(cq, id, st, op, what, __LINE__)
-
-static int post(struct ibv_qp *qp, enum ibv_wr_opcode op, uint64_t id, void *buf, uint32_t len,
-                uint32_t lkey, unsigned flags, uint64_t raddr, uint32_t rkey)
-{
-    struct ibv_sge sge = { .addr = (uintptr_t)buf, .length = len, .lkey = lkey };
-    struct ibv_send_wr wr = { .wr_id = id, .sg_list = &sge, .num_sge = 1, .opcode = op,
-                              .send_flags = flags }, *bad = NULL;
-    wr.wr.rdma.remote_addr = raddr;
-    wr.wr.rdma.rkey = rkey;
-    return ibv_post_send(qp, &wr, &bad);
-}
-
-static int post_recv(struct ibv_qp *qp, uint64_t id, void *buf, uint32_t len, uint32_t lkey)
-{
-    struct ibv_sge sge = { .addr = (uintptr_t)buf, .length = len, .lkey = lkey };
-    struct ibv_recv_wr wr = { .wr_id = id, .sg_list = &sge, .num_sge = 1 }, *bad = NULL;
-    return ibv_post_recv(qp, &wr, &bad);
-}
-
-#define SIG IBV_SEND_SIGNALED
 
 static unsigned char *buf;
 static struct ibv_mr *mr;
@@ -189,7 +73,7 @@ static void reg_buf(void)
 {
     buf = aligned_alloc(4096, BUF_LEN);
     memset(buf, 0, BUF_LEN);
-    mr = ibv_reg_mr(pd, buf, BUF_LEN, ALL_ACCESS_FLAGS);
+    mr = ibv_reg_mr(pd, buf, BUF_LEN, ALL_ACCESS);
     if (!mr) {
         printf("reg_mr: %s\n", strerror(errno));
         exit(1);

@@ -105,7 +105,7 @@ fn unmodified_ibv_rc_pingpong_runs_between_two_containers() {
 }
 
 /// The C side of the checks below (its own file, to be readable and compilable by hand).
-const PROBE: &str = include_str!("verbs_rc_probe.c");
+const PROBE: &str = include_str!("programs/verbs_rc_probe.c");
 
 /// Builds [`PROBE`] against the installed headers and the system's libibverbs (so it imports
 /// the verbs with rdma-core's symbol versions, like any Debian binary).

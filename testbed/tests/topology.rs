@@ -6,8 +6,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use freeflow_control::topology::{
-    self, fault, fresh_tag, Cluster, ClusterSpec, TopologyError, OVERLAY_DEV,
+use freeflow_testbed::{
+    self as topology, fault, fresh_tag, Cluster, ClusterSpec, TopologyError, OVERLAY_DEV,
 };
 
 /// Fail loudly (not skip) when the environment cannot run these tests.

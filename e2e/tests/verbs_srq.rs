@@ -43,7 +43,7 @@ impl Site {
 }
 
 /// The C side of the checks (its own file, to be readable and compilable by hand).
-const PROBE: &str = include_str!("verbs_srq_probe.c");
+const PROBE: &str = include_str!("programs/verbs_srq_probe.c");
 
 /// Builds [`PROBE`] against the installed headers and the system's libibverbs.
 fn build_probe(work: &Path) -> PathBuf {
