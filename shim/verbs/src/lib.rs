@@ -28,19 +28,10 @@
 //! after checking `/proc/self/maps`.
 #![deny(unsafe_code)]
 
-/// Binds exported functions to their version nodes (`libibverbs.map`): `name@@NODE` makes NODE
-/// the version that binaries linking against `name` record, as with rdma-core's library.
-/// Unit-test builds link no version script, so they leave the directives out.
-macro_rules! symbol_versions {
-    ($($node:literal: [$($name:ident),* $(,)?]),* $(,)?) => {
-        $($(
-            #[cfg(not(test))]
-            std::arch::global_asm!(concat!(
-                ".symver ", stringify!($name), ", ", stringify!($name), "@@", $node
-            ));
-        )*)*
-    };
-}
+/// `symbol_versions!` binds the exported functions to their version nodes of `libibverbs.map`
+/// (`name@@NODE`), as with rdma-core's library; `macro_use` makes it usable in every module.
+#[macro_use]
+extern crate freeflow_os;
 
 mod abi;
 mod channel;
