@@ -1,5 +1,6 @@
 //! The calling thread's `errno`: how the shims' exported C functions report a failure to their
 //! caller (the one place errno is set; inside, errors are typed).
+#![allow(unsafe_code)]
 
 use std::ffi::c_int;
 

@@ -13,8 +13,9 @@
 //! File locks are std's (`File::lock`, `try_lock`, `unlock`: `flock(2)` on Linux), so they have
 //! no wrapper here.
 //!
-//! Unsafe code is confined to the modules that make system calls: `signals`, `poll`, `memfd`,
-//! `errno`, `process` and `namespace`. `child` and the macro are safe code.
+//! Unsafe code is confined (by `#![deny(unsafe_code)]` here and `#![allow(unsafe_code)]` at the
+//! top of each) to the modules that make system calls: `signals`, `poll`, `memfd`, `errno`,
+//! `process` and `namespace`. `child` and the macro are safe code.
 //!
 //! The socket shim (libfsocket) links this crate and interposes some libc symbols (`close`,
 //! `dup`, `fcntl`, `connect`, ...): a function here that calls one of those from inside that
@@ -23,16 +24,10 @@
 #![deny(unsafe_code)]
 
 pub mod child;
-#[allow(unsafe_code)]
 pub mod errno;
-#[allow(unsafe_code)]
 pub mod memfd;
-#[allow(unsafe_code)]
 pub mod namespace;
-#[allow(unsafe_code)]
 pub mod poll;
-#[allow(unsafe_code)]
 pub mod process;
-#[allow(unsafe_code)]
 pub mod signals;
 mod symbol_versions;

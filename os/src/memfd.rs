@@ -1,6 +1,7 @@
 //! Sealed memory files (`memfd_create(2)`): the region that holds an attachment's rings, and the
 //! memory file a verbs process registers its memory in. Seals are what let the router map a
 //! file a container gave it without fearing that it shrinks under the mapping.
+#![allow(unsafe_code)]
 
 use std::ffi::CStr;
 use std::fs::File;

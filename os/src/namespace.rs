@@ -1,5 +1,6 @@
 //! Linux namespaces: what kind of namespace a namespace file (`/proc/PID/ns/*`, a bind mount of
 //! one under `/run/netns`) refers to.
+#![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;

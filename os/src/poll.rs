@@ -1,6 +1,7 @@
 //! Waiting for readiness on a few descriptors with `poll(2)`: the router's control loop, the
 //! daemon's and the demo's wait for signals, the attach handshake's hang-up check, the socket
 //! shim's wait for a connect and for its router to go away.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::marker::PhantomData;

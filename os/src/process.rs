@@ -1,6 +1,7 @@
 //! Processes: what a child started with `Command` does between fork and exec (each step a
 //! `pre_exec` hook; hooks run in the order they were added), and facts about processes that std
 //! does not tell.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::RawFd;

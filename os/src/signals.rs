@@ -2,6 +2,7 @@
 //! termination signals before they start threads and read them from a signalfd, so that a
 //! signal is an event of their loop (and their teardown runs) rather than an asynchronous
 //! handler. Also sending a signal to one process.
+#![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -134,12 +135,10 @@ mod tests {
         assert_eq!(signals.drain().unwrap(), Vec::<i32>::new());
         assert_eq!(read_one(signals.as_fd()).unwrap(), None);
         // SAFETY: pthread_kill on the calling thread, whose handle pthread_self returns.
-        #[allow(unsafe_code)]
         let rc = unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGUSR2) };
         assert_eq!(rc, 0);
         assert_eq!(signals.drain().unwrap(), vec![libc::SIGUSR2]);
         // SAFETY: as above.
-        #[allow(unsafe_code)]
         let rc = unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGUSR2) };
         assert_eq!(rc, 0);
         let fd = OwnedFd::from(signals);
