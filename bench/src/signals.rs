@@ -11,6 +11,7 @@ use std::os::fd::AsFd;
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
+use freeflow_os::child::{Stop, Watcher};
 use freeflow_os::poll::poll_readable;
 use freeflow_os::signals::{SignalFd, TERMINATION_SIGNALS};
 
@@ -92,6 +93,14 @@ impl Interrupts {
                 return Err(interrupted(sig));
             }
         }
+    }
+}
+
+/// An experiment's child run with `freeflow_os::child::run` is killed on a termination signal
+/// (SIGKILL, as in [`Interrupts::wait_child`]).
+impl Watcher for Interrupts {
+    fn wait(&mut self, pause: Duration) -> Option<Stop> {
+        Interrupts::wait(self, pause).map(Stop::Kill)
     }
 }
 
