@@ -54,6 +54,9 @@ pub trait Watcher {
     /// Waits up to `pause` for a reason to end the child early (a termination signal arrived):
     /// this wait is the run's pause between two looks at the child.
     fn wait(&mut self, pause: Duration) -> Option<Stop>;
+    /// The run acted on `stop`: the first reason to stop that came while the child ran (later
+    /// ones change nothing).
+    fn stopping(&mut self, _stop: Stop) {}
 }
 
 /// A watcher without reasons to stop: it only sleeps.
@@ -107,7 +110,9 @@ pub fn run(cmd: &mut Command, limits: &Limits, watcher: &mut dyn Watcher) -> io:
             return Ok(finished);
         }
         if let Some(stop) = watcher.wait(limits.pause) {
-            run.stop(stop);
+            if run.stop(stop) {
+                watcher.stopping(stop);
+            }
         }
         run.enforce_limits();
     }
@@ -205,10 +210,10 @@ impl<'a> Run<'a> {
         }))
     }
 
-    /// Acts on the watcher's first reason to stop (later ones change nothing).
-    fn stop(&mut self, stop: Stop) {
+    /// Acts on the watcher's first reason to stop (later ones change nothing); whether it did.
+    fn stop(&mut self, stop: Stop) -> bool {
         if self.exited.is_some() || self.stopping.is_some() {
-            return;
+            return false;
         }
         self.stopping = Some(Instant::now());
         match stop {
@@ -224,6 +229,7 @@ impl<'a> Run<'a> {
                 let _ = self.child.kill();
             }
         }
+        true
     }
 
     /// Kills a child past its deadline or its clean-up time.
@@ -287,6 +293,7 @@ mod tests {
         lines: Vec<String>,
         waits: usize,
         stop_after: Option<(usize, Stop)>,
+        stopping: Vec<Stop>,
     }
 
     impl Watcher for Recorder {
@@ -302,6 +309,9 @@ mod tests {
             self.stop_after
                 .filter(|&(n, _)| self.waits >= n)
                 .map(|(_, stop)| stop)
+        }
+        fn stopping(&mut self, stop: Stop) {
+            self.stopping.push(stop);
         }
     }
 
@@ -330,6 +340,8 @@ mod tests {
         assert_eq!(done.ended, Ended::Interrupted(libc::SIGTERM));
         assert_eq!(done.status.code(), Some(7));
         assert!(done.stderr.contains("cleaned"), "{:?}", done.stderr);
+        // Asked again and again while the child cleans up, the run forwarded the signal once.
+        assert_eq!(watcher.stopping, [Stop::Forward(libc::SIGTERM)]);
     }
 
     #[test]
