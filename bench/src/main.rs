@@ -1,4 +1,7 @@
 //! freeflow-bench: Freeflow's experiments. Each prints a table, or JSON with `--json`.
+//!
+//! No unsafe code: its system calls are `freeflow-os`'s.
+#![deny(unsafe_code)]
 
 mod idle;
 mod probe;

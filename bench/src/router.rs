@@ -139,8 +139,7 @@ pub fn cpu_time(pid: u32) -> Result<Duration, String> {
         .get(12)
         .and_then(|v| v.parse().ok())
         .ok_or("bad stime")?;
-    // SAFETY: sysconf has no memory effects.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = freeflow_os::process::clock_ticks_per_second();
     Ok(Duration::from_nanos(
         (utime + stime) * 1_000_000_000 / ticks,
     ))

@@ -1,23 +1,24 @@
 //! Ctrl-C for experiments that build things on the machine (namespaces, daemons, servers).
 //!
 //! Killed by SIGINT's default action, `freeflow-bench tcp` would leave its simulated cluster,
-//! its daemons and its servers behind. Instead the termination signals are blocked and collected
-//! with `sigtimedwait` while the experiment waits for its children, so it stops at the next step
-//! and its `Drop`-based teardown runs. SIGCHLD is blocked and collected too: it is what wakes the
-//! wait when a child exits, so waiting costs no polling.
+//! its daemons and its servers behind. Instead the termination signals are blocked and read from
+//! a signalfd (`freeflow-os`) while the experiment waits for its children, so it stops at the
+//! next step and its `Drop`-based teardown runs. SIGCHLD is blocked and read too: it is what wakes
+//! the wait when a child exits, so waiting costs no polling.
 
 use std::cell::Cell;
-use std::io;
+use std::os::fd::AsFd;
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-/// The signals that stop an experiment.
-const TERMINATION: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+use freeflow_os::child::{Stop, Watcher};
+use freeflow_os::poll::poll_readable;
+use freeflow_os::signals::{SignalFd, TERMINATION_SIGNALS};
 
-/// The blocked signal set and the first termination signal seen (sticky: once interrupted, every
+/// The blocked signals and the first termination signal seen (sticky: once interrupted, every
 /// later check says so, so no step starts after it).
 pub struct Interrupts {
-    set: libc::sigset_t,
+    signals: SignalFd,
     received: Cell<Option<i32>>,
 }
 
@@ -27,25 +28,11 @@ impl Interrupts {
     /// default action). Children started with `Command` get an empty mask again (std resets it
     /// before exec), so a terminal's Ctrl-C still stops them.
     pub fn block() -> Result<Interrupts, String> {
-        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        // SAFETY: sigemptyset initialises the set it is pointed at and cannot fail.
-        unsafe { libc::sigemptyset(set.as_mut_ptr()) };
-        // SAFETY: initialised by sigemptyset just above.
-        let mut set = unsafe { set.assume_init() };
-        for sig in TERMINATION.into_iter().chain([libc::SIGCHLD]) {
-            // SAFETY: `set` is an initialised sigset and `sig` a valid signal number.
-            unsafe { libc::sigaddset(&mut set, sig) };
-        }
-        // SAFETY: `set` is a valid sigset; the old mask is not asked for (null).
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if rc != 0 {
-            return Err(format!(
-                "blocking signals: {}",
-                io::Error::from_raw_os_error(rc)
-            ));
-        }
+        let mut blocked = TERMINATION_SIGNALS.to_vec();
+        blocked.push(libc::SIGCHLD);
+        let signals = SignalFd::block(&blocked).map_err(|e| format!("blocking signals: {e}"))?;
         Ok(Interrupts {
-            set,
+            signals,
             received: Cell::new(None),
         })
     }
@@ -53,26 +40,18 @@ impl Interrupts {
     /// Takes the signals that arrived, waiting up to `timeout` for one; returns the first
     /// termination signal seen so far. A SIGCHLD only ends the wait early.
     pub fn wait(&self, timeout: Duration) -> Option<i32> {
-        let mut timeout = libc::timespec {
-            tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        // An error (none is expected of a valid signalfd) counts as nothing to take.
+        let ready = poll_readable(&[self.signals.as_fd()], timeout).is_ok_and(|r| r[0]);
+        let arrived = if ready {
+            self.signals.drain().unwrap_or_default()
+        } else {
+            Vec::new()
         };
-        loop {
-            // SAFETY: `set` is a valid sigset, a null siginfo pointer is allowed (no details
-            // wanted) and `timeout` is a valid timespec for the duration of the call.
-            let sig = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &timeout) };
-            if sig < 0 {
-                // EAGAIN (timed out) or EINTR: nothing (more) to take.
-                break;
-            }
-            if TERMINATION.contains(&sig) && self.received.get().is_none() {
-                self.received.set(Some(sig));
-            }
-            // Take whatever else is pending without waiting again.
-            timeout = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
+        let first = arrived
+            .into_iter()
+            .find(|sig| TERMINATION_SIGNALS.contains(sig));
+        if self.received.get().is_none() {
+            self.received.set(first);
         }
         self.received.get()
     }
@@ -114,6 +93,14 @@ impl Interrupts {
                 return Err(interrupted(sig));
             }
         }
+    }
+}
+
+/// An experiment's child run with `freeflow_os::child::run` is killed on a termination signal
+/// (SIGKILL, as in [`Interrupts::wait_child`]).
+impl Watcher for Interrupts {
+    fn wait(&mut self, pause: Duration) -> Option<Stop> {
+        Interrupts::wait(self, pause).map(Stop::Kill)
     }
 }
 

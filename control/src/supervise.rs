@@ -1,6 +1,5 @@
 //! Supervision of `freeflow-router`: starting it with a readiness pipe, telling why it ended,
-//! the restart backoff, and the few operating-system calls the daemon and the CLI need
-//! ([`os`], the only module of the control plane with `unsafe` outside the registry's flock).
+//! and the restart backoff. Its system calls are [`crate::os`]'s.
 
 use std::fs::OpenOptions;
 use std::io::{self, Read};
@@ -10,6 +9,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The control plane's OS calls, also under their former path `supervise::os` (the CLI, the
+/// daemon, the demo and the tests still name them so).
+pub use crate::os;
 
 /// Errors while starting or stopping the router.
 #[derive(Debug, thiserror::Error)]
@@ -404,218 +407,6 @@ pub fn last_log_line(path: &Path, from: u64, prefix: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The operating-system calls of the control plane. Each wrapper is small and safe to call.
-pub mod os {
-    use std::fs::File;
-    use std::io::{self, Read};
-    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-    use std::os::unix::process::CommandExt;
-    use std::process::Command;
-    use std::time::Duration;
-
-    /// Signals that ask the daemon to stop.
-    pub const TERMINATION_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
-
-    /// Signals blocked for the whole process and read, when they arrive, from a descriptor.
-    #[derive(Debug)]
-    pub struct SignalFd {
-        file: File,
-    }
-
-    impl SignalFd {
-        /// Blocks `signals` in the calling thread (call it before starting threads; children
-        /// started with `Command` get an empty mask again) and returns a non-blocking
-        /// signalfd for them.
-        pub fn block(signals: &[i32]) -> io::Result<SignalFd> {
-            let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-            // SAFETY: sigemptyset initialises the set it is pointed at and cannot fail.
-            unsafe { libc::sigemptyset(set.as_mut_ptr()) };
-            // SAFETY: initialised by sigemptyset just above.
-            let mut set = unsafe { set.assume_init() };
-            for &sig in signals {
-                // SAFETY: `set` is an initialised sigset; an invalid number only yields EINVAL.
-                if unsafe { libc::sigaddset(&mut set, sig) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            // SAFETY: `set` is a valid sigset; the old mask is not asked for (null).
-            let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-            if rc != 0 {
-                return Err(io::Error::from_raw_os_error(rc));
-            }
-            // SAFETY: -1 asks for a new descriptor; `set` is valid for the call.
-            let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: signalfd returned a fresh descriptor that nothing else owns.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            Ok(SignalFd {
-                file: File::from(owned),
-            })
-        }
-
-        /// The signals that arrived since the last call (each standard signal at most once).
-        pub fn drain(&self) -> io::Result<Vec<i32>> {
-            // struct signalfd_siginfo is 128 bytes; ssi_signo is its first field (u32).
-            let mut buf = [0u8; 128 * 8];
-            let mut out = Vec::new();
-            loop {
-                match (&self.file).read(&mut buf) {
-                    Ok(0) => return Ok(out),
-                    Ok(n) => {
-                        for info in buf[..n].chunks_exact(128) {
-                            let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
-                            out.push(signo as i32);
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-    }
-
-    impl AsFd for SignalFd {
-        fn as_fd(&self) -> BorrowedFd<'_> {
-            self.file.as_fd()
-        }
-    }
-
-    /// Waits up to `timeout` until one of `fds` is readable (or hung up); one flag per fd.
-    /// An interrupted wait returns all false.
-    pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
-        let mut pollfds: Vec<libc::pollfd> = fds
-            .iter()
-            .map(|fd| libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        // SAFETY: `pollfds` is a valid, exclusively borrowed array of `len` pollfd structures;
-        // poll writes only their `revents` fields. The descriptors are borrowed, so open.
-        let rc = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, ms) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                return Ok(vec![false; fds.len()]);
-            }
-            return Err(err);
-        }
-        Ok(pollfds.iter().map(|p| p.revents != 0).collect())
-    }
-
-    /// Takes an exclusive flock without waiting: `Ok(true)` if we now hold it, `Ok(false)` if
-    /// another open file description holds it.
-    pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
-        // SAFETY: flock takes a descriptor and flags, no memory; `file` keeps the fd open.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            Ok(false)
-        } else {
-            Err(err)
-        }
-    }
-
-    /// Sends `sig` to process `pid` (never to a group: `pid` must be positive).
-    pub fn send_signal(pid: i32, sig: i32) -> io::Result<()> {
-        if pid <= 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("refusing to signal pid {pid}"),
-            ));
-        }
-        // SAFETY: kill takes two integers; a positive pid addresses exactly one process.
-        if unsafe { libc::kill(pid, sig) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
-    /// Whether process `pid` exists (zombies included).
-    pub fn process_exists(pid: i32) -> bool {
-        pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
-    }
-
-    /// The child starts a new session (no controlling terminal, its own process group), so a
-    /// terminal's Ctrl-C or hangup does not reach the daemon.
-    pub fn new_session_on_exec(cmd: &mut Command) {
-        // SAFETY: the closure runs in the forked child before exec and only calls setsid,
-        // which is async-signal-safe; it allocates nothing (last_os_error does not allocate).
-        unsafe {
-            cmd.pre_exec(|| {
-                // SAFETY: setsid has no memory arguments; failing (already a group leader)
-                // is reported as an error and aborts the spawn.
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
-
-    /// Prepares the router's child process: it inherits `ready_fd` (the write end of its
-    /// readiness pipe) and gets SIGTERM when its parent dies.
-    pub fn prepare_router_child(cmd: &mut Command, ready_fd: RawFd) {
-        // SAFETY: getpid has no preconditions.
-        let parent = unsafe { libc::getpid() };
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl,
-        // getppid and fcntl, which are async-signal-safe, and allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                // SAFETY: PR_SET_PDEATHSIG takes a signal number; the other arguments are
-                // unused integers.
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGTERM as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                // The parent may have died before prctl took effect: then nobody supervises
-                // us, so do not start at all.
-                // SAFETY: getppid has no preconditions.
-                if libc::getppid() != parent {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                // Clear close-on-exec so the router inherits its readiness pipe.
-                // SAFETY: F_SETFD with 0 only changes the descriptor flags of `ready_fd`,
-                // which the parent keeps open across the fork.
-                if libc::fcntl(ready_fd, libc::F_SETFD, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
-
-    /// The kind of namespace a namespace file refers to (`CLONE_NEWNET` for a network
-    /// namespace); an error (ENOTTY, EINVAL) if `file` is not a namespace file at all.
-    pub fn namespace_type(file: &File) -> io::Result<i32> {
-        /// `_IO(0xb7, 0x3)` from linux/nsfs.h.
-        const NS_GET_NSTYPE: u32 = 0xb703;
-        // SAFETY: NS_GET_NSTYPE takes no argument and writes no memory; `file` keeps the
-        // descriptor open for the call.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -657,15 +448,5 @@ mod tests {
             exit_reason(ExitStatus::from_raw(9)),
             "was killed by signal 9 (SIGKILL)"
         );
-    }
-
-    #[test]
-    fn namespace_type_of_own_netns() {
-        let f = std::fs::File::open("/proc/self/ns/net").unwrap();
-        assert_eq!(os::namespace_type(&f).unwrap(), libc::CLONE_NEWNET);
-        let f = std::fs::File::open("/proc/self/ns/mnt").unwrap();
-        assert_eq!(os::namespace_type(&f).unwrap(), libc::CLONE_NEWNS);
-        let f = std::fs::File::open("/proc/self/status").unwrap();
-        assert!(os::namespace_type(&f).is_err());
     }
 }

@@ -1,22 +1,29 @@
 //! freeflow-router: the Freeflow dataplane for one host. Normally started and supervised by
 //! `freeflow up`; it can also run alone in the foreground.
+//!
+//! Unsafe code is confined (by `#![deny(unsafe_code)]` here) to `sys` (socket calls, the ready
+//! pipe), `uring` (io_uring submissions) and, inside `verbs`, to its `memory` and `notify`
+//! modules. Signals, poll and memory files are `freeflow-os`'s.
+#![deny(unsafe_code)]
 
 mod attachment;
 mod control;
 mod log;
 mod shard;
+#[allow(unsafe_code)]
 mod sys;
 mod tcp;
+#[allow(unsafe_code)]
 mod uring;
 mod verbs;
 
 use ::log::{error, info, warn};
 use clap::Parser;
+use freeflow_os::signals::{SignalFd, TERMINATION_SIGNALS};
 use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::{fdpass, RingGeometry, CONTROL_SOCKET, ROUTER_SOCKET};
 use shard::{Shard, ShardHandle, ShardStats};
-use std::io::Write;
-use std::os::fd::{AsFd, FromRawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -135,7 +142,8 @@ fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("another router serves {} ({e})", config.dir.display()))?;
     // Signals are blocked before any thread starts, so every thread inherits the mask and only
     // the control thread sees them, through the signalfd.
-    let signals = sys::block_termination_signals().map_err(|e| format!("signalfd: {e}"))?;
+    let signals = SignalFd::block(&TERMINATION_SIGNALS).map_err(|e| format!("signalfd: {e}"))?;
+    let signals = OwnedFd::from(signals);
 
     let attach_path = config.dir.join(ROUTER_SOCKET);
     let control_path = config.dir.join(CONTROL_SOCKET);
@@ -201,9 +209,7 @@ fn run(config: Config) -> Result<(), String> {
         config.cores
     );
     if let Some(fd) = config.ready_fd {
-        // SAFETY: the parent handed us this fd for exactly this purpose; we take ownership once.
-        let mut ready = unsafe { std::fs::File::from_raw_fd(fd) };
-        let _ = ready.write_all(b"ready\n");
+        sys::write_ready_line(fd);
     }
     let result = control.run().map_err(|e| format!("control loop: {e}"));
     for shard in &control.shards {

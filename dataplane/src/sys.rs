@@ -1,50 +1,20 @@
-//! The router's small OS surface that std does not cover: signals as a file descriptor, an
-//! exclusive lock file, and file modes. All of the router's unsafe code for these lives here.
+//! The router's socket calls that std does not cover (non-blocking sockets it hands between
+//! processes, addresses, options, a guarded accept), the descriptors it must close elsewhere,
+//! its lock file and its ready pipe. The calls the router shares with the other Freeflow
+//! processes (signals, poll) are `freeflow-os`'s; `read_signal` and `poll` here adapt them to the
+//! raw descriptors of the control loop.
 
-use std::io;
+use std::io::{self, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and every thread it spawns later)
-/// and returns a signalfd that reads them. Call before spawning threads.
-pub fn block_termination_signals() -> io::Result<OwnedFd> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: set is a live sigset_t.
-    unsafe { libc::sigemptyset(&mut set) };
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        // SAFETY: set is a live, initialised sigset_t and sig a valid signal number.
-        unsafe { libc::sigaddset(&mut set, sig) };
-    }
-    // SAFETY: set is initialised; the old mask is not wanted (NULL).
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    // SAFETY: -1 asks for a new fd; set is initialised.
-    let raw = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: raw is a fresh fd nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
+use freeflow_os::poll::PollFd;
 
 /// Reads one pending signal number from a signalfd, if any.
 pub fn read_signal(fd: &OwnedFd) -> Option<u32> {
-    // SAFETY: signalfd_siginfo is plain data.
-    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-    let size = std::mem::size_of::<libc::signalfd_siginfo>();
-    // SAFETY: reads at most `size` bytes into `info`.
-    let n = unsafe {
-        libc::read(
-            fd.as_raw_fd(),
-            (&mut info as *mut libc::signalfd_siginfo).cast(),
-            size,
-        )
-    };
-    (n == size as isize).then_some(info.ssi_signo)
+    let sig = freeflow_os::signals::read_one(fd.as_fd()).ok().flatten()?;
+    Some(sig as u32)
 }
 
 /// Takes an exclusive, non-blocking flock on `path` (created 0600) and holds it as long as the
@@ -57,11 +27,23 @@ pub fn lock_exclusive(path: &Path) -> io::Result<std::fs::File> {
         .write(true)
         .mode(0o600)
         .open(path)?;
-    // SAFETY: plain flock on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(io::Error::last_os_error());
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        // The error flock(2) reports, as the router's log has always said it.
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(io::Error::from_raw_os_error(libc::EWOULDBLOCK))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
-    Ok(file)
+}
+
+/// Writes the ready line to the pipe `fd` that the router's supervisor handed it
+/// (`--ready-fd`), then closes it.
+pub fn write_ready_line(fd: RawFd) {
+    // SAFETY: the parent handed us this fd for exactly this purpose; the caller passes it once,
+    // so we own it from here and close it when done.
+    let mut ready = unsafe { std::fs::File::from_raw_fd(fd) };
+    let _ = ready.write_all(b"ready\n");
 }
 
 /// Non-blocking receive into `buf`: `Ok(Some(n))` with n bytes (0 = orderly close), `Ok(None)`
@@ -88,26 +70,24 @@ pub fn recv_nonblocking(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<usize
 }
 
 /// Waits for readiness on `fds` (each with its events) for at most `timeout_ms` (-1: forever).
-/// Returns the revents of each, in order.
+/// Returns the revents of each, in order (all 0 if a signal interrupted the wait).
 pub fn poll(fds: &[(i32, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
-    let mut pfds: Vec<libc::pollfd> = fds
+    let mut polled: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|&(fd, events)| libc::pollfd {
-            fd,
-            events,
-            revents: 0,
+        .map(|&(fd, events)| {
+            // SAFETY: the control loop polls only descriptors that it holds (its listeners,
+            // signalfd, connections, the TCP service's sockets) for the duration of the call.
+            PollFd::new(unsafe { BorrowedFd::borrow_raw(fd) }, events)
         })
         .collect();
-    // SAFETY: pfds is a live array of pfds.len() pollfds.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
-    if n < 0 {
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::Interrupted {
-            return Ok(vec![0; fds.len()]);
-        }
-        return Err(err);
+    let timeout = u64::try_from(timeout_ms)
+        .ok()
+        .map(std::time::Duration::from_millis);
+    match freeflow_os::poll::poll(&mut polled, timeout) {
+        Ok(_) => Ok(polled.iter().map(PollFd::revents).collect()),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(vec![0; fds.len()]),
+        Err(e) => Err(e),
     }
-    Ok(pfds.iter().map(|p| p.revents).collect())
 }
 
 /// A new TCP socket in the router's (host) network namespace: non-blocking, close-on-exec.

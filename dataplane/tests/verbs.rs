@@ -13,7 +13,7 @@ use freeflow_proto::verbs::{
     TestDigest, TestRead, TestWrite, VerbsStatus, MEMORY_FILE_SIZE, REQUIRED_SEALS,
 };
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -32,8 +32,11 @@ impl Router {
     /// Starts a router, with the test hooks if `hooks`, and registers this process's network
     /// namespace as container "self".
     fn start(tag: &str, hooks: bool) -> Router {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "run these tests as root");
+        assert_eq!(
+            freeflow_os::process::effective_uid(),
+            0,
+            "run these tests as root"
+        );
         let dir = std::env::temp_dir().join(format!("ff-verbs-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -123,20 +126,9 @@ fn encoded<T: Body>(value: &T) -> Vec<u8> {
 
 /// A memfd of `size` bytes carrying `seals`.
 fn memfd(size: u64, seals: i32) -> std::fs::File {
-    // SAFETY: plain syscalls on a new fd we own; results checked.
-    unsafe {
-        let raw = libc::memfd_create(
-            c"ff-test".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        );
-        assert!(raw >= 0);
-        let fd = OwnedFd::from_raw_fd(raw);
-        assert_eq!(libc::ftruncate(raw, size as i64), 0);
-        if seals != 0 {
-            assert_eq!(libc::fcntl(raw, libc::F_ADD_SEALS, seals), 0);
-        }
-        std::fs::File::from(fd)
-    }
+    let fd =
+        freeflow_os::memfd::sized(c"ff-test", size, seals).expect("memfd_create, ftruncate, seals");
+    std::fs::File::from(fd)
 }
 
 fn send_memory_file(session: &Session, size: u64, fds: &[&dyn AsFd]) {

@@ -13,9 +13,10 @@ use crate::fdpass;
 use crate::msg::{MsgHeader, HEADER_LEN, REPLY};
 use crate::region::{RegionError, SharedRegion};
 use crate::{Consumer, Producer, RingError, Wake};
+use freeflow_os::poll::{poll, PollFd};
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -487,14 +488,12 @@ impl Session {
 
     /// True once the router closed the attachment (it exited, restarted or detached us).
     pub fn router_hung_up(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.conn.as_raw_fd(),
-            events: libc::POLLIN | libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one live pollfd, zero timeout.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
+        let mut fds = [PollFd::new(
+            self.conn.as_fd(),
+            libc::POLLIN | libc::POLLRDHUP,
+        )];
+        let ready = poll(&mut fds, Some(Duration::ZERO)).is_ok_and(|n| n > 0);
+        ready && fds[0].revents() & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
     }
 
     /// The doorbell of the router's shard (for queues of this attachment that the shim

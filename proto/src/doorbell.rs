@@ -2,6 +2,7 @@
 //! shim waiting on one ring) and an eventfd (for a router shard that waits on many rings and its
 //! io_uring at once).
 
+use freeflow_os::poll::{poll, PollFd};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicU32;
@@ -98,14 +99,8 @@ impl EventFd {
 
     /// Blocks until the bell rings or `timeout` passes (poll on the fd). Returns true if rung.
     pub fn wait(&self, timeout: Duration) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: one live pollfd.
-        unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+        let mut fds = [PollFd::new(self.fd.as_fd(), libc::POLLIN)];
+        poll(&mut fds, Some(timeout)).is_ok_and(|n| n > 0)
     }
 }
 

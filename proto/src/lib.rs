@@ -2,27 +2,37 @@
 //! holds an attachment's rings, doorbells, the attach handshake on `router.sock`, the messages in
 //! ring slots and the router's control protocol.
 //!
-//! Unsafe code lives only in `ring_memory`, `region`, `doorbell`, `fdpass` and `clock`.
+//! Unsafe code is confined (by `#![deny(unsafe_code)]` here and an `allow` on each module's
+//! declaration) to `ring_memory` and `region` (shared memory), `sync` (a fence in assembly),
+//! `doorbell` (futex and eventfd), `fdpass` (descriptors over Unix sockets) and `clock`. The
+//! other OS calls go through `freeflow-os`.
+#![deny(unsafe_code)]
 
 pub mod ring;
+#[allow(unsafe_code)]
 mod ring_memory;
+#[allow(unsafe_code)]
 mod sync;
 
 #[cfg(not(loom))]
 pub mod attach;
 #[cfg(not(loom))]
+#[allow(unsafe_code)]
 pub mod clock;
 #[cfg(not(loom))]
 pub mod control;
 #[cfg(not(loom))]
+#[allow(unsafe_code)]
 pub mod doorbell;
 #[cfg(not(loom))]
+#[allow(unsafe_code)]
 pub mod fdpass;
 #[cfg(not(loom))]
 pub mod identity;
 pub mod msg;
 pub mod peer;
 #[cfg(not(loom))]
+#[allow(unsafe_code)]
 pub mod region;
 pub mod sockmsg;
 pub mod verbs;

@@ -7,8 +7,9 @@
 
 use crate::ring::RingGeometry;
 use crate::RingMemory;
+use freeflow_os::memfd;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -177,24 +178,10 @@ impl SharedRegion {
         let (placed, size) = layout(rings)?;
         let cname = std::ffi::CString::new(name)
             .map_err(|_| RegionError::Invalid("name has NUL".into()))?;
-        // SAFETY: cname is a valid NUL-terminated string; flags are constants.
-        let raw = unsafe {
-            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        if raw < 0 {
-            return Err(os("memfd_create")(io::Error::last_os_error()));
-        }
-        // SAFETY: raw is a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: plain syscall on an fd we own.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
-            return Err(os("ftruncate")(io::Error::last_os_error()));
-        }
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: plain fcntl on an fd we own.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(os("F_ADD_SEALS")(io::Error::last_os_error()));
-        }
+        let file = std::fs::File::from(memfd::create(&cname).map_err(os("memfd_create"))?);
+        file.set_len(size as u64).map_err(os("ftruncate"))?;
+        let fd = OwnedFd::from(file);
+        memfd::add_seals(fd.as_fd(), memfd::FIXED_SIZE_SEALS).map_err(os("F_ADD_SEALS"))?;
         let mapping = Arc::new(Mapping::map_fd(fd.as_fd(), size).map_err(os("mmap"))?);
         let mut header = [0u8; HEADER_SIZE];
         header[0..8].copy_from_slice(&REGION_MAGIC);
@@ -230,9 +217,8 @@ impl SharedRegion {
         if !(HEADER_SIZE..=MAX_REGION_SIZE).contains(&size) {
             return Err(RegionError::Invalid(format!("region file of {size} bytes")));
         }
-        // SAFETY: plain fcntl query on a borrowed open fd.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        let seals = memfd::seals(fd).unwrap_or(0);
+        if seals & libc::F_SEAL_SHRINK == 0 {
             return Err(RegionError::Invalid(
                 "region file is not sealed against shrinking".into(),
             ));

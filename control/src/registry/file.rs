@@ -11,7 +11,6 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -387,15 +386,11 @@ struct LockGuard {
 impl LockGuard {
     fn acquire(file: File) -> io::Result<Self> {
         loop {
-            // SAFETY: flock takes a descriptor and an operation, no pointers; `file` owns the
-            // descriptor and keeps it open for the duration of the call.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                return Ok(Self { file });
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
+            // std's lock is flock(LOCK_EX) on Linux: one lock per open file description.
+            match file.lock() {
+                Ok(()) => return Ok(Self { file }),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     }
@@ -406,8 +401,7 @@ impl Drop for LockGuard {
         // Unlock explicitly instead of relying on close: a child forked (before exec) while we
         // held the lock shares the open file description, and closing our copy alone would
         // leave the lock held.
-        // SAFETY: as in `acquire`; the descriptor is still open, `self.file` closes it after.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        let _ = self.file.unlock();
     }
 }
 

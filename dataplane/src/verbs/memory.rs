@@ -327,21 +327,7 @@ impl MemView<'_> {
 /// A memfd of `size` bytes with `seals` (tests of this module and of the tables above it).
 #[cfg(test)]
 pub fn test_memfd(size: u64, seals: i32) -> OwnedFd {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain syscalls on a new fd we own; results checked.
-    unsafe {
-        let raw = libc::memfd_create(
-            c"ff-test".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        );
-        assert!(raw >= 0);
-        let fd = OwnedFd::from_raw_fd(raw);
-        assert_eq!(libc::ftruncate(raw, size as i64), 0);
-        if seals != 0 {
-            assert_eq!(libc::fcntl(raw, libc::F_ADD_SEALS, seals), 0);
-        }
-        fd
-    }
+    freeflow_os::memfd::sized(c"ff-test", size, seals).expect("memfd_create, ftruncate, seals")
 }
 
 #[cfg(test)]

@@ -7,22 +7,38 @@
 //! getsockname, getpeername and accept report the overlay addresses the application used.
 //! Everything else (UDP, Unix sockets, addresses outside VNET_PREFIX, a container that is not
 //! registered, a router that is down) takes the normal path untouched.
+//!
+//! Unsafe code is confined (by `#![deny(unsafe_code)]` here) to the modules that allow it: `abi`
+//! (the exported C functions), `real` (the C library's functions through dlsym, raw socket
+//! calls), `epoll`, `inherit` and `session` (descriptors the application owns, by number),
+//! `forklock` (a lock held across fork), and in this file the load-time registration of the
+//! fork handlers and the exported version string. `state` is safe code; the other OS calls go
+//! through `freeflow-os`.
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 mod abi;
+#[allow(unsafe_code)]
 mod epoll;
+#[allow(unsafe_code)]
 mod forklock;
+#[allow(unsafe_code)]
 mod inherit;
+#[allow(unsafe_code)]
 mod real;
+#[allow(unsafe_code)]
 mod session;
 mod state;
 
 /// Version of the shim, for `strings libfsocket.so`.
+#[allow(unsafe_code)]
 #[no_mangle]
 #[used]
 pub static FREEFLOW_FSOCKET_VERSION: [u8; 6] = *b"0.1.0\0";
 
 /// Runs when the library is loaded: registers the fork handler and takes back the sockets an
 /// exec passed on.
+#[allow(unsafe_code)]
 extern "C" fn on_load() {
     // SAFETY: registers three `extern "C" fn()` handlers that live as long as the process (this
     // library is never unloaded: it is preloaded).
@@ -67,6 +83,7 @@ extern "C" fn after_fork_in_child() {
     }
 }
 
+#[allow(unsafe_code)]
 #[used]
 #[link_section = ".init_array"]
 static ON_LOAD: extern "C" fn() = on_load;

@@ -1,7 +1,14 @@
 //! The C library's own socket functions, found with `dlsym(RTLD_NEXT)`, and the raw calls the
-//! shim makes. All of the shim's unsafe code that is not the exported ABI lives here.
+//! shim makes on descriptors.
+//!
+//! This library exports its own `connect`, `listen`, `accept4`, `close`, `dup*`, `fcntl`,
+//! `epoll_create*`, `exec*` and `posix_spawn*` (see `abi`), so `libc::close` and the like, called
+//! from inside it, would reach the shim's versions again: those are called here through the
+//! pointers dlsym found. `poll` is not interposed, so waiting goes through `freeflow-os`.
 
+use freeflow_os::poll::{poll, PollFd};
 use libc::{c_int, sockaddr, socklen_t};
+use std::os::fd::BorrowedFd;
 use std::sync::OnceLock;
 
 type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
@@ -123,15 +130,7 @@ pub fn close(fd: c_int) -> c_int {
     unsafe { (real().close)(fd) }
 }
 
-pub fn errno() -> c_int {
-    // SAFETY: __errno_location returns this thread's errno slot, always valid.
-    unsafe { *libc::__errno_location() }
-}
-
-pub fn set_errno(value: c_int) {
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = value };
-}
+pub use freeflow_os::errno::{errno, set_errno};
 
 /// An IPv4 endpoint read from a socket address: (ip, port, was it AF_INET6 v4-mapped).
 pub type Endpoint = (std::net::Ipv4Addr, u16, bool);
@@ -305,14 +304,11 @@ pub fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
 
 /// Waits until `fd` is writable (a connect finished). Returns false on EINTR.
 pub fn wait_writable(fd: c_int) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one live pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, -1) };
-    n >= 0
+    // SAFETY: `fd` is the application's socket, in the middle of its own connect call, so open
+    // for the wait; a descriptor closed meanwhile by another thread only makes poll report
+    // POLLNVAL.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    poll(&mut [PollFd::new(fd, libc::POLLOUT)], None).is_ok()
 }
 
 pub fn getpid() -> i32 {

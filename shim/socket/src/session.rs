@@ -4,6 +4,7 @@
 use crate::forklock::ForkLock;
 use crate::real;
 use crate::state;
+use freeflow_os::poll::{poll, PollFd};
 use freeflow_proto::attach::{attach_socket, AttachError, SocketSession};
 use freeflow_proto::clock::monotonic_ms;
 use freeflow_proto::fdpass;
@@ -408,16 +409,12 @@ fn watch_router() {
 /// Blocks until the router's end of `conn` is gone. Asks for no events: only hang-up and error
 /// wake it, so it never competes with the requests for messages.
 fn wait_for_hangup(conn: BorrowedFd<'_>) {
-    let mut pfd = libc::pollfd {
-        fd: conn.as_raw_fd(),
-        events: 0,
-        revents: 0,
-    };
+    let mut fds = [PollFd::new(conn, 0)];
     loop {
-        // SAFETY: one live pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if n > 0 || (n < 0 && real::errno() != libc::EINTR) {
-            return;
+        match poll(&mut fds, None) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return,
         }
     }
 }

@@ -2,15 +2,9 @@
 //! structures.
 #![allow(unsafe_code)]
 
-use std::ffi::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// Sets the calling thread's `errno`.
-pub fn set_errno(value: c_int) {
-    // SAFETY: __errno_location returns the calling thread's errno slot, valid for the thread's
-    // lifetime.
-    unsafe { *libc::__errno_location() = value };
-}
+pub use freeflow_os::errno::set_errno;
 
 /// Runs `f`, turning a panic (a bug in this library) into `on_panic` with errno EIO instead of
 /// aborting the program: a verb fails, the program decides.

@@ -22,25 +22,19 @@
 //! process's attachments, devices, contexts and verbs objects; `channel` is a context's
 //! request/reply conversation with the router; `maps`, `pages` and `memory` are registered
 //! memory; `exports`, `pd_mr`, `cq`, `qp`, `srq`, `utility`, `marshall` (the kernel-structure
-//! converters librdmacm binds at load time) and `unsupported` are the exported C functions. Unsafe code is confined to the C boundary (`exports`, `pd_mr`, `cq`,
-//! `qp`, `srq`, `unsupported`, `utility`, `marshall`, `ffi`) and to
-//! `memory` (the system calls that move pages), whose two entry points `pages` calls right
-//! after checking `/proc/self/maps`.
+//! converters librdmacm binds at load time) and `unsupported` are the exported C functions.
+//!
+//! Unsafe code is confined (by `#![deny(unsafe_code)]` here and `#![allow(unsafe_code)]` at the
+//! top of each) to the C boundary (`exports`, `pd_mr`, `cq`, `qp`, `srq`, `unsupported`,
+//! `utility`, `marshall`, `ffi`) and to `memory` (the system calls that move pages), whose two
+//! entry points `pages` calls (each call allowed on its own) right after checking
+//! `/proc/self/maps`. errno, memory files and the `.symver` directives are `freeflow-os`'s.
 #![deny(unsafe_code)]
 
-/// Binds exported functions to their version nodes (`libibverbs.map`): `name@@NODE` makes NODE
-/// the version that binaries linking against `name` record, as with rdma-core's library.
-/// Unit-test builds link no version script, so they leave the directives out.
-macro_rules! symbol_versions {
-    ($($node:literal: [$($name:ident),* $(,)?]),* $(,)?) => {
-        $($(
-            #[cfg(not(test))]
-            std::arch::global_asm!(concat!(
-                ".symver ", stringify!($name), ", ", stringify!($name), "@@", $node
-            ));
-        )*)*
-    };
-}
+/// `symbol_versions!` binds the exported functions to their version nodes of `libibverbs.map`
+/// (`name@@NODE`), as with rdma-core's library; `macro_use` makes it usable in every module.
+#[macro_use]
+extern crate freeflow_os;
 
 mod abi;
 mod channel;

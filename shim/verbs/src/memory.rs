@@ -20,9 +20,10 @@
 //! allocate nothing either (the heap may be the registered range).
 #![allow(unsafe_code)]
 
+use freeflow_os::memfd;
 use freeflow_proto::verbs::{MEMORY_FILE_SIZE, PAGE_SIZE};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
@@ -37,24 +38,7 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 /// A new memory file: a memfd of [`MEMORY_FILE_SIZE`] bytes (sparse), sealed so it can neither
 /// shrink nor grow, nor change seals again (what the router requires before it maps it).
 pub fn create_memory_file() -> io::Result<OwnedFd> {
-    // SAFETY: the name is a NUL-terminated literal; the result is checked.
-    let raw = unsafe {
-        libc::memfd_create(
-            c"freeflow-mr".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a new fd nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: plain syscalls on an fd we own.
-    check(unsafe { libc::ftruncate(fd.as_raw_fd(), MEMORY_FILE_SIZE as libc::off_t) })?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: as above.
-    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
-    Ok(fd)
+    memfd::sized(c"freeflow-mr", MEMORY_FILE_SIZE, memfd::FIXED_SIZE_SEALS)
 }
 
 /// Device (major, minor) and inode of a file, as `/proc/self/maps` shows them.

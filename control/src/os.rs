@@ -1,0 +1,32 @@
+//! The operating-system calls of the control plane: `freeflow-os`'s, and the two that only the
+//! control plane needs (how the router's child process is prepared, and a lock taken without
+//! waiting that answers whether it was free). No unsafe code: the system calls are
+//! `freeflow-os`'s and std's.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::RawFd;
+use std::process::Command;
+
+pub use freeflow_os::namespace::namespace_type;
+pub use freeflow_os::poll::poll_readable;
+pub use freeflow_os::process::{new_session_on_exec, process_exists};
+pub use freeflow_os::signals::{send_signal, SignalFd, TERMINATION_SIGNALS};
+
+/// Takes an exclusive flock without waiting: `Ok(true)` if we now hold it, `Ok(false)` if
+/// another open file description holds it.
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Prepares the router's child process: it inherits `ready_fd` (the write end of its
+/// readiness pipe) and gets SIGTERM when its parent dies.
+pub fn prepare_router_child(cmd: &mut Command, ready_fd: RawFd) {
+    freeflow_os::process::die_with_parent_on_exec(cmd, libc::SIGTERM);
+    // Clear close-on-exec so the router inherits its readiness pipe.
+    freeflow_os::process::keep_fd_on_exec(cmd, ready_fd);
+}
