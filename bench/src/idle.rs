@@ -5,7 +5,7 @@
 use crate::router::{cpu_time, PrivateRouter};
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::identity::NetnsId;
-use serde::Serialize;
+use freeflow_proto::report::{IdleReport, Progress};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -15,18 +15,6 @@ pub struct Options {
     pub containers: usize,
     pub seconds: u64,
     pub router_core: usize,
-}
-
-#[derive(Serialize)]
-pub struct Report {
-    pub experiment: &'static str,
-    pub containers: usize,
-    pub attached: usize,
-    pub seconds: f64,
-    pub router_cpu_percent: f64,
-    pub router_core: usize,
-    pub router_parks: u64,
-    pub router_wakeups: u64,
 }
 
 /// Network namespaces and the processes attached from inside them; removed on drop.
@@ -62,7 +50,7 @@ fn ip(args: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, String> {
+pub fn run(opts: &Options, progress: &mut dyn FnMut(&Progress)) -> Result<IdleReport, String> {
     let router = PrivateRouter::start("idle", &opts.router_core.to_string())?;
     let mut containers = Containers {
         names: Vec::new(),
@@ -84,7 +72,9 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Str
     }
     router.set_containers(entries)?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    progress(&format!("idle: attaching {} containers", opts.containers));
+    progress(&Progress::IdleAttaching {
+        containers: opts.containers,
+    });
     for name in &containers.names {
         let child = Command::new("ip")
             .args(["netns", "exec", name])
@@ -115,10 +105,9 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Str
     };
     // Let the shard finish its spin and park before measuring.
     std::thread::sleep(Duration::from_millis(200));
-    progress(&format!(
-        "idle: measuring router CPU for {} s",
-        opts.seconds
-    ));
+    progress(&Progress::IdleMeasuring {
+        seconds: opts.seconds,
+    });
     let before_status = router.status()?;
     let cpu_before = cpu_time(router.pid())?;
     let start = Instant::now();
@@ -131,8 +120,8 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Str
         s.shards.iter().map(f).sum::<u64>()
     };
     drop(containers);
-    Ok(Report {
-        experiment: "idle",
+    Ok(IdleReport {
+        experiment: "idle".into(),
         containers: opts.containers,
         attached,
         seconds: elapsed.as_secs_f64(),

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod msg;
 #[cfg(not(loom))]
 pub mod region;
+pub mod report;
 pub mod sockmsg;
 pub mod verbs;
 
