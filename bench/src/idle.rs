@@ -3,7 +3,7 @@
 //! with one process attached from inside it.
 
 use crate::router::{cpu_time, PrivateRouter};
-use freeflow_proto::control::ContainerEntry;
+use freeflow_proto::control::{ContainerEntry, RouterStatus, ShardStatus};
 use freeflow_proto::identity::NetnsId;
 use freeflow_proto::report::{IdleReport, Progress};
 use std::net::Ipv4Addr;
@@ -56,53 +56,13 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&Progress)) -> Result<IdleRe
         names: Vec::new(),
         children: Vec::new(),
     };
-    let mut entries = Vec::new();
-    for i in 0..opts.containers {
-        let name = format!("ffidle-{}-{i}", std::process::id());
-        ip(&["netns", "add", &name])?;
-        containers.names.push(name.clone());
-        let netns =
-            NetnsId::of_path(&Path::new("/run/netns").join(&name)).map_err(|e| e.to_string())?;
-        entries.push(ContainerEntry {
-            name: format!("idle{i}"),
-            tenant: "bench".into(),
-            ip: Ipv4Addr::new(10, 40, (i / 250) as u8, (i % 250 + 1) as u8),
-            netns,
-        });
-    }
+    let entries = add_namespaces(&mut containers, opts.containers)?;
     router.set_containers(entries)?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     progress(&Progress::IdleAttaching {
         containers: opts.containers,
     });
-    for name in &containers.names {
-        let child = Command::new("ip")
-            .args(["netns", "exec", name])
-            .arg(&exe)
-            .arg("hold")
-            .arg(router.dir())
-            .arg((opts.seconds + 60).to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("spawn holder: {e}"))?;
-        containers.children.push(child);
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let attached = loop {
-        let status = router.status()?;
-        if status.attached.len() >= opts.containers {
-            break status.attached.len();
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "only {} of {} containers attached within 30 s",
-                status.attached.len(),
-                opts.containers
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    start_holders(&mut containers, &router, opts.seconds + 60)?;
+    let attached = wait_attached(&router, opts.containers)?;
     // Let the shard finish its spin and park before measuring.
     std::thread::sleep(Duration::from_millis(200));
     progress(&Progress::IdleMeasuring {
@@ -115,10 +75,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&Progress)) -> Result<IdleRe
     let cpu = cpu_time(router.pid())?.saturating_sub(cpu_before);
     let elapsed = start.elapsed();
     let after_status = router.status()?;
-    let sum = |s: &freeflow_proto::control::RouterStatus,
-               f: fn(&freeflow_proto::control::ShardStatus) -> u64| {
-        s.shards.iter().map(f).sum::<u64>()
-    };
+    let sum = |s: &RouterStatus, f: fn(&ShardStatus) -> u64| s.shards.iter().map(f).sum::<u64>();
     drop(containers);
     Ok(IdleReport {
         experiment: "idle".into(),
@@ -130,6 +87,70 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&Progress)) -> Result<IdleRe
         router_parks: sum(&after_status, |s| s.parks) - sum(&before_status, |s| s.parks),
         router_wakeups: sum(&after_status, |s| s.wakeups) - sum(&before_status, |s| s.wakeups),
     })
+}
+
+/// `count` network namespaces, each in `containers` once it exists; returns their registrations.
+fn add_namespaces(
+    containers: &mut Containers,
+    count: usize,
+) -> Result<Vec<ContainerEntry>, String> {
+    let mut entries = Vec::new();
+    for i in 0..count {
+        let name = format!("ffidle-{}-{i}", std::process::id());
+        ip(&["netns", "add", &name])?;
+        containers.names.push(name.clone());
+        let netns =
+            NetnsId::of_path(&Path::new("/run/netns").join(&name)).map_err(|e| e.to_string())?;
+        entries.push(ContainerEntry {
+            name: format!("idle{i}"),
+            tenant: "bench".into(),
+            ip: Ipv4Addr::new(10, 40, (i / 250) as u8, (i % 250 + 1) as u8),
+            netns,
+        });
+    }
+    Ok(entries)
+}
+
+/// One holder (this binary's `hold` role) in each namespace, attached to `router` for up to
+/// `seconds`.
+fn start_holders(
+    containers: &mut Containers,
+    router: &PrivateRouter,
+    seconds: u64,
+) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    for name in &containers.names {
+        let child = Command::new("ip")
+            .args(["netns", "exec", name])
+            .arg(&exe)
+            .arg("hold")
+            .arg(router.dir())
+            .arg(seconds.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn holder: {e}"))?;
+        containers.children.push(child);
+    }
+    Ok(())
+}
+
+/// Waits up to 30 s until `count` processes are attached to `router`; returns how many are.
+fn wait_attached(router: &PrivateRouter, count: usize) -> Result<usize, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = router.status()?;
+        if status.attached.len() >= count {
+            return Ok(status.attached.len());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {count} containers attached within 30 s",
+                status.attached.len(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The attached process of one idle container: attach, then sleep until killed or `seconds`.
