@@ -3,24 +3,12 @@
 
 use freeflow_proto::attach::{attach, ShimKind};
 use freeflow_proto::msg::{op, MsgHeader, HEADER_LEN};
+use freeflow_proto::report::ProbeReport;
 use hdrhistogram::Histogram;
-use serde::Serialize;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-#[derive(Serialize)]
-pub struct Report {
-    pub experiment: &'static str,
-    pub container: String,
-    pub tenant: String,
-    pub ip: String,
-    pub shard: u16,
-    pub samples: u64,
-    pub rtt_p50_ns: u64,
-    pub rtt_p99_ns: u64,
-}
-
-pub fn run(dir: &Path, samples: u64) -> Result<Report, String> {
+pub fn run(dir: &Path, samples: u64) -> Result<ProbeReport, String> {
     let mut session =
         attach(dir, ShimKind::Probe, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     let mut out = vec![0u8; session.slot_size()];
@@ -46,8 +34,8 @@ pub fn run(dir: &Path, samples: u64) -> Result<Report, String> {
         }
     }
     let info = session.info().clone();
-    Ok(Report {
-        experiment: "probe",
+    Ok(ProbeReport {
+        experiment: "probe".into(),
         container: info.container,
         tenant: info.tenant,
         ip: info.ip.to_string(),

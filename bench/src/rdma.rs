@@ -16,17 +16,18 @@
 //! blocked and collected (see `signals`), the measuring program is killed, and the namespace, the
 //! router and its directory are removed before the experiment ends with an error.
 
+use crate::child::Pipes;
 use crate::router::PrivateRouter;
 use crate::signals::Interrupts;
 use crate::stats::median;
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::identity::NetnsId;
+use freeflow_proto::report::{Progress, RdmaReport, RdmaSample};
 use hdrhistogram::Histogram;
-use serde::{Deserialize, Serialize};
-use std::io::Read;
+use serde::Deserialize;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The measuring program.
@@ -42,35 +43,6 @@ pub struct Options {
     pub bw_ops: u64,
     pub app_core: usize,
     pub router_core: usize,
-}
-
-/// One repetition's numbers.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Sample {
-    pub send_mops: f64,
-    pub write_mops: f64,
-    pub rtt_p50_us: f64,
-    pub rtt_p99_us: f64,
-    pub write_gbytes_per_sec: f64,
-    pub memcpy_gbytes_per_sec: f64,
-    pub write_vs_memcpy: f64,
-    pub router_ns_per_send: f64,
-    pub router_ns_per_write: f64,
-    pub router_ns_per_round_trip: f64,
-    pub router_ns_per_64k_write: f64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub experiment: &'static str,
-    pub repetitions: usize,
-    pub app_core: usize,
-    pub router_core: usize,
-    pub messages: u64,
-    pub rtt_samples: u64,
-    pub bw_ops: u64,
-    pub median: Sample,
-    pub reps: Vec<Sample>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,12 +108,36 @@ fn one_run(
     program: &Path,
     opts: &Options,
     stop: &Interrupts,
-) -> Result<Sample, String> {
+) -> Result<RdmaSample, String> {
     stop.check()?;
+    let mut child = start_program(router, ns, program, opts)?;
+    // Both pipes are read while waiting: the round-trip samples alone are a few hundred KB.
+    let pipes = Pipes::take(&mut child);
+    let status = wait_bounded(&mut child, stop)?;
+    let (stdout, stderr) = pipes.join();
+    if !status.success() {
+        // A Ctrl-C from the terminal reaches the program too; say why it failed.
+        stop.check()?;
+        return Err(format!(
+            "the measuring program failed ({status}): {}",
+            stderr.trim()
+        ));
+    }
+    sample_of(&stdout)
+}
+
+/// Starts the measuring program in namespace `ns`, with Freeflow's verbs library and the
+/// router's directory, its output piped.
+fn start_program(
+    router: &PrivateRouter,
+    ns: &str,
+    program: &Path,
+    opts: &Options,
+) -> Result<Child, String> {
     // `ip netns exec` and `env` exec the program, so the child is the program itself and
     // killing it leaves nothing behind (unlike `timeout`, which runs it in a process group of
     // its own).
-    let mut child = Command::new("ip")
+    Command::new("ip")
         .args(["netns", "exec", ns, "env"])
         .arg(format!("FREEFLOW_DIR={}", router.dir().display()))
         .arg(format!(
@@ -158,23 +154,16 @@ fn one_run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("running the measuring program: {e}"))?;
-    // Both pipes are read while waiting: the round-trip samples alone are a few hundred KB.
-    let read_all = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut text);
-            }
-            String::from_utf8_lossy(&text).into_owned()
-        })
-    };
-    let stdout = read_all(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = read_all(child.stderr.take().map(|p| Box::new(p) as _));
+        .map_err(|e| format!("running the measuring program: {e}"))
+}
+
+/// Waits for the measuring program; kills it on a termination signal (then `Err` naming it) or
+/// after [`RUN_LIMIT`].
+fn wait_bounded(child: &mut Child, stop: &Interrupts) -> Result<ExitStatus, String> {
     let deadline = Instant::now() + RUN_LIMIT;
-    let status = loop {
+    loop {
         if let Some(status) = child.try_wait().map_err(|e| format!("wait: {e}"))? {
-            break Ok(status);
+            return Ok(status);
         }
         // SIGCHLD ends this wait when the program exits.
         let interrupted = stop.wait(Duration::from_millis(200)).is_some();
@@ -182,22 +171,15 @@ fn one_run(
             let _ = child.kill();
             let _ = child.wait();
             stop.check()?;
-            break Err(format!(
+            return Err(format!(
                 "the measuring program did not finish within {RUN_LIMIT:?} and was killed"
             ));
         }
-    };
-    let stdout = stdout.join().unwrap_or_default();
-    let stderr = stderr.join().unwrap_or_default();
-    let status = status?;
-    if !status.success() {
-        // A Ctrl-C from the terminal reaches the program too; say why it failed.
-        stop.check()?;
-        return Err(format!(
-            "the measuring program failed ({status}): {}",
-            stderr.trim()
-        ));
     }
+}
+
+/// One repetition's numbers from the program's output: one JSON [`Phase`] per line.
+fn sample_of(stdout: &str) -> Result<RdmaSample, String> {
     let mut phases = std::collections::HashMap::new();
     for line in stdout.lines() {
         let p: Phase =
@@ -224,7 +206,7 @@ fn one_run(
     let rate = |p: &Phase| p.ops as f64 / p.seconds / 1e6;
     let gbps = |p: &Phase| p.bytes as f64 / p.seconds / 1e9;
     let cpu_ns = |p: &Phase| p.router_cpu_s * 1e9 / p.ops.max(1) as f64;
-    Ok(Sample {
+    Ok(RdmaSample {
         send_mops: rate(send),
         write_mops: rate(write),
         rtt_p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
@@ -239,13 +221,30 @@ fn one_run(
     })
 }
 
-pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, String> {
+/// Each number's median over the repetitions.
+fn median_of(reps: &[RdmaSample]) -> RdmaSample {
+    let m = |f: fn(&RdmaSample) -> f64| median(reps.iter().map(f));
+    RdmaSample {
+        send_mops: m(|s| s.send_mops),
+        write_mops: m(|s| s.write_mops),
+        rtt_p50_us: m(|s| s.rtt_p50_us),
+        rtt_p99_us: m(|s| s.rtt_p99_us),
+        write_gbytes_per_sec: m(|s| s.write_gbytes_per_sec),
+        memcpy_gbytes_per_sec: m(|s| s.memcpy_gbytes_per_sec),
+        write_vs_memcpy: m(|s| s.write_vs_memcpy),
+        router_ns_per_send: m(|s| s.router_ns_per_send),
+        router_ns_per_write: m(|s| s.router_ns_per_write),
+        router_ns_per_round_trip: m(|s| s.router_ns_per_round_trip),
+        router_ns_per_64k_write: m(|s| s.router_ns_per_64k_write),
+    }
+}
+
+pub fn run(opts: &Options, progress: &mut dyn FnMut(&Progress)) -> Result<RdmaReport, String> {
     // Before any thread is started (see `signals`).
     let stop = Interrupts::block()?;
-    progress(&format!(
-        "rdma: starting a private router on core {} and building the measuring program",
-        opts.router_core
-    ));
+    progress(&Progress::RdmaStarting {
+        router_core: opts.router_core,
+    });
     let router = PrivateRouter::start("rdma", &opts.router_core.to_string())?;
     let verbs = router.dir().join("verbs");
     std::fs::create_dir_all(&verbs).map_err(|e| e.to_string())?;
@@ -272,28 +271,18 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Str
     let mut reps = Vec::new();
     for rep in 0..opts.reps {
         stop.check()?;
-        progress(&format!("rdma: repetition {} of {}", rep + 1, opts.reps));
+        progress(&Progress::RdmaRepetition {
+            rep: rep + 1,
+            of: opts.reps,
+        });
         reps.push(one_run(&router, &ns.0, &program, opts, &stop)?);
     }
-    progress("rdma: stopping the router and removing its namespace");
-    let m = |f: fn(&Sample) -> f64| median(reps.iter().map(f));
-    let median = Sample {
-        send_mops: m(|s| s.send_mops),
-        write_mops: m(|s| s.write_mops),
-        rtt_p50_us: m(|s| s.rtt_p50_us),
-        rtt_p99_us: m(|s| s.rtt_p99_us),
-        write_gbytes_per_sec: m(|s| s.write_gbytes_per_sec),
-        memcpy_gbytes_per_sec: m(|s| s.memcpy_gbytes_per_sec),
-        write_vs_memcpy: m(|s| s.write_vs_memcpy),
-        router_ns_per_send: m(|s| s.router_ns_per_send),
-        router_ns_per_write: m(|s| s.router_ns_per_write),
-        router_ns_per_round_trip: m(|s| s.router_ns_per_round_trip),
-        router_ns_per_64k_write: m(|s| s.router_ns_per_64k_write),
-    };
+    progress(&Progress::RdmaStopping);
+    let median = median_of(&reps);
     drop(ns);
     drop(router);
-    Ok(Report {
-        experiment: "rdma",
+    Ok(RdmaReport {
+        experiment: "rdma".into(),
         repetitions: opts.reps,
         app_core: opts.app_core,
         router_core: opts.router_core,

@@ -2,12 +2,12 @@
 
 use crate::router::{cpu_time, PrivateRouter};
 use crate::stats::median;
-use freeflow_proto::attach::{attach, ShimKind};
+use freeflow_proto::attach::{attach, Session, ShimKind};
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::identity::NetnsId;
 use freeflow_proto::msg::{op, status, MsgHeader, HEADER_LEN, REPLY};
+use freeflow_proto::report::{Progress, RingRep, RingReport};
 use hdrhistogram::Histogram;
-use serde::Serialize;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -19,37 +19,11 @@ pub struct Options {
     pub router_core: usize,
 }
 
-#[derive(Serialize)]
-pub struct Rep {
-    pub rtt_p50_ns: u64,
-    pub rtt_p99_ns: u64,
-    pub rtt_p999_ns: u64,
-    pub msgs_per_sec: f64,
-    pub router_cpu_ns_per_msg: f64,
-}
-
-#[derive(Serialize)]
-pub struct Report {
-    pub experiment: &'static str,
-    pub app_core: usize,
-    pub router_core: usize,
-    pub repetitions: usize,
-    pub rtt_samples_per_rep: u64,
-    pub messages_per_rep: u64,
-    pub batch: usize,
-    pub slot_bytes: usize,
-    pub rtt_p50_ns: u64,
-    pub rtt_p99_ns: u64,
-    pub rtt_p999_ns: u64,
-    pub msgs_per_sec: f64,
-    pub router_cpu_ns_per_msg: f64,
-    pub reps: Vec<Rep>,
-    pub note: &'static str,
-}
-
 const BATCH: usize = 32;
+/// Longest a request may wait for its reply.
+const TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, String> {
+pub fn run(opts: &Options, progress: &mut dyn FnMut(&Progress)) -> Result<RingReport, String> {
     let router = PrivateRouter::start("ring", &opts.router_core.to_string())?;
     let netns = NetnsId::current().map_err(|e| e.to_string())?;
     router.set_containers(vec![ContainerEntry {
@@ -64,71 +38,18 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Str
             opts.app_core
         ));
     }
-    let mut session =
-        attach(router.dir(), ShimKind::Probe, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let mut session = attach(router.dir(), ShimKind::Probe, TIMEOUT).map_err(|e| e.to_string())?;
     let slot = session.slot_size();
     let mut out = vec![0u8; slot];
-    let timeout = Duration::from_secs(5);
     let mut reps = Vec::new();
     for rep in 0..opts.reps {
-        progress(&format!("ring: repetition {}/{}", rep + 1, opts.reps));
-        // Round trips: warm up, then time each one.
-        let mut hist =
-            Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
-        for i in 0..opts.rtt_samples / 10 + 1000 {
-            ping(&mut session, i, &mut out, timeout)?;
-        }
-        for i in 0..opts.rtt_samples {
-            let start = Instant::now();
-            ping(&mut session, i, &mut out, timeout)?;
-            hist.record(start.elapsed().as_nanos().max(1) as u64)
-                .map_err(|e| e.to_string())?;
-        }
-        // One-way throughput: NOPs published in batches, then a FLUSH that returns the count.
-        let cpu_before = cpu_time(router.pid())?;
-        let start = Instant::now();
-        let mut sent = 0u64;
-        let nop = MsgHeader {
-            opcode: op::NOP,
-            ..Default::default()
-        };
-        while sent < opts.messages {
-            let free = session.free_slots().map_err(|e| e.to_string())? as u64;
-            let n = free.min(BATCH as u64).min(opts.messages - sent);
-            for _ in 0..n {
-                if !session.push(nop, &[]).map_err(|e| e.to_string())? {
-                    return Err("ring reported room and then none".into());
-                }
-            }
-            sent += n;
-            session.flush().map_err(|e| e.to_string())?;
-            if n == 0 {
-                std::hint::spin_loop();
-            }
-        }
-        let reply = session
-            .call(
-                MsgHeader {
-                    opcode: op::FLUSH,
-                    cookie: 7,
-                    ..Default::default()
-                },
-                &[],
-                &mut out,
-                timeout,
-            )
-            .map_err(|e| e.to_string())?;
-        let elapsed = start.elapsed();
-        let cpu = cpu_time(router.pid())?.saturating_sub(cpu_before);
-        let counted =
-            u64::from_le_bytes(out[HEADER_LEN..HEADER_LEN + 8].try_into().expect("8 bytes"));
-        if reply.status != status::OK || counted != opts.messages {
-            return Err(format!(
-                "router counted {counted} of {} messages (status {})",
-                opts.messages, reply.status
-            ));
-        }
-        reps.push(Rep {
+        progress(&Progress::RingRepetition {
+            rep: rep + 1,
+            of: opts.reps,
+        });
+        let hist = round_trips(&mut session, opts.rtt_samples, &mut out)?;
+        let (elapsed, cpu) = one_way(&mut session, &router, opts.messages, &mut out)?;
+        reps.push(RingRep {
             rtt_p50_ns: hist.value_at_quantile(0.5),
             rtt_p99_ns: hist.value_at_quantile(0.99),
             rtt_p999_ns: hist.value_at_quantile(0.999),
@@ -136,31 +57,100 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report, Str
             router_cpu_ns_per_msg: cpu.as_nanos() as f64 / opts.messages as f64,
         });
     }
-    Ok(Report {
-        experiment: "ring",
+    Ok(report(opts, slot, reps))
+}
+
+/// Round trips: a tenth of `samples` (and a thousand) to warm up, then `samples` timed ones.
+fn round_trips(
+    session: &mut Session,
+    samples: u64,
+    out: &mut [u8],
+) -> Result<Histogram<u64>, String> {
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+    for i in 0..samples / 10 + 1000 {
+        ping(session, i, out)?;
+    }
+    for i in 0..samples {
+        let start = Instant::now();
+        ping(session, i, out)?;
+        hist.record(start.elapsed().as_nanos().max(1) as u64)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(hist)
+}
+
+/// One-way throughput: `messages` NOPs published in batches, then a FLUSH that returns the
+/// count. Returns the time it took and the router's CPU time meanwhile.
+fn one_way(
+    session: &mut Session,
+    router: &PrivateRouter,
+    messages: u64,
+    out: &mut [u8],
+) -> Result<(Duration, Duration), String> {
+    let cpu_before = cpu_time(router.pid())?;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let nop = MsgHeader {
+        opcode: op::NOP,
+        ..Default::default()
+    };
+    while sent < messages {
+        let free = session.free_slots().map_err(|e| e.to_string())? as u64;
+        let n = free.min(BATCH as u64).min(messages - sent);
+        for _ in 0..n {
+            if !session.push(nop, &[]).map_err(|e| e.to_string())? {
+                return Err("ring reported room and then none".into());
+            }
+        }
+        sent += n;
+        session.flush().map_err(|e| e.to_string())?;
+        if n == 0 {
+            std::hint::spin_loop();
+        }
+    }
+    let flush = MsgHeader {
+        opcode: op::FLUSH,
+        cookie: 7,
+        ..Default::default()
+    };
+    let reply = session
+        .call(flush, &[], out, TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let elapsed = start.elapsed();
+    let cpu = cpu_time(router.pid())?.saturating_sub(cpu_before);
+    let counted = u64::from_le_bytes(out[HEADER_LEN..HEADER_LEN + 8].try_into().expect("8 bytes"));
+    if reply.status != status::OK || counted != messages {
+        return Err(format!(
+            "router counted {counted} of {messages} messages (status {})",
+            reply.status
+        ));
+    }
+    Ok((elapsed, cpu))
+}
+
+/// The report: medians over the repetitions, then each of them.
+fn report(opts: &Options, slot_bytes: usize, reps: Vec<RingRep>) -> RingReport {
+    RingReport {
+        experiment: "ring".into(),
         app_core: opts.app_core,
         router_core: opts.router_core,
         repetitions: opts.reps,
         rtt_samples_per_rep: opts.rtt_samples,
         messages_per_rep: opts.messages,
         batch: BATCH,
-        slot_bytes: slot,
+        slot_bytes,
         rtt_p50_ns: median(reps.iter().map(|r| r.rtt_p50_ns as f64)) as u64,
         rtt_p99_ns: median(reps.iter().map(|r| r.rtt_p99_ns as f64)) as u64,
         rtt_p999_ns: median(reps.iter().map(|r| r.rtt_p999_ns as f64)) as u64,
         msgs_per_sec: median(reps.iter().map(|r| r.msgs_per_sec)),
         router_cpu_ns_per_msg: median(reps.iter().map(|r| r.router_cpu_ns_per_msg)),
         reps,
-        note: "round trip includes two clock reads (~40 ns); medians over repetitions; router CPU from /proc at 10 ms resolution",
-    })
+        note: "round trip includes two clock reads (~40 ns); medians over repetitions; router CPU from /proc at 10 ms resolution".into(),
+    }
 }
 
-fn ping(
-    session: &mut freeflow_proto::attach::Session,
-    cookie: u64,
-    out: &mut [u8],
-    timeout: Duration,
-) -> Result<(), String> {
+fn ping(session: &mut Session, cookie: u64, out: &mut [u8]) -> Result<(), String> {
     let header = MsgHeader {
         opcode: op::PING,
         cookie,
@@ -168,7 +158,7 @@ fn ping(
         ..Default::default()
     };
     let reply = session
-        .call(header, &cookie.to_le_bytes(), out, timeout)
+        .call(header, &cookie.to_le_bytes(), out, TIMEOUT)
         .map_err(|e| e.to_string())?;
     if reply.opcode != op::PING | REPLY
         || reply.cookie != cookie

@@ -34,6 +34,7 @@ pub mod peer;
 #[cfg(not(loom))]
 #[allow(unsafe_code)]
 pub mod region;
+pub mod report;
 pub mod sockmsg;
 pub mod verbs;
 

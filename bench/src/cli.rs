@@ -1,0 +1,379 @@
+//! The command line: one subcommand per experiment, and the hidden roles that experiments run
+//! this binary as (TCP server and client inside the simulated hosts, the idle containers'
+//! holders).
+
+use crate::{idle, rdma, ring, tcp};
+use clap::{Args, Parser, Subcommand};
+use freeflow_proto::report::Progress;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Freeflow's experiments. Each prints a table, or JSON with `--json`.
+#[derive(Parser, Debug)]
+#[command(name = "freeflow-bench", arg_required_else_help = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub experiment: Experiment,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Experiment {
+    /// Round trip of a request through a shared-memory ring to a router shard and back
+    /// (p50/p99/p99.9), and one-way throughput of batched messages
+    Ring(RingArgs),
+    /// (root) Router CPU with N attached containers that do nothing
+    Idle(IdleArgs),
+    /// (root) Two simulated hosts: host link vs overlay vs Freeflow, side by side: one-stream
+    /// throughput, 64-byte round trip, connection setup (connect to first byte), connections/s;
+    /// the cluster's namespaces are ff-T-* (T: 1 to 8 of a-z 0-9); Ctrl-C removes everything
+    Tcp(TcpArgs),
+    /// (root) Two QPs of one host through the router's software engine: 64-byte SEND/RECV and
+    /// RDMA WRITE message rate, SEND round trip (p50/p99), 64 KiB RDMA WRITE bandwidth against
+    /// memcpy on the application's core, router CPU per operation (needs cc and
+    /// libibverbs-dev); Ctrl-C removes everything
+    Rdma(RdmaArgs),
+    /// Attach to the router serving DIR from this process's network namespace (a registered
+    /// container) and time round trips through it; a refusal is printed with the router's reason
+    Probe(ProbeArgs),
+    /// The `tcp` experiment's server role, inside a simulated host
+    #[command(hide = true)]
+    TcpServer { port: u16 },
+    /// The `tcp` experiment's client role: prints one sample as JSON
+    #[command(hide = true)]
+    TcpClient {
+        addr: SocketAddr,
+        seconds: f64,
+        samples: u64,
+        setups: u64,
+    },
+    /// The attached process of one idle container
+    #[command(hide = true)]
+    Hold {
+        dir: PathBuf,
+        #[arg(default_value_t = 60)]
+        seconds: u64,
+    },
+}
+
+/// How an experiment reports: its result on stdout, its progress on stderr.
+#[derive(Args, Debug)]
+pub struct Output {
+    /// Print the report as JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+    /// Write progress to stderr as JSON lines, one event per line (for programs that run the
+    /// bench, such as `freeflow demo`), instead of text
+    #[arg(long)]
+    pub progress_json: bool,
+}
+
+impl Output {
+    /// Writes one progress event to stderr, as JSON or as text.
+    pub fn progress(&self, event: &Progress) {
+        if self.progress_json {
+            eprintln!("{}", event.to_line());
+        } else {
+            eprintln!("[freeflow-bench] {event}");
+        }
+    }
+
+    /// Prints `report` as pretty JSON with `--json`, else as `text` prints it.
+    pub fn report<R: Serialize>(&self, report: &R, text: fn(&R)) -> Result<(), String> {
+        print_report(self.json, report, text)
+    }
+}
+
+/// Prints `report` as pretty JSON if `json`, else as `text` prints it.
+pub fn print_report<R: Serialize>(json: bool, report: &R, text: fn(&R)) -> Result<(), String> {
+    if json {
+        let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+        println!("{json}");
+    } else {
+        text(report);
+    }
+    Ok(())
+}
+
+/// Cores for the application and the router shard when none are given: the first and the last.
+#[derive(Debug, Clone, Copy)]
+pub struct DefaultCores {
+    pub app: usize,
+    pub router: usize,
+}
+
+impl DefaultCores {
+    pub fn of_this_machine() -> DefaultCores {
+        let ids: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        DefaultCores {
+            app: ids.first().copied().unwrap_or(0),
+            router: ids.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RingArgs {
+    #[command(flatten)]
+    pub output: Output,
+    /// Repetitions; the report shows medians
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub reps: usize,
+    /// Timed round trips per repetition
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    pub samples: u64,
+    /// One-way messages per repetition
+    #[arg(long, value_name = "N", default_value_t = 20_000_000)]
+    pub messages: u64,
+    /// Core of the application [default: the first core]
+    #[arg(long, value_name = "N")]
+    pub app_core: Option<usize>,
+    /// Core of the router shard [default: the last core]
+    #[arg(long, value_name = "N")]
+    pub router_core: Option<usize>,
+}
+
+impl RingArgs {
+    pub fn options(&self, cores: DefaultCores) -> ring::Options {
+        ring::Options {
+            reps: self.reps,
+            rtt_samples: self.samples,
+            messages: self.messages,
+            app_core: self.app_core.unwrap_or(cores.app),
+            router_core: self.router_core.unwrap_or(cores.router),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct IdleArgs {
+    #[command(flatten)]
+    pub output: Output,
+    /// Attached containers
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub containers: usize,
+    /// Seconds of measurement
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub seconds: u64,
+    /// Core of the router [default: the last core]
+    #[arg(long, value_name = "N")]
+    pub router_core: Option<usize>,
+}
+
+impl IdleArgs {
+    pub fn options(&self, cores: DefaultCores) -> idle::Options {
+        idle::Options {
+            containers: self.containers,
+            seconds: self.seconds,
+            router_core: self.router_core.unwrap_or(cores.router),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TcpArgs {
+    #[command(flatten)]
+    pub output: Output,
+    /// Repetitions; the report shows medians
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub reps: usize,
+    /// Seconds of each one-stream throughput measurement
+    #[arg(long, value_name = "S", default_value_t = 2.0)]
+    pub seconds: f64,
+    /// Timed 64-byte round trips per path and repetition
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    pub samples: u64,
+    /// Connection setups per path and repetition
+    #[arg(long, value_name = "N", default_value_t = 1_000)]
+    pub setups: u64,
+    /// Cluster tag (1 to 8 of a-z 0-9) [default: from the pid]
+    #[arg(long, value_name = "T")]
+    pub tag: Option<String>,
+}
+
+impl TcpArgs {
+    pub fn options(&self) -> tcp::Options {
+        tcp::Options {
+            reps: self.reps,
+            seconds: self.seconds,
+            rtt_samples: self.samples,
+            setups: self.setups,
+            tag: self.tag.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RdmaArgs {
+    #[command(flatten)]
+    pub output: Output,
+    /// Repetitions; the report shows medians
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub reps: usize,
+    /// 64-byte messages per message-rate phase
+    #[arg(long, value_name = "N", default_value_t = 5_000_000)]
+    pub messages: u64,
+    /// Timed SEND round trips per repetition
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub samples: u64,
+    /// 64 KiB RDMA WRITEs of the bandwidth phase
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    pub bw_ops: u64,
+    /// Core of the measuring program [default: the first core]
+    #[arg(long, value_name = "N")]
+    pub app_core: Option<usize>,
+    /// Core of the router [default: the last core]
+    #[arg(long, value_name = "N")]
+    pub router_core: Option<usize>,
+}
+
+impl RdmaArgs {
+    pub fn options(&self, cores: DefaultCores) -> rdma::Options {
+        rdma::Options {
+            reps: self.reps,
+            messages: self.messages,
+            samples: self.samples,
+            bw_ops: self.bw_ops,
+            app_core: self.app_core.unwrap_or(cores.app),
+            router_core: self.router_core.unwrap_or(cores.router),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// The router's runtime directory
+    pub dir: PathBuf,
+    /// Print the report as JSON instead of a line of text
+    #[arg(long)]
+    pub json: bool,
+    /// Timed round trips
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    pub samples: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Experiment, clap::Error> {
+        Cli::try_parse_from(std::iter::once("freeflow-bench").chain(args.iter().copied()))
+            .map(|cli| cli.experiment)
+    }
+
+    const CORES: DefaultCores = DefaultCores { app: 0, router: 7 };
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_those_of_the_usage_lines() {
+        let Ok(Experiment::Ring(a)) = parse(&["ring"]) else {
+            panic!("ring")
+        };
+        let o = a.options(CORES);
+        assert_eq!(
+            (o.reps, o.rtt_samples, o.messages, o.app_core, o.router_core),
+            (5, 200_000, 20_000_000, 0, 7)
+        );
+        assert!(!a.output.json && !a.output.progress_json);
+        let Ok(Experiment::Idle(a)) = parse(&["idle"]) else {
+            panic!("idle")
+        };
+        let o = a.options(CORES);
+        assert_eq!((o.containers, o.seconds, o.router_core), (50, 10, 7));
+        let Ok(Experiment::Tcp(a)) = parse(&["tcp"]) else {
+            panic!("tcp")
+        };
+        let o = a.options();
+        assert_eq!((o.reps, o.rtt_samples, o.setups), (3, 20_000, 1_000));
+        assert_eq!((o.seconds, o.tag), (2.0, None));
+        let Ok(Experiment::Rdma(a)) = parse(&["rdma"]) else {
+            panic!("rdma")
+        };
+        let o = a.options(CORES);
+        assert_eq!(
+            (
+                o.reps,
+                o.messages,
+                o.samples,
+                o.bw_ops,
+                o.app_core,
+                o.router_core
+            ),
+            (3, 5_000_000, 100_000, 200_000, 0, 7)
+        );
+        let Ok(Experiment::Probe(a)) = parse(&["probe", "/freeflow"]) else {
+            panic!("probe")
+        };
+        assert_eq!((a.samples, a.json), (20_000, false));
+        let Ok(Experiment::Hold { seconds, .. }) = parse(&["hold", "/freeflow"]) else {
+            panic!("hold")
+        };
+        assert_eq!(seconds, 60);
+    }
+
+    #[test]
+    fn flags_are_read() {
+        let Ok(Experiment::Tcp(a)) = parse(&[
+            "tcp",
+            "--json",
+            "--progress-json",
+            "--reps",
+            "1",
+            "--seconds",
+            "0.3",
+            "--samples",
+            "10000",
+            "--setups",
+            "500",
+            "--tag",
+            "dmt1",
+        ]) else {
+            panic!("tcp")
+        };
+        assert!(a.output.json && a.output.progress_json);
+        let o = a.options();
+        assert_eq!(
+            (o.reps, o.seconds, o.rtt_samples, o.setups),
+            (1, 0.3, 10_000, 500)
+        );
+        assert_eq!(o.tag.as_deref(), Some("dmt1"));
+        let Ok(Experiment::Rdma(a)) = parse(&[
+            "rdma",
+            "--app-core",
+            "1",
+            "--router-core",
+            "0",
+            "--bw-ops",
+            "9",
+        ]) else {
+            panic!("rdma")
+        };
+        let o = a.options(CORES);
+        assert_eq!((o.app_core, o.router_core, o.bw_ops), (1, 0, 9));
+        let Ok(Experiment::TcpClient { samples, .. }) =
+            parse(&["tcp-client", "10.32.0.4:7003", "0.3", "10000", "500"])
+        else {
+            panic!("tcp-client")
+        };
+        assert_eq!(samples, 10_000);
+    }
+
+    #[test]
+    fn wrong_arguments_are_refused() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["udp"]).is_err());
+        assert!(parse(&["ring", "--reps"]).is_err());
+        assert!(parse(&["ring", "--reps", "x"]).is_err());
+        assert!(parse(&["idle", "--tag", "t"]).is_err());
+        assert!(parse(&["probe"]).is_err());
+    }
+}

@@ -1,0 +1,113 @@
+//! The text each experiment prints without `--json`: a table or a line.
+
+use freeflow_proto::report::{IdleReport, ProbeReport, RdmaReport, RingReport, TcpReport};
+
+pub fn ring(r: &RingReport) {
+    println!(
+        "ring: app on core {}, router shard on core {}, {}-byte slots, batches of {}",
+        r.app_core, r.router_core, r.slot_bytes, r.batch
+    );
+    println!("{:<28}{:>14}", "metric (median of reps)", "value");
+    println!("{:<28}{:>11} ns", "round trip p50", r.rtt_p50_ns);
+    println!("{:<28}{:>11} ns", "round trip p99", r.rtt_p99_ns);
+    println!("{:<28}{:>11} ns", "round trip p99.9", r.rtt_p999_ns);
+    println!(
+        "{:<28}{:>10.1} M/s",
+        "one-way messages",
+        r.msgs_per_sec / 1e6
+    );
+    println!(
+        "{:<28}{:>11.1} ns",
+        "router CPU per message", r.router_cpu_ns_per_msg
+    );
+}
+
+pub fn idle(r: &IdleReport) {
+    println!(
+        "idle: {} attached containers, router used {:.3}% of a core over {:.1} s ({} parks, {} wake-ups)",
+        r.attached, r.router_cpu_percent, r.seconds, r.router_parks, r.router_wakeups
+    );
+}
+
+pub fn rdma(r: &RdmaReport) {
+    let m = &r.median;
+    println!(
+        "rdma: two QPs of one host through the router's software engine; application on core {}, router on core {}; medians of {} repetitions",
+        r.app_core, r.router_core, r.repetitions
+    );
+    println!("{:<34}{:>14}{:>18}", "metric", "value", "router CPU/op");
+    println!(
+        "{:<34}{:>10.2} M/s{:>15.0} ns",
+        "64 B SEND/RECV message rate", m.send_mops, m.router_ns_per_send
+    );
+    println!(
+        "{:<34}{:>10.2} M/s{:>15.0} ns",
+        "64 B RDMA WRITE message rate", m.write_mops, m.router_ns_per_write
+    );
+    println!(
+        "{:<34}{:>11.2} us{:>15.0} ns",
+        "64 B SEND round trip p50", m.rtt_p50_us, m.router_ns_per_round_trip
+    );
+    println!(
+        "{:<34}{:>11.2} us",
+        "64 B SEND round trip p99", m.rtt_p99_us
+    );
+    println!(
+        "{:<34}{:>9.2} GB/s{:>15.0} ns",
+        "64 KiB RDMA WRITE bandwidth", m.write_gbytes_per_sec, m.router_ns_per_64k_write
+    );
+    println!(
+        "{:<34}{:>9.2} GB/s",
+        "memcpy of 64 KiB, one core", m.memcpy_gbytes_per_sec
+    );
+    println!("RDMA WRITE bandwidth / memcpy: {:.2}", m.write_vs_memcpy);
+}
+
+pub fn probe(r: &ProbeReport) {
+    println!(
+        "probe: attached as container {} ({}, tenant {}) on shard {}: round trip p50 {} ns, p99 {} ns",
+        r.container, r.ip, r.tenant, r.shard, r.rtt_p50_ns, r.rtt_p99_ns
+    );
+}
+
+pub fn tcp(r: &TcpReport) {
+    println!(
+        "tcp between two simulated hosts, medians of {} repetitions",
+        r.repetitions
+    );
+    println!(
+        "{:<10}{:>12}{:>12}{:>12}{:>13}{:>13}{:>12}{:>12}",
+        "path",
+        "Gbit/s",
+        "rtt p50 us",
+        "rtt p99 us",
+        "setup p50 us",
+        "setup p99 us",
+        "connect p50",
+        "conns/s"
+    );
+    for p in &r.paths {
+        let m = &p.median;
+        println!(
+            "{:<10}{:>12.2}{:>12.1}{:>12.1}{:>13.1}{:>13.1}{:>12.1}{:>12.0}",
+            p.path.as_str(),
+            m.gbit_per_sec,
+            m.rtt_p50_us,
+            m.rtt_p99_us,
+            m.setup_p50_us,
+            m.setup_p99_us,
+            m.connect_p50_us,
+            m.conns_per_sec
+        );
+    }
+    let f = &r.freeflow_vs_host;
+    let o = &r.overlay_vs_host;
+    println!(
+        "freeflow/host: throughput {:.2}x, round trip {:.2}x, setup {:.2}x",
+        f.throughput, f.rtt_p50, f.setup_p50
+    );
+    println!(
+        "overlay/host:  throughput {:.2}x, round trip {:.2}x, setup {:.2}x",
+        o.throughput, o.rtt_p50, o.setup_p50
+    );
+}

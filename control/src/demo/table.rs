@@ -1,0 +1,230 @@
+//! What the demo prints on stdout: the TCP and RDMA tables and the notes under them.
+
+use std::io::{self, Write};
+
+use freeflow_proto::report::{RdmaReport, RdmaSample, TcpReport};
+
+use super::tcp::path_label;
+
+/// The project's RDMA targets (the issue): messages per second per router core, 3x what the
+/// original Freeflow reached on real hardware, and the round trip.
+const RDMA_TARGET_MOPS: f64 = 4.2;
+const ORIGINAL_FREEFLOW_MOPS: f64 = 1.4;
+const RDMA_TARGET_RTT_US: f64 = 2.0;
+
+/// `8,123`.
+fn thousands(n: f64) -> String {
+    let digits = format!("{:.0}", n.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The TCP comparison's table and its two-line summary.
+pub(super) fn print_tcp_table(report: &TcpReport) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\nTCP between containers on two simulated hosts (medians of {} repetition{}, {} s \
+         streams)",
+        report.repetitions,
+        if report.repetitions == 1 { "" } else { "s" },
+        report.stream_seconds
+    );
+    let _ = writeln!(
+        out,
+        "{:<17}{:>14}{:>17}{:>19}{:>15}",
+        "path", "throughput", "round trip p50", "connection setup", "connections/s"
+    );
+    for p in &report.paths {
+        let m = &p.median;
+        let _ = writeln!(
+            out,
+            "{:<17}{:>14}{:>17}{:>19}{:>15}",
+            path_label(p.path),
+            format!("{:.1} Gbit/s", m.gbit_per_sec),
+            format!("{:.0} µs", m.rtt_p50_us),
+            format!("{:.0} µs", m.setup_p50_us),
+            thousands(m.conns_per_sec)
+        );
+    }
+    let o = &report.overlay_vs_host;
+    let f = &report.freeflow_vs_host;
+    let _ = writeln!(
+        out,
+        "\nOn the overlay, containers get {:.2}x the host link's throughput and {:.2}x its round \
+         trip time.",
+        o.throughput, o.rtt_p50
+    );
+    let _ = writeln!(
+        out,
+        "With Freeflow, the same containers keep their overlay addresses and get {:.2}x and {:.2}x; \
+         opening a connection takes {:.2}x as long as on the host link.",
+        f.throughput, f.rtt_p50, f.setup_p50
+    );
+    let _ = out.flush();
+}
+
+/// Width of the notes under a table.
+const NOTE_WIDTH: usize = 95;
+
+/// `text` in lines of at most `width` characters, broken between words.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// `1.36x`: a ratio for the comparison column.
+fn times(ratio: f64) -> String {
+    format!("{ratio:.2}x")
+}
+
+/// The RDMA comparison's table, then the notes that say what it compares.
+pub(super) fn print_rdma_table(report: &RdmaReport) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\nRDMA between two QPs on this host, through Freeflow's router: its software verbs \
+         engine, no RDMA NIC\n(medians of {} repetition{}; application on core {}, router on \
+         core {})",
+        report.repetitions,
+        if report.repetitions == 1 { "" } else { "s" },
+        report.app_core,
+        report.router_core
+    );
+    for line in rdma_rows(&report.median) {
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    let _ = writeln!(out);
+    for line in wrap(&rdma_notes(), NOTE_WIDTH) {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = out.flush();
+}
+
+/// The RDMA table's heading and five rows: measured, router CPU per operation, compared with.
+fn rdma_rows(m: &RdmaSample) -> [String; 6] {
+    let row = |what: &str, value: String, cpu: Option<f64>, compared: String| {
+        format!(
+            "{what:<30}{value:>11}{:>16}   {compared}",
+            cpu.map(|ns| format!("{ns:.0} ns")).unwrap_or_default()
+        )
+    };
+    [
+        format!(
+            "{:<30}{:>11}{:>16}   {}",
+            "", "measured", "router CPU/op", "compared with"
+        ),
+        row(
+            "64 B SEND/RECV message rate",
+            format!("{:.2} M/s", m.send_mops),
+            Some(m.router_ns_per_send),
+            format!(
+                "{} the {RDMA_TARGET_MOPS} M/s target",
+                times(m.send_mops / RDMA_TARGET_MOPS)
+            ),
+        ),
+        row(
+            "64 B RDMA WRITE message rate",
+            format!("{:.2} M/s", m.write_mops),
+            Some(m.router_ns_per_write),
+            format!(
+                "{} the {RDMA_TARGET_MOPS} M/s target",
+                times(m.write_mops / RDMA_TARGET_MOPS)
+            ),
+        ),
+        row(
+            "64 B SEND round trip p50",
+            format!("{:.2} µs", m.rtt_p50_us),
+            Some(m.router_ns_per_round_trip),
+            format!(
+                "{} the {RDMA_TARGET_RTT_US} µs target",
+                times(m.rtt_p50_us / RDMA_TARGET_RTT_US)
+            ),
+        ),
+        row(
+            "64 B SEND round trip p99",
+            format!("{:.2} µs", m.rtt_p99_us),
+            None,
+            format!(
+                "{} the {RDMA_TARGET_RTT_US} µs target",
+                times(m.rtt_p99_us / RDMA_TARGET_RTT_US)
+            ),
+        ),
+        row(
+            "64 KiB RDMA WRITE bandwidth",
+            format!("{:.1} GB/s", m.write_gbytes_per_sec),
+            Some(m.router_ns_per_64k_write),
+            format!(
+                "{} memcpy on one core ({:.1} GB/s)",
+                times(m.write_vs_memcpy),
+                m.memcpy_gbytes_per_sec
+            ),
+        ),
+    ]
+}
+
+/// What the RDMA table compares with, and what it measures.
+fn rdma_notes() -> String {
+    format!(
+        "Targets (from the project's issue): {RDMA_TARGET_MOPS} M messages/s per router core, \
+         {:.0}x the {ORIGINAL_FREEFLOW_MOPS} M/s the original Freeflow reached on real RDMA \
+         hardware; a round trip under {RDMA_TARGET_RTT_US} µs (lower is better). memcpy: one \
+         core copying the same 64 KiB buffers in this run, about the most a software copy can \
+         move. Router CPU/op: the router's CPU time in a phase divided by its operations (a \
+         round trip is two SENDs; the router polls while work is pending, so there it is about \
+         the elapsed time). All of this is the router's software engine between two programs \
+         on one host: what the router costs, not what an RDMA NIC between two hosts would do.",
+        RDMA_TARGET_MOPS / ORIGINAL_FREEFLOW_MOPS
+    )
+}
+
+/// Says on stdout that the RDMA part did not run, and why.
+pub(super) fn print_rdma_skipped(reason: &str) {
+    let _ = writeln!(
+        io::stdout(),
+        "\nRDMA comparison skipped: {reason}; then run `sudo freeflow demo --part rdma`."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(8123.0), "8,123");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+    }
+
+    #[test]
+    fn notes_wrap_between_words() {
+        assert_eq!(wrap("a bb ccc dd", 6), ["a bb", "ccc dd"]);
+        assert_eq!(wrap("abcdefgh ij", 4), ["abcdefgh", "ij"]);
+        assert!(wrap("  ", 10).is_empty());
+        let text = "word ".repeat(100);
+        assert!(wrap(&text, NOTE_WIDTH)
+            .iter()
+            .all(|l| l.len() <= NOTE_WIDTH));
+    }
+}

@@ -1,0 +1,309 @@
+//! What `freeflow-bench` tells the programs that run it (`freeflow demo`): the JSON report each
+//! experiment prints on stdout with `--json`, and the progress events it writes to stderr with
+//! `--progress-json`, one JSON object per line.
+//!
+//! Both sides use these types, so a field renamed here is renamed for both. The reports' field
+//! names are also read by people and scripts: keep them as they are.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+// ---------------------------------------------------------------- progress
+
+/// One step of an experiment. `freeflow-bench --progress-json` writes each as one line of JSON
+/// on stderr ([`Progress::to_line`]); without the flag it writes the [`fmt::Display`] text, for a
+/// person, after `[freeflow-bench] `.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "progress", rename_all = "snake_case")]
+pub enum Progress {
+    /// `ring`: repetition `rep` of `of` starts.
+    RingRepetition { rep: usize, of: usize },
+    /// `idle`: the holders of `containers` namespaces are being attached.
+    IdleAttaching { containers: usize },
+    /// `idle`: the router's CPU time is measured for `seconds`.
+    IdleMeasuring { seconds: u64 },
+    /// `tcp`: the two simulated hosts, their routers and servers are being built.
+    TcpBuilding,
+    /// `tcp`: repetition `rep` of `of` measures `path`.
+    TcpRepetition {
+        rep: usize,
+        of: usize,
+        path: TcpPath,
+    },
+    /// `tcp`: everything the experiment made is being removed.
+    TcpRemoving,
+    /// `rdma`: a private router starts on `router_core`, the measuring program is built.
+    RdmaStarting { router_core: usize },
+    /// `rdma`: repetition `rep` of `of` starts.
+    RdmaRepetition { rep: usize, of: usize },
+    /// `rdma`: the router stops and the namespace is removed.
+    RdmaStopping,
+}
+
+impl Progress {
+    /// The event as one line of JSON (no newline).
+    pub fn to_line(&self) -> String {
+        // A derived Serialize of plain fields into a String cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The event on `line`, or `None` if the line is not one (an error message, a child's
+    /// output).
+    pub fn from_line(line: &str) -> Option<Progress> {
+        serde_json::from_str(line.trim()).ok()
+    }
+}
+
+impl fmt::Display for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Progress::RingRepetition { rep, of } => write!(f, "ring: repetition {rep}/{of}"),
+            Progress::IdleAttaching { containers } => {
+                write!(f, "idle: attaching {containers} containers")
+            }
+            Progress::IdleMeasuring { seconds } => {
+                write!(f, "idle: measuring router CPU for {seconds} s")
+            }
+            Progress::TcpBuilding => f.write_str("tcp: building two simulated hosts"),
+            Progress::TcpRepetition { rep, of, path } => {
+                write!(f, "tcp: repetition {rep}/{of}: {}", path.as_str())
+            }
+            Progress::TcpRemoving => f.write_str("tcp: removing the two simulated hosts"),
+            Progress::RdmaStarting { router_core } => write!(
+                f,
+                "rdma: starting a private router on core {router_core} and building the \
+                 measuring program"
+            ),
+            Progress::RdmaRepetition { rep, of } => write!(f, "rdma: repetition {rep} of {of}"),
+            Progress::RdmaStopping => {
+                f.write_str("rdma: stopping the router and removing its namespace")
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- ring, idle, probe
+
+/// One repetition of `freeflow-bench ring`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RingRep {
+    pub rtt_p50_ns: u64,
+    pub rtt_p99_ns: u64,
+    pub rtt_p999_ns: u64,
+    pub msgs_per_sec: f64,
+    pub router_cpu_ns_per_msg: f64,
+}
+
+/// `freeflow-bench ring --json`: medians over the repetitions, then each repetition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RingReport {
+    pub experiment: String,
+    pub app_core: usize,
+    pub router_core: usize,
+    pub repetitions: usize,
+    pub rtt_samples_per_rep: u64,
+    pub messages_per_rep: u64,
+    pub batch: usize,
+    pub slot_bytes: usize,
+    pub rtt_p50_ns: u64,
+    pub rtt_p99_ns: u64,
+    pub rtt_p999_ns: u64,
+    pub msgs_per_sec: f64,
+    pub router_cpu_ns_per_msg: f64,
+    pub reps: Vec<RingRep>,
+    pub note: String,
+}
+
+/// `freeflow-bench idle --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdleReport {
+    pub experiment: String,
+    pub containers: usize,
+    pub attached: usize,
+    pub seconds: f64,
+    pub router_cpu_percent: f64,
+    pub router_core: usize,
+    pub router_parks: u64,
+    pub router_wakeups: u64,
+}
+
+/// `freeflow-bench probe DIR --json`: one container's attachment and its round trips.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub experiment: String,
+    pub container: String,
+    pub tenant: String,
+    pub ip: String,
+    pub shard: u16,
+    pub samples: u64,
+    pub rtt_p50_ns: u64,
+    pub rtt_p99_ns: u64,
+}
+
+// ---------------------------------------------------------------- tcp
+
+/// The three ways `freeflow-bench tcp` compares; in JSON `"host"`, `"overlay"`, `"freeflow"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpPath {
+    /// The host link between the two hosts' own namespaces.
+    Host,
+    /// Container to container over the VXLAN overlay.
+    Overlay,
+    /// Container to container with Freeflow (overlay addresses, host path).
+    Freeflow,
+}
+
+impl TcpPath {
+    /// Every path, in the order of the report.
+    pub const ALL: [TcpPath; 3] = [TcpPath::Host, TcpPath::Overlay, TcpPath::Freeflow];
+
+    /// The name in JSON and in the bench's own output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpPath::Host => "host",
+            TcpPath::Overlay => "overlay",
+            TcpPath::Freeflow => "freeflow",
+        }
+    }
+}
+
+/// One path's numbers for one repetition (also what the client role prints).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TcpSample {
+    pub gbit_per_sec: f64,
+    pub rtt_p50_us: f64,
+    pub rtt_p99_us: f64,
+    pub setup_p50_us: f64,
+    pub setup_p99_us: f64,
+    /// The connect call alone, within the setup (Freeflow's extra work is all in there).
+    #[serde(default)]
+    pub connect_p50_us: f64,
+    pub conns_per_sec: f64,
+}
+
+/// One path: the medians over the repetitions, then each repetition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TcpPathReport {
+    pub path: TcpPath,
+    pub median: TcpSample,
+    pub reps: Vec<TcpSample>,
+}
+
+/// A path's medians divided by the host link's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TcpRatios {
+    pub throughput: f64,
+    pub rtt_p50: f64,
+    pub setup_p50: f64,
+}
+
+/// `freeflow-bench tcp --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TcpReport {
+    pub experiment: String,
+    pub repetitions: usize,
+    pub stream_seconds: f64,
+    pub paths: Vec<TcpPathReport>,
+    pub freeflow_vs_host: TcpRatios,
+    pub overlay_vs_host: TcpRatios,
+}
+
+// ---------------------------------------------------------------- rdma
+
+/// One repetition of `freeflow-bench rdma`, or the medians over them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RdmaSample {
+    pub send_mops: f64,
+    pub write_mops: f64,
+    pub rtt_p50_us: f64,
+    pub rtt_p99_us: f64,
+    pub write_gbytes_per_sec: f64,
+    pub memcpy_gbytes_per_sec: f64,
+    pub write_vs_memcpy: f64,
+    pub router_ns_per_send: f64,
+    pub router_ns_per_write: f64,
+    pub router_ns_per_round_trip: f64,
+    pub router_ns_per_64k_write: f64,
+}
+
+/// `freeflow-bench rdma --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RdmaReport {
+    pub experiment: String,
+    pub repetitions: usize,
+    pub app_core: usize,
+    pub router_core: usize,
+    pub messages: u64,
+    pub rtt_samples: u64,
+    pub bw_ops: u64,
+    pub median: RdmaSample,
+    pub reps: Vec<RdmaSample>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_round_trip() {
+        let events = [
+            Progress::RingRepetition { rep: 1, of: 5 },
+            Progress::IdleAttaching { containers: 50 },
+            Progress::IdleMeasuring { seconds: 10 },
+            Progress::TcpBuilding,
+            Progress::TcpRepetition {
+                rep: 2,
+                of: 3,
+                path: TcpPath::Overlay,
+            },
+            Progress::TcpRemoving,
+            Progress::RdmaStarting { router_core: 1 },
+            Progress::RdmaRepetition { rep: 1, of: 3 },
+            Progress::RdmaStopping,
+        ];
+        for event in events {
+            let line = event.to_line();
+            assert!(!line.contains('\n'), "{line}");
+            assert_eq!(Progress::from_line(&line), Some(event), "{line}");
+        }
+        assert_eq!(
+            Progress::TcpRepetition {
+                rep: 2,
+                of: 3,
+                path: TcpPath::Freeflow
+            }
+            .to_line(),
+            r#"{"progress":"tcp_repetition","rep":2,"of":3,"path":"freeflow"}"#
+        );
+        assert_eq!(Progress::from_line("freeflow-bench: boom"), None);
+        assert_eq!(Progress::from_line("{\"progress\":\"unknown\"}"), None);
+    }
+
+    #[test]
+    fn progress_text_is_the_human_line() {
+        assert_eq!(
+            Progress::TcpRepetition {
+                rep: 1,
+                of: 3,
+                path: TcpPath::Host
+            }
+            .to_string(),
+            "tcp: repetition 1/3: host"
+        );
+        assert_eq!(
+            Progress::RdmaRepetition { rep: 2, of: 3 }.to_string(),
+            "rdma: repetition 2 of 3"
+        );
+    }
+
+    #[test]
+    fn tcp_paths_are_lowercase_names() {
+        for path in TcpPath::ALL {
+            assert_eq!(
+                serde_json::to_string(&path).unwrap(),
+                format!("\"{}\"", path.as_str())
+            );
+        }
+    }
+}
