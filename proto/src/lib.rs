@@ -1,9 +1,12 @@
 //! Everything the Freeflow router and its shims share: the shared-memory ring, the region that
 //! holds an attachment's rings, doorbells, the attach handshake on `router.sock`, the messages in
-//! ring slots and the router's control protocol.
+//! ring slots and the router's control protocol. Every fixed layout on the wire follows one
+//! codec convention ([`codec`]): field offsets declared once, enums and flag words decoded with
+//! `TryFrom`, a typed [`codec::DecodeError`].
 //!
 //! Unsafe code lives only in `ring_memory`, `region`, `doorbell`, `fdpass` and `clock`.
 
+pub mod codec;
 pub mod ring;
 mod ring_memory;
 mod sync;

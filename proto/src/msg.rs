@@ -3,8 +3,10 @@
 //! All fields are little-endian and decoded from a private copy of the slot, never read in
 //! place. `len` is checked against the slot size by whoever decodes it.
 
+use crate::codec;
+
 /// Bytes of the header at the start of every slot.
-pub const HEADER_LEN: usize = 16;
+pub const HEADER_LEN: usize = field::COOKIE.end;
 
 /// Set in the opcode of every reply.
 pub const REPLY: u16 = 0x8000;
@@ -32,6 +34,15 @@ pub mod status {
     pub const BAD_LENGTH: u16 = 2;
 }
 
+/// Offsets of a [`MsgHeader`].
+mod field {
+    use std::ops::Range;
+    pub const OPCODE: Range<usize> = 0..2;
+    pub const STATUS: Range<usize> = 2..4;
+    pub const LEN: Range<usize> = 4..8;
+    pub const COOKIE: Range<usize> = 8..16;
+}
+
 /// The fixed header of a slot message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MsgHeader {
@@ -46,19 +57,19 @@ pub struct MsgHeader {
 impl MsgHeader {
     /// Writes the header into the first [`HEADER_LEN`] bytes of `buf`.
     pub fn encode(&self, buf: &mut [u8]) {
-        buf[0..2].copy_from_slice(&self.opcode.to_le_bytes());
-        buf[2..4].copy_from_slice(&self.status.to_le_bytes());
-        buf[4..8].copy_from_slice(&self.len.to_le_bytes());
-        buf[8..16].copy_from_slice(&self.cookie.to_le_bytes());
+        codec::put(buf, field::OPCODE, self.opcode);
+        codec::put(buf, field::STATUS, self.status);
+        codec::put(buf, field::LEN, self.len);
+        codec::put(buf, field::COOKIE, self.cookie);
     }
 
     /// Reads a header from the first [`HEADER_LEN`] bytes of `buf`.
     pub fn decode(buf: &[u8]) -> MsgHeader {
         MsgHeader {
-            opcode: u16::from_le_bytes([buf[0], buf[1]]),
-            status: u16::from_le_bytes([buf[2], buf[3]]),
-            len: u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes")),
-            cookie: u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes")),
+            opcode: codec::get(buf, field::OPCODE),
+            status: codec::get(buf, field::STATUS),
+            len: codec::get(buf, field::LEN),
+            cookie: codec::get(buf, field::COOKIE),
         }
     }
 
