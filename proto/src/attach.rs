@@ -37,7 +37,7 @@ pub const REPLY_RING: usize = 1;
 wire_enum! {
     /// What is attaching.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum ShimKind: u16, from u16 {
+    pub enum ShimKind: u16, from u16; fn from_u16(u16) {
         Socket = 1,
         Verbs = 2,
         /// Benchmarks and tests.
@@ -46,9 +46,6 @@ wire_enum! {
 }
 
 impl ShimKind {
-    pub fn from_u16(v: u16) -> Option<ShimKind> {
-        ShimKind::try_from(v).ok()
-    }
     pub fn name(self) -> &'static str {
         match self {
             ShimKind::Socket => "socket",
@@ -129,19 +126,13 @@ impl Hello {
 wire_enum! {
     /// Why the router refused an attach.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Refusal: u16, from u16 {
+    pub enum Refusal: u16, from u16; fn from_u16(u16) {
         VersionMismatch = 1,
         NotRegistered = 2,
         Malformed = 3,
         Busy = 4,
         Internal = 5,
         ShuttingDown = 6,
-    }
-}
-
-impl Refusal {
-    pub fn from_u16(v: u16) -> Option<Refusal> {
-        Refusal::try_from(v).ok()
     }
 }
 

@@ -194,7 +194,9 @@ macro_rules! sequential_body {
 pub(crate) use sequential_body;
 
 /// Declares an enum of wire numbers with `#[repr($repr)]` and `TryFrom` each listed integer
-/// type, failing with [`DecodeError::Unknown`] on numbers it does not name.
+/// type, failing with [`DecodeError::Unknown`] on numbers it does not name. Optionally, after
+/// `; fn from_u16(u16)`, a method of that name returning an `Option`; and, after a variant's
+/// `=> NAME`, its number as a constant `NAME` beside the enum (for `match` arms on raw numbers).
 macro_rules! wire_enum {
     (@try_from $name:ident [$($variant:ident)+]) => {};
     (@try_from $name:ident [$($variant:ident)+] $from:ident $($rest:ident)*) => {
@@ -217,8 +219,9 @@ macro_rules! wire_enum {
     };
     (
         $(#[$meta:meta])*
-        $vis:vis enum $name:ident: $repr:ident, from $($from:ident),+ {
-            $($(#[$vmeta:meta])* $variant:ident = $value:expr),+ $(,)?
+        $vis:vis enum $name:ident: $repr:ident, from $($from:ident),+
+            $(; fn $option:ident($option_ty:ident))? {
+            $($(#[$vmeta:meta])* $variant:ident = $value:expr $(=> $konst:ident)?),+ $(,)?
         }
     ) => {
         $(#[$meta])*
@@ -228,6 +231,20 @@ macro_rules! wire_enum {
         }
 
         $crate::codec::wire_enum!(@try_from $name [$($variant)+] $($from)+);
+
+        $(
+            impl $name {
+                /// The value `v` names, if any.
+                pub fn $option(v: $option_ty) -> Option<$name> {
+                    $name::try_from(v).ok()
+                }
+            }
+        )?
+
+        $($(
+            #[doc = concat!("[`", stringify!($name), "::", stringify!($variant), "`].")]
+            pub const $konst: $repr = $name::$variant as $repr;
+        )?)+
     };
 }
 pub(crate) use wire_enum;
@@ -262,8 +279,8 @@ mod tests {
 
     wire_enum! {
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        enum Colour: u16, from u16, u32 {
-            Red = 1,
+        enum Colour: u16, from u16, u32; fn from_u16(u16) {
+            Red = 1 => RED,
             Blue = 0x100,
         }
     }
@@ -279,6 +296,8 @@ mod tests {
     fn enums_decode_only_the_numbers_they_name() {
         assert_eq!(Colour::try_from(1u16), Ok(Colour::Red));
         assert_eq!(Colour::try_from(0x100u32), Ok(Colour::Blue));
+        assert_eq!(Colour::from_u16(RED), Some(Colour::Red));
+        assert_eq!(Colour::from_u16(2), None);
         assert_eq!(
             Colour::try_from(0x1_0001u32),
             Err(DecodeError::Unknown {

@@ -38,8 +38,8 @@ wire_enum! {
         /// This (forked) process holds the listener on `port` too: keep it while any holder lives.
         Own = 5,
         /// After a router restart: this process still holds an accelerated listener on overlay
-        /// `port`. The request carries that host listener and a new overlay listener (in this order),
-        /// so that the new router takes up where the old one stopped.
+        /// `port`. The request carries that host listener and a new overlay listener (in this
+        /// order), so that the new router takes up where the old one stopped.
         Relisten = 6,
     }
 }

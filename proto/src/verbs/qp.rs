@@ -13,7 +13,7 @@ use crate::codec::{self, sequential_body, wire_enum, Body};
 wire_enum! {
     /// `enum ibv_qp_state`.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-    pub enum QpState: u8, from u8, u32 {
+    pub enum QpState: u8, from u8, u32; fn from_u32(u32) {
         Reset = 0,
         Init = 1,
         Rtr = 2,
@@ -25,10 +25,6 @@ wire_enum! {
 }
 
 impl QpState {
-    pub fn from_u32(v: u32) -> Option<QpState> {
-        QpState::try_from(v).ok()
-    }
-
     /// States in which `ibv_post_recv` is accepted (an ERR QP flushes what is posted).
     pub fn accepts_receives(self) -> bool {
         self != QpState::Reset

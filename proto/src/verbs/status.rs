@@ -7,7 +7,7 @@ wire_enum! {
     /// Statuses of verbs replies, beyond [`crate::msg::status`]. The shim turns each into the
     /// errno value rdma-core reports for the same failure.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum VerbsStatus: u16, from u16 {
+    pub enum VerbsStatus: u16, from u16; fn from_u16(u16) {
         /// An argument the verb does not accept (EINVAL).
         Invalid = 16,
         /// No such PD or MR in this container's table (EINVAL).
@@ -29,12 +29,6 @@ wire_enum! {
         TestHooksOff = 24,
         /// The destination of a connection is no container this router can reach (ENETUNREACH).
         Unreachable = 25,
-    }
-}
-
-impl VerbsStatus {
-    pub fn from_u16(v: u16) -> Option<VerbsStatus> {
-        VerbsStatus::try_from(v).ok()
     }
 }
 

@@ -12,39 +12,34 @@
 //! layout of rdma-core's `struct ibv_wc` on x86-64, so the shim copies a slot straight into the
 //! program's array (the shim trusts its router, not the other way round).
 
-use crate::codec::{self, sequential_body, wire_enum, Body, DecodeError};
+use crate::codec::{self, sequential_body, Body, DecodeError};
 
-wire_enum! {
-    /// `enum ibv_wr_opcode`: the opcodes the engine executes.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-    pub enum WrOpcode: u8, from u8, u32 {
-        RdmaWrite = 0,
-        RdmaWriteWithImm = 1,
-        Send = 2,
-        SendWithImm = 3,
-        RdmaRead = 4,
-        AtomicCmpAndSwp = 5,
-        AtomicFetchAndAdd = 6,
-    }
-}
-
-/// The numbers of [`WrOpcode`], for code that keeps the raw byte.
+/// `enum ibv_wr_opcode` as [`WrOpcode`], and its numbers as `u8` constants for code that
+/// keeps the raw byte.
 pub mod wr_opcode {
-    use super::WrOpcode;
+    use crate::codec::wire_enum;
 
-    pub const RDMA_WRITE: u8 = WrOpcode::RdmaWrite as u8;
-    pub const RDMA_WRITE_WITH_IMM: u8 = WrOpcode::RdmaWriteWithImm as u8;
-    pub const SEND: u8 = WrOpcode::Send as u8;
-    pub const SEND_WITH_IMM: u8 = WrOpcode::SendWithImm as u8;
-    pub const RDMA_READ: u8 = WrOpcode::RdmaRead as u8;
-    pub const ATOMIC_CMP_AND_SWP: u8 = WrOpcode::AtomicCmpAndSwp as u8;
-    pub const ATOMIC_FETCH_AND_ADD: u8 = WrOpcode::AtomicFetchAndAdd as u8;
+    wire_enum! {
+        /// `enum ibv_wr_opcode`: the opcodes the engine executes.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum WrOpcode: u8, from u8, u32 {
+            RdmaWrite = 0 => RDMA_WRITE,
+            RdmaWriteWithImm = 1 => RDMA_WRITE_WITH_IMM,
+            Send = 2 => SEND,
+            SendWithImm = 3 => SEND_WITH_IMM,
+            RdmaRead = 4 => RDMA_READ,
+            AtomicCmpAndSwp = 5 => ATOMIC_CMP_AND_SWP,
+            AtomicFetchAndAdd = 6 => ATOMIC_FETCH_AND_ADD,
+        }
+    }
 
     /// True for the opcodes above.
     pub fn is_supported(op: u32) -> bool {
         WrOpcode::try_from(op).is_ok()
     }
 }
+
+pub use wr_opcode::WrOpcode;
 
 /// `enum ibv_send_flags`, as [`SendFlags`] and as `u32` constants.
 pub mod send_flags {
@@ -67,32 +62,27 @@ pub mod send_flags {
 
 pub use send_flags::SendFlags;
 
-wire_enum! {
-    /// `enum ibv_wc_opcode`.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-    pub enum WcOpcode: u32, from u32 {
-        Send = 0,
-        RdmaWrite = 1,
-        RdmaRead = 2,
-        CompSwap = 3,
-        FetchAdd = 4,
-        Recv = 128,
-        RecvRdmaWithImm = 129,
+/// `enum ibv_wc_opcode` as [`WcOpcode`], and its numbers as `u32` constants for code that
+/// keeps the raw word (as a [`super::Cqe`] does).
+pub mod wc_opcode {
+    use crate::codec::wire_enum;
+
+    wire_enum! {
+        /// `enum ibv_wc_opcode`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum WcOpcode: u32, from u32 {
+            Send = 0 => SEND,
+            RdmaWrite = 1 => RDMA_WRITE,
+            RdmaRead = 2 => RDMA_READ,
+            CompSwap = 3 => COMP_SWAP,
+            FetchAdd = 4 => FETCH_ADD,
+            Recv = 128 => RECV,
+            RecvRdmaWithImm = 129 => RECV_RDMA_WITH_IMM,
+        }
     }
 }
 
-/// The numbers of [`WcOpcode`], for code that keeps the raw word (as a [`Cqe`] does).
-pub mod wc_opcode {
-    use super::WcOpcode;
-
-    pub const SEND: u32 = WcOpcode::Send as u32;
-    pub const RDMA_WRITE: u32 = WcOpcode::RdmaWrite as u32;
-    pub const RDMA_READ: u32 = WcOpcode::RdmaRead as u32;
-    pub const COMP_SWAP: u32 = WcOpcode::CompSwap as u32;
-    pub const FETCH_ADD: u32 = WcOpcode::FetchAdd as u32;
-    pub const RECV: u32 = WcOpcode::Recv as u32;
-    pub const RECV_RDMA_WITH_IMM: u32 = WcOpcode::RecvRdmaWithImm as u32;
-}
+pub use wc_opcode::WcOpcode;
 
 /// `enum ibv_wc_flags`, as [`WcFlags`] and as `u32` constants.
 pub mod wc_flags {
