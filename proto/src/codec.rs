@@ -165,8 +165,29 @@ pub trait Body: Sized {
 }
 
 /// Implements [`Body`] for a struct whose layout is its listed fields one after the other, each
-/// [`Field::SIZE`] bytes, without gaps: `sequential_body!(RegMr { pd: u32, addr: u64 });`.
+/// [`Field::SIZE`] bytes, without gaps: `sequential_body!(RegMr { pd: u32, addr: u64 });`. With
+/// `with inherent codec` after the fields, also `LEN`, `write` and `read` as inherent items (for
+/// layouts read from the front of a longer slot, by callers that do not import the trait).
 macro_rules! sequential_body {
+    ($name:ident { $($field:ident : $ty:ty),+ $(,)? } with inherent codec) => {
+        $crate::codec::sequential_body!($name { $($field: $ty),+ });
+
+        impl $name {
+            /// Bytes of the layout (the [`Body`](crate::codec::Body) constant, for callers
+            /// without the trait in scope).
+            pub const LEN: usize = <$name as $crate::codec::Body>::LEN;
+
+            /// Writes into the first [`Self::LEN`] bytes of `out`.
+            pub fn write(&self, out: &mut [u8]) {
+                $crate::codec::Body::write(self, &mut out[..Self::LEN]);
+            }
+
+            /// Reads from the first [`Self::LEN`] bytes of `b`.
+            pub fn read(b: &[u8]) -> $name {
+                $crate::codec::Body::read(&b[..Self::LEN])
+            }
+        }
+    };
     ($name:ident { $($field:ident : $ty:ty),+ $(,)? }) => {
         impl $crate::codec::Body for $name {
             const LEN: usize = 0 $(+ <$ty as $crate::codec::Field>::SIZE)+;

@@ -11,27 +11,46 @@ pub const HEADER_LEN: usize = field::COOKIE.end;
 /// Set in the opcode of every reply.
 pub const REPLY: u16 = 0x8000;
 
-/// Request opcodes.
+/// Request opcodes: [`op::MsgOp`] for the ring's own, numbers as constants, and the range of
+/// the verbs shim's.
 pub mod op {
-    /// Echo the body back (latency measurements, liveness).
-    pub const PING: u16 = 1;
-    /// Consume without reply (one-way throughput measurements).
-    pub const NOP: u16 = 2;
-    /// Reply with the number of NOPs consumed since the previous FLUSH (body: u64).
-    pub const FLUSH: u16 = 3;
+    use crate::codec::wire_enum;
+
+    wire_enum! {
+        /// A request the router answers for any attachment.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum MsgOp: u16, from u16 {
+            /// Echo the body back (latency measurements, liveness).
+            Ping = 1 => PING,
+            /// Consume without reply (one-way throughput measurements).
+            Nop = 2 => NOP,
+            /// Reply with the number of NOPs consumed since the previous FLUSH (body: u64).
+            Flush = 3 => FLUSH,
+        }
+    }
+
     /// First opcode of the verbs shim's requests (RDMA mode, see [`crate::verbs::op`]).
     pub const VERBS_FIRST: u16 = 0x0100;
     /// End (exclusive) of the verbs opcodes.
     pub const VERBS_END: u16 = 0x0200;
 }
 
-/// Reply status codes.
+/// Reply status codes: [`status::MsgStatus`] and its numbers as constants (the verbs statuses,
+/// [`crate::verbs::VerbsStatus`], follow them).
 pub mod status {
-    pub const OK: u16 = 0;
-    /// The router does not know this opcode.
-    pub const UNKNOWN_OP: u16 = 1;
-    /// `len` does not fit the slot or the opcode's body.
-    pub const BAD_LENGTH: u16 = 2;
+    use crate::codec::wire_enum;
+
+    wire_enum! {
+        /// The status of a reply, for any opcode.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum MsgStatus: u16, from u16 {
+            Ok = 0 => OK,
+            /// The router does not know this opcode.
+            UnknownOp = 1 => UNKNOWN_OP,
+            /// `len` does not fit the slot or the opcode's body.
+            BadLength = 2 => BAD_LENGTH,
+        }
+    }
 }
 
 /// Offsets of a [`MsgHeader`].

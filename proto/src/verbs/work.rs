@@ -12,7 +12,7 @@
 //! layout of rdma-core's `struct ibv_wc` on x86-64, so the shim copies a slot straight into the
 //! program's array (the shim trusts its router, not the other way round).
 
-use crate::codec::{self, sequential_body, Body, DecodeError};
+use crate::codec::{self, sequential_body, DecodeError};
 
 /// `enum ibv_wr_opcode` as [`WrOpcode`], and its numbers as `u8` constants for code that
 /// keeps the raw byte.
@@ -63,7 +63,7 @@ pub mod send_flags {
 pub use send_flags::SendFlags;
 
 /// `enum ibv_wc_opcode` as [`WcOpcode`], and its numbers as `u32` constants for code that
-/// keeps the raw word (as a [`super::Cqe`] does).
+/// keeps the raw word (as a [`Cqe`] does).
 pub mod wc_opcode {
     use crate::codec::wire_enum;
 
@@ -110,19 +110,7 @@ sequential_body!(Sge {
     addr: u64,
     length: u32,
     lkey: u32,
-});
-
-impl Sge {
-    pub const LEN: usize = <Sge as Body>::LEN;
-
-    pub fn write(&self, o: &mut [u8]) {
-        Body::write(self, &mut o[..Self::LEN]);
-    }
-
-    pub fn read(b: &[u8]) -> Sge {
-        Body::read(&b[..Self::LEN])
-    }
-}
+} with inherent codec);
 
 /// Most scatter/gather entries in one work request (the device's `max_sge`).
 pub const MAX_SGE: u32 = 16;
@@ -162,19 +150,9 @@ sequential_body!(SendWqeHeader {
     inline_len: u32,
     compare_add: u64,
     swap: u64,
-});
+} with inherent codec);
 
 impl SendWqeHeader {
-    pub const LEN: usize = <SendWqeHeader as Body>::LEN;
-
-    pub fn write(&self, o: &mut [u8]) {
-        Body::write(self, &mut o[..Self::LEN]);
-    }
-
-    pub fn read(b: &[u8]) -> SendWqeHeader {
-        Body::read(&b[..Self::LEN])
-    }
-
     pub fn has(&self, flag: u32) -> bool {
         u32::from(self.flags) & flag != 0
     }
