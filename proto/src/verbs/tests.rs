@@ -1,4 +1,4 @@
-//! Unit tests of the verbs bodies, messages, flags and statuses (moved whole from `verbs.rs`).
+//! Unit tests of the verbs bodies, messages, flags and statuses.
 
 use super::*;
 use crate::msg::HEADER_LEN;
