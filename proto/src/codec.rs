@@ -9,7 +9,11 @@
 //!   with [`get`] and [`put`].
 //! - A number that names one of a closed set of things is an enum written by `wire_enum!`,
 //!   which derives `TryFrom<uN>` with [`DecodeError::Unknown`] for the values it does not know.
-//! - A word of independent bits is a `bitflags` type.
+//! - A word of independent bits is a `bitflags` type declared with `wire_flags!`, which also
+//!   gives each flag as a constant of the raw word.
+//!
+//! A completion ([`crate::verbs::work::Cqe`]) is the exception: it is `struct ibv_wc` in the
+//! host's byte order, copied by the shim straight into the program's array.
 
 use std::net::Ipv4Addr;
 use std::ops::Range;
