@@ -8,6 +8,7 @@
 //! 3. The connection stays open for the life of the attachment: when the shim's process exits,
 //!    the router sees the hang-up and frees everything the attachment held.
 
+use crate::codec::{self, expect_magic, wire_enum, DecodeError};
 use crate::doorbell::{futex_wait, futex_wake, EventFd};
 use crate::fdpass;
 use crate::msg::{MsgHeader, HEADER_LEN, REPLY};
@@ -34,25 +35,18 @@ pub const MAX_WELCOME_TEXT: usize = 1024;
 pub const REQUEST_RING: usize = 0;
 pub const REPLY_RING: usize = 1;
 
-/// What is attaching.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u16)]
-pub enum ShimKind {
-    Socket = 1,
-    Verbs = 2,
-    /// Benchmarks and tests.
-    Probe = 3,
+wire_enum! {
+    /// What is attaching.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ShimKind: u16, from u16; fn from_u16(u16) {
+        Socket = 1,
+        Verbs = 2,
+        /// Benchmarks and tests.
+        Probe = 3,
+    }
 }
 
 impl ShimKind {
-    pub fn from_u16(v: u16) -> Option<ShimKind> {
-        match v {
-            1 => Some(ShimKind::Socket),
-            2 => Some(ShimKind::Verbs),
-            3 => Some(ShimKind::Probe),
-            _ => None,
-        }
-    }
     pub fn name(self) -> &'static str {
         match self {
             ShimKind::Socket => "socket",
@@ -60,6 +54,14 @@ impl ShimKind {
             ShimKind::Probe => "probe",
         }
     }
+}
+
+/// Offsets of a [`Hello`] (the rest is zero).
+mod hello_field {
+    use std::ops::Range;
+    pub const MAGIC: Range<usize> = 0..4;
+    pub const VERSION: Range<usize> = 4..6;
+    pub const KIND: Range<usize> = 6..8;
 }
 
 /// First message of a shim.
@@ -91,24 +93,26 @@ impl Hello {
     }
 
     pub fn encode(&self) -> [u8; HELLO_LEN] {
+        use hello_field as field;
         let mut b = [0u8; HELLO_LEN];
-        b[0..4].copy_from_slice(&HELLO_MAGIC);
-        b[4..6].copy_from_slice(&self.version.to_le_bytes());
-        b[6..8].copy_from_slice(&self.kind.to_le_bytes());
+        codec::put(&mut b, field::MAGIC, HELLO_MAGIC);
+        codec::put(&mut b, field::VERSION, self.version);
+        codec::put(&mut b, field::KIND, self.kind);
         b
     }
 
     /// Decodes and checks a hello: exact length, magic, version, known kind.
     pub fn decode(b: &[u8]) -> Result<(Hello, ShimKind), HelloError> {
+        use hello_field as field;
         if b.len() != HELLO_LEN {
             return Err(HelloError::Length(b.len()));
         }
-        if b[0..4] != HELLO_MAGIC {
+        if b[field::MAGIC] != HELLO_MAGIC {
             return Err(HelloError::Magic);
         }
         let hello = Hello {
-            version: u16::from_le_bytes([b[4], b[5]]),
-            kind: u16::from_le_bytes([b[6], b[7]]),
+            version: codec::get(b, field::VERSION),
+            kind: codec::get(b, field::KIND),
         };
         if hello.version != PROTOCOL_VERSION {
             return Err(HelloError::Version {
@@ -120,29 +124,16 @@ impl Hello {
     }
 }
 
-/// Why the router refused an attach.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u16)]
-pub enum Refusal {
-    VersionMismatch = 1,
-    NotRegistered = 2,
-    Malformed = 3,
-    Busy = 4,
-    Internal = 5,
-    ShuttingDown = 6,
-}
-
-impl Refusal {
-    pub fn from_u16(v: u16) -> Option<Refusal> {
-        Some(match v {
-            1 => Refusal::VersionMismatch,
-            2 => Refusal::NotRegistered,
-            3 => Refusal::Malformed,
-            4 => Refusal::Busy,
-            5 => Refusal::Internal,
-            6 => Refusal::ShuttingDown,
-            _ => return None,
-        })
+wire_enum! {
+    /// Why the router refused an attach.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Refusal: u16, from u16; fn from_u16(u16) {
+        VersionMismatch = 1,
+        NotRegistered = 2,
+        Malformed = 3,
+        Busy = 4,
+        Internal = 5,
+        ShuttingDown = 6,
     }
 }
 
@@ -162,11 +153,25 @@ pub enum Welcome {
     },
 }
 
+/// Offsets of a [`Welcome`]'s header; its text follows.
+mod welcome_field {
+    use std::ops::Range;
+    pub const MAGIC: Range<usize> = 0..4;
+    pub const VERSION: Range<usize> = 4..6;
+    /// 0 when accepted, else the [`super::Refusal`].
+    pub const STATUS: Range<usize> = 6..8;
+    pub const SHARD: Range<usize> = 8..10;
+    pub const TEXT_LEN: Range<usize> = 10..12;
+    pub const ATTACHMENT_ID: Range<usize> = 12..16;
+    pub const IP: Range<usize> = 16..20;
+}
+
 impl Welcome {
     pub fn encode(&self) -> Vec<u8> {
+        use welcome_field as field;
         let mut b = vec![0u8; WELCOME_HEADER_LEN];
-        b[0..4].copy_from_slice(&WELCOME_MAGIC);
-        b[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        codec::put(&mut b, field::MAGIC, WELCOME_MAGIC);
+        codec::put(&mut b, field::VERSION, PROTOCOL_VERSION);
         let text = match self {
             Welcome::Accepted {
                 shard,
@@ -175,53 +180,60 @@ impl Welcome {
                 container,
                 tenant,
             } => {
-                b[8..10].copy_from_slice(&shard.to_le_bytes());
-                b[12..16].copy_from_slice(&attachment_id.to_le_bytes());
-                b[16..20].copy_from_slice(&ip.octets());
+                codec::put(&mut b, field::SHARD, *shard);
+                codec::put(&mut b, field::ATTACHMENT_ID, *attachment_id);
+                codec::put(&mut b, field::IP, *ip);
                 format!("{container}\n{tenant}")
             }
             Welcome::Refused { reason, message } => {
-                b[6..8].copy_from_slice(&(*reason as u16).to_le_bytes());
+                codec::put(&mut b, field::STATUS, *reason as u16);
                 message.clone()
             }
         };
         let mut text = text.into_bytes();
         text.truncate(MAX_WELCOME_TEXT);
-        b[10..12].copy_from_slice(&(text.len() as u16).to_le_bytes());
+        codec::put(&mut b, field::TEXT_LEN, text.len() as u16);
         b.extend_from_slice(&text);
         b
     }
 
-    pub fn decode(b: &[u8]) -> Result<Welcome, String> {
-        if b.len() < WELCOME_HEADER_LEN || b[0..4] != WELCOME_MAGIC {
-            return Err(format!("not a welcome ({} bytes)", b.len()));
+    pub fn decode(b: &[u8]) -> Result<Welcome, DecodeError> {
+        use welcome_field as field;
+        let invalid = |why| DecodeError::Invalid {
+            what: "Welcome",
+            why,
+        };
+        if b.len() < WELCOME_HEADER_LEN {
+            return Err(invalid("shorter than its header"));
         }
-        let u16_at = |at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
-        let version = u16_at(4);
-        let status = u16_at(6);
-        let text_len = u16_at(10) as usize;
+        expect_magic("Welcome", b, field::MAGIC, &WELCOME_MAGIC)?;
+        let version: u16 = codec::get(b, field::VERSION);
+        let status: u16 = codec::get(b, field::STATUS);
+        let text_len = usize::from(codec::get::<u16>(b, field::TEXT_LEN));
         if text_len > MAX_WELCOME_TEXT || b.len() != WELCOME_HEADER_LEN + text_len {
-            return Err("welcome text length mismatch".into());
+            return Err(invalid("text length mismatch"));
         }
         let text = String::from_utf8_lossy(&b[WELCOME_HEADER_LEN..]).into_owned();
         if status != 0 {
-            let reason = Refusal::from_u16(status)
-                .ok_or_else(|| format!("unknown refusal code {status}"))?;
             return Ok(Welcome::Refused {
-                reason,
+                reason: Refusal::try_from(status)?,
                 message: text,
             });
         }
         if version != PROTOCOL_VERSION {
-            return Err(format!(
-                "router speaks protocol {version}, this shim {PROTOCOL_VERSION}"
-            ));
+            return Err(DecodeError::Version {
+                what: "Welcome",
+                theirs: version,
+                ours: PROTOCOL_VERSION,
+            });
         }
-        let (container, tenant) = text.split_once('\n').ok_or("welcome without tenant")?;
+        let (container, tenant) = text
+            .split_once('\n')
+            .ok_or(invalid("welcome without tenant"))?;
         Ok(Welcome::Accepted {
-            shard: u16_at(8),
-            attachment_id: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")),
-            ip: Ipv4Addr::new(b[16], b[17], b[18], b[19]),
+            shard: codec::get(b, field::SHARD),
+            attachment_id: codec::get(b, field::ATTACHMENT_ID),
+            ip: codec::get(b, field::IP),
             container: container.to_string(),
             tenant: tenant.to_string(),
         })
@@ -309,7 +321,7 @@ fn handshake(
     if got.truncated {
         return Err(AttachError::Protocol("welcome truncated".into()));
     }
-    match Welcome::decode(&buf[..got.len]).map_err(AttachError::Protocol)? {
+    match Welcome::decode(&buf[..got.len]).map_err(|e| AttachError::Protocol(e.to_string()))? {
         Welcome::Refused { reason, message } => Err(AttachError::Refused { reason, message }),
         Welcome::Accepted {
             shard,

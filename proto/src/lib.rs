@@ -1,6 +1,8 @@
 //! Everything the Freeflow router and its shims share: the shared-memory ring, the region that
 //! holds an attachment's rings, doorbells, the attach handshake on `router.sock`, the messages in
-//! ring slots and the router's control protocol.
+//! ring slots and the router's control protocol. Every fixed layout on the wire follows one
+//! codec convention ([`codec`]): field offsets declared once, enums and flag words decoded with
+//! `TryFrom`, a typed [`codec::DecodeError`].
 //!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here and an `allow` on each module's
 //! declaration) to `ring_memory` and `region` (shared memory), `sync` (a fence in assembly),
@@ -8,6 +10,7 @@
 //! other OS calls go through `freeflow-os`.
 #![deny(unsafe_code)]
 
+pub mod codec;
 pub mod ring;
 #[allow(unsafe_code)]
 mod ring_memory;

@@ -3,33 +3,63 @@
 //! All fields are little-endian and decoded from a private copy of the slot, never read in
 //! place. `len` is checked against the slot size by whoever decodes it.
 
+use crate::codec;
+
 /// Bytes of the header at the start of every slot.
-pub const HEADER_LEN: usize = 16;
+pub const HEADER_LEN: usize = field::COOKIE.end;
 
 /// Set in the opcode of every reply.
 pub const REPLY: u16 = 0x8000;
 
-/// Request opcodes.
+/// Request opcodes: [`op::MsgOp`] for the ring's own, numbers as constants, and the range of
+/// the verbs shim's.
 pub mod op {
-    /// Echo the body back (latency measurements, liveness).
-    pub const PING: u16 = 1;
-    /// Consume without reply (one-way throughput measurements).
-    pub const NOP: u16 = 2;
-    /// Reply with the number of NOPs consumed since the previous FLUSH (body: u64).
-    pub const FLUSH: u16 = 3;
+    use crate::codec::wire_enum;
+
+    wire_enum! {
+        /// A request the router answers for any attachment.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum MsgOp: u16, from u16 {
+            /// Echo the body back (latency measurements, liveness).
+            Ping = 1 => PING,
+            /// Consume without reply (one-way throughput measurements).
+            Nop = 2 => NOP,
+            /// Reply with the number of NOPs consumed since the previous FLUSH (body: u64).
+            Flush = 3 => FLUSH,
+        }
+    }
+
     /// First opcode of the verbs shim's requests (RDMA mode, see [`crate::verbs::op`]).
     pub const VERBS_FIRST: u16 = 0x0100;
     /// End (exclusive) of the verbs opcodes.
     pub const VERBS_END: u16 = 0x0200;
 }
 
-/// Reply status codes.
+/// Reply status codes: [`status::MsgStatus`] and its numbers as constants (the verbs statuses,
+/// [`crate::verbs::VerbsStatus`], follow them).
 pub mod status {
-    pub const OK: u16 = 0;
-    /// The router does not know this opcode.
-    pub const UNKNOWN_OP: u16 = 1;
-    /// `len` does not fit the slot or the opcode's body.
-    pub const BAD_LENGTH: u16 = 2;
+    use crate::codec::wire_enum;
+
+    wire_enum! {
+        /// The status of a reply, for any opcode.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum MsgStatus: u16, from u16 {
+            Ok = 0 => OK,
+            /// The router does not know this opcode.
+            UnknownOp = 1 => UNKNOWN_OP,
+            /// `len` does not fit the slot or the opcode's body.
+            BadLength = 2 => BAD_LENGTH,
+        }
+    }
+}
+
+/// Offsets of a [`MsgHeader`].
+mod field {
+    use std::ops::Range;
+    pub const OPCODE: Range<usize> = 0..2;
+    pub const STATUS: Range<usize> = 2..4;
+    pub const LEN: Range<usize> = 4..8;
+    pub const COOKIE: Range<usize> = 8..16;
 }
 
 /// The fixed header of a slot message.
@@ -46,19 +76,19 @@ pub struct MsgHeader {
 impl MsgHeader {
     /// Writes the header into the first [`HEADER_LEN`] bytes of `buf`.
     pub fn encode(&self, buf: &mut [u8]) {
-        buf[0..2].copy_from_slice(&self.opcode.to_le_bytes());
-        buf[2..4].copy_from_slice(&self.status.to_le_bytes());
-        buf[4..8].copy_from_slice(&self.len.to_le_bytes());
-        buf[8..16].copy_from_slice(&self.cookie.to_le_bytes());
+        codec::put(buf, field::OPCODE, self.opcode);
+        codec::put(buf, field::STATUS, self.status);
+        codec::put(buf, field::LEN, self.len);
+        codec::put(buf, field::COOKIE, self.cookie);
     }
 
     /// Reads a header from the first [`HEADER_LEN`] bytes of `buf`.
     pub fn decode(buf: &[u8]) -> MsgHeader {
         MsgHeader {
-            opcode: u16::from_le_bytes([buf[0], buf[1]]),
-            status: u16::from_le_bytes([buf[2], buf[3]]),
-            len: u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes")),
-            cookie: u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes")),
+            opcode: codec::get(buf, field::OPCODE),
+            status: codec::get(buf, field::STATUS),
+            len: codec::get(buf, field::LEN),
+            cookie: codec::get(buf, field::COOKIE),
         }
     }
 

@@ -5,60 +5,66 @@
 //! Only connection setup goes through the router: once the application's fd is a host socket,
 //! its bytes never touch Freeflow.
 
+use crate::codec::{self, exact, expect_magic, wire_enum, DecodeError};
 use std::net::Ipv4Addr;
+use std::ops::Range;
 
 /// Bytes of every request and reply.
 pub const SOCKMSG_LEN: usize = 32;
 const REQUEST_MAGIC: [u8; 4] = *b"FFSQ";
 const REPLY_MAGIC: [u8; 4] = *b"FFSR";
 const NOTICE_MAGIC: [u8; 4] = *b"FFSN";
+/// Where every request, reply and notice has its magic.
+const MAGIC: Range<usize> = 0..4;
 
-/// What the shim asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SockOp {
-    /// Connect to an overlay address; reply carries a connecting host socket, or says fall back.
-    Connect = 1,
-    /// Listen on an overlay address; reply carries a listening host socket. The request may
-    /// carry the application's own socket, already listening on the overlay address in the
-    /// container: the router accepts clients that arrive there without Freeflow and hands each
-    /// to the application through the host listener (see `Resolve`).
-    Listen = 2,
-    /// The application closed its listener.
-    Unlisten = 3,
-    /// Which overlay address is behind this host address and port (an accepted peer)? If the
-    /// accepted connection stands for a client that reached the overlay listener without
-    /// Freeflow, the reply carries that client's real (overlay) connection to use instead.
-    Resolve = 4,
-    /// This (forked) process holds the listener on `port` too: keep it while any holder lives.
-    Own = 5,
-    /// After a router restart: this process still holds an accelerated listener on overlay
-    /// `port`. The request carries that host listener and a new overlay listener (in this order),
-    /// so that the new router takes up where the old one stopped.
-    Relisten = 6,
-}
-
-impl SockOp {
-    fn from_u16(v: u16) -> Option<SockOp> {
-        Some(match v {
-            1 => SockOp::Connect,
-            2 => SockOp::Listen,
-            3 => SockOp::Unlisten,
-            4 => SockOp::Resolve,
-            5 => SockOp::Own,
-            6 => SockOp::Relisten,
-            _ => return None,
-        })
+wire_enum! {
+    /// What the shim asks for.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum SockOp: u16, from u16 {
+        /// Connect to an overlay address; reply carries a connecting host socket, or says fall
+        /// back.
+        Connect = 1,
+        /// Listen on an overlay address; reply carries a listening host socket. The request may
+        /// carry the application's own socket, already listening on the overlay address in the
+        /// container: the router accepts clients that arrive there without Freeflow and hands each
+        /// to the application through the host listener (see `Resolve`).
+        Listen = 2,
+        /// The application closed its listener.
+        Unlisten = 3,
+        /// Which overlay address is behind this host address and port (an accepted peer)? If the
+        /// accepted connection stands for a client that reached the overlay listener without
+        /// Freeflow, the reply carries that client's real (overlay) connection to use instead.
+        Resolve = 4,
+        /// This (forked) process holds the listener on `port` too: keep it while any holder lives.
+        Own = 5,
+        /// After a router restart: this process still holds an accelerated listener on overlay
+        /// `port`. The request carries that host listener and a new overlay listener (in this
+        /// order), so that the new router takes up where the old one stopped.
+        Relisten = 6,
     }
 }
 
-/// Flag: the application's socket is AF_INET6 (the host socket must be too).
-pub const FLAG_INET6: u16 = 1;
-/// Flag (listen): the application's socket has SO_REUSEPORT; other processes of the same
-/// container listening on the port with SO_REUSEPORT share the listener.
-pub const FLAG_REUSEPORT: u16 = 2;
-/// Flag (unlisten): the process forked while holding the listener, so a child may hold it
-/// without having claimed it yet: keep it for the orphan grace instead of removing it.
-pub const FLAG_ORPHAN: u16 = 4;
+bitflags::bitflags! {
+    /// The flags of a [`SockRequest`].
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct SockFlags: u16 {
+        /// The application's socket is AF_INET6 (the host socket must be too).
+        const INET6 = 1;
+        /// Listen: the application's socket has SO_REUSEPORT; other processes of the same
+        /// container listening on the port with SO_REUSEPORT share the listener.
+        const REUSEPORT = 2;
+        /// Unlisten: the process forked while holding the listener, so a child may hold it
+        /// without having claimed it yet: keep it for the orphan grace instead of removing it.
+        const ORPHAN = 4;
+    }
+}
+
+/// [`SockFlags::INET6`].
+pub const FLAG_INET6: u16 = SockFlags::INET6.bits();
+/// [`SockFlags::REUSEPORT`].
+pub const FLAG_REUSEPORT: u16 = SockFlags::REUSEPORT.bits();
+/// [`SockFlags::ORPHAN`].
+pub const FLAG_ORPHAN: u16 = SockFlags::ORPHAN.bits();
 
 /// A request from the shim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,44 +80,57 @@ pub struct SockRequest {
     pub backlog: u32,
 }
 
+/// Offsets of a [`SockRequest`] after its magic (the rest is zero).
+mod request_field {
+    use std::ops::Range;
+    pub const OP: Range<usize> = 4..6;
+    pub const FLAGS: Range<usize> = 6..8;
+    pub const SEQ: Range<usize> = 8..12;
+    pub const IP: Range<usize> = 12..16;
+    pub const PORT: Range<usize> = 16..18;
+    pub const BACKLOG: Range<usize> = 20..24;
+}
+
 impl SockRequest {
     pub fn encode(&self) -> [u8; SOCKMSG_LEN] {
+        use request_field as field;
         let mut b = [0u8; SOCKMSG_LEN];
-        b[0..4].copy_from_slice(&REQUEST_MAGIC);
-        b[4..6].copy_from_slice(&(self.op as u16).to_le_bytes());
-        b[6..8].copy_from_slice(&self.flags.to_le_bytes());
-        b[8..12].copy_from_slice(&self.seq.to_le_bytes());
-        b[12..16].copy_from_slice(&self.ip.octets());
-        b[16..18].copy_from_slice(&self.port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.backlog.to_le_bytes());
+        codec::put(&mut b, MAGIC, REQUEST_MAGIC);
+        codec::put(&mut b, field::OP, self.op as u16);
+        codec::put(&mut b, field::FLAGS, self.flags);
+        codec::put(&mut b, field::SEQ, self.seq);
+        codec::put(&mut b, field::IP, self.ip);
+        codec::put(&mut b, field::PORT, self.port);
+        codec::put(&mut b, field::BACKLOG, self.backlog);
         b
     }
 
-    pub fn decode(b: &[u8]) -> Result<SockRequest, String> {
-        if b.len() != SOCKMSG_LEN || b[0..4] != REQUEST_MAGIC {
-            return Err(format!("not a socket request ({} bytes)", b.len()));
-        }
-        let op = u16::from_le_bytes([b[4], b[5]]);
+    pub fn decode(b: &[u8]) -> Result<SockRequest, DecodeError> {
+        use request_field as field;
+        exact("SockRequest", b, SOCKMSG_LEN)?;
+        expect_magic("SockRequest", b, MAGIC, &REQUEST_MAGIC)?;
         Ok(SockRequest {
-            op: SockOp::from_u16(op).ok_or_else(|| format!("unknown socket op {op}"))?,
-            flags: u16::from_le_bytes([b[6], b[7]]),
-            seq: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
-            ip: Ipv4Addr::new(b[12], b[13], b[14], b[15]),
-            port: u16::from_le_bytes([b[16], b[17]]),
-            backlog: u32::from_le_bytes(b[20..24].try_into().expect("4 bytes")),
+            op: SockOp::try_from(codec::get::<u16>(b, field::OP))?,
+            flags: codec::get(b, field::FLAGS),
+            seq: codec::get(b, field::SEQ),
+            ip: codec::get(b, field::IP),
+            port: codec::get(b, field::PORT),
+            backlog: codec::get(b, field::BACKLOG),
         })
     }
 }
 
-/// How the router answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SockStatus {
-    /// Done; a host socket comes with the reply for connect and listen.
-    Ok = 0,
-    /// Not accelerated: use the normal (overlay) path, as without Freeflow.
-    Fallback = 1,
-    /// Failed with `errno`.
-    Error = 2,
+wire_enum! {
+    /// How the router answered.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum SockStatus: u16, from u16 {
+        /// Done; a host socket comes with the reply for connect and listen.
+        Ok = 0,
+        /// Not accelerated: use the normal (overlay) path, as without Freeflow.
+        Fallback = 1,
+        /// Failed with `errno`.
+        Error = 2,
+    }
 }
 
 /// A reply from the router.
@@ -126,34 +145,39 @@ pub struct SockReply {
     pub port: u16,
 }
 
+/// Offsets of a [`SockReply`] after its magic (the rest is zero).
+mod reply_field {
+    use std::ops::Range;
+    pub const STATUS: Range<usize> = 4..6;
+    pub const SEQ: Range<usize> = 8..12;
+    pub const ERRNO: Range<usize> = 12..16;
+    pub const IP: Range<usize> = 16..20;
+    pub const PORT: Range<usize> = 20..22;
+}
+
 impl SockReply {
     pub fn encode(&self) -> [u8; SOCKMSG_LEN] {
+        use reply_field as field;
         let mut b = [0u8; SOCKMSG_LEN];
-        b[0..4].copy_from_slice(&REPLY_MAGIC);
-        b[4..6].copy_from_slice(&(self.status as u16).to_le_bytes());
-        b[8..12].copy_from_slice(&self.seq.to_le_bytes());
-        b[12..16].copy_from_slice(&self.errno.to_le_bytes());
-        b[16..20].copy_from_slice(&self.ip.octets());
-        b[20..22].copy_from_slice(&self.port.to_le_bytes());
+        codec::put(&mut b, MAGIC, REPLY_MAGIC);
+        codec::put(&mut b, field::STATUS, self.status as u16);
+        codec::put(&mut b, field::SEQ, self.seq);
+        codec::put(&mut b, field::ERRNO, self.errno);
+        codec::put(&mut b, field::IP, self.ip);
+        codec::put(&mut b, field::PORT, self.port);
         b
     }
 
-    pub fn decode(b: &[u8]) -> Result<SockReply, String> {
-        if b.len() != SOCKMSG_LEN || b[0..4] != REPLY_MAGIC {
-            return Err(format!("not a socket reply ({} bytes)", b.len()));
-        }
-        let status = match u16::from_le_bytes([b[4], b[5]]) {
-            0 => SockStatus::Ok,
-            1 => SockStatus::Fallback,
-            2 => SockStatus::Error,
-            other => return Err(format!("unknown reply status {other}")),
-        };
+    pub fn decode(b: &[u8]) -> Result<SockReply, DecodeError> {
+        use reply_field as field;
+        exact("SockReply", b, SOCKMSG_LEN)?;
+        expect_magic("SockReply", b, MAGIC, &REPLY_MAGIC)?;
         Ok(SockReply {
-            status,
-            seq: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
-            errno: i32::from_le_bytes(b[12..16].try_into().expect("4 bytes")),
-            ip: Ipv4Addr::new(b[16], b[17], b[18], b[19]),
-            port: u16::from_le_bytes([b[20], b[21]]),
+            status: SockStatus::try_from(codec::get::<u16>(b, field::STATUS))?,
+            seq: codec::get(b, field::SEQ),
+            errno: codec::get(b, field::ERRNO),
+            ip: codec::get(b, field::IP),
+            port: codec::get(b, field::PORT),
         })
     }
 
@@ -230,28 +254,39 @@ impl SockNotice {
     }
 
     pub fn encode(&self) -> [u8; SOCKMSG_LEN] {
+        use notice_field as field;
         let mut b = [0u8; SOCKMSG_LEN];
-        b[0..4].copy_from_slice(&NOTICE_MAGIC);
-        b[4..8].copy_from_slice(&self.host_ip.octets());
-        b[8..10].copy_from_slice(&self.host_port.to_le_bytes());
-        b[12..16].copy_from_slice(&self.ip.octets());
-        b[16..18].copy_from_slice(&self.port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.sent_ms.to_le_bytes());
+        codec::put(&mut b, MAGIC, NOTICE_MAGIC);
+        codec::put(&mut b, field::HOST_IP, self.host_ip);
+        codec::put(&mut b, field::HOST_PORT, self.host_port);
+        codec::put(&mut b, field::IP, self.ip);
+        codec::put(&mut b, field::PORT, self.port);
+        codec::put(&mut b, field::SENT_MS, self.sent_ms);
         b
     }
 
-    pub fn decode(b: &[u8]) -> Result<SockNotice, String> {
-        if b.len() != SOCKMSG_LEN || b[0..4] != NOTICE_MAGIC {
-            return Err(format!("not a socket notice ({} bytes)", b.len()));
-        }
+    pub fn decode(b: &[u8]) -> Result<SockNotice, DecodeError> {
+        use notice_field as field;
+        exact("SockNotice", b, SOCKMSG_LEN)?;
+        expect_magic("SockNotice", b, MAGIC, &NOTICE_MAGIC)?;
         Ok(SockNotice {
-            host_ip: Ipv4Addr::new(b[4], b[5], b[6], b[7]),
-            host_port: u16::from_le_bytes([b[8], b[9]]),
-            ip: Ipv4Addr::new(b[12], b[13], b[14], b[15]),
-            port: u16::from_le_bytes([b[16], b[17]]),
-            sent_ms: u32::from_le_bytes([b[20], b[21], b[22], b[23]]),
+            host_ip: codec::get(b, field::HOST_IP),
+            host_port: codec::get(b, field::HOST_PORT),
+            ip: codec::get(b, field::IP),
+            port: codec::get(b, field::PORT),
+            sent_ms: codec::get(b, field::SENT_MS),
         })
     }
+}
+
+/// Offsets of a [`SockNotice`] after its magic (the rest is zero).
+mod notice_field {
+    use std::ops::Range;
+    pub const HOST_IP: Range<usize> = 4..8;
+    pub const HOST_PORT: Range<usize> = 8..10;
+    pub const IP: Range<usize> = 12..16;
+    pub const PORT: Range<usize> = 16..18;
+    pub const SENT_MS: Range<usize> = 20..24;
 }
 
 /// A [`SockNotice`], read.
@@ -274,8 +309,8 @@ pub enum FromRouter {
 }
 
 impl FromRouter {
-    pub fn decode(b: &[u8]) -> Result<FromRouter, String> {
-        if b.len() >= 4 && b[0..4] == NOTICE_MAGIC {
+    pub fn decode(b: &[u8]) -> Result<FromRouter, DecodeError> {
+        if b.get(MAGIC) == Some(&NOTICE_MAGIC[..]) {
             SockNotice::decode(b).map(FromRouter::Notice)
         } else {
             SockReply::decode(b).map(FromRouter::Reply)

@@ -8,29 +8,23 @@
 //! Only reliable-connected QPs exist here. The router decides; the shim keeps a copy of the
 //! state it was told, for the checks `ibv_post_send`/`ibv_post_recv` make without a round trip.
 
-use super::{u32_at, Body};
+use crate::codec::{self, sequential_body, wire_enum, Body};
 
-/// `enum ibv_qp_state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[repr(u8)]
-pub enum QpState {
-    Reset = 0,
-    Init = 1,
-    Rtr = 2,
-    Rts = 3,
-    Sqd = 4,
-    Sqe = 5,
-    Err = 6,
+wire_enum! {
+    /// `enum ibv_qp_state`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub enum QpState: u8, from u8, u32; fn from_u32(u32) {
+        Reset = 0,
+        Init = 1,
+        Rtr = 2,
+        Rts = 3,
+        Sqd = 4,
+        Sqe = 5,
+        Err = 6,
+    }
 }
 
 impl QpState {
-    pub fn from_u32(v: u32) -> Option<QpState> {
-        use QpState::*;
-        [Reset, Init, Rtr, Rts, Sqd, Sqe, Err]
-            .into_iter()
-            .find(|s| *s as u32 == v)
-    }
-
     /// States in which `ibv_post_recv` is accepted (an ERR QP flushes what is posted).
     pub fn accepts_receives(self) -> bool {
         self != QpState::Reset
@@ -48,31 +42,40 @@ impl QpState {
 /// `enum ibv_qp_type`: the one type supported.
 pub const QPT_RC: u32 = 2;
 
-/// `enum ibv_qp_attr_mask`.
+/// `enum ibv_qp_attr_mask`, as [`AttrMask`] and as `u32` constants.
 pub mod mask {
-    pub const STATE: u32 = 1;
-    pub const CUR_STATE: u32 = 1 << 1;
-    pub const EN_SQD_ASYNC_NOTIFY: u32 = 1 << 2;
-    pub const ACCESS_FLAGS: u32 = 1 << 3;
-    pub const PKEY_INDEX: u32 = 1 << 4;
-    pub const PORT: u32 = 1 << 5;
-    pub const QKEY: u32 = 1 << 6;
-    pub const AV: u32 = 1 << 7;
-    pub const PATH_MTU: u32 = 1 << 8;
-    pub const TIMEOUT: u32 = 1 << 9;
-    pub const RETRY_CNT: u32 = 1 << 10;
-    pub const RNR_RETRY: u32 = 1 << 11;
-    pub const RQ_PSN: u32 = 1 << 12;
-    pub const MAX_QP_RD_ATOMIC: u32 = 1 << 13;
-    pub const ALT_PATH: u32 = 1 << 14;
-    pub const MIN_RNR_TIMER: u32 = 1 << 15;
-    pub const SQ_PSN: u32 = 1 << 16;
-    pub const MAX_DEST_RD_ATOMIC: u32 = 1 << 17;
-    pub const PATH_MIG_STATE: u32 = 1 << 18;
-    pub const CAP: u32 = 1 << 19;
-    pub const DEST_QPN: u32 = 1 << 20;
-    pub const RATE_LIMIT: u32 = 1 << 25;
+    use crate::codec::wire_flags;
+
+    wire_flags! {
+        /// `enum ibv_qp_attr_mask`.
+        pub struct AttrMask: u32 {
+            const STATE = 1;
+            const CUR_STATE = 1 << 1;
+            const EN_SQD_ASYNC_NOTIFY = 1 << 2;
+            const ACCESS_FLAGS = 1 << 3;
+            const PKEY_INDEX = 1 << 4;
+            const PORT = 1 << 5;
+            const QKEY = 1 << 6;
+            const AV = 1 << 7;
+            const PATH_MTU = 1 << 8;
+            const TIMEOUT = 1 << 9;
+            const RETRY_CNT = 1 << 10;
+            const RNR_RETRY = 1 << 11;
+            const RQ_PSN = 1 << 12;
+            const MAX_QP_RD_ATOMIC = 1 << 13;
+            const ALT_PATH = 1 << 14;
+            const MIN_RNR_TIMER = 1 << 15;
+            const SQ_PSN = 1 << 16;
+            const MAX_DEST_RD_ATOMIC = 1 << 17;
+            const PATH_MIG_STATE = 1 << 18;
+            const CAP = 1 << 19;
+            const DEST_QPN = 1 << 20;
+            const RATE_LIMIT = 1 << 25;
+        }
+    }
 }
+
+pub use mask::AttrMask;
 
 /// `enum ibv_mtu`: 1 (256 bytes) to 5 (4096 bytes).
 pub const MTU_MIN: u8 = 1;
@@ -206,34 +209,13 @@ pub struct QpCap {
     pub max_inline_data: u32,
 }
 
-impl QpCap {
-    pub const LEN: usize = 20;
-
-    fn write(&self, out: &mut [u8]) {
-        for (i, v) in [
-            self.max_send_wr,
-            self.max_recv_wr,
-            self.max_send_sge,
-            self.max_recv_sge,
-            self.max_inline_data,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            out[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
-        }
-    }
-
-    fn read(b: &[u8]) -> QpCap {
-        QpCap {
-            max_send_wr: u32_at(b, 0),
-            max_recv_wr: u32_at(b, 4),
-            max_send_sge: u32_at(b, 8),
-            max_recv_sge: u32_at(b, 12),
-            max_inline_data: u32_at(b, 16),
-        }
-    }
-}
+sequential_body!(QpCap {
+    max_send_wr: u32,
+    max_recv_wr: u32,
+    max_send_sge: u32,
+    max_recv_sge: u32,
+    max_inline_data: u32,
+});
 
 /// The attributes of `struct ibv_qp_attr` this device knows (its `ah_attr` flattened; the
 /// alternate path is not kept: ALT_PATH is refused).
@@ -275,80 +257,115 @@ pub struct QpAttr {
     pub cap: QpCap,
 }
 
+/// Offsets of a [`QpAttr`] on the wire (bytes 65..68 and 92..96 are zero).
+mod field {
+    use std::ops::Range;
+    pub const QP_STATE: Range<usize> = 0..1;
+    pub const CUR_QP_STATE: Range<usize> = 1..2;
+    pub const PATH_MTU: Range<usize> = 2..3;
+    pub const PATH_MIG_STATE: Range<usize> = 3..4;
+    pub const QKEY: Range<usize> = 4..8;
+    pub const RQ_PSN: Range<usize> = 8..12;
+    pub const SQ_PSN: Range<usize> = 12..16;
+    pub const DEST_QP_NUM: Range<usize> = 16..20;
+    pub const QP_ACCESS_FLAGS: Range<usize> = 20..24;
+    pub const PKEY_INDEX: Range<usize> = 24..26;
+    pub const EN_SQD_ASYNC_NOTIFY: Range<usize> = 26..27;
+    pub const SQ_DRAINING: Range<usize> = 27..28;
+    pub const MAX_RD_ATOMIC: Range<usize> = 28..29;
+    pub const MAX_DEST_RD_ATOMIC: Range<usize> = 29..30;
+    pub const MIN_RNR_TIMER: Range<usize> = 30..31;
+    pub const PORT_NUM: Range<usize> = 31..32;
+    pub const TIMEOUT: Range<usize> = 32..33;
+    pub const RETRY_CNT: Range<usize> = 33..34;
+    pub const RNR_RETRY: Range<usize> = 34..35;
+    pub const SGID_INDEX: Range<usize> = 35..36;
+    pub const DGID: Range<usize> = 36..52;
+    pub const FLOW_LABEL: Range<usize> = 52..56;
+    pub const HOP_LIMIT: Range<usize> = 56..57;
+    pub const TRAFFIC_CLASS: Range<usize> = 57..58;
+    pub const IS_GLOBAL: Range<usize> = 58..59;
+    pub const SL: Range<usize> = 59..60;
+    pub const DLID: Range<usize> = 60..62;
+    pub const SRC_PATH_BITS: Range<usize> = 62..63;
+    pub const STATIC_RATE: Range<usize> = 63..64;
+    pub const AH_PORT_NUM: Range<usize> = 64..65;
+    pub const RATE_LIMIT: Range<usize> = 68..72;
+    pub const CAP: Range<usize> = 72..92;
+}
+
 impl Body for QpAttr {
     const LEN: usize = 96;
     const NAME: &'static str = "QpAttr";
     fn write(&self, o: &mut [u8]) {
         o.fill(0);
-        o[0] = self.qp_state;
-        o[1] = self.cur_qp_state;
-        o[2] = self.path_mtu;
-        o[3] = self.path_mig_state;
-        o[4..8].copy_from_slice(&self.qkey.to_le_bytes());
-        o[8..12].copy_from_slice(&self.rq_psn.to_le_bytes());
-        o[12..16].copy_from_slice(&self.sq_psn.to_le_bytes());
-        o[16..20].copy_from_slice(&self.dest_qp_num.to_le_bytes());
-        o[20..24].copy_from_slice(&self.qp_access_flags.to_le_bytes());
-        o[24..26].copy_from_slice(&self.pkey_index.to_le_bytes());
-        o[26] = self.en_sqd_async_notify;
-        o[27] = self.sq_draining;
-        o[28] = self.max_rd_atomic;
-        o[29] = self.max_dest_rd_atomic;
-        o[30] = self.min_rnr_timer;
-        o[31] = self.port_num;
-        o[32] = self.timeout;
-        o[33] = self.retry_cnt;
-        o[34] = self.rnr_retry;
-        o[35] = self.sgid_index;
-        o[36..52].copy_from_slice(&self.dgid);
-        o[52..56].copy_from_slice(&self.flow_label.to_le_bytes());
-        o[56] = self.hop_limit;
-        o[57] = self.traffic_class;
-        o[58] = self.is_global;
-        o[59] = self.sl;
-        o[60..62].copy_from_slice(&self.dlid.to_le_bytes());
-        o[62] = self.src_path_bits;
-        o[63] = self.static_rate;
-        o[64] = self.ah_port_num;
-        o[68..72].copy_from_slice(&self.rate_limit.to_le_bytes());
-        self.cap.write(&mut o[72..92]);
+        codec::put(o, field::QP_STATE, self.qp_state);
+        codec::put(o, field::CUR_QP_STATE, self.cur_qp_state);
+        codec::put(o, field::PATH_MTU, self.path_mtu);
+        codec::put(o, field::PATH_MIG_STATE, self.path_mig_state);
+        codec::put(o, field::QKEY, self.qkey);
+        codec::put(o, field::RQ_PSN, self.rq_psn);
+        codec::put(o, field::SQ_PSN, self.sq_psn);
+        codec::put(o, field::DEST_QP_NUM, self.dest_qp_num);
+        codec::put(o, field::QP_ACCESS_FLAGS, self.qp_access_flags);
+        codec::put(o, field::PKEY_INDEX, self.pkey_index);
+        codec::put(o, field::EN_SQD_ASYNC_NOTIFY, self.en_sqd_async_notify);
+        codec::put(o, field::SQ_DRAINING, self.sq_draining);
+        codec::put(o, field::MAX_RD_ATOMIC, self.max_rd_atomic);
+        codec::put(o, field::MAX_DEST_RD_ATOMIC, self.max_dest_rd_atomic);
+        codec::put(o, field::MIN_RNR_TIMER, self.min_rnr_timer);
+        codec::put(o, field::PORT_NUM, self.port_num);
+        codec::put(o, field::TIMEOUT, self.timeout);
+        codec::put(o, field::RETRY_CNT, self.retry_cnt);
+        codec::put(o, field::RNR_RETRY, self.rnr_retry);
+        codec::put(o, field::SGID_INDEX, self.sgid_index);
+        codec::put(o, field::DGID, self.dgid);
+        codec::put(o, field::FLOW_LABEL, self.flow_label);
+        codec::put(o, field::HOP_LIMIT, self.hop_limit);
+        codec::put(o, field::TRAFFIC_CLASS, self.traffic_class);
+        codec::put(o, field::IS_GLOBAL, self.is_global);
+        codec::put(o, field::SL, self.sl);
+        codec::put(o, field::DLID, self.dlid);
+        codec::put(o, field::SRC_PATH_BITS, self.src_path_bits);
+        codec::put(o, field::STATIC_RATE, self.static_rate);
+        codec::put(o, field::AH_PORT_NUM, self.ah_port_num);
+        codec::put(o, field::RATE_LIMIT, self.rate_limit);
+        codec::put(o, field::CAP, self.cap);
     }
     fn read(b: &[u8]) -> Self {
-        let mut dgid = [0u8; 16];
-        dgid.copy_from_slice(&b[36..52]);
         QpAttr {
-            qp_state: b[0],
-            cur_qp_state: b[1],
-            path_mtu: b[2],
-            path_mig_state: b[3],
-            qkey: u32_at(b, 4),
-            rq_psn: u32_at(b, 8),
-            sq_psn: u32_at(b, 12),
-            dest_qp_num: u32_at(b, 16),
-            qp_access_flags: u32_at(b, 20),
-            pkey_index: u16::from_le_bytes([b[24], b[25]]),
-            en_sqd_async_notify: b[26],
-            sq_draining: b[27],
-            max_rd_atomic: b[28],
-            max_dest_rd_atomic: b[29],
-            min_rnr_timer: b[30],
-            port_num: b[31],
-            timeout: b[32],
-            retry_cnt: b[33],
-            rnr_retry: b[34],
-            sgid_index: b[35],
-            dgid,
-            flow_label: u32_at(b, 52),
-            hop_limit: b[56],
-            traffic_class: b[57],
-            is_global: b[58],
-            sl: b[59],
-            dlid: u16::from_le_bytes([b[60], b[61]]),
-            src_path_bits: b[62],
-            static_rate: b[63],
-            ah_port_num: b[64],
-            rate_limit: u32_at(b, 68),
-            cap: QpCap::read(&b[72..92]),
+            qp_state: codec::get(b, field::QP_STATE),
+            cur_qp_state: codec::get(b, field::CUR_QP_STATE),
+            path_mtu: codec::get(b, field::PATH_MTU),
+            path_mig_state: codec::get(b, field::PATH_MIG_STATE),
+            qkey: codec::get(b, field::QKEY),
+            rq_psn: codec::get(b, field::RQ_PSN),
+            sq_psn: codec::get(b, field::SQ_PSN),
+            dest_qp_num: codec::get(b, field::DEST_QP_NUM),
+            qp_access_flags: codec::get(b, field::QP_ACCESS_FLAGS),
+            pkey_index: codec::get(b, field::PKEY_INDEX),
+            en_sqd_async_notify: codec::get(b, field::EN_SQD_ASYNC_NOTIFY),
+            sq_draining: codec::get(b, field::SQ_DRAINING),
+            max_rd_atomic: codec::get(b, field::MAX_RD_ATOMIC),
+            max_dest_rd_atomic: codec::get(b, field::MAX_DEST_RD_ATOMIC),
+            min_rnr_timer: codec::get(b, field::MIN_RNR_TIMER),
+            port_num: codec::get(b, field::PORT_NUM),
+            timeout: codec::get(b, field::TIMEOUT),
+            retry_cnt: codec::get(b, field::RETRY_CNT),
+            rnr_retry: codec::get(b, field::RNR_RETRY),
+            sgid_index: codec::get(b, field::SGID_INDEX),
+            dgid: codec::get(b, field::DGID),
+            flow_label: codec::get(b, field::FLOW_LABEL),
+            hop_limit: codec::get(b, field::HOP_LIMIT),
+            traffic_class: codec::get(b, field::TRAFFIC_CLASS),
+            is_global: codec::get(b, field::IS_GLOBAL),
+            sl: codec::get(b, field::SL),
+            dlid: codec::get(b, field::DLID),
+            src_path_bits: codec::get(b, field::SRC_PATH_BITS),
+            static_rate: codec::get(b, field::STATIC_RATE),
+            ah_port_num: codec::get(b, field::AH_PORT_NUM),
+            rate_limit: codec::get(b, field::RATE_LIMIT),
+            cap: codec::get(b, field::CAP),
         }
     }
 }
@@ -367,37 +384,15 @@ pub struct CreateQp {
     pub cap: QpCap,
 }
 
-impl Body for CreateQp {
-    const LEN: usize = 44;
-    const NAME: &'static str = "CreateQp";
-    fn write(&self, o: &mut [u8]) {
-        for (i, v) in [
-            self.pd,
-            self.send_cq,
-            self.recv_cq,
-            self.srq,
-            self.qp_type,
-            self.sq_sig_all,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            o[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
-        }
-        self.cap.write(&mut o[24..44]);
-    }
-    fn read(b: &[u8]) -> Self {
-        CreateQp {
-            pd: u32_at(b, 0),
-            send_cq: u32_at(b, 4),
-            recv_cq: u32_at(b, 8),
-            srq: u32_at(b, 12),
-            qp_type: u32_at(b, 16),
-            sq_sig_all: u32_at(b, 20),
-            cap: QpCap::read(&b[24..44]),
-        }
-    }
-}
+sequential_body!(CreateQp {
+    pd: u32,
+    send_cq: u32,
+    recv_cq: u32,
+    srq: u32,
+    qp_type: u32,
+    sq_sig_all: u32,
+    cap: QpCap,
+});
 
 /// Reply to [`super::op::CREATE_QP`]: the handle, the virtual QP number and the capacities the
 /// QP really has (at least those asked for). The QP's rings come on the attach connection.
@@ -408,22 +403,11 @@ pub struct QpCreated {
     pub cap: QpCap,
 }
 
-impl Body for QpCreated {
-    const LEN: usize = 28;
-    const NAME: &'static str = "QpCreated";
-    fn write(&self, o: &mut [u8]) {
-        o[0..4].copy_from_slice(&self.qp.to_le_bytes());
-        o[4..8].copy_from_slice(&self.qpn.to_le_bytes());
-        self.cap.write(&mut o[8..28]);
-    }
-    fn read(b: &[u8]) -> Self {
-        QpCreated {
-            qp: u32_at(b, 0),
-            qpn: u32_at(b, 4),
-            cap: QpCap::read(&b[8..28]),
-        }
-    }
-}
+sequential_body!(QpCreated {
+    qp: u32,
+    qpn: u32,
+    cap: QpCap,
+});
 
 /// Body of [`super::op::MODIFY_QP`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -433,22 +417,11 @@ pub struct ModifyQp {
     pub attr: QpAttr,
 }
 
-impl Body for ModifyQp {
-    const LEN: usize = 8 + QpAttr::LEN;
-    const NAME: &'static str = "ModifyQp";
-    fn write(&self, o: &mut [u8]) {
-        o[0..4].copy_from_slice(&self.qp.to_le_bytes());
-        o[4..8].copy_from_slice(&self.attr_mask.to_le_bytes());
-        self.attr.write(&mut o[8..8 + QpAttr::LEN]);
-    }
-    fn read(b: &[u8]) -> Self {
-        ModifyQp {
-            qp: u32_at(b, 0),
-            attr_mask: u32_at(b, 4),
-            attr: QpAttr::read(&b[8..8 + QpAttr::LEN]),
-        }
-    }
-}
+sequential_body!(ModifyQp {
+    qp: u32,
+    attr_mask: u32,
+    attr: QpAttr,
+});
 
 /// Reply to [`super::op::QUERY_QP`]: every attribute (with `cap`), and `sq_sig_all`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -457,20 +430,10 @@ pub struct QpQueried {
     pub sq_sig_all: u32,
 }
 
-impl Body for QpQueried {
-    const LEN: usize = QpAttr::LEN + 4;
-    const NAME: &'static str = "QpQueried";
-    fn write(&self, o: &mut [u8]) {
-        self.attr.write(&mut o[..QpAttr::LEN]);
-        o[QpAttr::LEN..QpAttr::LEN + 4].copy_from_slice(&self.sq_sig_all.to_le_bytes());
-    }
-    fn read(b: &[u8]) -> Self {
-        QpQueried {
-            attr: QpAttr::read(&b[..QpAttr::LEN]),
-            sq_sig_all: u32_at(b, QpAttr::LEN),
-        }
-    }
-}
+sequential_body!(QpQueried {
+    attr: QpAttr,
+    sq_sig_all: u32,
+});
 
 #[cfg(test)]
 mod tests {

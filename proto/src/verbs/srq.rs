@@ -6,17 +6,27 @@
 //! queue. The router checks every WQE it pops against the SRQ's capacities, and the keys of
 //! its scatter/gather entries against the SRQ's protection domain, when a message consumes it.
 
-use super::{u32_at, Body};
+use crate::codec::sequential_body;
 
-/// `enum ibv_srq_attr_mask`.
+/// `enum ibv_srq_attr_mask`, as [`SrqAttrMask`] and as `u32` constants.
 pub mod mask {
-    /// Resize the SRQ (a device without IBV_DEVICE_SRQ_RESIZE refuses it).
-    pub const MAX_WR: u32 = 1;
-    /// Arm the SRQ limit event (IBV_EVENT_SRQ_LIMIT_REACHED).
-    pub const LIMIT: u32 = 1 << 1;
+    use crate::codec::wire_flags;
+
+    wire_flags! {
+        /// `enum ibv_srq_attr_mask`.
+        pub struct SrqAttrMask: u32 {
+            /// Resize the SRQ (a device without IBV_DEVICE_SRQ_RESIZE refuses it).
+            const MAX_WR = 1;
+            /// Arm the SRQ limit event (IBV_EVENT_SRQ_LIMIT_REACHED).
+            const LIMIT = 1 << 1;
+        }
+    }
+
     /// Every bit of the mask.
-    pub const KNOWN: u32 = MAX_WR | LIMIT;
+    pub const KNOWN: u32 = SrqAttrMask::all().bits();
 }
+
+pub use mask::SrqAttrMask;
 
 /// Body of [`super::op::CREATE_SRQ`]: at least `max_wr` receives of up to `max_sge` entries,
 /// in protection domain `pd`. `srq_limit` is carried for completeness; creation ignores it,
@@ -29,24 +39,12 @@ pub struct CreateSrq {
     pub srq_limit: u32,
 }
 
-impl Body for CreateSrq {
-    const LEN: usize = 16;
-    const NAME: &'static str = "CreateSrq";
-    fn write(&self, o: &mut [u8]) {
-        o[0..4].copy_from_slice(&self.pd.to_le_bytes());
-        o[4..8].copy_from_slice(&self.max_wr.to_le_bytes());
-        o[8..12].copy_from_slice(&self.max_sge.to_le_bytes());
-        o[12..16].copy_from_slice(&self.srq_limit.to_le_bytes());
-    }
-    fn read(b: &[u8]) -> Self {
-        CreateSrq {
-            pd: u32_at(b, 0),
-            max_wr: u32_at(b, 4),
-            max_sge: u32_at(b, 8),
-            srq_limit: u32_at(b, 12),
-        }
-    }
-}
+sequential_body!(CreateSrq {
+    pd: u32,
+    max_wr: u32,
+    max_sge: u32,
+    srq_limit: u32,
+});
 
 /// The attributes of an SRQ (`struct ibv_srq_attr`): the reply to [`super::op::QUERY_SRQ`],
 /// and with the handle, the reply to [`super::op::CREATE_SRQ`] ([`SrqCreated`]).
@@ -57,22 +55,11 @@ pub struct SrqAttr {
     pub srq_limit: u32,
 }
 
-impl Body for SrqAttr {
-    const LEN: usize = 12;
-    const NAME: &'static str = "SrqAttr";
-    fn write(&self, o: &mut [u8]) {
-        o[0..4].copy_from_slice(&self.max_wr.to_le_bytes());
-        o[4..8].copy_from_slice(&self.max_sge.to_le_bytes());
-        o[8..12].copy_from_slice(&self.srq_limit.to_le_bytes());
-    }
-    fn read(b: &[u8]) -> Self {
-        SrqAttr {
-            max_wr: u32_at(b, 0),
-            max_sge: u32_at(b, 4),
-            srq_limit: u32_at(b, 8),
-        }
-    }
-}
+sequential_body!(SrqAttr {
+    max_wr: u32,
+    max_sge: u32,
+    srq_limit: u32,
+});
 
 /// Reply to [`super::op::CREATE_SRQ`]: the handle and the capacities the SRQ really has (at
 /// least those asked for). The SRQ's ring comes on the attach connection before the reply.
@@ -82,20 +69,10 @@ pub struct SrqCreated {
     pub attr: SrqAttr,
 }
 
-impl Body for SrqCreated {
-    const LEN: usize = 4 + SrqAttr::LEN;
-    const NAME: &'static str = "SrqCreated";
-    fn write(&self, o: &mut [u8]) {
-        o[0..4].copy_from_slice(&self.srq.to_le_bytes());
-        self.attr.write(&mut o[4..4 + SrqAttr::LEN]);
-    }
-    fn read(b: &[u8]) -> Self {
-        SrqCreated {
-            srq: u32_at(b, 0),
-            attr: SrqAttr::read(&b[4..4 + SrqAttr::LEN]),
-        }
-    }
-}
+sequential_body!(SrqCreated {
+    srq: u32,
+    attr: SrqAttr,
+});
 
 /// Body of [`super::op::MODIFY_SRQ`]: the attributes `attr_mask` ([`mask`]) names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -106,28 +83,17 @@ pub struct ModifySrq {
     pub srq_limit: u32,
 }
 
-impl Body for ModifySrq {
-    const LEN: usize = 16;
-    const NAME: &'static str = "ModifySrq";
-    fn write(&self, o: &mut [u8]) {
-        o[0..4].copy_from_slice(&self.srq.to_le_bytes());
-        o[4..8].copy_from_slice(&self.attr_mask.to_le_bytes());
-        o[8..12].copy_from_slice(&self.max_wr.to_le_bytes());
-        o[12..16].copy_from_slice(&self.srq_limit.to_le_bytes());
-    }
-    fn read(b: &[u8]) -> Self {
-        ModifySrq {
-            srq: u32_at(b, 0),
-            attr_mask: u32_at(b, 4),
-            max_wr: u32_at(b, 8),
-            srq_limit: u32_at(b, 12),
-        }
-    }
-}
+sequential_body!(ModifySrq {
+    srq: u32,
+    attr_mask: u32,
+    max_wr: u32,
+    srq_limit: u32,
+});
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::Body;
 
     #[test]
     fn bodies_round_trip_at_their_length() {

@@ -12,50 +12,91 @@
 //! layout of rdma-core's `struct ibv_wc` on x86-64, so the shim copies a slot straight into the
 //! program's array (the shim trusts its router, not the other way round).
 
-use super::{u32_at, u64_at, DecodeError};
+use crate::codec::{self, sequential_body, DecodeError};
 
-/// `enum ibv_wr_opcode`: the opcodes the engine executes.
+/// `enum ibv_wr_opcode` as [`WrOpcode`], and its numbers as `u8` constants for code that
+/// keeps the raw byte.
 pub mod wr_opcode {
-    pub const RDMA_WRITE: u8 = 0;
-    pub const RDMA_WRITE_WITH_IMM: u8 = 1;
-    pub const SEND: u8 = 2;
-    pub const SEND_WITH_IMM: u8 = 3;
-    pub const RDMA_READ: u8 = 4;
-    pub const ATOMIC_CMP_AND_SWP: u8 = 5;
-    pub const ATOMIC_FETCH_AND_ADD: u8 = 6;
+    use crate::codec::wire_enum;
+
+    wire_enum! {
+        /// `enum ibv_wr_opcode`: the opcodes the engine executes.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum WrOpcode: u8, from u8, u32 {
+            RdmaWrite = 0 => RDMA_WRITE,
+            RdmaWriteWithImm = 1 => RDMA_WRITE_WITH_IMM,
+            Send = 2 => SEND,
+            SendWithImm = 3 => SEND_WITH_IMM,
+            RdmaRead = 4 => RDMA_READ,
+            AtomicCmpAndSwp = 5 => ATOMIC_CMP_AND_SWP,
+            AtomicFetchAndAdd = 6 => ATOMIC_FETCH_AND_ADD,
+        }
+    }
 
     /// True for the opcodes above.
     pub fn is_supported(op: u32) -> bool {
-        op <= ATOMIC_FETCH_AND_ADD as u32
+        WrOpcode::try_from(op).is_ok()
     }
 }
 
-/// `enum ibv_send_flags`.
+pub use wr_opcode::WrOpcode;
+
+/// `enum ibv_send_flags`, as [`SendFlags`] and as `u32` constants.
 pub mod send_flags {
-    pub const FENCE: u32 = 1;
-    pub const SIGNALED: u32 = 1 << 1;
-    pub const SOLICITED: u32 = 1 << 2;
-    pub const INLINE: u32 = 1 << 3;
-    pub const IP_CSUM: u32 = 1 << 4;
+    use crate::codec::wire_flags;
+
+    wire_flags! {
+        /// `enum ibv_send_flags`.
+        pub struct SendFlags: u32 {
+            const FENCE = 1;
+            const SIGNALED = 1 << 1;
+            const SOLICITED = 1 << 2;
+            const INLINE = 1 << 3;
+            const IP_CSUM = 1 << 4;
+        }
+    }
+
     /// The flags a WQE carries.
     pub const KNOWN: u32 = FENCE | SIGNALED | SOLICITED | INLINE;
 }
 
-/// `enum ibv_wc_opcode`.
+pub use send_flags::SendFlags;
+
+/// `enum ibv_wc_opcode` as [`WcOpcode`], and its numbers as `u32` constants for code that
+/// keeps the raw word (as a [`Cqe`] does).
 pub mod wc_opcode {
-    pub const SEND: u32 = 0;
-    pub const RDMA_WRITE: u32 = 1;
-    pub const RDMA_READ: u32 = 2;
-    pub const COMP_SWAP: u32 = 3;
-    pub const FETCH_ADD: u32 = 4;
-    pub const RECV: u32 = 128;
-    pub const RECV_RDMA_WITH_IMM: u32 = 129;
+    use crate::codec::wire_enum;
+
+    wire_enum! {
+        /// `enum ibv_wc_opcode`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum WcOpcode: u32, from u32 {
+            Send = 0 => SEND,
+            RdmaWrite = 1 => RDMA_WRITE,
+            RdmaRead = 2 => RDMA_READ,
+            CompSwap = 3 => COMP_SWAP,
+            FetchAdd = 4 => FETCH_ADD,
+            Recv = 128 => RECV,
+            RecvRdmaWithImm = 129 => RECV_RDMA_WITH_IMM,
+        }
+    }
 }
 
-/// `enum ibv_wc_flags`.
+pub use wc_opcode::WcOpcode;
+
+/// `enum ibv_wc_flags`, as [`WcFlags`] and as `u32` constants.
 pub mod wc_flags {
-    pub const WITH_IMM: u32 = 1 << 1;
+    use crate::codec::wire_flags;
+
+    wire_flags! {
+        /// `enum ibv_wc_flags` (the one flag this device sets).
+        pub struct WcFlags: u32 {
+            const WITH_IMM = 1 << 1;
+        }
+    }
 }
+
+pub use wc_flags::WcFlags;
 
 /// One scatter/gather entry (`struct ibv_sge`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,23 +106,11 @@ pub struct Sge {
     pub lkey: u32,
 }
 
-impl Sge {
-    pub const LEN: usize = 16;
-
-    pub fn write(&self, o: &mut [u8]) {
-        o[0..8].copy_from_slice(&self.addr.to_le_bytes());
-        o[8..12].copy_from_slice(&self.length.to_le_bytes());
-        o[12..16].copy_from_slice(&self.lkey.to_le_bytes());
-    }
-
-    pub fn read(b: &[u8]) -> Sge {
-        Sge {
-            addr: u64_at(b, 0),
-            length: u32_at(b, 8),
-            lkey: u32_at(b, 12),
-        }
-    }
-}
+sequential_body!(Sge {
+    addr: u64,
+    length: u32,
+    lkey: u32,
+} with inherent codec);
 
 /// Most scatter/gather entries in one work request (the device's `max_sge`).
 pub const MAX_SGE: u32 = 16;
@@ -110,37 +139,20 @@ pub struct SendWqeHeader {
     pub swap: u64,
 }
 
+sequential_body!(SendWqeHeader {
+    wr_id: u64,
+    opcode: u8,
+    flags: u8,
+    num_sge: u16,
+    imm_data: u32,
+    remote_addr: u64,
+    rkey: u32,
+    inline_len: u32,
+    compare_add: u64,
+    swap: u64,
+} with inherent codec);
+
 impl SendWqeHeader {
-    pub const LEN: usize = 48;
-
-    pub fn write(&self, o: &mut [u8]) {
-        o[0..8].copy_from_slice(&self.wr_id.to_le_bytes());
-        o[8] = self.opcode;
-        o[9] = self.flags;
-        o[10..12].copy_from_slice(&self.num_sge.to_le_bytes());
-        o[12..16].copy_from_slice(&self.imm_data.to_le_bytes());
-        o[16..24].copy_from_slice(&self.remote_addr.to_le_bytes());
-        o[24..28].copy_from_slice(&self.rkey.to_le_bytes());
-        o[28..32].copy_from_slice(&self.inline_len.to_le_bytes());
-        o[32..40].copy_from_slice(&self.compare_add.to_le_bytes());
-        o[40..48].copy_from_slice(&self.swap.to_le_bytes());
-    }
-
-    pub fn read(b: &[u8]) -> SendWqeHeader {
-        SendWqeHeader {
-            wr_id: u64_at(b, 0),
-            opcode: b[8],
-            flags: b[9],
-            num_sge: u16::from_le_bytes([b[10], b[11]]),
-            imm_data: u32_at(b, 12),
-            remote_addr: u64_at(b, 16),
-            rkey: u32_at(b, 24),
-            inline_len: u32_at(b, 28),
-            compare_add: u64_at(b, 32),
-            swap: u64_at(b, 40),
-        }
-    }
-
     pub fn has(&self, flag: u32) -> bool {
         u32::from(self.flags) & flag != 0
     }
@@ -172,9 +184,7 @@ impl SendWqe {
             return Err(invalid("slot shorter than the header"));
         }
         let header = SendWqeHeader::read(slot);
-        if !wr_opcode::is_supported(u32::from(header.opcode)) {
-            return Err(invalid("unknown opcode"));
-        }
+        WrOpcode::try_from(header.opcode)?;
         if u32::from(header.flags) & !send_flags::KNOWN != 0 {
             return Err(invalid("unknown flags"));
         }
@@ -215,7 +225,16 @@ impl SendWqe {
 }
 
 /// The fixed part of a receive WQE: `wr_id u64, num_sge u32, reserved u32`, then the entries.
-pub const RECV_WQE_HEADER: usize = 16;
+pub const RECV_WQE_HEADER: usize = recv_field::RESERVED.end;
+
+/// Offsets of a receive WQE's fixed part.
+mod recv_field {
+    use std::ops::Range;
+    pub const WR_ID: Range<usize> = 0..8;
+    pub const NUM_SGE: Range<usize> = 8..12;
+    /// Zero.
+    pub const RESERVED: Range<usize> = 12..16;
+}
 
 /// A receive WQE as the router decoded it: its scatter/gather entries stay in the slot copy
 /// ([`RecvWqe::sges`]), like [`SendWqe`]'s.
@@ -233,9 +252,9 @@ impl RecvWqe {
     /// Writes the header of a receive WQE with `num_sge` entries (the entries follow, written by
     /// the caller with [`Sge::write`]).
     pub fn write_header(wr_id: u64, num_sge: u32, o: &mut [u8]) {
-        o[0..8].copy_from_slice(&wr_id.to_le_bytes());
-        o[8..12].copy_from_slice(&num_sge.to_le_bytes());
-        o[12..16].fill(0);
+        codec::put(o, recv_field::WR_ID, wr_id);
+        codec::put(o, recv_field::NUM_SGE, num_sge);
+        codec::put(o, recv_field::RESERVED, 0u32);
     }
 
     pub fn decode(slot: &[u8], max_sge: u32) -> Result<RecvWqe, DecodeError> {
@@ -245,7 +264,7 @@ impl RecvWqe {
                 why: "slot shorter than the header",
             });
         }
-        let num_sge = u32_at(slot, 8);
+        let num_sge: u32 = codec::get(slot, recv_field::NUM_SGE);
         let n = num_sge as usize;
         if num_sge > max_sge.min(MAX_SGE) || RECV_WQE_HEADER + n * Sge::LEN > slot.len() {
             return Err(DecodeError::Invalid {
@@ -254,7 +273,7 @@ impl RecvWqe {
             });
         }
         Ok(RecvWqe {
-            wr_id: u64_at(slot, 0),
+            wr_id: codec::get(slot, recv_field::WR_ID),
             num_sge,
         })
     }
@@ -265,7 +284,10 @@ impl RecvWqe {
     }
 }
 
-/// A work completion in the layout of `struct ibv_wc` (48 bytes on x86-64).
+/// A work completion in the layout of `struct ibv_wc` (48 bytes on x86-64). `#[repr(C)]`: the
+/// verbs shim's `IbvWc` is this type, so the layout test of the shim checks it against the C
+/// header, and [`Cqe::encode`] writes a slot in this same layout.
+#[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Cqe {
     pub wr_id: u64,

@@ -300,7 +300,7 @@ fn call_locked(
             if got.len == 0 {
                 return Err("router closed the connection".into());
             }
-            let reply = match FromRouter::decode(&buf[..got.len])? {
+            let reply = match FromRouter::decode(&buf[..got.len]).map_err(|e| e.to_string())? {
                 FromRouter::Notice(n) => {
                     notices.push(n);
                     continue;
