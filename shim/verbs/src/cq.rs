@@ -60,6 +60,7 @@ pub(crate) struct CqState {
 impl HandedOut for IbvCq {
     type State = CqState;
     const MAGIC: u64 = u64::from_le_bytes(*b"FFCQv001");
+    const NAME: &'static str = "CQ";
 }
 
 /// What the library keeps for a completion channel.
@@ -74,6 +75,7 @@ pub(crate) struct ChannelState {
 impl HandedOut for IbvCompChannel {
     type State = ChannelState;
     const MAGIC: u64 = u64::from_le_bytes(*b"FFCCv001");
+    const NAME: &'static str = "completion channel";
 }
 
 /// The state behind `cq`, a CQ the registry holds.
@@ -343,7 +345,7 @@ fn destroy_cq(cq: *mut IbvCq) -> Result<(), VerbsError> {
     }
     // SAFETY: the registry held `cq`: made by `create_cq`; the program no longer uses it.
     unsafe { object::remove(cq) };
-    registry::debug(format_args!("destroyed CQ {}", entry.handle));
+    registry::debug(format_args!("destroyed {} {}", IbvCq::NAME, entry.handle));
     Ok(())
 }
 

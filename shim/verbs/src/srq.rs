@@ -47,6 +47,7 @@ pub(crate) struct SrqShared {
 impl HandedOut for IbvSrq {
     type State = SrqShared;
     const MAGIC: u64 = u64::from_le_bytes(*b"FFSRv001");
+    const NAME: &'static str = "SRQ";
 }
 
 fn create_srq(pd: *mut IbvPd, init: *mut IbvSrqInitAttr) -> Result<*mut IbvSrq, VerbsError> {
@@ -185,19 +186,15 @@ pub extern "C" fn ibv_query_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr) -> c_in
     returns_errno("ibv_query_srq", || query_srq(srq, attr))
 }
 
-fn destroy_srq(srq: *mut IbvSrq) -> Result<(), VerbsError> {
-    let entry = srq_handle(srq)?;
-    entry.destroy_on_router(op::DESTROY_SRQ)?;
-    // SAFETY: the registry held `srq`: made by `create_srq`; the program no longer uses it.
-    unsafe { object::remove(srq) };
-    registry::debug(format_args!("destroyed SRQ {}", entry.handle));
-    Ok(())
-}
-
 /// `ibv_destroy_srq`: 0, or an errno value (EBUSY while QPs use it).
 #[no_mangle]
 pub extern "C" fn ibv_destroy_srq(srq: *mut IbvSrq) -> c_int {
-    returns_errno("ibv_destroy_srq", || destroy_srq(srq))
+    returns_errno("ibv_destroy_srq", || {
+        let entry = srq_handle(srq)?;
+        // SAFETY: the registry holds `srq`: made by `create_srq`; the program no longer uses
+        // it.
+        unsafe { object::destroy(srq, entry, op::DESTROY_SRQ) }
+    })
 }
 
 /// `ops.post_srq_recv` (the inline `ibv_post_srq_recv`): 0, or an errno value with `*bad_wr`

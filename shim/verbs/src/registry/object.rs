@@ -5,12 +5,17 @@
 //! structure, so the state is never reached through a reference to the whole.
 #![allow(unsafe_code)]
 
+use super::QueueEntry;
+use crate::error::VerbsError;
+
 /// A C structure this library hands out with state of its own behind it.
 pub(crate) trait HandedOut: Sized {
     /// What the library keeps for it.
     type State;
     /// Marks this library's objects of the kind (a pointer made elsewhere is refused).
     const MAGIC: u64;
+    /// The kind, as `FREEFLOW_DEBUG` lines name it.
+    const NAME: &'static str;
 }
 
 #[repr(C)]
@@ -69,4 +74,21 @@ pub unsafe fn remove<C: HandedOut>(ptr: *mut C) {
         let obj = Box::from_raw(ptr.cast::<Object<C>>());
         drop(Box::from_raw(obj.state.cast_mut()));
     }
+}
+
+/// Destroys an object that needs nothing undone on this side first: the router's side (with
+/// `opcode`), then this library's ([`remove`]).
+///
+/// # Safety
+/// As [`remove`]; `entry` is what the registry holds for `ptr`.
+pub unsafe fn destroy<C: HandedOut>(
+    ptr: *mut C,
+    entry: QueueEntry,
+    opcode: u16,
+) -> Result<(), VerbsError> {
+    entry.destroy_on_router(opcode)?;
+    // SAFETY: forwarded caller guarantee.
+    unsafe { remove(ptr) };
+    super::debug(format_args!("destroyed {} {}", C::NAME, entry.handle));
+    Ok(())
 }
