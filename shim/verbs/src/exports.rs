@@ -57,6 +57,15 @@ fn check_gid(port: u32, index: i64) -> Result<(), VerbsError> {
     check_index("GID", index)
 }
 
+/// The GID queries define no flags yet.
+fn check_no_flags(flags: u32) -> Result<(), VerbsError> {
+    if flags == 0 {
+        Ok(())
+    } else {
+        Err(VerbsError::InvalidArgument("flags must be 0"))
+    }
+}
+
 /// Answers a query: copies `value` into the caller's `len` bytes at `out`, or refuses (with
 /// `refusal`) a NULL `out` or one shorter than `min_len` bytes.
 ///
@@ -317,13 +326,12 @@ pub unsafe extern "C" fn ibv_query_device(
 /// # Safety
 /// `out` is NULL or writable for `len` bytes.
 unsafe fn query_port(
-    verb: &str,
     context: *mut IbvContext,
     port: u8,
     out: *mut IbvPortAttr,
     len: usize,
 ) -> c_int {
-    returns_errno(verb, || {
+    returns_errno("ibv_query_port", || {
         let state = state_of(context)?;
         check_port(u32::from(port))?;
         let attr = state.device.identity.port_attr();
@@ -344,15 +352,7 @@ pub unsafe extern "C" fn ibv_query_port(
     port_attr: *mut IbvPortAttr,
 ) -> c_int {
     // SAFETY: forwarded caller guarantee.
-    unsafe {
-        query_port(
-            "ibv_query_port",
-            context,
-            port_num,
-            port_attr,
-            COMPAT_PORT_ATTR_LEN,
-        )
-    }
+    unsafe { query_port(context, port_num, port_attr, COMPAT_PORT_ATTR_LEN) }
 }
 
 /// `verbs_context.query_port`: the inline `ibv_query_port` of current headers calls this with
@@ -364,15 +364,7 @@ unsafe extern "C" fn query_port_op(
     port_attr_len: usize,
 ) -> c_int {
     // SAFETY: the inline wrapper passes its own structure and its size.
-    unsafe {
-        query_port(
-            "ibv_query_port",
-            context,
-            port_num,
-            port_attr,
-            port_attr_len,
-        )
-    }
+    unsafe { query_port(context, port_num, port_attr, port_attr_len) }
 }
 
 /// `verbs_context.query_device_ex`: the plain attributes and no extended capabilities.
@@ -389,9 +381,16 @@ unsafe extern "C" fn query_device_ex_op(
             return Err(VerbsError::InvalidArgument("unknown comp_mask in input"));
         }
         let value = state.device.identity.device_attr_ex();
-        let min_len = size_of::<IbvDeviceAttr>();
         // SAFETY: the caller's buffer has `attr_size` bytes.
-        unsafe { answer(attr, attr_size, min_len, "attr too small", value) }
+        unsafe {
+            answer(
+                attr,
+                attr_size,
+                size_of::<IbvDeviceAttr>(),
+                "attr too small",
+                value,
+            )
+        }
     })
 }
 
@@ -454,13 +453,18 @@ pub unsafe extern "C" fn _ibv_query_gid_ex(
     returns_errno("ibv_query_gid_ex", || {
         let state = state_of(context)?;
         check_gid(port_num, i64::from(gid_index))?;
-        if flags != 0 {
-            return Err(VerbsError::InvalidArgument("flags must be 0"));
-        }
+        check_no_flags(flags)?;
         let value = state.device.identity.gid_entry();
-        let min_len = size_of::<IbvGidEntry>();
         // SAFETY: the caller's buffer has `entry_size` bytes.
-        unsafe { answer(entry, entry_size, min_len, "entry too small", value) }
+        unsafe {
+            answer(
+                entry,
+                entry_size,
+                size_of::<IbvGidEntry>(),
+                "entry too small",
+                value,
+            )
+        }
     })
 }
 
@@ -479,9 +483,7 @@ pub unsafe extern "C" fn _ibv_query_gid_table(
 ) -> isize {
     guard(-(libc::EIO as isize), || {
         let result = state_of(context).and_then(|state| {
-            if flags != 0 {
-                return Err(VerbsError::InvalidArgument("flags must be 0"));
-            }
+            check_no_flags(flags)?;
             if entries.is_null() || max_entries < 1 || entry_size < size_of::<IbvGidEntry>() {
                 return Err(VerbsError::InvalidArgument("no room for the GID table"));
             }
