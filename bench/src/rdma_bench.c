@@ -243,10 +243,33 @@ static void rate(struct side *a, struct side *b, enum ibv_wr_opcode op, long mes
     }
 }
 
+/* Polls s's CQ until one of its receives completes (wr_id 1, as post_receives posts them);
+ * the send completions met on the way are checked and dropped. */
+static void wait_receive(struct side *s)
+{
+    struct ibv_wc wc[4];
+    for (int got = 0; !got;) {
+        int n = ibv_poll_cq(s->cq, 4, wc);
+        for (int k = 0; k < n; k++) {
+            check(&wc[k]);
+            got |= wc[k].wr_id == 1;
+        }
+    }
+}
+
+/* One receive of s used up, `*left` of them still posted: tops the queue up by DEPTH / 4 once
+ * it is down to DEPTH / 4. */
+static void receive_used(struct side *s, int *left)
+{
+    if (--*left == DEPTH / 4) {
+        post_receives(s, DEPTH / 4);
+        *left += DEPTH / 4;
+    }
+}
+
 /* Round trips of a 64-byte SEND from A to B and back; prints the samples (ns). */
 static void rtt(struct side *a, struct side *b, long samples)
 {
-    struct ibv_wc wc[4];
     post_receives(a, DEPTH / 2);
     post_receives(b, DEPTH / 2);
     int left_a = DEPTH / 2, left_b = DEPTH / 2;
@@ -255,32 +278,14 @@ static void rtt(struct side *a, struct side *b, long samples)
     for (long i = 0; i < samples; i++) {
         uint64_t start = now_ns();
         post_batch(a, b, IBV_WR_SEND, 1);
-        for (int got = 0; !got;) {
-            int n = ibv_poll_cq(b->cq, 4, wc);
-            for (int k = 0; k < n; k++) {
-                check(&wc[k]);
-                got |= wc[k].wr_id == 1;
-            }
-        }
+        wait_receive(b);
         post_batch(b, a, IBV_WR_SEND, 1);
-        for (int got = 0; !got;) {
-            int n = ibv_poll_cq(a->cq, 4, wc);
-            for (int k = 0; k < n; k++) {
-                check(&wc[k]);
-                got |= wc[k].wr_id == 1;
-            }
-        }
+        wait_receive(a);
         ns[i] = now_ns() - start;
         /* The send completions (every send is signaled here) land in the same CQs: drained by
-         * the loops above or the next ones. */
-        if (--left_a == DEPTH / 4) {
-            post_receives(a, DEPTH / 4);
-            left_a += DEPTH / 4;
-        }
-        if (--left_b == DEPTH / 4) {
-            post_receives(b, DEPTH / 4);
-            left_b += DEPTH / 4;
-        }
+         * the waits above or the next ones. */
+        receive_used(a, &left_a);
+        receive_used(b, &left_b);
     }
     double t1 = now_s(), cpu1 = router_cpu();
     report("rtt", samples, t1 - t0, cpu1 - cpu0, samples * 2 * MSG);

@@ -1,7 +1,7 @@
 //! The router as a black box: a real freeflow-router process, real network namespaces, real
 //! attach connections. Needs root (network namespaces); fails loudly without it.
 
-use freeflow_proto::attach::{attach, AttachError, Hello, Refusal, ShimKind, Welcome};
+use freeflow_proto::attach::{attach, AttachError, Hello, Refusal, Session, ShimKind, Welcome};
 use freeflow_proto::control::{
     self, ContainerEntry, ControlRequest, ControlResponse, RouterStatus,
 };
@@ -26,6 +26,22 @@ fn require_root() {
     );
 }
 
+/// An empty directory `name` under the temporary directory (what a previous run left there is
+/// removed).
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The router's `--cores`: one fewer than the machine has, leaving one to the test.
+fn router_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() - 1)
+        .unwrap_or(0)
+}
+
 struct Router {
     dir: PathBuf,
     child: Child,
@@ -34,16 +50,11 @@ struct Router {
 impl Router {
     fn start(tag: &str) -> Router {
         require_root();
-        let dir = std::env::temp_dir().join(format!("ff-attach-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get() - 1)
-            .unwrap_or(0);
+        let dir = fresh_dir(&format!("ff-attach-{tag}-{}", std::process::id()));
         let child = Command::new(env!("CARGO_BIN_EXE_freeflow-router"))
             .arg("--dir")
             .arg(&dir)
-            .args(["--cores", &cores.to_string()])
+            .args(["--cores", &router_cores().to_string()])
             .stderr(std::fs::File::create(dir.join("router.log")).unwrap())
             .spawn()
             .unwrap();
@@ -174,17 +185,38 @@ impl Drop for Netns {
     }
 }
 
-fn ping(session: &mut freeflow_proto::attach::Session, cookie: u64) -> Result<(), String> {
-    let mut out = vec![0u8; session.slot_size()];
-    let h = MsgHeader {
-        opcode: op::PING,
+/// Sends one request whose header says `opcode`, `cookie` and a body of `len` bytes (which need
+/// not be the length of `body`: the hostile tests lie), and returns the reply's header; its
+/// body is in `out` after the header.
+fn request(
+    session: &mut Session,
+    out: &mut [u8],
+    opcode: u16,
+    cookie: u64,
+    len: u32,
+    body: &[u8],
+) -> Result<MsgHeader, String> {
+    let header = MsgHeader {
+        opcode,
         cookie,
-        len: 8,
+        len,
         ..Default::default()
     };
-    let reply = session
-        .call(h, &cookie.to_le_bytes(), &mut out, Duration::from_secs(5))
-        .map_err(|e| e.to_string())?;
+    session
+        .call(header, body, out, Duration::from_secs(5))
+        .map_err(|e| e.to_string())
+}
+
+fn ping(session: &mut Session, cookie: u64) -> Result<(), String> {
+    let mut out = vec![0u8; session.slot_size()];
+    let reply = request(
+        session,
+        &mut out,
+        op::PING,
+        cookie,
+        8,
+        &cookie.to_le_bytes(),
+    )?;
     if reply.cookie != cookie || out[HEADER_LEN..HEADER_LEN + 8] != cookie.to_le_bytes() {
         return Err(format!("bad reply {reply:?}"));
     }
@@ -257,6 +289,14 @@ fn raw_exchange(dir: &Path, bytes: &[u8], with_fd: bool) -> Option<Welcome> {
     (got.len > 0).then(|| Welcome::decode(&buf[..got.len]).unwrap())
 }
 
+/// A probe's hello with its 16-bit field at `offset` set to `value` (4: the protocol version,
+/// 6: the shim kind).
+fn hello_with(offset: usize, value: u16) -> Vec<u8> {
+    let mut hello = Hello::new(ShimKind::Probe).encode().to_vec();
+    hello[offset..offset + 2].copy_from_slice(&value.to_le_bytes());
+    hello
+}
+
 #[test]
 fn malformed_handshakes_are_refused_and_others_keep_being_served() {
     let router = Router::start("bad");
@@ -275,8 +315,7 @@ fn malformed_handshakes_are_refused_and_others_keep_being_served() {
     );
     ping(&mut good, 2).unwrap();
     // A wrong protocol version.
-    let mut wrong = Hello::new(ShimKind::Probe).encode();
-    wrong[4..6].copy_from_slice(&99u16.to_le_bytes());
+    let wrong = hello_with(4, 99);
     assert_eq!(
         refused(raw_exchange(&router.dir, &wrong, false)),
         Refusal::VersionMismatch
@@ -302,8 +341,7 @@ fn malformed_handshakes_are_refused_and_others_keep_being_served() {
         Refusal::Malformed
     );
     // An unknown shim kind.
-    let mut kind = Hello::new(ShimKind::Probe).encode();
-    kind[6..8].copy_from_slice(&77u16.to_le_bytes());
+    let kind = hello_with(6, 77);
     assert_eq!(
         refused(raw_exchange(&router.dir, &kind, false)),
         Refusal::Malformed
@@ -367,36 +405,13 @@ fn unknown_opcodes_and_bad_lengths_get_error_replies() {
     router.register(&[("self", NetnsId::current().unwrap())]);
     let mut s = attach(&router.dir, ShimKind::Probe, Duration::from_secs(5)).unwrap();
     let mut out = vec![0u8; s.slot_size()];
-    let r = s
-        .call(
-            MsgHeader {
-                opcode: 999,
-                cookie: 5,
-                ..Default::default()
-            },
-            &[],
-            &mut out,
-            Duration::from_secs(5),
-        )
-        .unwrap();
+    let r = request(&mut s, &mut out, 999, 5, 0, &[]).unwrap();
     assert_eq!(
         (r.status, r.cookie),
         (freeflow_proto::msg::status::UNKNOWN_OP, 5)
     );
     // A header that claims a body longer than the slot.
-    let r = s
-        .call(
-            MsgHeader {
-                opcode: op::PING,
-                cookie: 6,
-                len: 10_000,
-                ..Default::default()
-            },
-            &[],
-            &mut out,
-            Duration::from_secs(5),
-        )
-        .unwrap();
+    let r = request(&mut s, &mut out, op::PING, 6, 10_000, &[]).unwrap();
     assert_eq!(
         (r.status, r.cookie),
         (freeflow_proto::msg::status::BAD_LENGTH, 6)

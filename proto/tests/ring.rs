@@ -10,11 +10,15 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-fn ring(slot_size: u32, slot_count: u32) -> (Producer, Consumer) {
-    let geometry = RingGeometry {
+fn geometry(slot_size: u32, slot_count: u32) -> RingGeometry {
+    RingGeometry {
         slot_size,
         slot_count,
-    };
+    }
+}
+
+fn ring(slot_size: u32, slot_count: u32) -> (Producer, Consumer) {
+    let geometry = geometry(slot_size, slot_count);
     let mapping =
         Arc::new(Mapping::anonymous_shared(geometry.byte_len().next_multiple_of(4096)).unwrap());
     let mem = RingMemory::new(mapping, 0, geometry).unwrap();
@@ -74,36 +78,11 @@ fn too_long_message_is_an_error_not_a_truncation() {
 
 #[test]
 fn geometry_is_validated() {
-    assert!(RingGeometry {
-        slot_size: 64,
-        slot_count: 3
-    }
-    .validate()
-    .is_err());
-    assert!(RingGeometry {
-        slot_size: 100,
-        slot_count: 4
-    }
-    .validate()
-    .is_err());
-    assert!(RingGeometry {
-        slot_size: 32,
-        slot_count: 4
-    }
-    .validate()
-    .is_err());
-    assert!(RingGeometry {
-        slot_size: 64,
-        slot_count: 0
-    }
-    .validate()
-    .is_err());
-    assert!(RingGeometry {
-        slot_size: 128,
-        slot_count: 1024
-    }
-    .validate()
-    .is_ok());
+    assert!(geometry(64, 3).validate().is_err());
+    assert!(geometry(100, 4).validate().is_err());
+    assert!(geometry(32, 4).validate().is_err());
+    assert!(geometry(64, 0).validate().is_err());
+    assert!(geometry(128, 1024).validate().is_ok());
     assert_eq!(RING_CONTROL_SIZE, 384);
 }
 
@@ -143,10 +122,7 @@ fn producer_rejects_a_head_ahead_of_its_tail() {
 
 #[test]
 fn indices_wrap_around_u32() {
-    let geometry = RingGeometry {
-        slot_size: 64,
-        slot_count: 4,
-    };
+    let geometry = geometry(64, 4);
     let mapping = Arc::new(Mapping::anonymous_shared(4096).unwrap());
     let mem = RingMemory::new(mapping, 0, geometry).unwrap();
     let start = u32::MAX - 5;
@@ -181,15 +157,9 @@ fn park_flag_makes_the_next_publish_ask_for_a_wake_exactly_once() {
 #[test]
 fn ring_must_fit_its_mapping() {
     let mapping = Arc::new(Mapping::anonymous_shared(4096).unwrap());
-    let big = RingGeometry {
-        slot_size: 64,
-        slot_count: 64,
-    };
+    let big = geometry(64, 64);
     assert!(RingMemory::new(mapping.clone(), 0, big).is_err());
-    let small = RingGeometry {
-        slot_size: 64,
-        slot_count: 4,
-    };
+    let small = geometry(64, 4);
     assert!(
         RingMemory::new(mapping.clone(), 64, small).is_err(),
         "unaligned offset"

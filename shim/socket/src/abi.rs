@@ -253,27 +253,33 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
 
 /// The address `fd` is bound to, as the kernel says.
 fn bound_endpoint(fd: c_int) -> Option<Endpoint> {
-    let mut storage: libc::sockaddr_storage = unsafe_zeroed_storage();
+    let (_, bound) = with_address_out(|addr, len| {
+        // SAFETY: `addr` is a buffer of `*len` bytes.
+        unsafe { real::getsockname(fd, addr, len) }
+    });
+    bound
+}
+
+/// Runs a call that writes an address into a buffer it is given (getsockname, accept): `call`
+/// gets a zeroed `sockaddr_storage` and its length. Returns the call's result and, if it
+/// succeeded, the endpoint it wrote (None for an address that is not IPv4).
+fn with_address_out(
+    call: impl FnOnce(*mut sockaddr, *mut socklen_t) -> c_int,
+) -> (c_int, Option<Endpoint>) {
+    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
-    // SAFETY: storage is a local buffer of `len` bytes.
-    let rc = unsafe {
-        real::getsockname(
-            fd,
-            (&mut storage as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    // SAFETY: the kernel filled `len` bytes of storage.
-    (rc == 0)
+    let rc = call(
+        (&mut storage as *mut libc::sockaddr_storage).cast(),
+        &mut len,
+    );
+    // SAFETY: the call succeeded, so the kernel filled `len` bytes of storage.
+    let endpoint = (rc >= 0)
         .then(|| unsafe {
             real::read_endpoint((&storage as *const libc::sockaddr_storage).cast(), len)
         })
-        .flatten()
-}
-
-fn unsafe_zeroed_storage() -> libc::sockaddr_storage {
-    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
-    unsafe { std::mem::zeroed() }
+        .flatten();
+    (rc, endpoint)
 }
 
 /// accept(2).
@@ -304,24 +310,13 @@ pub unsafe extern "C" fn accept4(
     // A forked or exec'd server's first accept: it needs its own watcher.
     session::ensure_watcher();
     loop {
-        let mut storage = unsafe_zeroed_storage();
-        let mut peer_len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
-        // SAFETY: storage is a local buffer of peer_len bytes.
-        let new = unsafe {
-            real::accept4(
-                fd,
-                (&mut storage as *mut libc::sockaddr_storage).cast(),
-                &mut peer_len,
-                flags,
-            )
-        };
+        let (new, host_peer) = with_address_out(|peer, peer_len| {
+            // SAFETY: `peer` is a buffer of `*peer_len` bytes.
+            unsafe { real::accept4(fd, peer, peer_len, flags) }
+        });
         if new < 0 {
             return new;
         }
-        // SAFETY: the kernel filled peer_len bytes of storage.
-        let host_peer = unsafe {
-            real::read_endpoint((&storage as *const libc::sockaddr_storage).cast(), peer_len)
-        };
         let mut relayed = None;
         let overlay_peer = host_peer.and_then(|(ip, port, _)| {
             // The router's notice usually comes before the connection: no round trip.
@@ -448,21 +443,7 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     epoll::closed(fd);
-    if let Some(s) = state::remove(fd) {
-        // Another fd of this process (a dup) may still hold the listener.
-        if s.role == Role::Listener && !state::holds_listener(s.local) {
-            let request = SockRequest {
-                op: SockOp::Unlisten,
-                // Another process may hold it without having told the router yet.
-                flags: if state::forked() { FLAG_ORPHAN } else { 0 },
-                seq: 0,
-                ip: s.local.0,
-                port: s.local.1,
-                backlog: 0,
-            };
-            let _ = session::call(request);
-        }
-    }
+    unlisten_if_last(state::remove(fd));
     real::close(fd)
 }
 
@@ -492,17 +473,19 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     rc
 }
 
-/// After `new` was replaced by dup2/dup3: if it was the process's last fd for an accelerated
-/// listener, the listener is closed, as close() would have said.
+/// After an fd was closed, or replaced by dup2/dup3 (`replaced`: what it was): if it was the
+/// process's last fd for an accelerated listener, the router is told the listener is closed.
 fn unlisten_if_last(replaced: Option<Accelerated>) {
     let Some(s) = replaced.filter(|s| s.role == Role::Listener) else {
         return;
     };
+    // Another fd of this process (a dup) may still hold the listener.
     if state::holds_listener(s.local) {
         return;
     }
     let request = SockRequest {
         op: SockOp::Unlisten,
+        // Another process may hold it without having told the router yet.
         flags: if state::forked() { FLAG_ORPHAN } else { 0 },
         seq: 0,
         ip: s.local.0,
@@ -599,31 +582,19 @@ extern "C" {
     static environ: *const *const libc::c_char;
 }
 
+/// A C string argument: a path or a file name.
+type CStrArg = *const libc::c_char;
+/// A NULL-terminated array of C strings: `argv` or `envp`.
+type CStrArray = *const *const libc::c_char;
+
 /// execve(2): accelerated sockets that survive the exec keep their overlay addresses.
 ///
 /// # Safety
 /// Called by the application with execve(2)'s arguments.
 #[no_mangle]
-pub unsafe extern "C" fn execve(
-    path: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
-) -> c_int {
+pub unsafe extern "C" fn execve(path: CStrArg, argv: CStrArray, envp: CStrArray) -> c_int {
     // SAFETY: execve's arguments, passed on (the environment with our variable added).
     unsafe { crate::inherit::with_inherited_fds(envp, |env| real::execve(path, argv, env)) }
-}
-
-/// execv(3).
-///
-/// # Safety
-/// Called by the application with execv(3)'s arguments.
-#[no_mangle]
-pub unsafe extern "C" fn execv(
-    path: *const libc::c_char,
-    argv: *const *const libc::c_char,
-) -> c_int {
-    // SAFETY: environ is the process's environment, valid here.
-    unsafe { execve(path, argv, environ) }
 }
 
 /// execvpe(3).
@@ -631,13 +602,19 @@ pub unsafe extern "C" fn execv(
 /// # Safety
 /// Called by the application with execvpe(3)'s arguments.
 #[no_mangle]
-pub unsafe extern "C" fn execvpe(
-    file: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
-) -> c_int {
+pub unsafe extern "C" fn execvpe(file: CStrArg, argv: CStrArray, envp: CStrArray) -> c_int {
     // SAFETY: execvpe's arguments, passed on (the environment with our variable added).
     unsafe { crate::inherit::with_inherited_fds(envp, |env| real::execvpe(file, argv, env)) }
+}
+
+/// execv(3).
+///
+/// # Safety
+/// Called by the application with execv(3)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn execv(path: CStrArg, argv: CStrArray) -> c_int {
+    // SAFETY: environ is the process's environment, valid here.
+    unsafe { execve(path, argv, environ) }
 }
 
 /// execvp(3).
@@ -645,65 +622,43 @@ pub unsafe extern "C" fn execvpe(
 /// # Safety
 /// Called by the application with execvp(3)'s arguments.
 #[no_mangle]
-pub unsafe extern "C" fn execvp(
-    file: *const libc::c_char,
-    argv: *const *const libc::c_char,
-) -> c_int {
+pub unsafe extern "C" fn execvp(file: CStrArg, argv: CStrArray) -> c_int {
     // SAFETY: environ is the process's environment, valid here.
     unsafe { execvpe(file, argv, environ) }
 }
 
-/// posix_spawn(3): like execve, the new program gets the table of the accelerated sockets it
-/// inherits. (glibc's posix_spawn calls its internal execve, which the shim cannot see.)
-///
-/// # Safety
-/// Called by the application with posix_spawn(3)'s arguments.
-#[no_mangle]
-pub unsafe extern "C" fn posix_spawn(
-    pid: *mut libc::pid_t,
-    path: *const libc::c_char,
-    file_actions: *const libc::posix_spawn_file_actions_t,
-    attr: *const libc::posix_spawnattr_t,
-    argv: *const *mut libc::c_char,
-    envp: *const *mut libc::c_char,
-) -> c_int {
-    // SAFETY: posix_spawn's arguments, passed on.
-    unsafe { spawn_passing_sockets(false, pid, path, file_actions, attr, argv, envp) }
+/// Defines posix_spawn(3) and posix_spawnp(3): they take the same arguments and differ only in
+/// whether `path` is looked up in PATH (`search`), so one body serves both.
+macro_rules! spawn_passing_sockets {
+    ($($(#[$doc:meta])* $name:ident, search: $search:literal;)*) => {$(
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// Called by the application with posix_spawn(3)'s arguments.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(
+            pid: *mut libc::pid_t,
+            path: *const libc::c_char,
+            file_actions: *const libc::posix_spawn_file_actions_t,
+            attr: *const libc::posix_spawnattr_t,
+            argv: *const *mut libc::c_char,
+            envp: *const *mut libc::c_char,
+        ) -> c_int {
+            // SAFETY: posix_spawn's arguments, passed on (the environment with our variable
+            // added; the C prototype's pointers to mutable strings are not written through).
+            unsafe {
+                crate::inherit::with_inherited_fds(envp.cast(), |env| {
+                    real::posix_spawn($search, pid, path, file_actions, attr, argv, env.cast())
+                })
+            }
+        }
+    )*};
 }
 
-/// posix_spawnp(3), as [`posix_spawn`].
-///
-/// # Safety
-/// Called by the application with posix_spawnp(3)'s arguments.
-#[no_mangle]
-pub unsafe extern "C" fn posix_spawnp(
-    pid: *mut libc::pid_t,
-    file: *const libc::c_char,
-    file_actions: *const libc::posix_spawn_file_actions_t,
-    attr: *const libc::posix_spawnattr_t,
-    argv: *const *mut libc::c_char,
-    envp: *const *mut libc::c_char,
-) -> c_int {
-    // SAFETY: posix_spawnp's arguments, passed on.
-    unsafe { spawn_passing_sockets(true, pid, file, file_actions, attr, argv, envp) }
-}
-
-/// # Safety
-/// posix_spawn(3)'s contract.
-unsafe fn spawn_passing_sockets(
-    search: bool,
-    pid: *mut libc::pid_t,
-    path: *const libc::c_char,
-    file_actions: *const libc::posix_spawn_file_actions_t,
-    attr: *const libc::posix_spawnattr_t,
-    argv: *const *mut libc::c_char,
-    envp: *const *mut libc::c_char,
-) -> c_int {
-    // SAFETY: posix_spawn's arguments, passed on (the environment with our variable added;
-    // the C prototype's pointers to mutable strings are not written through).
-    unsafe {
-        crate::inherit::with_inherited_fds(envp.cast(), |env| {
-            real::posix_spawn(search, pid, path, file_actions, attr, argv, env.cast())
-        })
-    }
+spawn_passing_sockets! {
+    /// posix_spawn(3): like execve, the new program gets the table of the accelerated sockets
+    /// it inherits. (glibc's posix_spawn calls its internal execve, which the shim cannot see.)
+    posix_spawn, search: false;
+    /// posix_spawnp(3), as [`posix_spawn`].
+    posix_spawnp, search: true;
 }

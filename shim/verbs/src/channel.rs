@@ -9,7 +9,7 @@ use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::fdpass;
 use freeflow_proto::msg::{status, MsgHeader, HEADER_LEN};
 use freeflow_proto::verbs::{
-    MemoryFileMsg, QueueFileKind, QueueFileMsg, VerbsStatus, MEMORY_FILE_SIZE, MIN_SLOT_SIZE,
+    Body, MemoryFileMsg, QueueFileKind, QueueFileMsg, VerbsStatus, MEMORY_FILE_SIZE, MIN_SLOT_SIZE,
 };
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -126,6 +126,31 @@ impl Channel {
         }
     }
 
+    /// Asks the router to destroy an object. A router that went away took the object with it:
+    /// that counts as done.
+    pub fn destroy(&mut self, opcode: u16, body: &[u8]) -> Result<(), VerbsError> {
+        match self.call(opcode, body) {
+            Ok(_) | Err(VerbsError::RouterGone) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends a request that makes a queue object (or a new ring for one), decodes its reply
+    /// `T`, and takes the file the router sent with it for the object `handle` names in the
+    /// reply. A missing file does not undo the reply: the router's side exists then, for the
+    /// caller to destroy.
+    pub fn call_for_queue<T: Body>(
+        &mut self,
+        opcode: u16,
+        body: &[u8],
+        kind: QueueFileKind,
+        handle: impl FnOnce(&T) -> u32,
+    ) -> Result<(T, Result<OwnedFd, VerbsError>), VerbsError> {
+        let reply = self.call(opcode, body)?.decode::<T>()?;
+        let fd = self.take_queue_file(kind, handle(&reply));
+        Ok((reply, fd))
+    }
+
     /// Sends one request and waits for its reply. `Ok` holds the reply body of a successful
     /// verb; a refusal comes back as [`VerbsError::RouterRefused`].
     pub fn call(&mut self, opcode: u16, body: &[u8]) -> Result<ReplyBody, VerbsError> {
@@ -187,6 +212,11 @@ pub struct ReplyBody {
 impl ReplyBody {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
+    }
+
+    /// The body as the reply `T` it should be; anything else is a protocol error.
+    pub fn decode<T: Body>(&self) -> Result<T, VerbsError> {
+        T::decode(self.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))
     }
 }
 

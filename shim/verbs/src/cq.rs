@@ -23,8 +23,9 @@
 #![allow(unsafe_code)]
 
 use crate::abi::{IbvCompChannel, IbvContext, IbvCq, IbvWc};
-use crate::error::{fail, VerbsError};
+use crate::error::{returns_errno, returns_minus_one, returns_object, VerbsError};
 use crate::ffi::{guard, set_errno};
+use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, QueueEntry, QueueKind};
 use freeflow_proto::region::SharedRegion;
 use freeflow_proto::verbs::{
@@ -34,7 +35,6 @@ use freeflow_proto::Consumer;
 use std::collections::BTreeMap;
 use std::ffi::{c_int, c_uint, c_void};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::ptr::null_mut;
 use std::sync::{Condvar, Mutex};
 
 symbol_versions! {
@@ -44,11 +44,8 @@ symbol_versions! {
     ],
 }
 
-const CQ_MAGIC: u64 = u64::from_le_bytes(*b"FFCQv001");
-const CHANNEL_MAGIC: u64 = u64::from_le_bytes(*b"FFCCv001");
-
 /// What the library keeps for a CQ, behind its `struct ibv_cq`.
-struct CqState {
+pub(crate) struct CqState {
     context: usize,
     handle: u32,
     /// The CQ's ring (it keeps the region's mapping alive). Replaced by a resize.
@@ -56,20 +53,18 @@ struct CqState {
     /// Events handed out by `ibv_get_cq_event` and acknowledged by `ibv_ack_cq_events`.
     events: Mutex<(u64, u64)>,
     acked: Condvar,
-    /// The channel's object, or null.
-    channel: *mut ChannelObject,
+    /// The CQ's channel, or null.
+    channel: *mut IbvCompChannel,
 }
 
-/// The allocation behind a `struct ibv_cq *` of this library.
-#[repr(C)]
-struct CqObject {
-    ibv: IbvCq,
-    magic: u64,
-    state: *const CqState,
+impl HandedOut for IbvCq {
+    type State = CqState;
+    const MAGIC: u64 = u64::from_le_bytes(*b"FFCQv001");
+    const NAME: &'static str = "CQ";
 }
 
 /// What the library keeps for a completion channel.
-struct ChannelState {
+pub(crate) struct ChannelState {
     handle: u32,
     /// The read end of the router's pipe (`channel->fd`).
     fd: OwnedFd,
@@ -77,38 +72,19 @@ struct ChannelState {
     cqs: Mutex<BTreeMap<u32, usize>>,
 }
 
-#[repr(C)]
-struct ChannelObject {
-    ibv: IbvCompChannel,
-    magic: u64,
-    state: *const ChannelState,
+impl HandedOut for IbvCompChannel {
+    type State = ChannelState;
+    const MAGIC: u64 = u64::from_le_bytes(*b"FFCCv001");
+    const NAME: &'static str = "completion channel";
 }
 
-/// The state behind `cq`, if it is one of this library's CQs.
-///
-/// # Safety
-/// `cq` is NULL or points at a CQ this library created and has not destroyed (what the inline
-/// wrappers of `verbs.h` pass, and what every provider assumes).
-unsafe fn cq_state<'a>(cq: *mut IbvCq) -> Option<&'a CqState> {
-    if cq.is_null() {
-        return None;
-    }
-    let obj = cq.cast::<CqObject>();
-    // SAFETY: per the contract, `obj` is a live CqObject; fields are read through raw pointers,
-    // without a reference to the part the program shares.
-    unsafe {
-        if std::ptr::addr_of!((*obj).magic).read() != CQ_MAGIC {
-            return None;
-        }
-        std::ptr::addr_of!((*obj).state).read().as_ref()
-    }
-}
-
-/// Undoes a router-side creation whose shim side failed (best effort).
-fn destroy_on_router(context: usize, opcode: u16, handle: u32) {
-    if let Ok(state) = registry::context(context) {
-        let _ = lock(&state.channel).call(opcode, &ObjectHandle { handle }.to_vec());
-    }
+/// The state behind `cq`, a CQ the registry holds.
+fn registered_cq<'a>(cq: *mut IbvCq) -> Result<(QueueEntry, &'a CqState), VerbsError> {
+    let entry = registry::queue(cq as usize, QueueKind::Cq)?;
+    // SAFETY: the registry holds `cq`: a live CQ of this library.
+    let state =
+        unsafe { object::state(cq) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
+    Ok((entry, state))
 }
 
 fn create_comp_channel(context: *mut IbvContext) -> Result<*mut IbvCompChannel, VerbsError> {
@@ -117,58 +93,46 @@ fn create_comp_channel(context: *mut IbvContext) -> Result<*mut IbvCompChannel, 
     let (handle, fd) = {
         let mut channel = lock(&state.channel);
         let reply = channel.call(op::CREATE_COMP_CHANNEL, &[])?;
-        let handle = ObjectHandle::decode(reply.bytes())
-            .map_err(|e| VerbsError::Protocol(e.to_string()))?
-            .handle;
+        let handle = reply.decode::<ObjectHandle>()?.handle;
         let fd = channel.take_queue_file(QueueFileKind::Channel, handle);
         (handle, fd)
+    };
+    let entry = QueueEntry {
+        context: key,
+        handle,
     };
     let fd = match fd {
         Ok(fd) => fd,
         Err(e) => {
-            destroy_on_router(key, op::DESTROY_COMP_CHANNEL, handle);
+            // Undoes the router's side (best effort).
+            let _ = entry.destroy_on_router(op::DESTROY_COMP_CHANNEL);
             return Err(e);
         }
     };
     let raw = fd.as_raw_fd();
-    let st = Box::into_raw(Box::new(ChannelState {
+    let ibv = IbvCompChannel {
+        context,
+        fd: raw,
+        refcnt: 0,
+    };
+    let state = ChannelState {
         handle,
         fd,
         cqs: Mutex::new(BTreeMap::new()),
-    }));
-    let obj = Box::into_raw(Box::new(ChannelObject {
-        ibv: IbvCompChannel {
-            context,
-            fd: raw,
-            refcnt: 0,
-        },
-        magic: CHANNEL_MAGIC,
-        state: st,
-    }));
-    registry::add_queue(
-        obj as usize,
-        QueueKind::Channel,
-        QueueEntry {
-            context: key,
-            handle,
-        },
-    );
+    };
+    let obj = object::leak(ibv, state);
+    registry::add_queue(obj as usize, QueueKind::Channel, entry);
     registry::debug(format_args!(
         "created completion channel {handle} (fd {raw})"
     ));
-    Ok(obj.cast())
+    Ok(obj)
 }
 
 /// `ibv_create_comp_channel`: a channel whose `fd` becomes readable when an armed CQ of it gets
 /// a completion; NULL with errno on failure.
 #[no_mangle]
 pub extern "C" fn ibv_create_comp_channel(context: *mut IbvContext) -> *mut IbvCompChannel {
-    guard(null_mut(), || {
-        create_comp_channel(context).unwrap_or_else(|e| {
-            fail("ibv_create_comp_channel", &e);
-            null_mut()
-        })
-    })
+    returns_object("ibv_create_comp_channel", || create_comp_channel(context))
 }
 
 /// The channel object at `channel`, looked up in the registry.
@@ -176,11 +140,11 @@ fn channel_object(
     channel: *mut IbvCompChannel,
 ) -> Result<(QueueEntry, &'static ChannelState), VerbsError> {
     let entry = registry::queue(channel as usize, QueueKind::Channel)?;
-    let obj = channel.cast::<ChannelObject>();
-    // SAFETY: the registry holds `channel`, so it is a live ChannelObject made by
+    // SAFETY: the registry holds `channel`, so it is a live channel made by
     // `create_comp_channel`; its state lives until the channel is destroyed, which is the
     // program's promise not to do while it uses the channel.
-    let state = unsafe { &*std::ptr::addr_of!((*obj).state).read() };
+    let state =
+        unsafe { object::state(channel) }.ok_or(VerbsError::UnknownObject("completion channel"))?;
     Ok((entry, state))
 }
 
@@ -189,34 +153,17 @@ fn destroy_comp_channel(channel: *mut IbvCompChannel) -> Result<(), VerbsError> 
     if !lock(&state.cqs).is_empty() {
         return Err(VerbsError::Busy("completion channel still has CQs"));
     }
-    let ctx = registry::context(entry.context)?;
-    let body = ObjectHandle {
-        handle: entry.handle,
-    }
-    .to_vec();
-    match lock(&ctx.channel).call(op::DESTROY_COMP_CHANNEL, &body) {
-        Ok(_) | Err(VerbsError::RouterGone) => {}
-        Err(e) => return Err(e),
-    }
-    if registry::remove_object(channel as usize) {
-        let obj = channel.cast::<ChannelObject>();
-        // SAFETY: the registry held the channel: it is the Box leaked by
-        // `create_comp_channel`, and so is its state; both are freed once (removal from the
-        // registry happens once). Dropping the state closes the fd.
-        unsafe {
-            let obj = Box::from_raw(obj);
-            drop(Box::from_raw(obj.state.cast_mut()));
-        }
-    }
+    entry.destroy_on_router(op::DESTROY_COMP_CHANNEL)?;
+    // SAFETY: the registry held the channel: made by `create_comp_channel`; the program no
+    // longer uses it. Dropping the state closes the fd.
+    unsafe { object::remove(channel) };
     Ok(())
 }
 
 /// `ibv_destroy_comp_channel`: 0, or an errno value (EBUSY while CQs use it).
 #[no_mangle]
 pub extern "C" fn ibv_destroy_comp_channel(channel: *mut IbvCompChannel) -> c_int {
-    guard(libc::EIO, || {
-        destroy_comp_channel(channel).map_or_else(|e| fail("ibv_destroy_comp_channel", &e), |()| 0)
-    })
+    returns_errno("ibv_destroy_comp_channel", || destroy_comp_channel(channel))
 }
 
 /// Maps the region of a CQ's ring that the router passed.
@@ -266,44 +213,45 @@ fn create_cq(
         comp_vector: 0,
     }
     .to_vec();
-    let (created, fd) = {
-        let mut ch = lock(&state.channel);
-        let reply = ch.call(op::CREATE_CQ, &body)?;
-        let created =
-            CqCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
-        (created, ch.take_queue_file(QueueFileKind::Cq, created.cq))
+    let (created, fd) = lock(&state.channel).call_for_queue(
+        op::CREATE_CQ,
+        &body,
+        QueueFileKind::Cq,
+        |c: &CqCreated| c.cq,
+    )?;
+    let entry = QueueEntry {
+        context: key,
+        handle: created.cq,
     };
     let attached = fd.and_then(|fd| attach_ring(&fd));
     let ring = match attached {
         Ok(parts) => parts,
         Err(e) => {
-            destroy_on_router(key, op::DESTROY_CQ, created.cq);
+            // Undoes the router's side (best effort).
+            let _ = entry.destroy_on_router(op::DESTROY_CQ);
             return Err(e);
         }
     };
-    let st = Box::into_raw(Box::new(CqState {
+    let ibv = IbvCq {
+        context,
+        channel,
+        cq_context,
+        handle: created.cq,
+        cqe: created.cqe as c_int,
+        mutex: libc::PTHREAD_MUTEX_INITIALIZER,
+        cond: libc::PTHREAD_COND_INITIALIZER,
+        comp_events_completed: 0,
+        async_events_completed: 0,
+    };
+    let state = CqState {
         context: key,
         handle: created.cq,
         ring: Mutex::new(ring),
         events: Mutex::new((0, 0)),
         acked: Condvar::new(),
-        channel: channel.cast(),
-    }));
-    let obj = Box::into_raw(Box::new(CqObject {
-        ibv: IbvCq {
-            context,
-            channel,
-            cq_context,
-            handle: created.cq,
-            cqe: created.cqe as c_int,
-            mutex: libc::PTHREAD_MUTEX_INITIALIZER,
-            cond: libc::PTHREAD_COND_INITIALIZER,
-            comp_events_completed: 0,
-            async_events_completed: 0,
-        },
-        magic: CQ_MAGIC,
-        state: st,
-    }));
+        channel,
+    };
+    let obj = object::leak(ibv, state);
     if let Some(ch) = channel_state {
         lock(&ch.cqs).insert(created.cq, obj as usize);
         // SAFETY: `channel` is a live channel object (looked up above); the count is only
@@ -311,14 +259,7 @@ fn create_cq(
         // calls on this channel.
         unsafe { (*channel).refcnt += 1 };
     }
-    registry::add_queue(
-        obj as usize,
-        QueueKind::Cq,
-        QueueEntry {
-            context: key,
-            handle: created.cq,
-        },
-    );
+    registry::add_queue(obj as usize, QueueKind::Cq, entry);
     registry::debug(format_args!(
         "created CQ {} ({} entries{})",
         created.cq,
@@ -329,7 +270,7 @@ fn create_cq(
             ", with a channel"
         }
     ));
-    Ok(obj.cast())
+    Ok(obj)
 }
 
 /// `ibv_create_cq`: a CQ of at least `cqe` entries, or NULL with errno.
@@ -341,18 +282,13 @@ pub extern "C" fn ibv_create_cq(
     channel: *mut IbvCompChannel,
     comp_vector: c_int,
 ) -> *mut IbvCq {
-    guard(null_mut(), || {
-        create_cq(context, cqe, cq_context, channel, comp_vector).unwrap_or_else(|e| {
-            fail("ibv_create_cq", &e);
-            null_mut()
-        })
+    returns_object("ibv_create_cq", || {
+        create_cq(context, cqe, cq_context, channel, comp_vector)
     })
 }
 
 fn resize_cq(cq: *mut IbvCq, cqe: c_int) -> Result<(), VerbsError> {
-    let entry = registry::queue(cq as usize, QueueKind::Cq)?;
-    // SAFETY: the registry holds `cq`: a live CQ of this library.
-    let state = unsafe { cq_state(cq) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
+    let (entry, state) = registered_cq(cq)?;
     if cqe < 1 || cqe as u32 > limits::MAX_CQE {
         return Err(VerbsError::InvalidArgument("cqe out of range"));
     }
@@ -365,13 +301,12 @@ fn resize_cq(cq: *mut IbvCq, cqe: c_int) -> Result<(), VerbsError> {
         cqe: cqe as u32,
     }
     .to_vec();
-    let (resized, fd) = {
-        let mut ch = lock(&ctx.channel);
-        let reply = ch.call(op::RESIZE_CQ, &body)?;
-        let resized =
-            CqCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
-        (resized, ch.take_queue_file(QueueFileKind::Cq, entry.handle))
-    };
+    let (resized, fd) = lock(&ctx.channel).call_for_queue(
+        op::RESIZE_CQ,
+        &body,
+        QueueFileKind::Cq,
+        |_: &CqCreated| entry.handle,
+    )?;
     // The router produces into the new ring from now on: a failure here leaves the CQ without
     // completions (EIO), as a device whose CQ memory failed.
     *ring = fd.and_then(|fd| attach_ring(&fd))?;
@@ -388,24 +323,12 @@ fn resize_cq(cq: *mut IbvCq, cqe: c_int) -> Result<(), VerbsError> {
 /// completions in the CQ, which then stays as it was). `cq->cqe` becomes the size granted.
 #[no_mangle]
 pub extern "C" fn ibv_resize_cq(cq: *mut IbvCq, cqe: c_int) -> c_int {
-    guard(libc::EIO, || {
-        resize_cq(cq, cqe).map_or_else(|e| fail("ibv_resize_cq", &e), |()| 0)
-    })
+    returns_errno("ibv_resize_cq", || resize_cq(cq, cqe))
 }
 
 fn destroy_cq(cq: *mut IbvCq) -> Result<(), VerbsError> {
-    let entry = registry::queue(cq as usize, QueueKind::Cq)?;
-    // SAFETY: the registry holds `cq`: a live CQ of this library.
-    let state = unsafe { cq_state(cq) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
-    let ctx = registry::context(entry.context)?;
-    let body = ObjectHandle {
-        handle: entry.handle,
-    }
-    .to_vec();
-    match lock(&ctx.channel).call(op::DESTROY_CQ, &body) {
-        Ok(_) | Err(VerbsError::RouterGone) => {}
-        Err(e) => return Err(e),
-    }
+    let (entry, state) = registered_cq(cq)?;
+    entry.destroy_on_router(op::DESTROY_CQ)?;
     // As rdma-core: a CQ goes only once every event handed out for it is acknowledged.
     {
         let mut events = lock(&state.events);
@@ -413,31 +336,23 @@ fn destroy_cq(cq: *mut IbvCq) -> Result<(), VerbsError> {
             events = state.acked.wait(events).unwrap_or_else(|e| e.into_inner());
         }
     }
-    if !state.channel.is_null() {
-        // SAFETY: a CQ's channel outlives it (destroying a channel with CQs is refused).
-        let ch = unsafe { &*std::ptr::addr_of!((*state.channel).state).read() };
+    // SAFETY: the CQ's channel, if it has one, outlives it (destroying a channel with CQs is
+    // refused).
+    if let Some(ch) = unsafe { object::state(state.channel) } {
         lock(&ch.cqs).remove(&state.handle);
         // SAFETY: as above, a live channel object.
-        unsafe { (*state.channel).ibv.refcnt -= 1 };
+        unsafe { (*state.channel).refcnt -= 1 };
     }
-    if registry::remove_object(cq as usize) {
-        // SAFETY: the registry held `cq`: the Box leaked by `create_cq` and its state, freed
-        // once.
-        unsafe {
-            let obj = Box::from_raw(cq.cast::<CqObject>());
-            drop(Box::from_raw(obj.state.cast_mut()));
-        }
-    }
-    registry::debug(format_args!("destroyed CQ {}", entry.handle));
+    // SAFETY: the registry held `cq`: made by `create_cq`; the program no longer uses it.
+    unsafe { object::remove(cq) };
+    registry::debug(format_args!("destroyed {} {}", IbvCq::NAME, entry.handle));
     Ok(())
 }
 
 /// `ibv_destroy_cq`: 0, or an errno value (EBUSY while QPs use it).
 #[no_mangle]
 pub extern "C" fn ibv_destroy_cq(cq: *mut IbvCq) -> c_int {
-    guard(libc::EIO, || {
-        destroy_cq(cq).map_or_else(|e| fail("ibv_destroy_cq", &e), |()| 0)
-    })
+    returns_errno("ibv_destroy_cq", || destroy_cq(cq))
 }
 
 /// `ops.poll_cq` (the inline `ibv_poll_cq`): up to `num_entries` completions into `wc`; the
@@ -447,7 +362,7 @@ pub extern "C" fn ibv_destroy_cq(cq: *mut IbvCq) -> c_int {
 /// `cq` is a live CQ of this library; `wc` has room for `num_entries` entries.
 pub unsafe extern "C" fn poll_cq(cq: *mut IbvCq, num_entries: c_int, wc: *mut IbvWc) -> c_int {
     // SAFETY: forwarded caller guarantee.
-    let Some(state) = (unsafe { cq_state(cq) }) else {
+    let Some(state) = (unsafe { object::state(cq) }) else {
         set_errno(libc::EINVAL);
         return -1;
     };
@@ -490,7 +405,7 @@ pub unsafe extern "C" fn poll_cq(cq: *mut IbvCq, num_entries: c_int, wc: *mut Ib
 pub unsafe extern "C" fn req_notify_cq(cq: *mut IbvCq, solicited_only: c_int) -> c_int {
     let _ = solicited_only;
     // SAFETY: forwarded caller guarantee.
-    let Some(state) = (unsafe { cq_state(cq) }) else {
+    let Some(state) = (unsafe { object::state(cq) }) else {
         return libc::EINVAL;
     };
     lock(&state.ring).request_wake();
@@ -529,7 +444,7 @@ fn get_cq_event(
         // SAFETY: the channel's table holds only live CQs of this library (destroy removes
         // them first).
         let state =
-            unsafe { cq_state(ptr) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
+            unsafe { object::state(ptr) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
         lock(&state.events).0 += 1;
         // SAFETY: the out pointers were checked for NULL and are the caller's; `ptr` is live.
         unsafe {
@@ -547,13 +462,7 @@ pub extern "C" fn ibv_get_cq_event(
     cq: *mut *mut IbvCq,
     cq_context: *mut *mut c_void,
 ) -> c_int {
-    guard(-1, || match get_cq_event(channel, cq, cq_context) {
-        Ok(()) => 0,
-        Err(e) => {
-            fail("ibv_get_cq_event", &e);
-            -1
-        }
-    })
+    returns_minus_one("ibv_get_cq_event", || get_cq_event(channel, cq, cq_context))
 }
 
 /// `ibv_ack_cq_events`: acknowledges `nevents` events of `cq` (a CQ can only be destroyed
@@ -561,11 +470,7 @@ pub extern "C" fn ibv_get_cq_event(
 #[no_mangle]
 pub extern "C" fn ibv_ack_cq_events(cq: *mut IbvCq, nevents: c_uint) {
     guard((), || {
-        if registry::queue(cq as usize, QueueKind::Cq).is_err() {
-            return;
-        }
-        // SAFETY: the registry holds `cq`: a live CQ of this library.
-        let Some(state) = (unsafe { cq_state(cq) }) else {
+        let Ok((_, state)) = registered_cq(cq) else {
             return;
         };
         let mut events = lock(&state.events);
@@ -578,9 +483,7 @@ pub extern "C" fn ibv_ack_cq_events(cq: *mut IbvCq, nevents: c_uint) {
 
 /// The context a CQ belongs to and its router handle (for `ibv_create_qp`).
 pub fn cq_handle(cq: *mut IbvCq) -> Result<QueueEntry, VerbsError> {
-    let entry = registry::queue(cq as usize, QueueKind::Cq)?;
-    // SAFETY: the registry holds `cq`: a live CQ of this library.
-    let state = unsafe { cq_state(cq) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
+    let (entry, state) = registered_cq(cq)?;
     debug_assert_eq!((state.context, state.handle), (entry.context, entry.handle));
     Ok(entry)
 }

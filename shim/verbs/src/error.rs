@@ -1,9 +1,13 @@
 //! Why a verb failed. Typed inside the library; [`VerbsError::errno`] turns it into the errno
-//! value the C API reports (as a return value or in `errno`, per verb).
+//! value the C API reports (as a return value or in `errno`, per verb), and [`returns_errno`],
+//! [`returns_minus_one`] and [`returns_object`] are those conventions of the C API.
 
+use crate::ffi::guard;
 use crate::pages::PagesError;
 use freeflow_proto::attach::{AttachError, Refusal};
 use freeflow_proto::verbs::{AccessFlagsError, VerbsStatus};
+use std::ffi::c_int;
+use std::ptr::null_mut;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerbsError {
@@ -121,11 +125,48 @@ impl From<AttachError> for VerbsError {
 
 /// Reports `e` at the C boundary: errno (also returned, for the verbs that return it), and a
 /// line under `FREEFLOW_DEBUG`.
-pub(crate) fn fail(verb: &str, e: &VerbsError) -> std::ffi::c_int {
+pub(crate) fn fail(verb: &str, e: &VerbsError) -> c_int {
     crate::registry::debug(format_args!("{verb}: {e}"));
     let errno = e.errno();
     crate::ffi::set_errno(errno);
     errno
+}
+
+// The three ways a verb reports its outcome to C. Each runs the verb's `body` under [`guard`]
+// (a panic, a bug of this library, fails the verb with EIO) and reports an error with [`fail`].
+
+/// A verb that returns 0, or an errno value.
+pub(crate) fn returns_errno(verb: &str, body: impl FnOnce() -> Result<(), VerbsError>) -> c_int {
+    guard(libc::EIO, || body().map_or_else(|e| fail(verb, &e), |()| 0))
+}
+
+/// A verb that returns 0, or -1 with errno.
+pub(crate) fn returns_minus_one(
+    verb: &str,
+    body: impl FnOnce() -> Result<(), VerbsError>,
+) -> c_int {
+    guard(-1, || {
+        body().map_or_else(
+            |e| {
+                fail(verb, &e);
+                -1
+            },
+            |()| 0,
+        )
+    })
+}
+
+/// A verb that returns a new object, or NULL with errno.
+pub(crate) fn returns_object<T>(
+    verb: &str,
+    body: impl FnOnce() -> Result<*mut T, VerbsError>,
+) -> *mut T {
+    guard(null_mut(), || {
+        body().unwrap_or_else(|e| {
+            fail(verb, &e);
+            null_mut()
+        })
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 
 use crate::abi::*;
 use crate::device::{PKEY_BE, PORT};
-use crate::error::{fail, VerbsError};
+use crate::error::{fail, returns_errno, returns_minus_one, returns_object, VerbsError};
 use crate::ffi::{copy_out, guard, set_errno};
 use crate::registry::{self, ContextState};
 use crate::sysfs;
@@ -49,6 +49,41 @@ fn check_index(table: &'static str, index: i64) -> Result<(), VerbsError> {
     } else {
         Err(VerbsError::NoSuchIndex { table, index })
     }
+}
+
+/// The device's only GID: index 0 of port 1.
+fn check_gid(port: u32, index: i64) -> Result<(), VerbsError> {
+    check_port(port)?;
+    check_index("GID", index)
+}
+
+/// The GID queries define no flags yet.
+fn check_no_flags(flags: u32) -> Result<(), VerbsError> {
+    if flags == 0 {
+        Ok(())
+    } else {
+        Err(VerbsError::InvalidArgument("flags must be 0"))
+    }
+}
+
+/// Answers a query: copies `value` into the caller's `len` bytes at `out`, or refuses (with
+/// `refusal`) a NULL `out` or one shorter than `min_len` bytes.
+///
+/// # Safety
+/// `out` is NULL or writable for `len` bytes.
+unsafe fn answer<T: Copy>(
+    out: *mut T,
+    len: usize,
+    min_len: usize,
+    refusal: &'static str,
+    value: T,
+) -> Result<(), VerbsError> {
+    if out.is_null() || len < min_len {
+        return Err(VerbsError::InvalidArgument(refusal));
+    }
+    // SAFETY: the caller guarantees `len` writable bytes at `out`, which is not NULL.
+    unsafe { copy_out(out, &value, len) };
+    Ok(())
 }
 
 /// `ibv_get_device_list`: one device in a registered container, none elsewhere (then errno
@@ -213,17 +248,10 @@ fn verbs_context(device: *mut IbvDevice, async_fd: c_int) -> VerbsContext {
 /// `ibv_open_device`: a context with its own attachment to the router.
 #[no_mangle]
 pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
-    guard(null_mut(), || {
-        let opened = registry::device_at(device)
-            .ok_or(VerbsError::UnknownDevice)
-            .and_then(|d| Ok((d, registry::attach_for(d)?, async_event_fd()?)));
-        let (device, session, async_events) = match opened {
-            Ok(parts) => parts,
-            Err(e) => {
-                fail("ibv_open_device", &e);
-                return null_mut();
-            }
-        };
+    returns_object("ibv_open_device", || {
+        let device = registry::device_at(device).ok_or(VerbsError::UnknownDevice)?;
+        let session = registry::attach_for(device)?;
+        let async_events = async_event_fd()?;
         let c_side = Box::into_raw(Box::new(verbs_context(
             device.as_c(),
             async_events.as_raw_fd(),
@@ -242,7 +270,7 @@ pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
             state.attachment_id()
         ));
         registry::add_context(context as usize, state);
-        context
+        Ok(context)
     })
 }
 
@@ -252,11 +280,8 @@ pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
 /// `context` is not used by the program after this call.
 #[no_mangle]
 pub unsafe extern "C" fn ibv_close_device(context: *mut IbvContext) -> c_int {
-    guard(-1, || {
-        let Some(state) = registry::remove_context(context as usize) else {
-            fail("ibv_close_device", &VerbsError::UnknownContext);
-            return -1;
-        };
+    returns_minus_one("ibv_close_device", || {
+        let state = registry::remove_context(context as usize).ok_or(VerbsError::UnknownContext)?;
         let c_side = context
             .cast::<u8>()
             .wrapping_sub(offset_of!(VerbsContext, context))
@@ -275,7 +300,7 @@ pub unsafe extern "C" fn ibv_close_device(context: *mut IbvContext) -> c_int {
         crate::pd_mr::forget_objects_of(context as usize);
         // The attachment and the async eventfd close when the last user of the state is done.
         drop(state);
-        0
+        Ok(())
     })
 }
 
@@ -288,17 +313,11 @@ pub unsafe extern "C" fn ibv_query_device(
     context: *mut IbvContext,
     device_attr: *mut IbvDeviceAttr,
 ) -> c_int {
-    guard(libc::EIO, || {
-        let result = state_of(context).and_then(|state| {
-            if device_attr.is_null() {
-                return Err(VerbsError::InvalidArgument("device_attr is NULL"));
-            }
-            let attr = state.device.identity.device_attr();
-            // SAFETY: the caller's buffer holds a struct ibv_device_attr.
-            unsafe { copy_out(device_attr, &attr, size_of::<IbvDeviceAttr>()) };
-            Ok(())
-        });
-        result.map_or_else(|e| fail("ibv_query_device", &e), |()| 0)
+    returns_errno("ibv_query_device", || {
+        let attr = state_of(context)?.device.identity.device_attr();
+        let len = size_of::<IbvDeviceAttr>();
+        // SAFETY: the caller's buffer holds a struct ibv_device_attr.
+        unsafe { answer(device_attr, len, len, "device_attr is NULL", attr) }
     })
 }
 
@@ -307,24 +326,17 @@ pub unsafe extern "C" fn ibv_query_device(
 /// # Safety
 /// `out` is NULL or writable for `len` bytes.
 unsafe fn query_port(
-    verb: &str,
     context: *mut IbvContext,
     port: u8,
     out: *mut IbvPortAttr,
     len: usize,
 ) -> c_int {
-    guard(libc::EIO, || {
-        let result = state_of(context).and_then(|state| {
-            check_port(u32::from(port))?;
-            if out.is_null() {
-                return Err(VerbsError::InvalidArgument("port_attr is NULL"));
-            }
-            let attr = state.device.identity.port_attr();
-            // SAFETY: the caller guarantees `len` writable bytes at `out`.
-            unsafe { copy_out(out, &attr, len) };
-            Ok(())
-        });
-        result.map_or_else(|e| fail(verb, &e), |()| 0)
+    returns_errno("ibv_query_port", || {
+        let state = state_of(context)?;
+        check_port(u32::from(port))?;
+        let attr = state.device.identity.port_attr();
+        // SAFETY: the caller guarantees `len` writable bytes at `out`.
+        unsafe { answer(out, len, 0, "port_attr is NULL", attr) }
     })
 }
 
@@ -340,15 +352,7 @@ pub unsafe extern "C" fn ibv_query_port(
     port_attr: *mut IbvPortAttr,
 ) -> c_int {
     // SAFETY: forwarded caller guarantee.
-    unsafe {
-        query_port(
-            "ibv_query_port",
-            context,
-            port_num,
-            port_attr,
-            COMPAT_PORT_ATTR_LEN,
-        )
-    }
+    unsafe { query_port(context, port_num, port_attr, COMPAT_PORT_ATTR_LEN) }
 }
 
 /// `verbs_context.query_port`: the inline `ibv_query_port` of current headers calls this with
@@ -360,15 +364,7 @@ unsafe extern "C" fn query_port_op(
     port_attr_len: usize,
 ) -> c_int {
     // SAFETY: the inline wrapper passes its own structure and its size.
-    unsafe {
-        query_port(
-            "ibv_query_port",
-            context,
-            port_num,
-            port_attr,
-            port_attr_len,
-        )
-    }
+    unsafe { query_port(context, port_num, port_attr, port_attr_len) }
 }
 
 /// `verbs_context.query_device_ex`: the plain attributes and no extended capabilities.
@@ -378,21 +374,23 @@ unsafe extern "C" fn query_device_ex_op(
     attr: *mut IbvDeviceAttrEx,
     attr_size: usize,
 ) -> c_int {
-    guard(libc::EIO, || {
-        let result = state_of(context).and_then(|state| {
-            // SAFETY: `input` is NULL or the caller's input structure.
-            if !input.is_null() && unsafe { (*input).comp_mask } != 0 {
-                return Err(VerbsError::InvalidArgument("unknown comp_mask in input"));
-            }
-            if attr.is_null() || attr_size < size_of::<IbvDeviceAttr>() {
-                return Err(VerbsError::InvalidArgument("attr too small"));
-            }
-            let value = state.device.identity.device_attr_ex();
-            // SAFETY: the caller's buffer has `attr_size` bytes.
-            unsafe { copy_out(attr, &value, attr_size) };
-            Ok(())
-        });
-        result.map_or_else(|e| fail("ibv_query_device_ex", &e), |()| 0)
+    returns_errno("ibv_query_device_ex", || {
+        let state = state_of(context)?;
+        // SAFETY: `input` is NULL or the caller's input structure.
+        if !input.is_null() && unsafe { (*input).comp_mask } != 0 {
+            return Err(VerbsError::InvalidArgument("unknown comp_mask in input"));
+        }
+        let value = state.device.identity.device_attr_ex();
+        // SAFETY: the caller's buffer has `attr_size` bytes.
+        unsafe {
+            answer(
+                attr,
+                attr_size,
+                size_of::<IbvDeviceAttr>(),
+                "attr too small",
+                value,
+            )
+        }
     })
 }
 
@@ -407,25 +405,12 @@ pub unsafe extern "C" fn ibv_query_gid(
     index: c_int,
     gid: *mut IbvGid,
 ) -> c_int {
-    guard(-1, || {
-        let result = state_of(context).and_then(|state| {
-            check_port(u32::from(port_num))?;
-            check_index("GID", i64::from(index))?;
-            if gid.is_null() {
-                return Err(VerbsError::InvalidArgument("gid is NULL"));
-            }
-            let value = state.device.identity.gid();
-            // SAFETY: the caller's buffer holds a union ibv_gid.
-            unsafe { copy_out(gid, &value, size_of::<IbvGid>()) };
-            Ok(())
-        });
-        result.map_or_else(
-            |e| {
-                fail("ibv_query_gid", &e);
-                -1
-            },
-            |()| 0,
-        )
+    returns_minus_one("ibv_query_gid", || {
+        let state = state_of(context)?;
+        check_gid(u32::from(port_num), i64::from(index))?;
+        let (value, len) = (state.device.identity.gid(), size_of::<IbvGid>());
+        // SAFETY: the caller's buffer holds a union ibv_gid.
+        unsafe { answer(gid, len, len, "gid is NULL", value) }
     })
 }
 
@@ -440,18 +425,15 @@ pub unsafe extern "C" fn ibv_query_gid_type(
     index: c_uint,
     gid_type: *mut c_int,
 ) -> c_int {
-    guard(libc::EIO, || {
-        let result = state_of(context).and_then(|_| {
-            check_port(u32::from(port_num))?;
-            check_index("GID", i64::from(index))?;
-            if gid_type.is_null() {
-                return Err(VerbsError::InvalidArgument("type is NULL"));
-            }
-            // SAFETY: the caller passes a writable enum.
-            unsafe { *gid_type = IBV_GID_TYPE_SYSFS_ROCE_V2 };
-            Ok(())
-        });
-        result.map_or_else(|e| fail("ibv_query_gid_type", &e), |()| 0)
+    returns_errno("ibv_query_gid_type", || {
+        state_of(context)?;
+        check_gid(u32::from(port_num), i64::from(index))?;
+        if gid_type.is_null() {
+            return Err(VerbsError::InvalidArgument("type is NULL"));
+        }
+        // SAFETY: the caller passes a writable enum.
+        unsafe { *gid_type = IBV_GID_TYPE_SYSFS_ROCE_V2 };
+        Ok(())
     })
 }
 
@@ -468,22 +450,21 @@ pub unsafe extern "C" fn _ibv_query_gid_ex(
     flags: u32,
     entry_size: usize,
 ) -> c_int {
-    guard(libc::EIO, || {
-        let result = state_of(context).and_then(|state| {
-            check_port(port_num)?;
-            check_index("GID", i64::from(gid_index))?;
-            if flags != 0 {
-                return Err(VerbsError::InvalidArgument("flags must be 0"));
-            }
-            if entry.is_null() || entry_size < size_of::<IbvGidEntry>() {
-                return Err(VerbsError::InvalidArgument("entry too small"));
-            }
-            let value = state.device.identity.gid_entry();
-            // SAFETY: the caller's buffer has `entry_size` bytes.
-            unsafe { copy_out(entry, &value, entry_size) };
-            Ok(())
-        });
-        result.map_or_else(|e| fail("ibv_query_gid_ex", &e), |()| 0)
+    returns_errno("ibv_query_gid_ex", || {
+        let state = state_of(context)?;
+        check_gid(port_num, i64::from(gid_index))?;
+        check_no_flags(flags)?;
+        let value = state.device.identity.gid_entry();
+        // SAFETY: the caller's buffer has `entry_size` bytes.
+        unsafe {
+            answer(
+                entry,
+                entry_size,
+                size_of::<IbvGidEntry>(),
+                "entry too small",
+                value,
+            )
+        }
     })
 }
 
@@ -502,9 +483,7 @@ pub unsafe extern "C" fn _ibv_query_gid_table(
 ) -> isize {
     guard(-(libc::EIO as isize), || {
         let result = state_of(context).and_then(|state| {
-            if flags != 0 {
-                return Err(VerbsError::InvalidArgument("flags must be 0"));
-            }
+            check_no_flags(flags)?;
             if entries.is_null() || max_entries < 1 || entry_size < size_of::<IbvGidEntry>() {
                 return Err(VerbsError::InvalidArgument("no room for the GID table"));
             }
@@ -528,24 +507,16 @@ pub unsafe extern "C" fn ibv_query_pkey(
     index: c_int,
     pkey: *mut u16,
 ) -> c_int {
-    guard(-1, || {
-        let result = state_of(context).and_then(|_| {
-            check_port(u32::from(port_num))?;
-            check_index("P_Key", i64::from(index))?;
-            if pkey.is_null() {
-                return Err(VerbsError::InvalidArgument("pkey is NULL"));
-            }
-            // SAFETY: the caller's buffer holds a __be16 (alignment not assumed).
-            unsafe { pkey.write_unaligned(PKEY_BE) };
-            Ok(())
-        });
-        result.map_or_else(
-            |e| {
-                fail("ibv_query_pkey", &e);
-                -1
-            },
-            |()| 0,
-        )
+    returns_minus_one("ibv_query_pkey", || {
+        state_of(context)?;
+        check_port(u32::from(port_num))?;
+        check_index("P_Key", i64::from(index))?;
+        if pkey.is_null() {
+            return Err(VerbsError::InvalidArgument("pkey is NULL"));
+        }
+        // SAFETY: the caller's buffer holds a __be16 (alignment not assumed).
+        unsafe { pkey.write_unaligned(PKEY_BE) };
+        Ok(())
     })
 }
 

@@ -12,8 +12,7 @@
 #![allow(unsafe_code)]
 
 use crate::abi::{IbvContext, IbvMr, IbvPd};
-use crate::error::{fail, VerbsError};
-use crate::ffi::guard;
+use crate::error::{returns_errno, returns_object, VerbsError};
 use crate::registry::{self, lock, MrEntry, PdEntry};
 use freeflow_proto::verbs::{
     check_mr_access, limits, op, Body, DeallocPd, DeregMr, MrCreated, PdCreated, RegMr, TestDigest,
@@ -21,7 +20,6 @@ use freeflow_proto::verbs::{
 };
 use std::ffi::{c_int, c_uint, c_void};
 use std::os::fd::AsFd;
-use std::ptr::null_mut;
 
 symbol_versions! {
     "IBVERBS_1.1": [ibv_alloc_pd, ibv_dealloc_pd, ibv_reg_mr, ibv_dereg_mr],
@@ -33,9 +31,7 @@ fn alloc_pd(context: *mut IbvContext) -> Result<*mut IbvPd, VerbsError> {
     let key = context as usize;
     let state = registry::context(key)?;
     let reply = lock(&state.channel).call(op::ALLOC_PD, &[])?;
-    let handle = PdCreated::decode(reply.bytes())
-        .map_err(|e| VerbsError::Protocol(e.to_string()))?
-        .pd;
+    let handle = reply.decode::<PdCreated>()?.pd;
     let pd = Box::into_raw(Box::new(IbvPd { context, handle }));
     registry::add_pd(
         pd as usize,
@@ -51,23 +47,14 @@ fn alloc_pd(context: *mut IbvContext) -> Result<*mut IbvPd, VerbsError> {
 /// `ibv_alloc_pd`: a protection domain, or NULL with errno.
 #[no_mangle]
 pub extern "C" fn ibv_alloc_pd(context: *mut IbvContext) -> *mut IbvPd {
-    guard(null_mut(), || {
-        alloc_pd(context).unwrap_or_else(|e| {
-            fail("ibv_alloc_pd", &e);
-            null_mut()
-        })
-    })
+    returns_object("ibv_alloc_pd", || alloc_pd(context))
 }
 
 fn dealloc_pd(pd: *mut IbvPd) -> Result<(), VerbsError> {
     let entry = registry::pd(pd as usize)?;
     let state = registry::context(entry.context)?;
     let body = DeallocPd { pd: entry.handle }.to_vec();
-    match lock(&state.channel).call(op::DEALLOC_PD, &body[..DeallocPd::LEN]) {
-        // A router that went away took the PD with it.
-        Ok(_) | Err(VerbsError::RouterGone) => {}
-        Err(e) => return Err(e),
-    }
+    lock(&state.channel).destroy(op::DEALLOC_PD, &body[..DeallocPd::LEN])?;
     if registry::remove_object(pd as usize) {
         // SAFETY: the registry held `pd`, so it is the Box leaked by `alloc_pd`, freed once
         // (removal from the registry happens once).
@@ -80,9 +67,7 @@ fn dealloc_pd(pd: *mut IbvPd) -> Result<(), VerbsError> {
 /// pointer that is not a live PD of this library).
 #[no_mangle]
 pub extern "C" fn ibv_dealloc_pd(pd: *mut IbvPd) -> c_int {
-    guard(libc::EIO, || {
-        dealloc_pd(pd).map_or_else(|e| fail("ibv_dealloc_pd", &e), |()| 0)
-    })
+    returns_errno("ibv_dealloc_pd", || dealloc_pd(pd))
 }
 
 /// The checks made here before any memory moves; the router makes them again.
@@ -141,7 +126,7 @@ fn reg_mr(
         }
         .to_vec();
         let reply = channel.call(op::REG_MR, &body[..RegMr::LEN])?;
-        MrCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))
+        reply.decode::<MrCreated>()
     })();
     let created = match registered {
         Ok(created) => created,
@@ -183,12 +168,7 @@ fn reg_mr_c(
     iova: u64,
     access: u32,
 ) -> *mut IbvMr {
-    guard(null_mut(), || {
-        reg_mr(pd, addr, length, iova, access).unwrap_or_else(|e| {
-            fail(verb, &e);
-            null_mut()
-        })
-    })
+    returns_object(verb, || reg_mr(pd, addr, length, iova, access))
 }
 
 /// `ibv_reg_mr`: a region over `length` bytes at `addr`, or NULL with errno (EINVAL for bad
@@ -234,11 +214,7 @@ fn dereg_mr(mr: *mut IbvMr) -> Result<(), VerbsError> {
     let state = registry::context(entry.context)?;
     let mut pages_guard = registry::pages();
     let body = DeregMr { mr: entry.handle }.to_vec();
-    match lock(&state.channel).call(op::DEREG_MR, &body[..DeregMr::LEN]) {
-        // A router that went away took the region with it.
-        Ok(_) | Err(VerbsError::RouterGone) => {}
-        Err(e) => return Err(e),
-    }
+    lock(&state.channel).destroy(op::DEREG_MR, &body[..DeregMr::LEN])?;
     if registry::remove_object(mr as usize) {
         if let Some(pages) = pages_guard.as_mut() {
             pages.release(entry.pages.0, entry.pages.1);
@@ -255,9 +231,7 @@ fn dereg_mr(mr: *mut IbvMr) -> Result<(), VerbsError> {
 /// them.
 #[no_mangle]
 pub extern "C" fn ibv_dereg_mr(mr: *mut IbvMr) -> c_int {
-    guard(libc::EIO, || {
-        dereg_mr(mr).map_or_else(|e| fail("ibv_dereg_mr", &e), |()| 0)
-    })
+    returns_errno("ibv_dereg_mr", || dereg_mr(mr))
 }
 
 /// A context is closing: its PDs and MRs are forgotten (later calls with them fail with EINVAL
@@ -292,30 +266,23 @@ pub unsafe extern "C" fn freeflow_test_mr_read(
     length: u64,
     digest: *mut u64,
 ) -> c_int {
-    guard(libc::EIO, || {
-        let result = (|| {
-            let entry = registry::pd(pd as usize)?;
-            let state = registry::context(entry.context)?;
-            let body = TestRead {
-                pd: entry.handle,
-                lkey,
-                addr,
-                length,
-            }
-            .to_vec();
-            let reply = lock(&state.channel).call(op::TEST_READ, &body[..TestRead::LEN])?;
-            TestDigest::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))
-        })();
-        match result {
-            Ok(d) => {
-                if !digest.is_null() {
-                    // SAFETY: the caller passes NULL or a writable u64.
-                    unsafe { digest.write_unaligned(d.digest) };
-                }
-                0
-            }
-            Err(e) => fail("freeflow_test_mr_read", &e),
+    returns_errno("freeflow_test_mr_read", || {
+        let entry = registry::pd(pd as usize)?;
+        let state = registry::context(entry.context)?;
+        let body = TestRead {
+            pd: entry.handle,
+            lkey,
+            addr,
+            length,
         }
+        .to_vec();
+        let reply = lock(&state.channel).call(op::TEST_READ, &body[..TestRead::LEN])?;
+        let d = reply.decode::<TestDigest>()?;
+        if !digest.is_null() {
+            // SAFETY: the caller passes NULL or a writable u64.
+            unsafe { digest.write_unaligned(d.digest) };
+        }
+        Ok(())
     })
 }
 
@@ -333,34 +300,31 @@ pub unsafe extern "C" fn freeflow_test_mr_write(
     data: *const c_void,
     length: usize,
 ) -> c_int {
-    guard(libc::EIO, || {
-        let result = (|| {
-            if length > MAX_TEST_WRITE || (data.is_null() && length > 0) {
-                return Err(VerbsError::InvalidArgument(
-                    "test write of more than 32 bytes",
-                ));
-            }
-            let bytes = if length == 0 {
-                Vec::new()
-            } else {
-                // SAFETY: the caller guarantees `length` readable bytes at `data`.
-                unsafe { std::slice::from_raw_parts(data.cast::<u8>(), length) }.to_vec()
-            };
-            let entry = registry::pd(pd as usize)?;
-            let state = registry::context(entry.context)?;
-            let mut body = [0u8; 64];
-            let n = TestWrite {
-                pd: entry.handle,
-                lkey,
-                addr,
-                data: bytes,
-            }
-            .encode(&mut body)
-            .ok_or(VerbsError::InvalidArgument("test write too long"))?;
-            lock(&state.channel).call(op::TEST_WRITE, &body[..n])?;
-            Ok(())
-        })();
-        result.map_or_else(|e| fail("freeflow_test_mr_write", &e), |()| 0)
+    returns_errno("freeflow_test_mr_write", || {
+        if length > MAX_TEST_WRITE || (data.is_null() && length > 0) {
+            return Err(VerbsError::InvalidArgument(
+                "test write of more than 32 bytes",
+            ));
+        }
+        let bytes = if length == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: the caller guarantees `length` readable bytes at `data`.
+            unsafe { std::slice::from_raw_parts(data.cast::<u8>(), length) }.to_vec()
+        };
+        let entry = registry::pd(pd as usize)?;
+        let state = registry::context(entry.context)?;
+        let mut body = [0u8; 64];
+        let n = TestWrite {
+            pd: entry.handle,
+            lkey,
+            addr,
+            data: bytes,
+        }
+        .encode(&mut body)
+        .ok_or(VerbsError::InvalidArgument("test write too long"))?;
+        lock(&state.channel).call(op::TEST_WRITE, &body[..n])?;
+        Ok(())
     })
 }
 

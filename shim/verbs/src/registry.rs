@@ -9,14 +9,18 @@
 //!
 //! It also holds the protection domains and memory regions handed out (by the address of their
 //! C structures, so a pointer the program passes back is looked up, never trusted), and the
-//! process's registered pages.
+//! process's registered pages. The allocation behind a CQ, QP, SRQ or completion channel
+//! pointer is [`object`]'s.
+
+pub mod object;
 
 use crate::abi::IbvDevice;
-use crate::channel::Channel;
+use crate::channel::{Channel, ReplyBody};
 use crate::device::Identity;
 use crate::error::VerbsError;
 use crate::pages::Pages;
 use freeflow_proto::attach::{attach, Session, ShimKind};
+use freeflow_proto::verbs::{Body, ObjectHandle};
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -223,6 +227,30 @@ pub struct MrEntry {
 pub struct QueueEntry {
     pub context: usize,
     pub handle: u32,
+}
+
+impl QueueEntry {
+    /// The object's handle as a request body ([`ObjectHandle`]).
+    pub fn handle_body(&self) -> Vec<u8> {
+        ObjectHandle {
+            handle: self.handle,
+        }
+        .to_vec()
+    }
+
+    /// Sends a request about this object on its context's channel.
+    pub fn call(&self, opcode: u16, body: &[u8]) -> Result<ReplyBody, VerbsError> {
+        let ctx = context(self.context)?;
+        let reply = lock(&ctx.channel).call(opcode, body);
+        reply
+    }
+
+    /// Asks the router to destroy this object with `opcode` ([`Channel::destroy`]).
+    pub fn destroy_on_router(&self, opcode: u16) -> Result<(), VerbsError> {
+        let ctx = context(self.context)?;
+        let done = lock(&ctx.channel).destroy(opcode, &self.handle_body());
+        done
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -18,58 +18,36 @@
 #![allow(unsafe_code)]
 
 use crate::abi::{IbvContext, IbvPd, IbvRecvWr, IbvSrq, IbvSrqAttr, IbvSrqInitAttr};
-use crate::error::{fail, VerbsError};
-use crate::ffi::{copy_out, guard};
+use crate::error::{returns_errno, returns_object, VerbsError};
+use crate::ffi::copy_out;
 use crate::qp::{push_receives, report_recv, Queue};
+use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, QueueEntry, QueueKind};
 use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::region::SharedRegion;
 use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq, SrqAttr, SrqCreated};
-use freeflow_proto::verbs::{op, Body, ObjectHandle, QueueFileKind};
+use freeflow_proto::verbs::{op, Body, QueueFileKind};
 use freeflow_proto::Producer;
 use std::ffi::c_int;
 use std::os::fd::AsFd;
-use std::ptr::null_mut;
 use std::sync::Mutex;
 
 symbol_versions! {
     "IBVERBS_1.1": [ibv_create_srq, ibv_modify_srq, ibv_query_srq, ibv_destroy_srq],
 }
 
-const SRQ_MAGIC: u64 = u64::from_le_bytes(*b"FFSRv001");
-
 /// What the library keeps for an SRQ, behind its `struct ibv_srq`.
-struct SrqShared {
+pub(crate) struct SrqShared {
     max_sge: u32,
     recv: Mutex<Queue>,
     /// The router shard's doorbell (rung only when the shard parked).
     bell: EventFd,
 }
 
-#[repr(C)]
-struct SrqObject {
-    ibv: IbvSrq,
-    magic: u64,
-    state: *const SrqShared,
-}
-
-/// The state behind `srq`, if it is one of this library's SRQs.
-///
-/// # Safety
-/// `srq` is NULL or points at an SRQ this library created and has not destroyed (what the
-/// inline `ibv_post_srq_recv` passes, and what every provider assumes).
-unsafe fn srq_state<'a>(srq: *mut IbvSrq) -> Option<&'a SrqShared> {
-    if srq.is_null() {
-        return None;
-    }
-    let obj = srq.cast::<SrqObject>();
-    // SAFETY: per the contract, a live SrqObject; fields read through raw pointers.
-    unsafe {
-        if std::ptr::addr_of!((*obj).magic).read() != SRQ_MAGIC {
-            return None;
-        }
-        std::ptr::addr_of!((*obj).state).read().as_ref()
-    }
+impl HandedOut for IbvSrq {
+    type State = SrqShared;
+    const MAGIC: u64 = u64::from_le_bytes(*b"FFSRv001");
+    const NAME: &'static str = "SRQ";
 }
 
 fn create_srq(pd: *mut IbvPd, init: *mut IbvSrqInitAttr) -> Result<*mut IbvSrq, VerbsError> {
@@ -89,10 +67,9 @@ fn create_srq(pd: *mut IbvPd, init: *mut IbvSrqInitAttr) -> Result<*mut IbvSrq, 
     .to_vec();
     let (created, fd, bell) = {
         let mut ch = lock(&state.channel);
-        let reply = ch.call(op::CREATE_SRQ, &body)?;
-        let created =
-            SrqCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
-        let fd = ch.take_queue_file(QueueFileKind::Srq, created.srq);
+        let kind = QueueFileKind::Srq;
+        let (created, fd) =
+            ch.call_for_queue(op::CREATE_SRQ, &body, kind, |c: &SrqCreated| c.srq)?;
         (created, fd, ch.router_bell())
     };
     let made = fd.and_then(|fd| {
@@ -104,75 +81,59 @@ fn create_srq(pd: *mut IbvPd, init: *mut IbvSrqInitAttr) -> Result<*mut IbvSrq, 
             .map_err(|e| VerbsError::Protocol(format!("SRQ ring: {e}")))?;
         Ok((ring, bell?))
     });
+    let entry = QueueEntry {
+        context: pd_entry.context,
+        handle: created.srq,
+    };
     let (ring, bell) = match made {
         Ok(parts) => parts,
         Err(e) => {
-            let _ = lock(&state.channel).call(
-                op::DESTROY_SRQ,
-                &ObjectHandle {
-                    handle: created.srq,
-                }
-                .to_vec(),
-            );
+            // Undoes the router's side (best effort).
+            let _ = entry.destroy_on_router(op::DESTROY_SRQ);
             return Err(e);
         }
     };
-    let st = Box::into_raw(Box::new(SrqShared {
+    let ibv = IbvSrq {
+        context: pd_entry.context as *mut IbvContext,
+        srq_context: a.srq_context,
+        pd,
+        handle: created.srq,
+        mutex: libc::PTHREAD_MUTEX_INITIALIZER,
+        cond: libc::PTHREAD_COND_INITIALIZER,
+        events_completed: 0,
+    };
+    let state = SrqShared {
         max_sge: created.attr.max_sge,
         recv: Queue::new(ring),
         bell,
-    }));
-    let obj = Box::into_raw(Box::new(SrqObject {
-        ibv: IbvSrq {
-            context: pd_entry.context as *mut IbvContext,
-            srq_context: a.srq_context,
-            pd,
-            handle: created.srq,
-            mutex: libc::PTHREAD_MUTEX_INITIALIZER,
-            cond: libc::PTHREAD_COND_INITIALIZER,
-            events_completed: 0,
-        },
-        magic: SRQ_MAGIC,
-        state: st,
-    }));
+    };
+    let obj = object::leak(ibv, state);
     // As rdma-core documents: the caller learns the capacities the SRQ really has.
     // SAFETY: `init` is the caller's (checked for NULL above).
     unsafe {
         (*init).attr.max_wr = created.attr.max_wr;
         (*init).attr.max_sge = created.attr.max_sge;
     }
-    registry::add_queue(
-        obj as usize,
-        QueueKind::Srq,
-        QueueEntry {
-            context: pd_entry.context,
-            handle: created.srq,
-        },
-    );
+    registry::add_queue(obj as usize, QueueKind::Srq, entry);
     registry::debug(format_args!(
         "created SRQ {} ({} WRs of {} SGEs)",
         created.srq, created.attr.max_wr, created.attr.max_sge
     ));
-    Ok(obj.cast())
+    Ok(obj)
 }
 
 /// `ibv_create_srq`: an SRQ of at least `attr.max_wr` receives of `attr.max_sge` entries
 /// (written back), or NULL with errno (EINVAL for capacities beyond the device's).
 #[no_mangle]
 pub extern "C" fn ibv_create_srq(pd: *mut IbvPd, init: *mut IbvSrqInitAttr) -> *mut IbvSrq {
-    guard(null_mut(), || {
-        create_srq(pd, init).unwrap_or_else(|e| {
-            fail("ibv_create_srq", &e);
-            null_mut()
-        })
-    })
+    returns_object("ibv_create_srq", || create_srq(pd, init))
 }
 
 /// The context an SRQ belongs to and its router handle (for `ibv_create_qp`).
 pub fn srq_handle(srq: *mut IbvSrq) -> Result<QueueEntry, VerbsError> {
     let entry = registry::queue(srq as usize, QueueKind::Srq)?;
     // SAFETY: the registry holds `srq`: a live SRQ of this library.
-    unsafe { srq_state(srq) }.ok_or(VerbsError::UnknownObject("shared receive queue"))?;
+    unsafe { object::state(srq) }.ok_or(VerbsError::UnknownObject("shared receive queue"))?;
     Ok(entry)
 }
 
@@ -183,7 +144,6 @@ fn modify_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr, mask: c_int) -> Result<()
     }
     // SAFETY: the caller's attributes (checked for NULL).
     let a = unsafe { *attr };
-    let ctx = registry::context(entry.context)?;
     let body = ModifySrq {
         srq: entry.handle,
         attr_mask: mask as u32,
@@ -191,7 +151,7 @@ fn modify_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr, mask: c_int) -> Result<()
         srq_limit: a.srq_limit,
     }
     .to_vec();
-    lock(&ctx.channel).call(op::MODIFY_SRQ, &body)?;
+    entry.call(op::MODIFY_SRQ, &body)?;
     Ok(())
 }
 
@@ -199,9 +159,7 @@ fn modify_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr, mask: c_int) -> Result<()
 /// do, or a limit above `max_wr`; EOPNOTSUPP for a non-zero limit: no asynchronous events).
 #[no_mangle]
 pub extern "C" fn ibv_modify_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr, mask: c_int) -> c_int {
-    guard(libc::EIO, || {
-        modify_srq(srq, attr, mask).map_or_else(|e| fail("ibv_modify_srq", &e), |()| 0)
-    })
+    returns_errno("ibv_modify_srq", || modify_srq(srq, attr, mask))
 }
 
 fn query_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr) -> Result<(), VerbsError> {
@@ -209,15 +167,9 @@ fn query_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr) -> Result<(), VerbsError> 
     if attr.is_null() {
         return Err(VerbsError::InvalidArgument("srq_attr is NULL"));
     }
-    let ctx = registry::context(entry.context)?;
-    let reply = lock(&ctx.channel).call(
-        op::QUERY_SRQ,
-        &ObjectHandle {
-            handle: entry.handle,
-        }
-        .to_vec(),
-    )?;
-    let q = SrqAttr::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
+    let q = entry
+        .call(op::QUERY_SRQ, &entry.handle_body())?
+        .decode::<SrqAttr>()?;
     let out = IbvSrqAttr {
         max_wr: q.max_wr,
         max_sge: q.max_sge,
@@ -231,41 +183,17 @@ fn query_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr) -> Result<(), VerbsError> 
 /// `ibv_query_srq`: 0, or an errno value.
 #[no_mangle]
 pub extern "C" fn ibv_query_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr) -> c_int {
-    guard(libc::EIO, || {
-        query_srq(srq, attr).map_or_else(|e| fail("ibv_query_srq", &e), |()| 0)
-    })
-}
-
-fn destroy_srq(srq: *mut IbvSrq) -> Result<(), VerbsError> {
-    let entry = srq_handle(srq)?;
-    let ctx = registry::context(entry.context)?;
-    match lock(&ctx.channel).call(
-        op::DESTROY_SRQ,
-        &ObjectHandle {
-            handle: entry.handle,
-        }
-        .to_vec(),
-    ) {
-        Ok(_) | Err(VerbsError::RouterGone) => {}
-        Err(e) => return Err(e),
-    }
-    if registry::remove_object(srq as usize) {
-        // SAFETY: the registry held `srq`: the Box leaked by `create_srq` and its state, freed
-        // once.
-        unsafe {
-            let obj = Box::from_raw(srq.cast::<SrqObject>());
-            drop(Box::from_raw(obj.state.cast_mut()));
-        }
-    }
-    registry::debug(format_args!("destroyed SRQ {}", entry.handle));
-    Ok(())
+    returns_errno("ibv_query_srq", || query_srq(srq, attr))
 }
 
 /// `ibv_destroy_srq`: 0, or an errno value (EBUSY while QPs use it).
 #[no_mangle]
 pub extern "C" fn ibv_destroy_srq(srq: *mut IbvSrq) -> c_int {
-    guard(libc::EIO, || {
-        destroy_srq(srq).map_or_else(|e| fail("ibv_destroy_srq", &e), |()| 0)
+    returns_errno("ibv_destroy_srq", || {
+        let entry = srq_handle(srq)?;
+        // SAFETY: the registry holds `srq`: made by `create_srq`; the program no longer uses
+        // it.
+        unsafe { object::destroy(srq, entry, op::DESTROY_SRQ) }
     })
 }
 
@@ -282,7 +210,7 @@ pub unsafe extern "C" fn post_srq_recv(
     bad_wr: *mut *mut IbvRecvWr,
 ) -> c_int {
     // SAFETY: forwarded caller guarantee.
-    let Some(state) = (unsafe { srq_state(srq) }) else {
+    let Some(state) = (unsafe { object::state(srq) }) else {
         // SAFETY: forwarded caller guarantee about `bad_wr`.
         return unsafe { report_recv(bad_wr, wr, libc::EINVAL) };
     };
