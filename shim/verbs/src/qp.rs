@@ -20,8 +20,9 @@
 use crate::abi::{
     IbvContext, IbvPd, IbvQp, IbvQpAttr, IbvQpCap, IbvQpInitAttr, IbvRecvWr, IbvSendWr, IbvSge,
 };
-use crate::error::{fail, VerbsError};
+use crate::error::{returns_errno, returns_object, VerbsError};
 use crate::ffi::{copy_out, guard};
+use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, ContextState, PdEntry, QueueEntry, QueueKind};
 use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::region::SharedRegion;
@@ -35,15 +36,12 @@ use freeflow_proto::verbs::{op, Body, ObjectHandle, QueueFileKind, RECV_RING, SE
 use freeflow_proto::{Producer, Wake};
 use std::ffi::c_int;
 use std::os::fd::{AsFd, OwnedFd};
-use std::ptr::null_mut;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
 symbol_versions! {
     "IBVERBS_1.1": [ibv_create_qp, ibv_query_qp, ibv_modify_qp, ibv_destroy_qp],
 }
-
-const QP_MAGIC: u64 = u64::from_le_bytes(*b"FFQPv001");
 
 /// One of the QP's rings (or an SRQ's ring) and the buffer a WQE is built in.
 pub(crate) struct Queue {
@@ -62,7 +60,7 @@ impl Queue {
 }
 
 /// What the library keeps for a QP, behind its `struct ibv_qp`.
-struct QpShared {
+pub(crate) struct QpShared {
     /// The state the router last reported (modify and query replies).
     state: AtomicU8,
     cap: QpCap,
@@ -75,29 +73,10 @@ struct QpShared {
     _region: SharedRegion,
 }
 
-#[repr(C)]
-struct QpObject {
-    ibv: IbvQp,
-    magic: u64,
-    state: *const QpShared,
-}
-
-/// The state behind `qp`, if it is one of this library's QPs.
-///
-/// # Safety
-/// `qp` is NULL or points at a QP this library created and has not destroyed.
-unsafe fn qp_state<'a>(qp: *mut IbvQp) -> Option<&'a QpShared> {
-    if qp.is_null() {
-        return None;
-    }
-    let obj = qp.cast::<QpObject>();
-    // SAFETY: per the contract, a live QpObject; fields read through raw pointers.
-    unsafe {
-        if std::ptr::addr_of!((*obj).magic).read() != QP_MAGIC {
-            return None;
-        }
-        std::ptr::addr_of!((*obj).state).read().as_ref()
-    }
+impl HandedOut for IbvQp {
+    type State = QpShared;
+    const MAGIC: u64 = u64::from_le_bytes(*b"FFQPv001");
+    const NAME: &'static str = "QP";
 }
 
 fn wire_cap(c: &IbvQpCap) -> QpCap {
@@ -127,17 +106,19 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
     let request = QpRequest::check(pd, init)?;
     let state = registry::context(request.pd.context)?;
     let QpReply { created, fd, bell } = request_qp(&state, &request)?;
+    let entry = QueueEntry {
+        context: request.pd.context,
+        handle: created.qp,
+    };
     let (region, send, recv, bell) = match map_queues(fd, bell) {
         Ok(parts) => parts,
         Err(e) => {
-            let _ = lock(&state.channel).call(
-                op::DESTROY_QP,
-                &ObjectHandle { handle: created.qp }.to_vec(),
-            );
+            // Undoes the router's side (best effort).
+            let _ = entry.destroy_on_router(op::DESTROY_QP);
             return Err(e);
         }
     };
-    let st = Box::into_raw(Box::new(QpShared {
+    let shared = QpShared {
         state: AtomicU8::new(QpState::Reset as u8),
         cap: created.cap,
         has_srq: request.srq.is_some(),
@@ -145,19 +126,12 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
         recv: Queue::new(recv),
         bell,
         _region: region,
-    }));
-    let obj = new_qp_object(pd, &request, &created, st);
+    };
+    let obj = new_qp_object(pd, &request, &created, shared);
     // As providers do: the caller learns the capacities the QP really has.
     // SAFETY: `init` is the caller's (checked for NULL by QpRequest::check).
     unsafe { (*init).cap = c_cap(&created.cap) };
-    registry::add_queue(
-        obj as usize,
-        QueueKind::Qp,
-        QueueEntry {
-            context: request.pd.context,
-            handle: created.qp,
-        },
-    );
+    registry::add_queue(obj as usize, QueueKind::Qp, entry);
     registry::debug(format_args!(
         "created QP {} (number {:#08x}, {} send / {} receive WRs, inline {})",
         created.qp,
@@ -166,7 +140,7 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
         created.cap.max_recv_wr,
         created.cap.max_inline_data
     ));
-    Ok(obj.cast())
+    Ok(obj)
 }
 
 /// What `ibv_create_qp` was asked for, with the PD, CQs and SRQ found in the registry and
@@ -244,10 +218,8 @@ fn request_qp(state: &ContextState, request: &QpRequest) -> Result<QpReply, Verb
     }
     .to_vec();
     let mut ch = lock(&state.channel);
-    let reply = ch.call(op::CREATE_QP, &body)?;
-    let created =
-        QpCreated::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
-    let fd = ch.take_queue_file(QueueFileKind::Qp, created.qp);
+    let kind = QueueFileKind::Qp;
+    let (created, fd) = ch.call_for_queue(op::CREATE_QP, &body, kind, |c: &QpCreated| c.qp)?;
     Ok(QpReply {
         created,
         fd,
@@ -273,52 +245,44 @@ fn map_queues(
     Ok((region, send, recv, bell?))
 }
 
-/// The library's object of a new QP: its `struct ibv_qp` (in RESET) and its state `st`.
+/// The library's object of a new QP: its `struct ibv_qp` (in RESET) and its state `shared`.
 fn new_qp_object(
     pd: *mut IbvPd,
     request: &QpRequest,
     created: &QpCreated,
-    st: *const QpShared,
-) -> *mut QpObject {
+    shared: QpShared,
+) -> *mut IbvQp {
     let a = &request.attr;
-    Box::into_raw(Box::new(QpObject {
-        ibv: IbvQp {
-            context: request.pd.context as *mut IbvContext,
-            qp_context: a.qp_context,
-            pd,
-            send_cq: a.send_cq,
-            recv_cq: a.recv_cq,
-            srq: a.srq,
-            handle: created.qp,
-            qp_num: created.qpn,
-            state: QpState::Reset as u32,
-            qp_type: a.qp_type,
-            mutex: libc::PTHREAD_MUTEX_INITIALIZER,
-            cond: libc::PTHREAD_COND_INITIALIZER,
-            events_completed: 0,
-        },
-        magic: QP_MAGIC,
-        state: st,
-    }))
+    let ibv = IbvQp {
+        context: request.pd.context as *mut IbvContext,
+        qp_context: a.qp_context,
+        pd,
+        send_cq: a.send_cq,
+        recv_cq: a.recv_cq,
+        srq: a.srq,
+        handle: created.qp,
+        qp_num: created.qpn,
+        state: QpState::Reset as u32,
+        qp_type: a.qp_type,
+        mutex: libc::PTHREAD_MUTEX_INITIALIZER,
+        cond: libc::PTHREAD_COND_INITIALIZER,
+        events_completed: 0,
+    };
+    object::leak(ibv, shared)
 }
 
 /// `ibv_create_qp`: an RC QP in RESET, or NULL with errno (EOPNOTSUPP for other types, EINVAL
 /// for capacities beyond the device's limits).
 #[no_mangle]
 pub extern "C" fn ibv_create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> *mut IbvQp {
-    guard(null_mut(), || {
-        create_qp(pd, init).unwrap_or_else(|e| {
-            fail("ibv_create_qp", &e);
-            null_mut()
-        })
-    })
+    returns_object("ibv_create_qp", || create_qp(pd, init))
 }
 
 fn lookup(qp: *mut IbvQp) -> Result<(QueueEntry, &'static QpShared), VerbsError> {
     let entry = registry::queue(qp as usize, QueueKind::Qp)?;
     // SAFETY: the registry holds `qp`: a live QP of this library, whose state lives until the
     // program destroys it (which it promises not to do while using it).
-    let state = unsafe { qp_state(qp) }.ok_or(VerbsError::UnknownObject("queue pair"))?;
+    let state = unsafe { object::state(qp) }.ok_or(VerbsError::UnknownObject("queue pair"))?;
     Ok((entry, state))
 }
 
@@ -412,17 +376,14 @@ fn modify_qp(qp: *mut IbvQp, attr: *mut IbvQpAttr, attr_mask: c_int) -> Result<(
     }
     // SAFETY: the caller's attributes (checked for NULL).
     let a = unsafe { *attr };
-    let ctx = registry::context(entry.context)?;
     let body = ModifyQp {
         qp: entry.handle,
         attr_mask: attr_mask as u32,
         attr: wire_attr(&a),
     }
     .to_vec();
-    let reply = lock(&ctx.channel).call(op::MODIFY_QP, &body)?;
-    let new = ObjectHandle::decode(reply.bytes())
-        .map_err(|e| VerbsError::Protocol(e.to_string()))?
-        .handle;
+    let reply = entry.call(op::MODIFY_QP, &body)?;
+    let new = reply.decode::<ObjectHandle>()?.handle;
     set_state(qp, state, new);
     registry::debug(format_args!(
         "modified QP {} (mask {attr_mask:#x}): state {new}",
@@ -435,9 +396,7 @@ fn modify_qp(qp: *mut IbvQp, attr: *mut IbvQpAttr, attr_mask: c_int) -> Result<(
 /// machine refuses, ENETUNREACH for a destination no container here has).
 #[no_mangle]
 pub extern "C" fn ibv_modify_qp(qp: *mut IbvQp, attr: *mut IbvQpAttr, attr_mask: c_int) -> c_int {
-    guard(libc::EIO, || {
-        modify_qp(qp, attr, attr_mask).map_or_else(|e| fail("ibv_modify_qp", &e), |()| 0)
-    })
+    returns_errno("ibv_modify_qp", || modify_qp(qp, attr, attr_mask))
 }
 
 fn query_qp(
@@ -449,15 +408,9 @@ fn query_qp(
     if attr.is_null() || init.is_null() {
         return Err(VerbsError::InvalidArgument("attr or init_attr is NULL"));
     }
-    let ctx = registry::context(entry.context)?;
-    let reply = lock(&ctx.channel).call(
-        op::QUERY_QP,
-        &ObjectHandle {
-            handle: entry.handle,
-        }
-        .to_vec(),
-    )?;
-    let q = QpQueried::decode(reply.bytes()).map_err(|e| VerbsError::Protocol(e.to_string()))?;
+    let q = entry
+        .call(op::QUERY_QP, &entry.handle_body())?
+        .decode::<QpQueried>()?;
     let out = c_attr(&q.attr);
     // SAFETY: `qp` is live; its public fields are read as plain values.
     let init_value = unsafe {
@@ -490,41 +443,16 @@ pub extern "C" fn ibv_query_qp(
     init_attr: *mut IbvQpInitAttr,
 ) -> c_int {
     let _ = attr_mask;
-    guard(libc::EIO, || {
-        query_qp(qp, attr, init_attr).map_or_else(|e| fail("ibv_query_qp", &e), |()| 0)
-    })
-}
-
-fn destroy_qp(qp: *mut IbvQp) -> Result<(), VerbsError> {
-    let (entry, _) = lookup(qp)?;
-    let ctx = registry::context(entry.context)?;
-    match lock(&ctx.channel).call(
-        op::DESTROY_QP,
-        &ObjectHandle {
-            handle: entry.handle,
-        }
-        .to_vec(),
-    ) {
-        Ok(_) | Err(VerbsError::RouterGone) => {}
-        Err(e) => return Err(e),
-    }
-    if registry::remove_object(qp as usize) {
-        // SAFETY: the registry held `qp`: the Box leaked by `create_qp` and its state, freed
-        // once.
-        unsafe {
-            let obj = Box::from_raw(qp.cast::<QpObject>());
-            drop(Box::from_raw(obj.state.cast_mut()));
-        }
-    }
-    registry::debug(format_args!("destroyed QP {}", entry.handle));
-    Ok(())
+    returns_errno("ibv_query_qp", || query_qp(qp, attr, init_attr))
 }
 
 /// `ibv_destroy_qp`: 0 or an errno value.
 #[no_mangle]
 pub extern "C" fn ibv_destroy_qp(qp: *mut IbvQp) -> c_int {
-    guard(libc::EIO, || {
-        destroy_qp(qp).map_or_else(|e| fail("ibv_destroy_qp", &e), |()| 0)
+    returns_errno("ibv_destroy_qp", || {
+        let (entry, _) = lookup(qp)?;
+        // SAFETY: the registry holds `qp`: made by `create_qp`; the program no longer uses it.
+        unsafe { object::destroy(qp, entry, op::DESTROY_QP) }
     })
 }
 
@@ -639,7 +567,7 @@ pub unsafe extern "C" fn post_send(
         errno
     };
     // SAFETY: forwarded caller guarantee.
-    let Some(state) = (unsafe { qp_state(qp) }) else {
+    let Some(state) = (unsafe { object::state(qp) }) else {
         return report(wr, libc::EINVAL);
     };
     let current = QpState::from_u32(u32::from(state.state.load(Ordering::Acquire)));
@@ -698,7 +626,7 @@ pub unsafe extern "C" fn post_recv(
     bad_wr: *mut *mut IbvRecvWr,
 ) -> c_int {
     // SAFETY: forwarded caller guarantee.
-    let Some(state) = (unsafe { qp_state(qp) }) else {
+    let Some(state) = (unsafe { object::state(qp) }) else {
         // SAFETY: forwarded caller guarantee about `bad_wr`.
         return unsafe { report_recv(bad_wr, wr, libc::EINVAL) };
     };
