@@ -20,13 +20,11 @@ impl Site {
     /// Two hosts with Freeflow up (shared registry); containers web (host 0) and db (host 1)
     /// registered, stranger (host 0) not.
     fn new(prefix: &str) -> Site {
-        common::require_root("RDMA-mode");
-        common::require_built(&["freeflow-router", "libibverbs.so"]);
         common::require_programs(
             &["ibv_devices", "ibv_devinfo", "ibv_rc_pingpong"],
             "ibverbs-utils",
         );
-        let site = Site::create(SiteSpec {
+        let site = Site::create_verbs(SiteSpec {
             prefix,
             work_prefix: "ff-verbs",
             hosts: 2,

@@ -15,17 +15,17 @@
 
 mod common;
 
-use common::{between_markers, build_c_probe, describe, Site, SiteSpec};
+use common::{
+    between_markers, build_c_probe, describe, reports_transfer, succeeded_saying, Site, SiteSpec,
+};
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 impl Site {
     /// One host with Freeflow up; containers server, client (tenant blue) and other (tenant red)
     /// registered.
     fn new(prefix: &str) -> Site {
-        common::require_root("RDMA-mode");
-        common::require_built(&["freeflow-router", "libibverbs.so"]);
-        Site::create(SiteSpec {
+        Site::create_verbs(SiteSpec {
             prefix,
             work_prefix: "ff-verbs-rc",
             hosts: 1,
@@ -44,12 +44,7 @@ impl Site {
 /// Runs `ibv_rc_pingpong ARGS` as server in `server` and as client (naming the server's
 /// overlay address) in `client`; returns both outputs.
 fn pingpong(site: &Site, port: u16, args: &[&str]) -> (Output, Output) {
-    let port_arg = port.to_string();
-    let args: Vec<&str> = ["-p", &port_arg]
-        .into_iter()
-        .chain(args.iter().copied())
-        .collect();
-    site.verbs_server_and_client(Path::new("ibv_rc_pingpong"), port, &args)
+    site.pingpong("ibv_rc_pingpong", port, args)
 }
 
 /// Checks a pingpong run: both sides exit 0, report their transfer, and show the GIDs of both
@@ -67,8 +62,7 @@ fn assert_pingpong(site: &Site, (server, client): &(Output, Output), iters: u64,
             site.router_log()
         );
         assert!(
-            text.contains(&format!("{} bytes in", iters * size * 2))
-                && text.contains(&format!("{iters} iters in")),
+            reports_transfer(&text, iters, size),
             "{who}: {}",
             describe(out)
         );
@@ -129,7 +123,7 @@ fn every_verb_and_every_error_as_rdma_core_reports_them() {
         .output()
         .unwrap();
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        succeeded_saying(&out, "checks passed"),
         "{}\n--- router log\n{}",
         describe(&out),
         site.router_log()
@@ -140,21 +134,12 @@ fn every_verb_and_every_error_as_rdma_core_reports_them() {
 fn polling_and_posting_make_no_system_call() {
     let site = Site::new("vrs");
     let probe = build_probe(&site.work);
-    let log = site.work.join("strace.log");
-    let out = site
-        .verbs_app("client", Path::new("strace"), &[])
-        .args(["-qq", "-o"])
-        .arg(&log)
-        .arg(&probe)
-        .arg("nosyscall")
-        .output()
-        .unwrap();
+    let (out, log) = site.verbs_app_under_strace("client", &probe, "nosyscall");
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        succeeded_saying(&out, "checks passed"),
         "{}",
         describe(&out)
     );
-    let log = std::fs::read_to_string(&log).unwrap();
     // 100,000 empty polls and 32 receives posted: not one system call.
     let polls = between_markers(&log, "getppid(");
     assert!(polls.is_empty(), "system calls while polling: {polls:?}");
@@ -176,24 +161,9 @@ fn containers_cannot_reach_each_others_queues_or_memory() {
     let site = Site::new("vri");
     let probe = build_probe(&site.work);
     // server holds a QP and a region and says their numbers; client guesses with them.
-    let mut holder = site
-        .verbs_app("server", &probe, &[])
-        .arg("hold")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    {
-        use std::io::BufRead;
-        let stdout = holder.stdout.as_mut().unwrap();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut first)
-            .unwrap();
-    }
-    let numbers: Vec<&str> = first.split_whitespace().collect();
-    assert_eq!(numbers.len(), 4, "holder said {first:?}");
+    let holder = site.hold("server", &probe);
+    let numbers = holder.numbers();
+    assert_eq!(numbers.len(), 4, "holder said {:?}", holder.first_line);
     let out = site
         .verbs_app("client", &probe, &[])
         .args(["guess", "10.32.0.2"])
@@ -201,7 +171,7 @@ fn containers_cannot_reach_each_others_queues_or_memory() {
         .output()
         .unwrap();
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        succeeded_saying(&out, "checks passed"),
         "guess: {}",
         describe(&out)
     );
@@ -212,7 +182,7 @@ fn containers_cannot_reach_each_others_queues_or_memory() {
         .output()
         .unwrap();
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        succeeded_saying(&out, "checks passed"),
         "hostile: {}\n--- router log\n{}",
         describe(&out),
         site.router_log()
@@ -223,10 +193,9 @@ fn containers_cannot_reach_each_others_queues_or_memory() {
         "{}",
         site.router_log()
     );
-    drop(holder.stdin.take());
-    let held = holder.wait_with_output().unwrap();
+    let held = holder.finish();
     assert!(
-        held.status.success() && String::from_utf8_lossy(&held.stdout).contains("checks passed"),
+        succeeded_saying(&held, "checks passed"),
         "holder: {}",
         describe(&held)
     );

@@ -21,20 +21,21 @@
 
 mod common;
 
-use common::{between_markers, build_c_probe, describe, Site, SiteSpec};
+use common::{
+    between_markers, build_c_probe, describe, reports_transfer, succeeded_saying, Site, SiteSpec,
+    SERVER_AND_CLIENT,
+};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
 impl Site {
     /// One host with Freeflow up; containers server and client (tenant blue) registered.
     fn new(prefix: &str) -> Site {
-        common::require_root("RDMA-mode");
-        common::require_built(&["freeflow-router", "libibverbs.so"]);
-        Site::create(SiteSpec {
+        Site::create_verbs(SiteSpec {
             prefix,
             work_prefix: "ff-verbs-srq",
             hosts: 1,
-            containers: &[(0, "server", [10, 32, 0, 2]), (0, "client", [10, 32, 0, 3])],
+            containers: SERVER_AND_CLIENT,
             registered: &[("server", "blue"), ("client", "blue")],
             verbs_timeout: 90,
             ..SiteSpec::default()
@@ -71,7 +72,7 @@ fn check_probe(site: &Site, mode: &str, out: &Output) {
         String::from_utf8_lossy(&out.stdout).trim_end()
     );
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        succeeded_saying(out, "checks passed"),
         "{mode}: {}\n--- router log\n{}",
         describe(out),
         site.router_log()
@@ -96,32 +97,13 @@ fn a_shared_receive_queue_feeds_two_qps_and_reports_its_errors() {
 fn posting_to_an_srq_makes_no_system_call() {
     let site = Site::new("vsn");
     let probe = build_probe(&site.work);
-    let log = site.work.join("strace.log");
-    let out = site
-        .verbs_app("client", Path::new("strace"), &[])
-        .args(["-qq", "-o"])
-        .arg(&log)
-        .arg(&probe)
-        .arg("nosyscall")
-        .output()
-        .unwrap();
+    let (out, log) = site.verbs_app_under_strace("client", &probe, "nosyscall");
     check_probe(&site, "nosyscall", &out);
-    let log = std::fs::read_to_string(&log).unwrap();
     let calls = between_markers(&log, "getppid(");
     assert!(
         calls.is_empty(),
         "system calls while posting to an SRQ: {calls:?}"
     );
-}
-
-/// Runs `ibv_srq_pingpong ARGS` as server in `server` and as client in `client`.
-fn srq_pingpong(site: &Site, port: u16, args: &[&str]) -> (Output, Output) {
-    let port_arg = port.to_string();
-    let args: Vec<&str> = ["-p", &port_arg]
-        .into_iter()
-        .chain(args.iter().copied())
-        .collect();
-    site.verbs_server_and_client(Path::new("ibv_srq_pingpong"), port, &args)
 }
 
 #[test]
@@ -142,7 +124,7 @@ fn unmodified_ibv_srq_pingpong_runs_between_two_containers() {
             4096,
         ),
     ] {
-        let (server, client) = srq_pingpong(&site, port, &args);
+        let (server, client) = site.pingpong("ibv_srq_pingpong", port, &args);
         for (who, out) in [("server", &server), ("client", &client)] {
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(
@@ -152,8 +134,7 @@ fn unmodified_ibv_srq_pingpong_runs_between_two_containers() {
                 site.router_log()
             );
             assert!(
-                text.contains(&format!("{} bytes in", iters * size * 2))
-                    && text.contains(&format!("{iters} iters in")),
+                reports_transfer(&text, iters, size),
                 "{who}: {}",
                 describe(out)
             );

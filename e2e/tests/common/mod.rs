@@ -16,9 +16,10 @@
 
 use freeflow_testbed::{self as topology, Cluster, ClusterSpec};
 use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,11 @@ pub fn require_built(built: &[&str]) {
         );
     }
 }
+
+/// The containers of the RDMA tests that run a program pair: `server` (10.32.0.2, the address
+/// [`Site::verbs_server_and_client`] names) and `client` (10.32.0.3), both on host 0.
+pub const SERVER_AND_CLIENT: &[(usize, &str, [u8; 4])] =
+    &[(0, "server", [10, 32, 0, 2]), (0, "client", [10, 32, 0, 3])];
 
 /// What [`Site::create`] builds.
 #[derive(Default)]
@@ -167,6 +173,26 @@ impl Site {
         site
     }
 
+    /// [`Site::create`] for the TCP-mode tests: fails first unless the test runs as root and the
+    /// router and the shim are built; afterwards waits a moment, so that both routers see each
+    /// other's tables (peer connections come up on first use).
+    pub fn create_tcp(spec: SiteSpec<'_>) -> Site {
+        require_root("TCP-mode");
+        require_built(&["freeflow-router"]);
+        shim();
+        let site = Site::create(spec);
+        std::thread::sleep(Duration::from_millis(300));
+        site
+    }
+
+    /// [`Site::create`] for the RDMA-mode tests: fails first unless the test runs as root and
+    /// the router and the verbs library are built.
+    pub fn create_verbs(spec: SiteSpec<'_>) -> Site {
+        require_root("RDMA-mode");
+        require_built(&["freeflow-router", "libibverbs.so"]);
+        Site::create(spec)
+    }
+
     pub fn cluster(&self) -> &Cluster {
         self.cluster.as_ref().unwrap()
     }
@@ -241,6 +267,53 @@ impl Site {
         (server, client)
     }
 
+    /// [`Site::verbs_server_and_client`] for the pingpong programs of ibverbs-utils:
+    /// `program -p PORT ARGS`.
+    pub fn pingpong(&self, program: &str, port: u16, args: &[&str]) -> (Output, Output) {
+        let port_arg = port.to_string();
+        let args: Vec<&str> = ["-p", &port_arg]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        self.verbs_server_and_client(Path::new(program), port, &args)
+    }
+
+    /// Runs `probe MODE` in `container` under `strace -qq -o <work>/strace.log`; returns the
+    /// probe's output and the strace log.
+    pub fn verbs_app_under_strace(
+        &self,
+        container: &str,
+        probe: &Path,
+        mode: &str,
+    ) -> (Output, String) {
+        let log = self.work.join("strace.log");
+        let out = self
+            .verbs_app(container, Path::new("strace"), &[])
+            .args(["-qq", "-o"])
+            .arg(&log)
+            .arg(probe)
+            .arg(mode)
+            .output()
+            .unwrap();
+        let log = std::fs::read_to_string(&log).unwrap();
+        (out, log)
+    }
+
+    /// Starts `probe hold` in `container` and reads its first line (what it holds).
+    pub fn hold(&self, container: &str, probe: &Path) -> Holder {
+        let (child, stdout, first_line) = spawn_reading_first_line(
+            self.verbs_app(container, probe, &[])
+                .arg("hold")
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        Holder {
+            child,
+            stdout,
+            first_line,
+        }
+    }
+
     /// Waits (20 s at most) until something listens on TCP `port` in `container`'s network
     /// namespace; fails early if `server` exits first.
     pub fn wait_listening(&self, container: &str, port: u16, mut server: Option<&mut Child>) {
@@ -277,6 +350,14 @@ impl Site {
             .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// Counter `name` of the router of host `host` (`freeflow status --json`'s
+    /// `router.<name>`; 0 if it is missing).
+    pub fn router_counter(&self, host: usize, name: &str) -> u64 {
+        self.router_status(host)["router"][name]
+            .as_u64()
+            .unwrap_or(0)
     }
 
     /// `freeflow status --json` of host `host` (Null if it printed no JSON).
@@ -352,4 +433,65 @@ pub fn between_markers<'a>(log: &'a str, marker: &str) -> Vec<&'a str> {
         .collect();
     assert!(at.len() >= 2, "markers {marker} missing in:\n{log}");
     lines[at[0] + 1..at[1]].to_vec()
+}
+
+/// A probe running in `hold` mode ([`Site::hold`]): it keeps what it made until its stdin
+/// closes, then checks it and exits.
+pub struct Holder {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    /// What the probe said first: the numbers of what it holds.
+    pub first_line: String,
+}
+
+impl Holder {
+    /// The numbers of the first line.
+    pub fn numbers(&self) -> Vec<&str> {
+        self.first_line.split_whitespace().collect()
+    }
+
+    /// Closes the probe's stdin and waits for it; its stdout past the first line.
+    pub fn finish(mut self) -> Output {
+        drop(self.child.stdin.take());
+        let mut stdout = Vec::new();
+        self.stdout.read_to_end(&mut stdout).unwrap();
+        let mut out = self.child.wait_with_output().unwrap();
+        out.stdout = stdout;
+        out
+    }
+}
+
+/// Whether a program exited 0 and its stdout contains `text` (a probe's "checks passed").
+pub fn succeeded_saying(out: &Output, text: &str) -> bool {
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains(text)
+}
+
+/// Whether a pingpong program's output reports `iters` round trips of `size` bytes.
+pub fn reports_transfer(text: &str, iters: u64, size: u64) -> bool {
+    text.contains(&format!("{} bytes in", iters * size * 2))
+        && text.contains(&format!("{iters} iters in"))
+}
+
+/// Spawns `cmd` with its stdout piped and reads the first line the program prints; returns the
+/// child, the rest of its stdout and that line.
+pub fn spawn_reading_first_line(cmd: &mut Command) -> (Child, BufReader<ChildStdout>, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    (child, stdout, line)
+}
+
+/// Sends SIGTERM to `child` unless it has exited, and waits up to `grace` for it to exit;
+/// whether it has.
+pub fn terminate(child: &mut Child, grace: Duration) -> bool {
+    if child.try_wait().ok().flatten().is_some() {
+        return true;
+    }
+    // An error means the child is gone already, which the wait below sees.
+    let _ = freeflow_os::signals::send_signal(child.id() as i32, libc::SIGTERM);
+    poll(grace, Duration::from_millis(20), || {
+        child.try_wait().ok().flatten()
+    })
+    .is_some()
 }
