@@ -13,9 +13,7 @@
 
 mod common;
 
-use common::{build_c_probe, describe, succeeded_saying, Site, SiteSpec};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use common::{describe, succeeded_saying, CProbe, Site, SiteSpec};
 
 impl Site {
     /// One host with Freeflow up (test hooks on) and containers web and peer registered.
@@ -35,29 +33,19 @@ impl Site {
 /// The C side. `mr_probe checks`: every check of one container; `mr_probe hold`: registers a
 /// region, prints its keys, keeps it until stdin closes; `mr_probe guess LKEY RKEY`: tries
 /// another container's keys through the router.
-const MR_PROBE: &str = include_str!("programs/verbs_mr_probe.c");
-
-fn build_probe(work: &Path) -> PathBuf {
-    build_c_probe(
-        work,
-        "mr_probe",
-        MR_PROBE,
-        &["-Wall", "-Werror", "-O1"],
-        &["-libverbs", "-ldl"],
-    )
-}
+const MR_PROBE: CProbe = CProbe {
+    name: "mr_probe",
+    source: include_str!("programs/verbs_mr_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-libverbs", "-ldl"],
+};
 
 #[test]
 fn memory_regions_share_the_programs_own_memory_with_the_router() {
     let site = Site::new("vm");
-    let probe = build_probe(&site.work);
+    let probe = MR_PROBE.build(&site.work);
 
-    let out = site
-        .verbs_app("web", &probe, &[])
-        .arg("checks")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = site.run_verbs_app("web", &probe, &["checks"]);
     assert!(
         succeeded_saying(&out, "checks passed"),
         "mr_probe checks in web: {}\nrouter log:\n{}",
@@ -74,12 +62,7 @@ fn memory_regions_share_the_programs_own_memory_with_the_router() {
         holder.first_line,
         site.router_log()
     );
-    let out = site
-        .verbs_app("peer", &probe, &[])
-        .args(["guess", keys[1], keys[2], keys[3]])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = site.run_verbs_app("peer", &probe, &["guess", keys[1], keys[2], keys[3]]);
     assert!(
         succeeded_saying(&out, "guesses refused"),
         "mr_probe guess in peer: {}",

@@ -16,9 +16,8 @@
 mod common;
 
 use common::{
-    between_markers, build_c_probe, describe, reports_transfer, succeeded_saying, Site, SiteSpec,
+    assert_pingpong_sides, between_markers, describe, succeeded_saying, CProbe, Site, SiteSpec,
 };
-use std::path::{Path, PathBuf};
 use std::process::Output;
 
 impl Site {
@@ -49,30 +48,9 @@ fn pingpong(site: &Site, port: u16, args: &[&str]) -> (Output, Output) {
 
 /// Checks a pingpong run: both sides exit 0, report their transfer, and show the GIDs of both
 /// containers (their overlay addresses).
-fn assert_pingpong(site: &Site, (server, client): &(Output, Output), iters: u64, size: u64) {
-    for (who, out, local, remote) in [
-        ("server", server, "10.32.0.2", "10.32.0.3"),
-        ("client", client, "10.32.0.3", "10.32.0.2"),
-    ] {
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "ibv_rc_pingpong {who}: {}\n--- router log\n{}",
-            describe(out),
-            site.router_log()
-        );
-        assert!(
-            reports_transfer(&text, iters, size),
-            "{who}: {}",
-            describe(out)
-        );
-        assert!(
-            text.contains("local address:  LID 0x0000")
-                && text.contains(&format!("GID ::ffff:{local}"))
-                && text.contains(&format!("GID ::ffff:{remote}")),
-            "{who}: {}",
-            describe(out)
-        );
+fn assert_pingpong(site: &Site, runs: &(Output, Output), iters: u64, size: u64) {
+    for (who, text) in assert_pingpong_sides(site, "ibv_rc_pingpong", runs, iters, size) {
+        assert!(text.contains("local address:  LID 0x0000"), "{who}: {text}");
         eprintln!("{who}: {}", text.trim_end().replace('\n', "\n    "));
     }
 }
@@ -98,30 +76,21 @@ fn unmodified_ibv_rc_pingpong_runs_between_two_containers() {
     assert_pingpong(&site, &runs, 50, 100000);
 }
 
-/// The C side of the checks below (its own file, to be readable and compilable by hand).
-const PROBE: &str = include_str!("programs/verbs_rc_probe.c");
-
-/// Builds [`PROBE`] against the installed headers and the system's libibverbs (so it imports
-/// the verbs with rdma-core's symbol versions, like any Debian binary).
-fn build_probe(work: &Path) -> PathBuf {
-    build_c_probe(
-        work,
-        "qp_probe",
-        PROBE,
-        &["-Wall", "-Werror", "-O1"],
-        &["-libverbs"],
-    )
-}
+/// The C side of the checks below (its own file, to be readable and compilable by hand), built
+/// against the installed headers and the system's libibverbs (so it imports the verbs with
+/// rdma-core's symbol versions, like any Debian binary).
+const PROBE: CProbe = CProbe {
+    name: "qp_probe",
+    source: include_str!("programs/verbs_rc_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-libverbs"],
+};
 
 #[test]
 fn every_verb_and_every_error_as_rdma_core_reports_them() {
     let site = Site::new("vrq");
-    let probe = build_probe(&site.work);
-    let out = site
-        .verbs_app("client", &probe, &[])
-        .args(["checks", "10.32.0.4"])
-        .output()
-        .unwrap();
+    let probe = PROBE.build(&site.work);
+    let out = site.run_verbs_app("client", &probe, &["checks", "10.32.0.4"]);
     assert!(
         succeeded_saying(&out, "checks passed"),
         "{}\n--- router log\n{}",
@@ -133,7 +102,7 @@ fn every_verb_and_every_error_as_rdma_core_reports_them() {
 #[test]
 fn polling_and_posting_make_no_system_call() {
     let site = Site::new("vrs");
-    let probe = build_probe(&site.work);
+    let probe = PROBE.build(&site.work);
     let (out, log) = site.verbs_app_under_strace("client", &probe, "nosyscall");
     assert!(
         succeeded_saying(&out, "checks passed"),
@@ -159,28 +128,20 @@ fn polling_and_posting_make_no_system_call() {
 #[test]
 fn containers_cannot_reach_each_others_queues_or_memory() {
     let site = Site::new("vri");
-    let probe = build_probe(&site.work);
+    let probe = PROBE.build(&site.work);
     // server holds a QP and a region and says their numbers; client guesses with them.
     let holder = site.hold("server", &probe);
     let numbers = holder.numbers();
     assert_eq!(numbers.len(), 4, "holder said {:?}", holder.first_line);
-    let out = site
-        .verbs_app("client", &probe, &[])
-        .args(["guess", "10.32.0.2"])
-        .args(&numbers)
-        .output()
-        .unwrap();
+    let guess = [&["guess", "10.32.0.2"][..], &numbers].concat();
+    let out = site.run_verbs_app("client", &probe, &guess);
     assert!(
         succeeded_saying(&out, "checks passed"),
         "guess: {}",
         describe(&out)
     );
     // A container that writes garbage into its queue is detached; nobody else is.
-    let out = site
-        .verbs_app("other", &probe, &[])
-        .arg("hostile")
-        .output()
-        .unwrap();
+    let out = site.run_verbs_app("other", &probe, &["hostile"]);
     assert!(
         succeeded_saying(&out, "checks passed"),
         "hostile: {}\n--- router log\n{}",

@@ -22,10 +22,10 @@
 mod common;
 
 use common::{
-    between_markers, build_c_probe, describe, reports_transfer, succeeded_saying, Site, SiteSpec,
+    assert_pingpong_sides, between_markers, describe, succeeded_saying, CProbe, Site, SiteSpec,
     SERVER_AND_CLIENT,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 impl Site {
@@ -43,26 +43,17 @@ impl Site {
     }
 }
 
-/// The C side of the checks (its own file, to be readable and compilable by hand).
-const PROBE: &str = include_str!("programs/verbs_srq_probe.c");
-
-/// Builds [`PROBE`] against the installed headers and the system's libibverbs.
-fn build_probe(work: &Path) -> PathBuf {
-    build_c_probe(
-        work,
-        "srq_probe",
-        PROBE,
-        &["-Wall", "-Werror", "-O1", "-pthread"],
-        &["-libverbs"],
-    )
-}
+/// The C side of the checks (its own file, to be readable and compilable by hand), built
+/// against the installed headers and the system's libibverbs.
+const PROBE: CProbe = CProbe {
+    name: "srq_probe",
+    source: include_str!("programs/verbs_srq_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1", "-pthread"],
+    libs: &["-libverbs"],
+};
 
 fn run_probe(site: &Site, probe: &Path, mode: &str) {
-    let out = site
-        .verbs_app("client", probe, &[])
-        .arg(mode)
-        .output()
-        .unwrap();
+    let out = site.run_verbs_app("client", probe, &[mode]);
     check_probe(site, mode, &out);
 }
 
@@ -82,21 +73,21 @@ fn check_probe(site: &Site, mode: &str, out: &Output) {
 #[test]
 fn resize_cq_keeps_pending_completions_in_order_and_refuses_too_small_sizes() {
     let site = Site::new("vsz");
-    let probe = build_probe(&site.work);
+    let probe = PROBE.build(&site.work);
     run_probe(&site, &probe, "resize");
 }
 
 #[test]
 fn a_shared_receive_queue_feeds_two_qps_and_reports_its_errors() {
     let site = Site::new("vsq");
-    let probe = build_probe(&site.work);
+    let probe = PROBE.build(&site.work);
     run_probe(&site, &probe, "srq");
 }
 
 #[test]
 fn posting_to_an_srq_makes_no_system_call() {
     let site = Site::new("vsn");
-    let probe = build_probe(&site.work);
+    let probe = PROBE.build(&site.work);
     let (out, log) = site.verbs_app_under_strace("client", &probe, "nosyscall");
     check_probe(&site, "nosyscall", &out);
     let calls = between_markers(&log, "getppid(");
@@ -124,26 +115,10 @@ fn unmodified_ibv_srq_pingpong_runs_between_two_containers() {
             4096,
         ),
     ] {
-        let (server, client) = site.pingpong("ibv_srq_pingpong", port, &args);
-        for (who, out) in [("server", &server), ("client", &client)] {
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success(),
-                "ibv_srq_pingpong {args:?} {who}: {}\n--- router log\n{}",
-                describe(out),
-                site.router_log()
-            );
-            assert!(
-                reports_transfer(&text, iters, size),
-                "{who}: {}",
-                describe(out)
-            );
-            // Every QP printed its address: local and remote, with the GIDs of both.
-            assert!(
-                text.contains("GID ::ffff:10.32.0.2") && text.contains("GID ::ffff:10.32.0.3"),
-                "{who}: {}",
-                describe(out)
-            );
+        let runs = site.pingpong("ibv_srq_pingpong", port, &args);
+        // Every QP printed its address: local and remote, with the GIDs of both.
+        let what = format!("ibv_srq_pingpong {args:?}");
+        for (who, text) in assert_pingpong_sides(&site, &what, &runs, iters, size) {
             eprintln!("{who} {args:?}: {}", text.lines().last().unwrap_or(""));
         }
     }

@@ -29,15 +29,8 @@ pub use freeflow_testbed::test_support::{describe, poll, require_programs, requi
 
 /// The `freeflow` binary under test, next to this test executable's `deps/` directory; fails if
 /// the workspace is not built.
-pub static FREEFLOW: LazyLock<String> = LazyLock::new(|| {
-    let p = target_dir().join("freeflow");
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace` first",
-        p.display()
-    );
-    p.to_string_lossy().into_owned()
-});
+pub static FREEFLOW: LazyLock<String> =
+    LazyLock::new(|| built("freeflow").to_string_lossy().into_owned());
 
 /// Where cargo put the workspace's binaries and libraries: the directory above the `deps/`
 /// directory that holds this test executable (`target/<profile>/deps/<test>-<hash>`).
@@ -54,7 +47,12 @@ pub fn target_dir() -> PathBuf {
 
 /// The TCP-mode shim, `libfsocket.so`; fails if the workspace is not built.
 pub fn shim() -> PathBuf {
-    let p = target_dir().join("libfsocket.so");
+    built("libfsocket.so")
+}
+
+/// `name` in the target directory; fails if the workspace is not built.
+fn built(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
     assert!(
         p.exists(),
         "{} missing: run `cargo build --workspace` first",
@@ -267,6 +265,20 @@ impl Site {
         (server, client)
     }
 
+    /// Runs `program ARGS` in `container` with [`Site::verbs_app`] (no extra environment) to
+    /// completion.
+    pub fn run_verbs_app(
+        &self,
+        container: &str,
+        program: impl AsRef<OsStr>,
+        args: &[&str],
+    ) -> Output {
+        self.verbs_app(container, program, &[])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// [`Site::verbs_server_and_client`] for the pingpong programs of ibverbs-utils:
     /// `program -p PORT ARGS`.
     pub fn pingpong(&self, program: &str, port: u16, args: &[&str]) -> (Output, Output) {
@@ -386,6 +398,22 @@ impl Drop for Site {
     }
 }
 
+/// A C probe of the verbs tests: its source (a file in tests/programs/) and how it is built.
+pub struct CProbe {
+    /// The binary's name (and the source's, with `.c`) in the work directory.
+    pub name: &'static str,
+    pub source: &'static str,
+    pub cflags: &'static [&'static str],
+    pub libs: &'static [&'static str],
+}
+
+impl CProbe {
+    /// Builds the probe in `work` with [`build_c_probe`]; returns the binary.
+    pub fn build(&self, work: &Path) -> PathBuf {
+        build_c_probe(work, self.name, self.source, self.cflags, self.libs)
+    }
+}
+
 /// The header the C probes share (tests/programs/verbs_probe.h); [`build_c_probe`] writes it
 /// next to each probe's source.
 const VERBS_PROBE_HEADER: &str = include_str!("../programs/verbs_probe.h");
@@ -466,10 +494,38 @@ pub fn succeeded_saying(out: &Output, text: &str) -> bool {
     out.status.success() && String::from_utf8_lossy(&out.stdout).contains(text)
 }
 
-/// Whether a pingpong program's output reports `iters` round trips of `size` bytes.
-pub fn reports_transfer(text: &str, iters: u64, size: u64) -> bool {
-    text.contains(&format!("{} bytes in", iters * size * 2))
-        && text.contains(&format!("{iters} iters in"))
+/// Checks both sides of a run of an ibverbs-utils pingpong between `server` (10.32.0.2) and
+/// `client` (10.32.0.3) ([`Site::pingpong`]): each exited 0 (`what` names the run in the
+/// message), reports `iters` round trips of `size` bytes and shows the GIDs of both containers
+/// (their overlay addresses). Returns each side's name and stdout, for the caller's own checks.
+pub fn assert_pingpong_sides(
+    site: &Site,
+    what: &str,
+    (server, client): &(Output, Output),
+    iters: u64,
+    size: u64,
+) -> [(&'static str, String); 2] {
+    [("server", server), ("client", client)].map(|(who, out)| {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{what} {who}: {}\n--- router log\n{}",
+            describe(out),
+            site.router_log()
+        );
+        assert!(
+            text.contains(&format!("{} bytes in", iters * size * 2))
+                && text.contains(&format!("{iters} iters in")),
+            "{who}: {}",
+            describe(out)
+        );
+        assert!(
+            text.contains("GID ::ffff:10.32.0.2") && text.contains("GID ::ffff:10.32.0.3"),
+            "{who}: {}",
+            describe(out)
+        );
+        (who, text)
+    })
 }
 
 /// Spawns `cmd` with its stdout piped and reads the first line the program prints; returns the
