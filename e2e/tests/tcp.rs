@@ -355,11 +355,7 @@ fn iperf3_runs_accelerated_with_a_daemonized_server() {
     let out = server
         .output()
         .expect("iperf3 is installed (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "iperf3 -s -D: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out, "iperf3 -s -D");
     // Longer than the router's grace for a listener whose owner left: the child must have
     // claimed it.
     std::thread::sleep(Duration::from_millis(2500));

@@ -144,11 +144,7 @@ impl Site {
                 .arg(format!("file:{}", work.join("registry.json").display()))
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "freeflow up: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_success(&out, "freeflow up");
             site.dirs.push(dir);
         }
         for &(name, tenant) in spec.registered {
@@ -162,11 +158,7 @@ impl Site {
                 .args(["--ip", &c.ip.to_string(), "--tenant", tenant])
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "container add {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_success(&out, &format!("container add {name}"));
         }
         site
     }
@@ -442,10 +434,9 @@ pub fn build_c_probe(
         .args(libs)
         .output()
         .expect("run cc");
-    assert!(
-        out.status.success(),
-        "building the probe failed (libibverbs-dev installed?):\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_success(
+        &out,
+        "building the probe failed (libibverbs-dev installed?)",
     );
     binary
 }
@@ -487,6 +478,15 @@ impl Holder {
         out.stdout = stdout;
         out
     }
+}
+
+/// Fails unless a program exited 0, with `what` and the program's stderr.
+pub fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Whether a program exited 0 and its stdout contains `text` (a probe's "checks passed").
