@@ -1,8 +1,10 @@
 //! Scaffolding shared by the end-to-end tests of freeflow-e2e: where the built binaries are,
 //! preflight checks, a simulated cluster with Freeflow up on its hosts and registered
-//! network-namespace "containers" ([`Site`]), programs run in a container's namespace, the
-//! routers' status and logs, C probes built against the installed headers (from the sources in
-//! tests/programs/), bounded waits. The generic checks and helpers of tests that build clusters
+//! network-namespace "containers" ([`Site`], with constructors for the TCP-mode and the RDMA-mode
+//! tests), programs run in a container's namespace (read line by line, held, stopped), the
+//! routers' status, counters and logs, C probes built against the installed headers (from the
+//! sources in tests/programs/, [`CProbe`]), the checks of ibverbs-utils' pingpong runs, bounded
+//! waits. The generic checks and helpers of tests that build clusters
 //! ([`require_root`], [`require_programs`], [`describe`], [`poll`], [`VNET`]) are
 //! freeflow-testbed's `test_support`, re-exported here.
 //!
