@@ -4,8 +4,9 @@
 
 mod common;
 
-use common::{Site, SiteSpec};
+use common::{poll, spawn_reading_first_line, terminate, Site, SiteSpec};
 use freeflow_testbed as topology;
+use std::io::{BufRead, Read, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,9 +14,7 @@ impl Site {
     /// Two hosts; containers web and cache on host 0, db and plain on host 1; Freeflow up on
     /// both; web, cache and db registered (plain is a container Freeflow does not know).
     fn new(prefix: &str) -> Site {
-        common::require_root("TCP-mode");
-        common::require_built(&["freeflow-router"]);
-        let site = Site::create(SiteSpec {
+        Site::create_tcp(SiteSpec {
             prefix,
             work_prefix: "ff-tcp",
             hosts: 2,
@@ -27,10 +26,7 @@ impl Site {
             ],
             registered: &[("web", "blue"), ("cache", "blue"), ("db", "blue")],
             ..SiteSpec::default()
-        });
-        // Let both routers see each other's tables (peer connections come up on first use).
-        std::thread::sleep(Duration::from_millis(300));
-        site
+        })
     }
 
     /// python3 running `script` in a container, with the shim preloaded if `preload`.
@@ -73,31 +69,23 @@ fn start_server(
     v6: bool,
     preload: bool,
 ) -> Child {
-    let mut child = site
-        .python(container, SERVER, preload)
-        .args([
-            connections.to_string(),
-            port.to_string(),
-            (if v6 { "6" } else { "4" }).to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Wait for the LISTENING line.
-    use std::io::BufRead;
-    let stdout = child.stdout.take().unwrap();
-    let mut reader = std::io::BufReader::new(stdout);
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
+    let (child, mut reader, line) = spawn_reading_first_line(
+        site.python(container, SERVER, preload)
+            .args([
+                connections.to_string(),
+                port.to_string(),
+                (if v6 { "6" } else { "4" }).to_string(),
+            ])
+            .stderr(Stdio::piped()),
+    );
     assert!(
         line.starts_with("LISTENING"),
         "server did not start: {line:?}"
     );
-    child.stdout = None;
     std::thread::spawn(move || {
         let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
+        let _ = reader.read_to_string(&mut rest);
     });
     child
 }
@@ -126,13 +114,12 @@ fn run_client(
 }
 
 fn wait_exit(mut child: Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("server did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let exited = poll(Duration::from_secs(20), Duration::from_millis(20), || {
+        child.try_wait().unwrap()
+    });
+    if exited.is_none() {
+        let _ = child.kill();
+        panic!("server did not finish");
     }
 }
 
@@ -269,9 +256,7 @@ fn same_host_ipv6_sockets_refusal_and_mix_and_match() {
     // another host, and a container Freeflow does not know on the same host) reaching an
     // accelerated server. They come over the overlay; the server's router hands each to the
     // application at accept, with its real address.
-    let relayed_before = site.router_status(1)["router"]["tcp_relayed"]
-        .as_u64()
-        .unwrap_or(0);
+    let relayed_before = site.router_counter(1, "tcp_relayed");
     let server = start_server(&site, "db", 2, 6004, false, true);
     let out = run_client(
         &site,
@@ -296,10 +281,7 @@ fn same_host_ipv6_sockets_refusal_and_mix_and_match() {
     assert!(out.contains("ECHO_OK"), "{out}");
     assert!(out.contains("SERVER_SAW ('10.32.0.5',"), "{out}");
     wait_exit(server);
-    let relayed = site.router_status(1)["router"]["tcp_relayed"]
-        .as_u64()
-        .unwrap_or(0)
-        - relayed_before;
+    let relayed = site.router_counter(1, "tcp_relayed") - relayed_before;
     assert_eq!(relayed, 2, "both clients relayed by host 1's router");
 }
 
@@ -312,17 +294,8 @@ const THREADED_ECHO: &str = include_str!("programs/tcp_threaded_echo.py");
 /// Starts THREADED_ECHO in `db` with the shim and waits until it listens and the listener is
 /// known on the other host.
 fn start_echo(site: &Site) -> Child {
-    use std::io::BufRead;
-    let mut server = site
-        .python("db", THREADED_ECHO, true)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (server, _, line) =
+        spawn_reading_first_line(site.python("db", THREADED_ECHO, true).stderr(Stdio::null()));
     assert!(line.starts_with("LISTENING"), "{line:?}");
     std::thread::sleep(Duration::from_millis(300));
     server
@@ -335,18 +308,11 @@ fn start_echo(site: &Site) -> Child {
 fn connections_outlive_the_router_and_new_ones_fail_clearly() {
     let site = Site::new("td");
     let mut server = start_echo(&site);
-    use std::io::{BufRead, Write};
-    let mut line = String::new();
-    let mut client = site
-        .python("web", HOLDING_CLIENT, true)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(client.stdout.take().unwrap());
-    line.clear();
-    out.read_line(&mut line).unwrap();
+    let (mut client, mut out, line) = spawn_reading_first_line(
+        site.python("web", HOLDING_CLIENT, true)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     assert_eq!(line.trim(), "CONNECTED");
     let down = site
         .in_host(1, &common::FREEFLOW)
@@ -360,7 +326,7 @@ fn connections_outlive_the_router_and_new_ones_fail_clearly() {
     let started = Instant::now();
     client.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     let mut rest = String::new();
-    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    out.read_to_string(&mut rest).unwrap();
     let _ = client.wait();
     let _ = server.kill();
     let _ = server.wait();
@@ -389,11 +355,7 @@ fn iperf3_runs_accelerated_with_a_daemonized_server() {
     let out = server
         .output()
         .expect("iperf3 is installed (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "iperf3 -s -D: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out, "iperf3 -s -D");
     // Longer than the router's grace for a listener whose owner left: the child must have
     // claimed it.
     std::thread::sleep(Duration::from_millis(2500));
@@ -449,13 +411,7 @@ const SEMANTICS_SERVER: &str = include_str!("programs/tcp_semantics_server.py");
 /// Stops a program started through `timeout`: SIGTERM (which `timeout` passes on to the
 /// program), then SIGKILL if it is still there after two seconds.
 fn stop(child: &mut Child) -> std::process::ExitStatus {
-    if child.try_wait().unwrap().is_none() {
-        // SAFETY: kill has no memory preconditions; the pid is our own child's.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    if !terminate(child, Duration::from_secs(2)) {
         let _ = child.kill();
     }
     child.wait().unwrap()
@@ -480,7 +436,6 @@ fn socket_semantics_through_the_shim() {
         .stderr(std::fs::File::create(&server_err).unwrap())
         .spawn()
         .unwrap();
-    use std::io::BufRead;
     let stdout = server.stdout.take().unwrap();
     let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -506,9 +461,7 @@ fn socket_semantics_through_the_shim() {
             }
         }
     }
-    let connects_before = site.router_status(0)["router"]["tcp_connects"]
-        .as_u64()
-        .unwrap_or(0);
+    let connects_before = site.router_counter(0, "tcp_connects");
     let client = site
         .python("web", SEMANTICS_CLIENT, true)
         .arg(&portfile)
@@ -517,10 +470,9 @@ fn socket_semantics_through_the_shim() {
     let client_out = String::from_utf8_lossy(&client.stdout).into_owned();
     let client_err = String::from_utf8_lossy(&client.stderr).into_owned();
     // The server finishes when its accept loops time out (8 s idle).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll(Duration::from_secs(30), Duration::from_millis(50), || {
+        server.try_wait().unwrap()
+    });
     let status = stop(&mut server);
     let stderr = std::fs::read_to_string(&server_err).unwrap_or_default();
     while let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(200)) {
@@ -587,16 +539,10 @@ const EXEC_SERVER: &str = include_str!("programs/tcp_exec_server.py");
 #[test]
 fn sockets_inherited_across_exec_keep_overlay_addresses() {
     let site = Site::new("tx");
-    let mut server = site
-        .python("db", EXEC_SERVER, true)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut reader = std::io::BufReader::new(server.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
+    let (mut server, mut reader, mut line) = spawn_reading_first_line(
+        site.python("db", EXEC_SERVER, true)
+            .stderr(Stdio::inherit()),
+    );
     assert!(
         line.starts_with("READY ('10.32.0.4', 7201)")
             || line.starts_with("READY ('0.0.0.0', 7201)"),
@@ -637,44 +583,29 @@ const RETRYING_CLIENT: &str = include_str!("programs/tcp_retrying_client.py");
 fn listeners_survive_a_router_restart() {
     let site = Site::new("tr");
     let mut server = start_echo(&site);
-    use std::io::BufRead;
     let first = site.python("web", RETRYING_CLIENT, true).output().unwrap();
     assert!(
         String::from_utf8_lossy(&first.stdout).contains("ECHO b'again'"),
         "{first:?}"
     );
-    let restarts_before = site.router_status(1)["daemon"]["restarts"]
-        .as_u64()
-        .unwrap_or(0);
+    let restarts = |status: &serde_json::Value| status["daemon"]["restarts"].as_u64().unwrap_or(0);
+    let restarts_before = restarts(&site.router_status(1));
     let pattern = format!("freeflow-router --dir {}", site.dirs[1].display());
     let killed = Command::new("pkill")
         .args(["-KILL", "-f", &pattern])
         .status()
         .unwrap();
     assert!(killed.success(), "router process found");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = site.router_status(1);
-        if status["daemon"]["restarts"].as_u64().unwrap_or(0) > restarts_before
-            && status["router"]["running"].as_bool() == Some(true)
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "router not restarted: {status}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let connects_before = site.router_status(0)["router"]["tcp_connects"]
-        .as_u64()
-        .unwrap_or(0);
-    let mut accelerated = site
-        .python("web", RETRYING_CLIENT, true)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut echo = String::new();
-    std::io::BufReader::new(accelerated.stdout.take().unwrap())
-        .read_line(&mut echo)
-        .unwrap();
+    let mut status = serde_json::Value::Null;
+    let restarted = poll(Duration::from_secs(10), Duration::from_millis(50), || {
+        status = site.router_status(1);
+        (restarts(&status) > restarts_before && status["router"]["running"].as_bool() == Some(true))
+            .then_some(())
+    });
+    assert!(restarted.is_some(), "router not restarted: {status}");
+    let connects_before = site.router_counter(0, "tcp_connects");
+    let (mut accelerated, _, echo) =
+        spawn_reading_first_line(&mut site.python("web", RETRYING_CLIENT, true));
     // The connection that answered is a host-network connection between the two hosts.
     let on_host_link = site.host_link_connections(0);
     let _ = accelerated.wait();
@@ -693,13 +624,8 @@ fn listeners_survive_a_router_restart() {
         .python("plain", RETRYING_CLIENT, false)
         .output()
         .unwrap();
-    let listeners = site.router_status(1)["router"]["tcp_listeners"]
-        .as_u64()
-        .unwrap_or(0);
-    let connects = site.router_status(0)["router"]["tcp_connects"]
-        .as_u64()
-        .unwrap_or(0)
-        - connects_before;
+    let listeners = site.router_counter(1, "tcp_listeners");
+    let connects = site.router_counter(0, "tcp_connects") - connects_before;
     stop(&mut server);
     assert!(connects >= 1, "the router set it up");
     assert!(
@@ -729,7 +655,6 @@ fn a_hostile_container_cannot_misuse_or_stall_the_router() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    use std::io::{BufRead, Write};
     let mut out = std::io::BufReader::new(hostile.stdout.take().unwrap());
     let mut said = Vec::new();
     while !said
@@ -740,7 +665,7 @@ fn a_hostile_container_cannot_misuse_or_stall_the_router() {
         if out.read_line(&mut line).unwrap() == 0 {
             stop(&mut hostile);
             let mut err = String::new();
-            let _ = std::io::Read::read_to_string(hostile.stderr.as_mut().unwrap(), &mut err);
+            let _ = hostile.stderr.as_mut().unwrap().read_to_string(&mut err);
             panic!("hostile program ended early: {said:?} {err}");
         }
         said.push(line.trim().to_string());
@@ -844,16 +769,10 @@ const REUSEPORT_ONE_PROCESS: &str = include_str!("programs/tcp_reuseport_one_pro
 #[test]
 fn reuseport_listeners_of_one_process_share_and_dup2_closes_a_listener() {
     let site = Site::new("tu");
-    let mut server = site
-        .python("db", REUSEPORT_ONE_PROCESS, true)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut reader = std::io::BufReader::new(server.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
+    let (mut server, mut reader, mut line) = spawn_reading_first_line(
+        site.python("db", REUSEPORT_ONE_PROCESS, true)
+            .stderr(Stdio::piped()),
+    );
     assert_eq!(line.trim(), "READY");
     std::thread::sleep(Duration::from_millis(300));
     let listeners = site.router_status(1)["router"]["tcp_listeners"].as_u64();

@@ -24,14 +24,11 @@ impl Site {
     /// Two hosts; containers web and cache on host 0, db on host 1, all registered with
     /// Freeflow (tenant blue), Freeflow up on both hosts with a shared registry.
     fn new(prefix: &str) -> Site {
-        common::require_root("TCP-mode");
-        common::require_built(&["freeflow-router"]);
-        common::shim();
         common::require_programs(
             &["redis-server", "redis-benchmark", "redis-cli"],
             "redis-server redis-tools",
         );
-        let site = Site::create(SiteSpec {
+        Site::create_tcp(SiteSpec {
             prefix,
             work_prefix: "ff-redis",
             hosts: 2,
@@ -42,10 +39,7 @@ impl Site {
             ],
             registered: &[("web", "blue"), ("cache", "blue"), ("db", "blue")],
             ..SiteSpec::default()
-        });
-        // Let both routers see each other's tables (peer connections come up on first use).
-        std::thread::sleep(Duration::from_millis(300));
-        site
+        })
     }
 
     /// `program` in a container with the shim preloaded. FREEFLOW_DEBUG passes through from
@@ -107,19 +101,10 @@ impl Guard {
     }
 
     fn stop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_some() {
-            return;
-        }
         // SIGTERM first so redis-server exits through its own shutdown; SIGKILL if it has not
         // gone within 5 s.
-        // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if common::terminate(&mut self.child, Duration::from_secs(5)) {
+            return;
         }
         eprintln!("{} ignored SIGTERM; killing it", self.what);
         let _ = self.child.kill();
@@ -142,6 +127,16 @@ fn sockets(ss: &str) -> Vec<(String, String, String)> {
             (f.len() >= 4).then(|| (f[2].to_string(), f[3].to_string(), f[4..].join(" ")))
         })
         .collect()
+}
+
+/// Asserts that redis-cli printed `expected` (and nothing else but white space).
+fn assert_reply(out: &Output, expected: &str) {
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        expected,
+        "{}",
+        text(out)
+    );
 }
 
 fn text(out: &Output) -> String {
@@ -212,19 +207,9 @@ fn redis_server_and_clients_run_accelerated() {
     // Values round-trip: a short one, and 1 MiB (set from web through stdin with -x, read
     // back from cache), which crosses in many segments in each direction.
     let out = site.redis_cli("web", &["set", "k", "v"]);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "OK",
-        "{}",
-        text(&out)
-    );
+    assert_reply(&out, "OK");
     let out = site.redis_cli("web", &["get", "k"]);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "v",
-        "{}",
-        text(&out)
-    );
+    assert_reply(&out, "v");
     let big: String = (0..1 << 20)
         .map(|i: u32| char::from(b'a' + (i.wrapping_mul(2_654_435_761) >> 27) as u8 % 26))
         .collect();
@@ -236,12 +221,7 @@ fn redis_server_and_clients_run_accelerated() {
         .stdin(std::fs::File::open(&big_file).unwrap())
         .output()
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "OK",
-        "{}",
-        text(&out)
-    );
+    assert_reply(&out, "OK");
     let out = site.redis_cli("cache", &["get", "big"]);
     let got = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -11,22 +11,19 @@
 
 mod common;
 
-use common::{build_c_probe, describe, Site, SiteSpec};
+use common::{describe, CProbe, Site, SiteSpec};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 
 impl Site {
     /// Two hosts with Freeflow up (shared registry); containers web (host 0) and db (host 1)
     /// registered, stranger (host 0) not.
     fn new(prefix: &str) -> Site {
-        common::require_root("RDMA-mode");
-        common::require_built(&["freeflow-router", "libibverbs.so"]);
         common::require_programs(
             &["ibv_devices", "ibv_devinfo", "ibv_rc_pingpong"],
             "ibverbs-utils",
         );
-        let site = Site::create(SiteSpec {
+        let site = Site::create_verbs(SiteSpec {
             prefix,
             work_prefix: "ff-verbs",
             hosts: 2,
@@ -47,13 +44,6 @@ impl Site {
         }
         site
     }
-
-    fn run(&self, container: &str, program: &str, args: &[&str]) -> Output {
-        self.verbs_app(container, program, &[])
-            .args(args)
-            .output()
-            .unwrap()
-    }
 }
 
 fn stdout(out: &Output) -> String {
@@ -66,20 +56,21 @@ fn stderr(out: &Output) -> String {
 
 /// Checks made from C against the installed headers, the way rdma-core programs call the verbs
 /// (inline wrappers included). Prints one line per failed check and "checks passed" at the end.
-const PROBE: &str = include_str!("programs/verbs_device_probe.c");
-
-/// Builds [`PROBE`] against the installed headers and the system's libibverbs (so it imports
-/// the verbs with rdma-core's symbol versions, like any Debian binary).
-fn build_probe(work: &Path) -> PathBuf {
-    build_c_probe(work, "probe", PROBE, &["-Wall"], &["-libverbs"])
-}
+/// Built against the installed headers and the system's libibverbs (so it imports the verbs
+/// with rdma-core's symbol versions, like any Debian binary).
+const PROBE: CProbe = CProbe {
+    name: "probe",
+    source: include_str!("programs/verbs_device_probe.c"),
+    cflags: &["-Wall"],
+    libs: &["-libverbs"],
+};
 
 #[test]
 fn unmodified_ibverbs_utils_see_one_device_per_registered_container() {
     let site = Site::new("vb");
 
     // ibv_devices: one line for ffv0 with the GUID derived from the overlay address.
-    let out = site.run("web", "ibv_devices", &[]);
+    let out = site.run_verbs_app("web", "ibv_devices", &[]);
     assert!(
         out.status.success(),
         "ibv_devices in web: {}",
@@ -94,7 +85,7 @@ fn unmodified_ibverbs_utils_see_one_device_per_registered_container() {
 
     // ibv_devinfo -v, on both hosts: each container's port GID is its own overlay address.
     for (container, ip) in [("web", "10.32.0.2"), ("db", "10.32.0.4")] {
-        let out = site.run(container, "ibv_devinfo", &["-v"]);
+        let out = site.run_verbs_app(container, "ibv_devinfo", &["-v"]);
         let text = stdout(&out);
         assert!(
             out.status.success(),
@@ -124,7 +115,7 @@ fn unmodified_ibverbs_utils_see_one_device_per_registered_container() {
     }
 
     // An unregistered container: no device, and nothing said unless asked.
-    let out = site.run("stranger", "ibv_devinfo", &[]);
+    let out = site.run_verbs_app("stranger", "ibv_devinfo", &[]);
     assert_eq!(out.status.code(), Some(255), "{}", describe(&out));
     assert_eq!(
         stderr(&out).trim(),
@@ -132,7 +123,7 @@ fn unmodified_ibverbs_utils_see_one_device_per_registered_container() {
         "{}",
         describe(&out)
     );
-    let out = site.run("stranger", "ibv_devices", &[]);
+    let out = site.run_verbs_app("stranger", "ibv_devices", &[]);
     assert!(out.status.success(), "{}", describe(&out));
     assert!(!stdout(&out).contains("ffv"), "{}", describe(&out));
     let out = site
@@ -184,8 +175,8 @@ fn unmodified_ibverbs_utils_see_one_device_per_registered_container() {
     );
 
     // The verbs' return values and errno, from C.
-    let probe = build_probe(&site.work);
-    let out = site.run("web", probe.to_str().unwrap(), &[]);
+    let probe = PROBE.build(&site.work);
+    let out = site.run_verbs_app("web", probe.to_str().unwrap(), &[]);
     assert!(
         out.status.success() && stdout(&out).contains("checks passed"),
         "probe in web: {}",
@@ -196,7 +187,7 @@ fn unmodified_ibverbs_utils_see_one_device_per_registered_container() {
         "{}",
         describe(&out)
     );
-    let out = site.run("stranger", probe.to_str().unwrap(), &[]);
+    let out = site.run_verbs_app("stranger", probe.to_str().unwrap(), &[]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(stdout(&out).contains("0 devices"), "{}", describe(&out));
 }

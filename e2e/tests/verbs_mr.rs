@@ -13,17 +13,12 @@
 
 mod common;
 
-use common::{build_c_probe, describe, Site, SiteSpec};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use common::{describe, succeeded_saying, CProbe, Site, SiteSpec};
 
 impl Site {
     /// One host with Freeflow up (test hooks on) and containers web and peer registered.
     fn new(prefix: &str) -> Site {
-        common::require_root("RDMA-mode");
-        common::require_built(&["freeflow-router", "libibverbs.so"]);
-        Site::create(SiteSpec {
+        Site::create_verbs(SiteSpec {
             prefix,
             work_prefix: "ff-verbs-mr",
             hosts: 1,
@@ -38,70 +33,44 @@ impl Site {
 /// The C side. `mr_probe checks`: every check of one container; `mr_probe hold`: registers a
 /// region, prints its keys, keeps it until stdin closes; `mr_probe guess LKEY RKEY`: tries
 /// another container's keys through the router.
-const MR_PROBE: &str = include_str!("programs/verbs_mr_probe.c");
-
-fn build_probe(work: &Path) -> PathBuf {
-    build_c_probe(
-        work,
-        "mr_probe",
-        MR_PROBE,
-        &["-Wall", "-Werror", "-O1"],
-        &["-libverbs", "-ldl"],
-    )
-}
+const MR_PROBE: CProbe = CProbe {
+    name: "mr_probe",
+    source: include_str!("programs/verbs_mr_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-libverbs", "-ldl"],
+};
 
 #[test]
 fn memory_regions_share_the_programs_own_memory_with_the_router() {
     let site = Site::new("vm");
-    let probe = build_probe(&site.work);
+    let probe = MR_PROBE.build(&site.work);
 
-    let out = site
-        .verbs_app("web", &probe, &[])
-        .arg("checks")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = site.run_verbs_app("web", &probe, &["checks"]);
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        succeeded_saying(&out, "checks passed"),
         "mr_probe checks in web: {}\nrouter log:\n{}",
         describe(&out),
         site.router_log()
     );
 
     // web holds a region; peer (same host, same tenant) tries its keys.
-    let mut holder = site
-        .verbs_app("web", &probe, &[])
-        .arg("hold")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = BufReader::new(holder.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let keys: Vec<&str> = line.split_whitespace().collect();
+    let holder = site.hold("web", &probe);
+    let keys = holder.numbers();
     assert!(
         keys.len() == 4 && keys[0] == "keys",
-        "holder said {line:?}; router log:\n{}",
+        "holder said {:?}; router log:\n{}",
+        holder.first_line,
         site.router_log()
     );
-    let out = site
-        .verbs_app("peer", &probe, &[])
-        .args(["guess", keys[1], keys[2], keys[3]])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = site.run_verbs_app("peer", &probe, &["guess", keys[1], keys[2], keys[3]]);
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("guesses refused"),
+        succeeded_saying(&out, "guesses refused"),
         "mr_probe guess in peer: {}",
         describe(&out)
     );
     // The holder's region is untouched and still works.
-    holder.stdin.take().unwrap().write_all(b"done\n").unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
-    let status = holder.wait().unwrap();
+    let held = holder.finish();
+    let (status, rest) = (held.status, String::from_utf8_lossy(&held.stdout));
     assert!(
         status.success() && rest.contains("held"),
         "holder: {status:?} {rest}"

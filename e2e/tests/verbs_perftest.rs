@@ -14,23 +14,18 @@
 
 mod common;
 
-use common::{describe, Site, SiteSpec};
+use common::{describe, Site, SiteSpec, SERVER_AND_CLIENT};
 use std::path::Path;
 
 impl Site {
     /// One host with Freeflow up; containers server and client (tenant blue) registered.
     fn new(prefix: &str) -> Site {
-        common::require_root("RDMA-mode");
-        common::require_built(&[
-            "freeflow-router",
-            "libibverbs.so",
-            "libfreeflow_providers.so",
-        ]);
-        Site::create(SiteSpec {
+        common::require_built(&["libfreeflow_providers.so"]);
+        Site::create_verbs(SiteSpec {
             prefix,
             work_prefix: "ff-verbs-perftest",
             hosts: 1,
-            containers: &[(0, "server", [10, 32, 0, 2]), (0, "client", [10, 32, 0, 3])],
+            containers: SERVER_AND_CLIENT,
             registered: &[("server", "blue"), ("client", "blue")],
             verbs_timeout: 60,
             ..SiteSpec::default()

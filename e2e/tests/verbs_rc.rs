@@ -15,17 +15,16 @@
 
 mod common;
 
-use common::{between_markers, build_c_probe, describe, Site, SiteSpec};
-use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use common::{
+    assert_pingpong_sides, between_markers, describe, succeeded_saying, CProbe, Site, SiteSpec,
+};
+use std::process::Output;
 
 impl Site {
     /// One host with Freeflow up; containers server, client (tenant blue) and other (tenant red)
     /// registered.
     fn new(prefix: &str) -> Site {
-        common::require_root("RDMA-mode");
-        common::require_built(&["freeflow-router", "libibverbs.so"]);
-        Site::create(SiteSpec {
+        Site::create_verbs(SiteSpec {
             prefix,
             work_prefix: "ff-verbs-rc",
             hosts: 1,
@@ -44,41 +43,14 @@ impl Site {
 /// Runs `ibv_rc_pingpong ARGS` as server in `server` and as client (naming the server's
 /// overlay address) in `client`; returns both outputs.
 fn pingpong(site: &Site, port: u16, args: &[&str]) -> (Output, Output) {
-    let port_arg = port.to_string();
-    let args: Vec<&str> = ["-p", &port_arg]
-        .into_iter()
-        .chain(args.iter().copied())
-        .collect();
-    site.verbs_server_and_client(Path::new("ibv_rc_pingpong"), port, &args)
+    site.pingpong("ibv_rc_pingpong", port, args)
 }
 
 /// Checks a pingpong run: both sides exit 0, report their transfer, and show the GIDs of both
 /// containers (their overlay addresses).
-fn assert_pingpong(site: &Site, (server, client): &(Output, Output), iters: u64, size: u64) {
-    for (who, out, local, remote) in [
-        ("server", server, "10.32.0.2", "10.32.0.3"),
-        ("client", client, "10.32.0.3", "10.32.0.2"),
-    ] {
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "ibv_rc_pingpong {who}: {}\n--- router log\n{}",
-            describe(out),
-            site.router_log()
-        );
-        assert!(
-            text.contains(&format!("{} bytes in", iters * size * 2))
-                && text.contains(&format!("{iters} iters in")),
-            "{who}: {}",
-            describe(out)
-        );
-        assert!(
-            text.contains("local address:  LID 0x0000")
-                && text.contains(&format!("GID ::ffff:{local}"))
-                && text.contains(&format!("GID ::ffff:{remote}")),
-            "{who}: {}",
-            describe(out)
-        );
+fn assert_pingpong(site: &Site, runs: &(Output, Output), iters: u64, size: u64) {
+    for (who, text) in assert_pingpong_sides(site, "ibv_rc_pingpong", runs, iters, size) {
+        assert!(text.contains("local address:  LID 0x0000"), "{who}: {text}");
         eprintln!("{who}: {}", text.trim_end().replace('\n', "\n    "));
     }
 }
@@ -104,32 +76,23 @@ fn unmodified_ibv_rc_pingpong_runs_between_two_containers() {
     assert_pingpong(&site, &runs, 50, 100000);
 }
 
-/// The C side of the checks below (its own file, to be readable and compilable by hand).
-const PROBE: &str = include_str!("programs/verbs_rc_probe.c");
-
-/// Builds [`PROBE`] against the installed headers and the system's libibverbs (so it imports
-/// the verbs with rdma-core's symbol versions, like any Debian binary).
-fn build_probe(work: &Path) -> PathBuf {
-    build_c_probe(
-        work,
-        "qp_probe",
-        PROBE,
-        &["-Wall", "-Werror", "-O1"],
-        &["-libverbs"],
-    )
-}
+/// The C side of the checks below (its own file, to be readable and compilable by hand), built
+/// against the installed headers and the system's libibverbs (so it imports the verbs with
+/// rdma-core's symbol versions, like any Debian binary).
+const PROBE: CProbe = CProbe {
+    name: "qp_probe",
+    source: include_str!("programs/verbs_rc_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-libverbs"],
+};
 
 #[test]
 fn every_verb_and_every_error_as_rdma_core_reports_them() {
     let site = Site::new("vrq");
-    let probe = build_probe(&site.work);
-    let out = site
-        .verbs_app("client", &probe, &[])
-        .args(["checks", "10.32.0.4"])
-        .output()
-        .unwrap();
+    let probe = PROBE.build(&site.work);
+    let out = site.run_verbs_app("client", &probe, &["checks", "10.32.0.4"]);
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        succeeded_saying(&out, "checks passed"),
         "{}\n--- router log\n{}",
         describe(&out),
         site.router_log()
@@ -139,22 +102,13 @@ fn every_verb_and_every_error_as_rdma_core_reports_them() {
 #[test]
 fn polling_and_posting_make_no_system_call() {
     let site = Site::new("vrs");
-    let probe = build_probe(&site.work);
-    let log = site.work.join("strace.log");
-    let out = site
-        .verbs_app("client", Path::new("strace"), &[])
-        .args(["-qq", "-o"])
-        .arg(&log)
-        .arg(&probe)
-        .arg("nosyscall")
-        .output()
-        .unwrap();
+    let probe = PROBE.build(&site.work);
+    let (out, log) = site.verbs_app_under_strace("client", &probe, "nosyscall");
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        succeeded_saying(&out, "checks passed"),
         "{}",
         describe(&out)
     );
-    let log = std::fs::read_to_string(&log).unwrap();
     // 100,000 empty polls and 32 receives posted: not one system call.
     let polls = between_markers(&log, "getppid(");
     assert!(polls.is_empty(), "system calls while polling: {polls:?}");
@@ -174,45 +128,22 @@ fn polling_and_posting_make_no_system_call() {
 #[test]
 fn containers_cannot_reach_each_others_queues_or_memory() {
     let site = Site::new("vri");
-    let probe = build_probe(&site.work);
+    let probe = PROBE.build(&site.work);
     // server holds a QP and a region and says their numbers; client guesses with them.
-    let mut holder = site
-        .verbs_app("server", &probe, &[])
-        .arg("hold")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    {
-        use std::io::BufRead;
-        let stdout = holder.stdout.as_mut().unwrap();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut first)
-            .unwrap();
-    }
-    let numbers: Vec<&str> = first.split_whitespace().collect();
-    assert_eq!(numbers.len(), 4, "holder said {first:?}");
-    let out = site
-        .verbs_app("client", &probe, &[])
-        .args(["guess", "10.32.0.2"])
-        .args(&numbers)
-        .output()
-        .unwrap();
+    let holder = site.hold("server", &probe);
+    let numbers = holder.numbers();
+    assert_eq!(numbers.len(), 4, "holder said {:?}", holder.first_line);
+    let guess = [&["guess", "10.32.0.2"][..], &numbers].concat();
+    let out = site.run_verbs_app("client", &probe, &guess);
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        succeeded_saying(&out, "checks passed"),
         "guess: {}",
         describe(&out)
     );
     // A container that writes garbage into its queue is detached; nobody else is.
-    let out = site
-        .verbs_app("other", &probe, &[])
-        .arg("hostile")
-        .output()
-        .unwrap();
+    let out = site.run_verbs_app("other", &probe, &["hostile"]);
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        succeeded_saying(&out, "checks passed"),
         "hostile: {}\n--- router log\n{}",
         describe(&out),
         site.router_log()
@@ -223,10 +154,9 @@ fn containers_cannot_reach_each_others_queues_or_memory() {
         "{}",
         site.router_log()
     );
-    drop(holder.stdin.take());
-    let held = holder.wait_with_output().unwrap();
+    let held = holder.finish();
     assert!(
-        held.status.success() && String::from_utf8_lossy(&held.stdout).contains("checks passed"),
+        succeeded_saying(&held, "checks passed"),
         "holder: {}",
         describe(&held)
     );

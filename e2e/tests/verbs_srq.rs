@@ -21,20 +21,21 @@
 
 mod common;
 
-use common::{between_markers, build_c_probe, describe, Site, SiteSpec};
-use std::path::{Path, PathBuf};
+use common::{
+    assert_pingpong_sides, between_markers, describe, succeeded_saying, CProbe, Site, SiteSpec,
+    SERVER_AND_CLIENT,
+};
+use std::path::Path;
 use std::process::Output;
 
 impl Site {
     /// One host with Freeflow up; containers server and client (tenant blue) registered.
     fn new(prefix: &str) -> Site {
-        common::require_root("RDMA-mode");
-        common::require_built(&["freeflow-router", "libibverbs.so"]);
-        Site::create(SiteSpec {
+        Site::create_verbs(SiteSpec {
             prefix,
             work_prefix: "ff-verbs-srq",
             hosts: 1,
-            containers: &[(0, "server", [10, 32, 0, 2]), (0, "client", [10, 32, 0, 3])],
+            containers: SERVER_AND_CLIENT,
             registered: &[("server", "blue"), ("client", "blue")],
             verbs_timeout: 90,
             ..SiteSpec::default()
@@ -42,26 +43,17 @@ impl Site {
     }
 }
 
-/// The C side of the checks (its own file, to be readable and compilable by hand).
-const PROBE: &str = include_str!("programs/verbs_srq_probe.c");
-
-/// Builds [`PROBE`] against the installed headers and the system's libibverbs.
-fn build_probe(work: &Path) -> PathBuf {
-    build_c_probe(
-        work,
-        "srq_probe",
-        PROBE,
-        &["-Wall", "-Werror", "-O1", "-pthread"],
-        &["-libverbs"],
-    )
-}
+/// The C side of the checks (its own file, to be readable and compilable by hand), built
+/// against the installed headers and the system's libibverbs.
+const PROBE: CProbe = CProbe {
+    name: "srq_probe",
+    source: include_str!("programs/verbs_srq_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1", "-pthread"],
+    libs: &["-libverbs"],
+};
 
 fn run_probe(site: &Site, probe: &Path, mode: &str) {
-    let out = site
-        .verbs_app("client", probe, &[])
-        .arg(mode)
-        .output()
-        .unwrap();
+    let out = site.run_verbs_app("client", probe, &[mode]);
     check_probe(site, mode, &out);
 }
 
@@ -71,7 +63,7 @@ fn check_probe(site: &Site, mode: &str, out: &Output) {
         String::from_utf8_lossy(&out.stdout).trim_end()
     );
     assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("checks passed"),
+        succeeded_saying(out, "checks passed"),
         "{mode}: {}\n--- router log\n{}",
         describe(out),
         site.router_log()
@@ -81,47 +73,28 @@ fn check_probe(site: &Site, mode: &str, out: &Output) {
 #[test]
 fn resize_cq_keeps_pending_completions_in_order_and_refuses_too_small_sizes() {
     let site = Site::new("vsz");
-    let probe = build_probe(&site.work);
+    let probe = PROBE.build(&site.work);
     run_probe(&site, &probe, "resize");
 }
 
 #[test]
 fn a_shared_receive_queue_feeds_two_qps_and_reports_its_errors() {
     let site = Site::new("vsq");
-    let probe = build_probe(&site.work);
+    let probe = PROBE.build(&site.work);
     run_probe(&site, &probe, "srq");
 }
 
 #[test]
 fn posting_to_an_srq_makes_no_system_call() {
     let site = Site::new("vsn");
-    let probe = build_probe(&site.work);
-    let log = site.work.join("strace.log");
-    let out = site
-        .verbs_app("client", Path::new("strace"), &[])
-        .args(["-qq", "-o"])
-        .arg(&log)
-        .arg(&probe)
-        .arg("nosyscall")
-        .output()
-        .unwrap();
+    let probe = PROBE.build(&site.work);
+    let (out, log) = site.verbs_app_under_strace("client", &probe, "nosyscall");
     check_probe(&site, "nosyscall", &out);
-    let log = std::fs::read_to_string(&log).unwrap();
     let calls = between_markers(&log, "getppid(");
     assert!(
         calls.is_empty(),
         "system calls while posting to an SRQ: {calls:?}"
     );
-}
-
-/// Runs `ibv_srq_pingpong ARGS` as server in `server` and as client in `client`.
-fn srq_pingpong(site: &Site, port: u16, args: &[&str]) -> (Output, Output) {
-    let port_arg = port.to_string();
-    let args: Vec<&str> = ["-p", &port_arg]
-        .into_iter()
-        .chain(args.iter().copied())
-        .collect();
-    site.verbs_server_and_client(Path::new("ibv_srq_pingpong"), port, &args)
 }
 
 #[test]
@@ -142,27 +115,10 @@ fn unmodified_ibv_srq_pingpong_runs_between_two_containers() {
             4096,
         ),
     ] {
-        let (server, client) = srq_pingpong(&site, port, &args);
-        for (who, out) in [("server", &server), ("client", &client)] {
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success(),
-                "ibv_srq_pingpong {args:?} {who}: {}\n--- router log\n{}",
-                describe(out),
-                site.router_log()
-            );
-            assert!(
-                text.contains(&format!("{} bytes in", iters * size * 2))
-                    && text.contains(&format!("{iters} iters in")),
-                "{who}: {}",
-                describe(out)
-            );
-            // Every QP printed its address: local and remote, with the GIDs of both.
-            assert!(
-                text.contains("GID ::ffff:10.32.0.2") && text.contains("GID ::ffff:10.32.0.3"),
-                "{who}: {}",
-                describe(out)
-            );
+        let runs = site.pingpong("ibv_srq_pingpong", port, &args);
+        // Every QP printed its address: local and remote, with the GIDs of both.
+        let what = format!("ibv_srq_pingpong {args:?}");
+        for (who, text) in assert_pingpong_sides(&site, &what, &runs, iters, size) {
             eprintln!("{who} {args:?}: {}", text.lines().last().unwrap_or(""));
         }
     }

@@ -8,7 +8,6 @@ use crate::command::{ip_in, run, run_with_stdin};
 use crate::error::TopologyError;
 use crate::names::{container_netns, netns_path, switch_netns, validate_tag};
 use crate::namespace::{ensure_root, netns_of_tag};
-use crate::os;
 #[cfg(doc)]
 use crate::Cluster;
 
@@ -92,7 +91,8 @@ fn kill_processes_in(netns: &str) {
         let Ok(pid) = libc::pid_t::try_from(pid) else {
             continue;
         };
-        os::kill_process(pid);
+        // Errors (the process is already gone) are ignored.
+        let _ = freeflow_os::signals::send_signal(pid, libc::SIGKILL);
     }
 }
 

@@ -53,6 +53,57 @@ pub struct PersistentCluster {
     layout: Layout,
 }
 
+/// The methods [`Cluster`] and [`PersistentCluster`] share, each a view of (or a change to) the
+/// `layout` both hold. A macro rather than a trait, so that callers need no import.
+macro_rules! layout_methods {
+    ($cluster:ty) => {
+        impl $cluster {
+            /// Add a container on host `host` with overlay address `ip/prefix_len`: a namespace
+            /// `ff-<tag>-c-<name>` whose `eth0` (MTU 1450) is a veth with its peer on the host's
+            /// `br0`. On failure nothing of the container is left behind.
+            pub fn add_container(
+                &mut self,
+                host: usize,
+                name: &str,
+                ip: Ipv4Addr,
+                prefix_len: u8,
+            ) -> Result<ContainerInfo, TopologyError> {
+                add_container(&mut self.layout, host, name, ip, prefix_len)
+            }
+
+            /// Remove a container: its processes, its veth pair and its namespace.
+            pub fn remove_container(&mut self, name: &str) -> Result<(), TopologyError> {
+                remove_container(&mut self.layout, name)
+            }
+
+            /// The hosts, by index.
+            pub fn hosts(&self) -> &[HostInfo] {
+                &self.layout.hosts
+            }
+
+            /// The containers, in the order they were added.
+            pub fn containers(&self) -> &[ContainerInfo] {
+                &self.layout.containers
+            }
+
+            /// The cluster's tag.
+            pub fn tag(&self) -> &str {
+                &self.layout.tag
+            }
+
+            /// Hosts and containers as JSON (`{"tag", "hosts": [...], "switch_netns",
+            /// "containers": [...], "next_veth"}`); [`PersistentCluster::from_description`]
+            /// reads it back.
+            pub fn describe(&self) -> serde_json::Value {
+                self.layout.describe()
+            }
+        }
+    };
+}
+
+layout_methods!(Cluster);
+layout_methods!(PersistentCluster);
+
 impl Cluster {
     /// Build the cluster. Refuses a tag that any namespace on the machine already uses. On a
     /// failure half way, whatever was built is torn down before the error is returned.
@@ -104,47 +155,14 @@ impl Cluster {
         Ok(())
     }
 
-    /// Add a container on host `host` with overlay address `ip/prefix_len`: a namespace
-    /// `ff-<tag>-c-<name>` whose `eth0` (MTU 1450) is a veth with its peer on the host's `br0`.
-    /// On failure nothing of the container is left behind.
-    pub fn add_container(
-        &mut self,
-        host: usize,
-        name: &str,
-        ip: Ipv4Addr,
-        prefix_len: u8,
-    ) -> Result<ContainerInfo, TopologyError> {
-        add_container(&mut self.layout, host, name, ip, prefix_len)
-    }
-
-    /// Remove a container: its processes, its veth pair and its namespace.
-    pub fn remove_container(&mut self, name: &str) -> Result<(), TopologyError> {
-        remove_container(&mut self.layout, name)
-    }
-
-    /// The hosts, by index.
-    pub fn hosts(&self) -> &[HostInfo] {
-        &self.layout.hosts
-    }
-
     /// Host `index`.
     pub fn host(&self, index: usize) -> Result<&HostInfo, TopologyError> {
         self.layout.host(index)
     }
 
-    /// The containers, in the order they were added.
-    pub fn containers(&self) -> &[ContainerInfo] {
-        &self.layout.containers
-    }
-
     /// The container called `name`.
     pub fn container(&self, name: &str) -> Result<&ContainerInfo, TopologyError> {
         self.layout.container(name)
-    }
-
-    /// The cluster's tag.
-    pub fn tag(&self) -> &str {
-        &self.layout.tag
     }
 
     /// The switch namespace, if the cluster has one (any number of hosts but two).
@@ -169,12 +187,6 @@ impl Cluster {
         PersistentCluster {
             layout: std::mem::take(&mut self.layout),
         }
-    }
-
-    /// Hosts and containers as JSON (`{"tag", "hosts": [...], "switch_netns", "containers":
-    /// [...], "next_veth"}`); [`PersistentCluster::from_description`] reads it back.
-    pub fn describe(&self) -> serde_json::Value {
-        self.layout.describe()
     }
 
     /// Tear everything down now and report what failed; every step is tried regardless.
@@ -233,42 +245,6 @@ impl PersistentCluster {
         Ok(Cluster {
             layout: self.layout,
         })
-    }
-
-    /// The hosts, by index.
-    pub fn hosts(&self) -> &[HostInfo] {
-        &self.layout.hosts
-    }
-
-    /// The containers, in the order they were added.
-    pub fn containers(&self) -> &[ContainerInfo] {
-        &self.layout.containers
-    }
-
-    /// The cluster's tag.
-    pub fn tag(&self) -> &str {
-        &self.layout.tag
-    }
-
-    /// See [`Cluster::add_container`].
-    pub fn add_container(
-        &mut self,
-        host: usize,
-        name: &str,
-        ip: Ipv4Addr,
-        prefix_len: u8,
-    ) -> Result<ContainerInfo, TopologyError> {
-        add_container(&mut self.layout, host, name, ip, prefix_len)
-    }
-
-    /// See [`Cluster::remove_container`].
-    pub fn remove_container(&mut self, name: &str) -> Result<(), TopologyError> {
-        remove_container(&mut self.layout, name)
-    }
-
-    /// See [`Cluster::describe`].
-    pub fn describe(&self) -> serde_json::Value {
-        self.layout.describe()
     }
 
     /// Tear the cluster down; see [`Cluster::teardown`].

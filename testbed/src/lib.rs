@@ -33,8 +33,8 @@
 //! (running `ip` and `bridge`, with [`fault`] injection for tests) and [`test_support`] (what the
 //! tests that build clusters share).
 //!
-//! Unsafe code: only in the private module `os` (`geteuid` and `kill`); the crate root denies it
-//! everywhere else.
+//! Unsafe code: none; the crate root denies it. The two system calls std does not offer (the
+//! effective uid, SIGKILL for processes left in a namespace) come from `freeflow-os`.
 
 #![deny(unsafe_code)]
 
@@ -46,7 +46,6 @@ mod error;
 pub mod names;
 mod namespace;
 mod network;
-mod os;
 pub mod spec;
 pub mod test_support;
 

@@ -9,12 +9,11 @@ use std::sync::{Mutex, PoisonError};
 use crate::command::{command_in, describe_command, ip_in, iproute, run};
 use crate::error::TopologyError;
 use crate::names::tag_of;
-use crate::os;
 use crate::spec::{LinkStats, NETNS_DIR};
 
 /// Fail with [`TopologyError::NotRoot`] unless the effective uid is 0.
 pub fn ensure_root() -> Result<(), TopologyError> {
-    let euid = os::effective_uid();
+    let euid = freeflow_os::process::effective_uid();
     if euid == 0 {
         Ok(())
     } else {

@@ -4,10 +4,11 @@
 use std::net::Ipv4Addr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use freeflow_testbed::{
-    self as topology, fault, fresh_tag, Cluster, ClusterSpec, TopologyError, OVERLAY_DEV,
+    self as topology, fault, fresh_tag, test_support::poll, Cluster, ClusterSpec, ContainerInfo,
+    TopologyError, OVERLAY_DEV,
 };
 
 /// Fail loudly (not skip) when the environment cannot run these tests.
@@ -24,6 +25,31 @@ fn require_root() {
 
 fn addr(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
+}
+
+/// A fresh cluster of `hosts` hosts, its tag starting with `prefix`; fails without root.
+fn new_cluster(prefix: &str, hosts: usize) -> (String, Cluster) {
+    require_root();
+    let tag = fresh_tag(prefix);
+    let cluster = Cluster::create(ClusterSpec::new(&tag, hosts)).unwrap();
+    (tag, cluster)
+}
+
+/// Container `name` on host `host` at `ip`/12 (the tests' overlay is 10.32.0.0/12).
+fn add(cluster: &mut Cluster, host: usize, name: &str, ip: &str) -> ContainerInfo {
+    cluster.add_container(host, name, addr(ip), 12).unwrap()
+}
+
+/// The usual pair: `a` (10.32.0.5) on host 0 and `b` (10.32.1.5) on host 1.
+fn add_a_and_b(cluster: &mut Cluster) -> (ContainerInfo, ContainerInfo) {
+    let a = add(cluster, 0, "a", "10.32.0.5");
+    let b = add(cluster, 1, "b", "10.32.1.5");
+    (a, b)
+}
+
+/// Runs `ip args`; whether it succeeded.
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip").args(args).status().unwrap().success()
 }
 
 /// Namespaces of `tag` as `ip netns list` reports them (independent of the library's own
@@ -102,18 +128,11 @@ fn vx0_tx_sysfs(netns: &str) -> u64 {
 
 #[test]
 fn two_hosts_overlay() {
-    require_root();
-    let tag = fresh_tag("two");
-    let mut cluster = Cluster::create(ClusterSpec::new(&tag, 2)).unwrap();
+    let (tag, mut cluster) = new_cluster("two", 2);
     assert_eq!(cluster.tag(), tag);
     assert_eq!(cluster.hosts().len(), 2);
     assert!(cluster.switch_netns().is_none());
-    let a = cluster
-        .add_container(0, "a", addr("10.32.0.5"), 12)
-        .unwrap();
-    let b = cluster
-        .add_container(1, "b", addr("10.32.1.5"), 12)
-        .unwrap();
+    let (a, b) = add_a_and_b(&mut cluster);
     assert_eq!(a.netns, format!("ff-{tag}-c-a"));
     assert!(a.netns_path.exists());
     assert_eq!(cluster.containers().len(), 2);
@@ -169,14 +188,7 @@ fn two_hosts_overlay() {
     assert!(!route.status.success(), "container has a route to the link");
 
     // Take vx0 down on host 0: the containers are cut off, proving the overlay is the only path.
-    let set = |state: &str| {
-        let ok = Command::new("ip")
-            .args(["-n", &h0.netns, "link", "set", "vx0", state])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    };
+    let set = |state: &str| assert!(ip(&["-n", &h0.netns, "link", "set", "vx0", state]));
     set("down");
     assert!(!ping_once(&a.netns, b.ip), "ping crossed without vx0");
     set("up");
@@ -204,15 +216,11 @@ fn two_hosts_overlay() {
     ));
     // The name and address are free again, on any host: the peers' caches do not send it to
     // where it was.
-    let b2 = cluster
-        .add_container(0, "b", addr("10.32.1.5"), 12)
-        .unwrap();
+    let b2 = add(&mut cluster, 0, "b", "10.32.1.5");
     assert_eq!(b2.mac, "02:42:0a:20:01:05");
     assert_ping(&a.netns, b2.ip);
     cluster.remove_container("b").unwrap();
-    let b3 = cluster
-        .add_container(1, "b", addr("10.32.1.5"), 12)
-        .unwrap();
+    let b3 = add(&mut cluster, 1, "b", "10.32.1.5");
     assert_ping(&a.netns, b3.ip);
     assert_ping(&b3.netns, a.ip);
 
@@ -223,20 +231,14 @@ fn two_hosts_overlay() {
 
 #[test]
 fn three_hosts_through_switch() {
-    require_root();
-    let tag = fresh_tag("sw");
-    let mut cluster = Cluster::create(ClusterSpec::new(&tag, 3)).unwrap();
+    let (tag, mut cluster) = new_cluster("sw", 3);
     assert_eq!(
         cluster.switch_netns(),
         Some(format!("ff-{tag}-sw").as_str())
     );
-    let ips = ["10.32.0.1", "10.32.0.2", "10.32.0.3"].map(addr);
+    let ips = ["10.32.0.1", "10.32.0.2", "10.32.0.3"];
     let cs: Vec<_> = (0..3)
-        .map(|h| {
-            cluster
-                .add_container(h, &format!("c{h}"), ips[h], 12)
-                .unwrap()
-        })
+        .map(|h| add(&mut cluster, h, &format!("c{h}"), ips[h]))
         .collect();
     for from in &cs {
         for to in &cs {
@@ -254,15 +256,9 @@ fn three_hosts_through_switch() {
 
 #[test]
 fn one_host_cluster() {
-    require_root();
-    let tag = fresh_tag("one");
-    let mut cluster = Cluster::create(ClusterSpec::new(&tag, 1)).unwrap();
-    let a = cluster
-        .add_container(0, "a", addr("10.32.0.1"), 12)
-        .unwrap();
-    let b = cluster
-        .add_container(0, "b", addr("10.32.0.2"), 12)
-        .unwrap();
+    let (tag, mut cluster) = new_cluster("one", 1);
+    let a = add(&mut cluster, 0, "a", "10.32.0.1");
+    let b = add(&mut cluster, 0, "b", "10.32.0.2");
     assert_ping(&a.netns, b.ip);
     drop(cluster);
     assert_gone(&tag);
@@ -274,9 +270,7 @@ fn cleanup_on_panic() {
     let tag = fresh_tag("pan");
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut cluster = Cluster::create(ClusterSpec::new(&tag, 2)).unwrap();
-        cluster
-            .add_container(0, "x", addr("10.32.0.9"), 12)
-            .unwrap();
+        add(&mut cluster, 0, "x", "10.32.0.9");
         assert_eq!(netns_listed(&tag).len(), 3);
         panic!("deliberate panic with a cluster alive");
     }));
@@ -294,9 +288,7 @@ fn two_clusters_coexist() {
     // The same container names and addresses in both: they are separate worlds.
     let mut pairs = Vec::new();
     for c in [&mut c1, &mut c2] {
-        let a = c.add_container(0, "a", addr("10.32.0.5"), 12).unwrap();
-        let b = c.add_container(1, "b", addr("10.32.1.5"), 12).unwrap();
-        pairs.push((a, b));
+        pairs.push(add_a_and_b(c));
     }
     for (a, b) in &pairs {
         assert_ping(&a.netns, b.ip);
@@ -332,12 +324,8 @@ fn invalid_requests_refused() {
         ));
     }
 
-    require_root();
-    let tag = fresh_tag("inv");
-    let mut cluster = Cluster::create(ClusterSpec::new(&tag, 2)).unwrap();
-    cluster
-        .add_container(0, "a", addr("10.32.0.5"), 12)
-        .unwrap();
+    let (tag, mut cluster) = new_cluster("inv", 2);
+    add(&mut cluster, 0, "a", "10.32.0.5");
     let refused = [
         cluster.add_container(2, "b", addr("10.32.0.6"), 12),
         cluster.add_container(0, "a", addr("10.32.0.6"), 12),
@@ -370,15 +358,8 @@ fn invalid_requests_refused() {
 
 #[test]
 fn persist_then_teardown_tag() {
-    require_root();
-    let tag = fresh_tag("per");
-    let mut cluster = Cluster::create(ClusterSpec::new(&tag, 2)).unwrap();
-    let a = cluster
-        .add_container(0, "a", addr("10.32.0.5"), 12)
-        .unwrap();
-    let b = cluster
-        .add_container(1, "b", addr("10.32.1.5"), 12)
-        .unwrap();
+    let (tag, mut cluster) = new_cluster("per", 2);
+    let (a, b) = add_a_and_b(&mut cluster);
     let description = cluster.describe();
     let persistent = cluster.persist();
     drop(persistent);
@@ -409,18 +390,11 @@ fn teardown_half_built() {
     let h0 = topology::host_netns(&tag, 0);
     let c = topology::container_netns(&tag, "x");
     for ns in [&h0, &c] {
-        assert!(Command::new("ip")
-            .args(["netns", "add", ns])
-            .status()
-            .unwrap()
-            .success());
+        assert!(ip(&["netns", "add", ns]));
     }
-    assert!(Command::new("ip")
-        .args(["-n", &c, "link", "add", "eth0", "type", "veth"])
-        .args(["peer", "name", "vc0", "netns", &h0])
-        .status()
-        .unwrap()
-        .success());
+    assert!(ip(&[
+        "-n", &c, "link", "add", "eth0", "type", "veth", "peer", "name", "vc0", "netns", &h0
+    ]));
     // A leftover namespace blocks the tag.
     assert!(matches!(
         Cluster::create(ClusterSpec::new(&tag, 2)),
@@ -494,12 +468,8 @@ fn failure_part_way_leaves_nothing() {
         }
     }
     assert!(failures >= 5, "only {failures} fault points");
-    let v = cluster
-        .add_container(1, "v", addr("10.32.3.3"), 12)
-        .unwrap();
-    let w = cluster
-        .add_container(0, "w", addr("10.32.3.4"), 12)
-        .unwrap();
+    let v = add(&mut cluster, 1, "v", "10.32.3.3");
+    let w = add(&mut cluster, 0, "w", "10.32.3.4");
     assert_ping(&w.netns, v.ip);
     drop(cluster);
     assert_gone(&tag);
@@ -507,42 +477,28 @@ fn failure_part_way_leaves_nothing() {
 
 #[test]
 fn teardown_kills_processes_inside() {
-    require_root();
-    let tag = fresh_tag("prc");
-    let mut cluster = Cluster::create(ClusterSpec::new(&tag, 2)).unwrap();
-    let a = cluster
-        .add_container(0, "a", addr("10.32.0.5"), 12)
-        .unwrap();
+    let (tag, mut cluster) = new_cluster("prc", 2);
+    let a = add(&mut cluster, 0, "a", "10.32.0.5");
     let mut child = cluster
         .command_in(&a.netns, "sleep")
         .arg("60")
         .spawn()
         .unwrap();
     // Wait (bounded) until the process has entered the namespace.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let (limit, every) = (Duration::from_secs(5), Duration::from_millis(20));
+    let entered = poll(limit, every, || {
         let out = Command::new("ip")
             .args(["netns", "pids", &a.netns])
             .output()
             .unwrap();
-        if !out.stdout.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "sleep never entered {}", a.netns);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        (!out.stdout.is_empty()).then_some(())
+    });
+    assert!(entered.is_some(), "sleep never entered {}", a.netns);
     cluster.teardown().unwrap();
     assert_gone(&tag);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("process inside the container survived teardown");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if poll(limit, every, || child.try_wait().unwrap()).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("process inside the container survived teardown");
     }
 }

@@ -1,8 +1,10 @@
 //! Scaffolding shared by the end-to-end tests of freeflow-e2e: where the built binaries are,
 //! preflight checks, a simulated cluster with Freeflow up on its hosts and registered
-//! network-namespace "containers" ([`Site`]), programs run in a container's namespace, the
-//! routers' status and logs, C probes built against the installed headers (from the sources in
-//! tests/programs/), bounded waits. The generic checks and helpers of tests that build clusters
+//! network-namespace "containers" ([`Site`], with constructors for the TCP-mode and the RDMA-mode
+//! tests), programs run in a container's namespace (read line by line, held, stopped), the
+//! routers' status, counters and logs, C probes built against the installed headers (from the
+//! sources in tests/programs/, [`CProbe`]), the checks of ibverbs-utils' pingpong runs, bounded
+//! waits. The generic checks and helpers of tests that build clusters
 //! ([`require_root`], [`require_programs`], [`describe`], [`poll`], [`VNET`]) are
 //! freeflow-testbed's `test_support`, re-exported here.
 //!
@@ -16,9 +18,10 @@
 
 use freeflow_testbed::{self as topology, Cluster, ClusterSpec};
 use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
@@ -28,15 +31,8 @@ pub use freeflow_testbed::test_support::{describe, poll, require_programs, requi
 
 /// The `freeflow` binary under test, next to this test executable's `deps/` directory; fails if
 /// the workspace is not built.
-pub static FREEFLOW: LazyLock<String> = LazyLock::new(|| {
-    let p = target_dir().join("freeflow");
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build --workspace` first",
-        p.display()
-    );
-    p.to_string_lossy().into_owned()
-});
+pub static FREEFLOW: LazyLock<String> =
+    LazyLock::new(|| built("freeflow").to_string_lossy().into_owned());
 
 /// Where cargo put the workspace's binaries and libraries: the directory above the `deps/`
 /// directory that holds this test executable (`target/<profile>/deps/<test>-<hash>`).
@@ -53,7 +49,12 @@ pub fn target_dir() -> PathBuf {
 
 /// The TCP-mode shim, `libfsocket.so`; fails if the workspace is not built.
 pub fn shim() -> PathBuf {
-    let p = target_dir().join("libfsocket.so");
+    built("libfsocket.so")
+}
+
+/// `name` in the target directory; fails if the workspace is not built.
+fn built(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
     assert!(
         p.exists(),
         "{} missing: run `cargo build --workspace` first",
@@ -71,6 +72,11 @@ pub fn require_built(built: &[&str]) {
         );
     }
 }
+
+/// The containers of the RDMA tests that run a program pair: `server` (10.32.0.2, the address
+/// [`Site::verbs_server_and_client`] names) and `client` (10.32.0.3), both on host 0.
+pub const SERVER_AND_CLIENT: &[(usize, &str, [u8; 4])] =
+    &[(0, "server", [10, 32, 0, 2]), (0, "client", [10, 32, 0, 3])];
 
 /// What [`Site::create`] builds.
 #[derive(Default)]
@@ -140,11 +146,7 @@ impl Site {
                 .arg(format!("file:{}", work.join("registry.json").display()))
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "freeflow up: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_success(&out, "freeflow up");
             site.dirs.push(dir);
         }
         for &(name, tenant) in spec.registered {
@@ -158,13 +160,29 @@ impl Site {
                 .args(["--ip", &c.ip.to_string(), "--tenant", tenant])
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "container add {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_success(&out, &format!("container add {name}"));
         }
         site
+    }
+
+    /// [`Site::create`] for the TCP-mode tests: fails first unless the test runs as root and the
+    /// router and the shim are built; afterwards waits a moment, so that both routers see each
+    /// other's tables (peer connections come up on first use).
+    pub fn create_tcp(spec: SiteSpec<'_>) -> Site {
+        require_root("TCP-mode");
+        require_built(&["freeflow-router"]);
+        shim();
+        let site = Site::create(spec);
+        std::thread::sleep(Duration::from_millis(300));
+        site
+    }
+
+    /// [`Site::create`] for the RDMA-mode tests: fails first unless the test runs as root and
+    /// the router and the verbs library are built.
+    pub fn create_verbs(spec: SiteSpec<'_>) -> Site {
+        require_root("RDMA-mode");
+        require_built(&["freeflow-router", "libibverbs.so"]);
+        Site::create(spec)
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -241,6 +259,67 @@ impl Site {
         (server, client)
     }
 
+    /// Runs `program ARGS` in `container` with [`Site::verbs_app`] (no extra environment) to
+    /// completion.
+    pub fn run_verbs_app(
+        &self,
+        container: &str,
+        program: impl AsRef<OsStr>,
+        args: &[&str],
+    ) -> Output {
+        self.verbs_app(container, program, &[])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// [`Site::verbs_server_and_client`] for the pingpong programs of ibverbs-utils:
+    /// `program -p PORT ARGS`.
+    pub fn pingpong(&self, program: &str, port: u16, args: &[&str]) -> (Output, Output) {
+        let port_arg = port.to_string();
+        let args: Vec<&str> = ["-p", &port_arg]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        self.verbs_server_and_client(Path::new(program), port, &args)
+    }
+
+    /// Runs `probe MODE` in `container` under `strace -qq -o <work>/strace.log`; returns the
+    /// probe's output and the strace log.
+    pub fn verbs_app_under_strace(
+        &self,
+        container: &str,
+        probe: &Path,
+        mode: &str,
+    ) -> (Output, String) {
+        let log = self.work.join("strace.log");
+        let out = self
+            .verbs_app(container, Path::new("strace"), &[])
+            .args(["-qq", "-o"])
+            .arg(&log)
+            .arg(probe)
+            .arg(mode)
+            .output()
+            .unwrap();
+        let log = std::fs::read_to_string(&log).unwrap();
+        (out, log)
+    }
+
+    /// Starts `probe hold` in `container` and reads its first line (what it holds).
+    pub fn hold(&self, container: &str, probe: &Path) -> Holder {
+        let (child, stdout, first_line) = spawn_reading_first_line(
+            self.verbs_app(container, probe, &[])
+                .arg("hold")
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        Holder {
+            child,
+            stdout,
+            first_line,
+        }
+    }
+
     /// Waits (20 s at most) until something listens on TCP `port` in `container`'s network
     /// namespace; fails early if `server` exits first.
     pub fn wait_listening(&self, container: &str, port: u16, mut server: Option<&mut Child>) {
@@ -279,6 +358,14 @@ impl Site {
             .join("\n")
     }
 
+    /// Counter `name` of the router of host `host` (`freeflow status --json`'s
+    /// `router.<name>`; 0 if it is missing).
+    pub fn router_counter(&self, host: usize, name: &str) -> u64 {
+        self.router_status(host)["router"][name]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
     /// `freeflow status --json` of host `host` (Null if it printed no JSON).
     pub fn router_status(&self, host: usize) -> serde_json::Value {
         let out = self
@@ -302,6 +389,22 @@ impl Drop for Site {
         }
         drop(self.cluster.take());
         let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// A C probe of the verbs tests: its source (a file in tests/programs/) and how it is built.
+pub struct CProbe {
+    /// The binary's name (and the source's, with `.c`) in the work directory.
+    pub name: &'static str,
+    pub source: &'static str,
+    pub cflags: &'static [&'static str],
+    pub libs: &'static [&'static str],
+}
+
+impl CProbe {
+    /// Builds the probe in `work` with [`build_c_probe`]; returns the binary.
+    pub fn build(&self, work: &Path) -> PathBuf {
+        build_c_probe(work, self.name, self.source, self.cflags, self.libs)
     }
 }
 
@@ -333,10 +436,9 @@ pub fn build_c_probe(
         .args(libs)
         .output()
         .expect("run cc");
-    assert!(
-        out.status.success(),
-        "building the probe failed (libibverbs-dev installed?):\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_success(
+        &out,
+        "building the probe failed (libibverbs-dev installed?)",
     );
     binary
 }
@@ -352,4 +454,102 @@ pub fn between_markers<'a>(log: &'a str, marker: &str) -> Vec<&'a str> {
         .collect();
     assert!(at.len() >= 2, "markers {marker} missing in:\n{log}");
     lines[at[0] + 1..at[1]].to_vec()
+}
+
+/// A probe running in `hold` mode ([`Site::hold`]): it keeps what it made until its stdin
+/// closes, then checks it and exits.
+pub struct Holder {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    /// What the probe said first: the numbers of what it holds.
+    pub first_line: String,
+}
+
+impl Holder {
+    /// The numbers of the first line.
+    pub fn numbers(&self) -> Vec<&str> {
+        self.first_line.split_whitespace().collect()
+    }
+
+    /// Closes the probe's stdin and waits for it; its stdout past the first line.
+    pub fn finish(mut self) -> Output {
+        drop(self.child.stdin.take());
+        let mut stdout = Vec::new();
+        self.stdout.read_to_end(&mut stdout).unwrap();
+        let mut out = self.child.wait_with_output().unwrap();
+        out.stdout = stdout;
+        out
+    }
+}
+
+/// Fails unless a program exited 0, with `what` and the program's stderr.
+pub fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether a program exited 0 and its stdout contains `text` (a probe's "checks passed").
+pub fn succeeded_saying(out: &Output, text: &str) -> bool {
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains(text)
+}
+
+/// Checks both sides of a run of an ibverbs-utils pingpong between `server` (10.32.0.2) and
+/// `client` (10.32.0.3) ([`Site::pingpong`]): each exited 0 (`what` names the run in the
+/// message), reports `iters` round trips of `size` bytes and shows the GIDs of both containers
+/// (their overlay addresses). Returns each side's name and stdout, for the caller's own checks.
+pub fn assert_pingpong_sides(
+    site: &Site,
+    what: &str,
+    (server, client): &(Output, Output),
+    iters: u64,
+    size: u64,
+) -> [(&'static str, String); 2] {
+    [("server", server), ("client", client)].map(|(who, out)| {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{what} {who}: {}\n--- router log\n{}",
+            describe(out),
+            site.router_log()
+        );
+        assert!(
+            text.contains(&format!("{} bytes in", iters * size * 2))
+                && text.contains(&format!("{iters} iters in")),
+            "{who}: {}",
+            describe(out)
+        );
+        assert!(
+            text.contains("GID ::ffff:10.32.0.2") && text.contains("GID ::ffff:10.32.0.3"),
+            "{who}: {}",
+            describe(out)
+        );
+        (who, text)
+    })
+}
+
+/// Spawns `cmd` with its stdout piped and reads the first line the program prints; returns the
+/// child, the rest of its stdout and that line.
+pub fn spawn_reading_first_line(cmd: &mut Command) -> (Child, BufReader<ChildStdout>, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    (child, stdout, line)
+}
+
+/// Sends SIGTERM to `child` unless it has exited, and waits up to `grace` for it to exit;
+/// whether it has.
+pub fn terminate(child: &mut Child, grace: Duration) -> bool {
+    if child.try_wait().ok().flatten().is_some() {
+        return true;
+    }
+    // An error means the child is gone already, which the wait below sees.
+    let _ = freeflow_os::signals::send_signal(child.id() as i32, libc::SIGTERM);
+    poll(grace, Duration::from_millis(20), || {
+        child.try_wait().ok().flatten()
+    })
+    .is_some()
 }

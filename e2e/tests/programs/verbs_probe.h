@@ -1,6 +1,7 @@
 /* What the C probes of the verbs tests share (verbs_rc_probe.c, verbs_srq_probe.c,
  * verbs_mr_probe.c, verbs_device_probe.c): the CHECK macro and its failure count, opening the one
- * device, QP state changes, bounded waits for completions, posting one-element work requests.
+ * device, QP state changes (connecting two QPs of this container to each other), bounded waits for
+ * completions, posting one-element work requests, the verdict line.
  * Include it first: it defines _GNU_SOURCE before any system header. Everything here is static
  * inline, so a probe that leaves part of it unused still builds with -Wall -Werror. */
 #ifndef FREEFLOW_VERBS_PROBE_H
@@ -62,10 +63,54 @@ static inline int to_init(struct ibv_qp *qp, int access)
                                  IBV_QP_ACCESS_FLAGS);
 }
 
+#define RTR_MASK (IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | \
+                  IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER)
+
+/* The attributes of INIT -> RTR towards QP dest at GID dgid (path MTU 1024, PSN 0, one read in
+ * flight), for modify_qp with RTR_MASK. */
+static inline struct ibv_qp_attr rtr_attr(uint32_t dest, union ibv_gid dgid, int min_rnr)
+{
+    struct ibv_qp_attr a = { .qp_state = IBV_QPS_RTR, .path_mtu = IBV_MTU_1024,
+                             .dest_qp_num = dest, .rq_psn = 0, .max_dest_rd_atomic = 1,
+                             .min_rnr_timer = min_rnr };
+    a.ah_attr.is_global = 1;
+    a.ah_attr.port_num = 1;
+    a.ah_attr.grh.dgid = dgid;
+    a.ah_attr.grh.sgid_index = 0;
+    a.ah_attr.grh.hop_limit = 1;
+    return a;
+}
+
+static inline int to_rtr(struct ibv_qp *qp, uint32_t dest, union ibv_gid dgid, int min_rnr)
+{
+    struct ibv_qp_attr a = rtr_attr(dest, dgid, min_rnr);
+    return ibv_modify_qp(qp, &a, RTR_MASK);
+}
+
+static inline int to_rts(struct ibv_qp *qp, int timeout, int retry, int rnr_retry)
+{
+    struct ibv_qp_attr a = { .qp_state = IBV_QPS_RTS, .timeout = timeout, .retry_cnt = retry,
+                             .rnr_retry = rnr_retry, .sq_psn = 0, .max_rd_atomic = 1 };
+    return ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT |
+                                 IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC);
+}
+
 static inline int to_state(struct ibv_qp *qp, enum ibv_qp_state s)
 {
     struct ibv_qp_attr a = { .qp_state = s };
     return ibv_modify_qp(qp, &a, IBV_QP_STATE);
+}
+
+/* x and y from any state to RTS, connected to each other; gid is this container's own. */
+static inline int connect_qp_pair(struct ibv_qp *x, struct ibv_qp *y, union ibv_gid gid,
+                                  int access, int rnr_retry, int min_rnr)
+{
+    int r = 0;
+    r |= to_state(x, IBV_QPS_RESET) | to_state(y, IBV_QPS_RESET);
+    r |= to_init(x, access) | to_init(y, access);
+    r |= to_rtr(x, y->qp_num, gid, min_rnr) | to_rtr(y, x->qp_num, gid, min_rnr);
+    r |= to_rts(x, 14, 7, rnr_retry) | to_rts(y, 14, 7, rnr_retry);
+    return r;
 }
 
 static inline enum ibv_qp_state state_of(struct ibv_qp *qp)
@@ -138,6 +183,17 @@ static inline int post_recv(struct ibv_qp *qp, uint64_t id, void *buf, uint32_t 
     struct ibv_sge sge = { .addr = (uintptr_t)buf, .length = len, .lkey = lkey };
     struct ibv_recv_wr wr = { .wr_id = id, .sg_list = &sge, .num_sge = 1 }, *bad = NULL;
     return ibv_post_recv(qp, &wr, &bad);
+}
+
+/* The last line of a mode: `passed` if no check failed, else the number of failed checks; returns
+ * the exit status. */
+static inline int verdict(const char *passed)
+{
+    if (failures)
+        printf("%d checks failed\n", failures);
+    else
+        printf("%s\n", passed);
+    return failures != 0;
 }
 
 #endif

@@ -29,36 +29,6 @@ static union ibv_gid gid_of(const char *ip)
     return g;
 }
 
-#define RTR_MASK (IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | \
-                  IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER)
-
-static struct ibv_qp_attr rtr_attr(uint32_t dest, union ibv_gid dgid, int min_rnr)
-{
-    struct ibv_qp_attr a = { .qp_state = IBV_QPS_RTR, .path_mtu = IBV_MTU_1024,
-                             .dest_qp_num = dest, .rq_psn = 0, .max_dest_rd_atomic = 1,
-                             .min_rnr_timer = min_rnr };
-    a.ah_attr.is_global = 1;
-    a.ah_attr.port_num = 1;
-    a.ah_attr.grh.dgid = dgid;
-    a.ah_attr.grh.sgid_index = 0;
-    a.ah_attr.grh.hop_limit = 1;
-    return a;
-}
-
-static int to_rtr(struct ibv_qp *qp, uint32_t dest, union ibv_gid dgid, int min_rnr)
-{
-    struct ibv_qp_attr a = rtr_attr(dest, dgid, min_rnr);
-    return ibv_modify_qp(qp, &a, RTR_MASK);
-}
-
-static int to_rts(struct ibv_qp *qp, int timeout, int retry, int rnr_retry)
-{
-    struct ibv_qp_attr a = { .qp_state = IBV_QPS_RTS, .timeout = timeout, .retry_cnt = retry,
-                             .rnr_retry = rnr_retry, .sq_psn = 0, .max_rd_atomic = 1 };
-    return ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT |
-                                 IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC);
-}
-
 struct pair {
     struct ibv_cq *cqa, *cqb;
     struct ibv_qp *a, *b;
@@ -77,12 +47,7 @@ static struct ibv_qp *new_qp(struct ibv_cq *cq, int sig_all, uint32_t inline_dat
 /* Both QPs of p from any state to RTS, connected to each other. */
 static int connect_pair(struct pair *p, int access, int rnr_retry, int min_rnr)
 {
-    int r = 0;
-    r |= to_state(p->a, IBV_QPS_RESET) | to_state(p->b, IBV_QPS_RESET);
-    r |= to_init(p->a, access) | to_init(p->b, access);
-    r |= to_rtr(p->a, p->b->qp_num, my_gid, min_rnr) | to_rtr(p->b, p->a->qp_num, my_gid, min_rnr);
-    r |= to_rts(p->a, 14, 7, rnr_retry) | to_rts(p->b, 14, 7, rnr_retry);
-    return r;
+    return connect_qp_pair(p->a, p->b, my_gid, access, rnr_retry, min_rnr);
 }
 
 static void new_pair(struct pair *p)
@@ -480,8 +445,7 @@ static int checks(const char *other_tenant_ip)
     CHECK(ibv_dereg_mr(amr) == 0 && ibv_dereg_mr(bmr) == 0 && ibv_dereg_mr(ro) == 0, "dereg");
     CHECK(ibv_dealloc_pd(pd) == 0, "dealloc_pd");
     CHECK(ibv_close_device(ctx) == 0, "close");
-    printf(failures ? "%d checks failed\n" : "checks passed\n", failures);
-    return failures != 0;
+    return verdict("checks passed");
 }
 
 /* A pair connected to itself with a registered buffer, for the modes below. */
@@ -538,8 +502,7 @@ static int nosyscall(void)
         EXPECT(p.cqa, 200 + i, IBV_WC_SUCCESS, IBV_WC_SEND, "send");
         EXPECT(p.cqb, 100 + i, IBV_WC_SUCCESS, IBV_WC_RECV, "receive");
     }
-    printf(failures ? "%d checks failed\n" : "checks passed\n", failures);
-    return failures != 0;
+    return verdict("checks passed");
 }
 
 /* Holds a QP connected to itself and a region; prints "QPN RKEY ADDR LKEY", waits for stdin to
@@ -562,8 +525,7 @@ static int hold(void)
           post(p.a, IBV_WR_SEND, 2, buf + 64, 64, mr->lkey, SIG, 0, 0) == 0, "post");
     EXPECT(p.cqa, 2, IBV_WC_SUCCESS, IBV_WC_SEND, "the held QP still sends");
     EXPECT(p.cqb, 1, IBV_WC_SUCCESS, IBV_WC_RECV, "and receives");
-    printf(failures ? "%d checks failed\n" : "checks passed\n", failures);
-    return failures != 0;
+    return verdict("checks passed");
 }
 
 /* Another container's QP number, rkey and lkey, guessed right: none of them gets anywhere. */
@@ -584,8 +546,7 @@ static int guess(const char *ip, uint32_t qpn, uint32_t rkey, uint64_t addr, uin
     CHECK(post(p.a, IBV_WR_RDMA_WRITE, 2, (void *)(uintptr_t)addr, 64, lkey, SIG,
                (uintptr_t)buf, mr->rkey) == 0, "post with the other's lkey");
     EXPECT(p.cqa, 2, IBV_WC_LOC_PROT_ERR, -1, "another context's lkey");
-    printf(failures ? "%d checks failed\n" : "checks passed\n", failures);
-    return failures != 0;
+    return verdict("checks passed");
 }
 
 /* Writes garbage into the tail index of its own QP's send ring: the router must detach this
@@ -617,8 +578,7 @@ static int hostile(void)
         r = ibv_query_qp(p.a, &a, IBV_QP_STATE, &i);
     }
     CHECK(r == ENODEV, "after garbage in its ring the process is detached (query_qp %d)", r);
-    printf(failures ? "%d checks failed\n" : "checks passed\n", failures);
-    return failures != 0;
+    return verdict("checks passed");
 }
 
 int main(int argc, char **argv)
