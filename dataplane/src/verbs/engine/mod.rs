@@ -56,13 +56,13 @@ pub(super) use qp::{Pending, Route, Wait};
 use super::ids::{AttachmentId, CqId, QpId, SrqId, TenantId};
 use super::{KeyGen, NumberMap, VerbsError, VerbsTable};
 use cq::{CompChannel, Cq};
+use freeflow_proto::codec;
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
 use freeflow_proto::verbs::qp::{CreateQp, ModifyQp, QpState};
 use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq};
 use freeflow_proto::verbs::{
-    op, Body, CreateCq, DecodeError, MemoryFileMsg, ObjectHandle, QueueFileKind, QueueFileMsg,
-    ResizeCq,
+    Body, CreateCq, MemoryFileMsg, ObjectHandle, QueueFileKind, QueueFileMsg, ResizeCq, VerbsOp,
 };
 use freeflow_proto::RingError;
 use objects::Objects;
@@ -146,11 +146,11 @@ impl Engine {
     }
 
     /// A verbs attachment arrived: it gets an empty context.
-    pub fn open(&mut self, attachment: u32, container: ContainerEntry) {
+    pub fn open(&mut self, attachment: AttachmentId, container: ContainerEntry) {
         let next = TenantId(self.tenants.len() as u32);
         let tenant = *self.tenants.entry(container.tenant.clone()).or_insert(next);
         self.contexts.insert(
-            AttachmentId(attachment),
+            attachment,
             Context {
                 container,
                 tenant,
@@ -166,8 +166,8 @@ impl Engine {
 
     /// An attachment went: everything of its context goes (peers connected to its QPs see
     /// their destination gone, as if the remote host had died).
-    pub fn close(&mut self, attachment: u32) -> Option<Held> {
-        let ctx = self.contexts.remove(&AttachmentId(attachment))?;
+    pub fn close(&mut self, attachment: AttachmentId) -> Option<Held> {
+        let ctx = self.contexts.remove(&attachment)?;
         let held = Held {
             pds: ctx.table.pd_count(),
             mrs: ctx.table.mr_count(),
@@ -189,29 +189,24 @@ impl Engine {
         Some(held)
     }
 
-    pub fn has_memory_file(&self, attachment: u32) -> bool {
+    pub fn has_memory_file(&self, attachment: AttachmentId) -> bool {
         self.contexts
-            .get(&AttachmentId(attachment))
+            .get(&attachment)
             .is_some_and(|c| c.table.has_memory_file())
     }
 
     pub fn adopt_memory_file(
         &mut self,
-        attachment: u32,
+        attachment: AttachmentId,
         msg: MemoryFileMsg,
         fd: OwnedFd,
     ) -> Result<(), VerbsError> {
-        self.context(AttachmentId(attachment))?
-            .table
-            .adopt_memory_file(msg, fd)
+        self.context(attachment)?.table.adopt_memory_file(msg, fd)
     }
 
     /// Attachments whose rings broke since the last call (the shard detaches them).
-    pub fn take_broken(&mut self) -> Vec<(u32, String)> {
+    pub fn take_broken(&mut self) -> Vec<(AttachmentId, String)> {
         std::mem::take(&mut self.broken)
-            .into_iter()
-            .map(|(owner, why)| (owner.0, why))
-            .collect()
     }
 
     pub(super) fn break_owner(&mut self, owner: AttachmentId, e: RingError) {
@@ -225,13 +220,13 @@ impl Engine {
     /// go there). Writes the reply body into `reply`; returns its status and length.
     pub fn serve(
         &mut self,
-        attachment: u32,
+        attachment: AttachmentId,
         conn: BorrowedFd<'_>,
         opcode: u16,
         body: &[u8],
         reply: &mut [u8],
     ) -> (u16, usize) {
-        match self.serve_inner(AttachmentId(attachment), conn, opcode, body, reply) {
+        match self.serve_inner(attachment, conn, opcode, body, reply) {
             Ok(len) => (freeflow_proto::msg::status::OK, len),
             Err(e) => (e.status(), 0),
         }
@@ -246,80 +241,47 @@ impl Engine {
         reply: &mut [u8],
     ) -> Result<usize, VerbsError> {
         self.context(attachment)?;
-        match opcode {
-            op::CREATE_COMP_CHANNEL => {
-                if !body.is_empty() {
-                    return Err(DecodeError::Length {
-                        what: "CreateCompChannel",
-                        got: body.len(),
-                        expected: 0,
-                    }
-                    .into());
-                }
+        let op = VerbsOp::try_from(opcode).map_err(|_| VerbsError::UnknownOp(opcode))?;
+        let handle = || ObjectHandle::decode(body).map(|r| r.handle);
+        match op {
+            VerbsOp::CreateCompChannel => {
+                codec::exact("CreateCompChannel", body, 0)?;
                 let handle = self.create_channel(attachment, conn)?;
                 Ok(ObjectHandle { handle }.encode(reply))
             }
-            op::DESTROY_COMP_CHANNEL => {
-                let r = ObjectHandle::decode(body)?;
-                self.destroy_channel(attachment, r.handle)?;
-                Ok(0)
-            }
-            op::CREATE_CQ => {
+            VerbsOp::DestroyCompChannel => self.destroy_channel(attachment, handle()?).map(|()| 0),
+            VerbsOp::CreateCq => {
                 let r = CreateCq::decode(body)?;
                 Ok(self.create_cq(attachment, conn, &r)?.encode(reply))
             }
-            op::DESTROY_CQ => {
-                let r = ObjectHandle::decode(body)?;
-                self.destroy_cq(attachment, r.handle)?;
-                Ok(0)
-            }
-            op::RESIZE_CQ => {
+            VerbsOp::DestroyCq => self.destroy_cq(attachment, handle()?).map(|()| 0),
+            VerbsOp::ResizeCq => {
                 let r = ResizeCq::decode(body)?;
                 Ok(self.resize_cq(attachment, conn, &r)?.encode(reply))
             }
-            op::CREATE_QP => {
+            VerbsOp::CreateQp => {
                 let r = CreateQp::decode(body)?;
                 Ok(self.create_qp(attachment, conn, &r)?.encode(reply))
             }
-            op::MODIFY_QP => {
-                let r = ModifyQp::decode(body)?;
-                let state = self.modify_qp(attachment, &r)?;
+            VerbsOp::ModifyQp => {
+                let state = self.modify_qp(attachment, &ModifyQp::decode(body)?)?;
                 Ok(ObjectHandle {
                     handle: state as u32,
                 }
                 .encode(reply))
             }
-            op::QUERY_QP => {
-                let r = ObjectHandle::decode(body)?;
-                Ok(self.query_qp(attachment, r.handle)?.encode(reply))
-            }
-            op::DESTROY_QP => {
-                let r = ObjectHandle::decode(body)?;
-                self.destroy_qp(attachment, r.handle)?;
-                Ok(0)
-            }
-            op::CREATE_SRQ => {
+            VerbsOp::QueryQp => Ok(self.query_qp(attachment, handle()?)?.encode(reply)),
+            VerbsOp::DestroyQp => self.destroy_qp(attachment, handle()?).map(|()| 0),
+            VerbsOp::CreateSrq => {
                 let r = CreateSrq::decode(body)?;
                 Ok(self.create_srq(attachment, conn, &r)?.encode(reply))
             }
-            op::MODIFY_SRQ => {
-                let r = ModifySrq::decode(body)?;
-                self.modify_srq(attachment, &r)?;
-                Ok(0)
-            }
-            op::QUERY_SRQ => {
-                let r = ObjectHandle::decode(body)?;
-                Ok(self.query_srq(attachment, r.handle)?.encode(reply))
-            }
-            op::DESTROY_SRQ => {
-                let r = ObjectHandle::decode(body)?;
-                self.destroy_srq(attachment, r.handle)?;
-                Ok(0)
-            }
-            _ => self
-                .context(attachment)?
-                .table
-                .serve_inner(opcode, body, reply),
+            VerbsOp::ModifySrq => self
+                .modify_srq(attachment, &ModifySrq::decode(body)?)
+                .map(|()| 0),
+            VerbsOp::QuerySrq => Ok(self.query_srq(attachment, handle()?)?.encode(reply)),
+            VerbsOp::DestroySrq => self.destroy_srq(attachment, handle()?).map(|()| 0),
+            _ => self.context(attachment)?.table.serve_inner(op, body, reply),
         }
     }
 

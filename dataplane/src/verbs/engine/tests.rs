@@ -13,7 +13,7 @@ use freeflow_proto::verbs::work::{
     send_flags, wc_opcode, wr_opcode, Cqe, RecvWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
 };
 use freeflow_proto::verbs::{
-    wc_status, CqCreated, CreateCq, ObjectHandle, PdCreated, QueueFileKind, QueueFileMsg,
+    op, wc_status, CqCreated, CreateCq, ObjectHandle, PdCreated, QueueFileKind, QueueFileMsg,
     REQUIRED_SEALS,
 };
 use freeflow_proto::{Consumer, Producer};
@@ -27,7 +27,7 @@ const ALL: u32 =
 
 /// One context as its shim sees it.
 struct Side {
-    id: u32,
+    id: AttachmentId,
     ip: [u8; 4],
     conn: OwnedFd,
     /// The shim's end of the attach connection.
@@ -44,13 +44,19 @@ struct Side {
     _regions: Vec<SharedRegion>,
 }
 
-fn call(engine: &mut Engine, id: u32, conn: &OwnedFd, op: u16, body: &[u8]) -> (u16, Vec<u8>) {
+fn call(
+    engine: &mut Engine,
+    id: AttachmentId,
+    conn: &OwnedFd,
+    op: u16,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let mut reply = [0u8; MAX_REPLY_BODY];
     let (status, len) = engine.serve(id, conn.as_fd(), op, body, &mut reply);
     (status, reply[..len].to_vec())
 }
 
-fn ok<T: Body>(engine: &mut Engine, id: u32, conn: &OwnedFd, op: u16, body: &[u8]) -> T {
+fn ok<T: Body>(engine: &mut Engine, id: AttachmentId, conn: &OwnedFd, op: u16, body: &[u8]) -> T {
     let (status, reply) = call(engine, id, conn, op, body);
     assert_eq!(status, status::OK, "opcode {op:#x}");
     T::decode(&reply).unwrap()
@@ -73,16 +79,17 @@ fn gid(ip: [u8; 4]) -> [u8; 16] {
     g
 }
 
-fn side(engine: &mut Engine, id: u32, ip: [u8; 4], tenant: &str, cqe: u32) -> Side {
+fn side(engine: &mut Engine, number: u32, ip: [u8; 4], tenant: &str, cqe: u32) -> Side {
+    let id = AttachmentId(number);
     engine.open(
         id,
         ContainerEntry {
-            name: format!("c{id}"),
+            name: format!("c{number}"),
             tenant: tenant.into(),
             ip: ip.into(),
             netns: NetnsId {
                 dev: 0,
-                ino: id as u64,
+                ino: u64::from(number),
             },
         },
     );
@@ -462,7 +469,7 @@ fn modify_checks_masks_and_destinations() {
     // QP (still in RESET), never a's (now in RTR); a number it does not have is EINVAL.
     let (st, reply) = call(
         &mut engine,
-        2,
+        AttachmentId(2),
         &a.conn,
         op::QUERY_QP,
         &ObjectHandle { handle: a.qp }.to_vec(),
@@ -472,7 +479,7 @@ fn modify_checks_masks_and_destinations() {
     assert_eq!(q.attr.qp_state, QpState::Reset as u8);
     let (st, _) = call(
         &mut engine,
-        2,
+        AttachmentId(2),
         &a.conn,
         op::QUERY_QP,
         &ObjectHandle { handle: a.qp + 1 }.to_vec(),
