@@ -507,6 +507,19 @@ impl VerbsTable {
             .expect("inside the region, hence inside its mapping"))
     }
 
+    /// The memory a test hook reads or writes: `len` bytes at `addr`, under local key `lkey` of
+    /// protection domain `pd`.
+    fn test_view(
+        &self,
+        pd: u32,
+        lkey: u32,
+        addr: u64,
+        len: u64,
+        need: Need,
+    ) -> Result<MemView<'_>, ResolveError> {
+        self.resolve(PdId(pd), Key::Local(lkey), addr, len, need)
+    }
+
     /// Serves one PD, MR or test-hook request: writes the reply body into `reply` and returns
     /// its status and length (the engine serves the rest, and calls `serve_inner`).
     #[cfg(test)]
@@ -546,35 +559,21 @@ impl VerbsTable {
                 self.dereg_mr(r.mr)?;
                 Ok(0)
             }
+            VerbsOp::TestRead | VerbsOp::TestWrite if !self.test_hooks => {
+                Err(VerbsError::TestHooksOff)
+            }
             VerbsOp::TestRead => {
-                if !self.test_hooks {
-                    return Err(VerbsError::TestHooksOff);
-                }
                 let r = TestRead::decode(body)?;
-                let view = self.resolve(
-                    PdId(r.pd),
-                    Key::Local(r.lkey),
-                    r.addr,
-                    r.length,
-                    Need::LocalRead,
-                )?;
+                let view = self.test_view(r.pd, r.lkey, r.addr, r.length, Need::LocalRead)?;
                 Ok(TestDigest {
                     digest: view.digest(),
                 }
                 .encode(reply))
             }
             VerbsOp::TestWrite => {
-                if !self.test_hooks {
-                    return Err(VerbsError::TestHooksOff);
-                }
                 let r = TestWrite::decode(body)?;
-                let view = self.resolve(
-                    PdId(r.pd),
-                    Key::Local(r.lkey),
-                    r.addr,
-                    r.data.len() as u64,
-                    Need::LocalWrite,
-                )?;
+                let len = r.data.len() as u64;
+                let view = self.test_view(r.pd, r.lkey, r.addr, len, Need::LocalWrite)?;
                 view.write_at(0, &r.data)
                     .expect("resolved to the data's length");
                 Ok(0)

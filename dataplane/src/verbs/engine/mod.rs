@@ -87,6 +87,14 @@ pub(super) struct Context {
     next_handle: u32,
 }
 
+/// Who a request comes from: an attachment, and its attach connection (where the files of the
+/// queues it creates go).
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    attachment: AttachmentId,
+    conn: BorrowedFd<'a>,
+}
+
 /// What a context held when it closed (for the detach log line).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Held {
@@ -216,6 +224,15 @@ impl Engine {
         }
     }
 
+    /// Marks the QP at `index` broken, a ring of it corrupt (`e`), and its owner to be
+    /// detached.
+    pub(in crate::verbs) fn break_qp(&mut self, index: QpId, e: RingError) {
+        let qp = self.qps.get_mut(index).expect("caller checked");
+        qp.broken = true;
+        let owner = qp.owner;
+        self.break_owner(owner, e);
+    }
+
     /// Serves one verbs request of `attachment`, whose attach connection is `conn` (queue files
     /// go there). Writes the reply body into `reply`; returns its status and length.
     pub fn serve(
@@ -226,7 +243,7 @@ impl Engine {
         body: &[u8],
         reply: &mut [u8],
     ) -> (u16, usize) {
-        match self.serve_inner(attachment, conn, opcode, body, reply) {
+        match self.serve_inner(Caller { attachment, conn }, opcode, body, reply) {
             Ok(len) => (freeflow_proto::msg::status::OK, len),
             Err(e) => (e.status(), 0),
         }
@@ -234,12 +251,12 @@ impl Engine {
 
     fn serve_inner(
         &mut self,
-        attachment: AttachmentId,
-        conn: BorrowedFd<'_>,
+        caller: Caller<'_>,
         opcode: u16,
         body: &[u8],
         reply: &mut [u8],
     ) -> Result<usize, VerbsError> {
+        let Caller { attachment, conn } = caller;
         self.context(attachment)?;
         let op = VerbsOp::try_from(opcode).map_err(|_| VerbsError::UnknownOp(opcode))?;
         let handle = || ObjectHandle::decode(body).map(|r| r.handle);
@@ -289,6 +306,22 @@ impl Engine {
         self.contexts
             .get_mut(&attachment)
             .ok_or(VerbsError::NoSuchObject("context", attachment.0))
+    }
+
+    /// The engine's index of the object `handle` (a `what`) of `attachment`, looked up in the
+    /// context's table `table`.
+    fn index_of<K: Copy>(
+        &self,
+        attachment: AttachmentId,
+        handle: u32,
+        what: &'static str,
+        table: fn(&Context) -> &NumberMap<u32, K>,
+    ) -> Result<K, VerbsError> {
+        self.contexts
+            .get(&attachment)
+            .and_then(|c| table(c).get(&handle))
+            .copied()
+            .ok_or(VerbsError::NoSuchObject(what, handle))
     }
 
     /// A handle not in use by any channel, CQ, QP or SRQ of the context (never 0).

@@ -318,11 +318,7 @@ impl Engine {
     }
 
     fn qp_index(&self, attachment: AttachmentId, handle: u32) -> Result<QpId, VerbsError> {
-        self.contexts
-            .get(&attachment)
-            .and_then(|c| c.qps.get(&handle))
-            .copied()
-            .ok_or(VerbsError::NoSuchObject("queue pair", handle))
+        self.index_of(attachment, handle, "queue pair", |c| &c.qps)
     }
 
     /// Checks the values of the attributes `attr_mask` names, as the kernel and a device check

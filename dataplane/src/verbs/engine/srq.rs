@@ -30,11 +30,7 @@ pub(in crate::verbs) struct Srq {
 
 impl Engine {
     fn srq_index(&self, attachment: AttachmentId, handle: u32) -> Result<SrqId, VerbsError> {
-        self.contexts
-            .get(&attachment)
-            .and_then(|c| c.srqs.get(&handle))
-            .copied()
-            .ok_or(VerbsError::NoSuchObject("shared receive queue", handle))
+        self.index_of(attachment, handle, "shared receive queue", |c| &c.srqs)
     }
 
     /// `ibv_create_srq`: a ring of at least `max_wr` receive slots of `max_sge` entries in the

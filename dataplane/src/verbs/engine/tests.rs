@@ -25,6 +25,22 @@ const BACKED: u64 = 4 * PAGE_SIZE;
 const ALL: u32 =
     access::LOCAL_WRITE | access::REMOTE_WRITE | access::REMOTE_READ | access::REMOTE_ATOMIC;
 
+/// The attributes rc_pingpong gives for each transition: to INIT, RTR and RTS.
+const INIT_MASK: u32 = mask::STATE | mask::PKEY_INDEX | mask::PORT | mask::ACCESS_FLAGS;
+const RTR_MASK: u32 = mask::STATE
+    | mask::AV
+    | mask::PATH_MTU
+    | mask::DEST_QPN
+    | mask::RQ_PSN
+    | mask::MAX_DEST_RD_ATOMIC
+    | mask::MIN_RNR_TIMER;
+const RTS_MASK: u32 = mask::STATE
+    | mask::TIMEOUT
+    | mask::RETRY_CNT
+    | mask::RNR_RETRY
+    | mask::SQ_PSN
+    | mask::MAX_QP_RD_ATOMIC;
+
 /// One context as its shim sees it.
 struct Side {
     id: AttachmentId,
@@ -54,6 +70,11 @@ fn call(
     let mut reply = [0u8; MAX_REPLY_BODY];
     let (status, len) = engine.serve(id, conn.as_fd(), op, body, &mut reply);
     (status, reply[..len].to_vec())
+}
+
+/// The status of one request of `side`.
+fn status_of(engine: &mut Engine, side: &Side, op: u16, body: &[u8]) -> u16 {
+    call(engine, side.id, &side.conn, op, body).0
 }
 
 fn ok<T: Body>(engine: &mut Engine, id: AttachmentId, conn: &OwnedFd, op: u16, body: &[u8]) -> T {
@@ -186,7 +207,7 @@ fn modify(engine: &mut Engine, s: &Side, attr_mask: u32, attr: QpAttr) -> u16 {
         attr,
     }
     .to_vec();
-    call(engine, s.id, &s.conn, op::MODIFY_QP, &body).0
+    status_of(engine, s, op::MODIFY_QP, &body)
 }
 
 /// RESET → INIT → RTR (to `peer_ip`/`peer_qpn`) → RTS, as rc_pingpong does it.
@@ -197,7 +218,7 @@ fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_r
         qp_access_flags: ALL,
         ..QpAttr::default()
     };
-    let m = mask::STATE | mask::PKEY_INDEX | mask::PORT | mask::ACCESS_FLAGS;
+    let m = INIT_MASK;
     assert_eq!(modify(engine, s, m, init), status::OK);
     let rtr = QpAttr {
         qp_state: QpState::Rtr as u8,
@@ -210,13 +231,7 @@ fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_r
         dgid: gid(peer_ip),
         ..QpAttr::default()
     };
-    let m = mask::STATE
-        | mask::AV
-        | mask::PATH_MTU
-        | mask::DEST_QPN
-        | mask::RQ_PSN
-        | mask::MAX_DEST_RD_ATOMIC
-        | mask::MIN_RNR_TIMER;
+    let m = RTR_MASK;
     assert_eq!(modify(engine, s, m, rtr), status::OK);
     let rts = QpAttr {
         qp_state: QpState::Rts as u8,
@@ -225,12 +240,7 @@ fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_r
         rnr_retry,
         ..QpAttr::default()
     };
-    let m = mask::STATE
-        | mask::TIMEOUT
-        | mask::RETRY_CNT
-        | mask::RNR_RETRY
-        | mask::SQ_PSN
-        | mask::MAX_QP_RD_ATOMIC;
+    let m = RTS_MASK;
     assert_eq!(modify(engine, s, m, rts), status::OK);
 }
 
@@ -428,7 +438,7 @@ fn modify_checks_masks_and_destinations() {
         modify(&mut engine, &a, mask::STATE | mask::PORT, init),
         VerbsStatus::Invalid as u16
     );
-    let full = mask::STATE | mask::PKEY_INDEX | mask::PORT | mask::ACCESS_FLAGS;
+    let full = INIT_MASK;
     assert_eq!(
         modify(&mut engine, &a, full | mask::QKEY, init),
         VerbsStatus::Invalid as u16
@@ -451,13 +461,7 @@ fn modify_checks_masks_and_destinations() {
         dest_qp_num: 5,
         ..QpAttr::default()
     };
-    let m = mask::STATE
-        | mask::AV
-        | mask::PATH_MTU
-        | mask::DEST_QPN
-        | mask::RQ_PSN
-        | mask::MAX_DEST_RD_ATOMIC
-        | mask::MIN_RNR_TIMER;
+    let m = RTR_MASK;
     for ip in [[10, 32, 0, 9], [10, 32, 7, 7]] {
         assert_eq!(
             modify(&mut engine, &a, m, rtr(ip)),
@@ -521,31 +525,47 @@ fn a_full_cq_holds_the_queue_back_without_losing_completions() {
 fn a_corrupt_ring_breaks_only_its_owner() {
     let mut engine = Engine::new(false);
     let (a, mut b) = pair(&mut engine);
-    let bk = b.mr.lkey;
-    let tail = &a.sq.memory().control().tail.0;
+    corrupt_tail(&a.sq);
+    engine.poll();
+    let broken = take_only_broken(&mut engine, a.id);
+    assert!(
+        broken[0].1.contains("ring index out of bounds"),
+        "{broken:?}"
+    );
+    // b is unharmed: a QP of its own, connected to itself, still works.
+    self_loop_works(&mut engine, &mut b);
+    let _ = (&a.shim, &b.cq, &b.pd);
+}
+
+/// Moves a ring's tail a million slots on (the shim's side breaking the ring protocol).
+fn corrupt_tail(ring: &Producer) {
+    let tail = &ring.memory().control().tail.0;
     tail.store(
         tail.load(std::sync::atomic::Ordering::Relaxed)
             .wrapping_add(1_000_000),
         std::sync::atomic::Ordering::Release,
     );
-    engine.poll();
+}
+
+/// The engine's broken attachments, which must be `id` alone; closes it.
+fn take_only_broken(engine: &mut Engine, id: AttachmentId) -> Vec<(AttachmentId, String)> {
     let broken = engine.take_broken();
     assert_eq!(broken.len(), 1, "{broken:?}");
-    assert_eq!(broken[0].0, a.id);
-    assert!(
-        broken[0].1.contains("ring index out of bounds"),
-        "{broken:?}"
-    );
-    engine.close(a.id);
-    // b is unharmed: a QP of its own, connected to itself, still works.
-    connect_again_self(&mut engine, &b);
-    post_recv(&mut b, 1, sge(bk, 0, 8));
-    post_send(&mut b, 2, wr_opcode::SEND, &[sge(bk, 8, 8)], 0, 0);
+    assert_eq!(broken[0].0, id);
+    engine.close(id);
+    broken
+}
+
+/// `s`'s QP, connected to itself again, receives what it sends.
+fn self_loop_works(engine: &mut Engine, s: &mut Side) {
+    let k = s.mr.lkey;
+    connect_again_self(engine, s);
+    post_recv(s, 1, sge(k, 0, 8));
+    post_send(s, 2, wr_opcode::SEND, &[sge(k, 8, 8)], 0, 0);
     engine.poll();
-    let cb = completions(&mut b);
+    let cb = completions(s);
     assert_eq!(cb.len(), 2, "{cb:?}");
     assert!(cb.iter().all(|c| c.status == 0));
-    let _ = (&a.shim, &b.cq, &b.pd);
 }
 
 fn connect_again_self(engine: &mut Engine, s: &Side) {
@@ -1020,10 +1040,7 @@ fn srq_verbs_check_handles_limits_and_users() {
         ),
         (m(1 << 5, 0, 0), VerbsStatus::Invalid as u16),
     ] {
-        assert_eq!(
-            call(&mut engine, r.id, &r.conn, op::MODIFY_SRQ, &body).0,
-            want
-        );
+        assert_eq!(status_of(&mut engine, r, op::MODIFY_SRQ, &body), want);
     }
     // Creation limits.
     for (max_wr, max_sge) in [
@@ -1039,14 +1056,14 @@ fn srq_verbs_check_handles_limits_and_users() {
         }
         .to_vec();
         assert_eq!(
-            call(&mut engine, r.id, &r.conn, op::CREATE_SRQ, &body).0,
+            status_of(&mut engine, r, op::CREATE_SRQ, &body),
             VerbsStatus::Invalid as u16
         );
     }
     // Another context's SRQ handle is nothing there: for a query, and for a QP.
     let a = &t.a;
     assert_eq!(
-        call(&mut engine, a.id, &a.conn, op::QUERY_SRQ, &h(t.srq)).0,
+        status_of(&mut engine, a, op::QUERY_SRQ, &h(t.srq)),
         VerbsStatus::BadHandle as u16
     );
     let body = CreateQp {
@@ -1059,38 +1076,27 @@ fn srq_verbs_check_handles_limits_and_users() {
     }
     .to_vec();
     assert_eq!(
-        call(&mut engine, a.id, &a.conn, op::CREATE_QP, &body).0,
+        status_of(&mut engine, a, op::CREATE_QP, &body),
         VerbsStatus::BadHandle as u16
     );
-    // Busy while QPs use it, and its PD while it exists.
+    // Busy while QPs use it, and its PD while it exists; in this order.
     let r = &t.r;
-    assert_eq!(
-        call(&mut engine, r.id, &r.conn, op::DESTROY_SRQ, &h(t.srq)).0,
-        VerbsStatus::Busy as u16
-    );
-    for qp in [t.r1.0, t.r2.0] {
+    let pd = DeallocPd { pd: r.pd }.to_vec();
+    for (opcode, body, want) in [
+        (op::DESTROY_SRQ, h(t.srq), VerbsStatus::Busy as u16),
+        (op::DESTROY_QP, h(t.r1.0), status::OK),
+        (op::DESTROY_QP, h(t.r2.0), status::OK),
+        (op::DESTROY_QP, h(r.qp), status::OK),
+        (op::DEALLOC_PD, pd, VerbsStatus::Busy as u16),
+        (op::DESTROY_SRQ, h(t.srq), status::OK),
+        (op::DESTROY_SRQ, h(t.srq), VerbsStatus::BadHandle as u16),
+    ] {
         assert_eq!(
-            call(&mut engine, r.id, &r.conn, op::DESTROY_QP, &h(qp)).0,
-            status::OK
+            status_of(&mut engine, r, opcode, &body),
+            want,
+            "opcode {opcode:#x}"
         );
     }
-    assert_eq!(
-        call(&mut engine, r.id, &r.conn, op::DESTROY_QP, &h(r.qp)).0,
-        status::OK
-    );
-    let pd = DeallocPd { pd: r.pd }.to_vec();
-    assert_eq!(
-        call(&mut engine, r.id, &r.conn, op::DEALLOC_PD, &pd).0,
-        VerbsStatus::Busy as u16
-    );
-    assert_eq!(
-        call(&mut engine, r.id, &r.conn, op::DESTROY_SRQ, &h(t.srq)).0,
-        status::OK
-    );
-    assert_eq!(
-        call(&mut engine, r.id, &r.conn, op::DESTROY_SRQ, &h(t.srq)).0,
-        VerbsStatus::BadHandle as u16
-    );
     let _ = &mut t.srq_ring;
 }
 
@@ -1098,26 +1104,11 @@ fn srq_verbs_check_handles_limits_and_users() {
 fn a_corrupt_srq_ring_breaks_only_its_owner() {
     let mut engine = Engine::new(false);
     let mut t = srq_site(&mut engine, 7);
-    let tail = &t.srq_ring.memory().control().tail.0;
-    tail.store(
-        tail.load(std::sync::atomic::Ordering::Relaxed)
-            .wrapping_add(1_000_000),
-        std::sync::atomic::Ordering::Release,
-    );
+    corrupt_tail(&t.srq_ring);
     send(&mut t.a, 1, 0, 8);
     engine.poll();
-    let broken = engine.take_broken();
-    assert_eq!(broken.len(), 1, "{broken:?}");
-    assert_eq!(broken[0].0, t.r.id);
-    engine.close(t.r.id);
+    take_only_broken(&mut engine, t.r.id);
     // a and b still work: b to itself.
     let _ = (&t.a, &t.srq);
-    connect_again_self(&mut engine, &t.b);
-    let bk = t.b.mr.lkey;
-    post_recv(&mut t.b, 1, sge(bk, 0, 8));
-    send(&mut t.b, 2, 8, 8);
-    engine.poll();
-    let cb = completions(&mut t.b);
-    assert_eq!(cb.len(), 2, "{cb:?}");
-    assert!(cb.iter().all(|c| c.status == 0));
+    self_loop_works(&mut engine, &mut t.b);
 }

@@ -140,9 +140,7 @@ impl Engine {
             Ok(true) => {}
             Ok(false) => return Taken::Empty,
             Err(e) => {
-                qp.broken = true;
-                let owner = qp.owner;
-                self.break_owner(owner, e);
+                self.break_qp(index, e);
                 return Taken::Broken;
             }
         }
