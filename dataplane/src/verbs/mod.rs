@@ -35,8 +35,8 @@ pub use memory::{MemView, MemoryError, MemoryFile};
 use freeflow_proto::codec;
 use freeflow_proto::msg::status;
 use freeflow_proto::verbs::{
-    self, access, check_mr_access, limits, AccessFlagsError, Body, DeallocPd, DecodeError, DeregMr,
-    MemoryFileMsg, MrCreated, PdCreated, RegMr, TestDigest, TestRead, TestWrite, VerbsOp,
+    self, check_mr_access, limits, AccessFlags, AccessFlagsError, Body, DeallocPd, DecodeError,
+    DeregMr, MemoryFileMsg, MrCreated, PdCreated, RegMr, TestDigest, TestRead, TestWrite, VerbsOp,
     VerbsStatus, MEMORY_FILE_SIZE, PAGE_SIZE,
 };
 use memory::Mapping;
@@ -156,13 +156,13 @@ impl Need {
     }
 
     /// The access flag a region needs for this, if any.
-    fn flag(self) -> u32 {
+    fn flag(self) -> AccessFlags {
         match self {
-            Need::LocalRead => 0,
-            Need::LocalWrite => access::LOCAL_WRITE,
-            Need::RemoteRead => access::REMOTE_READ,
-            Need::RemoteWrite => access::REMOTE_WRITE,
-            Need::RemoteAtomic => access::REMOTE_ATOMIC,
+            Need::LocalRead => AccessFlags::empty(),
+            Need::LocalWrite => AccessFlags::LOCAL_WRITE,
+            Need::RemoteRead => AccessFlags::REMOTE_READ,
+            Need::RemoteWrite => AccessFlags::REMOTE_WRITE,
+            Need::RemoteAtomic => AccessFlags::REMOTE_ATOMIC,
         }
     }
 }
@@ -487,7 +487,7 @@ impl VerbsTable {
         if mr.pd != pd {
             return Err(fail(ResolveFailure::WrongPd));
         }
-        if mr.access & need.flag() != need.flag() {
+        if !AccessFlags::from_bits_retain(mr.access).contains(need.flag()) {
             return Err(fail(ResolveFailure::AccessDenied));
         }
         if len == 0 {

@@ -3,7 +3,7 @@
 
 use super::memory::test_memfd;
 use super::*;
-use freeflow_proto::verbs::{op, wc_status, REQUIRED_SEALS};
+use freeflow_proto::verbs::{access, op, wc_status, REQUIRED_SEALS};
 use std::os::unix::fs::FileExt;
 
 /// Where the tests' "process" has its buffers: pages at these virtual addresses are backed.

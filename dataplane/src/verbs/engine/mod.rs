@@ -53,7 +53,7 @@ pub use park::ParkPlan;
 pub(super) use park::{ack_timeout, rnr_timer, CQ_FULL_RETRY};
 pub(super) use qp::{Pending, Route, Wait};
 
-use super::ids::{AttachmentId, CqId, QpId, SrqId, TenantId};
+use super::ids::{AttachmentId, CqId, PdId, QpId, SrqId, TenantId};
 use super::{KeyGen, NumberMap, VerbsError, VerbsTable};
 use cq::{CompChannel, Cq};
 use freeflow_proto::codec;
@@ -322,6 +322,17 @@ impl Engine {
             .and_then(|c| table(c).get(&handle))
             .copied()
             .ok_or(VerbsError::NoSuchObject(what, handle))
+    }
+
+    /// Runs `make` (which creates an object in protection domain `pd` of `ctx`) with the PD
+    /// held; the hold is released if `make` fails.
+    fn holding_pd<T>(
+        ctx: &mut Context,
+        pd: PdId,
+        make: impl FnOnce(&mut Context) -> Result<T, VerbsError>,
+    ) -> Result<T, VerbsError> {
+        ctx.table.hold_pd(pd)?;
+        make(ctx).inspect_err(|_| ctx.table.release_pd(pd))
     }
 
     /// A handle not in use by any channel, CQ, QP or SRQ of the context (never 0).

@@ -13,8 +13,8 @@ use freeflow_proto::verbs::work::{
     send_flags, wc_opcode, wr_opcode, Cqe, RecvWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
 };
 use freeflow_proto::verbs::{
-    op, wc_status, CqCreated, CreateCq, ObjectHandle, PdCreated, QueueFileKind, QueueFileMsg,
-    REQUIRED_SEALS,
+    access, op, wc_status, CqCreated, CreateCq, ObjectHandle, PdCreated, QueueFileKind,
+    QueueFileMsg, REQUIRED_SEALS,
 };
 use freeflow_proto::{Consumer, Producer};
 use std::os::fd::{AsFd, OwnedFd};
