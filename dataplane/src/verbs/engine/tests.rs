@@ -218,8 +218,6 @@ fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_r
         qp_access_flags: ALL,
         ..QpAttr::default()
     };
-    let m = INIT_MASK;
-    assert_eq!(modify(engine, s, m, init), status::OK);
     let rtr = QpAttr {
         qp_state: QpState::Rtr as u8,
         path_mtu: 3,
@@ -231,8 +229,6 @@ fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_r
         dgid: gid(peer_ip),
         ..QpAttr::default()
     };
-    let m = RTR_MASK;
-    assert_eq!(modify(engine, s, m, rtr), status::OK);
     let rts = QpAttr {
         qp_state: QpState::Rts as u8,
         timeout: 1,
@@ -240,8 +236,9 @@ fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_r
         rnr_retry,
         ..QpAttr::default()
     };
-    let m = RTS_MASK;
-    assert_eq!(modify(engine, s, m, rts), status::OK);
+    for (m, attr) in [(INIT_MASK, init), (RTR_MASK, rtr), (RTS_MASK, rts)] {
+        assert_eq!(modify(engine, s, m, attr), status::OK);
+    }
 }
 
 fn post_send(s: &mut Side, wr_id: u64, opcode: u8, sges: &[Sge], raddr: u64, rkey: u32) {
@@ -271,6 +268,14 @@ fn post_recv(s: &mut Side, wr_id: u64, sge: Sge) {
     let _ = s.rq.publish();
 }
 
+/// The new completions of `s`, each as (wr_id, status, qp_num).
+fn outcomes(s: &mut Side) -> Vec<(u64, u32, u32)> {
+    completions(s)
+        .iter()
+        .map(|c| (c.wr_id, c.status, c.qp_num))
+        .collect()
+}
+
 fn completions(s: &mut Side) -> Vec<Cqe> {
     let mut out = Vec::new();
     let mut slot = [0u8; 64];
@@ -290,8 +295,13 @@ fn sge(lkey: u32, offset: u64, length: u32) -> Sge {
 }
 
 fn pair(engine: &mut Engine) -> (Side, Side) {
-    let a = side(engine, 1, [10, 32, 0, 2], "blue", 64);
-    let b = side(engine, 2, [10, 32, 0, 3], "blue", 64);
+    pair_with_cqs_of(engine, 64)
+}
+
+/// Two containers of one tenant, their QPs connected to each other, each CQ of `cqe` entries.
+fn pair_with_cqs_of(engine: &mut Engine, cqe: u32) -> (Side, Side) {
+    let a = side(engine, 1, [10, 32, 0, 2], "blue", cqe);
+    let b = side(engine, 2, [10, 32, 0, 3], "blue", cqe);
     connect(engine, &a, b.ip, b.qpn, 7);
     connect(engine, &b, a.ip, a.qpn, 7);
     (a, b)
@@ -494,10 +504,7 @@ fn modify_checks_masks_and_destinations() {
 #[test]
 fn a_full_cq_holds_the_queue_back_without_losing_completions() {
     let mut engine = Engine::new(false);
-    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
-    let mut b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
-    connect(&mut engine, &a, b.ip, b.qpn, 7);
-    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    let (mut a, mut b) = pair_with_cqs_of(&mut engine, 16);
     let ak = a.mr.lkey;
     for i in 0..40 {
         post_send(
@@ -612,10 +619,7 @@ fn write_ids(s: &mut Side, peer: &Side, ids: std::ops::Range<u64>) {
 #[test]
 fn resizing_a_cq_keeps_its_pending_completions_in_order() {
     let mut engine = Engine::new(false);
-    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
-    let b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
-    connect(&mut engine, &a, b.ip, b.qpn, 7);
-    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    let (mut a, b) = pair_with_cqs_of(&mut engine, 16);
     write_ids(&mut a, &b, 0..10);
     engine.poll();
     // Two polled, eight pending.
@@ -671,10 +675,7 @@ fn resizing_a_cq_keeps_its_pending_completions_in_order() {
 #[test]
 fn no_completion_is_lost_when_a_full_cq_is_resized_meanwhile() {
     let mut engine = Engine::new(false);
-    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
-    let b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
-    connect(&mut engine, &a, b.ip, b.qpn, 7);
-    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    let (mut a, b) = pair_with_cqs_of(&mut engine, 16);
     // 60 writes into a 16-entry CQ: the QP waits for room; resizes in between, some up, some
     // down, with completions pending each time.
     write_ids(&mut a, &b, 0..60);
@@ -712,10 +713,7 @@ fn no_completion_is_lost_when_a_full_cq_is_resized_meanwhile() {
 #[test]
 fn a_request_for_notification_survives_a_resize() {
     let mut engine = Engine::new(false);
-    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
-    let b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
-    connect(&mut engine, &a, b.ip, b.qpn, 7);
-    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    let (mut a, b) = pair_with_cqs_of(&mut engine, 16);
     // Not armed: the new ring is not either.
     assert_eq!(resize(&mut engine, &mut a, 32), Ok(32));
     assert!(!a.cq_ring.is_parked());
@@ -956,10 +954,7 @@ fn a_qp_in_error_leaves_the_srq_to_the_others() {
     send(&mut t.b, 1, 0, 8);
     send(&mut t.b, 2, 0, 8);
     engine.poll();
-    let got: Vec<(u64, u32, u32)> = completions(&mut t.r)
-        .iter()
-        .map(|c| (c.wr_id, c.status, c.qp_num))
-        .collect();
+    let got = outcomes(&mut t.r);
     assert_eq!(got, vec![(20, 0, t.r2.1), (21, 0, t.r2.1)]);
     // A bad key in an SRQ receive: LOC_PROT_ERR for the QP that took it (which goes to ERR),
     // REM_OP_ERR at the sender.
@@ -967,10 +962,7 @@ fn a_qp_in_error_leaves_the_srq_to_the_others() {
     push_recv(&mut t.srq_ring, 23, sge(rk, 0, 64));
     send(&mut t.b, 3, 0, 8);
     engine.poll();
-    let got: Vec<(u64, u32, u32)> = completions(&mut t.r)
-        .iter()
-        .map(|c| (c.wr_id, c.status, c.qp_num))
-        .collect();
+    let got = outcomes(&mut t.r);
     assert_eq!(got, vec![(22, wc_status::LOC_PROT_ERR, t.r2.1)]);
     let cb: Vec<(u64, u32)> = completions(&mut t.b)
         .iter()
