@@ -6,7 +6,7 @@
 //! handshake, the shim's memory file; nothing else may arrive there. The other way, the engine
 //! sends the files of the CQs, QPs and completion channels it creates.
 
-use crate::verbs::Engine;
+use crate::verbs::{AttachmentId, Engine};
 use freeflow_proto::attach::{wake_futex_consumer, ShimKind, REPLY_RING, REQUEST_RING};
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
@@ -102,6 +102,11 @@ impl Attachment {
         ))
     }
 
+    /// This attachment's id as the verbs engine types it.
+    pub fn engine_id(&self) -> AttachmentId {
+        AttachmentId(self.id)
+    }
+
     /// Serves up to [`BATCH`] requests, then publishes replies and consumed slots once.
     /// An error means the container broke the ring protocol and must be detached.
     pub fn visit(&mut self, engine: &mut Engine) -> Result<Visit, RingError> {
@@ -154,7 +159,7 @@ impl Attachment {
     }
 
     fn serve_verbs(&mut self, header: MsgHeader, engine: &mut Engine) -> Result<(), RingError> {
-        if header.opcode == wire::op::REG_MR && !engine.has_memory_file(self.id) {
+        if header.opcode == wire::op::REG_MR && !engine.has_memory_file(self.engine_id()) {
             // The shim sends its memory file on the connection before the first registration
             // it pushes, so it is in the socket by now, even if the shard's watch on the
             // connection has not fired yet.
@@ -165,7 +170,7 @@ impl Attachment {
         }
         let header_len = HEADER_LEN + header.len as usize;
         let (status, len) = engine.serve(
-            self.id,
+            self.engine_id(),
             self.conn.as_fd(),
             header.opcode,
             &self.scratch[HEADER_LEN..header_len],
@@ -213,7 +218,7 @@ impl Attachment {
                     "a memory file message carries exactly one fd".into(),
                 );
             };
-            if let Err(e) = engine.adopt_memory_file(self.id, msg, fd) {
+            if let Err(e) = engine.adopt_memory_file(self.engine_id(), msg, fd) {
                 return ConnectionEvent::Violation(format!("memory file refused: {e}"));
             }
         }

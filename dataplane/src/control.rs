@@ -6,6 +6,8 @@ use crate::attachment::Attachment;
 use crate::shard::{AttachedTable, ShardCommand, ShardHandle};
 use crate::sys;
 use crate::tcp::{Caller, Deferred, TcpService};
+use freeflow_os::poll::{self, PollFd};
+use freeflow_os::signals;
 use freeflow_proto::attach::{Hello, HelloError, Refusal, ShimKind, Welcome, HELLO_LEN};
 use freeflow_proto::control::{
     self as ctl, AttachedStatus, ContainerEntry, ControlRequest, ControlResponse, RouterStatus,
@@ -17,7 +19,7 @@ use freeflow_proto::sockmsg::{SockNotice, SockOp, SockReply, SockRequest, SOCKMS
 use freeflow_proto::RingGeometry;
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -117,6 +119,39 @@ impl ControlThread {
         }
     }
 
+    /// Waits for readiness of the control loop's descriptors, in this order: the signalfd, the
+    /// attach and control listeners, pending handshakes, the socket shims of `shim_ids`, then
+    /// the TCP service's descriptors. Returns the revents of each (all 0 if a signal interrupted
+    /// the wait) and the TCP service's descriptors, in order.
+    fn wait_ready(
+        &self,
+        shim_ids: &[u32],
+        timeout: Option<Duration>,
+    ) -> io::Result<(Vec<i16>, Vec<RawFd>)> {
+        let tcp_fds = self.tcp.poll_fds();
+        let readable = [
+            self.signals.as_fd(),
+            self.attach_listener.as_fd(),
+            self.control_listener.as_fd(),
+        ]
+        .into_iter()
+        .chain(self.pending.iter().map(|p| p.conn.as_fd()))
+        .chain(shim_ids.iter().map(|id| self.socket_shims[id].conn.as_fd()));
+        let mut fds: Vec<PollFd<'_>> = readable
+            .map(|fd| PollFd::new(fd, libc::POLLIN))
+            .chain(tcp_fds.iter().map(|&(fd, events)| PollFd::new(fd, events)))
+            .collect();
+        let revents = match poll::poll(&mut fds, timeout) {
+            Ok(_) => fds.iter().map(PollFd::revents).collect(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => vec![0; fds.len()],
+            Err(e) => return Err(e),
+        };
+        Ok((
+            revents,
+            tcp_fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect(),
+        ))
+    }
+
     /// Serves until a termination signal or a shutdown request.
     pub fn run(&mut self) -> io::Result<()> {
         sys::raise_fd_limit();
@@ -135,34 +170,18 @@ impl ControlThread {
             } else {
                 timeout
             };
-            let mut fds = vec![
-                (self.signals.as_raw_fd(), libc::POLLIN),
-                (self.attach_listener.as_raw_fd(), libc::POLLIN),
-                (self.control_listener.as_raw_fd(), libc::POLLIN),
-            ];
-            fds.extend(
-                self.pending
-                    .iter()
-                    .map(|p| (p.conn.as_raw_fd(), libc::POLLIN)),
-            );
             let shim_ids: Vec<u32> = self.socket_shims.keys().copied().collect();
-            let shims_at = fds.len();
-            fds.extend(
-                shim_ids
-                    .iter()
-                    .map(|id| (self.socket_shims[id].conn.as_raw_fd(), libc::POLLIN)),
-            );
-            let tcp_fds = self.tcp.poll_fds();
-            let tcp_at = fds.len();
-            fds.extend(tcp_fds.iter().copied());
-            let revents = sys::poll(&fds, timeout)?;
+            let shims_at = 3 + self.pending.len();
+            let tcp_at = shims_at + shim_ids.len();
+            let timeout = u64::try_from(timeout).ok().map(Duration::from_millis);
+            let (revents, tcp_fds) = self.wait_ready(&shim_ids, timeout)?;
             if revents.iter().any(|&r| r != 0) {
                 self.last_activity = Instant::now();
             }
             // Peer routers first (announcements that pending resolves wait for), then the
             // socket shims' requests, then deferred answers.
             let mut deferred = Deferred::new();
-            for (i, &(fd, _)) in tcp_fds.iter().enumerate() {
+            for (i, &fd) in tcp_fds.iter().enumerate() {
                 if revents[tcp_at + i] != 0 {
                     self.tcp.on_ready(fd, revents[tcp_at + i], &mut deferred);
                 }
@@ -180,7 +199,7 @@ impl ControlThread {
             }
             self.send_notices();
             if revents[0] != 0 {
-                if let Some(sig) = sys::read_signal(&self.signals) {
+                if let Ok(Some(sig)) = signals::read_one(self.signals.as_fd()) {
                     log::info!("signal {sig}, shutting down");
                     return Ok(());
                 }

@@ -9,7 +9,7 @@
 
 use crate::attachment::{Attachment, ConnectionEvent};
 use crate::uring::Uring;
-use crate::verbs::Engine;
+use crate::verbs::{AttachmentId, Engine};
 use crossbeam_queue::ArrayQueue;
 use freeflow_proto::doorbell::EventFd;
 use std::collections::HashMap;
@@ -196,7 +196,7 @@ impl Shard {
         }
         if attachment.kind == freeflow_proto::attach::ShimKind::Verbs {
             self.engine
-                .open(attachment.id, attachment.container.clone());
+                .open(attachment.engine_id(), attachment.container.clone());
         }
         self.slots[index] = Some(Slot {
             attachment,
@@ -235,7 +235,7 @@ impl Shard {
     /// Executes posted work requests and flushes; detaches attachments that broke their queues.
     fn run_engine(&mut self) -> usize {
         let work = self.engine.poll();
-        for (id, why) in self.engine.take_broken() {
+        for (AttachmentId(id), why) in self.engine.take_broken() {
             self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             self.detach_id(id, &why);
         }
@@ -318,7 +318,7 @@ impl Shard {
         let _ = self.uring.cancel(conn_tag(index, slot.generation));
         let _ = self.uring.submit_queued();
         let a = &slot.attachment;
-        let held = match self.engine.close(a.id) {
+        let held = match self.engine.close(a.engine_id()) {
             Some(h) if h.pds + h.mrs + h.cqs + h.qps > 0 => format!(
                 " (freed {} PDs, {} MRs, {} CQs, {} QPs)",
                 h.pds, h.mrs, h.cqs, h.qps

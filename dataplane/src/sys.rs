@@ -1,21 +1,12 @@
 //! The router's socket calls that std does not cover (non-blocking sockets it hands between
 //! processes, addresses, options, a guarded accept), the descriptors it must close elsewhere,
 //! its lock file and its ready pipe. The calls the router shares with the other Freeflow
-//! processes (signals, poll) are `freeflow-os`'s; `read_signal` and `poll` here adapt them to the
-//! raw descriptors of the control loop.
+//! processes (signals, poll, memory files) are `freeflow-os`'s, called directly.
 
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-
-use freeflow_os::poll::PollFd;
-
-/// Reads one pending signal number from a signalfd, if any.
-pub fn read_signal(fd: &OwnedFd) -> Option<u32> {
-    let sig = freeflow_os::signals::read_one(fd.as_fd()).ok().flatten()?;
-    Some(sig as u32)
-}
 
 /// Takes an exclusive, non-blocking flock on `path` (created 0600) and holds it as long as the
 /// returned file lives: one router per runtime directory.
@@ -66,27 +57,6 @@ pub fn recv_nonblocking(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Option<usize
         Ok(None)
     } else {
         Err(err)
-    }
-}
-
-/// Waits for readiness on `fds` (each with its events) for at most `timeout_ms` (-1: forever).
-/// Returns the revents of each, in order (all 0 if a signal interrupted the wait).
-pub fn poll(fds: &[(i32, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
-    let mut polled: Vec<PollFd<'_>> = fds
-        .iter()
-        .map(|&(fd, events)| {
-            // SAFETY: the control loop polls only descriptors that it holds (its listeners,
-            // signalfd, connections, the TCP service's sockets) for the duration of the call.
-            PollFd::new(unsafe { BorrowedFd::borrow_raw(fd) }, events)
-        })
-        .collect();
-    let timeout = u64::try_from(timeout_ms)
-        .ok()
-        .map(std::time::Duration::from_millis);
-    match freeflow_os::poll::poll(&mut polled, timeout) {
-        Ok(_) => Ok(polled.iter().map(PollFd::revents).collect()),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(vec![0; fds.len()]),
-        Err(e) => Err(e),
     }
 }
 

@@ -15,31 +15,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{fresh_dir, router_cores, wait_until};
+
 const CHILD_DIR_ENV: &str = "FF_TEST_ATTACH_DIR";
 
 fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "these tests build network namespaces and must run as root"
-    );
-}
-
-/// An empty directory `name` under the temporary directory (what a previous run left there is
-/// removed).
-fn fresh_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// The router's `--cores`: one fewer than the machine has, leaving one to the test.
-fn router_cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get() - 1)
-        .unwrap_or(0)
+    common::require_root("these tests build network namespaces and must run as root");
 }
 
 struct Router {
@@ -59,15 +42,12 @@ impl Router {
             .spawn()
             .unwrap();
         let router = Router { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while router.try_status().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "router did not start: {}",
-                router.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            || router.try_status().is_some(),
+            || format!("router did not start: {}", router.log()),
+        );
         router
     }
 
@@ -426,14 +406,12 @@ fn unregistering_a_container_detaches_it() {
     let s = attach(&router.dir, ShimKind::Probe, Duration::from_secs(5)).unwrap();
     router.wait_attached(1);
     router.register(&[]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !s.router_hung_up() {
-        assert!(
-            Instant::now() < deadline,
-            "unregistered container still attached"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || s.router_hung_up(),
+        || "unregistered container still attached".into(),
+    );
     router.wait_attached(0);
     let refused = attach(&router.dir, ShimKind::Probe, Duration::from_secs(5));
     assert!(matches!(
@@ -451,8 +429,7 @@ fn sigterm_stops_cleanly_and_tells_the_shims() {
     router.register(&[("self", NetnsId::current().unwrap())]);
     let s = attach(&router.dir, ShimKind::Probe, Duration::from_secs(5)).unwrap();
     router.wait_attached(1);
-    // SAFETY: plain kill(2) of our own child.
-    unsafe { libc::kill(router.child.id() as i32, libc::SIGTERM) };
+    freeflow_os::signals::send_signal(router.child.id() as i32, libc::SIGTERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = router.child.try_wait().unwrap() {

@@ -3,6 +3,9 @@
 //! rings and the memory file on the attach connection, including the hostile variants of each.
 //! Needs root (the router reads the network namespace of its callers); fails loudly without it.
 
+mod common;
+
+use common::{fresh_dir, router_cores, wait_until};
 use freeflow_proto::attach::{attach, Session, ShimKind};
 use freeflow_proto::control::{self, ContainerEntry, ControlRequest, ControlResponse};
 use freeflow_proto::fdpass;
@@ -17,7 +20,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Where the pretend process keeps its registered pages (only the file's offsets matter to the
 /// router).
@@ -32,22 +35,13 @@ impl Router {
     /// Starts a router, with the test hooks if `hooks`, and registers this process's network
     /// namespace as container "self".
     fn start(tag: &str, hooks: bool) -> Router {
-        assert_eq!(
-            freeflow_os::process::effective_uid(),
-            0,
-            "run these tests as root"
-        );
-        let dir = std::env::temp_dir().join(format!("ff-verbs-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get() - 1)
-            .unwrap_or(0);
+        common::require_root("run these tests as root");
+        let dir = fresh_dir(&format!("ff-verbs-{tag}-{}", std::process::id()));
         let mut command = Command::new(env!("CARGO_BIN_EXE_freeflow-router"));
         command
             .arg("--dir")
             .arg(&dir)
-            .args(["--cores", &cores.to_string()])
+            .args(["--cores", &router_cores().to_string()])
             .env_remove("FREEFLOW_TEST_HOOKS")
             .stderr(std::fs::File::create(dir.join("router.log")).unwrap());
         if hooks {
@@ -57,8 +51,7 @@ impl Router {
             child: command.spawn().unwrap(),
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        let registered = || {
             let r = control::call(
                 &router.dir.join("router.ctl"),
                 &ControlRequest::SetContainers {
@@ -72,16 +65,15 @@ impl Router {
                 },
                 Duration::from_secs(5),
             );
-            if matches!(r, Ok(ControlResponse::Ok)) {
-                return router;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "router did not start: {}",
-                router.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            matches!(r, Ok(ControlResponse::Ok))
+        };
+        wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            registered,
+            || format!("router did not start: {}", router.log()),
+        );
+        router
     }
 
     fn log(&self) -> String {
@@ -154,15 +146,12 @@ fn ping(session: &mut Session) -> bool {
 }
 
 fn wait_hung_up(session: &Session, router: &Router, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !session.router_hung_up() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the router kept the attachment\n{}",
-            router.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        || session.router_hung_up(),
+        || format!("{what}: the router kept the attachment\n{}", router.log()),
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@ use freeflow_proto::sockmsg::{SockNotice, SockReply, SockRequest, FLAG_ORPHAN, F
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// How long a listener outlives its last known holder: a forked child that inherited it (a
@@ -141,10 +141,10 @@ impl Listeners {
     }
 
     /// The overlay listeners' descriptors (the control loop polls them).
-    pub fn overlay_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+    pub fn overlay_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> + '_ {
         self.local
             .values()
-            .filter_map(|l| l.overlay.as_ref().map(|o| o.as_raw_fd()))
+            .filter_map(|l| l.overlay.as_ref().map(|o| o.as_fd()))
     }
 
     /// Stops taking clients on a listener's overlay socket (closed off the control thread).

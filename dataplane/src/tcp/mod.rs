@@ -51,7 +51,7 @@ use registry::Registry;
 use relay::Relays;
 use resolve::Announcements;
 use std::io;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 /// The caller of a request, as the attach check established it.
@@ -143,7 +143,7 @@ impl TcpService {
     }
 
     /// Descriptors the control loop must poll for the peer channel.
-    pub fn poll_fds(&self) -> Vec<(RawFd, i16)> {
+    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, i16)> {
         self.peer_poll_fds()
     }
 

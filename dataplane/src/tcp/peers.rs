@@ -11,7 +11,7 @@ use freeflow_proto::peer::PeerMsg;
 use std::collections::HashMap;
 use std::io::{self, BufRead, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// How often a lost peer connection is retried.
@@ -82,20 +82,20 @@ impl Peers {
     }
 
     /// The descriptors to poll: (listener and incoming, readable), (outgoing, with events).
-    fn poll_fds(&self) -> (Vec<RawFd>, Vec<(RawFd, i16)>) {
-        let mut readable: Vec<RawFd> = self.listener.iter().map(|l| l.as_raw_fd()).collect();
-        readable.extend(self.incoming.iter().map(|p| p.stream.as_raw_fd()));
+    fn poll_fds(&self) -> (Vec<BorrowedFd<'_>>, Vec<(BorrowedFd<'_>, i16)>) {
+        let mut readable: Vec<BorrowedFd<'_>> = self.listener.iter().map(|l| l.as_fd()).collect();
+        readable.extend(self.incoming.iter().map(|p| p.stream.as_fd()));
         // Up connections to peers: writable matters only while bytes wait. Readable means the
         // peer closed or reset (a peer never writes on them). Noticing that at once matters:
         // a write into a dead connection can still succeed locally, and the announcement in it
         // would be lost.
-        let mut with_events: Vec<(RawFd, i16)> = self
+        let mut with_events: Vec<(BorrowedFd<'_>, i16)> = self
             .outgoing
             .values()
             .filter_map(|p| {
                 let s = p.stream.as_ref()?;
                 let out = if p.queue.is_empty() { 0 } else { libc::POLLOUT };
-                Some((s.as_raw_fd(), libc::POLLIN | out))
+                Some((s.as_fd(), libc::POLLIN | out))
             })
             .collect();
         // Connections to peers on their way: writable when done.
@@ -103,7 +103,7 @@ impl Peers {
             self.outgoing
                 .values()
                 .filter_map(|p| p.connecting.as_ref())
-                .map(|(s, _)| (s.as_raw_fd(), libc::POLLOUT)),
+                .map(|(s, _)| (s.as_fd(), libc::POLLOUT)),
         );
         (readable, with_events)
     }
@@ -325,10 +325,10 @@ impl PeerIn {
 impl TcpService {
     /// The peer descriptors to poll, and the overlay listeners' (readable: clients that came
     /// without Freeflow).
-    pub(super) fn peer_poll_fds(&self) -> Vec<(RawFd, i16)> {
+    pub(super) fn peer_poll_fds(&self) -> Vec<(BorrowedFd<'_>, i16)> {
         let (mut readable, with_events) = self.peers.poll_fds();
         readable.extend(self.listeners.overlay_fds());
-        let mut fds: Vec<(RawFd, i16)> =
+        let mut fds: Vec<(BorrowedFd<'_>, i16)> =
             readable.into_iter().map(|fd| (fd, libc::POLLIN)).collect();
         fds.extend(with_events);
         fds

@@ -14,6 +14,21 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+/// A TCP service on loopback whose one peer router listens on `port` of loopback.
+fn with_peer_on_loopback(port: u16) -> TcpService {
+    let mut tcp = TcpService::default();
+    tcp.set_network(NetworkView {
+        host_ip: Ipv4Addr::LOCALHOST,
+        peer_port: 0,
+        hosts: vec![PeerHost {
+            host_ip: Ipv4Addr::LOCALHOST,
+            peer_port: port,
+        }],
+        overlay: Vec::new(),
+    });
+    tcp
+}
+
 /// A listener on loopback whose accept queue is full (listen backlog 0, nobody accepts):
 /// the kernel drops further SYNs, so a connect to it hangs, like one to a host that is down.
 fn black_hole() -> (Vec<TcpStream>, OwnedFd, u16) {
@@ -34,16 +49,7 @@ fn black_hole() -> (Vec<TcpStream>, OwnedFd, u16) {
 #[test]
 fn an_unreachable_peer_does_not_stall_the_control_thread() {
     let (_fill, _hole, port) = black_hole();
-    let mut tcp = TcpService::default();
-    tcp.set_network(NetworkView {
-        host_ip: Ipv4Addr::LOCALHOST,
-        peer_port: 0,
-        hosts: vec![PeerHost {
-            host_ip: Ipv4Addr::LOCALHOST,
-            peer_port: port,
-        }],
-        overlay: Vec::new(),
-    });
+    let mut tcp = with_peer_on_loopback(port);
     let mut deferred = Deferred::new();
     tcp.tick(&mut deferred);
     tcp.broadcast_listeners();
@@ -54,9 +60,12 @@ fn an_unreachable_peer_does_not_stall_the_control_thread() {
     );
     let (connecting, _) = peer.connecting.as_ref().expect("a connect under way");
     assert!(!peer.queue.is_empty(), "our table waits to be sent");
-    assert!(tcp
+    let polled: Vec<_> = tcp
         .poll_fds()
-        .contains(&(connecting.as_raw_fd(), libc::POLLOUT)));
+        .iter()
+        .map(|&(fd, events)| (fd.as_raw_fd(), events))
+        .collect();
+    assert!(polled.contains(&(connecting.as_raw_fd(), libc::POLLOUT)));
     assert!(tcp.next_timeout_ms(Instant::now()).is_some());
 }
 
@@ -67,16 +76,7 @@ fn an_unreachable_peer_does_not_stall_the_control_thread() {
 fn a_peer_that_does_not_read_never_blocks_our_writes() {
     let peer_listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = peer_listener.local_addr().unwrap().port();
-    let mut tcp = TcpService::default();
-    tcp.set_network(NetworkView {
-        host_ip: Ipv4Addr::LOCALHOST,
-        peer_port: 0,
-        hosts: vec![PeerHost {
-            host_ip: Ipv4Addr::LOCALHOST,
-            peer_port: port,
-        }],
-        overlay: Vec::new(),
-    });
+    let mut tcp = with_peer_on_loopback(port);
     let mut deferred = Deferred::new();
     tcp.tick(&mut deferred);
     let connecting = {
@@ -111,6 +111,28 @@ fn a_peer_that_does_not_read_never_blocks_our_writes() {
 
 /// Claims come from peer routers; each is believed only as far as the registry goes (as a
 /// connect's announcement), and told only to the processes holding the listener it names.
+/// `client`'s port `port` (claimed or connected from `host`, towards port 5001) given back: the
+/// announcement is forgotten here, and the processes told.
+fn release(tcp: &mut TcpService, client: Ipv4Addr, port: u16, host: Ipv4Addr, server: Ipv4Addr) {
+    tcp.apply(
+        host,
+        PeerMsg::Release {
+            host,
+            ip: client,
+            to_port: 5001,
+            ports: vec![port],
+        },
+    );
+    assert_eq!(
+        tcp.lookup_announcement(HostEndpoint::new(host, port), server),
+        None
+    );
+    assert_eq!(
+        std::mem::take(&mut tcp.notices),
+        vec![(1, SockNotice::forget((host, port)))]
+    );
+}
+
 #[test]
 fn claims_are_announcements_made_ahead_for_one_listener() {
     let host_a = Ipv4Addr::new(192, 0, 2, 1);
@@ -204,23 +226,7 @@ fn claims_are_announcements_made_ahead_for_one_listener() {
         None
     );
     // Given back: forgotten here and by the processes told.
-    tcp.apply(
-        host_a,
-        PeerMsg::Release {
-            host: host_a,
-            ip: client,
-            to_port: 5001,
-            ports: vec![40002],
-        },
-    );
-    assert_eq!(
-        tcp.lookup_announcement(HostEndpoint::new(host_a, 40002), server),
-        None
-    );
-    assert_eq!(
-        std::mem::take(&mut tcp.notices),
-        vec![(1, SockNotice::forget((host_a, 40002)))]
-    );
+    release(&mut tcp, client, 40002, host_a, server);
     // A connect's announcement is taken back the same way when the connect failed.
     tcp.apply(
         host_a,
@@ -237,23 +243,7 @@ fn claims_are_announcements_made_ahead_for_one_listener() {
         Some(OverlayEndpoint::new(client, 40010))
     );
     tcp.notices.clear();
-    tcp.apply(
-        host_a,
-        PeerMsg::Release {
-            host: host_a,
-            ip: client,
-            to_port: 5001,
-            ports: vec![40010],
-        },
-    );
-    assert_eq!(
-        tcp.lookup_announcement(HostEndpoint::new(host_a, 40010), server),
-        None
-    );
-    assert_eq!(
-        std::mem::take(&mut tcp.notices),
-        vec![(1, SockNotice::forget((host_a, 40010)))]
-    );
+    release(&mut tcp, client, 40010, host_a, server);
     // The claiming router's connection ended: its unused ports are free on its host now.
     tcp.forget_claims_of(host_a);
     assert_eq!(

@@ -1,5 +1,6 @@
 //! The router's side of registered memory: a container's memory file (checked before use),
-//! mappings of its page ranges, and views into them. The only unsafe code of the verbs engine.
+//! mappings of its page ranges, and views into them. One of the two modules of the verbs engine
+//! that may hold unsafe code (with `notify`).
 //!
 //! Memory here is shared with a container that may write it at any moment. Nothing makes a Rust
 //! reference into it: bytes move with raw copies (`ptr::copy`), and the RDMA atomics use
@@ -13,7 +14,7 @@
 use freeflow_proto::verbs::{PAGE_SIZE, REQUIRED_SEALS};
 use std::io;
 use std::marker::PhantomData;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -74,14 +75,13 @@ impl MemoryFile {
         if actual > max {
             return Err(MemoryError::TooLarge(actual));
         }
-        // SAFETY: F_GET_SEALS takes no argument; the result is checked. It fails with EINVAL
-        // for files that cannot be sealed (anything but memfd/shmem), which is a refusal too.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 {
+        // A file that cannot be sealed (anything but memfd/shmem) fails with EINVAL: a refusal
+        // too.
+        let Ok(seals) = freeflow_os::memfd::seals(fd.as_fd()) else {
             return Err(MemoryError::NotSealed {
                 missing: REQUIRED_SEALS,
             });
-        }
+        };
         let missing = REQUIRED_SEALS & !seals;
         if missing != 0 {
             return Err(MemoryError::NotSealed { missing });

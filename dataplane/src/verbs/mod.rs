@@ -12,7 +12,8 @@
 //! the IB specification: the key names a region of this table in the QP's protection domain, the
 //! range lies inside the region (no wrap-around), and the region grants the access.
 //!
-//! Unsafe code is confined to `memory` (the memory file, mappings, views).
+//! Unsafe code is confined (by `#![deny(unsafe_code)]` here) to `memory` (the memory file,
+//! mappings, views) and `notify` (the completion channels' pipes).
 //!
 //! `engine` (with `exec`) is the software verbs engine of a shard: CQs, QPs and the execution
 //! of work requests between the tables of two contexts; `send_op` decodes a work request's
@@ -27,13 +28,15 @@ mod notify;
 mod send_op;
 
 pub use engine::{Engine, ParkPlan};
+pub use ids::AttachmentId;
 use ids::PdId;
 pub use memory::{MemView, MemoryError, MemoryFile};
 
+use freeflow_proto::codec;
 use freeflow_proto::msg::status;
 use freeflow_proto::verbs::{
-    self, access, check_mr_access, limits, op, AccessFlagsError, Body, DeallocPd, DecodeError,
-    DeregMr, MemoryFileMsg, MrCreated, PdCreated, RegMr, TestDigest, TestRead, TestWrite,
+    self, check_mr_access, limits, AccessFlags, AccessFlagsError, Body, DeallocPd, DecodeError,
+    DeregMr, MemoryFileMsg, MrCreated, PdCreated, RegMr, TestDigest, TestRead, TestWrite, VerbsOp,
     VerbsStatus, MEMORY_FILE_SIZE, PAGE_SIZE,
 };
 use memory::Mapping;
@@ -153,13 +156,13 @@ impl Need {
     }
 
     /// The access flag a region needs for this, if any.
-    fn flag(self) -> u32 {
+    fn flag(self) -> AccessFlags {
         match self {
-            Need::LocalRead => 0,
-            Need::LocalWrite => access::LOCAL_WRITE,
-            Need::RemoteRead => access::REMOTE_READ,
-            Need::RemoteWrite => access::REMOTE_WRITE,
-            Need::RemoteAtomic => access::REMOTE_ATOMIC,
+            Need::LocalRead => AccessFlags::empty(),
+            Need::LocalWrite => AccessFlags::LOCAL_WRITE,
+            Need::RemoteRead => AccessFlags::REMOTE_READ,
+            Need::RemoteWrite => AccessFlags::REMOTE_WRITE,
+            Need::RemoteAtomic => AccessFlags::REMOTE_ATOMIC,
         }
     }
 }
@@ -484,7 +487,7 @@ impl VerbsTable {
         if mr.pd != pd {
             return Err(fail(ResolveFailure::WrongPd));
         }
-        if mr.access & need.flag() != need.flag() {
+        if !AccessFlags::from_bits_retain(mr.access).contains(need.flag()) {
             return Err(fail(ResolveFailure::AccessDenied));
         }
         if len == 0 {
@@ -504,11 +507,27 @@ impl VerbsTable {
             .expect("inside the region, hence inside its mapping"))
     }
 
+    /// The memory a test hook reads or writes: `len` bytes at `addr`, under local key `lkey` of
+    /// protection domain `pd`.
+    fn test_view(
+        &self,
+        pd: u32,
+        lkey: u32,
+        addr: u64,
+        len: u64,
+        need: Need,
+    ) -> Result<MemView<'_>, ResolveError> {
+        self.resolve(PdId(pd), Key::Local(lkey), addr, len, need)
+    }
+
     /// Serves one PD, MR or test-hook request: writes the reply body into `reply` and returns
     /// its status and length (the engine serves the rest, and calls `serve_inner`).
     #[cfg(test)]
     pub fn serve(&mut self, opcode: u16, body: &[u8], reply: &mut [u8]) -> (u16, usize) {
-        match self.serve_inner(opcode, body, reply) {
+        let served = VerbsOp::try_from(opcode)
+            .map_err(|_| VerbsError::UnknownOp(opcode))
+            .and_then(|op| self.serve_inner(op, body, reply));
+        match served {
             Ok(len) => (status::OK, len),
             Err(e) => (e.status(), 0),
         }
@@ -516,71 +535,50 @@ impl VerbsTable {
 
     pub(super) fn serve_inner(
         &mut self,
-        opcode: u16,
+        op: VerbsOp,
         body: &[u8],
         reply: &mut [u8],
     ) -> Result<usize, VerbsError> {
-        match opcode {
-            op::ALLOC_PD => {
-                if !body.is_empty() {
-                    return Err(DecodeError::Length {
-                        what: "AllocPd",
-                        got: body.len(),
-                        expected: 0,
-                    }
-                    .into());
-                }
+        match op {
+            VerbsOp::AllocPd => {
+                codec::exact("AllocPd", body, 0)?;
                 let pd = self.alloc_pd()?;
                 Ok(PdCreated { pd: pd.0 }.encode(reply))
             }
-            op::DEALLOC_PD => {
+            VerbsOp::DeallocPd => {
                 let r = DeallocPd::decode(body)?;
                 self.dealloc_pd(PdId(r.pd))?;
                 Ok(0)
             }
-            op::REG_MR => {
+            VerbsOp::RegMr => {
                 let r = RegMr::decode(body)?;
                 Ok(self.reg_mr(&r)?.encode(reply))
             }
-            op::DEREG_MR => {
+            VerbsOp::DeregMr => {
                 let r = DeregMr::decode(body)?;
                 self.dereg_mr(r.mr)?;
                 Ok(0)
             }
-            op::TEST_READ => {
-                if !self.test_hooks {
-                    return Err(VerbsError::TestHooksOff);
-                }
+            VerbsOp::TestRead | VerbsOp::TestWrite if !self.test_hooks => {
+                Err(VerbsError::TestHooksOff)
+            }
+            VerbsOp::TestRead => {
                 let r = TestRead::decode(body)?;
-                let view = self.resolve(
-                    PdId(r.pd),
-                    Key::Local(r.lkey),
-                    r.addr,
-                    r.length,
-                    Need::LocalRead,
-                )?;
+                let view = self.test_view(r.pd, r.lkey, r.addr, r.length, Need::LocalRead)?;
                 Ok(TestDigest {
                     digest: view.digest(),
                 }
                 .encode(reply))
             }
-            op::TEST_WRITE => {
-                if !self.test_hooks {
-                    return Err(VerbsError::TestHooksOff);
-                }
+            VerbsOp::TestWrite => {
                 let r = TestWrite::decode(body)?;
-                let view = self.resolve(
-                    PdId(r.pd),
-                    Key::Local(r.lkey),
-                    r.addr,
-                    r.data.len() as u64,
-                    Need::LocalWrite,
-                )?;
+                let len = r.data.len() as u64;
+                let view = self.test_view(r.pd, r.lkey, r.addr, len, Need::LocalWrite)?;
                 view.write_at(0, &r.data)
                     .expect("resolved to the data's length");
                 Ok(0)
             }
-            other => Err(VerbsError::UnknownOp(other)),
+            other => Err(VerbsError::UnknownOp(other as u16)),
         }
     }
 }

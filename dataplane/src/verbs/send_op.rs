@@ -1,9 +1,8 @@
-//! The operation of a send work request, decoded once from its WQE's opcode byte
-//! (`freeflow_proto::verbs::work::wr_opcode`, the values of `enum ibv_wr_opcode`), with what
-//! the engine needs to know about each.
+//! The operation of a send work request, decoded once from its WQE's opcode byte through
+//! proto's [`WrOpcode`] (`enum ibv_wr_opcode`), with what the engine needs to know about each.
 
 use super::Need;
-use freeflow_proto::verbs::work::{wc_opcode, wr_opcode};
+use freeflow_proto::verbs::work::{wc_opcode, WrOpcode};
 
 /// An operation of a send WQE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,16 +19,7 @@ pub(crate) enum SendOp {
 impl SendOp {
     /// The operation of a WQE's opcode byte, if it is one this device executes.
     pub(crate) fn decode(opcode: u8) -> Option<SendOp> {
-        Some(match opcode {
-            wr_opcode::SEND => SendOp::Send,
-            wr_opcode::SEND_WITH_IMM => SendOp::SendWithImm,
-            wr_opcode::RDMA_WRITE => SendOp::Write,
-            wr_opcode::RDMA_WRITE_WITH_IMM => SendOp::WriteWithImm,
-            wr_opcode::RDMA_READ => SendOp::Read,
-            wr_opcode::ATOMIC_CMP_AND_SWP => SendOp::CompareSwap,
-            wr_opcode::ATOMIC_FETCH_AND_ADD => SendOp::FetchAdd,
-            _ => return None,
-        })
+        WrOpcode::try_from(opcode).ok().map(SendOp::from)
     }
 
     /// The opcode of its completion at the requester.
@@ -62,6 +52,20 @@ impl SendOp {
             Need::LocalWrite
         } else {
             Need::LocalRead
+        }
+    }
+}
+
+impl From<WrOpcode> for SendOp {
+    fn from(op: WrOpcode) -> SendOp {
+        match op {
+            WrOpcode::Send => SendOp::Send,
+            WrOpcode::SendWithImm => SendOp::SendWithImm,
+            WrOpcode::RdmaWrite => SendOp::Write,
+            WrOpcode::RdmaWriteWithImm => SendOp::WriteWithImm,
+            WrOpcode::RdmaRead => SendOp::Read,
+            WrOpcode::AtomicCmpAndSwp => SendOp::CompareSwap,
+            WrOpcode::AtomicFetchAndAdd => SendOp::FetchAdd,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use super::memory::test_memfd;
 use super::*;
-use freeflow_proto::verbs::{wc_status, REQUIRED_SEALS};
+use freeflow_proto::verbs::{access, op, wc_status, REQUIRED_SEALS};
 use std::os::unix::fs::FileExt;
 
 /// Where the tests' "process" has its buffers: pages at these virtual addresses are backed.
@@ -32,15 +32,19 @@ fn pattern(addr: u64) -> u8 {
     (addr.wrapping_mul(31) >> 3) as u8
 }
 
-fn reg(t: &mut VerbsTable, pd: PdId, addr: u64, length: u64, access: u32) -> MrCreated {
-    t.reg_mr(&RegMr {
+/// A registration of `length` bytes at `addr` (its iova too).
+fn region(pd: PdId, addr: u64, length: u64, access: u32) -> RegMr {
+    RegMr {
         pd: pd.0,
         access,
         addr,
         length,
         iova: addr,
-    })
-    .unwrap()
+    }
+}
+
+fn reg(t: &mut VerbsTable, pd: PdId, addr: u64, length: u64, access: u32) -> MrCreated {
+    t.reg_mr(&region(pd, addr, length, access)).unwrap()
 }
 
 fn read(view: &MemView<'_>) -> Vec<u8> {
@@ -199,15 +203,7 @@ fn registration_checks_every_field() {
 fn registration_needs_the_memory_file_and_takes_only_one() {
     let mut t = VerbsTable::new(false);
     let pd = t.alloc_pd().unwrap();
-    let e = t
-        .reg_mr(&RegMr {
-            pd: pd.0,
-            access: 0,
-            addr: BASE,
-            length: 10,
-            iova: BASE,
-        })
-        .unwrap_err();
+    let e = t.reg_mr(&region(pd, BASE, 10, 0)).unwrap_err();
     assert!(matches!(e, VerbsError::NoMemoryFile));
     assert_eq!(e.status(), VerbsStatus::NoMemoryFile as u16);
     let (mut t, _file) = table_with_memory();
@@ -331,132 +327,39 @@ fn keys_must_match_their_kind_pd_and_access() {
     }
     use Need::*;
     use ResolveFailure::*;
-    check(&t, pd, Key::Local(read_only.lkey), BASE, LocalRead, None);
-    check(
-        &t,
-        pd,
-        Key::Local(read_only.lkey),
-        BASE,
-        LocalWrite,
-        Some(AccessDenied),
-    );
-    check(
-        &t,
-        pd,
-        Key::Remote(read_only.rkey),
-        BASE,
-        RemoteRead,
-        Some(AccessDenied),
-    );
-    check(
-        &t,
-        pd,
-        Key::Remote(remote_read.rkey),
-        BASE + 64,
-        RemoteRead,
-        None,
-    );
-    check(
-        &t,
-        pd,
-        Key::Remote(remote_read.rkey),
-        BASE + 64,
-        RemoteWrite,
-        Some(AccessDenied),
-    );
-    check(
-        &t,
-        pd,
-        Key::Remote(remote_read.rkey),
-        BASE + 64,
-        RemoteAtomic,
-        Some(AccessDenied),
-    );
-    check(
-        &t,
-        pd,
-        Key::Remote(all.rkey),
-        BASE + 128,
-        RemoteAtomic,
-        None,
-    );
-    check(&t, pd, Key::Local(all.lkey), BASE + 128, LocalWrite, None);
-    // Another protection domain, a local key used remotely and the other way round.
-    check(
-        &t,
-        other_pd,
-        Key::Local(all.lkey),
-        BASE + 128,
-        LocalRead,
-        Some(WrongPd),
-    );
-    check(
-        &t,
-        other_pd,
-        Key::Remote(all.rkey),
-        BASE + 128,
-        RemoteRead,
-        Some(WrongPd),
-    );
-    check(
-        &t,
-        pd,
-        Key::Remote(all.lkey),
-        BASE + 128,
-        RemoteRead,
-        Some(UnknownKey),
-    );
-    check(
-        &t,
-        pd,
-        Key::Local(all.rkey),
-        BASE + 128,
-        LocalRead,
-        Some(UnknownKey),
-    );
-    check(
-        &t,
-        pd,
-        Key::Local(all.lkey),
-        BASE + 128,
-        RemoteRead,
-        Some(WrongKeyKind),
-    );
-    check(
-        &t,
-        pd,
-        Key::Remote(all.rkey),
-        BASE + 128,
-        LocalWrite,
-        Some(WrongKeyKind),
-    );
-    // A region's own range, not its neighbour's, even on the same page.
-    check(
-        &t,
-        pd,
-        Key::Local(read_only.lkey),
-        BASE + 64,
-        LocalRead,
-        Some(OutOfRange),
-    );
+    #[rustfmt::skip]
+    let cases = [
+        (pd, Key::Local(read_only.lkey), BASE, LocalRead, None),
+        (pd, Key::Local(read_only.lkey), BASE, LocalWrite, Some(AccessDenied)),
+        (pd, Key::Remote(read_only.rkey), BASE, RemoteRead, Some(AccessDenied)),
+        (pd, Key::Remote(remote_read.rkey), BASE + 64, RemoteRead, None),
+        (pd, Key::Remote(remote_read.rkey), BASE + 64, RemoteWrite, Some(AccessDenied)),
+        (pd, Key::Remote(remote_read.rkey), BASE + 64, RemoteAtomic, Some(AccessDenied)),
+        (pd, Key::Remote(all.rkey), BASE + 128, RemoteAtomic, None),
+        (pd, Key::Local(all.lkey), BASE + 128, LocalWrite, None),
+        // Another protection domain, a local key used remotely and the other way round.
+        (other_pd, Key::Local(all.lkey), BASE + 128, LocalRead, Some(WrongPd)),
+        (other_pd, Key::Remote(all.rkey), BASE + 128, RemoteRead, Some(WrongPd)),
+        (pd, Key::Remote(all.lkey), BASE + 128, RemoteRead, Some(UnknownKey)),
+        (pd, Key::Local(all.rkey), BASE + 128, LocalRead, Some(UnknownKey)),
+        (pd, Key::Local(all.lkey), BASE + 128, RemoteRead, Some(WrongKeyKind)),
+        (pd, Key::Remote(all.rkey), BASE + 128, LocalWrite, Some(WrongKeyKind)),
+        // A region's own range, not its neighbour's, even on the same page.
+        (pd, Key::Local(read_only.lkey), BASE + 64, LocalRead, Some(OutOfRange)),
+    ];
+    for (pd, key, addr, need, failure) in cases {
+        check(&t, pd, key, addr, need, failure);
+    }
     // After deregistration the keys name nothing.
     t.dereg_mr(all.mr).unwrap();
-    check(
-        &t,
-        pd,
-        Key::Local(all.lkey),
-        BASE + 128,
-        LocalRead,
-        Some(UnknownKey),
-    );
-    check(
-        &t,
-        pd,
-        Key::Remote(all.rkey),
-        BASE + 128,
-        RemoteRead,
-        Some(UnknownKey),
-    );
+    #[rustfmt::skip]
+    let cases = [
+        (pd, Key::Local(all.lkey), BASE + 128, LocalRead, Some(UnknownKey)),
+        (pd, Key::Remote(all.rkey), BASE + 128, RemoteRead, Some(UnknownKey)),
+    ];
+    for (pd, key, addr, need, failure) in cases {
+        check(&t, pd, key, addr, need, failure);
+    }
 }
 
 #[test]
@@ -676,14 +579,6 @@ fn registered_bytes_are_bounded() {
     let pd = t.alloc_pd().unwrap();
     t.mapped_bytes = limits::MAX_MAPPED_BYTES - PAGE_SIZE;
     reg(&mut t, pd, BASE, 10, 0);
-    let e = t
-        .reg_mr(&RegMr {
-            pd: pd.0,
-            access: 0,
-            addr: BASE,
-            length: 10,
-            iova: BASE,
-        })
-        .unwrap_err();
+    let e = t.reg_mr(&region(pd, BASE, 10, 0)).unwrap_err();
     assert!(matches!(e, VerbsError::Limit(_)));
 }

@@ -61,11 +61,7 @@ impl Engine {
         attachment: AttachmentId,
         handle: u32,
     ) -> Result<CqId, VerbsError> {
-        self.contexts
-            .get(&attachment)
-            .and_then(|c| c.cqs.get(&handle))
-            .copied()
-            .ok_or(VerbsError::NoSuchObject("completion queue", handle))
+        self.index_of(attachment, handle, "completion queue", |c| &c.cqs)
     }
 
     pub(super) fn create_channel(

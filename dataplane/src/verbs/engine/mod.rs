@@ -53,16 +53,16 @@ pub use park::ParkPlan;
 pub(super) use park::{ack_timeout, rnr_timer, CQ_FULL_RETRY};
 pub(super) use qp::{Pending, Route, Wait};
 
-use super::ids::{AttachmentId, CqId, QpId, SrqId, TenantId};
+use super::ids::{AttachmentId, CqId, PdId, QpId, SrqId, TenantId};
 use super::{KeyGen, NumberMap, VerbsError, VerbsTable};
 use cq::{CompChannel, Cq};
+use freeflow_proto::codec;
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
 use freeflow_proto::verbs::qp::{CreateQp, ModifyQp, QpState};
 use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq};
 use freeflow_proto::verbs::{
-    op, Body, CreateCq, DecodeError, MemoryFileMsg, ObjectHandle, QueueFileKind, QueueFileMsg,
-    ResizeCq,
+    Body, CreateCq, MemoryFileMsg, ObjectHandle, QueueFileKind, QueueFileMsg, ResizeCq, VerbsOp,
 };
 use freeflow_proto::RingError;
 use objects::Objects;
@@ -85,6 +85,14 @@ pub(super) struct Context {
     qps: NumberMap<u32, QpId>,
     srqs: NumberMap<u32, SrqId>,
     next_handle: u32,
+}
+
+/// Who a request comes from: an attachment, and its attach connection (where the files of the
+/// queues it creates go).
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    attachment: AttachmentId,
+    conn: BorrowedFd<'a>,
 }
 
 /// What a context held when it closed (for the detach log line).
@@ -146,11 +154,11 @@ impl Engine {
     }
 
     /// A verbs attachment arrived: it gets an empty context.
-    pub fn open(&mut self, attachment: u32, container: ContainerEntry) {
+    pub fn open(&mut self, attachment: AttachmentId, container: ContainerEntry) {
         let next = TenantId(self.tenants.len() as u32);
         let tenant = *self.tenants.entry(container.tenant.clone()).or_insert(next);
         self.contexts.insert(
-            AttachmentId(attachment),
+            attachment,
             Context {
                 container,
                 tenant,
@@ -166,8 +174,8 @@ impl Engine {
 
     /// An attachment went: everything of its context goes (peers connected to its QPs see
     /// their destination gone, as if the remote host had died).
-    pub fn close(&mut self, attachment: u32) -> Option<Held> {
-        let ctx = self.contexts.remove(&AttachmentId(attachment))?;
+    pub fn close(&mut self, attachment: AttachmentId) -> Option<Held> {
+        let ctx = self.contexts.remove(&attachment)?;
         let held = Held {
             pds: ctx.table.pd_count(),
             mrs: ctx.table.mr_count(),
@@ -189,29 +197,24 @@ impl Engine {
         Some(held)
     }
 
-    pub fn has_memory_file(&self, attachment: u32) -> bool {
+    pub fn has_memory_file(&self, attachment: AttachmentId) -> bool {
         self.contexts
-            .get(&AttachmentId(attachment))
+            .get(&attachment)
             .is_some_and(|c| c.table.has_memory_file())
     }
 
     pub fn adopt_memory_file(
         &mut self,
-        attachment: u32,
+        attachment: AttachmentId,
         msg: MemoryFileMsg,
         fd: OwnedFd,
     ) -> Result<(), VerbsError> {
-        self.context(AttachmentId(attachment))?
-            .table
-            .adopt_memory_file(msg, fd)
+        self.context(attachment)?.table.adopt_memory_file(msg, fd)
     }
 
     /// Attachments whose rings broke since the last call (the shard detaches them).
-    pub fn take_broken(&mut self) -> Vec<(u32, String)> {
+    pub fn take_broken(&mut self) -> Vec<(AttachmentId, String)> {
         std::mem::take(&mut self.broken)
-            .into_iter()
-            .map(|(owner, why)| (owner.0, why))
-            .collect()
     }
 
     pub(super) fn break_owner(&mut self, owner: AttachmentId, e: RingError) {
@@ -221,17 +224,26 @@ impl Engine {
         }
     }
 
+    /// Marks the QP at `index` broken, a ring of it corrupt (`e`), and its owner to be
+    /// detached.
+    pub(in crate::verbs) fn break_qp(&mut self, index: QpId, e: RingError) {
+        let qp = self.qps.get_mut(index).expect("caller checked");
+        qp.broken = true;
+        let owner = qp.owner;
+        self.break_owner(owner, e);
+    }
+
     /// Serves one verbs request of `attachment`, whose attach connection is `conn` (queue files
     /// go there). Writes the reply body into `reply`; returns its status and length.
     pub fn serve(
         &mut self,
-        attachment: u32,
+        attachment: AttachmentId,
         conn: BorrowedFd<'_>,
         opcode: u16,
         body: &[u8],
         reply: &mut [u8],
     ) -> (u16, usize) {
-        match self.serve_inner(AttachmentId(attachment), conn, opcode, body, reply) {
+        match self.serve_inner(Caller { attachment, conn }, opcode, body, reply) {
             Ok(len) => (freeflow_proto::msg::status::OK, len),
             Err(e) => (e.status(), 0),
         }
@@ -239,87 +251,54 @@ impl Engine {
 
     fn serve_inner(
         &mut self,
-        attachment: AttachmentId,
-        conn: BorrowedFd<'_>,
+        caller: Caller<'_>,
         opcode: u16,
         body: &[u8],
         reply: &mut [u8],
     ) -> Result<usize, VerbsError> {
+        let Caller { attachment, conn } = caller;
         self.context(attachment)?;
-        match opcode {
-            op::CREATE_COMP_CHANNEL => {
-                if !body.is_empty() {
-                    return Err(DecodeError::Length {
-                        what: "CreateCompChannel",
-                        got: body.len(),
-                        expected: 0,
-                    }
-                    .into());
-                }
+        let op = VerbsOp::try_from(opcode).map_err(|_| VerbsError::UnknownOp(opcode))?;
+        let handle = || ObjectHandle::decode(body).map(|r| r.handle);
+        match op {
+            VerbsOp::CreateCompChannel => {
+                codec::exact("CreateCompChannel", body, 0)?;
                 let handle = self.create_channel(attachment, conn)?;
                 Ok(ObjectHandle { handle }.encode(reply))
             }
-            op::DESTROY_COMP_CHANNEL => {
-                let r = ObjectHandle::decode(body)?;
-                self.destroy_channel(attachment, r.handle)?;
-                Ok(0)
-            }
-            op::CREATE_CQ => {
+            VerbsOp::DestroyCompChannel => self.destroy_channel(attachment, handle()?).map(|()| 0),
+            VerbsOp::CreateCq => {
                 let r = CreateCq::decode(body)?;
                 Ok(self.create_cq(attachment, conn, &r)?.encode(reply))
             }
-            op::DESTROY_CQ => {
-                let r = ObjectHandle::decode(body)?;
-                self.destroy_cq(attachment, r.handle)?;
-                Ok(0)
-            }
-            op::RESIZE_CQ => {
+            VerbsOp::DestroyCq => self.destroy_cq(attachment, handle()?).map(|()| 0),
+            VerbsOp::ResizeCq => {
                 let r = ResizeCq::decode(body)?;
                 Ok(self.resize_cq(attachment, conn, &r)?.encode(reply))
             }
-            op::CREATE_QP => {
+            VerbsOp::CreateQp => {
                 let r = CreateQp::decode(body)?;
                 Ok(self.create_qp(attachment, conn, &r)?.encode(reply))
             }
-            op::MODIFY_QP => {
-                let r = ModifyQp::decode(body)?;
-                let state = self.modify_qp(attachment, &r)?;
+            VerbsOp::ModifyQp => {
+                let state = self.modify_qp(attachment, &ModifyQp::decode(body)?)?;
                 Ok(ObjectHandle {
                     handle: state as u32,
                 }
                 .encode(reply))
             }
-            op::QUERY_QP => {
-                let r = ObjectHandle::decode(body)?;
-                Ok(self.query_qp(attachment, r.handle)?.encode(reply))
-            }
-            op::DESTROY_QP => {
-                let r = ObjectHandle::decode(body)?;
-                self.destroy_qp(attachment, r.handle)?;
-                Ok(0)
-            }
-            op::CREATE_SRQ => {
+            VerbsOp::QueryQp => Ok(self.query_qp(attachment, handle()?)?.encode(reply)),
+            VerbsOp::DestroyQp => self.destroy_qp(attachment, handle()?).map(|()| 0),
+            VerbsOp::CreateSrq => {
                 let r = CreateSrq::decode(body)?;
                 Ok(self.create_srq(attachment, conn, &r)?.encode(reply))
             }
-            op::MODIFY_SRQ => {
-                let r = ModifySrq::decode(body)?;
-                self.modify_srq(attachment, &r)?;
-                Ok(0)
-            }
-            op::QUERY_SRQ => {
-                let r = ObjectHandle::decode(body)?;
-                Ok(self.query_srq(attachment, r.handle)?.encode(reply))
-            }
-            op::DESTROY_SRQ => {
-                let r = ObjectHandle::decode(body)?;
-                self.destroy_srq(attachment, r.handle)?;
-                Ok(0)
-            }
-            _ => self
-                .context(attachment)?
-                .table
-                .serve_inner(opcode, body, reply),
+            VerbsOp::ModifySrq => self
+                .modify_srq(attachment, &ModifySrq::decode(body)?)
+                .map(|()| 0),
+            VerbsOp::QuerySrq => Ok(self.query_srq(attachment, handle()?)?.encode(reply)),
+            VerbsOp::DestroySrq => self.destroy_srq(attachment, handle()?).map(|()| 0),
+            _ => self.context(attachment)?.table.serve_inner(op, body, reply),
         }
     }
 
@@ -327,6 +306,33 @@ impl Engine {
         self.contexts
             .get_mut(&attachment)
             .ok_or(VerbsError::NoSuchObject("context", attachment.0))
+    }
+
+    /// The engine's index of the object `handle` (a `what`) of `attachment`, looked up in the
+    /// context's table `table`.
+    fn index_of<K: Copy>(
+        &self,
+        attachment: AttachmentId,
+        handle: u32,
+        what: &'static str,
+        table: fn(&Context) -> &NumberMap<u32, K>,
+    ) -> Result<K, VerbsError> {
+        self.contexts
+            .get(&attachment)
+            .and_then(|c| table(c).get(&handle))
+            .copied()
+            .ok_or(VerbsError::NoSuchObject(what, handle))
+    }
+
+    /// Runs `make` (which creates an object in protection domain `pd` of `ctx`) with the PD
+    /// held; the hold is released if `make` fails.
+    fn holding_pd<T>(
+        ctx: &mut Context,
+        pd: PdId,
+        make: impl FnOnce(&mut Context) -> Result<T, VerbsError>,
+    ) -> Result<T, VerbsError> {
+        ctx.table.hold_pd(pd)?;
+        make(ctx).inspect_err(|_| ctx.table.release_pd(pd))
     }
 
     /// A handle not in use by any channel, CQ, QP or SRQ of the context (never 0).

@@ -16,7 +16,7 @@ use freeflow_proto::verbs::qp::{
     MTU_MAX, MTU_MIN, QPT_RC,
 };
 use freeflow_proto::verbs::work::{RecvWqe, SendWqe, MAX_SGE};
-use freeflow_proto::verbs::{access, limits, QueueFileKind, RECV_RING, SEND_RING};
+use freeflow_proto::verbs::{limits, AccessFlags, QueueFileKind, RECV_RING, SEND_RING};
 use freeflow_proto::{Consumer, RingError, RingGeometry};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -26,6 +26,11 @@ use std::time::Instant;
 const PORT: u8 = 1;
 
 /// `enum ibv_qp_attr_mask` bits whose attributes this device does not model.
+/// The access flags a QP may carry.
+const QP_ACCESS: AccessFlags = AccessFlags::LOCAL_WRITE
+    .union(AccessFlags::REMOTE_WRITE)
+    .union(AccessFlags::REMOTE_READ)
+    .union(AccessFlags::REMOTE_ATOMIC);
 const UNSUPPORTED_MASK: u32 = mask::ALT_PATH | mask::EN_SQD_ASYNC_NOTIFY | mask::RATE_LIMIT;
 
 /// Where a connected QP's destination is.
@@ -243,21 +248,13 @@ impl Engine {
             return Err(VerbsError::Limit("queue pairs"));
         }
         let queues = QpQueues::find(ctx, r)?;
-        let pd = PdId(r.pd);
-        ctx.table.hold_pd(pd)?;
         let layout = QpLayout::new(r.cap, queues.srq.is_some());
-        let made = layout.create_rings().and_then(|rings| {
+        let (handle, rings) = Self::holding_pd(ctx, PdId(r.pd), |ctx| {
+            let rings = layout.create_rings()?;
             let handle = Self::new_handle(ctx);
             Self::pass_file(conn, QueueFileKind::Qp, handle, rings.memfd.as_fd())?;
             Ok((handle, rings))
-        });
-        let (handle, rings) = match made {
-            Ok(made) => made,
-            Err(e) => {
-                ctx.table.release_pd(pd);
-                return Err(e);
-            }
-        };
+        })?;
         let index = self.insert_qp(attachment, qpn, r, queues, &layout, rings);
         let ctx = self.contexts.get_mut(&attachment).expect("checked");
         ctx.qps.insert(handle, index);
@@ -318,11 +315,7 @@ impl Engine {
     }
 
     fn qp_index(&self, attachment: AttachmentId, handle: u32) -> Result<QpId, VerbsError> {
-        self.contexts
-            .get(&attachment)
-            .and_then(|c| c.qps.get(&handle))
-            .copied()
-            .ok_or(VerbsError::NoSuchObject("queue pair", handle))
+        self.index_of(attachment, handle, "queue pair", |c| &c.qps)
     }
 
     /// Checks the values of the attributes `attr_mask` names, as the kernel and a device check
@@ -336,12 +329,7 @@ impl Engine {
         }
         let has = |bit| attr_mask & bit != 0;
         if has(mask::ACCESS_FLAGS)
-            && a.qp_access_flags
-                & !(access::LOCAL_WRITE
-                    | access::REMOTE_WRITE
-                    | access::REMOTE_READ
-                    | access::REMOTE_ATOMIC)
-                != 0
+            && !QP_ACCESS.contains(AccessFlags::from_bits_retain(a.qp_access_flags))
         {
             return bad("unknown QP access flags");
         }

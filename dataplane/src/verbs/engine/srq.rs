@@ -7,7 +7,7 @@ use super::{ring_slots, slot_size, Engine};
 use crate::verbs::ids::{AttachmentId, PdId, SrqId};
 use crate::verbs::VerbsError;
 use freeflow_proto::region::SharedRegion;
-use freeflow_proto::verbs::srq::{self, CreateSrq, ModifySrq, SrqAttr, SrqCreated};
+use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq, SrqAttr, SrqAttrMask, SrqCreated};
 use freeflow_proto::verbs::work::{RecvWqe, MAX_SGE};
 use freeflow_proto::verbs::{limits, QueueFileKind};
 use freeflow_proto::{Consumer, RingGeometry};
@@ -30,11 +30,7 @@ pub(in crate::verbs) struct Srq {
 
 impl Engine {
     fn srq_index(&self, attachment: AttachmentId, handle: u32) -> Result<SrqId, VerbsError> {
-        self.contexts
-            .get(&attachment)
-            .and_then(|c| c.srqs.get(&handle))
-            .copied()
-            .ok_or(VerbsError::NoSuchObject("shared receive queue", handle))
+        self.index_of(attachment, handle, "shared receive queue", |c| &c.srqs)
     }
 
     /// `ibv_create_srq`: a ring of at least `max_wr` receive slots of `max_sge` entries in the
@@ -56,29 +52,18 @@ impl Engine {
             return Err(VerbsError::Limit("shared receive queues"));
         }
         let pd = PdId(r.pd);
-        ctx.table.hold_pd(pd)?;
         let slot = slot_size(RecvWqe::slot_bytes(r.max_sge.max(1)));
         let geometry = RingGeometry {
             slot_size: slot,
             slot_count: ring_slots(r.max_wr),
         };
-        let made = (|| {
+        let (handle, region, ring) = Self::holding_pd(ctx, pd, |ctx| {
             let (region, memfd) = SharedRegion::create("freeflow-srq", &[geometry])?;
             let ring = Consumer::new(region.ring(0)?);
-            Ok::<_, VerbsError>((region, memfd, ring))
-        })();
-        let (region, memfd, ring) = match made {
-            Ok(parts) => parts,
-            Err(e) => {
-                ctx.table.release_pd(pd);
-                return Err(e);
-            }
-        };
-        let handle = Self::new_handle(ctx);
-        if let Err(e) = Self::pass_file(conn, QueueFileKind::Srq, handle, memfd.as_fd()) {
-            ctx.table.release_pd(pd);
-            return Err(e);
-        }
+            let handle = Self::new_handle(ctx);
+            Self::pass_file(conn, QueueFileKind::Srq, handle, memfd.as_fd())?;
+            Ok((handle, region, ring))
+        })?;
         let attr = SrqAttr {
             max_wr: geometry.slot_count,
             max_sge: ((slot as usize - RecvWqe::slot_bytes(0)) / 16).min(MAX_SGE as usize) as u32,
@@ -109,13 +94,13 @@ impl Engine {
     ) -> Result<(), VerbsError> {
         let index = self.srq_index(attachment, r.srq)?;
         let attr = self.srqs.get(index).expect("tables agree").attr;
-        if r.attr_mask & !srq::mask::KNOWN != 0 {
+        let Some(mask) = SrqAttrMask::from_bits(r.attr_mask) else {
             return Err(VerbsError::Invalid("unknown SRQ attribute mask bits"));
-        }
-        if r.attr_mask & srq::mask::MAX_WR != 0 {
+        };
+        if mask.contains(SrqAttrMask::MAX_WR) {
             return Err(VerbsError::Invalid("the device cannot resize an SRQ"));
         }
-        if r.attr_mask & srq::mask::LIMIT != 0 {
+        if mask.contains(SrqAttrMask::LIMIT) {
             if r.srq_limit > attr.max_wr {
                 return Err(VerbsError::Invalid("SRQ limit beyond max_wr"));
             }

@@ -13,8 +13,8 @@ use freeflow_proto::verbs::work::{
     send_flags, wc_opcode, wr_opcode, Cqe, RecvWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
 };
 use freeflow_proto::verbs::{
-    wc_status, CqCreated, CreateCq, ObjectHandle, PdCreated, QueueFileKind, QueueFileMsg,
-    REQUIRED_SEALS,
+    access, op, wc_status, CqCreated, CreateCq, ObjectHandle, PdCreated, QueueFileKind,
+    QueueFileMsg, REQUIRED_SEALS,
 };
 use freeflow_proto::{Consumer, Producer};
 use std::os::fd::{AsFd, OwnedFd};
@@ -25,9 +25,25 @@ const BACKED: u64 = 4 * PAGE_SIZE;
 const ALL: u32 =
     access::LOCAL_WRITE | access::REMOTE_WRITE | access::REMOTE_READ | access::REMOTE_ATOMIC;
 
+/// The attributes rc_pingpong gives for each transition: to INIT, RTR and RTS.
+const INIT_MASK: u32 = mask::STATE | mask::PKEY_INDEX | mask::PORT | mask::ACCESS_FLAGS;
+const RTR_MASK: u32 = mask::STATE
+    | mask::AV
+    | mask::PATH_MTU
+    | mask::DEST_QPN
+    | mask::RQ_PSN
+    | mask::MAX_DEST_RD_ATOMIC
+    | mask::MIN_RNR_TIMER;
+const RTS_MASK: u32 = mask::STATE
+    | mask::TIMEOUT
+    | mask::RETRY_CNT
+    | mask::RNR_RETRY
+    | mask::SQ_PSN
+    | mask::MAX_QP_RD_ATOMIC;
+
 /// One context as its shim sees it.
 struct Side {
-    id: u32,
+    id: AttachmentId,
     ip: [u8; 4],
     conn: OwnedFd,
     /// The shim's end of the attach connection.
@@ -44,13 +60,24 @@ struct Side {
     _regions: Vec<SharedRegion>,
 }
 
-fn call(engine: &mut Engine, id: u32, conn: &OwnedFd, op: u16, body: &[u8]) -> (u16, Vec<u8>) {
+fn call(
+    engine: &mut Engine,
+    id: AttachmentId,
+    conn: &OwnedFd,
+    op: u16,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let mut reply = [0u8; MAX_REPLY_BODY];
     let (status, len) = engine.serve(id, conn.as_fd(), op, body, &mut reply);
     (status, reply[..len].to_vec())
 }
 
-fn ok<T: Body>(engine: &mut Engine, id: u32, conn: &OwnedFd, op: u16, body: &[u8]) -> T {
+/// The status of one request of `side`.
+fn status_of(engine: &mut Engine, side: &Side, op: u16, body: &[u8]) -> u16 {
+    call(engine, side.id, &side.conn, op, body).0
+}
+
+fn ok<T: Body>(engine: &mut Engine, id: AttachmentId, conn: &OwnedFd, op: u16, body: &[u8]) -> T {
     let (status, reply) = call(engine, id, conn, op, body);
     assert_eq!(status, status::OK, "opcode {op:#x}");
     T::decode(&reply).unwrap()
@@ -73,16 +100,17 @@ fn gid(ip: [u8; 4]) -> [u8; 16] {
     g
 }
 
-fn side(engine: &mut Engine, id: u32, ip: [u8; 4], tenant: &str, cqe: u32) -> Side {
+fn side(engine: &mut Engine, number: u32, ip: [u8; 4], tenant: &str, cqe: u32) -> Side {
+    let id = AttachmentId(number);
     engine.open(
         id,
         ContainerEntry {
-            name: format!("c{id}"),
+            name: format!("c{number}"),
             tenant: tenant.into(),
             ip: ip.into(),
             netns: NetnsId {
                 dev: 0,
-                ino: id as u64,
+                ino: u64::from(number),
             },
         },
     );
@@ -179,7 +207,7 @@ fn modify(engine: &mut Engine, s: &Side, attr_mask: u32, attr: QpAttr) -> u16 {
         attr,
     }
     .to_vec();
-    call(engine, s.id, &s.conn, op::MODIFY_QP, &body).0
+    status_of(engine, s, op::MODIFY_QP, &body)
 }
 
 /// RESET → INIT → RTR (to `peer_ip`/`peer_qpn`) → RTS, as rc_pingpong does it.
@@ -190,8 +218,6 @@ fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_r
         qp_access_flags: ALL,
         ..QpAttr::default()
     };
-    let m = mask::STATE | mask::PKEY_INDEX | mask::PORT | mask::ACCESS_FLAGS;
-    assert_eq!(modify(engine, s, m, init), status::OK);
     let rtr = QpAttr {
         qp_state: QpState::Rtr as u8,
         path_mtu: 3,
@@ -203,14 +229,6 @@ fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_r
         dgid: gid(peer_ip),
         ..QpAttr::default()
     };
-    let m = mask::STATE
-        | mask::AV
-        | mask::PATH_MTU
-        | mask::DEST_QPN
-        | mask::RQ_PSN
-        | mask::MAX_DEST_RD_ATOMIC
-        | mask::MIN_RNR_TIMER;
-    assert_eq!(modify(engine, s, m, rtr), status::OK);
     let rts = QpAttr {
         qp_state: QpState::Rts as u8,
         timeout: 1,
@@ -218,13 +236,9 @@ fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_r
         rnr_retry,
         ..QpAttr::default()
     };
-    let m = mask::STATE
-        | mask::TIMEOUT
-        | mask::RETRY_CNT
-        | mask::RNR_RETRY
-        | mask::SQ_PSN
-        | mask::MAX_QP_RD_ATOMIC;
-    assert_eq!(modify(engine, s, m, rts), status::OK);
+    for (m, attr) in [(INIT_MASK, init), (RTR_MASK, rtr), (RTS_MASK, rts)] {
+        assert_eq!(modify(engine, s, m, attr), status::OK);
+    }
 }
 
 fn post_send(s: &mut Side, wr_id: u64, opcode: u8, sges: &[Sge], raddr: u64, rkey: u32) {
@@ -254,6 +268,14 @@ fn post_recv(s: &mut Side, wr_id: u64, sge: Sge) {
     let _ = s.rq.publish();
 }
 
+/// The new completions of `s`, each as (wr_id, status, qp_num).
+fn outcomes(s: &mut Side) -> Vec<(u64, u32, u32)> {
+    completions(s)
+        .iter()
+        .map(|c| (c.wr_id, c.status, c.qp_num))
+        .collect()
+}
+
 fn completions(s: &mut Side) -> Vec<Cqe> {
     let mut out = Vec::new();
     let mut slot = [0u8; 64];
@@ -273,8 +295,13 @@ fn sge(lkey: u32, offset: u64, length: u32) -> Sge {
 }
 
 fn pair(engine: &mut Engine) -> (Side, Side) {
-    let a = side(engine, 1, [10, 32, 0, 2], "blue", 64);
-    let b = side(engine, 2, [10, 32, 0, 3], "blue", 64);
+    pair_with_cqs_of(engine, 64)
+}
+
+/// Two containers of one tenant, their QPs connected to each other, each CQ of `cqe` entries.
+fn pair_with_cqs_of(engine: &mut Engine, cqe: u32) -> (Side, Side) {
+    let a = side(engine, 1, [10, 32, 0, 2], "blue", cqe);
+    let b = side(engine, 2, [10, 32, 0, 3], "blue", cqe);
     connect(engine, &a, b.ip, b.qpn, 7);
     connect(engine, &b, a.ip, a.qpn, 7);
     (a, b)
@@ -421,7 +448,7 @@ fn modify_checks_masks_and_destinations() {
         modify(&mut engine, &a, mask::STATE | mask::PORT, init),
         VerbsStatus::Invalid as u16
     );
-    let full = mask::STATE | mask::PKEY_INDEX | mask::PORT | mask::ACCESS_FLAGS;
+    let full = INIT_MASK;
     assert_eq!(
         modify(&mut engine, &a, full | mask::QKEY, init),
         VerbsStatus::Invalid as u16
@@ -444,13 +471,7 @@ fn modify_checks_masks_and_destinations() {
         dest_qp_num: 5,
         ..QpAttr::default()
     };
-    let m = mask::STATE
-        | mask::AV
-        | mask::PATH_MTU
-        | mask::DEST_QPN
-        | mask::RQ_PSN
-        | mask::MAX_DEST_RD_ATOMIC
-        | mask::MIN_RNR_TIMER;
+    let m = RTR_MASK;
     for ip in [[10, 32, 0, 9], [10, 32, 7, 7]] {
         assert_eq!(
             modify(&mut engine, &a, m, rtr(ip)),
@@ -462,7 +483,7 @@ fn modify_checks_masks_and_destinations() {
     // QP (still in RESET), never a's (now in RTR); a number it does not have is EINVAL.
     let (st, reply) = call(
         &mut engine,
-        2,
+        AttachmentId(2),
         &a.conn,
         op::QUERY_QP,
         &ObjectHandle { handle: a.qp }.to_vec(),
@@ -472,7 +493,7 @@ fn modify_checks_masks_and_destinations() {
     assert_eq!(q.attr.qp_state, QpState::Reset as u8);
     let (st, _) = call(
         &mut engine,
-        2,
+        AttachmentId(2),
         &a.conn,
         op::QUERY_QP,
         &ObjectHandle { handle: a.qp + 1 }.to_vec(),
@@ -483,10 +504,7 @@ fn modify_checks_masks_and_destinations() {
 #[test]
 fn a_full_cq_holds_the_queue_back_without_losing_completions() {
     let mut engine = Engine::new(false);
-    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
-    let mut b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
-    connect(&mut engine, &a, b.ip, b.qpn, 7);
-    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    let (mut a, mut b) = pair_with_cqs_of(&mut engine, 16);
     let ak = a.mr.lkey;
     for i in 0..40 {
         post_send(
@@ -514,31 +532,47 @@ fn a_full_cq_holds_the_queue_back_without_losing_completions() {
 fn a_corrupt_ring_breaks_only_its_owner() {
     let mut engine = Engine::new(false);
     let (a, mut b) = pair(&mut engine);
-    let bk = b.mr.lkey;
-    let tail = &a.sq.memory().control().tail.0;
+    corrupt_tail(&a.sq);
+    engine.poll();
+    let broken = take_only_broken(&mut engine, a.id);
+    assert!(
+        broken[0].1.contains("ring index out of bounds"),
+        "{broken:?}"
+    );
+    // b is unharmed: a QP of its own, connected to itself, still works.
+    self_loop_works(&mut engine, &mut b);
+    let _ = (&a.shim, &b.cq, &b.pd);
+}
+
+/// Moves a ring's tail a million slots on (the shim's side breaking the ring protocol).
+fn corrupt_tail(ring: &Producer) {
+    let tail = &ring.memory().control().tail.0;
     tail.store(
         tail.load(std::sync::atomic::Ordering::Relaxed)
             .wrapping_add(1_000_000),
         std::sync::atomic::Ordering::Release,
     );
-    engine.poll();
+}
+
+/// The engine's broken attachments, which must be `id` alone; closes it.
+fn take_only_broken(engine: &mut Engine, id: AttachmentId) -> Vec<(AttachmentId, String)> {
     let broken = engine.take_broken();
     assert_eq!(broken.len(), 1, "{broken:?}");
-    assert_eq!(broken[0].0, a.id);
-    assert!(
-        broken[0].1.contains("ring index out of bounds"),
-        "{broken:?}"
-    );
-    engine.close(a.id);
-    // b is unharmed: a QP of its own, connected to itself, still works.
-    connect_again_self(&mut engine, &b);
-    post_recv(&mut b, 1, sge(bk, 0, 8));
-    post_send(&mut b, 2, wr_opcode::SEND, &[sge(bk, 8, 8)], 0, 0);
+    assert_eq!(broken[0].0, id);
+    engine.close(id);
+    broken
+}
+
+/// `s`'s QP, connected to itself again, receives what it sends.
+fn self_loop_works(engine: &mut Engine, s: &mut Side) {
+    let k = s.mr.lkey;
+    connect_again_self(engine, s);
+    post_recv(s, 1, sge(k, 0, 8));
+    post_send(s, 2, wr_opcode::SEND, &[sge(k, 8, 8)], 0, 0);
     engine.poll();
-    let cb = completions(&mut b);
+    let cb = completions(s);
     assert_eq!(cb.len(), 2, "{cb:?}");
     assert!(cb.iter().all(|c| c.status == 0));
-    let _ = (&a.shim, &b.cq, &b.pd);
 }
 
 fn connect_again_self(engine: &mut Engine, s: &Side) {
@@ -585,10 +619,7 @@ fn write_ids(s: &mut Side, peer: &Side, ids: std::ops::Range<u64>) {
 #[test]
 fn resizing_a_cq_keeps_its_pending_completions_in_order() {
     let mut engine = Engine::new(false);
-    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
-    let b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
-    connect(&mut engine, &a, b.ip, b.qpn, 7);
-    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    let (mut a, b) = pair_with_cqs_of(&mut engine, 16);
     write_ids(&mut a, &b, 0..10);
     engine.poll();
     // Two polled, eight pending.
@@ -644,10 +675,7 @@ fn resizing_a_cq_keeps_its_pending_completions_in_order() {
 #[test]
 fn no_completion_is_lost_when_a_full_cq_is_resized_meanwhile() {
     let mut engine = Engine::new(false);
-    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
-    let b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
-    connect(&mut engine, &a, b.ip, b.qpn, 7);
-    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    let (mut a, b) = pair_with_cqs_of(&mut engine, 16);
     // 60 writes into a 16-entry CQ: the QP waits for room; resizes in between, some up, some
     // down, with completions pending each time.
     write_ids(&mut a, &b, 0..60);
@@ -685,10 +713,7 @@ fn no_completion_is_lost_when_a_full_cq_is_resized_meanwhile() {
 #[test]
 fn a_request_for_notification_survives_a_resize() {
     let mut engine = Engine::new(false);
-    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
-    let b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
-    connect(&mut engine, &a, b.ip, b.qpn, 7);
-    connect(&mut engine, &b, a.ip, a.qpn, 7);
+    let (mut a, b) = pair_with_cqs_of(&mut engine, 16);
     // Not armed: the new ring is not either.
     assert_eq!(resize(&mut engine, &mut a, 32), Ok(32));
     assert!(!a.cq_ring.is_parked());
@@ -929,10 +954,7 @@ fn a_qp_in_error_leaves_the_srq_to_the_others() {
     send(&mut t.b, 1, 0, 8);
     send(&mut t.b, 2, 0, 8);
     engine.poll();
-    let got: Vec<(u64, u32, u32)> = completions(&mut t.r)
-        .iter()
-        .map(|c| (c.wr_id, c.status, c.qp_num))
-        .collect();
+    let got = outcomes(&mut t.r);
     assert_eq!(got, vec![(20, 0, t.r2.1), (21, 0, t.r2.1)]);
     // A bad key in an SRQ receive: LOC_PROT_ERR for the QP that took it (which goes to ERR),
     // REM_OP_ERR at the sender.
@@ -940,10 +962,7 @@ fn a_qp_in_error_leaves_the_srq_to_the_others() {
     push_recv(&mut t.srq_ring, 23, sge(rk, 0, 64));
     send(&mut t.b, 3, 0, 8);
     engine.poll();
-    let got: Vec<(u64, u32, u32)> = completions(&mut t.r)
-        .iter()
-        .map(|c| (c.wr_id, c.status, c.qp_num))
-        .collect();
+    let got = outcomes(&mut t.r);
     assert_eq!(got, vec![(22, wc_status::LOC_PROT_ERR, t.r2.1)]);
     let cb: Vec<(u64, u32)> = completions(&mut t.b)
         .iter()
@@ -1013,10 +1032,7 @@ fn srq_verbs_check_handles_limits_and_users() {
         ),
         (m(1 << 5, 0, 0), VerbsStatus::Invalid as u16),
     ] {
-        assert_eq!(
-            call(&mut engine, r.id, &r.conn, op::MODIFY_SRQ, &body).0,
-            want
-        );
+        assert_eq!(status_of(&mut engine, r, op::MODIFY_SRQ, &body), want);
     }
     // Creation limits.
     for (max_wr, max_sge) in [
@@ -1032,14 +1048,14 @@ fn srq_verbs_check_handles_limits_and_users() {
         }
         .to_vec();
         assert_eq!(
-            call(&mut engine, r.id, &r.conn, op::CREATE_SRQ, &body).0,
+            status_of(&mut engine, r, op::CREATE_SRQ, &body),
             VerbsStatus::Invalid as u16
         );
     }
     // Another context's SRQ handle is nothing there: for a query, and for a QP.
     let a = &t.a;
     assert_eq!(
-        call(&mut engine, a.id, &a.conn, op::QUERY_SRQ, &h(t.srq)).0,
+        status_of(&mut engine, a, op::QUERY_SRQ, &h(t.srq)),
         VerbsStatus::BadHandle as u16
     );
     let body = CreateQp {
@@ -1052,38 +1068,27 @@ fn srq_verbs_check_handles_limits_and_users() {
     }
     .to_vec();
     assert_eq!(
-        call(&mut engine, a.id, &a.conn, op::CREATE_QP, &body).0,
+        status_of(&mut engine, a, op::CREATE_QP, &body),
         VerbsStatus::BadHandle as u16
     );
-    // Busy while QPs use it, and its PD while it exists.
+    // Busy while QPs use it, and its PD while it exists; in this order.
     let r = &t.r;
-    assert_eq!(
-        call(&mut engine, r.id, &r.conn, op::DESTROY_SRQ, &h(t.srq)).0,
-        VerbsStatus::Busy as u16
-    );
-    for qp in [t.r1.0, t.r2.0] {
+    let pd = DeallocPd { pd: r.pd }.to_vec();
+    for (opcode, body, want) in [
+        (op::DESTROY_SRQ, h(t.srq), VerbsStatus::Busy as u16),
+        (op::DESTROY_QP, h(t.r1.0), status::OK),
+        (op::DESTROY_QP, h(t.r2.0), status::OK),
+        (op::DESTROY_QP, h(r.qp), status::OK),
+        (op::DEALLOC_PD, pd, VerbsStatus::Busy as u16),
+        (op::DESTROY_SRQ, h(t.srq), status::OK),
+        (op::DESTROY_SRQ, h(t.srq), VerbsStatus::BadHandle as u16),
+    ] {
         assert_eq!(
-            call(&mut engine, r.id, &r.conn, op::DESTROY_QP, &h(qp)).0,
-            status::OK
+            status_of(&mut engine, r, opcode, &body),
+            want,
+            "opcode {opcode:#x}"
         );
     }
-    assert_eq!(
-        call(&mut engine, r.id, &r.conn, op::DESTROY_QP, &h(r.qp)).0,
-        status::OK
-    );
-    let pd = DeallocPd { pd: r.pd }.to_vec();
-    assert_eq!(
-        call(&mut engine, r.id, &r.conn, op::DEALLOC_PD, &pd).0,
-        VerbsStatus::Busy as u16
-    );
-    assert_eq!(
-        call(&mut engine, r.id, &r.conn, op::DESTROY_SRQ, &h(t.srq)).0,
-        status::OK
-    );
-    assert_eq!(
-        call(&mut engine, r.id, &r.conn, op::DESTROY_SRQ, &h(t.srq)).0,
-        VerbsStatus::BadHandle as u16
-    );
     let _ = &mut t.srq_ring;
 }
 
@@ -1091,26 +1096,11 @@ fn srq_verbs_check_handles_limits_and_users() {
 fn a_corrupt_srq_ring_breaks_only_its_owner() {
     let mut engine = Engine::new(false);
     let mut t = srq_site(&mut engine, 7);
-    let tail = &t.srq_ring.memory().control().tail.0;
-    tail.store(
-        tail.load(std::sync::atomic::Ordering::Relaxed)
-            .wrapping_add(1_000_000),
-        std::sync::atomic::Ordering::Release,
-    );
+    corrupt_tail(&t.srq_ring);
     send(&mut t.a, 1, 0, 8);
     engine.poll();
-    let broken = engine.take_broken();
-    assert_eq!(broken.len(), 1, "{broken:?}");
-    assert_eq!(broken[0].0, t.r.id);
-    engine.close(t.r.id);
+    take_only_broken(&mut engine, t.r.id);
     // a and b still work: b to itself.
     let _ = (&t.a, &t.srq);
-    connect_again_self(&mut engine, &t.b);
-    let bk = t.b.mr.lkey;
-    post_recv(&mut t.b, 1, sge(bk, 0, 8));
-    send(&mut t.b, 2, 8, 8);
-    engine.poll();
-    let cb = completions(&mut t.b);
-    assert_eq!(cb.len(), 2, "{cb:?}");
-    assert!(cb.iter().all(|c| c.status == 0));
+    self_loop_works(&mut engine, &mut t.b);
 }

@@ -80,9 +80,7 @@ impl Engine {
                     }
                     Ok(false) => return Flushed::Empty,
                     Err(e) => {
-                        qp.broken = true;
-                        let owner = qp.owner;
-                        self.break_owner(owner, e);
+                        self.break_qp(index, e);
                         return Flushed::Broken;
                     }
                 }
@@ -116,9 +114,7 @@ impl Engine {
                 Ok(true) => *popped = true,
                 Ok(false) => return Flushed::Empty,
                 Err(e) => {
-                    qp.broken = true;
-                    let owner = qp.owner;
-                    self.break_owner(owner, e);
+                    self.break_qp(index, e);
                     return Flushed::Broken;
                 }
             }

@@ -24,8 +24,8 @@ use super::engine::{ack_timeout, rnr_timer, Engine, Pending, Route, Wait, CQ_FUL
 use super::ids::{AttachmentId, CqId, PdId, QpId, SrqId};
 use super::send_op::{wc_opcode_of, SendOp};
 use freeflow_proto::verbs::qp::QpState;
-use freeflow_proto::verbs::wc_status;
 use freeflow_proto::verbs::work::{Cqe, RecvWqe, SendWqe, SendWqeHeader};
+use freeflow_proto::verbs::{wc_status, AccessFlags};
 use std::time::Instant;
 
 /// Send WQEs one QP may execute per pass before the engine moves on (fairness).
@@ -82,7 +82,7 @@ struct Peer {
     srq: Option<SrqId>,
     /// The protection domain the keys of its receives belong to (the SRQ's, with one).
     recv_pd: PdId,
-    access: u32,
+    access: AccessFlags,
     min_rnr_timer: u8,
 }
 
@@ -140,9 +140,7 @@ impl Engine {
             Ok(true) => {}
             Ok(false) => return Taken::Empty,
             Err(e) => {
-                qp.broken = true;
-                let owner = qp.owner;
-                self.break_owner(owner, e);
+                self.break_qp(index, e);
                 return Taken::Broken;
             }
         }
@@ -258,7 +256,7 @@ impl Engine {
             recv_cq: p.recv_cq,
             srq: p.srq,
             recv_pd,
-            access: p.attr.qp_access_flags,
+            access: AccessFlags::from_bits_retain(p.attr.qp_access_flags),
             min_rnr_timer: p.attr.min_rnr_timer,
         })
     }

@@ -10,7 +10,7 @@ use crate::verbs::ids::{AttachmentId, QpId};
 use crate::verbs::send_op::SendOp;
 use crate::verbs::{Key, MemView, Need, NumberMap, VerbsTable};
 use freeflow_proto::verbs::work::{send_flags, wc_flags, wc_opcode, Cqe, SendWqe, MAX_SGE};
-use freeflow_proto::verbs::{access, limits, wc_status};
+use freeflow_proto::verbs::{limits, wc_status, AccessFlags};
 
 /// One send WQE being carried out: what each operation needs, checked as far as the local
 /// side goes (its scatter/gather list resolved, its length within the limit).
@@ -232,7 +232,7 @@ impl Engine {
     /// the data is written).
     fn write(&mut self, t: &Transfer<'_, '_>, imm: Option<u32>) -> Result<Effects, NoReceive> {
         let peer = t.peer;
-        if peer.access & access::REMOTE_WRITE == 0 {
+        if !peer.access.contains(AccessFlags::REMOTE_WRITE) {
             return Ok(t.remote_fail(wc_status::REM_ACCESS_ERR));
         }
         let target = if t.total > 0 {
@@ -273,7 +273,7 @@ impl Engine {
 
 /// RDMA READ: the responder's memory into the requester's scatter list.
 fn read(t: &Transfer<'_, '_>) -> Effects {
-    if t.peer.access & access::REMOTE_READ == 0 {
+    if !t.peer.access.contains(AccessFlags::REMOTE_READ) {
         return t.remote_fail(wc_status::REM_ACCESS_ERR);
     }
     if t.total > 0 {
@@ -301,7 +301,7 @@ fn atomic(t: &Transfer<'_, '_>, op: SendOp) -> Effects {
     if !h.remote_addr.is_multiple_of(8) {
         return t.remote_fail(wc_status::REM_INV_REQ_ERR);
     }
-    if t.peer.access & access::REMOTE_ATOMIC == 0 {
+    if !t.peer.access.contains(AccessFlags::REMOTE_ATOMIC) {
         return t.remote_fail(wc_status::REM_ACCESS_ERR);
     }
     let Ok(word) = t.target(8, Need::RemoteAtomic) else {
