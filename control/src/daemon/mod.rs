@@ -11,10 +11,9 @@
 mod state;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
 use freeflow_proto::control::{
@@ -152,13 +151,7 @@ pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
 /// Opens and takes `DIR/daemon.lock`, which this process then holds for its whole life.
 fn lock_dir(dir: &RuntimeDir) -> Result<File, DaemonError> {
     let lock_path = dir.daemon_lock();
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(&lock_path)
+    let lock = os::open_lock_file(&lock_path, 0o644)
         .map_err(io_err(format!("cannot open {}", lock_path.display())))?;
     if !os::try_lock_exclusive(&lock)
         .map_err(io_err(format!("cannot lock {}", lock_path.display())))?
