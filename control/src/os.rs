@@ -1,17 +1,31 @@
-//! The operating-system calls of the control plane: `freeflow-os`'s, and the two that only the
-//! control plane needs (how the router's child process is prepared, and a lock taken without
-//! waiting that answers whether it was free). No unsafe code: the system calls are
-//! `freeflow-os`'s and std's.
+//! The operating-system calls of the control plane: `freeflow-os`'s, and the three that only the
+//! control plane needs (how the router's child process is prepared, how a lock file is opened,
+//! and a lock taken without waiting that answers whether it was free). No unsafe code: the
+//! system calls are `freeflow-os`'s and std's.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::RawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::process::Command;
 
 pub use freeflow_os::namespace::namespace_type;
 pub use freeflow_os::poll::poll_readable;
 pub use freeflow_os::process::{new_session_on_exec, process_exists};
 pub use freeflow_os::signals::{send_signal, SignalFd, TERMINATION_SIGNALS};
+
+/// Opens the lock file `path` for reading and writing, creating it with `mode` if it is
+/// missing and never truncating it (its contents, if any, belong to whoever wrote them).
+pub fn open_lock_file(path: &Path, mode: u32) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(mode)
+        .open(path)
+}
 
 /// Takes an exclusive flock without waiting: `Ok(true)` if we now hold it, `Ok(false)` if
 /// another open file description holds it.

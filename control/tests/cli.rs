@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use freeflow_control::supervise::os;
 use freeflow_proto::control::{self, ControlRequest, ControlResponse};
-use freeflow_testbed::{self as topology, Cluster, ClusterSpec};
+use freeflow_testbed::{self as topology, Cluster, ClusterSpec, ContainerInfo};
 use serde_json::Value;
 
 /// The `freeflow` binary under test.
@@ -216,16 +216,75 @@ fn wait_for<T>(limit: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-fn up_local(d: &Daemons) -> Ran {
-    succeed(freeflow(&[
+/// `freeflow up --dir DIR --host-ip HOST_IP --vnet-prefix VNET EXTRA...`.
+fn up_at(dir: &str, host_ip: &str, extra: &[&str]) -> Command {
+    let mut cmd = freeflow(&[
         "up",
         "--dir",
-        d.dir(),
+        dir,
         "--host-ip",
-        "127.0.0.1",
+        host_ip,
         "--vnet-prefix",
         VNET,
-    ]))
+    ]);
+    cmd.args(extra);
+    cmd
+}
+
+/// `freeflow up` inside `netns` (which finds its address in 192.168.1.0/24) with `registry`.
+fn up_in(netns: &str, dir: &str, registry: &str) -> Command {
+    freeflow_in(
+        netns,
+        &[
+            "up",
+            "--dir",
+            dir,
+            "--host-ip-prefix",
+            "192.168.1.0/24",
+            "--vnet-prefix",
+            VNET,
+            "--registry",
+            registry,
+        ],
+    )
+}
+
+/// `freeflow container add NAME --dir DIR --netns NETNS --ip IP`.
+fn container_add(dir: &str, name: &str, netns: &str, ip: &str) -> Command {
+    freeflow(&[
+        "container",
+        "add",
+        name,
+        "--dir",
+        dir,
+        "--netns",
+        netns,
+        "--ip",
+        ip,
+    ])
+}
+
+/// `freeflow container ls --dir DIR --json`, parsed.
+fn container_ls_json(d: &Daemons) -> Value {
+    let ls = succeed(freeflow(&["container", "ls", "--dir", d.dir(), "--json"]));
+    serde_json::from_str(&ls.stdout).unwrap()
+}
+
+/// A simulated cluster of `hosts` hosts with a fresh tag.
+fn cluster(hosts: usize) -> Cluster {
+    Cluster::create(ClusterSpec::new(topology::fresh_tag("cli"), hosts))
+        .expect("build the simulated cluster")
+}
+
+/// A container `name` on host `host` of `cluster` at `ip`/12.
+fn add_container(cluster: &mut Cluster, host: usize, name: &str, ip: &str) -> ContainerInfo {
+    cluster
+        .add_container(host, name, ip.parse().unwrap(), 12)
+        .expect("add a container")
+}
+
+fn up_local(d: &Daemons) -> Ran {
+    succeed(up_at(d.dir(), "127.0.0.1", &[]))
 }
 
 fn router_status(dir: &Path) -> Option<freeflow_proto::control::RouterStatus> {
@@ -242,30 +301,14 @@ fn router_status(dir: &Path) -> Option<freeflow_proto::control::RouterStatus> {
 #[test]
 fn lifecycle_registration_restart_and_down() {
     preflight();
-    let mut cluster = Cluster::create(ClusterSpec::new(topology::fresh_tag("cli"), 2))
-        .expect("build the simulated cluster");
-    let web = cluster
-        .add_container(0, "web", "10.32.0.5".parse().unwrap(), 12)
-        .expect("add a container");
+    let mut cluster = cluster(2);
+    let web = add_container(&mut cluster, 0, "web", "10.32.0.5");
     let h0 = cluster.host(0).unwrap().clone();
     let d = Daemons::new();
     let registry = format!("file:{}", d.path("shared-registry.json").display());
 
     // The daemon runs inside host 0's namespace and finds its address from the prefix.
-    let up = succeed(freeflow_in(
-        &h0.netns,
-        &[
-            "up",
-            "--dir",
-            d.dir(),
-            "--host-ip-prefix",
-            "192.168.1.0/24",
-            "--vnet-prefix",
-            VNET,
-            "--registry",
-            &registry,
-        ],
-    ));
+    let up = succeed(up_in(&h0.netns, d.dir(), &registry));
     assert!(up.stdout.contains("router pid"), "{up}");
     assert!(d.path("libfsocket.so").is_file(), "socket shim installed");
     assert!(
@@ -290,19 +333,9 @@ fn lifecycle_registration_restart_and_down() {
 
     // Registration reaches the running router without a restart.
     let netns = web.netns_path.to_str().unwrap();
-    let add = succeed(freeflow(&[
-        "container",
-        "add",
-        "web",
-        "--dir",
-        d.dir(),
-        "--netns",
-        netns,
-        "--ip",
-        "10.32.0.5",
-        "--tenant",
-        "t1",
-    ]));
+    let mut add = container_add(d.dir(), "web", netns, "10.32.0.5");
+    add.args(["--tenant", "t1"]);
+    let add = succeed(add);
     assert!(add.stdout.contains("the router serves it now"), "{add}");
     let st = wait_for(Duration::from_secs(2), "the router to register web", || {
         let (_, st) = status_json(&d);
@@ -310,8 +343,7 @@ fn lifecycle_registration_restart_and_down() {
     });
     assert_eq!(st["containers"][0]["name"], "web", "{st}");
     assert_eq!(st["daemon"]["restarts"], 0, "{st}");
-    let ls = succeed(freeflow(&["container", "ls", "--dir", d.dir(), "--json"]));
-    let ls: Value = serde_json::from_str(&ls.stdout).unwrap();
+    let ls = container_ls_json(&d);
     assert_eq!(ls["containers"][0]["this_host"], true, "{ls}");
     assert_eq!(ls["containers"][0]["tenant"], "t1", "{ls}");
 
@@ -380,46 +412,23 @@ fn lifecycle_registration_restart_and_down() {
 #[test]
 fn two_hosts_share_one_registry() {
     preflight();
-    let mut cluster = Cluster::create(ClusterSpec::new(topology::fresh_tag("cli"), 2))
-        .expect("build the simulated cluster");
-    let a = cluster
-        .add_container(0, "a", "10.32.0.11".parse().unwrap(), 12)
-        .unwrap();
-    let b = cluster
-        .add_container(1, "b", "10.32.1.12".parse().unwrap(), 12)
-        .unwrap();
+    let mut cluster = cluster(2);
+    let a = add_container(&mut cluster, 0, "a", "10.32.0.11");
+    let b = add_container(&mut cluster, 1, "b", "10.32.1.12");
     let shared = tempfile::tempdir().unwrap();
     let registry = format!("file:{}/registry.json", shared.path().display());
     let hosts = [Daemons::new(), Daemons::new()];
     for (i, d) in hosts.iter().enumerate() {
         let netns = cluster.host(i).unwrap().netns.clone();
-        succeed(freeflow_in(
-            &netns,
-            &[
-                "up",
-                "--dir",
-                d.dir(),
-                "--host-ip-prefix",
-                "192.168.1.0/24",
-                "--vnet-prefix",
-                VNET,
-                "--registry",
-                &registry,
-            ],
-        ));
+        succeed(up_in(&netns, d.dir(), &registry));
     }
     for (d, c) in hosts.iter().zip([&a, &b]) {
-        succeed(freeflow(&[
-            "container",
-            "add",
-            &c.name,
-            "--dir",
+        succeed(container_add(
             d.dir(),
-            "--netns",
+            &c.name,
             c.netns_path.to_str().unwrap(),
-            "--ip",
             &c.ip.to_string(),
-        ]));
+        ));
     }
     for (i, d) in hosts.iter().enumerate() {
         wait_for(
@@ -427,8 +436,7 @@ fn two_hosts_share_one_registry() {
             "each router to have its one container",
             || router_status(&d.dir).filter(|s| s.registered == 1),
         );
-        let ls = succeed(freeflow(&["container", "ls", "--dir", d.dir(), "--json"]));
-        let ls: Value = serde_json::from_str(&ls.stdout).unwrap();
+        let ls = container_ls_json(d);
         let containers = ls["containers"].as_array().unwrap();
         assert_eq!(containers.len(), 2, "{ls}");
         for c in containers {
@@ -441,20 +449,7 @@ fn two_hosts_share_one_registry() {
     // One host address cannot be served by two daemons.
     let third = Daemons::new();
     fail_with(
-        freeflow_in(
-            &cluster.host(0).unwrap().netns,
-            &[
-                "up",
-                "--dir",
-                third.dir(),
-                "--host-ip-prefix",
-                "192.168.1.0/24",
-                "--vnet-prefix",
-                VNET,
-                "--registry",
-                &registry,
-            ],
-        ),
+        up_in(&cluster.host(0).unwrap().netns, third.dir(), &registry),
         "already served by the daemon of",
     );
     drop(third);
@@ -468,18 +463,7 @@ fn up_twice_refuses_and_down_is_idempotent() {
     let d = Daemons::new();
     let up = up_local(&d);
     let pid_before = std::fs::read_to_string(d.path("freeflow.pid")).unwrap();
-    fail_with(
-        freeflow(&[
-            "up",
-            "--dir",
-            d.dir(),
-            "--host-ip",
-            "127.0.0.1",
-            "--vnet-prefix",
-            VNET,
-        ]),
-        "already running",
-    );
+    fail_with(up_at(d.dir(), "127.0.0.1", &[]), "already running");
     fail_with(
         freeflow(&["up", "--dir", d.dir(), "--foreground"]),
         "already running",
@@ -504,30 +488,13 @@ fn up_twice_refuses_and_down_is_idempotent() {
 #[test]
 fn container_add_rejects_bad_input_with_clear_errors() {
     preflight();
-    let mut cluster = Cluster::create(ClusterSpec::new(topology::fresh_tag("cli"), 1))
-        .expect("build the simulated cluster");
-    let c1 = cluster
-        .add_container(0, "c1", "10.32.0.21".parse().unwrap(), 12)
-        .unwrap();
-    let c2 = cluster
-        .add_container(0, "c2", "10.32.0.22".parse().unwrap(), 12)
-        .unwrap();
+    let mut cluster = cluster(1);
+    let c1 = add_container(&mut cluster, 0, "c1", "10.32.0.21");
+    let c2 = add_container(&mut cluster, 0, "c2", "10.32.0.22");
     let d = Daemons::new();
     let ns1 = c1.netns_path.to_str().unwrap();
     let ns2 = c2.netns_path.to_str().unwrap();
-    let add = |name: &str, netns: &str, ip: &str| {
-        freeflow(&[
-            "container",
-            "add",
-            name,
-            "--dir",
-            d.dir(),
-            "--netns",
-            netns,
-            "--ip",
-            ip,
-        ])
-    };
+    let add = |name: &str, netns: &str, ip: &str| container_add(d.dir(), name, netns, ip);
     fail_with(add("c1", ns1, "10.32.0.21"), "freeflow up --dir");
     up_local(&d);
     succeed(add("c1", ns1, "10.32.0.21"));
@@ -626,11 +593,8 @@ fn status_and_commands_without_a_daemon() {
 #[test]
 fn corrupt_registry_is_reported_and_left_alone() {
     preflight();
-    let mut cluster = Cluster::create(ClusterSpec::new(topology::fresh_tag("cli"), 1))
-        .expect("build the simulated cluster");
-    let c = cluster
-        .add_container(0, "c", "10.32.0.31".parse().unwrap(), 12)
-        .unwrap();
+    let mut cluster = cluster(1);
+    let c = add_container(&mut cluster, 0, "c", "10.32.0.31");
     let d = Daemons::new();
     up_local(&d);
     let registry = d.path("registry.json");
@@ -638,17 +602,7 @@ fn corrupt_registry_is_reported_and_left_alone() {
         b"{\"format\": \"freeflow-registry\", \"version\": 1, \"generation\": \n".to_vec();
     std::fs::write(&registry, &garbage).unwrap();
     let r = fail_with(
-        freeflow(&[
-            "container",
-            "add",
-            "c",
-            "--dir",
-            d.dir(),
-            "--netns",
-            c.netns_path.to_str().unwrap(),
-            "--ip",
-            "10.32.0.31",
-        ]),
+        container_add(d.dir(), "c", c.netns_path.to_str().unwrap(), "10.32.0.31"),
         registry.to_str().unwrap(),
     );
     assert!(r.stderr.contains("corrupt"), "{r}");
@@ -671,17 +625,11 @@ fn corrupt_registry_is_reported_and_left_alone() {
     // A fresh `up` against the corrupt file fails up front, naming it.
     let other = Daemons::new();
     fail_with(
-        freeflow(&[
-            "up",
-            "--dir",
+        up_at(
             other.dir(),
-            "--host-ip",
             "127.0.0.2",
-            "--vnet-prefix",
-            VNET,
-            "--registry",
-            registry.to_str().unwrap(),
-        ]),
+            &["--registry", registry.to_str().unwrap()],
+        ),
         registry.to_str().unwrap(),
     );
     assert_eq!(std::fs::read(&registry).unwrap(), garbage, "file touched");
@@ -694,16 +642,7 @@ fn corrupt_registry_is_reported_and_left_alone() {
 fn foreground_daemon_stops_on_sigterm() {
     preflight();
     let d = Daemons::new();
-    let mut cmd = freeflow(&[
-        "up",
-        "--dir",
-        d.dir(),
-        "--host-ip",
-        "127.0.0.1",
-        "--vnet-prefix",
-        VNET,
-        "--foreground",
-    ]);
+    let mut cmd = up_at(d.dir(), "127.0.0.1", &["--foreground"]);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -741,17 +680,7 @@ fn router_start_failure_is_reported_by_up() {
     let d = Daemons::new();
     let started = Instant::now();
     let r = fail_with(
-        freeflow(&[
-            "up",
-            "--dir",
-            d.dir(),
-            "--host-ip",
-            "127.0.0.1",
-            "--vnet-prefix",
-            VNET,
-            "--cores",
-            "4000",
-        ]),
+        up_at(d.dir(), "127.0.0.1", &["--cores", "4000"]),
         "core 4000 is not available",
     );
     assert!(started.elapsed() < Duration::from_secs(12), "{r}");
@@ -787,15 +716,7 @@ fn crashing_router_is_restarted_with_backoff() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let mut up = freeflow(&[
-        "up",
-        "--dir",
-        d.dir(),
-        "--host-ip",
-        "127.0.0.1",
-        "--vnet-prefix",
-        VNET,
-    ]);
+    let mut up = up_at(d.dir(), "127.0.0.1", &[]);
     up.env("FREEFLOW_ROUTER", &wrapper);
     succeed(up);
     let (_, st) = status_json(&d);

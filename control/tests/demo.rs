@@ -5,6 +5,7 @@
 //! C compiler and libibverbs-dev (scripts/test.sh installs it); without them they fail saying
 //! so, they never skip.
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -41,7 +42,12 @@ fn preflight() {
 }
 
 fn demo(args: &[&str]) -> Command {
-    let mut cmd = Command::new(FREEFLOW);
+    demo_of(FREEFLOW, args)
+}
+
+/// `PROGRAM demo ARGS` with no input and its output piped.
+fn demo_of(program: impl AsRef<OsStr>, args: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
     cmd.arg("demo")
         .args(args)
         .stdin(Stdio::null())
@@ -161,6 +167,61 @@ fn rdma_row(stdout: &str, label: &str, units: &[&str], all: &str) -> Vec<f64> {
     numbers
 }
 
+/// Waits for `child` (a demo) as [`wait_bounded`] does, and sends it SIGINT once its progress
+/// on stderr shows `trigger`. Returns whether it was signalled, and its output with all of
+/// stderr.
+fn interrupt_when(mut child: Child, trigger: &'static str) -> (bool, Output) {
+    let pid = child.id() as i32;
+    let mut stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut signalled = false;
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if !signalled && String::from_utf8_lossy(&seen).contains(trigger) {
+                signalled = true;
+                // Only the demo gets it (not its process group, unlike a terminal's Ctrl-C): it
+                // must pass it on to freeflow-bench itself.
+                let _ = os::send_signal(pid, libc::SIGINT);
+            }
+        }
+        let _ = tx.send((signalled, seen));
+    });
+    let mut out = wait_bounded(child);
+    let (signalled, stderr) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("stderr reader");
+    out.stderr = stderr;
+    (signalled, out)
+}
+
+/// An interrupted demo exits 128 + SIGINT, says so, and prints no table (no `table_marker`).
+#[track_caller]
+fn assert_stopped_by_sigint(out: &Output, table_marker: &str, all: &str) {
+    assert_eq!(out.status.code(), Some(130), "128 + SIGINT\n{all}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("freeflow: demo: interrupted by SIGINT"),
+        "{all}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(table_marker),
+        "no table after an interruption\n{all}"
+    );
+}
+
+/// Fails unless `text` contains each of `expected`.
+#[track_caller]
+fn assert_contains_all(text: &str, expected: &[&str], all: &str) {
+    for expected in expected {
+        assert!(text.contains(expected), "{expected:?} missing\n{all}");
+    }
+}
+
 fn text(out: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}--- stderr\n{}",
@@ -189,16 +250,16 @@ fn demo_prints_the_table_and_removes_everything() {
     assert!(out.status.success(), "{all}");
 
     // The attach part: both containers in, the stranger out, the status shown.
-    assert!(
-        stdout.contains("web   (10.32.0.2, host 0) attached"),
-        "{all}"
+    assert_contains_all(
+        &stdout,
+        &[
+            "web   (10.32.0.2, host 0) attached",
+            "db    (10.32.0.4, host 1) attached",
+            "was refused: ",
+            "router:     running",
+        ],
+        &all,
     );
-    assert!(
-        stdout.contains("db    (10.32.0.4, host 1) attached"),
-        "{all}"
-    );
-    assert!(stdout.contains("was refused: "), "{all}");
-    assert!(stdout.contains("router:     running"), "{all}");
     // The table: three rows with numbers, then the two-line summary.
     for row in ["host link", "overlay (VXLAN)", "Freeflow"] {
         let line = stdout
@@ -207,10 +268,13 @@ fn demo_prints_the_table_and_removes_everything() {
             .unwrap_or_else(|| panic!("no table row {row:?}\n{all}"));
         assert_eq!(line.matches(" µs").count(), 2, "{line}\n{all}");
     }
-    assert!(stdout.contains("On the overlay, containers get "), "{all}");
-    assert!(
-        stdout.contains("With Freeflow, the same containers"),
-        "{all}"
+    assert_contains_all(
+        &stdout,
+        &[
+            "On the overlay, containers get ",
+            "With Freeflow, the same containers",
+        ],
+        &all,
     );
     // The RDMA table: five rows, each with its measurement, the router's CPU per operation
     // where there is one, and the comparison (numbers parsed; no thresholds, the machine is
@@ -247,54 +311,29 @@ fn demo_prints_the_table_and_removes_everything() {
         "{all}"
     );
     // One numbered progress line per step, the last one counting all of them.
-    assert!(
-        stderr.contains("[1/13] building a simulated cluster"),
-        "{all}"
-    );
-    assert!(stderr.contains("[10/13] TCP comparison: removing"), "{all}");
-    assert!(stderr.contains("[12/13] RDMA repetition 1/1: "), "{all}");
-    assert!(
-        stderr.contains("[13/13] RDMA comparison: stopping its router"),
-        "{all}"
+    assert_contains_all(
+        &stderr,
+        &[
+            "[1/13] building a simulated cluster",
+            "[10/13] TCP comparison: removing",
+            "[12/13] RDMA repetition 1/1: ",
+            "[13/13] RDMA comparison: stopping its router",
+        ],
+        &all,
     );
 }
 
 #[test]
 fn demo_interrupted_removes_everything() {
     preflight();
-    let mut child = demo(&["--reps", "3", "--seconds", "1"])
+    let child = demo(&["--reps", "3", "--seconds", "1"])
         .spawn()
         .expect("start freeflow demo");
-    let pid = child.id() as i32;
+    let start = Instant::now();
     // Read progress until the TCP measurements run (freeflow-bench, its cluster, daemons and
     // servers all exist then), and interrupt there.
-    let mut stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        let mut signalled = false;
-        while let Ok(n) = stderr.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            if !signalled && String::from_utf8_lossy(&seen).contains("TCP repetition 1/3: overlay")
-            {
-                signalled = true;
-                // Only the demo gets it (not its process group, unlike a terminal's Ctrl-C): it
-                // must pass it on to freeflow-bench itself.
-                let _ = os::send_signal(pid, libc::SIGINT);
-            }
-        }
-        let _ = tx.send((signalled, String::from_utf8_lossy(&seen).into_owned()));
-    });
-    let start = Instant::now();
-    let mut out = wait_bounded(child);
-    let (signalled, stderr) = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("stderr reader");
-    out.stderr = stderr.clone().into_bytes();
+    let (signalled, out) = interrupt_when(child, "TCP repetition 1/3: overlay");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let all = text(&out);
     assert!(
         signalled,
@@ -303,15 +342,7 @@ fn demo_interrupted_removes_everything() {
     let tags = announced_tags(&stderr);
     assert_eq!(tags.len(), 2, "two clusters announced\n{all}");
     assert_nothing_left(&tags, &all);
-    assert_eq!(out.status.code(), Some(130), "128 + SIGINT\n{all}");
-    assert!(
-        stderr.contains("freeflow: demo: interrupted by SIGINT"),
-        "{all}"
-    );
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("Gbit/s"),
-        "no table after an interruption\n{all}"
-    );
+    assert_stopped_by_sigint(&out, "Gbit/s", &all);
     assert!(
         start.elapsed() < Duration::from_secs(60),
         "stopping took {:?}\n{all}",
@@ -322,36 +353,13 @@ fn demo_interrupted_removes_everything() {
 #[test]
 fn demo_interrupted_in_the_rdma_part_removes_everything() {
     preflight();
-    let mut child = demo(&["--part", "rdma", "--reps", "2"])
+    let child = demo(&["--part", "rdma", "--reps", "2"])
         .spawn()
         .expect("start freeflow demo");
-    let pid = child.id() as i32;
     // Interrupt while the measuring program runs (the router, the namespace and the program
     // all exist then).
-    let mut stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        let mut signalled = false;
-        while let Ok(n) = stderr.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            if !signalled && String::from_utf8_lossy(&seen).contains("RDMA repetition 1/2") {
-                signalled = true;
-                // Only the demo: it must pass the signal on to freeflow-bench.
-                let _ = os::send_signal(pid, libc::SIGINT);
-            }
-        }
-        let _ = tx.send((signalled, String::from_utf8_lossy(&seen).into_owned()));
-    });
-    let mut out = wait_bounded(child);
-    let (signalled, stderr) = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("stderr reader");
-    out.stderr = stderr.clone().into_bytes();
+    let (signalled, out) = interrupt_when(child, "RDMA repetition 1/2");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let all = text(&out);
     assert!(
         signalled,
@@ -359,15 +367,7 @@ fn demo_interrupted_in_the_rdma_part_removes_everything() {
     );
     let netns = announced_rdma_netns(&stderr).expect("the RDMA namespace announced");
     assert_no_rdma_left(&netns, &all);
-    assert_eq!(out.status.code(), Some(130), "128 + SIGINT\n{all}");
-    assert!(
-        stderr.contains("freeflow: demo: interrupted by SIGINT"),
-        "{all}"
-    );
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("M/s"),
-        "no table after an interruption\n{all}"
-    );
+    assert_stopped_by_sigint(&out, "M/s", &all);
 }
 
 #[test]
@@ -410,11 +410,7 @@ fn demo_needs_root() {
     let copy = tmp.path().join("freeflow");
     std::fs::copy(FREEFLOW, &copy).expect("copy freeflow");
     let out = wait_bounded(
-        Command::new(&copy)
-            .arg("demo")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+        demo_of(&copy, &[])
             // The demo builds network namespaces; as nobody it must say so and do nothing.
             .uid(65534)
             .gid(65534)

@@ -134,15 +134,8 @@ pub(super) fn ls(args: &LsArgs) -> Result<ExitCode, CliError> {
         out!("no containers registered in {}", registry.url());
         return Ok(ExitCode::SUCCESS);
     }
-    let mut rows = vec![vec![
-        "NAME".to_owned(),
-        "TENANT".into(),
-        "IP".into(),
-        "HOST".into(),
-        "NETNS".into(),
-    ]];
-    for c in &snapshot.containers {
-        rows.push(vec![
+    let rows = snapshot.containers.iter().map(|c| {
+        vec![
             c.name.clone(),
             c.tenant.clone(),
             c.ip.to_string(),
@@ -152,9 +145,9 @@ pub(super) fn ls(args: &LsArgs) -> Result<ExitCode, CliError> {
                 c.host_ip.to_string()
             },
             c.netns.display().to_string(),
-        ]);
-    }
-    print_table(&rows, "");
+        ]
+    });
+    print_table(&["NAME", "TENANT", "IP", "HOST", "NETNS"], rows, "");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -250,8 +243,12 @@ fn wait_for_pickup(dir: &RuntimeDir, generation: u64, name: &str) -> Pickup {
     let deadline = Instant::now() + PICKUP_TIMEOUT;
     loop {
         if let Some(st) = DaemonStatus::read(dir) {
-            if st.registry_generation.is_some_and(|g| g >= generation) {
-                return match st.skipped.iter().find(|s| s.name == name) {
+            if st
+                .counters
+                .registry_generation
+                .is_some_and(|g| g >= generation)
+            {
+                return match st.counters.skipped.iter().find(|s| s.name == name) {
                     Some(s) => Pickup::Skipped(s.reason.clone()),
                     None => Pickup::Served,
                 };

@@ -16,9 +16,15 @@ pub(super) fn warn(message: impl std::fmt::Display) {
     let _ = writeln!(io::stderr(), "freeflow: warning: {message}");
 }
 
-/// Prints `rows` (the first is the header) as columns two spaces apart, each line after
-/// `indent`; the last column is not padded.
-pub(super) fn print_table(rows: &[Vec<String>], indent: &str) {
+/// Prints `header` and then `rows` as columns two spaces apart, each line after `indent`; the
+/// last column is not padded.
+pub(super) fn print_table(
+    header: &[&str],
+    rows: impl IntoIterator<Item = Vec<String>>,
+    indent: &str,
+) {
+    let header = header.iter().map(|&h| h.to_owned()).collect();
+    let rows: Vec<Vec<String>> = std::iter::once(header).chain(rows).collect();
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -29,7 +35,7 @@ pub(super) fn print_table(rows: &[Vec<String>], indent: &str) {
                 .unwrap_or(0)
         })
         .collect();
-    for row in rows {
+    for row in &rows {
         let mut line = String::from(indent);
         for (c, cell) in row.iter().enumerate() {
             if c + 1 == row.len() {

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::{status_text, CliError, StatusArgs};
 use crate::config::{Config, RuntimeDir};
-use crate::daemon::{self, DaemonState, DaemonStatus, SkippedContainer};
+use crate::daemon::{self, DaemonCounters, DaemonState, DaemonStatus};
 use crate::registry::{self, ContainerRecord};
 
 /// What `freeflow status` reports about one runtime directory.
@@ -50,28 +50,9 @@ pub struct DaemonReport {
     pub state: Option<String>,
     /// When it started (ms since the epoch).
     pub started_unix_ms: Option<u64>,
-    /// Router starts after the first one.
-    pub restarts: u64,
-    /// Router starts that failed.
-    pub start_failures: u64,
-    /// Why the last router ended, or why the last start failed.
-    pub last_exit: Option<String>,
-    /// When that was.
-    pub last_exit_unix_ms: Option<u64>,
-    /// When the last restart began.
-    pub last_restart_unix_ms: Option<u64>,
-    /// When the next start is due while the router is down.
-    pub next_restart_unix_ms: Option<u64>,
-    /// Containers in the running router's table.
-    pub containers_pushed: Option<usize>,
-    /// Registry generation the running router's table reflects.
-    pub registry_generation: Option<u64>,
-    /// When the table was last pushed.
-    pub last_push_unix_ms: Option<u64>,
-    /// Containers of this host left out of the table, and why.
-    pub skipped: Vec<SkippedContainer>,
-    /// The daemon's last registry or push error.
-    pub last_error: Option<String>,
+    /// The counters of its status file (zero and empty when it was not read).
+    #[serde(flatten)]
+    pub counters: DaemonCounters,
 }
 
 /// The router part of a [`StatusReport`]. Both forms carry `running`, `pid`, `shards`,
@@ -143,17 +124,7 @@ impl DaemonReport {
             },
             state: status.map(|s| s.state.clone()),
             started_unix_ms: status.map(|s| s.started_unix_ms),
-            restarts: status.map(|s| s.restarts).unwrap_or(0),
-            start_failures: status.map(|s| s.start_failures).unwrap_or(0),
-            last_exit: status.and_then(|s| s.last_exit.clone()),
-            last_exit_unix_ms: status.and_then(|s| s.last_exit_unix_ms),
-            last_restart_unix_ms: status.and_then(|s| s.last_restart_unix_ms),
-            next_restart_unix_ms: status.and_then(|s| s.next_restart_unix_ms),
-            containers_pushed: status.and_then(|s| s.containers_pushed),
-            registry_generation: status.and_then(|s| s.registry_generation),
-            last_push_unix_ms: status.and_then(|s| s.last_push_unix_ms),
-            skipped: status.map(|s| s.skipped.clone()).unwrap_or_default(),
-            last_error: status.and_then(|s| s.last_error.clone()),
+            counters: status.map(|s| s.counters.clone()).unwrap_or_default(),
         }
     }
 
@@ -216,6 +187,7 @@ impl StatusReport {
         Some(format!(
             "the router is not running ({e}){}",
             self.daemon
+                .counters
                 .last_exit
                 .as_ref()
                 .map(|x| format!("; last exit: {x}; the daemon restarts it"))
@@ -286,6 +258,7 @@ fn host_containers(config: &Config) -> (Vec<ContainerRecord>, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::SkippedContainer;
 
     fn report(daemon: DaemonReport, router: RouterReport) -> StatusReport {
         StatusReport {
@@ -344,6 +317,14 @@ mod tests {
         }
     }
 
+    /// The start of both reports' JSON: the settings and the containers of [`report`].
+    const SETTINGS_AND_CONTAINERS_JSON: &str = concat!(
+        r#"{"config":{"cores":"0,1","host_ip":"192.168.1.1","peer_port":7471,"#,
+        r#""registry":"file:/r.json","version":1,"vnet_prefix":"10.32.0.0/12"},"#,
+        r#""config_error":null,"containers":[{"host_ip":"192.168.1.1","ip":"10.32.0.5","#,
+        r#""name":"web","netns":"/run/netns/web","tenant":"t"}],"#,
+    );
+
     /// The JSON `status --json` printed when it was built with `json!` (keys sorted at every
     /// level); the typed report must print the same bytes.
     #[test]
@@ -352,43 +333,43 @@ mod tests {
             pid: 5,
             state: "ready".into(),
             started_unix_ms: 17,
-            restarts: 2,
-            start_failures: 1,
-            last_exit: Some("bye \"q\"".into()),
-            last_exit_unix_ms: Some(4),
-            last_restart_unix_ms: Some(5),
-            containers_pushed: Some(1),
-            registry_generation: Some(8),
-            last_push_unix_ms: Some(6),
-            skipped: vec![SkippedContainer {
-                name: "a".into(),
-                reason: "r".into(),
-            }],
+            counters: DaemonCounters {
+                restarts: 2,
+                start_failures: 1,
+                last_exit: Some("bye \"q\"".into()),
+                last_exit_unix_ms: Some(4),
+                last_restart_unix_ms: Some(5),
+                containers_pushed: Some(1),
+                registry_generation: Some(8),
+                last_push_unix_ms: Some(6),
+                skipped: vec![SkippedContainer {
+                    name: "a".into(),
+                    reason: "r".into(),
+                }],
+                ..DaemonCounters::default()
+            },
             ..DaemonStatus::default()
         };
         let up = report(
             DaemonReport::new(DaemonState::Running { pid: Some(5) }, Some(&daemon_status)),
             RouterReport::new(Ok(router_status())),
         );
+        let daemon_and_router_up = concat!(
+            r#""daemon":{"containers_pushed":1,"last_error":null,"last_exit":"bye \"q\"","#,
+            r#""last_exit_unix_ms":4,"last_push_unix_ms":6,"last_restart_unix_ms":5,"#,
+            r#""next_restart_unix_ms":null,"pid":5,"registry_generation":8,"restarts":2,"#,
+            r#""running":true,"skipped":[{"name":"a","reason":"r"}],"start_failures":1,"#,
+            r#""started_unix_ms":17,"state":"ready"},"dir":"/tmp/ff x","registry_error":null,"#,
+            r#""router":{"attached":[{"container":"web","id":1,"kind":"socket","pid":77,"#,
+            r#""shard":0}],"attaches_accepted":1,"attaches_refused":2,"pid":11,"#,
+            r#""registered":1,"running":true,"shards":[{"attached":2,"core":null,"index":0,"#,
+            r#""parks":5,"protocol_errors":6,"requests":3,"wakeups":4}],"tcp_claimed":7,"#,
+            r#""tcp_connects":4,"tcp_fallbacks":5,"tcp_listeners":3,"tcp_relayed":6,"#,
+            r#""uptime_ms":1234,"version":"0.1"}}"#
+        );
         assert_eq!(
             up.to_json().unwrap(),
-            concat!(
-                r#"{"config":{"cores":"0,1","host_ip":"192.168.1.1","peer_port":7471,"#,
-                r#""registry":"file:/r.json","version":1,"vnet_prefix":"10.32.0.0/12"},"#,
-                r#""config_error":null,"containers":[{"host_ip":"192.168.1.1","ip":"10.32.0.5","#,
-                r#""name":"web","netns":"/run/netns/web","tenant":"t"}],"#,
-                r#""daemon":{"containers_pushed":1,"last_error":null,"last_exit":"bye \"q\"","#,
-                r#""last_exit_unix_ms":4,"last_push_unix_ms":6,"last_restart_unix_ms":5,"#,
-                r#""next_restart_unix_ms":null,"pid":5,"registry_generation":8,"restarts":2,"#,
-                r#""running":true,"skipped":[{"name":"a","reason":"r"}],"start_failures":1,"#,
-                r#""started_unix_ms":17,"state":"ready"},"dir":"/tmp/ff x","registry_error":null,"#,
-                r#""router":{"attached":[{"container":"web","id":1,"kind":"socket","pid":77,"#,
-                r#""shard":0}],"attaches_accepted":1,"attaches_refused":2,"pid":11,"#,
-                r#""registered":1,"running":true,"shards":[{"attached":2,"core":null,"index":0,"#,
-                r#""parks":5,"protocol_errors":6,"requests":3,"wakeups":4}],"tcp_claimed":7,"#,
-                r#""tcp_connects":4,"tcp_fallbacks":5,"tcp_listeners":3,"tcp_relayed":6,"#,
-                r#""uptime_ms":1234,"version":"0.1"}}"#
-            )
+            SETTINGS_AND_CONTAINERS_JSON.to_owned() + daemon_and_router_up
         );
         assert_eq!(up.problem(), None);
 
@@ -396,21 +377,18 @@ mod tests {
             DaemonReport::new(DaemonState::Stopped, None),
             RouterReport::new(Err("nothing listens".into())),
         );
+        let daemon_and_router_down = concat!(
+            r#""daemon":{"containers_pushed":null,"last_error":null,"last_exit":null,"#,
+            r#""last_exit_unix_ms":null,"last_push_unix_ms":null,"last_restart_unix_ms":null,"#,
+            r#""next_restart_unix_ms":null,"pid":null,"registry_generation":null,"restarts":0,"#,
+            r#""running":false,"skipped":[],"start_failures":0,"started_unix_ms":null,"#,
+            r#""state":null},"dir":"/tmp/ff x","registry_error":null,"#,
+            r#""router":{"attached":[],"error":"nothing listens","pid":null,"registered":0,"#,
+            r#""running":false,"shards":[]}}"#
+        );
         assert_eq!(
             down.to_json().unwrap(),
-            concat!(
-                r#"{"config":{"cores":"0,1","host_ip":"192.168.1.1","peer_port":7471,"#,
-                r#""registry":"file:/r.json","version":1,"vnet_prefix":"10.32.0.0/12"},"#,
-                r#""config_error":null,"containers":[{"host_ip":"192.168.1.1","ip":"10.32.0.5","#,
-                r#""name":"web","netns":"/run/netns/web","tenant":"t"}],"#,
-                r#""daemon":{"containers_pushed":null,"last_error":null,"last_exit":null,"#,
-                r#""last_exit_unix_ms":null,"last_push_unix_ms":null,"last_restart_unix_ms":null,"#,
-                r#""next_restart_unix_ms":null,"pid":null,"registry_generation":null,"restarts":0,"#,
-                r#""running":false,"skipped":[],"start_failures":0,"started_unix_ms":null,"#,
-                r#""state":null},"dir":"/tmp/ff x","registry_error":null,"#,
-                r#""router":{"attached":[],"error":"nothing listens","pid":null,"registered":0,"#,
-                r#""running":false,"shards":[]}}"#
-            )
+            SETTINGS_AND_CONTAINERS_JSON.to_owned() + daemon_and_router_down
         );
         assert!(down
             .problem()

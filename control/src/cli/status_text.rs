@@ -7,6 +7,7 @@ use freeflow_proto::control::RouterStatus;
 
 use super::output::print_table;
 use super::status::{DaemonReport, StatusReport};
+use crate::daemon::DaemonCounters;
 use crate::supervise::{format_duration, format_unix_ms, unix_ms_now};
 
 /// Prints `report` on stdout.
@@ -15,7 +16,7 @@ pub(super) fn print(report: &StatusReport) {
     print_daemon(&report.daemon);
     print_router(report);
     if report.daemon.reported() {
-        print_daemon_counters(&report.daemon);
+        print_daemon_counters(&report.daemon.counters);
     }
     if let Ok(router) = report.router.status() {
         print_router_counters(router);
@@ -85,6 +86,7 @@ fn print_router(report: &StatusReport) {
             "  router:     not running ({e}){}",
             report
                 .daemon
+                .counters
                 .next_restart_unix_ms
                 .map(|t| format!(", next start at {}", format_unix_ms(t)))
                 .unwrap_or_default()
@@ -93,7 +95,7 @@ fn print_router(report: &StatusReport) {
 }
 
 /// The daemon's restarts, its last push of the table, skipped containers, its last error.
-fn print_daemon_counters(d: &DaemonReport) {
+fn print_daemon_counters(d: &DaemonCounters) {
     out!(
         "  restarts:   {}{}{}",
         d.restarts,
@@ -174,21 +176,15 @@ fn print_containers(report: &StatusReport) {
     if report.containers.is_empty() {
         return;
     }
-    let mut rows = vec![vec![
-        "NAME".to_owned(),
-        "TENANT".into(),
-        "IP".into(),
-        "NETNS".into(),
-    ]];
-    for c in &report.containers {
-        rows.push(vec![
+    let rows = report.containers.iter().map(|c| {
+        vec![
             c.name.clone(),
             c.tenant.clone(),
             c.ip.to_string(),
             c.netns.display().to_string(),
-        ]);
-    }
-    print_table(&rows, "  ");
+        ]
+    });
+    print_table(&["NAME", "TENANT", "IP", "NETNS"], rows, "  ");
 }
 
 /// The shims attached to the router.
@@ -197,21 +193,14 @@ fn print_attached(rs: &RouterStatus) {
     if rs.attached.is_empty() {
         return;
     }
-    let mut rows = vec![vec![
-        "ID".to_owned(),
-        "CONTAINER".into(),
-        "PID".into(),
-        "SHARD".into(),
-        "KIND".into(),
-    ]];
-    for a in &rs.attached {
-        rows.push(vec![
+    let rows = rs.attached.iter().map(|a| {
+        vec![
             a.id.to_string(),
             a.container.clone(),
             a.pid.to_string(),
             a.shard.map_or_else(|| "-".into(), |s| s.to_string()),
             a.kind.clone(),
-        ]);
-    }
-    print_table(&rows, "  ");
+        ]
+    });
+    print_table(&["ID", "CONTAINER", "PID", "SHARD", "KIND"], rows, "  ");
 }

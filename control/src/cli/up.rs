@@ -359,7 +359,7 @@ fn print_ready(dir: &RuntimeDir, config: &Config, st: &DaemonStatus) {
         config.host_ip,
         config.vnet_prefix,
         config.registry,
-        st.containers_pushed.unwrap_or(0)
+        st.counters.containers_pushed.unwrap_or(0)
     );
     out!(
         "  logs: {} and {}",

@@ -11,10 +11,9 @@
 mod state;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
 use freeflow_proto::control::{
@@ -23,8 +22,8 @@ use freeflow_proto::control::{
 use freeflow_proto::identity::NetnsId;
 
 pub use state::{
-    probe, read_pid, router_lock_held, DaemonState, DaemonStatus, SkippedContainer, STATE_READY,
-    STATE_STARTING, STATE_STOPPING,
+    probe, read_pid, router_lock_held, DaemonCounters, DaemonState, DaemonStatus, SkippedContainer,
+    STATE_READY, STATE_STARTING, STATE_STOPPING,
 };
 
 use crate::config::{self, Config, ConfigError, RuntimeDir};
@@ -152,13 +151,7 @@ pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
 /// Opens and takes `DIR/daemon.lock`, which this process then holds for its whole life.
 fn lock_dir(dir: &RuntimeDir) -> Result<File, DaemonError> {
     let lock_path = dir.daemon_lock();
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(&lock_path)
+    let lock = os::open_lock_file(&lock_path, 0o644)
         .map_err(io_err(format!("cannot open {}", lock_path.display())))?;
     if !os::try_lock_exclusive(&lock)
         .map_err(io_err(format!("cannot lock {}", lock_path.display())))?
@@ -247,7 +240,7 @@ impl Daemon {
         self.status_dirty = true;
         self.write_status();
         let router_pid = self.status.router_pid.unwrap_or(0);
-        let pushed = self.status.containers_pushed.unwrap_or(0);
+        let pushed = self.status.counters.containers_pushed.unwrap_or(0);
         log(format_args!(
             "ready: router pid {router_pid} serves {pushed} container(s)"
         ));
@@ -279,6 +272,7 @@ impl Daemon {
         if self.pushed.is_none() {
             return Err(DaemonError::Push(
                 self.status
+                    .counters
                     .last_error
                     .clone()
                     .unwrap_or_else(|| "unknown error".to_owned()),
@@ -338,9 +332,9 @@ impl Daemon {
     fn router_started(&mut self, router: Router) {
         self.status.router_pid = Some(router.pid);
         self.status.router_started_unix_ms = Some(router.started_unix_ms);
-        self.status.next_restart_unix_ms = None;
-        self.status.containers_pushed = None;
-        self.status.registry_generation = None;
+        self.status.counters.next_restart_unix_ms = None;
+        self.status.counters.containers_pushed = None;
+        self.status.counters.registry_generation = None;
         self.pushed = None;
         self.last_attempt = None;
         self.router = Some(router);
@@ -384,21 +378,21 @@ impl Daemon {
             }
         ));
         let now_ms = unix_ms_now();
-        self.status.last_exit = Some(reason);
-        self.status.last_exit_unix_ms = Some(now_ms);
+        self.status.counters.last_exit = Some(reason);
+        self.status.counters.last_exit_unix_ms = Some(now_ms);
         self.status.router_pid = None;
         self.status.router_started_unix_ms = None;
-        self.status.containers_pushed = None;
-        self.status.registry_generation = None;
-        self.status.next_restart_unix_ms = Some(now_ms + delay.as_millis() as u64);
+        self.status.counters.containers_pushed = None;
+        self.status.counters.registry_generation = None;
+        self.status.counters.next_restart_unix_ms = Some(now_ms + delay.as_millis() as u64);
         self.status_dirty = true;
         self.write_status();
     }
 
     /// Starts the router again; on failure schedules the next try with backoff.
     fn restart(&mut self) -> Option<Stop> {
-        self.status.restarts += 1;
-        self.status.last_restart_unix_ms = Some(unix_ms_now());
+        self.status.counters.restarts += 1;
+        self.status.counters.last_restart_unix_ms = Some(unix_ms_now());
         self.status_dirty = true;
         match Router::start(&self.spec, ROUTER_READY_TIMEOUT, &self.signals) {
             Ok(router) => {
@@ -406,7 +400,7 @@ impl Daemon {
                     "router restarted: pid {} ready after {} (restart {})",
                     router.pid,
                     format_duration(router.started.elapsed()),
-                    self.status.restarts
+                    self.status.counters.restarts
                 ));
                 self.router_started(router);
                 self.sync_table();
@@ -422,10 +416,10 @@ impl Daemon {
                     format_duration(delay)
                 ));
                 let now_ms = unix_ms_now();
-                self.status.start_failures += 1;
-                self.status.last_exit = Some(format!("start failed: {e}"));
-                self.status.last_exit_unix_ms = Some(now_ms);
-                self.status.next_restart_unix_ms = Some(now_ms + delay.as_millis() as u64);
+                self.status.counters.start_failures += 1;
+                self.status.counters.last_exit = Some(format!("start failed: {e}"));
+                self.status.counters.last_exit_unix_ms = Some(now_ms);
+                self.status.counters.next_restart_unix_ms = Some(now_ms + delay.as_millis() as u64);
                 self.write_status();
                 None
             }
@@ -448,7 +442,7 @@ impl Daemon {
             Ok(()) => {
                 if self.registry_error.take().is_some() {
                     log("the registry is readable again");
-                    self.status.last_error = None;
+                    self.status.counters.last_error = None;
                     self.status_dirty = true;
                 }
             }
@@ -458,7 +452,7 @@ impl Daemon {
                     log(format_args!(
                         "{message} (the router keeps its current table)"
                     ));
-                    self.status.last_error = Some(message.clone());
+                    self.status.counters.last_error = Some(message.clone());
                     self.status_dirty = true;
                     self.registry_error = Some(message);
                 }
@@ -531,7 +525,7 @@ impl Daemon {
                 log(format_args!("container {name:?} is no longer skipped"));
             }
         }
-        self.status.skipped = skipped
+        self.status.counters.skipped = skipped
             .iter()
             .map(|(name, reason)| SkippedContainer {
                 name: name.clone(),
@@ -551,8 +545,8 @@ impl Daemon {
             return;
         };
         if self.pushed.as_ref() == Some(&entries) {
-            if self.status.registry_generation != Some(generation) {
-                self.status.registry_generation = Some(generation);
+            if self.status.counters.registry_generation != Some(generation) {
+                self.status.counters.registry_generation = Some(generation);
                 self.status_dirty = true;
             }
             return;
@@ -581,11 +575,11 @@ impl Daemon {
                     entries.network.overlay.len(),
                     entries.network.hosts.len()
                 ));
-                self.status.containers_pushed = Some(entries.containers.len());
-                self.status.registry_generation = Some(generation);
-                self.status.last_push_unix_ms = Some(unix_ms_now());
+                self.status.counters.containers_pushed = Some(entries.containers.len());
+                self.status.counters.registry_generation = Some(generation);
+                self.status.counters.last_push_unix_ms = Some(unix_ms_now());
                 if self.registry_error.is_none() {
-                    self.status.last_error = None;
+                    self.status.counters.last_error = None;
                 }
                 self.pushed = Some(entries);
                 self.last_attempt = None;
@@ -594,7 +588,7 @@ impl Daemon {
                 log(format_args!(
                     "pushing the container table failed: {message}"
                 ));
-                self.status.last_error = Some(format!("push failed: {message}"));
+                self.status.counters.last_error = Some(format!("push failed: {message}"));
                 self.last_attempt = Some((entries, Instant::now()));
             }
         }

@@ -49,6 +49,17 @@ pub struct DaemonStatus {
     pub router_pid: Option<u32>,
     /// When the running router was started.
     pub router_started_unix_ms: Option<u64>,
+    /// The router's restarts, the table's last push, skipped containers, the last error.
+    #[serde(flatten)]
+    pub counters: DaemonCounters,
+}
+
+/// The supervision counters of [`DaemonStatus`], which `freeflow status` reports as they are.
+/// Flattened into both `daemon-status.json` and the `daemon` object of `status --json`, so
+/// their keys stay where they were.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DaemonCounters {
     /// Router starts after the first one (successful or not).
     pub restarts: u64,
     /// Starts that failed (the router died or hung before it was ready).

@@ -1,10 +1,14 @@
 //! Running the demo's children (`freeflow`, `freeflow-bench`): their stderr line by line as it
-//! comes, a termination signal forwarded to them, and their output when they are done.
+//! comes, a termination signal forwarded to them, and their output when they are done
+//! (freeflow-bench's JSON report read as printed and as the shared type: [`bench_report`]).
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::error::{io_err, DemoError};
 use super::signals::Interrupt;
@@ -203,4 +207,23 @@ impl Output {
 pub(super) fn run_ok(cmd: &mut Command, stop: &Interrupt) -> Result<String, DemoError> {
     let command = describe(cmd);
     run_child(cmd, stop, &mut |_| ())?.ok(&command)
+}
+
+/// The report `freeflow-bench PART --json` printed on `stdout`: as printed (the demo's `--json`
+/// passes it on unchanged) and as the shared type, which the tables read.
+pub(super) fn bench_report<T: DeserializeOwned>(
+    part: &str,
+    stdout: &str,
+) -> Result<(Value, T), DemoError> {
+    let json: Value = serde_json::from_str(stdout.trim()).map_err(|e| {
+        DemoError::Unexpected(format!(
+            "freeflow-bench {part} printed no report ({e}): {stdout:?}"
+        ))
+    })?;
+    let report = serde_json::from_value(json.clone()).map_err(|e| {
+        DemoError::Unexpected(format!(
+            "freeflow-bench {part}'s report is not what we read: {e}"
+        ))
+    })?;
+    Ok((json, report))
 }

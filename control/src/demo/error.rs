@@ -1,7 +1,8 @@
-//! [`DemoError`]: everything that can end the demo, each printed as one line.
+//! [`DemoError`]: everything that can end the demo, each printed as one line; and how a part's
+//! clean-up collects its problems into one ([`DemoError::check_cleanup`], [`remove_leftover_dir`]).
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::TopologyError;
 use crate::supervise::signal_name;
@@ -65,6 +66,24 @@ impl DemoError {
         match self {
             DemoError::Interrupted(sig) => Some(*sig),
             _ => None,
+        }
+    }
+
+    /// `Ok` when a clean-up met no `problems`, else [`DemoError::Cleanup`] with them.
+    pub(super) fn check_cleanup(problems: Vec<String>) -> Result<(), DemoError> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(DemoError::Cleanup(problems))
+        }
+    }
+}
+
+/// Removes the leftover directory `dir` if it is there; a failure becomes one of `problems`.
+pub(super) fn remove_leftover_dir(dir: &Path, problems: &mut Vec<String>) {
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            problems.push(format!("removing {}: {e}", dir.display()));
         }
     }
 }

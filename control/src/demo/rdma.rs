@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use freeflow_proto::report::{Progress, RdmaReport};
 use serde_json::Value;
 
-use super::child::{describe, last_words, run_child, Seen};
-use super::error::DemoError;
+use super::child::{bench_report, describe, last_words, run_child, Seen};
+use super::error::{remove_leftover_dir, DemoError};
 use super::signals::Interrupt;
 use super::steps::Steps;
 use super::{topology, DemoArgs, Programs};
@@ -137,17 +137,7 @@ pub(super) fn rdma_part(
     let leftovers = bench_pid.map_or(Ok(()), remove_rdma_leftovers);
     let out = finished?.ok(&command)?;
     leftovers?;
-    let json: Value = serde_json::from_str(out.trim()).map_err(|e| {
-        DemoError::Unexpected(format!(
-            "freeflow-bench rdma printed no report ({e}): {out:?}"
-        ))
-    })?;
-    let report = serde_json::from_value(json.clone()).map_err(|e| {
-        DemoError::Unexpected(format!(
-            "freeflow-bench rdma's report is not what we read: {e}"
-        ))
-    })?;
-    Ok((json, report))
+    bench_report("rdma", &out)
 }
 
 /// Removes what a freeflow-bench rdma (pid `bench_pid`) that could not clean up left: the
@@ -180,16 +170,8 @@ fn remove_rdma_leftovers(bench_pid: u32) -> Result<(), DemoError> {
     for pid in routers_serving(&dir) {
         let _ = os::send_signal(pid, libc::SIGKILL);
     }
-    if dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            problems.push(format!("removing {}: {e}", dir.display()));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(DemoError::Cleanup(problems))
-    }
+    remove_leftover_dir(&dir, &mut problems);
+    DemoError::check_cleanup(problems)
 }
 
 /// Processes started with `--dir DIR` (a router freeflow-bench started and could not stop).

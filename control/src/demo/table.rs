@@ -128,47 +128,37 @@ fn rdma_rows(m: &RdmaSample) -> [String; 6] {
             cpu.map(|ns| format!("{ns:.0} ns")).unwrap_or_default()
         )
     };
+    let rate = |what: &str, mops: f64, cpu: f64| {
+        let compared = times(mops / RDMA_TARGET_MOPS);
+        let target = format!("{compared} the {RDMA_TARGET_MOPS} M/s target");
+        row(what, format!("{mops:.2} M/s"), Some(cpu), target)
+    };
+    let round_trip = |what: &str, us: f64, cpu: Option<f64>| {
+        let compared = times(us / RDMA_TARGET_RTT_US);
+        let target = format!("{compared} the {RDMA_TARGET_RTT_US} µs target");
+        row(what, format!("{us:.2} µs"), cpu, target)
+    };
     [
         format!(
             "{:<30}{:>11}{:>16}   {}",
             "", "measured", "router CPU/op", "compared with"
         ),
-        row(
+        rate(
             "64 B SEND/RECV message rate",
-            format!("{:.2} M/s", m.send_mops),
-            Some(m.router_ns_per_send),
-            format!(
-                "{} the {RDMA_TARGET_MOPS} M/s target",
-                times(m.send_mops / RDMA_TARGET_MOPS)
-            ),
+            m.send_mops,
+            m.router_ns_per_send,
         ),
-        row(
+        rate(
             "64 B RDMA WRITE message rate",
-            format!("{:.2} M/s", m.write_mops),
-            Some(m.router_ns_per_write),
-            format!(
-                "{} the {RDMA_TARGET_MOPS} M/s target",
-                times(m.write_mops / RDMA_TARGET_MOPS)
-            ),
+            m.write_mops,
+            m.router_ns_per_write,
         ),
-        row(
+        round_trip(
             "64 B SEND round trip p50",
-            format!("{:.2} µs", m.rtt_p50_us),
+            m.rtt_p50_us,
             Some(m.router_ns_per_round_trip),
-            format!(
-                "{} the {RDMA_TARGET_RTT_US} µs target",
-                times(m.rtt_p50_us / RDMA_TARGET_RTT_US)
-            ),
         ),
-        row(
-            "64 B SEND round trip p99",
-            format!("{:.2} µs", m.rtt_p99_us),
-            None,
-            format!(
-                "{} the {RDMA_TARGET_RTT_US} µs target",
-                times(m.rtt_p99_us / RDMA_TARGET_RTT_US)
-            ),
-        ),
+        round_trip("64 B SEND round trip p99", m.rtt_p99_us, None),
         row(
             "64 KiB RDMA WRITE bandwidth",
             format!("{:.1} GB/s", m.write_gbytes_per_sec),

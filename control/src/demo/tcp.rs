@@ -7,8 +7,8 @@ use std::process::Command;
 use freeflow_proto::report::{Progress, TcpPath, TcpReport};
 use serde_json::Value;
 
-use super::child::{describe, run_child, Seen};
-use super::error::DemoError;
+use super::child::{bench_report, describe, run_child, Seen};
+use super::error::{remove_leftover_dir, DemoError};
 use super::signals::Interrupt;
 use super::steps::Steps;
 use super::{topology, DemoArgs, Programs};
@@ -84,16 +84,7 @@ pub(super) fn tcp_part(
     let leftovers = remove_bench_leftovers(tag);
     let out = finished?.ok(&command)?;
     leftovers?;
-    let json: Value = serde_json::from_str(out.trim()).map_err(|e| {
-        DemoError::Unexpected(format!(
-            "freeflow-bench tcp printed no report ({e}): {out:?}"
-        ))
-    })?;
-    let report: TcpReport = serde_json::from_value(json.clone()).map_err(|e| {
-        DemoError::Unexpected(format!(
-            "freeflow-bench tcp's report is not what we read: {e}"
-        ))
-    })?;
+    let (json, report): (Value, TcpReport) = bench_report("tcp", &out)?;
     if report.paths.len() != 3 {
         return Err(DemoError::Unexpected(format!(
             "freeflow-bench tcp reported {} paths, not host, overlay and Freeflow",
@@ -117,16 +108,8 @@ fn remove_bench_leftovers(tag: &str) -> Result<(), DemoError> {
     }
     // freeflow-bench's directory for the cluster (bench/src/tcp/mod.rs `work_dir`).
     let work = std::env::temp_dir().join(format!("freeflow-bench-tcp-{tag}"));
-    if work.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&work) {
-            problems.push(format!("removing {}: {e}", work.display()));
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(DemoError::Cleanup(problems))
-    }
+    remove_leftover_dir(&work, &mut problems);
+    DemoError::check_cleanup(problems)
 }
 
 #[cfg(test)]

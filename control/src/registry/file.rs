@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     ContainerRecord, Fingerprint, FingerprintRepr, HostRecord, Registry, RegistryError, Snapshot,
 };
+use crate::os;
 
 /// The `format` field of every registry file.
 pub(super) const FORMAT_NAME: &str = "freeflow-registry";
@@ -132,31 +133,24 @@ impl FileRegistry {
     /// Opens (creating if needed) the lock file and takes the exclusive lock.
     fn lock(&self) -> Result<LockGuard, RegistryError> {
         let lock_path = self.lock_path();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(LOCK_MODE)
-            .open(&lock_path)
-            .map_err(|source| {
-                if source.kind() == io::ErrorKind::NotFound {
-                    // The only component that can be missing is the directory: say so rather
-                    // than name a lock file the user never heard of.
-                    RegistryError::Io {
-                        path: self.dir.clone(),
-                        source: io::Error::new(
-                            io::ErrorKind::NotFound,
-                            "the registry's directory does not exist; create it first",
-                        ),
-                    }
-                } else {
-                    RegistryError::Io {
-                        path: lock_path.clone(),
-                        source,
-                    }
+        let file = os::open_lock_file(&lock_path, LOCK_MODE).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                // The only component that can be missing is the directory: say so rather
+                // than name a lock file the user never heard of.
+                RegistryError::Io {
+                    path: self.dir.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "the registry's directory does not exist; create it first",
+                    ),
                 }
-            })?;
+            } else {
+                RegistryError::Io {
+                    path: lock_path.clone(),
+                    source,
+                }
+            }
+        })?;
         LockGuard::acquire(file).map_err(Self::io_error(&lock_path))
     }
 
