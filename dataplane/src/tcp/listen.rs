@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 /// How long a listener outlives its last known holder: a forked child that inherited it (a
 /// daemonizing server, a pre-fork server whose parent exits) claims it within this time.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
-/// Accelerated listeners one container may have.
+/// Accelerated listeners one container may have (more listen unaccelerated, on the overlay).
 const MAX_LISTENERS_PER_CONTAINER: usize = 256;
 
 pub(super) struct LocalListener {
@@ -243,7 +243,10 @@ impl TcpService {
         if !self.listeners.local.contains_key(&key)
             && self.listeners.listeners_of(ip) >= MAX_LISTENERS_PER_CONTAINER
         {
-            return (SockReply::error(req.seq, libc::ENOBUFS), None);
+            // Past the cap the container still listens, unaccelerated: the shim keeps the
+            // kernel's listener in the container, which clients reach over the overlay (a
+            // connect to it finds no accelerated listener and falls back too).
+            return (SockReply::fallback(req.seq), None);
         }
         let overlay = passed.and_then(|fd| match overlay_listener_ok(&fd, req.port) {
             Ok(()) => Some(fd),

@@ -2,9 +2,11 @@
 //! accept4, getsockname, getpeername, close, dup, dup2, dup3, fcntl (F_DUPFD), epoll_create,
 //! epoll_create1, and execve/execv/execvp/execvpe/posix_spawn/posix_spawnp (to pass accelerated
 //! sockets on). Each decides from its arguments whether the call concerns an overlay TCP socket;
-//! if not, it calls the C library unchanged.
+//! if not, it calls the C library unchanged. Each runs behind the panic guard (`guard`): a panic
+//! inside takes the C library's path.
 
 use crate::epoll;
+use crate::guard;
 use crate::real::{self, Endpoint};
 use crate::session::{self, config, debug};
 use crate::state::{self, Accelerated, Role};
@@ -12,6 +14,7 @@ use freeflow_proto::sockmsg::{
     SockOp, SockRequest, SockStatus, FLAG_INET6, FLAG_ORPHAN, FLAG_REUSEPORT,
 };
 use libc::{c_int, sockaddr, socklen_t};
+use std::cell::Cell;
 use std::net::Ipv4Addr;
 use std::os::fd::{IntoRawFd, OwnedFd};
 
@@ -87,6 +90,18 @@ fn fail(errno: c_int) -> c_int {
 /// Called by the application with connect(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    guard::or_else(
+        "connect",
+        // SAFETY: connect(2)'s arguments, as the application gave them.
+        || unsafe { connect_shimmed(fd, addr, len) },
+        // SAFETY: forwarded unchanged.
+        || unsafe { real::connect(fd, addr, len) },
+    )
+}
+
+/// # Safety
+/// As [`connect`].
+unsafe fn connect_shimmed(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: addr/len are the application's connect(2) arguments.
     let Some((ip, port, v6)) = (unsafe { real::read_endpoint(addr, len) }) else {
         // SAFETY: forwarded unchanged.
@@ -168,6 +183,17 @@ fn accelerate_connect(fd: c_int, (ip, port, v6): Endpoint) -> Option<c_int> {
 /// Called by the application with listen(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    guard::or_else(
+        "listen",
+        // SAFETY: listen(2)'s arguments, as the application gave them.
+        || unsafe { listen_shimmed(fd, backlog) },
+        || real::listen(fd, backlog),
+    )
+}
+
+/// # Safety
+/// As [`listen`].
+unsafe fn listen_shimmed(fd: c_int, backlog: c_int) -> c_int {
     if config().prefix.is_none() || state::get(fd).is_some() || !is_stream(fd) {
         return real::listen(fd, backlog);
     }
@@ -282,7 +308,7 @@ fn with_address_out(
     (rc, endpoint)
 }
 
-/// accept(2).
+/// accept(2) (guarded in accept4).
 ///
 /// # Safety
 /// Called by the application with accept(2)'s arguments.
@@ -298,6 +324,23 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
 /// Called by the application with accept4(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    guard::or_else(
+        "accept4",
+        // SAFETY: accept4(2)'s arguments, as the application gave them.
+        || unsafe { accept4_shimmed(fd, addr, len, flags) },
+        // SAFETY: forwarded unchanged.
+        || unsafe { real::accept4(fd, addr, len, flags) },
+    )
+}
+
+/// # Safety
+/// As [`accept4`].
+unsafe fn accept4_shimmed(
     fd: c_int,
     addr: *mut sockaddr,
     len: *mut socklen_t,
@@ -401,6 +444,18 @@ fn adopt_relayed(conn: OwnedFd, fd: c_int, flags: c_int) -> Result<(), c_int> {
 /// Called by the application with getsockname(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    guard::or_else(
+        "getsockname",
+        // SAFETY: getsockname(2)'s arguments, as the application gave them.
+        || unsafe { getsockname_shimmed(fd, addr, len) },
+        // SAFETY: forwarded unchanged.
+        || unsafe { real::getsockname(fd, addr, len) },
+    )
+}
+
+/// # Safety
+/// As [`getsockname`].
+unsafe fn getsockname_shimmed(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     if let Some(s) = state::get(fd) {
         // SAFETY: the application's getsockname arguments.
         if unsafe { real::write_endpoint(addr, len, s.local.0, s.local.1, s.v6) } {
@@ -418,6 +473,18 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut s
 /// Called by the application with getpeername(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    guard::or_else(
+        "getpeername",
+        // SAFETY: getpeername(2)'s arguments, as the application gave them.
+        || unsafe { getpeername_shimmed(fd, addr, len) },
+        // SAFETY: forwarded unchanged.
+        || unsafe { real::getpeername(fd, addr, len) },
+    )
+}
+
+/// # Safety
+/// As [`getpeername`].
+unsafe fn getpeername_shimmed(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     if let Some(s) = state::get(fd) {
         let Some((ip, port)) = s.peer else {
             return fail(libc::ENOTCONN);
@@ -442,9 +509,35 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
 /// Called by the application with close(2)'s argument.
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
-    epoll::closed(fd);
-    unlisten_if_last(state::remove(fd));
-    real::close(fd)
+    guard::or_else(
+        "close",
+        || {
+            epoll::closed(fd);
+            unlisten_if_last(state::remove(fd));
+            real::close(fd)
+        },
+        || real::close(fd),
+    )
+}
+
+/// Runs `call`, the C library's call that makes fd `made` (dup, dup2, dup3, fcntl,
+/// epoll_create), then `bookkeeping` with its result, behind the guard: after a panic, the
+/// call's result stands (without the bookkeeping), or the call is made if it was not.
+fn made_then(
+    name: &str,
+    call: impl Fn() -> c_int,
+    bookkeeping: impl FnOnce(c_int) -> c_int,
+) -> c_int {
+    let made = Cell::new(None);
+    guard::or_else(
+        name,
+        || {
+            let rc = call();
+            made.set(Some(rc));
+            bookkeeping(rc)
+        },
+        || made.get().unwrap_or_else(&call),
+    )
 }
 
 /// dup2(2): the new fd refers to the same socket, so it carries the same overlay addresses.
@@ -453,11 +546,6 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 /// Called by the application with dup2(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
-    if old != new {
-        epoll::closed(new);
-    }
-    let replaced = (old != new).then(|| state::get(new)).flatten();
-    let rc = real::dup3(old, new, 0);
     if old == new {
         // dup2 of an fd onto itself checks validity and does nothing (dup3 refuses it).
         return if real::fcntl_get(old, libc::F_GETFD) < 0 {
@@ -466,11 +554,8 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
             new
         };
     }
-    if rc >= 0 {
-        state::copy(old, new);
-        unlisten_if_last(replaced);
-    }
-    rc
+    // SAFETY: same contract (old != new, so dup3 does what dup2 does).
+    unsafe { dup3(old, new, 0) }
 }
 
 /// After an fd was closed, or replaced by dup2/dup3 (`replaced`: what it was): if it was the
@@ -501,14 +586,22 @@ fn unlisten_if_last(replaced: Option<Accelerated>) {
 /// Called by the application with dup3(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
-    let replaced = (old != new).then(|| state::get(new)).flatten();
-    let rc = real::dup3(old, new, flags);
-    if rc >= 0 {
-        epoll::closed(new);
-        state::copy(old, new);
-        unlisten_if_last(replaced);
-    }
-    rc
+    let replaced = Cell::new(None);
+    made_then(
+        "dup3",
+        || {
+            replaced.set((old != new).then(|| state::get(new)).flatten());
+            real::dup3(old, new, flags)
+        },
+        |rc| {
+            if rc >= 0 {
+                epoll::closed(new);
+                state::copy(old, new);
+                unlisten_if_last(replaced.get());
+            }
+            rc
+        },
+    )
 }
 
 /// dup(2).
@@ -517,11 +610,16 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
 /// Called by the application with dup(2)'s argument.
 #[no_mangle]
 pub unsafe extern "C" fn dup(old: c_int) -> c_int {
-    let new = real::dup(old);
-    if new >= 0 {
-        state::copy(old, new);
-    }
-    new
+    made_then(
+        "dup",
+        || real::dup(old),
+        |new| {
+            if new >= 0 {
+                state::copy(old, new);
+            }
+            new
+        },
+    )
 }
 
 /// fcntl(2): F_DUPFD and F_DUPFD_CLOEXEC make another fd for the same socket; every other
@@ -535,15 +633,20 @@ pub unsafe extern "C" fn dup(old: c_int) -> c_int {
 /// Called by the application with fcntl(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
-    // SAFETY: forwarded as it came.
-    let rc = unsafe { real::fcntl(fd, cmd, arg) };
-    if rc >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
-        state::copy(fd, rc);
-    }
-    rc
+    made_then(
+        "fcntl",
+        // SAFETY: forwarded as it came.
+        || unsafe { real::fcntl(fd, cmd, arg) },
+        |rc| {
+            if rc >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
+                state::copy(fd, rc);
+            }
+            rc
+        },
+    )
 }
 
-/// fcntl64: the name programs built with 64-bit file offsets call.
+/// fcntl64: the name programs built with 64-bit file offsets call (guarded in fcntl).
 ///
 /// # Safety
 /// As [`fcntl`].
@@ -562,7 +665,10 @@ pub unsafe extern "C" fn epoll_create(size: c_int) -> c_int {
     if size <= 0 {
         return fail(libc::EINVAL);
     }
-    let epfd = real::epoll_create1(0);
+    made_then("epoll_create", || real::epoll_create1(0), epoll_created)
+}
+
+fn epoll_created(epfd: c_int) -> c_int {
     epoll::created(epfd);
     epfd
 }
@@ -573,9 +679,11 @@ pub unsafe extern "C" fn epoll_create(size: c_int) -> c_int {
 /// Called by the application with epoll_create1(2)'s argument.
 #[no_mangle]
 pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
-    let epfd = real::epoll_create1(flags);
-    epoll::created(epfd);
-    epfd
+    made_then(
+        "epoll_create1",
+        || real::epoll_create1(flags),
+        epoll_created,
+    )
 }
 
 extern "C" {
@@ -593,8 +701,13 @@ type CStrArray = *const *const libc::c_char;
 /// Called by the application with execve(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn execve(path: CStrArg, argv: CStrArray, envp: CStrArray) -> c_int {
-    // SAFETY: execve's arguments, passed on (the environment with our variable added).
-    unsafe { crate::inherit::with_inherited_fds(envp, |env| real::execve(path, argv, env)) }
+    guard::or_else(
+        "execve",
+        // SAFETY: execve's arguments, passed on (the environment with our variable added).
+        || unsafe { crate::inherit::with_inherited_fds(envp, |env| real::execve(path, argv, env)) },
+        // SAFETY: forwarded unchanged (the sockets lose their overlay names).
+        || unsafe { real::execve(path, argv, envp) },
+    )
 }
 
 /// execvpe(3).
@@ -603,11 +716,18 @@ pub unsafe extern "C" fn execve(path: CStrArg, argv: CStrArray, envp: CStrArray)
 /// Called by the application with execvpe(3)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn execvpe(file: CStrArg, argv: CStrArray, envp: CStrArray) -> c_int {
-    // SAFETY: execvpe's arguments, passed on (the environment with our variable added).
-    unsafe { crate::inherit::with_inherited_fds(envp, |env| real::execvpe(file, argv, env)) }
+    guard::or_else(
+        "execvpe",
+        // SAFETY: execvpe's arguments, passed on (the environment with our variable added).
+        || unsafe {
+            crate::inherit::with_inherited_fds(envp, |env| real::execvpe(file, argv, env))
+        },
+        // SAFETY: forwarded unchanged (the sockets lose their overlay names).
+        || unsafe { real::execvpe(file, argv, envp) },
+    )
 }
 
-/// execv(3).
+/// execv(3) (guarded in execve).
 ///
 /// # Safety
 /// Called by the application with execv(3)'s arguments.
@@ -617,7 +737,7 @@ pub unsafe extern "C" fn execv(path: CStrArg, argv: CStrArray) -> c_int {
     unsafe { execve(path, argv, environ) }
 }
 
-/// execvp(3).
+/// execvp(3) (guarded in execvpe).
 ///
 /// # Safety
 /// Called by the application with execvp(3)'s arguments.
@@ -644,13 +764,19 @@ macro_rules! spawn_passing_sockets {
             argv: *const *mut libc::c_char,
             envp: *const *mut libc::c_char,
         ) -> c_int {
-            // SAFETY: posix_spawn's arguments, passed on (the environment with our variable
-            // added; the C prototype's pointers to mutable strings are not written through).
-            unsafe {
-                crate::inherit::with_inherited_fds(envp.cast(), |env| {
-                    real::posix_spawn($search, pid, path, file_actions, attr, argv, env.cast())
-                })
-            }
+            guard::or_else(
+                stringify!($name),
+                // SAFETY: posix_spawn's arguments, passed on (the environment with our variable
+                // added; the C prototype's pointers to mutable strings are not written
+                // through).
+                || unsafe {
+                    crate::inherit::with_inherited_fds(envp.cast(), |env| {
+                        real::posix_spawn($search, pid, path, file_actions, attr, argv, env.cast())
+                    })
+                },
+                // SAFETY: forwarded unchanged (the sockets lose their overlay names).
+                || unsafe { real::posix_spawn($search, pid, path, file_actions, attr, argv, envp) },
+            )
         }
     )*};
 }

@@ -22,6 +22,7 @@ mod abi;
 mod epoll;
 #[allow(unsafe_code)]
 mod forklock;
+mod guard;
 #[allow(unsafe_code)]
 mod inherit;
 #[allow(unsafe_code)]
@@ -40,6 +41,9 @@ pub static FREEFLOW_FSOCKET_VERSION: [u8; 6] = *b"0.1.0\0";
 /// exec passed on.
 #[allow(unsafe_code)]
 extern "C" fn on_load() {
+    // Not in the crate's unit tests: the test harness reports their panics.
+    #[cfg(not(test))]
+    guard::quiet_panics();
     // SAFETY: registers three `extern "C" fn()` handlers that live as long as the process (this
     // library is never unloaded: it is preloaded).
     unsafe {

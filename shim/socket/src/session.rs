@@ -9,7 +9,7 @@ use freeflow_proto::attach::{attach_socket, AttachError, SocketSession};
 use freeflow_proto::clock::monotonic_ms;
 use freeflow_proto::fdpass;
 use freeflow_proto::sockmsg::{
-    FromRouter, NoticeMeaning, SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN,
+    FromRouter, NoticeMeaning, SockNotice, SockOp, SockReply, SockRequest, SockStatus, SOCKMSG_LEN,
 };
 use ipnet::Ipv4Net;
 use std::collections::HashMap;
@@ -35,10 +35,18 @@ impl Prefix {
     }
 }
 
+/// The default of `FREEFLOW_ROUTER_TIMEOUT_MS`: the router answers in microseconds; a second
+/// without an answer means it is stopped or wedged.
+const DEFAULT_ROUTER_TIMEOUT_MS: u64 = 1000;
+
 pub struct Config {
     pub prefix: Option<Prefix>,
     /// How long a request polls for its reply before sleeping (`FREEFLOW_SPIN_US`).
     pub reply_spin: Duration,
+    /// How long the shim waits for the router, to attach or for a reply
+    /// (`FREEFLOW_ROUTER_TIMEOUT_MS`): a stopped or wedged router costs a call this much, then
+    /// the call takes the normal path.
+    pub router_timeout: Duration,
     pub dir: std::path::PathBuf,
     pub debug: bool,
 }
@@ -62,9 +70,17 @@ pub fn config() -> &'static Config {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
         );
+        let router_timeout = Duration::from_millis(
+            std::env::var("FREEFLOW_ROUTER_TIMEOUT_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&ms: &u64| ms > 0)
+                .unwrap_or(DEFAULT_ROUTER_TIMEOUT_MS),
+        );
         Config {
             prefix,
             reply_spin,
+            router_timeout,
             dir: freeflow_proto::runtime_dir(),
             debug,
         }
@@ -85,9 +101,33 @@ pub(crate) struct Attached {
     /// What the router's notices said (see `SockNotice`).
     notices: Notices,
     /// With no session: when attaching may be tried again (a router restarting, a container
-    /// registered later, a request that timed out).
+    /// registered later). With unanswered requests: when to try the router again anyway.
     retry_at: Instant,
+    /// Requests the router did not answer in time, oldest first. While any is unanswered the
+    /// router is taken as wedged: requests take the normal path at once (until `retry_at`).
+    /// Their replies, when they come, are dropped (a listen's is undone).
+    unanswered: Vec<Unanswered>,
+    /// The wait before the next try of a router that did not answer; doubles while it stays
+    /// silent.
+    backoff: Duration,
 }
+
+/// A request given up on: what its late reply must undo.
+#[derive(Debug, Clone, Copy)]
+struct Unanswered {
+    seq: u32,
+    op: SockOp,
+    port: u16,
+}
+
+/// Unanswered requests remembered at most (the oldest are forgotten: their replies are then
+/// dropped like any reply to an earlier request).
+const MAX_UNANSWERED: usize = 64;
+/// The longest wait before trying a silent router again.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A Resolve waits this much longer than other requests: the router holds one up to a second
+/// for the announcement of the connection (dataplane tcp/resolve.rs, `RESOLVE_WAIT`).
+const RESOLVE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long after the router sent it a notice is trusted. Host ports are reused: a later
 /// notice about the same port overrides an earlier one, but a port reused by a connection
@@ -161,6 +201,8 @@ static SEQ: AtomicU32 = AtomicU32::new(1);
 pub enum Unavailable {
     NotAttached,
     Broken,
+    /// The router did not answer in time (now or an earlier request): stopped or wedged.
+    Wedged,
 }
 
 /// Sends `request` and waits for the reply and the socket that may come with it.
@@ -185,7 +227,10 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
     let mut guard = SESSION.lock();
     let attached = guard.as_mut().filter(|a| a.pid == real::getpid())?;
     let Attached {
-        session, notices, ..
+        session,
+        notices,
+        unanswered,
+        ..
     } = attached;
     // What waits on the session first, in order: a notice kept from earlier may be stale (host
     // ports are reused), a later one replaces or takes it back.
@@ -205,9 +250,9 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
         match fdpass::recv_with_fds(session.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
             Ok(got) if got.len == SOCKMSG_LEN && !got.truncated => {
                 match FromRouter::decode(&buf[..got.len]) {
-                    Ok(FromRouter::Notice(n)) => notices.remember(n),
-                    // Nothing else comes unasked; stop reading the session if it does.
-                    _ => break,
+                    Ok(msg) => absorb(session.conn.as_fd(), notices, unanswered, msg, got.fds),
+                    // Stop reading the session; the next request finds out.
+                    Err(_) => break,
                 }
             }
             Err(e)
@@ -248,79 +293,48 @@ fn call_locked(
     mut request: SockRequest,
     passing: &[BorrowedFd<'_>],
 ) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
-    let pid = real::getpid();
-    let attach_now = guard
-        .as_ref()
-        .is_none_or(|a| a.pid != pid || (a.session.is_none() && Instant::now() >= a.retry_at));
-    if attach_now {
-        let session = match attach_socket(&config().dir, Duration::from_secs(2)) {
-            Ok(s) => {
-                debug(format_args!(
-                    "attached as container {} ({})",
-                    s.info.container, s.info.ip
-                ));
-                Some(s)
-            }
-            Err(AttachError::Refused { message, .. }) => {
-                debug(format_args!("not accelerated: {message}"));
-                None
-            }
-            Err(e) => {
-                debug(format_args!("not accelerated: {e}"));
-                None
-            }
-        };
-        // A session inherited from the parent is forgotten without closing its fd here: the
-        // child's copy closes with the OwnedFd drop, the parent's stays open.
-        *guard = Some(Attached {
-            pid,
-            session,
-            notices: Notices::default(),
-            retry_at: Instant::now() + REATTACH_INTERVAL,
-        });
+    let attached = attached(guard);
+    if !attached.unanswered.is_empty() {
+        // The router may have come back: its late replies are waiting.
+        attached.drain();
+        if !attached.unanswered.is_empty() && Instant::now() < attached.retry_at {
+            return Err(Unavailable::Wedged);
+        }
     }
-    let attached = guard.as_mut().expect("set above");
-    let Some(session) = attached.session.as_ref() else {
+    request.seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let mut wait = config().router_timeout;
+    if request.op == SockOp::Resolve {
+        wait += RESOLVE_GRACE;
+    }
+    let Attached {
+        session,
+        notices,
+        unanswered,
+        ..
+    } = &mut *attached;
+    let Some(conn) = session.as_ref().map(|s| s.conn.as_fd()) else {
         return Err(Unavailable::NotAttached);
     };
-    request.seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let mut notices = Vec::new();
-    let mut exchange = || -> Result<(SockReply, Option<OwnedFd>), String> {
-        loop {
-            match fdpass::send_with_fds(session.conn.as_fd(), &request.encode(), passing) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.to_string()),
-                Ok(_) => break,
-            }
-        }
-        let mut buf = [0u8; SOCKMSG_LEN + 1];
-        // Notices may come before the reply; each is kept. Bounded like `noticed`.
-        for _ in 0..4096 {
-            let got = receive(session.conn.as_fd(), &mut buf).map_err(|e| e.to_string())?;
-            if got.len == 0 {
-                return Err("router closed the connection".into());
-            }
-            let reply = match FromRouter::decode(&buf[..got.len]).map_err(|e| e.to_string())? {
-                FromRouter::Notice(n) => {
-                    notices.push(n);
-                    continue;
-                }
-                FromRouter::Reply(reply) => reply,
-            };
-            if reply.seq != request.seq {
-                return Err(format!("reply {} to request {}", reply.seq, request.seq));
-            }
-            return Ok((reply, got.fds.into_iter().next()));
-        }
-        Err("no reply among the router's notices".into())
-    };
-    let outcome = exchange();
-    for n in notices {
-        attached.notices.remember(n);
-    }
+    let outcome = exchange(conn, &request, passing, Instant::now() + wait, |msg, fd| {
+        absorb(conn, notices, unanswered, msg, fd)
+    });
     match outcome {
-        Ok(r) => Ok(r),
-        Err(e) => {
+        Ok(r) => {
+            // Answered: whatever came before was answered first (the router serves a process's
+            // requests in order) or is lost.
+            attached.unanswered.clear();
+            attached.backoff = REATTACH_INTERVAL;
+            Ok(r)
+        }
+        Err(Failure::TimedOut) => {
+            debug(format_args!(
+                "router did not answer {:?} within {wait:?}; normal path",
+                request.op
+            ));
+            attached.gave_up(&request);
+            Err(Unavailable::Wedged)
+        }
+        Err(Failure::Broken(e)) => {
             // The router went away or misbehaved: stop using it (new connections take the
             // normal path; established ones are host sockets and do not need it).
             debug(format_args!("router unavailable: {e}"));
@@ -328,6 +342,206 @@ fn call_locked(
             attached.retry_at = Instant::now() + REATTACH_INTERVAL;
             Err(Unavailable::Broken)
         }
+    }
+}
+
+/// This process's attachment, attaching first if it has none (or inherited its parent's) or
+/// if the time to try again has come.
+fn attached(guard: &mut Option<Attached>) -> &mut Attached {
+    let pid = real::getpid();
+    let attach_now = guard
+        .as_ref()
+        .is_none_or(|a| a.pid != pid || (a.session.is_none() && Instant::now() >= a.retry_at));
+    if attach_now {
+        let backoff = guard
+            .as_ref()
+            .filter(|a| a.pid == pid)
+            .map_or(REATTACH_INTERVAL, |a| a.backoff);
+        // A session inherited from the parent is forgotten without closing its fd here: the
+        // child's copy closes with the OwnedFd drop, the parent's stays open.
+        *guard = Some(Attached::attach(pid, backoff));
+    }
+    guard.get_or_insert_with(|| Attached::attach(pid, REATTACH_INTERVAL))
+}
+
+impl Attached {
+    /// Attaches to the router, waiting at most the router timeout (for its answer; a blocked
+    /// send or receive gives up after it too: the attach sets SO_SNDTIMEO and SO_RCVTIMEO).
+    fn attach(pid: i32, backoff: Duration) -> Attached {
+        let mut attached = Attached {
+            pid,
+            session: None,
+            notices: Notices::default(),
+            retry_at: Instant::now() + REATTACH_INTERVAL,
+            unanswered: Vec::new(),
+            backoff,
+        };
+        match attach_socket(&config().dir, config().router_timeout) {
+            Ok(s) => {
+                debug(format_args!(
+                    "attached as container {} ({})",
+                    s.info.container, s.info.ip
+                ));
+                attached.session = Some(s);
+                attached.backoff = REATTACH_INTERVAL;
+            }
+            Err(AttachError::Refused { message, .. }) => {
+                debug(format_args!("not accelerated: {message}"));
+            }
+            // No router there (it is restarting, or down): failing costs nothing, so the
+            // interval stays short.
+            Err(e @ AttachError::Unreachable { .. }) => {
+                debug(format_args!("not accelerated: {e}"));
+            }
+            Err(e) => {
+                // No answer (a stopped router takes the connection but says nothing): try
+                // again later and later.
+                debug(format_args!("not accelerated: {e}"));
+                attached.back_off();
+            }
+        }
+        attached
+    }
+
+    /// `request` got no answer in time: its reply, if it comes, is to be dropped, and the
+    /// router is left alone for a while.
+    fn gave_up(&mut self, request: &SockRequest) {
+        if self.unanswered.len() >= MAX_UNANSWERED {
+            self.unanswered.remove(0);
+        }
+        self.unanswered.push(Unanswered {
+            seq: request.seq,
+            op: request.op,
+            port: request.port,
+        });
+        self.back_off();
+    }
+
+    fn back_off(&mut self) {
+        self.retry_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Reads what waits on the session without blocking: notices and late replies.
+    fn drain(&mut self) {
+        let Attached {
+            session,
+            notices,
+            unanswered,
+            ..
+        } = self;
+        let Some(conn) = session.as_ref().map(|s| s.conn.as_fd()) else {
+            return;
+        };
+        let mut buf = [0u8; SOCKMSG_LEN + 1];
+        for _ in 0..4096 {
+            match fdpass::recv_with_fds(conn, &mut buf, libc::MSG_DONTWAIT) {
+                Ok(got) if got.len == SOCKMSG_LEN && !got.truncated => {
+                    match FromRouter::decode(&buf[..got.len]) {
+                        Ok(msg) => absorb(conn, notices, unanswered, msg, got.fds),
+                        Err(_) => break,
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => break,
+            }
+        }
+        // The router closed the connection, or sent what it must not: stop using it.
+        *session = None;
+        self.retry_at = Instant::now() + REATTACH_INTERVAL;
+    }
+}
+
+/// Why an exchange got no reply.
+enum Failure {
+    /// Nothing within the time allowed: the router is stopped or wedged.
+    TimedOut,
+    /// The connection failed or the router broke the protocol.
+    Broken(String),
+}
+
+/// Sends `request` on `conn` and waits until `deadline` for its reply (at most one router
+/// timeout past it: see [`receive`]); every other message meanwhile goes to `absorb`.
+fn exchange(
+    conn: BorrowedFd<'_>,
+    request: &SockRequest,
+    passing: &[BorrowedFd<'_>],
+    deadline: Instant,
+    mut absorb: impl FnMut(FromRouter, Vec<OwnedFd>),
+) -> Result<(SockReply, Option<OwnedFd>), Failure> {
+    loop {
+        match fdpass::send_with_fds(conn, &request.encode(), passing) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Failure::TimedOut),
+            Err(e) => return Err(Failure::Broken(e.to_string())),
+            Ok(_) => break,
+        }
+    }
+    let mut buf = [0u8; SOCKMSG_LEN + 1];
+    // Notices may come before the reply, and late replies to requests given up on. Bounded
+    // like `noticed`.
+    for _ in 0..4096 {
+        let got = receive(conn, &mut buf, deadline).map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut => Failure::TimedOut,
+            _ => Failure::Broken(e.to_string()),
+        })?;
+        if got.len == 0 {
+            return Err(Failure::Broken("router closed the connection".into()));
+        }
+        let msg =
+            FromRouter::decode(&buf[..got.len]).map_err(|e| Failure::Broken(e.to_string()))?;
+        match msg {
+            FromRouter::Reply(reply) if reply.seq == request.seq => {
+                return Ok((reply, got.fds.into_iter().next()));
+            }
+            other => absorb(other, got.fds),
+        }
+    }
+    Err(Failure::Broken(
+        "no reply among the router's notices".into(),
+    ))
+}
+
+/// Takes in a message from the router that is not the reply awaited: a notice is kept; a reply
+/// is late (its request was given up on, or is an Unlisten sent here): its socket is closed,
+/// and a listen that the router set up after all is taken back (the application listens in
+/// the container instead, on the socket the router got with the request).
+fn absorb(
+    conn: BorrowedFd<'_>,
+    notices: &mut Notices,
+    unanswered: &mut Vec<Unanswered>,
+    msg: FromRouter,
+    fds: Vec<OwnedFd>,
+) {
+    drop(fds);
+    let reply = match msg {
+        FromRouter::Notice(n) => return notices.remember(n),
+        FromRouter::Reply(reply) => reply,
+    };
+    let Some(at) = unanswered.iter().position(|u| u.seq == reply.seq) else {
+        return;
+    };
+    let given_up = unanswered.remove(at);
+    debug(format_args!(
+        "late reply to {:?} (request {}) dropped",
+        given_up.op, given_up.seq
+    ));
+    let listening = (reply.ip, reply.port);
+    if given_up.op == SockOp::Listen
+        && reply.status == SockStatus::Ok
+        && !state::holds_listener(listening)
+    {
+        let unlisten = SockRequest {
+            op: SockOp::Unlisten,
+            flags: 0,
+            seq: SEQ.fetch_add(1, Ordering::Relaxed),
+            ip: reply.ip,
+            port: given_up.port,
+            backlog: 0,
+        };
+        // Its reply is dropped as late when it comes.
+        let _ = fdpass::send_with_fds(conn, &unlisten.encode(), &[]);
     }
 }
 
@@ -423,16 +637,11 @@ fn wait_for_hangup(conn: BorrowedFd<'_>) {
 /// fresh overlay listener for clients without Freeflow. False if the router is not there yet.
 fn relisten_all() -> bool {
     let mut guard = SESSION.lock();
-    let session = match attach_socket(&config().dir, Duration::from_secs(2)) {
-        Ok(s) => s,
-        Err(_) => return false,
-    };
-    *guard = Some(Attached {
-        pid: real::getpid(),
-        session: Some(session),
-        notices: Notices::default(),
-        retry_at: Instant::now(),
-    });
+    let attached = Attached::attach(real::getpid(), REATTACH_INTERVAL);
+    if attached.session.is_none() {
+        return false;
+    }
+    *guard = Some(attached);
     let mut done = Vec::new();
     for (fd, s) in state::snapshot() {
         if s.role != state::Role::Listener || done.contains(&s.local.1) {
@@ -489,10 +698,17 @@ fn overlay_listener(port: u16, v6: bool) -> Option<OwnedFd> {
 }
 
 /// Receives the router's next message: polls for up to `FREEFLOW_SPIN_US` (the router answers
-/// in a few microseconds, and being woken can cost more than that), then blocks.
-fn receive(conn: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<fdpass::Received> {
+/// in a few microseconds, and being woken can cost more than that), then blocks until
+/// `deadline` (`TimedOut` after it). A blocking receive ends at the latest after the router
+/// timeout (SO_RCVTIMEO, set at attach), so the wait ends at most that long after `deadline`
+/// even when signals keep interrupting it; no system call is added to wait.
+fn receive(
+    conn: BorrowedFd<'_>,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> std::io::Result<fdpass::Received> {
     let spin = config().reply_spin;
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     while start.elapsed() < spin {
         match fdpass::recv_with_fds(conn, buf, libc::MSG_DONTWAIT) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
@@ -500,9 +716,18 @@ fn receive(conn: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<fdpass::Rece
         }
     }
     loop {
-        // A signal in the application is no reason to give up on the router.
         match fdpass::recv_with_fds(conn, buf, 0) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // A signal in the application, or SO_RCVTIMEO: wait on while there is time left.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                if Instant::now() >= deadline {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+            }
             other => return other,
         }
     }
