@@ -307,11 +307,14 @@ fn handshake(
 ) -> Result<(OwnedFd, AttachInfo, Vec<OwnedFd>), AttachError> {
     let path = dir.join(crate::ROUTER_SOCKET);
     let conn = fdpass::unix_socket(libc::SOCK_SEQPACKET)?;
+    // Before connecting: a Unix connect waits for room in the listener's queue for at most
+    // SO_SNDTIMEO (then EAGAIN). A router that is stopped, or whose queue someone else filled,
+    // must cost the shim this timeout, not a connect that blocks until the router accepts.
+    fdpass::set_timeouts(conn.as_fd(), timeout)?;
     fdpass::connect_unix(conn.as_fd(), &path).map_err(|source| AttachError::Unreachable {
         path: path.display().to_string(),
         source,
     })?;
-    fdpass::set_timeouts(conn.as_fd(), timeout)?;
     fdpass::send_with_fds(conn.as_fd(), &Hello::new(kind).encode(), &[])?;
     let mut buf = vec![0u8; WELCOME_HEADER_LEN + MAX_WELCOME_TEXT + 1];
     let got = fdpass::recv_with_fds(conn.as_fd(), &mut buf, 0)?;
