@@ -5,7 +5,6 @@
 //! No unsafe code: its system calls are `freeflow-os`'s.
 #![deny(unsafe_code)]
 
-mod child;
 mod cli;
 mod idle;
 mod probe;

@@ -16,10 +16,10 @@
 //! blocked and collected (see `signals`), the measuring program is killed, and the namespace, the
 //! router and its directory are removed before the experiment ends with an error.
 
-use crate::child::Pipes;
 use crate::router::PrivateRouter;
-use crate::signals::Interrupts;
+use crate::signals::{interrupted, Interrupts, CHILD_PAUSE};
 use crate::stats::median;
+use freeflow_os::child::{self, Ended, Limits};
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::identity::NetnsId;
 use freeflow_proto::report::{Progress, RdmaReport, RdmaSample};
@@ -27,14 +27,21 @@ use hdrhistogram::Histogram;
 use serde::Deserialize;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// The measuring program.
 const PROGRAM: &str = include_str!("rdma_bench.c");
 /// Longest one run of the measuring program may take before it is killed (the defaults take a
 /// few seconds).
 const RUN_LIMIT: Duration = Duration::from_secs(300);
+/// How the measuring program runs: killed after [`RUN_LIMIT`] or on a termination signal, looked
+/// at every [`CHILD_PAUSE`] (SIGCHLD ends the wait when it exits).
+const PROGRAM_LIMITS: Limits = Limits {
+    run: Some(RUN_LIMIT),
+    pause: CHILD_PAUSE,
+    ..Limits::DEFAULT
+};
 
 pub struct Options {
     pub reps: usize,
@@ -102,43 +109,51 @@ fn compile(dir: &Path) -> Result<PathBuf, String> {
     Ok(binary)
 }
 
+/// One run of the measuring program; it is killed on a termination signal (then `Err` naming
+/// it) or after [`RUN_LIMIT`].
 fn one_run(
     router: &PrivateRouter,
     ns: &str,
     program: &Path,
     opts: &Options,
-    stop: &Interrupts,
+    mut stop: &Interrupts,
 ) -> Result<RdmaSample, String> {
     stop.check()?;
-    let mut child = start_program(router, ns, program, opts)?;
+    let started = child::start(&mut program_command(router, ns, program, opts))
+        .map_err(|e| format!("running the measuring program: {e}"))?;
     // Both pipes are read while waiting: the round-trip samples alone are a few hundred KB.
-    let pipes = Pipes::take(&mut child);
-    let status = wait_bounded(&mut child, stop)?;
-    let (stdout, stderr) = pipes.join();
-    if !status.success() {
+    let done =
+        child::watch(started, &PROGRAM_LIMITS, &mut stop).map_err(|e| format!("wait: {e}"))?;
+    match done.ended {
+        Ended::Interrupted(sig) => return Err(interrupted(sig)),
+        Ended::TimedOut => {
+            stop.check()?;
+            return Err(format!(
+                "the measuring program did not finish within {RUN_LIMIT:?} and was killed"
+            ));
+        }
+        Ended::Exited => {}
+    }
+    if !done.status.success() {
         // A Ctrl-C from the terminal reaches the program too; say why it failed.
         stop.check()?;
         return Err(format!(
-            "the measuring program failed ({status}): {}",
-            stderr.trim()
+            "the measuring program failed ({}): {}",
+            done.status,
+            done.stderr.trim()
         ));
     }
-    sample_of(&stdout)
+    sample_of(&done.stdout)
 }
 
-/// Starts the measuring program in namespace `ns`, with Freeflow's verbs library and the
-/// router's directory, its output piped.
-fn start_program(
-    router: &PrivateRouter,
-    ns: &str,
-    program: &Path,
-    opts: &Options,
-) -> Result<Child, String> {
+/// The measuring program in namespace `ns`, with Freeflow's verbs library and the router's
+/// directory.
+fn program_command(router: &PrivateRouter, ns: &str, program: &Path, opts: &Options) -> Command {
     // `ip netns exec` and `env` exec the program, so the child is the program itself and
     // killing it leaves nothing behind (unlike `timeout`, which runs it in a process group of
     // its own).
-    Command::new("ip")
-        .args(["netns", "exec", ns, "env"])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "env"])
         .arg(format!("FREEFLOW_DIR={}", router.dir().display()))
         .arg(format!(
             "LD_LIBRARY_PATH={}",
@@ -149,33 +164,8 @@ fn start_program(
         .arg(opts.app_core.to_string())
         .arg(opts.messages.to_string())
         .arg(opts.samples.to_string())
-        .arg(opts.bw_ops.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running the measuring program: {e}"))
-}
-
-/// Waits for the measuring program; kills it on a termination signal (then `Err` naming it) or
-/// after [`RUN_LIMIT`].
-fn wait_bounded(child: &mut Child, stop: &Interrupts) -> Result<ExitStatus, String> {
-    let deadline = Instant::now() + RUN_LIMIT;
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| format!("wait: {e}"))? {
-            return Ok(status);
-        }
-        // SIGCHLD ends this wait when the program exits.
-        let interrupted = stop.wait(Duration::from_millis(200)).is_some();
-        if interrupted || Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            stop.check()?;
-            return Err(format!(
-                "the measuring program did not finish within {RUN_LIMIT:?} and was killed"
-            ));
-        }
-    }
+        .arg(opts.bw_ops.to_string());
+    cmd
 }
 
 /// One repetition's numbers from the program's output: one JSON [`Phase`] per line.

@@ -4,11 +4,12 @@
 //! its daemons and its servers behind. Instead the termination signals are blocked and read from
 //! a signalfd (`freeflow-os`) while the experiment waits for its children, so it stops at the
 //! next step and its `Drop`-based teardown runs. SIGCHLD is blocked and read too: it is what wakes
-//! the wait when a child exits, so waiting costs no polling.
+//! the wait when a child exits, so waiting costs no polling. The children are run with
+//! `freeflow_os::child`, with [`Interrupts`] as the watcher that kills them on a signal.
 
 use std::cell::Cell;
+use std::io;
 use std::os::fd::AsFd;
-use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use freeflow_os::child::{Stop, Watcher};
@@ -77,34 +78,23 @@ impl Interrupts {
             }
         }
     }
+}
 
-    /// Waits for `child` to exit; on a termination signal kills it (SIGKILL: our children hold
-    /// nothing that their own exit would release better) and returns `Err`.
-    pub fn wait_child(&self, child: &mut Child) -> Result<ExitStatus, String> {
-        loop {
-            if let Some(status) = child.try_wait().map_err(|e| format!("wait: {e}"))? {
-                return Ok(status);
-            }
-            // SIGCHLD ends this wait when the child exits; the timeout only bounds the cost of
-            // a SIGCHLD taken by an earlier wait for another child.
-            if let Some(sig) = self.wait(Duration::from_millis(200)) {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(interrupted(sig));
-            }
-        }
+/// An experiment's child run with `freeflow_os::child` is killed on a termination signal
+/// (SIGKILL: our children hold nothing that their own exit would release better). SIGCHLD ends
+/// the wait when the child exits; the pause ([`CHILD_PAUSE`]) only bounds the cost of a SIGCHLD
+/// taken by an earlier wait for another child.
+impl Watcher for &Interrupts {
+    fn wait(&mut self, pause: Duration) -> io::Result<Option<Stop>> {
+        Ok(Interrupts::wait(self, pause).map(Stop::Kill))
     }
 }
 
-/// An experiment's child run with `freeflow_os::child::run` is killed on a termination signal
-/// (SIGKILL, as in [`Interrupts::wait_child`]).
-impl Watcher for Interrupts {
-    fn wait(&mut self, pause: Duration) -> Option<Stop> {
-        Interrupts::wait(self, pause).map(Stop::Kill)
-    }
-}
+/// The longest pause between two looks at a running child (see the [`Watcher`] above).
+pub const CHILD_PAUSE: Duration = Duration::from_millis(200);
 
-fn interrupted(sig: i32) -> String {
+/// The error that says which signal ended the experiment.
+pub fn interrupted(sig: i32) -> String {
     let name = match sig {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",

@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The control plane's OS calls, also under their former path `supervise::os` (the CLI, the
-/// daemon, the demo and the tests still name them so).
+/// daemon and the tests still name them so; remove this once they name `crate::os`).
 pub use crate::os;
 
 /// Errors while starting or stopping the router.

@@ -4,6 +4,9 @@
 //!
 //! The demo runs every step this way (forwarding a signal so the step cleans up), the bench its
 //! experiments' commands and its RDMA measuring program (killing on a signal or the deadline).
+//!
+//! [`run`] starts the child and watches it; a caller that tells a failed start from a failed
+//! wait calls its two halves, [`start`] and [`watch`].
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -21,18 +24,25 @@ pub struct Limits {
     /// After the child exited, how long to wait for its pipes to close (a grandchild that
     /// inherited them may hold them open).
     pub pipes: Duration,
-    /// The longest pause between two looks at the child (the watcher's wait).
+    /// The longest pause between two looks at the child (the watcher's wait; once the child
+    /// exited, the wait for its pipes).
     pub pause: Duration,
+}
+
+impl Limits {
+    /// No run limit, 30 s to clean up, 2 s for the pipes, a look every 20 ms (also
+    /// `Limits::default()`; this one is for constants: `..Limits::DEFAULT`).
+    pub const DEFAULT: Limits = Limits {
+        run: None,
+        cleanup: Duration::from_secs(30),
+        pipes: Duration::from_secs(2),
+        pause: Duration::from_millis(20),
+    };
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits {
-            run: None,
-            cleanup: Duration::from_secs(30),
-            pipes: Duration::from_secs(2),
-            pause: Duration::from_millis(20),
-        }
+        Limits::DEFAULT
     }
 }
 
@@ -52,8 +62,9 @@ pub trait Watcher {
     /// A line the child wrote to stderr (without its newline).
     fn stderr_line(&mut self, _line: &str) {}
     /// Waits up to `pause` for a reason to end the child early (a termination signal arrived):
-    /// this wait is the run's pause between two looks at the child.
-    fn wait(&mut self, pause: Duration) -> Option<Stop>;
+    /// this wait is the run's pause between two looks at the child. An error (the watcher
+    /// cannot watch) ends the run with it, the child left as it is.
+    fn wait(&mut self, pause: Duration) -> io::Result<Option<Stop>>;
     /// The run acted on `stop`: the first reason to stop that came while the child ran (later
     /// ones change nothing).
     fn stopping(&mut self, _stop: Stop) {}
@@ -64,9 +75,9 @@ pub trait Watcher {
 pub struct Sleeper;
 
 impl Watcher for Sleeper {
-    fn wait(&mut self, pause: Duration) -> Option<Stop> {
+    fn wait(&mut self, pause: Duration) -> io::Result<Option<Stop>> {
         std::thread::sleep(pause);
-        None
+        Ok(None)
     }
 }
 
@@ -95,13 +106,24 @@ pub struct Finished {
 }
 
 /// Runs `cmd` (stdin from /dev/null, stdout and stderr piped) to completion within `limits`,
-/// telling `watcher` what happens. Fails only if the child cannot be started or waited for.
+/// telling `watcher` what happens: [`start`], then [`watch`]. Fails only if the child cannot be
+/// started or waited for, or the watcher fails.
 pub fn run(cmd: &mut Command, limits: &Limits, watcher: &mut dyn Watcher) -> io::Result<Finished> {
-    let mut child = cmd
-        .stdin(Stdio::null())
+    watch(start(cmd)?, limits, watcher)
+}
+
+/// Starts `cmd` with stdin from /dev/null and stdout and stderr piped, for [`watch`].
+pub fn start(cmd: &mut Command) -> io::Result<Child> {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()?;
+        .spawn()
+}
+
+/// Runs a child that [`start`] started to completion within `limits`, telling `watcher` what
+/// happens. Fails only if the child cannot be waited for or the watcher fails; the child is then
+/// left as it is.
+pub fn watch(mut child: Child, limits: &Limits, watcher: &mut dyn Watcher) -> io::Result<Finished> {
     watcher.started(child.id());
     let mut run = Run::new(&mut child, limits);
     loop {
@@ -109,7 +131,12 @@ pub fn run(cmd: &mut Command, limits: &Limits, watcher: &mut dyn Watcher) -> io:
         if let Some(finished) = run.finished()? {
             return Ok(finished);
         }
-        if let Some(stop) = watcher.wait(limits.pause) {
+        if run.exited() {
+            // Only its pipes are left to read: wait for them, not for the watcher's pause.
+            run.await_output(watcher);
+            continue;
+        }
+        if let Some(stop) = watcher.wait(limits.pause)? {
             if run.stop(stop) {
                 watcher.stopping(stop);
             }
@@ -171,21 +198,43 @@ impl<'a> Run<'a> {
     fn take_output(&mut self, watcher: &mut dyn Watcher) {
         loop {
             match self.output.try_recv() {
-                Ok(Output::Stdout(bytes)) => self.stdout = Some(bytes),
-                Ok(Output::StderrLine(line)) => {
-                    watcher.stderr_line(&line);
-                    self.stderr.push_str(&line);
-                    self.stderr.push('\n');
-                }
-                Ok(Output::StderrClosed) => self.stderr_closed = true,
+                Ok(output) => self.accept(output, watcher),
                 Err(mpsc::TryRecvError::Empty) => return,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    self.stdout.get_or_insert_with(Vec::new);
-                    self.stderr_closed = true;
-                    return;
-                }
+                Err(mpsc::TryRecvError::Disconnected) => return self.readers_gone(),
             }
         }
+    }
+
+    /// Waits up to the pause for the readers' next message (the child has exited, so there is
+    /// nothing else to wait for), and takes it.
+    fn await_output(&mut self, watcher: &mut dyn Watcher) {
+        match self.output.recv_timeout(self.limits.pause) {
+            Ok(output) => self.accept(output, watcher),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => self.readers_gone(),
+        }
+    }
+
+    fn accept(&mut self, output: Output, watcher: &mut dyn Watcher) {
+        match output {
+            Output::Stdout(bytes) => self.stdout = Some(bytes),
+            Output::StderrLine(line) => {
+                watcher.stderr_line(&line);
+                self.stderr.push_str(&line);
+                self.stderr.push('\n');
+            }
+            Output::StderrClosed => self.stderr_closed = true,
+        }
+    }
+
+    /// Both readers are done (and sent all they had).
+    fn readers_gone(&mut self) {
+        self.stdout.get_or_insert_with(Vec::new);
+        self.stderr_closed = true;
+    }
+
+    fn exited(&self) -> bool {
+        self.exited.is_some()
     }
 
     /// The result, once the child has exited and its pipes are read (or their grace is over).
@@ -255,7 +304,8 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Sends each line of `pipe` (invalid UTF-8 replaced), then that it closed.
+/// Sends each line of `pipe` (without its `\n` or `\r\n`, as `BufRead::lines` gives it; invalid
+/// UTF-8 replaced), then that it closed.
 fn read_lines(pipe: impl Read, tx: &mpsc::Sender<Output>) {
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::new();
@@ -266,6 +316,9 @@ fn read_lines(pipe: impl Read, tx: &mpsc::Sender<Output>) {
             Ok(_) => {
                 if line.last() == Some(&b'\n') {
                     line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
                 }
                 let text = String::from_utf8_lossy(&line).into_owned();
                 if tx.send(Output::StderrLine(text)).is_err() {
@@ -303,12 +356,13 @@ mod tests {
         fn stderr_line(&mut self, line: &str) {
             self.lines.push(line.to_owned());
         }
-        fn wait(&mut self, pause: Duration) -> Option<Stop> {
+        fn wait(&mut self, pause: Duration) -> io::Result<Option<Stop>> {
             self.waits += 1;
             std::thread::sleep(pause);
-            self.stop_after
+            Ok(self
+                .stop_after
                 .filter(|&(n, _)| self.waits >= n)
-                .map(|(_, stop)| stop)
+                .map(|(_, stop)| stop))
         }
         fn stopping(&mut self, stop: Stop) {
             self.stopping.push(stop);
@@ -355,6 +409,34 @@ mod tests {
         assert_eq!(done.ended, Ended::TimedOut);
         assert!(done.status.code().is_none());
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn stderr_lines_lose_their_line_ends_as_with_buf_read_lines() {
+        let mut watcher = Recorder::default();
+        let script = "printf 'dos\\r\\nunix\\nlast\\r' >&2";
+        let done = run(&mut sh(script), &Limits::default(), &mut watcher).unwrap();
+        assert_eq!(watcher.lines, ["dos", "unix", "last\r"]);
+        assert_eq!(done.stderr, "dos\nunix\nlast\r\n");
+    }
+
+    /// A watcher that cannot watch.
+    struct Blind;
+
+    impl Watcher for Blind {
+        fn wait(&mut self, _pause: Duration) -> io::Result<Option<Stop>> {
+            Err(io::Error::other("blind"))
+        }
+    }
+
+    #[test]
+    fn a_failing_watcher_ends_the_run_with_its_error() {
+        let child = start(&mut sh("exec sleep 30")).unwrap();
+        let pid = child.id() as i32;
+        let err = watch(child, &Limits::default(), &mut Blind).unwrap_err();
+        assert_eq!(err.to_string(), "blind");
+        // The child was left as it was: still there to be signalled.
+        crate::signals::send_signal(pid, libc::SIGKILL).unwrap();
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! which maps it and validates the header against the file's real size before using it. The
 //! router never reads the header back: it addresses the rings with the layout it created.
 
+use crate::codec;
 use crate::ring::RingGeometry;
 use crate::RingMemory;
 use freeflow_os::memfd;
@@ -119,6 +120,36 @@ pub const HEADER_SIZE: usize = 256;
 /// Largest region the shim accepts (a sanity bound on what a router may ask it to map).
 pub const MAX_REGION_SIZE: usize = 1 << 30;
 
+/// The header's fields: the region's at the front, then from [`field::RINGS`] one entry of
+/// [`field::RING_ENTRY`] bytes per ring, whose fields are offsets inside the entry. The rest of
+/// the [`HEADER_SIZE`] bytes are zero.
+mod field {
+    use std::ops::Range;
+    pub const MAGIC: Range<usize> = 0..8;
+    pub const VERSION: Range<usize> = 8..12;
+    pub const RING_COUNT: Range<usize> = 12..16;
+    /// The region's size in bytes, which the shim checks against the file's.
+    pub const SIZE: Range<usize> = 16..24;
+    /// Where the ring entries start (24..32 is reserved).
+    pub const RINGS: usize = 32;
+    /// Bytes of one ring entry.
+    pub const RING_ENTRY: usize = 16;
+    /// Where the ring starts in the region.
+    pub const RING_OFFSET: Range<usize> = 0..8;
+    pub const SLOT_SIZE: Range<usize> = 8..12;
+    pub const SLOT_COUNT: Range<usize> = 12..16;
+
+    /// Ring `i`'s entry in the header.
+    pub fn ring(i: usize) -> Range<usize> {
+        let start = RINGS + i * RING_ENTRY;
+        start..start + RING_ENTRY
+    }
+
+    // Every entry the header may hold (one more than the most rings, which `attach` reads to
+    // reject a count over the limit) ends inside the header.
+    const _: () = assert!(RINGS + (super::MAX_RINGS + 1) * RING_ENTRY <= super::HEADER_SIZE);
+}
+
 /// Errors setting up or attaching a region.
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
@@ -184,15 +215,15 @@ impl SharedRegion {
         memfd::add_seals(fd.as_fd(), memfd::FIXED_SIZE_SEALS).map_err(os("F_ADD_SEALS"))?;
         let mapping = Arc::new(Mapping::map_fd(fd.as_fd(), size).map_err(os("mmap"))?);
         let mut header = [0u8; HEADER_SIZE];
-        header[0..8].copy_from_slice(&REGION_MAGIC);
-        header[8..12].copy_from_slice(&REGION_VERSION.to_le_bytes());
-        header[12..16].copy_from_slice(&(placed.len() as u32).to_le_bytes());
-        header[16..24].copy_from_slice(&(size as u64).to_le_bytes());
+        codec::put(&mut header, field::MAGIC, REGION_MAGIC);
+        codec::put(&mut header, field::VERSION, REGION_VERSION);
+        codec::put(&mut header, field::RING_COUNT, placed.len() as u32);
+        codec::put(&mut header, field::SIZE, size as u64);
         for (i, (offset, geometry)) in placed.iter().enumerate() {
-            let at = 32 + i * 16;
-            header[at..at + 8].copy_from_slice(&(*offset as u64).to_le_bytes());
-            header[at + 8..at + 12].copy_from_slice(&geometry.slot_size.to_le_bytes());
-            header[at + 12..at + 16].copy_from_slice(&geometry.slot_count.to_le_bytes());
+            let ring = &mut header[field::ring(i)];
+            codec::put(ring, field::RING_OFFSET, *offset as u64);
+            codec::put(ring, field::SLOT_SIZE, geometry.slot_size);
+            codec::put(ring, field::SLOT_COUNT, geometry.slot_count);
         }
         mapping.write_bytes(0, &header);
         Ok((
@@ -226,21 +257,17 @@ impl SharedRegion {
         let mapping = Arc::new(Mapping::map_fd(fd, size).map_err(os("mmap"))?);
         let mut header = [0u8; HEADER_SIZE];
         mapping.read_bytes(0, &mut header);
-        let u32_at =
-            |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at =
-            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
-        if header[0..8] != REGION_MAGIC {
+        if codec::get::<[u8; 8]>(&header, field::MAGIC) != REGION_MAGIC {
             return Err(RegionError::Invalid("bad magic".into()));
         }
-        if u32_at(8) != REGION_VERSION {
+        let version: u32 = codec::get(&header, field::VERSION);
+        if version != REGION_VERSION {
             return Err(RegionError::Invalid(format!(
-                "region version {}, this build speaks {REGION_VERSION}",
-                u32_at(8)
+                "region version {version}, this build speaks {REGION_VERSION}"
             )));
         }
-        let count = u32_at(12) as usize;
-        let declared = u64_at(16);
+        let count = codec::get::<u32>(&header, field::RING_COUNT) as usize;
+        let declared: u64 = codec::get(&header, field::SIZE);
         if declared != size as u64 {
             return Err(RegionError::Invalid(format!(
                 "header says {declared} bytes, file has {size}"
@@ -248,13 +275,13 @@ impl SharedRegion {
         }
         let geometries: Vec<RingGeometry> = (0..count.min(MAX_RINGS + 1))
             .map(|i| RingGeometry {
-                slot_size: u32_at(32 + i * 16 + 8),
-                slot_count: u32_at(32 + i * 16 + 12),
+                slot_size: codec::get(&header[field::ring(i)], field::SLOT_SIZE),
+                slot_count: codec::get(&header[field::ring(i)], field::SLOT_COUNT),
             })
             .collect();
         let (placed, expected_size) = layout(&geometries)?;
         for (i, (offset, _)) in placed.iter().enumerate() {
-            if u64_at(32 + i * 16) != *offset as u64 {
+            if codec::get::<u64>(&header[field::ring(i)], field::RING_OFFSET) != *offset as u64 {
                 return Err(RegionError::Invalid(format!(
                     "ring {i} at an unexpected offset"
                 )));

@@ -11,9 +11,9 @@ mod roles;
 
 pub use roles::{client, serve};
 
-use crate::child::Pipes;
-use crate::signals::Interrupts;
+use crate::signals::{interrupted, Interrupts, CHILD_PAUSE};
 use crate::stats::median;
+use freeflow_os::child::{self, Ended, Limits};
 use freeflow_proto::report::{Progress, TcpPath, TcpPathReport, TcpRatios, TcpReport, TcpSample};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -47,26 +47,30 @@ fn freeflow_binary() -> Result<PathBuf, String> {
         .ok_or(format!("{} not found: build the workspace", p.display()))
 }
 
+/// How the experiment's commands run: without a time limit, looked at every [`CHILD_PAUSE`].
+const COMMAND_LIMITS: Limits = Limits {
+    run: None,
+    pause: CHILD_PAUSE,
+    ..Limits::DEFAULT
+};
+
 /// Runs `cmd` to completion and returns its stdout; a termination signal kills it and ends the
 /// experiment.
-fn run(cmd: &mut Command, stop: &Interrupts) -> Result<String, String> {
+fn run(cmd: &mut Command, mut stop: &Interrupts) -> Result<String, String> {
     stop.check()?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{cmd:?}: {e}"))?;
-    // Read both pipes while waiting, so a child that says a lot cannot stall on a full pipe.
-    let pipes = Pipes::take(&mut child);
-    let status = stop.wait_child(&mut child);
-    let (stdout, stderr) = pipes.join();
-    if !status?.success() {
+    let started = child::start(cmd).map_err(|e| format!("{cmd:?}: {e}"))?;
+    // Both pipes are read while waiting, so a child that says a lot cannot stall on a full pipe.
+    let done =
+        child::watch(started, &COMMAND_LIMITS, &mut stop).map_err(|e| format!("wait: {e}"))?;
+    if let Ended::Interrupted(sig) = done.ended {
+        return Err(interrupted(sig));
+    }
+    if !done.status.success() {
         // A Ctrl-C from the terminal reaches the child too; say why it failed.
         stop.check()?;
-        return Err(format!("{cmd:?} failed: {}", stderr.trim()));
+        return Err(format!("{cmd:?} failed: {}", done.stderr.trim()));
     }
-    Ok(stdout)
+    Ok(done.stdout)
 }
 
 fn in_netns(netns: &str, program: &Path) -> Command {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use freeflow_proto::report::ProbeReport;
 use serde_json::{json, Value};
 
-use super::child::{last_words, run_child, run_ok, Finished};
+use super::child::{last_words, run_child, run_ok, succeeded, Finished};
 use super::error::{io_err, DemoError};
 use super::signals::Interrupt;
 use super::steps::Steps;
@@ -356,7 +356,7 @@ fn retry_for(
     loop {
         let finished = attempt()?;
         if finished.status.success() || Instant::now() >= deadline {
-            return finished.ok("freeflow-bench probe");
+            return succeeded(finished, "freeflow-bench probe");
         }
         if stop.poll(Duration::from_millis(200))?.is_some() {
             stop.check()?;

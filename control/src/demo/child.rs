@@ -1,18 +1,22 @@
 //! Running the demo's children (`freeflow`, `freeflow-bench`): their stderr line by line as it
 //! comes, a termination signal forwarded to them, and their output when they are done
-//! (freeflow-bench's JSON report read as printed and as the shared type: [`bench_report`]).
+//! (freeflow-bench's JSON report read as printed and as the shared type: [`bench_report`]). The
+//! running is `freeflow_os::child`'s; this module adds the demo's limits and its signals.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::io;
+use std::process::Command;
+use std::time::Duration;
+
+use freeflow_os::child::{self, Limits, Stop, Watcher};
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::error::{io_err, DemoError};
 use super::signals::Interrupt;
-use crate::supervise::{self, os};
+use crate::supervise;
+
+pub(super) use freeflow_os::child::Finished;
 
 /// After a signal, how long a child may take to finish its own clean-up before it is killed
 /// (freeflow-bench stops two daemons and removes its namespaces: a few seconds).
@@ -20,26 +24,28 @@ const CHILD_CLEANUP_LIMIT: Duration = Duration::from_secs(60);
 /// After a child exited, how long to wait for its pipes to close (a grandchild that survived
 /// may hold them; we stop reading rather than hang).
 const PIPE_GRACE: Duration = Duration::from_secs(2);
+/// How long one wait for a signal lasts: the pause between two looks at the child.
+const SIGNAL_WAIT: Duration = Duration::from_millis(20);
 
-/// A finished child.
-pub(super) struct Finished {
-    pub(super) status: ExitStatus,
-    pub(super) stdout: String,
-    pub(super) stderr: String,
-}
+/// How the demo runs a child: without a limit of its own (the demo's tests bound the whole
+/// demo), with the clean-up time and the pipe grace above.
+const LIMITS: Limits = Limits {
+    run: None,
+    cleanup: CHILD_CLEANUP_LIMIT,
+    pipes: PIPE_GRACE,
+    pause: SIGNAL_WAIT,
+};
 
-impl Finished {
-    /// Its stdout if it succeeded, else [`DemoError::CommandFailed`].
-    pub(super) fn ok(self, command: &str) -> Result<String, DemoError> {
-        if self.status.success() {
-            return Ok(self.stdout);
-        }
-        Err(DemoError::CommandFailed {
-            command: command.to_owned(),
-            status: supervise::exit_reason(self.status),
-            said: last_words(&self.stderr),
-        })
+/// Its stdout if it succeeded, else [`DemoError::CommandFailed`].
+pub(super) fn succeeded(finished: Finished, command: &str) -> Result<String, DemoError> {
+    if finished.status.success() {
+        return Ok(finished.stdout);
     }
+    Err(DemoError::CommandFailed {
+        command: command.to_owned(),
+        status: supervise::exit_reason(finished.status),
+        said: last_words(&finished.stderr),
+    })
 }
 
 /// The last non-empty line a program wrote, for an error message.
@@ -59,12 +65,6 @@ pub(super) fn describe(cmd: &Command) -> String {
         .map(|s| s.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-enum Event {
-    Stdout(String),
-    StderrLine(String),
-    StderrClosed,
 }
 
 /// What [`run_child`] tells its caller while the child runs.
@@ -88,117 +88,52 @@ pub(super) fn run_child(
 ) -> Result<Finished, DemoError> {
     stop.check()?;
     let command = describe(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(io_err(format!("cannot run `{command}`")))?;
-    seen(Seen::Started(child.id()));
-    let events = read_pipes(&mut child);
-    let mut output = Output::default();
-    let mut exited: Option<(ExitStatus, Instant)> = None;
-    let mut signalled: Option<Instant> = None;
-    loop {
-        output.take(&events, seen);
-        if exited.is_none() {
-            if let Some(status) = child
-                .try_wait()
-                .map_err(io_err(format!("waiting for `{command}`")))?
-            {
-                exited = Some((status, Instant::now()));
-            }
-        }
-        if let Some((status, at)) = exited {
-            if output.complete() || at.elapsed() > PIPE_GRACE {
-                stop.check()?;
-                return Ok(output.finish(status));
-            }
-        }
-        // The wait for signals is also the loop's pause.
-        if let Some(sig) = stop.poll(Duration::from_millis(20))? {
-            if exited.is_none() && signalled.is_none() {
-                signalled = Some(Instant::now());
-                // Not reaped yet (try_wait said so), so the pid is still this child's.
-                let _ = os::send_signal(child.id() as i32, sig);
-                seen(Seen::Signal(sig));
-            }
-        }
-        if let Some(at) = signalled {
-            if exited.is_none() && at.elapsed() > CHILD_CLEANUP_LIMIT {
-                let _ = child.kill();
-            }
-        }
+    let child = child::start(cmd).map_err(io_err(format!("cannot run `{command}`")))?;
+    let mut forwarder = Forwarder {
+        stop,
+        seen,
+        failed: None,
+    };
+    let finished = child::watch(child, &LIMITS, &mut forwarder);
+    if let Some(e) = forwarder.failed {
+        return Err(e);
     }
+    let finished = finished.map_err(io_err(format!("waiting for `{command}`")))?;
+    stop.check()?;
+    Ok(finished)
 }
 
-/// Reads `child`'s stdout (whole) and stderr (by line) in threads, so that the caller can watch
-/// the signalfd and the child at the same time. The threads inherit the blocked signals.
-fn read_pipes(child: &mut Child) -> mpsc::Receiver<Event> {
-    let (tx, rx) = mpsc::channel();
-    if let Some(mut out) = child.stdout.take() {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            let mut text = Vec::new();
-            let _ = out.read_to_end(&mut text);
-            let _ = tx.send(Event::Stdout(String::from_utf8_lossy(&text).into_owned()));
-        });
-    }
-    if let Some(err) = child.stderr.take() {
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(Event::StderrLine(line)).is_err() {
-                    return;
-                }
-            }
-            let _ = tx.send(Event::StderrClosed);
-        });
-    }
-    rx
+/// The demo's watcher of a child: tells `seen` what happens and forwards a termination signal.
+struct Forwarder<'a> {
+    stop: &'a Interrupt,
+    seen: &'a mut dyn FnMut(Seen<'_>),
+    /// Why the signals could not be read (the run then ends with it).
+    failed: Option<DemoError>,
 }
 
-/// What a child wrote so far.
-#[derive(Default)]
-struct Output {
-    /// All of stdout, once it is closed.
-    stdout: Option<String>,
-    stderr: String,
-    stderr_closed: bool,
-}
+impl Watcher for Forwarder<'_> {
+    fn started(&mut self, pid: u32) {
+        (self.seen)(Seen::Started(pid));
+    }
 
-impl Output {
-    /// Takes what the readers sent since the last call, telling `seen` each stderr line.
-    fn take(&mut self, events: &mpsc::Receiver<Event>, seen: &mut dyn FnMut(Seen<'_>)) {
-        loop {
-            match events.try_recv() {
-                Ok(Event::Stdout(text)) => self.stdout = Some(text),
-                Ok(Event::StderrLine(line)) => {
-                    seen(Seen::Line(&line));
-                    self.stderr.push_str(&line);
-                    self.stderr.push('\n');
-                }
-                Ok(Event::StderrClosed) => self.stderr_closed = true,
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    self.stdout.get_or_insert_with(String::new);
-                    self.stderr_closed = true;
-                    break;
-                }
+    fn stderr_line(&mut self, line: &str) {
+        (self.seen)(Seen::Line(line));
+    }
+
+    fn wait(&mut self, pause: Duration) -> io::Result<Option<Stop>> {
+        match self.stop.poll(pause) {
+            Ok(sig) => Ok(sig.map(Stop::Forward)),
+            Err(e) => {
+                let said = io::Error::other(e.to_string());
+                self.failed = Some(e);
+                Err(said)
             }
         }
     }
 
-    /// Both pipes are closed and read.
-    fn complete(&self) -> bool {
-        self.stdout.is_some() && self.stderr_closed
-    }
-
-    fn finish(self, status: ExitStatus) -> Finished {
-        Finished {
-            status,
-            stdout: self.stdout.unwrap_or_default(),
-            stderr: self.stderr,
+    fn stopping(&mut self, stop: Stop) {
+        if let Stop::Forward(sig) = stop {
+            (self.seen)(Seen::Signal(sig));
         }
     }
 }
@@ -206,7 +141,7 @@ impl Output {
 /// Runs `cmd`, which must succeed; returns its stdout.
 pub(super) fn run_ok(cmd: &mut Command, stop: &Interrupt) -> Result<String, DemoError> {
     let command = describe(cmd);
-    run_child(cmd, stop, &mut |_| ())?.ok(&command)
+    succeeded(run_child(cmd, stop, &mut |_| ())?, &command)
 }
 
 /// The report `freeflow-bench PART --json` printed on `stdout`: as printed (the demo's `--json`

@@ -10,12 +10,13 @@ use std::process::{Command, Stdio};
 use freeflow_proto::report::{Progress, RdmaReport};
 use serde_json::Value;
 
-use super::child::{bench_report, describe, last_words, run_child, Seen};
+use super::child::{bench_report, describe, last_words, run_child, succeeded, Seen};
 use super::error::{remove_leftover_dir, DemoError};
 use super::signals::Interrupt;
 use super::steps::Steps;
 use super::{topology, DemoArgs, Programs};
-use crate::supervise::{os, signal_name};
+use crate::os;
+use crate::supervise::signal_name;
 
 /// Sizes of one RDMA repetition (`freeflow-bench rdma`): about a second on this VM, so three
 /// repetitions add well under 20 s. Big enough for the router's CPU time, which the kernel counts
@@ -135,7 +136,7 @@ pub(super) fn rdma_part(
         )),
     });
     let leftovers = bench_pid.map_or(Ok(()), remove_rdma_leftovers);
-    let out = finished?.ok(&command)?;
+    let out = succeeded(finished?, &command)?;
     leftovers?;
     bench_report("rdma", &out)
 }

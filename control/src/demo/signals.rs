@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use super::error::{io_err, DemoError};
-use crate::supervise::os;
+use crate::os;
 
 /// The termination signals, blocked and readable from a signalfd; remembers the first one.
 pub(super) struct Interrupt {

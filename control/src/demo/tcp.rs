@@ -7,7 +7,7 @@ use std::process::Command;
 use freeflow_proto::report::{Progress, TcpPath, TcpReport};
 use serde_json::Value;
 
-use super::child::{bench_report, describe, run_child, Seen};
+use super::child::{bench_report, describe, run_child, succeeded, Seen};
 use super::error::{remove_leftover_dir, DemoError};
 use super::signals::Interrupt;
 use super::steps::Steps;
@@ -82,7 +82,7 @@ pub(super) fn tcp_part(
     // Whatever happened to freeflow-bench (killed after the limit, crashed), nothing of its
     // cluster may stay: its namespaces (and the processes in them) and its directory.
     let leftovers = remove_bench_leftovers(tag);
-    let out = finished?.ok(&command)?;
+    let out = succeeded(finished?, &command)?;
     leftovers?;
     let (json, report): (Value, TcpReport) = bench_report("tcp", &out)?;
     if report.paths.len() != 3 {
