@@ -1,7 +1,9 @@
 //! Where a ring's control lines and slots live: a shared mapping in real builds, loom-tracked
 //! heap cells under `cfg(loom)`. This is the only place the ring touches raw memory.
 
-use crate::ring::{RingControl, RingGeometry, RING_CONTROL_SIZE};
+#[cfg(not(loom))]
+use crate::ring::RING_CONTROL_SIZE;
+use crate::ring::{RingControl, RingGeometry};
 
 #[cfg(not(loom))]
 mod mapped {
