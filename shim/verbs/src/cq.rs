@@ -24,10 +24,12 @@
 
 use crate::abi::{IbvCompChannel, IbvContext, IbvCq, IbvWc};
 use crate::error::{returns_errno, returns_minus_one, returns_object, VerbsError};
+use crate::faults::{self, CqUser, Gone, QpQueues};
 use crate::ffi::{guard, set_errno};
 use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, QueueEntry, QueueKind};
 use freeflow_proto::region::SharedRegion;
+use freeflow_proto::verbs::work::Cqe;
 use freeflow_proto::verbs::{
     limits, op, Body, CqCreated, CreateCq, ObjectHandle, QueueFileKind, ResizeCq,
 };
@@ -35,7 +37,7 @@ use freeflow_proto::Consumer;
 use std::collections::BTreeMap;
 use std::ffi::{c_int, c_uint, c_void};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 symbol_versions! {
     "IBVERBS_1.0": [ibv_create_comp_channel, ibv_destroy_comp_channel],
@@ -48,13 +50,22 @@ symbol_versions! {
 pub(crate) struct CqState {
     context: usize,
     handle: u32,
-    /// The CQ's ring (it keeps the region's mapping alive). Replaced by a resize.
-    ring: Mutex<Consumer>,
+    /// The CQ's ring and the QPs completing on it.
+    ring: Mutex<CqRing>,
+    /// Its context's router is gone: its QPs' outstanding requests are flushed.
+    gone: Gone,
     /// Events handed out by `ibv_get_cq_event` and acknowledged by `ibv_ack_cq_events`.
     events: Mutex<(u64, u64)>,
     acked: Condvar,
     /// The CQ's channel, or null.
     channel: *mut IbvCompChannel,
+}
+
+/// A CQ's ring (it keeps the region's mapping alive; replaced by a resize) and the QPs whose
+/// requests complete on it, for [`crate::faults`].
+struct CqRing {
+    ring: Consumer,
+    users: Vec<CqUser>,
 }
 
 impl HandedOut for IbvCq {
@@ -70,6 +81,8 @@ pub(crate) struct ChannelState {
     fd: OwnedFd,
     /// CQs using this channel: handle to `struct ibv_cq` address.
     cqs: Mutex<BTreeMap<u32, usize>>,
+    /// Its context's router is gone.
+    gone: Gone,
 }
 
 impl HandedOut for IbvCompChannel {
@@ -90,6 +103,7 @@ fn registered_cq<'a>(cq: *mut IbvCq) -> Result<(QueueEntry, &'a CqState), VerbsE
 fn create_comp_channel(context: *mut IbvContext) -> Result<*mut IbvCompChannel, VerbsError> {
     let key = context as usize;
     let state = registry::context(key)?;
+    let gone = state.gone.clone();
     let (handle, fd) = {
         let mut channel = lock(&state.channel);
         let reply = channel.call(op::CREATE_COMP_CHANNEL, &[])?;
@@ -119,6 +133,7 @@ fn create_comp_channel(context: *mut IbvContext) -> Result<*mut IbvCompChannel, 
         handle,
         fd,
         cqs: Mutex::new(BTreeMap::new()),
+        gone,
     };
     let obj = object::leak(ibv, state);
     registry::add_queue(obj as usize, QueueKind::Channel, entry);
@@ -246,7 +261,11 @@ fn create_cq(
     let state = CqState {
         context: key,
         handle: created.cq,
-        ring: Mutex::new(ring),
+        ring: Mutex::new(CqRing {
+            ring,
+            users: Vec::new(),
+        }),
+        gone: state.gone.clone(),
         events: Mutex::new((0, 0)),
         acked: Condvar::new(),
         channel,
@@ -309,7 +328,7 @@ fn resize_cq(cq: *mut IbvCq, cqe: c_int) -> Result<(), VerbsError> {
     )?;
     // The router produces into the new ring from now on: a failure here leaves the CQ without
     // completions (EIO), as a device whose CQ memory failed.
-    *ring = fd.and_then(|fd| attach_ring(&fd))?;
+    ring.ring = fd.and_then(|fd| attach_ring(&fd))?;
     // SAFETY: `cq` is live; the library alone writes `cqe` (programs read it).
     unsafe { (*cq).cqe = resized.cqe as c_int };
     registry::debug(format_args!(
@@ -370,7 +389,8 @@ pub unsafe extern "C" fn poll_cq(cq: *mut IbvCq, num_entries: c_int, wc: *mut Ib
         return if num_entries == 0 { 0 } else { -1 };
     }
     guard(-1, || {
-        let mut ring = lock(&state.ring);
+        let mut cq_ring = lock(&state.ring);
+        let CqRing { ring, users } = &mut *cq_ring;
         let mut taken = 0usize;
         while taken < num_entries as usize {
             // SAFETY: the caller's array has `num_entries` entries; entry `taken` is inside it
@@ -382,7 +402,18 @@ pub unsafe extern "C" fn poll_cq(cq: *mut IbvCq, num_entries: c_int, wc: *mut Ib
                 )
             };
             match ring.pop(out) {
-                Ok(true) => taken += 1,
+                Ok(true) => {
+                    faults::retire(users, out);
+                    taken += 1;
+                }
+                // Nothing from the router: if it is gone, what it will never complete.
+                Ok(false) if state.gone.is_set() => match faults::next_flush(users) {
+                    Some(cqe) => {
+                        out[..Cqe::LEN].copy_from_slice(&cqe.encode());
+                        taken += 1;
+                    }
+                    None => break,
+                },
                 Ok(false) => break,
                 // The router broke the ring: nothing more can be trusted from it.
                 Err(_) if taken == 0 => return -1,
@@ -408,7 +439,7 @@ pub unsafe extern "C" fn req_notify_cq(cq: *mut IbvCq, solicited_only: c_int) ->
     let Some(state) = (unsafe { object::state(cq) }) else {
         return libc::EINVAL;
     };
-    lock(&state.ring).request_wake();
+    lock(&state.ring).ring.request_wake();
     0
 }
 
@@ -430,7 +461,12 @@ fn get_cq_event(
             return Err(std::io::Error::last_os_error().into());
         }
         if n == 0 {
-            return Err(VerbsError::RouterGone);
+            // The router closed its end: it is gone. Armed CQs with work left fire once.
+            ch.gone.set();
+            return match faults_event(ch) {
+                Some(ptr) => deliver_event(ptr, cq, cq_context),
+                None => Err(VerbsError::DeviceFatal),
+            };
         }
         if n != 4 {
             return Err(VerbsError::Protocol("partial event on the channel".into()));
@@ -440,18 +476,74 @@ fn get_cq_event(
             // The CQ was destroyed after its event was written: skip it.
             continue;
         };
-        let ptr = address as *mut IbvCq;
-        // SAFETY: the channel's table holds only live CQs of this library (destroy removes
-        // them first).
-        let state =
-            unsafe { object::state(ptr) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
-        lock(&state.events).0 += 1;
-        // SAFETY: the out pointers were checked for NULL and are the caller's; `ptr` is live.
-        unsafe {
-            *cq = ptr;
-            *cq_context = std::ptr::addr_of!((*ptr).cq_context).read();
+        return deliver_event(address as *mut IbvCq, cq, cq_context);
+    }
+}
+
+/// Hands the event of `ptr`, a CQ of the channel's table, to the caller's out pointers.
+fn deliver_event(
+    ptr: *mut IbvCq,
+    cq: *mut *mut IbvCq,
+    cq_context: *mut *mut c_void,
+) -> Result<(), VerbsError> {
+    // SAFETY: the channel's table holds only live CQs of this library (destroy removes them
+    // first).
+    let state =
+        unsafe { object::state(ptr) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
+    lock(&state.events).0 += 1;
+    // SAFETY: the out pointers were checked for NULL and are the caller's; `ptr` is live.
+    unsafe {
+        *cq = ptr;
+        *cq_context = std::ptr::addr_of!((*ptr).cq_context).read();
+    }
+    Ok(())
+}
+
+/// The channel's router is gone: the first CQ of the channel that is armed and has something
+/// to hand out (completions, or requests to flush), disarmed; None if there is none.
+fn faults_event(ch: &ChannelState) -> Option<*mut IbvCq> {
+    let cqs: Vec<usize> = lock(&ch.cqs).values().copied().collect();
+    cqs.into_iter().map(|a| a as *mut IbvCq).find(|&ptr| {
+        // SAFETY: the channel's table holds only live CQs of this library.
+        let Some(state) = (unsafe { object::state(ptr) }) else {
+            return false;
+        };
+        let mut cq_ring = lock(&state.ring);
+        let has_work = cq_ring.ring.available().is_ok_and(|n| n > 0)
+            || cq_ring.users.iter().any(CqUser::has_outstanding);
+        let fire = cq_ring.ring.is_parked() && has_work;
+        if fire {
+            cq_ring.ring.unpark();
         }
-        return Ok(());
+        fire
+    })
+}
+
+/// Registers a new QP's queues with its CQs (`send_cq` and `recv_cq`, maybe one CQ), which
+/// retire its requests as their completions are polled and flush them if the router goes.
+pub fn add_user(send_cq: *mut IbvCq, recv_cq: *mut IbvCq, queues: Arc<QpQueues>) {
+    let same = send_cq == recv_cq;
+    for (cq, sends, receives) in [(send_cq, true, same), (recv_cq, same, true)] {
+        if let Ok((_, state)) = registered_cq(cq) {
+            let queues = queues.clone();
+            lock(&state.ring).users.push(CqUser {
+                queues,
+                sends,
+                receives,
+            });
+        }
+        if same {
+            break;
+        }
+    }
+}
+
+/// Forgets the QP numbered `qpn` in its CQs (those still alive).
+pub fn remove_user(send_cq: *mut IbvCq, recv_cq: *mut IbvCq, qpn: u32) {
+    for cq in [send_cq, recv_cq] {
+        if let Ok((_, state)) = registered_cq(cq) {
+            lock(&state.ring).users.retain(|u| u.queues.qpn != qpn);
+        }
     }
 }
 

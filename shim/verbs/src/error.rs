@@ -41,6 +41,8 @@ pub enum VerbsError {
     RouterRefused(VerbsStatus),
     #[error("the router went away (restarted or stopped); open the device again")]
     RouterGone,
+    #[error("the router went away: the device is in a fatal state (open it again)")]
+    DeviceFatal,
     #[error("protocol error with the router: {0}")]
     Protocol(String),
     #[error("this context belongs to the parent process; open the device in the child")]
@@ -101,7 +103,7 @@ impl VerbsError {
                 VerbsStatus::Unreachable => libc::ENETUNREACH,
             },
             VerbsError::RouterGone => libc::ENODEV,
-            VerbsError::Protocol(_) => libc::EIO,
+            VerbsError::Protocol(_) | VerbsError::DeviceFatal => libc::EIO,
             VerbsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             VerbsError::Busy(_) => libc::EBUSY,
             VerbsError::NotSupported(_) => libc::EOPNOTSUPP,

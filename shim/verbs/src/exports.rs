@@ -8,6 +8,7 @@
 use crate::abi::*;
 use crate::device::{PKEY_BE, PORT};
 use crate::error::{fail, returns_errno, returns_minus_one, returns_object, VerbsError};
+use crate::faults::{Gone, Watcher};
 use crate::ffi::{copy_out, guard, set_errno};
 use crate::registry::{self, ContextState};
 use crate::sysfs;
@@ -251,6 +252,8 @@ pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
     returns_object("ibv_open_device", || {
         let device = registry::device_at(device).ok_or(VerbsError::UnknownDevice)?;
         let session = registry::attach_for(device)?;
+        let gone = Gone::default();
+        let watcher = Watcher::start(session.connection().try_clone()?, gone.clone())?;
         let async_events = async_event_fd()?;
         let c_side = Box::into_raw(Box::new(verbs_context(
             device.as_c(),
@@ -263,6 +266,8 @@ pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
             device,
             channel: Mutex::new(crate::channel::Channel::new(session)),
             async_events,
+            gone,
+            _watcher: watcher,
         });
         registry::debug(format_args!(
             "opened {} (attachment {})",

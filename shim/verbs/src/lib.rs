@@ -21,7 +21,7 @@
 //! derives the device's attributes from the container's identity; `registry` holds the
 //! process's attachments, devices, contexts and verbs objects; `channel` is a context's
 //! request/reply conversation with the router; `maps`, `pages` and `memory` are registered
-//! memory; `exports`, `pd_mr`, `cq`, `qp`, `srq`, `utility`, `marshall` (the kernel-structure
+//! memory; `faults` is what happens when the router goes (flushes, errors); `exports`, `pd_mr`, `cq`, `qp`, `srq`, `utility`, `marshall` (the kernel-structure
 //! converters librdmacm binds at load time) and `unsupported` are the exported C functions.
 //!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here and `#![allow(unsafe_code)]` at the
@@ -42,6 +42,7 @@ mod cq;
 mod device;
 mod error;
 mod exports;
+mod faults;
 mod ffi;
 mod maps;
 mod marshall;

@@ -21,6 +21,7 @@ use crate::abi::{
     IbvContext, IbvPd, IbvQp, IbvQpAttr, IbvQpCap, IbvQpInitAttr, IbvRecvWr, IbvSendWr, IbvSge,
 };
 use crate::error::{returns_errno, returns_object, VerbsError};
+use crate::faults::{Gone, Outstanding, Posted, QpQueues, Queue};
 use crate::ffi::{copy_out, guard};
 use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, ContextState, PdEntry, QueueEntry, QueueKind};
@@ -37,26 +38,10 @@ use freeflow_proto::{Producer, Wake};
 use std::ffi::c_int;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 symbol_versions! {
     "IBVERBS_1.1": [ibv_create_qp, ibv_query_qp, ibv_modify_qp, ibv_destroy_qp],
-}
-
-/// One of the QP's rings (or an SRQ's ring) and the buffer a WQE is built in.
-pub(crate) struct Queue {
-    ring: Producer,
-    buf: Vec<u8>,
-}
-
-impl Queue {
-    pub(crate) fn new(ring: Producer) -> Mutex<Queue> {
-        let size = ring.slot_size();
-        Mutex::new(Queue {
-            ring,
-            buf: vec![0; size],
-        })
-    }
 }
 
 /// What the library keeps for a QP, behind its `struct ibv_qp`.
@@ -64,10 +49,12 @@ pub(crate) struct QpShared {
     /// The state the router last reported (modify and query replies).
     state: AtomicU8,
     cap: QpCap,
-    /// It takes its receives from an SRQ: `post_recv` on it is refused.
-    has_srq: bool,
-    send: Mutex<Queue>,
-    recv: Mutex<Queue>,
+    /// Every send is signaled (`sq_sig_all`).
+    sig_all: bool,
+    /// Its rings, shared with its CQs (which retire and flush its requests).
+    queues: Arc<QpQueues>,
+    /// Its context's router is gone: posts fail ([`crate::faults`]).
+    gone: Gone,
     /// The router shard's doorbell (rung only when the shard parked).
     bell: EventFd,
     _region: SharedRegion,
@@ -118,16 +105,29 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
             return Err(e);
         }
     };
+    let queues = match (Queue::tracked(send), Queue::tracked(recv)) {
+        (Ok(send), Ok(recv)) => Arc::new(QpQueues {
+            qpn: created.qpn,
+            send,
+            recv,
+            has_srq: request.srq.is_some(),
+        }),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = entry.destroy_on_router(op::DESTROY_QP);
+            return Err(e);
+        }
+    };
     let shared = QpShared {
         state: AtomicU8::new(QpState::Reset as u8),
         cap: created.cap,
-        has_srq: request.srq.is_some(),
-        send: Queue::new(send),
-        recv: Queue::new(recv),
+        sig_all: request.attr.sq_sig_all != 0,
+        queues: queues.clone(),
+        gone: state.gone.clone(),
         bell,
         _region: region,
     };
     let obj = new_qp_object(pd, &request, &created, shared);
+    crate::cq::add_user(request.attr.send_cq, request.attr.recv_cq, queues);
     // As providers do: the caller learns the capacities the QP really has.
     // SAFETY: `init` is the caller's (checked for NULL by QpRequest::check).
     unsafe { (*init).cap = c_cap(&created.cap) };
@@ -363,6 +363,11 @@ fn c_attr(a: &QpAttr) -> IbvQpAttr {
 }
 
 fn set_state(qp: *mut IbvQp, state: &QpShared, new: u32) {
+    if new == QpState::Reset as u32 {
+        // The router forgot the queues without completions: so does the shadow.
+        lock(&state.queues.send).clear_outstanding();
+        lock(&state.queues.recv).clear_outstanding();
+    }
     state.state.store(new as u8, Ordering::Release);
     // SAFETY: `qp` is live (looked up); rdma-core updates `qp->state` after a modify or query,
     // and programs only read it.
@@ -450,9 +455,14 @@ pub extern "C" fn ibv_query_qp(
 #[no_mangle]
 pub extern "C" fn ibv_destroy_qp(qp: *mut IbvQp) -> c_int {
     returns_errno("ibv_destroy_qp", || {
-        let (entry, _) = lookup(qp)?;
+        let (entry, state) = lookup(qp)?;
+        let qpn = state.queues.qpn;
+        // SAFETY: `qp` is live (looked up); its public fields are read as plain values.
+        let (send_cq, recv_cq) = unsafe { ((*qp).send_cq, (*qp).recv_cq) };
         // SAFETY: the registry holds `qp`: made by `create_qp`; the program no longer uses it.
-        unsafe { object::destroy(qp, entry, op::DESTROY_QP) }
+        unsafe { object::destroy(qp, entry, op::DESTROY_QP) }?;
+        crate::cq::remove_user(send_cq, recv_cq, qpn);
+        Ok(())
     })
 }
 
@@ -570,13 +580,22 @@ pub unsafe extern "C" fn post_send(
     let Some(state) = (unsafe { object::state(qp) }) else {
         return report(wr, libc::EINVAL);
     };
+    if state.gone.is_set() {
+        // As mlx5 after a fatal error.
+        return report(wr, libc::EIO);
+    }
     let current = QpState::from_u32(u32::from(state.state.load(Ordering::Acquire)));
     if !current.is_some_and(QpState::accepts_sends) {
         return report(wr, libc::EINVAL);
     }
     guard(libc::EIO, || {
-        let mut queue = lock(&state.send);
-        let Queue { ring, buf } = &mut *queue;
+        let mut queue = lock(&state.queues.send);
+        let Queue {
+            ring,
+            buf,
+            outstanding,
+        } = &mut *queue;
+        let outstanding = outstanding.as_mut().expect("a QP's queues are tracked");
         let mut cur = wr;
         let mut errno = 0;
         while !cur.is_null() {
@@ -584,14 +603,21 @@ pub unsafe extern "C" fn post_send(
             let w = unsafe { &*cur };
             // SAFETY: forwarded caller guarantee about the request's lists and data.
             let len = match unsafe { encode_send(w, &state.cap, buf) } {
-                Ok(len) => len,
+                Ok(len) if !outstanding.is_full() => len,
+                Ok(_) => {
+                    errno = libc::ENOMEM;
+                    break;
+                }
                 Err(e) => {
                     errno = e;
                     break;
                 }
             };
             match ring.push(&buf[..len]) {
-                Ok(true) => {}
+                Ok(true) => {
+                    let signaled = state.sig_all || w.send_flags & send_flags::SIGNALED != 0;
+                    outstanding.record(Posted::send(w.wr_id, w.opcode as u8, signaled));
+                }
                 Ok(false) => {
                     errno = libc::ENOMEM;
                     break;
@@ -631,12 +657,17 @@ pub unsafe extern "C" fn post_recv(
         return unsafe { report_recv(bad_wr, wr, libc::EINVAL) };
     };
     let current = QpState::from_u32(u32::from(state.state.load(Ordering::Acquire)));
-    if !current.is_some_and(QpState::accepts_receives) || state.has_srq {
-        // SAFETY: forwarded caller guarantee about `bad_wr`.
-        return unsafe { report_recv(bad_wr, wr, libc::EINVAL) };
-    }
-    // SAFETY: forwarded caller guarantee.
-    unsafe { push_receives(&state.recv, state.cap.max_recv_sge, &state.bell, wr, bad_wr) }
+    let refused = if state.gone.is_set() {
+        libc::EIO
+    } else if !current.is_some_and(QpState::accepts_receives) || state.queues.has_srq {
+        libc::EINVAL
+    } else {
+        let queue = &state.queues.recv;
+        // SAFETY: forwarded caller guarantee.
+        return unsafe { push_receives(queue, state.cap.max_recv_sge, &state.bell, wr, bad_wr) };
+    };
+    // SAFETY: forwarded caller guarantee about `bad_wr`.
+    unsafe { report_recv(bad_wr, wr, refused) }
 }
 
 /// Stores `at` in `*bad_wr` (if not NULL) and returns `errno`.
@@ -671,7 +702,11 @@ pub(crate) unsafe fn push_receives(
 ) -> c_int {
     guard(libc::EIO, || {
         let mut queue = lock(queue);
-        let Queue { ring, buf } = &mut *queue;
+        let Queue {
+            ring,
+            buf,
+            outstanding,
+        } = &mut *queue;
         let mut cur = wr;
         let mut errno = 0;
         while !cur.is_null() {
@@ -679,6 +714,10 @@ pub(crate) unsafe fn push_receives(
             let w = unsafe { &*cur };
             if w.num_sge < 0 || w.num_sge as u32 > max_sge {
                 errno = libc::EINVAL;
+                break;
+            }
+            if outstanding.as_ref().is_some_and(Outstanding::is_full) {
+                errno = libc::ENOMEM;
                 break;
             }
             let sges: &[IbvSge] = if w.num_sge == 0 || w.sg_list.is_null() {
@@ -698,7 +737,11 @@ pub(crate) unsafe fn push_receives(
             }
             let len = RecvWqe::slot_bytes(sges.len() as u32);
             match ring.push(&buf[..len]) {
-                Ok(true) => {}
+                Ok(true) => {
+                    if let Some(o) = outstanding.as_mut() {
+                        o.record(Posted::recv(w.wr_id));
+                    }
+                }
                 Ok(false) => {
                     errno = libc::ENOMEM;
                     break;

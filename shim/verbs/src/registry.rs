@@ -18,6 +18,7 @@ use crate::abi::IbvDevice;
 use crate::channel::{Channel, ReplyBody};
 use crate::device::Identity;
 use crate::error::VerbsError;
+use crate::faults::{Gone, Watcher};
 use crate::pages::Pages;
 use freeflow_proto::attach::{attach, Session, ShimKind};
 use freeflow_proto::verbs::{Body, ObjectHandle};
@@ -57,6 +58,10 @@ pub struct ContextState {
     /// `ibv_get_async_event` blocks, or fails with EAGAIN if the program made it non-blocking,
     /// exactly as with a device that has no events to report.
     pub async_events: OwnedFd,
+    /// Set when the router closes the attachment (it died or detached us): see `faults`.
+    pub gone: Gone,
+    /// Watches the attachment for that; dropped with the context.
+    pub _watcher: Watcher,
 }
 
 impl ContextState {

@@ -19,8 +19,9 @@
 
 use crate::abi::{IbvContext, IbvPd, IbvRecvWr, IbvSrq, IbvSrqAttr, IbvSrqInitAttr};
 use crate::error::{returns_errno, returns_object, VerbsError};
+use crate::faults::{Gone, Queue};
 use crate::ffi::copy_out;
-use crate::qp::{push_receives, report_recv, Queue};
+use crate::qp::{push_receives, report_recv};
 use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, QueueEntry, QueueKind};
 use freeflow_proto::doorbell::EventFd;
@@ -42,6 +43,8 @@ pub(crate) struct SrqShared {
     recv: Mutex<Queue>,
     /// The router shard's doorbell (rung only when the shard parked).
     bell: EventFd,
+    /// Its context's router is gone: posts fail ([`crate::faults`]).
+    gone: Gone,
 }
 
 impl HandedOut for IbvSrq {
@@ -106,6 +109,7 @@ fn create_srq(pd: *mut IbvPd, init: *mut IbvSrqInitAttr) -> Result<*mut IbvSrq, 
         max_sge: created.attr.max_sge,
         recv: Queue::new(ring),
         bell,
+        gone: state.gone.clone(),
     };
     let obj = object::leak(ibv, state);
     // As rdma-core documents: the caller learns the capacities the SRQ really has.
@@ -214,6 +218,10 @@ pub unsafe extern "C" fn post_srq_recv(
         // SAFETY: forwarded caller guarantee about `bad_wr`.
         return unsafe { report_recv(bad_wr, wr, libc::EINVAL) };
     };
+    if state.gone.is_set() {
+        // SAFETY: forwarded caller guarantee about `bad_wr`.
+        return unsafe { report_recv(bad_wr, wr, libc::EIO) };
+    }
     // SAFETY: forwarded caller guarantee.
     unsafe { push_receives(&state.recv, state.max_sge, &state.bell, wr, bad_wr) }
 }
