@@ -2,6 +2,7 @@
 //! answers the control socket `router.ctl`, and turns SIGTERM into a clean shutdown. It blocks
 //! in poll(2) and never touches a shard's rings: shards get work through their inboxes.
 
+use crate::admission::{self, Pending, PendingHandshakes, Source};
 use crate::attachment::Attachment;
 use crate::shard::{AttachedTable, ShardCommand, ShardHandle};
 use crate::sys;
@@ -23,17 +24,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// How long a connected shim may take to send its hello.
-const HELLO_DEADLINE: Duration = Duration::from_secs(2);
-/// Most handshakes in progress at once; more are refused as busy.
-const MAX_PENDING: usize = 256;
 /// How long one control-socket exchange may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
-
-struct Pending {
-    conn: OwnedFd,
-    deadline: Instant,
-}
 
 /// A socket shim (TCP mode): served by this thread, not by a shard, because its requests are
 /// connection setup with sockets passed back, not ring traffic.
@@ -76,7 +68,8 @@ pub struct ControlThread {
     pub geometry: RingGeometry,
     pub started: Instant,
     table: HashMap<NetnsId, ContainerEntry>,
-    pending: Vec<Pending>,
+    /// Handshakes in progress, each source within its share (see crate::admission).
+    pending: PendingHandshakes,
     socket_shims: HashMap<u32, SocketShim>,
     tcp: TcpService,
     next_id: u32,
@@ -108,7 +101,7 @@ impl ControlThread {
             geometry,
             started: Instant::now(),
             table: HashMap::new(),
-            pending: Vec::new(),
+            pending: PendingHandshakes::default(),
             socket_shims: HashMap::new(),
             tcp: TcpService::default(),
             next_id: 1,
@@ -135,7 +128,7 @@ impl ControlThread {
             self.control_listener.as_fd(),
         ]
         .into_iter()
-        .chain(self.pending.iter().map(|p| p.conn.as_fd()))
+        .chain(self.pending.conns())
         .chain(shim_ids.iter().map(|id| self.socket_shims[id].conn.as_fd()));
         let mut fds: Vec<PollFd<'_>> = readable
             .map(|fd| PollFd::new(fd, libc::POLLIN))
@@ -160,8 +153,11 @@ impl ControlThread {
             self.expire_pending(now);
             let timeout = self
                 .pending
-                .iter()
-                .map(|p| p.deadline.saturating_duration_since(now).as_millis() as i32 + 1)
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(now))
+                .into_iter()
+                .chain(crate::log::tick())
+                .map(|d| d.as_millis() as i32 + 1)
                 .chain(self.tcp.next_timeout_ms(now))
                 .min()
                 .unwrap_or(-1);
@@ -207,8 +203,8 @@ impl ControlThread {
             // Handshakes first (indices shift as they are removed: walk backwards).
             for i in (0..self.pending.len()).rev() {
                 if revents[3 + i] != 0 {
-                    let pending = self.pending.swap_remove(i);
-                    self.handshake(pending.conn);
+                    let pending = self.pending.take(i);
+                    self.handshake(pending);
                 }
             }
             if revents[1] != 0 {
@@ -222,12 +218,28 @@ impl ControlThread {
     }
 
     fn expire_pending(&mut self, now: Instant) {
-        let before = self.pending.len();
-        self.pending.retain(|p| p.deadline > now);
-        let expired = before - self.pending.len();
-        if expired > 0 {
-            self.refused += expired as u64;
-            log::warn!("dropped {expired} connection(s) that sent no hello in time");
+        let mut expired: HashMap<Source, usize> = HashMap::new();
+        for pending in self.pending.expire(now) {
+            *expired.entry(pending.source).or_default() += 1;
+        }
+        for (source, n) in expired {
+            self.refused += n as u64;
+            let from = self.describe(source);
+            log::warn!(
+                target: &format!("no hello from {source}"),
+                "dropped {n} connection(s) from {from} that sent no hello in time"
+            );
+        }
+    }
+
+    /// Who `source` is, for the log: the container's name if it is still registered.
+    fn describe(&self, source: Source) -> String {
+        match source {
+            Source::Registered(ns) => match self.table.get(&ns) {
+                Some(c) => format!("container {}", c.name),
+                None => format!("{source} (unregistered since)"),
+            },
+            Source::Unregistered => source.to_string(),
         }
     }
 
@@ -235,20 +247,7 @@ impl ControlThread {
         // Accept everything waiting, bounded so a flood cannot starve the rest of the loop.
         for _ in 0..64 {
             match fdpass::accept_unix(self.attach_listener.as_fd()) {
-                Ok(conn) => {
-                    if self.pending.len() >= MAX_PENDING {
-                        self.refuse(
-                            &conn,
-                            Refusal::Busy,
-                            "too many attaches in progress, retry".into(),
-                        );
-                        continue;
-                    }
-                    self.pending.push(Pending {
-                        conn,
-                        deadline: Instant::now() + HELLO_DEADLINE,
-                    });
-                }
+                Ok(conn) => self.admit(conn),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     log::warn!("accept on router.sock: {e}");
@@ -258,9 +257,39 @@ impl ControlThread {
         }
     }
 
-    fn refuse(&mut self, conn: &OwnedFd, reason: Refusal, message: String) {
+    /// Identifies the caller of a new connection (the kernel knows it from the connect on) and
+    /// runs its handshake, which waits among its source's pending ones if the hello has not
+    /// come yet. An unregistered caller is not refused before its hello: the refusal would
+    /// make the shim's hello fail (EPIPE) and it would never read why.
+    fn admit(&mut self, conn: OwnedFd) {
+        let (pid, netns) = match identify(&conn) {
+            Ok(who) => who,
+            Err(message) => {
+                return self.refuse(&conn, Source::Unregistered, Refusal::Internal, message)
+            }
+        };
+        let source = match self.table.contains_key(&netns) {
+            true => Source::Registered(netns),
+            false => Source::Unregistered,
+        };
+        self.handshake(Pending {
+            conn,
+            source,
+            pid,
+            netns,
+            deadline: Instant::now() + admission::HELLO_DEADLINE,
+        });
+    }
+
+    /// Refuses an attach. Logged rate-limited per source and reason (crate::log), so a flood
+    /// neither grows the log nor hides other sources' refusals.
+    fn refuse(&mut self, conn: &OwnedFd, source: Source, reason: Refusal, message: String) {
         self.refused += 1;
-        log::warn!("refused attach ({reason:?}): {message}");
+        log::warn!(
+            target: &format!("refused {source} {reason:?}"),
+            "refused attach from {} ({reason:?}): {message}",
+            self.describe(source)
+        );
         let _ = fdpass::send_with_fds(
             conn.as_fd(),
             &Welcome::Refused { reason, message }.encode(),
@@ -270,13 +299,26 @@ impl ControlThread {
 
     /// Runs the attach handshake on a connection whose hello is (or may be) waiting: checks
     /// the hello and who sent it, then hands the shim to this thread (socket shims) or a shard.
-    fn handshake(&mut self, conn: OwnedFd) {
-        let Some((conn, kind)) = self.receive_hello(conn) else {
+    fn handshake(&mut self, pending: Pending) {
+        let source = pending.source;
+        let Some((conn, kind, pid, netns)) = self.receive_hello(pending) else {
             return;
         };
-        let Some((container, pid)) = self.identify(&conn) else {
-            return;
+        let Some(container) = self.table.get(&netns).cloned() else {
+            let message = format!(
+                "pid {pid} is in network namespace net:[{}], which no registered container uses; \
+                 register it with `freeflow container add`",
+                netns.ino
+            );
+            return self.refuse(&conn, source, Refusal::NotRegistered, message);
         };
+        if let Err(held) = admission::attachment_room(&self.attached, &container.name) {
+            let message = format!(
+                "container {} holds {held} attachments, the most one container may hold",
+                container.name
+            );
+            return self.refuse(&conn, source, Refusal::Busy, message);
+        }
         if kind == ShimKind::Socket {
             return self.adopt_socket_shim(conn, container, pid);
         }
@@ -284,76 +326,49 @@ impl ControlThread {
     }
 
     /// Reads and checks the hello. `None` when the connection is done with (refused, gone) or
-    /// back among the pending ones (its hello has not come yet).
-    fn receive_hello(&mut self, conn: OwnedFd) -> Option<(OwnedFd, ShimKind)> {
+    /// back among its source's pending ones (its hello has not come yet).
+    fn receive_hello(&mut self, pending: Pending) -> Option<(OwnedFd, ShimKind, i32, NetnsId)> {
         let mut buf = [0u8; HELLO_LEN + 1];
-        let got = match fdpass::recv_with_fds(conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+        let got = match fdpass::recv_with_fds(pending.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
             Ok(got) => got,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.pending.push(Pending {
-                    conn,
-                    deadline: Instant::now() + HELLO_DEADLINE,
-                });
+                // Room for it is made in its own source's share only.
+                if let Some(oldest) = self.pending.admit(pending) {
+                    let message = "too many attaches in progress from here; dropped the oldest, \
+                                   which sent no hello yet"
+                        .into();
+                    self.refuse(&oldest.conn, oldest.source, Refusal::Busy, message);
+                }
                 return None;
             }
             Err(_) => return None,
         };
+        let Pending {
+            conn,
+            source,
+            pid,
+            netns,
+            ..
+        } = pending;
         if got.len == 0 && got.fds.is_empty() {
             return None; // the peer left mid-handshake
         }
         if !got.fds.is_empty() || got.truncated {
-            self.refuse(
-                &conn,
-                Refusal::Malformed,
-                "hello must be 16 bytes and carry no fds".into(),
-            );
+            let message = "hello must be 16 bytes and carry no fds".into();
+            self.refuse(&conn, source, Refusal::Malformed, message);
             return None;
         }
         match Hello::decode(&buf[..got.len]) {
-            Ok((_, kind)) => Some((conn, kind)),
+            Ok((_, kind)) => Some((conn, kind, pid, netns)),
             Err(e @ HelloError::Version { .. }) => {
-                self.refuse(&conn, Refusal::VersionMismatch, e.to_string());
+                self.refuse(&conn, source, Refusal::VersionMismatch, e.to_string());
                 None
             }
             Err(e) => {
-                self.refuse(&conn, Refusal::Malformed, e.to_string());
+                self.refuse(&conn, source, Refusal::Malformed, e.to_string());
                 None
             }
         }
-    }
-
-    /// The registered container the caller runs in (by its network namespace), and its pid;
-    /// `None` (refused) for anyone else.
-    fn identify(&mut self, conn: &OwnedFd) -> Option<(ContainerEntry, i32)> {
-        let pid = match fdpass::peer_credentials(conn.as_fd()) {
-            Ok(cred) => cred.pid,
-            Err(e) => {
-                let message = format!("cannot identify the caller: {e}");
-                self.refuse(conn, Refusal::Internal, message);
-                return None;
-            }
-        };
-        let netns = match NetnsId::of_pid(pid) {
-            Ok(ns) => ns,
-            Err(e) => {
-                let message = format!("cannot read the network namespace of pid {pid}: {e}");
-                self.refuse(conn, Refusal::Internal, message);
-                return None;
-            }
-        };
-        let Some(container) = self.table.get(&netns).cloned() else {
-            self.refuse(
-                conn,
-                Refusal::NotRegistered,
-                format!(
-                    "pid {pid} is in network namespace net:[{}], which no registered container uses; \
-                     register it with `freeflow container add`",
-                    netns.ino
-                ),
-            );
-            return None;
-        };
-        Some((container, pid))
     }
 
     /// Creates the attachment's region, welcomes the shim with it and hands the attachment to
@@ -376,7 +391,13 @@ impl ControlThread {
         } else {
             least_loaded
         }) else {
-            return self.refuse(&conn, Refusal::Internal, "router has no shards".into());
+            let source = Source::Registered(container.netns);
+            return self.refuse(
+                &conn,
+                source,
+                Refusal::Internal,
+                "router has no shards".into(),
+            );
         };
         let (shard_index, bell) = (shard.index, shard.bell.clone());
         let id = self.allocate_id();
@@ -721,6 +742,17 @@ impl ControlThread {
             tcp_claimed: self.tcp.counters.claimed,
         }
     }
+}
+
+/// The pid that connected `conn` and its network namespace, from the kernel (SO_PEERCRED, then
+/// /proc/PID/ns/net); the reason as the refusal's message when either cannot be read.
+fn identify(conn: &OwnedFd) -> Result<(i32, NetnsId), String> {
+    let pid = fdpass::peer_credentials(conn.as_fd())
+        .map_err(|e| format!("cannot identify the caller: {e}"))?
+        .pid;
+    let netns = NetnsId::of_pid(pid)
+        .map_err(|e| format!("cannot read the network namespace of pid {pid}: {e}"))?;
+    Ok((pid, netns))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! modules. Signals, poll and memory files are `freeflow-os`'s.
 #![deny(unsafe_code)]
 
+mod admission;
 mod attachment;
 mod control;
 mod log;
