@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 pub enum ShardCommand {
     Adopt(Box<Attachment>),
     Detach(u32),
+    /// Tests only (`ControlRequest::TestPanic`): the shard panics.
+    #[cfg(debug_assertions)]
+    TestPanic,
 }
 
 /// Counters a shard publishes; written only by the shard, read by the control thread.
@@ -165,6 +168,13 @@ impl Shard {
             match command {
                 ShardCommand::Adopt(attachment) => self.adopt(*attachment),
                 ShardCommand::Detach(id) => self.detach_id(id, "container unregistered"),
+                #[cfg(debug_assertions)]
+                ShardCommand::TestPanic => {
+                    panic!(
+                        "test panic of shard {} (requested on router.ctl)",
+                        self.index
+                    )
+                }
             }
         }
         n
