@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::time::Duration;
 
+// This crate uses part of the shared helpers only.
+#[allow(dead_code)]
 mod common;
 
 use common::{fresh_dir, router_cores, wait_until};
