@@ -663,10 +663,40 @@ impl ControlThread {
             }
             ControlRequest::Status => (ControlResponse::Status(self.status()), false),
             ControlRequest::Shutdown => (ControlResponse::Ok, true),
+            ControlRequest::TestPanic { shard } => (self.test_panic(shard), false),
         };
         let mut w = &stream;
         let _ = ctl::write_line(&mut w, &response);
         Ok(shutdown)
+    }
+
+    /// `ControlRequest::TestPanic`: panics the control thread (`None`) or asks shard `shard`
+    /// to panic.
+    #[cfg(debug_assertions)]
+    fn test_panic(&self, shard: Option<usize>) -> ControlResponse {
+        let Some(index) = shard else {
+            panic!("test panic of the control thread (requested on router.ctl)");
+        };
+        let message = match self
+            .shards
+            .get(index)
+            .map(|s| s.send(ShardCommand::TestPanic))
+        {
+            Some(Ok(())) => return ControlResponse::Ok,
+            Some(Err(_)) => "the shard's inbox is full",
+            None => "no such shard",
+        };
+        ControlResponse::Error {
+            message: message.into(),
+        }
+    }
+
+    /// A release build has no test panics.
+    #[cfg(not(debug_assertions))]
+    fn test_panic(&self, _shard: Option<usize>) -> ControlResponse {
+        ControlResponse::Error {
+            message: "test panics exist only in debug builds of the router".into(),
+        }
     }
 
     fn set_containers(&mut self, containers: Vec<ContainerEntry>) -> ControlResponse {

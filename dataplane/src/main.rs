@@ -1,6 +1,11 @@
 //! freeflow-router: the Freeflow dataplane for one host. Normally started and supervised by
 //! `freeflow up`; it can also run alone in the foreground.
 //!
+//! A panic in any of its threads (shards, the control thread, the closer thread) ends the
+//! process with [`PANIC_EXIT_STATUS`] after one log line naming the thread and the panic: a
+//! shard thread that died alone would leave its attachments hanging in a process that still
+//! looks alive, while a router that exits is restarted by `freeflow up`'s daemon.
+//!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here) to `sys` (socket calls, the ready
 //! pipe), `uring` (io_uring submissions) and, inside `verbs`, to its `memory` and `notify`
 //! modules. Signals, poll and memory files are `freeflow-os`'s.
@@ -37,7 +42,13 @@ const ENVIRONMENT: &str = "Environment:
   FREEFLOW_DIR              the default of --dir
   FREEFLOW_CONTROL_SPIN_US  how long the control thread polls without sleeping after a request (default 0)
 
-Log lines on stderr: <RFC 3339 UTC time, ms> freeflow-router[<pid>] <ERROR|WARN|INFO> <message>";
+Log lines on stderr: <RFC 3339 UTC time, ms> freeflow-router[<pid>] <ERROR|WARN|INFO> <message>
+
+Exit status: 0 after a clean stop, 1 when serving failed, 2 for bad arguments, 70 after a panic
+in any thread (the last log line says which and why)";
+
+/// The exit status after a panic: sysexits' EX_SOFTWARE (internal software error).
+const PANIC_EXIT_STATUS: i32 = 70;
 
 /// freeflow-router: the Freeflow dataplane for one host (normally started by `freeflow up`)
 #[derive(Parser, Debug)]
@@ -226,8 +237,44 @@ fn run(config: Config) -> Result<(), String> {
     result
 }
 
+/// Makes a panic in any thread end the process: logs the thread, where and what (the panic's
+/// backtrace first if `RUST_BACKTRACE` asks for one, so that the panic line is the last), then
+/// exits with [`PANIC_EXIT_STATUS`] without unwinding. No thread is left running on without
+/// a shard that died, and the supervisor sees the router exit and restarts it.
+fn exit_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("(unnamed)");
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)")
+            .replace('\n', " ");
+        let at = info
+            .location()
+            .map(|l| format!(" at {l}"))
+            .unwrap_or_default();
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            let backtrace = backtrace.to_string();
+            error!(
+                "backtrace of the panic in thread {name}:\n{}",
+                backtrace.trim_end()
+            );
+        }
+        error!(
+            "thread {name} panicked{at}: {message}; exiting with status {PANIC_EXIT_STATUS}, \
+             to be restarted"
+        );
+        std::process::exit(PANIC_EXIT_STATUS);
+    }));
+}
+
 fn main() -> ExitCode {
     log::init();
+    exit_on_panic();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => e.exit(),

@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 pub enum ShardCommand {
     Adopt(Box<Attachment>),
     Detach(u32),
+    /// Tests only (`ControlRequest::TestPanic`): the shard panics.
+    #[cfg(debug_assertions)]
+    TestPanic,
 }
 
 /// Counters a shard publishes; written only by the shard, read by the control thread.
@@ -165,6 +168,13 @@ impl Shard {
             match command {
                 ShardCommand::Adopt(attachment) => self.adopt(*attachment),
                 ShardCommand::Detach(id) => self.detach_id(id, "container unregistered"),
+                #[cfg(debug_assertions)]
+                ShardCommand::TestPanic => {
+                    panic!(
+                        "test panic of shard {} (requested on router.ctl)",
+                        self.index
+                    )
+                }
             }
         }
         n
@@ -277,7 +287,7 @@ impl Shard {
     /// on it but, for a verbs shim, its memory file (see `Attachment::on_connection_readable`);
     /// anything else ends the attachment.
     fn on_connection_event(&mut self, index: usize) {
-        let Some(slot) = self.slots[index].as_mut() else {
+        let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
         let id = slot.attachment.id;
@@ -305,14 +315,14 @@ impl Shard {
     }
 
     fn detach_id(&mut self, id: u32, why: &str) {
-        let Some(index) = self
+        let Some((index, slot)) = self
             .slots
-            .iter()
-            .position(|s| s.as_ref().is_some_and(|s| s.attachment.id == id))
+            .iter_mut()
+            .enumerate()
+            .find_map(|(i, s)| Some((i, s.take_if(|s| s.attachment.id == id)?)))
         else {
             return;
         };
-        let slot = self.slots[index].take().expect("found above");
         // The poll on this connection may still be in flight: cancel it and submit before the
         // fd closes, so the kernel never sees a stale fd number in a queued entry.
         let _ = self.uring.cancel(conn_tag(index, slot.generation));

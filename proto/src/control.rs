@@ -57,6 +57,14 @@ pub enum ControlRequest {
     Status,
     /// Stops the router cleanly.
     Shutdown,
+    /// Tests only: makes a thread of the router panic, to check that a panic ends the process
+    /// (so that its supervisor restarts it). `shard: Some(i)` panics shard `i`, `None` the
+    /// control thread. Only debug builds of the router obey; a release build answers with an
+    /// error.
+    TestPanic {
+        #[serde(default)]
+        shard: Option<usize>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

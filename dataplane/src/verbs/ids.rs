@@ -21,17 +21,20 @@ pub(crate) struct TenantId(pub(crate) u32);
 
 /// A key of one of the engine's object tables (see `engine::objects`).
 pub(crate) trait ObjectKey: Copy {
+    /// What the table holds, for messages.
+    const WHAT: &'static str;
     fn from_index(index: usize) -> Self;
     fn index(self) -> usize;
 }
 
 macro_rules! object_key {
-    ($(#[$doc:meta])* $name:ident) => {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub(crate) struct $name(usize);
 
         impl ObjectKey for $name {
+            const WHAT: &'static str = $what;
             fn from_index(index: usize) -> Self {
                 $name(index)
             }
@@ -45,13 +48,13 @@ macro_rules! object_key {
 object_key! {
     /// A completion queue's index in the engine (never seen by a container: it holds the CQ's
     /// handle).
-    CqId
+    CqId, "completion queue"
 }
 object_key! {
     /// A queue pair's index in the engine (a container holds the QP's handle and number).
-    QpId
+    QpId, "queue pair"
 }
 object_key! {
     /// A shared receive queue's index in the engine (a container holds the SRQ's handle).
-    SrqId
+    SrqId, "shared receive queue"
 }

@@ -93,6 +93,10 @@ pub enum VerbsError {
     Queue(#[from] freeflow_proto::region::RegionError),
     #[error("cannot pass the queue's file to the shim: {0}")]
     PassFile(std::io::Error),
+    /// The engine's own bookkeeping failed (a bug): the reply is an error and the attachment
+    /// ends.
+    #[error("verbs engine fault: {0}")]
+    Fault(#[from] engine::Fault),
 }
 
 impl VerbsError {
@@ -121,6 +125,7 @@ impl VerbsError {
             VerbsError::NotSupported(_) => VerbsStatus::NotSupported,
             VerbsError::Transition(_) => VerbsStatus::Invalid,
             VerbsError::Queue(_) | VerbsError::PassFile(_) => VerbsStatus::NoResources,
+            VerbsError::Fault(_) => VerbsStatus::Invalid,
         };
         s as u16
     }
@@ -416,13 +421,13 @@ impl VerbsTable {
         let memory = self.memory.as_ref().ok_or(VerbsError::NoMemoryFile)?;
         // The page at virtual address A lives at file offset A (see freeflow_proto::verbs).
         let mapping = memory.map(first_page, pages)?;
+        self.pds.get_mut(&pd).ok_or(VerbsError::NoSuchPd(r.pd))?.mrs += 1;
         let handle = self.new_handle();
         let lkey = self.new_key();
         self.lkeys.insert(lkey, handle);
         let rkey = self.new_key();
         self.rkeys.insert(rkey, handle);
         self.mapped_bytes += pages;
-        self.pds.get_mut(&pd).expect("checked above").mrs += 1;
         self.mrs.insert(
             handle,
             Mr {
@@ -491,7 +496,10 @@ impl VerbsTable {
             return Err(fail(ResolveFailure::AccessDenied));
         }
         if len == 0 {
-            return Ok(mr.mapping.view(mr.offset, 0).expect("offset inside"));
+            return mr
+                .mapping
+                .view(mr.offset, 0)
+                .ok_or(fail(ResolveFailure::OutOfRange));
         }
         let end = addr
             .checked_add(len)
@@ -500,11 +508,12 @@ impl VerbsTable {
         if addr < mr.iova || end > mr.iova + mr.length {
             return Err(fail(ResolveFailure::OutOfRange));
         }
+        // Inside the region, hence inside its mapping: a view that is not would be a bug of
+        // the table, and fails like a range outside the region.
         let offset = mr.offset + (addr - mr.iova) as usize;
-        Ok(mr
-            .mapping
+        mr.mapping
             .view(offset, len as usize)
-            .expect("inside the region, hence inside its mapping"))
+            .ok_or(fail(ResolveFailure::OutOfRange))
     }
 
     /// The memory a test hook reads or writes: `len` bytes at `addr`, under local key `lkey` of
@@ -574,8 +583,7 @@ impl VerbsTable {
                 let r = TestWrite::decode(body)?;
                 let len = r.data.len() as u64;
                 let view = self.test_view(r.pd, r.lkey, r.addr, len, Need::LocalWrite)?;
-                view.write_at(0, &r.data)
-                    .expect("resolved to the data's length");
+                view.write_at(0, &r.data).map_err(engine::Fault::from)?;
                 Ok(0)
             }
             other => Err(VerbsError::UnknownOp(other as u16)),

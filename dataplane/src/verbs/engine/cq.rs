@@ -2,7 +2,7 @@
 //! `ibv_resize_cq` and their destruction, and the publishing of a pass's completions (with the
 //! wake-up of armed CQs' channels).
 
-use super::{ring_slots, Engine};
+use super::{context_mut, ring_slots, Engine};
 use crate::verbs::ids::{AttachmentId, CqId};
 use crate::verbs::{notify, VerbsError};
 use freeflow_proto::region::SharedRegion;
@@ -109,10 +109,7 @@ impl Engine {
         conn: BorrowedFd<'_>,
         r: &CreateCq,
     ) -> Result<CqCreated, VerbsError> {
-        let ctx = self
-            .contexts
-            .get_mut(&attachment)
-            .expect("checked by serve");
+        let ctx = context_mut(&mut self.contexts, attachment)?;
         if r.cqe == 0 || r.cqe > limits::MAX_CQE {
             return Err(VerbsError::Invalid("cqe out of range"));
         }
@@ -137,8 +134,9 @@ impl Engine {
         let ring = Producer::new(region.ring(0)?);
         let handle = Self::new_handle(ctx);
         Self::pass_file(conn, QueueFileKind::Cq, handle, memfd.as_fd())?;
-        if r.channel != 0 {
-            ctx.channels.get_mut(&r.channel).expect("found above").cqs += 1;
+        // Found above (for `notify`), when it is not 0.
+        if let Some(channel) = ctx.channels.get_mut(&r.channel) {
+            channel.cqs += 1;
         }
         let index = self.cqs.insert(Cq {
             owner: attachment,
@@ -163,15 +161,12 @@ impl Engine {
         attachment: AttachmentId,
         handle: u32,
     ) -> Result<(), VerbsError> {
-        let ctx = self
-            .contexts
-            .get_mut(&attachment)
-            .expect("checked by serve");
+        let ctx = context_mut(&mut self.contexts, attachment)?;
         let &index = ctx
             .cqs
             .get(&handle)
             .ok_or(VerbsError::NoSuchObject("completion queue", handle))?;
-        let cq = self.cqs.get(index).expect("tables agree");
+        let cq = self.cqs.entry(index)?;
         if cq.users > 0 {
             return Err(VerbsError::ObjectBusy("completion queue", handle));
         }
@@ -205,7 +200,7 @@ impl Engine {
         if r.cqe == 0 || r.cqe > limits::MAX_CQE {
             return Err(VerbsError::Invalid("cqe out of range"));
         }
-        let cq = self.cqs.get_mut(index).expect("tables agree");
+        let cq = self.cqs.entry_mut(index)?;
         if cq.broken {
             return Err(VerbsError::Invalid("the CQ's ring is broken"));
         }

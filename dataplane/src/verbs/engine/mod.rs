@@ -49,6 +49,7 @@ mod srq;
 #[cfg(test)]
 mod tests;
 
+pub use objects::Fault;
 pub use park::ParkPlan;
 pub(super) use park::{ack_timeout, rnr_timer, CQ_FULL_RETRY};
 pub(super) use qp::{Pending, Route, Wait};
@@ -127,6 +128,17 @@ impl Default for Engine {
     fn default() -> Self {
         Engine::new(super::test_hooks_enabled())
     }
+}
+
+/// The context of `attachment` in `contexts` (a function of the table alone, so that the
+/// engine's other tables stay free to borrow).
+fn context_mut(
+    contexts: &mut NumberMap<AttachmentId, Context>,
+    attachment: AttachmentId,
+) -> Result<&mut Context, VerbsError> {
+    contexts
+        .get_mut(&attachment)
+        .ok_or(VerbsError::NoSuchObject("context", attachment.0))
 }
 
 fn ring_slots(wanted: u32) -> u32 {
@@ -218,19 +230,35 @@ impl Engine {
     }
 
     pub(super) fn break_owner(&mut self, owner: AttachmentId, e: RingError) {
+        self.end_attachment(owner, || format!("verbs queue protocol violation: {e}"));
+    }
+
+    /// Marks `owner` to be detached, for the reason `why` says (unless it already is).
+    fn end_attachment(&mut self, owner: AttachmentId, why: impl FnOnce() -> String) {
         if !self.broken.iter().any(|(id, _)| *id == owner) {
-            self.broken
-                .push((owner, format!("verbs queue protocol violation: {e}")));
+            self.broken.push((owner, why()));
         }
     }
 
     /// Marks the QP at `index` broken, a ring of it corrupt (`e`), and its owner to be
-    /// detached.
+    /// detached. A QP that is gone has nothing left to break.
     pub(in crate::verbs) fn break_qp(&mut self, index: QpId, e: RingError) {
-        let qp = self.qps.get_mut(index).expect("caller checked");
-        qp.broken = true;
-        let owner = qp.owner;
-        self.break_owner(owner, e);
+        if let Some(qp) = self.qps.get_mut(index) {
+            qp.broken = true;
+            let owner = qp.owner;
+            self.break_owner(owner, e);
+        }
+    }
+
+    /// The engine's bookkeeping failed (`fault`) while it worked on the QP at `index`: the QP
+    /// is no longer touched and its owner is detached; other attachments go on. A QP that is
+    /// gone has no owner left to end.
+    pub(in crate::verbs) fn fault_qp(&mut self, index: QpId, fault: Fault) {
+        if let Some(qp) = self.qps.get_mut(index) {
+            qp.broken = true;
+            let owner = qp.owner;
+            self.end_attachment(owner, || format!("verbs engine fault: {fault}"));
+        }
     }
 
     /// Serves one verbs request of `attachment`, whose attach connection is `conn` (queue files
@@ -245,7 +273,14 @@ impl Engine {
     ) -> (u16, usize) {
         match self.serve_inner(Caller { attachment, conn }, opcode, body, reply) {
             Ok(len) => (freeflow_proto::msg::status::OK, len),
-            Err(e) => (e.status(), 0),
+            Err(e) => {
+                // The engine's own bookkeeping failed serving this attachment: it ends (after
+                // this reply), not the shard.
+                if let VerbsError::Fault(fault) = &e {
+                    self.end_attachment(attachment, || format!("verbs engine fault: {fault}"));
+                }
+                (e.status(), 0)
+            }
         }
     }
 
@@ -303,8 +338,12 @@ impl Engine {
     }
 
     fn context(&mut self, attachment: AttachmentId) -> Result<&mut Context, VerbsError> {
+        context_mut(&mut self.contexts, attachment)
+    }
+
+    fn context_ref(&self, attachment: AttachmentId) -> Result<&Context, VerbsError> {
         self.contexts
-            .get_mut(&attachment)
+            .get(&attachment)
             .ok_or(VerbsError::NoSuchObject("context", attachment.0))
     }
 

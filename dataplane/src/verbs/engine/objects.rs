@@ -1,8 +1,24 @@
 //! The engine's tables of CQs, QPs and SRQs: slabs (stable indices, reused after removal)
 //! whose keys are typed, so that the index of a CQ never looks up a QP.
+//!
+//! An index the engine holds names an object by the engine's own bookkeeping, so a lookup that
+//! finds nothing is a bug of the engine, never a container's doing. It is still an error, a
+//! [`Fault`], not a panic: it ends the attachment being served (see `Engine::fault_qp` and
+//! `Engine::serve`), not the shard and every container on it.
 
 use crate::verbs::ids::ObjectKey;
+use crate::verbs::memory::ViewError;
 use std::marker::PhantomData;
+
+/// The engine's bookkeeping did not hold: an object its tables name is not there, or a copy
+/// computed a range outside its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Fault {
+    #[error("no {what} {index} in the engine's tables")]
+    Missing { what: &'static str, index: usize },
+    #[error("a copy left its memory: {0}")]
+    View(#[from] ViewError),
+}
 
 /// A slab of `T` keyed by `K`.
 #[derive(Debug)]
@@ -35,6 +51,28 @@ impl<K: ObjectKey, T> Objects<K, T> {
 
     pub(in crate::verbs) fn get_mut(&mut self, key: K) -> Option<&mut T> {
         self.slab.get_mut(key.index())
+    }
+
+    /// The object at `key`, which the engine's tables say is there.
+    pub(in crate::verbs) fn entry(&self, key: K) -> Result<&T, Fault> {
+        self.slab.get(key.index()).ok_or(Self::missing(key))
+    }
+
+    /// [`Objects::entry`], to change it.
+    pub(in crate::verbs) fn entry_mut(&mut self, key: K) -> Result<&mut T, Fault> {
+        self.slab.get_mut(key.index()).ok_or(Self::missing(key))
+    }
+
+    /// Removes the object at `key`, which the engine's tables say is there.
+    pub(super) fn take(&mut self, key: K) -> Result<T, Fault> {
+        self.slab.try_remove(key.index()).ok_or(Self::missing(key))
+    }
+
+    fn missing(key: K) -> Fault {
+        Fault::Missing {
+            what: K::WHAT,
+            index: key.index(),
+        }
     }
 
     /// Every key that may be in use, in index order (vacant ones among them look up nothing):

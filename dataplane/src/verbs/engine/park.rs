@@ -61,13 +61,13 @@ impl Engine {
             if qp.broken {
                 continue;
             }
-            let result = match (qp.state, &qp.pending) {
-                (QpState::Rts, None) => qp.sq.prepare_park(),
-                (QpState::Rts | QpState::Err, _) if qp.held.is_some() => {
-                    plan.wake_by(qp.held.expect("checked"));
+            let result = match (qp.state, &qp.pending, qp.held) {
+                (QpState::Rts, None, _) => qp.sq.prepare_park(),
+                (QpState::Rts | QpState::Err, _, Some(held)) => {
+                    plan.wake_by(held);
                     continue;
                 }
-                (QpState::Rts, Some(p)) => {
+                (QpState::Rts, Some(p), None) => {
                     let deadline = match p.wait {
                         Wait::Ready => {
                             plan.busy = true;
@@ -85,12 +85,12 @@ impl Engine {
                     continue;
                 }
                 // An SRQ is not the QP's to flush: only its own receive ring.
-                (QpState::Err, None) if qp.srq.is_some() => qp.sq.prepare_park(),
-                (QpState::Err, None) => qp
+                (QpState::Err, None, None) if qp.srq.is_some() => qp.sq.prepare_park(),
+                (QpState::Err, None, None) => qp
                     .sq
                     .prepare_park()
                     .and_then(|idle| Ok(idle && qp.rq.prepare_park()?)),
-                (QpState::Err, Some(_)) => Ok(false),
+                (QpState::Err, Some(_), None) => Ok(false),
                 _ => continue,
             };
             match result {

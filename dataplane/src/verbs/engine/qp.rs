@@ -91,6 +91,24 @@ pub(in crate::verbs) struct Qp {
     _region: SharedRegion,
 }
 
+impl Qp {
+    /// Enters RESET: forgets the queues without completions, and the connection. A corrupt
+    /// ring breaks the QP (the caller ends its owner).
+    fn reset(&mut self) -> Result<(), RingError> {
+        self.pending = None;
+        self.route = None;
+        let drained = drain(&mut self.sq, &mut self.sq_slot)
+            .and_then(|()| drain(&mut self.rq, &mut self.rq_slot));
+        self.attr = QpAttr {
+            cap: self.cap,
+            ..QpAttr::default()
+        };
+        self.state = QpState::Reset;
+        self.held = None;
+        drained.inspect_err(|_| self.broken = true)
+    }
+}
+
 /// The IPv4 address of an IPv4-mapped GID (`::ffff:a.b.c.d`).
 fn gid_ipv4(gid: &[u8; 16]) -> Option<Ipv4Addr> {
     if gid[..10].iter().all(|b| *b == 0) && gid[10] == 0xff && gid[11] == 0xff {
@@ -119,10 +137,14 @@ struct QpQueues {
     send_cq: CqId,
     recv_cq: CqId,
     srq: Option<SrqId>,
+    /// The size of its SRQ's slots (the QP's copy of a receive WQE has it), with an SRQ.
+    srq_slot: Option<usize>,
 }
 
 impl QpQueues {
-    fn find(ctx: &Context, r: &CreateQp) -> Result<QpQueues, VerbsError> {
+    /// The queues `r` names in `ctx`, each found in the engine's tables too (before anything
+    /// changes, so that creating the QP cannot fail half-way for a table that disagrees).
+    fn find(engine: &Engine, ctx: &Context, r: &CreateQp) -> Result<QpQueues, VerbsError> {
         let send_cq = *ctx
             .cqs
             .get(&r.send_cq)
@@ -139,10 +161,17 @@ impl QpQueues {
                     .ok_or(VerbsError::NoSuchObject("shared receive queue", h))?,
             ),
         };
+        engine.cqs.entry(send_cq)?;
+        engine.cqs.entry(recv_cq)?;
+        let srq_slot = match srq {
+            Some(i) => Some(engine.srqs.entry(i)?.ring.slot_size()),
+            None => None,
+        };
         Ok(QpQueues {
             send_cq,
             recv_cq,
             srq,
+            srq_slot,
         })
     }
 }
@@ -240,15 +269,13 @@ impl Engine {
         }
         check_cap(&r.cap)?;
         let qpn = self.new_qpn();
-        let ctx = self
-            .contexts
-            .get_mut(&attachment)
-            .expect("checked by serve");
+        let ctx = self.context_ref(attachment)?;
         if ctx.qps.len() >= limits::MAX_QP as usize {
             return Err(VerbsError::Limit("queue pairs"));
         }
-        let queues = QpQueues::find(ctx, r)?;
+        let queues = QpQueues::find(self, ctx, r)?;
         let layout = QpLayout::new(r.cap, queues.srq.is_some());
+        let ctx = self.context(attachment)?;
         let (handle, rings) = Self::holding_pd(ctx, PdId(r.pd), |ctx| {
             let rings = layout.create_rings()?;
             let handle = Self::new_handle(ctx);
@@ -256,8 +283,7 @@ impl Engine {
             Ok((handle, rings))
         })?;
         let index = self.insert_qp(attachment, qpn, r, queues, &layout, rings);
-        let ctx = self.contexts.get_mut(&attachment).expect("checked");
-        ctx.qps.insert(handle, index);
+        self.context(attachment)?.qps.insert(handle, index);
         Ok(QpCreated {
             qp: handle,
             qpn,
@@ -276,10 +302,7 @@ impl Engine {
         rings: QpRings,
     ) -> QpId {
         // With an SRQ, the receive slot copy is the SRQ's size.
-        let rq_slot = match queues.srq {
-            Some(i) => self.srqs.get(i).expect("tables agree").ring.slot_size(),
-            None => layout.recv.slot_size as usize,
-        };
+        let rq_slot = queues.srq_slot.unwrap_or(layout.recv.slot_size as usize);
         let index = self.qps.insert(Qp {
             owner,
             qpn,
@@ -305,11 +328,14 @@ impl Engine {
             _region: rings.region,
         });
         self.qpns.insert(qpn, index);
+        // `QpQueues::find` found each of them in the tables.
         for cq in [queues.send_cq, queues.recv_cq] {
-            self.cqs.get_mut(cq).expect("tables agree").users += 1;
+            if let Some(cq) = self.cqs.get_mut(cq) {
+                cq.users += 1;
+            }
         }
-        if let Some(i) = queues.srq {
-            self.srqs.get_mut(i).expect("tables agree").users += 1;
+        if let Some(srq) = queues.srq.and_then(|i| self.srqs.get_mut(i)) {
+            srq.users += 1;
         }
         index
     }
@@ -387,7 +413,7 @@ impl Engine {
         dgid: &[u8; 16],
         dest_qpn: u32,
     ) -> Result<Route, VerbsError> {
-        let caller = &self.contexts.get(&attachment).expect("checked").container;
+        let caller = &self.context_ref(attachment)?.container;
         let ip = gid_ipv4(dgid).ok_or_else(|| {
             VerbsError::Unreachable("the destination GID is not an IPv4-mapped address".into())
         })?;
@@ -413,7 +439,7 @@ impl Engine {
         r: &ModifyQp,
     ) -> Result<QpState, VerbsError> {
         let index = self.qp_index(attachment, r.qp)?;
-        let current = self.qps.get(index).expect("tables agree").state;
+        let current = self.qps.entry(index)?.state;
         let next = check_transition(current, r.attr_mask, &r.attr)?;
         Self::check_values(r.attr_mask, &r.attr)?;
         if matches!(next, QpState::Sqd | QpState::Sqe) {
@@ -424,7 +450,7 @@ impl Engine {
         } else {
             None
         };
-        let qp = self.qps.get_mut(index).expect("tables agree");
+        let qp = self.qps.entry_mut(index)?;
         take_attrs(&mut qp.attr, r.attr_mask, &r.attr);
         if let Some(route) = route {
             qp.route = Some(route);
@@ -437,30 +463,15 @@ impl Engine {
             });
         }
         match next {
-            QpState::Reset => self.reset_qp(index),
+            QpState::Reset => {
+                if let Err(e) = qp.reset() {
+                    let owner = qp.owner;
+                    self.break_owner(owner, e);
+                }
+            }
             other => qp.state = other,
         }
         Ok(next)
-    }
-
-    /// A reset QP forgets its queues without completions, and its connection.
-    fn reset_qp(&mut self, index: QpId) {
-        let qp = self.qps.get_mut(index).expect("tables agree");
-        qp.pending = None;
-        qp.route = None;
-        let owner = qp.owner;
-        let drained =
-            drain(&mut qp.sq, &mut qp.sq_slot).and_then(|()| drain(&mut qp.rq, &mut qp.rq_slot));
-        qp.attr = QpAttr {
-            cap: qp.cap,
-            ..QpAttr::default()
-        };
-        qp.state = QpState::Reset;
-        qp.held = None;
-        if let Err(e) = drained {
-            qp.broken = true;
-            self.break_owner(owner, e);
-        }
     }
 
     pub(super) fn query_qp(
@@ -469,7 +480,7 @@ impl Engine {
         handle: u32,
     ) -> Result<QpQueried, VerbsError> {
         let index = self.qp_index(attachment, handle)?;
-        let qp = self.qps.get(index).expect("tables agree");
+        let qp = self.qps.entry(index)?;
         let mut attr = qp.attr;
         attr.qp_state = qp.state as u8;
         attr.cur_qp_state = qp.state as u8;
@@ -486,7 +497,7 @@ impl Engine {
         handle: u32,
     ) -> Result<(), VerbsError> {
         let index = self.qp_index(attachment, handle)?;
-        let qp = self.qps.remove(index).expect("tables agree");
+        let qp = self.qps.take(index)?;
         self.qpns.remove(&qp.qpn);
         for cq in [qp.send_cq, qp.recv_cq] {
             if let Some(cq) = self.cqs.get_mut(cq) {
@@ -496,7 +507,7 @@ impl Engine {
         if let Some(srq) = qp.srq.and_then(|i| self.srqs.get_mut(i)) {
             srq.users -= 1;
         }
-        let ctx = self.contexts.get_mut(&attachment).expect("checked");
+        let ctx = self.context(attachment)?;
         ctx.qps.remove(&handle);
         ctx.table.release_pd(qp.pd);
         Ok(())

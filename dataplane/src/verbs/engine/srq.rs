@@ -3,7 +3,7 @@
 //! the receives of incoming messages from it, and the keys of those receives are checked in
 //! the SRQ's protection domain.
 
-use super::{ring_slots, slot_size, Engine};
+use super::{context_mut, ring_slots, slot_size, Engine};
 use crate::verbs::ids::{AttachmentId, PdId, SrqId};
 use crate::verbs::VerbsError;
 use freeflow_proto::region::SharedRegion;
@@ -44,10 +44,7 @@ impl Engine {
         if r.max_wr == 0 || r.max_wr > limits::MAX_SRQ_WR || r.max_sge > limits::MAX_SRQ_SGE {
             return Err(VerbsError::Invalid("SRQ capacity out of range"));
         }
-        let ctx = self
-            .contexts
-            .get_mut(&attachment)
-            .expect("checked by serve");
+        let ctx = context_mut(&mut self.contexts, attachment)?;
         if ctx.srqs.len() >= limits::MAX_SRQ as usize {
             return Err(VerbsError::Limit("shared receive queues"));
         }
@@ -93,7 +90,7 @@ impl Engine {
         r: &ModifySrq,
     ) -> Result<(), VerbsError> {
         let index = self.srq_index(attachment, r.srq)?;
-        let attr = self.srqs.get(index).expect("tables agree").attr;
+        let attr = self.srqs.entry(index)?.attr;
         let Some(mask) = SrqAttrMask::from_bits(r.attr_mask) else {
             return Err(VerbsError::Invalid("unknown SRQ attribute mask bits"));
         };
@@ -119,12 +116,11 @@ impl Engine {
         handle: u32,
     ) -> Result<(), VerbsError> {
         let index = self.srq_index(attachment, handle)?;
-        let srq = self.srqs.get(index).expect("tables agree");
-        if srq.users > 0 {
+        if self.srqs.entry(index)?.users > 0 {
             return Err(VerbsError::ObjectBusy("shared receive queue", handle));
         }
-        let srq = self.srqs.remove(index).expect("tables agree");
-        let ctx = self.contexts.get_mut(&attachment).expect("checked");
+        let srq = self.srqs.take(index)?;
+        let ctx = self.context(attachment)?;
         ctx.srqs.remove(&handle);
         ctx.table.release_pd(srq.pd);
         Ok(())
@@ -137,6 +133,6 @@ impl Engine {
         handle: u32,
     ) -> Result<SrqAttr, VerbsError> {
         let index = self.srq_index(attachment, handle)?;
-        Ok(self.srqs.get(index).expect("tables agree").attr)
+        Ok(self.srqs.entry(index)?.attr)
     }
 }

@@ -1104,3 +1104,46 @@ fn a_corrupt_srq_ring_breaks_only_its_owner() {
     let _ = (&t.a, &t.srq);
     self_loop_works(&mut engine, &mut t.b);
 }
+
+/// The engine's index of `s`'s QP.
+fn qp_index(engine: &Engine, s: &Side) -> crate::verbs::ids::QpId {
+    engine.contexts[&s.id].qps[&s.qp]
+}
+
+/// A request that finds the engine's own tables in disagreement (a QP its context names is not
+/// in the engine's table: a bug, simulated here) gets an error reply and ends its attachment
+/// alone; before, the shard panicked ("tables agree") and took every container with it.
+#[test]
+fn a_request_finding_the_tables_in_disagreement_ends_only_its_attachment() {
+    let mut engine = Engine::new(false);
+    let (a, mut b) = pair(&mut engine);
+    let index = qp_index(&engine, &a);
+    engine.qps.remove(index);
+    let handle = ObjectHandle { handle: a.qp };
+    for request in [op::QUERY_QP, op::DESTROY_QP] {
+        let status = status_of(&mut engine, &a, request, &handle.to_vec());
+        assert_eq!(status, VerbsStatus::Invalid as u16, "opcode {request:#x}");
+    }
+    let broken = take_only_broken(&mut engine, a.id);
+    assert!(
+        broken[0].1.contains("verbs engine fault: no queue pair"),
+        "{broken:?}"
+    );
+    self_loop_works(&mut engine, &mut b);
+    let _ = (&a.shim, &b.cq, &b.pd);
+}
+
+/// The data path's passes over a QP that is not there do nothing (there is no owner left to
+/// end); before, they panicked ("caller checked").
+#[test]
+fn passes_over_a_vanished_qp_do_nothing() {
+    let mut engine = Engine::new(false);
+    let (a, mut b) = pair(&mut engine);
+    let index = qp_index(&engine, &a);
+    engine.qps.remove(index);
+    assert_eq!(engine.run_send_queue(index, &mut None), 0);
+    assert_eq!(engine.flush(index, &mut None), 0);
+    assert!(engine.take_broken().is_empty());
+    self_loop_works(&mut engine, &mut b);
+    let _ = (&a.shim, &b.cq, &b.pd);
+}

@@ -1,6 +1,8 @@
 //! Scatter/gather lists resolved into memory views, and the copy of a message between them.
 
+use crate::verbs::engine::Fault;
 use crate::verbs::ids::PdId;
+use crate::verbs::memory::ViewError;
 use crate::verbs::{Key, MemView, Need, VerbsTable};
 use freeflow_proto::verbs::work::{Sge, MAX_SGE};
 
@@ -38,8 +40,13 @@ pub(super) enum Source<'s, 'a> {
     Bytes(&'s [u8]),
 }
 
-/// Copies `len` bytes of `src` into `dst` (whose total is at least `len`), piece by piece.
-pub(super) fn copy(dst: &[Option<MemView<'_>>], src: Source<'_, '_>, len: u64) {
+/// Copies `len` bytes of `src` into `dst` (whose total is at least `len`), piece by piece. A
+/// piece computed outside its view is a [`Fault`] (the pieces are bounded by construction).
+pub(super) fn copy(
+    dst: &[Option<MemView<'_>>],
+    src: Source<'_, '_>,
+    len: u64,
+) -> Result<(), Fault> {
     let mut dst_pieces = dst.iter().flatten();
     let mut current = dst_pieces.next();
     let mut at = 0usize;
@@ -48,35 +55,42 @@ pub(super) fn copy(dst: &[Option<MemView<'_>>], src: Source<'_, '_>, len: u64) {
         // Copies n bytes from `bytes` (a view) or `data` into the destination pieces.
         let mut done = 0;
         while done < n {
-            let Some(d) = current else { return };
+            let Some(d) = current else {
+                return Ok(());
+            };
             if at == d.len() {
                 current = dst_pieces.next();
                 at = 0;
                 continue;
             }
             let step = (n - done).min(d.len() - at);
-            let target = d.slice(at, step).expect("inside the piece");
+            let target = d.slice(at, step)?;
             match (bytes, data) {
-                (Some(v), _) => target
-                    .copy_from(&v.slice(done, step).expect("inside the source"))
-                    .expect("same lengths"),
-                (None, Some(b)) => target
-                    .write_at(0, &b[done..done + step])
-                    .expect("inside the piece"),
+                (Some(v), _) => target.copy_from(&v.slice(done, step)?)?,
+                (None, Some(b)) => {
+                    let piece = b.get(done..done + step).ok_or(ViewError::OutOfRange {
+                        offset: done,
+                        len: step,
+                        view_len: b.len(),
+                    })?;
+                    target.write_at(0, piece)?
+                }
                 (None, None) => {}
             }
             at += step;
             done += step;
         }
+        Ok::<(), ViewError>(())
     };
     match src {
         Source::Views(views) => {
             for v in views.iter().flatten() {
                 let n = v.len().min(left);
-                put(Some(v), None, n);
+                put(Some(v), None, n)?;
                 left -= n;
             }
         }
-        Source::Bytes(b) => put(None, Some(&b[..left.min(b.len())]), left.min(b.len())),
+        Source::Bytes(b) => put(None, Some(&b[..left.min(b.len())]), left.min(b.len()))?,
     }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! The flush of a QP in the error state: everything queued on it completes with
 //! IBV_WC_WR_FLUSH_ERR, as far as its CQs have room.
 
-use crate::verbs::engine::Engine;
+use crate::verbs::engine::{Engine, Fault};
 use crate::verbs::ids::{CqId, QpId};
 use crate::verbs::send_op::wc_opcode_of;
 use freeflow_proto::verbs::wc_status;
@@ -21,22 +21,35 @@ enum Flushed {
 
 impl Engine {
     /// Completes everything queued on a QP in the error state with IBV_WC_WR_FLUSH_ERR, as far
-    /// as its CQs have room.
+    /// as its CQs have room. A fault of the engine's bookkeeping ends the QP's owner.
     pub(in crate::verbs) fn flush(&mut self, index: QpId, now: &mut Option<Instant>) -> usize {
+        let mut n = 0;
+        if let Err(fault) = self.try_flush(index, now, &mut n) {
+            self.fault_qp(index, fault);
+        }
+        n
+    }
+
+    /// [`Engine::flush`], counting the completions in `n`.
+    fn try_flush(
+        &mut self,
+        index: QpId,
+        now: &mut Option<Instant>,
+        n: &mut usize,
+    ) -> Result<(), Fault> {
         let (send_cq, recv_cq, has_srq) = {
-            let qp = self.qps.get(index).expect("caller checked");
+            let qp = self.qps.entry(index)?;
             (qp.send_cq, qp.recv_cq, qp.srq.is_some())
         };
-        let mut n = 0;
         let mut popped = [false; 2];
-        let mut flushed = self.flush_sends(index, send_cq, &mut n, &mut popped[0]);
+        let mut flushed = self.flush_sends(index, send_cq, n, &mut popped[0])?;
         // Receive queue: the QP's own. An SRQ's receives are not this QP's: a QP going to the
         // error state leaves them for the SRQ's other QPs, as the IB specification has it.
         if flushed == Flushed::Empty && !has_srq {
-            flushed = self.flush_receives(index, recv_cq, &mut n, &mut popped[1]);
+            flushed = self.flush_receives(index, recv_cq, n, &mut popped[1])?;
         }
         match flushed {
-            Flushed::Broken => return n,
+            Flushed::Broken => return Ok(()),
             Flushed::Blocked => self.hold(index, now),
             Flushed::Empty => {
                 if let Some(qp) = self.qps.get_mut(index) {
@@ -44,15 +57,14 @@ impl Engine {
                 }
             }
         }
-        if let Some(qp) = self.qps.get_mut(index) {
-            if popped[0] {
-                qp.sq.release();
-            }
-            if popped[1] {
-                qp.rq.release();
-            }
+        let qp = self.qps.entry_mut(index)?;
+        if popped[0] {
+            qp.sq.release();
         }
-        n
+        if popped[1] {
+            qp.rq.release();
+        }
+        Ok(())
     }
 
     /// Flushes the send queue: the pending WQE first, then the ring. Counts the completions
@@ -63,12 +75,12 @@ impl Engine {
         send_cq: CqId,
         n: &mut usize,
         popped: &mut bool,
-    ) -> Flushed {
+    ) -> Result<Flushed, Fault> {
         loop {
             if !self.room(send_cq, 1) {
-                return Flushed::Blocked;
+                return Ok(Flushed::Blocked);
             }
-            let qp = self.qps.get_mut(index).expect("caller checked");
+            let qp = self.qps.entry_mut(index)?;
             let (wr_id, opcode) = if let Some(p) = qp.pending.take() {
                 (p.wqe.header.wr_id, p.op.wc_opcode())
             } else {
@@ -78,10 +90,10 @@ impl Engine {
                         let h = SendWqeHeader::read(&qp.sq_slot);
                         (h.wr_id, wc_opcode_of(h.opcode))
                     }
-                    Ok(false) => return Flushed::Empty,
+                    Ok(false) => return Ok(Flushed::Empty),
                     Err(e) => {
                         self.break_qp(index, e);
-                        return Flushed::Broken;
+                        return Ok(Flushed::Broken);
                     }
                 }
             };
@@ -104,23 +116,26 @@ impl Engine {
         recv_cq: CqId,
         n: &mut usize,
         popped: &mut bool,
-    ) -> Flushed {
+    ) -> Result<Flushed, Fault> {
         loop {
             if !self.room(recv_cq, 1) {
-                return Flushed::Blocked;
+                return Ok(Flushed::Blocked);
             }
-            let qp = self.qps.get_mut(index).expect("caller checked");
+            let qp = self.qps.entry_mut(index)?;
             match qp.rq.pop(&mut qp.rq_slot) {
                 Ok(true) => *popped = true,
-                Ok(false) => return Flushed::Empty,
+                Ok(false) => return Ok(Flushed::Empty),
                 Err(e) => {
                     self.break_qp(index, e);
-                    return Flushed::Broken;
+                    return Ok(Flushed::Broken);
                 }
             }
             debug_assert!(qp.rq_slot.len() >= RECV_WQE_HEADER);
             let cqe = Cqe {
-                wr_id: u64::from_le_bytes(qp.rq_slot[..8].try_into().expect("8 bytes")),
+                wr_id: qp
+                    .rq_slot
+                    .first_chunk()
+                    .map_or(0, |b| u64::from_le_bytes(*b)),
                 status: wc_status::WR_FLUSH_ERR,
                 opcode: wc_opcode::RECV,
                 qp_num: qp.qpn,

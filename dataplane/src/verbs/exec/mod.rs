@@ -20,8 +20,8 @@ mod copy;
 mod flush;
 mod ops;
 
-use super::engine::{ack_timeout, rnr_timer, Engine, Pending, Route, Wait, CQ_FULL_RETRY};
-use super::ids::{AttachmentId, CqId, PdId, QpId, SrqId};
+use super::engine::{ack_timeout, rnr_timer, Engine, Fault, Pending, Route, Wait, CQ_FULL_RETRY};
+use super::ids::{AttachmentId, CqId, ObjectKey, PdId, QpId, SrqId};
 use super::send_op::{wc_opcode_of, SendOp};
 use freeflow_proto::verbs::qp::QpState;
 use freeflow_proto::verbs::work::{Cqe, RecvWqe, SendWqe, SendWqeHeader};
@@ -48,6 +48,22 @@ enum NoReceive {
     Rnr,
     /// The responder's receive ring is corrupt (its attachment is being detached).
     Broken,
+    /// The engine's bookkeeping failed: the requester's attachment ends.
+    Fault(Fault),
+}
+
+impl From<Fault> for NoReceive {
+    fn from(fault: Fault) -> NoReceive {
+        NoReceive::Fault(fault)
+    }
+}
+
+/// The pending WQE of the QP at `index`, which the caller set.
+fn pending_of(pending: &mut Option<Pending>, index: QpId) -> Result<&mut Pending, Fault> {
+    pending.as_mut().ok_or(Fault::Missing {
+        what: "pending work request of queue pair",
+        index: index.index(),
+    })
 }
 
 /// What became of one attempt at a send WQE.
@@ -87,16 +103,28 @@ struct Peer {
 }
 
 impl Engine {
-    /// Executes up to a batch of send WQEs of the QP at `index` (in RTS).
+    /// Executes up to a batch of send WQEs of the QP at `index` (in RTS). A fault of the
+    /// engine's bookkeeping ends the QP's owner.
     pub(in crate::verbs) fn run_send_queue(
         &mut self,
         index: QpId,
         now: &mut Option<Instant>,
     ) -> usize {
+        self.try_run_send_queue(index, now).unwrap_or_else(|fault| {
+            self.fault_qp(index, fault);
+            0
+        })
+    }
+
+    fn try_run_send_queue(
+        &mut self,
+        index: QpId,
+        now: &mut Option<Instant>,
+    ) -> Result<usize, Fault> {
         let mut done = 0;
         let mut popped = false;
         while done < QP_BATCH {
-            let qp = self.qps.get_mut(index).expect("caller checked");
+            let qp = self.qps.entry_mut(index)?;
             if qp.state != QpState::Rts || qp.broken {
                 break;
             }
@@ -108,7 +136,7 @@ impl Engine {
                     self.hold(index, now);
                     break;
                 }
-                match self.take_send(index, send_cq) {
+                match self.take_send(index, send_cq)? {
                     Taken::Wqe => popped = true,
                     Taken::Empty | Taken::Broken => break,
                     Taken::Malformed => {
@@ -118,30 +146,28 @@ impl Engine {
                     }
                 }
             }
-            match self.execute(index, now) {
+            match self.execute(index, now)? {
                 Outcome::Done => done += 1,
                 Outcome::Waiting => break,
             }
         }
         if popped {
-            if let Some(qp) = self.qps.get_mut(index) {
-                qp.sq.release();
-            }
+            self.qps.entry_mut(index)?.sq.release();
         }
-        done
+        Ok(done)
     }
 
     /// Takes the next send WQE off the ring of the QP at `index` (in RTS, with room in its
     /// send CQ `send_cq`) and makes it the QP's pending one.
-    fn take_send(&mut self, index: QpId, send_cq: CqId) -> Taken {
-        let qp = self.qps.get_mut(index).expect("caller checked");
+    fn take_send(&mut self, index: QpId, send_cq: CqId) -> Result<Taken, Fault> {
+        let qp = self.qps.entry_mut(index)?;
         qp.held = None;
         match qp.sq.pop(&mut qp.sq_slot) {
             Ok(true) => {}
-            Ok(false) => return Taken::Empty,
+            Ok(false) => return Ok(Taken::Empty),
             Err(e) => {
                 self.break_qp(index, e);
-                return Taken::Broken;
+                return Ok(Taken::Broken);
             }
         }
         let decoded = SendWqe::decode(&qp.sq_slot, qp.cap.max_send_sge, qp.cap.max_inline_data)
@@ -160,14 +186,14 @@ impl Engine {
             };
             qp.state = QpState::Err;
             self.push_cqe(send_cq, &cqe);
-            return Taken::Malformed;
+            return Ok(Taken::Malformed);
         };
         qp.pending = Some(Pending {
             wqe,
             op,
             wait: Wait::Ready,
         });
-        Taken::Wqe
+        Ok(Taken::Wqe)
     }
 
     /// Whether the CQ at `cq` has room for `n` more entries (false for a broken one).
@@ -263,10 +289,10 @@ impl Engine {
 
     /// Completes the pending WQE of `index` with `status` (an error) and moves the QP to the
     /// error state.
-    fn fail_pending(&mut self, index: QpId, status: u32) -> Outcome {
-        let qp = self.qps.get_mut(index).expect("caller checked");
+    fn fail_pending(&mut self, index: QpId, status: u32) -> Result<Outcome, Fault> {
+        let qp = self.qps.entry_mut(index)?;
         let Some(p) = qp.pending.take() else {
-            return Outcome::Done;
+            return Ok(Outcome::Done);
         };
         let cqe = Cqe {
             wr_id: p.wqe.header.wr_id,
@@ -278,18 +304,18 @@ impl Engine {
         qp.state = QpState::Err;
         let send_cq = qp.send_cq;
         self.push_cqe(send_cq, &cqe);
-        Outcome::Done
+        Ok(Outcome::Done)
     }
 
     /// The destination did not take the packet: wait a local ACK timeout and retry, up to
     /// `retry_cnt` times, then IBV_WC_RETRY_EXC_ERR.
-    fn transport_wait(&mut self, index: QpId, now: &mut Option<Instant>) -> Outcome {
+    fn transport_wait(&mut self, index: QpId, now: &mut Option<Instant>) -> Result<Outcome, Fault> {
         let t = *now.get_or_insert_with(Instant::now);
-        let qp = self.qps.get_mut(index).expect("caller checked");
+        let qp = self.qps.entry_mut(index)?;
         let period = ack_timeout(qp.attr.timeout).unwrap_or(CQ_FULL_RETRY);
         let infinite = qp.attr.timeout == 0;
         let retry_cnt = qp.attr.retry_cnt;
-        let pending = qp.pending.as_mut().expect("caller checked");
+        let pending = pending_of(&mut qp.pending, index)?;
         pending.wait = match pending.wait {
             Wait::Transport { left, deadline } if t < deadline => {
                 Wait::Transport { left, deadline }
@@ -307,18 +333,23 @@ impl Engine {
                 deadline: t + period,
             },
         };
-        Outcome::Waiting
+        Ok(Outcome::Waiting)
     }
 
     /// The responder had no receive: wait its RNR timer and retry, up to `rnr_retry` times (7:
     /// for ever), then IBV_WC_RNR_RETRY_EXC_ERR. A receive posted meanwhile is taken at the
     /// next pass (a retry that came early).
-    fn rnr_wait(&mut self, index: QpId, peer: &Peer, now: &mut Option<Instant>) -> Outcome {
+    fn rnr_wait(
+        &mut self,
+        index: QpId,
+        peer: &Peer,
+        now: &mut Option<Instant>,
+    ) -> Result<Outcome, Fault> {
         let t = *now.get_or_insert_with(Instant::now);
         let period = rnr_timer(peer.min_rnr_timer);
-        let qp = self.qps.get_mut(index).expect("caller checked");
+        let qp = self.qps.entry_mut(index)?;
         let rnr_retry = qp.attr.rnr_retry;
-        let pending = qp.pending.as_mut().expect("caller checked");
+        let pending = pending_of(&mut qp.pending, index)?;
         pending.wait = match pending.wait {
             Wait::Rnr { left, deadline } if t < deadline => Wait::Rnr { left, deadline },
             Wait::Rnr { left: 7, .. } => Wait::Rnr {
@@ -336,17 +367,17 @@ impl Engine {
                 deadline: t + period,
             },
         };
-        Outcome::Waiting
+        Ok(Outcome::Waiting)
     }
 
     /// One attempt at the pending WQE of the QP at `index`.
-    fn execute(&mut self, index: QpId, now: &mut Option<Instant>) -> Outcome {
-        let qp = self.qps.get(index).expect("caller checked");
-        let pending = qp.pending.expect("caller set it");
+    fn execute(&mut self, index: QpId, now: &mut Option<Instant>) -> Result<Outcome, Fault> {
+        let qp = self.qps.entry_mut(index)?;
+        let pending = *pending_of(&mut qp.pending, index)?;
         let (send_cq, route) = (qp.send_cq, qp.route);
         if !self.room(send_cq, 1) {
             self.hold(index, now);
-            return Outcome::Waiting;
+            return Ok(Outcome::Waiting);
         }
         let Some(peer) = route.and_then(|r| self.peer(index, r)) else {
             return self.transport_wait(index, now);
@@ -355,19 +386,19 @@ impl Engine {
             let both = if peer.recv_cq == send_cq { 2 } else { 1 };
             if !self.room(peer.recv_cq, both) {
                 self.hold(index, now);
-                return Outcome::Waiting;
+                return Ok(Outcome::Waiting);
             }
         }
-        if let Some(qp) = self.qps.get_mut(index) {
-            qp.held = None;
-        }
-        let slot = std::mem::take(&mut self.qps.get_mut(index).expect("checked").sq_slot);
+        let qp = self.qps.entry_mut(index)?;
+        qp.held = None;
+        let slot = std::mem::take(&mut qp.sq_slot);
         let moved = self.move_data(index, &peer, &pending, &slot);
-        self.qps.get_mut(index).expect("checked").sq_slot = slot;
+        self.qps.entry_mut(index)?.sq_slot = slot;
         let effects = match moved {
             Ok(effects) => effects,
             Err(NoReceive::Rnr) => return self.rnr_wait(index, &peer, now),
             Err(NoReceive::Broken) => return self.transport_wait(index, now),
+            Err(NoReceive::Fault(fault)) => return Err(fault),
         };
         let recv_cq = peer.recv_cq;
         if let Some(c) = effects.receiver {
@@ -376,7 +407,7 @@ impl Engine {
         if let Some(c) = effects.sender {
             self.push_cqe(send_cq, &c);
         }
-        let qp = self.qps.get_mut(index).expect("checked");
+        let qp = self.qps.entry_mut(index)?;
         qp.pending = None;
         if effects.sender_error {
             qp.state = QpState::Err;
@@ -386,7 +417,7 @@ impl Engine {
                 p.state = QpState::Err;
             }
         }
-        Outcome::Done
+        Ok(Outcome::Done)
     }
 
     /// Whether the responder has a receive posted (in its SRQ, if it has one: an empty SRQ
@@ -444,7 +475,7 @@ impl Engine {
     fn receive_wr_id(&self, peer: &Peer) -> u64 {
         self.qps
             .get(peer.index)
-            .map(|p| u64::from_le_bytes(p.rq_slot[..8].try_into().expect("8 bytes")))
-            .unwrap_or(0)
+            .and_then(|p| p.rq_slot.first_chunk().copied())
+            .map_or(0, u64::from_le_bytes)
     }
 }

@@ -5,7 +5,7 @@
 
 use super::copy::{copy, resolve_list, Source, Views};
 use super::{Effects, NoReceive, Peer};
-use crate::verbs::engine::{Context, Engine, Pending};
+use crate::verbs::engine::{Context, Engine, Fault, Pending};
 use crate::verbs::ids::{AttachmentId, QpId};
 use crate::verbs::send_op::SendOp;
 use crate::verbs::{Key, MemView, Need, NumberMap, VerbsTable};
@@ -68,11 +68,11 @@ impl<'a> Transfer<'_, 'a> {
     }
 
     /// Copies the message (inline data or the requester's memory) into `dst`.
-    fn copy_to(&self, dst: &[Option<MemView<'_>>]) {
+    fn copy_to(&self, dst: &[Option<MemView<'_>>]) -> Result<(), Fault> {
         if self.inline {
-            copy(dst, Source::Bytes(self.wqe.inline(self.slot)), self.total);
+            copy(dst, Source::Bytes(self.wqe.inline(self.slot)), self.total)
         } else {
-            copy(dst, Source::Views(&self.local), self.total);
+            copy(dst, Source::Views(&self.local), self.total)
         }
     }
 
@@ -132,7 +132,7 @@ impl Engine {
     ) -> Result<Effects, NoReceive> {
         let (wqe, op) = (&pending.wqe, pending.op);
         let h = wqe.header;
-        let qp = self.qps.get(index).expect("checked");
+        let qp = self.qps.entry(index)?;
         let (owner, pd, qpn) = (qp.owner, qp.pd, qp.qpn);
         let mut t = Transfer {
             wqe,
@@ -142,7 +142,7 @@ impl Engine {
             inline: h.has(send_flags::INLINE),
             local: [const { None }; MAX_SGE as usize],
             total: 0,
-            remote: &contexts.get(&peer.owner).expect("a QP's context").table,
+            remote: &context_in(contexts, peer.owner)?.table,
             base: Cqe {
                 wr_id: h.wr_id,
                 opcode: op.wc_opcode(),
@@ -154,7 +154,7 @@ impl Engine {
         if t.inline && (op.is_atomic() || op == SendOp::Read) {
             return Ok(t.fail(wc_status::LOC_QP_OP_ERR));
         }
-        let local_table = &contexts.get(&owner).expect("a QP's context").table;
+        let local_table = &context_in(contexts, owner)?.table;
         t.total = if t.inline {
             wqe.inline(slot).len() as u64
         } else {
@@ -172,8 +172,8 @@ impl Engine {
             SendOp::SendWithImm => self.send(&t, Some(h.imm_data)),
             SendOp::Write => self.write(&t, None),
             SendOp::WriteWithImm => self.write(&t, Some(h.imm_data)),
-            SendOp::Read => Ok(read(&t)),
-            SendOp::CompareSwap | SendOp::FetchAdd => Ok(atomic(&t, op)),
+            SendOp::Read => Ok(read(&t)?),
+            SendOp::CompareSwap | SendOp::FetchAdd => Ok(atomic(&t, op)?),
         }
     }
 
@@ -194,7 +194,7 @@ impl Engine {
             ..Cqe::default()
         };
         let mut dst: Views<'_> = [const { None }; MAX_SGE as usize];
-        let rq_slot = &self.qps.get(peer.index).expect("found above").rq_slot;
+        let rq_slot = &self.qps.entry(peer.index)?.rq_slot;
         let sges = recv.sges(rq_slot);
         let Ok(room) = resolve_list(t.remote, peer.recv_pd, sges, Need::LocalWrite, &mut dst)
         else {
@@ -215,7 +215,7 @@ impl Engine {
                 ..t.remote_fail(wc_status::REM_INV_REQ_ERR)
             });
         }
-        t.copy_to(&dst);
+        t.copy_to(&dst)?;
         Ok(Effects {
             sender: t.ok(t.total),
             receiver: Some(Cqe {
@@ -246,7 +246,7 @@ impl Engine {
         if imm.is_some() {
             self.receive_ready(peer)?;
         }
-        t.copy_to(&[target]);
+        t.copy_to(&[target])?;
         let receiver = match imm {
             None => None,
             Some(imm_data) => match self.take_receive(peer) {
@@ -272,40 +272,51 @@ impl Engine {
 }
 
 /// RDMA READ: the responder's memory into the requester's scatter list.
-fn read(t: &Transfer<'_, '_>) -> Effects {
+fn read(t: &Transfer<'_, '_>) -> Result<Effects, Fault> {
     if !t.peer.access.contains(AccessFlags::REMOTE_READ) {
-        return t.remote_fail(wc_status::REM_ACCESS_ERR);
+        return Ok(t.remote_fail(wc_status::REM_ACCESS_ERR));
     }
     if t.total > 0 {
         let Ok(from) = t.target(t.total, Need::RemoteRead) else {
-            return t.remote_fail(wc_status::REM_ACCESS_ERR);
+            return Ok(t.remote_fail(wc_status::REM_ACCESS_ERR));
         };
-        copy(&t.local, Source::Views(&[Some(from)]), t.total);
+        copy(&t.local, Source::Views(&[Some(from)]), t.total)?;
     }
-    Effects {
+    Ok(Effects {
         sender: t.ok(t.total),
         ..Effects::default()
-    }
+    })
+}
+
+/// The context of `owner` in `contexts`, which a QP of it promises.
+fn context_in(
+    contexts: &NumberMap<AttachmentId, Context>,
+    owner: AttachmentId,
+) -> Result<&Context, Fault> {
+    contexts.get(&owner).ok_or(Fault::Missing {
+        what: "context",
+        index: owner.0 as usize,
+    })
 }
 
 /// An atomic (`op`: compare-and-swap or fetch-and-add) on the responder's aligned 64-bit word;
 /// the old value goes into the first 8 bytes of the requester's list.
-fn atomic(t: &Transfer<'_, '_>, op: SendOp) -> Effects {
+fn atomic(t: &Transfer<'_, '_>, op: SendOp) -> Result<Effects, Fault> {
     let h = t.wqe.header;
     let Some(Some(result)) = t.local.first() else {
-        return t.fail(wc_status::LOC_LEN_ERR);
+        return Ok(t.fail(wc_status::LOC_LEN_ERR));
     };
     let Ok(result) = result.slice(0, 8) else {
-        return t.fail(wc_status::LOC_LEN_ERR);
+        return Ok(t.fail(wc_status::LOC_LEN_ERR));
     };
     if !h.remote_addr.is_multiple_of(8) {
-        return t.remote_fail(wc_status::REM_INV_REQ_ERR);
+        return Ok(t.remote_fail(wc_status::REM_INV_REQ_ERR));
     }
     if !t.peer.access.contains(AccessFlags::REMOTE_ATOMIC) {
-        return t.remote_fail(wc_status::REM_ACCESS_ERR);
+        return Ok(t.remote_fail(wc_status::REM_ACCESS_ERR));
     }
     let Ok(word) = t.target(8, Need::RemoteAtomic) else {
-        return t.remote_fail(wc_status::REM_ACCESS_ERR);
+        return Ok(t.remote_fail(wc_status::REM_ACCESS_ERR));
     };
     let old = if op == SendOp::CompareSwap {
         word.compare_swap_u64(h.compare_add, h.swap)
@@ -313,13 +324,11 @@ fn atomic(t: &Transfer<'_, '_>, op: SendOp) -> Effects {
         word.fetch_add_u64(h.compare_add)
     };
     let Ok(old) = old else {
-        return t.remote_fail(wc_status::REM_INV_REQ_ERR);
+        return Ok(t.remote_fail(wc_status::REM_INV_REQ_ERR));
     };
-    result
-        .write_at(0, &old.to_ne_bytes())
-        .expect("8 bytes in the slice");
-    Effects {
+    result.write_at(0, &old.to_ne_bytes())?;
+    Ok(Effects {
         sender: t.ok(8),
         ..Effects::default()
-    }
+    })
 }

@@ -1,0 +1,142 @@
+//! A panic in any thread of the router ends the process, with a log line naming the thread and
+//! the panic and the distinctive exit status 70 (EX_SOFTWARE), so that its supervisor restarts
+//! it, rather than leaving a process up whose shard is dead and whose containers hang.
+//!
+//! The panics are made with `ControlRequest::TestPanic`, which only debug builds of the router
+//! obey; these tests are built in the same profile as the router, so they exist only there.
+#![cfg(debug_assertions)]
+
+use freeflow_proto::control::{self, ControlRequest, ControlResponse};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus};
+use std::time::Duration;
+
+// This crate uses part of the shared helpers only.
+#[allow(dead_code)]
+mod common;
+
+use common::{fresh_dir, router_cores, wait_until};
+
+/// The router's exit status after a panic (sysexits' EX_SOFTWARE, internal software error).
+const PANIC_EXIT_STATUS: i32 = 70;
+
+/// A router process, killed and reaped if a test fails with it still running.
+struct Router {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Router {
+    fn start(tag: &str) -> Router {
+        let dir = fresh_dir(&format!("ff-panic-{tag}-{}", std::process::id()));
+        let child = Command::new(env!("CARGO_BIN_EXE_freeflow-router"))
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--cores", &router_cores().to_string()])
+            .stderr(std::fs::File::create(dir.join("router.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let router = Router { dir, child };
+        wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(10),
+            || router.call(&ControlRequest::Status).is_ok(),
+            || format!("router did not start: {}", router.log()),
+        );
+        router
+    }
+
+    fn call(&self, request: &ControlRequest) -> std::io::Result<ControlResponse> {
+        control::call(
+            &self.dir.join("router.ctl"),
+            request,
+            Duration::from_secs(5),
+        )
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("router.log")).unwrap_or_default()
+    }
+
+    /// Waits (20 s at most) for the process to end; fails if it is still running then.
+    fn exit_status(&mut self, after: &str) -> ExitStatus {
+        let mut status = None;
+        let log = self.dir.join("router.log");
+        let child = &mut self.child;
+        wait_until(
+            Duration::from_secs(20),
+            Duration::from_millis(20),
+            || {
+                status = child.try_wait().unwrap();
+                status.is_some()
+            },
+            || {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                format!("the router still runs 20 s after {after}: {log}")
+            },
+        );
+        status.unwrap()
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Checks that the router ended with [`PANIC_EXIT_STATUS`] and logged the panic of `thread`
+/// with `message`.
+fn assert_panic_exit(router: &mut Router, thread: &str, message: &str) {
+    let status = router.exit_status(&format!("a panic of {thread}"));
+    let log = router.log();
+    assert_eq!(
+        status.code(),
+        Some(PANIC_EXIT_STATUS),
+        "{status}; log: {log}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains(" ERROR ") && l.contains(&format!("thread {thread} panicked")))
+        .unwrap_or_else(|| panic!("no panic line for {thread} in the log: {log}"));
+    assert!(line.contains(message), "{line}");
+    assert!(line.contains("exiting with status 70"), "{line}");
+}
+
+/// A shard that panics takes the process down (before: the shard thread died alone, the
+/// router kept answering status, and its attachments hung).
+#[test]
+fn a_panicking_shard_ends_the_router_with_status_70() {
+    let mut router = Router::start("shard");
+    let answer = router
+        .call(&ControlRequest::TestPanic { shard: Some(0) })
+        .unwrap();
+    assert_eq!(answer, ControlResponse::Ok);
+    assert_panic_exit(&mut router, "ff-shard-0", "test panic of shard 0");
+}
+
+/// A panic of the control thread (the main thread) ends the process the same way.
+#[test]
+fn a_panicking_control_thread_ends_the_router_with_status_70() {
+    let mut router = Router::start("control");
+    // The control thread panics before it answers: the connection just closes.
+    let answer = router.call(&ControlRequest::TestPanic { shard: None });
+    assert!(answer.is_err(), "{answer:?}");
+    assert_panic_exit(&mut router, "main", "test panic of the control thread");
+}
+
+/// A request for a shard that does not exist is an error, and the router stays up.
+#[test]
+fn a_test_panic_of_a_missing_shard_is_refused() {
+    let router = Router::start("missing");
+    let answer = router
+        .call(&ControlRequest::TestPanic { shard: Some(99) })
+        .unwrap();
+    assert!(
+        matches!(&answer, ControlResponse::Error { message } if message == "no such shard"),
+        "{answer:?}"
+    );
+    assert!(router.call(&ControlRequest::Status).is_ok());
+}
