@@ -65,8 +65,9 @@ impl PrivateRouter {
         }
     }
 
+    /// The router's control socket, in the state directory it derived from its `--dir`.
     pub fn control_path(&self) -> PathBuf {
-        self.dir.join(freeflow_proto::CONTROL_SOCKET)
+        freeflow_proto::paths::state_dir(&self.dir).join(freeflow_proto::CONTROL_SOCKET)
     }
 
     pub fn set_containers(&self, containers: Vec<ContainerEntry>) -> Result<(), String> {
@@ -121,6 +122,8 @@ impl Drop for PrivateRouter {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The default one only: never a directory the user chose with FREEFLOW_STATE_DIR.
+        let _ = std::fs::remove_dir_all(freeflow_proto::paths::default_state_dir(&self.dir));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

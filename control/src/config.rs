@@ -1,17 +1,21 @@
-//! The runtime directory of one Freeflow host (`--dir`, default `$FREEFLOW_DIR` or `/freeflow`)
-//! and the settings `freeflow up` records in it (`config.json`), so that later commands need
-//! nothing but the directory.
+//! The directories of one Freeflow host and the settings `freeflow up` records (`config.json`),
+//! so that later commands need nothing but the runtime directory. Two directories, split by
+//! who may see them (see `freeflow_proto::paths`, which derives STATE from DIR):
 //!
 //! ```text
-//! DIR/config.json           host ip, overlay prefix, registry URL, cores, peer port (freeflow up)
-//! DIR/registry.json         the default file registry (unless --registry points elsewhere)
-//! DIR/daemon.lock           flock held by the running daemon for its whole life
-//! DIR/freeflow.pid          the daemon's pid (written under the lock, removed on exit)
-//! DIR/daemon-status.json    the daemon's counters: router pid, restarts, last exit, last push
-//! DIR/freeflow.log          the daemon's log (background mode)
-//! DIR/router.log            the router's stderr, appended across restarts
-//! DIR/router.lock, router.sock, router.ctl    owned by freeflow-router
-//! DIR/libfsocket.so, DIR/verbs/libibverbs.so.1 the shims, installed by freeflow up
+//! DIR (--dir, $FREEFLOW_DIR, /freeflow): what containers see, mounted read-only
+//!   DIR/router.sock             the attach socket (freeflow-router)
+//!   DIR/libfsocket.so           the TCP-mode shim, mode 0444, installed by freeflow up
+//!   DIR/verbs/libibverbs.so.1   the verbs shim and its provider stand-ins, likewise
+//! STATE (--state-dir, $FREEFLOW_STATE_DIR, /run/freeflow/state/<DIR escaped>): root only, 0700
+//!   config.json                 host ip, overlay prefix, registry URL, cores, peer port
+//!   registry.json               the default file registry (unless --registry points elsewhere)
+//!   daemon.lock                 flock held by the running daemon for its whole life
+//!   freeflow.pid                the daemon's pid (written under the lock, removed on exit)
+//!   daemon-status.json          the daemon's counters: router pid, restarts, last exit, push
+//!   freeflow.log                the daemon's log (background mode)
+//!   router.log                  the router's stderr, appended across restarts
+//!   router.lock, router.ctl     owned by freeflow-router
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -21,6 +25,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use freeflow_proto::paths;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -36,14 +41,17 @@ pub const CONFIG_VERSION: u32 = 1;
 pub enum ConfigError {
     /// `freeflow up` never ran for this directory.
     #[error(
-        "{} has no config.json: run `freeflow up --dir {}` first (or pass the right --dir / \
-         $FREEFLOW_DIR)",
+        "{} has no config.json (in its state directory {}): run `freeflow up --dir {}` first \
+         (or pass the right --dir / $FREEFLOW_DIR, --state-dir / $FREEFLOW_STATE_DIR)",
         dir.display(),
+        state.display(),
         dir.display()
     )]
     Missing {
         /// The runtime directory.
         dir: PathBuf,
+        /// Its state directory.
+        state: PathBuf,
     },
     /// A file in the runtime directory could not be read or written.
     #[error("{}: {source}", path.display())]
@@ -65,6 +73,9 @@ pub enum ConfigError {
         /// What is wrong with it.
         detail: String,
     },
+    /// Control files of an earlier version in DIR cannot be moved out (see `crate::legacy`).
+    #[error("{0}")]
+    Legacy(String),
     /// `--host-ip-prefix` matched no address or several.
     #[error("{0}")]
     HostIp(String),
@@ -77,17 +88,24 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> ConfigError + '_ {
     }
 }
 
-/// The paths of one runtime directory. The directory is always absolute, so it can be handed
-/// to the daemon and the router whatever their working directory.
+/// The paths of one runtime directory and its state directory. Both are always absolute, so
+/// they can be handed to the daemon and the router whatever their working directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeDir {
     path: PathBuf,
+    state: PathBuf,
 }
 
 impl RuntimeDir {
-    /// The runtime directory at `path`, made absolute against the current directory. Touches
-    /// nothing on disk.
+    /// The runtime directory at `path`, made absolute against the current directory, with the
+    /// state directory `freeflow_proto::paths::state_dir` derives for it. Touches nothing on
+    /// disk.
     pub fn new(path: &Path) -> Result<RuntimeDir, ConfigError> {
+        RuntimeDir::with_state(path, None)
+    }
+
+    /// [`RuntimeDir::new`] with the state directory `state` (`--state-dir`) if given.
+    pub fn with_state(path: &Path, state: Option<&Path>) -> Result<RuntimeDir, ConfigError> {
         if path.as_os_str().is_empty() {
             return Err(ConfigError::Io {
                 path: path.to_path_buf(),
@@ -95,18 +113,60 @@ impl RuntimeDir {
             });
         }
         let path = std::path::absolute(path).map_err(io_error(path))?;
-        Ok(RuntimeDir { path })
+        let state = match state {
+            Some(state) => paths::state_dir_with(&path, Some(state)),
+            None => paths::state_dir(&path),
+        };
+        Ok(RuntimeDir { path, state })
     }
 
     /// Creates the directory (mode 0755: containers read the shims and reach `router.sock`
-    /// through it) unless it exists.
+    /// through it) unless it exists, and the state directory (0700, see
+    /// [`RuntimeDir::create_state`]).
     pub fn create(&self) -> Result<(), ConfigError> {
-        if self.path.is_dir() {
+        if !self.path.is_dir() {
+            fs::create_dir_all(&self.path).map_err(io_error(&self.path))?;
+            fs::set_permissions(&self.path, fs::Permissions::from_mode(0o755))
+                .map_err(io_error(&self.path))?;
+        }
+        self.create_state()
+    }
+
+    /// Creates the state directory, mode 0700 with 0700 parents. One that is not the derived
+    /// default is recorded as a symlink at the default place, so that later commands that get
+    /// only `--dir` find it.
+    pub fn create_state(&self) -> Result<(), ConfigError> {
+        paths::create_state_dir(&self.state).map_err(io_error(&self.state))?;
+        let default = paths::default_state_dir(&self.path);
+        if default == self.state {
             return Ok(());
         }
-        fs::create_dir_all(&self.path).map_err(io_error(&self.path))?;
-        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o755))
-            .map_err(io_error(&self.path))
+        match fs::symlink_metadata(&default) {
+            Ok(meta) if !meta.file_type().is_symlink() => {
+                return Err(ConfigError::Io {
+                    path: default.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!(
+                            "{} already has its state here; move it to {} or run without \
+                             --state-dir",
+                            self.path.display(),
+                            self.state.display()
+                        ),
+                    ),
+                })
+            }
+            _ => {}
+        }
+        if let Some(parent) = default.parent() {
+            paths::create_state_dir(parent).map_err(io_error(parent))?;
+        }
+        // Replaced by rename, so that a reader sees the old link or the new one.
+        let tmp = default.with_extension(format!("link.{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&self.state, &tmp)
+            .and_then(|()| fs::rename(&tmp, &default))
+            .map_err(io_error(&default))
     }
 
     /// The directory itself.
@@ -114,41 +174,46 @@ impl RuntimeDir {
         &self.path
     }
 
+    /// The state directory: the control plane, root only, never mounted into containers.
+    pub fn state(&self) -> &Path {
+        &self.state
+    }
+
     /// `config.json`.
     pub fn config(&self) -> PathBuf {
-        self.path.join("config.json")
+        self.state.join("config.json")
     }
     /// `daemon.lock`, held (flock) by the running daemon.
     pub fn daemon_lock(&self) -> PathBuf {
-        self.path.join("daemon.lock")
+        self.state.join("daemon.lock")
     }
     /// `freeflow.pid`, the daemon's pid.
     pub fn pid_file(&self) -> PathBuf {
-        self.path.join("freeflow.pid")
+        self.state.join("freeflow.pid")
     }
     /// `daemon-status.json`, the daemon's counters.
     pub fn status_file(&self) -> PathBuf {
-        self.path.join("daemon-status.json")
+        self.state.join("daemon-status.json")
     }
     /// `freeflow.log`, the background daemon's stdout and stderr.
     pub fn log(&self) -> PathBuf {
-        self.path.join("freeflow.log")
+        self.state.join("freeflow.log")
     }
     /// `router.log`, the router's stderr.
     pub fn router_log(&self) -> PathBuf {
-        self.path.join("router.log")
+        self.state.join(paths::ROUTER_LOG)
     }
     /// `router.lock`, held by a running router.
     pub fn router_lock(&self) -> PathBuf {
-        self.path.join("router.lock")
+        self.state.join(paths::ROUTER_LOCK)
     }
-    /// `router.sock`, where shims attach.
+    /// `router.sock`, where shims attach (in DIR).
     pub fn router_socket(&self) -> PathBuf {
         self.path.join(freeflow_proto::ROUTER_SOCKET)
     }
     /// `router.ctl`, the router's control socket.
     pub fn control_socket(&self) -> PathBuf {
-        self.path.join(freeflow_proto::CONTROL_SOCKET)
+        self.state.join(freeflow_proto::CONTROL_SOCKET)
     }
     /// Where the TCP-mode shim is installed (`LD_PRELOAD=DIR/libfsocket.so`).
     pub fn socket_shim(&self) -> PathBuf {
@@ -160,7 +225,7 @@ impl RuntimeDir {
     }
     /// The registry used when `--registry` is not given.
     pub fn default_registry_url(&self) -> String {
-        format!("file:{}", self.path.join("registry.json").display())
+        format!("file:{}", self.state.join("registry.json").display())
     }
 }
 
@@ -182,7 +247,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads `DIR/config.json`.
+    /// Reads `STATE/config.json`.
     pub fn load(dir: &RuntimeDir) -> Result<Config, ConfigError> {
         let path = dir.config();
         let bytes = match fs::read(&path) {
@@ -190,6 +255,7 @@ impl Config {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ConfigError::Missing {
                     dir: dir.path().to_path_buf(),
+                    state: dir.state().to_path_buf(),
                 })
             }
             Err(source) => return Err(ConfigError::Io { path, source }),
@@ -210,7 +276,7 @@ impl Config {
         Ok(config)
     }
 
-    /// Reads `DIR/config.json` if there is one.
+    /// Reads `STATE/config.json`.if there is one.
     pub fn load_if_present(dir: &RuntimeDir) -> Result<Option<Config>, ConfigError> {
         match Config::load(dir) {
             Ok(config) => Ok(Some(config)),
@@ -219,7 +285,7 @@ impl Config {
         }
     }
 
-    /// Writes `DIR/config.json` atomically.
+    /// Writes `STATE/config.json` atomically.
     pub fn save(&self, dir: &RuntimeDir) -> Result<(), ConfigError> {
         let mut bytes = serde_json::to_vec_pretty(self).map_err(|e| ConfigError::Io {
             path: dir.config(),
@@ -381,9 +447,38 @@ mod tests {
     }
 
     #[test]
+    fn control_files_are_in_the_state_directory_and_only_what_containers_need_in_dir() {
+        let dir = RuntimeDir::new(Path::new("/srv/ff")).unwrap();
+        assert_eq!(dir.state(), paths::default_state_dir(Path::new("/srv/ff")));
+        assert!(dir.state().starts_with(paths::STATE_ROOT));
+        for in_dir in [dir.router_socket(), dir.socket_shim(), dir.verbs_shim()] {
+            assert!(in_dir.starts_with("/srv/ff"), "{}", in_dir.display());
+        }
+        for control in [
+            dir.config(),
+            dir.daemon_lock(),
+            dir.pid_file(),
+            dir.status_file(),
+            dir.log(),
+            dir.router_log(),
+            dir.router_lock(),
+            dir.control_socket(),
+        ] {
+            assert_eq!(control.parent(), Some(dir.state()), "{}", control.display());
+        }
+        assert!(dir
+            .default_registry_url()
+            .starts_with(&format!("file:{}/", dir.state().display())));
+        let given = RuntimeDir::with_state(Path::new("/srv/ff"), Some(Path::new("/x/st"))).unwrap();
+        assert_eq!(given.state(), Path::new("/x/st"));
+        assert_eq!(given.control_socket(), Path::new("/x/st/router.ctl"));
+    }
+
+    #[test]
     fn config_round_trip_and_errors() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = RuntimeDir::new(tmp.path()).unwrap();
+        let dir = RuntimeDir::with_state(tmp.path(), Some(&tmp.path().join("state"))).unwrap();
+        paths::create_state_dir(dir.state()).unwrap();
         assert!(matches!(
             Config::load(&dir),
             Err(ConfigError::Missing { .. })

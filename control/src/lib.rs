@@ -10,6 +10,7 @@ pub mod cluster_cli;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod legacy;
 pub mod os;
 pub mod registry;
 pub mod supervise;

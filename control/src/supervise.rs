@@ -86,6 +86,8 @@ pub struct RouterSpec {
     pub program: PathBuf,
     /// Its runtime directory (`--dir`).
     pub dir: PathBuf,
+    /// Its state directory (`--state-dir`), where its control socket and lock go.
+    pub state_dir: PathBuf,
     /// `--cores`, if the user chose.
     pub cores: Option<String>,
     /// File its stdout and stderr are appended to.
@@ -128,6 +130,8 @@ impl Router {
         let mut cmd = Command::new(&spec.program);
         cmd.arg("--dir")
             .arg(&spec.dir)
+            .arg("--state-dir")
+            .arg(&spec.state_dir)
             .arg("--ready-fd")
             .arg(theirs.as_raw_fd().to_string());
         if let Some(cores) = &spec.cores {

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use freeflow_control::supervise::os;
-use freeflow_proto::control::{self, ControlRequest, ControlResponse};
+use freeflow_proto::paths;
 use freeflow_testbed::{self as topology, Cluster, ClusterSpec, ContainerInfo};
 use serde_json::Value;
 
@@ -37,6 +37,9 @@ fn preflight() {
 /// A temporary runtime directory whose daemons and routers are stopped when it is dropped.
 struct Daemons {
     dir: PathBuf,
+    /// The network namespace the daemon runs in, if not this process's: its router answers
+    /// only there, so status is asked there.
+    netns: Option<String>,
     // Dropped after `drop` below has stopped everything.
     _tmp: tempfile::TempDir,
 }
@@ -49,7 +52,23 @@ impl Daemons {
             .expect("temporary directory");
         Daemons {
             dir: tmp.path().to_path_buf(),
+            netns: None,
             _tmp: tmp,
+        }
+    }
+
+    /// [`Daemons::new`] for a daemon started in network namespace `netns` (a simulated host).
+    fn in_netns(netns: &str) -> Daemons {
+        let mut daemons = Daemons::new();
+        daemons.netns = Some(netns.to_owned());
+        daemons
+    }
+
+    /// `freeflow ARGS` where the daemon runs.
+    fn freeflow(&self, args: &[&str]) -> Command {
+        match &self.netns {
+            Some(netns) => freeflow_in(netns, args),
+            None => freeflow(args),
         }
     }
 
@@ -59,6 +78,11 @@ impl Daemons {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// `name` in the directory's state directory (root only, outside DIR).
+    fn state(&self, name: &str) -> PathBuf {
+        paths::default_state_dir(&self.dir).join(name)
     }
 }
 
@@ -72,6 +96,7 @@ impl Drop for Daemons {
             );
             let _ = os::send_signal(pid, libc::SIGKILL);
         }
+        let _ = std::fs::remove_dir_all(paths::default_state_dir(&self.dir));
     }
 }
 
@@ -113,6 +138,7 @@ fn freeflow_in(netns: &str, args: &[&str]) -> Command {
 fn scrub(cmd: &mut Command) {
     for var in [
         "FREEFLOW_DIR",
+        "FREEFLOW_STATE_DIR",
         "HOST_IP_PREFIX",
         "VNET_PREFIX",
         "FREEFLOW_ROUTER",
@@ -201,7 +227,7 @@ fn fail_with(cmd: Command, expected: &str) -> Ran {
 }
 
 fn status_json(d: &Daemons) -> (Option<i32>, Value) {
-    let r = ran(freeflow(&["status", "--dir", d.dir(), "--json"]));
+    let r = ran(d.freeflow(&["status", "--dir", d.dir(), "--json"]));
     let value = serde_json::from_str(r.stdout.trim())
         .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {r}"));
     (r.code, value)
@@ -287,15 +313,15 @@ fn up_local(d: &Daemons) -> Ran {
     succeed(up_at(d.dir(), "127.0.0.1", &[]))
 }
 
-fn router_status(dir: &Path) -> Option<freeflow_proto::control::RouterStatus> {
-    match control::call(
-        &dir.join("router.ctl"),
-        &ControlRequest::Status,
-        Duration::from_millis(500),
-    ) {
-        Ok(ControlResponse::Status(s)) => Some(s),
-        _ => None,
-    }
+/// The router's part of `freeflow status --json` (asked where the daemon runs), if it answered.
+fn router_status(d: &Daemons) -> Option<Value> {
+    let (_, st) = status_json(d);
+    (st["router"]["running"] == true).then(|| st["router"].clone())
+}
+
+/// How many containers the router serves, if it answered.
+fn registered(d: &Daemons) -> Option<u64> {
+    router_status(d).and_then(|r| r["registered"].as_u64())
 }
 
 #[test]
@@ -304,7 +330,7 @@ fn lifecycle_registration_restart_and_down() {
     let mut cluster = cluster(2);
     let web = add_container(&mut cluster, 0, "web", "10.32.0.5");
     let h0 = cluster.host(0).unwrap().clone();
-    let d = Daemons::new();
+    let d = Daemons::in_netns(&h0.netns);
     let registry = format!("file:{}", d.path("shared-registry.json").display());
 
     // The daemon runs inside host 0's namespace and finds its address from the prefix.
@@ -327,7 +353,7 @@ fn lifecycle_registration_restart_and_down() {
     );
     assert_eq!(st["config"]["host_ip"], "192.168.1.1", "{st}");
     assert_eq!(st["config"]["registry"], registry.as_str(), "{st}");
-    let text = succeed(freeflow(&["status", "--dir", d.dir()]));
+    let text = succeed(d.freeflow(&["status", "--dir", d.dir()]));
     assert!(text.stdout.contains("router:     running"), "{text}");
     assert!(text.stdout.contains("shard 0"), "{text}");
 
@@ -352,13 +378,14 @@ fn lifecycle_registration_restart_and_down() {
     let killed = Instant::now();
     os::send_signal(old_pid, libc::SIGKILL).unwrap();
     let new_pid = wait_for(Duration::from_secs(5), "a new router", || {
-        router_status(&d.dir)
-            .map(|s| s.pid as i32)
+        router_status(&d)
+            .and_then(|r| r["pid"].as_i64())
+            .map(|p| p as i32)
             .filter(|&p| p != old_pid)
     });
     let ready_after = killed.elapsed();
     wait_for(Duration::from_secs(5), "the new router's table", || {
-        router_status(&d.dir).filter(|s| s.registered == 1)
+        (registered(&d) == Some(1)).then_some(())
     });
     let table_after = killed.elapsed();
     println!(
@@ -386,7 +413,7 @@ fn lifecycle_registration_restart_and_down() {
     // Unregistration is picked up too.
     succeed(freeflow(&["container", "rm", "web", "--dir", d.dir()]));
     wait_for(Duration::from_secs(2), "the router to drop web", || {
-        router_status(&d.dir).filter(|s| s.registered == 0)
+        (registered(&d) == Some(0)).then_some(())
     });
 
     // down stops both and leaves no sockets.
@@ -395,13 +422,9 @@ fn lifecycle_registration_restart_and_down() {
     wait_for(Duration::from_secs(2), "all processes to exit", || {
         processes_naming(&d.dir).is_empty().then_some(())
     });
-    for gone in [
-        "router.sock",
-        "router.ctl",
-        "freeflow.pid",
-        "daemon-status.json",
-    ] {
-        assert!(!d.path(gone).exists(), "{gone} left behind");
+    assert!(!d.path("router.sock").exists(), "router.sock left behind");
+    for gone in ["router.ctl", "freeflow.pid", "daemon-status.json"] {
+        assert!(!d.state(gone).exists(), "{gone} left behind");
     }
     let r = ran(freeflow(&["status", "--dir", d.dir()]));
     assert_eq!(r.code, Some(1), "{r}");
@@ -417,7 +440,7 @@ fn two_hosts_share_one_registry() {
     let b = add_container(&mut cluster, 1, "b", "10.32.1.12");
     let shared = tempfile::tempdir().unwrap();
     let registry = format!("file:{}/registry.json", shared.path().display());
-    let hosts = [Daemons::new(), Daemons::new()];
+    let hosts = [0, 1].map(|h| Daemons::in_netns(&cluster.host(h).unwrap().netns));
     for (i, d) in hosts.iter().enumerate() {
         let netns = cluster.host(i).unwrap().netns.clone();
         succeed(up_in(&netns, d.dir(), &registry));
@@ -434,7 +457,7 @@ fn two_hosts_share_one_registry() {
         wait_for(
             Duration::from_secs(2),
             "each router to have its one container",
-            || router_status(&d.dir).filter(|s| s.registered == 1),
+            || (registered(d) == Some(1)).then_some(()),
         );
         let ls = container_ls_json(d);
         let containers = ls["containers"].as_array().unwrap();
@@ -462,7 +485,7 @@ fn up_twice_refuses_and_down_is_idempotent() {
     preflight();
     let d = Daemons::new();
     let up = up_local(&d);
-    let pid_before = std::fs::read_to_string(d.path("freeflow.pid")).unwrap();
+    let pid_before = std::fs::read_to_string(d.state("freeflow.pid")).unwrap();
     fail_with(up_at(d.dir(), "127.0.0.1", &[]), "already running");
     fail_with(
         freeflow(&["up", "--dir", d.dir(), "--foreground"]),
@@ -470,7 +493,7 @@ fn up_twice_refuses_and_down_is_idempotent() {
     );
     // The first daemon is untouched.
     assert_eq!(
-        std::fs::read_to_string(d.path("freeflow.pid")).unwrap(),
+        std::fs::read_to_string(d.state("freeflow.pid")).unwrap(),
         pid_before,
         "{up}"
     );
@@ -498,7 +521,7 @@ fn container_add_rejects_bad_input_with_clear_errors() {
     fail_with(add("c1", ns1, "10.32.0.21"), "freeflow up --dir");
     up_local(&d);
     succeed(add("c1", ns1, "10.32.0.21"));
-    let registry = d.path("registry.json");
+    let registry = d.state("registry.json");
     let before = std::fs::read(&registry).unwrap();
 
     fail_with(
@@ -541,7 +564,7 @@ fn container_add_rejects_bad_input_with_clear_errors() {
 
     succeed(add("c2", ns2, "10.32.0.22"));
     wait_for(Duration::from_secs(2), "both containers registered", || {
-        router_status(&d.dir).filter(|s| s.registered == 2)
+        (registered(&d) == Some(2)).then_some(())
     });
     succeed(freeflow(&["container", "rm", "c1", "--dir", d.dir()]));
     let ls = succeed(freeflow(&["container", "ls", "--dir", d.dir()]));
@@ -597,7 +620,7 @@ fn corrupt_registry_is_reported_and_left_alone() {
     let c = add_container(&mut cluster, 0, "c", "10.32.0.31");
     let d = Daemons::new();
     up_local(&d);
-    let registry = d.path("registry.json");
+    let registry = d.state("registry.json");
     let garbage =
         b"{\"format\": \"freeflow-registry\", \"version\": 1, \"generation\": \n".to_vec();
     std::fs::write(&registry, &garbage).unwrap();
@@ -671,7 +694,7 @@ fn foreground_daemon_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
     assert!(!os::process_exists(router_pid), "router left running");
     assert!(!d.path("router.sock").exists());
-    assert!(!d.path("freeflow.pid").exists());
+    assert!(!d.state("freeflow.pid").exists());
 }
 
 #[test]
@@ -686,7 +709,7 @@ fn router_start_failure_is_reported_by_up() {
     assert!(started.elapsed() < Duration::from_secs(12), "{r}");
     assert!(processes_naming(&d.dir).is_empty(), "processes left: {r}");
     assert!(
-        !d.path("config.json").exists(),
+        !d.state("config.json").exists(),
         "settings of a failed up were kept"
     );
     let (code, st) = status_json(&d);
@@ -753,4 +776,51 @@ fn crashing_router_is_restarted_with_backoff() {
     assert_eq!(restarts, final_failures + 1, "{st}");
     assert!(final_failures >= failures, "{st}");
     succeed(freeflow(&["down", "--dir", d.dir()]));
+}
+
+/// DIR holds only what containers need, the shims read-only; the control plane is in the state
+/// directory, and one chosen with `up --state-dir` is found by later commands from `--dir`.
+#[test]
+fn control_files_live_in_a_state_directory_that_later_commands_find() {
+    use std::os::unix::fs::PermissionsExt;
+    preflight();
+    let d = Daemons::new();
+    let chosen = tempfile::tempdir().unwrap();
+    let state = chosen.path().join("state");
+    let up = succeed(up_at(
+        d.dir(),
+        "127.0.0.1",
+        &["--state-dir", state.to_str().unwrap()],
+    ));
+    let mut in_dir: Vec<String> = std::fs::read_dir(&d.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    in_dir.sort();
+    assert_eq!(in_dir, ["libfsocket.so", "router.sock", "verbs"], "{up}");
+    for shim in ["libfsocket.so", "verbs/libibverbs.so.1"] {
+        let mode = std::fs::metadata(d.path(shim))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o444, "{shim}");
+    }
+    for file in ["config.json", "registry.json", "router.ctl", "freeflow.pid"] {
+        assert!(
+            state.join(file).exists(),
+            "{file} not in {}",
+            state.display()
+        );
+    }
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    // Recorded at the derived place, so --dir alone finds it.
+    assert_eq!(
+        std::fs::read_link(paths::default_state_dir(&d.dir)).ok(),
+        Some(state.clone())
+    );
+    let (code, st) = status_json(&d);
+    assert_eq!(code, Some(0), "{st}");
+    let down = succeed(freeflow(&["down", "--dir", d.dir()]));
+    assert!(down.stdout.contains("stopped the daemon"), "{down}");
 }

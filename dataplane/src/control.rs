@@ -630,6 +630,10 @@ impl ControlThread {
                 return Ok(false);
             }
         };
+        // Dropped unanswered: neither the table nor the status is anyone else's business.
+        if !crate::control_peer::admit(&stream) {
+            return Ok(false);
+        }
         stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
         stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;

@@ -14,6 +14,7 @@
 mod admission;
 mod attachment;
 mod control;
+mod control_peer;
 mod log;
 mod shard;
 #[allow(unsafe_code)]
@@ -27,6 +28,7 @@ use ::log::{error, info, warn};
 use clap::Parser;
 use freeflow_os::signals::{SignalFd, TERMINATION_SIGNALS};
 use freeflow_proto::doorbell::EventFd;
+use freeflow_proto::paths::{self, ROUTER_LOCK};
 use freeflow_proto::{fdpass, RingGeometry, CONTROL_SOCKET, ROUTER_SOCKET};
 use shard::{Shard, ShardHandle, ShardStats};
 use std::os::fd::{AsFd, OwnedFd};
@@ -40,6 +42,7 @@ use std::time::Duration;
 /// What `--help` adds after the options.
 const ENVIRONMENT: &str = "Environment:
   FREEFLOW_DIR              the default of --dir
+  FREEFLOW_STATE_DIR        the default of --state-dir
   FREEFLOW_CONTROL_SPIN_US  how long the control thread polls without sleeping after a request (default 0)
 
 Log lines on stderr: <RFC 3339 UTC time, ms> freeflow-router[<pid>] <ERROR|WARN|INFO> <message>
@@ -54,9 +57,14 @@ const PANIC_EXIT_STATUS: i32 = 70;
 #[derive(Parser, Debug)]
 #[command(name = "freeflow-router", args_override_self = true, after_help = ENVIRONMENT)]
 struct Args {
-    /// runtime directory holding router.sock and router.ctl [default: $FREEFLOW_DIR, else /freeflow]
+    /// runtime directory holding router.sock, the one containers mount
+    /// [default: $FREEFLOW_DIR, else /freeflow]
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// root-only directory holding router.ctl and router.lock, never mounted into containers
+    /// [default: $FREEFLOW_STATE_DIR, else /run/freeflow/state/<DIR escaped>]
+    #[arg(long, value_name = "STATE")]
+    state_dir: Option<PathBuf>,
     /// cores to run one pinned shard each on, e.g. 1 or 0,1 or 0-3 [default: the last core]
     #[arg(long, value_name = "LIST", value_parser = parse_core_list)]
     cores: Option<CoreList>,
@@ -80,6 +88,7 @@ struct CoreList(Vec<usize>);
 
 struct Config {
     dir: PathBuf,
+    state_dir: PathBuf,
     cores: Vec<usize>,
     spin: Duration,
     geometry: RingGeometry,
@@ -138,8 +147,14 @@ fn configure(args: Args) -> Result<Config, String> {
             "core {bad} is not available to this process (available: {available:?})"
         ));
     }
+    let dir = args.dir.unwrap_or_else(freeflow_proto::runtime_dir);
+    let state_dir = match args.state_dir {
+        Some(state) => paths::state_dir_with(&dir, Some(&state)),
+        None => paths::state_dir(&dir),
+    };
     Ok(Config {
-        dir: args.dir.unwrap_or_else(freeflow_proto::runtime_dir),
+        dir,
+        state_dir,
         cores,
         spin: Duration::from_micros(args.spin_us),
         geometry,
@@ -150,7 +165,9 @@ fn configure(args: Args) -> Result<Config, String> {
 fn run(config: Config) -> Result<(), String> {
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| format!("cannot create {}: {e}", config.dir.display()))?;
-    let _lock = sys::lock_exclusive(&config.dir.join("router.lock"))
+    paths::create_state_dir(&config.state_dir)
+        .map_err(|e| format!("cannot create {}: {e}", config.state_dir.display()))?;
+    let _lock = sys::lock_exclusive(&config.state_dir.join(ROUTER_LOCK))
         .map_err(|e| format!("another router serves {} ({e})", config.dir.display()))?;
     // Signals are blocked before any thread starts, so every thread inherits the mask and only
     // the control thread sees them, through the signalfd.
@@ -158,7 +175,8 @@ fn run(config: Config) -> Result<(), String> {
     let signals = OwnedFd::from(signals);
 
     let attach_path = config.dir.join(ROUTER_SOCKET);
-    let control_path = config.dir.join(CONTROL_SOCKET);
+    // Not in DIR: containers mount DIR, and root in a container ignores the socket's mode.
+    let control_path = config.state_dir.join(CONTROL_SOCKET);
     // We hold the lock, so any socket files left here belong to a router that died.
     let _ = std::fs::remove_file(&attach_path);
     let _ = std::fs::remove_file(&control_path);
@@ -214,9 +232,10 @@ fn run(config: Config) -> Result<(), String> {
         control_spin(),
     );
     info!(
-        "pid {} serving {} with {} shard(s) on cores {:?}",
+        "pid {} serving {} (control {}) with {} shard(s) on cores {:?}",
         std::process::id(),
         config.dir.display(),
+        control_path.display(),
         config.cores.len(),
         config.cores
     );
@@ -338,9 +357,12 @@ mod tests {
             "0-1",
             "--dir",
             "/tmp/b",
+            "--state-dir",
+            "/tmp/s",
         ])
         .unwrap();
         assert_eq!(args.dir.as_deref(), Some(Path::new("/tmp/b")));
+        assert_eq!(args.state_dir.as_deref(), Some(Path::new("/tmp/s")));
         assert_eq!(args.ready_fd, Some(7));
         assert!(matches!(args.cores, Some(CoreList(c)) if c == [0, 1]));
         assert_eq!((args.spin_us, args.slots, args.slot_size), (50, 1024, 64));

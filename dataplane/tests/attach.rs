@@ -37,6 +37,8 @@ impl Router {
         let child = Command::new(env!("CARGO_BIN_EXE_freeflow-router"))
             .arg("--dir")
             .arg(&dir)
+            .arg("--state-dir")
+            .arg(common::state_dir(&dir))
             .args(["--cores", &router_cores().to_string()])
             .stderr(std::fs::File::create(dir.join("router.log")).unwrap())
             .spawn()
@@ -57,7 +59,7 @@ impl Router {
 
     fn try_status(&self) -> Option<RouterStatus> {
         match control::call(
-            &self.dir.join("router.ctl"),
+            &common::control_socket(&self.dir),
             &ControlRequest::Status,
             Duration::from_secs(5),
         ) {
@@ -82,7 +84,7 @@ impl Router {
             })
             .collect();
         let r = control::call(
-            &self.dir.join("router.ctl"),
+            &common::control_socket(&self.dir),
             &ControlRequest::SetContainers {
                 containers,
                 network: None,
@@ -441,7 +443,7 @@ fn sigterm_stops_cleanly_and_tells_the_shims() {
     assert!(status.success(), "clean exit expected, got {status}");
     assert!(s.router_hung_up());
     assert!(!router.dir.join("router.sock").exists());
-    assert!(!router.dir.join("router.ctl").exists());
+    assert!(!common::control_socket(&router.dir).exists());
 }
 
 #[test]
@@ -450,6 +452,8 @@ fn second_router_for_one_directory_is_refused() {
     let out = Command::new(env!("CARGO_BIN_EXE_freeflow-router"))
         .arg("--dir")
         .arg(&router.dir)
+        .arg("--state-dir")
+        .arg(common::state_dir(&router.dir))
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -41,6 +41,8 @@ impl Router {
         command
             .arg("--dir")
             .arg(&dir)
+            .arg("--state-dir")
+            .arg(common::state_dir(&dir))
             .args(["--cores", &router_cores().to_string()])
             .env_remove("FREEFLOW_TEST_HOOKS")
             .stderr(std::fs::File::create(dir.join("router.log")).unwrap());
@@ -53,7 +55,7 @@ impl Router {
         };
         let registered = || {
             let r = control::call(
-                &router.dir.join("router.ctl"),
+                &common::control_socket(&router.dir),
                 &ControlRequest::SetContainers {
                     containers: vec![ContainerEntry {
                         name: "self".into(),

@@ -1,5 +1,7 @@
-//! The router's control socket (`$FREEFLOW_DIR/router.ctl`, root only): JSON, one object per
-//! line, one request and one response at a time. Used by the control daemon, the CLI and bench.
+//! The router's control socket (`router.ctl` in the state directory, see [`crate::paths`]; only
+//! root in the router's network namespace, see [`crate::identity::check_control_peer`]): JSON,
+//! one object per line, one request and one response at a time. Used by the control daemon,
+//! the CLI and bench.
 
 use crate::identity::NetnsId;
 use serde::{Deserialize, Serialize};

@@ -33,6 +33,8 @@ pub mod fdpass;
 #[cfg(not(loom))]
 pub mod identity;
 pub mod msg;
+#[cfg(not(loom))]
+pub mod paths;
 pub mod peer;
 #[cfg(not(loom))]
 #[allow(unsafe_code)]
@@ -44,11 +46,13 @@ pub mod verbs;
 pub use ring::{Consumer, Producer, RingError, RingGeometry, Wake};
 pub use ring_memory::RingMemory;
 
-/// Runtime directory used when `FREEFLOW_DIR` is not set.
+/// Runtime directory used when `FREEFLOW_DIR` is not set. It holds only what containers may
+/// see (they mount it read-only): the attach socket and the shims; the control plane is in the
+/// state directory ([`paths`]).
 pub const DEFAULT_DIR: &str = "/freeflow";
 /// Name of the attach socket inside the runtime directory.
 pub const ROUTER_SOCKET: &str = "router.sock";
-/// Name of the router's control socket inside the runtime directory.
+/// Name of the router's control socket inside the state directory ([`paths::state_dir`]).
 pub const CONTROL_SOCKET: &str = "router.ctl";
 
 /// The runtime directory: `$FREEFLOW_DIR`, else [`DEFAULT_DIR`].

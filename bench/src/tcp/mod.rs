@@ -113,6 +113,9 @@ impl Drop for Bench {
                 .arg(self.work.join(format!("h{h}")))
                 .process_group(0)
                 .output();
+            // The default one only: never a directory the user chose with FREEFLOW_STATE_DIR.
+            let state = freeflow_proto::paths::default_state_dir(&self.work.join(format!("h{h}")));
+            let _ = std::fs::remove_dir_all(state);
         }
         let _ = Command::new(&self.freeflow)
             .args(["cluster", "down", "--tag", &self.tag])

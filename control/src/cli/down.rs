@@ -102,7 +102,7 @@ fn stop_orphan_router(dir: &RuntimeDir) -> Result<ExitCode, CliError> {
         Err(e) => {
             return Err(CliError::Invalid(format!(
                 "no daemon runs for {}, but a router holds {} and its control socket {} does not \
-                 answer ({e})",
+                 answer ({e}; it answers only root in its own network namespace)",
                 dir.path().display(),
                 dir.router_lock().display(),
                 dir.control_socket().display()

@@ -2,7 +2,8 @@
 //! (see `demo`), and the hidden `daemon` subcommand that `up` re-executes itself as.
 //!
 //! Every command needs only the runtime directory: `up` records host address, overlay prefix,
-//! registry URL, cores and peer port in `DIR/config.json`, and the others read them from there.
+//! registry URL, cores and peer port in `config.json` of DIR's state directory (see
+//! `crate::config`), and the others read them from there.
 //!
 //! This file holds the argument definitions (clap) and the dispatch; each command group lives in
 //! its own module: `up` and `down` start and stop a host, `container` edits and lists the
@@ -39,17 +40,23 @@ const EXIT_CODES: &str = "\
 Exit codes: 0 success; 1 failure (for `status`: the daemon or the router is not running); \
 2 usage error. `down` exits 0 when nothing was running.
 
-Files in DIR: config.json (settings from `up`), registry.json (default registry), daemon.lock, \
-freeflow.pid, daemon-status.json, freeflow.log, router.log, router.sock, router.ctl, \
-libfsocket.so, verbs/libibverbs.so.1.";
+Files in DIR, which containers mount read-only (`-v DIR:DIR:ro`): router.sock, libfsocket.so, \
+verbs/libibverbs.so.1 (the shims, mode 0444). Files in the state directory (root only, never \
+mounted; --state-dir, $FREEFLOW_STATE_DIR, else /run/freeflow/state/<DIR escaped>, e.g. /run/freeflow/state/freeflow): \
+config.json (settings from `up`), registry.json (default registry), daemon.lock, freeflow.pid, \
+daemon-status.json, freeflow.log, router.log, router.lock, router.ctl.";
 
 const UP_HELP: &str = "\
 Options not given fall back to $HOST_IP_PREFIX / $VNET_PREFIX, then to the settings of the \
-previous `up` for DIR (DIR/config.json). Daemons of several simulated hosts on one machine \
-share one registry: pass the same --registry file:/shared/registry.json to each.
+previous `up` for DIR (config.json in its state directory). Daemons of several simulated hosts \
+on one machine share one registry: pass the same --registry file:/shared/registry.json to each.
 
 Containers use the shims installed into DIR: LD_PRELOAD=DIR/libfsocket.so (TCP mode) or \
-LD_LIBRARY_PATH=DIR/verbs (RDMA mode), with DIR mounted into the container.";
+LD_LIBRARY_PATH=DIR/verbs (RDMA mode), with DIR mounted read-only into the container \
+(`-v DIR:DIR:ro`). Never mount the state directory into a container: it holds the router's \
+control socket and the registry. A --state-dir given to `up` is recorded (a symlink at the \
+default place), so the other commands find it from --dir. Control files an earlier version left \
+in DIR (config.json, registry.json, logs) are moved to the state directory by `up`.";
 
 const DEMO_HELP: &str = "\
 Progress goes to stderr, one line per step; the results and the table to stdout. It takes about \
@@ -95,18 +102,23 @@ enum Cmd {
 
 #[derive(Args, Debug, Clone)]
 struct DirArg {
-    /// Runtime directory of this host: settings, registry, sockets, logs, shims
-    /// [default: $FREEFLOW_DIR, else /freeflow]
+    /// Runtime directory of this host, the one containers mount read-only: attach socket,
+    /// shims [default: $FREEFLOW_DIR, else /freeflow]
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// State directory of this host, root only: settings, registry, control socket, logs
+    /// [default: $FREEFLOW_STATE_DIR, else the one `up` recorded, else
+    /// /run/freeflow/state/<DIR escaped>]
+    #[arg(long, value_name = "STATE")]
+    state_dir: Option<PathBuf>,
 }
 
 impl DirArg {
     /// `--dir`, else `$FREEFLOW_DIR` (if not empty), else `/freeflow`: what routers and shims
-    /// use too.
+    /// use too; with `--state-dir`, else the state directory derived from it.
     fn runtime_dir(&self) -> Result<RuntimeDir, ConfigError> {
         let path = self.dir.clone().unwrap_or_else(freeflow_proto::runtime_dir);
-        RuntimeDir::new(&path)
+        RuntimeDir::with_state(&path, self.state_dir.as_deref())
     }
 }
 
@@ -123,7 +135,7 @@ struct UpArgs {
     /// Overlay prefix whose addresses Freeflow accelerates [env: VNET_PREFIX]
     #[arg(long, value_name = "CIDR")]
     vnet_prefix: Option<Ipv4Net>,
-    /// Registry URL [default: file:DIR/registry.json]
+    /// Registry URL [default: file:STATE/registry.json, in the state directory]
     #[arg(long, value_name = "URL")]
     registry: Option<String>,
     /// Cores for the router's shards, e.g. 1 or 0,1 or 0-3 [default: the router's choice]

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use freeflow_proto::control::{
     self, AttachedStatus, ControlRequest, ControlResponse, RouterStatus, ShardStatus,
 };
+use freeflow_proto::identity::NetnsId;
 use serde::Serialize;
 
 use super::{status_text, CliError, StatusArgs};
@@ -240,7 +241,22 @@ fn ask_router(dir: &RuntimeDir) -> Result<RouterStatus, String> {
             "{}: permission denied (the control socket is root's)",
             socket.display()
         )),
-        Err(e) => Err(format!("{}: {e}", socket.display())),
+        Err(e) => Err(format!("{}: {e}{}", socket.display(), netns_hint(dir))),
+    }
+}
+
+/// Why the router may have closed on this process unanswered: it answers only root in its own
+/// network namespace, and the daemon (its parent) runs in another one than this command.
+fn netns_hint(dir: &RuntimeDir) -> String {
+    let own = NetnsId::current().ok();
+    let daemon = daemon::read_pid(dir).and_then(|pid| NetnsId::of_pid(pid as i32).ok());
+    match (own, daemon) {
+        (Some(own), Some(daemon)) if own != daemon => format!(
+            " (the router answers only root in its own network namespace, net:[{}], and this \
+             command runs in net:[{}]: run it there, e.g. with `ip netns exec`)",
+            daemon.ino, own.ino
+        ),
+        _ => String::new(),
     }
 }
 

@@ -15,6 +15,7 @@ use super::output::warn;
 use super::{CliError, UpArgs};
 use crate::config::{self, Config, ConfigError, RuntimeDir};
 use crate::daemon::{self, DaemonError, DaemonState, DaemonStatus};
+use crate::legacy;
 use crate::registry::{self, HostRecord};
 use crate::supervise::{self, exit_reason, format_duration, os};
 
@@ -25,6 +26,9 @@ const UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// not come up are taken back.
 pub(super) fn up(args: UpArgs) -> Result<ExitCode, CliError> {
     let dir = args.dir.runtime_dir()?;
+    for line in legacy::move_old_control_files(&dir)? {
+        warn(format_args!("earlier layout: {line}"));
+    }
     let previous = match Config::load_if_present(&dir) {
         Ok(previous) => previous,
         Err(e) => {
@@ -157,7 +161,7 @@ fn check_cores(cores: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Creates DIR and checks that no daemon and no hand-started router serve it, and that the
+/// Creates DIR and its state directory, and checks that no daemon and no hand-started router serve it, and that the
 /// router binary is there (so that a missing one fails here, not in the detached daemon).
 fn prepare_dir(dir: &RuntimeDir) -> Result<(), CliError> {
     dir.create()?;
@@ -243,7 +247,8 @@ fn restore_settings(dir: &RuntimeDir, previous: Option<&Config>) {
     }
 }
 
-/// Copies the shims from next to the `freeflow` executable into DIR. A missing shim is a
+/// Copies the shims from next to the `freeflow` executable into DIR, mode 0444 (directories
+/// 0755): containers load them, nobody writes them in place. A missing shim is a
 /// warning (the router and TCP-less setups work without it); a failing copy is an error.
 /// Next to the verbs library go the stand-ins for rdma-core's hardware providers libmlx5 and
 /// libefa (one file, two names): programs that link those (perftest's `ib_*` tools) then load
@@ -274,7 +279,7 @@ fn install_shims(dir: &RuntimeDir) -> Result<(), CliError> {
         }
         let bytes = fs::read(&src).map_err(io_err(format!("cannot read {}", src.display())))?;
         // Replaced by rename, so containers that have the old copy mapped keep working.
-        config::write_atomic(&dest, &bytes, 0o755)?;
+        config::write_atomic(&dest, &bytes, 0o444)?;
     }
     Ok(())
 }
@@ -318,7 +323,7 @@ fn start_background(dir: &RuntimeDir, config: &Config) -> Result<ExitCode, CliEr
     }
 }
 
-/// Starts `freeflow daemon --dir DIR` in a new session, its output appended to the daemon's
+/// Starts `freeflow daemon --dir DIR --state-dir STATE` in a new session, its output appended to the daemon's
 /// log; returns the child and the log's length before it (where its own lines begin).
 fn spawn_daemon(dir: &RuntimeDir, log_path: &Path) -> Result<(Child, u64), CliError> {
     let log = OpenOptions::new()
@@ -333,6 +338,8 @@ fn spawn_daemon(dir: &RuntimeDir, log_path: &Path) -> Result<(Child, u64), CliEr
     cmd.arg("daemon")
         .arg("--dir")
         .arg(dir.path())
+        .arg("--state-dir")
+        .arg(dir.state())
         .stdin(Stdio::null())
         .stdout(
             log.try_clone()

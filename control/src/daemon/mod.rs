@@ -4,9 +4,10 @@
 //! One loop, single-threaded. It sleeps in poll(2) on a signalfd (SIGTERM, SIGINT, SIGHUP,
 //! SIGCHLD) for at most [`REGISTRY_POLL`], so a dying router wakes it at once (SIGCHLD) and a
 //! registry change is seen within one poll interval. State the CLI shows lives in
-//! `DIR/daemon-status.json`, replaced atomically on every change; liveness is the flock on
-//! `DIR/daemon.lock`, which the kernel drops with the process whatever way it dies; `state`
-//! holds those files' types and how the CLI reads them.
+//! `daemon-status.json` in the state directory (`STATE`, see `crate::config`), replaced
+//! atomically on every change; liveness is the flock on `STATE/daemon.lock`, which the kernel
+//! drops with the process whatever way it dies; `state` holds those files' types and how the
+//! CLI reads them.
 
 mod state;
 
@@ -148,7 +149,7 @@ pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
     result
 }
 
-/// Opens and takes `DIR/daemon.lock`, which this process then holds for its whole life.
+/// Opens and takes `STATE/daemon.lock`, which this process then holds for its whole life.
 fn lock_dir(dir: &RuntimeDir) -> Result<File, DaemonError> {
     let lock_path = dir.daemon_lock();
     let lock = os::open_lock_file(&lock_path, 0o644)
@@ -200,6 +201,7 @@ impl Daemon {
         let spec = RouterSpec {
             program: program.clone(),
             dir: dir.path().to_path_buf(),
+            state_dir: dir.state().to_path_buf(),
             cores: config.cores.clone(),
             log: dir.router_log(),
         };

@@ -1,6 +1,6 @@
-//! What a daemon leaves in its runtime directory for the CLI, and how to read it: liveness is
-//! the flock on `DIR/daemon.lock`, the pid is in `DIR/freeflow.pid`, the counters are in
-//! `DIR/daemon-status.json` ([`DaemonStatus`]). The daemon writes them (`super`); `freeflow
+//! What a daemon leaves in its state directory for the CLI, and how to read it: liveness is
+//! the flock on `STATE/daemon.lock`, the pid is in `STATE/freeflow.pid`, the counters are in
+//! `STATE/daemon-status.json` ([`DaemonStatus`]). The daemon writes them (`super`); `freeflow
 //! status`, `up` and `down` read them here.
 
 use std::fs::{self, File};
@@ -29,7 +29,7 @@ pub struct SkippedContainer {
     pub reason: String,
 }
 
-/// What the daemon reports in `DIR/daemon-status.json`.
+/// What the daemon reports in `STATE/daemon-status.json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DaemonStatus {
@@ -85,7 +85,7 @@ pub struct DaemonCounters {
 }
 
 impl DaemonStatus {
-    /// Reads `DIR/daemon-status.json`; `None` if it is missing or unreadable.
+    /// Reads `STATE/daemon-status.json`; `None` if it is missing or unreadable.
     pub fn read(dir: &RuntimeDir) -> Option<DaemonStatus> {
         let bytes = fs::read(dir.status_file()).ok()?;
         serde_json::from_slice(&bytes).ok()
@@ -128,7 +128,7 @@ pub fn probe(dir: &RuntimeDir) -> Result<DaemonState, DaemonError> {
     }
 }
 
-/// Whether a router holds `DIR/router.lock` (`None` if that cannot be told).
+/// Whether a router holds `STATE/router.lock` (`None` if that cannot be told).
 pub fn router_lock_held(dir: &RuntimeDir) -> Option<bool> {
     let file = match File::open(dir.router_lock()) {
         Ok(file) => file,
@@ -138,7 +138,7 @@ pub fn router_lock_held(dir: &RuntimeDir) -> Option<bool> {
     os::try_lock_exclusive(&file).ok().map(|free| !free)
 }
 
-/// The pid in `DIR/freeflow.pid`.
+/// The pid in `STATE/freeflow.pid`.
 pub fn read_pid(dir: &RuntimeDir) -> Option<u32> {
     fs::read_to_string(dir.pid_file())
         .ok()?

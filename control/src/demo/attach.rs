@@ -69,6 +69,9 @@ impl Made {
                 )),
                 Err(e) => problems.push(format!("freeflow down --dir {}: {e}", dir.display())),
             }
+            // Its state directory (the default one: never one the user chose).
+            let state = freeflow_proto::paths::default_state_dir(&dir);
+            super::error::remove_leftover_dir(&state, &mut problems);
         }
         // Teardown also kills whatever still runs in the namespaces (a daemon `down` missed).
         if let Some(cluster) = self.cluster.take() {
@@ -198,7 +201,7 @@ fn attach_steps(
     );
     let probes = probe_containers(tag, &programs.bench, &dirs, stop)?;
     let stranger_refused = probe_stranger(&programs.bench, &netns.hosts[1], &dirs[1], stop)?;
-    let (status_text, status_json) = status_of(freeflow, &dirs[0], stop)?;
+    let (status_text, status_json) = status_of(freeflow, &netns.hosts[0], &dirs[0], stop)?;
     Ok(Attached {
         probes,
         stranger_refused,
@@ -327,14 +330,24 @@ fn probe_stranger(
         .to_owned())
 }
 
-/// `freeflow status` of the host with runtime directory `dir`, as text and as JSON.
-fn status_of(freeflow: &Path, dir: &Path, stop: &Interrupt) -> Result<(String, Value), DemoError> {
+/// `freeflow status` of the host with runtime directory `dir`, as text and as JSON, asked in
+/// the host's network namespace `host` (its router answers only there).
+fn status_of(
+    freeflow: &Path,
+    host: &str,
+    dir: &Path,
+    stop: &Interrupt,
+) -> Result<(String, Value), DemoError> {
+    let freeflow = freeflow.to_string_lossy();
     let text = run_ok(
-        Command::new(freeflow).arg("status").arg("--dir").arg(dir),
+        topology::command_in(host, &freeflow)
+            .arg("status")
+            .arg("--dir")
+            .arg(dir),
         stop,
     )?;
     let json = run_ok(
-        Command::new(freeflow)
+        topology::command_in(host, &freeflow)
             .arg("status")
             .arg("--dir")
             .arg(dir)

@@ -1,7 +1,7 @@
 //! What the router's black-box tests share: a scratch directory, the router's `--cores`, the
 //! root check and a bounded wait.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Panics with `why` unless this process runs as root (network namespaces, other processes'
@@ -17,6 +17,17 @@ pub fn fresh_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// The state directory the tests give their routers (`--state-dir`): inside the scratch
+/// directory `dir`, so that nothing is left elsewhere.
+pub fn state_dir(dir: &Path) -> PathBuf {
+    dir.join("state")
+}
+
+/// The control socket of a router started with `--state-dir` [`state_dir`].
+pub fn control_socket(dir: &Path) -> PathBuf {
+    state_dir(dir).join(freeflow_proto::CONTROL_SOCKET)
 }
 
 /// The router's `--cores`: one fewer than the machine has, leaving one to the test.

@@ -347,10 +347,20 @@ impl Site {
         }
     }
 
-    /// What the hosts' routers logged (every `*.log` of their directories).
+    /// The state directory of host `host`: its control plane, outside its runtime directory.
+    pub fn state_dir(&self, host: usize) -> PathBuf {
+        freeflow_proto::paths::default_state_dir(&self.dirs[host])
+    }
+
+    /// The router control socket of host `host`.
+    pub fn control_socket(&self, host: usize) -> PathBuf {
+        self.state_dir(host).join(freeflow_proto::CONTROL_SOCKET)
+    }
+
+    /// What the hosts' daemons and routers logged (every `*.log` of their state directories).
     pub fn router_log(&self) -> String {
-        self.dirs
-            .iter()
+        (0..self.dirs.len())
+            .map(|h| self.state_dir(h))
             .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
             .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
             .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
@@ -388,6 +398,9 @@ impl Drop for Site {
                 .output();
         }
         drop(self.cluster.take());
+        for h in 0..self.dirs.len() {
+            let _ = std::fs::remove_dir_all(self.state_dir(h));
+        }
         let _ = std::fs::remove_dir_all(&self.work);
     }
 }
