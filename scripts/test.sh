@@ -1,9 +1,70 @@
 #!/usr/bin/env bash
 # Every check CI runs, from a fresh Debian 12 machine with a Rust toolchain: installs the Debian
 # packages the tests use, then formatting, lints, the build, all tests (as root: they build
-# network namespaces) and the loom model of the ring.
+# network namespaces), the loom model of the ring and a bounded run of every fuzz target.
+# `scripts/test.sh fuzz` runs only the fuzz step (see fuzz_step below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The fuzz targets of fuzz/ (cargo-fuzz, nightly), each for FUZZ_SECONDS (default 15) from the
+# committed corpus, with debug assertions and overflow checks; a crash fails the step and leaves
+# its input in fuzz/artifacts/<target>/. New inputs go to a temporary directory, so the
+# committed corpus only changes by hand. Prints the executions and coverage of each target.
+fuzz_step() {
+  local seconds="${FUZZ_SECONDS:-15}"
+  if ! command -v rustup >/dev/null 2>&1; then
+    echo "scripts/test.sh: the fuzz step needs rustup to get the nightly toolchain" >&2
+    return 1
+  fi
+  if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    echo "== installing the nightly toolchain (cargo-fuzz needs it)"
+    rustup toolchain install nightly --profile minimal
+  fi
+  if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "== installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+  fi
+  # Safe Rust decoders: AddressSanitizer would find nothing the assertions miss, and costs
+  # build time and executions.
+  local flags=(--sanitizer none --debug-assertions)
+  echo "== cargo fuzz build"
+  (cd fuzz && cargo +nightly fuzz build "${flags[@]}")
+  local work failed=()
+  work="$(mktemp -d)"
+  local targets t log
+  targets="$(cd fuzz && cargo +nightly fuzz list)"
+  if [ -z "$targets" ]; then
+    echo "scripts/test.sh: cargo fuzz list found no fuzz target" >&2
+    return 1
+  fi
+  for t in $targets; do
+    mkdir -p "$work/$t" "fuzz/artifacts/$t"
+    log="$work/$t.log"
+    if ! (cd fuzz && cargo +nightly fuzz run "${flags[@]}" "$t" "$work/$t" "corpus/$t" -- \
+      -max_total_time="$seconds" -timeout=10 -print_final_stats=1 \
+      -artifact_prefix="artifacts/$t/") >"$log" 2>&1; then
+      tail -n 40 "$log"
+      echo "== fuzz target $t FAILED; its input is in fuzz/artifacts/$t/ (replay:" \
+        "cd fuzz && cargo +nightly fuzz run $t artifacts/$t/<file>)"
+      failed+=("$t")
+    fi
+    # The last status line ("#N DONE cov: C ft: F corp: ...") and the final stats.
+    printf '== fuzz %-16s execs %-9s %s\n' "$t" \
+      "$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")" \
+      "$(grep -E '^#[0-9]+.*(DONE|pulse|NEW|REDUCE)' "$log" | tail -n 1 |
+        grep -oE '(cov|ft|corp|exec/s): [^ ]+' | tr '\n' ' ')"
+  done
+  rm -rf "$work"
+  if [ "${#failed[@]}" -gt 0 ]; then
+    echo "scripts/test.sh: fuzz targets crashed: ${failed[*]}" >&2
+    return 1
+  fi
+}
+
+if [ "${1:-}" = fuzz ]; then
+  fuzz_step
+  exit
+fi
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/test.sh: the tests build network namespaces; run as root (sudo -E scripts/test.sh)" >&2
@@ -61,4 +122,6 @@ echo "== cargo test"
 cargo test --workspace
 echo "== loom model of the ring"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p freeflow-proto --test loom_ring --release
+echo "== fuzzing"
+fuzz_step
 echo "== all checks passed"

@@ -44,6 +44,8 @@
 mod cq;
 mod objects;
 mod park;
+#[cfg(test)]
+mod prop_tests;
 mod qp;
 mod srq;
 #[cfg(test)]

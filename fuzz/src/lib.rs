@@ -1,0 +1,675 @@
+//! The oracles of the fuzz targets: one function per family of decoders of bytes that a
+//! container or a peer router controls. Each decodes its input with every decoder of the
+//! family and checks that nothing panics and that what decodes re-encodes to the same bytes,
+//! or, for layouts with reserved bytes or lossy text, to a canonical form that decodes equal.
+//!
+//! Two drivers run these same functions: the libFuzzer targets of this crate (nightly,
+//! `cargo fuzz run <target>`) and, on stable, `proto/tests/decode_props.rs`, which includes
+//! this file as a module, feeds it proptest's inputs and replays the committed corpus
+//! (`fuzz/corpus/<target>/`), so a crashing input added there stays a regression test.
+//!
+//! Only `freeflow_proto` and `serde_json` are used, so that the file compiles in both crates.
+
+use freeflow_proto::attach::{Hello, Welcome, HELLO_LEN};
+use freeflow_proto::codec::Body;
+use freeflow_proto::control::{self, ControlRequest, ControlResponse};
+use freeflow_proto::msg::{self, MsgHeader, HEADER_LEN};
+use freeflow_proto::peer::PeerMsg;
+use freeflow_proto::sockmsg::{FromRouter, SockNotice, SockReply, SockRequest};
+use freeflow_proto::verbs::qp::{
+    check_transition, CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpQueried, QpState,
+};
+use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq, SrqAttr, SrqCreated};
+use freeflow_proto::verbs::work::{
+    send_flags, Cqe, RecvWqe, SendWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
+};
+use freeflow_proto::verbs::{
+    check_mr_access, CqCreated, CreateCq, DeallocPd, DeregMr, MemoryFileMsg, MrCreated,
+    ObjectHandle, PdCreated, QueueFileMsg, RegMr, ResizeCq, TestDigest, TestRead, TestWrite,
+    VerbsOp,
+};
+use std::fmt::Debug;
+
+/// The oracle of a fuzz target.
+pub type Oracle = fn(&[u8]);
+
+/// The fuzz targets, by name (each is also a directory of `fuzz/corpus/`), with their oracle.
+pub const TARGETS: &[(&str, Oracle)] = &[
+    ("hello", hello),
+    ("sockmsg", sockmsg),
+    ("msg_header", msg_header),
+    ("verbs_bodies", verbs_bodies),
+    ("wqe", wqe),
+    ("peer_msg", peer_msg),
+    ("control_request", control_request),
+];
+
+/// The attach handshake: the shim's [`Hello`] (read by the router) and the router's
+/// [`Welcome`] (read by the shim).
+pub fn hello(data: &[u8]) {
+    if let Ok((h, kind)) = Hello::decode(data) {
+        let canonical = h.encode();
+        assert_eq!(Hello::decode(&canonical), Ok((h, kind)));
+        // Only the reserved tail may differ from the input.
+        assert_eq!(canonical[..8], data[..8]);
+        assert_eq!(data.len(), HELLO_LEN);
+    }
+    if let Ok(w) = Welcome::decode(data) {
+        let canonical = w.encode();
+        let again = Welcome::decode(&canonical).expect("a welcome re-encodes decodably");
+        // Text that was not UTF-8 decodes lossily, and may then no longer fit.
+        let text_is_utf8 = std::str::from_utf8(&data[24.min(data.len())..]).is_ok();
+        if text_is_utf8 {
+            assert_eq!(again, w);
+        }
+    }
+}
+
+/// TCP-mode setup messages on the attach connection: requests (read by the router), replies
+/// and notices (read by the shim).
+pub fn sockmsg(data: &[u8]) {
+    if let Ok(r) = SockRequest::decode(data) {
+        canonical_fixed(data, &r.encode(), SockRequest::decode, &r);
+    }
+    if let Ok(r) = SockReply::decode(data) {
+        canonical_fixed(data, &r.encode(), SockReply::decode, &r);
+    }
+    if let Ok(n) = SockNotice::decode(data) {
+        canonical_fixed(data, &n.encode(), SockNotice::decode, &n);
+        let _ = n.meaning();
+    }
+    match FromRouter::decode(data) {
+        Ok(FromRouter::Reply(r)) => assert_eq!(SockReply::decode(data), Ok(r)),
+        Ok(FromRouter::Notice(n)) => assert_eq!(SockNotice::decode(data), Ok(n)),
+        Err(_) => {}
+    }
+}
+
+/// Checks that `canonical`, the re-encoding of `value` decoded from `data`, has the input's
+/// length and magic, decodes to `value`, and is its own canonical form.
+fn canonical_fixed<T: PartialEq + Debug, E: Debug>(
+    data: &[u8],
+    canonical: &[u8],
+    decode: impl Fn(&[u8]) -> Result<T, E>,
+    value: &T,
+) {
+    assert_eq!(canonical.len(), data.len());
+    assert_eq!(canonical[..4], data[..4], "magic");
+    assert_eq!(&decode(canonical).expect("canonical form decodes"), value);
+}
+
+/// A ring slot: the message header and the bounds of its body (read by the router from every
+/// request slot).
+pub fn msg_header(data: &[u8]) {
+    if data.len() < HEADER_LEN {
+        // The ring's slots are at least 64 bytes: a header is never read from fewer than 16.
+        return;
+    }
+    let h = MsgHeader::decode(data);
+    let mut again = [0u8; HEADER_LEN];
+    h.encode(&mut again);
+    assert_eq!(again[..], data[..HEADER_LEN]);
+    match h.body(data) {
+        Some(body) => {
+            assert_eq!(body.len(), h.len as usize);
+            assert!(HEADER_LEN + body.len() <= data.len());
+        }
+        None => assert!(HEADER_LEN as u64 + u64::from(h.len) > data.len() as u64),
+    }
+    let _ = msg::op::MsgOp::try_from(h.opcode);
+    let _ = msg::status::MsgStatus::try_from(h.status);
+    if freeflow_proto::verbs::op::is_verbs(h.opcode) {
+        let _ = VerbsOp::try_from(h.opcode);
+    }
+}
+
+/// The body types of verbs requests and replies, and the messages that travel with a file,
+/// in the order [`verbs_bodies`] selects them by its input's first byte.
+const BODY_KINDS: u8 = 26;
+
+/// Verbs bodies: the first byte picks the type, the rest is the body.
+pub fn verbs_bodies(data: &[u8]) {
+    let Some((&kind, body)) = data.split_first() else {
+        return;
+    };
+    match kind % BODY_KINDS {
+        0 => {
+            exact::<PdCreated>(body);
+        }
+        1 => {
+            exact::<DeallocPd>(body);
+        }
+        2 => {
+            if let Some(r) = exact::<RegMr>(body) {
+                let _ = check_mr_access(r.access);
+            }
+        }
+        3 => {
+            exact::<MrCreated>(body);
+        }
+        4 => {
+            exact::<DeregMr>(body);
+        }
+        5 => {
+            exact::<ObjectHandle>(body);
+        }
+        6 => {
+            exact::<CreateCq>(body);
+        }
+        7 => {
+            exact::<ResizeCq>(body);
+        }
+        8 => {
+            exact::<CqCreated>(body);
+        }
+        9 => {
+            exact::<QpCap>(body);
+        }
+        10 => {
+            exact::<CreateQp>(body);
+        }
+        11 => {
+            exact::<QpCreated>(body);
+        }
+        12 => {
+            if let Some(m) = canonical::<ModifyQp>(body) {
+                transitions(m.attr_mask, &m.attr);
+            }
+        }
+        13 => {
+            if let Some(a) = canonical::<QpAttr>(body) {
+                transitions(u32::MAX, &a);
+            }
+        }
+        14 => {
+            canonical::<QpQueried>(body);
+        }
+        15 => {
+            exact::<CreateSrq>(body);
+        }
+        16 => {
+            exact::<SrqAttr>(body);
+        }
+        17 => {
+            exact::<SrqCreated>(body);
+        }
+        18 => {
+            exact::<ModifySrq>(body);
+        }
+        19 => {
+            exact::<TestRead>(body);
+        }
+        20 => {
+            exact::<TestDigest>(body);
+        }
+        21 => test_write(body),
+        22 => {
+            if let Ok(m) = QueueFileMsg::decode(body) {
+                canonical_fixed(body, &m.encode(), QueueFileMsg::decode, &m);
+            }
+        }
+        23 => {
+            if let Ok(m) = MemoryFileMsg::decode(body) {
+                // No reserved byte goes unchecked: the encoding is exact.
+                assert_eq!(m.encode()[..], body[..]);
+            }
+        }
+        24 => {
+            exact::<Sge>(body);
+        }
+        _ => {
+            exact::<SendWqeHeader>(body);
+        }
+    }
+}
+
+/// A body without reserved bytes: decodes only at its length, and re-encodes to its input.
+fn exact<T: Body + PartialEq + Debug>(body: &[u8]) -> Option<T> {
+    let v = T::decode(body).ok()?;
+    assert_eq!(body.len(), T::LEN);
+    assert_eq!(v.to_vec(), body, "{v:?} re-encodes to its bytes");
+    Some(v)
+}
+
+/// A body with reserved bytes: its re-encoding decodes equal and is its own re-encoding.
+fn canonical<T: Body + PartialEq + Debug>(body: &[u8]) -> Option<T> {
+    let v = T::decode(body).ok()?;
+    let again = v.to_vec();
+    assert_eq!(again.len(), body.len());
+    assert_eq!(T::decode(&again).as_ref(), Ok(&v));
+    assert_eq!(T::decode(&again).expect("decodes").to_vec(), again);
+    Some(v)
+}
+
+/// The QP state machine on attributes a container chose, from every state.
+fn transitions(attr_mask: u32, attr: &QpAttr) {
+    for s in 0..=6u32 {
+        let state = QpState::from_u32(s).expect("a state");
+        let _ = check_transition(state, attr_mask, attr);
+    }
+}
+
+fn test_write(body: &[u8]) {
+    if let Ok(w) = TestWrite::decode(body) {
+        let mut out = [0u8; 128];
+        let n = w.encode(&mut out).expect("a decoded test write re-encodes");
+        assert_eq!(out[..n], body[..]);
+    }
+}
+
+/// Work requests in a QP's or SRQ's rings (read by the router) and completions (read by the
+/// shim). The first four bytes are the QP's capacities (`max_sge`, `max_inline`), the rest is
+/// the slot.
+pub fn wqe(data: &[u8]) {
+    if data.len() < 4 {
+        return;
+    }
+    let max_sge = u32::from(data[0]);
+    let max_inline = u32::from(u16::from_le_bytes([data[1], data[2]]));
+    let _flags = data[3];
+    let slot = &data[4..];
+    if let Ok(w) = SendWqe::decode(slot, max_sge, max_inline) {
+        let mut again = [0u8; SendWqeHeader::LEN];
+        w.header.write(&mut again);
+        assert_eq!(again[..], slot[..SendWqeHeader::LEN]);
+        let sges = w.sges(slot).count();
+        let inline = w.inline(slot);
+        if w.header.has(send_flags::INLINE) {
+            assert_eq!(inline.len(), w.header.inline_len as usize);
+            assert!(inline.len() <= max_inline as usize);
+        } else {
+            assert_eq!(sges, usize::from(w.header.num_sge));
+            assert!(sges <= max_sge as usize);
+        }
+    }
+    if let Ok(w) = RecvWqe::decode(slot, max_sge) {
+        assert!(w.num_sge <= max_sge);
+        assert!(RecvWqe::slot_bytes(w.num_sge) <= slot.len());
+        assert_eq!(w.sges(slot).count(), w.num_sge as usize);
+        // The canonical form: the header rewritten (its reserved word zero), the entries kept.
+        let mut again = slot.to_vec();
+        RecvWqe::write_header(w.wr_id, w.num_sge, &mut again);
+        assert_eq!(again[..12], slot[..12]);
+        assert_eq!(RecvWqe::decode(&again, max_sge), Ok(w));
+        assert!(w.sges(&again).eq(w.sges(slot)));
+    }
+    if slot.len() >= Cqe::LEN {
+        let c = Cqe::decode(slot);
+        let again = c.encode();
+        // Bytes 46 and 47 are `struct ibv_wc`'s padding.
+        assert_eq!(again[..46], slot[..46]);
+        assert_eq!(Cqe::decode(&again), c);
+    }
+}
+
+/// A line from a peer router.
+pub fn peer_msg(data: &[u8]) {
+    if let Ok(m) = PeerMsg::decode_line(data) {
+        let line = m.encode_line();
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert_eq!(
+            PeerMsg::decode_line(&line).expect("re-encoded line decodes"),
+            m
+        );
+    }
+}
+
+/// A line on the router's control socket: requests (read by the router), responses (read by
+/// the control process), through the line reader both use.
+pub fn control_request(data: &[u8]) {
+    if let Ok(r) = serde_json::from_slice::<ControlRequest>(data) {
+        let line = serde_json::to_vec(&r).expect("requests serialise");
+        let again: ControlRequest = serde_json::from_slice(&line).expect("re-encoded decodes");
+        assert_eq!(again, r);
+    }
+    if let Ok(r) = serde_json::from_slice::<ControlResponse>(data) {
+        let line = serde_json::to_vec(&r).expect("responses serialise");
+        let again: ControlResponse = serde_json::from_slice(&line).expect("re-encoded decodes");
+        assert_eq!(again, r);
+    }
+    let mut reader = std::io::BufReader::new(data);
+    while let Ok(Some(r)) = control::read_line::<ControlRequest>(&mut reader) {
+        let mut out = Vec::new();
+        control::write_line(&mut out, &r).expect("writes to a vector");
+        let mut back = std::io::BufReader::new(&out[..]);
+        let again = control::read_line::<ControlRequest>(&mut back).expect("reads back");
+        assert_eq!(again, Some(r));
+    }
+}
+
+/// Valid encodings of every message of `target`'s family, made by the encoders: the seed
+/// corpus (`fuzz/corpus/<target>/seed-*`, written by the ignored test `write_seed_corpus` of
+/// `proto/tests/decode_props.rs`) and the inputs proptest mutates.
+pub fn seeds(target: &str) -> Vec<Vec<u8>> {
+    match target {
+        "hello" => hello_seeds(),
+        "sockmsg" => sockmsg_seeds(),
+        "msg_header" => msg_header_seeds(),
+        "verbs_bodies" => verbs_body_seeds(),
+        "wqe" => wqe_seeds(),
+        "peer_msg" => peer_msg_seeds(),
+        "control_request" => control_seeds(),
+        _ => panic!("no fuzz target {target}"),
+    }
+}
+
+fn hello_seeds() -> Vec<Vec<u8>> {
+    use freeflow_proto::attach::{Refusal, ShimKind};
+    let mut out: Vec<Vec<u8>> = [ShimKind::Socket, ShimKind::Verbs, ShimKind::Probe]
+        .into_iter()
+        .map(|k| Hello::new(k).encode().to_vec())
+        .collect();
+    out.push(
+        Welcome::Accepted {
+            shard: 1,
+            attachment_id: 7,
+            ip: [10, 32, 0, 2].into(),
+            container: "web-1".into(),
+            tenant: "blue".into(),
+        }
+        .encode(),
+    );
+    out.push(
+        Welcome::Refused {
+            reason: Refusal::NotRegistered,
+            message: "not registered".into(),
+        }
+        .encode(),
+    );
+    out
+}
+
+fn sockmsg_seeds() -> Vec<Vec<u8>> {
+    use freeflow_proto::sockmsg::{SockOp, SockStatus, FLAG_INET6, FLAG_REUSEPORT};
+    let ip = [10, 32, 0, 5].into();
+    let request = |op, flags| SockRequest {
+        op,
+        flags,
+        seq: 9,
+        ip,
+        port: 80,
+        backlog: 128,
+    };
+    vec![
+        request(SockOp::Connect, FLAG_INET6).encode().to_vec(),
+        request(SockOp::Listen, FLAG_REUSEPORT).encode().to_vec(),
+        request(SockOp::Resolve, 0).encode().to_vec(),
+        request(SockOp::Relisten, 0).encode().to_vec(),
+        SockReply {
+            status: SockStatus::Ok,
+            seq: 9,
+            errno: 0,
+            ip,
+            port: 40000,
+        }
+        .encode()
+        .to_vec(),
+        SockReply::error(3, 111).encode().to_vec(),
+        SockNotice {
+            host_ip: [192, 168, 1, 2].into(),
+            host_port: 41000,
+            ip,
+            port: 41000,
+            sent_ms: 123,
+        }
+        .encode()
+        .to_vec(),
+        SockNotice::forget_all().encode().to_vec(),
+    ]
+}
+
+fn msg_header_seeds() -> Vec<Vec<u8>> {
+    let slot = |opcode: u16, status: u16, body: &[u8], slot_len: usize| {
+        let mut b = vec![0u8; slot_len.max(HEADER_LEN + body.len())];
+        MsgHeader {
+            opcode,
+            status,
+            len: body.len() as u32,
+            cookie: 0x1234_5678_9abc_def0,
+        }
+        .encode(&mut b);
+        b[HEADER_LEN..HEADER_LEN + body.len()].copy_from_slice(body);
+        b
+    };
+    vec![
+        slot(msg::op::PING, 0, b"ping", 64),
+        slot(msg::op::FLUSH, 0, &[], 64),
+        slot(freeflow_proto::verbs::op::REG_MR, 0, &[1; RegMr::LEN], 256),
+        slot(msg::op::PING | msg::REPLY, 2, &[], 16),
+    ]
+}
+
+fn verbs_body_seeds() -> Vec<Vec<u8>> {
+    use freeflow_proto::verbs::{access, QueueFileKind};
+    let with_kind = |kind: u8, body: Vec<u8>| [vec![kind], body].concat();
+    let attr = QpAttr {
+        qp_state: QpState::Rtr as u8,
+        path_mtu: 3,
+        dest_qp_num: 0x11,
+        min_rnr_timer: 1,
+        max_dest_rd_atomic: 1,
+        is_global: 1,
+        ah_port_num: 1,
+        dgid: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 32, 0, 3],
+        ..QpAttr::default()
+    };
+    let cap = QpCap {
+        max_send_wr: 64,
+        max_recv_wr: 64,
+        max_send_sge: 2,
+        max_recv_sge: 2,
+        max_inline_data: 64,
+    };
+    vec![
+        with_kind(1, DeallocPd { pd: 1 }.to_vec()),
+        with_kind(
+            2,
+            RegMr {
+                pd: 1,
+                access: access::LOCAL_WRITE | access::REMOTE_WRITE,
+                addr: 0x7f10_0000_0000,
+                length: 16384,
+                iova: 0x7f10_0000_0000,
+            }
+            .to_vec(),
+        ),
+        with_kind(
+            6,
+            CreateCq {
+                cqe: 64,
+                channel: 0,
+                comp_vector: 0,
+            }
+            .to_vec(),
+        ),
+        with_kind(
+            10,
+            CreateQp {
+                pd: 1,
+                send_cq: 1,
+                recv_cq: 1,
+                srq: 0,
+                qp_type: freeflow_proto::verbs::qp::QPT_RC,
+                sq_sig_all: 0,
+                cap,
+            }
+            .to_vec(),
+        ),
+        with_kind(
+            12,
+            ModifyQp {
+                qp: 2,
+                attr_mask: 0x3_9181,
+                attr,
+            }
+            .to_vec(),
+        ),
+        with_kind(
+            15,
+            CreateSrq {
+                pd: 1,
+                max_wr: 32,
+                max_sge: 2,
+                srq_limit: 0,
+            }
+            .to_vec(),
+        ),
+        with_kind(
+            18,
+            ModifySrq {
+                srq: 3,
+                attr_mask: 2,
+                max_wr: 0,
+                srq_limit: 4,
+            }
+            .to_vec(),
+        ),
+        with_kind(
+            19,
+            TestRead {
+                pd: 1,
+                lkey: 5,
+                addr: 0x1000,
+                length: 64,
+            }
+            .to_vec(),
+        ),
+        with_kind(
+            22,
+            QueueFileMsg {
+                kind: QueueFileKind::Qp,
+                handle: 2,
+            }
+            .encode()
+            .to_vec(),
+        ),
+        with_kind(23, MemoryFileMsg { size: 1 << 47 }.encode().to_vec()),
+    ]
+}
+
+fn wqe_seeds() -> Vec<Vec<u8>> {
+    use freeflow_proto::verbs::work::wr_opcode;
+    let caps = [2u8, 64, 0, 0];
+    let sge = Sge {
+        addr: 0x7f10_0000_0100,
+        length: 64,
+        lkey: 5,
+    };
+    let send = |opcode: u8, flags: u32, sges: &[Sge], inline: &[u8]| {
+        let mut slot = vec![0u8; 128];
+        SendWqeHeader {
+            wr_id: 77,
+            opcode,
+            flags: flags as u8,
+            num_sge: sges.len() as u16,
+            imm_data: 0x0102_0304,
+            remote_addr: 0x7f10_0000_2000,
+            rkey: 6,
+            inline_len: inline.len() as u32,
+            compare_add: 1,
+            swap: 2,
+        }
+        .write(&mut slot);
+        for (i, s) in sges.iter().enumerate() {
+            s.write(&mut slot[SendWqeHeader::LEN + i * Sge::LEN..]);
+        }
+        slot[SendWqeHeader::LEN..SendWqeHeader::LEN + inline.len()].copy_from_slice(inline);
+        [&caps[..], &slot].concat()
+    };
+    let mut recv = vec![0u8; 64];
+    RecvWqe::write_header(5, 2, &mut recv);
+    sge.write(&mut recv[RECV_WQE_HEADER..]);
+    sge.write(&mut recv[RECV_WQE_HEADER + Sge::LEN..]);
+    vec![
+        send(wr_opcode::SEND, send_flags::SIGNALED, &[sge, sge], &[]),
+        send(wr_opcode::RDMA_WRITE, 0, &[sge], &[]),
+        send(wr_opcode::SEND_WITH_IMM, send_flags::INLINE, &[], b"hello"),
+        send(
+            wr_opcode::ATOMIC_CMP_AND_SWP,
+            send_flags::FENCE,
+            &[sge],
+            &[],
+        ),
+        [&caps[..], &recv].concat(),
+    ]
+}
+
+fn peer_msg_seeds() -> Vec<Vec<u8>> {
+    use freeflow_proto::peer::ListenerEntry;
+    let host = [192, 0, 2, 1].into();
+    let ip = [10, 32, 0, 2].into();
+    [
+        PeerMsg::Listeners {
+            host,
+            entries: vec![ListenerEntry {
+                ip,
+                port: 80,
+                host_port: 40000,
+            }],
+        },
+        PeerMsg::Conn {
+            host,
+            host_port: 40001,
+            ip,
+            port: 40001,
+            to_port: Some(5001),
+        },
+        PeerMsg::Claim {
+            host,
+            ip,
+            to_port: 5001,
+            ports: vec![1, 2],
+            fresh: true,
+        },
+        PeerMsg::Release {
+            host,
+            ip,
+            to_port: 5001,
+            ports: vec![3],
+        },
+    ]
+    .iter()
+    .map(PeerMsg::encode_line)
+    .collect()
+}
+
+fn control_seeds() -> Vec<Vec<u8>> {
+    use freeflow_proto::control::{ContainerEntry, NetworkView, OverlayEntry, PeerHost};
+    use freeflow_proto::identity::NetnsId;
+    let line = |r: &ControlRequest| {
+        let mut out = Vec::new();
+        control::write_line(&mut out, r).expect("writes to a vector");
+        out
+    };
+    let set = ControlRequest::SetContainers {
+        containers: vec![ContainerEntry {
+            name: "web-1".into(),
+            tenant: "blue".into(),
+            ip: [10, 32, 0, 2].into(),
+            netns: NetnsId { dev: 4, ino: 4026 },
+        }],
+        network: Some(NetworkView {
+            host_ip: [192, 0, 2, 1].into(),
+            peer_port: 7000,
+            hosts: vec![PeerHost {
+                host_ip: [192, 0, 2, 2].into(),
+                peer_port: 7000,
+            }],
+            overlay: vec![OverlayEntry {
+                ip: [10, 32, 0, 2].into(),
+                tenant: "blue".into(),
+                host_ip: [192, 0, 2, 1].into(),
+            }],
+        }),
+    };
+    vec![
+        line(&set),
+        line(&ControlRequest::Status),
+        [
+            line(&ControlRequest::Shutdown),
+            line(&ControlRequest::Status),
+        ]
+        .concat(),
+        b"{\"result\":\"error\",\"message\":\"no\"}\n".to_vec(),
+    ]
+}
