@@ -32,6 +32,8 @@ impl Router {
         let child = Command::new(env!("CARGO_BIN_EXE_freeflow-router"))
             .arg("--dir")
             .arg(&dir)
+            .arg("--state-dir")
+            .arg(common::state_dir(&dir))
             .args(["--cores", &router_cores().to_string()])
             .stderr(std::fs::File::create(dir.join("router.log")).unwrap())
             .spawn()
@@ -48,7 +50,7 @@ impl Router {
 
     fn call(&self, request: &ControlRequest) -> std::io::Result<ControlResponse> {
         control::call(
-            &self.dir.join("router.ctl"),
+            &common::control_socket(&self.dir),
             request,
             Duration::from_secs(5),
         )

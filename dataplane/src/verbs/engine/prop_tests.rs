@@ -19,8 +19,8 @@ use freeflow_proto::verbs::work::{
     send_flags, wr_opcode, Cqe, RecvWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
 };
 use freeflow_proto::verbs::{
-    wc_status, CqCreated, CreateCq, ObjectHandle, QueueFileKind, QueueFileMsg, ResizeCq,
-    MAX_TEST_WRITE, RECV_RING, REQUIRED_SEALS, SEND_RING,
+    access, op, wc_status, CqCreated, CreateCq, ObjectHandle, QueueFileKind, QueueFileMsg,
+    ResizeCq, MAX_TEST_WRITE, RECV_RING, REQUIRED_SEALS, SEND_RING,
 };
 use freeflow_proto::{Consumer, Producer};
 use proptest::collection::vec;
@@ -73,7 +73,7 @@ fn container(id: u32, ip: [u8; 4], tenant: &str) -> ContainerEntry {
 
 /// Opens context `id` with a memory file whose first pages at [`BASE`] hold `fill`.
 fn open(engine: &mut Engine, id: u32, ip: [u8; 4], tenant: &str, fill: u8) -> std::fs::File {
-    engine.open(id, container(id, ip, tenant));
+    engine.open(AttachmentId(id), container(id, ip, tenant));
     let fd = test_memfd(MEMORY_FILE_SIZE, REQUIRED_SEALS);
     let file = std::fs::File::from(fd.try_clone().expect("dup"));
     file.write_all_at(&vec![fill; BACKED as usize], BASE)
@@ -81,13 +81,15 @@ fn open(engine: &mut Engine, id: u32, ip: [u8; 4], tenant: &str, fill: u8) -> st
     let msg = MemoryFileMsg {
         size: MEMORY_FILE_SIZE,
     };
-    engine.adopt_memory_file(id, msg, fd).expect("memory file");
+    engine
+        .adopt_memory_file(AttachmentId(id), msg, fd)
+        .expect("memory file");
     file
 }
 
 fn call(engine: &mut Engine, id: u32, conn: &OwnedFd, op: u16, body: &[u8]) -> (u16, Vec<u8>) {
     let mut reply = [0u8; MAX_REPLY_BODY];
-    let (status, len) = engine.serve(id, conn.as_fd(), op, body, &mut reply);
+    let (status, len) = engine.serve(AttachmentId(id), conn.as_fd(), op, body, &mut reply);
     (status, reply[..len].to_vec())
 }
 
@@ -1015,7 +1017,7 @@ fn run(engine: &mut Engine, attacker: &mut Attacker, action: &Action) {
             }
         }
         Action::Reattach => {
-            engine.close(attacker.id);
+            engine.close(AttachmentId(attacker.id));
             let known = std::mem::take(&mut attacker.known);
             let (id, tenant, victims) = (attacker.id + 1, attacker.tenant, attacker.victims);
             *attacker = Attacker::attach(engine, id, tenant, known, victims);
@@ -1028,7 +1030,7 @@ fn run(engine: &mut Engine, attacker: &mut Attacker, action: &Action) {
 /// The shard detaches every attachment that broke a ring; only the attacker may have.
 fn detach_broken(engine: &mut Engine) {
     for (id, why) in engine.take_broken() {
-        assert!(id >= 3, "victim {id} reported broken: {why}");
+        assert!(id.0 >= 3, "victim {} reported broken: {why}", id.0);
         engine.close(id);
     }
 }
@@ -1054,7 +1056,7 @@ fn check(same_tenant: bool, actions: &[Action]) {
     run(&mut engine, &mut attacker, &Action::DrainCqs);
     assert_victims_untouched(&mut engine, &mut victims);
     assert_victims_work(&mut engine, &mut victims, 1000);
-    engine.close(attacker.id);
+    engine.close(AttachmentId(attacker.id));
     assert_victims_work(&mut engine, &mut victims, 2000);
     assert_victims_untouched(&mut engine, &mut victims);
 }
