@@ -162,7 +162,25 @@ fn configure(args: Args) -> Result<Config, String> {
     })
 }
 
+/// Raises the soft limit on open descriptors to the hard one (before any shard sizes its
+/// containers' verbs budgets from it) and logs what each container gets.
+fn raise_open_file_limit() {
+    match freeflow_os::process::raise_open_file_limit() {
+        Ok((before, now)) => info!(
+            "open-file limit {now}{}; verbs descriptors and mappings per container: {}",
+            if before < now {
+                format!(" (raised from {before})")
+            } else {
+                String::new()
+            },
+            verbs::budget_of_this_process()
+        ),
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
 fn run(config: Config) -> Result<(), String> {
+    raise_open_file_limit();
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| format!("cannot create {}: {e}", config.dir.display()))?;
     paths::create_state_dir(&config.state_dir)

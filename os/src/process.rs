@@ -85,6 +85,57 @@ pub fn clock_ticks_per_second() -> u64 {
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64
 }
 
+/// This process's limit on open descriptors (RLIMIT_NOFILE): (soft, hard). An unlimited value
+/// is `u64::MAX`.
+pub fn open_file_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one struct rlimit into `limit`, which lives across the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((limit.rlim_cur, limit.rlim_max))
+}
+
+/// Raises this process's soft limit on open descriptors to its hard limit, as many daemons do
+/// (the soft default of 1024 only protects programs that use `select`). An unlimited hard limit
+/// means the kernel's own ceiling, `fs.nr_open`. Returns (the soft limit before, the one now).
+pub fn raise_open_file_limit() -> io::Result<(u64, u64)> {
+    let (soft, hard) = open_file_limit()?;
+    let target = if hard == libc::RLIM_INFINITY {
+        read_number("/proc/sys/fs/nr_open")?
+    } else {
+        hard
+    };
+    if soft >= target {
+        return Ok((soft, soft));
+    }
+    let limit = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads one struct rlimit, which lives across the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((soft, target))
+}
+
+/// The most memory mappings a process may hold (`vm.max_map_count`).
+pub fn max_map_count() -> io::Result<u64> {
+    read_number("/proc/sys/vm/max_map_count")
+}
+
+/// The number a /proc file holds.
+fn read_number(path: &str) -> io::Result<u64> {
+    std::fs::read_to_string(path)?
+        .trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +175,17 @@ mod tests {
         assert!(!process_exists(0));
         assert!(clock_ticks_per_second() >= 1);
         let _ = effective_uid();
+        assert!(max_map_count().unwrap() > 0);
+    }
+
+    #[test]
+    fn the_soft_open_file_limit_rises_to_the_hard_one() {
+        let (_, hard) = open_file_limit().unwrap();
+        let (before, now) = raise_open_file_limit().unwrap();
+        assert!(now >= before);
+        let (soft, hard_after) = open_file_limit().unwrap();
+        assert_eq!((soft, hard_after), (now, hard));
+        // Raised already: nothing changes.
+        assert_eq!(raise_open_file_limit().unwrap(), (now, now));
     }
 }

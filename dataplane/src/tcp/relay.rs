@@ -21,9 +21,12 @@ const RELAY_TTL: Duration = Duration::from_secs(60);
 const RELAY_BATCH: usize = 64;
 /// Clients without Freeflow held for one listener's application at most; more are turned away
 /// (reset), as a full accept queue would, so that a container cannot pile up the router's fds.
-const MAX_RELAYS_PER_LISTENER: usize = 256;
+pub(super) const MAX_RELAYS_PER_LISTENER: usize = 256;
+/// Clients without Freeflow held for all the listeners of one container together: a container
+/// with many listeners fills a quarter of the pool at most, never the whole of it.
+pub(super) const MAX_RELAYS_PER_CONTAINER: usize = 1024;
 /// Relayed clients waiting in all (each holds two fds and a host port).
-const MAX_RELAYS: usize = 4096;
+pub(super) const MAX_RELAYS: usize = 4096;
 
 /// A client that reached an overlay listener without Freeflow, waiting to be accepted: the
 /// router connected `doorbell` to the host listener, and the application's accept of that
@@ -56,17 +59,44 @@ impl Relays {
         self.waiting.values().map(|r| r.since + RELAY_TTL).min()
     }
 
-    /// How many more clients of `listener` may wait.
-    fn room_for(&self, listener: OverlayEndpoint) -> (usize, usize) {
-        let held = self
-            .waiting
-            .values()
-            .filter(|r| r.listener == listener)
-            .count();
+    /// How many clients of `listener` wait, and how many more may: within the listener's
+    /// share, its container's (all listeners on the listener's overlay address) and the pool.
+    pub(super) fn room_for(&self, listener: OverlayEndpoint) -> (usize, usize) {
+        let (mut held, mut held_by_container) = (0, 0);
+        for r in self.waiting.values() {
+            if r.listener.ip() == listener.ip() {
+                held_by_container += 1;
+                if r.listener == listener {
+                    held += 1;
+                }
+            }
+        }
         let room = MAX_RELAYS_PER_LISTENER
             .saturating_sub(held)
+            .min(MAX_RELAYS_PER_CONTAINER.saturating_sub(held_by_container))
             .min(MAX_RELAYS.saturating_sub(self.waiting.len()));
         (held, room)
+    }
+
+    /// Holds a client of `listener` as if it had been relayed, behind doorbell address `from`
+    /// (tests of the shares).
+    #[cfg(test)]
+    pub(super) fn hold_for_test(
+        &mut self,
+        listener: OverlayEndpoint,
+        from: HostEndpoint,
+        conn: OwnedFd,
+        doorbell: OwnedFd,
+    ) {
+        let peer = OverlayEndpoint::new(Ipv4Addr::new(10, 99, 0, 1), 1);
+        let relay = Relay {
+            conn,
+            _doorbell: doorbell,
+            listener,
+            peer,
+            since: Instant::now(),
+        };
+        self.waiting.insert(from, relay);
     }
 }
 

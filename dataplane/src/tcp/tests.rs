@@ -5,6 +5,7 @@ use super::claims::MAX_CLAIM_PORTS;
 use super::endpoint::{HostEndpoint, OverlayEndpoint};
 use super::listen::LocalListener;
 use super::peers::MAX_PEER_QUEUE;
+use super::relay::{Relays, MAX_RELAYS, MAX_RELAYS_PER_CONTAINER, MAX_RELAYS_PER_LISTENER};
 use super::*;
 use crate::sys::{self, Untrusted};
 use freeflow_proto::control::{NetworkView, PeerHost};
@@ -257,4 +258,40 @@ fn claims_are_announcements_made_ahead_for_one_listener() {
         .notices
         .iter()
         .all(|(owner, n)| *owner == 1 && n.ip.is_unspecified()));
+}
+
+/// Clients without Freeflow wait in one pool for all containers; one container's listeners,
+/// however many, take at most their container's share of it, and another container's listener
+/// still has its whole room.
+#[test]
+fn one_containers_listeners_cannot_take_the_whole_relay_pool() {
+    // Each client held costs two descriptors here, as in the router.
+    freeflow_os::process::raise_open_file_limit().unwrap();
+    let flooder = Ipv4Addr::new(10, 32, 0, 2);
+    let other = Ipv4Addr::new(10, 32, 0, 3);
+    let mut relays = Relays::default();
+    let mut doorbell_port = 20000u16;
+    let mut held_by_flooder = 0;
+    // Enough listeners to fill the pool at their own caps, and one more.
+    let listeners = (MAX_RELAYS / MAX_RELAYS_PER_LISTENER + 1) as u16;
+    for port in 8000..8000 + listeners {
+        let listener = OverlayEndpoint::new(flooder, port);
+        while relays.room_for(listener).1 > 0 {
+            assert!(
+                held_by_flooder < MAX_RELAYS_PER_CONTAINER,
+                "one container's listeners were given room for more than \
+                 {MAX_RELAYS_PER_CONTAINER} waiting clients (pool: {MAX_RELAYS})"
+            );
+            let (conn, doorbell) = std::io::pipe().unwrap();
+            let from = HostEndpoint::new(Ipv4Addr::LOCALHOST, doorbell_port);
+            relays.hold_for_test(listener, from, conn.into(), doorbell.into());
+            doorbell_port += 1;
+            held_by_flooder += 1;
+        }
+    }
+    assert_eq!(held_by_flooder, MAX_RELAYS_PER_CONTAINER);
+    assert_eq!(
+        relays.room_for(OverlayEndpoint::new(other, 8000)),
+        (0, MAX_RELAYS_PER_LISTENER)
+    );
 }

@@ -27,7 +27,7 @@ mod memory;
 mod notify;
 mod send_op;
 
-pub use engine::{Engine, ParkPlan};
+pub use engine::{budget_of_this_process, Engine, ParkPlan};
 pub use ids::AttachmentId;
 use ids::PdId;
 pub use memory::{MemView, MemoryError, MemoryFile};
@@ -67,6 +67,10 @@ pub enum VerbsError {
     PdBusy { pd: u32, mrs: u32, qps: u32 },
     #[error("limit reached: {0}")]
     Limit(&'static str),
+    /// The container holds its whole budget of the router's descriptors and mappings (see
+    /// `engine::budget`).
+    #[error("the container holds {held} of its {budget} router descriptors and mappings")]
+    Budget { held: usize, budget: usize },
     #[error("no memory file yet: the shim must send it before registering")]
     NoMemoryFile,
     #[error("the memory file was already given")]
@@ -108,7 +112,7 @@ impl VerbsError {
             VerbsError::Access(_) | VerbsError::Invalid(_) => VerbsStatus::Invalid,
             VerbsError::NoSuchPd(_) | VerbsError::NoSuchMr(_) => VerbsStatus::BadHandle,
             VerbsError::PdBusy { .. } => VerbsStatus::Busy,
-            VerbsError::Limit(_) => VerbsStatus::NoResources,
+            VerbsError::Limit(_) | VerbsError::Budget { .. } => VerbsStatus::NoResources,
             VerbsError::NoMemoryFile | VerbsError::SecondMemoryFile => VerbsStatus::NoMemoryFile,
             VerbsError::Memory(MemoryError::Os { source, .. })
                 if source.raw_os_error() == Some(libc::ENOMEM) =>

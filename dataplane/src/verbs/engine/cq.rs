@@ -69,13 +69,17 @@ impl Engine {
         attachment: AttachmentId,
         conn: BorrowedFd<'_>,
     ) -> Result<u32, VerbsError> {
-        let ctx = self.context(attachment)?;
+        let ctx = context_mut(&mut self.contexts, attachment)?;
         if ctx.channels.len() >= limits::MAX_COMP_CHANNELS as usize {
             return Err(VerbsError::Limit("completion channels"));
         }
-        let (read, write) = notify::channel_pipe().map_err(VerbsError::PassFile)?;
-        let handle = Self::new_handle(ctx);
-        Self::pass_file(conn, QueueFileKind::Channel, handle, read.as_fd())?;
+        // The router keeps the pipe's write end: a descriptor of the container's budget.
+        let (handle, write) = self.budgets.charged(ctx, |ctx| {
+            let (read, write) = notify::channel_pipe().map_err(VerbsError::PassFile)?;
+            let handle = Self::new_handle(ctx);
+            Self::pass_file(conn, QueueFileKind::Channel, handle, read.as_fd())?;
+            Ok((handle, write))
+        })?;
         ctx.channels.insert(
             handle,
             CompChannel {
@@ -91,7 +95,7 @@ impl Engine {
         attachment: AttachmentId,
         handle: u32,
     ) -> Result<(), VerbsError> {
-        let ctx = self.context(attachment)?;
+        let ctx = context_mut(&mut self.contexts, attachment)?;
         let ch = ctx
             .channels
             .get(&handle)
@@ -100,6 +104,7 @@ impl Engine {
             return Err(VerbsError::ObjectBusy("completion channel", handle));
         }
         ctx.channels.remove(&handle);
+        self.budgets.refund(ctx);
         Ok(())
     }
 
@@ -130,10 +135,14 @@ impl Engine {
             ),
         };
         let geometry = cq_geometry(r.cqe)?;
-        let (region, memfd) = SharedRegion::create("freeflow-cq", &[geometry])?;
-        let ring = Producer::new(region.ring(0)?);
-        let handle = Self::new_handle(ctx);
-        Self::pass_file(conn, QueueFileKind::Cq, handle, memfd.as_fd())?;
+        // The router keeps the ring's mapping: a unit of the container's budget.
+        let (handle, ring, region) = self.budgets.charged(ctx, |ctx| {
+            let (region, memfd) = SharedRegion::create("freeflow-cq", &[geometry])?;
+            let ring = Producer::new(region.ring(0)?);
+            let handle = Self::new_handle(ctx);
+            Self::pass_file(conn, QueueFileKind::Cq, handle, memfd.as_fd())?;
+            Ok((handle, ring, region))
+        })?;
         // Found above (for `notify`), when it is not 0.
         if let Some(channel) = ctx.channels.get_mut(&r.channel) {
             channel.cqs += 1;
@@ -174,6 +183,7 @@ impl Engine {
             ch.cqs -= 1;
         }
         ctx.cqs.remove(&handle);
+        self.budgets.refund(ctx);
         self.cqs.remove(index);
         self.dirty.retain(|&i| i != index);
         Ok(())

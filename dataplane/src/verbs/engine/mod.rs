@@ -36,11 +36,18 @@
 //! IBV_WC_RETRY_EXC_ERR. A CQ without room for a completion holds its QP back (the ring never
 //! overflows); the shard then wakes every millisecond to retry.
 //!
+//! Every object that costs the router a descriptor or a mapping (memory file, memory region,
+//! completion channel, CQ, QP, SRQ) takes a unit of its container's budget, which all the
+//! container's contexts share (`budget`): one container's objects cannot use up the router's
+//! descriptors or mappings for the others.
+//!
 //! The engine is split by object: this module holds the engine, its per-attachment contexts and
 //! the dispatch of requests; `cq` the completion channels and CQs, `qp` the QPs and their state
 //! machine, `srq` the shared receive queues, `park` the parking of the shard and the retry
-//! timers, `objects` the tables of CQs, QPs and SRQs. `super::exec` executes work requests.
+//! timers, `objects` the tables of CQs, QPs and SRQs, `budget` the containers' budgets of
+//! descriptors and mappings. `super::exec` executes work requests.
 
+mod budget;
 mod cq;
 mod objects;
 mod park;
@@ -51,6 +58,7 @@ mod srq;
 #[cfg(test)]
 mod tests;
 
+pub use budget::budget_of_this_process;
 pub use objects::Fault;
 pub use park::ParkPlan;
 pub(super) use park::{ack_timeout, rnr_timer, CQ_FULL_RETRY};
@@ -58,6 +66,7 @@ pub(super) use qp::{Pending, Route, Wait};
 
 use super::ids::{AttachmentId, CqId, PdId, QpId, SrqId, TenantId};
 use super::{KeyGen, NumberMap, VerbsError, VerbsTable};
+use budget::Budgets;
 use cq::{CompChannel, Cq};
 use freeflow_proto::codec;
 use freeflow_proto::control::ContainerEntry;
@@ -88,6 +97,8 @@ pub(super) struct Context {
     qps: NumberMap<u32, QpId>,
     srqs: NumberMap<u32, SrqId>,
     next_handle: u32,
+    /// Units of its container's budget this context holds (given back when it closes).
+    charged: usize,
 }
 
 /// Who a request comes from: an attachment, and its attach connection (where the files of the
@@ -119,6 +130,8 @@ pub struct Engine {
     qpn_keys: KeyGen,
     /// Tenant names to the numbers contexts carry.
     tenants: std::collections::HashMap<String, TenantId>,
+    /// Each container's budget of the router's descriptors and mappings.
+    budgets: Budgets,
     test_hooks: bool,
     /// CQs with entries pushed and not yet published.
     pub(super) dirty: Vec<CqId>,
@@ -152,7 +165,14 @@ fn slot_size(bytes: usize) -> u32 {
 }
 
 impl Engine {
+    /// An engine whose containers each get the budget this process's limits allow
+    /// ([`budget_of_this_process`]).
     pub fn new(test_hooks: bool) -> Engine {
+        Engine::with_budget(test_hooks, budget_of_this_process())
+    }
+
+    /// An engine whose containers each get `budget` units of descriptors and mappings.
+    pub fn with_budget(test_hooks: bool, budget: usize) -> Engine {
         Engine {
             contexts: NumberMap::default(),
             cqs: Objects::default(),
@@ -161,6 +181,7 @@ impl Engine {
             qpns: NumberMap::default(),
             qpn_keys: KeyGen::new(),
             tenants: std::collections::HashMap::new(),
+            budgets: Budgets::new(budget),
             test_hooks,
             dirty: Vec::new(),
             broken: Vec::new(),
@@ -182,6 +203,7 @@ impl Engine {
                 qps: NumberMap::default(),
                 srqs: NumberMap::default(),
                 next_handle: 0,
+                charged: 0,
             },
         );
     }
@@ -190,6 +212,7 @@ impl Engine {
     /// their destination gone, as if the remote host had died).
     pub fn close(&mut self, attachment: AttachmentId) -> Option<Held> {
         let ctx = self.contexts.remove(&attachment)?;
+        self.budgets.refund_all(&ctx);
         let held = Held {
             pds: ctx.table.pd_count(),
             mrs: ctx.table.mr_count(),
@@ -223,7 +246,9 @@ impl Engine {
         msg: MemoryFileMsg,
         fd: OwnedFd,
     ) -> Result<(), VerbsError> {
-        self.context(attachment)?.table.adopt_memory_file(msg, fd)
+        let ctx = context_mut(&mut self.contexts, attachment)?;
+        self.budgets
+            .charged(ctx, |ctx| ctx.table.adopt_memory_file(msg, fd))
     }
 
     /// Attachments whose rings broke since the last call (the shard detaches them).
@@ -335,6 +360,18 @@ impl Engine {
                 .map(|()| 0),
             VerbsOp::QuerySrq => Ok(self.query_srq(attachment, handle()?)?.encode(reply)),
             VerbsOp::DestroySrq => self.destroy_srq(attachment, handle()?).map(|()| 0),
+            // A memory region is a mapping of the router's.
+            VerbsOp::RegMr => {
+                let ctx = context_mut(&mut self.contexts, attachment)?;
+                self.budgets
+                    .charged(ctx, |ctx| ctx.table.serve_inner(op, body, reply))
+            }
+            VerbsOp::DeregMr => {
+                let ctx = context_mut(&mut self.contexts, attachment)?;
+                let len = ctx.table.serve_inner(op, body, reply)?;
+                self.budgets.refund(ctx);
+                Ok(len)
+            }
             _ => self.context(attachment)?.table.serve_inner(op, body, reply),
         }
     }

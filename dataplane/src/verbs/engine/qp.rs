@@ -275,12 +275,16 @@ impl Engine {
         }
         let queues = QpQueues::find(self, ctx, r)?;
         let layout = QpLayout::new(r.cap, queues.srq.is_some());
-        let ctx = self.context(attachment)?;
+        let ctx = super::context_mut(&mut self.contexts, attachment)?;
+        // The router keeps the rings' mapping: a unit of the container's budget.
+        let budgets = &mut self.budgets;
         let (handle, rings) = Self::holding_pd(ctx, PdId(r.pd), |ctx| {
-            let rings = layout.create_rings()?;
-            let handle = Self::new_handle(ctx);
-            Self::pass_file(conn, QueueFileKind::Qp, handle, rings.memfd.as_fd())?;
-            Ok((handle, rings))
+            budgets.charged(ctx, |ctx| {
+                let rings = layout.create_rings()?;
+                let handle = Self::new_handle(ctx);
+                Self::pass_file(conn, QueueFileKind::Qp, handle, rings.memfd.as_fd())?;
+                Ok((handle, rings))
+            })
         })?;
         let index = self.insert_qp(attachment, qpn, r, queues, &layout, rings);
         self.context(attachment)?.qps.insert(handle, index);
@@ -507,9 +511,10 @@ impl Engine {
         if let Some(srq) = qp.srq.and_then(|i| self.srqs.get_mut(i)) {
             srq.users -= 1;
         }
-        let ctx = self.context(attachment)?;
+        let ctx = super::context_mut(&mut self.contexts, attachment)?;
         ctx.qps.remove(&handle);
         ctx.table.release_pd(qp.pd);
+        self.budgets.refund(ctx);
         Ok(())
     }
 

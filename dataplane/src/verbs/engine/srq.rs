@@ -54,12 +54,16 @@ impl Engine {
             slot_size: slot,
             slot_count: ring_slots(r.max_wr),
         };
+        // The router keeps the ring's mapping: a unit of the container's budget.
+        let budgets = &mut self.budgets;
         let (handle, region, ring) = Self::holding_pd(ctx, pd, |ctx| {
-            let (region, memfd) = SharedRegion::create("freeflow-srq", &[geometry])?;
-            let ring = Consumer::new(region.ring(0)?);
-            let handle = Self::new_handle(ctx);
-            Self::pass_file(conn, QueueFileKind::Srq, handle, memfd.as_fd())?;
-            Ok((handle, region, ring))
+            budgets.charged(ctx, |ctx| {
+                let (region, memfd) = SharedRegion::create("freeflow-srq", &[geometry])?;
+                let ring = Consumer::new(region.ring(0)?);
+                let handle = Self::new_handle(ctx);
+                Self::pass_file(conn, QueueFileKind::Srq, handle, memfd.as_fd())?;
+                Ok((handle, region, ring))
+            })
         })?;
         let attr = SrqAttr {
             max_wr: geometry.slot_count,
@@ -120,9 +124,10 @@ impl Engine {
             return Err(VerbsError::ObjectBusy("shared receive queue", handle));
         }
         let srq = self.srqs.take(index)?;
-        let ctx = self.context(attachment)?;
+        let ctx = context_mut(&mut self.contexts, attachment)?;
         ctx.srqs.remove(&handle);
         ctx.table.release_pd(srq.pd);
+        self.budgets.refund(ctx);
         Ok(())
     }
 

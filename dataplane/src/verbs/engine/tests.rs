@@ -1147,3 +1147,181 @@ fn passes_over_a_vanished_qp_do_nothing() {
     self_loop_works(&mut engine, &mut b);
     let _ = (&a.shim, &b.cq, &b.pd);
 }
+
+/// A context of the container whose network namespace is `netns`, with nothing in it yet: its
+/// id and the router's end of its attach connection (the shim's end is returned too, to keep
+/// the queue files passed on it).
+fn bare_context(engine: &mut Engine, number: u32, netns: u64) -> (AttachmentId, OwnedFd, OwnedFd) {
+    let id = AttachmentId(number);
+    engine.open(
+        id,
+        ContainerEntry {
+            name: format!("n{netns}"),
+            tenant: "blue".into(),
+            ip: [10, 32, 1, netns as u8].into(),
+            netns: NetnsId { dev: 0, ino: netns },
+        },
+    );
+    let (conn, shim) = test_seqpacket_pair();
+    (id, conn, shim)
+}
+
+/// `ibv_create_comp_channel` on context `id`: its handle, or the reply's status.
+fn new_channel(engine: &mut Engine, id: AttachmentId, conn: &OwnedFd) -> Result<u32, u16> {
+    match call(engine, id, conn, op::CREATE_COMP_CHANNEL, &[]) {
+        (status::OK, reply) => Ok(ObjectHandle::decode(&reply).unwrap().handle),
+        (status, _) => Err(status),
+    }
+}
+
+/// `ibv_create_cq` of 16 entries on context `id` (on completion channel `channel`, 0 for
+/// none): its handle, or the reply's status.
+fn new_cq(engine: &mut Engine, id: AttachmentId, conn: &OwnedFd, channel: u32) -> Result<u32, u16> {
+    let body = CreateCq {
+        cqe: 16,
+        channel,
+        comp_vector: 0,
+    };
+    match call(engine, id, conn, op::CREATE_CQ, &body.to_vec()) {
+        (status::OK, reply) => Ok(CqCreated::decode(&reply).unwrap().cq),
+        (status, _) => Err(status),
+    }
+}
+
+const NO_RESOURCES: Result<u32, u16> = Err(VerbsStatus::NoResources as u16);
+
+/// Container A's two contexts share one budget of descriptors and mappings: once their
+/// channels and CQs hold it all, A's next creation fails with the resource error (ENOMEM from
+/// the shim) while container B creates channels and CQs as if A did nothing; what A destroys
+/// or closes is A's again.
+#[test]
+fn channels_and_cqs_of_one_container_draw_on_its_own_budget_only() {
+    const BUDGET: usize = 8;
+    let mut engine = Engine::with_budget(false, BUDGET);
+    let (a1, a1_conn, _a1_shim) = bare_context(&mut engine, 1, 100);
+    let (a2, a2_conn, _a2_shim) = bare_context(&mut engine, 2, 100);
+    let (b, b_conn, _b_shim) = bare_context(&mut engine, 3, 200);
+    let mut a1_channels = Vec::new();
+    for _ in 0..4 {
+        a1_channels.push(new_channel(&mut engine, a1, &a1_conn).unwrap());
+    }
+    let a1_cq = new_cq(&mut engine, a1, &a1_conn, a1_channels[0]).unwrap();
+    for _ in 0..2 {
+        new_channel(&mut engine, a2, &a2_conn).unwrap();
+    }
+    new_cq(&mut engine, a2, &a2_conn, 0).unwrap();
+    // A holds its 8 units, over two contexts (each far below the per-context limits).
+    assert_eq!(new_channel(&mut engine, a1, &a1_conn), NO_RESOURCES);
+    assert_eq!(new_channel(&mut engine, a2, &a2_conn), NO_RESOURCES);
+    assert_eq!(new_cq(&mut engine, a2, &a2_conn, 0), NO_RESOURCES);
+    // B is untouched: its whole budget is there.
+    let b_channel = new_channel(&mut engine, b, &b_conn).unwrap();
+    for _ in 0..BUDGET / 2 - 1 {
+        new_channel(&mut engine, b, &b_conn).unwrap();
+    }
+    for _ in 0..BUDGET / 2 {
+        new_cq(&mut engine, b, &b_conn, b_channel).unwrap();
+    }
+    assert_eq!(new_cq(&mut engine, b, &b_conn, 0), NO_RESOURCES);
+    // A destroys a channel: a unit for A again (not for B).
+    let destroy = ObjectHandle {
+        handle: a1_channels[3],
+    };
+    assert_eq!(
+        call(
+            &mut engine,
+            a1,
+            &a1_conn,
+            op::DESTROY_COMP_CHANNEL,
+            &destroy.to_vec()
+        )
+        .0,
+        status::OK
+    );
+    assert_eq!(new_channel(&mut engine, b, &b_conn), NO_RESOURCES);
+    new_cq(&mut engine, a2, &a2_conn, 0).unwrap();
+    assert_eq!(new_channel(&mut engine, a1, &a1_conn), NO_RESOURCES);
+    // A context that closes gives back all it held (3 channels and a CQ).
+    let _ = a1_cq;
+    engine.close(a1);
+    for _ in 0..4 {
+        new_channel(&mut engine, a2, &a2_conn).unwrap();
+    }
+    assert_eq!(new_channel(&mut engine, a2, &a2_conn), NO_RESOURCES);
+}
+
+/// Memory files, memory regions, QPs and SRQs count too: a container whose objects hold its
+/// budget cannot add one of any kind, another container builds its own as before, and a
+/// deregistered region is a unit back.
+#[test]
+fn every_descriptor_and_mapping_of_a_container_counts() {
+    // A side holds 4 units: its memory file, a region, a CQ and a QP.
+    let mut engine = Engine::with_budget(false, 6);
+    let mut a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
+    let pd = a.pd;
+    create_srq(&mut engine, &mut a, pd, 16);
+    let reg = RegMr {
+        pd: a.pd,
+        access: ALL,
+        addr: BASE,
+        length: PAGE_SIZE,
+        iova: BASE,
+    }
+    .to_vec();
+    let second: MrCreated = ok(&mut engine, a.id, &a.conn, op::REG_MR, &reg);
+    let no_resources = VerbsStatus::NoResources as u16;
+    assert_eq!(status_of(&mut engine, &a, op::REG_MR, &reg), no_resources);
+    assert_eq!(new_cq(&mut engine, a.id, &a.conn, 0), NO_RESOURCES);
+    let srq = CreateSrq {
+        pd: a.pd,
+        max_wr: 16,
+        max_sge: 1,
+        srq_limit: 0,
+    };
+    assert_eq!(
+        status_of(&mut engine, &a, op::CREATE_SRQ, &srq.to_vec()),
+        no_resources
+    );
+    let qp = CreateQp {
+        pd: a.pd,
+        send_cq: a.cq,
+        recv_cq: a.cq,
+        srq: 0,
+        qp_type: freeflow_proto::verbs::qp::QPT_RC,
+        sq_sig_all: 0,
+        cap: QpCap {
+            max_send_wr: 16,
+            max_recv_wr: 16,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            max_inline_data: 0,
+        },
+    };
+    assert_eq!(
+        status_of(&mut engine, &a, op::CREATE_QP, &qp.to_vec()),
+        no_resources
+    );
+    // Another container of the same tenant: its memory file, region, CQ and QP, and more.
+    let mut b = side(&mut engine, 2, [10, 32, 0, 3], "blue", 16);
+    let pd = b.pd;
+    create_srq(&mut engine, &mut b, pd, 16);
+    new_channel(&mut engine, b.id, &b.conn).unwrap();
+    // A gives a region back: that unit is A's again.
+    let dereg = DeregMr { mr: second.mr }.to_vec();
+    assert_eq!(status_of(&mut engine, &a, op::DEREG_MR, &dereg), status::OK);
+    new_channel(&mut engine, a.id, &a.conn).unwrap();
+    assert_eq!(new_channel(&mut engine, a.id, &a.conn), NO_RESOURCES);
+}
+
+/// The budget is a sixteenth of the smaller of the router's open-file and mapping limits,
+/// within its floor and ceiling.
+#[test]
+fn the_budget_is_a_share_of_the_routers_limits() {
+    use super::budget::{budget_for, BUDGET_CEILING, BUDGET_FLOOR};
+    assert_eq!(budget_for(20_000, 65_530), 1250);
+    assert_eq!(budget_for(1 << 20, 65_530), 4095);
+    assert_eq!(budget_for(1024, 65_530), BUDGET_FLOOR);
+    assert_eq!(budget_for(0, 0), BUDGET_FLOOR);
+    assert_eq!(budget_for(1 << 20, 1 << 30), BUDGET_CEILING);
+    assert_eq!(budget_for(u64::MAX, u64::MAX), BUDGET_CEILING);
+}
