@@ -1,6 +1,7 @@
 //! The router's control thread: accepts shims on `router.sock` and runs the attach handshake,
-//! answers the control socket `router.ctl`, and turns SIGTERM into a clean shutdown. It blocks
-//! in poll(2) and never touches a shard's rings: shards get work through their inboxes.
+//! answers the control socket `router.ctl` (its requests: `requests`), and turns SIGTERM into a
+//! clean shutdown. It blocks in poll(2) and never touches a shard's rings: shards get work
+//! through their inboxes.
 
 use crate::admission::{self, Pending, PendingHandshakes, Source};
 use crate::attachment::Attachment;
@@ -10,10 +11,7 @@ use crate::tcp::{Caller, Deferred, TcpService};
 use freeflow_os::poll::{self, PollFd};
 use freeflow_os::signals;
 use freeflow_proto::attach::{Hello, HelloError, Refusal, ShimKind, Welcome, HELLO_LEN};
-use freeflow_proto::control::{
-    self as ctl, AttachedStatus, ContainerEntry, ControlRequest, ControlResponse, RouterStatus,
-    ShardStatus,
-};
+use freeflow_proto::control::{AttachedStatus, ContainerEntry};
 use freeflow_proto::fdpass;
 use freeflow_proto::identity::NetnsId;
 use freeflow_proto::sockmsg::{SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN};
@@ -23,6 +21,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+mod requests;
 
 /// How long one control-socket exchange may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -617,163 +617,6 @@ impl ControlThread {
                 }
                 NoticeStep::Skip => {}
             }
-        }
-    }
-
-    /// Serves one control connection. Returns true if it asked for shutdown.
-    fn serve_control(&mut self) -> io::Result<bool> {
-        let (stream, _) = match self.control_listener.accept() {
-            Ok(pair) => pair,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) => {
-                log::warn!("accept on router.ctl: {e}");
-                return Ok(false);
-            }
-        };
-        // Dropped unanswered: neither the table nor the status is anyone else's business.
-        if !crate::control_peer::admit(&stream) {
-            return Ok(false);
-        }
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
-        stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
-        let mut reader = io::BufReader::new(&stream);
-        let request: Option<ControlRequest> = match ctl::read_line(&mut reader) {
-            Ok(r) => r,
-            Err(e) => {
-                let mut w = &stream;
-                let _ = ctl::write_line(
-                    &mut w,
-                    &ControlResponse::Error {
-                        message: e.to_string(),
-                    },
-                );
-                return Ok(false);
-            }
-        };
-        let Some(request) = request else {
-            return Ok(false);
-        };
-        let (response, shutdown) = match request {
-            ControlRequest::SetContainers {
-                containers,
-                network,
-            } => {
-                let response = self.set_containers(containers);
-                if let (ControlResponse::Ok, Some(network)) = (&response, network) {
-                    self.tcp.set_network(network);
-                }
-                (response, false)
-            }
-            ControlRequest::Status => (ControlResponse::Status(self.status()), false),
-            ControlRequest::Shutdown => (ControlResponse::Ok, true),
-            ControlRequest::TestPanic { shard } => (self.test_panic(shard), false),
-        };
-        let mut w = &stream;
-        let _ = ctl::write_line(&mut w, &response);
-        Ok(shutdown)
-    }
-
-    /// `ControlRequest::TestPanic`: panics the control thread (`None`) or asks shard `shard`
-    /// to panic.
-    #[cfg(debug_assertions)]
-    fn test_panic(&self, shard: Option<usize>) -> ControlResponse {
-        let Some(index) = shard else {
-            panic!("test panic of the control thread (requested on router.ctl)");
-        };
-        let message = match self
-            .shards
-            .get(index)
-            .map(|s| s.send(ShardCommand::TestPanic))
-        {
-            Some(Ok(())) => return ControlResponse::Ok,
-            Some(Err(_)) => "the shard's inbox is full",
-            None => "no such shard",
-        };
-        ControlResponse::Error {
-            message: message.into(),
-        }
-    }
-
-    /// A release build has no test panics.
-    #[cfg(not(debug_assertions))]
-    fn test_panic(&self, _shard: Option<usize>) -> ControlResponse {
-        ControlResponse::Error {
-            message: "test panics exist only in debug builds of the router".into(),
-        }
-    }
-
-    fn set_containers(&mut self, containers: Vec<ContainerEntry>) -> ControlResponse {
-        let mut table = HashMap::new();
-        for c in containers {
-            if let Some(other) = table.insert(c.netns, c.clone()) {
-                return ControlResponse::Error {
-                    message: format!(
-                        "containers {} and {} share a network namespace",
-                        other.name, c.name
-                    ),
-                };
-            }
-        }
-        // Detach attachments whose container is gone or changed.
-        let stale: Vec<(u32, Option<usize>)> = match self.attached.lock() {
-            Ok(attached) => attached
-                .values()
-                .filter(|a| {
-                    !table
-                        .values()
-                        .any(|c: &ContainerEntry| c.name == a.container)
-                })
-                .map(|a| (a.id, a.shard))
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        for (id, shard) in stale {
-            match shard.and_then(|s| self.shards.get(s)) {
-                Some(shard) => {
-                    let _ = shard.send(ShardCommand::Detach(id));
-                }
-                None => self.drop_socket_shim(id, "container unregistered"),
-            }
-        }
-        log::info!("serving {} registered container(s)", table.len());
-        self.table = table;
-        ControlResponse::Ok
-    }
-
-    fn status(&self) -> RouterStatus {
-        let mut attached: Vec<AttachedStatus> = self
-            .attached
-            .lock()
-            .map(|t| t.values().cloned().collect())
-            .unwrap_or_default();
-        attached.sort_by_key(|a| a.id);
-        RouterStatus {
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            shards: self
-                .shards
-                .iter()
-                .map(|s| ShardStatus {
-                    index: s.index,
-                    core: s.core,
-                    attached: s.stats.attached.load(Ordering::Relaxed),
-                    requests: s.stats.requests.load(Ordering::Relaxed),
-                    wakeups: s.stats.wakeups.load(Ordering::Relaxed),
-                    parks: s.stats.parks.load(Ordering::Relaxed),
-                    protocol_errors: s.stats.protocol_errors.load(Ordering::Relaxed),
-                })
-                .collect(),
-            registered: self.table.len(),
-            attached,
-            attaches_accepted: self.accepted,
-            attaches_refused: self.refused,
-            tcp_listeners: self.tcp.listeners(),
-            tcp_connects: self.tcp.counters.connects,
-            tcp_fallbacks: self.tcp.counters.fallbacks,
-            tcp_relayed: self.tcp.counters.relayed,
-            tcp_claimed: self.tcp.counters.claimed,
         }
     }
 }
