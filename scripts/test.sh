@@ -77,8 +77,9 @@ fi
 # library), libibverbs-dev (the verbs headers its ABI is checked against), strace (the RDMA
 # fast path is checked to make no system call), perftest (ib_write_lat, ib_send_bw, ...
 # through the verbs library), and gcc with libc6-dev (the tests' C probes and freeflow-bench
-# rdma's measuring program; a Rust toolchain usually brings them, as its linker).
-packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest gcc libc6-dev)
+# rdma's measuring program; a Rust toolchain usually brings them, as its linker), nginx, postgresql
+# and curl (unmodified servers and clients of the TCP-mode server tests).
+packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest gcc libc6-dev nginx postgresql curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -86,7 +87,7 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "== installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  # redis-server's postinst starts the system service and fails the install if that fails (no
+  # redis-server's (and nginx's, postgresql's) postinst starts the system service and fails the install if that fails (no
   # init system in a container, port 6379 taken). The tests start their own redis-server in a
   # container namespace, so forbid service starts for the install: invoke-rc.d and
   # deb-systemd-invoke ask policy-rc.d, and 101 means "action forbidden". Docker images already

@@ -5,7 +5,7 @@
 //! "overlay ip:port is at host:port".
 
 use super::endpoint::{HostEndpoint, OverlayEndpoint};
-use super::passed::{host_listener_ok, overlay_listener_ok};
+use super::passed::{host_listener_ok, overlay_listener_ok, v6_only};
 use super::{errno_reply, ok, Caller, Reply, TcpService};
 use crate::sys::{self, Untrusted};
 use freeflow_proto::peer::{ListenerEntry, PeerMsg};
@@ -41,7 +41,9 @@ pub(super) struct LocalListener {
 impl LocalListener {
     /// No known holder any more: kept for the orphan grace (a forked child may claim it), but
     /// its overlay socket goes at once, so that the port is free in the container for a server
-    /// that restarts (clients without Freeflow are refused meanwhile).
+    /// that restarts (clients without Freeflow are refused meanwhile). A forked child claims
+    /// its listeners before it closes the session it inherited, so a parent that exits leaves
+    /// no listener without a holder.
     fn orphan(&mut self, now: Instant) {
         self.orphaned_at = Some(now);
         if let Some(overlay) = self.overlay.take() {
@@ -230,6 +232,11 @@ impl TcpService {
     ) -> Reply {
         let ip = caller.container.ip;
         if req.ip != Ipv4Addr::UNSPECIFIED && req.ip != ip {
+            return (SockReply::fallback(req.seq), None);
+        }
+        // A v6-only listener is the kernel's (it never takes the overlay's IPv4 clients), and
+        // must not displace an AF_INET listener on the same port.
+        if passed.as_ref().is_some_and(v6_only) {
             return (SockReply::fallback(req.seq), None);
         }
         let key = OverlayEndpoint::new(ip, req.port);

@@ -155,6 +155,7 @@ fn accelerate_connect(fd: c_int, (ip, port, v6): Endpoint) -> Option<c_int> {
                     local: (reply.ip, reply.port),
                     peer: Some((ip, port)),
                     v6,
+                    wildcard: false,
                 },
             );
             debug(format_args!(
@@ -214,6 +215,11 @@ unsafe fn listen_shimmed(fd: c_int, backlog: c_int) -> c_int {
     if port == 0 || !(ip.is_unspecified() || in_overlay(ip)) {
         return 0;
     }
+    // A v6-only listener never takes the overlay's (IPv4) clients: it stays the kernel's and
+    // must not displace an AF_INET listener on the same port.
+    if v6 && real::get_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY).is_some_and(|v| v != 0) {
+        return 0;
+    }
     let mut flags = if v6 { FLAG_INET6 } else { 0 };
     if real::get_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT).is_some_and(|v| v != 0) {
         flags |= FLAG_REUSEPORT;
@@ -257,6 +263,7 @@ unsafe fn listen_shimmed(fd: c_int, backlog: c_int) -> c_int {
                     local: (reply.ip, reply.port),
                     peer: None,
                     v6,
+                    wildcard: ip.is_unspecified(),
                 },
             );
             debug(format_args!(
@@ -413,6 +420,7 @@ unsafe fn accept4_shimmed(
                 local: listener.local,
                 peer: Some((peer_ip, peer_port)),
                 v6: listener.v6,
+                wildcard: false,
             },
         );
         // SAFETY: addr/len are the application's accept arguments (NULL allowed).
@@ -457,8 +465,9 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut s
 /// As [`getsockname`].
 unsafe fn getsockname_shimmed(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     if let Some(s) = state::get(fd) {
+        let (ip, port) = s.name();
         // SAFETY: the application's getsockname arguments.
-        if unsafe { real::write_endpoint(addr, len, s.local.0, s.local.1, s.v6) } {
+        if unsafe { real::write_endpoint(addr, len, ip, port, s.v6) } {
             return 0;
         }
         return fail(libc::EFAULT);

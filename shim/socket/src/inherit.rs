@@ -41,16 +41,18 @@ fn encode(fd: c_int, s: &Accelerated, ino: u64) -> String {
     };
     let (peer_ip, peer_port) = s.peer.unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
     format!(
-        "{fd},{role},{},{},{peer_ip},{peer_port},{},{ino}",
+        "{fd},{role},{},{},{peer_ip},{peer_port},{},{ino},{}",
         s.local.0,
         s.local.1,
-        u8::from(s.v6)
+        u8::from(s.v6),
+        u8::from(s.wildcard)
     )
 }
 
 fn decode(entry: &str) -> Option<(c_int, Accelerated, u64)> {
     let f: Vec<&str> = entry.split(',').collect();
-    if f.len() != 8 {
+    // Eight fields from a shim that knew no `wildcard`.
+    if f.len() != 8 && f.len() != 9 {
         return None;
     }
     let role = match f[1] {
@@ -66,6 +68,7 @@ fn decode(entry: &str) -> Option<(c_int, Accelerated, u64)> {
             local: (f[2].parse().ok()?, f[3].parse().ok()?),
             peer: (role == Role::Connection).then_some(peer),
             v6: f[6] == "1",
+            wildcard: f.get(8) == Some(&"1"),
         },
         f[7].parse().ok()?,
     ))
@@ -156,6 +159,7 @@ mod tests {
             local: (Ipv4Addr::new(10, 32, 0, 2), 40000),
             peer: Some((Ipv4Addr::new(10, 32, 0, 4), 5000)),
             v6: true,
+            wildcard: false,
         };
         let (fd, back, ino) = decode(&encode(7, &s, 1234)).unwrap();
         assert_eq!((fd, ino), (7, 1234));
@@ -165,12 +169,16 @@ mod tests {
         assert!(back.v6);
         let l = Accelerated {
             role: Role::Listener,
-            local: (Ipv4Addr::UNSPECIFIED, 80),
+            local: (Ipv4Addr::new(10, 32, 0, 2), 80),
             peer: None,
             v6: false,
+            wildcard: true,
         };
         let (_, back, _) = decode(&encode(3, &l, 9)).unwrap();
         assert_eq!(back.peer, None);
+        assert!(back.wildcard);
+        let (_, old, _) = decode("3,L,10.32.0.2,80,0.0.0.0,0,0,9").unwrap();
+        assert!(!old.wildcard, "an entry of an older shim");
         for bad in [
             "",
             "1,X,1.2.3.4,1,0.0.0.0,0,0,1",

@@ -169,8 +169,27 @@ pub unsafe fn read_endpoint(addr: *const sockaddr, len: socklen_t) -> Option<End
     }
 }
 
-/// Writes `ip:port` (as AF_INET6 v4-mapped when `v6`) the way getsockname(2) does: at most
-/// `*len` bytes, and `*len` set to the full size.
+/// The socket address of `ip:port`: AF_INET6 v4-mapped when `v6`, except the wildcard
+/// address, which is `::` there (as the kernel names a dual-stack wildcard socket).
+pub fn inet_sockaddr(
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    v6: bool,
+) -> (libc::sockaddr_storage, socklen_t) {
+    let (mut storage, len) = freeflow_proto::fdpass::inet_sockaddr(ip, port, v6);
+    if v6 && ip.is_unspecified() {
+        // SAFETY: inet_sockaddr wrote a sockaddr_in6 into the storage (v6), which is large
+        // enough and aligned for it.
+        let sin6 = unsafe {
+            &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+        };
+        sin6.sin6_addr.s6_addr = [0; 16];
+    }
+    (storage, len)
+}
+
+/// Writes `ip:port` (as AF_INET6 v4-mapped when `v6`; the wildcard as `::`) the way
+/// getsockname(2) does: at most `*len` bytes, and `*len` set to the full size.
 ///
 /// # Safety
 /// `addr` must point at `*len` writable bytes and `len` at a writable socklen_t, or either NULL.
@@ -186,7 +205,7 @@ pub unsafe fn write_endpoint(
     }
     // SAFETY: len is non-null and writable per the contract.
     let room = unsafe { *len } as usize;
-    let (storage, full) = freeflow_proto::fdpass::inet_sockaddr(ip, port, v6);
+    let (storage, full) = inet_sockaddr(ip, port, v6);
     let full = full as usize;
     // SAFETY: addr has `room` writable bytes; we copy at most that many; len is writable.
     unsafe {

@@ -271,8 +271,13 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
 /// In a freshly forked child (and after exec): tells the router this process holds the
 /// listeners it inherited, so they outlive a parent that exits (daemonizing and pre-fork
 /// servers). The fork handlers make sure no other thread holds the lock.
+/// The inherited session stays open until the router answered: a parent that exits at once
+/// (its session closing) must not leave the listener holderless, which drops its overlay
+/// listener (clients without Freeflow would be refused).
 pub fn claim_inherited_listeners(ports: &[u16]) {
     let mut guard = SESSION.lock();
+    let pid = real::getpid();
+    let inherited = guard.take_if(|a| a.pid != pid);
     for &port in ports {
         let request = SockRequest {
             op: SockOp::Own,
@@ -283,9 +288,10 @@ pub fn claim_inherited_listeners(ports: &[u16]) {
             backlog: 0,
         };
         if call_locked(&mut guard, request, &[]).is_err() {
-            return;
+            break;
         }
     }
+    drop(inherited);
 }
 
 fn call_locked(
@@ -691,7 +697,9 @@ fn overlay_listener(port: u16, v6: bool) -> Option<OwnedFd> {
     // SAFETY: raw is a fresh fd nobody else owns.
     let socket = unsafe { OwnedFd::from_raw_fd(raw) };
     real::set_int_opt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
-    let (addr, len) = fdpass::inet_sockaddr(Ipv4Addr::UNSPECIFIED, port, v6);
+    // AF_INET6: `::`, dual-stack like the listener it stands in for (a v6-only listener is
+    // never accelerated).
+    let (addr, len) = real::inet_sockaddr(Ipv4Addr::UNSPECIFIED, port, v6);
     // SAFETY: addr holds a socket address of `len` bytes.
     let bound = unsafe { libc::bind(raw, (&addr as *const libc::sockaddr_storage).cast(), len) };
     (bound == 0 && real::listen(raw, 128) == 0).then_some(socket)

@@ -20,6 +20,22 @@ pub struct Accelerated {
     pub peer: Option<(Ipv4Addr, u16)>,
     /// The application's socket was AF_INET6: report v4-mapped addresses.
     pub v6: bool,
+    /// A listener the application bound to the wildcard address: getsockname says `0.0.0.0`
+    /// (or `::`), as the kernel would, though `local` holds the overlay address (which its
+    /// accepted connections report).
+    pub wildcard: bool,
+}
+
+impl Accelerated {
+    /// What getsockname says: as the kernel would, `0.0.0.0` (or `::`) for a wildcard
+    /// listener, else the overlay address.
+    pub fn name(&self) -> (Ipv4Addr, u16) {
+        if self.wildcard {
+            (Ipv4Addr::UNSPECIFIED, self.local.1)
+        } else {
+            self.local
+        }
+    }
 }
 
 pub(crate) static TABLE: ForkLock<Option<HashMap<i32, Accelerated>>> = ForkLock::new(None);
