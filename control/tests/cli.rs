@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use freeflow_control::supervise::os;
+use freeflow_control::os;
 use freeflow_proto::paths;
 use freeflow_testbed::{self as topology, Cluster, ClusterSpec, ContainerInfo};
 use serde_json::Value;
