@@ -193,6 +193,14 @@ impl StatusReport {
     pub fn problem(&self) -> Option<String> {
         let dir = self.dir.display();
         if !self.daemon.running {
+            if let Ok(router) = self.router.status() {
+                return Some(format!(
+                    "no daemon is running for {dir}, but its router (pid {}) still serves: \
+                     `freeflow up --dir {dir}` starts a daemon that adopts it, `freeflow down \
+                     --dir {dir}` stops it",
+                    router.pid
+                ));
+            }
             return Some(if self.config.is_none() {
                 format!(
                     "no daemon is running for {dir} and it was never set up (run `freeflow up \
