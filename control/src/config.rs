@@ -13,7 +13,8 @@
 //!   daemon.lock                 flock held by the running daemon for its whole life
 //!   freeflow.pid                the daemon's pid (written under the lock, removed on exit)
 //!   daemon-status.json          the daemon's counters: router pid, restarts, last exit, push
-//!   freeflow.log                the daemon's log (background mode)
+//!   freeflow.log                the daemon's log (background mode; rotated to freeflow.log.1)
+//!   router.pid                  the supervised router's pid (kept if the daemon dies: adoption)
 //!   router.log                  the router's stderr, appended across restarts
 //!   router.lock, router.ctl     owned by freeflow-router
 //! ```
@@ -202,6 +203,11 @@ impl RuntimeDir {
     /// `router.log`, the router's stderr.
     pub fn router_log(&self) -> PathBuf {
         self.state.join(paths::ROUTER_LOG)
+    }
+    /// `router.pid`, the pid of the router the daemon supervises; left behind by a daemon that
+    /// died, so that the next one can adopt that router.
+    pub fn router_pid_file(&self) -> PathBuf {
+        self.state.join("router.pid")
     }
     /// `router.lock`, held by a running router.
     pub fn router_lock(&self) -> PathBuf {

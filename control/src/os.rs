@@ -12,7 +12,7 @@ use std::process::Command;
 
 pub use freeflow_os::namespace::namespace_type;
 pub use freeflow_os::poll::poll_readable;
-pub use freeflow_os::process::{new_session_on_exec, process_exists};
+pub use freeflow_os::process::{new_session_on_exec, process_exists, Pidfd};
 pub use freeflow_os::signals::{send_signal, SignalFd, TERMINATION_SIGNALS};
 
 /// Opens the lock file `path` for reading and writing, creating it with `mode` if it is
@@ -38,9 +38,12 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
 }
 
 /// Prepares the router's child process: it inherits `ready_fd` (the write end of its
-/// readiness pipe) and gets SIGTERM when its parent dies.
+/// readiness pipe) and runs in a session of its own. It is not tied to the daemon's life (no
+/// PR_SET_PDEATHSIG) and not in the daemon's process group: a daemon that dies, or a signal to
+/// the daemon's group or terminal, leaves the dataplane serving; the daemon stops it explicitly
+/// when it shuts down, and a new daemon adopts it.
 pub fn prepare_router_child(cmd: &mut Command, ready_fd: RawFd) {
-    freeflow_os::process::die_with_parent_on_exec(cmd, libc::SIGTERM);
+    freeflow_os::process::new_session_on_exec(cmd);
     // Clear close-on-exec so the router inherits its readiness pipe.
     freeflow_os::process::keep_fd_on_exec(cmd, ready_fd);
 }

@@ -3,16 +3,16 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The control plane's OS calls, also under their former path `supervise::os` (the CLI, the
-/// daemon and the tests still name them so; remove this once they name `crate::os`).
-pub use crate::os;
+use freeflow_proto::control::{self, ControlRequest, ControlResponse, RouterStatus};
+
+use crate::os;
 
 /// Errors while starting or stopping the router.
 #[derive(Debug, thiserror::Error)]
@@ -94,24 +94,59 @@ pub struct RouterSpec {
     pub log: PathBuf,
 }
 
-/// A running router: our child, not reaped yet, so its pid cannot be reused while we hold it.
+/// A running router: our child (not reaped yet, so its pid cannot be reused while we hold it),
+/// or one an earlier daemon started that this one adopted (watched through a pidfd, which names
+/// that process however its pid is reused).
 #[derive(Debug)]
 pub struct Router {
-    child: Child,
+    process: RouterProcess,
     /// Process id.
     pub pid: u32,
-    /// When it was started (monotonic).
+    /// When it was started (monotonic; for an adopted router, as its uptime says).
     pub started: Instant,
     /// When it was started (wall clock, ms since the epoch).
     pub started_unix_ms: u64,
+}
+
+#[derive(Debug)]
+enum RouterProcess {
+    /// Started by this daemon.
+    Child(Child),
+    /// Started by an earlier daemon: not our child, so its exit status is not ours to learn.
+    Adopted(os::Pidfd),
+}
+
+/// How a router ended.
+#[derive(Debug, Clone, Copy)]
+pub enum RouterExit {
+    /// Our child: its status, from waitpid.
+    Status(ExitStatus),
+    /// An adopted router: it is gone, but only its parent could learn how.
+    NotOurChild,
+}
+
+impl RouterExit {
+    /// How it ended, in words.
+    pub fn reason(&self) -> String {
+        match self {
+            RouterExit::Status(status) => exit_reason(*status),
+            RouterExit::NotOurChild => "exited (not our child: status unknown)".to_owned(),
+        }
+    }
+
+    /// Whether it exited by itself with a status (then its last log line says why).
+    pub fn exited_with_code(&self) -> bool {
+        matches!(self, RouterExit::Status(status) if status.code().is_some())
+    }
 }
 
 impl Router {
     /// Starts the router and waits until it writes its ready line (or `timeout` passes, or
     /// it dies, or a termination signal shows up on `signals`).
     ///
-    /// The router gets SIGTERM if this process dies (PR_SET_PDEATHSIG), so a daemon killed
-    /// with SIGKILL does not leave an unsupervised router behind.
+    /// The router runs in a session of its own and is not told when this process dies (no
+    /// PR_SET_PDEATHSIG): a daemon killed with SIGKILL leaves it serving, and the next daemon
+    /// adopts it ([`Router::adopt`]).
     pub fn start(
         spec: &RouterSpec,
         timeout: Duration,
@@ -148,7 +183,7 @@ impl Router {
         drop(theirs);
         let mut router = Router {
             pid: child.id(),
-            child,
+            process: RouterProcess::Child(child),
             started,
             started_unix_ms: unix_ms_now(),
         };
@@ -164,6 +199,60 @@ impl Router {
                 router.kill_and_reap();
                 Err(e)
             }
+        }
+    }
+
+    /// Takes over the router `pid` that an earlier daemon started and left running: it must
+    /// answer `control_socket` with that very pid, before and after we open a pidfd for it
+    /// (so the pidfd names the process that answers, not a stranger that got a reused pid).
+    pub fn adopt(pid: u32, control_socket: &Path, timeout: Duration) -> Result<Router, String> {
+        let ask = || -> Result<RouterStatus, String> {
+            match control::call(control_socket, &ControlRequest::Status, timeout) {
+                Ok(ControlResponse::Status(status)) if status.pid == pid => Ok(status),
+                Ok(ControlResponse::Status(status)) => Err(format!(
+                    "{} is answered by pid {}, not by the recorded router pid {pid}",
+                    control_socket.display(),
+                    status.pid
+                )),
+                Ok(other) => Err(format!("unexpected answer from the router: {other:?}")),
+                Err(e) => Err(format!("{}: {e}", control_socket.display())),
+            }
+        };
+        ask()?;
+        let pidfd = os::Pidfd::open(pid as i32).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
+        let status = ask()?;
+        if pidfd.has_exited().unwrap_or(true) {
+            return Err(format!("router pid {pid} exited while being adopted"));
+        }
+        let uptime = Duration::from_millis(status.uptime_ms);
+        Ok(Router {
+            process: RouterProcess::Adopted(pidfd),
+            pid,
+            started: Instant::now()
+                .checked_sub(uptime)
+                .unwrap_or_else(Instant::now),
+            started_unix_ms: unix_ms_now().saturating_sub(status.uptime_ms),
+        })
+    }
+
+    /// Whether this router was adopted (an earlier daemon started it).
+    pub fn adopted(&self) -> bool {
+        matches!(self.process, RouterProcess::Adopted(_))
+    }
+
+    /// A descriptor that becomes readable when an adopted router exits (no SIGCHLD comes for
+    /// a process that is not our child); `None` for our own child.
+    pub fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.process {
+            RouterProcess::Adopted(pidfd) => Some(pidfd.as_fd()),
+            RouterProcess::Child(_) => None,
+        }
+    }
+
+    fn child(&mut self) -> Option<&mut Child> {
+        match &mut self.process {
+            RouterProcess::Child(child) => Some(child),
+            RouterProcess::Adopted(_) => None,
         }
     }
 
@@ -200,9 +289,8 @@ impl Router {
             match pipe.read(&mut buf) {
                 Ok(0) => {
                     // Closed without a ready line: it is exiting. Give it a moment to finish.
-                    let status = self.wait_bounded(Duration::from_secs(1));
-                    let reason = match status {
-                        Some(status) => exit_reason(status),
+                    let reason = match self.wait_bounded(Duration::from_secs(1)) {
+                        Some(exit) => exit.reason(),
                         None => "closed its ready pipe".to_owned(),
                     };
                     return Err(SuperviseError::DiedStarting {
@@ -223,17 +311,25 @@ impl Router {
         }
     }
 
-    /// Non-blocking reap: `Some(status)` once it has ended.
-    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
-        self.child.try_wait()
+    /// Non-blocking: `Some(how)` once it has ended (our child is reaped then).
+    pub fn try_wait(&mut self) -> io::Result<Option<RouterExit>> {
+        match &mut self.process {
+            RouterProcess::Child(child) => Ok(child.try_wait()?.map(RouterExit::Status)),
+            RouterProcess::Adopted(pidfd) => {
+                Ok(pidfd.has_exited()?.then_some(RouterExit::NotOurChild))
+            }
+        }
     }
 
-    /// Reaps it if it ends within `limit`.
-    fn wait_bounded(&mut self, limit: Duration) -> Option<ExitStatus> {
+    /// Reaps it (or, adopted, sees it gone) if it ends within `limit`.
+    fn wait_bounded(&mut self, limit: Duration) -> Option<RouterExit> {
+        if let RouterProcess::Adopted(pidfd) = &self.process {
+            return matches!(pidfd.wait_exit(limit), Ok(true)).then_some(RouterExit::NotOurChild);
+        }
         let deadline = Instant::now() + limit;
         loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Some(status),
+            match self.try_wait() {
+                Ok(Some(exit)) => return Some(exit),
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5))
                 }
@@ -242,25 +338,40 @@ impl Router {
         }
     }
 
-    /// SIGKILL and reap (bounded: a killed process goes away unless stuck in the kernel).
-    pub fn kill_and_reap(&mut self) -> Option<ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Some(status);
+    /// Sends `signal`: through the pidfd to an adopted router; by pid to our child (not
+    /// reaped yet, so the pid still names it).
+    fn signal(&mut self, signal: i32) -> io::Result<()> {
+        match &self.process {
+            RouterProcess::Adopted(pidfd) => pidfd.send_signal(signal),
+            RouterProcess::Child(_) => os::send_signal(self.pid as i32, signal),
         }
-        let _ = self.child.kill();
+    }
+
+    /// SIGKILL and reap (bounded: a killed process goes away unless stuck in the kernel).
+    pub fn kill_and_reap(&mut self) -> Option<RouterExit> {
+        if let Ok(Some(exit)) = self.try_wait() {
+            return Some(exit);
+        }
+        match self.child() {
+            Some(child) => {
+                let _ = child.kill();
+            }
+            None => {
+                let _ = self.signal(libc::SIGKILL);
+            }
+        }
         self.wait_bounded(Duration::from_secs(5))
     }
 
     /// Stops it: SIGTERM, up to `grace` to exit, then SIGKILL. Returns how it ended and
     /// whether it had to be killed.
-    pub fn stop(&mut self, grace: Duration) -> (Option<ExitStatus>, bool) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return (Some(status), false);
+    pub fn stop(&mut self, grace: Duration) -> (Option<RouterExit>, bool) {
+        if let Ok(Some(exit)) = self.try_wait() {
+            return (Some(exit), false);
         }
-        // The child is not reaped yet, so the pid still names it.
-        if os::send_signal(self.pid as i32, libc::SIGTERM).is_ok() {
-            if let Some(status) = self.wait_bounded(grace) {
-                return (Some(status), false);
+        if self.signal(libc::SIGTERM).is_ok() {
+            if let Some(exit) = self.wait_bounded(grace) {
+                return (Some(exit), false);
             }
         }
         (self.kill_and_reap(), true)

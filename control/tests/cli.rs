@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use freeflow_control::supervise::os;
+use freeflow_control::os;
 use freeflow_proto::paths;
 use freeflow_testbed::{self as topology, Cluster, ClusterSpec, ContainerInfo};
 use serde_json::Value;
@@ -641,6 +641,31 @@ fn corrupt_registry_is_reported_and_left_alone() {
         .then_some(st)
     });
     assert_eq!(st["router"]["running"], true, "{st}");
+    // `status` says the registry is corrupt, where it is and what the parser found; not that
+    // this host has no containers.
+    let registry_str = registry.to_str().unwrap();
+    assert_eq!(st["registry"]["readable"], false, "{st}");
+    assert_eq!(st["registry"]["problem"], "corrupt", "{st}");
+    assert_eq!(st["registry"]["path"], registry_str, "{st}");
+    assert!(
+        st["registry"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("line 2")),
+        "{st}"
+    );
+    assert!(st["registry_error"].as_str().is_some(), "key kept: {st}");
+    let text = succeed(d.freeflow(&["status", "--dir", d.dir()]));
+    let line = text
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("containers of this host"))
+        .unwrap_or_else(|| panic!("no containers line: {text}"));
+    assert!(
+        line.contains("unknown: the registry is corrupt")
+            && line.contains(registry_str)
+            && line.contains("line 2"),
+        "{text}"
+    );
     fail_with(
         freeflow(&["container", "ls", "--dir", d.dir()]),
         "is corrupt",

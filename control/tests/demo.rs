@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use freeflow_control::supervise::os;
+use freeflow_control::os;
 use freeflow_testbed as topology;
 
 const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");

@@ -1,12 +1,14 @@
 //! Processes: what a child started with `Command` does between fork and exec (each step a
-//! `pre_exec` hook; hooks run in the order they were added), and facts about processes that std
-//! does not tell.
+//! `pre_exec` hook; hooks run in the order they were added), facts about processes that std
+//! does not tell, and [`Pidfd`]: a process watched (and signalled) by descriptor, also one that
+//! is not our child.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// The child starts a new session (no controlling terminal, its own process group), so a
 /// terminal's Ctrl-C or hangup does not reach it.
@@ -136,6 +138,87 @@ fn read_number(path: &str) -> io::Result<u64> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))
 }
 
+/// A process descriptor (pidfd_open(2)): it names one process for as long as it is open (a
+/// reused pid does not make it name another), it becomes readable when that process exits, and
+/// signals sent through it reach that process or none. It works for any process we may signal,
+/// not only our children; but only a parent can reap a child and learn its exit status, so a
+/// `Pidfd` tells *that* a process ended, never *how*.
+#[derive(Debug)]
+pub struct Pidfd {
+    fd: OwnedFd,
+    pid: i32,
+}
+
+impl Pidfd {
+    /// Opens a descriptor for process `pid` (ESRCH if there is none).
+    pub fn open(pid: i32) -> io::Result<Pidfd> {
+        if pid <= 0 {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        // SAFETY: pidfd_open takes a pid and a flags word (0) and returns a new descriptor or
+        // -1; it touches no memory of ours.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        Ok(Pidfd { fd, pid })
+    }
+
+    /// The pid it was opened for.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Whether the process has exited (a zombie that is not reaped yet counts as exited).
+    pub fn has_exited(&self) -> io::Result<bool> {
+        self.wait_exit(Duration::ZERO)
+    }
+
+    /// Waits up to `limit` for the process to exit; whether it has.
+    pub fn wait_exit(&self, limit: Duration) -> io::Result<bool> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ready = crate::poll::poll_readable(&[self.fd.as_fd()], left)?;
+            if ready[0] {
+                return Ok(true);
+            }
+            // An interrupted poll reports nothing ready: wait again for what is left.
+            if left.is_zero() || Instant::now() >= deadline {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Sends `signal` to the process (pidfd_send_signal(2)); ESRCH once it has exited.
+    pub fn send_signal(&self, signal: i32) -> io::Result<()> {
+        // SAFETY: pidfd_send_signal takes our open pidfd, a signal number, a null siginfo
+        // pointer (the kernel then fills in one as kill(2) would) and a flags word (0).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0 as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for Pidfd {
+    /// Readable once the process has exited: for poll(2) beside other descriptors.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +250,32 @@ mod tests {
         // A session leader's session id is its pid.
         assert_eq!(words.len(), 2, "{text:?}");
         assert_eq!(words[0], words[1]);
+    }
+
+    /// A process that is not our child (a grandchild, its parent gone): its exit is seen
+    /// through the pidfd, and a signal through it reaches it.
+    #[test]
+    fn a_non_child_exiting_is_seen() {
+        // `sh` starts `sleep` in the background, prints its pid and exits: `sleep` is then
+        // the child of whoever reaps orphans, not ours.
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("sleep 30 >/dev/null 2>&1 </dev/null & echo $!")
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let pidfd = Pidfd::open(pid).unwrap();
+        assert_eq!(pidfd.pid(), pid);
+        assert!(!pidfd.has_exited().unwrap());
+        assert!(!pidfd.wait_exit(Duration::from_millis(50)).unwrap());
+        pidfd.send_signal(libc::SIGKILL).unwrap();
+        assert!(
+            pidfd.wait_exit(Duration::from_secs(10)).unwrap(),
+            "exit not seen"
+        );
+        assert!(pidfd.has_exited().unwrap());
+        assert!(Pidfd::open(0).is_err());
     }
 
     #[test]

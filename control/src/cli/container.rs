@@ -16,8 +16,8 @@ use super::output::print_table;
 use super::{AddArgs, CliError, LsArgs, RmArgs};
 use crate::config::{Config, RuntimeDir};
 use crate::daemon::{self, DaemonState, DaemonStatus};
+use crate::os;
 use crate::registry::{self, ContainerRecord, RegistryError};
-use crate::supervise::os;
 
 /// How long `container add/rm` waits to see the daemon pick the change up.
 const PICKUP_TIMEOUT: Duration = Duration::from_secs(2);

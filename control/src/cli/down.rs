@@ -1,5 +1,6 @@
-//! `freeflow down`: stops the daemon of a directory (it stops its router), or a router that
-//! runs there on its own.
+//! `freeflow down`: stops the daemon of a directory, then its router: the daemon stops the
+//! router on SIGTERM, and `down` makes sure of it (a router outlives a daemon that died), also
+//! when no daemon runs (its daemon was killed, or it was started by hand).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -10,21 +11,29 @@ use super::error::io_err;
 use super::{CliError, DirArg};
 use crate::config::RuntimeDir;
 use crate::daemon::{self, DaemonState, DaemonStatus};
-use crate::supervise::{format_duration, os};
+use crate::os;
+use crate::supervise::format_duration;
 
 /// How long `down` waits for the daemon to exit (it gives the router 5 s, then kills it).
 const DOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `down` waits for a daemon that holds its lock to write its pid file.
 const PID_FILE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `freeflow down`: SIGTERM to the daemon (which stops its router), then wait until it is gone.
+/// `freeflow down`: SIGTERM to the daemon (which stops its router), wait until it is gone, then
+/// stop the router if it still runs.
 pub(super) fn down(args: &DirArg) -> Result<ExitCode, CliError> {
     let dir = args.runtime_dir()?;
     let pid = match daemon::probe(&dir)? {
         DaemonState::Running { pid } => pid,
         DaemonState::Stopped => {
             if daemon::router_lock_held(&dir) == Some(true) {
-                return stop_orphan_router(&dir);
+                stop_router(&dir, "no daemon runs for")?;
+                out!(
+                    "freeflow: no daemon was running for {}; stopped the router that ran there \
+                     without one",
+                    dir.path().display()
+                );
+                return Ok(ExitCode::SUCCESS);
             }
             out!(
                 "freeflow: no daemon is running for {}; nothing to stop",
@@ -44,6 +53,11 @@ pub(super) fn down(args: &DirArg) -> Result<ExitCode, CliError> {
     let deadline = Instant::now() + DOWN_TIMEOUT;
     loop {
         if daemon::probe(&dir)? == DaemonState::Stopped {
+            // The daemon stopped its router on the way out, unless something went wrong there:
+            // do not rely on it.
+            if daemon::router_lock_held(&dir) == Some(true) {
+                stop_router(&dir, "the daemon stopped for")?;
+            }
             out!(
                 "freeflow: stopped the daemon (pid {pid}){} for {}",
                 router_pid
@@ -56,7 +70,7 @@ pub(super) fn down(args: &DirArg) -> Result<ExitCode, CliError> {
         if Instant::now() >= deadline {
             return Err(CliError::Invalid(format!(
                 "the daemon (pid {pid}) did not stop within {}; see {} (`kill -9 {pid}` forces it; \
-                 its router then gets SIGTERM)",
+                 its router keeps running, and another `freeflow down` stops it)",
                 format_duration(DOWN_TIMEOUT),
                 dir.log().display()
             )));
@@ -85,8 +99,10 @@ fn wait_for_pid(dir: &RuntimeDir) -> Result<u32, CliError> {
     }
 }
 
-/// `down` when no daemon runs but a router does (started by hand): ask it to shut down.
-fn stop_orphan_router(dir: &RuntimeDir) -> Result<ExitCode, CliError> {
+/// Stops a router that runs without a daemon (its daemon died or stopped without it, or it was
+/// started by hand): asks it to shut down on `router.ctl` and waits until it lets go of
+/// `router.lock`. `context` starts the error messages ("no daemon runs for").
+fn stop_router(dir: &RuntimeDir, context: &str) -> Result<(), CliError> {
     match control::call(
         &dir.control_socket(),
         &ControlRequest::Shutdown,
@@ -95,14 +111,14 @@ fn stop_orphan_router(dir: &RuntimeDir) -> Result<ExitCode, CliError> {
         Ok(ControlResponse::Ok) => {}
         Ok(other) => {
             return Err(CliError::Invalid(format!(
-                "no daemon runs for {}, and the router there refused to shut down: {other:?}",
+                "{context} {}, and the router there refused to shut down: {other:?}",
                 dir.path().display()
             )))
         }
         Err(e) => {
             return Err(CliError::Invalid(format!(
-                "no daemon runs for {}, but a router holds {} and its control socket {} does not \
-                 answer ({e}; it answers only root in its own network namespace)",
+                "{context} {}: a router holds {} and its control socket {} does not answer \
+                 ({e}; it answers only root in its own network namespace)",
                 dir.path().display(),
                 dir.router_lock().display(),
                 dir.control_socket().display()
@@ -120,9 +136,6 @@ fn stop_orphan_router(dir: &RuntimeDir) -> Result<ExitCode, CliError> {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    out!(
-        "freeflow: no daemon was running for {}; stopped the router that ran there on its own",
-        dir.path().display()
-    );
-    Ok(ExitCode::SUCCESS)
+    let _ = std::fs::remove_file(dir.router_pid_file());
+    Ok(())
 }

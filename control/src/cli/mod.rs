@@ -44,7 +44,8 @@ Files in DIR, which containers mount read-only (`-v DIR:DIR:ro`): router.sock, l
 verbs/libibverbs.so.1 (the shims, mode 0444). Files in the state directory (root only, never \
 mounted; --state-dir, $FREEFLOW_STATE_DIR, else /run/freeflow/state/<DIR escaped>, e.g. /run/freeflow/state/freeflow): \
 config.json (settings from `up`), registry.json (default registry), daemon.lock, freeflow.pid, \
-daemon-status.json, freeflow.log, router.log, router.lock, router.ctl.";
+daemon-status.json, freeflow.log (rotated to freeflow.log.1 past 16 MiB), router.pid, router.log, \
+router.lock, router.ctl.";
 
 const UP_HELP: &str = "\
 Options not given fall back to $HOST_IP_PREFIX / $VNET_PREFIX, then to the settings of the \
@@ -56,7 +57,12 @@ LD_LIBRARY_PATH=DIR/verbs (RDMA mode), with DIR mounted read-only into the conta
 (`-v DIR:DIR:ro`). Never mount the state directory into a container: it holds the router's \
 control socket and the registry. A --state-dir given to `up` is recorded (a symlink at the \
 default place), so the other commands find it from --dir. Control files an earlier version left \
-in DIR (config.json, registry.json, logs) are moved to the state directory by `up`.";
+in DIR (config.json, registry.json, logs) are moved to the state directory by `up`.
+
+The router outlives the daemon: a daemon that dies (SIGKILL, a crash) leaves its router \
+serving, and containers keep working. `up` on a DIR whose router still runs starts a daemon \
+that adopts that router (no second router; it keeps its --cores until it is restarted). \
+SIGTERM, SIGINT or SIGHUP to the daemon stop the daemon and its router; `down` stops both.";
 
 const DEMO_HELP: &str = "\
 Progress goes to stderr, one line per step; the results and the table to stdout. It takes about \
@@ -78,7 +84,8 @@ enum Cmd {
     /// Start the daemon and the router for this host; returns once the router serves
     #[command(after_help = UP_HELP)]
     Up(UpArgs),
-    /// Stop the daemon and its router (exit code 0 also when nothing was running)
+    /// Stop the daemon and then its router, also a router whose daemon died (exit code 0 also
+    /// when nothing was running)
     Down(DirArg),
     /// Register, unregister and list containers
     #[command(subcommand)]

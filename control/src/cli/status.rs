@@ -6,7 +6,7 @@
 //! has, whatever the order of the fields below.
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use freeflow_proto::control::{
@@ -37,6 +37,25 @@ pub struct StatusReport {
     pub containers: Vec<ContainerRecord>,
     /// Why the registry could not be read, if it could not.
     pub registry_error: Option<String>,
+    /// Whether the registry was read, and if not where it is and what is wrong with it.
+    pub registry: RegistryReport,
+}
+
+/// The registry part of a [`StatusReport`]. `containers` (empty) means "none" only when
+/// `readable` is true; otherwise the registry could not tell.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RegistryReport {
+    /// The registry URL of the settings (`None` without settings).
+    pub url: Option<String>,
+    /// Whether it was read.
+    pub readable: bool,
+    /// "corrupt" (there, but its contents cannot be used) or "unreadable"; `None` if it was
+    /// read or not asked.
+    pub problem: Option<&'static str>,
+    /// The registry file the error names, if it names one.
+    pub path: Option<PathBuf>,
+    /// The error, with the parser's line and column for a corrupt file.
+    pub error: Option<String>,
 }
 
 /// The daemon part of a [`StatusReport`]: whether it runs, and its counters from
@@ -146,9 +165,9 @@ impl StatusReport {
             DaemonState::Stopped => None,
         };
         let router = RouterReport::new(ask_router(dir));
-        let (containers, registry_error) = match &config {
+        let (containers, registry) = match &config {
             Ok(Some(c)) => host_containers(c),
-            _ => (Vec::new(), None),
+            _ => (Vec::new(), RegistryReport::default()),
         };
         let (config, config_error) = match config {
             Ok(Some(c)) => (Some(c), None),
@@ -165,7 +184,8 @@ impl StatusReport {
             daemon: DaemonReport::new(daemon_state, daemon_status.as_ref()),
             router,
             containers,
-            registry_error,
+            registry_error: registry.error.clone(),
+            registry,
         })
     }
 
@@ -173,6 +193,14 @@ impl StatusReport {
     pub fn problem(&self) -> Option<String> {
         let dir = self.dir.display();
         if !self.daemon.running {
+            if let Ok(router) = self.router.status() {
+                return Some(format!(
+                    "no daemon is running for {dir}, but its router (pid {}) still serves: \
+                     `freeflow up --dir {dir}` starts a daemon that adopts it, `freeflow down \
+                     --dir {dir}` stops it",
+                    router.pid
+                ));
+            }
             return Some(if self.config.is_none() {
                 format!(
                     "no daemon is running for {dir} and it was never set up (run `freeflow up \
@@ -260,14 +288,28 @@ fn netns_hint(dir: &RuntimeDir) -> String {
     }
 }
 
-/// This host's containers in the registry of `config`, or why the registry cannot be read.
-fn host_containers(config: &Config) -> (Vec<ContainerRecord>, Option<String>) {
+/// This host's containers in the registry of `config`, and whether the registry could be read.
+fn host_containers(config: &Config) -> (Vec<ContainerRecord>, RegistryReport) {
+    let mut report = RegistryReport {
+        url: Some(config.registry.clone()),
+        ..RegistryReport::default()
+    };
     match registry::open(&config.registry).and_then(|r| r.load()) {
-        Ok(snapshot) => (
-            snapshot.containers_on(config.host_ip).cloned().collect(),
-            None,
-        ),
-        Err(e) => (Vec::new(), Some(e.to_string())),
+        Ok(snapshot) => {
+            report.readable = true;
+            let containers = snapshot.containers_on(config.host_ip).cloned().collect();
+            (containers, report)
+        }
+        Err(e) => {
+            report.problem = Some(if e.is_corrupt() {
+                "corrupt"
+            } else {
+                "unreadable"
+            });
+            report.path = e.path().map(Path::to_path_buf);
+            report.error = Some(e.to_string());
+            (Vec::new(), report)
+        }
     }
 }
 
@@ -298,6 +340,11 @@ mod tests {
                 host_ip: "192.168.1.1".parse().unwrap(),
             }],
             registry_error: None,
+            registry: RegistryReport {
+                url: Some("file:/r.json".into()),
+                readable: true,
+                ..RegistryReport::default()
+            },
         }
     }
 
@@ -374,8 +421,10 @@ mod tests {
             r#""daemon":{"containers_pushed":1,"last_error":null,"last_exit":"bye \"q\"","#,
             r#""last_exit_unix_ms":4,"last_push_unix_ms":6,"last_restart_unix_ms":5,"#,
             r#""next_restart_unix_ms":null,"pid":5,"registry_generation":8,"restarts":2,"#,
-            r#""running":true,"skipped":[{"name":"a","reason":"r"}],"start_failures":1,"#,
-            r#""started_unix_ms":17,"state":"ready"},"dir":"/tmp/ff x","registry_error":null,"#,
+            r#""router_adopted":false,"running":true,"skipped":[{"name":"a","reason":"r"}],"start_failures":1,"#,
+            r#""started_unix_ms":17,"state":"ready"},"dir":"/tmp/ff x","#,
+            r#""registry":{"error":null,"path":null,"problem":null,"readable":true,"#,
+            r#""url":"file:/r.json"},"registry_error":null,"#,
             r#""router":{"attached":[{"container":"web","id":1,"kind":"socket","pid":77,"#,
             r#""shard":0}],"attaches_accepted":1,"attaches_refused":2,"pid":11,"#,
             r#""registered":1,"running":true,"shards":[{"attached":2,"core":null,"index":0,"#,
@@ -397,8 +446,10 @@ mod tests {
             r#""daemon":{"containers_pushed":null,"last_error":null,"last_exit":null,"#,
             r#""last_exit_unix_ms":null,"last_push_unix_ms":null,"last_restart_unix_ms":null,"#,
             r#""next_restart_unix_ms":null,"pid":null,"registry_generation":null,"restarts":0,"#,
-            r#""running":false,"skipped":[],"start_failures":0,"started_unix_ms":null,"#,
-            r#""state":null},"dir":"/tmp/ff x","registry_error":null,"#,
+            r#""router_adopted":false,"running":false,"skipped":[],"start_failures":0,"started_unix_ms":null,"#,
+            r#""state":null},"dir":"/tmp/ff x","#,
+            r#""registry":{"error":null,"path":null,"problem":null,"readable":true,"#,
+            r#""url":"file:/r.json"},"registry_error":null,"#,
             r#""router":{"attached":[],"error":"nothing listens","pid":null,"registered":0,"#,
             r#""running":false,"shards":[]}}"#
         );

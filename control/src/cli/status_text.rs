@@ -21,9 +21,6 @@ pub(super) fn print(report: &StatusReport) {
     if let Ok(router) = report.router.status() {
         print_router_counters(router);
     }
-    if let Some(e) = &report.registry_error {
-        out!("  registry error: {e}");
-    }
     print_containers(report);
     if let Ok(router) = report.router.status() {
         print_attached(router);
@@ -77,10 +74,15 @@ fn print_daemon(daemon: &DaemonReport) {
 fn print_router(report: &StatusReport) {
     match report.router.status() {
         Ok(rs) => out!(
-            "  router:     running, pid {}, up {}, version {}",
+            "  router:     running, pid {}, up {}, version {}{}",
             rs.pid,
             format_duration(Duration::from_millis(rs.uptime_ms)),
-            rs.version
+            rs.version,
+            if report.daemon.counters.router_adopted {
+                ", adopted by this daemon (an earlier one started it)"
+            } else {
+                ""
+            }
         ),
         Err(e) => out!(
             "  router:     not running ({e}){}",
@@ -163,7 +165,9 @@ fn print_router_counters(rs: &RouterStatus) {
 
 /// How many of this host's containers the registry and the router have, and their table.
 fn print_containers(report: &StatusReport) {
-    if report.config.is_some() {
+    if let (Some(problem), Some(error)) = (report.registry.problem, &report.registry.error) {
+        out!("containers of this host: unknown: the registry is {problem}: {error}");
+    } else if report.config.is_some() {
         out!(
             "containers of this host: {} in the registry{}",
             report.containers.len(),

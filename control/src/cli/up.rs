@@ -16,8 +16,9 @@ use super::{CliError, UpArgs};
 use crate::config::{self, Config, ConfigError, RuntimeDir};
 use crate::daemon::{self, DaemonError, DaemonState, DaemonStatus};
 use crate::legacy;
+use crate::os;
 use crate::registry::{self, HostRecord};
-use crate::supervise::{self, exit_reason, format_duration, os};
+use crate::supervise::{self, exit_reason, format_duration};
 
 /// How long `up` waits for the daemon to report its router ready with its table.
 const UP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -161,8 +162,9 @@ fn check_cores(cores: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Creates DIR and its state directory, and checks that no daemon and no hand-started router serve it, and that the
-/// router binary is there (so that a missing one fails here, not in the detached daemon).
+/// Creates DIR and its state directory, and checks that no daemon and no hand-started router
+/// serve it, and that the router binary is there (so that a missing one fails here, not in the
+/// detached daemon).
 fn prepare_dir(dir: &RuntimeDir) -> Result<(), CliError> {
     dir.create()?;
     if let DaemonState::Running { pid } = daemon::probe(dir)? {
@@ -172,7 +174,9 @@ fn prepare_dir(dir: &RuntimeDir) -> Result<(), CliError> {
         }
         .into());
     }
-    if daemon::router_lock_held(dir) == Some(true) {
+    // A router that a daemon started and outlived (its pid recorded in router.pid) is adopted
+    // by the daemon this `up` starts; one started by hand is not ours to take.
+    if daemon::router_lock_held(dir) == Some(true) && daemon::read_router_pid(dir).is_none() {
         return Err(CliError::Invalid(format!(
             "a freeflow-router that `freeflow up` did not start already serves {} (it holds {}); \
              stop it first",
@@ -356,9 +360,14 @@ fn spawn_daemon(dir: &RuntimeDir, log_path: &Path) -> Result<(Child, u64), CliEr
 /// What `up` prints once the daemon reports its router ready.
 fn print_ready(dir: &RuntimeDir, config: &Config, st: &DaemonStatus) {
     out!(
-        "freeflow: up: daemon pid {}, router pid {} serving {}",
+        "freeflow: up: daemon pid {}, router pid {}{} serving {}",
         st.pid,
         st.router_pid.map(|p| p.to_string()).unwrap_or("?".into()),
+        if st.counters.router_adopted {
+            " (adopted: it kept running without a daemon)"
+        } else {
+            ""
+        },
         dir.path().display()
     );
     out!(

@@ -2,19 +2,27 @@
 //! with the registry, restarts it with backoff when it dies, and stops it on SIGTERM.
 //!
 //! One loop, single-threaded. It sleeps in poll(2) on a signalfd (SIGTERM, SIGINT, SIGHUP,
-//! SIGCHLD) for at most [`REGISTRY_POLL`], so a dying router wakes it at once (SIGCHLD) and a
-//! registry change is seen within one poll interval. State the CLI shows lives in
+//! SIGCHLD) and, for an adopted router, that router's pidfd, for at most [`REGISTRY_POLL`], so a
+//! dying router wakes it at once and a registry change is seen within one poll interval.
+//!
+//! The router outlives the daemon: it runs in its own session without PR_SET_PDEATHSIG, so a
+//! daemon killed with SIGKILL leaves it serving (attachments and TCP connections are the
+//! router's). Its pid stays in `STATE/router.pid`; the next daemon adopts it (it answers
+//! `router.ctl` with that pid) instead of starting a second one, watches it through a pidfd,
+//! pushes the table again and restarts it if it dies. A daemon stopped by SIGTERM, SIGINT or
+//! SIGHUP stops its router (`freeflow down` also makes sure of it afterwards). State the CLI shows lives in
 //! `daemon-status.json` in the state directory (`STATE`, see `crate::config`), replaced
 //! atomically on every change; liveness is the flock on `STATE/daemon.lock`, which the kernel
 //! drops with the process whatever way it dies; `state` holds those files' types and how the
 //! CLI reads them.
 
+mod log;
 mod state;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use freeflow_proto::control::{
@@ -22,16 +30,18 @@ use freeflow_proto::control::{
 };
 use freeflow_proto::identity::NetnsId;
 
+pub use log::log;
+use log::{log_limited, KEY_PUSH, KEY_REGISTRY, KEY_RESTART, KEY_SKIPPED};
 pub use state::{
-    probe, read_pid, router_lock_held, DaemonCounters, DaemonState, DaemonStatus, SkippedContainer,
-    STATE_READY, STATE_STARTING, STATE_STOPPING,
+    probe, read_pid, read_router_pid, router_lock_held, DaemonCounters, DaemonState, DaemonStatus,
+    SkippedContainer, STATE_READY, STATE_STARTING, STATE_STOPPING,
 };
 
 use crate::config::{self, Config, ConfigError, RuntimeDir};
+use crate::os;
 use crate::registry::{self, Fingerprint, Registry, RegistryError, Snapshot};
 use crate::supervise::{
-    self, exit_reason, format_duration, os, unix_ms_now, Backoff, Router, RouterSpec,
-    SuperviseError,
+    self, format_duration, unix_ms_now, Backoff, Router, RouterSpec, SuperviseError,
 };
 
 /// What the router is told: this host's containers (for the attach check) and the cluster's
@@ -73,6 +83,17 @@ pub enum DaemonError {
         /// Its pid, if its pid file says.
         pid: Option<u32>,
     },
+    /// A router holds the directory's lock but cannot be adopted.
+    #[error(
+        "a freeflow-router already serves {dir} but cannot be adopted: {reason}; stop it first \
+         (`freeflow down --dir {dir}`)"
+    )]
+    CannotAdopt {
+        /// The runtime directory.
+        dir: String,
+        /// Why not.
+        reason: String,
+    },
     /// The router took its table with an error, or the control socket failed.
     #[error("could not give the router its container table: {0}")]
     Push(String),
@@ -92,16 +113,6 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
     move |source| DaemonError::Io { what, source }
 }
 
-/// One log line on stderr (the log file in background mode), with time and pid.
-pub fn log(message: impl std::fmt::Display) {
-    let _ = writeln!(
-        io::stderr(),
-        "{} freeflow[{}]: {message}",
-        supervise::format_unix_ms(unix_ms_now()),
-        std::process::id()
-    );
-}
-
 /// Removes the pid and status files when the daemon ends (before its lock goes).
 struct StateFiles<'a> {
     dir: &'a RuntimeDir,
@@ -117,6 +128,7 @@ impl Drop for StateFiles<'_> {
 /// Runs the daemon for `dir` until SIGTERM, SIGINT or SIGHUP. `foreground` prints a line on
 /// stdout once the router is ready and has its table.
 pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
+    log::init(&dir.log());
     let config = Config::load(dir)?;
     let lock = lock_dir(dir)?;
     let pid = std::process::id();
@@ -243,8 +255,13 @@ impl Daemon {
         self.write_status();
         let router_pid = self.status.router_pid.unwrap_or(0);
         let pushed = self.status.counters.containers_pushed.unwrap_or(0);
+        let adopted = if self.status.counters.router_adopted {
+            " (adopted)"
+        } else {
+            ""
+        };
         log(format_args!(
-            "ready: router pid {router_pid} serves {pushed} container(s)"
+            "ready: router pid {router_pid}{adopted} serves {pushed} container(s)"
         ));
         if foreground {
             let dir = self.dir.path().display();
@@ -259,16 +276,30 @@ impl Daemon {
         }
     }
 
-    /// First start: the router must come up and take its table, else the daemon gives up
-    /// (and `freeflow up` reports why).
+    /// First start: the router an earlier daemon left running is adopted, else one is started;
+    /// it must take its table, else the daemon gives up (and `freeflow up` reports why).
     fn startup(&mut self) -> Result<(), DaemonError> {
         self.refresh_registry(true)?;
-        let router = Router::start(&self.spec, ROUTER_READY_TIMEOUT, &self.signals)?;
-        log(format_args!(
-            "router pid {} ready after {}",
-            router.pid,
-            format_duration(router.started.elapsed())
-        ));
+        let router = match self.running_router()? {
+            Some(router) => {
+                log(format_args!(
+                    "adopted the running router pid {} (up {}; not our child: its exit is \
+                     watched through a pidfd)",
+                    router.pid,
+                    format_duration(router.started.elapsed())
+                ));
+                router
+            }
+            None => {
+                let router = Router::start(&self.spec, ROUTER_READY_TIMEOUT, &self.signals)?;
+                log(format_args!(
+                    "router pid {} ready after {}",
+                    router.pid,
+                    format_duration(router.started.elapsed())
+                ));
+                router
+            }
+        };
         self.router_started(router);
         self.sync_table();
         if self.pushed.is_none() {
@@ -283,6 +314,30 @@ impl Daemon {
         Ok(())
     }
 
+    /// The router an earlier daemon of this directory left running, to adopt: it holds
+    /// `router.lock`, `router.pid` names it and it answers `router.ctl` with that pid. `None`
+    /// if no router holds the lock; an error if one does that cannot be adopted.
+    fn running_router(&self) -> Result<Option<Router>, DaemonError> {
+        if router_lock_held(&self.dir) != Some(true) {
+            let _ = fs::remove_file(self.dir.router_pid_file());
+            return Ok(None);
+        }
+        let cannot = |reason: String| DaemonError::CannotAdopt {
+            dir: self.dir.path().display().to_string(),
+            reason,
+        };
+        let pid = read_router_pid(&self.dir).ok_or_else(|| {
+            cannot(format!(
+                "it holds {} but {} names no router a daemon started (was it started by hand?)",
+                self.dir.router_lock().display(),
+                self.dir.router_pid_file().display()
+            ))
+        })?;
+        Router::adopt(pid, &self.dir.control_socket(), CONTROL_TIMEOUT)
+            .map(Some)
+            .map_err(cannot)
+    }
+
     /// The supervision loop; returns when a termination signal arrives.
     fn serve(&mut self) -> Result<(), DaemonError> {
         loop {
@@ -292,8 +347,11 @@ impl Daemon {
                 wake = wake.min(self.next_start);
             }
             let timeout = wake.saturating_duration_since(now).min(REGISTRY_POLL);
-            let readable =
-                os::poll_readable(&[self.signals.as_fd()], timeout).map_err(io_err("poll"))?;
+            let mut fds: Vec<BorrowedFd<'_>> = vec![self.signals.as_fd()];
+            // No SIGCHLD comes for an adopted router: its pidfd wakes us instead.
+            fds.extend(self.router.as_ref().and_then(Router::exit_fd));
+            let readable = os::poll_readable(&fds, timeout).map_err(io_err("poll"))?;
+            log::tick();
             if readable[0] {
                 if let Some(Stop::Signal(sig)) = self.take_signals()? {
                     log(format_args!(
@@ -332,6 +390,15 @@ impl Daemon {
     }
 
     fn router_started(&mut self, router: Router) {
+        // Kept when the daemon dies, so that the next one finds the router to adopt.
+        if let Err(e) = config::write_atomic(
+            &self.dir.router_pid_file(),
+            format!("{}\n", router.pid).as_bytes(),
+            0o644,
+        ) {
+            log(format_args!("cannot record the router's pid: {e}"));
+        }
+        self.status.counters.router_adopted = router.adopted();
         self.status.router_pid = Some(router.pid);
         self.status.router_started_unix_ms = Some(router.started_unix_ms);
         self.status.counters.next_restart_unix_ms = None;
@@ -348,37 +415,42 @@ impl Daemon {
         let Some(router) = self.router.as_mut() else {
             return;
         };
-        let status = match router.try_wait() {
-            Ok(Some(status)) => status,
+        let exit = match router.try_wait() {
+            Ok(Some(exit)) => exit,
             Ok(None) => return,
             Err(e) => {
-                log(format_args!("waitpid on router pid {}: {e}", router.pid));
+                log(format_args!("waiting for router pid {}: {e}", router.pid));
                 return;
             }
         };
         let uptime = router.started.elapsed();
-        let reason = format!("the router (pid {}) {}", router.pid, exit_reason(status));
-        // After a crash or an error exit its last words say why; after a signal they only
-        // repeat its start-up line.
-        let last_line = status
-            .code()
-            .and_then(|_| supervise::last_log_line(&self.spec.log, 0, "freeflow-router"));
+        let reason = format!("the router (pid {}) {}", router.pid, exit.reason());
+        // After a crash or an error exit its last words say why; after a signal (or when
+        // it was not our child, so we do not know) they may only repeat its start-up line.
+        let last_line = exit
+            .exited_with_code()
+            .then(|| supervise::last_log_line(&self.spec.log, 0, "freeflow-router"))
+            .flatten();
         self.router = None;
+        self.status.counters.router_adopted = false;
         self.pushed = None;
         let delay = self.backoff.next_delay(uptime);
         self.next_start = Instant::now() + delay;
-        log(format_args!(
-            "{reason} after {}{}; restarting {}",
-            format_duration(uptime),
-            last_line
-                .map(|l| format!(" (its last log line: {l})"))
-                .unwrap_or_default(),
-            if delay.is_zero() {
-                "now".to_owned()
-            } else {
-                format!("in {}", format_duration(delay))
-            }
-        ));
+        log_limited(
+            KEY_RESTART,
+            format_args!(
+                "{reason} after {}{}; restarting {}",
+                format_duration(uptime),
+                last_line
+                    .map(|l| format!(" (its last log line: {l})"))
+                    .unwrap_or_default(),
+                if delay.is_zero() {
+                    "now".to_owned()
+                } else {
+                    format!("in {}", format_duration(delay))
+                }
+            ),
+        );
         let now_ms = unix_ms_now();
         self.status.counters.last_exit = Some(reason);
         self.status.counters.last_exit_unix_ms = Some(now_ms);
@@ -398,12 +470,15 @@ impl Daemon {
         self.status_dirty = true;
         match Router::start(&self.spec, ROUTER_READY_TIMEOUT, &self.signals) {
             Ok(router) => {
-                log(format_args!(
-                    "router restarted: pid {} ready after {} (restart {})",
-                    router.pid,
-                    format_duration(router.started.elapsed()),
-                    self.status.counters.restarts
-                ));
+                log_limited(
+                    KEY_RESTART,
+                    format_args!(
+                        "router restarted: pid {} ready after {} (restart {})",
+                        router.pid,
+                        format_duration(router.started.elapsed()),
+                        self.status.counters.restarts
+                    ),
+                );
                 self.router_started(router);
                 self.sync_table();
                 self.write_status();
@@ -413,10 +488,13 @@ impl Daemon {
             Err(e) => {
                 let delay = self.backoff.next_delay(Duration::ZERO);
                 self.next_start = Instant::now() + delay;
-                log(format_args!(
-                    "router start failed: {e}; next try in {}",
-                    format_duration(delay)
-                ));
+                log_limited(
+                    KEY_RESTART,
+                    format_args!(
+                        "router start failed: {e}; next try in {}",
+                        format_duration(delay)
+                    ),
+                );
                 let now_ms = unix_ms_now();
                 self.status.counters.start_failures += 1;
                 self.status.counters.last_exit = Some(format!("start failed: {e}"));
@@ -443,7 +521,7 @@ impl Daemon {
         match &result {
             Ok(()) => {
                 if self.registry_error.take().is_some() {
-                    log("the registry is readable again");
+                    log_limited(KEY_REGISTRY, "the registry is readable again");
                     self.status.counters.last_error = None;
                     self.status_dirty = true;
                 }
@@ -451,9 +529,10 @@ impl Daemon {
             Err(e) => {
                 let message = e.to_string();
                 if self.registry_error.as_deref() != Some(message.as_str()) {
-                    log(format_args!(
-                        "{message} (the router keeps its current table)"
-                    ));
+                    log_limited(
+                        KEY_REGISTRY,
+                        format_args!("{message} (the router keeps its current table)"),
+                    );
                     self.status.counters.last_error = Some(message.clone());
                     self.status_dirty = true;
                     self.registry_error = Some(message);
@@ -519,12 +598,18 @@ impl Daemon {
         }
         for (name, reason) in &skipped {
             if self.skipped.get(name) != Some(reason) {
-                log(format_args!("container {name:?} skipped: {reason}"));
+                log_limited(
+                    KEY_SKIPPED,
+                    format_args!("container {name:?} skipped: {reason}"),
+                );
             }
         }
         for name in self.skipped.keys() {
             if !skipped.contains_key(name) {
-                log(format_args!("container {name:?} is no longer skipped"));
+                log_limited(
+                    KEY_SKIPPED,
+                    format_args!("container {name:?} is no longer skipped"),
+                );
             }
         }
         self.status.counters.skipped = skipped
@@ -587,9 +672,10 @@ impl Daemon {
                 self.last_attempt = None;
             }
             Some(message) => {
-                log(format_args!(
-                    "pushing the container table failed: {message}"
-                ));
+                log_limited(
+                    KEY_PUSH,
+                    format_args!("pushing the container table failed: {message}"),
+                );
                 self.status.counters.last_error = Some(format!("push failed: {message}"));
                 self.last_attempt = Some((entries, Instant::now()));
             }
@@ -622,10 +708,13 @@ impl Daemon {
         self.write_status();
         if let Some(mut router) = self.router.take() {
             log(format_args!("stopping router pid {}", router.pid));
-            let (status, killed) = router.stop(ROUTER_STOP_GRACE);
-            let how = status
-                .map(exit_reason)
+            let (exit, killed) = router.stop(ROUTER_STOP_GRACE);
+            let how = exit
+                .map(|exit| exit.reason())
                 .unwrap_or_else(|| "did not go away".to_owned());
+            if exit.is_some() {
+                let _ = fs::remove_file(self.dir.router_pid_file());
+            }
             if killed {
                 log(format_args!(
                     "router pid {} ignored SIGTERM for {}, killed: {how}",

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{io_err, DaemonError};
 use crate::config::RuntimeDir;
-use crate::supervise::os;
+use crate::os;
 
 /// `state` values in [`DaemonStatus`].
 pub const STATE_STARTING: &str = "starting";
@@ -82,6 +82,9 @@ pub struct DaemonCounters {
     pub skipped: Vec<SkippedContainer>,
     /// The last registry or push error, cleared when things work again.
     pub last_error: Option<String>,
+    /// Whether the running router was adopted: started by an earlier daemon that died, and
+    /// supervised through a pidfd (not our child, so its exit status will be unknown).
+    pub router_adopted: bool,
 }
 
 impl DaemonStatus {
@@ -136,6 +139,16 @@ pub fn router_lock_held(dir: &RuntimeDir) -> Option<bool> {
         Err(_) => return None,
     };
     os::try_lock_exclusive(&file).ok().map(|free| !free)
+}
+
+/// The pid in `STATE/router.pid`: the router a daemon started (or adopted) last.
+pub fn read_router_pid(dir: &RuntimeDir) -> Option<u32> {
+    fs::read_to_string(dir.router_pid_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&p| p > 0)
 }
 
 /// The pid in `STATE/freeflow.pid`.

@@ -196,6 +196,30 @@ pub enum RegistryError {
     },
 }
 
+impl RegistryError {
+    /// The registry file the error is about, if it names one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            RegistryError::Io { path, .. }
+            | RegistryError::Corrupt { path, .. }
+            | RegistryError::UnknownFormat { path, .. }
+            | RegistryError::UnsupportedVersion { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
+    /// Whether the registry was there to read but its contents cannot be used (a corrupt
+    /// file, another format, a newer version), rather than not readable at all.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Corrupt { .. }
+                | RegistryError::UnknownFormat { .. }
+                | RegistryError::UnsupportedVersion { .. }
+        )
+    }
+}
+
 /// Opaque token that changes whenever a registry's contents may have changed.
 ///
 /// Compare two fingerprints taken at different times: equal means nothing changed in between
