@@ -5,7 +5,8 @@
 //! - [`poll`]: waiting for readiness on a few descriptors.
 //! - [`memfd`]: sealed memory files (the rings' region, registered memory).
 //! - [`errno`]: the calling thread's `errno`, for the C boundary of the shims.
-//! - [`process`]: what a child does between fork and exec, and facts about processes.
+//! - [`process`]: what a child does between fork and exec, facts and limits of processes, and
+//!   [`process::Pidfd`] (pidfd_open: watching and signalling a process that is not our child).
 //! - [`namespace`]: what kind of namespace a namespace file is.
 //! - [`child`]: run a child, drain its pipes, wait with a deadline.
 //! - [`symbol_versions!`]: `.symver` directives for the shims' exported C functions.
