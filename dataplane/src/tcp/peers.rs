@@ -14,8 +14,17 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
-/// How often a lost peer connection is retried.
-const PEER_RETRY: Duration = Duration::from_millis(300);
+/// The first wait before reconnecting to a peer after a failed attempt; it doubles with each
+/// further failure, up to [`PEER_RETRY_MAX`]. A peer router that does not know this host yet
+/// accepts our connection and closes it at once: without the wait we would reconnect (and
+/// both sides log) about once a millisecond.
+pub(super) const PEER_RETRY_MIN: Duration = Duration::from_millis(50);
+/// The longest wait between attempts, so that a peer back after a long outage (or that has
+/// just learned of this host) is reached again within it.
+pub(super) const PEER_RETRY_MAX: Duration = Duration::from_secs(5);
+/// A connection that stayed up this long was taken by the peer (one that refuses us closes at
+/// once): losing it starts over from [`PEER_RETRY_MIN`], with a first attempt at once.
+const PEER_STABLE: Duration = Duration::from_secs(1);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_PEER_LINE: usize = 1 << 20;
 /// Bytes kept for a peer while its connection is being made; beyond, they are dropped (the
@@ -26,6 +35,8 @@ struct PeerIn {
     stream: TcpStream,
     from: Ipv4Addr,
     buf: Vec<u8>,
+    /// Whether a message came on it yet.
+    heard: bool,
 }
 
 pub(super) struct PeerOut {
@@ -36,6 +47,10 @@ pub(super) struct PeerOut {
     pub connecting: Option<(TcpStream, Instant)>,
     pub queue: Vec<u8>,
     next_try: Instant,
+    /// The wait after the next failure (see [`PEER_RETRY_MIN`]).
+    retry_in: Duration,
+    /// When the connection in `stream` came up.
+    up_since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -72,6 +87,8 @@ impl Peers {
                 connecting: None,
                 queue: Vec::new(),
                 next_try: Instant::now(),
+                retry_in: PEER_RETRY_MIN,
+                up_since: None,
             });
         }
     }
@@ -135,7 +152,10 @@ impl Peers {
                         || self.outgoing.contains_key(addr.ip()))
                         && Some(*addr.ip()) != host_ip;
                     if !known {
+                        // Rate-limited per address (crate::log): a router that does not know
+                        // it is refused keeps trying, and must not hide the others.
                         log::warn!(
+                            target: &format!("refused peer {}", addr.ip()),
                             "tcp: refused peer connection from {addr}: not a registered host"
                         );
                         continue;
@@ -145,6 +165,7 @@ impl Peers {
                             stream,
                             from: *addr.ip(),
                             buf: Vec::new(),
+                            heard: false,
                         });
                     }
                 }
@@ -168,9 +189,10 @@ impl Peers {
                 .as_ref()
                 .is_some_and(|(_, deadline)| now >= *deadline)
             {
-                log::warn!("tcp: peer router {host} not reachable: timed out");
-                peer.connecting = None;
-                peer.queue.clear();
+                let retry = peer.drop_connection(now, false);
+                log::warn!(
+                    "tcp: peer router {host} not reachable: timed out; retrying in {retry:?}"
+                );
             }
         }
     }
@@ -186,13 +208,52 @@ impl Peers {
 }
 
 impl PeerOut {
+    /// Drops the connection (up or on its way) and what waits for it, and schedules the next
+    /// attempt: at once after a connection that stayed up [`PEER_STABLE`] and ended `cleanly`
+    /// (not dropped for not reading), else after a wait that doubles with each failure.
+    /// Returns the wait.
+    pub(super) fn drop_connection(&mut self, now: Instant, cleanly: bool) -> Duration {
+        let lived = self
+            .up_since
+            .take()
+            .is_some_and(|since| now.saturating_duration_since(since) >= PEER_STABLE);
+        self.stream = None;
+        self.connecting = None;
+        self.queue.clear();
+        if lived && cleanly {
+            self.retry_in = PEER_RETRY_MIN;
+            self.next_try = now;
+            return Duration::ZERO;
+        }
+        let wait = self.retry_in;
+        self.next_try = now + wait;
+        self.retry_in = (wait * 2).min(PEER_RETRY_MAX);
+        wait
+    }
+
+    /// The peer spoke to us on a new connection of its own: it knows this host, so it takes
+    /// our connection too. Retries at once if ours is down (a restarted router is reached
+    /// again as soon as it knows us, whatever the wait had grown to).
+    pub(super) fn heard_from(&mut self, now: Instant) {
+        self.retry_in = PEER_RETRY_MIN;
+        if self.stream.is_none() && self.connecting.is_none() {
+            self.next_try = now;
+        }
+    }
+
+    /// When the next connection attempt is due.
+    #[cfg(test)]
+    pub(super) fn next_try(&self) -> Instant {
+        self.next_try
+    }
+
     /// Starts connecting to a peer (without waiting); `first` is sent once connected (a fresh
     /// connection starts with our whole table).
     fn try_connect(&mut self, host: Ipv4Addr, first: Vec<u8>) {
-        if Instant::now() < self.next_try || self.stream.is_some() || self.connecting.is_some() {
+        let now = Instant::now();
+        if now < self.next_try || self.stream.is_some() || self.connecting.is_some() {
             return;
         }
-        self.next_try = Instant::now() + PEER_RETRY;
         let started = sys::tcp_socket(false).and_then(|socket| {
             let done = sys::connect_nonblocking(&socket, host, self.port, false)?;
             Ok((TcpStream::from(socket), done))
@@ -200,9 +261,12 @@ impl PeerOut {
         match started {
             Ok((stream, _)) => {
                 self.queue = first;
-                self.connecting = Some((stream, Instant::now() + PEER_CONNECT_TIMEOUT));
+                self.connecting = Some((stream, now + PEER_CONNECT_TIMEOUT));
             }
-            Err(e) => log::warn!("tcp: peer router {host} not reachable: {e}"),
+            Err(e) => {
+                let retry = self.drop_connection(now, false);
+                log::warn!("tcp: peer router {host} not reachable: {e}; retrying in {retry:?}");
+            }
         }
     }
 
@@ -217,13 +281,15 @@ impl PeerOut {
             _ => false,
         };
         if !up {
-            log::warn!("tcp: peer router {host} not reachable");
+            let retry = self.drop_connection(Instant::now(), false);
+            log::warn!("tcp: peer router {host} not reachable; retrying in {retry:?}");
             return;
         }
         // Stays non-blocking: a peer that stops reading must not stall the control thread;
         // what it does not take waits in `queue`.
         let _ = stream.set_nodelay(true);
         self.stream = Some(stream);
+        self.up_since = Some(Instant::now());
         self.write_bytes(host, &queued);
     }
 
@@ -245,9 +311,8 @@ impl PeerOut {
             return;
         }
         if self.queue.len() + bytes.len() > MAX_PEER_QUEUE {
-            log::warn!("tcp: peer router {host} does not read; reconnecting");
-            self.stream = None;
-            self.queue.clear();
+            let retry = self.drop_connection(Instant::now(), false);
+            log::warn!("tcp: peer router {host} does not read; reconnecting in {retry:?}");
             return;
         }
         self.queue.extend_from_slice(bytes);
@@ -267,9 +332,8 @@ impl PeerOut {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("tcp: lost peer router {host}: {e}");
-                    self.stream = None;
-                    self.queue.clear();
+                    let retry = self.drop_connection(Instant::now(), true);
+                    log::warn!("tcp: lost peer router {host}: {e}; reconnecting in {retry:?}");
                     return;
                 }
             }
@@ -373,9 +437,8 @@ impl TcpService {
                 peer.flush(host);
                 return true;
             }
-            log::warn!("tcp: peer router {host} closed our connection; reconnecting");
-            peer.stream = None;
-            peer.next_try = Instant::now();
+            let retry = peer.drop_connection(Instant::now(), true);
+            log::warn!("tcp: peer router {host} closed our connection; reconnecting in {retry:?}");
             self.listeners.forget_remote(host);
             return true;
         }
@@ -400,8 +463,15 @@ impl TcpService {
     /// Reads from incoming peer `index` and applies what it said.
     fn read_peer(&mut self, index: usize, deferred: &mut Deferred) {
         let mut messages = Vec::new();
-        let keep = self.peers.incoming[index].read(&mut messages);
-        let from = self.peers.incoming[index].from;
+        let incoming = &mut self.peers.incoming[index];
+        let keep = incoming.read(&mut messages);
+        let from = incoming.from;
+        if !incoming.heard && !messages.is_empty() {
+            incoming.heard = true;
+            if let Some(peer) = self.peers.outgoing.get_mut(&from) {
+                peer.heard_from(Instant::now());
+            }
+        }
         if !keep {
             self.peers.incoming.swap_remove(index);
             // The table came over this connection: without it, it may be stale (a restarted

@@ -4,10 +4,11 @@
 use super::claims::MAX_CLAIM_PORTS;
 use super::endpoint::{HostEndpoint, OverlayEndpoint};
 use super::listen::LocalListener;
-use super::peers::MAX_PEER_QUEUE;
+use super::peers::{MAX_PEER_QUEUE, PEER_RETRY_MAX, PEER_RETRY_MIN};
 use super::relay::{Relays, MAX_RELAYS, MAX_RELAYS_PER_CONTAINER, MAX_RELAYS_PER_LISTENER};
 use super::*;
 use crate::sys::{self, Untrusted};
+use freeflow_os::poll::{self, PollFd};
 use freeflow_proto::control::{NetworkView, PeerHost};
 use freeflow_proto::peer::PeerMsg;
 use freeflow_proto::sockmsg::SockNotice;
@@ -294,4 +295,70 @@ fn one_containers_listeners_cannot_take_the_whole_relay_pool() {
         relays.room_for(OverlayEndpoint::new(other, 8000)),
         (0, MAX_RELAYS_PER_LISTENER)
     );
+}
+
+/// A peer router that accepts our connection and closes it at once (as one that does not know
+/// this host yet refuses it): we reconnect with a growing delay, not at once each time. Counted
+/// in attempts over about a second of driving the service as the control loop does; reconnecting
+/// at once made hundreds.
+#[test]
+fn a_peer_that_closes_our_connection_is_retried_with_back_off() {
+    let peer_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    peer_listener.set_nonblocking(true).unwrap();
+    let port = peer_listener.local_addr().unwrap().port();
+    let mut tcp = with_peer_on_loopback(port);
+    let mut deferred = Deferred::new();
+    let mut accepted = 0;
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        while let Ok((conn, _)) = peer_listener.accept() {
+            accepted += 1;
+            drop(conn);
+        }
+        let ready: Vec<(i32, i16)> = {
+            let tcp_fds = tcp.poll_fds();
+            let mut fds: Vec<PollFd<'_>> = tcp_fds
+                .iter()
+                .map(|&(fd, events)| PollFd::new(fd, events))
+                .collect();
+            // Short waits, so that the listener above is served soon.
+            poll::poll(&mut fds, Some(Duration::from_millis(5))).unwrap();
+            tcp_fds
+                .iter()
+                .zip(&fds)
+                .filter(|(_, p)| p.revents() != 0)
+                .map(|((fd, _), p)| (fd.as_raw_fd(), p.revents()))
+                .collect()
+        };
+        for (fd, revents) in ready {
+            tcp.on_ready(fd, revents, &mut deferred);
+        }
+        tcp.tick(&mut deferred);
+    }
+    // 50 ms doubling: attempts at about 0, 50, 150, 350 and 750 ms.
+    assert!(
+        (1..=10).contains(&accepted),
+        "{accepted} connections in a second from a router whose peer closes them"
+    );
+}
+
+/// The wait before reconnecting doubles up to a cap and no further (a router back after a long
+/// outage is reached again within the cap), and starts over when the peer connects to us and
+/// speaks (it knows this host now).
+#[test]
+fn the_wait_before_reconnecting_a_peer_is_capped_and_starts_over() {
+    let mut tcp = with_peer_on_loopback(9);
+    let peer = tcp.peers.outgoing.get_mut(&Ipv4Addr::LOCALHOST).unwrap();
+    let now = Instant::now();
+    let waits: Vec<Duration> = (0..30).map(|_| peer.drop_connection(now, true)).collect();
+    assert_eq!(
+        waits[..3],
+        [PEER_RETRY_MIN, PEER_RETRY_MIN * 2, PEER_RETRY_MIN * 4]
+    );
+    assert!(waits.iter().all(|w| *w <= PEER_RETRY_MAX), "{waits:?}");
+    assert_eq!(waits.last(), Some(&PEER_RETRY_MAX));
+    assert_eq!(peer.next_try(), now + PEER_RETRY_MAX);
+    peer.heard_from(now);
+    assert_eq!(peer.next_try(), now, "retried at once");
+    assert_eq!(peer.drop_connection(now, true), PEER_RETRY_MIN);
 }
