@@ -7,7 +7,7 @@
 //! SEND and RDMA WRITE still work.
 
 use super::test_support::{
-    call, gid, ok, open_context, ALL, BACKED, INIT_MASK, RTR_MASK, RTS_MASK,
+    call, gid, ok, open_context, rc_pingpong_steps, ALL, BACKED, INIT_MASK, RTR_MASK, RTS_MASK,
 };
 use crate::verbs::notify::test_seqpacket_pair;
 use crate::verbs::*;
@@ -155,42 +155,7 @@ fn victim(engine: &mut Engine, id: u32, ip: [u8; 4]) -> Victim {
 
 /// The rc_pingpong sequence: RESET → INIT → RTR (to `peer`) → RTS.
 fn connect(engine: &mut Engine, v: &Victim, peer_ip: [u8; 4], peer_qpn: u32) {
-    let steps = [
-        (
-            INIT_MASK,
-            QpAttr {
-                qp_state: QpState::Init as u8,
-                port_num: 1,
-                qp_access_flags: ALL,
-                ..QpAttr::default()
-            },
-        ),
-        (
-            RTR_MASK,
-            QpAttr {
-                qp_state: QpState::Rtr as u8,
-                path_mtu: 3,
-                dest_qp_num: peer_qpn,
-                min_rnr_timer: 1,
-                max_dest_rd_atomic: 1,
-                is_global: 1,
-                ah_port_num: 1,
-                dgid: gid(peer_ip),
-                ..QpAttr::default()
-            },
-        ),
-        (
-            RTS_MASK,
-            QpAttr {
-                qp_state: QpState::Rts as u8,
-                timeout: 1,
-                retry_cnt: 1,
-                rnr_retry: 7,
-                ..QpAttr::default()
-            },
-        ),
-    ];
-    for (attr_mask, attr) in steps {
+    for (attr_mask, attr) in rc_pingpong_steps(peer_ip, peer_qpn, 7) {
         let body = ModifyQp {
             qp: v.qp,
             attr_mask,

@@ -7,7 +7,7 @@ use crate::verbs::*;
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::identity::NetnsId;
 use freeflow_proto::verbs::access;
-use freeflow_proto::verbs::qp::mask;
+use freeflow_proto::verbs::qp::{mask, QpAttr, QpState};
 use freeflow_proto::verbs::REQUIRED_SEALS;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -33,6 +33,40 @@ pub(super) const RTS_MASK: u32 = mask::STATE
     | mask::RNR_RETRY
     | mask::SQ_PSN
     | mask::MAX_QP_RD_ATOMIC;
+
+/// The steps of the rc_pingpong sequence RESET → INIT → RTR (to `peer_ip`/`peer_qpn`) → RTS:
+/// each transition's attribute mask and attributes.
+pub(super) fn rc_pingpong_steps(
+    peer_ip: [u8; 4],
+    peer_qpn: u32,
+    rnr_retry: u8,
+) -> [(u32, QpAttr); 3] {
+    let init = QpAttr {
+        qp_state: QpState::Init as u8,
+        port_num: 1,
+        qp_access_flags: ALL,
+        ..QpAttr::default()
+    };
+    let rtr = QpAttr {
+        qp_state: QpState::Rtr as u8,
+        path_mtu: 3,
+        dest_qp_num: peer_qpn,
+        min_rnr_timer: 1,
+        max_dest_rd_atomic: 1,
+        is_global: 1,
+        ah_port_num: 1,
+        dgid: gid(peer_ip),
+        ..QpAttr::default()
+    };
+    let rts = QpAttr {
+        qp_state: QpState::Rts as u8,
+        timeout: 1,
+        retry_cnt: 1,
+        rnr_retry,
+        ..QpAttr::default()
+    };
+    [(INIT_MASK, init), (RTR_MASK, rtr), (RTS_MASK, rts)]
+}
 
 /// Opens context `number` (container `c<number>`, network namespace inode `number`) with a
 /// memory file whose [`BACKED`] bytes at `base` hold `fill`; returns that file.

@@ -2,7 +2,7 @@
 //! same proto types a shim uses (queue files from a socket pair, rings mapped from them).
 
 use super::test_support::{
-    call, gid, ok, open_context, ALL, BACKED, INIT_MASK, RTR_MASK, RTS_MASK,
+    call, gid, ok, open_context, rc_pingpong_steps, ALL, BACKED, INIT_MASK, RTR_MASK,
 };
 use crate::verbs::notify::test_seqpacket_pair;
 use crate::verbs::*;
@@ -143,31 +143,7 @@ fn modify(engine: &mut Engine, s: &Side, attr_mask: u32, attr: QpAttr) -> u16 {
 
 /// RESET → INIT → RTR (to `peer_ip`/`peer_qpn`) → RTS, as rc_pingpong does it.
 fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_retry: u8) {
-    let init = QpAttr {
-        qp_state: QpState::Init as u8,
-        port_num: 1,
-        qp_access_flags: ALL,
-        ..QpAttr::default()
-    };
-    let rtr = QpAttr {
-        qp_state: QpState::Rtr as u8,
-        path_mtu: 3,
-        dest_qp_num: peer_qpn,
-        min_rnr_timer: 1,
-        max_dest_rd_atomic: 1,
-        is_global: 1,
-        ah_port_num: 1,
-        dgid: gid(peer_ip),
-        ..QpAttr::default()
-    };
-    let rts = QpAttr {
-        qp_state: QpState::Rts as u8,
-        timeout: 1,
-        retry_cnt: 1,
-        rnr_retry,
-        ..QpAttr::default()
-    };
-    for (m, attr) in [(INIT_MASK, init), (RTR_MASK, rtr), (RTS_MASK, rts)] {
+    for (m, attr) in rc_pingpong_steps(peer_ip, peer_qpn, rnr_retry) {
         assert_eq!(modify(engine, s, m, attr), status::OK);
     }
 }
