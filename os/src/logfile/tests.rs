@@ -146,20 +146,26 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn fd_link(file: &fs::File) -> PathBuf {
+fn fd_link(file: &impl AsRawFd) -> PathBuf {
     Path::new("/proc/self/fd").join(file.as_raw_fd().to_string())
 }
 
-#[test]
-fn a_log_file_over_the_limit_is_copied_beside_it_and_truncated() {
-    let dir = temp_dir("rotate");
+/// A fresh directory `name` with a `router.log` in it, opened the way the daemon opens
+/// router.log: appending. The directory, the log's path and the open log.
+fn appending_log(name: &str) -> (PathBuf, PathBuf, fs::File) {
+    let dir = temp_dir(name);
     let path = dir.join("router.log");
-    // Opened the way the daemon opens router.log: appending.
-    let mut log = OpenOptions::new()
+    let log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
         .unwrap();
+    (dir, path, log)
+}
+
+#[test]
+fn a_log_file_over_the_limit_is_copied_beside_it_and_truncated() {
+    let (dir, path, mut log) = appending_log("rotate");
     log.write_all(b"old line 1\nold line 2\n").unwrap();
     // At or under the limit: nothing happens.
     assert_eq!(rotate_open_if_larger(&fd_link(&log), 22).unwrap(), None);
@@ -196,22 +202,9 @@ fn a_log_file_over_the_limit_is_copied_beside_it_and_truncated() {
 #[test]
 fn a_log_that_is_not_a_regular_file_or_was_deleted_is_handled() {
     let (reader, writer) = std::io::pipe().unwrap();
-    assert_eq!(
-        rotate_open_if_larger(
-            &Path::new("/proc/self/fd").join(writer.as_raw_fd().to_string()),
-            0
-        )
-        .unwrap(),
-        None
-    );
+    assert_eq!(rotate_open_if_larger(&fd_link(&writer), 0).unwrap(), None);
     drop(reader);
-    let dir = temp_dir("deleted");
-    let path = dir.join("router.log");
-    let mut log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .unwrap();
+    let (dir, path, mut log) = appending_log("deleted");
     log.write_all(b"0123456789").unwrap();
     fs::remove_file(&path).unwrap();
     // No copy beside a deleted file, but it is bounded all the same.
