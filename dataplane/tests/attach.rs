@@ -11,13 +11,13 @@ use freeflow_proto::msg::{op, MsgHeader, HEADER_LEN};
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{fresh_dir, router_cores, wait_until};
+use common::{start_router, wait_until, Router};
 
 const CHILD_DIR_ENV: &str = "FF_TEST_ATTACH_DIR";
 
@@ -25,36 +25,10 @@ fn require_root() {
     common::require_root("these tests build network namespaces and must run as root");
 }
 
-struct Router {
-    dir: PathBuf,
-    child: Child,
-}
-
 impl Router {
     fn start(tag: &str) -> Router {
         require_root();
-        let dir = fresh_dir(&format!("ff-attach-{tag}-{}", std::process::id()));
-        let child = Command::new(env!("CARGO_BIN_EXE_freeflow-router"))
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--state-dir")
-            .arg(common::state_dir(&dir))
-            .args(["--cores", &router_cores().to_string()])
-            .stderr(std::fs::File::create(dir.join("router.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let router = Router { dir, child };
-        wait_until(
-            Duration::from_secs(10),
-            Duration::from_millis(10),
-            || router.try_status().is_some(),
-            || format!("router did not start: {}", router.log()),
-        );
-        router
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("router.log")).unwrap_or_default()
+        start_router(&format!("ff-attach-{tag}-{}", std::process::id()))
     }
 
     fn try_status(&self) -> Option<RouterStatus> {
@@ -111,14 +85,6 @@ impl Router {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -7,45 +7,21 @@
 #![cfg(debug_assertions)]
 
 use freeflow_proto::control::{self, ControlRequest, ControlResponse};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus};
+use std::process::ExitStatus;
 use std::time::Duration;
 
 // This crate uses part of the shared helpers only.
 #[allow(dead_code)]
 mod common;
 
-use common::{fresh_dir, router_cores, wait_until};
+use common::{start_router, wait_until, Router};
 
 /// The router's exit status after a panic (sysexits' EX_SOFTWARE, internal software error).
 const PANIC_EXIT_STATUS: i32 = 70;
 
-/// A router process, killed and reaped if a test fails with it still running.
-struct Router {
-    dir: PathBuf,
-    child: Child,
-}
-
 impl Router {
     fn start(tag: &str) -> Router {
-        let dir = fresh_dir(&format!("ff-panic-{tag}-{}", std::process::id()));
-        let child = Command::new(env!("CARGO_BIN_EXE_freeflow-router"))
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--state-dir")
-            .arg(common::state_dir(&dir))
-            .args(["--cores", &router_cores().to_string()])
-            .stderr(std::fs::File::create(dir.join("router.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let router = Router { dir, child };
-        wait_until(
-            Duration::from_secs(10),
-            Duration::from_millis(10),
-            || router.call(&ControlRequest::Status).is_ok(),
-            || format!("router did not start: {}", router.log()),
-        );
-        router
+        start_router(&format!("ff-panic-{tag}-{}", std::process::id()))
     }
 
     fn call(&self, request: &ControlRequest) -> std::io::Result<ControlResponse> {
@@ -54,10 +30,6 @@ impl Router {
             request,
             Duration::from_secs(5),
         )
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("router.log")).unwrap_or_default()
     }
 
     /// Waits (20 s at most) for the process to end; fails if it is still running then.
@@ -78,14 +50,6 @@ impl Router {
             },
         );
         status.unwrap()
-    }
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

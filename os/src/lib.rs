@@ -9,6 +9,9 @@
 //!   [`process::Pidfd`] (pidfd_open: watching and signalling a process that is not our child).
 //! - [`namespace`]: what kind of namespace a namespace file is.
 //! - [`child`]: run a child, drain its pipes, wait with a deadline.
+//! - [`logfile`]: what the router's and the daemon's logs share: the rate limit on repeated
+//!   lines ([`logfile::RateLimiter`]) and the copy-truncate rotation of a log file
+//!   ([`logfile::rotate_if_larger`]).
 //! - [`symbol_versions!`]: `.symver` directives for the shims' exported C functions.
 //!
 //! File locks are std's (`File::lock`, `try_lock`, `unlock`: `flock(2)` on Linux), so they have
@@ -16,7 +19,7 @@
 //!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here and `#![allow(unsafe_code)]` at the
 //! top of each) to the modules that make system calls: `signals`, `poll`, `memfd`, `errno`,
-//! `process` and `namespace`. `child` and the macro are safe code.
+//! `process` and `namespace`. `child`, `logfile` and the macro are safe code.
 //!
 //! The socket shim (libfsocket) links this crate and interposes some libc symbols (`close`,
 //! `dup`, `fcntl`, `connect`, ...): a function here that calls one of those from inside that
@@ -26,6 +29,7 @@
 
 pub mod child;
 pub mod errno;
+pub mod logfile;
 pub mod memfd;
 pub mod namespace;
 pub mod poll;

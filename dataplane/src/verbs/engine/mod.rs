@@ -56,6 +56,8 @@ mod prop_tests;
 mod qp;
 mod srq;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 pub use budget::budget_of_this_process;

@@ -6,12 +6,12 @@
 //! CQs and QP states are untouched; and afterwards, with the attacker gone too, the victims'
 //! SEND and RDMA WRITE still work.
 
-use crate::verbs::memory::test_memfd;
+use super::test_support::{
+    call, gid, ok, open_context, rc_pingpong_steps, ALL, BACKED, INIT_MASK, RTR_MASK, RTS_MASK,
+};
 use crate::verbs::notify::test_seqpacket_pair;
 use crate::verbs::*;
-use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
-use freeflow_proto::identity::NetnsId;
 use freeflow_proto::region::SharedRegion;
 use freeflow_proto::verbs::qp::{mask, CreateQp, ModifyQp, QpAttr, QpCap, QpQueried, QpState};
 use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq};
@@ -19,8 +19,8 @@ use freeflow_proto::verbs::work::{
     send_flags, wr_opcode, Cqe, RecvWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
 };
 use freeflow_proto::verbs::{
-    access, op, wc_status, CqCreated, CreateCq, ObjectHandle, QueueFileKind, QueueFileMsg,
-    ResizeCq, MAX_TEST_WRITE, RECV_RING, REQUIRED_SEALS, SEND_RING,
+    op, wc_status, CqCreated, CreateCq, ObjectHandle, QueueFileKind, QueueFileMsg, ResizeCq,
+    MAX_TEST_WRITE, RECV_RING, SEND_RING,
 };
 use freeflow_proto::{Consumer, Producer};
 use proptest::collection::vec;
@@ -30,9 +30,6 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 
 const BASE: u64 = 0x7f20_0000_0000;
-const BACKED: u64 = 4 * PAGE_SIZE;
-const ALL: u32 =
-    access::LOCAL_WRITE | access::REMOTE_WRITE | access::REMOTE_READ | access::REMOTE_ATOMIC;
 const VICTIM_IPS: [[u8; 4]; 2] = [[10, 40, 0, 2], [10, 40, 0, 3]];
 const ATTACKER_IP: [u8; 4] = [10, 40, 0, 9];
 
@@ -59,46 +56,6 @@ const OPS: [u16; 19] = [
     op::TEST_WRITE,
 ];
 
-fn container(id: u32, ip: [u8; 4], tenant: &str) -> ContainerEntry {
-    ContainerEntry {
-        name: format!("c{id}"),
-        tenant: tenant.into(),
-        ip: ip.into(),
-        netns: NetnsId {
-            dev: 0,
-            ino: u64::from(id),
-        },
-    }
-}
-
-/// Opens context `id` with a memory file whose first pages at [`BASE`] hold `fill`.
-fn open(engine: &mut Engine, id: u32, ip: [u8; 4], tenant: &str, fill: u8) -> std::fs::File {
-    engine.open(AttachmentId(id), container(id, ip, tenant));
-    let fd = test_memfd(MEMORY_FILE_SIZE, REQUIRED_SEALS);
-    let file = std::fs::File::from(fd.try_clone().expect("dup"));
-    file.write_all_at(&vec![fill; BACKED as usize], BASE)
-        .expect("memory");
-    let msg = MemoryFileMsg {
-        size: MEMORY_FILE_SIZE,
-    };
-    engine
-        .adopt_memory_file(AttachmentId(id), msg, fd)
-        .expect("memory file");
-    file
-}
-
-fn call(engine: &mut Engine, id: u32, conn: &OwnedFd, op: u16, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut reply = [0u8; MAX_REPLY_BODY];
-    let (status, len) = engine.serve(AttachmentId(id), conn.as_fd(), op, body, &mut reply);
-    (status, reply[..len].to_vec())
-}
-
-fn ok<T: Body>(engine: &mut Engine, id: u32, conn: &OwnedFd, op: u16, body: &[u8]) -> T {
-    let (status, reply) = call(engine, id, conn, op, body);
-    assert_eq!(status, status::OK, "opcode {op:#x}");
-    T::decode(&reply).expect("reply body")
-}
-
 /// The queue files the engine passed on the attach connection since the last call.
 fn queue_files(shim: &OwnedFd) -> Vec<(QueueFileMsg, SharedRegion)> {
     let mut out = Vec::new();
@@ -114,14 +71,6 @@ fn queue_files(shim: &OwnedFd) -> Vec<(QueueFileMsg, SharedRegion)> {
         out.push((msg, SharedRegion::attach(fd.as_fd()).expect("region")));
     }
     out
-}
-
-fn gid(ip: [u8; 4]) -> [u8; 16] {
-    let mut g = [0u8; 16];
-    g[10] = 0xff;
-    g[11] = 0xff;
-    g[12..].copy_from_slice(&ip);
-    g
 }
 
 /// One victim: a context with a PD, an MR over its backed pages, a CQ and a QP.
@@ -140,9 +89,9 @@ struct Victim {
 }
 
 fn victim(engine: &mut Engine, id: u32, ip: [u8; 4]) -> Victim {
-    let file = open(engine, id, ip, "blue", 0x5a);
+    let file = open_context(engine, id, ip, "blue", BASE, 0x5a);
     let (conn, shim) = test_seqpacket_pair();
-    let pd = ok::<PdCreated>(engine, id, &conn, op::ALLOC_PD, &[]).pd;
+    let pd = ok::<PdCreated>(engine, AttachmentId(id), &conn, op::ALLOC_PD, &[]).pd;
     let reg = RegMr {
         pd,
         access: ALL,
@@ -150,13 +99,19 @@ fn victim(engine: &mut Engine, id: u32, ip: [u8; 4]) -> Victim {
         length: BACKED,
         iova: BASE,
     };
-    let mr: MrCreated = ok(engine, id, &conn, op::REG_MR, &reg.to_vec());
+    let mr: MrCreated = ok(engine, AttachmentId(id), &conn, op::REG_MR, &reg.to_vec());
     let create_cq = CreateCq {
         cqe: 64,
         channel: 0,
         comp_vector: 0,
     };
-    let cq: CqCreated = ok(engine, id, &conn, op::CREATE_CQ, &create_cq.to_vec());
+    let cq: CqCreated = ok(
+        engine,
+        AttachmentId(id),
+        &conn,
+        op::CREATE_CQ,
+        &create_cq.to_vec(),
+    );
     let cap = QpCap {
         max_send_wr: 16,
         max_recv_wr: 16,
@@ -173,8 +128,13 @@ fn victim(engine: &mut Engine, id: u32, ip: [u8; 4]) -> Victim {
         sq_sig_all: 1,
         cap,
     };
-    let qp: freeflow_proto::verbs::qp::QpCreated =
-        ok(engine, id, &conn, op::CREATE_QP, &create_qp.to_vec());
+    let qp: freeflow_proto::verbs::qp::QpCreated = ok(
+        engine,
+        AttachmentId(id),
+        &conn,
+        op::CREATE_QP,
+        &create_qp.to_vec(),
+    );
     let mut files = queue_files(&shim).into_iter();
     let (_, cq_region) = files.next().expect("the CQ's region");
     let (_, qp_region) = files.next().expect("the QP's region");
@@ -195,48 +155,19 @@ fn victim(engine: &mut Engine, id: u32, ip: [u8; 4]) -> Victim {
 
 /// The rc_pingpong sequence: RESET → INIT → RTR (to `peer`) → RTS.
 fn connect(engine: &mut Engine, v: &Victim, peer_ip: [u8; 4], peer_qpn: u32) {
-    let steps = [
-        (
-            INIT_MASK,
-            QpAttr {
-                qp_state: QpState::Init as u8,
-                port_num: 1,
-                qp_access_flags: ALL,
-                ..QpAttr::default()
-            },
-        ),
-        (
-            RTR_MASK,
-            QpAttr {
-                qp_state: QpState::Rtr as u8,
-                path_mtu: 3,
-                dest_qp_num: peer_qpn,
-                min_rnr_timer: 1,
-                max_dest_rd_atomic: 1,
-                is_global: 1,
-                ah_port_num: 1,
-                dgid: gid(peer_ip),
-                ..QpAttr::default()
-            },
-        ),
-        (
-            RTS_MASK,
-            QpAttr {
-                qp_state: QpState::Rts as u8,
-                timeout: 1,
-                retry_cnt: 1,
-                rnr_retry: 7,
-                ..QpAttr::default()
-            },
-        ),
-    ];
-    for (attr_mask, attr) in steps {
+    for (attr_mask, attr) in rc_pingpong_steps(peer_ip, peer_qpn, 7) {
         let body = ModifyQp {
             qp: v.qp,
             attr_mask,
             attr,
         };
-        let (status, _) = call(engine, v.id, &v.conn, op::MODIFY_QP, &body.to_vec());
+        let (status, _) = call(
+            engine,
+            AttachmentId(v.id),
+            &v.conn,
+            op::MODIFY_QP,
+            &body.to_vec(),
+        );
         assert_eq!(status, status::OK);
     }
 }
@@ -281,7 +212,7 @@ fn assert_victims_untouched(engine: &mut Engine, victims: &mut [Victim; 2]) {
     for v in victims.iter_mut() {
         assert_eq!(completions(&mut v.cq), vec![], "victim {} CQ", v.id);
         let handle = ObjectHandle { handle: v.qp }.to_vec();
-        let q: QpQueried = ok(engine, v.id, &v.conn, op::QUERY_QP, &handle);
+        let q: QpQueried = ok(engine, AttachmentId(v.id), &v.conn, op::QUERY_QP, &handle);
         assert_eq!(q.attr.qp_state, QpState::Rts as u8, "victim {} QP", v.id);
         let mut mem = vec![0u8; BACKED as usize];
         v.file.read_exact_at(&mut mem, BASE).expect("read");
@@ -528,21 +459,6 @@ impl Num {
         }
     }
 }
-
-const INIT_MASK: u32 = mask::STATE | mask::PKEY_INDEX | mask::PORT | mask::ACCESS_FLAGS;
-const RTR_MASK: u32 = mask::STATE
-    | mask::AV
-    | mask::PATH_MTU
-    | mask::DEST_QPN
-    | mask::RQ_PSN
-    | mask::MAX_DEST_RD_ATOMIC
-    | mask::MIN_RNR_TIMER;
-const RTS_MASK: u32 = mask::STATE
-    | mask::TIMEOUT
-    | mask::RETRY_CNT
-    | mask::RNR_RETRY
-    | mask::SQ_PSN
-    | mask::MAX_QP_RD_ATOMIC;
 
 /// The body of request `op` with its fields from `f` (arbitrary bytes for unknown opcodes).
 fn request_body(op: u16, f: &mut Fields<'_>) -> Vec<u8> {
@@ -807,7 +723,7 @@ impl Attacker {
         known: Vec<u32>,
         victims: [([u8; 4], u32, u32); 2],
     ) -> Attacker {
-        let file = open(engine, id, ATTACKER_IP, tenant, 0);
+        let file = open_context(engine, id, ATTACKER_IP, tenant, BASE, 0);
         let (conn, shim) = test_seqpacket_pair();
         Attacker {
             id,
@@ -836,7 +752,7 @@ impl Attacker {
 
     /// Serves one request and learns the numbers of its reply and the rings it was given.
     fn request(&mut self, engine: &mut Engine, op: u16, body: &[u8]) -> u16 {
-        let (status, reply) = call(engine, self.id, &self.conn, op, body);
+        let (status, reply) = call(engine, AttachmentId(self.id), &self.conn, op, body);
         if status == status::OK {
             self.recent.learn(op, &reply);
             if op == op::CREATE_QP {

@@ -1,7 +1,9 @@
 //! The engine with two contexts in one process: each "shim" side is played by the test with the
 //! same proto types a shim uses (queue files from a socket pair, rings mapped from them).
 
-use crate::verbs::memory::test_memfd;
+use super::test_support::{
+    call, gid, ok, open_context, rc_pingpong_steps, ALL, BACKED, INIT_MASK, RTR_MASK,
+};
 use crate::verbs::notify::test_seqpacket_pair;
 use crate::verbs::*;
 use freeflow_proto::control::ContainerEntry;
@@ -13,34 +15,13 @@ use freeflow_proto::verbs::work::{
     send_flags, wc_opcode, wr_opcode, Cqe, RecvWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
 };
 use freeflow_proto::verbs::{
-    access, op, wc_status, CqCreated, CreateCq, ObjectHandle, PdCreated, QueueFileKind,
-    QueueFileMsg, REQUIRED_SEALS,
+    op, wc_status, CqCreated, CreateCq, ObjectHandle, PdCreated, QueueFileKind, QueueFileMsg,
 };
 use freeflow_proto::{Consumer, Producer};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 const BASE: u64 = 0x7f10_0000_0000;
-const BACKED: u64 = 4 * PAGE_SIZE;
-const ALL: u32 =
-    access::LOCAL_WRITE | access::REMOTE_WRITE | access::REMOTE_READ | access::REMOTE_ATOMIC;
-
-/// The attributes rc_pingpong gives for each transition: to INIT, RTR and RTS.
-const INIT_MASK: u32 = mask::STATE | mask::PKEY_INDEX | mask::PORT | mask::ACCESS_FLAGS;
-const RTR_MASK: u32 = mask::STATE
-    | mask::AV
-    | mask::PATH_MTU
-    | mask::DEST_QPN
-    | mask::RQ_PSN
-    | mask::MAX_DEST_RD_ATOMIC
-    | mask::MIN_RNR_TIMER;
-const RTS_MASK: u32 = mask::STATE
-    | mask::TIMEOUT
-    | mask::RETRY_CNT
-    | mask::RNR_RETRY
-    | mask::SQ_PSN
-    | mask::MAX_QP_RD_ATOMIC;
-
 /// One context as its shim sees it.
 struct Side {
     id: AttachmentId,
@@ -60,27 +41,9 @@ struct Side {
     _regions: Vec<SharedRegion>,
 }
 
-fn call(
-    engine: &mut Engine,
-    id: AttachmentId,
-    conn: &OwnedFd,
-    op: u16,
-    body: &[u8],
-) -> (u16, Vec<u8>) {
-    let mut reply = [0u8; MAX_REPLY_BODY];
-    let (status, len) = engine.serve(id, conn.as_fd(), op, body, &mut reply);
-    (status, reply[..len].to_vec())
-}
-
 /// The status of one request of `side`.
 fn status_of(engine: &mut Engine, side: &Side, op: u16, body: &[u8]) -> u16 {
     call(engine, side.id, &side.conn, op, body).0
-}
-
-fn ok<T: Body>(engine: &mut Engine, id: AttachmentId, conn: &OwnedFd, op: u16, body: &[u8]) -> T {
-    let (status, reply) = call(engine, id, conn, op, body);
-    assert_eq!(status, status::OK, "opcode {op:#x}");
-    T::decode(&reply).unwrap()
 }
 
 /// The queue file the engine passed on the connection for `handle`, mapped.
@@ -92,42 +55,10 @@ fn queue_file(shim: &OwnedFd, kind: QueueFileKind, handle: u32) -> SharedRegion 
     SharedRegion::attach(got.fds[0].as_fd()).unwrap()
 }
 
-fn gid(ip: [u8; 4]) -> [u8; 16] {
-    let mut g = [0u8; 16];
-    g[10] = 0xff;
-    g[11] = 0xff;
-    g[12..].copy_from_slice(&ip);
-    g
-}
-
 fn side(engine: &mut Engine, number: u32, ip: [u8; 4], tenant: &str, cqe: u32) -> Side {
     let id = AttachmentId(number);
-    engine.open(
-        id,
-        ContainerEntry {
-            name: format!("c{number}"),
-            tenant: tenant.into(),
-            ip: ip.into(),
-            netns: NetnsId {
-                dev: 0,
-                ino: u64::from(number),
-            },
-        },
-    );
+    let file = open_context(engine, number, ip, tenant, BASE, 0);
     let (conn, shim) = test_seqpacket_pair();
-    let fd = test_memfd(MEMORY_FILE_SIZE, REQUIRED_SEALS);
-    let file = std::fs::File::from(fd.try_clone().unwrap());
-    file.write_all_at(&vec![0u8; BACKED as usize], BASE)
-        .unwrap();
-    engine
-        .adopt_memory_file(
-            id,
-            MemoryFileMsg {
-                size: MEMORY_FILE_SIZE,
-            },
-            fd,
-        )
-        .unwrap();
     let pd = ok::<PdCreated>(engine, id, &conn, op::ALLOC_PD, &[]).pd;
     let mr: MrCreated = ok(
         engine,
@@ -212,31 +143,7 @@ fn modify(engine: &mut Engine, s: &Side, attr_mask: u32, attr: QpAttr) -> u16 {
 
 /// RESET → INIT → RTR (to `peer_ip`/`peer_qpn`) → RTS, as rc_pingpong does it.
 fn connect(engine: &mut Engine, s: &Side, peer_ip: [u8; 4], peer_qpn: u32, rnr_retry: u8) {
-    let init = QpAttr {
-        qp_state: QpState::Init as u8,
-        port_num: 1,
-        qp_access_flags: ALL,
-        ..QpAttr::default()
-    };
-    let rtr = QpAttr {
-        qp_state: QpState::Rtr as u8,
-        path_mtu: 3,
-        dest_qp_num: peer_qpn,
-        min_rnr_timer: 1,
-        max_dest_rd_atomic: 1,
-        is_global: 1,
-        ah_port_num: 1,
-        dgid: gid(peer_ip),
-        ..QpAttr::default()
-    };
-    let rts = QpAttr {
-        qp_state: QpState::Rts as u8,
-        timeout: 1,
-        retry_cnt: 1,
-        rnr_retry,
-        ..QpAttr::default()
-    };
-    for (m, attr) in [(INIT_MASK, init), (RTR_MASK, rtr), (RTS_MASK, rts)] {
+    for (m, attr) in rc_pingpong_steps(peer_ip, peer_qpn, rnr_retry) {
         assert_eq!(modify(engine, s, m, attr), status::OK);
     }
 }
