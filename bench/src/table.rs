@@ -125,17 +125,19 @@ fn tcp_per_request(r: &TcpPerRequestReport) {
         r.clients, r.seconds
     );
     println!(
-        "{:<10}{:>12}{:>14}{:>14}{:>9}",
-        "path", "requests/s", "p50 us", "p99 us", "errors"
+        "{:<10}{:>12}{:>14}{:>14}{:>14}{:>14}{:>9}",
+        "path", "requests/s", "p50 us", "p99 us", "connect p50", "connect p99", "errors"
     );
     for p in &r.paths {
         let m = &p.median;
         println!(
-            "{:<10}{:>12.0}{:>14.1}{:>14.1}{:>9}",
+            "{:<10}{:>12.0}{:>14.1}{:>14.1}{:>14.1}{:>14.1}{:>9}",
             p.path.as_str(),
             m.requests_per_sec,
             m.latency_p50_us,
             m.latency_p99_us,
+            m.connect_p50_us,
+            m.connect_p99_us,
             m.errors
         );
     }

@@ -272,6 +272,12 @@ pub struct TcpPerRequestSample {
     /// From the connect call to the reply's last byte.
     pub latency_p50_us: f64,
     pub latency_p99_us: f64,
+    /// The connect call alone, within the latency (the shim's and the router's setup work,
+    /// and any wait for them, is all in there).
+    #[serde(default)]
+    pub connect_p50_us: f64,
+    #[serde(default)]
+    pub connect_p99_us: f64,
     /// Requests that failed (connect refused or reset, a short reply, a timeout).
     pub errors: u64,
 }

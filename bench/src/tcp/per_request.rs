@@ -88,6 +88,8 @@ fn report(
         requests_per_sec: median(v.iter().map(|s| s.requests_per_sec)),
         latency_p50_us: median(v.iter().map(|s| s.latency_p50_us)),
         latency_p99_us: median(v.iter().map(|s| s.latency_p99_us)),
+        connect_p50_us: median(v.iter().map(|s| s.connect_p50_us)),
+        connect_p99_us: median(v.iter().map(|s| s.connect_p99_us)),
         errors: v.iter().map(|s| s.errors).sum(),
     };
     let paths: Vec<TcpPerRequestPath> = TcpRequestPath::ALL
@@ -133,6 +135,8 @@ mod tests {
             requests_per_sec: rps,
             latency_p50_us: p50,
             latency_p99_us: 2.0 * p50,
+            connect_p50_us: p50 / 2.0,
+            connect_p99_us: p50,
             errors,
         }
     }

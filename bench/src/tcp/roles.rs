@@ -183,17 +183,21 @@ pub fn requests(addr: SocketAddr, clients: usize, seconds: f64) -> Result<(), St
                 .map_err(io("thread"))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let mut latency = request_histogram()?;
+    let mut all = Timings::new()?;
     let mut errors = 0;
     for t in threads {
-        let (h, e) = t.join().map_err(|_| "a client thread panicked")??;
-        latency.add(&h).map_err(|x| x.to_string())?;
+        let (one, e) = t.join().map_err(|_| "a client thread panicked")??;
+        all.latency.add(&one.latency).map_err(|x| x.to_string())?;
+        all.connect.add(&one.connect).map_err(|x| x.to_string())?;
         errors += e;
     }
+    let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let sample = TcpPerRequestSample {
-        requests_per_sec: latency.len() as f64 / seconds,
-        latency_p50_us: latency.value_at_quantile(0.5) as f64 / 1000.0,
-        latency_p99_us: latency.value_at_quantile(0.99) as f64 / 1000.0,
+        requests_per_sec: all.latency.len() as f64 / seconds,
+        latency_p50_us: us(&all.latency, 0.5),
+        latency_p99_us: us(&all.latency, 0.99),
+        connect_p50_us: us(&all.connect, 0.5),
+        connect_p99_us: us(&all.connect, 0.99),
         errors,
     };
     println!(
@@ -203,15 +207,32 @@ pub fn requests(addr: SocketAddr, clients: usize, seconds: f64) -> Result<(), St
     Ok(())
 }
 
-/// Two significant digits: a histogram per client thread stays small at 400 threads.
-fn request_histogram() -> Result<Histogram<u64>, String> {
-    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 2).map_err(|x| x.to_string())
+/// One client's request latencies and connect-call times, in ns.
+struct Timings {
+    latency: Histogram<u64>,
+    connect: Histogram<u64>,
+}
+
+impl Timings {
+    /// Two significant digits: the histograms per client thread stay small at 400 threads.
+    fn new() -> Result<Timings, String> {
+        let h =
+            || Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 2).map_err(|x| x.to_string());
+        Ok(Timings {
+            latency: h()?,
+            connect: h()?,
+        })
+    }
+}
+
+fn nanos_between(from: Instant, to: Instant) -> u64 {
+    to.duration_since(from).as_nanos().max(1) as u64
 }
 
 /// One client: requests one after another until `end`; returns the latencies of those
 /// answered before `end` and the number that failed.
-fn request_loop(addr: SocketAddr, end: Instant) -> Result<(Histogram<u64>, u64), String> {
-    let mut latency = request_histogram()?;
+fn request_loop(addr: SocketAddr, end: Instant) -> Result<(Timings, u64), String> {
+    let mut timings = Timings::new()?;
     let mut errors = 0u64;
     loop {
         let t = Instant::now();
@@ -219,9 +240,11 @@ fn request_loop(addr: SocketAddr, end: Instant) -> Result<(Histogram<u64>, u64),
             break;
         }
         match one_request(addr) {
-            Ok(replied) if replied <= end => {
-                let ns = replied.duration_since(t).as_nanos().max(1) as u64;
-                latency.record(ns).map_err(|x| x.to_string())?;
+            Ok((connected, replied)) if replied <= end => {
+                let latency = nanos_between(t, replied);
+                let connect = nanos_between(t, connected);
+                timings.latency.record(latency).map_err(|x| x.to_string())?;
+                timings.connect.record(connect).map_err(|x| x.to_string())?;
             }
             Ok(_) => {}
             Err(_) => {
@@ -231,13 +254,14 @@ fn request_loop(addr: SocketAddr, end: Instant) -> Result<(Histogram<u64>, u64),
             }
         }
     }
-    Ok((latency, errors))
+    Ok((timings, errors))
 }
 
 /// Connect, send a request, read the reply, wait for the server's close; returns when the
-/// reply had arrived.
-fn one_request(addr: SocketAddr) -> std::io::Result<Instant> {
+/// connect call returned and when the reply had arrived.
+fn one_request(addr: SocketAddr) -> std::io::Result<(Instant, Instant)> {
     let mut c = TcpStream::connect(addr)?;
+    let connected = Instant::now();
     c.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     c.set_nodelay(true)?;
     let mut request = [0u8; REQUEST_BYTES];
@@ -248,7 +272,7 @@ fn one_request(addr: SocketAddr) -> std::io::Result<Instant> {
     let replied = Instant::now();
     let mut more = [0u8; 1];
     match c.read(&mut more)? {
-        0 => Ok(replied),
+        0 => Ok((connected, replied)),
         _ => Err(std::io::ErrorKind::InvalidData.into()),
     }
 }
