@@ -47,6 +47,13 @@ pub enum Experiment {
         samples: u64,
         setups: u64,
     },
+    /// The `tcp` experiment's connection-per-request client: prints one sample as JSON
+    #[command(hide = true)]
+    TcpRequests {
+        addr: SocketAddr,
+        clients: usize,
+        seconds: f64,
+    },
     /// The attached process of one idle container
     #[command(hide = true)]
     Hold {
@@ -190,6 +197,12 @@ pub struct TcpArgs {
     /// Connection setups per path and repetition
     #[arg(long, value_name = "N", default_value_t = 1_000)]
     pub setups: u64,
+    /// Also a connection-per-request load (connect, 64-byte request, 64-byte reply, close) for
+    /// --seconds at each of these numbers of concurrent clients (1 to 1000), on each path and
+    /// through the relay (a client without Freeflow): requests/s, p50/p99 latency [default: none]
+    #[arg(long, value_name = "N,N,..", value_delimiter = ',',
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub concurrency: Vec<u16>,
     /// Cluster tag (1 to 8 of a-z 0-9) [default: from the pid]
     #[arg(long, value_name = "T")]
     pub tag: Option<String>,
@@ -202,6 +215,7 @@ impl TcpArgs {
             seconds: self.seconds,
             rtt_samples: self.samples,
             setups: self.setups,
+            concurrency: self.concurrency.iter().map(|&n| usize::from(n)).collect(),
             tag: self.tag.clone(),
         }
     }
@@ -295,6 +309,7 @@ mod tests {
         let o = a.options();
         assert_eq!((o.reps, o.rtt_samples, o.setups), (3, 20_000, 1_000));
         assert_eq!((o.seconds, o.tag), (2.0, None));
+        assert!(o.concurrency.is_empty());
         let Ok(Experiment::Rdma(a)) = parse(&["rdma"]) else {
             panic!("rdma")
         };
@@ -336,9 +351,12 @@ mod tests {
             "500",
             "--tag",
             "dmt1",
+            "--concurrency",
+            "1,20,400",
         ]) else {
             panic!("tcp")
         };
+        assert_eq!(a.options().concurrency, vec![1, 20, 400]);
         assert!(a.output.json && a.output.progress_json);
         let o = a.options();
         assert_eq!(
@@ -375,5 +393,7 @@ mod tests {
         assert!(parse(&["ring", "--reps", "x"]).is_err());
         assert!(parse(&["idle", "--tag", "t"]).is_err());
         assert!(parse(&["probe"]).is_err());
+        assert!(parse(&["tcp", "--concurrency", "0"]).is_err());
+        assert!(parse(&["tcp", "--concurrency", "1,1001"]).is_err());
     }
 }

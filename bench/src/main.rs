@@ -50,6 +50,11 @@ fn run(experiment: Experiment) -> Result<(), String> {
             samples,
             setups,
         } => tcp::client(addr, seconds, samples, setups),
+        Experiment::TcpRequests {
+            addr,
+            clients,
+            seconds,
+        } => tcp::requests(addr, clients, seconds),
         Experiment::Hold { dir, seconds } => idle::hold(&dir, seconds),
     }
 }

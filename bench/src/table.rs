@@ -1,6 +1,8 @@
 //! The text each experiment prints without `--json`: a table or a line.
 
-use freeflow_proto::report::{IdleReport, ProbeReport, RdmaReport, RingReport, TcpReport};
+use freeflow_proto::report::{
+    IdleReport, ProbeReport, RdmaReport, RingReport, TcpPerRequestReport, TcpReport,
+};
 
 pub fn ring(r: &RingReport) {
     println!(
@@ -110,4 +112,43 @@ pub fn tcp(r: &TcpReport) {
         "overlay/host:  throughput {:.2}x, round trip {:.2}x, setup {:.2}x",
         o.throughput, o.rtt_p50, o.setup_p50
     );
+
+    for level in &r.per_request {
+        tcp_per_request(level);
+    }
+}
+
+/// One concurrency of the connection-per-request load.
+fn tcp_per_request(r: &TcpPerRequestReport) {
+    println!(
+        "connection per request, {} concurrent clients, {} s each",
+        r.clients, r.seconds
+    );
+    println!(
+        "{:<10}{:>12}{:>14}{:>14}{:>14}{:>14}{:>9}",
+        "path", "requests/s", "p50 us", "p99 us", "connect p50", "connect p99", "errors"
+    );
+    for p in &r.paths {
+        let m = &p.median;
+        println!(
+            "{:<10}{:>12.0}{:>14.1}{:>14.1}{:>14.1}{:>14.1}{:>9}",
+            p.path.as_str(),
+            m.requests_per_sec,
+            m.latency_p50_us,
+            m.latency_p99_us,
+            m.connect_p50_us,
+            m.connect_p99_us,
+            m.errors
+        );
+    }
+    for (name, x) in [
+        ("freeflow/overlay", &r.freeflow_vs_overlay),
+        ("freeflow/host", &r.freeflow_vs_host),
+        ("relay/overlay", &r.relay_vs_overlay),
+    ] {
+        println!(
+            "{name:<17} requests/s {:.2}x, p50 {:.2}x, p99 {:.2}x",
+            x.requests_per_sec, x.latency_p50, x.latency_p99
+        );
+    }
 }

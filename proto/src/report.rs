@@ -30,6 +30,14 @@ pub enum Progress {
         of: usize,
         path: TcpPath,
     },
+    /// `tcp`: repetition `rep` of `of` of the connection-per-request load with `clients`
+    /// concurrent clients on `path`.
+    TcpPerRequest {
+        rep: usize,
+        of: usize,
+        clients: usize,
+        path: TcpRequestPath,
+    },
     /// `tcp`: everything the experiment made is being removed.
     TcpRemoving,
     /// `rdma`: a private router starts on `router_core`, the measuring program is built.
@@ -68,6 +76,16 @@ impl fmt::Display for Progress {
             Progress::TcpRepetition { rep, of, path } => {
                 write!(f, "tcp: repetition {rep}/{of}: {}", path.as_str())
             }
+            Progress::TcpPerRequest {
+                rep,
+                of,
+                clients,
+                path,
+            } => write!(
+                f,
+                "tcp: repetition {rep}/{of}: connection per request, {clients} clients: {}",
+                path.as_str()
+            ),
             Progress::TcpRemoving => f.write_str("tcp: removing the two simulated hosts"),
             Progress::RdmaStarting { router_core } => write!(
                 f,
@@ -207,6 +225,88 @@ pub struct TcpReport {
     pub paths: Vec<TcpPathReport>,
     pub freeflow_vs_host: TcpRatios,
     pub overlay_vs_host: TcpRatios,
+    /// The connection-per-request load, one entry per number of concurrent clients; empty (and
+    /// left out of the JSON) unless asked for with `--concurrency`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_request: Vec<TcpPerRequestReport>,
+}
+
+/// The ways the connection-per-request load compares: the three of [`TcpPath`], and a client
+/// without Freeflow against the Freeflow server (served through the router's relay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpRequestPath {
+    Host,
+    Overlay,
+    Freeflow,
+    /// A client without the shim, the server with it.
+    Relay,
+}
+
+impl TcpRequestPath {
+    /// Every path, in the order of the report.
+    pub const ALL: [TcpRequestPath; 4] = [
+        TcpRequestPath::Host,
+        TcpRequestPath::Overlay,
+        TcpRequestPath::Freeflow,
+        TcpRequestPath::Relay,
+    ];
+
+    /// The name in JSON and in the bench's own output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpRequestPath::Host => "host",
+            TcpRequestPath::Overlay => "overlay",
+            TcpRequestPath::Freeflow => "freeflow",
+            TcpRequestPath::Relay => "relay",
+        }
+    }
+}
+
+/// One repetition of the connection-per-request load on one path (also what the client role
+/// prints): each request is connect, a 64-byte request, a 64-byte reply, and the server's close.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TcpPerRequestSample {
+    /// Requests answered within the measured time, per second.
+    pub requests_per_sec: f64,
+    /// From the connect call to the reply's last byte.
+    pub latency_p50_us: f64,
+    pub latency_p99_us: f64,
+    /// The connect call alone, within the latency (the shim's and the router's setup work,
+    /// and any wait for them, is all in there).
+    #[serde(default)]
+    pub connect_p50_us: f64,
+    #[serde(default)]
+    pub connect_p99_us: f64,
+    /// Requests that failed (connect refused or reset, a short reply, a timeout).
+    pub errors: u64,
+}
+
+/// One path of the connection-per-request load: the medians, then each repetition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TcpPerRequestPath {
+    pub path: TcpRequestPath,
+    pub median: TcpPerRequestSample,
+    pub reps: Vec<TcpPerRequestSample>,
+}
+
+/// Medians of one path divided by another's: requests per second, p50 and p99 latency.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TcpPerRequestRatios {
+    pub requests_per_sec: f64,
+    pub latency_p50: f64,
+    pub latency_p99: f64,
+}
+
+/// The connection-per-request load at one number of concurrent clients.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TcpPerRequestReport {
+    pub clients: usize,
+    pub seconds: f64,
+    pub paths: Vec<TcpPerRequestPath>,
+    pub freeflow_vs_overlay: TcpPerRequestRatios,
+    pub freeflow_vs_host: TcpPerRequestRatios,
+    pub relay_vs_overlay: TcpPerRequestRatios,
 }
 
 // ---------------------------------------------------------------- rdma
@@ -257,6 +357,12 @@ mod tests {
                 of: 3,
                 path: TcpPath::Overlay,
             },
+            Progress::TcpPerRequest {
+                rep: 1,
+                of: 3,
+                clients: 400,
+                path: TcpRequestPath::Relay,
+            },
             Progress::TcpRemoving,
             Progress::RdmaStarting { router_core: 1 },
             Progress::RdmaRepetition { rep: 1, of: 3 },
@@ -305,5 +411,37 @@ mod tests {
                 format!("\"{}\"", path.as_str())
             );
         }
+    }
+
+    #[test]
+    fn request_paths_are_lowercase_names() {
+        for path in TcpRequestPath::ALL {
+            assert_eq!(
+                serde_json::to_string(&path).unwrap(),
+                format!("\"{}\"", path.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn a_tcp_report_without_the_per_request_load_reads_and_writes_as_before() {
+        let ratios = TcpRatios {
+            throughput: 1.0,
+            rtt_p50: 1.0,
+            setup_p50: 1.0,
+        };
+        let report = TcpReport {
+            experiment: "tcp".into(),
+            repetitions: 1,
+            stream_seconds: 1.0,
+            paths: Vec::new(),
+            freeflow_vs_host: ratios.clone(),
+            overlay_vs_host: ratios,
+            per_request: Vec::new(),
+        };
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(!json.contains("per_request"), "{json}");
+        let back: TcpReport = serde_json::from_str(&json).unwrap();
+        assert!(back.per_request.is_empty());
     }
 }

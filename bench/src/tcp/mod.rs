@@ -7,9 +7,10 @@
 //! SIGINT, SIGTERM and SIGHUP stop the experiment at the next step (see [`crate::signals`]):
 //! whatever it made is removed before the process exits.
 
+mod per_request;
 mod roles;
 
-pub use roles::{client, serve};
+pub use roles::{client, requests, serve};
 
 use crate::signals::{interrupted, Interrupts, CHILD_PAUSE};
 use crate::stats::median;
@@ -26,6 +27,9 @@ pub struct Options {
     pub seconds: f64,
     pub rtt_samples: u64,
     pub setups: u64,
+    /// Concurrent clients of the connection-per-request load, one measurement each; empty: no
+    /// such load.
+    pub concurrency: Vec<usize>,
     /// Cluster tag; `None` picks one from the pid. A caller that passes one (`freeflow demo`)
     /// can check afterwards that nothing of it is left, also if this process was killed.
     pub tag: Option<String>,
@@ -56,14 +60,24 @@ const COMMAND_LIMITS: Limits = Limits {
 
 /// Runs `cmd` to completion and returns its stdout; a termination signal kills it and ends the
 /// experiment.
-fn run(cmd: &mut Command, mut stop: &Interrupts) -> Result<String, String> {
+fn run(cmd: &mut Command, stop: &Interrupts) -> Result<String, String> {
+    run_limited(cmd, stop, &COMMAND_LIMITS)
+}
+
+/// [`run`] within `limits`: a child that runs past them is killed and fails the experiment.
+fn run_limited(
+    cmd: &mut Command,
+    mut stop: &Interrupts,
+    limits: &Limits,
+) -> Result<String, String> {
     stop.check()?;
     let started = child::start(cmd).map_err(|e| format!("{cmd:?}: {e}"))?;
     // Both pipes are read while waiting, so a child that says a lot cannot stall on a full pipe.
-    let done =
-        child::watch(started, &COMMAND_LIMITS, &mut stop).map_err(|e| format!("wait: {e}"))?;
-    if let Ended::Interrupted(sig) = done.ended {
-        return Err(interrupted(sig));
+    let done = child::watch(started, limits, &mut stop).map_err(|e| format!("wait: {e}"))?;
+    match done.ended {
+        Ended::Interrupted(sig) => return Err(interrupted(sig)),
+        Ended::TimedOut => return Err(format!("{cmd:?} ran past {:?} and was killed", limits.run)),
+        Ended::Exited => {}
     }
     if !done.status.success() {
         // A Ctrl-C from the terminal reaches the child too; say why it failed.
@@ -219,7 +233,17 @@ fn measure(
             samples[i].push(measure_path(bench, programs, path, opts, stop)?);
         }
     }
-    Ok(report(opts, samples))
+    let mut report = report(opts, samples);
+    report.per_request = per_request::measure(
+        bench,
+        programs,
+        &opts.concurrency,
+        opts.reps,
+        opts.seconds,
+        stop,
+        progress,
+    )?;
+    Ok(report)
 }
 
 /// The cluster (two hosts, containers web and db), Freeflow on both hosts with one registry,
@@ -369,5 +393,6 @@ fn report(opts: &Options, samples: Vec<Vec<TcpSample>>) -> TcpReport {
         freeflow_vs_host: ratios(&paths[2].median, &paths[0].median),
         overlay_vs_host: ratios(&paths[1].median, &paths[0].median),
         paths,
+        per_request: Vec::new(),
     }
 }

@@ -1,15 +1,22 @@
 //! The server and client roles of `freeflow-bench tcp`: this binary re-executed inside the
-//! simulated hosts' namespaces (`tcp-server PORT`, `tcp-client ADDR SECONDS SAMPLES SETUPS`).
+//! simulated hosts' namespaces (`tcp-server PORT`, `tcp-client ADDR SECONDS SAMPLES SETUPS`,
+//! `tcp-requests ADDR CLIENTS SECONDS`).
 
-use freeflow_proto::report::TcpSample;
+use freeflow_proto::report::{TcpPerRequestSample, TcpSample};
 use hdrhistogram::Histogram;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// The size of a connection-per-request request (its first byte is the command 'R') and of
+/// its reply.
+const REQUEST_BYTES: usize = 64;
 
 /// Server role: every connection starts with one command byte.
 /// 'S' stream: read to EOF, answer the byte count (u64). 'E' echo: 64-byte messages back until
-/// EOF. 'F' first byte: write one byte at once, then wait for EOF.
+/// EOF. 'F' first byte: write one byte at once, then wait for EOF. 'R' request: read the rest
+/// of a 64-byte request, answer 64 bytes and close (the server closes first, as an HTTP server
+/// with `Connection: close` does, so the clients' ports are not held in TIME_WAIT).
 pub fn serve(port: u16) -> Result<(), String> {
     let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("bind {port}: {e}"))?;
     println!("READY");
@@ -51,6 +58,12 @@ fn serve_one(mut conn: TcpStream) {
             let _ = conn.write_all(b"!");
             let mut rest = [0u8; 16];
             let _ = conn.read(&mut rest);
+        }
+        b'R' => {
+            let mut request = [0u8; REQUEST_BYTES - 1];
+            if conn.read_exact(&mut request).is_ok() {
+                let _ = conn.write_all(&[b'r'; REQUEST_BYTES]);
+            }
         }
         _ => {}
     }
@@ -151,4 +164,115 @@ fn setups_of(
         record_since(&mut setup, t)?;
     }
     Ok((setup, connect, start.elapsed().as_secs_f64()))
+}
+
+/// How long one request may wait for its reply or for the server's close before it counts as
+/// an error (the connect call is bounded by the parent's time limit on this role).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connection-per-request client role: `clients` threads, each opening a connection per
+/// request for `seconds`; prints a [`TcpPerRequestSample`] as JSON. Only requests answered
+/// before the end count, and their latency is from the connect call to the reply.
+pub fn requests(addr: SocketAddr, clients: usize, seconds: f64) -> Result<(), String> {
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let threads = (0..clients)
+        .map(|_| {
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || request_loop(addr, end))
+                .map_err(io("thread"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut all = Timings::new()?;
+    let mut errors = 0;
+    for t in threads {
+        let (one, e) = t.join().map_err(|_| "a client thread panicked")??;
+        all.latency.add(&one.latency).map_err(|x| x.to_string())?;
+        all.connect.add(&one.connect).map_err(|x| x.to_string())?;
+        errors += e;
+    }
+    let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let sample = TcpPerRequestSample {
+        requests_per_sec: all.latency.len() as f64 / seconds,
+        latency_p50_us: us(&all.latency, 0.5),
+        latency_p99_us: us(&all.latency, 0.99),
+        connect_p50_us: us(&all.connect, 0.5),
+        connect_p99_us: us(&all.connect, 0.99),
+        errors,
+    };
+    println!(
+        "{}",
+        serde_json::to_string(&sample).map_err(|x| x.to_string())?
+    );
+    Ok(())
+}
+
+/// One client's request latencies and connect-call times, in ns.
+struct Timings {
+    latency: Histogram<u64>,
+    connect: Histogram<u64>,
+}
+
+impl Timings {
+    /// Two significant digits: the histograms per client thread stay small at 400 threads.
+    fn new() -> Result<Timings, String> {
+        let h =
+            || Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 2).map_err(|x| x.to_string());
+        Ok(Timings {
+            latency: h()?,
+            connect: h()?,
+        })
+    }
+}
+
+fn nanos_between(from: Instant, to: Instant) -> u64 {
+    to.duration_since(from).as_nanos().max(1) as u64
+}
+
+/// One client: requests one after another until `end`; returns the latencies of those
+/// answered before `end` and the number that failed.
+fn request_loop(addr: SocketAddr, end: Instant) -> Result<(Timings, u64), String> {
+    let mut timings = Timings::new()?;
+    let mut errors = 0u64;
+    loop {
+        let t = Instant::now();
+        if t >= end {
+            break;
+        }
+        match one_request(addr) {
+            Ok((connected, replied)) if replied <= end => {
+                let latency = nanos_between(t, replied);
+                let connect = nanos_between(t, connected);
+                timings.latency.record(latency).map_err(|x| x.to_string())?;
+                timings.connect.record(connect).map_err(|x| x.to_string())?;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                errors += 1;
+                // A refused connect fails at once: do not spin on it.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    Ok((timings, errors))
+}
+
+/// Connect, send a request, read the reply, wait for the server's close; returns when the
+/// connect call returned and when the reply had arrived.
+fn one_request(addr: SocketAddr) -> std::io::Result<(Instant, Instant)> {
+    let mut c = TcpStream::connect(addr)?;
+    let connected = Instant::now();
+    c.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    c.set_nodelay(true)?;
+    let mut request = [0u8; REQUEST_BYTES];
+    request[0] = b'R';
+    c.write_all(&request)?;
+    let mut reply = [0u8; REQUEST_BYTES];
+    c.read_exact(&mut reply)?;
+    let replied = Instant::now();
+    let mut more = [0u8; 1];
+    match c.read(&mut more)? {
+        0 => Ok((connected, replied)),
+        _ => Err(std::io::ErrorKind::InvalidData.into()),
+    }
 }
