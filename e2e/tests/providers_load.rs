@@ -221,3 +221,55 @@ fn fi_info_and_ucx_info_run_in_a_container_with_the_verbs_library() {
         );
     }
 }
+
+/// Run by `sh -c` in a private mount namespace (`unshare -m`) in a container: /dev becomes a
+/// private tmpfs holding what UCX needs (null, zero, urandom, a tmpfs /dev/shm) and
+/// /dev/infiniband/ffuverbs0, a symbolic link to /dev/null; then `ucx_info -d`. `$1` is an
+/// empty directory to keep the real /dev reachable while the tmpfs is filled. The mounts vanish
+/// with the namespace.
+const UCX_WITH_A_UVERBS_NODE: &str = "set -e; old=$1; mount --bind /dev $old; \
+    mount -t tmpfs freeflow-dev /dev; \
+    for f in null zero urandom random; do touch /dev/$f; mount --bind $old/$f /dev/$f; done; \
+    mkdir /dev/shm /dev/infiniband; mount -t tmpfs freeflow-shm /dev/shm; \
+    ln -s /dev/null /dev/infiniband/ffuverbs0; exec ucx_info -d";
+
+/// What UCX (1.13, libuct_ib's `uct_ib_device_is_accessible`) checks before it lists a verbs
+/// device: that "/dev/infiniband/" + the device's `dev_name` (Freeflow's: ffuverbs0) is a
+/// character device the user may read and write. Without one, ffv0 is skipped; with one (here
+/// /dev/null under that name, as `docker run --device /dev/null:/dev/infiniband/ffuverbs0` would
+/// give a container without privileges), UCX opens ffv0 through the stand-in libmlx5 (which
+/// declines) and Freeflow's libibverbs, and lists its rc_verbs transport.
+#[test]
+fn ucx_lists_ffv0_when_its_uverbs_node_is_a_character_device() {
+    require_programs(
+        &["ucx_info", "unshare", "mount"],
+        "ucx-utils util-linux mount",
+    );
+    let site = site("pvu");
+    let without = site
+        .verbs_app("client", "ucx_info", &[])
+        .arg("-d")
+        .output()
+        .unwrap();
+    assert!(without.status.success(), "{}", describe(&without));
+    let listed = String::from_utf8_lossy(&without.stdout);
+    assert!(!listed.contains("Memory domain: ffv0"), "{listed}");
+    let old_dev = site.work.join("old-dev");
+    std::fs::create_dir(&old_dev).unwrap();
+    let with = site
+        .verbs_app("client", "unshare", &[])
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(UCX_WITH_A_UVERBS_NODE)
+        .arg("sh")
+        .arg(&old_dev)
+        .output()
+        .unwrap();
+    assert!(with.status.success(), "{}", describe(&with));
+    let listed = String::from_utf8_lossy(&with.stdout);
+    let ffv0 = listed
+        .split("# Memory domain: ")
+        .find(|domain| domain.starts_with("ffv0"))
+        .unwrap_or_else(|| panic!("UCX did not list ffv0:\n{}", describe(&with)));
+    assert!(ffv0.contains("Transport: rc_verbs"), "{ffv0}");
+    assert!(ffv0.contains("Device: ffv0:1"), "{ffv0}");
+}
