@@ -12,9 +12,10 @@
 //! 3. Runs the RDMA comparison on this host the same way, with `freeflow-bench rdma --json`: a
 //!    private router and two QPs through its software verbs engine; the table sets message rate,
 //!    round trip and bandwidth against the project's targets and against memcpy in the same run
-//!    (`rdma`). It needs a C compiler and the verbs headers (its measuring program is C); without
-//!    them the demo says the part is skipped and why, and still succeeds (`--part rdma` fails
-//!    instead).
+//!    (`rdma`). It needs a C compiler and the verbs headers (its measuring program is C): the
+//!    demo installs what is missing with apt-get first (`prerequisites`; not with
+//!    `--no-install`); if they still are not there it says the part is skipped and why, and
+//!    still succeeds (`--part rdma` fails instead).
 //!
 //! `--part tcp` runs 1 and 2, `--part rdma` only 3.
 //!
@@ -31,6 +32,7 @@
 mod attach;
 mod child;
 mod error;
+mod prerequisites;
 mod rdma;
 mod signals;
 mod steps;
@@ -50,7 +52,8 @@ pub use error::DemoError;
 
 use attach::{attach_part, ATTACH_STEPS};
 use error::io_err;
-use rdma::{rdma_part, rdma_prerequisites, RDMA_FIXED_STEPS};
+use prerequisites::ensure_rdma_prerequisites;
+use rdma::{rdma_part, RDMA_FIXED_STEPS};
 use signals::Interrupt;
 use steps::Steps;
 use table::{print_rdma_skipped, print_rdma_table, print_tcp_table};
@@ -84,6 +87,10 @@ pub struct DemoArgs {
     /// text
     #[arg(long)]
     json: bool,
+    /// Do not install the Debian packages the RDMA part builds its measuring program with
+    /// (libibverbs-dev, gcc, libc6-dev) when they are missing: skip that part instead
+    #[arg(long)]
+    no_install: bool,
 }
 
 fn parse_seconds(text: &str) -> Result<f64, String> {
@@ -137,18 +144,18 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     if with_tcp {
         require_file(supervise::sibling_of_exe("libfsocket.so"))?;
     }
-    // Whether the RDMA part can run here is known before the first step, so that the step
-    // count is right; asked for alone, it must run.
+    let stop = Interrupt::install()?;
+    // Whether the RDMA part can run here (after installing what it needs) is known before the
+    // first step, so that the step count is right; asked for alone, it must run.
     let rdma_ready = if with_rdma {
         require_file(supervise::sibling_of_exe("libibverbs.so"))?;
-        Some(rdma_prerequisites())
+        Some(ensure_rdma_prerequisites(!args.no_install, &stop)?)
     } else {
         None
     };
     if let (Part::Rdma, Some(Err(reason))) = (args.part, &rdma_ready) {
         return Err(DemoError::RdmaUnavailable(reason.clone()));
     }
-    let stop = Interrupt::install()?;
     let mut steps = Steps::new(expected_steps(args, with_tcp, &rdma_ready));
     let mut value = serde_json::Map::new();
     let mut removed = Vec::new();

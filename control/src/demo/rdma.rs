@@ -1,11 +1,10 @@
 //! Part 3 of the demo: the RDMA comparison on this host by the sibling binary
 //! `freeflow-bench rdma --json --progress-json`: a private router and two QPs through its
 //! software verbs engine. It needs a C compiler and the verbs headers (its measuring program is
-//! C); [`rdma_prerequisites`] says beforehand whether they are there.
+//! C); `prerequisites` checks beforehand that they are there, and installs them if not.
 
-use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use freeflow_proto::report::{Progress, RdmaReport};
 use serde_json::Value;
@@ -24,57 +23,8 @@ use crate::supervise::signal_name;
 const RDMA_MESSAGES: &str = "2000000";
 const RDMA_SAMPLES: &str = "100000";
 const RDMA_BW_OPS: &str = "100000";
-/// What to install when the RDMA part cannot run.
-const RDMA_INSTALL_HINT: &str = "install build-essential libibverbs-dev";
 /// Fixed steps of the RDMA comparison (start, stop); each repetition adds one.
 pub(super) const RDMA_FIXED_STEPS: usize = 2;
-
-/// `Ok` if freeflow-bench can build its RDMA measuring program here: a C compiler (`cc`) and the
-/// verbs headers and library (libibverbs-dev). Else why not, with what to install. Compiles and
-/// links a two-line program, as freeflow-bench will (a tenth of a second).
-pub(super) fn rdma_prerequisites() -> Result<(), String> {
-    let output =
-        std::env::temp_dir().join(format!("freeflow-demo-verbs-check-{}", std::process::id()));
-    let child = Command::new("cc")
-        .args(["-x", "c", "-", "-o"])
-        .arg(&output)
-        .arg("-libverbs")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(format!("no C compiler (cc) found; {RDMA_INSTALL_HINT}"));
-        }
-        Err(e) => return Err(format!("cannot run cc ({e}); {RDMA_INSTALL_HINT}")),
-    };
-    if let Some(mut stdin) = child.stdin.take() {
-        // A failed write shows as cc's error below.
-        let _ = stdin.write_all(
-            b"#include <infiniband/verbs.h>\n\
-              int main(void) { return ibv_get_device_list(0) != 0; }\n",
-        );
-    }
-    let result = child.wait_with_output();
-    let _ = std::fs::remove_file(&output);
-    let out = result.map_err(|e| format!("waiting for cc: {e}"))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let said = String::from_utf8_lossy(&out.stderr);
-    Err(if said.contains("verbs.h") {
-        format!("the verbs headers (infiniband/verbs.h) are not installed; {RDMA_INSTALL_HINT}")
-    } else if said.contains("ibverbs") {
-        format!("the verbs library (libibverbs.so) is not installed; {RDMA_INSTALL_HINT}")
-    } else {
-        format!(
-            "cc cannot build a verbs program ({}); {RDMA_INSTALL_HINT}",
-            last_words(&said)
-        )
-    })
-}
 
 /// freeflow-bench rdma's namespace and router directory, named after its pid (bench/src/rdma.rs
 /// and bench/src/router.rs).
