@@ -79,8 +79,9 @@ fi
 # through the verbs library), and gcc with libc6-dev (the tests' C probes and freeflow-bench
 # rdma's measuring program; a Rust toolchain usually brings them, as its linker), nginx, postgresql
 # and curl (unmodified servers and clients of the TCP-mode server tests), libfabric-bin, ucx-utils
-# and python3-pyverbs (fi_info, ucx_info and pyverbs' modules load the provider stand-ins).
-packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest gcc libc6-dev nginx postgresql curl libfabric-bin ucx-utils python3-pyverbs)
+# and python3-pyverbs (fi_info, ucx_info and pyverbs' modules load the provider stand-ins),
+# prometheus (promtool checks the metrics).
+packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest gcc libc6-dev nginx postgresql curl libfabric-bin ucx-utils python3-pyverbs prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -21,7 +21,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -250,6 +250,9 @@ pub struct Config {
     pub cores: Option<String>,
     /// Router-to-router port, recorded in the host record.
     pub peer_port: u16,
+    /// Where the daemon serves Prometheus metrics (`--metrics`); `None`: it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -496,6 +499,7 @@ mod tests {
             registry: dir.default_registry_url(),
             cores: Some("1".into()),
             peer_port: DEFAULT_PEER_PORT,
+            metrics: Some("127.0.0.1:9464".parse().unwrap()),
         };
         config.save(&dir).unwrap();
         assert_eq!(Config::load(&dir).unwrap(), config);

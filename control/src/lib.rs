@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod legacy;
+pub mod metrics;
 pub mod os;
 pub mod registry;
 pub mod supervise;

@@ -154,6 +154,10 @@ struct UpArgs {
     /// Run the daemon in this process (logs on stderr) until SIGTERM, SIGINT or `down`
     #[arg(long)]
     foreground: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9464 (off unless given
+    /// to this `up`)
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -210,6 +214,9 @@ struct StatusArgs {
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
+    /// Print the metrics the daemon serves with `up --metrics`, in Prometheus text format
+    #[arg(long, conflicts_with = "json")]
+    prometheus: bool,
 }
 
 /// Entry point of the `freeflow` binary.

@@ -234,6 +234,11 @@ impl StatusReport {
 /// or the router is not running.
 pub(super) fn status(args: &StatusArgs) -> Result<ExitCode, CliError> {
     let dir = args.dir.runtime_dir()?;
+    if args.prometheus {
+        let scrape = crate::metrics::Scrape::gather(&dir)?;
+        out!("{}", scrape.render().trim_end());
+        return Ok(exit_code(scrape.status.problem()));
+    }
     let report = StatusReport::gather(&dir)?;
     if args.json {
         let json = report
@@ -243,12 +248,17 @@ pub(super) fn status(args: &StatusArgs) -> Result<ExitCode, CliError> {
     } else {
         status_text::print(&report);
     }
-    match report.problem() {
+    Ok(exit_code(report.problem()))
+}
+
+/// Exit 1 (after saying why on stderr) if there is a `problem`.
+fn exit_code(problem: Option<String>) -> ExitCode {
+    match problem {
         Some(message) => {
             let _ = writeln!(io::stderr(), "freeflow: {message}");
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
-        None => Ok(ExitCode::SUCCESS),
+        None => ExitCode::SUCCESS,
     }
 }
 
@@ -328,6 +338,7 @@ mod tests {
                 registry: "file:/r.json".into(),
                 cores: Some("0,1".into()),
                 peer_port: 7471,
+                metrics: None,
             }),
             config_error: None,
             daemon,

@@ -85,6 +85,7 @@ fn settings(args: UpArgs, dir: &RuntimeDir, previous: Option<&Config>) -> Result
         registry,
         cores,
         peer_port,
+        metrics: args.metrics,
     })
 }
 

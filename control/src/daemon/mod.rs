@@ -138,6 +138,9 @@ pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
     // Block the signals before the first child exists, so no SIGCHLD is lost.
     let signals = os::SignalFd::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD])
         .map_err(io_err("cannot set up signal handling"))?;
+    if let Some(addr) = config.metrics {
+        serve_metrics(dir, addr)?;
+    }
     let mut daemon = Daemon::new(dir, config, signals)?;
     log(format_args!(
         "starting for {} (host {}, overlay {}, registry {}, router {})",
@@ -159,6 +162,21 @@ pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
     drop(state_files);
     drop(lock);
     result
+}
+
+/// Binds `addr` and serves the metrics there on a thread of their own (the daemon's loop stays
+/// single-threaded). Called with the signals blocked, so that the thread inherits the mask and
+/// SIGTERM reaches the signalfd, not the thread.
+fn serve_metrics(dir: &RuntimeDir, addr: std::net::SocketAddr) -> Result<(), DaemonError> {
+    let listener = crate::metrics::http::bind(addr)
+        .map_err(io_err(format!("cannot serve metrics on {addr}")))?;
+    let dir = dir.clone();
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || crate::metrics::http::serve(listener, dir))
+        .map_err(io_err("cannot start the metrics thread"))?;
+    log(format_args!("serving metrics on http://{addr}/metrics"));
+    Ok(())
 }
 
 /// Opens and takes `STATE/daemon.lock`, which this process then holds for its whole life.
