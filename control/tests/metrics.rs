@@ -174,6 +174,13 @@ fn daemon_serves_metrics_that_promtool_accepts() {
         sample(&text, "freeflow_shard_requests_total{shard=\"0\"}").is_some(),
         "{text}"
     );
+    // The shard thread has run (it spins before it parks): its CPU time is known and not 0.
+    let cpu = sample(&text, "freeflow_shard_cpu_seconds_total{shard=\"0\"}");
+    assert!(cpu.is_some_and(|s| s > 0.0), "{text}");
+    assert!(
+        sample(&text, "freeflow_shard_parked_seconds_total{shard=\"0\"}").is_some(),
+        "{text}"
+    );
     let revision = sample(&text, "freeflow_registry_revision").expect("registry revision");
 
     // Each scrape reads afresh: a container removed shows at once.

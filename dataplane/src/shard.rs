@@ -14,7 +14,7 @@ use crossbeam_queue::ArrayQueue;
 use freeflow_proto::doorbell::EventFd;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,17 @@ pub struct ShardStats {
     pub wakeups: AtomicU64,
     pub parks: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Time asleep in io_uring while parked, in ns (added on each wake-up).
+    pub parked_ns: AtomicU64,
+    /// The shard thread's id once it runs (0 before), where the control thread reads its CPU
+    /// time (`/proc/self/task/TID/schedstat`) at no cost to the shard.
+    pub tid: AtomicU32,
+}
+
+/// This thread's id, from the link `/proc/thread-self` (`PID/task/TID`).
+fn current_tid() -> Option<u32> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
 }
 
 /// Handle the control thread keeps for each shard.
@@ -119,6 +130,9 @@ impl Shard {
     /// Runs until the stop flag is raised; then drops every attachment (closing their
     /// connections, which tells the shims).
     pub fn run(mut self) {
+        self.stats
+            .tid
+            .store(current_tid().unwrap_or(0), Ordering::Relaxed);
         let mut idle_since = Instant::now();
         let mut spins: u32 = 0;
         while !self.stop.load(Ordering::Relaxed) {
@@ -383,6 +397,7 @@ impl Shard {
             && !self.stop.load(Ordering::Relaxed)
         {
             self.stats.parks.fetch_add(1, Ordering::Relaxed);
+            let parked_at = Instant::now();
             // A verbs retry timer (RNR, transport retry, a full CQ) bounds the sleep.
             let waited = match plan.deadline {
                 Some(d) => self
@@ -395,6 +410,8 @@ impl Shard {
                 std::thread::sleep(Duration::from_millis(1));
             }
             self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
+            let parked = parked_at.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+            self.stats.parked_ns.fetch_add(parked, Ordering::Relaxed);
         }
         for slot in self.slots.iter().flatten() {
             slot.attachment.unpark();

@@ -115,6 +115,12 @@ pub struct ShardStatus {
     pub wakeups: u64,
     pub parks: u64,
     pub protocol_errors: u64,
+    /// Time the shard spent parked (asleep, no CPU), in ns.
+    #[serde(default)]
+    pub parked_ns: u64,
+    /// CPU time of the shard's thread (serving requests, or spinning before it parks), in ns.
+    #[serde(default)]
+    pub cpu_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -372,6 +372,8 @@ mod tests {
                 wakeups: 4,
                 parks: 5,
                 protocol_errors: 6,
+                parked_ns: 8,
+                cpu_ns: 9,
             }],
             registered: 1,
             attached: vec![AttachedStatus {
@@ -438,8 +440,8 @@ mod tests {
             r#""url":"file:/r.json"},"registry_error":null,"#,
             r#""router":{"attached":[{"container":"web","id":1,"kind":"socket","pid":77,"#,
             r#""shard":0}],"attaches_accepted":1,"attaches_refused":2,"pid":11,"#,
-            r#""registered":1,"running":true,"shards":[{"attached":2,"core":null,"index":0,"#,
-            r#""parks":5,"protocol_errors":6,"requests":3,"wakeups":4}],"tcp_claimed":7,"#,
+            r#""registered":1,"running":true,"shards":[{"attached":2,"core":null,"cpu_ns":9,"#,
+            r#""index":0,"parked_ns":8,"parks":5,"protocol_errors":6,"requests":3,"wakeups":4}],"tcp_claimed":7,"#,
             r#""tcp_connects":4,"tcp_fallbacks":5,"tcp_listeners":3,"tcp_relayed":6,"#,
             r#""uptime_ms":1234,"version":"0.1"}}"#
         );

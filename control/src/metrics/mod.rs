@@ -241,6 +241,16 @@ fn shard_metrics(router: &RouterStatus, out: &mut Exposition) {
         per_shard(&|s| s.wakeups as f64),
     );
     out.counter(
+        "freeflow_shard_cpu_seconds_total",
+        "CPU time of the shard's thread: serving requests, or spinning before it parks.",
+        per_shard(&|s| s.cpu_ns as f64 / 1e9),
+    );
+    out.counter(
+        "freeflow_shard_parked_seconds_total",
+        "Time the shard spent parked: asleep until a doorbell, using no CPU.",
+        per_shard(&|s| s.parked_ns as f64 / 1e9),
+    );
+    out.counter(
         "freeflow_shard_protocol_errors_total",
         "Ring protocol violations by attachments (each detached).",
         per_shard(&|s| s.protocol_errors as f64),

@@ -156,6 +156,8 @@ impl ControlThread {
                     wakeups: s.stats.wakeups.load(Ordering::Relaxed),
                     parks: s.stats.parks.load(Ordering::Relaxed),
                     protocol_errors: s.stats.protocol_errors.load(Ordering::Relaxed),
+                    parked_ns: s.stats.parked_ns.load(Ordering::Relaxed),
+                    cpu_ns: thread_cpu_ns(s.stats.tid.load(Ordering::Relaxed)),
                 })
                 .collect(),
             registered: self.table.len(),
@@ -169,4 +171,16 @@ impl ControlThread {
             tcp_claimed: self.tcp.counters.claimed,
         }
     }
+}
+
+/// CPU time of this process's thread `tid` in ns (the first field of its schedstat), 0 if
+/// unknown: a shard's time serving or spinning, as opposed to parked.
+fn thread_cpu_ns(tid: u32) -> u64 {
+    if tid == 0 {
+        return 0;
+    }
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
