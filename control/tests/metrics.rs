@@ -18,6 +18,13 @@ use freeflow_testbed::{self as topology, Cluster, ClusterSpec};
 const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");
 /// Where the daemon serves the metrics, inside the test's own host namespace.
 const METRICS_ADDR: &str = "127.0.0.1:9464";
+/// Debian's python (a python earlier on the PATH may be another build).
+const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+/// One TCP connect to 10.32.0.3:9 (container a2, nothing listens), whatever its outcome.
+const CONNECT_ONCE: &str = "import socket\n\
+    s = socket.socket()\n\
+    s.settimeout(5)\n\
+    s.connect_ex(('10.32.0.3', 9))\n";
 
 /// Stops the daemon and router of `dir` when dropped, also when the test fails.
 struct Up<'a> {
@@ -182,6 +189,34 @@ fn daemon_serves_metrics_that_promtool_accepts() {
         "{text}"
     );
     let revision = sample(&text, "freeflow_registry_revision").expect("registry revision");
+
+    // A TCP connect through the shim from container a1 (tenant blue) to an overlay address with
+    // no accelerated listener: the router answers "fall back", counted for blue only.
+    let shim = Path::new(FREEFLOW).with_file_name("libfsocket.so");
+    let a1 = cluster.container("a1").unwrap().netns.clone();
+    let out = run(topology::command_in(&a1, "env")
+        .arg(format!("FREEFLOW_DIR={dir}"))
+        .arg(format!("VNET_PREFIX={VNET}"))
+        .arg(format!("LD_PRELOAD={}", shim.display()))
+        .args([DEBIAN_PYTHON, "-c", CONNECT_ONCE]));
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = scrape();
+    promtool_accepts(&text, "the metrics after a fallback");
+    assert_eq!(
+        sample(&text, "freeflow_tcp_fallbacks_total{tenant=\"blue\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "freeflow_tcp_fallbacks_total{tenant=\"green\"}"),
+        None,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "freeflow_attaches_accepted_total"),
+        Some(1.0),
+        "{text}"
+    );
 
     // Each scrape reads afresh: a container removed shows at once.
     succeed(in_host(FREEFLOW).args(["container", "rm", "b1", "--dir", &dir]));

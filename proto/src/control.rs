@@ -104,6 +104,19 @@ pub struct RouterStatus {
     /// router and the server's process knew it before the connection came).
     #[serde(default)]
     pub tcp_claimed: u64,
+    /// TCP mode: connects, fallbacks and relayed clients per tenant (of the connecting
+    /// container; of the listener's for a relayed client), by tenant name.
+    #[serde(default)]
+    pub tcp_by_tenant: Vec<TenantTcpStatus>,
+}
+
+/// One tenant's TCP-mode counters in [`RouterStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantTcpStatus {
+    pub tenant: String,
+    pub connects: u64,
+    pub fallbacks: u64,
+    pub relayed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

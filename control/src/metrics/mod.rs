@@ -4,17 +4,17 @@
 //! started with `freeflow up --metrics ADDR` serves them on `GET /metrics` (`http`).
 //!
 //! Labels are `shard` (the router's shard index) and `tenant` only, never a container or a
-//! connection, so the number of series stays bounded by the shards and tenants. Per-tenant
-//! series are what the control plane knows per container (registered, attached), summed by
-//! tenant; the router's TCP counters are per host (the router does not count them per tenant
-//! yet), and it reports no RDMA operation or byte counts yet.
+//! connection, so the number of series stays bounded by the shards and tenants. Per tenant: the
+//! router's TCP counters (connects on the host network, fallbacks, relayed clients) and what the
+//! control plane knows per container (registered, attached), summed by tenant. The router
+//! reports no RDMA operation or byte counts yet.
 
 pub mod http;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use freeflow_proto::control::RouterStatus;
+use freeflow_proto::control::{RouterStatus, ShardStatus, TenantTcpStatus};
 
 use crate::cli::{CliError, StatusReport};
 use crate::config::RuntimeDir;
@@ -170,41 +170,43 @@ fn router_metrics(router: &RouterStatus, out: &mut Exposition) {
         "Containers in the router's table (this host's registered containers).",
         [(None, router.registered as f64)],
     );
-    let counters = [
-        (
-            "freeflow_attaches_accepted_total",
-            "Attach requests the router accepted.",
-            router.attaches_accepted,
-        ),
-        (
-            "freeflow_attaches_refused_total",
-            "Attach requests the router refused.",
-            router.attaches_refused,
-        ),
-        (
-            "freeflow_tcp_host_connects_total",
-            "TCP connections set up on the host network.",
-            router.tcp_connects,
-        ),
-        (
-            "freeflow_tcp_fallbacks_total",
-            "TCP connects sent back to the overlay (destination not accelerated).",
-            router.tcp_fallbacks,
-        ),
-        (
-            "freeflow_tcp_relayed_total",
-            "Clients without Freeflow relayed to an accelerated listener.",
-            router.tcp_relayed,
-        ),
-        (
-            "freeflow_tcp_claimed_total",
-            "TCP connects to other hosts on a host port claimed in advance.",
-            router.tcp_claimed,
-        ),
-    ];
-    for (name, help, value) in counters {
-        out.counter(name, help, [(None, value as f64)]);
-    }
+    out.counter(
+        "freeflow_attaches_accepted_total",
+        "Attach requests the router accepted.",
+        [(None, router.attaches_accepted as f64)],
+    );
+    out.counter(
+        "freeflow_attaches_refused_total",
+        "Attach requests the router refused.",
+        [(None, router.attaches_refused as f64)],
+    );
+    let per_tenant = |value: &dyn Fn(&TenantTcpStatus) -> u64| {
+        router
+            .tcp_by_tenant
+            .iter()
+            .map(|t| (Some(("tenant", t.tenant.clone())), value(t) as f64))
+            .collect::<Vec<_>>()
+    };
+    out.counter(
+        "freeflow_tcp_host_connects_total",
+        "TCP connections set up on the host network, by the connecting container's tenant.",
+        per_tenant(&|t| t.connects),
+    );
+    out.counter(
+        "freeflow_tcp_fallbacks_total",
+        "TCP connects sent back to the overlay (destination not accelerated), by tenant.",
+        per_tenant(&|t| t.fallbacks),
+    );
+    out.counter(
+        "freeflow_tcp_relayed_total",
+        "Clients without Freeflow relayed to an accelerated listener, by the listener's tenant.",
+        per_tenant(&|t| t.relayed),
+    );
+    out.counter(
+        "freeflow_tcp_claimed_total",
+        "TCP connects to other hosts on a host port claimed in advance.",
+        [(None, router.tcp_claimed as f64)],
+    );
     out.gauge(
         "freeflow_tcp_listeners",
         "Accelerated TCP listeners on this host.",
@@ -213,7 +215,7 @@ fn router_metrics(router: &RouterStatus, out: &mut Exposition) {
 }
 
 fn shard_metrics(router: &RouterStatus, out: &mut Exposition) {
-    let per_shard = |value: &dyn Fn(&freeflow_proto::control::ShardStatus) -> f64| {
+    let per_shard = |value: &dyn Fn(&ShardStatus) -> f64| {
         router
             .shards
             .iter()

@@ -6,7 +6,7 @@ use super::{ControlThread, CONTROL_TIMEOUT};
 use crate::shard::ShardCommand;
 use freeflow_proto::control::{
     self as ctl, AttachedStatus, ContainerEntry, ControlRequest, ControlResponse, RouterStatus,
-    ShardStatus,
+    ShardStatus, TenantTcpStatus,
 };
 use std::collections::HashMap;
 use std::io;
@@ -169,6 +169,18 @@ impl ControlThread {
             tcp_fallbacks: self.tcp.counters.fallbacks,
             tcp_relayed: self.tcp.counters.relayed,
             tcp_claimed: self.tcp.counters.claimed,
+            tcp_by_tenant: self
+                .tcp
+                .counters
+                .by_tenant
+                .iter()
+                .map(|(tenant, c)| TenantTcpStatus {
+                    tenant: tenant.clone(),
+                    connects: c.connects,
+                    fallbacks: c.fallbacks,
+                    relayed: c.relayed,
+                })
+                .collect(),
         }
     }
 }

@@ -26,13 +26,14 @@ impl TcpService {
         v6: bool,
     ) -> Reply {
         let dst = OverlayEndpoint::new(req.ip, req.port);
+        let tenant = caller.container.tenant.as_str();
         let Some((key, listener)) = self.connect_target(caller.container, dst, host_ip) else {
-            self.counters.fallbacks += 1;
+            self.counters.fell_back(tenant);
             return (SockReply::fallback(req.seq), None);
         };
         let me = caller.container.ip;
         if key.dst_host != host_ip && !v6 {
-            if let Some(answer) = self.connect_claimed(key, listener, me, req.seq) {
+            if let Some(answer) = self.connect_claimed(key, listener, caller.container, req.seq) {
                 return answer;
             }
         }
@@ -45,12 +46,12 @@ impl TcpService {
             // towards this one. A port connect picks would be announced only after the SYN,
             // and the server could meet an older announcement of that port first: the overlay
             // is the safe way (the server's router relays the client at accept).
-            self.counters.fallbacks += 1;
+            self.counters.fell_back(tenant);
             return (SockReply::fallback(req.seq), None);
         }
         match result {
             Ok(bound) => {
-                self.counters.connects += 1;
+                self.counters.connected(tenant, false);
                 let source = OverlayEndpoint::new(me, bound.port);
                 (ok(req.seq, source), Some(bound.socket))
             }
@@ -92,15 +93,17 @@ impl TcpService {
         &mut self,
         key: Target,
         listener: HostEndpoint,
-        me: Ipv4Addr,
+        container: &ContainerEntry,
         seq: u32,
     ) -> Option<Reply> {
         let BoundSocket { socket, port } = self.take_claimed(key)?;
         match sys::connect_nonblocking(&socket, listener.ip(), listener.port(), false) {
             Ok(_) => {
-                self.counters.connects += 1;
-                self.counters.claimed += 1;
-                Some((ok(seq, OverlayEndpoint::new(me, port)), Some(socket)))
+                self.counters.connected(&container.tenant, true);
+                Some((
+                    ok(seq, OverlayEndpoint::new(container.ip, port)),
+                    Some(socket),
+                ))
             }
             // The four-tuple is taken (a connection from that port to this listener in
             // TIME_WAIT): the port is given back (the socket closes here, so the claim

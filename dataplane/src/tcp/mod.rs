@@ -66,8 +66,9 @@ pub type Deferred = Vec<(u32, SockReply)>;
 /// A reply, and the socket to pass with it.
 type Reply = (SockReply, Option<OwnedFd>);
 
-/// What the service did, for `status`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What the service did, for `status`: host totals, and per tenant (of the connecting
+/// container, or of the listener's for a relayed client).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Counters {
     /// Connects accelerated (a host socket handed over).
     pub connects: u64,
@@ -77,6 +78,47 @@ pub struct Counters {
     pub relayed: u64,
     /// Connects from a claimed socket.
     pub claimed: u64,
+    /// Per tenant: connects, fallbacks, relayed (bounded by the tenants ever registered).
+    pub by_tenant: std::collections::BTreeMap<String, TenantCounters>,
+}
+
+/// One tenant's share of [`Counters`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TenantCounters {
+    pub connects: u64,
+    pub fallbacks: u64,
+    pub relayed: u64,
+}
+
+impl Counters {
+    /// `tenant`'s counters, created at zero on first use (a connect is no fast path).
+    fn tenant(&mut self, tenant: &str) -> &mut TenantCounters {
+        if !self.by_tenant.contains_key(tenant) {
+            self.by_tenant
+                .insert(tenant.to_owned(), TenantCounters::default());
+        }
+        self.by_tenant.get_mut(tenant).expect("inserted above")
+    }
+
+    fn connected(&mut self, tenant: &str, claimed: bool) {
+        self.connects += 1;
+        self.claimed += u64::from(claimed);
+        self.tenant(tenant).connects += 1;
+    }
+
+    fn fell_back(&mut self, tenant: &str) {
+        self.fallbacks += 1;
+        self.tenant(tenant).fallbacks += 1;
+    }
+
+    /// A client relayed to a listener of `tenant` (`None`: its container is no longer in the
+    /// table; only the total counts it).
+    fn relayed_to(&mut self, tenant: Option<&str>) {
+        self.relayed += 1;
+        if let Some(tenant) = tenant {
+            self.tenant(tenant).relayed += 1;
+        }
+    }
 }
 
 #[derive(Default)]

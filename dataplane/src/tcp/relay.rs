@@ -115,7 +115,11 @@ impl TcpService {
             return Some((SockReply::error(seq, libc::ECONNREFUSED), None));
         }
         let relay = self.relays.waiting.remove(&key).expect("present");
-        self.counters.relayed += 1;
+        let tenant = self
+            .registry
+            .placement(container_ip)
+            .map(|p| p.tenant.as_str());
+        self.counters.relayed_to(tenant);
         Some((ok(seq, relay.peer), Some(relay.conn)))
     }
 
