@@ -32,8 +32,10 @@ use std::time::{Duration, Instant};
 const RELAY_TTL: Duration = Duration::from_secs(60);
 /// How often waiting clients are checked (their time, their listener still there).
 const EXPIRE_EVERY: Duration = Duration::from_millis(100);
-/// Clients taken from one overlay listener per wake-up (the rest wait for the next turn).
-const RELAY_BATCH: usize = 64;
+/// Clients taken from one overlay listener per turn of the control loop (the rest wait for
+/// the next turn): the applications' Resolves, served after, do not wait behind many
+/// doorbells' handshakes.
+const RELAY_BATCH: usize = 16;
 /// Clients without Freeflow waiting for one listener's accept at most, whatever its backlog
 /// (the kernel's own cap on a backlog, `net.core.somaxconn`, is 4096 by default).
 pub(super) const MAX_RELAYS_PER_LISTENER: usize = 1024;
@@ -79,6 +81,11 @@ pub(super) struct Relays {
     by_container: HashMap<Ipv4Addr, usize>,
     /// When the waiting clients are next checked.
     next_check: Option<Instant>,
+    /// Overlay listeners found readable, served at the end of the control loop's turn.
+    readable: Vec<RawFd>,
+    /// Doorbells of clients handed over in this turn, closed at its end: the reset a close
+    /// sends is not on the way of the Resolve's reply.
+    rung: Vec<OwnedFd>,
     /// Accepts on overlay listeners (which containers share) run under this timer.
     guard: Option<GuardedAccept>,
 }
@@ -195,11 +202,17 @@ impl TcpService {
         if relay.listener.ip() != container_ip {
             return Some((SockReply::error(seq, libc::ECONNREFUSED), None));
         }
-        let relay = self.relays.take(key).expect("present");
+        let Relay {
+            conn,
+            _doorbell: doorbell,
+            peer,
+            ..
+        } = self.relays.take(key).expect("present");
         self.counters.relayed += 1;
-        // The doorbell closes here (with a reset: it holds no port afterwards); the client's
-        // connection goes to the application.
-        Some((ok(seq, relay.peer), Some(relay.conn)))
+        // The client's connection goes to the application; the doorbell closes after the
+        // reply (with a reset: it holds no port afterwards).
+        self.relays.rung.push(doorbell);
+        Some((ok(seq, peer), Some(conn)))
     }
 
     /// The overlay listeners to poll: those whose share of waiting clients is not full (the
@@ -209,6 +222,24 @@ impl TcpService {
             let overlay = l.overlay.as_ref()?;
             (self.relays.room_for(key, listener_share(l.backlog)) > 0).then(|| overlay.as_fd())
         })
+    }
+
+    /// Notes that overlay listener `fd` has clients waiting: they are taken at the end of the
+    /// turn ([`Self::relay_readable`]), after the turn's requests are answered, so that the
+    /// applications' Resolves (each holds up a server's accept) do not wait behind doorbells.
+    pub(super) fn relay_later(&mut self, fd: RawFd) {
+        if !self.relays.readable.contains(&fd) {
+            self.relays.readable.push(fd);
+        }
+    }
+
+    /// Closes the doorbells of the clients handed over in this turn, and takes the clients of
+    /// the overlay listeners found readable.
+    pub(super) fn relay_readable(&mut self) {
+        self.relays.rung.clear();
+        for fd in std::mem::take(&mut self.relays.readable) {
+            self.relay_from(fd);
+        }
     }
 
     /// Takes the clients waiting on the overlay listener `fd` (they came without Freeflow), as

@@ -450,6 +450,8 @@ fn clients_past_a_listeners_share_wait_in_its_queue_and_doorbells_leave_no_time_
     client.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"!");
     drop(doorbell);
+    // The end of the control loop's turn: the router's end of the doorbell closes.
+    tcp.relay_readable();
     std::thread::sleep(Duration::from_millis(20));
     assert!(!in_time_wait(from.port()), "the doorbell left a TIME_WAIT");
     assert_eq!(tcp.relay_poll_fds().count(), 1, "an accept made room");
