@@ -10,7 +10,7 @@ mod common;
 
 use common::{Site, SiteSpec};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const CLIENT: &str = include_str!("programs/tcp_relay_load_client.py");
 const DB_IP: &str = "10.32.0.4";
@@ -86,6 +86,7 @@ fn nginx_serves_400_plain_clients_at_once_through_the_relay_round_after_round() 
     let expect = "nginx saw 10.32.0.2";
     for round in 1..=ROUNDS {
         let relayed = site.router_counter(1, "tcp_relayed");
+        let started = Instant::now();
         let out = site
             .shim_env("web", false)
             .args(["timeout", "120", "python3", "-c", CLIENT, DB_IP, "80"])
@@ -96,6 +97,12 @@ fn nginx_serves_400_plain_clients_at_once_through_the_relay_round_after_round() 
         common::assert_success(&out, "the load client");
         let said = String::from_utf8_lossy(&out.stdout);
         let all = CONNECTIONS * REQUESTS_EACH;
+        // For the record only (the machine is shared: no timing is asserted).
+        let took = started.elapsed();
+        eprintln!(
+            "round {round}: {all} requests in {took:.2?} ({:.0}/s), python3 client included",
+            all as f64 / took.as_secs_f64()
+        );
         assert!(
             said.starts_with(&format!("SERVED {all} ERRORS 0\n")),
             "round {round}: {said}\n--- router log\n{}",
