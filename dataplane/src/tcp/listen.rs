@@ -13,7 +13,7 @@ use freeflow_proto::sockmsg::{SockNotice, SockReply, SockRequest, FLAG_ORPHAN, F
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 /// How long a listener outlives its last known holder: a forked child that inherited it (a
@@ -28,6 +28,9 @@ pub(super) struct LocalListener {
     /// Since when no holder is known.
     pub orphaned_at: Option<Instant>,
     pub host_port: u16,
+    /// The backlog the application asked for (0: the kernel's default, or unknown): it bounds
+    /// the clients without Freeflow waiting for its accept in the router too.
+    pub backlog: u32,
     /// Created for an application socket with SO_REUSEPORT: other processes of the container
     /// asking for the same port with SO_REUSEPORT share it.
     pub reuseport: bool,
@@ -73,14 +76,6 @@ impl Listeners {
             .iter()
             .find(|(_, l)| l.host_port == host_port)
             .map(|(&key, l)| (key, l))
-    }
-
-    /// The processes holding the local listener `key`.
-    pub fn owners_of(&self, key: OverlayEndpoint) -> Vec<u32> {
-        self.local
-            .get(&key)
-            .map(|l| l.owners.clone())
-            .unwrap_or_default()
     }
 
     fn listeners_of(&self, container_ip: Ipv4Addr) -> usize {
@@ -140,13 +135,6 @@ impl Listeners {
             .values()
             .filter_map(|l| l.orphaned_at.map(|at| at + ORPHAN_GRACE))
             .min()
-    }
-
-    /// The overlay listeners' descriptors (the control loop polls them).
-    pub fn overlay_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> + '_ {
-        self.local
-            .values()
-            .filter_map(|l| l.overlay.as_ref().map(|o| o.as_fd()))
     }
 
     /// Stops taking clients on a listener's overlay socket (closed off the control thread).
@@ -273,6 +261,7 @@ impl TcpService {
                     owners: vec![caller.attachment],
                     orphaned_at: None,
                     host_port,
+                    backlog: req.backlog,
                     reuseport,
                     socket: Untrusted::new(keep),
                     overlay,
@@ -333,6 +322,7 @@ impl TcpService {
             owners: vec![caller.attachment],
             orphaned_at: None,
             host_port,
+            backlog: req.backlog,
             reuseport: req.flags & FLAG_REUSEPORT != 0,
             socket: host,
             overlay,

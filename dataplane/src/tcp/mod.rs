@@ -210,13 +210,16 @@ impl TcpService {
     /// answered.
     pub fn on_ready(&mut self, fd: RawFd, revents: i16, deferred: &mut Deferred) {
         if !self.on_peer_ready(fd, revents, deferred) {
-            self.relay_from(fd);
+            self.relay_later(fd);
         }
     }
 
-    /// Periodic work: expire resolves and old announcements, reconnect lost peers, make spare
+    /// Work at the end of each turn of the control loop: take the clients without Freeflow
+    /// that came, expire resolves and old announcements, reconnect lost peers, make spare
     /// sockets.
     pub fn tick(&mut self, deferred: &mut Deferred) {
+        // After the turn's requests: clients without Freeflow that came meanwhile.
+        self.relay_readable();
         let now = Instant::now();
         if let Some(host_ip) = self.registry.host_ip() {
             self.ports.refill_spares(host_ip);

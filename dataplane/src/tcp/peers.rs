@@ -391,7 +391,7 @@ impl TcpService {
     /// without Freeflow).
     pub(super) fn peer_poll_fds(&self) -> Vec<(BorrowedFd<'_>, i16)> {
         let (mut readable, with_events) = self.peers.poll_fds();
-        readable.extend(self.listeners.overlay_fds());
+        readable.extend(self.relay_poll_fds());
         let mut fds: Vec<(BorrowedFd<'_>, i16)> =
             readable.into_iter().map(|fd| (fd, libc::POLLIN)).collect();
         fds.extend(with_events);

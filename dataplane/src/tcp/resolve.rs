@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 const RESOLVE_WAIT: Duration = Duration::from_secs(1);
 /// How long an announcement is kept (the accept that needs it comes right after the connect).
 pub(super) const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(120);
+/// How often old announcements are looked for (they live a little longer than their TTL).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// What a client's router said about one of its connections.
 pub(super) struct Announced {
@@ -51,6 +53,10 @@ pub(super) struct Announcements {
     /// the listener it connects to.
     pub announced: HashMap<HostEndpoint, Announced>,
     pending: Vec<PendingResolve>,
+    /// When old announcements are next looked for: the control loop turns once per event,
+    /// and a scan of every announcement on each turn made it spin under load (tens of
+    /// thousands are kept at a few thousand connects per second).
+    next_sweep: Option<Instant>,
 }
 
 impl Announcements {
@@ -63,10 +69,15 @@ impl Announcements {
         self.pending.iter().map(|p| p.deadline).min()
     }
 
-    /// Forgets announcements older than [`ANNOUNCEMENT_TTL`].
+    /// Forgets announcements older than [`ANNOUNCEMENT_TTL`] (looked for every
+    /// [`SWEEP_EVERY`]).
     pub fn expire(&mut self, now: Instant) {
+        if self.next_sweep.is_some_and(|at| now < at) {
+            return;
+        }
         self.announced
             .retain(|_, a| now.duration_since(a.at) < ANNOUNCEMENT_TTL);
+        self.next_sweep = Some(now + SWEEP_EVERY);
     }
 
     /// Forgets the announcement of `key` if it says `ip` for the listener on host port

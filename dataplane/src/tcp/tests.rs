@@ -5,13 +5,16 @@ use super::claims::MAX_CLAIM_PORTS;
 use super::endpoint::{HostEndpoint, OverlayEndpoint};
 use super::listen::LocalListener;
 use super::peers::{MAX_PEER_QUEUE, PEER_RETRY_MAX, PEER_RETRY_MIN};
-use super::relay::{Relays, MAX_RELAYS, MAX_RELAYS_PER_CONTAINER, MAX_RELAYS_PER_LISTENER};
+use super::relay::{
+    listener_share, Relays, MAX_RELAYS, MAX_RELAYS_PER_CONTAINER, MAX_RELAYS_PER_LISTENER,
+};
 use super::*;
 use crate::sys::{self, Untrusted};
 use freeflow_os::poll::{self, PollFd};
 use freeflow_proto::control::{NetworkView, PeerHost};
 use freeflow_proto::peer::PeerMsg;
 use freeflow_proto::sockmsg::SockNotice;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -170,6 +173,7 @@ fn claims_are_announcements_made_ahead_for_one_listener() {
                 owners: vec![owner],
                 orphaned_at: None,
                 host_port: 5000 + owner as u16,
+                backlog: 0,
                 reuseport: false,
                 socket: Untrusted::new(socket),
                 overlay: None,
@@ -277,7 +281,7 @@ fn one_containers_listeners_cannot_take_the_whole_relay_pool() {
     let listeners = (MAX_RELAYS / MAX_RELAYS_PER_LISTENER + 1) as u16;
     for port in 8000..8000 + listeners {
         let listener = OverlayEndpoint::new(flooder, port);
-        while relays.room_for(listener).1 > 0 {
+        while relays.room_for(listener, MAX_RELAYS_PER_LISTENER) > 0 {
             assert!(
                 held_by_flooder < MAX_RELAYS_PER_CONTAINER,
                 "one container's listeners were given room for more than \
@@ -292,8 +296,8 @@ fn one_containers_listeners_cannot_take_the_whole_relay_pool() {
     }
     assert_eq!(held_by_flooder, MAX_RELAYS_PER_CONTAINER);
     assert_eq!(
-        relays.room_for(OverlayEndpoint::new(other, 8000)),
-        (0, MAX_RELAYS_PER_LISTENER)
+        relays.room_for(OverlayEndpoint::new(other, 8000), MAX_RELAYS_PER_LISTENER),
+        MAX_RELAYS_PER_LISTENER
     );
 }
 
@@ -361,4 +365,96 @@ fn the_wait_before_reconnecting_a_peer_is_capped_and_starts_over() {
     peer.heard_from(now);
     assert_eq!(peer.next_try(), now, "retried at once");
     assert_eq!(peer.drop_connection(now, true), PEER_RETRY_MIN);
+}
+
+/// A service on loopback relaying for one listener of 10.32.0.4:80 whose application asked for
+/// `backlog`: its host listener and its overlay listener (both on loopback here).
+fn relaying_service(backlog: u32) -> (TcpService, TcpListener, TcpListener, OverlayEndpoint) {
+    let mut tcp = TcpService::default();
+    tcp.set_network(NetworkView {
+        host_ip: Ipv4Addr::LOCALHOST,
+        peer_port: 0,
+        hosts: Vec::new(),
+        overlay: Vec::new(),
+    });
+    let host = TcpListener::bind("127.0.0.1:0").unwrap();
+    let overlay = TcpListener::bind("127.0.0.1:0").unwrap();
+    overlay.set_nonblocking(true).unwrap();
+    let key = OverlayEndpoint::new(Ipv4Addr::new(10, 32, 0, 4), 80);
+    let listener = LocalListener {
+        owners: vec![1],
+        orphaned_at: None,
+        host_port: host.local_addr().unwrap().port(),
+        backlog,
+        reuseport: false,
+        socket: Untrusted::new(OwnedFd::from(host.try_clone().unwrap())),
+        overlay: Some(Untrusted::new(OwnedFd::from(overlay.try_clone().unwrap()))),
+    };
+    tcp.listeners.local.insert(key, listener);
+    (tcp, host, overlay, key)
+}
+
+/// Whether a TCP socket of this namespace is bound to 127.0.0.1:`port` in TIME_WAIT.
+fn in_time_wait(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    table.lines().any(|l| {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"06")
+    })
+}
+
+/// Clients without Freeflow past a listener's share (its backlog) wait in the overlay
+/// listener's accept queue, not polled, and none is turned away; an accept makes room. The
+/// application's accept gets the client's own connection, and the doorbell it came by leaves
+/// no TIME_WAIT behind (relaying must not use up ports).
+#[test]
+fn clients_past_a_listeners_share_wait_in_its_queue_and_doorbells_leave_no_time_wait() {
+    assert_eq!(listener_share(16), 16);
+    assert_eq!(listener_share(0), MAX_RELAYS_PER_LISTENER);
+    let (mut tcp, host, overlay, key) = relaying_service(16);
+    let mut clients: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(overlay.local_addr().unwrap()).unwrap())
+        .collect();
+    let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+    assert_eq!(polled.len(), 1, "room: polled");
+    tcp.relay_from(polled[0]);
+    assert_eq!(tcp.relays.waiting(), 16, "the listener's share");
+    assert_eq!(tcp.relay_poll_fds().count(), 0, "share full: not polled");
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let err = c.read(&mut [0u8; 1]).expect_err("nothing to read yet");
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "a client was turned away: {err}"
+        );
+    }
+    // The application accepts a doorbell and resolves it: it gets a client's own connection.
+    let (doorbell, from) = host.accept().unwrap();
+    let SocketAddr::V4(from) = from else {
+        panic!("{from}")
+    };
+    let (reply, conn) = tcp
+        .take_relayed(HostEndpoint::new(*from.ip(), from.port()), key.ip(), 7)
+        .expect("a doorbell");
+    let mut conn = TcpStream::from(conn.expect("the client's connection"));
+    let client = clients
+        .iter_mut()
+        .find(|c| c.local_addr().unwrap().port() == reply.port)
+        .expect("the reply names a waiting client");
+    conn.write_all(b"!").unwrap();
+    let mut got = [0u8; 1];
+    client.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"!");
+    drop(doorbell);
+    // The end of the control loop's turn: the router's end of the doorbell closes.
+    tcp.relay_readable();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(!in_time_wait(from.port()), "the doorbell left a TIME_WAIT");
+    assert_eq!(tcp.relay_poll_fds().count(), 1, "an accept made room");
+    tcp.relay_from(polled[0]);
+    assert_eq!(tcp.relays.waiting(), 16);
 }

@@ -245,7 +245,14 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
     // long is cheaper than the round trip of a Resolve; but not when it came earlier (a claim
     // announced ahead). Bounded in time and in messages (a router sends at most part of a
     // socket buffer of notices ahead).
-    let deadline = Instant::now() + NOTICE_WAIT;
+    // No router announces a loopback address: that is the router's doorbell for a client
+    // without Freeflow (dataplane tcp/relay.rs), which only a Resolve answers.
+    let wait = if host.0.is_loopback() {
+        Duration::ZERO
+    } else {
+        NOTICE_WAIT
+    };
+    let deadline = Instant::now() + wait;
     for _ in 0..4096 {
         match fdpass::recv_with_fds(session.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
             Ok(got) if got.len == SOCKMSG_LEN && !got.truncated => {

@@ -1,0 +1,122 @@
+//! Clients without Freeflow under load (issue 11, section 3's relay): an unmodified nginx under
+//! the shim (daemonizing, its default) on one simulated host, and a plain client (no shim) in a
+//! container of the other host opening a new connection per request, 400 at once, in rounds
+//! one after another. The router hands each plain client's own connection to nginx's accept
+//! (see docs/tcp-setup.md, "Clients without Freeflow"); every request must be served, in every
+//! round, and the router must turn none away.
+//! Needs root, a built workspace, and nginx (scripts/test.sh installs it).
+
+mod common;
+
+use common::{Site, SiteSpec};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const CLIENT: &str = include_str!("programs/tcp_relay_load_client.py");
+const DB_IP: &str = "10.32.0.4";
+/// Clients at once, and requests each makes (a new connection each).
+const CONNECTIONS: usize = 400;
+const REQUESTS_EACH: usize = 10;
+/// Load rounds one after another: what a round leaves behind must not hurt the next.
+const ROUNDS: usize = 3;
+
+/// Two hosts; web on host 0, db on host 1 (both registered, tenant blue).
+fn site(prefix: &str) -> Site {
+    Site::create_tcp(SiteSpec {
+        prefix,
+        work_prefix: "ff-relay-load",
+        hosts: 2,
+        containers: &[(0, "web", [10, 32, 0, 2]), (1, "db", [10, 32, 0, 4])],
+        registered: &[("web", "blue"), ("db", "blue")],
+        ..SiteSpec::default()
+    })
+}
+
+/// nginx's configuration in `dir`: its defaults (daemon on, backlog 511) but for the paths,
+/// two workers and enough connections per worker for the load.
+fn nginx_conf(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "pid {d}/nginx.pid;\nerror_log {d}/error.log;\nworker_processes 2;\n\
+         events {{ worker_connections 2048; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
+         proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+         uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         server {{\n    listen 80;\n\
+         location / {{ return 200 \"nginx saw $remote_addr\\n\"; }}\n  }}\n}}\n"
+    )
+}
+
+/// Kills the daemonized nginx (master and workers) when the test ends, however it ends.
+struct Nginx(PathBuf);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(self.0.join("nginx.pid")).unwrap_or_default();
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            // SIGTERM: nginx's fast shutdown; the master stops its workers.
+            let _ = freeflow_os::signals::send_signal(pid, libc::SIGTERM);
+            std::thread::sleep(Duration::from_millis(500));
+            let _ = freeflow_os::signals::send_signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn nginx_serves_400_plain_clients_at_once_through_the_relay_round_after_round() {
+    common::require_programs(&["nginx", "python3"], "nginx python3");
+    let site = site("rl");
+    let dir = site.work.join("nginx");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(&dir)).unwrap();
+    let out = site
+        .shim_env("db", true)
+        .args(["timeout", "30", "nginx", "-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let _nginx = Nginx(dir.clone());
+    common::assert_success(&out, "nginx (daemon on)");
+    site.wait_listening("db", 80, None);
+    // Past the daemonizing parent's orphan grace: the workers hold the listener.
+    std::thread::sleep(Duration::from_millis(2500));
+    let expect = "nginx saw 10.32.0.2";
+    for round in 1..=ROUNDS {
+        let relayed = site.router_counter(1, "tcp_relayed");
+        let started = Instant::now();
+        let out = site
+            .shim_env("web", false)
+            .args(["timeout", "120", "python3", "-c", CLIENT, DB_IP, "80"])
+            .args([CONNECTIONS.to_string(), REQUESTS_EACH.to_string()])
+            .arg(expect)
+            .output()
+            .unwrap();
+        common::assert_success(&out, "the load client");
+        let said = String::from_utf8_lossy(&out.stdout);
+        let all = CONNECTIONS * REQUESTS_EACH;
+        // For the record only (the machine is shared: no timing is asserted).
+        let took = started.elapsed();
+        eprintln!(
+            "round {round}: {all} requests in {took:.2?} ({:.0}/s), python3 client included",
+            all as f64 / took.as_secs_f64()
+        );
+        assert!(
+            said.starts_with(&format!("SERVED {all} ERRORS 0\n")),
+            "round {round}: {said}\n--- router log\n{}",
+            site.router_log()
+        );
+        assert_eq!(
+            site.router_counter(1, "tcp_relayed") - relayed,
+            all as u64,
+            "round {round}: every request was a client relayed by db's router"
+        );
+    }
+    let log = site.router_log();
+    assert!(
+        !log.contains("turned away"),
+        "the router turned clients away:\n{log}"
+    );
+}
