@@ -24,7 +24,7 @@
 
 use crate::abi::{IbvCompChannel, IbvContext, IbvCq, IbvWc};
 use crate::error::{returns_errno, returns_minus_one, returns_object, VerbsError};
-use crate::faults::{self, CqUser, Gone, QpQueues};
+use crate::faults::{CqUser, CqUsers, Gone, QpQueues};
 use crate::ffi::{guard, set_errno};
 use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, QueueEntry, QueueKind};
@@ -37,7 +37,7 @@ use freeflow_proto::Consumer;
 use std::collections::BTreeMap;
 use std::ffi::{c_int, c_uint, c_void};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 
 symbol_versions! {
     "IBVERBS_1.0": [ibv_create_comp_channel, ibv_destroy_comp_channel],
@@ -65,7 +65,7 @@ pub(crate) struct CqState {
 /// requests complete on it, for [`crate::faults`].
 struct CqRing {
     ring: Consumer,
-    users: Vec<CqUser>,
+    users: CqUsers,
 }
 
 impl HandedOut for IbvCq {
@@ -263,7 +263,7 @@ fn create_cq(
         handle: created.cq,
         ring: Mutex::new(CqRing {
             ring,
-            users: Vec::new(),
+            users: CqUsers::default(),
         }),
         gone: state.gone.clone(),
         events: Mutex::new((0, 0)),
@@ -403,11 +403,11 @@ pub unsafe extern "C" fn poll_cq(cq: *mut IbvCq, num_entries: c_int, wc: *mut Ib
             };
             match ring.pop(out) {
                 Ok(true) => {
-                    faults::retire(users, out);
+                    users.retire(out);
                     taken += 1;
                 }
                 // Nothing from the router: if it is gone, what it will never complete.
-                Ok(false) if state.gone.is_set() => match faults::next_flush(users) {
+                Ok(false) if state.gone.is_set() => match users.next_flush() {
                     Some(cqe) => {
                         out[..Cqe::LEN].copy_from_slice(&cqe.encode());
                         taken += 1;
@@ -521,19 +521,26 @@ fn faults_event(ch: &ChannelState) -> Option<*mut IbvCq> {
 
 /// Registers a new QP's queues with its CQs (`send_cq` and `recv_cq`, maybe one CQ), which
 /// retire its requests as their completions are polled and flush them if the router goes.
-pub fn add_user(send_cq: *mut IbvCq, recv_cq: *mut IbvCq, queues: Arc<QpQueues>) {
+pub fn add_user(send_cq: *mut IbvCq, recv_cq: *mut IbvCq, queues: &QpQueues) {
+    let sends = lock(&queues.send).shadow();
+    let receives = if queues.has_srq {
+        None
+    } else {
+        lock(&queues.recv).shadow()
+    };
     let same = send_cq == recv_cq;
-    for (cq, sends, receives) in [(send_cq, true, same), (recv_cq, same, true)] {
+    let users = if same {
+        vec![(send_cq, sends, receives)]
+    } else {
+        vec![(send_cq, sends, None), (recv_cq, None, receives)]
+    };
+    for (cq, sends, receives) in users {
         if let Ok((_, state)) = registered_cq(cq) {
-            let queues = queues.clone();
-            lock(&state.ring).users.push(CqUser {
-                queues,
+            lock(&state.ring).users.add(CqUser {
+                qpn: queues.qpn,
                 sends,
                 receives,
             });
-        }
-        if same {
-            break;
         }
     }
 }
@@ -542,7 +549,7 @@ pub fn add_user(send_cq: *mut IbvCq, recv_cq: *mut IbvCq, queues: Arc<QpQueues>)
 pub fn remove_user(send_cq: *mut IbvCq, recv_cq: *mut IbvCq, qpn: u32) {
     for cq in [send_cq, recv_cq] {
         if let Ok((_, state)) = registered_cq(cq) {
-            lock(&state.ring).users.retain(|u| u.queues.qpn != qpn);
+            lock(&state.ring).users.remove(qpn);
         }
     }
 }

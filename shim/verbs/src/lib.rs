@@ -51,6 +51,7 @@ mod pages;
 mod pd_mr;
 mod qp;
 mod registry;
+mod shadow;
 mod srq;
 mod strings;
 mod sysfs;
