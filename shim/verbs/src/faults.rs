@@ -28,9 +28,9 @@
 
 use crate::error::VerbsError;
 use crate::registry::{debug, lock};
+use crate::shadow::{Shadow, ShadowWriter};
 use freeflow_os::poll::{poll, PollFd};
 use freeflow_proto::verbs::wc_status;
-use crate::shadow::{Shadow, ShadowWriter};
 use freeflow_proto::verbs::work::{wc_opcode, Cqe};
 use freeflow_proto::Producer;
 use std::io;
@@ -273,7 +273,11 @@ mod tests {
             let mut sends = ShadowWriter::new(Arc::new(Shadow::new(8)));
             let mut recvs = ShadowWriter::new(Arc::new(Shadow::new(8)));
             for id in 0..3 {
-                sends.record(Posted::send(u64::from(qpn) * 10 + id, wr_opcode::SEND, true));
+                sends.record(Posted::send(
+                    u64::from(qpn) * 10 + id,
+                    wr_opcode::SEND,
+                    true,
+                ));
                 recvs.record(Posted::recv(u64::from(qpn) * 100 + id));
             }
             users.add(CqUser {

@@ -52,6 +52,7 @@ mod pd_mr;
 mod qp;
 mod registry;
 mod shadow;
+mod shared_core;
 mod srq;
 mod strings;
 mod sysfs;

@@ -22,10 +22,10 @@ use crate::abi::{
 };
 use crate::error::{returns_errno, returns_object, VerbsError};
 use crate::faults::{Gone, QpQueues, Queue};
-use crate::shadow::Posted;
 use crate::ffi::{copy_out, guard};
 use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, ContextState, PdEntry, QueueEntry, QueueKind};
+use crate::shadow::Posted;
 use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::region::SharedRegion;
 use freeflow_proto::verbs::qp::{

@@ -304,7 +304,7 @@ mod tests {
 
     #[test]
     fn a_poster_and_a_poller_on_two_threads_see_every_request_once_in_order() {
-        const N: u64 = 100_000;
+        const N: u64 = 20_000;
         let mut w = writer(16);
         let s = w.shadow().clone();
         let poller = std::thread::spawn(move || {
