@@ -7,6 +7,14 @@
 //! core it runs on and, on a router core, yields (`sched_yield`). The router yields in its own
 //! idle spin too, so the two take turns.
 //!
+//! Each yield costs the yielder: Linux's EEVDF scheduler moves its deadline a whole slice
+//! later, so a loop that yields every few microseconds falls seconds behind the other busy
+//! tasks of the core (measured: a prober pinned to a router core shared with other routers
+//! missed a 3-second wait). A yield that found nothing again therefore doubles the empty polls
+//! before the next one, up to [`YIELD_AFTER_MOST`]; a completion starts again from
+//! [`YIELD_AFTER`]. A wait that the router answers costs one yield; a long one, a yield per
+//! millisecond or so.
+//!
 //! The cost where the router is not: no system call is added. The core is read through
 //! `sched_getcpu`, which glibc answers from the rseq area (or the vDSO), once every
 //! [`YIELD_AFTER`] empty polls, and not at all when the router published no cores.
@@ -18,15 +26,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// (an empty poll takes tens of nanoseconds), short against a time slice, long against the
 /// router's turn around a request.
 pub const YIELD_AFTER: u32 = 64;
+/// The most empty polls between two yields of one wait (about a millisecond of polling).
+pub const YIELD_AFTER_MOST: u32 = YIELD_AFTER << 10;
 
 /// Yields made by this process's polls, for tests and debugging.
 static YIELDS: AtomicU64 = AtomicU64::new(0);
 
-/// A CQ's count of empty polls in a row, and the router's cores its region announced.
-#[derive(Debug, Default)]
+/// A CQ's count of empty polls in a row, when it yields next, and the router's cores its
+/// region announced.
+#[derive(Debug)]
 pub struct IdlePolls {
     router_cores: u64,
     empty: u32,
+    /// Empty polls in a row before the next look at the core: [`YIELD_AFTER`], doubled by
+    /// each yield of one wait.
+    next: u32,
 }
 
 impl IdlePolls {
@@ -34,25 +48,31 @@ impl IdlePolls {
         IdlePolls {
             router_cores,
             empty: 0,
+            next: YIELD_AFTER,
         }
     }
 
     /// A poll found completions.
     pub fn found(&mut self) {
         self.empty = 0;
+        self.next = YIELD_AFTER;
     }
 
     /// A poll found nothing: whether the caller should yield the core (after releasing its
     /// locks). `core` says which core the caller runs on; it is asked only when the router
-    /// announced cores, once per [`YIELD_AFTER`] empty polls.
+    /// announced cores, once per [`YIELD_AFTER`] empty polls (or more, after yields).
     pub fn found_nothing(&mut self, core: impl FnOnce() -> Option<u32>) -> bool {
         self.empty += 1;
-        if self.empty < YIELD_AFTER {
+        if self.empty < self.next {
             return false;
         }
         self.empty = 0;
-        self.router_cores != 0
-            && core().is_some_and(|c| c < 64 && self.router_cores & (1 << c) != 0)
+        let on_router_core = self.router_cores != 0
+            && core().is_some_and(|c| c < 64 && self.router_cores & (1 << c) != 0);
+        if on_router_core {
+            self.next = (self.next * 2).min(YIELD_AFTER_MOST);
+        }
+        on_router_core
     }
 }
 
@@ -95,9 +115,15 @@ mod tests {
     }
 
     #[test]
-    fn a_poll_on_a_router_core_yields_once_per_run_of_empty_polls() {
-        assert_eq!(run(0b10, Some(1), YIELD_AFTER * 5), (5, 5));
+    fn a_poll_on_a_router_core_yields_less_often_the_longer_it_finds_nothing() {
+        // Yields after 64, 128, 256, 512 and 1024 more empty polls.
+        let five = YIELD_AFTER * (1 + 2 + 4 + 8 + 16);
+        assert_eq!(run(0b10, Some(1), five), (5, 5));
+        assert_eq!(run(0b10, Some(1), five - 1), (4, 4));
         assert_eq!(run(0b10, Some(1), YIELD_AFTER - 1), (0, 0));
+        // At most one yield per YIELD_AFTER_MOST empty polls in the end.
+        let (yields, _) = run(0b10, Some(1), YIELD_AFTER_MOST * 20);
+        assert!((20..=30).contains(&yields), "{yields}");
     }
 
     #[test]
@@ -115,16 +141,19 @@ mod tests {
     #[test]
     fn completions_start_the_count_again() {
         let mut idle = IdlePolls::new(0b1);
-        for _ in 0..3 {
-            for _ in 0..YIELD_AFTER - 1 {
-                assert!(!idle.found_nothing(|| Some(0)));
-            }
-            idle.found();
-        }
+        let polls_to_yield = |idle: &mut IdlePolls| {
+            (1..=YIELD_AFTER_MOST)
+                .find(|_| idle.found_nothing(|| Some(0)))
+                .unwrap()
+        };
+        assert_eq!(polls_to_yield(&mut idle), YIELD_AFTER);
+        assert_eq!(polls_to_yield(&mut idle), 2 * YIELD_AFTER);
         for _ in 0..YIELD_AFTER - 1 {
             assert!(!idle.found_nothing(|| Some(0)));
         }
-        assert!(idle.found_nothing(|| Some(0)));
+        // A completion: the next wait yields after YIELD_AFTER empty polls again.
+        idle.found();
+        assert_eq!(polls_to_yield(&mut idle), YIELD_AFTER);
     }
 
     #[test]
