@@ -213,6 +213,9 @@ fn run(config: Config) -> Result<(), String> {
         .set_nonblocking(true)
         .map_err(|e| e.to_string())?;
 
+    // Every region created from here on tells the shims where the shards run (a program
+    // polling on one of those cores gives it up while it waits).
+    freeflow_proto::region::announce_router_cores(&config.cores);
     let attached: shard::AttachedTable = Arc::new(Mutex::new(Default::default()));
     let mut handles = Vec::new();
     let mut threads = Vec::new();

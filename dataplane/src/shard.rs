@@ -5,7 +5,9 @@
 //! shard's doorbell), submit what was queued in one batch. After `spin` without work, park: raise
 //! the parked flag on every request ring, look once more, and block in io_uring until the
 //! doorbell or a connection fires. Idle costs no CPU; a shim rings the doorbell only when it
-//! finds the flag raised.
+//! finds the flag raised. While it spins idle, the shard yields its core every
+//! `IDLE_YIELD_PASSES` passes: when a program shares the core (it is not pinned away from the
+//! router), the one waiting for the shard's completions would otherwise wait out the spin.
 
 use crate::attachment::{Attachment, ConnectionEvent};
 use crate::uring::Uring;
@@ -17,6 +19,10 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Empty passes between two looks at the clock of an idle shard, each with a `sched_yield`:
+/// a program spinning on the shard's core gets it within about this many passes.
+const IDLE_YIELD_PASSES: u32 = 128;
 
 /// Work handed to a shard by the control thread.
 pub enum ShardCommand {
@@ -156,8 +162,14 @@ impl Shard {
                 continue;
             }
             // Reading the clock on every empty pass would cost more than the pass itself.
-            if !spins.is_multiple_of(128) || idle_since.elapsed() < self.spin {
+            if !spins.is_multiple_of(IDLE_YIELD_PASSES) {
                 std::hint::spin_loop();
+                continue;
+            }
+            // A program polling on this core waits for this shard's work while the shard spins:
+            // let it run (sched_yield returns at once when nothing else wants the core).
+            std::thread::yield_now();
+            if idle_since.elapsed() < self.spin {
                 continue;
             }
             self.park();

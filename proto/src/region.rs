@@ -4,6 +4,11 @@
 //! make the router's accesses fault with SIGBUS), writes the header and passes the fd to the shim,
 //! which maps it and validates the header against the file's real size before using it. The
 //! router never reads the header back: it addresses the rings with the layout it created.
+//!
+//! The header also tells the shim which cores the router's shards run on
+//! ([`announce_router_cores`]), so that a program polling a queue on one of them can give the
+//! core up while it waits (the verbs shim's `poll_cq`). It is a hint, never trusted for
+//! anything else.
 
 use crate::codec;
 use crate::ring::RingGeometry;
@@ -12,6 +17,7 @@ use freeflow_os::memfd;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// An `mmap`ed range, unmapped on drop.
@@ -130,7 +136,10 @@ mod field {
     pub const RING_COUNT: Range<usize> = 12..16;
     /// The region's size in bytes, which the shim checks against the file's.
     pub const SIZE: Range<usize> = 16..24;
-    /// Where the ring entries start (24..32 is reserved).
+    /// The cores the router's shards run on: bit n for core n (cores 0..64); 0 when not
+    /// published (this word was reserved and zero before, so either side may be older).
+    pub const ROUTER_CORES: Range<usize> = 24..32;
+    /// Where the ring entries start.
     pub const RINGS: usize = 32;
     /// Bytes of one ring entry.
     pub const RING_ENTRY: usize = 16;
@@ -167,11 +176,31 @@ fn os(op: &'static str) -> impl FnOnce(io::Error) -> RegionError {
     move |source| RegionError::Os { op, source }
 }
 
+/// The cores of this process's router shards as a bit mask, written into the header of every
+/// region the process creates from the announcement on.
+static ROUTER_CORES: AtomicU64 = AtomicU64::new(0);
+
+/// The router announces the cores its shards are pinned to, before it creates regions. Cores
+/// from 64 up cannot be named in the header and are left out.
+pub fn announce_router_cores(cores: &[usize]) {
+    ROUTER_CORES.store(cores_mask(cores), Ordering::Relaxed);
+}
+
+/// `cores` as a bit mask (bit n: core n), without the cores from 64 up.
+pub fn cores_mask(cores: &[usize]) -> u64 {
+    cores
+        .iter()
+        .filter(|&&c| c < 64)
+        .fold(0, |mask, &c| mask | 1 << c)
+}
+
 /// A mapped region with its validated ring layout.
 #[derive(Debug, Clone)]
 pub struct SharedRegion {
     mapping: Arc<Mapping>,
     rings: Vec<(usize, RingGeometry)>,
+    /// The router's cores as its header says (see [`announce_router_cores`]).
+    router_cores: u64,
 }
 
 /// Offsets for `rings` laid out after the header, each 128-byte aligned, and the total size
@@ -219,6 +248,8 @@ impl SharedRegion {
         codec::put(&mut header, field::VERSION, REGION_VERSION);
         codec::put(&mut header, field::RING_COUNT, placed.len() as u32);
         codec::put(&mut header, field::SIZE, size as u64);
+        let router_cores = ROUTER_CORES.load(Ordering::Relaxed);
+        codec::put(&mut header, field::ROUTER_CORES, router_cores);
         for (i, (offset, geometry)) in placed.iter().enumerate() {
             let ring = &mut header[field::ring(i)];
             codec::put(ring, field::RING_OFFSET, *offset as u64);
@@ -230,6 +261,7 @@ impl SharedRegion {
             SharedRegion {
                 mapping,
                 rings: placed,
+                router_cores,
             },
             fd,
         ))
@@ -295,7 +327,14 @@ impl SharedRegion {
         Ok(SharedRegion {
             mapping,
             rings: placed,
+            router_cores: codec::get(&header, field::ROUTER_CORES),
         })
+    }
+
+    /// The cores the router's shards run on, as the region's creator announced them (bit n:
+    /// core n; 0 if it did not).
+    pub fn router_cores(&self) -> u64 {
+        self.router_cores
     }
 
     /// Number of rings.

@@ -305,6 +305,43 @@ impl Site {
         (out, log)
     }
 
+    /// As [`Site::verbs_app_under_strace`], pinned to `core` (`taskset`): where a poll loop
+    /// runs decides whether it may yield (it does on the router's core only).
+    pub fn verbs_app_under_strace_on_core(
+        &self,
+        container: &str,
+        probe: &Path,
+        mode: &str,
+        core: usize,
+    ) -> (Output, String) {
+        let log = self.work.join(format!("strace-core{core}.log"));
+        let out = self
+            .verbs_app(container, "taskset", &[])
+            .args(["-c", &core.to_string(), "strace", "-qq", "-o"])
+            .arg(&log)
+            .arg(probe)
+            .arg(mode)
+            .output()
+            .unwrap();
+        let log = std::fs::read_to_string(&log).unwrap();
+        (out, log)
+    }
+
+    /// The core of host 0's router shard, from its log ("... shard(s) on cores [N]"), and a
+    /// core it does not use, if this machine has one.
+    pub fn router_core_and_another(&self) -> (usize, Option<usize>) {
+        let log = self.router_log();
+        let cores = log
+            .split("shard(s) on cores [")
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .unwrap_or_else(|| panic!("no shard cores in the router log:\n{log}"));
+        let router: usize = cores.split(',').next().unwrap().trim().parse().unwrap();
+        assert!(!cores.contains(','), "one shard expected: [{cores}]");
+        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (router, (0..count).find(|&c| c != router))
+    }
+
     /// Starts `probe hold` in `container` and reads its first line (what it holds).
     pub fn hold(&self, container: &str, probe: &Path) -> Holder {
         let (child, stdout, first_line) = spawn_reading_first_line(

@@ -24,10 +24,11 @@
 
 use crate::abi::{IbvCompChannel, IbvContext, IbvCq, IbvWc};
 use crate::error::{returns_errno, returns_minus_one, returns_object, VerbsError};
-use crate::faults::{self, CqUser, Gone, QpQueues};
+use crate::faults::{CqUser, CqUsers, Gone, QpQueues};
 use crate::ffi::{guard, set_errno};
 use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, QueueEntry, QueueKind};
+use crate::shared_core::{self, IdlePolls};
 use freeflow_proto::region::SharedRegion;
 use freeflow_proto::verbs::work::Cqe;
 use freeflow_proto::verbs::{
@@ -37,7 +38,7 @@ use freeflow_proto::Consumer;
 use std::collections::BTreeMap;
 use std::ffi::{c_int, c_uint, c_void};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Condvar, Mutex};
 
 symbol_versions! {
     "IBVERBS_1.0": [ibv_create_comp_channel, ibv_destroy_comp_channel],
@@ -65,7 +66,9 @@ pub(crate) struct CqState {
 /// requests complete on it, for [`crate::faults`].
 struct CqRing {
     ring: Consumer,
-    users: Vec<CqUser>,
+    users: CqUsers,
+    /// Empty polls in a row, and the router's cores.
+    idle: IdlePolls,
 }
 
 impl HandedOut for IbvCq {
@@ -181,8 +184,9 @@ pub extern "C" fn ibv_destroy_comp_channel(channel: *mut IbvCompChannel) -> c_in
     returns_errno("ibv_destroy_comp_channel", || destroy_comp_channel(channel))
 }
 
-/// Maps the region of a CQ's ring that the router passed.
-fn attach_ring(fd: &OwnedFd) -> Result<Consumer, VerbsError> {
+/// Maps the region of a CQ's ring that the router passed: its ring, and the cores of the
+/// router's shards the region announces.
+fn attach_ring(fd: &OwnedFd) -> Result<(Consumer, u64), VerbsError> {
     let region = SharedRegion::attach(fd.as_fd())
         .map_err(|e| VerbsError::Protocol(format!("CQ region: {e}")))?;
     let ring = region
@@ -191,7 +195,7 @@ fn attach_ring(fd: &OwnedFd) -> Result<Consumer, VerbsError> {
     if (ring.geometry().slot_size as usize) < std::mem::size_of::<IbvWc>() {
         return Err(VerbsError::Protocol("CQ slots smaller than ibv_wc".into()));
     }
-    Ok(Consumer::new(ring))
+    Ok((Consumer::new(ring), region.router_cores()))
 }
 
 fn create_cq(
@@ -239,7 +243,7 @@ fn create_cq(
         handle: created.cq,
     };
     let attached = fd.and_then(|fd| attach_ring(&fd));
-    let ring = match attached {
+    let (ring, router_cores) = match attached {
         Ok(parts) => parts,
         Err(e) => {
             // Undoes the router's side (best effort).
@@ -263,7 +267,8 @@ fn create_cq(
         handle: created.cq,
         ring: Mutex::new(CqRing {
             ring,
-            users: Vec::new(),
+            users: CqUsers::default(),
+            idle: IdlePolls::new(router_cores),
         }),
         gone: state.gone.clone(),
         events: Mutex::new((0, 0)),
@@ -328,7 +333,9 @@ fn resize_cq(cq: *mut IbvCq, cqe: c_int) -> Result<(), VerbsError> {
     )?;
     // The router produces into the new ring from now on: a failure here leaves the CQ without
     // completions (EIO), as a device whose CQ memory failed.
-    ring.ring = fd.and_then(|fd| attach_ring(&fd))?;
+    let (new_ring, router_cores) = fd.and_then(|fd| attach_ring(&fd))?;
+    ring.ring = new_ring;
+    ring.idle = IdlePolls::new(router_cores);
     // SAFETY: `cq` is live; the library alone writes `cqe` (programs read it).
     unsafe { (*cq).cqe = resized.cqe as c_int };
     registry::debug(format_args!(
@@ -375,7 +382,8 @@ pub extern "C" fn ibv_destroy_cq(cq: *mut IbvCq) -> c_int {
 }
 
 /// `ops.poll_cq` (the inline `ibv_poll_cq`): up to `num_entries` completions into `wc`; the
-/// number taken, or -1. No system call: the ring is shared memory.
+/// number taken, or -1. No system call: the ring is shared memory; only a poll loop that keeps
+/// finding nothing on a core of the router yields it now and then ([`shared_core`]).
 ///
 /// # Safety
 /// `cq` is a live CQ of this library; `wc` has room for `num_entries` entries.
@@ -389,42 +397,56 @@ pub unsafe extern "C" fn poll_cq(cq: *mut IbvCq, num_entries: c_int, wc: *mut Ib
         return if num_entries == 0 { 0 } else { -1 };
     }
     guard(-1, || {
-        let mut cq_ring = lock(&state.ring);
-        let CqRing { ring, users } = &mut *cq_ring;
-        let mut taken = 0usize;
-        while taken < num_entries as usize {
-            // SAFETY: the caller's array has `num_entries` entries; entry `taken` is inside it
-            // and the program does not touch it during the call.
-            let out = unsafe {
-                std::slice::from_raw_parts_mut(
-                    wc.add(taken).cast::<u8>(),
-                    std::mem::size_of::<IbvWc>(),
-                )
-            };
-            match ring.pop(out) {
-                Ok(true) => {
-                    faults::retire(users, out);
+        // SAFETY: forwarded caller guarantee.
+        let (taken, give_up_core) = unsafe { take_completions(state, num_entries as usize, wc) };
+        if give_up_core {
+            // After the CQ's lock is released: another thread may poll meanwhile.
+            shared_core::yield_core();
+        }
+        taken
+    })
+}
+
+/// The body of `poll_cq`: up to `max` completions (or flushes) into `wc`; the number taken or
+/// -1, and whether the caller should now give its core up to the router ([`shared_core`]).
+///
+/// # Safety
+/// `wc` has room for `max` entries.
+unsafe fn take_completions(state: &CqState, max: usize, wc: *mut IbvWc) -> (c_int, bool) {
+    let mut cq_ring = lock(&state.ring);
+    let CqRing { ring, users, idle } = &mut *cq_ring;
+    let mut taken = 0usize;
+    while taken < max {
+        // SAFETY: the caller's array has `max` entries; entry `taken` is inside it and the
+        // program does not touch it during the call.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(wc.add(taken).cast::<u8>(), std::mem::size_of::<IbvWc>())
+        };
+        match ring.pop(out) {
+            Ok(true) => {
+                users.retire(out);
+                taken += 1;
+            }
+            // Nothing from the router: if it is gone, what it will never complete.
+            Ok(false) if state.gone.is_set() => match users.next_flush() {
+                Some(cqe) => {
+                    out[..Cqe::LEN].copy_from_slice(&cqe.encode());
                     taken += 1;
                 }
-                // Nothing from the router: if it is gone, what it will never complete.
-                Ok(false) if state.gone.is_set() => match faults::next_flush(users) {
-                    Some(cqe) => {
-                        out[..Cqe::LEN].copy_from_slice(&cqe.encode());
-                        taken += 1;
-                    }
-                    None => break,
-                },
-                Ok(false) => break,
-                // The router broke the ring: nothing more can be trusted from it.
-                Err(_) if taken == 0 => return -1,
-                Err(_) => break,
-            }
+                None => break,
+            },
+            Ok(false) => break,
+            // The router broke the ring: nothing more can be trusted from it.
+            Err(_) if taken == 0 => return (-1, false),
+            Err(_) => break,
         }
-        if taken > 0 {
-            ring.release();
-        }
-        taken as c_int
-    })
+    }
+    if taken > 0 {
+        ring.release();
+        idle.found();
+        return (taken as c_int, false);
+    }
+    (0, idle.found_nothing(shared_core::current_core))
 }
 
 /// `ops.req_notify_cq`: the next completion added to the CQ writes an event to its channel.
@@ -521,19 +543,26 @@ fn faults_event(ch: &ChannelState) -> Option<*mut IbvCq> {
 
 /// Registers a new QP's queues with its CQs (`send_cq` and `recv_cq`, maybe one CQ), which
 /// retire its requests as their completions are polled and flush them if the router goes.
-pub fn add_user(send_cq: *mut IbvCq, recv_cq: *mut IbvCq, queues: Arc<QpQueues>) {
+pub fn add_user(send_cq: *mut IbvCq, recv_cq: *mut IbvCq, queues: &QpQueues) {
+    let sends = lock(&queues.send).shadow();
+    let receives = if queues.has_srq {
+        None
+    } else {
+        lock(&queues.recv).shadow()
+    };
     let same = send_cq == recv_cq;
-    for (cq, sends, receives) in [(send_cq, true, same), (recv_cq, same, true)] {
+    let users = if same {
+        vec![(send_cq, sends, receives)]
+    } else {
+        vec![(send_cq, sends, None), (recv_cq, None, receives)]
+    };
+    for (cq, sends, receives) in users {
         if let Ok((_, state)) = registered_cq(cq) {
-            let queues = queues.clone();
-            lock(&state.ring).users.push(CqUser {
-                queues,
+            lock(&state.ring).users.add(CqUser {
+                qpn: queues.qpn,
                 sends,
                 receives,
             });
-        }
-        if same {
-            break;
         }
     }
 }
@@ -542,7 +571,7 @@ pub fn add_user(send_cq: *mut IbvCq, recv_cq: *mut IbvCq, queues: Arc<QpQueues>)
 pub fn remove_user(send_cq: *mut IbvCq, recv_cq: *mut IbvCq, qpn: u32) {
     for cq in [send_cq, recv_cq] {
         if let Ok((_, state)) = registered_cq(cq) {
-            lock(&state.ring).users.retain(|u| u.queues.qpn != qpn);
+            lock(&state.ring).users.remove(qpn);
         }
     }
 }

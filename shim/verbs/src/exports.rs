@@ -296,9 +296,10 @@ pub unsafe extern "C" fn ibv_close_device(context: *mut IbvContext) -> c_int {
         // registry happens once). The program no longer uses it.
         drop(unsafe { Box::from_raw(c_side) });
         registry::debug(format_args!(
-            "closed {} (attachment {})",
+            "closed {} (attachment {}); polls of this process yielded a router core {} times",
             crate::device::DEVICE_NAME,
-            state.attachment_id()
+            state.attachment_id(),
+            crate::shared_core::yields()
         ));
         // PDs and MRs go with the context (the router frees its side when the attachment
         // closes); the regions' pages move back to private memory.

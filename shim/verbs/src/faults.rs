@@ -8,10 +8,12 @@
 //!   else to do (an empty `poll_cq`) or is about to post;
 //! - every work request posted and not completed comes back through `ibv_poll_cq` with
 //!   IBV_WC_WR_FLUSH_ERR, in order per queue, after the completions the router had published.
-//!   The library knows which ones those are from its own shadow of each queue ([`Outstanding`]):
-//!   the wr_ids posted, retired as `poll_cq` hands their completions out (completions are in
-//!   order per queue; a successful send completion retires the unsignaled sends before it, an
-//!   error retires one request, as the engine reports errors even for unsignaled sends). The
+//!   The library knows which ones those are from its own shadow of each queue
+//!   ([`crate::shadow`], a lock-free ring): the wr_ids posted, retired as `poll_cq` hands their
+//!   completions out (completions are in order per queue; a successful send completion retires
+//!   the unsignaled sends before it, an error retires one request, as the engine reports errors
+//!   even for unsignaled sends). A CQ finds the QP of a completion by its number ([`CqUsers`]:
+//!   the last QP found first). The
 //!   rings' own indices cannot tell this: the router takes a send off its ring before it
 //!   completes (an RNR wait holds it), and publishes completions after releasing the ring.
 //!   An SRQ's receives are not flushed (they belong to no QP: a QP in error leaves them, as the
@@ -26,11 +28,11 @@
 
 use crate::error::VerbsError;
 use crate::registry::{debug, lock};
+use crate::shadow::{Shadow, ShadowWriter};
 use freeflow_os::poll::{poll, PollFd};
 use freeflow_proto::verbs::wc_status;
-use freeflow_proto::verbs::work::{wc_opcode, wr_opcode, Cqe};
+use freeflow_proto::verbs::work::{wc_opcode, Cqe};
 use freeflow_proto::Producer;
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -106,98 +108,12 @@ fn wait_for_hang_up(conn: &OwnedFd, gone: &Gone) {
     ));
 }
 
-/// A work request posted and not yet known to be complete.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Posted {
-    pub wr_id: u64,
-    /// The `ibv_wc_opcode` its completion has.
-    pub wc_opcode: u32,
-    /// It gets a completion when it succeeds (receives always do).
-    pub signaled: bool,
-}
-
-impl Posted {
-    pub fn send(wr_id: u64, opcode: u8, signaled: bool) -> Posted {
-        let wc_opcode = match opcode {
-            wr_opcode::RDMA_WRITE | wr_opcode::RDMA_WRITE_WITH_IMM => wc_opcode::RDMA_WRITE,
-            wr_opcode::RDMA_READ => wc_opcode::RDMA_READ,
-            wr_opcode::ATOMIC_CMP_AND_SWP => wc_opcode::COMP_SWAP,
-            wr_opcode::ATOMIC_FETCH_AND_ADD => wc_opcode::FETCH_ADD,
-            _ => wc_opcode::SEND,
-        };
-        Posted {
-            wr_id,
-            wc_opcode,
-            signaled,
-        }
-    }
-
-    pub fn recv(wr_id: u64) -> Posted {
-        Posted {
-            wr_id,
-            wc_opcode: wc_opcode::RECV,
-            signaled: true,
-        }
-    }
-}
-
-/// A queue's work requests posted and not completed, oldest first. As on hardware, a request
-/// holds its place until its completion is polled (or, unsignaled, a later one's), so the queue
-/// is full when `capacity` requests are outstanding.
-#[derive(Debug)]
-pub struct Outstanding {
-    list: VecDeque<Posted>,
-    capacity: usize,
-}
-
-impl Outstanding {
-    pub fn new(capacity: usize) -> Outstanding {
-        Outstanding {
-            list: VecDeque::with_capacity(capacity),
-            capacity,
-        }
-    }
-
-    pub fn is_full(&self) -> bool {
-        self.list.len() >= self.capacity
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
-
-    pub fn record(&mut self, posted: Posted) {
-        self.list.push_back(posted);
-    }
-
-    /// A send completion was polled: a success retires the requests up to the oldest
-    /// signaled one (the unsignaled ones before it completed silently); an error retires the
-    /// oldest request, whatever its flags.
-    pub fn retire_send(&mut self, success: bool) {
-        while let Some(p) = self.list.pop_front() {
-            if !success || p.signaled {
-                return;
-            }
-        }
-    }
-
-    /// A receive completion was polled: it was the oldest receive's.
-    pub fn retire_recv(&mut self) {
-        self.list.pop_front();
-    }
-
-    /// The oldest request, taken out to be flushed.
-    pub fn take_oldest(&mut self) -> Option<Posted> {
-        self.list.pop_front()
-    }
-}
-
 /// One of the QP's rings (or an SRQ's ring), the buffer a WQE is built in, and (for a QP's
-/// queues) the requests posted and not completed ([`crate::faults`]).
+/// queues) the posting side of its shadow ([`crate::shadow`]).
 pub(crate) struct Queue {
     pub ring: Producer,
     pub buf: Vec<u8>,
-    pub outstanding: Option<Outstanding>,
+    pub shadow: Option<ShadowWriter>,
 }
 
 impl Queue {
@@ -207,7 +123,7 @@ impl Queue {
         Mutex::new(Queue {
             ring,
             buf: vec![0; size],
-            outstanding: None,
+            shadow: None,
         })
     }
 
@@ -217,146 +133,120 @@ impl Queue {
             .free_slots()
             .map_err(|e| VerbsError::Protocol(format!("QP ring: {e}")))?;
         let queue = Queue::new(ring);
-        lock(&queue).outstanding = Some(Outstanding::new(slots as usize));
+        lock(&queue).shadow = Some(ShadowWriter::new(Arc::new(Shadow::new(slots))));
         Ok(queue)
     }
 
-    pub(crate) fn outstanding_is_empty(&self) -> bool {
-        self.outstanding.as_ref().is_none_or(Outstanding::is_empty)
-    }
-
-    /// Retires requests whose completion was polled (`how`: see [`Outstanding`]).
-    pub(crate) fn retire(&mut self, how: impl FnOnce(&mut Outstanding)) {
-        if let Some(o) = self.outstanding.as_mut() {
-            how(o);
-        }
+    /// The shadow its CQ retires and flushes.
+    pub(crate) fn shadow(&self) -> Option<Arc<Shadow>> {
+        self.shadow.as_ref().map(|w| w.shadow().clone())
     }
 
     /// Forgets every outstanding request (the QP went to RESET).
-    pub(crate) fn clear_outstanding(&mut self) {
-        if let Some(o) = self.outstanding.as_mut() {
-            while o.take_oldest().is_some() {}
+    pub(crate) fn forget_outstanding(&mut self) {
+        if let Some(w) = self.shadow.as_mut() {
+            w.forget_all();
         }
-    }
-
-    /// The oldest outstanding request, taken out to be flushed.
-    pub(crate) fn take_oldest(&mut self) -> Option<Posted> {
-        self.outstanding.as_mut()?.take_oldest()
     }
 }
 
-/// A QP's queues as its CQs see them: the CQs retire its requests and flush them.
+/// A QP's queues, as its post verbs use them.
 pub struct QpQueues {
     pub qpn: u32,
     pub send: Mutex<Queue>,
     pub recv: Mutex<Queue>,
-    /// Its receives come from an SRQ (not tracked here).
+    /// Its receives come from an SRQ (not tracked).
     pub has_srq: bool,
 }
 
-/// A QP that completes on a CQ: its queues and which of them complete there.
+/// A QP that completes on a CQ: the shadows of its queues that complete there (none for
+/// receives taken from an SRQ).
 pub struct CqUser {
-    pub queues: Arc<QpQueues>,
-    pub sends: bool,
-    pub receives: bool,
+    pub qpn: u32,
+    pub sends: Option<Arc<Shadow>>,
+    pub receives: Option<Arc<Shadow>>,
 }
 
 impl CqUser {
-    fn tracks_receives(&self) -> bool {
-        self.receives && !self.queues.has_srq
-    }
-
     /// Whether a request of this QP waits for a completion on the CQ.
     pub fn has_outstanding(&self) -> bool {
-        (self.sends && !lock(&self.queues.send).outstanding_is_empty())
-            || (self.tracks_receives() && !lock(&self.queues.recv).outstanding_is_empty())
+        [&self.sends, &self.receives]
+            .into_iter()
+            .flatten()
+            .any(|s| s.has_outstanding())
     }
 }
 
-/// Retires the request whose completion `wc` (the bytes of a `struct ibv_wc` just polled)
-/// reports, in the shadow of its QP among `users`.
-pub fn retire(users: &[CqUser], wc: &[u8]) {
-    let word = |at: usize| u32::from_ne_bytes([wc[at], wc[at + 1], wc[at + 2], wc[at + 3]]);
-    let (status, opcode, qpn) = (word(8), word(12), word(28));
-    let Some(user) = users.iter().find(|u| u.queues.qpn == qpn) else {
-        return;
-    };
-    if opcode & wc_opcode::RECV != 0 {
-        if user.tracks_receives() {
-            lock(&user.queues.recv).retire(|o| o.retire_recv());
-        }
-    } else {
-        let success = status == wc_status::SUCCESS;
-        lock(&user.queues.send).retire(|o| o.retire_send(success));
-    }
+/// The QPs completing on one CQ, found by QP number. A CQ usually serves one QP or a few, and
+/// completions come in runs of one QP: the last one found is tried first, then the list.
+#[derive(Default)]
+pub struct CqUsers {
+    list: Vec<CqUser>,
+    last: usize,
 }
 
-/// The next flush completion of a CQ whose router is gone: the oldest outstanding request of
-/// the first of `users` that has one (sends before receives), or None when all are flushed.
-pub fn next_flush(users: &[CqUser]) -> Option<Cqe> {
-    for user in users {
-        let queues = [
-            (user.sends, &user.queues.send),
-            (user.tracks_receives(), &user.queues.recv),
-        ];
-        for (completes_here, queue) in queues {
-            if !completes_here {
-                continue;
+impl CqUsers {
+    pub fn add(&mut self, user: CqUser) {
+        self.list.push(user);
+    }
+
+    pub fn remove(&mut self, qpn: u32) {
+        self.list.retain(|u| u.qpn != qpn);
+        self.last = 0;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &CqUser> {
+        self.list.iter()
+    }
+
+    fn find(&mut self, qpn: u32) -> Option<&CqUser> {
+        if self.list.get(self.last).is_none_or(|u| u.qpn != qpn) {
+            self.last = self.list.iter().position(|u| u.qpn == qpn)?;
+        }
+        self.list.get(self.last)
+    }
+
+    /// Retires the request whose completion `wc` (the bytes of a `struct ibv_wc` just polled)
+    /// reports, in the shadow of its QP.
+    pub fn retire(&mut self, wc: &[u8]) {
+        let word = |at: usize| u32::from_ne_bytes([wc[at], wc[at + 1], wc[at + 2], wc[at + 3]]);
+        let (status, opcode, qpn) = (word(8), word(12), word(28));
+        let Some(user) = self.find(qpn) else {
+            return;
+        };
+        if opcode & wc_opcode::RECV != 0 {
+            if let Some(s) = &user.receives {
+                s.retire_recv();
             }
-            if let Some(p) = lock(queue).take_oldest() {
-                return Some(Cqe {
-                    wr_id: p.wr_id,
-                    status: wc_status::WR_FLUSH_ERR,
-                    opcode: p.wc_opcode,
-                    qp_num: user.queues.qpn,
-                    ..Cqe::default()
-                });
-            }
+        } else if let Some(s) = &user.sends {
+            s.retire_send(status == wc_status::SUCCESS);
         }
     }
-    None
+
+    /// The next flush completion of a CQ whose router is gone: the oldest outstanding request
+    /// of the first QP that has one (sends before receives), or None when all are flushed.
+    pub fn next_flush(&self) -> Option<Cqe> {
+        self.list.iter().find_map(|user| {
+            let p = [&user.sends, &user.receives]
+                .into_iter()
+                .flatten()
+                .find_map(|s| s.take_oldest())?;
+            Some(Cqe {
+                wr_id: p.wr_id,
+                status: wc_status::WR_FLUSH_ERR,
+                opcode: p.wc_opcode,
+                qp_num: user.qpn,
+                ..Cqe::default()
+            })
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ids(o: &mut Outstanding) -> Vec<u64> {
-        std::iter::from_fn(|| o.take_oldest().map(|p| p.wr_id)).collect()
-    }
-
-    #[test]
-    fn a_signaled_success_retires_the_unsignaled_sends_before_it() {
-        let mut o = Outstanding::new(8);
-        o.record(Posted::send(1, wr_opcode::SEND, false));
-        o.record(Posted::send(2, wr_opcode::RDMA_WRITE, false));
-        o.record(Posted::send(3, wr_opcode::SEND, true));
-        o.record(Posted::send(4, wr_opcode::SEND, false));
-        o.record(Posted::send(5, wr_opcode::RDMA_READ, true));
-        o.retire_send(true);
-        assert_eq!(o.list.front().map(|p| p.wr_id), Some(4));
-        // An error completes the oldest request, signaled or not.
-        o.retire_send(false);
-        let left: Vec<Posted> = o.list.iter().copied().collect();
-        assert_eq!(left, vec![Posted::send(5, wr_opcode::RDMA_READ, true)]);
-        assert_eq!(left[0].wc_opcode, wc_opcode::RDMA_READ);
-    }
-
-    #[test]
-    fn receives_retire_in_order_and_the_rest_flush_in_order() {
-        let mut o = Outstanding::new(3);
-        for id in [10, 11, 12] {
-            o.record(Posted::recv(id));
-        }
-        assert!(o.is_full());
-        o.retire_recv();
-        assert!(!o.is_full());
-        assert_eq!(ids(&mut o), vec![11, 12]);
-        assert!(o.is_empty());
-        o.retire_recv();
-        o.retire_send(true);
-        assert!(o.is_empty());
-    }
+    use crate::shadow::{Posted, ShadowWriter};
+    use freeflow_proto::verbs::work::wr_opcode;
 
     #[test]
     fn the_flag_is_shared_by_clones() {
@@ -365,5 +255,62 @@ mod tests {
         assert!(!seen.is_set());
         gone.set();
         assert!(seen.is_set());
+    }
+
+    fn wc(qpn: u32, opcode: u32, status: u32) -> Vec<u8> {
+        let mut wc = vec![0u8; 48];
+        wc[8..12].copy_from_slice(&status.to_ne_bytes());
+        wc[12..16].copy_from_slice(&opcode.to_ne_bytes());
+        wc[28..32].copy_from_slice(&qpn.to_ne_bytes());
+        wc
+    }
+
+    #[test]
+    fn completions_retire_in_their_own_qps_shadow_and_the_rest_flush_in_order() {
+        let mut users = CqUsers::default();
+        let mut writers = Vec::new();
+        for qpn in [7, 9] {
+            let mut sends = ShadowWriter::new(Arc::new(Shadow::new(8)));
+            let mut recvs = ShadowWriter::new(Arc::new(Shadow::new(8)));
+            for id in 0..3 {
+                sends.record(Posted::send(
+                    u64::from(qpn) * 10 + id,
+                    wr_opcode::SEND,
+                    true,
+                ));
+                recvs.record(Posted::recv(u64::from(qpn) * 100 + id));
+            }
+            users.add(CqUser {
+                qpn,
+                sends: Some(sends.shadow().clone()),
+                receives: Some(recvs.shadow().clone()),
+            });
+            writers.push((sends, recvs));
+        }
+        users.retire(&wc(9, wc_opcode::SEND, wc_status::SUCCESS));
+        users.retire(&wc(7, wc_opcode::RECV, wc_status::SUCCESS));
+        users.retire(&wc(9, wc_opcode::RECV, wc_status::SUCCESS));
+        users.retire(&wc(9, wc_opcode::RECV, wc_status::SUCCESS));
+        // A completion of a QP the CQ does not know changes nothing.
+        users.retire(&wc(8, wc_opcode::RECV, wc_status::SUCCESS));
+        let flushed: Vec<(u32, u64)> = std::iter::from_fn(|| users.next_flush())
+            .map(|c| {
+                assert_eq!(c.status, wc_status::WR_FLUSH_ERR);
+                (c.qp_num, c.wr_id)
+            })
+            .collect();
+        let expected = [
+            (7, 70),
+            (7, 71),
+            (7, 72),
+            (7, 701),
+            (7, 702),
+            (9, 91),
+            (9, 92),
+            (9, 902),
+        ];
+        assert_eq!(flushed, expected);
+        users.remove(7);
+        assert!(users.iter().all(|u| !u.has_outstanding()));
     }
 }

@@ -21,10 +21,11 @@ use crate::abi::{
     IbvContext, IbvPd, IbvQp, IbvQpAttr, IbvQpCap, IbvQpInitAttr, IbvRecvWr, IbvSendWr, IbvSge,
 };
 use crate::error::{returns_errno, returns_object, VerbsError};
-use crate::faults::{Gone, Outstanding, Posted, QpQueues, Queue};
+use crate::faults::{Gone, QpQueues, Queue};
 use crate::ffi::{copy_out, guard};
 use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, ContextState, PdEntry, QueueEntry, QueueKind};
+use crate::shadow::Posted;
 use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::region::SharedRegion;
 use freeflow_proto::verbs::qp::{
@@ -127,7 +128,7 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
         _region: region,
     };
     let obj = new_qp_object(pd, &request, &created, shared);
-    crate::cq::add_user(request.attr.send_cq, request.attr.recv_cq, queues);
+    crate::cq::add_user(request.attr.send_cq, request.attr.recv_cq, &queues);
     // As providers do: the caller learns the capacities the QP really has.
     // SAFETY: `init` is the caller's (checked for NULL by QpRequest::check).
     unsafe { (*init).cap = c_cap(&created.cap) };
@@ -365,8 +366,8 @@ fn c_attr(a: &QpAttr) -> IbvQpAttr {
 fn set_state(qp: *mut IbvQp, state: &QpShared, new: u32) {
     if new == QpState::Reset as u32 {
         // The router forgot the queues without completions: so does the shadow.
-        lock(&state.queues.send).clear_outstanding();
-        lock(&state.queues.recv).clear_outstanding();
+        lock(&state.queues.send).forget_outstanding();
+        lock(&state.queues.recv).forget_outstanding();
     }
     state.state.store(new as u8, Ordering::Release);
     // SAFETY: `qp` is live (looked up); rdma-core updates `qp->state` after a modify or query,
@@ -590,12 +591,8 @@ pub unsafe extern "C" fn post_send(
     }
     guard(libc::EIO, || {
         let mut queue = lock(&state.queues.send);
-        let Queue {
-            ring,
-            buf,
-            outstanding,
-        } = &mut *queue;
-        let outstanding = outstanding.as_mut().expect("a QP's queues are tracked");
+        let Queue { ring, buf, shadow } = &mut *queue;
+        let shadow = shadow.as_mut().expect("a QP's queues are tracked");
         let mut cur = wr;
         let mut errno = 0;
         while !cur.is_null() {
@@ -603,7 +600,7 @@ pub unsafe extern "C" fn post_send(
             let w = unsafe { &*cur };
             // SAFETY: forwarded caller guarantee about the request's lists and data.
             let len = match unsafe { encode_send(w, &state.cap, buf) } {
-                Ok(len) if !outstanding.is_full() => len,
+                Ok(len) if !shadow.is_full() => len,
                 Ok(_) => {
                     errno = libc::ENOMEM;
                     break;
@@ -616,7 +613,7 @@ pub unsafe extern "C" fn post_send(
             match ring.push(&buf[..len]) {
                 Ok(true) => {
                     let signaled = state.sig_all || w.send_flags & send_flags::SIGNALED != 0;
-                    outstanding.record(Posted::send(w.wr_id, w.opcode as u8, signaled));
+                    shadow.record(Posted::send(w.wr_id, w.opcode as u8, signaled));
                 }
                 Ok(false) => {
                     errno = libc::ENOMEM;
@@ -702,11 +699,7 @@ pub(crate) unsafe fn push_receives(
 ) -> c_int {
     guard(libc::EIO, || {
         let mut queue = lock(queue);
-        let Queue {
-            ring,
-            buf,
-            outstanding,
-        } = &mut *queue;
+        let Queue { ring, buf, shadow } = &mut *queue;
         let mut cur = wr;
         let mut errno = 0;
         while !cur.is_null() {
@@ -716,7 +709,7 @@ pub(crate) unsafe fn push_receives(
                 errno = libc::EINVAL;
                 break;
             }
-            if outstanding.as_ref().is_some_and(Outstanding::is_full) {
+            if shadow.as_mut().is_some_and(|s| s.is_full()) {
                 errno = libc::ENOMEM;
                 break;
             }
@@ -738,8 +731,8 @@ pub(crate) unsafe fn push_receives(
             let len = RecvWqe::slot_bytes(sges.len() as u32);
             match ring.push(&buf[..len]) {
                 Ok(true) => {
-                    if let Some(o) = outstanding.as_mut() {
-                        o.record(Posted::recv(w.wr_id));
+                    if let Some(s) = shadow.as_mut() {
+                        s.record(Posted::recv(w.wr_id));
                     }
                 }
                 Ok(false) => {
