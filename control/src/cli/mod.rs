@@ -15,7 +15,7 @@
 #[macro_use]
 mod output;
 
-mod container;
+pub(crate) mod container;
 mod down;
 mod error;
 mod status;
