@@ -138,6 +138,8 @@ struct Attachment {
 struct Chain {
     host: String,
     list: Value,
+    /// Where `freeflow up --cni-bin-dir` installed freeflow-cni.
+    cni_bin_dir: PathBuf,
 }
 
 impl Chain {
@@ -158,13 +160,13 @@ impl Chain {
         }
         let plugin_type = conf["type"].as_str().expect("plugin type").to_owned();
         run_with_input(
-            topology::command_in(&self.host, &plugin_path(&plugin_type))
+            topology::command_in(&self.host, &self.plugin_path(&plugin_type))
                 .env("CNI_COMMAND", command)
                 .env("CNI_CONTAINERID", &att.container_id)
                 .env("CNI_NETNS", &att.netns)
                 .env("CNI_IFNAME", "eth0")
                 .env("CNI_ARGS", &att.args)
-                .env("CNI_PATH", cni_path()),
+                .env("CNI_PATH", self.cni_path()),
             conf.to_string().as_bytes(),
         )
     }
@@ -196,27 +198,23 @@ impl Chain {
             .collect()
     }
 
+    /// A plugin's executable: freeflow-cni as installed, the others Debian's.
+    fn plugin_path(&self, plugin_type: &str) -> String {
+        if plugin_type == "freeflow-cni" {
+            self.cni_bin_dir.join("freeflow-cni").display().to_string()
+        } else {
+            format!("{CNI_PLUGIN_DIR}/{plugin_type}")
+        }
+    }
+
+    fn cni_path(&self) -> String {
+        format!("{CNI_PLUGIN_DIR}:{}", self.cni_bin_dir.display())
+    }
+
     /// The freeflow-cni entry of the list.
     fn freeflow(&self) -> &Value {
         &self.plugins()[1]
     }
-}
-
-fn plugin_path(plugin_type: &str) -> String {
-    if plugin_type == "freeflow-cni" {
-        FREEFLOW_CNI.to_owned()
-    } else {
-        format!("{CNI_PLUGIN_DIR}/{plugin_type}")
-    }
-}
-
-fn cni_path() -> String {
-    let own = Path::new(FREEFLOW_CNI)
-        .parent()
-        .unwrap()
-        .display()
-        .to_string();
-    format!("{CNI_PLUGIN_DIR}:{own}")
 }
 
 /// `freeflow container ls --json`'s containers.
@@ -289,6 +287,7 @@ fn a_chain_of_bridge_and_freeflow_cni_registers_accelerates_and_unregisters() {
         .unwrap();
     let dir = tmp.path().join("freeflow").to_str().unwrap().to_owned();
     let registry = format!("file:{}/registry.json", tmp.path().display());
+    let cni_bin_dir = tmp.path().join("opt-cni-bin");
     succeed(topology::command_in(&host, FREEFLOW).args([
         "up",
         "--dir",
@@ -299,12 +298,21 @@ fn a_chain_of_bridge_and_freeflow_cni_registers_accelerates_and_unregisters() {
         VNET,
         "--registry",
         &registry,
+        "--cni-bin-dir",
+        cni_bin_dir.to_str().unwrap(),
     ]));
     let _up = Up {
         netns: &host,
         dir: &dir,
     };
+    let installed = cni_bin_dir.join("freeflow-cni");
+    assert_eq!(
+        std::fs::read(&installed).ok(),
+        std::fs::read(FREEFLOW_CNI).ok(),
+        "up --cni-bin-dir installs the plugin"
+    );
     let chain = Chain {
+        cni_bin_dir,
         host: host.clone(),
         list: json!({
             "cniVersion": "1.0.0",
@@ -492,7 +500,7 @@ fn cni_error(out: &Output) -> Value {
 fn refusals(chain: &Chain, a: &Attachment, dir: &str) {
     let version = |stdin: &str| {
         run_with_input(
-            Command::new(FREEFLOW_CNI).env("CNI_COMMAND", "VERSION"),
+            Command::new(chain.plugin_path("freeflow-cni")).env("CNI_COMMAND", "VERSION"),
             stdin.as_bytes(),
         )
     };
@@ -506,12 +514,12 @@ fn refusals(chain: &Chain, a: &Attachment, dir: &str) {
     }
 
     let out = run_with_input(
-        topology::command_in(&chain.host, FREEFLOW_CNI)
+        topology::command_in(&chain.host, &chain.plugin_path("freeflow-cni"))
             .env("CNI_COMMAND", "ADD")
             .env("CNI_CONTAINERID", "x")
             .env("CNI_NETNS", &a.netns)
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", cni_path()),
+            .env("CNI_PATH", chain.cni_path()),
         b"{\"cniVersion\": \"1.0.0\", \"name\": ",
     );
     assert!(!out.status.success(), "{}", describe(&out));
