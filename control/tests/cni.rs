@@ -128,6 +128,7 @@ fn succeed(cmd: &mut Command) -> String {
 }
 
 /// One attachment, as a runtime describes it in the environment.
+#[derive(Clone)]
 struct Attachment {
     container_id: String,
     netns: PathBuf,
@@ -215,6 +216,11 @@ impl Chain {
     fn freeflow(&self) -> &Value {
         &self.plugins()[1]
     }
+}
+
+/// `listed` without the container of address `ip`.
+fn without_ip(listed: &[Value], ip: &str) -> Vec<Value> {
+    listed.iter().filter(|c| c["ip"] != ip).cloned().collect()
 }
 
 /// `freeflow container ls --json`'s containers.
@@ -391,10 +397,26 @@ fn a_chain_of_bridge_and_freeflow_cni_registers_accelerates_and_unregisters() {
         assert!(out.status.success(), "DEL c: {}", describe(&out));
     }
 
-    // CHECK passes through the whole chain for a registered container.
+    // CHECK passes through the whole chain for a registered container; freeflow-cni's fails
+    // when the tenant CNI_ARGS now names differs from the registered one.
     for out in chain.each("CHECK", &a, &results_a[1]) {
         assert!(out.status.success(), "CHECK: {}", describe(&out));
     }
+    let moved = Attachment {
+        args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop".to_owned(),
+        ..a.clone()
+    };
+    let out = chain.invoke(chain.freeflow(), "CHECK", &moved, Some(&results_a[1]));
+    let error = cni_error(&out);
+    assert_eq!(error["code"], 104, "{}", describe(&out));
+    assert!(
+        error["details"].as_str().unwrap().contains("tenant"),
+        "{error}"
+    );
+    // A repeated ADD (a runtime's retry) succeeds and changes nothing.
+    let out = chain.invoke(chain.freeflow(), "ADD", &a, Some(&results_a[0]));
+    assert!(out.status.success(), "repeated ADD: {}", describe(&out));
+    assert_eq!(containers(&host, &dir), without_ip(&listed, &ip_c));
 
     accelerated_connect(&host, &dir, &ns_a.0, &ns_b.0, &ip_a, &ip_b);
 
@@ -551,4 +573,26 @@ fn refusals(chain: &Chain, a: &Attachment, dir: &str) {
 
     let out = chain.invoke(chain.freeflow(), "ADD", a, None);
     assert_eq!(cni_error(&out)["code"], 7, "{}", describe(&out));
+
+    // STATUS and GC (CNI 1.1): STATUS is unavailable (50) only where Freeflow is not set up.
+    let v11 = |conf: &Value| {
+        let mut list = chain.list.clone();
+        list["cniVersion"] = json!("1.1.0");
+        Chain {
+            host: chain.host.clone(),
+            list,
+            cni_bin_dir: chain.cni_bin_dir.clone(),
+        }
+        .invoke(conf, "STATUS", a, None)
+    };
+    let out = v11(chain.freeflow());
+    assert!(out.status.success(), "STATUS: {}", describe(&out));
+    assert_eq!(cni_error(&v11(&not_set_up))["code"], 50);
+    let out = chain.invoke(chain.freeflow(), "STATUS", a, None);
+    assert_eq!(
+        cni_error(&out)["code"],
+        1,
+        "STATUS needs 1.1.0: {}",
+        describe(&out)
+    );
 }
