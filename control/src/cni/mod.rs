@@ -5,11 +5,11 @@
 //! bridge + host-local, flannel, calico): ADD takes the container's network namespace from
 //! CNI_NETNS and its IPv4 address from `prevResult`, registers the container exactly as
 //! `freeflow container add` does (the registry write the daemon watches, then a bounded wait for
-//! the daemon to serve it: [`crate::cli::container::register`]), and prints `prevResult`
+//! the daemon to serve it: `cli::container::register`), and prints `prevResult`
 //! unchanged as its result. DEL unregisters (success when there is nothing to remove or the
 //! namespace is gone), CHECK compares the registration with what the chain says, VERSION lists
 //! [`spec::SUPPORTED_VERSIONS`], STATUS says whether ADD can succeed, GC does nothing (see
-//! [`ops`]).
+//! `ops.rs` for why).
 //!
 //! The registry name of a container is derived from CNI_CONTAINERID and CNI_IFNAME
 //! ([`spec::container_name`]); its tenant comes from the configuration's `tenant` or from
