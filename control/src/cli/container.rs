@@ -27,33 +27,23 @@ const PICKUP_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) fn add(args: AddArgs) -> Result<ExitCode, CliError> {
     let dir = args.dir.runtime_dir()?;
     let config = Config::load(&dir)?;
-    for (what, value) in [("container name", &args.name), ("tenant", &args.tenant)] {
-        if !registry::is_valid_name(value) {
-            return Err(RegistryError::InvalidName {
-                what,
-                value: value.clone(),
-            }
-            .into());
-        }
-    }
-    check_overlay_ip(&dir, &config, args.ip)?;
-    let netns = check_netns(&dir, &args.netns, args.allow_host_netns)?;
-    let registry = registry::open(&config.registry)?;
-    let record = ContainerRecord {
-        name: args.name.clone(),
-        tenant: args.tenant.clone(),
-        ip: args.ip,
-        netns: netns.clone(),
-        host_ip: config.host_ip,
-    };
-    let snapshot = registry.update(&mut |s| s.add_container(record.clone()))?;
-    let pickup = wait_for_pickup(&dir, snapshot.generation, &args.name);
+    let (record, pickup) = register(
+        &dir,
+        &config,
+        NewContainer {
+            name: &args.name,
+            tenant: &args.tenant,
+            ip: args.ip,
+            netns: &args.netns,
+            allow_host_netns: args.allow_host_netns,
+        },
+    )?;
     out!(
         "freeflow: registered container {} ({}, tenant {}, netns {}) on host {}{}",
-        args.name,
-        args.ip,
-        args.tenant,
-        netns.display(),
+        record.name,
+        record.ip,
+        record.tenant,
+        record.netns.display(),
         config.host_ip,
         match pickup {
             Pickup::Served => "; the router serves it now".to_owned(),
@@ -73,17 +63,12 @@ pub(super) fn add(args: AddArgs) -> Result<ExitCode, CliError> {
 pub(super) fn rm(args: &RmArgs) -> Result<ExitCode, CliError> {
     let dir = args.dir.runtime_dir()?;
     let config = Config::load(&dir)?;
-    let registry = registry::open(&config.registry)?;
-    let mut removed = None;
-    let snapshot = registry.update(&mut |s| {
-        removed = Some(s.remove_container(&args.name)?);
-        Ok(())
-    })?;
+    let (removed, pickup) = unregister(&dir, &config, &args.name)?;
     let removed = removed.ok_or_else(|| RegistryError::NotFound(args.name.clone()))?;
     let tail = if removed.host_ip != config.host_ip {
         format!("; it was served by host {}, not this one", removed.host_ip)
     } else {
-        match wait_for_pickup(&dir, snapshot.generation, &args.name) {
+        match pickup {
             Pickup::Served | Pickup::Skipped(_) => "; the router no longer serves it".to_owned(),
             Pickup::NoDaemon => String::new(),
             Pickup::Pending => "; the daemon has not picked the change up yet".to_owned(),
@@ -96,6 +81,78 @@ pub(super) fn rm(args: &RmArgs) -> Result<ExitCode, CliError> {
         removed.host_ip
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A container to register on this host, as `container add` and the CNI plugin describe it.
+pub(crate) struct NewContainer<'a> {
+    /// Registry name.
+    pub name: &'a str,
+    /// Tenant.
+    pub tenant: &'a str,
+    /// Overlay address; must lie in this host's overlay prefix.
+    pub ip: Ipv4Addr,
+    /// The container's network namespace file.
+    pub netns: &'a Path,
+    /// Accept the namespace freeflow itself runs in.
+    pub allow_host_netns: bool,
+}
+
+/// Checks the names, the address and the namespace of `new`, registers it as served by this
+/// host (the registry write the daemon watches), and waits (bounded) for the daemon to pick
+/// the change up. The one way containers get registered: `container add` and `freeflow-cni`.
+pub(crate) fn register(
+    dir: &RuntimeDir,
+    config: &Config,
+    new: NewContainer<'_>,
+) -> Result<(ContainerRecord, Pickup), CliError> {
+    for (what, value) in [("container name", new.name), ("tenant", new.tenant)] {
+        if !registry::is_valid_name(value) {
+            return Err(RegistryError::InvalidName {
+                what,
+                value: value.to_owned(),
+            }
+            .into());
+        }
+    }
+    check_overlay_ip(dir, config, new.ip)?;
+    let netns = check_netns(dir, new.netns, new.allow_host_netns)?;
+    let registry = registry::open(&config.registry)?;
+    let record = ContainerRecord {
+        name: new.name.to_owned(),
+        tenant: new.tenant.to_owned(),
+        ip: new.ip,
+        netns,
+        host_ip: config.host_ip,
+    };
+    let snapshot = registry.update(&mut |s| s.add_container(record.clone()))?;
+    let pickup = wait_for_pickup(dir, snapshot.generation, &record.name);
+    Ok((record, pickup))
+}
+
+/// Unregisters the container `name` (whichever host serves it) and, if there was one, waits
+/// (bounded) for the daemon to pick the change up. `None`: no container of that name, and
+/// nothing was written.
+pub(crate) fn unregister(
+    dir: &RuntimeDir,
+    config: &Config,
+    name: &str,
+) -> Result<(Option<ContainerRecord>, Pickup), CliError> {
+    let registry = registry::open(&config.registry)?;
+    let mut removed = None;
+    let snapshot = match registry.update(&mut |s| {
+        removed = Some(s.remove_container(name)?);
+        Ok(())
+    }) {
+        Ok(snapshot) => snapshot,
+        // The update wrote nothing.
+        Err(RegistryError::NotFound(_)) => return Ok((None, Pickup::NoDaemon)),
+        Err(e) => return Err(e.into()),
+    };
+    let pickup = match &removed {
+        Some(r) if r.host_ip == config.host_ip => wait_for_pickup(dir, snapshot.generation, name),
+        _ => Pickup::NoDaemon,
+    };
+    Ok((removed, pickup))
 }
 
 /// `freeflow container ls`: the registry's containers of all hosts, as a table or JSON.
@@ -228,10 +285,14 @@ fn check_netns(dir: &RuntimeDir, path: &Path, allow_host: bool) -> Result<PathBu
 }
 
 /// What became of a registry change on the daemon's side.
-enum Pickup {
+pub(crate) enum Pickup {
+    /// No daemon runs for the runtime directory (or the change concerns another host).
     NoDaemon,
+    /// The daemon pushed the change to its router.
     Served,
+    /// The daemon read the change but skips the container, for this reason.
     Skipped(String),
+    /// The daemon runs but has not read the change within the bounded wait.
     Pending,
 }
 

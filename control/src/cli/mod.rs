@@ -15,7 +15,7 @@
 #[macro_use]
 mod output;
 
-mod container;
+pub(crate) mod container;
 mod down;
 mod error;
 mod status;
@@ -158,6 +158,11 @@ struct UpArgs {
     /// to this `up`)
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Also install the chained CNI plugin freeflow-cni (from next to this executable) into
+    /// CNI_BIN_DIR, where container runtimes look for plugins, e.g. /opt/cni/bin (not recorded:
+    /// pass it to each `up` that should install it)
+    #[arg(long, value_name = "CNI_BIN_DIR")]
+    cni_bin_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

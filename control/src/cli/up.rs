@@ -1,6 +1,7 @@
 //! `freeflow up`: settles this host's settings (options, environment, the previous `up`),
-//! registers the host, installs the shims, and starts the daemon: detached (it re-executes this
-//! binary as `freeflow daemon`) and waited for until its router serves, or in this process.
+//! registers the host, installs the shims (and with `--cni-bin-dir` the CNI plugin), and starts
+//! the daemon: detached (it re-executes this binary as `freeflow daemon`) and waited for until
+//! its router serves, or in this process.
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -38,6 +39,9 @@ pub(super) fn up(args: UpArgs) -> Result<ExitCode, CliError> {
         }
     };
     let foreground = args.foreground;
+    if let Some(cni_bin_dir) = &args.cni_bin_dir {
+        install_cni_plugin(cni_bin_dir)?;
+    }
     let mut config = settings(args, &dir, previous.as_ref())?;
     prepare_dir(&dir)?;
     config.registry = register_host(&dir, &config, previous.as_ref())?;
@@ -286,6 +290,27 @@ fn install_shims(dir: &RuntimeDir) -> Result<(), CliError> {
         // Replaced by rename, so containers that have the old copy mapped keep working.
         config::write_atomic(&dest, &bytes, 0o444)?;
     }
+    Ok(())
+}
+
+/// Copies `freeflow-cni` from next to the `freeflow` executable into `cni_bin_dir` (created
+/// 0755 if missing), mode 0755, replaced by rename so a runtime running the old copy is not
+/// disturbed. Asked for explicitly, so a missing plugin is an error.
+fn install_cni_plugin(cni_bin_dir: &Path) -> Result<(), CliError> {
+    let src = supervise::sibling_of_exe("freeflow-cni");
+    if !src.is_file() {
+        return Err(CliError::Invalid(format!(
+            "--cni-bin-dir: the CNI plugin {} is not there (build the workspace to get it)",
+            src.display()
+        )));
+    }
+    if !cni_bin_dir.is_dir() {
+        fs::create_dir_all(cni_bin_dir)
+            .and_then(|()| fs::set_permissions(cni_bin_dir, fs::Permissions::from_mode(0o755)))
+            .map_err(io_err(format!("cannot create {}", cni_bin_dir.display())))?;
+    }
+    let bytes = fs::read(&src).map_err(io_err(format!("cannot read {}", src.display())))?;
+    config::write_atomic(&cni_bin_dir.join("freeflow-cni"), &bytes, 0o755)?;
     Ok(())
 }
 
