@@ -6,6 +6,11 @@
 //! the parked flag on every request ring, look once more, and block in io_uring until the
 //! doorbell or a connection fires. Idle costs no CPU; a shim rings the doorbell only when it
 //! finds the flag raised.
+//!
+//! The shard that runs the verbs engine also drives the engine's transport to other hosts'
+//! routers (RDMA between hosts): its sockets are watched by this shard's io_uring (one-shot
+//! polls tagged [`TRANSPORT_TAG`], armed again each pass as they fire), and read and written
+//! by the engine's pass.
 
 use crate::attachment::{Attachment, ConnectionEvent};
 use crate::uring::Uring;
@@ -22,6 +27,8 @@ use std::time::{Duration, Instant};
 pub enum ShardCommand {
     Adopt(Box<Attachment>),
     Detach(u32),
+    /// The daemon's view of the cluster, for the verbs engine's transport to other hosts.
+    Network(Box<freeflow_proto::control::NetworkView>),
     /// Tests only (`ControlRequest::TestPanic`): the shard panics.
     #[cfg(debug_assertions)]
     TestPanic,
@@ -62,6 +69,8 @@ impl ShardHandle {
 pub type AttachedTable = Arc<Mutex<HashMap<u32, freeflow_proto::control::AttachedStatus>>>;
 
 const BELL_TAG: u64 = 0;
+/// The tags of the verbs transport's polls: this bit and the transport's token.
+const TRANSPORT_TAG: u64 = 1 << 63;
 
 fn conn_tag(slot: usize, generation: u32) -> u64 {
     ((slot as u64 + 1) << 32) | generation as u64
@@ -168,6 +177,7 @@ impl Shard {
             match command {
                 ShardCommand::Adopt(attachment) => self.adopt(*attachment),
                 ShardCommand::Detach(id) => self.detach_id(id, "container unregistered"),
+                ShardCommand::Network(network) => self.engine.set_network(&network),
                 #[cfg(debug_assertions)]
                 ShardCommand::TestPanic => {
                     panic!(
@@ -249,13 +259,39 @@ impl Shard {
             self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             self.detach_id(id, &why);
         }
+        self.watch_transport();
         work
+    }
+
+    /// Arms the polls of the transport's sockets that need it, and closes the sockets it let
+    /// go once their polls are cancelled (a poll in flight holds the socket open).
+    fn watch_transport(&mut self) {
+        let uring = &mut self.uring;
+        let transport = self.engine.transport();
+        transport.watch(|fd, events, token| {
+            if let Err(e) = uring.poll_add(fd, events, TRANSPORT_TAG | token) {
+                log::warn!("verbs transport: cannot watch a socket: {e}");
+            }
+        });
+        let closing = transport.take_closing();
+        if !closing.is_empty() {
+            for (token, _) in &closing {
+                let _ = self.uring.cancel(TRANSPORT_TAG | token);
+                let _ = self.uring.cancel(TRANSPORT_TAG | token | 1);
+            }
+            let _ = self.uring.submit_queued();
+            drop(closing);
+        }
     }
 
     fn reap(&mut self) -> usize {
         let mut events = Vec::new();
         let n = self.uring.drain(|tag, result| events.push((tag, result)));
         for (tag, result) in events {
+            if tag & TRANSPORT_TAG != 0 {
+                self.engine.transport().ready(tag & !TRANSPORT_TAG, result);
+                continue;
+            }
             if tag == BELL_TAG {
                 self.bell.drain();
                 if let Err(e) = self.uring.poll_add(

@@ -1,0 +1,121 @@
+//! RDMA mode across hosts: Debian's unmodified `ibv_rc_pingpong` between two registered
+//! containers on two simulated hosts, through Freeflow's `libibverbs.so.1`, each host's
+//! router and the router-to-router verbs transport on the host link (see
+//! docs/verbs-engine.md, "Across hosts"). Polling (`-c`: the received data is validated) and
+//! completion events (`-e`), 64 B (inline) to 1 MiB messages. A container of another tenant
+//! cannot even connect.
+//!
+//! Needs root, a built workspace (`cargo build --workspace`), ibverbs-utils and
+//! libibverbs-dev (scripts/test.sh installs them). The Site scaffolding is in common/mod.rs.
+
+mod common;
+
+use common::{assert_pingpong_sides, describe, Site, SiteSpec};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Output, Stdio};
+
+impl Site {
+    /// Two hosts with Freeflow up: server (10.32.0.2) on host 1, client (10.32.0.3) on host 0,
+    /// both of tenant blue; other (10.32.0.4, tenant red) on host 0.
+    fn new(prefix: &str) -> Site {
+        common::require_programs(&["ibv_rc_pingpong"], "ibverbs-utils");
+        Site::create_verbs(SiteSpec {
+            prefix,
+            work_prefix: "ff-verbs-xh",
+            hosts: 2,
+            containers: &[
+                (1, "server", [10, 32, 0, 2]),
+                (0, "client", [10, 32, 0, 3]),
+                (0, "other", [10, 32, 0, 4]),
+            ],
+            registered: &[("server", "blue"), ("client", "blue"), ("other", "red")],
+            verbs_timeout: 60,
+            ..SiteSpec::default()
+        })
+    }
+}
+
+/// Checks a pingpong run across hosts (both sides exit 0, report the transfer and both GIDs).
+fn assert_pingpong(site: &Site, runs: &(Output, Output), iters: u64, size: u64) {
+    for (who, text) in
+        assert_pingpong_sides(site, "ibv_rc_pingpong across hosts", runs, iters, size)
+    {
+        eprintln!("{who}: {}", text.trim_end().replace('\n', "\n    "));
+    }
+}
+
+#[test]
+fn unmodified_ibv_rc_pingpong_runs_between_two_hosts() {
+    let site = Site::new("vxp");
+    // Small messages (inline data), polling, data validated.
+    let runs = site.pingpong(
+        "ibv_rc_pingpong",
+        18530,
+        &["-g", "0", "-c", "-s", "64", "-n", "1000"],
+    );
+    assert_pingpong(&site, &runs, 1000, 64);
+    // Completion events.
+    let runs = site.pingpong(
+        "ibv_rc_pingpong",
+        18531,
+        &["-g", "0", "-c", "-e", "-s", "64", "-n", "500"],
+    );
+    assert_pingpong(&site, &runs, 500, 64);
+    // 1 MiB messages, polling and events.
+    let runs = site.pingpong(
+        "ibv_rc_pingpong",
+        18532,
+        &["-g", "0", "-c", "-s", "1048576", "-n", "20"],
+    );
+    assert_pingpong(&site, &runs, 20, 1 << 20);
+    let runs = site.pingpong(
+        "ibv_rc_pingpong",
+        18533,
+        &["-g", "0", "-c", "-e", "-s", "1048576", "-n", "20"],
+    );
+    assert_pingpong(&site, &runs, 20, 1 << 20);
+    // The work requests went on the routers' transport: a connection between the two hosts'
+    // addresses on the verbs port (the peer port, 7471, + 1), nothing dropped.
+    let out = site
+        .in_host(0, "ss")
+        .args(["-tn", "state", "established"])
+        .output()
+        .unwrap();
+    let connections = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        connections.contains("192.168.1.1:") && connections.contains("192.168.1.2:7472"),
+        "{connections}"
+    );
+    let log = site.router_log();
+    assert!(!log.contains("verbs: dropped"), "{log}");
+}
+
+#[test]
+fn another_tenant_on_another_host_is_unreachable() {
+    let site = Site::new("vxt");
+    // other (tenant red, host 0) names server (tenant blue, host 1): the router refuses the
+    // destination at RTR (ENETUNREACH), both programs exit with an error, neither hangs.
+    let server = site
+        .verbs_app("server", "ibv_rc_pingpong", &[])
+        .args(["-g", "0", "-p", "18534"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    site.wait_listening("server", 18534, None);
+    let client = site
+        .verbs_app("other", "ibv_rc_pingpong", &[])
+        .args(["-g", "0", "-p", "18534", "10.32.0.2"])
+        .output()
+        .unwrap();
+    let server = server.wait_with_output().unwrap();
+    for (who, out) in [("other", &client), ("server", &server)] {
+        assert_eq!(out.status.signal(), None, "{who}: {}", describe(out));
+        assert_ne!(out.status.code(), Some(0), "{who}: {}", describe(out));
+    }
+    assert!(
+        String::from_utf8_lossy(&server.stderr).contains("Couldn't connect to remote QP"),
+        "{}",
+        describe(&server)
+    );
+}
