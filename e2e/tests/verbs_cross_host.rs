@@ -2,15 +2,17 @@
 //! containers on two simulated hosts, through Freeflow's `libibverbs.so.1`, each host's
 //! router and the router-to-router verbs transport on the host link (see
 //! docs/verbs-engine.md, "Across hosts"). Polling (`-c`: the received data is validated) and
-//! completion events (`-e`), 64 B (inline) to 1 MiB messages. A container of another tenant
-//! cannot even connect.
+//! completion events (`-e`), 64 B (inline) to 1 MiB messages. Then a C program, server on one
+//! host and client on the other, runs every opcode and every remote error across hosts (RNR
+//! with its retries, a QP number not connected to the sender), and a container of another
+//! tenant cannot even connect.
 //!
 //! Needs root, a built workspace (`cargo build --workspace`), ibverbs-utils and
 //! libibverbs-dev (scripts/test.sh installs them). The Site scaffolding is in common/mod.rs.
 
 mod common;
 
-use common::{assert_pingpong_sides, describe, Site, SiteSpec};
+use common::{assert_pingpong_sides, describe, succeeded_saying, CProbe, Site, SiteSpec};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Output, Stdio};
 
@@ -118,4 +120,41 @@ fn another_tenant_on_another_host_is_unreachable() {
         "{}",
         describe(&server)
     );
+}
+
+/// The two sides of the cross-host checks (tests/programs/verbs_cross_host_probe.c), built
+/// against the installed headers and the system's libibverbs.
+const PROBE: CProbe = CProbe {
+    name: "cross_host_probe",
+    source: include_str!("programs/verbs_cross_host_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-libverbs"],
+};
+
+#[test]
+fn every_opcode_and_remote_error_across_hosts() {
+    let site = Site::new("vxo");
+    let probe = PROBE.build(&site.work);
+    let server = site
+        .verbs_app("server", &probe, &[])
+        .args(["server", "18535"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    site.wait_listening("server", 18535, None);
+    let client = site
+        .verbs_app("client", &probe, &[])
+        .args(["client", "10.32.0.2", "18535"])
+        .output()
+        .unwrap();
+    let server = server.wait_with_output().unwrap();
+    for (who, out) in [("client", &client), ("server", &server)] {
+        assert!(
+            succeeded_saying(out, "checks passed"),
+            "{who}: {}\n--- router log\n{}",
+            describe(out),
+            site.router_log()
+        );
+    }
 }
