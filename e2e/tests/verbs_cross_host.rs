@@ -15,6 +15,7 @@ mod common;
 use common::{assert_pingpong_sides, describe, succeeded_saying, CProbe, Site, SiteSpec};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Output, Stdio};
+use std::time::Duration;
 
 impl Site {
     /// Two hosts with Freeflow up: server (10.32.0.2) on host 1, client (10.32.0.3) on host 0,
@@ -199,4 +200,90 @@ fn unmodified_perftest_runs_between_two_hosts() {
     perftest(&site, "ib_write_bw", 18536, 65536, 500);
     perftest(&site, "ib_read_lat", 18537, 64, 300);
     perftest(&site, "ib_send_lat", 18538, 64, 300);
+}
+
+/// A hostile peer on a registered host's address: a connection to host 1's verbs port whose
+/// hello is garbage, and one with a good hello and a frame claiming 4 GiB of payload.
+const GARBAGE_PEER: &str = r#"
+import socket, struct, sys
+for hello, frame in [(b"GARBAGE!" * 2, b"x" * 64),
+                     (b"FFVR" + struct.pack("<HH", 1, 0) + bytes([192, 168, 1, 1]) + bytes(4),
+                      bytes([3, 0, 0, 0]) + struct.pack("<I", 0xFFFFFFFF) + bytes(56))]:
+    s = socket.create_connection(("192.168.1.2", 7472), timeout=5)
+    s.sendall(hello + frame)
+    s.settimeout(5)
+    print("closed by the router" if s.recv(1) == b"" else "answered")
+"#;
+
+#[test]
+fn a_killed_peer_router_fails_the_transfer_and_a_garbage_peer_only_its_connection() {
+    let site = Site::new("vxk");
+    let probe = PROBE.build(&site.work);
+    let mut server = site
+        .verbs_app("server", &probe, &[])
+        .args(["stream-server", "18539"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    site.wait_listening("server", 18539, None);
+    let (mut client, mut stdout, first) = common::spawn_reading_first_line(
+        site.verbs_app("client", &probe, &[])
+            .args(["stream-client", "10.32.0.2", "18539"])
+            .stderr(Stdio::piped()),
+    );
+    assert!(first.starts_with("STREAMING"), "client said {first:?}");
+
+    // Garbage from host 0's address: each connection is dropped, the stream goes on.
+    let out = site
+        .in_host(0, "python3")
+        .args(["-c", GARBAGE_PEER])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.matches("closed by the router").count(),
+        2,
+        "{}",
+        describe(&out)
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.starts_with("STREAMING"), "after the garbage: {line:?}");
+    let log = site.router_log();
+    assert!(
+        log.contains("dropped the connection from the router of 192.168.1.1: bad hello")
+            && log.contains("dropped the connection from the router of 192.168.1.1: bad frame"),
+        "{log}"
+    );
+
+    // The server's router dies under the stream.
+    let old = site.router_status(1)["router"]["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill has no memory preconditions; the pid is the router this test started.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = client.wait().unwrap();
+    eprintln!("client after the kill: {rest}");
+    assert!(
+        status.success() && rest.contains("then RETRY_EXC_ERR") && rest.contains("checks passed"),
+        "{status}: {rest}\n--- router log\n{}",
+        site.router_log()
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+
+    // The daemon restarts the router; new QPs reach it.
+    let restarted = common::poll(Duration::from_secs(30), Duration::from_millis(100), || {
+        site.router_status(1)["router"]["pid"]
+            .as_i64()
+            .filter(|p| *p as i32 != old)
+    });
+    assert!(restarted.is_some(), "{}", site.router_log());
+    let runs = site.pingpong(
+        "ibv_rc_pingpong",
+        18540,
+        &["-g", "0", "-c", "-s", "64", "-n", "50"],
+    );
+    assert_pingpong(&site, &runs, 50, 64);
 }

@@ -11,7 +11,11 @@
  *   5: a READ of a region without remote read access (REM_ACCESS_ERR);
  *   6: the client's QP aims at server QP 0, which is connected to another QP: nothing is
  *      delivered (RETRY_EXC_ERR), as a forged QP number on one host.
- * Usage: probe server PORT | probe client SERVER_IP PORT. Each prints "checks passed". */
+ * Usage: probe server PORT | probe client SERVER_IP PORT. Each prints "checks passed".
+ * `probe stream-server PORT` and `probe stream-client SERVER_IP PORT`: the client keeps 64 KiB
+ * WRITEs in flight on QP 0 (printing STREAMING once they flow) until one fails; the first
+ * failure must be RETRY_EXC_ERR (the server's router was killed) and every WR behind it
+ * WR_FLUSH_ERR. */
 #include "verbs_probe.h"
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -108,7 +112,7 @@ static void expect_set(const uint64_t *ids, const int *st, int n)
     }
 }
 
-static int server(int port)
+static int server(int port, int stream)
 {
     setup(SERVER_QPS);
     memset(buf + 8192, 'R', 256);
@@ -144,6 +148,10 @@ static int server(int port)
     for (int i = 0; i < SERVER_QPS; i++)
         CHECK(connect_to(i, dest[i], ip, 14, 7, 7) == 0, "connect server QP %d", i);
     send_line(c, "ready\n");
+    if (stream) {
+        read_line(c, line, sizeof(line));
+        return 0;
+    }
     /* QP 4's receive comes late: the client's SEND waits in RNR until then. */
     usleep(300 * 1000);
     CHECK(post_recv(qps[4], 40, buf + 768, 64, mr->lkey) == 0, "late post_recv");
@@ -162,7 +170,9 @@ static int server(int port)
     return verdict("checks passed");
 }
 
-static int client(const char *ip, int port)
+/* Connects to the server, exchanges QP numbers and keys, connects the QPs; returns the socket. */
+static int client_exchange(const char *ip, int port, uint32_t *q, uint64_t *raddr,
+                           uint32_t *rkey, uint64_t *ro_addr, uint32_t *ro_rkey)
 {
     setup(NQP);
     int c = socket(AF_INET, SOCK_STREAM, 0);
@@ -170,16 +180,14 @@ static int client(const char *ip, int port)
     inet_pton(AF_INET, ip, &a.sin_addr);
     if (connect(c, (struct sockaddr *)&a, sizeof(a))) {
         printf("connect: %s\n", strerror(errno));
-        return 1;
+        exit(1);
     }
     char line[512];
     read_line(c, line, sizeof(line));
-    uint32_t q[SERVER_QPS], rkey, ro_rkey;
-    uint64_t raddr, ro_addr;
     if (sscanf(line, "%u %u %u %u %u %u %" SCNu64 " %u %" SCNu64 " %u", &q[0], &q[1], &q[2],
-               &q[3], &q[4], &q[5], &raddr, &rkey, &ro_addr, &ro_rkey) != 10) {
+               &q[3], &q[4], &q[5], raddr, rkey, ro_addr, ro_rkey) != 10) {
         printf("bad line from the server: %s\n", line);
-        return 1;
+        exit(1);
     }
     snprintf(line, sizeof(line), "%u %u %u %u %u %u\n", qps[0]->qp_num, qps[1]->qp_num,
              qps[2]->qp_num, qps[3]->qp_num, qps[4]->qp_num, qps[5]->qp_num);
@@ -190,6 +198,14 @@ static int client(const char *ip, int port)
     CHECK(connect_to(6, q[0], ip, 8, 2, 7) == 0, "connect the forging QP");
     read_line(c, line, sizeof(line));
     CHECK(strcmp(line, "ready") == 0, "the server said %s", line);
+    return c;
+}
+
+static int client(const char *ip, int port)
+{
+    uint32_t q[SERVER_QPS], rkey, ro_rkey;
+    uint64_t raddr, ro_addr;
+    int c = client_exchange(ip, port, q, &raddr, &rkey, &ro_addr, &ro_rkey);
 
     /* 0: every opcode. */
     memset(buf, 'A', 64);
@@ -267,11 +283,47 @@ static int client(const char *ip, int port)
     return verdict("checks passed");
 }
 
+/* WRITEs in flight until one fails: RETRY_EXC_ERR first, WR_FLUSH_ERR for the rest. */
+static int stream_client(const char *ip, int port)
+{
+    uint32_t q[SERVER_QPS], rkey, ro_rkey;
+    uint64_t raddr, ro_addr, next = 1, done = 0;
+    int c = client_exchange(ip, port, q, &raddr, &rkey, &ro_addr, &ro_rkey);
+    double end = now_ms() + 60000;
+    struct ibv_wc wc;
+    while (now_ms() < end) {
+        while (next - done <= 8)
+            CHECK(post(qps[0], IBV_WR_RDMA_WRITE, next++, buf, BUF, mr->lkey, SIG, raddr,
+                       rkey) == 0, "post WRITE");
+        if (ibv_poll_cq(cq, 1, &wc) != 1)
+            continue;
+        CHECK(wc.wr_id == done + 1, "completion %" PRIu64 " after %" PRIu64, wc.wr_id, done);
+        done = wc.wr_id;
+        if (wc.status != IBV_WC_SUCCESS)
+            break;
+        if (done % 500 == 200)
+            printf("STREAMING %" PRIu64 "\n", done);
+    }
+    double failed_at = now_ms();
+    CHECK(wc.status == IBV_WC_RETRY_EXC_ERR, "the first failure: %s after %" PRIu64 " WRITEs",
+          ibv_wc_status_str(wc.status), done);
+    for (uint64_t id = done + 1; id < next; id++)
+        EXPECT(cq, id, IBV_WC_WR_FLUSH_ERR, -1, "behind the failed WR");
+    printf("%" PRIu64 " WRITEs done, then RETRY_EXC_ERR and %" PRIu64 " flushed in %.1f ms\n",
+           done - 1, next - done - 1, now_ms() - failed_at);
+    close(c);
+    return verdict("checks passed");
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 3 && strcmp(argv[1], "server") == 0)
-        return server(atoi(argv[2]));
+        return server(atoi(argv[2]), 0);
+    if (argc >= 3 && strcmp(argv[1], "stream-server") == 0)
+        return server(atoi(argv[2]), 1);
+    if (argc >= 4 && strcmp(argv[1], "stream-client") == 0)
+        return stream_client(argv[2], atoi(argv[3]));
     if (argc >= 4 && strcmp(argv[1], "client") == 0)
         return client(argv[2], atoi(argv[3]));
     printf("usage: probe server PORT | probe client SERVER_IP PORT\n");
