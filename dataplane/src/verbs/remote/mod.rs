@@ -12,6 +12,8 @@
 //! completing them on responses is the engine's (`exec::remote`, `exec::respond`).
 
 mod conn;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use conn::{Conn, ConnState, Next};
 
