@@ -10,7 +10,8 @@
  *   4: a SEND with no receive yet and rnr_retry 7: it lands when the server posts one;
  *   5: a READ of a region without remote read access (REM_ACCESS_ERR);
  *   6: the client's QP aims at server QP 0, which is connected to another QP: nothing is
- *      delivered (RETRY_EXC_ERR), as a forged QP number on one host.
+ *      delivered (RETRY_EXC_ERR for the first of three WRITEs, the others flushed), as a forged
+ *      QP number on one host.
  * Usage: probe server PORT | probe client SERVER_IP PORT. Each prints "checks passed".
  * `probe stream-server PORT` and `probe stream-client SERVER_IP PORT`: the client keeps 64 KiB
  * WRITEs in flight on QP 0 (printing STREAMING once they flow) until one fails; the first
@@ -276,9 +277,12 @@ static int client(const char *ip, int port)
     EXPECT(cq, 51, IBV_WC_REM_ACCESS_ERR, IBV_WC_RDMA_READ, "no remote read access");
     /* 6: another QP's number: nothing delivered. */
     memset(buf + 1024, 'F', 64);
-    CHECK(post(qps[6], IBV_WR_RDMA_WRITE, 61, buf + 1024, 64, mr->lkey, SIG, raddr + 1024,
-               rkey) == 0, "post the forged WRITE");
+    for (int k = 0; k < 3; k++)
+        CHECK(post(qps[6], IBV_WR_RDMA_WRITE, 61 + k, buf + 1024, 64, mr->lkey, SIG,
+                   raddr + 1024, rkey) == 0, "post the forged WRITEs");
     EXPECT(cq, 61, IBV_WC_RETRY_EXC_ERR, -1, "a QP not connected to us");
+    EXPECT(cq, 62, IBV_WC_WR_FLUSH_ERR, -1, "behind the refused WR");
+    EXPECT(cq, 63, IBV_WC_WR_FLUSH_ERR, -1, "behind the refused WR");
     send_line(c, "done\n");
     return verdict("checks passed");
 }

@@ -406,6 +406,16 @@ impl Engine {
         if qp.broken || qp.state != QpState::Rts || qp.route != Some(expected) {
             return Ok(Taken::Done);
         }
+        // A NAK that asks for a retry says nothing about earlier requests (the responder
+        // refuses every request of a QP that is not ready): only the oldest one's counts, and
+        // only once.
+        if h.kind == FrameKind::Nak && matches!(h.code, nak::RNR | nak::NOT_READY | nak::BUSY) {
+            let rq = qp.remote.as_deref();
+            let oldest = rq.and_then(|r| r.inflight.front()).map(|f| f.seq);
+            if oldest != Some(h.seq) || rq.is_some_and(|r| r.resend.is_some()) {
+                return Ok(Taken::Done);
+            }
+        }
         // Everything before the answered request was executed.
         loop {
             let qp = self.qps.entry(index).map_err(fault)?;

@@ -38,6 +38,9 @@ pub(crate) const QP_INFLIGHT_BYTES: u64 = 1 << 20;
 /// that shares its core with spinning programs can be off the CPU for a while, and TCP already
 /// retransmits what was lost (a router that died resets the connection at once).
 pub(crate) const SILENCE_FLOOR: Duration = Duration::from_secs(2);
+/// Connections from one host's address that are kept (beyond, the oldest goes): a router
+/// needs one.
+const INCOMING_PER_HOST: usize = 4;
 /// Requests of one QP in flight at most.
 pub(crate) const QP_INFLIGHT_MAX: usize = 256;
 /// Poll events (`POLLIN`, `POLLOUT`) for the shard's io_uring.
@@ -353,6 +356,13 @@ impl Transport {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    let from = *addr.ip();
+                    let same: Vec<usize> = (0..self.incoming.len())
+                        .filter(|&i| self.incoming[i].host == from)
+                        .collect();
+                    if same.len() >= INCOMING_PER_HOST {
+                        self.close_incoming(same[0], "a newer connection from that host came");
+                    }
                     let token = self.token();
                     self.incoming
                         .push(Conn::new(stream, *addr.ip(), token, ConnState::AwaitHello));
