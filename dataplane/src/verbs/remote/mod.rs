@@ -298,7 +298,11 @@ impl Transport {
         if self.listener_ready {
             work += self.accept();
         }
-        let hosts: Vec<Ipv4Addr> = self.out.keys().copied().collect();
+        let pending = |c: &Conn| c.readable || matches!(c.state, ConnState::Connecting(_));
+        let hosts: Vec<Ipv4Addr> = match self.out.values().any(pending) {
+            true => self.out.keys().copied().collect(),
+            false => Vec::new(),
+        };
         for host in hosts {
             let Some(c) = self.out.get_mut(&host) else {
                 continue;
