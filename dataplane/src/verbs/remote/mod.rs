@@ -390,8 +390,11 @@ impl Transport {
         }
     }
 
-    /// Writes what every connection has queued. Returns whether any still has bytes waiting.
+    /// Writes what every connection has queued (what the sockets take now).
     pub(crate) fn flush_all(&mut self) {
+        if self.out.is_empty() && self.incoming.is_empty() {
+            return;
+        }
         let broken: Vec<(Ipv4Addr, String)> = self
             .out
             .values_mut()
@@ -412,6 +415,11 @@ impl Transport {
             }
             i += 1;
         }
+    }
+
+    /// Whether there is nothing to look at: no connection, no connection waiting to be accepted.
+    pub(crate) fn idle(&self) -> bool {
+        !self.listener_ready && self.out.is_empty() && self.incoming.is_empty()
     }
 
     /// Whether a pass would find work without any poll firing: sockets known readable, or
