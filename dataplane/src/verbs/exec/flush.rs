@@ -86,6 +86,7 @@ impl Engine {
                 let f = r.inflight.pop_front()?;
                 r.inflight_bytes -= f.bytes;
                 r.reads -= u32::from(f.op == SendOp::Read || f.op.is_atomic());
+                r.signaled -= u32::from(f.signaled);
                 Some(f)
             });
             let (wr_id, opcode) = if let Some(f) = inflight {

@@ -153,11 +153,12 @@ impl Engine {
             }
             if qp.pending.is_none() {
                 // A WQE's completion always needs room in the send CQ (errors complete even
-                // unsignaled): check before taking it off the ring, counting the requests in
-                // flight to another host.
+                // unsignaled): check before taking it off the ring, counting the signaled
+                // requests in flight to another host (an error of an unsignaled one waits for
+                // room: its answer stays in the connection's buffer until then).
                 let send_cq = qp.send_cq;
-                let inflight = qp.remote.as_ref().map_or(0, |r| r.inflight.len() as u32);
-                if !self.room(send_cq, 1 + inflight) {
+                let signaled = qp.remote.as_ref().map_or(0, |r| r.signaled);
+                if !self.room(send_cq, 1 + signaled) {
                     self.hold(index, now);
                     break;
                 }

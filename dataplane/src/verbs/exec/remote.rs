@@ -183,6 +183,7 @@ impl Engine {
         };
         let qp = self.qps.entry_mut(index)?;
         let rq = remote_of(&mut qp.remote, index)?;
+        let signaled = qp.sq_sig_all || p.wqe.header.has(send_flags::SIGNALED);
         let mut slot = rq.spare.pop().unwrap_or_default();
         slot.clear();
         slot.extend_from_slice(&qp.sq_slot);
@@ -192,9 +193,11 @@ impl Engine {
             seq,
             slot,
             bytes,
+            signaled,
             sent_at: t,
             conn: token,
         });
+        rq.signaled += u32::from(signaled);
         rq.next_seq = seq.wrapping_add(1);
         rq.inflight_bytes += bytes;
         rq.reads += u32::from(reads_back);
@@ -301,12 +304,12 @@ impl Engine {
     /// CQ for the completion (nothing changed).
     fn complete_front(&mut self, index: QpId, status: u32, byte_len: u32) -> Result<bool, Fault> {
         let qp = self.qps.entry_mut(index)?;
-        let (send_cq, qpn, sig_all) = (qp.send_cq, qp.qpn, qp.sq_sig_all);
+        let (send_cq, qpn) = (qp.send_cq, qp.qpn);
         let rq = remote_of(&mut qp.remote, index)?;
         let Some(front) = rq.inflight.front() else {
             return Ok(true);
         };
-        let signaled = sig_all || front.wqe.header.has(send_flags::SIGNALED);
+        let signaled = front.signaled;
         let failed = status != wc_status::SUCCESS;
         if (signaled || failed) && !self.room(send_cq, 1) {
             return Ok(false);
@@ -318,6 +321,7 @@ impl Engine {
         };
         rq.inflight_bytes -= f.bytes;
         rq.reads -= u32::from(f.op == SendOp::Read || f.op.is_atomic());
+        rq.signaled -= u32::from(f.signaled);
         if rq.spare.len() < 64 {
             rq.spare.push(f.slot);
         }

@@ -64,6 +64,8 @@ pub(crate) struct InFlight {
     pub(crate) slot: Vec<u8>,
     /// Payload bytes it stands for (what [`QP_INFLIGHT_BYTES`] counts).
     pub(crate) bytes: u64,
+    /// Whether its success completes in the send CQ.
+    pub(crate) signaled: bool,
     pub(crate) sent_at: Instant,
     /// The connection it went on: a request of a connection that broke is lost.
     pub(crate) conn: u64,
@@ -86,6 +88,9 @@ pub(crate) struct RemoteQp {
     pub(crate) inflight_bytes: u64,
     /// READs and atomics in flight (bounded by `max_rd_atomic`).
     pub(crate) reads: u32,
+    /// Requests in flight whose success completes in the send CQ (signaled ones): the CQ must
+    /// have room for them before the QP takes another WQE.
+    pub(crate) signaled: u32,
     pub(crate) resend: Option<Resend>,
     /// RNR and transport retries left since the last progress (None: not counting).
     pub(crate) rnr_left: Option<u8>,
