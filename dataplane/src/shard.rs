@@ -8,6 +8,11 @@
 //! finds the flag raised. While it spins idle, the shard yields its core every
 //! `IDLE_YIELD_PASSES` passes: when a program shares the core (it is not pinned away from the
 //! router), the one waiting for the shard's completions would otherwise wait out the spin.
+//!
+//! The shard that runs the verbs engine also drives the engine's transport to other hosts'
+//! routers (RDMA between hosts): its sockets are watched by this shard's io_uring (one-shot
+//! polls tagged [`TRANSPORT_TAG`], armed again each pass as they fire), and read and written
+//! by the engine's pass.
 
 use crate::attachment::{Attachment, ConnectionEvent};
 use crate::uring::Uring;
@@ -28,6 +33,8 @@ const IDLE_YIELD_PASSES: u32 = 128;
 pub enum ShardCommand {
     Adopt(Box<Attachment>),
     Detach(u32),
+    /// The daemon's view of the cluster, for the verbs engine's transport to other hosts.
+    Network(Box<freeflow_proto::control::NetworkView>),
     /// Tests only (`ControlRequest::TestPanic`): the shard panics.
     #[cfg(debug_assertions)]
     TestPanic,
@@ -79,6 +86,8 @@ impl ShardHandle {
 pub type AttachedTable = Arc<Mutex<HashMap<u32, freeflow_proto::control::AttachedStatus>>>;
 
 const BELL_TAG: u64 = 0;
+/// The tags of the verbs transport's polls: this bit and the transport's token.
+const TRANSPORT_TAG: u64 = 1 << 63;
 
 fn conn_tag(slot: usize, generation: u32) -> u64 {
     ((slot as u64 + 1) << 32) | generation as u64
@@ -194,6 +203,7 @@ impl Shard {
             match command {
                 ShardCommand::Adopt(attachment) => self.adopt(*attachment),
                 ShardCommand::Detach(id) => self.detach_id(id, "container unregistered"),
+                ShardCommand::Network(network) => self.engine.set_network(&network),
                 #[cfg(debug_assertions)]
                 ShardCommand::TestPanic => {
                     panic!(
@@ -275,13 +285,39 @@ impl Shard {
             self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             self.detach_id(id, &why);
         }
+        self.watch_transport();
         work
+    }
+
+    /// Arms the polls of the transport's sockets that need it, and closes the sockets it let
+    /// go once their polls are cancelled (a poll in flight holds the socket open).
+    fn watch_transport(&mut self) {
+        let uring = &mut self.uring;
+        let transport = self.engine.transport();
+        transport.watch(|fd, events, token| {
+            if let Err(e) = uring.poll_add(fd, events, TRANSPORT_TAG | token) {
+                log::warn!("verbs transport: cannot watch a socket: {e}");
+            }
+        });
+        let closing = transport.take_closing();
+        if !closing.is_empty() {
+            for (token, _) in &closing {
+                let _ = self.uring.cancel(TRANSPORT_TAG | token);
+                let _ = self.uring.cancel(TRANSPORT_TAG | token | 1);
+            }
+            let _ = self.uring.submit_queued();
+            drop(closing);
+        }
     }
 
     fn reap(&mut self) -> usize {
         let mut events = Vec::new();
         let n = self.uring.drain(|tag, result| events.push((tag, result)));
         for (tag, result) in events {
+            if tag & TRANSPORT_TAG != 0 {
+                self.engine.transport().ready(tag & !TRANSPORT_TAG, result);
+                continue;
+            }
             if tag == BELL_TAG {
                 self.bell.drain();
                 if let Err(e) = self.uring.poll_add(

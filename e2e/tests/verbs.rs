@@ -1,9 +1,10 @@
-//! RDMA mode: Debian's unmodified `ibv_devices`, `ibv_devinfo` and
-//! `ibv_rc_pingpong` (ibverbs-utils) load Freeflow's `libibverbs.so.1` from `DIR/verbs`, as
+//! RDMA mode: Debian's unmodified `ibv_devices` and `ibv_devinfo` (ibverbs-utils) load
+//! Freeflow's `libibverbs.so.1` from `DIR/verbs`, as
 //! installed by `freeflow up`, on two simulated hosts. Registered containers see one device,
 //! `ffv0`, with an active port whose GID is their overlay address; an unregistered container sees
-//! none. A C program built against the installed headers checks the verbs' return values and
-//! errno, through the inline wrappers of `verbs.h` as real programs call them.
+//! none (RDMA between the two hosts: verbs_cross_host.rs). A C program built against the
+//! installed headers checks the verbs' return values and errno, through the inline wrappers of
+//! `verbs.h` as real programs call them.
 //! Needs root, a built workspace (`cargo build --workspace`) and the Debian packages
 //! ibverbs-utils and libibverbs-dev (scripts/test.sh installs them).
 //!
@@ -12,17 +13,13 @@
 mod common;
 
 use common::{describe, CProbe, Site, SiteSpec};
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Output, Stdio};
+use std::process::Output;
 
 impl Site {
     /// Two hosts with Freeflow up (shared registry); containers web (host 0) and db (host 1)
     /// registered, stranger (host 0) not.
     fn new(prefix: &str) -> Site {
-        common::require_programs(
-            &["ibv_devices", "ibv_devinfo", "ibv_rc_pingpong"],
-            "ibverbs-utils",
-        );
+        common::require_programs(&["ibv_devices", "ibv_devinfo"], "ibverbs-utils");
         let site = Site::create_verbs(SiteSpec {
             prefix,
             work_prefix: "ff-verbs",
@@ -136,43 +133,7 @@ fn unmodified_ibverbs_utils_see_one_device_per_registered_container() {
         describe(&out)
     );
 
-    // ibv_rc_pingpong between two hosts: RDMA goes only between containers of one host so far.
-    // Both sides get as far as connecting their QPs, where the router refuses the other host's
-    // address (ENETUNREACH), and both exit with their own message: an exit, not a signal, not
-    // a hang.
-    let server = site
-        .verbs_app("db", "ibv_rc_pingpong", &[("FREEFLOW_DEBUG", "1")])
-        .args(["-g", "0", "-p", "18520"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    site.wait_listening("db", 18520, None);
-    let client = site
-        .verbs_app("web", "ibv_rc_pingpong", &[("FREEFLOW_DEBUG", "1")])
-        .args(["-g", "0", "-p", "18520", "10.32.0.4"])
-        .output()
-        .unwrap();
-    let server = server.wait_with_output().unwrap();
-    for (who, out) in [("client", &client), ("server", &server)] {
-        assert_eq!(out.status.signal(), None, "{who}: {}", describe(out));
-        assert_ne!(out.status.code(), Some(0), "{who}: {}", describe(out));
-    }
-    // The server connects its QP first (when the client's address arrives) and says why it
-    // cannot; the client then finds the exchange broken.
-    assert!(
-        stderr(&server).contains("registered MR")
-            && stderr(&server).contains("created QP")
-            && stderr(&server).contains("RDMA between hosts is not implemented yet")
-            && stderr(&server).contains("Couldn't connect to remote QP"),
-        "{}",
-        describe(&server)
-    );
-    assert!(
-        stderr(&client).contains("created QP"),
-        "{}",
-        describe(&client)
-    );
+    // RDMA between the two hosts: tests/verbs_cross_host.rs.
 
     // The verbs' return values and errno, from C.
     let probe = PROBE.build(&site.work);

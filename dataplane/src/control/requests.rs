@@ -54,6 +54,10 @@ impl ControlThread {
             } => {
                 let response = self.set_containers(containers);
                 if let (ControlResponse::Ok, Some(network)) = (&response, network) {
+                    // The verbs engine's shard (the first) reaches other hosts' routers too.
+                    if let Some(shard) = self.shards.first() {
+                        let _ = shard.send(ShardCommand::Network(Box::new(network.clone())));
+                    }
                     self.tcp.set_network(network);
                 }
                 (response, false)

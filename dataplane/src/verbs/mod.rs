@@ -16,7 +16,8 @@
 //! mappings, views) and `notify` (the completion channels' pipes).
 //!
 //! `engine` (with `exec`) is the software verbs engine of a shard: CQs, QPs and the execution
-//! of work requests between the tables of two contexts; `send_op` decodes a work request's
+//! of work requests between the tables of two contexts; `remote` is the transport to other
+//! hosts' routers (RDMA between hosts); `send_op` decodes a work request's
 //! operation, and `ids` gives the engine's numbers their own types.
 #![deny(unsafe_code)]
 
@@ -25,6 +26,7 @@ mod exec;
 mod ids;
 mod memory;
 mod notify;
+mod remote;
 mod send_op;
 
 pub use engine::{budget_of_this_process, Engine, ParkPlan};

@@ -17,7 +17,7 @@
 //!
 //! One file per concept: [`op`] (the requests), [`status`] (reply and completion statuses),
 //! [`access`] (memory region access flags), [`limits`], the bodies of [`pd_mr`], [`cq`],
-//! [`qp`] and [`srq`], the messages that travel with a file ([`files`]), the queues' work
+//! [`qp`] and [`srq`], the router-to-router frames of RDMA between hosts ([`remote`]), the messages that travel with a file ([`files`]), the queues' work
 //! requests and completions ([`work`]) and the [`test_hooks`]. Every layout follows the
 //! convention of [`crate::codec`].
 
@@ -28,6 +28,7 @@ pub mod limits;
 pub mod op;
 pub mod pd_mr;
 pub mod qp;
+pub mod remote;
 pub mod srq;
 pub mod status;
 pub mod test_hooks;

@@ -43,6 +43,9 @@ pub mod wc_status {
     pub const LOC_PROT_ERR: u32 = 4;
     /// Outstanding work requests of a QP in the error state (`IBV_WC_WR_FLUSH_ERR`).
     pub const WR_FLUSH_ERR: u32 = 5;
+    /// A response that does not fit its request (another host's router misbehaved)
+    /// (`IBV_WC_BAD_RESP_ERR`).
+    pub const BAD_RESP_ERR: u32 = 8;
     /// The responder could not take the message: its receive was too short
     /// (`IBV_WC_REM_INV_REQ_ERR`).
     pub const REM_INV_REQ_ERR: u32 = 9;

@@ -69,7 +69,7 @@ fn refusal_text(status: VerbsStatus) -> &'static str {
         VerbsStatus::TestHooksOff => "test hooks are off",
         VerbsStatus::Unreachable => {
             "the destination is not reachable: no container of this tenant with RDMA on this \
-             host (RDMA between hosts is not implemented yet)"
+             host, nor a registered one on another host"
         }
     }
 }

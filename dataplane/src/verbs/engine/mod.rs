@@ -64,9 +64,10 @@ pub use budget::budget_of_this_process;
 pub use objects::Fault;
 pub use park::ParkPlan;
 pub(super) use park::{ack_timeout, rnr_timer, CQ_FULL_RETRY};
-pub(super) use qp::{Pending, Route, Wait};
+pub(super) use qp::{Pending, Qp, Route, Wait};
 
 use super::ids::{AttachmentId, CqId, PdId, QpId, SrqId, TenantId};
+use super::remote::Transport;
 use super::{KeyGen, NumberMap, VerbsError, VerbsTable};
 use budget::Budgets;
 use cq::{CompChannel, Cq};
@@ -80,7 +81,6 @@ use freeflow_proto::verbs::{
 };
 use freeflow_proto::RingError;
 use objects::Objects;
-use qp::Qp;
 use srq::Srq;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
@@ -139,6 +139,8 @@ pub struct Engine {
     pub(super) dirty: Vec<CqId>,
     /// Attachments that broke a ring (to be detached by the shard), with the reason.
     pub(super) broken: Vec<(AttachmentId, String)>,
+    /// The transport to other hosts' routers (idle until the daemon describes a cluster).
+    pub(super) remote: Transport,
 }
 
 impl Default for Engine {
@@ -187,6 +189,7 @@ impl Engine {
             test_hooks,
             dirty: Vec::new(),
             broken: Vec::new(),
+            remote: Transport::default(),
         }
     }
 
@@ -450,6 +453,10 @@ impl Engine {
     pub fn poll(&mut self) -> usize {
         let mut work = 0;
         let mut now = None;
+        let remote = self.remote.active();
+        if remote {
+            work += self.poll_transport(&mut now);
+        }
         for index in self.qps.keys() {
             let Some(qp) = self.qps.get(index) else {
                 continue;
@@ -463,7 +470,21 @@ impl Engine {
                 _ => {}
             }
         }
+        if remote {
+            self.remote.flush_all();
+        }
         self.publish();
         work
+    }
+
+    /// Takes the daemon's view of the cluster: which overlay addresses live on which host, and
+    /// the other hosts' routers (for RDMA between hosts).
+    pub fn set_network(&mut self, network: &freeflow_proto::control::NetworkView) {
+        self.remote.set_network(network);
+    }
+
+    /// The transport's sockets, for the shard's io_uring (see `remote::Transport::watch`).
+    pub fn transport(&mut self) -> &mut Transport {
+        &mut self.remote
     }
 }

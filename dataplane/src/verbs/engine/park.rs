@@ -80,6 +80,8 @@ impl Engine {
                             deadline
                         }
                         Wait::Transport { deadline, .. } => deadline,
+                        // A socket of the transport wakes the shard.
+                        Wait::Remote => continue,
                     };
                     plan.wake_by(deadline);
                     continue;
@@ -103,10 +105,38 @@ impl Engine {
             }
         }
         self.flag_rnr_peers(&rnr_peers, &mut plan, &mut broken);
+        self.remote_park(&mut plan);
         for (owner, e) in broken {
             self.break_owner(owner, e);
         }
         plan
+    }
+
+    /// The transport's part: busy while it holds bytes to parse, awake by its connects' and its
+    /// QPs' deadlines (a refused request's retry, an answer overdue).
+    fn remote_park(&self, plan: &mut ParkPlan) {
+        if !self.remote.active() {
+            return;
+        }
+        plan.busy |= self.remote.busy();
+        if self.remote.stalled() {
+            plan.wake_by(Instant::now() + CQ_FULL_RETRY);
+        }
+        if let Some(d) = self.remote.deadline() {
+            plan.wake_by(d);
+        }
+        for qp in self.qps.iter() {
+            let Some(rq) = qp.remote.as_deref() else {
+                continue;
+            };
+            if let Some(r) = rq.resend {
+                plan.wake_by(r.at);
+            } else if let (Some(f), Some(budget)) =
+                (rq.inflight.front(), crate::verbs::exec::silence_budget(qp))
+            {
+                plan.wake_by(f.sent_at + budget);
+            }
+        }
     }
 
     /// A SEND waiting for a receive retries at once when the responder posts one, instead of

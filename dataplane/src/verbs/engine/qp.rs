@@ -3,11 +3,14 @@
 //! and `ibv_destroy_qp`.
 //!
 //! Where a QP's destination lives is decided at RTR from its GID (`::ffff:<overlay ip>`): a
-//! container of the caller's tenant with a verbs context on this host is [`Route::Local`];
-//! anything else fails the modify with ENETUNREACH.
+//! container of the caller's tenant with a verbs context on this host is [`Route::Local`]; a
+//! registered container of the caller's tenant on another host (the daemon's table of the
+//! cluster) is [`Route::Remote`], reached through the router-to-router transport
+//! (`crate::verbs::remote`); anything else fails the modify with ENETUNREACH.
 
 use super::{ring_slots, slot_size, Context, Engine};
 use crate::verbs::ids::{AttachmentId, CqId, PdId, QpId, SrqId};
+use crate::verbs::remote::RemoteQp;
 use crate::verbs::send_op::SendOp;
 use crate::verbs::VerbsError;
 use freeflow_proto::region::SharedRegion;
@@ -38,6 +41,22 @@ const UNSUPPORTED_MASK: u32 = mask::ALT_PATH | mask::EN_SQD_ASYNC_NOTIFY | mask:
 pub(in crate::verbs) enum Route {
     /// A QP of a container on this host, served by this engine.
     Local { ip: Ipv4Addr, qpn: u32 },
+    /// A QP of a container on another host, whose router is at `host`.
+    Remote {
+        host: Ipv4Addr,
+        ip: Ipv4Addr,
+        qpn: u32,
+    },
+}
+
+impl Route {
+    /// The same destination with QP number `qpn`.
+    fn with_qpn(self, qpn: u32) -> Route {
+        match self {
+            Route::Local { ip, .. } => Route::Local { ip, qpn },
+            Route::Remote { host, ip, .. } => Route::Remote { host, ip, qpn },
+        }
+    }
 }
 
 /// Why a send WQE waits, and until when.
@@ -51,6 +70,9 @@ pub(in crate::verbs) enum Wait {
     /// The destination did not answer (missing, not ready, not connected back): retry after
     /// the local ACK timeout, `left` times.
     Transport { left: u8, deadline: Instant },
+    /// Waiting for the transport to another host (an answer, room on the connection, a
+    /// connect): a socket wakes the shard.
+    Remote,
 }
 
 /// The send WQE a QP is executing (or waiting to execute).
@@ -84,6 +106,8 @@ pub(in crate::verbs) struct Qp {
     pub(in crate::verbs) rq_slot: Vec<u8>,
     pub(in crate::verbs) pending: Option<Pending>,
     pub(in crate::verbs) route: Option<Route>,
+    /// The transport's state, with a destination on another host.
+    pub(in crate::verbs) remote: Option<Box<RemoteQp>>,
     /// The owner wrote a corrupt index into a ring: the QP is no longer touched.
     pub(in crate::verbs) broken: bool,
     /// In the error state: flushing stopped at a full CQ; retry then.
@@ -97,6 +121,7 @@ impl Qp {
     fn reset(&mut self) -> Result<(), RingError> {
         self.pending = None;
         self.route = None;
+        self.remote = None;
         let drained = drain(&mut self.sq, &mut self.sq_slot)
             .and_then(|()| drain(&mut self.rq, &mut self.rq_slot));
         self.attr = QpAttr {
@@ -327,6 +352,7 @@ impl Engine {
             rq_slot: vec![0; rq_slot],
             pending: None,
             route: None,
+            remote: None,
             broken: false,
             held: None,
             _region: rings.region,
@@ -410,7 +436,8 @@ impl Engine {
     }
 
     /// Where the GID of a QP's destination leads: a container of the caller's tenant with a
-    /// verbs context here. Other hosts are not reachable yet.
+    /// verbs context here, or else a registered container of the caller's tenant on another
+    /// host.
     fn route(
         &self,
         attachment: AttachmentId,
@@ -426,12 +453,19 @@ impl Engine {
             .values()
             .any(|c| c.container.ip == ip && c.container.tenant == caller.tenant);
         if local {
-            Ok(Route::Local { ip, qpn: dest_qpn })
-        } else {
-            Err(VerbsError::Unreachable(format!(
-                "{ip} is no container of tenant {} with RDMA on this host (RDMA to other hosts is not implemented yet)",
+            return Ok(Route::Local { ip, qpn: dest_qpn });
+        }
+        match self.remote.host_of(ip, &caller.tenant) {
+            Some(host) => Ok(Route::Remote {
+                host,
+                ip,
+                qpn: dest_qpn,
+            }),
+            None => Err(VerbsError::Unreachable(format!(
+                "{ip} is no container of tenant {} with RDMA on this host or a registered \
+                 container of it on another host",
                 caller.tenant
-            )))
+            ))),
         }
     }
 
@@ -459,12 +493,19 @@ impl Engine {
         if let Some(route) = route {
             qp.route = Some(route);
         }
-        if let (Some(Route::Local { ip, .. }), true) = (qp.route, r.attr_mask & mask::DEST_QPN != 0)
-        {
-            qp.route = Some(Route::Local {
-                ip,
-                qpn: r.attr.dest_qp_num,
-            });
+        if let (Some(route), true) = (qp.route, r.attr_mask & mask::DEST_QPN != 0) {
+            qp.route = Some(route.with_qpn(r.attr.dest_qp_num));
+        }
+        // Across hosts, requests are numbered from the PSNs: the responder expects its
+        // rq_psn from RTR on, the requester counts from its sq_psn at RTS.
+        if matches!(qp.route, Some(Route::Remote { .. })) {
+            let remote = qp.remote.get_or_insert_with(Box::default);
+            if next == QpState::Rtr && current != QpState::Rtr {
+                remote.expected = qp.attr.rq_psn;
+            }
+            if next == QpState::Rts && current != QpState::Rts {
+                remote.next_seq = qp.attr.sq_psn;
+            }
         }
         match next {
             QpState::Reset => {

@@ -3,7 +3,7 @@
 
 use crate::verbs::engine::{Engine, Fault};
 use crate::verbs::ids::{CqId, QpId};
-use crate::verbs::send_op::wc_opcode_of;
+use crate::verbs::send_op::{wc_opcode_of, SendOp};
 use freeflow_proto::verbs::wc_status;
 use freeflow_proto::verbs::work::{wc_opcode, Cqe, SendWqeHeader, RECV_WQE_HEADER};
 use std::time::Instant;
@@ -81,7 +81,17 @@ impl Engine {
                 return Ok(Flushed::Blocked);
             }
             let qp = self.qps.entry_mut(index)?;
-            let (wr_id, opcode) = if let Some(p) = qp.pending.take() {
+            // Requests in flight to another host come first (they were posted first).
+            let inflight = qp.remote.as_mut().and_then(|r| {
+                let f = r.inflight.pop_front()?;
+                r.inflight_bytes -= f.bytes;
+                r.reads -= u32::from(f.op == SendOp::Read || f.op.is_atomic());
+                r.signaled -= u32::from(f.signaled);
+                Some(f)
+            });
+            let (wr_id, opcode) = if let Some(f) = inflight {
+                (f.wqe.header.wr_id, f.op.wc_opcode())
+            } else if let Some(p) = qp.pending.take() {
                 (p.wqe.header.wr_id, p.op.wc_opcode())
             } else {
                 match qp.sq.pop(&mut qp.sq_slot) {

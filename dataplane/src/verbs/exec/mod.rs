@@ -14,11 +14,17 @@
 //!
 //! This module drives a QP's send queue (waits, retries, completions); `ops` carries out each
 //! operation, `copy` resolves scatter/gather lists and copies between them, `flush` empties
-//! QPs in the error state.
+//! QPs in the error state. A QP whose destination is on another host sends requests to that
+//! host's router instead (`remote`, the requester's side), and requests from other hosts'
+//! routers are executed by `respond` (the responder's side).
 
 mod copy;
 mod flush;
 mod ops;
+mod remote;
+mod respond;
+
+pub(in crate::verbs) use remote::silence_budget;
 
 use super::engine::{ack_timeout, rnr_timer, Engine, Fault, Pending, Route, Wait, CQ_FULL_RETRY};
 use super::ids::{AttachmentId, CqId, ObjectKey, PdId, QpId, SrqId};
@@ -103,6 +109,20 @@ struct Peer {
 }
 
 impl Engine {
+    /// Reads the transport's sockets and handles what came: requests from other hosts'
+    /// routers (executed here), and responses to this router's requests.
+    pub(in crate::verbs) fn poll_transport(&mut self, now: &mut Option<Instant>) -> usize {
+        // A router with no connection to another host pays nothing here (not even the clock).
+        if self.remote.idle() {
+            return 0;
+        }
+        let t = *now.get_or_insert_with(Instant::now);
+        let mut work = self.remote.pump(t);
+        work += self.serve_incoming();
+        work += self.take_responses(t);
+        work
+    }
+
     /// Executes up to a batch of send WQEs of the QP at `index` (in RTS). A fault of the
     /// engine's bookkeeping ends the QP's owner.
     pub(in crate::verbs) fn run_send_queue(
@@ -123,6 +143,9 @@ impl Engine {
     ) -> Result<usize, Fault> {
         let mut done = 0;
         let mut popped = false;
+        if self.qps.entry(index)?.remote.is_some() {
+            self.tick_remote(index, now)?;
+        }
         while done < QP_BATCH {
             let qp = self.qps.entry_mut(index)?;
             if qp.state != QpState::Rts || qp.broken {
@@ -130,9 +153,12 @@ impl Engine {
             }
             if qp.pending.is_none() {
                 // A WQE's completion always needs room in the send CQ (errors complete even
-                // unsignaled): check before taking it off the ring.
+                // unsignaled): check before taking it off the ring, counting the signaled
+                // requests in flight to another host (an error of an unsignaled one waits for
+                // room: its answer stays in the connection's buffer until then).
                 let send_cq = qp.send_cq;
-                if !self.room(send_cq, 1) {
+                let signaled = qp.remote.as_ref().map_or(0, |r| r.signaled);
+                if !self.room(send_cq, 1 + signaled) {
                     self.hold(index, now);
                     break;
                 }
@@ -253,7 +279,9 @@ impl Engine {
     fn peer(&self, index: QpId, route: Route) -> Option<Peer> {
         let me = self.qps.get(index)?;
         let my_ctx = self.contexts.get(&me.owner)?;
-        let Route::Local { ip, qpn } = route;
+        let Route::Local { ip, qpn } = route else {
+            return None;
+        };
         let p_index = self.qp_by_number(qpn)?;
         let p = self.qps.get(p_index)?;
         let p_ctx = self.contexts.get(&p.owner)?;
@@ -378,6 +406,9 @@ impl Engine {
         if !self.room(send_cq, 1) {
             self.hold(index, now);
             return Ok(Outcome::Waiting);
+        }
+        if let Some(Route::Remote { host, ip, qpn }) = route {
+            return self.execute_remote(index, (host, ip, qpn), now);
         }
         let Some(peer) = route.and_then(|r| self.peer(index, r)) else {
             return self.transport_wait(index, now);

@@ -289,7 +289,7 @@ fn read(t: &Transfer<'_, '_>) -> Result<Effects, Fault> {
 }
 
 /// The context of `owner` in `contexts`, which a QP of it promises.
-fn context_in(
+pub(super) fn context_in(
     contexts: &NumberMap<AttachmentId, Context>,
     owner: AttachmentId,
 ) -> Result<&Context, Fault> {

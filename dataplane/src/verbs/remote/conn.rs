@@ -1,0 +1,225 @@
+//! One router-to-router verbs connection: a non-blocking TCP stream with a receive buffer that
+//! frames are parsed out of and a send buffer that frames are appended to, and the readiness
+//! the shard's io_uring reported for it.
+//!
+//! Both buffers are bounded: the receive side never holds more than one largest frame beyond
+//! what was parsed ([`RX_LIMIT`]), and the send side stops taking new requests past
+//! [`TX_HIGH`] (the engine checks [`Conn::tx_full`] first).
+
+use freeflow_proto::verbs::remote::{
+    FrameError, FrameHeader, FrameKind, Hello, HEADER_LEN, HELLO_LEN, MAX_PAYLOAD,
+};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::ops::Range;
+use std::time::Instant;
+
+/// Unparsed bytes a connection buffers at most: one largest frame, and a little more so that
+/// the header of the next one comes with it.
+const RX_LIMIT: usize = HEADER_LEN + MAX_PAYLOAD as usize + 64 * 1024;
+/// Bytes waiting to be sent beyond which no new request is queued (and a responder stops
+/// reading requests): the kernel's socket buffer is the rest of the pipe.
+pub(crate) const TX_HIGH: usize = 4 << 20;
+/// Bytes read per system call.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnState {
+    /// Ours, connecting (non-blocking); given up at the deadline.
+    Connecting(Instant),
+    /// Accepted; the peer's hello has not come yet.
+    AwaitHello,
+    Up,
+}
+
+/// What a connection's next bytes are.
+pub(crate) enum Next {
+    /// Nothing complete yet.
+    Nothing,
+    /// A frame: its header and where its payload lies in [`Conn::rx`].
+    Frame(FrameHeader, Range<usize>),
+}
+
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) stream: TcpStream,
+    /// The other router's host address (the kernel's word for it).
+    pub(crate) host: Ipv4Addr,
+    /// Names the connection in the shard's io_uring (in and out polls: `token`, `token | 1`).
+    pub(crate) token: u64,
+    pub(crate) state: ConnState,
+    pub(crate) rx: Vec<u8>,
+    rx_at: usize,
+    tx: Vec<u8>,
+    tx_at: usize,
+    /// Where the last frame of `tx` starts if it is a not yet sent ACK, and its QP: a later ACK
+    /// of the same QP replaces its sequence number (coalescing).
+    last_ack: Option<(usize, u32)>,
+    pub(crate) in_armed: bool,
+    pub(crate) out_armed: bool,
+    /// The poll said readable (or hung up) and the socket was not read dry since.
+    pub(crate) readable: bool,
+    pub(crate) writable: bool,
+    /// When bytes last came (or the connection was made).
+    pub(crate) last_heard: Instant,
+}
+
+impl Conn {
+    pub(crate) fn new(stream: TcpStream, host: Ipv4Addr, token: u64, state: ConnState) -> Conn {
+        Conn {
+            stream,
+            host,
+            token,
+            state,
+            rx: Vec::new(),
+            rx_at: 0,
+            tx: Vec::new(),
+            tx_at: 0,
+            last_ack: None,
+            in_armed: false,
+            out_armed: false,
+            readable: true,
+            writable: false,
+            last_heard: Instant::now(),
+        }
+    }
+
+    /// Bytes queued and not sent yet.
+    pub(crate) fn tx_pending(&self) -> usize {
+        self.tx.len() - self.tx_at
+    }
+
+    pub(crate) fn tx_full(&self) -> bool {
+        self.tx_pending() >= TX_HIGH
+    }
+
+    /// Queues the hello (the first bytes of a connection of ours).
+    pub(crate) fn push_hello(&mut self, host: Ipv4Addr) {
+        self.tx.extend_from_slice(&Hello { host }.encode());
+    }
+
+    /// Queues a frame: `h` (whose `len` the caller set) and its payload, which `fill` writes
+    /// into the `h.len` bytes it is given.
+    pub(crate) fn push_frame<E>(
+        &mut self,
+        h: &FrameHeader,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let start = self.tx.len();
+        self.tx.extend_from_slice(&h.encode());
+        self.tx.resize(start + HEADER_LEN + h.len as usize, 0);
+        if let Err(e) = fill(&mut self.tx[start + HEADER_LEN..]) {
+            self.tx.truncate(start);
+            return Err(e);
+        }
+        self.last_ack = None;
+        Ok(())
+    }
+
+    /// Queues an ACK of request `h.seq` of QP `h.dst_qpn`, folded into the previous frame if
+    /// that is an unsent ACK of the same QP.
+    pub(crate) fn push_ack(&mut self, h: &FrameHeader) {
+        debug_assert_eq!(h.kind, FrameKind::Ack);
+        if let Some((at, qpn)) = self.last_ack {
+            if qpn == h.dst_qpn && at >= self.tx_at && at + HEADER_LEN == self.tx.len() {
+                self.tx[at + 24..at + 28].copy_from_slice(&h.seq.to_le_bytes());
+                return;
+            }
+        }
+        let at = self.tx.len();
+        self.tx.extend_from_slice(&h.encode());
+        self.last_ack = Some((at, h.dst_qpn));
+    }
+
+    /// Writes what the socket takes. Err: the connection is broken.
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
+        while self.tx_at < self.tx.len() {
+            match self.stream.write(&self.tx[self.tx_at..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.tx_at += n;
+                    self.last_ack = None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.writable = false;
+        if self.tx_at == self.tx.len() {
+            self.tx.clear();
+            self.tx_at = 0;
+        } else if self.tx_at > TX_HIGH {
+            self.tx.drain(..self.tx_at);
+            self.last_ack = None;
+            self.tx_at = 0;
+        }
+        Ok(())
+    }
+
+    /// Reads what the socket has, up to the buffer's bound. Err: closed or broken.
+    pub(crate) fn fill(&mut self) -> io::Result<()> {
+        if self.rx_at > 0 && self.rx_at * 2 >= self.rx.len() {
+            self.rx.drain(..self.rx_at);
+            self.rx_at = 0;
+        }
+        while self.readable && self.rx.len() - self.rx_at < RX_LIMIT {
+            let old = self.rx.len();
+            let room = READ_CHUNK.min(RX_LIMIT - (old - self.rx_at));
+            self.rx.resize(old + room, 0);
+            let got = self.stream.read(&mut self.rx[old..]);
+            self.rx.truncate(old + *got.as_ref().unwrap_or(&0));
+            match got {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) if n < room => {
+                    self.readable = false;
+                    self.last_heard = Instant::now();
+                }
+                Ok(_) => self.last_heard = Instant::now(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the peer's hello if it is there; Ok(false) if not yet.
+    pub(crate) fn take_hello(&mut self) -> Result<bool, FrameError> {
+        let Some(b) = self.rx.get(self.rx_at..self.rx_at + HELLO_LEN) else {
+            return Ok(false);
+        };
+        let hello = Hello::decode(b.try_into().expect("16 bytes"))?;
+        if hello.host != self.host {
+            return Err(FrameError::Magic);
+        }
+        self.rx_at += HELLO_LEN;
+        self.state = ConnState::Up;
+        Ok(true)
+    }
+
+    /// The next complete frame in the receive buffer (not consumed: [`Conn::consume`]).
+    pub(crate) fn next(&self) -> Result<Next, FrameError> {
+        let Some(b) = self.rx.get(self.rx_at..self.rx_at + HEADER_LEN) else {
+            return Ok(Next::Nothing);
+        };
+        let h = FrameHeader::decode(b.try_into().expect("64 bytes"))?;
+        let start = self.rx_at + HEADER_LEN;
+        let end = start + h.len as usize;
+        if end > self.rx.len() {
+            return Ok(Next::Nothing);
+        }
+        Ok(Next::Frame(h, start..end))
+    }
+
+    /// Whether a whole frame (or a malformed header) waits in the receive buffer.
+    pub(crate) fn has_frame(&self) -> bool {
+        self.state == ConnState::Up && !matches!(self.next(), Ok(Next::Nothing))
+    }
+
+    /// Consumes the frame whose payload ends at `end`.
+    pub(crate) fn consume(&mut self, end: usize) {
+        self.rx_at = end;
+    }
+}

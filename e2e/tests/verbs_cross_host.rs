@@ -1,0 +1,289 @@
+//! RDMA mode across hosts: Debian's unmodified `ibv_rc_pingpong` between two registered
+//! containers on two simulated hosts, through Freeflow's `libibverbs.so.1`, each host's
+//! router and the router-to-router verbs transport on the host link (see
+//! docs/verbs-engine.md, "Across hosts"). Polling (`-c`: the received data is validated) and
+//! completion events (`-e`), 64 B (inline) to 1 MiB messages. Then a C program, server on one
+//! host and client on the other, runs every opcode and every remote error across hosts (RNR
+//! with its retries, a QP number not connected to the sender), and a container of another
+//! tenant cannot even connect.
+//!
+//! Needs root, a built workspace (`cargo build --workspace`), ibverbs-utils and
+//! libibverbs-dev (scripts/test.sh installs them). The Site scaffolding is in common/mod.rs.
+
+mod common;
+
+use common::{assert_pingpong_sides, describe, succeeded_saying, CProbe, Site, SiteSpec};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+impl Site {
+    /// Two hosts with Freeflow up: server (10.32.0.2) on host 1, client (10.32.0.3) on host 0,
+    /// both of tenant blue; other (10.32.0.4, tenant red) on host 0.
+    fn new(prefix: &str) -> Site {
+        common::require_programs(&["ibv_rc_pingpong"], "ibverbs-utils");
+        Site::create_verbs(SiteSpec {
+            prefix,
+            work_prefix: "ff-verbs-xh",
+            hosts: 2,
+            containers: &[
+                (1, "server", [10, 32, 0, 2]),
+                (0, "client", [10, 32, 0, 3]),
+                (0, "other", [10, 32, 0, 4]),
+            ],
+            registered: &[("server", "blue"), ("client", "blue"), ("other", "red")],
+            verbs_timeout: 60,
+            ..SiteSpec::default()
+        })
+    }
+}
+
+/// Checks a pingpong run across hosts (both sides exit 0, report the transfer and both GIDs).
+fn assert_pingpong(site: &Site, runs: &(Output, Output), iters: u64, size: u64) {
+    for (who, text) in
+        assert_pingpong_sides(site, "ibv_rc_pingpong across hosts", runs, iters, size)
+    {
+        eprintln!("{who}: {}", text.trim_end().replace('\n', "\n    "));
+    }
+}
+
+#[test]
+fn unmodified_ibv_rc_pingpong_runs_between_two_hosts() {
+    let site = Site::new("vxp");
+    // Small messages (inline data), polling, data validated.
+    let runs = site.pingpong(
+        "ibv_rc_pingpong",
+        18530,
+        &["-g", "0", "-c", "-s", "64", "-n", "1000"],
+    );
+    assert_pingpong(&site, &runs, 1000, 64);
+    // Completion events.
+    let runs = site.pingpong(
+        "ibv_rc_pingpong",
+        18531,
+        &["-g", "0", "-c", "-e", "-s", "64", "-n", "500"],
+    );
+    assert_pingpong(&site, &runs, 500, 64);
+    // 1 MiB messages, polling and events.
+    let runs = site.pingpong(
+        "ibv_rc_pingpong",
+        18532,
+        &["-g", "0", "-c", "-s", "1048576", "-n", "20"],
+    );
+    assert_pingpong(&site, &runs, 20, 1 << 20);
+    let runs = site.pingpong(
+        "ibv_rc_pingpong",
+        18533,
+        &["-g", "0", "-c", "-e", "-s", "1048576", "-n", "20"],
+    );
+    assert_pingpong(&site, &runs, 20, 1 << 20);
+    // The work requests went on the routers' transport: a connection between the two hosts'
+    // addresses on the verbs port (the peer port, 7471, + 1), nothing dropped.
+    let out = site
+        .in_host(0, "ss")
+        .args(["-tn", "state", "established"])
+        .output()
+        .unwrap();
+    let connections = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        connections.contains("192.168.1.1:") && connections.contains("192.168.1.2:7472"),
+        "{connections}"
+    );
+    let log = site.router_log();
+    assert!(!log.contains("verbs: dropped"), "{log}");
+}
+
+#[test]
+fn another_tenant_on_another_host_is_unreachable() {
+    let site = Site::new("vxt");
+    // other (tenant red, host 0) names server (tenant blue, host 1): the router refuses the
+    // destination at RTR (ENETUNREACH), both programs exit with an error, neither hangs.
+    let server = site
+        .verbs_app("server", "ibv_rc_pingpong", &[])
+        .args(["-g", "0", "-p", "18534"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    site.wait_listening("server", 18534, None);
+    let client = site
+        .verbs_app("other", "ibv_rc_pingpong", &[])
+        .args(["-g", "0", "-p", "18534", "10.32.0.2"])
+        .output()
+        .unwrap();
+    let server = server.wait_with_output().unwrap();
+    for (who, out) in [("other", &client), ("server", &server)] {
+        assert_eq!(out.status.signal(), None, "{who}: {}", describe(out));
+        assert_ne!(out.status.code(), Some(0), "{who}: {}", describe(out));
+    }
+    assert!(
+        String::from_utf8_lossy(&server.stderr).contains("Couldn't connect to remote QP"),
+        "{}",
+        describe(&server)
+    );
+}
+
+/// The two sides of the cross-host checks (tests/programs/verbs_cross_host_probe.c), built
+/// against the installed headers and the system's libibverbs.
+const PROBE: CProbe = CProbe {
+    name: "cross_host_probe",
+    source: include_str!("programs/verbs_cross_host_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-libverbs"],
+};
+
+#[test]
+fn every_opcode_and_remote_error_across_hosts() {
+    let site = Site::new("vxo");
+    let probe = PROBE.build(&site.work);
+    let server = site
+        .verbs_app("server", &probe, &[])
+        .args(["server", "18535"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    site.wait_listening("server", 18535, None);
+    let client = site
+        .verbs_app("client", &probe, &[])
+        .args(["client", "10.32.0.2", "18535"])
+        .output()
+        .unwrap();
+    let server = server.wait_with_output().unwrap();
+    for (who, out) in [("client", &client), ("server", &server)] {
+        assert!(
+            succeeded_saying(out, "checks passed"),
+            "{who}: {}\n--- router log\n{}",
+            describe(out),
+            site.router_log()
+        );
+    }
+}
+
+/// Runs perftest's `tool` (`-s SIZE -n ITERS`) as server in `server` (host 1) and client in
+/// `client` (host 0); checks both exit 0 and the client prints its result row for `size`-byte
+/// messages. The numbers are reported, not judged.
+fn perftest(site: &Site, tool: &str, port: u16, size: u64, iters: u64) {
+    let (port_arg, size_arg, iters_arg) = (port.to_string(), size.to_string(), iters.to_string());
+    let args = [
+        "-d", "ffv0", "-x", "0", "-p", &port_arg, "-s", &size_arg, "-n", &iters_arg,
+    ];
+    let (server, client) = site.verbs_server_and_client(std::path::Path::new(tool), port, &args);
+    for (who, out) in [("server", &server), ("client", &client)] {
+        assert!(
+            out.status.success(),
+            "{tool} {who}: {}\n--- router log\n{}",
+            describe(out),
+            site.router_log()
+        );
+    }
+    let text = String::from_utf8_lossy(&client.stdout);
+    let row = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("#bytes"))
+        .nth(1)
+        .unwrap_or_default();
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        fields.get(..2),
+        Some(&[size_arg.as_str(), iters_arg.as_str()][..]),
+        "{tool}: no result row\n{}",
+        describe(&client)
+    );
+    eprintln!("{tool} across hosts: {}", row.trim());
+}
+
+#[test]
+fn unmodified_perftest_runs_between_two_hosts() {
+    common::require_built(&["libfreeflow_providers.so"]);
+    let site = Site::new("vxf");
+    perftest(&site, "ib_write_bw", 18536, 65536, 500);
+    perftest(&site, "ib_read_lat", 18537, 64, 300);
+    perftest(&site, "ib_send_lat", 18538, 64, 300);
+}
+
+/// A hostile peer on a registered host's address: a connection to host 1's verbs port whose
+/// hello is garbage, and one with a good hello and a frame claiming 4 GiB of payload.
+const GARBAGE_PEER: &str = r#"
+import socket, struct, sys
+for hello, frame in [(b"GARBAGE!" * 2, b"x" * 64),
+                     (b"FFVR" + struct.pack("<HH", 1, 0) + bytes([192, 168, 1, 1]) + bytes(4),
+                      bytes([3, 0, 0, 0]) + struct.pack("<I", 0xFFFFFFFF) + bytes(56))]:
+    s = socket.create_connection(("192.168.1.2", 7472), timeout=5)
+    s.sendall(hello + frame)
+    s.settimeout(5)
+    print("closed by the router" if s.recv(1) == b"" else "answered")
+"#;
+
+#[test]
+fn a_killed_peer_router_fails_the_transfer_and_a_garbage_peer_only_its_connection() {
+    let site = Site::new("vxk");
+    let probe = PROBE.build(&site.work);
+    let mut server = site
+        .verbs_app("server", &probe, &[])
+        .args(["stream-server", "18539"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    site.wait_listening("server", 18539, None);
+    let (mut client, mut stdout, first) = common::spawn_reading_first_line(
+        site.verbs_app("client", &probe, &[])
+            .args(["stream-client", "10.32.0.2", "18539"])
+            .stderr(Stdio::piped()),
+    );
+    assert!(first.starts_with("STREAMING"), "client said {first:?}");
+
+    // Garbage from host 0's address: each connection is dropped, the stream goes on.
+    let out = site
+        .in_host(0, "python3")
+        .args(["-c", GARBAGE_PEER])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.matches("closed by the router").count(),
+        2,
+        "{}",
+        describe(&out)
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.starts_with("STREAMING"), "after the garbage: {line:?}");
+    let log = site.router_log();
+    assert!(
+        log.contains("dropped the connection from the router of 192.168.1.1: bad hello")
+            && log.contains("dropped the connection from the router of 192.168.1.1: bad frame"),
+        "{log}"
+    );
+
+    // The server's router dies under the stream.
+    let old = site.router_status(1)["router"]["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill has no memory preconditions; the pid is the router this test started.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = client.wait().unwrap();
+    eprintln!("client after the kill: {rest}");
+    assert!(
+        status.success() && rest.contains("then RETRY_EXC_ERR") && rest.contains("checks passed"),
+        "{status}: {rest}\n--- router log\n{}",
+        site.router_log()
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+
+    // The daemon restarts the router; new QPs reach it.
+    let restarted = common::poll(Duration::from_secs(30), Duration::from_millis(100), || {
+        site.router_status(1)["router"]["pid"]
+            .as_i64()
+            .filter(|p| *p as i32 != old)
+    });
+    assert!(restarted.is_some(), "{}", site.router_log());
+    let runs = site.pingpong(
+        "ibv_rc_pingpong",
+        18540,
+        &["-g", "0", "-c", "-s", "64", "-n", "50"],
+    );
+    assert_pingpong(&site, &runs, 50, 64);
+}
