@@ -26,6 +26,8 @@ mod requests;
 
 /// How long one control-socket exchange may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests of one socket shim served per readiness of its connection at most.
+const SHIM_REQUESTS_PER_WAKE: usize = 64;
 
 /// A socket shim (TCP mode): served by this thread, not by a shard, because its requests are
 /// connection setup with sockets passed back, not ring traffic.
@@ -532,23 +534,41 @@ impl ControlThread {
         }
     }
 
-    /// Reads and serves one request of a socket shim.
+    /// Serves the requests waiting on socket shim `id`'s connection: several threads of a
+    /// process may each have one outstanding. Bounded per readiness, so one process cannot keep
+    /// the others waiting.
     fn serve_socket_shim(&mut self, id: u32) {
+        for _ in 0..SHIM_REQUESTS_PER_WAKE {
+            if !self.serve_socket_request(id) {
+                return;
+            }
+        }
+    }
+
+    /// Serves one request of socket shim `id`; false if none was waiting or the shim is gone.
+    fn serve_socket_request(&mut self, id: u32) -> bool {
         let Some(shim) = self.socket_shims.get(&id) else {
-            return;
+            return false;
         };
         let mut buf = [0u8; SOCKMSG_LEN + 1];
         let got = match fdpass::recv_with_fds(shim.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
             Ok(got) => got,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(_) => return self.drop_socket_shim(id, "connection error"),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => {
+                self.drop_socket_shim(id, "connection error");
+                return false;
+            }
         };
         if got.len == 0 && got.fds.is_empty() {
-            return self.drop_socket_shim(id, "process went away");
+            self.drop_socket_shim(id, "process went away");
+            return false;
         }
         let request = match SockRequest::decode(&buf[..got.len]) {
             Ok(r) => r,
-            Err(e) => return self.drop_socket_shim(id, &format!("malformed request: {e}")),
+            Err(e) => {
+                self.drop_socket_shim(id, &format!("malformed request: {e}"));
+                return false;
+            }
         };
         // Only a listen carries a descriptor (the application's overlay listener), a relisten
         // two (host listener, overlay listener).
@@ -558,7 +578,8 @@ impl ControlThread {
             _ => 0,
         };
         if got.truncated || got.fds.len() > fds_allowed {
-            return self.drop_socket_shim(id, "request carried fds or was truncated");
+            self.drop_socket_shim(id, "request carried fds or was truncated");
+            return false;
         }
         let passed = got.fds.into_iter().map(sys::Untrusted::new).collect();
         let container = shim.container.clone();
@@ -572,6 +593,7 @@ impl ControlThread {
         ) {
             self.reply_socket_shim(id, reply, socket);
         }
+        true
     }
 
     fn reply_socket_shim(&mut self, id: u32, reply: SockReply, socket: Option<OwnedFd>) {
