@@ -24,6 +24,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
+/// Requests one process has outstanding on its router connection at most; more threads wait
+/// for a slot. The router serves this many per turn, and the replies fit in the socket buffer
+/// (about 270 messages by default) with room for notices.
+const MAX_IN_FLIGHT: usize = 64;
+/// How often a thread waiting for a slot looks again without being woken.
+const SLOT_RECHECK: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// A waiting thread's wake-up word: it sleeps while `WAITING`.
 const WAITING: u32 = 0;
 /// Its reply is in its slot, or the session is gone (no slot): it looks.
@@ -64,43 +71,82 @@ pub(super) fn call_passing_all(
     passing: &[BorrowedFd<'_>],
 ) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
     let wake = Arc::new(AtomicU32::new(WAITING));
-    let (session, deadline) = {
+    // A request that finds the session full waits for a slot, at most the router timeout (the
+    // router answers the requests ahead of it in microseconds each, or it is wedged).
+    let give_up_at = Instant::now() + config().router_timeout;
+    let (session, deadline) = loop {
         let mut guard = SESSION.lock();
-        send(attached(&mut guard), &mut request, passing, &wake)?
+        let attached = attached(&mut guard);
+        attached.slot_waiters.retain(|w| !Arc::ptr_eq(w, &wake));
+        match send(attached, &mut request, passing, &wake) {
+            Ok(sent) => break sent,
+            Err(Sending::Failed(why)) => return Err(why),
+            Err(Sending::Full) => {
+                let now = Instant::now();
+                if now >= give_up_at {
+                    debug(format_args!(
+                        "no room on the router connection for {:?} within {:?}; normal path",
+                        request.op,
+                        config().router_timeout
+                    ));
+                    return Err(Unavailable::Wedged);
+                }
+                wake.store(WAITING, Ordering::Release);
+                attached.slot_waiters.push_back(wake.clone());
+                drop(guard);
+                // Woken when a request ahead of it is done; rechecked anyway after a while (a
+                // full socket buffer frees without telling anyone).
+                futex_wait(&wake, WAITING, Some(SLOT_RECHECK.min(give_up_at - now)));
+            }
+        }
     };
     wait_for_reply(&request, &session, &wake, deadline)
 }
 
+/// Why a request was not sent.
+enum Sending {
+    /// As many requests as the session takes are outstanding (or its socket buffer is full):
+    /// wait for one to finish.
+    Full,
+    /// The caller takes the normal path.
+    Failed(Unavailable),
+}
+
 /// Sends `request` (numbering it) and registers it as pending: the session it went on and the
-/// deadline of its reply. A wedged router (an earlier request unanswered) is not asked.
+/// deadline of its reply. A wedged router (an earlier request unanswered) is not asked. Never
+/// blocks (the session lock is held): a full session is [`Sending::Full`].
 fn send(
     attached: &mut Attached,
     request: &mut SockRequest,
     passing: &[BorrowedFd<'_>],
     wake: &Arc<AtomicU32>,
-) -> Result<(Weak<SocketSession>, Instant), Unavailable> {
+) -> Result<(Weak<SocketSession>, Instant), Sending> {
     if !attached.unanswered.is_empty() {
         // The router may have come back: its late replies are waiting.
         attached.drain();
         if !attached.unanswered.is_empty() && Instant::now() < attached.retry_at {
-            return Err(Unavailable::Wedged);
+            return Err(Sending::Failed(Unavailable::Wedged));
         }
+    }
+    let Some(session) = attached.session.clone() else {
+        return Err(Sending::Failed(Unavailable::NotAttached));
+    };
+    if attached.pending.len() >= MAX_IN_FLIGHT {
+        return Err(Sending::Full);
     }
     request.seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let mut wait = config().router_timeout;
     if request.op == SockOp::Resolve {
         wait += RESOLVE_GRACE;
     }
-    let Some(session) = attached.session.clone() else {
-        return Err(Unavailable::NotAttached);
-    };
     loop {
-        match fdpass::send_with_fds(session.conn.as_fd(), &request.encode(), passing) {
+        match fdpass::try_send_with_fds(session.conn.as_fd(), &request.encode(), passing) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(attached.failed(request, Failure::TimedOut));
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Sending::Full),
+            Err(e) => {
+                let why = attached.failed(request, Failure::Broken(e.to_string()));
+                return Err(Sending::Failed(why));
             }
-            Err(e) => return Err(attached.failed(request, Failure::Broken(e.to_string()))),
             Ok(_) => break,
         }
     }
@@ -135,7 +181,7 @@ fn wait_for_reply(
             return Err(Unavailable::Broken);
         };
         if let Some(answer) = slot.reply.take() {
-            attached.pending.remove(&seq);
+            attached.finish(seq);
             // Answered: the requests sent before it (requests are numbered as they are sent)
             // were answered first or are lost.
             attached
@@ -146,7 +192,7 @@ fn wait_for_reply(
             return Ok(answer);
         }
         if Instant::now() >= deadline {
-            attached.pending.remove(&seq);
+            attached.finish(seq);
             let why = attached.failed(request, Failure::TimedOut);
             attached.hand_over_reading();
             return Err(why);
@@ -166,7 +212,7 @@ fn wait_for_reply(
         };
         attached.reading = true;
         drop(guard);
-        let got = read_one(conn.conn.as_fd(), deadline);
+        let (messages, failure) = read_batch(conn.conn.as_fd(), deadline);
         drop(conn);
         let mut guard = SESSION.lock();
         let Some(attached) = current(&mut guard, session) else {
@@ -174,13 +220,11 @@ fn wait_for_reply(
             return Err(Unavailable::Broken);
         };
         attached.reading = false;
-        match got {
-            Ok((msg, fds)) => attached.dispatch(msg, fds),
-            Err(Failure::TimedOut) => {}
-            Err(Failure::Broken(why)) => {
-                let failed = attached.failed(request, Failure::Broken(why));
-                return Err(failed);
-            }
+        for (msg, fds) in messages {
+            attached.dispatch(msg, fds);
+        }
+        if let Some(Failure::Broken(why)) = failure {
+            return Err(attached.failed(request, Failure::Broken(why)));
         }
     }
 }
@@ -199,16 +243,54 @@ fn current<'a>(
     })
 }
 
-/// Receives and decodes the router's next message, waiting until `deadline`.
-fn read_one(
+/// The most messages a reader takes in per turn (replies come in bursts when many threads of
+/// the process wait: one lock for the lot).
+const READ_BATCH: usize = 16;
+
+/// Receives the router's next message, waiting until `deadline`, and those already waiting
+/// behind it: what was read, in order, and why reading stopped if it failed.
+fn read_batch(
     conn: BorrowedFd<'_>,
     deadline: Instant,
-) -> Result<(FromRouter, Vec<OwnedFd>), Failure> {
+) -> (Vec<(FromRouter, Vec<OwnedFd>)>, Option<Failure>) {
+    let mut messages = Vec::new();
+    let first = read_one(|buf| receive(conn, buf, deadline));
+    match first {
+        Ok(Some(m)) => messages.push(m),
+        Ok(None) => return (messages, Some(Failure::TimedOut)),
+        Err(f) => return (messages, Some(f)),
+    }
+    while messages.len() < READ_BATCH {
+        let next = read_one(|buf| fdpass::recv_with_fds(conn, buf, libc::MSG_DONTWAIT));
+        match next {
+            Ok(Some(m)) => messages.push(m),
+            Ok(None) => break,
+            Err(f) => return (messages, Some(f)),
+        }
+    }
+    (messages, None)
+}
+
+/// Receives (with `recv`) and decodes one message from the router; `None` if none came
+/// (`WouldBlock`, `TimedOut` or `Interrupted`).
+fn read_one(
+    recv: impl FnOnce(&mut [u8]) -> std::io::Result<fdpass::Received>,
+) -> Result<Option<(FromRouter, Vec<OwnedFd>)>, Failure> {
     let mut buf = [0u8; SOCKMSG_LEN + 1];
-    let got = receive(conn, &mut buf, deadline).map_err(|e| match e.kind() {
-        std::io::ErrorKind::TimedOut => Failure::TimedOut,
-        _ => Failure::Broken(e.to_string()),
-    })?;
+    let got = match recv(&mut buf) {
+        Ok(got) => got,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(Failure::Broken(e.to_string())),
+    };
     if got.len == 0 {
         return Err(Failure::Broken("router closed the connection".into()));
     }
@@ -216,7 +298,7 @@ fn read_one(
         return Err(Failure::Broken("malformed message from the router".into()));
     }
     let msg = FromRouter::decode(&buf[..got.len]).map_err(|e| Failure::Broken(e.to_string()))?;
-    Ok((msg, got.fds))
+    Ok(Some((msg, got.fds)))
 }
 
 impl Attached {
@@ -249,13 +331,28 @@ impl Attached {
         self.let_go_of_pending();
     }
 
-    /// Forgets the requests waiting for replies on this session, waking their threads.
+    /// Forgets the requests waiting for replies on this session, waking their threads, and the
+    /// threads waiting to send one (they find the session gone).
     pub(super) fn let_go_of_pending(&mut self) {
         for (_, pending) in self.pending.drain() {
             pending.wake.store(READY, Ordering::Release);
             futex_wake(&pending.wake, 1);
         }
+        for wake in self.slot_waiters.drain(..) {
+            wake.store(NUDGED, Ordering::Release);
+            futex_wake(&wake, 1);
+        }
         self.reading = false;
+    }
+
+    /// Request `seq` is done with (answered or given up on): its slot goes to a thread waiting
+    /// for one.
+    fn finish(&mut self, seq: u32) {
+        self.pending.remove(&seq);
+        if let Some(wake) = self.slot_waiters.pop_front() {
+            wake.store(NUDGED, Ordering::Release);
+            futex_wake(&wake, 1);
+        }
     }
 
     /// When nobody reads the session: wakes one thread still waiting, to read it.

@@ -17,7 +17,7 @@ use freeflow_proto::sockmsg::{
     FromRouter, NoticeMeaning, SockNotice, SockOp, SockRequest, SOCKMSG_LEN,
 };
 use ipnet::Ipv4Net;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
@@ -105,6 +105,9 @@ pub(crate) struct Attached {
     session: Option<Arc<SocketSession>>,
     /// Requests sent on the session and not answered yet, by sequence number.
     pending: HashMap<u32, Pending>,
+    /// Threads waiting to send a request (the session has `MAX_IN_FLIGHT` outstanding), oldest
+    /// first: each is woken when a request finishes.
+    slot_waiters: VecDeque<Arc<AtomicU32>>,
     /// A thread reads the session (outside the lock): only it may, so notices are applied in
     /// the order they came.
     reading: bool,
@@ -318,6 +321,7 @@ impl Attached {
             unanswered: Vec::new(),
             backoff,
             pending: HashMap::new(),
+            slot_waiters: VecDeque::new(),
             reading: false,
         };
         match attach_socket(&config().dir, config().router_timeout) {
