@@ -1,8 +1,18 @@
-# Many threads of one process connect at once to an echo server (argv: host port threads);
+# Many threads of one process connect at once to an echo server (argv: host port threads
+# [signal interval in seconds: SIGALRM that often meanwhile, its handler installed without
+# SA_RESTART, so blocking calls in any thread are interrupted]);
 # each sends its own payload and checks that its own comes back: a reply or socket handed to the
 # wrong thread shows as a wrong payload. Prints "CONCURRENT_OK n" when all n did.
-import socket, sys, threading
+import signal, socket, sys, threading
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+alarms = [0]
+if len(sys.argv) > 4:
+    def tick(signum, frame):
+        alarms[0] += 1
+    signal.signal(signal.SIGALRM, tick)
+    signal.siginterrupt(signal.SIGALRM, True)
+    interval = float(sys.argv[4])
+    signal.setitimer(signal.ITIMER_REAL, interval, interval)
 start = threading.Barrier(count)
 results = [None] * count
 
@@ -27,7 +37,9 @@ for t in threads:
     t.start()
 for t in threads:
     t.join(timeout=40)
+signal.setitimer(signal.ITIMER_REAL, 0)
 bad = [r for r in results if r != "ok"]
+print("ALARMS", alarms[0], flush=True)
 for r in bad[:10]:
     print("FAILED", r, flush=True)
 if not bad:
