@@ -16,7 +16,7 @@ use freeflow_proto::fdpass;
 use freeflow_proto::identity::NetnsId;
 use freeflow_proto::sockmsg::{SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN};
 use freeflow_proto::RingGeometry;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
@@ -26,6 +26,12 @@ mod requests;
 
 /// How long one control-socket exchange may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests of one socket shim served per readiness of its connection at most.
+const SHIM_REQUESTS_PER_WAKE: usize = 64;
+/// Replies kept for a socket shim whose connection is full, at most: one from serving (no
+/// request is read while any waits) and the deferred answers of its resolves. Beyond, the
+/// process is not reading its replies and is dropped.
+const MAX_OUTBOX: usize = 1024;
 
 /// A socket shim (TCP mode): served by this thread, not by a shard, because its requests are
 /// connection setup with sockets passed back, not ring traffic.
@@ -36,6 +42,9 @@ struct SocketShim {
     /// Notices to this process are being skipped (it does not read them); it was told to
     /// forget what it knew.
     notice_gap: bool,
+    /// Replies that did not fit in its connection, in order: sent when it has room; until then
+    /// its requests are not read (its threads wait, the router does not).
+    outbox: VecDeque<(SockReply, Option<OwnedFd>)>,
 }
 
 /// What to do with a notice for a process whose connection holds `unread` of `capacity` bytes.
@@ -129,9 +138,18 @@ impl ControlThread {
         ]
         .into_iter()
         .chain(self.pending.conns())
-        .chain(shim_ids.iter().map(|id| self.socket_shims[id].conn.as_fd()));
+        .map(|fd| PollFd::new(fd, libc::POLLIN));
+        // A shim with replies waiting is woken by room for them, not by its requests.
+        let shims = shim_ids.iter().map(|id| {
+            let shim = &self.socket_shims[id];
+            let events = match shim.outbox.is_empty() {
+                true => libc::POLLIN,
+                false => libc::POLLOUT,
+            };
+            PollFd::new(shim.conn.as_fd(), events)
+        });
         let mut fds: Vec<PollFd<'_>> = readable
-            .map(|fd| PollFd::new(fd, libc::POLLIN))
+            .chain(shims)
             .chain(tcp_fds.iter().map(|&(fd, events)| PollFd::new(fd, events)))
             .collect();
         let revents = match poll::poll(&mut fds, timeout) {
@@ -514,6 +532,7 @@ impl ControlThread {
                 container,
                 pid,
                 notice_gap: false,
+                outbox: VecDeque::new(),
             },
         );
     }
@@ -532,23 +551,73 @@ impl ControlThread {
         }
     }
 
-    /// Reads and serves one request of a socket shim.
+    /// Serves the requests waiting on socket shim `id`'s connection: several threads of a
+    /// process may each have one outstanding. Bounded per readiness, so one process cannot keep
+    /// the others waiting.
     fn serve_socket_shim(&mut self, id: u32) {
-        let Some(shim) = self.socket_shims.get(&id) else {
+        if !self.flush_outbox(id) {
             return;
+        }
+        for _ in 0..SHIM_REQUESTS_PER_WAKE {
+            if !self.serve_socket_request(id) {
+                return;
+            }
+            // A reply did not fit: no more requests until the process has read it.
+            if self
+                .socket_shims
+                .get(&id)
+                .is_some_and(|s| !s.outbox.is_empty())
+            {
+                return;
+            }
+        }
+    }
+
+    /// Sends the replies waiting for room in socket shim `id`'s connection; true when none is
+    /// left.
+    fn flush_outbox(&mut self, id: u32) -> bool {
+        let Some(shim) = self.socket_shims.get_mut(&id) else {
+            return false;
+        };
+        let failed = loop {
+            let Some((reply, socket)) = shim.outbox.front() else {
+                return true;
+            };
+            let fds: Vec<_> = socket.iter().map(|s| s.as_fd()).collect();
+            match fdpass::try_send_with_fds(shim.conn.as_fd(), &reply.encode(), &fds) {
+                Ok(_) => drop(shim.outbox.pop_front()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => break e,
+            }
+        };
+        self.drop_socket_shim(id, &format!("reply failed: {failed}"));
+        false
+    }
+
+    /// Serves one request of socket shim `id`; false if none was waiting or the shim is gone.
+    fn serve_socket_request(&mut self, id: u32) -> bool {
+        let Some(shim) = self.socket_shims.get(&id) else {
+            return false;
         };
         let mut buf = [0u8; SOCKMSG_LEN + 1];
         let got = match fdpass::recv_with_fds(shim.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
             Ok(got) => got,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(_) => return self.drop_socket_shim(id, "connection error"),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => {
+                self.drop_socket_shim(id, "connection error");
+                return false;
+            }
         };
         if got.len == 0 && got.fds.is_empty() {
-            return self.drop_socket_shim(id, "process went away");
+            self.drop_socket_shim(id, "process went away");
+            return false;
         }
         let request = match SockRequest::decode(&buf[..got.len]) {
             Ok(r) => r,
-            Err(e) => return self.drop_socket_shim(id, &format!("malformed request: {e}")),
+            Err(e) => {
+                self.drop_socket_shim(id, &format!("malformed request: {e}"));
+                return false;
+            }
         };
         // Only a listen carries a descriptor (the application's overlay listener), a relisten
         // two (host listener, overlay listener).
@@ -558,7 +627,8 @@ impl ControlThread {
             _ => 0,
         };
         if got.truncated || got.fds.len() > fds_allowed {
-            return self.drop_socket_shim(id, "request carried fds or was truncated");
+            self.drop_socket_shim(id, "request carried fds or was truncated");
+            return false;
         }
         let passed = got.fds.into_iter().map(sys::Untrusted::new).collect();
         let container = shim.container.clone();
@@ -572,18 +642,29 @@ impl ControlThread {
         ) {
             self.reply_socket_shim(id, reply, socket);
         }
+        true
     }
 
+    /// Sends a reply, or keeps it until the process has room (its threads may have many
+    /// requests outstanding, and the replies come faster than one reader takes them in).
+    /// Never blocks: a process that does not read is not served until it does, and is dropped
+    /// if its kept replies pile up.
     fn reply_socket_shim(&mut self, id: u32, reply: SockReply, socket: Option<OwnedFd>) {
-        let Some(shim) = self.socket_shims.get(&id) else {
+        let Some(shim) = self.socket_shims.get_mut(&id) else {
             return;
         };
-        let fds: Vec<_> = socket.iter().map(|s| s.as_fd()).collect();
-        // Never blocks: a process that sends requests without reading the replies fills its
-        // socket and is dropped, instead of stopping this thread.
-        if let Err(e) = fdpass::try_send_with_fds(shim.conn.as_fd(), &reply.encode(), &fds) {
-            self.drop_socket_shim(id, &format!("reply failed: {e}"));
+        if shim.outbox.is_empty() {
+            let fds: Vec<_> = socket.iter().map(|s| s.as_fd()).collect();
+            match fdpass::try_send_with_fds(shim.conn.as_fd(), &reply.encode(), &fds) {
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return self.drop_socket_shim(id, &format!("reply failed: {e}")),
+            }
         }
+        if shim.outbox.len() >= MAX_OUTBOX {
+            return self.drop_socket_shim(id, "does not read its replies");
+        }
+        shim.outbox.push_back((reply, socket));
     }
 
     /// Sends the notices the TCP service queued. A notice is an optimisation (accept does a

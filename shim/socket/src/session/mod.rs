@@ -1,6 +1,11 @@
 //! The shim's attachment to its router: configuration from the environment, a lazy attach on
 //! the first overlay connect or listen, and request/reply exchanges that may carry a socket.
 
+mod exchange;
+
+pub use exchange::{call, call_passing};
+use exchange::{call_passing_all, Pending};
+
 use crate::forklock::ForkLock;
 use crate::real;
 use crate::state;
@@ -9,14 +14,14 @@ use freeflow_proto::attach::{attach_socket, AttachError, SocketSession};
 use freeflow_proto::clock::monotonic_ms;
 use freeflow_proto::fdpass;
 use freeflow_proto::sockmsg::{
-    FromRouter, NoticeMeaning, SockNotice, SockOp, SockReply, SockRequest, SockStatus, SOCKMSG_LEN,
+    FromRouter, NoticeMeaning, SockNotice, SockOp, SockRequest, SOCKMSG_LEN,
 };
 use ipnet::Ipv4Net;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The overlay prefix: `VNET_PREFIX`, an IPv4 CIDR prefix such as `10.32.0.0/12` (host bits
@@ -97,7 +102,15 @@ pub fn debug(msg: std::fmt::Arguments<'_>) {
 /// process by its own credentials, and two processes must not share one request channel).
 pub(crate) struct Attached {
     pid: i32,
-    session: Option<SocketSession>,
+    session: Option<Arc<SocketSession>>,
+    /// Requests sent on the session and not answered yet, by sequence number.
+    pending: HashMap<u32, Pending>,
+    /// Threads waiting to send a request (the session has `MAX_IN_FLIGHT` outstanding), oldest
+    /// first: each is woken when a request finishes.
+    slot_waiters: VecDeque<Arc<AtomicU32>>,
+    /// A thread reads the session (outside the lock): only it may, so notices are applied in
+    /// the order they came.
+    reading: bool,
     /// What the router's notices said (see `SockNotice`).
     notices: Notices,
     /// With no session: when attaching may be tried again (a router restarting, a container
@@ -205,37 +218,21 @@ pub enum Unavailable {
     Wedged,
 }
 
-/// Sends `request` and waits for the reply and the socket that may come with it.
-pub fn call(request: SockRequest) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
-    let mut guard = SESSION.lock();
-    call_locked(&mut guard, request, &[])
-}
-
-/// As [`call`], passing `fd` to the router with the request.
-pub fn call_passing(
-    request: SockRequest,
-    fd: BorrowedFd<'_>,
-) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
-    let mut guard = SESSION.lock();
-    call_locked(&mut guard, request, &[fd])
-}
-
 /// The overlay address of the connection accepted from host address `host`, if the router's
 /// notice for it has arrived: no round trip. Reads the notices waiting on the session without
 /// blocking.
 pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
     let mut guard = SESSION.lock();
     let attached = guard.as_mut().filter(|a| a.pid == real::getpid())?;
-    let Attached {
-        session,
-        notices,
-        unanswered,
-        ..
-    } = attached;
+    if attached.reading {
+        // Another thread reads the session: what waits on it cannot be read here in order, so
+        // a later notice could take back the one known. The caller asks the router.
+        return None;
+    }
     // What waits on the session first, in order: a notice kept from earlier may be stale (host
     // ports are reused), a later one replaces or takes it back.
-    let Some(session) = session.as_ref() else {
-        return notices.take(host);
+    let Some(session) = attached.session.clone() else {
+        return attached.notices.take(host);
     };
     let mut buf = [0u8; SOCKMSG_LEN + 1];
     // Every notice waiting is applied, in order, before deciding: an earlier one about this
@@ -257,14 +254,14 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
         match fdpass::recv_with_fds(session.conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
             Ok(got) if got.len == SOCKMSG_LEN && !got.truncated => {
                 match FromRouter::decode(&buf[..got.len]) {
-                    Ok(msg) => absorb(session.conn.as_fd(), notices, unanswered, msg, got.fds),
+                    Ok(msg) => attached.dispatch(msg, got.fds),
                     // Stop reading the session; the next request finds out.
                     Err(_) => break,
                 }
             }
             Err(e)
                 if e.kind() == std::io::ErrorKind::WouldBlock
-                    && !notices.knows(host)
+                    && !attached.notices.knows(host)
                     && Instant::now() < deadline =>
             {
                 std::hint::spin_loop();
@@ -272,7 +269,7 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
             _ => break,
         }
     }
-    notices.take(host)
+    attached.notices.take(host)
 }
 
 /// In a freshly forked child (and after exec): tells the router this process holds the
@@ -282,9 +279,8 @@ pub fn noticed(host: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
 /// (its session closing) must not leave the listener holderless, which drops its overlay
 /// listener (clients without Freeflow would be refused).
 pub fn claim_inherited_listeners(ports: &[u16]) {
-    let mut guard = SESSION.lock();
     let pid = real::getpid();
-    let inherited = guard.take_if(|a| a.pid != pid);
+    let inherited = SESSION.lock().take_if(|a| a.pid != pid);
     for &port in ports {
         let request = SockRequest {
             op: SockOp::Own,
@@ -294,68 +290,11 @@ pub fn claim_inherited_listeners(ports: &[u16]) {
             port,
             backlog: 0,
         };
-        if call_locked(&mut guard, request, &[]).is_err() {
+        if call_passing_all(request, &[]).is_err() {
             break;
         }
     }
     drop(inherited);
-}
-
-fn call_locked(
-    guard: &mut Option<Attached>,
-    mut request: SockRequest,
-    passing: &[BorrowedFd<'_>],
-) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
-    let attached = attached(guard);
-    if !attached.unanswered.is_empty() {
-        // The router may have come back: its late replies are waiting.
-        attached.drain();
-        if !attached.unanswered.is_empty() && Instant::now() < attached.retry_at {
-            return Err(Unavailable::Wedged);
-        }
-    }
-    request.seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let mut wait = config().router_timeout;
-    if request.op == SockOp::Resolve {
-        wait += RESOLVE_GRACE;
-    }
-    let Attached {
-        session,
-        notices,
-        unanswered,
-        ..
-    } = &mut *attached;
-    let Some(conn) = session.as_ref().map(|s| s.conn.as_fd()) else {
-        return Err(Unavailable::NotAttached);
-    };
-    let outcome = exchange(conn, &request, passing, Instant::now() + wait, |msg, fd| {
-        absorb(conn, notices, unanswered, msg, fd)
-    });
-    match outcome {
-        Ok(r) => {
-            // Answered: whatever came before was answered first (the router serves a process's
-            // requests in order) or is lost.
-            attached.unanswered.clear();
-            attached.backoff = REATTACH_INTERVAL;
-            Ok(r)
-        }
-        Err(Failure::TimedOut) => {
-            debug(format_args!(
-                "router did not answer {:?} within {wait:?}; normal path",
-                request.op
-            ));
-            attached.gave_up(&request);
-            Err(Unavailable::Wedged)
-        }
-        Err(Failure::Broken(e)) => {
-            // The router went away or misbehaved: stop using it (new connections take the
-            // normal path; established ones are host sockets and do not need it).
-            debug(format_args!("router unavailable: {e}"));
-            attached.session = None;
-            attached.retry_at = Instant::now() + REATTACH_INTERVAL;
-            Err(Unavailable::Broken)
-        }
-    }
 }
 
 /// This process's attachment, attaching first if it has none (or inherited its parent's) or
@@ -388,6 +327,9 @@ impl Attached {
             retry_at: Instant::now() + REATTACH_INTERVAL,
             unanswered: Vec::new(),
             backoff,
+            pending: HashMap::new(),
+            slot_waiters: VecDeque::new(),
+            reading: false,
         };
         match attach_socket(&config().dir, config().router_timeout) {
             Ok(s) => {
@@ -395,7 +337,7 @@ impl Attached {
                     "attached as container {} ({})",
                     s.info.container, s.info.ip
                 ));
-                attached.session = Some(s);
+                attached.session = Some(Arc::new(s));
                 attached.backoff = REATTACH_INTERVAL;
             }
             Err(AttachError::Refused { message, .. }) => {
@@ -437,21 +379,20 @@ impl Attached {
 
     /// Reads what waits on the session without blocking: notices and late replies.
     fn drain(&mut self) {
-        let Attached {
-            session,
-            notices,
-            unanswered,
-            ..
-        } = self;
-        let Some(conn) = session.as_ref().map(|s| s.conn.as_fd()) else {
+        if self.reading {
+            // The reader takes them in.
+            return;
+        }
+        let Some(session) = self.session.clone() else {
             return;
         };
+        let conn = session.conn.as_fd();
         let mut buf = [0u8; SOCKMSG_LEN + 1];
         for _ in 0..4096 {
             match fdpass::recv_with_fds(conn, &mut buf, libc::MSG_DONTWAIT) {
                 Ok(got) if got.len == SOCKMSG_LEN && !got.truncated => {
                     match FromRouter::decode(&buf[..got.len]) {
-                        Ok(msg) => absorb(conn, notices, unanswered, msg, got.fds),
+                        Ok(msg) => self.dispatch(msg, got.fds),
                         Err(_) => break,
                     }
                 }
@@ -461,100 +402,7 @@ impl Attached {
             }
         }
         // The router closed the connection, or sent what it must not: stop using it.
-        *session = None;
-        self.retry_at = Instant::now() + REATTACH_INTERVAL;
-    }
-}
-
-/// Why an exchange got no reply.
-enum Failure {
-    /// Nothing within the time allowed: the router is stopped or wedged.
-    TimedOut,
-    /// The connection failed or the router broke the protocol.
-    Broken(String),
-}
-
-/// Sends `request` on `conn` and waits until `deadline` for its reply (at most one router
-/// timeout past it: see [`receive`]); every other message meanwhile goes to `absorb`.
-fn exchange(
-    conn: BorrowedFd<'_>,
-    request: &SockRequest,
-    passing: &[BorrowedFd<'_>],
-    deadline: Instant,
-    mut absorb: impl FnMut(FromRouter, Vec<OwnedFd>),
-) -> Result<(SockReply, Option<OwnedFd>), Failure> {
-    loop {
-        match fdpass::send_with_fds(conn, &request.encode(), passing) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Failure::TimedOut),
-            Err(e) => return Err(Failure::Broken(e.to_string())),
-            Ok(_) => break,
-        }
-    }
-    let mut buf = [0u8; SOCKMSG_LEN + 1];
-    // Notices may come before the reply, and late replies to requests given up on. Bounded
-    // like `noticed`.
-    for _ in 0..4096 {
-        let got = receive(conn, &mut buf, deadline).map_err(|e| match e.kind() {
-            std::io::ErrorKind::TimedOut => Failure::TimedOut,
-            _ => Failure::Broken(e.to_string()),
-        })?;
-        if got.len == 0 {
-            return Err(Failure::Broken("router closed the connection".into()));
-        }
-        let msg =
-            FromRouter::decode(&buf[..got.len]).map_err(|e| Failure::Broken(e.to_string()))?;
-        match msg {
-            FromRouter::Reply(reply) if reply.seq == request.seq => {
-                return Ok((reply, got.fds.into_iter().next()));
-            }
-            other => absorb(other, got.fds),
-        }
-    }
-    Err(Failure::Broken(
-        "no reply among the router's notices".into(),
-    ))
-}
-
-/// Takes in a message from the router that is not the reply awaited: a notice is kept; a reply
-/// is late (its request was given up on, or is an Unlisten sent here): its socket is closed,
-/// and a listen that the router set up after all is taken back (the application listens in
-/// the container instead, on the socket the router got with the request).
-fn absorb(
-    conn: BorrowedFd<'_>,
-    notices: &mut Notices,
-    unanswered: &mut Vec<Unanswered>,
-    msg: FromRouter,
-    fds: Vec<OwnedFd>,
-) {
-    drop(fds);
-    let reply = match msg {
-        FromRouter::Notice(n) => return notices.remember(n),
-        FromRouter::Reply(reply) => reply,
-    };
-    let Some(at) = unanswered.iter().position(|u| u.seq == reply.seq) else {
-        return;
-    };
-    let given_up = unanswered.remove(at);
-    debug(format_args!(
-        "late reply to {:?} (request {}) dropped",
-        given_up.op, given_up.seq
-    ));
-    let listening = (reply.ip, reply.port);
-    if given_up.op == SockOp::Listen
-        && reply.status == SockStatus::Ok
-        && !state::holds_listener(listening)
-    {
-        let unlisten = SockRequest {
-            op: SockOp::Unlisten,
-            flags: 0,
-            seq: SEQ.fetch_add(1, Ordering::Relaxed),
-            ip: reply.ip,
-            port: given_up.port,
-            backlog: 0,
-        };
-        // Its reply is dropped as late when it comes.
-        let _ = fdpass::send_with_fds(conn, &unlisten.encode(), &[]);
+        self.break_session();
     }
 }
 
@@ -649,12 +497,17 @@ fn wait_for_hangup(conn: BorrowedFd<'_>) {
 /// Attaches to the (new) router and hands it every listener this process holds, each with a
 /// fresh overlay listener for clients without Freeflow. False if the router is not there yet.
 fn relisten_all() -> bool {
-    let mut guard = SESSION.lock();
     let attached = Attached::attach(real::getpid(), REATTACH_INTERVAL);
     if attached.session.is_none() {
         return false;
     }
-    *guard = Some(attached);
+    {
+        let mut guard = SESSION.lock();
+        if let Some(old) = guard.as_mut() {
+            old.let_go_of_pending();
+        }
+        *guard = Some(attached);
+    }
     let mut done = Vec::new();
     for (fd, s) in state::snapshot() {
         if s.role != state::Role::Listener || done.contains(&s.local.1) {
@@ -680,7 +533,7 @@ fn relisten_all() -> bool {
             port: s.local.1,
             backlog: 0,
         };
-        if call_locked(&mut guard, request, &fds).is_err() {
+        if call_passing_all(request, &fds).is_err() {
             return false;
         }
         done.push(s.local.1);
@@ -710,42 +563,6 @@ fn overlay_listener(port: u16, v6: bool) -> Option<OwnedFd> {
     // SAFETY: addr holds a socket address of `len` bytes.
     let bound = unsafe { libc::bind(raw, (&addr as *const libc::sockaddr_storage).cast(), len) };
     (bound == 0 && real::listen(raw, 128) == 0).then_some(socket)
-}
-
-/// Receives the router's next message: polls for up to `FREEFLOW_SPIN_US` (the router answers
-/// in a few microseconds, and being woken can cost more than that), then blocks until
-/// `deadline` (`TimedOut` after it). A blocking receive ends at the latest after the router
-/// timeout (SO_RCVTIMEO, set at attach), so the wait ends at most that long after `deadline`
-/// even when signals keep interrupting it; no system call is added to wait.
-fn receive(
-    conn: BorrowedFd<'_>,
-    buf: &mut [u8],
-    deadline: Instant,
-) -> std::io::Result<fdpass::Received> {
-    let spin = config().reply_spin;
-    let start = Instant::now();
-    while start.elapsed() < spin {
-        match fdpass::recv_with_fds(conn, buf, libc::MSG_DONTWAIT) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
-            other => return other,
-        }
-    }
-    loop {
-        match fdpass::recv_with_fds(conn, buf, 0) {
-            // A signal in the application, or SO_RCVTIMEO: wait on while there is time left.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
-                ) =>
-            {
-                if Instant::now() >= deadline {
-                    return Err(std::io::ErrorKind::TimedOut.into());
-                }
-            }
-            other => return other,
-        }
-    }
 }
 
 #[cfg(test)]
