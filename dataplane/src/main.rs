@@ -7,14 +7,15 @@
 //! looks alive, while a router that exits is restarted by `freeflow up`'s daemon.
 //!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here) to `sys` (socket calls, the ready
-//! pipe), `uring` (io_uring submissions) and, inside `verbs`, to its `memory` and `notify`
-//! modules. Signals, poll and memory files are `freeflow-os`'s.
+//! pipe), `uring` (io_uring submissions), `jail::kernel` (bpf(2), SO_MARK) and, inside `verbs`,
+//! to its `memory` and `notify` modules. Signals, poll and memory files are `freeflow-os`'s.
 #![deny(unsafe_code)]
 
 mod admission;
 mod attachment;
 mod control;
 mod control_peer;
+mod jail;
 mod log;
 mod shard;
 #[allow(unsafe_code)]
@@ -212,6 +213,9 @@ fn run(config: Config) -> Result<(), String> {
     control_listener
         .set_nonblocking(true)
         .map_err(|e| e.to_string())?;
+
+    // Before any socket is handed out: the jail marks them (dropped at the end of `run`).
+    let _jail = jail::set_up();
 
     // Every region created from here on tells the shims where the shards run (a program
     // polling on one of those cores gives it up while it waits).

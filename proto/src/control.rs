@@ -108,6 +108,10 @@ pub struct RouterStatus {
     /// container; of the listener's for a relayed client), by tenant name.
     #[serde(default)]
     pub tcp_by_tenant: Vec<TenantTcpStatus>,
+    /// TCP mode: whether the host-socket jail is up (host sockets handed to containers cannot
+    /// be connected again nor serve as listeners for the host network).
+    #[serde(default)]
+    pub jail_active: bool,
 }
 
 /// One tenant's TCP-mode counters in [`RouterStatus`].

@@ -146,6 +146,12 @@ fn print_router_counters(rs: &RouterStatus) {
         rs.tcp_fallbacks,
         rs.tcp_relayed
     );
+    let jail = if rs.jail_active {
+        "active"
+    } else {
+        "NOT active (see the router log)"
+    };
+    out!("  jail:       {jail}");
     for shard in &rs.shards {
         out!(
             "  shard {}:    core {}, {} attached, {} requests, {} wakeups, {} parks, {} protocol errors",

@@ -185,6 +185,7 @@ impl ControlThread {
                     relayed: c.relayed,
                 })
                 .collect(),
+            jail_active: crate::jail::active(),
         }
     }
 }

@@ -3,6 +3,8 @@
 //! overlay address this host port stands for, starts a non-blocking connect and hands the
 //! connecting socket over, so EINPROGRESS, SO_ERROR and ECONNREFUSED are the kernel's own.
 //! Anything else gets "fall back": the shim connects over the overlay as without Freeflow.
+//! A socket handed over carries the jail's connection mark (see `crate::jail`), set after
+//! the router's connect: the container cannot connect it again.
 
 use super::claims::Target;
 use super::endpoint::{HostEndpoint, OverlayEndpoint};
@@ -99,6 +101,7 @@ impl TcpService {
         let BoundSocket { socket, port } = self.take_claimed(key)?;
         match sys::connect_nonblocking(&socket, listener.ip(), listener.port(), false) {
             Ok(_) => {
+                crate::jail::mark_connection(&socket);
                 self.counters.connected(&container.tenant, true);
                 Some((
                     ok(seq, OverlayEndpoint::new(container.ip, port)),
@@ -128,12 +131,18 @@ impl TcpService {
         let from = HostEndpoint::new(host_ip, bound.port);
         // Announce before connecting, so the announcement is on its way before the SYN.
         self.announce(key, from);
-        let connected = sys::connect_nonblocking(&bound.socket, listener.ip(), listener.port(), v6);
-        if connected.is_err() {
-            // The port is free again (the socket closes here): take the word back.
-            self.retract(key, from);
+        match sys::connect_nonblocking(&bound.socket, listener.ip(), listener.port(), v6) {
+            Ok(_) => {
+                // After the connect, which the mark would refuse.
+                crate::jail::mark_connection(&bound.socket);
+                Ok(bound)
+            }
+            Err(e) => {
+                // The port is free again (the socket closes here): take the word back.
+                self.retract(key, from);
+                Err(e)
+            }
         }
-        connected.map(|_| bound)
     }
 
     /// Tells the destination's router (or this router's own listeners) which overlay address

@@ -401,6 +401,7 @@ fn host_listener(host_ip: Ipv4Addr, v6: bool, backlog: i32) -> io::Result<(Owned
     sys::set_reuseaddr(&socket)?;
     sys::bind(&socket, host_ip, 0, v6)?;
     sys::listen(&socket, backlog)?;
+    crate::jail::mark_listener(&socket);
     let host_port = sys::local_port(&socket)?;
     let keep = socket.try_clone()?;
     Ok((socket, keep, host_port))
