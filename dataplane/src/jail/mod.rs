@@ -40,7 +40,7 @@ static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// Why the jail (or a part of it) is not up.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    #[error("no cgroup v2 hierarchy is mounted")]
+    #[error("this kernel has no cgroup v2")]
     NoCgroup2,
     #[error("cannot open the cgroup v2 root {path}: {source}")]
     CgroupRoot {
@@ -191,12 +191,16 @@ fn open_cgroup2_root() -> Result<OwnedFd, JailError> {
             .map_err(|source| JailError::CgroupRoot { path, source });
     }
     let dir = std::env::temp_dir().join(format!("freeflow-cgroup2-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|_| JailError::NoCgroup2)?;
+    let path = format!("cgroup2 mounted on {}", dir.display());
+    std::fs::create_dir_all(&dir).map_err(|source| JailError::CgroupRoot {
+        path: path.clone(),
+        source,
+    })?;
     let opened = kernel::open_cgroup2_by_mounting(&dir);
     let _ = std::fs::remove_dir(&dir);
-    opened.map_err(|source| JailError::CgroupRoot {
-        path: format!("cgroup2 mounted on {}", dir.display()),
-        source,
+    opened.map_err(|source| match source.raw_os_error() {
+        Some(libc::ENODEV) => JailError::NoCgroup2,
+        _ => JailError::CgroupRoot { path, source },
     })
 }
 
