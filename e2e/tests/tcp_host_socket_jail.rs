@@ -3,7 +3,7 @@
 //! connection and an accelerated listener, and tries to turn them into a way onto the host
 //! network: (a) disconnect a connection (connect with AF_UNSPEC) and connect it to a listener
 //! that lives only in the host's namespace; (c) shut down a listener and connect it there
-//! likewise; (d) disconnect a connection and listen on its host port, for a client in the
+//! likewise; (e) the same with a connection accepted on an accelerated listener; (d) disconnect a connection and listen on its host port, for a client in the
 //! host's namespace. Each must fail, and the host-only listener must see no connection.
 //! Needs root and a built workspace (`cargo build --workspace`).
 
@@ -104,7 +104,14 @@ fn handed_host_sockets_cannot_reach_or_serve_the_host_network() {
     let mut hostile = program(
         &site,
         Some("app"),
-        &["escape", "10.32.0.2", &port, HOST_IP, &host_port],
+        &[
+            "escape",
+            "10.32.0.2",
+            &port,
+            HOST_IP,
+            &host_port,
+            "10.32.0.3",
+        ],
     )
     .stdout(Stdio::piped())
     .spawn()
@@ -144,6 +151,11 @@ fn handed_host_sockets_cannot_reach_or_serve_the_host_network() {
         !["0", einprogress.as_str()].contains(&steps["C_CONNECT"].as_str()),
         "(c) {steps:?}"
     );
+    // (e): nor does a connection accepted on an accelerated listener (it inherits the
+    // listener's mark).
+    assert!(steps["E_SOCKNAME"].starts_with(HOST_IP), "{steps:?}");
+    assert_eq!(steps["E_DISCONNECT"], "0", "{steps:?}");
+    assert_eq!(steps["E_CONNECT"], eperm, "(e) {steps:?}");
     // (d): no client of the host network gets through (the jail drops the SYNs to a listening
     // connection socket; Linux 6.18 itself refuses listen on a disconnected one: see the next
     // test for the rule alone).

@@ -2,7 +2,7 @@
 #   serve PORT             an overlay server: accepts, says "hello\n" to each client, holds them
 #   host-listen IP PORT    a listener only in the host's namespace: counts the connections it
 #                          gets until stdin closes, then prints HOST_ACCEPTED <n>
-#   escape SERVER_IP PORT HOST_IP HOST_PORT
+#   escape SERVER_IP PORT HOST_IP HOST_PORT OWN_IP
 #                          a hostile client: takes host sockets from Freeflow (an accelerated
 #                          connect, an accelerated listen) and tries to reuse them on the host
 #                          network with raw system calls (syscall(2) through ctypes: the shim
@@ -94,7 +94,7 @@ def connected(server_ip, port, step):
     return s
 
 
-def escape(server_ip, port, host_ip, host_port):
+def escape(server_ip, port, host_ip, host_port, own_ip):
     target = sockaddr_in(host_ip, host_port)
     # (a) An accelerated connection, disconnected, connected to a host-only listener.
     a = connected(server_ip, port, "A")
@@ -108,6 +108,16 @@ def escape(server_ip, port, host_ip, host_port):
     say("C_SOCKNAME", kernel_name(c.fileno()))
     say("C_SHUTDOWN", raw(SYS_SHUTDOWN, ctypes.c_long(c.fileno()), ctypes.c_long(socket.SHUT_RDWR)))
     say("C_CONNECT", raw_connect(c.fileno(), target))
+    # (e) A connection accepted on an accelerated listener (from this container itself),
+    # disconnected, connected likewise.
+    e = socket.socket()
+    e.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    e.bind(("0.0.0.0", port + 2)); e.listen(4)
+    client = socket.create_connection((own_ip, port + 2), timeout=10)
+    accepted, _ = e.accept()
+    say("E_SOCKNAME", kernel_name(accepted.fileno()))
+    say("E_DISCONNECT", raw_connect(accepted.fileno(), UNSPEC))
+    say("E_CONNECT", raw_connect(accepted.fileno(), target))
     # (d) An accelerated connection, disconnected, listening on its host port.
     d = connected(server_ip, port, "D")
     say("D_DISCONNECT", raw_connect(d.fileno(), UNSPEC))
@@ -124,4 +134,4 @@ if role == "serve":
 elif role == "host-listen":
     host_listen(sys.argv[2], int(sys.argv[3]))
 else:
-    escape(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+    escape(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6])
