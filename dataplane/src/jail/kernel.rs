@@ -178,3 +178,23 @@ pub fn open_cgroup2_by_mounting(dir: &std::path::Path) -> io::Result<OwnedFd> {
     unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     opened
 }
+
+/// The SO_MARK of `socket`.
+pub fn mark_of(socket: &impl AsRawFd) -> io::Result<u32> {
+    let mut mark: u32 = 0;
+    let mut len = size_of::<u32>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `mark`, which outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mut mark as *mut u32).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(mark)
+}

@@ -137,6 +137,14 @@ pub fn mark_listener(socket: &impl AsRawFd) {
     mark(socket, LISTENER_MARK);
 }
 
+/// Marks a listener a process handed back after a router restart, unless it has the mark
+/// already (the usual case; a router without the jail handed it out otherwise).
+pub fn mark_handed_back_listener(socket: &impl AsRawFd) {
+    if kernel::mark_of(socket).is_ok_and(|m| m != LISTENER_MARK) {
+        mark(socket, LISTENER_MARK);
+    }
+}
+
 fn mark(socket: &impl AsRawFd, mark: u32) {
     if MARKING.load(Ordering::Relaxed) {
         if let Err(e) = kernel::set_mark(socket, mark) {

@@ -291,7 +291,10 @@ impl TcpService {
             return (SockReply::error(req.seq, libc::EINVAL), None);
         };
         let host_port = match host_listener_ok(&host, host_ip) {
-            Ok(port) => port,
+            Ok(port) => {
+                crate::jail::mark_handed_back_listener(&host.as_fd());
+                port
+            }
             Err(why) => {
                 log::warn!(
                     "tcp: container {} handed back an unusable listener for port {}: {why}",
