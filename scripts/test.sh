@@ -82,7 +82,7 @@ fi
 # and python3-pyverbs (fi_info, ucx_info and pyverbs' modules load the provider stand-ins),
 # prometheus (promtool checks the metrics), containernetworking-plugins (bridge and host-local in
 # /usr/lib/cni, the chain the CNI plugin test runs freeflow-cni in).
-packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest gcc libc6-dev nginx postgresql curl libfabric-bin ucx-utils python3-pyverbs prometheus containernetworking-plugins)
+packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest gcc libc6-dev nginx postgresql curl libfabric-bin ucx-utils python3-pyverbs prometheus containernetworking-plugins iptables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
