@@ -24,8 +24,10 @@
 //!   `ibv_get_cq_event` returns each armed CQ of the channel that still has something to hand
 //!   out, once; then it fails with EIO, as a channel of a disassociated device does.
 //!
-//! Not done: IBV_EVENT_DEVICE_FATAL (this device has no asynchronous events yet).
+//! - the context's asynchronous event queue gets IBV_EVENT_DEVICE_FATAL (see
+//!   [`crate::async_event`]), as a real device raises when it dies.
 
+use crate::async_event::AsyncEvents;
 use crate::error::VerbsError;
 use crate::registry::{debug, lock};
 use crate::shadow::{Shadow, ShadowWriter};
@@ -67,12 +69,15 @@ pub struct Watcher {
 
 impl Watcher {
     /// Starts watching `conn` (a duplicate of the attach connection): its hang-up sets `gone`.
-    pub fn start(conn: OwnedFd, gone: Gone) -> io::Result<Watcher> {
+    pub fn start(conn: OwnedFd, gone: Gone, events: Arc<AsyncEvents>) -> io::Result<Watcher> {
         let shut = conn.try_clone()?;
         std::thread::Builder::new()
             .name("ffverbs-watch".into())
             .stack_size(64 * 1024)
-            .spawn(move || wait_for_hang_up(&conn, &gone))?;
+            .spawn(move || {
+                wait_for_hang_up(&conn, &gone);
+                events.device_fatal();
+            })?;
         Ok(Watcher {
             conn: UnixStream::from(shut),
             owner: std::process::id(),
