@@ -7,8 +7,14 @@
 //! say readable exactly while events wait. The eventfd is the library's own (the router never
 //! sees it): a program that clears O_NONBLOCK or never reads can stall only itself.
 //!
-//! Events come from the library itself: IBV_EVENT_DEVICE_FATAL when the router goes (the
-//! context's watcher, see [`crate::faults`], sees the attachment hang up). After it, the fd stays
+//! Events come from the router and from the library itself. The router writes 8-byte records
+//! ([`AsyncEventRecord`]: event type and the object's handle) into the context's event pipe,
+//! whose read end it passed at open; the context's watcher thread (see [`crate::faults`])
+//! sleeps in `poll(2)` on it and on the attach connection, and [`AsyncEvents::pump`] turns
+//! records into events about the program's objects (a record whose object is already
+//! destroyed is dropped). Why not hand the pipe itself to the program: the library must add
+//! its own event, IBV_EVENT_DEVICE_FATAL, when the router goes (the watcher sees the attachment
+//! hang up), and give each event its object's address. After the fatal event, the fd stays
 //! readable and every further `ibv_get_async_event` fails with EIO, as on a disassociated
 //! device. The queue holds at most [`QUEUE_BOUND`] events; more are dropped and counted (debug
 //! log), which only a program that never reads its events sees.
@@ -19,20 +25,16 @@
 #![allow(unsafe_code)]
 
 use crate::registry::{debug, lock};
+use freeflow_proto::verbs::AsyncEventRecord;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Condvar, Mutex};
 
-/// `enum ibv_event_type` values this device raises.
-#[allow(dead_code)] // Until the router's events arrive.
+/// `enum ibv_event_type` values the library raises itself (the router's are in
+/// `freeflow_proto::verbs::async_event::event_type`).
 pub mod event_type {
-    pub const QP_FATAL: u32 = 1;
-    pub const QP_REQ_ERR: u32 = 2;
-    pub const QP_ACCESS_ERR: u32 = 3;
     pub const DEVICE_FATAL: u32 = 8;
-    pub const SRQ_LIMIT_REACHED: u32 = 15;
-    pub const QP_LAST_WQE_REACHED: u32 = 16;
 }
 
 /// Most events a context queues; a program that never reads its events loses the newest.
@@ -138,7 +140,6 @@ impl AsyncEvents {
         self.fd.as_raw_fd()
     }
 
-    #[allow(dead_code)] // Until the router's events arrive.
     /// Queues `event` (dropped and counted beyond [`QUEUE_BOUND`], or after the fatal event).
     pub fn push(&self, event: AsyncEvent) {
         let mut p = lock(&self.pending);
@@ -154,6 +155,34 @@ impl AsyncEvents {
         p.events.push_back(event);
         drop(p);
         self.add(1);
+    }
+
+    /// Reads the records waiting in the router's event pipe `pipe` (of the context at
+    /// `context`) and queues their events. False when the pipe is closed (the router is gone)
+    /// or broken.
+    pub fn pump(&self, pipe: &OwnedFd, context: usize) -> bool {
+        let mut buf = [0u8; 64 * AsyncEventRecord::LEN];
+        // SAFETY: reads into a live buffer of its length from the pipe the watcher owns.
+        let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted;
+        }
+        // Each record was written whole (8 bytes < PIPE_BUF), so the pipe holds whole records.
+        for chunk in buf[..n as usize].chunks_exact(AsyncEventRecord::LEN) {
+            let Ok(r) = AsyncEventRecord::decode(chunk) else {
+                continue;
+            };
+            match crate::registry::find_queue(context, r.is_about_srq(), r.handle) {
+                Some(addr) => self.push(AsyncEvent {
+                    event_type: r.event_type,
+                    element: Element::Object(addr),
+                }),
+                None => debug(format_args!(
+                    "event {r:?} about an object already destroyed"
+                )),
+            }
+        }
+        true
     }
 
     /// Queues IBV_EVENT_DEVICE_FATAL (once) and leaves the fd readable for ever.
@@ -243,6 +272,7 @@ pub fn element_of(event: &IbvAsyncEvent) -> Option<Element> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use freeflow_proto::verbs::async_event::event_type::SRQ_LIMIT_REACHED;
 
     fn nonblocking(events: &AsyncEvents) {
         // SAFETY: F_GETFL/F_SETFL on the test's own eventfd.
@@ -264,7 +294,7 @@ mod tests {
 
     fn srq_limit(addr: usize) -> AsyncEvent {
         AsyncEvent {
-            event_type: event_type::SRQ_LIMIT_REACHED,
+            event_type: SRQ_LIMIT_REACHED,
             element: Element::Object(addr),
         }
     }

@@ -15,6 +15,7 @@ use crate::registry::{self, ContextState};
 use crate::sysfs;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::mem::{offset_of, size_of};
+use std::os::fd::OwnedFd;
 use std::ptr::null_mut;
 use std::sync::{Arc, Mutex};
 
@@ -241,13 +242,11 @@ pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
     returns_object("ibv_open_device", || {
         let device = registry::device_at(device).ok_or(VerbsError::UnknownDevice)?;
         let session = registry::attach_for(device)?;
+        let conn = session.connection().try_clone()?;
+        let mut channel = crate::channel::Channel::new(session);
+        let pipe = open_event_pipe(&mut channel);
         let gone = Gone::default();
         let async_events = Arc::new(AsyncEvents::new()?);
-        let watcher = Watcher::start(
-            session.connection().try_clone()?,
-            gone.clone(),
-            async_events.clone(),
-        )?;
         let c_side = Box::into_raw(Box::new(verbs_context(
             device.as_c(),
             async_events.raw_fd(),
@@ -255,9 +254,24 @@ pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
         // SAFETY: `c_side` is a live, exclusively owned allocation; this takes the address of
         // its `context` field without creating a reference.
         let context = unsafe { std::ptr::addr_of_mut!((*c_side).context) };
+        let watcher = Watcher::start(
+            conn,
+            gone.clone(),
+            async_events.clone(),
+            pipe,
+            context as usize,
+        );
+        let watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                // SAFETY: leaked above and handed to nobody.
+                drop(unsafe { Box::from_raw(c_side) });
+                return Err(e.into());
+            }
+        };
         let state = Arc::new(ContextState {
             device,
-            channel: Mutex::new(crate::channel::Channel::new(session)),
+            channel: Mutex::new(channel),
             async_events,
             gone,
             _watcher: watcher,
@@ -270,6 +284,19 @@ pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
         registry::add_context(context as usize, state);
         Ok(context)
     })
+}
+
+/// The router's asynchronous event pipe for a new context (None, with a debug line, from a
+/// router that has none: the context then has only the library's own events).
+fn open_event_pipe(channel: &mut crate::channel::Channel) -> Option<OwnedFd> {
+    let opened = channel
+        .call(freeflow_proto::verbs::op::CREATE_ASYNC_EVENTS, &[])
+        .and_then(|_| {
+            channel.take_queue_file(freeflow_proto::verbs::QueueFileKind::AsyncEvents, 0)
+        });
+    opened
+        .map_err(|e| registry::debug(format_args!("no asynchronous events from the router: {e}")))
+        .ok()
 }
 
 /// `ibv_close_device`: 0, or -1 with EINVAL for a pointer that is not an open context.

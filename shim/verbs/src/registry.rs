@@ -312,6 +312,23 @@ pub fn add_queue(key: usize, kind: QueueKind, entry: QueueEntry) {
     lock(&OBJECTS).insert(key, object);
 }
 
+/// The address of context `context`'s QP (or SRQ, `srq`) with the router's `handle`, if it is
+/// alive (asynchronous events name objects by handle).
+pub fn find_queue(context: usize, srq: bool, handle: u32) -> Option<usize> {
+    lock(&OBJECTS)
+        .iter()
+        .find_map(|(&key, object)| match object {
+            Object::Srq(e) | Object::Qp(e)
+                if srq == matches!(object, Object::Srq(_))
+                    && e.context == context
+                    && e.handle == handle =>
+            {
+                Some(key)
+            }
+            _ => None,
+        })
+}
+
 /// The queue object of `kind` at `key`, if it is one of ours and alive.
 pub fn queue(key: usize, kind: QueueKind) -> Result<QueueEntry, VerbsError> {
     match (lock(&OBJECTS).get(&key), kind) {
