@@ -1,7 +1,8 @@
 //! RDMA mode, asynchronous events end to end: a C probe (`programs/verbs_async_probe.c`) in a
 //! registered container arms an SRQ limit with `ibv_modify_srq` and gets
 //! IBV_EVENT_SRQ_LIMIT_REACHED through a pollable, non-blocking `async_fd` when the SENDs of a
-//! connected QP pair take the SRQ's receives below it, once. (IBV_EVENT_DEVICE_FATAL, seen by
+//! connected QP pair take the SRQ's receives below it, once; and IBV_EVENT_QP_LAST_WQE_REACHED
+//! when the QP on the SRQ is moved to ERR. (IBV_EVENT_DEVICE_FATAL, seen by
 //! Debian's unmodified `ibv_asyncwatch`, is in `verbs_faults.rs`.)
 //!
 //! Needs root, a built workspace (`cargo build --workspace`), libibverbs-dev. The Site
@@ -19,7 +20,7 @@ const PROBE: CProbe = CProbe {
 };
 
 #[test]
-fn an_armed_srq_limit_raises_srq_limit_reached_once() {
+fn srq_limit_reached_once_and_last_wqe_reached_on_err() {
     let site = Site::create_verbs(SiteSpec {
         prefix: "vas",
         work_prefix: "ff-verbs-async",

@@ -1,7 +1,9 @@
 /* Asynchronous events of Freeflow's ffv0 (e2e/tests/verbs_async.rs): an SRQ limit armed with
  * ibv_modify_srq raises IBV_EVENT_SRQ_LIMIT_REACHED once, when the SENDs of a connected QP pair
  * take the SRQ's posted receives below it; async_fd works with poll(2) and O_NONBLOCK; the event
- * names the SRQ; the limit is disarmed after it; destroy after the ack works. */
+ * names the SRQ; the limit is disarmed after it; a QP with the SRQ moved to ERR raises
+ * IBV_EVENT_QP_LAST_WQE_REACHED about it (one without an SRQ raises nothing); destroy after the
+ * acks works. */
 #include "verbs_probe.h"
 #include <fcntl.h>
 #include <poll.h>
@@ -79,6 +81,17 @@ static int srq_limit_checks(void)
     CHECK(!event_waits(ctx, 200), "no second event");
     errno = 0;
     CHECK(ibv_get_async_event(ctx, &ev) == -1 && errno == EAGAIN, "EAGAIN again");
+
+    /* A QP with an SRQ entering ERR: IBV_EVENT_QP_LAST_WQE_REACHED about it, once. */
+    CHECK(to_state(qr, IBV_QPS_ERR) == 0, "qr to ERR");
+    CHECK(event_waits(ctx, 10000), "async_fd readable after the QP entered ERR");
+    memset(&ev, 0, sizeof(ev));
+    CHECK(ibv_get_async_event(ctx, &ev) == 0 && ev.event_type == IBV_EVENT_QP_LAST_WQE_REACHED &&
+          ev.element.qp == qr, "QP_LAST_WQE_REACHED about qr (type %d)", ev.event_type);
+    ibv_ack_async_event(&ev);
+    CHECK(!event_waits(ctx, 200), "no second LAST_WQE_REACHED");
+    /* qa has no SRQ: its ERR raises nothing. */
+    CHECK(to_state(qa, IBV_QPS_ERR) == 0 && !event_waits(ctx, 200), "qa to ERR: no event");
 
     CHECK(ibv_destroy_qp(qa) == 0 && ibv_destroy_qp(qr) == 0 && ibv_destroy_srq(srq) == 0 &&
           ibv_destroy_cq(cq) == 0 && ibv_dereg_mr(mr) == 0 && ibv_dealloc_pd(pd) == 0 &&

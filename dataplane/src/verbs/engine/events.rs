@@ -1,7 +1,7 @@
 //! Asynchronous events, router side: each context may open one event pipe
 //! ([`op::CREATE_ASYNC_EVENTS`]); the router keeps its write end (non-blocking) and writes an
-//! [`AsyncEventRecord`] when an SRQ's armed limit is crossed or a QP enters the error state for
-//! a reason a real HCA reports. The shim's watcher thread turns the records into its own
+//! [`AsyncEventRecord`] when an SRQ's armed limit is crossed (`srq`) or a QP that takes its
+//! receives from an SRQ enters the error state ([`Engine::raise_last_wqe`]). The shim's watcher thread turns the records into its own
 //! pollable `async_fd` (see the shim's `async_event`).
 //!
 //! Why a pipe, not slot messages on the attach connection: the shim reads that connection only
@@ -12,9 +12,10 @@
 //! see `notify`).
 
 use super::{context_mut, Engine};
-use crate::verbs::ids::AttachmentId;
+use crate::verbs::ids::{AttachmentId, QpId};
 use crate::verbs::notify;
 use crate::verbs::VerbsError;
+use freeflow_proto::verbs::async_event::event_type;
 use freeflow_proto::verbs::{AsyncEventRecord, QueueFileKind};
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -79,6 +80,29 @@ impl Engine {
             if !notify::write_record(&pipe.write, &record.encode()) {
                 pipe.dropped += 1;
             }
+        }
+    }
+
+    /// A QP with an SRQ in the error state: IBV_EVENT_QP_LAST_WQE_REACHED, once per stay in
+    /// it (as an HCA raises it when such a QP enters ERR: no receive of the SRQ will be taken
+    /// for it any more, so the program may destroy it). Called by the poll loop, with the
+    /// contexts in place.
+    pub(super) fn raise_last_wqe(&mut self, index: QpId) {
+        let Some(qp) = self.qps.get_mut(index) else {
+            return;
+        };
+        if qp.srq.is_none() || qp.last_wqe_raised {
+            return;
+        }
+        qp.last_wqe_raised = true;
+        let owner = qp.owner;
+        let handle = self.contexts.get(&owner).and_then(|c| {
+            c.qps
+                .iter()
+                .find_map(|(&handle, &i)| (i == index).then_some(handle))
+        });
+        if let Some(handle) = handle {
+            self.raise_event(owner, event_type::QP_LAST_WQE_REACHED, handle);
         }
     }
 }

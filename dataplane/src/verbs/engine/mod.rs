@@ -477,7 +477,10 @@ impl Engine {
             }
             match qp.state {
                 QpState::Rts => work += self.run_send_queue(index, &mut now),
-                QpState::Err => work += self.flush(index, &mut now),
+                QpState::Err => {
+                    self.raise_last_wqe(index);
+                    work += self.flush(index, &mut now);
+                }
                 _ => {}
             }
         }
