@@ -105,6 +105,9 @@ struct Pending {
     fatal: bool,
     /// Per object: (events handed out, events acknowledged).
     counts: HashMap<usize, (u64, u64)>,
+    /// Objects destroyed: a record of theirs still in the router's pipe is dropped, until a
+    /// new object is made at the same address ([`AsyncEvents::forget_destroyed`]).
+    destroyed: std::collections::HashSet<usize>,
 }
 
 /// A context's event queue and its `async_fd`.
@@ -143,6 +146,11 @@ impl AsyncEvents {
     /// Queues `event` (dropped and counted beyond [`QUEUE_BOUND`], or after the fatal event).
     pub fn push(&self, event: AsyncEvent) {
         let mut p = lock(&self.pending);
+        if let Element::Object(addr) = event.element {
+            if p.destroyed.contains(&addr) {
+                return;
+            }
+        }
         if p.fatal || p.events.len() >= QUEUE_BOUND {
             p.dropped += 1;
             debug(format_args!(
@@ -251,9 +259,15 @@ impl AsyncEvents {
             p = self.acked.wait(p).unwrap_or_else(|e| e.into_inner());
         }
         p.counts.remove(&addr);
+        p.destroyed.insert(addr);
         // Its queued events go (the object is about to be freed); their counts stay in the
         // eventfd, and `get` skips such stale counts.
         p.events.retain(|e| e.element != Element::Object(addr));
+    }
+
+    /// A new object lives at `addr`: its events are welcome again.
+    pub fn forget_destroyed(&self, addr: usize) {
+        lock(&self.pending).destroyed.remove(&addr);
     }
 }
 
@@ -368,5 +382,11 @@ mod tests {
         // The second event of the destroyed object is gone; its count is skipped.
         assert_eq!(events.get().unwrap(), srq_limit(0x2000));
         assert!(events.get().is_err());
+        // A record still in flight for it is dropped, until a new object lives there.
+        events.push(srq_limit(0x1000));
+        assert!(events.get().is_err());
+        events.forget_destroyed(0x1000);
+        events.push(srq_limit(0x1000));
+        assert_eq!(events.get().unwrap(), srq_limit(0x1000));
     }
 }

@@ -309,6 +309,9 @@ pub fn add_queue(key: usize, kind: QueueKind, entry: QueueEntry) {
         QueueKind::Channel => Object::Channel(entry),
         QueueKind::Srq => Object::Srq(entry),
     };
+    if let Ok(ctx) = context(entry.context) {
+        ctx.async_events.forget_destroyed(key);
+    }
     lock(&OBJECTS).insert(key, object);
 }
 
