@@ -5,7 +5,9 @@
 //!   polling) both exit with an error, on their own, instead of spinning for ever;
 //! - a C probe with sends (one in an RNR wait) and receives outstanding gets each of them back
 //!   as IBV_WC_WR_FLUSH_ERR with its wr_id, in order, its completion channel wakes, new posts
-//!   fail with EIO, destroys succeed, and a new context on the restarted router works.
+//!   fail with EIO, destroys succeed, and a new context on the restarted router works;
+//! - Debian's unmodified `ibv_asyncwatch`, blocked in `ibv_get_async_event`, gets
+//!   IBV_EVENT_DEVICE_FATAL and then exits on the next call's error (EIO).
 //!
 //! Needs root, a built workspace (`cargo build --workspace`), ibverbs-utils, libibverbs-dev.
 //! The Site scaffolding is in common/mod.rs.
@@ -188,6 +190,27 @@ fn ibv_rc_pingpong_exits_with_an_error_when_the_router_is_killed() {
             "{who} reported no failure: {said}"
         );
     }
+}
+
+#[test]
+fn ibv_asyncwatch_sees_device_fatal_when_the_router_is_killed() {
+    let site = Site::new("vfa");
+    let mut cmd = site.verbs_app("server", "stdbuf", &[]);
+    cmd.args(["-oL", "ibv_asyncwatch", "-d", "ffv0"]);
+    let mut watch = Running::spawn(cmd);
+    // It prints its async_fd once the context is open, then blocks in ibv_get_async_event.
+    watch.wait_for_line("async event FD", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = site.kill_router();
+    eprintln!("killed the router (pid {pid}) under ibv_asyncwatch");
+    let (code, said) = watch.wait_exit(EXIT_BOUND);
+    eprintln!("ibv_asyncwatch exited with {code:?}:\n{said}");
+    assert!(
+        said.contains("event_type IBV_EVENT_DEVICE_FATAL (8), port 1"),
+        "no fatal event: {said}"
+    );
+    // Its loop ends when ibv_get_async_event fails (the device is gone): exit status 1.
+    assert_eq!(code, Some(1), "{said}");
 }
 
 /// The C side (its own file, to be readable and compilable by hand).

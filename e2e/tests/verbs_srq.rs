@@ -9,7 +9,7 @@
 //!
 //! Shared receive queues: one SRQ feeding two QPs that receive SENDs from two peers (receives
 //! taken in posting order, data in the SRQ's buffers), `ibv_post_srq_recv` lists, a full SRQ
-//! (ENOMEM), `ibv_query_srq`, `ibv_modify_srq` (no limit events: EOPNOTSUPP), EBUSY while QPs
+//! (ENOMEM), `ibv_query_srq`, `ibv_modify_srq` (arming a limit; its event is in `verbs_async.rs`), EBUSY while QPs
 //! use it, `ibv_post_recv` refused on such a QP, RNR on an empty SRQ and the waiting SEND
 //! completing once a receive is posted, a QP in ERR leaving the SRQ to the other QP, another
 //! context's SRQ refused; and Debian's unmodified `ibv_srq_pingpong` (16 QPs on one SRQ)

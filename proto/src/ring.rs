@@ -318,6 +318,12 @@ impl Consumer {
         Ok(filled)
     }
 
+    /// Messages ready to read, from the producer's tail as it is now (not the cached view).
+    pub fn available_now(&mut self) -> Result<u32, RingError> {
+        self.tail_cache = self.head;
+        self.available()
+    }
+
     /// Copies the first `min(out.len(), slot_size)` bytes of the next message into `out` and
     /// consumes it. Returns `Ok(false)` when the ring is empty. The slot is handed back to the
     /// producer on the next [`Consumer::release`].

@@ -46,6 +46,15 @@ pub fn notify(write_end: &OwnedFd, cq_handle: u32) {
     let _ = unsafe { libc::write(write_end.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
 }
 
+/// Writes one record (at most PIPE_BUF bytes, so whole or not at all) into a pipe's
+/// non-blocking write end; false if it could not (a full or closed pipe).
+pub fn write_record(write_end: &OwnedFd, record: &[u8]) -> bool {
+    debug_assert!(record.len() <= libc::PIPE_BUF);
+    // SAFETY: writes `record.len()` bytes from a live slice to a non-blocking fd we own.
+    let n = unsafe { libc::write(write_end.as_raw_fd(), record.as_ptr().cast(), record.len()) };
+    n == record.len() as isize
+}
+
 /// A connected pair of SOCK_SEQPACKET sockets (the engine's tests stand in for an attach
 /// connection with one).
 #[cfg(test)]

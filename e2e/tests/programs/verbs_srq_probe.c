@@ -266,8 +266,12 @@ static int srq_checks(void)
     sa = (struct ibv_srq_attr){ .srq_limit = 0 };
     CHECK(ibv_modify_srq(srq, &sa, IBV_SRQ_LIMIT) == 0, "limit 0 (disarmed)");
     sa.srq_limit = 4;
-    CHECK(ibv_modify_srq(srq, &sa, IBV_SRQ_LIMIT) == EOPNOTSUPP,
-          "limit 4: no asynchronous events on this device");
+    CHECK(ibv_modify_srq(srq, &sa, IBV_SRQ_LIMIT) == 0 && ibv_query_srq(srq, &sa) == 0 &&
+          sa.srq_limit == 4, "limit 4 armed (its event: verbs_async_probe.c)");
+    sa.srq_limit = (uint32_t)init.attr.max_wr + 1;
+    CHECK(ibv_modify_srq(srq, &sa, IBV_SRQ_LIMIT) == EINVAL, "limit beyond max_wr");
+    sa = (struct ibv_srq_attr){ .srq_limit = 0 };
+    CHECK(ibv_modify_srq(srq, &sa, IBV_SRQ_LIMIT) == 0, "limit 0 (disarmed again)");
     sa = (struct ibv_srq_attr){ .max_wr = 64 };
     CHECK(ibv_modify_srq(srq, &sa, IBV_SRQ_MAX_WR) == EINVAL, "resize: not supported");
 

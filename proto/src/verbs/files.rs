@@ -17,6 +17,9 @@ wire_enum! {
         Channel = 3,
         /// A shared receive queue's region: one ring of receive WQEs (shim to router).
         Srq = 4,
+        /// A context's asynchronous events: the read end of the pipe the router writes
+        /// [`super::AsyncEventRecord`]s to.
+        AsyncEvents = 5,
     }
 }
 

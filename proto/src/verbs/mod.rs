@@ -17,11 +17,13 @@
 //!
 //! One file per concept: [`op`] (the requests), [`status`] (reply and completion statuses),
 //! [`access`] (memory region access flags), [`limits`], the bodies of [`pd_mr`], [`cq`],
-//! [`qp`] and [`srq`], the router-to-router frames of RDMA between hosts ([`remote`]), the messages that travel with a file ([`files`]), the queues' work
+//! [`qp`] and [`srq`], the router-to-router frames of RDMA between hosts ([`remote`]), the messages that travel with a file ([`files`]), the asynchronous event records
+//! ([`async_event`]), the queues' work
 //! requests and completions ([`work`]) and the [`test_hooks`]. Every layout follows the
 //! convention of [`crate::codec`].
 
 pub mod access;
+pub mod async_event;
 pub mod cq;
 pub mod files;
 pub mod limits;
@@ -36,6 +38,7 @@ pub mod work;
 
 pub use crate::codec::{Body, DecodeError};
 pub use access::{check_mr_access, AccessFlags, AccessFlagsError};
+pub use async_event::AsyncEventRecord;
 pub use cq::{CqCreated, CreateCq, ObjectHandle, ResizeCq};
 pub use files::{MemoryFileMsg, QueueFileKind, QueueFileMsg, MEMORY_FILE_VERSION};
 pub use op::VerbsOp;

@@ -57,6 +57,11 @@ wire_enum! {
         QuerySrq = 0x0110 => QUERY_SRQ,
         /// Destroy an SRQ. Body [`super::ObjectHandle`]; reply empty (Busy while QPs use it).
         DestroySrq = 0x0111 => DESTROY_SRQ,
+        /// Open the context's asynchronous event pipe (once per context). Body empty; reply
+        /// empty. Before the reply, the pipe's read end comes on the attach connection
+        /// ([`super::QueueFileMsg`], kind AsyncEvents, handle 0); the router writes
+        /// [`super::AsyncEventRecord`]s to it.
+        CreateAsyncEvents = 0x0130 => CREATE_ASYNC_EVENTS,
         /// Test hook, served only by a router started with `FREEFLOW_TEST_HOOKS=1`: the router
         /// reads a range of a region through its own mapping, the way the engine will, and replies
         /// with a digest. Body [`super::TestRead`]; reply [`super::TestDigest`].

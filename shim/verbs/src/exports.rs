@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 
 use crate::abi::*;
+use crate::async_event::{AsyncEvents, GetError, IbvAsyncEvent};
 use crate::device::{PKEY_BE, PORT};
 use crate::error::{fail, returns_errno, returns_minus_one, returns_object, VerbsError};
 use crate::faults::{Gone, Watcher};
@@ -14,7 +15,7 @@ use crate::registry::{self, ContextState};
 use crate::sysfs;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::mem::{offset_of, size_of};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::ptr::null_mut;
 use std::sync::{Arc, Mutex};
 
@@ -166,17 +167,6 @@ pub extern "C" fn ibv_get_device_index(device: *mut IbvDevice) -> c_int {
     -1
 }
 
-/// A blocking, close-on-exec eventfd for `async_fd`.
-fn async_event_fd() -> Result<OwnedFd, VerbsError> {
-    // SAFETY: plain syscall; the result is checked.
-    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: `raw` is a fresh fd nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
 /// The operations every context of this library carries.
 fn context_ops() -> IbvContextOps {
     IbvContextOps {
@@ -252,19 +242,36 @@ pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
     returns_object("ibv_open_device", || {
         let device = registry::device_at(device).ok_or(VerbsError::UnknownDevice)?;
         let session = registry::attach_for(device)?;
+        let conn = session.connection().try_clone()?;
+        let mut channel = crate::channel::Channel::new(session);
+        let pipe = open_event_pipe(&mut channel);
         let gone = Gone::default();
-        let watcher = Watcher::start(session.connection().try_clone()?, gone.clone())?;
-        let async_events = async_event_fd()?;
+        let async_events = Arc::new(AsyncEvents::new()?);
         let c_side = Box::into_raw(Box::new(verbs_context(
             device.as_c(),
-            async_events.as_raw_fd(),
+            async_events.raw_fd(),
         )));
         // SAFETY: `c_side` is a live, exclusively owned allocation; this takes the address of
         // its `context` field without creating a reference.
         let context = unsafe { std::ptr::addr_of_mut!((*c_side).context) };
+        let watcher = Watcher::start(
+            conn,
+            gone.clone(),
+            async_events.clone(),
+            pipe,
+            context as usize,
+        );
+        let watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                // SAFETY: leaked above and handed to nobody.
+                drop(unsafe { Box::from_raw(c_side) });
+                return Err(e.into());
+            }
+        };
         let state = Arc::new(ContextState {
             device,
-            channel: Mutex::new(crate::channel::Channel::new(session)),
+            channel: Mutex::new(channel),
             async_events,
             gone,
             _watcher: watcher,
@@ -277,6 +284,19 @@ pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
         registry::add_context(context as usize, state);
         Ok(context)
     })
+}
+
+/// The router's asynchronous event pipe for a new context (None, with a debug line, from a
+/// router that has none: the context then has only the library's own events).
+fn open_event_pipe(channel: &mut crate::channel::Channel) -> Option<OwnedFd> {
+    let opened = channel
+        .call(freeflow_proto::verbs::op::CREATE_ASYNC_EVENTS, &[])
+        .and_then(|_| {
+            channel.take_queue_file(freeflow_proto::verbs::QueueFileKind::AsyncEvents, 0)
+        });
+    opened
+        .map_err(|e| registry::debug(format_args!("no asynchronous events from the router: {e}")))
+        .ok()
 }
 
 /// `ibv_close_device`: 0, or -1 with EINVAL for a pointer that is not an open context.
@@ -545,18 +565,17 @@ pub extern "C" fn ibv_get_pkey_index(context: *mut IbvContext, port_num: u8, pke
     })
 }
 
-/// `ibv_get_async_event`: this device raises no asynchronous events yet, so this waits on the
-/// context's `async_fd` like a real device with nothing to report: it blocks, or fails with
-/// EAGAIN if the program made the fd non-blocking, or with EINTR.
+/// `ibv_get_async_event`: 0 with the oldest event in `*event`, or -1 with errno: EAGAIN when
+/// none waits and the program made `async_fd` non-blocking, EINTR, EIO after the fatal event
+/// of a device whose router is gone. Blocks otherwise, as rdma-core does.
 ///
 /// # Safety
-/// `event` is the caller's structure (not written: no event is ever returned).
+/// `event` is NULL or writable for a `struct ibv_async_event`.
 #[no_mangle]
 pub unsafe extern "C" fn ibv_get_async_event(
     context: *mut IbvContext,
-    event: *mut c_void,
+    event: *mut IbvAsyncEvent,
 ) -> c_int {
-    let _ = event;
     guard(-1, || {
         let state = match state_of(context) {
             Ok(s) => s,
@@ -565,29 +584,48 @@ pub unsafe extern "C" fn ibv_get_async_event(
                 return -1;
             }
         };
-        let mut counter = 0u64;
-        // SAFETY: reads at most 8 bytes into a live u64 from an fd the state keeps open.
-        let n = unsafe {
-            libc::read(
-                state.async_events.as_raw_fd(),
-                (&mut counter as *mut u64).cast::<c_void>(),
-                8,
-            )
-        };
-        if n < 0 {
-            return -1; // errno is read's
+        if event.is_null() {
+            fail(
+                "ibv_get_async_event",
+                &VerbsError::InvalidArgument("event is NULL"),
+            );
+            return -1;
         }
-        // Nothing writes the eventfd, so a read cannot succeed; if it did, there is still no
-        // event to describe.
-        set_errno(libc::EAGAIN);
-        -1
+        match state.async_events.get() {
+            Ok(got) => {
+                // SAFETY: the caller's structure (checked for NULL), written whole.
+                unsafe { event.write(got.to_c()) };
+                0
+            }
+            Err(GetError::Fd(e)) => {
+                set_errno(e.raw_os_error().unwrap_or(libc::EIO));
+                -1
+            }
+            Err(GetError::DeviceGone) => {
+                set_errno(libc::EIO);
+                -1
+            }
+        }
     })
 }
 
-/// `ibv_ack_async_event`: nothing to acknowledge (no event is ever returned).
+/// `ibv_ack_async_event`: counts the acknowledgement against the event's object, so that its
+/// destroy verb can finish (see `async_event`).
+///
+/// # Safety
+/// `event` is NULL or an event `ibv_get_async_event` returned.
 #[no_mangle]
-pub extern "C" fn ibv_ack_async_event(event: *mut c_void) {
-    let _ = event;
+pub unsafe extern "C" fn ibv_ack_async_event(event: *mut IbvAsyncEvent) {
+    guard((), || {
+        if event.is_null() {
+            return;
+        }
+        // SAFETY: the caller's event (checked for NULL).
+        let e = unsafe { event.read() };
+        if let Some(element) = crate::async_event::element_of(&e) {
+            registry::ack_async_event(element);
+        }
+    })
 }
 
 /// `ibv_read_sysfs_file`: the file's contents without its trailing newline, NUL-terminated;

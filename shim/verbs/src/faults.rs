@@ -24,8 +24,10 @@
 //!   `ibv_get_cq_event` returns each armed CQ of the channel that still has something to hand
 //!   out, once; then it fails with EIO, as a channel of a disassociated device does.
 //!
-//! Not done: IBV_EVENT_DEVICE_FATAL (this device has no asynchronous events yet).
+//! - the context's asynchronous event queue gets IBV_EVENT_DEVICE_FATAL (see
+//!   [`crate::async_event`]), as a real device raises when it dies.
 
+use crate::async_event::AsyncEvents;
 use crate::error::VerbsError;
 use crate::registry::{debug, lock};
 use crate::shadow::{Shadow, ShadowWriter};
@@ -66,13 +68,29 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Starts watching `conn` (a duplicate of the attach connection): its hang-up sets `gone`.
-    pub fn start(conn: OwnedFd, gone: Gone) -> io::Result<Watcher> {
+    /// Starts watching `conn` (a duplicate of the attach connection): its hang-up sets `gone`
+    /// and raises IBV_EVENT_DEVICE_FATAL. Meanwhile the records of the router's event pipe
+    /// `pipe` (if the router gave one) become the events of the context at `context`.
+    pub fn start(
+        conn: OwnedFd,
+        gone: Gone,
+        events: Arc<AsyncEvents>,
+        pipe: Option<OwnedFd>,
+        context: usize,
+    ) -> io::Result<Watcher> {
         let shut = conn.try_clone()?;
         std::thread::Builder::new()
             .name("ffverbs-watch".into())
             .stack_size(64 * 1024)
-            .spawn(move || wait_for_hang_up(&conn, &gone))?;
+            .spawn(move || {
+                watch(&conn, pipe, &events, context);
+                gone.set();
+                events.device_fatal();
+                debug(format_args!(
+                    "the router closed this context's attachment (it exited or detached us): \
+                     outstanding work requests complete with IBV_WC_WR_FLUSH_ERR"
+                ));
+            })?;
         Ok(Watcher {
             conn: UnixStream::from(shut),
             owner: std::process::id(),
@@ -89,23 +107,32 @@ impl Drop for Watcher {
     }
 }
 
-fn wait_for_hang_up(conn: &OwnedFd, gone: &Gone) {
+/// Returns when `conn` hangs up; passes the event pipe's records on meanwhile.
+fn watch(conn: &OwnedFd, mut pipe: Option<OwnedFd>, events: &AsyncEvents, context: usize) {
     loop {
-        // Hang-up and errors are always reported; POLLIN is not asked for, so the queue files
-        // the router sends on this connection do not wake us.
+        // Hang-up and errors are always reported; POLLIN is not asked for on the connection,
+        // so the queue files the router sends on it do not wake us.
         let mut fds = [PollFd::new(conn.as_fd(), libc::POLLRDHUP)];
-        match poll(&mut fds, None) {
-            Ok(_) if fds[0].revents() != 0 => break,
+        let mut both;
+        let fds: &mut [PollFd] = match &pipe {
+            Some(p) => {
+                both = [fds[0], PollFd::new(p.as_fd(), libc::POLLIN)];
+                &mut both
+            }
+            None => &mut fds,
+        };
+        match poll(fds, None) {
+            Ok(_) if fds[0].revents() != 0 => return,
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+        let ready = fds.get(1).is_some_and(|f| f.revents() != 0);
+        if ready && !pipe.as_ref().is_some_and(|p| events.pump(p, context)) {
+            // Closed: the router is gone (the connection's hang-up follows).
+            pipe = None;
         }
     }
-    gone.set();
-    debug(format_args!(
-        "the router closed this context's attachment (it exited or detached us): \
-         outstanding work requests complete with IBV_WC_WR_FLUSH_ERR"
-    ));
 }
 
 /// One of the QP's rings (or an SRQ's ring), the buffer a WQE is built in, and (for a QP's

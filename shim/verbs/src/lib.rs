@@ -21,13 +21,14 @@
 //! derives the device's attributes from the container's identity; `registry` holds the
 //! process's attachments, devices, contexts and verbs objects; `channel` is a context's
 //! request/reply conversation with the router; `maps`, `pages` and `memory` are registered
-//! memory; `faults` is what happens when the router goes (flushes, errors), with `shadow` the
+//! memory; `async_event` is a context's asynchronous event queue behind its `async_fd`;
+//! `faults` is what happens when the router goes (flushes, errors), with `shadow` the
 //! lock-free record of each queue's outstanding requests; `shared_core` is a poll loop's turn
 //! taking with the router on its cores; `exports`, `pd_mr`, `cq`, `qp`, `srq`, `utility`, `marshall` (the kernel-structure
 //! converters librdmacm binds at load time) and `unsupported` are the exported C functions.
 //!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here and `#![allow(unsafe_code)]` at the
-//! top of each) to the C boundary (`exports`, `pd_mr`, `cq`, `qp`, `srq`, `unsupported`,
+//! top of each) to the C boundary (`exports`, `async_event`, `pd_mr`, `cq`, `qp`, `srq`, `unsupported`,
 //! `utility`, `marshall`, `ffi`, and `shared_core`'s `sched_getcpu`) and to `memory` (the system calls that move pages), whose two
 //! entry points `pages` calls (each call allowed on its own) right after checking
 //! `/proc/self/maps`. errno, memory files and the `.symver` directives are `freeflow-os`'s.
@@ -39,6 +40,7 @@
 extern crate freeflow_os;
 
 mod abi;
+mod async_event;
 mod channel;
 mod cq;
 mod device;

@@ -23,7 +23,6 @@ use crate::pages::Pages;
 use freeflow_proto::attach::{attach, Session, ShimKind};
 use freeflow_proto::verbs::{Body, ObjectHandle};
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -54,10 +53,8 @@ pub struct ContextState {
     /// This context's attachment: the rings its verbs travel on (and the router's view of the
     /// process in `freeflow status`).
     pub channel: Mutex<Channel>,
-    /// `async_fd`: an eventfd nothing writes yet (no asynchronous events exist yet), so
-    /// `ibv_get_async_event` blocks, or fails with EAGAIN if the program made it non-blocking,
-    /// exactly as with a device that has no events to report.
-    pub async_events: OwnedFd,
+    /// The asynchronous events and the `async_fd` they wait behind (see `async_event`).
+    pub async_events: Arc<crate::async_event::AsyncEvents>,
     /// Set when the router closes the attachment (it died or detached us): see `faults`.
     pub gone: Gone,
     /// Watches the attachment for that; dropped with the context.
@@ -203,6 +200,14 @@ pub fn context(key: usize) -> Result<Arc<ContextState>, VerbsError> {
         .ok_or(VerbsError::UnknownContext)
 }
 
+/// `ibv_ack_async_event` about `element`: counted by the context that handed it out.
+pub fn ack_async_event(element: crate::async_event::Element) {
+    let contexts: Vec<Arc<ContextState>> = lock(&CONTEXTS).values().cloned().collect();
+    for c in contexts {
+        c.async_events.ack(element);
+    }
+}
+
 /// Forgets an open context; `None` if it was not open (closed twice, or not ours).
 pub fn remove_context(key: usize) -> Option<Arc<ContextState>> {
     lock(&CONTEXTS).remove(&key)
@@ -304,7 +309,27 @@ pub fn add_queue(key: usize, kind: QueueKind, entry: QueueEntry) {
         QueueKind::Channel => Object::Channel(entry),
         QueueKind::Srq => Object::Srq(entry),
     };
+    if let Ok(ctx) = context(entry.context) {
+        ctx.async_events.forget_destroyed(key);
+    }
     lock(&OBJECTS).insert(key, object);
+}
+
+/// The address of context `context`'s QP (or SRQ, `srq`) with the router's `handle`, if it is
+/// alive (asynchronous events name objects by handle).
+pub fn find_queue(context: usize, srq: bool, handle: u32) -> Option<usize> {
+    lock(&OBJECTS)
+        .iter()
+        .find_map(|(&key, object)| match object {
+            Object::Srq(e) | Object::Qp(e)
+                if srq == matches!(object, Object::Srq(_))
+                    && e.context == context
+                    && e.handle == handle =>
+            {
+                Some(key)
+            }
+            _ => None,
+        })
 }
 
 /// The queue object of `kind` at `key`, if it is one of ours and alive.

@@ -11,10 +11,10 @@
 //! authority on everything else: capacities, the PD, handles (another context's SRQ is
 //! nothing to it), and users (destroying an SRQ that QPs use is EBUSY).
 //!
-//! The SRQ limit (IBV_SRQ_LIMIT) needs the asynchronous event IBV_EVENT_SRQ_LIMIT_REACHED,
-//! and this device delivers no asynchronous events yet: arming a non-zero limit fails with
-//! EOPNOTSUPP (a limit of 0, disarmed, is accepted), and `srq_limit` at creation is ignored
-//! as rdma-core documents.
+//! The SRQ limit (IBV_SRQ_LIMIT in `ibv_modify_srq`) is armed in the router: one shot, it
+//! raises IBV_EVENT_SRQ_LIMIT_REACHED (see `async_event`) when taking a receive leaves fewer
+//! than the limit posted, and disarms. `srq_limit` at creation is ignored as rdma-core
+//! documents.
 #![allow(unsafe_code)]
 
 use crate::abi::{IbvContext, IbvPd, IbvRecvWr, IbvSrq, IbvSrqAttr, IbvSrqInitAttr};
@@ -160,7 +160,7 @@ fn modify_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr, mask: c_int) -> Result<()
 }
 
 /// `ibv_modify_srq`: 0, or an errno value (EINVAL for a resize, which this device does not
-/// do, or a limit above `max_wr`; EOPNOTSUPP for a non-zero limit: no asynchronous events).
+/// do, or a limit above `max_wr`).
 #[no_mangle]
 pub extern "C" fn ibv_modify_srq(srq: *mut IbvSrq, attr: *mut IbvSrqAttr, mask: c_int) -> c_int {
     returns_errno("ibv_modify_srq", || modify_srq(srq, attr, mask))

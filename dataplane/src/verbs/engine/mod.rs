@@ -49,6 +49,7 @@
 
 mod budget;
 mod cq;
+mod events;
 mod objects;
 mod park;
 #[cfg(test)]
@@ -99,6 +100,8 @@ pub(super) struct Context {
     qps: NumberMap<u32, QpId>,
     srqs: NumberMap<u32, SrqId>,
     next_handle: u32,
+    /// Its asynchronous event pipe, once the shim opened it (see `events`).
+    events: Option<events::EventPipe>,
     /// Units of its container's budget this context holds (given back when it closes).
     charged: usize,
 }
@@ -124,6 +127,8 @@ pub struct Held {
 #[derive(Debug)]
 pub struct Engine {
     pub(super) contexts: NumberMap<AttachmentId, Context>,
+    /// Asynchronous events raised while the contexts were taken out (see `events`).
+    deferred_events: Vec<(AttachmentId, freeflow_proto::verbs::AsyncEventRecord)>,
     pub(super) cqs: Objects<CqId, Cq>,
     pub(super) qps: Objects<QpId, Qp>,
     pub(super) srqs: Objects<SrqId, Srq>,
@@ -179,6 +184,7 @@ impl Engine {
     pub fn with_budget(test_hooks: bool, budget: usize) -> Engine {
         Engine {
             contexts: NumberMap::default(),
+            deferred_events: Vec::new(),
             cqs: Objects::default(),
             qps: Objects::default(),
             srqs: Objects::default(),
@@ -208,6 +214,7 @@ impl Engine {
                 qps: NumberMap::default(),
                 srqs: NumberMap::default(),
                 next_handle: 0,
+                events: None,
                 charged: 0,
             },
         );
@@ -332,6 +339,10 @@ impl Engine {
                 codec::exact("CreateCompChannel", body, 0)?;
                 let handle = self.create_channel(attachment, conn)?;
                 Ok(ObjectHandle { handle }.encode(reply))
+            }
+            VerbsOp::CreateAsyncEvents => {
+                codec::exact("CreateAsyncEvents", body, 0)?;
+                self.create_async_events(attachment, conn).map(|()| 0)
             }
             VerbsOp::DestroyCompChannel => self.destroy_channel(attachment, handle()?).map(|()| 0),
             VerbsOp::CreateCq => {
@@ -466,7 +477,10 @@ impl Engine {
             }
             match qp.state {
                 QpState::Rts => work += self.run_send_queue(index, &mut now),
-                QpState::Err => work += self.flush(index, &mut now),
+                QpState::Err => {
+                    self.raise_last_wqe(index);
+                    work += self.flush(index, &mut now);
+                }
                 _ => {}
             }
         }
@@ -474,6 +488,9 @@ impl Engine {
             self.remote.flush_all();
         }
         self.publish();
+        // Events are written as soon as the contexts are back (see `events`); this catches any
+        // raised elsewhere.
+        self.flush_events();
         work
     }
 

@@ -774,7 +774,7 @@ impl Attacker {
                     self.recvs.push(Producer::new(ring(RECV_RING)));
                 }
                 QueueFileKind::Srq => self.recvs.push(Producer::new(ring(0))),
-                QueueFileKind::Channel => {}
+                QueueFileKind::Channel | QueueFileKind::AsyncEvents => {}
             }
             self.regions.push(region);
         }

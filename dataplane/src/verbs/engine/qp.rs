@@ -112,6 +112,9 @@ pub(in crate::verbs) struct Qp {
     pub(in crate::verbs) broken: bool,
     /// In the error state: flushing stopped at a full CQ; retry then.
     pub(in crate::verbs) held: Option<Instant>,
+    /// IBV_EVENT_QP_LAST_WQE_REACHED was raised for its current stay in the error state (a QP
+    /// with an SRQ: see `events`).
+    pub(in crate::verbs) last_wqe_raised: bool,
     _region: SharedRegion,
 }
 
@@ -355,6 +358,7 @@ impl Engine {
             remote: None,
             broken: false,
             held: None,
+            last_wqe_raised: false,
             _region: rings.region,
         });
         self.qpns.insert(qpn, index);
@@ -506,6 +510,9 @@ impl Engine {
             if next == QpState::Rts && current != QpState::Rts {
                 remote.next_seq = qp.attr.sq_psn;
             }
+        }
+        if next != QpState::Err {
+            qp.last_wqe_raised = false;
         }
         match next {
             QpState::Reset => {

@@ -7,6 +7,7 @@ use super::{context_mut, ring_slots, slot_size, Engine};
 use crate::verbs::ids::{AttachmentId, PdId, SrqId};
 use crate::verbs::VerbsError;
 use freeflow_proto::region::SharedRegion;
+use freeflow_proto::verbs::async_event::event_type;
 use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq, SrqAttr, SrqAttrMask, SrqCreated};
 use freeflow_proto::verbs::work::{RecvWqe, MAX_SGE};
 use freeflow_proto::verbs::{limits, QueueFileKind};
@@ -20,7 +21,10 @@ pub(in crate::verbs) struct Srq {
     /// Its protection domain: the keys of its receives are checked there.
     pub(in crate::verbs) pd: PdId,
     pub(in crate::verbs) ring: Consumer,
+    /// Its attributes; `srq_limit` is the armed limit (0: disarmed).
     pub(in crate::verbs) attr: SrqAttr,
+    /// The owner's handle for it (named in its events).
+    pub(in crate::verbs) handle: u32,
     /// QPs created with it (destroying it is refused while there are any).
     pub(super) users: u32,
     /// The owner wrote a corrupt index into the ring: it is no longer touched.
@@ -75,6 +79,7 @@ impl Engine {
             pd,
             ring,
             attr,
+            handle,
             users: 0,
             broken: false,
             _region: region,
@@ -84,10 +89,10 @@ impl Engine {
     }
 
     /// `ibv_modify_srq`. Resizing (IBV_SRQ_MAX_WR) is refused as by a device without
-    /// IBV_DEVICE_SRQ_RESIZE (EINVAL). Arming the limit (IBV_SRQ_LIMIT) would need the
-    /// asynchronous event IBV_EVENT_SRQ_LIMIT_REACHED, which this device does not deliver yet:
-    /// a limit of 0 (disarmed, what the SRQ has) is accepted, any other is EOPNOTSUPP (EINVAL
-    /// first if it exceeds `max_wr`, as a device checks).
+    /// IBV_DEVICE_SRQ_RESIZE (EINVAL). IBV_SRQ_LIMIT arms the limit (EINVAL beyond `max_wr`;
+    /// 0 disarms): one shot, IBV_EVENT_SRQ_LIMIT_REACHED goes to the owner's event pipe when
+    /// taking a receive leaves fewer than the limit posted, and disarms it
+    /// ([`Engine::check_srq_limit`]).
     pub(super) fn modify_srq(
         &mut self,
         attachment: AttachmentId,
@@ -105,13 +110,28 @@ impl Engine {
             if r.srq_limit > attr.max_wr {
                 return Err(VerbsError::Invalid("SRQ limit beyond max_wr"));
             }
-            if r.srq_limit != 0 {
-                return Err(VerbsError::NotSupported(
-                    "SRQ limit events (no asynchronous events yet)",
-                ));
-            }
+            self.srqs.entry_mut(index)?.attr.srq_limit = r.srq_limit;
         }
         Ok(())
+    }
+
+    /// After a receive was taken from the SRQ at `index`: if its armed limit is now crossed
+    /// (fewer receives posted than the limit), raise IBV_EVENT_SRQ_LIMIT_REACHED and disarm.
+    pub(in crate::verbs) fn check_srq_limit(&mut self, index: SrqId) {
+        let Some(q) = self.srqs.get_mut(index) else {
+            return;
+        };
+        if q.attr.srq_limit == 0 {
+            return;
+        }
+        // The producer's tail as it is now: the shim may have posted since the cached view.
+        match q.ring.available_now() {
+            Ok(posted) if posted < q.attr.srq_limit => {}
+            _ => return,
+        }
+        q.attr.srq_limit = 0;
+        let (owner, handle) = (q.owner, q.handle);
+        self.raise_event(owner, event_type::SRQ_LIMIT_REACHED, handle);
     }
 
     pub(super) fn destroy_srq(

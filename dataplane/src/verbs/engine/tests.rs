@@ -14,6 +14,7 @@ use freeflow_proto::verbs::qp::{mask, CreateQp, ModifyQp, QpAttr, QpCap, QpCreat
 use freeflow_proto::verbs::work::{
     send_flags, wc_opcode, wr_opcode, Cqe, RecvWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
 };
+use freeflow_proto::verbs::AsyncEventRecord;
 use freeflow_proto::verbs::{
     op, wc_status, CqCreated, CreateCq, ObjectHandle, PdCreated, QueueFileKind, QueueFileMsg,
 };
@@ -907,6 +908,77 @@ fn srq_receives_use_the_srqs_protection_domain() {
 }
 
 #[test]
+fn an_armed_srq_limit_raises_one_event_when_the_posted_receives_drop_below_it() {
+    let mut engine = Engine::new(false);
+    let mut t = srq_site(&mut engine, 7);
+    // The context's event pipe: its read end comes on the attach connection; only once.
+    let r = &t.r;
+    assert_eq!(
+        status_of(&mut engine, r, op::CREATE_ASYNC_EVENTS, &[]),
+        status::OK
+    );
+    let mut buf = [0u8; 32];
+    let got = fdpass::recv_with_fds(r.shim.as_fd(), &mut buf, libc::MSG_DONTWAIT).unwrap();
+    let msg = QueueFileMsg::decode(&buf[..got.len]).unwrap();
+    assert_eq!((msg.kind, msg.handle), (QueueFileKind::AsyncEvents, 0));
+    let events = std::fs::File::from(got.fds.into_iter().next().unwrap());
+    assert_eq!(
+        status_of(&mut engine, r, op::CREATE_ASYNC_EVENTS, &[]),
+        VerbsStatus::Invalid as u16
+    );
+    let pending = |events: &std::fs::File| {
+        let mut fd = [freeflow_os::poll::PollFd::new(events.as_fd(), libc::POLLIN)];
+        freeflow_os::poll::poll(&mut fd, Some(std::time::Duration::ZERO)).unwrap();
+        fd[0].revents() != 0
+    };
+    let rk = t.r.mr.lkey;
+    for i in 0..4 {
+        push_recv(&mut t.srq_ring, 10 + i, sge(rk, 1000 + i * 100, 100));
+    }
+    let arm = ModifySrq {
+        srq: t.srq,
+        attr_mask: srq_wire::mask::LIMIT,
+        max_wr: 0,
+        srq_limit: 3,
+    }
+    .to_vec();
+    assert_eq!(
+        status_of(&mut engine, &t.r, op::MODIFY_SRQ, &arm),
+        status::OK
+    );
+    // 3 left: not below the limit.
+    send(&mut t.a, 1, 0, 6);
+    engine.poll();
+    assert!(!pending(&events));
+    // 2 left: the event, and the limit is disarmed.
+    send(&mut t.b, 2, 0, 6);
+    engine.poll();
+    assert!(pending(&events), "no event after the limit was crossed");
+    let mut record = [0u8; 16];
+    let n = std::io::Read::read(&mut &events, &mut record).unwrap();
+    assert_eq!(
+        AsyncEventRecord::decode(&record[..n]).unwrap(),
+        AsyncEventRecord {
+            event_type: freeflow_proto::verbs::async_event::event_type::SRQ_LIMIT_REACHED,
+            handle: t.srq
+        }
+    );
+    let attr: SrqAttr = ok(
+        &mut engine,
+        t.r.id,
+        &t.r.conn,
+        op::QUERY_SRQ,
+        &ObjectHandle { handle: t.srq }.to_vec(),
+    );
+    assert_eq!(attr.srq_limit, 0);
+    // One shot: the next receive taken raises nothing.
+    send(&mut t.a, 3, 0, 6);
+    engine.poll();
+    assert!(!pending(&events));
+    assert_eq!(completions(&mut t.r).len(), 3);
+}
+
+#[test]
 fn srq_verbs_check_handles_limits_and_users() {
     let mut engine = Engine::new(false);
     let mut t = srq_site(&mut engine, 7);
@@ -915,8 +987,8 @@ fn srq_verbs_check_handles_limits_and_users() {
     // Query.
     let attr: SrqAttr = ok(&mut engine, r.id, &r.conn, op::QUERY_SRQ, &h(t.srq));
     assert_eq!((attr.max_wr, attr.srq_limit), (16, 0));
-    // Modify: limit 0 accepted; a real limit needs async events (EOPNOTSUPP); a limit above
-    // max_wr, resizing and unknown bits are EINVAL.
+    // Modify: limits 0 and 4 accepted (query shows the armed one); a limit above max_wr,
+    // resizing and unknown bits are EINVAL.
     let m = |attr_mask, max_wr, srq_limit| {
         ModifySrq {
             srq: t.srq,
@@ -928,10 +1000,7 @@ fn srq_verbs_check_handles_limits_and_users() {
     };
     for (body, want) in [
         (m(srq_wire::mask::LIMIT, 0, 0), status::OK),
-        (
-            m(srq_wire::mask::LIMIT, 0, 4),
-            VerbsStatus::NotSupported as u16,
-        ),
+        (m(srq_wire::mask::LIMIT, 0, 4), status::OK),
         (m(srq_wire::mask::LIMIT, 0, 17), VerbsStatus::Invalid as u16),
         (
             m(srq_wire::mask::MAX_WR, 32, 0),

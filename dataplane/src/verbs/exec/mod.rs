@@ -499,7 +499,11 @@ impl Engine {
             Ok(false) | Err(_) => return Err(()),
         }
         ring.release();
-        RecvWqe::decode(&p.rq_slot, max_sge).map_err(|_| ())
+        let wqe = RecvWqe::decode(&p.rq_slot, max_sge).map_err(|_| ());
+        if let Some(i) = peer.srq {
+            self.check_srq_limit(i);
+        }
+        wqe
     }
 
     /// The wr_id of the receive WQE in the responder's slot copy (for a malformed one).

@@ -117,6 +117,7 @@ impl Engine {
         let contexts = std::mem::take(&mut self.contexts);
         let moved = self.transfer(&contexts, index, peer, pending, slot);
         self.contexts = contexts;
+        self.flush_events();
         moved
     }
 

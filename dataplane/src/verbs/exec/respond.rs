@@ -88,6 +88,7 @@ impl Engine {
         let contexts = std::mem::take(&mut self.contexts);
         let answer = self.execute_request(&contexts, conn, h, payload, &peer);
         self.contexts = contexts;
+        self.flush_events();
         let answer = answer.unwrap_or_else(|fault| {
             self.fault_qp(peer.index, fault);
             Answer::Retry(nak::NOT_READY, 0)

@@ -77,7 +77,7 @@ pub unsafe fn remove<C: HandedOut>(ptr: *mut C) {
 }
 
 /// Destroys an object that needs nothing undone on this side first: the router's side (with
-/// `opcode`), then this library's ([`remove`]).
+/// `opcode`), then (once its asynchronous events are acknowledged) this library's ([`remove`]).
 ///
 /// # Safety
 /// As [`remove`]; `entry` is what the registry holds for `ptr`.
@@ -87,6 +87,11 @@ pub unsafe fn destroy<C: HandedOut>(
     opcode: u16,
 ) -> Result<(), VerbsError> {
     entry.destroy_on_router(opcode)?;
+    // As rdma-core's destroy verbs: the program acknowledges every asynchronous event it got
+    // about the object before the object goes.
+    if let Ok(ctx) = super::context(entry.context) {
+        ctx.async_events.wait_acked(ptr as usize);
+    }
     // SAFETY: forwarded caller guarantee.
     unsafe { remove(ptr) };
     super::debug(format_args!("destroyed {} {}", C::NAME, entry.handle));
