@@ -227,7 +227,7 @@ fn rdma_hosts_rows(m: &RdmaHostsSample) -> Vec<String> {
             .join(" / ")
     };
     let row = |what: &str, value: String, cpu: String, compared: String| {
-        format!("{what:<30}{value:>11}{cpu:>16}   {compared}")
+        format!("{what:<30}{value:>12} {cpu:>18}   {compared}")
     };
     vec![
         row(
