@@ -2,7 +2,7 @@
 //! this binary as (TCP server and client inside the simulated hosts, the idle containers'
 //! holders).
 
-use crate::{idle, rdma, ring, tcp};
+use crate::{idle, rdma, rdma_hosts, ring, tcp};
 use clap::{Args, Parser, Subcommand};
 use freeflow_proto::report::Progress;
 use serde::Serialize;
@@ -31,7 +31,9 @@ pub enum Experiment {
     /// (root) Two QPs of one host through the router's software engine: 64-byte SEND/RECV and
     /// RDMA WRITE message rate, SEND round trip (p50/p99), 64 KiB RDMA WRITE bandwidth against
     /// memcpy on the application's core, router CPU per operation (needs cc and
-    /// libibverbs-dev); Ctrl-C removes everything
+    /// libibverbs-dev). With --hosts 2: a container on each of two simulated hosts, through both
+    /// routers and the host link, next to the host link's own TCP ping-pong and stream; the
+    /// cluster's namespaces are ff-T-*; Ctrl-C removes everything
     Rdma(RdmaArgs),
     /// Attach to the router serving DIR from this process's network namespace (a registered
     /// container) and time round trips through it; a refusal is printed with the router's reason
@@ -225,35 +227,59 @@ impl TcpArgs {
 pub struct RdmaArgs {
     #[command(flatten)]
     pub output: Output,
+    /// Simulated hosts: 1 (two QPs of one host) or 2 (one QP on each host)
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub hosts: u8,
     /// Repetitions; the report shows medians
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub reps: usize,
-    /// 64-byte messages per message-rate phase
-    #[arg(long, value_name = "N", default_value_t = 5_000_000)]
-    pub messages: u64,
-    /// Timed SEND round trips per repetition
-    #[arg(long, value_name = "N", default_value_t = 100_000)]
-    pub samples: u64,
-    /// 64 KiB RDMA WRITEs of the bandwidth phase
-    #[arg(long, value_name = "N", default_value_t = 200_000)]
-    pub bw_ops: u64,
-    /// Core of the measuring program [default: the first core]
+    /// 64-byte messages per message-rate phase [default: 5000000; with --hosts 2: 1000000]
+    #[arg(long, value_name = "N")]
+    pub messages: Option<u64>,
+    /// Timed SEND round trips per repetition [default: 100000; with --hosts 2: 20000]
+    #[arg(long, value_name = "N")]
+    pub samples: Option<u64>,
+    /// 64 KiB RDMA WRITEs of the bandwidth phase [default: 200000; with --hosts 2: 20000]
+    #[arg(long, value_name = "N")]
+    pub bw_ops: Option<u64>,
+    /// Core of the measuring program [default: the first core] (one host only)
     #[arg(long, value_name = "N")]
     pub app_core: Option<usize>,
-    /// Core of the router [default: the last core]
+    /// Core of the router [default: the last core] (one host only; with --hosts 2 host 0's
+    /// router and program run on the first core, host 1's on the last)
     #[arg(long, value_name = "N")]
     pub router_core: Option<usize>,
+    /// With --hosts 2: seconds of the host link's TCP stream
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    pub tcp_seconds: f64,
+    /// With --hosts 2: cluster tag (1 to 8 of a-z 0-9) [default: from the pid]
+    #[arg(long, value_name = "T")]
+    pub tag: Option<String>,
 }
 
 impl RdmaArgs {
     pub fn options(&self, cores: DefaultCores) -> rdma::Options {
         rdma::Options {
             reps: self.reps,
-            messages: self.messages,
-            samples: self.samples,
-            bw_ops: self.bw_ops,
+            messages: self.messages.unwrap_or(5_000_000),
+            samples: self.samples.unwrap_or(100_000),
+            bw_ops: self.bw_ops.unwrap_or(200_000),
             app_core: self.app_core.unwrap_or(cores.app),
             router_core: self.router_core.unwrap_or(cores.router),
+        }
+    }
+
+    /// The options of `--hosts 2`: host 0 on the first core, host 1 on the last.
+    pub fn hosts_options(&self, cores: DefaultCores) -> rdma_hosts::Options {
+        rdma_hosts::Options {
+            reps: self.reps,
+            messages: self.messages.unwrap_or(1_000_000),
+            samples: self.samples.unwrap_or(20_000),
+            bw_ops: self.bw_ops.unwrap_or(20_000),
+            tcp_seconds: self.tcp_seconds,
+            cores: [cores.app, cores.router],
+            tag: self.tag.clone(),
         }
     }
 }
@@ -377,6 +403,16 @@ mod tests {
         };
         let o = a.options(CORES);
         assert_eq!((o.app_core, o.router_core, o.bw_ops), (1, 0, 9));
+        assert_eq!(a.hosts, 1);
+        let Ok(Experiment::Rdma(a)) = parse(&["rdma", "--hosts", "2", "--tag", "rh1"]) else {
+            panic!("rdma --hosts 2")
+        };
+        let o = a.hosts_options(CORES);
+        assert_eq!(
+            (o.messages, o.samples, o.bw_ops, o.cores, o.tcp_seconds),
+            (1_000_000, 20_000, 20_000, [0, 7], 1.0)
+        );
+        assert_eq!(o.tag.as_deref(), Some("rh1"));
         let Ok(Experiment::TcpClient { samples, .. }) =
             parse(&["tcp-client", "10.32.0.4:7003", "0.3", "10000", "500"])
         else {
@@ -394,6 +430,7 @@ mod tests {
         assert!(parse(&["idle", "--tag", "t"]).is_err());
         assert!(parse(&["probe"]).is_err());
         assert!(parse(&["tcp", "--concurrency", "0"]).is_err());
+        assert!(parse(&["rdma", "--hosts", "3"]).is_err());
         assert!(parse(&["tcp", "--concurrency", "1,1001"]).is_err());
     }
 }

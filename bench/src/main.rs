@@ -9,6 +9,7 @@ mod cli;
 mod idle;
 mod probe;
 mod rdma;
+mod rdma_hosts;
 mod ring;
 mod router;
 mod signals;
@@ -34,6 +35,10 @@ fn run(experiment: Experiment) -> Result<(), String> {
         Experiment::Tcp(a) => {
             let r = tcp::run_experiment(&a.options(), &mut |e| a.output.progress(e))?;
             a.output.report(&r, table::tcp)
+        }
+        Experiment::Rdma(a) if a.hosts == 2 => {
+            let r = rdma_hosts::run(&a.hosts_options(cores), &mut |e| a.output.progress(e))?;
+            a.output.report(&r, table::rdma_hosts)
         }
         Experiment::Rdma(a) => {
             let r = rdma::run(&a.options(cores), &mut |e| a.output.progress(e))?;

@@ -30,8 +30,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// The measuring program.
+/// The measuring program; it includes its two-host form (`rdma --hosts 2`).
 const PROGRAM: &str = include_str!("rdma_bench.c");
+const PROGRAM_HOSTS: &str = include_str!("rdma_bench_hosts.c");
 /// Longest one run of the measuring program may take before it is killed (the defaults take a
 /// few seconds).
 const RUN_LIMIT: Duration = Duration::from_secs(300);
@@ -52,8 +53,9 @@ pub struct Options {
     pub router_core: usize,
 }
 
+/// One line of the measuring program's output.
 #[derive(Debug, Deserialize)]
-struct Phase {
+pub(crate) struct Phase {
     phase: String,
     #[serde(default)]
     ops: u64,
@@ -61,10 +63,58 @@ struct Phase {
     seconds: f64,
     #[serde(default)]
     router_cpu_s: f64,
+    /// Host 1's router (`--hosts 2`).
+    #[serde(default)]
+    router1_cpu_s: f64,
     #[serde(default)]
     bytes: u64,
     #[serde(default)]
     ns: Vec<u64>,
+}
+
+impl Phase {
+    /// Millions of operations per second.
+    pub(crate) fn mops(&self) -> f64 {
+        self.ops as f64 / self.seconds / 1e6
+    }
+
+    pub(crate) fn gbytes_per_sec(&self) -> f64 {
+        self.bytes as f64 / self.seconds / 1e9
+    }
+
+    /// Router `h`'s CPU time per operation, in ns.
+    pub(crate) fn router_ns_per_op(&self, h: usize) -> f64 {
+        let cpu = if h == 0 {
+            self.router_cpu_s
+        } else {
+            self.router1_cpu_s
+        };
+        cpu * 1e9 / self.ops.max(1) as f64
+    }
+}
+
+/// The program's output: its phases by name, and the round trips' p50 and p99 in µs.
+pub(crate) fn phases_of(
+    stdout: &str,
+) -> Result<(std::collections::HashMap<String, Phase>, f64, f64), String> {
+    let mut phases = std::collections::HashMap::new();
+    for line in stdout.lines() {
+        let p: Phase =
+            serde_json::from_str(line).map_err(|e| format!("bad phase line {line:?}: {e}"))?;
+        phases.insert(p.phase.clone(), p);
+    }
+    let samples = phases
+        .get("rtt_samples")
+        .ok_or("the program reported no rtt_samples phase")?;
+    let mut h = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    for &ns in &samples.ns {
+        h.record(ns.max(1)).map_err(|e| e.to_string())?;
+    }
+    let (p50, p99) = (
+        h.value_at_quantile(0.50) as f64 / 1e3,
+        h.value_at_quantile(0.99) as f64 / 1e3,
+    );
+    Ok((phases, p50, p99))
 }
 
 /// The namespace standing for the container; removed on drop.
@@ -76,7 +126,7 @@ impl Drop for Namespace {
     }
 }
 
-fn built_library() -> Result<PathBuf, String> {
+pub(crate) fn built_library() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let lib = exe.with_file_name("libibverbs.so");
     if lib.exists() {
@@ -89,10 +139,11 @@ fn built_library() -> Result<PathBuf, String> {
     }
 }
 
-fn compile(dir: &Path) -> Result<PathBuf, String> {
+pub(crate) fn compile(dir: &Path) -> Result<PathBuf, String> {
     let source = dir.join("rdma_bench.c");
     let binary = dir.join("rdma_bench");
     std::fs::write(&source, PROGRAM).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("rdma_bench_hosts.c"), PROGRAM_HOSTS).map_err(|e| e.to_string())?;
     let out = Command::new("cc")
         .args(["-O2", "-Wall", "-o"])
         .arg(&binary)
@@ -170,44 +221,31 @@ fn program_command(router: &PrivateRouter, ns: &str, program: &Path, opts: &Opti
 
 /// One repetition's numbers from the program's output: one JSON [`Phase`] per line.
 fn sample_of(stdout: &str) -> Result<RdmaSample, String> {
-    let mut phases = std::collections::HashMap::new();
-    for line in stdout.lines() {
-        let p: Phase =
-            serde_json::from_str(line).map_err(|e| format!("bad phase line {line:?}: {e}"))?;
-        phases.insert(p.phase.clone(), p);
-    }
+    let (phases, rtt_p50_us, rtt_p99_us) = phases_of(stdout)?;
     let get = |name: &str| {
         phases
             .get(name)
             .ok_or_else(|| format!("the program reported no {name} phase"))
     };
-    let (send, write, rtt, bw, memcpy, samples) = (
+    let (send, write, rtt, bw, memcpy) = (
         get("send_rate")?,
         get("write_rate")?,
         get("rtt")?,
         get("write_bw")?,
         get("memcpy_bw")?,
-        get("rtt_samples")?,
     );
-    let mut h = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
-    for &ns in &samples.ns {
-        h.record(ns.max(1)).map_err(|e| e.to_string())?;
-    }
-    let rate = |p: &Phase| p.ops as f64 / p.seconds / 1e6;
-    let gbps = |p: &Phase| p.bytes as f64 / p.seconds / 1e9;
-    let cpu_ns = |p: &Phase| p.router_cpu_s * 1e9 / p.ops.max(1) as f64;
     Ok(RdmaSample {
-        send_mops: rate(send),
-        write_mops: rate(write),
-        rtt_p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
-        rtt_p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
-        write_gbytes_per_sec: gbps(bw),
-        memcpy_gbytes_per_sec: gbps(memcpy),
-        write_vs_memcpy: gbps(bw) / gbps(memcpy),
-        router_ns_per_send: cpu_ns(send),
-        router_ns_per_write: cpu_ns(write),
-        router_ns_per_round_trip: cpu_ns(rtt),
-        router_ns_per_64k_write: cpu_ns(bw),
+        send_mops: send.mops(),
+        write_mops: write.mops(),
+        rtt_p50_us,
+        rtt_p99_us,
+        write_gbytes_per_sec: bw.gbytes_per_sec(),
+        memcpy_gbytes_per_sec: memcpy.gbytes_per_sec(),
+        write_vs_memcpy: bw.gbytes_per_sec() / memcpy.gbytes_per_sec(),
+        router_ns_per_send: send.router_ns_per_op(0),
+        router_ns_per_write: write.router_ns_per_op(0),
+        router_ns_per_round_trip: rtt.router_ns_per_op(0),
+        router_ns_per_64k_write: bw.router_ns_per_op(0),
     })
 }
 

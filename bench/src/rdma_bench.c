@@ -164,9 +164,10 @@ static void post_receives(struct side *s, int count)
     }
 }
 
-/* Posts a list of `n` sends (or RDMA writes to the peer's buffer) of MSG bytes, inline, the
- * last one signaled. */
-static void post_batch(struct side *s, struct side *peer, enum ibv_wr_opcode op, int n)
+/* Posts a list of `n` sends (or RDMA writes to the buffer at remote_buf, key rkey) of MSG
+ * bytes, inline, the last one signaled. */
+static void post_list(struct side *s, enum ibv_wr_opcode op, int n, uintptr_t remote_buf,
+                      uint32_t rkey)
 {
     struct ibv_sge sge = { (uintptr_t)s->buf, MSG, s->mr->lkey };
     struct ibv_send_wr wr[BATCH], *bad;
@@ -175,11 +176,17 @@ static void post_batch(struct side *s, struct side *peer, enum ibv_wr_opcode op,
                                       .send_flags = IBV_SEND_INLINE |
                                                     (i == n - 1 ? IBV_SEND_SIGNALED : 0),
                                       .next = i + 1 < n ? &wr[i + 1] : NULL };
-        wr[i].wr.rdma.remote_addr = (uintptr_t)peer->buf + (i * MSG) % BUF_LEN;
-        wr[i].wr.rdma.rkey = peer->mr->rkey;
+        wr[i].wr.rdma.remote_addr = remote_buf + (i * MSG) % BUF_LEN;
+        wr[i].wr.rdma.rkey = rkey;
     }
     if (ibv_post_send(s->qp, wr, &bad))
         die("post_send");
+}
+
+/* post_list to the peer's buffer, both QPs in this process. */
+static void post_batch(struct side *s, struct side *peer, enum ibv_wr_opcode op, int n)
+{
+    post_list(s, op, n, (uintptr_t)peer->buf, peer->mr->rkey);
 }
 
 static void check(struct ibv_wc *wc)
@@ -338,8 +345,14 @@ static void memcpy_bw(struct side *a, struct side *b, long ops)
     report("memcpy_bw", ops, t1 - t0, 0, ops * BW_SIZE);
 }
 
+#include "rdma_bench_hosts.c"
+
 int main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], "peer") == 0)
+        return peer_main(argc, argv);
+    if (argc > 1 && strcmp(argv[1], "client") == 0)
+        return client_main(argc, argv);
     if (argc != 6) {
         fprintf(stderr, "usage: rdma_bench ROUTER_PID APP_CORE MESSAGES SAMPLES BW_OPS\n");
         return 2;

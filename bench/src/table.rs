@@ -1,7 +1,8 @@
 //! The text each experiment prints without `--json`: a table or a line.
 
 use freeflow_proto::report::{
-    IdleReport, ProbeReport, RdmaReport, RingReport, TcpPerRequestReport, TcpReport,
+    IdleReport, ProbeReport, RdmaHostsReport, RdmaReport, RingReport, TcpPerRequestReport,
+    TcpReport,
 };
 
 pub fn ring(r: &RingReport) {
@@ -63,6 +64,68 @@ pub fn rdma(r: &RdmaReport) {
         "memcpy of 64 KiB, one core", m.memcpy_gbytes_per_sec
     );
     println!("RDMA WRITE bandwidth / memcpy: {:.2}", m.write_vs_memcpy);
+}
+
+pub fn rdma_hosts(r: &RdmaHostsReport) {
+    let m = &r.median;
+    println!(
+        "rdma --hosts 2: a QP in a container on host 0 to one on host 1, through both routers and the host link; host 0's router and program on core {}, host 1's on core {}; medians of {} repetitions",
+        r.router_cores[0], r.router_cores[1], r.repetitions
+    );
+    println!(
+        "{:<34}{:>14}{:>16}{:>16}",
+        "metric", "value", "router 0 CPU/op", "router 1 CPU/op"
+    );
+    let cpu = |f: fn(&freeflow_proto::report::RouterCpuPerOp) -> f64| {
+        (f(&m.routers[0]), f(&m.routers[1]))
+    };
+    let rows = [
+        (
+            "64 B SEND/RECV message rate",
+            m.send_mops,
+            "M/s",
+            cpu(|c| c.send_ns),
+        ),
+        (
+            "64 B RDMA WRITE message rate",
+            m.write_mops,
+            "M/s",
+            cpu(|c| c.write_ns),
+        ),
+        (
+            "64 B SEND round trip p50",
+            m.rtt_p50_us,
+            "us",
+            cpu(|c| c.round_trip_ns),
+        ),
+        (
+            "64 KiB RDMA WRITE bandwidth",
+            m.write_gbytes_per_sec,
+            "GB/s",
+            cpu(|c| c.write_64k_ns),
+        ),
+    ];
+    for (name, value, unit, (c0, c1)) in rows {
+        println!("{name:<34}{value:>9.2} {unit:<4}{c0:>13.0} ns{c1:>13.0} ns");
+    }
+    println!("{:<34}{:>9.2} us", "64 B SEND round trip p99", m.rtt_p99_us);
+    println!(
+        "{:<34}{:>9.2} us",
+        "host link TCP ping-pong p50", m.tcp_rtt_p50_us
+    );
+    println!(
+        "{:<34}{:>9.2} us",
+        "host link TCP ping-pong p99", m.tcp_rtt_p99_us
+    );
+    println!(
+        "{:<34}{:>9.2} GB/s",
+        "host link one TCP stream", m.tcp_gbytes_per_sec
+    );
+    let x = &r.ratios;
+    println!(
+        "round trip p50 / TCP ping-pong p50: {:.2}x (goal <= 1.2); 64 KiB WRITE / TCP stream: {:.2}x (goal >= 0.8); SEND {:.2} M/s (goal >= 1)",
+        x.rtt_p50_vs_tcp, x.write_64k_vs_tcp_stream, x.send_mops
+    );
 }
 
 pub fn probe(r: &ProbeReport) {

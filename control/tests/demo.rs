@@ -19,7 +19,8 @@ use freeflow_testbed as topology;
 
 const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");
 /// Bound on one demo run; with `--reps 1 --seconds 0.3` it takes about 30 s in a debug build
-/// (10 s the cluster and TCP parts, 17 s the RDMA part).
+/// (10 s the cluster and TCP parts, 17 s the RDMA part), and the RDMA part across hosts adds
+/// about 10 s.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn preflight() {
@@ -78,6 +79,7 @@ fn assert_nothing_left(tags: &[String], output: &str) {
         for dir in [
             std::env::temp_dir().join(format!("freeflow-demo-{tag}")),
             std::env::temp_dir().join(format!("freeflow-bench-tcp-{tag}")),
+            std::env::temp_dir().join(format!("freeflow-bench-rdma-hosts-{tag}")),
         ] {
             assert!(!dir.exists(), "{} left behind\n{output}", dir.display());
         }
@@ -242,7 +244,11 @@ fn demo_prints_the_table_and_removes_everything() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let tags = announced_tags(&stderr);
-    assert_eq!(tags.len(), 2, "two clusters announced\n{all}");
+    assert_eq!(
+        tags.len(),
+        3,
+        "three clusters announced (attach, TCP, RDMA across hosts)\n{all}"
+    );
     assert_nothing_left(&tags, &all);
     let rdma_netns = announced_rdma_netns(&stderr)
         .unwrap_or_else(|| panic!("the RDMA part did not run (cc, libibverbs-dev?)\n{all}"));
@@ -310,14 +316,48 @@ fn demo_prints_the_table_and_removes_everything() {
         stdout.contains("the router's software engine between two programs on one host"),
         "{all}"
     );
+    // The cross-host table, after the one-host one: each row's measurement, both routers' CPU
+    // per operation, and what the issue compares it with (the host link's TCP, measured in the
+    // same run).
+    let (_, hosts) = stdout
+        .split_once("\nRDMA between containers on two simulated hosts")
+        .unwrap_or_else(|| panic!("no cross-host RDMA table\n{all}"));
+    let send = rdma_row(
+        hosts,
+        "64 B SEND/RECV message rate",
+        &["M/s", " / ", "x the 1 M/s goal"],
+        &all,
+    );
+    assert_eq!(send.len(), 5, "rate, 2 CPU, ratio, goal: {send:?}\n{all}");
+    let rtt = rdma_row(
+        hosts,
+        "64 B SEND round trip p50",
+        &["µs", " / ", "x TCP ping-pong on the host link"],
+        &all,
+    );
+    assert_eq!(
+        rtt.len(),
+        5,
+        "round trip, 2 CPU, ratio, TCP: {rtt:?}\n{all}"
+    );
+    let bw = rdma_row(
+        hosts,
+        "64 KiB RDMA WRITE bandwidth",
+        &["GB/s", " / ", "x one TCP stream on the host link"],
+        &all,
+    );
+    assert_eq!(bw.len(), 5, "bandwidth, 2 CPU, ratio, TCP: {bw:?}\n{all}");
     // One numbered progress line per step, the last one counting all of them.
     assert_contains_all(
         &stderr,
         &[
-            "[1/13] building a simulated cluster",
-            "[10/13] TCP comparison: removing",
-            "[12/13] RDMA repetition 1/1: ",
-            "[13/13] RDMA comparison: stopping its router",
+            "[1/16] building a simulated cluster",
+            "[10/16] TCP comparison: removing",
+            "[12/16] RDMA repetition 1/1: ",
+            "[13/16] RDMA comparison: stopping its router",
+            "[14/16] RDMA across hosts: building a two-host cluster",
+            "[15/16] RDMA across hosts, repetition 1/1: ",
+            "[16/16] RDMA across hosts: removing its cluster",
         ],
         &all,
     );

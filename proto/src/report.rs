@@ -46,6 +46,12 @@ pub enum Progress {
     RdmaRepetition { rep: usize, of: usize },
     /// `rdma`: the router stops and the namespace is removed.
     RdmaStopping,
+    /// `rdma --hosts 2`: two simulated hosts are built, host h's router on `router_cores[h]`.
+    RdmaHostsBuilding { router_cores: Vec<usize> },
+    /// `rdma --hosts 2`: repetition `rep` of `of` starts (RDMA phases, then the host link's TCP).
+    RdmaHostsRepetition { rep: usize, of: usize },
+    /// `rdma --hosts 2`: everything the experiment made is being removed.
+    RdmaHostsRemoving,
 }
 
 impl Progress {
@@ -95,6 +101,17 @@ impl fmt::Display for Progress {
             Progress::RdmaRepetition { rep, of } => write!(f, "rdma: repetition {rep} of {of}"),
             Progress::RdmaStopping => {
                 f.write_str("rdma: stopping the router and removing its namespace")
+            }
+            Progress::RdmaHostsBuilding { router_cores } => write!(
+                f,
+                "rdma --hosts 2: building two simulated hosts, routers on cores {router_cores:?}, \
+                 and the measuring program"
+            ),
+            Progress::RdmaHostsRepetition { rep, of } => {
+                write!(f, "rdma --hosts 2: repetition {rep} of {of}")
+            }
+            Progress::RdmaHostsRemoving => {
+                f.write_str("rdma --hosts 2: removing the two simulated hosts")
             }
         }
     }
@@ -341,6 +358,62 @@ pub struct RdmaReport {
     pub reps: Vec<RdmaSample>,
 }
 
+/// One router's CPU time per operation in each phase of `freeflow-bench rdma --hosts 2`, in ns.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RouterCpuPerOp {
+    pub send_ns: f64,
+    pub write_ns: f64,
+    pub round_trip_ns: f64,
+    pub write_64k_ns: f64,
+}
+
+/// One repetition of `freeflow-bench rdma --hosts 2`, or the medians over them: RDMA from a
+/// container on host 0 to one on host 1, and the host link's own TCP floor in the same run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RdmaHostsSample {
+    pub send_mops: f64,
+    pub write_mops: f64,
+    pub rtt_p50_us: f64,
+    pub rtt_p99_us: f64,
+    pub write_gbytes_per_sec: f64,
+    /// 64-byte TCP ping-pong between the two hosts' namespaces.
+    pub tcp_rtt_p50_us: f64,
+    pub tcp_rtt_p99_us: f64,
+    /// One TCP stream between the two hosts' namespaces.
+    pub tcp_gbytes_per_sec: f64,
+    /// Host 0's router, then host 1's.
+    pub routers: Vec<RouterCpuPerOp>,
+}
+
+/// What issue 12's done-means compare, from the medians.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RdmaHostsRatios {
+    /// RDMA round trip p50 / TCP ping-pong p50 on the host link (goal: <= 1.2).
+    pub rtt_p50_vs_tcp: f64,
+    /// 64 KiB RDMA WRITE bandwidth / one TCP stream on the host link (goal: >= 0.8).
+    pub write_64k_vs_tcp_stream: f64,
+    /// 64-byte SEND message rate, millions per second (goal: >= 1).
+    pub send_mops: f64,
+}
+
+/// `freeflow-bench rdma --hosts 2 --json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RdmaHostsReport {
+    pub experiment: String,
+    pub hosts: usize,
+    pub repetitions: usize,
+    /// Host h's router runs on `router_cores[h]`, its program on `app_cores[h]`.
+    pub router_cores: Vec<usize>,
+    pub app_cores: Vec<usize>,
+    pub messages: u64,
+    pub rtt_samples: u64,
+    pub bw_ops: u64,
+    pub tcp_stream_seconds: f64,
+    pub ratios: RdmaHostsRatios,
+    pub median: RdmaHostsSample,
+    pub reps: Vec<RdmaHostsSample>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +440,11 @@ mod tests {
             Progress::RdmaStarting { router_core: 1 },
             Progress::RdmaRepetition { rep: 1, of: 3 },
             Progress::RdmaStopping,
+            Progress::RdmaHostsBuilding {
+                router_cores: vec![0, 1],
+            },
+            Progress::RdmaHostsRepetition { rep: 1, of: 3 },
+            Progress::RdmaHostsRemoving,
         ];
         for event in events {
             let line = event.to_line();

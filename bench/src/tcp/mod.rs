@@ -43,7 +43,7 @@ pub fn work_dir(tag: &str) -> PathBuf {
 /// The overlay addresses of the two containers: web on host 0, db on host 1.
 const CONTAINERS: [(usize, &str, &str); 2] = [(0, "web", "10.32.0.2"), (1, "db", "10.32.0.4")];
 
-fn freeflow_binary() -> Result<PathBuf, String> {
+pub(crate) fn freeflow_binary() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let p = exe.with_file_name("freeflow");
     p.exists()
@@ -60,12 +60,12 @@ const COMMAND_LIMITS: Limits = Limits {
 
 /// Runs `cmd` to completion and returns its stdout; a termination signal kills it and ends the
 /// experiment.
-fn run(cmd: &mut Command, stop: &Interrupts) -> Result<String, String> {
+pub(crate) fn run(cmd: &mut Command, stop: &Interrupts) -> Result<String, String> {
     run_limited(cmd, stop, &COMMAND_LIMITS)
 }
 
 /// [`run`] within `limits`: a child that runs past them is killed and fails the experiment.
-fn run_limited(
+pub(crate) fn run_limited(
     cmd: &mut Command,
     mut stop: &Interrupts,
     limits: &Limits,
@@ -87,28 +87,29 @@ fn run_limited(
     Ok(done.stdout)
 }
 
-fn in_netns(netns: &str, program: &Path) -> Command {
+pub(crate) fn in_netns(netns: &str, program: &Path) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", netns]).arg(program);
     c
 }
 
 /// Everything the experiment made; removed on drop (also when a step fails).
-struct Bench {
-    tag: String,
-    work: PathBuf,
-    freeflow: PathBuf,
-    servers: Vec<Child>,
+/// (`freeflow-bench rdma --hosts 2` builds its hosts with it too.)
+pub(crate) struct Bench {
+    pub(crate) tag: String,
+    pub(crate) work: PathBuf,
+    pub(crate) freeflow: PathBuf,
+    pub(crate) servers: Vec<Child>,
 }
 
 impl Bench {
     /// Host `h`'s namespace.
-    fn host(&self, h: usize) -> String {
+    pub(crate) fn host(&self, h: usize) -> String {
         format!("ff-{}-h{h}", self.tag)
     }
 
     /// Container `name`'s namespace.
-    fn container(&self, name: &str) -> String {
+    pub(crate) fn container(&self, name: &str) -> String {
         format!("ff-{}-c-{name}", self.tag)
     }
 }
@@ -153,19 +154,7 @@ pub fn run_experiment(
     if !shim.exists() {
         return Err(format!("{} not found: build the workspace", shim.display()));
     }
-    let tag = opts
-        .tag
-        .clone()
-        .unwrap_or_else(|| format!("bt{}", std::process::id() % 100_000));
-    // The tag names a directory that is removed; only the cluster tag alphabet may reach it.
-    if tag.is_empty()
-        || tag.len() > 8
-        || !tag
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
-        return Err(format!("--tag {tag:?}: 1 to 8 of a-z 0-9"));
-    }
+    let tag = checked_tag(opts.tag.as_deref(), "bt")?;
     let work = work_dir(&tag);
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
@@ -185,16 +174,34 @@ pub fn run_experiment(
     })
 }
 
+/// `tag`, or one made of `prefix` and the pid; checked: it names a directory that is removed,
+/// so only the cluster tag alphabet may reach it.
+pub(crate) fn checked_tag(tag: Option<&str>, prefix: &str) -> Result<String, String> {
+    let tag = tag.map_or_else(
+        || format!("{prefix}{}", std::process::id() % 100_000),
+        str::to_owned,
+    );
+    if tag.is_empty()
+        || tag.len() > 8
+        || !tag
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(format!("--tag {tag:?}: 1 to 8 of a-z 0-9"));
+    }
+    Ok(tag)
+}
+
 /// The two programs the experiment runs in the namespaces: this binary and the socket shim.
-struct Programs {
-    exe: PathBuf,
-    shim: PathBuf,
+pub(crate) struct Programs {
+    pub(crate) exe: PathBuf,
+    pub(crate) shim: PathBuf,
 }
 
 impl Programs {
     /// This binary in `netns`, for host `h`'s router, with the shim or without; the caller adds
     /// the role and its arguments.
-    fn role_in(&self, netns: &str, work: &Path, h: usize, preload: bool) -> Command {
+    pub(crate) fn role_in(&self, netns: &str, work: &Path, h: usize, preload: bool) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", netns, "env"])
             .arg(format!(
@@ -218,7 +225,7 @@ fn measure(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<TcpReport, String> {
     progress(&Progress::TcpBuilding);
-    build_hosts(bench, stop)?;
+    build_hosts(bench, None, stop)?;
     start_servers(bench, programs, stop)?;
     // Listener tables travel between the routers; give them a moment.
     stop.sleep(Duration::from_millis(1000))?;
@@ -247,8 +254,13 @@ fn measure(
 }
 
 /// The cluster (two hosts, containers web and db), Freeflow on both hosts with one registry,
-/// and the containers registered: all with the public `freeflow` commands.
-fn build_hosts(bench: &Bench, stop: &Interrupts) -> Result<(), String> {
+/// and the containers registered: all with the public `freeflow` commands. With `cores`, host
+/// h's router runs on core `cores[h]` (`freeflow up --cores`).
+pub(crate) fn build_hosts(
+    bench: &Bench,
+    cores: Option<[usize; 2]>,
+    stop: &Interrupts,
+) -> Result<(), String> {
     let (tag, work, freeflow) = (&bench.tag, &bench.work, &bench.freeflow);
     let mut up = Command::new(freeflow);
     up.args(["cluster", "up", "--tag", tag, "--hosts", "2"]);
@@ -258,20 +270,21 @@ fn build_hosts(bench: &Bench, stop: &Interrupts) -> Result<(), String> {
     run(&mut up, stop)?;
     let registry = format!("file:{}", work.join("registry.json").display());
     for h in 0..2 {
-        run(
-            in_netns(&bench.host(h), freeflow)
-                .args(["up", "--dir"])
-                .arg(work.join(format!("h{h}")))
-                .args([
-                    "--host-ip",
-                    &format!("192.168.1.{}", h + 1),
-                    "--vnet-prefix",
-                    "10.32.0.0/12",
-                    "--registry",
-                    &registry,
-                ]),
-            stop,
-        )?;
+        let mut up = in_netns(&bench.host(h), freeflow);
+        up.args(["up", "--dir"])
+            .arg(work.join(format!("h{h}")))
+            .args([
+                "--host-ip",
+                &format!("192.168.1.{}", h + 1),
+                "--vnet-prefix",
+                "10.32.0.0/12",
+                "--registry",
+                &registry,
+            ]);
+        if let Some(cores) = cores {
+            up.args(["--cores", &cores[h].to_string()]);
+        }
+        run(&mut up, stop)?;
     }
     for (h, name, ip) in CONTAINERS {
         run(
@@ -313,27 +326,41 @@ fn client_of(bench: &Bench, path: TcpPath) -> (String, &'static str, bool) {
 /// (db with it). Each is owned by `bench` once started, and ready when this returns.
 fn start_servers(bench: &mut Bench, programs: &Programs, stop: &Interrupts) -> Result<(), String> {
     for path in TcpPath::ALL {
-        stop.check()?;
         let (netns, port, preload) = server_of(bench, path);
-        let mut child = programs
-            .role_in(&netns, &bench.work, 1, preload)
-            .args(["tcp-server", &port.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let mut ready = [0u8; 6];
-        let started = child
-            .stdout
-            .as_mut()
-            .ok_or("no stdout")?
-            .read_exact(&mut ready);
-        // Owned by `bench` before anything can fail, so that it is killed on every path.
-        bench.servers.push(child);
-        if let Err(e) = started {
-            stop.check()?;
-            return Err(format!("server start: {e}"));
-        }
+        start_server(bench, programs, &netns, port, preload, stop)?;
+    }
+    Ok(())
+}
+
+/// This binary's server role in `netns` (for host 1's router) on `port`: owned by `bench` once
+/// started, and ready when this returns.
+pub(crate) fn start_server(
+    bench: &mut Bench,
+    programs: &Programs,
+    netns: &str,
+    port: u16,
+    preload: bool,
+    stop: &Interrupts,
+) -> Result<(), String> {
+    stop.check()?;
+    let mut child = programs
+        .role_in(netns, &bench.work, 1, preload)
+        .args(["tcp-server", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut ready = [0u8; 6];
+    let started = child
+        .stdout
+        .as_mut()
+        .ok_or("no stdout")?
+        .read_exact(&mut ready);
+    // Owned by `bench` before anything can fail, so that it is killed on every path.
+    bench.servers.push(child);
+    if let Err(e) = started {
+        stop.check()?;
+        return Err(format!("server start: {e}"));
     }
     Ok(())
 }

@@ -17,6 +17,10 @@
 //!    `--no-install`); if they still are not there it says the part is skipped and why, and
 //!    still succeeds (`--part rdma` fails instead).
 //!
+//!    Then RDMA across two simulated hosts, `freeflow-bench rdma --hosts 2 --json` (a cluster of
+//!    its own, a short run), next to the host link's TCP ping-pong and stream in the same run
+//!    (`rdma_hosts`); its table follows the one-host table.
+//!
 //! `--part tcp` runs 1 and 2, `--part rdma` only 3.
 //!
 //! Progress goes to stderr, one line per step (`[3/16] ...`, `steps`); results go to stdout
@@ -34,6 +38,7 @@ mod child;
 mod error;
 mod prerequisites;
 mod rdma;
+mod rdma_hosts;
 mod signals;
 mod steps;
 mod table;
@@ -54,9 +59,10 @@ use attach::{attach_part, ATTACH_STEPS};
 use error::io_err;
 use prerequisites::ensure_rdma_prerequisites;
 use rdma::{rdma_part, RDMA_FIXED_STEPS};
+use rdma_hosts::{rdma_hosts_part, RDMA_HOSTS_FIXED_STEPS};
 use signals::Interrupt;
 use steps::Steps;
-use table::{print_rdma_skipped, print_rdma_table, print_tcp_table};
+use table::{print_rdma_hosts_table, print_rdma_skipped, print_rdma_table, print_tcp_table};
 use tcp::{tcp_part, TCP_FIXED_STEPS};
 
 /// Which parts of the demo to run.
@@ -171,10 +177,17 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
             Ok(()) => {
                 stop.check()?;
                 let (json, report) = rdma_part(args, &programs, &stop, &mut steps)?;
+                removed.push("the RDMA comparison's router and namespace".to_owned());
+                stop.check()?;
+                let tag = topology::fresh_tag("dmr");
+                let (hosts_json, hosts) =
+                    rdma_hosts_part(&tag, args, &programs, &stop, &mut steps)?;
                 if !args.json {
                     print_rdma_table(&report);
+                    print_rdma_hosts_table(&hosts);
                 }
-                removed.push("the RDMA comparison's router and namespace".to_owned());
+                removed.push(format!("cluster {tag} (RDMA across hosts)"));
+                value.insert("rdma_hosts".into(), hosts_json);
                 json
             }
             Err(reason) => {
@@ -210,7 +223,7 @@ fn expected_steps(
         0
     };
     let rdma = match rdma_ready {
-        Some(Ok(())) => RDMA_FIXED_STEPS + reps,
+        Some(Ok(())) => RDMA_FIXED_STEPS + RDMA_HOSTS_FIXED_STEPS + 2 * reps,
         Some(Err(_)) => 1,
         None => 0,
     };

@@ -2,7 +2,7 @@
 
 use std::io::{self, Write};
 
-use freeflow_proto::report::{RdmaReport, RdmaSample, TcpReport};
+use freeflow_proto::report::{RdmaHostsReport, RdmaHostsSample, RdmaReport, RdmaSample, TcpReport};
 
 use super::tcp::path_label;
 
@@ -185,6 +185,96 @@ fn rdma_notes() -> String {
          on one host: what the router costs, not what an RDMA NIC between two hosts would do.",
         RDMA_TARGET_MOPS / ORIGINAL_FREEFLOW_MOPS
     )
+}
+
+/// The cross-host RDMA table (next to the one-host table above it), then what it compares.
+pub(super) fn print_rdma_hosts_table(report: &RdmaHostsReport) {
+    let mut out = io::stdout().lock();
+    let cores = &report.router_cores;
+    let _ = writeln!(
+        out,
+        "\nRDMA between containers on two simulated hosts, through both routers and the host \
+         link\n(medians of {} repetition{}; host 0's router and program on core {}, host 1's on \
+         core {})",
+        report.repetitions,
+        if report.repetitions == 1 { "" } else { "s" },
+        cores.first().copied().unwrap_or_default(),
+        cores.get(1).copied().unwrap_or_default()
+    );
+    for line in rdma_hosts_rows(&report.median) {
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    let _ = writeln!(out);
+    let notes = "Goals (from the project's issue), in one run: a round trip at most 1.2x the \
+                 host link's own TCP ping-pong, 64 KiB WRITE bandwidth at least 0.8x one TCP \
+                 stream on the host link, 1 M SENDs/s with one router core per host. CPU/op: \
+                 each router's CPU time in a phase divided by its operations. On a machine with \
+                 two cores each host's router shares its core with that host's program.";
+    for line in wrap(notes, NOTE_WIDTH) {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = out.flush();
+}
+
+/// The cross-host table's heading and rows: measured, each router's CPU per operation,
+/// compared with.
+fn rdma_hosts_rows(m: &RdmaHostsSample) -> Vec<String> {
+    let cpu = |f: fn(&freeflow_proto::report::RouterCpuPerOp) -> f64| {
+        m.routers
+            .iter()
+            .map(|r| format!("{:.0}", f(r)))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let row = |what: &str, value: String, cpu: String, compared: String| {
+        format!("{what:<30}{value:>12} {cpu:>18}   {compared}")
+    };
+    vec![
+        row(
+            "",
+            "measured".into(),
+            "CPU/op ns h0/h1".into(),
+            "compared with".into(),
+        ),
+        row(
+            "64 B SEND/RECV message rate",
+            format!("{:.2} M/s", m.send_mops),
+            cpu(|c| c.send_ns),
+            format!("{} the 1 M/s goal", times(m.send_mops)),
+        ),
+        row(
+            "64 B RDMA WRITE message rate",
+            format!("{:.2} M/s", m.write_mops),
+            cpu(|c| c.write_ns),
+            String::new(),
+        ),
+        row(
+            "64 B SEND round trip p50",
+            format!("{:.1} µs", m.rtt_p50_us),
+            cpu(|c| c.round_trip_ns),
+            format!(
+                "{} TCP ping-pong on the host link ({:.1} µs)",
+                times(m.rtt_p50_us / m.tcp_rtt_p50_us),
+                m.tcp_rtt_p50_us
+            ),
+        ),
+        row(
+            "64 B SEND round trip p99",
+            format!("{:.1} µs", m.rtt_p99_us),
+            String::new(),
+            format!("TCP ping-pong p99 {:.1} µs", m.tcp_rtt_p99_us),
+        ),
+        row(
+            "64 KiB RDMA WRITE bandwidth",
+            format!("{:.2} GB/s", m.write_gbytes_per_sec),
+            cpu(|c| c.write_64k_ns),
+            format!(
+                "{} one TCP stream on the host link ({:.2} GB/s)",
+                times(m.write_gbytes_per_sec / m.tcp_gbytes_per_sec),
+                m.tcp_gbytes_per_sec
+            ),
+        ),
+    ]
 }
 
 /// Says on stdout that the RDMA part did not run, and why.
