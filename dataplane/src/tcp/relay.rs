@@ -8,9 +8,10 @@
 //! client's connection never passes through the router.
 //!
 //! Doorbells are answered in the order they were rung (the host listener's accept queue is
-//! first in, first out), so the router polls only the oldest doorbell of each listener: the
-//! shim closes an answered doorbell with a reset, which makes it readable. A listener with no
-//! doorbell rung has its overlay listener polled instead (readable: clients wait).
+//! first in, first out), so the router polls only the oldest doorbell of each listener (the
+//! shim closes an answered doorbell, which makes it readable); when it is, the ones after it
+//! already answered go with it. A listener with no doorbell rung has its overlay listener
+//! polled instead (readable: clients wait).
 //!
 //! What relaying costs the router, and how it is bounded: one descriptor per doorbell rung.
 //! Doorbells per listener are at most its waiting clients, within its share (its backlog, within
@@ -22,6 +23,7 @@
 use super::endpoint::{HostEndpoint, OverlayEndpoint};
 use super::{ok, TcpService};
 use crate::sys;
+use freeflow_os::poll::{self, PollFd};
 use freeflow_proto::sockmsg::SockReply;
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -67,8 +69,6 @@ pub(super) fn listener_share(backlog: u32) -> usize {
 /// listener.
 struct Doorbell {
     socket: OwnedFd,
-    /// Its port on [`DOORBELL_SOURCE`]: what the application's accept sees.
-    port: u16,
     since: Instant,
 }
 
@@ -166,6 +166,25 @@ impl Relays {
         self.rung.get(&listener).map_or(0, VecDeque::len)
     }
 
+    /// How many doorbells of `listener`, from the oldest (found readable), are answered: the
+    /// oldest and those after it that are readable too, among the next [`RING_BATCH`] (one
+    /// poll).
+    fn answered_from_oldest(&self, listener: OverlayEndpoint) -> usize {
+        let Some(queue) = self.rung.get(&listener) else {
+            return 0;
+        };
+        let mut next: Vec<PollFd<'_>> = queue
+            .iter()
+            .skip(1)
+            .take(RING_BATCH)
+            .map(|d| PollFd::new(d.socket.as_fd(), libc::POLLIN))
+            .collect();
+        if next.is_empty() || poll::poll(&mut next, Some(Duration::ZERO)).is_err() {
+            return 1;
+        }
+        1 + next.iter().take_while(|fd| fd.revents() != 0).count()
+    }
+
     fn oldest(&self, listener: OverlayEndpoint) -> Option<BorrowedFd<'_>> {
         Some(self.rung.get(&listener)?.front()?.socket.as_fd())
     }
@@ -175,7 +194,6 @@ impl Relays {
     pub(super) fn hold_for_test(&mut self, listener: OverlayEndpoint, doorbell: OwnedFd) {
         let doorbell = Doorbell {
             socket: doorbell,
-            port: 0,
             since: Instant::now(),
         };
         self.push(listener, doorbell);
@@ -203,7 +221,13 @@ impl TcpService {
             .relays
             .rung
             .iter()
-            .find(|(_, queue)| queue.iter().any(|d| d.port == key.port()))
+            .find(|(_, queue)| {
+                // A rare request (a process without the overlay listener): the ports are read
+                // here rather than kept for every doorbell.
+                queue
+                    .iter()
+                    .any(|d| sys::local_port(&d.socket).is_ok_and(|port| port == key.port()))
+            })
             .map(|(&listener, _)| listener)
         else {
             return refused;
@@ -243,37 +267,52 @@ impl TcpService {
         }
     }
 
-    /// Serves the overlay listeners and doorbells found readable in this turn.
+    /// Serves the overlay listeners and doorbells found readable in this turn: the answered
+    /// doorbells go first (before any new one could take the number of a readable one), then
+    /// each listener is rung for its clients still without a doorbell.
     pub(super) fn relay_readable(&mut self) {
-        for fd in std::mem::take(&mut self.relays.readable) {
-            self.relay_from(fd);
+        let readable = std::mem::take(&mut self.relays.readable);
+        let mut listeners = Vec::new();
+        for fd in readable {
+            let Some((key, answered)) = self.readable_listener(fd) else {
+                continue;
+            };
+            if answered {
+                // The oldest, and those after it answered too (the loop would see them one
+                // turn at a time, ringing too few meanwhile).
+                for _ in 0..self.relays.answered_from_oldest(key) {
+                    self.relays.pop(key);
+                    self.count_relayed(key);
+                }
+            }
+            if !listeners.contains(&key) {
+                listeners.push(key);
+            }
+        }
+        for key in listeners {
+            self.ring_for(key);
         }
     }
 
-    /// `fd` is readable: an overlay listener (clients wait) or a listener's oldest doorbell
-    /// (answered: it goes). Rings for the clients of that listener still without a doorbell.
-    pub(super) fn relay_from(&mut self, fd: RawFd) {
-        let overlay_of = |(&key, l): (&OverlayEndpoint, &super::listen::LocalListener)| {
-            l.overlay
-                .as_ref()
-                .is_some_and(|o| o.as_raw_fd() == fd)
-                .then_some(key)
-        };
-        if let Some(key) = self.listeners.local.iter().find_map(overlay_of) {
-            return self.ring_for(key);
-        }
-        let answered = self
-            .relays
-            .rung
-            .iter()
-            .find(|(_, queue)| queue.front().is_some_and(|d| d.socket.as_raw_fd() == fd))
-            .map(|(&key, _)| key);
-        if let Some(key) = answered {
-            self.relays.pop(key);
-            let tenant = self.registry.placement(key.ip()).map(|p| p.tenant.as_str());
-            self.counters.relayed_to(tenant);
-            self.ring_for(key);
-        }
+    /// Whose is readable `fd`: a listener's overlay listener (false), or its oldest doorbell
+    /// (true: answered).
+    fn readable_listener(&self, fd: RawFd) -> Option<(OverlayEndpoint, bool)> {
+        let overlay = self.listeners.local.iter().find_map(|(&key, l)| {
+            let overlay = l.overlay.as_ref()?;
+            (overlay.as_raw_fd() == fd).then_some((key, false))
+        });
+        overlay.or_else(|| {
+            self.relays.rung.iter().find_map(|(&key, queue)| {
+                let oldest = queue.front()?;
+                (oldest.socket.as_raw_fd() == fd).then_some((key, true))
+            })
+        })
+    }
+
+    /// A doorbell of listener `key` was answered: a client relayed.
+    fn count_relayed(&mut self, key: OverlayEndpoint) {
+        let tenant = self.registry.placement(key.ip()).map(|p| p.tenant.as_str());
+        self.counters.relayed_to(tenant);
     }
 
     /// Rings the host listener of `key` once for each client waiting on its overlay listener
@@ -325,11 +364,9 @@ fn ring_doorbell(host_listener: HostEndpoint) -> io::Result<Doorbell> {
     let socket = sys::tcp_socket(false)?;
     sys::set_linger_zero(&socket)?;
     sys::bind(&socket, DOORBELL_SOURCE, 0, false)?;
-    let port = sys::local_port(&socket)?;
     sys::connect_nonblocking(&socket, host_listener.ip(), host_listener.port(), false)?;
     Ok(Doorbell {
         socket,
-        port,
         since: Instant::now(),
     })
 }

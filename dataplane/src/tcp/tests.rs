@@ -422,7 +422,8 @@ fn waiting_clients_get_one_doorbell_each_within_the_share_and_answered_ones_ring
         .collect();
     let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
     assert_eq!(polled.len(), 1, "no doorbell yet: the overlay listener");
-    tcp.relay_from(polled[0]);
+    tcp.relay_later(polled[0]);
+    tcp.relay_readable();
     assert_eq!(tcp.relays.waiting(), 16, "the listener's share");
     assert_eq!(
         crate::sys::accept_queue(overlay.as_fd()).unwrap(),
@@ -485,7 +486,8 @@ fn a_doorbell_resolves_to_the_overlay_listener_for_its_container_only() {
     let (mut tcp, host, overlay, key) = relaying_service(16);
     let _client = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
     let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
-    tcp.relay_from(polled[0]);
+    tcp.relay_later(polled[0]);
+    tcp.relay_readable();
     assert_eq!(tcp.relays.waiting(), 1);
     let (_doorbell, from) = host.accept().unwrap();
     let SocketAddr::V4(from) = from else {

@@ -101,23 +101,9 @@ fn fetch(local: (Ipv4Addr, u16), port: u16) -> Option<c_int> {
     Some(keep_fd(local, kept?))
 }
 
-/// Closes `fd` with a reset: the router's end of the doorbell sees it at once, and neither end
-/// is left in TIME_WAIT.
-fn close_with_reset(fd: c_int) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt reads one live linger struct.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as socklen_t,
-        )
-    };
+/// Closes a doorbell. A plain close (no system call more): the router, woken by its end
+/// turning readable, closes that end with a reset, which ends both without TIME_WAIT.
+fn close_doorbell(fd: c_int) {
     real::close(fd);
 }
 
@@ -139,7 +125,7 @@ pub unsafe fn answer(
 ) -> Result<Option<c_int>, c_int> {
     // Fetched before the doorbell closes: the router knows the listener by it.
     let Some(overlay) = state::overlay_of(local).or_else(|| fetch(local, port)) else {
-        close_with_reset(doorbell);
+        close_doorbell(doorbell);
         return Ok(None);
     };
     // SAFETY: the application's address buffer; `overlay` is the shim's own fd.
@@ -147,7 +133,7 @@ pub unsafe fn answer(
     let err = real::errno();
     // Closed after the accept: the router, woken by the close, counts the clients still
     // waiting, and must not ring again for this one.
-    close_with_reset(doorbell);
+    close_doorbell(doorbell);
     if new >= 0 {
         // A plain connection on the overlay: nothing for the shim to stand in for.
         state::remove(new);
