@@ -391,6 +391,83 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// The inode of the file `fd` refers to (sockets: one per socket).
+pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: stat is plain data; zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one stat into a live local.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_ino)
+}
+
+/// Listening sockets watched for arrivals, edge-triggered (an epoll instance, itself polled):
+/// one event when new connections are queued, none for those already waiting.
+pub struct ArrivalWatch {
+    epoll: OwnedFd,
+}
+
+impl ArrivalWatch {
+    pub fn new() -> io::Result<ArrivalWatch> {
+        // SAFETY: plain system call; the result is checked.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(ArrivalWatch { epoll })
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.epoll.as_fd()
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: token,
+        };
+        // SAFETY: epoll_ctl reads one live epoll_event.
+        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd.as_raw_fd(), &mut event) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token)
+    }
+
+    pub fn remove(&self, fd: BorrowedFd<'_>) {
+        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0);
+    }
+
+    /// The tokens of the sockets that had arrivals since the last call.
+    pub fn drain(&self) -> Vec<u64> {
+        const BATCH: usize = 64;
+        let mut tokens = Vec::new();
+        loop {
+            // SAFETY: epoll_event is plain data; zero is valid.
+            let mut events: [libc::epoll_event; BATCH] = unsafe { std::mem::zeroed() };
+            // SAFETY: epoll_wait writes at most BATCH events into the live array.
+            let n = unsafe {
+                libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, 0)
+            };
+            if n <= 0 {
+                return tokens;
+            }
+            tokens.extend(events[..n as usize].iter().map(|e| e.u64));
+            if (n as usize) < BATCH {
+                return tokens;
+            }
+        }
+    }
+}
+
 /// How many clients wait in listening socket `fd`'s accept queue, read without accepting
 /// (TCP_INFO: for a listener, the kernel puts its accept queue's length in `tcpi_unacked`).
 /// `None` if the socket is not listening (any more).

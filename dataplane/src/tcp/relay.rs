@@ -22,7 +22,7 @@
 
 use super::endpoint::{HostEndpoint, OverlayEndpoint};
 use super::{ok, TcpService};
-use crate::sys;
+use crate::sys::{self, ArrivalWatch, Untrusted};
 use freeflow_os::poll::{self, PollFd};
 use freeflow_proto::sockmsg::SockReply;
 use std::collections::{HashMap, VecDeque};
@@ -86,6 +86,20 @@ pub(super) struct Relays {
     readable: Vec<RawFd>,
     /// Listeners for which ringing failed, not polled until then.
     backoff: HashMap<OverlayEndpoint, Instant>,
+    /// The overlay listeners watched for arrivals, edge-triggered: clients that come while a
+    /// listener has doorbells rung (its overlay listener, readable, is not polled then) get
+    /// theirs at once.
+    watch: Option<ArrivalWatch>,
+    watched: HashMap<OverlayEndpoint, Watched>,
+    next_token: u64,
+}
+
+/// An overlay listener in the arrival watch, by a duplicate of the router's (so that it can be
+/// taken out of the watch whatever happens to the listener's).
+struct Watched {
+    socket: Untrusted,
+    inode: u64,
+    token: u64,
 }
 
 impl Relays {
@@ -199,6 +213,12 @@ impl Relays {
         self.push(listener, doorbell);
     }
 
+    /// The arrival watch's fd, once made (tests).
+    #[cfg(test)]
+    pub(super) fn arrival_watch_fd(&self) -> Option<RawFd> {
+        self.watch.as_ref().map(|w| w.as_fd().as_raw_fd())
+    }
+
     /// How many doorbells are rung in all (tests).
     #[cfg(test)]
     pub(super) fn waiting(&self) -> usize {
@@ -249,14 +269,69 @@ impl TcpService {
     /// any is rung (readable: answered), else its overlay listener if it may have more
     /// (readable: clients wait).
     pub(super) fn relay_poll_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> + '_ {
-        self.listeners.local.iter().filter_map(|(&key, l)| {
+        let watch = self.relays.watch.as_ref();
+        let arrivals = watch.filter(|_| !self.relays.watched.is_empty());
+        let listeners = self.listeners.local.iter().filter_map(|(&key, l)| {
             if let Some(doorbell) = self.relays.oldest(key) {
                 return Some(doorbell);
             }
             let overlay = l.overlay.as_ref()?;
             let room = self.relays.room_for(key, listener_share(l.backlog)) > 0;
             (room && !self.relays.backoff.contains_key(&key)).then(|| overlay.as_fd())
-        })
+        });
+        arrivals
+            .map(ArrivalWatch::as_fd)
+            .into_iter()
+            .chain(listeners)
+    }
+
+    /// Keeps the arrival watch in step with the listeners: each overlay listener in it once,
+    /// none that is gone or was replaced.
+    fn sync_arrival_watch(&mut self) {
+        if self.relays.watch.is_none() {
+            match ArrivalWatch::new() {
+                Ok(watch) => self.relays.watch = Some(watch),
+                Err(e) => return log::warn!("tcp: no arrival watch: {e}"),
+            }
+        }
+        let relays = &mut self.relays;
+        let watch = relays.watch.as_ref().expect("made above");
+        let local = &self.listeners.local;
+        relays.watched.retain(|key, w| {
+            let overlay = local.get(key).and_then(|l| l.overlay.as_ref());
+            let same = overlay.is_some_and(|o| sys::inode(o.as_fd()).ok() == Some(w.inode));
+            if !same {
+                watch.remove(w.socket.as_fd());
+            }
+            same
+        });
+        for (&key, l) in local {
+            let Some(overlay) = l.overlay.as_ref() else {
+                continue;
+            };
+            if relays.watched.contains_key(&key) {
+                continue;
+            }
+            let Ok(socket) = overlay.try_clone() else {
+                continue;
+            };
+            let Ok(inode) = sys::inode(socket.as_fd()) else {
+                continue;
+            };
+            relays.next_token += 1;
+            let token = relays.next_token;
+            if watch.add(socket.as_fd(), token).is_ok() {
+                let socket = Untrusted::new(socket);
+                relays.watched.insert(
+                    key,
+                    Watched {
+                        socket,
+                        inode,
+                        token,
+                    },
+                );
+            }
+        }
     }
 
     /// Notes that `fd` (an overlay listener or a doorbell) is readable: served at the end of
@@ -273,7 +348,12 @@ impl TcpService {
     pub(super) fn relay_readable(&mut self) {
         let readable = std::mem::take(&mut self.relays.readable);
         let mut listeners = Vec::new();
+        let watch_fd = self.relays.watch.as_ref().map(|w| w.as_fd().as_raw_fd());
         for fd in readable {
+            if Some(fd) == watch_fd {
+                listeners.extend(self.arrivals());
+                continue;
+            }
             let Some((key, answered)) = self.readable_listener(fd) else {
                 continue;
             };
@@ -289,9 +369,25 @@ impl TcpService {
                 listeners.push(key);
             }
         }
+        listeners.dedup();
         for key in listeners {
             self.ring_for(key);
         }
+        self.sync_arrival_watch();
+    }
+
+    /// The listeners that had arrivals since the last look.
+    fn arrivals(&self) -> Vec<OverlayEndpoint> {
+        let Some(watch) = self.relays.watch.as_ref() else {
+            return Vec::new();
+        };
+        let tokens = watch.drain();
+        self.relays
+            .watched
+            .iter()
+            .filter(|(_, w)| tokens.contains(&w.token))
+            .map(|(&key, _)| key)
+            .collect()
     }
 
     /// Whose is readable `fd`: a listener's overlay listener (false), or its oldest doorbell

@@ -430,7 +430,12 @@ fn waiting_clients_get_one_doorbell_each_within_the_share_and_answered_ones_ring
         Some(20),
         "the router accepted a client"
     );
-    let oldest: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+    let watch = tcp.relays.arrival_watch_fd().expect("the arrival watch");
+    let oldest: Vec<i32> = tcp
+        .relay_poll_fds()
+        .map(|fd| fd.as_raw_fd())
+        .filter(|&fd| fd != watch)
+        .collect();
     assert_eq!(oldest.len(), 1);
     assert_ne!(oldest[0], polled[0], "doorbells rung: the oldest is polled");
     for c in &mut clients {
@@ -463,7 +468,10 @@ fn waiting_clients_get_one_doorbell_each_within_the_share_and_answered_ones_ring
         .expect("a waiting client");
     client.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"!");
-    let oldest_fd = tcp.relay_poll_fds().next().expect("the oldest doorbell");
+    let oldest_fd = tcp
+        .relay_poll_fds()
+        .find(|fd| fd.as_raw_fd() == oldest[0])
+        .expect("the oldest doorbell");
     assert!(
         readable_within(oldest_fd, Duration::from_secs(5)),
         "answered: readable"
@@ -506,4 +514,30 @@ fn a_doorbell_resolves_to_the_overlay_listener_for_its_container_only() {
         crate::sys::local_addr(passed.as_fd()).unwrap().1,
         overlay.local_addr().unwrap().port()
     );
+}
+
+/// A client that comes while its listener has doorbells rung (its overlay listener, readable,
+/// is not polled then) gets its doorbell at once, without waiting for an answer: the arrival
+/// watch reports it.
+#[test]
+fn a_client_arriving_while_doorbells_are_rung_gets_one_at_once() {
+    let (mut tcp, _host, overlay, _) = relaying_service(16);
+    let _first = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+    tcp.relay_later(polled[0]);
+    tcp.relay_readable();
+    assert_eq!(tcp.relays.waiting(), 1);
+    let watch = tcp.relays.arrival_watch_fd().expect("the arrival watch");
+    let _second = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    let watch_fd = tcp
+        .relay_poll_fds()
+        .find(|fd| fd.as_raw_fd() == watch)
+        .expect("the arrival watch is polled");
+    assert!(
+        readable_within(watch_fd, Duration::from_secs(5)),
+        "an arrival"
+    );
+    tcp.relay_later(watch);
+    tcp.relay_readable();
+    assert_eq!(tcp.relays.waiting(), 2, "the second client's doorbell");
 }

@@ -98,6 +98,10 @@ fn fetch(local: (Ipv4Addr, u16), port: u16) -> Option<c_int> {
     let listening = real::get_int_opt(passed, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1);
     let kept = listening.then(|| duplicate(passed)).flatten();
     real::close(passed);
+    session::debug(format_args!(
+        "overlay listener of {}:{} from the router",
+        local.0, local.1
+    ));
     Some(keep_fd(local, kept?))
 }
 
