@@ -420,6 +420,10 @@ impl TcpService {
         let Some(listener) = self.listeners.local.get(&key) else {
             return self.relays.forget_listener(key);
         };
+        if self.relays.backoff.contains_key(&key) {
+            // Ringing failed a moment ago (expire lifts it): polled again after.
+            return;
+        }
         let Some(overlay) = listener.overlay.as_ref() else {
             return;
         };
@@ -433,6 +437,9 @@ impl TcpService {
                 return self.listeners.give_up_overlay(key);
             }
         };
+        // A host listener the container shut down would reset every doorbell at once, and
+        // each reset would ring again: back off instead.
+        let host_listening = matches!(sys::accept_queue(listener.socket.as_fd()), Ok(Some(_)));
         let host_listener = HostEndpoint::new(host_ip, listener.host_port);
         let wanted = waiting
             .min(share)
@@ -440,7 +447,12 @@ impl TcpService {
             .min(self.relays.room_for(key, share))
             .min(RING_BATCH);
         for _ in 0..wanted {
-            match ring_doorbell(host_listener) {
+            let rung = if host_listening {
+                ring_doorbell(host_listener)
+            } else {
+                Err(io::Error::other("the host listener is not listening"))
+            };
+            match rung {
                 Ok(doorbell) => self.relays.push(key, doorbell),
                 Err(e) => {
                     log::warn!("tcp: relay for {key}: {e}");
