@@ -1,7 +1,8 @@
 //! The router's socket calls that std does not cover (non-blocking sockets it hands between
-//! processes, addresses, options, accept queues), the descriptors it must close elsewhere,
-//! its lock file and its ready pipe. The calls the router shares with the other Freeflow
-//! processes (signals, poll, memory files) are `freeflow-os`'s, called directly.
+//! processes, addresses, options, accept queues, an edge-triggered arrival watch), the
+//! descriptors it must close elsewhere, its lock file and its ready pipe. The calls the router
+//! shares with the other Freeflow processes (signals, poll, memory files) are `freeflow-os`'s,
+//! called directly.
 
 use std::io::{self, Write};
 use std::net::Ipv4Addr;

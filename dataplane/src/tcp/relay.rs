@@ -11,9 +11,11 @@
 //! first in, first out), so the router polls only the oldest doorbell of each listener (the
 //! shim closes an answered doorbell, which makes it readable); when it is, the ones after it
 //! already answered go with it. A listener with no doorbell rung has its overlay listener
-//! polled instead (readable: clients wait).
+//! polled instead (readable: clients wait); an edge-triggered epoll instance (the arrival
+//! watch, itself polled) reports clients that come while doorbells are rung.
 //!
-//! What relaying costs the router, and how it is bounded: one descriptor per doorbell rung.
+//! What relaying costs the router, and how it is bounded: one descriptor per doorbell rung,
+//! and one per overlay listener in the arrival watch.
 //! Doorbells per listener are at most its waiting clients, within its share (its backlog, within
 //! [`MAX_RELAYS_PER_LISTENER`]), per container and in all. Further clients wait in the overlay
 //! listener's accept queue, as for any server that accepts slowly; none is turned away. No host
