@@ -26,8 +26,6 @@ mod guard;
 #[allow(unsafe_code)]
 mod inherit;
 #[allow(unsafe_code)]
-mod overlay_accept;
-#[allow(unsafe_code)]
 mod real;
 #[allow(unsafe_code)]
 mod session;
