@@ -12,6 +12,7 @@ pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod docker;
 pub mod legacy;
 pub mod metrics;
 pub mod os;

@@ -30,8 +30,8 @@ use freeflow_proto::control::{
 };
 use freeflow_proto::identity::NetnsId;
 
-pub use log::log;
-use log::{log_limited, KEY_PUSH, KEY_REGISTRY, KEY_RESTART, KEY_SKIPPED};
+pub use log::{log, log_limited, KEY_DOCKER};
+use log::{KEY_PUSH, KEY_REGISTRY, KEY_RESTART, KEY_SKIPPED};
 pub use state::{
     probe, read_pid, read_router_pid, router_lock_held, DaemonCounters, DaemonState, DaemonStatus,
     SkippedContainer, STATE_READY, STATE_STARTING, STATE_STOPPING,
@@ -153,6 +153,16 @@ pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
     daemon.write_status();
 
     let result = daemon.startup().and_then(|()| {
+        // After the router is ready, so that each registration's wait for the daemon's pickup
+        // is answered; the thread inherits the blocked signals.
+        if let Some(socket) = &daemon.config.docker {
+            crate::docker::spawn(dir, &daemon.config, socket.clone())
+                .map_err(io_err("cannot start the Docker watcher thread"))?;
+            log(format_args!(
+                "watching the Docker engine at {} to register containers",
+                socket.display()
+            ));
+        }
         daemon.ready(foreground);
         daemon.serve()
     });
