@@ -291,11 +291,9 @@ impl Watcher {
     }
 
     /// Registers every running container that is Freeflow's, and unregisters this host's
-    /// watcher records whose container no longer runs.
+    /// watcher records whose container no longer runs. Stale records go first: a container that runs now may have the address or the
+    /// namespace path of one that stopped while no daemon watched.
     fn reconcile(&self, running: &[ContainerId]) {
-        for id in running {
-            self.started(id);
-        }
         let shorts: BTreeSet<&str> = running.iter().map(ContainerId::short).collect();
         let stale: Vec<String> = match self.load() {
             Some(snapshot) => snapshot
@@ -303,10 +301,13 @@ impl Watcher {
                 .filter(|c| short_id_of(&c.name).is_some_and(|s| !shorts.contains(s)))
                 .map(|c| c.name.clone())
                 .collect(),
-            None => return,
+            None => Vec::new(),
         };
         for name in stale {
             self.unregister(&name, "its container no longer runs");
+        }
+        for id in running {
+            self.started(id);
         }
     }
 
