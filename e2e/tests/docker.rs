@@ -28,6 +28,15 @@ const NETWORK: &str = "ffnet";
 /// Its Linux bridge, in the host's namespace; the host's VXLAN device becomes its port.
 const NETWORK_BRIDGE: &str = "ffbr";
 
+/// The test's work directory, removed when dropped.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// One simulated host's Docker engine, stopped (with its containers) on drop.
 struct Engine {
     host: usize,
@@ -435,6 +444,8 @@ fn seed_docker_commands_register_and_accelerate_iperf3() {
     let cluster = Cluster::create(ClusterSpec::new(&tag, 2)).unwrap();
     let work = std::env::temp_dir().join(format!("ff-docker-{tag}"));
     let _ = std::fs::remove_dir_all(&work);
+    // Removed last, also when the test fails: the engines (declared later) are dropped first.
+    let _work_dir = WorkDir(work.clone());
     let shared = work.join("shared");
     std::fs::create_dir_all(&shared).unwrap();
     // Dropped before the cluster (declared after it): containers and engines go first.
@@ -573,6 +584,5 @@ fn seed_docker_commands_register_and_accelerate_iperf3() {
 
     drop(engines);
     drop(cluster);
-    let _ = std::fs::remove_dir_all(&work);
     println!("docker test took {:.1} s", started.elapsed().as_secs_f64());
 }
