@@ -144,7 +144,7 @@ fn described(
     json!({
         "Id": id, "Name": format!("/{name}"),
         "State": {"Running": true, "Pid": 0},
-        "Mounts": [{"Type": "bind", "Source": "/somewhere/else", "Destination": dir}],
+        "Mounts": [{"Type": "bind", "Source": "/somewhere/else", "Destination": dir, "RW": false}],
         "Config": {"Labels": labels},
         "NetworkSettings": {"SandboxKey": netns, "Networks": {"ffnet": {"IPAddress": ip}}}
     })

@@ -5,7 +5,7 @@
 //! scripts/docker-image.sh. Freeflow runs as the seed's router container on each host; iperf3
 //! runs unmodified in application containers started with the seed's flags, registered by the
 //! daemon's Docker watcher (no `freeflow container add`), and is accelerated: the iperf3 data
-//! does not cross the VXLAN device. A container that stops is unregistered; a daemon restarted
+//! does not cross the VXLAN device. A container that mounts the directory writable is refused. A container that stops is unregistered; a daemon restarted
 //! while a container stopped reconciles the registry with what runs.
 //!
 //! Needs root, a built workspace and Debian's docker.io (scripts/test.sh installs it). If
@@ -489,6 +489,37 @@ fn seed_docker_commands_register_and_accelerate_iperf3() {
     assert_eq!(server["host_ip"], "192.168.1.2", "{server}");
     assert_eq!(client["host_ip"], "192.168.1.1", "{client}");
     assert_eq!(client["tenant"], "default", "{client}");
+
+    // The seed's writable mount is refused (it could replace the shims others load), saying so.
+    let writable = format!("{}:/freeflow", engines[0].freeflow_dir().display());
+    let writer = engines[0].ok(&[
+        "run",
+        "-d",
+        "--name",
+        "writer",
+        &format!("--net={NETWORK}"),
+        "-v",
+        &writable,
+        "ff-iperf3",
+        "sleep",
+        "600",
+    ]);
+    let refused = poll(Duration::from_secs(30), Duration::from_millis(200), || {
+        engines[0]
+            .router_logs()
+            .lines()
+            .find(|l| l.contains("not registering writer") && l.contains("read-only"))
+            .map(str::to_owned)
+    });
+    assert!(
+        refused.is_some(),
+        "no log line refusing the writable mount:\n{}",
+        engines[0].router_logs()
+    );
+    assert!(
+        engines[0].record_of(&writer).is_none(),
+        "a writable mount was registered"
+    );
 
     // Step 3: iperf3 between the containers, unmodified.
     engines[1].ok(&[

@@ -49,10 +49,21 @@ pub struct ContainerView {
     pub sandbox_key: Option<PathBuf>,
     /// IPv4 addresses of `NetworkSettings.Networks`, by network name.
     pub addresses: BTreeMap<String, Ipv4Addr>,
-    /// `Mounts`: (source on the host, destination in the container).
-    pub mounts: Vec<(PathBuf, PathBuf)>,
+    /// `Mounts`.
+    pub mounts: Vec<Mount>,
     /// `Config.Labels`.
     pub labels: BTreeMap<String, String>,
+}
+
+/// One of a container's mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Its source on the host.
+    pub source: PathBuf,
+    /// Where the container sees it.
+    pub destination: PathBuf,
+    /// `RW`: the container may write it (also when the engine does not say).
+    pub writable: bool,
 }
 
 /// Why the engine's JSON could not be used.
@@ -111,7 +122,11 @@ pub fn parse_inspect(bytes: &[u8]) -> Result<ContainerView, ParseError> {
     if let Some(list) = v.pointer("/Mounts").and_then(Value::as_array) {
         for m in list.iter().take(MAX_ITEMS) {
             if let (Some(src), Some(dst)) = (str_at(m, "/Source"), str_at(m, "/Destination")) {
-                mounts.push((PathBuf::from(src), PathBuf::from(dst)));
+                mounts.push(Mount {
+                    source: PathBuf::from(src),
+                    destination: PathBuf::from(dst),
+                    writable: m.pointer("/RW").and_then(Value::as_bool).unwrap_or(true),
+                });
             }
         }
     }
@@ -197,7 +212,8 @@ mod tests {
         let body = json!({
             "Id": ID, "Name": "/iperf",
             "State": {"Running": true, "Pid": 4242},
-            "Mounts": [{"Type": "bind", "Source": "/srv/ff", "Destination": "/freeflow"}],
+            "Mounts": [{"Type": "bind", "Source": "/srv/ff", "Destination": "/freeflow", "RW": false},
+                {"Source": "/x", "Destination": "/y"}],
             "Config": {"Labels": {"freeflow.tenant": "blue", "n": 3}},
             "NetworkSettings": {"SandboxKey": "/var/run/docker/netns/abc",
                 "Networks": {"ffnet": {"IPAddress": "10.32.1.2"}, "none": {"IPAddress": ""}}}
@@ -213,7 +229,12 @@ mod tests {
         );
         assert_eq!(c.addresses.len(), 1);
         assert_eq!(c.addresses["ffnet"], Ipv4Addr::new(10, 32, 1, 2));
-        assert_eq!(c.mounts[0].1, PathBuf::from("/freeflow"));
+        assert_eq!(c.mounts[0].destination, PathBuf::from("/freeflow"));
+        assert!(!c.mounts[0].writable);
+        assert!(
+            c.mounts[1].writable,
+            "a mount the engine does not say is read-only"
+        );
         assert_eq!(c.labels.len(), 1);
     }
 

@@ -7,8 +7,9 @@
 //! why and starts over after a back-off, reconciling again.
 //!
 //! A container is Freeflow's when it runs, mounts the Freeflow directory (a mount whose source
-//! on the host or destination in the container is DIR) and has an address in this host's
-//! overlay prefix on one of its networks. Its network namespace is its sandbox key when this
+//! on the host or destination in the container is DIR) read-only and has an address in this
+//! host's overlay prefix on one of its networks. One that mounts it writable is refused, with a
+//! log line saying why: it could replace the shims the other containers load. Its network namespace is its sandbox key when this
 //! process can open it, else `/proc/<pid>/ns/net` (the router's container sees the engine's
 //! sandbox files only if they are mounted in, but sees host pids with `--pid=host`); its tenant
 //! is the label `freeflow.tenant`, else `default`. It is registered through the same call as
@@ -139,12 +140,23 @@ pub fn wanted(
     if !c.running {
         return Err(NotOurs::Skipped("it does not run".into()));
     }
-    if !c
+    let mounts: Vec<&engine::Mount> = c
         .mounts
         .iter()
-        .any(|(src, dst)| same_path(src, dir) || same_path(dst, dir))
-    {
+        .filter(|m| same_path(&m.source, dir) || same_path(&m.destination, dir))
+        .collect();
+    if mounts.is_empty() {
         return Err(NotOurs::NoMount);
+    }
+    if let Some(m) = mounts.iter().find(|m| m.writable) {
+        return Err(NotOurs::Skipped(format!(
+            "it mounts {} writable at {}: a container that can write the Freeflow directory \
+             can replace the shims other containers load; mount it read-only (-v {}:{}:ro)",
+            m.source.display(),
+            m.destination.display(),
+            m.source.display(),
+            m.destination.display()
+        )));
     }
     let Some(ip) = c.addresses.values().copied().find(|ip| vnet.contains(ip)) else {
         return Err(NotOurs::Skipped(format!(
@@ -442,7 +454,11 @@ mod tests {
             pid: 77,
             sandbox_key: Some("/var/run/docker/netns/x".into()),
             addresses: BTreeMap::from([("ffnet".into(), Ipv4Addr::new(10, 32, 1, 2))]),
-            mounts: vec![("/srv/ff".into(), "/freeflow".into())],
+            mounts: vec![engine::Mount {
+                source: "/srv/ff".into(),
+                destination: "/freeflow".into(),
+                writable: false,
+            }],
             labels: BTreeMap::from([(TENANT_LABEL.into(), "blue".into())]),
         }
     }
@@ -470,6 +486,12 @@ mod tests {
         let only_proc = |p: &Path| p.starts_with("/proc");
         let w = wanted(&view(), Path::new("/freeflow"), vnet, &only_proc).unwrap();
         assert_eq!(w.netns, PathBuf::from("/proc/77/ns/net"));
+        let mut writable = view();
+        writable.mounts[0].writable = true;
+        match wanted(&writable, Path::new("/freeflow"), vnet, &all) {
+            Err(NotOurs::Skipped(why)) => assert!(why.contains("read-only"), "{why}"),
+            other => panic!("a writable mount accepted: {other:?}"),
+        }
         let none = |_: &Path| false;
         assert!(wanted(&view(), Path::new("/freeflow"), vnet, &none).is_err());
         let mut plain = view();
