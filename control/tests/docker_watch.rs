@@ -314,6 +314,27 @@ fn the_watcher_registers_from_a_hostile_engine_and_reconciles() {
     tx.send(None).unwrap();
     wait_for(&host, &dir, &[], &log);
     assert!(world.lock().unwrap().event_streams_opened >= 2);
-    // The daemon lived through all of it.
-    run(topology::command_in(&host, FREEFLOW).args(["status", "--dir", &dir]));
+    // The daemon lived through all of it, and its status says what the watcher did.
+    let watch = poll(LIMIT, Duration::from_millis(100), || {
+        let out =
+            run(topology::command_in(&host, FREEFLOW).args(["status", "--json", "--dir", &dir]));
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let watch = status["daemon"]["docker"].clone();
+        (watch["connected"] == true && watch["unregistered"] == 3).then_some(watch)
+    })
+    .expect("status --json reports the watcher connected again with 3 unregistrations");
+    assert_eq!(watch["socket"], socket.to_str().unwrap(), "{watch}");
+    assert_eq!(watch["registered"], 2, "{watch}");
+    // Garbage, an event without an id, a description that is not JSON, an id "../../etc".
+    assert_eq!(watch["malformed"], 4, "{watch}");
+    assert!(
+        watch["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("event stream ended"),
+        "{watch}"
+    );
+    let text = run(topology::command_in(&host, FREEFLOW).args(["status", "--dir", &dir]));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("docker:     following"), "{text}");
 }

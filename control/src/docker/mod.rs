@@ -27,6 +27,7 @@ pub mod http;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use engine::{ContainerId, ContainerView, Event};
@@ -34,8 +35,9 @@ use http::HttpError;
 
 use crate::cli::container::{self, NewContainer, Pickup};
 use crate::config::{Config, RuntimeDir};
-use crate::daemon::{log_limited, KEY_DOCKER};
+use crate::daemon::{log_limited, DockerWatchStatus, KEY_DOCKER};
 use crate::registry::{self, ContainerRecord};
+use crate::supervise::unix_ms_now;
 
 /// Where the engine listens unless `--docker` names another socket.
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
@@ -197,24 +199,36 @@ fn same_path(a: &Path, b: &Path) -> bool {
     a.components().eq(b.components())
 }
 
-/// Starts the watcher on a thread of its own. Called with the daemon's signals blocked, so the
-/// thread inherits the mask and SIGTERM still reaches the daemon's signalfd.
-pub fn spawn(dir: &RuntimeDir, config: &Config, socket: PathBuf) -> std::io::Result<()> {
+/// Starts the watcher on a thread of its own and returns what it reports, for the daemon's
+/// status. Called with the daemon's signals blocked, so the thread inherits the mask and
+/// SIGTERM still reaches the daemon's signalfd.
+pub fn spawn(
+    dir: &RuntimeDir,
+    config: &Config,
+    socket: PathBuf,
+) -> std::io::Result<Arc<Mutex<DockerWatchStatus>>> {
+    let report = Arc::new(Mutex::new(DockerWatchStatus {
+        socket: socket.display().to_string(),
+        since_unix_ms: unix_ms_now(),
+        ..DockerWatchStatus::default()
+    }));
     let watcher = Watcher {
         dir: dir.clone(),
         config: config.clone(),
         socket,
+        report: report.clone(),
     };
     std::thread::Builder::new()
         .name("docker".into())
         .spawn(move || watcher.run())?;
-    Ok(())
+    Ok(report)
 }
 
 struct Watcher {
     dir: RuntimeDir,
     config: Config,
     socket: PathBuf,
+    report: Arc<Mutex<DockerWatchStatus>>,
 }
 
 impl Watcher {
@@ -229,6 +243,17 @@ impl Watcher {
             if started.elapsed() >= HEALTHY_SESSION {
                 backoff = FIRST_BACKOFF;
             }
+            let message = err.to_string();
+            self.update(|r| {
+                if r.connected {
+                    r.since_unix_ms = unix_ms_now();
+                }
+                r.connected = false;
+                if matches!(err, DockerError::Parse { .. }) {
+                    r.malformed += 1;
+                }
+                r.last_error = Some(message);
+            });
             log_limited(
                 KEY_DOCKER,
                 format_args!(
@@ -241,6 +266,13 @@ impl Watcher {
             );
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Changes the watcher's report (a poisoned lock is ignored: it only feeds the status).
+    fn update(&self, change: impl FnOnce(&mut DockerWatchStatus)) {
+        if let Ok(mut report) = self.report.lock() {
+            change(&mut report);
         }
     }
 
@@ -277,6 +309,10 @@ impl Watcher {
                 running.len()
             ),
         );
+        self.update(|r| {
+            r.connected = true;
+            r.since_unix_ms = unix_ms_now();
+        });
         self.reconcile(&running);
         let mut pending = Vec::new();
         loop {
@@ -291,13 +327,16 @@ impl Watcher {
                 Ok(Event::Start(id)) => self.started(&id),
                 Ok(Event::Die(id)) => self.died(&id),
                 Ok(Event::Other) => {}
-                Err(e) => log_limited(
-                    KEY_DOCKER,
-                    format_args!(
-                        "docker: skipping a malformed event ({e}): {:?}",
-                        String::from_utf8_lossy(&line[..line.len().min(200)])
-                    ),
-                ),
+                Err(e) => {
+                    self.update(|r| r.malformed += 1);
+                    log_limited(
+                        KEY_DOCKER,
+                        format_args!(
+                            "docker: skipping a malformed event ({e}): {:?}",
+                            String::from_utf8_lossy(&line[..line.len().min(200)])
+                        ),
+                    );
+                }
             }
         }
     }
@@ -346,6 +385,9 @@ impl Watcher {
         let view = match self.inspect(id) {
             Ok(view) => view,
             Err(e) => {
+                if matches!(e, DockerError::Parse { .. }) {
+                    self.update(|r| r.malformed += 1);
+                }
                 log_limited(KEY_DOCKER, format_args!("docker: {}: {e}", id.short()));
                 return;
             }
@@ -355,6 +397,7 @@ impl Watcher {
             Ok(want) => want,
             Err(NotOurs::NoMount) => return,
             Err(NotOurs::Skipped(reason)) => {
+                self.update(|r| r.refused += 1);
                 log_limited(
                     KEY_DOCKER,
                     format_args!(
@@ -394,16 +437,19 @@ impl Watcher {
                     want.name, want.ip, want.tenant
                 ),
             ),
-            Ok(_) => log_limited(
-                KEY_DOCKER,
-                format_args!(
-                    "docker: registered {} ({}, tenant {}, netns {})",
-                    want.name,
-                    want.ip,
-                    want.tenant,
-                    want.netns.display()
-                ),
-            ),
+            Ok(_) => {
+                self.update(|r| r.registered += 1);
+                log_limited(
+                    KEY_DOCKER,
+                    format_args!(
+                        "docker: registered {} ({}, tenant {}, netns {})",
+                        want.name,
+                        want.ip,
+                        want.tenant,
+                        want.netns.display()
+                    ),
+                );
+            }
             Err(e) => log_limited(
                 KEY_DOCKER,
                 format_args!("docker: cannot register {}: {e}", want.name),
@@ -426,10 +472,13 @@ impl Watcher {
 
     fn unregister(&self, name: &str, why: &str) {
         match container::unregister(&self.dir, &self.config, name) {
-            Ok((Some(_), _)) => log_limited(
-                KEY_DOCKER,
-                format_args!("docker: unregistered {name}: {why}"),
-            ),
+            Ok((Some(_), _)) => {
+                self.update(|r| r.unregistered += 1);
+                log_limited(
+                    KEY_DOCKER,
+                    format_args!("docker: unregistered {name}: {why}"),
+                );
+            }
             Ok((None, _)) => {}
             Err(e) => log_limited(
                 KEY_DOCKER,
