@@ -489,6 +489,11 @@ fn seed_docker_commands_register_and_accelerate_iperf3() {
     assert_eq!(server["host_ip"], "192.168.1.2", "{server}");
     assert_eq!(client["host_ip"], "192.168.1.1", "{client}");
     assert_eq!(client["tenant"], "default", "{client}");
+    let status = engines[0].ok(&["exec", "freeflow", "freeflow", "status"]);
+    assert!(
+        status.contains("docker:     following /var/run/docker.sock"),
+        "freeflow status in the router container:\n{status}"
+    );
 
     // The seed's writable mount is refused (it could replace the shims others load), saying so.
     let writable = format!("{}:/freeflow", engines[0].freeflow_dir().display());
