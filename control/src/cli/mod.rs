@@ -143,7 +143,7 @@ struct UpArgs {
     #[arg(long, value_name = "CIDR")]
     vnet_prefix: Option<Ipv4Net>,
     /// Registry URL [default: file:STATE/registry.json, in the state directory]
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "FREEFLOW_REGISTRY")]
     registry: Option<String>,
     /// Cores for the router's shards, e.g. 1 or 0,1 or 0-3 [default: the router's choice]
     #[arg(long, value_name = "LIST")]
@@ -163,6 +163,12 @@ struct UpArgs {
     /// pass it to each `up` that should install it)
     #[arg(long, value_name = "CNI_BIN_DIR")]
     cni_bin_dir: Option<PathBuf>,
+    /// Register containers by watching the Docker engine at SOCKET [default socket:
+    /// /var/run/docker.sock]: every running container that mounts DIR and has an address in
+    /// the overlay prefix, tenant from its label freeflow.tenant; unregistered when it stops
+    /// (not recorded: pass it to each `up` that should watch) [env: FREEFLOW_DOCKER=SOCKET]
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = crate::docker::DEFAULT_SOCKET)]
+    docker: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

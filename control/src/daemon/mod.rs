@@ -30,11 +30,11 @@ use freeflow_proto::control::{
 };
 use freeflow_proto::identity::NetnsId;
 
-pub use log::log;
-use log::{log_limited, KEY_PUSH, KEY_REGISTRY, KEY_RESTART, KEY_SKIPPED};
+pub use log::{log, log_limited, KEY_DOCKER};
+use log::{KEY_PUSH, KEY_REGISTRY, KEY_RESTART, KEY_SKIPPED};
 pub use state::{
     probe, read_pid, read_router_pid, router_lock_held, DaemonCounters, DaemonState, DaemonStatus,
-    SkippedContainer, STATE_READY, STATE_STARTING, STATE_STOPPING,
+    DockerWatchStatus, SkippedContainer, STATE_READY, STATE_STARTING, STATE_STOPPING,
 };
 
 use crate::config::{self, Config, ConfigError, RuntimeDir};
@@ -153,6 +153,17 @@ pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
     daemon.write_status();
 
     let result = daemon.startup().and_then(|()| {
+        // After the router is ready, so that each registration's wait for the daemon's pickup
+        // is answered; the thread inherits the blocked signals.
+        if let Some(socket) = &daemon.config.docker {
+            let watch = crate::docker::spawn(dir, &daemon.config, socket.clone())
+                .map_err(io_err("cannot start the Docker watcher thread"))?;
+            daemon.docker = Some(watch);
+            log(format_args!(
+                "watching the Docker engine at {} to register containers",
+                socket.display()
+            ));
+        }
         daemon.ready(foreground);
         daemon.serve()
     });
@@ -216,6 +227,8 @@ struct Daemon {
     skipped: BTreeMap<String, String>,
     status: DaemonStatus,
     status_dirty: bool,
+    /// What the Docker watcher thread reports, copied into the status file.
+    docker: Option<std::sync::Arc<std::sync::Mutex<DockerWatchStatus>>>,
 }
 
 /// Why the serve loop ended.
@@ -262,6 +275,7 @@ impl Daemon {
             last_attempt: None,
             skipped: BTreeMap::new(),
             status_dirty: true,
+            docker: None,
         })
     }
 
@@ -395,7 +409,20 @@ impl Daemon {
                 self.next_registry_poll = Instant::now() + REGISTRY_POLL;
             }
             self.sync_table();
+            self.sync_docker_status();
             self.write_status();
+        }
+    }
+
+    /// Copies the Docker watcher's report into the status, if it changed.
+    fn sync_docker_status(&mut self) {
+        let Some(watch) = &self.docker else { return };
+        let Ok(now) = watch.lock().map(|w| w.clone()) else {
+            return;
+        };
+        if self.status.counters.docker.as_ref() != Some(&now) {
+            self.status.counters.docker = Some(now);
+            self.status_dirty = true;
         }
     }
 
