@@ -39,7 +39,7 @@ pub use state::{
 
 use crate::config::{self, Config, ConfigError, RuntimeDir};
 use crate::os;
-use crate::registry::{self, Fingerprint, Registry, RegistryError, Snapshot};
+use crate::registry::{self, Fingerprint, HostRecord, Registry, RegistryError, Snapshot};
 use crate::supervise::{
     self, format_duration, unix_ms_now, Backoff, Router, RouterSpec, SuperviseError,
 };
@@ -298,6 +298,13 @@ impl Daemon {
     /// it must take its table, else the daemon gives up (and `freeflow up` reports why).
     fn startup(&mut self) -> Result<(), DaemonError> {
         self.refresh_registry(true)?;
+        // Where the registry's records live on a lease (etcd), this host's stay while we live.
+        self.registry.hold_host(&HostRecord {
+            host_ip: self.config.host_ip,
+            peer_port: self.config.peer_port,
+            vnet_prefix: self.config.vnet_prefix,
+            dir: self.dir.path().to_path_buf(),
+        })?;
         let router = match self.running_router()? {
             Some(router) => {
                 log(format_args!(
