@@ -21,6 +21,8 @@ use freeflow_testbed::etcd::EtcdServer;
 /// URL and the host number.
 const HOLDER_URL_ENV: &str = "FREEFLOW_REGISTRY_TEST_HOLDER_URL";
 const HOLDER_HOST_ENV: &str = "FREEFLOW_REGISTRY_TEST_HOLDER_HOST";
+/// What the holder prints once it holds its host.
+const HOLDER_READY: &str = "freeflow-test-holder-ready";
 /// Containers the holder registers on its host.
 const HOLDER_CONTAINERS: usize = 20;
 /// Slack on top of the lease's time to live for etcd to expire it and for us to see it.
@@ -191,7 +193,10 @@ mod contract {
                     Ok(())
                 })
                 .unwrap_err();
-            assert!(matches!(err, RegistryError::DuplicateName(_)), "{url}: {err}");
+            assert!(
+                matches!(err, RegistryError::DuplicateName(_)),
+                "{url}: {err}"
+            );
             assert_eq!(reg.load().unwrap(), before, "{url}");
             assert_eq!(reg.fingerprint().unwrap(), print, "{url}");
         }
@@ -210,8 +215,8 @@ mod contract {
     }
 
     fn op() -> impl Strategy<Value = Op> {
-        let add = (0..NAMES.len(), 0..IPS.len(), 0..NETNS.len(), 1..3u8).prop_map(
-            |(n, i, ns, h)| {
+        let add =
+            (0..NAMES.len(), 0..IPS.len(), 0..NETNS.len(), 1..3u8).prop_map(|(n, i, ns, h)| {
                 Op::Add(ContainerRecord {
                     name: NAMES[n].to_owned(),
                     tenant: "t1".to_owned(),
@@ -219,8 +224,7 @@ mod contract {
                     netns: PathBuf::from(NETNS[ns]),
                     host_ip: host_ip(h),
                 })
-            },
-        );
+            });
         prop_oneof![
             4 => add,
             2 => (0..NAMES.len()).prop_map(|n| Op::Remove(NAMES[n])),
@@ -348,7 +352,7 @@ fn racing_hosts_never_share_an_ip_or_a_name() {
 }
 
 /// The body of the holder process (run by `records_go_with_the_process_holding_them`): registers
-/// its host and containers, holds the host, says "ready" and waits to be killed.
+/// its host and containers, holds the host, says it is ready and waits to be killed.
 #[test]
 fn holder_child() {
     let (Ok(url), Ok(n)) = (
@@ -364,7 +368,7 @@ fn holder_child() {
         add(&*reg, container(n as usize, i, n)).unwrap();
     }
     reg.hold_host(&host(n)).unwrap();
-    println!("ready");
+    println!("{HOLDER_READY}");
     // Bounded: the parent kills us long before.
     thread::sleep(DEADLINE);
 }
@@ -379,8 +383,8 @@ fn spawn_holder(url: &str, n: u8) -> Child {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    // The harness prints its own lines first; ours is "ready". The child ends within DEADLINE.
-    let ready = lines.any(|line| line.map(|l| l.trim() == "ready").unwrap_or(false));
+    // The harness prints its own text around ours. The child ends within DEADLINE.
+    let ready = lines.any(|line| line.is_ok_and(|l| l.contains(HOLDER_READY)));
     assert!(ready, "the holder process did not get ready");
     child
 }
@@ -471,7 +475,8 @@ fn endpoints_fail_over() {
     let reg = registry::open(&format!("etcd://127.0.0.1:{dead_port}/x")).unwrap();
     let err = reg.load().unwrap_err();
     assert!(
-        matches!(err, RegistryError::EtcdUnreachable { .. }) && err.to_string().contains(&dead_port.to_string()),
+        matches!(err, RegistryError::EtcdUnreachable { .. })
+            && err.to_string().contains(&dead_port.to_string()),
         "{err}"
     );
     let etcd = TestEtcd::start();

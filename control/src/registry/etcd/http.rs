@@ -128,7 +128,8 @@ pub(super) fn parse_response(raw: &[u8]) -> Result<Vec<u8>, ExchangeError> {
                 malformed("no complete HTTP header")
             }
         })?;
-    let head = std::str::from_utf8(&raw[..header_end]).map_err(|_| malformed("header not UTF-8"))?;
+    let head =
+        std::str::from_utf8(&raw[..header_end]).map_err(|_| malformed("header not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let mut parts = status_line.splitn(3, ' ');
@@ -147,17 +148,18 @@ pub(super) fn parse_response(raw: &[u8]) -> Result<Vec<u8>, ExchangeError> {
     let mut length = None;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
-            return Err(ExchangeError::Malformed(format!("bad header line {line:?}")));
+            return Err(ExchangeError::Malformed(format!(
+                "bad header line {line:?}"
+            )));
         };
         let value = value.trim();
         if name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = value.eq_ignore_ascii_case("chunked");
         } else if name.eq_ignore_ascii_case("content-length") {
-            length = Some(
-                value
-                    .parse::<usize>()
-                    .map_err(|_| ExchangeError::Malformed(format!("bad content-length {value:?}")))?,
-            );
+            length =
+                Some(value.parse::<usize>().map_err(|_| {
+                    ExchangeError::Malformed(format!("bad content-length {value:?}"))
+                })?);
         }
     }
     let rest = &raw[header_end + 4..];

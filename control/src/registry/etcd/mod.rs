@@ -120,11 +120,15 @@ pub(super) fn parse_target(url: &str, rest: &str) -> Result<(Vec<String>, String
             _ => (endpoint, None),
         };
         let host_ok = !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+            && host.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':')
+            });
         let port = match port {
-            Some(port) => port.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(invalid)?,
+            Some(port) => port
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(invalid)?,
             None => DEFAULT_PORT,
         };
         if !host_ok {
@@ -229,7 +233,9 @@ impl Registry for EtcdRegistry {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The keeper thread: finds (or writes) the host record, renews its lease every
@@ -283,7 +289,11 @@ fn renew(client: &Client, host: &HostRecord, lease: &mut Option<i64>) -> Result<
                     "the host record {host_key} has no lease (written by something else?)"
                 ))
             }
-            None => return Err(format!("the host record {host_key} vanished as it was written")),
+            None => {
+                return Err(format!(
+                    "the host record {host_key} vanished as it was written"
+                ))
+            }
         }
     }
     let Some(id) = *lease else {
@@ -327,6 +337,15 @@ struct Stored {
     kvs: BTreeMap<String, StoredKv>,
 }
 
+/// What one key should hold after an update: its value, its lease, and whether it is written
+/// even when its value is unchanged but its lease differs (the index keys of a container whose
+/// record is rewritten, so that all three keys share one lease).
+struct Desired {
+    value: Vec<u8>,
+    lease: i64,
+    rewrite: bool,
+}
+
 /// A put or delete of the transaction an update sends.
 enum Change {
     Put { value: Vec<u8>, lease: i64 },
@@ -366,7 +385,9 @@ impl Client {
                     }
                     return Err(self.refused(message));
                 }
-                Err(ExchangeError::NotSent(detail)) => failures.push(format!("{endpoint}: {detail}")),
+                Err(ExchangeError::NotSent(detail)) => {
+                    failures.push(format!("{endpoint}: {detail}"))
+                }
                 Err(ExchangeError::NoAnswer(detail) | ExchangeError::Malformed(detail)) => {
                     if retry == Retry::Safe {
                         failures.push(format!("{endpoint}: {detail}"));
@@ -489,16 +510,12 @@ impl Client {
             let mut next = stored.snapshot.clone();
             f(&mut next)?;
             next.validate()?;
-            next.generation = stored
-                .snapshot
-                .generation
-                .checked_add(1)
-                .ok_or_else(|| {
-                    self.corrupt(
-                        &format!("{}generation", self.root),
-                        "the generation counter is at its maximum".to_owned(),
-                    )
-                })?;
+            next.generation = stored.snapshot.generation.checked_add(1).ok_or_else(|| {
+                self.corrupt(
+                    &format!("{}generation", self.root),
+                    "the generation counter is at its maximum".to_owned(),
+                )
+            })?;
             let desired = self.desired(&stored, &next, &mut granted)?;
             let changes = diff(&stored, desired);
             match self.txn(&stored, &changes) {
@@ -526,11 +543,15 @@ impl Client {
         stored: &Stored,
         next: &Snapshot,
         granted: &mut HashMap<Ipv4Addr, i64>,
-    ) -> Result<BTreeMap<String, (Vec<u8>, i64, bool)>, RegistryError> {
+    ) -> Result<BTreeMap<String, Desired>, RegistryError> {
         let mut desired = BTreeMap::new();
         desired.insert(
             format!("{}generation", self.root),
-            (next.generation.to_string().into_bytes(), 0, true),
+            Desired {
+                value: next.generation.to_string().into_bytes(),
+                lease: 0,
+                rewrite: true,
+            },
         );
         let mut leases = HashMap::new();
         for host in &next.hosts {
@@ -547,7 +568,14 @@ impl Client {
                 },
             };
             leases.insert(host.host_ip, lease);
-            desired.insert(key, (self.encode(host)?, lease, false));
+            desired.insert(
+                key,
+                Desired {
+                    value: self.encode(host)?,
+                    lease,
+                    rewrite: false,
+                },
+            );
         }
         for rec in &next.containers {
             let lease = leases.get(&rec.host_ip).copied().unwrap_or(0);
@@ -555,22 +583,38 @@ impl Client {
             let value = self.encode(rec)?;
             let rewritten = stored.kvs.get(&key).is_none_or(|kv| kv.value != value);
             let name = rec.name.clone().into_bytes();
-            desired.insert(key, (value, lease, rewritten));
             desired.insert(
+                key,
+                Desired {
+                    value,
+                    lease,
+                    rewrite: rewritten,
+                },
+            );
+            for index in [
                 format!("{}ips/{}", self.root, rec.ip),
-                (name.clone(), lease, rewritten),
-            );
-            desired.insert(
                 format!("{}netns/{}", self.root, rec.netns.display()),
-                (name, lease, rewritten),
-            );
+            ] {
+                desired.insert(
+                    index,
+                    Desired {
+                        value: name.clone(),
+                        lease,
+                        rewrite: rewritten,
+                    },
+                );
+            }
         }
         Ok(desired)
     }
 
     /// Sends the changes as one transaction guarded by a compare on every key it touches.
     /// `Ok(false)`: a compare failed (someone else wrote first).
-    fn txn(&self, stored: &Stored, changes: &BTreeMap<String, Change>) -> Result<bool, RegistryError> {
+    fn txn(
+        &self,
+        stored: &Stored,
+        changes: &BTreeMap<String, Change>,
+    ) -> Result<bool, RegistryError> {
         let mut compares = Vec::with_capacity(changes.len());
         let mut ops = Vec::with_capacity(changes.len());
         for (key, change) in changes {
@@ -630,14 +674,22 @@ impl Client {
 
 /// The puts and deletes that turn `stored` into `desired`: new or changed values (and keys
 /// marked for rewriting) are put, managed keys not desired are deleted.
-fn diff(stored: &Stored, desired: BTreeMap<String, (Vec<u8>, i64, bool)>) -> BTreeMap<String, Change> {
+fn diff(stored: &Stored, desired: BTreeMap<String, Desired>) -> BTreeMap<String, Change> {
     let mut changes = BTreeMap::new();
     for key in stored.kvs.keys() {
         if !desired.contains_key(key) {
             changes.insert(key.clone(), Change::Delete);
         }
     }
-    for (key, (value, lease, rewrite)) in desired {
+    for (
+        key,
+        Desired {
+            value,
+            lease,
+            rewrite,
+        },
+    ) in desired
+    {
         let same = stored
             .kvs
             .get(&key)
