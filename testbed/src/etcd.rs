@@ -18,6 +18,10 @@ const START_ATTEMPTS: u32 = 3;
 /// One etcd member serving on loopback; killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct EtcdServer {
+    /// The network namespace etcd runs in (`None`: the caller's).
+    netns: Option<String>,
+    /// The address it listens on.
+    ip: Ipv4Addr,
     data_dir: PathBuf,
     log: PathBuf,
     client_port: u16,
@@ -33,6 +37,8 @@ impl EtcdServer {
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
             let mut server = EtcdServer {
+                netns: None,
+                ip: Ipv4Addr::LOCALHOST,
                 data_dir: dir.join("data"),
                 log: dir.join("etcd.log"),
                 client_port: free_port(),
@@ -47,9 +53,28 @@ impl EtcdServer {
         panic!("etcd did not start: {last}");
     }
 
-    /// The client address, `127.0.0.1:PORT`.
+    /// Starts etcd in the network namespace `netns` (of a simulated host), listening on `ip`
+    /// ports 2379 and 2380 (a fresh namespace has them free), data in `dir/data`.
+    pub fn start_in_netns(dir: &Path, netns: &str, ip: Ipv4Addr) -> EtcdServer {
+        crate::test_support::require_programs(&["etcd", "curl"], "etcd-server curl");
+        let mut server = EtcdServer {
+            netns: Some(netns.to_owned()),
+            ip,
+            data_dir: dir.join("data"),
+            log: dir.join("etcd.log"),
+            client_port: 2379,
+            peer_port: 2380,
+            child: None,
+        };
+        if let Err(e) = server.launch() {
+            panic!("etcd did not start in {netns}: {e}");
+        }
+        server
+    }
+
+    /// The client address, `IP:PORT`.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        format!("{}:{}", self.ip, self.client_port)
     }
 
     /// A registry URL for this server under `prefix` (for example `/test1`).
@@ -86,9 +111,12 @@ impl EtcdServer {
             .open(&self.log)
             .map_err(|e| format!("{}: {e}", self.log.display()))?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut command = Command::new("etcd");
+        let client = format!("http://{}:{}", self.ip, self.client_port);
+        let peer = format!("http://{}:{}", self.ip, self.peer_port);
+        let mut command = match &self.netns {
+            Some(netns) => crate::command_in(netns, "etcd"),
+            None => Command::new("etcd"),
+        };
         // Killed with this thread (the test that owns the server), even when the test process
         // is killed: no etcd outlives its test.
         freeflow_os::process::die_with_parent_on_exec(&mut command, libc::SIGKILL);
@@ -119,7 +147,7 @@ impl EtcdServer {
                     ));
                 }
             }
-            if healthy(self.client_port) {
+            if self.healthy() {
                 return Ok(());
             }
             thread::sleep(Duration::from_millis(50));
@@ -146,9 +174,27 @@ fn free_port() -> u16 {
         .expect("bind a loopback port")
 }
 
-/// Whether etcd answers `GET /health` with `"health":"true"`.
-fn healthy(port: u16) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+impl EtcdServer {
+    /// Whether etcd answers `GET /health` with `"health":"true"` (asked with curl inside its
+    /// namespace when it runs in one).
+    fn healthy(&self) -> bool {
+        match &self.netns {
+            None => healthy_here(self.ip, self.client_port),
+            Some(netns) => crate::command_in(netns, "curl")
+                .args(["-s", "--max-time", "2"])
+                .arg(format!("http://{}/health", self.endpoint()))
+                .output()
+                .is_ok_and(|out| {
+                    String::from_utf8_lossy(&out.stdout).contains("\"health\":\"true\"")
+                }),
+        }
+    }
+}
+
+/// Whether etcd at `ip:port`, reachable from here, answers `GET /health` with
+/// `"health":"true"`.
+fn healthy_here(ip: Ipv4Addr, port: u16) -> bool {
+    let addr = SocketAddr::from((ip, port));
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
         return false;
     };

@@ -63,7 +63,7 @@ const KEEPALIVE_EVERY: Duration = Duration::from_millis(LEASE_TTL * 1000 / 3);
 /// Wait before retrying a failed renewal.
 const KEEPALIVE_RETRY: Duration = Duration::from_secs(1);
 /// Deadline of one HTTP exchange (connection included).
-const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(2);
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts of an update that keeps conflicting with other writers.
 const UPDATE_ATTEMPTS: u32 = 100;
 /// Longest pause between two attempts of a conflicting update.
