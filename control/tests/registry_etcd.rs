@@ -488,3 +488,78 @@ fn endpoints_fail_over() {
     add(&*reg, container(0, 0, 1)).unwrap();
     assert_eq!(reg.load().unwrap().containers.len(), 1);
 }
+
+/// Puts `value` at `key` straight into etcd (with curl, through the JSON gateway), the way a
+/// tool or a buggy writer could.
+fn raw_put(etcd: &TestEtcd, key: &str, value: &str) {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let body = format!(r#"{{"key":"{}","value":"{}"}}"#, b64(key), b64(value));
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", "-X", "POST", "-d", &body])
+        .arg(format!("http://{}/v3/kv/put", etcd.server.endpoint()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("revision"),
+        "{out:?}"
+    );
+}
+
+/// Records under the prefix that cannot be parsed, or that contradict each other, are reported
+/// with the key, and no update is made on top of them; keys of a later layout are left alone.
+#[test]
+fn corrupt_keys_are_reported_and_left_alone() {
+    freeflow_testbed::test_support::require_programs(&["curl"], "curl");
+    let etcd = TestEtcd::start();
+    let url = etcd.server.url("/corrupt");
+    let reg = registry::open(&url).unwrap();
+    add(&*reg, container(0, 0, 1)).unwrap();
+    // A key this layout does not know is not ours: ignored, kept.
+    raw_put(&etcd, "/corrupt/v1/later/x", "something");
+    add(&*reg, container(0, 1, 1)).unwrap();
+
+    let cases = [
+        ("/corrupt/v1/containers/w0-c9", "{not json"),
+        (
+            "/corrupt/v1/containers/w0-c9",
+            // Valid, but under another container's name.
+            r#"{"name":"w0-c0","tenant":"t","ip":"10.32.9.9","netns":"/run/netns/x","host_ip":"192.168.100.1"}"#,
+        ),
+        (
+            "/corrupt/v1/containers/w0-c9",
+            // Valid, under its own name, but with w0-c0's overlay address.
+            r#"{"name":"w0-c9","tenant":"t","ip":"10.32.0.1","netns":"/run/netns/x","host_ip":"192.168.100.1"}"#,
+        ),
+        ("/corrupt/v1/generation", "many"),
+    ];
+    for (key, value) in cases {
+        raw_put(&etcd, key, value);
+        let err = reg.load().unwrap_err();
+        assert!(
+            matches!(&err, RegistryError::EtcdCorrupt { .. }) && err.is_corrupt(),
+            "{value}: {err:?}"
+        );
+        assert!(err.to_string().contains("/corrupt/v1/"), "{err}");
+        let mut called = false;
+        let err = reg
+            .update(&mut |s| {
+                called = true;
+                s.add_container(container(0, 5, 1))
+            })
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::EtcdCorrupt { .. }), "{err:?}");
+        assert!(!called, "{value}: the closure ran on a corrupt registry");
+        // Repaired by hand: usable again.
+        let repair = if key.ends_with("generation") {
+            "2"
+        } else {
+            r#"{"name":"w0-c9","tenant":"t","ip":"10.32.9.9","netns":"/run/netns/x9","host_ip":"192.168.100.1"}"#
+        };
+        raw_put(&etcd, key, repair);
+        reg.load().unwrap();
+    }
+    add(&*reg, container(0, 5, 1)).unwrap();
+    let s = reg.load().unwrap();
+    assert_eq!(s.containers.len(), 4, "{s:?}");
+}

@@ -209,6 +209,8 @@ struct Daemon {
     fingerprint: Option<Fingerprint>,
     next_registry_poll: Instant,
     registry_error: Option<String>,
+    /// What the registry last said about this host's liveness (its lease), to log changes.
+    liveness_problem: Option<String>,
     /// The table the running router has.
     pushed: Option<RouterTable>,
     /// The last push that failed, to retry it at a calm pace.
@@ -258,6 +260,7 @@ impl Daemon {
             fingerprint: None,
             next_registry_poll: now,
             registry_error: None,
+            liveness_problem: None,
             pushed: None,
             last_attempt: None,
             skipped: BTreeMap::new(),
@@ -399,6 +402,7 @@ impl Daemon {
             if Instant::now() >= self.next_registry_poll {
                 // Errors are logged and kept in the status; the last good table stays.
                 let _ = self.refresh_registry(false);
+                self.note_liveness();
                 self.next_registry_poll = Instant::now() + REGISTRY_POLL;
             }
             self.sync_table();
@@ -565,6 +569,22 @@ impl Daemon {
             }
         }
         result
+    }
+
+    /// Logs when this host's records stop (or start again) being kept alive in the registry.
+    fn note_liveness(&mut self) {
+        let problem = self.registry.liveness_problem();
+        if problem == self.liveness_problem {
+            return;
+        }
+        match &problem {
+            Some(problem) => log_limited(KEY_REGISTRY, format_args!("host liveness: {problem}")),
+            None => log_limited(
+                KEY_REGISTRY,
+                "host liveness: this host's lease is renewed again",
+            ),
+        }
+        self.liveness_problem = problem;
     }
 
     /// The router's table from the current snapshot: this host's containers whose namespace

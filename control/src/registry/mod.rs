@@ -354,6 +354,12 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
         let _ = host;
         Ok(())
     }
+
+    /// Why the host held with [`Registry::hold_host`] is not known to be alive right now (its
+    /// lease could not be renewed, or was lost); `None` when it is, or when nothing is held.
+    fn liveness_problem(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Opens the registry a URL names.

@@ -175,11 +175,6 @@ impl EtcdRegistry {
     pub fn key(&self, relative: &str) -> String {
         format!("{}{relative}", self.client.root)
     }
-
-    /// Why the host's lease is not held right now (`None`: held, or not asked to hold one).
-    pub fn lease_problem(&self) -> Option<String> {
-        lock(&self.client.lease_problem).clone()
-    }
 }
 
 impl Registry for EtcdRegistry {
@@ -229,6 +224,10 @@ impl Registry for EtcdRegistry {
             .map_err(RegistryError::Thread)?;
         *keeper = Some(Keeper { stop });
         Ok(())
+    }
+
+    fn liveness_problem(&self) -> Option<String> {
+        lock(&self.client.lease_problem).clone()
     }
 }
 
