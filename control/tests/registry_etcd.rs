@@ -455,13 +455,21 @@ fn etcd_down_and_restarted_loses_nothing() {
         );
         assert!(err.to_string().contains(&server.endpoint()), "{err}");
     }
-    // Away for longer than a lease lives.
+    // Away for longer than a lease lives: the keeper says it cannot renew.
     thread::sleep(Duration::from_secs(LEASE_TTL) + Duration::from_secs(2));
+    let problem = reg.liveness_problem();
+    assert!(
+        problem
+            .as_deref()
+            .is_some_and(|p| p.contains("no endpoint answered")),
+        "{problem:?}"
+    );
     server.restart();
     assert_eq!(reg.load().unwrap(), before, "{}", server.log_text());
     // Still held a lease's lifetime later: the keeper renewed it after the return.
     thread::sleep(Duration::from_secs(LEASE_TTL) + EXPIRY_SLACK);
     assert_eq!(reg.load().unwrap(), before);
+    assert_eq!(reg.liveness_problem(), None);
     add(&*reg, container(2, 0, 1)).unwrap();
 }
 
