@@ -156,8 +156,8 @@ pub(super) fn parse_target(url: &str, rest: &str) -> Result<(Vec<String>, String
 
 impl EtcdRegistry {
     /// A handle on the registry under `prefix` of the etcd cluster at `endpoints` (`host:port`
-    /// each). Contacts nobody until used.
-    pub fn new(endpoints: Vec<String>, prefix: &str) -> Self {
+    /// each), both as [`parse_target`] checked them. Contacts nobody until used.
+    pub(super) fn new(endpoints: Vec<String>, prefix: &str) -> Self {
         let url = format!("etcd://{}{prefix}", endpoints.join(","));
         EtcdRegistry {
             client: Arc::new(Client {
@@ -169,11 +169,6 @@ impl EtcdRegistry {
             }),
             keeper: Mutex::new(None),
         }
-    }
-
-    /// The full etcd key of a key relative to the layout root, for tests and tools.
-    pub fn key(&self, relative: &str) -> String {
-        format!("{}{relative}", self.client.root)
     }
 }
 
@@ -646,7 +641,8 @@ impl Client {
         let answer: LeaseGrantResponse = self.call(
             "/v3/lease/grant",
             &json!({ "TTL": LEASE_TTL.to_string() }),
-            Retry::IfNotSent,
+            // A grant repeated after a lost answer leaves an unused lease, which expires.
+            Retry::Safe,
         )?;
         if answer.id == 0 || !answer.error.is_empty() {
             return Err(self.refused(format!("lease grant failed: {}", answer.error)));
