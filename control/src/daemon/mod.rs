@@ -39,7 +39,7 @@ pub use state::{
 
 use crate::config::{self, Config, ConfigError, RuntimeDir};
 use crate::os;
-use crate::registry::{self, Fingerprint, Registry, RegistryError, Snapshot};
+use crate::registry::{self, Fingerprint, HostRecord, Registry, RegistryError, Snapshot};
 use crate::supervise::{
     self, format_duration, unix_ms_now, Backoff, Router, RouterSpec, SuperviseError,
 };
@@ -220,6 +220,8 @@ struct Daemon {
     fingerprint: Option<Fingerprint>,
     next_registry_poll: Instant,
     registry_error: Option<String>,
+    /// What the registry last said about this host's liveness (its lease), to log changes.
+    liveness_problem: Option<String>,
     /// The table the running router has.
     pushed: Option<RouterTable>,
     /// The last push that failed, to retry it at a calm pace.
@@ -271,6 +273,7 @@ impl Daemon {
             fingerprint: None,
             next_registry_poll: now,
             registry_error: None,
+            liveness_problem: None,
             pushed: None,
             last_attempt: None,
             skipped: BTreeMap::new(),
@@ -312,6 +315,13 @@ impl Daemon {
     /// it must take its table, else the daemon gives up (and `freeflow up` reports why).
     fn startup(&mut self) -> Result<(), DaemonError> {
         self.refresh_registry(true)?;
+        // Where the registry's records live on a lease (etcd), this host's stay while we live.
+        self.registry.hold_host(&HostRecord {
+            host_ip: self.config.host_ip,
+            peer_port: self.config.peer_port,
+            vnet_prefix: self.config.vnet_prefix,
+            dir: self.dir.path().to_path_buf(),
+        })?;
         let router = match self.running_router()? {
             Some(router) => {
                 log(format_args!(
@@ -406,6 +416,7 @@ impl Daemon {
             if Instant::now() >= self.next_registry_poll {
                 // Errors are logged and kept in the status; the last good table stays.
                 let _ = self.refresh_registry(false);
+                self.note_liveness();
                 self.next_registry_poll = Instant::now() + REGISTRY_POLL;
             }
             self.sync_table();
@@ -585,6 +596,22 @@ impl Daemon {
             }
         }
         result
+    }
+
+    /// Logs when this host's records stop (or start again) being kept alive in the registry.
+    fn note_liveness(&mut self) {
+        let problem = self.registry.liveness_problem();
+        if problem == self.liveness_problem {
+            return;
+        }
+        match &problem {
+            Some(problem) => log_limited(KEY_REGISTRY, format_args!("host liveness: {problem}")),
+            None => log_limited(
+                KEY_REGISTRY,
+                "host liveness: this host's lease is renewed again",
+            ),
+        }
+        self.liveness_problem = problem;
     }
 
     /// The router's table from the current snapshot: this host's containers whose namespace
