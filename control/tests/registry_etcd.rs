@@ -423,6 +423,56 @@ fn records_go_with_the_process_holding_them() {
     survivor.wait().unwrap();
 }
 
+/// A lease that expires while its holder lives (here revoked by hand; in life, a partition or a
+/// stall longer than the TTL): the holder writes its host record again, and the containers it
+/// served with it, on a new lease.
+#[test]
+fn a_lost_lease_costs_no_registration() {
+    let etcd = TestEtcd::start();
+    let url = etcd.server.url("/relost");
+    let reg = registry::open(&url).unwrap();
+    let mut holder = spawn_holder(&url, 3);
+    // The keeper has looked at what the host serves once its first renewal went through.
+    thread::sleep(Duration::from_secs(LEASE_TTL / 2));
+    let key = format!("/relost/v1/hosts/{}", host_ip(3));
+    let range = raw_post(
+        &etcd,
+        "/v3/kv/range",
+        &format!(r#"{{"key":"{}"}}"#, b64(&key)),
+    );
+    let lease = range["kvs"][0]["lease"]
+        .as_str()
+        .expect("the host record has a lease")
+        .to_owned();
+    raw_post(&etcd, "/v3/lease/revoke", &format!(r#"{{"ID":"{lease}"}}"#));
+    let s = reg.load().unwrap();
+    assert!(s.host(host_ip(3)).is_none(), "{s:?}");
+    assert_eq!(s.containers_on(host_ip(3)).count(), 0);
+    let back = wait_until(Duration::from_secs(LEASE_TTL) + EXPIRY_SLACK, || {
+        let s = reg.load().unwrap();
+        s.host(host_ip(3)).is_some() && s.containers_on(host_ip(3)).count() == HOLDER_CONTAINERS
+    });
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(back, "not written back: {:?}", reg.load().unwrap());
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// POSTs `body` to etcd's JSON gateway at `path` (with curl); the parsed answer.
+fn raw_post(etcd: &TestEtcd, path: &str, body: &str) -> serde_json::Value {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", "-X", "POST", "-d", body])
+        .arg(format!("http://{}{path}", etcd.server.endpoint()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// With etcd down every operation fails with a clear error (and returns); when etcd comes back
 /// from its data directory, everything is still there, held leases included, even when etcd was
 /// away for longer than the leases' time to live.

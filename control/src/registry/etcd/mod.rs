@@ -185,20 +185,7 @@ impl Registry for EtcdRegistry {
     }
 
     fn fingerprint(&self) -> Result<Fingerprint, RegistryError> {
-        let (start, end) = prefix_range(&self.client.root);
-        let body = json!({
-            "key": start,
-            "range_end": end,
-            "keys_only": true,
-            "limit": 1,
-            "sort_order": "DESCEND",
-            "sort_target": "MOD",
-        });
-        let range: RangeResponse = self.client.call("/v3/kv/range", &body, Retry::Safe)?;
-        Ok(Fingerprint(FingerprintRepr::Etcd {
-            count: range.count,
-            max_mod_revision: range.kvs.first().map_or(0, |kv| kv.mod_revision),
-        }))
+        self.client.fingerprint()
     }
 
     fn url(&self) -> String {
@@ -236,6 +223,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// [`KEEPALIVE_EVERY`], and writes the record again on a new lease when the old one is gone.
 fn keep_host_alive(client: &Client, host: &HostRecord, stop: &AtomicBool) {
     let mut lease = None;
+    let mut served = Served::default();
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -243,7 +231,7 @@ fn keep_host_alive(client: &Client, host: &HostRecord, stop: &AtomicBool) {
             thread::sleep((next - now).min(Duration::from_millis(100)));
             continue;
         }
-        let result = renew(client, host, &mut lease);
+        let result = renew(client, host, &mut lease, &mut served);
         let problem = match result {
             Ok(()) => {
                 next = Instant::now() + KEEPALIVE_EVERY;
@@ -258,8 +246,57 @@ fn keep_host_alive(client: &Client, host: &HostRecord, stop: &AtomicBool) {
     }
 }
 
-/// One round of the keeper: make sure the host record exists on a lease we know, then renew it.
-fn renew(client: &Client, host: &HostRecord, lease: &mut Option<i64>) -> Result<(), String> {
+/// The containers of the held host as the keeper last saw them in etcd, so that a lease that
+/// expired while the daemon lived (etcd reachable, the daemon not: a partition, a stall longer
+/// than the TTL) costs no registration: they are written again with the host record.
+#[derive(Default)]
+struct Served {
+    containers: Vec<ContainerRecord>,
+    /// The registry's fingerprint when `containers` was read.
+    seen: Option<Fingerprint>,
+}
+
+impl Served {
+    /// Reads the host's containers again if the registry changed since the last look.
+    fn refresh(&mut self, client: &Client, host: Ipv4Addr) -> Result<(), RegistryError> {
+        let now = client.fingerprint()?;
+        if self.seen.as_ref() == Some(&now) {
+            return Ok(());
+        }
+        let stored = client.read()?;
+        self.containers = stored
+            .snapshot
+            .containers
+            .into_iter()
+            .filter(|c| c.host_ip == host)
+            .collect();
+        self.seen = Some(now);
+        Ok(())
+    }
+
+    /// Puts back into `s` each remembered container whose name, address and namespace nobody
+    /// took meanwhile (a conflicting one stays out: the registry decides).
+    fn restore_into(&self, s: &mut Snapshot) {
+        for c in &self.containers {
+            let taken = s
+                .containers
+                .iter()
+                .any(|o| o.name == c.name || o.ip == c.ip || o.netns == c.netns);
+            if !taken {
+                s.containers.push(c.clone());
+            }
+        }
+    }
+}
+
+/// One round of the keeper: make sure the host record exists on a lease we know (with the
+/// containers it served, if they went with an expired lease), then renew it.
+fn renew(
+    client: &Client,
+    host: &HostRecord,
+    lease: &mut Option<i64>,
+    served: &mut Served,
+) -> Result<(), String> {
     let host_key = host_key(&client.root, host.host_ip);
     if lease.is_none() {
         let stored = client.read().map_err(|e| e.to_string())?;
@@ -270,6 +307,7 @@ fn renew(client: &Client, host: &HostRecord, lease: &mut Option<i64>) -> Result<
             client
                 .update(&mut |s| {
                     s.upsert_host(host.clone());
+                    served.restore_into(s);
                     Ok(())
                 })
                 .map_err(|e| e.to_string())?;
@@ -294,13 +332,18 @@ fn renew(client: &Client, host: &HostRecord, lease: &mut Option<i64>) -> Result<
         return Ok(());
     };
     match client.keepalive(id) {
-        Ok(ttl) if ttl > 0 => Ok(()),
+        Ok(ttl) if ttl > 0 => {
+            // While the lease holds, what etcd says this host serves is what to restore.
+            served
+                .refresh(client, host.host_ip)
+                .map_err(|e| e.to_string())
+        }
         Ok(_) => {
             *lease = None;
             Err(format!(
                 "the lease of {host_key} expired (it was not renewed in time): the host record \
-                 is written again on a new lease; the containers it served are gone from the \
-                 registry"
+                 and the {} containers it served are written again on a new lease",
+                served.containers.len()
             ))
         }
         Err(e) => Err(e.to_string()),
@@ -420,6 +463,24 @@ impl Client {
     }
 
     /// Reads everything under the prefix in one range (one revision).
+    /// One keys-only range under the prefix: how many keys, and the newest change among them.
+    fn fingerprint(&self) -> Result<Fingerprint, RegistryError> {
+        let (start, end) = prefix_range(&self.root);
+        let body = json!({
+            "key": start,
+            "range_end": end,
+            "keys_only": true,
+            "limit": 1,
+            "sort_order": "DESCEND",
+            "sort_target": "MOD",
+        });
+        let range: RangeResponse = self.call("/v3/kv/range", &body, Retry::Safe)?;
+        Ok(Fingerprint(FingerprintRepr::Etcd {
+            count: range.count,
+            max_mod_revision: range.kvs.first().map_or(0, |kv| kv.mod_revision),
+        }))
+    }
+
     fn read(&self) -> Result<Stored, RegistryError> {
         let (start, end) = prefix_range(&self.root);
         let range: RangeResponse = self.call(
