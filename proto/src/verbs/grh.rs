@@ -109,7 +109,10 @@ mod tests {
         let g = roce_v2_ipv4(src, dst, 3, 64, 100, true);
         assert_eq!(&g[..20], &[0u8; 20]);
         assert_eq!(g[20], 0x45);
-        assert_eq!(u16::from_be_bytes([g[22], g[23]]), (48 + 4 + 100 + 4) as u16);
+        assert_eq!(
+            u16::from_be_bytes([g[22], g[23]]),
+            (48 + 4 + 100 + 4) as u16
+        );
         assert_eq!(g[28], 64);
         assert_eq!(g[29], 17);
         assert_eq!(checksum(&g[20..]), 0);

@@ -170,13 +170,13 @@ pub fn uc_transition(from: QpState, to: QpState) -> Option<Transition> {
             AV | PATH_MTU | DEST_QPN | RQ_PSN,
             ALT_PATH | ACCESS_FLAGS | PKEY_INDEX,
         ),
-        (Rtr, Rts) => t(
-            SQ_PSN,
-            CUR_STATE | ALT_PATH | ACCESS_FLAGS | PATH_MIG_STATE,
-        ),
+        (Rtr, Rts) => t(SQ_PSN, CUR_STATE | ALT_PATH | ACCESS_FLAGS | PATH_MIG_STATE),
         (Rts, Rts) | (Sqd, Rts) => t(0, CUR_STATE | ACCESS_FLAGS | ALT_PATH | PATH_MIG_STATE),
         (Rts, Sqd) => t(0, EN_SQD_ASYNC_NOTIFY),
-        (Sqd, Sqd) => t(0, PKEY_INDEX | AV | ACCESS_FLAGS | ALT_PATH | PATH_MIG_STATE),
+        (Sqd, Sqd) => t(
+            0,
+            PKEY_INDEX | AV | ACCESS_FLAGS | ALT_PATH | PATH_MIG_STATE,
+        ),
         _ => None,
     }
 }
@@ -669,7 +669,12 @@ mod tests {
             Err(TransitionError::ExtraAttributes { extra, .. }) if extra == MAX_DEST_RD_ATOMIC
         ));
         assert_eq!(
-            check_transition_of(QpType::Uc, QpState::Rtr, STATE | SQ_PSN, &attr(QpState::Rts)),
+            check_transition_of(
+                QpType::Uc,
+                QpState::Rtr,
+                STATE | SQ_PSN,
+                &attr(QpState::Rts)
+            ),
             Ok(QpState::Rts)
         );
         assert!(check_transition_of(
@@ -698,7 +703,12 @@ mod tests {
                 .is_err()
         );
         assert_eq!(
-            check_transition_of(QpType::Ud, QpState::Rtr, STATE | SQ_PSN, &attr(QpState::Rts)),
+            check_transition_of(
+                QpType::Ud,
+                QpState::Rtr,
+                STATE | SQ_PSN,
+                &attr(QpState::Rts)
+            ),
             Ok(QpState::Rts)
         );
     }

@@ -188,9 +188,8 @@ impl QpRequest {
             }
             Some(entry)
         };
-        let qp_type = QpType::from_u32(a.qp_type).ok_or(VerbsError::NotSupported(
-            "only RC, UC and UD queue pairs",
-        ))?;
+        let qp_type = QpType::from_u32(a.qp_type)
+            .ok_or(VerbsError::NotSupported("only RC, UC and UD queue pairs"))?;
         Ok(QpRequest {
             pd: pd_entry,
             attr: a,

@@ -384,11 +384,9 @@ pub fn remove_objects_of(context: usize) -> Vec<MrEntry> {
             false
         }
         Object::Mr(_) => true,
-        Object::Cq(e)
-        | Object::Qp(e)
-        | Object::Channel(e)
-        | Object::Srq(e)
-        | Object::Ah(e) => e.context != context,
+        Object::Cq(e) | Object::Qp(e) | Object::Channel(e) | Object::Srq(e) | Object::Ah(e) => {
+            e.context != context
+        }
     });
     regions
 }

@@ -62,11 +62,11 @@ mod test_support;
 #[cfg(test)]
 mod tests;
 
+pub(super) use ah::Ah;
 pub use budget::budget_of_this_process;
 pub use objects::Fault;
 pub use park::ParkPlan;
 pub(super) use park::{ack_timeout, rnr_timer, CQ_FULL_RETRY};
-pub(super) use ah::Ah;
 pub(super) use qp::{Pending, Qp, Route, Wait};
 
 use super::ids::{AttachmentId, CqId, PdId, QpId, SrqId, TenantId};

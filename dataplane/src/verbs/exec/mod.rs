@@ -77,15 +77,10 @@ fn uc_effects(mut e: Effects, success: Option<Cqe>) -> Effects {
         )
     });
     if remote {
-        e.sender = success.map(|c| Cqe {
-            byte_len: 0,
-            ..c
-        });
+        e.sender = success.map(|c| Cqe { byte_len: 0, ..c });
         e.sender_error = false;
     }
-    e.receiver_error = e
-        .receiver
-        .is_some_and(|c| c.status != wc_status::SUCCESS);
+    e.receiver_error = e.receiver.is_some_and(|c| c.status != wc_status::SUCCESS);
     e
 }
 
@@ -464,9 +459,7 @@ impl Engine {
         let effects = match moved {
             Ok(effects) if unreliable => uc_effects(effects, self.uc_success(index)?),
             Ok(effects) => effects,
-            Err(NoReceive::Rnr | NoReceive::Broken) if unreliable => {
-                return self.uc_dropped(index)
-            }
+            Err(NoReceive::Rnr | NoReceive::Broken) if unreliable => return self.uc_dropped(index),
             Err(NoReceive::Rnr) => return self.rnr_wait(index, &peer, now),
             Err(NoReceive::Broken) => return self.transport_wait(index, now),
             Err(NoReceive::Fault(fault)) => return Err(fault),

@@ -162,7 +162,8 @@ impl Engine {
             data.len()
         } else {
             let mut views: Views<'_> = [const { None }; MAX_SGE as usize];
-            let Ok(total) = resolve_list(&ctx.table, pd, wqe.sges(slot), Need::LocalRead, &mut views)
+            let Ok(total) =
+                resolve_list(&ctx.table, pd, wqe.sges(slot), Need::LocalRead, &mut views)
             else {
                 return Ok(Some((d.fail(wc_status::LOC_PROT_ERR), None)));
             };
@@ -244,7 +245,12 @@ impl Engine {
         let r = Cqe {
             byte_len: whole as u32,
             imm_data: d.imm.unwrap_or(0),
-            wc_flags: wc_flags::GRH | if d.imm.is_some() { wc_flags::WITH_IMM } else { 0 },
+            wc_flags: wc_flags::GRH
+                | if d.imm.is_some() {
+                    wc_flags::WITH_IMM
+                } else {
+                    0
+                },
             ..rbase
         };
         Ok(Some((d.received(len, r, false), target)))
@@ -260,8 +266,7 @@ impl Engine {
     ) -> Option<Peer> {
         let p_index = self.qp_by_number(d.dest.remote_qpn)?;
         let p = self.qps.get(p_index)?;
-        if p.qp_type != QpType::Ud || !matches!(p.state, QpState::Rtr | QpState::Rts) || p.broken
-        {
+        if p.qp_type != QpType::Ud || !matches!(p.state, QpState::Rtr | QpState::Rts) || p.broken {
             return None;
         }
         let p_ctx = contexts.get(&p.owner)?;
