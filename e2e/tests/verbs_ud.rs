@@ -34,6 +34,23 @@ impl Site {
             ..SiteSpec::default()
         })
     }
+
+    /// The same containers on two hosts: client on host 0; server and other on host 1.
+    fn two_hosts(prefix: &str) -> Site {
+        Site::create_verbs(SiteSpec {
+            prefix,
+            work_prefix: "ff-verbs-udx",
+            hosts: 2,
+            containers: &[
+                (1, "server", [10, 32, 0, 2]),
+                (0, "client", [10, 32, 0, 3]),
+                (1, "other", [10, 32, 0, 4]),
+            ],
+            registered: &[("server", "blue"), ("client", "blue"), ("other", "red")],
+            verbs_timeout: 60,
+            ..SiteSpec::default()
+        })
+    }
 }
 
 /// Checks a pingpong run of `program` (both sides exit 0, report the transfer and both GIDs).
@@ -158,7 +175,31 @@ const PROBE: CProbe = CProbe {
 
 #[test]
 fn address_handles_qkeys_grh_errors_and_tenant_isolation() {
-    let site = Site::new("vuq");
+    probe_checks(&Site::new("vuq"));
+}
+
+#[test]
+fn ud_crosses_hosts_through_the_routers_and_still_reaches_no_other_tenant() {
+    let site = Site::two_hosts("vux");
+    // The other tenant and the server are on the other host: their datagrams go router to
+    // router, and that router makes the checks.
+    probe_checks(&site);
+    let runs = site.pingpong("ibv_ud_pingpong", 18561, &["-g", "0", "-c", "-s", "1024"]);
+    assert_pingpong(&site, "ibv_ud_pingpong across hosts", &runs, 1000, 1024);
+    let runs = site.pingpong(
+        "ibv_ud_pingpong",
+        18562,
+        &["-g", "0", "-c", "-e", "-s", "100", "-n", "300"],
+    );
+    assert_pingpong(&site, "ibv_ud_pingpong across hosts", &runs, 300, 100);
+    // UC across hosts rides the RC transport (acknowledged underneath).
+    let runs = site.pingpong("ibv_uc_pingpong", 18563, &["-g", "0", "-c", "-n", "300"]);
+    assert_pingpong(&site, "ibv_uc_pingpong across hosts", &runs, 300, 4096);
+}
+
+/// The probe's checks from client, with a UD QP held by other (tenant red) and one by server
+/// (the client's tenant).
+fn probe_checks(site: &Site) {
     let probe = PROBE.build(&site.work);
     // A UD QP of another tenant, and one of the client's own tenant, each with receives posted.
     let red = site.hold("other", &probe);

@@ -1,5 +1,6 @@
 //! Address handles: `ibv_create_ah` resolves a UD destination once (a container of the
-//! caller's tenant with a verbs context on this host), as an RC QP's address vector is at RTR;
+//! caller's tenant with a verbs context on this host, or a registered container of it on
+//! another host), as an RC QP's address vector is at RTR;
 //! `ibv_destroy_ah` forgets it. A UD send names the handle, which is looked up in the sender's
 //! own context only: a handle of another context names nothing.
 
@@ -18,6 +19,8 @@ pub(in crate::verbs) struct Ah {
     pub(in crate::verbs) pd: PdId,
     /// The destination container's overlay address.
     pub(in crate::verbs) ip: Ipv4Addr,
+    /// The router of the host it is on, if not this one.
+    pub(in crate::verbs) host: Option<Ipv4Addr>,
     pub(in crate::verbs) traffic_class: u8,
     pub(in crate::verbs) hop_limit: u8,
     pub(in crate::verbs) sl: u8,
@@ -54,20 +57,24 @@ impl Engine {
             .contexts
             .values()
             .any(|c| c.container.ip == ip && c.tenant == tenant);
-        if !local {
-            if self.remote.host_of(ip, &caller.container.tenant).is_some() {
-                return Err(VerbsError::NotSupported(
-                    "UD to a container on another host (UD across hosts is not built yet)",
-                ));
+        let host = if local {
+            None
+        } else {
+            match self.remote.host_of(ip, &caller.container.tenant) {
+                Some(host) => Some(host),
+                None => {
+                    return Err(VerbsError::Unreachable(format!(
+                        "{ip} is no container of tenant {} with RDMA on this host or a \
+                         registered container of it on another host",
+                        caller.container.tenant
+                    )))
+                }
             }
-            return Err(VerbsError::Unreachable(format!(
-                "{ip} is no container of tenant {} with RDMA on this host",
-                caller.container.tenant
-            )));
-        }
+        };
         let ah = Ah {
             pd: PdId(r.pd),
             ip,
+            host,
             traffic_class: r.traffic_class,
             hop_limit: r.hop_limit,
             sl: r.sl,

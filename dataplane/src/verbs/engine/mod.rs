@@ -403,6 +403,11 @@ impl Engine {
         }
     }
 
+    /// The engine's number of tenant `name`, if a context of it was ever opened here.
+    pub(in crate::verbs) fn tenant_number(&self, name: &str) -> Option<TenantId> {
+        self.tenants.get(name).copied()
+    }
+
     fn context(&mut self, attachment: AttachmentId) -> Result<&mut Context, VerbsError> {
         context_mut(&mut self.contexts, attachment)
     }
