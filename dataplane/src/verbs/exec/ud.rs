@@ -351,13 +351,11 @@ impl Engine {
     ) -> Option<Peer> {
         let p_index = self.qp_by_number(qpn)?;
         let p = self.qps.get(p_index)?;
-        if p.qp_type != QpType::Ud || !matches!(p.state, QpState::Rtr | QpState::Rts) || p.broken
-        {
+        if p.qp_type != QpType::Ud || !matches!(p.state, QpState::Rtr | QpState::Rts) || p.broken {
             return None;
         }
         let p_ctx = contexts.get(&p.owner)?;
-        if p_ctx.container.ip != ip || p_ctx.tenant != origin.tenant || origin.qkey != p.attr.qkey
-        {
+        if p_ctx.container.ip != ip || p_ctx.tenant != origin.tenant || origin.qkey != p.attr.qkey {
             return None;
         }
         let recv_pd = match p.srq {
