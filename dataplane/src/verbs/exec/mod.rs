@@ -16,7 +16,9 @@
 //! operation, `copy` resolves scatter/gather lists and copies between them, `flush` empties
 //! QPs in the error state. A QP whose destination is on another host sends requests to that
 //! host's router instead (`remote`, the requester's side), and requests from other hosts'
-//! routers are executed by `respond` (the responder's side).
+//! routers are executed by `respond` (the responder's side). UC QPs run the same operations
+//! without acknowledgements (what the responder refuses is dropped: `uc_effects`); UD sends
+//! are `ud`'s.
 
 mod copy;
 mod flush;
@@ -221,7 +223,7 @@ impl Engine {
         let qp_type = qp.qp_type;
         let decoded = SendWqe::decode(&qp.sq_slot, qp.cap.max_send_sge, qp.cap.max_inline_data)
             .ok()
-            .filter(|wqe| qp_type.allows(u32::from(wqe.header.opcode)))
+            .filter(|wqe| qp_type == QpType::Rc || qp_type.allows(u32::from(wqe.header.opcode)))
             .and_then(|wqe| Some((wqe, SendOp::decode(wqe.header.opcode)?)));
         let Some((wqe, op)) = decoded else {
             // Malformed (a shim would not write it): the QP fails as a device's does on a bad
