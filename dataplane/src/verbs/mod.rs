@@ -93,6 +93,8 @@ pub enum VerbsError {
     Unreachable(String),
     #[error("not supported: {0}")]
     NotSupported(&'static str),
+    #[error("not permitted: {0}")]
+    Permission(&'static str),
     #[error(transparent)]
     Transition(#[from] freeflow_proto::verbs::qp::TransitionError),
     #[error("cannot set up the queue's shared memory: {0}")]
@@ -129,6 +131,7 @@ impl VerbsError {
             VerbsError::ObjectBusy(..) => VerbsStatus::Busy,
             VerbsError::Unreachable(_) => VerbsStatus::Unreachable,
             VerbsError::NotSupported(_) => VerbsStatus::NotSupported,
+            VerbsError::Permission(_) => VerbsStatus::Permission,
             VerbsError::Transition(_) => VerbsStatus::Invalid,
             VerbsError::Queue(_) | VerbsError::PassFile(_) => VerbsStatus::NoResources,
             VerbsError::Fault(_) => VerbsStatus::Invalid,

@@ -97,10 +97,10 @@ static int checks(const char *other_tenant_ip)
           qp->send_cq == cq && qp->pd == pd && qp->qp_type == IBV_QPT_RC, "qp fields");
     CHECK(init.cap.max_send_wr >= 10 && init.cap.max_recv_wr >= 20 && init.cap.max_send_sge >= 2 &&
           init.cap.max_recv_sge >= 3 && init.cap.max_inline_data >= 100, "caps written back");
-    struct ibv_qp_init_attr ud = init;
-    ud.qp_type = IBV_QPT_UD;
+    struct ibv_qp_init_attr raw = init;
+    raw.qp_type = IBV_QPT_RAW_PACKET;
     errno = 0;
-    CHECK(ibv_create_qp(pd, &ud) == NULL && errno == EOPNOTSUPP, "UD QP");
+    CHECK(ibv_create_qp(pd, &raw) == NULL && errno == EOPNOTSUPP, "raw packet QP");
     struct ibv_qp_init_attr big = init;
     big.cap.max_send_wr = dev.max_qp_wr + 1;
     errno = 0;

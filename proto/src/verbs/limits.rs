@@ -35,3 +35,8 @@ pub const MAX_COMP_CHANNELS: u32 = 1024;
 pub const MAX_QP_RD_ATOM: u32 = 16;
 /// Largest message: 2 GiB, RoCE's limit.
 pub const MAX_MSG_SZ: u64 = 1 << 31;
+/// Address handles per context.
+pub const MAX_AH: u32 = 65536;
+/// The port's active MTU in bytes (`IBV_MTU_1024`, what RoCE gets over a 1500-byte Ethernet
+/// MTU): the largest UD message.
+pub const UD_MTU: u32 = 1024;

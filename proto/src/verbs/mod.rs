@@ -23,9 +23,11 @@
 //! convention of [`crate::codec`].
 
 pub mod access;
+pub mod ah;
 pub mod async_event;
 pub mod cq;
 pub mod files;
+pub mod grh;
 pub mod limits;
 pub mod op;
 pub mod pd_mr;

@@ -62,6 +62,12 @@ wire_enum! {
         /// ([`super::QueueFileMsg`], kind AsyncEvents, handle 0); the router writes
         /// [`super::AsyncEventRecord`]s to it.
         CreateAsyncEvents = 0x0130 => CREATE_ASYNC_EVENTS,
+        /// Create an address handle (UD). Body [`super::ah::CreateAh`]; reply
+        /// [`super::ObjectHandle`]. Unreachable for an address that is no container of the
+        /// caller's tenant.
+        CreateAh = 0x0150 => CREATE_AH,
+        /// Destroy an address handle. Body [`super::ObjectHandle`]; reply empty.
+        DestroyAh = 0x0151 => DESTROY_AH,
         /// Test hook, served only by a router started with `FREEFLOW_TEST_HOOKS=1`: the router
         /// reads a range of a region through its own mapping, the way the engine will, and replies
         /// with a digest. Body [`super::TestRead`]; reply [`super::TestDigest`].

@@ -5,8 +5,12 @@
 //! ibv_mtu`), which the shim passes through unchanged; the layout test of the shim compares them
 //! with the installed headers.
 //!
-//! Only reliable-connected QPs exist here. The router decides; the shim keeps a copy of the
-//! state it was told, for the checks `ibv_post_send`/`ibv_post_recv` make without a round trip.
+//! Three transports: reliable connected (RC), unreliable connected (UC: RC without
+//! acknowledgements, so no RDMA READ, no atomics, no retry attributes) and unreliable datagram
+//! (UD: no destination in the QP; each send names an address handle, a QP number and a qkey).
+//! Each has its own table of transitions ([`transition`]), as the kernel's `qp_state_table`.
+//! The router decides; the shim keeps a copy of the state it was told, for the checks
+//! `ibv_post_send`/`ibv_post_recv` make without a round trip.
 
 use crate::codec::{self, sequential_body, wire_enum, Body};
 
@@ -39,8 +43,62 @@ impl QpState {
     }
 }
 
-/// `enum ibv_qp_type`: the one type supported.
+/// `enum ibv_qp_type`: reliable connected.
 pub const QPT_RC: u32 = 2;
+/// `enum ibv_qp_type`: unreliable connected.
+pub const QPT_UC: u32 = 3;
+/// `enum ibv_qp_type`: unreliable datagram.
+pub const QPT_UD: u32 = 4;
+
+/// The transports this device has (`enum ibv_qp_type`, the ones supported).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QpType {
+    Rc,
+    Uc,
+    Ud,
+}
+
+impl QpType {
+    /// The type of an `enum ibv_qp_type` number, if this device has it.
+    pub fn from_u32(t: u32) -> Option<QpType> {
+        match t {
+            QPT_RC => Some(QpType::Rc),
+            QPT_UC => Some(QpType::Uc),
+            QPT_UD => Some(QpType::Ud),
+            _ => None,
+        }
+    }
+
+    /// Its `enum ibv_qp_type` number.
+    pub fn number(self) -> u32 {
+        match self {
+            QpType::Rc => QPT_RC,
+            QpType::Uc => QPT_UC,
+            QpType::Ud => QPT_UD,
+        }
+    }
+
+    /// Whether a send work request with `opcode` (`enum ibv_wr_opcode`) exists on this
+    /// transport: every one on RC; SEND and RDMA WRITE (with or without immediate) on UC;
+    /// SEND (with or without immediate) on UD. A provider refuses the others at post time
+    /// (EINVAL).
+    pub fn allows(self, opcode: u32) -> bool {
+        use super::work::wr_opcode::*;
+        let Ok(op) = u8::try_from(opcode) else {
+            return false;
+        };
+        match self {
+            QpType::Rc => is_supported(opcode),
+            QpType::Uc => matches!(op, SEND | SEND_WITH_IMM | RDMA_WRITE | RDMA_WRITE_WITH_IMM),
+            QpType::Ud => matches!(op, SEND | SEND_WITH_IMM),
+        }
+    }
+}
+
+/// The bit of a qkey that marks it privileged: a program without CAP_NET_RAW may not give a
+/// QP such a qkey (the kernel's EPERM); in a UD send's `remote_qkey` it means "use the sending
+/// QP's own qkey".
+pub const PRIVILEGED_QKEY_BIT: u32 = 0x8000_0000;
 
 /// `enum ibv_qp_attr_mask`, as [`AttrMask`] and as `u32` constants.
 pub mod mask {
@@ -86,6 +144,59 @@ pub const MTU_MAX: u8 = 5;
 pub struct Transition {
     pub required: u32,
     pub optional: u32,
+}
+
+/// The transitions of a QP of type `qp_type` with the attribute masks the kernel's verbs layer
+/// demands for them; None if `from → to` is not a transition.
+pub fn transition(qp_type: QpType, from: QpState, to: QpState) -> Option<Transition> {
+    match qp_type {
+        QpType::Rc => rc_transition(from, to),
+        QpType::Uc => uc_transition(from, to),
+        QpType::Ud => ud_transition(from, to),
+    }
+}
+
+/// The UC transitions: RC's without the attributes of acknowledgements, retries, reads and
+/// atomics.
+pub fn uc_transition(from: QpState, to: QpState) -> Option<Transition> {
+    use mask::*;
+    use QpState::*;
+    let t = |required, optional| Some(Transition { required, optional });
+    match (from, to) {
+        (_, Reset) | (_, Err) => t(0, 0),
+        (Reset, Init) => t(PKEY_INDEX | PORT | ACCESS_FLAGS, 0),
+        (Init, Init) => t(0, PKEY_INDEX | PORT | ACCESS_FLAGS),
+        (Init, Rtr) => t(
+            AV | PATH_MTU | DEST_QPN | RQ_PSN,
+            ALT_PATH | ACCESS_FLAGS | PKEY_INDEX,
+        ),
+        (Rtr, Rts) => t(SQ_PSN, CUR_STATE | ALT_PATH | ACCESS_FLAGS | PATH_MIG_STATE),
+        (Rts, Rts) | (Sqd, Rts) => t(0, CUR_STATE | ACCESS_FLAGS | ALT_PATH | PATH_MIG_STATE),
+        (Rts, Sqd) => t(0, EN_SQD_ASYNC_NOTIFY),
+        (Sqd, Sqd) => t(
+            0,
+            PKEY_INDEX | AV | ACCESS_FLAGS | ALT_PATH | PATH_MIG_STATE,
+        ),
+        _ => None,
+    }
+}
+
+/// The UD transitions: a qkey instead of access flags, no destination, and a send PSN.
+pub fn ud_transition(from: QpState, to: QpState) -> Option<Transition> {
+    use mask::*;
+    use QpState::*;
+    let t = |required, optional| Some(Transition { required, optional });
+    match (from, to) {
+        (_, Reset) | (_, Err) => t(0, 0),
+        (Reset, Init) => t(PKEY_INDEX | PORT | QKEY, 0),
+        (Init, Init) => t(0, PKEY_INDEX | PORT | QKEY),
+        (Init, Rtr) => t(0, PKEY_INDEX | QKEY),
+        (Rtr, Rts) => t(SQ_PSN, CUR_STATE | QKEY),
+        (Rts, Rts) | (Sqd, Rts) => t(0, CUR_STATE | QKEY),
+        (Rts, Sqd) => t(0, EN_SQD_ASYNC_NOTIFY),
+        (Sqd, Sqd) => t(0, PKEY_INDEX | QKEY),
+        _ => None,
+    }
 }
 
 /// The RC transitions of the InfiniBand specification, with the attribute masks the kernel's
@@ -153,9 +264,19 @@ pub enum TransitionError {
     },
 }
 
-/// The state a modify of a QP in `current` with `attr_mask` and `attr` leads to, if the state
-/// machine allows it with this mask.
+/// The state a modify of an RC QP in `current` with `attr_mask` and `attr` leads to, if the
+/// state machine allows it with this mask.
 pub fn check_transition(
+    current: QpState,
+    attr_mask: u32,
+    attr: &QpAttr,
+) -> Result<QpState, TransitionError> {
+    check_transition_of(QpType::Rc, current, attr_mask, attr)
+}
+
+/// [`check_transition`] for a QP of type `qp_type`.
+pub fn check_transition_of(
+    qp_type: QpType,
     current: QpState,
     attr_mask: u32,
     attr: &QpAttr,
@@ -176,7 +297,7 @@ pub fn check_transition(
     } else {
         current
     };
-    let t = rc_transition(current, next).ok_or(TransitionError::NoTransition {
+    let t = transition(qp_type, current, next).ok_or(TransitionError::NoTransition {
         from: current,
         to: next,
     })?;
@@ -527,6 +648,85 @@ mod tests {
             check_transition(QpState::Rts, STATE | CUR_STATE, &cur),
             Ok(QpState::Rts)
         );
+    }
+
+    #[test]
+    fn uc_and_ud_sequences_follow_their_own_tables() {
+        // ibv_uc_pingpong: INIT with access flags, RTR without the RC-only attributes.
+        let init = STATE | PKEY_INDEX | PORT | ACCESS_FLAGS;
+        assert_eq!(
+            check_transition_of(QpType::Uc, QpState::Reset, init, &attr(QpState::Init)),
+            Ok(QpState::Init)
+        );
+        let rtr = STATE | AV | PATH_MTU | DEST_QPN | RQ_PSN;
+        assert_eq!(
+            check_transition_of(QpType::Uc, QpState::Init, rtr, &attr(QpState::Rtr)),
+            Ok(QpState::Rtr)
+        );
+        // RC's read and RNR attributes are not UC's.
+        assert!(matches!(
+            check_transition_of(QpType::Uc, QpState::Init, rtr | MAX_DEST_RD_ATOMIC, &attr(QpState::Rtr)),
+            Err(TransitionError::ExtraAttributes { extra, .. }) if extra == MAX_DEST_RD_ATOMIC
+        ));
+        assert_eq!(
+            check_transition_of(
+                QpType::Uc,
+                QpState::Rtr,
+                STATE | SQ_PSN,
+                &attr(QpState::Rts)
+            ),
+            Ok(QpState::Rts)
+        );
+        assert!(check_transition_of(
+            QpType::Uc,
+            QpState::Rtr,
+            STATE | SQ_PSN | TIMEOUT,
+            &attr(QpState::Rts)
+        )
+        .is_err());
+        // ibv_ud_pingpong: INIT with a qkey, RTR with nothing, RTS with a PSN.
+        let init = STATE | PKEY_INDEX | PORT | QKEY;
+        assert_eq!(
+            check_transition_of(QpType::Ud, QpState::Reset, init, &attr(QpState::Init)),
+            Ok(QpState::Init)
+        );
+        assert!(matches!(
+            check_transition_of(QpType::Ud, QpState::Reset, STATE | PKEY_INDEX | PORT | ACCESS_FLAGS, &attr(QpState::Init)),
+            Err(TransitionError::MissingAttributes { missing, .. }) if missing == QKEY
+        ));
+        assert_eq!(
+            check_transition_of(QpType::Ud, QpState::Init, STATE, &attr(QpState::Rtr)),
+            Ok(QpState::Rtr)
+        );
+        assert!(
+            check_transition_of(QpType::Ud, QpState::Init, STATE | AV, &attr(QpState::Rtr))
+                .is_err()
+        );
+        assert_eq!(
+            check_transition_of(
+                QpType::Ud,
+                QpState::Rtr,
+                STATE | SQ_PSN,
+                &attr(QpState::Rts)
+            ),
+            Ok(QpState::Rts)
+        );
+    }
+
+    #[test]
+    fn each_transport_allows_its_own_operations() {
+        use crate::verbs::work::wr_opcode::*;
+        for op in 0..=6u8 {
+            assert!(QpType::Rc.allows(u32::from(op)));
+        }
+        assert!(QpType::Uc.allows(u32::from(RDMA_WRITE_WITH_IMM)));
+        assert!(!QpType::Uc.allows(u32::from(RDMA_READ)));
+        assert!(!QpType::Uc.allows(u32::from(ATOMIC_FETCH_AND_ADD)));
+        assert!(QpType::Ud.allows(u32::from(SEND_WITH_IMM)));
+        assert!(!QpType::Ud.allows(u32::from(RDMA_WRITE)));
+        assert!(!QpType::Ud.allows(7));
+        assert_eq!(QpType::from_u32(QPT_UD), Some(QpType::Ud));
+        assert_eq!(QpType::from_u32(8), None);
     }
 
     #[test]

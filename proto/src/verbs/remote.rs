@@ -82,6 +82,12 @@ pub enum FrameKind {
     Read = 5,
     CompareSwap = 6,
     FetchAdd = 7,
+    /// A UD datagram (its payload the message), never answered: `rkey` is the qkey it
+    /// carries (the sender QP's own if the work request's was privileged), `code` is 1 with
+    /// immediate data in `imm`, `arg` the sender's address handle's traffic class (bits 0..8),
+    /// hop limit (8..16) and service level (16..24); `seq` is unused. The responder delivers it
+    /// with the checks of one host or drops it.
+    Datagram = 8,
     /// The request `seq` (and every earlier one of the QP) executed.
     Ack = 0x81,
     /// The data of the READ `seq`.
@@ -103,6 +109,7 @@ impl FrameKind {
             5 => Read,
             6 => CompareSwap,
             7 => FetchAdd,
+            8 => Datagram,
             0x81 => Ack,
             0x82 => ReadData,
             0x83 => AtomicData,
@@ -126,6 +133,7 @@ impl FrameKind {
                 | FrameKind::Write
                 | FrameKind::WriteWithImm
                 | FrameKind::ReadData
+                | FrameKind::Datagram
         )
     }
 

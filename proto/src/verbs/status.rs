@@ -29,6 +29,8 @@ wire_enum! {
         TestHooksOff = 24,
         /// The destination of a connection is no container this router can reach (ENETUNREACH).
         Unreachable = 25,
+        /// The caller may not do this (EPERM): a privileged qkey.
+        Permission = 30,
     }
 }
 

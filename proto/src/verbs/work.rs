@@ -89,8 +89,10 @@ pub mod wc_flags {
     use crate::codec::wire_flags;
 
     wire_flags! {
-        /// `enum ibv_wc_flags` (the one flag this device sets).
+        /// `enum ibv_wc_flags` (the flags this device sets).
         pub struct WcFlags: u32 {
+            /// A UD receive starts with the 40 bytes of the packet's global route header.
+            const GRH = 1;
             const WITH_IMM = 1 << 1;
         }
     }
@@ -155,6 +157,36 @@ sequential_body!(SendWqeHeader {
 impl SendWqeHeader {
     pub fn has(&self, flag: u32) -> bool {
         u32::from(self.flags) & flag != 0
+    }
+}
+
+/// Bytes of the global route header in front of every UD receive (`struct ibv_grh`).
+pub const GRH_LEN: usize = 40;
+
+/// A UD send's destination. UD has no remote address, rkey or atomic operands, so the header
+/// fields of those carry it: `rkey` the address handle (the sender's context's handle),
+/// `remote_addr` the remote QP number (low 32 bits) and the remote qkey (high 32 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UdDest {
+    pub ah: u32,
+    pub remote_qpn: u32,
+    pub remote_qkey: u32,
+}
+
+impl UdDest {
+    /// The destination a UD send's header carries.
+    pub fn of(h: &SendWqeHeader) -> UdDest {
+        UdDest {
+            ah: h.rkey,
+            remote_qpn: h.remote_addr as u32,
+            remote_qkey: (h.remote_addr >> 32) as u32,
+        }
+    }
+
+    /// Stores the destination in a UD send's header.
+    pub fn put(self, h: &mut SendWqeHeader) {
+        h.rkey = self.ah;
+        h.remote_addr = u64::from(self.remote_qpn) | (u64::from(self.remote_qkey) << 32);
     }
 }
 
@@ -430,6 +462,21 @@ mod tests {
         assert!(RecvWqe::decode(&slot[..40], 2).is_err());
         RecvWqe::write_header(5, u32::MAX, &mut slot);
         assert!(RecvWqe::decode(&slot, u32::MAX).is_err());
+    }
+
+    #[test]
+    fn ud_destinations_ride_in_the_unused_header_fields() {
+        let d = UdDest {
+            ah: 9,
+            remote_qpn: 0xab_cdef,
+            remote_qkey: 0x8000_0011,
+        };
+        let mut h = SendWqeHeader::default();
+        d.put(&mut h);
+        assert_eq!(UdDest::of(&h), d);
+        let mut slot = [0u8; SendWqeHeader::LEN];
+        h.write(&mut slot);
+        assert_eq!(UdDest::of(&SendWqeHeader::read(&slot)), d);
     }
 
     #[test]

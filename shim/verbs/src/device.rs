@@ -143,14 +143,14 @@ impl Identity {
             atomic_cap: IBV_ATOMIC_HCA,
             max_ee: 0,
             max_rdd: 0,
-            // No memory windows, no UD (so no address handles), no multicast, no raw QPs.
+            // No memory windows, no multicast, no raw QPs.
             max_mw: 0,
             max_raw_ipv6_qp: 0,
             max_raw_ethy_qp: 0,
             max_mcast_grp: 0,
             max_mcast_qp_attach: 0,
             max_total_mcast_qp_attach: 0,
-            max_ah: 0,
+            max_ah: freeflow_proto::verbs::limits::MAX_AH as i32,
             max_fmr: 0,
             max_map_per_fmr: 0,
             max_srq: MAX_SRQ,

@@ -67,6 +67,7 @@ fn refusal_text(status: VerbsStatus) -> &'static str {
         VerbsStatus::NoMemoryFile => "no memory file (a shim bug)",
         VerbsStatus::Protection => "protection error",
         VerbsStatus::TestHooksOff => "test hooks are off",
+        VerbsStatus::Permission => "not permitted (a privileged qkey needs CAP_NET_RAW)",
         VerbsStatus::Unreachable => {
             "the destination is not reachable: no container of this tenant with RDMA on this \
              host, nor a registered one on another host"
@@ -101,6 +102,7 @@ impl VerbsError {
                 VerbsStatus::Protection => libc::EACCES,
                 VerbsStatus::NoMemoryFile => libc::EIO,
                 VerbsStatus::Unreachable => libc::ENETUNREACH,
+                VerbsStatus::Permission => libc::EPERM,
             },
             VerbsError::RouterGone => libc::ENODEV,
             VerbsError::Protocol(_) | VerbsError::DeviceFatal => libc::EIO,

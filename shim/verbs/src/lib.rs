@@ -10,6 +10,7 @@
 //! pages move onto the process's memory file, which the router maps too, so the router works on
 //! the program's own bytes without a staging copy (`pages`, `memory`). CQs (resizable),
 //! completion channels, RC QPs and shared receive queues are real too (`cq`, `qp`, `srq`):
+//! QPs are RC, UC or UD, with address handles for UD (`ah`);
 //! completions, send and receive queues are rings in
 //! memory shared with the router, so posting and polling make no system call, and the router's
 //! software engine executes the work requests between containers of the host. Outside a
@@ -24,11 +25,11 @@
 //! memory; `async_event` is a context's asynchronous event queue behind its `async_fd`;
 //! `faults` is what happens when the router goes (flushes, errors), with `shadow` the
 //! lock-free record of each queue's outstanding requests; `shared_core` is a poll loop's turn
-//! taking with the router on its cores; `exports`, `pd_mr`, `cq`, `qp`, `srq`, `utility`, `marshall` (the kernel-structure
+//! taking with the router on its cores; `exports`, `ah`, `pd_mr`, `cq`, `qp`, `srq`, `utility`, `marshall` (the kernel-structure
 //! converters librdmacm binds at load time) and `unsupported` are the exported C functions.
 //!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here and `#![allow(unsafe_code)]` at the
-//! top of each) to the C boundary (`exports`, `async_event`, `pd_mr`, `cq`, `qp`, `srq`, `unsupported`,
+//! top of each) to the C boundary (`exports`, `ah`, `async_event`, `pd_mr`, `cq`, `qp`, `srq`, `unsupported`,
 //! `utility`, `marshall`, `ffi`, and `shared_core`'s `sched_getcpu`) and to `memory` (the system calls that move pages), whose two
 //! entry points `pages` calls (each call allowed on its own) right after checking
 //! `/proc/self/maps`. errno, memory files and the `.symver` directives are `freeflow-os`'s.
@@ -40,6 +41,7 @@
 extern crate freeflow_os;
 
 mod abi;
+mod ah;
 mod async_event;
 mod channel;
 mod cq;

@@ -1,4 +1,4 @@
-//! Reliable-connected queue pairs: `ibv_create_qp`, `ibv_modify_qp`, `ibv_query_qp`,
+//! Queue pairs (RC, UC and UD): `ibv_create_qp`, `ibv_modify_qp`, `ibv_query_qp`,
 //! `ibv_destroy_qp`, and the context ops `post_send` and `post_recv` (reached through the inline
 //! `ibv_post_send` and `ibv_post_recv`). A QP created with an SRQ (`init_attr.srq`) takes its
 //! receives from it (`srq`); its own receive ring stays unused.
@@ -29,10 +29,10 @@ use crate::shadow::Posted;
 use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::region::SharedRegion;
 use freeflow_proto::verbs::qp::{
-    CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpQueried, QpState, QPT_RC,
+    CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpQueried, QpState, QpType,
 };
 use freeflow_proto::verbs::work::{
-    send_flags, wr_opcode, RecvWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
+    send_flags, wr_opcode, RecvWqe, SendWqeHeader, Sge, UdDest, RECV_WQE_HEADER,
 };
 use freeflow_proto::verbs::{op, Body, ObjectHandle, QueueFileKind, RECV_RING, SEND_RING};
 use freeflow_proto::{Producer, Wake};
@@ -49,6 +49,10 @@ symbol_versions! {
 pub(crate) struct QpShared {
     /// The state the router last reported (modify and query replies).
     state: AtomicU8,
+    /// RC, UC or UD: which operations a post may carry.
+    qp_type: QpType,
+    /// Its context's key (a UD send's address handle must be of it).
+    context: usize,
     cap: QpCap,
     /// Every send is signaled (`sq_sig_all`).
     sig_all: bool,
@@ -120,6 +124,8 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
     };
     let shared = QpShared {
         state: AtomicU8::new(QpState::Reset as u8),
+        qp_type: request.qp_type,
+        context: request.pd.context,
         cap: created.cap,
         sig_all: request.attr.sq_sig_all != 0,
         queues: queues.clone(),
@@ -153,6 +159,7 @@ struct QpRequest {
     send_cq: QueueEntry,
     recv_cq: QueueEntry,
     srq: Option<QueueEntry>,
+    qp_type: QpType,
 }
 
 impl QpRequest {
@@ -181,15 +188,15 @@ impl QpRequest {
             }
             Some(entry)
         };
-        if a.qp_type != QPT_RC {
-            return Err(VerbsError::NotSupported("only RC queue pairs"));
-        }
+        let qp_type = QpType::from_u32(a.qp_type)
+            .ok_or(VerbsError::NotSupported("only RC, UC and UD queue pairs"))?;
         Ok(QpRequest {
             pd: pd_entry,
             attr: a,
             send_cq,
             recv_cq,
             srq,
+            qp_type,
         })
     }
 }
@@ -272,8 +279,8 @@ fn new_qp_object(
     object::leak(ibv, shared)
 }
 
-/// `ibv_create_qp`: an RC QP in RESET, or NULL with errno (EOPNOTSUPP for other types, EINVAL
-/// for capacities beyond the device's limits).
+/// `ibv_create_qp`: an RC, UC or UD QP in RESET, or NULL with errno (EOPNOTSUPP for other
+/// types, EINVAL for capacities beyond the device's limits).
 #[no_mangle]
 pub extern "C" fn ibv_create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> *mut IbvQp {
     returns_object("ibv_create_qp", || create_qp(pd, init))
@@ -472,8 +479,11 @@ pub extern "C" fn ibv_destroy_qp(qp: *mut IbvQp) -> c_int {
 /// # Safety
 /// `wr` is a live work request whose scatter/gather list has `num_sge` entries, and whose inline
 /// data (with IBV_SEND_INLINE) is readable.
-unsafe fn encode_send(wr: &IbvSendWr, cap: &QpCap, buf: &mut [u8]) -> Result<usize, c_int> {
-    if !wr_opcode::is_supported(wr.opcode) {
+unsafe fn encode_send(wr: &IbvSendWr, qp: &QpShared, buf: &mut [u8]) -> Result<usize, c_int> {
+    let cap = &qp.cap;
+    // As rxe and mlx5: an operation the QP's transport does not have (a UC READ, a UD WRITE)
+    // is refused at post time.
+    if !qp.qp_type.allows(wr.opcode) {
         return Err(libc::EINVAL);
     }
     let op = wr.opcode as u8;
@@ -488,9 +498,26 @@ unsafe fn encode_send(wr: &IbvSendWr, cap: &QpCap, buf: &mut [u8]) -> Result<usi
         // SAFETY: the caller's list has `num_sge` entries.
         unsafe { std::slice::from_raw_parts(wr.sg_list, wr.num_sge as usize) }
     };
-    // SAFETY: reading the union member the opcode selects, as a provider does.
+    // SAFETY: reading the union member the QP type and opcode select, as a provider does.
     let (remote_addr, rkey, compare_add, swap) = unsafe {
         match op {
+            _ if qp.qp_type == QpType::Ud => {
+                let ud = wr.wr.ud;
+                // SAFETY (of the call): the program passes an address handle of this library
+                // (or garbage, which the magic number refuses).
+                let ah = object::state(ud.ah).ok_or(libc::EINVAL)?;
+                if ah.context != qp.context {
+                    return Err(libc::EINVAL);
+                }
+                let mut h = SendWqeHeader::default();
+                UdDest {
+                    ah: ah.handle,
+                    remote_qpn: ud.remote_qpn,
+                    remote_qkey: ud.remote_qkey,
+                }
+                .put(&mut h);
+                (h.remote_addr, h.rkey, 0, 0)
+            }
             wr_opcode::ATOMIC_CMP_AND_SWP | wr_opcode::ATOMIC_FETCH_AND_ADD => (
                 wr.wr.atomic.remote_addr,
                 wr.wr.atomic.rkey,
@@ -599,7 +626,7 @@ pub unsafe extern "C" fn post_send(
             // SAFETY: a live work request of the caller's list.
             let w = unsafe { &*cur };
             // SAFETY: forwarded caller guarantee about the request's lists and data.
-            let len = match unsafe { encode_send(w, &state.cap, buf) } {
+            let len = match unsafe { encode_send(w, state, buf) } {
                 Ok(len) if !shadow.is_full() => len,
                 Ok(_) => {
                     errno = libc::ENOMEM;

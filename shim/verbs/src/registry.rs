@@ -271,6 +271,7 @@ enum Object {
     Qp(QueueEntry),
     Channel(QueueEntry),
     Srq(QueueEntry),
+    Ah(QueueEntry),
 }
 
 /// Which kind of queue object.
@@ -280,6 +281,8 @@ pub enum QueueKind {
     Qp,
     Channel,
     Srq,
+    /// An address handle (not a queue, but a router object with a handle all the same).
+    Ah,
 }
 
 static OBJECTS: Mutex<BTreeMap<usize, Object>> = Mutex::new(BTreeMap::new());
@@ -308,6 +311,7 @@ pub fn add_queue(key: usize, kind: QueueKind, entry: QueueEntry) {
         QueueKind::Qp => Object::Qp(entry),
         QueueKind::Channel => Object::Channel(entry),
         QueueKind::Srq => Object::Srq(entry),
+        QueueKind::Ah => Object::Ah(entry),
     };
     if let Ok(ctx) = context(entry.context) {
         ctx.async_events.forget_destroyed(key);
@@ -338,12 +342,14 @@ pub fn queue(key: usize, kind: QueueKind) -> Result<QueueEntry, VerbsError> {
         (Some(Object::Cq(e)), QueueKind::Cq)
         | (Some(Object::Qp(e)), QueueKind::Qp)
         | (Some(Object::Channel(e)), QueueKind::Channel)
-        | (Some(Object::Srq(e)), QueueKind::Srq) => Ok(*e),
+        | (Some(Object::Srq(e)), QueueKind::Srq)
+        | (Some(Object::Ah(e)), QueueKind::Ah) => Ok(*e),
         _ => Err(VerbsError::UnknownObject(match kind {
             QueueKind::Cq => "completion queue",
             QueueKind::Qp => "queue pair",
             QueueKind::Channel => "completion channel",
             QueueKind::Srq => "shared receive queue",
+            QueueKind::Ah => "address handle",
         })),
     }
 }
@@ -378,7 +384,9 @@ pub fn remove_objects_of(context: usize) -> Vec<MrEntry> {
             false
         }
         Object::Mr(_) => true,
-        Object::Cq(e) | Object::Qp(e) | Object::Channel(e) | Object::Srq(e) => e.context != context,
+        Object::Cq(e) | Object::Qp(e) | Object::Channel(e) | Object::Srq(e) | Object::Ah(e) => {
+            e.context != context
+        }
     });
     regions
 }

@@ -3,9 +3,9 @@
 //! errno value EOPNOTSUPP itself. None pretends to succeed. Under `FREEFLOW_DEBUG` the first
 //! call of each says so on stderr.
 //!
-//! Implemented verbs live elsewhere (`pd_mr`, `cq`, `qp`, `srq`). `ibv_rereg_mr` stays here for
-//! now: it answers IBV_REREG_MR_ERR_INPUT, the old region unchanged. Not yet: address handles
-//! (no UD), multicast, `ibv_qp_to_qp_ex` (the new post API).
+//! Implemented verbs live elsewhere (`pd_mr`, `cq`, `qp`, `srq`, `ah`). `ibv_rereg_mr` stays here for
+//! now: it answers IBV_REREG_MR_ERR_INPUT, the old region unchanged. Not yet: multicast,
+//! `ibv_qp_to_qp_ex` (the new post API).
 #![allow(unsafe_code)]
 
 use crate::abi::IBV_REREG_MR_ERR_INPUT;
@@ -54,12 +54,6 @@ type Obj = *mut c_void;
 unsupported! {
     "IBVERBS_1.1" fn ibv_rereg_mr(mr: Obj, flags: c_int, pd: Obj, addr: Obj, length: usize,
         access: c_int) -> c_int = IBV_REREG_MR_ERR_INPUT;
-    "IBVERBS_1.1" fn ibv_create_ah(pd: Obj, attr: Obj) -> Obj = null_mut();
-    "IBVERBS_1.1" fn ibv_destroy_ah(ah: Obj) -> c_int = libc::EOPNOTSUPP;
-    "IBVERBS_1.1" fn ibv_init_ah_from_wc(context: Obj, port_num: u8, wc: Obj, grh: Obj,
-        ah_attr: Obj) -> c_int = -1;
-    "IBVERBS_1.1" fn ibv_create_ah_from_wc(pd: Obj, wc: Obj, grh: Obj, port_num: u8) -> Obj =
-        null_mut();
     "IBVERBS_1.1" fn ibv_attach_mcast(qp: Obj, gid: Obj, lid: u16) -> c_int = libc::EOPNOTSUPP;
     "IBVERBS_1.1" fn ibv_detach_mcast(qp: Obj, gid: Obj, lid: u16) -> c_int = libc::EOPNOTSUPP;
     "IBVERBS_1.1" fn ibv_resolve_eth_l2_from_gid(context: Obj, attr: Obj, eth_mac: *mut u8,

@@ -47,6 +47,7 @@
 //! timers, `objects` the tables of CQs, QPs and SRQs, `budget` the containers' budgets of
 //! descriptors and mappings. `super::exec` executes work requests.
 
+mod ah;
 mod budget;
 mod cq;
 mod events;
@@ -61,6 +62,7 @@ mod test_support;
 #[cfg(test)]
 mod tests;
 
+pub(super) use ah::Ah;
 pub use budget::budget_of_this_process;
 pub use objects::Fault;
 pub use park::ParkPlan;
@@ -75,6 +77,7 @@ use cq::{CompChannel, Cq};
 use freeflow_proto::codec;
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
+use freeflow_proto::verbs::ah::CreateAh;
 use freeflow_proto::verbs::qp::{CreateQp, ModifyQp, QpState};
 use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq};
 use freeflow_proto::verbs::{
@@ -99,6 +102,8 @@ pub(super) struct Context {
     cqs: NumberMap<u32, CqId>,
     qps: NumberMap<u32, QpId>,
     srqs: NumberMap<u32, SrqId>,
+    /// Address handles (UD destinations), resolved at creation.
+    ahs: NumberMap<u32, Ah>,
     next_handle: u32,
     /// Its asynchronous event pipe, once the shim opened it (see `events`).
     events: Option<events::EventPipe>,
@@ -213,6 +218,7 @@ impl Engine {
                 cqs: NumberMap::default(),
                 qps: NumberMap::default(),
                 srqs: NumberMap::default(),
+                ahs: NumberMap::default(),
                 next_handle: 0,
                 events: None,
                 charged: 0,
@@ -376,6 +382,11 @@ impl Engine {
                 .map(|()| 0),
             VerbsOp::QuerySrq => Ok(self.query_srq(attachment, handle()?)?.encode(reply)),
             VerbsOp::DestroySrq => self.destroy_srq(attachment, handle()?).map(|()| 0),
+            VerbsOp::CreateAh => {
+                let handle = self.create_ah(attachment, &CreateAh::decode(body)?)?;
+                Ok(ObjectHandle { handle }.encode(reply))
+            }
+            VerbsOp::DestroyAh => self.destroy_ah(attachment, handle()?).map(|()| 0),
             // A memory region is a mapping of the router's.
             VerbsOp::RegMr => {
                 let ctx = context_mut(&mut self.contexts, attachment)?;
@@ -390,6 +401,11 @@ impl Engine {
             }
             _ => self.context(attachment)?.table.serve_inner(op, body, reply),
         }
+    }
+
+    /// The engine's number of tenant `name`, if a context of it was ever opened here.
+    pub(in crate::verbs) fn tenant_number(&self, name: &str) -> Option<TenantId> {
+        self.tenants.get(name).copied()
     }
 
     fn context(&mut self, attachment: AttachmentId) -> Result<&mut Context, VerbsError> {
@@ -429,7 +445,8 @@ impl Engine {
         make(ctx).inspect_err(|_| ctx.table.release_pd(pd))
     }
 
-    /// A handle not in use by any channel, CQ, QP or SRQ of the context (never 0).
+    /// A handle not in use by any channel, CQ, QP, SRQ or address handle of the context (never
+    /// 0).
     fn new_handle(ctx: &mut Context) -> u32 {
         loop {
             ctx.next_handle = ctx.next_handle.wrapping_add(1);
@@ -439,6 +456,7 @@ impl Engine {
                 && !ctx.cqs.contains_key(&h)
                 && !ctx.qps.contains_key(&h)
                 && !ctx.srqs.contains_key(&h)
+                && !ctx.ahs.contains_key(&h)
             {
                 return h;
             }

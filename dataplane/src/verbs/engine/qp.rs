@@ -15,8 +15,8 @@ use crate::verbs::send_op::SendOp;
 use crate::verbs::VerbsError;
 use freeflow_proto::region::SharedRegion;
 use freeflow_proto::verbs::qp::{
-    check_transition, mask, CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpQueried, QpState,
-    MTU_MAX, MTU_MIN, QPT_RC,
+    check_transition_of, mask, CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpQueried, QpState,
+    QpType, MTU_MAX, MTU_MIN, PRIVILEGED_QKEY_BIT,
 };
 use freeflow_proto::verbs::work::{RecvWqe, SendWqe, MAX_SGE};
 use freeflow_proto::verbs::{limits, AccessFlags, QueueFileKind, RECV_RING, SEND_RING};
@@ -88,6 +88,8 @@ pub(in crate::verbs) struct Pending {
 pub(in crate::verbs) struct Qp {
     pub(in crate::verbs) owner: AttachmentId,
     pub(in crate::verbs) qpn: u32,
+    /// RC, UC or UD.
+    pub(in crate::verbs) qp_type: QpType,
     pub(in crate::verbs) pd: PdId,
     pub(in crate::verbs) send_cq: CqId,
     pub(in crate::verbs) recv_cq: CqId,
@@ -138,7 +140,7 @@ impl Qp {
 }
 
 /// The IPv4 address of an IPv4-mapped GID (`::ffff:a.b.c.d`).
-fn gid_ipv4(gid: &[u8; 16]) -> Option<Ipv4Addr> {
+pub(super) fn gid_ipv4(gid: &[u8; 16]) -> Option<Ipv4Addr> {
     if gid[..10].iter().all(|b| *b == 0) && gid[10] == 0xff && gid[11] == 0xff {
         Some(Ipv4Addr::new(gid[12], gid[13], gid[14], gid[15]))
     } else {
@@ -284,17 +286,16 @@ impl Engine {
         }
     }
 
-    /// `ibv_create_qp`: an RC QP in RESET, holding its PD, CQs and SRQ, with rings that hold
-    /// at least the capacities asked for.
+    /// `ibv_create_qp`: an RC, UC or UD QP in RESET, holding its PD, CQs and SRQ, with rings
+    /// that hold at least the capacities asked for.
     pub(super) fn create_qp(
         &mut self,
         attachment: AttachmentId,
         conn: BorrowedFd<'_>,
         r: &CreateQp,
     ) -> Result<QpCreated, VerbsError> {
-        if r.qp_type != QPT_RC {
-            return Err(VerbsError::NotSupported("only RC queue pairs"));
-        }
+        let qp_type = QpType::from_u32(r.qp_type)
+            .ok_or(VerbsError::NotSupported("only RC, UC and UD queue pairs"))?;
         check_cap(&r.cap)?;
         let qpn = self.new_qpn();
         let ctx = self.context_ref(attachment)?;
@@ -314,7 +315,7 @@ impl Engine {
                 Ok((handle, rings))
             })
         })?;
-        let index = self.insert_qp(attachment, qpn, r, queues, &layout, rings);
+        let index = self.insert_qp(attachment, (qpn, qp_type), r, queues, &layout, rings);
         self.context(attachment)?.qps.insert(handle, index);
         Ok(QpCreated {
             qp: handle,
@@ -327,7 +328,7 @@ impl Engine {
     fn insert_qp(
         &mut self,
         owner: AttachmentId,
-        qpn: u32,
+        (qpn, qp_type): (u32, QpType),
         r: &CreateQp,
         queues: QpQueues,
         layout: &QpLayout,
@@ -338,6 +339,7 @@ impl Engine {
         let index = self.qps.insert(Qp {
             owner,
             qpn,
+            qp_type,
             pd: PdId(r.pd),
             send_cq: queues.send_cq,
             recv_cq: queues.recv_cq,
@@ -392,6 +394,13 @@ impl Engine {
             && !QP_ACCESS.contains(AccessFlags::from_bits_retain(a.qp_access_flags))
         {
             return bad("unknown QP access flags");
+        }
+        if has(mask::QKEY) && a.qkey & PRIVILEGED_QKEY_BIT != 0 {
+            // The kernel's rule: only CAP_NET_RAW may give a QP a privileged qkey, and a
+            // container has no capability over the router.
+            return Err(VerbsError::Permission(
+                "a qkey with the high bit set is privileged",
+            ));
         }
         if has(mask::PKEY_INDEX) && a.pkey_index != 0 {
             return bad("the P_Key table has one entry");
@@ -481,8 +490,11 @@ impl Engine {
         r: &ModifyQp,
     ) -> Result<QpState, VerbsError> {
         let index = self.qp_index(attachment, r.qp)?;
-        let current = self.qps.entry(index)?.state;
-        let next = check_transition(current, r.attr_mask, &r.attr)?;
+        let (current, qp_type) = {
+            let qp = self.qps.entry(index)?;
+            (qp.state, qp.qp_type)
+        };
+        let next = check_transition_of(qp_type, current, r.attr_mask, &r.attr)?;
         Self::check_values(r.attr_mask, &r.attr)?;
         if matches!(next, QpState::Sqd | QpState::Sqe) {
             return Err(VerbsError::NotSupported("the SQD and SQE states"));
@@ -582,6 +594,7 @@ fn take_attrs(t: &mut QpAttr, m: u32, a: &QpAttr) {
     take!(mask::ACCESS_FLAGS, qp_access_flags);
     take!(mask::PKEY_INDEX, pkey_index);
     take!(mask::PORT, port_num);
+    take!(mask::QKEY, qkey);
     take!(
         mask::AV,
         dgid,

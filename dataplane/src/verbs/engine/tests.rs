@@ -57,6 +57,19 @@ fn queue_file(shim: &OwnedFd, kind: QueueFileKind, handle: u32) -> SharedRegion 
 }
 
 fn side(engine: &mut Engine, number: u32, ip: [u8; 4], tenant: &str, cqe: u32) -> Side {
+    typed_side(
+        engine,
+        (number, ip, tenant, cqe),
+        freeflow_proto::verbs::qp::QPT_RC,
+    )
+}
+
+/// [`side`] with a QP of `qp_type` (`enum ibv_qp_type`).
+fn typed_side(
+    engine: &mut Engine,
+    (number, ip, tenant, cqe): (u32, [u8; 4], &str, u32),
+    qp_type: u32,
+) -> Side {
     let id = AttachmentId(number);
     let file = open_context(engine, number, ip, tenant, BASE, 0);
     let (conn, shim) = test_seqpacket_pair();
@@ -99,7 +112,7 @@ fn side(engine: &mut Engine, number: u32, ip: [u8; 4], tenant: &str, cqe: u32) -
             send_cq: cq.cq,
             recv_cq: cq.cq,
             srq: 0,
-            qp_type: freeflow_proto::verbs::qp::QPT_RC,
+            qp_type,
             sq_sig_all: 0,
             cap: QpCap {
                 max_send_wr: 64,
@@ -1300,4 +1313,197 @@ fn the_budget_is_a_share_of_the_routers_limits() {
     assert_eq!(budget_for(0, 0), BUDGET_FLOOR);
     assert_eq!(budget_for(1 << 20, 1 << 30), BUDGET_CEILING);
     assert_eq!(budget_for(u64::MAX, u64::MAX), BUDGET_CEILING);
+}
+
+/// A UD side of tenant `tenant` in RTS with qkey `qkey`.
+fn ud_side(engine: &mut Engine, number: u32, ip: [u8; 4], tenant: &str, qkey: u32) -> Side {
+    let s = typed_side(
+        engine,
+        (number, ip, tenant, 64),
+        freeflow_proto::verbs::qp::QPT_UD,
+    );
+    let init = QpAttr {
+        qp_state: QpState::Init as u8,
+        port_num: 1,
+        qkey,
+        ..QpAttr::default()
+    };
+    let steps = [
+        (
+            mask::STATE | mask::PKEY_INDEX | mask::PORT | mask::QKEY,
+            init,
+        ),
+        (
+            mask::STATE,
+            QpAttr {
+                qp_state: QpState::Rtr as u8,
+                ..QpAttr::default()
+            },
+        ),
+        (
+            mask::STATE | mask::SQ_PSN,
+            QpAttr {
+                qp_state: QpState::Rts as u8,
+                ..QpAttr::default()
+            },
+        ),
+    ];
+    for (m, attr) in steps {
+        assert_eq!(modify(engine, &s, m, attr), status::OK);
+    }
+    s
+}
+
+/// An address handle of `s` to `ip` (hop limit 9), or the refusal's status.
+fn create_ah(engine: &mut Engine, s: &Side, ip: [u8; 4]) -> Result<u32, u16> {
+    let body = freeflow_proto::verbs::ah::CreateAh {
+        pd: s.pd,
+        dgid: gid(ip),
+        hop_limit: 9,
+        is_global: 1,
+        port_num: 1,
+        ..Default::default()
+    }
+    .to_vec();
+    match call(engine, s.id, &s.conn, op::CREATE_AH, &body) {
+        (status::OK, reply) => Ok(ObjectHandle::decode(&reply).unwrap().handle),
+        (refused, _) => Err(refused),
+    }
+}
+
+/// A signaled UD SEND of `len` bytes at offset 0 of `s`'s region.
+fn post_ud(s: &mut Side, wr_id: u64, dest: freeflow_proto::verbs::work::UdDest, len: u32) {
+    let mut slot = vec![0u8; s.sq.slot_size()];
+    let mut h = SendWqeHeader {
+        wr_id,
+        opcode: wr_opcode::SEND,
+        flags: send_flags::SIGNALED as u8,
+        num_sge: 1,
+        ..SendWqeHeader::default()
+    };
+    dest.put(&mut h);
+    h.write(&mut slot);
+    sge(s.mr.lkey, 0, len).write(&mut slot[SendWqeHeader::LEN..]);
+    assert!(s.sq.push(&slot).unwrap());
+    let _ = s.sq.publish();
+}
+
+#[test]
+fn ud_datagrams_land_behind_the_grh_and_reach_no_other_tenant() {
+    use freeflow_proto::verbs::grh;
+    use freeflow_proto::verbs::work::{wc_flags, UdDest, GRH_LEN};
+    let mut engine = Engine::new(false);
+    let mut a = ud_side(&mut engine, 1, [10, 32, 0, 2], "blue", 7);
+    let mut b = ud_side(&mut engine, 2, [10, 32, 0, 3], "blue", 7);
+    let mut c = ud_side(&mut engine, 3, [10, 32, 0, 4], "red", 7);
+    a.file.write_all_at(b"datagram", BASE).unwrap();
+    let to_b = create_ah(&mut engine, &a, b.ip).unwrap();
+    assert_eq!(
+        create_ah(&mut engine, &a, c.ip),
+        Err(VerbsStatus::Unreachable as u16)
+    );
+    let (bk, ck) = (b.mr.lkey, c.mr.lkey);
+    post_recv(&mut b, 1, sge(bk, 1000, 1064));
+    post_recv(&mut c, 2, sge(ck, 1000, 1064));
+    let dest = |ah, remote_qpn, remote_qkey| UdDest {
+        ah,
+        remote_qpn,
+        remote_qkey,
+    };
+    // To b: the GRH area, then the message.
+    post_ud(&mut a, 10, dest(to_b, b.qpn, 7), 8);
+    // c's QP number behind b's address, and a wrong qkey for b: dropped, sent all the same.
+    post_ud(&mut a, 11, dest(to_b, c.qpn, 7), 8);
+    post_ud(&mut a, 12, dest(to_b, b.qpn, 8), 8);
+    engine.poll();
+    assert_eq!(
+        outcomes(&mut a),
+        vec![(10, 0, a.qpn), (11, 0, a.qpn), (12, 0, a.qpn)]
+    );
+    assert!(completions(&mut c).is_empty());
+    let got = completions(&mut b);
+    assert_eq!(got.len(), 1);
+    let r = got[0];
+    assert_eq!(
+        (r.wr_id, r.status, r.byte_len, r.src_qp, r.qp_num),
+        (1, 0, GRH_LEN as u32 + 8, a.qpn, b.qpn)
+    );
+    assert_eq!(r.wc_flags & wc_flags::GRH, wc_flags::GRH);
+    let mut area = [0u8; GRH_LEN + 8];
+    b.file.read_exact_at(&mut area, BASE + 1000).unwrap();
+    assert_eq!(&area[GRH_LEN..], b"datagram");
+    let info = grh::parse(area[..GRH_LEN].try_into().unwrap()).unwrap();
+    assert_eq!((info.sgid, info.dgid), (gid(a.ip), gid(b.ip)));
+    assert_eq!(area[20 + 8], 9, "the hop limit is the TTL");
+    // A handle a does not have, and a message beyond the MTU: the sender's errors.
+    post_ud(&mut a, 13, dest(to_b + 100, b.qpn, 7), 8);
+    engine.poll();
+    assert_eq!(
+        outcomes(&mut a),
+        vec![(13, wc_status::LOC_QP_OP_ERR, a.qpn)]
+    );
+    let mut d = ud_side(&mut engine, 4, [10, 32, 0, 5], "blue", 7);
+    let to_b = create_ah(&mut engine, &d, b.ip).unwrap();
+    post_ud(&mut d, 14, dest(to_b, b.qpn, 7), 1025);
+    engine.poll();
+    assert_eq!(outcomes(&mut d), vec![(14, wc_status::LOC_LEN_ERR, d.qpn)]);
+    assert!(completions(&mut b).is_empty());
+}
+
+#[test]
+fn uc_drops_what_its_responder_does_not_take() {
+    let mut engine = Engine::new(false);
+    let qpt = freeflow_proto::verbs::qp::QPT_UC;
+    let mut a = typed_side(&mut engine, (1, [10, 32, 0, 2], "blue", 64), qpt);
+    let mut b = typed_side(&mut engine, (2, [10, 32, 0, 3], "blue", 64), qpt);
+    for (s, peer) in [(&a, &b), (&b, &a)] {
+        let [(_, init), (_, rtr), (_, rts)] = rc_pingpong_steps(peer.ip, peer.qpn, 0);
+        let rtr_mask = mask::STATE | mask::AV | mask::PATH_MTU | mask::DEST_QPN | mask::RQ_PSN;
+        assert_eq!(modify(&mut engine, s, INIT_MASK, init), status::OK);
+        // RC's RTR attributes are not UC's.
+        assert_ne!(modify(&mut engine, s, RTR_MASK, rtr), status::OK);
+        assert_eq!(modify(&mut engine, s, rtr_mask, rtr), status::OK);
+        assert_eq!(
+            modify(&mut engine, s, mask::STATE | mask::SQ_PSN, rts),
+            status::OK
+        );
+    }
+    // No receive posted, a bad rkey: the sender completes, nothing arrives, nobody fails.
+    let ak = a.mr.lkey;
+    post_send(&mut a, 1, wr_opcode::SEND, &[sge(ak, 0, 8)], 0, 0);
+    post_send(
+        &mut a,
+        2,
+        wr_opcode::RDMA_WRITE,
+        &[sge(ak, 0, 8)],
+        BASE,
+        b.mr.rkey ^ 1,
+    );
+    // A READ is not UC's: a malformed request, the QP's error.
+    post_send(
+        &mut a,
+        3,
+        wr_opcode::RDMA_READ,
+        &[sge(ak, 0, 8)],
+        BASE,
+        b.mr.rkey,
+    );
+    engine.poll();
+    assert_eq!(
+        outcomes(&mut a),
+        vec![
+            (1, 0, a.qpn),
+            (2, 0, a.qpn),
+            (3, wc_status::LOC_QP_OP_ERR, a.qpn)
+        ]
+    );
+    assert!(completions(&mut b).is_empty());
+    let q: freeflow_proto::verbs::qp::QpQueried = ok(
+        &mut engine,
+        b.id,
+        &b.conn,
+        op::QUERY_QP,
+        &ObjectHandle { handle: b.qp }.to_vec(),
+    );
+    assert_eq!(q.attr.qp_state, QpState::Rts as u8);
 }

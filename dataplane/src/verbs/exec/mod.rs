@@ -16,21 +16,24 @@
 //! operation, `copy` resolves scatter/gather lists and copies between them, `flush` empties
 //! QPs in the error state. A QP whose destination is on another host sends requests to that
 //! host's router instead (`remote`, the requester's side), and requests from other hosts'
-//! routers are executed by `respond` (the responder's side).
+//! routers are executed by `respond` (the responder's side). UC QPs run the same operations
+//! without acknowledgements (what the responder refuses is dropped: `uc_effects`); UD sends
+//! are `ud`'s.
 
 mod copy;
 mod flush;
 mod ops;
 mod remote;
 mod respond;
+mod ud;
 
 pub(in crate::verbs) use remote::silence_budget;
 
 use super::engine::{ack_timeout, rnr_timer, Engine, Fault, Pending, Route, Wait, CQ_FULL_RETRY};
 use super::ids::{AttachmentId, CqId, ObjectKey, PdId, QpId, SrqId};
 use super::send_op::{wc_opcode_of, SendOp};
-use freeflow_proto::verbs::qp::QpState;
-use freeflow_proto::verbs::work::{Cqe, RecvWqe, SendWqe, SendWqeHeader};
+use freeflow_proto::verbs::qp::{QpState, QpType};
+use freeflow_proto::verbs::work::{send_flags, Cqe, RecvWqe, SendWqe, SendWqeHeader};
 use freeflow_proto::verbs::{wc_status, AccessFlags};
 use std::time::Instant;
 
@@ -62,6 +65,25 @@ impl From<Fault> for NoReceive {
     fn from(fault: Fault) -> NoReceive {
         NoReceive::Fault(fault)
     }
+}
+
+/// The effects of an RC execution as UC has them: a responder that refuses the message (a bad
+/// remote key, a receive too short) drops it, so the sender's completion is `success` (its
+/// local errors stay); the responder's QP goes to the error state only for a receive it
+/// completed with an error.
+fn uc_effects(mut e: Effects, success: Option<Cqe>) -> Effects {
+    let remote = e.sender.is_some_and(|c| {
+        matches!(
+            c.status,
+            wc_status::REM_ACCESS_ERR | wc_status::REM_INV_REQ_ERR | wc_status::REM_OP_ERR
+        )
+    });
+    if remote {
+        e.sender = success.map(|c| Cqe { byte_len: 0, ..c });
+        e.sender_error = false;
+    }
+    e.receiver_error = e.receiver.is_some_and(|c| c.status != wc_status::SUCCESS);
+    e
 }
 
 /// The pending WQE of the QP at `index`, which the caller set.
@@ -196,8 +218,12 @@ impl Engine {
                 return Ok(Taken::Broken);
             }
         }
+        // An operation the QP's transport does not have (a UC READ, a UD WRITE) is malformed
+        // too: the shim refuses it at post time.
+        let qp_type = qp.qp_type;
         let decoded = SendWqe::decode(&qp.sq_slot, qp.cap.max_send_sge, qp.cap.max_inline_data)
             .ok()
+            .filter(|wqe| qp_type == QpType::Rc || qp_type.allows(u32::from(wqe.header.opcode)))
             .and_then(|wqe| Some((wqe, SendOp::decode(wqe.header.opcode)?)));
         let Some((wqe, op)) = decoded else {
             // Malformed (a shim would not write it): the QP fails as a device's does on a bad
@@ -288,7 +314,7 @@ impl Engine {
         if p_ctx.container.ip != ip || p_ctx.tenant != my_ctx.tenant {
             return None;
         }
-        if !matches!(p.state, QpState::Rtr | QpState::Rts) || p.broken {
+        if !matches!(p.state, QpState::Rtr | QpState::Rts) || p.broken || p.qp_type != me.qp_type {
             return None;
         }
         let back = Route::Local {
@@ -402,15 +428,22 @@ impl Engine {
     fn execute(&mut self, index: QpId, now: &mut Option<Instant>) -> Result<Outcome, Fault> {
         let qp = self.qps.entry_mut(index)?;
         let pending = *pending_of(&mut qp.pending, index)?;
-        let (send_cq, route) = (qp.send_cq, qp.route);
+        let (send_cq, route, qp_type) = (qp.send_cq, qp.route, qp.qp_type);
         if !self.room(send_cq, 1) {
             self.hold(index, now);
             return Ok(Outcome::Waiting);
         }
+        if qp_type == QpType::Ud {
+            return self.execute_ud(index, &pending, now);
+        }
         if let Some(Route::Remote { host, ip, qpn }) = route {
             return self.execute_remote(index, (host, ip, qpn), now);
         }
+        let unreliable = qp_type == QpType::Uc;
         let Some(peer) = route.and_then(|r| self.peer(index, r)) else {
+            if unreliable {
+                return self.uc_dropped(index);
+            }
             return self.transport_wait(index, now);
         };
         if pending.op.consumes_receive() {
@@ -426,7 +459,9 @@ impl Engine {
         let moved = self.move_data(index, &peer, &pending, &slot);
         self.qps.entry_mut(index)?.sq_slot = slot;
         let effects = match moved {
+            Ok(effects) if unreliable => uc_effects(effects, self.uc_success(index)?),
             Ok(effects) => effects,
+            Err(NoReceive::Rnr | NoReceive::Broken) if unreliable => return self.uc_dropped(index),
             Err(NoReceive::Rnr) => return self.rnr_wait(index, &peer, now),
             Err(NoReceive::Broken) => return self.transport_wait(index, now),
             Err(NoReceive::Fault(fault)) => return Err(fault),
@@ -447,6 +482,34 @@ impl Engine {
             if let Some(p) = self.qps.get_mut(peer.index) {
                 p.state = QpState::Err;
             }
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// The sender's completion of a UC message that left, if it asked for one: UC has no
+    /// acknowledgement, so the sender cannot learn what became of it.
+    fn uc_success(&mut self, index: QpId) -> Result<Option<Cqe>, Fault> {
+        let qp = self.qps.entry_mut(index)?;
+        let p = pending_of(&mut qp.pending, index)?;
+        let signaled = qp.sq_sig_all || p.wqe.header.has(send_flags::SIGNALED);
+        Ok(signaled.then_some(Cqe {
+            wr_id: p.wqe.header.wr_id,
+            opcode: p.op.wc_opcode(),
+            qp_num: qp.qpn,
+            ..Cqe::default()
+        }))
+    }
+
+    /// A UC message found no QP to take it (none there, not ready, no receive posted): it is
+    /// dropped, and the sender completes as if it arrived.
+    fn uc_dropped(&mut self, index: QpId) -> Result<Outcome, Fault> {
+        let done = self.uc_success(index)?;
+        let qp = self.qps.entry_mut(index)?;
+        qp.pending = None;
+        qp.held = None;
+        let send_cq = qp.send_cq;
+        if let Some(c) = done {
+            self.push_cqe(send_cq, &c);
         }
         Ok(Outcome::Done)
     }

@@ -76,6 +76,9 @@ impl Engine {
     /// One request on incoming connection `conn`.
     fn on_request(&mut self, conn: usize, h: &FrameHeader, payload: &[u8]) {
         let from = self.remote.incoming[conn].host;
+        if h.kind == FrameKind::Datagram {
+            return self.on_datagram(from, h, payload);
+        }
         let Some(peer) = self.admit(from, h) else {
             return self.answer(conn, h, FrameKind::Nak, nak::NOT_READY, 0);
         };

@@ -48,6 +48,10 @@ const IBV_ACCESS_OPTIONAL_RANGE: u32 = freeflow_proto::verbs::access::OPTIONAL_R
 // enum ibv_wc_status: the completion statuses the router's memory checks produce.
 const IBV_WC_LOC_PROT_ERR: u32 = freeflow_proto::verbs::wc_status::LOC_PROT_ERR;
 const IBV_WC_REM_ACCESS_ERR: u32 = freeflow_proto::verbs::wc_status::REM_ACCESS_ERR;
+// enum ibv_qp_type and enum ibv_wc_flags: the transports and the GRH flag.
+const IBV_QPT_UC: u32 = freeflow_proto::verbs::qp::QPT_UC;
+const IBV_QPT_UD: u32 = freeflow_proto::verbs::qp::QPT_UD;
+const IBV_WC_GRH: u32 = freeflow_proto::verbs::work::wc_flags::GRH;
 
 macro_rules! values {
     ($facts:ident, [$($name:ident),* $(,)?]) => {
@@ -472,6 +476,13 @@ fn facts() -> Vec<Fact> {
             events_completed
         ]
     );
+    layout!(f, IbvAh, "struct ibv_ah", [context, pd, handle]);
+    layout!(
+        f,
+        IbvGrh,
+        "struct ibv_grh",
+        [version_tclass_flow, paylen, next_hdr, hop_limit, sgid, dgid]
+    );
     layout!(
         f,
         IbvSrqAttr,
@@ -586,6 +597,18 @@ fn facts() -> Vec<Fact> {
         (
             "wr.atomic.rkey",
             offset_of!(IbvSendWr, wr) + offset_of!(IbvAtomicWr, rkey),
+        ),
+        (
+            "wr.ud.ah",
+            offset_of!(IbvSendWr, wr) + offset_of!(IbvUdWr, ah),
+        ),
+        (
+            "wr.ud.remote_qpn",
+            offset_of!(IbvSendWr, wr) + offset_of!(IbvUdWr, remote_qpn),
+        ),
+        (
+            "wr.ud.remote_qkey",
+            offset_of!(IbvSendWr, wr) + offset_of!(IbvUdWr, remote_qkey),
         ),
     ] {
         f.push(Fact {
@@ -718,6 +741,7 @@ fn facts() -> Vec<Fact> {
             });
         }
     }
+    values!(f, [IBV_QPT_UC, IBV_QPT_UD, IBV_WC_GRH]);
     values!(
         f,
         [

@@ -532,6 +532,26 @@ pub struct IbvAhAttr {
     pub port_num: u8,
 }
 
+/// `struct ibv_ah`. The library allocates it; `handle` is the router's.
+#[repr(C)]
+pub struct IbvAh {
+    pub context: *mut IbvContext,
+    pub pd: *mut IbvPd,
+    pub handle: u32,
+}
+
+/// `struct ibv_grh`, the 40 bytes in front of a UD receive.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvGrh {
+    pub version_tclass_flow: u32,
+    pub paylen: u16,
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub sgid: IbvGid,
+    pub dgid: IbvGid,
+}
+
 /// `struct ibv_sa_path_rec` (`infiniband/sa.h`).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -616,12 +636,22 @@ pub struct IbvAtomicWr {
     pub rkey: u32,
 }
 
-/// The `wr` union of `struct ibv_send_wr` (its `ud` member is not used here: no UD QPs).
+/// `wr.ud` of `struct ibv_send_wr`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvUdWr {
+    pub ah: *mut IbvAh,
+    pub remote_qpn: u32,
+    pub remote_qkey: u32,
+}
+
+/// The `wr` union of `struct ibv_send_wr`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub union IbvSendWrWr {
     pub rdma: IbvRdmaWr,
     pub atomic: IbvAtomicWr,
+    pub ud: IbvUdWr,
 }
 
 /// `struct ibv_send_wr`. The program owns it; the library only reads it.
