@@ -26,6 +26,8 @@ mod guard;
 #[allow(unsafe_code)]
 mod inherit;
 #[allow(unsafe_code)]
+mod overlay_accept;
+#[allow(unsafe_code)]
 mod real;
 #[allow(unsafe_code)]
 mod session;

@@ -1,5 +1,5 @@
 //! What the shim knows about the application's sockets that it set up: the overlay addresses
-//! they stand for.
+//! they stand for, and its own duplicates of the accelerated listeners' overlay listeners.
 
 use crate::forklock::ForkLock;
 use std::collections::HashMap;
@@ -38,19 +38,45 @@ impl Accelerated {
     }
 }
 
-pub(crate) static TABLE: ForkLock<Option<HashMap<i32, Accelerated>>> = ForkLock::new(None);
+#[derive(Default)]
+pub(crate) struct Table {
+    /// The application's fds that stand for overlay sockets.
+    fds: HashMap<i32, Accelerated>,
+    /// The shim's own duplicate of each accelerated listener's overlay listener (the
+    /// application's socket, listening in the container), by overlay address: clients without
+    /// Freeflow are accepted from it ([`crate::overlay_accept`]). The application does not
+    /// know these fds; if it closes or replaces one, it is forgotten.
+    overlay: HashMap<(Ipv4Addr, u16), i32>,
+}
+
+pub(crate) static TABLE: ForkLock<Option<Table>> = ForkLock::new(None);
 /// Set once anything is in the table, so that close() in programs that never use an
 /// accelerated socket costs one relaxed load.
 static IN_USE: AtomicBool = AtomicBool::new(false);
 
-fn with<R>(f: impl FnOnce(&mut HashMap<i32, Accelerated>) -> R) -> R {
+fn with_table<R>(f: impl FnOnce(&mut Table) -> R) -> R {
     let mut guard = TABLE.lock();
-    f(guard.get_or_insert_with(HashMap::new))
+    f(guard.get_or_insert_with(Table::default))
+}
+
+fn with<R>(f: impl FnOnce(&mut HashMap<i32, Accelerated>) -> R) -> R {
+    with_table(|t| f(&mut t.fds))
+}
+
+/// The application closed or replaced `fd`: if it was one of the shim's overlay listeners,
+/// it is not the shim's any more.
+fn forget_overlay_fd(t: &mut Table, fd: i32) {
+    if !t.overlay.is_empty() {
+        t.overlay.retain(|_, kept| *kept != fd);
+    }
 }
 
 pub fn insert(fd: i32, state: Accelerated) {
     IN_USE.store(true, Ordering::Relaxed);
-    with(|t| t.insert(fd, state));
+    with_table(|t| {
+        forget_overlay_fd(t, fd);
+        t.fds.insert(fd, state)
+    });
 }
 
 pub fn get(fd: i32) -> Option<Accelerated> {
@@ -64,7 +90,45 @@ pub fn remove(fd: i32) -> Option<Accelerated> {
     if !IN_USE.load(Ordering::Relaxed) {
         return None;
     }
-    with(|t| t.remove(&fd))
+    with_table(|t| {
+        forget_overlay_fd(t, fd);
+        t.fds.remove(&fd)
+    })
+}
+
+/// Keeps `fd` as the shim's overlay listener for the accelerated listener on overlay address
+/// `local`, unless it has one already: returns the one kept.
+pub fn keep_overlay_first(local: (Ipv4Addr, u16), fd: i32) -> i32 {
+    IN_USE.store(true, Ordering::Relaxed);
+    with_table(|t| *t.overlay.entry(local).or_insert(fd))
+}
+
+/// Forgets `fd` as the shim's overlay listener for `local` (it failed); true if it was.
+pub fn drop_overlay(local: (Ipv4Addr, u16), fd: i32) -> bool {
+    with_table(|t| {
+        let kept = t.overlay.get(&local) == Some(&fd);
+        if kept {
+            t.overlay.remove(&local);
+        }
+        kept
+    })
+}
+
+/// The shim's overlay listener for the listener on overlay address `local`, if it has one.
+pub fn overlay_of(local: (Ipv4Addr, u16)) -> Option<i32> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return None;
+    }
+    with_table(|t| t.overlay.get(&local).copied())
+}
+
+/// Forgets the shim's overlay listener for `local` (its last listener fd closed); returns it,
+/// for the caller to close.
+pub fn take_overlay(local: (Ipv4Addr, u16)) -> Option<i32> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return None;
+    }
+    with_table(|t| t.overlay.remove(&local))
 }
 
 /// Another fd now refers to the same socket (dup2/dup3/F_DUPFD).
@@ -122,7 +186,7 @@ pub fn listener_ports() -> Vec<u16> {
     let Some(mut guard) = TABLE.try_lock() else {
         return Vec::new();
     };
-    let table = guard.get_or_insert_with(HashMap::new);
+    let table = &guard.get_or_insert_with(Table::default).fds;
     let mut ports: Vec<u16> = table
         .values()
         .filter(|s| s.role == Role::Listener)

@@ -513,7 +513,10 @@ fn relisten_all() -> bool {
         if s.role != state::Role::Listener || done.contains(&s.local.1) {
             continue;
         }
-        let overlay = overlay_listener(s.local.1, s.v6);
+        // The application's own overlay listener if this process kept it (its port is
+        // taken by it), else a fresh one.
+        let overlay = crate::overlay_accept::kept_clone(s.local)
+            .or_else(|| overlay_listener(s.local.1, s.v6));
         // SAFETY: fd is one of this process's listeners in the table; if the application
         // closed it meanwhile, the send fails with EBADF and the whole hand-over is retried.
         let host = unsafe { BorrowedFd::borrow_raw(fd) };
