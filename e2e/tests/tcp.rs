@@ -301,9 +301,22 @@ fn start_echo(site: &Site) -> Child {
     server
 }
 
+/// A client without the shim: connects to 10.32.0.4:6100 over the overlay, sends a byte and
+/// prints what it reads back, or `NEW_ERROR errno`.
+const PLAIN_CONNECT: &str = r#"
+import socket
+try:
+    n = socket.create_connection(("10.32.0.4", 6100), timeout=10)
+    n.sendall(b"c"); print("NEW", n.recv(10), flush=True)
+except OSError as e:
+    print("NEW_ERROR", e.errno, flush=True)
+"#;
+
 /// Freeflow stopped on the server's host: the established connection goes on (it is a host
-/// socket of the two applications); a new connection fails at once with ECONNREFUSED (the
-/// overlay listener lived in the router), instead of hanging.
+/// socket of the two applications); a new connection fails at once with ECONNREFUSED, instead
+/// of hanging: from a client with the shim (its router falls back to the overlay) and from one
+/// without. Nothing serves the overlay listener then (the server's shim, which kept it for
+/// clients without Freeflow, stops it listening when its router goes).
 #[test]
 fn connections_outlive_the_router_and_new_ones_fail_clearly() {
     let site = Site::new("td");
@@ -328,6 +341,8 @@ fn connections_outlive_the_router_and_new_ones_fail_clearly() {
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
     let _ = client.wait();
+    let plain = site.python("web", PLAIN_CONNECT, false).output().unwrap();
+    let plain = String::from_utf8_lossy(&plain.stdout).into_owned();
     let _ = server.kill();
     let _ = server.wait();
     assert!(
@@ -337,6 +352,10 @@ fn connections_outlive_the_router_and_new_ones_fail_clearly() {
     assert!(
         rest.contains(&format!("NEW_ERROR {}", libc::ECONNREFUSED)),
         "new connection: {rest}"
+    );
+    assert!(
+        plain.contains(&format!("NEW_ERROR {}", libc::ECONNREFUSED)),
+        "new connection without the shim: {plain}"
     );
     assert!(
         started.elapsed() < Duration::from_secs(5),

@@ -99,9 +99,26 @@ pub(super) struct Relays {
 /// An overlay listener in the arrival watch, by a duplicate of the router's (so that it can be
 /// taken out of the watch whatever happens to the listener's).
 struct Watched {
-    socket: Untrusted,
+    socket: Option<Untrusted>,
     inode: u64,
     token: u64,
+}
+
+impl Watched {
+    fn socket(&self) -> BorrowedFd<'_> {
+        self.socket.as_ref().expect("present until drop").as_fd()
+    }
+}
+
+impl Drop for Watched {
+    /// Closed at once (not on the closer thread), like the listener's own duplicate: once the
+    /// router has let go of an overlay listener, it holds no descriptor of it, so the port is
+    /// free in the container when the router answers.
+    fn drop(&mut self) {
+        if let Some(socket) = self.socket.take() {
+            socket.close_if_listening();
+        }
+    }
 }
 
 impl Relays {
@@ -287,6 +304,26 @@ impl TcpService {
             .chain(listeners)
     }
 
+    /// Takes out of the arrival watch (and closes the router's duplicate of) every overlay
+    /// listener the router no longer holds: called before a request that let go of one is
+    /// answered (Listen, Relisten, Unlisten) and when a process goes, so that the container
+    /// can listen on the port again at once.
+    pub(super) fn unwatch_gone_overlays(&mut self) {
+        let relays = &mut self.relays;
+        let Some(watch) = relays.watch.as_ref() else {
+            return;
+        };
+        let local = &self.listeners.local;
+        relays.watched.retain(|key, w| {
+            let overlay = local.get(key).and_then(|l| l.overlay.as_ref());
+            let same = overlay.is_some_and(|o| sys::inode(o.as_fd()).ok() == Some(w.inode));
+            if !same {
+                watch.remove(w.socket());
+            }
+            same
+        });
+    }
+
     /// Keeps the arrival watch in step with the listeners: each overlay listener in it once,
     /// none that is gone or was replaced.
     fn sync_arrival_watch(&mut self) {
@@ -296,17 +333,10 @@ impl TcpService {
                 Err(e) => return log::warn!("tcp: no arrival watch: {e}"),
             }
         }
+        self.unwatch_gone_overlays();
         let relays = &mut self.relays;
         let watch = relays.watch.as_ref().expect("made above");
         let local = &self.listeners.local;
-        relays.watched.retain(|key, w| {
-            let overlay = local.get(key).and_then(|l| l.overlay.as_ref());
-            let same = overlay.is_some_and(|o| sys::inode(o.as_fd()).ok() == Some(w.inode));
-            if !same {
-                watch.remove(w.socket.as_fd());
-            }
-            same
-        });
         for (&key, l) in local {
             let Some(overlay) = l.overlay.as_ref() else {
                 continue;
@@ -323,7 +353,7 @@ impl TcpService {
             relays.next_token += 1;
             let token = relays.next_token;
             if watch.add(socket.as_fd(), token).is_ok() {
-                let socket = Untrusted::new(socket);
+                let socket = Some(Untrusted::new(socket));
                 relays.watched.insert(
                     key,
                     Watched {

@@ -541,3 +541,56 @@ fn a_client_arriving_while_doorbells_are_rung_gets_one_at_once() {
     tcp.relay_readable();
     assert_eq!(tcp.relays.waiting(), 2, "the second client's doorbell");
 }
+
+/// A container that closes its listener and listens on the same port again at once (SO_REUSEADDR,
+/// a server reloading) finds the port free when its Unlisten is answered: the router holds no
+/// descriptor of the overlay listener any more, in the listener table nor in the arrival watch
+/// (its duplicates are closed before the answer, not later on the closer thread). The same when
+/// the listener is orphaned (a forked server's last holder closes it) or its process goes.
+#[test]
+fn a_listener_let_go_of_leaves_its_overlay_port_free_before_the_answer() {
+    for how in ["unlisten", "orphan", "detach"] {
+        let (mut tcp, _host, overlay, key) = relaying_service(16);
+        // A relayed client: the arrival watch now holds a duplicate of the overlay listener.
+        let _client = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+        let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+        tcp.relay_later(polled[0]);
+        tcp.relay_readable();
+        assert_eq!(tcp.relays.waiting(), 1, "{how}");
+        assert!(tcp.relays.arrival_watch_fd().is_some(), "{how}");
+        let container = ContainerEntry {
+            name: "web".into(),
+            tenant: "t".into(),
+            ip: key.ip(),
+            netns: freeflow_proto::identity::NetnsId { dev: 0, ino: 1 },
+        };
+        let caller = Caller {
+            attachment: 1,
+            container: &container,
+        };
+        let request = SockRequest {
+            op: SockOp::Unlisten,
+            flags: if how == "orphan" {
+                freeflow_proto::sockmsg::FLAG_ORPHAN
+            } else {
+                0
+            },
+            seq: 7,
+            ip: key.ip(),
+            port: key.port(),
+            backlog: 0,
+        };
+        if how == "detach" {
+            tcp.detach(1);
+        } else {
+            let (reply, _) = tcp.handle(caller, request, Vec::new()).expect("answered");
+            assert_eq!(reply.status, SockStatus::Ok, "{how}");
+        }
+        // The container's own descriptor goes; the port must be free at once.
+        let port = overlay.local_addr().unwrap().port();
+        drop(overlay);
+        let again = sys::tcp_socket(false).unwrap();
+        sys::bind(&again, Ipv4Addr::LOCALHOST, port, false)
+            .unwrap_or_else(|e| panic!("{how}: port {port} still taken: {e}"));
+    }
+}

@@ -256,7 +256,7 @@ unsafe fn listen_shimmed(fd: c_int, backlog: c_int) -> c_int {
         (SockStatus::Ok, Some(socket)) => {
             // The application's socket stays the overlay listener for clients without
             // Freeflow; the shim keeps a duplicate to accept them from.
-            overlay_accept::keep(fd, (reply.ip, reply.port));
+            overlay_accept::keep(fd, (reply.ip, reply.port), backlog);
             if let Err(e) = install(socket, fd, nonblocking) {
                 overlay_accept::release((reply.ip, reply.port));
                 return fail(e);

@@ -8,10 +8,17 @@
 //! The duplicate is made at listen (forked children inherit it); a process without one (it
 //! was exec'd: the duplicate is close-on-exec, or the application closed it) asks the router
 //! for it once, with a `Resolve` of the doorbell.
+//!
+//! Its lifetime: closed with the process's last fd of the accelerated listener (the port is
+//! then free in the container, once the router has let go of its own duplicate, which it does
+//! before answering the Unlisten), and with the process. While no router serves it (the
+//! router died or was stopped) it does not listen: nobody would ring for its clients, so
+//! they must be refused rather than accepted by the kernel and left waiting. It listens again
+//! when it is handed to the next router (`Relisten`).
 
 use crate::real;
 use crate::session;
-use crate::state;
+use crate::state::{self, KeptOverlay};
 use freeflow_proto::sockmsg::{SockOp, SockRequest, SockStatus};
 use libc::{c_int, sockaddr, socklen_t};
 use std::net::Ipv4Addr;
@@ -46,10 +53,10 @@ fn duplicate(fd: c_int) -> Option<c_int> {
     Some(kept)
 }
 
-/// Keeps `fd` (the shim's) as the overlay listener of `local`, unless one is kept already
-/// (another thread was first): returns the one kept.
-fn keep_fd(local: (Ipv4Addr, u16), fd: c_int) -> c_int {
-    let kept = state::keep_overlay_first(local, fd);
+/// Keeps `fd` (the shim's) as the overlay listener of `local`, listened on with `backlog`,
+/// unless one is kept already (another thread was first): returns the one kept.
+fn keep_fd(local: (Ipv4Addr, u16), fd: c_int, backlog: c_int) -> c_int {
+    let kept = state::keep_overlay_first(local, KeptOverlay { fd, backlog });
     if kept != fd {
         real::close(fd);
     }
@@ -57,10 +64,28 @@ fn keep_fd(local: (Ipv4Addr, u16), fd: c_int) -> c_int {
 }
 
 /// At listen, while the application's `fd` is still its overlay listener (before it becomes
-/// the host listener): keeps a duplicate for the listener on overlay address `local`.
-pub fn keep(fd: c_int, local: (Ipv4Addr, u16)) {
+/// the host listener), listening with the application's `backlog`: keeps a duplicate for the
+/// listener on overlay address `local`.
+pub fn keep(fd: c_int, local: (Ipv4Addr, u16), backlog: c_int) {
     if let Some(kept) = duplicate(fd) {
-        keep_fd(local, kept);
+        keep_fd(local, kept, backlog);
+    }
+}
+
+/// No router serves this process's listeners any more (its session hung up, and no router
+/// answers): every overlay listener the shim keeps stops listening, so that clients coming
+/// over the overlay are refused (a reset) instead of accepted by the kernel and never served.
+/// The socket stays bound, and the container's port taken, until [`kept_clone`] listens on it
+/// again for the next router. Other processes holding the same socket see the same.
+pub fn refuse_clients() {
+    for kept in state::kept_overlays() {
+        if real::is_listening(kept.fd) {
+            real::stop_listening(kept.fd);
+            session::debug(format_args!(
+                "no router: overlay listener fd {} stops listening",
+                kept.fd
+            ));
+        }
     }
 }
 
@@ -72,10 +97,14 @@ pub fn release(local: (Ipv4Addr, u16)) {
     }
 }
 
-/// A duplicate of the shim's overlay listener of `local`, to hand to a restarted router.
+/// A duplicate of the shim's overlay listener of `local`, to hand to a restarted router,
+/// listening again if [`refuse_clients`] stopped it (here or in another process holding it).
 pub fn kept_clone(local: (Ipv4Addr, u16)) -> Option<OwnedFd> {
-    let fd = state::overlay_of(local)?;
-    let dup = real::fcntl_set(fd, libc::F_DUPFD_CLOEXEC, 0);
+    let kept = state::kept_overlay(local)?;
+    if !real::is_listening(kept.fd) && real::listen(kept.fd, kept.backlog) != 0 {
+        return None;
+    }
+    let dup = real::fcntl_set(kept.fd, libc::F_DUPFD_CLOEXEC, 0);
     // SAFETY: a fresh fd nobody else owns.
     (dup >= 0).then(|| unsafe { OwnedFd::from_raw_fd(dup) })
 }
@@ -95,14 +124,15 @@ fn fetch(local: (Ipv4Addr, u16), port: u16) -> Option<c_int> {
     let passed = passed
         .filter(|_| reply.status == SockStatus::Ok)?
         .into_raw_fd();
-    let listening = real::get_int_opt(passed, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1);
+    let listening = real::is_listening(passed);
     let kept = listening.then(|| duplicate(passed)).flatten();
     real::close(passed);
     session::debug(format_args!(
         "overlay listener of {}:{} from the router",
         local.0, local.1
     ));
-    Some(keep_fd(local, kept?))
+    // The application's backlog is not known here: the kernel's cap, if it must listen again.
+    Some(keep_fd(local, kept?, libc::SOMAXCONN))
 }
 
 /// Closes a doorbell. A plain close (no system call more): the router, woken by its end

@@ -46,7 +46,15 @@ pub(crate) struct Table {
     /// application's socket, listening in the container), by overlay address: clients without
     /// Freeflow are accepted from it ([`crate::overlay_accept`]). The application does not
     /// know these fds; if it closes or replaces one, it is forgotten.
-    overlay: HashMap<(Ipv4Addr, u16), i32>,
+    overlay: HashMap<(Ipv4Addr, u16), KeptOverlay>,
+}
+
+/// The shim's duplicate of an overlay listener, and the backlog to listen with again (after
+/// the router went away, the shim stops it listening until a router takes it back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeptOverlay {
+    pub fd: i32,
+    pub backlog: i32,
 }
 
 pub(crate) static TABLE: ForkLock<Option<Table>> = ForkLock::new(None);
@@ -67,7 +75,7 @@ fn with<R>(f: impl FnOnce(&mut HashMap<i32, Accelerated>) -> R) -> R {
 /// it is not the shim's any more.
 fn forget_overlay_fd(t: &mut Table, fd: i32) {
     if !t.overlay.is_empty() {
-        t.overlay.retain(|_, kept| *kept != fd);
+        t.overlay.retain(|_, kept| kept.fd != fd);
     }
 }
 
@@ -96,17 +104,17 @@ pub fn remove(fd: i32) -> Option<Accelerated> {
     })
 }
 
-/// Keeps `fd` as the shim's overlay listener for the accelerated listener on overlay address
-/// `local`, unless it has one already: returns the one kept.
-pub fn keep_overlay_first(local: (Ipv4Addr, u16), fd: i32) -> i32 {
+/// Keeps `kept` as the shim's overlay listener for the accelerated listener on overlay address
+/// `local`, unless it has one already: returns the fd of the one kept.
+pub fn keep_overlay_first(local: (Ipv4Addr, u16), kept: KeptOverlay) -> i32 {
     IN_USE.store(true, Ordering::Relaxed);
-    with_table(|t| *t.overlay.entry(local).or_insert(fd))
+    with_table(|t| t.overlay.entry(local).or_insert(kept).fd)
 }
 
 /// Forgets `fd` as the shim's overlay listener for `local` (it failed); true if it was.
 pub fn drop_overlay(local: (Ipv4Addr, u16), fd: i32) -> bool {
     with_table(|t| {
-        let kept = t.overlay.get(&local) == Some(&fd);
+        let kept = t.overlay.get(&local).is_some_and(|k| k.fd == fd);
         if kept {
             t.overlay.remove(&local);
         }
@@ -116,10 +124,23 @@ pub fn drop_overlay(local: (Ipv4Addr, u16), fd: i32) -> bool {
 
 /// The shim's overlay listener for the listener on overlay address `local`, if it has one.
 pub fn overlay_of(local: (Ipv4Addr, u16)) -> Option<i32> {
+    kept_overlay(local).map(|k| k.fd)
+}
+
+/// The shim's overlay listener for the listener on overlay address `local`, with its backlog.
+pub fn kept_overlay(local: (Ipv4Addr, u16)) -> Option<KeptOverlay> {
     if !IN_USE.load(Ordering::Relaxed) {
         return None;
     }
     with_table(|t| t.overlay.get(&local).copied())
+}
+
+/// Every overlay listener the shim keeps.
+pub fn kept_overlays() -> Vec<KeptOverlay> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    with_table(|t| t.overlay.values().copied().collect())
 }
 
 /// Forgets the shim's overlay listener for `local` (its last listener fd closed); returns it,
@@ -128,7 +149,7 @@ pub fn take_overlay(local: (Ipv4Addr, u16)) -> Option<i32> {
     if !IN_USE.load(Ordering::Relaxed) {
         return None;
     }
-    with_table(|t| t.overlay.remove(&local))
+    with_table(|t| t.overlay.remove(&local).map(|k| k.fd))
 }
 
 /// Another fd now refers to the same socket (dup2/dup3/F_DUPFD).

@@ -468,6 +468,9 @@ fn watch_router() {
         }
         let deadline = std::time::Instant::now() + RECOVERY_WINDOW;
         while !relisten_all() {
+            // No router takes the listeners (yet): nobody would ring for the clients that
+            // reach their overlay listeners, so those are refused until one does.
+            crate::overlay_accept::refuse_clients();
             if std::time::Instant::now() > deadline {
                 debug(format_args!(
                     "router did not come back; listeners stay unknown to it"
@@ -494,8 +497,9 @@ fn wait_for_hangup(conn: BorrowedFd<'_>) {
     }
 }
 
-/// Attaches to the (new) router and hands it every listener this process holds, each with a
-/// fresh overlay listener for clients without Freeflow. False if the router is not there yet.
+/// Attaches to the (new) router and hands it every listener this process holds, each with its
+/// overlay listener for clients without Freeflow (the one the shim kept, listening again, or a
+/// fresh one). False if the router is not there yet.
 fn relisten_all() -> bool {
     let attached = Attached::attach(real::getpid(), REATTACH_INTERVAL);
     if attached.session.is_none() {
