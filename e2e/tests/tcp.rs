@@ -364,6 +364,74 @@ fn connections_outlive_the_router_and_new_ones_fail_clearly() {
     );
 }
 
+/// A daemon that listens on 6200, forks, and whose parent exits; the child holds the listener
+/// and never accepts (a server still starting). Prints the child's pid.
+const IDLE_DAEMON: &str = r#"
+import os, socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 6200)); s.listen(16)
+pid = os.fork()
+if pid:
+    print("CHILD", pid, flush=True)
+    os._exit(0)
+os.close(1)
+time.sleep(30)
+"#;
+
+/// A client without the shim: connects to 10.32.0.4:6200 and says whether the connect
+/// succeeded (`CONNECTED`) or its errno (`ERROR n`).
+const PLAIN_CONNECT_ONLY: &str = r#"
+import socket
+try:
+    socket.create_connection(("10.32.0.4", 6200), timeout=5).close(); print("CONNECTED", flush=True)
+except OSError as e:
+    print("ERROR", e.errno, flush=True)
+"#;
+
+/// Freeflow stopped under a daemon whose only process holding the listener never accepted (the
+/// parent that listened exited): the overlay listener the child inherited from the shim stops
+/// listening too, so clients without Freeflow are refused instead of being accepted by the
+/// kernel and left waiting. The child's watcher starts at fork, not at its first accept.
+#[test]
+fn a_daemon_that_never_accepted_refuses_plain_clients_once_the_router_stops() {
+    let site = Site::new("tw");
+    let (mut parent, _, line) =
+        spawn_reading_first_line(site.python("db", IDLE_DAEMON, true).stderr(Stdio::null()));
+    let _ = parent.wait();
+    let child: i32 = line
+        .trim()
+        .strip_prefix("CHILD ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{line:?}"));
+    let connect = || {
+        let out = site
+            .python("web", PLAIN_CONNECT_ONLY, false)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // Before: the kernel takes the client on the overlay listener (the child never accepts).
+    let before = connect();
+    let down = site
+        .in_host(1, &common::FREEFLOW)
+        .args(["down", "--dir"])
+        .arg(&site.dirs[1])
+        .output()
+        .unwrap();
+    let refused = format!("ERROR {}", libc::ECONNREFUSED);
+    let mut after = Vec::new();
+    let got = poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        let said = connect();
+        after.push(said.clone());
+        (said == refused).then_some(())
+    });
+    let _ = freeflow_os::signals::send_signal(child, libc::SIGKILL);
+    assert!(down.status.success(), "{down:?}");
+    assert_eq!(before, "CONNECTED", "the overlay listener listened");
+    assert!(got.is_some(), "after the router stopped: {after:?}");
+}
+
 /// iperf3, unmodified, with a daemonized server (it listens, then forks and its parent exits:
 /// the listener must survive the hand-over to the child).
 #[test]
