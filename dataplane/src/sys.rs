@@ -1,7 +1,8 @@
 //! The router's socket calls that std does not cover (non-blocking sockets it hands between
-//! processes, addresses, options, a guarded accept), the descriptors it must close elsewhere,
-//! its lock file and its ready pipe. The calls the router shares with the other Freeflow
-//! processes (signals, poll, memory files) are `freeflow-os`'s, called directly.
+//! processes, addresses, options, accept queues, an edge-triggered arrival watch), the
+//! descriptors it must close elsewhere, its lock file and its ready pipe. The calls the router
+//! shares with the other Freeflow processes (signals, poll, memory files) are `freeflow-os`'s,
+//! called directly.
 
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
@@ -238,40 +239,6 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Accepts one connection on a non-blocking listener: the connection (blocking, close-on-exec)
-/// and its peer's IPv4 address (v4-mapped IPv6 peers included). `None` when none is waiting.
-pub fn accept_one(listener: BorrowedFd<'_>) -> io::Result<Option<(OwnedFd, Ipv4Addr, u16)>> {
-    // SAFETY: sockaddr_storage is plain data; zero is valid.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: accept4 writes at most `len` bytes into addr.
-    let raw = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            (&mut addr as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if raw < 0 {
-        let err = io::Error::last_os_error();
-        return match err.kind() {
-            io::ErrorKind::WouldBlock => Ok(None),
-            _ => Err(err),
-        };
-    }
-    // SAFETY: raw is a fresh fd nobody else owns.
-    let conn = unsafe { OwnedFd::from_raw_fd(raw) };
-    let peer = ipv4_of(&addr);
-    match peer {
-        Some((ip, port)) => Ok(Some((conn, ip, port))),
-        None => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "accepted a peer that is not IPv4",
-        )),
-    }
-}
-
 /// Bytes sent on a Unix socket that its peer has not read yet (SIOCOUTQ), and the send buffer
 /// size: how close a peer that does not read is to blocking us.
 pub fn unread_and_capacity(fd: BorrowedFd<'_>) -> io::Result<(usize, usize)> {
@@ -425,80 +392,103 @@ pub fn raise_fd_limit() {
     }
 }
 
-/// Accepts on a listener a container also holds. The container can clear O_NONBLOCK on the
-/// shared file description at any moment, so the accept runs under a one-shot timer that
-/// interrupts it (EINTR) if it blocks: `Ok(None)` then, and the caller gives up on the listener.
-pub struct GuardedAccept {
-    timer: libc::timer_t,
+/// The inode of the file `fd` refers to (sockets: one per socket).
+pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: stat is plain data; zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one stat into a live local.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_ino)
 }
 
-const GUARD_SIGNAL_OFFSET: libc::c_int = 3;
+/// Listening sockets watched for arrivals, edge-triggered (an epoll instance, itself polled):
+/// one event when new connections are queued, none for those already waiting.
+pub struct ArrivalWatch {
+    epoll: OwnedFd,
+}
 
-extern "C" fn ignore_signal(_: libc::c_int) {}
-
-impl GuardedAccept {
-    /// Sets up the timer for the calling thread (the control thread).
-    pub fn new() -> io::Result<GuardedAccept> {
-        let signal = libc::SIGRTMIN() + GUARD_SIGNAL_OFFSET;
-        // SAFETY: sigaction is plain data; zero is a valid start.
-        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-        action.sa_sigaction = ignore_signal as *const () as usize;
-        // No SA_RESTART: the blocked accept must return EINTR.
-        action.sa_flags = 0;
-        // SAFETY: installs a handler that does nothing, for a signal nothing else uses.
-        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+impl ArrivalWatch {
+    pub fn new() -> io::Result<ArrivalWatch> {
+        // SAFETY: plain system call; the result is checked.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: sigevent is plain data; zero is a valid start.
-        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
-        event.sigev_notify = libc::SIGEV_THREAD_ID;
-        event.sigev_signo = signal;
-        // SAFETY: gettid has no preconditions.
-        event.sigev_notify_thread_id = unsafe { libc::gettid() };
-        let mut timer: libc::timer_t = std::ptr::null_mut();
-        // SAFETY: timer_create reads the live sigevent and writes the timer id.
-        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(GuardedAccept { timer })
+        // SAFETY: a fresh fd nobody else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(ArrivalWatch { epoll })
     }
 
-    fn arm(&self, nanos: i64) {
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: nanos,
-            },
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.epoll.as_fd()
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: token,
         };
-        // SAFETY: reads one live itimerspec; the timer is ours.
-        unsafe { libc::timer_settime(self.timer, 0, &spec, std::ptr::null_mut()) };
+        // SAFETY: epoll_ctl reads one live epoll_event.
+        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd.as_raw_fd(), &mut event) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
-    /// `Err` for a listener that must be given up (blocked, hung up, failing); `Ok(None)` when
-    /// no client waits.
-    pub fn accept(&self, listener: BorrowedFd<'_>) -> io::Result<Option<(OwnedFd, Ipv4Addr, u16)>> {
-        // SAFETY: F_GETFL on an fd we hold.
-        let flags = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_GETFL) };
-        if flags < 0 || flags & libc::O_NONBLOCK == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the container made its overlay listener blocking",
-            ));
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token)
+    }
+
+    pub fn remove(&self, fd: BorrowedFd<'_>) {
+        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0);
+    }
+
+    /// The tokens of the sockets that had arrivals since the last call.
+    pub fn drain(&self) -> Vec<u64> {
+        const BATCH: usize = 64;
+        let mut tokens = Vec::new();
+        loop {
+            // SAFETY: epoll_event is plain data; zero is valid.
+            let mut events: [libc::epoll_event; BATCH] = unsafe { std::mem::zeroed() };
+            // SAFETY: epoll_wait writes at most BATCH events into the live array.
+            let n = unsafe {
+                libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, 0)
+            };
+            if n <= 0 {
+                return tokens;
+            }
+            tokens.extend(events[..n as usize].iter().map(|e| e.u64));
+            if (n as usize) < BATCH {
+                return tokens;
+            }
         }
-        self.arm(20_000_000);
-        let result = accept_one(listener);
-        self.arm(0);
-        result
     }
 }
 
-impl Drop for GuardedAccept {
-    fn drop(&mut self) {
-        // SAFETY: the timer is ours and deleted once.
-        unsafe { libc::timer_delete(self.timer) };
+/// How many clients wait in listening socket `fd`'s accept queue, read without accepting
+/// (TCP_INFO: for a listener, the kernel puts its accept queue's length in `tcpi_unacked`).
+/// `None` if the socket is not listening (any more).
+pub fn accept_queue(fd: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    const TCP_LISTEN: u8 = 10;
+    // SAFETY: tcp_info is plain data; zero is valid.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into info.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok((info.tcpi_state == TCP_LISTEN).then_some(info.tcpi_unacked))
 }

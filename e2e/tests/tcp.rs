@@ -301,9 +301,22 @@ fn start_echo(site: &Site) -> Child {
     server
 }
 
+/// A client without the shim: connects to 10.32.0.4:6100 over the overlay, sends a byte and
+/// prints what it reads back, or `NEW_ERROR errno`.
+const PLAIN_CONNECT: &str = r#"
+import socket
+try:
+    n = socket.create_connection(("10.32.0.4", 6100), timeout=10)
+    n.sendall(b"c"); print("NEW", n.recv(10), flush=True)
+except OSError as e:
+    print("NEW_ERROR", e.errno, flush=True)
+"#;
+
 /// Freeflow stopped on the server's host: the established connection goes on (it is a host
-/// socket of the two applications); a new connection fails at once with ECONNREFUSED (the
-/// overlay listener lived in the router), instead of hanging.
+/// socket of the two applications); a new connection fails at once with ECONNREFUSED, instead
+/// of hanging: from a client with the shim (its router falls back to the overlay) and from one
+/// without. Nothing serves the overlay listener then (the server's shim, which kept it for
+/// clients without Freeflow, stops it listening when its router goes).
 #[test]
 fn connections_outlive_the_router_and_new_ones_fail_clearly() {
     let site = Site::new("td");
@@ -328,6 +341,8 @@ fn connections_outlive_the_router_and_new_ones_fail_clearly() {
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
     let _ = client.wait();
+    let plain = site.python("web", PLAIN_CONNECT, false).output().unwrap();
+    let plain = String::from_utf8_lossy(&plain.stdout).into_owned();
     let _ = server.kill();
     let _ = server.wait();
     assert!(
@@ -337,6 +352,10 @@ fn connections_outlive_the_router_and_new_ones_fail_clearly() {
     assert!(
         rest.contains(&format!("NEW_ERROR {}", libc::ECONNREFUSED)),
         "new connection: {rest}"
+    );
+    assert!(
+        plain.contains(&format!("NEW_ERROR {}", libc::ECONNREFUSED)),
+        "new connection without the shim: {plain}"
     );
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -391,6 +410,74 @@ fn the_shims_router_connection_survives_a_program_closing_every_descriptor() {
     let connects = site.router_counter(0, "tcp_connects") - connects_before;
     let fallbacks = site.router_counter(0, "tcp_fallbacks") - fallbacks_before;
     assert_eq!((connects, fallbacks), (5, 0), "{text}");
+}
+
+/// A daemon that listens on 6200, forks, and whose parent exits; the child holds the listener
+/// and never accepts (a server still starting). Prints the child's pid.
+const IDLE_DAEMON: &str = r#"
+import os, socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 6200)); s.listen(16)
+pid = os.fork()
+if pid:
+    print("CHILD", pid, flush=True)
+    os._exit(0)
+os.close(1)
+time.sleep(30)
+"#;
+
+/// A client without the shim: connects to 10.32.0.4:6200 and says whether the connect
+/// succeeded (`CONNECTED`) or its errno (`ERROR n`).
+const PLAIN_CONNECT_ONLY: &str = r#"
+import socket
+try:
+    socket.create_connection(("10.32.0.4", 6200), timeout=5).close(); print("CONNECTED", flush=True)
+except OSError as e:
+    print("ERROR", e.errno, flush=True)
+"#;
+
+/// Freeflow stopped under a daemon whose only process holding the listener never accepted (the
+/// parent that listened exited): the overlay listener the child inherited from the shim stops
+/// listening too, so clients without Freeflow are refused instead of being accepted by the
+/// kernel and left waiting. The child's watcher starts at fork, not at its first accept.
+#[test]
+fn a_daemon_that_never_accepted_refuses_plain_clients_once_the_router_stops() {
+    let site = Site::new("tw");
+    let (mut parent, _, line) =
+        spawn_reading_first_line(site.python("db", IDLE_DAEMON, true).stderr(Stdio::null()));
+    let _ = parent.wait();
+    let child: i32 = line
+        .trim()
+        .strip_prefix("CHILD ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{line:?}"));
+    let connect = || {
+        let out = site
+            .python("web", PLAIN_CONNECT_ONLY, false)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // Before: the kernel takes the client on the overlay listener (the child never accepts).
+    let before = connect();
+    let down = site
+        .in_host(1, &common::FREEFLOW)
+        .args(["down", "--dir"])
+        .arg(&site.dirs[1])
+        .output()
+        .unwrap();
+    let refused = format!("ERROR {}", libc::ECONNREFUSED);
+    let mut after = Vec::new();
+    let got = poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        let said = connect();
+        after.push(said.clone());
+        (said == refused).then_some(())
+    });
+    let _ = freeflow_os::signals::send_signal(child, libc::SIGKILL);
+    assert!(down.status.success(), "{down:?}");
+    assert_eq!(before, "CONNECTED", "the overlay listener listened");
+    assert!(got.is_some(), "after the router stopped: {after:?}");
 }
 
 /// iperf3, unmodified, with a daemonized server (it listens, then forks and its parent exits:

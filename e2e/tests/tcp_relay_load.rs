@@ -1,15 +1,18 @@
 //! Clients without Freeflow under load (issue 11, section 3's relay): an unmodified nginx under
 //! the shim (daemonizing, its default) on one simulated host, and a plain client (no shim) in a
 //! container of the other host opening a new connection per request, 400 at once, in rounds
-//! one after another. The router hands each plain client's own connection to nginx's accept
-//! (see docs/tcp-setup.md, "Clients without Freeflow"); every request must be served, in every
-//! round, and the router must turn none away.
+//! one after another. The router rings nginx's host listener once per plain client waiting on
+//! its overlay listener, and the shim accepts the client from that listener (see
+//! docs/tcp-setup.md, "Clients without Freeflow"); every request must be served, in every
+//! round, and the router must turn none away. Also: a server that closed the shim's duplicate
+//! of its overlay listener serves plain clients too.
 //! Needs root, a built workspace, and nginx (scripts/test.sh installs it).
 
 mod common;
 
 use common::{Site, SiteSpec};
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const CLIENT: &str = include_str!("programs/tcp_relay_load_client.py");
@@ -119,4 +122,80 @@ fn nginx_serves_400_plain_clients_at_once_through_the_relay_round_after_round() 
         !log.contains("turned away"),
         "the router turned clients away:\n{log}"
     );
+}
+
+/// Listens on 0.0.0.0:7301, then closes the other fds listening on port 7301 (it did not open
+/// them), then answers three clients with the address accept gave for each.
+const FD_CLOSING_SERVER: &str = r#"
+import socket, os, stat
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7301)); s.listen(16)
+for fd in range(s.fileno() + 1, 1024):
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode): continue
+    except OSError:
+        continue
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        mine = probe.family == socket.AF_INET and probe.getsockname()[1] == 7301
+    except Exception:
+        mine = False
+    probe.close()
+    if mine:
+        print("CLOSED", fd, flush=True); os.close(fd)
+for _ in range(3):
+    c, peer = s.accept()
+    c.recv(100); c.sendall(("PEER %s" % peer[0]).encode()); c.close()
+print("DONE", flush=True)
+"#;
+
+/// A server that closes the fds it does not know (the shim's own duplicate of its overlay
+/// listener among them, which the shim then forgets): at the first doorbell its shim gets the
+/// overlay listener from the router, once, and plain clients are served with their own
+/// addresses.
+#[test]
+fn a_server_that_closed_the_shims_overlay_listener_serves_plain_clients() {
+    common::require_programs(&["python3"], "python3");
+    let site = site("rx");
+    let mut server = site
+        .shim_env("db", true)
+        .arg("FREEFLOW_DEBUG=1")
+        .args(["timeout", "60", "python3", "-c", FD_CLOSING_SERVER])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    site.wait_listening("db", 7301, Some(&mut server));
+    let relayed = site.router_counter(1, "tcp_relayed");
+    for _ in 0..3 {
+        let out = site
+            .shim_env("web", false)
+            .args(["timeout", "20", "python3", "-c"])
+            .arg(format!(
+                "import socket; c = socket.create_connection(('{DB_IP}', 7301), timeout=10); \
+                 c.sendall(b'x'); print(c.recv(100).decode())"
+            ))
+            .output()
+            .unwrap();
+        common::assert_success(&out, "a plain client");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "PEER 10.32.0.2"
+        );
+    }
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut server.stdout.take().unwrap(), &mut printed).unwrap();
+    assert!(printed.starts_with("CLOSED "), "{printed}");
+    assert!(printed.ends_with("DONE\n"), "{printed}");
+    let status = server.wait().unwrap();
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(status.success(), "{status}: {said}");
+    assert_eq!(
+        said.matches("overlay listener of 10.32.0.4:7301 from the router")
+            .count(),
+        1,
+        "the server's shim asked the router once:\n{said}"
+    );
+    assert_eq!(site.router_counter(1, "tcp_relayed") - relayed, 3);
 }

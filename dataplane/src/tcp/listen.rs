@@ -61,6 +61,17 @@ impl LocalListener {
     }
 }
 
+impl Drop for LocalListener {
+    /// The overlay listener is closed before the router answers the request that let go of it
+    /// (not on the closer thread): a container that closes its listener and binds the port
+    /// again at once (SO_REUSEADDR) must find the port free.
+    fn drop(&mut self) {
+        if let Some(overlay) = self.overlay.take() {
+            overlay.close_if_listening();
+        }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Listeners {
     /// This host's listeners by overlay address.
@@ -304,6 +315,7 @@ impl TcpService {
                 return (SockReply::error(req.seq, libc::EINVAL), None);
             }
         };
+        let overlay = overlay.filter(|fd| overlay_listener_ok(fd, req.port).is_ok());
         if let Some(existing) = self.listeners.local.get_mut(&key) {
             // Another holder of the same listener came first (forked processes).
             if existing.host_port != host_port {
@@ -311,6 +323,12 @@ impl TcpService {
             }
             existing.add_owner(caller.attachment);
             existing.orphaned_at = None;
+            if existing.overlay.is_none() {
+                // The first holder's was unusable, or given up since (the holders of one
+                // overlay listener take it back from a router that is gone, and listen on
+                // it again, each in its own time).
+                existing.overlay = overlay;
+            }
             return (ok(req.seq, key), None);
         }
         // A host port is one listener's: a container handing back a socket bound to another
@@ -320,7 +338,6 @@ impl TcpService {
         {
             return (SockReply::error(req.seq, libc::EADDRINUSE), None);
         }
-        let overlay = overlay.filter(|fd| overlay_listener_ok(fd, req.port).is_ok());
         let listener = LocalListener {
             owners: vec![caller.attachment],
             orphaned_at: None,

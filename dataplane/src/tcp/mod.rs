@@ -165,22 +165,26 @@ impl TcpService {
             return Some((SockReply::fallback(req.seq), None));
         };
         let v6 = req.flags & FLAG_INET6 != 0;
-        match req.op {
-            SockOp::Connect => Some(self.connect(caller, req, host_ip, v6)),
-            SockOp::Listen => {
-                Some(self.listen(caller, req, host_ip, v6, passed.into_iter().next()))
-            }
-            SockOp::Relisten => Some(self.relisten(caller, req, host_ip, passed)),
-            SockOp::Unlisten => Some(self.unlisten(caller, req)),
-            SockOp::Own => Some(self.own(caller, req)),
-            SockOp::Resolve => self.resolve(caller, req),
-        }
+        let reply = match req.op {
+            SockOp::Connect => return Some(self.connect(caller, req, host_ip, v6)),
+            SockOp::Resolve => return self.resolve(caller, req),
+            SockOp::Own => return Some(self.own(caller, req)),
+            SockOp::Listen => self.listen(caller, req, host_ip, v6, passed.into_iter().next()),
+            SockOp::Relisten => self.relisten(caller, req, host_ip, passed),
+            SockOp::Unlisten => self.unlisten(caller, req),
+        };
+        // An overlay listener let go of (or replaced) is closed before the answer: the
+        // container may bind its port again as soon as its close() returns.
+        self.unwatch_gone_overlays();
+        Some(reply)
     }
 
     /// Forgets everything an attachment registered (its process went away).
-    /// Listeners it held alone stay for the orphan grace, for a forked child to claim.
+    /// Listeners it held alone stay for the orphan grace, for a forked child to claim (without
+    /// their overlay listeners: the port is free in the container at once).
     pub fn detach(&mut self, attachment: u32) {
         self.listeners.detach(attachment, Instant::now());
+        self.unwatch_gone_overlays();
         self.announcements.drop_pending_of(attachment);
     }
 

@@ -1,57 +1,64 @@
 //! Clients that reach an accelerated listener's overlay address without Freeflow (a container
-//! not using the shim, or a host outside the cluster). The router accepts them on the
-//! application's overlay listener, rings the host listener for each (a "doorbell" connection
-//! from the loopback address), and the application's accept of that connection gets the
-//! client's own connection instead (the Resolve reply carries it), so it accepts them where it
-//! accepts everything else. From then on the router holds nothing for the client: its bytes
-//! never pass through the router.
+//! not using the shim, or a host outside the cluster). They wait in the kernel's accept queue of
+//! the application's own overlay listener, which the router holds but never accepts from: it
+//! reads the queue's length (TCP_INFO) and keeps one "doorbell" rung per waiting client, a
+//! loopback connection to the host listener. The application's accept gets the doorbell; the
+//! shim recognises it (its peer is `127.0.0.1`, which no router announces), closes it and
+//! accepts the client from its own duplicate of the overlay listener, with no round trip: the
+//! client's connection never passes through the router.
 //!
-//! What a relayed client costs the router, and how it is bounded:
-//! - While it waits for the application's accept, two descriptors (the client's connection and
-//!   the doorbell). Waiting clients are bounded per listener (its backlog, within
-//!   [`MAX_RELAYS_PER_LISTENER`]), per container and in all. A listener whose share is full is
-//!   not polled: its further clients wait in the kernel's accept queue of the overlay listener,
-//!   as for any server whose accept queue is full, and are taken as the application accepts;
-//!   none is turned away.
-//! - No host port: doorbells come from the loopback address, and close with a reset (no
-//!   TIME_WAIT), so relaying never uses up the host address's ports that connects need. No
-//!   router announces a loopback address, so no process holds a notice about a doorbell.
+//! Doorbells are answered in the order they were rung (the host listener's accept queue is
+//! first in, first out), so the router polls only the oldest doorbell of each listener (the
+//! shim closes an answered doorbell, which makes it readable); when it is, the ones after it
+//! already answered go with it. A listener with no doorbell rung has its overlay listener
+//! polled instead (readable: clients wait); an edge-triggered epoll instance (the arrival
+//! watch, itself polled) reports clients that come while doorbells are rung.
+//!
+//! What relaying costs the router, and how it is bounded: one descriptor per doorbell rung,
+//! and one per overlay listener in the arrival watch.
+//! Doorbells per listener are at most its waiting clients, within its share (its backlog, within
+//! [`MAX_RELAYS_PER_LISTENER`]), per container and in all. Further clients wait in the overlay
+//! listener's accept queue, as for any server that accepts slowly; none is turned away. No host
+//! port is used: doorbells come from the loopback address and close with a reset (no
+//! TIME_WAIT).
 
 use super::endpoint::{HostEndpoint, OverlayEndpoint};
 use super::{ok, TcpService};
-use crate::sys::{self, GuardedAccept};
+use crate::sys::{self, ArrivalWatch, Untrusted};
+use freeflow_os::poll::{self, PollFd};
 use freeflow_proto::sockmsg::SockReply;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-/// How long a client that reached an overlay listener without Freeflow waits, in the router,
-/// for the application to accept it through the host listener.
+/// How long a doorbell waits for the application's accept before the router rings again.
 const RELAY_TTL: Duration = Duration::from_secs(60);
-/// How often waiting clients are checked (their time, their listener still there).
+/// How often doorbells are checked (their time, their listener still there).
 const EXPIRE_EVERY: Duration = Duration::from_millis(100);
-/// Clients taken from one overlay listener per turn of the control loop (the rest wait for
-/// the next turn): the applications' Resolves, served after, do not wait behind many
-/// doorbells' handshakes.
-const RELAY_BATCH: usize = 16;
-/// Clients without Freeflow waiting for one listener's accept at most, whatever its backlog
-/// (the kernel's own cap on a backlog, `net.core.somaxconn`, is 4096 by default).
+/// Doorbells rung for one listener per turn of the control loop: the turn stays short, and
+/// each answered doorbell rings again for the clients still waiting.
+const RING_BATCH: usize = 64;
+/// How long a listener's overlay listener is not polled after ringing for it failed (it would
+/// stay readable, and the control loop would spin).
+const RING_BACKOFF: Duration = Duration::from_millis(100);
+/// Doorbells rung for one listener at most, whatever its backlog (the kernel's own cap on a
+/// backlog, `net.core.somaxconn`, is 4096 by default).
 pub(super) const MAX_RELAYS_PER_LISTENER: usize = 1024;
 /// The least share of a listener with a small backlog: its doorbells may wait in the host
 /// listener's queue a little longer than the application's backlog says.
 const MIN_RELAYS_PER_LISTENER: usize = 16;
-/// Clients without Freeflow waiting for all the listeners of one container together: a
-/// container with many listeners fills a quarter of the pool at most, never the whole of it.
+/// Doorbells for all the listeners of one container together: a container with many
+/// listeners fills a quarter of the pool at most, never the whole of it.
 pub(super) const MAX_RELAYS_PER_CONTAINER: usize = 1024;
-/// Relayed clients waiting in all (each holds two descriptors of the router).
+/// Doorbells rung in all (each holds one descriptor of the router).
 pub(super) const MAX_RELAYS: usize = 4096;
 /// Where doorbells come from: no router announces it, and its ports are not the host
 /// address's.
-const DOORBELL_SOURCE: Ipv4Addr = Ipv4Addr::LOCALHOST;
+pub(super) const DOORBELL_SOURCE: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
-/// The share of waiting clients of a listener whose application asked for `backlog` (0: the
+/// The share of doorbells of a listener whose application asked for `backlog` (0: the
 /// kernel's default, or unknown).
 pub(super) fn listener_share(backlog: u32) -> usize {
     match backlog as usize {
@@ -60,295 +67,446 @@ pub(super) fn listener_share(backlog: u32) -> usize {
     }
 }
 
-/// A client that reached an overlay listener without Freeflow, waiting to be accepted: the
-/// router connected `doorbell` to the host listener, and the application's accept of that
-/// connection gets `conn` instead.
-struct Relay {
-    conn: OwnedFd,
-    _doorbell: OwnedFd,
-    listener: OverlayEndpoint,
-    /// The client's address, as the overlay listener saw it.
-    peer: OverlayEndpoint,
+/// A loopback connection to a host listener, rung for one client waiting on its overlay
+/// listener.
+struct Doorbell {
+    socket: OwnedFd,
     since: Instant,
 }
 
 #[derive(Default)]
 pub(super) struct Relays {
-    /// Relayed clients by the doorbell's address.
-    waiting: HashMap<HostEndpoint, Relay>,
-    /// How many of `waiting` each listener has, and each container (overlay address).
-    by_listener: HashMap<OverlayEndpoint, usize>,
+    /// Doorbells rung for each listener and not answered yet, oldest first.
+    rung: HashMap<OverlayEndpoint, VecDeque<Doorbell>>,
+    /// How many doorbells each container (overlay address) has, and all.
     by_container: HashMap<Ipv4Addr, usize>,
-    /// When the waiting clients are next checked.
+    total: usize,
+    /// When the doorbells are next checked.
     next_check: Option<Instant>,
-    /// Overlay listeners found readable, served at the end of the control loop's turn.
+    /// Overlay listeners and doorbells found readable, served at the end of the control
+    /// loop's turn.
     readable: Vec<RawFd>,
-    /// Doorbells of clients handed over in this turn, closed at its end: the reset a close
-    /// sends is not on the way of the Resolve's reply.
-    rung: Vec<OwnedFd>,
-    /// Accepts on overlay listeners (which containers share) run under this timer.
-    guard: Option<GuardedAccept>,
+    /// Listeners for which ringing failed, not polled until then.
+    backoff: HashMap<OverlayEndpoint, Instant>,
+    /// The overlay listeners watched for arrivals, edge-triggered: clients that come while a
+    /// listener has doorbells rung (its overlay listener, readable, is not polled then) get
+    /// theirs at once.
+    watch: Option<ArrivalWatch>,
+    watched: HashMap<OverlayEndpoint, Watched>,
+    next_token: u64,
+}
+
+/// An overlay listener in the arrival watch, by a duplicate of the router's (so that it can be
+/// taken out of the watch whatever happens to the listener's).
+struct Watched {
+    socket: Option<Untrusted>,
+    inode: u64,
+    token: u64,
+}
+
+impl Watched {
+    fn socket(&self) -> BorrowedFd<'_> {
+        self.socket.as_ref().expect("present until drop").as_fd()
+    }
+}
+
+impl Drop for Watched {
+    /// Closed at once (not on the closer thread), like the listener's own duplicate: once the
+    /// router has let go of an overlay listener, it holds no descriptor of it, so the port is
+    /// free in the container when the router answers.
+    fn drop(&mut self) {
+        if let Some(socket) = self.socket.take() {
+            socket.close_if_listening();
+        }
+    }
 }
 
 impl Relays {
-    fn hold(&mut self, from: HostEndpoint, relay: Relay) {
-        *self.by_listener.entry(relay.listener).or_default() += 1;
-        *self.by_container.entry(relay.listener.ip()).or_default() += 1;
+    fn push(&mut self, listener: OverlayEndpoint, doorbell: Doorbell) {
         self.next_check
-            .get_or_insert(relay.since + EXPIRE_EVERY.min(RELAY_TTL));
-        if let Some(old) = self.waiting.insert(from, relay) {
-            // A doorbell address is unique while its socket lives; never reached.
-            self.uncount(old.listener);
+            .get_or_insert(doorbell.since + EXPIRE_EVERY.min(RELAY_TTL));
+        *self.by_container.entry(listener.ip()).or_default() += 1;
+        self.total += 1;
+        self.rung.entry(listener).or_default().push_back(doorbell);
+    }
+
+    /// Forgets (closes) the oldest doorbell of `listener`.
+    fn pop(&mut self, listener: OverlayEndpoint) -> Option<Doorbell> {
+        let queue = self.rung.get_mut(&listener)?;
+        let doorbell = queue.pop_front()?;
+        if queue.is_empty() {
+            self.rung.remove(&listener);
         }
-    }
-
-    fn take(&mut self, from: HostEndpoint) -> Option<Relay> {
-        let relay = self.waiting.remove(&from)?;
-        self.uncount(relay.listener);
-        Some(relay)
-    }
-
-    fn uncount(&mut self, listener: OverlayEndpoint) {
-        for count in [
-            self.by_listener.get_mut(&listener),
-            self.by_container.get_mut(&listener.ip()),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        self.total = self.total.saturating_sub(1);
+        if let Some(count) = self.by_container.get_mut(&listener.ip()) {
             *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.by_container.remove(&listener.ip());
+            }
         }
-        if self.by_listener.get(&listener) == Some(&0) {
-            self.by_listener.remove(&listener);
-        }
-        if self.by_container.get(&listener.ip()) == Some(&0) {
-            self.by_container.remove(&listener.ip());
-        }
+        Some(doorbell)
     }
 
-    /// A relayed client waits until accepted, its time is up, or its listener is gone
-    /// (checked every [`EXPIRE_EVERY`]).
+    fn forget_listener(&mut self, listener: OverlayEndpoint) {
+        while self.pop(listener).is_some() {}
+        self.backoff.remove(&listener);
+    }
+
+    /// A doorbell goes when its time is up or its listener is gone (checked every
+    /// [`EXPIRE_EVERY`]).
     pub fn expire(&mut self, now: Instant, listening: impl Fn(OverlayEndpoint) -> bool) {
         if self.next_check.is_none_or(|at| now < at) {
             return;
         }
-        let gone: Vec<HostEndpoint> = self
-            .waiting
-            .iter()
-            .filter(|(_, r)| now.duration_since(r.since) >= RELAY_TTL || !listening(r.listener))
-            .map(|(&from, _)| from)
-            .collect();
-        for from in gone {
-            self.take(from);
+        let listeners: Vec<OverlayEndpoint> = self.rung.keys().copied().collect();
+        for listener in listeners {
+            if !listening(listener) {
+                self.forget_listener(listener);
+                continue;
+            }
+            while self
+                .rung
+                .get(&listener)
+                .and_then(VecDeque::front)
+                .is_some_and(|d| now.duration_since(d.since) >= RELAY_TTL)
+            {
+                self.pop(listener);
+            }
         }
-        self.next_check = (!self.waiting.is_empty()).then_some(now + EXPIRE_EVERY);
+        self.backoff.retain(|_, until| *until > now);
+        self.next_check =
+            (self.total > 0 || !self.backoff.is_empty()).then_some(now + EXPIRE_EVERY);
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
         self.next_check
     }
 
-    /// How many more clients of `listener`, whose share is `share`, may wait: within the
+    /// How many more doorbells `listener`, whose share is `share`, may have: within the
     /// listener's share, its container's (all listeners on the listener's overlay address)
     /// and the pool.
     pub(super) fn room_for(&self, listener: OverlayEndpoint, share: usize) -> usize {
-        let held = self.by_listener.get(&listener).copied().unwrap_or(0);
+        let held = self.pending(listener);
         let held_by_container = self.by_container.get(&listener.ip()).copied().unwrap_or(0);
         share
             .saturating_sub(held)
             .min(MAX_RELAYS_PER_CONTAINER.saturating_sub(held_by_container))
-            .min(MAX_RELAYS.saturating_sub(self.waiting.len()))
+            .min(MAX_RELAYS.saturating_sub(self.total))
     }
 
-    /// Holds a client of `listener` as if it had been relayed, behind doorbell address `from`
-    /// (tests of the shares).
+    /// Doorbells of `listener` rung and not answered yet.
+    pub(super) fn pending(&self, listener: OverlayEndpoint) -> usize {
+        self.rung.get(&listener).map_or(0, VecDeque::len)
+    }
+
+    /// How many doorbells of `listener`, from the oldest (found readable), are answered: the
+    /// oldest and those after it that are readable too, among the next [`RING_BATCH`] (one
+    /// poll).
+    fn answered_from_oldest(&self, listener: OverlayEndpoint) -> usize {
+        let Some(queue) = self.rung.get(&listener) else {
+            return 0;
+        };
+        let mut next: Vec<PollFd<'_>> = queue
+            .iter()
+            .skip(1)
+            .take(RING_BATCH)
+            .map(|d| PollFd::new(d.socket.as_fd(), libc::POLLIN))
+            .collect();
+        if next.is_empty() || poll::poll(&mut next, Some(Duration::ZERO)).is_err() {
+            return 1;
+        }
+        1 + next.iter().take_while(|fd| fd.revents() != 0).count()
+    }
+
+    fn oldest(&self, listener: OverlayEndpoint) -> Option<BorrowedFd<'_>> {
+        Some(self.rung.get(&listener)?.front()?.socket.as_fd())
+    }
+
+    /// Holds `doorbell` as if rung for `listener` (tests of the shares).
     #[cfg(test)]
-    pub(super) fn hold_for_test(
-        &mut self,
-        listener: OverlayEndpoint,
-        from: HostEndpoint,
-        conn: OwnedFd,
-        doorbell: OwnedFd,
-    ) {
-        let peer = OverlayEndpoint::new(Ipv4Addr::new(10, 99, 0, 1), 1);
-        let relay = Relay {
-            conn,
-            _doorbell: doorbell,
-            listener,
-            peer,
+    pub(super) fn hold_for_test(&mut self, listener: OverlayEndpoint, doorbell: OwnedFd) {
+        let doorbell = Doorbell {
+            socket: doorbell,
             since: Instant::now(),
         };
-        self.hold(from, relay);
+        self.push(listener, doorbell);
     }
 
-    /// How many clients wait in all (tests).
+    /// The arrival watch's fd, once made (tests).
+    #[cfg(test)]
+    pub(super) fn arrival_watch_fd(&self) -> Option<RawFd> {
+        self.watch.as_ref().map(|w| w.as_fd().as_raw_fd())
+    }
+
+    /// How many doorbells are rung in all (tests).
     #[cfg(test)]
     pub(super) fn waiting(&self) -> usize {
-        self.waiting.len()
+        self.total
     }
 }
 
 impl TcpService {
-    /// The relayed client behind doorbell `key`, for a Resolve by container `container_ip`:
-    /// `None` if `key` is no doorbell. Only the container that holds the listener gets the
-    /// client.
-    pub(super) fn take_relayed(
+    /// A Resolve of doorbell address `key` by container `container_ip`: the shim of a process
+    /// without its own duplicate of the overlay listener (it was exec'd, or closed it) gets
+    /// one, and accepts the client from it. Only the container that holds the listener gets it.
+    pub(super) fn resolve_doorbell(
         &mut self,
         key: HostEndpoint,
         container_ip: Ipv4Addr,
         seq: u32,
-    ) -> Option<(SockReply, Option<OwnedFd>)> {
-        let relay = self.relays.waiting.get(&key)?;
-        if relay.listener.ip() != container_ip {
-            return Some((SockReply::error(seq, libc::ECONNREFUSED), None));
+    ) -> (SockReply, Option<OwnedFd>) {
+        let refused = (SockReply::error(seq, libc::ECONNREFUSED), None);
+        let Some(listener) = self
+            .relays
+            .rung
+            .iter()
+            .find(|(_, queue)| {
+                // A rare request (a process without the overlay listener): the ports are read
+                // here rather than kept for every doorbell.
+                queue
+                    .iter()
+                    .any(|d| sys::local_port(&d.socket).is_ok_and(|port| port == key.port()))
+            })
+            .map(|(&listener, _)| listener)
+        else {
+            return refused;
+        };
+        if listener.ip() != container_ip {
+            return refused;
         }
-        let Relay {
-            conn,
-            _doorbell: doorbell,
-            peer,
-            ..
-        } = self.relays.take(key).expect("present");
-        let tenant = self
-            .registry
-            .placement(container_ip)
-            .map(|p| p.tenant.as_str());
-        self.counters.relayed_to(tenant);
-        // The client's connection goes to the application; the doorbell closes after the
-        // reply (with a reset: it holds no port afterwards).
-        self.relays.rung.push(doorbell);
-        Some((ok(seq, peer), Some(conn)))
-    }
-
-    /// The overlay listeners to poll: those whose share of waiting clients is not full (the
-    /// others' clients wait in the kernel's accept queue meanwhile).
-    pub(super) fn relay_poll_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> + '_ {
-        self.listeners.local.iter().filter_map(|(&key, l)| {
+        let overlay = self.listeners.local.get(&listener).and_then(|l| {
             let overlay = l.overlay.as_ref()?;
-            (self.relays.room_for(key, listener_share(l.backlog)) > 0).then(|| overlay.as_fd())
-        })
+            overlay.try_clone().ok()
+        });
+        match overlay {
+            Some(overlay) => (ok(seq, listener), Some(overlay)),
+            None => refused,
+        }
     }
 
-    /// Notes that overlay listener `fd` has clients waiting: they are taken at the end of the
-    /// turn ([`Self::relay_readable`]), after the turn's requests are answered, so that the
-    /// applications' Resolves (each holds up a server's accept) do not wait behind doorbells.
+    /// What to poll for clients without Freeflow: for each listener, its oldest doorbell if
+    /// any is rung (readable: answered), else its overlay listener if it may have more
+    /// (readable: clients wait).
+    pub(super) fn relay_poll_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> + '_ {
+        let watch = self.relays.watch.as_ref();
+        let arrivals = watch.filter(|_| !self.relays.watched.is_empty());
+        let listeners = self.listeners.local.iter().filter_map(|(&key, l)| {
+            if let Some(doorbell) = self.relays.oldest(key) {
+                return Some(doorbell);
+            }
+            let overlay = l.overlay.as_ref()?;
+            let room = self.relays.room_for(key, listener_share(l.backlog)) > 0;
+            (room && !self.relays.backoff.contains_key(&key)).then(|| overlay.as_fd())
+        });
+        arrivals
+            .map(ArrivalWatch::as_fd)
+            .into_iter()
+            .chain(listeners)
+    }
+
+    /// Takes out of the arrival watch (and closes the router's duplicate of) every overlay
+    /// listener the router no longer holds: called before a request that let go of one is
+    /// answered (Listen, Relisten, Unlisten) and when a process goes, so that the container
+    /// can listen on the port again at once.
+    pub(super) fn unwatch_gone_overlays(&mut self) {
+        let relays = &mut self.relays;
+        let Some(watch) = relays.watch.as_ref() else {
+            return;
+        };
+        let local = &self.listeners.local;
+        relays.watched.retain(|key, w| {
+            let overlay = local.get(key).and_then(|l| l.overlay.as_ref());
+            let same = overlay.is_some_and(|o| sys::inode(o.as_fd()).ok() == Some(w.inode));
+            if !same {
+                watch.remove(w.socket());
+            }
+            same
+        });
+    }
+
+    /// Keeps the arrival watch in step with the listeners: each overlay listener in it once,
+    /// none that is gone or was replaced.
+    fn sync_arrival_watch(&mut self) {
+        if self.relays.watch.is_none() {
+            match ArrivalWatch::new() {
+                Ok(watch) => self.relays.watch = Some(watch),
+                Err(e) => return log::warn!("tcp: no arrival watch: {e}"),
+            }
+        }
+        self.unwatch_gone_overlays();
+        let relays = &mut self.relays;
+        let watch = relays.watch.as_ref().expect("made above");
+        let local = &self.listeners.local;
+        for (&key, l) in local {
+            let Some(overlay) = l.overlay.as_ref() else {
+                continue;
+            };
+            if relays.watched.contains_key(&key) {
+                continue;
+            }
+            let Ok(socket) = overlay.try_clone() else {
+                continue;
+            };
+            let Ok(inode) = sys::inode(socket.as_fd()) else {
+                continue;
+            };
+            relays.next_token += 1;
+            let token = relays.next_token;
+            if watch.add(socket.as_fd(), token).is_ok() {
+                let socket = Some(Untrusted::new(socket));
+                relays.watched.insert(
+                    key,
+                    Watched {
+                        socket,
+                        inode,
+                        token,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Notes that `fd` (an overlay listener or a doorbell) is readable: served at the end of
+    /// the turn ([`Self::relay_readable`]), after the turn's requests are answered.
     pub(super) fn relay_later(&mut self, fd: RawFd) {
         if !self.relays.readable.contains(&fd) {
             self.relays.readable.push(fd);
         }
     }
 
-    /// Closes the doorbells of the clients handed over in this turn, and takes the clients of
-    /// the overlay listeners found readable.
+    /// Serves the overlay listeners and doorbells found readable in this turn: the answered
+    /// doorbells go first (before any new one could take the number of a readable one), then
+    /// each listener is rung for its clients still without a doorbell.
     pub(super) fn relay_readable(&mut self) {
-        self.relays.rung.clear();
-        for fd in std::mem::take(&mut self.relays.readable) {
-            self.relay_from(fd);
+        let readable = std::mem::take(&mut self.relays.readable);
+        let mut listeners = Vec::new();
+        let watch_fd = self.relays.watch.as_ref().map(|w| w.as_fd().as_raw_fd());
+        for fd in readable {
+            if Some(fd) == watch_fd {
+                listeners.extend(self.arrivals());
+                continue;
+            }
+            let Some((key, answered)) = self.readable_listener(fd) else {
+                continue;
+            };
+            if answered {
+                // The oldest, and those after it answered too (the loop would see them one
+                // turn at a time, ringing too few meanwhile).
+                for _ in 0..self.relays.answered_from_oldest(key) {
+                    self.relays.pop(key);
+                    self.count_relayed(key);
+                }
+            }
+            if !listeners.contains(&key) {
+                listeners.push(key);
+            }
         }
+        listeners.dedup();
+        for key in listeners {
+            self.ring_for(key);
+        }
+        self.sync_arrival_watch();
     }
 
-    /// Takes the clients waiting on the overlay listener `fd` (they came without Freeflow), as
-    /// many as the listener's share has room for, and rings the host listener for each, so the
-    /// application accepts them where it accepts everything else.
-    pub(super) fn relay_from(&mut self, fd: RawFd) {
+    /// The listeners that had arrivals since the last look.
+    fn arrivals(&self) -> Vec<OverlayEndpoint> {
+        let Some(watch) = self.relays.watch.as_ref() else {
+            return Vec::new();
+        };
+        let tokens = watch.drain();
+        self.relays
+            .watched
+            .iter()
+            .filter(|(_, w)| tokens.contains(&w.token))
+            .map(|(&key, _)| key)
+            .collect()
+    }
+
+    /// Whose is readable `fd`: a listener's overlay listener (false), or its oldest doorbell
+    /// (true: answered).
+    fn readable_listener(&self, fd: RawFd) -> Option<(OverlayEndpoint, bool)> {
+        let overlay = self.listeners.local.iter().find_map(|(&key, l)| {
+            let overlay = l.overlay.as_ref()?;
+            (overlay.as_raw_fd() == fd).then_some((key, false))
+        });
+        overlay.or_else(|| {
+            self.relays.rung.iter().find_map(|(&key, queue)| {
+                let oldest = queue.front()?;
+                (oldest.socket.as_raw_fd() == fd).then_some((key, true))
+            })
+        })
+    }
+
+    /// A doorbell of listener `key` was answered: a client relayed.
+    fn count_relayed(&mut self, key: OverlayEndpoint) {
+        let tenant = self.registry.placement(key.ip()).map(|p| p.tenant.as_str());
+        self.counters.relayed_to(tenant);
+    }
+
+    /// Rings the host listener of `key` once for each client waiting on its overlay listener
+    /// without a doorbell yet, within its share and [`RING_BATCH`].
+    fn ring_for(&mut self, key: OverlayEndpoint) {
         let Some(host_ip) = self.registry.host_ip() else {
             return;
         };
-        let Some((&key, listener)) = self
-            .listeners
-            .local
-            .iter()
-            .find(|(_, l)| l.overlay.as_ref().is_some_and(|o| o.as_raw_fd() == fd))
-        else {
+        let Some(listener) = self.listeners.local.get(&key) else {
+            return self.relays.forget_listener(key);
+        };
+        if self.relays.backoff.contains_key(&key) {
+            // Ringing failed a moment ago (expire lifts it): polled again after.
+            return;
+        }
+        let Some(overlay) = listener.overlay.as_ref() else {
             return;
         };
-        let host_listener = HostEndpoint::new(host_ip, listener.host_port);
-        let room = self.relays.room_for(key, listener_share(listener.backlog));
-        if self.relays.guard.is_none() {
-            match GuardedAccept::new() {
-                Ok(guard) => self.relays.guard = Some(guard),
-                Err(e) => {
-                    log::warn!("tcp: no accept timer ({e}); overlay listeners off");
-                    return self.listeners.give_up_overlay(key);
-                }
+        let share = listener_share(listener.backlog);
+        let waiting = match sys::accept_queue(overlay.as_fd()) {
+            Ok(Some(waiting)) => waiting as usize,
+            // Shut down by the container, or failing: it would stay readable.
+            Ok(None) => return self.listeners.give_up_overlay(key),
+            Err(e) => {
+                log::warn!("tcp: overlay listener {key} given up: {e}");
+                return self.listeners.give_up_overlay(key);
             }
-        }
-        for (conn, peer_ip, peer_port) in self.accept_clients(key, room.min(RELAY_BATCH)) {
-            let peer = OverlayEndpoint::new(peer_ip, peer_port);
-            self.ring_doorbell(key, host_listener, conn, peer);
-        }
-    }
-
-    /// Accepts up to `most` clients on the overlay listener of `key` (which has one); gives
-    /// the listener up if it fails.
-    fn accept_clients(
-        &mut self,
-        key: OverlayEndpoint,
-        most: usize,
-    ) -> Vec<(OwnedFd, Ipv4Addr, u16)> {
-        let guard = self.relays.guard.as_ref().expect("set before");
-        let overlay = self.listeners.local[&key]
-            .overlay
-            .as_ref()
-            .expect("matched before");
-        let mut taken = Vec::new();
-        let mut give_up = None;
-        while taken.len() < most {
-            match guard.accept(overlay.as_fd()) {
-                Ok(Some(client)) => taken.push(client),
-                Ok(None) => break,
-                // A client that went away, or one that is not IPv4: skip it.
-                Err(e)
-                    if e.kind() == io::ErrorKind::InvalidData
-                        || e.kind() == io::ErrorKind::ConnectionAborted =>
-                {
-                    continue
-                }
-                // Blocked (the container cleared O_NONBLOCK), shut down, or failing: the
-                // listener would keep the control thread busy or stuck; stop using it.
+        };
+        // A host listener the container shut down would reset every doorbell at once, and
+        // each reset would ring again: back off instead.
+        let host_listening = matches!(sys::accept_queue(listener.socket.as_fd()), Ok(Some(_)));
+        let host_listener = HostEndpoint::new(host_ip, listener.host_port);
+        let wanted = waiting
+            .min(share)
+            .saturating_sub(self.relays.pending(key))
+            .min(self.relays.room_for(key, share))
+            .min(RING_BATCH);
+        for _ in 0..wanted {
+            let rung = if host_listening {
+                ring_doorbell(host_listener)
+            } else {
+                Err(io::Error::other("the host listener is not listening"))
+            };
+            match rung {
+                Ok(doorbell) => self.relays.push(key, doorbell),
                 Err(e) => {
-                    give_up = Some(e);
+                    log::warn!("tcp: relay for {key}: {e}");
+                    let until = Instant::now() + RING_BACKOFF;
+                    self.relays.backoff.insert(key, until);
+                    self.relays.next_check.get_or_insert(until);
                     break;
                 }
             }
         }
-        if let Some(e) = give_up {
-            log::warn!("tcp: overlay listener {key} given up: {e}");
-            self.listeners.give_up_overlay(key);
-        }
-        taken
     }
+}
 
-    /// Connects a doorbell to the host listener of `key` for client `conn`, whose address is
-    /// `peer`. On failure the client's connection closes with `conn`: it sees a reset, as when
-    /// a server's accept queue overflows.
-    fn ring_doorbell(
-        &mut self,
-        key: OverlayEndpoint,
-        host_listener: HostEndpoint,
-        conn: OwnedFd,
-        peer: OverlayEndpoint,
-    ) {
-        let doorbell = (|| -> io::Result<(OwnedFd, u16)> {
-            let socket = sys::tcp_socket(false)?;
-            sys::set_linger_zero(&socket)?;
-            sys::bind(&socket, DOORBELL_SOURCE, 0, false)?;
-            let port = sys::local_port(&socket)?;
-            sys::connect_nonblocking(&socket, host_listener.ip(), host_listener.port(), false)?;
-            Ok((socket, port))
-        })();
-        match doorbell {
-            Ok((doorbell, port)) => {
-                let relay = Relay {
-                    conn,
-                    _doorbell: doorbell,
-                    listener: key,
-                    peer,
-                    since: Instant::now(),
-                };
-                self.relays
-                    .hold(HostEndpoint::new(DOORBELL_SOURCE, port), relay);
-            }
-            Err(e) => log::warn!("tcp: relay for {key}: {e}"),
-        }
-    }
+/// Connects a doorbell to `host_listener` from the loopback address. It closes with a reset:
+/// it holds no port afterwards.
+fn ring_doorbell(host_listener: HostEndpoint) -> io::Result<Doorbell> {
+    let socket = sys::tcp_socket(false)?;
+    sys::set_linger_zero(&socket)?;
+    sys::bind(&socket, DOORBELL_SOURCE, 0, false)?;
+    sys::connect_nonblocking(&socket, host_listener.ip(), host_listener.port(), false)?;
+    Ok(Doorbell {
+        socket,
+        since: Instant::now(),
+    })
 }

@@ -6,6 +6,7 @@
 
 use super::claims::MAX_CLAIM_PORTS;
 use super::endpoint::{HostEndpoint, OverlayEndpoint};
+use super::relay::DOORBELL_SOURCE;
 use super::{ok, Caller, Deferred, TcpService};
 use freeflow_proto::sockmsg::{SockNotice, SockReply, SockRequest};
 use std::collections::HashMap;
@@ -95,16 +96,17 @@ impl Announcements {
 }
 
 impl TcpService {
-    /// Serves a Resolve of host address `req.ip:req.port`: a relayed client, an announced one,
-    /// or `None` (the reply is deferred until the announcement comes or the wait is over).
+    /// Serves a Resolve of host address `req.ip:req.port`: a doorbell (the reply passes the
+    /// overlay listener to accept the client from), an announced client, or `None` (the reply
+    /// is deferred until the announcement comes or the wait is over).
     pub(super) fn resolve(
         &mut self,
         caller: Caller<'_>,
         req: SockRequest,
     ) -> Option<(SockReply, Option<OwnedFd>)> {
         let key = HostEndpoint::new(req.ip, req.port);
-        if let Some(answer) = self.take_relayed(key, caller.container.ip, req.seq) {
-            return Some(answer);
+        if key.ip() == DOORBELL_SOURCE {
+            return Some(self.resolve_doorbell(key, caller.container.ip, req.seq));
         }
         match self.lookup_announcement(key, caller.container.ip) {
             Some(client) => Some((ok(req.seq, client), None)),

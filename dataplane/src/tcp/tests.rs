@@ -16,7 +16,7 @@ use freeflow_proto::peer::PeerMsg;
 use freeflow_proto::sockmsg::SockNotice;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// A TCP service on loopback whose one peer router listens on `port` of loopback.
@@ -270,12 +270,11 @@ fn claims_are_announcements_made_ahead_for_one_listener() {
 /// still has its whole room.
 #[test]
 fn one_containers_listeners_cannot_take_the_whole_relay_pool() {
-    // Each client held costs two descriptors here, as in the router.
+    // Each doorbell costs a descriptor here, as in the router.
     freeflow_os::process::raise_open_file_limit().unwrap();
     let flooder = Ipv4Addr::new(10, 32, 0, 2);
     let other = Ipv4Addr::new(10, 32, 0, 3);
     let mut relays = Relays::default();
-    let mut doorbell_port = 20000u16;
     let mut held_by_flooder = 0;
     // Enough listeners to fill the pool at their own caps, and one more.
     let listeners = (MAX_RELAYS / MAX_RELAYS_PER_LISTENER + 1) as u16;
@@ -287,10 +286,8 @@ fn one_containers_listeners_cannot_take_the_whole_relay_pool() {
                 "one container's listeners were given room for more than \
                  {MAX_RELAYS_PER_CONTAINER} waiting clients (pool: {MAX_RELAYS})"
             );
-            let (conn, doorbell) = std::io::pipe().unwrap();
-            let from = HostEndpoint::new(Ipv4Addr::LOCALHOST, doorbell_port);
-            relays.hold_for_test(listener, from, conn.into(), doorbell.into());
-            doorbell_port += 1;
+            let (_, doorbell) = std::io::pipe().unwrap();
+            relays.hold_for_test(listener, doorbell.into());
             held_by_flooder += 1;
         }
     }
@@ -404,23 +401,43 @@ fn in_time_wait(port: u16) -> bool {
     })
 }
 
-/// Clients without Freeflow past a listener's share (its backlog) wait in the overlay
-/// listener's accept queue, not polled, and none is turned away; an accept makes room. The
-/// application's accept gets the client's own connection, and the doorbell it came by leaves
-/// no TIME_WAIT behind (relaying must not use up ports).
+/// Waits (bounded) until `fd` is readable.
+fn readable_within(fd: BorrowedFd<'_>, wait: Duration) -> bool {
+    let mut fds = [PollFd::new(fd, libc::POLLIN)];
+    poll::poll(&mut fds, Some(wait)).unwrap() > 0
+}
+
+/// Clients without Freeflow stay in the overlay listener's accept queue (the router accepts
+/// none) and get one doorbell each, up to the listener's share (its backlog); none is turned
+/// away. The application's accept gets the oldest doorbell, and takes a client from the
+/// overlay listener itself; the doorbell it closes with a reset is the router's signal to
+/// ring again, and it leaves no TIME_WAIT behind (relaying must not use up ports).
 #[test]
-fn clients_past_a_listeners_share_wait_in_its_queue_and_doorbells_leave_no_time_wait() {
+fn waiting_clients_get_one_doorbell_each_within_the_share_and_answered_ones_ring_again() {
     assert_eq!(listener_share(16), 16);
     assert_eq!(listener_share(0), MAX_RELAYS_PER_LISTENER);
-    let (mut tcp, host, overlay, key) = relaying_service(16);
+    let (mut tcp, host, overlay, _) = relaying_service(16);
     let mut clients: Vec<TcpStream> = (0..20)
         .map(|_| TcpStream::connect(overlay.local_addr().unwrap()).unwrap())
         .collect();
     let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
-    assert_eq!(polled.len(), 1, "room: polled");
-    tcp.relay_from(polled[0]);
+    assert_eq!(polled.len(), 1, "no doorbell yet: the overlay listener");
+    tcp.relay_later(polled[0]);
+    tcp.relay_readable();
     assert_eq!(tcp.relays.waiting(), 16, "the listener's share");
-    assert_eq!(tcp.relay_poll_fds().count(), 0, "share full: not polled");
+    assert_eq!(
+        crate::sys::accept_queue(overlay.as_fd()).unwrap(),
+        Some(20),
+        "the router accepted a client"
+    );
+    let watch = tcp.relays.arrival_watch_fd().expect("the arrival watch");
+    let oldest: Vec<i32> = tcp
+        .relay_poll_fds()
+        .map(|fd| fd.as_raw_fd())
+        .filter(|&fd| fd != watch)
+        .collect();
+    assert_eq!(oldest.len(), 1);
+    assert_ne!(oldest[0], polled[0], "doorbells rung: the oldest is polled");
     for c in &mut clients {
         c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
         let err = c.read(&mut [0u8; 1]).expect_err("nothing to read yet");
@@ -432,29 +449,148 @@ fn clients_past_a_listeners_share_wait_in_its_queue_and_doorbells_leave_no_time_
             "a client was turned away: {err}"
         );
     }
-    // The application accepts a doorbell and resolves it: it gets a client's own connection.
+    // The application's accept: a doorbell from loopback, then a client of the overlay
+    // listener, then the doorbell closes with a reset (as the shim does).
     let (doorbell, from) = host.accept().unwrap();
     let SocketAddr::V4(from) = from else {
         panic!("{from}")
     };
-    let (reply, conn) = tcp
-        .take_relayed(HostEndpoint::new(*from.ip(), from.port()), key.ip(), 7)
-        .expect("a doorbell");
-    let mut conn = TcpStream::from(conn.expect("the client's connection"));
-    let client = clients
-        .iter_mut()
-        .find(|c| c.local_addr().unwrap().port() == reply.port)
-        .expect("the reply names a waiting client");
+    assert_eq!(*from.ip(), Ipv4Addr::LOCALHOST);
+    let (mut conn, _) = overlay.accept().unwrap();
+    let doorbell = OwnedFd::from(doorbell);
+    crate::sys::set_linger_zero(&doorbell).unwrap();
+    drop(doorbell);
     conn.write_all(b"!").unwrap();
     let mut got = [0u8; 1];
+    let client = clients
+        .iter_mut()
+        .find(|c| c.local_addr().unwrap() == conn.peer_addr().unwrap())
+        .expect("a waiting client");
     client.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"!");
-    drop(doorbell);
-    // The end of the control loop's turn: the router's end of the doorbell closes.
+    let oldest_fd = tcp
+        .relay_poll_fds()
+        .find(|fd| fd.as_raw_fd() == oldest[0])
+        .expect("the oldest doorbell");
+    assert!(
+        readable_within(oldest_fd, Duration::from_secs(5)),
+        "answered: readable"
+    );
+    tcp.relay_later(oldest[0]);
     tcp.relay_readable();
-    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(tcp.counters.relayed, 1);
     assert!(!in_time_wait(from.port()), "the doorbell left a TIME_WAIT");
-    assert_eq!(tcp.relay_poll_fds().count(), 1, "an accept made room");
-    tcp.relay_from(polled[0]);
-    assert_eq!(tcp.relays.waiting(), 16);
+    assert_eq!(
+        tcp.relays.waiting(),
+        16,
+        "19 clients wait, the share is 16: one more doorbell rung"
+    );
+}
+
+/// A process without its own duplicate of the overlay listener resolves the doorbell it
+/// accepted: it gets the overlay listener (its container's only) to accept the client from.
+#[test]
+fn a_doorbell_resolves_to_the_overlay_listener_for_its_container_only() {
+    let (mut tcp, host, overlay, key) = relaying_service(16);
+    let _client = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+    tcp.relay_later(polled[0]);
+    tcp.relay_readable();
+    assert_eq!(tcp.relays.waiting(), 1);
+    let (_doorbell, from) = host.accept().unwrap();
+    let SocketAddr::V4(from) = from else {
+        panic!("{from}")
+    };
+    let key_of_doorbell = HostEndpoint::new(*from.ip(), from.port());
+    let (refused, none) = tcp.resolve_doorbell(key_of_doorbell, Ipv4Addr::new(10, 32, 0, 5), 1);
+    assert_eq!(refused.status, SockStatus::Error);
+    assert!(none.is_none(), "another container got the listener");
+    let (reply, passed) = tcp.resolve_doorbell(key_of_doorbell, key.ip(), 2);
+    assert_eq!(reply.status, SockStatus::Ok);
+    let passed = passed.expect("the overlay listener");
+    let listening = crate::sys::int_opt(passed.as_fd(), libc::SOL_SOCKET, libc::SO_ACCEPTCONN);
+    assert_eq!(listening.unwrap(), 1);
+    assert_eq!(
+        crate::sys::local_addr(passed.as_fd()).unwrap().1,
+        overlay.local_addr().unwrap().port()
+    );
+}
+
+/// A client that comes while its listener has doorbells rung (its overlay listener, readable,
+/// is not polled then) gets its doorbell at once, without waiting for an answer: the arrival
+/// watch reports it.
+#[test]
+fn a_client_arriving_while_doorbells_are_rung_gets_one_at_once() {
+    let (mut tcp, _host, overlay, _) = relaying_service(16);
+    let _first = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+    tcp.relay_later(polled[0]);
+    tcp.relay_readable();
+    assert_eq!(tcp.relays.waiting(), 1);
+    let watch = tcp.relays.arrival_watch_fd().expect("the arrival watch");
+    let _second = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    let watch_fd = tcp
+        .relay_poll_fds()
+        .find(|fd| fd.as_raw_fd() == watch)
+        .expect("the arrival watch is polled");
+    assert!(
+        readable_within(watch_fd, Duration::from_secs(5)),
+        "an arrival"
+    );
+    tcp.relay_later(watch);
+    tcp.relay_readable();
+    assert_eq!(tcp.relays.waiting(), 2, "the second client's doorbell");
+}
+
+/// A container that closes its listener and listens on the same port again at once (SO_REUSEADDR,
+/// a server reloading) finds the port free when its Unlisten is answered: the router holds no
+/// descriptor of the overlay listener any more, in the listener table nor in the arrival watch
+/// (its duplicates are closed before the answer, not later on the closer thread). The same when
+/// the listener is orphaned (a forked server's last holder closes it) or its process goes.
+#[test]
+fn a_listener_let_go_of_leaves_its_overlay_port_free_before_the_answer() {
+    for how in ["unlisten", "orphan", "detach"] {
+        let (mut tcp, _host, overlay, key) = relaying_service(16);
+        // A relayed client: the arrival watch now holds a duplicate of the overlay listener.
+        let _client = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+        let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+        tcp.relay_later(polled[0]);
+        tcp.relay_readable();
+        assert_eq!(tcp.relays.waiting(), 1, "{how}");
+        assert!(tcp.relays.arrival_watch_fd().is_some(), "{how}");
+        let container = ContainerEntry {
+            name: "web".into(),
+            tenant: "t".into(),
+            ip: key.ip(),
+            netns: freeflow_proto::identity::NetnsId { dev: 0, ino: 1 },
+        };
+        let caller = Caller {
+            attachment: 1,
+            container: &container,
+        };
+        let request = SockRequest {
+            op: SockOp::Unlisten,
+            flags: if how == "orphan" {
+                freeflow_proto::sockmsg::FLAG_ORPHAN
+            } else {
+                0
+            },
+            seq: 7,
+            ip: key.ip(),
+            port: key.port(),
+            backlog: 0,
+        };
+        if how == "detach" {
+            tcp.detach(1);
+        } else {
+            let (reply, _) = tcp.handle(caller, request, Vec::new()).expect("answered");
+            assert_eq!(reply.status, SockStatus::Ok, "{how}");
+        }
+        // The container's own descriptor goes; the port must be free at once.
+        let port = overlay.local_addr().unwrap().port();
+        drop(overlay);
+        let again = sys::tcp_socket(false).unwrap();
+        sys::bind(&again, Ipv4Addr::LOCALHOST, port, false)
+            .unwrap_or_else(|e| panic!("{how}: port {port} still taken: {e}"));
+    }
 }

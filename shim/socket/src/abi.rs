@@ -8,6 +8,7 @@
 
 use crate::epoll;
 use crate::guard;
+use crate::overlay_accept;
 use crate::private;
 use crate::real::{self, Endpoint};
 use crate::session::{self, config, debug};
@@ -255,7 +256,11 @@ unsafe fn listen_shimmed(fd: c_int, backlog: c_int) -> c_int {
     };
     match (reply.status, socket) {
         (SockStatus::Ok, Some(socket)) => {
+            // The application's socket stays the overlay listener for clients without
+            // Freeflow; the shim keeps a duplicate to accept them from.
+            overlay_accept::keep(fd, (reply.ip, reply.port), backlog);
             if let Err(e) = install(socket, fd, nonblocking) {
+                overlay_accept::release((reply.ip, reply.port));
                 return fail(e);
             }
             state::insert(
@@ -369,7 +374,16 @@ unsafe fn accept4_shimmed(
         if new < 0 {
             return new;
         }
-        let mut relayed = None;
+        if let Some((_, port, _)) = host_peer.filter(|(ip, ..)| overlay_accept::is_doorbell(*ip)) {
+            // A client without Freeflow waits on the overlay listener: the application gets
+            // its own connection and address, as the kernel gives them.
+            // SAFETY: addr/len are the application's accept arguments (NULL allowed).
+            match unsafe { overlay_accept::answer(listener.local, new, port, addr, len, flags) } {
+                Ok(Some(client)) => return client,
+                Ok(None) => continue,
+                Err(e) => return fail(e),
+            }
+        }
         let overlay_peer = host_peer.and_then(|(ip, port, _)| {
             // The router's notice usually comes before the connection: no round trip.
             if let Some(found) = session::noticed((ip, port)) {
@@ -384,10 +398,7 @@ unsafe fn accept4_shimmed(
                 backlog: 0,
             };
             match session::call(request) {
-                Ok((reply, conn)) if reply.status == SockStatus::Ok => {
-                    relayed = conn;
-                    Some((reply.ip, reply.port))
-                }
+                Ok((reply, _)) if reply.status == SockStatus::Ok => Some((reply.ip, reply.port)),
                 _ => None,
             }
         });
@@ -400,21 +411,6 @@ unsafe fn accept4_shimmed(
             real::close(new);
             continue;
         };
-        if let Some(conn) = relayed {
-            // A client that came without Freeflow: the application gets its real connection
-            // (on the overlay, in the container) in place of the router's doorbell.
-            if let Err(e) = adopt_relayed(conn, new, flags) {
-                real::close(new);
-                return fail(e);
-            }
-            state::remove(new);
-            debug(format_args!(
-                "accepted {peer_ip}:{peer_port} on the overlay (client without Freeflow)"
-            ));
-            // SAFETY: addr/len are the application's accept arguments (NULL allowed).
-            unsafe { real::write_endpoint(addr, len, peer_ip, peer_port, listener.v6) };
-            return new;
-        }
         state::insert(
             new,
             Accelerated {
@@ -429,23 +425,6 @@ unsafe fn accept4_shimmed(
         unsafe { real::write_endpoint(addr, len, peer_ip, peer_port, listener.v6) };
         return new;
     }
-}
-
-/// Puts a relayed client's connection under `fd` with accept4's `flags`.
-fn adopt_relayed(conn: OwnedFd, fd: c_int, flags: c_int) -> Result<(), c_int> {
-    let conn = conn.into_raw_fd();
-    let cloexec = flags & libc::SOCK_CLOEXEC;
-    if flags & libc::SOCK_NONBLOCK != 0 {
-        let status = real::fcntl_get(conn, libc::F_GETFL);
-        real::fcntl_set(conn, libc::F_SETFL, status | libc::O_NONBLOCK);
-    }
-    let rc = real::dup3(conn, fd, if cloexec != 0 { libc::O_CLOEXEC } else { 0 });
-    let err = real::errno();
-    real::close(conn);
-    if rc < 0 {
-        return Err(err);
-    }
-    Ok(())
 }
 
 /// getsockname(2).
@@ -642,6 +621,7 @@ fn unlisten_if_last(replaced: Option<Accelerated>) {
     if state::holds_listener(s.local) {
         return;
     }
+    overlay_accept::release(s.local);
     let request = SockRequest {
         op: SockOp::Unlisten,
         // Another process may hold it without having told the router yet.

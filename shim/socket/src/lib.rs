@@ -26,6 +26,8 @@ mod guard;
 #[allow(unsafe_code)]
 mod inherit;
 #[allow(unsafe_code)]
+mod overlay_accept;
+#[allow(unsafe_code)]
 mod private;
 #[allow(unsafe_code)]
 mod real;
@@ -86,6 +88,10 @@ extern "C" fn after_fork_in_child() {
     let ports = state::listener_ports();
     if !ports.is_empty() {
         session::claim_inherited_listeners(&ports);
+        // The child holds the listeners' overlay listeners too (the shim's duplicates): if
+        // the router goes, it must stop them listening even before its first accept (a
+        // daemon whose parent exits, a pre-fork server's master that never accepts).
+        session::ensure_watcher();
     }
 }
 

@@ -125,6 +125,18 @@ pub unsafe fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -
     unsafe { (real().getpeername)(fd, addr, len) }
 }
 
+/// Whether socket `fd` is listening.
+pub fn is_listening(fd: c_int) -> bool {
+    get_int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1)
+}
+
+/// Stops listening socket `fd` listening (shutdown(SHUT_RD)): the clients in its accept queue
+/// and those that come after get a reset; the socket stays bound, and may listen again.
+pub fn stop_listening(fd: c_int) -> c_int {
+    // SAFETY: shutdown takes no pointers (the shim does not interpose it).
+    unsafe { libc::shutdown(fd, libc::SHUT_RD) }
+}
+
 pub fn close(fd: c_int) -> c_int {
     // SAFETY: close takes no pointers; closing an fd the shim owns or the app asked to close.
     unsafe { (real().close)(fd) }

@@ -1,5 +1,5 @@
 //! What the shim knows about the application's sockets that it set up: the overlay addresses
-//! they stand for.
+//! they stand for, and its own duplicates of the accelerated listeners' overlay listeners.
 
 use crate::forklock::ForkLock;
 use std::collections::HashMap;
@@ -38,19 +38,53 @@ impl Accelerated {
     }
 }
 
-pub(crate) static TABLE: ForkLock<Option<HashMap<i32, Accelerated>>> = ForkLock::new(None);
+#[derive(Default)]
+pub(crate) struct Table {
+    /// The application's fds that stand for overlay sockets.
+    fds: HashMap<i32, Accelerated>,
+    /// The shim's own duplicate of each accelerated listener's overlay listener (the
+    /// application's socket, listening in the container), by overlay address: clients without
+    /// Freeflow are accepted from it ([`crate::overlay_accept`]). The application does not
+    /// know these fds; if it closes or replaces one, it is forgotten.
+    overlay: HashMap<(Ipv4Addr, u16), KeptOverlay>,
+}
+
+/// The shim's duplicate of an overlay listener, and the backlog to listen with again (after
+/// the router went away, the shim stops it listening until a router takes it back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeptOverlay {
+    pub fd: i32,
+    pub backlog: i32,
+}
+
+pub(crate) static TABLE: ForkLock<Option<Table>> = ForkLock::new(None);
 /// Set once anything is in the table, so that close() in programs that never use an
 /// accelerated socket costs one relaxed load.
 static IN_USE: AtomicBool = AtomicBool::new(false);
 
-fn with<R>(f: impl FnOnce(&mut HashMap<i32, Accelerated>) -> R) -> R {
+fn with_table<R>(f: impl FnOnce(&mut Table) -> R) -> R {
     let mut guard = TABLE.lock();
-    f(guard.get_or_insert_with(HashMap::new))
+    f(guard.get_or_insert_with(Table::default))
+}
+
+fn with<R>(f: impl FnOnce(&mut HashMap<i32, Accelerated>) -> R) -> R {
+    with_table(|t| f(&mut t.fds))
+}
+
+/// The application closed or replaced `fd`: if it was one of the shim's overlay listeners,
+/// it is not the shim's any more.
+fn forget_overlay_fd(t: &mut Table, fd: i32) {
+    if !t.overlay.is_empty() {
+        t.overlay.retain(|_, kept| kept.fd != fd);
+    }
 }
 
 pub fn insert(fd: i32, state: Accelerated) {
     IN_USE.store(true, Ordering::Relaxed);
-    with(|t| t.insert(fd, state));
+    with_table(|t| {
+        forget_overlay_fd(t, fd);
+        t.fds.insert(fd, state)
+    });
 }
 
 pub fn get(fd: i32) -> Option<Accelerated> {
@@ -64,21 +98,76 @@ pub fn remove(fd: i32) -> Option<Accelerated> {
     if !IN_USE.load(Ordering::Relaxed) {
         return None;
     }
-    with(|t| t.remove(&fd))
+    with_table(|t| {
+        forget_overlay_fd(t, fd);
+        t.fds.remove(&fd)
+    })
 }
 
-/// Forgets every fd from `first` to `last` (closed by close_range), returning what they were.
+/// Keeps `kept` as the shim's overlay listener for the accelerated listener on overlay address
+/// `local`, unless it has one already: returns the fd of the one kept.
+pub fn keep_overlay_first(local: (Ipv4Addr, u16), kept: KeptOverlay) -> i32 {
+    IN_USE.store(true, Ordering::Relaxed);
+    with_table(|t| t.overlay.entry(local).or_insert(kept).fd)
+}
+
+/// Forgets `fd` as the shim's overlay listener for `local` (it failed); true if it was.
+pub fn drop_overlay(local: (Ipv4Addr, u16), fd: i32) -> bool {
+    with_table(|t| {
+        let kept = t.overlay.get(&local).is_some_and(|k| k.fd == fd);
+        if kept {
+            t.overlay.remove(&local);
+        }
+        kept
+    })
+}
+
+/// The shim's overlay listener for the listener on overlay address `local`, if it has one.
+pub fn overlay_of(local: (Ipv4Addr, u16)) -> Option<i32> {
+    kept_overlay(local).map(|k| k.fd)
+}
+
+/// The shim's overlay listener for the listener on overlay address `local`, with its backlog.
+pub fn kept_overlay(local: (Ipv4Addr, u16)) -> Option<KeptOverlay> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return None;
+    }
+    with_table(|t| t.overlay.get(&local).copied())
+}
+
+/// Every overlay listener the shim keeps.
+pub fn kept_overlays() -> Vec<KeptOverlay> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    with_table(|t| t.overlay.values().copied().collect())
+}
+
+/// Forgets the shim's overlay listener for `local` (its last listener fd closed); returns it,
+/// for the caller to close.
+pub fn take_overlay(local: (Ipv4Addr, u16)) -> Option<i32> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return None;
+    }
+    with_table(|t| t.overlay.remove(&local).map(|k| k.fd))
+}
+
+/// Forgets every fd from `first` to `last` (closed by close_range), returning what they were
+/// (and the shim's overlay listeners among them: they are closed too).
 pub fn remove_range(first: i32, last: i32) -> Vec<Accelerated> {
     if !IN_USE.load(Ordering::Relaxed) {
         return Vec::new();
     }
-    with(|t| {
+    with_table(|t| {
+        t.overlay
+            .retain(|_, kept| kept.fd < first || kept.fd > last);
         let fds: Vec<i32> = t
+            .fds
             .keys()
             .copied()
             .filter(|&fd| fd >= first && fd <= last)
             .collect();
-        fds.iter().filter_map(|fd| t.remove(fd)).collect()
+        fds.iter().filter_map(|fd| t.fds.remove(fd)).collect()
     })
 }
 
@@ -137,7 +226,7 @@ pub fn listener_ports() -> Vec<u16> {
     let Some(mut guard) = TABLE.try_lock() else {
         return Vec::new();
     };
-    let table = guard.get_or_insert_with(HashMap::new);
+    let table = &guard.get_or_insert_with(Table::default).fds;
     let mut ports: Vec<u16> = table
         .values()
         .filter(|s| s.role == Role::Listener)

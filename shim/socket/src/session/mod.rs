@@ -476,6 +476,9 @@ fn watch_router() {
         }
         let deadline = std::time::Instant::now() + RECOVERY_WINDOW;
         while !relisten_all() {
+            // No router takes the listeners (yet): nobody would ring for the clients that
+            // reach their overlay listeners, so those are refused until one does.
+            crate::overlay_accept::refuse_clients();
             if std::time::Instant::now() > deadline {
                 debug(format_args!(
                     "router did not come back; listeners stay unknown to it"
@@ -502,8 +505,9 @@ fn wait_for_hangup(conn: BorrowedFd<'_>) {
     }
 }
 
-/// Attaches to the (new) router and hands it every listener this process holds, each with a
-/// fresh overlay listener for clients without Freeflow. False if the router is not there yet.
+/// Attaches to the (new) router and hands it every listener this process holds, each with its
+/// overlay listener for clients without Freeflow (the one the shim kept, listening again, or a
+/// fresh one). False if the router is not there yet.
 fn relisten_all() -> bool {
     let attached = Attached::attach(real::getpid(), REATTACH_INTERVAL);
     if attached.session.is_none() {
@@ -521,7 +525,10 @@ fn relisten_all() -> bool {
         if s.role != state::Role::Listener || done.contains(&s.local.1) {
             continue;
         }
-        let overlay = overlay_listener(s.local.1, s.v6);
+        // The application's own overlay listener if this process kept it (its port is
+        // taken by it), else a fresh one.
+        let overlay = crate::overlay_accept::kept_clone(s.local)
+            .or_else(|| overlay_listener(s.local.1, s.v6));
         // SAFETY: fd is one of this process's listeners in the table; if the application
         // closed it meanwhile, the send fails with EBADF and the whole hand-over is retried.
         let host = unsafe { BorrowedFd::borrow_raw(fd) };

@@ -1,0 +1,187 @@
+//! Clients without Freeflow (docs/tcp-setup.md, "the relay"). They wait in the accept queue of
+//! the application's own overlay listener, in the container; the router rings the host
+//! listener once for each (a "doorbell": a connection from `127.0.0.1`, which no router
+//! announces). When the application's accept gets a doorbell, the shim closes it and accepts
+//! the client from its own duplicate of the overlay listener: the application gets the
+//! client's connection and address as the kernel gives them, with no round trip.
+//!
+//! The duplicate is made at listen (forked children inherit it); a process without one (it
+//! was exec'd: the duplicate is close-on-exec, or the application closed it) asks the router
+//! for it once, with a `Resolve` of the doorbell.
+//!
+//! Its lifetime: closed with the process's last fd of the accelerated listener (the port is
+//! then free in the container, once the router has let go of its own duplicate, which it does
+//! before answering the Unlisten), and with the process. While no router serves it (the
+//! router died or was stopped) it does not listen: nobody would ring for its clients, so
+//! they must be refused rather than accepted by the kernel and left waiting. It listens again
+//! when it is handed to the next router (`Relisten`).
+
+use crate::real;
+use crate::session;
+use crate::state::{self, KeptOverlay};
+use freeflow_proto::sockmsg::{SockOp, SockRequest, SockStatus};
+use libc::{c_int, sockaddr, socklen_t};
+use std::net::Ipv4Addr;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+
+/// Where the router's doorbells come from.
+const DOORBELL_SOURCE: Ipv4Addr = Ipv4Addr::LOCALHOST;
+/// The least fd number of the shim's overlay listeners: out of the way of programs that count
+/// on getting the lowest free numbers.
+const KEPT_FD_FLOOR: c_int = 256;
+
+/// Whether an accepted connection from `ip` is one of the router's doorbells.
+pub fn is_doorbell(ip: Ipv4Addr) -> bool {
+    ip == DOORBELL_SOURCE
+}
+
+/// A duplicate of socket `fd`, close-on-exec, at [`KEPT_FD_FLOOR`] or above if it can, with
+/// O_NONBLOCK set on the socket (the router uses it non-blocking too): never blocks an accept.
+fn duplicate(fd: c_int) -> Option<c_int> {
+    let mut kept = real::fcntl_set(fd, libc::F_DUPFD_CLOEXEC, KEPT_FD_FLOOR);
+    if kept < 0 {
+        kept = real::fcntl_set(fd, libc::F_DUPFD_CLOEXEC, 0);
+    }
+    if kept < 0 {
+        return None;
+    }
+    let status = real::fcntl_get(kept, libc::F_GETFL);
+    if status < 0 || real::fcntl_set(kept, libc::F_SETFL, status | libc::O_NONBLOCK) < 0 {
+        real::close(kept);
+        return None;
+    }
+    Some(kept)
+}
+
+/// Keeps `fd` (the shim's) as the overlay listener of `local`, listened on with `backlog`,
+/// unless one is kept already (another thread was first): returns the one kept.
+fn keep_fd(local: (Ipv4Addr, u16), fd: c_int, backlog: c_int) -> c_int {
+    let kept = state::keep_overlay_first(local, KeptOverlay { fd, backlog });
+    if kept != fd {
+        real::close(fd);
+    }
+    kept
+}
+
+/// At listen, while the application's `fd` is still its overlay listener (before it becomes
+/// the host listener), listening with the application's `backlog`: keeps a duplicate for the
+/// listener on overlay address `local`.
+pub fn keep(fd: c_int, local: (Ipv4Addr, u16), backlog: c_int) {
+    if let Some(kept) = duplicate(fd) {
+        keep_fd(local, kept, backlog);
+    }
+}
+
+/// No router serves this process's listeners any more (its session hung up, and no router
+/// answers): every overlay listener the shim keeps stops listening, so that clients coming
+/// over the overlay are refused (a reset) instead of accepted by the kernel and never served.
+/// The socket stays bound, and the container's port taken, until [`kept_clone`] listens on it
+/// again for the next router. Other processes holding the same socket see the same.
+pub fn refuse_clients() {
+    for kept in state::kept_overlays() {
+        if real::is_listening(kept.fd) {
+            real::stop_listening(kept.fd);
+            session::debug(format_args!(
+                "no router: overlay listener fd {} stops listening",
+                kept.fd
+            ));
+        }
+    }
+}
+
+/// The listener on `local` is closed in this process: so is the shim's overlay listener (the
+/// port is free in the container once no process holds it).
+pub fn release(local: (Ipv4Addr, u16)) {
+    if let Some(fd) = state::take_overlay(local) {
+        real::close(fd);
+    }
+}
+
+/// A duplicate of the shim's overlay listener of `local`, to hand to a restarted router,
+/// listening again if [`refuse_clients`] stopped it (here or in another process holding it).
+pub fn kept_clone(local: (Ipv4Addr, u16)) -> Option<OwnedFd> {
+    let kept = state::kept_overlay(local)?;
+    if !real::is_listening(kept.fd) && real::listen(kept.fd, kept.backlog) != 0 {
+        return None;
+    }
+    let dup = real::fcntl_set(kept.fd, libc::F_DUPFD_CLOEXEC, 0);
+    // SAFETY: a fresh fd nobody else owns.
+    (dup >= 0).then(|| unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
+/// Asks the router for the overlay listener behind doorbell `port` (this process has none),
+/// and keeps it for `local`.
+fn fetch(local: (Ipv4Addr, u16), port: u16) -> Option<c_int> {
+    let request = SockRequest {
+        op: SockOp::Resolve,
+        flags: 0,
+        seq: 0,
+        ip: DOORBELL_SOURCE,
+        port,
+        backlog: 0,
+    };
+    let (reply, passed) = session::call(request).ok()?;
+    let passed = passed
+        .filter(|_| reply.status == SockStatus::Ok)?
+        .into_raw_fd();
+    let listening = real::is_listening(passed);
+    let kept = listening.then(|| duplicate(passed)).flatten();
+    real::close(passed);
+    session::debug(format_args!(
+        "overlay listener of {}:{} from the router",
+        local.0, local.1
+    ));
+    // The application's backlog is not known here: the kernel's cap, if it must listen again.
+    Some(keep_fd(local, kept?, libc::SOMAXCONN))
+}
+
+/// Closes a doorbell. A plain close (no system call more): the router, woken by its end
+/// turning readable, closes that end with a reset, which ends both without TIME_WAIT.
+fn close_doorbell(fd: c_int) {
+    real::close(fd);
+}
+
+/// The application's accept on the accelerated listener of overlay address `local` got
+/// doorbell `doorbell` (from `port` of the loopback address): closes it and accepts a waiting
+/// client from the overlay listener, with the application's accept4 `flags` and address
+/// buffer. `Ok(None)` if none waits (another process took it, or the router is gone): the
+/// accept goes on. `Err(errno)` for the application (out of descriptors, say).
+///
+/// # Safety
+/// `addr`/`len` are the application's accept arguments (NULL allowed).
+pub unsafe fn answer(
+    local: (Ipv4Addr, u16),
+    doorbell: c_int,
+    port: u16,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> Result<Option<c_int>, c_int> {
+    // Fetched before the doorbell closes: the router knows the listener by it.
+    let Some(overlay) = state::overlay_of(local).or_else(|| fetch(local, port)) else {
+        close_doorbell(doorbell);
+        return Ok(None);
+    };
+    // SAFETY: the application's address buffer; `overlay` is the shim's own fd.
+    let new = unsafe { real::accept4(overlay, addr, len, flags) };
+    let err = real::errno();
+    // Closed after the accept: the router, woken by the close, counts the clients still
+    // waiting, and must not ring again for this one.
+    close_doorbell(doorbell);
+    if new >= 0 {
+        // A plain connection on the overlay: nothing for the shim to stand in for.
+        state::remove(new);
+        return Ok(Some(new));
+    }
+    match err {
+        libc::EAGAIN | libc::ECONNABORTED | libc::EINTR => Ok(None),
+        e @ (libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Err(e),
+        // Not listening any more (shut down in another process): forget it.
+        _ => {
+            if state::drop_overlay(local, overlay) {
+                real::close(overlay);
+            }
+            Ok(None)
+        }
+    }
+}
