@@ -185,6 +185,8 @@ impl ControlThread {
                     relayed: c.relayed,
                 })
                 .collect(),
+            cm_listeners: self.cm.listener_count(),
+            cm_established: self.cm.established,
             jail_active: crate::jail::active(),
         }
     }
