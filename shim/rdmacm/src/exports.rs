@@ -519,7 +519,9 @@ fn create_ep(
                 .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
             id.bind(src)?;
             // SAFETY: NULL or the program's attributes, copied for each request.
-            if let Some(attr) = unsafe { qp_init_attr.as_ref() } {
+            if let Some(attr) = unsafe { qp_init_attr.as_mut() } {
+                // The endpoint's QP type is the address's (as librdmacm sets it).
+                attr.qp_type = qp_type;
                 id.set_ep_qp(*attr, pd);
             }
             return Ok(());
@@ -531,6 +533,7 @@ fn create_ep(
         id.resolve_route()?;
         // SAFETY: NULL or the program's live attributes.
         if let Some(attr) = unsafe { qp_init_attr.as_mut() } {
+            attr.qp_type = qp_type;
             id.create_qp(pd, attr)?;
         }
         Ok(())
