@@ -177,8 +177,8 @@ fn zeroed_id() -> RdmaCmId {
 }
 
 fn new_event() -> Box<Event> {
-    // SAFETY: RdmaCmEvent is plain data; all zeros is valid.
     Box::new(Event {
+        // SAFETY: RdmaCmEvent is plain data; all zeros is valid.
         c: unsafe { std::mem::zeroed() },
         data: [0; MAX_PRIVATE_DATA],
     })

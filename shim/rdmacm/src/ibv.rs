@@ -61,7 +61,7 @@ fn load() -> Result<Verbs, Missing> {
             }
             // SAFETY: the symbol is rdma-core's verb of that name and version, whose C
             // signature the field's type spells out.
-            unsafe { std::mem::transmute::<*mut libc::c_void, _>(p) }
+            unsafe { function(p) }
         }};
     }
     Ok(Verbs {
@@ -79,6 +79,17 @@ fn load() -> Result<Verbs, Missing> {
         create_srq: sym!(c"ibv_create_srq", c"IBVERBS_1.1"),
         destroy_srq: sym!(c"ibv_destroy_srq", c"IBVERBS_1.1"),
     })
+}
+
+/// The function at `p`, as the function pointer type `F`.
+///
+/// # Safety
+/// `p` is a function whose C signature `F` spells out.
+unsafe fn function<F: Copy>(p: *mut libc::c_void) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut libc::c_void>());
+    // SAFETY: F is a function pointer type of a pointer's size (checked), and the caller
+    // guarantees `p` is such a function.
+    unsafe { std::mem::transmute_copy::<*mut libc::c_void, F>(&p) }
 }
 
 fn dl_error() -> String {
