@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{describe, target_dir, Site, SiteSpec};
+use common::{describe, succeeded_saying, target_dir, CProbe, Site, SiteSpec};
 use std::collections::BTreeSet;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -297,4 +297,31 @@ fn a_container_of_another_tenant_cannot_resolve_nor_connect() {
     let _ = common::terminate(&mut server, Duration::from_secs(5));
     let server = server.wait_with_output().unwrap();
     assert_both(&site, "rping after the refusal", &server, &ok);
+}
+
+/// The C side of the checks below (its own file, to be readable and compilable by hand), built
+/// against the installed headers and Debian's librdmacm and libibverbs (so it imports the
+/// functions at rdma-core's versions, like any Debian binary).
+const PROBE: CProbe = CProbe {
+    name: "rdmacm_probe",
+    source: include_str!("programs/rdmacm_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-lrdmacm", "-libverbs"],
+};
+
+#[test]
+fn the_event_channel_polls_and_every_exchange_and_error_is_rdma_cms() {
+    let site = Site::new("cmp");
+    let probe = PROBE.build(&site.work);
+    let out = site
+        .verbs_app("client", &probe, &[])
+        .args(["10.32.0.2", "10.32.0.4"])
+        .output()
+        .unwrap();
+    assert!(
+        succeeded_saying(&out, "checks passed"),
+        "{}\n--- router log\n{}",
+        describe(&out),
+        site.router_log()
+    );
 }

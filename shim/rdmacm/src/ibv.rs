@@ -86,7 +86,10 @@ fn load() -> Result<Verbs, Missing> {
 /// # Safety
 /// `p` is a function whose C signature `F` spells out.
 unsafe fn function<F: Copy>(p: *mut libc::c_void) -> F {
-    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut libc::c_void>());
+    assert_eq!(
+        std::mem::size_of::<F>(),
+        std::mem::size_of::<*mut libc::c_void>()
+    );
     // SAFETY: F is a function pointer type of a pointer's size (checked), and the caller
     // guarantees `p` is such a function.
     unsafe { std::mem::transmute_copy::<*mut libc::c_void, F>(&p) }
