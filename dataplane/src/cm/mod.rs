@@ -876,3 +876,6 @@ fn random_token() -> u64 {
     }
     u64::from_ne_bytes(b)
 }
+
+#[cfg(test)]
+mod tests;
