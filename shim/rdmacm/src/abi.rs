@@ -153,10 +153,17 @@ pub struct IbvQpInitAttr {
     pub sq_sig_all: c_int,
 }
 
-/// The start of `struct ibv_qp_init_attr_ex`: the plain attributes, the mask, the PD.
+/// The start of `struct ibv_qp_init_attr_ex`: the plain attributes (declared field by field
+/// there, so `comp_mask` takes the padding at the end of `ibv_qp_init_attr`), the mask, the PD.
 #[repr(C)]
 pub struct IbvQpInitAttrExHead {
-    pub base: IbvQpInitAttr,
+    pub qp_context: Ptr,
+    pub send_cq: Ptr,
+    pub recv_cq: Ptr,
+    pub srq: Ptr,
+    pub cap: IbvQpCap,
+    pub qp_type: c_int,
+    pub sq_sig_all: c_int,
     pub comp_mask: u32,
     pub pd: Ptr,
 }

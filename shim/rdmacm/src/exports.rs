@@ -421,7 +421,21 @@ pub extern "C" fn rdma_create_qp_ex(id: *mut RdmaCmId, qp_init_attr: *mut c_void
             0 => null_mut(),
             _ => attr.pd,
         };
-        id.create_qp(pd, &mut attr.base)
+        let mut plain = IbvQpInitAttr {
+            qp_context: attr.qp_context,
+            send_cq: attr.send_cq,
+            recv_cq: attr.recv_cq,
+            srq: attr.srq,
+            cap: attr.cap,
+            qp_type: attr.qp_type,
+            sq_sig_all: attr.sq_sig_all,
+        };
+        id.create_qp(pd, &mut plain)?;
+        // As rdma-core's, the caller's attributes say which CQs the QP got and its capacities.
+        attr.send_cq = plain.send_cq;
+        attr.recv_cq = plain.recv_cq;
+        attr.cap = plain.cap;
+        Ok(())
     })
 }
 
