@@ -347,7 +347,7 @@ fn private_data_limits_backlog_and_missing_listeners() {
 #[test]
 fn a_malformed_request_drops_that_connection_only() {
     let mut bench = Bench::new();
-    let (mut a, b) = (bench.process("a"), bench.process("b"));
+    let (a, mut b) = (bench.process("a"), bench.process("b"));
     let id = bench.create(&mut b);
     a.requests.send(b"garbage").unwrap();
     let gone = bench.cm.on_ready(a.requests_id, NO_EVENTS, &bench.table);

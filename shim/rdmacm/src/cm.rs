@@ -294,6 +294,8 @@ impl Id {
         // `deliver`; nothing else frees it.
         let id = unsafe { Box::from_raw(p) };
         lock(&id.channel.ids).remove(&id.router_id);
+        // Events set aside for it go with it (they would name a freed id).
+        lock(&id.channel.stash).retain(|e| e.0.c.id != p.cast::<RdmaCmId>());
         if !id.c.event.is_null() {
             // SAFETY: an event of ours kept for a synchronous id.
             drop(unsafe { Box::from_raw(id.c.event.cast::<Event>()) });
