@@ -223,6 +223,13 @@ impl ControlThread {
                     self.forget_attached(&gone);
                 }
             }
+            // rdma_cm steps from other hosts' routers, then ours for them.
+            for (host, msg) in std::mem::take(&mut self.tcp.cm_inbox) {
+                self.cm.on_peer(host, msg, &self.table);
+            }
+            for (host, msg) in std::mem::take(&mut self.cm.peer_out) {
+                self.tcp.send_cm(host, msg);
+            }
             // Notices first: a listener's process may be about to accept.
             self.send_notices();
             self.tcp.tick(&mut deferred);

@@ -325,3 +325,69 @@ fn the_event_channel_polls_and_every_exchange_and_error_is_rdma_cms() {
         site.router_log()
     );
 }
+
+/// Two hosts: server (10.32.0.2) on host 0; client (10.32.0.3, same tenant) and other
+/// (10.32.0.4, another tenant) on host 1.
+fn two_hosts(prefix: &str) -> Site {
+    common::require_programs(&["rping", "ucmatose"], "rdmacm-utils");
+    Site::create_verbs(SiteSpec {
+        prefix,
+        work_prefix: "ff-rdmacm-x",
+        hosts: 2,
+        containers: &[
+            (0, "server", [10, 32, 0, 2]),
+            (1, "client", [10, 32, 0, 3]),
+            (1, "other", [10, 32, 0, 4]),
+        ],
+        registered: &[("server", "blue"), ("client", "blue"), ("other", "red")],
+        verbs_timeout: 60,
+        ..SiteSpec::default()
+    })
+}
+
+#[test]
+fn across_hosts_rping_and_ucmatose_connect_and_another_tenant_cannot() {
+    let site = two_hosts("cmh");
+    // The routers carry the CM's steps on their peer connections, the RDMA on the verbs port.
+    let server = site.cm_server(
+        "rping",
+        &["-s", "-a", "10.32.0.2", "-p", "7176", "-v", "-C", "50"],
+        1,
+    );
+    let client = site.cm_client(
+        "client",
+        "rping",
+        &["-c", "-a", "10.32.0.2", "-p", "7176", "-v", "-C", "50"],
+    );
+    let server = server.wait_with_output().unwrap();
+    assert_both(&site, "rping across hosts", &server, &client);
+    let pings = text(&client)
+        .lines()
+        .filter(|l| l.starts_with("ping data: rdma-ping-"))
+        .count();
+    assert_eq!(pings, 50, "client: {}", describe(&client));
+    assert_eq!(site.router_counter(0, "cm_established"), 1);
+
+    let server = site.cm_server("ucmatose", &["-b", "10.32.0.2", "-c", "3", "-C", "10"], 1);
+    let client = site.cm_client(
+        "client",
+        "ucmatose",
+        &["-s", "10.32.0.2", "-c", "3", "-C", "10"],
+    );
+    let server = server.wait_with_output().unwrap();
+    assert_both(&site, "ucmatose across hosts", &server, &client);
+    assert_eq!(site.router_counter(0, "cm_established"), 4);
+
+    // Another tenant on the client's host: the server's address does not resolve.
+    let out = site.cm_client(
+        "other",
+        "rping",
+        &["-c", "-a", "10.32.0.2", "-p", "7177", "-C", "1"],
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("RDMA_CM_EVENT_ADDR_ERROR"),
+        "{}",
+        describe(&out)
+    );
+}

@@ -19,9 +19,10 @@ use freeflow_proto::cm::{
     event, port_space, private_data_limit, reject_reason, CmOp, CmRecord, ConnParams,
     CM_RECORD_LEN, EVENT, REPLY, REQUEST,
 };
-use freeflow_proto::control::ContainerEntry;
+use freeflow_proto::control::{ContainerEntry, NetworkView};
 use freeflow_proto::fdpass;
 use freeflow_proto::identity::NetnsId;
+use freeflow_proto::peer::CmPeerMsg;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -83,8 +84,11 @@ struct CmId {
     /// Bound address (its ip as the application gave it: 0 for any) and port.
     local: Option<SocketAddrV4>,
     remote: Option<SocketAddrV4>,
-    /// The other side of a connection.
+    /// The other side of a connection, on this host.
     peer: Option<u32>,
+    /// The other side of a connection on another host: its router's host and its id there (0
+    /// until it answers a connect).
+    far: Option<(Ipv4Addr, u32)>,
     /// Passive side: the listener whose backlog this request counts in, until accepted,
     /// rejected or destroyed.
     listener: Option<u32>,
@@ -132,6 +136,11 @@ pub struct CmService {
     pub established: u64,
     /// Connections to drop after the current step (a send failed).
     doomed: Vec<u32>,
+    /// The cluster (other hosts' containers and their tenants), for connections across hosts.
+    network: Option<NetworkView>,
+    /// Steps for other hosts' routers, to send (the control thread carries them on the peer
+    /// connections).
+    pub peer_out: Vec<(Ipv4Addr, CmPeerMsg)>,
 }
 
 /// Who asks: a registered container's process, on its requests connection.
@@ -142,6 +151,28 @@ pub struct Caller<'a> {
 type Reply = Result<CmRecord, i32>;
 
 impl CmService {
+    pub fn set_network(&mut self, network: NetworkView) {
+        self.network = Some(network);
+    }
+
+    /// Where `ip` of `tenant` lives: `Some(None)` on this host, `Some(Some(host))` on another
+    /// registered host; None if no container of `tenant` has it.
+    fn locate(
+        &self,
+        table: &HashMap<NetnsId, ContainerEntry>,
+        tenant: &str,
+        ip: Ipv4Addr,
+    ) -> Option<Option<Ipv4Addr>> {
+        if Self::find_container(table, tenant, ip).is_some() {
+            return Some(None);
+        }
+        let net = self.network.as_ref()?;
+        net.overlay
+            .iter()
+            .find(|e| e.ip == ip && e.tenant == tenant && e.host_ip != net.host_ip)
+            .map(|e| Some(e.host_ip))
+    }
+
     /// Listeners now (status).
     pub fn listener_count(&self) -> usize {
         self.listeners.len()
@@ -440,6 +471,7 @@ impl CmService {
                 local: None,
                 remote: None,
                 peer: None,
+                far: None,
                 listener: None,
                 backlog: 0,
                 waiting: 0,
@@ -550,7 +582,10 @@ impl CmService {
         }
         let cm = self.ids.get_mut(&id).expect("checked");
         let bound = cm.local.expect("bound");
-        if Self::find_container(table, &cm.tenant, *remote.ip()).is_some() {
+        let tenant = cm.tenant.clone();
+        let found = self.locate(table, &tenant, *remote.ip()).is_some();
+        let cm = self.ids.get_mut(&id).expect("checked");
+        if found {
             cm.remote = Some(remote);
             cm.state = State::AddrResolved;
             self.emit(id, CmRecord::event(event::ADDR_RESOLVED, id, 0));
@@ -601,12 +636,32 @@ impl CmService {
         let local = cm.local.expect("bound");
         let own_ip = cm.own_ip;
         // The table may have changed since the resolve.
-        if Self::find_container(table, &cm.tenant, *remote.ip()).is_none() {
+        let place = self.locate(table, &cm.tenant, *remote.ip());
+        let Some(place) = place else {
             self.ids.get_mut(&id).expect("checked").state = State::Closed;
             self.emit(
                 id,
                 CmRecord::event(event::UNREACHABLE, id, -libc::EHOSTUNREACH),
             );
+            return Ok(CmRecord::default());
+        };
+        if let Some(host) = place {
+            let msg = CmPeerMsg {
+                op: CmOp::Connect as u16,
+                from_id: id,
+                to_id: 0,
+                src: SocketAddrV4::new(own_ip, local.port()),
+                dst: remote,
+                ps: cm.ps,
+                qpn: req.qpn,
+                conn: conn_bytes(req.conn),
+                status: 0,
+                private_data: req.private_data.clone(),
+            };
+            self.peer_out.push((host, msg));
+            let active = self.ids.get_mut(&id).expect("checked");
+            active.state = State::Connecting;
+            active.far = Some((host, 0));
             return Ok(CmRecord::default());
         }
         let key = PortKey {
@@ -661,6 +716,7 @@ impl CmService {
             local: Some(passive_local),
             remote: Some(active_addr),
             peer: Some(id),
+            far: None,
             listener: Some(lid),
             backlog: 0,
             waiting: 0,
@@ -703,6 +759,18 @@ impl CmService {
         }
         let peer = cm.peer;
         self.leave_backlog(id);
+        if let Some((host, active)) = self.ids[&id].far {
+            self.ids.get_mut(&id).expect("checked").state = State::Accepted;
+            let msg = CmPeerMsg {
+                op: CmOp::Accept as u16,
+                qpn: req.qpn,
+                conn: conn_bytes(req.conn),
+                private_data: req.private_data.clone(),
+                ..peer_msg(id, active)
+            };
+            self.peer_out.push((host, msg));
+            return Ok(CmRecord::default());
+        }
         let peer = peer.filter(|p| {
             self.ids
                 .get(p)
@@ -740,6 +808,16 @@ impl CmService {
         let cm = self.ids.get_mut(&id).expect("checked");
         cm.state = State::Closed;
         cm.peer = None;
+        if let Some((host, active)) = cm.far.take() {
+            let msg = CmPeerMsg {
+                op: CmOp::Reject as u16,
+                status: reject_reason::CONSUMER_DEFINED,
+                private_data: req.private_data.clone(),
+                ..peer_msg(id, active)
+            };
+            self.peer_out.push((host, msg));
+            return Ok(CmRecord::default());
+        }
         if let Some(active) = peer.filter(|p| self.ids.get(p).is_some_and(|a| a.peer == Some(id))) {
             let a = self.ids.get_mut(&active).expect("peer");
             a.state = State::Closed;
@@ -757,7 +835,16 @@ impl CmService {
             return Err(libc::EINVAL);
         }
         let peer = cm.peer;
+        let far = cm.far;
         self.ids.get_mut(&id).expect("checked").state = State::Established;
+        if let Some((host, passive)) = far {
+            let msg = CmPeerMsg {
+                op: CmOp::Establish as u16,
+                ..peer_msg(id, passive)
+            };
+            self.peer_out.push((host, msg));
+            return Ok(CmRecord::default());
+        }
         match peer.filter(|p| self.ids.get(p).is_some_and(|c| c.state == State::Accepted)) {
             Some(passive) => {
                 self.ids.get_mut(&passive).expect("peer").state = State::Established;
@@ -782,6 +869,13 @@ impl CmService {
             _ => return Err(libc::EINVAL),
         }
         let peer = cm.peer;
+        if let Some((host, other)) = cm.far {
+            let msg = CmPeerMsg {
+                op: CmOp::Disconnect as u16,
+                ..peer_msg(id, other)
+            };
+            self.peer_out.push((host, msg));
+        }
         self.ids.get_mut(&id).expect("checked").state = State::Disconnected;
         self.emit(id, CmRecord::event(event::DISCONNECTED, id, 0));
         if let Some(p) = peer {
@@ -837,6 +931,15 @@ impl CmService {
         if let Some(conn) = self.conns.get_mut(&cm.channel) {
             conn.ids.remove(&id);
         }
+        if let Some((host, other)) = cm.far {
+            if !matches!(cm.state, State::Disconnected | State::Closed) {
+                let msg = CmPeerMsg {
+                    op: CmOp::Disconnect as u16,
+                    ..peer_msg(id, other)
+                };
+                self.peer_out.push((host, msg));
+            }
+        }
         if let Some(peer) = cm.peer {
             if cm.state != State::Disconnected {
                 // An id destroyed while connected or connecting disconnects or rejects.
@@ -847,6 +950,229 @@ impl CmService {
                 }
             }
         }
+    }
+}
+
+impl CmService {
+    /// A step of a connection from `host`'s router. A peer speaks for its own host only: the
+    /// connect's source must be a container registered on `host`, and every other step must
+    /// name an id whose other side is on `host`.
+    pub fn on_peer(
+        &mut self,
+        host: Ipv4Addr,
+        msg: CmPeerMsg,
+        table: &HashMap<NetnsId, ContainerEntry>,
+    ) {
+        let op = CmOp::try_from(msg.op).ok();
+        if op == Some(CmOp::Connect) {
+            return self.peer_connect(host, msg, table);
+        }
+        let target = match msg.to_id {
+            0 => self
+                .ids
+                .iter()
+                .find(|(_, c)| c.far == Some((host, msg.from_id)))
+                .map(|(&k, _)| k),
+            to => Some(to).filter(|t| {
+                self.ids
+                    .get(t)
+                    .is_some_and(|c| c.far.is_some_and(|(h, _)| h == host))
+            }),
+        };
+        let Some(id) = target else {
+            log::info!(
+                target: &format!("cm peer {host}"),
+                "rdma_cm: router {host} named id {} that is not connected to it",
+                msg.to_id
+            );
+            return;
+        };
+        let cm = self.ids.get_mut(&id).expect("found");
+        let from_ok = cm
+            .far
+            .is_some_and(|(_, other)| other == msg.from_id || other == 0);
+        match (op, cm.state) {
+            (Some(CmOp::Accept), State::Connecting) => {
+                cm.far = Some((host, msg.from_id));
+                cm.state = State::Responded;
+                let mut ev = CmRecord::event(event::CONNECT_RESPONSE, id, 0);
+                ev.qpn = msg.qpn;
+                ev.conn = swapped(conn_from(msg.conn));
+                ev.private_data = msg.private_data;
+                self.emit(id, ev);
+            }
+            (Some(CmOp::Reject), State::Connecting) => {
+                cm.state = State::Closed;
+                cm.far = None;
+                let kind = match msg.status < 0 {
+                    true => event::UNREACHABLE,
+                    false => event::REJECTED,
+                };
+                let mut ev = CmRecord::event(kind, id, msg.status);
+                ev.private_data = msg.private_data;
+                self.emit(id, ev);
+            }
+            (Some(CmOp::Establish), State::Accepted) if from_ok => {
+                cm.state = State::Established;
+                self.established += 1;
+                self.emit(id, CmRecord::event(event::ESTABLISHED, id, 0));
+            }
+            (Some(CmOp::Disconnect), state) if from_ok => {
+                let (next, ev) = match state {
+                    State::Established | State::Accepted | State::Responded => (
+                        State::Disconnected,
+                        CmRecord::event(event::DISCONNECTED, id, 0),
+                    ),
+                    State::Connecting => (
+                        State::Closed,
+                        CmRecord::event(event::REJECTED, id, reject_reason::CONSUMER_DEFINED),
+                    ),
+                    _ => {
+                        // A request not answered yet: its accept fails (CONNECT_ERROR).
+                        cm.far = None;
+                        return;
+                    }
+                };
+                cm.state = next;
+                self.emit(id, ev);
+            }
+            _ => {}
+        }
+    }
+
+    /// A connect from another host: to a listener of ours, for a source of that host.
+    fn peer_connect(
+        &mut self,
+        host: Ipv4Addr,
+        msg: CmPeerMsg,
+        table: &HashMap<NetnsId, ContainerEntry>,
+    ) {
+        let refuse = |status: i32| {
+            (
+                host,
+                CmPeerMsg {
+                    op: CmOp::Reject as u16,
+                    status,
+                    ..peer_msg(0, msg.from_id)
+                },
+            )
+        };
+        let tenant = self.network.as_ref().and_then(|n| {
+            n.overlay
+                .iter()
+                .find(|e| e.ip == *msg.src.ip() && e.host_ip == host)
+                .map(|e| e.tenant.clone())
+        });
+        let Some(tenant) = tenant else {
+            log::info!(
+                target: &format!("cm peer {host}"),
+                "rdma_cm: router {host} connected from {}, which is not one of its containers",
+                msg.src
+            );
+            return;
+        };
+        if Self::find_container(table, &tenant, *msg.dst.ip()).is_none()
+            || msg.private_data.len() > private_data_limit::CONNECT
+        {
+            let r = refuse(-libc::EHOSTUNREACH);
+            return self.peer_out.push(r);
+        }
+        let key = PortKey {
+            tenant,
+            ip: *msg.dst.ip(),
+            ps: msg.ps,
+            port: msg.dst.port(),
+        };
+        let listener = self
+            .bound
+            .get(&key)
+            .copied()
+            .filter(|l| self.listeners.contains(l));
+        let Some(lid) = listener else {
+            let r = refuse(reject_reason::INVALID_SERVICE_ID);
+            return self.peer_out.push(r);
+        };
+        let l = &self.ids[&lid];
+        if l.waiting >= l.backlog {
+            let r = refuse(-libc::ETIMEDOUT);
+            return self.peer_out.push(r);
+        }
+        let held = self.per_container.entry(l.container.clone()).or_default();
+        if *held >= IDS_PER_CONTAINER {
+            let r = refuse(reject_reason::CONSUMER_DEFINED);
+            return self.peer_out.push(r);
+        }
+        *held += 1;
+        let child = loop {
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            if !self.ids.contains_key(&self.next_id) {
+                break self.next_id;
+            }
+        };
+        let child_id = CmId {
+            channel: l.channel,
+            container: l.container.clone(),
+            tenant: l.tenant.clone(),
+            own_ip: l.own_ip,
+            ps: l.ps,
+            state: State::Requested,
+            local: Some(SocketAddrV4::new(l.own_ip, msg.dst.port())),
+            remote: Some(msg.src),
+            peer: None,
+            far: Some((host, msg.from_id)),
+            listener: Some(lid),
+            backlog: 0,
+            waiting: 0,
+        };
+        if let Some(conn) = self.conns.get_mut(&l.channel) {
+            conn.ids.insert(child);
+        }
+        self.ids.insert(child, child_id);
+        self.ids.get_mut(&lid).expect("listener").waiting += 1;
+        let mut ev = CmRecord::event(event::CONNECT_REQUEST, child, 0);
+        ev.other_id = lid;
+        ev.qpn = msg.qpn;
+        ev.conn = swapped(conn_from(msg.conn));
+        ev.private_data = msg.private_data;
+        self.emit(child, ev);
+    }
+}
+
+/// A step from our id `from` to the other router's id `to`, the rest empty.
+fn peer_msg(from: u32, to: u32) -> CmPeerMsg {
+    CmPeerMsg {
+        op: 0,
+        from_id: from,
+        to_id: to,
+        src: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        dst: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+        ps: 0,
+        qpn: 0,
+        conn: [0; 6],
+        status: 0,
+        private_data: Vec::new(),
+    }
+}
+
+fn conn_bytes(c: ConnParams) -> [u8; 6] {
+    [
+        c.responder_resources,
+        c.initiator_depth,
+        c.flow_control,
+        c.retry_count,
+        c.rnr_retry_count,
+        c.srq,
+    ]
+}
+
+fn conn_from(b: [u8; 6]) -> ConnParams {
+    ConnParams {
+        responder_resources: b[0],
+        initiator_depth: b[1],
+        flow_control: b[2],
+        retry_count: b[3],
+        rnr_retry_count: b[4],
+        srq: b[5],
     }
 }
 
