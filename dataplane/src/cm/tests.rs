@@ -368,3 +368,95 @@ fn a_malformed_request_drops_that_connection_only() {
     assert_eq!(gone, [channel_id]);
     assert!(!bench.cm.ids.contains_key(&id));
 }
+
+/// Bench `a` on host 192.168.1.1 knows `r` (10.32.0.9, tenant blue) and `s` (10.32.0.10, tenant
+/// red) on host 192.168.1.2.
+fn with_peer_host(bench: &mut Bench) -> Ipv4Addr {
+    let far = Ipv4Addr::new(192, 168, 1, 2);
+    let entry = |last: u8, tenant: &str| freeflow_proto::control::OverlayEntry {
+        ip: Ipv4Addr::new(10, 32, 0, last),
+        tenant: tenant.into(),
+        host_ip: far,
+    };
+    bench.cm.set_network(NetworkView {
+        host_ip: Ipv4Addr::new(192, 168, 1, 1),
+        peer_port: 7471,
+        hosts: Vec::new(),
+        overlay: vec![entry(9, "blue"), entry(10, "red")],
+    });
+    far
+}
+
+fn connect_from(src_last: u8, from_id: u32, port: u16) -> CmPeerMsg {
+    CmPeerMsg {
+        op: CmOp::Connect as u16,
+        src: at([10, 32, 0, src_last], 40000),
+        dst: at([10, 32, 0, 3], port),
+        ps: port_space::TCP,
+        qpn: 0x333,
+        private_data: b"hi".to_vec(),
+        ..peer_msg(from_id, 0)
+    }
+}
+
+#[test]
+fn a_peer_router_speaks_only_for_its_own_containers_and_connections() {
+    let mut bench = Bench::new();
+    let far = with_peer_host(&mut bench);
+    let (mut a, mut b) = (bench.process("a"), bench.process("b"));
+    let (listener, active) = listening_and_resolved(&mut bench, &mut a, &mut b);
+    let table = bench.table.clone();
+    // A source address that is not one of the peer's containers: ignored, nothing answered.
+    bench.cm.on_peer(far, connect_from(2, 7, 7000), &table);
+    assert!(events(&b).is_empty());
+    assert!(bench.cm.peer_out.is_empty());
+    // Another tenant's container of the peer: as an address nobody has (refused).
+    bench.cm.on_peer(far, connect_from(10, 8, 7000), &table);
+    assert!(events(&b).is_empty());
+    let (to, refusal) = bench.cm.peer_out.pop().unwrap();
+    assert_eq!(
+        (to, refusal.op, refusal.to_id),
+        (far, CmOp::Reject as u16, 8)
+    );
+    assert_eq!(refusal.status, -libc::EHOSTUNREACH);
+    // Its own container of our tenant reaches the listener.
+    bench.cm.on_peer(far, connect_from(9, 9, 7000), &table);
+    let req = events(&b).pop().unwrap();
+    assert_eq!(
+        (req.op, req.other_id, req.qpn),
+        (event::CONNECT_REQUEST, listener, 0x333)
+    );
+    assert_eq!(req.private_data, b"hi");
+    // Steps naming an id that is not connected to the peer are ignored: a's local connect.
+    let step = CmPeerMsg {
+        op: CmOp::Accept as u16,
+        ..peer_msg(1, active)
+    };
+    bench.cm.on_peer(far, step, &table);
+    assert!(events(&a).is_empty());
+    // Accepting answers the peer's id.
+    let rec = CmRecord {
+        id: req.id,
+        qpn: 0x444,
+        ..CmRecord::default()
+    };
+    assert_eq!(bench.call(&mut b, CmOp::Accept, rec).0, 0);
+    let (to, accept) = bench.cm.peer_out.pop().unwrap();
+    assert_eq!(
+        (to, accept.op, accept.to_id, accept.qpn),
+        (far, CmOp::Accept as u16, 9, 0x444)
+    );
+    // The peer's establish, then its disconnect.
+    let establish = CmPeerMsg {
+        op: CmOp::Establish as u16,
+        ..peer_msg(9, req.id)
+    };
+    bench.cm.on_peer(far, establish, &table);
+    assert_eq!(events(&b).pop().unwrap().op, event::ESTABLISHED);
+    let bye = CmPeerMsg {
+        op: CmOp::Disconnect as u16,
+        ..peer_msg(9, req.id)
+    };
+    bench.cm.on_peer(far, bye, &table);
+    assert_eq!(events(&b).pop().unwrap().op, event::DISCONNECTED);
+}
