@@ -256,6 +256,8 @@ fn unmodified_cmtime_connects_and_disconnects_many_ids() {
         );
     }
     assert_eq!(site.router_counter(0, "cm_established"), 50);
+    // The timings, for the log (no threshold: the machine is shared).
+    eprintln!("cmtime client:\n{}", text(&client));
 }
 
 #[test]
