@@ -253,6 +253,10 @@ pub struct Config {
     /// Where the daemon serves Prometheus metrics (`--metrics`); `None`: it does not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
+    /// The Docker engine socket the daemon watches to register containers (`--docker`);
+    /// `None`: it does not watch Docker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<PathBuf>,
 }
 
 impl Config {
@@ -500,6 +504,7 @@ mod tests {
             cores: Some("1".into()),
             peer_port: DEFAULT_PEER_PORT,
             metrics: Some("127.0.0.1:9464".parse().unwrap()),
+            docker: None,
         };
         config.save(&dir).unwrap();
         assert_eq!(Config::load(&dir).unwrap(), config);

@@ -135,6 +135,7 @@ mod tests {
     fn config(registry: String) -> Config {
         Config {
             metrics: None,
+            docker: None,
             version: CONFIG_VERSION,
             host_ip: "192.168.1.1".parse().unwrap(),
             vnet_prefix: "10.32.0.0/12".parse().unwrap(),

@@ -770,7 +770,7 @@ fn identify(conn: &OwnedFd) -> Result<(i32, NetnsId), String> {
     let pid = fdpass::peer_credentials(conn.as_fd())
         .map_err(|e| format!("cannot identify the caller: {e}"))?
         .pid;
-    let netns = NetnsId::of_pid(pid)
+    let netns = NetnsId::of_peer(conn.as_fd(), pid)
         .map_err(|e| format!("cannot read the network namespace of pid {pid}: {e}"))?;
     Ok((pid, netns))
 }

@@ -345,6 +345,54 @@ fn connections_outlive_the_router_and_new_ones_fail_clearly() {
     );
 }
 
+/// Closes every fd from 3 up (one by one, then with close_range), and dup2()s a file onto every
+/// number, between accelerated connections.
+const CLOSES_EVERYTHING: &str = include_str!("programs/tcp_closes_everything.py");
+
+/// A program that closes or replaces descriptors it did not open (daemons close every fd from 3
+/// up; servers call closefrom or close_range; dup2 onto any number) keeps its acceleration:
+/// the shim's router connection survives (close says EBADF, a dup2 onto it moves it away), so
+/// no connection falls back, no request of the shim lands in a file the program opened, and
+/// nothing aborts.
+#[test]
+fn the_shims_router_connection_survives_a_program_closing_every_descriptor() {
+    let site = Site::new("tx");
+    let mut server = start_echo(&site);
+    let scratch = site.work.join("scratch");
+    let connects_before = site.router_counter(0, "tcp_connects");
+    let fallbacks_before = site.router_counter(0, "tcp_fallbacks");
+    let out = site
+        .python("web", CLOSES_EVERYTHING, true)
+        .args(["10.32.0.4", "6100"])
+        .arg(&scratch)
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "program failed: {text}");
+    for step in [
+        "first",
+        "close_each",
+        "closerange",
+        "dup2_everywhere",
+        "last",
+    ] {
+        assert!(text.contains(&format!("OK {step}\n")), "{step}: {text}");
+    }
+    assert!(
+        text.contains("SCRATCH 0\n"),
+        "the shim wrote into a file: {text}"
+    );
+    let connects = site.router_counter(0, "tcp_connects") - connects_before;
+    let fallbacks = site.router_counter(0, "tcp_fallbacks") - fallbacks_before;
+    assert_eq!((connects, fallbacks), (5, 0), "{text}");
+}
+
 /// iperf3, unmodified, with a daemonized server (it listens, then forks and its parent exits:
 /// the listener must survive the hand-over to the child).
 #[test]

@@ -26,6 +26,7 @@ impl Site {
             registered: &[("web", "blue"), ("peer", "blue")],
             up_env: &[("FREEFLOW_TEST_HOOKS", "1")],
             verbs_timeout: 30,
+            ..SiteSpec::default()
         })
     }
 }

@@ -172,6 +172,92 @@ pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCredentials> {
     })
 }
 
+/// SO_PEERPIDFD (asm-generic/socket.h, Linux 6.5): a pidfd of the process that connected.
+const SO_PEERPIDFD: libc::c_int = 77;
+/// PIDFD_GET_NET_NAMESPACE (linux/pidfd.h, Linux 6.11): `_IO(0xFF, 4)`, the network namespace of
+/// a pidfd's process.
+const PIDFD_GET_NET_NAMESPACE: libc::c_ulong = 0xFF04;
+
+/// The network namespace of the process that connected `sock`, as device and inode of its
+/// nsfs file, read so that a reused pid cannot lend another process's namespace.
+///
+/// SO_PEERCRED gives a pid; by the time `/proc/PID/ns/net` is read, the connecting process may
+/// have passed the socket on and exited, and its pid may belong to a process of another
+/// container. So the process is held by a pidfd (SO_PEERPIDFD; on kernels before 6.5,
+/// pidfd_open of the pid, which leaves only the window before that call) and its namespace is
+/// taken from the pidfd (PIDFD_GET_NET_NAMESPACE; before 6.11, /proc/PID/ns/net followed by a
+/// check that the pidfd's process still lives, so the pid was still its own).
+/// An error if the connecting process has exited.
+pub fn peer_netns(sock: BorrowedFd<'_>, pid: libc::pid_t) -> io::Result<(u64, u64)> {
+    let pidfd = peer_pidfd(sock).or_else(|_| pidfd_open(pid))?;
+    // SAFETY: the ioctl takes no argument and returns a new descriptor, or -1.
+    let ns = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_NET_NAMESPACE as _, 0) };
+    if ns >= 0 {
+        // SAFETY: the kernel just returned `ns`, a new descriptor nothing else owns.
+        let ns = unsafe { OwnedFd::from_raw_fd(ns) };
+        let meta = std::fs::File::from(ns).metadata()?;
+        return Ok((
+            std::os::unix::fs::MetadataExt::dev(&meta),
+            std::os::unix::fs::MetadataExt::ino(&meta),
+        ));
+    }
+    let ioctl_error = io::Error::last_os_error();
+    if ioctl_error.raw_os_error() == Some(libc::ESRCH) {
+        return Err(ioctl_error);
+    }
+    let meta = std::fs::metadata(format!("/proc/{pid}/ns/net"))?;
+    // Signal 0: only whether the pidfd's process still lives (then `pid` was still its pid when
+    // the namespace was read).
+    // SAFETY: pidfd_send_signal with signal 0 and no siginfo touches no memory of ours.
+    let alive = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if alive != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((
+        std::os::unix::fs::MetadataExt::dev(&meta),
+        std::os::unix::fs::MetadataExt::ino(&meta),
+    ))
+}
+
+fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes (one int) into fd.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just made `fd` for this call; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor, or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just made `fd`; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// A new Unix socket of `kind` (SOCK_SEQPACKET or SOCK_STREAM), close-on-exec.
 pub fn unix_socket(kind: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; result checked.

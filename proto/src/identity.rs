@@ -30,6 +30,13 @@ impl NetnsId {
         Self::of_path(Path::new(&format!("/proc/{pid}/ns/net")))
     }
 
+    /// The namespace of the process that connected `conn` (pid `pid`, from SO_PEERCRED), held
+    /// by a pidfd so that a pid reused since the connect cannot lend another process's
+    /// namespace (see [`crate::fdpass::peer_netns`]). An error if that process has exited.
+    pub fn of_peer(conn: BorrowedFd<'_>, pid: i32) -> io::Result<NetnsId> {
+        crate::fdpass::peer_netns(conn, pid).map(|(dev, ino)| NetnsId { dev, ino })
+    }
+
     /// The caller's own namespace.
     pub fn current() -> io::Result<NetnsId> {
         Self::of_path(Path::new("/proc/self/ns/net"))
@@ -97,7 +104,7 @@ pub fn judge_control_peer(
 /// `/proc/PID/ns/net` against this process's).
 pub fn check_control_peer(conn: BorrowedFd<'_>) -> Result<PeerCredentials, ControlPeerError> {
     let cred = peer_credentials(conn).map_err(ControlPeerError::Credentials)?;
-    judge_control_peer(cred, NetnsId::of_pid(cred.pid), NetnsId::current())?;
+    judge_control_peer(cred, NetnsId::of_peer(conn, cred.pid), NetnsId::current())?;
     Ok(cred)
 }
 
@@ -147,5 +154,36 @@ mod tests {
         } else {
             assert!(matches!(result, Err(ControlPeerError::NotRoot { .. })));
         }
+    }
+
+    #[test]
+    fn the_peer_namespace_is_that_of_the_live_process_that_connected() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let me = std::process::id() as i32;
+        assert_eq!(
+            NetnsId::of_peer(a.as_fd(), me).unwrap(),
+            NetnsId::current().unwrap()
+        );
+        // A process that connected and exited: its pid proves nothing any more.
+        let dir = std::env::temp_dir().join(format!("ff-peer-netns-{me}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let status = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])",
+            ])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let (conn, _) = listener.accept().unwrap();
+        let cred = peer_credentials(conn.as_fd()).unwrap();
+        assert_ne!(cred.pid, me);
+        let gone = NetnsId::of_peer(conn.as_fd(), cred.pid);
+        assert!(gone.is_err(), "{gone:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -43,6 +43,7 @@ mod cluster;
 mod command;
 mod container;
 mod error;
+pub mod etcd;
 pub mod names;
 mod namespace;
 mod network;

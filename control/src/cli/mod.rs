@@ -50,7 +50,9 @@ router.lock, router.ctl.";
 const UP_HELP: &str = "\
 Options not given fall back to $HOST_IP_PREFIX / $VNET_PREFIX, then to the settings of the \
 previous `up` for DIR (config.json in its state directory). Daemons of several simulated hosts \
-on one machine share one registry: pass the same --registry file:/shared/registry.json to each.
+on one machine share one registry: pass the same --registry file:/shared/registry.json to each. \
+Hosts of a cluster share one in etcd: --registry etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (this \
+host's records then live on a lease its daemon renews).
 
 Containers use the shims installed into DIR: LD_PRELOAD=DIR/libfsocket.so (TCP mode) or \
 LD_LIBRARY_PATH=DIR/verbs (RDMA mode), with DIR mounted read-only into the container \
@@ -142,8 +144,9 @@ struct UpArgs {
     /// Overlay prefix whose addresses Freeflow accelerates [env: VNET_PREFIX]
     #[arg(long, value_name = "CIDR")]
     vnet_prefix: Option<Ipv4Net>,
-    /// Registry URL [default: file:STATE/registry.json, in the state directory]
-    #[arg(long, value_name = "URL")]
+    /// Registry URL: file:PATH or etcd://HOST:PORT[,...][/PREFIX] [default:
+    /// file:STATE/registry.json, in the state directory]
+    #[arg(long, value_name = "URL", env = "FREEFLOW_REGISTRY")]
     registry: Option<String>,
     /// Cores for the router's shards, e.g. 1 or 0,1 or 0-3 [default: the router's choice]
     #[arg(long, value_name = "LIST")]
@@ -163,6 +166,12 @@ struct UpArgs {
     /// pass it to each `up` that should install it)
     #[arg(long, value_name = "CNI_BIN_DIR")]
     cni_bin_dir: Option<PathBuf>,
+    /// Register containers by watching the Docker engine at SOCKET [default socket:
+    /// /var/run/docker.sock]: every running container that mounts DIR and has an address in
+    /// the overlay prefix, tenant from its label freeflow.tenant; unregistered when it stops
+    /// (not recorded: pass it to each `up` that should watch) [env: FREEFLOW_DOCKER=SOCKET]
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = crate::docker::DEFAULT_SOCKET)]
+    docker: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

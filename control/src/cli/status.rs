@@ -339,6 +339,7 @@ mod tests {
                 cores: Some("0,1".into()),
                 peer_port: 7471,
                 metrics: None,
+                docker: None,
             }),
             config_error: None,
             daemon,

@@ -129,6 +129,27 @@ fn print_daemon_counters(d: &DaemonCounters) {
     if let Some(e) = &d.last_error {
         out!("  error:      {e}");
     }
+    if let Some(w) = &d.docker {
+        out!(
+            "  docker:     {} {} for {} ({}); {} registered, {} unregistered, {} refused, {} \
+             malformed",
+            if w.connected {
+                "following"
+            } else {
+                "not connected to"
+            },
+            w.socket,
+            format_duration(ms_ago(w.since_unix_ms)),
+            format_unix_ms(w.since_unix_ms),
+            w.registered,
+            w.unregistered,
+            w.refused,
+            w.malformed
+        );
+        if let Some(e) = &w.last_error {
+            out!("  docker error: {e}");
+        }
+    }
 }
 
 /// The router's attach and TCP-mode counters, and one line per shard.

@@ -90,6 +90,7 @@ fn settings(args: UpArgs, dir: &RuntimeDir, previous: Option<&Config>) -> Result
         cores,
         peer_port,
         metrics: args.metrics,
+        docker: args.docker.or_else(env_docker),
     })
 }
 
@@ -141,6 +142,13 @@ fn resolve_vnet_prefix(
         },
     };
     Ok(prefix.trunc())
+}
+
+/// `$FREEFLOW_DOCKER`, if set and non-empty: the engine socket to watch.
+fn env_docker() -> Option<std::path::PathBuf> {
+    std::env::var_os("FREEFLOW_DOCKER")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
 }
 
 /// A CIDR from an environment variable, if set and non-empty.

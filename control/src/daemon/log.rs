@@ -46,6 +46,8 @@ pub const KEY_SKIPPED: Key = "skipped containers";
 pub const KEY_PUSH: Key = "failed pushes";
 /// The router died, was restarted, or failed to start.
 pub const KEY_RESTART: Key = "router restarts";
+/// What the Docker watcher says: registrations, skipped containers, engine errors.
+pub const KEY_DOCKER: Key = "docker watcher lines";
 /// The keys above, and room to spare: the bound is never reached.
 const MAX_KEYS: usize = 16;
 

@@ -30,16 +30,16 @@ use freeflow_proto::control::{
 };
 use freeflow_proto::identity::NetnsId;
 
-pub use log::log;
-use log::{log_limited, KEY_PUSH, KEY_REGISTRY, KEY_RESTART, KEY_SKIPPED};
+pub use log::{log, log_limited, KEY_DOCKER};
+use log::{KEY_PUSH, KEY_REGISTRY, KEY_RESTART, KEY_SKIPPED};
 pub use state::{
     probe, read_pid, read_router_pid, router_lock_held, DaemonCounters, DaemonState, DaemonStatus,
-    SkippedContainer, STATE_READY, STATE_STARTING, STATE_STOPPING,
+    DockerWatchStatus, SkippedContainer, STATE_READY, STATE_STARTING, STATE_STOPPING,
 };
 
 use crate::config::{self, Config, ConfigError, RuntimeDir};
 use crate::os;
-use crate::registry::{self, Fingerprint, Registry, RegistryError, Snapshot};
+use crate::registry::{self, Fingerprint, HostRecord, Registry, RegistryError, Snapshot};
 use crate::supervise::{
     self, format_duration, unix_ms_now, Backoff, Router, RouterSpec, SuperviseError,
 };
@@ -153,6 +153,17 @@ pub fn run(dir: &RuntimeDir, foreground: bool) -> Result<(), DaemonError> {
     daemon.write_status();
 
     let result = daemon.startup().and_then(|()| {
+        // After the router is ready, so that each registration's wait for the daemon's pickup
+        // is answered; the thread inherits the blocked signals.
+        if let Some(socket) = &daemon.config.docker {
+            let watch = crate::docker::spawn(dir, &daemon.config, socket.clone())
+                .map_err(io_err("cannot start the Docker watcher thread"))?;
+            daemon.docker = Some(watch);
+            log(format_args!(
+                "watching the Docker engine at {} to register containers",
+                socket.display()
+            ));
+        }
         daemon.ready(foreground);
         daemon.serve()
     });
@@ -209,6 +220,8 @@ struct Daemon {
     fingerprint: Option<Fingerprint>,
     next_registry_poll: Instant,
     registry_error: Option<String>,
+    /// What the registry last said about this host's liveness (its lease), to log changes.
+    liveness_problem: Option<String>,
     /// The table the running router has.
     pushed: Option<RouterTable>,
     /// The last push that failed, to retry it at a calm pace.
@@ -216,6 +229,8 @@ struct Daemon {
     skipped: BTreeMap<String, String>,
     status: DaemonStatus,
     status_dirty: bool,
+    /// What the Docker watcher thread reports, copied into the status file.
+    docker: Option<std::sync::Arc<std::sync::Mutex<DockerWatchStatus>>>,
 }
 
 /// Why the serve loop ended.
@@ -258,10 +273,12 @@ impl Daemon {
             fingerprint: None,
             next_registry_poll: now,
             registry_error: None,
+            liveness_problem: None,
             pushed: None,
             last_attempt: None,
             skipped: BTreeMap::new(),
             status_dirty: true,
+            docker: None,
         })
     }
 
@@ -298,6 +315,13 @@ impl Daemon {
     /// it must take its table, else the daemon gives up (and `freeflow up` reports why).
     fn startup(&mut self) -> Result<(), DaemonError> {
         self.refresh_registry(true)?;
+        // Where the registry's records live on a lease (etcd), this host's stay while we live.
+        self.registry.hold_host(&HostRecord {
+            host_ip: self.config.host_ip,
+            peer_port: self.config.peer_port,
+            vnet_prefix: self.config.vnet_prefix,
+            dir: self.dir.path().to_path_buf(),
+        })?;
         let router = match self.running_router()? {
             Some(router) => {
                 log(format_args!(
@@ -392,10 +416,24 @@ impl Daemon {
             if Instant::now() >= self.next_registry_poll {
                 // Errors are logged and kept in the status; the last good table stays.
                 let _ = self.refresh_registry(false);
+                self.note_liveness();
                 self.next_registry_poll = Instant::now() + REGISTRY_POLL;
             }
             self.sync_table();
+            self.sync_docker_status();
             self.write_status();
+        }
+    }
+
+    /// Copies the Docker watcher's report into the status, if it changed.
+    fn sync_docker_status(&mut self) {
+        let Some(watch) = &self.docker else { return };
+        let Ok(now) = watch.lock().map(|w| w.clone()) else {
+            return;
+        };
+        if self.status.counters.docker.as_ref() != Some(&now) {
+            self.status.counters.docker = Some(now);
+            self.status_dirty = true;
         }
     }
 
@@ -558,6 +596,22 @@ impl Daemon {
             }
         }
         result
+    }
+
+    /// Logs when this host's records stop (or start again) being kept alive in the registry.
+    fn note_liveness(&mut self) {
+        let problem = self.registry.liveness_problem();
+        if problem == self.liveness_problem {
+            return;
+        }
+        match &problem {
+            Some(problem) => log_limited(KEY_REGISTRY, format_args!("host liveness: {problem}")),
+            None => log_limited(
+                KEY_REGISTRY,
+                "host liveness: this host's lease is renewed again",
+            ),
+        }
+        self.liveness_problem = problem;
     }
 
     /// The router's table from the current snapshot: this host's containers whose namespace

@@ -85,6 +85,31 @@ pub struct DaemonCounters {
     /// Whether the running router was adopted: started by an earlier daemon that died, and
     /// supervised through a pidfd (not our child, so its exit status will be unknown).
     pub router_adopted: bool,
+    /// The Docker watcher (`up --docker`), if the daemon runs one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerWatchStatus>,
+}
+
+/// What the Docker watcher reports (see `crate::docker`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DockerWatchStatus {
+    /// The engine's socket.
+    pub socket: String,
+    /// Whether it follows the engine's events now.
+    pub connected: bool,
+    /// Since when it is connected, or since when it is not (ms since the epoch).
+    pub since_unix_ms: u64,
+    /// Containers it registered, and unregistered, since the daemon started.
+    pub registered: u64,
+    /// Containers it unregistered.
+    pub unregistered: u64,
+    /// Running containers it left out (not Freeflow's mount or address, refused).
+    pub refused: u64,
+    /// Events or answers of the engine it could not use.
+    pub malformed: u64,
+    /// Why the last connection or request failed.
+    pub last_error: Option<String>,
 }
 
 impl DaemonStatus {

@@ -1,17 +1,20 @@
 //! The container registry: which containers exist (name, tenant, overlay IP, network namespace)
 //! and which host's router serves each of them.
 //!
-//! Users see only the [`Registry`] trait and [`open`]: a URL picks the backend. This build has
-//! one backend, a JSON file that several daemons on one machine share ([`FileRegistry`]); a
-//! distributed store (etcd) can be added behind the same trait without touching its users.
+//! Users see only the [`Registry`] trait and [`open`]: a URL picks the backend. Two backends:
+//! a JSON file that several daemons on one machine share ([`FileRegistry`], the default), and
+//! etcd for many hosts ([`EtcdRegistry`], where each host's records live on a lease its daemon
+//! keeps alive).
 //!
 //! The data model is a [`Snapshot`]: a generation number plus the host and container records.
 //! Changes go through [`Registry::update`], a read-modify-write that runs under mutual exclusion
 //! across processes and either publishes a new, fully valid snapshot with the generation one
 //! higher, or changes nothing.
 
+mod etcd;
 mod file;
 
+pub use etcd::{EtcdRegistry, LEASE_TTL};
 pub use file::FileRegistry;
 
 use std::collections::{HashMap, HashSet};
@@ -21,7 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The backends this build can open, as their URL schemes.
-pub const SUPPORTED_BACKENDS: &[&str] = &["file"];
+pub const SUPPORTED_BACKENDS: &[&str] = &["file", "etcd"];
 
 /// Longest container or tenant name, in bytes.
 pub const MAX_NAME_LEN: usize = 63;
@@ -121,11 +124,15 @@ pub enum RegistryError {
     /// The URL names a backend this build does not have.
     #[error(
         "registry backend {0:?} is not available in this build; available: file \
-         (file:/path/to/registry.json, file:relative/path, or a bare path)"
+         (file:/path/to/registry.json, file:relative/path, or a bare path) and etcd \
+         (etcd://HOST:PORT[,HOST:PORT...][/PREFIX])"
     )]
     UnsupportedBackend(String),
     /// The registry URL cannot be understood at all.
-    #[error("invalid registry URL {0:?}: expected file:/path/to/registry.json or a bare path")]
+    #[error(
+        "invalid registry URL {0:?}: expected file:/path/to/registry.json, a bare path, or \
+         etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (prefix components from A-Z a-z 0-9 _ . -)"
+    )]
     InvalidUrl(String),
     /// A container or tenant name outside the allowed alphabet or length.
     #[error(
@@ -184,6 +191,64 @@ pub enum RegistryError {
         /// Why it is rejected.
         reason: &'static str,
     },
+    /// No etcd endpoint answered a request (refused, unreachable, timed out).
+    #[error(
+        "etcd registry {url}: no endpoint answered ({detail}); check that etcd runs and is \
+         reachable; nothing was changed"
+    )]
+    EtcdUnreachable {
+        /// The registry URL.
+        url: String,
+        /// What happened at each endpoint.
+        detail: String,
+    },
+    /// A change was sent to etcd but its answer never came.
+    #[error(
+        "etcd registry {url}: the change was sent but no answer came ({detail}); it may or may \
+         not have been applied: look with `freeflow container ls` before trying again"
+    )]
+    EtcdOutcomeUnknown {
+        /// The registry URL.
+        url: String,
+        /// What happened.
+        detail: String,
+    },
+    /// etcd answered with an error.
+    #[error("etcd registry {url}: etcd refused the request: {message}")]
+    EtcdRefused {
+        /// The registry URL.
+        url: String,
+        /// etcd's message.
+        message: String,
+    },
+    /// A key under the registry's prefix cannot be understood, or the records contradict each
+    /// other.
+    #[error(
+        "etcd registry {url}: key {key:?} is corrupt: {detail}; nothing was changed: fix or \
+         delete it with etcdctl"
+    )]
+    EtcdCorrupt {
+        /// The registry URL.
+        url: String,
+        /// The key (or the prefix, when records contradict each other).
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Other writers changed the registry between every read and write of an update.
+    #[error(
+        "etcd registry {url}: {attempts} attempts of this update all conflicted with other \
+         writers; nothing was changed: try again"
+    )]
+    EtcdContention {
+        /// The registry URL.
+        url: String,
+        /// How many attempts were made.
+        attempts: u32,
+    },
+    /// The thread that keeps a host's lease alive cannot be started.
+    #[error("cannot start the registry's lease keeper thread: {0}")]
+    Thread(#[source] std::io::Error),
     /// A path in a record that cannot be stored or used.
     #[error("{record}: path {} is not usable: {reason}", path.display())]
     InvalidPath {
@@ -216,6 +281,7 @@ impl RegistryError {
             RegistryError::Corrupt { .. }
                 | RegistryError::UnknownFormat { .. }
                 | RegistryError::UnsupportedVersion { .. }
+                | RegistryError::EtcdCorrupt { .. }
         )
     }
 }
@@ -243,6 +309,9 @@ enum FingerprintRepr {
         ctime: (i64, i64),
         head: Vec<u8>,
     },
+    /// How many keys are under an etcd registry's prefix, and the largest mod revision among
+    /// them.
+    Etcd { count: i64, max_mod_revision: i64 },
 }
 
 /// A shared registry of hosts and containers.
@@ -275,6 +344,22 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     /// The URL this registry was opened with, normalised (for a file: `file:` and an absolute
     /// path), so that it can be handed to another process.
     fn url(&self) -> String;
+
+    /// Keeps `host`'s record, and the records of the containers it serves, alive for as long as
+    /// this handle lives (the daemon of that host calls it once, after its host was
+    /// registered). Where records live on a lease (etcd), a thread renews it, and writes the
+    /// host record again if it is missing; when the process dies, the records go after the
+    /// lease's time to live. Where records are permanent (the file), it does nothing.
+    fn hold_host(&self, host: &HostRecord) -> Result<(), RegistryError> {
+        let _ = host;
+        Ok(())
+    }
+
+    /// Why the host held with [`Registry::hold_host`] is not known to be alive right now (its
+    /// lease could not be renewed, or was lost); `None` when it is, or when nothing is held.
+    fn liveness_problem(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Opens the registry a URL names.
@@ -282,15 +367,22 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
 /// - `file:/abs/path`, `file:rel/path` (relative to the current directory, made absolute now),
 ///   `file:///abs/path`, or a bare path without a scheme: the JSON file backend. Nothing is
 ///   created until the first update.
-/// - Any other scheme (`etcd://...` included) is [`RegistryError::UnsupportedBackend`].
+/// - `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`: etcd's v3 API (port 2379 and prefix
+///   `/freeflow` by default). Nothing is contacted until the first use.
+/// - Any other scheme is [`RegistryError::UnsupportedBackend`].
 pub fn open(url: &str) -> Result<Box<dyn Registry>, RegistryError> {
     match parse_url(url)? {
         Backend::File(path) => Ok(Box::new(FileRegistry::new(path)?)),
+        Backend::Etcd { endpoints, prefix } => Ok(Box::new(EtcdRegistry::new(endpoints, &prefix))),
     }
 }
 
 enum Backend {
     File(PathBuf),
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
 }
 
 fn parse_url(url: &str) -> Result<Backend, RegistryError> {
@@ -301,6 +393,10 @@ fn parse_url(url: &str) -> Result<Backend, RegistryError> {
         return Ok(Backend::File(PathBuf::from(url)));
     };
     let rest = &url[scheme.len() + 1..];
+    if scheme.eq_ignore_ascii_case("etcd") {
+        let (endpoints, prefix) = etcd::parse_target(url, rest)?;
+        return Ok(Backend::Etcd { endpoints, prefix });
+    }
     if !scheme.eq_ignore_ascii_case("file") {
         return Err(RegistryError::UnsupportedBackend(scheme.to_owned()));
     }
@@ -575,6 +671,7 @@ mod tests {
     fn url_parsing() {
         let file = |u: &str| match parse_url(u) {
             Ok(Backend::File(p)) => p,
+            Ok(Backend::Etcd { .. }) => panic!("{u}: etcd"),
             Err(e) => panic!("{u}: {e}"),
         };
         assert_eq!(file("file:/a/b.json"), PathBuf::from("/a/b.json"));
@@ -592,7 +689,11 @@ mod tests {
                 "{bad}"
             );
         }
-        for other in ["etcd://x:2379", "http://x", "a:b.json"] {
+        assert!(matches!(
+            parse_url("etcd://x:2379/p"),
+            Ok(Backend::Etcd { endpoints, prefix }) if endpoints == ["x:2379"] && prefix == "/p"
+        ));
+        for other in ["consul://x:8500", "http://x", "a:b.json"] {
             assert!(
                 matches!(parse_url(other), Err(RegistryError::UnsupportedBackend(_))),
                 "{other}"

@@ -95,6 +95,9 @@ pub struct SiteSpec<'a> {
     /// How long [`Site::verbs_app`] lets a program run, in seconds (`timeout`'s 0, the
     /// default, is no bound: set it on a site that runs RDMA programs).
     pub verbs_timeout: u32,
+    /// The hosts share a registry on etcd (started by the site in host 0's namespace, on
+    /// 192.168.1.1:2379) instead of a file.
+    pub etcd_registry: bool,
 }
 
 /// A simulated cluster with Freeflow up on every host (host h is 192.168.1.<h+1>, all share a
@@ -107,6 +110,10 @@ pub struct Site {
     /// The test's own directory: the hosts' directories, the registry, probes, logs.
     pub work: PathBuf,
     verbs_timeout: u32,
+    /// The etcd holding the registry, with [`SiteSpec::etcd_registry`].
+    pub etcd: Option<topology::etcd::EtcdServer>,
+    /// The `--registry` every host was brought up with.
+    pub registry: String,
 }
 
 impl Site {
@@ -123,11 +130,27 @@ impl Site {
         let work = std::env::temp_dir().join(format!("{}-{tag}", spec.work_prefix));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).unwrap();
+        let etcd = spec.etcd_registry.then(|| {
+            let netns = cluster.hosts()[0].netns.clone();
+            let etcd_dir = work.join("etcd");
+            std::fs::create_dir_all(&etcd_dir).unwrap();
+            topology::etcd::EtcdServer::start_in_netns(
+                &etcd_dir,
+                &netns,
+                Ipv4Addr::new(192, 168, 1, 1),
+            )
+        });
+        let registry = match &etcd {
+            Some(etcd) => etcd.url("/freeflow"),
+            None => format!("file:{}", work.join("registry.json").display()),
+        };
         let mut site = Site {
             cluster: Some(cluster),
             dirs: Vec::new(),
             work: work.clone(),
             verbs_timeout: spec.verbs_timeout,
+            etcd,
+            registry,
         };
         for h in 0..spec.hosts {
             let dir = work.join(format!("h{h}"));
@@ -142,8 +165,8 @@ impl Site {
                     "--vnet-prefix",
                     VNET,
                     "--registry",
+                    &site.registry,
                 ])
-                .arg(format!("file:{}", work.join("registry.json").display()))
                 .output()
                 .unwrap();
             assert_success(&out, "freeflow up");
@@ -434,6 +457,7 @@ impl Drop for Site {
                 .arg(dir)
                 .output();
         }
+        drop(self.etcd.take());
         drop(self.cluster.take());
         for h in 0..self.dirs.len() {
             let _ = std::fs::remove_dir_all(self.state_dir(h));

@@ -1,5 +1,6 @@
 //! The functions this library exports in place of the C library's: connect, listen, accept,
-//! accept4, getsockname, getpeername, close, dup, dup2, dup3, fcntl (F_DUPFD), epoll_create,
+//! accept4, getsockname, getpeername, close, close_range, closefrom, dup, dup2, dup3, fcntl
+//! (F_DUPFD), epoll_create,
 //! epoll_create1, and execve/execv/execvp/execvpe/posix_spawn/posix_spawnp (to pass accelerated
 //! sockets on). Each decides from its arguments whether the call concerns an overlay TCP socket;
 //! if not, it calls the C library unchanged. Each runs behind the panic guard (`guard`): a panic
@@ -7,6 +8,7 @@
 
 use crate::epoll;
 use crate::guard;
+use crate::private;
 use crate::real::{self, Endpoint};
 use crate::session::{self, config, debug};
 use crate::state::{self, Accelerated, Role};
@@ -518,6 +520,12 @@ unsafe fn getpeername_shimmed(fd: c_int, addr: *mut sockaddr, len: *mut socklen_
 /// Called by the application with close(2)'s argument.
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if private::is_held(fd) {
+        // The shim's own descriptor (the router connection): the application never opened
+        // this number, as far as it knows (a daemon closing every fd, for instance).
+        real::set_errno(libc::EBADF);
+        return -1;
+    }
     guard::or_else(
         "close",
         || {
@@ -527,6 +535,63 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
         },
         || real::close(fd),
     )
+}
+
+/// close_range(2): closes (or, with CLOSE_RANGE_CLOEXEC, marks close-on-exec) the
+/// application's fds from `first` to `last`, around the shim's own (see `private`); the
+/// accelerated sockets among them are closed as close() would.
+///
+/// # Safety
+/// Called by the application with close_range(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn close_range(
+    first: libc::c_uint,
+    last: libc::c_uint,
+    flags: c_int,
+) -> c_int {
+    // What the kernel refuses, it refuses before closing anything: the shim does the same.
+    if first > last {
+        real::set_errno(libc::EINVAL);
+        return -1;
+    }
+    let (first, last) = (clamp_fd(first), clamp_fd(last));
+    guard::or_else(
+        "close_range",
+        || {
+            let rc = real::close_range_around(first, last, flags, &private::held_in(first, last));
+            if rc == 0 && flags & CLOSE_RANGE_CLOEXEC == 0 {
+                epoll::closed_range(first, last);
+                let closed = state::remove_range(first, last);
+                for s in closed {
+                    unlisten_if_last(Some(s));
+                }
+            }
+            rc
+        },
+        || real::close_range_around(first, last, flags, &private::held_in(first, last)),
+    )
+}
+
+/// Linux's CLOSE_RANGE_CLOEXEC (linux/close_range.h): mark instead of close.
+const CLOSE_RANGE_CLOEXEC: c_int = 1 << 2;
+
+/// An fd bound given as an unsigned int (close_range takes ~0U for "every fd"), as a
+/// non-negative c_int.
+fn clamp_fd(fd: libc::c_uint) -> c_int {
+    c_int::try_from(fd).unwrap_or(c_int::MAX)
+}
+
+/// closefrom(3): every fd from `low` up, as close_range(low, ~0U, 0).
+///
+/// # Safety
+/// Called by the application with closefrom(3)'s argument.
+#[no_mangle]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    let first = libc::c_uint::try_from(low.max(0)).unwrap_or(0);
+    // SAFETY: close_range's contract holds: plain numbers.
+    unsafe {
+        close_range(first, libc::c_uint::MAX, 0);
+    }
 }
 
 /// Runs `call`, the C library's call that makes fd `made` (dup, dup2, dup3, fcntl,
@@ -595,6 +660,11 @@ fn unlisten_if_last(replaced: Option<Accelerated>) {
 /// Called by the application with dup3(2)'s arguments.
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    if old != new && !private::make_room(new) {
+        // The shim's descriptor at `new` could not move: no free number.
+        real::set_errno(libc::EMFILE);
+        return -1;
+    }
     let replaced = Cell::new(None);
     made_then(
         "dup3",

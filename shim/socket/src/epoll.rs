@@ -35,6 +35,14 @@ pub fn closed(fd: c_int) {
     EPOLL_FDS.lock().retain(|&e| e != fd);
 }
 
+/// Every fd from `first` to `last` was closed (close_range).
+pub fn closed_range(first: c_int, last: c_int) {
+    if !ANY.load(Ordering::Relaxed) {
+        return;
+    }
+    EPOLL_FDS.lock().retain(|&e| e < first || e > last);
+}
+
 /// One epoll instance's interest in an fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Registration {

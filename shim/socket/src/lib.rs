@@ -11,7 +11,7 @@
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here) to the modules that allow it: `abi`
 //! (the exported C functions), `real` (the C library's functions through dlsym, raw socket
 //! calls), `epoll`, `inherit` and `session` (descriptors the application owns, by number),
-//! `forklock` (a lock held across fork), and in this file the load-time registration of the
+//! `forklock` (a lock held across fork), `private` (the shim's own descriptors), and in this file the load-time registration of the
 //! fork handlers and the exported version string. `state` is safe code; the other OS calls go
 //! through `freeflow-os`.
 #![deny(unsafe_code)]
@@ -25,6 +25,8 @@ mod forklock;
 mod guard;
 #[allow(unsafe_code)]
 mod inherit;
+#[allow(unsafe_code)]
+mod private;
 #[allow(unsafe_code)]
 mod real;
 #[allow(unsafe_code)]

@@ -130,6 +130,40 @@ pub fn close(fd: c_int) -> c_int {
     unsafe { (real().close)(fd) }
 }
 
+/// The close_range system call over `first..=last`, skipping the numbers in `keep` (sorted):
+/// one call per stretch between them. Made directly (this library exports close_range). On a
+/// kernel without close_range (before 5.9) it fails with ENOSYS, as the C library's would.
+pub fn close_range_around(first: c_int, last: c_int, flags: c_int, keep: &[c_int]) -> c_int {
+    let mut from = first;
+    for &kept in keep.iter().chain(std::iter::once(&c_int::MAX)) {
+        let to = if kept == c_int::MAX { last } else { kept - 1 };
+        if from <= to {
+            let rc = close_range_syscall(from, to, flags);
+            if rc != 0 {
+                return rc;
+            }
+        }
+        if kept == c_int::MAX || kept >= last {
+            break;
+        }
+        from = kept + 1;
+    }
+    0
+}
+
+fn close_range_syscall(first: c_int, last: c_int, flags: c_int) -> c_int {
+    // SAFETY: close_range takes two fd numbers and flags, no pointers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            flags as libc::c_uint,
+        )
+    };
+    c_int::try_from(rc).unwrap_or(-1)
+}
+
 pub use freeflow_os::errno::{errno, set_errno};
 
 /// An IPv4 endpoint read from a socket address: (ip, port, was it AF_INET6 v4-mapped).
@@ -242,7 +276,7 @@ pub fn fcntl_get(fd: c_int, cmd: c_int) -> c_int {
 }
 
 pub fn fcntl_set(fd: c_int, cmd: c_int, value: c_int) -> c_int {
-    // SAFETY: F_SETFL / F_SETFD take an int argument.
+    // SAFETY: F_SETFL, F_SETFD and F_DUPFD(_CLOEXEC) take an int argument.
     unsafe { (real().fcntl)(fd, cmd, value) }
 }
 
@@ -343,4 +377,36 @@ pub fn socket_inode(fd: c_int) -> Option<u64> {
     // SAFETY: fstat writes one struct stat into a live local.
     let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
     (ok && st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then_some(st.st_ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `fd` is open in this process.
+    fn is_open(fd: c_int) -> bool {
+        fcntl_get(fd, libc::F_GETFD) >= 0
+    }
+
+    #[test]
+    fn close_range_around_closes_each_stretch_and_keeps_the_kept() {
+        // Six descriptors at consecutive high numbers nothing else in the test uses.
+        let base = fcntl_set(0, libc::F_DUPFD_CLOEXEC, 900);
+        assert!(base >= 900);
+        let fds: Vec<c_int> = std::iter::once(base)
+            .chain((1..6).map(|i| fcntl_set(0, libc::F_DUPFD_CLOEXEC, base + i)))
+            .collect();
+        assert_eq!(fds, (base..base + 6).collect::<Vec<_>>());
+        let keep = [base + 1, base + 4];
+        assert_eq!(close_range_around(base, base + 5, 0, &keep), 0);
+        let open: Vec<c_int> = fds.iter().copied().filter(|&fd| is_open(fd)).collect();
+        assert_eq!(open, keep);
+        // Kept ones at the ends of the range, and a range that is only kept ones.
+        assert_eq!(close_range_around(base + 1, base + 1, 0, &[base + 1]), 0);
+        assert!(is_open(base + 1));
+        assert_eq!(close_range_around(base + 1, base + 4, 0, &keep), 0);
+        assert!(is_open(base + 1) && is_open(base + 4));
+        assert_eq!(close_range_around(base, base + 5, 0, &[]), 0);
+        assert!(!is_open(base + 1) && !is_open(base + 4));
+    }
 }

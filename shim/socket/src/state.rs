@@ -67,6 +67,21 @@ pub fn remove(fd: i32) -> Option<Accelerated> {
     with(|t| t.remove(&fd))
 }
 
+/// Forgets every fd from `first` to `last` (closed by close_range), returning what they were.
+pub fn remove_range(first: i32, last: i32) -> Vec<Accelerated> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    with(|t| {
+        let fds: Vec<i32> = t
+            .keys()
+            .copied()
+            .filter(|&fd| fd >= first && fd <= last)
+            .collect();
+        fds.iter().filter_map(|fd| t.remove(fd)).collect()
+    })
+}
+
 /// Another fd now refers to the same socket (dup2/dup3/F_DUPFD).
 pub fn copy(from: i32, to: i32) {
     if let Some(s) = get(from) {

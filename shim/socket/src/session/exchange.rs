@@ -8,18 +8,17 @@
 //! Each waiter keeps its own deadline; a late reply finds no waiter and is undone (`absorb`).
 
 use super::{
-    attached, config, debug, Attached, Notices, Unanswered, Unavailable, REATTACH_INTERVAL,
-    RESOLVE_GRACE, SEQ, SESSION,
+    attached, config, debug, Attached, Notices, RouterLink, Unanswered, Unavailable,
+    REATTACH_INTERVAL, RESOLVE_GRACE, SEQ, SESSION,
 };
 use crate::real;
 use crate::state;
-use freeflow_proto::attach::SocketSession;
 use freeflow_proto::doorbell::{futex_wait, futex_wake};
 use freeflow_proto::fdpass;
 use freeflow_proto::sockmsg::{
     FromRouter, SockOp, SockReply, SockRequest, SockStatus, SOCKMSG_LEN,
 };
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
@@ -120,7 +119,7 @@ fn send(
     request: &mut SockRequest,
     passing: &[BorrowedFd<'_>],
     wake: &Arc<AtomicU32>,
-) -> Result<(Weak<SocketSession>, Instant), Sending> {
+) -> Result<(Weak<RouterLink>, Instant), Sending> {
     if !attached.unanswered.is_empty() {
         // The router may have come back: its late replies are waiting.
         attached.drain();
@@ -165,7 +164,7 @@ fn send(
 /// waiting thread does.
 fn wait_for_reply(
     request: &SockRequest,
-    session: &Weak<SocketSession>,
+    session: &Weak<RouterLink>,
     wake: &AtomicU32,
     deadline: Instant,
 ) -> Result<(SockReply, Option<OwnedFd>), Unavailable> {
@@ -232,7 +231,7 @@ fn wait_for_reply(
 /// This process's attachment if it still uses `session`.
 fn current<'a>(
     guard: &'a mut Option<Attached>,
-    session: &Weak<SocketSession>,
+    session: &Weak<RouterLink>,
 ) -> Option<&'a mut Attached> {
     let pid = real::getpid();
     guard.as_mut().filter(|a| {
@@ -402,7 +401,9 @@ impl Drop for Attached {
             if let Err(shared) = Arc::try_unwrap(session) {
                 let raw = shared.conn.as_raw_fd();
                 drop(shared);
-                real::close(raw);
+                if !crate::private::close_orphan(raw) {
+                    real::close(raw);
+                }
             }
         }
     }

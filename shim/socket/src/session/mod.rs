@@ -7,10 +7,11 @@ pub use exchange::{call, call_passing};
 use exchange::{call_passing_all, Pending};
 
 use crate::forklock::ForkLock;
+use crate::private::PrivateFd;
 use crate::real;
 use crate::state;
 use freeflow_os::poll::{poll, PollFd};
-use freeflow_proto::attach::{attach_socket, AttachError, SocketSession};
+use freeflow_proto::attach::{attach_socket, AttachError};
 use freeflow_proto::clock::monotonic_ms;
 use freeflow_proto::fdpass;
 use freeflow_proto::sockmsg::{
@@ -19,7 +20,7 @@ use freeflow_proto::sockmsg::{
 use ipnet::Ipv4Net;
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -98,11 +99,16 @@ pub fn debug(msg: std::fmt::Arguments<'_>) {
     }
 }
 
+/// The connection to the router, kept out of the application's way (see `private`).
+pub(crate) struct RouterLink {
+    pub conn: PrivateFd,
+}
+
 /// The attachment of this process (a forked child attaches anew: the router identifies each
 /// process by its own credentials, and two processes must not share one request channel).
 pub(crate) struct Attached {
     pid: i32,
-    session: Option<Arc<SocketSession>>,
+    session: Option<Arc<RouterLink>>,
     /// Requests sent on the session and not answered yet, by sequence number.
     pending: HashMap<u32, Pending>,
     /// Threads waiting to send a request (the session has `MAX_IN_FLIGHT` outstanding), oldest
@@ -337,7 +343,9 @@ impl Attached {
                     "attached as container {} ({})",
                     s.info.container, s.info.ip
                 ));
-                attached.session = Some(Arc::new(s));
+                attached.session = Some(Arc::new(RouterLink {
+                    conn: PrivateFd::adopt(s.conn),
+                }));
                 attached.backoff = REATTACH_INTERVAL;
             }
             Err(AttachError::Refused { message, .. }) => {
@@ -434,7 +442,7 @@ pub fn ensure_watcher() {
 /// In a forked child: the parent's watcher did not come along; its fd did.
 pub fn forget_watcher_after_fork() {
     let fd = WATCHED_FD.swap(-1, Ordering::AcqRel);
-    if fd >= 0 {
+    if fd >= 0 && !crate::private::close_orphan(fd) {
         real::close(fd);
     }
 }
