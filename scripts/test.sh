@@ -84,8 +84,11 @@ fi
 # /usr/lib/cni, the chain the CNI plugin test runs freeflow-cni in), docker.io (dockerd and its
 # CLI: the Docker test runs one engine per simulated host and builds its images offline with
 # scripts/docker-image.sh, which uses tar, ldd and binutils' objcopy), etcd-server (the etcd
-# registry tests start their own etcd; the packaged service is not used).
-packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest gcc libc6-dev nginx postgresql curl libfabric-bin ucx-utils python3-pyverbs prometheus containernetworking-plugins iptables docker.io etcd-server)
+# registry tests start their own etcd; the packaged service is not used), rdmacm-utils (rping,
+# ucmatose, rdma_server/rdma_client, cmtime through Freeflow's librdmacm), librdmacm1 (Debian's
+# library, whose symbols ours must all export) and librdmacm-dev (the rdma_cm headers of the C
+# probe).
+packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest gcc libc6-dev nginx postgresql curl libfabric-bin ucx-utils python3-pyverbs prometheus containernetworking-plugins iptables docker.io etcd-server rdmacm-utils librdmacm1 librdmacm-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -823,7 +823,11 @@ fn control_files_live_in_a_state_directory_that_later_commands_find() {
         .collect();
     in_dir.sort();
     assert_eq!(in_dir, ["libfsocket.so", "router.sock", "verbs"], "{up}");
-    for shim in ["libfsocket.so", "verbs/libibverbs.so.1"] {
+    for shim in [
+        "libfsocket.so",
+        "verbs/libibverbs.so.1",
+        "verbs/librdmacm.so.1",
+    ] {
         let mode = std::fs::metadata(d.path(shim))
             .unwrap()
             .permissions()

@@ -5,6 +5,7 @@
 
 use crate::admission::{self, Pending, PendingHandshakes, Source};
 use crate::attachment::Attachment;
+use crate::cm::CmService;
 use crate::shard::{AttachedTable, ShardCommand, ShardHandle};
 use crate::sys;
 use crate::tcp::{Caller, Deferred, TcpService};
@@ -81,6 +82,8 @@ pub struct ControlThread {
     pending: PendingHandshakes,
     socket_shims: HashMap<u32, SocketShim>,
     tcp: TcpService,
+    /// The connection manager (rdma_cm) and its processes' connections.
+    cm: CmService,
     next_id: u32,
     accepted: u64,
     refused: u64,
@@ -113,6 +116,7 @@ impl ControlThread {
             pending: PendingHandshakes::default(),
             socket_shims: HashMap::new(),
             tcp: TcpService::default(),
+            cm: CmService::default(),
             next_id: 1,
             accepted: 0,
             refused: 0,
@@ -129,8 +133,9 @@ impl ControlThread {
         &self,
         shim_ids: &[u32],
         timeout: Option<Duration>,
-    ) -> io::Result<(Vec<i16>, Vec<RawFd>)> {
+    ) -> io::Result<(Vec<i16>, Vec<RawFd>, Vec<u32>)> {
         let tcp_fds = self.tcp.poll_fds();
+        let cm_fds = self.cm.poll_fds();
         let readable = [
             self.signals.as_fd(),
             self.attach_listener.as_fd(),
@@ -151,6 +156,11 @@ impl ControlThread {
         let mut fds: Vec<PollFd<'_>> = readable
             .chain(shims)
             .chain(tcp_fds.iter().map(|&(fd, events)| PollFd::new(fd, events)))
+            .chain(
+                cm_fds
+                    .iter()
+                    .map(|&(_, fd, events)| PollFd::new(fd, events)),
+            )
             .collect();
         let revents = match poll::poll(&mut fds, timeout) {
             Ok(_) => fds.iter().map(PollFd::revents).collect(),
@@ -160,6 +170,7 @@ impl ControlThread {
         Ok((
             revents,
             tcp_fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect(),
+            cm_fds.iter().map(|&(id, _, _)| id).collect(),
         ))
     }
 
@@ -188,7 +199,8 @@ impl ControlThread {
             let shims_at = 3 + self.pending.len();
             let tcp_at = shims_at + shim_ids.len();
             let timeout = u64::try_from(timeout).ok().map(Duration::from_millis);
-            let (revents, tcp_fds) = self.wait_ready(&shim_ids, timeout)?;
+            let (revents, tcp_fds, cm_conns) = self.wait_ready(&shim_ids, timeout)?;
+            let cm_at = tcp_at + tcp_fds.len();
             if revents.iter().any(|&r| r != 0) {
                 self.last_activity = Instant::now();
             }
@@ -204,6 +216,19 @@ impl ControlThread {
                 if revents[shims_at + i] != 0 {
                     self.serve_socket_shim(id);
                 }
+            }
+            for (i, &id) in cm_conns.iter().enumerate() {
+                if revents[cm_at + i] != 0 {
+                    let gone = self.cm.on_ready(id, revents[cm_at + i], &self.table);
+                    self.forget_attached(&gone);
+                }
+            }
+            // rdma_cm steps from other hosts' routers, then ours for them.
+            for (host, msg) in std::mem::take(&mut self.tcp.cm_inbox) {
+                self.cm.on_peer(host, msg, &self.table);
+            }
+            for (host, msg) in std::mem::take(&mut self.cm.peer_out) {
+                self.tcp.send_cm(host, msg);
             }
             // Notices first: a listener's process may be about to accept.
             self.send_notices();
@@ -339,6 +364,9 @@ impl ControlThread {
         }
         if kind == ShimKind::Socket {
             return self.adopt_socket_shim(conn, container, pid);
+        }
+        if matches!(kind, ShimKind::CmRequests | ShimKind::CmChannel) {
+            return self.adopt_cm(conn, container, pid, kind);
         }
         self.attach_to_shard(conn, container, pid, kind);
     }
@@ -537,7 +565,41 @@ impl ControlThread {
         );
     }
 
+    /// A connection of the connection manager (librdmacm): served by this thread, like socket
+    /// shims (crate::cm).
+    fn adopt_cm(&mut self, conn: OwnedFd, container: ContainerEntry, pid: i32, kind: ShimKind) {
+        let id = self.allocate_id();
+        let welcome = Welcome::Accepted {
+            shard: u16::MAX,
+            attachment_id: id,
+            ip: container.ip,
+            container: container.name.clone(),
+            tenant: container.tenant.clone(),
+        };
+        if let Err(e) = fdpass::send_with_fds(conn.as_fd(), &welcome.encode(), &[]) {
+            log::warn!("welcome to pid {pid} failed: {e}");
+            return;
+        }
+        self.record_attached(id, &container, pid, None, kind.name());
+        self.accepted += 1;
+        self.cm.adopt(id, kind, conn, container, pid);
+    }
+
+    /// Removes attachments that are gone from the status table.
+    fn forget_attached(&self, gone: &[u32]) {
+        if gone.is_empty() {
+            return;
+        }
+        if let Ok(mut table) = self.attached.lock() {
+            for id in gone {
+                table.remove(id);
+            }
+        }
+    }
+
     fn drop_socket_shim(&mut self, id: u32, why: &str) {
+        let gone = self.cm.detach(id, why);
+        self.forget_attached(&gone);
         if let Some(shim) = self.socket_shims.remove(&id) {
             log::info!(
                 "detached {id} (socket shim of container {}, pid {}): {why}",

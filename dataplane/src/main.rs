@@ -13,6 +13,7 @@
 
 mod admission;
 mod attachment;
+mod cm;
 mod control;
 mod control_peer;
 mod jail;

@@ -114,7 +114,12 @@ fn root_in_a_container_cannot_use_the_control_socket() {
 
 /// What a container may see in DIR: the attach socket and the shims.
 const VISIBLE: &[&str] = &["libfsocket.so", "router.sock", "verbs"];
-const VISIBLE_IN_VERBS: &[&str] = &["libefa.so.1", "libibverbs.so.1", "libmlx5.so.1"];
+const VISIBLE_IN_VERBS: &[&str] = &[
+    "libefa.so.1",
+    "libibverbs.so.1",
+    "libmlx5.so.1",
+    "librdmacm.so.1",
+];
 
 #[test]
 fn a_container_with_the_documented_mount_cannot_change_the_shims_or_see_control_files() {

@@ -43,6 +43,10 @@ wire_enum! {
         Verbs = 2,
         /// Benchmarks and tests.
         Probe = 3,
+        /// Freeflow's librdmacm: a process's requests to the connection manager (crate::cm).
+        CmRequests = 4,
+        /// Freeflow's librdmacm: one event channel (crate::cm).
+        CmChannel = 5,
     }
 }
 
@@ -52,6 +56,8 @@ impl ShimKind {
             ShimKind::Socket => "socket",
             ShimKind::Verbs => "verbs",
             ShimKind::Probe => "probe",
+            ShimKind::CmRequests => "rdmacm",
+            ShimKind::CmChannel => "rdmacm-channel",
         }
     }
 }
@@ -393,6 +399,22 @@ pub fn attach_socket(dir: &Path, timeout: Duration) -> Result<SocketSession, Att
             "a socket attach carries no fds".into(),
         ));
     }
+    Ok(SocketSession { conn, info })
+}
+
+/// Attaches as one of the connection manager's kinds ([`ShimKind::CmRequests`],
+/// [`ShimKind::CmChannel`]): no rings, records on the connection (crate::cm). The connection
+/// keeps no timeouts (an event channel blocks in recv until an event comes, as a real one does).
+pub fn attach_cm(
+    dir: &Path,
+    kind: ShimKind,
+    timeout: Duration,
+) -> Result<SocketSession, AttachError> {
+    let (conn, info, fds) = handshake(dir, kind, timeout)?;
+    if !fds.is_empty() {
+        return Err(AttachError::Protocol("a cm attach carries no fds".into()));
+    }
+    fdpass::set_timeouts(conn.as_fd(), Duration::ZERO)?;
     Ok(SocketSession { conn, info })
 }
 

@@ -112,6 +112,12 @@ pub struct RouterStatus {
     /// be connected again nor serve as listeners for the host network).
     #[serde(default)]
     pub jail_active: bool,
+    /// RDMA mode: rdma_cm listeners on this host.
+    #[serde(default)]
+    pub cm_listeners: usize,
+    /// RDMA mode: rdma_cm connections established since the router started.
+    #[serde(default)]
+    pub cm_established: u64,
 }
 
 /// One tenant's TCP-mode counters in [`RouterStatus`].

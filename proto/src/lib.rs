@@ -10,6 +10,7 @@
 //! other OS calls go through `freeflow-os`.
 #![deny(unsafe_code)]
 
+pub mod cm;
 pub mod codec;
 pub mod ring;
 #[allow(unsafe_code)]

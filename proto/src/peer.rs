@@ -48,6 +48,9 @@ pub enum PeerMsg {
         ports: Vec<u16>,
         fresh: bool,
     },
+    /// rdma_cm between hosts: one step of a connection between an id of the sender and one of
+    /// the receiver (docs/rdma-cm.md, "Across hosts").
+    Cm { host: Ipv4Addr, msg: CmPeerMsg },
     /// Claimed or announced ports given back unused (a claim's pool went, a connect failed).
     Release {
         host: Ipv4Addr,
@@ -55,6 +58,28 @@ pub enum PeerMsg {
         to_port: u16,
         ports: Vec<u16>,
     },
+}
+
+/// One step of an rdma_cm connection between two routers' ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmPeerMsg {
+    /// A `freeflow_proto::cm::CmOp`: Connect, Accept, Reject, Establish or Disconnect
+    /// (destroying a connected id disconnects).
+    pub op: u16,
+    /// The sender's id.
+    pub from_id: u32,
+    /// The receiver's id (0 for a Connect, which makes one).
+    pub to_id: u32,
+    /// Connect: the active id's address and the listener's.
+    pub src: std::net::SocketAddrV4,
+    pub dst: std::net::SocketAddrV4,
+    pub ps: u16,
+    pub qpn: u32,
+    /// responder resources, initiator depth, flow control, retry count, RNR retry count, SRQ.
+    pub conn: [u8; 6],
+    /// Reject: the reason (an event status).
+    pub status: i32,
+    pub private_data: Vec<u8>,
 }
 
 /// A line that is not a [`PeerMsg`].

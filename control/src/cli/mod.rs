@@ -41,7 +41,7 @@ Exit codes: 0 success; 1 failure (for `status`: the daemon or the router is not 
 2 usage error. `down` exits 0 when nothing was running.
 
 Files in DIR, which containers mount read-only (`-v DIR:DIR:ro`): router.sock, libfsocket.so, \
-verbs/libibverbs.so.1 (the shims, mode 0444). Files in the state directory (root only, never \
+verbs/libibverbs.so.1 and verbs/librdmacm.so.1 (the shims, mode 0444). Files in the state directory (root only, never \
 mounted; --state-dir, $FREEFLOW_STATE_DIR, else /run/freeflow/state/<DIR escaped>, e.g. /run/freeflow/state/freeflow): \
 config.json (settings from `up`), registry.json (default registry), daemon.lock, freeflow.pid, \
 daemon-status.json, freeflow.log (rotated to freeflow.log.1 past 16 MiB), router.pid, router.log, \

@@ -393,6 +393,8 @@ mod tests {
             tcp_claimed: 7,
             tcp_by_tenant: Vec::new(),
             jail_active: false,
+            cm_listeners: 0,
+            cm_established: 0,
         }
     }
 
@@ -442,7 +444,8 @@ mod tests {
             r#""registry":{"error":null,"path":null,"problem":null,"readable":true,"#,
             r#""url":"file:/r.json"},"registry_error":null,"#,
             r#""router":{"attached":[{"container":"web","id":1,"kind":"socket","pid":77,"#,
-            r#""shard":0}],"attaches_accepted":1,"attaches_refused":2,"jail_active":false,"pid":11,"#,
+            r#""shard":0}],"attaches_accepted":1,"attaches_refused":2,"cm_established":0,"cm_listeners":0,"#,
+            r#""jail_active":false,"pid":11,"#,
             r#""registered":1,"running":true,"shards":[{"attached":2,"core":null,"cpu_ns":9,"#,
             r#""index":0,"parked_ns":8,"parks":5,"protocol_errors":6,"requests":3,"wakeups":4}],"tcp_by_tenant":[],"tcp_claimed":7,"#,
             r#""tcp_connects":4,"tcp_fallbacks":5,"tcp_listeners":3,"tcp_relayed":6,"#,

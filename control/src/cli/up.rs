@@ -269,12 +269,15 @@ fn restore_settings(dir: &RuntimeDir, previous: Option<&Config>) {
 /// warning (the router and TCP-less setups work without it); a failing copy is an error.
 /// Next to the verbs library go the stand-ins for rdma-core's hardware providers libmlx5 and
 /// libefa (one file, two names): programs that link those (perftest's `ib_*` tools) then load
-/// them instead of the real ones, which need libibverbs' private driver interface.
+/// them instead of the real ones, which need libibverbs' private driver interface; and
+/// Freeflow's librdmacm (rdma_cm through the router), which replaces rdma-core's (that one
+/// needs the kernel's /dev/infiniband/rdma_cm).
 fn install_shims(dir: &RuntimeDir) -> Result<(), CliError> {
     let verbs_dir = |file: &str| dir.verbs_shim().with_file_name(file);
     for (name, dest) in [
         ("libfsocket.so", dir.socket_shim()),
         ("libibverbs.so", dir.verbs_shim()),
+        ("librdmacm.so", verbs_dir("librdmacm.so.1")),
         ("libfreeflow_providers.so", verbs_dir("libmlx5.so.1")),
         ("libfreeflow_providers.so", verbs_dir("libefa.so.1")),
     ] {

@@ -58,6 +58,7 @@ impl ControlThread {
                     if let Some(shard) = self.shards.first() {
                         let _ = shard.send(ShardCommand::Network(Box::new(network.clone())));
                     }
+                    self.cm.set_network(network.clone());
                     self.tcp.set_network(network);
                 }
                 (response, false)
@@ -185,6 +186,8 @@ impl ControlThread {
                     relayed: c.relayed,
                 })
                 .collect(),
+            cm_listeners: self.cm.listener_count(),
+            cm_established: self.cm.established,
             jail_active: crate::jail::active(),
         }
     }

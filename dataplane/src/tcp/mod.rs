@@ -123,6 +123,8 @@ impl Counters {
 
 #[derive(Default)]
 pub struct TcpService {
+    /// rdma_cm steps peers sent, for the connection manager (crate::cm), with their host.
+    pub cm_inbox: Vec<(std::net::Ipv4Addr, freeflow_proto::peer::CmPeerMsg)>,
     registry: Registry,
     listeners: Listeners,
     announcements: Announcements,
@@ -238,6 +240,14 @@ impl TcpService {
             self.broadcast_listeners();
         }
         self.reconnect_peers(now);
+    }
+
+    /// Sends an rdma_cm step to `host`'s router (dropped if `host` is not a registered peer).
+    pub fn send_cm(&mut self, host: std::net::Ipv4Addr, msg: freeflow_proto::peer::CmPeerMsg) {
+        let Some(own) = self.registry.host_ip() else {
+            return;
+        };
+        self.send_to(host, &freeflow_proto::peer::PeerMsg::Cm { host: own, msg });
     }
 
     pub fn listeners(&self) -> usize {

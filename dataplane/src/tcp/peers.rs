@@ -518,6 +518,7 @@ impl TcpService {
                 to_port,
                 ports,
             } if host == from => self.record_release(host, ip, to_port, ports),
+            PeerMsg::Cm { host, msg } if host == from => self.cm_inbox.push((host, msg)),
             other => {
                 log::warn!("tcp: peer {from} spoke for another host: {other:?}")
             }

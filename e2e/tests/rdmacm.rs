@@ -1,0 +1,395 @@
+//! RDMA mode, rdma_cm: Debian's unmodified programs of rdmacm-utils (rping, ucmatose,
+//! rdma_server/rdma_client, cmtime) connect between two registered containers of one simulated
+//! host through Freeflow's `librdmacm.so.1` (installed by `freeflow up` into `DIR/verbs`), the
+//! router's connection manager and Freeflow's `libibverbs.so.1`. A container of another tenant
+//! cannot resolve, hence cannot connect to, the server's address. Every function of Debian's
+//! `librdmacm.so.1` exists in ours at its version.
+//!
+//! Needs root, a built workspace (`cargo build --workspace`) and rdmacm-utils (scripts/test.sh
+//! installs it). The Site scaffolding is in common/mod.rs.
+
+mod common;
+
+use common::{describe, succeeded_saying, target_dir, CProbe, Site, SiteSpec};
+use std::collections::BTreeSet;
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+impl Site {
+    /// One host with Freeflow up; containers server, client (tenant blue) and other (tenant red)
+    /// registered.
+    fn new(prefix: &str) -> Site {
+        common::require_programs(
+            &["rping", "ucmatose", "rdma_server", "cmtime"],
+            "rdmacm-utils",
+        );
+        let site = Site::create_verbs(SiteSpec {
+            prefix,
+            work_prefix: "ff-rdmacm",
+            hosts: 1,
+            containers: &[
+                (0, "server", [10, 32, 0, 2]),
+                (0, "client", [10, 32, 0, 3]),
+                (0, "other", [10, 32, 0, 4]),
+            ],
+            registered: &[("server", "blue"), ("client", "blue"), ("other", "red")],
+            verbs_timeout: 60,
+            ..SiteSpec::default()
+        });
+        assert!(
+            site.dirs[0].join("verbs/librdmacm.so.1").is_file(),
+            "freeflow up did not install verbs/librdmacm.so.1"
+        );
+        site
+    }
+
+    /// Starts `program ARGS` in `server` and waits (20 s at most, bounded polls) until the
+    /// router counts `listeners` rdma_cm listeners; fails early if the server exits first.
+    fn cm_server(&self, program: &str, args: &[&str], listeners: u64) -> Child {
+        let mut server = self
+            .verbs_app("server", program, &[])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for _ in 0..400 {
+            if self.router_counter(0, "cm_listeners") >= listeners {
+                return server;
+            }
+            if let Ok(Some(status)) = server.try_wait() {
+                let out = server.wait_with_output().unwrap();
+                panic!(
+                    "{program} exited before listening ({status}): {}",
+                    describe(&out)
+                );
+            }
+            assert!(Instant::now() < deadline, "{program} never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{program} never listened");
+    }
+
+    /// `program ARGS` in `container` to completion.
+    fn cm_client(&self, container: &str, program: &str, args: &[&str]) -> Output {
+        self.verbs_app(container, program, &[("FREEFLOW_DEBUG", "1")])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Both sides exited 0.
+fn assert_both(site: &Site, what: &str, server: &Output, client: &Output) {
+    for (who, out) in [("server", server), ("client", client)] {
+        assert!(
+            out.status.success(),
+            "{what} {who} failed\n--- server: {}\n--- client: {}\n--- router log\n{}",
+            describe(server),
+            describe(client),
+            site.router_log()
+        );
+    }
+}
+
+#[test]
+fn every_function_of_debians_librdmacm_exists_at_its_version() {
+    common::require_programs(&["objdump"], "binutils");
+    let debian = "/usr/lib/x86_64-linux-gnu/librdmacm.so.1";
+    assert!(
+        std::path::Path::new(debian).is_file(),
+        "{debian} missing: install librdmacm1 (scripts/test.sh does)"
+    );
+    let ours = target_dir().join("librdmacm.so");
+    assert!(
+        ours.is_file(),
+        "build the workspace first: {} missing",
+        ours.display()
+    );
+    // "NAME@VERSION" of every defined function.
+    let functions = |lib: &std::path::Path| -> BTreeSet<String> {
+        let out = std::process::Command::new("objdump")
+            .arg("-T")
+            .arg(lib)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "objdump -T {}", lib.display());
+        text(&out)
+            .lines()
+            .filter(|l| l.contains(" DF ") && !l.contains("*UND*"))
+            .filter_map(|l| {
+                let mut words = l.split_whitespace().rev();
+                let name = words.next()?;
+                let version = words.next()?.trim_matches(|c| c == '(' || c == ')');
+                Some(format!("{name}@{version}"))
+            })
+            .collect()
+    };
+    let wanted = functions(std::path::Path::new(debian));
+    let have = functions(&ours);
+    assert!(
+        wanted.len() >= 68,
+        "Debian's library lists {} functions",
+        wanted.len()
+    );
+    let missing: Vec<_> = wanted.difference(&have).collect();
+    assert!(missing.is_empty(), "missing from ours: {missing:?}");
+    let soname = std::process::Command::new("objdump")
+        .arg("-p")
+        .arg(&ours)
+        .output()
+        .unwrap();
+    assert!(
+        text(&soname).contains("SONAME               librdmacm.so.1"),
+        "{}",
+        text(&soname)
+    );
+}
+
+#[test]
+fn unmodified_rping_sends_reads_and_writes_between_two_containers() {
+    let site = Site::new("cmr");
+    let server = site.cm_server(
+        "rping",
+        &["-s", "-a", "10.32.0.2", "-p", "7174", "-v", "-C", "100"],
+        1,
+    );
+    let client = site.cm_client(
+        "client",
+        "rping",
+        &["-c", "-a", "10.32.0.2", "-p", "7174", "-v", "-C", "100"],
+    );
+    let server = server.wait_with_output().unwrap();
+    assert_both(&site, "rping", &server, &client);
+    // -v prints each ping's data, which the server has read from the client (RDMA READ) and
+    // the client has had written back (RDMA WRITE), then checked.
+    let pings = text(&client)
+        .lines()
+        .filter(|l| l.starts_with("ping data: rdma-ping-"))
+        .count();
+    assert_eq!(pings, 100, "client: {}", describe(&client));
+    let served = text(&server)
+        .lines()
+        .filter(|l| l.starts_with("server ping data: rdma-ping-"))
+        .count();
+    assert_eq!(served, 100, "server: {}", describe(&server));
+    assert!(site.router_counter(0, "cm_established") >= 1);
+}
+
+#[test]
+fn unmodified_ucmatose_runs_several_connections() {
+    let site = Site::new("cmu");
+    let server = site.cm_server("ucmatose", &["-b", "10.32.0.2", "-c", "4", "-C", "20"], 1);
+    let client = site.cm_client(
+        "client",
+        "ucmatose",
+        &["-s", "10.32.0.2", "-c", "4", "-C", "20"],
+    );
+    let server = server.wait_with_output().unwrap();
+    assert_both(&site, "ucmatose", &server, &client);
+    for (who, out) in [("server", &server), ("client", &client)] {
+        assert!(
+            text(out).contains("test complete"),
+            "{who}: {}",
+            describe(out)
+        );
+    }
+    assert_eq!(site.router_counter(0, "cm_established"), 4);
+}
+
+#[test]
+fn unmodified_rdma_server_and_rdma_client_use_synchronous_ids() {
+    let site = Site::new("cms");
+    let server = site.cm_server("rdma_server", &["-s", "10.32.0.2", "-p", "7471"], 1);
+    let client = site.cm_client("client", "rdma_client", &["-s", "10.32.0.2", "-p", "7471"]);
+    let server = server.wait_with_output().unwrap();
+    assert_both(&site, "rdma_server/rdma_client", &server, &client);
+    assert!(
+        text(&server).contains("rdma_server: end 0"),
+        "{}",
+        describe(&server)
+    );
+    assert!(
+        text(&client).contains("rdma_client: end 0"),
+        "{}",
+        describe(&client)
+    );
+}
+
+#[test]
+fn unmodified_cmtime_connects_and_disconnects_many_ids() {
+    let site = Site::new("cmt");
+    // Debian's cmtime server serves until it is stopped.
+    let mut server = site.cm_server("cmtime", &["-b", "10.32.0.2", "-c", "50"], 1);
+    let client = site.cm_client("client", "cmtime", &["-s", "10.32.0.2", "-c", "50"]);
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "the cmtime server stopped during the run"
+    );
+    assert!(common::terminate(&mut server, Duration::from_secs(5)));
+    let server = server.wait_with_output().unwrap();
+    assert!(
+        client.status.success(),
+        "cmtime client: {}\n--- server: {}\n--- router log\n{}",
+        describe(&client),
+        describe(&server),
+        site.router_log()
+    );
+    // The client's table names each step it timed, through the disconnect.
+    for step in [
+        "resolve addr",
+        "resolve route",
+        "create qp",
+        "connect",
+        "disconnect",
+        "destroy",
+    ] {
+        assert!(
+            text(&client).contains(step),
+            "{step}: {}",
+            describe(&client)
+        );
+    }
+    assert_eq!(site.router_counter(0, "cm_established"), 50);
+    // The timings, for the log (no threshold: the machine is shared).
+    eprintln!("cmtime client:\n{}", text(&client));
+}
+
+#[test]
+fn a_container_of_another_tenant_cannot_resolve_nor_connect() {
+    let site = Site::new("cmx");
+    let server = site.cm_server(
+        "rping",
+        &["-s", "-a", "10.32.0.2", "-p", "7175", "-C", "1"],
+        1,
+    );
+    let out = site.cm_client(
+        "other",
+        "rping",
+        &["-c", "-a", "10.32.0.2", "-p", "7175", "-C", "1", "-v"],
+    );
+    assert!(
+        !out.status.success(),
+        "rping from another tenant: {}",
+        describe(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("RDMA_CM_EVENT_ADDR_ERROR"),
+        "no ADDR_ERROR: {}",
+        describe(&out)
+    );
+    assert!(
+        err.contains("not an address of this container's tenant"),
+        "no FREEFLOW_DEBUG reason: {}",
+        describe(&out)
+    );
+    assert_eq!(site.router_counter(0, "cm_established"), 0);
+    // The server is still there for its own tenant: a client of blue connects.
+    let ok = site.cm_client(
+        "client",
+        "rping",
+        &["-c", "-a", "10.32.0.2", "-p", "7175", "-C", "1"],
+    );
+    // The server serves this one client, then exits (bounded by the site's verbs timeout).
+    let server = server.wait_with_output().unwrap();
+    assert_both(&site, "rping after the refusal", &server, &ok);
+}
+
+/// The C side of the checks below (its own file, to be readable and compilable by hand), built
+/// against the installed headers and Debian's librdmacm and libibverbs (so it imports the
+/// functions at rdma-core's versions, like any Debian binary).
+const PROBE: CProbe = CProbe {
+    name: "rdmacm_probe",
+    source: include_str!("programs/rdmacm_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-lrdmacm", "-libverbs"],
+};
+
+#[test]
+fn the_event_channel_polls_and_every_exchange_and_error_is_rdma_cms() {
+    let site = Site::new("cmp");
+    let probe = PROBE.build(&site.work);
+    let out = site
+        .verbs_app("client", &probe, &[])
+        .args(["10.32.0.2", "10.32.0.4"])
+        .output()
+        .unwrap();
+    assert!(
+        succeeded_saying(&out, "checks passed"),
+        "{}\n--- router log\n{}",
+        describe(&out),
+        site.router_log()
+    );
+}
+
+/// Two hosts: server (10.32.0.2) on host 0; client (10.32.0.3, same tenant) and other
+/// (10.32.0.4, another tenant) on host 1.
+fn two_hosts(prefix: &str) -> Site {
+    common::require_programs(&["rping", "ucmatose"], "rdmacm-utils");
+    Site::create_verbs(SiteSpec {
+        prefix,
+        work_prefix: "ff-rdmacm-x",
+        hosts: 2,
+        containers: &[
+            (0, "server", [10, 32, 0, 2]),
+            (1, "client", [10, 32, 0, 3]),
+            (1, "other", [10, 32, 0, 4]),
+        ],
+        registered: &[("server", "blue"), ("client", "blue"), ("other", "red")],
+        verbs_timeout: 60,
+        ..SiteSpec::default()
+    })
+}
+
+#[test]
+fn across_hosts_rping_and_ucmatose_connect_and_another_tenant_cannot() {
+    let site = two_hosts("cmh");
+    // The routers carry the CM's steps on their peer connections, the RDMA on the verbs port.
+    let server = site.cm_server(
+        "rping",
+        &["-s", "-a", "10.32.0.2", "-p", "7176", "-v", "-C", "50"],
+        1,
+    );
+    let client = site.cm_client(
+        "client",
+        "rping",
+        &["-c", "-a", "10.32.0.2", "-p", "7176", "-v", "-C", "50"],
+    );
+    let server = server.wait_with_output().unwrap();
+    assert_both(&site, "rping across hosts", &server, &client);
+    let pings = text(&client)
+        .lines()
+        .filter(|l| l.starts_with("ping data: rdma-ping-"))
+        .count();
+    assert_eq!(pings, 50, "client: {}", describe(&client));
+    assert_eq!(site.router_counter(0, "cm_established"), 1);
+
+    let server = site.cm_server("ucmatose", &["-b", "10.32.0.2", "-c", "3", "-C", "10"], 1);
+    let client = site.cm_client(
+        "client",
+        "ucmatose",
+        &["-s", "10.32.0.2", "-c", "3", "-C", "10"],
+    );
+    let server = server.wait_with_output().unwrap();
+    assert_both(&site, "ucmatose across hosts", &server, &client);
+    assert_eq!(site.router_counter(0, "cm_established"), 4);
+
+    // Another tenant on the client's host: the server's address does not resolve.
+    let out = site.cm_client(
+        "other",
+        "rping",
+        &["-c", "-a", "10.32.0.2", "-p", "7177", "-C", "1"],
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("RDMA_CM_EVENT_ADDR_ERROR"),
+        "{}",
+        describe(&out)
+    );
+}
