@@ -365,16 +365,17 @@ fn start_router(engine: &Engine, shared: &Path) -> &'static str {
     "all capabilities the machine has"
 }
 
-/// An application container with the seed's flags, idle until iperf3 is run in it; returns
-/// its id and overlay address.
-fn start_app(engine: &Engine, name: &str) -> (String, String) {
+/// An application container with the seed's flags running `command`; returns its id and
+/// overlay address.
+fn start_app(engine: &Engine, name: &str, command: &[&str]) -> (String, String) {
     let mount = format!("{}:/freeflow:ro", engine.freeflow_dir().display());
-    let id = engine.ok(&[
+    let network = format!("--net={NETWORK}");
+    let mut args = vec![
         "run",
         "-d",
         "--name",
         name,
-        &format!("--net={NETWORK}"),
+        &network,
         "-v",
         &mount,
         "-e",
@@ -382,9 +383,9 @@ fn start_app(engine: &Engine, name: &str) -> (String, String) {
         "-e",
         "LD_PRELOAD=/freeflow/libfsocket.so",
         "ff-iperf3",
-        "sleep",
-        "600",
-    ]);
+    ];
+    args.extend_from_slice(command);
+    let id = engine.ok(&args);
     let ip = engine.ok(&[
         "inspect",
         "--format",
@@ -481,9 +482,13 @@ fn seed_docker_commands_register_and_accelerate_iperf3() {
         );
     }
 
-    // Step 2 of the seed on both hosts; the watcher registers them, no `container add`.
-    let (server_id, server_ip) = start_app(&engines[1], "iperf-server");
-    let (client_id, client_ip) = start_app(&engines[0], "iperf-client");
+    // Step 2 of the seed on both hosts; the watcher registers them, no `container add`. The
+    // server container's own command is the server: it listens at once, before the watcher
+    // has seen the container start (the shim waits for the registration, a container's first
+    // seconds only). The client container idles until iperf3 is run in it.
+    let (server_id, server_ip) =
+        start_app(&engines[1], "iperf-server", &["iperf3", "-s", "-p", "5201"]);
+    let (client_id, client_ip) = start_app(&engines[0], "iperf-client", &["sleep", "600"]);
     let server = wait_registered(&engines[1], &server_id, &server_ip);
     let client = wait_registered(&engines[0], &client_id, &client_ip);
     assert_eq!(server["host_ip"], "192.168.1.2", "{server}");
@@ -527,19 +532,6 @@ fn seed_docker_commands_register_and_accelerate_iperf3() {
     );
 
     // Step 3: iperf3 between the containers, unmodified.
-    engines[1].ok(&[
-        "exec",
-        "iperf-server",
-        "iperf3",
-        "-s",
-        "-D",
-        "-1",
-        "-p",
-        "5201",
-    ]);
-    // As in tcp.rs: longer than the router's grace for a listener whose owner left, so the
-    // daemonized child has claimed it.
-    std::thread::sleep(Duration::from_millis(2500));
     let vxlan = |h: usize| {
         topology::link_stats(&cluster.hosts()[h].netns, "vx0")
             .unwrap()

@@ -11,7 +11,7 @@ use crate::private::PrivateFd;
 use crate::real;
 use crate::state;
 use freeflow_os::poll::{poll, PollFd};
-use freeflow_proto::attach::{attach_socket, AttachError};
+use freeflow_proto::attach::{attach_socket, AttachError, Refusal, SocketSession};
 use freeflow_proto::clock::monotonic_ms;
 use freeflow_proto::fdpass;
 use freeflow_proto::sockmsg::{
@@ -322,6 +322,72 @@ fn attached(guard: &mut Option<Attached>) -> &mut Attached {
     guard.get_or_insert_with(|| Attached::attach(pid, REATTACH_INTERVAL))
 }
 
+/// How long after its container started a process waits for the container to be registered
+/// (`FREEFLOW_REGISTER_WAIT_MS`): a runtime registers a container when it has started (the
+/// Docker watcher on the engine's start event), milliseconds after its first program ran; a
+/// server that listens at once would otherwise stay on the overlay for its whole life.
+const DEFAULT_REGISTRATION_GRACE_MS: u64 = 3000;
+/// How often a refused attach is tried again within the grace.
+const REGISTRATION_POLL: Duration = Duration::from_millis(50);
+
+/// Attaches; if the router does not know this container yet and the container started less
+/// than the grace ago, tries again until it does or the grace is over. A process started
+/// later in an unregistered container (or in a network namespace without a pid namespace of
+/// its own: pid 1 is the host's init) never waits.
+fn attach_waiting_for_registration() -> Result<SocketSession, AttachError> {
+    let first = attach_socket(&config().dir, config().router_timeout);
+    let not_registered = |r: &Result<SocketSession, AttachError>| {
+        matches!(
+            r,
+            Err(AttachError::Refused {
+                reason: Refusal::NotRegistered,
+                ..
+            })
+        )
+    };
+    if !not_registered(&first) {
+        return first;
+    }
+    let grace = Duration::from_millis(
+        std::env::var("FREEFLOW_REGISTER_WAIT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_REGISTRATION_GRACE_MS),
+    );
+    let Some(left) = container_age().and_then(|age| grace.checked_sub(age)) else {
+        return first;
+    };
+    debug(format_args!(
+        "container not registered yet; waiting up to {left:?} for its registration"
+    ));
+    let until = Instant::now() + left;
+    let mut last = first;
+    while not_registered(&last) && Instant::now() < until {
+        std::thread::sleep(REGISTRATION_POLL);
+        last = attach_socket(&config().dir, config().router_timeout);
+    }
+    last
+}
+
+/// How long ago this process's container started: the age of pid 1 of its pid namespace
+/// (`/proc/1/stat` field 22, in clock ticks since boot, against `/proc/uptime`).
+fn container_age() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/1/stat").ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the last
+    // ')'; field 3 is the first after it, so field 22 is the 20th.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let start_ticks: u64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let uptime_secs: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+    // SAFETY: sysconf reads a system constant and touches no memory of ours.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks_per_sec <= 0 {
+        return None;
+    }
+    let started = start_ticks as f64 / ticks_per_sec as f64;
+    Some(Duration::from_secs_f64((uptime_secs - started).max(0.0)))
+}
+
 impl Attached {
     /// Attaches to the router, waiting at most the router timeout (for its answer; a blocked
     /// send or receive gives up after it too: the attach sets SO_SNDTIMEO and SO_RCVTIMEO).
@@ -337,7 +403,7 @@ impl Attached {
             slot_waiters: VecDeque::new(),
             reading: false,
         };
-        match attach_socket(&config().dir, config().router_timeout) {
+        match attach_waiting_for_registration() {
             Ok(s) => {
                 debug(format_args!(
                     "attached as container {} ({})",
