@@ -26,8 +26,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Empty passes between two looks at the clock of an idle shard, each with a `sched_yield`:
-/// a program spinning on the shard's core gets it within about this many passes.
-const IDLE_YIELD_PASSES: u32 = 128;
+/// a program spinning on the shard's core gets it within about this many passes (16 passes are
+/// a few microseconds). Each step of a round trip between hosts waits for such a yield on
+/// both hosts' shared cores: at 128 passes the bench's cross-host round trip was ~97 us, at 16
+/// ~52 us, with the one-host round trip (a core of its own, where the yield returns at once)
+/// unchanged.
+const IDLE_YIELD_PASSES: u32 = 16;
 
 /// Work handed to a shard by the control thread.
 pub enum ShardCommand {
