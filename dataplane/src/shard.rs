@@ -33,6 +33,34 @@ use std::time::{Duration, Instant};
 /// unchanged.
 const IDLE_YIELD_PASSES: u32 = 16;
 
+/// Whether another task wants the shard's core, from the shard thread's count of involuntary
+/// switches (preemptions, and `sched_yield`s that let another task run).
+///
+/// A shard that spins idle on a core it shares with a program (an unpinned one, or one host
+/// per core as in `freeflow-bench rdma --hosts 2`) burns the time slices the program needs,
+/// and Linux's EEVDF scheduler makes it pay that back: woken later by its doorbell or a peer
+/// router's socket, it is not eligible to run until the program has had as much CPU, which
+/// cost every step of a round trip between hosts tens to hundreds of microseconds. Such a
+/// shard therefore parks at its first idle check after the count grew, and spins out its
+/// budget only while it has the core to itself.
+#[derive(Debug, Default)]
+struct CoreSharing {
+    /// The count at the previous check.
+    seen: u64,
+}
+
+impl CoreSharing {
+    /// Whether the count grew since the previous check (one `getrusage`).
+    fn core_shared(&mut self) -> bool {
+        let Ok(now) = crate::sys::involuntary_switches() else {
+            return false;
+        };
+        let grew = now != self.seen;
+        self.seen = now;
+        grew
+    }
+}
+
 /// Work handed to a shard by the control thread.
 pub enum ShardCommand {
     Adopt(Box<Attachment>),
@@ -154,6 +182,7 @@ impl Shard {
             .store(current_tid().unwrap_or(0), Ordering::Relaxed);
         let mut idle_since = Instant::now();
         let mut spins: u32 = 0;
+        let mut sharing = CoreSharing::default();
         while !self.stop.load(Ordering::Relaxed) {
             let mut work = self.take_commands();
             work += self.visit_all();
@@ -182,7 +211,10 @@ impl Shard {
             // A program polling on this core waits for this shard's work while the shard spins:
             // let it run (sched_yield returns at once when nothing else wants the core).
             std::thread::yield_now();
-            if idle_since.elapsed() < self.spin {
+            // Another task wants this core: park now rather than spin out the budget, so that
+            // the scheduler sees a shard that sleeps and wakes it at once for its next event.
+            let shared = sharing.core_shared();
+            if !shared && idle_since.elapsed() < self.spin {
                 continue;
             }
             self.park();
