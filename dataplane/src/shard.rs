@@ -33,31 +33,40 @@ use std::time::{Duration, Instant};
 /// unchanged.
 const IDLE_YIELD_PASSES: u32 = 16;
 
+/// How long a shard treats its core as shared after it last found another task on it.
+const SHARED_HOLD: Duration = Duration::from_millis(100);
+
 /// Whether another task wants the shard's core, from the shard thread's count of involuntary
 /// switches (preemptions, and `sched_yield`s that let another task run).
 ///
 /// A shard that spins idle on a core it shares with a program (an unpinned one, or one host
-/// per core as in `freeflow-bench rdma --hosts 2`) burns the time slices the program needs,
-/// and Linux's EEVDF scheduler makes it pay that back: woken later by its doorbell or a peer
-/// router's socket, it is not eligible to run until the program has had as much CPU, which
-/// cost every step of a round trip between hosts tens to hundreds of microseconds. Such a
-/// shard therefore parks at its first idle check after the count grew, and spins out its
-/// budget only while it has the core to itself.
+/// per core as in `freeflow-bench rdma --hosts 2`) holds the core that program needs to post
+/// and to see its completions, and its wake-ups then wait on the scheduler's fairness: traced,
+/// that cost every step of a round trip between hosts tens to hundreds of microseconds. Such a
+/// shard therefore parks at its first idle check (as with `--spin-us 0`) while it was switched
+/// out within the last [`SHARED_HOLD`]; a single check would not do, as a shard the scheduler
+/// favours keeps the core through its yields while the program waits. On a core of its own the
+/// count does not grow, and the shard spins out its budget as before.
 #[derive(Debug, Default)]
 struct CoreSharing {
     /// The count at the previous check.
     seen: u64,
+    /// Until when the core counts as shared.
+    until: Option<Instant>,
 }
 
 impl CoreSharing {
-    /// Whether the count grew since the previous check (one `getrusage`).
+    /// Whether another task took the core within the last [`SHARED_HOLD`] (one `getrusage`).
     fn core_shared(&mut self) -> bool {
-        let Ok(now) = crate::sys::involuntary_switches() else {
+        let Ok(count) = crate::sys::involuntary_switches() else {
             return false;
         };
-        let grew = now != self.seen;
-        self.seen = now;
-        grew
+        let now = Instant::now();
+        if count != self.seen {
+            self.seen = count;
+            self.until = Some(now + SHARED_HOLD);
+        }
+        self.until.is_some_and(|until| now < until)
     }
 }
 
@@ -211,8 +220,7 @@ impl Shard {
             // A program polling on this core waits for this shard's work while the shard spins:
             // let it run (sched_yield returns at once when nothing else wants the core).
             std::thread::yield_now();
-            // Another task wants this core: park now rather than spin out the budget, so that
-            // the scheduler sees a shard that sleeps and wakes it at once for its next event.
+            // Another task wants this core: park now rather than spin out the budget.
             let shared = sharing.core_shared();
             if !shared && idle_since.elapsed() < self.spin {
                 continue;
