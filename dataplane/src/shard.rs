@@ -515,3 +515,49 @@ impl Shard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shard thread that yields on a core another thread keeps busy is switched out, and its
+    /// next check finds the core shared.
+    #[test]
+    fn a_yield_to_another_thread_on_the_core_marks_it_shared() {
+        let core = core_affinity::get_core_ids()
+            .and_then(|cores| cores.last().copied())
+            .expect("the machine's cores");
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                core_affinity::set_for_current(core);
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        assert!(core_affinity::set_for_current(core), "pinning the test");
+        let mut sharing = CoreSharing {
+            seen: crate::sys::involuntary_switches().expect("getrusage"),
+            until: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut shared = false;
+        for _ in 0..1_000_000 {
+            if shared || Instant::now() > deadline {
+                break;
+            }
+            std::thread::yield_now();
+            shared = sharing.core_shared();
+        }
+        stop.store(true, Ordering::Relaxed);
+        busy.join().expect("the busy thread");
+        assert!(
+            shared,
+            "never switched out by a busy thread on core {}",
+            core.id
+        );
+        assert!(sharing.until.is_some_and(|until| until > Instant::now()));
+    }
+}
