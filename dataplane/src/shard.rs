@@ -43,10 +43,12 @@ const SHARED_HOLD: Duration = Duration::from_millis(100);
 /// per core as in `freeflow-bench rdma --hosts 2`) holds the core that program needs to post
 /// and to see its completions, and its wake-ups then wait on the scheduler's fairness: traced,
 /// that cost every step of a round trip between hosts tens to hundreds of microseconds. Such a
-/// shard therefore parks at its first idle check (as with `--spin-us 0`) while it was switched
-/// out within the last [`SHARED_HOLD`]; a single check would not do, as a shard the scheduler
-/// favours keeps the core through its yields while the program waits. On a core of its own the
-/// count does not grow, and the shard spins out its budget as before.
+/// shard with connections to other hosts' routers therefore parks at its first idle check (as
+/// with `--spin-us 0`) while it was switched out within the last [`SHARED_HOLD`]; a single
+/// check would not do, as a shard the scheduler favours keeps the core through its yields
+/// while the program waits. On a core of its own the count does not grow, and the shard spins
+/// out its budget as before; on one host it always does (its next work is its program's next
+/// post, which then needs no doorbell).
 #[derive(Debug, Default)]
 struct CoreSharing {
     /// The count at the previous check.
@@ -220,8 +222,11 @@ impl Shard {
             // A program polling on this core waits for this shard's work while the shard spins:
             // let it run (sched_yield returns at once when nothing else wants the core).
             std::thread::yield_now();
-            // Another task wants this core: park now rather than spin out the budget.
-            let shared = sharing.core_shared();
+            // A shard serving QPs across hosts waits on the other host's router between steps;
+            // if another task wants this core meanwhile, park now rather than spin out the
+            // budget. (On one host the shard's next work is its program's next post: there it
+            // keeps spinning, so that the post needs no doorbell.)
+            let shared = self.engine.remote_connected() && sharing.core_shared();
             if !shared && idle_since.elapsed() < self.spin {
                 continue;
             }
