@@ -26,8 +26,51 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Empty passes between two looks at the clock of an idle shard, each with a `sched_yield`:
-/// a program spinning on the shard's core gets it within about this many passes.
-const IDLE_YIELD_PASSES: u32 = 128;
+/// a program spinning on the shard's core gets it within about this many passes (16 passes are
+/// a few microseconds). Each step of a round trip between hosts waits for such a yield on
+/// both hosts' shared cores: at 128 passes the bench's cross-host round trip was ~97 us, at 16
+/// ~52 us, with the one-host round trip (a core of its own, where the yield returns at once)
+/// unchanged.
+const IDLE_YIELD_PASSES: u32 = 16;
+
+/// How long a shard treats its core as shared after it last found another task on it.
+const SHARED_HOLD: Duration = Duration::from_millis(100);
+
+/// Whether another task wants the shard's core, from the shard thread's count of involuntary
+/// switches (preemptions, and `sched_yield`s that let another task run).
+///
+/// A shard that spins idle on a core it shares with a program (an unpinned one, or one host
+/// per core as in `freeflow-bench rdma --hosts 2`) holds the core that program needs to post
+/// and to see its completions, and its wake-ups then wait on the scheduler's fairness: traced,
+/// that cost every step of a round trip between hosts tens to hundreds of microseconds. Such a
+/// shard with connections to other hosts' routers therefore parks at its first idle check (as
+/// with `--spin-us 0`) while it was switched out within the last [`SHARED_HOLD`]; a single
+/// check would not do, as a shard the scheduler favours keeps the core through its yields
+/// while the program waits. On a core of its own the count does not grow, and the shard spins
+/// out its budget as before; on one host it always does (its next work is its program's next
+/// post, which then needs no doorbell).
+#[derive(Debug, Default)]
+struct CoreSharing {
+    /// The count at the previous check.
+    seen: u64,
+    /// Until when the core counts as shared.
+    until: Option<Instant>,
+}
+
+impl CoreSharing {
+    /// Whether another task took the core within the last [`SHARED_HOLD`] (one `getrusage`).
+    fn core_shared(&mut self) -> bool {
+        let Ok(count) = crate::sys::involuntary_switches() else {
+            return false;
+        };
+        let now = Instant::now();
+        if count != self.seen {
+            self.seen = count;
+            self.until = Some(now + SHARED_HOLD);
+        }
+        self.until.is_some_and(|until| now < until)
+    }
+}
 
 /// Work handed to a shard by the control thread.
 pub enum ShardCommand {
@@ -150,6 +193,7 @@ impl Shard {
             .store(current_tid().unwrap_or(0), Ordering::Relaxed);
         let mut idle_since = Instant::now();
         let mut spins: u32 = 0;
+        let mut sharing = CoreSharing::default();
         while !self.stop.load(Ordering::Relaxed) {
             let mut work = self.take_commands();
             work += self.visit_all();
@@ -178,7 +222,12 @@ impl Shard {
             // A program polling on this core waits for this shard's work while the shard spins:
             // let it run (sched_yield returns at once when nothing else wants the core).
             std::thread::yield_now();
-            if idle_since.elapsed() < self.spin {
+            // A shard serving QPs across hosts waits on the other host's router between steps;
+            // if another task wants this core meanwhile, park now rather than spin out the
+            // budget. (On one host the shard's next work is its program's next post: there it
+            // keeps spinning, so that the post needs no doorbell.)
+            let shared = self.engine.remote_connected() && sharing.core_shared();
+            if !shared && idle_since.elapsed() < self.spin {
                 continue;
             }
             self.park();
@@ -469,5 +518,51 @@ impl Shard {
             self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             self.detach_id(id, &format!("ring protocol violation: {e}"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shard thread that yields on a core another thread keeps busy is switched out, and its
+    /// next check finds the core shared.
+    #[test]
+    fn a_yield_to_another_thread_on_the_core_marks_it_shared() {
+        let core = core_affinity::get_core_ids()
+            .and_then(|cores| cores.last().copied())
+            .expect("the machine's cores");
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                core_affinity::set_for_current(core);
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        assert!(core_affinity::set_for_current(core), "pinning the test");
+        let mut sharing = CoreSharing {
+            seen: crate::sys::involuntary_switches().expect("getrusage"),
+            until: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut shared = false;
+        for _ in 0..1_000_000 {
+            if shared || Instant::now() > deadline {
+                break;
+            }
+            std::thread::yield_now();
+            shared = sharing.core_shared();
+        }
+        stop.store(true, Ordering::Relaxed);
+        busy.join().expect("the busy thread");
+        assert!(
+            shared,
+            "never switched out by a busy thread on core {}",
+            core.id
+        );
+        assert!(sharing.until.is_some_and(|until| until > Instant::now()));
     }
 }

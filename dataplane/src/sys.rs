@@ -492,3 +492,15 @@ pub fn accept_queue(fd: BorrowedFd<'_>) -> io::Result<Option<u32>> {
     }
     Ok((info.tcpi_state == TCP_LISTEN).then_some(info.tcpi_unacked))
 }
+
+/// How many times the calling thread was switched out while it could still run (preempted, or
+/// a `sched_yield` that let another task run): when this grows, another task wants its core.
+pub fn involuntary_switches() -> io::Result<u64> {
+    // SAFETY: rusage is plain data; getrusage fills the one we pass and keeps no pointer to it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_THREAD with a live, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(usage.ru_nivcsw).unwrap_or(0))
+}

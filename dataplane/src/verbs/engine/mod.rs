@@ -518,6 +518,11 @@ impl Engine {
         self.remote.set_network(network);
     }
 
+    /// Whether the transport to other hosts' routers has a connection (or one to accept).
+    pub fn remote_connected(&self) -> bool {
+        self.remote.active() && !self.remote.idle()
+    }
+
     /// The transport's sockets, for the shard's io_uring (see `remote::Transport::watch`).
     pub fn transport(&mut self) -> &mut Transport {
         &mut self.remote

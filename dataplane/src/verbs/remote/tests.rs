@@ -44,7 +44,7 @@ fn a_frame_that_arrives_in_pieces_is_whole_only_at_its_end() {
     let mut bytes = h.encode().to_vec();
     bytes.extend((0..1000).map(|i| i as u8));
     other.write_all(&bytes[..HEADER_LEN + 10]).unwrap();
-    fill_until(&mut conn, |c| c.rx.len() >= HEADER_LEN + 10);
+    fill_until(&mut conn, |c| c.received().len() >= HEADER_LEN + 10);
     assert!(matches!(conn.next(), Ok(Next::Nothing)));
     other.write_all(&bytes[HEADER_LEN + 10..]).unwrap();
     fill_until(&mut conn, Conn::has_frame);
@@ -84,7 +84,7 @@ fn acks_of_one_qp_coalesce_until_sent() {
 fn garbage_does_not_decode_and_a_hello_must_name_the_peer() {
     let (mut conn, mut other) = pair(ConnState::Up);
     other.write_all(&[0xee; HEADER_LEN]).unwrap();
-    fill_until(&mut conn, |c| c.rx.len() >= HEADER_LEN);
+    fill_until(&mut conn, |c| c.received().len() >= HEADER_LEN);
     assert!(conn.next().is_err());
     assert!(conn.has_frame(), "a bad header is something to act on");
 
@@ -93,7 +93,7 @@ fn garbage_does_not_decode_and_a_hello_must_name_the_peer() {
         host: Ipv4Addr::new(192, 0, 2, 9),
     };
     other.write_all(&wrong.encode()).unwrap();
-    fill_until(&mut conn, |c| c.rx.len() >= 16);
+    fill_until(&mut conn, |c| c.received().len() >= 16);
     assert!(conn.take_hello().is_err());
 
     let (mut conn, mut other) = pair(ConnState::AwaitHello);
@@ -101,7 +101,35 @@ fn garbage_does_not_decode_and_a_hello_must_name_the_peer() {
         host: Ipv4Addr::LOCALHOST,
     };
     other.write_all(&right.encode()).unwrap();
-    fill_until(&mut conn, |c| c.rx.len() >= 16);
+    fill_until(&mut conn, |c| c.received().len() >= 16);
     assert_eq!(conn.take_hello(), Ok(true));
     assert_eq!(conn.state, ConnState::Up);
+}
+
+/// The receive buffer keeps its room between reads: what an earlier, larger frame left
+/// beyond the received bytes must never read as the start of the next frame.
+#[test]
+fn bytes_of_a_consumed_frame_never_complete_the_next_one() {
+    let (mut conn, mut other) = pair(ConnState::Up);
+    let mut big = FrameHeader::new(FrameKind::Write);
+    big.len = 4000;
+    let mut bytes = big.encode().to_vec();
+    bytes.extend((0..4000).map(|i| i as u8));
+    other.write_all(&bytes).unwrap();
+    fill_until(&mut conn, Conn::has_frame);
+    let Ok(Next::Frame(_, range)) = conn.next() else {
+        panic!("no frame");
+    };
+    conn.consume(range.end);
+    // The next frame's header, only half of it sent: nothing is complete yet.
+    let small = ack(3, 11).encode();
+    other.write_all(&small[..HEADER_LEN / 2]).unwrap();
+    fill_until(&mut conn, |c| c.received().len() >= HEADER_LEN / 2);
+    assert!(matches!(conn.next(), Ok(Next::Nothing)));
+    other.write_all(&small[HEADER_LEN / 2..]).unwrap();
+    fill_until(&mut conn, Conn::has_frame);
+    let Ok(Next::Frame(got, range)) = conn.next() else {
+        panic!("no frame");
+    };
+    assert_eq!((got.dst_qpn, got.seq, range.len()), (3, 11, 0));
 }
