@@ -93,7 +93,7 @@ build_freeflow() {
       *) die "unknown option $1" ;;
     esac
   done
-  local files=(freeflow freeflow-router freeflow-cni libfsocket.so libibverbs.so libfreeflow_providers.so)
+  local files=(freeflow freeflow-router freeflow-cni libfsocket.so libibverbs.so librdmacm.so libfreeflow_providers.so)
   local f
   for f in "${files[@]}"; do
     [ -f "$bin_dir/$f" ] || die "$bin_dir/$f missing: build the workspace first (cargo build --release --workspace)"

@@ -604,10 +604,17 @@ fn seed_docker_commands_register_and_accelerate_iperf3() {
     );
     engines[1].ok(&["start", "freeflow"]);
     wait_unregistered(&engines[1], &server_id, "after the daemon restarted");
-    let logs = engines[1].router_logs();
+    // The log line follows the registry's change (and `docker logs` may lag a little).
+    let said = poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        engines[1]
+            .router_logs()
+            .contains("its container no longer runs")
+            .then_some(())
+    });
     assert!(
-        logs.contains("its container no longer runs"),
-        "the reconcile did not say why it unregistered:\n{logs}"
+        said.is_some(),
+        "the reconcile did not say why it unregistered:\n{}",
+        engines[1].router_logs()
     );
 
     drop(engines);
