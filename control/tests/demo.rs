@@ -18,10 +18,11 @@ use freeflow_control::os;
 use freeflow_testbed as topology;
 
 const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");
-/// Bound on one demo run; with `--reps 1 --seconds 0.3` it takes about 30 s in a debug build
-/// (10 s the cluster and TCP parts, 17 s the RDMA part), and the RDMA part across hosts adds
-/// about 10 s.
-const DEMO_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on one demo run; with `--reps 1 --seconds 0.3` it takes about 60 s in a debug build
+/// on an idle 2-core machine (10 s the cluster and TCP parts, the rest RDMA on one host and
+/// across hosts), and over 120 s when builds run beside it (the RDMA engine's debug build
+/// shares the cores): the bound is for a hang, not for speed.
+const DEMO_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn preflight() {
     if let Err(e) = topology::ensure_root() {
