@@ -43,6 +43,9 @@ struct SocketShim {
     /// Notices to this process are being skipped (it does not read them); it was told to
     /// forget what it knew.
     notice_gap: bool,
+    /// The size of the router's send buffer on `conn` (read once at attach: the router never
+    /// changes it, and the process cannot), for [`notice_step`].
+    send_capacity: Option<usize>,
     /// Replies that did not fit in its connection, in order: sent when it has room; until then
     /// its requests are not read (its threads wait, the router does not).
     outbox: VecDeque<(SockReply, Option<OwnedFd>)>,
@@ -553,6 +556,7 @@ impl ControlThread {
         }
         self.record_attached(id, &container, pid, None, ShimKind::Socket.name());
         self.accepted += 1;
+        let send_capacity = sys::send_capacity(conn.as_fd()).ok();
         self.socket_shims.insert(
             id,
             SocketShim {
@@ -560,6 +564,7 @@ impl ControlThread {
                 container,
                 pid,
                 notice_gap: false,
+                send_capacity,
                 outbox: VecDeque::new(),
             },
         );
@@ -693,11 +698,11 @@ impl ControlThread {
             return false;
         }
         let passed = got.fds.into_iter().map(sys::Untrusted::new).collect();
-        let container = shim.container.clone();
+        // Borrowed, not cloned: the table of shims and the TCP service are separate fields.
         if let Some((reply, socket)) = self.tcp.handle(
             Caller {
                 attachment: id,
-                container: &container,
+                container: &shim.container,
             },
             request,
             passed,
@@ -737,9 +742,10 @@ impl ControlThread {
             let Some(shim) = self.socket_shims.get_mut(&id) else {
                 continue;
             };
-            let step = match sys::unread_and_capacity(shim.conn.as_fd()) {
-                Ok((unread, capacity)) => notice_step(shim.notice_gap, unread, capacity),
-                Err(_) => NoticeStep::Skip,
+            let unread = sys::unsent_bytes(shim.conn.as_fd());
+            let step = match (unread, shim.send_capacity) {
+                (Ok(unread), Some(capacity)) => notice_step(shim.notice_gap, unread, capacity),
+                _ => NoticeStep::Skip,
             };
             // Stamped now: the process trusts it for a while after this, not after it reads it.
             let send = |mut n: SockNotice| {

@@ -239,16 +239,21 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Bytes sent on a Unix socket that its peer has not read yet (SIOCOUTQ), and the send buffer
-/// size: how close a peer that does not read is to blocking us.
-pub fn unread_and_capacity(fd: BorrowedFd<'_>) -> io::Result<(usize, usize)> {
+/// Bytes sent on a Unix socket that its peer has not read yet (SIOCOUTQ): with
+/// [`send_capacity`], how close a peer that does not read is to blocking us.
+pub fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one c_int.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(queued.max(0) as usize)
+}
+
+/// The send buffer size of socket `fd` (SO_SNDBUF).
+pub fn send_capacity(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let capacity = int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
-    Ok((queued.max(0) as usize, capacity.max(0) as usize))
+    Ok(capacity.max(0) as usize)
 }
 
 /// The IPv4 address and port `fd` is bound to (v4-mapped IPv6 included).

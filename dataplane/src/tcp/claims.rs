@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// Host sockets bound ahead for one container's connects to one listener of another host,
 /// their ports claimed to that host's router in advance (see [`ClaimPool`]): refilled to this
 /// many...
-const CLAIM_POOL_SIZE: usize = 6;
+pub(super) const CLAIM_POOL_SIZE: usize = 6;
 /// ...when fewer than this many are left (one claim message per several connects).
 const CLAIM_POOL_LOW: usize = 2;
 /// Listeners one container keeps pools for (the most recently used).
@@ -152,7 +152,8 @@ fn claim_messages(host_ip: Ipv4Addr, key: Target, ports: &[u16], fresh: bool) ->
 impl TcpService {
     /// A socket of the pool `key`, if its claims are known at the destination (the connection
     /// to that host's router is up). The first connect to a listener makes its pool (filled by
-    /// `tick`, after the reply); a container keeps pools for a few listeners.
+    /// `tick`, after the reply; a pool used up before then is filled at once, see
+    /// [`Self::refill_pool_now`]); a container keeps pools for a few listeners.
     pub(super) fn take_claimed(&mut self, key: Target) -> Option<BoundSocket> {
         let now = Instant::now();
         if !self.claims.pools.contains_key(&key) {
@@ -176,13 +177,43 @@ impl TcpService {
             self.claims.pools.insert(key, pool);
             return None;
         }
-        let peer_up = self.peers.is_up(key.dst_host);
+        if !self.peers.is_up(key.dst_host) {
+            self.claims.pools.get_mut(&key).expect("present").used_at = now;
+            return None;
+        }
         let pool = self.claims.pools.get_mut(&key).expect("present");
         pool.used_at = now;
-        if peer_up {
-            pool.sockets.pop()
-        } else {
-            None
+        if pool.sockets.is_empty() {
+            // Used up within this turn of the loop (several connects at once): claimed
+            // again here, so that one claim message goes for the next several connects
+            // instead of an announcement for each, and before this connect's SYN.
+            self.refill_pool_now(key);
+        }
+        let pool = self.claims.pools.get_mut(&key).expect("present");
+        pool.sockets.pop()
+    }
+
+    /// Fills pool `key` (empty) to [`CLAIM_POOL_SIZE`] within [`MAX_CLAIMED`], and sends its
+    /// host one claim naming the new ports.
+    fn refill_pool_now(&mut self, key: Target) {
+        let Some(host_ip) = self.registry.host_ip() else {
+            return;
+        };
+        let claimed: usize = self.claims.pools.values().map(|p| p.sockets.len()).sum();
+        let room = MAX_CLAIMED.saturating_sub(claimed).min(CLAIM_POOL_SIZE);
+        let pool = self.claims.pools.get_mut(&key).expect("present");
+        let mut fresh = Vec::with_capacity(room);
+        while pool.sockets.len() < room {
+            match self.ports.take(host_ip, false) {
+                Ok(bound) => {
+                    fresh.push(bound.port);
+                    pool.sockets.push(bound);
+                }
+                Err(_) => break,
+            }
+        }
+        for msg in claim_messages(host_ip, key, &fresh, true) {
+            self.send_to(key.dst_host, &msg);
         }
     }
 

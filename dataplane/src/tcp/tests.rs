@@ -1,7 +1,7 @@
 //! Unit tests of the TCP service: the peer channel never waits, claims are believed only as
 //! far as the registry goes.
 
-use super::claims::MAX_CLAIM_PORTS;
+use super::claims::{Target, CLAIM_POOL_SIZE, MAX_CLAIM_PORTS};
 use super::endpoint::{HostEndpoint, OverlayEndpoint};
 use super::listen::LocalListener;
 use super::peers::{MAX_PEER_QUEUE, PEER_RETRY_MAX, PEER_RETRY_MIN};
@@ -592,5 +592,69 @@ fn a_listener_let_go_of_leaves_its_overlay_port_free_before_the_answer() {
         let again = sys::tcp_socket(false).unwrap();
         sys::bind(&again, Ipv4Addr::LOCALHOST, port, false)
             .unwrap_or_else(|e| panic!("{how}: port {port} still taken: {e}"));
+    }
+}
+
+/// Several connects to one listener within one turn of the control loop use up its claim
+/// pool before `tick` refills it: the pool is claimed again at once, with one message for
+/// the next several connects (not an announcement for each), sent before the socket is
+/// handed out.
+#[test]
+fn a_pool_used_up_within_a_turn_is_claimed_again_in_one_message() {
+    let peer_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = peer_listener.local_addr().unwrap().port();
+    let mut tcp = with_peer_on_loopback(port);
+    let mut deferred = Deferred::new();
+    tcp.tick(&mut deferred);
+    let connecting = {
+        let peer = tcp.peers.outgoing.get(&Ipv4Addr::LOCALHOST).unwrap();
+        let (fd, _) = peer.connecting.as_ref().expect("connect under way");
+        fd.as_raw_fd()
+    };
+    tcp.on_ready(connecting, libc::POLLOUT, &mut deferred);
+    assert!(tcp.peers.is_up(Ipv4Addr::LOCALHOST), "connected");
+    let key = Target {
+        container: Ipv4Addr::new(10, 32, 0, 2),
+        dst_host: Ipv4Addr::LOCALHOST,
+        to_port: 5001,
+    };
+    assert!(
+        tcp.take_claimed(key).is_none(),
+        "the first connect makes the pool"
+    );
+    // No tick between: the pool is empty.
+    let taken = tcp.take_claimed(key).expect("claimed at once");
+    let (mut peer_end, _) = peer_listener.accept().unwrap();
+    peer_end
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut received = Vec::new();
+    let mut claims = Vec::new();
+    for _ in 0..100 {
+        let mut buf = [0u8; 4096];
+        let n = peer_end.read(&mut buf).expect("the claim arrives");
+        assert!(n > 0, "the connection stays up");
+        received.extend_from_slice(&buf[..n]);
+        while let Some(end) = received.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = received.drain(..=end).collect();
+            if let PeerMsg::Claim { ports, fresh, .. } = PeerMsg::decode_line(&line).unwrap() {
+                claims.push((ports, fresh));
+            }
+        }
+        if !claims.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(claims.len(), 1, "one claim message");
+    let (ports, fresh) = &claims[0];
+    assert!(*fresh);
+    assert_eq!(ports.len(), CLAIM_POOL_SIZE);
+    assert!(
+        ports.contains(&taken.port),
+        "the socket handed out was claimed"
+    );
+    for _ in 1..CLAIM_POOL_SIZE {
+        let next = tcp.take_claimed(key).expect("the rest of the pool");
+        assert!(ports.contains(&next.port));
     }
 }
