@@ -243,6 +243,10 @@ pub struct RdmaArgs {
     /// 64 KiB RDMA WRITEs of the bandwidth phase [default: 200000; with --hosts 2: 20000]
     #[arg(long, value_name = "N")]
     pub bw_ops: Option<u64>,
+    /// rdma_cm connections of the connection-setup phase, one after another [default: 500;
+    /// with --hosts 2: 200]
+    #[arg(long, value_name = "N")]
+    pub cm_connections: Option<u64>,
     /// Core of the measuring program [default: the first core] (one host only)
     #[arg(long, value_name = "N")]
     pub app_core: Option<usize>,
@@ -265,6 +269,7 @@ impl RdmaArgs {
             messages: self.messages.unwrap_or(5_000_000),
             samples: self.samples.unwrap_or(100_000),
             bw_ops: self.bw_ops.unwrap_or(200_000),
+            cm_connections: self.cm_connections.unwrap_or(500),
             app_core: self.app_core.unwrap_or(cores.app),
             router_core: self.router_core.unwrap_or(cores.router),
         }
@@ -277,6 +282,7 @@ impl RdmaArgs {
             messages: self.messages.unwrap_or(1_000_000),
             samples: self.samples.unwrap_or(20_000),
             bw_ops: self.bw_ops.unwrap_or(20_000),
+            cm_connections: self.cm_connections.unwrap_or(200),
             tcp_seconds: self.tcp_seconds,
             cores: [cores.app, cores.router],
             tag: self.tag.clone(),

@@ -30,9 +30,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// The measuring program; it includes its two-host form (`rdma --hosts 2`).
+/// The measuring program; it includes its two-host form (`rdma --hosts 2`) and its rdma_cm
+/// phase.
 const PROGRAM: &str = include_str!("rdma_bench.c");
 const PROGRAM_HOSTS: &str = include_str!("rdma_bench_hosts.c");
+const PROGRAM_CM: &str = include_str!("rdma_bench_cm.c");
 /// Longest one run of the measuring program may take before it is killed (the defaults take a
 /// few seconds).
 const RUN_LIMIT: Duration = Duration::from_secs(300);
@@ -44,11 +46,15 @@ const PROGRAM_LIMITS: Limits = Limits {
     ..Limits::DEFAULT
 };
 
+/// The namespace's overlay address (the rdma_cm phase connects to itself there).
+const CONTAINER_IP: Ipv4Addr = Ipv4Addr::new(10, 40, 0, 1);
+
 pub struct Options {
     pub reps: usize,
     pub messages: u64,
     pub samples: u64,
     pub bw_ops: u64,
+    pub cm_connections: u64,
     pub app_core: usize,
     pub router_core: usize,
 }
@@ -76,6 +82,11 @@ impl Phase {
     /// Millions of operations per second.
     pub(crate) fn mops(&self) -> f64 {
         self.ops as f64 / self.seconds / 1e6
+    }
+
+    /// Operations per second.
+    pub(crate) fn per_sec(&self) -> f64 {
+        self.ops as f64 / self.seconds
     }
 
     pub(crate) fn gbytes_per_sec(&self) -> f64 {
@@ -126,14 +137,16 @@ impl Drop for Namespace {
     }
 }
 
-pub(crate) fn built_library() -> Result<PathBuf, String> {
+/// The workspace's built `name` (`libibverbs.so`: the verbs shim; `librdmacm.so`: the rdma_cm
+/// shim), next to this binary.
+pub(crate) fn built_library(name: &str) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let lib = exe.with_file_name("libibverbs.so");
+    let lib = exe.with_file_name(name);
     if lib.exists() {
         Ok(lib)
     } else {
         Err(format!(
-            "{} not found: build the workspace (it is the verbs shim)",
+            "{} not found: build the workspace (it is one of the shims)",
             lib.display()
         ))
     }
@@ -144,16 +157,17 @@ pub(crate) fn compile(dir: &Path) -> Result<PathBuf, String> {
     let binary = dir.join("rdma_bench");
     std::fs::write(&source, PROGRAM).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("rdma_bench_hosts.c"), PROGRAM_HOSTS).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("rdma_bench_cm.c"), PROGRAM_CM).map_err(|e| e.to_string())?;
     let out = Command::new("cc")
         .args(["-O2", "-Wall", "-o"])
         .arg(&binary)
         .arg(&source)
-        .arg("-libverbs")
+        .args(["-lrdmacm", "-libverbs"])
         .output()
         .map_err(|e| format!("cc: {e} (a C compiler is needed)"))?;
     if !out.status.success() {
         return Err(format!(
-            "building the measuring program failed (libibverbs-dev installed?):\n{}",
+            "building the measuring program failed (libibverbs-dev and librdmacm-dev installed?):\n{}",
             String::from_utf8_lossy(&out.stderr)
         ));
     }
@@ -215,7 +229,9 @@ fn program_command(router: &PrivateRouter, ns: &str, program: &Path, opts: &Opti
         .arg(opts.app_core.to_string())
         .arg(opts.messages.to_string())
         .arg(opts.samples.to_string())
-        .arg(opts.bw_ops.to_string());
+        .arg(opts.bw_ops.to_string())
+        .arg(opts.cm_connections.to_string())
+        .arg(CONTAINER_IP.to_string());
     cmd
 }
 
@@ -227,12 +243,13 @@ fn sample_of(stdout: &str) -> Result<RdmaSample, String> {
             .get(name)
             .ok_or_else(|| format!("the program reported no {name} phase"))
     };
-    let (send, write, rtt, bw, memcpy) = (
+    let (send, write, rtt, bw, memcpy, cm) = (
         get("send_rate")?,
         get("write_rate")?,
         get("rtt")?,
         get("write_bw")?,
         get("memcpy_bw")?,
+        get("cm_setup")?,
     );
     Ok(RdmaSample {
         send_mops: send.mops(),
@@ -246,6 +263,8 @@ fn sample_of(stdout: &str) -> Result<RdmaSample, String> {
         router_ns_per_write: write.router_ns_per_op(0),
         router_ns_per_round_trip: rtt.router_ns_per_op(0),
         router_ns_per_64k_write: bw.router_ns_per_op(0),
+        cm_setups_per_sec: cm.per_sec(),
+        router_us_per_cm_setup: cm.router_ns_per_op(0) / 1e3,
     })
 }
 
@@ -264,6 +283,8 @@ fn median_of(reps: &[RdmaSample]) -> RdmaSample {
         router_ns_per_write: m(|s| s.router_ns_per_write),
         router_ns_per_round_trip: m(|s| s.router_ns_per_round_trip),
         router_ns_per_64k_write: m(|s| s.router_ns_per_64k_write),
+        cm_setups_per_sec: m(|s| s.cm_setups_per_sec),
+        router_us_per_cm_setup: m(|s| s.router_us_per_cm_setup),
     }
 }
 
@@ -276,8 +297,14 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&Progress)) -> Result<RdmaRe
     let router = PrivateRouter::start("rdma", &opts.router_core.to_string())?;
     let verbs = router.dir().join("verbs");
     std::fs::create_dir_all(&verbs).map_err(|e| e.to_string())?;
-    std::fs::copy(built_library()?, verbs.join("libibverbs.so.1"))
-        .map_err(|e| format!("installing the verbs library: {e}"))?;
+    // As `freeflow up` installs them.
+    for (built, installed) in [
+        ("libibverbs.so", "libibverbs.so.1"),
+        ("librdmacm.so", "librdmacm.so.1"),
+    ] {
+        std::fs::copy(built_library(built)?, verbs.join(installed))
+            .map_err(|e| format!("installing {installed}: {e}"))?;
+    }
     let program = compile(router.dir())?;
     let name = format!("ffrdma-{}", std::process::id());
     let status = Command::new("ip")
@@ -293,7 +320,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&Progress)) -> Result<RdmaRe
     router.set_containers(vec![ContainerEntry {
         name: "rdma".into(),
         tenant: "bench".into(),
-        ip: Ipv4Addr::new(10, 40, 0, 1),
+        ip: CONTAINER_IP,
         netns,
     }])?;
     let mut reps = Vec::new();
@@ -317,6 +344,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&Progress)) -> Result<RdmaRe
         messages: opts.messages,
         rtt_samples: opts.samples,
         bw_ops: opts.bw_ops,
+        cm_connections: opts.cm_connections,
         median,
         reps,
     })

@@ -6,9 +6,10 @@
  * containers would), connected to each other through the router. One application thread drives
  * both ends, pinned to one core, so that on a two-core machine the other core is the router's
  * alone. Each phase prints one JSON line: ops, seconds, and the router's CPU time over the phase
- * (read from /proc/ROUTER_PID/stat).
+ * (read from /proc/ROUTER_PID/stat). The last phase is the rdma_cm connection-setup rate
+ * (rdma_bench_cm.c): CM_CONNECTIONS connections from the container's address IP to itself.
  *
- * usage: rdma_bench ROUTER_PID APP_CORE MESSAGES SAMPLES BW_OPS
+ * usage: rdma_bench ROUTER_PID APP_CORE MESSAGES SAMPLES BW_OPS CM_CONNECTIONS IP
  */
 #define _GNU_SOURCE
 #include <infiniband/verbs.h>
@@ -345,6 +346,14 @@ static void memcpy_bw(struct side *a, struct side *b, long ops)
     report("memcpy_bw", ops, t1 - t0, 0, ops * BW_SIZE);
 }
 
+/* The router's CPU time (seconds) as the rdma_cm phase reads it; one router here. */
+static void one_router_cpu(double cpu[2])
+{
+    cpu[0] = router_cpu();
+    cpu[1] = 0;
+}
+
+#include "rdma_bench_cm.c"
 #include "rdma_bench_hosts.c"
 
 int main(int argc, char **argv)
@@ -353,8 +362,9 @@ int main(int argc, char **argv)
         return peer_main(argc, argv);
     if (argc > 1 && strcmp(argv[1], "client") == 0)
         return client_main(argc, argv);
-    if (argc != 6) {
-        fprintf(stderr, "usage: rdma_bench ROUTER_PID APP_CORE MESSAGES SAMPLES BW_OPS\n");
+    if (argc != 8) {
+        fprintf(stderr, "usage: rdma_bench ROUTER_PID APP_CORE MESSAGES SAMPLES BW_OPS "
+                        "CM_CONNECTIONS IP\n");
         return 2;
     }
     router_pid = atoi(argv[1]);
@@ -375,5 +385,6 @@ int main(int argc, char **argv)
     rtt(&a, &b, samples);
     write_bw(&a, &b, bw_ops);
     memcpy_bw(&a, &b, bw_ops);
+    cm_rate(argv[7], atol(argv[6]), 1, one_router_cpu);
     return 0;
 }

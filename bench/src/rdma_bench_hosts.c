@@ -4,11 +4,13 @@
  *
  *   rdma_bench peer PORT APP_CORE
  *   rdma_bench client PEER_IP PORT APP_CORE ROUTER0_PID ROUTER1_PID MESSAGES SAMPLES BW_OPS
+ *              CM_CONNECTIONS
  *
  * The peer listens on TCP PORT (its container's overlay address), the client connects to it;
  * they swap QP number, GID, buffer address and rkey (as ibv_rc_pingpong does), then the client
  * drives the phases and tells the peer over that TCP connection what each needs from it:
- * 'S' n: take n SENDs (keep receives posted); 'E' n: answer n SENDs with a SEND; 'Q': done.
+ * 'S' n: take n SENDs (keep receives posted); 'E' n: answer n SENDs with a SEND; 'C' n: listen
+ * with rdma_cm on PEER_IP (once) and serve n connections (rdma_bench_cm.c); 'Q': done.
  * The RDMA WRITE phases need nothing from the peer. Each host's router may share a core with
  * its host's program, so the polling loops yield the core when they find nothing.
  * The client prints the same JSON phase lines as the one-host form, with each router's CPU
@@ -152,6 +154,26 @@ static void echo(int fd, struct side *s, long count)
     }
 }
 
+/* 'C' n: the passive side of n rdma_cm connections on this container's address (the one the
+ * client dialled), acknowledged once listening. */
+static void serve_connections(int fd, long count)
+{
+    static struct rdma_event_channel *lch;
+    static struct rdma_cm_id *listener;
+    if (!lch) {
+        struct sockaddr_in own;
+        socklen_t len = sizeof(own);
+        char ip[INET_ADDRSTRLEN];
+        if (getsockname(fd, (struct sockaddr *)&own, &len) ||
+            !inet_ntop(AF_INET, &own.sin_addr, ip, sizeof(ip)))
+            die("own address");
+        lch = cm_listen(ip, &listener);
+    }
+    send_all(fd, "k", 1);
+    for (long i = 0; i < count; i++)
+        cm_serve_one(lch);
+}
+
 static int peer_main(int argc, char **argv)
 {
     if (argc != 4) {
@@ -180,6 +202,8 @@ static int peer_main(int argc, char **argv)
             take_sends(fd, &s, (long)c.count);
         else if (c.op == 'E')
             echo(fd, &s, (long)c.count);
+        else if (c.op == 'C')
+            serve_connections(fd, (long)c.count);
         else
             return 0;
     }
@@ -330,9 +354,9 @@ static int dial(const char *ip, int port)
 
 static int client_main(int argc, char **argv)
 {
-    if (argc != 10) {
+    if (argc != 11) {
         fprintf(stderr, "usage: rdma_bench client PEER_IP PORT APP_CORE ROUTER0_PID "
-                        "ROUTER1_PID MESSAGES SAMPLES BW_OPS\n");
+                        "ROUTER1_PID MESSAGES SAMPLES BW_OPS CM_CONNECTIONS\n");
         return 2;
     }
     pin(atoi(argv[4]));
@@ -347,6 +371,10 @@ static int client_main(int argc, char **argv)
     xrate(fd, &s, &peer, IBV_WR_RDMA_WRITE, messages, "write_rate");
     xrtt(fd, &s, samples);
     xwrite_bw(&s, &peer, bw_ops);
+    long cm_connections = atol(argv[10]);
+    /* The peer serves the warm-up connection too. */
+    ask(fd, 'C', cm_connections + 1);
+    cm_rate(argv[2], cm_connections, 0, routers_cpu);
     ask(fd, 'Q', 0);
     close(fd);
     return 0;

@@ -31,6 +31,7 @@ pub struct Options {
     pub messages: u64,
     pub samples: u64,
     pub bw_ops: u64,
+    pub cm_connections: u64,
     /// Seconds of the host link's TCP stream.
     pub tcp_seconds: f64,
     /// Host h's router and program run on `cores[h]`.
@@ -90,7 +91,8 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&Progress)) -> Result<RdmaHo
     let stop = Interrupts::block()?;
     let freeflow = tcp::freeflow_binary()?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    crate::rdma::built_library()?;
+    crate::rdma::built_library("libibverbs.so")?;
+    crate::rdma::built_library("librdmacm.so")?;
     let tag = tcp::checked_tag(opts.tag.as_deref(), "rh")?;
     let work = work_dir(&tag);
     let _ = std::fs::remove_dir_all(&work);
@@ -151,6 +153,7 @@ fn measure(
         messages: opts.messages,
         rtt_samples: opts.samples,
         bw_ops: opts.bw_ops,
+        cm_connections: opts.cm_connections,
         tcp_stream_seconds: opts.tcp_seconds,
         ratios: RdmaHostsRatios {
             rtt_p50_vs_tcp: median.rtt_p50_us / median.tcp_rtt_p50_us,
@@ -204,7 +207,15 @@ fn rdma_run(
         .arg(PEER_PORT.to_string())
         .arg(opts.cores[0].to_string())
         .args(routers.map(|pid| pid.to_string()))
-        .args([opts.messages, opts.samples, opts.bw_ops].map(|n| n.to_string()));
+        .args(
+            [
+                opts.messages,
+                opts.samples,
+                opts.bw_ops,
+                opts.cm_connections,
+            ]
+            .map(|n| n.to_string()),
+        );
     let out = tcp::run_limited(&mut client, stop, &limits)
         .map_err(|e| format!("{e}{}", peer_said(&mut peer)))?;
     let deadline = Instant::now() + PEER_EXIT;
@@ -267,17 +278,19 @@ fn sample_of(rdma: &str, link: &TcpSample) -> Result<RdmaHostsSample, String> {
             .get(name)
             .ok_or_else(|| format!("the program reported no {name} phase"))
     };
-    let (send, write, rtt, bw) = (
+    let (send, write, rtt, bw, cm) = (
         get("send_rate")?,
         get("write_rate")?,
         get("rtt")?,
         get("write_bw")?,
+        get("cm_setup")?,
     );
     let router = |h| RouterCpuPerOp {
         send_ns: send.router_ns_per_op(h),
         write_ns: write.router_ns_per_op(h),
         round_trip_ns: rtt.router_ns_per_op(h),
         write_64k_ns: bw.router_ns_per_op(h),
+        cm_setup_us: cm.router_ns_per_op(h) / 1e3,
     };
     Ok(RdmaHostsSample {
         send_mops: send.mops(),
@@ -285,6 +298,7 @@ fn sample_of(rdma: &str, link: &TcpSample) -> Result<RdmaHostsSample, String> {
         rtt_p50_us,
         rtt_p99_us,
         write_gbytes_per_sec: bw.gbytes_per_sec(),
+        cm_setups_per_sec: cm.per_sec(),
         tcp_rtt_p50_us: link.rtt_p50_us,
         tcp_rtt_p99_us: link.rtt_p99_us,
         tcp_gbytes_per_sec: link.gbit_per_sec / 8.0,
@@ -302,6 +316,7 @@ fn median_of(reps: &[RdmaHostsSample]) -> RdmaHostsSample {
             write_ns: r(|c| c.write_ns),
             round_trip_ns: r(|c| c.round_trip_ns),
             write_64k_ns: r(|c| c.write_64k_ns),
+            cm_setup_us: r(|c| c.cm_setup_us),
         }
     };
     RdmaHostsSample {
@@ -310,6 +325,7 @@ fn median_of(reps: &[RdmaHostsSample]) -> RdmaHostsSample {
         rtt_p50_us: m(&|s| s.rtt_p50_us),
         rtt_p99_us: m(&|s| s.rtt_p99_us),
         write_gbytes_per_sec: m(&|s| s.write_gbytes_per_sec),
+        cm_setups_per_sec: m(&|s| s.cm_setups_per_sec),
         tcp_rtt_p50_us: m(&|s| s.tcp_rtt_p50_us),
         tcp_rtt_p99_us: m(&|s| s.tcp_rtt_p99_us),
         tcp_gbytes_per_sec: m(&|s| s.tcp_gbytes_per_sec),

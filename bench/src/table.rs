@@ -63,7 +63,15 @@ pub fn rdma(r: &RdmaReport) {
         "{:<34}{:>9.2} GB/s",
         "memcpy of 64 KiB, one core", m.memcpy_gbytes_per_sec
     );
+    println!(
+        "{:<34}{:>11.0} /s{:>15.0} us",
+        "rdma_cm connection setup", m.cm_setups_per_sec, m.router_us_per_cm_setup
+    );
     println!("RDMA WRITE bandwidth / memcpy: {:.2}", m.write_vs_memcpy);
+    println!(
+        "rdma_cm connection setup: {} connections one after another, each created, resolved, connected, accepted, disconnected and destroyed",
+        r.cm_connections
+    );
 }
 
 pub fn rdma_hosts(r: &RdmaHostsReport) {
@@ -108,6 +116,11 @@ pub fn rdma_hosts(r: &RdmaHostsReport) {
     for (name, value, unit, (c0, c1)) in rows {
         println!("{name:<34}{value:>9.2} {unit:<4}{c0:>13.0} ns{c1:>13.0} ns");
     }
+    let (c0, c1) = cpu(|c| c.cm_setup_us);
+    println!(
+        "{:<34}{:>9.0} /s  {c0:>13.0} us{c1:>13.0} us",
+        "rdma_cm connection setup", m.cm_setups_per_sec
+    );
     println!("{:<34}{:>9.2} us", "64 B SEND round trip p99", m.rtt_p99_us);
     println!(
         "{:<34}{:>9.2} us",

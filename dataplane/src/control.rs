@@ -233,6 +233,7 @@ impl ControlThread {
             for (host, msg) in std::mem::take(&mut self.cm.peer_out) {
                 self.tcp.send_cm(host, msg);
             }
+            self.end_cm_of_lost_peers();
             // Notices first: a listener's process may be about to accept.
             self.send_notices();
             self.tcp.tick(&mut deferred);
@@ -591,6 +592,17 @@ impl ControlThread {
     }
 
     /// Removes attachments that are gone from the status table.
+    /// Ends the rdma_cm connections with hosts whose peer connection is down: their router
+    /// went away, or restarted and forgot them, and steps for them are dropped while the
+    /// connection is down (TcpService::send_cm), so waiting would be a hang.
+    fn end_cm_of_lost_peers(&mut self) {
+        for host in self.cm.far_hosts() {
+            if !self.tcp.peer_up(host) {
+                self.cm.on_peer_lost(host);
+            }
+        }
+    }
+
     fn forget_attached(&self, gone: &[u32]) {
         if gone.is_empty() {
             return;

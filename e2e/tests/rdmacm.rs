@@ -2,7 +2,8 @@
 //! rdma_server/rdma_client, cmtime) connect between two registered containers of one simulated
 //! host through Freeflow's `librdmacm.so.1` (installed by `freeflow up` into `DIR/verbs`), the
 //! router's connection manager and Freeflow's `libibverbs.so.1`. A container of another tenant
-//! cannot resolve, hence cannot connect to, the server's address. Every function of Debian's
+//! cannot resolve, hence cannot connect to, the server's address. Across hosts, a router that goes
+//! away disconnects the other host's side. Every function of Debian's
 //! `librdmacm.so.1` exists in ours at its version.
 //!
 //! Needs root, a built workspace (`cargo build --workspace`) and rdmacm-utils (scripts/test.sh
@@ -391,5 +392,51 @@ fn across_hosts_rping_and_ucmatose_connect_and_another_tenant_cannot() {
         String::from_utf8_lossy(&out.stderr).contains("RDMA_CM_EVENT_ADDR_ERROR"),
         "{}",
         describe(&out)
+    );
+}
+
+const PEER_LOSS: CProbe = CProbe {
+    name: "rdmacm_peer_loss",
+    source: include_str!("programs/rdmacm_peer_loss.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-lrdmacm", "-libverbs"],
+};
+
+#[test]
+fn across_hosts_a_lost_peer_router_disconnects_the_other_side() {
+    let site = two_hosts("cml");
+    let probe = PEER_LOSS.build(&site.work);
+    // rping's server accepts and waits for the client's first message, which never comes.
+    let mut server = site.cm_server("rping", &["-s", "-a", "10.32.0.2", "-p", "7178"], 1);
+    let client = site
+        .verbs_app("client", &probe, &[("FREEFLOW_DEBUG", "1")])
+        .args(["10.32.0.2", "7178"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the server's router (host 0) counts the connection, it goes away.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for _ in 0..400 {
+        if site.router_counter(0, "cm_established") >= 1 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(site.router_counter(0, "cm_established"), 1);
+    let pid: i32 = std::fs::read_to_string(site.state_dir(0).join("router.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    freeflow_os::signals::send_signal(pid, libc::SIGKILL).unwrap();
+    let client = client.wait_with_output().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        client.status.success() && text(&client).contains("event RDMA_CM_EVENT_DISCONNECTED"),
+        "{}\n--- router log\n{}",
+        describe(&client),
+        site.router_log()
     );
 }

@@ -342,6 +342,12 @@ pub struct RdmaSample {
     pub router_ns_per_write: f64,
     pub router_ns_per_round_trip: f64,
     pub router_ns_per_64k_write: f64,
+    /// rdma_cm connections set up and torn down per second, one after another (create id,
+    /// resolve, QP, connect, accept, established, disconnect, destroy).
+    #[serde(default)]
+    pub cm_setups_per_sec: f64,
+    #[serde(default)]
+    pub router_us_per_cm_setup: f64,
 }
 
 /// `freeflow-bench rdma --json`.
@@ -354,6 +360,8 @@ pub struct RdmaReport {
     pub messages: u64,
     pub rtt_samples: u64,
     pub bw_ops: u64,
+    #[serde(default)]
+    pub cm_connections: u64,
     pub median: RdmaSample,
     pub reps: Vec<RdmaSample>,
 }
@@ -365,6 +373,9 @@ pub struct RouterCpuPerOp {
     pub write_ns: f64,
     pub round_trip_ns: f64,
     pub write_64k_ns: f64,
+    /// Per rdma_cm connection set up and torn down, in µs.
+    #[serde(default)]
+    pub cm_setup_us: f64,
 }
 
 /// One repetition of `freeflow-bench rdma --hosts 2`, or the medians over them: RDMA from a
@@ -376,6 +387,10 @@ pub struct RdmaHostsSample {
     pub rtt_p50_us: f64,
     pub rtt_p99_us: f64,
     pub write_gbytes_per_sec: f64,
+    /// rdma_cm connections from host 0 to host 1 set up and torn down per second, one after
+    /// another.
+    #[serde(default)]
+    pub cm_setups_per_sec: f64,
     /// 64-byte TCP ping-pong between the two hosts' namespaces.
     pub tcp_rtt_p50_us: f64,
     pub tcp_rtt_p99_us: f64,
@@ -408,6 +423,8 @@ pub struct RdmaHostsReport {
     pub messages: u64,
     pub rtt_samples: u64,
     pub bw_ops: u64,
+    #[serde(default)]
+    pub cm_connections: u64,
     pub tcp_stream_seconds: f64,
     pub ratios: RdmaHostsRatios,
     pub median: RdmaHostsSample,

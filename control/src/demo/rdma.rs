@@ -23,6 +23,8 @@ use crate::supervise::signal_name;
 const RDMA_MESSAGES: &str = "2000000";
 const RDMA_SAMPLES: &str = "100000";
 const RDMA_BW_OPS: &str = "100000";
+/// rdma_cm connections of the setup-rate phase.
+const RDMA_CM_CONNECTIONS: &str = "200";
 /// Fixed steps of the RDMA comparison (start, stop); each repetition adds one.
 pub(super) const RDMA_FIXED_STEPS: usize = 2;
 
@@ -68,7 +70,8 @@ pub(super) fn rdma_part(
     cmd.args(["rdma", "--json", "--progress-json"])
         .args(["--reps", &args.reps.to_string()])
         .args(["--messages", RDMA_MESSAGES, "--samples", RDMA_SAMPLES])
-        .args(["--bw-ops", RDMA_BW_OPS]);
+        .args(["--bw-ops", RDMA_BW_OPS])
+        .args(["--cm-connections", RDMA_CM_CONNECTIONS]);
     let command = describe(&cmd);
     let mut bench_pid = None;
     let finished = run_child(&mut cmd, stop, &mut |seen| match seen {

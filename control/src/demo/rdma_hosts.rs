@@ -23,6 +23,7 @@ const MESSAGES: &str = "50000";
 const SAMPLES: &str = "1000";
 const BW_OPS: &str = "2000";
 const TCP_SECONDS: &str = "0.3";
+const CM_CONNECTIONS: &str = "50";
 /// Fixed steps of the cross-host comparison (build, remove); each repetition adds one.
 pub(super) const RDMA_HOSTS_FIXED_STEPS: usize = 2;
 
@@ -58,6 +59,7 @@ pub(super) fn rdma_hosts_part(
         .args(["--reps", &args.reps.to_string()])
         .args(["--messages", MESSAGES, "--samples", SAMPLES])
         .args(["--bw-ops", BW_OPS, "--tcp-seconds", TCP_SECONDS])
+        .args(["--cm-connections", CM_CONNECTIONS])
         .args(["--tag", tag]);
     let command = describe(&cmd);
     let finished = run_child(&mut cmd, stop, &mut |seen| match seen {

@@ -120,8 +120,8 @@ pub(super) fn print_rdma_table(report: &RdmaReport) {
     let _ = out.flush();
 }
 
-/// The RDMA table's heading and five rows: measured, router CPU per operation, compared with.
-fn rdma_rows(m: &RdmaSample) -> [String; 6] {
+/// The RDMA table's heading and six rows: measured, router CPU per operation, compared with.
+fn rdma_rows(m: &RdmaSample) -> [String; 7] {
     let row = |what: &str, value: String, cpu: Option<f64>, compared: String| {
         format!(
             "{what:<30}{value:>11}{:>16}   {compared}",
@@ -168,6 +168,12 @@ fn rdma_rows(m: &RdmaSample) -> [String; 6] {
                 times(m.write_vs_memcpy),
                 m.memcpy_gbytes_per_sec
             ),
+        ),
+        row(
+            "rdma_cm connection setups",
+            format!("{:.0} /s", m.cm_setups_per_sec),
+            Some(m.router_us_per_cm_setup * 1e3),
+            "connect, accept, disconnect, one at a time".into(),
         ),
     ]
 }
@@ -273,6 +279,12 @@ fn rdma_hosts_rows(m: &RdmaHostsSample) -> Vec<String> {
                 times(m.write_gbytes_per_sec / m.tcp_gbytes_per_sec),
                 m.tcp_gbytes_per_sec
             ),
+        ),
+        row(
+            "rdma_cm connection setups",
+            format!("{:.0} /s", m.cm_setups_per_sec),
+            cpu(|c| c.cm_setup_us * 1e3),
+            "connect, accept, disconnect, one at a time".into(),
         ),
     ]
 }

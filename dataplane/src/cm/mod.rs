@@ -957,6 +957,50 @@ impl CmService {
     /// A step of a connection from `host`'s router. A peer speaks for its own host only: the
     /// connect's source must be a container registered on `host`, and every other step must
     /// name an id whose other side is on `host`.
+    /// Hosts whose routers hold the other side of one of our ids.
+    pub fn far_hosts(&self) -> HashSet<Ipv4Addr> {
+        self.ids
+            .values()
+            .filter_map(|c| c.far.map(|(host, _)| host))
+            .collect()
+    }
+
+    /// `host`'s router went away (its peer connection closed): every id connected with it ends
+    /// as with a real CM whose peer stops answering. Connected ids get DISCONNECTED, a connect
+    /// in progress UNREACHABLE (-ETIMEDOUT), and a request not accepted yet loses its other side
+    /// (its accept fails). Returns how many ids it ended.
+    pub fn on_peer_lost(&mut self, host: Ipv4Addr) -> usize {
+        let ids: Vec<u32> = self
+            .ids
+            .iter()
+            .filter(|(_, c)| c.far.is_some_and(|(h, _)| h == host))
+            .map(|(&id, _)| id)
+            .collect();
+        for &id in &ids {
+            let cm = self.ids.get_mut(&id).expect("listed above");
+            cm.far = None;
+            let ev = match cm.state {
+                State::Established | State::Accepted | State::Responded => {
+                    cm.state = State::Disconnected;
+                    CmRecord::event(event::DISCONNECTED, id, 0)
+                }
+                State::Connecting => {
+                    cm.state = State::Closed;
+                    CmRecord::event(event::UNREACHABLE, id, -libc::ETIMEDOUT)
+                }
+                _ => continue,
+            };
+            self.emit(id, ev);
+        }
+        if !ids.is_empty() {
+            log::warn!(
+                "rdma_cm: router {host} went away; ended {} ids connected with it",
+                ids.len()
+            );
+        }
+        ids.len()
+    }
+
     pub fn on_peer(
         &mut self,
         host: Ipv4Addr,

@@ -460,3 +460,73 @@ fn a_peer_router_speaks_only_for_its_own_containers_and_connections() {
     bench.cm.on_peer(far, bye, &table);
     assert_eq!(events(&b).pop().unwrap().op, event::DISCONNECTED);
 }
+
+#[test]
+fn a_lost_peer_router_disconnects_its_connections_and_fails_its_connects() {
+    let mut bench = Bench::new();
+    let far = with_peer_host(&mut bench);
+    let (mut a, mut b) = (bench.process("a"), bench.process("b"));
+    let (_listener, local_active) = listening_and_resolved(&mut bench, &mut a, &mut b);
+    let table = bench.table.clone();
+    // An established connection from the peer's container to b.
+    bench.cm.on_peer(far, connect_from(9, 9, 7000), &table);
+    let req = events(&b).pop().unwrap();
+    assert_eq!(req.op, event::CONNECT_REQUEST);
+    let accept = CmRecord {
+        id: req.id,
+        qpn: 0x444,
+        ..CmRecord::default()
+    };
+    assert_eq!(bench.call(&mut b, CmOp::Accept, accept).0, 0);
+    let establish = CmPeerMsg {
+        op: CmOp::Establish as u16,
+        ..peer_msg(9, req.id)
+    };
+    bench.cm.on_peer(far, establish, &table);
+    assert_eq!(events(&b).pop().unwrap().op, event::ESTABLISHED);
+    // A connect of a's to the peer's container, not answered yet.
+    let to_far = bench.create(&mut a);
+    let rec = CmRecord {
+        id: to_far,
+        ..with_addr(None, Some(at([10, 32, 0, 9], 7000)))
+    };
+    assert_eq!(bench.call(&mut a, CmOp::ResolveAddr, rec).0, 0);
+    let rec = CmRecord::request(CmOp::ResolveRoute, to_far);
+    assert_eq!(bench.call(&mut a, CmOp::ResolveRoute, rec).0, 0);
+    let rec = CmRecord::request(CmOp::Connect, to_far);
+    assert_eq!(bench.call(&mut a, CmOp::Connect, rec).0, 0);
+    let (to, connect) = bench.cm.peer_out.pop().unwrap();
+    assert_eq!((to, connect.op), (far, CmOp::Connect as u16));
+    events(&a);
+    assert_eq!(bench.cm.far_hosts(), HashSet::from([far]));
+
+    // The peer router goes away: both ids with it end, as with a real CM.
+    assert_eq!(bench.cm.on_peer_lost(far), 2);
+    let gone = events(&b);
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    assert_eq!((gone[0].op, gone[0].id), (event::DISCONNECTED, req.id));
+    let failed = events(&a);
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(
+        (failed[0].op, failed[0].id, failed[0].status),
+        (event::UNREACHABLE, to_far, -libc::ETIMEDOUT)
+    );
+    assert!(bench.cm.far_hosts().is_empty());
+    // What that router said before it went is no longer heard, and a second loss is nothing.
+    let bye = CmPeerMsg {
+        op: CmOp::Disconnect as u16,
+        ..peer_msg(9, req.id)
+    };
+    bench.cm.on_peer(far, bye, &table);
+    assert!(events(&b).is_empty());
+    assert_eq!(bench.cm.on_peer_lost(far), 0);
+    // The local id (resolved to b on this host) is untouched and still connects.
+    let rec = CmRecord::request(CmOp::Connect, local_active);
+    assert_eq!(bench.call(&mut a, CmOp::Connect, rec).0, 0);
+    assert_eq!(events(&b).pop().unwrap().op, event::CONNECT_REQUEST);
+    // The program's own disconnect of the ended connection sends nothing to the lost router.
+    bench.cm.peer_out.clear();
+    let rec = CmRecord::request(CmOp::Disconnect, req.id);
+    bench.call(&mut b, CmOp::Disconnect, rec);
+    assert!(bench.cm.peer_out.iter().all(|(h, _)| *h != far));
+}

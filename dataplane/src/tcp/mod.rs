@@ -253,6 +253,12 @@ impl TcpService {
     pub fn listeners(&self) -> usize {
         self.listeners.local.len()
     }
+
+    /// Whether our connection to `host`'s router is up (the connection manager ends its
+    /// connections with that host when it goes down).
+    pub fn peer_up(&self, host: std::net::Ipv4Addr) -> bool {
+        self.peers.is_up(host)
+    }
 }
 
 /// A success reply naming overlay address `addr`.
