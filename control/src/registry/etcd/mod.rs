@@ -30,6 +30,7 @@
 //! changes that are only deletions lower the count.
 
 mod http;
+mod watch;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
@@ -46,7 +47,8 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use super::{
-    ContainerRecord, Fingerprint, FingerprintRepr, HostRecord, Registry, RegistryError, Snapshot,
+    ContainerRecord, Fingerprint, FingerprintRepr, HostRecord, Registry, RegistryError,
+    RegistryWatch, Snapshot,
 };
 use http::ExchangeError;
 
@@ -186,6 +188,10 @@ impl Registry for EtcdRegistry {
 
     fn fingerprint(&self) -> Result<Fingerprint, RegistryError> {
         self.client.fingerprint()
+    }
+
+    fn watch(&self) -> Result<Option<RegistryWatch>, RegistryError> {
+        watch::start(Arc::clone(&self.client)).map(Some)
     }
 
     fn url(&self) -> String {
@@ -383,6 +389,18 @@ struct Desired {
     rewrite: bool,
 }
 
+/// What one key under the prefix holds, decoded.
+#[derive(Debug)]
+enum Entry {
+    Generation(u64),
+    Host(HostRecord),
+    Container(ContainerRecord),
+    /// A uniqueness index key (`ips/`, `netns/`).
+    Index,
+    /// A key a later version of the layout wrote: counted, never changed.
+    Foreign,
+}
+
 /// A put or delete of the transaction an update sends.
 enum Change {
     Put { value: Vec<u8>, lease: i64 },
@@ -482,72 +500,113 @@ impl Client {
     }
 
     fn read(&self) -> Result<Stored, RegistryError> {
+        self.read_at().map(|(stored, _)| stored)
+    }
+
+    /// Everything under the prefix in one range, and the revision it was read at.
+    fn read_at(&self) -> Result<(Stored, i64), RegistryError> {
         let (start, end) = prefix_range(&self.root);
         let range: RangeResponse = self.call(
             "/v3/kv/range",
             &json!({ "key": start, "range_end": end }),
             Retry::Safe,
         )?;
+        let revision = range.header.map_or(0, |h| h.revision);
+        let mut entries = Vec::with_capacity(range.kvs.len());
+        let mut kvs = BTreeMap::new();
+        for kv in &range.kvs {
+            let (key, value, entry) = self.decode(kv)?;
+            if !matches!(entry, Entry::Foreign) {
+                kvs.insert(
+                    key,
+                    StoredKv {
+                        value,
+                        mod_revision: kv.mod_revision,
+                        lease: kv.lease,
+                    },
+                );
+            }
+            entries.push((kv.create_revision, entry));
+        }
+        let snapshot = self.assemble(entries.iter().map(|(created, e)| (*created, e)))?;
+        Ok((Stored { snapshot, kvs }, revision))
+    }
+
+    /// The key, value and meaning of one key-value the gateway sent.
+    fn decode(&self, kv: &KeyValue) -> Result<(String, Vec<u8>, Entry), RegistryError> {
+        let key_bytes = BASE64
+            .decode(&kv.key)
+            .map_err(|e| self.corrupt(&kv.key, format!("key not base64: {e}")))?;
+        let key = String::from_utf8(key_bytes)
+            .map_err(|e| self.corrupt(&kv.key, format!("key not UTF-8: {e}")))?;
+        let value = BASE64
+            .decode(&kv.value)
+            .map_err(|e| self.corrupt(&key, format!("value not base64: {e}")))?;
+        let entry = self.entry(&key, &value)?;
+        Ok((key, value, entry))
+    }
+
+    /// What the key `key` holding `value` means in the layout.
+    fn entry(&self, key: &str, value: &[u8]) -> Result<Entry, RegistryError> {
+        let Some(relative) = key.strip_prefix(&self.root) else {
+            return Ok(Entry::Foreign);
+        };
+        if relative == "generation" {
+            let generation = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| self.corrupt(key, "not a decimal number".to_owned()))?;
+            Ok(Entry::Generation(generation))
+        } else if let Some(ip) = relative.strip_prefix("hosts/") {
+            let rec: HostRecord =
+                serde_json::from_slice(value).map_err(|e| self.corrupt(key, e.to_string()))?;
+            if ip != rec.host_ip.to_string() {
+                return Err(self.corrupt(key, format!("holds host {}", rec.host_ip)));
+            }
+            Ok(Entry::Host(rec))
+        } else if let Some(name) = relative.strip_prefix("containers/") {
+            let rec: ContainerRecord =
+                serde_json::from_slice(value).map_err(|e| self.corrupt(key, e.to_string()))?;
+            if name != rec.name {
+                return Err(self.corrupt(key, format!("holds container {:?}", rec.name)));
+            }
+            Ok(Entry::Container(rec))
+        } else if relative.starts_with("ips/") || relative.starts_with("netns/") {
+            Ok(Entry::Index)
+        } else {
+            // Written by a later version of the layout: not ours to change.
+            Ok(Entry::Foreign)
+        }
+    }
+
+    /// The snapshot made of `entries` (each with its create revision), validated.
+    fn assemble<'a>(
+        &self,
+        entries: impl Iterator<Item = (i64, &'a Entry)>,
+    ) -> Result<Snapshot, RegistryError> {
         let mut generation = 0;
         let mut hosts = Vec::new();
         let mut containers = Vec::new();
-        let mut kvs = BTreeMap::new();
-        for kv in range.kvs {
-            let key_bytes = BASE64
-                .decode(&kv.key)
-                .map_err(|e| self.corrupt(&kv.key, format!("key not base64: {e}")))?;
-            let key = String::from_utf8(key_bytes)
-                .map_err(|e| self.corrupt(&kv.key, format!("key not UTF-8: {e}")))?;
-            let value = BASE64
-                .decode(&kv.value)
-                .map_err(|e| self.corrupt(&key, format!("value not base64: {e}")))?;
-            let Some(relative) = key.strip_prefix(&self.root) else {
-                continue;
-            };
-            if relative == "generation" {
-                generation = std::str::from_utf8(&value)
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or_else(|| self.corrupt(&key, "not a decimal number".to_owned()))?;
-            } else if let Some(ip) = relative.strip_prefix("hosts/") {
-                let rec: HostRecord = serde_json::from_slice(&value)
-                    .map_err(|e| self.corrupt(&key, e.to_string()))?;
-                if ip != rec.host_ip.to_string() {
-                    return Err(self.corrupt(&key, format!("holds host {}", rec.host_ip)));
-                }
-                hosts.push((kv.create_revision, rec));
-            } else if let Some(name) = relative.strip_prefix("containers/") {
-                let rec: ContainerRecord = serde_json::from_slice(&value)
-                    .map_err(|e| self.corrupt(&key, e.to_string()))?;
-                if name != rec.name {
-                    return Err(self.corrupt(&key, format!("holds container {:?}", rec.name)));
-                }
-                containers.push((kv.create_revision, rec));
-            } else if !(relative.starts_with("ips/") || relative.starts_with("netns/")) {
-                // Written by a later version of the layout: not ours to change.
-                continue;
+        for (created, entry) in entries {
+            match entry {
+                Entry::Generation(g) => generation = *g,
+                Entry::Host(rec) => hosts.push((created, rec)),
+                Entry::Container(rec) => containers.push((created, rec)),
+                Entry::Index | Entry::Foreign => {}
             }
-            kvs.insert(
-                key,
-                StoredKv {
-                    value,
-                    mod_revision: kv.mod_revision,
-                    lease: kv.lease,
-                },
-            );
         }
         // In the order they were first written, as the file keeps them.
         hosts.sort_by_key(|(created, _)| *created);
         containers.sort_by_key(|(created, _)| *created);
         let snapshot = Snapshot {
             generation,
-            hosts: hosts.into_iter().map(|(_, h)| h).collect(),
-            containers: containers.into_iter().map(|(_, c)| c).collect(),
+            hosts: hosts.into_iter().map(|(_, h)| h.clone()).collect(),
+            containers: containers.into_iter().map(|(_, c)| c.clone()).collect(),
         };
         snapshot
             .validate()
             .map_err(|e| self.corrupt(&self.root, format!("invalid contents: {e}")))?;
-        Ok(Stored { snapshot, kvs })
+        Ok(snapshot)
     }
 
     /// Read, apply, validate, write the difference in one transaction; again on conflict.
@@ -817,7 +876,14 @@ struct KeyValue {
 }
 
 #[derive(Deserialize)]
+struct ResponseHeader {
+    #[serde(default, deserialize_with = "int")]
+    revision: i64,
+}
+
+#[derive(Deserialize)]
 struct RangeResponse {
+    header: Option<ResponseHeader>,
     #[serde(default)]
     kvs: Vec<KeyValue>,
     #[serde(default, deserialize_with = "int")]
