@@ -471,6 +471,8 @@ impl Daemon {
         self.status.router_started_unix_ms = Some(router.started_unix_ms);
         self.status.counters.next_restart_unix_ms = None;
         self.status.counters.containers_pushed = None;
+        self.status.counters.overlay_pushed = None;
+        self.status.counters.peer_hosts_pushed = None;
         self.status.counters.registry_generation = None;
         self.pushed = None;
         self.last_attempt = None;
@@ -525,6 +527,8 @@ impl Daemon {
         self.status.router_pid = None;
         self.status.router_started_unix_ms = None;
         self.status.counters.containers_pushed = None;
+        self.status.counters.overlay_pushed = None;
+        self.status.counters.peer_hosts_pushed = None;
         self.status.counters.registry_generation = None;
         self.status.counters.next_restart_unix_ms = Some(now_ms + delay.as_millis() as u64);
         self.status_dirty = true;
@@ -769,6 +773,8 @@ impl Daemon {
                     entries.network.hosts.len()
                 ));
                 self.status.counters.containers_pushed = Some(entries.containers.len());
+                self.status.counters.overlay_pushed = Some(entries.network.overlay.len());
+                self.status.counters.peer_hosts_pushed = Some(entries.network.hosts.len());
                 self.status.counters.registry_generation = Some(generation);
                 self.status.counters.last_push_unix_ms = Some(unix_ms_now());
                 if self.registry_error.is_none() {
