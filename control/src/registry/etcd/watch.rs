@@ -6,8 +6,8 @@
 //! revisions it still needed, when the connection ends (etcd restarted, an endpoint went away),
 //! and when a probe finds the keys it holds differ from etcd's: after [`SILENCE_PROBE`] without
 //! a message it compares its count and newest mod revision with a fingerprint read, which
-//! catches a connection that died without a word. Failed starts wait [`RECONNECT_FIRST`],
-//! doubling up to [`RECONNECT_MAX`].
+//! catches a connection that died without a word. Each start over waits [`RECONNECT_FIRST`],
+//! doubling up to [`RECONNECT_MAX`] while no watch gets created.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -66,9 +66,9 @@ fn run(client: &Client, publisher: &WatchPublisher) {
         first = false;
         match follow(client, publisher, &mut delay) {
             Ok(Ended::Stopped) => return,
-            // Nothing is wrong with etcd: catch up at once.
-            Ok(Ended::Behind) => continue,
-            Ok(Ended::Lost) => {}
+            // Nothing is wrong with etcd, but a store compacting faster than a full read
+            // takes must not make this a busy loop: the same growing pause.
+            Ok(Ended::Behind | Ended::Lost) => {}
             Err(e) => publisher.publish(Err(e)),
         }
         let until = Instant::now() + delay;
@@ -154,8 +154,21 @@ fn follow(
         view.put(client, kv);
     }
     publisher.publish(view.snapshot(client));
+    watch_from(client, publisher, view, revision + 1, delay)
+}
+
+/// Follows the watch from `start_revision` on, applying its events to `view` (which holds
+/// what etcd held just before that revision), until it ends.
+fn watch_from(
+    client: &Client,
+    publisher: &WatchPublisher,
+    mut view: View,
+    start_revision: i64,
+    delay: &mut Duration,
+) -> Result<Ended, RegistryError> {
+    let (start, end) = prefix_range(&client.root);
     let request = json!({ "create_request": {
-        "key": start, "range_end": end, "start_revision": (revision + 1).to_string(),
+        "key": start, "range_end": end, "start_revision": start_revision.to_string(),
     }});
     let mut stream = open(client, &serde_json::to_vec(&request).unwrap_or_default())?;
     let mut last_heard = Instant::now();
@@ -272,4 +285,88 @@ struct WatchEvent {
     #[serde(rename = "type", default)]
     kind: String,
     kv: KeyValue,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::etcd::EtcdRegistry;
+    use crate::registry::Registry;
+    use freeflow_testbed::etcd::EtcdServer;
+
+    /// A watch asked for revisions etcd compacted away ends as "behind" (start over from a
+    /// full read), and one from a live revision sees the next change.
+    #[test]
+    fn compacted_start_means_start_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = EtcdServer::start(dir.path());
+        let (endpoints, prefix) =
+            super::super::parse_target("", &format!("//{}/w", server.endpoint())).unwrap();
+        let registry = EtcdRegistry::new(endpoints, &prefix);
+        for n in 1..=3u8 {
+            registry
+                .update(&mut |s| {
+                    s.upsert_host(crate::registry::HostRecord {
+                        host_ip: std::net::Ipv4Addr::new(192, 168, 7, n),
+                        peer_port: 7000,
+                        vnet_prefix: "10.32.0.0/24".parse().unwrap(),
+                        dir: "/freeflow".into(),
+                    });
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let client = &registry.client;
+        let (_, revision) = client.read_at().unwrap();
+        let _: serde_json::Value = client
+            .call(
+                "/v3/kv/compaction",
+                &json!({ "revision": revision.to_string() }),
+                Retry::Safe,
+            )
+            .unwrap();
+        let (_watch, publisher) = RegistryWatch::new().unwrap();
+        let mut delay = RECONNECT_MAX;
+        let ended = watch_from(client, &publisher, View::default(), 2, &mut delay).unwrap();
+        assert!(matches!(ended, Ended::Behind));
+
+        // From the live revision: the next update arrives as events, and the created watch
+        // resets the back-off.
+        let (watch, publisher) = RegistryWatch::new().unwrap();
+        let follower = {
+            let client = Arc::clone(&registry.client);
+            thread::spawn(move || {
+                let mut delay = RECONNECT_MAX;
+                let ended = watch_from(
+                    &client,
+                    &publisher,
+                    View::default(),
+                    revision + 1,
+                    &mut delay,
+                );
+                (matches!(ended, Ok(Ended::Stopped)), delay)
+            })
+        };
+        registry
+            .update(&mut |s| {
+                s.remove_host(std::net::Ipv4Addr::new(192, 168, 7, 1))
+                    .map_or(Ok(()), |_| Ok(()))
+            })
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = None;
+        while seen.is_none() && Instant::now() < deadline {
+            seen = watch.take();
+            thread::sleep(Duration::from_millis(50));
+        }
+        // Only the keys changed since the watch's start: the generation (the host's key was
+        // deleted, which the empty view had not held).
+        let snapshot = seen.expect("no event within 30 s").unwrap();
+        assert_eq!(snapshot.generation, 4);
+        assert!(snapshot.hosts.is_empty(), "{snapshot:?}");
+        drop(watch);
+        let (stopped, delay) = follower.join().unwrap();
+        assert!(stopped);
+        assert_eq!(delay, RECONNECT_FIRST);
+    }
 }
