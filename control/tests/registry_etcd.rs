@@ -53,8 +53,9 @@ fn host(n: u8) -> HostRecord {
     }
 }
 
-fn add(reg: &dyn Registry, rec: ContainerRecord) -> Result<Snapshot, RegistryError> {
-    reg.update(&mut |s| s.add_container(rec.clone()))
+/// Registers `rec` the way `container add` does ([`Registry::add_container`]); the generation.
+fn add(reg: &dyn Registry, rec: ContainerRecord) -> Result<u64, RegistryError> {
+    reg.add_container(&rec)
 }
 
 fn add_host(reg: &dyn Registry, rec: HostRecord) -> Result<Snapshot, RegistryError> {
@@ -199,6 +200,48 @@ mod contract {
             );
             assert_eq!(reg.load().unwrap(), before, "{url}");
             assert_eq!(reg.fingerprint().unwrap(), print, "{url}");
+        }
+    }
+
+    /// `add_container` (the way `container add` registers) refuses what `update` with
+    /// `Snapshot::add_container` refuses, with the same errors and without a change, and stores
+    /// an accepted record at the next generation with its host's lease, as `update` would.
+    #[test]
+    fn one_container_adds_match_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = TestEtcd::start();
+        for url in fresh_urls(&dir, &etcd) {
+            let reg = registry::open(&url).unwrap();
+            add_host(&*reg, host(1)).unwrap();
+            let generation = add(&*reg, container(0, 0, 1)).unwrap();
+            let before = reg.load().unwrap();
+            assert_eq!(before.generation, generation, "{url}");
+            assert_eq!(before.containers, vec![container(0, 0, 1)], "{url}");
+            let mut same_name = container(0, 1, 1);
+            same_name.name = container(0, 0, 1).name;
+            let mut same_ip = container(0, 1, 1);
+            same_ip.ip = container(0, 0, 1).ip;
+            let mut same_netns = container(0, 1, 1);
+            same_netns.netns = container(0, 0, 1).netns;
+            let mut bad_name = container(0, 1, 1);
+            bad_name.name = "bad name".to_owned();
+            for rec in [same_name, same_ip, same_netns, bad_name] {
+                let by_update = reg
+                    .update(&mut |s| s.add_container(rec.clone()))
+                    .unwrap_err()
+                    .to_string();
+                let by_add = add(&*reg, rec.clone()).unwrap_err().to_string();
+                assert_eq!(by_add, by_update, "{url}: {rec:?}");
+            }
+            assert_eq!(reg.load().unwrap(), before, "{url}");
+            let generation = add(&*reg, container(0, 1, 1)).unwrap();
+            let after = reg.load().unwrap();
+            assert_eq!(after.generation, generation, "{url}");
+            assert_eq!(generation, before.generation + 1, "{url}");
+            let mut expected = before.clone();
+            expected.add_container(container(0, 1, 1)).unwrap();
+            expected.generation = generation;
+            assert_eq!(after, expected, "{url}");
         }
     }
 

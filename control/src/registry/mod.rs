@@ -373,6 +373,14 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     fn watch(&self) -> Result<Option<RegistryWatch>, RegistryError> {
         Ok(None)
     }
+
+    /// Registers one container, as [`Registry::update`] with [`Snapshot::add_container`] does
+    /// (same checks, same errors), and returns the generation it was stored at. Backends may do
+    /// it without reading the whole registry (etcd: the host's key and the generation only).
+    fn add_container(&self, rec: &ContainerRecord) -> Result<u64, RegistryError> {
+        self.update(&mut |s| s.add_container(rec.clone()))
+            .map(|s| s.generation)
+    }
 }
 
 /// The registry's contents as a thread that follows the store's changes last saw them.

@@ -194,6 +194,10 @@ impl Registry for EtcdRegistry {
         watch::start(Arc::clone(&self.client)).map(Some)
     }
 
+    fn add_container(&self, rec: &ContainerRecord) -> Result<u64, RegistryError> {
+        self.client.add_container(rec)
+    }
+
     fn url(&self) -> String {
         self.client.url.clone()
     }
@@ -650,6 +654,129 @@ impl Client {
         })
     }
 
+    /// Registers `rec` reading only the keys it depends on: the generation and its host's
+    /// record (for the lease), in one transaction; then one transaction that creates the
+    /// container's three keys if all are absent and compares the two keys read. When it fails,
+    /// its other branch reads the three keys, which tells a name, address or namespace already
+    /// taken from a concurrent writer (then it starts again, bounded).
+    fn add_container(&self, rec: &ContainerRecord) -> Result<u64, RegistryError> {
+        super::check_record(rec)?;
+        let generation_key = format!("{}generation", self.root);
+        let host_key = host_key(&self.root, rec.host_ip);
+        let name_key = format!("{}containers/{}", self.root, rec.name);
+        let ip_key = format!("{}ips/{}", self.root, rec.ip);
+        let netns_key = format!("{}netns/{}", self.root, rec.netns.display());
+        let value = self.encode(rec)?;
+        let range = |key: &str| json!({ "request_range": { "key": BASE64.encode(key) } });
+        for attempt in 0..UPDATE_ATTEMPTS {
+            if attempt > 0 {
+                thread::sleep(backoff(attempt));
+            }
+            let read: TxnResponse = self.call(
+                "/v3/kv/txn",
+                &json!({ "success": [range(&generation_key), range(&host_key)] }),
+                Retry::Safe,
+            )?;
+            let [generation_kv, host_kv] = [0, 1].map(|i| {
+                read.responses
+                    .get(i)
+                    .and_then(|r| r.response_range.as_ref())
+                    .and_then(|r| r.kvs.first())
+            });
+            let generation = match generation_kv {
+                Some(kv) => match self.entry(&generation_key, &self.decode(kv)?.1)? {
+                    Entry::Generation(g) => g,
+                    _ => 0,
+                },
+                None => 0,
+            };
+            let next = generation.checked_add(1).ok_or_else(|| {
+                self.corrupt(
+                    &generation_key,
+                    "the generation counter is at its maximum".to_owned(),
+                )
+            })?;
+            let lease = host_kv.map_or(0, |kv| kv.lease);
+            let unchanged = |key: &str, kv: Option<&KeyValue>| match kv {
+                Some(kv) => json!({
+                    "key": BASE64.encode(key), "target": "MOD", "result": "EQUAL",
+                    "mod_revision": kv.mod_revision.to_string(),
+                }),
+                None => json!({
+                    "key": BASE64.encode(key), "target": "CREATE", "result": "EQUAL",
+                    "create_revision": "0",
+                }),
+            };
+            let put = |key: &str, value: &[u8], lease: i64| {
+                json!({ "request_put": {
+                    "key": BASE64.encode(key), "value": BASE64.encode(value),
+                    "lease": lease.to_string(),
+                }})
+            };
+            let body = json!({
+                "compare": [
+                    unchanged(&generation_key, generation_kv),
+                    unchanged(&host_key, host_kv),
+                    unchanged(&name_key, None),
+                    unchanged(&ip_key, None),
+                    unchanged(&netns_key, None),
+                ],
+                "success": [
+                    put(&generation_key, next.to_string().as_bytes(), 0),
+                    put(&name_key, &value, lease),
+                    put(&ip_key, rec.name.as_bytes(), lease),
+                    put(&netns_key, rec.name.as_bytes(), lease),
+                ],
+                "failure": [range(&name_key), range(&ip_key), range(&netns_key)],
+            });
+            let answer: TxnResponse = match self.call("/v3/kv/txn", &body, Retry::IfNotSent) {
+                // The host's lease expired between the read and the write: read again.
+                Err(RegistryError::EtcdRefused { message, .. })
+                    if message.contains("lease not found") =>
+                {
+                    continue;
+                }
+                other => other?,
+            };
+            if answer.succeeded {
+                return Ok(next);
+            }
+            let holder = |i: usize| {
+                answer
+                    .responses
+                    .get(i)
+                    .and_then(|r| r.response_range.as_ref())
+                    .and_then(|r| r.kvs.first())
+                    .map(|kv| {
+                        let value = BASE64.decode(&kv.value).unwrap_or_default();
+                        String::from_utf8_lossy(&value).into_owned()
+                    })
+            };
+            if holder(0).is_some() {
+                return Err(RegistryError::DuplicateName(rec.name.clone()));
+            }
+            if let Some(existing) = holder(1) {
+                return Err(RegistryError::DuplicateIp {
+                    ip: rec.ip,
+                    name: rec.name.clone(),
+                    existing,
+                });
+            }
+            if let Some(existing) = holder(2) {
+                return Err(RegistryError::DuplicateNetns {
+                    netns: rec.netns.clone(),
+                    name: rec.name.clone(),
+                    existing,
+                });
+            }
+            // Another writer changed the generation or the host's record first.
+        }
+        Err(RegistryError::EtcdContention {
+            url: self.url.clone(),
+            attempts: UPDATE_ATTEMPTS,
+        })
+    }
+
     /// Every key the snapshot `next` consists of, with its value and lease. A container key
     /// whose record is rewritten drags its index keys along, so all three share a lease.
     fn desired(
@@ -894,6 +1021,13 @@ struct RangeResponse {
 struct TxnResponse {
     #[serde(default)]
     succeeded: bool,
+    #[serde(default)]
+    responses: Vec<TxnOpResponse>,
+}
+
+#[derive(Deserialize)]
+struct TxnOpResponse {
+    response_range: Option<RangeResponse>,
 }
 
 #[derive(Deserialize)]
