@@ -53,8 +53,9 @@ fn host(n: u8) -> HostRecord {
     }
 }
 
-fn add(reg: &dyn Registry, rec: ContainerRecord) -> Result<Snapshot, RegistryError> {
-    reg.update(&mut |s| s.add_container(rec.clone()))
+/// Registers `rec` the way `container add` does ([`Registry::add_container`]); the generation.
+fn add(reg: &dyn Registry, rec: ContainerRecord) -> Result<u64, RegistryError> {
+    reg.add_container(&rec)
 }
 
 fn add_host(reg: &dyn Registry, rec: HostRecord) -> Result<Snapshot, RegistryError> {
@@ -199,6 +200,48 @@ mod contract {
             );
             assert_eq!(reg.load().unwrap(), before, "{url}");
             assert_eq!(reg.fingerprint().unwrap(), print, "{url}");
+        }
+    }
+
+    /// `add_container` (the way `container add` registers) refuses what `update` with
+    /// `Snapshot::add_container` refuses, with the same errors and without a change, and stores
+    /// an accepted record at the next generation with its host's lease, as `update` would.
+    #[test]
+    fn one_container_adds_match_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = TestEtcd::start();
+        for url in fresh_urls(&dir, &etcd) {
+            let reg = registry::open(&url).unwrap();
+            add_host(&*reg, host(1)).unwrap();
+            let generation = add(&*reg, container(0, 0, 1)).unwrap();
+            let before = reg.load().unwrap();
+            assert_eq!(before.generation, generation, "{url}");
+            assert_eq!(before.containers, vec![container(0, 0, 1)], "{url}");
+            let mut same_name = container(0, 1, 1);
+            same_name.name = container(0, 0, 1).name;
+            let mut same_ip = container(0, 1, 1);
+            same_ip.ip = container(0, 0, 1).ip;
+            let mut same_netns = container(0, 1, 1);
+            same_netns.netns = container(0, 0, 1).netns;
+            let mut bad_name = container(0, 1, 1);
+            bad_name.name = "bad name".to_owned();
+            for rec in [same_name, same_ip, same_netns, bad_name] {
+                let by_update = reg
+                    .update(&mut |s| s.add_container(rec.clone()))
+                    .unwrap_err()
+                    .to_string();
+                let by_add = add(&*reg, rec.clone()).unwrap_err().to_string();
+                assert_eq!(by_add, by_update, "{url}: {rec:?}");
+            }
+            assert_eq!(reg.load().unwrap(), before, "{url}");
+            let generation = add(&*reg, container(0, 1, 1)).unwrap();
+            let after = reg.load().unwrap();
+            assert_eq!(after.generation, generation, "{url}");
+            assert_eq!(generation, before.generation + 1, "{url}");
+            let mut expected = before.clone();
+            expected.add_container(container(0, 1, 1)).unwrap();
+            expected.generation = generation;
+            assert_eq!(after, expected, "{url}");
         }
     }
 
@@ -620,4 +663,131 @@ fn corrupt_keys_are_reported_and_left_alone() {
     add(&*reg, container(0, 5, 1)).unwrap();
     let s = reg.load().unwrap();
     assert_eq!(s.containers.len(), 4, "{s:?}");
+}
+
+/// Takes what `watch` pushes until its newest snapshot equals what `reg` reads from etcd
+/// (bounded by [`DEADLINE`]); returns that snapshot, or panics with both sides.
+fn watched_until_equal(
+    watch: &registry::RegistryWatch,
+    reg: &dyn Registry,
+    seen: &mut Option<Snapshot>,
+    when: &str,
+) -> Snapshot {
+    let equal = wait_until(DEADLINE, || {
+        while let Some(news) = watch.take() {
+            if let Ok(snapshot) = news {
+                *seen = Some(snapshot);
+            }
+        }
+        seen.is_some() && seen.as_ref() == reg.load().ok().as_ref()
+    });
+    assert!(
+        equal,
+        "{when}: the watch holds {seen:?}\nbut etcd holds {:?}",
+        reg.load()
+    );
+    seen.clone().unwrap()
+}
+
+/// One watch follows etcd: its snapshot equals a full read after a burst of concurrent
+/// changes (adds and removals from several writers), after etcd compacted its history, and after
+/// etcd was killed (the watch reports the error) and restarted (it starts over from a full read).
+/// The file backend has no watch (its users poll the fingerprint).
+#[test]
+fn watch_equals_etcd_after_bursts_compaction_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = registry::open(&format!("file:{}/r.json", dir.path().display())).unwrap();
+    assert!(file.watch().unwrap().is_none());
+
+    let mut server = EtcdServer::start(dir.path());
+    let url = server.url("/watched");
+    let reg = registry::open(&url).unwrap();
+    add_host(&*reg, host(1)).unwrap();
+    let watch = reg.watch().unwrap().expect("the etcd registry has a watch");
+    let mut seen = None;
+    watched_until_equal(&watch, &*reg, &mut seen, "at the start");
+
+    // A burst: four writers, each adding 25 containers and removing every third again.
+    const WRITERS: usize = 4;
+    const EACH: usize = 25;
+    thread::scope(|scope| {
+        for worker in 0..WRITERS {
+            let url = url.clone();
+            scope.spawn(move || {
+                let reg = registry::open(&url).unwrap();
+                for i in 0..EACH {
+                    add(&*reg, container(worker, i, 1)).unwrap();
+                    if i % 3 == 2 {
+                        let name = container(worker, i - 1, 1).name;
+                        reg.update(&mut |s| s.remove_container(&name).map(drop))
+                            .unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let after_burst = watched_until_equal(&watch, &*reg, &mut seen, "after the burst");
+    assert_eq!(after_burst.containers.len(), WRITERS * (EACH - EACH / 3));
+
+    // Compaction of everything up to now, then more changes the watch must still see.
+    let endpoint = server.endpoint();
+    let range = post_to(
+        &endpoint,
+        "/v3/kv/range",
+        &format!(r#"{{"key":"{}"}}"#, b64("x")),
+    );
+    let revision = range["header"]["revision"].as_str().unwrap().to_owned();
+    let compacted = post_to(
+        &endpoint,
+        "/v3/kv/compaction",
+        &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+    );
+    assert!(compacted.get("error").is_none(), "{compacted}");
+    for i in 0..10 {
+        add(&*reg, container(WRITERS, i, 1)).unwrap();
+    }
+    let after_compaction = watched_until_equal(&watch, &*reg, &mut seen, "after the compaction");
+    assert_eq!(
+        after_compaction.containers.len(),
+        after_burst.containers.len() + 10
+    );
+
+    // etcd killed: the watch says so (and keeps nothing stale: it reports the error).
+    let resyncs = watch.resyncs();
+    server.kill();
+    let reported = wait_until(DEADLINE, || {
+        matches!(
+            watch.take(),
+            Some(Err(RegistryError::EtcdUnreachable { .. }))
+        )
+    });
+    assert!(reported, "the watch did not report etcd's absence");
+    server.restart();
+    for i in 10..20 {
+        add(&*reg, container(WRITERS, i, 1)).unwrap();
+    }
+    let after_restart = watched_until_equal(&watch, &*reg, &mut seen, "after etcd restarted");
+    assert_eq!(
+        after_restart.containers.len(),
+        after_burst.containers.len() + 20
+    );
+    assert!(watch.resyncs() > resyncs, "no resync after the restart");
+
+    // Restarted again at once, with a removal made while the watch reconnects.
+    server.restart();
+    reg.update(&mut |s| s.remove_container("w0-c0").map(drop))
+        .unwrap();
+    let last = watched_until_equal(&watch, &*reg, &mut seen, "after a second restart");
+    assert!(last.container("w0-c0").is_none());
+}
+
+/// POSTs `body` to the etcd gateway at `endpoint` (with curl); the parsed answer.
+fn post_to(endpoint: &str, path: &str, body: &str) -> serde_json::Value {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", "-X", "POST", "-d", body])
+        .arg(format!("http://{endpoint}{path}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
 }

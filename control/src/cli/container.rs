@@ -124,8 +124,8 @@ pub(crate) fn register(
         netns,
         host_ip: config.host_ip,
     };
-    let snapshot = registry.update(&mut |s| s.add_container(record.clone()))?;
-    let pickup = wait_for_pickup(dir, snapshot.generation, &record.name);
+    let generation = registry.add_container(&record)?;
+    let pickup = wait_for_pickup(dir, generation, &record.name);
     Ok((record, pickup))
 }
 

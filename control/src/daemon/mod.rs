@@ -39,7 +39,9 @@ pub use state::{
 
 use crate::config::{self, Config, ConfigError, RuntimeDir};
 use crate::os;
-use crate::registry::{self, Fingerprint, HostRecord, Registry, RegistryError, Snapshot};
+use crate::registry::{
+    self, Fingerprint, HostRecord, Registry, RegistryError, RegistryWatch, Snapshot,
+};
 use crate::supervise::{
     self, format_duration, unix_ms_now, Backoff, Router, RouterSpec, SuperviseError,
 };
@@ -218,6 +220,9 @@ struct Daemon {
     next_start: Instant,
     snapshot: Option<Snapshot>,
     fingerprint: Option<Fingerprint>,
+    /// The registry's pushed changes, where its backend pushes them (etcd); `None`: poll the
+    /// fingerprint.
+    watch: Option<RegistryWatch>,
     next_registry_poll: Instant,
     registry_error: Option<String>,
     /// What the registry last said about this host's liveness (its lease), to log changes.
@@ -271,6 +276,7 @@ impl Daemon {
             next_start: now,
             snapshot: None,
             fingerprint: None,
+            watch: None,
             next_registry_poll: now,
             registry_error: None,
             liveness_problem: None,
@@ -322,6 +328,8 @@ impl Daemon {
             vnet_prefix: self.config.vnet_prefix,
             dir: self.dir.path().to_path_buf(),
         })?;
+        // From here on the registry's own pushes (where it has them) keep the table current.
+        self.watch = self.registry.watch()?;
         let router = match self.running_router()? {
             Some(router) => {
                 log(format_args!(
@@ -392,6 +400,7 @@ impl Daemon {
             let mut fds: Vec<BorrowedFd<'_>> = vec![self.signals.as_fd()];
             // No SIGCHLD comes for an adopted router: its pidfd wakes us instead.
             fds.extend(self.router.as_ref().and_then(Router::exit_fd));
+            fds.extend(self.watch.as_ref().map(RegistryWatch::wake_fd));
             let readable = os::poll_readable(&fds, timeout).map_err(io_err("poll"))?;
             log::tick();
             if readable[0] {
@@ -413,9 +422,12 @@ impl Daemon {
                     return Ok(());
                 }
             }
+            self.take_watched();
             if Instant::now() >= self.next_registry_poll {
                 // Errors are logged and kept in the status; the last good table stays.
-                let _ = self.refresh_registry(false);
+                if self.watch.is_none() {
+                    let _ = self.refresh_registry(false);
+                }
                 self.note_liveness();
                 self.next_registry_poll = Instant::now() + REGISTRY_POLL;
             }
@@ -459,6 +471,8 @@ impl Daemon {
         self.status.router_started_unix_ms = Some(router.started_unix_ms);
         self.status.counters.next_restart_unix_ms = None;
         self.status.counters.containers_pushed = None;
+        self.status.counters.overlay_pushed = None;
+        self.status.counters.peer_hosts_pushed = None;
         self.status.counters.registry_generation = None;
         self.pushed = None;
         self.last_attempt = None;
@@ -513,6 +527,8 @@ impl Daemon {
         self.status.router_pid = None;
         self.status.router_started_unix_ms = None;
         self.status.counters.containers_pushed = None;
+        self.status.counters.overlay_pushed = None;
+        self.status.counters.peer_hosts_pushed = None;
         self.status.counters.registry_generation = None;
         self.status.counters.next_restart_unix_ms = Some(now_ms + delay.as_millis() as u64);
         self.status_dirty = true;
@@ -562,6 +578,20 @@ impl Daemon {
         }
     }
 
+    /// Takes what the registry's watch pushed since the last look, if it runs.
+    fn take_watched(&mut self) {
+        let Some(watch) = &self.watch else { return };
+        let resyncs = watch.resyncs();
+        if self.status.counters.registry_resyncs != Some(resyncs) {
+            self.status.counters.registry_resyncs = Some(resyncs);
+            self.status_dirty = true;
+        }
+        let Some(news) = watch.take() else { return };
+        let result = news.map(|snapshot| self.snapshot = Some(snapshot));
+        // Logged and kept in the status; the last good table stays.
+        let _ = self.note_registry_result(result);
+    }
+
     /// Reloads the registry if its fingerprint changed (always if `force`).
     fn refresh_registry(&mut self, force: bool) -> Result<(), RegistryError> {
         let result = (|| -> Result<(), RegistryError> {
@@ -574,6 +604,14 @@ impl Daemon {
             self.fingerprint = Some(fingerprint);
             Ok(())
         })();
+        self.note_registry_result(result)
+    }
+
+    /// Logs a registry error when it is new, and when reading works again.
+    fn note_registry_result(
+        &mut self,
+        result: Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
         match &result {
             Ok(()) => {
                 if self.registry_error.take().is_some() {
@@ -735,6 +773,8 @@ impl Daemon {
                     entries.network.hosts.len()
                 ));
                 self.status.counters.containers_pushed = Some(entries.containers.len());
+                self.status.counters.overlay_pushed = Some(entries.network.overlay.len());
+                self.status.counters.peer_hosts_pushed = Some(entries.network.hosts.len());
                 self.status.counters.registry_generation = Some(generation);
                 self.status.counters.last_push_unix_ms = Some(unix_ms_now());
                 if self.registry_error.is_none() {

@@ -74,8 +74,18 @@ pub struct DaemonCounters {
     pub next_restart_unix_ms: Option<u64>,
     /// Containers in the running router's table.
     pub containers_pushed: Option<usize>,
+    /// Overlay addresses (containers of every host) in the running router's table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlay_pushed: Option<usize>,
+    /// Other hosts' routers in the running router's table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_hosts_pushed: Option<usize>,
     /// Registry generation the running router's table reflects.
     pub registry_generation: Option<u64>,
+    /// Times the registry's watch started over from a full read (after an etcd compaction,
+    /// a lost connection or a gap); `None` where the registry is polled (the file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_resyncs: Option<u64>,
     /// When the table was last pushed.
     pub last_push_unix_ms: Option<u64>,
     /// Containers of this host left out of the table.

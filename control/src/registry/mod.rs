@@ -18,8 +18,13 @@ pub use etcd::{EtcdRegistry, LEASE_TTL};
 pub use file::FileRegistry;
 
 use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -247,7 +252,7 @@ pub enum RegistryError {
         attempts: u32,
     },
     /// The thread that keeps a host's lease alive cannot be started.
-    #[error("cannot start the registry's lease keeper thread: {0}")]
+    #[error("cannot start a registry thread (lease keeper or watch): {0}")]
     Thread(#[source] std::io::Error),
     /// A path in a record that cannot be stored or used.
     #[error("{record}: path {} is not usable: {reason}", path.display())]
@@ -359,6 +364,124 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
     /// lease could not be renewed, or was lost); `None` when it is, or when nothing is held.
     fn liveness_problem(&self) -> Option<String> {
         None
+    }
+
+    /// Starts following the registry's changes as the store pushes them (etcd: one watch,
+    /// started from the revision of a snapshot read; a full read again only after a compaction
+    /// or a lost connection). `None` where the backend pushes nothing (the file): poll
+    /// [`Registry::fingerprint`] instead.
+    fn watch(&self) -> Result<Option<RegistryWatch>, RegistryError> {
+        Ok(None)
+    }
+
+    /// Registers one container, as [`Registry::update`] with [`Snapshot::add_container`] does
+    /// (same checks, same errors), and returns the generation it was stored at. Backends may do
+    /// it without reading the whole registry (etcd: the host's key and the generation only).
+    fn add_container(&self, rec: &ContainerRecord) -> Result<u64, RegistryError> {
+        self.update(&mut |s| s.add_container(rec.clone()))
+            .map(|s| s.generation)
+    }
+}
+
+/// The registry's contents as a thread that follows the store's changes last saw them.
+///
+/// Its [`RegistryWatch::wake_fd`] becomes readable when there is something new to
+/// [`RegistryWatch::take`]; dropping the handle stops the thread (within a second).
+#[derive(Debug)]
+pub struct RegistryWatch {
+    shared: Arc<WatchShared>,
+    /// Read end of the wake-up socket pair; the thread writes a byte per news.
+    wake: UnixStream,
+}
+
+/// What the watching thread and the handle share.
+#[derive(Debug)]
+struct WatchShared {
+    /// The newest snapshot, or why there is none right now; taken by the handle.
+    latest: Mutex<Option<Result<Snapshot, RegistryError>>>,
+    /// Full reads made after the first one (after a compaction, a lost connection, a gap).
+    resyncs: AtomicU64,
+    /// Set when the handle is dropped.
+    stop: AtomicBool,
+    /// Write end of the wake-up socket pair (non-blocking: a full pipe already means "wake").
+    wake: UnixStream,
+}
+
+impl RegistryWatch {
+    /// A handle and the sender half the watching thread publishes through.
+    fn new() -> Result<(RegistryWatch, WatchPublisher), RegistryError> {
+        let (reader, writer) = UnixStream::pair().map_err(RegistryError::Thread)?;
+        reader
+            .set_nonblocking(true)
+            .map_err(RegistryError::Thread)?;
+        writer
+            .set_nonblocking(true)
+            .map_err(RegistryError::Thread)?;
+        let shared = Arc::new(WatchShared {
+            latest: Mutex::new(None),
+            resyncs: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            wake: writer,
+        });
+        Ok((
+            RegistryWatch {
+                shared: Arc::clone(&shared),
+                wake: reader,
+            },
+            WatchPublisher { shared },
+        ))
+    }
+
+    /// Readable when [`RegistryWatch::take`] has something.
+    pub fn wake_fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
+
+    /// The newest snapshot (or the error that keeps the watch from having one) since the last
+    /// call; `None` when nothing changed.
+    pub fn take(&self) -> Option<Result<Snapshot, RegistryError>> {
+        let mut sink = [0u8; 64];
+        while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
+        self.shared
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// How many times the watch started over from a full read.
+    pub fn resyncs(&self) -> u64 {
+        self.shared.resyncs.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RegistryWatch {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The watching thread's side of a [`RegistryWatch`].
+#[derive(Debug)]
+struct WatchPublisher {
+    shared: Arc<WatchShared>,
+}
+
+impl WatchPublisher {
+    /// Replaces what the handle will take next, and wakes it.
+    fn publish(&self, news: Result<Snapshot, RegistryError>) {
+        *self.shared.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(news);
+        // A full socket buffer means a wake-up is pending already.
+        let _ = (&self.shared.wake).write(&[1]);
+    }
+
+    fn count_resync(&self) {
+        self.shared.resyncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the handle was dropped.
+    fn stopped(&self) -> bool {
+        self.shared.stop.load(Ordering::Relaxed)
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Largest response accepted; the whole registry of a big cluster is a few megabytes.
 const MAX_RESPONSE: usize = 256 << 20;
@@ -56,6 +56,178 @@ pub(super) fn post(
         .map_err(|e| no_answer("sending", e))?;
     let raw = read_to_end(&mut stream, deadline).map_err(|e| no_answer("receiving", e))?;
     parse_response(&raw)
+}
+
+/// Largest line of a streamed answer (one watch response: the events of one revision).
+const MAX_LINE: usize = 64 << 20;
+
+/// A streamed answer being read: newline-delimited JSON messages (a watch).
+#[derive(Debug)]
+pub(super) struct LineStream {
+    stream: TcpStream,
+    /// Received and not decoded yet (chunk framing included).
+    raw: Vec<u8>,
+    /// Decoded body not yet returned as lines.
+    body: Vec<u8>,
+    chunked: bool,
+    /// The last chunk arrived: nothing more will come.
+    ended: bool,
+}
+
+impl LineStream {
+    /// POSTs `body` to `http://<endpoint><path>` and reads the answer's header (by `deadline`);
+    /// the body is then read line by line with [`LineStream::next_line`].
+    pub(super) fn open(
+        endpoint: &str,
+        path: &str,
+        body: &[u8],
+        deadline: Instant,
+    ) -> Result<LineStream, ExchangeError> {
+        let mut stream = connect(endpoint, deadline)?;
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let no_answer = |what: &str, e: io::Error| ExchangeError::NoAnswer(format!("{what}: {e}"));
+        set_timeouts(&stream, deadline).map_err(|e| no_answer("sending", e))?;
+        stream
+            .write_all(request.as_bytes())
+            .and_then(|()| stream.write_all(body))
+            .map_err(|e| no_answer("sending", e))?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 16 << 10];
+        let header_end = loop {
+            if let Some(end) = find(&raw, b"\r\n\r\n") {
+                break end;
+            }
+            if raw.len() > MAX_HEADER {
+                return Err(ExchangeError::Malformed(
+                    "no complete HTTP header".to_owned(),
+                ));
+            }
+            set_timeouts(&stream, deadline).map_err(|e| no_answer("receiving", e))?;
+            match stream.read(&mut buf) {
+                // Let the parser say what is wrong with what came.
+                Ok(0) => {
+                    return Err(parse_response(&raw).err().unwrap_or_else(|| {
+                        ExchangeError::Malformed("no complete HTTP header".to_owned())
+                    }))
+                }
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(no_answer("receiving", e)),
+            }
+        };
+        // The header alone, with an empty body, tells status and framing.
+        let head = &raw[..header_end + 4];
+        let chunked = find(&head.to_ascii_lowercase(), b"transfer-encoding: chunked").is_some();
+        let status_ok = head.starts_with(b"HTTP/1.1 200 ") || head.starts_with(b"HTTP/1.0 200 ");
+        if !status_ok {
+            // An error answer is short: read it whole for its message.
+            let rest = read_to_end(&mut stream, deadline).map_err(|e| no_answer("receiving", e))?;
+            raw.extend_from_slice(&rest);
+            return match parse_response(&raw) {
+                Ok(_) => Err(ExchangeError::Malformed("unexpected status".to_owned())),
+                Err(e) => Err(e),
+            };
+        }
+        let rest = raw.split_off(header_end + 4);
+        Ok(LineStream {
+            stream,
+            raw: rest,
+            body: Vec::new(),
+            chunked,
+            ended: false,
+        })
+    }
+
+    /// The next complete line of the body; `Ok(None)` when none came within `wait`. An error
+    /// when the connection ended or broke, or the answer is malformed.
+    pub(super) fn next_line(&mut self, wait: Duration) -> io::Result<Option<Vec<u8>>> {
+        let until = Instant::now() + wait;
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            self.decode()?;
+            if let Some(end) = self.body.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.body.drain(..=end).collect();
+                line.pop();
+                return Ok(Some(line));
+            }
+            if self.body.len() > MAX_LINE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a streamed message longer than {MAX_LINE} bytes"),
+                ));
+            }
+            if self.ended {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the streamed answer ended",
+                ));
+            }
+            let remaining = until.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Ok(None);
+            }
+            self.stream.set_read_timeout(Some(remaining))?;
+            match self.stream.read(&mut buf) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the connection closed",
+                    ))
+                }
+                Ok(n) => self.raw.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Moves what can be decoded from `raw` to `body`.
+    fn decode(&mut self) -> io::Result<()> {
+        if !self.chunked {
+            self.body.append(&mut self.raw);
+            return Ok(());
+        }
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+        while !self.ended {
+            let Some(line_end) = find(&self.raw, b"\r\n") else {
+                if self.raw.len() > 64 {
+                    return Err(bad("bad chunk size line"));
+                }
+                return Ok(());
+            };
+            let size = std::str::from_utf8(&self.raw[..line_end])
+                .ok()
+                .map(|s| s.split(';').next().unwrap_or_default().trim())
+                .and_then(|s| usize::from_str_radix(s, 16).ok())
+                .ok_or_else(|| bad("bad chunk size"))?;
+            if size > MAX_LINE {
+                return Err(bad("chunk too large"));
+            }
+            let needed = line_end + 2 + size + 2;
+            if self.raw.len() < needed {
+                return Ok(());
+            }
+            if size == 0 {
+                self.ended = true;
+            }
+            self.body
+                .extend_from_slice(&self.raw[line_end + 2..line_end + 2 + size]);
+            self.raw.drain(..needed);
+        }
+        Ok(())
+    }
 }
 
 fn connect(endpoint: &str, deadline: Instant) -> Result<TcpStream, ExchangeError> {

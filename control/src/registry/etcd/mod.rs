@@ -30,6 +30,7 @@
 //! changes that are only deletions lower the count.
 
 mod http;
+mod watch;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
@@ -46,7 +47,8 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use super::{
-    ContainerRecord, Fingerprint, FingerprintRepr, HostRecord, Registry, RegistryError, Snapshot,
+    ContainerRecord, Fingerprint, FingerprintRepr, HostRecord, Registry, RegistryError,
+    RegistryWatch, Snapshot,
 };
 use http::ExchangeError;
 
@@ -186,6 +188,14 @@ impl Registry for EtcdRegistry {
 
     fn fingerprint(&self) -> Result<Fingerprint, RegistryError> {
         self.client.fingerprint()
+    }
+
+    fn watch(&self) -> Result<Option<RegistryWatch>, RegistryError> {
+        watch::start(Arc::clone(&self.client)).map(Some)
+    }
+
+    fn add_container(&self, rec: &ContainerRecord) -> Result<u64, RegistryError> {
+        self.client.add_container(rec)
     }
 
     fn url(&self) -> String {
@@ -383,6 +393,18 @@ struct Desired {
     rewrite: bool,
 }
 
+/// What one key under the prefix holds, decoded.
+#[derive(Debug)]
+enum Entry {
+    Generation(u64),
+    Host(HostRecord),
+    Container(ContainerRecord),
+    /// A uniqueness index key (`ips/`, `netns/`).
+    Index,
+    /// A key a later version of the layout wrote: counted, never changed.
+    Foreign,
+}
+
 /// A put or delete of the transaction an update sends.
 enum Change {
     Put { value: Vec<u8>, lease: i64 },
@@ -482,72 +504,113 @@ impl Client {
     }
 
     fn read(&self) -> Result<Stored, RegistryError> {
+        self.read_at().map(|(stored, _)| stored)
+    }
+
+    /// Everything under the prefix in one range, and the revision it was read at.
+    fn read_at(&self) -> Result<(Stored, i64), RegistryError> {
         let (start, end) = prefix_range(&self.root);
         let range: RangeResponse = self.call(
             "/v3/kv/range",
             &json!({ "key": start, "range_end": end }),
             Retry::Safe,
         )?;
+        let revision = range.header.map_or(0, |h| h.revision);
+        let mut entries = Vec::with_capacity(range.kvs.len());
+        let mut kvs = BTreeMap::new();
+        for kv in &range.kvs {
+            let (key, value, entry) = self.decode(kv)?;
+            if !matches!(entry, Entry::Foreign) {
+                kvs.insert(
+                    key,
+                    StoredKv {
+                        value,
+                        mod_revision: kv.mod_revision,
+                        lease: kv.lease,
+                    },
+                );
+            }
+            entries.push((kv.create_revision, entry));
+        }
+        let snapshot = self.assemble(entries.iter().map(|(created, e)| (*created, e)))?;
+        Ok((Stored { snapshot, kvs }, revision))
+    }
+
+    /// The key, value and meaning of one key-value the gateway sent.
+    fn decode(&self, kv: &KeyValue) -> Result<(String, Vec<u8>, Entry), RegistryError> {
+        let key_bytes = BASE64
+            .decode(&kv.key)
+            .map_err(|e| self.corrupt(&kv.key, format!("key not base64: {e}")))?;
+        let key = String::from_utf8(key_bytes)
+            .map_err(|e| self.corrupt(&kv.key, format!("key not UTF-8: {e}")))?;
+        let value = BASE64
+            .decode(&kv.value)
+            .map_err(|e| self.corrupt(&key, format!("value not base64: {e}")))?;
+        let entry = self.entry(&key, &value)?;
+        Ok((key, value, entry))
+    }
+
+    /// What the key `key` holding `value` means in the layout.
+    fn entry(&self, key: &str, value: &[u8]) -> Result<Entry, RegistryError> {
+        let Some(relative) = key.strip_prefix(&self.root) else {
+            return Ok(Entry::Foreign);
+        };
+        if relative == "generation" {
+            let generation = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| self.corrupt(key, "not a decimal number".to_owned()))?;
+            Ok(Entry::Generation(generation))
+        } else if let Some(ip) = relative.strip_prefix("hosts/") {
+            let rec: HostRecord =
+                serde_json::from_slice(value).map_err(|e| self.corrupt(key, e.to_string()))?;
+            if ip != rec.host_ip.to_string() {
+                return Err(self.corrupt(key, format!("holds host {}", rec.host_ip)));
+            }
+            Ok(Entry::Host(rec))
+        } else if let Some(name) = relative.strip_prefix("containers/") {
+            let rec: ContainerRecord =
+                serde_json::from_slice(value).map_err(|e| self.corrupt(key, e.to_string()))?;
+            if name != rec.name {
+                return Err(self.corrupt(key, format!("holds container {:?}", rec.name)));
+            }
+            Ok(Entry::Container(rec))
+        } else if relative.starts_with("ips/") || relative.starts_with("netns/") {
+            Ok(Entry::Index)
+        } else {
+            // Written by a later version of the layout: not ours to change.
+            Ok(Entry::Foreign)
+        }
+    }
+
+    /// The snapshot made of `entries` (each with its create revision), validated.
+    fn assemble<'a>(
+        &self,
+        entries: impl Iterator<Item = (i64, &'a Entry)>,
+    ) -> Result<Snapshot, RegistryError> {
         let mut generation = 0;
         let mut hosts = Vec::new();
         let mut containers = Vec::new();
-        let mut kvs = BTreeMap::new();
-        for kv in range.kvs {
-            let key_bytes = BASE64
-                .decode(&kv.key)
-                .map_err(|e| self.corrupt(&kv.key, format!("key not base64: {e}")))?;
-            let key = String::from_utf8(key_bytes)
-                .map_err(|e| self.corrupt(&kv.key, format!("key not UTF-8: {e}")))?;
-            let value = BASE64
-                .decode(&kv.value)
-                .map_err(|e| self.corrupt(&key, format!("value not base64: {e}")))?;
-            let Some(relative) = key.strip_prefix(&self.root) else {
-                continue;
-            };
-            if relative == "generation" {
-                generation = std::str::from_utf8(&value)
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or_else(|| self.corrupt(&key, "not a decimal number".to_owned()))?;
-            } else if let Some(ip) = relative.strip_prefix("hosts/") {
-                let rec: HostRecord = serde_json::from_slice(&value)
-                    .map_err(|e| self.corrupt(&key, e.to_string()))?;
-                if ip != rec.host_ip.to_string() {
-                    return Err(self.corrupt(&key, format!("holds host {}", rec.host_ip)));
-                }
-                hosts.push((kv.create_revision, rec));
-            } else if let Some(name) = relative.strip_prefix("containers/") {
-                let rec: ContainerRecord = serde_json::from_slice(&value)
-                    .map_err(|e| self.corrupt(&key, e.to_string()))?;
-                if name != rec.name {
-                    return Err(self.corrupt(&key, format!("holds container {:?}", rec.name)));
-                }
-                containers.push((kv.create_revision, rec));
-            } else if !(relative.starts_with("ips/") || relative.starts_with("netns/")) {
-                // Written by a later version of the layout: not ours to change.
-                continue;
+        for (created, entry) in entries {
+            match entry {
+                Entry::Generation(g) => generation = *g,
+                Entry::Host(rec) => hosts.push((created, rec)),
+                Entry::Container(rec) => containers.push((created, rec)),
+                Entry::Index | Entry::Foreign => {}
             }
-            kvs.insert(
-                key,
-                StoredKv {
-                    value,
-                    mod_revision: kv.mod_revision,
-                    lease: kv.lease,
-                },
-            );
         }
         // In the order they were first written, as the file keeps them.
         hosts.sort_by_key(|(created, _)| *created);
         containers.sort_by_key(|(created, _)| *created);
         let snapshot = Snapshot {
             generation,
-            hosts: hosts.into_iter().map(|(_, h)| h).collect(),
-            containers: containers.into_iter().map(|(_, c)| c).collect(),
+            hosts: hosts.into_iter().map(|(_, h)| h.clone()).collect(),
+            containers: containers.into_iter().map(|(_, c)| c.clone()).collect(),
         };
         snapshot
             .validate()
             .map_err(|e| self.corrupt(&self.root, format!("invalid contents: {e}")))?;
-        Ok(Stored { snapshot, kvs })
+        Ok(snapshot)
     }
 
     /// Read, apply, validate, write the difference in one transaction; again on conflict.
@@ -584,6 +647,129 @@ impl Client {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        Err(RegistryError::EtcdContention {
+            url: self.url.clone(),
+            attempts: UPDATE_ATTEMPTS,
+        })
+    }
+
+    /// Registers `rec` reading only the keys it depends on: the generation and its host's
+    /// record (for the lease), in one transaction; then one transaction that creates the
+    /// container's three keys if all are absent and compares the two keys read. When it fails,
+    /// its other branch reads the three keys, which tells a name, address or namespace already
+    /// taken from a concurrent writer (then it starts again, bounded).
+    fn add_container(&self, rec: &ContainerRecord) -> Result<u64, RegistryError> {
+        super::check_record(rec)?;
+        let generation_key = format!("{}generation", self.root);
+        let host_key = host_key(&self.root, rec.host_ip);
+        let name_key = format!("{}containers/{}", self.root, rec.name);
+        let ip_key = format!("{}ips/{}", self.root, rec.ip);
+        let netns_key = format!("{}netns/{}", self.root, rec.netns.display());
+        let value = self.encode(rec)?;
+        let range = |key: &str| json!({ "request_range": { "key": BASE64.encode(key) } });
+        for attempt in 0..UPDATE_ATTEMPTS {
+            if attempt > 0 {
+                thread::sleep(backoff(attempt));
+            }
+            let read: TxnResponse = self.call(
+                "/v3/kv/txn",
+                &json!({ "success": [range(&generation_key), range(&host_key)] }),
+                Retry::Safe,
+            )?;
+            let [generation_kv, host_kv] = [0, 1].map(|i| {
+                read.responses
+                    .get(i)
+                    .and_then(|r| r.response_range.as_ref())
+                    .and_then(|r| r.kvs.first())
+            });
+            let generation = match generation_kv {
+                Some(kv) => match self.entry(&generation_key, &self.decode(kv)?.1)? {
+                    Entry::Generation(g) => g,
+                    _ => 0,
+                },
+                None => 0,
+            };
+            let next = generation.checked_add(1).ok_or_else(|| {
+                self.corrupt(
+                    &generation_key,
+                    "the generation counter is at its maximum".to_owned(),
+                )
+            })?;
+            let lease = host_kv.map_or(0, |kv| kv.lease);
+            let unchanged = |key: &str, kv: Option<&KeyValue>| match kv {
+                Some(kv) => json!({
+                    "key": BASE64.encode(key), "target": "MOD", "result": "EQUAL",
+                    "mod_revision": kv.mod_revision.to_string(),
+                }),
+                None => json!({
+                    "key": BASE64.encode(key), "target": "CREATE", "result": "EQUAL",
+                    "create_revision": "0",
+                }),
+            };
+            let put = |key: &str, value: &[u8], lease: i64| {
+                json!({ "request_put": {
+                    "key": BASE64.encode(key), "value": BASE64.encode(value),
+                    "lease": lease.to_string(),
+                }})
+            };
+            let body = json!({
+                "compare": [
+                    unchanged(&generation_key, generation_kv),
+                    unchanged(&host_key, host_kv),
+                    unchanged(&name_key, None),
+                    unchanged(&ip_key, None),
+                    unchanged(&netns_key, None),
+                ],
+                "success": [
+                    put(&generation_key, next.to_string().as_bytes(), 0),
+                    put(&name_key, &value, lease),
+                    put(&ip_key, rec.name.as_bytes(), lease),
+                    put(&netns_key, rec.name.as_bytes(), lease),
+                ],
+                "failure": [range(&name_key), range(&ip_key), range(&netns_key)],
+            });
+            let answer: TxnResponse = match self.call("/v3/kv/txn", &body, Retry::IfNotSent) {
+                // The host's lease expired between the read and the write: read again.
+                Err(RegistryError::EtcdRefused { message, .. })
+                    if message.contains("lease not found") =>
+                {
+                    continue;
+                }
+                other => other?,
+            };
+            if answer.succeeded {
+                return Ok(next);
+            }
+            let holder = |i: usize| {
+                answer
+                    .responses
+                    .get(i)
+                    .and_then(|r| r.response_range.as_ref())
+                    .and_then(|r| r.kvs.first())
+                    .map(|kv| {
+                        let value = BASE64.decode(&kv.value).unwrap_or_default();
+                        String::from_utf8_lossy(&value).into_owned()
+                    })
+            };
+            if holder(0).is_some() {
+                return Err(RegistryError::DuplicateName(rec.name.clone()));
+            }
+            if let Some(existing) = holder(1) {
+                return Err(RegistryError::DuplicateIp {
+                    ip: rec.ip,
+                    name: rec.name.clone(),
+                    existing,
+                });
+            }
+            if let Some(existing) = holder(2) {
+                return Err(RegistryError::DuplicateNetns {
+                    netns: rec.netns.clone(),
+                    name: rec.name.clone(),
+                    existing,
+                });
+            }
+            // Another writer changed the generation or the host's record first.
         }
         Err(RegistryError::EtcdContention {
             url: self.url.clone(),
@@ -817,7 +1003,14 @@ struct KeyValue {
 }
 
 #[derive(Deserialize)]
+struct ResponseHeader {
+    #[serde(default, deserialize_with = "int")]
+    revision: i64,
+}
+
+#[derive(Deserialize)]
 struct RangeResponse {
+    header: Option<ResponseHeader>,
     #[serde(default)]
     kvs: Vec<KeyValue>,
     #[serde(default, deserialize_with = "int")]
@@ -828,6 +1021,13 @@ struct RangeResponse {
 struct TxnResponse {
     #[serde(default)]
     succeeded: bool,
+    #[serde(default)]
+    responses: Vec<TxnOpResponse>,
+}
+
+#[derive(Deserialize)]
+struct TxnOpResponse {
+    response_range: Option<RangeResponse>,
 }
 
 #[derive(Deserialize)]
