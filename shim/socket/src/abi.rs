@@ -233,7 +233,7 @@ unsafe fn listen_shimmed(fd: c_int, backlog: c_int) -> c_int {
         seq: 0,
         ip,
         port,
-        backlog: backlog.max(0) as u32,
+        backlog: backlog_for_router(backlog),
     };
     // SAFETY: fd is the application's open socket for the duration of the call.
     let overlay = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
@@ -570,6 +570,26 @@ pub unsafe extern "C" fn closefrom(low: c_int) {
     // SAFETY: close_range's contract holds: plain numbers.
     unsafe {
         close_range(first, libc::c_uint::MAX, 0);
+    }
+}
+
+/// The backlog the router is told for an application's listen(fd, `backlog`). Linux reads a
+/// negative backlog as unsigned, so as its maximum (net.core.somaxconn): `listen(fd, -1)` asks
+/// for the largest queue, and the router clamps what it is told.
+fn backlog_for_router(backlog: c_int) -> u32 {
+    u32::try_from(backlog).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod backlog_tests {
+    use super::backlog_for_router;
+
+    #[test]
+    fn a_negative_backlog_asks_for_the_largest_queue_as_the_kernel_reads_it() {
+        assert_eq!(backlog_for_router(-1), u32::MAX);
+        assert_eq!(backlog_for_router(i32::MIN), u32::MAX);
+        assert_eq!(backlog_for_router(0), 0);
+        assert_eq!(backlog_for_router(511), 511);
     }
 }
 
