@@ -35,6 +35,7 @@
 
 mod attach;
 mod child;
+mod cluster_bench;
 mod error;
 mod prerequisites;
 mod rdma;

@@ -9,12 +9,11 @@ use std::process::Command;
 use freeflow_proto::report::{Progress, RdmaHostsReport};
 use serde_json::Value;
 
-use super::child::{bench_report, describe, run_child, succeeded, Seen};
-use super::error::{remove_leftover_dir, DemoError};
+use super::cluster_bench::ClusterBench;
+use super::error::DemoError;
 use super::signals::Interrupt;
 use super::steps::Steps;
-use super::{topology, DemoArgs, Programs};
-use crate::supervise::signal_name;
+use super::{DemoArgs, Programs};
 
 /// Sizes of one repetition: a fraction of a second in a release build on this VM (routers on
 /// two cores, other builds running), about 15 s in a debug build (the demo test's), whose
@@ -61,22 +60,14 @@ pub(super) fn rdma_hosts_part(
         .args(["--bw-ops", BW_OPS, "--tcp-seconds", TCP_SECONDS])
         .args(["--cm-connections", CM_CONNECTIONS])
         .args(["--tag", tag]);
-    let command = describe(&cmd);
-    let finished = run_child(&mut cmd, stop, &mut |seen| match seen {
-        Seen::Line(line) => match rdma_hosts_step(line, tag) {
-            Some(step) => steps.step(step),
-            None => steps.bench_note(line),
-        },
-        Seen::Signal(sig) => steps.note(format_args!(
-            "{}: freeflow-bench stops and removes its cluster",
-            signal_name(sig)
-        )),
-        Seen::Started(_) => {}
-    });
-    let leftovers = remove_leftovers(tag);
-    let out = succeeded(finished?, &command)?;
-    leftovers?;
-    let (json, report): (Value, RdmaHostsReport) = bench_report("rdma --hosts 2", &out)?;
+    let bench = ClusterBench {
+        part: "rdma --hosts 2",
+        tag,
+        // bench/src/rdma_hosts.rs `work_dir`.
+        work_dir_name: format!("freeflow-bench-rdma-hosts-{tag}"),
+    };
+    let (json, report): (Value, RdmaHostsReport) =
+        bench.run(&mut cmd, stop, steps, |line| rdma_hosts_step(line, tag))?;
     if report.median.routers.len() != 2 {
         return Err(DemoError::Unexpected(format!(
             "freeflow-bench rdma --hosts 2 reported {} routers, not 2",
@@ -84,24 +75,6 @@ pub(super) fn rdma_hosts_part(
         )));
     }
     Ok((json, report))
-}
-
-/// Removes what a freeflow-bench that could not clean up left of cluster `tag`.
-fn remove_leftovers(tag: &str) -> Result<(), DemoError> {
-    let mut problems = Vec::new();
-    match topology::netns_of_tag(tag) {
-        Ok(left) if left.is_empty() => {}
-        Ok(_) => {
-            if let Err(e) = topology::teardown_tag(tag) {
-                problems.push(e.to_string());
-            }
-        }
-        Err(e) => problems.push(e.to_string()),
-    }
-    // freeflow-bench's directory for the cluster (bench/src/rdma_hosts.rs `work_dir`).
-    let work = std::env::temp_dir().join(format!("freeflow-bench-rdma-hosts-{tag}"));
-    remove_leftover_dir(&work, &mut problems);
-    DemoError::check_cleanup(problems)
 }
 
 #[cfg(test)]

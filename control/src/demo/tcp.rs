@@ -7,12 +7,11 @@ use std::process::Command;
 use freeflow_proto::report::{Progress, TcpPath, TcpReport};
 use serde_json::Value;
 
-use super::child::{bench_report, describe, run_child, succeeded, Seen};
-use super::error::{remove_leftover_dir, DemoError};
+use super::cluster_bench::ClusterBench;
+use super::error::DemoError;
 use super::signals::Interrupt;
 use super::steps::Steps;
-use super::{topology, DemoArgs, Programs};
-use crate::supervise::signal_name;
+use super::{DemoArgs, Programs};
 
 /// Per-repetition sizes of the TCP round-trip and setup measurements (those of scripts/demo.sh):
 /// about one second per path on this VM, so the default demo takes about a minute.
@@ -67,24 +66,14 @@ pub(super) fn tcp_part(
             "--tag",
             tag,
         ]);
-    let command = describe(&cmd);
-    let finished = run_child(&mut cmd, stop, &mut |seen| match seen {
-        Seen::Line(line) => match tcp_step(line, tag) {
-            Some(step) => steps.step(step),
-            None => steps.bench_note(line),
-        },
-        Seen::Signal(sig) => steps.note(format_args!(
-            "{}: freeflow-bench stops and removes its cluster",
-            signal_name(sig)
-        )),
-        Seen::Started(_) => {}
-    });
-    // Whatever happened to freeflow-bench (killed after the limit, crashed), nothing of its
-    // cluster may stay: its namespaces (and the processes in them) and its directory.
-    let leftovers = remove_bench_leftovers(tag);
-    let out = succeeded(finished?, &command)?;
-    leftovers?;
-    let (json, report): (Value, TcpReport) = bench_report("tcp", &out)?;
+    let bench = ClusterBench {
+        part: "tcp",
+        tag,
+        // bench/src/tcp/mod.rs `work_dir`.
+        work_dir_name: format!("freeflow-bench-tcp-{tag}"),
+    };
+    let (json, report): (Value, TcpReport) =
+        bench.run(&mut cmd, stop, steps, |line| tcp_step(line, tag))?;
     if report.paths.len() != 3 {
         return Err(DemoError::Unexpected(format!(
             "freeflow-bench tcp reported {} paths, not host, overlay and Freeflow",
@@ -92,24 +81,6 @@ pub(super) fn tcp_part(
         )));
     }
     Ok((json, report))
-}
-
-/// Removes what a freeflow-bench that could not clean up left of cluster `tag`.
-fn remove_bench_leftovers(tag: &str) -> Result<(), DemoError> {
-    let mut problems = Vec::new();
-    match topology::netns_of_tag(tag) {
-        Ok(left) if left.is_empty() => {}
-        Ok(_) => {
-            if let Err(e) = topology::teardown_tag(tag) {
-                problems.push(e.to_string());
-            }
-        }
-        Err(e) => problems.push(e.to_string()),
-    }
-    // freeflow-bench's directory for the cluster (bench/src/tcp/mod.rs `work_dir`).
-    let work = std::env::temp_dir().join(format!("freeflow-bench-tcp-{tag}"));
-    remove_leftover_dir(&work, &mut problems);
-    DemoError::check_cleanup(problems)
 }
 
 #[cfg(test)]
