@@ -9,14 +9,14 @@
 //! (`cargo build --workspace`: router and shim), python3 and containernetworking-plugins
 //! (scripts/test.sh installs them); without them the test fails saying so.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use freeflow_control::os;
-use freeflow_testbed::test_support::{self, describe, VNET};
+use freeflow_testbed::test_support::{self, describe, run_within, succeed_within, VNET};
 use freeflow_testbed::{self as topology, names, Cluster, ClusterSpec};
 use serde_json::{json, Value};
 
@@ -89,42 +89,16 @@ impl Drop for Netns {
 
 /// Runs `cmd` (stdin closed) within PROCESS_LIMIT, else kills it and fails.
 fn run(cmd: &mut Command) -> Output {
-    run_with_input(cmd, b"")
+    run_within(cmd, b"", PROCESS_LIMIT)
 }
 
 fn run_with_input(cmd: &mut Command, input: &[u8]) -> Output {
-    let described = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {described}: {e}"));
-    let pid = child.id() as i32;
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let input = input.to_vec();
-    // Written on a thread of its own, so that a child that does not read cannot block us.
-    std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(PROCESS_LIMIT) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("{described}: {e}")),
-        Err(_) => {
-            let _ = os::send_signal(pid, libc::SIGKILL);
-            panic!("{described} did not finish within {PROCESS_LIMIT:?}");
-        }
-    }
+    run_within(cmd, input, PROCESS_LIMIT)
 }
 
 #[track_caller]
 fn succeed(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?}: {}", describe(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    succeed_within(cmd, PROCESS_LIMIT)
 }
 
 /// One attachment, as a runtime describes it in the environment.

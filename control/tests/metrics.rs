@@ -5,19 +5,21 @@
 //! show. Needs root, a built router (`cargo build --workspace`), curl and promtool
 //! (scripts/test.sh installs them); without them the test fails saying so.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use freeflow_control::os;
-use freeflow_testbed::test_support::{self, describe, require_programs, VNET};
+use freeflow_testbed::test_support::{
+    self, describe, require_programs, run_within, succeed_within, VNET,
+};
 use freeflow_testbed::{self as topology, Cluster, ClusterSpec};
 
 /// The `freeflow` binary under test.
 const FREEFLOW: &str = env!("CARGO_BIN_EXE_freeflow");
 /// Where the daemon serves the metrics, inside the test's own host namespace.
 const METRICS_ADDR: &str = "127.0.0.1:9464";
+/// Every wait on a process is bounded by this.
+const PROCESS_LIMIT: Duration = Duration::from_secs(30);
 /// Debian's python (a python earlier on the PATH may be another build).
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 /// One TCP connect to 10.32.0.3:9 (container a2, nothing listens), whatever its outcome.
@@ -38,44 +40,18 @@ impl Drop for Up<'_> {
     }
 }
 
-/// Runs `cmd` (stdin closed) within 30 s, else kills it and fails.
+/// Runs `cmd` (stdin closed) within PROCESS_LIMIT, else kills it and fails.
 fn run(cmd: &mut Command) -> Output {
-    run_with_input(cmd, b"")
+    run_within(cmd, b"", PROCESS_LIMIT)
 }
 
 fn run_with_input(cmd: &mut Command, input: &[u8]) -> Output {
-    let described = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {described}: {e}"));
-    let pid = child.id() as i32;
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let input = input.to_vec();
-    // Written on a thread of its own, so that a child that does not read cannot block us.
-    std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("{described}: {e}")),
-        Err(_) => {
-            let _ = os::send_signal(pid, libc::SIGKILL);
-            panic!("{described} did not finish within 30 s");
-        }
-    }
+    run_within(cmd, input, PROCESS_LIMIT)
 }
 
 #[track_caller]
 fn succeed(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?}: {}", describe(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    succeed_within(cmd, PROCESS_LIMIT)
 }
 
 /// `promtool check metrics` on `text`: it must accept it (exit 0, no lint problem).
