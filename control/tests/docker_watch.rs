@@ -4,7 +4,9 @@
 //! garbage events, an event without an id, and a container whose description is not JSON; the
 //! daemon logs and skips them and keeps registering the good ones: at start (reconcile, also
 //! removing a stale record of a container that no longer runs), on `start` and `die` events,
-//! and again after the event stream breaks (the engine "restarted" without a container).
+//! and again after the event stream breaks (the engine "restarted" without a container). A
+//! quiet stream makes the watcher ping the engine; a stopped engine (accepts, never answers)
+//! fails the ping and the watcher starts over once it answers again.
 //! Needs root and a built workspace (`cargo build --workspace`: the router).
 
 use std::io::{BufRead, BufReader, Write};
@@ -32,6 +34,9 @@ struct World {
     inspect: Vec<(String, Vec<u8>)>,
     events: Option<Sender<Option<String>>>,
     event_streams_opened: usize,
+    /// The engine is stopped (SIGSTOP): connections are accepted, nothing is answered.
+    frozen: bool,
+    pings: usize,
 }
 
 type Shared = Arc<Mutex<World>>;
@@ -58,6 +63,13 @@ fn answer(mut conn: UnixStream, world: &Shared) {
         }
     }
     let path = request.split(' ').nth(1).unwrap_or("").to_owned();
+    // A stopped engine: the request waits (bounded) until it runs again.
+    for _ in 0..1200 {
+        if !world.lock().unwrap().frozen {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let reply = |conn: &mut UnixStream, status: &str, body: &[u8]| {
         let _ = write!(
             conn,
@@ -88,6 +100,9 @@ fn answer(mut conn: UnixStream, world: &Shared) {
             }
         }
         let _ = conn.write_all(b"0\r\n\r\n");
+    } else if path == "/_ping" {
+        world.lock().unwrap().pings += 1;
+        reply(&mut conn, "200 OK", b"OK");
     } else if path == "/containers/json" {
         let list: Vec<Value> = world
             .lock()
@@ -230,7 +245,9 @@ fn the_watcher_registers_from_a_hostile_engine_and_reconciles() {
             .arg(&state)
             .args(["--host-ip-prefix", "192.168.1.0/24", "--vnet-prefix", VNET])
             .args(["--registry", &registry])
-            .args(extra);
+            .args(extra)
+            // Ping the engine after 300 ms without an event instead of 30 s.
+            .env("FREEFLOW_DOCKER_QUIET_MS", "300");
         run(&mut cmd);
     };
     up(&[]);
@@ -337,4 +354,42 @@ fn the_watcher_registers_from_a_hostile_engine_and_reconciles() {
     let text = run(topology::command_in(&host, FREEFLOW).args(["status", "--dir", &dir]));
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("docker:     following"), "{text}");
+
+    // A quiet stream is checked with pings; the engine then stops answering (frozen): the
+    // watcher notices (status: not connected, the reason) instead of waiting for ever, and
+    // follows the engine again once it answers.
+    let pings = poll(LIMIT, Duration::from_millis(100), || {
+        let n = world.lock().unwrap().pings;
+        (n >= 2).then_some(n)
+    });
+    assert!(
+        pings.is_some(),
+        "a quiet stream was never checked with a ping"
+    );
+    let opened = world.lock().unwrap().event_streams_opened;
+    world.lock().unwrap().frozen = true;
+    let silent = poll(LIMIT, Duration::from_millis(200), || {
+        let out =
+            run(topology::command_in(&host, FREEFLOW).args(["status", "--json", "--dir", &dir]));
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let watch = status["daemon"]["docker"].clone();
+        (watch["connected"] == false).then_some(watch)
+    })
+    .expect("status --json reports the watcher disconnected from a stopped engine");
+    assert!(
+        silent["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer to a ping"),
+        "{silent}"
+    );
+    world.lock().unwrap().frozen = false;
+    let resumed = poll(LIMIT, Duration::from_millis(100), || {
+        (world.lock().unwrap().event_streams_opened > opened).then_some(())
+    });
+    assert!(
+        resumed.is_some(),
+        "the watcher never opened the event stream again after the engine ran again\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }

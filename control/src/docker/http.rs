@@ -1,11 +1,12 @@
 //! A small HTTP/1.1 client for the Docker engine API over its Unix socket: `GET` with a
 //! `Content-Length` or chunked body, and a chunked body read as a stream of lines (`/events`).
 //!
-//! The engine is trusted no more than a container: every read has a timeout (except the event
-//! stream's wait for the next event, which the caller bounds by reconnecting), header and body
+//! The engine is trusted no more than a container: every read has a timeout (the event
+//! stream's wait for the next event returns [`Next::Quiet`] after the caller's period), header and body
 //! sizes are capped, and anything malformed is an [`HttpError`], never a panic or a hang.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -60,6 +61,26 @@ enum Framing {
     Close,
 }
 
+/// What [`Response::next_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// A line, without its newline.
+    Line(Vec<u8>),
+    /// The body ended.
+    End,
+    /// Nothing arrived for the quiet period.
+    Quiet,
+}
+
+/// Asks the engine whether it is alive (`GET /_ping`), each read and write bounded by
+/// `io_limit`: an engine that was stopped (SIGSTOP, a hung process) still accepts connections
+/// on its socket, but does not answer.
+pub fn ping(socket: &Path, io_limit: Duration) -> Result<(), HttpError> {
+    get_within(socket, "/_ping", io_limit)?
+        .read_body()
+        .map(drop)
+}
+
 /// An open response whose body is still to be read.
 pub struct Response {
     reader: BufReader<UnixStream>,
@@ -73,10 +94,15 @@ pub struct Response {
 /// Sends `GET path` to the engine at `socket` and reads the status line and headers; fails on
 /// a status other than 2xx (with the engine's message).
 pub fn get(socket: &Path, path: &str) -> Result<Response, HttpError> {
+    get_within(socket, path, IO_TIMEOUT)
+}
+
+/// [`get`], each read and write of the exchange bounded by `io_limit`.
+fn get_within(socket: &Path, path: &str, io_limit: Duration) -> Result<Response, HttpError> {
     let stream = UnixStream::connect(socket).map_err(io_err("cannot connect to the engine"))?;
     stream
-        .set_read_timeout(Some(IO_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
+        .set_read_timeout(Some(io_limit))
+        .and_then(|()| stream.set_write_timeout(Some(io_limit)))
         .map_err(io_err("cannot set socket timeouts"))?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: docker\r\nUser-Agent: freeflow\r\nConnection: close\r\n\r\n"
@@ -155,36 +181,47 @@ impl Response {
         }
     }
 
-    /// Waits for the body to hold another line and returns it without its newline; `None` at
-    /// the end of the body. The wait has no timeout (an event stream is quiet while nothing
-    /// happens; an engine that stops closes the socket); a timeout could cut a chunk header in
-    /// two. A line longer than [`MAX_EVENT_LINE`] is an error.
-    pub fn next_line(&mut self, pending: &mut Vec<u8>) -> Result<Option<Vec<u8>>, HttpError> {
-        self.reader
-            .get_ref()
-            .set_read_timeout(None)
-            .map_err(io_err("cannot set the read timeout"))?;
+    /// Waits for the body to hold another line and returns it without its newline
+    /// ([`Next::Line`]); [`Next::End`] at the end of the body; [`Next::Quiet`] when nothing
+    /// arrived for `quiet` (an event stream is quiet while nothing happens: the caller then
+    /// checks that the engine still answers, see [`ping`]). Only the wait for the first byte of
+    /// more data is bounded by `quiet`, so a quiet stream is never cut inside a chunk; a read
+    /// once data flows is bounded by [`IO_TIMEOUT`] (an engine that stops inside a chunk is an
+    /// error). A line longer than [`MAX_EVENT_LINE`] is an error. `pending` keeps a partial
+    /// line between calls.
+    pub fn next_line(&mut self, pending: &mut Vec<u8>, quiet: Duration) -> Result<Next, HttpError> {
         let mut buf = [0u8; 16 * 1024];
         loop {
             if let Some(pos) = pending.iter().position(|&b| b == b'\n') {
                 let mut line: Vec<u8> = pending.drain(..=pos).collect();
                 line.pop();
-                return Ok(Some(line));
+                return Ok(Next::Line(line));
             }
             if pending.len() > MAX_EVENT_LINE {
                 return Err(HttpError::Malformed(format!(
                     "event line longer than {MAX_EVENT_LINE} bytes"
                 )));
             }
+            if !self.done && self.reader.buffer().is_empty() && !self.readable_within(quiet)? {
+                return Ok(Next::Quiet);
+            }
             let n = self.read_some(&mut buf)?;
             if n == 0 {
                 if pending.is_empty() {
-                    return Ok(None);
+                    return Ok(Next::End);
                 }
-                return Ok(Some(std::mem::take(pending)));
+                return Ok(Next::Line(std::mem::take(pending)));
             }
             pending.extend_from_slice(&buf[..n]);
         }
+    }
+
+    /// Whether the engine's socket becomes readable (data, or its end) within `limit`.
+    fn readable_within(&self, limit: Duration) -> Result<bool, HttpError> {
+        let fd = self.reader.get_ref().as_fd();
+        let ready = freeflow_os::poll::poll_readable(&[fd], limit)
+            .map_err(io_err("cannot wait for the event stream"))?;
+        Ok(ready.first().copied().unwrap_or(false))
     }
 
     /// Reads body bytes into `buf`, undoing the framing; 0 at the end of the body.
@@ -351,10 +388,54 @@ mod tests {
         );
         let mut r = get(&p, "/events").unwrap();
         let mut pending = Vec::new();
-        assert_eq!(r.next_line(&mut pending).unwrap().unwrap(), b"{}");
-        assert_eq!(r.next_line(&mut pending).unwrap().unwrap(), b"{}");
-        assert_eq!(r.next_line(&mut pending).unwrap().unwrap(), b"");
-        assert!(r.next_line(&mut pending).unwrap().is_none());
+        let mut next = || r.next_line(&mut pending, IO_TIMEOUT).unwrap();
+        assert_eq!(next(), Next::Line(b"{}".to_vec()));
+        assert_eq!(next(), Next::Line(b"{}".to_vec()));
+        assert_eq!(next(), Next::Line(Vec::new()));
+        assert_eq!(next(), Next::End);
+    }
+
+    /// A stream that goes quiet inside a line (the engine stopped, or nothing happens) gives
+    /// Quiet without losing what it already read; the line completes when more comes.
+    #[test]
+    fn a_quiet_stream_is_reported_and_keeps_its_partial_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (go_on, wait) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let _ = conn.read(&mut req);
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n");
+            let _ = wait.recv_timeout(Duration::from_secs(10));
+            let _ = conn.write_all(b"5\r\n\":1}\n\r\n0\r\n\r\n");
+        });
+        let mut r = get(&path, "/events").unwrap();
+        let mut pending = Vec::new();
+        let quiet = Duration::from_millis(50);
+        assert_eq!(r.next_line(&mut pending, quiet).unwrap(), Next::Quiet);
+        assert_eq!(r.next_line(&mut pending, quiet).unwrap(), Next::Quiet);
+        go_on.send(()).unwrap();
+        let line = r.next_line(&mut pending, IO_TIMEOUT).unwrap();
+        assert_eq!(line, Next::Line(b"{\"a\":1}".to_vec()));
+        assert_eq!(r.next_line(&mut pending, IO_TIMEOUT).unwrap(), Next::End);
+    }
+
+    /// An engine that accepts but never answers (stopped) fails the ping instead of hanging it.
+    #[test]
+    fn ping_fails_for_an_engine_that_does_not_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.sock");
+        // Bound and listening, never accepted: connects succeed, nothing is ever answered.
+        let _listener = UnixListener::bind(&path).unwrap();
+        match ping(&path, Duration::from_millis(100)) {
+            Err(HttpError::Io { .. }) => {}
+            other => panic!("ping of a silent engine: {other:?}"),
+        }
+        let (_d, p) = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK");
+        ping(&p, IO_TIMEOUT).unwrap();
     }
 
     #[test]

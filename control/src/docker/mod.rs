@@ -51,6 +51,9 @@ pub const DEFAULT_TENANT: &str = "default";
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest wait between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// After this long without an event the watcher pings the engine (a stopped engine keeps its
+/// event stream open and silent). `FREEFLOW_DOCKER_QUIET_MS` overrides it (tests).
+const QUIET: Duration = Duration::from_secs(30);
 /// A session that lasted this long resets the back-off.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 
@@ -76,6 +79,19 @@ pub enum DockerError {
         /// What is wrong with it.
         #[source]
         source: engine::ParseError,
+    },
+    /// The event stream was quiet and the engine did not answer a ping (stopped, hung).
+    #[error(
+        "Docker engine at {socket}: no event for {quiet:?} and no answer to a ping ({source})"
+    )]
+    Silent {
+        /// The engine's socket.
+        socket: String,
+        /// How long the stream had been quiet.
+        quiet: Duration,
+        /// How the ping failed.
+        #[source]
+        source: HttpError,
     },
     /// The event stream ended (the engine stopped or restarted).
     #[error("Docker engine at {0}: the event stream ended")]
@@ -217,6 +233,10 @@ pub fn spawn(
         config: config.clone(),
         socket,
         report: report.clone(),
+        quiet: std::env::var("FREEFLOW_DOCKER_QUIET_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map_or(QUIET, Duration::from_millis),
     };
     std::thread::Builder::new()
         .name("docker".into())
@@ -229,6 +249,8 @@ struct Watcher {
     config: Config,
     socket: PathBuf,
     report: Arc<Mutex<DockerWatchStatus>>,
+    /// See [`QUIET`].
+    quiet: Duration,
 }
 
 impl Watcher {
@@ -316,10 +338,27 @@ impl Watcher {
         self.reconcile(&running);
         let mut pending = Vec::new();
         loop {
-            let line = events
-                .next_line(&mut pending)
+            let line = match events
+                .next_line(&mut pending, self.quiet)
                 .map_err(self.http_err())?
-                .ok_or_else(|| DockerError::StreamEnded(self.socket.display().to_string()))?;
+            {
+                http::Next::Line(line) => line,
+                http::Next::End => {
+                    return Err(DockerError::StreamEnded(self.socket.display().to_string()))
+                }
+                // Nothing happened for a while; a stopped engine looks the same, but does not
+                // answer a ping: then start over (and reconcile) rather than wait for ever.
+                http::Next::Quiet => {
+                    http::ping(&self.socket, http::IO_TIMEOUT).map_err(|source| {
+                        DockerError::Silent {
+                            socket: self.socket.display().to_string(),
+                            quiet: self.quiet,
+                            source,
+                        }
+                    })?;
+                    continue;
+                }
+            };
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
