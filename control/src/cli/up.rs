@@ -264,6 +264,15 @@ fn restore_settings(dir: &RuntimeDir, previous: Option<&Config>) {
     }
 }
 
+/// The shims' files as cargo builds them, next to the `freeflow` executable (the images copy
+/// the same list: docker/Dockerfile, scripts/docker-image.sh).
+pub const SHIM_FILES: [&str; 4] = [
+    "libfsocket.so",
+    "libibverbs.so",
+    "librdmacm.so",
+    "libfreeflow_providers.so",
+];
+
 /// Copies the shims from next to the `freeflow` executable into DIR, mode 0444 (directories
 /// 0755): containers load them, nobody writes them in place. A missing shim is a
 /// warning (the router and TCP-less setups work without it); a failing copy is an error.
@@ -274,12 +283,13 @@ fn restore_settings(dir: &RuntimeDir, previous: Option<&Config>) {
 /// needs the kernel's /dev/infiniband/rdma_cm).
 fn install_shims(dir: &RuntimeDir) -> Result<(), CliError> {
     let verbs_dir = |file: &str| dir.verbs_shim().with_file_name(file);
+    let [socket, verbs, rdmacm, providers] = SHIM_FILES;
     for (name, dest) in [
-        ("libfsocket.so", dir.socket_shim()),
-        ("libibverbs.so", dir.verbs_shim()),
-        ("librdmacm.so", verbs_dir("librdmacm.so.1")),
-        ("libfreeflow_providers.so", verbs_dir("libmlx5.so.1")),
-        ("libfreeflow_providers.so", verbs_dir("libefa.so.1")),
+        (socket, dir.socket_shim()),
+        (verbs, dir.verbs_shim()),
+        (rdmacm, verbs_dir("librdmacm.so.1")),
+        (providers, verbs_dir("libmlx5.so.1")),
+        (providers, verbs_dir("libefa.so.1")),
     ] {
         let src = supervise::sibling_of_exe(name);
         if !src.is_file() {
@@ -435,5 +445,37 @@ fn stop_daemon(child: &mut Child) {
     if !matches!(child.try_wait(), Ok(Some(_))) {
         let _ = child.kill();
         let _ = child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SHIM_FILES;
+
+    /// The images carry every shim `up` installs (the Dockerfile once lacked librdmacm).
+    #[test]
+    fn the_images_copy_every_shim() {
+        let dockerfile = include_str!("../../../docker/Dockerfile");
+        let offline = include_str!("../../../scripts/docker-image.sh");
+        for name in SHIM_FILES {
+            assert!(
+                dockerfile.contains(&format!("/src/target/release/{name}")),
+                "docker/Dockerfile does not copy {name}"
+            );
+            assert!(
+                offline.contains(&format!(" {name}")),
+                "scripts/docker-image.sh does not copy {name}"
+            );
+        }
+        for package in [
+            "freeflow-shim-socket",
+            "freeflow-shim-verbs",
+            "freeflow-shim-rdmacm",
+        ] {
+            assert!(
+                dockerfile.contains(&format!("-p {package}")),
+                "docker/Dockerfile does not build {package}"
+            );
+        }
     }
 }
