@@ -1,0 +1,223 @@
+//! The router's hardware backend (dataplane feature `rdma-hw`, rdma-core's libibverbs through
+//! rdma-sys), tested against a NIC made of a Freeflow router: router S runs the software
+//! engine; a freeflow-router built with the feature (H) runs in a namespace registered as a
+//! container `nic` of S, with S's `DIR/verbs` on its library path, so the device it opens is
+//! S's `ffv0` and every verb it makes goes through exactly the calls it would make on mlx5 or
+//! rxe.
+//!
+//! - `--rdma-probe`: H opens `ffv0`, connects two RC QPs of its own through it, moves SENDs,
+//!   RDMA WRITEs and READs of several sizes (checked byte for byte), and a forged rkey fails
+//!   with REM_ACCESS_ERR and writes nothing.
+//! - `freeflow up --rdma-device ffv0` brings H up as a daemon-supervised router that holds the
+//!   device (its log names the device and its GID, the nic container's overlay address); a
+//!   device that is not there fails `up` with an error naming it.
+//! - A namespace S does not know (not registered) reaches no device: H fails with an error,
+//!   within a bound, and S serves on.
+//! - The default router build refuses `--rdma-device` (it neither links nor loads libibverbs).
+//!
+//! Needs root, a built workspace and the feature build of the router:
+//! `CARGO_TARGET_DIR=target/rdma-hw cargo build -p freeflow-dataplane --features rdma-hw`
+//! (scripts/test.sh does it; `FREEFLOW_HW_ROUTER` names another binary).
+
+mod common;
+
+use common::{assert_success, target_dir, Site, SiteSpec, FREEFLOW};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+/// The router built with the `rdma-hw` feature.
+fn hw_router() -> PathBuf {
+    let path = std::env::var_os("FREEFLOW_HW_ROUTER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let profile = target_dir();
+            let profile_name = profile.file_name().unwrap().to_owned();
+            profile
+                .parent()
+                .unwrap()
+                .join("rdma-hw")
+                .join(profile_name)
+                .join("freeflow-router")
+        });
+    assert!(
+        path.is_file(),
+        "{} missing: build the hardware backend first (CARGO_TARGET_DIR=target/rdma-hw cargo \
+         build -p freeflow-dataplane --features rdma-hw), or set FREEFLOW_HW_ROUTER",
+        path.display()
+    );
+    path
+}
+
+/// One host with router S; containers `nic` (10.32.0.9, where router H runs) and `stranger`
+/// (10.32.0.10, never registered), `nic` of tenant infra.
+fn site(prefix: &str) -> Site {
+    Site::create_verbs(SiteSpec {
+        prefix,
+        work_prefix: "ff-verbs-nic",
+        hosts: 1,
+        containers: &[(0, "nic", [10, 32, 0, 9]), (0, "stranger", [10, 32, 0, 10])],
+        registered: &[("nic", "infra")],
+        verbs_timeout: 60,
+        ..SiteSpec::default()
+    })
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn hardware_backend_drives_the_nested_device_end_to_end() {
+    let site = site("vnic");
+    let router = hw_router();
+    let out = site.run_verbs_app("nic", &router, &["--rdma-device", "ffv0", "--rdma-probe"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("rdma probe ok: device ffv0")
+            && said.contains("of 5 sizes checked")
+            && said.contains("forged rkey was refused"),
+        "{said}"
+    );
+    // `auto` finds the same device (its only port is active).
+    let out = site.run_verbs_app("nic", &router, &["--rdma-device", "auto", "--rdma-probe"]);
+    assert!(
+        text(&out).contains("rdma probe ok: device ffv0"),
+        "{}",
+        text(&out)
+    );
+    // A namespace router S does not know reaches no device: an error, not a hang (the run is
+    // bounded by the site's timeout, which would kill it with SIGKILL).
+    let out = site.run_verbs_app(
+        "stranger",
+        &router,
+        &["--rdma-device", "ffv0", "--rdma-probe"],
+    );
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("--rdma-device ffv0"), "{said}");
+    // S serves on: the registered one still probes.
+    let out = site.run_verbs_app("nic", &router, &["--rdma-device", "ffv0", "--rdma-probe"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Runs `freeflow down` for router H's directory when dropped (the site's own drop brings S
+/// down afterwards).
+struct Down<'a> {
+    site: &'a Site,
+    dir: PathBuf,
+}
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .site
+            .verbs_app("nic", &*FREEFLOW, &[])
+            .args(["down", "--dir"])
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+/// `freeflow ARGS` in the nic container, with S's verbs library and H's router binary.
+fn freeflow_in_nic(site: &Site, args: &[&str], dir: &std::path::Path) -> Output {
+    let c = site.cluster().container("nic").unwrap().clone();
+    let s_dir = &site.dirs[0];
+    // No `timeout` wrapper: `up` starts a daemon that must outlive it. `up` itself is bounded
+    // (it waits for the daemon's readiness for a few seconds at most).
+    freeflow_testbed::command_in(&c.netns, "env")
+        .arg(format!("FREEFLOW_DIR={}", s_dir.display()))
+        .arg(format!("LD_LIBRARY_PATH={}", s_dir.join("verbs").display()))
+        .arg(format!("FREEFLOW_ROUTER={}", hw_router().display()))
+        .arg(&*FREEFLOW)
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .args([
+            "--host-ip",
+            "10.32.0.9",
+            "--vnet-prefix",
+            "10.64.0.0/12",
+            "--registry",
+        ])
+        // A registry per DIR: each is a host of its own.
+        .arg(format!(
+            "file:{}",
+            site.work
+                .join(format!(
+                    "{}-registry.json",
+                    dir.file_name().unwrap().to_string_lossy()
+                ))
+                .display()
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn freeflow_up_hands_the_device_to_a_supervised_router() {
+    let site = site("vnicup");
+    let h_dir = site.work.join("H");
+    let _down = Down {
+        site: &site,
+        dir: h_dir.clone(),
+    };
+    let out = freeflow_in_nic(&site, &["up", "--rdma-device", "ffv0"], &h_dir);
+    assert_success(&out, "freeflow up --rdma-device ffv0 (router H)");
+    let state = freeflow_proto::paths::state_dir(&h_dir);
+    let log = std::fs::read_to_string(state.join("router.log")).unwrap();
+    assert!(
+        log.contains("RDMA device ffv0 port 1 active") && log.contains("::ffff:10.32.0.9"),
+        "{log}"
+    );
+    let config = std::fs::read_to_string(state.join("config.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(parsed["rdma_device"], "ffv0", "{config}");
+
+    // A device that is not there: `up` fails, and says which device and what there is.
+    let bad_dir = site.work.join("H2");
+    let _down_bad = Down {
+        site: &site,
+        dir: bad_dir.clone(),
+    };
+    let out = freeflow_in_nic(&site, &["up", "--rdma-device", "mlx5_9"], &bad_dir);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    let bad_log =
+        std::fs::read_to_string(freeflow_proto::paths::state_dir(&bad_dir).join("router.log"))
+            .unwrap_or_default();
+    assert!(
+        format!("{said}{bad_log}").contains("no RDMA device mlx5_9"),
+        "{said}\n{bad_log}"
+    );
+}
+
+#[test]
+fn the_default_router_build_refuses_an_rdma_device() {
+    let out = Command::new(target_dir().join("freeflow-router"))
+        .args(["--rdma-device", "rxe0", "--dir"])
+        .arg(std::env::temp_dir().join("ff-nic-default-refuses"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("built without the rdma-hw feature"), "{said}");
+    // And it does not load libibverbs (no dynamic dependency on it).
+    let ldd = Command::new("ldd")
+        .arg(target_dir().join("freeflow-router"))
+        .output()
+        .unwrap();
+    assert!(ldd.status.success(), "{}", text(&ldd));
+    assert!(
+        !String::from_utf8_lossy(&ldd.stdout).contains("libibverbs"),
+        "{}",
+        text(&ldd)
+    );
+}
