@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use sys::{
     Completion, Cq, Destination, Device, Mr, NicError, OwnBuffer, Pd, Qp, QpCaps, SendOpcode,
-    SendRequest, Sge,
+    SendRequest, Sge, SharedFileBuffer,
 };
 
 /// The one port the backend uses.
@@ -92,6 +92,41 @@ pub struct ProbeReport {
     pub sizes_checked: usize,
 }
 
+/// What the probe measured, in nanoseconds per operation (medians of [`COST_RUNS`] runs).
+#[derive(Debug, Clone, Copy)]
+pub struct Costs {
+    /// Translating one container send WQE (one SGE, RDMA WRITE: a local and a remote key)
+    /// into the device's terms: what the backend adds to each post, on this CPU.
+    pub translate_send_ns: f64,
+    /// Translating one device completion back (virtual QP numbers).
+    pub translate_completion_ns: f64,
+    /// A 64-byte SEND through the device, from post to its completion (one at a time).
+    pub device_send_ns: f64,
+}
+
+/// Runs of each measurement; the median is reported.
+const COST_RUNS: usize = 5;
+/// Operations per run of a translation measurement.
+const TRANSLATIONS_PER_RUN: u32 = 200_000;
+/// SENDs per run of the device measurement.
+const SENDS_PER_RUN: u32 = 200;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Whether the device registers memory as the backend holds the containers' (a shared mapping
+/// of a memory file, written through another mapping), and carries it without a copy.
+#[derive(Debug)]
+pub enum ZeroCopy {
+    /// Registered, and a SEND from it carried the bytes written through the other mapping.
+    Works,
+    /// The device refused the registration (Freeflow's own device does: its library
+    /// registers only private pages it can move onto its own memory file).
+    Refused(NicError),
+}
+
 /// Why the probe failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -111,7 +146,7 @@ pub enum ProbeError {
 
 /// The probe's QP pair and buffers.
 struct Loop {
-    _pd: Arc<Pd>,
+    pd: Arc<Pd>,
     cq: Arc<Cq>,
     a: Qp,
     b: Qp,
@@ -188,7 +223,7 @@ impl Nic {
         let src_mr = Mr::register(&pd, src.clone(), rights)?;
         let dst_mr = Mr::register(&pd, dst.clone(), rights)?;
         Ok(Loop {
-            _pd: pd,
+            pd,
             cq,
             a,
             b,
@@ -283,6 +318,150 @@ impl Nic {
             qpns: (l.a.qpn, l.b.qpn),
             sizes_checked: checked,
         })
+    }
+
+    /// Measures the translation's cost and a SEND through the device ([`Costs`]).
+    pub fn measure(&self) -> Result<Costs, ProbeError> {
+        use freeflow_proto::verbs::work::{send_flags, SendWqe, SendWqeHeader, Sge as VSge};
+        use freeflow_proto::verbs::AccessFlags;
+        let mr = translate::MrEntry {
+            pd: 1,
+            access: AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE,
+            iova: 0x7000_0000,
+            length: 1 << 20,
+            real_addr: 0x5555_0000_0000,
+            real_lkey: 0x100,
+            real_rkey: 0x200,
+        };
+        let mut table = translate::KeyTable::default();
+        // A table of a realistic size: the lookups are hash lookups.
+        for k in 0..256u32 {
+            table.insert(1000 + 2 * k, 1001 + 2 * k, mr);
+        }
+        let header = SendWqeHeader {
+            wr_id: 1,
+            opcode: freeflow_proto::verbs::work::WrOpcode::RdmaWrite as u8,
+            flags: send_flags::SIGNALED as u8,
+            num_sge: 1,
+            rkey: 1001,
+            remote_addr: 0x7000_1000,
+            ..SendWqeHeader::default()
+        };
+        let mut slot = vec![0u8; SendWqe::slot_bytes(1, 0)];
+        header.write(&mut slot);
+        VSge {
+            addr: 0x7000_0040,
+            length: 64,
+            lkey: 1000,
+        }
+        .write(&mut slot[SendWqeHeader::LEN..]);
+        let wqe = SendWqe::decode(&slot, 1, 0)
+            .map_err(|_| NicError::Invalid("the measurement's WQE does not decode"))?;
+        let per_op = |start: Instant, n: u32| start.elapsed().as_nanos() as f64 / f64::from(n);
+        let mut sends = Vec::new();
+        let mut completions = Vec::new();
+        let wc = Completion {
+            wr_id: 1,
+            qp_num: 0x99,
+            byte_len: 64,
+            ..Completion::default()
+        };
+        for _ in 0..COST_RUNS {
+            let start = Instant::now();
+            for _ in 0..TRANSLATIONS_PER_RUN {
+                let r = translate::translate_send(
+                    std::hint::black_box(&wqe),
+                    &slot,
+                    (&table, 1),
+                    (&table, 1),
+                    false,
+                );
+                std::hint::black_box(r).map_err(|_| NicError::Invalid("translation failed"))?;
+            }
+            sends.push(per_op(start, TRANSLATIONS_PER_RUN));
+            let start = Instant::now();
+            for _ in 0..TRANSLATIONS_PER_RUN {
+                std::hint::black_box(translate::translate_completion(
+                    std::hint::black_box(&wc),
+                    0x1234,
+                    0x1235,
+                ));
+            }
+            completions.push(per_op(start, TRANSLATIONS_PER_RUN));
+        }
+        let l = self.connect_loop()?;
+        let mut device = Vec::new();
+        for _ in 0..COST_RUNS {
+            let start = Instant::now();
+            for _ in 0..SENDS_PER_RUN {
+                l.b.post_recv(
+                    1,
+                    &[Sge {
+                        addr: l.dst_mr.addr,
+                        length: 64,
+                        lkey: l.dst_mr.lkey,
+                    }],
+                )?;
+                l.a.post_send(&SendRequest {
+                    wr_id: 2,
+                    opcode: SendOpcode::Send,
+                    sges: &[Sge {
+                        addr: l.src_mr.addr,
+                        length: 64,
+                        lkey: l.src_mr.lkey,
+                    }],
+                    signaled: true,
+                    fence: false,
+                })?;
+                expect(&l.cq, 2, wc_status::SUCCESS, "measured SEND")?;
+            }
+            device.push(per_op(start, SENDS_PER_RUN));
+        }
+        Ok(Costs {
+            translate_send_ns: median(sends),
+            translate_completion_ns: median(completions),
+            device_send_ns: median(device),
+        })
+    }
+
+    /// Registers a shared mapping of a memory file, as the backend registers a container's
+    /// memory (the router's mapping of the container's memory file), writes a pattern through
+    /// a second mapping of the file (the container's view), SENDs from the registered one and
+    /// checks what arrives.
+    pub fn probe_zero_copy(&self) -> Result<ZeroCopy, ProbeError> {
+        let l = self.connect_loop()?;
+        let shared = Arc::new(SharedFileBuffer::new(PROBE_BUFFER)?);
+        let rights = access::LOCAL_WRITE | access::REMOTE_WRITE | access::REMOTE_READ;
+        let mr = match Mr::register(&l.pd, shared.clone(), rights) {
+            Ok(mr) => mr,
+            Err(e) => return Ok(ZeroCopy::Refused(e)),
+        };
+        let container_view = shared.second_view()?;
+        let pattern: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+        container_view.write(0, &pattern)?;
+        l.dst.write(0, &[0; 4096])?;
+        l.b.post_recv(
+            1,
+            &[Sge {
+                addr: l.dst_mr.addr,
+                length: 4096,
+                lkey: l.dst_mr.lkey,
+            }],
+        )?;
+        l.a.post_send(&SendRequest {
+            wr_id: 2,
+            opcode: SendOpcode::Send,
+            sges: &[Sge {
+                addr: mr.addr,
+                length: 4096,
+                lkey: mr.lkey,
+            }],
+            signaled: true,
+            fence: false,
+        })?;
+        expect(&l.cq, 2, wc_status::SUCCESS, "SEND from shared memory")?;
+        check_bytes(&l.dst, &pattern, "SEND from shared memory")?;
+        Ok(ZeroCopy::Works)
     }
 }
 

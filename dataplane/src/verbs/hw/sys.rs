@@ -326,6 +326,64 @@ impl Drop for OwnBuffer {
     }
 }
 
+/// Memory as the router holds a container's: a shared mapping of a sealed memory file (a
+/// memfd), of which [`SharedFileBuffer::second_view`] makes a second mapping, as the container
+/// has its own. What the backend registers with the device, with no copy.
+#[derive(Debug)]
+pub struct SharedFileBuffer {
+    map: OwnBuffer,
+    file: std::os::fd::OwnedFd,
+}
+
+impl SharedFileBuffer {
+    pub fn new(len: usize) -> Result<SharedFileBuffer, NicError> {
+        let file = freeflow_os::memfd::sized(
+            c"ff-nic-probe",
+            len as u64,
+            freeflow_os::memfd::FIXED_SIZE_SEALS,
+        )
+        .map_err(|source| NicError::Call {
+            verb: "memfd_create",
+            source,
+        })?;
+        let map = Self::map_file(&file, len)?;
+        Ok(SharedFileBuffer { map, file })
+    }
+
+    fn map_file(file: &std::os::fd::OwnedFd, len: usize) -> Result<OwnBuffer, NicError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a new shared mapping of the whole file at an address the kernel picks;
+        // checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(call_error("mmap", 0));
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or(NicError::Invalid("mmap returned NULL"))?;
+        Ok(OwnBuffer { ptr, len })
+    }
+
+    /// Another mapping of the same file (the container's view of the same pages).
+    pub fn second_view(&self) -> Result<OwnBuffer, NicError> {
+        Self::map_file(&self.file, self.map.len)
+    }
+}
+
+// SAFETY: the mapping lives until drop (it is an OwnBuffer, unmapped then), at its address.
+unsafe impl DeviceMemory for SharedFileBuffer {
+    fn range(&self) -> (NonNull<u8>, usize) {
+        self.map.range()
+    }
+}
+
 /// A registered memory region (the device's keys for `memory`).
 #[derive(Debug)]
 pub struct Mr {
