@@ -507,7 +507,7 @@ impl Drop for Cq {
 }
 
 /// One scatter/gather entry in the device's terms (real address and lkey).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Sge {
     pub addr: u64,
     pub length: u32,

@@ -11,7 +11,7 @@
 use super::sys::{SendOpcode, Sge as RealSge};
 use crate::verbs::NumberMap;
 use freeflow_proto::verbs::wc_status;
-use freeflow_proto::verbs::work::{send_flags, Cqe, SendWqe, Sge, WrOpcode};
+use freeflow_proto::verbs::work::{send_flags, Cqe, SendWqe, Sge, WrOpcode, MAX_SGE};
 use freeflow_proto::verbs::AccessFlags;
 use std::net::Ipv4Addr;
 
@@ -76,7 +76,7 @@ impl KeyTable {
             return Err(KeyFault::AccessDenied);
         }
         let end = addr.checked_add(len).ok_or(KeyFault::OutOfRange)?;
-        if addr < mr.iova || end > mr.iova + mr.length {
+        if addr < mr.iova || end > mr.iova.saturating_add(mr.length) {
             return Err(KeyFault::OutOfRange);
         }
         Ok(mr)
@@ -118,13 +118,21 @@ impl KeyTable {
     }
 }
 
-/// A send work request ready for the device.
+/// A send work request ready for the device (no allocation: this runs for every WQE).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RealSend {
     pub opcode: SendOpcode,
-    pub sges: Vec<RealSge>,
+    sges: [RealSge; MAX_SGE as usize],
+    num_sge: usize,
     pub signaled: bool,
     pub fence: bool,
+}
+
+impl RealSend {
+    /// Its scatter/gather entries in the device's terms.
+    pub fn sges(&self) -> &[RealSge] {
+        &self.sges[..self.num_sge]
+    }
 }
 
 /// Translates a container's send WQE (decoded from `slot`) on a QP of protection domain `pd`
@@ -147,12 +155,21 @@ pub fn translate_send(
     let op = WrOpcode::try_from(h.opcode).map_err(|_| wc_status::LOC_QP_OP_ERR)?;
     let (own_table, own_pd) = own;
     let write_locally = op == WrOpcode::RdmaRead;
-    let sges = wqe
-        .sges(slot)
-        .map(|s| own_table.local(own_pd, s, write_locally))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| wc_status::LOC_PROT_ERR)?;
-    let total: u64 = wqe.sges(slot).map(|s| u64::from(s.length)).sum();
+    let mut sges = [RealSge::default(); MAX_SGE as usize];
+    let mut num_sge = 0;
+    let mut total = 0u64;
+    // The decoder bounds the count by the QP's max_send_sge (at most MAX_SGE); `zip` keeps to
+    // the array regardless.
+    for (out, s) in sges.iter_mut().zip(wqe.sges(slot)) {
+        *out = own_table
+            .local(own_pd, s, write_locally)
+            .map_err(|_| wc_status::LOC_PROT_ERR)?;
+        total += u64::from(s.length);
+        num_sge += 1;
+    }
+    if num_sge != usize::from(h.num_sge) {
+        return Err(wc_status::LOC_QP_OP_ERR);
+    }
     let (peer_table, peer_pd) = peer;
     let remote = |need| {
         peer_table
@@ -178,6 +195,7 @@ pub fn translate_send(
     Ok(RealSend {
         opcode,
         sges,
+        num_sge,
         signaled: sq_sig_all || h.has(send_flags::SIGNALED),
         fence: h.has(send_flags::FENCE),
     })
@@ -326,8 +344,8 @@ mod tests {
         );
         let real = translate_send(&decode(&s), &s, (&a, 1), (&b, 2), false).unwrap();
         assert_eq!(
-            real.sges,
-            vec![RealSge {
+            real.sges(),
+            [RealSge {
                 addr: 0x5555_0000_1010,
                 length: 100,
                 lkey: 0xaaaa
