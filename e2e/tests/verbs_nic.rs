@@ -49,13 +49,20 @@ fn hw_router() -> PathBuf {
 }
 
 /// One host with router S; containers `nic` (10.32.0.9, where router H runs) and `stranger`
-/// (10.32.0.10, never registered), `nic` of tenant infra.
+/// (10.32.0.10, never registered), `nic` of tenant infra; and H's application containers in
+/// H's overlay 10.64.0.0/12 (registered with H by the tests that use them, never with S).
 fn site(prefix: &str) -> Site {
     Site::create_verbs(SiteSpec {
         prefix,
         work_prefix: "ff-verbs-nic",
         hosts: 1,
-        containers: &[(0, "nic", [10, 32, 0, 9]), (0, "stranger", [10, 32, 0, 10])],
+        containers: &[
+            (0, "nic", [10, 32, 0, 9]),
+            (0, "stranger", [10, 32, 0, 10]),
+            (0, "hserver", [10, 64, 0, 2]),
+            (0, "hclient", [10, 64, 0, 3]),
+            (0, "hother", [10, 64, 0, 4]),
+        ],
         registered: &[("nic", "infra")],
         verbs_timeout: 60,
         ..SiteSpec::default()
@@ -238,4 +245,116 @@ fn the_default_router_build_refuses_an_rdma_device() {
         "{}",
         text(&ldd)
     );
+}
+
+/// `program ARGS` in container `name` as an application of router H (H's `DIR/verbs`),
+/// killed after 60 s.
+fn h_app(site: &Site, h_dir: &std::path::Path, name: &str, program: &str) -> Command {
+    let c = site.cluster().container(name).unwrap().clone();
+    let mut cmd = freeflow_testbed::command_in(&c.netns, "env");
+    cmd.arg(format!("FREEFLOW_DIR={}", h_dir.display()))
+        .arg(format!("LD_LIBRARY_PATH={}", h_dir.join("verbs").display()))
+        .args(["timeout", "-s", "KILL", "60", program])
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// `ibv_rc_pingpong -p PORT ARGS` as server in `server` and client (naming 10.64.0.2) in
+/// `client`, both applications of router H.
+fn h_pingpong(
+    site: &Site,
+    h_dir: &std::path::Path,
+    (server, client): (&str, &str),
+    port: u16,
+    args: &[&str],
+) -> (Output, Output) {
+    let port_arg = port.to_string();
+    let mut server_child = h_app(site, h_dir, server, "ibv_rc_pingpong")
+        .args(["-p", &port_arg])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    site.wait_listening(server, port, Some(&mut server_child));
+    let client_out = h_app(site, h_dir, client, "ibv_rc_pingpong")
+        .args(["-p", &port_arg])
+        .args(args)
+        .arg("10.64.0.2")
+        .output()
+        .unwrap();
+    if !client_out.status.success() {
+        // A client that failed leaves the server waiting for it: end it now.
+        let _ = server_child.kill();
+    }
+    (server_child.wait_with_output().unwrap(), client_out)
+}
+
+/// The nested topology the hardware backend's tests run in: router H (the `rdma-hw` build,
+/// holding S's `ffv0`) is itself a container of S, and its own application containers (H's
+/// overlay, registered with H only) run Debian's unmodified `ibv_rc_pingpong -g 0` through H's
+/// `DIR/verbs`, at a few sizes; a container of another tenant of H cannot connect. H serves
+/// these containers' verbs with its software engine for now (the shard does not post through
+/// the device yet: README, "On a real RDMA device"); once it does, this is the test that
+/// carries their traffic through the device.
+#[test]
+fn containers_of_the_nested_router_run_ibv_rc_pingpong() {
+    let site = site("vnicpp");
+    let h_dir = site.work.join("H");
+    let _down = Down {
+        site: &site,
+        dir: h_dir.clone(),
+    };
+    let out = freeflow_in_nic(&site, &["up", "--rdma-device", "ffv0"], &h_dir);
+    assert_success(&out, "freeflow up --rdma-device ffv0 (router H)");
+    for (name, ip, tenant) in [
+        ("hserver", "10.64.0.2", "blue"),
+        ("hclient", "10.64.0.3", "blue"),
+        ("hother", "10.64.0.4", "red"),
+    ] {
+        let c = site.cluster().container(name).unwrap().clone();
+        let out = site
+            .verbs_app("nic", &*FREEFLOW, &[])
+            .args(["container", "add", name, "--dir"])
+            .arg(&h_dir)
+            .arg("--netns")
+            .arg(&c.netns_path)
+            .args(["--ip", ip, "--tenant", tenant])
+            .output()
+            .unwrap();
+        assert_success(&out, &format!("container add {name} (router H)"));
+    }
+    for (port, size, iters) in [
+        (18611, "64", 500),
+        (18612, "4096", 300),
+        (18613, "100000", 30),
+    ] {
+        let iters_arg = iters.to_string();
+        let runs = h_pingpong(
+            &site,
+            &h_dir,
+            ("hserver", "hclient"),
+            port,
+            &["-g", "0", "-c", "-s", size, "-n", &iters_arg],
+        );
+        for (who, out) in [("server", &runs.0), ("client", &runs.1)] {
+            let said = text(out);
+            assert!(out.status.success(), "{who} (size {size}): {said}");
+            assert!(
+                said.contains(&format!("{iters} iters in"))
+                    && said.contains("GID ::ffff:10.64.0.2")
+                    && said.contains("GID ::ffff:10.64.0.3"),
+                "{who} (size {size}): {said}"
+            );
+        }
+    }
+    // Tenant red's container and blue's server exchange QP numbers over TCP, but blue's QP
+    // cannot connect to red's (RTR fails: another tenant is unreachable), so the server gives
+    // up and the client gets nothing.
+    let runs = h_pingpong(&site, &h_dir, ("hserver", "hother"), 18614, &["-g", "0"]);
+    let (server, client) = (text(&runs.0), text(&runs.1));
+    assert!(!runs.0.status.success(), "{server}");
+    assert!(server.contains("Failed to modify QP to RTR"), "{server}");
+    assert!(!runs.1.status.success(), "{client}");
+    assert!(!client.contains("iters in"), "{client}");
 }
