@@ -210,7 +210,11 @@ fn open_rdma_device(config: &Config) -> Result<Option<verbs::hw::Nic>, String> {
     };
     let choice = verbs::hw::DeviceChoice::parse(name)?;
     let nic = verbs::hw::Nic::open(&choice).map_err(|e| format!("--rdma-device {name}: {e}"))?;
-    info!("{}", nic.describe());
+    info!(
+        "{}; containers' verbs still run in the software engine (the backend does not carry \
+         them yet)",
+        nic.describe()
+    );
     Ok(Some(nic))
 }
 
