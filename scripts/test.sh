@@ -87,8 +87,10 @@ fi
 # registry tests start their own etcd; the packaged service is not used), rdmacm-utils (rping,
 # ucmatose, rdma_server/rdma_client, cmtime through Freeflow's librdmacm), librdmacm1 (Debian's
 # library, whose symbols ours must all export) and librdmacm-dev (the rdma_cm headers of the C
-# probe).
-packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest gcc libc6-dev nginx postgresql curl libfabric-bin ucx-utils python3-pyverbs prometheus containernetworking-plugins iptables docker.io etcd-server rdmacm-utils librdmacm1 librdmacm-dev)
+# probe), libclang-dev and pkg-config (the router's hardware backend, feature rdma-hw: rdma-sys
+# runs bindgen over the verbs and rdma_cm headers and finds libibverbs and librdmacm with
+# pkg-config).
+packages=(iproute2 iputils-ping procps python3 iperf3 redis-server redis-tools ibverbs-utils libibverbs-dev strace perftest gcc libc6-dev nginx postgresql curl libfabric-bin ucx-utils python3-pyverbs prometheus containernetworking-plugins iptables docker.io etcd-server rdmacm-utils librdmacm1 librdmacm-dev libclang-dev pkg-config)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -128,6 +130,13 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build (the CLI and shim tests use the built binaries and libraries)"
 cargo build --workspace
+# The router with the hardware backend, in a target directory of its own (the default router
+# must neither link nor load libibverbs): its lints, its unit tests, and the binary that
+# e2e/tests/verbs_nic.rs runs on Freeflow's own device.
+echo "== the router's hardware backend (feature rdma-hw): clippy, unit tests, build"
+CARGO_TARGET_DIR=target/rdma-hw cargo clippy -p freeflow-dataplane --features rdma-hw --all-targets -- -D warnings
+CARGO_TARGET_DIR=target/rdma-hw cargo test -p freeflow-dataplane --features rdma-hw --bin freeflow-router -- verbs::hw
+CARGO_TARGET_DIR=target/rdma-hw cargo build -p freeflow-dataplane --features rdma-hw
 echo "== cargo test"
 cargo test --workspace
 echo "== loom model of the ring"

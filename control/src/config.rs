@@ -248,6 +248,9 @@ pub struct Config {
     pub registry: String,
     /// Cores handed to the router (`--cores`); `None` lets the router choose.
     pub cores: Option<String>,
+    /// RDMA device handed to the router (`--rdma-device`); `None`: the software engine only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma_device: Option<String>,
     /// Router-to-router port, recorded in the host record.
     pub peer_port: u16,
     /// Where the daemon serves Prometheus metrics (`--metrics`); `None`: it does not.
@@ -502,6 +505,7 @@ mod tests {
             vnet_prefix: "10.32.0.0/12".parse().unwrap(),
             registry: dir.default_registry_url(),
             cores: Some("1".into()),
+            rdma_device: Some("rxe0".into()),
             peer_port: DEFAULT_PEER_PORT,
             metrics: Some("127.0.0.1:9464".parse().unwrap()),
             docker: None,

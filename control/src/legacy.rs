@@ -141,6 +141,7 @@ mod tests {
             vnet_prefix: "10.32.0.0/12".parse().unwrap(),
             registry,
             cores: None,
+            rdma_device: None,
             peer_port: 7471,
         }
     }

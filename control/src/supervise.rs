@@ -90,6 +90,8 @@ pub struct RouterSpec {
     pub state_dir: PathBuf,
     /// `--cores`, if the user chose.
     pub cores: Option<String>,
+    /// `--rdma-device`, if the user chose one.
+    pub rdma_device: Option<String>,
     /// File its stdout and stderr are appended to.
     pub log: PathBuf,
 }
@@ -171,6 +173,9 @@ impl Router {
             .arg(theirs.as_raw_fd().to_string());
         if let Some(cores) = &spec.cores {
             cmd.arg("--cores").arg(cores);
+        }
+        if let Some(device) = &spec.rdma_device {
+            cmd.arg("--rdma-device").arg(device);
         }
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_error)?)

@@ -743,6 +743,30 @@ fn router_start_failure_is_reported_by_up() {
 }
 
 #[test]
+fn rdma_device_reaches_the_router_and_bad_names_are_refused() {
+    preflight();
+    let d = Daemons::new();
+    // The workspace's router is the default build: it refuses the device it is handed, and
+    // `up` reports the router's reason (the option did reach it).
+    let r = fail_with(
+        up_at(d.dir(), "127.0.0.1", &["--rdma-device", "rxe0"]),
+        "built without the rdma-hw feature",
+    );
+    assert!(processes_naming(&d.dir).is_empty(), "processes left: {r}");
+    assert!(
+        !d.state("config.json").exists(),
+        "settings of a failed up were kept"
+    );
+    // Not a device name: refused before anything starts.
+    for bad in ["../rxe0", "rxe/0", "rxe 0", ""] {
+        fail_with(
+            up_at(d.dir(), "127.0.0.1", &["--rdma-device", bad]),
+            "--rdma-device",
+        );
+    }
+}
+
+#[test]
 fn crashing_router_is_restarted_with_backoff() {
     preflight();
     let d = Daemons::new();

@@ -8,7 +8,8 @@
 //!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here) to `sys` (socket calls, the ready
 //! pipe), `uring` (io_uring submissions), `jail::kernel` (bpf(2), SO_MARK) and, inside `verbs`,
-//! to its `memory` and `notify` modules. Signals, poll and memory files are `freeflow-os`'s.
+//! to its `memory` and `notify` modules, and with the `rdma-hw` feature to `verbs::hw::sys`
+//! (rdma-core's verbs). Signals, poll and memory files are `freeflow-os`'s.
 #![deny(unsafe_code)]
 
 mod admission;
@@ -82,6 +83,20 @@ struct Args {
     /// write "ready\n" to this fd once serving, then close it
     #[arg(long, value_name = "FD")]
     ready_fd: Option<i32>,
+    /// open this RDMA device (a libibverbs device name, or `auto`: the first with an active
+    /// port 1) and keep it; needs a router built with the `rdma-hw` feature [default: none, the
+    /// software engine only]
+    #[arg(long, value_name = "NAME|auto")]
+    rdma_device: Option<String>,
+    /// with --rdma-device: check the device end to end (two QPs of the router's own carry
+    /// SEND, RDMA WRITE and READ of several sizes, a forged rkey is refused), print the result
+    /// and exit instead of serving
+    #[arg(long, requires = "rdma_device")]
+    rdma_probe: bool,
+    /// with --rdma-probe: also measure what the backend's translation costs per work request
+    /// and completion, and a SEND through the device (medians of 5 runs)
+    #[arg(long, requires = "rdma_probe")]
+    rdma_bench: bool,
 }
 
 /// A parsed `--cores` list (a newtype, so that clap takes it as one value).
@@ -95,6 +110,9 @@ struct Config {
     spin: Duration,
     geometry: RingGeometry,
     ready_fd: Option<i32>,
+    rdma_device: Option<String>,
+    rdma_probe: bool,
+    rdma_bench: bool,
 }
 
 fn parse_core_list(s: &str) -> Result<CoreList, String> {
@@ -161,6 +179,9 @@ fn configure(args: Args) -> Result<Config, String> {
         spin: Duration::from_micros(args.spin_us),
         geometry,
         ready_fd: args.ready_fd,
+        rdma_device: args.rdma_device,
+        rdma_probe: args.rdma_probe,
+        rdma_bench: args.rdma_bench,
     })
 }
 
@@ -181,7 +202,89 @@ fn raise_open_file_limit() {
     }
 }
 
+/// The device `--rdma-device` names, opened (the router keeps it while it serves).
+#[cfg(feature = "rdma-hw")]
+fn open_rdma_device(config: &Config) -> Result<Option<verbs::hw::Nic>, String> {
+    let Some(name) = &config.rdma_device else {
+        return Ok(None);
+    };
+    let choice = verbs::hw::DeviceChoice::parse(name)?;
+    let nic = verbs::hw::Nic::open(&choice).map_err(|e| format!("--rdma-device {name}: {e}"))?;
+    info!(
+        "{}; containers' verbs still run in the software engine (the backend does not carry \
+         them yet)",
+        nic.describe()
+    );
+    Ok(Some(nic))
+}
+
+/// Without the `rdma-hw` feature, `--rdma-device` is refused.
+#[cfg(not(feature = "rdma-hw"))]
+fn open_rdma_device(config: &Config) -> Result<Option<()>, String> {
+    match &config.rdma_device {
+        None => Ok(None),
+        Some(name) => Err(format!(
+            "--rdma-device {name}: this freeflow-router was built without the rdma-hw feature \
+             (cargo build -p freeflow-dataplane --features rdma-hw)"
+        )),
+    }
+}
+
+/// `--rdma-probe`: checks the opened device end to end and prints one line.
+#[cfg(feature = "rdma-hw")]
+fn probe_rdma_device(nic: Option<verbs::hw::Nic>, bench: bool) -> Result<(), String> {
+    let nic = nic.ok_or("--rdma-probe needs --rdma-device")?;
+    let sizes = [1, 64, 4096, 65536, 1 << 20];
+    let report = nic
+        .probe(&sizes)
+        .map_err(|e| format!("RDMA probe of {} failed: {e}", nic.device.name()))?;
+    println!(
+        "rdma probe ok: device {} QPs {:#x} and {:#x}: SEND, RDMA WRITE, RDMA READ of {} sizes \
+         checked; a forged rkey was refused (REM_ACCESS_ERR)",
+        nic.device.name(),
+        report.qpns.0,
+        report.qpns.1,
+        report.sizes_checked
+    );
+    if bench {
+        let costs = nic
+            .measure()
+            .map_err(|e| format!("RDMA probe of {} failed: {e}", nic.device.name()))?;
+        println!(
+            "rdma probe: translation {:.1} ns per send WQE, {:.1} ns per completion; a 64-byte \
+             SEND through the device {:.0} ns from post to completion (medians of 5 runs)",
+            costs.translate_send_ns, costs.translate_completion_ns, costs.device_send_ns
+        );
+    }
+    match nic
+        .probe_zero_copy()
+        .map_err(|e| format!("RDMA probe of {} failed: {e}", nic.device.name()))?
+    {
+        verbs::hw::ZeroCopy::Works => println!(
+            "rdma probe: zero-copy registration of shared memory-file pages works (what the \
+             backend registers for containers)"
+        ),
+        verbs::hw::ZeroCopy::Refused(e) => println!(
+            "rdma probe: zero-copy registration of shared memory-file pages refused: {e} (the \
+             backend cannot register containers' memory on this device)"
+        ),
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "rdma-hw"))]
+fn probe_rdma_device(_: Option<()>, _: bool) -> Result<(), String> {
+    Err("--rdma-probe: built without the rdma-hw feature".into())
+}
+
 fn run(config: Config) -> Result<(), String> {
+    // First: a device that cannot be opened fails the start, before anything is created.
+    let nic = open_rdma_device(&config)?;
+    if config.rdma_probe {
+        return probe_rdma_device(nic, config.rdma_bench);
+    }
+    // Kept open while the router serves.
+    let _nic = nic;
     raise_open_file_limit();
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| format!("cannot create {}: {e}", config.dir.display()))?;

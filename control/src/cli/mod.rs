@@ -151,6 +151,11 @@ struct UpArgs {
     /// Cores for the router's shards, e.g. 1 or 0,1 or 0-3 [default: the router's choice]
     #[arg(long, value_name = "LIST")]
     cores: Option<String>,
+    /// RDMA device the router opens (a libibverbs device name, or `auto`: the first with an
+    /// active port); needs a freeflow-router built with the rdma-hw feature [default: none,
+    /// the router's software verbs engine]
+    #[arg(long, value_name = "NAME|auto")]
+    rdma_device: Option<String>,
     /// Router-to-router port, recorded in this host's registry record [default: 7471]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     peer_port: Option<u16>,

@@ -337,6 +337,7 @@ mod tests {
                 vnet_prefix: "10.32.0.0/12".parse().unwrap(),
                 registry: "file:/r.json".into(),
                 cores: Some("0,1".into()),
+                rdma_device: None,
                 peer_port: 7471,
                 metrics: None,
                 docker: None,

@@ -78,6 +78,12 @@ fn settings(args: UpArgs, dir: &RuntimeDir, previous: Option<&Config>) -> Result
     if let Some(cores) = &cores {
         check_cores(cores)?;
     }
+    let rdma_device = args
+        .rdma_device
+        .or_else(|| previous.and_then(|c| c.rdma_device.clone()));
+    if let Some(name) = &rdma_device {
+        check_rdma_device(name)?;
+    }
     let peer_port = args
         .peer_port
         .or(previous.map(|c| c.peer_port))
@@ -88,6 +94,7 @@ fn settings(args: UpArgs, dir: &RuntimeDir, previous: Option<&Config>) -> Result
         vnet_prefix,
         registry,
         cores,
+        rdma_device,
         peer_port,
         metrics: args.metrics,
         docker: args.docker.or_else(env_docker),
@@ -162,6 +169,17 @@ fn env_prefix(name: &str) -> Result<Option<Ipv4Net>, CliError> {
 }
 
 /// A `--cores` list has the router's form: digits, commas and dashes.
+/// A device name as libibverbs lists them (or `auto`): no path, no option.
+fn check_rdma_device(name: &str) -> Result<(), CliError> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if name.is_empty() || name.len() > 64 || name.starts_with('-') || !name.chars().all(plain) {
+        return Err(CliError::Invalid(format!(
+            "--rdma-device {name:?}: expected a device name such as rxe0 or mlx5_0, or auto"
+        )));
+    }
+    Ok(())
+}
+
 fn check_cores(cores: &str) -> Result<(), CliError> {
     if cores.is_empty()
         || !cores

@@ -253,6 +253,7 @@ impl Daemon {
             dir: dir.path().to_path_buf(),
             state_dir: dir.state().to_path_buf(),
             cores: config.cores.clone(),
+            rdma_device: config.rdma_device.clone(),
             log: dir.router_log(),
         };
         let now = Instant::now();

@@ -13,7 +13,8 @@
 //! range lies inside the region (no wrap-around), and the region grants the access.
 //!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here) to `memory` (the memory file,
-//! mappings, views) and `notify` (the completion channels' pipes).
+//! mappings, views), `notify` (the completion channels' pipes) and, with the `rdma-hw`
+//! feature, `hw::sys` (rdma-core's verbs).
 //!
 //! `engine` (with `exec`) is the software verbs engine of a shard: CQs, QPs and the execution
 //! of work requests between the tables of two contexts; `remote` is the transport to other
@@ -23,6 +24,8 @@
 
 mod engine;
 mod exec;
+#[cfg(feature = "rdma-hw")]
+pub mod hw;
 mod ids;
 mod memory;
 mod notify;

@@ -1,0 +1,360 @@
+//! The router's hardware backend (dataplane feature `rdma-hw`, rdma-core's libibverbs through
+//! rdma-sys), tested against a NIC made of a Freeflow router: router S runs the software
+//! engine; a freeflow-router built with the feature (H) runs in a namespace registered as a
+//! container `nic` of S, with S's `DIR/verbs` on its library path, so the device it opens is
+//! S's `ffv0` and every verb it makes goes through exactly the calls it would make on mlx5 or
+//! rxe.
+//!
+//! - `--rdma-probe`: H opens `ffv0`, connects two RC QPs of its own through it, moves SENDs,
+//!   RDMA WRITEs and READs of several sizes (checked byte for byte), and a forged rkey fails
+//!   with REM_ACCESS_ERR and writes nothing.
+//! - `freeflow up --rdma-device ffv0` brings H up as a daemon-supervised router that holds the
+//!   device (its log names the device and its GID, the nic container's overlay address); a
+//!   device that is not there fails `up` with an error naming it.
+//! - A namespace S does not know (not registered) reaches no device: H fails with an error,
+//!   within a bound, and S serves on.
+//! - The default router build refuses `--rdma-device` (it neither links nor loads libibverbs).
+//!
+//! Needs root, a built workspace and the feature build of the router:
+//! `CARGO_TARGET_DIR=target/rdma-hw cargo build -p freeflow-dataplane --features rdma-hw`
+//! (scripts/test.sh does it; `FREEFLOW_HW_ROUTER` names another binary).
+
+mod common;
+
+use common::{assert_success, target_dir, Site, SiteSpec, FREEFLOW};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+/// The router built with the `rdma-hw` feature.
+fn hw_router() -> PathBuf {
+    let path = std::env::var_os("FREEFLOW_HW_ROUTER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let profile = target_dir();
+            let profile_name = profile.file_name().unwrap().to_owned();
+            profile
+                .parent()
+                .unwrap()
+                .join("rdma-hw")
+                .join(profile_name)
+                .join("freeflow-router")
+        });
+    assert!(
+        path.is_file(),
+        "{} missing: build the hardware backend first (CARGO_TARGET_DIR=target/rdma-hw cargo \
+         build -p freeflow-dataplane --features rdma-hw), or set FREEFLOW_HW_ROUTER",
+        path.display()
+    );
+    path
+}
+
+/// One host with router S; containers `nic` (10.32.0.9, where router H runs) and `stranger`
+/// (10.32.0.10, never registered), `nic` of tenant infra; and H's application containers in
+/// H's overlay 10.64.0.0/12 (registered with H by the tests that use them, never with S).
+fn site(prefix: &str) -> Site {
+    Site::create_verbs(SiteSpec {
+        prefix,
+        work_prefix: "ff-verbs-nic",
+        hosts: 1,
+        containers: &[
+            (0, "nic", [10, 32, 0, 9]),
+            (0, "stranger", [10, 32, 0, 10]),
+            (0, "hserver", [10, 64, 0, 2]),
+            (0, "hclient", [10, 64, 0, 3]),
+            (0, "hother", [10, 64, 0, 4]),
+        ],
+        registered: &[("nic", "infra")],
+        verbs_timeout: 60,
+        ..SiteSpec::default()
+    })
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn hardware_backend_drives_the_nested_device_end_to_end() {
+    let site = site("vnic");
+    let router = hw_router();
+    let out = site.run_verbs_app(
+        "nic",
+        &router,
+        &["--rdma-device", "ffv0", "--rdma-probe", "--rdma-bench"],
+    );
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("rdma probe ok: device ffv0")
+            && said.contains("of 5 sizes checked")
+            && said.contains("forged rkey was refused"),
+        "{said}"
+    );
+    eprintln!("{said}");
+    assert!(
+        said.contains("rdma probe: translation ") && said.contains(" ns per send WQE"),
+        "{said}"
+    );
+    // The gap this nested setup cannot close (see the README): Freeflow's own library
+    // registers only private pages it moves onto its own memory file, so the shared
+    // memory-file pages the backend registers for containers are refused (EOPNOTSUPP). A real
+    // device (rxe, mlx5) takes them, and the probe says "works" there.
+    assert!(
+        said.contains("zero-copy registration of shared memory-file pages refused")
+            && said.contains("os error 95"),
+        "{said}"
+    );
+    // `auto` finds the same device (its only port is active).
+    let out = site.run_verbs_app("nic", &router, &["--rdma-device", "auto", "--rdma-probe"]);
+    assert!(
+        text(&out).contains("rdma probe ok: device ffv0"),
+        "{}",
+        text(&out)
+    );
+    // A namespace router S does not know reaches no device: an error, not a hang (the run is
+    // bounded by the site's timeout, which would kill it with SIGKILL).
+    let out = site.run_verbs_app(
+        "stranger",
+        &router,
+        &["--rdma-device", "ffv0", "--rdma-probe"],
+    );
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("--rdma-device ffv0"), "{said}");
+    // S serves on: the registered one still probes.
+    let out = site.run_verbs_app("nic", &router, &["--rdma-device", "ffv0", "--rdma-probe"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Runs `freeflow down` for router H's directory when dropped (the site's own drop brings S
+/// down afterwards).
+struct Down<'a> {
+    site: &'a Site,
+    dir: PathBuf,
+}
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .site
+            .verbs_app("nic", &*FREEFLOW, &[])
+            .args(["down", "--dir"])
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+/// `freeflow ARGS` in the nic container, with S's verbs library and H's router binary.
+fn freeflow_in_nic(site: &Site, args: &[&str], dir: &std::path::Path) -> Output {
+    let c = site.cluster().container("nic").unwrap().clone();
+    let s_dir = &site.dirs[0];
+    // No `timeout` wrapper: `up` starts a daemon that must outlive it. `up` itself is bounded
+    // (it waits for the daemon's readiness for a few seconds at most).
+    freeflow_testbed::command_in(&c.netns, "env")
+        .arg(format!("FREEFLOW_DIR={}", s_dir.display()))
+        .arg(format!("LD_LIBRARY_PATH={}", s_dir.join("verbs").display()))
+        .arg(format!("FREEFLOW_ROUTER={}", hw_router().display()))
+        .arg(&*FREEFLOW)
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .args([
+            "--host-ip",
+            "10.32.0.9",
+            "--vnet-prefix",
+            "10.64.0.0/12",
+            "--registry",
+        ])
+        // A registry per DIR: each is a host of its own.
+        .arg(format!(
+            "file:{}",
+            site.work
+                .join(format!(
+                    "{}-registry.json",
+                    dir.file_name().unwrap().to_string_lossy()
+                ))
+                .display()
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn freeflow_up_hands_the_device_to_a_supervised_router() {
+    let site = site("vnicup");
+    let h_dir = site.work.join("H");
+    let _down = Down {
+        site: &site,
+        dir: h_dir.clone(),
+    };
+    let out = freeflow_in_nic(&site, &["up", "--rdma-device", "ffv0"], &h_dir);
+    assert_success(&out, "freeflow up --rdma-device ffv0 (router H)");
+    let state = freeflow_proto::paths::state_dir(&h_dir);
+    let log = std::fs::read_to_string(state.join("router.log")).unwrap();
+    assert!(
+        log.contains("RDMA device ffv0 port 1 active") && log.contains("::ffff:10.32.0.9"),
+        "{log}"
+    );
+    let config = std::fs::read_to_string(state.join("config.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(parsed["rdma_device"], "ffv0", "{config}");
+
+    // A device that is not there: `up` fails, and says which device and what there is.
+    let bad_dir = site.work.join("H2");
+    let _down_bad = Down {
+        site: &site,
+        dir: bad_dir.clone(),
+    };
+    let out = freeflow_in_nic(&site, &["up", "--rdma-device", "mlx5_9"], &bad_dir);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    let bad_log =
+        std::fs::read_to_string(freeflow_proto::paths::state_dir(&bad_dir).join("router.log"))
+            .unwrap_or_default();
+    assert!(
+        format!("{said}{bad_log}").contains("no RDMA device mlx5_9"),
+        "{said}\n{bad_log}"
+    );
+}
+
+#[test]
+fn the_default_router_build_refuses_an_rdma_device() {
+    let out = Command::new(target_dir().join("freeflow-router"))
+        .args(["--rdma-device", "rxe0", "--dir"])
+        .arg(std::env::temp_dir().join("ff-nic-default-refuses"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("built without the rdma-hw feature"), "{said}");
+    // And it does not load libibverbs (no dynamic dependency on it).
+    let ldd = Command::new("ldd")
+        .arg(target_dir().join("freeflow-router"))
+        .output()
+        .unwrap();
+    assert!(ldd.status.success(), "{}", text(&ldd));
+    assert!(
+        !String::from_utf8_lossy(&ldd.stdout).contains("libibverbs"),
+        "{}",
+        text(&ldd)
+    );
+}
+
+/// `program ARGS` in container `name` as an application of router H (H's `DIR/verbs`),
+/// killed after 60 s.
+fn h_app(site: &Site, h_dir: &std::path::Path, name: &str, program: &str) -> Command {
+    let c = site.cluster().container(name).unwrap().clone();
+    let mut cmd = freeflow_testbed::command_in(&c.netns, "env");
+    cmd.arg(format!("FREEFLOW_DIR={}", h_dir.display()))
+        .arg(format!("LD_LIBRARY_PATH={}", h_dir.join("verbs").display()))
+        .args(["timeout", "-s", "KILL", "60", program])
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// `ibv_rc_pingpong -p PORT ARGS` as server in `server` and client (naming 10.64.0.2) in
+/// `client`, both applications of router H.
+fn h_pingpong(
+    site: &Site,
+    h_dir: &std::path::Path,
+    (server, client): (&str, &str),
+    port: u16,
+    args: &[&str],
+) -> (Output, Output) {
+    let port_arg = port.to_string();
+    let mut server_child = h_app(site, h_dir, server, "ibv_rc_pingpong")
+        .args(["-p", &port_arg])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    site.wait_listening(server, port, Some(&mut server_child));
+    let client_out = h_app(site, h_dir, client, "ibv_rc_pingpong")
+        .args(["-p", &port_arg])
+        .args(args)
+        .arg("10.64.0.2")
+        .output()
+        .unwrap();
+    if !client_out.status.success() {
+        // A client that failed leaves the server waiting for it: end it now.
+        let _ = server_child.kill();
+    }
+    (server_child.wait_with_output().unwrap(), client_out)
+}
+
+/// The nested topology the hardware backend's tests run in: router H (the `rdma-hw` build,
+/// holding S's `ffv0`) is itself a container of S, and its own application containers (H's
+/// overlay, registered with H only) run Debian's unmodified `ibv_rc_pingpong -g 0` through H's
+/// `DIR/verbs`, at a few sizes; a container of another tenant of H cannot connect. H serves
+/// these containers' verbs with its software engine for now (the shard does not post through
+/// the device yet: README, "On a real RDMA device"); once it does, this is the test that
+/// carries their traffic through the device.
+#[test]
+fn containers_of_the_nested_router_run_ibv_rc_pingpong() {
+    let site = site("vnicpp");
+    let h_dir = site.work.join("H");
+    let _down = Down {
+        site: &site,
+        dir: h_dir.clone(),
+    };
+    let out = freeflow_in_nic(&site, &["up", "--rdma-device", "ffv0"], &h_dir);
+    assert_success(&out, "freeflow up --rdma-device ffv0 (router H)");
+    for (name, ip, tenant) in [
+        ("hserver", "10.64.0.2", "blue"),
+        ("hclient", "10.64.0.3", "blue"),
+        ("hother", "10.64.0.4", "red"),
+    ] {
+        let c = site.cluster().container(name).unwrap().clone();
+        let out = site
+            .verbs_app("nic", &*FREEFLOW, &[])
+            .args(["container", "add", name, "--dir"])
+            .arg(&h_dir)
+            .arg("--netns")
+            .arg(&c.netns_path)
+            .args(["--ip", ip, "--tenant", tenant])
+            .output()
+            .unwrap();
+        assert_success(&out, &format!("container add {name} (router H)"));
+    }
+    for (port, size, iters) in [
+        (18611, "64", 500),
+        (18612, "4096", 300),
+        (18613, "100000", 30),
+    ] {
+        let iters_arg = iters.to_string();
+        let runs = h_pingpong(
+            &site,
+            &h_dir,
+            ("hserver", "hclient"),
+            port,
+            &["-g", "0", "-c", "-s", size, "-n", &iters_arg],
+        );
+        for (who, out) in [("server", &runs.0), ("client", &runs.1)] {
+            let said = text(out);
+            assert!(out.status.success(), "{who} (size {size}): {said}");
+            assert!(
+                said.contains(&format!("{iters} iters in"))
+                    && said.contains("GID ::ffff:10.64.0.2")
+                    && said.contains("GID ::ffff:10.64.0.3"),
+                "{who} (size {size}): {said}"
+            );
+        }
+    }
+    // Tenant red's container and blue's server exchange QP numbers over TCP, but blue's QP
+    // cannot connect to red's (RTR fails: another tenant is unreachable), so the server gives
+    // up and the client gets nothing.
+    let runs = h_pingpong(&site, &h_dir, ("hserver", "hother"), 18614, &["-g", "0"]);
+    let (server, client) = (text(&runs.0), text(&runs.1));
+    assert!(!runs.0.status.success(), "{server}");
+    assert!(server.contains("Failed to modify QP to RTR"), "{server}");
+    assert!(!runs.1.status.success(), "{client}");
+    assert!(!client.contains("iters in"), "{client}");
+}
