@@ -208,7 +208,7 @@ fn verbs_context(device: *mut IbvDevice, async_fd: c_int) -> VerbsContext {
         modify_wq: None,
         create_wq: None,
         query_rt_values: None,
-        create_cq_ex: None,
+        create_cq_ex: Some(crate::cq_ex::create_cq_ex_op),
         priv_: null_mut(),
         query_device_ex: Some(query_device_ex_op),
         ibv_destroy_flow: None,
@@ -216,7 +216,7 @@ fn verbs_context(device: *mut IbvDevice, async_fd: c_int) -> VerbsContext {
         ibv_create_flow: None,
         abi_placeholder1: None,
         open_qp: None,
-        create_qp_ex: None,
+        create_qp_ex: Some(crate::qp_ex::create_qp_ex_op),
         get_srq_num: None,
         create_srq_ex: None,
         open_xrcd: None,
@@ -393,7 +393,7 @@ unsafe extern "C" fn query_port_op(
     unsafe { query_port(context, port_num, port_attr, port_attr_len) }
 }
 
-/// `verbs_context.query_device_ex`: the plain attributes and no extended capabilities.
+/// `verbs_context.query_device_ex`: the plain attributes and completion timestamps.
 unsafe extern "C" fn query_device_ex_op(
     context: *mut IbvContext,
     input: *const IbvQueryDeviceExInput,

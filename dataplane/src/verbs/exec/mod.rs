@@ -283,7 +283,9 @@ impl Engine {
         if c.broken {
             return;
         }
-        match c.ring.push(&cqe.encode()) {
+        // Stamped as it is produced: the CQ's completion timestamps (`ibv_create_cq_ex`).
+        let stamped = cqe.encode_stamped(freeflow_proto::clock::monotonic_ns());
+        match c.ring.push(&stamped) {
             Ok(true) => {
                 if !c.dirty {
                     c.dirty = true;
