@@ -121,7 +121,9 @@ impl Identity {
             sys_image_guid: self.guid_be(),
             max_mr_size: MAX_MR_SIZE,
             page_size_cap: PAGE_SIZE_CAP,
-            vendor_id: 0,
+            // No IEEE OUI: rxe's value for a software device (0 reads as "no device" to
+            // rdma-core's tests).
+            vendor_id: 0x00ff_ffff,
             vendor_part_id: 0,
             hw_ver: 0,
             max_qp: MAX_QP,
