@@ -89,8 +89,23 @@ pub struct RdmaCmEvent {
 #[repr(C)]
 pub union EventParam {
     pub conn: RdmaConnParam,
-    pub ud: [u64; 7],
+    pub ud: RdmaUdParam,
 }
+
+/// `struct rdma_ud_param`: what RDMA_PS_UDP's CONNECT_REQUEST and ESTABLISHED carry.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RdmaUdParam {
+    pub private_data: *const c_void,
+    pub private_data_len: u8,
+    pub ah_attr: IbvAhAttr,
+    pub qp_num: u32,
+    pub qkey: u32,
+}
+
+/// `RDMA_UDP_QKEY`: the qkey of every RDMA_PS_UDP QP (rdma_init_qp_attr's, and the one the
+/// answers carry).
+pub const RDMA_UDP_QKEY: u32 = 0x0123_4567;
 
 /// `struct rdma_addrinfo`.
 #[repr(C)]
@@ -242,6 +257,7 @@ pub mod mask {
     pub const ACCESS_FLAGS: c_int = 1 << 3;
     pub const PKEY_INDEX: c_int = 1 << 4;
     pub const PORT: c_int = 1 << 5;
+    pub const QKEY: c_int = 1 << 6;
     pub const AV: c_int = 1 << 7;
     pub const PATH_MTU: c_int = 1 << 8;
     pub const TIMEOUT: c_int = 1 << 9;
@@ -263,6 +279,8 @@ pub const IBV_ACCESS_REMOTE_ATOMIC: c_int = 1 << 3;
 pub const IBV_MTU_1024: u32 = 3;
 /// `IBV_QPT_RC`.
 pub const IBV_QPT_RC: c_int = 2;
+/// `IBV_QPT_UD`: the QPs of RDMA_PS_UDP ids.
+pub const IBV_QPT_UD: c_int = 4;
 
 #[cfg(test)]
 mod tests {
@@ -285,6 +303,11 @@ mod tests {
         assert_eq!(size_of::<RdmaCmEvent>(), 80);
         assert_eq!(offset_of!(RdmaCmEvent, param), 24);
         assert_eq!(size_of::<RdmaConnParam>(), 24);
+        assert_eq!(size_of::<RdmaUdParam>(), 56);
+        assert_eq!(offset_of!(RdmaUdParam, private_data_len), 8);
+        assert_eq!(offset_of!(RdmaUdParam, ah_attr), 16);
+        assert_eq!(offset_of!(RdmaUdParam, qp_num), 48);
+        assert_eq!(offset_of!(RdmaUdParam, qkey), 52);
         assert_eq!(offset_of!(RdmaConnParam, qp_num), 16);
         assert_eq!(size_of::<RdmaAddrinfo>(), 96);
         assert_eq!(offset_of!(RdmaAddrinfo, ai_next), 88);
