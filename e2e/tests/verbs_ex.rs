@@ -5,7 +5,9 @@
 //! functions), alone, together and with completion events, between two registered containers
 //! of one simulated host; then a C probe of every operation of the `ibv_wr_*` API, the poll
 //! API's fields, timestamps against the program's own CLOCK_MONOTONIC, and the refusals (XRC,
-//! memory windows, wall-clock timestamps, undeclared operations).
+//! memory windows, wall-clock timestamps, undeclared operations). (perftest 4.5 takes the new
+//! API only on devices it knows by vendor part id (ConnectX, BlueField, EFA, HNS), so on ffv0 it
+//! posts with `ibv_post_send`, as its `ibv_wr* API: OFF` line says.)
 //!
 //! Needs root, a built workspace (`cargo build --workspace`), ibverbs-utils and libibverbs-dev
 //! (scripts/test.sh installs them). The Site scaffolding is in common/mod.rs.

@@ -138,6 +138,13 @@ fn create_qp_ex(
         sq_sig_all: a.sq_sig_all,
     };
     let qp = crate::qp::create_qp(a.pd, &mut init, send_ops)?;
+    if let Some(ops) = send_ops {
+        // SAFETY: the QP just made.
+        let qpn = unsafe { (*qp).qp_num };
+        registry::debug(format_args!(
+            "QP number {qpn:#08x} takes the new post API (send_ops_flags {ops:#x})"
+        ));
+    }
     // SAFETY: the caller's attributes (checked for NULL): it learns the capacities granted.
     unsafe { (*attr).cap = init.cap };
     Ok(qp)
