@@ -216,6 +216,7 @@ pub(crate) fn create_cq(
     cq_context: *mut c_void,
     channel: *mut IbvCompChannel,
     comp_vector: c_int,
+    flags: u32,
 ) -> Result<*mut IbvCq, VerbsError> {
     let key = context as usize;
     let state = registry::context(key)?;
@@ -242,6 +243,7 @@ pub(crate) fn create_cq(
         cqe: cqe as u32,
         channel: channel_state.map_or(0, |c| c.handle),
         comp_vector: 0,
+        flags,
     }
     .to_vec();
     let (created, fd) = lock(&state.channel).call_for_queue(
@@ -320,7 +322,7 @@ pub extern "C" fn ibv_create_cq(
     comp_vector: c_int,
 ) -> *mut IbvCq {
     returns_object("ibv_create_cq", || {
-        create_cq(context, cqe, cq_context, channel, comp_vector)
+        create_cq(context, cqe, cq_context, channel, comp_vector, 0)
     })
 }
 

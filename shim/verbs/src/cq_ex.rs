@@ -8,9 +8,10 @@
 //! so `ibv_end_poll` has nothing left to do, and the CQ's ring lock is never held between two
 //! calls of the program. The `read_*` operations read `current`.
 //!
-//! Completion timestamps are the router's: the engine stamps each completion with
-//! CLOCK_MONOTONIC (nanoseconds) as it produces it, so `hca_core_clock` is 1 GHz and
-//! `completion_timestamp_mask` is all ones. Wall-clock timestamps, CVLAN, flow tags and
+//! Completion timestamps are the router's: for a CQ created with
+//! IBV_WC_EX_WITH_COMPLETION_TIMESTAMP, the engine stamps each completion with CLOCK_MONOTONIC
+//! (nanoseconds) as it produces it, so `hca_core_clock` is 1 GHz and `completion_timestamp_mask`
+//! is all ones. Other CQs do not pay for the clock read (their `read_completion_ts` reads 0). Wall-clock timestamps, CVLAN, flow tags and
 //! tag matching are refused with EOPNOTSUPP, as are parent domains.
 #![allow(unsafe_code)]
 
@@ -25,6 +26,7 @@ use crate::cq::{cq_state, take_one, CqState};
 use crate::error::{returns_object, VerbsError};
 use crate::registry::lock;
 use crate::shared_core;
+use freeflow_proto::verbs::cq_flags;
 use freeflow_proto::verbs::work::Cqe;
 use std::ffi::c_int;
 
@@ -97,13 +99,13 @@ fn create_cq_ex(
         c_int::try_from(a.cqe).map_err(|_| VerbsError::InvalidArgument("cqe out of range"))?;
     // Single-threaded CQs and ignored overruns need nothing: the poll takes the ring's lock
     // anyway, and the router never overruns a CQ.
-    let cq = crate::cq::create_cq(
-        context,
-        cqe,
-        a.cq_context,
-        a.channel,
-        a.comp_vector as c_int,
-    )?;
+    // Only a CQ that asks pays for the clock read per completion.
+    let flags = match a.wc_flags & IBV_WC_EX_WITH_COMPLETION_TIMESTAMP {
+        0 => 0,
+        _ => cq_flags::TIMESTAMPS,
+    };
+    let comp_vector = a.comp_vector as c_int;
+    let cq = crate::cq::create_cq(context, cqe, a.cq_context, a.channel, comp_vector, flags)?;
     Ok(cq.cast::<IbvCqEx>())
 }
 
@@ -245,7 +247,8 @@ unsafe extern "C" fn read_dlid_path_bits(cq: *mut IbvCqEx) -> u8 {
 }
 
 /// The router's CLOCK_MONOTONIC when it produced the completion, in nanoseconds (the device's
-/// clock ticks at 1 GHz); 0 for a flush the library made after the router went.
+/// clock ticks at 1 GHz); 0 for a flush the library made after the router went, and on a CQ
+/// created without IBV_WC_EX_WITH_COMPLETION_TIMESTAMP.
 unsafe extern "C" fn read_completion_ts(cq: *mut IbvCqEx) -> u64 {
     // SAFETY: the program passes a CQ of this library.
     unsafe { current(cq) }.map_or(0, |(_, slot)| Cqe::timestamp(&slot))

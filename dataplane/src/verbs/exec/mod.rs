@@ -283,9 +283,15 @@ impl Engine {
         if c.broken {
             return;
         }
-        // Stamped as it is produced: the CQ's completion timestamps (`ibv_create_cq_ex`).
-        let stamped = cqe.encode_stamped(freeflow_proto::clock::monotonic_ns());
-        match c.ring.push(&stamped) {
+        // Stamped as it is produced, for a CQ that asked (`ibv_create_cq_ex` with completion
+        // timestamps): a clock read per completion, which other CQs do not pay.
+        let pushed = match c.stamped {
+            true => c
+                .ring
+                .push(&cqe.encode_stamped(freeflow_proto::clock::monotonic_ns())),
+            false => c.ring.push(&cqe.encode()),
+        };
+        match pushed {
             Ok(true) => {
                 if !c.dirty {
                     c.dirty = true;
