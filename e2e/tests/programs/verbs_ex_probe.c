@@ -1,6 +1,6 @@
 /* The extended verbs API through Freeflow's libibverbs.so.1, built against the installed headers
  * (e2e/tests/verbs_ex.rs runs it in a registered container): ibv_query_device_ex's timestamp
- * capability, ibv_create_cq_ex and the poll API (ibv_start_poll / ibv_next_poll / ibv_end_poll,
+ * capability and ibv_query_rt_values_ex, ibv_create_cq_ex and the poll API (ibv_start_poll / ibv_next_poll / ibv_end_poll,
  * ibv_wc_read_*), completion timestamps checked against this process's own CLOCK_MONOTONIC,
  * ibv_create_qp_ex, ibv_qp_to_qp_ex and the ibv_wr_* post API for every operation (SEND,
  * SEND with immediate, inline data and inline lists, RDMA WRITE (with immediate), RDMA READ,
@@ -510,6 +510,13 @@ int main(void)
     CHECK(dx.completion_timestamp_mask == UINT64_MAX && dx.hca_core_clock == 1000000,
           "timestamp capability: mask %#" PRIx64 " clock %" PRIu64 " kHz",
           dx.completion_timestamp_mask, dx.hca_core_clock);
+    /* The device's clock is the timestamps' clock: CLOCK_MONOTONIC in nanoseconds. */
+    struct ibv_values_ex values = { .comp_mask = IBV_VALUES_MASK_RAW_CLOCK };
+    uint64_t t0 = mono_ns();
+    CHECK(ibv_query_rt_values_ex(ctx, &values) == 0, "query_rt_values_ex");
+    uint64_t t1 = mono_ns(), raw = (uint64_t)values.raw_clock.tv_nsec;
+    CHECK(values.raw_clock.tv_sec == 0 && raw >= t0 && raw <= t1,
+          "raw clock %" PRIu64 " within [%" PRIu64 ", %" PRIu64 "]", raw, t0, t1);
     refusals();
     rc_operations();
     ud_operations();

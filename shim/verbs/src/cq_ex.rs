@@ -22,6 +22,7 @@ use crate::abi::{
     IBV_WC_EX_WITH_COMPLETION_TIMESTAMP, IBV_WC_EX_WITH_DLID_PATH_BITS, IBV_WC_EX_WITH_IMM,
     IBV_WC_EX_WITH_QP_NUM, IBV_WC_EX_WITH_SL, IBV_WC_EX_WITH_SLID, IBV_WC_EX_WITH_SRC_QP,
 };
+use crate::abi::{IbvValuesEx, IBV_VALUES_MASK_RAW_CLOCK};
 use crate::cq::{cq_state, take_one, CqState};
 use crate::error::{returns_object, VerbsError};
 use crate::registry::lock;
@@ -119,6 +120,33 @@ pub unsafe extern "C" fn create_cq_ex_op(
     attr: *mut IbvCqInitAttrEx,
 ) -> *mut IbvCqEx {
     returns_object("ibv_create_cq_ex", || create_cq_ex(context, attr))
+}
+
+/// `verbs_context.query_rt_values` (the inline `ibv_query_rt_values_ex`): the device's clock now,
+/// the clock of the completion timestamps (CLOCK_MONOTONIC in nanoseconds), as mlx5 gives its
+/// raw clock: the ticks in `raw_clock.tv_nsec`, `tv_sec` 0. 0, or an errno value (EINVAL for a
+/// mask that asks for more than the raw clock).
+///
+/// # Safety
+/// `values` is NULL or the caller's structure.
+pub unsafe extern "C" fn query_rt_values_op(
+    context: *mut IbvContext,
+    values: *mut IbvValuesEx,
+) -> c_int {
+    let _ = context;
+    if values.is_null() {
+        return libc::EINVAL;
+    }
+    // SAFETY: the caller's structure (checked for NULL).
+    let v = unsafe { &mut *values };
+    if v.comp_mask & !IBV_VALUES_MASK_RAW_CLOCK != 0 {
+        return libc::EINVAL;
+    }
+    if v.comp_mask & IBV_VALUES_MASK_RAW_CLOCK != 0 {
+        v.raw_clock.tv_sec = 0;
+        v.raw_clock.tv_nsec = freeflow_proto::clock::monotonic_ns() as libc::c_long;
+    }
+    0
 }
 
 /// Takes the next completion into the CQ's `current` and its `status` and `wr_id`: 0, ENOENT

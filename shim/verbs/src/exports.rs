@@ -207,7 +207,7 @@ fn verbs_context(device: *mut IbvDevice, cmd_fd: c_int, async_fd: c_int) -> Verb
         destroy_wq: None,
         modify_wq: None,
         create_wq: None,
-        query_rt_values: None,
+        query_rt_values: Some(crate::cq_ex::query_rt_values_op),
         create_cq_ex: Some(crate::cq_ex::create_cq_ex_op),
         priv_: null_mut(),
         query_device_ex: Some(query_device_ex_op),

@@ -505,6 +505,12 @@ fn facts() -> Vec<Fact> {
     layout!(f, IbvPollCqAttr, "struct ibv_poll_cq_attr", [comp_mask]);
     layout!(
         f,
+        IbvValuesEx,
+        "struct ibv_values_ex",
+        [comp_mask, raw_clock]
+    );
+    layout!(
+        f,
         IbvCqInitAttrEx,
         "struct ibv_cq_init_attr_ex",
         [
@@ -868,6 +874,7 @@ fn facts() -> Vec<Fact> {
     values!(
         f,
         [
+            IBV_VALUES_MASK_RAW_CLOCK,
             IBV_CQ_INIT_ATTR_MASK_FLAGS,
             IBV_CQ_INIT_ATTR_MASK_PD,
             IBV_CREATE_CQ_ATTR_SINGLE_THREADED,

@@ -196,7 +196,7 @@ pub struct VerbsContext {
     pub destroy_wq: OpaqueFn,
     pub modify_wq: OpaqueFn,
     pub create_wq: OpaqueFn,
-    pub query_rt_values: OpaqueFn,
+    pub query_rt_values: Option<QueryRtValuesFn>,
     pub create_cq_ex: Option<CreateCqExFn>,
     /// `struct verbs_ex_private *priv`: rdma-core's own bookkeeping, unused here.
     pub priv_: *mut c_void,
@@ -532,6 +532,19 @@ pub struct IbvCqEx {
     pub read_tm_info: OpaqueFn,
     pub read_completion_wallclock_ns: OpaqueFn,
 }
+
+/// `struct ibv_values_ex` (`ibv_query_rt_values_ex`).
+#[repr(C)]
+pub struct IbvValuesEx {
+    pub comp_mask: u32,
+    pub raw_clock: libc::timespec,
+}
+
+/// `IBV_VALUES_MASK_RAW_CLOCK`: `raw_clock` is asked for (in) or filled (out).
+pub const IBV_VALUES_MASK_RAW_CLOCK: u32 = 1 << 0;
+
+/// `verbs_context.query_rt_values`.
+pub type QueryRtValuesFn = unsafe extern "C" fn(*mut IbvContext, *mut IbvValuesEx) -> c_int;
 
 /// `verbs_context.create_cq_ex`.
 pub type CreateCqExFn = unsafe extern "C" fn(*mut IbvContext, *mut IbvCqInitAttrEx) -> *mut IbvCqEx;
