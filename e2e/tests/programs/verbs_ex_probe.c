@@ -1,7 +1,7 @@
 /* The extended verbs API through Freeflow's libibverbs.so.1, built against the installed headers
  * (e2e/tests/verbs_ex.rs runs it in a registered container): ibv_query_device_ex's timestamp
- * capability and ibv_query_rt_values_ex, ibv_create_cq_ex and the poll API (ibv_start_poll / ibv_next_poll / ibv_end_poll,
- * ibv_wc_read_*), completion timestamps checked against this process's own CLOCK_MONOTONIC,
+ * capability and ibv_query_rt_values_ex, ibv_create_cq_ex and the poll API (ibv_start_poll /
+ * ibv_next_poll / ibv_end_poll, ibv_wc_read_*), completion timestamps checked against this process's own CLOCK_MONOTONIC,
  * ibv_create_qp_ex, ibv_qp_to_qp_ex and the ibv_wr_* post API for every operation (SEND,
  * SEND with immediate, inline data and inline lists, RDMA WRITE (with immediate), RDMA READ,
  * compare-and-swap, fetch-and-add, scatter/gather lists, UD addresses), batches, ibv_wr_abort,
