@@ -404,6 +404,34 @@ static void rc_operations(void)
     EXPECT_EX(cq, 31, IBV_WC_RDMA_READ, &wc, "the READ after an abort comes next");
     CHECK(rbuf[3900] == 0, "the aborted WRITE did not happen");
 
+    /* All or nothing: a batch whose second request ibv_post_send would refuse (inline data
+     * on a READ), and a batch larger than the queue, post nothing. */
+    rbuf[3950] = 0;
+    ibv_wr_start(qx);
+    qx->wr_id = 32;
+    qx->wr_flags = 0;
+    ibv_wr_rdma_write(qx, rmr->rkey, rbase + 3950);
+    ibv_wr_set_sge(qx, lmr->lkey, (uintptr_t)lbuf, 1);
+    qx->wr_id = 33;
+    ibv_wr_rdma_read(qx, rmr->rkey, rbase + 3950);
+    ibv_wr_set_inline_data(qx, lbuf, 1);
+    CHECK(ibv_wr_complete(qx) == EINVAL, "a batch with a READ of inline data: EINVAL");
+    ibv_wr_start(qx);
+    for (uint64_t i = 0; i < 5000; i++) {
+        qx->wr_id = 1000 + i;
+        ibv_wr_rdma_write(qx, rmr->rkey, rbase + 3950);
+        ibv_wr_set_sge(qx, lmr->lkey, (uintptr_t)lbuf, 1);
+    }
+    CHECK(ibv_wr_complete(qx) == ENOMEM, "a batch larger than the queue: ENOMEM");
+    ibv_wr_start(qx);
+    qx->wr_id = 34;
+    qx->wr_flags = IBV_SEND_SIGNALED;
+    ibv_wr_rdma_read(qx, rmr->rkey, rbase + 3950);
+    ibv_wr_set_sge(qx, lmr->lkey, (uintptr_t)lbuf + 3950, 1);
+    CHECK(ibv_wr_complete(qx) == 0, "post after refused batches");
+    EXPECT_EX(cq, 34, IBV_WC_RDMA_READ, &wc, "the READ after refused batches comes next");
+    CHECK(rbuf[3950] == 0, "no WRITE of the refused batches happened");
+
     /* An error completion through the poll API: a bad rkey. */
     ibv_wr_start(qx);
     qx->wr_id = 40;

@@ -702,6 +702,64 @@ pub unsafe extern "C" fn post_send(
     })
 }
 
+/// Posts every request of `wrs`, or none: 0, or the errno value of the first request refused
+/// (what `ibv_post_send` checks), or ENOMEM when they do not all fit in the queue. What
+/// `ibv_wr_complete` does with its batch, as hardware does.
+///
+/// # Safety
+/// `qp` is a QP of this library (or garbage the magic number refuses); each request's lists and
+/// inline data are readable.
+pub(crate) unsafe fn post_send_all(qp: *mut IbvQp, wrs: &[IbvSendWr]) -> c_int {
+    // SAFETY: forwarded caller guarantee.
+    let Some(state) = (unsafe { qp_state(qp) }) else {
+        return libc::EINVAL;
+    };
+    if state.gone.is_set() {
+        return libc::EIO;
+    }
+    let current = QpState::from_u32(u32::from(state.state.load(Ordering::Acquire)));
+    if !current.is_some_and(QpState::accepts_sends) {
+        return libc::EINVAL;
+    }
+    guard(libc::EIO, || {
+        let mut queue = lock(&state.queues.send);
+        let Queue { ring, buf, shadow } = &mut *queue;
+        let shadow = shadow.as_mut().expect("a QP's queues are tracked");
+        // Every request encoded first: a refusal posts nothing.
+        let mut encoded = Vec::with_capacity(wrs.len());
+        for w in wrs {
+            let mut slot = vec![0u8; buf.len()];
+            // SAFETY: forwarded caller guarantee about the request's lists and data.
+            match unsafe { encode_send(w, state, &mut slot) } {
+                Ok(len) => {
+                    slot.truncate(len);
+                    encoded.push(slot);
+                }
+                Err(e) => return e,
+            }
+        }
+        let n = encoded.len() as u64;
+        let fits = ring.free_slots().is_ok_and(|free| u64::from(free) >= n);
+        if !fits || !shadow.has_room_for(n) {
+            return libc::ENOMEM;
+        }
+        for (w, slot) in wrs.iter().zip(&encoded) {
+            match ring.push(slot) {
+                Ok(true) => {
+                    let signaled = state.sig_all || w.send_flags & send_flags::SIGNALED != 0;
+                    shadow.record(Posted::send(w.wr_id, w.opcode as u8, signaled));
+                }
+                // Room was checked under the queue's lock: only a broken ring gets here.
+                Ok(false) | Err(_) => return libc::EIO,
+            }
+        }
+        if ring.publish() == Wake::Needed {
+            let _ = state.bell.ring();
+        }
+        0
+    })
+}
+
 /// `ops.post_recv` (the inline `ibv_post_recv`): as `post_send`, for receive requests (the QP
 /// must be past RESET). A QP that takes its receives from an SRQ refuses them (EINVAL), as
 /// rdma-core's providers do.

@@ -8,11 +8,11 @@
 //! providers), whose operations were declared then. The API builds requests in the QP's batch
 //! (the caller's `wr_id` and `wr_flags` are read at each operation, inline data is copied at
 //! once, as the API promises), and `ibv_wr_complete` posts the batch through the same path as
-//! `ibv_post_send`, with its checks. A mistake while building (an operation the QP was not
-//! created for or its transport lacks, a setter without an operation, a call outside
+//! `ibv_post_send`, with its checks, all or nothing. A mistake while building (an operation the
+//! QP was not created for or its transport lacks, a setter without an operation, a call outside
 //! start/complete) is remembered and returned by `ibv_wr_complete`, which then posts nothing;
-//! a refusal at posting (a full queue: ENOMEM) keeps the requests before it posted, as
-//! `ibv_post_send` does.
+//! so does a refusal at posting (a request `ibv_post_send` would refuse, or a queue without room
+//! for the whole batch: ENOMEM).
 //!
 //! Not supported (EOPNOTSUPP at creation, or from `ibv_wr_complete` if called anyway): XRC,
 //! memory windows, local and send-with invalidate, TSO, atomic write; RSS and creation flags.
@@ -343,8 +343,8 @@ unsafe extern "C" fn wr_abort(qp: *mut IbvQpEx) {
     unsafe { with_batch(qp, |_, batch| *batch = WrBatch::default()) }
 }
 
-/// Posts the batch: 0, or an errno value (a mistake made while building: nothing posted; a
-/// refusal at posting: the requests before the refused one are posted).
+/// Posts the batch, all of it or nothing: 0, or an errno value (a mistake made while building,
+/// a request `ibv_post_send` would refuse, or no room for the whole batch).
 unsafe extern "C" fn wr_complete(qp: *mut IbvQpEx) -> c_int {
     // SAFETY: the program passes a QP of this library.
     let Some(state) = (unsafe { qp_state(qp.cast::<IbvQp>()) }) else {
@@ -362,7 +362,7 @@ unsafe extern "C" fn wr_complete(qp: *mut IbvQpEx) -> c_int {
             return 0;
         }
         // The requests as `ibv_post_send` takes them, pointing into the batch (alive until
-        // the end of this function).
+        // the end of this function); posted all or none.
         let mut inline_sges: Vec<IbvSge> = batch
             .wrs
             .iter()
@@ -376,22 +376,15 @@ unsafe extern "C" fn wr_complete(qp: *mut IbvQpEx) -> c_int {
                     })
             })
             .collect();
-        let mut wrs: Vec<IbvSendWr> = batch
+        let wrs: Vec<IbvSendWr> = batch
             .wrs
             .iter()
             .zip(inline_sges.iter_mut())
             .map(|(w, inline_sge)| send_wr(state, w, inline_sge))
             .collect();
-        let count = wrs.len();
-        let base = wrs.as_mut_ptr();
-        for i in 0..count - 1 {
-            // SAFETY: `i + 1 < count`: both are elements of `wrs`.
-            unsafe { (*base.add(i)).next = base.add(i + 1) };
-        }
-        let mut bad: *mut IbvSendWr = null_mut();
-        // SAFETY: a well-formed list of requests whose lists and data live in `batch` and
-        // `inline_sges` for the call; the QP is live.
-        unsafe { crate::qp::post_send(qp.cast::<IbvQp>(), base, &mut bad) }
+        // SAFETY: requests whose lists and data live in `batch` and `inline_sges` for the
+        // call; the QP is live.
+        unsafe { crate::qp::post_send_all(qp.cast::<IbvQp>(), &wrs) }
     })
 }
 
