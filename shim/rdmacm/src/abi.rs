@@ -4,6 +4,10 @@
 
 use std::ffi::{c_int, c_void};
 
+/// The verbs structures this library fills in for libibverbs: shared with shim/verbs (one
+/// definition, checked there against the installed headers).
+pub use freeflow_verbs_abi::{IbvAhAttr, IbvGid, IbvGlobalRoute, IbvQpAttr, IbvQpCap};
+
 /// Opaque verbs objects (this library only passes their pointers to libibverbs).
 pub type Ptr = *mut c_void;
 
@@ -144,17 +148,6 @@ pub struct IbvQpHead {
     pub qp_num: u32,
 }
 
-/// `struct ibv_qp_cap`.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub struct IbvQpCap {
-    pub max_send_wr: u32,
-    pub max_recv_wr: u32,
-    pub max_send_sge: u32,
-    pub max_recv_sge: u32,
-    pub max_inline_data: u32,
-}
-
 /// `struct ibv_qp_init_attr` (also the first 60 bytes of `ibv_qp_init_attr_ex`).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -186,62 +179,6 @@ pub struct IbvQpInitAttrExHead {
 /// `ibv_qp_init_attr_ex.comp_mask`: the PD is given.
 pub const IBV_QP_INIT_ATTR_PD: u32 = 1;
 
-/// `struct ibv_global_route` (8-aligned: its GID is a union with 64-bit members).
-#[repr(C, align(8))]
-#[derive(Clone, Copy, Default)]
-pub struct IbvGlobalRoute {
-    pub dgid: [u8; 16],
-    pub flow_label: u32,
-    pub sgid_index: u8,
-    pub hop_limit: u8,
-    pub traffic_class: u8,
-}
-
-/// `struct ibv_ah_attr`.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub struct IbvAhAttr {
-    pub grh: IbvGlobalRoute,
-    pub dlid: u16,
-    pub sl: u8,
-    pub src_path_bits: u8,
-    pub static_rate: u8,
-    pub is_global: u8,
-    pub port_num: u8,
-}
-
-/// `struct ibv_qp_attr`.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub struct IbvQpAttr {
-    pub qp_state: u32,
-    pub cur_qp_state: u32,
-    pub path_mtu: u32,
-    pub path_mig_state: u32,
-    pub qkey: u32,
-    pub rq_psn: u32,
-    pub sq_psn: u32,
-    pub dest_qp_num: u32,
-    pub qp_access_flags: c_int,
-    pub cap: IbvQpCap,
-    pub ah_attr: IbvAhAttr,
-    pub alt_ah_attr: IbvAhAttr,
-    pub pkey_index: u16,
-    pub alt_pkey_index: u16,
-    pub en_sqd_async_notify: u8,
-    pub sq_draining: u8,
-    pub max_rd_atomic: u8,
-    pub max_dest_rd_atomic: u8,
-    pub min_rnr_timer: u8,
-    pub port_num: u8,
-    pub timeout: u8,
-    pub retry_cnt: u8,
-    pub rnr_retry: u8,
-    pub alt_port_num: u8,
-    pub alt_timeout: u8,
-    pub rate_limit: u32,
-}
-
 /// `enum ibv_qp_state`.
 pub mod qp_state {
     pub const INIT: u32 = 1;
@@ -272,9 +209,9 @@ pub mod mask {
 }
 
 /// `enum ibv_access_flags`.
-pub const IBV_ACCESS_REMOTE_WRITE: c_int = 1 << 1;
-pub const IBV_ACCESS_REMOTE_READ: c_int = 1 << 2;
-pub const IBV_ACCESS_REMOTE_ATOMIC: c_int = 1 << 3;
+pub const IBV_ACCESS_REMOTE_WRITE: u32 = 1 << 1;
+pub const IBV_ACCESS_REMOTE_READ: u32 = 1 << 2;
+pub const IBV_ACCESS_REMOTE_ATOMIC: u32 = 1 << 3;
 /// `IBV_MTU_1024`: the MTU rdma_cm picks for RoCE on a 1500-byte link.
 pub const IBV_MTU_1024: u32 = 3;
 /// `IBV_QPT_RC`.

@@ -258,7 +258,7 @@ pub fn is_datagram_ps(ps: c_int) -> bool {
 fn ah_attr_to(ip: Ipv4Addr) -> IbvAhAttr {
     IbvAhAttr {
         grh: IbvGlobalRoute {
-            dgid: gid_of(ip),
+            dgid: IbvGid { raw: gid_of(ip) },
             sgid_index: 0,
             hop_limit: 64,
             ..IbvGlobalRoute::default()
@@ -581,7 +581,9 @@ impl Id {
                 a.min_rnr_timer = 12;
                 a.ah_attr = IbvAhAttr {
                     grh: IbvGlobalRoute {
-                        dgid: gid_of(*remote.ip()),
+                        dgid: IbvGid {
+                            raw: gid_of(*remote.ip()),
+                        },
                         sgid_index: 0,
                         hop_limit: 64,
                         ..IbvGlobalRoute::default()

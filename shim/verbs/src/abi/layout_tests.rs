@@ -3,6 +3,7 @@
 //! compiler's.
 
 use super::*;
+use freeflow_verbs_abi::IbvGlobalRoute;
 use std::collections::BTreeMap;
 use std::mem::{align_of, offset_of, size_of};
 use std::process::Command;

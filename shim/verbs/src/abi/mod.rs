@@ -8,6 +8,9 @@
 
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
+/// The structures librdmacm.so.1 passes too: one definition for both libraries.
+pub use freeflow_verbs_abi::{IbvAhAttr, IbvGid, IbvQpAttr, IbvQpCap};
+
 /// An unused function-pointer slot (always NULL here).
 pub type OpaqueFn = Option<unsafe extern "C" fn()>;
 
@@ -395,13 +398,6 @@ pub struct IbvPortAttr {
 /// of this size; current ones call the `verbs_context` op, which is told the size.
 pub const COMPAT_PORT_ATTR_LEN: usize = std::mem::offset_of!(IbvPortAttr, port_cap_flags2);
 
-/// `union ibv_gid` (16 bytes; 8-aligned because of its `__be64` view).
-#[repr(C, align(8))]
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct IbvGid {
-    pub raw: [u8; 16],
-}
-
 /// `struct ibv_gid_entry`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -678,17 +674,6 @@ pub struct IbvSrqInitAttr {
     pub attr: IbvSrqAttr,
 }
 
-/// `struct ibv_qp_cap`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IbvQpCap {
-    pub max_send_wr: u32,
-    pub max_recv_wr: u32,
-    pub max_send_sge: u32,
-    pub max_recv_sge: u32,
-    pub max_inline_data: u32,
-}
-
 /// `struct ibv_qp_init_attr`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -700,30 +685,6 @@ pub struct IbvQpInitAttr {
     pub cap: IbvQpCap,
     pub qp_type: u32,
     pub sq_sig_all: c_int,
-}
-
-/// `struct ibv_global_route`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IbvGlobalRoute {
-    pub dgid: IbvGid,
-    pub flow_label: u32,
-    pub sgid_index: u8,
-    pub hop_limit: u8,
-    pub traffic_class: u8,
-}
-
-/// `struct ibv_ah_attr`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IbvAhAttr {
-    pub grh: IbvGlobalRoute,
-    pub dlid: u16,
-    pub sl: u8,
-    pub src_path_bits: u8,
-    pub static_rate: u8,
-    pub is_global: u8,
-    pub port_num: u8,
 }
 
 /// `struct ibv_ah`. The library allocates it; `handle` is the router's.
@@ -769,38 +730,6 @@ pub struct IbvSaPathRec {
     pub packet_life_time_selector: u8,
     pub packet_life_time: u8,
     pub preference: u8,
-}
-
-/// `struct ibv_qp_attr`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IbvQpAttr {
-    pub qp_state: u32,
-    pub cur_qp_state: u32,
-    pub path_mtu: u32,
-    pub path_mig_state: u32,
-    pub qkey: u32,
-    pub rq_psn: u32,
-    pub sq_psn: u32,
-    pub dest_qp_num: u32,
-    pub qp_access_flags: u32,
-    pub cap: IbvQpCap,
-    pub ah_attr: IbvAhAttr,
-    pub alt_ah_attr: IbvAhAttr,
-    pub pkey_index: u16,
-    pub alt_pkey_index: u16,
-    pub en_sqd_async_notify: u8,
-    pub sq_draining: u8,
-    pub max_rd_atomic: u8,
-    pub max_dest_rd_atomic: u8,
-    pub min_rnr_timer: u8,
-    pub port_num: u8,
-    pub timeout: u8,
-    pub retry_cnt: u8,
-    pub rnr_retry: u8,
-    pub alt_port_num: u8,
-    pub alt_timeout: u8,
-    pub rate_limit: u32,
 }
 
 /// `struct ibv_sge`.
