@@ -79,7 +79,8 @@ fi
 # through the verbs library), and gcc with libc6-dev (the tests' C probes and freeflow-bench
 # rdma's measuring program; a Rust toolchain usually brings them, as its linker), nginx, postgresql
 # and curl (unmodified servers and clients of the TCP-mode server tests), libfabric-bin, ucx-utils
-# and python3-pyverbs (fi_info, ucx_info and pyverbs' modules load the provider stand-ins),
+# and python3-pyverbs (fi_info, ucx_info and pyverbs' modules load the provider stand-ins;
+# python3-pyverbs also ships rdma-core's own test suite, which e2e/tests/verbs_pyverbs.rs runs),
 # prometheus (promtool checks the metrics), containernetworking-plugins (bridge and host-local in
 # /usr/lib/cni, the chain the CNI plugin test runs freeflow-cni in), docker.io (dockerd and its
 # CLI: the Docker test runs one engine per simulated host and builds its images offline with

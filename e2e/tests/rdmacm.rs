@@ -1,5 +1,5 @@
 //! RDMA mode, rdma_cm: Debian's unmodified programs of rdmacm-utils (rping, ucmatose,
-//! rdma_server/rdma_client, cmtime) connect between two registered containers of one simulated
+//! rdma_server/rdma_client, cmtime; udaddy over RDMA_PS_UDP) connect between two registered containers of one simulated
 //! host through Freeflow's `librdmacm.so.1` (installed by `freeflow up` into `DIR/verbs`), the
 //! router's connection manager and Freeflow's `libibverbs.so.1`. A container of another tenant
 //! cannot resolve, hence cannot connect to, the server's address. Across hosts, a router that goes
@@ -21,7 +21,7 @@ impl Site {
     /// registered.
     fn new(prefix: &str) -> Site {
         common::require_programs(
-            &["rping", "ucmatose", "rdma_server", "cmtime"],
+            &["rping", "ucmatose", "rdma_server", "cmtime", "udaddy"],
             "rdmacm-utils",
         );
         let site = Site::create_verbs(SiteSpec {
@@ -204,6 +204,32 @@ fn unmodified_ucmatose_runs_several_connections() {
 }
 
 #[test]
+fn unmodified_udaddy_exchanges_datagrams_over_rdma_ps_udp() {
+    let site = Site::new("cmd");
+    // Two UD "connections" (the client learns each server QP's number and qkey from its
+    // ESTABLISHED event), 10 datagrams of 100 bytes each way on each: the server answers from
+    // the address in each first datagram's GRH (ibv_create_ah_from_wc).
+    let server = site.cm_server("udaddy", &["-b", "10.32.0.2", "-c", "2", "-C", "10"], 1);
+    let client = site.cm_client(
+        "client",
+        "udaddy",
+        &["-s", "10.32.0.2", "-c", "2", "-C", "10"],
+    );
+    let server = server.wait_with_output().unwrap();
+    assert_both(&site, "udaddy", &server, &client);
+    for (who, out) in [("server", &server), ("client", &client)] {
+        let t = text(out);
+        assert!(
+            t.contains("data transfers complete") && t.contains("return status 0"),
+            "{who}: {}",
+            describe(out)
+        );
+    }
+    // No connection was established: UD ids only exchange QP numbers.
+    assert_eq!(site.router_counter(0, "cm_established"), 0);
+}
+
+#[test]
 fn unmodified_rdma_server_and_rdma_client_use_synchronous_ids() {
     let site = Site::new("cms");
     let server = site.cm_server("rdma_server", &["-s", "10.32.0.2", "-p", "7471"], 1);
@@ -332,7 +358,7 @@ fn the_event_channel_polls_and_every_exchange_and_error_is_rdma_cms() {
 /// Two hosts: server (10.32.0.2) on host 0; client (10.32.0.3, same tenant) and other
 /// (10.32.0.4, another tenant) on host 1.
 fn two_hosts(prefix: &str) -> Site {
-    common::require_programs(&["rping", "ucmatose"], "rdmacm-utils");
+    common::require_programs(&["rping", "ucmatose", "udaddy"], "rdmacm-utils");
     Site::create_verbs(SiteSpec {
         prefix,
         work_prefix: "ff-rdmacm-x",
@@ -401,6 +427,29 @@ const PEER_LOSS: CProbe = CProbe {
     cflags: &["-Wall", "-Werror", "-O1"],
     libs: &["-lrdmacm", "-libverbs"],
 };
+
+#[test]
+fn across_hosts_udaddy_exchanges_datagrams() {
+    let site = two_hosts("cmg");
+    // The routers carry the UD exchange (connect, the passive QP's answer) on their peer
+    // connections, the datagrams on the verbs port.
+    let server = site.cm_server("udaddy", &["-b", "10.32.0.2", "-c", "2", "-C", "10"], 1);
+    let client = site.cm_client(
+        "client",
+        "udaddy",
+        &["-s", "10.32.0.2", "-c", "2", "-C", "10"],
+    );
+    let server = server.wait_with_output().unwrap();
+    assert_both(&site, "udaddy across hosts", &server, &client);
+    for (who, out) in [("server", &server), ("client", &client)] {
+        let t = text(out);
+        assert!(
+            t.contains("data transfers complete") && t.contains("return status 0"),
+            "{who}: {}",
+            describe(out)
+        );
+    }
+}
 
 #[test]
 fn across_hosts_a_lost_peer_router_disconnects_the_other_side() {

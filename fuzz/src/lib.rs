@@ -479,6 +479,7 @@ fn verbs_body_seeds() -> Vec<Vec<u8>> {
                 cqe: 64,
                 channel: 0,
                 comp_vector: 0,
+                flags: 0,
             }
             .to_vec(),
         ),

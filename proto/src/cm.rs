@@ -38,6 +38,9 @@ pub mod private_data_limit {
     pub const CONNECT: usize = 56;
     pub const ACCEPT: usize = 196;
     pub const REJECT: usize = 148;
+    /// RDMA_PS_UDP: a SIDR request's and reply's private data, less rdma_cm's header.
+    pub const UD_CONNECT: usize = 180;
+    pub const UD_ACCEPT: usize = 136;
 }
 
 wire_enum! {

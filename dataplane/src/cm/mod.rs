@@ -70,6 +70,15 @@ enum State {
     Disconnected,
     /// Rejected, refused or failed: only destroy is left.
     Closed,
+    /// RDMA_PS_UDP: the exchange that gave the active side the passive side's QP number
+    /// (InfiniBand's SIDR) is done. There is no connection: nothing to disconnect, and
+    /// destroying either side tells the other nothing.
+    Datagram,
+}
+
+/// Whether ids of port space `ps` exchange UD QP numbers (SIDR) rather than connect.
+fn is_datagram(ps: u16) -> bool {
+    ps == port_space::UDP
 }
 
 #[derive(Debug)]
@@ -441,8 +450,8 @@ impl CmService {
             Some(&ch) if self.conns[&ch].container.name == caller.container.name => ch,
             _ => return Err(libc::EINVAL),
         };
-        if !matches!(req.ps, port_space::TCP | port_space::IB) {
-            // UD QPs (RDMA_PS_UDP, RDMA_PS_IPOIB) are not offered by the engine yet.
+        if !matches!(req.ps, port_space::TCP | port_space::IB | port_space::UDP) {
+            // RDMA_PS_IPOIB: its QPs join IPoIB's multicast groups, which Freeflow has not.
             return Err(libc::EPROTONOSUPPORT);
         }
         let held = self
@@ -625,10 +634,14 @@ impl CmService {
         req: &CmRecord,
         table: &HashMap<NetnsId, ContainerEntry>,
     ) -> Reply {
-        if req.private_data.len() > private_data_limit::CONNECT {
+        let cm = &self.ids[&id];
+        let limit = match is_datagram(cm.ps) {
+            true => private_data_limit::UD_CONNECT,
+            false => private_data_limit::CONNECT,
+        };
+        if req.private_data.len() > limit {
             return Err(libc::EINVAL);
         }
-        let cm = &self.ids[&id];
         if cm.state != State::RouteResolved {
             return Err(libc::EINVAL);
         }
@@ -750,17 +763,29 @@ impl CmService {
     }
 
     fn accept(&mut self, id: u32, req: &CmRecord) -> Reply {
-        if req.private_data.len() > private_data_limit::ACCEPT {
+        let cm = &self.ids[&id];
+        let limit = match is_datagram(cm.ps) {
+            true => private_data_limit::UD_ACCEPT,
+            false => private_data_limit::ACCEPT,
+        };
+        if req.private_data.len() > limit {
             return Err(libc::EINVAL);
         }
-        let cm = &self.ids[&id];
         if cm.state != State::Requested {
             return Err(libc::EINVAL);
         }
         let peer = cm.peer;
+        let datagram = is_datagram(cm.ps);
         self.leave_backlog(id);
         if let Some((host, active)) = self.ids[&id].far {
-            self.ids.get_mut(&id).expect("checked").state = State::Accepted;
+            let passive = self.ids.get_mut(&id).expect("checked");
+            if datagram {
+                // Nothing follows a UD answer: the id forgets the other side.
+                passive.state = State::Datagram;
+                passive.far = None;
+            } else {
+                passive.state = State::Accepted;
+            }
             let msg = CmPeerMsg {
                 op: CmOp::Accept as u16,
                 qpn: req.qpn,
@@ -785,6 +810,20 @@ impl CmService {
             );
             return Ok(CmRecord::default());
         };
+        if datagram {
+            // The active side learns the passive QP (ESTABLISHED with the UD parameters, as
+            // after a SIDR reply); the two ids are unlinked.
+            for (side, state) in [(id, State::Datagram), (active, State::Datagram)] {
+                let cm = self.ids.get_mut(&side).expect("both sides");
+                cm.state = state;
+                cm.peer = None;
+            }
+            let mut ev = CmRecord::event(event::ESTABLISHED, active, 0);
+            ev.qpn = req.qpn;
+            ev.private_data = req.private_data.clone();
+            self.emit(active, ev);
+            return Ok(CmRecord::default());
+        }
         self.ids.get_mut(&id).expect("checked").state = State::Accepted;
         self.ids.get_mut(&active).expect("peer").state = State::Responded;
         let mut ev = CmRecord::event(event::CONNECT_RESPONSE, active, 0);
@@ -1036,6 +1075,16 @@ impl CmService {
             .far
             .is_some_and(|(_, other)| other == msg.from_id || other == 0);
         match (op, cm.state) {
+            (Some(CmOp::Accept), State::Connecting) if is_datagram(cm.ps) => {
+                // A UD answer from the other host: ESTABLISHED with the passive QP, and no
+                // connection left between the routers.
+                cm.far = None;
+                cm.state = State::Datagram;
+                let mut ev = CmRecord::event(event::ESTABLISHED, id, 0);
+                ev.qpn = msg.qpn;
+                ev.private_data = msg.private_data;
+                self.emit(id, ev);
+            }
             (Some(CmOp::Accept), State::Connecting) => {
                 cm.far = Some((host, msg.from_id));
                 cm.state = State::Responded;
@@ -1116,7 +1165,11 @@ impl CmService {
             return;
         };
         if Self::find_container(table, &tenant, *msg.dst.ip()).is_none()
-            || msg.private_data.len() > private_data_limit::CONNECT
+            || msg.private_data.len()
+                > match is_datagram(msg.ps) {
+                    true => private_data_limit::UD_CONNECT,
+                    false => private_data_limit::CONNECT,
+                }
         {
             let r = refuse(-libc::EHOSTUNREACH);
             return self.peer_out.push(r);

@@ -101,9 +101,14 @@ impl Bench {
     }
 
     fn create(&mut self, p: &mut Process) -> u32 {
+        self.create_in(p, port_space::TCP)
+    }
+
+    /// A new id of port space `ps`.
+    fn create_in(&mut self, p: &mut Process, ps: u16) -> u32 {
         let rec = CmRecord {
             token: p.token,
-            ps: port_space::TCP,
+            ps,
             ..CmRecord::default()
         };
         let (status, reply) = self.call(p, CmOp::CreateId, rec);
@@ -138,7 +143,17 @@ fn with_addr(local: Option<SocketAddrV4>, remote: Option<SocketAddrV4>) -> CmRec
 
 /// `b` listens on 10.32.0.3:7000; `a` has an id resolved to it (route too). Returns the ids.
 fn listening_and_resolved(bench: &mut Bench, a: &mut Process, b: &mut Process) -> (u32, u32) {
-    let listener = bench.create(b);
+    listening_and_resolved_in(bench, a, b, port_space::TCP)
+}
+
+/// [`listening_and_resolved`] with ids of port space `ps`.
+fn listening_and_resolved_in(
+    bench: &mut Bench,
+    a: &mut Process,
+    b: &mut Process,
+    ps: u16,
+) -> (u32, u32) {
+    let listener = bench.create_in(b, ps);
     let rec = CmRecord {
         id: listener,
         ..with_addr(Some(at([10, 32, 0, 3], 7000)), None)
@@ -150,7 +165,7 @@ fn listening_and_resolved(bench: &mut Bench, a: &mut Process, b: &mut Process) -
         ..CmRecord::default()
     };
     assert_eq!(bench.call(b, CmOp::Listen, rec).0, 0);
-    let active = bench.create(a);
+    let active = bench.create_in(a, ps);
     let rec = CmRecord {
         id: active,
         ..with_addr(None, Some(at([10, 32, 0, 3], 7000)))
@@ -529,4 +544,70 @@ fn a_lost_peer_router_disconnects_its_connections_and_fails_its_connects() {
     let rec = CmRecord::request(CmOp::Disconnect, req.id);
     bench.call(&mut b, CmOp::Disconnect, rec);
     assert!(bench.cm.peer_out.iter().all(|(h, _)| *h != far));
+}
+
+#[test]
+fn a_udp_exchange_gives_the_active_side_the_passive_qp_and_leaves_no_connection() {
+    let mut bench = Bench::new();
+    let (mut a, mut b) = (bench.process("a"), bench.process("b"));
+    // RDMA_PS_IPOIB stays refused (no IPoIB multicast groups).
+    let rec = CmRecord {
+        token: a.token,
+        ps: port_space::IPOIB,
+        ..CmRecord::default()
+    };
+    assert_eq!(
+        bench.call(&mut a, CmOp::CreateId, rec).0,
+        libc::EPROTONOSUPPORT
+    );
+    let (listener, active) = listening_and_resolved_in(&mut bench, &mut a, &mut b, port_space::UDP);
+    // A SIDR request carries up to 180 bytes of private data (56 for a connection).
+    let rec = CmRecord {
+        id: active,
+        private_data: vec![7; 181],
+        ..CmRecord::default()
+    };
+    assert_eq!(bench.call(&mut a, CmOp::Connect, rec).0, libc::EINVAL);
+    let rec = CmRecord {
+        id: active,
+        qpn: 0x111,
+        private_data: vec![7; 180],
+        ..CmRecord::default()
+    };
+    assert_eq!(bench.call(&mut a, CmOp::Connect, rec).0, 0);
+    let req = events(&b).pop().unwrap();
+    assert_eq!(
+        (req.op, req.other_id, req.qpn),
+        (event::CONNECT_REQUEST, listener, 0x111)
+    );
+    let rec = CmRecord {
+        id: req.id,
+        qpn: 0x222,
+        private_data: vec![9; 137],
+        ..CmRecord::default()
+    };
+    assert_eq!(bench.call(&mut b, CmOp::Accept, rec).0, libc::EINVAL);
+    let rec = CmRecord {
+        id: req.id,
+        qpn: 0x222,
+        private_data: b"ud".to_vec(),
+        ..CmRecord::default()
+    };
+    assert_eq!(bench.call(&mut b, CmOp::Accept, rec).0, 0);
+    // The active side: ESTABLISHED with the passive QP; the passive side: nothing.
+    let got = events(&a);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].op, got[0].qpn), (event::ESTABLISHED, 0x222));
+    assert_eq!(got[0].private_data, b"ud");
+    assert!(events(&b).is_empty());
+    assert_eq!(bench.cm.established, 0);
+    // No connection: nothing to disconnect, and destroying one side tells the other nothing.
+    let rec = CmRecord::request(CmOp::Disconnect, active);
+    assert_eq!(bench.call(&mut a, CmOp::Disconnect, rec).0, libc::EINVAL);
+    let rec = CmRecord::request(CmOp::DestroyId, active);
+    assert_eq!(bench.call(&mut a, CmOp::DestroyId, rec).0, 0);
+    assert!(events(&b).is_empty());
+    let rec = CmRecord::request(CmOp::DestroyId, req.id);
+    assert_eq!(bench.call(&mut b, CmOp::DestroyId, rec).0, 0);
+    assert!(events(&a).is_empty());
 }

@@ -68,10 +68,15 @@ int main(void)
     CHECK(cq == NULL || ibv_destroy_cq(cq) == 0, "destroy_cq");
     CHECK(channel == NULL || ibv_destroy_comp_channel(channel) == 0, "destroy_comp_channel");
 
-    /* Not implemented yet: clean failures, never a crash or a fake object. */
+    /* Extended CQs exist (verbs_ex.rs tests them in depth). */
     struct ibv_cq_init_attr_ex cq_attr = { .cqe = 16 };
+    struct ibv_cq_ex *cq_ex = ibv_create_cq_ex(ctx, &cq_attr);
+    CHECK(cq_ex != NULL, "create_cq_ex: %s", strerror(errno));
+    CHECK(cq_ex == NULL || ibv_destroy_cq(ibv_cq_ex_to_cq(cq_ex)) == 0, "destroy cq_ex");
+    /* Not implemented: clean failures, never a crash or a fake object. */
+    struct ibv_alloc_dm_attr dm_attr = { .length = 64 };
     errno = 0;
-    CHECK(ibv_create_cq_ex(ctx, &cq_attr) == NULL && errno == EOPNOTSUPP, "create_cq_ex");
+    CHECK(ibv_alloc_dm(ctx, &dm_attr) == NULL && errno == EOPNOTSUPP, "alloc_dm");
     /* SRQs exist (verbs_srq.rs tests them in depth). */
     struct ibv_srq_init_attr srq_attr = { .attr = { .max_wr = 1, .max_sge = 1 } };
     struct ibv_srq *srq = ibv_create_srq(pd, &srq_attr);

@@ -11,18 +11,30 @@ pub struct ObjectHandle {
 }
 sequential_body!(ObjectHandle { handle: u32 });
 
-/// Body of [`super::op::CREATE_CQ`]: at least `cqe` entries, notifications to `channel` (0: none).
+/// Body of [`super::op::CREATE_CQ`]: at least `cqe` entries, notifications to `channel` (0: none),
+/// options in `flags` ([`cq_flags`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreateCq {
     pub cqe: u32,
     pub channel: u32,
     pub comp_vector: u32,
+    pub flags: u32,
 }
 sequential_body!(CreateCq {
     cqe: u32,
     channel: u32,
     comp_vector: u32,
+    flags: u32,
 });
+
+/// `CreateCq::flags`.
+pub mod cq_flags {
+    /// Each completion carries the time the engine produced it (`Cqe::encode_stamped`): a
+    /// clock read per completion, paid only by CQs that ask (`ibv_create_cq_ex` with
+    /// IBV_WC_EX_WITH_COMPLETION_TIMESTAMP).
+    pub const TIMESTAMPS: u32 = 1;
+    pub const KNOWN: u32 = TIMESTAMPS;
+}
 
 /// Body of [`super::op::RESIZE_CQ`]: at least `cqe` entries for CQ `cq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

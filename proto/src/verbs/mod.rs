@@ -41,7 +41,7 @@ pub mod work;
 pub use crate::codec::{Body, DecodeError};
 pub use access::{check_mr_access, AccessFlags, AccessFlagsError};
 pub use async_event::AsyncEventRecord;
-pub use cq::{CqCreated, CreateCq, ObjectHandle, ResizeCq};
+pub use cq::{cq_flags, CqCreated, CreateCq, ObjectHandle, ResizeCq};
 pub use files::{MemoryFileMsg, QueueFileKind, QueueFileMsg, MEMORY_FILE_VERSION};
 pub use op::VerbsOp;
 pub use pd_mr::{DeallocPd, DeregMr, MrCreated, PdCreated, RegMr};

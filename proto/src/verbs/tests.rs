@@ -69,6 +69,7 @@ fn queue_bodies_round_trip_and_fit_a_verbs_slot() {
         cqe: 500,
         channel: 3,
         comp_vector: 0,
+        flags: cq::cq_flags::TIMESTAMPS,
     });
     round_trip(CqCreated { cq: 1, cqe: 512 });
     round_trip(ResizeCq { cq: 2, cqe: 70 });

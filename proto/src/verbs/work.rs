@@ -367,6 +367,24 @@ impl Cqe {
         o
     }
 
+    /// Bytes of a CQ slot's message: the completion, then the engine's timestamp.
+    pub const STAMPED_LEN: usize = Cqe::LEN + 8;
+
+    /// The completion as the engine pushes it into a CQ ring: [`Cqe::encode`], then the time it
+    /// was produced (CLOCK_MONOTONIC nanoseconds, native order), which `ibv_poll_cq` does not
+    /// copy (it takes the first 48 bytes) and `ibv_wc_read_completion_ts` reads.
+    pub fn encode_stamped(&self, timestamp_ns: u64) -> [u8; Cqe::STAMPED_LEN] {
+        let mut o = [0u8; Cqe::STAMPED_LEN];
+        o[..Cqe::LEN].copy_from_slice(&self.encode());
+        o[Cqe::LEN..].copy_from_slice(&timestamp_ns.to_ne_bytes());
+        o
+    }
+
+    /// The timestamp of a slot written by [`Cqe::encode_stamped`].
+    pub fn timestamp(slot: &[u8; Cqe::STAMPED_LEN]) -> u64 {
+        u64::from_ne_bytes(slot[Cqe::LEN..].try_into().expect("8 bytes"))
+    }
+
     pub fn decode(b: &[u8]) -> Cqe {
         let u = |at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"));
         Cqe {

@@ -4,6 +4,10 @@
 
 use std::ffi::{c_int, c_void};
 
+/// The verbs structures this library fills in for libibverbs: shared with shim/verbs (one
+/// definition, checked there against the installed headers).
+pub use freeflow_verbs_abi::{IbvAhAttr, IbvGid, IbvGlobalRoute, IbvQpAttr, IbvQpCap};
+
 /// Opaque verbs objects (this library only passes their pointers to libibverbs).
 pub type Ptr = *mut c_void;
 
@@ -89,8 +93,23 @@ pub struct RdmaCmEvent {
 #[repr(C)]
 pub union EventParam {
     pub conn: RdmaConnParam,
-    pub ud: [u64; 7],
+    pub ud: RdmaUdParam,
 }
+
+/// `struct rdma_ud_param`: what RDMA_PS_UDP's CONNECT_REQUEST and ESTABLISHED carry.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RdmaUdParam {
+    pub private_data: *const c_void,
+    pub private_data_len: u8,
+    pub ah_attr: IbvAhAttr,
+    pub qp_num: u32,
+    pub qkey: u32,
+}
+
+/// `RDMA_UDP_QKEY`: the qkey of every RDMA_PS_UDP QP (rdma_init_qp_attr's, and the one the
+/// answers carry).
+pub const RDMA_UDP_QKEY: u32 = 0x0123_4567;
 
 /// `struct rdma_addrinfo`.
 #[repr(C)]
@@ -129,17 +148,6 @@ pub struct IbvQpHead {
     pub qp_num: u32,
 }
 
-/// `struct ibv_qp_cap`.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub struct IbvQpCap {
-    pub max_send_wr: u32,
-    pub max_recv_wr: u32,
-    pub max_send_sge: u32,
-    pub max_recv_sge: u32,
-    pub max_inline_data: u32,
-}
-
 /// `struct ibv_qp_init_attr` (also the first 60 bytes of `ibv_qp_init_attr_ex`).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -171,62 +179,6 @@ pub struct IbvQpInitAttrExHead {
 /// `ibv_qp_init_attr_ex.comp_mask`: the PD is given.
 pub const IBV_QP_INIT_ATTR_PD: u32 = 1;
 
-/// `struct ibv_global_route` (8-aligned: its GID is a union with 64-bit members).
-#[repr(C, align(8))]
-#[derive(Clone, Copy, Default)]
-pub struct IbvGlobalRoute {
-    pub dgid: [u8; 16],
-    pub flow_label: u32,
-    pub sgid_index: u8,
-    pub hop_limit: u8,
-    pub traffic_class: u8,
-}
-
-/// `struct ibv_ah_attr`.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub struct IbvAhAttr {
-    pub grh: IbvGlobalRoute,
-    pub dlid: u16,
-    pub sl: u8,
-    pub src_path_bits: u8,
-    pub static_rate: u8,
-    pub is_global: u8,
-    pub port_num: u8,
-}
-
-/// `struct ibv_qp_attr`.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub struct IbvQpAttr {
-    pub qp_state: u32,
-    pub cur_qp_state: u32,
-    pub path_mtu: u32,
-    pub path_mig_state: u32,
-    pub qkey: u32,
-    pub rq_psn: u32,
-    pub sq_psn: u32,
-    pub dest_qp_num: u32,
-    pub qp_access_flags: c_int,
-    pub cap: IbvQpCap,
-    pub ah_attr: IbvAhAttr,
-    pub alt_ah_attr: IbvAhAttr,
-    pub pkey_index: u16,
-    pub alt_pkey_index: u16,
-    pub en_sqd_async_notify: u8,
-    pub sq_draining: u8,
-    pub max_rd_atomic: u8,
-    pub max_dest_rd_atomic: u8,
-    pub min_rnr_timer: u8,
-    pub port_num: u8,
-    pub timeout: u8,
-    pub retry_cnt: u8,
-    pub rnr_retry: u8,
-    pub alt_port_num: u8,
-    pub alt_timeout: u8,
-    pub rate_limit: u32,
-}
-
 /// `enum ibv_qp_state`.
 pub mod qp_state {
     pub const INIT: u32 = 1;
@@ -242,6 +194,7 @@ pub mod mask {
     pub const ACCESS_FLAGS: c_int = 1 << 3;
     pub const PKEY_INDEX: c_int = 1 << 4;
     pub const PORT: c_int = 1 << 5;
+    pub const QKEY: c_int = 1 << 6;
     pub const AV: c_int = 1 << 7;
     pub const PATH_MTU: c_int = 1 << 8;
     pub const TIMEOUT: c_int = 1 << 9;
@@ -256,13 +209,15 @@ pub mod mask {
 }
 
 /// `enum ibv_access_flags`.
-pub const IBV_ACCESS_REMOTE_WRITE: c_int = 1 << 1;
-pub const IBV_ACCESS_REMOTE_READ: c_int = 1 << 2;
-pub const IBV_ACCESS_REMOTE_ATOMIC: c_int = 1 << 3;
+pub const IBV_ACCESS_REMOTE_WRITE: u32 = 1 << 1;
+pub const IBV_ACCESS_REMOTE_READ: u32 = 1 << 2;
+pub const IBV_ACCESS_REMOTE_ATOMIC: u32 = 1 << 3;
 /// `IBV_MTU_1024`: the MTU rdma_cm picks for RoCE on a 1500-byte link.
 pub const IBV_MTU_1024: u32 = 3;
 /// `IBV_QPT_RC`.
 pub const IBV_QPT_RC: c_int = 2;
+/// `IBV_QPT_UD`: the QPs of RDMA_PS_UDP ids.
+pub const IBV_QPT_UD: c_int = 4;
 
 #[cfg(test)]
 mod tests {
@@ -285,6 +240,11 @@ mod tests {
         assert_eq!(size_of::<RdmaCmEvent>(), 80);
         assert_eq!(offset_of!(RdmaCmEvent, param), 24);
         assert_eq!(size_of::<RdmaConnParam>(), 24);
+        assert_eq!(size_of::<RdmaUdParam>(), 56);
+        assert_eq!(offset_of!(RdmaUdParam, private_data_len), 8);
+        assert_eq!(offset_of!(RdmaUdParam, ah_attr), 16);
+        assert_eq!(offset_of!(RdmaUdParam, qp_num), 48);
+        assert_eq!(offset_of!(RdmaUdParam, qkey), 52);
         assert_eq!(offset_of!(RdmaConnParam, qp_num), 16);
         assert_eq!(size_of::<RdmaAddrinfo>(), 96);
         assert_eq!(offset_of!(RdmaAddrinfo, ai_next), 88);

@@ -12,7 +12,7 @@
 use crate::abi::*;
 use crate::ibv::{self, Device};
 use crate::router::{self, RouterError};
-use freeflow_proto::cm::{event as ev, CmOp, CmRecord, ConnParams, MAX_PRIVATE_DATA};
+use freeflow_proto::cm::{event as ev, port_space, CmOp, CmRecord, ConnParams, MAX_PRIVATE_DATA};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::c_int;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -247,7 +247,50 @@ pub fn read_sockaddr(p: *const libc::sockaddr) -> Result<Option<SocketAddrV4>, F
     }
 }
 
+/// Whether ids of port space `ps` are RDMA_PS_UDP's: UD QPs, whose "connect" only learns the
+/// passive side's QP number (InfiniBand's SIDR) and whose "accept" only answers it.
+pub fn is_datagram_ps(ps: c_int) -> bool {
+    ps == c_int::from(port_space::UDP)
+}
+
+/// The address vector towards `ip` (its GID `::ffff:ip`, port 1), as an RDMA_PS_UDP event's
+/// `ah_attr` carries it for `ibv_create_ah`.
+fn ah_attr_to(ip: Ipv4Addr) -> IbvAhAttr {
+    IbvAhAttr {
+        grh: IbvGlobalRoute {
+            dgid: IbvGid { raw: gid_of(ip) },
+            sgid_index: 0,
+            hop_limit: 64,
+            ..IbvGlobalRoute::default()
+        },
+        is_global: 1,
+        port_num: 1,
+        ..IbvAhAttr::default()
+    }
+}
+
+/// Fills `event`'s `param.ud` (RDMA_PS_UDP): its private data (already in `event.data`), the
+/// address vector towards `remote`, the other side's QP number and the qkey.
+fn set_ud_param(event: &mut Event, len: usize, remote: Option<SocketAddrV4>, qpn: u32) {
+    let private_data = match len {
+        0 => std::ptr::null(),
+        _ => event.data.as_ptr().cast(),
+    };
+    event.c.param.ud = RdmaUdParam {
+        private_data,
+        private_data_len: len as u8,
+        ah_attr: remote.map_or_else(IbvAhAttr::default, |r| ah_attr_to(*r.ip())),
+        qp_num: qpn,
+        qkey: RDMA_UDP_QKEY,
+    };
+}
+
 impl Id {
+    /// An RDMA_PS_UDP id.
+    pub fn is_datagram(&self) -> bool {
+        is_datagram_ps(self.c.ps)
+    }
+
     /// A new id on `channel` (sync: a private channel).
     pub fn create(
         channel: Option<Arc<Channel>>,
@@ -416,12 +459,19 @@ impl Id {
             req.conn = st.conn;
         }
         if !self.c.qp.is_null() {
-            self.modify(qp_state::RTR)?;
-            self.modify(qp_state::RTS)?;
+            if !self.is_datagram() {
+                // A UD QP is ready since rdma_create_qp.
+                self.modify(qp_state::RTR)?;
+                self.modify(qp_state::RTS)?;
+            }
             // SAFETY: the id's live QP.
             req.qpn = unsafe { (*self.c.qp).qp_num };
         }
         router::call(CmOp::Accept, req)?;
+        if self.is_datagram() {
+            // The answer is all: no event follows on the passive side.
+            return Ok(());
+        }
         self.wait_if_sync(ev::ESTABLISHED)
     }
 
@@ -488,6 +538,30 @@ impl Id {
             false => unsafe { (*self.c.qp).qp_num },
         };
         use mask::*;
+        if self.is_datagram() {
+            // As rdma_init_qp_attr for a UD QP: the qkey at INIT, nothing at RTR, the send
+            // PSN at RTS.
+            let m = match state {
+                qp_state::INIT => {
+                    a.pkey_index = 0;
+                    a.port_num = 1;
+                    a.qkey = RDMA_UDP_QKEY;
+                    STATE | PKEY_INDEX | PORT | QKEY
+                }
+                qp_state::RTR => STATE,
+                qp_state::RTS => {
+                    a.sq_psn = psn(own_qpn);
+                    STATE | SQ_PSN
+                }
+                _ => {
+                    return Err(Fail::new(
+                        libc::EINVAL,
+                        "rdma_init_qp_attr: INIT, RTR or RTS only",
+                    ))
+                }
+            };
+            return Ok((a, m));
+        }
         let m = match state {
             qp_state::INIT => {
                 a.pkey_index = 0;
@@ -507,7 +581,9 @@ impl Id {
                 a.min_rnr_timer = 12;
                 a.ah_attr = IbvAhAttr {
                     grh: IbvGlobalRoute {
-                        dgid: gid_of(*remote.ip()),
+                        dgid: IbvGid {
+                            raw: gid_of(*remote.ip()),
+                        },
                         sgid_index: 0,
                         hop_limit: 64,
                         ..IbvGlobalRoute::default()
@@ -623,7 +699,15 @@ impl Id {
             return Err(Fail::new(e, "ibv_create_qp failed"));
         }
         self.c.qp = qp.cast();
-        if let Err(e) = self.modify(qp_state::INIT) {
+        // A UD QP goes on to RTS at once, as librdmacm's: it needs nothing from the other side.
+        let ready = match self.is_datagram() {
+            true => self
+                .modify(qp_state::INIT)
+                .and_then(|()| self.modify(qp_state::RTR))
+                .and_then(|()| self.modify(qp_state::RTS)),
+            false => self.modify(qp_state::INIT),
+        };
+        if let Err(e) = ready {
             // SAFETY: the QP just made.
             unsafe { (v.destroy_qp)(qp) };
             self.c.qp = std::ptr::null_mut();
@@ -852,6 +936,9 @@ fn deliver(ch: &Arc<Channel>, rec: CmRecord) -> Option<Box<Event>> {
             child.take_device(dev, *rec.local.ip());
             child.set_local(rec.local);
             child.set_remote(rec.remote);
+            if child.is_datagram() {
+                set_ud_param(&mut event, len, Some(rec.remote), rec.qpn);
+            }
             let child = Box::into_raw(child);
             record_id(child);
             drop(ids);
@@ -892,6 +979,12 @@ fn deliver(ch: &Arc<Channel>, rec: CmRecord) -> Option<Box<Event>> {
                         rec.status,
                         std::io::Error::from_raw_os_error(-rec.status)
                     ));
+                }
+                // RDMA_PS_UDP's answer: the passive QP, for the program's address handle.
+                ev::ESTABLISHED if id.is_datagram() => {
+                    id.state().peer_qpn = rec.qpn;
+                    let remote = id.state().remote;
+                    set_ud_param(&mut event, len, remote, rec.qpn);
                 }
                 ev::CONNECT_RESPONSE => {
                     id.state().peer_qpn = rec.qpn;

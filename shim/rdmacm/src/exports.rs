@@ -156,7 +156,12 @@ fn create_id(
         true => None,
         false => Some(cm::channel(channel)?),
     };
-    let id = Id::create(ch, context, ps, IBV_QPT_RC)?;
+    // As librdmacm: RDMA_PS_UDP ids have UD QPs.
+    let qp_type = match cm::is_datagram_ps(ps) {
+        true => IBV_QPT_UD,
+        false => IBV_QPT_RC,
+    };
+    let id = Id::create(ch, context, ps, qp_type)?;
     // SAFETY: the program's non-NULL pointer to an id pointer.
     unsafe { *out = id.cast() };
     Ok(())
@@ -521,6 +526,7 @@ fn create_ep(
         ps => ps,
     };
     let qp_type = match res.ai_qp_type {
+        0 if cm::is_datagram_ps(ps) => IBV_QPT_UD,
         0 => IBV_QPT_RC,
         t => t,
     };
@@ -692,13 +698,16 @@ fn getaddrinfo(
     // SAFETY: `ai` is a zeroed RdmaAddrinfo of ours.
     let a = unsafe { &mut *ai };
     a.ai_family = libc::AF_INET;
-    a.ai_qp_type = hints.map_or(0, |h| h.ai_qp_type);
-    if a.ai_qp_type == 0 {
-        a.ai_qp_type = IBV_QPT_RC;
-    }
     a.ai_port_space = hints.map_or(0, |h| h.ai_port_space);
     if a.ai_port_space == 0 {
         a.ai_port_space = freeflow_proto::cm::port_space::TCP.into();
+    }
+    a.ai_qp_type = hints.map_or(0, |h| h.ai_qp_type);
+    if a.ai_qp_type == 0 {
+        a.ai_qp_type = match cm::is_datagram_ps(a.ai_port_space) {
+            true => IBV_QPT_UD,
+            false => IBV_QPT_RC,
+        };
     }
     a.ai_flags = flags;
     let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;

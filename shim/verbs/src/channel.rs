@@ -44,6 +44,13 @@ impl Channel {
         }
     }
 
+    /// The attach connection's descriptor, the context's `cmd_fd` (it lives as long as the
+    /// channel).
+    pub fn command_fd(&self) -> std::ffi::c_int {
+        use std::os::fd::AsRawFd;
+        self.session.connection().as_raw_fd()
+    }
+
     pub fn info(&self) -> &AttachInfo {
         self.session.info()
     }

@@ -22,7 +22,7 @@
 //! the slow-path verbs look it up in the registry.
 #![allow(unsafe_code)]
 
-use crate::abi::{IbvCompChannel, IbvContext, IbvCq, IbvWc};
+use crate::abi::{IbvCompChannel, IbvContext, IbvCq, IbvCqEx, IbvWc};
 use crate::error::{returns_errno, returns_minus_one, returns_object, VerbsError};
 use crate::faults::{CqUser, CqUsers, Gone, QpQueues};
 use crate::ffi::{guard, set_errno};
@@ -60,6 +60,9 @@ pub(crate) struct CqState {
     acked: Condvar,
     /// The CQ's channel, or null.
     channel: *mut IbvCompChannel,
+    /// The completion the poll API (`ibv_start_poll`, `ibv_next_poll`) took last, as the
+    /// router stamped it: what the `ibv_wc_read_*` operations read.
+    pub(crate) current: Mutex<[u8; Cqe::STAMPED_LEN]>,
 }
 
 /// A CQ's ring (it keeps the region's mapping alive; replaced by a resize) and the QPs whose
@@ -71,7 +74,7 @@ struct CqRing {
     idle: IdlePolls,
 }
 
-impl HandedOut for IbvCq {
+impl HandedOut for IbvCqEx {
     type State = CqState;
     const MAGIC: u64 = u64::from_le_bytes(*b"FFCQv001");
     const NAME: &'static str = "CQ";
@@ -98,9 +101,18 @@ impl HandedOut for IbvCompChannel {
 fn registered_cq<'a>(cq: *mut IbvCq) -> Result<(QueueEntry, &'a CqState), VerbsError> {
     let entry = registry::queue(cq as usize, QueueKind::Cq)?;
     // SAFETY: the registry holds `cq`: a live CQ of this library.
-    let state =
-        unsafe { object::state(cq) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
+    let state = unsafe { cq_state(cq) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
     Ok((entry, state))
+}
+
+/// The state behind `cq`, if it is one of this library's CQs: every CQ is a `struct
+/// ibv_cq_ex`, whose first fields are the `struct ibv_cq` programs pass.
+///
+/// # Safety
+/// As [`object::state`].
+pub(crate) unsafe fn cq_state<'a>(cq: *mut IbvCq) -> Option<&'a CqState> {
+    // SAFETY: forwarded caller guarantee.
+    unsafe { object::state(cq.cast::<IbvCqEx>()) }
 }
 
 fn create_comp_channel(context: *mut IbvContext) -> Result<*mut IbvCompChannel, VerbsError> {
@@ -198,12 +210,13 @@ fn attach_ring(fd: &OwnedFd) -> Result<(Consumer, u64), VerbsError> {
     Ok((Consumer::new(ring), region.router_cores()))
 }
 
-fn create_cq(
+pub(crate) fn create_cq(
     context: *mut IbvContext,
     cqe: c_int,
     cq_context: *mut c_void,
     channel: *mut IbvCompChannel,
     comp_vector: c_int,
+    flags: u32,
 ) -> Result<*mut IbvCq, VerbsError> {
     let key = context as usize;
     let state = registry::context(key)?;
@@ -230,6 +243,7 @@ fn create_cq(
         cqe: cqe as u32,
         channel: channel_state.map_or(0, |c| c.handle),
         comp_vector: 0,
+        flags,
     }
     .to_vec();
     let (created, fd) = lock(&state.channel).call_for_queue(
@@ -251,7 +265,7 @@ fn create_cq(
             return Err(e);
         }
     };
-    let ibv = IbvCq {
+    let ibv = crate::cq_ex::poll_api(IbvCq {
         context,
         channel,
         cq_context,
@@ -261,7 +275,7 @@ fn create_cq(
         cond: libc::PTHREAD_COND_INITIALIZER,
         comp_events_completed: 0,
         async_events_completed: 0,
-    };
+    });
     let state = CqState {
         context: key,
         handle: created.cq,
@@ -274,8 +288,9 @@ fn create_cq(
         events: Mutex::new((0, 0)),
         acked: Condvar::new(),
         channel,
+        current: Mutex::new([0; Cqe::STAMPED_LEN]),
     };
-    let obj = object::leak(ibv, state);
+    let obj = object::leak(ibv, state).cast::<IbvCq>();
     if let Some(ch) = channel_state {
         lock(&ch.cqs).insert(created.cq, obj as usize);
         // SAFETY: `channel` is a live channel object (looked up above); the count is only
@@ -307,7 +322,7 @@ pub extern "C" fn ibv_create_cq(
     comp_vector: c_int,
 ) -> *mut IbvCq {
     returns_object("ibv_create_cq", || {
-        create_cq(context, cqe, cq_context, channel, comp_vector)
+        create_cq(context, cqe, cq_context, channel, comp_vector, 0)
     })
 }
 
@@ -370,8 +385,8 @@ fn destroy_cq(cq: *mut IbvCq) -> Result<(), VerbsError> {
         unsafe { (*state.channel).refcnt -= 1 };
     }
     // SAFETY: the registry held `cq`: made by `create_cq`; the program no longer uses it.
-    unsafe { object::remove(cq) };
-    registry::debug(format_args!("destroyed {} {}", IbvCq::NAME, entry.handle));
+    unsafe { object::remove(cq.cast::<IbvCqEx>()) };
+    registry::debug(format_args!("destroyed {} {}", IbvCqEx::NAME, entry.handle));
     Ok(())
 }
 
@@ -389,7 +404,7 @@ pub extern "C" fn ibv_destroy_cq(cq: *mut IbvCq) -> c_int {
 /// `cq` is a live CQ of this library; `wc` has room for `num_entries` entries.
 pub unsafe extern "C" fn poll_cq(cq: *mut IbvCq, num_entries: c_int, wc: *mut IbvWc) -> c_int {
     // SAFETY: forwarded caller guarantee.
-    let Some(state) = (unsafe { object::state(cq) }) else {
+    let Some(state) = (unsafe { cq_state(cq) }) else {
         set_errno(libc::EINVAL);
         return -1;
     };
@@ -449,6 +464,35 @@ unsafe fn take_completions(state: &CqState, max: usize, wc: *mut IbvWc) -> (c_in
     (0, idle.found_nothing(shared_core::current_core))
 }
 
+/// The poll API's pop: the next completion (or flush) into `out`, stamped. Ok(true) if there was
+/// one, Ok(false) if not (then `yield_core` tells whether the caller should give its core up to
+/// the router, [`shared_core`]); Err if the router broke the ring.
+pub(crate) fn take_one(
+    state: &CqState,
+    out: &mut [u8; Cqe::STAMPED_LEN],
+) -> Result<(bool, bool), ()> {
+    let mut cq_ring = lock(&state.ring);
+    let CqRing { ring, users, idle } = &mut *cq_ring;
+    match ring.pop(out) {
+        Ok(true) => {
+            users.retire(&out[..]);
+            ring.release();
+            idle.found();
+            Ok((true, false))
+        }
+        Ok(false) if state.gone.is_set() => match users.next_flush() {
+            Some(cqe) => {
+                // A flush the library makes: no time from the router.
+                *out = cqe.encode_stamped(0);
+                Ok((true, false))
+            }
+            None => Ok((false, false)),
+        },
+        Ok(false) => Ok((false, idle.found_nothing(shared_core::current_core))),
+        Err(_) => Err(()),
+    }
+}
+
 /// `ops.req_notify_cq`: the next completion added to the CQ writes an event to its channel.
 /// Solicited-only requests are treated as requests for any completion (more events than asked
 /// for, which programs handle: they poll after each event). No system call.
@@ -458,7 +502,7 @@ unsafe fn take_completions(state: &CqState, max: usize, wc: *mut IbvWc) -> (c_in
 pub unsafe extern "C" fn req_notify_cq(cq: *mut IbvCq, solicited_only: c_int) -> c_int {
     let _ = solicited_only;
     // SAFETY: forwarded caller guarantee.
-    let Some(state) = (unsafe { object::state(cq) }) else {
+    let Some(state) = (unsafe { cq_state(cq) }) else {
         return libc::EINVAL;
     };
     lock(&state.ring).ring.request_wake();
@@ -510,8 +554,7 @@ fn deliver_event(
 ) -> Result<(), VerbsError> {
     // SAFETY: the channel's table holds only live CQs of this library (destroy removes them
     // first).
-    let state =
-        unsafe { object::state(ptr) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
+    let state = unsafe { cq_state(ptr) }.ok_or(VerbsError::UnknownObject("completion queue"))?;
     lock(&state.events).0 += 1;
     // SAFETY: the out pointers were checked for NULL and are the caller's; `ptr` is live.
     unsafe {
@@ -527,7 +570,7 @@ fn faults_event(ch: &ChannelState) -> Option<*mut IbvCq> {
     let cqs: Vec<usize> = lock(&ch.cqs).values().copied().collect();
     cqs.into_iter().map(|a| a as *mut IbvCq).find(|&ptr| {
         // SAFETY: the channel's table holds only live CQs of this library.
-        let Some(state) = (unsafe { object::state(ptr) }) else {
+        let Some(state) = (unsafe { cq_state(ptr) }) else {
             return false;
         };
         let mut cq_ring = lock(&state.ring);

@@ -121,7 +121,9 @@ impl Identity {
             sys_image_guid: self.guid_be(),
             max_mr_size: MAX_MR_SIZE,
             page_size_cap: PAGE_SIZE_CAP,
-            vendor_id: 0,
+            // No IEEE OUI: rxe's value for a software device (0 reads as "no device" to
+            // rdma-core's tests).
+            vendor_id: 0x00ff_ffff,
             vendor_part_id: 0,
             hw_ver: 0,
             max_qp: MAX_QP,
@@ -162,14 +164,16 @@ impl Identity {
         }
     }
 
-    /// `ibv_query_device_ex`: the plain attributes, no extended capability.
+    /// `ibv_query_device_ex`: the plain attributes, and completion timestamps (the router's
+    /// CLOCK_MONOTONIC in nanoseconds: a 1 GHz clock of 64 bits); no other extended capability.
     pub fn device_attr_ex(&self) -> IbvDeviceAttrEx {
         IbvDeviceAttrEx {
             orig_attr: self.device_attr(),
             comp_mask: 0,
             odp_caps: IbvOdpCaps::default(),
-            completion_timestamp_mask: 0,
-            hca_core_clock: 0,
+            completion_timestamp_mask: u64::MAX,
+            // In kHz: one tick a nanosecond.
+            hca_core_clock: 1_000_000,
             device_cap_flags_ex: u64::from(self.device_attr().device_cap_flags),
             tso_caps: IbvTsoCaps::default(),
             rss_caps: IbvRssCaps::default(),

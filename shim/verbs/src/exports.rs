@@ -181,7 +181,7 @@ fn context_ops() -> IbvContextOps {
     }
 }
 
-fn verbs_context(device: *mut IbvDevice, async_fd: c_int) -> VerbsContext {
+fn verbs_context(device: *mut IbvDevice, cmd_fd: c_int, async_fd: c_int) -> VerbsContext {
     VerbsContext {
         query_port: Some(query_port_op),
         advise_mr: None,
@@ -207,8 +207,8 @@ fn verbs_context(device: *mut IbvDevice, async_fd: c_int) -> VerbsContext {
         destroy_wq: None,
         modify_wq: None,
         create_wq: None,
-        query_rt_values: None,
-        create_cq_ex: None,
+        query_rt_values: Some(crate::cq_ex::query_rt_values_op),
+        create_cq_ex: Some(crate::cq_ex::create_cq_ex_op),
         priv_: null_mut(),
         query_device_ex: Some(query_device_ex_op),
         ibv_destroy_flow: None,
@@ -216,7 +216,7 @@ fn verbs_context(device: *mut IbvDevice, async_fd: c_int) -> VerbsContext {
         ibv_create_flow: None,
         abi_placeholder1: None,
         open_qp: None,
-        create_qp_ex: None,
+        create_qp_ex: Some(crate::qp_ex::create_qp_ex_op),
         get_srq_num: None,
         create_srq_ex: None,
         open_xrcd: None,
@@ -226,8 +226,9 @@ fn verbs_context(device: *mut IbvDevice, async_fd: c_int) -> VerbsContext {
         context: IbvContext {
             device,
             ops: context_ops(),
-            // No kernel uverbs device behind this context.
-            cmd_fd: -1,
+            // The context's command channel: its attach connection to the router (no kernel
+            // uverbs device). Programs only pass it on (`ibv_import_device`, refused).
+            cmd_fd,
             async_fd,
             num_comp_vectors: 1,
             mutex: libc::PTHREAD_MUTEX_INITIALIZER,
@@ -247,8 +248,10 @@ pub extern "C" fn ibv_open_device(device: *mut IbvDevice) -> *mut IbvContext {
         let pipe = open_event_pipe(&mut channel);
         let gone = Gone::default();
         let async_events = Arc::new(AsyncEvents::new()?);
+        let cmd_fd = channel.command_fd();
         let c_side = Box::into_raw(Box::new(verbs_context(
             device.as_c(),
+            cmd_fd,
             async_events.raw_fd(),
         )));
         // SAFETY: `c_side` is a live, exclusively owned allocation; this takes the address of
@@ -393,7 +396,7 @@ unsafe extern "C" fn query_port_op(
     unsafe { query_port(context, port_num, port_attr, port_attr_len) }
 }
 
-/// `verbs_context.query_device_ex`: the plain attributes and no extended capabilities.
+/// `verbs_context.query_device_ex`: the plain attributes and completion timestamps.
 unsafe extern "C" fn query_device_ex_op(
     context: *mut IbvContext,
     input: *const IbvQueryDeviceExInput,

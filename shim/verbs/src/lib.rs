@@ -26,10 +26,12 @@
 //! `faults` is what happens when the router goes (flushes, errors), with `shadow` the
 //! lock-free record of each queue's outstanding requests; `shared_core` is a poll loop's turn
 //! taking with the router on its cores; `exports`, `ah`, `pd_mr`, `cq`, `qp`, `srq`, `utility`, `marshall` (the kernel-structure
-//! converters librdmacm binds at load time) and `unsupported` are the exported C functions.
+//! converters librdmacm binds at load time) and `unsupported` are the exported C functions;
+//! `cq_ex` and `qp_ex` the extended API (`ibv_create_cq_ex` and its poll API,
+//! `ibv_create_qp_ex` and the `ibv_wr_*` post API), reached through function pointers.
 //!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here and `#![allow(unsafe_code)]` at the
-//! top of each) to the C boundary (`exports`, `ah`, `async_event`, `pd_mr`, `cq`, `qp`, `srq`, `unsupported`,
+//! top of each) to the C boundary (`exports`, `ah`, `async_event`, `pd_mr`, `cq`, `cq_ex`, `qp`, `qp_ex`, `srq`, `unsupported`,
 //! `utility`, `marshall`, `ffi`, and `shared_core`'s `sched_getcpu`) and to `memory` (the system calls that move pages), whose two
 //! entry points `pages` calls (each call allowed on its own) right after checking
 //! `/proc/self/maps`. errno, memory files and the `.symver` directives are `freeflow-os`'s.
@@ -45,6 +47,7 @@ mod ah;
 mod async_event;
 mod channel;
 mod cq;
+mod cq_ex;
 mod device;
 mod error;
 mod exports;
@@ -56,6 +59,7 @@ mod memory;
 mod pages;
 mod pd_mr;
 mod qp;
+mod qp_ex;
 mod registry;
 mod shadow;
 mod shared_core;

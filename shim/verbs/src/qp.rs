@@ -18,11 +18,13 @@
 #![allow(unsafe_code)]
 
 use crate::abi::{
-    IbvContext, IbvPd, IbvQp, IbvQpAttr, IbvQpCap, IbvQpInitAttr, IbvRecvWr, IbvSendWr, IbvSge,
+    IbvContext, IbvPd, IbvQp, IbvQpAttr, IbvQpCap, IbvQpEx, IbvQpInitAttr, IbvRecvWr, IbvSendWr,
+    IbvSge,
 };
 use crate::error::{returns_errno, returns_object, VerbsError};
 use crate::faults::{Gone, QpQueues, Queue};
 use crate::ffi::{copy_out, guard};
+use crate::qp_ex::WrBatch;
 use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, ContextState, PdEntry, QueueEntry, QueueKind};
 use crate::shadow::Posted;
@@ -63,9 +65,29 @@ pub(crate) struct QpShared {
     /// The router shard's doorbell (rung only when the shard parked).
     bell: EventFd,
     _region: SharedRegion,
+    /// The operations the new post API may build (`send_ops_flags` of `ibv_create_qp_ex`);
+    /// None for a QP made without them, which `ibv_qp_to_qp_ex` does not hand out.
+    pub(crate) send_ops: Option<u64>,
+    /// The work requests the new post API builds between `ibv_wr_start` and
+    /// `ibv_wr_complete`.
+    pub(crate) batch: Mutex<WrBatch>,
 }
 
-impl HandedOut for IbvQp {
+impl QpShared {
+    pub(crate) fn qp_type(&self) -> QpType {
+        self.qp_type
+    }
+
+    pub(crate) fn max_send_sge(&self) -> u32 {
+        self.cap.max_send_sge
+    }
+
+    pub(crate) fn max_inline_data(&self) -> u32 {
+        self.cap.max_inline_data
+    }
+}
+
+impl HandedOut for IbvQpEx {
     type State = QpShared;
     const MAGIC: u64 = u64::from_le_bytes(*b"FFQPv001");
     const NAME: &'static str = "QP";
@@ -94,7 +116,11 @@ fn c_cap(c: &QpCap) -> IbvQpCap {
 /// `ibv_create_qp` in steps: check the caller's objects, ask the router, map the queues it
 /// passed (destroying the router's QP if that fails), then build and register the library's
 /// object.
-fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, VerbsError> {
+pub(crate) fn create_qp(
+    pd: *mut IbvPd,
+    init: *mut IbvQpInitAttr,
+    send_ops: Option<u64>,
+) -> Result<*mut IbvQp, VerbsError> {
     let request = QpRequest::check(pd, init)?;
     let state = registry::context(request.pd.context)?;
     let QpReply { created, fd, bell } = request_qp(&state, &request)?;
@@ -132,6 +158,8 @@ fn create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> Result<*mut IbvQp, Ver
         gone: state.gone.clone(),
         bell,
         _region: region,
+        send_ops,
+        batch: Mutex::new(WrBatch::default()),
     };
     let obj = new_qp_object(pd, &request, &created, shared);
     crate::cq::add_user(request.attr.send_cq, request.attr.recv_cq, &queues);
@@ -276,22 +304,32 @@ fn new_qp_object(
         cond: libc::PTHREAD_COND_INITIALIZER,
         events_completed: 0,
     };
-    object::leak(ibv, shared)
+    object::leak(crate::qp_ex::post_api(ibv), shared).cast::<IbvQp>()
 }
 
 /// `ibv_create_qp`: an RC, UC or UD QP in RESET, or NULL with errno (EOPNOTSUPP for other
 /// types, EINVAL for capacities beyond the device's limits).
 #[no_mangle]
 pub extern "C" fn ibv_create_qp(pd: *mut IbvPd, init: *mut IbvQpInitAttr) -> *mut IbvQp {
-    returns_object("ibv_create_qp", || create_qp(pd, init))
+    returns_object("ibv_create_qp", || create_qp(pd, init, None))
 }
 
 fn lookup(qp: *mut IbvQp) -> Result<(QueueEntry, &'static QpShared), VerbsError> {
     let entry = registry::queue(qp as usize, QueueKind::Qp)?;
     // SAFETY: the registry holds `qp`: a live QP of this library, whose state lives until the
     // program destroys it (which it promises not to do while using it).
-    let state = unsafe { object::state(qp) }.ok_or(VerbsError::UnknownObject("queue pair"))?;
+    let state = unsafe { qp_state(qp) }.ok_or(VerbsError::UnknownObject("queue pair"))?;
     Ok((entry, state))
+}
+
+/// The state behind `qp`, if it is one of this library's QPs: every QP is a `struct
+/// ibv_qp_ex`, whose first field is the `struct ibv_qp` programs pass.
+///
+/// # Safety
+/// As [`object::state`].
+pub(crate) unsafe fn qp_state<'a>(qp: *mut IbvQp) -> Option<&'a QpShared> {
+    // SAFETY: forwarded caller guarantee.
+    unsafe { object::state(qp.cast::<IbvQpEx>()) }
 }
 
 fn wire_attr(a: &IbvQpAttr) -> QpAttr {
@@ -468,7 +506,7 @@ pub extern "C" fn ibv_destroy_qp(qp: *mut IbvQp) -> c_int {
         // SAFETY: `qp` is live (looked up); its public fields are read as plain values.
         let (send_cq, recv_cq) = unsafe { ((*qp).send_cq, (*qp).recv_cq) };
         // SAFETY: the registry holds `qp`: made by `create_qp`; the program no longer uses it.
-        unsafe { object::destroy(qp, entry, op::DESTROY_QP) }?;
+        unsafe { object::destroy(qp.cast::<IbvQpEx>(), entry, op::DESTROY_QP) }?;
         crate::cq::remove_user(send_cq, recv_cq, qpn);
         Ok(())
     })
@@ -605,7 +643,7 @@ pub unsafe extern "C" fn post_send(
         errno
     };
     // SAFETY: forwarded caller guarantee.
-    let Some(state) = (unsafe { object::state(qp) }) else {
+    let Some(state) = (unsafe { qp_state(qp) }) else {
         return report(wr, libc::EINVAL);
     };
     if state.gone.is_set() {
@@ -664,6 +702,64 @@ pub unsafe extern "C" fn post_send(
     })
 }
 
+/// Posts every request of `wrs`, or none: 0, or the errno value of the first request refused
+/// (what `ibv_post_send` checks), or ENOMEM when they do not all fit in the queue. What
+/// `ibv_wr_complete` does with its batch, as hardware does.
+///
+/// # Safety
+/// `qp` is a QP of this library (or garbage the magic number refuses); each request's lists and
+/// inline data are readable.
+pub(crate) unsafe fn post_send_all(qp: *mut IbvQp, wrs: &[IbvSendWr]) -> c_int {
+    // SAFETY: forwarded caller guarantee.
+    let Some(state) = (unsafe { qp_state(qp) }) else {
+        return libc::EINVAL;
+    };
+    if state.gone.is_set() {
+        return libc::EIO;
+    }
+    let current = QpState::from_u32(u32::from(state.state.load(Ordering::Acquire)));
+    if !current.is_some_and(QpState::accepts_sends) {
+        return libc::EINVAL;
+    }
+    guard(libc::EIO, || {
+        let mut queue = lock(&state.queues.send);
+        let Queue { ring, buf, shadow } = &mut *queue;
+        let shadow = shadow.as_mut().expect("a QP's queues are tracked");
+        // Every request encoded first: a refusal posts nothing.
+        let mut encoded = Vec::with_capacity(wrs.len());
+        for w in wrs {
+            let mut slot = vec![0u8; buf.len()];
+            // SAFETY: forwarded caller guarantee about the request's lists and data.
+            match unsafe { encode_send(w, state, &mut slot) } {
+                Ok(len) => {
+                    slot.truncate(len);
+                    encoded.push(slot);
+                }
+                Err(e) => return e,
+            }
+        }
+        let n = encoded.len() as u64;
+        let fits = ring.free_slots().is_ok_and(|free| u64::from(free) >= n);
+        if !fits || !shadow.has_room_for(n) {
+            return libc::ENOMEM;
+        }
+        for (w, slot) in wrs.iter().zip(&encoded) {
+            match ring.push(slot) {
+                Ok(true) => {
+                    let signaled = state.sig_all || w.send_flags & send_flags::SIGNALED != 0;
+                    shadow.record(Posted::send(w.wr_id, w.opcode as u8, signaled));
+                }
+                // Room was checked under the queue's lock: only a broken ring gets here.
+                Ok(false) | Err(_) => return libc::EIO,
+            }
+        }
+        if ring.publish() == Wake::Needed {
+            let _ = state.bell.ring();
+        }
+        0
+    })
+}
+
 /// `ops.post_recv` (the inline `ibv_post_recv`): as `post_send`, for receive requests (the QP
 /// must be past RESET). A QP that takes its receives from an SRQ refuses them (EINVAL), as
 /// rdma-core's providers do.
@@ -676,7 +772,7 @@ pub unsafe extern "C" fn post_recv(
     bad_wr: *mut *mut IbvRecvWr,
 ) -> c_int {
     // SAFETY: forwarded caller guarantee.
-    let Some(state) = (unsafe { object::state(qp) }) else {
+    let Some(state) = (unsafe { qp_state(qp) }) else {
         // SAFETY: forwarded caller guarantee about `bad_wr`.
         return unsafe { report_recv(bad_wr, wr, libc::EINVAL) };
     };

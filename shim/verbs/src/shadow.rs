@@ -199,6 +199,14 @@ impl ShadowWriter {
         self.room == 0
     }
 
+    /// Whether `n` more requests fit.
+    pub fn has_room_for(&mut self, n: u64) -> bool {
+        if self.room < n {
+            self.room = self.shadow.room();
+        }
+        self.room >= n
+    }
+
     /// Records a posted request (the caller checked [`ShadowWriter::is_full`]).
     pub fn record(&mut self, posted: Posted) {
         let s = &self.shadow;

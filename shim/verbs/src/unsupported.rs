@@ -4,8 +4,7 @@
 //! call of each says so on stderr.
 //!
 //! Implemented verbs live elsewhere (`pd_mr`, `cq`, `qp`, `srq`, `ah`). `ibv_rereg_mr` stays here for
-//! now: it answers IBV_REREG_MR_ERR_INPUT, the old region unchanged. Not yet: multicast,
-//! `ibv_qp_to_qp_ex` (the new post API).
+//! now: it answers IBV_REREG_MR_ERR_INPUT, the old region unchanged. Not yet: multicast.
 #![allow(unsafe_code)]
 
 use crate::abi::IBV_REREG_MR_ERR_INPUT;
@@ -58,8 +57,6 @@ unsupported! {
     "IBVERBS_1.1" fn ibv_detach_mcast(qp: Obj, gid: Obj, lid: u16) -> c_int = libc::EOPNOTSUPP;
     "IBVERBS_1.1" fn ibv_resolve_eth_l2_from_gid(context: Obj, attr: Obj, eth_mac: *mut u8,
         vid: *mut u16) -> c_int = libc::EOPNOTSUPP;
-
-    "IBVERBS_1.6" fn ibv_qp_to_qp_ex(qp: Obj) -> Obj = null_mut();
 
     "IBVERBS_1.10" fn ibv_import_device(cmd_fd: c_int) -> Obj = null_mut();
     "IBVERBS_1.10" fn ibv_import_pd(context: Obj, pd_handle: u32) -> Obj = null_mut();

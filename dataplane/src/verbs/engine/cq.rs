@@ -6,7 +6,7 @@ use super::{context_mut, ring_slots, Engine};
 use crate::verbs::ids::{AttachmentId, CqId};
 use crate::verbs::{notify, VerbsError};
 use freeflow_proto::region::SharedRegion;
-use freeflow_proto::verbs::{limits, CqCreated, CreateCq, QueueFileKind, ResizeCq};
+use freeflow_proto::verbs::{cq_flags, limits, CqCreated, CreateCq, QueueFileKind, ResizeCq};
 use freeflow_proto::{Producer, RingGeometry, Wake};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -28,6 +28,8 @@ pub(in crate::verbs) struct Cq {
     /// QPs that complete into it (destroying it is refused while there are any).
     pub(super) users: u32,
     pub(in crate::verbs) dirty: bool,
+    /// Completions carry the time they were produced (`cq_flags::TIMESTAMPS`).
+    pub(in crate::verbs) stamped: bool,
     /// The owner wrote a corrupt index into the ring: it is no longer touched.
     pub(in crate::verbs) broken: bool,
     _region: SharedRegion,
@@ -121,6 +123,9 @@ impl Engine {
         if r.comp_vector != 0 {
             return Err(VerbsError::Invalid("the device has one completion vector"));
         }
+        if r.flags & !cq_flags::KNOWN != 0 {
+            return Err(VerbsError::Invalid("unknown CQ flags"));
+        }
         if ctx.cqs.len() >= limits::MAX_CQ as usize {
             return Err(VerbsError::Limit("completion queues"));
         }
@@ -155,6 +160,7 @@ impl Engine {
             notify,
             users: 0,
             dirty: false,
+            stamped: r.flags & cq_flags::TIMESTAMPS != 0,
             broken: false,
             _region: region,
         });

@@ -104,6 +104,7 @@ fn victim(engine: &mut Engine, id: u32, ip: [u8; 4]) -> Victim {
         cqe: 64,
         channel: 0,
         comp_vector: 0,
+        flags: 0,
     };
     let cq: CqCreated = ok(
         engine,
@@ -489,6 +490,7 @@ fn request_body(op: u16, f: &mut Fields<'_>) -> Vec<u8> {
             cqe: f.u32(16),
             channel: f.u32(0),
             comp_vector: f.u32(0),
+            flags: f.u32(0),
         }
         .to_vec(),
         op::RESIZE_CQ => ResizeCq {

@@ -97,6 +97,7 @@ fn typed_side(
             cqe,
             channel: 0,
             comp_vector: 0,
+            flags: 0,
         }
         .to_vec(),
     );
@@ -1170,6 +1171,7 @@ fn new_cq(engine: &mut Engine, id: AttachmentId, conn: &OwnedFd, channel: u32) -
         cqe: 16,
         channel,
         comp_vector: 0,
+        flags: 0,
     };
     match call(engine, id, conn, op::CREATE_CQ, &body.to_vec()) {
         (status::OK, reply) => Ok(CqCreated::decode(&reply).unwrap().cq),

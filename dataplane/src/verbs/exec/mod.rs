@@ -283,7 +283,15 @@ impl Engine {
         if c.broken {
             return;
         }
-        match c.ring.push(&cqe.encode()) {
+        // Stamped as it is produced, for a CQ that asked (`ibv_create_cq_ex` with completion
+        // timestamps): a clock read per completion, which other CQs do not pay.
+        let pushed = match c.stamped {
+            true => c
+                .ring
+                .push(&cqe.encode_stamped(freeflow_proto::clock::monotonic_ns())),
+            false => c.ring.push(&cqe.encode()),
+        };
+        match pushed {
             Ok(true) => {
                 if !c.dirty {
                     c.dirty = true;

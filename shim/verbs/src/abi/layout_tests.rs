@@ -3,6 +3,7 @@
 //! compiler's.
 
 use super::*;
+use freeflow_verbs_abi::IbvGlobalRoute;
 use std::collections::BTreeMap;
 use std::mem::{align_of, offset_of, size_of};
 use std::process::Command;
@@ -52,6 +53,17 @@ const IBV_WC_REM_ACCESS_ERR: u32 = freeflow_proto::verbs::wc_status::REM_ACCESS_
 const IBV_QPT_UC: u32 = freeflow_proto::verbs::qp::QPT_UC;
 const IBV_QPT_UD: u32 = freeflow_proto::verbs::qp::QPT_UD;
 const IBV_WC_GRH: u32 = freeflow_proto::verbs::work::wc_flags::GRH;
+
+// The extended verbs' values this library refuses (EOPNOTSUPP), checked all the same.
+const IBV_WC_EX_WITH_CVLAN: u64 = 1 << 8;
+const IBV_WC_EX_WITH_FLOW_TAG: u64 = 1 << 9;
+const IBV_WC_EX_WITH_TM_INFO: u64 = 1 << 10;
+const IBV_WC_EX_WITH_COMPLETION_TIMESTAMP_WALLCLOCK: u64 = 1 << 11;
+const IBV_QP_EX_WITH_LOCAL_INV: u64 = 1 << 7;
+const IBV_QP_EX_WITH_BIND_MW: u64 = 1 << 8;
+const IBV_QP_EX_WITH_SEND_WITH_INV: u64 = 1 << 9;
+const IBV_QP_EX_WITH_TSO: u64 = 1 << 10;
+const IBV_QP_EX_WITH_ATOMIC_WRITE: u64 = 1 << 12;
 
 macro_rules! values {
     ($facts:ident, [$($name:ident),* $(,)?]) => {
@@ -464,6 +476,124 @@ fn facts() -> Vec<Fact> {
     );
     layout!(
         f,
+        IbvCqEx,
+        "struct ibv_cq_ex",
+        [
+            cq = "context",
+            comp_mask,
+            status,
+            wr_id,
+            start_poll,
+            next_poll,
+            end_poll,
+            read_opcode,
+            read_vendor_err,
+            read_byte_len,
+            read_imm_data,
+            read_qp_num,
+            read_src_qp,
+            read_wc_flags,
+            read_slid,
+            read_sl,
+            read_dlid_path_bits,
+            read_completion_ts,
+            read_cvlan,
+            read_flow_tag,
+            read_tm_info,
+            read_completion_wallclock_ns
+        ]
+    );
+    layout!(f, IbvPollCqAttr, "struct ibv_poll_cq_attr", [comp_mask]);
+    layout!(
+        f,
+        IbvValuesEx,
+        "struct ibv_values_ex",
+        [comp_mask, raw_clock]
+    );
+    layout!(
+        f,
+        IbvCqInitAttrEx,
+        "struct ibv_cq_init_attr_ex",
+        [
+            cqe,
+            cq_context,
+            channel,
+            comp_vector,
+            wc_flags,
+            comp_mask,
+            flags,
+            parent_domain
+        ]
+    );
+    layout!(
+        f,
+        IbvRxHashConf,
+        "struct ibv_rx_hash_conf",
+        [
+            rx_hash_function,
+            rx_hash_key_len,
+            rx_hash_key,
+            rx_hash_fields_mask
+        ]
+    );
+    layout!(
+        f,
+        IbvQpInitAttrEx,
+        "struct ibv_qp_init_attr_ex",
+        [
+            qp_context,
+            send_cq,
+            recv_cq,
+            srq,
+            cap,
+            qp_type,
+            sq_sig_all,
+            comp_mask,
+            pd,
+            xrcd,
+            create_flags,
+            max_tso_header,
+            rwq_ind_tbl,
+            rx_hash_conf,
+            source_qpn,
+            send_ops_flags
+        ]
+    );
+    layout!(f, IbvDataBuf, "struct ibv_data_buf", [addr, length]);
+    layout!(
+        f,
+        IbvQpEx,
+        "struct ibv_qp_ex",
+        [
+            qp_base,
+            comp_mask,
+            wr_id,
+            wr_flags,
+            wr_atomic_cmp_swp,
+            wr_atomic_fetch_add,
+            wr_bind_mw,
+            wr_local_inv,
+            wr_rdma_read,
+            wr_rdma_write,
+            wr_rdma_write_imm,
+            wr_send,
+            wr_send_imm,
+            wr_send_inv,
+            wr_send_tso,
+            wr_set_ud_addr,
+            wr_set_xrc_srqn,
+            wr_set_inline_data,
+            wr_set_inline_data_list,
+            wr_set_sge,
+            wr_set_sge_list,
+            wr_start,
+            wr_complete,
+            wr_abort,
+            wr_atomic_write
+        ]
+    );
+    layout!(
+        f,
         IbvSrq,
         "struct ibv_srq",
         [
@@ -742,6 +872,49 @@ fn facts() -> Vec<Fact> {
         }
     }
     values!(f, [IBV_QPT_UC, IBV_QPT_UD, IBV_WC_GRH]);
+    values!(
+        f,
+        [
+            IBV_VALUES_MASK_RAW_CLOCK,
+            IBV_CQ_INIT_ATTR_MASK_FLAGS,
+            IBV_CQ_INIT_ATTR_MASK_PD,
+            IBV_CREATE_CQ_ATTR_SINGLE_THREADED,
+            IBV_CREATE_CQ_ATTR_IGNORE_OVERRUN,
+            IBV_WC_EX_WITH_BYTE_LEN,
+            IBV_WC_EX_WITH_IMM,
+            IBV_WC_EX_WITH_QP_NUM,
+            IBV_WC_EX_WITH_SRC_QP,
+            IBV_WC_EX_WITH_SLID,
+            IBV_WC_EX_WITH_SL,
+            IBV_WC_EX_WITH_DLID_PATH_BITS,
+            IBV_WC_EX_WITH_COMPLETION_TIMESTAMP,
+            IBV_WC_EX_WITH_CVLAN,
+            IBV_WC_EX_WITH_FLOW_TAG,
+            IBV_WC_EX_WITH_TM_INFO,
+            IBV_WC_EX_WITH_COMPLETION_TIMESTAMP_WALLCLOCK,
+            IBV_QP_INIT_ATTR_PD,
+            IBV_QP_INIT_ATTR_XRCD,
+            IBV_QP_INIT_ATTR_CREATE_FLAGS,
+            IBV_QP_INIT_ATTR_MAX_TSO_HEADER,
+            IBV_QP_INIT_ATTR_IND_TABLE,
+            IBV_QP_INIT_ATTR_RX_HASH,
+            IBV_QP_INIT_ATTR_SEND_OPS_FLAGS,
+            IBV_QP_EX_WITH_RDMA_WRITE,
+            IBV_QP_EX_WITH_RDMA_WRITE_WITH_IMM,
+            IBV_QP_EX_WITH_SEND,
+            IBV_QP_EX_WITH_SEND_WITH_IMM,
+            IBV_QP_EX_WITH_RDMA_READ,
+            IBV_QP_EX_WITH_ATOMIC_CMP_AND_SWP,
+            IBV_QP_EX_WITH_ATOMIC_FETCH_AND_ADD,
+            IBV_QP_EX_WITH_LOCAL_INV,
+            IBV_QP_EX_WITH_BIND_MW,
+            IBV_QP_EX_WITH_SEND_WITH_INV,
+            IBV_QP_EX_WITH_TSO,
+            IBV_QP_EX_WITH_ATOMIC_WRITE,
+            IBV_QPT_XRC_SEND,
+            IBV_QPT_XRC_RECV,
+        ]
+    );
     values!(
         f,
         [

@@ -6,7 +6,10 @@
 //! Function-pointer slots this library does not fill yet are [`OpaqueFn`]: NULL, of pointer size.
 //! Objects that do not exist here (SRQ, AH, MW, ...) are passed around as `*mut c_void`.
 
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_uint, c_void};
+
+/// The structures librdmacm.so.1 passes too: one definition for both libraries.
+pub use freeflow_verbs_abi::{IbvAhAttr, IbvGid, IbvQpAttr, IbvQpCap};
 
 /// An unused function-pointer slot (always NULL here).
 pub type OpaqueFn = Option<unsafe extern "C" fn()>;
@@ -196,8 +199,8 @@ pub struct VerbsContext {
     pub destroy_wq: OpaqueFn,
     pub modify_wq: OpaqueFn,
     pub create_wq: OpaqueFn,
-    pub query_rt_values: OpaqueFn,
-    pub create_cq_ex: OpaqueFn,
+    pub query_rt_values: Option<QueryRtValuesFn>,
+    pub create_cq_ex: Option<CreateCqExFn>,
     /// `struct verbs_ex_private *priv`: rdma-core's own bookkeeping, unused here.
     pub priv_: *mut c_void,
     pub query_device_ex: Option<QueryDeviceExFn>,
@@ -206,7 +209,7 @@ pub struct VerbsContext {
     pub ibv_create_flow: OpaqueFn,
     pub abi_placeholder1: OpaqueFn,
     pub open_qp: OpaqueFn,
-    pub create_qp_ex: OpaqueFn,
+    pub create_qp_ex: Option<CreateQpExFn>,
     pub get_srq_num: OpaqueFn,
     pub create_srq_ex: OpaqueFn,
     pub open_xrcd: OpaqueFn,
@@ -395,13 +398,6 @@ pub struct IbvPortAttr {
 /// of this size; current ones call the `verbs_context` op, which is told the size.
 pub const COMPAT_PORT_ATTR_LEN: usize = std::mem::offset_of!(IbvPortAttr, port_cap_flags2);
 
-/// `union ibv_gid` (16 bytes; 8-aligned because of its `__be64` view).
-#[repr(C, align(8))]
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct IbvGid {
-    pub raw: [u8; 16],
-}
-
 /// `struct ibv_gid_entry`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -455,6 +451,200 @@ pub struct IbvQp {
     pub events_completed: u32,
 }
 
+/// `struct ibv_cq_init_attr_ex` (`ibv_create_cq_ex`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvCqInitAttrEx {
+    pub cqe: u32,
+    pub cq_context: *mut c_void,
+    pub channel: *mut IbvCompChannel,
+    pub comp_vector: u32,
+    pub wc_flags: u64,
+    pub comp_mask: u32,
+    pub flags: u32,
+    pub parent_domain: *mut IbvPd,
+}
+
+// enum ibv_cq_init_attr_mask and enum ibv_create_cq_attr_flags
+pub const IBV_CQ_INIT_ATTR_MASK_FLAGS: u32 = 1 << 0;
+pub const IBV_CQ_INIT_ATTR_MASK_PD: u32 = 1 << 1;
+pub const IBV_CREATE_CQ_ATTR_SINGLE_THREADED: u32 = 1 << 0;
+pub const IBV_CREATE_CQ_ATTR_IGNORE_OVERRUN: u32 = 1 << 1;
+
+// enum ibv_create_cq_wc_flags
+pub const IBV_WC_EX_WITH_BYTE_LEN: u64 = 1 << 0;
+pub const IBV_WC_EX_WITH_IMM: u64 = 1 << 1;
+pub const IBV_WC_EX_WITH_QP_NUM: u64 = 1 << 2;
+pub const IBV_WC_EX_WITH_SRC_QP: u64 = 1 << 3;
+pub const IBV_WC_EX_WITH_SLID: u64 = 1 << 4;
+pub const IBV_WC_EX_WITH_SL: u64 = 1 << 5;
+pub const IBV_WC_EX_WITH_DLID_PATH_BITS: u64 = 1 << 6;
+pub const IBV_WC_EX_WITH_COMPLETION_TIMESTAMP: u64 = 1 << 7;
+
+/// `ibv_cq_ex.start_poll`.
+pub type StartPollFn = unsafe extern "C" fn(*mut IbvCqEx, *mut IbvPollCqAttr) -> c_int;
+/// `ibv_cq_ex.next_poll`.
+pub type NextPollFn = unsafe extern "C" fn(*mut IbvCqEx) -> c_int;
+/// `ibv_cq_ex.end_poll`.
+pub type EndPollFn = unsafe extern "C" fn(*mut IbvCqEx);
+/// `ibv_cq_ex.read_*` returning a 32-bit value (opcode, lengths, numbers, flags).
+pub type ReadU32Fn = unsafe extern "C" fn(*mut IbvCqEx) -> u32;
+/// `ibv_cq_ex.read_*` returning a 64-bit value (timestamps).
+pub type ReadU64Fn = unsafe extern "C" fn(*mut IbvCqEx) -> u64;
+/// `ibv_cq_ex.read_*` returning an 8-bit value (`sl`, `dlid_path_bits`).
+pub type ReadU8Fn = unsafe extern "C" fn(*mut IbvCqEx) -> u8;
+
+/// `struct ibv_poll_cq_attr`.
+#[repr(C)]
+pub struct IbvPollCqAttr {
+    pub comp_mask: u32,
+}
+
+/// `struct ibv_cq_ex`: a `struct ibv_cq` (its first fields) with the poll API's state and
+/// operations, which the inline `ibv_start_poll`, `ibv_next_poll`, `ibv_end_poll` and
+/// `ibv_wc_read_*` call. Every CQ of this library is one (a plain `ibv_create_cq` too).
+#[repr(C)]
+pub struct IbvCqEx {
+    pub cq: IbvCq,
+    pub comp_mask: u32,
+    pub status: u32,
+    pub wr_id: u64,
+    pub start_poll: Option<StartPollFn>,
+    pub next_poll: Option<NextPollFn>,
+    pub end_poll: Option<EndPollFn>,
+    pub read_opcode: Option<ReadU32Fn>,
+    pub read_vendor_err: Option<ReadU32Fn>,
+    pub read_byte_len: Option<ReadU32Fn>,
+    pub read_imm_data: Option<ReadU32Fn>,
+    pub read_qp_num: Option<ReadU32Fn>,
+    pub read_src_qp: Option<ReadU32Fn>,
+    pub read_wc_flags: Option<ReadU32Fn>,
+    pub read_slid: Option<ReadU32Fn>,
+    pub read_sl: Option<ReadU8Fn>,
+    pub read_dlid_path_bits: Option<ReadU8Fn>,
+    pub read_completion_ts: Option<ReadU64Fn>,
+    pub read_cvlan: OpaqueFn,
+    pub read_flow_tag: OpaqueFn,
+    pub read_tm_info: OpaqueFn,
+    pub read_completion_wallclock_ns: OpaqueFn,
+}
+
+/// `struct ibv_values_ex` (`ibv_query_rt_values_ex`).
+#[repr(C)]
+pub struct IbvValuesEx {
+    pub comp_mask: u32,
+    pub raw_clock: libc::timespec,
+}
+
+/// `IBV_VALUES_MASK_RAW_CLOCK`: `raw_clock` is asked for (in) or filled (out).
+pub const IBV_VALUES_MASK_RAW_CLOCK: u32 = 1 << 0;
+
+/// `verbs_context.query_rt_values`.
+pub type QueryRtValuesFn = unsafe extern "C" fn(*mut IbvContext, *mut IbvValuesEx) -> c_int;
+
+/// `verbs_context.create_cq_ex`.
+pub type CreateCqExFn = unsafe extern "C" fn(*mut IbvContext, *mut IbvCqInitAttrEx) -> *mut IbvCqEx;
+/// `verbs_context.create_qp_ex`.
+pub type CreateQpExFn = unsafe extern "C" fn(*mut IbvContext, *mut IbvQpInitAttrEx) -> *mut IbvQp;
+
+/// `struct ibv_rx_hash_conf`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvRxHashConf {
+    pub rx_hash_function: u8,
+    pub rx_hash_key_len: u8,
+    pub rx_hash_key: *mut u8,
+    pub rx_hash_fields_mask: u64,
+}
+
+/// `struct ibv_qp_init_attr_ex`: a `struct ibv_qp_init_attr` (its first fields), then the
+/// extended ones.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvQpInitAttrEx {
+    pub qp_context: *mut c_void,
+    pub send_cq: *mut IbvCq,
+    pub recv_cq: *mut IbvCq,
+    pub srq: *mut c_void,
+    pub cap: IbvQpCap,
+    pub qp_type: u32,
+    pub sq_sig_all: c_int,
+    pub comp_mask: u32,
+    pub pd: *mut IbvPd,
+    pub xrcd: *mut c_void,
+    pub create_flags: u32,
+    pub max_tso_header: u16,
+    pub rwq_ind_tbl: *mut c_void,
+    pub rx_hash_conf: IbvRxHashConf,
+    pub source_qpn: u32,
+    pub send_ops_flags: u64,
+}
+
+// enum ibv_qp_init_attr_mask
+pub const IBV_QP_INIT_ATTR_PD: u32 = 1 << 0;
+pub const IBV_QP_INIT_ATTR_XRCD: u32 = 1 << 1;
+pub const IBV_QP_INIT_ATTR_CREATE_FLAGS: u32 = 1 << 2;
+pub const IBV_QP_INIT_ATTR_MAX_TSO_HEADER: u32 = 1 << 3;
+pub const IBV_QP_INIT_ATTR_IND_TABLE: u32 = 1 << 4;
+pub const IBV_QP_INIT_ATTR_RX_HASH: u32 = 1 << 5;
+pub const IBV_QP_INIT_ATTR_SEND_OPS_FLAGS: u32 = 1 << 6;
+
+// enum ibv_qp_create_send_ops_flags
+pub const IBV_QP_EX_WITH_RDMA_WRITE: u64 = 1 << 0;
+pub const IBV_QP_EX_WITH_RDMA_WRITE_WITH_IMM: u64 = 1 << 1;
+pub const IBV_QP_EX_WITH_SEND: u64 = 1 << 2;
+pub const IBV_QP_EX_WITH_SEND_WITH_IMM: u64 = 1 << 3;
+pub const IBV_QP_EX_WITH_RDMA_READ: u64 = 1 << 4;
+pub const IBV_QP_EX_WITH_ATOMIC_CMP_AND_SWP: u64 = 1 << 5;
+pub const IBV_QP_EX_WITH_ATOMIC_FETCH_AND_ADD: u64 = 1 << 6;
+
+// enum ibv_qp_type: the XRC transports (refused).
+pub const IBV_QPT_XRC_SEND: u32 = 9;
+pub const IBV_QPT_XRC_RECV: u32 = 10;
+
+/// `struct ibv_data_buf` (`ibv_wr_set_inline_data_list`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct IbvDataBuf {
+    pub addr: *mut c_void,
+    pub length: usize,
+}
+
+type QpExPtr = *mut IbvQpEx;
+
+/// `struct ibv_qp_ex`: a `struct ibv_qp` (its first field) with the new post API's state
+/// (`wr_id`, `wr_flags`, which the program writes before each `ibv_wr_*` operation) and
+/// operations. Every QP of this library is one; `ibv_qp_to_qp_ex` hands it out for QPs created
+/// with IBV_QP_INIT_ATTR_SEND_OPS_FLAGS.
+#[repr(C)]
+pub struct IbvQpEx {
+    pub qp_base: IbvQp,
+    pub comp_mask: u64,
+    pub wr_id: u64,
+    pub wr_flags: c_uint,
+    pub wr_atomic_cmp_swp: Option<unsafe extern "C" fn(QpExPtr, u32, u64, u64, u64)>,
+    pub wr_atomic_fetch_add: Option<unsafe extern "C" fn(QpExPtr, u32, u64, u64)>,
+    pub wr_bind_mw: Option<unsafe extern "C" fn(QpExPtr, *mut c_void, u32, *const c_void)>,
+    pub wr_local_inv: Option<unsafe extern "C" fn(QpExPtr, u32)>,
+    pub wr_rdma_read: Option<unsafe extern "C" fn(QpExPtr, u32, u64)>,
+    pub wr_rdma_write: Option<unsafe extern "C" fn(QpExPtr, u32, u64)>,
+    pub wr_rdma_write_imm: Option<unsafe extern "C" fn(QpExPtr, u32, u64, u32)>,
+    pub wr_send: Option<unsafe extern "C" fn(QpExPtr)>,
+    pub wr_send_imm: Option<unsafe extern "C" fn(QpExPtr, u32)>,
+    pub wr_send_inv: Option<unsafe extern "C" fn(QpExPtr, u32)>,
+    pub wr_send_tso: Option<unsafe extern "C" fn(QpExPtr, *mut c_void, u16, u16)>,
+    pub wr_set_ud_addr: Option<unsafe extern "C" fn(QpExPtr, *mut IbvAh, u32, u32)>,
+    pub wr_set_xrc_srqn: Option<unsafe extern "C" fn(QpExPtr, u32)>,
+    pub wr_set_inline_data: Option<unsafe extern "C" fn(QpExPtr, *mut c_void, usize)>,
+    pub wr_set_inline_data_list: Option<unsafe extern "C" fn(QpExPtr, usize, *const IbvDataBuf)>,
+    pub wr_set_sge: Option<unsafe extern "C" fn(QpExPtr, u32, u64, u32)>,
+    pub wr_set_sge_list: Option<unsafe extern "C" fn(QpExPtr, usize, *const IbvSge)>,
+    pub wr_start: Option<unsafe extern "C" fn(QpExPtr)>,
+    pub wr_complete: Option<unsafe extern "C" fn(QpExPtr) -> c_int>,
+    pub wr_abort: Option<unsafe extern "C" fn(QpExPtr)>,
+    pub wr_atomic_write: Option<unsafe extern "C" fn(QpExPtr, u32, u64, *const c_void)>,
+}
+
 /// `struct ibv_srq`. The library allocates it (inside its own object).
 #[repr(C)]
 pub struct IbvSrq {
@@ -484,17 +674,6 @@ pub struct IbvSrqInitAttr {
     pub attr: IbvSrqAttr,
 }
 
-/// `struct ibv_qp_cap`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IbvQpCap {
-    pub max_send_wr: u32,
-    pub max_recv_wr: u32,
-    pub max_send_sge: u32,
-    pub max_recv_sge: u32,
-    pub max_inline_data: u32,
-}
-
 /// `struct ibv_qp_init_attr`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -506,30 +685,6 @@ pub struct IbvQpInitAttr {
     pub cap: IbvQpCap,
     pub qp_type: u32,
     pub sq_sig_all: c_int,
-}
-
-/// `struct ibv_global_route`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IbvGlobalRoute {
-    pub dgid: IbvGid,
-    pub flow_label: u32,
-    pub sgid_index: u8,
-    pub hop_limit: u8,
-    pub traffic_class: u8,
-}
-
-/// `struct ibv_ah_attr`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IbvAhAttr {
-    pub grh: IbvGlobalRoute,
-    pub dlid: u16,
-    pub sl: u8,
-    pub src_path_bits: u8,
-    pub static_rate: u8,
-    pub is_global: u8,
-    pub port_num: u8,
 }
 
 /// `struct ibv_ah`. The library allocates it; `handle` is the router's.
@@ -575,38 +730,6 @@ pub struct IbvSaPathRec {
     pub packet_life_time_selector: u8,
     pub packet_life_time: u8,
     pub preference: u8,
-}
-
-/// `struct ibv_qp_attr`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IbvQpAttr {
-    pub qp_state: u32,
-    pub cur_qp_state: u32,
-    pub path_mtu: u32,
-    pub path_mig_state: u32,
-    pub qkey: u32,
-    pub rq_psn: u32,
-    pub sq_psn: u32,
-    pub dest_qp_num: u32,
-    pub qp_access_flags: u32,
-    pub cap: IbvQpCap,
-    pub ah_attr: IbvAhAttr,
-    pub alt_ah_attr: IbvAhAttr,
-    pub pkey_index: u16,
-    pub alt_pkey_index: u16,
-    pub en_sqd_async_notify: u8,
-    pub sq_draining: u8,
-    pub max_rd_atomic: u8,
-    pub max_dest_rd_atomic: u8,
-    pub min_rnr_timer: u8,
-    pub port_num: u8,
-    pub timeout: u8,
-    pub retry_cnt: u8,
-    pub rnr_retry: u8,
-    pub alt_port_num: u8,
-    pub alt_timeout: u8,
-    pub rate_limit: u32,
 }
 
 /// `struct ibv_sge`.
