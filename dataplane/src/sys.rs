@@ -352,7 +352,12 @@ fn close_elsewhere(fd: OwnedFd) {
         let (tx, rx) = channel::<OwnedFd>();
         let spawned = std::thread::Builder::new()
             .name("ff-closer".into())
-            .spawn(move || rx.into_iter().for_each(drop));
+            .spawn(move || {
+                // Started by the control thread, whose priority it would inherit: closing a
+                // container's descriptors is no reason to take CPU from applications.
+                let _ = set_thread_nice(0);
+                rx.into_iter().for_each(drop)
+            });
         if let Err(e) = spawned {
             log::warn!("cannot start the closer thread: {e}");
         }
@@ -395,6 +400,18 @@ pub fn raise_fd_limit() {
         // SAFETY: setrlimit reads one rlimit from a live local.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     }
+}
+
+/// Sets the calling thread's nice value (on Linux a per-thread attribute, inherited by the
+/// threads it starts afterwards). Lowering it takes CAP_SYS_NICE.
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority takes plain integers; PRIO_PROCESS with a thread id names that thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The inode of the file `fd` refers to (sockets: one per socket).
