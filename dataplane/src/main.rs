@@ -271,7 +271,11 @@ fn run(config: Config) -> Result<(), String> {
     }
     let nice = control_nice();
     match sys::set_thread_nice(nice) {
-        Ok(()) => info!("control thread at nice {nice}"),
+        // Read back: what the kernel applies is what the log should say.
+        Ok(()) => match sys::thread_nice() {
+            Ok(applied) => info!("control thread at nice {applied}"),
+            Err(e) => warn!("control thread: nice {nice} set, but reading it back failed: {e}"),
+        },
         Err(e) => warn!("control thread: cannot set nice {nice} ({e}); it competes for CPU as an ordinary thread"),
     }
     let result = control.run().map_err(|e| format!("control loop: {e}"));
@@ -368,8 +372,12 @@ fn control_spin() -> Duration {
 
 /// The control thread's nice value: `FREEFLOW_CONTROL_NICE`, default [`CONTROL_NICE`].
 fn control_nice() -> i32 {
-    std::env::var("FREEFLOW_CONTROL_NICE")
-        .ok()
+    parse_nice(std::env::var("FREEFLOW_CONTROL_NICE").ok().as_deref())
+}
+
+/// A nice value as given (clamped to -20..19), [`CONTROL_NICE`] if absent or not a number.
+fn parse_nice(value: Option<&str>) -> i32 {
+    value
         .and_then(|v| v.trim().parse::<i32>().ok())
         .map_or(CONTROL_NICE, |n| n.clamp(-20, 19))
 }
@@ -385,9 +393,18 @@ const CONTROL_NICE: i32 = -10;
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_cores, Args, CoreList};
+    use super::{parse_cores, parse_nice, Args, CoreList, CONTROL_NICE};
     use clap::{CommandFactory, Parser};
     use std::path::Path;
+
+    #[test]
+    fn the_control_threads_nice_value_defaults_and_is_clamped() {
+        assert_eq!(parse_nice(None), CONTROL_NICE);
+        assert_eq!(parse_nice(Some("junk")), CONTROL_NICE);
+        assert_eq!(parse_nice(Some(" 0\n")), 0);
+        assert_eq!(parse_nice(Some("-40")), -20);
+        assert_eq!(parse_nice(Some("25")), 19);
+    }
 
     #[test]
     fn argument_definitions_are_consistent() {

@@ -414,6 +414,22 @@ pub fn set_thread_nice(nice: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// The calling thread's nice value.
+pub fn thread_nice() -> io::Result<i32> {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // getpriority may return -1 as a value: only errno tells a failure.
+    // SAFETY: __errno_location returns this thread's errno.
+    unsafe { *libc::__errno_location() = 0 };
+    // SAFETY: getpriority takes plain integers.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+    let err = io::Error::last_os_error();
+    match (nice, err.raw_os_error()) {
+        (-1, Some(e)) if e != 0 => Err(err),
+        _ => Ok(nice),
+    }
+}
+
 /// The inode of the file `fd` refers to (sockets: one per socket).
 pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: stat is plain data; zero is valid.
@@ -525,4 +541,28 @@ pub fn involuntary_switches() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(u64::try_from(usage.ru_nivcsw).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{set_thread_nice, thread_nice};
+
+    /// The nice value is the thread's own (the control thread's must not reach the shards
+    /// started before it), and threads started afterwards inherit it.
+    #[test]
+    fn nice_is_per_thread_and_inherited_by_threads_started_after() {
+        let before = thread_nice().unwrap();
+        let (own, child) = std::thread::spawn(move || {
+            // Raising one's own nice value needs no privilege.
+            set_thread_nice(before + 3).unwrap();
+            let child = std::thread::spawn(|| thread_nice().unwrap())
+                .join()
+                .unwrap();
+            (thread_nice().unwrap(), child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!((own, child), (before + 3, before + 3));
+        assert_eq!(thread_nice().unwrap(), before);
+    }
 }
