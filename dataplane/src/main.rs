@@ -270,6 +270,12 @@ fn run(config: Config) -> Result<(), String> {
         sys::write_ready_line(fd);
     }
     let nice = control_nice();
+    // The session first: under autogroups the thread's own value weighs only inside it.
+    match sys::set_session_nice(nice) {
+        Ok(true) => info!("session scheduling group at nice {nice}"),
+        Ok(false) => {}
+        Err(e) => warn!("cannot set the session scheduling group's nice {nice}: {e}"),
+    }
     match sys::set_thread_nice(nice) {
         // Read back: what the kernel applies is what the log should say.
         Ok(()) => match sys::thread_nice() {
@@ -388,7 +394,10 @@ fn parse_nice(value: Option<&str>) -> i32 {
 /// machine (20 clients opening a connection per request, release build): at nice 0 the thread
 /// was runnable 84% of the time but ran 19% of it (schedstat), so every connect queued behind
 /// it. A lower nice value lets it run when it has work; it is one thread, so it never takes
-/// more than one core, and an idle router (blocked in poll) takes nothing.
+/// more than one core, and an idle router (blocked in poll) takes nothing. Where the kernel
+/// groups processes by session (autogroups), the thread's value counts only inside the
+/// router's session, which then competes as one with every other session (each build, each
+/// shell): the router, which leads its own session, gives its session group the same value.
 const CONTROL_NICE: i32 = -10;
 
 #[cfg(test)]

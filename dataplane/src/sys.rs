@@ -414,6 +414,28 @@ pub fn set_thread_nice(nice: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Where the kernel groups processes by session for CPU time (CONFIG_SCHED_AUTOGROUP, on unless
+/// `sched_autogroup_enabled` is 0, and only outside a cgroup of the cpu controller), a thread's
+/// nice value weighs only against the threads of its own session: the session as a whole gets
+/// one share among the others. This sets the nice value of this process's session group, if
+/// this process leads its session (it never changes the group of a shell that started it).
+/// `Ok(false)`: nothing to set (no autogroups, or not the session's leader).
+pub fn set_session_nice(nice: i32) -> io::Result<bool> {
+    match std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled") {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    // SAFETY: getsid and getpid take plain integers and cannot fault.
+    let leader = unsafe { libc::getsid(0) == libc::getpid() };
+    if !leader {
+        return Ok(false);
+    }
+    std::fs::write("/proc/self/autogroup", format!("{nice}\n"))?;
+    Ok(true)
+}
+
 /// The calling thread's nice value.
 pub fn thread_nice() -> io::Result<i32> {
     // SAFETY: gettid takes no arguments and cannot fail.
