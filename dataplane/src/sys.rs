@@ -352,7 +352,12 @@ fn close_elsewhere(fd: OwnedFd) {
         let (tx, rx) = channel::<OwnedFd>();
         let spawned = std::thread::Builder::new()
             .name("ff-closer".into())
-            .spawn(move || rx.into_iter().for_each(drop));
+            .spawn(move || {
+                // Started by the control thread, whose priority it would inherit: closing a
+                // container's descriptors is no reason to take CPU from applications.
+                let _ = set_thread_nice(0);
+                rx.into_iter().for_each(drop)
+            });
         if let Err(e) = spawned {
             log::warn!("cannot start the closer thread: {e}");
         }
@@ -394,6 +399,56 @@ pub fn raise_fd_limit() {
         limit.rlim_cur = limit.rlim_max;
         // SAFETY: setrlimit reads one rlimit from a live local.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    }
+}
+
+/// Sets the calling thread's nice value (on Linux a per-thread attribute, inherited by the
+/// threads it starts afterwards). Lowering it takes CAP_SYS_NICE.
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority takes plain integers; PRIO_PROCESS with a thread id names that thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Where the kernel groups processes by session for CPU time (CONFIG_SCHED_AUTOGROUP, on unless
+/// `sched_autogroup_enabled` is 0, and only outside a cgroup of the cpu controller), a thread's
+/// nice value weighs only against the threads of its own session: the session as a whole gets
+/// one share among the others. This sets the nice value of this process's session group, if
+/// this process leads its session (it never changes the group of a shell that started it).
+/// `Ok(false)`: nothing to set (no autogroups, or not the session's leader).
+pub fn set_session_nice(nice: i32) -> io::Result<bool> {
+    match std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled") {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    // SAFETY: getsid and getpid take plain integers and cannot fault.
+    let leader = unsafe { libc::getsid(0) == libc::getpid() };
+    if !leader {
+        return Ok(false);
+    }
+    std::fs::write("/proc/self/autogroup", format!("{nice}\n"))?;
+    Ok(true)
+}
+
+/// The calling thread's nice value.
+pub fn thread_nice() -> io::Result<i32> {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    // getpriority may return -1 as a value: only errno tells a failure.
+    // SAFETY: __errno_location returns this thread's errno.
+    unsafe { *libc::__errno_location() = 0 };
+    // SAFETY: getpriority takes plain integers.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) };
+    let err = io::Error::last_os_error();
+    match (nice, err.raw_os_error()) {
+        (-1, Some(e)) if e != 0 => Err(err),
+        _ => Ok(nice),
     }
 }
 
@@ -508,4 +563,28 @@ pub fn involuntary_switches() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(u64::try_from(usage.ru_nivcsw).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{set_thread_nice, thread_nice};
+
+    /// The nice value is the thread's own (the control thread's must not reach the shards
+    /// started before it), and threads started afterwards inherit it.
+    #[test]
+    fn nice_is_per_thread_and_inherited_by_threads_started_after() {
+        let before = thread_nice().unwrap();
+        let (own, child) = std::thread::spawn(move || {
+            // Raising one's own nice value needs no privilege.
+            set_thread_nice(before + 3).unwrap();
+            let child = std::thread::spawn(|| thread_nice().unwrap())
+                .join()
+                .unwrap();
+            (thread_nice().unwrap(), child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!((own, child), (before + 3, before + 3));
+        assert_eq!(thread_nice().unwrap(), before);
+    }
 }

@@ -131,6 +131,46 @@ fn replies_the_process_has_not_read_yet_wait_for_it() {
 }
 
 /// The pid of host `host`'s router, from its pid file.
+/// The router serves every container's connection setup on its control thread, which must
+/// not wait behind the host's other work for CPU: it runs at nice -10, its shards do not, and
+/// where the kernel groups CPU time by session (autogroups) the router's session group, which
+/// it leads, is at -10 too.
+#[test]
+fn the_routers_setup_thread_runs_at_a_higher_priority() {
+    let (site, mut server) = site_with_echo_server("tn");
+    terminate(&mut server, Duration::from_secs(2));
+    let pid = router_pid(&site, 0);
+    // The nice value is field 19 of a thread's stat, the 17th after the command's ')'.
+    let nice_of = |stat: &str| -> i32 {
+        let fields = &stat[stat.rfind(')').expect("stat has a command") + 2..];
+        fields.split(' ').nth(16).unwrap().parse().unwrap()
+    };
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let mut shards = 0;
+    for task in tasks {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        let expected = match comm.trim() {
+            "freeflow-router" => -10,
+            c if c.starts_with("ff-shard-") => {
+                shards += 1;
+                0
+            }
+            _ => continue,
+        };
+        assert_eq!(nice_of(&stat), expected, "{}: {stat}", comm.trim());
+    }
+    assert!(shards > 0, "no shard thread in router {pid}");
+    let autogroups = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled")
+        .is_ok_and(|v| v.trim() == "1");
+    let group = std::fs::read_to_string(format!("/proc/{pid}/autogroup")).unwrap_or_default();
+    // Without autogroups there is no session group to weigh (the file says nothing useful).
+    if autogroups {
+        assert!(group.trim_end().ends_with("nice -10"), "{group}");
+    }
+}
+
 fn router_pid(site: &Site, host: usize) -> i32 {
     let text = std::fs::read_to_string(site.state_dir(host).join("router.pid")).unwrap();
     text.trim().parse().unwrap()

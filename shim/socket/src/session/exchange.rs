@@ -27,8 +27,15 @@ use std::time::Instant;
 /// for a slot. The router serves this many per turn, and the replies fit in the socket buffer
 /// (about 270 messages by default) with room for notices.
 const MAX_IN_FLIGHT: usize = 64;
-/// How often a thread waiting for a slot looks again without being woken.
-const SLOT_RECHECK: std::time::Duration = std::time::Duration::from_millis(2);
+/// How often a thread waiting for room in a full socket buffer looks again without being
+/// woken (the buffer frees without telling anyone).
+const BUFFER_RECHECK: std::time::Duration = std::time::Duration::from_millis(2);
+/// How often a thread waiting for one of the [`MAX_IN_FLIGHT`] slots looks again without being
+/// woken. Every request that finishes wakes a waiter, so this only bounds a wake-up lost to a
+/// waiter that gave up meanwhile. Not 2 ms: with hundreds of threads waiting (a server with a
+/// connection per request and 400 clients), rechecks that often were tens of thousands of
+/// wake-ups a second, each taking the session lock, and the connects queued behind them.
+const SLOT_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A waiting thread's wake-up word: it sleeps while `WAITING`.
 const WAITING: u32 = 0;
@@ -73,16 +80,22 @@ pub(super) fn call_passing_all(
     // A request that finds the session full waits for a slot, at most the router timeout (the
     // router answers the requests ahead of it in microseconds each, or it is wedged).
     let give_up_at = Instant::now() + config().router_timeout;
+    let mut waited = false;
     let (session, deadline) = loop {
         let mut guard = SESSION.lock();
         let attached = attached(&mut guard);
-        attached.slot_waiters.retain(|w| !Arc::ptr_eq(w, &wake));
-        match send(attached, &mut request, passing, &wake) {
+        // Still in line: it woke to look again, not because a request finished.
+        let in_line = attached.slot_waiters.iter().any(|w| Arc::ptr_eq(w, &wake));
+        let sent = send(attached, &mut request, passing, &wake);
+        let give_up = Instant::now() >= give_up_at;
+        if in_line && (give_up || !matches!(sent, Err(Sending::Full(_)))) {
+            attached.slot_waiters.retain(|w| !Arc::ptr_eq(w, &wake));
+        }
+        match sent {
             Ok(sent) => break sent,
             Err(Sending::Failed(why)) => return Err(why),
-            Err(Sending::Full) => {
-                let now = Instant::now();
-                if now >= give_up_at {
+            Err(Sending::Full(why)) => {
+                if give_up {
                     debug(format_args!(
                         "no room on the router connection for {:?} within {:?}; normal path",
                         request.op,
@@ -91,11 +104,24 @@ pub(super) fn call_passing_all(
                     return Err(Unavailable::Wedged);
                 }
                 wake.store(WAITING, Ordering::Release);
-                attached.slot_waiters.push_back(wake.clone());
+                match (in_line, waited) {
+                    (true, _) => {}
+                    // Woken by a finished request, but a thread that had not waited took the
+                    // slot first: this one is next, not last (else it could wait out its
+                    // whole time behind newcomers).
+                    (false, true) => attached.slot_waiters.push_front(wake.clone()),
+                    (false, false) => attached.slot_waiters.push_back(wake.clone()),
+                }
+                waited = true;
                 drop(guard);
                 // Woken when a request ahead of it is done; rechecked anyway after a while (a
                 // full socket buffer frees without telling anyone).
-                futex_wait(&wake, WAITING, Some(SLOT_RECHECK.min(give_up_at - now)));
+                let recheck = match why {
+                    Full::Slots => SLOT_RECHECK,
+                    Full::Buffer => BUFFER_RECHECK,
+                };
+                let left = give_up_at.saturating_duration_since(Instant::now());
+                futex_wait(&wake, WAITING, Some(recheck.min(left)));
             }
         }
     };
@@ -104,11 +130,20 @@ pub(super) fn call_passing_all(
 
 /// Why a request was not sent.
 enum Sending {
-    /// As many requests as the session takes are outstanding (or its socket buffer is full):
+    /// As many requests as the session takes are outstanding, or its socket buffer is full:
     /// wait for one to finish.
-    Full,
+    Full(Full),
     /// The caller takes the normal path.
     Failed(Unavailable),
+}
+
+/// What is full when a request cannot be sent yet.
+#[derive(Clone, Copy)]
+enum Full {
+    /// [`MAX_IN_FLIGHT`] requests are outstanding: the next to finish wakes a waiter.
+    Slots,
+    /// The connection's socket buffer: it frees without a wake-up.
+    Buffer,
 }
 
 /// Sends `request` (numbering it) and registers it as pending: the session it went on and the
@@ -131,7 +166,7 @@ fn send(
         return Err(Sending::Failed(Unavailable::NotAttached));
     };
     if attached.pending.len() >= MAX_IN_FLIGHT {
-        return Err(Sending::Full);
+        return Err(Sending::Full(Full::Slots));
     }
     request.seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let mut wait = config().router_timeout;
@@ -141,7 +176,9 @@ fn send(
     loop {
         match fdpass::try_send_with_fds(session.conn.as_fd(), &request.encode(), passing) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(Sending::Full),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Sending::Full(Full::Buffer))
+            }
             Err(e) => {
                 let why = attached.failed(request, Failure::Broken(e.to_string()));
                 return Err(Sending::Failed(why));
