@@ -37,14 +37,19 @@ pub const HEADER_LEN: usize = 64;
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 
 const MAGIC: [u8; 4] = *b"FFVR";
-const VERSION: u16 = 1;
+/// Version 2 added the destination address (bytes 12..16).
+const VERSION: u16 = 2;
 
-/// The first 16 bytes on a connection: magic `FFVR`, version, the sender's host address. The
-/// responder believes the address the kernel reports, not this one; a mismatch drops the
-/// connection.
+/// The first 16 bytes on a connection: magic `FFVR`, version, the sender's host address, and
+/// the overlay address of the container whose QPs the connection's requests go to. The
+/// responder believes the address the kernel reports, not the sender's; a mismatch drops the
+/// connection. The destination picks the responder's shard that serves the connection (each
+/// shard serves the QPs of its own containers): a requester keeps one connection per
+/// destination container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     pub host: Ipv4Addr,
+    pub dst: Ipv4Addr,
 }
 
 impl Hello {
@@ -53,6 +58,7 @@ impl Hello {
         b[0..4].copy_from_slice(&MAGIC);
         b[4..6].copy_from_slice(&VERSION.to_le_bytes());
         b[8..12].copy_from_slice(&self.host.octets());
+        b[12..16].copy_from_slice(&self.dst.octets());
         b
     }
 
@@ -66,6 +72,7 @@ impl Hello {
         }
         Ok(Hello {
             host: Ipv4Addr::new(b[8], b[9], b[10], b[11]),
+            dst: Ipv4Addr::new(b[12], b[13], b[14], b[15]),
         })
     }
 }
@@ -346,11 +353,12 @@ mod tests {
     fn hellos_carry_magic_version_and_host() {
         let h = Hello {
             host: Ipv4Addr::new(192, 168, 1, 2),
+            dst: Ipv4Addr::new(10, 0, 0, 7),
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
         let mut b = h.encode();
-        b[4] = 2;
-        assert_eq!(Hello::decode(&b), Err(FrameError::Version(2)));
+        b[4] = 1;
+        assert_eq!(Hello::decode(&b), Err(FrameError::Version(1)));
         b[0] = b'X';
         assert_eq!(Hello::decode(&b), Err(FrameError::Magic));
     }

@@ -128,9 +128,20 @@ pub struct Held {
     pub qps: usize,
 }
 
+/// What an engine did, for the shard's status.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Send work requests taken off the send queues.
+    pub ops: u64,
+    /// Their payload bytes (from their scatter/gather lists, or inline data; 8 per atomic).
+    pub bytes: u64,
+}
+
 /// The verbs engine of one shard.
 #[derive(Debug)]
 pub struct Engine {
+    /// What it did so far.
+    pub(super) counters: Counters,
     pub(super) contexts: NumberMap<AttachmentId, Context>,
     /// Asynchronous events raised while the contexts were taken out (see `events`).
     deferred_events: Vec<(AttachmentId, freeflow_proto::verbs::AsyncEventRecord)>,
@@ -188,6 +199,7 @@ impl Engine {
     /// An engine whose containers each get `budget` units of descriptors and mappings.
     pub fn with_budget(test_hooks: bool, budget: usize) -> Engine {
         Engine {
+            counters: Counters::default(),
             contexts: NumberMap::default(),
             deferred_events: Vec::new(),
             cqs: Objects::default(),
@@ -520,7 +532,33 @@ impl Engine {
 
     /// Whether the transport to other hosts' routers has a connection (or one to accept).
     pub fn remote_connected(&self) -> bool {
-        self.remote.active() && !self.remote.idle()
+        self.remote.active() && self.remote.reaches_hosts()
+    }
+
+    /// This engine is shard `shard`'s of `shards`, with a socket pair to each other shard
+    /// (`links`: that shard and our end): QPs whose destination another shard serves reach it
+    /// through them.
+    pub fn set_shard(
+        &mut self,
+        shard: usize,
+        shards: usize,
+        links: Vec<super::remote::SiblingLink>,
+    ) {
+        self.remote.set_shard(shard, shards, links);
+    }
+
+    /// Takes this host's registered containers (overlay address, tenant): which of them other
+    /// shards serve is a function of the address ([`super::remote::shard_of`]).
+    pub fn set_local(
+        &mut self,
+        containers: impl IntoIterator<Item = (std::net::Ipv4Addr, String)>,
+    ) {
+        self.remote.set_local(containers);
+    }
+
+    /// What the engine did so far, and its number of QPs.
+    pub fn counters(&self) -> (Counters, usize) {
+        (self.counters, self.qpns.len())
     }
 
     /// The transport's sockets, for the shard's io_uring (see `remote::Transport::watch`).

@@ -18,8 +18,8 @@ use crate::verbs::engine::{ack_timeout, rnr_timer, Context, Engine, Fault, Route
 use crate::verbs::engine::{Qp, CQ_FULL_RETRY};
 use crate::verbs::ids::{ObjectKey, QpId};
 use crate::verbs::remote::{
-    Conn, InFlight, Next, OutConn, RemoteQp, Resend, QP_INFLIGHT_BYTES, QP_INFLIGHT_MAX,
-    SILENCE_FLOOR,
+    Conn, InFlight, Link, Next, OutConn, OutKey, RemoteQp, Resend, QP_INFLIGHT_BYTES,
+    QP_INFLIGHT_MAX, SILENCE_FLOOR,
 };
 use crate::verbs::send_op::SendOp;
 use crate::verbs::Need;
@@ -123,7 +123,7 @@ fn frame_request(ctx: &Context, qp: &Qp, r: &Request<'_>, conn: &mut Conn) -> Re
 }
 
 /// The payload bytes a WQE stands for, from its list's lengths (before resolving it).
-fn estimate(wqe: &SendWqe, op: SendOp, slot: &[u8]) -> u64 {
+pub(super) fn estimate(wqe: &SendWqe, op: SendOp, slot: &[u8]) -> u64 {
     if op.is_atomic() {
         8
     } else if wqe.header.has(send_flags::INLINE) {
@@ -139,7 +139,7 @@ impl Engine {
     pub(super) fn execute_remote(
         &mut self,
         index: QpId,
-        (host, dst_ip, dst_qpn): (Ipv4Addr, Ipv4Addr, u32),
+        (link, dst_ip, dst_qpn): (Link, Ipv4Addr, u32),
         now: &mut Option<Instant>,
     ) -> Result<Outcome, Fault> {
         let t = *now.get_or_insert_with(Instant::now);
@@ -156,7 +156,7 @@ impl Engine {
         if full {
             return self.wait_remote(index);
         }
-        let conn = match self.remote.out_conn(host, t) {
+        let conn = match self.remote.out_conn(link, dst_ip, t) {
             OutConn::Up(c) if !c.tx_full() => c,
             OutConn::Up(_) | OutConn::Connecting => return self.wait_remote(index),
             OutConn::Down => return self.transport_wait(index, now),
@@ -222,14 +222,15 @@ impl Engine {
         now: &mut Option<Instant>,
     ) -> Result<(), Fault> {
         let qp = self.qps.entry(index)?;
-        let (Some(Route::Remote { host, .. }), Some(rq)) = (qp.route, qp.remote.as_deref()) else {
+        let (Some(Route::Remote { link, ip, .. }), Some(rq)) = (qp.route, qp.remote.as_deref())
+        else {
             return Ok(());
         };
         let Some(front) = rq.inflight.front() else {
             return Ok(());
         };
         let t = *now.get_or_insert_with(Instant::now);
-        let conn = self.remote.out_token(host);
+        let conn = self.remote.out_token(link, ip);
         let lost = rq
             .inflight
             .iter()
@@ -242,16 +243,21 @@ impl Engine {
             _ if (lost && rq.resend.is_none()) || overdue => {
                 self.complete_front(index, wc_status::RETRY_EXC_ERR, 0)?;
             }
-            Some(Resend { at }) if t >= at => self.resend(index, host, t)?,
+            Some(Resend { at }) if t >= at => self.resend(index, (link, ip), t)?,
             _ => {}
         }
         Ok(())
     }
 
     /// Sends every request in flight of the QP at `index` again (the responder dropped them
-    /// from the refused one on), on the connection to `host`.
-    fn resend(&mut self, index: QpId, host: Ipv4Addr, t: Instant) -> Result<(), Fault> {
-        let conn = match self.remote.out_conn(host, t) {
+    /// from the refused one on), on the connection over `link` to `dst`.
+    fn resend(
+        &mut self,
+        index: QpId,
+        (link, dst): (Link, Ipv4Addr),
+        t: Instant,
+    ) -> Result<(), Fault> {
+        let conn = match self.remote.out_conn(link, dst, t) {
             OutConn::Up(c) => c,
             OutConn::Connecting => return Ok(()),
             OutConn::Down => {
@@ -352,30 +358,29 @@ impl Engine {
         if !self.remote.out.values().any(Conn::has_frame) {
             return 0;
         }
-        let hosts: Vec<Ipv4Addr> = self.remote.out.keys().copied().collect();
-        for host in hosts {
-            while let Some(c) = self.remote.out.get_mut(&host) {
+        let keys: Vec<OutKey> = self.remote.out.keys().copied().collect();
+        for key in keys {
+            while let Some(c) = self.remote.out.get_mut(&key) {
                 let (h, range) = match c.next() {
                     Ok(Next::Frame(h, range)) if !h.kind.is_request() => (h, range),
                     Ok(Next::Frame(..)) => {
-                        self.remote
-                            .close_out(host, "a request on a response stream");
+                        self.remote.close_out(key, "a request on a response stream");
                         break;
                     }
                     Ok(Next::Nothing) => break,
                     Err(e) => {
-                        self.remote.close_out(host, &format!("bad frame: {e}"));
+                        self.remote.close_out(key, &format!("bad frame: {e}"));
                         break;
                     }
                 };
                 let rx = std::mem::take(&mut c.rx);
                 let taken = self
-                    .on_response(host, &h, &rx[range.clone()], now)
+                    .on_response(key.0, &h, &rx[range.clone()], now)
                     .unwrap_or_else(|(index, fault)| {
                         self.fault_qp(index, fault);
                         Taken::Done
                     });
-                let Some(c) = self.remote.out.get_mut(&host) else {
+                let Some(c) = self.remote.out.get_mut(&key) else {
                     break;
                 };
                 c.rx = rx;
@@ -389,10 +394,10 @@ impl Engine {
         work
     }
 
-    /// One response from `host`'s router: completes the requests it answers.
+    /// One response from the other end of `link`: completes the requests it answers.
     fn on_response(
         &mut self,
-        host: Ipv4Addr,
+        link: Link,
         h: &FrameHeader,
         payload: &[u8],
         now: Instant,
@@ -405,7 +410,7 @@ impl Engine {
             return Ok(Taken::Done);
         };
         let expected = Route::Remote {
-            host,
+            link,
             ip: h.src_ip,
             qpn: h.src_qpn,
         };

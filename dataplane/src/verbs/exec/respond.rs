@@ -14,13 +14,12 @@ use super::copy::{copy, resolve_list, Source, Views};
 use super::{NoReceive, Peer};
 use crate::verbs::engine::{Context, Engine, Fault, Route};
 use crate::verbs::ids::AttachmentId;
-use crate::verbs::remote::{ConnState, Next};
+use crate::verbs::remote::{ConnState, Link, Next};
 use crate::verbs::{Key, MemView, Need, NumberMap};
 use freeflow_proto::verbs::qp::QpState;
 use freeflow_proto::verbs::remote::{nak, FrameHeader, FrameKind};
 use freeflow_proto::verbs::work::{wc_flags, wc_opcode, Cqe, MAX_SGE};
 use freeflow_proto::verbs::{wc_status, AccessFlags};
-use std::net::Ipv4Addr;
 
 /// What the responder answers a request with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +74,7 @@ impl Engine {
 
     /// One request on incoming connection `conn`.
     fn on_request(&mut self, conn: usize, h: &FrameHeader, payload: &[u8]) {
-        let from = self.remote.incoming[conn].host;
+        let from = self.remote.incoming[conn].link;
         if h.kind == FrameKind::Datagram {
             return self.on_datagram(from, h, payload);
         }
@@ -124,15 +123,12 @@ impl Engine {
 
     /// The QP a request from `from`'s router is for, if it accepts it (see the module's
     /// documentation).
-    fn admit(&self, from: Ipv4Addr, h: &FrameHeader) -> Option<Peer> {
-        let source = self.remote.placement(h.src_ip)?;
-        if source.host != from {
-            return None;
-        }
+    fn admit(&self, from: Link, h: &FrameHeader) -> Option<Peer> {
+        let source_tenant = self.remote.source_tenant(h.src_ip, from)?;
         let index = self.qp_by_number(h.dst_qpn)?;
         let p = self.qps.get(index)?;
         let back = Route::Remote {
-            host: from,
+            link: from,
             ip: h.src_ip,
             qpn: h.src_qpn,
         };
@@ -140,7 +136,7 @@ impl Engine {
             return None;
         }
         let ctx = self.contexts.get(&p.owner)?;
-        if ctx.container.ip != h.dst_ip || ctx.container.tenant != source.tenant {
+        if ctx.container.ip != h.dst_ip || ctx.container.tenant != source_tenant {
             return None;
         }
         let recv_pd = match p.srq {
