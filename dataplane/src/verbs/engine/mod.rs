@@ -2,16 +2,15 @@
 //! its PD/MR table, completion channels, CQs and QPs, and the execution of work requests by
 //! copying between containers' registered memory.
 //!
-//! Routing: all verbs attachments of a host are served by one shard (the control thread sends
-//! them to shard 0), so both ends of a same-host connection live in this one engine and a work
-//! request runs to completion on one thread, with no locks and no cross-shard handoff. That
-//! caps RDMA mode at one router core per host for now; spreading it means handing work between
-//! engines (a crossbeam queue per shard pair) or partitioning by connection.
-//!
-//! Where a QP's destination lives is decided at RTR from its GID (`::ffff:<overlay ip>`): a
-//! container of the caller's tenant with a verbs context on this host is [`Route::Local`];
-//! anything else fails the modify with ENETUNREACH. Other hosts (a router-to-router transport)
-//! and a hardware backend would be further routes, resolved at the same point.
+//! Routing: every shard runs an engine; a container's verbs attachments all go to the shard
+//! its overlay address picks (`remote::shard_of`), so both ends of a connection between two
+//! containers that one shard serves live in one engine and a work request runs to completion
+//! on one thread, with no locks. Where a QP's destination lives is decided at RTR from its GID
+//! (`::ffff:<overlay ip>`): a container of the caller's tenant with a verbs context in this
+//! engine is [`Route::Local`]; a registered container of the tenant that another shard of this
+//! router serves, or one on another host, is [`Route::Remote`] over a [`super::remote::Link`]
+//! (the same requester and responder code and frames for both, see `remote`); anything else
+//! fails the modify with ENETUNREACH.
 //!
 //! The fast path: the shim pushes WQEs onto the QP's send and receive rings and polls the CQ's
 //! ring; the engine pops send WQEs of QPs in RTS, executes each (SEND pops the responder's next
