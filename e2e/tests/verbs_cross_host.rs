@@ -210,7 +210,7 @@ import socket, struct, sys
 for hello, frame in [(b"GARBAGE!" * 2, b"x" * 64),
                      (b"FFVR" + struct.pack("<HH", 2, 0) + bytes([192, 168, 1, 1])
                       + bytes([10, 32, 0, 2]),
-                      bytes([3, 0, 0, 0]) + struct.pack("<I", 0xFFFFFFFF) + bytes(56))]:
+                      bytes([3, 0, 0, 0]) + struct.pack("<I", 0xFFFFFFFF) + bytes(64))]:
     s = socket.create_connection(("192.168.1.2", 7472), timeout=5)
     s.sendall(hello + frame)
     s.settimeout(5)

@@ -161,6 +161,9 @@ pub struct Engine {
     pub(super) broken: Vec<(AttachmentId, String)>,
     /// The transport to other hosts' routers (idle until the daemon describes a cluster).
     pub(super) remote: Transport,
+    /// ACKs held back to ride on a reply, and for how long at most (`remote::ACK_HOLD`).
+    pub(super) held_acks: Vec<super::remote::HeldAck>,
+    pub(super) ack_hold: std::time::Duration,
 }
 
 impl Default for Engine {
@@ -212,6 +215,8 @@ impl Engine {
             dirty: Vec::new(),
             broken: Vec::new(),
             remote: Transport::default(),
+            held_acks: Vec::new(),
+            ack_hold: super::remote::ACK_HOLD,
         }
     }
 
@@ -514,6 +519,9 @@ impl Engine {
             }
         }
         if remote {
+            if !self.held_acks.is_empty() {
+                self.release_held_acks(*now.get_or_insert_with(std::time::Instant::now));
+            }
             self.remote.flush_all();
         }
         self.publish();

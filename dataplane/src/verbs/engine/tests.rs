@@ -1732,3 +1732,52 @@ fn across_shards_a_bad_key_is_a_remote_error_and_other_tenants_are_unreachable()
     });
     assert_eq!((ca[0].wr_id, ca[0].status), (1, wc_status::REM_ACCESS_ERR));
 }
+
+/// The ACK of a request rides on the reply: with ACKs held for ever, the requester's SEND
+/// completes only when the responder's reply SEND arrives, and with it; held for no time, the
+/// ACK goes alone at once.
+#[test]
+fn a_reply_across_shards_carries_the_ack_of_the_request_it_answers() {
+    let (mut e0, mut e1) = two_shards();
+    e1.ack_hold = std::time::Duration::from_secs(3600);
+    e0.ack_hold = std::time::Duration::from_secs(3600);
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    let (ak, bk) = (a.mr.lkey, b.mr.lkey);
+    post_recv(&mut a, 80, sge(ak, 2000, 64));
+    post_recv(&mut b, 90, sge(bk, 2000, 64));
+    post_send(&mut a, 1, wr_opcode::SEND, &[sge(ak, 100, 16)], 0, 0);
+    let mut cb = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        cb.extend(completions(&mut b));
+        !cb.is_empty()
+    });
+    assert_eq!((cb[0].wr_id, cb[0].status), (90, 0));
+    // The request executed; its ACK is held: a's SEND has not completed, after any number of
+    // passes.
+    for _ in 0..50 {
+        e1.poll();
+        e0.poll();
+        e0.transport().poll_now();
+        e1.transport().poll_now();
+    }
+    assert_eq!(e1.held_acks.len(), 1);
+    assert!(completions(&mut a).is_empty());
+    // The reply carries it: a's SEND completes with the reply's receive. a holds nothing: the
+    // ACK of the reply goes alone at once, and b's SEND completes.
+    e0.ack_hold = std::time::Duration::ZERO;
+    post_send(&mut b, 2, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+    let (mut ca, mut cb) = (Vec::new(), Vec::new());
+    run_shards(&mut e0, &mut e1, || {
+        ca.extend(completions(&mut a));
+        cb.extend(completions(&mut b));
+        ca.len() >= 2 && !cb.is_empty()
+    });
+    let mut got: Vec<(u64, u32)> = ca.iter().map(|c| (c.wr_id, c.status)).collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![(1, 0), (80, 0)]);
+    assert_eq!((cb[0].wr_id, cb[0].status), (2, 0));
+    assert!(e0.held_acks.is_empty() && e1.held_acks.is_empty());
+}

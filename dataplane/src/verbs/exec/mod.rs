@@ -140,7 +140,7 @@ impl Engine {
         }
         let t = *now.get_or_insert_with(Instant::now);
         let mut work = self.remote.pump(t);
-        work += self.serve_incoming();
+        work += self.serve_incoming(t);
         work += self.take_responses(t);
         work
     }

@@ -58,6 +58,8 @@ struct Request<'a> {
     dst_ip: Ipv4Addr,
     dst_qpn: u32,
     seq: u32,
+    /// An ACK of the destination QP's requests riding on this one.
+    ack: Option<u32>,
 }
 
 /// Builds the request frame of `r` (a WQE of `qp`, owned by `ctx`) onto `conn`, after the
@@ -95,6 +97,7 @@ fn frame_request(ctx: &Context, qp: &Qp, r: &Request<'_>, conn: &mut Conn) -> Re
     f.src_qpn = qp.qpn;
     f.dst_qpn = r.dst_qpn;
     f.seq = r.seq;
+    f.ack = r.ack;
     f.rkey = h.rkey;
     f.imm = h.imm_data;
     f.remote_addr = h.remote_addr;
@@ -164,6 +167,11 @@ impl Engine {
         let qp = self.qps.entry(index)?;
         let ctx = super::ops::context_in(&self.contexts, qp.owner)?;
         let seq = qp.remote.as_ref().map_or(0, |r| r.next_seq);
+        // The ACK this QP holds for its peer's requests rides on this request.
+        let carried = self
+            .held_acks
+            .iter()
+            .position(|a| a.qp == index && a.ack.dst_qpn == dst_qpn && a.ack.dst_ip == dst_ip);
         let request = Request {
             wqe: &p.wqe,
             op: p.op,
@@ -171,6 +179,7 @@ impl Engine {
             dst_ip,
             dst_qpn,
             seq,
+            ack: carried.map(|i| self.held_acks[i].ack.seq),
         };
         let token = conn.token;
         let bytes = match frame_request(ctx, qp, &request, conn) {
@@ -181,8 +190,12 @@ impl Engine {
             }
             Err(_) => return self.wait_remote(index),
         };
+        let acked = carried.map(|i| self.held_acks.swap_remove(i).ack.seq);
         let qp = self.qps.entry_mut(index)?;
         let rq = remote_of(&mut qp.remote, index)?;
+        if acked.is_some() {
+            rq.acked_ahead = acked;
+        }
         let signaled = qp.sq_sig_all || p.wqe.header.has(send_flags::SIGNALED);
         let mut slot = rq.spare.pop().unwrap_or_default();
         slot.clear();
@@ -285,6 +298,7 @@ impl Engine {
                 dst_ip: ip,
                 dst_qpn: qpn,
                 seq: f.seq,
+                ack: None,
             };
             if let Err(status) = frame_request(ctx, qp, &request, conn) {
                 failed = Some(status);
@@ -349,6 +363,31 @@ impl Engine {
             self.push_cqe(send_cq, &cqe);
         }
         Ok(true)
+    }
+
+    /// An ACK that rode on request `h` from the other end of `link`: our QP `h.dst_qpn`'s
+    /// requests up to `seq` are acknowledged, as by an ACK frame from there. False: no room in
+    /// the send CQ for their completions (the request waits with it).
+    pub(super) fn take_carried_ack(
+        &mut self,
+        link: Link,
+        h: &FrameHeader,
+        seq: u32,
+        now: Instant,
+    ) -> bool {
+        let mut ack = FrameHeader::new(FrameKind::Ack);
+        ack.src_ip = h.src_ip;
+        ack.dst_ip = h.dst_ip;
+        ack.src_qpn = h.src_qpn;
+        ack.dst_qpn = h.dst_qpn;
+        ack.seq = seq;
+        match self.on_response(link, &ack, &[], now) {
+            Ok(taken) => taken == Taken::Done,
+            Err((index, fault)) => {
+                self.fault_qp(index, fault);
+                true
+            }
+        }
     }
 
     /// Handles the responses that came on our connections.

@@ -122,6 +122,29 @@ pub(crate) struct RemoteQp {
     pub(crate) retry_left: Option<u8>,
     /// Slot copies to reuse (no allocation per request once warm).
     pub(crate) spare: Vec<Vec<u8>>,
+    /// Responder: the last sequence number acknowledged by riding on a request of this QP
+    /// (on the other connection): a retry NAK on the response connection is preceded by a
+    /// plain ACK of it, so that the NAK never overtakes it.
+    pub(crate) acked_ahead: Option<u32>,
+}
+
+/// How long a responder holds an ACK for a request of its own QP's to ride on (the reply):
+/// past it, the ACK goes alone. The reply usually follows within tens of microseconds (the
+/// program sees the receive and posts); a one-way stream waits at most this for its
+/// acknowledgements, which cover every request before them.
+pub(crate) const ACK_HOLD: Duration = Duration::from_micros(100);
+
+/// An acknowledgement the responder holds back (see [`ACK_HOLD`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeldAck {
+    /// The responder's QP (whose requests to the requester may carry it).
+    pub(crate) qp: crate::verbs::ids::QpId,
+    /// The token of the incoming connection the requests came on (where it goes alone).
+    pub(crate) conn: u64,
+    /// The ACK frame (its sequence number moves up as later requests execute).
+    pub(crate) ack: freeflow_proto::verbs::remote::FrameHeader,
+    /// When it goes alone.
+    pub(crate) due: Instant,
 }
 
 /// What [`Transport::out_conn`] found.
@@ -449,6 +472,11 @@ impl Transport {
             self.retry_at.insert(key, Instant::now() + CONNECT_RETRY);
             self.bury(c);
         }
+    }
+
+    /// The incoming connection whose token is `token`.
+    pub(crate) fn incoming_by_token(&mut self, token: u64) -> Option<&mut Conn> {
+        self.incoming.iter_mut().find(|c| c.token == token)
     }
 
     /// Closes incoming connection `index` (a garbage or broken stream: that connection only).
