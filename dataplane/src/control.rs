@@ -430,14 +430,18 @@ impl ControlThread {
         pid: i32,
         kind: ShimKind,
     ) {
-        // Verbs attachments all go to the first shard: its engine holds both ends of every
-        // same-host RDMA connection (see crate::verbs::Engine). Others go to the least loaded.
+        // A container's verbs attachments (all its contexts) go to the shard its address
+        // picks: a function of the address alone, so that every shard finds the one serving a
+        // QP's destination from its GID (crate::verbs::shard_of), with no table to share or
+        // keep in step, and a container's contexts stay together. Others go to the least
+        // loaded.
         let least_loaded = self
             .shards
             .iter()
             .min_by_key(|s| s.stats.attached.load(Ordering::Relaxed));
         let Some(shard) = (if kind == ShimKind::Verbs {
-            self.shards.first()
+            self.shards
+                .get(crate::verbs::shard_of(container.ip, self.shards.len()))
         } else {
             least_loaded
         }) else {

@@ -327,18 +327,31 @@ fn run(config: Config) -> Result<(), String> {
     freeflow_proto::region::announce_router_cores(&config.cores);
     let attached: shard::AttachedTable = Arc::new(Mutex::new(Default::default()));
     let mut handles = Vec::new();
-    let mut threads = Vec::new();
     for (index, &core) in config.cores.iter().enumerate() {
-        let handle = ShardHandle {
+        handles.push(ShardHandle {
             index,
             core: Some(core),
             bell: Arc::new(EventFd::new().map_err(|e| format!("eventfd: {e}"))?),
             inbox: Arc::new(crossbeam_queue::ArrayQueue::new(1024)),
             stats: Arc::new(ShardStats::default()),
             stop: Arc::new(AtomicBool::new(false)),
-        };
-        let shard = Shard::new(&handle, attached.clone(), config.spin)
+        });
+    }
+    // Each shard's verbs engine reaches the others' (QPs whose ends different shards serve)
+    // over socket pairs, and hands them connections from other hosts.
+    let siblings: shard::Siblings = handles
+        .iter()
+        .map(|h| (h.inbox.clone(), h.bell.clone()))
+        .collect();
+    let mut links = verbs::SiblingLink::mesh(handles.len())
+        .map_err(|e| format!("socket pairs between shards: {e}"))?
+        .into_iter();
+    let mut threads = Vec::new();
+    for (handle, &core) in handles.iter().zip(&config.cores) {
+        let index = handle.index;
+        let mut shard = Shard::new(handle, attached.clone(), config.spin)
             .map_err(|e| format!("io_uring: {e}"))?;
+        shard.link(siblings.clone(), links.next().unwrap_or_default());
         let thread = std::thread::Builder::new()
             .name(format!("ff-shard-{index}"))
             .spawn(move || {
@@ -348,7 +361,6 @@ fn run(config: Config) -> Result<(), String> {
                 shard.run();
             })
             .map_err(|e| format!("spawn shard: {e}"))?;
-        handles.push(handle);
         threads.push(thread);
     }
 

@@ -9,14 +9,17 @@
 //! `IDLE_YIELD_PASSES` passes: when a program shares the core (it is not pinned away from the
 //! router), the one waiting for the shard's completions would otherwise wait out the spin.
 //!
-//! The shard that runs the verbs engine also drives the engine's transport to other hosts'
-//! routers (RDMA between hosts): its sockets are watched by this shard's io_uring (one-shot
-//! polls tagged [`TRANSPORT_TAG`], armed again each pass as they fire), and read and written
-//! by the engine's pass.
+//! Every shard runs a verbs engine for the verbs attachments it serves (a container's go to
+//! shard `verbs::shard_of(its address)`), and drives that engine's transport: socket pairs to
+//! the other shards (QPs whose two ends different shards serve) and connections to other
+//! hosts' routers (shard 0 accepts them and hands each to the shard serving the container its
+//! hello names). The transport's sockets are watched by this shard's io_uring (one-shot polls
+//! tagged [`TRANSPORT_TAG`], armed again each pass as they fire), and read and written by the
+//! engine's pass.
 
 use crate::attachment::{Attachment, ConnectionEvent};
 use crate::uring::Uring;
-use crate::verbs::{AttachmentId, Engine};
+use crate::verbs::{AttachmentId, Conn, Engine, SiblingLink};
 use crossbeam_queue::ArrayQueue;
 use freeflow_proto::doorbell::EventFd;
 use std::collections::HashMap;
@@ -78,6 +81,11 @@ pub enum ShardCommand {
     Detach(u32),
     /// The daemon's view of the cluster, for the verbs engine's transport to other hosts.
     Network(Box<freeflow_proto::control::NetworkView>),
+    /// This host's registered containers (overlay address, tenant), for QPs between shards.
+    Containers(Arc<Vec<(std::net::Ipv4Addr, String)>>),
+    /// A connection from another host's router that another shard accepted for a container
+    /// this shard serves.
+    AdoptLink(Box<Conn>),
     /// Tests only (`ControlRequest::TestPanic`): the shard panics.
     #[cfg(debug_assertions)]
     TestPanic,
@@ -96,6 +104,12 @@ pub struct ShardStats {
     /// The shard thread's id once it runs (0 before), where the control thread reads its CPU
     /// time (`/proc/self/task/TID/schedstat`) at no cost to the shard.
     pub tid: AtomicU32,
+    /// Containers with an attachment here.
+    pub containers: AtomicUsize,
+    /// The verbs engine's QPs, send work requests executed and their payload bytes.
+    pub qps: AtomicUsize,
+    pub verbs_ops: AtomicU64,
+    pub verbs_bytes: AtomicU64,
 }
 
 /// This thread's id, from the link `/proc/thread-self` (`PID/task/TID`).
@@ -141,8 +155,12 @@ struct Slot {
     generation: u32,
 }
 
+/// How a shard reaches the others: their inboxes and doorbells (index = shard).
+pub type Siblings = Vec<(Arc<ArrayQueue<ShardCommand>>, Arc<EventFd>)>;
+
 pub struct Shard {
     index: usize,
+    siblings: Siblings,
     bell: Arc<EventFd>,
     inbox: Arc<ArrayQueue<ShardCommand>>,
     stats: Arc<ShardStats>,
@@ -171,6 +189,7 @@ impl Shard {
         )?;
         Ok(Shard {
             index: handle.index,
+            siblings: Vec::new(),
             bell: handle.bell.clone(),
             inbox: handle.inbox.clone(),
             stats: handle.stats.clone(),
@@ -183,6 +202,14 @@ impl Shard {
             served_total: 0,
             engine: Engine::default(),
         })
+    }
+
+    /// Connects the shard to the router's others: `siblings` (every shard's inbox and
+    /// doorbell, this one's included) and `links`, its socket pairs to them.
+    pub fn link(&mut self, siblings: Siblings, links: Vec<SiblingLink>) {
+        let shards = siblings.len();
+        self.siblings = siblings;
+        self.engine.set_shard(self.index, shards, links);
     }
 
     /// Runs until the stop flag is raised; then drops every attachment (closing their
@@ -253,6 +280,10 @@ impl Shard {
                 ShardCommand::Adopt(attachment) => self.adopt(*attachment),
                 ShardCommand::Detach(id) => self.detach_id(id, "container unregistered"),
                 ShardCommand::Network(network) => self.engine.set_network(&network),
+                ShardCommand::Containers(containers) => {
+                    self.engine.set_local(containers.iter().cloned())
+                }
+                ShardCommand::AdoptLink(conn) => self.engine.transport().adopt_incoming(*conn),
                 #[cfg(debug_assertions)]
                 ShardCommand::TestPanic => {
                     panic!(
@@ -298,6 +329,20 @@ impl Shard {
             generation,
         });
         self.stats.attached.fetch_add(1, Ordering::Relaxed);
+        self.count_containers();
+    }
+
+    /// Publishes how many containers have an attachment here.
+    fn count_containers(&self) {
+        let mut names: Vec<&str> = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| s.attachment.container.name.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        self.stats.containers.store(names.len(), Ordering::Relaxed);
     }
 
     fn visit_all(&mut self) -> usize {
@@ -319,6 +364,7 @@ impl Shard {
             self.detach_id(id, &why);
         }
         if served > 0 {
+            self.publish_engine_stats();
             self.served_total += served as u64;
             self.stats
                 .requests
@@ -334,8 +380,30 @@ impl Shard {
             self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             self.detach_id(id, &why);
         }
+        for (shard, conn) in self.engine.transport().take_handoff() {
+            let Some((inbox, bell)) = self.siblings.get(shard) else {
+                continue;
+            };
+            // A full inbox drops the connection: the other router connects again.
+            if inbox.push(ShardCommand::AdoptLink(Box::new(conn))).is_ok() {
+                let _ = bell.ring();
+            }
+        }
         self.watch_transport();
+        if work > 0 {
+            self.publish_engine_stats();
+        }
         work
+    }
+
+    /// Publishes the engine's QPs, operations and bytes for status.
+    fn publish_engine_stats(&self) {
+        let (counters, qps) = self.engine.counters();
+        self.stats.qps.store(qps, Ordering::Relaxed);
+        self.stats.verbs_ops.store(counters.ops, Ordering::Relaxed);
+        self.stats
+            .verbs_bytes
+            .store(counters.bytes, Ordering::Relaxed);
     }
 
     /// Arms the polls of the transport's sockets that need it, and closes the sockets it let
@@ -457,6 +525,8 @@ impl Shard {
         drop(slot);
         self.forget(id);
         self.stats.attached.fetch_sub(1, Ordering::Relaxed);
+        self.count_containers();
+        self.publish_engine_stats();
     }
 
     fn forget(&self, id: u32) {

@@ -203,12 +203,14 @@ fn unmodified_perftest_runs_between_two_hosts() {
 }
 
 /// A hostile peer on a registered host's address: a connection to host 1's verbs port whose
-/// hello is garbage, and one with a good hello and a frame claiming 4 GiB of payload.
+/// hello is garbage, and one with a good hello (version 2, naming the server's address) and a
+/// frame claiming 4 GiB of payload.
 const GARBAGE_PEER: &str = r#"
 import socket, struct, sys
 for hello, frame in [(b"GARBAGE!" * 2, b"x" * 64),
-                     (b"FFVR" + struct.pack("<HH", 1, 0) + bytes([192, 168, 1, 1]) + bytes(4),
-                      bytes([3, 0, 0, 0]) + struct.pack("<I", 0xFFFFFFFF) + bytes(56))]:
+                     (b"FFVR" + struct.pack("<HH", 2, 0) + bytes([192, 168, 1, 1])
+                      + bytes([10, 32, 0, 2]),
+                      bytes([3, 0, 0, 0]) + struct.pack("<I", 0xFFFFFFFF) + bytes(64))]:
     s = socket.create_connection(("192.168.1.2", 7472), timeout=5)
     s.sendall(hello + frame)
     s.settimeout(5)

@@ -144,6 +144,17 @@ pub struct ShardStatus {
     /// CPU time of the shard's thread (serving requests, or spinning before it parks), in ns.
     #[serde(default)]
     pub cpu_ns: u64,
+    /// Containers with an attachment on the shard.
+    #[serde(default)]
+    pub containers: usize,
+    /// QPs of its verbs engine.
+    #[serde(default)]
+    pub qps: usize,
+    /// Send work requests its verbs engine executed, and their payload bytes.
+    #[serde(default)]
+    pub verbs_ops: u64,
+    #[serde(default)]
+    pub verbs_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -376,6 +376,10 @@ mod tests {
                 protocol_errors: 6,
                 parked_ns: 8,
                 cpu_ns: 9,
+                containers: 1,
+                qps: 10,
+                verbs_ops: 12,
+                verbs_bytes: 13,
             }],
             registered: 1,
             attached: vec![AttachedStatus {
@@ -447,8 +451,9 @@ mod tests {
             r#""router":{"attached":[{"container":"web","id":1,"kind":"socket","pid":77,"#,
             r#""shard":0}],"attaches_accepted":1,"attaches_refused":2,"cm_established":0,"cm_listeners":0,"#,
             r#""jail_active":false,"pid":11,"#,
-            r#""registered":1,"running":true,"shards":[{"attached":2,"core":null,"cpu_ns":9,"#,
-            r#""index":0,"parked_ns":8,"parks":5,"protocol_errors":6,"requests":3,"wakeups":4}],"tcp_by_tenant":[],"tcp_claimed":7,"#,
+            r#""registered":1,"running":true,"shards":[{"attached":2,"containers":1,"core":null,"cpu_ns":9,"#,
+            r#""index":0,"parked_ns":8,"parks":5,"protocol_errors":6,"qps":10,"requests":3,"#,
+            r#""verbs_bytes":13,"verbs_ops":12,"wakeups":4}],"tcp_by_tenant":[],"tcp_claimed":7,"#,
             r#""tcp_connects":4,"tcp_fallbacks":5,"tcp_listeners":3,"tcp_relayed":6,"#,
             r#""uptime_ms":1234,"version":"0.1"}}"#
         );

@@ -187,6 +187,14 @@ fn print_router_counters(rs: &RouterStatus) {
             shard.parks,
             shard.protocol_errors
         );
+        out!(
+            "              {} containers, {} QPs, {} verbs ops, {} bytes, busy {:.3} s",
+            shard.containers,
+            shard.qps,
+            shard.verbs_ops,
+            shard.verbs_bytes,
+            shard.cpu_ns as f64 / 1e9
+        );
     }
 }
 

@@ -252,6 +252,26 @@ fn shard_metrics(router: &RouterStatus, out: &mut Exposition) {
         "Time the shard spent parked: asleep until a doorbell, using no CPU.",
         per_shard(&|s| s.parked_ns as f64 / 1e9),
     );
+    out.gauge(
+        "freeflow_shard_containers",
+        "Containers with an attachment on the shard.",
+        per_shard(&|s| s.containers as f64),
+    );
+    out.gauge(
+        "freeflow_shard_qps",
+        "QPs of the shard's verbs engine.",
+        per_shard(&|s| s.qps as f64),
+    );
+    out.counter(
+        "freeflow_shard_verbs_ops_total",
+        "Send work requests the shard's verbs engine executed.",
+        per_shard(&|s| s.verbs_ops as f64),
+    );
+    out.counter(
+        "freeflow_shard_verbs_bytes_total",
+        "Payload bytes of the send work requests the shard's verbs engine executed.",
+        per_shard(&|s| s.verbs_bytes as f64),
+    );
     out.counter(
         "freeflow_shard_protocol_errors_total",
         "Ring protocol violations by attachments (each detached).",

@@ -11,6 +11,7 @@ use freeflow_proto::control::{
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 impl ControlThread {
     /// Serves one control connection. Returns true if it asked for shutdown.
@@ -54,8 +55,8 @@ impl ControlThread {
             } => {
                 let response = self.set_containers(containers);
                 if let (ControlResponse::Ok, Some(network)) = (&response, network) {
-                    // The verbs engine's shard (the first) reaches other hosts' routers too.
-                    if let Some(shard) = self.shards.first() {
+                    // Every shard's verbs engine reaches other hosts' routers.
+                    for shard in &self.shards {
                         let _ = shard.send(ShardCommand::Network(Box::new(network.clone())));
                     }
                     self.cm.set_network(network.clone());
@@ -135,6 +136,15 @@ impl ControlThread {
             }
         }
         log::info!("serving {} registered container(s)", table.len());
+        // Every shard's verbs engine learns which containers are this host's (QPs between
+        // containers that different shards serve).
+        let local: Arc<Vec<(std::net::Ipv4Addr, String)>> =
+            Arc::new(table.values().map(|c| (c.ip, c.tenant.clone())).collect());
+        for shard in &self.shards {
+            if shard.send(ShardCommand::Containers(local.clone())).is_err() {
+                log::warn!("shard {}: inbox full; containers not updated", shard.index);
+            }
+        }
         self.table = table;
         ControlResponse::Ok
     }
@@ -163,6 +173,10 @@ impl ControlThread {
                     protocol_errors: s.stats.protocol_errors.load(Ordering::Relaxed),
                     parked_ns: s.stats.parked_ns.load(Ordering::Relaxed),
                     cpu_ns: thread_cpu_ns(s.stats.tid.load(Ordering::Relaxed)),
+                    containers: s.stats.containers.load(Ordering::Relaxed),
+                    qps: s.stats.qps.load(Ordering::Relaxed),
+                    verbs_ops: s.stats.verbs_ops.load(Ordering::Relaxed),
+                    verbs_bytes: s.stats.verbs_bytes.load(Ordering::Relaxed),
                 })
                 .collect(),
             registered: self.table.len(),

@@ -36,6 +36,8 @@ pub use engine::{budget_of_this_process, Engine, ParkPlan};
 pub use ids::AttachmentId;
 use ids::PdId;
 pub use memory::{MemView, MemoryError, MemoryFile};
+pub(crate) use remote::Conn;
+pub use remote::{shard_of, SiblingLink};
 
 use freeflow_proto::codec;
 use freeflow_proto::msg::status;

@@ -92,6 +92,8 @@ pub struct SiteSpec<'a> {
     pub registered: &'a [(&'a str, &'a str)],
     /// Environment variables of `freeflow up`.
     pub up_env: &'a [(&'a str, &'a str)],
+    /// More arguments of `freeflow up` on every host (e.g. `--cores 0,1`).
+    pub up_args: &'a [&'a str],
     /// How long [`Site::verbs_app`] lets a program run, in seconds (`timeout`'s 0, the
     /// default, is no bound: set it on a site that runs RDMA programs).
     pub verbs_timeout: u32,
@@ -167,6 +169,7 @@ impl Site {
                     "--registry",
                     &site.registry,
                 ])
+                .args(spec.up_args)
                 .output()
                 .unwrap();
             assert_success(&out, "freeflow up");

@@ -7,21 +7,24 @@
 //! carries requests one way and responses the other; two routers that both have QPs talking to
 //! each other have two connections.
 //!
-//! A connection starts with the requester's [`Hello`] (16 bytes), then frames: a 64-byte
+//! A connection starts with the requester's [`Hello`] (16 bytes), then frames: a 72-byte
 //! [`FrameHeader`], little-endian, followed by `len` bytes of payload. Sequence numbers are per
 //! QP (the requester's `sq_psn` counted up, the responder expecting its `rq_psn`): the
 //! responder executes a QP's requests in order and answers each executed request, except that
 //! consecutive acknowledgements of one QP coalesce into the last one (an [`FrameKind::Ack`] of
-//! `seq` acknowledges every earlier request of that QP too).
+//! `seq` acknowledges every earlier request of that QP too). A request may carry an
+//! acknowledgement the other way ([`FrameHeader::ack`]): the sending QP acknowledges the
+//! receiving QP's requests up to that sequence number, as an ACK frame from it would, so that
+//! a reply rides with the ACK of the request it answers.
 //!
 //! Decoding checks shapes only: a kind this version knows, a payload length the kind allows
 //! and at most [`MAX_PAYLOAD`]. A receiver drops a connection whose frame does not decode.
 //!
 //! ```text
-//!  0 kind u8   1 code u8   2 reserved u16   4 len u32 (payload bytes)
+//!  0 kind u8   1 code u8   2 flags u8 (bit 0: ack present)   3 reserved   4 len u32
 //!  8 src_ip [4]  12 dst_ip [4]  16 src_qpn u32  20 dst_qpn u32
 //! 24 seq u32  28 rkey u32  32 imm u32  36 arg u32 (READ: length; RNR NAK: timer code)
-//! 40 remote_addr u64  48 compare_add u64  56 swap u64
+//! 40 remote_addr u64  48 compare_add u64  56 swap u64  64 ack u32  68 reserved u32
 //! ```
 
 use std::net::Ipv4Addr;
@@ -31,20 +34,25 @@ pub const VERBS_PORT_OFFSET: u16 = 1;
 /// Bytes of a [`Hello`].
 pub const HELLO_LEN: usize = 16;
 /// Bytes of a [`FrameHeader`].
-pub const HEADER_LEN: usize = 64;
+pub const HEADER_LEN: usize = 72;
 /// The largest payload of a frame: the largest message that crosses hosts (larger ones fail at
 /// the requester with IBV_WC_LOC_LEN_ERR).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 
 const MAGIC: [u8; 4] = *b"FFVR";
-const VERSION: u16 = 1;
+/// Version 2 added the destination address (bytes 12..16).
+const VERSION: u16 = 2;
 
-/// The first 16 bytes on a connection: magic `FFVR`, version, the sender's host address. The
-/// responder believes the address the kernel reports, not this one; a mismatch drops the
-/// connection.
+/// The first 16 bytes on a connection: magic `FFVR`, version, the sender's host address, and
+/// the overlay address of the container whose QPs the connection's requests go to. The
+/// responder believes the address the kernel reports, not the sender's; a mismatch drops the
+/// connection. The destination picks the responder's shard that serves the connection (each
+/// shard serves the QPs of its own containers): a requester keeps one connection per
+/// destination container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     pub host: Ipv4Addr,
+    pub dst: Ipv4Addr,
 }
 
 impl Hello {
@@ -53,6 +61,7 @@ impl Hello {
         b[0..4].copy_from_slice(&MAGIC);
         b[4..6].copy_from_slice(&VERSION.to_le_bytes());
         b[8..12].copy_from_slice(&self.host.octets());
+        b[12..16].copy_from_slice(&self.dst.octets());
         b
     }
 
@@ -66,6 +75,7 @@ impl Hello {
         }
         Ok(Hello {
             host: Ipv4Addr::new(b[8], b[9], b[10], b[11]),
+            dst: Ipv4Addr::new(b[12], b[13], b[14], b[15]),
         })
     }
 }
@@ -180,7 +190,13 @@ pub struct FrameHeader {
     pub remote_addr: u64,
     pub compare_add: u64,
     pub swap: u64,
+    /// On a request: the sending QP acknowledges the receiving QP's requests up to and
+    /// including this sequence number (an ACK riding on the request).
+    pub ack: Option<u32>,
 }
+
+/// Bit 0 of the flags byte: [`FrameHeader::ack`] is present.
+const FLAG_ACK: u8 = 1;
 
 /// A frame or hello that does not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -193,6 +209,8 @@ pub enum FrameError {
     Kind(u8),
     #[error("frame of kind {kind:?} with {len} bytes of payload")]
     Length { kind: FrameKind, len: u32 },
+    #[error("frame of kind {kind:?} with flags {flags:#x}")]
+    Flags { kind: FrameKind, flags: u8 },
 }
 
 fn u32_at(b: &[u8; HEADER_LEN], at: usize) -> u32 {
@@ -227,6 +245,7 @@ impl FrameHeader {
             remote_addr: 0,
             compare_add: 0,
             swap: 0,
+            ack: None,
         }
     }
 
@@ -234,6 +253,10 @@ impl FrameHeader {
         let mut b = [0u8; HEADER_LEN];
         b[0] = self.kind as u8;
         b[1] = self.code;
+        if let Some(ack) = self.ack {
+            b[2] = FLAG_ACK;
+            b[64..68].copy_from_slice(&ack.to_le_bytes());
+        }
         b[4..8].copy_from_slice(&self.len.to_le_bytes());
         b[8..12].copy_from_slice(&self.src_ip.octets());
         b[12..16].copy_from_slice(&self.dst_ip.octets());
@@ -269,6 +292,12 @@ impl FrameHeader {
         if !fits {
             return Err(FrameError::Length { kind, len });
         }
+        // Only a request of a connected QP carries an acknowledgement.
+        let flags = b[2];
+        let ack_allowed = kind.is_request() && kind != FrameKind::Datagram;
+        if flags & !FLAG_ACK != 0 || (flags & FLAG_ACK != 0 && !ack_allowed) {
+            return Err(FrameError::Flags { kind, flags });
+        }
         Ok(FrameHeader {
             kind,
             code: b[1],
@@ -284,6 +313,7 @@ impl FrameHeader {
             remote_addr: u64_at(b, 40),
             compare_add: u64_at(b, 48),
             swap: u64_at(b, 56),
+            ack: (flags & FLAG_ACK != 0).then(|| u32_at(b, 64)),
         })
     }
 }
@@ -314,6 +344,7 @@ mod tests {
             remote_addr: 0x7f00_0000_1000,
             compare_add: 1,
             swap: 2,
+            ack: None,
         };
         let b = h.encode();
         assert_eq!(b[0], 5);
@@ -321,6 +352,28 @@ mod tests {
         assert_eq!(u32_at(&b, 36), 4096);
         assert_eq!(u64_at(&b, 40), 0x7f00_0000_1000);
         assert_eq!(FrameHeader::decode(&b), Ok(h));
+        let carrying = FrameHeader { ack: Some(41), ..h };
+        let b = carrying.encode();
+        assert_eq!((b[2], u32_at(&b, 64)), (1, 41));
+        assert_eq!(FrameHeader::decode(&b), Ok(carrying));
+    }
+
+    #[test]
+    fn only_requests_of_connected_qps_carry_an_ack() {
+        for kind in [FrameKind::Ack, FrameKind::Nak, FrameKind::Datagram] {
+            let mut b = FrameHeader::new(kind).encode();
+            b[2] = 1;
+            assert!(matches!(
+                FrameHeader::decode(&b),
+                Err(FrameError::Flags { .. })
+            ));
+        }
+        let mut b = FrameHeader::new(FrameKind::Send).encode();
+        b[2] = 2;
+        assert!(matches!(
+            FrameHeader::decode(&b),
+            Err(FrameError::Flags { .. })
+        ));
     }
 
     #[test]
@@ -346,11 +399,12 @@ mod tests {
     fn hellos_carry_magic_version_and_host() {
         let h = Hello {
             host: Ipv4Addr::new(192, 168, 1, 2),
+            dst: Ipv4Addr::new(10, 0, 0, 7),
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
         let mut b = h.encode();
-        b[4] = 2;
-        assert_eq!(Hello::decode(&b), Err(FrameError::Version(2)));
+        b[4] = 1;
+        assert_eq!(Hello::decode(&b), Err(FrameError::Version(1)));
         b[0] = b'X';
         assert_eq!(Hello::decode(&b), Err(FrameError::Magic));
     }

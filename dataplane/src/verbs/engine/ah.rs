@@ -7,6 +7,7 @@
 use super::qp::gid_ipv4;
 use super::{Context, Engine};
 use crate::verbs::ids::{AttachmentId, PdId};
+use crate::verbs::remote::Link;
 use crate::verbs::VerbsError;
 use freeflow_proto::verbs::ah::CreateAh;
 use freeflow_proto::verbs::limits;
@@ -19,8 +20,8 @@ pub(in crate::verbs) struct Ah {
     pub(in crate::verbs) pd: PdId,
     /// The destination container's overlay address.
     pub(in crate::verbs) ip: Ipv4Addr,
-    /// The router of the host it is on, if not this one.
-    pub(in crate::verbs) host: Option<Ipv4Addr>,
+    /// The engine that serves it, if not this one: another host's router or another shard.
+    pub(in crate::verbs) link: Option<Link>,
     pub(in crate::verbs) traffic_class: u8,
     pub(in crate::verbs) hop_limit: u8,
     pub(in crate::verbs) sl: u8,
@@ -57,11 +58,11 @@ impl Engine {
             .contexts
             .values()
             .any(|c| c.container.ip == ip && c.tenant == tenant);
-        let host = if local {
+        let link = if local {
             None
         } else {
-            match self.remote.host_of(ip, &caller.container.tenant) {
-                Some(host) => Some(host),
+            match self.remote.link_of(ip, &caller.container.tenant) {
+                Some(link) => Some(link),
                 None => {
                     return Err(VerbsError::Unreachable(format!(
                         "{ip} is no container of tenant {} with RDMA on this host or a \
@@ -74,7 +75,7 @@ impl Engine {
         let ah = Ah {
             pd: PdId(r.pd),
             ip,
-            host,
+            link,
             traffic_class: r.traffic_class,
             hop_limit: r.hop_limit,
             sl: r.sl,

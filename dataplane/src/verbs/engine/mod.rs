@@ -2,16 +2,15 @@
 //! its PD/MR table, completion channels, CQs and QPs, and the execution of work requests by
 //! copying between containers' registered memory.
 //!
-//! Routing: all verbs attachments of a host are served by one shard (the control thread sends
-//! them to shard 0), so both ends of a same-host connection live in this one engine and a work
-//! request runs to completion on one thread, with no locks and no cross-shard handoff. That
-//! caps RDMA mode at one router core per host for now; spreading it means handing work between
-//! engines (a crossbeam queue per shard pair) or partitioning by connection.
-//!
-//! Where a QP's destination lives is decided at RTR from its GID (`::ffff:<overlay ip>`): a
-//! container of the caller's tenant with a verbs context on this host is [`Route::Local`];
-//! anything else fails the modify with ENETUNREACH. Other hosts (a router-to-router transport)
-//! and a hardware backend would be further routes, resolved at the same point.
+//! Routing: every shard runs an engine; a container's verbs attachments all go to the shard
+//! its overlay address picks (`remote::shard_of`), so both ends of a connection between two
+//! containers that one shard serves live in one engine and a work request runs to completion
+//! on one thread, with no locks. Where a QP's destination lives is decided at RTR from its GID
+//! (`::ffff:<overlay ip>`): a container of the caller's tenant with a verbs context in this
+//! engine is [`Route::Local`]; a registered container of the tenant that another shard of this
+//! router serves, or one on another host, is [`Route::Remote`] over a [`super::remote::Link`]
+//! (the same requester and responder code and frames for both, see `remote`); anything else
+//! fails the modify with ENETUNREACH.
 //!
 //! The fast path: the shim pushes WQEs onto the QP's send and receive rings and polls the CQ's
 //! ring; the engine pops send WQEs of QPs in RTS, executes each (SEND pops the responder's next
@@ -128,9 +127,20 @@ pub struct Held {
     pub qps: usize,
 }
 
+/// What an engine did, for the shard's status.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Send work requests taken off the send queues.
+    pub ops: u64,
+    /// Their payload bytes (from their scatter/gather lists, or inline data; 8 per atomic).
+    pub bytes: u64,
+}
+
 /// The verbs engine of one shard.
 #[derive(Debug)]
 pub struct Engine {
+    /// What it did so far.
+    pub(super) counters: Counters,
     pub(super) contexts: NumberMap<AttachmentId, Context>,
     /// Asynchronous events raised while the contexts were taken out (see `events`).
     deferred_events: Vec<(AttachmentId, freeflow_proto::verbs::AsyncEventRecord)>,
@@ -151,6 +161,9 @@ pub struct Engine {
     pub(super) broken: Vec<(AttachmentId, String)>,
     /// The transport to other hosts' routers (idle until the daemon describes a cluster).
     pub(super) remote: Transport,
+    /// ACKs held back to ride on a reply, and for how long at most (`remote::ACK_HOLD`).
+    pub(super) held_acks: Vec<super::remote::HeldAck>,
+    pub(super) ack_hold: std::time::Duration,
 }
 
 impl Default for Engine {
@@ -188,6 +201,7 @@ impl Engine {
     /// An engine whose containers each get `budget` units of descriptors and mappings.
     pub fn with_budget(test_hooks: bool, budget: usize) -> Engine {
         Engine {
+            counters: Counters::default(),
             contexts: NumberMap::default(),
             deferred_events: Vec::new(),
             cqs: Objects::default(),
@@ -201,6 +215,8 @@ impl Engine {
             dirty: Vec::new(),
             broken: Vec::new(),
             remote: Transport::default(),
+            held_acks: Vec::new(),
+            ack_hold: super::remote::ACK_HOLD,
         }
     }
 
@@ -503,6 +519,9 @@ impl Engine {
             }
         }
         if remote {
+            if !self.held_acks.is_empty() {
+                self.release_held_acks(*now.get_or_insert_with(std::time::Instant::now));
+            }
             self.remote.flush_all();
         }
         self.publish();
@@ -520,7 +539,33 @@ impl Engine {
 
     /// Whether the transport to other hosts' routers has a connection (or one to accept).
     pub fn remote_connected(&self) -> bool {
-        self.remote.active() && !self.remote.idle()
+        self.remote.active() && self.remote.reaches_hosts()
+    }
+
+    /// This engine is shard `shard`'s of `shards`, with a socket pair to each other shard
+    /// (`links`: that shard and our end): QPs whose destination another shard serves reach it
+    /// through them.
+    pub fn set_shard(
+        &mut self,
+        shard: usize,
+        shards: usize,
+        links: Vec<super::remote::SiblingLink>,
+    ) {
+        self.remote.set_shard(shard, shards, links);
+    }
+
+    /// Takes this host's registered containers (overlay address, tenant): which of them other
+    /// shards serve is a function of the address ([`super::remote::shard_of`]).
+    pub fn set_local(
+        &mut self,
+        containers: impl IntoIterator<Item = (std::net::Ipv4Addr, String)>,
+    ) {
+        self.remote.set_local(containers);
+    }
+
+    /// What the engine did so far, and its number of QPs.
+    pub fn counters(&self) -> (Counters, usize) {
+        (self.counters, self.qpns.len())
     }
 
     /// The transport's sockets, for the shard's io_uring (see `remote::Transport::watch`).

@@ -125,6 +125,9 @@ impl Engine {
         if let Some(d) = self.remote.deadline() {
             plan.wake_by(d);
         }
+        for held in &self.held_acks {
+            plan.wake_by(held.due);
+        }
         for qp in self.qps.iter() {
             let Some(rq) = qp.remote.as_deref() else {
                 continue;

@@ -10,7 +10,7 @@
 
 use super::{ring_slots, slot_size, Context, Engine};
 use crate::verbs::ids::{AttachmentId, CqId, PdId, QpId, SrqId};
-use crate::verbs::remote::RemoteQp;
+use crate::verbs::remote::{Link, RemoteQp};
 use crate::verbs::send_op::SendOp;
 use crate::verbs::VerbsError;
 use freeflow_proto::region::SharedRegion;
@@ -41,12 +41,9 @@ const UNSUPPORTED_MASK: u32 = mask::ALT_PATH | mask::EN_SQD_ASYNC_NOTIFY | mask:
 pub(in crate::verbs) enum Route {
     /// A QP of a container on this host, served by this engine.
     Local { ip: Ipv4Addr, qpn: u32 },
-    /// A QP of a container on another host, whose router is at `host`.
-    Remote {
-        host: Ipv4Addr,
-        ip: Ipv4Addr,
-        qpn: u32,
-    },
+    /// A QP of a container that another engine serves: on another host (whose router is at
+    /// `Link::Host`) or on another shard of this router.
+    Remote { link: Link, ip: Ipv4Addr, qpn: u32 },
 }
 
 impl Route {
@@ -54,7 +51,7 @@ impl Route {
     fn with_qpn(self, qpn: u32) -> Route {
         match self {
             Route::Local { ip, .. } => Route::Local { ip, qpn },
-            Route::Remote { host, ip, .. } => Route::Remote { host, ip, qpn },
+            Route::Remote { link, ip, .. } => Route::Remote { link, ip, qpn },
         }
     }
 }
@@ -468,9 +465,9 @@ impl Engine {
         if local {
             return Ok(Route::Local { ip, qpn: dest_qpn });
         }
-        match self.remote.host_of(ip, &caller.tenant) {
-            Some(host) => Ok(Route::Remote {
-                host,
+        match self.remote.link_of(ip, &caller.tenant) {
+            Some(link) => Ok(Route::Remote {
+                link,
                 ip,
                 qpn: dest_qpn,
             }),

@@ -5,6 +5,7 @@ use super::test_support::{
     call, gid, ok, open_context, rc_pingpong_steps, ALL, BACKED, INIT_MASK, RTR_MASK,
 };
 use crate::verbs::notify::test_seqpacket_pair;
+use crate::verbs::remote::SiblingLink;
 use crate::verbs::*;
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
@@ -1508,4 +1509,277 @@ fn uc_drops_what_its_responder_does_not_take() {
         &ObjectHandle { handle: b.qp }.to_vec(),
     );
     assert_eq!(q.attr.qp_state, QpState::Rts as u8);
+}
+
+/// Two engines as two shards of one router, linked by their socket pairs, each knowing the
+/// host's containers: 10.32.0.2 (shard 0 serves it) and 10.32.0.3 (shard 1), tenant blue, and
+/// 10.32.0.5 (shard 1), tenant red.
+fn two_shards() -> (Engine, Engine) {
+    let mut links = SiblingLink::mesh(2).expect("socket pairs").into_iter();
+    let local = [
+        ([10, 32, 0, 2].into(), "blue".to_string()),
+        ([10, 32, 0, 3].into(), "blue".to_string()),
+        ([10, 32, 0, 5].into(), "red".to_string()),
+    ];
+    let mut engines = [0, 1].map(|i| {
+        let mut e = Engine::new(false);
+        e.set_shard(i, 2, links.next().expect("links"));
+        e.set_local(local.iter().cloned());
+        e
+    });
+    assert_eq!(shard_of([10, 32, 0, 2].into(), 2), 0);
+    assert_eq!(shard_of([10, 32, 0, 3].into(), 2), 1);
+    let [e0, e1] = std::mem::replace(&mut engines, [Engine::new(false), Engine::new(false)]);
+    (e0, e1)
+}
+
+/// Runs both engines' passes until `done` says so (bounded in passes and time).
+fn run_shards(e0: &mut Engine, e1: &mut Engine, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for _ in 0..100_000 {
+        e0.poll();
+        e1.poll();
+        // What the shard's io_uring reports: which sockets are readable or writable.
+        e0.transport().poll_now();
+        e1.transport().poll_now();
+        if done() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress in 10 s");
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+    panic!("no progress in 100000 passes");
+}
+
+fn post_atomic(
+    s: &mut Side,
+    wr_id: u64,
+    opcode: u8,
+    local: Sge,
+    raddr: u64,
+    rkey: u32,
+    args: (u64, u64),
+) {
+    let mut slot = vec![0u8; s.sq.slot_size()];
+    SendWqeHeader {
+        wr_id,
+        opcode,
+        flags: send_flags::SIGNALED as u8,
+        num_sge: 1,
+        remote_addr: raddr,
+        rkey,
+        compare_add: args.0,
+        swap: args.1,
+        ..SendWqeHeader::default()
+    }
+    .write(&mut slot);
+    local.write(&mut slot[SendWqeHeader::LEN..]);
+    assert!(s.sq.push(&slot).unwrap());
+    let _ = s.sq.publish();
+}
+
+#[test]
+fn qps_on_two_shards_connect_and_run_every_opcode() {
+    let (mut e0, mut e1) = two_shards();
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    let (ak, bk) = (a.mr.lkey, b.mr.lkey);
+    a.file
+        .write_all_at(b"across the shards", BASE + 100)
+        .unwrap();
+    b.file
+        .write_all_at(&40u64.to_ne_bytes(), BASE + 4000)
+        .unwrap();
+
+    // SEND and SEND with immediate into b's receives.
+    post_recv(&mut b, 70, sge(bk, 2000, 100));
+    post_recv(&mut b, 71, sge(bk, 2100, 100));
+    post_send(&mut a, 1, wr_opcode::SEND, &[sge(ak, 100, 17)], 0, 0);
+    post_send(
+        &mut a,
+        2,
+        wr_opcode::SEND_WITH_IMM,
+        &[sge(ak, 100, 6)],
+        0,
+        0,
+    );
+    // WRITE, WRITE with immediate (takes a receive), READ back, compare-and-swap, fetch-and-add.
+    post_recv(&mut b, 72, sge(bk, 2200, 0));
+    post_send(
+        &mut a,
+        3,
+        wr_opcode::RDMA_WRITE,
+        &[sge(ak, 100, 17)],
+        BASE + 3000,
+        b.mr.rkey,
+    );
+    post_send(
+        &mut a,
+        4,
+        wr_opcode::RDMA_WRITE_WITH_IMM,
+        &[sge(ak, 100, 3)],
+        BASE + 3100,
+        b.mr.rkey,
+    );
+    post_send(
+        &mut a,
+        5,
+        wr_opcode::RDMA_READ,
+        &[sge(ak, 600, 17)],
+        BASE + 3000,
+        b.mr.rkey,
+    );
+    post_atomic(
+        &mut a,
+        6,
+        wr_opcode::ATOMIC_CMP_AND_SWP,
+        sge(ak, 800, 8),
+        BASE + 4000,
+        b.mr.rkey,
+        (40, 50),
+    );
+    post_atomic(
+        &mut a,
+        7,
+        wr_opcode::ATOMIC_FETCH_AND_ADD,
+        sge(ak, 808, 8),
+        BASE + 4000,
+        b.mr.rkey,
+        (5, 0),
+    );
+
+    let (mut ca, mut cb) = (Vec::new(), Vec::new());
+    run_shards(&mut e0, &mut e1, || {
+        ca.extend(completions(&mut a));
+        cb.extend(completions(&mut b));
+        ca.len() >= 7 && cb.len() >= 3
+    });
+    assert_eq!(
+        ca.iter()
+            .map(|c| (c.wr_id, c.status, c.opcode))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, 0, wc_opcode::SEND),
+            (2, 0, wc_opcode::SEND),
+            (3, 0, wc_opcode::RDMA_WRITE),
+            (4, 0, wc_opcode::RDMA_WRITE),
+            (5, 0, wc_opcode::RDMA_READ),
+            (6, 0, wc_opcode::COMP_SWAP),
+            (7, 0, wc_opcode::FETCH_ADD),
+        ]
+    );
+    assert_eq!(
+        cb.iter()
+            .map(|c| (c.wr_id, c.status, c.byte_len, c.src_qp))
+            .collect::<Vec<_>>(),
+        vec![(70, 0, 17, a.qpn), (71, 0, 6, a.qpn), (72, 0, 3, a.qpn)]
+    );
+    assert_eq!(cb[2].opcode, wc_opcode::RECV_RDMA_WITH_IMM);
+    let read = |f: &std::fs::File, at: u64, n: usize| {
+        let mut got = vec![0u8; n];
+        f.read_exact_at(&mut got, BASE + at).unwrap();
+        got
+    };
+    assert_eq!(read(&b.file, 2000, 17), b"across the shards");
+    assert_eq!(read(&b.file, 3000, 17), b"across the shards");
+    assert_eq!(read(&a.file, 600, 17), b"across the shards");
+    // CAS saw 40 and wrote 50; FETCH_ADD saw 50 and left 55.
+    assert_eq!(read(&a.file, 800, 8), 40u64.to_ne_bytes());
+    assert_eq!(read(&a.file, 808, 8), 50u64.to_ne_bytes());
+    assert_eq!(read(&b.file, 4000, 8), 55u64.to_ne_bytes());
+    let (counters, qps) = e0.counters();
+    assert_eq!((counters.ops, qps), (7, 1));
+}
+
+#[test]
+fn across_shards_a_bad_key_is_a_remote_error_and_other_tenants_are_unreachable() {
+    let (mut e0, mut e1) = two_shards();
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    let red = side(&mut e1, 3, [10, 32, 0, 5], "red", 64);
+    // A blue QP cannot be pointed at a red container on the other shard.
+    let [_, (m, rtr), _] = rc_pingpong_steps(red.ip, red.qpn, 7);
+    let [(im, init), ..] = rc_pingpong_steps(red.ip, red.qpn, 7);
+    assert_eq!(modify(&mut e0, &a, im, init), status::OK);
+    assert_ne!(modify(&mut e0, &a, m, rtr), status::OK);
+    assert_eq!(
+        modify(
+            &mut e0,
+            &a,
+            mask::STATE,
+            QpAttr {
+                qp_state: QpState::Reset as u8,
+                ..QpAttr::default()
+            }
+        ),
+        status::OK
+    );
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    let ak = a.mr.lkey;
+    post_send(
+        &mut a,
+        1,
+        wr_opcode::RDMA_WRITE,
+        &[sge(ak, 100, 8)],
+        BASE + 3000,
+        b.mr.rkey ^ 1,
+    );
+    let mut ca = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        ca.extend(completions(&mut a));
+        !ca.is_empty()
+    });
+    assert_eq!((ca[0].wr_id, ca[0].status), (1, wc_status::REM_ACCESS_ERR));
+}
+
+/// The ACK of a request rides on the reply: with ACKs held for ever, the requester's SEND
+/// completes only when the responder's reply SEND arrives, and with it; held for no time, the
+/// ACK goes alone at once.
+#[test]
+fn a_reply_across_shards_carries_the_ack_of_the_request_it_answers() {
+    let (mut e0, mut e1) = two_shards();
+    e1.ack_hold = std::time::Duration::from_secs(3600);
+    e0.ack_hold = std::time::Duration::from_secs(3600);
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    let (ak, bk) = (a.mr.lkey, b.mr.lkey);
+    post_recv(&mut a, 80, sge(ak, 2000, 64));
+    post_recv(&mut b, 90, sge(bk, 2000, 64));
+    post_send(&mut a, 1, wr_opcode::SEND, &[sge(ak, 100, 16)], 0, 0);
+    let mut cb = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        cb.extend(completions(&mut b));
+        !cb.is_empty()
+    });
+    assert_eq!((cb[0].wr_id, cb[0].status), (90, 0));
+    // The request executed; its ACK is held: a's SEND has not completed, after any number of
+    // passes.
+    for _ in 0..50 {
+        e1.poll();
+        e0.poll();
+        e0.transport().poll_now();
+        e1.transport().poll_now();
+    }
+    assert_eq!(e1.held_acks.len(), 1);
+    assert!(completions(&mut a).is_empty());
+    // The reply carries it: a's SEND completes with the reply's receive. a holds nothing: the
+    // ACK of the reply goes alone at once, and b's SEND completes.
+    e0.ack_hold = std::time::Duration::ZERO;
+    post_send(&mut b, 2, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+    let (mut ca, mut cb) = (Vec::new(), Vec::new());
+    run_shards(&mut e0, &mut e1, || {
+        ca.extend(completions(&mut a));
+        cb.extend(completions(&mut b));
+        ca.len() >= 2 && !cb.is_empty()
+    });
+    let mut got: Vec<(u64, u32)> = ca.iter().map(|c| (c.wr_id, c.status)).collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![(1, 0), (80, 0)]);
+    assert_eq!((cb[0].wr_id, cb[0].status), (2, 0));
+    assert!(e0.held_acks.is_empty() && e1.held_acks.is_empty());
 }

@@ -140,7 +140,7 @@ impl Engine {
         }
         let t = *now.get_or_insert_with(Instant::now);
         let mut work = self.remote.pump(t);
-        work += self.serve_incoming();
+        work += self.serve_incoming(t);
         work += self.take_responses(t);
         work
     }
@@ -240,6 +240,8 @@ impl Engine {
             self.push_cqe(send_cq, &cqe);
             return Ok(Taken::Malformed);
         };
+        self.counters.ops += 1;
+        self.counters.bytes += remote::estimate(&wqe, op, &qp.sq_slot);
         qp.pending = Some(Pending {
             wqe,
             op,
@@ -444,8 +446,8 @@ impl Engine {
         if qp_type == QpType::Ud {
             return self.execute_ud(index, &pending, now);
         }
-        if let Some(Route::Remote { host, ip, qpn }) = route {
-            return self.execute_remote(index, (host, ip, qpn), now);
+        if let Some(Route::Remote { link, ip, qpn }) = route {
+            return self.execute_remote(index, (link, ip, qpn), now);
         }
         let unreliable = qp_type == QpType::Uc;
         let Some(peer) = route.and_then(|r| self.peer(index, r)) else {

@@ -18,8 +18,8 @@ use crate::verbs::engine::{ack_timeout, rnr_timer, Context, Engine, Fault, Route
 use crate::verbs::engine::{Qp, CQ_FULL_RETRY};
 use crate::verbs::ids::{ObjectKey, QpId};
 use crate::verbs::remote::{
-    Conn, InFlight, Next, OutConn, RemoteQp, Resend, QP_INFLIGHT_BYTES, QP_INFLIGHT_MAX,
-    SILENCE_FLOOR,
+    Conn, InFlight, Link, Next, OutConn, OutKey, RemoteQp, Resend, QP_INFLIGHT_BYTES,
+    QP_INFLIGHT_MAX, SILENCE_FLOOR,
 };
 use crate::verbs::send_op::SendOp;
 use crate::verbs::Need;
@@ -58,6 +58,8 @@ struct Request<'a> {
     dst_ip: Ipv4Addr,
     dst_qpn: u32,
     seq: u32,
+    /// An ACK of the destination QP's requests riding on this one.
+    ack: Option<u32>,
 }
 
 /// Builds the request frame of `r` (a WQE of `qp`, owned by `ctx`) onto `conn`, after the
@@ -95,6 +97,7 @@ fn frame_request(ctx: &Context, qp: &Qp, r: &Request<'_>, conn: &mut Conn) -> Re
     f.src_qpn = qp.qpn;
     f.dst_qpn = r.dst_qpn;
     f.seq = r.seq;
+    f.ack = r.ack;
     f.rkey = h.rkey;
     f.imm = h.imm_data;
     f.remote_addr = h.remote_addr;
@@ -123,7 +126,7 @@ fn frame_request(ctx: &Context, qp: &Qp, r: &Request<'_>, conn: &mut Conn) -> Re
 }
 
 /// The payload bytes a WQE stands for, from its list's lengths (before resolving it).
-fn estimate(wqe: &SendWqe, op: SendOp, slot: &[u8]) -> u64 {
+pub(super) fn estimate(wqe: &SendWqe, op: SendOp, slot: &[u8]) -> u64 {
     if op.is_atomic() {
         8
     } else if wqe.header.has(send_flags::INLINE) {
@@ -139,7 +142,7 @@ impl Engine {
     pub(super) fn execute_remote(
         &mut self,
         index: QpId,
-        (host, dst_ip, dst_qpn): (Ipv4Addr, Ipv4Addr, u32),
+        (link, dst_ip, dst_qpn): (Link, Ipv4Addr, u32),
         now: &mut Option<Instant>,
     ) -> Result<Outcome, Fault> {
         let t = *now.get_or_insert_with(Instant::now);
@@ -156,7 +159,7 @@ impl Engine {
         if full {
             return self.wait_remote(index);
         }
-        let conn = match self.remote.out_conn(host, t) {
+        let conn = match self.remote.out_conn(link, dst_ip, t) {
             OutConn::Up(c) if !c.tx_full() => c,
             OutConn::Up(_) | OutConn::Connecting => return self.wait_remote(index),
             OutConn::Down => return self.transport_wait(index, now),
@@ -164,6 +167,11 @@ impl Engine {
         let qp = self.qps.entry(index)?;
         let ctx = super::ops::context_in(&self.contexts, qp.owner)?;
         let seq = qp.remote.as_ref().map_or(0, |r| r.next_seq);
+        // The ACK this QP holds for its peer's requests rides on this request.
+        let carried = self
+            .held_acks
+            .iter()
+            .position(|a| a.qp == index && a.ack.dst_qpn == dst_qpn && a.ack.dst_ip == dst_ip);
         let request = Request {
             wqe: &p.wqe,
             op: p.op,
@@ -171,6 +179,7 @@ impl Engine {
             dst_ip,
             dst_qpn,
             seq,
+            ack: carried.map(|i| self.held_acks[i].ack.seq),
         };
         let token = conn.token;
         let bytes = match frame_request(ctx, qp, &request, conn) {
@@ -181,8 +190,12 @@ impl Engine {
             }
             Err(_) => return self.wait_remote(index),
         };
+        let acked = carried.map(|i| self.held_acks.swap_remove(i).ack.seq);
         let qp = self.qps.entry_mut(index)?;
         let rq = remote_of(&mut qp.remote, index)?;
+        if acked.is_some() {
+            rq.acked_ahead = acked;
+        }
         let signaled = qp.sq_sig_all || p.wqe.header.has(send_flags::SIGNALED);
         let mut slot = rq.spare.pop().unwrap_or_default();
         slot.clear();
@@ -222,14 +235,15 @@ impl Engine {
         now: &mut Option<Instant>,
     ) -> Result<(), Fault> {
         let qp = self.qps.entry(index)?;
-        let (Some(Route::Remote { host, .. }), Some(rq)) = (qp.route, qp.remote.as_deref()) else {
+        let (Some(Route::Remote { link, ip, .. }), Some(rq)) = (qp.route, qp.remote.as_deref())
+        else {
             return Ok(());
         };
         let Some(front) = rq.inflight.front() else {
             return Ok(());
         };
         let t = *now.get_or_insert_with(Instant::now);
-        let conn = self.remote.out_token(host);
+        let conn = self.remote.out_token(link, ip);
         let lost = rq
             .inflight
             .iter()
@@ -242,16 +256,21 @@ impl Engine {
             _ if (lost && rq.resend.is_none()) || overdue => {
                 self.complete_front(index, wc_status::RETRY_EXC_ERR, 0)?;
             }
-            Some(Resend { at }) if t >= at => self.resend(index, host, t)?,
+            Some(Resend { at }) if t >= at => self.resend(index, (link, ip), t)?,
             _ => {}
         }
         Ok(())
     }
 
     /// Sends every request in flight of the QP at `index` again (the responder dropped them
-    /// from the refused one on), on the connection to `host`.
-    fn resend(&mut self, index: QpId, host: Ipv4Addr, t: Instant) -> Result<(), Fault> {
-        let conn = match self.remote.out_conn(host, t) {
+    /// from the refused one on), on the connection over `link` to `dst`.
+    fn resend(
+        &mut self,
+        index: QpId,
+        (link, dst): (Link, Ipv4Addr),
+        t: Instant,
+    ) -> Result<(), Fault> {
+        let conn = match self.remote.out_conn(link, dst, t) {
             OutConn::Up(c) => c,
             OutConn::Connecting => return Ok(()),
             OutConn::Down => {
@@ -279,6 +298,7 @@ impl Engine {
                 dst_ip: ip,
                 dst_qpn: qpn,
                 seq: f.seq,
+                ack: None,
             };
             if let Err(status) = frame_request(ctx, qp, &request, conn) {
                 failed = Some(status);
@@ -345,6 +365,31 @@ impl Engine {
         Ok(true)
     }
 
+    /// An ACK that rode on request `h` from the other end of `link`: our QP `h.dst_qpn`'s
+    /// requests up to `seq` are acknowledged, as by an ACK frame from there. False: no room in
+    /// the send CQ for their completions (the request waits with it).
+    pub(super) fn take_carried_ack(
+        &mut self,
+        link: Link,
+        h: &FrameHeader,
+        seq: u32,
+        now: Instant,
+    ) -> bool {
+        let mut ack = FrameHeader::new(FrameKind::Ack);
+        ack.src_ip = h.src_ip;
+        ack.dst_ip = h.dst_ip;
+        ack.src_qpn = h.src_qpn;
+        ack.dst_qpn = h.dst_qpn;
+        ack.seq = seq;
+        match self.on_response(link, &ack, &[], now) {
+            Ok(taken) => taken == Taken::Done,
+            Err((index, fault)) => {
+                self.fault_qp(index, fault);
+                true
+            }
+        }
+    }
+
     /// Handles the responses that came on our connections.
     pub(super) fn take_responses(&mut self, now: Instant) -> usize {
         let mut work = 0;
@@ -352,30 +397,29 @@ impl Engine {
         if !self.remote.out.values().any(Conn::has_frame) {
             return 0;
         }
-        let hosts: Vec<Ipv4Addr> = self.remote.out.keys().copied().collect();
-        for host in hosts {
-            while let Some(c) = self.remote.out.get_mut(&host) {
+        let keys: Vec<OutKey> = self.remote.out.keys().copied().collect();
+        for key in keys {
+            while let Some(c) = self.remote.out.get_mut(&key) {
                 let (h, range) = match c.next() {
                     Ok(Next::Frame(h, range)) if !h.kind.is_request() => (h, range),
                     Ok(Next::Frame(..)) => {
-                        self.remote
-                            .close_out(host, "a request on a response stream");
+                        self.remote.close_out(key, "a request on a response stream");
                         break;
                     }
                     Ok(Next::Nothing) => break,
                     Err(e) => {
-                        self.remote.close_out(host, &format!("bad frame: {e}"));
+                        self.remote.close_out(key, &format!("bad frame: {e}"));
                         break;
                     }
                 };
                 let rx = std::mem::take(&mut c.rx);
                 let taken = self
-                    .on_response(host, &h, &rx[range.clone()], now)
+                    .on_response(key.0, &h, &rx[range.clone()], now)
                     .unwrap_or_else(|(index, fault)| {
                         self.fault_qp(index, fault);
                         Taken::Done
                     });
-                let Some(c) = self.remote.out.get_mut(&host) else {
+                let Some(c) = self.remote.out.get_mut(&key) else {
                     break;
                 };
                 c.rx = rx;
@@ -389,10 +433,10 @@ impl Engine {
         work
     }
 
-    /// One response from `host`'s router: completes the requests it answers.
+    /// One response from the other end of `link`: completes the requests it answers.
     fn on_response(
         &mut self,
-        host: Ipv4Addr,
+        link: Link,
         h: &FrameHeader,
         payload: &[u8],
         now: Instant,
@@ -405,7 +449,7 @@ impl Engine {
             return Ok(Taken::Done);
         };
         let expected = Route::Remote {
-            host,
+            link,
             ip: h.src_ip,
             qpn: h.src_qpn,
         };

@@ -14,13 +14,14 @@ use super::copy::{copy, resolve_list, Source, Views};
 use super::{NoReceive, Peer};
 use crate::verbs::engine::{Context, Engine, Fault, Route};
 use crate::verbs::ids::AttachmentId;
-use crate::verbs::remote::{ConnState, Next};
+use crate::verbs::ids::QpId;
+use crate::verbs::remote::{ConnState, HeldAck, Link, Next};
 use crate::verbs::{Key, MemView, Need, NumberMap};
 use freeflow_proto::verbs::qp::QpState;
 use freeflow_proto::verbs::remote::{nak, FrameHeader, FrameKind};
 use freeflow_proto::verbs::work::{wc_flags, wc_opcode, Cqe, MAX_SGE};
 use freeflow_proto::verbs::{wc_status, AccessFlags};
-use std::net::Ipv4Addr;
+use std::time::Instant;
 
 /// What the responder answers a request with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +38,7 @@ enum Answer {
 impl Engine {
     /// Executes the requests that came on incoming connections, as far as each connection has
     /// room for the responses.
-    pub(super) fn serve_incoming(&mut self) -> usize {
+    pub(super) fn serve_incoming(&mut self, now: Instant) -> usize {
         let mut work = 0;
         let mut i = 0;
         while i < self.remote.incoming.len() {
@@ -59,8 +60,18 @@ impl Engine {
                         break true;
                     }
                 };
+                // An ACK riding on the request is taken first (it answers earlier requests
+                // of ours); with no room in our send CQ for its completions, the request
+                // waits in the buffer too.
+                let from = c.link;
+                if let Some(seq) = h.ack {
+                    if !self.take_carried_ack(from, &h, seq, now) {
+                        break false;
+                    }
+                }
+                let c = &mut self.remote.incoming[i];
                 let rx = std::mem::take(&mut c.rx);
-                self.on_request(i, &h, &rx[range.clone()]);
+                self.on_request(i, &h, &rx[range.clone()], now);
                 let c = &mut self.remote.incoming[i];
                 c.rx = rx;
                 c.consume(range.end);
@@ -74,8 +85,8 @@ impl Engine {
     }
 
     /// One request on incoming connection `conn`.
-    fn on_request(&mut self, conn: usize, h: &FrameHeader, payload: &[u8]) {
-        let from = self.remote.incoming[conn].host;
+    fn on_request(&mut self, conn: usize, h: &FrameHeader, payload: &[u8], now: Instant) {
+        let from = self.remote.incoming[conn].link;
         if h.kind == FrameKind::Datagram {
             return self.on_datagram(from, h, payload);
         }
@@ -109,7 +120,7 @@ impl Engine {
             Answer::Done => advance(self),
             Answer::Ack => {
                 advance(self);
-                self.answer(conn, h, FrameKind::Ack, 0, 0);
+                self.hold_ack(conn, h, peer.index, now);
             }
             Answer::Retry(code, arg) => self.answer(conn, h, FrameKind::Nak, code, arg),
             Answer::Fatal(code) => {
@@ -124,15 +135,12 @@ impl Engine {
 
     /// The QP a request from `from`'s router is for, if it accepts it (see the module's
     /// documentation).
-    fn admit(&self, from: Ipv4Addr, h: &FrameHeader) -> Option<Peer> {
-        let source = self.remote.placement(h.src_ip)?;
-        if source.host != from {
-            return None;
-        }
+    fn admit(&self, from: Link, h: &FrameHeader) -> Option<Peer> {
+        let source_tenant = self.remote.source_tenant(h.src_ip, from)?;
         let index = self.qp_by_number(h.dst_qpn)?;
         let p = self.qps.get(index)?;
         let back = Route::Remote {
-            host: from,
+            link: from,
             ip: h.src_ip,
             qpn: h.src_qpn,
         };
@@ -140,7 +148,7 @@ impl Engine {
             return None;
         }
         let ctx = self.contexts.get(&p.owner)?;
-        if ctx.container.ip != h.dst_ip || ctx.container.tenant != source.tenant {
+        if ctx.container.ip != h.dst_ip || ctx.container.tenant != source_tenant {
             return None;
         }
         let recv_pd = match p.srq {
@@ -163,11 +171,119 @@ impl Engine {
     /// Queues a response without payload to request `req` on incoming connection `conn`.
     fn answer(&mut self, conn: usize, req: &FrameHeader, kind: FrameKind, code: u8, arg: u32) {
         let h = response_to(req, kind, code, arg, 0);
+        if kind == FrameKind::Nak {
+            self.ack_before_nak(conn, req);
+        }
         let c = &mut self.remote.incoming[conn];
         if kind == FrameKind::Ack {
             c.push_ack(&h);
         } else {
             let _ = c.push_frame(&h, |_| Ok::<(), ()>(()));
+        }
+    }
+
+    /// Holds the ACK of request `req` (on incoming connection `conn`, for the QP at `index`)
+    /// to ride on that QP's next request the other way, up to the engine's `ack_hold`
+    /// (`remote::ACK_HOLD`); a later ACK of
+    /// the same QP replaces it (it acknowledges every earlier request).
+    fn hold_ack(&mut self, conn: usize, req: &FrameHeader, index: QpId, now: Instant) {
+        let ack = response_to(req, FrameKind::Ack, 0, 0, 0);
+        let token = self.remote.incoming[conn].token;
+        match self.held_acks.iter_mut().find(|a| a.qp == index) {
+            Some(held) if held.conn == token => held.ack = ack,
+            // Held for another connection (a reconnect): that one goes now.
+            Some(held) => {
+                let due = now + self.ack_hold;
+                let old = std::mem::replace(
+                    held,
+                    HeldAck {
+                        qp: index,
+                        conn: token,
+                        ack,
+                        due,
+                    },
+                );
+                if let Some(c) = self.remote.incoming_by_token(old.conn) {
+                    c.push_ack(&old.ack);
+                }
+            }
+            None => self.held_acks.push(HeldAck {
+                qp: index,
+                conn: token,
+                ack,
+                due: now + self.ack_hold,
+            }),
+        }
+    }
+
+    /// Sends the held ACKs that are due, or whose connection has other frames to send now
+    /// (then it costs nothing), alone.
+    pub(in crate::verbs) fn release_held_acks(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.held_acks.len() {
+            let held = self.held_acks[i];
+            let Some(c) = self.remote.incoming_by_token(held.conn) else {
+                self.held_acks.swap_remove(i);
+                continue;
+            };
+            if now < held.due && c.tx_pending() == 0 {
+                i += 1;
+                continue;
+            }
+            c.push_ack(&held.ack);
+            self.held_acks.swap_remove(i);
+            if let Some(rq) = self
+                .qps
+                .get_mut(held.qp)
+                .and_then(|q| q.remote.as_deref_mut())
+            {
+                rq.acked_ahead = None;
+            }
+        }
+    }
+
+    /// Before a NAK to request `req` on incoming connection `conn`: the ACK of the QP's
+    /// earlier requests goes first, held or already sent riding on a request (on the other
+    /// connection, which the NAK could overtake), so the requester never reads the NAK with
+    /// those still unanswered.
+    fn ack_before_nak(&mut self, conn: usize, req: &FrameHeader) {
+        let Some(index) = self.qp_by_number(req.dst_qpn) else {
+            return;
+        };
+        let (token, link) = (
+            self.remote.incoming[conn].token,
+            self.remote.incoming[conn].link,
+        );
+        let back = Route::Remote {
+            link,
+            ip: req.src_ip,
+            qpn: req.src_qpn,
+        };
+        if self.qps.get(index).is_none_or(|q| q.route != Some(back)) {
+            return; // not the QP's peer: nothing of it to acknowledge there
+        }
+        let mut ack = None;
+        if let Some(at) = self
+            .held_acks
+            .iter()
+            .position(|a| a.qp == index && a.conn == token)
+        {
+            ack = Some(self.held_acks.swap_remove(at).ack);
+        }
+        if let Some(rq) = self
+            .qps
+            .get_mut(index)
+            .and_then(|q| q.remote.as_deref_mut())
+        {
+            if let (None, Some(seq)) = (ack, rq.acked_ahead) {
+                let mut h = response_to(req, FrameKind::Ack, 0, 0, 0);
+                h.seq = seq;
+                ack = Some(h);
+            }
+            rq.acked_ahead = None;
+        }
+        if let Some(ack) = ack {
+            self.remote.incoming[conn].push_ack(&ack);
         }
     }
 

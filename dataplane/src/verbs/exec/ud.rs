@@ -25,7 +25,7 @@ use super::ops::context_in;
 use super::{Effects, NoReceive, Outcome, Peer};
 use crate::verbs::engine::{Ah, Context, Engine, Fault, Pending};
 use crate::verbs::ids::{AttachmentId, CqId, QpId, TenantId};
-use crate::verbs::remote::OutConn;
+use crate::verbs::remote::{Link, OutConn};
 use crate::verbs::{AccessFlags, Need, NumberMap};
 use freeflow_proto::verbs::grh;
 use freeflow_proto::verbs::qp::{QpState, QpType, PRIVILEGED_QKEY_BIT};
@@ -226,8 +226,8 @@ impl Engine {
             }
             total as usize
         };
-        if let Some(host) = ah.host {
-            return Ok(self.ud_send_remote(host, ctx, &d, &msg[GRH_LEN..GRH_LEN + len], now));
+        if let Some(link) = ah.link {
+            return Ok(self.ud_send_remote(link, ctx, &d, &msg[GRH_LEN..GRH_LEN + len], now));
         }
         let origin = Origin {
             ip: ctx.container.ip,
@@ -262,14 +262,14 @@ impl Engine {
     /// is being made or full. A router that cannot be reached drops it.
     fn ud_send_remote(
         &mut self,
-        host: Ipv4Addr,
+        link: Link,
         ctx: &Context,
         d: &Datagram,
         payload: &[u8],
         now: &mut Option<Instant>,
     ) -> Attempt {
         let t = *now.get_or_insert_with(Instant::now);
-        let conn = match self.remote.out_conn(host, t) {
+        let conn = match self.remote.out_conn(link, d.ah.ip, t) {
             OutConn::Up(c) if !c.tx_full() => c,
             OutConn::Up(_) | OutConn::Connecting => return Attempt::Hold,
             OutConn::Down => return Attempt::Done(d.sent(payload.len()), None),
@@ -295,15 +295,15 @@ impl Engine {
 
     /// A datagram from another host's router (on a connection from `from`): delivered with
     /// the checks of one host, or dropped. Nothing is answered.
-    pub(super) fn on_datagram(&mut self, from: Ipv4Addr, h: &FrameHeader, payload: &[u8]) {
-        let Some(source) = self.remote.placement(h.src_ip) else {
+    pub(super) fn on_datagram(&mut self, from: Link, h: &FrameHeader, payload: &[u8]) {
+        let Some(source) = self.remote.source_tenant(h.src_ip, from) else {
             return;
         };
-        if source.host != from || payload.len() > UD_MTU {
+        if payload.len() > UD_MTU {
             return;
         }
         // No container of that tenant here: nobody to receive it.
-        let Some(tenant) = self.tenant_number(&source.tenant) else {
+        let Some(tenant) = self.tenant_number(source) else {
             return;
         };
         let origin = Origin {

@@ -1,18 +1,104 @@
-//! One router-to-router verbs connection: a non-blocking TCP stream with a receive buffer that
-//! frames are parsed out of and a send buffer that frames are appended to, and the readiness
-//! the shard's io_uring reported for it.
+//! One verbs connection: to another host's router (a non-blocking TCP stream) or to another
+//! shard of this router (one end of a Unix socket pair, see `remote::Link`), with a receive
+//! buffer that frames are parsed out of and a send buffer that frames are appended to, and the
+//! readiness the shard's io_uring reported for it.
 //!
 //! Both buffers are bounded: the receive side never holds more than one largest frame beyond
 //! what was parsed ([`RX_LIMIT`]), and the send side stops taking new requests past
 //! [`TX_HIGH`] (the engine checks [`Conn::tx_full`] first).
 
+use super::Link;
 use freeflow_proto::verbs::remote::{
     FrameError, FrameHeader, FrameKind, Hello, HEADER_LEN, HELLO_LEN, MAX_PAYLOAD,
 };
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, TcpStream};
 use std::ops::Range;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::time::Instant;
+
+/// The socket under a connection.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    /// To another host's router.
+    Tcp(TcpStream),
+    /// To another shard of this router (a socket pair made at start).
+    Local(UnixStream),
+}
+
+impl Stream {
+    pub(crate) fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Local(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    pub(crate) fn take_error(&self) -> io::Result<Option<io::Error>> {
+        match self {
+            Stream::Tcp(s) => s.take_error(),
+            Stream::Local(s) => s.take_error(),
+        }
+    }
+
+    /// Whether a connect finished (a socket pair is connected from the start).
+    pub(crate) fn connected(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().is_ok(),
+            Stream::Local(_) => true,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Local(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Local(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Local(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Local(s) => s.as_fd(),
+        }
+    }
+}
+
+impl From<Stream> for OwnedFd {
+    fn from(s: Stream) -> OwnedFd {
+        match s {
+            Stream::Tcp(s) => s.into(),
+            Stream::Local(s) => s.into(),
+        }
+    }
+}
 
 /// Unparsed bytes a connection buffers at most: one largest frame, and a little more so that
 /// the header of the next one comes with it.
@@ -43,9 +129,13 @@ pub(crate) enum Next {
 
 #[derive(Debug)]
 pub(crate) struct Conn {
-    pub(crate) stream: TcpStream,
-    /// The other router's host address (the kernel's word for it).
-    pub(crate) host: Ipv4Addr,
+    pub(crate) stream: Stream,
+    /// The other end: another host's router (its address as the kernel reports it) or
+    /// another shard of this router.
+    pub(crate) link: Link,
+    /// The container whose QPs the requests on this connection go to (its hello says it;
+    /// unspecified between shards).
+    pub(crate) dst: Ipv4Addr,
     /// Names the connection in the shard's io_uring (in and out polls: `token`, `token | 1`).
     pub(crate) token: u64,
     pub(crate) state: ConnState,
@@ -70,10 +160,11 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(stream: TcpStream, host: Ipv4Addr, token: u64, state: ConnState) -> Conn {
+    pub(crate) fn new(stream: Stream, link: Link, token: u64, state: ConnState) -> Conn {
         Conn {
             stream,
-            host,
+            link,
+            dst: Ipv4Addr::UNSPECIFIED,
             token,
             state,
             rx: Vec::new(),
@@ -99,9 +190,10 @@ impl Conn {
         self.tx_pending() >= TX_HIGH
     }
 
-    /// Queues the hello (the first bytes of a connection of ours).
-    pub(crate) fn push_hello(&mut self, host: Ipv4Addr) {
-        self.tx.extend_from_slice(&Hello { host }.encode());
+    /// Queues the hello (the first bytes of a connection of ours to `dst`'s router).
+    pub(crate) fn push_hello(&mut self, host: Ipv4Addr, dst: Ipv4Addr) {
+        self.dst = dst;
+        self.tx.extend_from_slice(&Hello { host, dst }.encode());
     }
 
     /// Queues a frame: `h` (whose `len` the caller set) and its payload, which `fill` writes
@@ -199,9 +291,10 @@ impl Conn {
             return Ok(false);
         };
         let hello = Hello::decode(b.try_into().expect("16 bytes"))?;
-        if hello.host != self.host {
+        if Link::Host(hello.host) != self.link {
             return Err(FrameError::Magic);
         }
+        self.dst = hello.dst;
         self.rx_at += HELLO_LEN;
         self.state = ConnState::Up;
         Ok(true)

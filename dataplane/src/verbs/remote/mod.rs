@@ -1,11 +1,18 @@
-//! The router-to-router verbs transport: RDMA between containers on different hosts.
+//! The verbs transport between engines: RDMA between containers on different hosts, and
+//! between containers served by different shards of one router.
 //!
-//! The engine's shard owns it. It listens on the verbs port of this host's address (the peer
-//! port + 1), accepts only the registered hosts' routers, and keeps one connection to each
-//! other host that a QP of this router sends to: requests leave on it, the responses come
-//! back on it. Every socket is non-blocking; the shard's io_uring watches them (one-shot polls
-//! armed by [`Transport::watch`], results handed back with [`Transport::ready`]) so an idle
-//! transport costs no system call per pass. The frames are `freeflow_proto::verbs::remote`'s.
+//! Each shard's engine owns one. Shard 0's listens on the verbs port of this host's address
+//! (the peer port + 1) and accepts only the registered hosts' routers; a connection whose hello
+//! names a container another shard serves is handed to that shard ([`Transport::take_handoff`],
+//! [`Transport::adopt_incoming`]). A requester keeps one connection per (other host,
+//! destination container) that its QPs send to: requests leave on it, the responses come back
+//! on it. Between the shards of one router the same frames travel on Unix socket pairs made at
+//! start, one per ordered pair of shards ([`Link::Shard`]): the requester's and responder's
+//! code is the one used between hosts, so every operation, error, retry and the flow control
+//! work across shards as across hosts. Every socket is non-blocking; the shard's io_uring
+//! watches them (one-shot polls armed by [`Transport::watch`], results handed back with
+//! [`Transport::ready`]) so an idle transport costs no system call per pass. The frames are
+//! `freeflow_proto::verbs::remote`'s.
 //!
 //! This module holds the sockets, the cluster's table (which overlay address lives on which
 //! host and whose it is) and the per-QP state ([`RemoteQp`]); executing requests and
@@ -15,7 +22,7 @@ mod conn;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use conn::{Conn, ConnState, Next};
+pub(crate) use conn::{Conn, ConnState, Next, Stream};
 
 use crate::verbs::send_op::SendOp;
 use freeflow_proto::control::NetworkView;
@@ -25,6 +32,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// How long a connect to another router may take.
@@ -39,13 +47,30 @@ pub(crate) const QP_INFLIGHT_BYTES: u64 = 1 << 20;
 /// retransmits what was lost (a router that died resets the connection at once).
 pub(crate) const SILENCE_FLOOR: Duration = Duration::from_secs(2);
 /// Connections from one host's address that are kept (beyond, the oldest goes): a router
-/// needs one.
-const INCOMING_PER_HOST: usize = 4;
+/// needs one per shard and destination container its QPs send to.
+const INCOMING_PER_HOST: usize = 64;
 /// Requests of one QP in flight at most.
 pub(crate) const QP_INFLIGHT_MAX: usize = 256;
 /// Poll events (`POLLIN`, `POLLOUT`) for the shard's io_uring.
 const POLL_IN: u32 = libc::POLLIN as u32;
 const POLL_OUT: u32 = libc::POLLOUT as u32;
+
+/// The other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Link {
+    /// The router of another host, at this address.
+    Host(Ipv4Addr),
+    /// Another shard of this router.
+    Shard(u16),
+}
+
+/// The shard of a router with `shards` shards that serves the verbs contexts of the container
+/// at `ip`: every context of a container goes to one shard, and any shard (and the control
+/// thread, which hands attachments over) finds it from the address alone, with no shared
+/// table.
+pub fn shard_of(ip: Ipv4Addr, shards: usize) -> usize {
+    u32::from(ip) as usize % shards.max(1)
+}
 
 /// Where a registered overlay address lives, and whose it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +92,7 @@ pub(crate) struct InFlight {
     /// Whether its success completes in the send CQ.
     pub(crate) signaled: bool,
     pub(crate) sent_at: Instant,
-    /// The connection it went on: a request of a connection that broke is lost.
+    /// The connection it went on (its token): a request of a connection that broke is lost.
     pub(crate) conn: u64,
 }
 
@@ -97,6 +122,29 @@ pub(crate) struct RemoteQp {
     pub(crate) retry_left: Option<u8>,
     /// Slot copies to reuse (no allocation per request once warm).
     pub(crate) spare: Vec<Vec<u8>>,
+    /// Responder: the last sequence number acknowledged by riding on a request of this QP
+    /// (on the other connection): a retry NAK on the response connection is preceded by a
+    /// plain ACK of it, so that the NAK never overtakes it.
+    pub(crate) acked_ahead: Option<u32>,
+}
+
+/// How long a responder holds an ACK for a request of its own QP's to ride on (the reply):
+/// past it, the ACK goes alone. The reply usually follows within tens of microseconds (the
+/// program sees the receive and posts); a one-way stream waits at most this for its
+/// acknowledgements, which cover every request before them.
+pub(crate) const ACK_HOLD: Duration = Duration::from_micros(100);
+
+/// An acknowledgement the responder holds back (see [`ACK_HOLD`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeldAck {
+    /// The responder's QP (whose requests to the requester may carry it).
+    pub(crate) qp: crate::verbs::ids::QpId,
+    /// The token of the incoming connection the requests came on (where it goes alone).
+    pub(crate) conn: u64,
+    /// The ACK frame (its sequence number moves up as later requests execute).
+    pub(crate) ack: freeflow_proto::verbs::remote::FrameHeader,
+    /// When it goes alone.
+    pub(crate) due: Instant,
 }
 
 /// What [`Transport::out_conn`] found.
@@ -108,9 +156,57 @@ pub(crate) enum OutConn<'a> {
     Down,
 }
 
+/// A shard's ends of the two socket pairs between it and another shard (one each way, as a
+/// connection carries requests one way and their responses the other).
+#[derive(Debug)]
+pub struct SiblingLink {
+    /// The other shard.
+    pub shard: usize,
+    /// Our requests to it, its responses back.
+    pub out: UnixStream,
+    /// Its requests to us, our responses back.
+    pub incoming: UnixStream,
+}
+
+impl SiblingLink {
+    /// The links of every shard of a router with `shards` shards: element `i` is shard `i`'s.
+    pub fn mesh(shards: usize) -> std::io::Result<Vec<Vec<SiblingLink>>> {
+        let mut links: Vec<Vec<SiblingLink>> = (0..shards).map(|_| Vec::new()).collect();
+        for a in 0..shards {
+            for b in a + 1..shards {
+                let (a_out, b_in) = UnixStream::pair()?;
+                let (b_out, a_in) = UnixStream::pair()?;
+                for s in [&a_out, &b_in, &b_out, &a_in] {
+                    s.set_nonblocking(true)?;
+                }
+                links[a].push(SiblingLink {
+                    shard: b,
+                    out: a_out,
+                    incoming: a_in,
+                });
+                links[b].push(SiblingLink {
+                    shard: a,
+                    out: b_out,
+                    incoming: b_in,
+                });
+            }
+        }
+        Ok(links)
+    }
+}
+
+/// The key of a connection of ours: where it leads and the container its requests go to
+/// (unspecified between shards).
+pub(crate) type OutKey = (Link, Ipv4Addr);
+
 /// The sockets of the transport and the table of the cluster.
 #[derive(Debug, Default)]
 pub struct Transport {
+    /// This shard's index and the router's number of shards.
+    shard: usize,
+    shards: usize,
+    /// This host's registered containers: overlay address to tenant.
+    local: HashMap<Ipv4Addr, String>,
     host_ip: Option<Ipv4Addr>,
     port: u16,
     /// Other hosts' routers and their verbs ports.
@@ -120,20 +216,109 @@ pub struct Transport {
     listener_armed: bool,
     listener_ready: bool,
     /// Ours: requests out, responses in.
-    pub(crate) out: HashMap<Ipv4Addr, Conn>,
+    pub(crate) out: HashMap<OutKey, Conn>,
     /// When a connect to a host may be tried again.
-    retry_at: HashMap<Ipv4Addr, Instant>,
+    retry_at: HashMap<OutKey, Instant>,
     /// Theirs: requests in, responses out.
     pub(crate) incoming: Vec<Conn>,
+    /// Accepted connections whose hello names a container of another shard, with that shard.
+    handoff: Vec<(usize, Conn)>,
     /// Sockets closed whose polls the shard must cancel before they are dropped.
     closing: Vec<(u64, OwnedFd)>,
     next_token: u64,
 }
 
 impl Transport {
-    /// Whether the daemon described a cluster (a router used alone has no transport).
+    /// Whether there is anything to carry: the daemon described a cluster, or the router has
+    /// other shards.
     pub(crate) fn active(&self) -> bool {
-        self.host_ip.is_some()
+        self.host_ip.is_some() || self.shards > 1
+    }
+
+    /// This transport is shard `shard`'s of `shards`; `links` are its ends of the socket
+    /// pairs with every other shard: (that shard, our requests to it, its requests to us).
+    pub fn set_shard(&mut self, shard: usize, shards: usize, links: Vec<SiblingLink>) {
+        self.shard = shard;
+        self.shards = shards;
+        for SiblingLink {
+            shard: other,
+            out,
+            incoming,
+        } in links
+        {
+            let link = Link::Shard(other as u16);
+            let token = self.token();
+            let conn = Conn::new(Stream::Local(out), link, token, ConnState::Up);
+            self.out.insert((link, Ipv4Addr::UNSPECIFIED), conn);
+            let token = self.token();
+            let conn = Conn::new(Stream::Local(incoming), link, token, ConnState::Up);
+            self.incoming.push(conn);
+        }
+    }
+
+    /// Takes this host's registered containers (overlay address, tenant).
+    pub fn set_local(&mut self, containers: impl IntoIterator<Item = (Ipv4Addr, String)>) {
+        self.local = containers.into_iter().collect();
+    }
+
+    /// Whether `ip` is a registered container of this host whose verbs contexts another shard
+    /// serves, and which.
+    fn sibling_of(&self, ip: Ipv4Addr, tenant: &str) -> Option<usize> {
+        let shard = shard_of(ip, self.shards);
+        (self.shards > 1 && shard != self.shard && self.local.get(&ip).is_some_and(|t| t == tenant))
+            .then_some(shard)
+    }
+
+    /// Where a QP of tenant `tenant` reaches overlay address `ip`: another shard of this
+    /// router serving that container of the tenant, or another registered host whose
+    /// container of the tenant it is.
+    pub(crate) fn link_of(&self, ip: Ipv4Addr, tenant: &str) -> Option<Link> {
+        if let Some(shard) = self.sibling_of(ip, tenant) {
+            return Some(Link::Shard(shard as u16));
+        }
+        self.host_of(ip, tenant).map(Link::Host)
+    }
+
+    /// The tenant of the container at `src_ip` if it is one that the other end of a
+    /// connection from `from` may speak for: a container of that host, or of this host served
+    /// by that shard.
+    pub(crate) fn source_tenant(&self, src_ip: Ipv4Addr, from: Link) -> Option<&str> {
+        match from {
+            Link::Host(host) => self
+                .overlay
+                .get(&src_ip)
+                .filter(|p| p.host == host)
+                .map(|p| p.tenant.as_str()),
+            Link::Shard(shard) => self
+                .local
+                .get(&src_ip)
+                .filter(|_| shard_of(src_ip, self.shards) == usize::from(shard))
+                .map(String::as_str),
+        }
+    }
+
+    /// Whether this shard talks to other hosts' routers (a connection, or one to accept).
+    pub(crate) fn reaches_hosts(&self) -> bool {
+        self.listener_ready
+            || self.out.keys().any(|(l, _)| matches!(l, Link::Host(_)))
+            || self
+                .incoming
+                .iter()
+                .any(|c| matches!(c.link, Link::Host(_)))
+    }
+
+    /// Accepted connections that another shard serves (the shard hands them over).
+    pub(crate) fn take_handoff(&mut self) -> Vec<(usize, Conn)> {
+        std::mem::take(&mut self.handoff)
+    }
+
+    /// A connection another shard accepted for a container this one serves.
+    pub(crate) fn adopt_incoming(&mut self, mut conn: Conn) {
+        conn.token = self.token();
+        conn.in_armed = false;
+        conn.out_armed = false;
+        conn.readable = true;
+        self.incoming.push(conn);
     }
 
     fn token(&mut self) -> u64 {
@@ -142,10 +327,14 @@ impl Transport {
     }
 
     /// Follows a new view of the cluster: listens on this host's verbs port (again if it
-    /// moved) and forgets hosts that left (their connections close).
+    /// moved; shard 0 only) and forgets hosts that left (their connections close).
     pub fn set_network(&mut self, network: &NetworkView) {
         let port = network.peer_port.wrapping_add(VERBS_PORT_OFFSET);
-        if self.host_ip != Some(network.host_ip) || self.port != port || self.listener.is_none() {
+        let moved = self.host_ip != Some(network.host_ip) || self.port != port;
+        if self.shard != 0 {
+            self.host_ip = Some(network.host_ip);
+            self.port = port;
+        } else if moved || self.listener.is_none() {
             self.host_ip = Some(network.host_ip);
             self.port = port;
             if let Some((l, token)) = self.listener.take() {
@@ -179,19 +368,22 @@ impl Transport {
                 (e.ip, p)
             })
             .collect();
-        let gone: Vec<Ipv4Addr> = self
+        let gone: Vec<OutKey> = self
             .out
             .keys()
-            .filter(|h| !self.peers.contains_key(h))
+            .filter(|(l, _)| matches!(l, Link::Host(h) if !self.peers.contains_key(h)))
             .copied()
             .collect();
-        for host in gone {
-            self.close_out(host, "its host left the cluster");
+        for key in gone {
+            self.close_out(key, "its host left the cluster");
         }
         let peers = &self.peers;
         let (keep, drop): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut self.incoming)
             .into_iter()
-            .partition(|c| peers.contains_key(&c.host));
+            .partition(|c| match c.link {
+                Link::Host(h) => peers.contains_key(&h),
+                Link::Shard(_) => true,
+            });
         self.incoming = keep;
         for c in drop {
             self.bury(c);
@@ -206,42 +398,51 @@ impl Transport {
             .then_some(p.host)
     }
 
-    pub(crate) fn placement(&self, ip: Ipv4Addr) -> Option<&Placement> {
-        self.overlay.get(&ip)
+    /// The key of our connection over `link` for requests to the container at `dst`.
+    pub(crate) fn out_key(link: Link, dst: Ipv4Addr) -> OutKey {
+        match link {
+            Link::Host(_) => (link, dst),
+            Link::Shard(_) => (link, Ipv4Addr::UNSPECIFIED),
+        }
     }
 
-    /// Our connection to `host`'s router, connecting first if there is none.
-    pub(crate) fn out_conn(&mut self, host: Ipv4Addr, now: Instant) -> OutConn<'_> {
-        if !self.out.contains_key(&host) {
-            if self.retry_at.get(&host).is_some_and(|t| now < *t) {
+    /// Our connection over `link` for requests to the container at `dst`, connecting first if
+    /// there is none.
+    pub(crate) fn out_conn(&mut self, link: Link, dst: Ipv4Addr, now: Instant) -> OutConn<'_> {
+        let key = Self::out_key(link, dst);
+        if !self.out.contains_key(&key) {
+            let Link::Host(host) = link else {
+                return OutConn::Down; // the shard's link broke: it is not made again
+            };
+            if self.retry_at.get(&key).is_some_and(|t| now < *t) {
                 return OutConn::Down;
             }
-            if let Err(e) = self.connect(host, now) {
+            if let Err(e) = self.connect(host, dst, now) {
                 log::warn!(
                     target: &format!("verbs connect {host}"),
                     "verbs: cannot reach the router of {host}: {e}"
                 );
-                self.retry_at.insert(host, now + CONNECT_RETRY);
+                self.retry_at.insert(key, now + CONNECT_RETRY);
                 return OutConn::Down;
             }
         }
-        match self.out.get_mut(&host) {
+        match self.out.get_mut(&key) {
             Some(c) if c.state == ConnState::Up => OutConn::Up(c),
             Some(_) => OutConn::Connecting,
             None => OutConn::Down,
         }
     }
 
-    /// The token of the connection to `host` that is up, if one is, and when it last heard
-    /// from the other router.
-    pub(crate) fn out_token(&self, host: Ipv4Addr) -> Option<(u64, Instant)> {
+    /// The token of our connection over `link` to `dst` that is up, if one is, and when it
+    /// last heard from the other end.
+    pub(crate) fn out_token(&self, link: Link, dst: Ipv4Addr) -> Option<(u64, Instant)> {
         self.out
-            .get(&host)
+            .get(&Self::out_key(link, dst))
             .filter(|c| c.state == ConnState::Up)
             .map(|c| (c.token, c.last_heard))
     }
 
-    fn connect(&mut self, host: Ipv4Addr, now: Instant) -> io::Result<()> {
+    fn connect(&mut self, host: Ipv4Addr, dst: Ipv4Addr, now: Instant) -> io::Result<()> {
         let (Some(port), Some(me)) = (self.peers.get(&host).copied(), self.host_ip) else {
             return Err(io::ErrorKind::NotFound.into());
         };
@@ -251,26 +452,31 @@ impl Transport {
         let _ = stream.set_nodelay(true);
         let token = self.token();
         let mut conn = Conn::new(
-            stream,
-            host,
+            Stream::Tcp(stream),
+            Link::Host(host),
             token,
             ConnState::Connecting(now + CONNECT_TIMEOUT),
         );
         conn.readable = false;
         conn.writable = true;
-        conn.push_hello(me);
-        self.out.insert(host, conn);
+        conn.push_hello(me, dst);
+        self.out.insert((Link::Host(host), dst), conn);
         Ok(())
     }
 
-    /// Closes our connection to `host` (its requests in flight are lost: the engine fails
-    /// them when it sees the connection's token gone).
-    pub(crate) fn close_out(&mut self, host: Ipv4Addr, why: &str) {
-        if let Some(c) = self.out.remove(&host) {
-            log::warn!("verbs: connection to the router of {host} closed: {why}");
-            self.retry_at.insert(host, Instant::now() + CONNECT_RETRY);
+    /// Closes our connection `key` (its requests in flight are lost: the engine fails them
+    /// when it sees the connection's token gone).
+    pub(crate) fn close_out(&mut self, key: OutKey, why: &str) {
+        if let Some(c) = self.out.remove(&key) {
+            log::warn!("verbs: connection to {} closed: {why}", describe(key.0));
+            self.retry_at.insert(key, Instant::now() + CONNECT_RETRY);
             self.bury(c);
         }
+    }
+
+    /// The incoming connection whose token is `token`.
+    pub(crate) fn incoming_by_token(&mut self, token: u64) -> Option<&mut Conn> {
+        self.incoming.iter_mut().find(|c| c.token == token)
     }
 
     /// Closes incoming connection `index` (a garbage or broken stream: that connection only).
@@ -278,15 +484,15 @@ impl Transport {
         if index < self.incoming.len() {
             let c = self.incoming.swap_remove(index);
             log::warn!(
-                "verbs: dropped the connection from the router of {}: {why}",
-                c.host
+                "verbs: dropped the connection from {}: {why}",
+                describe(c.link)
             );
             self.bury(c);
         }
     }
 
     fn bury(&mut self, c: Conn) {
-        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        c.stream.shutdown();
         self.closing.push((c.token, OwnedFd::from(c.stream)));
     }
 
@@ -304,12 +510,12 @@ impl Transport {
             work += self.accept();
         }
         let pending = |c: &Conn| c.readable || matches!(c.state, ConnState::Connecting(_));
-        let hosts: Vec<Ipv4Addr> = match self.out.values().any(pending) {
+        let keys: Vec<OutKey> = match self.out.values().any(pending) {
             true => self.out.keys().copied().collect(),
             false => Vec::new(),
         };
-        for host in hosts {
-            let Some(c) = self.out.get_mut(&host) else {
+        for key in keys {
+            let Some(c) = self.out.get_mut(&key) else {
                 continue;
             };
             if let ConnState::Connecting(deadline) = c.state {
@@ -320,14 +526,14 @@ impl Transport {
                     Ok(true) => work += 1,
                     Ok(false) => continue,
                     Err(e) => {
-                        self.close_out(host, &format!("connect failed: {e}"));
+                        self.close_out(key, &format!("connect failed: {e}"));
                         continue;
                     }
                 }
             }
             if c.readable {
                 if let Err(e) = c.fill() {
-                    self.close_out(host, &e.to_string());
+                    self.close_out(key, &e.to_string());
                 }
                 work += 1;
             }
@@ -343,9 +549,22 @@ impl Transport {
                 }
             }
             if c.state == ConnState::AwaitHello {
-                if let Err(e) = c.take_hello() {
-                    self.close_incoming(i, &format!("bad hello: {e}"));
-                    continue;
+                match c.take_hello() {
+                    Err(e) => {
+                        self.close_incoming(i, &format!("bad hello: {e}"));
+                        continue;
+                    }
+                    // No poll of it is armed now (the one that read the hello fired): it can
+                    // move to the shard that serves its destination.
+                    Ok(true) if !c.in_armed && !c.out_armed && self.shards > 1 => {
+                        let shard = shard_of(c.dst, self.shards);
+                        if shard != self.shard {
+                            let c = self.incoming.swap_remove(i);
+                            self.handoff.push((shard, c));
+                            continue;
+                        }
+                    }
+                    Ok(_) => {}
                 }
             }
             i += 1;
@@ -365,16 +584,17 @@ impl Transport {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    let from = *addr.ip();
+                    let from = Link::Host(*addr.ip());
                     let same: Vec<usize> = (0..self.incoming.len())
-                        .filter(|&i| self.incoming[i].host == from)
+                        .filter(|&i| self.incoming[i].link == from)
                         .collect();
                     if same.len() >= INCOMING_PER_HOST {
                         self.close_incoming(same[0], "a newer connection from that host came");
                     }
                     let token = self.token();
+                    let stream = Stream::Tcp(stream);
                     self.incoming
-                        .push(Conn::new(stream, *addr.ip(), token, ConnState::AwaitHello));
+                        .push(Conn::new(stream, from, token, ConnState::AwaitHello));
                     n += 1;
                 }
                 Ok((_, addr)) => log::warn!(
@@ -400,14 +620,14 @@ impl Transport {
         if self.out.is_empty() && self.incoming.is_empty() {
             return;
         }
-        let broken: Vec<(Ipv4Addr, String)> = self
+        let broken: Vec<(OutKey, String)> = self
             .out
-            .values_mut()
-            .filter(|c| c.state == ConnState::Up && c.tx_pending() > 0)
-            .filter_map(|c| c.flush().err().map(|e| (c.host, e.to_string())))
+            .iter_mut()
+            .filter(|(_, c)| c.state == ConnState::Up && c.tx_pending() > 0)
+            .filter_map(|(key, c)| c.flush().err().map(|e| (*key, e.to_string())))
             .collect();
-        for (host, why) in broken {
-            self.close_out(host, &why);
+        for (key, why) in broken {
+            self.close_out(key, &why);
         }
         let mut i = 0;
         while i < self.incoming.len() {
@@ -502,12 +722,30 @@ impl Transport {
     }
 }
 
+#[cfg(test)]
+impl Transport {
+    /// Tests only, in place of the shard's io_uring: marks each connection as the kernel
+    /// reports it now (poll(2) without waiting): readable, hung up, writable.
+    pub(crate) fn poll_now(&mut self) {
+        use std::os::fd::AsFd;
+        let ready = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
+        for c in self.out.values_mut().chain(self.incoming.iter_mut()) {
+            let events = libc::POLLIN | libc::POLLOUT;
+            let mut p = [freeflow_os::poll::PollFd::new(c.stream.as_fd(), events)];
+            if freeflow_os::poll::poll(&mut p, Some(Duration::ZERO)).is_ok_and(|n| n > 0) {
+                c.readable |= p[0].revents() & ready != 0;
+                c.writable |= p[0].revents() & libc::POLLOUT != 0;
+            }
+        }
+    }
+}
+
 /// Whether our connect finished (Ok(true): up now), failed (Err) or goes on (Ok(false)).
 fn finish_connect(c: &mut Conn, now: Instant, deadline: Instant) -> io::Result<bool> {
     if let Some(e) = c.stream.take_error()? {
         return Err(e);
     }
-    if c.stream.peer_addr().is_ok() {
+    if c.stream.connected() {
         c.state = ConnState::Up;
         c.readable = true;
         return Ok(true);
@@ -516,4 +754,12 @@ fn finish_connect(c: &mut Conn, now: Instant, deadline: Instant) -> io::Result<b
         return Err(io::ErrorKind::TimedOut.into());
     }
     Ok(false)
+}
+
+/// The other end of a connection, for the log.
+fn describe(link: Link) -> String {
+    match link {
+        Link::Host(host) => format!("the router of {host}"),
+        Link::Shard(shard) => format!("shard {shard}"),
+    }
 }

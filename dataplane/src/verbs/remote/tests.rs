@@ -1,7 +1,8 @@
 //! The connection's framing and buffers over a real loopback TCP connection: frames that arrive
 //! in pieces, ACK coalescing, garbage, hellos.
 
-use super::conn::{Conn, ConnState, Next};
+use super::conn::{Conn, ConnState, Next, Stream};
+use super::Link;
 use freeflow_proto::verbs::remote::{FrameHeader, FrameKind, Hello, HEADER_LEN};
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -12,7 +13,8 @@ fn pair(state: ConnState) -> (Conn, TcpStream) {
     let other = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (ours, _) = listener.accept().unwrap();
     ours.set_nonblocking(true).unwrap();
-    (Conn::new(ours, Ipv4Addr::LOCALHOST, 2, state), other)
+    let link = Link::Host(Ipv4Addr::LOCALHOST);
+    (Conn::new(Stream::Tcp(ours), link, 2, state), other)
 }
 
 /// Reads until the receive buffer holds something complete (bounded).
@@ -91,6 +93,7 @@ fn garbage_does_not_decode_and_a_hello_must_name_the_peer() {
     let (mut conn, mut other) = pair(ConnState::AwaitHello);
     let wrong = Hello {
         host: Ipv4Addr::new(192, 0, 2, 9),
+        dst: Ipv4Addr::new(10, 0, 0, 2),
     };
     other.write_all(&wrong.encode()).unwrap();
     fill_until(&mut conn, |c| c.received().len() >= 16);
@@ -99,11 +102,17 @@ fn garbage_does_not_decode_and_a_hello_must_name_the_peer() {
     let (mut conn, mut other) = pair(ConnState::AwaitHello);
     let right = Hello {
         host: Ipv4Addr::LOCALHOST,
+        dst: Ipv4Addr::new(10, 0, 0, 2),
     };
     other.write_all(&right.encode()).unwrap();
     fill_until(&mut conn, |c| c.received().len() >= 16);
     assert_eq!(conn.take_hello(), Ok(true));
     assert_eq!(conn.state, ConnState::Up);
+    assert_eq!(
+        conn.dst,
+        Ipv4Addr::new(10, 0, 0, 2),
+        "the hello names the destination"
+    );
 }
 
 /// The receive buffer keeps its room between reads: what an earlier, larger frame left
