@@ -28,12 +28,8 @@ impl Site {
             prefix,
             work_prefix: "ff-rdmacm",
             hosts: 1,
-            containers: &[
-                (0, "server", [10, 32, 0, 2]),
-                (0, "client", [10, 32, 0, 3]),
-                (0, "other", [10, 32, 0, 4]),
-            ],
-            registered: &[("server", "blue"), ("client", "blue"), ("other", "red")],
+            containers: common::SERVER_CLIENT_OTHER,
+            registered: common::BLUE_BLUE_RED,
             verbs_timeout: 60,
             ..SiteSpec::default()
         });

@@ -160,46 +160,13 @@ fn every_opcode_and_remote_error_across_hosts() {
     }
 }
 
-/// Runs perftest's `tool` (`-s SIZE -n ITERS`) as server in `server` (host 1) and client in
-/// `client` (host 0); checks both exit 0 and the client prints its result row for `size`-byte
-/// messages. The numbers are reported, not judged.
-fn perftest(site: &Site, tool: &str, port: u16, size: u64, iters: u64) {
-    let (port_arg, size_arg, iters_arg) = (port.to_string(), size.to_string(), iters.to_string());
-    let args = [
-        "-d", "ffv0", "-x", "0", "-p", &port_arg, "-s", &size_arg, "-n", &iters_arg,
-    ];
-    let (server, client) = site.verbs_server_and_client(std::path::Path::new(tool), port, &args);
-    for (who, out) in [("server", &server), ("client", &client)] {
-        assert!(
-            out.status.success(),
-            "{tool} {who}: {}\n--- router log\n{}",
-            describe(out),
-            site.router_log()
-        );
-    }
-    let text = String::from_utf8_lossy(&client.stdout);
-    let row = text
-        .lines()
-        .skip_while(|l| !l.trim_start().starts_with("#bytes"))
-        .nth(1)
-        .unwrap_or_default();
-    let fields: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(
-        fields.get(..2),
-        Some(&[size_arg.as_str(), iters_arg.as_str()][..]),
-        "{tool}: no result row\n{}",
-        describe(&client)
-    );
-    eprintln!("{tool} across hosts: {}", row.trim());
-}
-
 #[test]
 fn unmodified_perftest_runs_between_two_hosts() {
     common::require_built(&["libfreeflow_providers.so"]);
     let site = Site::new("vxf");
-    perftest(&site, "ib_write_bw", 18536, 65536, 500);
-    perftest(&site, "ib_read_lat", 18537, 64, 300);
-    perftest(&site, "ib_send_lat", 18538, 64, 300);
+    site.perftest_row("ib_write_bw", &["-x", "0"], 18536, 65536, 500);
+    site.perftest_row("ib_read_lat", &["-x", "0"], 18537, 64, 300);
+    site.perftest_row("ib_send_lat", &["-x", "0"], 18538, 64, 300);
 }
 
 /// A hostile peer on a registered host's address: a connection to host 1's verbs port whose

@@ -13,7 +13,6 @@
 mod common;
 
 use common::{assert_pingpong_sides, describe, succeeded_saying, CProbe, Site, SiteSpec};
-use std::path::Path;
 use std::process::Output;
 
 impl Site {
@@ -24,12 +23,8 @@ impl Site {
             prefix,
             work_prefix: "ff-verbs-ud",
             hosts: 1,
-            containers: &[
-                (0, "server", [10, 32, 0, 2]),
-                (0, "client", [10, 32, 0, 3]),
-                (0, "other", [10, 32, 0, 4]),
-            ],
-            registered: &[("server", "blue"), ("client", "blue"), ("other", "red")],
+            containers: common::SERVER_CLIENT_OTHER,
+            registered: common::BLUE_BLUE_RED,
             verbs_timeout: 60,
             ..SiteSpec::default()
         })
@@ -116,52 +111,16 @@ fn unmodified_ibv_uc_pingpong_runs_between_two_containers() {
     assert_pingpong(&site, "ibv_uc_pingpong", &runs, 50, 100000);
 }
 
-/// Runs perftest's `tool -c CONN -s SIZE -n ITERS` as server and client; both must exit 0 and
-/// the client must print its result row for `size`.
-fn perftest(site: &Site, tool: &str, conn: &str, port: u16, size: u64, iters: u64) {
-    let (port_arg, size_arg, iters_arg) = (port.to_string(), size.to_string(), iters.to_string());
-    let args = [
-        "-d", "ffv0", "-c", conn, "-p", &port_arg, "-s", &size_arg, "-n", &iters_arg,
-    ];
-    let (server, client) = site.verbs_server_and_client(Path::new(tool), port, &args);
-    for (who, out) in [("server", &server), ("client", &client)] {
-        assert!(
-            out.status.success(),
-            "{tool} -c {conn} {who}: {}\n--- router log\n{}",
-            describe(out),
-            site.router_log()
-        );
-    }
-    let text = String::from_utf8_lossy(&client.stdout);
-    let row = text
-        .lines()
-        .skip_while(|l| !l.trim_start().starts_with("#bytes"))
-        .nth(1)
-        .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>());
-    assert!(
-        row.as_ref().is_some_and(|r| r.len() >= 4
-            && r[0] == size_arg
-            && r[1] == iters_arg
-            && r[2..].iter().all(|v| v.parse::<f64>().is_ok())),
-        "{tool} -c {conn}: no result row\n{}",
-        describe(&client)
-    );
-    eprintln!(
-        "{tool} -c {conn} client:\n    {}",
-        text.trim_end().replace('\n', "\n    ")
-    );
-}
-
 #[test]
 fn unmodified_perftest_runs_over_ud_and_uc() {
     let site = Site::new("vup");
-    perftest(&site, "ib_send_lat", "UD", 18551, 64, 1000);
+    site.perftest_row("ib_send_lat", &["-c", "UD"], 18551, 64, 1000);
     // A datagram that finds no receive posted is dropped (as on the wire), and the receiving
     // side would wait for it for ever: the bandwidth tests send no more messages than the
     // receiver posts receives before the start (its rx_depth, 512).
-    perftest(&site, "ib_send_bw", "UD", 18552, 1024, 500);
-    perftest(&site, "ib_write_bw", "UC", 18553, 65536, 1000);
-    perftest(&site, "ib_send_bw", "UC", 18554, 4096, 500);
+    site.perftest_row("ib_send_bw", &["-c", "UD"], 18552, 1024, 500);
+    site.perftest_row("ib_write_bw", &["-c", "UC"], 18553, 65536, 1000);
+    site.perftest_row("ib_send_bw", &["-c", "UC"], 18554, 4096, 500);
 }
 
 /// The C side of the checks below, built against the installed headers and the system's

@@ -78,6 +78,16 @@ pub fn require_built(built: &[&str]) {
 pub const SERVER_AND_CLIENT: &[(usize, &str, [u8; 4])] =
     &[(0, "server", [10, 32, 0, 2]), (0, "client", [10, 32, 0, 3])];
 
+/// The one-host site most verbs tests use: containers server, client and other.
+pub const SERVER_CLIENT_OTHER: &[(usize, &str, [u8; 4])] = &[
+    (0, "server", [10, 32, 0, 2]),
+    (0, "client", [10, 32, 0, 3]),
+    (0, "other", [10, 32, 0, 4]),
+];
+/// Their tenants: server and client blue, other red.
+pub const BLUE_BLUE_RED: &[(&str, &str)] =
+    &[("server", "blue"), ("client", "blue"), ("other", "red")];
+
 /// What [`Site::create`] builds.
 #[derive(Default)]
 pub struct SiteSpec<'a> {
@@ -283,6 +293,56 @@ impl Site {
             .unwrap();
         let server = server.wait_with_output().unwrap();
         (server, client)
+    }
+
+    /// Runs perftest's `tool` as server in `server` and client in `client` (`-d ffv0 EXTRA -p
+    /// PORT -s SIZE -n ITERS`); checks that both exit 0 and that the client prints a result
+    /// row for `size`-byte messages and `iters` iterations whose other fields are numbers;
+    /// returns that row's fields. The numbers are reported, not judged.
+    pub fn perftest_row(
+        &self,
+        tool: &str,
+        extra: &[&str],
+        port: u16,
+        size: u64,
+        iters: u64,
+    ) -> Vec<String> {
+        let (port_arg, size_arg, iters_arg) =
+            (port.to_string(), size.to_string(), iters.to_string());
+        let args: Vec<&str> = ["-d", "ffv0"]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .chain(["-p", &port_arg, "-s", &size_arg, "-n", &iters_arg])
+            .collect();
+        let what = format!("{tool} {}", extra.join(" "));
+        let (server, client) = self.verbs_server_and_client(Path::new(tool), port, &args);
+        for (who, out) in [("server", &server), ("client", &client)] {
+            assert!(
+                out.status.success(),
+                "{what} {who}: {}\n--- router log\n{}",
+                describe(out),
+                self.router_log()
+            );
+        }
+        let text = String::from_utf8_lossy(&client.stdout);
+        let row: Option<Vec<String>> = text
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("#bytes"))
+            .nth(1)
+            .map(|l| l.split_whitespace().map(str::to_owned).collect());
+        assert!(
+            row.as_ref().is_some_and(|r| r.len() >= 4
+                && r[0] == size_arg
+                && r[1] == iters_arg
+                && r[2..].iter().all(|v| v.parse::<f64>().is_ok())),
+            "{what}: no result row\n{}",
+            describe(&client)
+        );
+        eprintln!(
+            "{what} client:\n    {}",
+            text.trim_end().replace('\n', "\n    ")
+        );
+        row.unwrap_or_default()
     }
 
     /// Runs `program ARGS` in `container` with [`Site::verbs_app`] (no extra environment) to
