@@ -245,6 +245,46 @@ mod contract {
         }
     }
 
+    /// `remove_container` (the way `container rm` unregisters) refuses an unknown name without
+    /// a change, and otherwise stores what `update` with `Snapshot::remove_container` would, at
+    /// the next generation: the name, the address and the namespace are free again.
+    #[test]
+    fn one_container_removals_match_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = TestEtcd::start();
+        for url in fresh_urls(&dir, &etcd) {
+            let reg = registry::open(&url).unwrap();
+            add_host(&*reg, host(1)).unwrap();
+            add(&*reg, container(0, 0, 1)).unwrap();
+            add(&*reg, container(0, 1, 1)).unwrap();
+            let before = reg.load().unwrap();
+            let by_update = reg
+                .update(&mut |s| s.remove_container("nobody").map(drop))
+                .unwrap_err()
+                .to_string();
+            let by_remove = reg.remove_container("nobody").unwrap_err().to_string();
+            assert_eq!(by_remove, by_update, "{url}");
+            assert_eq!(reg.load().unwrap(), before, "{url}");
+            let (removed, generation) = reg.remove_container(&container(0, 0, 1).name).unwrap();
+            assert_eq!(removed, container(0, 0, 1), "{url}");
+            assert_eq!(generation, before.generation + 1, "{url}");
+            let mut expected = before.clone();
+            expected.remove_container(&removed.name).unwrap();
+            expected.generation = generation;
+            assert_eq!(reg.load().unwrap(), expected, "{url}");
+            // Its address and namespace are free: another name takes both.
+            let mut again = container(0, 2, 1);
+            again.ip = removed.ip;
+            again.netns = removed.netns.clone();
+            add(&*reg, again.clone()).unwrap();
+            assert!(reg.load().unwrap().containers.contains(&again), "{url}");
+            assert!(matches!(
+                reg.remove_container(&removed.name),
+                Err(RegistryError::NotFound(_))
+            ));
+        }
+    }
+
     const NAMES: [&str; 5] = ["a", "b", "c", "", "bad name"];
     const IPS: [[u8; 4]; 4] = [[10, 32, 0, 1], [10, 32, 0, 2], [10, 32, 1, 1], [0, 0, 0, 0]];
     const NETNS: [&str; 3] = ["/run/netns/1", "/run/netns/2", "rel/3"];
@@ -326,7 +366,11 @@ mod contract {
                 let reg = registry::open(&url).unwrap();
                 let mut model = Snapshot::default();
                 for op in &ops {
-                    let stored = reg.update(&mut |s| apply(op, s));
+                    // Removals the way `container rm` makes them.
+                    let stored = match op {
+                        Op::Remove(name) => reg.remove_container(name).and_then(|_| reg.load()),
+                        _ => reg.update(&mut |s| apply(op, s)),
+                    };
                     let mut next = model.clone();
                     let expected = apply(op, &mut next);
                     match (stored, expected) {

@@ -191,6 +191,11 @@ pub fn run_experiment(
         holders: Holders::default(),
     };
     let result = measure(&mut bench, opts, &stop, progress);
+    // A failure keeps the logs of etcd, the daemons and the routers (the rest goes).
+    let result = result.map_err(|e| match keep_logs(&bench) {
+        Some(logs) => format!("{e} (logs kept in {})", logs.display()),
+        None => e,
+    });
     progress(&Progress::Cluster {
         step: "removing everything".into(),
     });
@@ -362,6 +367,21 @@ fn measure(
             WATCH_INTERVAL.as_millis()
         ),
     })
+}
+
+/// Copies etcd's log and every host's daemon and router logs to a directory of their own under
+/// the temporary directory, which it returns (`None` if nothing could be kept).
+fn keep_logs(bench: &Bench) -> Option<PathBuf> {
+    let logs = std::env::temp_dir().join(format!("freeflow-bench-cluster-{}-logs", bench.tag));
+    std::fs::create_dir_all(&logs).ok()?;
+    let _ = std::fs::copy(bench.work.join("etcd.log"), logs.join("etcd.log"));
+    for h in 0..bench.hosts {
+        let state = freeflow_proto::paths::state_dir(&bench.host_dir(h));
+        for file in ["freeflow.log", "router.log"] {
+            let _ = std::fs::copy(state.join(file), logs.join(format!("h{h}-{file}")));
+        }
+    }
+    Some(logs)
 }
 
 fn secs(ns: u64) -> f64 {

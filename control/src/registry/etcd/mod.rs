@@ -198,6 +198,10 @@ impl Registry for EtcdRegistry {
         self.client.add_container(rec)
     }
 
+    fn remove_container(&self, name: &str) -> Result<(ContainerRecord, u64), RegistryError> {
+        self.client.remove_container(name)
+    }
+
     fn url(&self) -> String {
         self.client.url.clone()
     }
@@ -770,6 +774,86 @@ impl Client {
                 });
             }
             // Another writer changed the generation or the host's record first.
+        }
+        Err(RegistryError::EtcdContention {
+            url: self.url.clone(),
+            attempts: UPDATE_ATTEMPTS,
+        })
+    }
+
+    /// Unregisters `name` reading only the generation and the container's key, in one
+    /// transaction; then one transaction that deletes the container's three keys and raises the
+    /// generation if neither key read changed (else it starts again, bounded). The index keys
+    /// are the record's: written and deleted with it, in one transaction each time.
+    fn remove_container(&self, name: &str) -> Result<(ContainerRecord, u64), RegistryError> {
+        let generation_key = format!("{}generation", self.root);
+        let name_key = format!("{}containers/{name}", self.root);
+        let range = |key: &str| json!({ "request_range": { "key": BASE64.encode(key) } });
+        let delete = |key: &str| json!({ "request_delete_range": { "key": BASE64.encode(key) } });
+        for attempt in 0..UPDATE_ATTEMPTS {
+            if attempt > 0 {
+                thread::sleep(backoff(attempt));
+            }
+            let read: TxnResponse = self.call(
+                "/v3/kv/txn",
+                &json!({ "success": [range(&generation_key), range(&name_key)] }),
+                Retry::Safe,
+            )?;
+            let [generation_kv, name_kv] = [0, 1].map(|i| {
+                read.responses
+                    .get(i)
+                    .and_then(|r| r.response_range.as_ref())
+                    .and_then(|r| r.kvs.first())
+            });
+            let Some(name_kv) = name_kv else {
+                return Err(RegistryError::NotFound(name.to_owned()));
+            };
+            let Entry::Container(rec) = self.decode(name_kv)?.2 else {
+                return Err(self.corrupt(&name_key, "not a container record".to_owned()));
+            };
+            let generation = match generation_kv {
+                Some(kv) => match self.entry(&generation_key, &self.decode(kv)?.1)? {
+                    Entry::Generation(g) => g,
+                    _ => 0,
+                },
+                None => 0,
+            };
+            let next = generation.checked_add(1).ok_or_else(|| {
+                self.corrupt(
+                    &generation_key,
+                    "the generation counter is at its maximum".to_owned(),
+                )
+            })?;
+            let unchanged = |key: &str, kv: Option<&KeyValue>| match kv {
+                Some(kv) => json!({
+                    "key": BASE64.encode(key), "target": "MOD", "result": "EQUAL",
+                    "mod_revision": kv.mod_revision.to_string(),
+                }),
+                None => json!({
+                    "key": BASE64.encode(key), "target": "CREATE", "result": "EQUAL",
+                    "create_revision": "0",
+                }),
+            };
+            let body = json!({
+                "compare": [
+                    unchanged(&generation_key, generation_kv),
+                    unchanged(&name_key, Some(name_kv)),
+                ],
+                "success": [
+                    json!({ "request_put": {
+                        "key": BASE64.encode(&generation_key),
+                        "value": BASE64.encode(next.to_string()),
+                    }}),
+                    delete(&name_key),
+                    delete(&format!("{}ips/{}", self.root, rec.ip)),
+                    delete(&format!("{}netns/{}", self.root, rec.netns.display())),
+                ],
+            });
+            let answer: TxnResponse = self.call("/v3/kv/txn", &body, Retry::IfNotSent)?;
+            if answer.succeeded {
+                return Ok((rec, next));
+            }
+            // Another writer changed the generation or the container first.
         }
         Err(RegistryError::EtcdContention {
             url: self.url.clone(),
