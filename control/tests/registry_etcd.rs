@@ -21,6 +21,8 @@ use freeflow_testbed::etcd::EtcdServer;
 /// URL and the host number.
 const HOLDER_URL_ENV: &str = "FREEFLOW_REGISTRY_TEST_HOLDER_URL";
 const HOLDER_HOST_ENV: &str = "FREEFLOW_REGISTRY_TEST_HOLDER_HOST";
+/// Set (to anything): the holder also follows the registry with a watch, as a daemon does.
+const HOLDER_WATCH_ENV: &str = "FREEFLOW_REGISTRY_TEST_HOLDER_WATCH";
 /// What the holder prints once it holds its host.
 const HOLDER_READY: &str = "freeflow-test-holder-ready";
 /// Containers the holder registers on its host.
@@ -450,18 +452,37 @@ fn holder_child() {
     };
     let n: u8 = n.parse().unwrap();
     let reg = registry::open(&url).unwrap();
+    // With a watch (a daemon's way), the keeper learns what the host serves from it: the
+    // containers are registered after the hold, so that the watch sees them held.
+    let watch = std::env::var_os(HOLDER_WATCH_ENV).map(|_| reg.watch().unwrap());
     add_host(&*reg, host(n)).unwrap();
-    for i in 0..HOLDER_CONTAINERS {
-        add(&*reg, container(n as usize, i, n)).unwrap();
+    if watch.is_none() {
+        for i in 0..HOLDER_CONTAINERS {
+            add(&*reg, container(n as usize, i, n)).unwrap();
+        }
     }
     reg.hold_host(&host(n)).unwrap();
+    if watch.is_some() {
+        for i in 0..HOLDER_CONTAINERS {
+            add(&*reg, container(n as usize, i, n)).unwrap();
+        }
+    }
     println!("{HOLDER_READY}");
     // Bounded: the parent kills us long before.
     thread::sleep(DEADLINE);
 }
 
 fn spawn_holder(url: &str, n: u8) -> Child {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    spawn_holder_with(url, n, false)
+}
+
+/// [`spawn_holder`], with a watch on the registry too if `watch`.
+fn spawn_holder_with(url: &str, n: u8, watch: bool) -> Child {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    if watch {
+        command.env(HOLDER_WATCH_ENV, "1");
+    }
+    let mut child = command
         .args(["--exact", "holder_child", "--test-threads=1", "--nocapture"])
         .env(HOLDER_URL_ENV, url)
         .env(HOLDER_HOST_ENV, n.to_string())
@@ -515,10 +536,21 @@ fn records_go_with_the_process_holding_them() {
 /// served with it, on a new lease.
 #[test]
 fn a_lost_lease_costs_no_registration() {
+    lost_lease_written_back(false);
+}
+
+/// The same with the holder following the registry with a watch, as a daemon does: the keeper
+/// then knows what its host serves from the watch, without reading the registry.
+#[test]
+fn a_lost_lease_costs_no_registration_with_a_watch() {
+    lost_lease_written_back(true);
+}
+
+fn lost_lease_written_back(watch: bool) {
     let etcd = TestEtcd::start();
     let url = etcd.server.url("/relost");
     let reg = registry::open(&url).unwrap();
-    let mut holder = spawn_holder(&url, 3);
+    let mut holder = spawn_holder_with(&url, 3, watch);
     // The keeper has looked at what the host serves once its first renewal went through.
     thread::sleep(Duration::from_secs(LEASE_TTL / 2));
     let key = format!("/relost/v1/hosts/{}", host_ip(3));

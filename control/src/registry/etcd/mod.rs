@@ -104,6 +104,12 @@ struct Client {
     url: String,
     /// What the keeper thread saw last: `None` while the lease is held.
     lease_problem: Mutex<Option<String>>,
+    /// The host the keeper thread holds.
+    held_host: Mutex<Option<Ipv4Addr>>,
+    /// The held host's containers as this handle's watch last saw them (`None` while no watch
+    /// runs or nothing is held): what the keeper restores after a lost lease, known without
+    /// reading the registry.
+    watched_served: Mutex<Option<Vec<ContainerRecord>>>,
 }
 
 /// Splits `//HOST:PORT[,HOST:PORT...][/PREFIX]` (the URL after `etcd:`) into endpoints and prefix.
@@ -168,6 +174,8 @@ impl EtcdRegistry {
                 root: format!("{prefix}/{LAYOUT}/"),
                 url,
                 lease_problem: Mutex::new(None),
+                held_host: Mutex::new(None),
+                watched_served: Mutex::new(None),
             }),
             keeper: Mutex::new(None),
         }
@@ -236,6 +244,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The keeper thread: finds (or writes) the host record, renews its lease every
 /// [`KEEPALIVE_EVERY`], and writes the record again on a new lease when the old one is gone.
 fn keep_host_alive(client: &Client, host: &HostRecord, stop: &AtomicBool) {
+    *lock(&client.held_host) = Some(host.host_ip);
     let mut lease = None;
     let mut served = Served::default();
     let mut next = Instant::now();
@@ -271,8 +280,16 @@ struct Served {
 }
 
 impl Served {
-    /// Reads the host's containers again if the registry changed since the last look.
+    /// Takes the host's containers from the watch of the same handle, when one runs (the
+    /// daemon's); else reads them again if the registry changed since the last look (a whole
+    /// read: every few seconds per host while registrations go on, which is what the watch
+    /// spares).
     fn refresh(&mut self, client: &Client, host: Ipv4Addr) -> Result<(), RegistryError> {
+        if let Some(watched) = lock(&client.watched_served).clone() {
+            self.containers = watched;
+            self.seen = None;
+            return Ok(());
+        }
         let now = client.fingerprint()?;
         if self.seen.as_ref() == Some(&now) {
             return Ok(());
@@ -779,6 +796,16 @@ impl Client {
             url: self.url.clone(),
             attempts: UPDATE_ATTEMPTS,
         })
+    }
+
+    /// Notes what the watch of this handle sees now (`None`: no watch, or nothing usable), for
+    /// the keeper ([`Served::refresh`]).
+    fn note_watched(&self, snapshot: Option<&Snapshot>) {
+        let held = *lock(&self.held_host);
+        *lock(&self.watched_served) = match (snapshot, held) {
+            (Some(s), Some(host)) => Some(s.containers_on(host).cloned().collect()),
+            _ => None,
+        };
     }
 
     /// Unregisters `name` reading only the generation and the container's key, in one
