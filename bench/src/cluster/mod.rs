@@ -171,7 +171,7 @@ pub fn run_experiment(
     if opts.hosts < 2 {
         return Err("--hosts: at least 2 (one is killed)".into());
     }
-    if opts.big_attached > opts.big_registered {
+    if opts.big_registered > 0 && opts.big_attached > opts.big_registered {
         return Err("--big-attached cannot exceed --big-registered".into());
     }
     let stop = Interrupts::block()?;

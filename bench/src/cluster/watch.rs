@@ -21,7 +21,7 @@ use crate::signals::Interrupts;
 
 /// How often a watcher asks its router: the resolution of every time the bench measures up to
 /// "every router has seen it".
-pub const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// One change of a router's table, as a watcher prints it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
