@@ -272,6 +272,9 @@ pub fn cluster(r: &ClusterReport) {
         "idle, {} hosts over {:.1} s: daemon RSS {} KiB, router RSS {} KiB (means); all routers {:.3}% of a core, all daemons {:.3}%; etcd {:.3}%, {} KiB",
         i.hosts, i.seconds, i.daemon_rss_kib_mean, i.router_rss_kib_mean, i.routers_cpu_percent, i.daemons_cpu_percent, i.etcd_cpu_percent, i.etcd_rss_kib
     );
+    if let Some(e) = &r.big_host_error {
+        println!("big host: failed: {e}");
+    }
     if let Some(b) = &r.big_host {
         println!(
             "big host: {} registered ({:.0}/s; one add {}), {} attached as verbs and {} as socket shims",

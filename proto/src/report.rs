@@ -229,6 +229,9 @@ pub struct ClusterReport {
     pub etcd_restart: ClusterEtcdRestart,
     pub idle: ClusterIdle,
     pub big_host: Option<ClusterBigHost>,
+    /// Why the big host's phase failed (the other phases' figures stand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub big_host_error: Option<String>,
     pub note: String,
 }
 

@@ -337,15 +337,23 @@ fn measure(
     ));
     let idle = measure_idle(bench, victim, opts.idle_seconds, stop)?;
 
-    let big_host = if big.is_empty() {
-        None
+    // A failure here is reported with the figures of the other phases (which took minutes).
+    let (big_host, big_host_error) = if big.is_empty() {
+        (None, None)
     } else {
         step(format!(
             "big host: {} containers on host 0, {} attached",
             big.len(),
             opts.big_attached
         ));
-        Some(big_host(bench, &big, opts, stop)?)
+        stop.check()?;
+        match big_host(bench, &big, opts, stop) {
+            Ok(b) => (Some(b), None),
+            Err(e) => {
+                stop.check()?;
+                (None, Some(e))
+            }
+        }
     };
 
     Ok(ClusterReport {
@@ -361,6 +369,7 @@ fn measure(
         etcd_restart,
         idle,
         big_host,
+        big_host_error,
         note: format!(
             "all on this machine ({} cores), debug or release as built; routers are watched every {} ms",
             std::thread::available_parallelism().map_or(0, |p| p.get()),
