@@ -2,7 +2,7 @@
 //! this binary as (TCP server and client inside the simulated hosts, the idle containers'
 //! holders).
 
-use crate::{idle, rdma, rdma_hosts, ring, tcp};
+use crate::{cluster, idle, rdma, rdma_hosts, ring, tcp};
 use clap::{Args, Parser, Subcommand};
 use freeflow_proto::report::Progress;
 use serde::Serialize;
@@ -38,6 +38,12 @@ pub enum Experiment {
     /// Attach to the router serving DIR from this process's network namespace (a registered
     /// container) and time round trips through it; a refusal is printed with the router's reason
     Probe(ProbeArgs),
+    /// (root) The scale test: etcd on tmpfs, N simulated hosts each with its daemon and router
+    /// on the etcd registry, M containers over them: cold start, registration throughput and
+    /// latency, convergence of a change in every router, a host killed, etcd restarted, idle
+    /// RSS and CPU per host, and one big host with many containers registered and attached (needs
+    /// etcd-server and curl); the cluster's namespaces are ff-T-*; Ctrl-C removes everything
+    Cluster(ClusterArgs),
     /// The `tcp` experiment's server role, inside a simulated host
     #[command(hide = true)]
     TcpServer { port: u16 },
@@ -56,6 +62,12 @@ pub enum Experiment {
         clients: usize,
         seconds: f64,
     },
+    /// The `cluster` experiment's watcher of one router's table (prints each change)
+    #[command(hide = true)]
+    ClusterWatch { dir: PathBuf },
+    /// The `cluster` experiment's attached process of one container (verbs or socket)
+    #[command(hide = true)]
+    ClusterHold { dir: PathBuf, kind: String },
     /// The attached process of one idle container
     #[command(hide = true)]
     Hold {
@@ -291,6 +303,59 @@ impl RdmaArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    pub output: Output,
+    /// Simulated hosts (2 to 200); the last one is killed
+    #[arg(long, value_name = "N", default_value_t = 32,
+          value_parser = clap::value_parser!(u16).range(2..=200))]
+    pub hosts: u16,
+    /// Containers spread over the hosts (round robin)
+    #[arg(long, value_name = "M", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    pub containers: u32,
+    /// `freeflow container add` commands running at once while registering
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub registrars: u16,
+    /// Single changes (one registration, then its removal) timed until every router has seen
+    /// them
+    #[arg(long, value_name = "N", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub changes: u32,
+    /// Seconds of each idle measurement
+    #[arg(long, value_name = "S", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub idle_seconds: u64,
+    /// Containers registered on one host in the last phase (0: no such phase)
+    #[arg(long, value_name = "N", default_value_t = 3_000,
+          value_parser = clap::value_parser!(u32).range(0..=60_000))]
+    pub big_registered: u32,
+    /// Of which attached, one process each, alternately as verbs and socket shims
+    #[arg(long, value_name = "N", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(0..=60_000))]
+    pub big_attached: u32,
+    /// Cluster tag (1 to 8 of a-z 0-9) [default: from the pid]
+    #[arg(long, value_name = "T")]
+    pub tag: Option<String>,
+}
+
+impl ClusterArgs {
+    pub fn options(&self) -> cluster::Options {
+        cluster::Options {
+            hosts: usize::from(self.hosts),
+            containers: self.containers as usize,
+            registrars: usize::from(self.registrars),
+            changes: self.changes as usize,
+            idle_seconds: self.idle_seconds,
+            big_registered: self.big_registered as usize,
+            big_attached: self.big_attached as usize,
+            tag: self.tag.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
 pub struct ProbeArgs {
     /// The router's runtime directory
     pub dir: PathBuf,
@@ -356,6 +421,24 @@ mod tests {
                 o.router_core
             ),
             (3, 5_000_000, 100_000, 200_000, 0, 7)
+        );
+        let Ok(Experiment::Cluster(a)) = parse(&["cluster"]) else {
+            panic!("cluster")
+        };
+        let o = a.options();
+        assert_eq!(
+            (
+                o.hosts,
+                o.containers,
+                o.registrars,
+                o.changes,
+                o.idle_seconds
+            ),
+            (32, 1_000, 4, 50, 10)
+        );
+        assert_eq!(
+            (o.big_registered, o.big_attached, o.tag),
+            (3_000, 1_000, None)
         );
         let Ok(Experiment::Probe(a)) = parse(&["probe", "/freeflow"]) else {
             panic!("probe")
@@ -438,5 +521,7 @@ mod tests {
         assert!(parse(&["tcp", "--concurrency", "0"]).is_err());
         assert!(parse(&["rdma", "--hosts", "3"]).is_err());
         assert!(parse(&["tcp", "--concurrency", "1,1001"]).is_err());
+        assert!(parse(&["cluster", "--hosts", "1"]).is_err());
+        assert!(parse(&["cluster", "--containers", "0"]).is_err());
     }
 }

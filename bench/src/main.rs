@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 mod cli;
+mod cluster;
 mod idle;
 mod probe;
 mod rdma;
@@ -44,6 +45,12 @@ fn run(experiment: Experiment) -> Result<(), String> {
             let r = rdma::run(&a.options(cores), &mut |e| a.output.progress(e))?;
             a.output.report(&r, table::rdma)
         }
+        Experiment::Cluster(a) => {
+            let r = cluster::run_experiment(&a.options(), &mut |e| a.output.progress(e))?;
+            a.output.report(&r, table::cluster)
+        }
+        Experiment::ClusterWatch { dir } => cluster::watch(&dir),
+        Experiment::ClusterHold { dir, kind } => cluster::hold(&dir, &kind),
         Experiment::Probe(a) => {
             let r = probe::run(&a.dir, a.samples)?;
             print_report(a.json, &r, table::probe)

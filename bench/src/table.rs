@@ -1,8 +1,8 @@
 //! The text each experiment prints without `--json`: a table or a line.
 
 use freeflow_proto::report::{
-    IdleReport, ProbeReport, RdmaHostsReport, RdmaReport, RingReport, TcpPerRequestReport,
-    TcpReport,
+    ClusterReport, IdleReport, LatencyMs, ProbeReport, RdmaHostsReport, RdmaReport, RingReport,
+    TcpPerRequestReport, TcpReport,
 };
 
 pub fn ring(r: &RingReport) {
@@ -225,6 +225,65 @@ fn tcp_per_request(r: &TcpPerRequestReport) {
         println!(
             "{name:<17} requests/s {:.2}x, p50 {:.2}x, p99 {:.2}x",
             x.requests_per_sec, x.latency_p50, x.latency_p99
+        );
+    }
+}
+
+pub fn cluster(r: &ClusterReport) {
+    let lat = |l: &LatencyMs| {
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples)",
+            l.p50_ms, l.p99_ms, l.max_ms, l.samples
+        )
+    };
+    println!(
+        "cluster: {} simulated hosts, {} containers, etcd on tmpfs; routers watched every {} ms",
+        r.hosts, r.containers, r.watch_interval_ms
+    );
+    println!(
+        "cold start to every table complete: {:.2} s",
+        r.cold_start_s
+    );
+    let g = &r.registration;
+    println!(
+        "registration: {} containers, {} at once, {:.1} s: {:.0}/s; one `container add`: {}; every table complete {:.2} s after the last",
+        g.containers, g.registrars, g.seconds, g.per_second, lat(&g.latency), g.tables_complete_after_s
+    );
+    println!(
+        "convergence of an add, in every router:    {}",
+        lat(&r.convergence_add)
+    );
+    println!(
+        "convergence of a removal, in every router: {}",
+        lat(&r.convergence_remove)
+    );
+    let k = &r.host_kill;
+    println!(
+        "host {} killed (daemon and router, SIGKILL; {} containers): gone from every router after {:.2} s (lease TTL {:.0} s; goal <= TTL + 3 s)",
+        k.host, k.containers_of_host, k.gone_everywhere_s, k.lease_ttl_s
+    );
+    let e = &r.etcd_restart;
+    println!(
+        "etcd SIGKILLed, down {:.0} s, restarted from its data: healthy after {:.2} s, a registration after {:.2} s; {} of {} registry entries lost; {} of {} routers equal to the registry",
+        e.down_s, e.healthy_after_s, e.registration_after_s, e.lost, e.registry_before, e.routers_equal_to_registry, e.routers
+    );
+    let i = &r.idle;
+    println!(
+        "idle, {} hosts over {:.1} s: daemon RSS {} KiB, router RSS {} KiB (means); all routers {:.3}% of a core, all daemons {:.3}%; etcd {:.3}%, {} KiB",
+        i.hosts, i.seconds, i.daemon_rss_kib_mean, i.router_rss_kib_mean, i.routers_cpu_percent, i.daemons_cpu_percent, i.etcd_cpu_percent, i.etcd_rss_kib
+    );
+    if let Some(e) = &r.big_host_error {
+        println!("big host: failed: {e}");
+    }
+    if let Some(b) = &r.big_host {
+        println!(
+            "big host: {} registered ({:.0}/s; one add {}), {} attached as verbs and {} as socket shims",
+            b.registered, b.registration_per_second, lat(&b.registration), b.attached_verbs, b.attached_socket
+        );
+        println!("  attach: {}", lat(&b.attach));
+        println!(
+            "  router RSS {} KiB ({} KiB shared memory; {} KiB before the attaches), {:.3}% of a core idle over {:.1} s; daemon {} KiB, {:.3}%",
+            b.router_rss_kib, b.router_rss_shmem_kib, b.router_rss_kib_before_attach, b.router_cpu_percent, b.seconds, b.daemon_rss_kib, b.daemon_cpu_percent
         );
     }
 }

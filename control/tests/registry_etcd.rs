@@ -21,6 +21,8 @@ use freeflow_testbed::etcd::EtcdServer;
 /// URL and the host number.
 const HOLDER_URL_ENV: &str = "FREEFLOW_REGISTRY_TEST_HOLDER_URL";
 const HOLDER_HOST_ENV: &str = "FREEFLOW_REGISTRY_TEST_HOLDER_HOST";
+/// Set (to anything): the holder also follows the registry with a watch, as a daemon does.
+const HOLDER_WATCH_ENV: &str = "FREEFLOW_REGISTRY_TEST_HOLDER_WATCH";
 /// What the holder prints once it holds its host.
 const HOLDER_READY: &str = "freeflow-test-holder-ready";
 /// Containers the holder registers on its host.
@@ -245,6 +247,46 @@ mod contract {
         }
     }
 
+    /// `remove_container` (the way `container rm` unregisters) refuses an unknown name without
+    /// a change, and otherwise stores what `update` with `Snapshot::remove_container` would, at
+    /// the next generation: the name, the address and the namespace are free again.
+    #[test]
+    fn one_container_removals_match_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = TestEtcd::start();
+        for url in fresh_urls(&dir, &etcd) {
+            let reg = registry::open(&url).unwrap();
+            add_host(&*reg, host(1)).unwrap();
+            add(&*reg, container(0, 0, 1)).unwrap();
+            add(&*reg, container(0, 1, 1)).unwrap();
+            let before = reg.load().unwrap();
+            let by_update = reg
+                .update(&mut |s| s.remove_container("nobody").map(drop))
+                .unwrap_err()
+                .to_string();
+            let by_remove = reg.remove_container("nobody").unwrap_err().to_string();
+            assert_eq!(by_remove, by_update, "{url}");
+            assert_eq!(reg.load().unwrap(), before, "{url}");
+            let (removed, generation) = reg.remove_container(&container(0, 0, 1).name).unwrap();
+            assert_eq!(removed, container(0, 0, 1), "{url}");
+            assert_eq!(generation, before.generation + 1, "{url}");
+            let mut expected = before.clone();
+            expected.remove_container(&removed.name).unwrap();
+            expected.generation = generation;
+            assert_eq!(reg.load().unwrap(), expected, "{url}");
+            // Its address and namespace are free: another name takes both.
+            let mut again = container(0, 2, 1);
+            again.ip = removed.ip;
+            again.netns = removed.netns.clone();
+            add(&*reg, again.clone()).unwrap();
+            assert!(reg.load().unwrap().containers.contains(&again), "{url}");
+            assert!(matches!(
+                reg.remove_container(&removed.name),
+                Err(RegistryError::NotFound(_))
+            ));
+        }
+    }
+
     const NAMES: [&str; 5] = ["a", "b", "c", "", "bad name"];
     const IPS: [[u8; 4]; 4] = [[10, 32, 0, 1], [10, 32, 0, 2], [10, 32, 1, 1], [0, 0, 0, 0]];
     const NETNS: [&str; 3] = ["/run/netns/1", "/run/netns/2", "rel/3"];
@@ -326,7 +368,11 @@ mod contract {
                 let reg = registry::open(&url).unwrap();
                 let mut model = Snapshot::default();
                 for op in &ops {
-                    let stored = reg.update(&mut |s| apply(op, s));
+                    // Removals the way `container rm` makes them.
+                    let stored = match op {
+                        Op::Remove(name) => reg.remove_container(name).and_then(|_| reg.load()),
+                        _ => reg.update(&mut |s| apply(op, s)),
+                    };
                     let mut next = model.clone();
                     let expected = apply(op, &mut next);
                     match (stored, expected) {
@@ -406,18 +452,37 @@ fn holder_child() {
     };
     let n: u8 = n.parse().unwrap();
     let reg = registry::open(&url).unwrap();
+    // With a watch (a daemon's way), the keeper learns what the host serves from it: the
+    // containers are registered after the hold, so that the watch sees them held.
+    let watch = std::env::var_os(HOLDER_WATCH_ENV).map(|_| reg.watch().unwrap());
     add_host(&*reg, host(n)).unwrap();
-    for i in 0..HOLDER_CONTAINERS {
-        add(&*reg, container(n as usize, i, n)).unwrap();
+    if watch.is_none() {
+        for i in 0..HOLDER_CONTAINERS {
+            add(&*reg, container(n as usize, i, n)).unwrap();
+        }
     }
     reg.hold_host(&host(n)).unwrap();
+    if watch.is_some() {
+        for i in 0..HOLDER_CONTAINERS {
+            add(&*reg, container(n as usize, i, n)).unwrap();
+        }
+    }
     println!("{HOLDER_READY}");
     // Bounded: the parent kills us long before.
     thread::sleep(DEADLINE);
 }
 
 fn spawn_holder(url: &str, n: u8) -> Child {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    spawn_holder_with(url, n, false)
+}
+
+/// [`spawn_holder`], with a watch on the registry too if `watch`.
+fn spawn_holder_with(url: &str, n: u8, watch: bool) -> Child {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    if watch {
+        command.env(HOLDER_WATCH_ENV, "1");
+    }
+    let mut child = command
         .args(["--exact", "holder_child", "--test-threads=1", "--nocapture"])
         .env(HOLDER_URL_ENV, url)
         .env(HOLDER_HOST_ENV, n.to_string())
@@ -471,10 +536,21 @@ fn records_go_with_the_process_holding_them() {
 /// served with it, on a new lease.
 #[test]
 fn a_lost_lease_costs_no_registration() {
+    lost_lease_written_back(false);
+}
+
+/// The same with the holder following the registry with a watch, as a daemon does: the keeper
+/// then knows what its host serves from the watch, without reading the registry.
+#[test]
+fn a_lost_lease_costs_no_registration_with_a_watch() {
+    lost_lease_written_back(true);
+}
+
+fn lost_lease_written_back(watch: bool) {
     let etcd = TestEtcd::start();
     let url = etcd.server.url("/relost");
     let reg = registry::open(&url).unwrap();
-    let mut holder = spawn_holder(&url, 3);
+    let mut holder = spawn_holder_with(&url, 3, watch);
     // The keeper has looked at what the host serves once its first renewal went through.
     thread::sleep(Duration::from_secs(LEASE_TTL / 2));
     let key = format!("/relost/v1/hosts/{}", host_ip(3));

@@ -12,7 +12,7 @@ use crate::tcp::{Caller, Deferred, TcpService};
 use freeflow_os::poll::{self, PollFd};
 use freeflow_os::signals;
 use freeflow_proto::attach::{Hello, HelloError, Refusal, ShimKind, Welcome, HELLO_LEN};
-use freeflow_proto::control::{AttachedStatus, ContainerEntry};
+use freeflow_proto::control::{AttachedStatus, ContainerEntry, NetworkView};
 use freeflow_proto::fdpass;
 use freeflow_proto::identity::NetnsId;
 use freeflow_proto::sockmsg::{SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN};
@@ -81,6 +81,10 @@ pub struct ControlThread {
     pub geometry: RingGeometry,
     pub started: Instant,
     table: HashMap<NetnsId, ContainerEntry>,
+    /// The cluster of the last push that carried one, for `ControlRequest::Table`.
+    network: Option<NetworkView>,
+    /// Table pushes accepted since the start.
+    pushes: u64,
     /// Handshakes in progress, each source within its share (see crate::admission).
     pending: PendingHandshakes,
     socket_shims: HashMap<u32, SocketShim>,
@@ -116,6 +120,8 @@ impl ControlThread {
             geometry,
             started: Instant::now(),
             table: HashMap::new(),
+            network: None,
+            pushes: 0,
             pending: PendingHandshakes::default(),
             socket_shims: HashMap::new(),
             tcp: TcpService::default(),

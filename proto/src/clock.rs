@@ -15,8 +15,9 @@ pub fn monotonic_ms() -> u32 {
     (now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000) as u32
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the verbs engine's completion timestamps (one tick a
-/// nanosecond, so the device's `hca_core_clock` is 1 GHz).
+/// CLOCK_MONOTONIC in nanoseconds: a time two processes of one host can compare: the verbs
+/// engine's completion timestamps (one tick a nanosecond, so the device's `hca_core_clock` is
+/// 1 GHz), and the cluster bench's router watchers' stamps.
 pub fn monotonic_ns() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,

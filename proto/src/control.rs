@@ -57,6 +57,13 @@ pub enum ControlRequest {
     },
     /// Asks for [`RouterStatus`].
     Status,
+    /// Asks for the table the router serves ([`RouterTable`]), unless it is still the one of
+    /// push `unless_push` (then the answer is [`ControlResponse::TableUnchanged`]): a watcher
+    /// can poll it cheaply and read the table only when it changed.
+    Table {
+        #[serde(default)]
+        unless_push: Option<u64>,
+    },
     /// Stops the router cleanly.
     Shutdown,
     /// Tests only: makes a thread of the router panic, to check that a panic ends the process
@@ -74,7 +81,25 @@ pub enum ControlRequest {
 pub enum ControlResponse {
     Ok,
     Status(RouterStatus),
-    Error { message: String },
+    Table(RouterTable),
+    /// The table is still the one of push `pushes`.
+    TableUnchanged {
+        pushes: u64,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// What the router serves, as the daemon last pushed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterTable {
+    /// Table pushes accepted since the router started (0: none yet); it numbers this table.
+    pub pushes: u64,
+    /// This host's containers.
+    pub containers: Vec<ContainerEntry>,
+    /// The cluster (`None` until a push carried one).
+    pub network: Option<NetworkView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

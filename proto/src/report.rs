@@ -52,6 +52,8 @@ pub enum Progress {
     RdmaHostsRepetition { rep: usize, of: usize },
     /// `rdma --hosts 2`: everything the experiment made is being removed.
     RdmaHostsRemoving,
+    /// `cluster`: a step starts (what it does, in words).
+    Cluster { step: String },
 }
 
 impl Progress {
@@ -113,8 +115,124 @@ impl fmt::Display for Progress {
             Progress::RdmaHostsRemoving => {
                 f.write_str("rdma --hosts 2: removing the two simulated hosts")
             }
+            Progress::Cluster { step } => write!(f, "cluster: {step}"),
         }
     }
+}
+
+// ---------------------------------------------------------------- cluster
+
+/// A distribution of durations, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LatencyMs {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// `freeflow-bench cluster`: registering the containers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterRegistration {
+    pub containers: usize,
+    /// `freeflow container add` commands running at once.
+    pub registrars: usize,
+    pub seconds: f64,
+    pub per_second: f64,
+    /// One `freeflow container add` (process start to exit, including its wait for the local
+    /// daemon's pickup).
+    pub latency: LatencyMs,
+    /// From the last registration's end until every router held every container.
+    pub tables_complete_after_s: f64,
+}
+
+/// `freeflow-bench cluster`: a host's daemon and router killed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterHostKill {
+    pub host: usize,
+    pub containers_of_host: usize,
+    pub lease_ttl_s: f64,
+    /// From the SIGKILLs until no other router knew the host or any of its containers.
+    pub gone_everywhere_s: f64,
+}
+
+/// `freeflow-bench cluster`: etcd killed (SIGKILL) and started again from its data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterEtcdRestart {
+    pub down_s: f64,
+    /// From the start of the new etcd until it answered its health check.
+    pub healthy_after_s: f64,
+    /// From the start of the new etcd until a new registration succeeded.
+    pub registration_after_s: f64,
+    pub registry_before: usize,
+    /// Registry entries of before that are missing after.
+    pub lost: usize,
+    /// Routers whose table (overlay addresses and peer hosts) after the restart equals the
+    /// registry's (the new container included).
+    pub routers_equal_to_registry: usize,
+    pub routers: usize,
+}
+
+/// `freeflow-bench cluster`: what an idle host costs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterIdle {
+    pub seconds: f64,
+    pub hosts: usize,
+    pub daemon_rss_kib_mean: u64,
+    pub router_rss_kib_mean: u64,
+    /// All routers together, in % of one core.
+    pub routers_cpu_percent: f64,
+    /// All daemons together, in % of one core.
+    pub daemons_cpu_percent: f64,
+    pub etcd_cpu_percent: f64,
+    pub etcd_rss_kib: u64,
+}
+
+/// `freeflow-bench cluster`: one host with many containers, some attached.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterBigHost {
+    pub registered: usize,
+    pub registration: LatencyMs,
+    pub registration_per_second: f64,
+    pub attached_verbs: usize,
+    pub attached_socket: usize,
+    /// One attach (connect to welcome, rings mapped), timed by the attaching process.
+    pub attach: LatencyMs,
+    pub router_rss_kib: u64,
+    /// Of which shared memory (the rings' pages the router touched).
+    pub router_rss_shmem_kib: u64,
+    pub router_rss_kib_before_attach: u64,
+    pub router_cpu_percent: f64,
+    pub daemon_cpu_percent: f64,
+    pub daemon_rss_kib: u64,
+    pub seconds: f64,
+}
+
+/// `freeflow-bench cluster --json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterReport {
+    pub experiment: String,
+    pub hosts: usize,
+    pub containers: usize,
+    /// How often the watchers ask each router for its table (the resolution of every time
+    /// below that ends when routers have seen something).
+    pub watch_interval_ms: u64,
+    /// From the first `freeflow up` until every router knew every other host.
+    pub cold_start_s: f64,
+    pub registration: ClusterRegistration,
+    /// From the start of one `freeflow container add` until the address was in every router.
+    pub convergence_add: LatencyMs,
+    /// From the start of one `freeflow container rm` until the address was gone from every
+    /// router.
+    pub convergence_remove: LatencyMs,
+    pub host_kill: ClusterHostKill,
+    pub etcd_restart: ClusterEtcdRestart,
+    pub idle: ClusterIdle,
+    pub big_host: Option<ClusterBigHost>,
+    /// Why the big host's phase failed (the other phases' figures stand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub big_host_error: Option<String>,
+    pub note: String,
 }
 
 // ---------------------------------------------------------------- ring, idle, probe

@@ -138,20 +138,18 @@ pub(crate) fn unregister(
     name: &str,
 ) -> Result<(Option<ContainerRecord>, Pickup), CliError> {
     let registry = registry::open(&config.registry)?;
-    let mut removed = None;
-    let snapshot = match registry.update(&mut |s| {
-        removed = Some(s.remove_container(name)?);
-        Ok(())
-    }) {
-        Ok(snapshot) => snapshot,
-        // The update wrote nothing.
+    let (removed, generation) = match registry.remove_container(name) {
+        Ok(pair) => pair,
+        // Nothing was written.
         Err(RegistryError::NotFound(_)) => return Ok((None, Pickup::NoDaemon)),
         Err(e) => return Err(e.into()),
     };
-    let pickup = match &removed {
-        Some(r) if r.host_ip == config.host_ip => wait_for_pickup(dir, snapshot.generation, name),
-        _ => Pickup::NoDaemon,
+    let pickup = if removed.host_ip == config.host_ip {
+        wait_for_pickup(dir, generation, name)
+    } else {
+        Pickup::NoDaemon
     };
+    let removed = Some(removed);
     Ok((removed, pickup))
 }
 

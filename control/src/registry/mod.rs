@@ -381,6 +381,21 @@ pub trait Registry: Send + Sync + std::fmt::Debug {
         self.update(&mut |s| s.add_container(rec.clone()))
             .map(|s| s.generation)
     }
+
+    /// Unregisters the container `name`, as [`Registry::update`] with
+    /// [`Snapshot::remove_container`] does (`Err(NotFound)` when there is none, and then nothing
+    /// is written), and returns its record and the generation the removal was stored at.
+    /// Backends may do it without reading the whole registry (etcd: the generation and the
+    /// container's key only).
+    fn remove_container(&self, name: &str) -> Result<(ContainerRecord, u64), RegistryError> {
+        let mut removed = None;
+        let snapshot = self.update(&mut |s| {
+            removed = Some(s.remove_container(name)?);
+            Ok(())
+        })?;
+        let removed = removed.ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
+        Ok((removed, snapshot.generation))
+    }
 }
 
 /// The registry's contents as a thread that follows the store's changes last saw them.

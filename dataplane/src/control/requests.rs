@@ -6,7 +6,7 @@ use super::{ControlThread, CONTROL_TIMEOUT};
 use crate::shard::ShardCommand;
 use freeflow_proto::control::{
     self as ctl, AttachedStatus, ContainerEntry, ControlRequest, ControlResponse, RouterStatus,
-    ShardStatus, TenantTcpStatus,
+    RouterTable, ShardStatus, TenantTcpStatus,
 };
 use std::collections::HashMap;
 use std::io;
@@ -54,7 +54,11 @@ impl ControlThread {
                 network,
             } => {
                 let response = self.set_containers(containers);
+                if let ControlResponse::Ok = response {
+                    self.pushes += 1;
+                }
                 if let (ControlResponse::Ok, Some(network)) = (&response, network) {
+                    self.network = Some(network.clone());
                     // Every shard's verbs engine reaches other hosts' routers.
                     for shard in &self.shards {
                         let _ = shard.send(ShardCommand::Network(Box::new(network.clone())));
@@ -65,6 +69,7 @@ impl ControlThread {
                 (response, false)
             }
             ControlRequest::Status => (ControlResponse::Status(self.status()), false),
+            ControlRequest::Table { unless_push } => (self.table(unless_push), false),
             ControlRequest::Shutdown => (ControlResponse::Ok, true),
             ControlRequest::TestPanic { shard } => (self.test_panic(shard), false),
         };
@@ -147,6 +152,22 @@ impl ControlThread {
         }
         self.table = table;
         ControlResponse::Ok
+    }
+
+    /// `ControlRequest::Table`: the table, or only its number if the caller has it already.
+    fn table(&self, unless_push: Option<u64>) -> ControlResponse {
+        if unless_push == Some(self.pushes) {
+            return ControlResponse::TableUnchanged {
+                pushes: self.pushes,
+            };
+        }
+        let mut containers: Vec<ContainerEntry> = self.table.values().cloned().collect();
+        containers.sort_by(|a, b| a.name.cmp(&b.name));
+        ControlResponse::Table(RouterTable {
+            pushes: self.pushes,
+            containers,
+            network: self.network.clone(),
+        })
     }
 
     fn status(&self) -> RouterStatus {

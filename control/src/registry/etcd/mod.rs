@@ -104,6 +104,12 @@ struct Client {
     url: String,
     /// What the keeper thread saw last: `None` while the lease is held.
     lease_problem: Mutex<Option<String>>,
+    /// The host the keeper thread holds.
+    held_host: Mutex<Option<Ipv4Addr>>,
+    /// The held host's containers as this handle's watch last saw them (`None` while no watch
+    /// runs or nothing is held): what the keeper restores after a lost lease, known without
+    /// reading the registry.
+    watched_served: Mutex<Option<Vec<ContainerRecord>>>,
 }
 
 /// Splits `//HOST:PORT[,HOST:PORT...][/PREFIX]` (the URL after `etcd:`) into endpoints and prefix.
@@ -168,6 +174,8 @@ impl EtcdRegistry {
                 root: format!("{prefix}/{LAYOUT}/"),
                 url,
                 lease_problem: Mutex::new(None),
+                held_host: Mutex::new(None),
+                watched_served: Mutex::new(None),
             }),
             keeper: Mutex::new(None),
         }
@@ -196,6 +204,10 @@ impl Registry for EtcdRegistry {
 
     fn add_container(&self, rec: &ContainerRecord) -> Result<u64, RegistryError> {
         self.client.add_container(rec)
+    }
+
+    fn remove_container(&self, name: &str) -> Result<(ContainerRecord, u64), RegistryError> {
+        self.client.remove_container(name)
     }
 
     fn url(&self) -> String {
@@ -232,6 +244,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The keeper thread: finds (or writes) the host record, renews its lease every
 /// [`KEEPALIVE_EVERY`], and writes the record again on a new lease when the old one is gone.
 fn keep_host_alive(client: &Client, host: &HostRecord, stop: &AtomicBool) {
+    *lock(&client.held_host) = Some(host.host_ip);
     let mut lease = None;
     let mut served = Served::default();
     let mut next = Instant::now();
@@ -267,8 +280,16 @@ struct Served {
 }
 
 impl Served {
-    /// Reads the host's containers again if the registry changed since the last look.
+    /// Takes the host's containers from the watch of the same handle, when one runs (the
+    /// daemon's); else reads them again if the registry changed since the last look (a whole
+    /// read: every few seconds per host while registrations go on, which is what the watch
+    /// spares).
     fn refresh(&mut self, client: &Client, host: Ipv4Addr) -> Result<(), RegistryError> {
+        if let Some(watched) = lock(&client.watched_served).clone() {
+            self.containers = watched;
+            self.seen = None;
+            return Ok(());
+        }
         let now = client.fingerprint()?;
         if self.seen.as_ref() == Some(&now) {
             return Ok(());
@@ -770,6 +791,96 @@ impl Client {
                 });
             }
             // Another writer changed the generation or the host's record first.
+        }
+        Err(RegistryError::EtcdContention {
+            url: self.url.clone(),
+            attempts: UPDATE_ATTEMPTS,
+        })
+    }
+
+    /// Notes what the watch of this handle sees now (`None`: no watch, or nothing usable), for
+    /// the keeper ([`Served::refresh`]).
+    fn note_watched(&self, snapshot: Option<&Snapshot>) {
+        let held = *lock(&self.held_host);
+        *lock(&self.watched_served) = match (snapshot, held) {
+            (Some(s), Some(host)) => Some(s.containers_on(host).cloned().collect()),
+            _ => None,
+        };
+    }
+
+    /// Unregisters `name` reading only the generation and the container's key, in one
+    /// transaction; then one transaction that deletes the container's three keys and raises the
+    /// generation if neither key read changed (else it starts again, bounded). The index keys
+    /// are the record's: written and deleted with it, in one transaction each time.
+    fn remove_container(&self, name: &str) -> Result<(ContainerRecord, u64), RegistryError> {
+        let generation_key = format!("{}generation", self.root);
+        let name_key = format!("{}containers/{name}", self.root);
+        let range = |key: &str| json!({ "request_range": { "key": BASE64.encode(key) } });
+        let delete = |key: &str| json!({ "request_delete_range": { "key": BASE64.encode(key) } });
+        for attempt in 0..UPDATE_ATTEMPTS {
+            if attempt > 0 {
+                thread::sleep(backoff(attempt));
+            }
+            let read: TxnResponse = self.call(
+                "/v3/kv/txn",
+                &json!({ "success": [range(&generation_key), range(&name_key)] }),
+                Retry::Safe,
+            )?;
+            let [generation_kv, name_kv] = [0, 1].map(|i| {
+                read.responses
+                    .get(i)
+                    .and_then(|r| r.response_range.as_ref())
+                    .and_then(|r| r.kvs.first())
+            });
+            let Some(name_kv) = name_kv else {
+                return Err(RegistryError::NotFound(name.to_owned()));
+            };
+            let Entry::Container(rec) = self.decode(name_kv)?.2 else {
+                return Err(self.corrupt(&name_key, "not a container record".to_owned()));
+            };
+            let generation = match generation_kv {
+                Some(kv) => match self.entry(&generation_key, &self.decode(kv)?.1)? {
+                    Entry::Generation(g) => g,
+                    _ => 0,
+                },
+                None => 0,
+            };
+            let next = generation.checked_add(1).ok_or_else(|| {
+                self.corrupt(
+                    &generation_key,
+                    "the generation counter is at its maximum".to_owned(),
+                )
+            })?;
+            let unchanged = |key: &str, kv: Option<&KeyValue>| match kv {
+                Some(kv) => json!({
+                    "key": BASE64.encode(key), "target": "MOD", "result": "EQUAL",
+                    "mod_revision": kv.mod_revision.to_string(),
+                }),
+                None => json!({
+                    "key": BASE64.encode(key), "target": "CREATE", "result": "EQUAL",
+                    "create_revision": "0",
+                }),
+            };
+            let body = json!({
+                "compare": [
+                    unchanged(&generation_key, generation_kv),
+                    unchanged(&name_key, Some(name_kv)),
+                ],
+                "success": [
+                    json!({ "request_put": {
+                        "key": BASE64.encode(&generation_key),
+                        "value": BASE64.encode(next.to_string()),
+                    }}),
+                    delete(&name_key),
+                    delete(&format!("{}ips/{}", self.root, rec.ip)),
+                    delete(&format!("{}netns/{}", self.root, rec.netns.display())),
+                ],
+            });
+            let answer: TxnResponse = self.call("/v3/kv/txn", &body, Retry::IfNotSent)?;
+            if answer.succeeded {
+                return Ok((rec, next));
+            }
+            // Another writer changed the generation or the container first.
         }
         Err(RegistryError::EtcdContention {
             url: self.url.clone(),

@@ -65,7 +65,10 @@ fn run(client: &Client, publisher: &WatchPublisher) {
         }
         first = false;
         match follow(client, publisher, &mut delay) {
-            Ok(Ended::Stopped) => return,
+            Ok(Ended::Stopped) => {
+                client.note_watched(None);
+                return;
+            }
             // Nothing is wrong with etcd, but a store compacting faster than a full read
             // takes must not make this a busy loop: the same growing pause.
             Ok(Ended::Behind | Ended::Lost) => {}
@@ -136,6 +139,14 @@ impl View {
     }
 }
 
+/// Publishes the snapshot `view` makes, and tells the handle's keeper (if any) what its host
+/// serves in it.
+fn publish(client: &Client, publisher: &WatchPublisher, view: &View) {
+    let snapshot = view.snapshot(client);
+    client.note_watched(snapshot.as_ref().ok());
+    publisher.publish(snapshot);
+}
+
 /// A full read, then the watch from the next revision until it ends.
 fn follow(
     client: &Client,
@@ -153,7 +164,7 @@ fn follow(
     for kv in &range.kvs {
         view.put(client, kv);
     }
-    publisher.publish(view.snapshot(client));
+    publish(client, publisher, &view);
     watch_from(client, publisher, view, revision + 1, delay)
 }
 
@@ -227,7 +238,7 @@ fn watch_from(
             }
         }
         // All events of one response are whole revisions: each one a complete update.
-        publisher.publish(view.snapshot(client));
+        publish(client, publisher, &view);
     }
 }
 
