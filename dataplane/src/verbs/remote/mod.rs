@@ -46,9 +46,12 @@ pub(crate) const QP_INFLIGHT_BYTES: u64 = 1 << 20;
 /// that shares its core with spinning programs can be off the CPU for a while, and TCP already
 /// retransmits what was lost (a router that died resets the connection at once).
 pub(crate) const SILENCE_FLOOR: Duration = Duration::from_secs(2);
-/// Connections from one host's address that are kept (beyond, the oldest goes): a router
-/// needs one per shard and destination container its QPs send to.
-const INCOMING_PER_HOST: usize = 64;
+/// Connections from one host's address that are kept (beyond, the oldest goes, and the QPs
+/// on it fail): a router opens one per shard and destination container its QPs send to, so
+/// this bounds how many containers of this host one shard of another host can talk to at once
+/// (it was 64, which a cluster of busy hosts passes). A bound, not a budget: a registered peer
+/// that opens this many holds as many of the router's descriptors.
+const INCOMING_PER_HOST: usize = 1024;
 /// Requests of one QP in flight at most.
 pub(crate) const QP_INFLIGHT_MAX: usize = 256;
 /// Poll events (`POLLIN`, `POLLOUT`) for the shard's io_uring.
