@@ -81,6 +81,16 @@ fn is_datagram(ps: u16) -> bool {
     ps == port_space::UDP
 }
 
+/// The most private data a connect (or, with `accept`, an accept) of port space `ps` carries.
+fn private_data_limit_of(ps: u16, accept: bool) -> usize {
+    match (is_datagram(ps), accept) {
+        (true, false) => private_data_limit::UD_CONNECT,
+        (true, true) => private_data_limit::UD_ACCEPT,
+        (false, false) => private_data_limit::CONNECT,
+        (false, true) => private_data_limit::ACCEPT,
+    }
+}
+
 #[derive(Debug)]
 struct CmId {
     /// The event channel's connection.
@@ -635,11 +645,7 @@ impl CmService {
         table: &HashMap<NetnsId, ContainerEntry>,
     ) -> Reply {
         let cm = &self.ids[&id];
-        let limit = match is_datagram(cm.ps) {
-            true => private_data_limit::UD_CONNECT,
-            false => private_data_limit::CONNECT,
-        };
-        if req.private_data.len() > limit {
+        if req.private_data.len() > private_data_limit_of(cm.ps, false) {
             return Err(libc::EINVAL);
         }
         if cm.state != State::RouteResolved {
@@ -764,11 +770,7 @@ impl CmService {
 
     fn accept(&mut self, id: u32, req: &CmRecord) -> Reply {
         let cm = &self.ids[&id];
-        let limit = match is_datagram(cm.ps) {
-            true => private_data_limit::UD_ACCEPT,
-            false => private_data_limit::ACCEPT,
-        };
-        if req.private_data.len() > limit {
+        if req.private_data.len() > private_data_limit_of(cm.ps, true) {
             return Err(libc::EINVAL);
         }
         if cm.state != State::Requested {
@@ -1165,11 +1167,7 @@ impl CmService {
             return;
         };
         if Self::find_container(table, &tenant, *msg.dst.ip()).is_none()
-            || msg.private_data.len()
-                > match is_datagram(msg.ps) {
-                    true => private_data_limit::UD_CONNECT,
-                    false => private_data_limit::CONNECT,
-                }
+            || msg.private_data.len() > private_data_limit_of(msg.ps, false)
         {
             let r = refuse(-libc::EHOSTUNREACH);
             return self.peer_out.push(r);

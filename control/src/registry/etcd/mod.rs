@@ -698,12 +698,7 @@ impl Client {
                 &json!({ "success": [range(&generation_key), range(&host_key)] }),
                 Retry::Safe,
             )?;
-            let [generation_kv, host_kv] = [0, 1].map(|i| {
-                read.responses
-                    .get(i)
-                    .and_then(|r| r.response_range.as_ref())
-                    .and_then(|r| r.kvs.first())
-            });
+            let [generation_kv, host_kv] = [0, 1].map(|i| read.first_kv(i));
             let generation = match generation_kv {
                 Some(kv) => match self.entry(&generation_key, &self.decode(kv)?.1)? {
                     Entry::Generation(g) => g,
@@ -763,15 +758,10 @@ impl Client {
                 return Ok(next);
             }
             let holder = |i: usize| {
-                answer
-                    .responses
-                    .get(i)
-                    .and_then(|r| r.response_range.as_ref())
-                    .and_then(|r| r.kvs.first())
-                    .map(|kv| {
-                        let value = BASE64.decode(&kv.value).unwrap_or_default();
-                        String::from_utf8_lossy(&value).into_owned()
-                    })
+                answer.first_kv(i).map(|kv| {
+                    let value = BASE64.decode(&kv.value).unwrap_or_default();
+                    String::from_utf8_lossy(&value).into_owned()
+                })
             };
             if holder(0).is_some() {
                 return Err(RegistryError::DuplicateName(rec.name.clone()));
@@ -826,12 +816,7 @@ impl Client {
                 &json!({ "success": [range(&generation_key), range(&name_key)] }),
                 Retry::Safe,
             )?;
-            let [generation_kv, name_kv] = [0, 1].map(|i| {
-                read.responses
-                    .get(i)
-                    .and_then(|r| r.response_range.as_ref())
-                    .and_then(|r| r.kvs.first())
-            });
+            let [generation_kv, name_kv] = [0, 1].map(|i| read.first_kv(i));
             let Some(name_kv) = name_kv else {
                 return Err(RegistryError::NotFound(name.to_owned()));
             };
@@ -1134,6 +1119,16 @@ struct TxnResponse {
     succeeded: bool,
     #[serde(default)]
     responses: Vec<TxnOpResponse>,
+}
+
+impl TxnResponse {
+    /// The first key-value of the transaction's `i`th operation, if it was a read that found one.
+    fn first_kv(&self, i: usize) -> Option<&KeyValue> {
+        self.responses
+            .get(i)
+            .and_then(|r| r.response_range.as_ref())
+            .and_then(|r| r.kvs.first())
+    }
 }
 
 #[derive(Deserialize)]
