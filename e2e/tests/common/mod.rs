@@ -198,7 +198,43 @@ impl Site {
                 .unwrap();
             assert_success(&out, &format!("container add {name}"));
         }
+        if !spec.registered.is_empty() {
+            site.wait_for_every_host_to_serve_the_registry();
+        }
         site
+    }
+
+    /// Waits (at most 20 s) until every host's daemon pushed the registry's current generation
+    /// to its router. `container add` waits only for its own host's daemon: a program started
+    /// right after it on another host could otherwise meet a router that does not know the
+    /// new container yet (`ibv_modify_qp` to RTR then fails as unreachable).
+    fn wait_for_every_host_to_serve_the_registry(&self) {
+        let out = self
+            .in_host(0, &FREEFLOW)
+            .args(["container", "ls", "--json", "--dir"])
+            .arg(&self.dirs[0])
+            .output()
+            .unwrap();
+        assert_success(&out, "container ls --json");
+        let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let generation = listing["generation"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no generation in `container ls --json`: {listing}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for host in 0..self.dirs.len() {
+            loop {
+                let served = self.router_status(host)["daemon"]["registry_generation"].as_u64();
+                if served.is_some_and(|g| g >= generation) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "host {host}'s daemon still serves registry generation {served:?}, not \
+                     {generation}, 20 s after the last `container add`"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     /// [`Site::create`] for the TCP-mode tests: fails first unless the test runs as root and the

@@ -3,9 +3,10 @@
 //! wake-up of armed CQs' channels).
 
 use super::{context_mut, ring_slots, Engine};
-use crate::verbs::ids::{AttachmentId, CqId};
+use crate::verbs::ids::{AttachmentId, CqId, QpId};
 use crate::verbs::{notify, VerbsError};
 use freeflow_proto::region::SharedRegion;
+use freeflow_proto::verbs::qp::QpState;
 use freeflow_proto::verbs::{cq_flags, limits, CqCreated, CreateCq, QueueFileKind, ResizeCq};
 use freeflow_proto::{Producer, RingGeometry, Wake};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -195,6 +196,33 @@ impl Engine {
         Ok(())
     }
 
+    /// Executes the send WQEs the caller's QPs in RTS have posted (at most
+    /// `POSTED_SENDS_ROUNDS` batches each): a request that follows `ibv_post_send` in the
+    /// program then sees the completions a device would have produced by the time the request
+    /// reached it. Without this the shard may serve the request before its next pass over the
+    /// send queues, and a program that posts sends and then shrinks the CQ below their
+    /// completions (rdma-core's `test_resize_cq`) is not refused.
+    fn run_posted_sends_of(&mut self, attachment: AttachmentId) {
+        const POSTED_SENDS_ROUNDS: usize = 64;
+        let mine: Vec<QpId> = self
+            .qps
+            .keys()
+            .filter(|&i| {
+                self.qps.get(i).is_some_and(|qp| {
+                    qp.owner == attachment && qp.state == QpState::Rts && !qp.broken
+                })
+            })
+            .collect();
+        let mut now = None;
+        for index in mine {
+            for _ in 0..POSTED_SENDS_ROUNDS {
+                if self.run_send_queue(index, &mut now) == 0 {
+                    break;
+                }
+            }
+        }
+    }
+
     /// `ibv_resize_cq`: a new ring of at least `cqe` entries replaces the CQ's ring, holding
     /// the completions the program has not polled yet, in order (at the start of the new
     /// ring). Nothing is produced between the copy and the switch: this shard is the only
@@ -216,6 +244,7 @@ impl Engine {
         if r.cqe == 0 || r.cqe > limits::MAX_CQE {
             return Err(VerbsError::Invalid("cqe out of range"));
         }
+        self.run_posted_sends_of(attachment);
         let cq = self.cqs.entry_mut(index)?;
         if cq.broken {
             return Err(VerbsError::Invalid("the CQ's ring is broken"));

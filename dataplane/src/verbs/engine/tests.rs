@@ -596,6 +596,22 @@ fn resizing_a_cq_keeps_its_pending_completions_in_order() {
 }
 
 #[test]
+fn a_resize_counts_the_completions_of_sends_posted_before_it() {
+    let mut engine = Engine::new(false);
+    let (mut a, b) = pair_with_cqs_of(&mut engine, 16);
+    // Posted, no pass of the shard in between: the resize itself executes them first, as
+    // the program's order says (rdma-core's test_resize_cq posts, then shrinks).
+    write_ids(&mut a, &b, 0..10);
+    assert_eq!(
+        resize(&mut engine, &mut a, 9),
+        Err(VerbsStatus::Invalid as u16)
+    );
+    assert_eq!(resize(&mut engine, &mut a, 10), Ok(16));
+    let ids: Vec<u64> = completions(&mut a).iter().map(|c| c.wr_id).collect();
+    assert_eq!(ids, (0..10).collect::<Vec<_>>());
+}
+
+#[test]
 fn no_completion_is_lost_when_a_full_cq_is_resized_meanwhile() {
     let mut engine = Engine::new(false);
     let (mut a, b) = pair_with_cqs_of(&mut engine, 16);
