@@ -159,10 +159,10 @@ impl Attachment {
     }
 
     fn serve_verbs(&mut self, header: MsgHeader, engine: &mut Engine) -> Result<(), RingError> {
-        if header.opcode == wire::op::REG_MR && !engine.has_memory_file(self.engine_id()) {
-            // The shim sends its memory file on the connection before the first registration
-            // it pushes, so it is in the socket by now, even if the shard's watch on the
-            // connection has not fired yet.
+        if header.opcode == wire::op::REG_MR {
+            // The shim sends a memory file on the connection before the first registration
+            // that uses it, so it is in the socket by now, even if the shard's watch on the
+            // connection has not fired yet (one non-blocking read when there is none).
             match self.on_connection_readable(engine) {
                 ConnectionEvent::Violation(why) => self.violation = Some(why),
                 ConnectionEvent::Quiet | ConnectionEvent::Closed => {}

@@ -129,7 +129,11 @@ fn send_memory_file(session: &Session, size: u64, fds: &[&dyn AsFd]) {
     let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
     fdpass::send_with_fds(
         session.connection().as_fd(),
-        &MemoryFileMsg { size }.encode(),
+        &MemoryFileMsg {
+            size,
+            file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+        }
+        .encode(),
         &fds,
     )
     .unwrap();
@@ -175,6 +179,8 @@ fn protection_domains_and_regions_over_the_rings() {
         addr: BASE + 1000,
         length: 6000,
         iova: BASE + 1000,
+        file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+        file_offset: 0,
     };
     // Before the memory file: refused, and the attachment stays.
     assert_eq!(
@@ -411,6 +417,8 @@ fn hostile_memory_files_cost_only_their_own_attachment() {
         addr: BASE,
         length: 4096,
         iova: BASE,
+        file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+        file_offset: 0,
     };
     let (st, body) = call(&mut good, verbs::op::REG_MR, &encoded(&reg));
     assert_eq!(st, status::OK, "{}", router.log());

@@ -470,6 +470,8 @@ fn verbs_body_seeds() -> Vec<Vec<u8>> {
                 addr: 0x7f10_0000_0000,
                 length: 16384,
                 iova: 0x7f10_0000_0000,
+                file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+                file_offset: 0,
             }
             .to_vec(),
         ),
@@ -544,7 +546,15 @@ fn verbs_body_seeds() -> Vec<Vec<u8>> {
             .encode()
             .to_vec(),
         ),
-        with_kind(23, MemoryFileMsg { size: 1 << 47 }.encode().to_vec()),
+        with_kind(
+            23,
+            MemoryFileMsg {
+                size: 1 << 47,
+                file: 0,
+            }
+            .encode()
+            .to_vec(),
+        ),
     ]
 }
 

@@ -403,7 +403,7 @@ proptest! {
     ) {
         let q = QueueFileMsg { kind, handle };
         prop_assert_eq!(QueueFileMsg::decode(&q.encode()), Ok(q));
-        let m = MemoryFileMsg { size };
+        let m = MemoryFileMsg { size, file: pd as u16 };
         prop_assert_eq!(MemoryFileMsg::decode(&m.encode()), Ok(m));
         let w = TestWrite { pd, lkey, addr, data };
         let mut out = [0u8; 64];

@@ -88,6 +88,8 @@ fn all() -> Vec<(&'static str, String)> {
                 addr: x,
                 length: y,
                 iova: z,
+                file: 0x0201,
+                file_offset: x,
             }),
         ),
         (
@@ -202,7 +204,14 @@ fn all() -> Vec<(&'static str, String)> {
             }
             .encode()),
         ),
-        ("MemoryFileMsg", hex(&MemoryFileMsg { size: x }.encode())),
+        (
+            "MemoryFileMsg",
+            hex(&MemoryFileMsg {
+                size: x,
+                file: 0x0201,
+            }
+            .encode()),
+        ),
     ];
     let mut buf = [0u8; 64];
     let w = TestWrite {
@@ -313,7 +322,7 @@ fn all() -> Vec<(&'static str, String)> {
 const GOLDEN: &[(&str, &str)] = &[
     ("PdCreated", "04030201"),
     ("DeallocPd", "04030201"),
-    ("RegMr", "04030201080706051817161514131211201f1e1d1c1b1a192827262524232221"),
+    ("RegMr", "04030201080706051817161514131211201f1e1d1c1b1a19282726252423222101021817161514131211"),
     ("MrCreated", "04030201080706050c0b0a09"),
     ("DeregMr", "04030201"),
     ("ObjectHandle", "04030201"),
@@ -332,7 +341,7 @@ const GOLDEN: &[(&str, &str)] = &[
     ("ModifyQp", "040302010807060501020304080706050c0b0a09100f0e0d14131211181716151a191b1c1d1e1f2021222328a0a1a2a3a4a5a6a7a8a9aaabacadaeaf27262524292a2b2e2d2c2f30310000003534333244434241484746454c4b4a49504f4e4d5453525100000000"),
     ("QpQueried", "01020304080706050c0b0a09100f0e0d14131211181716151a191b1c1d1e1f2021222328a0a1a2a3a4a5a6a7a8a9aaabacadaeaf27262524292a2b2e2d2c2f30310000003534333244434241484746454c4b4a49504f4e4d54535251000000000c0b0a09"),
     ("QueueFileMsg", "464651460400000004030201"),
-    ("MemoryFileMsg", "46464d46010000001817161514131211"),
+    ("MemoryFileMsg", "46464d46010001021817161514131211"),
     ("TestWrite", "04030201080706051817161514131211eeeff0"),
     ("SendWqeHeader", "1817161514131211040b030204030201201f1e1d1c1b1a19080706050c0b0a0928272625242322213808080808080808"),
     ("Sge", "18171615141312110403020108070605"),

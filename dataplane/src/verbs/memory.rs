@@ -92,6 +92,17 @@ impl MemoryFile {
     /// Maps `len` bytes of the file at `offset` (both page multiples, inside the file, every
     /// page backed: the shim wrote them when it moved the application's pages there).
     pub fn map(&self, offset: u64, len: u64) -> Result<Mapping, MemoryError> {
+        self.map_pages(offset, len, true)
+    }
+
+    /// Maps `len` bytes of the file at `offset` (both page multiples, inside the file), holes
+    /// and all: a further file is the program's own shared memory, where pages it never wrote
+    /// are holes.
+    pub fn map_sparse(&self, offset: u64, len: u64) -> Result<Mapping, MemoryError> {
+        self.map_pages(offset, len, false)
+    }
+
+    fn map_pages(&self, offset: u64, len: u64, backed: bool) -> Result<Mapping, MemoryError> {
         let out_of_file = || MemoryError::OutOfFile { offset, len };
         if len == 0 || !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(out_of_file());
@@ -100,6 +111,13 @@ impl MemoryFile {
         if end > self.size || usize::try_from(len).is_err() || i64::try_from(offset).is_err() {
             return Err(out_of_file());
         }
+        if backed {
+            self.check_backed(offset, len, end)?;
+        }
+        self.map_unchecked(offset, len)
+    }
+
+    fn check_backed(&self, offset: u64, len: u64, end: u64) -> Result<(), MemoryError> {
         // SAFETY: lseek only moves this fd's file position (nobody else reads through it).
         let hole = unsafe { libc::lseek(self.fd.as_raw_fd(), offset as i64, libc::SEEK_HOLE) };
         if hole < 0 {
@@ -112,6 +130,11 @@ impl MemoryFile {
                 hole: hole as u64,
             });
         }
+        Ok(())
+    }
+
+    /// Maps pages [`MemoryFile::map_pages`] checked.
+    fn map_unchecked(&self, offset: u64, len: u64) -> Result<Mapping, MemoryError> {
         // SAFETY: a new shared mapping at an address the kernel picks overlaps nothing of ours;
         // offset and length were checked to be page multiples inside the file; the result is
         // checked for MAP_FAILED.

@@ -44,7 +44,7 @@ use freeflow_proto::msg::status;
 use freeflow_proto::verbs::{
     self, check_mr_access, limits, AccessFlags, AccessFlagsError, Body, DeallocPd, DecodeError,
     DeregMr, MemoryFileMsg, MrCreated, PdCreated, RegMr, TestDigest, TestRead, TestWrite, VerbsOp,
-    VerbsStatus, MEMORY_FILE_SIZE, PAGE_SIZE,
+    VerbsStatus, MAX_FURTHER_MEMORY_FILES, MEMORY_FILE_SIZE, OWN_MEMORY_FILE, PAGE_SIZE,
 };
 use memory::Mapping;
 use std::hash::{BuildHasher, Hasher};
@@ -245,6 +245,17 @@ struct Mr {
     mapping: Mapping,
     /// Where the region's first byte is in `mapping`.
     offset: usize,
+    /// The memory file its pages are in.
+    file: u16,
+}
+
+/// A further memory file and how many regions use it: the last one's deregistration (or a
+/// failed registration that leaves none) lets it go, as the shim forgets it then too, so an
+/// attachment holds only the files its regions use.
+#[derive(Debug)]
+struct FurtherFile {
+    file: MemoryFile,
+    mrs: u32,
 }
 
 /// Test hooks (`freeflow_proto::verbs::op::TEST_READ`/`TEST_WRITE`) are served only if the
@@ -283,6 +294,9 @@ impl KeyGen {
 #[derive(Debug)]
 pub struct VerbsTable {
     memory: Option<MemoryFile>,
+    /// Further memory files by the number the shim gave them (memfds the program mapped shared
+    /// itself; see [`MemoryFileMsg`]).
+    further_files: NumberMap<u16, FurtherFile>,
     pds: NumberMap<PdId, Pd>,
     mrs: NumberMap<u32, Mr>,
     /// Key to region handle. Local and remote keys are drawn apart (never equal), so a local key
@@ -305,6 +319,7 @@ impl VerbsTable {
     pub fn new(test_hooks: bool) -> VerbsTable {
         VerbsTable {
             memory: None,
+            further_files: NumberMap::default(),
             pds: NumberMap::default(),
             mrs: NumberMap::default(),
             lkeys: NumberMap::default(),
@@ -316,10 +331,6 @@ impl VerbsTable {
         }
     }
 
-    pub fn has_memory_file(&self) -> bool {
-        self.memory.is_some()
-    }
-
     pub fn pd_count(&self) -> usize {
         self.pds.len()
     }
@@ -328,13 +339,43 @@ impl VerbsTable {
         self.mrs.len()
     }
 
-    /// Takes the memory file the shim sent with `msg`. One per attachment: a second is refused.
+    /// Takes the memory file the shim sent with `msg`: its own (one per attachment: a second is
+    /// refused), or a further one under a number not in use, up to
+    /// [`MAX_FURTHER_MEMORY_FILES`]. Either is checked the same way (a regular file of the size
+    /// the message names, sealed against shrinking).
     pub fn adopt_memory_file(&mut self, msg: MemoryFileMsg, fd: OwnedFd) -> Result<(), VerbsError> {
-        if self.memory.is_some() {
+        if msg.file == OWN_MEMORY_FILE {
+            if self.memory.is_some() {
+                return Err(VerbsError::SecondMemoryFile);
+            }
+            self.memory = Some(MemoryFile::adopt(fd, msg.size, MEMORY_FILE_SIZE)?);
+            return Ok(());
+        }
+        if self.further_files.contains_key(&msg.file) {
             return Err(VerbsError::SecondMemoryFile);
         }
-        self.memory = Some(MemoryFile::adopt(fd, msg.size, MEMORY_FILE_SIZE)?);
+        if self.further_files.len() >= MAX_FURTHER_MEMORY_FILES {
+            return Err(VerbsError::Limit("further memory files"));
+        }
+        let file = MemoryFile::adopt(fd, msg.size, MEMORY_FILE_SIZE)?;
+        self.further_files
+            .insert(msg.file, FurtherFile { file, mrs: 0 });
         Ok(())
+    }
+
+    /// Further memory files held (each one of the container's budget units).
+    pub fn further_file_count(&self) -> usize {
+        self.further_files.len()
+    }
+
+    /// Whether the memory file numbered `file` was adopted.
+    #[cfg(test)]
+    pub fn has_file(&self, file: u16) -> bool {
+        if file == OWN_MEMORY_FILE {
+            self.memory.is_some()
+        } else {
+            self.further_files.contains_key(&file)
+        }
     }
 
     /// A handle not in use by any PD or MR of this table (never 0).
@@ -395,8 +436,22 @@ impl VerbsTable {
     }
 
     /// Registers a region: checks every field, maps its pages from the memory file and gives it
-    /// a handle and two keys.
+    /// a handle and two keys. A further file that no region uses after the call goes.
     pub fn reg_mr(&mut self, r: &RegMr) -> Result<MrCreated, VerbsError> {
+        let created = self.reg_mr_checked(r);
+        if created.is_err() {
+            self.drop_unused_file(r.file);
+        }
+        created
+    }
+
+    fn drop_unused_file(&mut self, file: u16) {
+        if self.further_files.get(&file).is_some_and(|f| f.mrs == 0) {
+            self.further_files.remove(&file);
+        }
+    }
+
+    fn reg_mr_checked(&mut self, r: &RegMr) -> Result<MrCreated, VerbsError> {
         let pd = PdId(r.pd);
         if !self.pds.contains_key(&pd) {
             return Err(VerbsError::NoSuchPd(r.pd));
@@ -432,9 +487,26 @@ impl VerbsTable {
         if self.mapped_bytes + pages > limits::MAX_MAPPED_BYTES {
             return Err(VerbsError::Limit("registered bytes"));
         }
-        let memory = self.memory.as_ref().ok_or(VerbsError::NoMemoryFile)?;
-        // The page at virtual address A lives at file offset A (see freeflow_proto::verbs).
-        let mapping = memory.map(first_page, pages)?;
+        let mapping = if r.file == OWN_MEMORY_FILE {
+            if r.file_offset != 0 {
+                return Err(VerbsError::Invalid(
+                    "a file offset for the process's own memory file",
+                ));
+            }
+            let memory = self.memory.as_ref().ok_or(VerbsError::NoMemoryFile)?;
+            // The page at virtual address A lives at file offset A (see freeflow_proto::verbs).
+            memory.map(first_page, pages)?
+        } else {
+            let further = self
+                .further_files
+                .get_mut(&r.file)
+                .ok_or(VerbsError::NoMemoryFile)?;
+            // The program's own shared memory: pages it never wrote are holes, legitimately
+            // (the router's writes there allocate them, bounded by the registered bytes).
+            let mapping = further.file.map_sparse(r.file_offset, pages)?;
+            further.mrs += 1;
+            mapping
+        };
         self.pds.get_mut(&pd).ok_or(VerbsError::NoSuchPd(r.pd))?.mrs += 1;
         let handle = self.new_handle();
         let lkey = self.new_key();
@@ -453,6 +525,7 @@ impl VerbsTable {
                 rkey,
                 mapping,
                 offset: (r.addr - first_page) as usize,
+                file: r.file,
             },
         );
         Ok(MrCreated {
@@ -470,6 +543,10 @@ impl VerbsTable {
         self.mapped_bytes -= entry.mapping.len() as u64;
         if let Some(pd) = self.pds.get_mut(&entry.pd) {
             pd.mrs -= 1;
+        }
+        if let Some(further) = self.further_files.get_mut(&entry.file) {
+            further.mrs -= 1;
+            self.drop_unused_file(entry.file);
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ fn table_with_memory() -> (VerbsTable, std::fs::File) {
     t.adopt_memory_file(
         MemoryFileMsg {
             size: MEMORY_FILE_SIZE,
+            file: freeflow_proto::verbs::OWN_MEMORY_FILE,
         },
         fd,
     )
@@ -40,6 +41,8 @@ fn region(pd: PdId, addr: u64, length: u64, access: u32) -> RegMr {
         addr,
         length,
         iova: addr,
+        file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+        file_offset: 0,
     }
 }
 
@@ -95,6 +98,8 @@ fn registration_checks_every_field() {
         addr: BASE + 100,
         length: 200,
         iova: BASE + 100,
+        file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+        file_offset: 0,
     };
     let cases: Vec<(RegMr, u16)> = vec![
         (RegMr { pd: pd.0 + 1, ..ok }, VerbsStatus::BadHandle as u16),
@@ -211,7 +216,8 @@ fn registration_needs_the_memory_file_and_takes_only_one() {
     assert!(matches!(
         t.adopt_memory_file(
             MemoryFileMsg {
-                size: MEMORY_FILE_SIZE
+                size: MEMORY_FILE_SIZE,
+                file: freeflow_proto::verbs::OWN_MEMORY_FILE,
             },
             again
         ),
@@ -222,13 +228,14 @@ fn registration_needs_the_memory_file_and_takes_only_one() {
     assert!(matches!(
         t.adopt_memory_file(
             MemoryFileMsg {
-                size: MEMORY_FILE_SIZE
+                size: MEMORY_FILE_SIZE,
+                file: freeflow_proto::verbs::OWN_MEMORY_FILE,
             },
             test_memfd(MEMORY_FILE_SIZE, 0)
         ),
         Err(VerbsError::Memory(MemoryError::NotSealed { .. }))
     ));
-    assert!(!t.has_memory_file());
+    assert!(!t.has_file(freeflow_proto::verbs::OWN_MEMORY_FILE));
 }
 
 #[test]
@@ -442,6 +449,8 @@ fn iova_regions_resolve_in_their_own_address_space() {
             addr,
             length: 1000,
             iova,
+            file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+            file_offset: 0,
         })
         .unwrap();
     let v = t
@@ -474,6 +483,8 @@ fn serve_decodes_requests_and_reports_statuses() {
         addr: BASE + 7,
         length: 100,
         iova: BASE + 7,
+        file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+        file_offset: 0,
     }
     .encode(&mut body);
     assert_eq!(
@@ -581,4 +592,91 @@ fn registered_bytes_are_bounded() {
     reg(&mut t, pd, BASE, 10, 0);
     let e = t.reg_mr(&region(pd, BASE, 10, 0)).unwrap_err();
     assert!(matches!(e, VerbsError::Limit(_)));
+}
+
+/// A further memory file (a memfd the program mapped shared itself): registered by file
+/// offset, holes allowed, checked like the own file (sealed, its size), numbered once, and
+/// bounded in count.
+#[test]
+fn further_memory_files_register_by_offset_and_are_checked() {
+    use freeflow_proto::verbs::MAX_FURTHER_MEMORY_FILES;
+    let (mut t, _own) = table_with_memory();
+    let pd = t.alloc_pd().unwrap();
+    let size = 64 * 4096u64;
+    let fd = test_memfd(size, REQUIRED_SEALS);
+    let file = std::fs::File::from(fd.try_clone().unwrap());
+    // Bytes only on the sixth page: the others are holes, which a further file may have.
+    file.write_all_at(b"further", 5 * 4096 + 10).unwrap();
+    let further = |file| MemoryFileMsg { size, file };
+    // A registration naming a file not sent yet is refused as the own file's absence is.
+    let reg = RegMr {
+        file: 3,
+        file_offset: 4 * 4096,
+        ..region(pd, 0x7000_0000_0000 + 20, 2 * 4096, access::LOCAL_WRITE)
+    };
+    assert!(matches!(t.reg_mr(&reg), Err(VerbsError::NoMemoryFile)));
+    t.adopt_memory_file(further(3), fd).unwrap();
+    assert!(t.has_file(3) && !t.has_file(4));
+    let mr = t.reg_mr(&reg).unwrap();
+    // The region's address maps to file offset 4 pages + 20: "further" is at 1 page - 10 on.
+    let view = t
+        .resolve(
+            pd,
+            Key::Local(mr.lkey),
+            reg.addr + 4096 - 10,
+            7,
+            Need::LocalRead,
+        )
+        .unwrap();
+    let mut got = [0u8; 7];
+    view.read_at(0, &mut got).unwrap();
+    assert_eq!(&got, b"further");
+    // Beyond the file, unaligned offsets, and a file offset for the own file: refused.
+    for (file, file_offset, what) in [
+        (3, size - 4096, "beyond the file"),
+        (3, 100, "unaligned"),
+        (freeflow_proto::verbs::OWN_MEMORY_FILE, 4096, "own file"),
+    ] {
+        let r = RegMr {
+            file,
+            file_offset,
+            ..reg
+        };
+        let e = t.reg_mr(&r).unwrap_err();
+        assert!(
+            matches!(e, VerbsError::Memory(_) | VerbsError::Invalid(_)),
+            "{what}: {e}"
+        );
+    }
+    // The same number twice, an unsealed file, a size other than the file's: refused.
+    let again = test_memfd(size, REQUIRED_SEALS);
+    assert!(matches!(
+        t.adopt_memory_file(further(3), again),
+        Err(VerbsError::SecondMemoryFile)
+    ));
+    assert!(matches!(
+        t.adopt_memory_file(further(4), test_memfd(size, 0)),
+        Err(VerbsError::Memory(MemoryError::NotSealed { .. }))
+    ));
+    assert!(matches!(
+        t.adopt_memory_file(
+            MemoryFileMsg {
+                size: size * 2,
+                file: 5
+            },
+            test_memfd(size, REQUIRED_SEALS)
+        ),
+        Err(VerbsError::Memory(MemoryError::SizeMismatch { .. }))
+    ));
+    assert!(!t.has_file(4) && !t.has_file(5));
+    // At most MAX_FURTHER_MEMORY_FILES per attachment.
+    for n in 4..(3 + MAX_FURTHER_MEMORY_FILES as u16) {
+        t.adopt_memory_file(further(n), test_memfd(size, REQUIRED_SEALS))
+            .unwrap();
+    }
+    assert!(matches!(
+        t.adopt_memory_file(further(999), test_memfd(size, REQUIRED_SEALS)),
+        Err(VerbsError::Limit(_))
+    ));
+    t.dereg_mr(mr.mr).unwrap();
 }

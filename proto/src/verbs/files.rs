@@ -66,12 +66,17 @@ impl QueueFileMsg {
     }
 }
 
-/// The message a verbs shim sends on its attach connection, with its memory file attached by
-/// SCM_RIGHTS, before the first registration on that attachment.
+/// The message a verbs shim sends on its attach connection, with a memory file attached by
+/// SCM_RIGHTS, before the first registration on that attachment that uses the file: its own
+/// memory file (number [`super::OWN_MEMORY_FILE`]), or a further one (a memfd the program
+/// mapped shared itself, such as a router's mapping of its containers' memory), numbered by
+/// the shim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryFileMsg {
-    /// The file's size as the shim made it; the router checks it against the file.
+    /// The file's size as the shim saw it; the router checks it against the file.
     pub size: u64,
+    /// The number [`super::RegMr::file`] names the file by.
+    pub file: u16,
 }
 
 const MEMORY_FILE_MAGIC: [u8; 4] = *b"FFMF";
@@ -83,8 +88,7 @@ mod memory_file_field {
     use std::ops::Range;
     pub const MAGIC: Range<usize> = 0..4;
     pub const VERSION: Range<usize> = 4..6;
-    /// Zero.
-    pub const RESERVED: Range<usize> = 6..8;
+    pub const FILE: Range<usize> = 6..8;
     pub const SIZE: Range<usize> = 8..16;
 }
 
@@ -96,6 +100,7 @@ impl MemoryFileMsg {
         let mut b = [0u8; Self::LEN];
         codec::put(&mut b, field::MAGIC, MEMORY_FILE_MAGIC);
         codec::put(&mut b, field::VERSION, MEMORY_FILE_VERSION);
+        codec::put(&mut b, field::FILE, self.file);
         codec::put(&mut b, field::SIZE, self.size);
         b
     }
@@ -111,11 +116,9 @@ impl MemoryFileMsg {
         if codec::get::<u16>(b, field::VERSION) != MEMORY_FILE_VERSION {
             return Err(invalid("unknown version"));
         }
-        if codec::get::<u16>(b, field::RESERVED) != 0 {
-            return Err(invalid("reserved bytes set"));
-        }
         Ok(MemoryFileMsg {
             size: codec::get(b, field::SIZE),
+            file: codec::get(b, field::FILE),
         })
     }
 }

@@ -51,6 +51,11 @@ pub use test_hooks::{Fnv1a, TestDigest, TestRead, TestWrite, MAX_TEST_WRITE};
 /// Size of a shim's memory file: the whole x86-64 user address space (4-level paging), so a
 /// page's file offset can be its virtual address. Sparse: only registered pages hold memory.
 pub const MEMORY_FILE_SIZE: u64 = 1 << 47;
+/// [`RegMr::file`] and [`MemoryFileMsg::file`] of the process's own memory file.
+pub const OWN_MEMORY_FILE: u16 = 0;
+/// Further memory files one attachment may hand the router (shared mappings of memfds the
+/// program made or received itself).
+pub const MAX_FURTHER_MEMORY_FILES: usize = 64;
 /// Registered memory is handled in pages of this size.
 pub const PAGE_SIZE: u64 = 4096;
 /// Seals a memory file must carry (`F_SEAL_SHRINK | F_SEAL_SEAL`): its size cannot go down and

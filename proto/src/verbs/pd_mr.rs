@@ -17,7 +17,8 @@ pub struct DeallocPd {
 sequential_body!(DeallocPd { pd: u32 });
 
 /// Body of [`super::op::REG_MR`]: `length` bytes at the process's virtual address `addr`, known to
-/// work requests as `iova` (equal to `addr` unless registered with `ibv_reg_mr_iova2`).
+/// work requests as `iova` (equal to `addr` unless registered with `ibv_reg_mr_iova2`), whose
+/// pages lie in memory file `file` from `file_offset` on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegMr {
     pub pd: u32,
@@ -25,6 +26,12 @@ pub struct RegMr {
     pub addr: u64,
     pub length: u64,
     pub iova: u64,
+    /// [`super::OWN_MEMORY_FILE`] (the process's own memory file, where `file_offset` is the
+    /// address of the first page), or the number of a further file the shim sent (a shared
+    /// mapping of a memory file the program mapped itself).
+    pub file: u16,
+    /// File offset of the page that holds `addr`.
+    pub file_offset: u64,
 }
 sequential_body!(RegMr {
     pd: u32,
@@ -32,6 +39,8 @@ sequential_body!(RegMr {
     addr: u64,
     length: u64,
     iova: u64,
+    file: u16,
+    file_offset: u64,
 });
 
 /// Reply to [`super::op::REG_MR`]: the region's handle and keys, all virtual (the router's table).

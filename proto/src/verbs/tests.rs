@@ -31,6 +31,8 @@ fn bodies_round_trip_and_decode_only_at_their_length() {
         addr: 0x7fff_1234_5678,
         length: u64::MAX,
         iova: 3,
+        file: OWN_MEMORY_FILE,
+        file_offset: 0,
     });
     round_trip(MrCreated {
         mr: 9,
@@ -158,6 +160,7 @@ fn access_flags_are_checked_as_rdma_core_reports_them() {
 fn memory_file_message_is_checked() {
     let m = MemoryFileMsg {
         size: MEMORY_FILE_SIZE,
+        file: OWN_MEMORY_FILE,
     };
     let b = m.encode();
     assert_eq!(MemoryFileMsg::decode(&b), Ok(m));
@@ -168,9 +171,13 @@ fn memory_file_message_is_checked() {
     let mut bad = b;
     bad[4] = 9;
     assert!(MemoryFileMsg::decode(&bad).is_err());
-    let mut bad = b;
-    bad[7] = 1;
-    assert!(MemoryFileMsg::decode(&bad).is_err());
+    // Bytes 6..8 number the file.
+    let mut further = b;
+    further[6] = 3;
+    assert_eq!(
+        MemoryFileMsg::decode(&further),
+        Ok(MemoryFileMsg { file: 3, ..m })
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@ use freeflow_proto::fdpass;
 use freeflow_proto::msg::{status, MsgHeader, HEADER_LEN};
 use freeflow_proto::verbs::{
     Body, MemoryFileMsg, QueueFileKind, QueueFileMsg, VerbsStatus, MEMORY_FILE_SIZE, MIN_SLOT_SIZE,
+    OWN_MEMORY_FILE,
 };
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -29,6 +30,9 @@ pub struct Channel {
     next_cookie: u64,
     /// Generation of the memory file this attachment has (see `pages`).
     memory_generation: Option<u64>,
+    /// Further memory files this attachment has (see `pages`), by number, with the regions
+    /// registered in each: the router lets a file go with its last region, and so does this.
+    further_files: Vec<(u16, u32)>,
     buf: Vec<u8>,
 }
 
@@ -40,6 +44,7 @@ impl Channel {
             owner: std::process::id(),
             next_cookie: 1,
             memory_generation: None,
+            further_files: Vec::new(),
             buf,
         }
     }
@@ -82,10 +87,50 @@ impl Channel {
         }
         let msg = MemoryFileMsg {
             size: MEMORY_FILE_SIZE,
+            file: OWN_MEMORY_FILE,
         };
         fdpass::send_with_fds(self.session.connection().as_fd(), &msg.encode(), &[fd])?;
         self.memory_generation = Some(generation);
         Ok(())
+    }
+
+    /// Sends further memory file `number` (`fd`, of `size` bytes), unless this attachment has
+    /// it; a registration in it follows.
+    pub fn ensure_further_file(
+        &mut self,
+        number: u16,
+        fd: BorrowedFd<'_>,
+        size: u64,
+    ) -> Result<(), VerbsError> {
+        self.check_owner()?;
+        if self.further_files.iter().any(|&(n, _)| n == number) {
+            return Ok(());
+        }
+        let msg = MemoryFileMsg { size, file: number };
+        fdpass::send_with_fds(self.session.connection().as_fd(), &msg.encode(), &[fd])?;
+        self.further_files.push((number, 0));
+        Ok(())
+    }
+
+    /// Counts a registration in further file `number` that the router answered: one region
+    /// more if it `succeeded`; a file left without regions is gone at the router, so here too.
+    pub fn further_file_registered(&mut self, number: u16, succeeded: bool) {
+        self.count_further(number, if succeeded { 1 } else { 0 });
+    }
+
+    /// Counts a region in further file `number` deregistered.
+    pub fn further_file_deregistered(&mut self, number: u16) {
+        self.count_further(number, -1);
+    }
+
+    fn count_further(&mut self, number: u16, change: i32) {
+        if let Some(i) = self.further_files.iter().position(|&(n, _)| n == number) {
+            let regions = self.further_files[i].1.saturating_add_signed(change);
+            self.further_files[i].1 = regions;
+            if regions == 0 {
+                self.further_files.swap_remove(i);
+            }
+        }
     }
 
     /// A handle on the router shard's doorbell, for queues this context produces into.

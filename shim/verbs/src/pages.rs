@@ -17,6 +17,13 @@
 //!
 //! After `fork`, the child has none of the registered pages (MADV_DONTFORK) and starts with an
 //! empty table and a new file.
+//!
+//! One kind of shared mapping is registered as it is, without moving anything: a `MAP_SHARED`
+//! mapping of a memory file the program holds open, sealed so it cannot shrink (a memfd it
+//! made or received; a Freeflow router that runs on a Freeflow device maps its containers'
+//! memory files so). The router gets that file too, as a further memory file with a number
+//! (see `freeflow_proto::verbs::MemoryFileMsg`), and maps the region from it by file offset.
+//! The library keeps its own descriptor of each such file while regions use it.
 
 use crate::maps::{self, Vma};
 use crate::memory::{self, SideStack};
@@ -39,6 +46,14 @@ pub enum PagesError {
     BeyondFile(u64),
     #[error("range {0:#x}.. includes this library's own memory")]
     LibraryMemory(u64),
+    #[error("pages at {0:#x} are a shared mapping of a file not sealed against shrinking; registering them is not supported")]
+    NotSealed(u64),
+    #[error(
+        "pages at {0:#x}.. span more than one shared mapping; registering them is not supported"
+    )]
+    SpansMappings(u64),
+    #[error("too many memory files with registered regions")]
+    TooManyFiles,
     #[error("reading /proc/self/maps: {0}")]
     Maps(io::Error),
     #[error("{op}: {source}")]
@@ -56,7 +71,10 @@ impl PagesError {
             | PagesError::Stale(_)
             | PagesError::BeyondFile(_)
             | PagesError::LibraryMemory(_) => libc::EFAULT,
-            PagesError::SharedMapping(_) => libc::EOPNOTSUPP,
+            PagesError::SharedMapping(_)
+            | PagesError::NotSealed(_)
+            | PagesError::SpansMappings(_) => libc::EOPNOTSUPP,
+            PagesError::TooManyFiles => libc::ENOMEM,
             PagesError::Maps(e) | PagesError::Os { source: e, .. } => {
                 e.raw_os_error().unwrap_or(libc::EIO)
             }
@@ -175,10 +193,39 @@ struct Backing {
     generation: u64,
 }
 
+/// A memory file the program mapped shared itself, with regions registered in it.
+#[derive(Debug)]
+struct FurtherFile {
+    number: u16,
+    /// This library's own descriptor of the file (opened anew, read-write).
+    fd: OwnedFd,
+    id: ((u32, u32), u64),
+    /// Registered regions in it; the entry goes with the last.
+    regions: u32,
+}
+
+/// A range registered in a further memory file (see [`Pages::acquire_further`]).
+#[derive(Debug)]
+pub struct FurtherRange {
+    /// The number the router knows the file by.
+    pub number: u16,
+    /// A descriptor of the file to send.
+    pub fd: OwnedFd,
+    /// The file's size now.
+    pub size: u64,
+    /// File offset of the range's first page.
+    pub file_offset: u64,
+}
+
 /// The process's registered pages.
 #[derive(Debug, Default)]
 pub struct Pages {
     backing: Option<Backing>,
+    /// Further memory files in use, and the process they belong to (a forked child starts with
+    /// none: its regions are its own).
+    further: Vec<FurtherFile>,
+    further_pid: u32,
+    last_number: u16,
     counts: RangeCounts,
     generations: u64,
     /// Where the moves run (see `memory`); made on first use.
@@ -349,8 +396,157 @@ impl Pages {
     /// True if no page is registered (tests).
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
-        self.counts.is_empty()
+        self.counts.is_empty() && self.further.is_empty()
     }
+
+    /// If `[start, end)` (page-aligned) is a shared mapping of a memory file the program holds
+    /// open, other than this library's own, counts one more region in that file and says
+    /// where the range is in it; `Ok(None)` if the range starts in anything else (which
+    /// [`Pages::acquire`] handles). A shared mapping that cannot be registered so (no
+    /// descriptor of its file open, a file that may shrink, several mappings) is an error.
+    pub fn acquire_further(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<FurtherRange>, PagesError> {
+        let pid = std::process::id();
+        if self.further_pid != pid {
+            self.further.clear();
+            self.further_pid = pid;
+        }
+        let vmas = maps::read_self().map_err(PagesError::Maps)?;
+        let pieces = maps::pieces(&vmas, start, end).map_err(PagesError::Unmapped)?;
+        let Some(&(_, _, first)) = pieces.first() else {
+            return Ok(None);
+        };
+        let ours = self
+            .backing
+            .as_ref()
+            .filter(|b| b.pid == pid)
+            .is_some_and(|b| first.is_identity_mapping_of(b.id.0, b.id.1));
+        if !first.shared || ours {
+            return Ok(None);
+        }
+        if !first.read {
+            return Err(PagesError::Unmapped(start));
+        }
+        let file_offset = first.offset + (start - first.start);
+        for &(a, _, vma) in &pieces[1..] {
+            let same_file = vma.shared && vma.dev == first.dev && vma.inode == first.inode;
+            if !same_file || !vma.read || vma.offset + (a - vma.start) != file_offset + (a - start)
+            {
+                return Err(PagesError::SpansMappings(start));
+            }
+        }
+        let id = (first.dev, first.inode);
+        let size;
+        if let Some(f) = self.further.iter_mut().find(|f| f.id == id) {
+            size = file_size(&f.fd).map_err(os("fstat of a further memory file"))?;
+            f.regions += 1;
+        } else {
+            let fd = open_mapped_file(id).ok_or(PagesError::SharedMapping(start))?;
+            let seals = freeflow_os::memfd::seals(fd.as_fd()).unwrap_or(0);
+            if seals & freeflow_proto::verbs::REQUIRED_SEALS
+                != freeflow_proto::verbs::REQUIRED_SEALS
+            {
+                return Err(PagesError::NotSealed(start));
+            }
+            size = file_size(&fd).map_err(os("fstat of a further memory file"))?;
+            let number = self.new_number()?;
+            self.further.push(FurtherFile {
+                number,
+                fd,
+                id,
+                regions: 1,
+            });
+        }
+        let f = self
+            .further
+            .iter()
+            .find(|f| f.id == id)
+            .expect("found or added above");
+        let fd = match f.fd.try_clone() {
+            Ok(fd) => fd,
+            Err(e) => {
+                let number = f.number;
+                self.release_further(number);
+                return Err(os("dup of a further memory file")(e));
+            }
+        };
+        Ok(Some(FurtherRange {
+            number: f.number,
+            fd,
+            size,
+            file_offset,
+        }))
+    }
+
+    /// Counts one region in further file `number` less; the last one's release closes the
+    /// library's descriptor of it.
+    pub fn release_further(&mut self, number: u16) {
+        if self.further_pid != std::process::id() {
+            return; // the parent's, in a forked child
+        }
+        if let Some(i) = self.further.iter().position(|f| f.number == number) {
+            self.further[i].regions -= 1;
+            if self.further[i].regions == 0 {
+                self.further.swap_remove(i);
+            }
+        }
+    }
+
+    /// A further file number not in use (never the own file's).
+    fn new_number(&mut self) -> Result<u16, PagesError> {
+        if self.further.len() >= freeflow_proto::verbs::MAX_FURTHER_MEMORY_FILES {
+            return Err(PagesError::TooManyFiles);
+        }
+        loop {
+            self.last_number = self.last_number.wrapping_add(1);
+            let n = self.last_number;
+            if n != freeflow_proto::verbs::OWN_MEMORY_FILE
+                && !self.further.iter().any(|f| f.number == n)
+            {
+                return Ok(n);
+            }
+        }
+    }
+}
+
+fn file_size(fd: &OwnedFd) -> io::Result<u64> {
+    Ok(std::fs::File::from(fd.try_clone()?).metadata()?.len())
+}
+
+/// A new read-write descriptor of the file `id` (device, inode) names, found among the
+/// process's open descriptors (`/proc/self/fd`); None if none is open.
+fn open_mapped_file(id: ((u32, u32), u64)) -> Option<OwnedFd> {
+    use std::os::unix::fs::MetadataExt;
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let path = entry.path();
+        // The metadata of the file the descriptor names (the link is followed).
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let dev = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        if (dev, meta.ino()) != id || !meta.is_file() {
+            continue;
+        }
+        // Opening the link anew gives a descriptor of the same file, read-write, whatever the
+        // program's own was opened with, and of ours to keep.
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        else {
+            continue;
+        };
+        let same = file.metadata().is_ok_and(|m| {
+            (libc::major(m.dev()), libc::minor(m.dev()), m.ino()) == (id.0 .0, id.0 .1, id.1)
+        });
+        if same {
+            return Some(OwnedFd::from(file));
+        }
+    }
+    None
 }
 
 fn check_movable(vma: &Vma, at: u64, ours: bool) -> Result<(), PagesError> {
@@ -573,6 +769,116 @@ mod tests {
             .map(|i| if i == 7 { 10 } else { (i % 251) as u8 })
             .collect();
         assert_eq!(std::hint::black_box(&buf)[..], expected[..]);
+    }
+
+    /// A shared mapping of `fd` of `pages` pages from file page `first_page`.
+    fn map_shared(fd: &OwnedFd, first_page: u64, pages: usize) -> u64 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh shared mapping of a test file, leaked for the test's lifetime.
+        #[allow(unsafe_code)]
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                (first_page * 4096) as i64,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as u64
+    }
+
+    /// A range of a program's own shared mapping of a sealed memfd (what a router maps of its
+    /// containers' memory files) registers where it is: the same file (a new descriptor of
+    /// it), the range's file offset, one number per file while regions use it.
+    #[test]
+    fn shared_mappings_of_sealed_memory_files_register_in_place() {
+        use std::os::unix::fs::FileExt;
+        let mut pages = Pages::default();
+        let size = 16 * 4096u64;
+        let fd =
+            freeflow_os::memfd::sized(c"ff-further", size, freeflow_os::memfd::FIXED_SIZE_SEALS)
+                .unwrap();
+        let at = map_shared(&fd, 2, 6);
+        // Private memory is not this path's.
+        let private = private_pages().as_ptr() as u64;
+        assert!(pages
+            .acquire_further(private, private + 4096)
+            .unwrap()
+            .is_none());
+        let one = pages
+            .acquire_further(at + 4096, at + 3 * 4096)
+            .unwrap()
+            .unwrap();
+        assert_eq!((one.size, one.file_offset), (size, 3 * 4096));
+        assert_ne!(one.number, freeflow_proto::verbs::OWN_MEMORY_FILE);
+        // Our descriptor is the program's file: bytes written through the mapping are in it.
+        // SAFETY: our own mapping of 6 pages.
+        #[allow(unsafe_code)]
+        unsafe {
+            *((at + 4096 + 5) as *mut u8) = 0xab;
+        }
+        let mut byte = [0u8; 1];
+        std::fs::File::from(one.fd.try_clone().unwrap())
+            .read_exact_at(&mut byte, 3 * 4096 + 5)
+            .unwrap();
+        assert_eq!(byte, [0xab]);
+        // A second region in the same file has its number; the file stays while one is left.
+        let two = pages.acquire_further(at, at + 6 * 4096).unwrap().unwrap();
+        assert_eq!((two.number, two.file_offset), (one.number, 2 * 4096));
+        pages.release_further(one.number);
+        assert!(!pages.is_empty());
+        pages.release_further(two.number);
+        assert!(pages.is_empty());
+        // A range beyond the mapping is unmapped memory (or another mapping): refused.
+        assert!(pages.acquire_further(at, at + 7 * 4096).is_err());
+        assert!(pages.is_empty());
+    }
+
+    #[test]
+    fn shared_mappings_that_cannot_register_in_place_are_refused() {
+        let mut pages = Pages::default();
+        // A memfd that may shrink (the router could lose pages it maps).
+        let unsealed = freeflow_os::memfd::sized(c"ff-unsealed", 4 * 4096, 0).unwrap();
+        let at = map_shared(&unsealed, 0, 4);
+        let e = pages.acquire_further(at, at + 4096).unwrap_err();
+        assert!(matches!(e, PagesError::NotSealed(_)), "{e}");
+        assert_eq!(e.errno(), libc::EOPNOTSUPP);
+        // A sealed file no descriptor of the program's names any more: nothing to hand over.
+        let closed =
+            freeflow_os::memfd::sized(c"ff-closed", 4 * 4096, freeflow_os::memfd::FIXED_SIZE_SEALS)
+                .unwrap();
+        let closed_at = map_shared(&closed, 0, 4);
+        drop(closed);
+        let e = pages
+            .acquire_further(closed_at, closed_at + 4096)
+            .unwrap_err();
+        assert!(matches!(e, PagesError::SharedMapping(_)), "{e}");
+        // Two mappings of one file that are not one contiguous range of it.
+        let sealed =
+            freeflow_os::memfd::sized(c"ff-two", 8 * 4096, freeflow_os::memfd::FIXED_SIZE_SEALS)
+                .unwrap();
+        let base = map_shared(&sealed, 0, 2);
+        // SAFETY: replaces our own mapping's second page with file page 5.
+        #[allow(unsafe_code)]
+        unsafe {
+            use std::os::fd::AsRawFd;
+            let p = libc::mmap(
+                (base + 4096) as *mut libc::c_void,
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                sealed.as_raw_fd(),
+                5 * 4096,
+            );
+            assert_eq!(p as u64, base + 4096);
+        }
+        let e = pages.acquire_further(base, base + 2 * 4096).unwrap_err();
+        assert!(matches!(e, PagesError::SpansMappings(_)), "{e}");
+        assert_eq!(e.errno(), libc::EOPNOTSUPP);
+        assert!(pages.is_empty());
     }
 
     #[test]

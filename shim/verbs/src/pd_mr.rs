@@ -13,10 +13,10 @@
 
 use crate::abi::{IbvContext, IbvMr, IbvPd};
 use crate::error::{returns_errno, returns_object, VerbsError};
-use crate::registry::{self, lock, MrEntry, PdEntry};
+use crate::registry::{self, lock, MrEntry, MrMemory, PdEntry};
 use freeflow_proto::verbs::{
     check_mr_access, limits, op, Body, DeallocPd, DeregMr, MrCreated, PdCreated, RegMr, TestDigest,
-    TestRead, TestWrite, MAX_TEST_WRITE, PAGE_SIZE,
+    TestRead, TestWrite, MAX_TEST_WRITE, OWN_MEMORY_FILE, PAGE_SIZE,
 };
 use std::ffi::{c_int, c_uint, c_void};
 use std::os::fd::AsFd;
@@ -112,27 +112,51 @@ fn reg_mr(
     let (first, end) = check_registration(addr as u64, length as u64, iova)?;
     let mut pages_guard = registry::pages();
     let pages = pages_guard.as_mut().expect("made by registry::pages");
-    pages.acquire(first, end)?;
-    let registered = (|| {
-        let (fd, generation) = pages.file()?;
-        let mut channel = lock(&state.channel);
-        channel.ensure_memory_file(fd.as_fd(), generation)?;
-        let body = RegMr {
-            pd: entry.handle,
-            access,
-            addr: addr as u64,
-            length: length as u64,
-            iova,
+    let request = |file, file_offset| RegMr {
+        pd: entry.handle,
+        access,
+        addr: addr as u64,
+        length: length as u64,
+        iova,
+        file,
+        file_offset,
+    };
+    let (created, memory) = if let Some(further) = pages.acquire_further(first, end)? {
+        // A shared mapping of a memory file of the program's: registered where it is.
+        let number = further.number;
+        let registered = (|| {
+            let mut channel = lock(&state.channel);
+            channel.ensure_further_file(number, further.fd.as_fd(), further.size)?;
+            let body = request(number, further.file_offset).to_vec();
+            let created = channel
+                .call(op::REG_MR, &body[..RegMr::LEN])
+                .and_then(|reply| reply.decode::<MrCreated>());
+            channel.further_file_registered(number, created.is_ok());
+            created
+        })();
+        match registered {
+            Ok(created) => (created, MrMemory::FurtherFile(number)),
+            Err(e) => {
+                pages.release_further(number);
+                return Err(e);
+            }
         }
-        .to_vec();
-        let reply = channel.call(op::REG_MR, &body[..RegMr::LEN])?;
-        reply.decode::<MrCreated>()
-    })();
-    let created = match registered {
-        Ok(created) => created,
-        Err(e) => {
-            pages.release(first, end);
-            return Err(e);
+    } else {
+        pages.acquire(first, end)?;
+        let registered = (|| {
+            let (fd, generation) = pages.file()?;
+            let mut channel = lock(&state.channel);
+            channel.ensure_memory_file(fd.as_fd(), generation)?;
+            let body = request(OWN_MEMORY_FILE, 0).to_vec();
+            let reply = channel.call(op::REG_MR, &body[..RegMr::LEN])?;
+            reply.decode::<MrCreated>()
+        })();
+        match registered {
+            Ok(created) => (created, MrMemory::Pages(first, end)),
+            Err(e) => {
+                pages.release(first, end);
+                return Err(e);
+            }
         }
     };
     let mr = Box::into_raw(Box::new(IbvMr {
@@ -150,7 +174,7 @@ fn reg_mr(
         MrEntry {
             context: entry.context,
             handle: created.mr,
-            pages: (first, end),
+            memory,
         },
     );
     registry::debug(format_args!(
@@ -214,10 +238,16 @@ fn dereg_mr(mr: *mut IbvMr) -> Result<(), VerbsError> {
     let state = registry::context(entry.context)?;
     let mut pages_guard = registry::pages();
     let body = DeregMr { mr: entry.handle }.to_vec();
-    lock(&state.channel).destroy(op::DEREG_MR, &body[..DeregMr::LEN])?;
+    {
+        let mut channel = lock(&state.channel);
+        channel.destroy(op::DEREG_MR, &body[..DeregMr::LEN])?;
+        if let MrMemory::FurtherFile(number) = entry.memory {
+            channel.further_file_deregistered(number);
+        }
+    }
     if registry::remove_object(mr as usize) {
         if let Some(pages) = pages_guard.as_mut() {
-            pages.release(entry.pages.0, entry.pages.1);
+            release_memory(pages, entry.memory);
         }
         // SAFETY: the registry held `mr`, so it is the Box leaked by `reg_mr`, freed once.
         drop(unsafe { Box::from_raw(mr) });
@@ -245,8 +275,15 @@ pub fn forget_objects_of(context: usize) {
     let mut pages_guard = registry::pages();
     if let Some(pages) = pages_guard.as_mut() {
         for r in regions {
-            pages.release(r.pages.0, r.pages.1);
+            release_memory(pages, r.memory);
         }
+    }
+}
+
+fn release_memory(pages: &mut crate::pages::Pages, memory: MrMemory) {
+    match memory {
+        MrMemory::Pages(first, end) => pages.release(first, end),
+        MrMemory::FurtherFile(number) => pages.release_further(number),
     }
 }
 
@@ -328,7 +365,7 @@ pub unsafe extern "C" fn freeflow_test_mr_write(
     })
 }
 
-const _: () = assert!(RegMr::LEN <= 32 && TestRead::LEN <= 32);
+const _: () = assert!(RegMr::LEN <= 64 && TestRead::LEN <= 64);
 
 #[cfg(test)]
 mod tests {

@@ -227,8 +227,16 @@ pub struct PdEntry {
 pub struct MrEntry {
     pub context: usize,
     pub handle: u32,
-    /// The registered pages `[first, end)`.
-    pub pages: (u64, u64),
+    pub memory: MrMemory,
+}
+
+/// Where a registered region's memory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MrMemory {
+    /// Pages `[first, end)` on the process's own memory file.
+    Pages(u64, u64),
+    /// In further memory file `number` (see `pages`).
+    FurtherFile(u16),
 }
 
 /// A CQ, QP, SRQ or completion channel handed out, by the address of its object (whose C

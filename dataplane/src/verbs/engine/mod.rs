@@ -268,12 +268,6 @@ impl Engine {
         Some(held)
     }
 
-    pub fn has_memory_file(&self, attachment: AttachmentId) -> bool {
-        self.contexts
-            .get(&attachment)
-            .is_some_and(|c| c.table.has_memory_file())
-    }
-
     pub fn adopt_memory_file(
         &mut self,
         attachment: AttachmentId,
@@ -404,15 +398,27 @@ impl Engine {
             }
             VerbsOp::DestroyAh => self.destroy_ah(attachment, handle()?).map(|()| 0),
             // A memory region is a mapping of the router's.
+            // A further memory file that no region uses any more goes with the call (see
+            // `VerbsTable::reg_mr`): its unit comes back too.
             VerbsOp::RegMr => {
                 let ctx = context_mut(&mut self.contexts, attachment)?;
-                self.budgets
-                    .charged(ctx, |ctx| ctx.table.serve_inner(op, body, reply))
+                let files = ctx.table.further_file_count();
+                let created = self
+                    .budgets
+                    .charged(ctx, |ctx| ctx.table.serve_inner(op, body, reply));
+                for _ in ctx.table.further_file_count()..files {
+                    self.budgets.refund(ctx);
+                }
+                created
             }
             VerbsOp::DeregMr => {
                 let ctx = context_mut(&mut self.contexts, attachment)?;
+                let files = ctx.table.further_file_count();
                 let len = ctx.table.serve_inner(op, body, reply)?;
                 self.budgets.refund(ctx);
+                for _ in ctx.table.further_file_count()..files {
+                    self.budgets.refund(ctx);
+                }
                 Ok(len)
             }
             _ => self.context(attachment)?.table.serve_inner(op, body, reply),

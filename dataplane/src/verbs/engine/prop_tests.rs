@@ -98,6 +98,8 @@ fn victim(engine: &mut Engine, id: u32, ip: [u8; 4]) -> Victim {
         addr: BASE,
         length: BACKED,
         iova: BASE,
+        file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+        file_offset: 0,
     };
     let mr: MrCreated = ok(engine, AttachmentId(id), &conn, op::REG_MR, &reg.to_vec());
     let create_cq = CreateCq {
@@ -484,6 +486,8 @@ fn request_body(op: u16, f: &mut Fields<'_>) -> Vec<u8> {
             addr: f.addr(BASE),
             length: u64::from(f.u32(BACKED as u32)),
             iova: f.addr(BASE),
+            file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+            file_offset: 0,
         }
         .to_vec(),
         op::CREATE_CQ => CreateCq {

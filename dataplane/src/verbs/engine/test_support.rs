@@ -95,6 +95,7 @@ pub(super) fn open_context(
         .expect("memory");
     let msg = MemoryFileMsg {
         size: MEMORY_FILE_SIZE,
+        file: freeflow_proto::verbs::OWN_MEMORY_FILE,
     };
     engine.adopt_memory_file(id, msg, fd).expect("memory file");
     file

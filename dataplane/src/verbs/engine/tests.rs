@@ -86,6 +86,8 @@ fn typed_side(
             addr: BASE,
             length: BACKED,
             iova: BASE,
+            file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+            file_offset: 0,
         }
         .to_vec(),
     );
@@ -1274,6 +1276,8 @@ fn every_descriptor_and_mapping_of_a_container_counts() {
         addr: BASE,
         length: PAGE_SIZE,
         iova: BASE,
+        file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+        file_offset: 0,
     }
     .to_vec();
     let second: MrCreated = ok(&mut engine, a.id, &a.conn, op::REG_MR, &reg);

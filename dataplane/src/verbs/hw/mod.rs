@@ -461,6 +461,66 @@ impl Nic {
         })?;
         expect(&l.cq, 2, wc_status::SUCCESS, "SEND from shared memory")?;
         check_bytes(&l.dst, &pattern, "SEND from shared memory")?;
+        // One region's pages from the middle of the file, as the backend maps a container's
+        // region: an RDMA WRITE into it arrives at that file offset (seen through the other
+        // mapping), and a SEND from it carries what is there.
+        const REGION_OFFSET: usize = 5 * 4096;
+        const REGION_LEN: usize = 3 * 4096;
+        let region = Arc::new(shared.view_at(REGION_OFFSET, REGION_LEN)?);
+        let region_mr = Mr::register(&l.pd, region.clone(), rights).map_err(ProbeError::Nic)?;
+        let written: Vec<u8> = (0..REGION_LEN).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+        l.src.write(0, &written)?;
+        l.a.post_send(&SendRequest {
+            wr_id: 3,
+            opcode: SendOpcode::Write {
+                remote_addr: region_mr.addr,
+                rkey: region_mr.rkey,
+            },
+            sges: &[Sge {
+                addr: l.src_mr.addr,
+                length: REGION_LEN as u32,
+                lkey: l.src_mr.lkey,
+            }],
+            signaled: true,
+            fence: false,
+        })?;
+        expect(
+            &l.cq,
+            1,
+            wc_status::SUCCESS,
+            "RDMA WRITE into a file region",
+        )?;
+        let mut seen = vec![0u8; REGION_LEN];
+        container_view.read(REGION_OFFSET, &mut seen)?;
+        if seen != written {
+            return Err(ProbeError::Corrupt {
+                what: "RDMA WRITE into a file region",
+                size: REGION_LEN,
+            });
+        }
+        let tail: Vec<u8> = (0..64).map(|i| 200 - i as u8).collect();
+        container_view.write(REGION_OFFSET + REGION_LEN - 64, &tail)?;
+        l.b.post_recv(
+            4,
+            &[Sge {
+                addr: l.dst_mr.addr,
+                length: 64,
+                lkey: l.dst_mr.lkey,
+            }],
+        )?;
+        l.a.post_send(&SendRequest {
+            wr_id: 5,
+            opcode: SendOpcode::Send,
+            sges: &[Sge {
+                addr: region_mr.addr + (REGION_LEN - 64) as u64,
+                length: 64,
+                lkey: region_mr.lkey,
+            }],
+            signaled: true,
+            fence: false,
+        })?;
+        expect(&l.cq, 2, wc_status::SUCCESS, "SEND from a file region")?;
+        check_bytes(&l.dst, &tail, "SEND from a file region")?;
         Ok(ZeroCopy::Works)
     }
 }

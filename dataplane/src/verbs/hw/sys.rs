@@ -351,9 +351,18 @@ impl SharedFileBuffer {
     }
 
     fn map_file(file: &std::os::fd::OwnedFd, len: usize) -> Result<OwnBuffer, NicError> {
+        Self::map_file_at(file, 0, len)
+    }
+
+    fn map_file_at(
+        file: &std::os::fd::OwnedFd,
+        offset: usize,
+        len: usize,
+    ) -> Result<OwnBuffer, NicError> {
         use std::os::fd::AsRawFd;
-        // SAFETY: a new shared mapping of the whole file at an address the kernel picks;
-        // checked for MAP_FAILED.
+        let offset = libc::off_t::try_from(offset).map_err(|_| NicError::Invalid("offset"))?;
+        // SAFETY: a new shared mapping of part of the file at an address the kernel picks
+        // (mmap checks the offset's alignment); checked for MAP_FAILED.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -361,7 +370,7 @@ impl SharedFileBuffer {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
-                0,
+                offset,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -374,6 +383,15 @@ impl SharedFileBuffer {
     /// Another mapping of the same file (the container's view of the same pages).
     pub fn second_view(&self) -> Result<OwnBuffer, NicError> {
         Self::map_file(&self.file, self.map.len)
+    }
+
+    /// A mapping of `len` bytes of the file from `offset` (a page multiple), as the router maps
+    /// one region of a container's memory file.
+    pub fn view_at(&self, offset: usize, len: usize) -> Result<OwnBuffer, NicError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.map.len) {
+            return Err(NicError::Invalid("view outside the file"));
+        }
+        Self::map_file_at(&self.file, offset, len)
     }
 }
 
