@@ -257,6 +257,15 @@ fn probe_rdma_device(nic: Option<verbs::hw::Nic>, bench: bool) -> Result<(), Str
             costs.translate_send_ns, costs.translate_completion_ns, costs.device_send_ns
         );
     }
+    let path = nic
+        .probe_container_path()
+        .map_err(|e| format!("RDMA probe of {} failed: {e}", nic.device.name()))?;
+    println!(
+        "rdma probe: a container's RDMA WRITE ({} bytes, virtual keys and addresses in its \
+         memory file) translated, carried by the device, completed on virtual QP {:#x}; a \
+         forged virtual rkey refused before the device",
+        path.bytes, path.completion.qp_num
+    );
     match nic
         .probe_zero_copy()
         .map_err(|e| format!("RDMA probe of {} failed: {e}", nic.device.name()))?

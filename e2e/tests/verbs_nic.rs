@@ -101,6 +101,16 @@ fn hardware_backend_drives_the_nested_device_end_to_end() {
         said.contains("rdma probe: translation ") && said.contains(" ns per send WQE"),
         "{said}"
     );
+    // One container work request through the backend's path: a memory file made as a
+    // container's shim makes it, mapped by the engine's MemoryFile, its regions registered on
+    // ffv0, a ring-encoded RDMA WRITE translated (virtual keys and addresses to the device's)
+    // and posted, the completion translated back; a forged virtual rkey stops in translation.
+    assert!(
+        said.contains("rdma probe: a container's RDMA WRITE (5000 bytes")
+            && said.contains("completed on virtual QP 0x11")
+            && said.contains("forged virtual rkey refused before the device"),
+        "{said}"
+    );
     // H registers shared mappings of a memory file, as it maps its containers' memory files:
     // S's library hands that file to S as a further memory file, and S moves a SEND from it,
     // an RDMA WRITE into a region from the middle of it (seen through another mapping) and a

@@ -171,6 +171,20 @@ pub struct Mapping {
 // views that copy bytes in and out with raw pointer operations, from any thread.
 unsafe impl Send for Mapping {}
 
+// SAFETY: the device reads and writes the mapping as the views do (raw bytes, no reference);
+// shared between threads only as an address range.
+#[cfg(feature = "rdma-hw")]
+unsafe impl Sync for Mapping {}
+
+// SAFETY: a Mapping is mapped read-write at its address from `map` until drop, and nothing
+// else unmaps or moves it; a region holding it (an Arc) keeps it alive while registered.
+#[cfg(feature = "rdma-hw")]
+unsafe impl super::hw::sys::DeviceMemory for Mapping {
+    fn range(&self) -> (NonNull<u8>, usize) {
+        (self.ptr, self.len)
+    }
+}
+
 impl Mapping {
     pub fn len(&self) -> usize {
         self.len

@@ -22,6 +22,7 @@ pub mod sys;
 pub mod translate;
 
 use freeflow_proto::verbs::wc_status;
+use freeflow_proto::verbs::work::Cqe;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -522,6 +523,182 @@ impl Nic {
         expect(&l.cq, 2, wc_status::SUCCESS, "SEND from a file region")?;
         check_bytes(&l.dst, &tail, "SEND from a file region")?;
         Ok(ZeroCopy::Works)
+    }
+}
+
+/// What [`Nic::probe_container_path`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct ContainerPathReport {
+    /// The completion of the translated RDMA WRITE, in the container's terms.
+    pub completion: Cqe,
+    /// Bytes written, checked in the memory file.
+    pub bytes: usize,
+}
+
+/// A container's virtual names in [`Nic::probe_container_path`].
+mod probe_container {
+    /// The container's protection domain, QP number and its peer's (virtual).
+    pub const PD: u32 = 1;
+    pub const QPN: u32 = 0x11;
+    pub const PEER_QPN: u32 = 0x12;
+    /// Its regions: virtual addresses in its memory file (file offset = address), keys.
+    pub const SRC: u64 = 0x7f12_3456_7000 + 96;
+    pub const DST: u64 = 0x7f12_3456_f000 + 40;
+    pub const LEN: usize = 5000;
+    pub const SRC_KEYS: (u32, u32) = (0x101, 0x102);
+    pub const DST_KEYS: (u32, u32) = (0x201, 0x202);
+}
+
+impl Nic {
+    /// The container path end to end, for one work request: a memory file made as a
+    /// container's shim makes it (sealed, the whole address space, pages at their virtual
+    /// addresses), adopted and mapped by the engine's own `MemoryFile`; two of its regions
+    /// registered on the device from the router's mappings; a container's RDMA WRITE WQE (as
+    /// its ring carries it: virtual keys and addresses) translated by `translate` and posted;
+    /// the device's completion translated back to the container's QP number; the bytes
+    /// checked in the memory file (the container's view). A WQE naming an rkey the container
+    /// does not have fails in translation, before the device.
+    pub fn probe_container_path(&self) -> Result<ContainerPathReport, ProbeError> {
+        use crate::verbs::MemoryFile;
+        use freeflow_proto::verbs::work::{send_flags, SendWqe, SendWqeHeader, WrOpcode};
+        use freeflow_proto::verbs::{AccessFlags, MEMORY_FILE_SIZE, PAGE_SIZE, REQUIRED_SEALS};
+        use probe_container as c;
+        use std::os::unix::fs::FileExt;
+        use translate::{translate_completion, translate_send, KeyTable, MrEntry};
+        let os = |verb| move |source| NicError::Call { verb, source };
+        let fd = freeflow_os::memfd::sized(c"ff-nic-container", MEMORY_FILE_SIZE, REQUIRED_SEALS)
+            .map_err(os("memfd_create"))?;
+        let file = std::fs::File::from(fd.try_clone().map_err(os("dup"))?);
+        let pattern: Vec<u8> = (0..c::LEN).map(|i| (i % 239) as u8 ^ 0xa5).collect();
+        let page = |a: u64| a - a % PAGE_SIZE;
+        let pages_end = |a: u64| (a + c::LEN as u64).next_multiple_of(PAGE_SIZE);
+        // The shim's moves write every page of a registered region into the file.
+        for (start, fill) in [(c::SRC, &pattern[..]), (c::DST, &vec![0u8; c::LEN][..])] {
+            file.write_all_at(
+                &vec![0u8; (pages_end(start) - page(start)) as usize],
+                page(start),
+            )
+            .and_then(|()| file.write_all_at(fill, start))
+            .map_err(os("pwrite"))?;
+        }
+        let memory = MemoryFile::adopt(fd, MEMORY_FILE_SIZE, MEMORY_FILE_SIZE)
+            .map_err(|_| NicError::Invalid("the engine refused the container's memory file"))?;
+        let l = self.connect_loop()?;
+        let rights = access::LOCAL_WRITE | access::REMOTE_WRITE | access::REMOTE_READ;
+        let access =
+            AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_READ;
+        let mut keys = KeyTable::default();
+        let mut regions = Vec::new();
+        for (start, (lkey, rkey)) in [(c::SRC, c::SRC_KEYS), (c::DST, c::DST_KEYS)] {
+            let mapping = memory
+                .map(page(start), pages_end(start) - page(start))
+                .map_err(|_| NicError::Invalid("the engine could not map the region"))?;
+            let mr = Mr::register(&l.pd, Arc::new(mapping), rights)?;
+            keys.insert(
+                lkey,
+                rkey,
+                MrEntry {
+                    pd: c::PD,
+                    access,
+                    iova: start,
+                    length: c::LEN as u64,
+                    real_addr: mr.addr + start % PAGE_SIZE,
+                    real_lkey: mr.lkey,
+                    real_rkey: mr.rkey,
+                },
+            );
+            regions.push(mr);
+        }
+        let wqe_slot = |rkey: u32| {
+            let header = SendWqeHeader {
+                wr_id: 0xc0ffee,
+                opcode: WrOpcode::RdmaWrite as u8,
+                flags: send_flags::SIGNALED as u8,
+                num_sge: 1,
+                rkey,
+                remote_addr: c::DST,
+                ..SendWqeHeader::default()
+            };
+            let mut slot = vec![0u8; SendWqe::slot_bytes(1, 0)];
+            header.write(&mut slot);
+            freeflow_proto::verbs::work::Sge {
+                addr: c::SRC,
+                length: c::LEN as u32,
+                lkey: c::SRC_KEYS.0,
+            }
+            .write(&mut slot[SendWqeHeader::LEN..]);
+            slot
+        };
+        let translate = |slot: &[u8]| {
+            let wqe = SendWqe::decode(slot, 1, 0)
+                .map_err(|_| NicError::Invalid("the probe's WQE did not decode"))?;
+            Ok::<_, NicError>(translate_send(
+                &wqe,
+                slot,
+                (&keys, c::PD),
+                (&keys, c::PD),
+                false,
+            ))
+        };
+        // A key the container never registered: refused before the device.
+        if translate(&wqe_slot(0xdead))? != Err(wc_status::REM_ACCESS_ERR) {
+            return Err(ProbeError::Corrupt {
+                what: "a forged virtual rkey was not refused in translation",
+                size: 0,
+            });
+        }
+        let slot = wqe_slot(c::DST_KEYS.1);
+        let real = translate(&slot)?.map_err(|status| ProbeError::Status {
+            what: "translating the container's RDMA WRITE",
+            expected: wc_status::SUCCESS,
+            got: Completion {
+                status,
+                ..Completion::default()
+            },
+        })?;
+        l.a.post_send(&SendRequest {
+            wr_id: 0xc0ffee,
+            opcode: real.opcode,
+            sges: real.sges(),
+            signaled: real.signaled,
+            fence: real.fence,
+        })?;
+        let completion = wait_one(&l.cq, "the container's translated RDMA WRITE")?;
+        let cqe = translate_completion(&completion, c::QPN, c::PEER_QPN);
+        if cqe.status != wc_status::SUCCESS || cqe.wr_id != 0xc0ffee {
+            return Err(ProbeError::Status {
+                what: "the container's translated RDMA WRITE",
+                expected: wc_status::SUCCESS,
+                got: completion,
+            });
+        }
+        let mut seen = vec![0u8; c::LEN];
+        file.read_exact_at(&mut seen, c::DST).map_err(os("pread"))?;
+        if seen != pattern {
+            return Err(ProbeError::Corrupt {
+                what: "the container's translated RDMA WRITE",
+                size: c::LEN,
+            });
+        }
+        Ok(ContainerPathReport {
+            completion: cqe,
+            bytes: c::LEN,
+        })
+    }
+}
+
+/// Waits (bounded) for one completion on `cq`.
+fn wait_one(cq: &Cq, what: &'static str) -> Result<Completion, ProbeError> {
+    let deadline = Instant::now() + PROBE_WAIT;
+    let mut batch = [Completion::default(); 1];
+    loop {
+        if cq.poll(&mut batch)? == 1 {
+            return Ok(batch[0]);
+        }
+        if Instant::now() > deadline {
+            return Err(ProbeError::Timeout(what));
+        }
+        std::thread::yield_now();
     }
 }
 
