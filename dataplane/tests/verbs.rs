@@ -436,3 +436,98 @@ fn hostile_memory_files_cost_only_their_own_attachment() {
     let log = router.log();
     assert!(log.contains("memory file refused"), "{log}");
 }
+
+fn send_further_file(session: &Session, number: u16, size: u64, file: &std::fs::File) {
+    fdpass::send_with_fds(
+        session.connection().as_fd(),
+        &MemoryFileMsg { size, file: number }.encode(),
+        &[file.as_fd()],
+    )
+    .unwrap();
+}
+
+/// A further memory file (a memfd the program mapped shared itself, as a router on a Freeflow
+/// device maps its containers' files) over the attach connection: a region registers by file
+/// number and offset and the router reads the file's bytes there; the file goes with its last
+/// region (a registration naming it then finds none, and the same number may come again);
+/// an unsealed further file, or a number already in use, ends only that attachment.
+#[test]
+fn further_memory_files_over_the_attach_connection() {
+    let router = Router::start("further", true);
+    let mut s = router.attach(ShimKind::Verbs);
+    let (st, body) = call(&mut s, verbs::op::ALLOC_PD, &[]);
+    assert_eq!(st, status::OK);
+    let pd = PdCreated::decode(&body).unwrap().pd;
+    let size = 32 * 4096u64;
+    let file = memfd(size, REQUIRED_SEALS);
+    let bytes: Vec<u8> = (0..3 * 4096u32).map(|i| (i * 7 + 1) as u8).collect();
+    file.write_all_at(&bytes, 10 * 4096).unwrap();
+    // The region's address (the program's mapping) is not its file offset.
+    let addr = 0x7000_0000_0000u64 + 300;
+    let reg = RegMr {
+        pd,
+        access: access::LOCAL_WRITE,
+        addr,
+        length: 8000,
+        iova: addr,
+        file: 7,
+        file_offset: 10 * 4096,
+    };
+    let read = TestRead {
+        pd,
+        lkey: 0,
+        addr: addr + 100,
+        length: 7000,
+    };
+    for round in 0..2 {
+        send_further_file(&s, 7, size, &file);
+        let (st, body) = call(&mut s, verbs::op::REG_MR, &encoded(&reg));
+        assert_eq!(st, status::OK, "round {round}: {}", router.log());
+        let mr = MrCreated::decode(&body).unwrap();
+        let (st, body) = call(
+            &mut s,
+            verbs::op::TEST_READ,
+            &encoded(&TestRead {
+                lkey: mr.lkey,
+                ..read
+            }),
+        );
+        assert_eq!(st, status::OK);
+        assert_eq!(
+            TestDigest::decode(&body).unwrap().digest,
+            Fnv1a::digest(&bytes[400..7400])
+        );
+        let dereg = DeregMr { mr: mr.mr };
+        assert_eq!(
+            call(&mut s, verbs::op::DEREG_MR, &encoded(&dereg)).0,
+            status::OK
+        );
+        // The file went with its last region.
+        assert_eq!(
+            call(&mut s, verbs::op::REG_MR, &encoded(&reg)).0,
+            VerbsStatus::NoMemoryFile as u16
+        );
+    }
+    assert!(ping(&mut s));
+
+    let unsealed = memfd(size, 0);
+    let cases: [(&str, Box<dyn Fn(&Session)>); 2] = [
+        (
+            "unsealed further file",
+            Box::new(|s| send_further_file(s, 3, size, &unsealed)),
+        ),
+        (
+            "a further file number in use",
+            Box::new(|s| {
+                send_further_file(s, 3, size, &file);
+                send_further_file(s, 3, size, &file);
+            }),
+        ),
+    ];
+    for (what, misbehave) in cases {
+        let hostile = router.attach(ShimKind::Verbs);
+        misbehave(&hostile);
+        wait_hung_up(&hostile, &router, what);
+        assert!(ping(&mut s), "{what}: the well-behaved attachment suffered");
+    }
+}
