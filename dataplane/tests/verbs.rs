@@ -511,7 +511,8 @@ fn further_memory_files_over_the_attach_connection() {
     assert!(ping(&mut s));
 
     let unsealed = memfd(size, 0);
-    let cases: [(&str, Box<dyn Fn(&Session)>); 2] = [
+    type Misbehaviour<'a> = Box<dyn Fn(&Session) + 'a>;
+    let cases: [(&str, Misbehaviour); 2] = [
         (
             "unsealed further file",
             Box::new(|s| send_further_file(s, 3, size, &unsealed)),
