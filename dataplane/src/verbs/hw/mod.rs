@@ -4,7 +4,9 @@
 //! errors); this module chooses the device (`--rdma-device NAME|auto`), describes it, and
 //! checks it end to end ([`Nic::probe`]: two RC QPs of the router's own, connected to each
 //! other through the device, carry a SEND, an RDMA WRITE and an RDMA READ, and a forged rkey
-//! fails with a remote access error).
+//! fails with a remote access error; [`Nic::probe_container_path`]: one container work request
+//! from its memory file through translation to the device and back; [`Nic::probe_zero_copy`]:
+//! shared mappings of a memory file register and carry data).
 //!
 //! `translate` is the bookkeeping of the containers' side: virtual keys, addresses and QP
 //! numbers to the device's, checked against the container's own tables (unit-tested).
