@@ -169,9 +169,10 @@ fn qps_on_different_shards_of_two_routers_run_pingpong_and_every_opcode() {
 }
 
 /// Two hosts with two shards each, a pair of containers per shard: on host 1, server
-/// (10.32.0.2, shard 0) and server2 (10.32.0.5, shard 1); on host 0, client (10.32.0.3, shard
-/// 1) and client2 (10.32.0.4, shard 0), all of tenant blue. client talks to server and
-/// client2 to server2, so every shard of both routers has a QP of a cross-host pair.
+/// (10.32.0.2, on shard 0) and server2 (10.32.0.5, on shard 1); on host 0, client (10.32.0.3,
+/// on shard 1) and client2 (10.32.0.4, on shard 0), all of tenant blue. client talks to
+/// server and client2 to server2, so every shard of both routers has a QP of a cross-host
+/// pair.
 fn four_container_site(prefix: &str) -> Site {
     Site::create_verbs(SiteSpec {
         prefix,

@@ -28,6 +28,7 @@
 //! ```
 
 use std::net::Ipv4Addr;
+use std::ops::Range;
 
 /// The verbs port is the peer port plus this.
 pub const VERBS_PORT_OFFSET: u16 = 1;
@@ -318,6 +319,22 @@ impl FrameHeader {
     }
 }
 
+/// The first frame of `received`, the bytes of a connection after its hello: `Ok(None)` while
+/// it is incomplete, else its header and where its payload lies in `received` (the next frame
+/// starts at the range's end). Err: the header does not decode, and the connection must go.
+pub fn split_frame(received: &[u8]) -> Result<Option<(FrameHeader, Range<usize>)>, FrameError> {
+    let Some(b) = received.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let h = FrameHeader::decode(b)?;
+    // At most 72 + 16 MiB: no overflow, even on 32-bit targets.
+    let end = HEADER_LEN + h.len as usize;
+    if end > received.len() {
+        return Ok(None);
+    }
+    Ok(Some((h, HEADER_LEN..end)))
+}
+
 /// Whether sequence number `a` comes before `b` (serial number arithmetic: they wrap).
 pub fn seq_before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
@@ -407,6 +424,27 @@ mod tests {
         assert_eq!(Hello::decode(&b), Err(FrameError::Version(1)));
         b[0] = b'X';
         assert_eq!(Hello::decode(&b), Err(FrameError::Magic));
+    }
+
+    #[test]
+    fn frames_split_only_when_whole() {
+        let mut w = FrameHeader::new(FrameKind::Write);
+        w.len = 5;
+        let mut bytes = w.encode().to_vec();
+        bytes.extend_from_slice(b"hello");
+        bytes.extend_from_slice(&FrameHeader::new(FrameKind::Ack).encode());
+        for cut in 0..HEADER_LEN + 5 {
+            assert_eq!(split_frame(&bytes[..cut]), Ok(None), "cut at {cut}");
+        }
+        let (h, payload) = split_frame(&bytes).unwrap().unwrap();
+        assert_eq!((h, &bytes[payload.clone()]), (w, &b"hello"[..]));
+        let (h, payload) = split_frame(&bytes[payload.end..]).unwrap().unwrap();
+        assert_eq!((h.kind, payload), (FrameKind::Ack, HEADER_LEN..HEADER_LEN));
+        bytes[HEADER_LEN + 5] = 0x42;
+        assert_eq!(
+            split_frame(&bytes[HEADER_LEN + 5..]),
+            Err(FrameError::Kind(0x42))
+        );
     }
 
     #[test]

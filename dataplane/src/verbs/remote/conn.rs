@@ -9,7 +9,7 @@
 
 use super::Link;
 use freeflow_proto::verbs::remote::{
-    FrameError, FrameHeader, FrameKind, Hello, HEADER_LEN, HELLO_LEN, MAX_PAYLOAD,
+    split_frame, FrameError, FrameHeader, FrameKind, Hello, HEADER_LEN, HELLO_LEN, MAX_PAYLOAD,
 };
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpStream};
@@ -302,16 +302,12 @@ impl Conn {
 
     /// The next complete frame in the receive buffer (not consumed: [`Conn::consume`]).
     pub(crate) fn next(&self) -> Result<Next, FrameError> {
-        let Some(b) = self.received().get(..HEADER_LEN) else {
-            return Ok(Next::Nothing);
-        };
-        let h = FrameHeader::decode(b.try_into().expect("64 bytes"))?;
-        let start = self.rx_at + HEADER_LEN;
-        let end = start + h.len as usize;
-        if end > self.rx_end {
-            return Ok(Next::Nothing);
-        }
-        Ok(Next::Frame(h, start..end))
+        Ok(match split_frame(self.received())? {
+            None => Next::Nothing,
+            Some((h, payload)) => {
+                Next::Frame(h, self.rx_at + payload.start..self.rx_at + payload.end)
+            }
+        })
     }
 
     /// The bytes received and not consumed yet.
