@@ -343,8 +343,8 @@ pub fn control_request(data: &[u8]) {
 
 /// What routers send each other for RDMA between hosts and between shards (read by a router
 /// from every peer router's connection): the first 16 bytes as a [`frames::Hello`], the first
-/// 72 as a [`FrameHeader`], and the whole input as a connection's bytes: the hello if it
-/// decodes, then frames split off one after another ([`split_frame`], the receiver's own
+/// 72 as a [`FrameHeader`], and the whole input as a connection's bytes: the hello (or the
+/// [`frames::HelloAnswer`], the same magic and version) if it decodes, then frames split off one after another ([`split_frame`], the receiver's own
 /// framing) until one is incomplete or does not decode.
 pub fn verbs_frames(data: &[u8]) {
     let hello = data
@@ -355,6 +355,14 @@ pub fn verbs_frames(data: &[u8]) {
         assert_eq!(frames::Hello::decode(&again), Ok(h));
         // Bytes 6..8 are reserved: the rest re-encodes exactly.
         assert_eq!((&again[..6], &again[8..]), (&b[..6], &b[8..]));
+    }
+    if let Some(b) = data.first_chunk::<{ frames::ANSWER_LEN }>() {
+        if let Ok(a) = frames::HelloAnswer::decode(b) {
+            assert!(a.shard < a.shards);
+            let again = a.encode();
+            assert_eq!(frames::HelloAnswer::decode(&again), Ok(a));
+            assert_eq!((&again[..6], &again[8..12]), (&b[..6], &b[8..12]));
+        }
     }
     if let Some(b) = data.first_chunk::<{ frames::HEADER_LEN }>() {
         frame_header(b);
@@ -768,7 +776,8 @@ fn control_seeds() -> Vec<Vec<u8>> {
 }
 
 /// A requester's connection (its hello, then requests of every kind, some carrying an
-/// acknowledgement) and a responder's answers (no hello), whole, and single headers.
+/// acknowledgement) and a responder's (the answer to the hello, then responses), whole, and
+/// single headers.
 fn verbs_frame_seeds() -> Vec<Vec<u8>> {
     let frame = |kind: FrameKind, payload: &[u8], edit: &dyn Fn(&mut FrameHeader)| {
         let mut h = FrameHeader::new(kind);
@@ -810,6 +819,12 @@ fn verbs_frame_seeds() -> Vec<Vec<u8>> {
     ]
     .concat();
     let responses = [
+        frames::HelloAnswer {
+            shard: 1,
+            shards: 2,
+        }
+        .encode()
+        .to_vec(),
         frame(FrameKind::Ack, b"", &none),
         frame(FrameKind::ReadData, &[1; 17], &none),
         frame(FrameKind::AtomicData, &40u64.to_ne_bytes(), &none),

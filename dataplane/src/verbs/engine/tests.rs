@@ -5,7 +5,7 @@ use super::test_support::{
     call, gid, ok, open_context, rc_pingpong_steps, ALL, BACKED, INIT_MASK, RTR_MASK,
 };
 use crate::verbs::notify::test_seqpacket_pair;
-use crate::verbs::remote::{Link, SiblingLink};
+use crate::verbs::remote::{Link, OutDest, SiblingLink};
 use crate::verbs::*;
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
@@ -1802,7 +1802,7 @@ fn garbage_on_a_shard_pair_drops_that_pair_only() {
     tap.write_all(&[0xee; freeflow_proto::verbs::remote::HEADER_LEN])
         .expect("the socket pair takes it");
     drop(tap);
-    let out_to_shard_0 = (Link::Shard(0), std::net::Ipv4Addr::UNSPECIFIED);
+    let out_to_shard_0 = (Link::Shard(0), OutDest::Any);
     // Shard 0 drops the connection the garbage came on; shard 1 sees its end close.
     let mut dropped = false;
     for _ in 0..1000 {

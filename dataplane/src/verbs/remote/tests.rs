@@ -1,8 +1,10 @@
 //! The connection's framing and buffers over a real loopback TCP connection: frames that arrive
-//! in pieces, ACK coalescing, garbage, hellos.
+//! in pieces, ACK coalescing, garbage, hellos; and two routers' transports on loopback
+//! addresses: one connection per destination shard.
 
 use super::conn::{Conn, ConnState, Next, Stream};
-use super::Link;
+use super::{Link, OutConn, OutDest, SiblingLink, Transport};
+use freeflow_proto::control::{NetworkView, OverlayEntry, PeerHost};
 use freeflow_proto::verbs::remote::{FrameHeader, FrameKind, Hello, HEADER_LEN};
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -141,4 +143,108 @@ fn bytes_of_a_consumed_frame_never_complete_the_next_one() {
         panic!("no frame");
     };
     assert_eq!((got.dst_qpn, got.seq, range.len()), (3, 11, 0));
+}
+
+/// The cluster as every router sees it: host A (127.0.0.1) and host B (127.0.0.2), both with
+/// peer port `port`; containers 10.32.0.2, .3 and .4 on B (tenant blue).
+fn view(me: Ipv4Addr, port: u16) -> NetworkView {
+    let (a, b) = (Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2));
+    NetworkView {
+        host_ip: me,
+        peer_port: port,
+        hosts: [a, b]
+            .map(|host_ip| PeerHost {
+                host_ip,
+                peer_port: port,
+            })
+            .to_vec(),
+        overlay: [2, 3, 4]
+            .map(|last| OverlayEntry {
+                ip: Ipv4Addr::new(10, 32, 0, last),
+                tenant: "blue".into(),
+                host_ip: b,
+            })
+            .to_vec(),
+    }
+}
+
+/// Host A's router (one shard) opens one connection per shard of host B's router (two
+/// shards) that its QPs send to, not one per container: the answer to the first hello says
+/// B has two shards and which one serves the connection; a destination on that shard reuses
+/// it, one on the other shard gets its own, which B's shard 0 hands to shard 1.
+#[test]
+fn a_requester_keeps_one_connection_per_destination_shard() {
+    let b_ip = Ipv4Addr::new(127, 0, 0, 2);
+    // A free verbs port on B's address (the peer port is one below it).
+    let port = TcpListener::bind((b_ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        - 1;
+    let mut a = Transport::default();
+    a.set_shard(0, 1, Vec::new());
+    a.set_network(&view(Ipv4Addr::LOCALHOST, port));
+    let mut b: Vec<Transport> = SiblingLink::mesh(2)
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        .map(|(i, links)| {
+            let mut t = Transport::default();
+            t.set_shard(i, 2, links);
+            t.set_network(&view(b_ip, port));
+            t
+        })
+        .collect();
+    let host_b = Link::Host(b_ip);
+    let d = |last| Ipv4Addr::new(10, 32, 0, last);
+    // Pumps the three transports until A's connection for `dst` is up (bounded).
+    let mut until_up = |a: &mut Transport, dst: Ipv4Addr| {
+        for _ in 0..2000 {
+            let now = std::time::Instant::now();
+            if matches!(a.out_conn(host_b, dst, now), OutConn::Up(_)) {
+                return;
+            }
+            a.flush_all();
+            for t in b.iter_mut() {
+                t.poll_now();
+                t.pump(now);
+            }
+            for (shard, conn) in b[0].take_handoff() {
+                assert_eq!(shard, 1, "only shard 1 is another shard");
+                b[1].adopt_incoming(conn);
+            }
+            for t in b.iter_mut() {
+                t.flush_all();
+            }
+            a.poll_now();
+            a.pump(now);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("no connection to {dst} came up");
+    };
+    // 10.32.0.2 is served by B's shard 0: the connection opened for it is shard 0's.
+    until_up(&mut a, d(2));
+    let keys = |a: &Transport| {
+        let mut k: Vec<OutDest> = a.out.keys().map(|(_, dest)| *dest).collect();
+        k.sort_by_key(|dest| format!("{dest:?}"));
+        k
+    };
+    assert_eq!(keys(&a), [OutDest::Shard(0)]);
+    assert_eq!(a.peer_shards.get(&b_ip), Some(&2));
+    // 10.32.0.4, also shard 0's: the same connection, no new one.
+    until_up(&mut a, d(4));
+    assert_eq!(keys(&a), [OutDest::Shard(0)]);
+    // 10.32.0.3 is shard 1's: a second connection, which B's shard 1 serves.
+    until_up(&mut a, d(3));
+    assert_eq!(keys(&a), [OutDest::Shard(0), OutDest::Shard(1)]);
+    let from_a = |t: &Transport| {
+        t.incoming
+            .iter()
+            .filter(|c| c.link == Link::Host(Ipv4Addr::LOCALHOST))
+            .map(|c| c.dst)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(from_a(&b[0]), [d(2)]);
+    assert_eq!(from_a(&b[1]), [d(3)]);
 }
