@@ -19,6 +19,9 @@ use freeflow_proto::sockmsg::{FromRouter, SockNotice, SockReply, SockRequest};
 use freeflow_proto::verbs::qp::{
     check_transition, CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpQueried, QpState,
 };
+use freeflow_proto::verbs::remote::{
+    self as frames, nak, split_frame, FrameHeader, FrameKind, MAX_PAYLOAD,
+};
 use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq, SrqAttr, SrqCreated};
 use freeflow_proto::verbs::work::{
     send_flags, Cqe, RecvWqe, SendWqe, SendWqeHeader, Sge, RECV_WQE_HEADER,
@@ -42,6 +45,7 @@ pub const TARGETS: &[(&str, Oracle)] = &[
     ("wqe", wqe),
     ("peer_msg", peer_msg),
     ("control_request", control_request),
+    ("verbs_frames", verbs_frames),
 ];
 
 /// The attach handshake: the shim's [`Hello`] (read by the router) and the router's
@@ -337,6 +341,101 @@ pub fn control_request(data: &[u8]) {
     }
 }
 
+/// What routers send each other for RDMA between hosts and between shards (read by a router
+/// from every peer router's connection): the first 16 bytes as a [`frames::Hello`], the first
+/// 72 as a [`FrameHeader`], and the whole input as a connection's bytes: the hello (or the
+/// [`frames::HelloAnswer`], the same magic and version) if it decodes, then frames split off one after another ([`split_frame`], the receiver's own
+/// framing) until one is incomplete or does not decode.
+pub fn verbs_frames(data: &[u8]) {
+    let hello = data
+        .first_chunk::<{ frames::HELLO_LEN }>()
+        .and_then(|b| frames::Hello::decode(b).ok().map(|h| (b, h)));
+    if let Some((b, h)) = hello {
+        let again = h.encode();
+        assert_eq!(frames::Hello::decode(&again), Ok(h));
+        // Bytes 6..8 are reserved: the rest re-encodes exactly.
+        assert_eq!((&again[..6], &again[8..]), (&b[..6], &b[8..]));
+    }
+    if let Some(b) = data.first_chunk::<{ frames::ANSWER_LEN }>() {
+        if let Ok(a) = frames::HelloAnswer::decode(b) {
+            assert!(a.shard < a.shards);
+            let again = a.encode();
+            assert_eq!(frames::HelloAnswer::decode(&again), Ok(a));
+            assert_eq!((&again[..6], &again[8..12]), (&b[..6], &b[8..12]));
+        }
+    }
+    if let Some(b) = data.first_chunk::<{ frames::HEADER_LEN }>() {
+        frame_header(b);
+    }
+    let mut rest = if hello.is_some() {
+        &data[frames::HELLO_LEN..]
+    } else {
+        data
+    };
+    // Each frame split off takes at least a header: at most len / 72 + 1 rounds.
+    for _ in 0..=data.len() / frames::HEADER_LEN {
+        let header = rest.first_chunk::<{ frames::HEADER_LEN }>();
+        match split_frame(rest) {
+            Ok(Some((h, payload))) => {
+                assert_eq!(header.map(FrameHeader::decode), Some(Ok(h)));
+                assert_eq!(payload.start, frames::HEADER_LEN);
+                assert_eq!(payload.len(), h.len as usize);
+                rest = &rest[payload.end..];
+            }
+            Ok(None) => {
+                // Incomplete: no header yet, or a header whose payload has not all come.
+                let short = header.map(FrameHeader::decode);
+                assert!(
+                    short.is_none()
+                        || short.is_some_and(|h| h
+                            .is_ok_and(|h| { frames::HEADER_LEN + h.len as usize > rest.len() })),
+                    "split_frame waits for a complete frame"
+                );
+                return;
+            }
+            Err(e) => {
+                assert_eq!(header.map(FrameHeader::decode), Some(Err(e)));
+                return;
+            }
+        }
+    }
+    panic!("split_frame took a frame without consuming a header");
+}
+
+/// A frame header: decodes only in a shape its kind allows, and re-encodes to its bytes but
+/// for the reserved ones (3, 68..72, and the acknowledgement's 64..68 when none rides).
+fn frame_header(b: &[u8; frames::HEADER_LEN]) {
+    let Ok(h) = FrameHeader::decode(b) else {
+        return;
+    };
+    let again = h.encode();
+    assert_eq!(FrameHeader::decode(&again), Ok(h));
+    let mut canonical = *b;
+    canonical[3] = 0;
+    canonical[68..72].fill(0);
+    if h.ack.is_none() {
+        canonical[64..68].fill(0);
+    }
+    assert_eq!(again, canonical);
+    match h.kind {
+        FrameKind::Send
+        | FrameKind::SendWithImm
+        | FrameKind::Write
+        | FrameKind::WriteWithImm
+        | FrameKind::ReadData
+        | FrameKind::Datagram => assert!(h.len <= MAX_PAYLOAD),
+        FrameKind::AtomicData => assert_eq!(h.len, 8),
+        FrameKind::Read
+        | FrameKind::CompareSwap
+        | FrameKind::FetchAdd
+        | FrameKind::Ack
+        | FrameKind::Nak => assert_eq!(h.len, 0),
+    }
+    if h.ack.is_some() {
+        assert!(h.kind.is_request() && h.kind != FrameKind::Datagram);
+    }
+}
+
 /// Valid encodings of every message of `target`'s family, made by the encoders: the seed
 /// corpus (`fuzz/corpus/<target>/seed-*`, written by the ignored test `write_seed_corpus` of
 /// `proto/tests/decode_props.rs`) and the inputs proptest mutates.
@@ -349,6 +448,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "wqe" => wqe_seeds(),
         "peer_msg" => peer_msg_seeds(),
         "control_request" => control_seeds(),
+        "verbs_frames" => verbs_frame_seeds(),
         _ => panic!("no fuzz target {target}"),
     }
 }
@@ -682,5 +782,73 @@ fn control_seeds() -> Vec<Vec<u8>> {
         ]
         .concat(),
         b"{\"result\":\"error\",\"message\":\"no\"}\n".to_vec(),
+    ]
+}
+
+/// A requester's connection (its hello, then requests of every kind, some carrying an
+/// acknowledgement) and a responder's (the answer to the hello, then responses), whole, and
+/// single headers.
+fn verbs_frame_seeds() -> Vec<Vec<u8>> {
+    let frame = |kind: FrameKind, payload: &[u8], edit: &dyn Fn(&mut FrameHeader)| {
+        let mut h = FrameHeader::new(kind);
+        h.len = payload.len() as u32;
+        h.src_ip = [10, 32, 0, 3].into();
+        h.dst_ip = [10, 32, 0, 2].into();
+        h.src_qpn = 0x11_2233;
+        h.dst_qpn = 0x44_5566;
+        h.seq = 0xffff_fffe;
+        edit(&mut h);
+        [&h.encode()[..], payload].concat()
+    };
+    let none = |_: &mut FrameHeader| {};
+    let hello = frames::Hello {
+        host: [192, 168, 1, 1].into(),
+        dst: [10, 32, 0, 2].into(),
+    }
+    .encode();
+    let requests = [
+        hello.to_vec(),
+        frame(FrameKind::Send, b"sixteen bytes!!!", &|h| h.ack = Some(9)),
+        frame(FrameKind::SendWithImm, b"imm", &|h| h.imm = 0x0102_0304),
+        frame(FrameKind::Write, &[7; 100], &|h| {
+            h.rkey = 0xdead_beef;
+            h.remote_addr = 0x7f10_0000_2000;
+        }),
+        frame(FrameKind::WriteWithImm, b"", &none),
+        frame(FrameKind::Read, b"", &|h| h.arg = 4096),
+        frame(FrameKind::CompareSwap, b"", &|h| {
+            h.compare_add = 40;
+            h.swap = 50;
+            h.ack = Some(0);
+        }),
+        frame(FrameKind::FetchAdd, b"", &|h| h.compare_add = 5),
+        frame(FrameKind::Datagram, b"datagram", &|h| {
+            h.code = 1;
+            h.arg = 0x03_4005;
+        }),
+    ]
+    .concat();
+    let responses = [
+        frames::HelloAnswer {
+            shard: 1,
+            shards: 2,
+        }
+        .encode()
+        .to_vec(),
+        frame(FrameKind::Ack, b"", &none),
+        frame(FrameKind::ReadData, &[1; 17], &none),
+        frame(FrameKind::AtomicData, &40u64.to_ne_bytes(), &none),
+        frame(FrameKind::Nak, b"", &|h| {
+            h.code = nak::RNR;
+            h.arg = 14;
+        }),
+        frame(FrameKind::Nak, b"", &|h| h.code = nak::REM_ACCESS),
+    ]
+    .concat();
+    vec![
+        requests,
+        responses,
+        hello.to_vec(),
+        frame(FrameKind::Write, &[0; 3], &|h| h.ack = Some(u32::MAX)),
     ]
 }

@@ -7,7 +7,9 @@
 //! carries requests one way and responses the other; two routers that both have QPs talking to
 //! each other have two connections.
 //!
-//! A connection starts with the requester's [`Hello`] (16 bytes), then frames: a 72-byte
+//! A connection starts with the requester's [`Hello`] (16 bytes), answered by the responder's
+//! [`HelloAnswer`] (16 bytes: which of its shards serves the connection, and how many it has,
+//! so that the requester keeps one connection per destination shard), then frames: a 72-byte
 //! [`FrameHeader`], little-endian, followed by `len` bytes of payload. Sequence numbers are per
 //! QP (the requester's `sq_psn` counted up, the responder expecting its `rq_psn`): the
 //! responder executes a QP's requests in order and answers each executed request, except that
@@ -28,11 +30,14 @@
 //! ```
 
 use std::net::Ipv4Addr;
+use std::ops::Range;
 
 /// The verbs port is the peer port plus this.
 pub const VERBS_PORT_OFFSET: u16 = 1;
 /// Bytes of a [`Hello`].
 pub const HELLO_LEN: usize = 16;
+/// Bytes of a [`HelloAnswer`].
+pub const ANSWER_LEN: usize = 16;
 /// Bytes of a [`FrameHeader`].
 pub const HEADER_LEN: usize = 72;
 /// The largest payload of a frame: the largest message that crosses hosts (larger ones fail at
@@ -40,15 +45,15 @@ pub const HEADER_LEN: usize = 72;
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 
 const MAGIC: [u8; 4] = *b"FFVR";
-/// Version 2 added the destination address (bytes 12..16).
-const VERSION: u16 = 2;
+/// Version 2 added the destination address (bytes 12..16), version 3 the [`HelloAnswer`].
+const VERSION: u16 = 3;
 
 /// The first 16 bytes on a connection: magic `FFVR`, version, the sender's host address, and
-/// the overlay address of the container whose QPs the connection's requests go to. The
+/// the overlay address of a container whose QPs the connection's requests go to. The
 /// responder believes the address the kernel reports, not the sender's; a mismatch drops the
 /// connection. The destination picks the responder's shard that serves the connection (each
-/// shard serves the QPs of its own containers): a requester keeps one connection per
-/// destination container.
+/// shard serves the QPs of its own containers), which the [`HelloAnswer`] names: the
+/// connection then carries the requests to every container of that shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     pub host: Ipv4Addr,
@@ -77,6 +82,45 @@ impl Hello {
             host: Ipv4Addr::new(b[8], b[9], b[10], b[11]),
             dst: Ipv4Addr::new(b[12], b[13], b[14], b[15]),
         })
+    }
+}
+
+/// The responder's first 16 bytes on a connection: magic `FFVR`, version, then (bytes 8..12)
+/// the shard that serves the connection and the number of shards of the responder's router.
+/// A container's QPs are served by shard `address mod shards`, so with it the requester
+/// finds the connection for any other destination on that host, and opens one per
+/// destination shard rather than per container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HelloAnswer {
+    pub shard: u16,
+    pub shards: u16,
+}
+
+impl HelloAnswer {
+    pub fn encode(&self) -> [u8; ANSWER_LEN] {
+        let mut b = [0u8; ANSWER_LEN];
+        b[0..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        b[8..10].copy_from_slice(&self.shard.to_le_bytes());
+        b[10..12].copy_from_slice(&self.shards.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks that the shard is one of the router's.
+    pub fn decode(b: &[u8; ANSWER_LEN]) -> Result<HelloAnswer, FrameError> {
+        if b[0..4] != MAGIC {
+            return Err(FrameError::Magic);
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != VERSION {
+            return Err(FrameError::Version(version));
+        }
+        let shard = u16::from_le_bytes([b[8], b[9]]);
+        let shards = u16::from_le_bytes([b[10], b[11]]);
+        if shard >= shards {
+            return Err(FrameError::Shard { shard, shards });
+        }
+        Ok(HelloAnswer { shard, shards })
     }
 }
 
@@ -203,8 +247,10 @@ const FLAG_ACK: u8 = 1;
 pub enum FrameError {
     #[error("not a Freeflow verbs connection (bad magic)")]
     Magic,
-    #[error("verbs transport version {0} (this router speaks 1)")]
+    #[error("verbs transport version {0} (this router speaks {VERSION})")]
     Version(u16),
+    #[error("an answer naming shard {shard} of {shards}")]
+    Shard { shard: u16, shards: u16 },
     #[error("unknown frame kind {0:#x}")]
     Kind(u8),
     #[error("frame of kind {kind:?} with {len} bytes of payload")]
@@ -318,6 +364,22 @@ impl FrameHeader {
     }
 }
 
+/// The first frame of `received`, the bytes of a connection after its hello: `Ok(None)` while
+/// it is incomplete, else its header and where its payload lies in `received` (the next frame
+/// starts at the range's end). Err: the header does not decode, and the connection must go.
+pub fn split_frame(received: &[u8]) -> Result<Option<(FrameHeader, Range<usize>)>, FrameError> {
+    let Some(b) = received.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let h = FrameHeader::decode(b)?;
+    // At most 72 + 16 MiB: no overflow, even on 32-bit targets.
+    let end = HEADER_LEN + h.len as usize;
+    if end > received.len() {
+        return Ok(None);
+    }
+    Ok(Some((h, HEADER_LEN..end)))
+}
+
 /// Whether sequence number `a` comes before `b` (serial number arithmetic: they wrap).
 pub fn seq_before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
@@ -403,10 +465,49 @@ mod tests {
         };
         assert_eq!(Hello::decode(&h.encode()), Ok(h));
         let mut b = h.encode();
-        b[4] = 1;
-        assert_eq!(Hello::decode(&b), Err(FrameError::Version(1)));
+        b[4] = 2;
+        assert_eq!(Hello::decode(&b), Err(FrameError::Version(2)));
         b[0] = b'X';
         assert_eq!(Hello::decode(&b), Err(FrameError::Magic));
+    }
+
+    #[test]
+    fn answers_name_one_of_the_routers_shards() {
+        let a = HelloAnswer {
+            shard: 1,
+            shards: 2,
+        };
+        assert_eq!(HelloAnswer::decode(&a.encode()), Ok(a));
+        for (shard, shards) in [(2, 2), (0, 0)] {
+            assert_eq!(
+                HelloAnswer::decode(&HelloAnswer { shard, shards }.encode()),
+                Err(FrameError::Shard { shard, shards })
+            );
+        }
+        let mut b = a.encode();
+        b[4] = 2;
+        assert_eq!(HelloAnswer::decode(&b), Err(FrameError::Version(2)));
+    }
+
+    #[test]
+    fn frames_split_only_when_whole() {
+        let mut w = FrameHeader::new(FrameKind::Write);
+        w.len = 5;
+        let mut bytes = w.encode().to_vec();
+        bytes.extend_from_slice(b"hello");
+        bytes.extend_from_slice(&FrameHeader::new(FrameKind::Ack).encode());
+        for cut in 0..HEADER_LEN + 5 {
+            assert_eq!(split_frame(&bytes[..cut]), Ok(None), "cut at {cut}");
+        }
+        let (h, payload) = split_frame(&bytes).unwrap().unwrap();
+        assert_eq!((h, &bytes[payload.clone()]), (w, &b"hello"[..]));
+        let (h, payload) = split_frame(&bytes[payload.end..]).unwrap().unwrap();
+        assert_eq!((h.kind, payload), (FrameKind::Ack, HEADER_LEN..HEADER_LEN));
+        bytes[HEADER_LEN + 5] = 0x42;
+        assert_eq!(
+            split_frame(&bytes[HEADER_LEN + 5..]),
+            Err(FrameError::Kind(0x42))
+        );
     }
 
     #[test]

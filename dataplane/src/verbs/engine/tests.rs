@@ -5,7 +5,7 @@ use super::test_support::{
     call, gid, ok, open_context, rc_pingpong_steps, ALL, BACKED, INIT_MASK, RTR_MASK,
 };
 use crate::verbs::notify::test_seqpacket_pair;
-use crate::verbs::remote::SiblingLink;
+use crate::verbs::remote::{Link, OutDest, SiblingLink};
 use crate::verbs::*;
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
@@ -1535,7 +1535,16 @@ fn uc_drops_what_its_responder_does_not_take() {
 /// host's containers: 10.32.0.2 (shard 0 serves it) and 10.32.0.3 (shard 1), tenant blue, and
 /// 10.32.0.5 (shard 1), tenant red.
 fn two_shards() -> (Engine, Engine) {
-    let mut links = SiblingLink::mesh(2).expect("socket pairs").into_iter();
+    let (e0, e1, _) = two_shards_tapped();
+    (e0, e1)
+}
+
+/// [`two_shards`], and a second descriptor of shard 1's end of the socket pair that carries
+/// its requests to shard 0 (what the test writes there reads, at shard 0, as shard 1's).
+fn two_shards_tapped() -> (Engine, Engine, std::os::unix::net::UnixStream) {
+    let links = SiblingLink::mesh(2).expect("socket pairs");
+    let tap = links[1][0].out.try_clone().expect("a second descriptor");
+    let mut links = links.into_iter();
     let local = [
         ([10, 32, 0, 2].into(), "blue".to_string()),
         ([10, 32, 0, 3].into(), "blue".to_string()),
@@ -1550,7 +1559,7 @@ fn two_shards() -> (Engine, Engine) {
     assert_eq!(shard_of([10, 32, 0, 2].into(), 2), 0);
     assert_eq!(shard_of([10, 32, 0, 3].into(), 2), 1);
     let [e0, e1] = std::mem::replace(&mut engines, [Engine::new(false), Engine::new(false)]);
-    (e0, e1)
+    (e0, e1, tap)
 }
 
 /// Runs both engines' passes until `done` says so (bounded in passes and time).
@@ -1753,6 +1762,106 @@ fn across_shards_a_bad_key_is_a_remote_error_and_other_tenants_are_unreachable()
         !ca.is_empty()
     });
     assert_eq!((ca[0].wr_id, ca[0].status), (1, wc_status::REM_ACCESS_ERR));
+}
+
+/// Garbage on the socket pair that carries shard 1's requests to shard 0 (a frame that does
+/// not decode): shard 0 drops that connection only, shard 1 sees it close, and a QP of shard
+/// 1 sending to shard 0 fails with RETRY_EXC_ERR (its WRs behind flushed) instead of waiting;
+/// the other direction's pair still carries QPs of shard 0 to shard 1, and both engines go on.
+#[test]
+fn garbage_on_a_shard_pair_drops_that_pair_only() {
+    use std::io::Write;
+    let (mut e0, mut e1, mut tap) = two_shards_tapped();
+    // a (shard 0) and b (shard 1) connected; c (shard 0) and d (shard 1) connected.
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    let mut c = side(&mut e0, 3, [10, 32, 0, 2], "blue", 64);
+    let mut d = side(&mut e1, 4, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    connect(&mut e0, &c, d.ip, d.qpn, 7);
+    connect(&mut e1, &d, c.ip, c.qpn, 7);
+    let (ak, bk, ck, dk) = (a.mr.lkey, b.mr.lkey, c.mr.lkey, d.mr.lkey);
+    // Both pairs work both ways first.
+    post_recv(&mut a, 10, sge(ak, 2000, 64));
+    post_send(&mut b, 11, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+    let mut got = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        got.extend(outcomes(&mut a));
+        got.extend(outcomes(&mut b));
+        got.len() >= 2
+    });
+    got.sort_unstable();
+    assert_eq!(got, vec![(10, 0, a.qpn), (11, 0, b.qpn)]);
+    let incoming_from_shard_1 = |e: &mut Engine| {
+        e.transport()
+            .incoming
+            .iter()
+            .filter(|c| c.link == Link::Shard(1))
+            .count()
+    };
+    assert_eq!(incoming_from_shard_1(&mut e0), 1);
+
+    // A header of an unknown kind, as if shard 1 had sent it.
+    tap.write_all(&[0xee; freeflow_proto::verbs::remote::HEADER_LEN])
+        .expect("the socket pair takes it");
+    drop(tap);
+    let out_to_shard_0 = (Link::Shard(0), OutDest::Any);
+    // Shard 0 drops the connection the garbage came on; shard 1 sees its end close.
+    let mut dropped = false;
+    for _ in 0..1000 {
+        e0.poll();
+        e1.poll();
+        e0.transport().poll_now();
+        e1.transport().poll_now();
+        dropped = incoming_from_shard_1(&mut e0) == 0
+            && !e1.transport().out.contains_key(&out_to_shard_0);
+        if dropped {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(dropped, "the garbage's connection is still there");
+
+    // b's requests have no way to shard 0 now: its SEND fails (the QP's retry budget), the WR
+    // behind it is flushed.
+    post_send(&mut b, 12, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+    post_send(&mut b, 13, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+    let mut failed = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        failed.extend(outcomes(&mut b));
+        failed.len() >= 2
+    });
+    assert_eq!(
+        failed,
+        vec![
+            (12, wc_status::RETRY_EXC_ERR, b.qpn),
+            (13, wc_status::WR_FLUSH_ERR, b.qpn)
+        ]
+    );
+    // Shard 0's requests to shard 1 go on the other pair, untouched: c's SEND and WRITE land.
+    c.file.write_all_at(b"still carried", BASE + 100).unwrap();
+    post_recv(&mut d, 20, sge(dk, 2000, 64));
+    post_send(&mut c, 21, wr_opcode::SEND, &[sge(ck, 100, 13)], 0, 0);
+    post_send(
+        &mut c,
+        22,
+        wr_opcode::RDMA_WRITE,
+        &[sge(ck, 100, 13)],
+        BASE + 3000,
+        d.mr.rkey,
+    );
+    let (mut cc, mut cd) = (Vec::new(), Vec::new());
+    run_shards(&mut e0, &mut e1, || {
+        cc.extend(outcomes(&mut c));
+        cd.extend(outcomes(&mut d));
+        cc.len() >= 2 && !cd.is_empty()
+    });
+    assert_eq!(cc, vec![(21, 0, c.qpn), (22, 0, c.qpn)]);
+    assert_eq!(cd, vec![(20, 0, d.qpn)]);
+    let mut landed = [0u8; 13];
+    d.file.read_exact_at(&mut landed, BASE + 3000).unwrap();
+    assert_eq!(&landed, b"still carried");
 }
 
 /// The ACK of a request rides on the reply: with ACKs held for ever, the requester's SEND

@@ -9,7 +9,8 @@
 
 use super::Link;
 use freeflow_proto::verbs::remote::{
-    FrameError, FrameHeader, FrameKind, Hello, HEADER_LEN, HELLO_LEN, MAX_PAYLOAD,
+    split_frame, FrameError, FrameHeader, FrameKind, Hello, HelloAnswer, ANSWER_LEN, HEADER_LEN,
+    HELLO_LEN, MAX_PAYLOAD,
 };
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpStream};
@@ -114,6 +115,9 @@ const READ_CHUNK: usize = 256 * 1024;
 pub(crate) enum ConnState {
     /// Ours, connecting (non-blocking); given up at the deadline.
     Connecting(Instant),
+    /// Ours, connected, the hello sent or queued; the peer's answer has not come yet (no
+    /// request goes before it). Given up at the deadline.
+    AwaitAnswer(Instant),
     /// Accepted; the peer's hello has not come yet.
     AwaitHello,
     Up,
@@ -133,8 +137,8 @@ pub(crate) struct Conn {
     /// The other end: another host's router (its address as the kernel reports it) or
     /// another shard of this router.
     pub(crate) link: Link,
-    /// The container whose QPs the requests on this connection go to (its hello says it;
-    /// unspecified between shards).
+    /// The container the hello named (the connection carries the requests to every container
+    /// of the shard serving it; unspecified between shards).
     pub(crate) dst: Ipv4Addr,
     /// Names the connection in the shard's io_uring (in and out polls: `token`, `token | 1`).
     pub(crate) token: u64,
@@ -194,6 +198,12 @@ impl Conn {
     pub(crate) fn push_hello(&mut self, host: Ipv4Addr, dst: Ipv4Addr) {
         self.dst = dst;
         self.tx.extend_from_slice(&Hello { host, dst }.encode());
+    }
+
+    /// Queues the answer to the peer's hello: shard `shard` of `shards` serves the connection.
+    pub(crate) fn push_answer(&mut self, shard: u16, shards: u16) {
+        self.tx
+            .extend_from_slice(&HelloAnswer { shard, shards }.encode());
     }
 
     /// Queues a frame: `h` (whose `len` the caller set) and its payload, which `fill` writes
@@ -300,18 +310,34 @@ impl Conn {
         Ok(true)
     }
 
+    /// Takes the responder's answer to our hello if it is there (the connection is up then);
+    /// Ok(None) if not yet. Err: not an answer, or one naming a shard that does not serve
+    /// the destination our hello named.
+    pub(crate) fn take_answer(&mut self) -> Result<Option<HelloAnswer>, FrameError> {
+        let Some(b) = self.received().first_chunk::<ANSWER_LEN>() else {
+            return Ok(None);
+        };
+        let answer = HelloAnswer::decode(b)?;
+        let serving = super::shard_of(self.dst, usize::from(answer.shards));
+        if serving != usize::from(answer.shard) {
+            return Err(FrameError::Shard {
+                shard: answer.shard,
+                shards: answer.shards,
+            });
+        }
+        self.rx_at += ANSWER_LEN;
+        self.state = ConnState::Up;
+        Ok(Some(answer))
+    }
+
     /// The next complete frame in the receive buffer (not consumed: [`Conn::consume`]).
     pub(crate) fn next(&self) -> Result<Next, FrameError> {
-        let Some(b) = self.received().get(..HEADER_LEN) else {
-            return Ok(Next::Nothing);
-        };
-        let h = FrameHeader::decode(b.try_into().expect("64 bytes"))?;
-        let start = self.rx_at + HEADER_LEN;
-        let end = start + h.len as usize;
-        if end > self.rx_end {
-            return Ok(Next::Nothing);
-        }
-        Ok(Next::Frame(h, start..end))
+        Ok(match split_frame(self.received())? {
+            None => Next::Nothing,
+            Some((h, payload)) => {
+                Next::Frame(h, self.rx_at + payload.start..self.rx_at + payload.end)
+            }
+        })
     }
 
     /// The bytes received and not consumed yet.

@@ -4,9 +4,9 @@
 //! Each shard's engine owns one. Shard 0's listens on the verbs port of this host's address
 //! (the peer port + 1) and accepts only the registered hosts' routers; a connection whose hello
 //! names a container another shard serves is handed to that shard ([`Transport::take_handoff`],
-//! [`Transport::adopt_incoming`]). A requester keeps one connection per (other host,
-//! destination container) that its QPs send to: requests leave on it, the responses come back
-//! on it. Between the shards of one router the same frames travel on Unix socket pairs made at
+//! [`Transport::adopt_incoming`]), whose answer to the hello names that shard and the
+//! router's number of shards. A requester keeps one connection per (other host, destination
+//! shard) that its QPs send to: requests leave on it, the responses come back on it. Between the shards of one router the same frames travel on Unix socket pairs made at
 //! start, one per ordered pair of shards ([`Link::Shard`]): the requester's and responder's
 //! code is the one used between hosts, so every operation, error, retry and the flow control
 //! work across shards as across hosts. Every socket is non-blocking; the shard's io_uring
@@ -47,11 +47,11 @@ pub(crate) const QP_INFLIGHT_BYTES: u64 = 1 << 20;
 /// retransmits what was lost (a router that died resets the connection at once).
 pub(crate) const SILENCE_FLOOR: Duration = Duration::from_secs(2);
 /// Connections from one host's address that are kept (beyond, the oldest goes, and the QPs
-/// on it fail): a router opens one per shard and destination container its QPs send to, so
-/// this bounds how many containers of this host one shard of another host can talk to at once
-/// (it was 64, which a cluster of busy hosts passes). A bound, not a budget: a registered peer
+/// on it fail): a router opens one per (its shard, our shard) that its QPs send to, and
+/// before the first answer to a hello tells it our number of shards, one per destination
+/// container its shards start sending to at once. A bound, not a budget: a registered peer
 /// that opens this many holds as many of the router's descriptors.
-const INCOMING_PER_HOST: usize = 1024;
+const INCOMING_PER_HOST: usize = 256;
 /// Requests of one QP in flight at most.
 pub(crate) const QP_INFLIGHT_MAX: usize = 256;
 /// Poll events (`POLLIN`, `POLLOUT`) for the shard's io_uring.
@@ -198,9 +198,21 @@ impl SiblingLink {
     }
 }
 
-/// The key of a connection of ours: where it leads and the container its requests go to
-/// (unspecified between shards).
-pub(crate) type OutKey = (Link, Ipv4Addr);
+/// Whose requests a connection of ours to another host carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum OutDest {
+    /// Between shards of this router: every request to that shard.
+    Any,
+    /// To another host whose number of shards we did not know when it was opened: the
+    /// requests to this container (until the answer to its hello moves it to its shard's key,
+    /// unless another connection holds that already).
+    Container(Ipv4Addr),
+    /// The requests to every container this shard of the other host serves.
+    Shard(u16),
+}
+
+/// The key of a connection of ours: where it leads and whose requests it carries.
+pub(crate) type OutKey = (Link, OutDest);
 
 /// The sockets of the transport and the table of the cluster.
 #[derive(Debug, Default)]
@@ -214,6 +226,8 @@ pub struct Transport {
     port: u16,
     /// Other hosts' routers and their verbs ports.
     peers: HashMap<Ipv4Addr, u16>,
+    /// Other hosts' routers' numbers of shards, as the last answer to a hello said.
+    peer_shards: HashMap<Ipv4Addr, u16>,
     overlay: HashMap<Ipv4Addr, Placement>,
     listener: Option<(TcpListener, u64)>,
     listener_armed: bool,
@@ -252,7 +266,7 @@ impl Transport {
             let link = Link::Shard(other as u16);
             let token = self.token();
             let conn = Conn::new(Stream::Local(out), link, token, ConnState::Up);
-            self.out.insert((link, Ipv4Addr::UNSPECIFIED), conn);
+            self.out.insert((link, OutDest::Any), conn);
             let token = self.token();
             let conn = Conn::new(Stream::Local(incoming), link, token, ConnState::Up);
             self.incoming.push(conn);
@@ -401,18 +415,30 @@ impl Transport {
             .then_some(p.host)
     }
 
-    /// The key of our connection over `link` for requests to the container at `dst`.
-    pub(crate) fn out_key(link: Link, dst: Ipv4Addr) -> OutKey {
-        match link {
-            Link::Host(_) => (link, dst),
-            Link::Shard(_) => (link, Ipv4Addr::UNSPECIFIED),
+    /// The key of our connection over `link` for requests to the container at `dst`: the
+    /// one opened for that container while the host's number of shards was unknown, else the
+    /// one of the shard serving it there (once known).
+    pub(crate) fn out_key(&self, link: Link, dst: Ipv4Addr) -> OutKey {
+        let Link::Host(host) = link else {
+            return (link, OutDest::Any);
+        };
+        let own = (link, OutDest::Container(dst));
+        if self.out.contains_key(&own) {
+            return own;
+        }
+        match self.peer_shards.get(&host) {
+            Some(&shards) => {
+                let shard = shard_of(dst, usize::from(shards)) as u16;
+                (link, OutDest::Shard(shard))
+            }
+            None => own,
         }
     }
 
     /// Our connection over `link` for requests to the container at `dst`, connecting first if
     /// there is none.
     pub(crate) fn out_conn(&mut self, link: Link, dst: Ipv4Addr, now: Instant) -> OutConn<'_> {
-        let key = Self::out_key(link, dst);
+        let key = self.out_key(link, dst);
         if !self.out.contains_key(&key) {
             let Link::Host(host) = link else {
                 return OutConn::Down; // the shard's link broke: it is not made again
@@ -420,7 +446,7 @@ impl Transport {
             if self.retry_at.get(&key).is_some_and(|t| now < *t) {
                 return OutConn::Down;
             }
-            if let Err(e) = self.connect(host, dst, now) {
+            if let Err(e) = self.connect(key, host, dst, now) {
                 log::warn!(
                     target: &format!("verbs connect {host}"),
                     "verbs: cannot reach the router of {host}: {e}"
@@ -440,12 +466,18 @@ impl Transport {
     /// last heard from the other end.
     pub(crate) fn out_token(&self, link: Link, dst: Ipv4Addr) -> Option<(u64, Instant)> {
         self.out
-            .get(&Self::out_key(link, dst))
+            .get(&self.out_key(link, dst))
             .filter(|c| c.state == ConnState::Up)
             .map(|c| (c.token, c.last_heard))
     }
 
-    fn connect(&mut self, host: Ipv4Addr, dst: Ipv4Addr, now: Instant) -> io::Result<()> {
+    fn connect(
+        &mut self,
+        key: OutKey,
+        host: Ipv4Addr,
+        dst: Ipv4Addr,
+        now: Instant,
+    ) -> io::Result<()> {
         let (Some(port), Some(me)) = (self.peers.get(&host).copied(), self.host_ip) else {
             return Err(io::ErrorKind::NotFound.into());
         };
@@ -463,7 +495,7 @@ impl Transport {
         conn.readable = false;
         conn.writable = true;
         conn.push_hello(me, dst);
-        self.out.insert((Link::Host(host), dst), conn);
+        self.out.insert(key, conn);
         Ok(())
     }
 
@@ -512,7 +544,14 @@ impl Transport {
         if self.listener_ready {
             work += self.accept();
         }
-        let pending = |c: &Conn| c.readable || matches!(c.state, ConnState::Connecting(_));
+        let pending = |c: &Conn| {
+            c.readable
+                || matches!(
+                    c.state,
+                    ConnState::Connecting(_) | ConnState::AwaitAnswer(_)
+                )
+        };
+        let mut answered = Vec::new();
         let keys: Vec<OutKey> = match self.out.values().any(pending) {
             true => self.out.keys().copied().collect(),
             false => Vec::new(),
@@ -537,9 +576,21 @@ impl Transport {
             if c.readable {
                 if let Err(e) = c.fill() {
                     self.close_out(key, &e.to_string());
+                    continue;
                 }
                 work += 1;
             }
+            if let ConnState::AwaitAnswer(deadline) = c.state {
+                match c.take_answer() {
+                    Ok(Some(answer)) => answered.push((key, answer)),
+                    Ok(None) if now >= deadline => self.close_out(key, "no answer to the hello"),
+                    Ok(None) => {}
+                    Err(e) => self.close_out(key, &format!("bad answer to the hello: {e}")),
+                }
+            }
+        }
+        for (key, answer) in answered {
+            self.answered(key, answer);
         }
         let mut i = 0;
         while i < self.incoming.len() {
@@ -557,22 +608,50 @@ impl Transport {
                         self.close_incoming(i, &format!("bad hello: {e}"));
                         continue;
                     }
-                    // No poll of it is armed now (the one that read the hello fired): it can
-                    // move to the shard that serves its destination.
-                    Ok(true) if !c.in_armed && !c.out_armed && self.shards > 1 => {
-                        let shard = shard_of(c.dst, self.shards);
-                        if shard != self.shard {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        // The shard serving the destination serves the connection: the answer
+                        // says which, and how many shards this router has.
+                        let shards = self.shards.max(1);
+                        let shard = shard_of(c.dst, shards);
+                        c.push_answer(shard as u16, shards as u16);
+                        // No poll of it is armed now (the one that read the hello fired): it
+                        // can move to that shard, with what it buffered.
+                        if !c.in_armed && !c.out_armed && shard != self.shard {
                             let c = self.incoming.swap_remove(i);
                             self.handoff.push((shard, c));
                             continue;
                         }
                     }
-                    Ok(_) => {}
                 }
             }
             i += 1;
         }
         work
+    }
+
+    /// Our connection `key` is up, served by the other host's shard `answer.shard` of
+    /// `answer.shards`: it moves to that shard's key, where the requests to every container
+    /// of that shard find it, unless another connection holds the key (then it stays, or goes
+    /// to its container's key, and carries that container's requests).
+    fn answered(&mut self, key: OutKey, answer: freeflow_proto::verbs::remote::HelloAnswer) {
+        let Link::Host(host) = key.0 else {
+            return;
+        };
+        self.peer_shards.insert(host, answer.shards);
+        let target = (key.0, OutDest::Shard(answer.shard));
+        if key == target {
+            return;
+        }
+        let Some(conn) = self.out.remove(&key) else {
+            return;
+        };
+        let to = if self.out.contains_key(&target) {
+            (key.0, OutDest::Container(conn.dst))
+        } else {
+            target
+        };
+        self.out.insert(to, conn);
     }
 
     fn accept(&mut self) -> usize {
@@ -626,7 +705,9 @@ impl Transport {
         let broken: Vec<(OutKey, String)> = self
             .out
             .iter_mut()
-            .filter(|(_, c)| c.state == ConnState::Up && c.tx_pending() > 0)
+            .filter(|(_, c)| {
+                matches!(c.state, ConnState::Up | ConnState::AwaitAnswer(_)) && c.tx_pending() > 0
+            })
             .filter_map(|(key, c)| c.flush().err().map(|e| (*key, e.to_string())))
             .collect();
         for (key, why) in broken {
@@ -671,7 +752,7 @@ impl Transport {
         self.out
             .values()
             .filter_map(|c| match c.state {
-                ConnState::Connecting(d) => Some(d),
+                ConnState::Connecting(d) | ConnState::AwaitAnswer(d) => Some(d),
                 _ => None,
             })
             .min()
@@ -732,6 +813,12 @@ impl Transport {
     pub(crate) fn poll_now(&mut self) {
         use std::os::fd::AsFd;
         let ready = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
+        if let Some((l, _)) = &self.listener {
+            let mut p = [freeflow_os::poll::PollFd::new(l.as_fd(), libc::POLLIN)];
+            if freeflow_os::poll::poll(&mut p, Some(Duration::ZERO)).is_ok_and(|n| n > 0) {
+                self.listener_ready = true;
+            }
+        }
         for c in self.out.values_mut().chain(self.incoming.iter_mut()) {
             let events = libc::POLLIN | libc::POLLOUT;
             let mut p = [freeflow_os::poll::PollFd::new(c.stream.as_fd(), events)];
@@ -749,7 +836,8 @@ fn finish_connect(c: &mut Conn, now: Instant, deadline: Instant) -> io::Result<b
         return Err(e);
     }
     if c.stream.connected() {
-        c.state = ConnState::Up;
+        // Up once the answer to the hello comes (no request goes before it).
+        c.state = ConnState::AwaitAnswer(now + CONNECT_TIMEOUT);
         c.readable = true;
         return Ok(true);
     }

@@ -1,8 +1,10 @@
 //! The connection's framing and buffers over a real loopback TCP connection: frames that arrive
-//! in pieces, ACK coalescing, garbage, hellos.
+//! in pieces, ACK coalescing, garbage, hellos; and two routers' transports on loopback
+//! addresses: one connection per destination shard.
 
 use super::conn::{Conn, ConnState, Next, Stream};
-use super::Link;
+use super::{Link, OutConn, OutDest, SiblingLink, Transport};
+use freeflow_proto::control::{NetworkView, OverlayEntry, PeerHost};
 use freeflow_proto::verbs::remote::{FrameHeader, FrameKind, Hello, HEADER_LEN};
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -141,4 +143,169 @@ fn bytes_of_a_consumed_frame_never_complete_the_next_one() {
         panic!("no frame");
     };
     assert_eq!((got.dst_qpn, got.seq, range.len()), (3, 11, 0));
+}
+
+/// The cluster as every router sees it: host A (127.0.0.1) and host B (127.0.0.2), both with
+/// peer port `port`; containers 10.32.0.2, .3 and .4 on B (tenant blue).
+fn view(me: Ipv4Addr, port: u16) -> NetworkView {
+    let (a, b) = (Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2));
+    NetworkView {
+        host_ip: me,
+        peer_port: port,
+        hosts: [a, b]
+            .map(|host_ip| PeerHost {
+                host_ip,
+                peer_port: port,
+            })
+            .to_vec(),
+        overlay: [2, 3, 4]
+            .map(|last| OverlayEntry {
+                ip: Ipv4Addr::new(10, 32, 0, last),
+                tenant: "blue".into(),
+                host_ip: b,
+            })
+            .to_vec(),
+    }
+}
+
+/// Host A's router (one shard, 127.0.0.1) and host B's (two shards, 127.0.0.2, linked by
+/// their socket pairs), each with the cluster's view.
+fn two_routers() -> (Transport, Vec<Transport>) {
+    let b_ip = Ipv4Addr::new(127, 0, 0, 2);
+    // A free verbs port on B's address (the peer port is one below it).
+    let port = TcpListener::bind((b_ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        - 1;
+    let mut a = Transport::default();
+    a.set_shard(0, 1, Vec::new());
+    a.set_network(&view(Ipv4Addr::LOCALHOST, port));
+    let b = SiblingLink::mesh(2)
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        .map(|(i, links)| {
+            let mut t = Transport::default();
+            t.set_shard(i, 2, links);
+            t.set_network(&view(b_ip, port));
+            t
+        })
+        .collect();
+    (a, b)
+}
+
+const HOST_B: Link = Link::Host(Ipv4Addr::new(127, 0, 0, 2));
+
+fn overlay(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 32, 0, last)
+}
+
+/// One round of both routers' sockets (what their shards' passes do with them), B's shard 0
+/// handing connections to shard 1 as the control thread would.
+fn pump_both(a: &mut Transport, b: &mut [Transport]) {
+    let now = std::time::Instant::now();
+    a.flush_all();
+    for t in b.iter_mut() {
+        t.poll_now();
+        t.pump(now);
+    }
+    for (shard, conn) in b[0].take_handoff() {
+        assert_eq!(shard, 1, "only shard 1 is another shard");
+        b[1].adopt_incoming(conn);
+    }
+    for t in b.iter_mut() {
+        t.flush_all();
+    }
+    a.poll_now();
+    a.pump(now);
+}
+
+/// Pumps both routers until A's connection for `dst` is up (bounded).
+fn until_up(a: &mut Transport, b: &mut [Transport], dst: Ipv4Addr) {
+    for _ in 0..2000 {
+        if matches!(
+            a.out_conn(HOST_B, dst, std::time::Instant::now()),
+            OutConn::Up(_)
+        ) {
+            return;
+        }
+        pump_both(a, b);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    panic!("no connection to {dst} came up");
+}
+
+/// The keys of A's connections, sorted.
+fn keys(a: &Transport) -> Vec<OutDest> {
+    let mut k: Vec<OutDest> = a.out.keys().map(|(_, dest)| *dest).collect();
+    k.sort_by_key(|dest| format!("{dest:?}"));
+    k
+}
+
+/// The destinations named by the hellos of B's shard's connections from A.
+fn from_a(t: &Transport) -> Vec<Ipv4Addr> {
+    let mut d: Vec<Ipv4Addr> = t
+        .incoming
+        .iter()
+        .filter(|c| c.link == Link::Host(Ipv4Addr::LOCALHOST))
+        .map(|c| c.dst)
+        .collect();
+    d.sort();
+    d
+}
+
+/// Host A's router (one shard) opens one connection per shard of host B's router (two
+/// shards) that its QPs send to, not one per container: the answer to the first hello says
+/// B has two shards and which one serves the connection; a destination on that shard reuses
+/// it, one on the other shard gets its own, which B's shard 0 hands to shard 1.
+#[test]
+fn a_requester_keeps_one_connection_per_destination_shard() {
+    let (mut a, mut b) = two_routers();
+    // 10.32.0.2 is served by B's shard 0: the connection opened for it is shard 0's.
+    until_up(&mut a, &mut b, overlay(2));
+    assert_eq!(keys(&a), [OutDest::Shard(0)]);
+    assert_eq!(a.peer_shards.get(&Ipv4Addr::new(127, 0, 0, 2)), Some(&2));
+    // 10.32.0.4, also shard 0's: the same connection, no new one.
+    until_up(&mut a, &mut b, overlay(4));
+    assert_eq!(keys(&a), [OutDest::Shard(0)]);
+    // 10.32.0.3 is shard 1's: a second connection, which B's shard 1 serves.
+    until_up(&mut a, &mut b, overlay(3));
+    assert_eq!(keys(&a), [OutDest::Shard(0), OutDest::Shard(1)]);
+    assert_eq!(from_a(&b[0]), [overlay(2)]);
+    assert_eq!(from_a(&b[1]), [overlay(3)]);
+}
+
+/// Before any answer, a connection per destination container: two whose answers name the
+/// same shard do not collide; the first takes the shard's key, the other keeps its
+/// container's (and that container's requests keep using it).
+#[test]
+fn connections_opened_before_the_first_answer_keep_their_destinations() {
+    let (mut a, mut b) = two_routers();
+    let now = std::time::Instant::now();
+    for dst in [overlay(2), overlay(4)] {
+        assert!(matches!(a.out_conn(HOST_B, dst, now), OutConn::Connecting));
+    }
+    assert_eq!(
+        keys(&a),
+        [
+            OutDest::Container(overlay(2)),
+            OutDest::Container(overlay(4))
+        ]
+    );
+    until_up(&mut a, &mut b, overlay(2));
+    until_up(&mut a, &mut b, overlay(4));
+    assert_eq!(a.out.len(), 2);
+    let token_of = |a: &Transport, dst| a.out_token(HOST_B, dst).expect("up").0;
+    assert_ne!(token_of(&a, overlay(2)), token_of(&a, overlay(4)));
+    // Whichever answer came first holds shard 0's key; both destinations are shard 0's.
+    let shard_0 = a.out[&(HOST_B, OutDest::Shard(0))].dst;
+    let other = if shard_0 == overlay(2) {
+        overlay(4)
+    } else {
+        overlay(2)
+    };
+    assert!(a.out.contains_key(&(HOST_B, OutDest::Container(other))));
+    assert_eq!(from_a(&b[0]), [overlay(2), overlay(4)]);
 }
