@@ -185,13 +185,19 @@ impl Relays {
         }
         let listeners: Vec<OverlayEndpoint> = self.rung.keys().copied().collect();
         for listener in listeners {
-            if !listening(listener) {
-                self.forget_listener(listener);
-                continue;
-            }
-            let taken = self.take_answered(listener);
+            // Answered before their listener went (a server that exits after its last
+            // client), counted all the same.
+            let gone = !listening(listener);
+            let taken = match gone {
+                true => self.take_all_answered(listener),
+                false => self.take_answered(listener),
+            };
             if taken > 0 {
                 answered.push((listener, taken));
+            }
+            if gone {
+                self.forget_listener(listener);
+                continue;
             }
             while self
                 .rung
@@ -255,6 +261,18 @@ impl Relays {
             self.remove(listener, i);
         }
         answered.len()
+    }
+
+    /// As [`Self::take_answered`], one window after another until one has none answered.
+    fn take_all_answered(&mut self, listener: OverlayEndpoint) -> usize {
+        let mut all = 0;
+        loop {
+            // Each look takes at least one, or ends.
+            match self.take_answered(listener) {
+                0 => return all,
+                n => all += n,
+            }
+        }
     }
 
     /// The doorbell to poll for `listener`: its oldest if it has doorbells rung and is starved
@@ -502,6 +520,16 @@ impl TcpService {
         })
     }
 
+    /// Takes (and counts) the answered doorbells of every listener now, rather than at its
+    /// next arrival or check (a status request).
+    pub fn take_answered_doorbells(&mut self) {
+        let listeners: Vec<OverlayEndpoint> = self.relays.rung.keys().copied().collect();
+        for key in listeners {
+            let answered = self.relays.take_all_answered(key);
+            self.count_relayed(key, answered);
+        }
+    }
+
     /// `answered` doorbells of listener `key` were answered: clients relayed.
     pub(super) fn count_relayed(&mut self, key: OverlayEndpoint, answered: usize) {
         let tenant = self.registry.placement(key.ip()).map(|p| p.tenant.as_str());
@@ -518,6 +546,8 @@ impl TcpService {
             return;
         };
         if !self.listeners.local.contains_key(&key) {
+            let answered = self.relays.take_all_answered(key);
+            self.count_relayed(key, answered);
             return self.relays.forget_listener(key);
         }
         let answered = self.relays.take_answered(key);

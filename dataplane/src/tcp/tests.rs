@@ -594,6 +594,47 @@ fn answered_doorbells_wake_the_router_only_for_clients_without_one() {
     assert_eq!(tcp.relays.next_deadline(), None, "nothing left to check");
 }
 
+/// A doorbell answered just before its listener went (a server that exits after its last
+/// client) is counted all the same, as is one a status request finds answered.
+#[test]
+fn doorbells_answered_before_their_listener_went_are_counted() {
+    let (mut tcp, host, overlay, key) = relaying_service(16);
+    let _first = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+    tcp.relay_later(polled[0]);
+    tcp.relay_readable();
+    let (doorbell, _) = host.accept().unwrap();
+    let _client = overlay.accept().unwrap();
+    drop(doorbell);
+    let oldest = tcp.relays.oldest_for_test(key).expect("not taken yet");
+    assert!(readable_within(oldest, Duration::from_secs(5)), "answered");
+    tcp.take_answered_doorbells();
+    assert_eq!(tcp.counters.relayed, 1, "a status request counts it");
+    assert_eq!(tcp.relays.waiting(), 0);
+    let _second = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    let watch = tcp.relays.arrival_watch_fd().expect("the arrival watch");
+    let watch_fd = tcp
+        .relay_poll_fds()
+        .find(|fd| fd.as_raw_fd() == watch)
+        .expect("the arrival watch is polled");
+    assert!(
+        readable_within(watch_fd, Duration::from_secs(5)),
+        "an arrival"
+    );
+    tcp.relay_later(watch);
+    tcp.relay_readable();
+    assert_eq!(tcp.relays.waiting(), 1);
+    let (doorbell, _) = host.accept().unwrap();
+    let _client = overlay.accept().unwrap();
+    drop(doorbell);
+    let oldest = tcp.relays.oldest_for_test(key).expect("not taken yet");
+    assert!(readable_within(oldest, Duration::from_secs(5)), "answered");
+    // The listener goes before the router looked.
+    let later = Instant::now() + Duration::from_secs(1);
+    assert_eq!(tcp.relays.expire(later, |_| false), vec![(key, 1)]);
+    assert_eq!(tcp.relays.waiting(), 0);
+}
+
 /// A container that closes its listener and listens on the same port again at once (SO_REUSEADDR,
 /// a server reloading) finds the port free when its Unlisten is answered: the router holds no
 /// descriptor of the overlay listener any more, in the listener table nor in the arrival watch
