@@ -170,7 +170,10 @@ impl ControlThread {
         })
     }
 
-    fn status(&self) -> RouterStatus {
+    fn status(&mut self) -> RouterStatus {
+        // Doorbells answered since the last client came are counted when next looked at: look
+        // now, so that `tcp_relayed` counts every client the applications have taken.
+        self.tcp.take_answered_doorbells();
         let mut attached: Vec<AttachedStatus> = self
             .attached
             .lock()

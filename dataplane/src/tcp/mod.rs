@@ -234,8 +234,12 @@ impl TcpService {
         self.answer_pending(deferred, now);
         self.announcements.expire(now);
         let local = &self.listeners.local;
-        self.relays
+        let answered = self
+            .relays
             .expire(now, |listener| local.contains_key(&listener));
+        for (listener, count) in answered {
+            self.count_relayed(listener, count);
+        }
         if self.listeners.expire_orphans(now) {
             self.broadcast_listeners();
         }

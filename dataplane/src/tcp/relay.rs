@@ -7,12 +7,15 @@
 //! accepts the client from its own duplicate of the overlay listener, with no round trip: the
 //! client's connection never passes through the router.
 //!
-//! Doorbells are answered in the order they were rung (the host listener's accept queue is
-//! first in, first out), so the router polls only the oldest doorbell of each listener (the
-//! shim closes an answered doorbell, which makes it readable); when it is, the ones after it
-//! already answered go with it. A listener with no doorbell rung has its overlay listener
-//! polled instead (readable: clients wait); an edge-triggered epoll instance (the arrival
-//! watch, itself polled) reports clients that come while doorbells are rung.
+//! The shim closes an answered doorbell, which makes the router's end readable. The router
+//! is woken by that only when it must ring again: while a listener has clients without a
+//! doorbell (more than its share, say), its oldest doorbell is polled (doorbells are answered
+//! in the order they were rung: the host listener's accept queue is first in, first out).
+//! Otherwise every waiting client has a doorbell, and the answered ones are taken (closed,
+//! counted) at the next arrival or check: a relayed client wakes the router once, not twice.
+//! A listener with no doorbell rung has its overlay listener polled instead (readable: clients
+//! wait); an edge-triggered epoll instance (the arrival watch, itself polled) reports clients
+//! that come while doorbells are rung.
 //!
 //! What relaying costs the router, and how it is bounded: one descriptor per doorbell rung,
 //! and one per overlay listener in the arrival watch.
@@ -27,7 +30,7 @@ use super::{ok, TcpService};
 use crate::sys::{self, ArrivalWatch, Untrusted};
 use freeflow_os::poll::{self, PollFd};
 use freeflow_proto::sockmsg::SockReply;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -40,6 +43,10 @@ const EXPIRE_EVERY: Duration = Duration::from_millis(100);
 /// Doorbells rung for one listener per turn of the control loop: the turn stays short, and
 /// each answered doorbell rings again for the clients still waiting.
 const RING_BATCH: usize = 64;
+/// How many of a listener's doorbells, oldest first, one look for answered ones covers (one
+/// `poll`). A listener with more rung is watched by its oldest doorbell (answered ones further
+/// on could hide clients without a doorbell).
+const REAP_WINDOW: usize = RING_BATCH + 1;
 /// How long a listener's overlay listener is not polled after ringing for it failed (it would
 /// stay readable, and the control loop would spin).
 const RING_BACKOFF: Duration = Duration::from_millis(100);
@@ -88,6 +95,11 @@ pub(super) struct Relays {
     readable: Vec<RawFd>,
     /// Listeners for which ringing failed, not polled until then.
     backoff: HashMap<OverlayEndpoint, Instant>,
+    /// Listeners that had clients left without a doorbell at their last ring (beyond their
+    /// share or the turn's batch), or more doorbells than [`REAP_WINDOW`]: their oldest
+    /// doorbell is polled, so that its answer wakes the router to ring again. The others'
+    /// answers wait for the next arrival or check.
+    starved: HashSet<OverlayEndpoint>,
     /// The overlay listeners watched for arrivals, edge-triggered: clients that come while a
     /// listener has doorbells rung (its overlay listener, readable, is not polled then) get
     /// theirs at once.
@@ -132,10 +144,16 @@ impl Relays {
 
     /// Forgets (closes) the oldest doorbell of `listener`.
     fn pop(&mut self, listener: OverlayEndpoint) -> Option<Doorbell> {
+        self.remove(listener, 0)
+    }
+
+    /// Forgets (closes) doorbell `index` (0: the oldest) of `listener`.
+    fn remove(&mut self, listener: OverlayEndpoint, index: usize) -> Option<Doorbell> {
         let queue = self.rung.get_mut(&listener)?;
-        let doorbell = queue.pop_front()?;
+        let doorbell = queue.remove(index)?;
         if queue.is_empty() {
             self.rung.remove(&listener);
+            self.starved.remove(&listener);
         }
         self.total = self.total.saturating_sub(1);
         if let Some(count) = self.by_container.get_mut(&listener.ip()) {
@@ -150,17 +168,34 @@ impl Relays {
     fn forget_listener(&mut self, listener: OverlayEndpoint) {
         while self.pop(listener).is_some() {}
         self.backoff.remove(&listener);
+        self.starved.remove(&listener);
     }
 
-    /// A doorbell goes when its time is up or its listener is gone (checked every
-    /// [`EXPIRE_EVERY`]).
-    pub fn expire(&mut self, now: Instant, listening: impl Fn(OverlayEndpoint) -> bool) {
+    /// A doorbell goes when it is answered, its time is up or its listener is gone (checked
+    /// every [`EXPIRE_EVERY`]). Returns the listeners and how many of their doorbells were
+    /// answered.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        listening: impl Fn(OverlayEndpoint) -> bool,
+    ) -> Vec<(OverlayEndpoint, usize)> {
+        let mut answered = Vec::new();
         if self.next_check.is_none_or(|at| now < at) {
-            return;
+            return answered;
         }
         let listeners: Vec<OverlayEndpoint> = self.rung.keys().copied().collect();
         for listener in listeners {
-            if !listening(listener) {
+            // Answered before their listener went (a server that exits after its last
+            // client), counted all the same.
+            let gone = !listening(listener);
+            let taken = match gone {
+                true => self.take_all_answered(listener),
+                false => self.take_answered(listener),
+            };
+            if taken > 0 {
+                answered.push((listener, taken));
+            }
+            if gone {
                 self.forget_listener(listener);
                 continue;
             }
@@ -176,6 +211,7 @@ impl Relays {
         self.backoff.retain(|_, until| *until > now);
         self.next_check =
             (self.total > 0 || !self.backoff.is_empty()).then_some(now + EXPIRE_EVERY);
+        answered
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -199,26 +235,67 @@ impl Relays {
         self.rung.get(&listener).map_or(0, VecDeque::len)
     }
 
-    /// How many doorbells of `listener`, from the oldest (found readable), are answered: the
-    /// oldest and those after it that are readable too, among the next [`RING_BATCH`] (one
-    /// poll).
-    fn answered_from_oldest(&self, listener: OverlayEndpoint) -> usize {
+    /// Forgets (closes) the answered doorbells (readable: the shim closed its end) among the
+    /// oldest [`REAP_WINDOW`] of `listener`, wherever they are in it (several threads or
+    /// processes accepting may answer out of order); returns how many. One `poll`.
+    fn take_answered(&mut self, listener: OverlayEndpoint) -> usize {
         let Some(queue) = self.rung.get(&listener) else {
             return 0;
         };
-        let mut next: Vec<PollFd<'_>> = queue
+        let mut window: Vec<PollFd<'_>> = queue
             .iter()
-            .skip(1)
-            .take(RING_BATCH)
+            .take(REAP_WINDOW)
             .map(|d| PollFd::new(d.socket.as_fd(), libc::POLLIN))
             .collect();
-        if next.is_empty() || poll::poll(&mut next, Some(Duration::ZERO)).is_err() {
-            return 1;
+        if poll::poll(&mut window, Some(Duration::ZERO)).is_err() {
+            return 0;
         }
-        1 + next.iter().take_while(|fd| fd.revents() != 0).count()
+        let answered: Vec<usize> = window
+            .iter()
+            .enumerate()
+            .filter(|(_, fd)| fd.revents() != 0)
+            .map(|(i, _)| i)
+            .collect();
+        // From the last, so that the indices before it stay.
+        for &i in answered.iter().rev() {
+            self.remove(listener, i);
+        }
+        answered.len()
     }
 
-    fn oldest(&self, listener: OverlayEndpoint) -> Option<BorrowedFd<'_>> {
+    /// As [`Self::take_answered`], one window after another until one has none answered.
+    fn take_all_answered(&mut self, listener: OverlayEndpoint) -> usize {
+        let mut all = 0;
+        loop {
+            // Each look takes at least one, or ends.
+            match self.take_answered(listener) {
+                0 => return all,
+                n => all += n,
+            }
+        }
+    }
+
+    /// The doorbell to poll for `listener`: its oldest if it has doorbells rung and is starved
+    /// (or no arrival watch reports its clients), else none.
+    fn oldest_to_poll(&self, listener: OverlayEndpoint) -> Option<Option<BorrowedFd<'_>>> {
+        let oldest = self.rung.get(&listener)?.front()?.socket.as_fd();
+        let watched = self.watch.is_some() && self.watched.contains_key(&listener);
+        // A full pool (the container's or all): an answer frees room for another listener,
+        // whose overlay listener is polled only while it has room.
+        let held_by_container = self.by_container.get(&listener.ip()).copied().unwrap_or(0);
+        let full = held_by_container >= MAX_RELAYS_PER_CONTAINER || self.total >= MAX_RELAYS;
+        Some((self.starved.contains(&listener) || !watched || full).then_some(oldest))
+    }
+
+    /// Whether the oldest doorbell of `listener` is polled (tests).
+    #[cfg(test)]
+    pub(super) fn polls_oldest(&self, listener: OverlayEndpoint) -> bool {
+        self.oldest_to_poll(listener).flatten().is_some()
+    }
+
+    /// The oldest doorbell of `listener` (tests).
+    #[cfg(test)]
+    pub(super) fn oldest_for_test(&self, listener: OverlayEndpoint) -> Option<BorrowedFd<'_>> {
         Some(self.rung.get(&listener)?.front()?.socket.as_fd())
     }
 
@@ -291,8 +368,10 @@ impl TcpService {
         let watch = self.relays.watch.as_ref();
         let arrivals = watch.filter(|_| !self.relays.watched.is_empty());
         let listeners = self.listeners.local.iter().filter_map(|(&key, l)| {
-            if let Some(doorbell) = self.relays.oldest(key) {
-                return Some(doorbell);
+            if let Some(doorbell) = self.relays.oldest_to_poll(key) {
+                // Doorbells rung: the oldest if its answer must wake the router, else nothing
+                // (the arrival watch reports new clients).
+                return doorbell;
             }
             let overlay = l.overlay.as_ref()?;
             let room = self.relays.room_for(key, listener_share(l.backlog)) > 0;
@@ -333,7 +412,18 @@ impl TcpService {
                 Err(e) => return log::warn!("tcp: no arrival watch: {e}"),
             }
         }
-        self.unwatch_gone_overlays();
+        // A listener replaced or let go of is taken out before its request is answered
+        // (`handle`, `detach`); here only what the relay itself gave up (its overlay listener
+        // gone). Compared by key, not by inode: no fstat per watched listener each turn.
+        let local = &self.listeners.local;
+        let given_up = self
+            .relays
+            .watched
+            .keys()
+            .any(|key| local.get(key).is_none_or(|l| l.overlay.is_none()));
+        if given_up {
+            self.unwatch_gone_overlays();
+        }
         let relays = &mut self.relays;
         let watch = relays.watch.as_ref().expect("made above");
         let local = &self.listeners.local;
@@ -386,17 +476,11 @@ impl TcpService {
                 listeners.extend(self.arrivals());
                 continue;
             }
-            let Some((key, answered)) = self.readable_listener(fd) else {
+            // An overlay listener (clients wait) or an oldest doorbell (answered): ring_for
+            // takes the answered ones, then rings.
+            let Some(key) = self.readable_listener(fd) else {
                 continue;
             };
-            if answered {
-                // The oldest, and those after it answered too (the loop would see them one
-                // turn at a time, ringing too few meanwhile).
-                for _ in 0..self.relays.answered_from_oldest(key) {
-                    self.relays.pop(key);
-                    self.count_relayed(key);
-                }
-            }
             if !listeners.contains(&key) {
                 listeners.push(key);
             }
@@ -422,35 +506,54 @@ impl TcpService {
             .collect()
     }
 
-    /// Whose is readable `fd`: a listener's overlay listener (false), or its oldest doorbell
-    /// (true: answered).
-    fn readable_listener(&self, fd: RawFd) -> Option<(OverlayEndpoint, bool)> {
+    /// Whose is readable `fd`: a listener's overlay listener, or its oldest doorbell.
+    fn readable_listener(&self, fd: RawFd) -> Option<OverlayEndpoint> {
         let overlay = self.listeners.local.iter().find_map(|(&key, l)| {
             let overlay = l.overlay.as_ref()?;
-            (overlay.as_raw_fd() == fd).then_some((key, false))
+            (overlay.as_raw_fd() == fd).then_some(key)
         });
         overlay.or_else(|| {
             self.relays.rung.iter().find_map(|(&key, queue)| {
                 let oldest = queue.front()?;
-                (oldest.socket.as_raw_fd() == fd).then_some((key, true))
+                (oldest.socket.as_raw_fd() == fd).then_some(key)
             })
         })
     }
 
-    /// A doorbell of listener `key` was answered: a client relayed.
-    fn count_relayed(&mut self, key: OverlayEndpoint) {
-        let tenant = self.registry.placement(key.ip()).map(|p| p.tenant.as_str());
-        self.counters.relayed_to(tenant);
+    /// Takes (and counts) the answered doorbells of every listener now, rather than at its
+    /// next arrival or check (a status request).
+    pub fn take_answered_doorbells(&mut self) {
+        let listeners: Vec<OverlayEndpoint> = self.relays.rung.keys().copied().collect();
+        for key in listeners {
+            let answered = self.relays.take_all_answered(key);
+            self.count_relayed(key, answered);
+        }
     }
 
-    /// Rings the host listener of `key` once for each client waiting on its overlay listener
-    /// without a doorbell yet, within its share and [`RING_BATCH`].
+    /// `answered` doorbells of listener `key` were answered: clients relayed.
+    pub(super) fn count_relayed(&mut self, key: OverlayEndpoint, answered: usize) {
+        let tenant = self.registry.placement(key.ip()).map(|p| p.tenant.as_str());
+        for _ in 0..answered {
+            self.counters.relayed_to(tenant);
+        }
+    }
+
+    /// Takes the answered doorbells of `key`, then rings its host listener once for each
+    /// client waiting on its overlay listener without a doorbell yet, within its share and
+    /// [`RING_BATCH`].
     fn ring_for(&mut self, key: OverlayEndpoint) {
         let Some(host_ip) = self.registry.host_ip() else {
             return;
         };
-        let Some(listener) = self.listeners.local.get(&key) else {
+        if !self.listeners.local.contains_key(&key) {
+            let answered = self.relays.take_all_answered(key);
+            self.count_relayed(key, answered);
             return self.relays.forget_listener(key);
+        }
+        let answered = self.relays.take_answered(key);
+        self.count_relayed(key, answered);
+        let Some(listener) = self.listeners.local.get(&key) else {
+            return;
         };
         if self.relays.backoff.contains_key(&key) {
             // Ringing failed a moment ago (expire lifts it): polled again after.
@@ -494,6 +597,14 @@ impl TcpService {
                     break;
                 }
             }
+        }
+        // Clients left without a doorbell (or doorbells beyond one look for answers): the
+        // oldest doorbell's answer must wake the router.
+        let pending = self.relays.pending(key);
+        if waiting > pending || pending > REAP_WINDOW {
+            self.relays.starved.insert(key);
+        } else {
+            self.relays.starved.remove(&key);
         }
     }
 }

@@ -20,6 +20,12 @@ const RESOLVE_WAIT: Duration = Duration::from_secs(1);
 pub(super) const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(120);
 /// How often old announcements are looked for (they live a little longer than their TTL).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Resolves one process may have waiting for their announcements at most: the shim has at
+/// most 64 requests outstanding, so only a process that speaks the protocol itself (a hostile
+/// one) goes past it.
+pub(super) const MAX_PENDING_PER_PROCESS: usize = 64;
+/// Resolves waiting in all at most (each is looked at on every turn of the control loop).
+pub(super) const MAX_PENDING: usize = 4096;
 
 /// What a client's router said about one of its connections.
 pub(super) struct Announced {
@@ -64,6 +70,12 @@ impl Announcements {
     /// Drops the resolves an attachment was waiting for (its process went away).
     pub fn drop_pending_of(&mut self, attachment: u32) {
         self.pending.retain(|p| p.attachment != attachment);
+    }
+
+    /// How many resolves wait for their announcements (tests).
+    #[cfg(test)]
+    pub fn waiting(&self) -> usize {
+        self.pending.len()
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -111,6 +123,24 @@ impl TcpService {
         match self.lookup_announcement(key, caller.container.ip) {
             Some(client) => Some((ok(req.seq, client), None)),
             None => {
+                // Bounded: a resolve past either bound is refused at once, as one that waited
+                // its whole time without an announcement would be (the shim then drops the
+                // connection as unannounced). Those already waiting keep their turn.
+                let pending = &self.announcements.pending;
+                let of_caller = pending
+                    .iter()
+                    .filter(|p| p.attachment == caller.attachment)
+                    .count();
+                if of_caller >= MAX_PENDING_PER_PROCESS || pending.len() >= MAX_PENDING {
+                    log::warn!(
+                        target: "tcp resolves refused",
+                        "tcp: container {}: resolve refused, {} waiting ({of_caller} of its \
+                         process)",
+                        caller.container.name,
+                        pending.len()
+                    );
+                    return Some((SockReply::error(req.seq, libc::ECONNREFUSED), None));
+                }
                 self.announcements.pending.push(PendingResolve {
                     attachment: caller.attachment,
                     listener_ip: caller.container.ip,

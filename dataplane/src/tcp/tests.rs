@@ -542,6 +542,99 @@ fn a_client_arriving_while_doorbells_are_rung_gets_one_at_once() {
     assert_eq!(tcp.relays.waiting(), 2, "the second client's doorbell");
 }
 
+/// While every waiting client has a doorbell, an answered one does not wake the router (its
+/// oldest doorbell is not polled): it is taken, and counted, at the next arrival, or at the
+/// next check when no client comes (then nothing is left to check again). A relayed client
+/// costs the router one wake-up, not two.
+#[test]
+fn answered_doorbells_wake_the_router_only_for_clients_without_one() {
+    let (mut tcp, host, overlay, key) = relaying_service(16);
+    let _first = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+    tcp.relay_later(polled[0]);
+    tcp.relay_readable();
+    assert_eq!(tcp.relays.waiting(), 1);
+    let watch = tcp.relays.arrival_watch_fd().expect("the arrival watch");
+    assert!(
+        !tcp.relays.polls_oldest(key),
+        "every client has its doorbell"
+    );
+    let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+    assert_eq!(polled, vec![watch], "only arrivals wake the router");
+    // The application answers (a plain close, as the shim's).
+    let (doorbell, _) = host.accept().unwrap();
+    let (_conn, _) = overlay.accept().unwrap();
+    drop(doorbell);
+    let oldest = tcp.relays.oldest_for_test(key).expect("not taken yet");
+    assert!(readable_within(oldest, Duration::from_secs(5)), "answered");
+    assert_eq!(tcp.counters.relayed, 0, "not looked at yet");
+    // The next client: its arrival takes the answered doorbell and rings its own.
+    let _second = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    let watch_fd = tcp
+        .relay_poll_fds()
+        .find(|fd| fd.as_raw_fd() == watch)
+        .expect("the arrival watch is polled");
+    assert!(
+        readable_within(watch_fd, Duration::from_secs(5)),
+        "an arrival"
+    );
+    tcp.relay_later(watch);
+    tcp.relay_readable();
+    assert_eq!(tcp.counters.relayed, 1, "the answered doorbell, counted");
+    assert_eq!(tcp.relays.waiting(), 1, "the second client's doorbell");
+    // Answered, and no client after it: the next check takes it, and stops checking.
+    let (doorbell, _) = host.accept().unwrap();
+    let (_conn, _) = overlay.accept().unwrap();
+    drop(doorbell);
+    let oldest = tcp.relays.oldest_for_test(key).expect("not taken yet");
+    assert!(readable_within(oldest, Duration::from_secs(5)), "answered");
+    let later = Instant::now() + Duration::from_secs(1);
+    assert_eq!(tcp.relays.expire(later, |_| true), vec![(key, 1)]);
+    assert_eq!(tcp.relays.waiting(), 0);
+    assert_eq!(tcp.relays.next_deadline(), None, "nothing left to check");
+}
+
+/// A doorbell answered just before its listener went (a server that exits after its last
+/// client) is counted all the same, as is one a status request finds answered.
+#[test]
+fn doorbells_answered_before_their_listener_went_are_counted() {
+    let (mut tcp, host, overlay, key) = relaying_service(16);
+    let _first = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+    tcp.relay_later(polled[0]);
+    tcp.relay_readable();
+    let (doorbell, _) = host.accept().unwrap();
+    let _client = overlay.accept().unwrap();
+    drop(doorbell);
+    let oldest = tcp.relays.oldest_for_test(key).expect("not taken yet");
+    assert!(readable_within(oldest, Duration::from_secs(5)), "answered");
+    tcp.take_answered_doorbells();
+    assert_eq!(tcp.counters.relayed, 1, "a status request counts it");
+    assert_eq!(tcp.relays.waiting(), 0);
+    let _second = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    let watch = tcp.relays.arrival_watch_fd().expect("the arrival watch");
+    let watch_fd = tcp
+        .relay_poll_fds()
+        .find(|fd| fd.as_raw_fd() == watch)
+        .expect("the arrival watch is polled");
+    assert!(
+        readable_within(watch_fd, Duration::from_secs(5)),
+        "an arrival"
+    );
+    tcp.relay_later(watch);
+    tcp.relay_readable();
+    assert_eq!(tcp.relays.waiting(), 1);
+    let (doorbell, _) = host.accept().unwrap();
+    let _client = overlay.accept().unwrap();
+    drop(doorbell);
+    let oldest = tcp.relays.oldest_for_test(key).expect("not taken yet");
+    assert!(readable_within(oldest, Duration::from_secs(5)), "answered");
+    // The listener goes before the router looked.
+    let later = Instant::now() + Duration::from_secs(1);
+    assert_eq!(tcp.relays.expire(later, |_| false), vec![(key, 1)]);
+    assert_eq!(tcp.relays.waiting(), 0);
+}
+
 /// A container that closes its listener and listens on the same port again at once (SO_REUSEADDR,
 /// a server reloading) finds the port free when its Unlisten is answered: the router holds no
 /// descriptor of the overlay listener any more, in the listener table nor in the arrival watch
@@ -657,4 +750,69 @@ fn a_pool_used_up_within_a_turn_is_claimed_again_in_one_message() {
         let next = tcp.take_claimed(key).expect("the rest of the pool");
         assert!(ports.contains(&next.port));
     }
+}
+
+/// Resolves waiting for their announcements are bounded, per process and in all: one past a
+/// bound is refused at once (as one that waited its whole time would be), and those waiting
+/// keep their turn. A hostile process speaking the protocol itself cannot make the list, and
+/// each turn's look at it, grow without end.
+#[test]
+fn resolves_waiting_for_announcements_are_bounded_per_process_and_in_all() {
+    use super::resolve::{MAX_PENDING, MAX_PENDING_PER_PROCESS};
+    let (mut tcp, _host, _overlay, key) = relaying_service(16);
+    let container = ContainerEntry {
+        name: "web".into(),
+        tenant: "t".into(),
+        ip: key.ip(),
+        netns: freeflow_proto::identity::NetnsId { dev: 0, ino: 1 },
+    };
+    // Host peers nobody announced: each resolve waits.
+    let resolve = |tcp: &mut TcpService, attachment: u32, n: u32| {
+        let caller = Caller {
+            attachment,
+            container: &container,
+        };
+        let request = SockRequest {
+            op: SockOp::Resolve,
+            flags: 0,
+            seq: n,
+            ip: Ipv4Addr::new(192, 168, 1, 9),
+            port: (n % 60_000) as u16 + 1024,
+            backlog: 0,
+        };
+        tcp.handle(caller, request, Vec::new())
+    };
+    for n in 0..MAX_PENDING_PER_PROCESS as u32 {
+        assert!(resolve(&mut tcp, 1, n).is_none(), "resolve {n} waits");
+    }
+    let (refused, _) = resolve(&mut tcp, 1, 1000).expect("answered at once");
+    assert_eq!(refused.status, SockStatus::Error);
+    assert_eq!(refused.errno, libc::ECONNREFUSED);
+    assert_eq!(refused.seq, 1000);
+    // Other processes still wait, up to the bound of all.
+    let mut n = 2000;
+    let mut attachment = 2;
+    while waiting_resolves(&tcp) < MAX_PENDING {
+        let waited = resolve(&mut tcp, attachment, n).is_none();
+        assert!(waited, "resolve {n} of process {attachment} waits");
+        n += 1;
+        if (n - 2000) % MAX_PENDING_PER_PROCESS as u32 == 0 {
+            attachment += 1;
+        }
+    }
+    assert_eq!(waiting_resolves(&tcp), MAX_PENDING);
+    assert!(
+        resolve(&mut tcp, attachment + 1, n).is_some(),
+        "the list is full"
+    );
+    // The waiting ones are answered (refused) at their deadline, as before.
+    let mut deferred = Deferred::new();
+    let later = Instant::now() + Duration::from_secs(5);
+    tcp.answer_pending(&mut deferred, later);
+    assert_eq!(deferred.len(), MAX_PENDING);
+    assert_eq!(waiting_resolves(&tcp), 0);
+}
+
+fn waiting_resolves(tcp: &TcpService) -> usize {
+    tcp.announcements.waiting()
 }

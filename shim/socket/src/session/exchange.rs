@@ -8,7 +8,7 @@
 //! Each waiter keeps its own deadline; a late reply finds no waiter and is undone (`absorb`).
 
 use super::{
-    attached, config, debug, Attached, Notices, RouterLink, Unanswered, Unavailable,
+    attached, config, debug, Attached, Notices, RateLimited, RouterLink, Unanswered, Unavailable,
     REATTACH_INTERVAL, RESOLVE_GRACE, SEQ, SESSION,
 };
 use crate::real;
@@ -36,6 +36,12 @@ const BUFFER_RECHECK: std::time::Duration = std::time::Duration::from_millis(2);
 /// connection per request and 400 clients), rechecks that often were tens of thousands of
 /// wake-ups a second, each taking the session lock, and the connects queued behind them.
 const SLOT_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The debug lines of requests that fall back to the normal path, at most one per
+/// [`RateLimited`] period each: waiting out a slot (or a full socket buffer), and a router
+/// that did not answer.
+static NO_SLOT: RateLimited = RateLimited::new();
+static NO_ANSWER: RateLimited = RateLimited::new();
 
 /// A waiting thread's wake-up word: it sleeps while `WAITING`.
 const WAITING: u32 = 0;
@@ -96,10 +102,16 @@ pub(super) fn call_passing_all(
             Err(Sending::Failed(why)) => return Err(why),
             Err(Sending::Full(why)) => {
                 if give_up {
-                    debug(format_args!(
-                        "no room on the router connection for {:?} within {:?}; normal path",
+                    // Every thread of a loaded server can come here at once: one line.
+                    NO_SLOT.debug(format_args!(
+                        "no room on the router connection for {:?} within {:?} ({}); the \
+                         normal path (without Freeflow)",
                         request.op,
-                        config().router_timeout
+                        config().router_timeout,
+                        match why {
+                            Full::Slots => "every request slot taken",
+                            Full::Buffer => "its socket buffer full",
+                        }
                     ));
                     return Err(Unavailable::Wedged);
                 }
@@ -342,7 +354,7 @@ impl Attached {
     pub(super) fn failed(&mut self, request: &SockRequest, failure: Failure) -> Unavailable {
         match failure {
             Failure::TimedOut => {
-                debug(format_args!(
+                NO_ANSWER.debug(format_args!(
                     "router did not answer {:?} within {:?}; normal path",
                     request.op,
                     config().router_timeout

@@ -21,7 +21,7 @@ use ipnet::Ipv4Net;
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,68 @@ pub fn debug(msg: std::fmt::Arguments<'_>) {
     if config().debug {
         eprintln!("libfsocket[{}]: {msg}", real::getpid());
     }
+}
+
+/// A debug line said at most once per [`RateLimited::EVERY`] (the first at once), with the
+/// number of times it was not said since: a line that every thread of a loaded server would
+/// say (hundreds of requests falling back together) stays one line.
+pub(crate) struct RateLimited {
+    /// When the line was last said, in ms of [`since_start_ms`] plus one (0: never).
+    said_at_ms: AtomicU64,
+    silenced: AtomicU64,
+}
+
+impl RateLimited {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub(crate) const fn new() -> RateLimited {
+        RateLimited {
+            said_at_ms: AtomicU64::new(0),
+            silenced: AtomicU64::new(0),
+        }
+    }
+
+    /// Says `msg` (with FREEFLOW_DEBUG only) unless it was said less than
+    /// [`RateLimited::EVERY`] ago; true if it was said.
+    pub(crate) fn debug(&self, msg: std::fmt::Arguments<'_>) -> bool {
+        if !config().debug {
+            return false;
+        }
+        match self.turn(since_start_ms() + 1) {
+            None => false,
+            Some(0) => {
+                debug(msg);
+                true
+            }
+            Some(n) => {
+                debug(format_args!("{msg} ({n} more like it not shown)"));
+                true
+            }
+        }
+    }
+
+    /// Whether the line is said at `now_ms` (at least 1): `Some(lines not said since)`, or
+    /// `None` (counted as not said). One thread of those that find it due says it.
+    fn turn(&self, now_ms: u64) -> Option<u64> {
+        let last = self.said_at_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms.saturating_sub(last) >= Self::EVERY.as_millis() as u64;
+        if !due
+            || self
+                .said_at_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            self.silenced.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.silenced.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// Milliseconds since the shim first looked at the clock (a process's own time line).
+fn since_start_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// The connection to the router, kept out of the application's way (see `private`).
@@ -648,9 +710,27 @@ fn overlay_listener(port: u16, v6: bool) -> Option<OwnedFd> {
 
 #[cfg(test)]
 mod tests {
-    use super::{monotonic_ms, Notices, Prefix, NOTICE_TTL_MS};
+    use super::{monotonic_ms, Notices, Prefix, RateLimited, NOTICE_TTL_MS};
     use freeflow_proto::sockmsg::SockNotice;
     use std::net::Ipv4Addr;
+
+    /// A line every thread would say at once is said once per period, then with the count of
+    /// those not said.
+    #[test]
+    fn a_rate_limited_line_is_said_once_per_period_with_the_count_of_the_others() {
+        let line = RateLimited::new();
+        let every = RateLimited::EVERY.as_millis() as u64;
+        assert_eq!(line.turn(1), Some(0), "the first at once");
+        assert_eq!(line.turn(2), None);
+        assert_eq!(line.turn(every), None, "not yet a period");
+        assert_eq!(
+            line.turn(1 + every),
+            Some(2),
+            "a period on, with the 2 not said"
+        );
+        assert_eq!(line.turn(2 + every), None);
+        assert_eq!(line.turn(1 + 3 * every), Some(1));
+    }
 
     #[test]
     fn notices_are_applied_in_order_and_can_be_taken_back() {
