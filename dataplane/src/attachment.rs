@@ -6,6 +6,7 @@
 //! handshake, the shim's memory file; nothing else may arrive there. The other way, the engine
 //! sends the files of the CQs, QPs and completion channels it creates.
 
+use crate::sys::Untrusted;
 use crate::verbs::{AttachmentId, Engine};
 use freeflow_proto::attach::{wake_futex_consumer, ShimKind, REPLY_RING, REQUEST_RING};
 use freeflow_proto::control::ContainerEntry;
@@ -202,7 +203,11 @@ impl Attachment {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => return ConnectionEvent::Closed,
             };
-            if got.len == 0 && got.fds.is_empty() {
+            // Every descriptor that came is the container's: one refused, or one too many,
+            // closes on the closer thread (a FUSE file's or a lingering socket's close can
+            // block), never on this shard.
+            let fds: Vec<Untrusted> = got.fds.into_iter().map(Untrusted::new).collect();
+            if got.len == 0 && fds.is_empty() {
                 return ConnectionEvent::Closed;
             }
             let msg = match MemoryFileMsg::decode(&buf[..got.len]) {
@@ -212,7 +217,7 @@ impl Attachment {
                     return ConnectionEvent::Violation(format!("bad memory file message: {e}"))
                 }
             };
-            let mut fds = got.fds.into_iter();
+            let mut fds = fds.into_iter();
             let (Some(fd), None) = (fds.next(), fds.next()) else {
                 return ConnectionEvent::Violation(
                     "a memory file message carries exactly one fd".into(),

@@ -334,6 +334,18 @@ impl Untrusted {
     pub fn try_clone(&self) -> io::Result<OwnedFd> {
         self.as_fd().try_clone_to_owned()
     }
+
+    /// The descriptor, to keep: for one checked to be of a kind whose close cannot block (a
+    /// memfd).
+    pub fn into_inner(mut self) -> OwnedFd {
+        self.0.take().expect("present until drop")
+    }
+}
+
+impl From<OwnedFd> for Untrusted {
+    fn from(fd: OwnedFd) -> Untrusted {
+        Untrusted::new(fd)
+    }
 }
 
 impl Drop for Untrusted {

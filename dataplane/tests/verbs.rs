@@ -508,7 +508,28 @@ fn further_memory_files_over_the_attach_connection() {
             VerbsStatus::NoMemoryFile as u16
         );
     }
+    // A file grown since the shim read its size (a further file is sealed only against
+    // shrinking) is taken; a region over pages nobody wrote (holes, which the router's writes
+    // would allocate at its own cost) is refused with an error, and the attachment goes on.
+    send_further_file(&s, 8, size / 2, &file);
+    let grown = RegMr { file: 8, ..reg };
+    let (st, body) = call(&mut s, verbs::op::REG_MR, &encoded(&grown));
+    assert_eq!(st, status::OK, "{}", router.log());
+    let mr = MrCreated::decode(&body).unwrap();
+    let hole = RegMr {
+        file_offset: 20 * 4096,
+        ..grown
+    };
+    assert_ne!(
+        call(&mut s, verbs::op::REG_MR, &encoded(&hole)).0,
+        status::OK
+    );
     assert!(ping(&mut s));
+    let dereg = DeregMr { mr: mr.mr };
+    assert_eq!(
+        call(&mut s, verbs::op::DEREG_MR, &encoded(&dereg)).0,
+        status::OK
+    );
 
     let unsealed = memfd(size, 0);
     type Misbehaviour<'a> = Box<dyn Fn(&Session) + 'a>;

@@ -5,12 +5,21 @@
 //! Memory here is shared with a container that may write it at any moment. Nothing makes a Rust
 //! reference into it: bytes move with raw copies (`ptr::copy`), and the RDMA atomics use
 //! `AtomicU64` on the shared word, which is what hardware atomics promise too (atomic with
-//! respect to other atomics only). A file sealed against shrinking cannot lose the pages a
-//! mapping covers, so no access here can fault; a container that punches holes into its file
-//! reads zeros and, at worst, makes the router's writes allocate pages, bounded by the mapped
-//! range.
+//! respect to other atomics only).
+//!
+//! Why the router's accesses do not fault (SIGBUS): a memory file is a tmpfs (shmem) file
+//! sealed against shrinking, so no page a mapping covers can leave the file. Hugetlbfs memfds
+//! are refused: their pages come from the huge page pool at fault time, and an empty pool
+//! makes the fault a SIGBUS. What remains: a hole in a tmpfs file (a page never written, or one
+//! the container punched with `fallocate(PUNCH_HOLE)`, which F_SEAL_SHRINK allows) reads as
+//! zeros, and the router's write there allocates a page, charged to the router's memory cgroup;
+//! if that allocation fails the kernel's OOM handling runs, not a SIGBUS. Registration checks
+//! that every page is backed (the shim populates them first, so the container pays), which
+//! leaves only holes punched after registration, bounded by the bytes mapped (see
+//! `freeflow_proto::verbs::limits::MAX_MAPPED_BYTES` and the container's budget of regions).
 #![allow(unsafe_code)]
 
+use crate::sys::Untrusted;
 use freeflow_proto::verbs::{PAGE_SIZE, REQUIRED_SEALS};
 use std::io;
 use std::marker::PhantomData;
@@ -23,6 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub enum MemoryError {
     #[error("the memory file is not a regular file")]
     NotAFile,
+    #[error("the memory file is not on tmpfs (filesystem magic {0:#x}; hugetlbfs is refused)")]
+    NotTmpfs(u64),
     #[error("the memory file has {actual} bytes, the shim said {declared}")]
     SizeMismatch { declared: u64, actual: u64 },
     #[error("the memory file has {0} bytes, more than a process can address")]
@@ -47,36 +58,52 @@ fn os(op: &'static str) -> impl FnOnce(io::Error) -> MemoryError {
     move |source| MemoryError::Os { op, source }
 }
 
-/// A container process's memory file, checked: a regular file of the size the shim declared,
-/// sealed so it cannot shrink.
+/// A container process's memory file, checked: a regular tmpfs file of the size the shim
+/// declared (at least that size, for a further file, which may grow), sealed so it cannot
+/// shrink.
 #[derive(Debug)]
 pub struct MemoryFile {
     fd: OwnedFd,
+    /// Its size when adopted (the own file's size; a further file's may have grown since).
     size: u64,
+    /// The largest size accepted.
+    max: u64,
+    /// A further file: it may grow (not sealed against it), so its size is read again when
+    /// pages are mapped.
+    growable: bool,
 }
 
 impl MemoryFile {
-    /// Checks `fd` and takes it. `declared` is the size the shim's message names; `max` the
-    /// largest size accepted.
-    pub fn adopt(fd: OwnedFd, declared: u64, max: u64) -> Result<MemoryFile, MemoryError> {
-        // SAFETY: stat is plain data; zero is a valid value for fstat to overwrite.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fstat writes one struct stat into `st`, which lives across the call.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(os("fstat")(io::Error::last_os_error()));
-        }
-        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(MemoryError::NotAFile);
-        }
-        let actual = st.st_size as u64;
-        if actual != declared {
-            return Err(MemoryError::SizeMismatch { declared, actual });
-        }
-        if actual > max {
-            return Err(MemoryError::TooLarge(actual));
-        }
-        // A file that cannot be sealed (anything but memfd/shmem) fails with EINVAL: a refusal
-        // too.
+    /// Checks `fd` and takes it: the process's own memory file, of exactly `declared` bytes;
+    /// `max` is the largest size accepted. A refused descriptor is closed off the calling
+    /// thread (see [`Untrusted`]).
+    pub fn adopt(
+        fd: impl Into<Untrusted>,
+        declared: u64,
+        max: u64,
+    ) -> Result<MemoryFile, MemoryError> {
+        Self::adopt_checked(fd.into(), declared, max, false)
+    }
+
+    /// As [`MemoryFile::adopt`], for a further memory file: the program's own memfd, which it
+    /// may grow (it is sealed only against shrinking), so it has at least `declared` bytes.
+    pub fn adopt_further(
+        fd: impl Into<Untrusted>,
+        declared: u64,
+        max: u64,
+    ) -> Result<MemoryFile, MemoryError> {
+        Self::adopt_checked(fd.into(), declared, max, true)
+    }
+
+    fn adopt_checked(
+        fd: Untrusted,
+        declared: u64,
+        max: u64,
+        growable: bool,
+    ) -> Result<MemoryFile, MemoryError> {
+        // The seals first: F_GET_SEALS is answered by the kernel itself and fails (EINVAL) for
+        // anything but a memfd (shmem or hugetlbfs), without entering the file's filesystem.
+        // fstat on a FUSE file would ask its server, which may never answer.
         let Ok(seals) = freeflow_os::memfd::seals(fd.as_fd()) else {
             return Err(MemoryError::NotSealed {
                 missing: REQUIRED_SEALS,
@@ -86,35 +113,56 @@ impl MemoryFile {
         if missing != 0 {
             return Err(MemoryError::NotSealed { missing });
         }
-        Ok(MemoryFile { fd, size: actual })
+        // SAFETY: statfs is plain data; zero is a valid value for fstatfs to overwrite.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs writes one struct statfs into `fs`, which lives across the call.
+        if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } != 0 {
+            return Err(os("fstatfs")(io::Error::last_os_error()));
+        }
+        if fs.f_type as u64 != libc::TMPFS_MAGIC as u64 {
+            return Err(MemoryError::NotTmpfs(fs.f_type as u64));
+        }
+        let actual = file_size(fd.as_fd())?;
+        if actual != declared && !(growable && actual > declared) {
+            return Err(MemoryError::SizeMismatch { declared, actual });
+        }
+        if actual > max {
+            return Err(MemoryError::TooLarge(actual));
+        }
+        Ok(MemoryFile {
+            fd: fd.into_inner(),
+            size: actual,
+            max,
+            growable,
+        })
+    }
+
+    /// The size the file has now (a further file may have grown since it was adopted), at
+    /// most the largest accepted.
+    fn current_size(&self) -> Result<u64, MemoryError> {
+        if !self.growable {
+            return Ok(self.size);
+        }
+        Ok(file_size(self.fd.as_fd())?.min(self.max))
     }
 
     /// Maps `len` bytes of the file at `offset` (both page multiples, inside the file, every
-    /// page backed: the shim wrote them when it moved the application's pages there).
-    pub fn map(&self, offset: u64, len: u64) -> Result<Mapping, MemoryError> {
-        self.map_pages(offset, len, true)
-    }
-
-    /// Maps `len` bytes of the file at `offset` (both page multiples, inside the file), holes
-    /// and all: a further file is the program's own shared memory, where pages it never wrote
-    /// are holes.
-    pub fn map_sparse(&self, offset: u64, len: u64) -> Result<Mapping, MemoryError> {
-        self.map_pages(offset, len, false)
-    }
-
-    fn map_pages(&self, offset: u64, len: u64, backed: bool) -> Result<Mapping, MemoryError> {
+    /// page backed: the shim wrote them when it moved the application's pages there, or
+    /// populated them in a further file), read-write or, unless `writable`, read-only.
+    pub fn map(&self, offset: u64, len: u64, writable: bool) -> Result<Mapping, MemoryError> {
         let out_of_file = || MemoryError::OutOfFile { offset, len };
         if len == 0 || !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(out_of_file());
         }
         let end = offset.checked_add(len).ok_or_else(out_of_file)?;
-        if end > self.size || usize::try_from(len).is_err() || i64::try_from(offset).is_err() {
+        if end > self.current_size()?
+            || usize::try_from(len).is_err()
+            || i64::try_from(offset).is_err()
+        {
             return Err(out_of_file());
         }
-        if backed {
-            self.check_backed(offset, len, end)?;
-        }
-        self.map_unchecked(offset, len)
+        self.check_backed(offset, len, end)?;
+        self.map_unchecked(offset, len, writable)
     }
 
     fn check_backed(&self, offset: u64, len: u64, end: u64) -> Result<(), MemoryError> {
@@ -133,8 +181,13 @@ impl MemoryFile {
         Ok(())
     }
 
-    /// Maps pages [`MemoryFile::map_pages`] checked.
-    fn map_unchecked(&self, offset: u64, len: u64) -> Result<Mapping, MemoryError> {
+    /// Maps pages [`MemoryFile::map`] checked.
+    fn map_unchecked(&self, offset: u64, len: u64, writable: bool) -> Result<Mapping, MemoryError> {
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         // SAFETY: a new shared mapping at an address the kernel picks overlaps nothing of ours;
         // offset and length were checked to be page multiples inside the file; the result is
         // checked for MAP_FAILED.
@@ -142,7 +195,7 @@ impl MemoryFile {
             libc::mmap(
                 std::ptr::null_mut(),
                 len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED,
                 self.fd.as_raw_fd(),
                 offset as i64,
@@ -156,8 +209,23 @@ impl MemoryFile {
         Ok(Mapping {
             ptr,
             len: len as usize,
+            writable,
         })
     }
+}
+
+/// The size of the file `fd` names (fstat: only for a descriptor known to be a memfd).
+fn file_size(fd: std::os::fd::BorrowedFd<'_>) -> Result<u64, MemoryError> {
+    // SAFETY: stat is plain data; zero is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one struct stat into `st`, which lives across the call.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(os("fstat")(io::Error::last_os_error()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(MemoryError::NotAFile);
+    }
+    Ok(st.st_size as u64)
 }
 
 /// A mapping of part of a memory file, unmapped on drop.
@@ -165,6 +233,8 @@ impl MemoryFile {
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
+    /// Mapped PROT_WRITE too (else read-only: the router must not write it).
+    writable: bool,
 }
 
 // SAFETY: a Mapping is an address range owned by whoever holds it; it is only reached through
@@ -176,11 +246,15 @@ unsafe impl Send for Mapping {}
 #[cfg(feature = "rdma-hw")]
 unsafe impl Sync for Mapping {}
 
-// SAFETY: a Mapping is mapped read-write at its address from `map` until drop, and nothing
-// else unmaps or moves it; a region holding it (an Arc) keeps it alive while registered.
+// SAFETY: a Mapping is mapped at its address from `map` until drop, and nothing else unmaps
+// or moves it; a region holding it (an Arc) keeps it alive while registered. The hw path maps
+// the regions it registers on a device writable (`map(.., true)`); a read-only one given to a
+// device would make the kernel refuse to pin it for writing (the registration fails), it is
+// never written through.
 #[cfg(feature = "rdma-hw")]
 unsafe impl super::hw::sys::DeviceMemory for Mapping {
     fn range(&self) -> (NonNull<u8>, usize) {
+        debug_assert!(self.writable, "a read-only mapping registered on a device");
         (self.ptr, self.len)
     }
 }
@@ -188,6 +262,12 @@ unsafe impl super::hw::sys::DeviceMemory for Mapping {
 impl Mapping {
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Whether the router may write the mapping (a region registered without any write
+    /// access is mapped read-only).
+    pub fn writable(&self) -> bool {
+        self.writable
     }
 
     /// Anonymous shared memory of `len` bytes (unit tests of the tables above this module).
@@ -208,6 +288,7 @@ impl Mapping {
         Mapping {
             ptr: NonNull::new(ptr.cast()).expect("mmap returned NULL"),
             len,
+            writable: true,
         }
     }
 
@@ -230,7 +311,13 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: ptr/len are what mmap returned; views borrow the mapping, so none is alive.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) } != 0 {
+            // Only a bad address or length fails, which would be a bug here: the range stays
+            // mapped (leaked), and the log (rate-limited per call site) says so.
+            let e = io::Error::last_os_error();
+            debug_assert!(false, "munmap of {:p}+{:#x}: {e}", self.ptr, self.len);
+            log::warn!("munmap of a memory region's mapping failed (leaked): {e}");
+        }
     }
 }
 
@@ -407,11 +494,12 @@ mod tests {
             MemoryFile::adopt(memfd(size, REQUIRED_SEALS), size, size / 2),
             Err(MemoryError::TooLarge(_))
         ));
-        // Not a memfd: /dev/null is no regular file; a regular file cannot be sealed.
+        // Not a memfd: neither /dev/null nor a regular file can be sealed (the seals are asked
+        // first: the kernel answers without entering the file's filesystem).
         let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
         assert!(matches!(
             MemoryFile::adopt(null, 0, size),
-            Err(MemoryError::NotAFile)
+            Err(MemoryError::NotSealed { .. })
         ));
         let path = std::env::temp_dir().join(format!("ff-memfile-{}", std::process::id()));
         let file = std::fs::File::create(&path).unwrap();
@@ -421,6 +509,95 @@ mod tests {
             Err(MemoryError::NotSealed { .. })
         ));
         assert!(MemoryFile::adopt(memfd(size, REQUIRED_SEALS), size, size).is_ok());
+    }
+
+    /// A sealed hugetlbfs memfd (huge page pool empty or not: its pages come from the pool at
+    /// fault time, and a fault the pool cannot serve is a SIGBUS in the router) is refused,
+    /// as the process's own file and as a further one.
+    #[test]
+    fn hugetlb_memory_files_are_refused() {
+        let size = 2 << 20;
+        let make = || {
+            // SAFETY: a NUL-terminated name; constant flags.
+            let raw = unsafe {
+                libc::memfd_create(
+                    c"ff-huge".as_ptr(),
+                    libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | libc::MFD_HUGETLB,
+                )
+            };
+            assert!(
+                raw >= 0,
+                "memfd_create(MFD_HUGETLB): {}",
+                io::Error::last_os_error()
+            );
+            // SAFETY: a new descriptor nobody else owns.
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+            // SAFETY: plain integers.
+            assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
+            freeflow_os::memfd::add_seals(fd.as_fd(), REQUIRED_SEALS).unwrap();
+            fd
+        };
+        for adopted in [
+            MemoryFile::adopt(make(), size, size),
+            MemoryFile::adopt_further(make(), size, size),
+        ] {
+            assert!(
+                matches!(adopted, Err(MemoryError::NotTmpfs(magic)) if magic == libc::HUGETLBFS_MAGIC as u64),
+                "{adopted:?}"
+            );
+        }
+    }
+
+    /// A further file is the program's memfd, which it may grow (it is sealed only against
+    /// shrinking): bigger than declared is fine, and pages it grew by since can be mapped.
+    #[test]
+    fn further_files_may_grow() {
+        let size = 16 * 4096u64;
+        let fd = memfd(size, REQUIRED_SEALS);
+        assert!(matches!(
+            MemoryFile::adopt(fd.try_clone().unwrap(), size - 4096, size * 4),
+            Err(MemoryError::SizeMismatch { .. })
+        ));
+        let file =
+            MemoryFile::adopt_further(fd.try_clone().unwrap(), size - 4096, size * 4).unwrap();
+        assert!(matches!(
+            MemoryFile::adopt_further(fd.try_clone().unwrap(), size + 4096, size * 4),
+            Err(MemoryError::SizeMismatch { .. })
+        ));
+        // SAFETY: ftruncate takes plain integers and touches no memory of ours.
+        let grown = unsafe { libc::ftruncate(fd.as_raw_fd(), (2 * size) as i64) };
+        assert_eq!(grown, 0);
+        pwrite(&fd, &[1u8; 8192], size + 4096);
+        let m = file.map(size + 4096, 8192, true).unwrap();
+        let mut out = [0u8; 4];
+        m.view(0, 4).unwrap().read_at(0, &mut out).unwrap();
+        assert_eq!(out, [1u8; 4]);
+        // Not beyond its size now.
+        assert!(matches!(
+            file.map(2 * size, 4096, true),
+            Err(MemoryError::OutOfFile { .. })
+        ));
+    }
+
+    /// Regions without write access are mapped read-only, so a file open read-only can hold
+    /// them; one with write access cannot be mapped from such a file.
+    #[test]
+    fn read_only_mappings() {
+        let size = 4 * 4096u64;
+        let fd = memfd(size, REQUIRED_SEALS);
+        pwrite(&fd, &[2u8; 4 * 4096], 0);
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let read_only = OwnedFd::from(std::fs::File::open(path).unwrap());
+        let file = MemoryFile::adopt_further(read_only, size, size).unwrap();
+        let m = file.map(0, 4096, false).unwrap();
+        assert!(!m.writable());
+        let mut out = [0u8; 2];
+        m.view(0, 2).unwrap().read_at(0, &mut out).unwrap();
+        assert_eq!(out, [2u8; 2]);
+        assert!(matches!(
+            file.map(0, 4096, true),
+            Err(MemoryError::Os { op: "mmap", .. })
+        ));
     }
 
     #[test]
@@ -437,19 +614,22 @@ mod tests {
             (u64::MAX - 4095, 8192),
         ] {
             assert!(
-                matches!(file.map(offset, len), Err(MemoryError::OutOfFile { .. })),
+                matches!(
+                    file.map(offset, len, true),
+                    Err(MemoryError::OutOfFile { .. })
+                ),
                 "{offset:#x}+{len:#x}"
             );
         }
         assert!(matches!(
-            file.map(1 << 20, 3 * 4096),
+            file.map(1 << 20, 3 * 4096, true),
             Err(MemoryError::NotBacked { hole, .. }) if hole == (1 << 20) + 8192
         ));
         assert!(matches!(
-            file.map(0, 4096),
+            file.map(0, 4096, true),
             Err(MemoryError::NotBacked { .. })
         ));
-        let m = file.map(1 << 20, 8192).unwrap();
+        let m = file.map(1 << 20, 8192, true).unwrap();
         let v = m.view(4000, 200).unwrap();
         let mut out = [0u8; 200];
         v.read_at(0, &mut out).unwrap();

@@ -39,6 +39,7 @@ pub use memory::{MemView, MemoryError, MemoryFile};
 pub(crate) use remote::Conn;
 pub use remote::{shard_of, SiblingLink};
 
+use crate::sys::Untrusted;
 use freeflow_proto::codec;
 use freeflow_proto::msg::status;
 use freeflow_proto::verbs::{
@@ -48,7 +49,6 @@ use freeflow_proto::verbs::{
 };
 use memory::Mapping;
 use std::hash::{BuildHasher, Hasher};
-use std::os::fd::OwnedFd;
 use std::sync::OnceLock;
 
 /// A hash map keyed by the router's own numbers (handles, keys, QP numbers, attachment ids).
@@ -171,6 +171,14 @@ impl Need {
         matches!(
             self,
             Need::RemoteRead | Need::RemoteWrite | Need::RemoteAtomic
+        )
+    }
+
+    /// Whether the engine writes the memory.
+    fn writes(self) -> bool {
+        matches!(
+            self,
+            Need::LocalWrite | Need::RemoteWrite | Need::RemoteAtomic
         )
     }
 
@@ -306,6 +314,10 @@ pub struct VerbsTable {
     next_handle: u32,
     keys: KeyGen,
     mapped_bytes: u64,
+    /// The bytes this table may have mapped: [`limits::MAX_MAPPED_BYTES`] less what the
+    /// container's other contexts have mapped (the engine sets it before each registration,
+    /// so the limit is the container's, not each attachment's).
+    mapped_allowance: u64,
     test_hooks: bool,
 }
 
@@ -327,6 +339,7 @@ impl VerbsTable {
             next_handle: 0,
             keys: KeyGen::new(),
             mapped_bytes: 0,
+            mapped_allowance: limits::MAX_MAPPED_BYTES,
             test_hooks,
         }
     }
@@ -339,11 +352,26 @@ impl VerbsTable {
         self.mrs.len()
     }
 
+    /// Bytes of memory files this table has mapped for its regions.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.mapped_bytes
+    }
+
+    /// Sets how many bytes this table may have mapped in all (see `mapped_allowance`).
+    pub fn set_mapped_allowance(&mut self, bytes: u64) {
+        self.mapped_allowance = bytes.min(limits::MAX_MAPPED_BYTES);
+    }
+
     /// Takes the memory file the shim sent with `msg`: its own (one per attachment: a second is
     /// refused), or a further one under a number not in use, up to
-    /// [`MAX_FURTHER_MEMORY_FILES`]. Either is checked the same way (a regular file of the size
-    /// the message names, sealed against shrinking).
-    pub fn adopt_memory_file(&mut self, msg: MemoryFileMsg, fd: OwnedFd) -> Result<(), VerbsError> {
+    /// [`MAX_FURTHER_MEMORY_FILES`]. Either is checked the same way (a regular tmpfs file of the
+    /// size the message names, or more for a further file, which may grow, sealed against
+    /// shrinking). A refused descriptor is closed off the shard (see `crate::sys::Untrusted`).
+    pub fn adopt_memory_file(
+        &mut self,
+        msg: MemoryFileMsg,
+        fd: impl Into<Untrusted>,
+    ) -> Result<(), VerbsError> {
         if msg.file == OWN_MEMORY_FILE {
             if self.memory.is_some() {
                 return Err(VerbsError::SecondMemoryFile);
@@ -357,7 +385,7 @@ impl VerbsTable {
         if self.further_files.len() >= MAX_FURTHER_MEMORY_FILES {
             return Err(VerbsError::Limit("further memory files"));
         }
-        let file = MemoryFile::adopt(fd, msg.size, MEMORY_FILE_SIZE)?;
+        let file = MemoryFile::adopt_further(fd, msg.size, MEMORY_FILE_SIZE)?;
         self.further_files
             .insert(msg.file, FurtherFile { file, mrs: 0 });
         Ok(())
@@ -445,7 +473,9 @@ impl VerbsTable {
         created
     }
 
-    fn drop_unused_file(&mut self, file: u16) {
+    /// Lets further file `file` go if no region uses it (after a registration in it failed,
+    /// wherever it failed: the shim forgets the file then too).
+    pub fn drop_unused_file(&mut self, file: u16) {
         if self.further_files.get(&file).is_some_and(|f| f.mrs == 0) {
             self.further_files.remove(&file);
         }
@@ -484,9 +514,15 @@ impl VerbsTable {
             .checked_next_multiple_of(PAGE_SIZE)
             .ok_or(VerbsError::Invalid("region ends beyond the address space"))?;
         let pages = end_page - first_page;
-        if self.mapped_bytes + pages > limits::MAX_MAPPED_BYTES {
+        if pages > self.mapped_allowance.saturating_sub(self.mapped_bytes) {
             return Err(VerbsError::Limit("registered bytes"));
         }
+        // A region without any write access is mapped read-only: the router cannot write it
+        // (nothing resolves a write through it either), and a further file the program opened
+        // read-only can be registered so.
+        let writable = AccessFlags::from_bits_retain(access).intersects(
+            AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC,
+        );
         let mapping = if r.file == OWN_MEMORY_FILE {
             if r.file_offset != 0 {
                 return Err(VerbsError::Invalid(
@@ -495,15 +531,15 @@ impl VerbsTable {
             }
             let memory = self.memory.as_ref().ok_or(VerbsError::NoMemoryFile)?;
             // The page at virtual address A lives at file offset A (see freeflow_proto::verbs).
-            memory.map(first_page, pages)?
+            memory.map(first_page, pages, writable)?
         } else {
             let further = self
                 .further_files
                 .get_mut(&r.file)
                 .ok_or(VerbsError::NoMemoryFile)?;
-            // The program's own shared memory: pages it never wrote are holes, legitimately
-            // (the router's writes there allocate them, bounded by the registered bytes).
-            let mapping = further.file.map_sparse(r.file_offset, pages)?;
+            // The program's own shared memory: the shim populated the range before it asked,
+            // so a hole here is refused and the container, not the router, pays for the pages.
+            let mapping = further.file.map(r.file_offset, pages, writable)?;
             further.mrs += 1;
             mapping
         };
@@ -583,7 +619,9 @@ impl VerbsTable {
         if mr.pd != pd {
             return Err(fail(ResolveFailure::WrongPd));
         }
-        if !AccessFlags::from_bits_retain(mr.access).contains(need.flag()) {
+        if !AccessFlags::from_bits_retain(mr.access).contains(need.flag())
+            || (need.writes() && !mr.mapping.writable())
+        {
             return Err(fail(ResolveFailure::AccessDenied));
         }
         if len == 0 {

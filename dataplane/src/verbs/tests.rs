@@ -605,7 +605,8 @@ fn further_memory_files_register_by_offset_and_are_checked() {
     let size = 64 * 4096u64;
     let fd = test_memfd(size, REQUIRED_SEALS);
     let file = std::fs::File::from(fd.try_clone().unwrap());
-    // Bytes only on the sixth page: the others are holes, which a further file may have.
+    // Pages 4 to 7 written (the shim populates what it registers), the others holes.
+    file.write_all_at(&[0u8; 4 * 4096], 4 * 4096).unwrap();
     file.write_all_at(b"further", 5 * 4096 + 10).unwrap();
     let further = |file| MemoryFileMsg { size, file };
     // A registration naming a file not sent yet is refused as the own file's absence is.
@@ -631,6 +632,32 @@ fn further_memory_files_register_by_offset_and_are_checked() {
     let mut got = [0u8; 7];
     view.read_at(0, &mut got).unwrap();
     assert_eq!(&got, b"further");
+    // Holes are refused: the router's writes would allocate pages the container does not pay.
+    let hole = RegMr {
+        file_offset: 10 * 4096,
+        ..reg
+    };
+    assert!(matches!(
+        t.reg_mr(&hole),
+        Err(VerbsError::Memory(MemoryError::NotBacked { .. }))
+    ));
+    assert!(t.has_file(3), "a region still uses the file");
+    // A region without write access is mapped read-only: nothing writes through it.
+    let read_only = t.reg_mr(&RegMr { access: 0, ..reg }).unwrap();
+    assert!(matches!(
+        t.resolve(
+            pd,
+            Key::Local(read_only.lkey),
+            reg.addr,
+            8,
+            Need::LocalWrite
+        ),
+        Err(ResolveError {
+            failure: ResolveFailure::AccessDenied,
+            ..
+        })
+    ));
+    t.dereg_mr(read_only.mr).unwrap();
     // Beyond the file, unaligned offsets, and a file offset for the own file: refused.
     for (file, file_offset, what) in [
         (3, size - 4096, "beyond the file"),
@@ -658,6 +685,16 @@ fn further_memory_files_register_by_offset_and_are_checked() {
         t.adopt_memory_file(further(4), test_memfd(size, 0)),
         Err(VerbsError::Memory(MemoryError::NotSealed { .. }))
     ));
+    // A further file larger than declared has grown (it may): accepted.
+    assert!(t
+        .adopt_memory_file(
+            MemoryFileMsg {
+                size: size / 2,
+                file: 6
+            },
+            test_memfd(size, REQUIRED_SEALS)
+        )
+        .is_ok());
     assert!(matches!(
         t.adopt_memory_file(
             MemoryFileMsg {
@@ -668,9 +705,9 @@ fn further_memory_files_register_by_offset_and_are_checked() {
         ),
         Err(VerbsError::Memory(MemoryError::SizeMismatch { .. }))
     ));
-    assert!(!t.has_file(4) && !t.has_file(5));
+    assert!(!t.has_file(4) && !t.has_file(5) && t.has_file(6));
     // At most MAX_FURTHER_MEMORY_FILES per attachment.
-    for n in 4..(3 + MAX_FURTHER_MEMORY_FILES as u16) {
+    for n in 7..(5 + MAX_FURTHER_MEMORY_FILES as u16) {
         t.adopt_memory_file(further(n), test_memfd(size, REQUIRED_SEALS))
             .unwrap();
     }

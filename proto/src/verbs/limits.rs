@@ -7,8 +7,9 @@ pub const MAX_PD: u32 = 1024;
 pub const MAX_MR: u32 = 4096;
 /// Bytes of one memory region: 4 GiB.
 pub const MAX_MR_SIZE: u64 = 1 << 32;
-/// Page-rounded bytes the router maps for one context's regions together: 1 TiB of its
-/// address space (a sanity bound; memory is only used for pages the container wrote).
+/// Page-rounded bytes the router maps for one container's regions together, over all its
+/// contexts: 1 TiB of its address space (memory is only used for pages the container wrote or
+/// populated, or holes it punched after registration; see the router's `verbs::memory`).
 pub const MAX_MAPPED_BYTES: u64 = 1 << 40;
 /// Completion queues per context.
 pub const MAX_CQ: u32 = 1024;

@@ -50,13 +50,22 @@ impl Vma {
 #[error("unexpected line in /proc/self/maps: {0:?}")]
 pub struct ParseError(pub String);
 
-fn parse_line(line: &str) -> Option<Vma> {
-    let mut fields = line.split_ascii_whitespace();
-    let (start, end) = fields.next()?.split_once('-')?;
-    let perms = fields.next()?.as_bytes();
-    let offset = fields.next()?;
-    let (major, minor) = fields.next()?.split_once(':')?;
-    let inode = fields.next()?;
+/// A field of a line, as text (the five fields parsed are ASCII in the kernel's format).
+fn field<'a>(fields: &mut impl Iterator<Item = &'a [u8]>) -> Option<&'a str> {
+    std::str::from_utf8(fields.next()?).ok()
+}
+
+/// Parses the first five fields of a line; the sixth, the path, is not read (it may be any
+/// bytes, not UTF-8, and even hold spaces or look like more fields).
+fn parse_line(line: &[u8]) -> Option<Vma> {
+    let mut fields = line
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|f| !f.is_empty());
+    let (start, end) = field(&mut fields)?.split_once('-')?;
+    let perms = field(&mut fields)?.as_bytes();
+    let offset = field(&mut fields)?;
+    let (major, minor) = field(&mut fields)?.split_once(':')?;
+    let inode = field(&mut fields)?;
     if perms.len() != 4 {
         return None;
     }
@@ -76,22 +85,34 @@ fn parse_line(line: &str) -> Option<Vma> {
     })
 }
 
-/// Parses the text of a maps file.
-pub fn parse(text: &str) -> Result<Vec<Vma>, ParseError> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| parse_line(l).ok_or_else(|| ParseError(l.to_string())))
+/// Parses the bytes of a maps file.
+pub fn parse(text: &[u8]) -> Result<Vec<Vma>, ParseError> {
+    text.split(|&b| b == b'\n')
+        .filter(|l| !l.trim_ascii().is_empty())
+        .map(|l| parse_line(l).ok_or_else(|| ParseError(String::from_utf8_lossy(l).into_owned())))
         .collect()
 }
 
 /// This process's mappings, in address order.
 pub fn read_self() -> io::Result<Vec<Vma>> {
     use std::io::Read;
-    // The file reports size 0, so a plain read_to_string starts with a tiny buffer and needs a
+    // The file reports size 0, so a plain read_to_end starts with a tiny buffer and needs a
     // dozen reads; the kernel fills as much as it is offered.
-    let mut text = String::with_capacity(64 * 1024);
-    std::fs::File::open("/proc/self/maps")?.read_to_string(&mut text)?;
+    let mut text = Vec::with_capacity(64 * 1024);
+    std::fs::File::open("/proc/self/maps")?.read_to_end(&mut text)?;
     parse(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// This process's mappings, read for a registration of `[start, end)`: the kernel writes the
+/// maps file a buffer at a time, and another thread's mmap or munmap between two reads can
+/// show a gap in a range that was mapped all along; so a read that finds a gap in the range
+/// is done once more, and the second read is what counts.
+pub fn read_self_for(start: u64, end: u64) -> io::Result<Vec<Vma>> {
+    let vmas = read_self()?;
+    if pieces(&vmas, start, end).is_ok() {
+        return Ok(vmas);
+    }
+    read_self()
 }
 
 /// The parts of `[start, end)` and the mapping each lies in, in order, or the first address of
@@ -135,7 +156,7 @@ mod tests {
 
     #[test]
     fn parses_the_kernels_format() {
-        let vmas = parse(SAMPLE).unwrap();
+        let vmas = parse(SAMPLE.as_bytes()).unwrap();
         assert_eq!(vmas.len(), 7);
         let memfd = &vmas[1];
         assert_eq!(
@@ -150,13 +171,20 @@ mod tests {
         assert_eq!(vmas[3].dev, (8, 1));
         assert_eq!(vmas[4].prot(), libc::PROT_NONE);
         assert_eq!(vmas[0].prot(), libc::PROT_READ | libc::PROT_WRITE);
-        assert!(parse("nonsense\n").is_err());
-        assert!(parse("1000-2000 rw-p 0 00:00\n").is_err());
+        assert!(parse(b"nonsense\n").is_err());
+        assert!(parse(b"1000-2000 rw-p 0 00:00\n").is_err());
+        // A path that is not UTF-8, or that looks like more fields, is not read.
+        let odd =
+            parse(b"1000-2000 rw-s 00003000 00:01 77 /tmp/\xff\xfe 5000-6000 r--p\n").unwrap();
+        assert_eq!(
+            (odd[0].start, odd[0].end, odd[0].offset, odd[0].inode),
+            (0x1000, 0x2000, 0x3000, 77)
+        );
     }
 
     #[test]
     fn pieces_split_a_range_by_mapping_and_find_gaps() {
-        let vmas = parse(SAMPLE).unwrap();
+        let vmas = parse(SAMPLE.as_bytes()).unwrap();
         let p = pieces(&vmas, 0x55f3f7fb8000, 0x55f3f7fbb000).unwrap();
         let bounds: Vec<(u64, u64)> = p.iter().map(|(a, b, _)| (*a, *b)).collect();
         assert_eq!(

@@ -189,6 +189,40 @@ pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) {
     };
 }
 
+/// Makes every page of `[addr, addr + len)` (page-aligned, in a shared mapping of a tmpfs
+/// file) present in the file, so that the router's accesses to it allocate nothing (the
+/// container pays for its memory, not the router): MADV_POPULATE_WRITE, or
+/// MADV_POPULATE_READ unless `write` (on tmpfs a read fault allocates the page too). Where the
+/// kernel has neither (before 5.14) every page is read once, which faults it in alike.
+///
+/// # Safety
+/// `[addr, addr + len)` must be mapped readable (and writable if `write`) for the whole call.
+/// Nothing is written: population keeps the bytes.
+pub unsafe fn populate(addr: u64, len: u64, write: bool) -> io::Result<()> {
+    let advice = if write {
+        libc::MADV_POPULATE_WRITE
+    } else {
+        libc::MADV_POPULATE_READ
+    };
+    // SAFETY: madvise with a populate advice only faults pages in (the caller says the range
+    // is mapped with the access the advice needs); no memory of ours changes.
+    if unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, advice) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return Err(e);
+    }
+    let mut at = addr;
+    while at < addr + len {
+        // SAFETY: `at` is inside the range the caller says is mapped readable; a volatile read
+        // of one byte, through a raw pointer (the memory is shared: no reference is made).
+        unsafe { std::ptr::read_volatile(at as *const u8) };
+        at += PAGE_SIZE;
+    }
+    Ok(())
+}
+
 /// Bytes of a side stack (a guard page below it, the two saved contexts above it).
 const SIDE_STACK_LEN: usize = 256 * 1024;
 const CONTEXT_AREA_LEN: usize = 2 * 4096;

@@ -54,6 +54,10 @@ pub enum PagesError {
     SpansMappings(u64),
     #[error("too many memory files with registered regions")]
     TooManyFiles,
+    #[error("pages at {0:#x} are not writable, and the region's access includes writing")]
+    ReadOnly(u64),
+    #[error("pages at {0:#x} are a shared mapping of a file the program has open only read-only (or write-only), and the region's access needs {1}")]
+    FileAccess(u64, &'static str),
     #[error("reading /proc/self/maps: {0}")]
     Maps(io::Error),
     #[error("{op}: {source}")]
@@ -70,8 +74,10 @@ impl PagesError {
             PagesError::Unmapped(_)
             | PagesError::Stale(_)
             | PagesError::BeyondFile(_)
-            | PagesError::LibraryMemory(_) => libc::EFAULT,
+            | PagesError::LibraryMemory(_)
+            | PagesError::ReadOnly(_) => libc::EFAULT,
             PagesError::SharedMapping(_)
+            | PagesError::FileAccess(..)
             | PagesError::NotSealed(_)
             | PagesError::SpansMappings(_) => libc::EOPNOTSUPP,
             PagesError::TooManyFiles => libc::ENOMEM,
@@ -197,8 +203,11 @@ struct Backing {
 #[derive(Debug)]
 struct FurtherFile {
     number: u16,
-    /// This library's own descriptor of the file (opened anew, read-write).
+    /// This library's own descriptor of the file (opened anew, with the access mode of the
+    /// program's descriptor it was found by).
     fd: OwnedFd,
+    /// `fd` allows writing (the program's descriptor was open read-write).
+    writable: bool,
     id: ((u32, u32), u64),
     /// Registered regions in it; the entry goes with the last.
     regions: u32,
@@ -265,9 +274,25 @@ impl Pages {
         Ok((&b.fd, b.generation))
     }
 
-    /// Registers the pages `[start, end)` (page-aligned) once more: pages no registration
-    /// covered yet move onto the memory file. On error nothing changed.
+    /// [`Pages::acquire_in`] with the mappings read now, for a region without write access
+    /// (tests).
+    #[cfg(test)]
     pub fn acquire(&mut self, start: u64, end: u64) -> Result<(), PagesError> {
+        let vmas = maps::read_self_for(start, end).map_err(PagesError::Maps)?;
+        self.acquire_in(&vmas, start, end, false)
+    }
+
+    /// Registers the pages `[start, end)` (page-aligned) once more: pages no registration
+    /// covered yet move onto the memory file. `vmas` are the process's mappings, read for this
+    /// registration; `writes`, whether the region's access includes writing (then every page
+    /// must be writable, as the kernel's drivers require). On error nothing changed.
+    pub fn acquire_in(
+        &mut self,
+        vmas: &[Vma],
+        start: u64,
+        end: u64,
+        writes: bool,
+    ) -> Result<(), PagesError> {
         if end > freeflow_proto::verbs::MEMORY_FILE_SIZE {
             return Err(PagesError::BeyondFile(start));
         }
@@ -281,11 +306,13 @@ impl Pages {
             return Err(PagesError::LibraryMemory(start));
         }
         let backing = self.backing.as_ref().expect("made by file()");
-        let vmas = maps::read_self().map_err(PagesError::Maps)?;
         let mut plan: Vec<(u64, u64, i32)> = Vec::new();
         for (a, b, count) in self.counts.parts(start, end) {
-            let pieces = maps::pieces(&vmas, a, b).map_err(PagesError::Unmapped)?;
+            let pieces = maps::pieces(vmas, a, b).map_err(PagesError::Unmapped)?;
             for (pa, pb, vma) in pieces {
+                if writes && !vma.write {
+                    return Err(PagesError::ReadOnly(pa));
+                }
                 let ours = vma.is_identity_mapping_of(backing.id.0, backing.id.1);
                 if count > 0 {
                     if !ours {
@@ -404,18 +431,22 @@ impl Pages {
     /// where the range is in it; `Ok(None)` if the range starts in anything else (which
     /// [`Pages::acquire`] handles). A shared mapping that cannot be registered so (no
     /// descriptor of its file open, a file that may shrink, several mappings) is an error.
-    pub fn acquire_further(
+    ///
+    /// `vmas` and `writes` are as for [`Pages::acquire_in`]. The range's pages are populated
+    /// (see [`memory::populate`]) before this returns: the router accepts only backed pages.
+    pub fn acquire_further_in(
         &mut self,
+        vmas: &[Vma],
         start: u64,
         end: u64,
+        writes: bool,
     ) -> Result<Option<FurtherRange>, PagesError> {
         let pid = std::process::id();
         if self.further_pid != pid {
             self.further.clear();
             self.further_pid = pid;
         }
-        let vmas = maps::read_self().map_err(PagesError::Maps)?;
-        let pieces = maps::pieces(&vmas, start, end).map_err(PagesError::Unmapped)?;
+        let pieces = maps::pieces(vmas, start, end).map_err(PagesError::Unmapped)?;
         let Some(&(_, _, first)) = pieces.first() else {
             return Ok(None);
         };
@@ -427,24 +458,35 @@ impl Pages {
         if !first.shared || ours {
             return Ok(None);
         }
-        if !first.read {
-            return Err(PagesError::Unmapped(start));
-        }
         let file_offset = first.offset + (start - first.start);
         for &(a, _, vma) in &pieces[1..] {
             let same_file = vma.shared && vma.dev == first.dev && vma.inode == first.inode;
-            if !same_file || !vma.read || vma.offset + (a - vma.start) != file_offset + (a - start)
-            {
+            if !same_file || vma.offset + (a - vma.start) != file_offset + (a - start) {
                 return Err(PagesError::SpansMappings(start));
+            }
+        }
+        for &(a, _, vma) in &pieces {
+            if !vma.read {
+                return Err(PagesError::Unmapped(a));
+            }
+            if writes && !vma.write {
+                return Err(PagesError::ReadOnly(a));
             }
         }
         let id = (first.dev, first.inode);
         let size;
         if let Some(f) = self.further.iter_mut().find(|f| f.id == id) {
+            if writes && !f.writable {
+                return Err(PagesError::FileAccess(start, "writing"));
+            }
             size = file_size(&f.fd).map_err(os("fstat of a further memory file"))?;
             f.regions += 1;
         } else {
-            let fd = open_mapped_file(id).ok_or(PagesError::SharedMapping(start))?;
+            let (fd, writable) = open_mapped_file(id, writes)?.ok_or(if writes {
+                PagesError::FileAccess(start, "writing")
+            } else {
+                PagesError::SharedMapping(start)
+            })?;
             let seals = freeflow_os::memfd::seals(fd.as_fd()).unwrap_or(0);
             if seals & freeflow_proto::verbs::REQUIRED_SEALS
                 != freeflow_proto::verbs::REQUIRED_SEALS
@@ -456,9 +498,26 @@ impl Pages {
             self.further.push(FurtherFile {
                 number,
                 fd,
+                writable,
                 id,
                 regions: 1,
             });
+        }
+        // The container pays for the range's pages: they are allocated now, by this process,
+        // in its memory cgroup, and the router (which refuses holes) allocates none.
+        // SAFETY: every piece of [start, end) was just found mapped readable, and writable if
+        // `writes`; this library holds no reference into the program's memory.
+        #[allow(unsafe_code)]
+        let populated = unsafe { memory::populate(start, end - start, writes) };
+        if let Err(e) = populated {
+            let number = self
+                .further
+                .iter()
+                .find(|f| f.id == id)
+                .expect("found or added above")
+                .number;
+            self.release_further(number);
+            return Err(os("populating a further memory file's pages")(e));
         }
         let f = self
             .further
@@ -479,6 +538,18 @@ impl Pages {
             size,
             file_offset,
         }))
+    }
+
+    /// [`Pages::acquire_further_in`] with the mappings read now, for a region without write
+    /// access (tests).
+    #[cfg(test)]
+    pub fn acquire_further(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<FurtherRange>, PagesError> {
+        let vmas = maps::read_self_for(start, end).map_err(PagesError::Maps)?;
+        self.acquire_further_in(&vmas, start, end, false)
     }
 
     /// Counts one region in further file `number` less; the last one's release closes the
@@ -516,11 +587,18 @@ fn file_size(fd: &OwnedFd) -> io::Result<u64> {
     Ok(std::fs::File::from(fd.try_clone()?).metadata()?.len())
 }
 
-/// A new read-write descriptor of the file `id` (device, inode) names, found among the
-/// process's open descriptors (`/proc/self/fd`); None if none is open.
-fn open_mapped_file(id: ((u32, u32), u64)) -> Option<OwnedFd> {
+/// A new descriptor of the file `id` (device, inode) names, found among the process's open
+/// descriptors (`/proc/self/fd`), with the access mode of the program's descriptor it was found
+/// by (opening the link anew would give read-write access to a memfd the program holds only
+/// read-only), and whether it allows writing; None if no readable descriptor is open (one
+/// that allows writing, if `writes`).
+fn open_mapped_file(
+    id: ((u32, u32), u64),
+    writes: bool,
+) -> Result<Option<(OwnedFd, bool)>, PagesError> {
     use std::os::unix::fs::MetadataExt;
-    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+    let dir = std::fs::read_dir("/proc/self/fd").map_err(os("reading /proc/self/fd"))?;
+    for entry in dir.flatten() {
         let path = entry.path();
         // The metadata of the file the descriptor names (the link is followed).
         let Ok(meta) = std::fs::metadata(&path) else {
@@ -530,11 +608,17 @@ fn open_mapped_file(id: ((u32, u32), u64)) -> Option<OwnedFd> {
         if (dev, meta.ino()) != id || !meta.is_file() {
             continue;
         }
-        // Opening the link anew gives a descriptor of the same file, read-write, whatever the
-        // program's own was opened with, and of ours to keep.
+        let Some(mode) = access_mode(&entry.file_name()) else {
+            continue;
+        };
+        let writable = match mode {
+            libc::O_RDWR => true,
+            libc::O_RDONLY if !writes => false,
+            _ => continue, // write-only (cannot be mapped), or read-only for a writing region
+        };
         let Ok(file) = std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(writable)
             .open(&path)
         else {
             continue;
@@ -543,10 +627,21 @@ fn open_mapped_file(id: ((u32, u32), u64)) -> Option<OwnedFd> {
             (libc::major(m.dev()), libc::minor(m.dev()), m.ino()) == (id.0 .0, id.0 .1, id.1)
         });
         if same {
-            return Some(OwnedFd::from(file));
+            return Ok(Some((OwnedFd::from(file), writable)));
         }
     }
-    None
+    Ok(None)
+}
+
+/// The access mode (`O_RDONLY`, `O_WRONLY`, `O_RDWR`) of this process's descriptor `fd` (a
+/// name in /proc/self/fd), from /proc/self/fdinfo (the program's descriptor is not used).
+fn access_mode(fd: &std::ffi::OsStr) -> Option<i32> {
+    let info = std::fs::read(std::path::Path::new("/proc/self/fdinfo").join(fd)).ok()?;
+    let flags = info
+        .split(|&b| b == b'\n')
+        .find_map(|line| line.strip_prefix(b"flags:"))?;
+    let flags = i32::from_str_radix(std::str::from_utf8(flags).ok()?.trim(), 8).ok()?;
+    Some(flags & libc::O_ACCMODE)
 }
 
 fn check_movable(vma: &Vma, at: u64, ours: bool) -> Result<(), PagesError> {
@@ -773,6 +868,11 @@ mod tests {
 
     /// A shared mapping of `fd` of `pages` pages from file page `first_page`.
     fn map_shared(fd: &OwnedFd, first_page: u64, pages: usize) -> u64 {
+        map_shared_prot(fd, first_page, pages, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// [`map_shared`] with protection `prot`.
+    fn map_shared_prot(fd: &OwnedFd, first_page: u64, pages: usize, prot: i32) -> u64 {
         use std::os::fd::AsRawFd;
         // SAFETY: a fresh shared mapping of a test file, leaked for the test's lifetime.
         #[allow(unsafe_code)]
@@ -780,7 +880,7 @@ mod tests {
             libc::mmap(
                 std::ptr::null_mut(),
                 pages * 4096,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
                 (first_page * 4096) as i64,
@@ -834,6 +934,111 @@ mod tests {
         assert!(pages.is_empty());
         // A range beyond the mapping is unmapped memory (or another mapping): refused.
         assert!(pages.acquire_further(at, at + 7 * 4096).is_err());
+        assert!(pages.is_empty());
+    }
+
+    /// The first hole at or after `offset` in `fd`'s file.
+    fn first_hole(fd: &OwnedFd, offset: u64) -> u64 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: lseek on a test file's descriptor.
+        #[allow(unsafe_code)]
+        let hole = unsafe { libc::lseek(fd.as_raw_fd(), offset as i64, libc::SEEK_HOLE) };
+        assert!(hole >= 0);
+        hole as u64
+    }
+
+    /// The pages of a registered range are allocated by the library (the container pays), not
+    /// left as holes for the router's writes to allocate; the bytes are kept.
+    #[test]
+    fn further_ranges_are_populated_before_registration() {
+        use std::os::unix::fs::FileExt;
+        let mut pages = Pages::default();
+        let fd = freeflow_os::memfd::sized(
+            c"ff-sparse",
+            16 * 4096,
+            freeflow_os::memfd::FIXED_SIZE_SEALS,
+        )
+        .unwrap();
+        let file = std::fs::File::from(fd.try_clone().unwrap());
+        file.write_all_at(b"kept", 3 * 4096 + 1).unwrap();
+        let at = map_shared(&fd, 0, 16);
+        assert_eq!(first_hole(&fd, 2 * 4096), 2 * 4096);
+        // Writing access (MADV_POPULATE_WRITE) over pages 2..6.
+        let vmas = maps::read_self_for(at, at + 16 * 4096).unwrap();
+        let range = pages
+            .acquire_further_in(&vmas, at + 2 * 4096, at + 6 * 4096, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(first_hole(&fd, 2 * 4096), 6 * 4096);
+        // Reading access (MADV_POPULATE_READ: a read fault allocates on tmpfs too).
+        let read = pages
+            .acquire_further(at + 8 * 4096, at + 10 * 4096)
+            .unwrap()
+            .unwrap();
+        assert_eq!(first_hole(&fd, 8 * 4096), 10 * 4096);
+        let mut kept = [0u8; 4];
+        file.read_exact_at(&mut kept, 3 * 4096 + 1).unwrap();
+        assert_eq!(&kept, b"kept");
+        pages.release_further(range.number);
+        pages.release_further(read.number);
+        assert!(pages.is_empty());
+    }
+
+    /// A region whose access includes writing needs writable pages (EFAULT otherwise, as the
+    /// kernel's drivers answer), and a further file the program holds only read-only is
+    /// handed on read-only: the library never widens the program's access.
+    #[test]
+    fn write_access_needs_writable_pages_and_descriptors() {
+        use std::os::fd::AsRawFd;
+        let mut pages = Pages::default();
+        // Private pages mapped read-only.
+        let private = private_pages().as_ptr() as u64;
+        // SAFETY: our own test mapping, made read-only.
+        #[allow(unsafe_code)]
+        let protected =
+            unsafe { libc::mprotect(private as *mut libc::c_void, 4096, libc::PROT_READ) };
+        assert_eq!(protected, 0);
+        let vmas_ro = maps::read_self_for(private, private + 4096).unwrap();
+        let e = pages
+            .acquire_in(&vmas_ro, private, private + 4096, true)
+            .unwrap_err();
+        assert!(matches!(e, PagesError::ReadOnly(_)), "{e}");
+        assert_eq!(e.errno(), libc::EFAULT);
+        // A sealed memfd the program holds only read-only, mapped read-only.
+        let fd =
+            freeflow_os::memfd::sized(c"ff-ro", 4 * 4096, freeflow_os::memfd::FIXED_SIZE_SEALS)
+                .unwrap();
+        let read_only = OwnedFd::from(
+            std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap(),
+        );
+        // A read-write mapping made while a read-write descriptor was open.
+        let rw_at = map_shared(&fd, 0, 2);
+        let ro_at = map_shared_prot(&read_only, 0, 2, libc::PROT_READ);
+        drop(fd);
+        let vmas = maps::read_self_for(ro_at, ro_at + 2 * 4096).unwrap();
+        let e = pages
+            .acquire_further_in(&vmas, ro_at, ro_at + 4096, true)
+            .unwrap_err();
+        assert!(matches!(e, PagesError::ReadOnly(_)), "{e}");
+        let vmas = maps::read_self_for(rw_at, rw_at + 2 * 4096).unwrap();
+        let e = pages
+            .acquire_further_in(&vmas, rw_at, rw_at + 4096, true)
+            .unwrap_err();
+        assert!(matches!(e, PagesError::FileAccess(..)), "{e}");
+        assert_eq!(e.errno(), libc::EOPNOTSUPP);
+        assert!(pages.is_empty());
+        // Without write access it registers, and the descriptor handed on is read-only.
+        let range = pages
+            .acquire_further(ro_at, ro_at + 2 * 4096)
+            .unwrap()
+            .unwrap();
+        let written = std::os::unix::fs::FileExt::write_at(
+            &std::fs::File::from(range.fd.try_clone().unwrap()),
+            b"x",
+            0,
+        );
+        assert_eq!(written.unwrap_err().raw_os_error(), Some(libc::EBADF));
+        pages.release_further(range.number);
         assert!(pages.is_empty());
     }
 

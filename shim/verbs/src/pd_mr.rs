@@ -13,10 +13,11 @@
 
 use crate::abi::{IbvContext, IbvMr, IbvPd};
 use crate::error::{returns_errno, returns_object, VerbsError};
+use crate::pages::PagesError;
 use crate::registry::{self, lock, MrEntry, MrMemory, PdEntry};
 use freeflow_proto::verbs::{
-    check_mr_access, limits, op, Body, DeallocPd, DeregMr, MrCreated, PdCreated, RegMr, TestDigest,
-    TestRead, TestWrite, MAX_TEST_WRITE, OWN_MEMORY_FILE, PAGE_SIZE,
+    check_mr_access, limits, op, AccessFlags, Body, DeallocPd, DeregMr, MrCreated, PdCreated,
+    RegMr, TestDigest, TestRead, TestWrite, MAX_TEST_WRITE, OWN_MEMORY_FILE, PAGE_SIZE,
 };
 use std::ffi::{c_int, c_uint, c_void};
 use std::os::fd::AsFd;
@@ -121,44 +122,50 @@ fn reg_mr(
         file,
         file_offset,
     };
-    let (created, memory) = if let Some(further) = pages.acquire_further(first, end)? {
-        // A shared mapping of a memory file of the program's: registered where it is.
-        let number = further.number;
-        let registered = (|| {
-            let mut channel = lock(&state.channel);
-            channel.ensure_further_file(number, further.fd.as_fd(), further.size)?;
-            let body = request(number, further.file_offset).to_vec();
-            let created = channel
-                .call(op::REG_MR, &body[..RegMr::LEN])
-                .and_then(|reply| reply.decode::<MrCreated>());
-            channel.further_file_registered(number, created.is_ok());
-            created
-        })();
-        match registered {
-            Ok(created) => (created, MrMemory::FurtherFile(number)),
-            Err(e) => {
-                pages.release_further(number);
-                return Err(e);
+    // One reading of the process's mappings serves the whole registration.
+    let vmas = crate::maps::read_self_for(first, end).map_err(PagesError::Maps)?;
+    let writes = AccessFlags::from_bits_retain(access).intersects(
+        AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC,
+    );
+    let (created, memory) =
+        if let Some(further) = pages.acquire_further_in(&vmas, first, end, writes)? {
+            // A shared mapping of a memory file of the program's: registered where it is.
+            let number = further.number;
+            let registered = (|| {
+                let mut channel = lock(&state.channel);
+                channel.ensure_further_file(number, further.fd.as_fd(), further.size)?;
+                let body = request(number, further.file_offset).to_vec();
+                let created = channel
+                    .call(op::REG_MR, &body[..RegMr::LEN])
+                    .and_then(|reply| reply.decode::<MrCreated>());
+                channel.further_file_registered(number, created.is_ok());
+                created
+            })();
+            match registered {
+                Ok(created) => (created, MrMemory::FurtherFile(number)),
+                Err(e) => {
+                    pages.release_further(number);
+                    return Err(e);
+                }
             }
-        }
-    } else {
-        pages.acquire(first, end)?;
-        let registered = (|| {
-            let (fd, generation) = pages.file()?;
-            let mut channel = lock(&state.channel);
-            channel.ensure_memory_file(fd.as_fd(), generation)?;
-            let body = request(OWN_MEMORY_FILE, 0).to_vec();
-            let reply = channel.call(op::REG_MR, &body[..RegMr::LEN])?;
-            reply.decode::<MrCreated>()
-        })();
-        match registered {
-            Ok(created) => (created, MrMemory::Pages(first, end)),
-            Err(e) => {
-                pages.release(first, end);
-                return Err(e);
+        } else {
+            pages.acquire_in(&vmas, first, end, writes)?;
+            let registered = (|| {
+                let (fd, generation) = pages.file()?;
+                let mut channel = lock(&state.channel);
+                channel.ensure_memory_file(fd.as_fd(), generation)?;
+                let body = request(OWN_MEMORY_FILE, 0).to_vec();
+                let reply = channel.call(op::REG_MR, &body[..RegMr::LEN])?;
+                reply.decode::<MrCreated>()
+            })();
+            match registered {
+                Ok(created) => (created, MrMemory::Pages(first, end)),
+                Err(e) => {
+                    pages.release(first, end);
+                    return Err(e);
+                }
             }
-        }
-    };
+        };
     let mr = Box::into_raw(Box::new(IbvMr {
         // The context key is the address of the program's `struct ibv_context`.
         context: entry.context as *mut IbvContext,

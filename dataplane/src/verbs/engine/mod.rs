@@ -80,12 +80,13 @@ use freeflow_proto::verbs::ah::CreateAh;
 use freeflow_proto::verbs::qp::{CreateQp, ModifyQp, QpState};
 use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq};
 use freeflow_proto::verbs::{
-    Body, CreateCq, MemoryFileMsg, ObjectHandle, QueueFileKind, QueueFileMsg, ResizeCq, VerbsOp,
+    limits, Body, CreateCq, MemoryFileMsg, ObjectHandle, QueueFileKind, QueueFileMsg, RegMr,
+    ResizeCq, VerbsOp,
 };
 use freeflow_proto::RingError;
 use objects::Objects;
 use srq::Srq;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 
 /// Smallest number of slots of a queue's ring.
 const MIN_RING_SLOTS: u32 = 16;
@@ -272,7 +273,7 @@ impl Engine {
         &mut self,
         attachment: AttachmentId,
         msg: MemoryFileMsg,
-        fd: OwnedFd,
+        fd: impl Into<crate::sys::Untrusted>,
     ) -> Result<(), VerbsError> {
         let ctx = context_mut(&mut self.contexts, attachment)?;
         self.budgets
@@ -401,11 +402,29 @@ impl Engine {
             // A further memory file that no region uses any more goes with the call (see
             // `VerbsTable::reg_mr`): its unit comes back too.
             VerbsOp::RegMr => {
+                // The limit on mapped bytes is the container's: this context may map what its
+                // container's other contexts leave.
+                let container = context_mut(&mut self.contexts, attachment)?.container.netns;
+                let others: u64 = self
+                    .contexts
+                    .iter()
+                    .filter(|(id, c)| **id != attachment && c.container.netns == container)
+                    .map(|(_, c)| c.table.mapped_bytes())
+                    .sum();
                 let ctx = context_mut(&mut self.contexts, attachment)?;
+                ctx.table
+                    .set_mapped_allowance(limits::MAX_MAPPED_BYTES.saturating_sub(others));
                 let files = ctx.table.further_file_count();
                 let created = self
                     .budgets
                     .charged(ctx, |ctx| ctx.table.serve_inner(op, body, reply));
+                if created.is_err() {
+                    // Whatever failed (the budget too, before the table saw the request): a
+                    // further file no region uses goes, as the shim forgets it.
+                    if let Ok(r) = RegMr::decode(body) {
+                        ctx.table.drop_unused_file(r.file);
+                    }
+                }
                 for _ in ctx.table.further_file_count()..files {
                     self.budgets.refund(ctx);
                 }

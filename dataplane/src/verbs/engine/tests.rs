@@ -1912,3 +1912,96 @@ fn a_reply_across_shards_carries_the_ack_of_the_request_it_answers() {
     assert_eq!((cb[0].wr_id, cb[0].status), (2, 0));
     assert!(e0.held_acks.is_empty() && e1.held_acks.is_empty());
 }
+
+/// A sealed further memory file of `pages` pages, every page written (as the shim populates
+/// the range it registers).
+fn further_file(pages: u64) -> OwnedFd {
+    let fd =
+        crate::verbs::memory::test_memfd(pages * PAGE_SIZE, freeflow_proto::verbs::REQUIRED_SEALS);
+    std::fs::File::from(fd.try_clone().unwrap())
+        .write_all_at(&vec![3u8; (pages * PAGE_SIZE) as usize], 0)
+        .unwrap();
+    fd
+}
+
+/// A registration in a further file that fails before the table sees it (the container's
+/// budget is used up) lets the file go with its unit, as any failed registration does: the
+/// shim forgets the file, and a program that retries sends it again under the same number.
+#[test]
+fn a_registration_the_budget_refuses_lets_its_further_file_go() {
+    // A side holds 4 units; its further file takes the fifth and last.
+    let mut engine = Engine::with_budget(false, 5);
+    let a = side(&mut engine, 1, [10, 32, 0, 2], "blue", 16);
+    let msg = MemoryFileMsg {
+        size: 4 * PAGE_SIZE,
+        file: 7,
+    };
+    engine
+        .adopt_memory_file(a.id, msg, further_file(4))
+        .unwrap();
+    let reg = RegMr {
+        pd: a.pd,
+        access: ALL,
+        addr: BASE,
+        length: PAGE_SIZE,
+        iova: BASE,
+        file: 7,
+        file_offset: 0,
+    }
+    .to_vec();
+    let no_resources = VerbsStatus::NoResources as u16;
+    assert_eq!(status_of(&mut engine, &a, op::REG_MR, &reg), no_resources);
+    assert!(!engine.contexts[&a.id].table.has_file(7));
+    // Its unit came back: the file comes again (same number), and then a region cannot.
+    engine
+        .adopt_memory_file(a.id, msg, further_file(4))
+        .unwrap();
+    assert!(engine.contexts[&a.id].table.has_file(7));
+    assert_eq!(status_of(&mut engine, &a, op::REG_MR, &reg), no_resources);
+    assert!(!engine.contexts[&a.id].table.has_file(7));
+    assert_eq!(new_channel(&mut engine, a.id, &a.conn).map(|_| ()), Ok(()));
+}
+
+/// The limit on mapped bytes is the container's: what one context maps is not there for the
+/// container's other contexts (another container's are not affected).
+#[test]
+fn mapped_bytes_are_limited_per_container() {
+    let mut engine = Engine::with_budget(false, 64);
+    let (a1, a1_conn, _a1_shim) = bare_context(&mut engine, 1, 100);
+    let (a2, a2_conn, _a2_shim) = bare_context(&mut engine, 2, 100);
+    let (b, b_conn, _b_shim) = bare_context(&mut engine, 3, 200);
+    let msg = MemoryFileMsg {
+        size: 4 * PAGE_SIZE,
+        file: 1,
+    };
+    let mut pds = Vec::new();
+    for (id, conn) in [(a2, &a2_conn), (b, &b_conn)] {
+        engine.adopt_memory_file(id, msg, further_file(4)).unwrap();
+        pds.push(ok::<PdCreated>(&mut engine, id, conn, op::ALLOC_PD, &[]).pd);
+    }
+    // A's first context has all but three pages mapped (as if: the bytes are only counted).
+    engine.contexts.get_mut(&a1).unwrap().table.mapped_bytes =
+        freeflow_proto::verbs::limits::MAX_MAPPED_BYTES - 3 * PAGE_SIZE;
+    let _ = a1_conn;
+    let reg = |pd, pages| {
+        RegMr {
+            pd,
+            access: ALL,
+            addr: BASE,
+            length: pages * PAGE_SIZE,
+            iova: BASE,
+            file: 1,
+            file_offset: 0,
+        }
+        .to_vec()
+    };
+    let limit = VerbsStatus::NoResources as u16;
+    assert_eq!(
+        call(&mut engine, a2, &a2_conn, op::REG_MR, &reg(pds[0], 4)).0,
+        limit
+    );
+    // B maps its four pages; A's second context the three left.
+    ok::<MrCreated>(&mut engine, b, &b_conn, op::REG_MR, &reg(pds[1], 4));
+    engine.adopt_memory_file(a2, msg, further_file(4)).unwrap();
+    ok::<MrCreated>(&mut engine, a2, &a2_conn, op::REG_MR, &reg(pds[0], 3));
+}

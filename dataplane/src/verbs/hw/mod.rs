@@ -593,7 +593,7 @@ impl Nic {
         let mut regions = Vec::new();
         for (start, (lkey, rkey)) in [(c::SRC, c::SRC_KEYS), (c::DST, c::DST_KEYS)] {
             let mapping = memory
-                .map(page(start), pages_end(start) - page(start))
+                .map(page(start), pages_end(start) - page(start), true)
                 .map_err(|_| NicError::Invalid("the engine could not map the region"))?;
             let mr = Mr::register(&l.pd, Arc::new(mapping), rights)?;
             keys.insert(
