@@ -146,7 +146,7 @@ impl Flow {
         if self.fin_received {
             return Err(ProtocolError("a message after FIN"));
         }
-        let credits = self.credits.checked_add(imm.credits()).unwrap_or(u16::MAX);
+        let credits = self.credits.saturating_add(imm.credits());
         if credits > SLOTS {
             return Err(ProtocolError("more credits returned than receives exist"));
         }

@@ -82,8 +82,8 @@ fn pump(ch: &Arc<Channel>) -> Result<(), Fail> {
         // SAFETY: rsockets' ids are RDMA_PS_TCP, whose events carry `param.conn`;
         // private_data points into the event, valid for private_data_len bytes until the
         // event is dropped below.
-        let private = {
-            unsafe {
+        let private = unsafe {
+            {
                 let p = event.c.param.conn;
                 match p.private_data.is_null() {
                     true => Vec::new(),
@@ -491,14 +491,26 @@ impl RSocket {
                 return Err(Fail::new(e, "the connection failed"));
             }
             if s.peer_gone {
-                // The peer's last messages were complete before its disconnect came: EOF.
-                return Ok(got);
-            }
-            if s.nonblocking || dontwait {
+                // Everything the peer sent before its disconnect is read; without its FIN
+                // (killed, or gone without rclose) the stream was cut: ECONNRESET.
                 return match got {
-                    0 => Err(would_block()),
+                    0 => Err(Fail::new(
+                        libc::ECONNRESET,
+                        "the peer disconnected without closing its stream",
+                    )),
                     n => Ok(n),
                 };
+            }
+            if s.nonblocking || dontwait {
+                if got > 0 {
+                    return Ok(got);
+                }
+                // Before EAGAIN, the rdma_cm's news: a peer that went is EOF, not EAGAIN
+                // for ever.
+                if !refresh(&mut s) {
+                    return Err(would_block());
+                }
+                continue;
             }
             let deadline = s.opts.rcvtimeo.map(|t| Instant::now() + t);
             s = self.block(s, deadline)?;
@@ -548,7 +560,11 @@ impl RSocket {
                 return Ok(sent);
             }
             if s.nonblocking || dontwait {
-                return Err(would_block());
+                // As in recv: a peer that went is ECONNRESET, not EAGAIN for ever.
+                if !refresh(&mut s) {
+                    return Err(would_block());
+                }
+                continue;
             }
             let deadline = s.opts.sndtimeo.map(|t| Instant::now() + t);
             s = match self.block(s, deadline) {
@@ -637,7 +653,8 @@ impl RSocket {
                 if s.flow.readable_bytes() > 0 || s.flow.at_eof() || s.shut_rd || s.peer_gone {
                     r |= libc::POLLIN;
                 }
-                if s.flow.can_send_data() && !s.shut_wr && !s.peer_gone {
+                // After the peer's end a write does not block: it fails (ECONNRESET).
+                if (s.flow.can_send_data() && !s.shut_wr) || s.peer_gone {
                     r |= libc::POLLOUT;
                 }
                 // As TCP: a hang-up once both directions are closed (the peer's end alone
@@ -830,6 +847,20 @@ fn wait_news(ch: &Arc<Channel>, id: usize, done: impl Fn(&News) -> bool) -> Resu
             return Err(Fail::new(libc::ETIMEDOUT, "no rdma_cm answer in time"));
         }
     }
+}
+
+/// Reads the socket's channel and takes its news; whether something changed that a caller
+/// about to say EAGAIN must look at (the peer's end, an error).
+fn refresh(s: &mut Inner) -> bool {
+    let ch = s.channel.clone();
+    if let Err(e) = pump(&ch) {
+        crate::debug(format_args!("rdma_cm channel: {}", e.why));
+        s.error = Some(libc::ECONNRESET);
+        return true;
+    }
+    let before = s.peer_gone;
+    drain(s);
+    s.peer_gone != before
 }
 
 /// Makes the socket of an accepted request, or refuses it.

@@ -426,8 +426,8 @@ pub extern "C" fn rselect(
         if !(0..=libc::FD_SETSIZE as c_int).contains(&nfds) {
             return Err(Fail::new(libc::EINVAL, "nfds beyond FD_SETSIZE"));
         }
-        // SAFETY: the program's fd_sets (or NULL), each of FD_SETSIZE bits.
         let isset = |set: *mut libc::fd_set, fd: c_int| -> bool {
+            // SAFETY: the program's fd_set (not NULL), of FD_SETSIZE bits; fd < nfds.
             !set.is_null() && unsafe { libc::FD_ISSET(fd, set) }
         };
         let mut work: Vec<(c_int, i16, i16)> = Vec::new();
