@@ -282,3 +282,87 @@ fn a_peer_killed_mid_stream_ends_the_other_side_with_an_error_not_a_hang() {
         site.router_log()
     );
 }
+
+/// Bandwidth and latency of rstream over rsockets (one host: server and near on host 0;
+/// across hosts: server on host 0, client on host 1) against rstream over TCP (`-T s`) between
+/// the same hosts' namespaces (loopback on one host, the host link across), in one run. The
+/// figures are printed for docs/rsockets.md; no threshold (the machine is shared).
+#[test]
+fn rstream_figures_against_tcp_in_one_run() {
+    common::require_programs(&["rstream"], "rdmacm-utils");
+    let site = Site::create_verbs(SiteSpec {
+        prefix: "rsf",
+        work_prefix: "ff-rsockets-f",
+        hosts: 2,
+        containers: &[
+            (0, "server", [10, 32, 0, 2]),
+            (1, "client", [10, 32, 0, 3]),
+            (0, "near", [10, 32, 0, 5]),
+        ],
+        registered: &[("server", "blue"), ("client", "blue"), ("near", "blue")],
+        verbs_timeout: 120,
+        ..SiteSpec::default()
+    });
+    let bandwidth = ["-S", "65536", "-C", "2000"];
+    let latency = ["-T", "b", "-S", "64", "-C", "2000"];
+    let mut rows = Vec::new();
+    for (what, args) in [("bandwidth", &bandwidth[..]), ("latency", &latency[..])] {
+        for (label, from) in [("one host", "near"), ("across hosts", "client")] {
+            let mut sargs = vec!["-b", "10.32.0.2"];
+            sargs.extend_from_slice(args);
+            let mut cargs = vec!["-s", "10.32.0.2"];
+            cargs.extend_from_slice(args);
+            let listeners = site.router_counter(0, "cm_listeners");
+            let server = site.rs_server("rstream", &sargs, &[], listeners + 1);
+            let client = site
+                .verbs_app(from, "rstream", &[])
+                .args(&cargs)
+                .output()
+                .unwrap();
+            let server = server.wait_with_output().unwrap();
+            assert_both(&site, "rstream figures", &server, &client);
+            let row = rstream_rows(&client).pop().expect("a result row");
+            rows.push(format!("rsockets {label} {what}: {row}"));
+        }
+        for (label, client_host, server_ip) in [
+            ("one host", 0, "127.0.0.1"),
+            ("across hosts", 1, "192.168.1.1"),
+        ] {
+            let mut sargs = vec!["-T", "s", "-b", server_ip];
+            sargs.extend_from_slice(args);
+            let mut cargs = vec!["-T", "s", "-s", server_ip];
+            cargs.extend_from_slice(args);
+            let server = site
+                .in_host(0, "timeout")
+                .args(["-s", "KILL", "120", "rstream"])
+                .args(&sargs)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // The TCP server listens within moments; the client retries its connect a few
+            // times (bounded) until it does.
+            let mut client = None;
+            for _ in 0..50 {
+                let out = site
+                    .in_host(client_host, "timeout")
+                    .args(["-s", "KILL", "120", "rstream"])
+                    .args(&cargs)
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    client = Some(out);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let client = client.expect("rstream -T s never connected");
+            let server = server.wait_with_output().unwrap();
+            assert!(server.status.success(), "{}", describe(&server));
+            let row = rstream_rows(&client).pop().expect("a result row");
+            rows.push(format!("TCP {label} {what}: {row}"));
+        }
+    }
+    eprintln!("{}", rows.join("\n"));
+    assert_eq!(rows.len(), 8);
+}
