@@ -303,8 +303,15 @@ fn rstream_figures_against_tcp_in_one_run() {
         verbs_timeout: 120,
         ..SiteSpec::default()
     });
-    let bandwidth = ["-S", "65536", "-C", "2000"];
-    let latency = ["-T", "b", "-S", "64", "-C", "2000"];
+    let bandwidth = ["-T", "b", "-S", "65536", "-C", "500"];
+    let latency = ["-T", "b", "-S", "64", "-C", "1000"];
+    // Loopback of host 0, for TCP on one host.
+    let lo = site
+        .in_host(0, "ip")
+        .args(["link", "set", "lo", "up"])
+        .output()
+        .unwrap();
+    assert!(lo.status.success(), "{}", describe(&lo));
     let mut rows = Vec::new();
     for (what, args) in [("bandwidth", &bandwidth[..]), ("latency", &latency[..])] {
         for (label, from) in [("one host", "near"), ("across hosts", "client")] {
@@ -322,15 +329,17 @@ fn rstream_figures_against_tcp_in_one_run() {
             let server = server.wait_with_output().unwrap();
             assert_both(&site, "rstream figures", &server, &client);
             let row = rstream_rows(&client).pop().expect("a result row");
+            eprintln!("rsockets {label} {what}: {row}");
             rows.push(format!("rsockets {label} {what}: {row}"));
         }
         for (label, client_host, server_ip) in [
             ("one host", 0, "127.0.0.1"),
             ("across hosts", 1, "192.168.1.1"),
         ] {
-            let mut sargs = vec!["-T", "s", "-b", server_ip];
+            // Not rstream's default port 7471: Freeflow's routers listen on it on the hosts.
+            let mut sargs = vec!["-T", "s", "-p", "17471", "-b", server_ip];
             sargs.extend_from_slice(args);
-            let mut cargs = vec!["-T", "s", "-s", server_ip];
+            let mut cargs = vec!["-T", "s", "-p", "17471", "-s", server_ip];
             cargs.extend_from_slice(args);
             let server = site
                 .in_host(0, "timeout")
@@ -360,6 +369,7 @@ fn rstream_figures_against_tcp_in_one_run() {
             let server = server.wait_with_output().unwrap();
             assert!(server.status.success(), "{}", describe(&server));
             let row = rstream_rows(&client).pop().expect("a result row");
+            eprintln!("TCP {label} {what}: {row}");
             rows.push(format!("TCP {label} {what}: {row}"));
         }
     }

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 const HELLO: [u8; 8] = *b"FFRS\x01\x00\x00\x00";
 /// How long address and route resolution may take (the router answers at once).
 const SETUP_WAIT: Duration = Duration::from_secs(10);
+/// How long a blocking call polls its CQ before it sleeps on the completion channel.
+const SPIN: Duration = Duration::from_micros(50);
 /// How long rclose waits for its last sends to be delivered.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -581,9 +583,20 @@ impl RSocket {
         mut s: MutexGuard<'a, Inner>,
         deadline: Option<Instant>,
     ) -> Result<MutexGuard<'a, Inner>, Fail> {
-        let Some(conn) = s.conn.as_mut() else {
+        if s.conn.is_none() {
             return Err(Fail::new(libc::ENOTCONN, "not connected"));
-        };
+        }
+        // A short spin first (as rdma-core's rsockets poll before they block): an answer that
+        // comes within it costs no wake-up through the completion channel.
+        let before = (s.flow.readable_bytes(), s.flow.can_send_data());
+        let spin_until = Instant::now() + SPIN;
+        while Instant::now() < spin_until {
+            drain(&mut s);
+            if (s.flow.readable_bytes(), s.flow.can_send_data()) != before || s.error.is_some() {
+                return Ok(s);
+            }
+        }
+        let conn = s.conn.as_mut().expect("checked above");
         if let Err(e) = conn.arm() {
             s.error = Some(libc::ECONNRESET);
             return Err(e);
