@@ -2,8 +2,9 @@
 //! streams between two containers over Freeflow's `librdmacm.so.1` (RC QPs of ffv0 set up with
 //! its rdma_cm), on one host and across two; `riostream` is refused with a clear error
 //! (riomap is not carried); an unmodified TCP program (iperf3) runs over rsockets with
-//! Debian's `librspreload.so`; a peer killed mid-stream ends the other side's run with an
-//! error or EOF, not a hang.
+//! Debian's `librspreload.so`; a peer killed mid-stream, or the router, ends the other
+//! side's run (both sides') with an error, not a hang. One test prints rstream's figures over
+//! rsockets and over TCP (docs/rsockets.md).
 //!
 //! Needs root, a built workspace (`cargo build --workspace`), rdmacm-utils and iperf3
 //! (scripts/test.sh installs them). The Site scaffolding is in common/mod.rs.
@@ -375,4 +376,49 @@ fn rstream_figures_against_tcp_in_one_run() {
     }
     eprintln!("{}", rows.join("\n"));
     assert_eq!(rows.len(), 8);
+}
+
+#[test]
+fn a_dead_router_ends_both_sides_with_an_error_not_a_hang() {
+    let site = site("rsd", 1);
+    let args = ["-T", "b", "-S", "65536", "-C", "1000000"];
+    let mut sargs = vec!["-b", "10.32.0.2"];
+    sargs.extend_from_slice(&args);
+    let server = site.rs_server("rstream", &sargs, &[("FREEFLOW_DEBUG", "1")], 1);
+    let mut cargs = vec!["-s", "10.32.0.2"];
+    cargs.extend_from_slice(&args);
+    let client = site
+        .verbs_app("client", "rstream", &[("FREEFLOW_DEBUG", "1")])
+        .args(&cargs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for _ in 0..400 {
+        if site.router_counter(0, "cm_established") >= 1 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(site.router_counter(0, "cm_established"), 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let pid: i32 = std::fs::read_to_string(site.state_dir(0).join("router.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    freeflow_os::signals::send_signal(pid, libc::SIGKILL).unwrap();
+    // Both runs end with their own error (the site's timeout would KILL a hung one).
+    use std::os::unix::process::ExitStatusExt;
+    for (who, out) in [
+        ("server", server.wait_with_output().unwrap()),
+        ("client", client.wait_with_output().unwrap()),
+    ] {
+        assert!(
+            out.status.signal().is_none() && !out.status.success(),
+            "{who} did not fail cleanly: {}",
+            describe(&out)
+        );
+    }
 }
