@@ -365,10 +365,11 @@ impl RSocket {
                 drop(s);
                 match accept_one(child, &private, channel, family, opts) {
                     Ok(r) => return Ok(r),
-                    Err(e) => {
+                    Err(e) if e.errno == libc::ECONNABORTED => {
                         crate::debug(format_args!("raccept: a request refused: {}", e.why));
                         continue;
                     }
+                    Err(e) => return Err(e),
                 }
             }
             if s.nonblocking {
@@ -885,6 +886,7 @@ fn accept_one(
     opts: Options,
 ) -> Result<(c_int, Option<SocketAddrV4>), Fail> {
     let id = id_of(child)?;
+    // The request is refused (the peer gets REJECTED) and its id goes.
     let refuse = |id: &mut Id, why: &str| -> Fail {
         let _ = id.reject(Vec::new());
         let _ = Id::destroy(child as *mut Id);
@@ -897,7 +899,16 @@ fn accept_one(
             "a connect that is not an rsocket's (no FFRS hello)",
         ));
     }
-    let number = new_number()?;
+    let number = match new_number() {
+        Ok(n) => n,
+        Err(e) => {
+            let errno = e.errno;
+            let mut f = refuse(id, &e.why);
+            // Out of descriptors is the program's to hear (EMFILE), as accept(2) says it.
+            f.errno = errno;
+            return Err(f);
+        }
+    };
     let conn = match Conn::create(id) {
         Ok(c) => c,
         Err(e) => return Err(refuse(id, &e.why)),
