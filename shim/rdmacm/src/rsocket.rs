@@ -1163,7 +1163,7 @@ pub fn close(fd: c_int) -> Result<(), Fail> {
     Ok(())
 }
 
-/// The readiness of a descriptor for rpoll: an rsocket's own, or None for another descriptor.
+/// The rsocket numbered `fd` for rpoll; None for any other descriptor (polled as it is).
 pub fn rsocket_of(fd: c_int) -> Option<Arc<RSocket>> {
     if fd < 0 {
         return None;
