@@ -161,24 +161,32 @@ fn across_hosts_unmodified_rstream_streams() {
 #[test]
 fn riostream_is_refused_with_a_clear_error() {
     let site = site("rsi", 1);
-    // The client refuses before connecting (RDMA_IOMAPSIZE: riomap is not carried); the server
-    // then waits for nobody: it is stopped.
-    let client = site.rs_client(
-        "riostream",
-        &["-s", "10.32.0.2", "-C", "10"],
-        &[("FREEFLOW_DEBUG", "1")],
-    );
+    // riostream ignores its rsetsockopt(RDMA_IOMAPSIZE) failing, connects, and then its
+    // riomap (server) and riowrite (client) fail: both exit with an error, and
+    // FREEFLOW_DEBUG=1 says why.
+    let debug = [("FREEFLOW_DEBUG", "1")];
+    let server = site.rs_server("riostream", &["-b", "10.32.0.2", "-C", "10"], &debug, 1);
+    let client = site.rs_client("riostream", &["-s", "10.32.0.2", "-C", "10"], &debug);
+    let server = server.wait_with_output().unwrap();
+    eprintln!("riostream client: {}", describe(&client));
+    eprintln!("riostream server: {}", describe(&server));
     assert!(
-        !client.status.success(),
-        "riostream passed: {}",
-        describe(&client)
+        site.router_counter(0, "cm_established") >= 1,
+        "riostream did not even connect"
     );
-    let err = String::from_utf8_lossy(&client.stderr);
-    assert!(
-        err.contains("riomap") && err.contains("not supported by Freeflow"),
-        "no clear reason: {}",
-        describe(&client)
-    );
+    for (who, out) in [("server", &server), ("client", &client)] {
+        assert!(
+            !out.status.success(),
+            "riostream {who} passed: {}",
+            describe(out)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("riomap/riowrite are not supported by Freeflow"),
+            "riostream {who}: no clear reason: {}",
+            describe(out)
+        );
+    }
 }
 
 /// iperf3 server and client, each through librspreload, `secs` seconds; returns the client's
