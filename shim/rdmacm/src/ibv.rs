@@ -23,6 +23,10 @@ pub struct Verbs {
     pub modify_qp: unsafe extern "C" fn(Ptr, *mut IbvQpAttr, c_int) -> c_int,
     pub create_srq: unsafe extern "C" fn(Ptr, Ptr) -> Ptr,
     pub destroy_srq: unsafe extern "C" fn(Ptr) -> c_int,
+    pub reg_mr: unsafe extern "C" fn(Ptr, *mut libc::c_void, usize, c_int) -> Ptr,
+    pub dereg_mr: unsafe extern "C" fn(Ptr) -> c_int,
+    pub get_cq_event: unsafe extern "C" fn(Ptr, *mut Ptr, *mut Ptr) -> c_int,
+    pub ack_cq_events: unsafe extern "C" fn(Ptr, u32),
 }
 
 /// Why the verbs are not there.
@@ -78,6 +82,10 @@ fn load() -> Result<Verbs, Missing> {
         modify_qp: sym!(c"ibv_modify_qp", c"IBVERBS_1.1"),
         create_srq: sym!(c"ibv_create_srq", c"IBVERBS_1.1"),
         destroy_srq: sym!(c"ibv_destroy_srq", c"IBVERBS_1.1"),
+        reg_mr: sym!(c"ibv_reg_mr", c"IBVERBS_1.1"),
+        dereg_mr: sym!(c"ibv_dereg_mr", c"IBVERBS_1.1"),
+        get_cq_event: sym!(c"ibv_get_cq_event", c"IBVERBS_1.1"),
+        ack_cq_events: sym!(c"ibv_ack_cq_events", c"IBVERBS_1.1"),
     })
 }
 

@@ -14,11 +14,14 @@
 //! Layout: `abi` is the C ABI; `ibv` the verbs, looked up at run time; `router` the
 //! conversation with the router; `cm` the channels, ids and events; `exports` and
 //! `unsupported` the C functions (every function rdma-core 44's librdmacm exports, at its
-//! version; the rsocket API is refused with ENOSYS).
+//! version). rsockets (docs/rsockets.md): `rflow` the flow control, `rconn` a connection's
+//! verbs, `rsocket` the sockets, `rsocket_exports` their C functions; riomap and riowrite are
+//! refused with ENOSYS.
 //!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here and `#![allow(unsafe_code)]` at
-//! the top of each) to the C boundary: `ibv` (dlopen), `cm` (the program's structures) and
-//! `exports`, `unsupported` (`#[no_mangle]`).
+//! the top of each) to the C boundary: `ibv` (dlopen), `cm` (the program's structures),
+//! `rconn` (posts and polls through the context's operations), `rsocket` (eventfd, poll) and
+//! `exports`, `rsocket_exports`, `unsupported` (`#[no_mangle]`, the program's buffers).
 #![deny(unsafe_code)]
 
 #[macro_use]
@@ -28,7 +31,11 @@ mod abi;
 mod cm;
 mod exports;
 mod ibv;
+mod rconn;
+mod rflow;
 mod router;
+mod rsocket;
+mod rsocket_exports;
 mod unsupported;
 
 /// One line on stderr when `FREEFLOW_DEBUG=1`: why a call failed.

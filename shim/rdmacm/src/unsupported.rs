@@ -1,7 +1,8 @@
-//! The rsocket API of librdmacm (rsocket, rbind, ... riomap): present at its version, since
+//! The rsocket I/O-mapping calls (riomap, riounmap, riowrite): present at their version, since
 //! Debian's binaries bind every import at load, and refused with ENOSYS (and why, with
-//! FREEFLOW_DEBUG=1) until Freeflow carries rsockets. Every one returns -1: as `ssize_t` (all
-//! 64 bits set), so a caller that reads an `int` or an `off_t` sees -1 too.
+//! FREEFLOW_DEBUG=1): Freeflow's rsockets carry data by SEND only (docs/rsockets.md). Every one
+//! returns -1: as `ssize_t` (all 64 bits set), so a caller that reads an `int`, a `size_t` or
+//! an `off_t` sees -1 too.
 //!
 //! `#[no_mangle]` is why this module allows `unsafe_code`; it has no unsafe block.
 #![allow(unsafe_code)]
@@ -16,7 +17,7 @@ macro_rules! rsocket_refused {
             #[no_mangle]
             pub extern "C" fn $name() -> isize {
                 crate::debug(format_args!(
-                    concat!(stringify!($name), ": rsockets are not supported by Freeflow yet")
+                    concat!(stringify!($name), ": riomap/riowrite are not supported by Freeflow's rsockets (SEND only)")
                 ));
                 set_errno(libc::ENOSYS);
                 -1
@@ -25,32 +26,4 @@ macro_rules! rsocket_refused {
     };
 }
 
-rsocket_refused!(
-    raccept,
-    rbind,
-    rclose,
-    rconnect,
-    rfcntl,
-    rgetpeername,
-    rgetsockname,
-    rgetsockopt,
-    riomap,
-    riounmap,
-    riowrite,
-    rlisten,
-    rpoll,
-    rread,
-    rreadv,
-    rrecv,
-    rrecvfrom,
-    rrecvmsg,
-    rselect,
-    rsend,
-    rsendmsg,
-    rsendto,
-    rsetsockopt,
-    rshutdown,
-    rsocket,
-    rwrite,
-    rwritev,
-);
+rsocket_refused!(riomap, riounmap, riowrite);
