@@ -40,32 +40,9 @@ impl Site {
         site
     }
 
-    /// Starts `program ARGS` in `server` and waits (20 s at most, bounded polls) until the
-    /// router counts `listeners` rdma_cm listeners; fails early if the server exits first.
+    /// The server side in container `server`: see [`Site::start_cm_server`].
     fn cm_server(&self, program: &str, args: &[&str], listeners: u64) -> Child {
-        let mut server = self
-            .verbs_app("server", program, &[])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for _ in 0..400 {
-            if self.router_counter(0, "cm_listeners") >= listeners {
-                return server;
-            }
-            if let Ok(Some(status)) = server.try_wait() {
-                let out = server.wait_with_output().unwrap();
-                panic!(
-                    "{program} exited before listening ({status}): {}",
-                    describe(&out)
-                );
-            }
-            assert!(Instant::now() < deadline, "{program} never listened");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("{program} never listened");
+        self.start_cm_server("server", program, args, &[], listeners)
     }
 
     /// `program ARGS` in `container` to completion.

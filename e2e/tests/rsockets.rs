@@ -45,8 +45,7 @@ fn site(prefix: &str, hosts: usize) -> Site {
 }
 
 impl Site {
-    /// Starts `program ARGS` in `server` and waits (20 s at most, bounded polls) until the
-    /// router of host 0 counts `listeners` rdma_cm listeners.
+    /// The server side in container `server`: see [`Site::start_cm_server`].
     fn rs_server(
         &self,
         program: &str,
@@ -54,29 +53,7 @@ impl Site {
         env: &[(&str, &str)],
         listeners: u64,
     ) -> Child {
-        let mut server = self
-            .verbs_app("server", program, env)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for _ in 0..400 {
-            if self.router_counter(0, "cm_listeners") >= listeners {
-                return server;
-            }
-            if let Ok(Some(status)) = server.try_wait() {
-                let out = server.wait_with_output().unwrap();
-                panic!(
-                    "{program} exited before listening ({status}): {}",
-                    describe(&out)
-                );
-            }
-            assert!(Instant::now() < deadline, "{program} never listened");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("{program} never listened");
+        self.start_cm_server("server", program, args, env, listeners)
     }
 
     fn rs_client(&self, program: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -170,10 +147,9 @@ fn riostream_is_refused_with_a_clear_error() {
     let server = server.wait_with_output().unwrap();
     eprintln!("riostream client: {}", describe(&client));
     eprintln!("riostream server: {}", describe(&server));
-    assert!(
-        site.router_counter(0, "cm_established") >= 1,
-        "riostream did not even connect"
-    );
+    // Both reach riomap/riowrite, which come after raccept and rconnect: they connected.
+    // (`cm_established` is not asked: the server may accept and exit before the client's
+    // Establish, and that connection then ends without being counted.)
     for (who, out) in [("server", &server), ("client", &client)] {
         assert!(
             !out.status.success(),

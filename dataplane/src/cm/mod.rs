@@ -872,6 +872,14 @@ impl CmService {
 
     fn establish(&mut self, id: u32) -> Reply {
         let cm = &self.ids[&id];
+        // The passive side went away between its accept and this Establish (a server that
+        // accepts and exits at once, or its router lost): the id already has its DISCONNECTED
+        // event, behind the CONNECT_RESPONSE. As with a real CM, whose RTU goes out regardless,
+        // the connection completes and then ends; refusing made the program's connect fail
+        // with EINVAL. Nothing changes here: the id stays disconnected.
+        if cm.state == State::Disconnected {
+            return Ok(CmRecord::default());
+        }
         if cm.state != State::Responded {
             return Err(libc::EINVAL);
         }

@@ -227,6 +227,40 @@ fn a_connection_carries_qp_numbers_and_private_data_both_ways() {
 }
 
 #[test]
+fn a_passive_side_gone_before_the_establish_completes_then_disconnects_the_connect() {
+    let mut bench = Bench::new();
+    let (mut a, mut b) = (bench.process("a"), bench.process("b"));
+    let (_listener, active) = listening_and_resolved(&mut bench, &mut a, &mut b);
+    let rec = CmRecord {
+        id: active,
+        qpn: 0x111,
+        ..CmRecord::default()
+    };
+    assert_eq!(bench.call(&mut a, CmOp::Connect, rec).0, 0);
+    let req = events(&b).pop().unwrap();
+    let rec = CmRecord {
+        id: req.id,
+        qpn: 0x222,
+        ..CmRecord::default()
+    };
+    assert_eq!(bench.call(&mut b, CmOp::Accept, rec).0, 0);
+    // The server accepts and is gone before the client's Establish.
+    let rec = CmRecord::request(CmOp::DestroyId, req.id);
+    assert_eq!(bench.call(&mut b, CmOp::DestroyId, rec).0, 0);
+    let got: Vec<u16> = events(&a).iter().map(|e| e.op).collect();
+    assert_eq!(got, [event::CONNECT_RESPONSE, event::DISCONNECTED]);
+    // The Establish is taken (the connection then ends with the event already queued), not
+    // refused, and counts no established connection.
+    let rec = CmRecord::request(CmOp::Establish, active);
+    assert_eq!(bench.call(&mut a, CmOp::Establish, rec).0, 0);
+    assert!(events(&a).is_empty());
+    assert_eq!(bench.cm.established, 0);
+    // Only destroy is left to do.
+    let rec = CmRecord::request(CmOp::DestroyId, active);
+    assert_eq!(bench.call(&mut a, CmOp::DestroyId, rec).0, 0);
+}
+
+#[test]
 fn another_containers_ids_and_channels_are_out_of_reach() {
     let mut bench = Bench::new();
     let (mut a, mut b) = (bench.process("a"), bench.process("b"));

@@ -527,6 +527,42 @@ impl Site {
             .join("\n")
     }
 
+    /// Starts `program ARGS` (with `env`) in container `server` of host 0 and waits (20 s at
+    /// most, bounded polls) until host 0's router counts `listeners` rdma_cm listeners; fails
+    /// early if the server exits first.
+    pub fn start_cm_server(
+        &self,
+        server: &str,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        listeners: u64,
+    ) -> Child {
+        let mut child = self
+            .verbs_app(server, program, env)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for _ in 0..400 {
+            if self.router_counter(0, "cm_listeners") >= listeners {
+                return child;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "{program} exited before listening ({status}): {}",
+                    describe(&out)
+                );
+            }
+            assert!(Instant::now() < deadline, "{program} never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{program} never listened");
+    }
+
     /// Counter `name` of the router of host `host` (`freeflow status --json`'s
     /// `router.<name>`; 0 if it is missing).
     pub fn router_counter(&self, host: usize, name: &str) -> u64 {
