@@ -226,7 +226,9 @@ impl ControlThread {
             }
             for (i, &id) in cm_conns.iter().enumerate() {
                 if revents[cm_at + i] != 0 {
-                    let gone = self.cm.on_ready(id, revents[cm_at + i], &self.served.containers);
+                    let gone = self
+                        .cm
+                        .on_ready(id, revents[cm_at + i], &self.served.containers);
                     self.forget_attached(&gone);
                 }
             }

@@ -288,15 +288,14 @@ fn peer_msg() -> impl Strategy<Value = PeerMsg> {
 
 fn control_request() -> impl Strategy<Value = ControlRequest> {
     let netns = any::<(u64, u64)>().prop_map(|(dev, ino)| NetnsId { dev, ino });
-    let container = ("\\PC{0,20}", "\\PC{0,20}", ipv4(), any::<(u64, u64)>()).prop_map(
-        |(name, tenant, ip, (dev, ino))| ContainerEntry {
+    let container = ("\\PC{0,20}", "\\PC{0,20}", ipv4(), any::<(u64, u64)>())
+        .prop_map(|(name, tenant, ip, (dev, ino))| ContainerEntry {
             name,
             tenant,
             ip,
             netns: NetnsId { dev, ino },
-        },
-    )
-    .boxed();
+        })
+        .boxed();
     let host =
         (ipv4(), any::<u16>()).prop_map(|(host_ip, peer_port)| PeerHost { host_ip, peer_port });
     let overlay = (ipv4(), "\\PC{0,20}", ipv4()).prop_map(|(ip, tenant, host_ip)| OverlayEntry {
@@ -304,15 +303,14 @@ fn control_request() -> impl Strategy<Value = ControlRequest> {
         tenant,
         host_ip,
     });
-    let network = (ipv4(), any::<u16>(), vec(host, 0..3), vec(overlay, 0..3)).prop_map(
-        |(host_ip, peer_port, hosts, overlay)| NetworkView {
+    let network = (ipv4(), any::<u16>(), vec(host, 0..3), vec(overlay, 0..3))
+        .prop_map(|(host_ip, peer_port, hosts, overlay)| NetworkView {
             host_ip,
             peer_port,
             hosts,
             overlay,
-        },
-    )
-    .boxed();
+        })
+        .boxed();
     prop_oneof![
         Just(ControlRequest::Status),
         Just(ControlRequest::Shutdown),

@@ -55,7 +55,10 @@ pub enum DeltaError {
 }
 
 fn describe(have: Option<u64>) -> String {
-    have.map_or_else(|| "none (it took no numbered table)".into(), |g| g.to_string())
+    have.map_or_else(
+        || "none (it took no numbered table)".into(),
+        |g| g.to_string(),
+    )
 }
 
 /// What applying a delta changed, for the router to pass on.

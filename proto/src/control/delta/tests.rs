@@ -52,7 +52,8 @@ fn a_delta_names_what_was_added_changed_and_removed() {
     assert_eq!(net.overlay_added, vec![overlay([10, 32, 0, 6], 2)]);
     assert_eq!(net.overlay_removed, vec![overlay([10, 32, 0, 5], 2)]);
     // Nothing changed: nothing to send.
-    let same = TableDelta::between((&[a.clone()], Some(&old_net)), (&[a], Some(&old_net)), 8, 9);
+    let one = [a];
+    let same = TableDelta::between((&one, Some(&old_net)), (&one, Some(&old_net)), 8, 9);
     assert!(same.is_empty());
 }
 
@@ -182,14 +183,13 @@ fn snapshot() -> impl Strategy<Value = (Vec<ContainerEntry>, Option<NetworkView>
         host_ip: [192, 0, 2, h].into(),
         peer_port,
     });
-    let network = (1u8..3, vec(host, 0..3), vec(entry, 0..10)).prop_map(|(h, hosts, overlay)| {
-        NetworkView {
+    let network =
+        (1u8..3, vec(host, 0..3), vec(entry, 0..10)).prop_map(|(h, hosts, overlay)| NetworkView {
             host_ip: [192, 0, 2, h].into(),
             peer_port: 7000,
             hosts,
             overlay,
-        }
-    });
+        });
     (containers, proptest::option::of(network))
 }
 
