@@ -76,6 +76,7 @@ impl PrivateRouter {
             &ControlRequest::SetContainers {
                 containers,
                 network: None,
+                generation: None,
             },
             Duration::from_secs(5),
         ) {

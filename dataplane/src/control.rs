@@ -12,7 +12,7 @@ use crate::tcp::{Caller, Deferred, TcpService};
 use freeflow_os::poll::{self, PollFd};
 use freeflow_os::signals;
 use freeflow_proto::attach::{Hello, HelloError, Refusal, ShimKind, Welcome, HELLO_LEN};
-use freeflow_proto::control::{AttachedStatus, ContainerEntry, NetworkView};
+use freeflow_proto::control::{AttachedStatus, ContainerEntry, ServedTable};
 use freeflow_proto::fdpass;
 use freeflow_proto::identity::NetnsId;
 use freeflow_proto::sockmsg::{SockNotice, SockOp, SockReply, SockRequest, SOCKMSG_LEN};
@@ -80,9 +80,8 @@ pub struct ControlThread {
     pub attached: AttachedTable,
     pub geometry: RingGeometry,
     pub started: Instant,
-    table: HashMap<NetnsId, ContainerEntry>,
-    /// The cluster of the last push that carried one, for `ControlRequest::Table`.
-    network: Option<NetworkView>,
+    /// The containers and the cluster the daemon pushed (full tables and deltas).
+    served: ServedTable,
     /// Table pushes accepted since the start.
     pushes: u64,
     /// Handshakes in progress, each source within its share (see crate::admission).
@@ -119,8 +118,7 @@ impl ControlThread {
             attached,
             geometry,
             started: Instant::now(),
-            table: HashMap::new(),
-            network: None,
+            served: ServedTable::default(),
             pushes: 0,
             pending: PendingHandshakes::default(),
             socket_shims: HashMap::new(),
@@ -228,13 +226,15 @@ impl ControlThread {
             }
             for (i, &id) in cm_conns.iter().enumerate() {
                 if revents[cm_at + i] != 0 {
-                    let gone = self.cm.on_ready(id, revents[cm_at + i], &self.table);
+                    let gone = self
+                        .cm
+                        .on_ready(id, revents[cm_at + i], &self.served.containers);
                     self.forget_attached(&gone);
                 }
             }
             // rdma_cm steps from other hosts' routers, then ours for them.
             for (host, msg) in std::mem::take(&mut self.tcp.cm_inbox) {
-                self.cm.on_peer(host, msg, &self.table);
+                self.cm.on_peer(host, msg, &self.served.containers);
             }
             for (host, msg) in std::mem::take(&mut self.cm.peer_out) {
                 self.tcp.send_cm(host, msg);
@@ -288,7 +288,7 @@ impl ControlThread {
     /// Who `source` is, for the log: the container's name if it is still registered.
     fn describe(&self, source: Source) -> String {
         match source {
-            Source::Registered(ns) => match self.table.get(&ns) {
+            Source::Registered(ns) => match self.served.containers.get(&ns) {
                 Some(c) => format!("container {}", c.name),
                 None => format!("{source} (unregistered since)"),
             },
@@ -321,7 +321,7 @@ impl ControlThread {
                 return self.refuse(&conn, Source::Unregistered, Refusal::Internal, message)
             }
         };
-        let source = match self.table.contains_key(&netns) {
+        let source = match self.served.containers.contains_key(&netns) {
             true => Source::Registered(netns),
             false => Source::Unregistered,
         };
@@ -357,7 +357,7 @@ impl ControlThread {
         let Some((conn, kind, pid, netns)) = self.receive_hello(pending) else {
             return;
         };
-        let Some(container) = self.table.get(&netns).cloned() else {
+        let Some(container) = self.served.containers.get(&netns).cloned() else {
             let message = format!(
                 "pid {pid} is in network namespace net:[{}], which no registered container uses; \
                  register it with `freeflow container add`",

@@ -3,7 +3,7 @@
 
 use freeflow_proto::attach::{attach, AttachError, Hello, Refusal, Session, ShimKind, Welcome};
 use freeflow_proto::control::{
-    self, ContainerEntry, ControlRequest, ControlResponse, RouterStatus,
+    self, ContainerEntry, ControlRequest, ControlResponse, RouterStatus, RouterTable, TableDelta,
 };
 use freeflow_proto::fdpass;
 use freeflow_proto::identity::NetnsId;
@@ -62,6 +62,7 @@ impl Router {
             &ControlRequest::SetContainers {
                 containers,
                 network: None,
+                generation: None,
             },
             Duration::from_secs(5),
         );
@@ -389,6 +390,105 @@ fn unregistering_a_container_detaches_it() {
             ..
         })
     ));
+}
+
+/// The table the router serves (`ControlRequest::Table`).
+fn served_table(router: &Router) -> RouterTable {
+    match control::call(
+        &common::control_socket(&router.dir),
+        &ControlRequest::Table { unless_push: None },
+        Duration::from_secs(5),
+    ) {
+        Ok(ControlResponse::Table(t)) => t,
+        other => panic!("table: {other:?}"),
+    }
+}
+
+fn control_call(router: &Router, request: &ControlRequest) -> ControlResponse {
+    control::call(
+        &common::control_socket(&router.dir),
+        request,
+        Duration::from_secs(5),
+    )
+    .expect("router answers")
+}
+
+#[test]
+fn a_delta_applies_to_its_base_generation_only_and_detaches_what_it_removes() {
+    let router = Router::start("delta");
+    let me = NetnsId::current().unwrap();
+    let other = Netns::new("delta");
+    let entry = |name: &str, ip: u8, netns: NetnsId| ContainerEntry {
+        name: name.into(),
+        tenant: "t1".into(),
+        ip: Ipv4Addr::new(10, 32, 0, ip),
+        netns,
+    };
+    let full = ControlRequest::SetContainers {
+        containers: vec![entry("self", 2, me)],
+        network: None,
+        generation: Some(40),
+    };
+    assert_eq!(control_call(&router, &full), ControlResponse::Ok);
+    let s = attach(&router.dir, ShimKind::Probe, Duration::from_secs(5)).unwrap();
+    router.wait_attached(1);
+
+    // Adds a container: applies to 40, the router's generation.
+    let add = TableDelta {
+        base: 40,
+        generation: 41,
+        upserted: vec![entry("other", 3, other.id())],
+        removed: vec![],
+        network: None,
+    };
+    let pushes = served_table(&router).pushes;
+    let r = control_call(&router, &ControlRequest::UpdateContainers(add.clone()));
+    assert_eq!(r, ControlResponse::Ok);
+    let table = served_table(&router);
+    assert_eq!(table.pushes, pushes + 1);
+    let names: Vec<&str> = table.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["other", "self"]);
+    router.wait_attached(1);
+
+    // The same delta again: its base is no longer the router's table; refused, nothing changes.
+    let r = control_call(&router, &ControlRequest::UpdateContainers(add));
+    let ControlResponse::Error { message } = r else {
+        panic!("a delta on a stale base must be refused: {r:?}");
+    };
+    assert!(message.contains("generation 40"), "{message}");
+    assert_eq!(served_table(&router).containers, table.containers);
+
+    // Removing "self" detaches its attachment.
+    let remove = TableDelta {
+        base: 41,
+        generation: 42,
+        upserted: vec![],
+        removed: vec![me],
+        network: None,
+    };
+    let r = control_call(&router, &ControlRequest::UpdateContainers(remove));
+    assert_eq!(r, ControlResponse::Ok);
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || s.router_hung_up(),
+        || "removed container still attached".into(),
+    );
+    router.wait_attached(0);
+    assert_eq!(router.status().registered, 1);
+
+    // A full push without a number (another pusher): no delta applies until a numbered one.
+    router.register(&[("self", me)]);
+    let after_unnumbered = TableDelta {
+        base: 42,
+        generation: 43,
+        upserted: vec![],
+        removed: vec![me],
+        network: None,
+    };
+    let r = control_call(&router, &ControlRequest::UpdateContainers(after_unnumbered));
+    assert!(matches!(r, ControlResponse::Error { .. }), "{r:?}");
+    assert_eq!(router.status().registered, 1);
 }
 
 #[test]

@@ -64,6 +64,7 @@ impl Router {
                         netns: NetnsId::current().unwrap(),
                     }],
                     network: None,
+                    generation: None,
                 },
                 Duration::from_secs(5),
             );

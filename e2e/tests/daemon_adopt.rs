@@ -142,6 +142,10 @@ fn the_router_outlives_a_killed_daemon_and_the_next_daemon_adopts_it() {
         assert_eq!(u64_at(&status, "router", "pid"), Some(router), "{status}");
         assert_eq!(status["daemon"]["router_adopted"], true, "{status}");
         assert_eq!(status["daemon"]["containers_pushed"], 1, "{status}");
+        // The new daemon does not know the number of the adopted router's table: it pushes the
+        // whole table, not a delta.
+        assert_eq!(status["daemon"]["table_pushes_full"], 1, "{status}");
+        assert!(status["daemon"]["table_pushes_delta"].is_null(), "{status}");
     }
     one_echo(&site, "after the adoption");
 
@@ -162,6 +166,8 @@ fn the_router_outlives_a_killed_daemon_and_the_next_daemon_adopts_it() {
         "{status}"
     );
     assert_eq!(status["daemon"]["router_adopted"], false, "{status}");
+    // A restarted router has no table: whole again.
+    assert_eq!(status["daemon"]["table_pushes_full"], 2, "{status}");
     let new_router = u64_at(&status, "router", "pid").unwrap();
     one_echo(&site, "after the restart of the adopted router");
 

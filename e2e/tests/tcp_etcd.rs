@@ -374,5 +374,10 @@ fn router_tables_equal_etcd_through_bursts_compaction_and_restarts() {
         let status = site.router_status(host);
         let resyncs = status["daemon"]["registry_resyncs"].as_u64();
         assert!(resyncs.is_some_and(|r| r >= 1), "host {host}: {status}");
+        // The tables above were reached by deltas after the first whole push.
+        let deltas = status["daemon"]["table_pushes_delta"].as_u64();
+        assert!(deltas.is_some_and(|d| d >= 1), "host {host}: {status}");
+        let whole = status["daemon"]["table_pushes_full"].as_u64();
+        assert!(whole.is_some_and(|w| w >= 1), "host {host}: {status}");
     }
 }

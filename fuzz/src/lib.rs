@@ -745,7 +745,9 @@ fn peer_msg_seeds() -> Vec<Vec<u8>> {
 }
 
 fn control_seeds() -> Vec<Vec<u8>> {
-    use freeflow_proto::control::{ContainerEntry, NetworkView, OverlayEntry, PeerHost};
+    use freeflow_proto::control::{
+        ContainerEntry, NetworkDelta, NetworkView, OverlayEntry, PeerHost, TableDelta,
+    };
     use freeflow_proto::identity::NetnsId;
     let line = |r: &ControlRequest| {
         let mut out = Vec::new();
@@ -772,9 +774,28 @@ fn control_seeds() -> Vec<Vec<u8>> {
                 host_ip: [192, 0, 2, 1].into(),
             }],
         }),
+        generation: Some(7),
     };
+    let update = ControlRequest::UpdateContainers(TableDelta {
+        base: 7,
+        generation: 8,
+        upserted: vec![],
+        removed: vec![NetnsId { dev: 4, ino: 4026 }],
+        network: Some(NetworkDelta {
+            host_ip: [192, 0, 2, 1].into(),
+            peer_port: 7000,
+            hosts: vec![],
+            overlay_added: vec![],
+            overlay_removed: vec![OverlayEntry {
+                ip: [10, 32, 0, 2].into(),
+                tenant: "blue".into(),
+                host_ip: [192, 0, 2, 1].into(),
+            }],
+        }),
+    });
     vec![
         line(&set),
+        line(&update),
         line(&ControlRequest::Status),
         [
             line(&ControlRequest::Shutdown),

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, BufRead, Write};
 use std::net::Ipv4Addr;
 
+mod delta;
+pub use delta::{Applied, DeltaError, NetworkDelta, ServedNetwork, ServedTable, TableDelta};
+
 /// Longest line either side accepts.
 pub const MAX_LINE: usize = 4 << 20;
 
@@ -28,7 +31,7 @@ pub struct PeerHost {
 }
 
 /// Where an overlay address lives, and whose it is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct OverlayEntry {
     pub ip: Ipv4Addr,
     pub tenant: String,
@@ -54,7 +57,15 @@ pub enum ControlRequest {
         containers: Vec<ContainerEntry>,
         #[serde(default)]
         network: Option<NetworkView>,
+        /// The number the daemon gives this table, for the deltas that follow it (`None`: the
+        /// router takes no delta until a numbered full push).
+        #[serde(default)]
+        generation: Option<u64>,
     },
+    /// Changes the table by a delta, if the router's table is the delta's base generation;
+    /// otherwise an error, the table unchanged (the daemon then pushes the full table).
+    /// Attached containers removed or changed are detached, as with `SetContainers`.
+    UpdateContainers(TableDelta),
     /// Asks for [`RouterStatus`].
     Status,
     /// Asks for the table the router serves ([`RouterTable`]), unless it is still the one of

@@ -11,7 +11,7 @@ mod oracles;
 use freeflow_proto::attach::{Hello, Refusal, ShimKind, Welcome};
 use freeflow_proto::codec::Body;
 use freeflow_proto::control::{
-    ContainerEntry, ControlRequest, NetworkView, OverlayEntry, PeerHost,
+    ContainerEntry, ControlRequest, NetworkDelta, NetworkView, OverlayEntry, PeerHost, TableDelta,
 };
 use freeflow_proto::identity::NetnsId;
 use freeflow_proto::msg::{MsgHeader, HEADER_LEN};
@@ -295,14 +295,15 @@ fn peer_msg() -> impl Strategy<Value = PeerMsg> {
 }
 
 fn control_request() -> impl Strategy<Value = ControlRequest> {
-    let container = ("\\PC{0,20}", "\\PC{0,20}", ipv4(), any::<(u64, u64)>()).prop_map(
-        |(name, tenant, ip, (dev, ino))| ContainerEntry {
+    let netns = any::<(u64, u64)>().prop_map(|(dev, ino)| NetnsId { dev, ino });
+    let container = ("\\PC{0,20}", "\\PC{0,20}", ipv4(), any::<(u64, u64)>())
+        .prop_map(|(name, tenant, ip, (dev, ino))| ContainerEntry {
             name,
             tenant,
             ip,
             netns: NetnsId { dev, ino },
-        },
-    );
+        })
+        .boxed();
     let host =
         (ipv4(), any::<u16>()).prop_map(|(host_ip, peer_port)| PeerHost { host_ip, peer_port });
     let overlay = (ipv4(), "\\PC{0,20}", ipv4()).prop_map(|(ip, tenant, host_ip)| OverlayEntry {
@@ -310,23 +311,50 @@ fn control_request() -> impl Strategy<Value = ControlRequest> {
         tenant,
         host_ip,
     });
-    let network = (ipv4(), any::<u16>(), vec(host, 0..3), vec(overlay, 0..3)).prop_map(
-        |(host_ip, peer_port, hosts, overlay)| NetworkView {
+    let network = (ipv4(), any::<u16>(), vec(host, 0..3), vec(overlay, 0..3))
+        .prop_map(|(host_ip, peer_port, hosts, overlay)| NetworkView {
             host_ip,
             peer_port,
             hosts,
             overlay,
-        },
-    );
+        })
+        .boxed();
     prop_oneof![
         Just(ControlRequest::Status),
         Just(ControlRequest::Shutdown),
-        (vec(container, 0..4), proptest::option::of(network)).prop_map(|(containers, network)| {
-            ControlRequest::SetContainers {
-                containers,
-                network,
-            }
-        }),
+        (
+            vec(container.clone(), 0..4),
+            proptest::option::of(network.clone()),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(containers, network, generation)| {
+                ControlRequest::SetContainers {
+                    containers,
+                    network,
+                    generation,
+                }
+            }),
+        (
+            any::<(u64, u64)>(),
+            vec(container, 0..4),
+            vec(netns.clone(), 0..3),
+            proptest::option::of(network),
+        )
+            .prop_map(|((base, generation), upserted, removed, network)| {
+                ControlRequest::UpdateContainers(TableDelta {
+                    base,
+                    generation,
+                    upserted,
+                    removed,
+                    network: network.map(|n| NetworkDelta {
+                        host_ip: n.host_ip,
+                        peer_port: n.peer_port,
+                        hosts: n.hosts,
+                        overlay_removed: n.overlay.iter().rev().cloned().collect(),
+                        overlay_added: n.overlay,
+                    }),
+                })
+            }),
     ]
 }
 

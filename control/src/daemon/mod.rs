@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use freeflow_proto::control::{
     self, ContainerEntry, ControlRequest, ControlResponse, NetworkView, OverlayEntry, PeerHost,
+    TableDelta,
 };
 use freeflow_proto::identity::NetnsId;
 
@@ -235,6 +236,12 @@ struct Daemon {
     liveness_problem: Option<String>,
     /// The table the running router has.
     pushed: Option<RouterTable>,
+    /// The number the router's table has, if the daemon numbered it and nothing failed since:
+    /// the next push can then be a delta from `pushed` (`None`: the next push is whole).
+    pushed_generation: Option<u64>,
+    /// The number of the next table pushed: counted from the start time in milliseconds, so
+    /// that another daemon's numbers (one that died, its router adopted) do not meet ours.
+    next_table_generation: u64,
     /// The last push that failed, to retry it at a calm pace.
     last_attempt: Option<(RouterTable, Instant)>,
     skipped: BTreeMap<String, String>,
@@ -289,6 +296,8 @@ impl Daemon {
             registry_error: None,
             liveness_problem: None,
             pushed: None,
+            pushed_generation: None,
+            next_table_generation: unix_ms_now() << 20,
             last_attempt: None,
             skipped: BTreeMap::new(),
             status_dirty: true,
@@ -483,6 +492,7 @@ impl Daemon {
         self.status.counters.peer_hosts_pushed = None;
         self.status.counters.registry_generation = None;
         self.pushed = None;
+        self.pushed_generation = None;
         self.last_attempt = None;
         self.router = Some(router);
         self.status_dirty = true;
@@ -512,6 +522,7 @@ impl Daemon {
         self.router = None;
         self.status.counters.router_adopted = false;
         self.pushed = None;
+        self.pushed_generation = None;
         let delay = self.backoff.next_delay(uptime);
         self.next_start = Instant::now() + delay;
         log_limited(
@@ -776,16 +787,9 @@ impl Daemon {
                 return;
             }
         }
-        let request = ControlRequest::SetContainers {
-            containers: entries.containers.clone(),
-            network: Some(entries.network.clone()),
-        };
-        let failure = match control::call(&self.dir.control_socket(), &request, CONTROL_TIMEOUT) {
-            Ok(ControlResponse::Ok) => None,
-            Ok(ControlResponse::Error { message }) => Some(format!("the router said: {message}")),
-            Ok(other) => Some(format!("unexpected answer from the router: {other:?}")),
-            Err(e) => Some(format!("{}: {e}", self.dir.control_socket().display())),
-        };
+        let generation_number = self.next_table_generation;
+        self.next_table_generation += 1;
+        let failure = self.push(&entries, generation_number);
         match failure {
             None => {
                 log(format_args!(
@@ -804,6 +808,7 @@ impl Daemon {
                     self.status.counters.last_error = None;
                 }
                 self.pushed = Some(entries);
+                self.pushed_generation = Some(generation_number);
                 self.last_attempt = None;
             }
             Some(message) => {
@@ -812,10 +817,61 @@ impl Daemon {
                     format_args!("pushing the container table failed: {message}"),
                 );
                 self.status.counters.last_error = Some(format!("push failed: {message}"));
+                // The router may or may not have taken it: the next push is whole.
+                self.pushed_generation = None;
                 self.last_attempt = Some((entries, Instant::now()));
             }
         }
         self.status_dirty = true;
+    }
+
+    /// Gives the router table `entries`, numbered `number`: the changes since the table it
+    /// has when the daemon knows that table (`pushed`, numbered `pushed_generation`), else (or
+    /// if it refuses them: it restarted, another daemon or a command pushed) the whole table.
+    /// The failure's message if it took neither.
+    fn push(&mut self, entries: &RouterTable, number: u64) -> Option<String> {
+        if let (Some(old), Some(base)) = (&self.pushed, self.pushed_generation) {
+            let delta = TableDelta::between(
+                (&old.containers, Some(&old.network)),
+                (&entries.containers, Some(&entries.network)),
+                base,
+                number,
+            );
+            match self.call_router(&ControlRequest::UpdateContainers(delta)) {
+                None => {
+                    self.status.counters.table_pushes_delta += 1;
+                    return None;
+                }
+                Some(message) => log_limited(
+                    KEY_PUSH,
+                    format_args!(
+                        "the router did not take the table's changes ({message}); \
+                         pushing the whole table"
+                    ),
+                ),
+            }
+        }
+        let request = ControlRequest::SetContainers {
+            containers: entries.containers.clone(),
+            network: Some(entries.network.clone()),
+            generation: Some(number),
+        };
+        let failure = self.call_router(&request);
+        if failure.is_none() {
+            self.status.counters.table_pushes_full += 1;
+        }
+        failure
+    }
+
+    /// One request on the router's control socket that must be answered `Ok`; the problem
+    /// otherwise.
+    fn call_router(&self, request: &ControlRequest) -> Option<String> {
+        match control::call(&self.dir.control_socket(), request, CONTROL_TIMEOUT) {
+            Ok(ControlResponse::Ok) => None,
+            Ok(ControlResponse::Error { message }) => Some(format!("the router said: {message}")),
+            Ok(other) => Some(format!("unexpected answer from the router: {other:?}")),
+            Err(e) => Some(format!("{}: {e}", self.dir.control_socket().display())),
+        }
     }
 
     fn write_status(&mut self) {

@@ -88,6 +88,13 @@ pub struct DaemonCounters {
     pub registry_resyncs: Option<u64>,
     /// When the table was last pushed.
     pub last_push_unix_ms: Option<u64>,
+    /// Table pushes the router took whole since the daemon started.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub table_pushes_full: u64,
+    /// Table pushes the router took as a delta (the changes since its table) since the daemon
+    /// started.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub table_pushes_delta: u64,
     /// Containers of this host left out of the table.
     pub skipped: Vec<SkippedContainer>,
     /// The last registry or push error, cleared when things work again.
@@ -194,4 +201,8 @@ pub fn read_pid(dir: &RuntimeDir) -> Option<u32> {
         .parse()
         .ok()
         .filter(|&p| p > 0)
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -8,7 +8,7 @@ use freeflow_proto::control::{
     self as ctl, AttachedStatus, ContainerEntry, ControlRequest, ControlResponse, RouterStatus,
     RouterTable, ShardStatus, TenantTcpStatus,
 };
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -52,20 +52,32 @@ impl ControlThread {
             ControlRequest::SetContainers {
                 containers,
                 network,
+                generation,
             } => {
-                let response = self.set_containers(containers);
-                if let ControlResponse::Ok = response {
-                    self.pushes += 1;
-                }
-                if let (ControlResponse::Ok, Some(network)) = (&response, network) {
-                    self.network = Some(network.clone());
-                    // Every shard's verbs engine reaches other hosts' routers.
-                    for shard in &self.shards {
-                        let _ = shard.send(ShardCommand::Network(Box::new(network.clone())));
+                let response = match self.served.set_full(containers, network, generation) {
+                    Ok(gone) => {
+                        self.table_changed(&gone, true, true);
+                        ControlResponse::Ok
                     }
-                    self.cm.set_network(network.clone());
-                    self.tcp.set_network(network);
-                }
+                    Err(message) => ControlResponse::Error { message },
+                };
+                (response, false)
+            }
+            ControlRequest::UpdateContainers(delta) => {
+                let response = match self.served.apply(delta) {
+                    Ok(applied) => {
+                        self.table_changed(
+                            &applied.gone,
+                            applied.containers_changed,
+                            applied.network_changed,
+                        );
+                        ControlResponse::Ok
+                    }
+                    // The daemon sends the full table next: not worth a warning.
+                    Err(e) => ControlResponse::Error {
+                        message: e.to_string(),
+                    },
+                };
                 (response, false)
             }
             ControlRequest::Status => (ControlResponse::Status(self.status()), false),
@@ -107,51 +119,59 @@ impl ControlThread {
         }
     }
 
-    fn set_containers(&mut self, containers: Vec<ContainerEntry>) -> ControlResponse {
-        let mut table = HashMap::new();
-        for c in containers {
-            if let Some(other) = table.insert(c.netns, c.clone()) {
-                return ControlResponse::Error {
-                    message: format!(
-                        "containers {} and {} share a network namespace",
-                        other.name, c.name
-                    ),
-                };
-            }
-        }
-        // Detach attachments whose container is gone or changed.
-        let stale: Vec<(u32, Option<usize>)> = match self.attached.lock() {
-            Ok(attached) => attached
-                .values()
-                .filter(|a| {
-                    !table
-                        .values()
-                        .any(|c: &ContainerEntry| c.name == a.container)
-                })
-                .map(|a| (a.id, a.shard))
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        for (id, shard) in stale {
-            match shard.and_then(|s| self.shards.get(s)) {
-                Some(shard) => {
-                    let _ = shard.send(ShardCommand::Detach(id));
+    /// Passes an accepted push on: detaches the attachments of containers that went or
+    /// changed (`gone`), and gives the shards, the connection manager and the TCP service what
+    /// changed of the containers and of the cluster.
+    fn table_changed(&mut self, gone: &[ContainerEntry], containers: bool, network: bool) {
+        self.pushes += 1;
+        if !gone.is_empty() {
+            let names: HashSet<&str> = gone.iter().map(|c| c.name.as_str()).collect();
+            let stale: Vec<(u32, Option<usize>)> = match self.attached.lock() {
+                Ok(attached) => attached
+                    .values()
+                    .filter(|a| names.contains(a.container.as_str()))
+                    .map(|a| (a.id, a.shard))
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            for (id, shard) in stale {
+                match shard.and_then(|s| self.shards.get(s)) {
+                    Some(shard) => {
+                        let _ = shard.send(ShardCommand::Detach(id));
+                    }
+                    None => self.drop_socket_shim(id, "container unregistered or changed"),
                 }
-                None => self.drop_socket_shim(id, "container unregistered"),
             }
         }
-        log::info!("serving {} registered container(s)", table.len());
-        // Every shard's verbs engine learns which containers are this host's (QPs between
-        // containers that different shards serve).
-        let local: Arc<Vec<(std::net::Ipv4Addr, String)>> =
-            Arc::new(table.values().map(|c| (c.ip, c.tenant.clone())).collect());
+        if containers {
+            log::info!(
+                "serving {} registered container(s)",
+                self.served.containers.len()
+            );
+            // Every shard's verbs engine learns which containers are this host's (QPs between
+            // containers that different shards serve).
+            let local: Arc<Vec<(std::net::Ipv4Addr, String)>> = Arc::new(
+                self.served
+                    .containers
+                    .values()
+                    .map(|c| (c.ip, c.tenant.clone()))
+                    .collect(),
+            );
+            for shard in &self.shards {
+                if shard.send(ShardCommand::Containers(local.clone())).is_err() {
+                    log::warn!("shard {}: inbox full; containers not updated", shard.index);
+                }
+            }
+        }
+        let Some(view) = network.then(|| self.served.network_view()).flatten() else {
+            return;
+        };
+        // Every shard's verbs engine reaches other hosts' routers.
         for shard in &self.shards {
-            if shard.send(ShardCommand::Containers(local.clone())).is_err() {
-                log::warn!("shard {}: inbox full; containers not updated", shard.index);
-            }
+            let _ = shard.send(ShardCommand::Network(Box::new(view.clone())));
         }
-        self.table = table;
-        ControlResponse::Ok
+        self.cm.set_network(view.clone());
+        self.tcp.set_network(view);
     }
 
     /// `ControlRequest::Table`: the table, or only its number if the caller has it already.
@@ -161,12 +181,10 @@ impl ControlThread {
                 pushes: self.pushes,
             };
         }
-        let mut containers: Vec<ContainerEntry> = self.table.values().cloned().collect();
-        containers.sort_by(|a, b| a.name.cmp(&b.name));
         ControlResponse::Table(RouterTable {
             pushes: self.pushes,
-            containers,
-            network: self.network.clone(),
+            containers: self.served.container_list(),
+            network: self.served.network_view(),
         })
     }
 
@@ -203,7 +221,7 @@ impl ControlThread {
                     verbs_bytes: s.stats.verbs_bytes.load(Ordering::Relaxed),
                 })
                 .collect(),
-            registered: self.table.len(),
+            registered: self.served.containers.len(),
             attached,
             attaches_accepted: self.accepted,
             attaches_refused: self.refused,
