@@ -11,7 +11,10 @@
 
 mod common;
 
-use common::{describe, succeeded_saying, target_dir, CProbe, Site, SiteSpec};
+use common::{
+    assert_both_succeeded, describe, stdout_text, succeeded_saying, target_dir, CProbe, Site,
+    SiteSpec,
+};
 use std::collections::BTreeSet;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -45,29 +48,28 @@ impl Site {
         self.start_cm_server("server", program, args, &[], listeners)
     }
 
+    /// `server` (program, arguments) in container server, once it listens, then `client` in
+    /// container client to completion; both must exit 0 (`what` names the run). Returns
+    /// their outputs.
+    fn cm_pair(
+        &self,
+        what: &str,
+        server: (&str, &[&str]),
+        client: (&str, &[&str]),
+    ) -> (Output, Output) {
+        let running = self.cm_server(server.0, server.1, 1);
+        let client = self.cm_client("client", client.0, client.1);
+        let server = running.wait_with_output().unwrap();
+        assert_both_succeeded(self, what, &server, &client);
+        (server, client)
+    }
+
     /// `program ARGS` in `container` to completion.
     fn cm_client(&self, container: &str, program: &str, args: &[&str]) -> Output {
         self.verbs_app(container, program, &[("FREEFLOW_DEBUG", "1")])
             .args(args)
             .output()
             .unwrap()
-    }
-}
-
-fn text(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Both sides exited 0.
-fn assert_both(site: &Site, what: &str, server: &Output, client: &Output) {
-    for (who, out) in [("server", server), ("client", client)] {
-        assert!(
-            out.status.success(),
-            "{what} {who} failed\n--- server: {}\n--- client: {}\n--- router log\n{}",
-            describe(server),
-            describe(client),
-            site.router_log()
-        );
     }
 }
 
@@ -93,7 +95,7 @@ fn every_function_of_debians_librdmacm_exists_at_its_version() {
             .output()
             .unwrap();
         assert!(out.status.success(), "objdump -T {}", lib.display());
-        text(&out)
+        stdout_text(&out)
             .lines()
             .filter(|l| l.contains(" DF ") && !l.contains("*UND*"))
             .filter_map(|l| {
@@ -119,35 +121,34 @@ fn every_function_of_debians_librdmacm_exists_at_its_version() {
         .output()
         .unwrap();
     assert!(
-        text(&soname).contains("SONAME               librdmacm.so.1"),
+        stdout_text(&soname).contains("SONAME               librdmacm.so.1"),
         "{}",
-        text(&soname)
+        stdout_text(&soname)
     );
 }
 
 #[test]
 fn unmodified_rping_sends_reads_and_writes_between_two_containers() {
     let site = Site::new("cmr");
-    let server = site.cm_server(
+    let (server, client) = site.cm_pair(
         "rping",
-        &["-s", "-a", "10.32.0.2", "-p", "7174", "-v", "-C", "100"],
-        1,
+        (
+            "rping",
+            &["-s", "-a", "10.32.0.2", "-p", "7174", "-v", "-C", "100"],
+        ),
+        (
+            "rping",
+            &["-c", "-a", "10.32.0.2", "-p", "7174", "-v", "-C", "100"],
+        ),
     );
-    let client = site.cm_client(
-        "client",
-        "rping",
-        &["-c", "-a", "10.32.0.2", "-p", "7174", "-v", "-C", "100"],
-    );
-    let server = server.wait_with_output().unwrap();
-    assert_both(&site, "rping", &server, &client);
     // -v prints each ping's data, which the server has read from the client (RDMA READ) and
     // the client has had written back (RDMA WRITE), then checked.
-    let pings = text(&client)
+    let pings = stdout_text(&client)
         .lines()
         .filter(|l| l.starts_with("ping data: rdma-ping-"))
         .count();
     assert_eq!(pings, 100, "client: {}", describe(&client));
-    let served = text(&server)
+    let served = stdout_text(&server)
         .lines()
         .filter(|l| l.starts_with("server ping data: rdma-ping-"))
         .count();
@@ -158,17 +159,14 @@ fn unmodified_rping_sends_reads_and_writes_between_two_containers() {
 #[test]
 fn unmodified_ucmatose_runs_several_connections() {
     let site = Site::new("cmu");
-    let server = site.cm_server("ucmatose", &["-b", "10.32.0.2", "-c", "4", "-C", "20"], 1);
-    let client = site.cm_client(
-        "client",
+    let (server, client) = site.cm_pair(
         "ucmatose",
-        &["-s", "10.32.0.2", "-c", "4", "-C", "20"],
+        ("ucmatose", &["-b", "10.32.0.2", "-c", "4", "-C", "20"]),
+        ("ucmatose", &["-s", "10.32.0.2", "-c", "4", "-C", "20"]),
     );
-    let server = server.wait_with_output().unwrap();
-    assert_both(&site, "ucmatose", &server, &client);
     for (who, out) in [("server", &server), ("client", &client)] {
         assert!(
-            text(out).contains("test complete"),
+            stdout_text(out).contains("test complete"),
             "{who}: {}",
             describe(out)
         );
@@ -182,16 +180,13 @@ fn unmodified_udaddy_exchanges_datagrams_over_rdma_ps_udp() {
     // Two UD "connections" (the client learns each server QP's number and qkey from its
     // ESTABLISHED event), 10 datagrams of 100 bytes each way on each: the server answers from
     // the address in each first datagram's GRH (ibv_create_ah_from_wc).
-    let server = site.cm_server("udaddy", &["-b", "10.32.0.2", "-c", "2", "-C", "10"], 1);
-    let client = site.cm_client(
-        "client",
+    let (server, client) = site.cm_pair(
         "udaddy",
-        &["-s", "10.32.0.2", "-c", "2", "-C", "10"],
+        ("udaddy", &["-b", "10.32.0.2", "-c", "2", "-C", "10"]),
+        ("udaddy", &["-s", "10.32.0.2", "-c", "2", "-C", "10"]),
     );
-    let server = server.wait_with_output().unwrap();
-    assert_both(&site, "udaddy", &server, &client);
     for (who, out) in [("server", &server), ("client", &client)] {
-        let t = text(out);
+        let t = stdout_text(out);
         assert!(
             t.contains("data transfers complete") && t.contains("return status 0"),
             "{who}: {}",
@@ -205,17 +200,18 @@ fn unmodified_udaddy_exchanges_datagrams_over_rdma_ps_udp() {
 #[test]
 fn unmodified_rdma_server_and_rdma_client_use_synchronous_ids() {
     let site = Site::new("cms");
-    let server = site.cm_server("rdma_server", &["-s", "10.32.0.2", "-p", "7471"], 1);
-    let client = site.cm_client("client", "rdma_client", &["-s", "10.32.0.2", "-p", "7471"]);
-    let server = server.wait_with_output().unwrap();
-    assert_both(&site, "rdma_server/rdma_client", &server, &client);
+    let (server, client) = site.cm_pair(
+        "rdma_server/rdma_client",
+        ("rdma_server", &["-s", "10.32.0.2", "-p", "7471"]),
+        ("rdma_client", &["-s", "10.32.0.2", "-p", "7471"]),
+    );
     assert!(
-        text(&server).contains("rdma_server: end 0"),
+        stdout_text(&server).contains("rdma_server: end 0"),
         "{}",
         describe(&server)
     );
     assert!(
-        text(&client).contains("rdma_client: end 0"),
+        stdout_text(&client).contains("rdma_client: end 0"),
         "{}",
         describe(&client)
     );
@@ -250,14 +246,14 @@ fn unmodified_cmtime_connects_and_disconnects_many_ids() {
         "destroy",
     ] {
         assert!(
-            text(&client).contains(step),
+            stdout_text(&client).contains(step),
             "{step}: {}",
             describe(&client)
         );
     }
     assert_eq!(site.router_counter(0, "cm_established"), 50);
     // The timings, for the log (no threshold: the machine is shared).
-    eprintln!("cmtime client:\n{}", text(&client));
+    eprintln!("cmtime client:\n{}", stdout_text(&client));
 }
 
 #[test]
@@ -298,7 +294,7 @@ fn a_container_of_another_tenant_cannot_resolve_nor_connect() {
     );
     // The server serves this one client, then exits (bounded by the site's verbs timeout).
     let server = server.wait_with_output().unwrap();
-    assert_both(&site, "rping after the refusal", &server, &ok);
+    assert_both_succeeded(&site, "rping after the refusal", &server, &ok);
 }
 
 /// The C side of the checks below (its own file, to be readable and compilable by hand), built
@@ -351,33 +347,29 @@ fn two_hosts(prefix: &str) -> Site {
 fn across_hosts_rping_and_ucmatose_connect_and_another_tenant_cannot() {
     let site = two_hosts("cmh");
     // The routers carry the CM's steps on their peer connections, the RDMA on the verbs port.
-    let server = site.cm_server(
-        "rping",
-        &["-s", "-a", "10.32.0.2", "-p", "7176", "-v", "-C", "50"],
-        1,
+    let (_, client) = site.cm_pair(
+        "rping across hosts",
+        (
+            "rping",
+            &["-s", "-a", "10.32.0.2", "-p", "7176", "-v", "-C", "50"],
+        ),
+        (
+            "rping",
+            &["-c", "-a", "10.32.0.2", "-p", "7176", "-v", "-C", "50"],
+        ),
     );
-    let client = site.cm_client(
-        "client",
-        "rping",
-        &["-c", "-a", "10.32.0.2", "-p", "7176", "-v", "-C", "50"],
-    );
-    let server = server.wait_with_output().unwrap();
-    assert_both(&site, "rping across hosts", &server, &client);
-    let pings = text(&client)
+    let pings = stdout_text(&client)
         .lines()
         .filter(|l| l.starts_with("ping data: rdma-ping-"))
         .count();
     assert_eq!(pings, 50, "client: {}", describe(&client));
     assert_eq!(site.router_counter(0, "cm_established"), 1);
 
-    let server = site.cm_server("ucmatose", &["-b", "10.32.0.2", "-c", "3", "-C", "10"], 1);
-    let client = site.cm_client(
-        "client",
-        "ucmatose",
-        &["-s", "10.32.0.2", "-c", "3", "-C", "10"],
+    site.cm_pair(
+        "ucmatose across hosts",
+        ("ucmatose", &["-b", "10.32.0.2", "-c", "3", "-C", "10"]),
+        ("ucmatose", &["-s", "10.32.0.2", "-c", "3", "-C", "10"]),
     );
-    let server = server.wait_with_output().unwrap();
-    assert_both(&site, "ucmatose across hosts", &server, &client);
     assert_eq!(site.router_counter(0, "cm_established"), 4);
 
     // Another tenant on the client's host: the server's address does not resolve.
@@ -406,16 +398,13 @@ fn across_hosts_udaddy_exchanges_datagrams() {
     let site = two_hosts("cmg");
     // The routers carry the UD exchange (connect, the passive QP's answer) on their peer
     // connections, the datagrams on the verbs port.
-    let server = site.cm_server("udaddy", &["-b", "10.32.0.2", "-c", "2", "-C", "10"], 1);
-    let client = site.cm_client(
-        "client",
-        "udaddy",
-        &["-s", "10.32.0.2", "-c", "2", "-C", "10"],
+    let (server, client) = site.cm_pair(
+        "udaddy across hosts",
+        ("udaddy", &["-b", "10.32.0.2", "-c", "2", "-C", "10"]),
+        ("udaddy", &["-s", "10.32.0.2", "-c", "2", "-C", "10"]),
     );
-    let server = server.wait_with_output().unwrap();
-    assert_both(&site, "udaddy across hosts", &server, &client);
     for (who, out) in [("server", &server), ("client", &client)] {
-        let t = text(out);
+        let t = stdout_text(out);
         assert!(
             t.contains("data transfers complete") && t.contains("return status 0"),
             "{who}: {}",
@@ -456,7 +445,8 @@ fn across_hosts_a_lost_peer_router_disconnects_the_other_side() {
     let _ = server.kill();
     let _ = server.wait();
     assert!(
-        client.status.success() && text(&client).contains("event RDMA_CM_EVENT_DISCONNECTED"),
+        client.status.success()
+            && stdout_text(&client).contains("event RDMA_CM_EVENT_DISCONNECTED"),
         "{}\n--- router log\n{}",
         describe(&client),
         site.router_log()

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{describe, Site, SiteSpec};
+use common::{assert_both_succeeded, describe, stdout_text, Site, SiteSpec};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -64,25 +64,9 @@ impl Site {
     }
 }
 
-fn text(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn assert_both(site: &Site, what: &str, server: &Output, client: &Output) {
-    for (who, out) in [("server", server), ("client", client)] {
-        assert!(
-            out.status.success(),
-            "{what} {who} failed\n--- server: {}\n--- client: {}\n--- router log\n{}",
-            describe(server),
-            describe(client),
-            site.router_log()
-        );
-    }
-}
-
 /// rstream's result rows: "name bytes xfers iters total time Gb/sec usec/xfer".
 fn rstream_rows(out: &Output) -> Vec<String> {
-    text(out)
+    stdout_text(out)
         .lines()
         .filter(|l| l.contains("Gb/sec") || l.split_whitespace().count() == 8)
         .map(str::to_owned)
@@ -100,7 +84,7 @@ fn rstream(site: &Site, args: &[&str]) -> Vec<String> {
     let server = site.rs_server("rstream", &server_args, &[], listeners + 1);
     let client = site.rs_client("rstream", &client_args, &[("FREEFLOW_DEBUG", "1")]);
     let server = server.wait_with_output().unwrap();
-    assert_both(site, &format!("rstream {args:?}"), &server, &client);
+    assert_both_succeeded(site, &format!("rstream {args:?}"), &server, &client);
     let rows = rstream_rows(&client);
     assert!(
         rows.len() >= 2,
@@ -183,8 +167,8 @@ fn iperf3(site: &Site, secs: &str) -> Output {
         &preload,
     );
     let server = server.wait_with_output().unwrap();
-    assert_both(site, "iperf3 over librspreload", &server, &client);
-    let receiver = text(&client)
+    assert_both_succeeded(site, "iperf3 over librspreload", &server, &client);
+    let receiver = stdout_text(&client)
         .lines()
         .find(|l| l.trim_end().ends_with("receiver"))
         .map(str::to_owned)
@@ -312,7 +296,7 @@ fn rstream_figures_against_tcp_in_one_run() {
                 .output()
                 .unwrap();
             let server = server.wait_with_output().unwrap();
-            assert_both(&site, "rstream figures", &server, &client);
+            assert_both_succeeded(&site, "rstream figures", &server, &client);
             let row = rstream_rows(&client).pop().expect("a result row");
             eprintln!("rsockets {label} {what}: {row}");
             rows.push(format!("rsockets {label} {what}: {row}"));

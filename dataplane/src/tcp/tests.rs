@@ -364,6 +364,21 @@ fn the_wait_before_reconnecting_a_peer_is_capped_and_starts_over() {
     assert_eq!(peer.drop_connection(now, true), PEER_RETRY_MIN);
 }
 
+/// Waits (5 s at most) until the relay's arrival watch `watch` reports a client, then serves
+/// it as the router's loop does.
+fn serve_arrival(tcp: &mut TcpService, watch: i32) {
+    let watch_fd = tcp
+        .relay_poll_fds()
+        .find(|fd| fd.as_raw_fd() == watch)
+        .expect("the arrival watch is polled");
+    assert!(
+        readable_within(watch_fd, Duration::from_secs(5)),
+        "an arrival"
+    );
+    tcp.relay_later(watch);
+    tcp.relay_readable();
+}
+
 /// A service on loopback relaying for one listener of 10.32.0.4:80 whose application asked for
 /// `backlog`: its host listener and its overlay listener (both on loopback here).
 fn relaying_service(backlog: u32) -> (TcpService, TcpListener, TcpListener, OverlayEndpoint) {
@@ -529,16 +544,7 @@ fn a_client_arriving_while_doorbells_are_rung_gets_one_at_once() {
     assert_eq!(tcp.relays.waiting(), 1);
     let watch = tcp.relays.arrival_watch_fd().expect("the arrival watch");
     let _second = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
-    let watch_fd = tcp
-        .relay_poll_fds()
-        .find(|fd| fd.as_raw_fd() == watch)
-        .expect("the arrival watch is polled");
-    assert!(
-        readable_within(watch_fd, Duration::from_secs(5)),
-        "an arrival"
-    );
-    tcp.relay_later(watch);
-    tcp.relay_readable();
+    serve_arrival(&mut tcp, watch);
     assert_eq!(tcp.relays.waiting(), 2, "the second client's doorbell");
 }
 
@@ -570,16 +576,7 @@ fn answered_doorbells_wake_the_router_only_for_clients_without_one() {
     assert_eq!(tcp.counters.relayed, 0, "not looked at yet");
     // The next client: its arrival takes the answered doorbell and rings its own.
     let _second = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
-    let watch_fd = tcp
-        .relay_poll_fds()
-        .find(|fd| fd.as_raw_fd() == watch)
-        .expect("the arrival watch is polled");
-    assert!(
-        readable_within(watch_fd, Duration::from_secs(5)),
-        "an arrival"
-    );
-    tcp.relay_later(watch);
-    tcp.relay_readable();
+    serve_arrival(&mut tcp, watch);
     assert_eq!(tcp.counters.relayed, 1, "the answered doorbell, counted");
     assert_eq!(tcp.relays.waiting(), 1, "the second client's doorbell");
     // Answered, and no client after it: the next check takes it, and stops checking.
@@ -613,16 +610,7 @@ fn doorbells_answered_before_their_listener_went_are_counted() {
     assert_eq!(tcp.relays.waiting(), 0);
     let _second = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
     let watch = tcp.relays.arrival_watch_fd().expect("the arrival watch");
-    let watch_fd = tcp
-        .relay_poll_fds()
-        .find(|fd| fd.as_raw_fd() == watch)
-        .expect("the arrival watch is polled");
-    assert!(
-        readable_within(watch_fd, Duration::from_secs(5)),
-        "an arrival"
-    );
-    tcp.relay_later(watch);
-    tcp.relay_readable();
+    serve_arrival(&mut tcp, watch);
     assert_eq!(tcp.relays.waiting(), 1);
     let (doorbell, _) = host.accept().unwrap();
     let _client = overlay.accept().unwrap();

@@ -692,6 +692,24 @@ impl Holder {
 }
 
 /// Fails unless a program exited 0, with `what` and the program's stderr.
+/// A program's standard output, as text.
+pub fn stdout_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Both sides of a server/client run exited 0; else fails with both outputs and the router log.
+pub fn assert_both_succeeded(site: &Site, what: &str, server: &Output, client: &Output) {
+    for (who, out) in [("server", server), ("client", client)] {
+        assert!(
+            out.status.success(),
+            "{what} {who} failed\n--- server: {}\n--- client: {}\n--- router log\n{}",
+            describe(server),
+            describe(client),
+            site.router_log()
+        );
+    }
+}
+
 pub fn assert_success(out: &Output, what: &str) {
     assert!(
         out.status.success(),
