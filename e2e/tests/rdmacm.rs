@@ -17,7 +17,7 @@ use common::{
 };
 use std::collections::BTreeSet;
 use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 impl Site {
     /// One host with Freeflow up; containers server, client (tenant blue) and other (tenant red)
@@ -427,14 +427,7 @@ fn across_hosts_a_lost_peer_router_disconnects_the_other_side() {
         .spawn()
         .unwrap();
     // Once the server's router (host 0) counts the connection, it goes away.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for _ in 0..400 {
-        if site.router_counter(0, "cm_established") >= 1 || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(site.router_counter(0, "cm_established"), 1);
+    assert_eq!(site.wait_for_router_counter(0, "cm_established", 1), 1);
     let pid: i32 = std::fs::read_to_string(site.state_dir(0).join("router.pid"))
         .unwrap()
         .trim()

@@ -13,7 +13,7 @@ mod common;
 
 use common::{assert_both_succeeded, describe, stdout_text, Site, SiteSpec};
 use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Debian's preload library: TCP calls of an unmodified program go to the r* functions of the
 /// librdmacm.so.1 on the library path (ours).
@@ -216,14 +216,7 @@ fn a_peer_killed_mid_stream_ends_the_other_side_with_an_error_not_a_hang() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for _ in 0..400 {
-        if site.router_counter(0, "cm_established") >= 1 || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(site.router_counter(0, "cm_established"), 1);
+    assert_eq!(site.wait_for_router_counter(0, "cm_established", 1), 1);
     // Some data moves before the kill.
     std::thread::sleep(Duration::from_millis(500));
     // The child is `timeout`; rstream is its child (killing `timeout` would leave it running).
@@ -362,14 +355,7 @@ fn a_dead_router_ends_both_sides_with_an_error_not_a_hang() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for _ in 0..400 {
-        if site.router_counter(0, "cm_established") >= 1 || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(site.router_counter(0, "cm_established"), 1);
+    assert_eq!(site.wait_for_router_counter(0, "cm_established", 1), 1);
     std::thread::sleep(Duration::from_millis(500));
     let pid: i32 = std::fs::read_to_string(site.state_dir(0).join("router.pid"))
         .unwrap()

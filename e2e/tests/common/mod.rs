@@ -563,6 +563,16 @@ impl Site {
         panic!("{program} never listened");
     }
 
+    /// Waits (20 s at most) until counter `name` of host `host`'s router reaches `at_least`;
+    /// returns its last value (below `at_least` if it never got there).
+    pub fn wait_for_router_counter(&self, host: usize, name: &str, at_least: u64) -> u64 {
+        poll(Duration::from_secs(20), Duration::from_millis(50), || {
+            let n = self.router_counter(host, name);
+            (n >= at_least).then_some(n)
+        })
+        .unwrap_or_else(|| self.router_counter(host, name))
+    }
+
     /// Counter `name` of the router of host `host` (`freeflow status --json`'s
     /// `router.<name>`; 0 if it is missing).
     pub fn router_counter(&self, host: usize, name: &str) -> u64 {
