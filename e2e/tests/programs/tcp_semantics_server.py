@@ -8,7 +8,13 @@ def listener(port, reuseport=False, bind=True):
     if bind: s.bind(("0.0.0.0", port))
     return s
 def overlay(addr): return addr[0].startswith("10.32.")
-def ok(part): print("OK", part, flush=True)
+_print_lock = threading.Lock()
+def say(*words):
+    # The parts run on threads: one print's pieces ("OK", " ", part, "\n") interleaved with
+    # another's ("OKOK port0\n reuseaddr") without the lock.
+    with _print_lock:
+        print(*words, flush=True)
+def ok(part): say("OK", part)
 
 # epoll registration made before listen; accept4 with SOCK_NONBLOCK|SOCK_CLOEXEC through the C ABI.
 ep = select.epoll()
@@ -65,7 +71,7 @@ def part_reuseaddr():
     global s5
     c, _ = s5.accept(); c.sendall(b"first"); c.close(); s5.close()
     s5 = listener(7105); s5.listen(4)
-    print("RELISTENED", flush=True)
+    say("RELISTENED")
     c, peer = s5.accept(); assert overlay(peer); c.sendall(b"second"); c.close()
     ok("reuseaddr")
 
