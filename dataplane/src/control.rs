@@ -195,6 +195,7 @@ impl ControlThread {
                 .chain(crate::log::tick())
                 .map(|d| d.as_millis() as i32 + 1)
                 .chain(self.tcp.next_timeout_ms(now))
+                .chain(self.cm.next_timeout_ms(now))
                 .min()
                 .unwrap_or(-1);
             let timeout = if now.duration_since(self.last_activity) < self.spin {
@@ -267,6 +268,9 @@ impl ControlThread {
                 log::info!("shutdown requested");
                 return Ok(());
             }
+            // After the daemon's pushes: addresses that ids wait for may be known now.
+            self.cm
+                .retry_resolves(&self.served.containers, Instant::now());
         }
     }
 

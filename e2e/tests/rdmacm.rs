@@ -386,6 +386,65 @@ fn across_hosts_rping_and_ucmatose_connect_and_another_tenant_cannot() {
     );
 }
 
+#[test]
+fn across_hosts_an_address_registered_a_moment_ago_resolves_once_the_router_hears_of_it() {
+    // The client's router has not heard of the server's container (its host's daemon is
+    // stopped) when rping resolves the server's address: the resolution waits, within rping's
+    // 2 s timeout, and succeeds when the daemon's next table comes, as a real CM waits for ARP.
+    common::require_programs(&["rping"], "rdmacm-utils");
+    let site = Site::create_verbs(SiteSpec {
+        prefix: "cmw",
+        work_prefix: "ff-rdmacm-x",
+        hosts: 2,
+        containers: &[(0, "server", [10, 32, 0, 2]), (1, "client", [10, 32, 0, 3])],
+        registered: &[("client", "blue")],
+        verbs_timeout: 60,
+        ..SiteSpec::default()
+    });
+    let stopped = site.stop_daemon(1);
+    site.register("server", "blue");
+    let server = site.cm_server(
+        "rping",
+        &["-s", "-a", "10.32.0.2", "-p", "7178", "-v", "-C", "10"],
+        1,
+    );
+    let client = site
+        .verbs_app("client", "rping", &[])
+        .args(["-c", "-a", "10.32.0.2", "-p", "7178", "-v", "-C", "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The client's router says when the resolution starts waiting; only then does it learn.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !site
+        .router_log()
+        .contains("resolves 10.32.0.2, not known here yet")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client's resolution never waited: {}",
+            site.router_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stopped);
+    let client = client.wait_with_output().unwrap();
+    let server = server.wait_with_output().unwrap();
+    assert_both_succeeded(
+        &site,
+        "rping to a container registered late",
+        &server,
+        &client,
+    );
+    let pings = stdout_text(&client)
+        .lines()
+        .filter(|l| l.starts_with("ping data: rdma-ping-"))
+        .count();
+    assert_eq!(pings, 10, "client: {}", describe(&client));
+    assert_eq!(site.router_counter(1, "cm_resolved_late"), 1);
+}
+
 const PEER_LOSS: CProbe = CProbe {
     name: "rdmacm_peer_loss",
     source: include_str!("programs/rdmacm_peer_loss.c"),

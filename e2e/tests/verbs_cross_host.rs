@@ -125,6 +125,85 @@ fn another_tenant_on_another_host_is_unreachable() {
     );
 }
 
+#[test]
+fn a_peer_registered_a_moment_ago_on_another_host_is_waited_for_at_rtr() {
+    // The client's router has not heard of the server yet when the client moves its QP to RTR
+    // (its host's daemon is stopped: the registry's news does not reach that router). A real
+    // device would connect; Freeflow's library asks again until the router knows the
+    // destination (FREEFLOW_ROUTE_WAIT_MS), instead of failing with ENETUNREACH at once.
+    common::require_programs(&["ibv_rc_pingpong"], "ibverbs-utils");
+    let site = Site::create_verbs(SiteSpec {
+        prefix: "vxw",
+        work_prefix: "ff-verbs-xh",
+        hosts: 2,
+        containers: &[(1, "server", [10, 32, 0, 2]), (0, "client", [10, 32, 0, 3])],
+        registered: &[("client", "blue")],
+        verbs_timeout: 60,
+        ..SiteSpec::default()
+    });
+    let stopped = site.stop_daemon(0);
+    site.register("server", "blue");
+    let mut server = site
+        .verbs_app("server", "ibv_rc_pingpong", &[])
+        .args(["-g", "0", "-c", "-s", "64", "-n", "100", "-p", "18537"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    site.wait_listening("server", 18537, Some(&mut server));
+    let mut client = site
+        .verbs_app(
+            "client",
+            "ibv_rc_pingpong",
+            &[("FREEFLOW_DEBUG", "1"), ("FREEFLOW_ROUTE_WAIT_MS", "30000")],
+        )
+        .args([
+            "-g",
+            "0",
+            "-c",
+            "-s",
+            "64",
+            "-n",
+            "100",
+            "-p",
+            "18537",
+            "10.32.0.2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The client's library says when it starts waiting; only then does its router learn.
+    let stderr = client.stderr.take().unwrap();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.contains("does not know the destination 10.32.0.2 yet") {
+                let _ = seen_tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let waited = seen_rx.recv_timeout(Duration::from_secs(30)).is_ok();
+    drop(stopped);
+    let client = client.wait_with_output().unwrap();
+    let client_stderr = reader.join().unwrap();
+    let server = server.wait_with_output().unwrap();
+    assert!(
+        waited,
+        "the client never waited for its router to learn the server: {}\n{client_stderr}",
+        describe(&client)
+    );
+    let client = Output {
+        stderr: client_stderr.into_bytes(),
+        ..client
+    };
+    assert_pingpong(&site, &(server, client), 100, 64);
+}
+
 /// The two sides of the cross-host checks (tests/programs/verbs_cross_host_probe.c), built
 /// against the installed headers and the system's libibverbs.
 const PROBE: CProbe = CProbe {

@@ -56,7 +56,8 @@ wire_enum! {
         /// Listen on the bound `id`, at most `backlog` requests waiting.
         Listen = 4,
         /// Resolve `remote` (from `local` if its address is not 0); event ADDR_RESOLVED or
-        /// ADDR_ERROR; reply: `local` as bound.
+        /// ADDR_ERROR (an address the router does not know yet is waited for, at most the
+        /// program's timeout in milliseconds, carried in `backlog`); reply: `local` as bound.
         ResolveAddr = 5,
         /// Event ROUTE_RESOLVED.
         ResolveRoute = 6,
@@ -140,6 +141,7 @@ pub struct CmRecord {
     pub local: SocketAddrV4,
     pub remote: SocketAddrV4,
     pub qpn: u32,
+    /// A listen's backlog; a resolve's timeout in milliseconds.
     pub backlog: u32,
     pub conn: ConnParams,
     pub token: u64,

@@ -154,6 +154,10 @@ pub struct RouterStatus {
     /// RDMA mode: rdma_cm connections established since the router started.
     #[serde(default)]
     pub cm_established: u64,
+    /// RDMA mode: rdma_cm address resolutions that waited for the daemon's news of an address
+    /// (a container registered on another host a moment ago) and then resolved.
+    #[serde(default)]
+    pub cm_resolved_late: u64,
 }
 
 /// One tenant's TCP-mode counters in [`RouterStatus`].

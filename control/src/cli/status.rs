@@ -400,6 +400,7 @@ mod tests {
             jail_active: false,
             cm_listeners: 0,
             cm_established: 0,
+            cm_resolved_late: 0,
         }
     }
 
@@ -450,6 +451,7 @@ mod tests {
             r#""url":"file:/r.json"},"registry_error":null,"#,
             r#""router":{"attached":[{"container":"web","id":1,"kind":"socket","pid":77,"#,
             r#""shard":0}],"attaches_accepted":1,"attaches_refused":2,"cm_established":0,"cm_listeners":0,"#,
+            r#""cm_resolved_late":0,"#,
             r#""jail_active":false,"pid":11,"#,
             r#""registered":1,"running":true,"shards":[{"attached":2,"containers":1,"core":null,"cpu_ns":9,"#,
             r#""index":0,"parked_ns":8,"parks":5,"protocol_errors":6,"qps":10,"requests":3,"#,

@@ -27,6 +27,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 /// Ids one container may hold at once (across all its processes and channels).
 pub const IDS_PER_CONTAINER: usize = 4096;
@@ -37,6 +38,12 @@ pub const MAX_OUTBOX: usize = 4096;
 const REQUESTS_PER_WAKE: usize = 64;
 /// Largest listen backlog (a larger one is cut to it, as the kernel does with somaxconn).
 pub const MAX_BACKLOG: u32 = 1024;
+/// The longest an address resolution waits for the cluster's news (the program's
+/// `rdma_resolve_addr` timeout, at most this).
+const MAX_RESOLVE_WAIT: Duration = Duration::from_secs(10);
+/// Resolutions one container may have waiting at once; past that, an address this router does
+/// not know is an ADDR_ERROR at once.
+const RESOLVING_PER_CONTAINER: usize = 64;
 /// Backlog of a listen that asks for 0.
 const DEFAULT_BACKLOG: u32 = 128;
 /// Ports the router picks for ids bound to port 0 (Linux's default ephemeral range).
@@ -56,6 +63,9 @@ enum State {
     Idle,
     Bound,
     Listening,
+    /// Active side: the address is not known to this router yet; waiting (within the
+    /// program's timeout) for the daemon's next table.
+    Resolving,
     AddrResolved,
     RouteResolved,
     /// Active side: connect sent, waiting for accept or reject.
@@ -153,10 +163,16 @@ pub struct CmService {
     next_port: u16,
     /// Connections established since the start (status).
     pub established: u64,
+    /// Address resolutions that waited for a table and then resolved (status).
+    pub resolved_late: u64,
     /// Connections to drop after the current step (a send failed).
     doomed: Vec<u32>,
     /// The cluster (other hosts' containers and their tenants), for connections across hosts.
     network: Option<NetworkView>,
+    /// Ids in [`State::Resolving`]: the address asked for and until when to wait.
+    resolving: Vec<(u32, SocketAddrV4, Instant)>,
+    /// The daemon pushed a table since the resolving ids were last looked at.
+    table_news: bool,
     /// Steps for other hosts' routers, to send (the control thread carries them on the peer
     /// connections).
     pub peer_out: Vec<(Ipv4Addr, CmPeerMsg)>,
@@ -445,7 +461,9 @@ impl CmService {
             }
             CmOp::Bind => self.bind(req.id, req.local),
             CmOp::Listen => self.listen(req.id, req.backlog),
-            CmOp::ResolveAddr => self.resolve_addr(req.id, req.local, req.remote, table),
+            CmOp::ResolveAddr => {
+                self.resolve_addr(req.id, req.local, req.remote, req.backlog, table)
+            }
             CmOp::ResolveRoute => self.resolve_route(req.id),
             CmOp::Connect => self.connect(req.id, &req, table),
             CmOp::Accept => self.accept(req.id, &req),
@@ -587,6 +605,7 @@ impl CmService {
         id: u32,
         local: SocketAddrV4,
         remote: SocketAddrV4,
+        timeout_ms: u32,
         table: &HashMap<NetnsId, ContainerEntry>,
     ) -> Reply {
         if remote.ip().is_unspecified() {
@@ -601,31 +620,106 @@ impl CmService {
         }
         let cm = self.ids.get_mut(&id).expect("checked");
         let bound = cm.local.expect("bound");
-        let tenant = cm.tenant.clone();
-        let found = self.locate(table, &tenant, *remote.ip()).is_some();
-        let cm = self.ids.get_mut(&id).expect("checked");
-        if found {
-            cm.remote = Some(remote);
-            cm.state = State::AddrResolved;
-            self.emit(id, CmRecord::event(event::ADDR_RESOLVED, id, 0));
+        let (tenant, container) = (cm.tenant.clone(), cm.container.clone());
+        if self.locate(table, &tenant, *remote.ip()).is_some() {
+            self.address_resolved(id, remote);
         } else {
-            // Unknown, another host's (not carried yet), or another tenant's: one answer.
-            log::info!(
-                target: &format!("cm unresolved {}", cm.container),
-                "rdma_cm: container {} resolved {} outside its tenant {} on this host: ADDR_ERROR",
-                cm.container,
-                remote.ip(),
-                cm.tenant
-            );
-            cm.state = State::Bound;
-            let mut ev = CmRecord::event(event::ADDR_ERROR, id, -libc::EHOSTUNREACH);
-            ev.remote = remote;
-            self.emit(id, ev);
+            // Unknown or another tenant's (one answer for both): a container registered on
+            // another host a moment ago may not have reached this router yet, so the id
+            // waits for the daemon's news within the program's timeout (`backlog` carries
+            // it), as a real CM's resolution waits for ARP.
+            let wait = Duration::from_millis(u64::from(timeout_ms)).min(MAX_RESOLVE_WAIT);
+            let waiting = self
+                .resolving
+                .iter()
+                .filter(|(r, _, _)| self.ids.get(r).is_some_and(|c| c.container == container))
+                .count();
+            if wait.is_zero() || waiting >= RESOLVING_PER_CONTAINER {
+                self.address_error(id, remote);
+            } else {
+                log::info!(
+                    target: &format!("cm waits {container}"),
+                    "rdma_cm: container {container} resolves {}, not known here yet: waits up \
+                     to {} ms for the registry's news",
+                    remote.ip(),
+                    wait.as_millis()
+                );
+                self.ids.get_mut(&id).expect("checked").state = State::Resolving;
+                self.resolving.push((id, remote, Instant::now() + wait));
+            }
         }
         Ok(CmRecord {
             local: bound,
             ..CmRecord::default()
         })
+    }
+
+    fn address_resolved(&mut self, id: u32, remote: SocketAddrV4) {
+        let Some(cm) = self.ids.get_mut(&id) else {
+            return;
+        };
+        cm.remote = Some(remote);
+        cm.state = State::AddrResolved;
+        self.emit(id, CmRecord::event(event::ADDR_RESOLVED, id, 0));
+    }
+
+    fn address_error(&mut self, id: u32, remote: SocketAddrV4) {
+        let Some(cm) = self.ids.get_mut(&id) else {
+            return;
+        };
+        log::info!(
+            target: &format!("cm unresolved {}", cm.container),
+            "rdma_cm: container {} resolved {} outside its tenant {}: ADDR_ERROR",
+            cm.container,
+            remote.ip(),
+            cm.tenant
+        );
+        cm.state = State::Bound;
+        let mut ev = CmRecord::event(event::ADDR_ERROR, id, -libc::EHOSTUNREACH);
+        ev.remote = remote;
+        self.emit(id, ev);
+    }
+
+    /// The daemon pushed a table: resolving ids look again at their next turn.
+    pub fn table_changed(&mut self) {
+        self.table_news = !self.resolving.is_empty();
+    }
+
+    /// Ids waiting for an address: resolved if the table now has it (looked at only after a
+    /// push), ADDR_ERROR once their time is up. Cheap when nothing waits.
+    pub fn retry_resolves(&mut self, table: &HashMap<NetnsId, ContainerEntry>, now: Instant) {
+        if self.resolving.is_empty() {
+            return;
+        }
+        let news = std::mem::take(&mut self.table_news);
+        if !news && self.resolving.iter().all(|&(_, _, until)| until > now) {
+            return;
+        }
+        for (id, remote, until) in std::mem::take(&mut self.resolving) {
+            let Some(cm) = self.ids.get(&id) else {
+                continue; // destroyed meanwhile
+            };
+            if cm.state != State::Resolving {
+                continue;
+            }
+            let tenant = cm.tenant.clone();
+            if news && self.locate(table, &tenant, *remote.ip()).is_some() {
+                self.resolved_late += 1;
+                self.address_resolved(id, remote);
+            } else if until <= now {
+                self.address_error(id, remote);
+            } else {
+                self.resolving.push((id, remote, until));
+            }
+        }
+    }
+
+    /// Milliseconds until the first resolving id's time is up, if any waits.
+    pub fn next_timeout_ms(&self, now: Instant) -> Option<i32> {
+        self.resolving
+            .iter()
+            .map(|&(_, _, until)| until.saturating_duration_since(now).as_millis() as i32 + 1)
+            .min()
     }
 
     fn resolve_route(&mut self, id: u32) -> Reply {

@@ -645,3 +645,104 @@ fn a_udp_exchange_gives_the_active_side_the_passive_qp_and_leaves_no_connection(
     assert_eq!(bench.call(&mut b, CmOp::DestroyId, rec).0, 0);
     assert!(events(&a).is_empty());
 }
+
+/// A resolve of `ip` with a timeout of `timeout_ms`; returns the id.
+fn resolve_waiting(bench: &mut Bench, p: &mut Process, ip: [u8; 4], timeout_ms: u32) -> u32 {
+    let id = bench.create(p);
+    let rec = CmRecord {
+        id,
+        backlog: timeout_ms,
+        ..with_addr(None, Some(at(ip, 7000)))
+    };
+    assert_eq!(bench.call(p, CmOp::ResolveAddr, rec).0, 0);
+    id
+}
+
+#[test]
+fn an_address_registered_while_a_resolve_waits_resolves() {
+    let mut bench = Bench::new();
+    let mut a = bench.process("a");
+    // 10.32.0.9 is nobody's yet: the id waits (no event), within the program's timeout.
+    let id = resolve_waiting(&mut bench, &mut a, [10, 32, 0, 9], 2000);
+    assert!(events(&a).is_empty());
+    let rec = CmRecord::request(CmOp::ResolveRoute, id);
+    assert_eq!(bench.call(&mut a, CmOp::ResolveRoute, rec).0, libc::EINVAL);
+    bench.cm.retry_resolves(&bench.table, Instant::now());
+    assert!(events(&a).is_empty(), "no news, time not up: still waiting");
+    // The daemon's next table has it (a container of a's tenant).
+    let late = container("late", "blue", 9);
+    bench.table.insert(late.netns, late);
+    bench.cm.table_changed();
+    bench.cm.retry_resolves(&bench.table, Instant::now());
+    let ev = events(&a).pop().unwrap();
+    assert_eq!((ev.op, ev.status, ev.id), (event::ADDR_RESOLVED, 0, id));
+    assert_eq!(ev.remote, at([10, 32, 0, 9], 7000));
+    assert_eq!(bench.cm.resolved_late, 1);
+    let rec = CmRecord::request(CmOp::ResolveRoute, id);
+    assert_eq!(bench.call(&mut a, CmOp::ResolveRoute, rec).0, 0);
+    assert_eq!(bench.cm.next_timeout_ms(Instant::now()), None);
+}
+
+#[test]
+fn a_resolve_that_waits_in_vain_is_an_addr_error_when_its_time_is_up() {
+    let mut bench = Bench::new();
+    let mut a = bench.process("a");
+    // Another tenant's address and nobody's: both wait, and end alike.
+    let other = resolve_waiting(&mut bench, &mut a, [10, 32, 0, 4], 1000);
+    let nobody = resolve_waiting(&mut bench, &mut a, [10, 32, 9, 9], 1000);
+    let now = Instant::now();
+    let wait = bench.cm.next_timeout_ms(now).unwrap();
+    assert!((1..=1001).contains(&wait), "{wait}");
+    bench.cm.table_changed();
+    bench.cm.retry_resolves(&bench.table, now);
+    assert!(
+        events(&a).is_empty(),
+        "another tenant's address never resolves"
+    );
+    bench
+        .cm
+        .retry_resolves(&bench.table, now + Duration::from_millis(1001));
+    let evs = events(&a);
+    assert_eq!(evs.len(), 2);
+    for (ev, id) in evs.iter().zip([other, nobody]) {
+        assert_eq!(
+            (ev.op, ev.status, ev.id),
+            (event::ADDR_ERROR, -libc::EHOSTUNREACH, id)
+        );
+    }
+    // Back to Bound: it may resolve again.
+    let rec = CmRecord::request(CmOp::ResolveRoute, other);
+    assert_eq!(bench.call(&mut a, CmOp::ResolveRoute, rec).0, libc::EINVAL);
+    assert_eq!(bench.cm.next_timeout_ms(Instant::now()), None);
+}
+
+#[test]
+fn resolves_waiting_are_bounded_per_container_and_forgotten_with_their_id() {
+    let mut bench = Bench::new();
+    let mut a = bench.process("a");
+    let first = resolve_waiting(&mut bench, &mut a, [10, 32, 9, 1], 5000);
+    for _ in 1..RESOLVING_PER_CONTAINER {
+        resolve_waiting(&mut bench, &mut a, [10, 32, 9, 1], 5000);
+    }
+    assert!(events(&a).is_empty());
+    // One more: refused at once.
+    let over = resolve_waiting(&mut bench, &mut a, [10, 32, 9, 1], 5000);
+    let ev = events(&a).pop().unwrap();
+    assert_eq!((ev.op, ev.id), (event::ADDR_ERROR, over));
+    // Another container is not held back by a's.
+    let mut b = bench.process("b");
+    resolve_waiting(&mut bench, &mut b, [10, 32, 9, 1], 5000);
+    assert!(events(&b).is_empty());
+    // A destroyed id waits no more and gets no event.
+    let rec = CmRecord::request(CmOp::DestroyId, first);
+    assert_eq!(bench.call(&mut a, CmOp::DestroyId, rec).0, 0);
+    bench
+        .cm
+        .retry_resolves(&bench.table, Instant::now() + Duration::from_secs(6));
+    let evs = events(&a);
+    assert_eq!(evs.len(), RESOLVING_PER_CONTAINER - 1);
+    assert!(evs
+        .iter()
+        .all(|e| e.op == event::ADDR_ERROR && e.id != first));
+    assert_eq!(bench.cm.next_timeout_ms(Instant::now()), None);
+}

@@ -124,6 +124,7 @@ impl ControlThread {
     /// changed of the containers and of the cluster.
     fn table_changed(&mut self, gone: &[ContainerEntry], containers: bool, network: bool) {
         self.pushes += 1;
+        self.cm.table_changed();
         if !gone.is_empty() {
             let names: HashSet<&str> = gone.iter().map(|c| c.name.as_str()).collect();
             let stale: Vec<(u32, Option<usize>)> = match self.attached.lock() {
@@ -244,6 +245,7 @@ impl ControlThread {
                 .collect(),
             cm_listeners: self.cm.listener_count(),
             cm_established: self.cm.established,
+            cm_resolved_late: self.cm.resolved_late,
             jail_active: crate::jail::active(),
         }
     }

@@ -186,22 +186,28 @@ impl Site {
             site.dirs.push(dir);
         }
         for &(name, tenant) in spec.registered {
-            let c = site.cluster().container(name).unwrap().clone();
-            let out = site
-                .in_host(c.host, &FREEFLOW)
-                .args(["container", "add", name, "--dir"])
-                .arg(&site.dirs[c.host])
-                .arg("--netns")
-                .arg(&c.netns_path)
-                .args(["--ip", &c.ip.to_string(), "--tenant", tenant])
-                .output()
-                .unwrap();
-            assert_success(&out, &format!("container add {name}"));
+            site.register(name, tenant);
         }
         if !spec.registered.is_empty() {
             site.wait_for_every_host_to_serve_the_registry();
         }
         site
+    }
+
+    /// Registers container `name` of the site with `tenant` (`freeflow container add` on its
+    /// host, which returns once that host's daemon serves it; other hosts learn it later).
+    pub fn register(&self, name: &str, tenant: &str) {
+        let c = self.cluster().container(name).unwrap().clone();
+        let out = self
+            .in_host(c.host, &FREEFLOW)
+            .args(["container", "add", name, "--dir"])
+            .arg(&self.dirs[c.host])
+            .arg("--netns")
+            .arg(&c.netns_path)
+            .args(["--ip", &c.ip.to_string(), "--tenant", tenant])
+            .output()
+            .unwrap();
+        assert_success(&out, &format!("container add {name}"));
     }
 
     /// Waits (at most 20 s) until every host's daemon pushed the registry's current generation
@@ -789,4 +795,31 @@ pub fn terminate(child: &mut Child, grace: Duration) -> bool {
         child.try_wait().ok().flatten()
     })
     .is_some()
+}
+
+/// A host's daemon, stopped (SIGSTOP) until dropped: its router keeps serving what it
+/// knows, and learns nothing new from the registry meanwhile.
+pub struct StoppedDaemon(i32);
+
+impl Site {
+    /// Stops host `host`'s daemon (SIGSTOP) until the returned guard is dropped.
+    pub fn stop_daemon(&self, host: usize) -> StoppedDaemon {
+        let pid_file = self.state_dir(host).join("freeflow.pid");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: a plain system call on a process id.
+        let stopped = unsafe { libc::kill(pid, libc::SIGSTOP) };
+        assert_eq!(stopped, 0, "SIGSTOP {pid}");
+        StoppedDaemon(pid)
+    }
+}
+
+impl Drop for StoppedDaemon {
+    fn drop(&mut self) {
+        // SAFETY: a plain system call on a process id.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
 }

@@ -20,6 +20,10 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+/// The resolve timeout of librdmacm's own calls that take none (rdma_create_ep, and rsockets'
+/// connect), in milliseconds, as rdma-core's library uses.
+pub const DEFAULT_RESOLVE_TIMEOUT_MS: u32 = 2000;
+
 /// How long a synchronous call (an id without channel) waits for its event.
 const SYNC_WAIT: Duration = Duration::from_secs(30);
 
@@ -404,10 +408,13 @@ impl Id {
         &mut self,
         src: Option<SocketAddrV4>,
         dst: SocketAddrV4,
+        timeout_ms: u32,
     ) -> Result<(), Fail> {
         let mut req = CmRecord::request(CmOp::ResolveAddr, self.router_id);
         req.local = src.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
         req.remote = dst;
+        // How long the router may wait for an address it does not know yet.
+        req.backlog = timeout_ms;
         let reply = router::call(CmOp::ResolveAddr, req)?;
         self.set_local(reply.local);
         self.wait_if_sync(ev::ADDR_RESOLVED)

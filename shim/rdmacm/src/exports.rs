@@ -195,14 +195,14 @@ pub extern "C" fn rdma_resolve_addr(
     id: *mut RdmaCmId,
     src_addr: *mut libc::sockaddr,
     dst_addr: *mut libc::sockaddr,
-    _timeout_ms: c_int,
+    timeout_ms: c_int,
 ) -> c_int {
     status("rdma_resolve_addr", || {
         let id = cm::id(id)?;
         let src = cm::read_sockaddr(src_addr)?;
         let dst = cm::read_sockaddr(dst_addr)?
             .ok_or_else(|| Fail::new(libc::EINVAL, "no destination address"))?;
-        id.resolve_addr(src, dst)
+        id.resolve_addr(src, dst, u32::try_from(timeout_ms).unwrap_or(0))
     })
 }
 
@@ -549,7 +549,7 @@ fn create_ep(
         let src = cm::read_sockaddr(res.ai_src_addr)?;
         let dst = cm::read_sockaddr(res.ai_dst_addr)?
             .ok_or_else(|| Fail::new(libc::EINVAL, "no destination address"))?;
-        id.resolve_addr(src, dst)?;
+        id.resolve_addr(src, dst, cm::DEFAULT_RESOLVE_TIMEOUT_MS)?;
         id.resolve_route()?;
         // SAFETY: NULL or the program's live attributes.
         if let Some(attr) = unsafe { qp_init_attr.as_mut() } {

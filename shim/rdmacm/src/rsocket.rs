@@ -406,7 +406,7 @@ impl RSocket {
         let channel = s.channel.clone();
         let id = id_of(id_ptr)?;
         let result = (|| -> Result<Conn, Fail> {
-            id.resolve_addr(s.local, dst)?;
+            id.resolve_addr(s.local, dst, crate::cm::DEFAULT_RESOLVE_TIMEOUT_MS)?;
             wait_news(&channel, id_ptr, |n| n.addr_resolved)?;
             id.resolve_route()?;
             wait_news(&channel, id_ptr, |n| n.route_resolved)?;

@@ -11,6 +11,7 @@ use crate::error::{returns_errno, returns_minus_one, returns_object, VerbsError}
 use crate::ffi::copy_out;
 use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, QueueEntry, QueueKind};
+use crate::route_wait;
 use freeflow_proto::verbs::ah::CreateAh;
 use freeflow_proto::verbs::grh;
 use freeflow_proto::verbs::work::{wc_flags, GRH_LEN};
@@ -58,7 +59,9 @@ fn create_ah(pd: *mut IbvPd, attr: *const IbvAhAttr) -> Result<*mut IbvAh, Verbs
     }
     .to_vec();
     let state = registry::context(pd_entry.context)?;
-    let reply = lock(&state.channel).call(op::CREATE_AH, &body)?;
+    let reply = route_wait::waiting_for_route(&a.grh.dgid.raw, "ibv_create_ah", || {
+        lock(&state.channel).call(op::CREATE_AH, &body)
+    })?;
     let handle = reply.decode::<ObjectHandle>()?.handle;
     let ibv = IbvAh {
         context: pd_entry.context as *mut IbvContext,

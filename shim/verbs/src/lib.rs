@@ -25,7 +25,8 @@
 //! memory; `async_event` is a context's asynchronous event queue behind its `async_fd`;
 //! `faults` is what happens when the router goes (flushes, errors), with `shadow` the
 //! lock-free record of each queue's outstanding requests; `shared_core` is a poll loop's turn
-//! taking with the router on its cores; `exports`, `ah`, `pd_mr`, `cq`, `qp`, `srq`, `utility`, `marshall` (the kernel-structure
+//! taking with the router on its cores; `route_wait` asks again for a destination the router
+//! has not learnt yet; `exports`, `ah`, `pd_mr`, `cq`, `qp`, `srq`, `utility`, `marshall` (the kernel-structure
 //! converters librdmacm binds at load time) and `unsupported` are the exported C functions;
 //! `cq_ex` and `qp_ex` the extended API (`ibv_create_cq_ex` and its poll API,
 //! `ibv_create_qp_ex` and the `ibv_wr_*` post API), reached through function pointers.
@@ -61,6 +62,7 @@ mod pd_mr;
 mod qp;
 mod qp_ex;
 mod registry;
+mod route_wait;
 mod shadow;
 mod shared_core;
 mod srq;

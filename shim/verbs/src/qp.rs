@@ -27,11 +27,12 @@ use crate::ffi::{copy_out, guard};
 use crate::qp_ex::WrBatch;
 use crate::registry::object::{self, HandedOut};
 use crate::registry::{self, lock, ContextState, PdEntry, QueueEntry, QueueKind};
+use crate::route_wait;
 use crate::shadow::Posted;
 use freeflow_proto::doorbell::EventFd;
 use freeflow_proto::region::SharedRegion;
 use freeflow_proto::verbs::qp::{
-    CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpQueried, QpState, QpType,
+    mask, CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpQueried, QpState, QpType,
 };
 use freeflow_proto::verbs::work::{
     send_flags, wr_opcode, RecvWqe, SendWqeHeader, Sge, UdDest, RECV_WQE_HEADER,
@@ -433,7 +434,13 @@ fn modify_qp(qp: *mut IbvQp, attr: *mut IbvQpAttr, attr_mask: c_int) -> Result<(
         attr: wire_attr(&a),
     }
     .to_vec();
-    let reply = entry.call(op::MODIFY_QP, &body)?;
+    let reply = if attr_mask as u32 & mask::AV != 0 {
+        route_wait::waiting_for_route(&a.ah_attr.grh.dgid.raw, "ibv_modify_qp", || {
+            entry.call(op::MODIFY_QP, &body)
+        })?
+    } else {
+        entry.call(op::MODIFY_QP, &body)?
+    };
     let new = reply.decode::<ObjectHandle>()?.handle;
     set_state(qp, state, new);
     registry::debug(format_args!(
@@ -444,7 +451,8 @@ fn modify_qp(qp: *mut IbvQp, attr: *mut IbvQpAttr, attr_mask: c_int) -> Result<(
 }
 
 /// `ibv_modify_qp`: 0, or an errno value (EINVAL for a transition or attribute mask the state
-/// machine refuses, ENETUNREACH for a destination no container here has).
+/// machine refuses, ENETUNREACH for a destination that is no container of the caller's tenant,
+/// after waiting for the router to learn it: see `route_wait`).
 #[no_mangle]
 pub extern "C" fn ibv_modify_qp(qp: *mut IbvQp, attr: *mut IbvQpAttr, attr_mask: c_int) -> c_int {
     returns_errno("ibv_modify_qp", || modify_qp(qp, attr, attr_mask))
