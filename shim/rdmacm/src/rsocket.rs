@@ -42,6 +42,7 @@ fn hello_iomaps(private: &[u8]) -> u16 {
         None => 0,
     }
 }
+
 /// How long address and route resolution may take (the router answers at once).
 const SETUP_WAIT: Duration = Duration::from_secs(10);
 /// How long a blocking call polls its CQ before it sleeps on the completion channel.
