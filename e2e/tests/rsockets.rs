@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{assert_both_succeeded, describe, stdout_text, Site, SiteSpec};
+use common::{assert_both_succeeded, describe, stdout_text, CProbe, Site, SiteSpec};
 use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
@@ -183,6 +183,42 @@ fn unmodified_riostream_riowrites_between_two_containers() {
 fn across_hosts_unmodified_riostream_riowrites() {
     let site = site("rsj", 2);
     riostream_variants(&site);
+}
+
+/// The C side of the riomap/riowrite edges (its own file, readable and compilable by hand),
+/// built against the installed headers and Debian's librdmacm (so it imports the r* functions
+/// at rdma-core's versions, like riostream); it runs on Freeflow's library.
+const IOMAP_PROBE: CProbe = CProbe {
+    name: "rsockets_iomap_probe",
+    source: include_str!("programs/rsockets_iomap_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-lrdmacm"],
+};
+
+#[test]
+fn riomap_and_riowrite_refuse_what_rdma_iomapsize_and_the_maps_do_not_allow() {
+    let site = site("rsm", 1);
+    let probe = IOMAP_PROBE.build(&site.work);
+    let probe = probe.to_str().unwrap();
+    let debug = [("FREEFLOW_DEBUG", "1")];
+    let server = site.rs_server(probe, &["server", "10.32.0.2", "7480"], &debug, 1);
+    let client = site.rs_client(probe, &["client", "10.32.0.2", "7480"], &debug);
+    let server = server.wait_with_output().unwrap();
+    assert_both_succeeded(&site, "rsockets_iomap_probe", &server, &client);
+    for (who, out) in [("server", &server), ("client", &client)] {
+        assert!(
+            stdout_text(out).contains(&format!("{who} checks passed")),
+            "{}",
+            describe(out)
+        );
+    }
+    // Each refusal said why (FREEFLOW_DEBUG=1).
+    let client_err = String::from_utf8_lossy(&client.stderr);
+    assert!(
+        client_err.contains("no map of the peer holds this offset"),
+        "{}",
+        describe(&client)
+    );
 }
 
 /// iperf3 server and client, each through librspreload, `secs` seconds; returns the client's
