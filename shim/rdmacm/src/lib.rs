@@ -13,15 +13,15 @@
 //!
 //! Layout: `abi` is the C ABI; `ibv` the verbs, looked up at run time; `router` the
 //! conversation with the router; `cm` the channels, ids and events; `exports` and
-//! `unsupported` the C functions (every function rdma-core 44's librdmacm exports, at its
-//! version). rsockets (docs/rsockets.md): `rflow` the flow control, `rconn` a connection's
-//! verbs, `rsocket` the sockets, `rsocket_exports` their C functions; riomap and riowrite are
-//! refused with ENOSYS.
+//! `rsocket_exports` the C functions (every function rdma-core 44's librdmacm exports, at its
+//! version). rsockets (docs/rsockets.md): `rflow` the flow control, `riomap` the bookkeeping of
+//! riomap/riowrite, `rconn` a connection's verbs, `rsocket` the sockets, `rsocket_exports`
+//! their C functions.
 //!
 //! Unsafe code is confined (by `#![deny(unsafe_code)]` here and `#![allow(unsafe_code)]` at
 //! the top of each) to the C boundary: `ibv` (dlopen), `cm` (the program's structures),
 //! `rconn` (posts and polls through the context's operations), `rsocket` (eventfd, poll) and
-//! `exports`, `rsocket_exports`, `unsupported` (`#[no_mangle]`, the program's buffers).
+//! `exports`, `rsocket_exports` (`#[no_mangle]`, the program's buffers).
 #![deny(unsafe_code)]
 
 #[macro_use]
@@ -33,10 +33,10 @@ mod exports;
 mod ibv;
 mod rconn;
 mod rflow;
+mod riomap;
 mod router;
 mod rsocket;
 mod rsocket_exports;
-mod unsupported;
 
 /// One line on stderr when `FREEFLOW_DEBUG=1`: why a call failed.
 pub(crate) fn debug(args: std::fmt::Arguments<'_>) {

@@ -83,16 +83,19 @@ struct IbvMrHead {
     rkey: u32,
 }
 
+const IBV_WR_RDMA_WRITE: u32 = 0;
 const IBV_WR_SEND_WITH_IMM: u32 = 3;
 const IBV_SEND_SIGNALED: u32 = 2;
 const IBV_WC_SUCCESS: u32 = 0;
 const IBV_WC_RECV: u32 = 128;
 const IBV_ACCESS_LOCAL_WRITE: c_int = 1;
+const IBV_ACCESS_REMOTE_WRITE: c_int = 2;
 
 /// wr_id: the kind in the top byte, the slot below.
 const WR_RECV: u64 = 1 << 56;
 const WR_SEND_DATA: u64 = 2 << 56;
 const WR_SEND_CONTROL: u64 = 3 << 56;
+const WR_WRITE: u64 = 4 << 56;
 
 /// What one completion was.
 #[derive(Debug)]
@@ -289,6 +292,47 @@ impl Conn {
             ),
             None => (self.region as u64, WR_SEND_CONTROL),
         };
+        self.post(
+            wr_id,
+            addr,
+            len,
+            IBV_WR_SEND_WITH_IMM,
+            imm.0.to_be(),
+            [0; 4],
+        )
+    }
+
+    /// RDMA-WRITEs `len` bytes of send slot `slot` to the peer's `remote_addr` under `rkey`
+    /// (riowrite; the router checks the key and range against the peer's registrations).
+    pub fn post_write(
+        &mut self,
+        slot: u16,
+        len: usize,
+        remote_addr: u64,
+        rkey: u32,
+    ) -> Result<(), Fail> {
+        let addr = self.send_buf(slot).as_mut_ptr() as u64;
+        // `wr.rdma`: remote_addr, then rkey.
+        let rdma = [remote_addr, u64::from(rkey), 0, 0];
+        self.post(
+            WR_WRITE | u64::from(slot),
+            addr,
+            len,
+            IBV_WR_RDMA_WRITE,
+            0,
+            rdma,
+        )
+    }
+
+    fn post(
+        &mut self,
+        wr_id: u64,
+        addr: u64,
+        len: usize,
+        opcode: u32,
+        imm_data: u32,
+        wr_union: [u64; 4],
+    ) -> Result<(), Fail> {
         let mut sge = IbvSge {
             addr,
             length: len as u32,
@@ -299,10 +343,10 @@ impl Conn {
             next: std::ptr::null_mut(),
             sg_list: &mut sge,
             num_sge: c_int::from(len > 0),
-            opcode: IBV_WR_SEND_WITH_IMM,
+            opcode,
             send_flags: IBV_SEND_SIGNALED,
-            imm_data: imm.0.to_be(),
-            wr: [0; 4],
+            imm_data,
+            wr: wr_union,
             qp_type: 0,
             bind_mw: [0; 6],
         };
@@ -348,10 +392,41 @@ impl Conn {
                     },
                     (WR_SEND_DATA, _) => Done::Sent { slot: Some(slot) },
                     (WR_SEND_CONTROL, _) => Done::Sent { slot: None },
+                    (WR_WRITE, _) => Done::Sent { slot: Some(slot) },
                     _ => Done::Failed(u32::MAX),
                 }
             })
             .collect()
+    }
+
+    /// Registers the program's `len` bytes at `addr` (riomap) in the process's PD: writable by
+    /// the peer's RDMA WRITEs when `remote_write`. Returns the MR and its rkey.
+    pub fn register(addr: u64, len: usize, remote_write: bool) -> Result<(usize, u32), Fail> {
+        let v = verbs()?;
+        let dev = ibv::device().map_err(|why| Fail::new(libc::ENODEV, why))?;
+        let access = IBV_ACCESS_LOCAL_WRITE
+            | if remote_write {
+                IBV_ACCESS_REMOTE_WRITE
+            } else {
+                0
+            };
+        // SAFETY: the process's PD; the range is the program's (riomap's contract); the verbs
+        // library checks and registers it as for any ibv_reg_mr.
+        let mr = unsafe { (v.reg_mr)(dev.pd, addr as *mut c_void, len, access) };
+        if mr.is_null() {
+            return Err(Fail::new(errno(), "ibv_reg_mr of the riomap range failed"));
+        }
+        // SAFETY: a live MR.
+        let rkey = unsafe { (*mr.cast::<IbvMrHead>()).rkey };
+        Ok((mr as usize, rkey))
+    }
+
+    /// Deregisters an MR of [`Conn::register`].
+    pub fn deregister(mr: usize) {
+        if let Ok(v) = verbs() {
+            // SAFETY: an MR of ours, deregistered once (its map is gone from the tables).
+            unsafe { (v.dereg_mr)(mr as Ptr) };
+        }
     }
 
     /// Asks for a wake-up on the next completion (once per wake-up).

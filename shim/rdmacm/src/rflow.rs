@@ -15,6 +15,8 @@ pub const SLOTS: u16 = 16;
 pub const SLOT_LEN: usize = 64 * 1024;
 /// Immediate data: end of the sender's stream.
 const IMM_FIN: u32 = 1 << 31;
+/// Immediate data: the payload is an I/O map announcement (crate::riomap), not stream bytes.
+const IMM_MAP: u32 = 1 << 30;
 /// Immediate data: credits returned (receives reposted since the last message).
 const IMM_CREDITS: u32 = 0xffff;
 
@@ -30,12 +32,26 @@ impl Imm {
     fn new(credits: u16, fin: bool) -> Imm {
         Imm(u32::from(credits) | if fin { IMM_FIN } else { 0 })
     }
+    pub fn map(self) -> bool {
+        self.0 & IMM_MAP != 0
+    }
     pub fn credits(self) -> u16 {
         (self.0 & IMM_CREDITS) as u16
     }
     pub fn fin(self) -> bool {
         self.0 & IMM_FIN != 0
     }
+}
+
+/// What a received message was.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Arrival {
+    /// No payload (credits, FIN): the slot is free, to repost now.
+    Empty,
+    /// Stream bytes, kept until read.
+    Data,
+    /// An I/O map announcement in the slot: to apply, then repost the slot.
+    Map,
 }
 
 /// Bytes received and not read yet: in receive slot `slot`, from `offset`, `len` left.
@@ -98,6 +114,24 @@ impl Flow {
         Some((slot, Imm::new(std::mem::take(&mut self.owed), false)))
     }
 
+    /// Takes a send slot and a credit for a map announcement (as data: the reserve credit
+    /// stays for updates and FIN).
+    pub fn take_map_send(&mut self) -> Option<(u16, Imm)> {
+        let (slot, imm) = self.take_data_send()?;
+        Some((slot, Imm(imm.0 | IMM_MAP)))
+    }
+
+    /// Takes a send slot for an RDMA WRITE (riowrite): no credit, as a write uses no receive
+    /// of the peer's; none after FIN.
+    pub fn take_write_slot(&mut self) -> Option<u16> {
+        if self.fin_sent {
+            return None;
+        }
+        let slot = self.free_send.pop()?;
+        self.in_flight += 1;
+        Some(slot)
+    }
+
     /// A credit update is due (half the peer's credits are ours to return) and can go.
     pub fn take_credit_update(&mut self) -> Option<Imm> {
         if self.owed < SLOTS / 2 || self.credits == 0 {
@@ -129,6 +163,10 @@ impl Flow {
         }
     }
 
+    pub fn free_slots(&self) -> usize {
+        self.free_send.len()
+    }
+
     pub fn sends_in_flight(&self) -> u16 {
         self.in_flight
     }
@@ -137,9 +175,8 @@ impl Flow {
         self.fin_sent
     }
 
-    /// A message arrived in receive `slot` with `len` bytes. Returns whether the slot is free
-    /// at once (no data: to repost now).
-    pub fn received(&mut self, slot: u16, len: usize, imm: Imm) -> Result<bool, ProtocolError> {
+    /// A message arrived in receive `slot` with `len` bytes: what it was.
+    pub fn received(&mut self, slot: u16, len: usize, imm: Imm) -> Result<Arrival, ProtocolError> {
         if slot >= SLOTS || len > SLOT_LEN {
             return Err(ProtocolError("a message beyond the receive slots"));
         }
@@ -154,15 +191,19 @@ impl Flow {
         if imm.fin() {
             self.fin_received = true;
         }
+        if imm.map() {
+            // The caller reads the announcement from the slot, then reposts it.
+            return Ok(Arrival::Map);
+        }
         if len == 0 {
-            return Ok(true);
+            return Ok(Arrival::Empty);
         }
         self.unread.push_back(Unread {
             slot,
             offset: 0,
             len,
         });
-        Ok(false)
+        Ok(Arrival::Data)
     }
 
     /// A receive slot was posted again: one more credit owed to the peer.
@@ -237,7 +278,7 @@ mod tests {
                 tx.send_done(slot);
                 let recv_slot = self.next_recv[r] % SLOTS;
                 self.next_recv[r] += 1;
-                if rx.received(recv_slot, len, imm).unwrap() {
+                if rx.received(recv_slot, len, imm).unwrap() == Arrival::Empty {
                     rx.reposted();
                 }
             }
@@ -322,7 +363,7 @@ mod tests {
     #[test]
     fn partial_reads_keep_the_slot_until_it_is_all_read() {
         let mut f = Flow::new();
-        assert_eq!(f.received(3, 100, Imm(0)), Ok(false));
+        assert_eq!(f.received(3, 100, Imm(0)), Ok(Arrival::Data));
         assert_eq!(f.readable_bytes(), 100);
         assert_eq!(f.consume(40), None);
         assert_eq!(f.next_unread(), Some((3, 40, 60)));
@@ -334,10 +375,31 @@ mod tests {
     fn fin_is_eof_only_after_the_data_before_it_is_read() {
         let mut f = Flow::new();
         f.received(0, 10, Imm(0)).unwrap();
-        assert_eq!(f.received(1, 0, Imm::new(0, true)), Ok(true));
+        assert_eq!(f.received(1, 0, Imm::new(0, true)), Ok(Arrival::Empty));
         assert!(!f.at_eof());
         f.consume(10);
         assert!(f.at_eof());
+    }
+
+    #[test]
+    fn map_announcements_take_a_credit_and_writes_only_a_slot() {
+        let mut f = Flow::new();
+        let (_, imm) = f.take_map_send().unwrap();
+        assert!(imm.map() && !imm.fin());
+        assert_eq!(f.credits, SLOTS - 1);
+        let mut g = Flow::new();
+        assert_eq!(g.received(0, 32, imm), Ok(Arrival::Map));
+        assert_eq!(g.readable_bytes(), 0, "an announcement is not stream data");
+        // Writes use send slots only; all of them in flight stop data too.
+        let mut writes = 0;
+        while f.take_write_slot().is_some() {
+            writes += 1;
+        }
+        assert_eq!(writes, SLOTS - 1);
+        assert!(!f.can_send_data());
+        assert!(f.take_fin().is_some());
+        f.send_done(Some(0));
+        assert!(f.take_write_slot().is_none(), "no write after FIN");
     }
 
     #[test]

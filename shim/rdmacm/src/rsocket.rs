@@ -14,7 +14,8 @@
 use crate::abi::{RdmaCmId, RdmaConnParam, IBV_QPT_RC};
 use crate::cm::{self, Channel, Fail, Id};
 use crate::rconn::{Conn, Done};
-use crate::rflow::{Flow, SLOTS, SLOT_LEN};
+use crate::rflow::{Arrival, Flow, SLOTS, SLOT_LEN};
+use crate::riomap::{self, Announce, OwnMap, OwnMaps, PeerMaps, RECORD_LEN};
 use freeflow_os::poll::{poll, PollFd};
 use freeflow_proto::cm::{event as ev, port_space};
 use std::collections::{HashMap, VecDeque};
@@ -24,8 +25,24 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Private data of a connect and of its accept: this protocol, version 1.
+/// Private data of a connect and of its accept: this protocol, version 1; bytes 6-7 carry the
+/// sender's RDMA_IOMAPSIZE (little-endian: how many of the other side's maps it takes).
 const HELLO: [u8; 8] = *b"FFRS\x01\x00\x00\x00";
+
+fn hello(iomaps: u16) -> [u8; 8] {
+    let mut h = HELLO;
+    h[6..8].copy_from_slice(&iomaps.to_le_bytes());
+    h
+}
+
+/// The RDMA_IOMAPSIZE a hello carries (0 when short), capped as ours are.
+fn hello_iomaps(private: &[u8]) -> u16 {
+    match private.get(6..8) {
+        Some(b) => u16::from_le_bytes([b[0], b[1]]).min(riomap::MAX_IOMAPS),
+        None => 0,
+    }
+}
+
 /// How long address and route resolution may take (the router answers at once).
 const SETUP_WAIT: Duration = Duration::from_secs(10);
 /// How long a blocking call polls its CQ before it sleeps on the completion channel.
@@ -52,6 +69,8 @@ struct News {
     established: bool,
     /// The passive side answered with this protocol's private data.
     hello: bool,
+    /// The passive side's RDMA_IOMAPSIZE (from its hello).
+    peer_iomaps: u16,
     disconnected: bool,
     failed: Option<i32>,
     /// A listener's connection requests: the new id and its private data.
@@ -108,6 +127,7 @@ fn pump(ch: &Arc<Channel>) -> Result<(), Fail> {
             ev::ESTABLISHED => with_news(id, |n| {
                 n.established = true;
                 n.hello = private.starts_with(&HELLO[..4]);
+                n.peer_iomaps = hello_iomaps(&private);
             }),
             ev::DISCONNECTED => with_news(id, |n| n.disconnected = true),
             ev::REJECTED => with_news(id, |n| n.failed = Some(libc::ECONNREFUSED)),
@@ -149,6 +169,8 @@ struct Options {
     linger: (c_int, c_int),
     rcvtimeo: Option<Duration>,
     sndtimeo: Option<Duration>,
+    /// RDMA_IOMAPSIZE: how many of the peer's maps this socket takes (told at connect).
+    iomaps: u16,
 }
 
 struct Inner {
@@ -169,6 +191,10 @@ struct Inner {
     local: Option<SocketAddrV4>,
     remote: Option<SocketAddrV4>,
     opts: Options,
+    /// Our riomaps (their MRs) and the announcements not sent yet.
+    own: OwnMaps<usize>,
+    /// The peer's riomaps: where riowrite may go.
+    peer: PeerMaps,
 }
 
 /// One rsocket.
@@ -265,14 +291,17 @@ pub fn socket(domain: c_int, kind: c_int, protocol: c_int) -> Result<c_int, Fail
             local: None,
             remote: None,
             opts: Options::default(),
+            own: OwnMaps::new(0),
+            peer: PeerMaps::new(0),
         }),
     }))
 }
 
-fn hello_param() -> RdmaConnParam {
+/// Connect or accept parameters carrying `hello` (which must outlive the call they go to).
+fn hello_param(hello: &[u8; 8]) -> RdmaConnParam {
     RdmaConnParam {
-        private_data: HELLO.as_ptr().cast(),
-        private_data_len: HELLO.len() as u8,
+        private_data: hello.as_ptr().cast(),
+        private_data_len: hello.len() as u8,
         responder_resources: 0,
         initiator_depth: 0,
         flow_control: 0,
@@ -411,7 +440,8 @@ impl RSocket {
             id.resolve_route()?;
             wait_news(&channel, id_ptr, |n| n.route_resolved)?;
             let conn = Conn::create(id)?;
-            let param = hello_param();
+            let hello = hello(s.opts.iomaps);
+            let param = hello_param(&hello);
             if let Err(e) = id.connect(Some(&param)) {
                 id.destroy_qp();
                 conn.destroy(None);
@@ -544,7 +574,7 @@ impl RSocket {
                     n => Ok(n),
                 };
             }
-            while sent < total {
+            while sent < total && s.own.next_pending().is_none() {
                 let Some((slot, imm)) = s.flow.take_data_send() else {
                     break;
                 };
@@ -578,6 +608,150 @@ impl RSocket {
         }
     }
 
+    /// `riomap`: registers the program's `len` bytes at `addr` and, for PROT_WRITE, announces
+    /// them to the peer (in order with the stream) at riowrite offset `offset` (-1: the
+    /// address). Returns the offset.
+    pub fn riomap(&self, addr: u64, len: usize, prot: c_int, offset: i64) -> Result<i64, Fail> {
+        if prot & !libc::PROT_WRITE != 0 {
+            return Err(Fail::new(
+                libc::EINVAL,
+                "riomap takes PROT_WRITE or PROT_NONE only",
+            ));
+        }
+        if len == 0 || len as u64 > riomap::MAX_MAP_LEN || addr == 0 {
+            return Err(Fail::new(
+                libc::EINVAL,
+                "riomap: no buffer, or a length of 0 or beyond 4 GiB",
+            ));
+        }
+        let offset = match offset {
+            -1 => i64::try_from(addr)
+                .map_err(|_| Fail::new(libc::EINVAL, "riomap: an address beyond off_t"))?,
+            o if o < 0 => return Err(Fail::new(libc::EINVAL, "riomap: a negative offset")),
+            o => o,
+        };
+        if (offset as u64).checked_add(len as u64).is_none()
+            || addr.checked_add(len as u64).is_none()
+        {
+            return Err(Fail::new(libc::EINVAL, "riomap: the range wraps"));
+        }
+        let mut s = self.inner();
+        if s.state != State::Connected {
+            return Err(Fail::new(
+                libc::EINVAL,
+                "riomap needs a connected rsocket (the peer's RDMA_IOMAPSIZE is learnt at connect)",
+            ));
+        }
+        let writable = prot & libc::PROT_WRITE != 0;
+        let index = match writable {
+            false => None,
+            true => Some(s.own.free_index().ok_or_else(|| {
+                Fail::new(
+                    libc::ENOMEM,
+                    "riomap: the peer's map table is full (its RDMA_IOMAPSIZE; 0 unless it set one)",
+                )
+            })?),
+        };
+        let (mr, rkey) = Conn::register(addr, len, writable)?;
+        s.own.add(
+            OwnMap {
+                addr,
+                len,
+                offset: offset as u64,
+                mr,
+                index,
+            },
+            rkey,
+        );
+        drain(&mut s);
+        Ok(offset)
+    }
+
+    /// `riounmap`: the map of exactly (addr, len) goes: deregistered at once (a write of the
+    /// peer's that arrives later fails at the router's key check) and withdrawn from the
+    /// peer's table in order with the stream.
+    pub fn riounmap(&self, addr: u64, len: usize) -> Result<(), Fail> {
+        let mut s = self.inner();
+        let map = s.own.remove(addr, len).ok_or_else(|| {
+            Fail::new(
+                libc::EINVAL,
+                "riounmap: no riomap of this address and length",
+            )
+        })?;
+        Conn::deregister(map.mr);
+        if s.state == State::Connected {
+            drain(&mut s);
+        }
+        Ok(())
+    }
+
+    /// `riowrite`: RDMA-WRITEs `buf` into the peer's maps from riowrite offset `offset` on,
+    /// in order with the stream (after every earlier send, before every later one). A write
+    /// that runs past the end of the map it starts in stops there (a short count); one that
+    /// starts outside every map the peer announced is EINVAL.
+    pub fn riowrite(&self, buf: &[u8], offset: u64, dontwait: bool) -> Result<usize, Fail> {
+        let total = buf.len();
+        let mut done = 0usize;
+        let mut s = self.inner();
+        loop {
+            if s.state != State::Connected {
+                return Err(Fail::new(libc::ENOTCONN, "not connected"));
+            }
+            drain(&mut s);
+            if s.shut_wr {
+                return Err(Fail::new(libc::EPIPE, "shut down for writing"));
+            }
+            if let Some(e) = s.error.or(s.peer_gone.then_some(libc::ECONNRESET)) {
+                return match done {
+                    0 => Err(Fail::new(e, "the connection failed")),
+                    n => Ok(n),
+                };
+            }
+            while done < total && s.own.next_pending().is_none() {
+                let at = offset.saturating_add(done as u64);
+                let (addr, rkey, fit) = match s.peer.target(at, total - done) {
+                    Ok(t) => t,
+                    Err(_) if done > 0 => return Ok(done),
+                    Err(e) => {
+                        return Err(Fail::new(
+                            libc::EINVAL,
+                            format!("riowrite at offset {at}: {}", e.0),
+                        ))
+                    }
+                };
+                let Some(slot) = s.flow.take_write_slot() else {
+                    break;
+                };
+                let n = fit.min(SLOT_LEN);
+                let conn = s.conn.as_mut().expect("connected");
+                conn.send_buf(slot)[..n].copy_from_slice(&buf[done..done + n]);
+                if let Err(e) = conn.post_write(slot, n, addr, rkey) {
+                    s.error = Some(libc::ECONNRESET);
+                    return match done {
+                        0 => Err(e),
+                        n => Ok(n),
+                    };
+                }
+                done += n;
+            }
+            if done == total || (done > 0 && (s.nonblocking || dontwait)) {
+                return Ok(done);
+            }
+            if s.nonblocking || dontwait {
+                if !refresh(&mut s) {
+                    return Err(would_block());
+                }
+                continue;
+            }
+            let deadline = s.opts.sndtimeo.map(|t| Instant::now() + t);
+            s = match self.block(s, deadline) {
+                Ok(s) => s,
+                Err(e) if done > 0 && e.errno == libc::EAGAIN => return Ok(done),
+                Err(e) => return Err(e),
+            };
+        }
+    }
+
     /// Sleeps until the CQ or the channel wakes this socket (or `deadline`: EAGAIN).
     fn block<'a>(
         &'a self,
@@ -589,11 +763,11 @@ impl RSocket {
         }
         // A short spin first (as rdma-core's rsockets poll before they block): an answer that
         // comes within it costs no wake-up through the completion channel.
-        let before = (s.flow.readable_bytes(), s.flow.can_send_data());
+        let before = readiness(&s);
         let spin_until = Instant::now() + SPIN;
         while Instant::now() < spin_until {
             drain(&mut s);
-            if (s.flow.readable_bytes(), s.flow.can_send_data()) != before || s.error.is_some() {
+            if readiness(&s) != before || s.error.is_some() {
                 return Ok(s);
             }
         }
@@ -604,9 +778,9 @@ impl RSocket {
         }
         let wake = conn.wake_fd();
         // What came before the arming is not announced: look once more.
-        let before = (s.flow.readable_bytes(), s.flow.can_send_data());
+        let before = readiness(&s);
         drain(&mut s);
-        if (s.flow.readable_bytes(), s.flow.can_send_data()) != before || s.error.is_some() {
+        if readiness(&s) != before || s.error.is_some() {
             return Ok(s);
         }
         let chan = s.channel.c.fd;
@@ -783,10 +957,15 @@ impl RSocket {
                 int()?;
             }
             (SOL_RDMA, RDMA_IOMAPSIZE) => {
-                return Err(Fail::new(
-                    libc::ENOSYS,
-                    "riomap (RDMA_IOMAPSIZE) is not supported by Freeflow's rsockets",
-                ))
+                let v = int()?;
+                if !matches!(s.state, State::Fresh | State::Bound | State::Listening) {
+                    return Err(Fail::new(
+                        libc::EINVAL,
+                        "RDMA_IOMAPSIZE is told to the peer at connect: set it before",
+                    ));
+                }
+                s.opts.iomaps = riomap::iomap_size_option(v)
+                    .ok_or_else(|| Fail::new(libc::EINVAL, "a negative RDMA_IOMAPSIZE"))?;
             }
             _ => {
                 return Err(Fail::new(
@@ -837,6 +1016,7 @@ impl RSocket {
             (libc::IPPROTO_TCP, libc::TCP_KEEPCNT) => int(o.keepcnt),
             (SOL_RDMA, RDMA_SQSIZE | RDMA_RQSIZE) => int(c_int::from(SLOTS)),
             (SOL_RDMA, RDMA_INLINE) => int(0),
+            (SOL_RDMA, RDMA_IOMAPSIZE) => int(c_int::from(o.iomaps)),
             _ => Err(Fail::new(
                 libc::ENOPROTOOPT,
                 format!("option {level}/{name} not supported by Freeflow's rsockets"),
@@ -913,7 +1093,8 @@ fn accept_one(
         Ok(c) => c,
         Err(e) => return Err(refuse(id, &e.why)),
     };
-    let param = hello_param();
+    let hello = hello(opts.iomaps);
+    let param = hello_param(&hello);
     if let Err(e) = id.accept(Some(&param)) {
         conn.destroy(Some(id));
         return Err(refuse(id, &e.why));
@@ -942,6 +1123,8 @@ fn accept_one(
                 sndtimeo: None,
                 ..opts
             },
+            own: OwnMaps::new(hello_iomaps(private)),
+            peer: PeerMaps::new(opts.iomaps),
         }),
     });
     Ok((fd, remote))
@@ -967,6 +1150,8 @@ fn progress(s: &mut Inner) {
         s.so_error = libc::ECONNREFUSED;
     } else if established {
         s.state = State::Connected;
+        s.own = OwnMaps::new(with_news(s.id, |n| n.peer_iomaps));
+        s.peer = PeerMaps::new(s.opts.iomaps);
     }
 }
 
@@ -992,11 +1177,23 @@ fn drain(s: &mut Inner) {
         for d in done {
             match d {
                 Done::Received { slot, len, imm } => match s.flow.received(slot, len, imm) {
-                    Ok(true) => match conn.post_recv(slot) {
+                    Ok(Arrival::Empty) => match conn.post_recv(slot) {
                         Ok(()) => s.flow.reposted(),
                         Err(_) => s.error = Some(libc::ECONNRESET),
                     },
-                    Ok(false) => {}
+                    Ok(Arrival::Map) => {
+                        let applied = Announce::decode(conn.received(slot, 0, len))
+                            .and_then(|a| s.peer.apply(a));
+                        if let Err(e) = applied {
+                            crate::debug(format_args!("rsocket peer broke the protocol: {}", e.0));
+                            s.error = Some(libc::ECONNRESET);
+                        }
+                        match conn.post_recv(slot) {
+                            Ok(()) => s.flow.reposted(),
+                            Err(_) => s.error = Some(libc::ECONNRESET),
+                        }
+                    }
+                    Ok(Arrival::Data) => {}
                     Err(e) => {
                         crate::debug(format_args!("rsocket peer broke the protocol: {}", e.0));
                         s.error = Some(libc::ECONNRESET);
@@ -1023,13 +1220,45 @@ fn drain(s: &mut Inner) {
             s.error = Some(libc::ECONNRESET);
         }
     }
+    flush_maps(s);
     if s.shut_wr && !s.flow.fin_sent() {
-        if let Some(imm) = s.flow.take_fin() {
+        if let (Some(imm), Some(conn)) = (s.flow.take_fin(), s.conn.as_mut()) {
             if conn.post_send(None, 0, imm).is_err() {
                 s.error = Some(libc::ECONNRESET);
             }
         }
     }
+}
+
+/// Sends the map announcements waiting, in order, as far as credits and slots allow (before
+/// any later data: `send` and `riowrite` send nothing while one waits).
+fn flush_maps(s: &mut Inner) {
+    while let Some(a) = s.own.next_pending() {
+        if s.error.is_some() || s.peer_gone || s.flow.fin_sent() {
+            return;
+        }
+        let Some((slot, imm)) = s.flow.take_map_send() else {
+            return;
+        };
+        let Some(conn) = s.conn.as_mut() else {
+            return;
+        };
+        conn.send_buf(slot)[..RECORD_LEN].copy_from_slice(&a.encode());
+        if conn.post_send(Some(slot), RECORD_LEN, imm).is_err() {
+            s.error = Some(libc::ECONNRESET);
+            return;
+        }
+        s.own.sent();
+    }
+}
+
+/// What a blocked call waits to change: unread bytes, room for data, free send slots.
+fn readiness(s: &Inner) -> (usize, bool, usize) {
+    (
+        s.flow.readable_bytes(),
+        s.flow.can_send_data(),
+        s.flow.free_slots(),
+    )
 }
 
 /// Copies unread bytes into `bufs` from byte `at` of the scatter list on; reposts each slot
@@ -1158,6 +1387,9 @@ pub fn close(fd: c_int) -> Result<(), Fail> {
             conn.destroy(Some(id));
         }
         let _ = Id::destroy(id_ptr as *mut Id);
+    }
+    for map in s.own.drain_all() {
+        Conn::deregister(map.mr);
     }
     forget_news(id_ptr);
     Ok(())

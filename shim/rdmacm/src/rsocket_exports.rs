@@ -1,8 +1,7 @@
 //! The rsocket API of librdmacm as C functions (rsocket.h's names, version RDMACM_1.0): each
 //! reads its arguments (addresses, iovecs, fd_sets, option values), runs under [`int`] or
 //! [`size`] (-1 and errno on failure, a debug line with FREEFLOW_DEBUG=1, a panic turned into
-//! EIO) and leaves the work to [`crate::rsocket`]. riomap, riounmap and riowrite stay refused
-//! (`unsupported`).
+//! EIO) and leaves the work to [`crate::rsocket`], riomap, riounmap and riowrite included.
 #![allow(unsafe_code)]
 
 use crate::cm::{read_sockaddr, Fail};
@@ -16,8 +15,8 @@ use std::time::Duration;
 symbol_versions! {
     "RDMACM_1.0": [
         raccept, rbind, rclose, rconnect, rfcntl, rgetpeername, rgetsockname, rgetsockopt,
-        rlisten, rpoll, rread, rreadv, rrecv, rrecvfrom, rrecvmsg, rselect, rsend, rsendmsg,
-        rsendto, rsetsockopt, rshutdown, rsocket, rwrite, rwritev,
+        riomap, riounmap, riowrite, rlisten, rpoll, rread, rreadv, rrecv, rrecvfrom, rrecvmsg,
+        rselect, rsend, rsendmsg, rsendto, rsetsockopt, rshutdown, rsocket, rwrite, rwritev,
     ],
 }
 
@@ -383,6 +382,57 @@ pub extern "C" fn rwrite(fd: c_int, buf: *const c_void, len: usize) -> isize {
 pub extern "C" fn rwritev(fd: c_int, iov: *const libc::iovec, n: c_int) -> isize {
     // SAFETY: the program's iovecs.
     size("rwritev", || do_send(fd, unsafe { iovecs(iov, n)? }, 0))
+}
+
+// ---- I/O maps ----
+
+#[no_mangle]
+pub extern "C" fn riomap(
+    fd: c_int,
+    buf: *mut c_void,
+    len: usize,
+    prot: c_int,
+    _flags: c_int,
+    offset: libc::off_t,
+) -> libc::off_t {
+    // `flags` is unused, as in rdma-core's.
+    let r = size("riomap", || {
+        let at = sock(fd)?.riomap(buf as u64, len, prot, offset)?;
+        Ok(at as usize)
+    });
+    r as libc::off_t
+}
+
+#[no_mangle]
+pub extern "C" fn riounmap(fd: c_int, buf: *mut c_void, len: usize) -> c_int {
+    int("riounmap", || {
+        sock(fd)?.riounmap(buf as u64, len)?;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn riowrite(
+    fd: c_int,
+    buf: *const c_void,
+    count: usize,
+    offset: libc::off_t,
+    flags: c_int,
+) -> usize {
+    // size_t: -1 is all bits set, as rdma-core's.
+    size("riowrite", || {
+        if count == 0 {
+            return Ok(0);
+        }
+        if buf.is_null() {
+            return Err(Fail::new(libc::EFAULT, "buffer is NULL"));
+        }
+        let at = u64::try_from(offset)
+            .map_err(|_| Fail::new(libc::EINVAL, "riowrite: a negative offset"))?;
+        // SAFETY: the program passes `count` bytes at buf.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), count) };
+        sock(fd)?.riowrite(bytes, at, flags & libc::MSG_DONTWAIT != 0)
+    }) as usize
 }
 
 // ---- readiness ----
