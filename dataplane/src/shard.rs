@@ -204,6 +204,12 @@ impl Shard {
         })
     }
 
+    /// The shard's containers' RC QPs run on this RDMA device (`--rdma-device`).
+    #[cfg(feature = "rdma-hw")]
+    pub fn set_device(&mut self, nic: crate::verbs::hw::Nic) {
+        self.engine.set_device(nic);
+    }
+
     /// Connects the shard to the router's others: `siblings` (every shard's inbox and
     /// doorbell, this one's included) and `links`, its socket pairs to them.
     pub fn link(&mut self, siblings: Siblings, links: Vec<SiblingLink>) {

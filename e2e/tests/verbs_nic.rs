@@ -22,7 +22,7 @@
 
 mod common;
 
-use common::{assert_success, target_dir, Site, SiteSpec, FREEFLOW};
+use common::{assert_success, target_dir, CProbe, Site, SiteSpec, FREEFLOW};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
@@ -300,13 +300,47 @@ fn h_pingpong(
     (server_child.wait_with_output().unwrap(), client_out)
 }
 
+/// The every-opcode probe of the device path (`programs/verbs_nic_probe.c`).
+const NIC_PROBE: CProbe = CProbe {
+    name: "verbs_nic_probe",
+    source: include_str!("programs/verbs_nic_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-libverbs"],
+};
+
+/// The send work requests a router's software engines executed (all shards), from its
+/// `freeflow status --json`; the router must have answered (shards listed).
+fn engine_ops(status: &serde_json::Value) -> u64 {
+    let shards = status["router"]["shards"]
+        .as_array()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| panic!("no shards in the status: {status}"));
+    shards
+        .iter()
+        .map(|s| s["verbs_ops"].as_u64().expect("verbs_ops"))
+        .sum()
+}
+
+/// `freeflow status --json` of router H (run in `nic`, H's network namespace).
+fn h_status(site: &Site, h_dir: &std::path::Path) -> serde_json::Value {
+    let out = site
+        .verbs_app("nic", &*FREEFLOW, &[])
+        .args(["status", "--json", "--dir"])
+        .arg(h_dir)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("H's status: {e}: {}", text(&out)))
+}
+
 /// The nested topology the hardware backend's tests run in: router H (the `rdma-hw` build,
 /// holding S's `ffv0`) is itself a container of S, and its own application containers (H's
 /// overlay, registered with H only) run Debian's unmodified `ibv_rc_pingpong -g 0` through H's
-/// `DIR/verbs`, at a few sizes; a container of another tenant of H cannot connect. H serves
-/// these containers' verbs with its software engine for now (the shard does not post through
-/// the device yet: README, "On a real RDMA device"); once it does, this is the test that
-/// carries their traffic through the device.
+/// `DIR/verbs`, at a few sizes, polling and with completion events (`-e`), and the
+/// every-opcode probe. Their QPs are device QPs: S's software engine executes every work
+/// request (its count of executed sends grows by at least the pingpongs' messages), H's
+/// executes none. A forged rkey fails with REM_ACCESS_ERR (probe); a container of another
+/// tenant of H cannot connect (RTR refused).
 #[test]
 fn containers_of_the_nested_router_run_ibv_rc_pingpong() {
     let site = site("vnicpp");
@@ -334,30 +368,66 @@ fn containers_of_the_nested_router_run_ibv_rc_pingpong() {
             .unwrap();
         assert_success(&out, &format!("container add {name} (router H)"));
     }
-    for (port, size, iters) in [
-        (18611, "64", 500),
-        (18612, "4096", 300),
-        (18613, "100000", 30),
+    let s_before = engine_ops(&site.router_status(0));
+    let mut messages = 0;
+    for (port, size, iters, events) in [
+        (18611, "64", 500, false),
+        (18612, "4096", 300, false),
+        (18613, "100000", 30, false),
+        (18615, "64", 300, true),
+        (18616, "100000", 30, true),
     ] {
         let iters_arg = iters.to_string();
-        let runs = h_pingpong(
-            &site,
-            &h_dir,
-            ("hserver", "hclient"),
-            port,
-            &["-g", "0", "-c", "-s", size, "-n", &iters_arg],
-        );
+        let mut args = vec!["-g", "0", "-c", "-s", size, "-n", &iters_arg];
+        if events {
+            args.push("-e");
+        }
+        let runs = h_pingpong(&site, &h_dir, ("hserver", "hclient"), port, &args);
         for (who, out) in [("server", &runs.0), ("client", &runs.1)] {
             let said = text(out);
-            assert!(out.status.success(), "{who} (size {size}): {said}");
+            assert!(
+                out.status.success(),
+                "{who} (size {size}, -e {events}): {said}"
+            );
             assert!(
                 said.contains(&format!("{iters} iters in"))
                     && said.contains("GID ::ffff:10.64.0.2")
                     && said.contains("GID ::ffff:10.64.0.3"),
-                "{who} (size {size}): {said}"
+                "{who} (size {size}, -e {events}): {said}"
             );
         }
+        // Each iteration is a SEND each way.
+        messages += 2 * iters;
     }
+    // Every opcode the device path carries, byte for byte; a forged rkey; an atomic refused.
+    let probe = NIC_PROBE.build(&site.work);
+    let out = h_app(&site, &h_dir, "hserver", probe.to_str().unwrap())
+        .arg("10.64.0.2")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(
+        out.status.success() && said.contains("checks passed"),
+        "{said}"
+    );
+    // The traffic crossed the "NIC": S's engine executed the sends (the pingpongs' and the
+    // probe's, besides H's own), H's software engine none.
+    let s_after = engine_ops(&site.router_status(0));
+    assert!(
+        s_after - s_before >= messages,
+        "S executed {} sends, the pingpongs alone sent {messages}",
+        s_after - s_before
+    );
+    let h = h_status(&site, &h_dir);
+    assert_eq!(
+        engine_ops(&h),
+        0,
+        "H's software engine ran work requests: {h}"
+    );
+    eprintln!(
+        "S's engine executed {} sends during the run",
+        s_after - s_before
+    );
     // Tenant red's container and blue's server exchange QP numbers over TCP, but blue's QP
     // cannot connect to red's (RTR fails: another tenant is unreachable), so the server gives
     // up and the client gets nothing.

@@ -536,8 +536,23 @@ pub struct Sge {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendOpcode {
     Send,
-    Write { remote_addr: u64, rkey: u32 },
-    Read { remote_addr: u64, rkey: u32 },
+    /// A SEND with immediate data (`imm` in network byte order, as the WQE carries it).
+    SendImm {
+        imm: u32,
+    },
+    Write {
+        remote_addr: u64,
+        rkey: u32,
+    },
+    WriteImm {
+        remote_addr: u64,
+        rkey: u32,
+        imm: u32,
+    },
+    Read {
+        remote_addr: u64,
+        rkey: u32,
+    },
 }
 
 /// A send work request in the device's terms.
@@ -548,6 +563,9 @@ pub struct SendRequest<'a> {
     pub sges: &'a [Sge],
     pub signaled: bool,
     pub fence: bool,
+    /// IBV_SEND_INLINE: the provider copies the bytes `sges` name while it posts (they need
+    /// no key and may be freed when the call returns).
+    pub inline: bool,
 }
 
 /// Scatter/gather entries of one work request at most (the engine's own limit is lower).
@@ -573,6 +591,8 @@ pub struct Destination {
 pub struct Qp {
     qp: NonNull<ibv_qp>,
     pub qpn: u32,
+    /// The capacities the device granted (at least those asked).
+    pub caps: QpCaps,
     _pd: Arc<Pd>,
     _send_cq: Arc<Cq>,
     _recv_cq: Arc<Cq>,
@@ -619,9 +639,17 @@ impl Qp {
         let qp = NonNull::new(qp).ok_or_else(|| call_error("ibv_create_qp", 0))?;
         // SAFETY: a QP the call just returned.
         let qpn = unsafe { (*qp.as_ptr()).qp_num };
+        let granted = init.cap;
         Ok(Qp {
             qp,
             qpn,
+            caps: QpCaps {
+                max_send_wr: granted.max_send_wr,
+                max_recv_wr: granted.max_recv_wr,
+                max_send_sge: granted.max_send_sge,
+                max_recv_sge: granted.max_recv_sge,
+                max_inline_data: granted.max_inline_data,
+            },
             _pd: pd.clone(),
             _send_cq: send_cq.clone(),
             _recv_cq: recv_cq.clone(),
@@ -635,6 +663,23 @@ impl Qp {
             return Err(call_error("ibv_modify_qp", ret));
         }
         Ok(())
+    }
+
+    /// Any state to ERR (the device flushes what is queued) or to RESET.
+    pub fn to_error(&self) -> Result<(), NicError> {
+        self.to_state(ibv_qp_state::IBV_QPS_ERR)
+    }
+
+    /// Any state to RESET (the device forgets what is queued).
+    pub fn to_reset(&self) -> Result<(), NicError> {
+        self.to_state(ibv_qp_state::IBV_QPS_RESET)
+    }
+
+    fn to_state(&self, state: ibv_qp_state::Type) -> Result<(), NicError> {
+        // SAFETY: plain data; zero is valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = state;
+        self.modify(&mut attr, ibv_qp_attr_mask::IBV_QP_STATE)
     }
 
     /// RESET to INIT on `port`, granting `enum ibv_access_flags` `access` to remote peers.
@@ -744,12 +789,30 @@ impl Qp {
         if req.fence {
             flags |= ibv_send_flags::IBV_SEND_FENCE.0;
         }
+        if req.inline {
+            flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+        }
         wr.send_flags = flags;
         let rdma = |remote_addr, rkey| wr_t {
             rdma: rdma_t { remote_addr, rkey },
         };
         match req.opcode {
             SendOpcode::Send => wr.opcode = ibv_wr_opcode::IBV_WR_SEND,
+            SendOpcode::SendImm { imm } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
+                wr.imm_data_invalidated_rkey_union =
+                    imm_data_invalidated_rkey_union_t { imm_data: imm };
+            }
+            SendOpcode::WriteImm {
+                remote_addr,
+                rkey,
+                imm,
+            } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+                wr.wr = rdma(remote_addr, rkey);
+                wr.imm_data_invalidated_rkey_union =
+                    imm_data_invalidated_rkey_union_t { imm_data: imm };
+            }
             SendOpcode::Write { remote_addr, rkey } => {
                 wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
                 wr.wr = rdma(remote_addr, rkey);
