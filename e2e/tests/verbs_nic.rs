@@ -438,3 +438,130 @@ fn containers_of_the_nested_router_run_ibv_rc_pingpong() {
     assert!(!runs.1.status.success(), "{client}");
     assert!(!client.contains("iters in"), "{client}");
 }
+
+/// `tool -d ffv0 -p PORT -s 64 -n ITERS` as server and client (naming `ip`) both in
+/// `container`, through `app` (S's or H's library); returns the client's t_typical in
+/// microseconds (perftest's table: `#bytes #iterations t_min t_max t_typical ...`).
+fn perftest_typical_us(
+    site: &Site,
+    app: &dyn Fn() -> Command,
+    (container, ip): (&str, &str),
+    tool: &str,
+    port: u16,
+) -> f64 {
+    let port_arg = port.to_string();
+    let args = ["-d", "ffv0", "-p", &port_arg, "-s", "64", "-n", "1000"];
+    let mut server = app()
+        .arg(tool)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    site.wait_listening(container, port, Some(&mut server));
+    let client = app().arg(tool).args(args).arg(ip).output().unwrap();
+    if !client.status.success() {
+        let _ = server.kill();
+    }
+    let server = server.wait_with_output().unwrap();
+    assert!(server.status.success(), "{tool} server: {}", text(&server));
+    assert!(client.status.success(), "{tool} client: {}", text(&client));
+    let out = String::from_utf8_lossy(&client.stdout).into_owned();
+    let mut lines = out.lines();
+    lines
+        .find(|l| l.trim_start().starts_with("#bytes"))
+        .unwrap_or_else(|| panic!("{tool}: no result table: {out}"));
+    let row: Vec<&str> = lines
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| panic!("{tool}: no result row: {out}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.first(), Some(&"64"), "{tool}: {out}");
+    let typical: f64 = row
+        .get(4)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{tool}: no t_typical: {out}"));
+    assert!(typical.is_finite() && typical > 0.0, "{tool}: {out}");
+    typical
+}
+
+/// What router H adds to an operation: Debian's unmodified perftest `ib_send_lat` and
+/// `ib_write_lat` (64 B, server and client in one container) on S's device directly (container
+/// `nic`) and through H's device path (container `hserver`), alternately, three runs each;
+/// prints the medians and the difference per operation (half a round trip: a latency test's
+/// t_typical is one way). No threshold: the numbers go to the README.
+#[test]
+fn perftest_latency_on_the_device_directly_and_through_the_nested_router() {
+    let site = site("vnicbench");
+    let h_dir = site.work.join("H");
+    let _down = Down {
+        site: &site,
+        dir: h_dir.clone(),
+    };
+    // H's shard on core 0, S's on the last core (its default): two routers spinning on one
+    // core would take turns by the scheduler's time slices.
+    let out = freeflow_in_nic(
+        &site,
+        &["up", "--rdma-device", "ffv0", "--cores", "0"],
+        &h_dir,
+    );
+    assert_success(&out, "freeflow up --rdma-device ffv0 (router H)");
+    let c = site.cluster().container("hserver").unwrap().clone();
+    let out = site
+        .verbs_app("nic", &*FREEFLOW, &[])
+        .args(["container", "add", "hserver", "--dir"])
+        .arg(&h_dir)
+        .arg("--netns")
+        .arg(&c.netns_path)
+        .args(["--ip", "10.64.0.2", "--tenant", "blue"])
+        .output()
+        .unwrap();
+    assert_success(&out, "container add hserver (router H)");
+    let direct = || {
+        let mut cmd = site.verbs_app("nic", "env", &[]);
+        cmd.stdin(Stdio::null());
+        cmd
+    };
+    let through_h = || {
+        let c = site.cluster().container("hserver").unwrap().clone();
+        let mut cmd = freeflow_testbed::command_in(&c.netns, "env");
+        cmd.arg(format!("FREEFLOW_DIR={}", h_dir.display()))
+            .arg(format!("LD_LIBRARY_PATH={}", h_dir.join("verbs").display()))
+            .args(["timeout", "-s", "KILL", "60"])
+            .stdin(Stdio::null());
+        cmd
+    };
+    let mut port = 18700;
+    for tool in ["ib_send_lat", "ib_write_lat"] {
+        let (mut s, mut h) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            port += 1;
+            s.push(perftest_typical_us(
+                &site,
+                &direct,
+                ("nic", "10.32.0.9"),
+                tool,
+                port,
+            ));
+            port += 1;
+            h.push(perftest_typical_us(
+                &site,
+                &through_h,
+                ("hserver", "10.64.0.2"),
+                tool,
+                port,
+            ));
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[1]
+        };
+        let (s_med, h_med) = (median(&mut s), median(&mut h));
+        eprintln!(
+            "{tool} 64 B t_typical (medians of 3): on S's ffv0 directly {s_med:.2} us, through \
+             H's device path {h_med:.2} us: H adds {:.0} ns per operation (runs: S {s:?}, H \
+             {h:?})",
+            (h_med - s_med) * 1000.0
+        );
+    }
+}

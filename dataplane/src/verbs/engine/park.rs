@@ -182,18 +182,19 @@ impl Engine {
     }
 
     /// The device path's part: a receive posted to a device QP must reach the device at once
-    /// (its receive ring rings the doorbell too), and the device's CQs are polled every
-    /// [`CQ_FULL_RETRY`] while it has QPs (the device's completion channel is not watched
-    /// yet).
+    /// (its receive ring rings the doorbell too); the device's CQs are armed, so that their
+    /// completion channel wakes the shard (without a channel they are polled every
+    /// [`CQ_FULL_RETRY`] while the device has QPs).
     #[cfg(feature = "rdma-hw")]
     fn device_park(&mut self, plan: &mut ParkPlan, broken: &mut Vec<(AttachmentId, RingError)>) {
-        let Some(d) = self.device.as_deref() else {
-            return;
-        };
-        if !d.has_qps() {
+        let (moved, wake) = self.device_arm(Instant::now() + CQ_FULL_RETRY);
+        plan.busy |= moved;
+        if let Some(wake) = wake {
+            plan.wake_by(wake);
+        }
+        if !self.device.as_deref().is_some_and(|d| d.has_qps()) {
             return;
         }
-        plan.wake_by(Instant::now() + CQ_FULL_RETRY);
         for qp in self.qps.iter_mut() {
             if qp.broken || !matches!(qp.state, QpState::Init | QpState::Rtr | QpState::Rts) {
                 continue;

@@ -9,12 +9,9 @@
 //! shared mappings of a memory file register and carry data).
 //!
 //! `translate` is the bookkeeping of the containers' side: virtual keys, addresses and QP
-//! numbers to the device's, checked against the container's own tables (unit-tested).
-//!
-//! What is not here yet (see the README, "On a real RDMA device"): the containers' PDs, MRs,
-//! CQs and QPs created on the device, and the shard calling `translate` and `sys` on their
-//! rings. The router opens the device and keeps it; verbs attachments are still served by the
-//! software engine.
+//! numbers to the device's, checked against the container's own tables (unit-tested); `path`
+//! makes the containers' PDs, MRs, CQs and RC QPs on the device and runs their rings there
+//! (docs/verbs-engine.md, "The hardware backend").
 
 pub mod path;
 #[allow(unsafe_code)]

@@ -15,7 +15,7 @@
 //! thread-safe).
 
 use super::sys::{
-    Completion, Cq as DeviceCq, Destination, Mr as DeviceMr, NicError, Pd as DevicePd,
+    CompChannel, Completion, Cq as DeviceCq, Destination, Mr as DeviceMr, NicError, Pd as DevicePd,
     Qp as DeviceQp, QpCaps, SendRequest, Sge as RealSge,
 };
 use super::translate::{translate_completion, translate_send, KeyTable, MrEntry, QpDirectory};
@@ -76,6 +76,9 @@ struct MrTwin {
 #[derive(Debug)]
 pub(in crate::verbs) struct DevicePath {
     nic: Nic,
+    /// Where the device's CQs signal completions while the shard is parked (armed before
+    /// each park); without one the shard wakes every [`CQ_FULL_RETRY`] to poll.
+    channel: Option<Arc<CompChannel>>,
     pds: NumberMap<(AttachmentId, PdId), Arc<DevicePd>>,
     keys: NumberMap<AttachmentId, KeyTable>,
     mrs: NumberMap<(AttachmentId, u32), MrTwin>,
@@ -89,8 +92,19 @@ pub(in crate::verbs) struct DevicePath {
 
 impl DevicePath {
     pub(in crate::verbs) fn new(nic: Nic) -> DevicePath {
+        let channel = match nic.device.create_comp_channel() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                log::warn!(
+                    "RDMA device path: no completion channel ({e}): the shard polls the \
+                     device's CQs every millisecond while it has QPs"
+                );
+                None
+            }
+        };
         DevicePath {
             nic,
+            channel,
             pds: NumberMap::default(),
             keys: NumberMap::default(),
             mrs: NumberMap::default(),
@@ -128,6 +142,60 @@ impl Engine {
     /// From now on the engine's verbs make twins on `nic` and its RC QPs run there.
     pub fn set_device(&mut self, nic: Nic) {
         self.device = Some(Box::new(DevicePath::new(nic)));
+    }
+
+    /// The descriptor of the device's completion channel, for the shard to wait on.
+    pub fn device_channel_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.as_ref()?.channel.as_ref().map(|c| c.fd())
+    }
+
+    /// The channel's descriptor fired: its events are taken (the pass that follows polls the
+    /// CQs).
+    pub fn device_take_events(&mut self) {
+        let Some(channel) = self.device.as_ref().and_then(|d| d.channel.as_ref()) else {
+            return;
+        };
+        if let Err(e) = channel.take_events() {
+            log::warn!("RDMA device path: taking completion events: {e}");
+        }
+    }
+
+    /// Before the shard parks: every device CQ is armed, then polled once more (a completion
+    /// that came before the arm raises no event): the shard stays awake if one did. Without a
+    /// channel, the shard wakes by `fallback` to poll.
+    pub(in crate::verbs) fn device_arm(
+        &mut self,
+        fallback: std::time::Instant,
+    ) -> (bool, Option<std::time::Instant>) {
+        let Some(d) = self.device.as_deref_mut() else {
+            return (false, None);
+        };
+        if d.qps.is_empty() {
+            return (false, None);
+        }
+        // A WQE the device had no room for is posted again at the next pass: no event
+        // announces the room (a completion of the QP may not be signaled).
+        if d.channel.is_none() || d.qps.values().any(|t| t.held) {
+            return (false, Some(fallback));
+        }
+        let mut cqs = std::mem::take(&mut d.cq_list);
+        cqs.clear();
+        cqs.extend(d.cqs.keys().copied());
+        let mut armed_all = true;
+        for twin in d.cqs.values() {
+            if let Err(e) = twin.arm() {
+                log::warn!("RDMA device path: arming a CQ: {e}");
+                armed_all = false;
+            }
+        }
+        let mut moved = 0;
+        for &cq in &cqs {
+            moved += self.device_poll_cq(cq);
+        }
+        if let Some(d) = self.device.as_deref_mut() {
+            d.cq_list = cqs;
+        }
+        (moved > 0, (!armed_all).then_some(fallback))
     }
 
     /// Whether the QP at `index` runs on the device.
@@ -222,7 +290,7 @@ impl Engine {
         let Some(d) = self.device.as_deref_mut() else {
             return Ok(());
         };
-        let twin = d.nic.device.create_cq(entries)?;
+        let twin = d.nic.device.create_cq_on(entries, d.channel.as_ref())?;
         d.cqs.insert(index, twin);
         Ok(())
     }

@@ -191,22 +191,109 @@ impl Device {
 
     /// A CQ of at least `entries` entries, without a completion channel (the shard polls).
     pub fn create_cq(self: &Arc<Self>, entries: u32) -> Result<Arc<Cq>, NicError> {
+        self.create_cq_on(entries, None)
+    }
+
+    /// A CQ of at least `entries` entries whose events (once armed, [`Cq::arm`]) come on
+    /// `channel`.
+    pub fn create_cq_on(
+        self: &Arc<Self>,
+        entries: u32,
+        channel: Option<&Arc<CompChannel>>,
+    ) -> Result<Arc<Cq>, NicError> {
         let entries = c_int::try_from(entries).map_err(|_| NicError::Invalid("CQ size"))?;
-        // SAFETY: the context is open; no channel, no context pointer.
+        let channel_ptr = channel.map_or(std::ptr::null_mut(), |c| c.ch.as_ptr());
+        // SAFETY: the context is open; the channel (if any) is alive and held by the CQ below
+        // for its whole life; no context pointer.
         let cq = unsafe {
             ibv_create_cq(
                 self.ctx.as_ptr(),
                 entries,
                 std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                channel_ptr,
                 0,
             )
         };
         let cq = NonNull::new(cq).ok_or_else(|| call_error("ibv_create_cq", 0))?;
         Ok(Arc::new(Cq {
             cq,
+            _channel: channel.cloned(),
             _device: self.clone(),
         }))
+    }
+
+    /// A completion channel: a descriptor that becomes readable when an armed CQ of it gets a
+    /// completion.
+    pub fn create_comp_channel(self: &Arc<Self>) -> Result<Arc<CompChannel>, NicError> {
+        // SAFETY: the context is open.
+        let ch = unsafe { ibv_create_comp_channel(self.ctx.as_ptr()) };
+        let ch = NonNull::new(ch).ok_or_else(|| call_error("ibv_create_comp_channel", 0))?;
+        Ok(Arc::new(CompChannel {
+            ch,
+            _device: self.clone(),
+        }))
+    }
+}
+
+/// A completion channel of the device.
+#[derive(Debug)]
+pub struct CompChannel {
+    ch: NonNull<ibv_comp_channel>,
+    _device: Arc<Device>,
+}
+
+// SAFETY: see `Device`.
+unsafe impl Send for CompChannel {}
+// SAFETY: see `Device`.
+unsafe impl Sync for CompChannel {}
+
+impl CompChannel {
+    /// Its descriptor (readable while an event waits), for the shard's io_uring.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        // SAFETY: the channel is alive; its fd field is plain data.
+        unsafe { (*self.ch.as_ptr()).fd }
+    }
+
+    /// Takes and acknowledges every event waiting on the channel, without blocking (a poll
+    /// of the descriptor says whether one is there before each read); returns how many.
+    pub fn take_events(&self) -> Result<usize, NicError> {
+        let mut taken = 0;
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd living across the call; zero timeout.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+            if ready < 0 {
+                return Err(call_error("poll", 0));
+            }
+            if ready == 0 || pfd.revents & libc::POLLIN == 0 {
+                return Ok(taken);
+            }
+            let mut cq: *mut ibv_cq = std::ptr::null_mut();
+            let mut cq_context: *mut std::os::raw::c_void = std::ptr::null_mut();
+            // SAFETY: the channel is alive; the descriptor is readable, so the call does not
+            // block; it writes the CQ and its context pointer.
+            let ret = unsafe { ibv_get_cq_event(self.ch.as_ptr(), &mut cq, &mut cq_context) };
+            if ret != 0 {
+                return Err(call_error("ibv_get_cq_event", 0));
+            }
+            if !cq.is_null() {
+                // SAFETY: the event names a CQ of this channel, alive (CQs are destroyed on
+                // this thread, which acknowledges each event as it takes it).
+                unsafe { ibv_ack_cq_events(cq, 1) };
+            }
+            taken += 1;
+        }
+    }
+}
+
+impl Drop for CompChannel {
+    fn drop(&mut self) {
+        // SAFETY: CQs hold an Arc of their channel, so none is left; destroyed once.
+        unsafe { ibv_destroy_comp_channel(self.ch.as_ptr()) };
     }
 }
 
@@ -473,6 +560,7 @@ pub struct Completion {
 #[derive(Debug)]
 pub struct Cq {
     cq: NonNull<ibv_cq>,
+    _channel: Option<Arc<CompChannel>>,
     _device: Arc<Device>,
 }
 
@@ -514,6 +602,22 @@ impl Cq {
             };
         }
         Ok(got)
+    }
+}
+
+impl Cq {
+    /// Asks for an event on its channel at the next completion (`ibv_req_notify_cq`, all
+    /// completions).
+    pub fn arm(&self) -> Result<(), NicError> {
+        // SAFETY: the CQ and its context are alive (we hold the device).
+        let notify = unsafe { (*(*self.cq.as_ptr()).context).ops.req_notify_cq }
+            .ok_or(NicError::MissingOp("req_notify_cq"))?;
+        // SAFETY: the CQ is alive.
+        let ret = unsafe { notify(self.cq.as_ptr(), 0) };
+        if ret != 0 {
+            return Err(call_error("ibv_req_notify_cq", ret));
+        }
+        Ok(())
     }
 }
 

@@ -449,6 +449,73 @@ mod tests {
     }
 
     #[test]
+    fn immediate_data_and_inline_sends_translate_for_the_device() {
+        let rw = AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE;
+        let mut a = KeyTable::default();
+        a.insert(11, 12, mr(1, rw));
+        let mut b = KeyTable::default();
+        b.insert(21, 22, mr(2, rw));
+        let sge = Sge {
+            addr: 0x7000_0000,
+            length: 64,
+            lkey: 11,
+        };
+        // WRITE_WITH_IMM: the peer's key and the immediate data as the WQE carries it.
+        let mut s = slot(WrOpcode::RdmaWriteWithImm, sge, 22, 0x7000_0040, 0);
+        let mut header = SendWqeHeader::read(&s);
+        header.imm_data = 0x1234_5678;
+        header.write(&mut s);
+        let real = translate_send(&decode(&s), &s, (&a, 1), (&b, 2), true).unwrap();
+        assert_eq!(
+            real.opcode,
+            SendOpcode::WriteImm {
+                remote_addr: 0x5555_0000_1040,
+                rkey: 0xbbbb,
+                imm: 0x1234_5678
+            }
+        );
+        assert!(real.signaled, "sq_sig_all signals every WQE");
+        // SEND_WITH_IMM needs no remote key.
+        let s = slot(WrOpcode::SendWithImm, sge, 0, 0, 0);
+        let real = translate_send(&decode(&s), &s, (&a, 1), (&b, 2), false).unwrap();
+        assert_eq!(real.opcode, SendOpcode::SendImm { imm: 0 });
+        assert!(!real.signaled);
+        // An inline SEND names no key: nothing to translate, the device copies the bytes.
+        let header = SendWqeHeader {
+            wr_id: 9,
+            opcode: WrOpcode::Send as u8,
+            flags: (send_flags::INLINE | send_flags::SIGNALED) as u8,
+            inline_len: 40,
+            ..SendWqeHeader::default()
+        };
+        let mut s = vec![0u8; SendWqe::slot_bytes(0, 40)];
+        header.write(&mut s);
+        let wqe = SendWqe::decode(&s, 1, 64).unwrap();
+        let real = translate_send(&wqe, &s, (&KeyTable::default(), 1), (&b, 2), false).unwrap();
+        assert!(real.inline && real.sges().is_empty() && real.opcode == SendOpcode::Send);
+        // An inline WRITE still needs the peer's key, for the inline length.
+        let header = SendWqeHeader {
+            opcode: WrOpcode::RdmaWrite as u8,
+            rkey: 22,
+            remote_addr: 0x7000_0000 + 8192 - 40,
+            ..header
+        };
+        header.write(&mut s);
+        let wqe = SendWqe::decode(&s, 1, 64).unwrap();
+        assert!(translate_send(&wqe, &s, (&a, 1), (&b, 2), false).is_ok());
+        let header = SendWqeHeader {
+            remote_addr: 0x7000_0000 + 8192 - 39,
+            ..header
+        };
+        header.write(&mut s);
+        let wqe = SendWqe::decode(&s, 1, 64).unwrap();
+        assert_eq!(
+            translate_send(&wqe, &s, (&a, 1), (&b, 2), false),
+            Err(wc_status::REM_ACCESS_ERR)
+        );
+    }
+
+    #[test]
     fn a_qp_connects_only_to_its_own_tenants_qp_at_the_named_address() {
         let mut d = QpDirectory::default();
         let ip = Ipv4Addr::new(10, 32, 0, 2);
