@@ -57,8 +57,10 @@ pub(in crate::verbs) fn refuse(why: &'static str) -> VerbsError {
 #[derive(Debug)]
 struct QpTwin {
     qp: DeviceQp,
-    /// The QP it connected to at RTR (on one host: one of this engine's).
-    peer: Option<QpId>,
+    /// The QP it connected to at RTR (on one host: one of this engine's), with its virtual
+    /// number: an index reused by a later QP (the peer destroyed) must not lend that QP's
+    /// keys.
+    peer: Option<(QpId, u32)>,
     /// The engine's copy of the send slot holds a WQE taken off the ring that the device had
     /// no room for yet: posted again before the next one is taken.
     held: bool,
@@ -400,7 +402,9 @@ impl Engine {
         route: Option<Route>,
     ) -> Result<(), VerbsError> {
         let peer = match (current, next, route) {
-            (QpState::Init, QpState::Rtr, Some(Route::Local { qpn, .. })) => self.qp_by_number(qpn),
+            (QpState::Init, QpState::Rtr, Some(Route::Local { qpn, .. })) => {
+                self.qp_by_number(qpn).map(|index| (index, qpn))
+            }
             _ => None,
         };
         let Some(d) = self.device.as_deref_mut() else {
@@ -671,7 +675,8 @@ impl Engine {
             let empty = KeyTable::default();
             let own = d.keys.get(&owner).unwrap_or(&empty);
             let peer_of = d.qps.get(&index).and_then(|t| t.peer);
-            let (peer_table, peer_pd) = match peer_of.and_then(|p| self.qps.get(p)) {
+            let peer_qp = peer_of.and_then(|(p, qpn)| self.qps.get(p).filter(|q| q.qpn == qpn));
+            let (peer_table, peer_pd) = match peer_qp {
                 Some(p) => (d.keys.get(&p.owner).unwrap_or(&empty), p.pd.0),
                 None => (&empty, 0),
             };
