@@ -410,6 +410,22 @@ fn containers_of_the_nested_router_run_ibv_rc_pingpong() {
         out.status.success() && said.contains("checks passed"),
         "{said}"
     );
+    // What the device path does not carry is refused at the verb, not run by H's software
+    // engine: a UD QP, an SRQ (the programs fail before they listen).
+    for (program, what) in [
+        ("ibv_ud_pingpong", "Couldn't create QP"),
+        ("ibv_srq_pingpong", "Couldn't create SRQ"),
+    ] {
+        let out = h_app(&site, &h_dir, "hserver", program)
+            .args(["-g", "0", "-p", "18617"])
+            .output()
+            .unwrap();
+        let said = text(&out);
+        assert!(
+            !out.status.success() && said.contains(what),
+            "{program}: {said}"
+        );
+    }
     // The traffic crossed the "NIC": S's engine executed the sends (the pingpongs' and the
     // probe's, besides H's own), H's software engine none.
     let s_after = engine_ops(&site.router_status(0));
