@@ -3,8 +3,8 @@
  * container's own GID, each with a CQ of its own:
  *   SEND, SEND_WITH_IMM, RDMA WRITE, RDMA WRITE_WITH_IMM, RDMA READ, an inline SEND, each
  *   checked byte for byte (and the immediate data);
- *   a WRITE with a forged rkey: REM_ACCESS_ERR, nothing written, the QP in ERR and the WRITE
- *   behind it flushed (WR_FLUSH_ERR);
+ *   a WRITE with a forged rkey: REM_ACCESS_ERR, nothing written, both QPs in ERR and the
+ *   WRITE behind it flushed (WR_FLUSH_ERR);
  *   after RESET and reconnecting: a fetch-and-add (not carried by the device path) completes
  *   with LOC_QP_OP_ERR; after another reconnect a SEND works again.
  * Usage: probe OWN_IP. Prints "checks passed". */
@@ -160,6 +160,8 @@ int main(int argc, char **argv)
             break;
         }
     CHECK(state_of(x) == IBV_QPS_ERR, "forged rkey: QP state %d", state_of(x));
+    /* The responder's QP too (a remote access error is the responder's as well). */
+    CHECK(state_of(y) == IBV_QPS_ERR, "forged rkey: responder QP state %d", state_of(y));
 
     /* Atomics are not carried: LOC_QP_OP_ERR. */
     CHECK(connect_qp_pair(x, y, gid, ALL_ACCESS, 7, 12) == 0, "reconnect");

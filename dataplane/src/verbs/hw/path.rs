@@ -699,6 +699,12 @@ impl Engine {
                     if let Some(t) = d.qps.get_mut(&index) {
                         t.held = false;
                     }
+                    // A remote access error is the responder's too (the specification's
+                    // class C): its QP goes to ERR as well, as the software engine does.
+                    let responder = match peer_qp {
+                        Some(_) if status == wc_status::REM_ACCESS_ERR => peer_of.map(|(p, _)| p),
+                        _ => None,
+                    };
                     self.device_complete_error(
                         send_cq,
                         wqe.header.wr_id,
@@ -707,6 +713,9 @@ impl Engine {
                         status,
                     );
                     self.device_fail_qp(index);
+                    if let Some(responder) = responder {
+                        self.device_fail_qp(responder);
+                    }
                     done += 1;
                     break;
                 }
