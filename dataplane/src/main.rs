@@ -212,8 +212,8 @@ fn open_rdma_device(config: &Config) -> Result<Option<verbs::hw::Nic>, String> {
     let choice = verbs::hw::DeviceChoice::parse(name)?;
     let nic = verbs::hw::Nic::open(&choice).map_err(|e| format!("--rdma-device {name}: {e}"))?;
     info!(
-        "{}; containers' verbs still run in the software engine (the backend does not carry \
-         them yet)",
+        "{}; containers' RC QPs run on it (one host; UD, UC, SRQs, atomics and destinations \
+         on other hosts or shards are refused)",
         nic.describe()
     );
     Ok(Some(nic))
@@ -361,6 +361,10 @@ fn run(config: Config) -> Result<(), String> {
         let mut shard = Shard::new(handle, attached.clone(), config.spin)
             .map_err(|e| format!("io_uring: {e}"))?;
         shard.link(siblings.clone(), links.next().unwrap_or_default());
+        #[cfg(feature = "rdma-hw")]
+        if let Some(nic) = &_nic {
+            shard.set_device(nic.clone());
+        }
         let thread = std::thread::Builder::new()
             .name(format!("ff-shard-{index}"))
             .spawn(move || {

@@ -143,6 +143,9 @@ impl ShardHandle {
 pub type AttachedTable = Arc<Mutex<HashMap<u32, freeflow_proto::control::AttachedStatus>>>;
 
 const BELL_TAG: u64 = 0;
+/// The tag of the poll of the RDMA device's completion channel (`--rdma-device`).
+#[cfg(feature = "rdma-hw")]
+const DEVICE_TAG: u64 = 1 << 62;
 /// The tags of the verbs transport's polls: this bit and the transport's token.
 const TRANSPORT_TAG: u64 = 1 << 63;
 
@@ -202,6 +205,26 @@ impl Shard {
             served_total: 0,
             engine: Engine::default(),
         })
+    }
+
+    /// The shard's containers' RC QPs run on this RDMA device (`--rdma-device`).
+    #[cfg(feature = "rdma-hw")]
+    pub fn set_device(&mut self, nic: crate::verbs::hw::Nic) {
+        self.engine.set_device(nic);
+        self.watch_device();
+    }
+
+    /// Waits (in io_uring) for the device's completion channel.
+    #[cfg(feature = "rdma-hw")]
+    fn watch_device(&mut self) {
+        if let Some(fd) = self.engine.device_channel_fd() {
+            if let Err(e) = self.uring.poll_add(fd, libc::POLLIN as u32, DEVICE_TAG) {
+                log::warn!(
+                    "shard {}: cannot watch the RDMA device's channel: {e}",
+                    self.index
+                );
+            }
+        }
     }
 
     /// Connects the shard to the router's others: `siblings` (every shard's inbox and
@@ -433,6 +456,12 @@ impl Shard {
         for (tag, result) in events {
             if tag & TRANSPORT_TAG != 0 {
                 self.engine.transport().ready(tag & !TRANSPORT_TAG, result);
+                continue;
+            }
+            #[cfg(feature = "rdma-hw")]
+            if tag == DEVICE_TAG {
+                self.engine.device_take_events();
+                self.watch_device();
                 continue;
             }
             if tag == BELL_TAG {

@@ -22,7 +22,7 @@
 
 mod common;
 
-use common::{assert_success, target_dir, Site, SiteSpec, FREEFLOW};
+use common::{assert_success, target_dir, CProbe, Site, SiteSpec, FREEFLOW};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
@@ -300,13 +300,47 @@ fn h_pingpong(
     (server_child.wait_with_output().unwrap(), client_out)
 }
 
+/// The every-opcode probe of the device path (`programs/verbs_nic_probe.c`).
+const NIC_PROBE: CProbe = CProbe {
+    name: "verbs_nic_probe",
+    source: include_str!("programs/verbs_nic_probe.c"),
+    cflags: &["-Wall", "-Werror", "-O1"],
+    libs: &["-libverbs"],
+};
+
+/// The send work requests a router's software engines executed (all shards), from its
+/// `freeflow status --json`; the router must have answered (shards listed).
+fn engine_ops(status: &serde_json::Value) -> u64 {
+    let shards = status["router"]["shards"]
+        .as_array()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| panic!("no shards in the status: {status}"));
+    shards
+        .iter()
+        .map(|s| s["verbs_ops"].as_u64().expect("verbs_ops"))
+        .sum()
+}
+
+/// `freeflow status --json` of router H (run in `nic`, H's network namespace).
+fn h_status(site: &Site, h_dir: &std::path::Path) -> serde_json::Value {
+    let out = site
+        .verbs_app("nic", &*FREEFLOW, &[])
+        .args(["status", "--json", "--dir"])
+        .arg(h_dir)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("H's status: {e}: {}", text(&out)))
+}
+
 /// The nested topology the hardware backend's tests run in: router H (the `rdma-hw` build,
 /// holding S's `ffv0`) is itself a container of S, and its own application containers (H's
 /// overlay, registered with H only) run Debian's unmodified `ibv_rc_pingpong -g 0` through H's
-/// `DIR/verbs`, at a few sizes; a container of another tenant of H cannot connect. H serves
-/// these containers' verbs with its software engine for now (the shard does not post through
-/// the device yet: README, "On a real RDMA device"); once it does, this is the test that
-/// carries their traffic through the device.
+/// `DIR/verbs`, at a few sizes, polling and with completion events (`-e`), and the
+/// every-opcode probe. Their QPs are device QPs: S's software engine executes every work
+/// request (its count of executed sends grows by at least the pingpongs' messages), H's
+/// executes none. A forged rkey fails with REM_ACCESS_ERR (probe); a container of another
+/// tenant of H cannot connect (RTR refused).
 #[test]
 fn containers_of_the_nested_router_run_ibv_rc_pingpong() {
     let site = site("vnicpp");
@@ -334,30 +368,82 @@ fn containers_of_the_nested_router_run_ibv_rc_pingpong() {
             .unwrap();
         assert_success(&out, &format!("container add {name} (router H)"));
     }
-    for (port, size, iters) in [
-        (18611, "64", 500),
-        (18612, "4096", 300),
-        (18613, "100000", 30),
+    let s_before = engine_ops(&site.router_status(0));
+    let mut messages = 0;
+    for (port, size, iters, events) in [
+        (18611, "64", 500, false),
+        (18612, "4096", 300, false),
+        (18613, "100000", 30, false),
+        (18615, "64", 300, true),
+        (18616, "100000", 30, true),
     ] {
         let iters_arg = iters.to_string();
-        let runs = h_pingpong(
-            &site,
-            &h_dir,
-            ("hserver", "hclient"),
-            port,
-            &["-g", "0", "-c", "-s", size, "-n", &iters_arg],
-        );
+        let mut args = vec!["-g", "0", "-c", "-s", size, "-n", &iters_arg];
+        if events {
+            args.push("-e");
+        }
+        let runs = h_pingpong(&site, &h_dir, ("hserver", "hclient"), port, &args);
         for (who, out) in [("server", &runs.0), ("client", &runs.1)] {
             let said = text(out);
-            assert!(out.status.success(), "{who} (size {size}): {said}");
+            assert!(
+                out.status.success(),
+                "{who} (size {size}, -e {events}): {said}"
+            );
             assert!(
                 said.contains(&format!("{iters} iters in"))
                     && said.contains("GID ::ffff:10.64.0.2")
                     && said.contains("GID ::ffff:10.64.0.3"),
-                "{who} (size {size}): {said}"
+                "{who} (size {size}, -e {events}): {said}"
             );
         }
+        // Each iteration is a SEND each way.
+        messages += 2 * iters;
     }
+    // Every opcode the device path carries, byte for byte; a forged rkey; an atomic refused.
+    let probe = NIC_PROBE.build(&site.work);
+    let out = h_app(&site, &h_dir, "hserver", probe.to_str().unwrap())
+        .arg("10.64.0.2")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(
+        out.status.success() && said.contains("checks passed"),
+        "{said}"
+    );
+    // What the device path does not carry is refused at the verb, not run by H's software
+    // engine: a UD QP, an SRQ (the programs fail before they listen).
+    for (program, what) in [
+        ("ibv_ud_pingpong", "Couldn't create QP"),
+        ("ibv_srq_pingpong", "Couldn't create SRQ"),
+    ] {
+        let out = h_app(&site, &h_dir, "hserver", program)
+            .args(["-g", "0", "-p", "18617"])
+            .output()
+            .unwrap();
+        let said = text(&out);
+        assert!(
+            !out.status.success() && said.contains(what),
+            "{program}: {said}"
+        );
+    }
+    // The traffic crossed the "NIC": S's engine executed the sends (the pingpongs' and the
+    // probe's, besides H's own), H's software engine none.
+    let s_after = engine_ops(&site.router_status(0));
+    assert!(
+        s_after - s_before >= messages,
+        "S executed {} sends, the pingpongs alone sent {messages}",
+        s_after - s_before
+    );
+    let h = h_status(&site, &h_dir);
+    assert_eq!(
+        engine_ops(&h),
+        0,
+        "H's software engine ran work requests: {h}"
+    );
+    eprintln!(
+        "S's engine executed {} sends during the run",
+        s_after - s_before
+    );
     // Tenant red's container and blue's server exchange QP numbers over TCP, but blue's QP
     // cannot connect to red's (RTR fails: another tenant is unreachable), so the server gives
     // up and the client gets nothing.
@@ -367,4 +453,131 @@ fn containers_of_the_nested_router_run_ibv_rc_pingpong() {
     assert!(server.contains("Failed to modify QP to RTR"), "{server}");
     assert!(!runs.1.status.success(), "{client}");
     assert!(!client.contains("iters in"), "{client}");
+}
+
+/// `tool -d ffv0 -p PORT -s 64 -n ITERS` as server and client (naming `ip`) both in
+/// `container`, through `app` (S's or H's library); returns the client's t_typical in
+/// microseconds (perftest's table: `#bytes #iterations t_min t_max t_typical ...`).
+fn perftest_typical_us(
+    site: &Site,
+    app: &dyn Fn() -> Command,
+    (container, ip): (&str, &str),
+    tool: &str,
+    port: u16,
+) -> f64 {
+    let port_arg = port.to_string();
+    let args = ["-d", "ffv0", "-p", &port_arg, "-s", "64", "-n", "1000"];
+    let mut server = app()
+        .arg(tool)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    site.wait_listening(container, port, Some(&mut server));
+    let client = app().arg(tool).args(args).arg(ip).output().unwrap();
+    if !client.status.success() {
+        let _ = server.kill();
+    }
+    let server = server.wait_with_output().unwrap();
+    assert!(server.status.success(), "{tool} server: {}", text(&server));
+    assert!(client.status.success(), "{tool} client: {}", text(&client));
+    let out = String::from_utf8_lossy(&client.stdout).into_owned();
+    let mut lines = out.lines();
+    lines
+        .find(|l| l.trim_start().starts_with("#bytes"))
+        .unwrap_or_else(|| panic!("{tool}: no result table: {out}"));
+    let row: Vec<&str> = lines
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| panic!("{tool}: no result row: {out}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.first(), Some(&"64"), "{tool}: {out}");
+    let typical: f64 = row
+        .get(4)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{tool}: no t_typical: {out}"));
+    assert!(typical.is_finite() && typical > 0.0, "{tool}: {out}");
+    typical
+}
+
+/// What router H adds to an operation: Debian's unmodified perftest `ib_send_lat` and
+/// `ib_write_lat` (64 B, server and client in one container) on S's device directly (container
+/// `nic`) and through H's device path (container `hserver`), alternately, three runs each;
+/// prints the medians and the difference per operation (half a round trip: a latency test's
+/// t_typical is one way). No threshold: the numbers go to the README.
+#[test]
+fn perftest_latency_on_the_device_directly_and_through_the_nested_router() {
+    let site = site("vnicbench");
+    let h_dir = site.work.join("H");
+    let _down = Down {
+        site: &site,
+        dir: h_dir.clone(),
+    };
+    // H's shard on core 0, S's on the last core (its default): two routers spinning on one
+    // core would take turns by the scheduler's time slices.
+    let out = freeflow_in_nic(
+        &site,
+        &["up", "--rdma-device", "ffv0", "--cores", "0"],
+        &h_dir,
+    );
+    assert_success(&out, "freeflow up --rdma-device ffv0 (router H)");
+    let c = site.cluster().container("hserver").unwrap().clone();
+    let out = site
+        .verbs_app("nic", &*FREEFLOW, &[])
+        .args(["container", "add", "hserver", "--dir"])
+        .arg(&h_dir)
+        .arg("--netns")
+        .arg(&c.netns_path)
+        .args(["--ip", "10.64.0.2", "--tenant", "blue"])
+        .output()
+        .unwrap();
+    assert_success(&out, "container add hserver (router H)");
+    let direct = || {
+        let mut cmd = site.verbs_app("nic", "env", &[]);
+        cmd.stdin(Stdio::null());
+        cmd
+    };
+    let through_h = || {
+        let c = site.cluster().container("hserver").unwrap().clone();
+        let mut cmd = freeflow_testbed::command_in(&c.netns, "env");
+        cmd.arg(format!("FREEFLOW_DIR={}", h_dir.display()))
+            .arg(format!("LD_LIBRARY_PATH={}", h_dir.join("verbs").display()))
+            .args(["timeout", "-s", "KILL", "60"])
+            .stdin(Stdio::null());
+        cmd
+    };
+    let mut port = 18700;
+    for tool in ["ib_send_lat", "ib_write_lat"] {
+        let (mut s, mut h) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            port += 1;
+            s.push(perftest_typical_us(
+                &site,
+                &direct,
+                ("nic", "10.32.0.9"),
+                tool,
+                port,
+            ));
+            port += 1;
+            h.push(perftest_typical_us(
+                &site,
+                &through_h,
+                ("hserver", "10.64.0.2"),
+                tool,
+                port,
+            ));
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[1]
+        };
+        let (s_med, h_med) = (median(&mut s), median(&mut h));
+        eprintln!(
+            "{tool} 64 B t_typical (medians of 3): on S's ffv0 directly {s_med:.2} us, through \
+             H's device path {h_med:.2} us: H adds {:.0} ns per operation (runs: S {s:?}, H \
+             {h:?})",
+            (h_med - s_med) * 1000.0
+        );
+    }
 }

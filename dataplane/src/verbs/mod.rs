@@ -110,6 +110,10 @@ pub enum VerbsError {
     /// ends.
     #[error("verbs engine fault: {0}")]
     Fault(#[from] engine::Fault),
+    /// The RDMA device (the hardware backend) refused to make the object's twin.
+    #[cfg(feature = "rdma-hw")]
+    #[error("the RDMA device refused: {0}")]
+    Device(#[from] hw::sys::NicError),
 }
 
 impl VerbsError {
@@ -140,6 +144,8 @@ impl VerbsError {
             VerbsError::Transition(_) => VerbsStatus::Invalid,
             VerbsError::Queue(_) | VerbsError::PassFile(_) => VerbsStatus::NoResources,
             VerbsError::Fault(_) => VerbsStatus::Invalid,
+            #[cfg(feature = "rdma-hw")]
+            VerbsError::Device(_) => VerbsStatus::NoResources,
         };
         s as u16
     }
@@ -255,6 +261,24 @@ struct Mr {
     offset: usize,
     /// The memory file its pages are in.
     file: u16,
+    /// The file offset of the mapping's first page (the device path maps it again).
+    #[cfg(feature = "rdma-hw")]
+    file_start: u64,
+}
+
+/// A region of a table as the device path registers it ([`VerbsTable::map_for_device`]).
+#[cfg(feature = "rdma-hw")]
+#[derive(Debug)]
+pub(crate) struct DeviceRegion {
+    pub pd: PdId,
+    pub access: u32,
+    pub iova: u64,
+    pub length: u64,
+    pub lkey: u32,
+    pub rkey: u32,
+    /// Where the region's first byte is in `mapping`.
+    pub offset: usize,
+    pub mapping: Mapping,
 }
 
 /// A further memory file and how many regions use it: the last one's deregistration (or a
@@ -523,6 +547,12 @@ impl VerbsTable {
         let writable = AccessFlags::from_bits_retain(access).intersects(
             AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC,
         );
+        #[cfg(feature = "rdma-hw")]
+        let file_start = if r.file == OWN_MEMORY_FILE {
+            first_page
+        } else {
+            r.file_offset
+        };
         let mapping = if r.file == OWN_MEMORY_FILE {
             if r.file_offset != 0 {
                 return Err(VerbsError::Invalid(
@@ -562,12 +592,42 @@ impl VerbsTable {
                 mapping,
                 offset: (r.addr - first_page) as usize,
                 file: r.file,
+                #[cfg(feature = "rdma-hw")]
+                file_start,
             },
         );
         Ok(MrCreated {
             mr: handle,
             lkey,
             rkey,
+        })
+    }
+
+    /// A region as a device registers it: a writable mapping of its pages of its own (the
+    /// device pins it while registered; the table's mapping stays the engine's), and what the
+    /// device path's key table needs of it.
+    #[cfg(feature = "rdma-hw")]
+    pub(crate) fn map_for_device(&self, handle: u32) -> Result<DeviceRegion, VerbsError> {
+        let mr = self.mrs.get(&handle).ok_or(VerbsError::NoSuchMr(handle))?;
+        let file = if mr.file == OWN_MEMORY_FILE {
+            self.memory.as_ref().ok_or(VerbsError::NoMemoryFile)?
+        } else {
+            &self
+                .further_files
+                .get(&mr.file)
+                .ok_or(VerbsError::NoMemoryFile)?
+                .file
+        };
+        let mapping = file.map(mr.file_start, mr.mapping.len() as u64, true)?;
+        Ok(DeviceRegion {
+            pd: mr.pd,
+            access: mr.access,
+            iova: mr.iova,
+            length: mr.length,
+            lkey: mr.lkey,
+            rkey: mr.rkey,
+            offset: mr.offset,
+            mapping,
         })
     }
 

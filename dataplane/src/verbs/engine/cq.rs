@@ -166,6 +166,11 @@ impl Engine {
             _region: region,
         });
         ctx.cqs.insert(handle, index);
+        #[cfg(feature = "rdma-hw")]
+        if let Err(e) = self.device_create_cq(index, geometry.slot_count) {
+            let _ = self.destroy_cq(attachment, handle);
+            return Err(e);
+        }
         Ok(CqCreated {
             cq: handle,
             cqe: geometry.slot_count,
@@ -192,6 +197,8 @@ impl Engine {
         ctx.cqs.remove(&handle);
         self.budgets.refund(ctx);
         self.cqs.remove(index);
+        #[cfg(feature = "rdma-hw")]
+        self.device_destroy_cq(index);
         self.dirty.retain(|&i| i != index);
         Ok(())
     }
@@ -241,6 +248,12 @@ impl Engine {
         r: &ResizeCq,
     ) -> Result<CqCreated, VerbsError> {
         let index = self.cq_index(attachment, r.cq)?;
+        #[cfg(feature = "rdma-hw")]
+        if self.device.is_some() {
+            return Err(crate::verbs::hw::path::refuse(
+                "resizing a CQ on the RDMA device path",
+            ));
+        }
         if r.cqe == 0 || r.cqe > limits::MAX_CQE {
             return Err(VerbsError::Invalid("cqe out of range"));
         }

@@ -165,6 +165,9 @@ pub struct Engine {
     /// ACKs held back to ride on a reply, and for how long at most (`remote::ACK_HOLD`).
     pub(super) held_acks: Vec<super::remote::HeldAck>,
     pub(super) ack_hold: std::time::Duration,
+    /// The RDMA device the containers' RC QPs run on (`--rdma-device`; see `hw::path`).
+    #[cfg(feature = "rdma-hw")]
+    pub(super) device: Option<Box<super::hw::path::DevicePath>>,
 }
 
 impl Default for Engine {
@@ -218,6 +221,8 @@ impl Engine {
             remote: Transport::default(),
             held_acks: Vec::new(),
             ack_hold: super::remote::ACK_HOLD,
+            #[cfg(feature = "rdma-hw")]
+            device: None,
         }
     }
 
@@ -254,6 +259,18 @@ impl Engine {
             cqs: ctx.cqs.len(),
             qps: ctx.qps.len(),
         };
+        #[cfg(feature = "rdma-hw")]
+        {
+            let qps: Vec<(QpId, u32)> = ctx
+                .qps
+                .values()
+                .filter_map(|&i| Some((i, self.qps.get(i)?.qpn)))
+                .collect();
+            self.device_close(attachment, &qps);
+            for &i in ctx.cqs.values() {
+                self.device_destroy_cq(i);
+            }
+        }
         for &i in ctx.qps.values() {
             if let Some(qp) = self.qps.remove(i) {
                 self.qpns.remove(&qp.qpn);
@@ -384,6 +401,10 @@ impl Engine {
             }
             VerbsOp::QueryQp => Ok(self.query_qp(attachment, handle()?)?.encode(reply)),
             VerbsOp::DestroyQp => self.destroy_qp(attachment, handle()?).map(|()| 0),
+            #[cfg(feature = "rdma-hw")]
+            VerbsOp::CreateSrq if self.device.is_some() => Err(super::hw::path::refuse(
+                "shared receive queues on the RDMA device path",
+            )),
             VerbsOp::CreateSrq => {
                 let r = CreateSrq::decode(body)?;
                 Ok(self.create_srq(attachment, conn, &r)?.encode(reply))
@@ -428,9 +449,18 @@ impl Engine {
                 for _ in ctx.table.further_file_count()..files {
                     self.budgets.refund(ctx);
                 }
+                #[cfg(feature = "rdma-hw")]
+                if let Ok(len) = created {
+                    self.reg_mr_on_device(attachment, &reply[..len])?;
+                }
                 created
             }
             VerbsOp::DeregMr => {
+                #[cfg(feature = "rdma-hw")]
+                if let Ok(r) = freeflow_proto::verbs::DeregMr::decode(body) {
+                    // The device lets go of the pages (its own mapping of them) first.
+                    self.device_dereg_mr(attachment, r.mr);
+                }
                 let ctx = context_mut(&mut self.contexts, attachment)?;
                 let files = ctx.table.further_file_count();
                 let len = ctx.table.serve_inner(op, body, reply)?;
@@ -440,8 +470,57 @@ impl Engine {
                 }
                 Ok(len)
             }
+            #[cfg(feature = "rdma-hw")]
+            VerbsOp::AllocPd if self.device.is_some() => {
+                let len = self
+                    .context(attachment)?
+                    .table
+                    .serve_inner(op, body, reply)?;
+                let pd = PdId(freeflow_proto::verbs::PdCreated::decode(&reply[..len])?.pd);
+                if let Err(e) = self.device_alloc_pd(attachment, pd) {
+                    let _ = self.context(attachment)?.table.dealloc_pd(pd);
+                    return Err(e);
+                }
+                Ok(len)
+            }
+            #[cfg(feature = "rdma-hw")]
+            VerbsOp::DeallocPd if self.device.is_some() => {
+                let len = self
+                    .context(attachment)?
+                    .table
+                    .serve_inner(op, body, reply)?;
+                let pd = PdId(freeflow_proto::verbs::DeallocPd::decode(body)?.pd);
+                self.device_dealloc_pd(attachment, pd);
+                Ok(len)
+            }
             _ => self.context(attachment)?.table.serve_inner(op, body, reply),
         }
+    }
+
+    /// The region a RegMr reply names gets its twin on the device; if the device refuses, the
+    /// registration is undone (the container sees the error).
+    #[cfg(feature = "rdma-hw")]
+    fn reg_mr_on_device(
+        &mut self,
+        attachment: AttachmentId,
+        reply: &[u8],
+    ) -> Result<(), VerbsError> {
+        if self.device.is_none() {
+            return Ok(());
+        }
+        let mr = freeflow_proto::verbs::MrCreated::decode(reply)?.mr;
+        let registered = self.device_reg_mr(attachment, mr);
+        if registered.is_err() {
+            let ctx = context_mut(&mut self.contexts, attachment)?;
+            let files = ctx.table.further_file_count();
+            if ctx.table.dereg_mr(mr).is_ok() {
+                self.budgets.refund(ctx);
+                for _ in ctx.table.further_file_count()..files {
+                    self.budgets.refund(ctx);
+                }
+            }
+        }
+        registered
     }
 
     /// The engine's number of tenant `name`, if a context of it was ever opened here.
@@ -534,6 +613,11 @@ impl Engine {
             if qp.broken {
                 continue;
             }
+            // The device path runs these (below).
+            #[cfg(feature = "rdma-hw")]
+            if self.is_device_qp(index) {
+                continue;
+            }
             match qp.state {
                 QpState::Rts => work += self.run_send_queue(index, &mut now),
                 QpState::Err => {
@@ -548,6 +632,10 @@ impl Engine {
                 self.release_held_acks(*now.get_or_insert_with(std::time::Instant::now));
             }
             self.remote.flush_all();
+        }
+        #[cfg(feature = "rdma-hw")]
+        {
+            work += self.device_pass();
         }
         self.publish();
         // Events are written as soon as the contexts are back (see `events`); this catches any

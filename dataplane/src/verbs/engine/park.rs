@@ -104,6 +104,8 @@ impl Engine {
                 }
             }
         }
+        #[cfg(feature = "rdma-hw")]
+        self.device_park(&mut plan, &mut broken);
         self.flag_rnr_peers(&rnr_peers, &mut plan, &mut broken);
         self.remote_park(&mut plan);
         for (owner, e) in broken {
@@ -175,6 +177,35 @@ impl Engine {
                 Ok(true) => {}
                 Ok(false) => plan.busy = true,
                 Err(owner_error) => broken.push(owner_error),
+            }
+        }
+    }
+
+    /// The device path's part: a receive posted to a device QP must reach the device at once
+    /// (its receive ring rings the doorbell too); the device's CQs are armed, so that their
+    /// completion channel wakes the shard (without a channel they are polled every
+    /// [`CQ_FULL_RETRY`] while the device has QPs).
+    #[cfg(feature = "rdma-hw")]
+    fn device_park(&mut self, plan: &mut ParkPlan, broken: &mut Vec<(AttachmentId, RingError)>) {
+        let (moved, wake) = self.device_arm(Instant::now() + CQ_FULL_RETRY);
+        plan.busy |= moved;
+        if let Some(wake) = wake {
+            plan.wake_by(wake);
+        }
+        if !self.device.as_deref().is_some_and(|d| d.has_qps()) {
+            return;
+        }
+        for qp in self.qps.iter_mut() {
+            if qp.broken || !matches!(qp.state, QpState::Init | QpState::Rtr | QpState::Rts) {
+                continue;
+            }
+            match qp.rq.prepare_park() {
+                Ok(true) => {}
+                Ok(false) => plan.busy = true,
+                Err(e) => {
+                    qp.broken = true;
+                    broken.push((qp.owner, e));
+                }
             }
         }
     }

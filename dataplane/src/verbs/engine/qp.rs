@@ -294,6 +294,19 @@ impl Engine {
         let qp_type = QpType::from_u32(r.qp_type)
             .ok_or(VerbsError::NotSupported("only RC, UC and UD queue pairs"))?;
         check_cap(&r.cap)?;
+        #[cfg(feature = "rdma-hw")]
+        if self.device.is_some() {
+            if qp_type != QpType::Rc {
+                return Err(crate::verbs::hw::path::refuse(
+                    "UC and UD queue pairs on the RDMA device path (RC only)",
+                ));
+            }
+            if r.srq != 0 {
+                return Err(crate::verbs::hw::path::refuse(
+                    "shared receive queues on the RDMA device path",
+                ));
+            }
+        }
         let qpn = self.new_qpn();
         let ctx = self.context_ref(attachment)?;
         if ctx.qps.len() >= limits::MAX_QP as usize {
@@ -314,10 +327,29 @@ impl Engine {
         })?;
         let index = self.insert_qp(attachment, (qpn, qp_type), r, queues, &layout, rings);
         self.context(attachment)?.qps.insert(handle, index);
+        #[allow(unused_mut)]
+        let mut cap = layout.cap;
+        #[cfg(feature = "rdma-hw")]
+        if self.device.is_some() {
+            match self.device_create_qp(index) {
+                Ok(granted) => {
+                    cap = granted;
+                    let qp = self.qps.entry_mut(index)?;
+                    qp.cap = granted;
+                    qp.attr.cap = granted;
+                }
+                Err(e) => {
+                    // The container never sees this QP: undone whole (its file was passed
+                    // already; the shim drops it with the failed reply).
+                    let _ = self.destroy_qp(attachment, handle);
+                    return Err(e);
+                }
+            }
+        }
         Ok(QpCreated {
             qp: handle,
             qpn,
-            cap: layout.cap,
+            cap,
         })
     }
 
@@ -501,6 +533,21 @@ impl Engine {
         } else {
             None
         };
+        // The device's twin changes first: if the device refuses, nothing changed here.
+        #[cfg(feature = "rdma-hw")]
+        if self.is_device_qp(index) {
+            let qp = self.qps.entry(index)?;
+            let mut merged = qp.attr;
+            take_attrs(&mut merged, r.attr_mask, &r.attr);
+            let destination = route.or(qp.route).map(|d| {
+                if r.attr_mask & mask::DEST_QPN != 0 {
+                    d.with_qpn(r.attr.dest_qp_num)
+                } else {
+                    d
+                }
+            });
+            self.device_modify_qp(index, (current, next), &merged, destination)?;
+        }
         let qp = self.qps.entry_mut(index)?;
         take_attrs(&mut qp.attr, r.attr_mask, &r.attr);
         if let Some(route) = route {
@@ -558,6 +605,11 @@ impl Engine {
         handle: u32,
     ) -> Result<(), VerbsError> {
         let index = self.qp_index(attachment, handle)?;
+        #[cfg(feature = "rdma-hw")]
+        if let Ok(qp) = self.qps.entry(index) {
+            let qpn = qp.qpn;
+            self.device_destroy_qp(index, qpn);
+        }
         let qp = self.qps.take(index)?;
         self.qpns.remove(&qp.qpn);
         for cq in [qp.send_cq, qp.recv_cq] {

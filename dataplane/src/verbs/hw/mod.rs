@@ -9,18 +9,13 @@
 //! shared mappings of a memory file register and carry data).
 //!
 //! `translate` is the bookkeeping of the containers' side: virtual keys, addresses and QP
-//! numbers to the device's, checked against the container's own tables (unit-tested).
-//!
-//! What is not here yet (see the README, "On a real RDMA device"): the containers' PDs, MRs,
-//! CQs and QPs created on the device, and the shard calling `translate` and `sys` on their
-//! rings. The router opens the device and keeps it; verbs attachments are still served by the
-//! software engine.
+//! numbers to the device's, checked against the container's own tables (unit-tested); `path`
+//! makes the containers' PDs, MRs, CQs and RC QPs on the device and runs their rings there
+//! (docs/verbs-engine.md, "The hardware backend").
 
+pub mod path;
 #[allow(unsafe_code)]
 pub mod sys;
-// The translation of the containers' work requests and completions, unit-tested; the shard
-// does not call it yet (see the module comment above).
-#[allow(dead_code)]
 pub mod translate;
 
 use freeflow_proto::verbs::wc_status;
@@ -67,8 +62,9 @@ impl DeviceChoice {
     }
 }
 
-/// An opened device with an active port.
-#[derive(Debug)]
+/// An opened device with an active port (each shard's engine holds a clone: the context is
+/// thread-safe, the objects each engine makes are its own).
+#[derive(Debug, Clone)]
 pub struct Nic {
     pub device: Arc<Device>,
     pub port: sys::PortInfo,
@@ -264,6 +260,7 @@ impl Nic {
                 sges: &[sge(&l.src_mr, size)],
                 signaled: true,
                 fence: false,
+                inline: false,
             })?;
             expect(&l.cq, 2, wc_status::SUCCESS, "SEND")?;
             check_bytes(&l.dst, &pattern, "SEND")?;
@@ -278,6 +275,7 @@ impl Nic {
                 sges: &[sge(&l.src_mr, size)],
                 signaled: true,
                 fence: false,
+                inline: false,
             })?;
             expect(&l.cq, 1, wc_status::SUCCESS, "RDMA WRITE")?;
             check_bytes(&l.dst, &pattern, "RDMA WRITE")?;
@@ -291,6 +289,7 @@ impl Nic {
                 sges: &[sge(&l.src_mr, size)],
                 signaled: true,
                 fence: false,
+                inline: false,
             })?;
             expect(&l.cq, 1, wc_status::SUCCESS, "RDMA READ")?;
             check_bytes(&l.src, &pattern, "RDMA READ")?;
@@ -309,6 +308,7 @@ impl Nic {
             sges: &[sge(&l.src_mr, 64)],
             signaled: true,
             fence: false,
+            inline: false,
         })?;
         expect(
             &l.cq,
@@ -415,6 +415,7 @@ impl Nic {
                     }],
                     signaled: true,
                     fence: false,
+                    inline: false,
                 })?;
                 expect(&l.cq, 2, wc_status::SUCCESS, "measured SEND")?;
             }
@@ -461,6 +462,7 @@ impl Nic {
             }],
             signaled: true,
             fence: false,
+            inline: false,
         })?;
         expect(&l.cq, 2, wc_status::SUCCESS, "SEND from shared memory")?;
         check_bytes(&l.dst, &pattern, "SEND from shared memory")?;
@@ -486,6 +488,7 @@ impl Nic {
             }],
             signaled: true,
             fence: false,
+            inline: false,
         })?;
         expect(
             &l.cq,
@@ -521,6 +524,7 @@ impl Nic {
             }],
             signaled: true,
             fence: false,
+            inline: false,
         })?;
         expect(&l.cq, 2, wc_status::SUCCESS, "SEND from a file region")?;
         check_bytes(&l.dst, &tail, "SEND from a file region")?;
@@ -664,6 +668,7 @@ impl Nic {
             sges: real.sges(),
             signaled: real.signaled,
             fence: real.fence,
+            inline: real.inline,
         })?;
         let completion = wait_one(&l.cq, "the container's translated RDMA WRITE")?;
         let cqe = translate_completion(&completion, c::QPN, c::PEER_QPN);

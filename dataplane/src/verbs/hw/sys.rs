@@ -191,22 +191,109 @@ impl Device {
 
     /// A CQ of at least `entries` entries, without a completion channel (the shard polls).
     pub fn create_cq(self: &Arc<Self>, entries: u32) -> Result<Arc<Cq>, NicError> {
+        self.create_cq_on(entries, None)
+    }
+
+    /// A CQ of at least `entries` entries whose events (once armed, [`Cq::arm`]) come on
+    /// `channel`.
+    pub fn create_cq_on(
+        self: &Arc<Self>,
+        entries: u32,
+        channel: Option<&Arc<CompChannel>>,
+    ) -> Result<Arc<Cq>, NicError> {
         let entries = c_int::try_from(entries).map_err(|_| NicError::Invalid("CQ size"))?;
-        // SAFETY: the context is open; no channel, no context pointer.
+        let channel_ptr = channel.map_or(std::ptr::null_mut(), |c| c.ch.as_ptr());
+        // SAFETY: the context is open; the channel (if any) is alive and held by the CQ below
+        // for its whole life; no context pointer.
         let cq = unsafe {
             ibv_create_cq(
                 self.ctx.as_ptr(),
                 entries,
                 std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                channel_ptr,
                 0,
             )
         };
         let cq = NonNull::new(cq).ok_or_else(|| call_error("ibv_create_cq", 0))?;
         Ok(Arc::new(Cq {
             cq,
+            _channel: channel.cloned(),
             _device: self.clone(),
         }))
+    }
+
+    /// A completion channel: a descriptor that becomes readable when an armed CQ of it gets a
+    /// completion.
+    pub fn create_comp_channel(self: &Arc<Self>) -> Result<Arc<CompChannel>, NicError> {
+        // SAFETY: the context is open.
+        let ch = unsafe { ibv_create_comp_channel(self.ctx.as_ptr()) };
+        let ch = NonNull::new(ch).ok_or_else(|| call_error("ibv_create_comp_channel", 0))?;
+        Ok(Arc::new(CompChannel {
+            ch,
+            _device: self.clone(),
+        }))
+    }
+}
+
+/// A completion channel of the device.
+#[derive(Debug)]
+pub struct CompChannel {
+    ch: NonNull<ibv_comp_channel>,
+    _device: Arc<Device>,
+}
+
+// SAFETY: see `Device`.
+unsafe impl Send for CompChannel {}
+// SAFETY: see `Device`.
+unsafe impl Sync for CompChannel {}
+
+impl CompChannel {
+    /// Its descriptor (readable while an event waits), for the shard's io_uring.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        // SAFETY: the channel is alive; its fd field is plain data.
+        unsafe { (*self.ch.as_ptr()).fd }
+    }
+
+    /// Takes and acknowledges every event waiting on the channel, without blocking (a poll
+    /// of the descriptor says whether one is there before each read); returns how many.
+    pub fn take_events(&self) -> Result<usize, NicError> {
+        let mut taken = 0;
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd living across the call; zero timeout.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+            if ready < 0 {
+                return Err(call_error("poll", 0));
+            }
+            if ready == 0 || pfd.revents & libc::POLLIN == 0 {
+                return Ok(taken);
+            }
+            let mut cq: *mut ibv_cq = std::ptr::null_mut();
+            let mut cq_context: *mut std::os::raw::c_void = std::ptr::null_mut();
+            // SAFETY: the channel is alive; the descriptor is readable, so the call does not
+            // block; it writes the CQ and its context pointer.
+            let ret = unsafe { ibv_get_cq_event(self.ch.as_ptr(), &mut cq, &mut cq_context) };
+            if ret != 0 {
+                return Err(call_error("ibv_get_cq_event", 0));
+            }
+            if !cq.is_null() {
+                // SAFETY: the event names a CQ of this channel, alive (CQs are destroyed on
+                // this thread, which acknowledges each event as it takes it).
+                unsafe { ibv_ack_cq_events(cq, 1) };
+            }
+            taken += 1;
+        }
+    }
+}
+
+impl Drop for CompChannel {
+    fn drop(&mut self) {
+        // SAFETY: CQs hold an Arc of their channel, so none is left; destroyed once.
+        unsafe { ibv_destroy_comp_channel(self.ch.as_ptr()) };
     }
 }
 
@@ -473,6 +560,7 @@ pub struct Completion {
 #[derive(Debug)]
 pub struct Cq {
     cq: NonNull<ibv_cq>,
+    _channel: Option<Arc<CompChannel>>,
     _device: Arc<Device>,
 }
 
@@ -517,6 +605,22 @@ impl Cq {
     }
 }
 
+impl Cq {
+    /// Asks for an event on its channel at the next completion (`ibv_req_notify_cq`, all
+    /// completions).
+    pub fn arm(&self) -> Result<(), NicError> {
+        // SAFETY: the CQ and its context are alive (we hold the device).
+        let notify = unsafe { (*(*self.cq.as_ptr()).context).ops.req_notify_cq }
+            .ok_or(NicError::MissingOp("req_notify_cq"))?;
+        // SAFETY: the CQ is alive.
+        let ret = unsafe { notify(self.cq.as_ptr(), 0) };
+        if ret != 0 {
+            return Err(call_error("ibv_req_notify_cq", ret));
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Cq {
     fn drop(&mut self) {
         // SAFETY: QPs hold an Arc of their CQs, so none is left; destroyed once.
@@ -536,8 +640,23 @@ pub struct Sge {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendOpcode {
     Send,
-    Write { remote_addr: u64, rkey: u32 },
-    Read { remote_addr: u64, rkey: u32 },
+    /// A SEND with immediate data (`imm` in network byte order, as the WQE carries it).
+    SendImm {
+        imm: u32,
+    },
+    Write {
+        remote_addr: u64,
+        rkey: u32,
+    },
+    WriteImm {
+        remote_addr: u64,
+        rkey: u32,
+        imm: u32,
+    },
+    Read {
+        remote_addr: u64,
+        rkey: u32,
+    },
 }
 
 /// A send work request in the device's terms.
@@ -548,6 +667,9 @@ pub struct SendRequest<'a> {
     pub sges: &'a [Sge],
     pub signaled: bool,
     pub fence: bool,
+    /// IBV_SEND_INLINE: the provider copies the bytes `sges` name while it posts (they need
+    /// no key and may be freed when the call returns).
+    pub inline: bool,
 }
 
 /// Scatter/gather entries of one work request at most (the engine's own limit is lower).
@@ -573,6 +695,8 @@ pub struct Destination {
 pub struct Qp {
     qp: NonNull<ibv_qp>,
     pub qpn: u32,
+    /// The capacities the device granted (at least those asked).
+    pub caps: QpCaps,
     _pd: Arc<Pd>,
     _send_cq: Arc<Cq>,
     _recv_cq: Arc<Cq>,
@@ -619,9 +743,17 @@ impl Qp {
         let qp = NonNull::new(qp).ok_or_else(|| call_error("ibv_create_qp", 0))?;
         // SAFETY: a QP the call just returned.
         let qpn = unsafe { (*qp.as_ptr()).qp_num };
+        let granted = init.cap;
         Ok(Qp {
             qp,
             qpn,
+            caps: QpCaps {
+                max_send_wr: granted.max_send_wr,
+                max_recv_wr: granted.max_recv_wr,
+                max_send_sge: granted.max_send_sge,
+                max_recv_sge: granted.max_recv_sge,
+                max_inline_data: granted.max_inline_data,
+            },
             _pd: pd.clone(),
             _send_cq: send_cq.clone(),
             _recv_cq: recv_cq.clone(),
@@ -635,6 +767,23 @@ impl Qp {
             return Err(call_error("ibv_modify_qp", ret));
         }
         Ok(())
+    }
+
+    /// Any state to ERR (the device flushes what is queued) or to RESET.
+    pub fn to_error(&self) -> Result<(), NicError> {
+        self.to_state(ibv_qp_state::IBV_QPS_ERR)
+    }
+
+    /// Any state to RESET (the device forgets what is queued).
+    pub fn to_reset(&self) -> Result<(), NicError> {
+        self.to_state(ibv_qp_state::IBV_QPS_RESET)
+    }
+
+    fn to_state(&self, state: ibv_qp_state::Type) -> Result<(), NicError> {
+        // SAFETY: plain data; zero is valid.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = state;
+        self.modify(&mut attr, ibv_qp_attr_mask::IBV_QP_STATE)
     }
 
     /// RESET to INIT on `port`, granting `enum ibv_access_flags` `access` to remote peers.
@@ -744,12 +893,30 @@ impl Qp {
         if req.fence {
             flags |= ibv_send_flags::IBV_SEND_FENCE.0;
         }
+        if req.inline {
+            flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+        }
         wr.send_flags = flags;
         let rdma = |remote_addr, rkey| wr_t {
             rdma: rdma_t { remote_addr, rkey },
         };
         match req.opcode {
             SendOpcode::Send => wr.opcode = ibv_wr_opcode::IBV_WR_SEND,
+            SendOpcode::SendImm { imm } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
+                wr.imm_data_invalidated_rkey_union =
+                    imm_data_invalidated_rkey_union_t { imm_data: imm };
+            }
+            SendOpcode::WriteImm {
+                remote_addr,
+                rkey,
+                imm,
+            } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+                wr.wr = rdma(remote_addr, rkey);
+                wr.imm_data_invalidated_rkey_union =
+                    imm_data_invalidated_rkey_union_t { imm_data: imm };
+            }
             SendOpcode::Write { remote_addr, rkey } => {
                 wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
                 wr.wr = rdma(remote_addr, rkey);

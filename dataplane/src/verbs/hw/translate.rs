@@ -126,6 +126,8 @@ pub struct RealSend {
     num_sge: usize,
     pub signaled: bool,
     pub fence: bool,
+    /// The payload is the WQE's inline data (in the slot), for the device to copy at post.
+    pub inline: bool,
 }
 
 impl RealSend {
@@ -148,27 +150,34 @@ pub fn translate_send(
     sq_sig_all: bool,
 ) -> Result<RealSend, u32> {
     let h = &wqe.header;
-    // Inline data lives in the ring, not in registered memory: the device cannot gather it.
-    if h.has(send_flags::INLINE) {
-        return Err(wc_status::LOC_QP_OP_ERR);
-    }
     let op = WrOpcode::try_from(h.opcode).map_err(|_| wc_status::LOC_QP_OP_ERR)?;
     let (own_table, own_pd) = own;
     let write_locally = op == WrOpcode::RdmaRead;
     let mut sges = [RealSge::default(); MAX_SGE as usize];
     let mut num_sge = 0;
     let mut total = 0u64;
-    // The decoder bounds the count by the QP's max_send_sge (at most MAX_SGE); `zip` keeps to
-    // the array regardless.
-    for (out, s) in sges.iter_mut().zip(wqe.sges(slot)) {
-        *out = own_table
-            .local(own_pd, s, write_locally)
-            .map_err(|_| wc_status::LOC_PROT_ERR)?;
-        total += u64::from(s.length);
-        num_sge += 1;
-    }
-    if num_sge != usize::from(h.num_sge) {
-        return Err(wc_status::LOC_QP_OP_ERR);
+    // Inline data lives in the router's copy of the slot, not in registered memory: the
+    // device copies it at post time (IBV_SEND_INLINE), so it needs no key. A READ has nothing
+    // to send inline.
+    let inline = h.has(send_flags::INLINE);
+    if inline {
+        if write_locally {
+            return Err(wc_status::LOC_QP_OP_ERR);
+        }
+        total = u64::from(h.inline_len);
+    } else {
+        // The decoder bounds the count by the QP's max_send_sge (at most MAX_SGE); `zip`
+        // keeps to the array regardless.
+        for (out, s) in sges.iter_mut().zip(wqe.sges(slot)) {
+            *out = own_table
+                .local(own_pd, s, write_locally)
+                .map_err(|_| wc_status::LOC_PROT_ERR)?;
+            total += u64::from(s.length);
+            num_sge += 1;
+        }
+        if num_sge != usize::from(h.num_sge) {
+            return Err(wc_status::LOC_QP_OP_ERR);
+        }
     }
     let (peer_table, peer_pd) = peer;
     let remote = |need| {
@@ -178,6 +187,15 @@ pub fn translate_send(
     };
     let opcode = match op {
         WrOpcode::Send => SendOpcode::Send,
+        WrOpcode::SendWithImm => SendOpcode::SendImm { imm: h.imm_data },
+        WrOpcode::RdmaWriteWithImm => {
+            let (remote_addr, rkey) = remote(AccessFlags::REMOTE_WRITE)?;
+            SendOpcode::WriteImm {
+                remote_addr,
+                rkey,
+                imm: h.imm_data,
+            }
+        }
         WrOpcode::RdmaWrite => {
             let (remote_addr, rkey) = remote(AccessFlags::REMOTE_WRITE)?;
             SendOpcode::Write { remote_addr, rkey }
@@ -186,11 +204,10 @@ pub fn translate_send(
             let (remote_addr, rkey) = remote(AccessFlags::REMOTE_READ)?;
             SendOpcode::Read { remote_addr, rkey }
         }
-        // Not carried by the backend yet.
-        WrOpcode::SendWithImm
-        | WrOpcode::RdmaWriteWithImm
-        | WrOpcode::AtomicCmpAndSwp
-        | WrOpcode::AtomicFetchAndAdd => return Err(wc_status::LOC_QP_OP_ERR),
+        // Not carried by the backend yet (the device path completes them with this error).
+        WrOpcode::AtomicCmpAndSwp | WrOpcode::AtomicFetchAndAdd => {
+            return Err(wc_status::LOC_QP_OP_ERR)
+        }
     };
     Ok(RealSend {
         opcode,
@@ -198,6 +215,7 @@ pub fn translate_send(
         num_sge,
         signaled: sq_sig_all || h.has(send_flags::SIGNALED),
         fence: h.has(send_flags::FENCE),
+        inline,
     })
 }
 
@@ -415,13 +433,85 @@ mod tests {
             run(ro_sge, WrOpcode::RdmaRead, 22, 0x7000_0000, (&ro, 1)),
             Err(wc_status::LOC_PROT_ERR)
         );
-        // Inline data cannot be gathered by the device.
-        let s = slot(WrOpcode::Send, good, 0, 0, 0);
+        // Atomics are not carried by the device path yet; an inline READ has no meaning.
+        let s = slot(WrOpcode::AtomicFetchAndAdd, good, 22, 0x7000_0000, 0);
+        assert_eq!(
+            translate_send(&decode(&s), &s, (&a, 1), (&b, 2), false),
+            Err(wc_status::LOC_QP_OP_ERR)
+        );
+        let s = slot(WrOpcode::RdmaRead, good, 22, 0x7000_0000, 0);
         let mut wqe = decode(&s);
         wqe.header.flags = send_flags::INLINE as u8;
         assert_eq!(
             translate_send(&wqe, &s, (&a, 1), (&b, 2), false),
             Err(wc_status::LOC_QP_OP_ERR)
+        );
+    }
+
+    #[test]
+    fn immediate_data_and_inline_sends_translate_for_the_device() {
+        let rw = AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE;
+        let mut a = KeyTable::default();
+        a.insert(11, 12, mr(1, rw));
+        let mut b = KeyTable::default();
+        b.insert(21, 22, mr(2, rw));
+        let sge = Sge {
+            addr: 0x7000_0000,
+            length: 64,
+            lkey: 11,
+        };
+        // WRITE_WITH_IMM: the peer's key and the immediate data as the WQE carries it.
+        let mut s = slot(WrOpcode::RdmaWriteWithImm, sge, 22, 0x7000_0040, 0);
+        let mut header = SendWqeHeader::read(&s);
+        header.imm_data = 0x1234_5678;
+        header.write(&mut s);
+        let real = translate_send(&decode(&s), &s, (&a, 1), (&b, 2), true).unwrap();
+        assert_eq!(
+            real.opcode,
+            SendOpcode::WriteImm {
+                remote_addr: 0x5555_0000_1040,
+                rkey: 0xbbbb,
+                imm: 0x1234_5678
+            }
+        );
+        assert!(real.signaled, "sq_sig_all signals every WQE");
+        // SEND_WITH_IMM needs no remote key.
+        let s = slot(WrOpcode::SendWithImm, sge, 0, 0, 0);
+        let real = translate_send(&decode(&s), &s, (&a, 1), (&b, 2), false).unwrap();
+        assert_eq!(real.opcode, SendOpcode::SendImm { imm: 0 });
+        assert!(!real.signaled);
+        // An inline SEND names no key: nothing to translate, the device copies the bytes.
+        let header = SendWqeHeader {
+            wr_id: 9,
+            opcode: WrOpcode::Send as u8,
+            flags: (send_flags::INLINE | send_flags::SIGNALED) as u8,
+            inline_len: 40,
+            ..SendWqeHeader::default()
+        };
+        let mut s = vec![0u8; SendWqe::slot_bytes(0, 40)];
+        header.write(&mut s);
+        let wqe = SendWqe::decode(&s, 1, 64).unwrap();
+        let real = translate_send(&wqe, &s, (&KeyTable::default(), 1), (&b, 2), false).unwrap();
+        assert!(real.inline && real.sges().is_empty() && real.opcode == SendOpcode::Send);
+        // An inline WRITE still needs the peer's key, for the inline length.
+        let header = SendWqeHeader {
+            opcode: WrOpcode::RdmaWrite as u8,
+            rkey: 22,
+            remote_addr: 0x7000_0000 + 8192 - 40,
+            ..header
+        };
+        header.write(&mut s);
+        let wqe = SendWqe::decode(&s, 1, 64).unwrap();
+        assert!(translate_send(&wqe, &s, (&a, 1), (&b, 2), false).is_ok());
+        let header = SendWqeHeader {
+            remote_addr: 0x7000_0000 + 8192 - 39,
+            ..header
+        };
+        header.write(&mut s);
+        let wqe = SendWqe::decode(&s, 1, 64).unwrap();
+        assert_eq!(
+            translate_send(&wqe, &s, (&a, 1), (&b, 2), false),
+            Err(wc_status::REM_ACCESS_ERR)
         );
     }
 
