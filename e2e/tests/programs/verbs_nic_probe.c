@@ -186,8 +186,14 @@ int main(int argc, char **argv)
     expect_recv(cqy, 90, IBV_WC_RECV, 64, 0, 0, "SEND after reconnect received");
     CHECK(memcmp(a, b, 64) == 0, "SEND after reconnect: bytes differ");
 
+    /* The peer QP destroyed: the survivor posts nothing to the device QP number that
+     * another QP may get next; its SEND exhausts its retries, as on a device. */
+    CHECK(ibv_destroy_qp(y) == 0, "destroy the peer QP");
+    CHECK(post(x, IBV_WR_SEND, 92, a, 64, ma->lkey, SIG, 0, 0) == 0, "post SEND to a gone peer");
+    EXPECT(cqx, 92, IBV_WC_RETRY_EXC_ERR, IBV_WC_SEND, "SEND to a destroyed peer");
+    CHECK(state_of(x) == IBV_QPS_ERR, "gone peer: QP state %d", state_of(x));
+
     ibv_destroy_qp(x);
-    ibv_destroy_qp(y);
     ibv_dereg_mr(ma);
     ibv_dereg_mr(mb);
     ibv_destroy_cq(cqx);

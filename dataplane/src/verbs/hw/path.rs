@@ -669,12 +669,40 @@ impl Engine {
                 self.device_fail_qp(index);
                 break;
             };
+            let peer_of = self
+                .device
+                .as_deref()
+                .and_then(|d| d.qps.get(&index))
+                .and_then(|t| t.peer);
+            let peer_gone =
+                peer_of.is_some_and(|(p, qpn)| self.qps.get(p).is_none_or(|q| q.qpn != qpn));
+            if peer_gone {
+                // The QP it was connected to was destroyed, and the device may give its real
+                // number to another QP (another tenant's): nothing is posted. A device whose
+                // peer vanished exhausts its retries: so does this QP.
+                if let Some(t) = self
+                    .device
+                    .as_deref_mut()
+                    .and_then(|d| d.qps.get_mut(&index))
+                {
+                    t.held = false;
+                }
+                self.device_complete_error(
+                    send_cq,
+                    wqe.header.wr_id,
+                    wc_opcode_of(wqe.header.opcode),
+                    qpn,
+                    wc_status::RETRY_EXC_ERR,
+                );
+                self.device_fail_qp(index);
+                done += 1;
+                break;
+            }
             let Some(d) = self.device.as_deref_mut() else {
                 break;
             };
             let empty = KeyTable::default();
             let own = d.keys.get(&owner).unwrap_or(&empty);
-            let peer_of = d.qps.get(&index).and_then(|t| t.peer);
             let peer_qp = peer_of.and_then(|(p, qpn)| self.qps.get(p).filter(|q| q.qpn == qpn));
             let (peer_table, peer_pd) = match peer_qp {
                 Some(p) => (d.keys.get(&p.owner).unwrap_or(&empty), p.pd.0),
