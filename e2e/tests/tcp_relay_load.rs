@@ -111,10 +111,13 @@ fn nginx_serves_400_plain_clients_at_once_through_the_relay_round_after_round() 
             "round {round}: {said}\n--- router log\n{}",
             site.router_log()
         );
-        assert_eq!(
-            site.router_counter(1, "tcp_relayed") - relayed,
-            all as u64,
-            "round {round}: every request was a client relayed by db's router"
+        // nginx's workers wait in epoll, which the shim does not watch: db's router rings for
+        // its plain clients (a worker's non-blocking accept that finds the host listener
+        // empty takes a waiting client itself, so not necessarily one doorbell each).
+        let rung = site.router_counter(1, "tcp_relayed") - relayed;
+        assert!(
+            rung > 0,
+            "round {round}: no doorbell answered for {all} plain clients"
         );
     }
     let log = site.router_log();
@@ -197,5 +200,15 @@ fn a_server_that_closed_the_shims_overlay_listener_serves_plain_clients() {
         1,
         "the server's shim asked the router once:\n{said}"
     );
-    assert_eq!(site.router_counter(1, "tcp_relayed") - relayed, 3);
+    // The first client came by doorbell (the server's shim had no overlay listener); with it
+    // fetched, the server's blocking accept waits on it too and takes the next ones itself
+    // (a doorbell is rung only for a client left waiting past the router's grace).
+    let rung = site.router_counter(1, "tcp_relayed") - relayed;
+    assert!((1..=3).contains(&rung), "{rung} doorbells answered");
+    assert_eq!(
+        said.matches("7301: this process takes its clients without Freeflow")
+            .count(),
+        1,
+        "the server's shim told the router once:\n{said}"
+    );
 }
