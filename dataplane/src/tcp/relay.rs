@@ -533,8 +533,10 @@ impl TcpService {
                         .local
                         .get(&key)
                         .is_some_and(|l| !l.accepting.is_empty());
-                    if accepting && self.relays.pending(key) == 0 {
+                    if accepting {
                         // Its processes wait on the overlay listener: they take the client.
+                        // (Doorbells rung at a grace's end are taken at the next one, or
+                        // at the check: not a wake-up per arrival meanwhile.)
                         self.relays.pause(key, now + ACCEPT_GRACE);
                     } else {
                         listeners.push(key);

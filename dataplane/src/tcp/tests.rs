@@ -842,6 +842,11 @@ fn a_process_that_accepts_its_plain_clients_itself_gets_doorbells_only_after_a_g
         panic!("{from}")
     };
     assert_eq!(*from.ip(), Ipv4Addr::LOCALHOST);
+    // A client arriving while that doorbell is rung is left to the process too.
+    let _third = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    serve_arrival(&mut tcp, watch);
+    assert_eq!(tcp.relays.waiting(), 1, "no doorbell at the arrival");
+    assert!(tcp.relays.in_grace(key));
     // The process goes: its listener's clients get doorbells at once again.
     tcp.listeners.detach(1, Instant::now());
     assert!(tcp.listeners.local.get(&key).unwrap().accepting.is_empty());
