@@ -91,7 +91,7 @@ fn start_echo(site: &Site) -> Child {
     let (server, _, line) =
         spawn_reading_first_line(python(site, "db", THREADED_ECHO).stderr(Stdio::null()));
     assert!(line.starts_with("LISTENING"), "{line:?}");
-    std::thread::sleep(Duration::from_millis(300));
+    site.wait_listener_known(0, "10.32.0.4", 6100);
     server
 }
 

@@ -254,8 +254,8 @@ fn same_host_ipv6_sockets_refusal_and_mix_and_match() {
 
     // The reverse: clients without Freeflow (a registered container without the shim on
     // another host, and a container Freeflow does not know on the same host) reaching an
-    // accelerated server. They come over the overlay; the server's router hands each to the
-    // application at accept, with its real address.
+    // accelerated server. They come over the overlay; the server's accept gets each, with
+    // its real address.
     let relayed_before = site.router_counter(1, "tcp_relayed");
     let server = start_server(&site, "db", 2, 6004, false, true);
     let out = run_client(
@@ -281,8 +281,11 @@ fn same_host_ipv6_sockets_refusal_and_mix_and_match() {
     assert!(out.contains("ECHO_OK"), "{out}");
     assert!(out.contains("SERVER_SAW ('10.32.0.5',"), "{out}");
     wait_exit(server);
+    // The server waits in a blocking accept, which waits on its overlay listener too and
+    // takes each plain client itself; host 1's router rings a doorbell only for a client left
+    // waiting past its grace (a loaded machine): never more than one each.
     let relayed = site.router_counter(1, "tcp_relayed") - relayed_before;
-    assert_eq!(relayed, 2, "both clients relayed by host 1's router");
+    assert!(relayed <= 2, "{relayed} doorbells answered for two clients");
 }
 
 /// A client that keeps one connection and makes another after being told to.
@@ -297,7 +300,7 @@ fn start_echo(site: &Site) -> Child {
     let (server, _, line) =
         spawn_reading_first_line(site.python("db", THREADED_ECHO, true).stderr(Stdio::null()));
     assert!(line.starts_with("LISTENING"), "{line:?}");
-    std::thread::sleep(Duration::from_millis(300));
+    site.wait_listener_known(0, "10.32.0.4", 6100);
     server
 }
 
@@ -909,7 +912,7 @@ fn reuseport_listeners_of_one_process_share_and_dup2_closes_a_listener() {
             .stderr(Stdio::piped()),
     );
     assert_eq!(line.trim(), "READY");
-    std::thread::sleep(Duration::from_millis(300));
+    site.wait_listener_known(0, "10.32.0.4", 7301);
     let listeners = site.router_status(1)["router"]["tcp_listeners"].as_u64();
     let client = site
         .python(

@@ -45,7 +45,7 @@ fn site_with_echo_server(prefix: &str) -> (Site, Child) {
     assert!(line.starts_with("LISTENING"), "{line:?}");
     site.wait_listening("db", 6100, Some(&mut server));
     // The listener known on the client's host (announced between routers).
-    std::thread::sleep(Duration::from_millis(300));
+    site.wait_listener_known(0, "10.32.0.4", 6100);
     (site, server)
 }
 

@@ -22,17 +22,14 @@ const STEP: Duration = Duration::from_secs(30);
 fn two_hosts(prefix: &str) -> Site {
     common::require_root("TCP-mode");
     common::require_built(&["freeflow-router"]);
-    let site = Site::create(SiteSpec {
+    Site::create(SiteSpec {
         prefix,
         work_prefix: "ff-tcpf",
         hosts: 2,
         containers: &[(0, "web", [10, 32, 0, 2]), (1, "db", [10, 32, 0, 4])],
         registered: &[("web", "blue"), ("db", "blue")],
         ..SiteSpec::default()
-    });
-    // Let both routers see each other's tables (peer connections come up on first use).
-    std::thread::sleep(Duration::from_millis(300));
-    site
+    })
 }
 
 /// python3 running `script` in `container` with the shim preloaded, bounded in time.
@@ -159,6 +156,7 @@ fn connects_fall_back_fast_while_the_router_is_stopped() {
     let site = two_hosts("tfs");
     let server = Program::start(python(&site, "db", SERVER).args(["5600", "1"]));
     assert_eq!(server.line("the server"), "LISTENING 1");
+    site.wait_listener_known(0, "10.32.0.4", 5600);
     let mut client = Program::start(python(&site, "web", CLIENT).arg("timer"));
     let (line, _) = connect(&mut client, "10.32.0.4 5600");
     assert!(line.ends_with("HELLO 5600"), "{line}");
@@ -207,6 +205,7 @@ fn listens_beyond_the_routers_cap_fall_back_to_the_overlay() {
     let server = Program::start(python(&site, "db", SERVER).args(["6000", "260"]));
     let line = server.line("the server");
     assert_eq!(line, "LISTENING 260", "every listen succeeds");
+    site.wait_listener_known(0, "10.32.0.4", 6000);
     let mut client = Program::start(&mut python(&site, "web", CLIENT));
     for port in [6000, 6255, 6256, 6259] {
         let (line, _) = connect(&mut client, &format!("10.32.0.4 {port}"));

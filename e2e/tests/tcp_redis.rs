@@ -184,6 +184,9 @@ fn redis_server_and_clients_run_accelerated() {
         "redis-server did not answer; last redis-cli ping:\n{last}\nserver log:\n{}",
         redis_log()
     );
+    // That PING may have gone over the overlay (before host 0's router knew the listener):
+    // the clients below must be accelerated.
+    site.wait_listener_known(0, DB_IP, REDIS_PORT);
 
     // redis-server's listening socket is a host-network socket on host 1 (the router made it,
     // the shim put it under redis-server's fd), so `ss -p` in host 1 shows it owned by

@@ -166,7 +166,7 @@ fn start_python_server(
         let _ = rest.read_to_string(&mut all);
     });
     // Both routers know the listener (tables travel to peers right after the listen).
-    std::thread::sleep(Duration::from_millis(300));
+    site.wait_listener_known(0, DB_IP, port);
     (child, line, reaper)
 }
 
@@ -374,7 +374,7 @@ fn postgresql_listening_everywhere_accepts_remote_logins() {
         "pg_ctl start: {}\n{log}",
         common::describe(&out)
     );
-    std::thread::sleep(Duration::from_millis(300));
+    site.wait_listener_known(0, DB_IP, 5432);
     let psql = [
         "psql", "-h", DB_IP, "-U", "postgres", "-d", "postgres", "-tAc", "select 1",
     ];

@@ -58,6 +58,53 @@ impl Site {
     }
 }
 
+/// The first process named `name` (its `comm`) among the descendants of `root`.
+fn descendant_named(root: i32, name: &str) -> Option<i32> {
+    // Each process's parent, from /proc/<pid>/stat (the comm field may hold spaces: after
+    // its closing parenthesis come the state and the parent).
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_owned();
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            parents.push((pid, ppid, comm));
+        }
+    }
+    let descends = |mut pid: i32| {
+        // Bounded: a chain of parents is never longer than the process table.
+        for _ in 0..parents.len() {
+            if pid == root {
+                return true;
+            }
+            match parents.iter().find(|(p, _, _)| *p == pid) {
+                Some(&(_, ppid, _)) => pid = ppid,
+                None => return false,
+            }
+        }
+        false
+    };
+    parents
+        .iter()
+        .find(|(pid, _, comm)| comm == name && descends(*pid))
+        .map(|(pid, _, _)| *pid)
+}
+
 /// A running program whose stdout lines arrive on a channel (read by a thread) and whose
 /// stderr is collected at the end.
 struct Running {
@@ -101,6 +148,32 @@ impl Running {
                     self.finish_now()
                 ),
             }
+        }
+    }
+
+    /// Waits (up to `bound`) until a process named `name` among the program's descendants
+    /// (it runs under `env`, `timeout` and `stdbuf`) sleeps in read(2): blocked on a
+    /// descriptor, as `ibv_get_async_event` blocks on the context's async_fd.
+    fn wait_blocked_in_read(&mut self, name: &str, bound: Duration) {
+        let root = self.child.id() as i32;
+        let blocked = common::poll(bound, Duration::from_millis(10), || {
+            let pid = descendant_named(root, name)?;
+            let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
+            // The first field is the system call's number: read(2) is 0 on x86_64 and 63 on
+            // aarch64.
+            let number = syscall.split_whitespace().next()?;
+            let read = if cfg!(target_arch = "aarch64") {
+                "63"
+            } else {
+                "0"
+            };
+            (number == read).then_some(())
+        });
+        if blocked.is_none() {
+            panic!(
+                "{name} did not block in read(2) within {bound:?}: {}",
+                self.finish_now()
+            );
         }
     }
 
@@ -200,7 +273,7 @@ fn ibv_asyncwatch_sees_device_fatal_when_the_router_is_killed() {
     let mut watch = Running::spawn(cmd);
     // It prints its async_fd once the context is open, then blocks in ibv_get_async_event.
     watch.wait_for_line("async event FD", Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    watch.wait_blocked_in_read("ibv_asyncwatch", Duration::from_secs(20));
     let pid = site.kill_router();
     eprintln!("killed the router (pid {pid}) under ibv_asyncwatch");
     let (code, said) = watch.wait_exit(EXIT_BOUND);

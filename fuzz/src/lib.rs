@@ -515,6 +515,7 @@ fn sockmsg_seeds() -> Vec<Vec<u8>> {
         .encode()
         .to_vec(),
         SockNotice::forget_all().encode().to_vec(),
+        request(SockOp::Accepts, 0).encode().to_vec(),
     ]
 }
 

@@ -140,6 +140,10 @@ pub struct RouterStatus {
     /// router and the server's process knew it before the connection came).
     #[serde(default)]
     pub tcp_claimed: u64,
+    /// TCP mode: the other hosts' accelerated listeners this router knows (from their
+    /// routers' tables), as overlay `ip:port`, sorted: a connect to one is accelerated.
+    #[serde(default)]
+    pub tcp_remote_listeners: Vec<String>,
     /// TCP mode: connects, fallbacks and relayed clients per tenant (of the connecting
     /// container; of the listener's for a relayed client), by tenant name.
     #[serde(default)]

@@ -41,6 +41,10 @@ wire_enum! {
         /// `port`. The request carries that host listener and a new overlay listener (in this
         /// order), so that the new router takes up where the old one stopped.
         Relisten = 6,
+        /// This process takes the clients without Freeflow of its listener on `port` itself:
+        /// its accept waits on the overlay listener beside the host listener, so the router
+        /// rings a doorbell only for a client that waits longer than a short grace.
+        Accepts = 7,
     }
 }
 

@@ -198,6 +198,7 @@ fn sock_request() -> impl Strategy<Value = SockRequest> {
         SockOp::Resolve,
         SockOp::Own,
         SockOp::Relisten,
+        SockOp::Accepts,
     ]);
     (
         op,

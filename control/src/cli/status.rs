@@ -396,6 +396,7 @@ mod tests {
             tcp_fallbacks: 5,
             tcp_relayed: 6,
             tcp_claimed: 7,
+            tcp_remote_listeners: Vec::new(),
             tcp_by_tenant: Vec::new(),
             jail_active: false,
             cm_listeners: 0,
@@ -457,6 +458,7 @@ mod tests {
             r#""index":0,"parked_ns":8,"parks":5,"protocol_errors":6,"qps":10,"requests":3,"#,
             r#""verbs_bytes":13,"verbs_ops":12,"wakeups":4}],"tcp_by_tenant":[],"tcp_claimed":7,"#,
             r#""tcp_connects":4,"tcp_fallbacks":5,"tcp_listeners":3,"tcp_relayed":6,"#,
+            r#""tcp_remote_listeners":[],"#,
             r#""uptime_ms":1234,"version":"0.1"}}"#
         );
         assert_eq!(

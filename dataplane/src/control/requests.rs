@@ -231,6 +231,7 @@ impl ControlThread {
             tcp_fallbacks: self.tcp.counters.fallbacks,
             tcp_relayed: self.tcp.counters.relayed,
             tcp_claimed: self.tcp.counters.claimed,
+            tcp_remote_listeners: self.tcp.remote_listeners(),
             tcp_by_tenant: self
                 .tcp
                 .counters

@@ -25,6 +25,10 @@ const MAX_LISTENERS_PER_CONTAINER: usize = 256;
 pub(super) struct LocalListener {
     /// Attachments (processes) holding the listener; it is kept while any is alive.
     pub owners: Vec<u32>,
+    /// Holders that take the clients without Freeflow themselves (their accept waits on the
+    /// overlay listener too: `Accepts`): while any is alive, the router rings a doorbell only
+    /// for clients that wait past a grace ([`super::relay`]).
+    pub accepting: Vec<u32>,
     /// Since when no holder is known.
     pub orphaned_at: Option<Instant>,
     pub host_port: u16,
@@ -124,6 +128,7 @@ impl Listeners {
         for l in self.local.values_mut() {
             let before = l.owners.len();
             l.owners.retain(|&a| a != attachment);
+            l.accepting.retain(|&a| a != attachment);
             if before > 0 && l.owners.is_empty() {
                 l.orphan(now);
             }
@@ -162,6 +167,16 @@ impl Listeners {
     }
 
     /// The host listeners of other hosts (host address and port).
+    pub fn remote_overlay_addresses(&self) -> Vec<String> {
+        let mut known: Vec<OverlayEndpoint> = self.remote.keys().map(|&(_, dst)| dst).collect();
+        known.sort_by_key(|e| (e.ip(), e.port()));
+        known.dedup();
+        known
+            .iter()
+            .map(|e| format!("{}:{}", e.ip(), e.port()))
+            .collect()
+    }
+
     pub fn remote_host_ports(&self) -> HashSet<(Ipv4Addr, u16)> {
         self.remote
             .iter()
@@ -270,6 +285,7 @@ impl TcpService {
             Ok((socket, keep, host_port)) => {
                 let listener = LocalListener {
                     owners: vec![caller.attachment],
+                    accepting: Vec::new(),
                     orphaned_at: None,
                     host_port,
                     backlog: req.backlog,
@@ -340,6 +356,7 @@ impl TcpService {
         }
         let listener = LocalListener {
             owners: vec![caller.attachment],
+            accepting: Vec::new(),
             orphaned_at: None,
             host_port,
             backlog: req.backlog,
@@ -359,6 +376,7 @@ impl TcpService {
         if let Some(l) = self.listeners.local.get_mut(&key) {
             let held = !l.owners.is_empty();
             l.owners.retain(|&a| a != caller.attachment);
+            l.accepting.retain(|&a| a != caller.attachment);
             if held && l.owners.is_empty() {
                 if req.flags & FLAG_ORPHAN != 0 {
                     l.orphan(Instant::now());
@@ -381,6 +399,22 @@ impl TcpService {
                 (ok(req.seq, key), None)
             }
             None => (SockReply::error(req.seq, libc::ENOENT), None),
+        }
+    }
+
+    /// A holder of the listener takes its clients without Freeflow itself (`Accepts`). Only a
+    /// process that holds the listener counts (at most once): a container cannot make the
+    /// router hold more than its processes' holds.
+    pub(super) fn accepts(&mut self, caller: Caller<'_>, req: SockRequest) -> Reply {
+        let key = OverlayEndpoint::new(caller.container.ip, req.port);
+        match self.listeners.local.get_mut(&key) {
+            Some(l) if l.owners.contains(&caller.attachment) => {
+                if !l.accepting.contains(&caller.attachment) {
+                    l.accepting.push(caller.attachment);
+                }
+                (ok(req.seq, key), None)
+            }
+            _ => (SockReply::error(req.seq, libc::ENOENT), None),
         }
     }
 

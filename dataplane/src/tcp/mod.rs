@@ -171,6 +171,7 @@ impl TcpService {
             SockOp::Connect => return Some(self.connect(caller, req, host_ip, v6)),
             SockOp::Resolve => return self.resolve(caller, req),
             SockOp::Own => return Some(self.own(caller, req)),
+            SockOp::Accepts => return Some(self.accepts(caller, req)),
             SockOp::Listen => self.listen(caller, req, host_ip, v6, passed.into_iter().next()),
             SockOp::Relisten => self.relisten(caller, req, host_ip, passed),
             SockOp::Unlisten => self.unlisten(caller, req),
@@ -227,6 +228,7 @@ impl TcpService {
         // After the turn's requests: clients without Freeflow that came meanwhile.
         self.relay_readable();
         let now = Instant::now();
+        self.relay_grace_over(now);
         if let Some(host_ip) = self.registry.host_ip() {
             self.ports.refill_spares(host_ip);
             self.refill_pools(host_ip, now);
@@ -256,6 +258,11 @@ impl TcpService {
 
     pub fn listeners(&self) -> usize {
         self.listeners.local.len()
+    }
+
+    /// The other hosts' listeners this router knows, as overlay `ip:port`, sorted.
+    pub fn remote_listeners(&self) -> Vec<String> {
+        self.listeners.remote_overlay_addresses()
     }
 
     /// Whether our connection to `host`'s router is up (the connection manager ends its

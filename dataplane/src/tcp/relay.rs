@@ -40,6 +40,11 @@ use std::time::{Duration, Instant};
 const RELAY_TTL: Duration = Duration::from_secs(60);
 /// How often doorbells are checked (their time, their listener still there).
 const EXPIRE_EVERY: Duration = Duration::from_millis(100);
+/// How long the clients of a listener whose processes take them themselves (`Accepts`) are
+/// left to those processes before the router rings for the ones still waiting: a process
+/// that stopped accepting, or is busy, must not leave them waiting without bound. Arrivals in
+/// that time do not wake the router.
+pub(super) const ACCEPT_GRACE: Duration = Duration::from_millis(20);
 /// Doorbells rung for one listener per turn of the control loop: the turn stays short, and
 /// each answered doorbell rings again for the clients still waiting.
 const RING_BATCH: usize = 64;
@@ -106,6 +111,10 @@ pub(super) struct Relays {
     watch: Option<ArrivalWatch>,
     watched: HashMap<OverlayEndpoint, Watched>,
     next_token: u64,
+    /// Listeners whose processes take their clients themselves, with arrivals since the last
+    /// look: out of the arrival watch until the time given, when the router rings for the
+    /// clients still waiting and watches again.
+    grace: HashMap<OverlayEndpoint, Instant>,
 }
 
 /// An overlay listener in the arrival watch, by a duplicate of the router's (so that it can be
@@ -216,6 +225,45 @@ impl Relays {
 
     pub fn next_deadline(&self) -> Option<Instant> {
         self.next_check
+            .into_iter()
+            .chain(self.grace.values().copied())
+            .min()
+    }
+
+    /// Leaves the clients of `listener` to its processes until `until`: its overlay listener
+    /// leaves the arrival watch (no wake-up per arrival) meanwhile.
+    fn pause(&mut self, listener: OverlayEndpoint, until: Instant) {
+        if self.grace.contains_key(&listener) {
+            return;
+        }
+        let (Some(watch), Some(watched)) = (self.watch.as_ref(), self.watched.get(&listener))
+        else {
+            return;
+        };
+        watch.remove(watched.socket());
+        self.grace.insert(listener, until);
+    }
+
+    /// Ends the grace of `listener`: its overlay listener is watched again (an edge-triggered
+    /// watch reports at once the clients waiting when it is added).
+    fn resume(&mut self, listener: OverlayEndpoint) {
+        if self.grace.remove(&listener).is_none() {
+            return;
+        }
+        let (Some(watch), Some(watched)) = (self.watch.as_ref(), self.watched.get(&listener))
+        else {
+            return;
+        };
+        if watch.add(watched.socket(), watched.token).is_err() {
+            // Not watched any more: polled as a listener without a watch.
+            self.watched.remove(&listener);
+        }
+    }
+
+    /// Whether `listener`'s arrivals are left to its processes for now (tests).
+    #[cfg(test)]
+    pub(super) fn in_grace(&self, listener: OverlayEndpoint) -> bool {
+        self.grace.contains_key(&listener)
     }
 
     /// How many more doorbells `listener`, whose share is `share`, may have: within the
@@ -374,6 +422,11 @@ impl TcpService {
                 return doorbell;
             }
             let overlay = l.overlay.as_ref()?;
+            if !l.accepting.is_empty() && self.relays.watched.contains_key(&key) {
+                // Its processes take the clients; the arrival watch (or the grace's end)
+                // wakes the router for those left waiting.
+                return None;
+            }
             let room = self.relays.room_for(key, listener_share(l.backlog)) > 0;
             (room && !self.relays.backoff.contains_key(&key)).then(|| overlay.as_fd())
         });
@@ -471,9 +524,24 @@ impl TcpService {
         let readable = std::mem::take(&mut self.relays.readable);
         let mut listeners = Vec::new();
         let watch_fd = self.relays.watch.as_ref().map(|w| w.as_fd().as_raw_fd());
+        let now = Instant::now();
         for fd in readable {
             if Some(fd) == watch_fd {
-                listeners.extend(self.arrivals());
+                for key in self.arrivals() {
+                    let accepting = self
+                        .listeners
+                        .local
+                        .get(&key)
+                        .is_some_and(|l| !l.accepting.is_empty());
+                    if accepting {
+                        // Its processes wait on the overlay listener: they take the client.
+                        // (Doorbells rung at a grace's end are taken at the next one, or
+                        // at the check: not a wake-up per arrival meanwhile.)
+                        self.relays.pause(key, now + ACCEPT_GRACE);
+                    } else {
+                        listeners.push(key);
+                    }
+                }
                 continue;
             }
             // An overlay listener (clients wait) or an oldest doorbell (answered): ring_for
@@ -490,6 +558,23 @@ impl TcpService {
             self.ring_for(key);
         }
         self.sync_arrival_watch();
+    }
+
+    /// At the end of their grace, rings for the clients of listeners still waiting (their
+    /// processes did not take them: stopped accepting, busy, or gone) and watches their
+    /// arrivals again.
+    pub(super) fn relay_grace_over(&mut self, now: Instant) {
+        let due: Vec<OverlayEndpoint> = self
+            .relays
+            .grace
+            .iter()
+            .filter(|(_, &until)| until <= now)
+            .map(|(&key, _)| key)
+            .collect();
+        for key in due {
+            self.ring_for(key);
+            self.relays.resume(key);
+        }
     }
 
     /// The listeners that had arrivals since the last look.

@@ -171,6 +171,7 @@ fn claims_are_announcements_made_ahead_for_one_listener() {
             OverlayEndpoint::new(ip, 80),
             LocalListener {
                 owners: vec![owner],
+                accepting: Vec::new(),
                 orphaned_at: None,
                 host_port: 5000 + owner as u16,
                 backlog: 0,
@@ -395,6 +396,7 @@ fn relaying_service(backlog: u32) -> (TcpService, TcpListener, TcpListener, Over
     let key = OverlayEndpoint::new(Ipv4Addr::new(10, 32, 0, 4), 80);
     let listener = LocalListener {
         owners: vec![1],
+        accepting: Vec::new(),
         orphaned_at: None,
         host_port: host.local_addr().unwrap().port(),
         backlog,
@@ -803,4 +805,49 @@ fn resolves_waiting_for_announcements_are_bounded_per_process_and_in_all() {
 
 fn waiting_resolves(tcp: &TcpService) -> usize {
     tcp.announcements.waiting()
+}
+
+/// A listener whose process takes its clients without Freeflow itself (its blocking accept
+/// waits on the overlay listener too: `Accepts`): an arrival does not ring, and the overlay
+/// listener leaves the arrival watch for a grace (no wake-up per client); at the grace's end
+/// the router rings only for a client still waiting (a process that stopped accepting must
+/// not leave it waiting without bound), and watches again. The process's going ends it.
+#[test]
+fn a_process_that_accepts_its_plain_clients_itself_gets_doorbells_only_after_a_grace() {
+    let (mut tcp, host, overlay, key) = relaying_service(16);
+    tcp.relay_readable();
+    let watch = tcp.relays.arrival_watch_fd().expect("the arrival watch");
+    tcp.listeners.local.get_mut(&key).unwrap().accepting = vec![1];
+    let polled: Vec<i32> = tcp.relay_poll_fds().map(|fd| fd.as_raw_fd()).collect();
+    assert_eq!(polled, vec![watch], "its overlay listener is not polled");
+    // A client the process takes within the grace: no doorbell.
+    let _first = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    serve_arrival(&mut tcp, watch);
+    assert_eq!(tcp.relays.waiting(), 0, "no doorbell at the arrival");
+    assert!(tcp.relays.in_grace(key));
+    let due = tcp.relays.next_deadline().expect("the grace's end");
+    let (_conn, _) = overlay.accept().unwrap();
+    tcp.relay_grace_over(due);
+    assert_eq!(tcp.relays.waiting(), 0, "taken by the process: no doorbell");
+    assert!(!tcp.relays.in_grace(key), "watched again");
+    // A client the process leaves waiting: one doorbell at the grace's end.
+    let _second = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    serve_arrival(&mut tcp, watch);
+    assert_eq!(tcp.relays.waiting(), 0);
+    let due = tcp.relays.next_deadline().expect("the grace's end");
+    tcp.relay_grace_over(due);
+    assert_eq!(tcp.relays.waiting(), 1, "rung for the client left waiting");
+    let (_doorbell, from) = host.accept().unwrap();
+    let SocketAddr::V4(from) = from else {
+        panic!("{from}")
+    };
+    assert_eq!(*from.ip(), Ipv4Addr::LOCALHOST);
+    // A client arriving while that doorbell is rung is left to the process too.
+    let _third = TcpStream::connect(overlay.local_addr().unwrap()).unwrap();
+    serve_arrival(&mut tcp, watch);
+    assert_eq!(tcp.relays.waiting(), 1, "no doorbell at the arrival");
+    assert!(tcp.relays.in_grace(key));
+    // The process goes: its listener's clients get doorbells at once again.
+    tcp.listeners.detach(1, Instant::now());
+    assert!(tcp.listeners.local.get(&key).unwrap().accepting.is_empty());
 }

@@ -244,15 +244,34 @@ impl Site {
     }
 
     /// [`Site::create`] for the TCP-mode tests: fails first unless the test runs as root and the
-    /// router and the shim are built; afterwards waits a moment, so that both routers see each
-    /// other's tables (peer connections come up on first use).
+    /// router and the shim are built. A test that connects to a listener of another host waits
+    /// until the client's router knows it ([`Site::wait_listener_known`]).
     pub fn create_tcp(spec: SiteSpec<'_>) -> Site {
         require_root("TCP-mode");
         require_built(&["freeflow-router"]);
         shim();
-        let site = Site::create(spec);
-        std::thread::sleep(Duration::from_millis(300));
-        site
+        Site::create(spec)
+    }
+
+    /// Waits (20 s at most) until host `host`'s router knows the accelerated listener on overlay
+    /// `ip`:`port` of another host (its router sends its table right after a listen): a connect
+    /// from `host` is accelerated from then on, rather than sent to the overlay.
+    pub fn wait_listener_known(&self, host: usize, ip: &str, port: u16) {
+        let wanted = format!("{ip}:{port}");
+        let known = poll(Duration::from_secs(20), Duration::from_millis(10), || {
+            let status = self.router_status(host);
+            let remote = status["router"]["tcp_remote_listeners"].as_array()?;
+            remote
+                .iter()
+                .any(|l| l.as_str() == Some(&wanted))
+                .then_some(())
+        });
+        assert!(
+            known.is_some(),
+            "host {host}'s router does not know {wanted} after 20 s: {}\n--- router logs\n{}",
+            self.router_status(host)["router"]["tcp_remote_listeners"],
+            self.router_log()
+        );
     }
 
     /// [`Site::create`] for the RDMA-mode tests: fails first unless the test runs as root and

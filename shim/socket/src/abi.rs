@@ -366,12 +366,41 @@ unsafe fn accept4_shimmed(
     };
     // A forked or exec'd server's first accept: it needs its own watcher.
     session::ensure_watcher();
+    // Clients without Freeflow wait on the shim's overlay listener: a blocking accept waits on
+    // it too, and a non-blocking one looks there before saying EAGAIN (overlay_accept).
+    let blocking = is_nonblocking(fd) == Ok(false);
     loop {
+        let overlay = state::overlay_of(listener.local);
+        if let Some(overlay) = overlay.filter(|_| blocking) {
+            match overlay_accept::wait_either(fd, overlay, listener.local) {
+                overlay_accept::Ready::Overlay => {
+                    // SAFETY: addr/len are the application's accept arguments (NULL allowed).
+                    match unsafe { overlay_accept::take(listener.local, overlay, addr, len, flags) }
+                    {
+                        Ok(Some(client)) => return client,
+                        // Another thread or process took it: wait again.
+                        Ok(None) => continue,
+                        Err(e) => return fail(e),
+                    }
+                }
+                overlay_accept::Ready::Failed(e) => return fail(e),
+                overlay_accept::Ready::Host => {}
+            }
+        }
         let (new, host_peer) = with_address_out(|peer, peer_len| {
             // SAFETY: `peer` is a buffer of `*peer_len` bytes.
             unsafe { real::accept4(fd, peer, peer_len, flags) }
         });
         if new < 0 {
+            let err = real::errno();
+            if let Some(overlay) = overlay.filter(|_| err == libc::EAGAIN && !blocking) {
+                // SAFETY: addr/len are the application's accept arguments (NULL allowed).
+                match unsafe { overlay_accept::take(listener.local, overlay, addr, len, flags) } {
+                    Ok(Some(client)) => return client,
+                    Ok(None) => return fail(libc::EAGAIN),
+                    Err(e) => return fail(e),
+                }
+            }
             return new;
         }
         if let Some((_, port, _)) = host_peer.filter(|(ip, ..)| overlay_accept::is_doorbell(*ip)) {

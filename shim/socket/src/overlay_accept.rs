@@ -5,6 +5,14 @@
 //! the client from its own duplicate of the overlay listener: the application gets the
 //! client's connection and address as the kernel gives them, with no round trip.
 //!
+//! Where the shim sees the process wait for clients, it takes them itself, without a
+//! doorbell: a blocking accept waits on the host listener and the overlay listener together
+//! and accepts from whichever is ready, and a non-blocking accept that finds the host
+//! listener empty looks at the overlay listener before it says EAGAIN. A process whose
+//! blocking accept had to wait on both tells the router once (`Accepts`), and the router then
+//! rings only for clients still waiting after a short grace (a process that stopped
+//! accepting, or is busy elsewhere).
+//!
 //! The duplicate is made at listen (forked children inherit it); a process without one (it
 //! was exec'd: the duplicate is close-on-exec, or the application closed it) asks the router
 //! for it once, with a `Resolve` of the doorbell.
@@ -19,10 +27,11 @@
 use crate::real;
 use crate::session;
 use crate::state::{self, KeptOverlay};
+use freeflow_os::poll::{poll, PollFd};
 use freeflow_proto::sockmsg::{SockOp, SockRequest, SockStatus};
 use libc::{c_int, sockaddr, socklen_t};
 use std::net::Ipv4Addr;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 
 /// Where the router's doorbells come from.
 const DOORBELL_SOURCE: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -92,6 +101,7 @@ pub fn refuse_clients() {
 /// The listener on `local` is closed in this process: so is the shim's overlay listener (the
 /// port is free in the container once no process holds it).
 pub fn release(local: (Ipv4Addr, u16)) {
+    state::forget_accepting(local);
     if let Some(fd) = state::take_overlay(local) {
         real::close(fd);
     }
@@ -162,12 +172,30 @@ pub unsafe fn answer(
         close_doorbell(doorbell);
         return Ok(None);
     };
-    // SAFETY: the application's address buffer; `overlay` is the shim's own fd.
-    let new = unsafe { real::accept4(overlay, addr, len, flags) };
-    let err = real::errno();
+    // SAFETY: the application's address buffer, passed on.
+    let taken = unsafe { take(local, overlay, addr, len, flags) };
     // Closed after the accept: the router, woken by the close, counts the clients still
     // waiting, and must not ring again for this one.
     close_doorbell(doorbell);
+    taken
+}
+
+/// Accepts a client without Freeflow from `overlay`, the shim's overlay listener of `local`,
+/// with the application's accept4 `flags` and address buffer. `Ok(None)` if none waits
+/// (another thread or process took it). `Err(errno)` for the application.
+///
+/// # Safety
+/// `addr`/`len` are the application's accept arguments (NULL allowed).
+pub unsafe fn take(
+    local: (Ipv4Addr, u16),
+    overlay: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> Result<Option<c_int>, c_int> {
+    // SAFETY: the application's address buffer; `overlay` is the shim's own fd.
+    let new = unsafe { real::accept4(overlay, addr, len, flags) };
+    let err = real::errno();
     if new >= 0 {
         // A plain connection on the overlay: nothing for the shim to stand in for.
         state::remove(new);
@@ -175,8 +203,11 @@ pub unsafe fn answer(
     }
     match err {
         libc::EAGAIN | libc::ECONNABORTED | libc::EINTR => Ok(None),
+        // Not listening while no router serves it (`refuse_clients`): kept, to listen again
+        // for the next router.
+        libc::EINVAL => Ok(None),
         e @ (libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Err(e),
-        // Not listening any more (shut down in another process): forget it.
+        // Not a listener any more: forget it.
         _ => {
             if state::drop_overlay(local, overlay) {
                 real::close(overlay);
@@ -184,4 +215,88 @@ pub unsafe fn answer(
             Ok(None)
         }
     }
+}
+
+/// What a blocking accept on an accelerated listener found, waiting on both its sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// The host listener (an accelerated client or a doorbell), or something to report about
+    /// it: the application's accept on it says which.
+    Host,
+    /// The shim's overlay listener: a client without Freeflow waits.
+    Overlay,
+    /// Nothing within the listener's receive timeout (EAGAIN, as the kernel's accept says
+    /// then), or a signal came (EINTR).
+    Failed(c_int),
+}
+
+/// Waits as a blocking accept on host listener `fd` would (up to its SO_RCVTIMEO), until it or
+/// the shim's overlay listener `overlay` of `local` has a client. The host listener first when
+/// both have: a server that waits in select or poll (which the shim does not see) calls accept
+/// when the router's doorbell made the host listener ready, and must get that client, not
+/// block. Only a process that finds neither ready, so waits here, tells the router that it
+/// takes its clients itself ([`announce_accepting`]). An overlay listener that stopped
+/// listening (no router: its clients are refused) reports a hang-up, never a client: the wait
+/// then is for the host listener's (its accept blocks as before).
+pub fn wait_either(fd: c_int, overlay: c_int, local: (Ipv4Addr, u16)) -> Ready {
+    // SAFETY: `fd` is the application's listener, in its own accept call, and `overlay` the
+    // shim's; one closed meanwhile by another thread only makes poll report POLLNVAL.
+    let (host, kept) = unsafe { (BorrowedFd::borrow_raw(fd), BorrowedFd::borrow_raw(overlay)) };
+    let mut fds = [
+        PollFd::new(host, libc::POLLIN),
+        PollFd::new(kept, libc::POLLIN),
+    ];
+    let mut ready = poll(&mut fds, Some(std::time::Duration::ZERO));
+    if matches!(ready, Ok(0)) {
+        announce_accepting(local);
+        ready = poll(&mut fds, real::receive_timeout(fd));
+    }
+    match ready {
+        Ok(0) => Ready::Failed(libc::EAGAIN),
+        Ok(_) if fds[0].revents() != 0 => Ready::Host,
+        Ok(_) if fds[1].revents() & libc::POLLIN != 0 => Ready::Overlay,
+        // Only the overlay listener hung up: the host listener's accept, as without it.
+        Ok(_) => Ready::Host,
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ready::Failed(libc::EINTR),
+        Err(e) => Ready::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
+}
+
+/// Tells the router, once per process and listener, that this process takes the clients
+/// without Freeflow of the listener on `local` itself (its accept waits on the overlay
+/// listener): the router then leaves them to it for a grace before ringing.
+pub fn announce_accepting(local: (Ipv4Addr, u16)) {
+    if state::note_accepting(real::getpid(), local) {
+        tell_accepting(local);
+    }
+}
+
+/// Tells a restarted router again which listeners this process takes the clients of.
+pub fn announce_again() {
+    for local in state::accepting_of(real::getpid()) {
+        tell_accepting(local);
+    }
+}
+
+fn tell_accepting(local: (Ipv4Addr, u16)) {
+    let request = SockRequest {
+        op: SockOp::Accepts,
+        flags: 0,
+        seq: 0,
+        ip: local.0,
+        port: local.1,
+        backlog: 0,
+    };
+    // Without an answer the router rings for every client, as before: nothing is lost.
+    let told = session::call(request).is_ok_and(|(reply, _)| reply.status == SockStatus::Ok);
+    session::debug(format_args!(
+        "listener {}:{}: this process takes its clients without Freeflow{}",
+        local.0,
+        local.1,
+        if told {
+            ""
+        } else {
+            " (the router did not take note)"
+        }
+    ));
 }

@@ -275,6 +275,30 @@ pub fn get_int_opt(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
     (rc == 0).then_some(value)
 }
 
+/// The receive timeout of socket `fd` (SO_RCVTIMEO), which bounds a blocking accept too;
+/// None when it has none (or it cannot be read).
+pub fn receive_timeout(fd: c_int) -> Option<std::time::Duration> {
+    let mut value = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 0,
+    };
+    let mut len = std::mem::size_of::<libc::timeval>() as socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into value.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&mut value as *mut libc::timeval).cast(),
+            &mut len,
+        )
+    };
+    let secs = u64::try_from(value.tv_sec).ok()?;
+    let micros = u64::try_from(value.tv_usec).ok()?;
+    let timeout = std::time::Duration::from_secs(secs) + std::time::Duration::from_micros(micros);
+    (rc == 0 && !timeout.is_zero()).then_some(timeout)
+}
+
 pub fn set_int_opt(fd: c_int, level: c_int, name: c_int, value: c_int) {
     // SAFETY: passes a live c_int of the declared size.
     unsafe { libc::setsockopt(fd, level, name, (&value as *const c_int).cast(), 4) };

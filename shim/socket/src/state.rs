@@ -47,6 +47,9 @@ pub(crate) struct Table {
     /// Freeflow are accepted from it ([`crate::overlay_accept`]). The application does not
     /// know these fds; if it closes or replaces one, it is forgotten.
     overlay: HashMap<(Ipv4Addr, u16), KeptOverlay>,
+    /// The listeners whose clients without Freeflow this process told the router it takes
+    /// itself (`Accepts`), with the process id that told it (a forked child tells its own).
+    accepting: Vec<(i32, (Ipv4Addr, u16))>,
 }
 
 /// The shim's duplicate of an overlay listener, and the backlog to listen with again (after
@@ -141,6 +144,41 @@ pub fn kept_overlays() -> Vec<KeptOverlay> {
         return Vec::new();
     }
     with_table(|t| t.overlay.values().copied().collect())
+}
+
+/// Notes that process `pid` takes the clients without Freeflow of the listener on `local`
+/// itself; true the first time (the router is to be told).
+pub fn note_accepting(pid: i32, local: (Ipv4Addr, u16)) -> bool {
+    with_table(|t| {
+        let new = !t.accepting.contains(&(pid, local));
+        if new {
+            t.accepting.retain(|&(p, _)| p == pid);
+            t.accepting.push((pid, local));
+        }
+        new
+    })
+}
+
+/// The listeners process `pid` told the router it takes the clients of.
+pub fn accepting_of(pid: i32) -> Vec<(Ipv4Addr, u16)> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    with_table(|t| {
+        t.accepting
+            .iter()
+            .filter(|&&(p, _)| p == pid)
+            .map(|&(_, local)| local)
+            .collect()
+    })
+}
+
+/// The listener on `local` is closed in this process: a new one is told to the router anew.
+pub fn forget_accepting(local: (Ipv4Addr, u16)) {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return;
+    }
+    with_table(|t| t.accepting.retain(|&(_, l)| l != local));
 }
 
 /// Forgets the shim's overlay listener for `local` (its last listener fd closed); returns it,

@@ -685,6 +685,7 @@ fn relisten_all() -> bool {
             s.local.0, s.local.1
         ));
     }
+    crate::overlay_accept::announce_again();
     true
 }
 
