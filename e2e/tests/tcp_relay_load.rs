@@ -299,3 +299,83 @@ fn a_plain_client_of_a_process_that_stopped_accepting_gets_a_doorbell_after_the_
         "the second client came by doorbell"
     );
 }
+
+/// A forking server's accept, as C calls it (through ctypes, so the shim's accept is the one
+/// called and EINTR reaches the program instead of Python's retry): SIGCHLD has a handler
+/// with SA_RESTART, so a child's exit must not end the accept.
+const SA_RESTART_SERVER: &str = r#"
+import ctypes, os, signal, socket, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+signal.signal(signal.SIGCHLD, lambda *a: None)
+signal.siginterrupt(signal.SIGCHLD, False)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7311)); s.listen(16)
+child = os.fork()
+if child == 0:
+    time.sleep(0.5); os._exit(0)
+print("CHILD", child, flush=True)
+fd = libc.accept(s.fileno(), None, None)
+if fd < 0:
+    print("ACCEPT FAILED errno", ctypes.get_errno(), flush=True); sys.exit(1)
+c = socket.socket(fileno=fd); c.recv(100); c.sendall(b"OK"); c.close()
+print("DONE", flush=True)
+"#;
+
+/// A signal whose handler has SA_RESTART (a forking server reaping its children) does not end
+/// a blocking accept that the shim waits in for plain clients, as the kernel would restart
+/// its own accept: the server gets the client that comes after the signal.
+#[test]
+fn a_restarting_signal_does_not_end_the_shims_blocking_accept() {
+    common::require_programs(&["python3"], "python3");
+    let site = site("rs");
+    let mut server = site
+        .shim_env("db", true)
+        .args(["timeout", "60", "python3", "-c", SA_RESTART_SERVER])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    let child: u32 = first
+        .strip_prefix("CHILD ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the server said {first:?}"));
+    // The child is a zombie once it exited, and SIGCHLD was sent before that.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server's child never exited: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let client = site
+        .shim_env("web", false)
+        .args(["timeout", "40", "python3", "-c"])
+        .arg(format!(
+            "import socket; c = socket.create_connection(('{DB_IP}', 7311), timeout=35); \
+             c.sendall(b'x'); print(c.recv(100).decode())"
+        ))
+        .output()
+        .unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = server.wait().unwrap();
+    assert!(
+        status.success() && rest == "DONE\n",
+        "server: {status} {rest:?}"
+    );
+    common::assert_success(&client, "a plain client");
+    assert_eq!(String::from_utf8_lossy(&client.stdout).trim(), "OK");
+}

@@ -249,7 +249,20 @@ pub fn wait_either(fd: c_int, overlay: c_int, local: (Ipv4Addr, u16)) -> Ready {
     let mut ready = poll(&mut fds, Some(std::time::Duration::ZERO));
     if matches!(ready, Ok(0)) {
         announce_accepting(local);
-        ready = poll(&mut fds, real::receive_timeout(fd));
+        let timeout = real::receive_timeout(fd);
+        loop {
+            ready = poll(&mut fds, timeout);
+            // The kernel restarts an accept that a signal interrupted when the handler was
+            // installed with SA_RESTART (and the socket has no receive timeout); poll is never
+            // restarted. Forking servers reap children in a SIGCHLD handler with SA_RESTART
+            // and may treat EINTR from accept as fatal: wait again when it cannot have been a
+            // handler that asked for EINTR.
+            let interrupted =
+                matches!(&ready, Err(e) if e.kind() == std::io::ErrorKind::Interrupted);
+            if !(interrupted && timeout.is_none() && every_handler_restarts()) {
+                break;
+            }
+        }
     }
     match ready {
         Ok(0) => Ready::Failed(libc::EAGAIN),
@@ -260,6 +273,27 @@ pub fn wait_either(fd: c_int, overlay: c_int, local: (Ipv4Addr, u16)) -> Ready {
         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ready::Failed(libc::EINTR),
         Err(e) => Ready::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
     }
+}
+
+/// Whether every signal with a handler of the program's has SA_RESTART, so the signal that
+/// interrupted a wait was one after which the kernel would have restarted the accept.
+fn every_handler_restarts() -> bool {
+    (1..=libc::SIGRTMAX()).all(|sig| {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            return true;
+        }
+        // SAFETY: sigaction with a NULL new action only reads the disposition into `old`, a
+        // zeroed plain C structure owned here.
+        let (got, old) = unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            let got = libc::sigaction(sig, std::ptr::null(), &mut old);
+            (got, old)
+        };
+        got != 0
+            || old.sa_sigaction == libc::SIG_DFL
+            || old.sa_sigaction == libc::SIG_IGN
+            || old.sa_flags & libc::SA_RESTART != 0
+    })
 }
 
 /// Tells the router, once per process and listener, that this process takes the clients
