@@ -23,9 +23,11 @@ use crate::sys::Untrusted;
 use freeflow_proto::verbs::{PAGE_SIZE, REQUIRED_SEALS};
 use std::io;
 use std::marker::PhantomData;
+use std::os::fd::BorrowedFd;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Why a memory file or a mapping of it was refused.
 #[derive(Debug, thiserror::Error)]
@@ -241,9 +243,10 @@ pub struct Mapping {
 // views that copy bytes in and out with raw pointer operations, from any thread.
 unsafe impl Send for Mapping {}
 
-// SAFETY: the device reads and writes the mapping as the views do (raw bytes, no reference);
-// shared between threads only as an address range.
-#[cfg(feature = "rdma-hw")]
+// SAFETY: a Mapping hands out no reference into its bytes: views copy with raw pointer
+// operations and atomics, the kernel reads it for a zero-copy send (`SharedSpan`, whose Arc
+// makes this needed) and a device reads and writes it as the views do; shared between threads
+// only as an address range.
 unsafe impl Sync for Mapping {}
 
 // SAFETY: a Mapping is mapped at its address from `map` until drop, and nothing else unmaps
@@ -446,6 +449,97 @@ impl MemView<'_> {
         }
         hash.0
     }
+}
+
+/// A range of a mapping that stays mapped while this is held: the mapping is shared (an
+/// `Arc`), so a region deregistered, or a container gone, while a zero-copy send of its bytes
+/// is partial leaves the pages mapped until the last piece went to the kernel. Like a view, it
+/// hands out no reference into the shared bytes: only [`send_gathered`] reads them, in the
+/// kernel.
+#[derive(Debug, Clone)]
+pub struct SharedSpan {
+    mapping: Arc<Mapping>,
+    offset: usize,
+    len: usize,
+}
+
+impl SharedSpan {
+    /// The bytes `offset..offset + len` of `mapping`, or None if they leave it.
+    pub fn new(mapping: &Arc<Mapping>, offset: usize, len: usize) -> Option<SharedSpan> {
+        mapping.view(offset, len)?;
+        Some(SharedSpan {
+            mapping: Arc::clone(mapping),
+            offset,
+            len,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// One piece of a gathered send: bytes of the router's own, or a shared span from `skip` on.
+#[derive(Debug, Clone, Copy)]
+pub enum SendPiece<'a> {
+    Bytes(&'a [u8]),
+    Shared(&'a SharedSpan, usize),
+}
+
+/// The most pieces one [`send_gathered`] call takes (the rest waits for the next call).
+pub const MAX_PIECES: usize = 64;
+
+/// Sends `pieces` in order with one `sendmsg` (non-blocking, no SIGPIPE) on the socket `fd`;
+/// the bytes sent (a prefix, possibly short). The kernel copies the shared spans' bytes out of
+/// the container's memory during the call: if the container writes them meanwhile, what goes
+/// out is some mix of old and new bytes (as on a NIC reading host memory), never a fault of the
+/// router (the pages stay mapped, see [`SharedSpan`]; a hole reads as zeros).
+pub fn send_gathered(fd: BorrowedFd<'_>, pieces: &[SendPiece<'_>]) -> io::Result<usize> {
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_PIECES];
+    let mut n = 0;
+    for piece in pieces.iter().take(MAX_PIECES) {
+        let (base, len) = match *piece {
+            SendPiece::Bytes(b) => (b.as_ptr(), b.len()),
+            SendPiece::Shared(span, skip) => {
+                let view = span
+                    .mapping
+                    .view(span.offset + skip, span.len.saturating_sub(skip))
+                    .ok_or(io::ErrorKind::InvalidInput)?;
+                (view.ptr.cast_const(), view.len)
+            }
+        };
+        if len > 0 {
+            iov[n] = libc::iovec {
+                iov_base: base.cast_mut().cast(),
+                iov_len: len,
+            };
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Ok(0);
+    }
+    // SAFETY: a zeroed msghdr is a valid empty one; only the iovec fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = n;
+    // SAFETY: `msg` names `n` iovecs that live across the call; each points either into a slice
+    // borrowed for the call or into a shared span's mapping (bounds checked by `view` above),
+    // which its `Arc` held by `pieces` keeps mapped across the call. The kernel only reads them.
+    let sent = unsafe {
+        libc::sendmsg(
+            fd.as_raw_fd(),
+            &msg,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sent as usize)
 }
 
 /// A memfd of `size` bytes with `seals` (tests of this module and of the tables above it).

@@ -48,7 +48,9 @@ use freeflow_proto::verbs::{
     VerbsStatus, MAX_FURTHER_MEMORY_FILES, MEMORY_FILE_SIZE, OWN_MEMORY_FILE, PAGE_SIZE,
 };
 use memory::Mapping;
+pub(crate) use memory::{send_gathered, SendPiece, SharedSpan, MAX_PIECES};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::sync::OnceLock;
 
 /// A hash map keyed by the router's own numbers (handles, keys, QP numbers, attachment ids).
@@ -249,8 +251,9 @@ struct Mr {
     length: u64,
     lkey: u32,
     rkey: u32,
-    /// The region's pages as the router maps them.
-    mapping: Mapping,
+    /// The region's pages as the router maps them (shared with the zero-copy sends of its
+    /// bytes still queued: see `memory::SharedSpan`).
+    mapping: Arc<Mapping>,
     /// Where the region's first byte is in `mapping`.
     offset: usize,
     /// The memory file its pages are in.
@@ -559,7 +562,7 @@ impl VerbsTable {
                 length: r.length,
                 lkey,
                 rkey,
-                mapping,
+                mapping: Arc::new(mapping),
                 offset: (r.addr - first_page) as usize,
                 file: r.file,
             },
@@ -600,11 +603,43 @@ impl VerbsTable {
         len: u64,
         need: Need,
     ) -> Result<MemView<'_>, ResolveError> {
+        let (mr, offset, fail) = self.locate(pd, key, addr, len, need)?;
+        mr.mapping
+            .view(offset, len as usize)
+            .ok_or(fail(ResolveFailure::OutOfRange))
+    }
+
+    /// As [`VerbsTable::resolve`], as a span that keeps the region's pages mapped while it is
+    /// held, even past the region's deregistration (a zero-copy send of its bytes).
+    pub(crate) fn resolve_shared(
+        &self,
+        pd: PdId,
+        key: Key,
+        addr: u64,
+        len: u64,
+        need: Need,
+    ) -> Result<SharedSpan, ResolveError> {
+        let (mr, offset, fail) = self.locate(pd, key, addr, len, need)?;
+        SharedSpan::new(&mr.mapping, offset, len as usize).ok_or(fail(ResolveFailure::OutOfRange))
+    }
+
+    /// The checks of [`VerbsTable::resolve`]: the region and where the range starts in its
+    /// mapping (its end is inside the mapping, unless the table is wrong: the caller's view
+    /// then fails like a range outside the region), and how to name a failure.
+    #[allow(clippy::type_complexity)]
+    fn locate(
+        &self,
+        pd: PdId,
+        key: Key,
+        addr: u64,
+        len: u64,
+        need: Need,
+    ) -> Result<(&Mr, usize, impl Fn(ResolveFailure) -> ResolveError), ResolveError> {
         let (remote, key, table) = match key {
             Key::Local(k) => (false, k, &self.lkeys),
             Key::Remote(k) => (true, k, &self.rkeys),
         };
-        let fail = |failure| ResolveError {
+        let fail = move |failure| ResolveError {
             remote,
             key,
             failure,
@@ -625,10 +660,7 @@ impl VerbsTable {
             return Err(fail(ResolveFailure::AccessDenied));
         }
         if len == 0 {
-            return mr
-                .mapping
-                .view(mr.offset, 0)
-                .ok_or(fail(ResolveFailure::OutOfRange));
+            return Ok((mr, mr.offset, fail));
         }
         let end = addr
             .checked_add(len)
@@ -639,10 +671,7 @@ impl VerbsTable {
         }
         // Inside the region, hence inside its mapping: a view that is not would be a bug of
         // the table, and fails like a range outside the region.
-        let offset = mr.offset + (addr - mr.iova) as usize;
-        mr.mapping
-            .view(offset, len as usize)
-            .ok_or(fail(ResolveFailure::OutOfRange))
+        Ok((mr, mr.offset + (addr - mr.iova) as usize, fail))
     }
 
     /// The memory a test hook reads or writes: `len` bytes at `addr`, under local key `lkey` of

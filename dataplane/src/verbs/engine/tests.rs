@@ -2005,3 +2005,126 @@ fn mapped_bytes_are_limited_per_container() {
     engine.adopt_memory_file(a2, msg, further_file(4)).unwrap();
     ok::<MrCreated>(&mut engine, a2, &a2_conn, op::REG_MR, &reg(pds[0], 3));
 }
+
+/// Registers `len` bytes at BASE + `offset` of `s`'s memory file, written with `byte(i)` first,
+/// in `s`'s protection domain with every access.
+fn big_region(
+    engine: &mut Engine,
+    s: &Side,
+    offset: u64,
+    len: u64,
+    byte: impl Fn(u64) -> u8,
+) -> MrCreated {
+    let bytes: Vec<u8> = (0..len).map(byte).collect();
+    s.file.write_all_at(&bytes, BASE + offset).unwrap();
+    ok(
+        engine,
+        s.id,
+        &s.conn,
+        op::REG_MR,
+        &RegMr {
+            pd: s.pd,
+            access: ALL,
+            addr: BASE + offset,
+            length: len,
+            iova: BASE + offset,
+            file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+            file_offset: 0,
+        }
+        .to_vec(),
+    )
+}
+
+/// Payloads above the zero-copy threshold (`remote::ZERO_COPY_MIN`), larger than the socket
+/// pair's buffer, go straight from registered memory: a SEND, a WRITE and a READ's data land
+/// whole and in order, and a WRITE with a bad key is still REM_ACCESS_ERR on its own WR.
+#[test]
+fn across_shards_large_payloads_go_from_registered_memory() {
+    let (mut e0, mut e1) = two_shards();
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    const AT: u64 = 1 << 20;
+    const LEN: u64 = 256 << 10;
+    let pa = |i: u64| (i.wrapping_mul(13) >> 4) as u8;
+    let pb = |i: u64| (i.wrapping_mul(7) >> 3) as u8 ^ 0x5a;
+    let am = big_region(&mut e0, &a, AT, LEN, pa);
+    let bm = big_region(&mut e1, &b, AT, LEN, pb);
+    post_recv(&mut b, 80, sge(bm.lkey, AT, 64 << 10));
+    post_send(
+        &mut a,
+        1,
+        wr_opcode::SEND,
+        &[sge(am.lkey, AT, 64 << 10)],
+        0,
+        0,
+    );
+    post_send(
+        &mut a,
+        2,
+        wr_opcode::RDMA_WRITE,
+        &[
+            sge(am.lkey, AT + (64 << 10), 100 << 10),
+            sge(am.lkey, AT + (164 << 10), 28 << 10),
+        ],
+        BASE + AT + (64 << 10),
+        bm.rkey,
+    );
+    post_send(
+        &mut a,
+        3,
+        wr_opcode::RDMA_READ,
+        &[sge(am.lkey, AT + (192 << 10), 64 << 10)],
+        BASE + AT + (192 << 10),
+        bm.rkey,
+    );
+    post_send(
+        &mut a,
+        4,
+        wr_opcode::RDMA_WRITE,
+        &[sge(am.lkey, AT, 32 << 10)],
+        BASE + AT,
+        bm.rkey ^ 1,
+    );
+    let (mut ca, mut cb) = (Vec::new(), Vec::new());
+    run_shards(&mut e0, &mut e1, || {
+        ca.extend(completions(&mut a));
+        cb.extend(completions(&mut b));
+        ca.len() >= 4 && !cb.is_empty()
+    });
+    assert_eq!(
+        ca.iter()
+            .map(|c| (c.wr_id, c.status, c.byte_len))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, wc_status::SUCCESS, 64 << 10),
+            (2, wc_status::SUCCESS, 128 << 10),
+            (3, wc_status::SUCCESS, 64 << 10),
+            (4, wc_status::REM_ACCESS_ERR, 0),
+        ]
+    );
+    assert_eq!(
+        cb.iter()
+            .map(|c| (c.wr_id, c.status, c.byte_len))
+            .collect::<Vec<_>>(),
+        vec![(80, wc_status::SUCCESS, 64 << 10)]
+    );
+    let read = |f: &std::fs::File| {
+        let mut got = vec![0u8; LEN as usize];
+        f.read_exact_at(&mut got, BASE + AT).unwrap();
+        got
+    };
+    let (ga, gb) = (read(&a.file), read(&b.file));
+    let want_b: Vec<u8> = (0..LEN)
+        .map(|i| if i < 192 << 10 { pa(i) } else { pb(i) })
+        .collect();
+    assert!(
+        gb == want_b,
+        "b's region is not the SEND's and WRITE's bytes"
+    );
+    let want_a: Vec<u8> = (0..LEN)
+        .map(|i| if i < 192 << 10 { pa(i) } else { pb(i) })
+        .collect();
+    assert!(ga == want_a, "a's region is not the READ's bytes");
+}

@@ -15,7 +15,7 @@ use super::{NoReceive, Peer};
 use crate::verbs::engine::{Context, Engine, Fault, Route};
 use crate::verbs::ids::AttachmentId;
 use crate::verbs::ids::QpId;
-use crate::verbs::remote::{ConnState, HeldAck, Link, Next};
+use crate::verbs::remote::{ConnState, HeldAck, Link, Next, ZERO_COPY_MIN};
 use crate::verbs::{Key, MemView, Need, NumberMap};
 use freeflow_proto::verbs::qp::QpState;
 use freeflow_proto::verbs::remote::{nak, FrameHeader, FrameKind};
@@ -327,6 +327,21 @@ impl Engine {
                     },
                 };
                 let r = response_to(h, FrameKind::ReadData, 0, 0, h.arg);
+                if len >= ZERO_COPY_MIN {
+                    // Checked above: the same checks cannot fail now.
+                    let Ok(span) = table.resolve_shared(
+                        peer.pd,
+                        Key::Remote(h.rkey),
+                        h.remote_addr,
+                        len,
+                        Need::RemoteRead,
+                    ) else {
+                        return Ok(Answer::Fatal(nak::REM_ACCESS));
+                    };
+                    let c = &mut self.remote.incoming[conn];
+                    c.push_frame_shared(&r, std::iter::once(span));
+                    return Ok(Answer::Done);
+                }
                 let c = &mut self.remote.incoming[conn];
                 c.push_frame(&r, |buf| view.map_or(Ok(()), |v| v.read_at(0, buf)))?;
                 Ok(Answer::Done)

@@ -8,14 +8,17 @@
 //! [`TX_HIGH`] (the engine checks [`Conn::tx_full`] first).
 
 use super::Link;
+use crate::verbs::MAX_PIECES;
+use crate::verbs::{SendPiece, SharedSpan};
 use freeflow_proto::verbs::remote::{
     split_frame, FrameError, FrameHeader, FrameKind, Hello, HelloAnswer, ANSWER_LEN, HEADER_LEN,
     HELLO_LEN, MAX_PAYLOAD,
 };
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpStream};
 use std::ops::Range;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -110,6 +113,17 @@ pub(crate) const TX_HIGH: usize = 4 << 20;
 /// Bytes read per system call.
 const READ_CHUNK: usize = 256 * 1024;
 
+/// A payload sent straight from a container's registered memory: it goes into the stream at
+/// byte `at` of the send buffer (after the frame header there), before the buffer's bytes from
+/// `at` on.
+#[derive(Debug)]
+struct Pinned {
+    at: usize,
+    span: SharedSpan,
+    /// Its bytes the kernel took already.
+    sent: usize,
+}
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ConnState {
@@ -151,6 +165,10 @@ pub(crate) struct Conn {
     rx_end: usize,
     tx: Vec<u8>,
     tx_at: usize,
+    /// Payloads that go from registered memory (zero copy), in stream order.
+    pinned: VecDeque<Pinned>,
+    /// Their bytes not sent yet.
+    pinned_pending: usize,
     /// Where the last frame of `tx` starts if it is a not yet sent ACK, and its QP: a later ACK
     /// of the same QP replaces its sequence number (coalescing).
     last_ack: Option<(usize, u32)>,
@@ -176,6 +194,8 @@ impl Conn {
             rx_end: 0,
             tx: Vec::new(),
             tx_at: 0,
+            pinned: VecDeque::new(),
+            pinned_pending: 0,
             last_ack: None,
             in_armed: false,
             out_armed: false,
@@ -187,7 +207,7 @@ impl Conn {
 
     /// Bytes queued and not sent yet.
     pub(crate) fn tx_pending(&self) -> usize {
-        self.tx.len() - self.tx_at
+        self.tx.len() - self.tx_at + self.pinned_pending
     }
 
     pub(crate) fn tx_full(&self) -> bool {
@@ -224,6 +244,26 @@ impl Conn {
         Ok(())
     }
 
+    /// Queues a frame whose payload goes straight from registered memory: `h` (whose `len`
+    /// is the spans' total) and the spans in order. The spans keep their pages mapped until
+    /// the kernel took their bytes.
+    pub(crate) fn push_frame_shared(
+        &mut self,
+        h: &FrameHeader,
+        spans: impl Iterator<Item = SharedSpan>,
+    ) {
+        self.tx.extend_from_slice(&h.encode());
+        let at = self.tx.len();
+        let mut total = 0;
+        for span in spans.filter(|s| s.len() > 0) {
+            total += span.len();
+            self.pinned_pending += span.len();
+            self.pinned.push_back(Pinned { at, span, sent: 0 });
+        }
+        debug_assert_eq!(total, h.len as usize, "a frame's length and its payload");
+        self.last_ack = None;
+    }
+
     /// Queues an ACK of request `h.seq` of QP `h.dst_qpn`, folded into the previous frame if
     /// that is an unsent ACK of the same QP.
     pub(crate) fn push_ack(&mut self, h: &FrameHeader) {
@@ -241,11 +281,16 @@ impl Conn {
 
     /// Writes what the socket takes. Err: the connection is broken.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
-        while self.tx_at < self.tx.len() {
-            match self.stream.write(&self.tx[self.tx_at..]) {
+        while self.tx_pending() > 0 {
+            let sent = if self.pinned.is_empty() {
+                self.stream.write(&self.tx[self.tx_at..])
+            } else {
+                self.send_gathered()
+            };
+            match sent {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
-                    self.tx_at += n;
+                    self.advance(n);
                     self.last_ack = None;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -254,15 +299,68 @@ impl Conn {
             }
         }
         self.writable = false;
-        if self.tx_at == self.tx.len() {
+        if self.tx_at == self.tx.len() && self.pinned.is_empty() {
             self.tx.clear();
             self.tx_at = 0;
         } else if self.tx_at > TX_HIGH {
             self.tx.drain(..self.tx_at);
+            for p in &mut self.pinned {
+                p.at -= self.tx_at;
+            }
             self.last_ack = None;
             self.tx_at = 0;
         }
         Ok(())
+    }
+
+    /// One gathered send of what is queued: the send buffer's bytes and the pinned payloads
+    /// between them, in stream order (up to `memory::MAX_PIECES` pieces).
+    fn send_gathered(&self) -> io::Result<usize> {
+        let mut pieces: [SendPiece<'_>; MAX_PIECES] = [SendPiece::Bytes(&[]); MAX_PIECES];
+        let mut n = 0;
+        let mut at = self.tx_at;
+        for p in &self.pinned {
+            if n + 2 > MAX_PIECES {
+                break;
+            }
+            if at < p.at {
+                pieces[n] = SendPiece::Bytes(&self.tx[at..p.at]);
+                n += 1;
+                at = p.at;
+            }
+            pieces[n] = SendPiece::Shared(&p.span, p.sent);
+            n += 1;
+        }
+        if n < MAX_PIECES && at < self.tx.len() {
+            pieces[n] = SendPiece::Bytes(&self.tx[at..]);
+            n += 1;
+        }
+        crate::verbs::send_gathered(self.stream.as_fd(), &pieces[..n])
+    }
+
+    /// Moves past `n` bytes sent: the send buffer's and the pinned payloads' in stream order;
+    /// a payload sent whole lets its mapping go.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let limit = self.pinned.front().map_or(self.tx.len(), |p| p.at);
+            if self.tx_at < limit {
+                let k = (limit - self.tx_at).min(n);
+                self.tx_at += k;
+                n -= k;
+                continue;
+            }
+            let Some(p) = self.pinned.front_mut() else {
+                debug_assert!(false, "more sent than queued");
+                return;
+            };
+            let k = (p.span.len() - p.sent).min(n);
+            p.sent += k;
+            n -= k;
+            self.pinned_pending -= k;
+            if p.sent == p.span.len() {
+                self.pinned.pop_front();
+            }
+        }
     }
 
     /// Reads what the socket has, up to the buffer's bound. Err: closed or broken.

@@ -131,6 +131,15 @@ pub(crate) struct RemoteQp {
     pub(crate) acked_ahead: Option<u32>,
 }
 
+/// Payloads of at least this many bytes go straight from registered memory (the requester's
+/// SEND and WRITE, the responder's READ data): no copy into the send buffer. Smaller ones are
+/// copied: their frames then leave in one contiguous buffer, many in one `write`, while each
+/// zero-copy payload costs two more pieces of a gathered send (at most
+/// `memory::MAX_PIECES` a call) and the reference count of its mapping; at 16 KiB a copy
+/// costs about a microsecond, what the gathered send saves (see docs/verbs-engine.md,
+/// "Across hosts").
+pub(crate) const ZERO_COPY_MIN: u64 = 16 * 1024;
+
 /// How long a responder holds an ACK for a request of its own QP's to ride on (the reply):
 /// past it, the ACK goes alone. The reply usually follows within tens of microseconds (the
 /// program sees the receive and posts); a one-way stream waits at most this for its
