@@ -477,6 +477,63 @@ impl SharedSpan {
     pub fn len(&self) -> usize {
         self.len
     }
+
+    /// Copies `data` into the span at `offset`.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<(), ViewError> {
+        let view = self
+            .mapping
+            .view(self.offset, self.len)
+            .ok_or(ViewError::OutOfRange {
+                offset: self.offset,
+                len: self.len,
+                view_len: self.mapping.len(),
+            })?;
+        view.write_at(offset, data)
+    }
+}
+
+/// Receives from the socket `fd` with one `recvmsg` (non-blocking) into `span` from `skip` to
+/// its end, then into `after`; the bytes received (the span's first). The kernel writes the
+/// span's bytes in the container's memory during the call: what the container reads there
+/// meanwhile is some mix of old and new bytes, as with a NIC's DMA. Err(InvalidInput) for a
+/// span of a read-only mapping or a `skip` beyond it.
+pub fn recv_into(
+    fd: BorrowedFd<'_>,
+    span: &SharedSpan,
+    skip: usize,
+    after: &mut [u8],
+) -> io::Result<usize> {
+    if !span.mapping.writable() {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    let view = span
+        .mapping
+        .view(span.offset + skip, span.len.saturating_sub(skip))
+        .filter(|_| skip <= span.len)
+        .ok_or(io::ErrorKind::InvalidInput)?;
+    let mut iov = [
+        libc::iovec {
+            iov_base: view.ptr.cast(),
+            iov_len: view.len,
+        },
+        libc::iovec {
+            iov_base: after.as_mut_ptr().cast(),
+            iov_len: after.len(),
+        },
+    ];
+    // SAFETY: a zeroed msghdr is a valid empty one; only the iovec fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len();
+    // SAFETY: the first iovec lies inside the span's mapping (bounds checked by `view`), mapped
+    // writable (checked) and kept mapped across the call by the span's `Arc`; nothing in the
+    // router holds a reference into it (views copy with raw pointers). The second is `after`,
+    // borrowed mutably for the call. The kernel writes at most their lengths.
+    let got = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(got as usize)
 }
 
 /// One piece of a gathered send: bytes of the router's own, or a shared span from `skip` on.

@@ -48,7 +48,7 @@ use freeflow_proto::verbs::{
     VerbsStatus, MAX_FURTHER_MEMORY_FILES, MEMORY_FILE_SIZE, OWN_MEMORY_FILE, PAGE_SIZE,
 };
 use memory::Mapping;
-pub(crate) use memory::{send_gathered, SendPiece, SharedSpan, MAX_PIECES};
+pub(crate) use memory::{recv_into, send_gathered, SendPiece, SharedSpan, MAX_PIECES};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::OnceLock;

@@ -2128,3 +2128,123 @@ fn across_shards_large_payloads_go_from_registered_memory() {
         .collect();
     assert!(ga == want_a, "a's region is not the READ's bytes");
 }
+
+/// The responder receives a large WRITE whose header came first straight into its target
+/// (checked at the header), and a WRITE whose header fails its check has its payload read and
+/// dropped with REM_ACCESS_ERR: the stream stays in step (another QP pair's SEND on the same
+/// connection still arrives). The frames are written by the test on shard 1's socket, in
+/// pieces, with passes between them.
+#[test]
+fn a_large_write_lands_in_its_target_and_a_refused_one_is_drained() {
+    use freeflow_proto::verbs::remote::{FrameHeader, FrameKind};
+    use std::io::Write;
+    let (mut e0, mut e1, mut tap) = two_shards_tapped();
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    let mut c = side(&mut e0, 3, [10, 32, 0, 2], "blue", 64);
+    let mut d = side(&mut e1, 4, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    connect(&mut e0, &c, d.ip, d.qpn, 7);
+    connect(&mut e1, &d, c.ip, c.qpn, 7);
+    let (ak, bk, ck, dk) = (a.mr.lkey, b.mr.lkey, c.mr.lkey, d.mr.lkey);
+    const AT: u64 = 1 << 20;
+    const LEN: usize = 64 << 10;
+    let am = big_region(&mut e0, &a, AT, LEN as u64, |_| 0);
+    // One real SEND makes the connection from shard 1 to shard 0.
+    post_recv(&mut a, 10, sge(ak, 2000, 64));
+    post_send(&mut b, 11, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+    let mut got = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        got.extend(outcomes(&mut a));
+        got.extend(outcomes(&mut b));
+        got.len() >= 2
+    });
+    let a_index = e0.qp_by_number(a.qpn).unwrap();
+    let expected = |e: &Engine| {
+        e.qps
+            .get(a_index)
+            .unwrap()
+            .remote
+            .as_ref()
+            .unwrap()
+            .expected
+    };
+    let seq = expected(&e0);
+    let landing = |e: &mut Engine| {
+        e.transport()
+            .incoming
+            .iter()
+            .any(|c| c.link == Link::Shard(1) && c.landing())
+    };
+    let passes = |e0: &mut Engine, n: usize| {
+        for _ in 0..n {
+            e0.poll();
+            e0.transport().poll_now();
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    };
+    let write = |seq: u32, rkey: u32| {
+        let mut h = FrameHeader::new(FrameKind::Write);
+        (h.src_ip, h.dst_ip) = (b.ip.into(), a.ip.into());
+        (h.src_qpn, h.dst_qpn) = (b.qpn, a.qpn);
+        (h.seq, h.rkey, h.remote_addr, h.len) = (seq, rkey, BASE + AT, LEN as u32);
+        h.encode()
+    };
+    let payload: Vec<u8> = (0..LEN).map(|i| ((i * 11) >> 2) as u8).collect();
+
+    // The header and 1000 bytes: the rest lands straight in a's region.
+    tap.write_all(&write(seq, am.rkey)).unwrap();
+    tap.write_all(&payload[..1000]).unwrap();
+    let mut on = false;
+    for _ in 0..1000 {
+        passes(&mut e0, 1);
+        on = landing(&mut e0);
+        if on {
+            break;
+        }
+    }
+    assert!(on, "the checked WRITE is not received into its target");
+    for piece in payload[1000..].chunks(20_000) {
+        tap.write_all(piece).unwrap();
+        passes(&mut e0, 3);
+    }
+    // A WRITE with a bad key: its header alone is refused a landing, its payload drained.
+    tap.write_all(&write(seq.wrapping_add(1), am.rkey ^ 1))
+        .unwrap();
+    passes(&mut e0, 5);
+    assert!(!landing(&mut e0), "a refused header must not land");
+    assert_eq!(
+        expected(&e0),
+        seq.wrapping_add(1),
+        "the landed WRITE executed"
+    );
+    tap.write_all(&payload).unwrap();
+    drop(tap);
+    let mut file_now = vec![0u8; LEN];
+    for _ in 0..1000 {
+        passes(&mut e0, 1);
+        if expected(&e0) == seq.wrapping_add(2) {
+            break;
+        }
+    }
+    assert_eq!(
+        expected(&e0),
+        seq.wrapping_add(2),
+        "the refused WRITE was not answered"
+    );
+    assert_eq!(e0.qps.get(a_index).unwrap().state, QpState::Err);
+    a.file.read_exact_at(&mut file_now, BASE + AT).unwrap();
+    assert!(file_now == payload, "a's region is not the landed payload");
+    // The stream is in step: c and d's SEND on the same connection arrives whole.
+    post_recv(&mut c, 20, sge(ck, 2000, 64));
+    post_send(&mut d, 21, wr_opcode::SEND, &[sge(dk, 100, 16)], 0, 0);
+    let mut got = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        got.extend(outcomes(&mut c));
+        got.extend(outcomes(&mut d));
+        got.len() >= 2
+    });
+    got.sort_unstable();
+    assert_eq!(got, vec![(20, 0, c.qpn), (21, 0, d.qpn)]);
+}

@@ -8,8 +8,9 @@
 //! [`TX_HIGH`] (the engine checks [`Conn::tx_full`] first).
 
 use super::Link;
+use crate::verbs::memory::ViewError;
 use crate::verbs::MAX_PIECES;
-use crate::verbs::{SendPiece, SharedSpan};
+use crate::verbs::{recv_into, SendPiece, SharedSpan};
 use freeflow_proto::verbs::remote::{
     split_frame, FrameError, FrameHeader, FrameKind, Hello, HelloAnswer, ANSWER_LEN, HEADER_LEN,
     HELLO_LEN, MAX_PAYLOAD,
@@ -124,6 +125,15 @@ struct Pinned {
     sent: usize,
 }
 
+/// A large WRITE whose payload is received straight into its target (checked at its header):
+/// `got` bytes of `span` came.
+#[derive(Debug)]
+struct Landing {
+    header: FrameHeader,
+    span: SharedSpan,
+    got: usize,
+}
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ConnState {
@@ -169,6 +179,8 @@ pub(crate) struct Conn {
     pinned: VecDeque<Pinned>,
     /// Their bytes not sent yet.
     pinned_pending: usize,
+    /// The frame whose payload is being received into its target, if any.
+    landing: Option<Landing>,
     /// Where the last frame of `tx` starts if it is a not yet sent ACK, and its QP: a later ACK
     /// of the same QP replaces its sequence number (coalescing).
     last_ack: Option<(usize, u32)>,
@@ -196,6 +208,7 @@ impl Conn {
             tx_at: 0,
             pinned: VecDeque::new(),
             pinned_pending: 0,
+            landing: None,
             last_ack: None,
             in_armed: false,
             out_armed: false,
@@ -370,6 +383,34 @@ impl Conn {
             self.rx_end -= self.rx_at;
             self.rx_at = 0;
         }
+        if let Some(l) = self.landing.as_mut() {
+            // The rest of the payload into its target, then at most the next frame's header:
+            // its checks come before its payload is read (see `Conn::land`).
+            if self.rx.len() < self.rx_end + HEADER_LEN {
+                self.rx.resize(self.rx_end + HEADER_LEN, 0);
+            }
+            while self.readable && l.got < l.span.len() {
+                let after = &mut self.rx[self.rx_end..self.rx_end + HEADER_LEN];
+                let wanted = l.span.len() - l.got + HEADER_LEN;
+                match recv_into(self.stream.as_fd(), &l.span, l.got, after) {
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => {
+                        let into_span = n.min(l.span.len() - l.got);
+                        l.got += into_span;
+                        self.rx_end += n - into_span;
+                        self.last_heard = Instant::now();
+                        if n < wanted {
+                            self.readable = false;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            // Nothing more until the engine took the landed frame.
+            return Ok(());
+        }
         while self.readable && self.rx_end - self.rx_at < RX_LIMIT {
             let old = self.rx_end;
             let room = READ_CHUNK.min(RX_LIMIT - (old - self.rx_at));
@@ -443,9 +484,65 @@ impl Conn {
         &self.rx[self.rx_at..self.rx_end]
     }
 
-    /// Whether a whole frame (or a malformed header) waits in the receive buffer.
+    /// Whether a whole frame (or a malformed header, or a landed frame) waits.
     pub(crate) fn has_frame(&self) -> bool {
-        self.state == ConnState::Up && !matches!(self.next(), Ok(Next::Nothing))
+        self.state == ConnState::Up
+            && (self.landed().is_some()
+                || (self.landing.is_none() && !matches!(self.next(), Ok(Next::Nothing))))
+    }
+
+    /// The header of the next frame if it is whole and its payload is not (None while a
+    /// landing is on).
+    pub(crate) fn partial_head(&self) -> Option<FrameHeader> {
+        if self.state != ConnState::Up || self.landing.is_some() {
+            return None;
+        }
+        let b = self.received();
+        let h = FrameHeader::decode(b.first_chunk::<HEADER_LEN>()?).ok()?;
+        (b.len() < HEADER_LEN + h.len as usize).then_some(h)
+    }
+
+    /// Receives the rest of the next frame (whose header [`Conn::partial_head`] gave, checked
+    /// by the caller) straight into `span`, its payload's target, as long as the payload: what
+    /// is buffered of it is copied now, the rest is read into it by the next fills, each of
+    /// which reads at most the header of the frame after it (so that one is checked before
+    /// its payload comes too). The frame is then [`Conn::landed`].
+    pub(crate) fn land(&mut self, span: SharedSpan) -> Result<(), ViewError> {
+        let Some(h) = self.partial_head() else {
+            return Ok(());
+        };
+        if span.len() != h.len as usize {
+            return Err(ViewError::LengthMismatch(span.len(), h.len as usize));
+        }
+        let start = self.rx_at + HEADER_LEN;
+        span.write_at(0, &self.rx[start..self.rx_end])?;
+        self.landing = Some(Landing {
+            header: h,
+            got: self.rx_end - start,
+            span,
+        });
+        self.rx_at = self.rx_end;
+        Ok(())
+    }
+
+    /// Whether a landing is on (its payload not all received, or not taken yet).
+    pub(crate) fn landing(&self) -> bool {
+        self.landing.is_some()
+    }
+
+    /// The header of the frame whose payload all landed in its target, not taken yet.
+    pub(crate) fn landed(&self) -> Option<FrameHeader> {
+        self.landing
+            .as_ref()
+            .filter(|l| l.got == l.span.len())
+            .map(|l| l.header)
+    }
+
+    /// Takes the landed frame: the next frames come from the receive buffer again.
+    pub(crate) fn take_landed(&mut self) {
+        if self.landed().is_some() {
+            self.landing = None;
+        }
     }
 
     /// Consumes the frame whose payload ends at `end`.

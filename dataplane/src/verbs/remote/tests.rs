@@ -428,3 +428,58 @@ fn an_ack_behind_a_pinned_payload_still_coalesces() {
     let got = drain_through(&mut conn, &mut other, want, 64 << 10);
     assert_eq!(&got[want - HEADER_LEN..], &ack(5, 2).encode()[..]);
 }
+
+/// A payload received straight into its target through reads of odd sizes: the frames behind
+/// it, whose bytes came with its last piece, are parsed from the buffer after it.
+#[test]
+fn a_landed_payload_fills_its_target_and_the_next_frames_follow() {
+    use crate::verbs::memory::{Mapping, SharedSpan};
+    use std::sync::Arc;
+    let (ours, mut other) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let mut conn = Conn::new(Stream::Local(ours), Link::Shard(1), 4, ConnState::Up);
+    let mapping = Arc::new(Mapping::anonymous(256 << 10));
+    let len = 100_000;
+    let mut h = FrameHeader::new(FrameKind::Write);
+    h.len = len as u32;
+    let payload: Vec<u8> = (0..len).map(|i| ((i * 3) >> 1) as u8).collect();
+    other.write_all(&h.encode()).unwrap();
+    other.write_all(&payload[..100]).unwrap();
+    fill_until(&mut conn, |c| c.received().len() >= HEADER_LEN + 100);
+    assert_eq!(conn.partial_head(), Some(h));
+    conn.land(SharedSpan::new(&mapping, 1000, len).unwrap())
+        .unwrap();
+    assert!(conn.landing() && conn.landed().is_none());
+    // The rest, an ACK and a SEND with its payload, in pieces the kernel hands over as they come.
+    let mut send = FrameHeader::new(FrameKind::Send);
+    send.len = 3;
+    let mut rest = payload[100..].to_vec();
+    rest.extend_from_slice(&ack(9, 4).encode());
+    rest.extend_from_slice(&send.encode());
+    rest.extend_from_slice(b"abc");
+    for piece in rest.chunks(7001) {
+        other.write_all(piece).unwrap();
+        conn.readable = true;
+        conn.fill().unwrap();
+    }
+    fill_until(&mut conn, |c| c.landed().is_some());
+    assert_eq!(conn.landed(), Some(h));
+    let mut target = vec![0u8; len];
+    mapping
+        .view(1000, len)
+        .unwrap()
+        .read_at(0, &mut target)
+        .unwrap();
+    assert!(target == payload, "the target is not the payload");
+    conn.take_landed();
+    fill_until(&mut conn, |c| c.received().len() >= 2 * HEADER_LEN + 3);
+    let Ok(Next::Frame(got, range)) = conn.next() else {
+        panic!("no ACK after the landed frame");
+    };
+    assert_eq!(got, ack(9, 4));
+    conn.consume(range.end);
+    let Ok(Next::Frame(got, range)) = conn.next() else {
+        panic!("no SEND after the ACK");
+    };
+    assert_eq!((got, &conn.rx[range]), (send, &b"abc"[..]));
+}
