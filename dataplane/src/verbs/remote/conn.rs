@@ -332,8 +332,12 @@ impl Conn {
         let mut pieces: [SendPiece<'_>; MAX_PIECES] = [SendPiece::Bytes(&[]); MAX_PIECES];
         let mut n = 0;
         let mut at = self.tx_at;
+        // Where this send's bytes of the send buffer end: all of them, unless the send stops
+        // before a pinned payload, whose place its last piece must not run past.
+        let mut end = self.tx.len();
         for p in &self.pinned {
             if n + 2 > MAX_PIECES {
+                end = p.at;
                 break;
             }
             if at < p.at {
@@ -344,8 +348,8 @@ impl Conn {
             pieces[n] = SendPiece::Shared(&p.span, p.sent);
             n += 1;
         }
-        if n < MAX_PIECES && at < self.tx.len() {
-            pieces[n] = SendPiece::Bytes(&self.tx[at..]);
+        if n < MAX_PIECES && at < end {
+            pieces[n] = SendPiece::Bytes(&self.tx[at..end]);
             n += 1;
         }
         crate::verbs::send_gathered(self.stream.as_fd(), &pieces[..n])

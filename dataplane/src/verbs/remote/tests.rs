@@ -483,3 +483,54 @@ fn a_landed_payload_fills_its_target_and_the_next_frames_follow() {
     };
     assert_eq!((got, &conn.rx[range]), (send, &b"abc"[..]));
 }
+
+/// More pinned payloads than one gathered send takes (`MAX_PIECES`): a send that stops early
+/// ends its last piece of the send buffer where the next pinned payload goes, so the frames
+/// behind it are not sent in that payload's place.
+#[test]
+fn more_pinned_payloads_than_one_send_takes_keep_their_place() {
+    use crate::verbs::memory::{Mapping, SharedSpan};
+    use std::sync::Arc;
+    let (mut conn, mut other) = local_pair();
+    let mapping = Arc::new(Mapping::anonymous(64 << 10));
+    let pattern: Vec<u8> = (0..64 << 10).map(|i: u32| ((i * 13) >> 3) as u8).collect();
+    mapping
+        .view(0, 64 << 10)
+        .unwrap()
+        .write_at(0, &pattern)
+        .unwrap();
+    let mut expected = Vec::new();
+    // One frame with two spans (3 pieces), then one-span frames (2 pieces each): the send
+    // stops at 63 pieces, between a frame's header and its payload.
+    let mut first = FrameHeader::new(FrameKind::Write);
+    first.len = 3000;
+    conn.push_frame_shared(
+        &first,
+        [
+            SharedSpan::new(&mapping, 0, 1000).unwrap(),
+            SharedSpan::new(&mapping, 5000, 2000).unwrap(),
+        ]
+        .into_iter(),
+    );
+    expected.extend_from_slice(&first.encode());
+    expected.extend_from_slice(&pattern[..1000]);
+    expected.extend_from_slice(&pattern[5000..7000]);
+    for i in 0..40usize {
+        let mut h = FrameHeader::new(FrameKind::Write);
+        h.len = 500 + i as u32;
+        h.seq = i as u32;
+        let off = 1000 * i;
+        conn.push_frame_shared(
+            &h,
+            std::iter::once(SharedSpan::new(&mapping, off, 500 + i).unwrap()),
+        );
+        expected.extend_from_slice(&h.encode());
+        expected.extend_from_slice(&pattern[off..off + 500 + i]);
+    }
+    conn.push_ack(&ack(7, 3));
+    expected.extend_from_slice(&ack(7, 3).encode());
+    assert_eq!(conn.tx_pending(), expected.len());
+    let got = drain_through(&mut conn, &mut other, expected.len(), 64 << 10);
+    assert!(got == expected, "the stream differs from the frames queued");
+    assert_eq!(conn.tx_pending(), 0);
+}
