@@ -2248,3 +2248,66 @@ fn a_large_write_lands_in_its_target_and_a_refused_one_is_drained() {
     got.sort_unstable();
     assert_eq!(got, vec![(20, 0, c.qpn), (21, 0, d.qpn)]);
 }
+
+/// A READ longer than a frame's payload may be (`MAX_PAYLOAD`) is an invalid request, even
+/// from a region that large: the responder answers NAK REM_INV_REQ instead of reading it (a
+/// ReadData frame the requester could not decode, or an allocation of up to 4 GiB).
+#[test]
+fn a_read_longer_than_a_frame_is_an_invalid_request() {
+    use freeflow_proto::verbs::remote::{nak, FrameHeader, FrameKind, HEADER_LEN, MAX_PAYLOAD};
+    use std::io::{Read, Write};
+    let (mut e0, mut e1, mut tap) = two_shards_tapped();
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    let (ak, bk) = (a.mr.lkey, b.mr.lkey);
+    const AT: u64 = 1 << 20;
+    let len = u64::from(MAX_PAYLOAD) + 4096;
+    let am = big_region(&mut e0, &a, AT, len, |_| 0);
+    // One real SEND makes the connection from shard 1 to shard 0.
+    post_recv(&mut a, 10, sge(ak, 2000, 64));
+    post_send(&mut b, 11, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+    let mut got = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        got.extend(outcomes(&mut a));
+        got.extend(outcomes(&mut b));
+        got.len() >= 2
+    });
+    let seq = e0
+        .qps
+        .get(e0.qp_by_number(a.qpn).unwrap())
+        .unwrap()
+        .remote
+        .as_ref()
+        .unwrap()
+        .expected;
+    let mut h = FrameHeader::new(FrameKind::Read);
+    (h.src_ip, h.dst_ip) = (b.ip.into(), a.ip.into());
+    (h.src_qpn, h.dst_qpn) = (b.qpn, a.qpn);
+    (h.seq, h.rkey, h.remote_addr, h.arg) = (seq, am.rkey, BASE + AT, MAX_PAYLOAD + 1);
+    tap.write_all(&h.encode()).unwrap();
+    // Shard 1 is not run: the answer is read from its socket here.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; HEADER_LEN];
+    for _ in 0..2000 {
+        e0.poll();
+        e0.transport().poll_now();
+        match tap.read(&mut buf[..HEADER_LEN - answer.len()]) {
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_micros(200))
+            }
+            Err(e) => panic!("{e}"),
+        }
+        if answer.len() == HEADER_LEN {
+            break;
+        }
+    }
+    let r =
+        FrameHeader::decode(answer.first_chunk::<HEADER_LEN>().expect("no answer came")).unwrap();
+    assert_eq!(
+        (r.kind, r.code, r.seq, r.len),
+        (FrameKind::Nak, nak::REM_INV_REQ, seq, 0)
+    );
+}

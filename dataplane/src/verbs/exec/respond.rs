@@ -18,7 +18,7 @@ use crate::verbs::ids::QpId;
 use crate::verbs::remote::{ConnState, HeldAck, Link, Next, ZERO_COPY_MIN};
 use crate::verbs::{Key, MemView, Need, NumberMap};
 use freeflow_proto::verbs::qp::QpState;
-use freeflow_proto::verbs::remote::{nak, FrameHeader, FrameKind};
+use freeflow_proto::verbs::remote::{nak, FrameHeader, FrameKind, MAX_PAYLOAD};
 use freeflow_proto::verbs::work::{wc_flags, wc_opcode, Cqe, MAX_SGE};
 use freeflow_proto::verbs::{wc_status, AccessFlags};
 use std::time::Instant;
@@ -417,6 +417,11 @@ impl Engine {
                 self.remote_write(h, payload, peer, view)
             }
             FrameKind::Read => {
+                // Its data comes back in one ReadData frame, which the requester decodes only
+                // up to MAX_PAYLOAD (a peer's 4 GiB READ is refused before anything is read).
+                if h.arg > MAX_PAYLOAD {
+                    return Ok(Answer::Fatal(nak::REM_INV_REQ));
+                }
                 if !peer.access.contains(AccessFlags::REMOTE_READ) {
                     return Ok(Answer::Fatal(nak::REM_ACCESS));
                 }
