@@ -2311,3 +2311,124 @@ fn a_read_longer_than_a_frame_is_an_invalid_request() {
         (FrameKind::Nak, nak::REM_INV_REQ, seq, 0)
     );
 }
+
+/// A region deregistered while a WRITE's payload is being received into it: what comes after
+/// the dereg is read and dropped, not written into the container's memory (nothing lands after
+/// ibv_dereg_mr returns), the WRITE is answered REM_ACCESS (the QP goes to the error state)
+/// and the stream stays in step.
+#[test]
+fn a_dereg_mid_landing_stops_the_payload_at_the_target() {
+    use freeflow_proto::verbs::remote::{FrameHeader, FrameKind};
+    use std::io::Write;
+    let (mut e0, mut e1, mut tap) = two_shards_tapped();
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    let mut c = side(&mut e0, 3, [10, 32, 0, 2], "blue", 64);
+    let mut d = side(&mut e1, 4, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    connect(&mut e0, &c, d.ip, d.qpn, 7);
+    connect(&mut e1, &d, c.ip, c.qpn, 7);
+    let (ak, bk, ck, dk) = (a.mr.lkey, b.mr.lkey, c.mr.lkey, d.mr.lkey);
+    const AT: u64 = 1 << 20;
+    const LEN: usize = 64 << 10;
+    const BEFORE: usize = 21_000;
+    let am = big_region(&mut e0, &a, AT, LEN as u64, |_| 0);
+    post_recv(&mut a, 10, sge(ak, 2000, 64));
+    post_send(&mut b, 11, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+    let mut got = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        got.extend(outcomes(&mut a));
+        got.extend(outcomes(&mut b));
+        got.len() >= 2
+    });
+    let a_index = e0.qp_by_number(a.qpn).unwrap();
+    let expected = |e: &Engine| {
+        e.qps
+            .get(a_index)
+            .unwrap()
+            .remote
+            .as_ref()
+            .unwrap()
+            .expected
+    };
+    let seq = expected(&e0);
+    let landing = |e: &mut Engine| {
+        e.transport()
+            .incoming
+            .iter()
+            .any(|c| c.link == Link::Shard(1) && c.landing())
+    };
+    let passes = |e0: &mut Engine, n: usize| {
+        for _ in 0..n {
+            e0.poll();
+            e0.transport().poll_now();
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    };
+    let mut h = FrameHeader::new(FrameKind::Write);
+    (h.src_ip, h.dst_ip) = (b.ip.into(), a.ip.into());
+    (h.src_qpn, h.dst_qpn) = (b.qpn, a.qpn);
+    (h.seq, h.rkey, h.remote_addr, h.len) = (seq, am.rkey, BASE + AT, LEN as u32);
+    let payload: Vec<u8> = (0..LEN).map(|i| ((i * 11) >> 2) as u8 | 1).collect();
+    tap.write_all(&h.encode()).unwrap();
+    tap.write_all(&payload[..1000]).unwrap();
+    let mut on = false;
+    for _ in 0..1000 {
+        passes(&mut e0, 1);
+        on = landing(&mut e0);
+        if on {
+            break;
+        }
+    }
+    assert!(on, "the checked WRITE is not received into its target");
+    tap.write_all(&payload[1000..BEFORE]).unwrap();
+    let mut file_now = vec![0u8; LEN];
+    for _ in 0..1000 {
+        passes(&mut e0, 1);
+        a.file.read_exact_at(&mut file_now, BASE + AT).unwrap();
+        if file_now[..BEFORE] == payload[..BEFORE] {
+            break;
+        }
+    }
+    assert!(
+        file_now[..BEFORE] == payload[..BEFORE],
+        "the first pieces did not land"
+    );
+    // The region goes; the rest of the payload, then c and d's SEND on the same connection.
+    let dereg = DeregMr { mr: am.mr }.to_vec();
+    assert_eq!(status_of(&mut e0, &a, op::DEREG_MR, &dereg), status::OK);
+    for piece in payload[BEFORE..].chunks(20_000) {
+        tap.write_all(piece).unwrap();
+        passes(&mut e0, 3);
+    }
+    for _ in 0..1000 {
+        passes(&mut e0, 1);
+        if expected(&e0) == seq.wrapping_add(1) {
+            break;
+        }
+    }
+    assert_eq!(
+        expected(&e0),
+        seq.wrapping_add(1),
+        "the WRITE was not answered"
+    );
+    assert_eq!(e0.qps.get(a_index).unwrap().state, QpState::Err);
+    a.file.read_exact_at(&mut file_now, BASE + AT).unwrap();
+    assert!(file_now[..BEFORE] == payload[..BEFORE]);
+    assert!(
+        file_now[BEFORE..].iter().all(|&x| x == 0),
+        "bytes landed after the dereg"
+    );
+    drop(tap);
+    post_recv(&mut c, 20, sge(ck, 2000, 64));
+    post_send(&mut d, 21, wr_opcode::SEND, &[sge(dk, 100, 16)], 0, 0);
+    let mut got = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        got.extend(outcomes(&mut c));
+        got.extend(outcomes(&mut d));
+        got.len() >= 2
+    });
+    got.sort_unstable();
+    assert_eq!(got, vec![(20, 0, c.qpn), (21, 0, d.qpn)]);
+}

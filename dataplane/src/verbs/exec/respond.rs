@@ -47,7 +47,7 @@ impl Engine {
                 if c.state != ConnState::Up || c.tx_full() {
                     break false;
                 }
-                if let Some(h) = c.landed() {
+                if let Some((h, revoked)) = c.landed() {
                     let from = c.link;
                     if let Some(seq) = h.ack {
                         if !self.take_carried_ack(from, &h, seq, now) {
@@ -55,7 +55,7 @@ impl Engine {
                         }
                     }
                     self.remote.incoming[i].take_landed();
-                    self.on_landed(i, &h, now);
+                    self.on_landed(i, &h, revoked, now);
                     work += 1;
                     continue;
                 }
@@ -165,17 +165,9 @@ impl Engine {
         if h.kind != FrameKind::Write || u64::from(h.len) < ZERO_COPY_MIN {
             return;
         }
-        let Some(peer) = self.admit(c.link, &h) else {
+        let Some(peer) = self.landing_granted(c.link, &h) else {
             return;
         };
-        let in_sequence = self
-            .qps
-            .get(peer.index)
-            .and_then(|q| q.remote.as_deref())
-            .is_some_and(|rq| rq.expected == h.seq);
-        if !in_sequence || !peer.access.contains(AccessFlags::REMOTE_WRITE) {
-            return;
-        }
         let Some(ctx) = self.contexts.get(&peer.owner) else {
             return;
         };
@@ -194,10 +186,53 @@ impl Engine {
         }
     }
 
-    /// A WRITE whose payload landed in its target (`try_land`): executed as `on_request`
-    /// would, with the checks again (the QP or the region may have changed while the payload
-    /// came; its bytes are in the container's own memory then, as a NIC's DMA it had started).
-    fn on_landed(&mut self, conn: usize, h: &FrameHeader, now: Instant) {
+    /// The QP a WRITE from `from`'s router may land in now: admitted, next in sequence, its
+    /// key granting a remote write of the whole range.
+    fn landing_granted(&self, from: Link, h: &FrameHeader) -> Option<Peer> {
+        let peer = self.admit(from, h)?;
+        let in_sequence = self
+            .qps
+            .get(peer.index)
+            .and_then(|q| q.remote.as_deref())
+            .is_some_and(|rq| rq.expected == h.seq);
+        if !in_sequence || !peer.access.contains(AccessFlags::REMOTE_WRITE) {
+            return None;
+        }
+        let ctx = self.contexts.get(&peer.owner)?;
+        ctx.table
+            .resolve(
+                peer.pd,
+                Key::Remote(h.rkey),
+                h.remote_addr,
+                u64::from(h.len),
+                Need::RemoteWrite,
+            )
+            .ok()?;
+        Some(peer)
+    }
+
+    /// Revokes the landings that are no longer granted (the region was deregistered, the QP
+    /// left RTR/RTS or went, the container detached): nothing more of their payload is
+    /// written into the container's memory. Runs before every read of the connections, in the
+    /// thread that serves the container's requests, so nothing lands once a dereg, destroy,
+    /// modify or detach was answered (as rdma-core promises for a device).
+    pub(super) fn revoke_landings(&mut self) {
+        for i in 0..self.remote.incoming.len() {
+            let c = &self.remote.incoming[i];
+            let Some(h) = c.landing_into_target() else {
+                continue;
+            };
+            if self.landing_granted(c.link, &h).is_none() {
+                self.remote.incoming[i].revoke_landing();
+            }
+        }
+    }
+
+    /// A WRITE whose payload came (`try_land`): executed as `on_request` would, with the
+    /// checks again (the QP or the region may have changed while the payload came). A
+    /// `revoked` one (`revoke_landings`: part of its payload was dropped) is answered as a
+    /// refused one, REM_ACCESS, if its QP still admits it.
+    fn on_landed(&mut self, conn: usize, h: &FrameHeader, revoked: bool, now: Instant) {
         let from = self.remote.incoming[conn].link;
         let Some(peer) = self.admit(from, h) else {
             return self.answer(conn, h, FrameKind::Nak, nak::NOT_READY, 0);
@@ -213,7 +248,8 @@ impl Engine {
             return;
         }
         rq.expected = rq.expected.wrapping_add(1);
-        let still_granted = peer.access.contains(AccessFlags::REMOTE_WRITE)
+        let still_granted = !revoked
+            && peer.access.contains(AccessFlags::REMOTE_WRITE)
             && self.contexts.get(&peer.owner).is_some_and(|ctx| {
                 ctx.table
                     .resolve(

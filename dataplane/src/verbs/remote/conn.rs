@@ -126,11 +126,13 @@ struct Pinned {
 }
 
 /// A large WRITE whose payload is received straight into its target (checked at its header):
-/// `got` bytes of `span` came.
+/// `got` of its `len` bytes came. `span` is None once the landing was revoked (the target's
+/// region, QP or container went while the payload came): the rest is read and dropped.
 #[derive(Debug)]
 struct Landing {
     header: FrameHeader,
-    span: SharedSpan,
+    span: Option<SharedSpan>,
+    len: usize,
     got: usize,
 }
 
@@ -389,19 +391,40 @@ impl Conn {
         }
         if let Some(l) = self.landing.as_mut() {
             // The rest of the payload into its target, then at most the next frame's header:
-            // its checks come before its payload is read (see `Conn::land`).
-            if self.rx.len() < self.rx_end + HEADER_LEN {
-                self.rx.resize(self.rx_end + HEADER_LEN, 0);
+            // its checks come before its payload is read (see `Conn::land`). A revoked
+            // landing reads the rest into the receive buffer instead, and drops it there.
+            let room = match l.span {
+                Some(_) => HEADER_LEN,
+                None => READ_CHUNK,
+            };
+            if self.rx.len() < self.rx_end + room {
+                self.rx.resize(self.rx_end + room, 0);
             }
-            while self.readable && l.got < l.span.len() {
-                let after = &mut self.rx[self.rx_end..self.rx_end + HEADER_LEN];
-                let wanted = l.span.len() - l.got + HEADER_LEN;
-                match recv_into(self.stream.as_fd(), &l.span, l.got, after) {
+            while self.readable && l.got < l.len {
+                let left = l.len - l.got;
+                let (got, wanted) = match &l.span {
+                    Some(span) => {
+                        let after = &mut self.rx[self.rx_end..self.rx_end + HEADER_LEN];
+                        let got = recv_into(self.stream.as_fd(), span, l.got, after);
+                        (got, left + HEADER_LEN)
+                    }
+                    None => {
+                        let wanted = (left + HEADER_LEN).min(READ_CHUNK);
+                        let into = &mut self.rx[self.rx_end..self.rx_end + wanted];
+                        (self.stream.read(into), wanted)
+                    }
+                };
+                match got {
                     Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                     Ok(n) => {
-                        let into_span = n.min(l.span.len() - l.got);
-                        l.got += into_span;
-                        self.rx_end += n - into_span;
+                        let into_payload = n.min(left);
+                        l.got += into_payload;
+                        if l.span.is_none() {
+                            // The payload's bytes are dropped; what came after it stays.
+                            let at = self.rx_end;
+                            self.rx.copy_within(at + into_payload..at + n, at);
+                        }
+                        self.rx_end += n - into_payload;
                         self.last_heard = Instant::now();
                         if n < wanted {
                             self.readable = false;
@@ -523,7 +546,8 @@ impl Conn {
         self.landing = Some(Landing {
             header: h,
             got: self.rx_end - start,
-            span,
+            len: span.len(),
+            span: Some(span),
         });
         self.rx_at = self.rx_end;
         Ok(())
@@ -534,12 +558,31 @@ impl Conn {
         self.landing.is_some()
     }
 
-    /// The header of the frame whose payload all landed in its target, not taken yet.
-    pub(crate) fn landed(&self) -> Option<FrameHeader> {
+    /// The header of the frame whose payload is still being received into its target (a
+    /// landing neither revoked nor complete).
+    pub(crate) fn landing_into_target(&self) -> Option<FrameHeader> {
         self.landing
             .as_ref()
-            .filter(|l| l.got == l.span.len())
+            .filter(|l| l.span.is_some() && l.got < l.len)
             .map(|l| l.header)
+    }
+
+    /// Stops the landing: nothing more is written into its target (whose mapping it lets go
+    /// now); the rest of its payload is read and dropped, and [`Conn::landed`] then says the
+    /// frame was revoked.
+    pub(crate) fn revoke_landing(&mut self) {
+        if let Some(l) = self.landing.as_mut() {
+            l.span = None;
+        }
+    }
+
+    /// The header of the frame whose payload all came, not taken yet, and whether the
+    /// landing was revoked on the way (part of the payload was dropped).
+    pub(crate) fn landed(&self) -> Option<(FrameHeader, bool)> {
+        self.landing
+            .as_ref()
+            .filter(|l| l.got == l.len)
+            .map(|l| (l.header, l.span.is_none()))
     }
 
     /// Takes the landed frame: the next frames come from the receive buffer again.

@@ -463,7 +463,7 @@ fn a_landed_payload_fills_its_target_and_the_next_frames_follow() {
         conn.fill().unwrap();
     }
     fill_until(&mut conn, |c| c.landed().is_some());
-    assert_eq!(conn.landed(), Some(h));
+    assert_eq!(conn.landed(), Some((h, false)));
     let mut target = vec![0u8; len];
     mapping
         .view(1000, len)
