@@ -212,6 +212,7 @@ impl MemoryFile {
             ptr,
             len: len as usize,
             writable,
+            charge: None,
         })
     }
 }
@@ -237,6 +238,9 @@ pub struct Mapping {
     len: usize,
     /// Mapped PROT_WRITE too (else read-only: the router must not write it).
     writable: bool,
+    /// The count of mapped bytes this mapping's length is charged to until it is unmapped
+    /// (see [`Mapping::charge_to`]).
+    charge: Option<Arc<AtomicU64>>,
 }
 
 // SAFETY: a Mapping is an address range owned by whoever holds it; it is only reached through
@@ -267,6 +271,16 @@ impl Mapping {
         self.len
     }
 
+    /// Counts the mapping's length in `count` until it is unmapped: past a region's
+    /// deregistration while a zero-copy span still holds it, so a peer that stops reading
+    /// cannot keep uncounted mappings alive.
+    pub fn charge_to(&mut self, count: &Arc<AtomicU64>) {
+        count.fetch_add(self.len as u64, Ordering::Relaxed);
+        if let Some(old) = self.charge.replace(Arc::clone(count)) {
+            old.fetch_sub(self.len as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Whether the router may write the mapping (a region registered without any write
     /// access is mapped read-only).
     pub fn writable(&self) -> bool {
@@ -292,6 +306,7 @@ impl Mapping {
             ptr: NonNull::new(ptr.cast()).expect("mmap returned NULL"),
             len,
             writable: true,
+            charge: None,
         }
     }
 
@@ -320,6 +335,9 @@ impl Drop for Mapping {
             let e = io::Error::last_os_error();
             debug_assert!(false, "munmap of {:p}+{:#x}: {e}", self.ptr, self.len);
             log::warn!("munmap of a memory region's mapping failed (leaked): {e}");
+        }
+        if let Some(count) = &self.charge {
+            count.fetch_sub(self.len as u64, Ordering::Relaxed);
         }
     }
 }

@@ -50,6 +50,7 @@ use freeflow_proto::verbs::{
 use memory::Mapping;
 pub(crate) use memory::{recv_into, send_gathered, SendPiece, SharedSpan, MAX_PIECES};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::OnceLock;
 
@@ -316,11 +317,11 @@ pub struct VerbsTable {
     rkeys: NumberMap<u32, u32>,
     next_handle: u32,
     keys: KeyGen,
-    mapped_bytes: u64,
-    /// The bytes this table may have mapped: [`limits::MAX_MAPPED_BYTES`] less what the
-    /// container's other contexts have mapped (the engine sets it before each registration,
-    /// so the limit is the container's, not each attachment's).
-    mapped_allowance: u64,
+    /// Bytes mapped for regions, counted until each mapping goes (a zero-copy span may hold
+    /// one past its region's deregistration): the container's count, which all its contexts
+    /// share (the engine gives it, see `Engine::open`), bounded by
+    /// [`limits::MAX_MAPPED_BYTES`].
+    mapped: Arc<AtomicU64>,
     test_hooks: bool,
 }
 
@@ -341,8 +342,7 @@ impl VerbsTable {
             rkeys: NumberMap::default(),
             next_handle: 0,
             keys: KeyGen::new(),
-            mapped_bytes: 0,
-            mapped_allowance: limits::MAX_MAPPED_BYTES,
+            mapped: Arc::default(),
             test_hooks,
         }
     }
@@ -355,14 +355,20 @@ impl VerbsTable {
         self.mrs.len()
     }
 
-    /// Bytes of memory files this table has mapped for its regions.
+    /// Bytes of memory files mapped for the regions of the count's owner (this table's, or its
+    /// container's if the engine gave one), with those of deregistered regions still held.
     pub fn mapped_bytes(&self) -> u64 {
-        self.mapped_bytes
+        self.mapped.load(Ordering::Relaxed)
     }
 
-    /// Sets how many bytes this table may have mapped in all (see `mapped_allowance`).
-    pub fn set_mapped_allowance(&mut self, bytes: u64) {
-        self.mapped_allowance = bytes.min(limits::MAX_MAPPED_BYTES);
+    /// Counts this table's mappings in `count` (its container's, shared by its contexts);
+    /// given before the first registration.
+    pub fn count_mapped_in(&mut self, count: Arc<AtomicU64>) {
+        debug_assert!(
+            self.mrs.is_empty(),
+            "the count changes under registered regions"
+        );
+        self.mapped = count;
     }
 
     /// Takes the memory file the shim sent with `msg`: its own (one per attachment: a second is
@@ -517,7 +523,7 @@ impl VerbsTable {
             .checked_next_multiple_of(PAGE_SIZE)
             .ok_or(VerbsError::Invalid("region ends beyond the address space"))?;
         let pages = end_page - first_page;
-        if pages > self.mapped_allowance.saturating_sub(self.mapped_bytes) {
+        if pages > limits::MAX_MAPPED_BYTES.saturating_sub(self.mapped_bytes()) {
             return Err(VerbsError::Limit("registered bytes"));
         }
         // A region without any write access is mapped read-only: the router cannot write it
@@ -526,7 +532,7 @@ impl VerbsTable {
         let writable = AccessFlags::from_bits_retain(access).intersects(
             AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_ATOMIC,
         );
-        let mapping = if r.file == OWN_MEMORY_FILE {
+        let mut mapping = if r.file == OWN_MEMORY_FILE {
             if r.file_offset != 0 {
                 return Err(VerbsError::Invalid(
                     "a file offset for the process's own memory file",
@@ -552,7 +558,7 @@ impl VerbsTable {
         self.lkeys.insert(lkey, handle);
         let rkey = self.new_key();
         self.rkeys.insert(rkey, handle);
-        self.mapped_bytes += pages;
+        mapping.charge_to(&self.mapped);
         self.mrs.insert(
             handle,
             Mr {
@@ -579,7 +585,6 @@ impl VerbsTable {
         let entry = self.mrs.remove(&mr).ok_or(VerbsError::NoSuchMr(mr))?;
         self.lkeys.remove(&entry.lkey);
         self.rkeys.remove(&entry.rkey);
-        self.mapped_bytes -= entry.mapping.len() as u64;
         if let Some(pd) = self.pds.get_mut(&entry.pd) {
             pd.mrs -= 1;
         }

@@ -255,7 +255,7 @@ fn a_pd_with_regions_is_busy_until_they_go() {
     t.dereg_mr(b.mr).unwrap();
     assert!(matches!(t.dereg_mr(b.mr), Err(VerbsError::NoSuchMr(_))));
     t.dealloc_pd(pd).unwrap();
-    assert_eq!(t.mapped_bytes, 0);
+    assert_eq!(t.mapped_bytes(), 0);
 }
 
 #[test]
@@ -588,7 +588,10 @@ fn test_hooks_are_off_unless_enabled() {
 fn registered_bytes_are_bounded() {
     let (mut t, _file) = table_with_memory();
     let pd = t.alloc_pd().unwrap();
-    t.mapped_bytes = limits::MAX_MAPPED_BYTES - PAGE_SIZE;
+    t.mapped.store(
+        limits::MAX_MAPPED_BYTES - PAGE_SIZE,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     reg(&mut t, pd, BASE, 10, 0);
     let e = t.reg_mr(&region(pd, BASE, 10, 0)).unwrap_err();
     assert!(matches!(e, VerbsError::Limit(_)));
@@ -772,4 +775,30 @@ fn a_region_deregistered_during_a_partial_zero_copy_send_stays_mapped_until_sent
         "the bytes sent are not the region's"
     );
     assert_eq!(conn.tx_pending(), 0);
+}
+
+/// A deregistered region whose mapping a zero-copy span still holds stays counted in the
+/// mapped bytes (a peer that stops reading cannot keep uncounted mappings alive): a new
+/// registration past the limit is refused until the span goes.
+#[test]
+fn a_mapping_held_past_its_dereg_stays_counted() {
+    let (mut t, _file) = table_with_memory();
+    let pd = t.alloc_pd().unwrap();
+    let mr = reg(&mut t, pd, BASE, PAGE_SIZE, RW);
+    assert_eq!(t.mapped_bytes(), PAGE_SIZE);
+    let span = t
+        .resolve_shared(pd, Key::Local(mr.lkey), BASE, 100, Need::LocalRead)
+        .unwrap();
+    t.dereg_mr(mr.mr).unwrap();
+    assert_eq!(t.mapped_bytes(), PAGE_SIZE, "a held mapping went uncounted");
+    // The rest of the limit is one page short of another region while the span holds its page.
+    t.mapped.fetch_add(
+        limits::MAX_MAPPED_BYTES - 2 * PAGE_SIZE,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let e = t.reg_mr(&region(pd, BASE, 2 * PAGE_SIZE, RW)).unwrap_err();
+    assert!(matches!(e, VerbsError::Limit(_)));
+    drop(span);
+    assert_eq!(t.mapped_bytes(), limits::MAX_MAPPED_BYTES - 2 * PAGE_SIZE);
+    reg(&mut t, pd, BASE, 2 * PAGE_SIZE, RW);
 }

@@ -1980,8 +1980,10 @@ fn mapped_bytes_are_limited_per_container() {
         pds.push(ok::<PdCreated>(&mut engine, id, conn, op::ALLOC_PD, &[]).pd);
     }
     // A's first context has all but three pages mapped (as if: the bytes are only counted).
-    engine.contexts.get_mut(&a1).unwrap().table.mapped_bytes =
-        freeflow_proto::verbs::limits::MAX_MAPPED_BYTES - 3 * PAGE_SIZE;
+    engine.contexts[&a1].table.mapped.store(
+        freeflow_proto::verbs::limits::MAX_MAPPED_BYTES - 3 * PAGE_SIZE,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let _ = a1_conn;
     let reg = |pd, pages| {
         RegMr {
