@@ -23,9 +23,11 @@ use crate::sys::Untrusted;
 use freeflow_proto::verbs::{PAGE_SIZE, REQUIRED_SEALS};
 use std::io;
 use std::marker::PhantomData;
+use std::os::fd::BorrowedFd;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Why a memory file or a mapping of it was refused.
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +212,7 @@ impl MemoryFile {
             ptr,
             len: len as usize,
             writable,
+            charge: None,
         })
     }
 }
@@ -235,15 +238,19 @@ pub struct Mapping {
     len: usize,
     /// Mapped PROT_WRITE too (else read-only: the router must not write it).
     writable: bool,
+    /// The count of mapped bytes this mapping's length is charged to until it is unmapped
+    /// (see [`Mapping::charge_to`]).
+    charge: Option<Arc<AtomicU64>>,
 }
 
 // SAFETY: a Mapping is an address range owned by whoever holds it; it is only reached through
 // views that copy bytes in and out with raw pointer operations, from any thread.
 unsafe impl Send for Mapping {}
 
-// SAFETY: the device reads and writes the mapping as the views do (raw bytes, no reference);
-// shared between threads only as an address range.
-#[cfg(feature = "rdma-hw")]
+// SAFETY: a Mapping hands out no reference into its bytes: views copy with raw pointer
+// operations and atomics, the kernel reads it for a zero-copy send (`SharedSpan`, whose Arc
+// makes this needed) and a device reads and writes it as the views do; shared between threads
+// only as an address range.
 unsafe impl Sync for Mapping {}
 
 // SAFETY: a Mapping is mapped at its address from `map` until drop, and nothing else unmaps
@@ -262,6 +269,16 @@ unsafe impl super::hw::sys::DeviceMemory for Mapping {
 impl Mapping {
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Counts the mapping's length in `count` until it is unmapped: past a region's
+    /// deregistration while a zero-copy span still holds it, so a peer that stops reading
+    /// cannot keep uncounted mappings alive.
+    pub fn charge_to(&mut self, count: &Arc<AtomicU64>) {
+        count.fetch_add(self.len as u64, Ordering::Relaxed);
+        if let Some(old) = self.charge.replace(Arc::clone(count)) {
+            old.fetch_sub(self.len as u64, Ordering::Relaxed);
+        }
     }
 
     /// Whether the router may write the mapping (a region registered without any write
@@ -289,6 +306,7 @@ impl Mapping {
             ptr: NonNull::new(ptr.cast()).expect("mmap returned NULL"),
             len,
             writable: true,
+            charge: None,
         }
     }
 
@@ -317,6 +335,9 @@ impl Drop for Mapping {
             let e = io::Error::last_os_error();
             debug_assert!(false, "munmap of {:p}+{:#x}: {e}", self.ptr, self.len);
             log::warn!("munmap of a memory region's mapping failed (leaked): {e}");
+        }
+        if let Some(count) = &self.charge {
+            count.fetch_sub(self.len as u64, Ordering::Relaxed);
         }
     }
 }
@@ -446,6 +467,154 @@ impl MemView<'_> {
         }
         hash.0
     }
+}
+
+/// A range of a mapping that stays mapped while this is held: the mapping is shared (an
+/// `Arc`), so a region deregistered, or a container gone, while a zero-copy send of its bytes
+/// is partial leaves the pages mapped until the last piece went to the kernel. Like a view, it
+/// hands out no reference into the shared bytes: only [`send_gathered`] reads them, in the
+/// kernel.
+#[derive(Debug, Clone)]
+pub struct SharedSpan {
+    mapping: Arc<Mapping>,
+    offset: usize,
+    len: usize,
+}
+
+impl SharedSpan {
+    /// The bytes `offset..offset + len` of `mapping`, or None if they leave it.
+    pub fn new(mapping: &Arc<Mapping>, offset: usize, len: usize) -> Option<SharedSpan> {
+        mapping.view(offset, len)?;
+        Some(SharedSpan {
+            mapping: Arc::clone(mapping),
+            offset,
+            len,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies `data` into the span at `offset`.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<(), ViewError> {
+        let view = self
+            .mapping
+            .view(self.offset, self.len)
+            .ok_or(ViewError::OutOfRange {
+                offset: self.offset,
+                len: self.len,
+                view_len: self.mapping.len(),
+            })?;
+        view.write_at(offset, data)
+    }
+}
+
+/// Receives from the socket `fd` with one `recvmsg` (non-blocking) into `span` from `skip` to
+/// its end, then into `after`; the bytes received (the span's first). The kernel writes the
+/// span's bytes in the container's memory during the call: what the container reads there
+/// meanwhile is some mix of old and new bytes, as with a NIC's DMA. Err(InvalidInput) for a
+/// span of a read-only mapping or a `skip` beyond it.
+pub fn recv_into(
+    fd: BorrowedFd<'_>,
+    span: &SharedSpan,
+    skip: usize,
+    after: &mut [u8],
+) -> io::Result<usize> {
+    if !span.mapping.writable() {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    let view = span
+        .mapping
+        .view(span.offset + skip, span.len.saturating_sub(skip))
+        .filter(|_| skip <= span.len)
+        .ok_or(io::ErrorKind::InvalidInput)?;
+    let mut iov = [
+        libc::iovec {
+            iov_base: view.ptr.cast(),
+            iov_len: view.len,
+        },
+        libc::iovec {
+            iov_base: after.as_mut_ptr().cast(),
+            iov_len: after.len(),
+        },
+    ];
+    // SAFETY: a zeroed msghdr is a valid empty one; only the iovec fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len();
+    // SAFETY: the first iovec lies inside the span's mapping (bounds checked by `view`), mapped
+    // writable (checked) and kept mapped across the call by the span's `Arc`; nothing in the
+    // router holds a reference into it (views copy with raw pointers). The second is `after`,
+    // borrowed mutably for the call. The kernel writes at most their lengths.
+    let got = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(got as usize)
+}
+
+/// One piece of a gathered send: bytes of the router's own, or a shared span from `skip` on.
+#[derive(Debug, Clone, Copy)]
+pub enum SendPiece<'a> {
+    Bytes(&'a [u8]),
+    Shared(&'a SharedSpan, usize),
+}
+
+/// The most pieces one [`send_gathered`] call takes (the rest waits for the next call).
+pub const MAX_PIECES: usize = 64;
+
+/// Sends `pieces` in order with one `sendmsg` (non-blocking, no SIGPIPE) on the socket `fd`;
+/// the bytes sent (a prefix, possibly short). The kernel copies the shared spans' bytes out of
+/// the container's memory during the call: if the container writes them meanwhile, what goes
+/// out is some mix of old and new bytes (as on a NIC reading host memory), never a fault of the
+/// router (the pages stay mapped, see [`SharedSpan`]; a hole reads as zeros).
+pub fn send_gathered(fd: BorrowedFd<'_>, pieces: &[SendPiece<'_>]) -> io::Result<usize> {
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_PIECES];
+    let mut n = 0;
+    for piece in pieces.iter().take(MAX_PIECES) {
+        let (base, len) = match *piece {
+            SendPiece::Bytes(b) => (b.as_ptr(), b.len()),
+            SendPiece::Shared(span, skip) => {
+                let view = span
+                    .mapping
+                    .view(span.offset + skip, span.len.saturating_sub(skip))
+                    .ok_or(io::ErrorKind::InvalidInput)?;
+                (view.ptr.cast_const(), view.len)
+            }
+        };
+        if len > 0 {
+            iov[n] = libc::iovec {
+                iov_base: base.cast_mut().cast(),
+                iov_len: len,
+            };
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Ok(0);
+    }
+    // SAFETY: a zeroed msghdr is a valid empty one; only the iovec fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = n;
+    // SAFETY: `msg` names `n` iovecs that live across the call; each points either into a slice
+    // borrowed for the call or into a shared span's mapping (bounds checked by `view` above),
+    // which its `Arc` held by `pieces` keeps mapped across the call. The kernel only reads them.
+    let sent = unsafe {
+        libc::sendmsg(
+            fd.as_raw_fd(),
+            &msg,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sent as usize)
 }
 
 /// A memfd of `size` bytes with `seals` (tests of this module and of the tables above it).

@@ -48,7 +48,10 @@ use freeflow_proto::verbs::{
     VerbsStatus, MAX_FURTHER_MEMORY_FILES, MEMORY_FILE_SIZE, OWN_MEMORY_FILE, PAGE_SIZE,
 };
 use memory::Mapping;
+pub(crate) use memory::{recv_into, send_gathered, SendPiece, SharedSpan, MAX_PIECES};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::OnceLock;
 
 /// A hash map keyed by the router's own numbers (handles, keys, QP numbers, attachment ids).
@@ -255,8 +258,9 @@ struct Mr {
     length: u64,
     lkey: u32,
     rkey: u32,
-    /// The region's pages as the router maps them.
-    mapping: Mapping,
+    /// The region's pages as the router maps them (shared with the zero-copy sends of its
+    /// bytes still queued: see `memory::SharedSpan`).
+    mapping: Arc<Mapping>,
     /// Where the region's first byte is in `mapping`.
     offset: usize,
     /// The memory file its pages are in.
@@ -337,11 +341,11 @@ pub struct VerbsTable {
     rkeys: NumberMap<u32, u32>,
     next_handle: u32,
     keys: KeyGen,
-    mapped_bytes: u64,
-    /// The bytes this table may have mapped: [`limits::MAX_MAPPED_BYTES`] less what the
-    /// container's other contexts have mapped (the engine sets it before each registration,
-    /// so the limit is the container's, not each attachment's).
-    mapped_allowance: u64,
+    /// Bytes mapped for regions, counted until each mapping goes (a zero-copy span may hold
+    /// one past its region's deregistration): the container's count, which all its contexts
+    /// share (the engine gives it, see `Engine::open`), bounded by
+    /// [`limits::MAX_MAPPED_BYTES`].
+    mapped: Arc<AtomicU64>,
     test_hooks: bool,
 }
 
@@ -362,8 +366,7 @@ impl VerbsTable {
             rkeys: NumberMap::default(),
             next_handle: 0,
             keys: KeyGen::new(),
-            mapped_bytes: 0,
-            mapped_allowance: limits::MAX_MAPPED_BYTES,
+            mapped: Arc::default(),
             test_hooks,
         }
     }
@@ -376,14 +379,20 @@ impl VerbsTable {
         self.mrs.len()
     }
 
-    /// Bytes of memory files this table has mapped for its regions.
+    /// Bytes of memory files mapped for the regions of the count's owner (this table's, or its
+    /// container's if the engine gave one), with those of deregistered regions still held.
     pub fn mapped_bytes(&self) -> u64 {
-        self.mapped_bytes
+        self.mapped.load(Ordering::Relaxed)
     }
 
-    /// Sets how many bytes this table may have mapped in all (see `mapped_allowance`).
-    pub fn set_mapped_allowance(&mut self, bytes: u64) {
-        self.mapped_allowance = bytes.min(limits::MAX_MAPPED_BYTES);
+    /// Counts this table's mappings in `count` (its container's, shared by its contexts);
+    /// given before the first registration.
+    pub fn count_mapped_in(&mut self, count: Arc<AtomicU64>) {
+        debug_assert!(
+            self.mrs.is_empty(),
+            "the count changes under registered regions"
+        );
+        self.mapped = count;
     }
 
     /// Takes the memory file the shim sent with `msg`: its own (one per attachment: a second is
@@ -538,7 +547,7 @@ impl VerbsTable {
             .checked_next_multiple_of(PAGE_SIZE)
             .ok_or(VerbsError::Invalid("region ends beyond the address space"))?;
         let pages = end_page - first_page;
-        if pages > self.mapped_allowance.saturating_sub(self.mapped_bytes) {
+        if pages > limits::MAX_MAPPED_BYTES.saturating_sub(self.mapped_bytes()) {
             return Err(VerbsError::Limit("registered bytes"));
         }
         // A region without any write access is mapped read-only: the router cannot write it
@@ -553,7 +562,7 @@ impl VerbsTable {
         } else {
             r.file_offset
         };
-        let mapping = if r.file == OWN_MEMORY_FILE {
+        let mut mapping = if r.file == OWN_MEMORY_FILE {
             if r.file_offset != 0 {
                 return Err(VerbsError::Invalid(
                     "a file offset for the process's own memory file",
@@ -579,7 +588,7 @@ impl VerbsTable {
         self.lkeys.insert(lkey, handle);
         let rkey = self.new_key();
         self.rkeys.insert(rkey, handle);
-        self.mapped_bytes += pages;
+        mapping.charge_to(&self.mapped);
         self.mrs.insert(
             handle,
             Mr {
@@ -589,7 +598,7 @@ impl VerbsTable {
                 length: r.length,
                 lkey,
                 rkey,
-                mapping,
+                mapping: Arc::new(mapping),
                 offset: (r.addr - first_page) as usize,
                 file: r.file,
                 #[cfg(feature = "rdma-hw")]
@@ -636,7 +645,6 @@ impl VerbsTable {
         let entry = self.mrs.remove(&mr).ok_or(VerbsError::NoSuchMr(mr))?;
         self.lkeys.remove(&entry.lkey);
         self.rkeys.remove(&entry.rkey);
-        self.mapped_bytes -= entry.mapping.len() as u64;
         if let Some(pd) = self.pds.get_mut(&entry.pd) {
             pd.mrs -= 1;
         }
@@ -660,11 +668,43 @@ impl VerbsTable {
         len: u64,
         need: Need,
     ) -> Result<MemView<'_>, ResolveError> {
+        let (mr, offset, fail) = self.locate(pd, key, addr, len, need)?;
+        mr.mapping
+            .view(offset, len as usize)
+            .ok_or(fail(ResolveFailure::OutOfRange))
+    }
+
+    /// As [`VerbsTable::resolve`], as a span that keeps the region's pages mapped while it is
+    /// held, even past the region's deregistration (a zero-copy send of its bytes).
+    pub(crate) fn resolve_shared(
+        &self,
+        pd: PdId,
+        key: Key,
+        addr: u64,
+        len: u64,
+        need: Need,
+    ) -> Result<SharedSpan, ResolveError> {
+        let (mr, offset, fail) = self.locate(pd, key, addr, len, need)?;
+        SharedSpan::new(&mr.mapping, offset, len as usize).ok_or(fail(ResolveFailure::OutOfRange))
+    }
+
+    /// The checks of [`VerbsTable::resolve`]: the region and where the range starts in its
+    /// mapping (its end is inside the mapping, unless the table is wrong: the caller's view
+    /// then fails like a range outside the region), and how to name a failure.
+    #[allow(clippy::type_complexity)]
+    fn locate(
+        &self,
+        pd: PdId,
+        key: Key,
+        addr: u64,
+        len: u64,
+        need: Need,
+    ) -> Result<(&Mr, usize, impl Fn(ResolveFailure) -> ResolveError), ResolveError> {
         let (remote, key, table) = match key {
             Key::Local(k) => (false, k, &self.lkeys),
             Key::Remote(k) => (true, k, &self.rkeys),
         };
-        let fail = |failure| ResolveError {
+        let fail = move |failure| ResolveError {
             remote,
             key,
             failure,
@@ -685,10 +725,7 @@ impl VerbsTable {
             return Err(fail(ResolveFailure::AccessDenied));
         }
         if len == 0 {
-            return mr
-                .mapping
-                .view(mr.offset, 0)
-                .ok_or(fail(ResolveFailure::OutOfRange));
+            return Ok((mr, mr.offset, fail));
         }
         let end = addr
             .checked_add(len)
@@ -699,10 +736,7 @@ impl VerbsTable {
         }
         // Inside the region, hence inside its mapping: a view that is not would be a bug of
         // the table, and fails like a range outside the region.
-        let offset = mr.offset + (addr - mr.iova) as usize;
-        mr.mapping
-            .view(offset, len as usize)
-            .ok_or(fail(ResolveFailure::OutOfRange))
+        Ok((mr, mr.offset + (addr - mr.iova) as usize, fail))
     }
 
     /// The memory a test hook reads or writes: `len` bytes at `addr`, under local key `lkey` of

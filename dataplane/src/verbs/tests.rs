@@ -255,7 +255,7 @@ fn a_pd_with_regions_is_busy_until_they_go() {
     t.dereg_mr(b.mr).unwrap();
     assert!(matches!(t.dereg_mr(b.mr), Err(VerbsError::NoSuchMr(_))));
     t.dealloc_pd(pd).unwrap();
-    assert_eq!(t.mapped_bytes, 0);
+    assert_eq!(t.mapped_bytes(), 0);
 }
 
 #[test]
@@ -588,7 +588,10 @@ fn test_hooks_are_off_unless_enabled() {
 fn registered_bytes_are_bounded() {
     let (mut t, _file) = table_with_memory();
     let pd = t.alloc_pd().unwrap();
-    t.mapped_bytes = limits::MAX_MAPPED_BYTES - PAGE_SIZE;
+    t.mapped.store(
+        limits::MAX_MAPPED_BYTES - PAGE_SIZE,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     reg(&mut t, pd, BASE, 10, 0);
     let e = t.reg_mr(&region(pd, BASE, 10, 0)).unwrap_err();
     assert!(matches!(e, VerbsError::Limit(_)));
@@ -716,4 +719,86 @@ fn further_memory_files_register_by_offset_and_are_checked() {
         Err(VerbsError::Limit(_))
     ));
     t.dereg_mr(mr.mr).unwrap();
+}
+
+/// A zero-copy send whose region is deregistered, and whose container's whole table (its
+/// memory file too) goes, while the kernel took only part of it: the pages stay mapped until
+/// the last byte went, and the bytes that go are the region's.
+#[test]
+fn a_region_deregistered_during_a_partial_zero_copy_send_stays_mapped_until_sent() {
+    use crate::verbs::remote::{Conn, ConnState, Link, Stream};
+    use freeflow_proto::verbs::remote::{FrameHeader, FrameKind, HEADER_LEN};
+    use std::io::Read;
+    let (mut t, file) = table_with_memory();
+    // 1 MiB of the pattern: more than a Unix socket's default send buffer.
+    let len = 1u64 << 20;
+    let bytes: Vec<u8> = (0..len).map(|i| pattern(BASE + i)).collect();
+    file.write_all_at(&bytes, BASE).unwrap();
+    let pd = t.alloc_pd().unwrap();
+    let mr = reg(&mut t, pd, BASE, len, RW);
+    let span = t
+        .resolve_shared(pd, Key::Local(mr.lkey), BASE, len, Need::LocalRead)
+        .unwrap();
+    let (ours, mut other) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let mut conn = Conn::new(Stream::Local(ours), Link::Shard(1), 4, ConnState::Up);
+    let mut h = FrameHeader::new(FrameKind::Write);
+    h.len = len as u32;
+    conn.push_frame_shared(&h, std::iter::once(span));
+    conn.flush().unwrap();
+    let want = HEADER_LEN + len as usize;
+    assert!(conn.tx_pending() > 0, "the whole frame went at once");
+    // The region goes, then the container: its table and its memory file.
+    t.dereg_mr(mr.mr).unwrap();
+    assert!(t
+        .resolve(pd, Key::Local(mr.lkey), BASE, len, Need::LocalRead)
+        .is_err());
+    drop(t);
+    drop(file);
+    let mut got = Vec::with_capacity(want);
+    let mut buf = vec![0u8; 64 << 10];
+    for _ in 0..100_000 {
+        if got.len() == want {
+            break;
+        }
+        conn.flush().unwrap();
+        let n = other
+            .read(&mut buf[..(want - got.len()).min(64 << 10)])
+            .unwrap();
+        assert_ne!(n, 0, "the stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got.len(), want);
+    assert_eq!(&got[..HEADER_LEN], &h.encode()[..]);
+    assert!(
+        got[HEADER_LEN..] == bytes[..],
+        "the bytes sent are not the region's"
+    );
+    assert_eq!(conn.tx_pending(), 0);
+}
+
+/// A deregistered region whose mapping a zero-copy span still holds stays counted in the
+/// mapped bytes (a peer that stops reading cannot keep uncounted mappings alive): a new
+/// registration past the limit is refused until the span goes.
+#[test]
+fn a_mapping_held_past_its_dereg_stays_counted() {
+    let (mut t, _file) = table_with_memory();
+    let pd = t.alloc_pd().unwrap();
+    let mr = reg(&mut t, pd, BASE, PAGE_SIZE, RW);
+    assert_eq!(t.mapped_bytes(), PAGE_SIZE);
+    let span = t
+        .resolve_shared(pd, Key::Local(mr.lkey), BASE, 100, Need::LocalRead)
+        .unwrap();
+    t.dereg_mr(mr.mr).unwrap();
+    assert_eq!(t.mapped_bytes(), PAGE_SIZE, "a held mapping went uncounted");
+    // The rest of the limit is one page short of another region while the span holds its page.
+    t.mapped.fetch_add(
+        limits::MAX_MAPPED_BYTES - 2 * PAGE_SIZE,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let e = t.reg_mr(&region(pd, BASE, 2 * PAGE_SIZE, RW)).unwrap_err();
+    assert!(matches!(e, VerbsError::Limit(_)));
+    drop(span);
+    assert_eq!(t.mapped_bytes(), limits::MAX_MAPPED_BYTES - 2 * PAGE_SIZE);
+    reg(&mut t, pd, BASE, 2 * PAGE_SIZE, RW);
 }

@@ -76,17 +76,20 @@ use cq::{CompChannel, Cq};
 use freeflow_proto::codec;
 use freeflow_proto::control::ContainerEntry;
 use freeflow_proto::fdpass;
+use freeflow_proto::identity::NetnsId;
 use freeflow_proto::verbs::ah::CreateAh;
 use freeflow_proto::verbs::qp::{CreateQp, ModifyQp, QpState};
 use freeflow_proto::verbs::srq::{CreateSrq, ModifySrq};
 use freeflow_proto::verbs::{
-    limits, Body, CreateCq, MemoryFileMsg, ObjectHandle, QueueFileKind, QueueFileMsg, RegMr,
-    ResizeCq, VerbsOp,
+    Body, CreateCq, MemoryFileMsg, ObjectHandle, QueueFileKind, QueueFileMsg, RegMr, ResizeCq,
+    VerbsOp,
 };
 use freeflow_proto::RingError;
 use objects::Objects;
 use srq::Srq;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 /// Smallest number of slots of a queue's ring.
 const MIN_RING_SLOTS: u32 = 16;
@@ -153,6 +156,9 @@ pub struct Engine {
     qpn_keys: KeyGen,
     /// Tenant names to the numbers contexts carry.
     tenants: std::collections::HashMap<String, TenantId>,
+    /// Each container's count of mapped bytes, shared by its contexts' tables and by the
+    /// mappings (until unmapped) it is charged to; kept while anything holds it.
+    mapped: std::collections::HashMap<NetnsId, Arc<AtomicU64>>,
     /// Each container's budget of the router's descriptors and mappings.
     budgets: Budgets,
     test_hooks: bool,
@@ -214,6 +220,7 @@ impl Engine {
             qpns: NumberMap::default(),
             qpn_keys: KeyGen::new(),
             tenants: std::collections::HashMap::new(),
+            mapped: std::collections::HashMap::new(),
             budgets: Budgets::new(budget),
             test_hooks,
             dirty: Vec::new(),
@@ -230,12 +237,16 @@ impl Engine {
     pub fn open(&mut self, attachment: AttachmentId, container: ContainerEntry) {
         let next = TenantId(self.tenants.len() as u32);
         let tenant = *self.tenants.entry(container.tenant.clone()).or_insert(next);
+        // A count nothing else holds is zero: that container has nothing mapped any more.
+        self.mapped.retain(|_, count| Arc::strong_count(count) > 1);
+        let mut table = VerbsTable::new(self.test_hooks);
+        table.count_mapped_in(Arc::clone(self.mapped.entry(container.netns).or_default()));
         self.contexts.insert(
             attachment,
             Context {
                 container,
                 tenant,
-                table: VerbsTable::new(self.test_hooks),
+                table,
                 channels: NumberMap::default(),
                 cqs: NumberMap::default(),
                 qps: NumberMap::default(),
@@ -423,18 +434,9 @@ impl Engine {
             // A further memory file that no region uses any more goes with the call (see
             // `VerbsTable::reg_mr`): its unit comes back too.
             VerbsOp::RegMr => {
-                // The limit on mapped bytes is the container's: this context may map what its
-                // container's other contexts leave.
-                let container = context_mut(&mut self.contexts, attachment)?.container.netns;
-                let others: u64 = self
-                    .contexts
-                    .iter()
-                    .filter(|(id, c)| **id != attachment && c.container.netns == container)
-                    .map(|(_, c)| c.table.mapped_bytes())
-                    .sum();
+                // The limit on mapped bytes is the container's: its contexts share one count
+                // (`Engine::open`).
                 let ctx = context_mut(&mut self.contexts, attachment)?;
-                ctx.table
-                    .set_mapped_allowance(limits::MAX_MAPPED_BYTES.saturating_sub(others));
                 let files = ctx.table.further_file_count();
                 let created = self
                     .budgets

@@ -1980,8 +1980,10 @@ fn mapped_bytes_are_limited_per_container() {
         pds.push(ok::<PdCreated>(&mut engine, id, conn, op::ALLOC_PD, &[]).pd);
     }
     // A's first context has all but three pages mapped (as if: the bytes are only counted).
-    engine.contexts.get_mut(&a1).unwrap().table.mapped_bytes =
-        freeflow_proto::verbs::limits::MAX_MAPPED_BYTES - 3 * PAGE_SIZE;
+    engine.contexts[&a1].table.mapped.store(
+        freeflow_proto::verbs::limits::MAX_MAPPED_BYTES - 3 * PAGE_SIZE,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let _ = a1_conn;
     let reg = |pd, pages| {
         RegMr {
@@ -2004,4 +2006,431 @@ fn mapped_bytes_are_limited_per_container() {
     ok::<MrCreated>(&mut engine, b, &b_conn, op::REG_MR, &reg(pds[1], 4));
     engine.adopt_memory_file(a2, msg, further_file(4)).unwrap();
     ok::<MrCreated>(&mut engine, a2, &a2_conn, op::REG_MR, &reg(pds[0], 3));
+}
+
+/// Registers `len` bytes at BASE + `offset` of `s`'s memory file, written with `byte(i)` first,
+/// in `s`'s protection domain with every access.
+fn big_region(
+    engine: &mut Engine,
+    s: &Side,
+    offset: u64,
+    len: u64,
+    byte: impl Fn(u64) -> u8,
+) -> MrCreated {
+    let bytes: Vec<u8> = (0..len).map(byte).collect();
+    s.file.write_all_at(&bytes, BASE + offset).unwrap();
+    ok(
+        engine,
+        s.id,
+        &s.conn,
+        op::REG_MR,
+        &RegMr {
+            pd: s.pd,
+            access: ALL,
+            addr: BASE + offset,
+            length: len,
+            iova: BASE + offset,
+            file: freeflow_proto::verbs::OWN_MEMORY_FILE,
+            file_offset: 0,
+        }
+        .to_vec(),
+    )
+}
+
+/// Payloads above the zero-copy threshold (`remote::ZERO_COPY_MIN`), larger than the socket
+/// pair's buffer, go straight from registered memory: a SEND, a WRITE and a READ's data land
+/// whole and in order, and a WRITE with a bad key is still REM_ACCESS_ERR on its own WR.
+#[test]
+fn across_shards_large_payloads_go_from_registered_memory() {
+    let (mut e0, mut e1) = two_shards();
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    const AT: u64 = 1 << 20;
+    const LEN: u64 = 256 << 10;
+    let pa = |i: u64| (i.wrapping_mul(13) >> 4) as u8;
+    let pb = |i: u64| (i.wrapping_mul(7) >> 3) as u8 ^ 0x5a;
+    let am = big_region(&mut e0, &a, AT, LEN, pa);
+    let bm = big_region(&mut e1, &b, AT, LEN, pb);
+    post_recv(&mut b, 80, sge(bm.lkey, AT, 64 << 10));
+    post_send(
+        &mut a,
+        1,
+        wr_opcode::SEND,
+        &[sge(am.lkey, AT, 64 << 10)],
+        0,
+        0,
+    );
+    post_send(
+        &mut a,
+        2,
+        wr_opcode::RDMA_WRITE,
+        &[
+            sge(am.lkey, AT + (64 << 10), 100 << 10),
+            sge(am.lkey, AT + (164 << 10), 28 << 10),
+        ],
+        BASE + AT + (64 << 10),
+        bm.rkey,
+    );
+    post_send(
+        &mut a,
+        3,
+        wr_opcode::RDMA_READ,
+        &[sge(am.lkey, AT + (192 << 10), 64 << 10)],
+        BASE + AT + (192 << 10),
+        bm.rkey,
+    );
+    post_send(
+        &mut a,
+        4,
+        wr_opcode::RDMA_WRITE,
+        &[sge(am.lkey, AT, 32 << 10)],
+        BASE + AT,
+        bm.rkey ^ 1,
+    );
+    let (mut ca, mut cb) = (Vec::new(), Vec::new());
+    run_shards(&mut e0, &mut e1, || {
+        ca.extend(completions(&mut a));
+        cb.extend(completions(&mut b));
+        ca.len() >= 4 && !cb.is_empty()
+    });
+    assert_eq!(
+        ca.iter()
+            .map(|c| (c.wr_id, c.status, c.byte_len))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, wc_status::SUCCESS, 64 << 10),
+            (2, wc_status::SUCCESS, 128 << 10),
+            (3, wc_status::SUCCESS, 64 << 10),
+            (4, wc_status::REM_ACCESS_ERR, 0),
+        ]
+    );
+    assert_eq!(
+        cb.iter()
+            .map(|c| (c.wr_id, c.status, c.byte_len))
+            .collect::<Vec<_>>(),
+        vec![(80, wc_status::SUCCESS, 64 << 10)]
+    );
+    let read = |f: &std::fs::File| {
+        let mut got = vec![0u8; LEN as usize];
+        f.read_exact_at(&mut got, BASE + AT).unwrap();
+        got
+    };
+    let (ga, gb) = (read(&a.file), read(&b.file));
+    let want_b: Vec<u8> = (0..LEN)
+        .map(|i| if i < 192 << 10 { pa(i) } else { pb(i) })
+        .collect();
+    assert!(
+        gb == want_b,
+        "b's region is not the SEND's and WRITE's bytes"
+    );
+    let want_a: Vec<u8> = (0..LEN)
+        .map(|i| if i < 192 << 10 { pa(i) } else { pb(i) })
+        .collect();
+    assert!(ga == want_a, "a's region is not the READ's bytes");
+}
+
+/// The responder receives a large WRITE whose header came first straight into its target
+/// (checked at the header), and a WRITE whose header fails its check has its payload read and
+/// dropped with REM_ACCESS_ERR: the stream stays in step (another QP pair's SEND on the same
+/// connection still arrives). The frames are written by the test on shard 1's socket, in
+/// pieces, with passes between them.
+#[test]
+fn a_large_write_lands_in_its_target_and_a_refused_one_is_drained() {
+    use freeflow_proto::verbs::remote::{FrameHeader, FrameKind};
+    use std::io::Write;
+    let (mut e0, mut e1, mut tap) = two_shards_tapped();
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    let mut c = side(&mut e0, 3, [10, 32, 0, 2], "blue", 64);
+    let mut d = side(&mut e1, 4, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    connect(&mut e0, &c, d.ip, d.qpn, 7);
+    connect(&mut e1, &d, c.ip, c.qpn, 7);
+    let (ak, bk, ck, dk) = (a.mr.lkey, b.mr.lkey, c.mr.lkey, d.mr.lkey);
+    const AT: u64 = 1 << 20;
+    const LEN: usize = 64 << 10;
+    let am = big_region(&mut e0, &a, AT, LEN as u64, |_| 0);
+    // One real SEND makes the connection from shard 1 to shard 0.
+    post_recv(&mut a, 10, sge(ak, 2000, 64));
+    post_send(&mut b, 11, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+    let mut got = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        got.extend(outcomes(&mut a));
+        got.extend(outcomes(&mut b));
+        got.len() >= 2
+    });
+    let a_index = e0.qp_by_number(a.qpn).unwrap();
+    let expected = |e: &Engine| {
+        e.qps
+            .get(a_index)
+            .unwrap()
+            .remote
+            .as_ref()
+            .unwrap()
+            .expected
+    };
+    let seq = expected(&e0);
+    let landing = |e: &mut Engine| {
+        e.transport()
+            .incoming
+            .iter()
+            .any(|c| c.link == Link::Shard(1) && c.landing())
+    };
+    let passes = |e0: &mut Engine, n: usize| {
+        for _ in 0..n {
+            e0.poll();
+            e0.transport().poll_now();
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    };
+    let write = |seq: u32, rkey: u32| {
+        let mut h = FrameHeader::new(FrameKind::Write);
+        (h.src_ip, h.dst_ip) = (b.ip.into(), a.ip.into());
+        (h.src_qpn, h.dst_qpn) = (b.qpn, a.qpn);
+        (h.seq, h.rkey, h.remote_addr, h.len) = (seq, rkey, BASE + AT, LEN as u32);
+        h.encode()
+    };
+    let payload: Vec<u8> = (0..LEN).map(|i| ((i * 11) >> 2) as u8).collect();
+
+    // The header and 1000 bytes: the rest lands straight in a's region.
+    tap.write_all(&write(seq, am.rkey)).unwrap();
+    tap.write_all(&payload[..1000]).unwrap();
+    let mut on = false;
+    for _ in 0..1000 {
+        passes(&mut e0, 1);
+        on = landing(&mut e0);
+        if on {
+            break;
+        }
+    }
+    assert!(on, "the checked WRITE is not received into its target");
+    for piece in payload[1000..].chunks(20_000) {
+        tap.write_all(piece).unwrap();
+        passes(&mut e0, 3);
+    }
+    // A WRITE with a bad key: its header alone is refused a landing, its payload drained.
+    tap.write_all(&write(seq.wrapping_add(1), am.rkey ^ 1))
+        .unwrap();
+    passes(&mut e0, 5);
+    assert!(!landing(&mut e0), "a refused header must not land");
+    assert_eq!(
+        expected(&e0),
+        seq.wrapping_add(1),
+        "the landed WRITE executed"
+    );
+    tap.write_all(&payload).unwrap();
+    drop(tap);
+    let mut file_now = vec![0u8; LEN];
+    for _ in 0..1000 {
+        passes(&mut e0, 1);
+        if expected(&e0) == seq.wrapping_add(2) {
+            break;
+        }
+    }
+    assert_eq!(
+        expected(&e0),
+        seq.wrapping_add(2),
+        "the refused WRITE was not answered"
+    );
+    assert_eq!(e0.qps.get(a_index).unwrap().state, QpState::Err);
+    a.file.read_exact_at(&mut file_now, BASE + AT).unwrap();
+    assert!(file_now == payload, "a's region is not the landed payload");
+    // The stream is in step: c and d's SEND on the same connection arrives whole.
+    post_recv(&mut c, 20, sge(ck, 2000, 64));
+    post_send(&mut d, 21, wr_opcode::SEND, &[sge(dk, 100, 16)], 0, 0);
+    let mut got = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        got.extend(outcomes(&mut c));
+        got.extend(outcomes(&mut d));
+        got.len() >= 2
+    });
+    got.sort_unstable();
+    assert_eq!(got, vec![(20, 0, c.qpn), (21, 0, d.qpn)]);
+}
+
+/// A READ longer than a frame's payload may be (`MAX_PAYLOAD`) is an invalid request, even
+/// from a region that large: the responder answers NAK REM_INV_REQ instead of reading it (a
+/// ReadData frame the requester could not decode, or an allocation of up to 4 GiB).
+#[test]
+fn a_read_longer_than_a_frame_is_an_invalid_request() {
+    use freeflow_proto::verbs::remote::{nak, FrameHeader, FrameKind, HEADER_LEN, MAX_PAYLOAD};
+    use std::io::{Read, Write};
+    let (mut e0, mut e1, mut tap) = two_shards_tapped();
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    let (ak, bk) = (a.mr.lkey, b.mr.lkey);
+    const AT: u64 = 1 << 20;
+    let len = u64::from(MAX_PAYLOAD) + 4096;
+    let am = big_region(&mut e0, &a, AT, len, |_| 0);
+    // One real SEND makes the connection from shard 1 to shard 0.
+    post_recv(&mut a, 10, sge(ak, 2000, 64));
+    post_send(&mut b, 11, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+    let mut got = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        got.extend(outcomes(&mut a));
+        got.extend(outcomes(&mut b));
+        got.len() >= 2
+    });
+    let seq = e0
+        .qps
+        .get(e0.qp_by_number(a.qpn).unwrap())
+        .unwrap()
+        .remote
+        .as_ref()
+        .unwrap()
+        .expected;
+    let mut h = FrameHeader::new(FrameKind::Read);
+    (h.src_ip, h.dst_ip) = (b.ip.into(), a.ip.into());
+    (h.src_qpn, h.dst_qpn) = (b.qpn, a.qpn);
+    (h.seq, h.rkey, h.remote_addr, h.arg) = (seq, am.rkey, BASE + AT, MAX_PAYLOAD + 1);
+    tap.write_all(&h.encode()).unwrap();
+    // Shard 1 is not run: the answer is read from its socket here.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; HEADER_LEN];
+    for _ in 0..2000 {
+        e0.poll();
+        e0.transport().poll_now();
+        match tap.read(&mut buf[..HEADER_LEN - answer.len()]) {
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_micros(200))
+            }
+            Err(e) => panic!("{e}"),
+        }
+        if answer.len() == HEADER_LEN {
+            break;
+        }
+    }
+    let r =
+        FrameHeader::decode(answer.first_chunk::<HEADER_LEN>().expect("no answer came")).unwrap();
+    assert_eq!(
+        (r.kind, r.code, r.seq, r.len),
+        (FrameKind::Nak, nak::REM_INV_REQ, seq, 0)
+    );
+}
+
+/// A region deregistered while a WRITE's payload is being received into it: what comes after
+/// the dereg is read and dropped, not written into the container's memory (nothing lands after
+/// ibv_dereg_mr returns), the WRITE is answered REM_ACCESS (the QP goes to the error state)
+/// and the stream stays in step.
+#[test]
+fn a_dereg_mid_landing_stops_the_payload_at_the_target() {
+    use freeflow_proto::verbs::remote::{FrameHeader, FrameKind};
+    use std::io::Write;
+    let (mut e0, mut e1, mut tap) = two_shards_tapped();
+    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+    let mut c = side(&mut e0, 3, [10, 32, 0, 2], "blue", 64);
+    let mut d = side(&mut e1, 4, [10, 32, 0, 3], "blue", 64);
+    connect(&mut e0, &a, b.ip, b.qpn, 7);
+    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    connect(&mut e0, &c, d.ip, d.qpn, 7);
+    connect(&mut e1, &d, c.ip, c.qpn, 7);
+    let (ak, bk, ck, dk) = (a.mr.lkey, b.mr.lkey, c.mr.lkey, d.mr.lkey);
+    const AT: u64 = 1 << 20;
+    const LEN: usize = 64 << 10;
+    const BEFORE: usize = 21_000;
+    let am = big_region(&mut e0, &a, AT, LEN as u64, |_| 0);
+    post_recv(&mut a, 10, sge(ak, 2000, 64));
+    post_send(&mut b, 11, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+    let mut got = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        got.extend(outcomes(&mut a));
+        got.extend(outcomes(&mut b));
+        got.len() >= 2
+    });
+    let a_index = e0.qp_by_number(a.qpn).unwrap();
+    let expected = |e: &Engine| {
+        e.qps
+            .get(a_index)
+            .unwrap()
+            .remote
+            .as_ref()
+            .unwrap()
+            .expected
+    };
+    let seq = expected(&e0);
+    let landing = |e: &mut Engine| {
+        e.transport()
+            .incoming
+            .iter()
+            .any(|c| c.link == Link::Shard(1) && c.landing())
+    };
+    let passes = |e0: &mut Engine, n: usize| {
+        for _ in 0..n {
+            e0.poll();
+            e0.transport().poll_now();
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    };
+    let mut h = FrameHeader::new(FrameKind::Write);
+    (h.src_ip, h.dst_ip) = (b.ip.into(), a.ip.into());
+    (h.src_qpn, h.dst_qpn) = (b.qpn, a.qpn);
+    (h.seq, h.rkey, h.remote_addr, h.len) = (seq, am.rkey, BASE + AT, LEN as u32);
+    let payload: Vec<u8> = (0..LEN).map(|i| ((i * 11) >> 2) as u8 | 1).collect();
+    tap.write_all(&h.encode()).unwrap();
+    tap.write_all(&payload[..1000]).unwrap();
+    let mut on = false;
+    for _ in 0..1000 {
+        passes(&mut e0, 1);
+        on = landing(&mut e0);
+        if on {
+            break;
+        }
+    }
+    assert!(on, "the checked WRITE is not received into its target");
+    tap.write_all(&payload[1000..BEFORE]).unwrap();
+    let mut file_now = vec![0u8; LEN];
+    for _ in 0..1000 {
+        passes(&mut e0, 1);
+        a.file.read_exact_at(&mut file_now, BASE + AT).unwrap();
+        if file_now[..BEFORE] == payload[..BEFORE] {
+            break;
+        }
+    }
+    assert!(
+        file_now[..BEFORE] == payload[..BEFORE],
+        "the first pieces did not land"
+    );
+    // The region goes; the rest of the payload, then c and d's SEND on the same connection.
+    let dereg = DeregMr { mr: am.mr }.to_vec();
+    assert_eq!(status_of(&mut e0, &a, op::DEREG_MR, &dereg), status::OK);
+    for piece in payload[BEFORE..].chunks(20_000) {
+        tap.write_all(piece).unwrap();
+        passes(&mut e0, 3);
+    }
+    for _ in 0..1000 {
+        passes(&mut e0, 1);
+        if expected(&e0) == seq.wrapping_add(1) {
+            break;
+        }
+    }
+    assert_eq!(
+        expected(&e0),
+        seq.wrapping_add(1),
+        "the WRITE was not answered"
+    );
+    assert_eq!(e0.qps.get(a_index).unwrap().state, QpState::Err);
+    a.file.read_exact_at(&mut file_now, BASE + AT).unwrap();
+    assert!(file_now[..BEFORE] == payload[..BEFORE]);
+    assert!(
+        file_now[BEFORE..].iter().all(|&x| x == 0),
+        "bytes landed after the dereg"
+    );
+    drop(tap);
+    post_recv(&mut c, 20, sge(ck, 2000, 64));
+    post_send(&mut d, 21, wr_opcode::SEND, &[sge(dk, 100, 16)], 0, 0);
+    let mut got = Vec::new();
+    run_shards(&mut e0, &mut e1, || {
+        got.extend(outcomes(&mut c));
+        got.extend(outcomes(&mut d));
+        got.len() >= 2
+    });
+    got.sort_unstable();
+    assert_eq!(got, vec![(20, 0, c.qpn), (21, 0, d.qpn)]);
 }

@@ -3,7 +3,7 @@
 use crate::verbs::engine::Fault;
 use crate::verbs::ids::PdId;
 use crate::verbs::memory::ViewError;
-use crate::verbs::{Key, MemView, Need, VerbsTable};
+use crate::verbs::{Key, MemView, Need, SharedSpan, VerbsTable};
 use freeflow_proto::verbs::work::{Sge, MAX_SGE};
 
 /// The memory of a resolved scatter/gather list, one view per entry.
@@ -30,6 +30,32 @@ pub(super) fn resolve_list<'a>(
             .map_err(|_| ())?;
         total += u64::from(sge.length);
         *slot = Some(view);
+    }
+    Ok(total)
+}
+
+/// As [`resolve_list`], into spans that keep their regions mapped while held (a zero-copy
+/// send's payload).
+pub(super) fn resolve_shared_list(
+    table: &VerbsTable,
+    pd: PdId,
+    sges: impl Iterator<Item = Sge>,
+    need: Need,
+    spans: &mut [Option<SharedSpan>; MAX_SGE as usize],
+) -> Result<u64, ()> {
+    let mut total = 0u64;
+    for (slot, sge) in spans.iter_mut().zip(sges) {
+        let span = table
+            .resolve_shared(
+                pd,
+                Key::Local(sge.lkey),
+                sge.addr,
+                u64::from(sge.length),
+                need,
+            )
+            .map_err(|_| ())?;
+        total += u64::from(sge.length);
+        *slot = Some(span);
     }
     Ok(total)
 }

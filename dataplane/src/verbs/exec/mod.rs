@@ -139,6 +139,7 @@ impl Engine {
             return 0;
         }
         let t = *now.get_or_insert_with(Instant::now);
+        self.revoke_landings();
         let mut work = self.remote.pump(t);
         work += self.serve_incoming(t);
         work += self.take_responses(t);

@@ -12,17 +12,18 @@
 //! timeout × (retry_cnt + 1), completes with IBV_WC_RETRY_EXC_ERR; the QP is then in the error
 //! state and the flush completes the rest.
 
-use super::copy::{copy, resolve_list, Source, Views};
+use super::copy::{copy, resolve_list, resolve_shared_list, Source, Views};
 use super::{pending_of, Outcome};
 use crate::verbs::engine::{ack_timeout, rnr_timer, Context, Engine, Fault, Route, Wait};
 use crate::verbs::engine::{Qp, CQ_FULL_RETRY};
 use crate::verbs::ids::{ObjectKey, QpId};
 use crate::verbs::remote::{
     Conn, InFlight, Link, Next, OutConn, OutKey, RemoteQp, Resend, QP_INFLIGHT_BYTES,
-    QP_INFLIGHT_MAX, SILENCE_FLOOR,
+    QP_INFLIGHT_MAX, SILENCE_FLOOR, ZERO_COPY_MIN,
 };
 use crate::verbs::send_op::SendOp;
 use crate::verbs::Need;
+use crate::verbs::SharedSpan;
 use freeflow_proto::verbs::qp::QpState;
 use freeflow_proto::verbs::remote::{nak, seq_before, FrameHeader, FrameKind, MAX_PAYLOAD};
 use freeflow_proto::verbs::work::{send_flags, Cqe, SendWqe, MAX_SGE};
@@ -72,6 +73,15 @@ fn frame_request(ctx: &Context, qp: &Qp, r: &Request<'_>, conn: &mut Conn) -> Re
     if inline && reads_back {
         return Err(wc_status::LOC_QP_OP_ERR);
     }
+    let zero_copy = !inline
+        && matches!(
+            r.op,
+            SendOp::Send | SendOp::SendWithImm | SendOp::Write | SendOp::WriteWithImm
+        )
+        && estimate(r.wqe, r.op, r.slot) >= ZERO_COPY_MIN;
+    if zero_copy {
+        return frame_shared(ctx, qp, r, conn);
+    }
     let mut local: Views<'_> = [const { None }; MAX_SGE as usize];
     let total = if inline {
         r.wqe.inline(r.slot).len() as u64
@@ -91,18 +101,7 @@ fn frame_request(ctx: &Context, qp: &Qp, r: &Request<'_>, conn: &mut Conn) -> Re
     if r.op.is_atomic() && local[0].as_ref().is_none_or(|v| v.len() < 8) {
         return Err(wc_status::LOC_LEN_ERR);
     }
-    let mut f = FrameHeader::new(kind_of(r.op));
-    f.src_ip = ctx.container.ip;
-    f.dst_ip = r.dst_ip;
-    f.src_qpn = qp.qpn;
-    f.dst_qpn = r.dst_qpn;
-    f.seq = r.seq;
-    f.ack = r.ack;
-    f.rkey = h.rkey;
-    f.imm = h.imm_data;
-    f.remote_addr = h.remote_addr;
-    f.compare_add = h.compare_add;
-    f.swap = h.swap;
+    let mut f = request_header(ctx, qp, r);
     if r.op == SendOp::Read {
         f.arg = total as u32;
     } else if !r.op.is_atomic() {
@@ -123,6 +122,47 @@ fn frame_request(ctx: &Context, qp: &Qp, r: &Request<'_>, conn: &mut Conn) -> Re
         Ok(())
     })?;
     Ok(if r.op.is_atomic() { 8 } else { total })
+}
+
+/// As [`frame_request`] for a SEND or WRITE of at least [`ZERO_COPY_MIN`] bytes from
+/// registered memory: the payload is not copied, the connection sends it straight from the
+/// container's regions (which stay mapped until it went, whatever the container does
+/// meanwhile).
+fn frame_shared(ctx: &Context, qp: &Qp, r: &Request<'_>, conn: &mut Conn) -> Result<u64, u32> {
+    let mut spans: [Option<SharedSpan>; MAX_SGE as usize] = [const { None }; MAX_SGE as usize];
+    let total = resolve_shared_list(
+        &ctx.table,
+        qp.pd,
+        r.wqe.sges(r.slot),
+        r.op.local_need(),
+        &mut spans,
+    )
+    .map_err(|()| wc_status::LOC_PROT_ERR)?;
+    if total > limits::MAX_MSG_SZ || total > u64::from(MAX_PAYLOAD) {
+        return Err(wc_status::LOC_LEN_ERR);
+    }
+    let mut f = request_header(ctx, qp, r);
+    f.len = total as u32;
+    conn.push_frame_shared(&f, spans.into_iter().flatten());
+    Ok(total)
+}
+
+/// The header of request `r` of `qp` (owned by `ctx`), without its lengths.
+fn request_header(ctx: &Context, qp: &Qp, r: &Request<'_>) -> FrameHeader {
+    let h = r.wqe.header;
+    let mut f = FrameHeader::new(kind_of(r.op));
+    f.src_ip = ctx.container.ip;
+    f.dst_ip = r.dst_ip;
+    f.src_qpn = qp.qpn;
+    f.dst_qpn = r.dst_qpn;
+    f.seq = r.seq;
+    f.ack = r.ack;
+    f.rkey = h.rkey;
+    f.imm = h.imm_data;
+    f.remote_addr = h.remote_addr;
+    f.compare_add = h.compare_add;
+    f.swap = h.swap;
+    f
 }
 
 /// The payload bytes a WQE stands for, from its list's lengths (before resolving it).

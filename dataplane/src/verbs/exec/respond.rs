@@ -15,10 +15,10 @@ use super::{NoReceive, Peer};
 use crate::verbs::engine::{Context, Engine, Fault, Route};
 use crate::verbs::ids::AttachmentId;
 use crate::verbs::ids::QpId;
-use crate::verbs::remote::{ConnState, HeldAck, Link, Next};
+use crate::verbs::remote::{ConnState, HeldAck, Link, Next, ZERO_COPY_MIN};
 use crate::verbs::{Key, MemView, Need, NumberMap};
 use freeflow_proto::verbs::qp::QpState;
-use freeflow_proto::verbs::remote::{nak, FrameHeader, FrameKind};
+use freeflow_proto::verbs::remote::{nak, FrameHeader, FrameKind, MAX_PAYLOAD};
 use freeflow_proto::verbs::work::{wc_flags, wc_opcode, Cqe, MAX_SGE};
 use freeflow_proto::verbs::{wc_status, AccessFlags};
 use std::time::Instant;
@@ -47,9 +47,27 @@ impl Engine {
                 if c.state != ConnState::Up || c.tx_full() {
                     break false;
                 }
+                if let Some((h, revoked)) = c.landed() {
+                    let from = c.link;
+                    if let Some(seq) = h.ack {
+                        if !self.take_carried_ack(from, &h, seq, now) {
+                            break false;
+                        }
+                    }
+                    self.remote.incoming[i].take_landed();
+                    self.on_landed(i, &h, revoked, now);
+                    work += 1;
+                    continue;
+                }
+                if c.landing() {
+                    break false;
+                }
                 let (h, range) = match c.next() {
                     Ok(Next::Frame(h, range)) if h.kind.is_request() => (h, range),
-                    Ok(Next::Nothing) => break false,
+                    Ok(Next::Nothing) => {
+                        self.try_land(i);
+                        break false;
+                    }
                     Ok(Next::Frame(..)) => {
                         self.remote
                             .close_incoming(i, "a response on a request stream");
@@ -130,6 +148,126 @@ impl Engine {
                 }
                 self.answer(conn, h, FrameKind::Nak, code, 0);
             }
+        }
+    }
+
+    /// If the next frame on incoming connection `conn` is a large WRITE (at least
+    /// `remote::ZERO_COPY_MIN`) whose header came without all its payload, and its checks pass
+    /// now (the QP admits it, it is the next in sequence, the key grants a remote write of the
+    /// whole range): the rest of its payload is received straight into the target
+    /// (`Conn::land`). Otherwise it stays on the ordinary path: buffered whole, then executed,
+    /// or answered with its error and dropped.
+    fn try_land(&mut self, conn: usize) {
+        let c = &self.remote.incoming[conn];
+        let Some(h) = c.partial_head() else {
+            return;
+        };
+        if h.kind != FrameKind::Write || u64::from(h.len) < ZERO_COPY_MIN {
+            return;
+        }
+        let Some(peer) = self.landing_granted(c.link, &h) else {
+            return;
+        };
+        let Some(ctx) = self.contexts.get(&peer.owner) else {
+            return;
+        };
+        let Ok(span) = ctx.table.resolve_shared(
+            peer.pd,
+            Key::Remote(h.rkey),
+            h.remote_addr,
+            u64::from(h.len),
+            Need::RemoteWrite,
+        ) else {
+            return;
+        };
+        if let Err(e) = self.remote.incoming[conn].land(span) {
+            // A span of the frame's length from a resolved key: a bug here, not the peer's.
+            debug_assert!(false, "landing a checked WRITE: {e}");
+        }
+    }
+
+    /// The QP a WRITE from `from`'s router may land in now: admitted, next in sequence, its
+    /// key granting a remote write of the whole range.
+    fn landing_granted(&self, from: Link, h: &FrameHeader) -> Option<Peer> {
+        let peer = self.admit(from, h)?;
+        let in_sequence = self
+            .qps
+            .get(peer.index)
+            .and_then(|q| q.remote.as_deref())
+            .is_some_and(|rq| rq.expected == h.seq);
+        if !in_sequence || !peer.access.contains(AccessFlags::REMOTE_WRITE) {
+            return None;
+        }
+        let ctx = self.contexts.get(&peer.owner)?;
+        ctx.table
+            .resolve(
+                peer.pd,
+                Key::Remote(h.rkey),
+                h.remote_addr,
+                u64::from(h.len),
+                Need::RemoteWrite,
+            )
+            .ok()?;
+        Some(peer)
+    }
+
+    /// Revokes the landings that are no longer granted (the region was deregistered, the QP
+    /// left RTR/RTS or went, the container detached): nothing more of their payload is
+    /// written into the container's memory. Runs before every read of the connections, in the
+    /// thread that serves the container's requests, so nothing lands once a dereg, destroy,
+    /// modify or detach was answered (as rdma-core promises for a device).
+    pub(super) fn revoke_landings(&mut self) {
+        for i in 0..self.remote.incoming.len() {
+            let c = &self.remote.incoming[i];
+            let Some(h) = c.landing_into_target() else {
+                continue;
+            };
+            if self.landing_granted(c.link, &h).is_none() {
+                self.remote.incoming[i].revoke_landing();
+            }
+        }
+    }
+
+    /// A WRITE whose payload came (`try_land`): executed as `on_request` would, with the
+    /// checks again (the QP or the region may have changed while the payload came). A
+    /// `revoked` one (`revoke_landings`: part of its payload was dropped) is answered as a
+    /// refused one, REM_ACCESS, if its QP still admits it.
+    fn on_landed(&mut self, conn: usize, h: &FrameHeader, revoked: bool, now: Instant) {
+        let from = self.remote.incoming[conn].link;
+        let Some(peer) = self.admit(from, h) else {
+            return self.answer(conn, h, FrameKind::Nak, nak::NOT_READY, 0);
+        };
+        let Some(rq) = self
+            .qps
+            .get_mut(peer.index)
+            .and_then(|q| q.remote.as_deref_mut())
+        else {
+            return self.answer(conn, h, FrameKind::Nak, nak::NOT_READY, 0);
+        };
+        if rq.expected != h.seq {
+            return;
+        }
+        rq.expected = rq.expected.wrapping_add(1);
+        let still_granted = !revoked
+            && peer.access.contains(AccessFlags::REMOTE_WRITE)
+            && self.contexts.get(&peer.owner).is_some_and(|ctx| {
+                ctx.table
+                    .resolve(
+                        peer.pd,
+                        Key::Remote(h.rkey),
+                        h.remote_addr,
+                        u64::from(h.len),
+                        Need::RemoteWrite,
+                    )
+                    .is_ok()
+            });
+        if still_granted {
+            self.hold_ack(conn, h, peer.index, now);
+        } else {
+            if let Some(p) = self.qps.get_mut(peer.index) {
+                p.state = QpState::Err;
+            }
+            self.answer(conn, h, FrameKind::Nak, nak::REM_ACCESS, 0);
         }
     }
 
@@ -315,6 +453,11 @@ impl Engine {
                 self.remote_write(h, payload, peer, view)
             }
             FrameKind::Read => {
+                // Its data comes back in one ReadData frame, which the requester decodes only
+                // up to MAX_PAYLOAD (a peer's 4 GiB READ is refused before anything is read).
+                if h.arg > MAX_PAYLOAD {
+                    return Ok(Answer::Fatal(nak::REM_INV_REQ));
+                }
                 if !peer.access.contains(AccessFlags::REMOTE_READ) {
                     return Ok(Answer::Fatal(nak::REM_ACCESS));
                 }
@@ -327,6 +470,21 @@ impl Engine {
                     },
                 };
                 let r = response_to(h, FrameKind::ReadData, 0, 0, h.arg);
+                if len >= ZERO_COPY_MIN {
+                    // Checked above: the same checks cannot fail now.
+                    let Ok(span) = table.resolve_shared(
+                        peer.pd,
+                        Key::Remote(h.rkey),
+                        h.remote_addr,
+                        len,
+                        Need::RemoteRead,
+                    ) else {
+                        return Ok(Answer::Fatal(nak::REM_ACCESS));
+                    };
+                    let c = &mut self.remote.incoming[conn];
+                    c.push_frame_shared(&r, std::iter::once(span));
+                    return Ok(Answer::Done);
+                }
                 let c = &mut self.remote.incoming[conn];
                 c.push_frame(&r, |buf| view.map_or(Ok(()), |v| v.read_at(0, buf)))?;
                 Ok(Answer::Done)

@@ -309,3 +309,228 @@ fn connections_opened_before_the_first_answer_keep_their_destinations() {
     assert!(a.out.contains_key(&(HOST_B, OutDest::Container(other))));
     assert_eq!(from_a(&b[0]), [overlay(2), overlay(4)]);
 }
+
+/// A connection over one end of a Unix socket pair (non-blocking; the kernel's default send
+/// buffer, a few hundred KiB) and the other end, blocking.
+fn local_pair() -> (Conn, std::os::unix::net::UnixStream) {
+    let (ours, other) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    (
+        Conn::new(Stream::Local(ours), Link::Shard(1), 4, ConnState::Up),
+        other,
+    )
+}
+
+/// Flushes `conn` while reading `other` in chunks of at most `chunk` bytes, until `want` bytes
+/// came (bounded in passes); returns them.
+fn drain_through(
+    conn: &mut Conn,
+    other: &mut std::os::unix::net::UnixStream,
+    want: usize,
+    chunk: usize,
+) -> Vec<u8> {
+    use std::io::Read;
+    let mut got = Vec::with_capacity(want);
+    let mut buf = vec![0u8; chunk];
+    for _ in 0..100_000 {
+        if got.len() == want {
+            break;
+        }
+        conn.flush().unwrap();
+        let n = other.read(&mut buf[..chunk.min(want - got.len())]).unwrap();
+        assert_ne!(n, 0, "the stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got.len(), want, "not everything came in the passes allowed");
+    got
+}
+
+/// Payloads sent straight from registered memory keep their place in the stream between
+/// frames of the send buffer, through sends the kernel takes only in part.
+#[test]
+fn zero_copy_payloads_keep_their_place_through_partial_sends() {
+    use crate::verbs::memory::{Mapping, SharedSpan};
+    use std::sync::Arc;
+    let (mut conn, mut other) = local_pair();
+    let mapping = Arc::new(Mapping::anonymous(1 << 20));
+    let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| ((i * 7) >> 5) as u8).collect();
+    mapping
+        .view(0, 1 << 20)
+        .unwrap()
+        .write_at(0, &pattern)
+        .unwrap();
+    // An ACK, a frame with two pinned pieces (600 KiB and 300 KiB: beyond the socket's
+    // buffer), an ACK of another QP, a copied frame, and a second pinned frame.
+    conn.push_ack(&ack(5, 1));
+    let mut write = FrameHeader::new(FrameKind::Write);
+    write.len = 900 << 10;
+    let spans = [
+        SharedSpan::new(&mapping, 0, 600 << 10).unwrap(),
+        SharedSpan::new(&mapping, 100 << 10, 300 << 10).unwrap(),
+    ];
+    conn.push_frame_shared(&write, spans.into_iter());
+    conn.push_ack(&ack(6, 2));
+    let mut send = FrameHeader::new(FrameKind::Send);
+    send.len = 10;
+    conn.push_frame(&send, |buf| {
+        buf.copy_from_slice(b"0123456789");
+        Ok::<(), ()>(())
+    })
+    .unwrap();
+    let mut second = FrameHeader::new(FrameKind::Write);
+    second.len = 20 << 10;
+    conn.push_frame_shared(
+        &second,
+        std::iter::once(SharedSpan::new(&mapping, 5, 20 << 10).unwrap()),
+    );
+    let mut expected = ack(5, 1).encode().to_vec();
+    expected.extend_from_slice(&write.encode());
+    expected.extend_from_slice(&pattern[..600 << 10]);
+    expected.extend_from_slice(&pattern[100 << 10..400 << 10]);
+    expected.extend_from_slice(&ack(6, 2).encode());
+    expected.extend_from_slice(&send.encode());
+    expected.extend_from_slice(b"0123456789");
+    expected.extend_from_slice(&second.encode());
+    expected.extend_from_slice(&pattern[5..5 + (20 << 10)]);
+    assert_eq!(conn.tx_pending(), expected.len());
+    // The first flush stops short: the peer reads nothing yet.
+    conn.flush().unwrap();
+    let left = conn.tx_pending();
+    assert!(
+        left > 0 && left < expected.len(),
+        "{left} of {}",
+        expected.len()
+    );
+    // Reads of odd sizes make the kernel take odd pieces: inside a header, inside a span.
+    let got = drain_through(&mut conn, &mut other, expected.len(), 4099);
+    assert!(got == expected, "the stream differs from the frames queued");
+    assert_eq!(conn.tx_pending(), 0);
+}
+
+/// An ACK queued behind a pinned payload coalesces with a later one only while nothing of it
+/// went: the stream keeps one ACK frame with the later sequence number.
+#[test]
+fn an_ack_behind_a_pinned_payload_still_coalesces() {
+    use crate::verbs::memory::{Mapping, SharedSpan};
+    use std::sync::Arc;
+    let (mut conn, mut other) = local_pair();
+    let mapping = Arc::new(Mapping::anonymous(64 << 10));
+    let mut write = FrameHeader::new(FrameKind::Write);
+    write.len = 64 << 10;
+    conn.push_frame_shared(
+        &write,
+        std::iter::once(SharedSpan::new(&mapping, 0, 64 << 10).unwrap()),
+    );
+    conn.push_ack(&ack(5, 1));
+    conn.push_ack(&ack(5, 2));
+    let want = 2 * HEADER_LEN + (64 << 10);
+    assert_eq!(conn.tx_pending(), want);
+    let got = drain_through(&mut conn, &mut other, want, 64 << 10);
+    assert_eq!(&got[want - HEADER_LEN..], &ack(5, 2).encode()[..]);
+}
+
+/// A payload received straight into its target through reads of odd sizes: the frames behind
+/// it, whose bytes came with its last piece, are parsed from the buffer after it.
+#[test]
+fn a_landed_payload_fills_its_target_and_the_next_frames_follow() {
+    use crate::verbs::memory::{Mapping, SharedSpan};
+    use std::sync::Arc;
+    let (ours, mut other) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let mut conn = Conn::new(Stream::Local(ours), Link::Shard(1), 4, ConnState::Up);
+    let mapping = Arc::new(Mapping::anonymous(256 << 10));
+    let len = 100_000;
+    let mut h = FrameHeader::new(FrameKind::Write);
+    h.len = len as u32;
+    let payload: Vec<u8> = (0..len).map(|i| ((i * 3) >> 1) as u8).collect();
+    other.write_all(&h.encode()).unwrap();
+    other.write_all(&payload[..100]).unwrap();
+    fill_until(&mut conn, |c| c.received().len() >= HEADER_LEN + 100);
+    assert_eq!(conn.partial_head(), Some(h));
+    conn.land(SharedSpan::new(&mapping, 1000, len).unwrap())
+        .unwrap();
+    assert!(conn.landing() && conn.landed().is_none());
+    // The rest, an ACK and a SEND with its payload, in pieces the kernel hands over as they come.
+    let mut send = FrameHeader::new(FrameKind::Send);
+    send.len = 3;
+    let mut rest = payload[100..].to_vec();
+    rest.extend_from_slice(&ack(9, 4).encode());
+    rest.extend_from_slice(&send.encode());
+    rest.extend_from_slice(b"abc");
+    for piece in rest.chunks(7001) {
+        other.write_all(piece).unwrap();
+        conn.readable = true;
+        conn.fill().unwrap();
+    }
+    fill_until(&mut conn, |c| c.landed().is_some());
+    assert_eq!(conn.landed(), Some((h, false)));
+    let mut target = vec![0u8; len];
+    mapping
+        .view(1000, len)
+        .unwrap()
+        .read_at(0, &mut target)
+        .unwrap();
+    assert!(target == payload, "the target is not the payload");
+    conn.take_landed();
+    fill_until(&mut conn, |c| c.received().len() >= 2 * HEADER_LEN + 3);
+    let Ok(Next::Frame(got, range)) = conn.next() else {
+        panic!("no ACK after the landed frame");
+    };
+    assert_eq!(got, ack(9, 4));
+    conn.consume(range.end);
+    let Ok(Next::Frame(got, range)) = conn.next() else {
+        panic!("no SEND after the ACK");
+    };
+    assert_eq!((got, &conn.rx[range]), (send, &b"abc"[..]));
+}
+
+/// More pinned payloads than one gathered send takes (`MAX_PIECES`): a send that stops early
+/// ends its last piece of the send buffer where the next pinned payload goes, so the frames
+/// behind it are not sent in that payload's place.
+#[test]
+fn more_pinned_payloads_than_one_send_takes_keep_their_place() {
+    use crate::verbs::memory::{Mapping, SharedSpan};
+    use std::sync::Arc;
+    let (mut conn, mut other) = local_pair();
+    let mapping = Arc::new(Mapping::anonymous(64 << 10));
+    let pattern: Vec<u8> = (0..64 << 10).map(|i: u32| ((i * 13) >> 3) as u8).collect();
+    mapping
+        .view(0, 64 << 10)
+        .unwrap()
+        .write_at(0, &pattern)
+        .unwrap();
+    let mut expected = Vec::new();
+    // One frame with two spans (3 pieces), then one-span frames (2 pieces each): the send
+    // stops at 63 pieces, between a frame's header and its payload.
+    let mut first = FrameHeader::new(FrameKind::Write);
+    first.len = 3000;
+    conn.push_frame_shared(
+        &first,
+        [
+            SharedSpan::new(&mapping, 0, 1000).unwrap(),
+            SharedSpan::new(&mapping, 5000, 2000).unwrap(),
+        ]
+        .into_iter(),
+    );
+    expected.extend_from_slice(&first.encode());
+    expected.extend_from_slice(&pattern[..1000]);
+    expected.extend_from_slice(&pattern[5000..7000]);
+    for i in 0..40usize {
+        let mut h = FrameHeader::new(FrameKind::Write);
+        h.len = 500 + i as u32;
+        h.seq = i as u32;
+        let off = 1000 * i;
+        conn.push_frame_shared(
+            &h,
+            std::iter::once(SharedSpan::new(&mapping, off, 500 + i).unwrap()),
+        );
+        expected.extend_from_slice(&h.encode());
+        expected.extend_from_slice(&pattern[off..off + 500 + i]);
+    }
+    conn.push_ack(&ack(7, 3));
+    expected.extend_from_slice(&ack(7, 3).encode());
+    assert_eq!(conn.tx_pending(), expected.len());
+    let got = drain_through(&mut conn, &mut other, expected.len(), 64 << 10);
+    assert!(got == expected, "the stream differs from the frames queued");
+    assert_eq!(conn.tx_pending(), 0);
+}
