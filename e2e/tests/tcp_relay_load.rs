@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{Site, SiteSpec};
+use common::{LineWatch, Site, SiteSpec};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -248,28 +248,16 @@ fn a_plain_client_of_a_process_that_stopped_accepting_gets_a_doorbell_after_the_
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = server.stderr.take().unwrap();
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut said = LineWatch::new(server.stderr.take().unwrap());
     // No client exists yet, so its first accept waits, and its shim tells the router so.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut said = Vec::new();
-    while !said
-        .iter()
-        .any(|l: &String| l.contains("7310: this process takes its clients without Freeflow"))
-    {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => said.push(line),
-            Err(_) => panic!("the server's shim did not tell the router: {said:?}"),
-        }
-    }
+    assert!(
+        said.wait_for(
+            "7310: this process takes its clients without Freeflow",
+            Duration::from_secs(20)
+        ),
+        "the server's shim did not tell the router: {:?}",
+        said.seen()
+    );
     let relayed = site.router_counter(1, "tcp_relayed");
     let plain_client = || {
         let out = site

@@ -14,7 +14,9 @@
 
 mod common;
 
-use common::{assert_pingpong_sides, describe, succeeded_saying, CProbe, Site, SiteSpec};
+use common::{
+    assert_pingpong_sides, describe, succeeded_saying, CProbe, LineWatch, Site, SiteSpec,
+};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Output, Stdio};
 use std::time::Duration;
@@ -174,23 +176,14 @@ fn a_peer_registered_a_moment_ago_on_another_host_is_waited_for_at_rtr() {
         .spawn()
         .unwrap();
     // The client's library says when it starts waiting; only then does its router learn.
-    let stderr = client.stderr.take().unwrap();
-    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            if line.contains("does not know the destination 10.32.0.2 yet") {
-                let _ = seen_tx.send(());
-            }
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
-    let waited = seen_rx.recv_timeout(Duration::from_secs(30)).is_ok();
+    let mut said = LineWatch::new(client.stderr.take().unwrap());
+    let waited = said.wait_for(
+        "does not know the destination 10.32.0.2 yet",
+        Duration::from_secs(30),
+    );
     drop(stopped);
     let client = client.wait_with_output().unwrap();
-    let client_stderr = reader.join().unwrap();
+    let client_stderr = said.finish();
     let server = server.wait_with_output().unwrap();
     assert!(
         waited,

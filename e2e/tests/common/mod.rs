@@ -842,3 +842,61 @@ impl Drop for StoppedDaemon {
         unsafe { libc::kill(self.0, libc::SIGCONT) };
     }
 }
+
+/// The lines a child writes on a pipe (its stderr, say), read by a thread as they come: a test
+/// waits for one to appear, then takes everything the child wrote when it is done.
+pub struct LineWatch {
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl LineWatch {
+    pub fn new(pipe: impl std::io::Read + Send + 'static) -> LineWatch {
+        let (tx, lines) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufRead::lines(BufReader::new(pipe)).map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        LineWatch {
+            lines,
+            seen: Vec::new(),
+            reader,
+        }
+    }
+
+    /// Waits (at most `limit`) for a line containing `needle`; false if the pipe closed or
+    /// the time ran out first.
+    pub fn wait_for(&mut self, needle: &str, limit: Duration) -> bool {
+        if self.seen.iter().any(|l| l.contains(needle)) {
+            return true;
+        }
+        let deadline = Instant::now() + limit;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            let found = line.contains(needle);
+            self.seen.push(line);
+            if found {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The lines so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// Everything written, once the pipe closed (the child ended).
+    pub fn finish(mut self) -> String {
+        let _ = self.reader.join();
+        self.seen.extend(self.lines.try_iter());
+        self.seen.iter().map(|l| format!("{l}\n")).collect()
+    }
+}

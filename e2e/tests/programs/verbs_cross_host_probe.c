@@ -33,16 +33,6 @@ static struct ibv_qp *qps[NQP];
 static unsigned char *buf, *ro_buf;
 static struct ibv_mr *mr, *ro;
 
-static union ibv_gid gid_of(const char *ip)
-{
-    union ibv_gid g;
-    memset(&g, 0, sizeof(g));
-    g.raw[10] = 0xff;
-    g.raw[11] = 0xff;
-    inet_pton(AF_INET, ip, &g.raw[12]);
-    return g;
-}
-
 static void setup(int nqp)
 {
     ctx = open_device();

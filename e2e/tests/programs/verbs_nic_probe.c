@@ -13,16 +13,6 @@
 
 #define BUF 65536
 
-static union ibv_gid gid_of(const char *ip)
-{
-    union ibv_gid g;
-    memset(&g, 0, sizeof(g));
-    g.raw[10] = 0xff;
-    g.raw[11] = 0xff;
-    inet_pton(AF_INET, ip, &g.raw[12]);
-    return g;
-}
-
 static void fill(unsigned char *p, size_t n, unsigned seed)
 {
     for (size_t i = 0; i < n; i++)

@@ -11,6 +11,7 @@
 #define _GNU_SOURCE
 #endif
 #include <infiniband/verbs.h>
+#include <arpa/inet.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdint.h>
@@ -34,6 +35,17 @@ static inline double now_ms(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+/* The GID of overlay address ip (dotted quad): ::ffff:ip. */
+static inline union ibv_gid gid_of(const char *ip)
+{
+    union ibv_gid g;
+    memset(&g, 0, sizeof(g));
+    g.raw[10] = 0xff;
+    g.raw[11] = 0xff;
+    inet_pton(AF_INET, ip, &g.raw[12]);
+    return g;
 }
 
 /* The container's one device, opened; exits if there is not exactly one or it cannot be

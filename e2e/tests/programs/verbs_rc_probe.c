@@ -19,16 +19,6 @@ static void open_ctx(void)
     }
 }
 
-static union ibv_gid gid_of(const char *ip)
-{
-    union ibv_gid g;
-    memset(&g, 0, sizeof(g));
-    g.raw[10] = 0xff;
-    g.raw[11] = 0xff;
-    inet_pton(AF_INET, ip, &g.raw[12]);
-    return g;
-}
-
 struct pair {
     struct ibv_cq *cqa, *cqb;
     struct ibv_qp *a, *b;

@@ -28,16 +28,6 @@ static void open_ctx(void)
     }
 }
 
-static union ibv_gid gid_of(const char *ip)
-{
-    union ibv_gid g;
-    memset(&g, 0, sizeof(g));
-    g.raw[10] = 0xff;
-    g.raw[11] = 0xff;
-    inet_pton(AF_INET, ip, &g.raw[12]);
-    return g;
-}
-
 static struct ibv_qp *new_qp(struct ibv_cq *cq, enum ibv_qp_type type)
 {
     struct ibv_qp_init_attr init = { .send_cq = cq, .recv_cq = cq, .qp_type = type,

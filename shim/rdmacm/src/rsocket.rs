@@ -319,6 +319,22 @@ fn route_addr(st: &libc::sockaddr_storage) -> Option<SocketAddrV4> {
         .flatten()
 }
 
+/// What [`RSocket::after_send_pass`] decided: return this, or go round again.
+enum SendPass<'a> {
+    Return(Result<usize, Fail>),
+    Again(MutexGuard<'a, Inner>),
+}
+
+/// A post failed after `done` bytes of a send-like call went: the connection is broken
+/// (ECONNRESET from now on); the call reports what it sent, or the error if nothing.
+fn broken_after(s: &mut Inner, done: usize, e: Fail) -> Result<usize, Fail> {
+    s.error = Some(libc::ECONNRESET);
+    match done {
+        0 => Err(e),
+        n => Ok(n),
+    }
+}
+
 fn would_block() -> Fail {
     Fail::new(libc::EAGAIN, "would block")
 }
@@ -581,30 +597,42 @@ impl RSocket {
                 let conn = s.conn.as_mut().expect("connected");
                 let n = gather(bufs, sent, conn.send_buf(slot));
                 if let Err(e) = conn.post_send(Some(slot), n, imm) {
-                    s.error = Some(libc::ECONNRESET);
-                    return match sent {
-                        0 => Err(e),
-                        n => Ok(n),
-                    };
+                    return broken_after(&mut s, sent, e);
                 }
                 sent += n;
             }
-            if sent == total || (sent > 0 && (s.nonblocking || dontwait)) {
-                return Ok(sent);
-            }
-            if s.nonblocking || dontwait {
-                // As in recv: a peer that went is ECONNRESET, not EAGAIN for ever.
-                if !refresh(&mut s) {
-                    return Err(would_block());
-                }
-                continue;
-            }
-            let deadline = s.opts.sndtimeo.map(|t| Instant::now() + t);
-            s = match self.block(s, deadline) {
-                Ok(s) => s,
-                Err(e) if sent > 0 && e.errno == libc::EAGAIN => return Ok(sent),
-                Err(e) => return Err(e),
+            s = match self.after_send_pass(s, sent, total, dontwait) {
+                SendPass::Again(s) => s,
+                SendPass::Return(result) => return result,
             };
+        }
+    }
+
+    /// What a send-like call does after a pass that moved `done` of `total` bytes: returns
+    /// what it sent when it is done (or may not wait), else waits for room (a blocking
+    /// socket, up to SO_SNDTIMEO) and goes round again.
+    fn after_send_pass<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, Inner>,
+        done: usize,
+        total: usize,
+        dontwait: bool,
+    ) -> SendPass<'a> {
+        if done == total || (done > 0 && (s.nonblocking || dontwait)) {
+            return SendPass::Return(Ok(done));
+        }
+        if s.nonblocking || dontwait {
+            // As in recv: a peer that went is ECONNRESET, not EAGAIN for ever.
+            if !refresh(&mut s) {
+                return SendPass::Return(Err(would_block()));
+            }
+            return SendPass::Again(s);
+        }
+        let deadline = s.opts.sndtimeo.map(|t| Instant::now() + t);
+        match self.block(s, deadline) {
+            Ok(s) => SendPass::Again(s),
+            Err(e) if done > 0 && e.errno == libc::EAGAIN => SendPass::Return(Ok(done)),
+            Err(e) => SendPass::Return(Err(e)),
         }
     }
 
@@ -726,28 +754,13 @@ impl RSocket {
                 let conn = s.conn.as_mut().expect("connected");
                 conn.send_buf(slot)[..n].copy_from_slice(&buf[done..done + n]);
                 if let Err(e) = conn.post_write(slot, n, addr, rkey) {
-                    s.error = Some(libc::ECONNRESET);
-                    return match done {
-                        0 => Err(e),
-                        n => Ok(n),
-                    };
+                    return broken_after(&mut s, done, e);
                 }
                 done += n;
             }
-            if done == total || (done > 0 && (s.nonblocking || dontwait)) {
-                return Ok(done);
-            }
-            if s.nonblocking || dontwait {
-                if !refresh(&mut s) {
-                    return Err(would_block());
-                }
-                continue;
-            }
-            let deadline = s.opts.sndtimeo.map(|t| Instant::now() + t);
-            s = match self.block(s, deadline) {
-                Ok(s) => s,
-                Err(e) if done > 0 && e.errno == libc::EAGAIN => return Ok(done),
-                Err(e) => return Err(e),
+            s = match self.after_send_pass(s, done, total, dontwait) {
+                SendPass::Again(s) => s,
+                SendPass::Return(result) => return result,
             };
         }
     }

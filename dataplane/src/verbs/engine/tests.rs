@@ -2136,119 +2136,184 @@ fn across_shards_large_payloads_go_from_registered_memory() {
 /// dropped with REM_ACCESS_ERR: the stream stays in step (another QP pair's SEND on the same
 /// connection still arrives). The frames are written by the test on shard 1's socket, in
 /// pieces, with passes between them.
-#[test]
-fn a_large_write_lands_in_its_target_and_a_refused_one_is_drained() {
-    use freeflow_proto::verbs::remote::{FrameHeader, FrameKind};
-    use std::io::Write;
-    let (mut e0, mut e1, mut tap) = two_shards_tapped();
-    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
-    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
-    let mut c = side(&mut e0, 3, [10, 32, 0, 2], "blue", 64);
-    let mut d = side(&mut e1, 4, [10, 32, 0, 3], "blue", 64);
-    connect(&mut e0, &a, b.ip, b.qpn, 7);
-    connect(&mut e1, &b, a.ip, a.qpn, 7);
-    connect(&mut e0, &c, d.ip, d.qpn, 7);
-    connect(&mut e1, &d, c.ip, c.qpn, 7);
-    let (ak, bk, ck, dk) = (a.mr.lkey, b.mr.lkey, c.mr.lkey, d.mr.lkey);
+/// Frames written by hand onto the connection from shard 1 to shard 0 (`tap`), for QP a (shard
+/// 0, a 64 KiB region at `AT` in `am`) from its peer b (shard 1); c and d are another QP pair
+/// on the same connection. One real SEND has made the connection.
+struct LandingBench {
+    e0: Engine,
+    e1: Engine,
+    tap: std::os::unix::net::UnixStream,
+    a: Side,
+    b: Side,
+    c: Side,
+    d: Side,
+    am: MrCreated,
+    a_index: crate::verbs::ids::QpId,
+    /// The sequence number a expects next.
+    seq: u32,
+}
+
+impl LandingBench {
     const AT: u64 = 1 << 20;
     const LEN: usize = 64 << 10;
-    let am = big_region(&mut e0, &a, AT, LEN as u64, |_| 0);
-    // One real SEND makes the connection from shard 1 to shard 0.
-    post_recv(&mut a, 10, sge(ak, 2000, 64));
-    post_send(&mut b, 11, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
-    let mut got = Vec::new();
-    run_shards(&mut e0, &mut e1, || {
-        got.extend(outcomes(&mut a));
-        got.extend(outcomes(&mut b));
-        got.len() >= 2
-    });
-    let a_index = e0.qp_by_number(a.qpn).unwrap();
-    let expected = |e: &Engine| {
-        e.qps
-            .get(a_index)
-            .unwrap()
-            .remote
-            .as_ref()
-            .unwrap()
-            .expected
-    };
-    let seq = expected(&e0);
-    let landing = |e: &mut Engine| {
-        e.transport()
+
+    fn new() -> LandingBench {
+        let (mut e0, mut e1, tap) = two_shards_tapped();
+        let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
+        let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
+        let c = side(&mut e0, 3, [10, 32, 0, 2], "blue", 64);
+        let d = side(&mut e1, 4, [10, 32, 0, 3], "blue", 64);
+        connect(&mut e0, &a, b.ip, b.qpn, 7);
+        connect(&mut e1, &b, a.ip, a.qpn, 7);
+        connect(&mut e0, &c, d.ip, d.qpn, 7);
+        connect(&mut e1, &d, c.ip, c.qpn, 7);
+        let am = big_region(&mut e0, &a, Self::AT, Self::LEN as u64, |_| 0);
+        let (ak, bk) = (a.mr.lkey, b.mr.lkey);
+        post_recv(&mut a, 10, sge(ak, 2000, 64));
+        post_send(&mut b, 11, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
+        let mut got = Vec::new();
+        run_shards(&mut e0, &mut e1, || {
+            got.extend(outcomes(&mut a));
+            got.extend(outcomes(&mut b));
+            got.len() >= 2
+        });
+        let a_index = e0.qp_by_number(a.qpn).unwrap();
+        let mut bench = LandingBench {
+            e0,
+            e1,
+            tap,
+            a,
+            b,
+            c,
+            d,
+            am,
+            a_index,
+            seq: 0,
+        };
+        bench.seq = bench.expected();
+        bench
+    }
+
+    /// The sequence number a's QP expects next.
+    fn expected(&self) -> u32 {
+        let qp = self.e0.qps.get(self.a_index).unwrap();
+        qp.remote.as_ref().unwrap().expected
+    }
+
+    /// Whether a payload is being received straight into its target on the tapped connection.
+    fn landing(&mut self) -> bool {
+        self.e0
+            .transport()
             .incoming
             .iter()
             .any(|c| c.link == Link::Shard(1) && c.landing())
-    };
-    let passes = |e0: &mut Engine, n: usize| {
+    }
+
+    /// `n` passes of shard 0.
+    fn passes(&mut self, n: usize) {
         for _ in 0..n {
-            e0.poll();
-            e0.transport().poll_now();
+            self.e0.poll();
+            self.e0.transport().poll_now();
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
-    };
-    let write = |seq: u32, rkey: u32| {
-        let mut h = FrameHeader::new(FrameKind::Write);
-        (h.src_ip, h.dst_ip) = (b.ip.into(), a.ip.into());
-        (h.src_qpn, h.dst_qpn) = (b.qpn, a.qpn);
-        (h.seq, h.rkey, h.remote_addr, h.len) = (seq, rkey, BASE + AT, LEN as u32);
-        h.encode()
-    };
-    let payload: Vec<u8> = (0..LEN).map(|i| ((i * 11) >> 2) as u8).collect();
-
-    // The header and 1000 bytes: the rest lands straight in a's region.
-    tap.write_all(&write(seq, am.rkey)).unwrap();
-    tap.write_all(&payload[..1000]).unwrap();
-    let mut on = false;
-    for _ in 0..1000 {
-        passes(&mut e0, 1);
-        on = landing(&mut e0);
-        if on {
-            break;
-        }
     }
-    assert!(on, "the checked WRITE is not received into its target");
+
+    /// Writes `bytes` onto the connection.
+    fn send(&mut self, bytes: &[u8]) {
+        std::io::Write::write_all(&mut self.tap, bytes).unwrap();
+    }
+
+    /// The header of a WRITE from b to a's region, number `seq`, with `rkey`.
+    fn write_header(&self, seq: u32, rkey: u32) -> Vec<u8> {
+        use freeflow_proto::verbs::remote::{FrameHeader, FrameKind};
+        let mut h = FrameHeader::new(FrameKind::Write);
+        (h.src_ip, h.dst_ip) = (self.b.ip.into(), self.a.ip.into());
+        (h.src_qpn, h.dst_qpn) = (self.b.qpn, self.a.qpn);
+        (h.seq, h.rkey, h.remote_addr, h.len) = (seq, rkey, BASE + Self::AT, Self::LEN as u32);
+        h.encode().to_vec()
+    }
+
+    /// Runs shard 0 until a payload lands (bounded); fails if none does.
+    fn wait_for_landing(&mut self) {
+        for _ in 0..1000 {
+            self.passes(1);
+            if self.landing() {
+                return;
+            }
+        }
+        panic!("the checked WRITE is not received into its target");
+    }
+
+    /// Runs shard 0 until a's QP expects `seq` (bounded); fails if it does not.
+    fn wait_until_expected(&mut self, seq: u32, what: &str) {
+        for _ in 0..1000 {
+            self.passes(1);
+            if self.expected() == seq {
+                return;
+            }
+        }
+        assert_eq!(self.expected(), seq, "{what}");
+    }
+
+    /// a's region as it is now.
+    fn region(&self) -> Vec<u8> {
+        let mut now = vec![0u8; Self::LEN];
+        self.a
+            .file
+            .read_exact_at(&mut now, BASE + Self::AT)
+            .unwrap();
+        now
+    }
+
+    /// c and d's SEND on the same connection arrives whole: the stream is in step.
+    fn other_pair_still_talks(&mut self) {
+        let (ck, dk) = (self.c.mr.lkey, self.d.mr.lkey);
+        post_recv(&mut self.c, 20, sge(ck, 2000, 64));
+        post_send(&mut self.d, 21, wr_opcode::SEND, &[sge(dk, 100, 16)], 0, 0);
+        let (c, d) = (&mut self.c, &mut self.d);
+        let mut got = Vec::new();
+        run_shards(&mut self.e0, &mut self.e1, || {
+            got.extend(outcomes(c));
+            got.extend(outcomes(d));
+            got.len() >= 2
+        });
+        got.sort_unstable();
+        assert_eq!(got, vec![(20, 0, self.c.qpn), (21, 0, self.d.qpn)]);
+    }
+}
+
+#[test]
+fn a_large_write_lands_in_its_target_and_a_refused_one_is_drained() {
+    let mut t = LandingBench::new();
+    let seq = t.seq;
+    let payload: Vec<u8> = (0..LandingBench::LEN)
+        .map(|i| ((i * 11) >> 2) as u8)
+        .collect();
+    // The header and 1000 bytes: the rest lands straight in a's region.
+    t.send(&t.write_header(seq, t.am.rkey));
+    t.send(&payload[..1000]);
+    t.wait_for_landing();
     for piece in payload[1000..].chunks(20_000) {
-        tap.write_all(piece).unwrap();
-        passes(&mut e0, 3);
+        t.send(piece);
+        t.passes(3);
     }
     // A WRITE with a bad key: its header alone is refused a landing, its payload drained.
-    tap.write_all(&write(seq.wrapping_add(1), am.rkey ^ 1))
-        .unwrap();
-    passes(&mut e0, 5);
-    assert!(!landing(&mut e0), "a refused header must not land");
+    t.send(&t.write_header(seq.wrapping_add(1), t.am.rkey ^ 1));
+    t.passes(5);
+    assert!(!t.landing(), "a refused header must not land");
     assert_eq!(
-        expected(&e0),
+        t.expected(),
         seq.wrapping_add(1),
         "the landed WRITE executed"
     );
-    tap.write_all(&payload).unwrap();
-    drop(tap);
-    let mut file_now = vec![0u8; LEN];
-    for _ in 0..1000 {
-        passes(&mut e0, 1);
-        if expected(&e0) == seq.wrapping_add(2) {
-            break;
-        }
-    }
-    assert_eq!(
-        expected(&e0),
-        seq.wrapping_add(2),
-        "the refused WRITE was not answered"
+    t.send(&payload);
+    t.wait_until_expected(seq.wrapping_add(2), "the refused WRITE was not answered");
+    assert_eq!(t.e0.qps.get(t.a_index).unwrap().state, QpState::Err);
+    assert!(
+        t.region() == payload,
+        "a's region is not the landed payload"
     );
-    assert_eq!(e0.qps.get(a_index).unwrap().state, QpState::Err);
-    a.file.read_exact_at(&mut file_now, BASE + AT).unwrap();
-    assert!(file_now == payload, "a's region is not the landed payload");
-    // The stream is in step: c and d's SEND on the same connection arrives whole.
-    post_recv(&mut c, 20, sge(ck, 2000, 64));
-    post_send(&mut d, 21, wr_opcode::SEND, &[sge(dk, 100, 16)], 0, 0);
-    let mut got = Vec::new();
-    run_shards(&mut e0, &mut e1, || {
-        got.extend(outcomes(&mut c));
-        got.extend(outcomes(&mut d));
-        got.len() >= 2
-    });
-    got.sort_unstable();
-    assert_eq!(got, vec![(20, 0, c.qpn), (21, 0, d.qpn)]);
+    t.other_pair_still_talks();
 }
 
 /// A READ longer than a frame's payload may be (`MAX_PAYLOAD`) is an invalid request, even
@@ -2320,117 +2385,40 @@ fn a_read_longer_than_a_frame_is_an_invalid_request() {
 /// and the stream stays in step.
 #[test]
 fn a_dereg_mid_landing_stops_the_payload_at_the_target() {
-    use freeflow_proto::verbs::remote::{FrameHeader, FrameKind};
-    use std::io::Write;
-    let (mut e0, mut e1, mut tap) = two_shards_tapped();
-    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
-    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
-    let mut c = side(&mut e0, 3, [10, 32, 0, 2], "blue", 64);
-    let mut d = side(&mut e1, 4, [10, 32, 0, 3], "blue", 64);
-    connect(&mut e0, &a, b.ip, b.qpn, 7);
-    connect(&mut e1, &b, a.ip, a.qpn, 7);
-    connect(&mut e0, &c, d.ip, d.qpn, 7);
-    connect(&mut e1, &d, c.ip, c.qpn, 7);
-    let (ak, bk, ck, dk) = (a.mr.lkey, b.mr.lkey, c.mr.lkey, d.mr.lkey);
-    const AT: u64 = 1 << 20;
-    const LEN: usize = 64 << 10;
     const BEFORE: usize = 21_000;
-    let am = big_region(&mut e0, &a, AT, LEN as u64, |_| 0);
-    post_recv(&mut a, 10, sge(ak, 2000, 64));
-    post_send(&mut b, 11, wr_opcode::SEND, &[sge(bk, 100, 16)], 0, 0);
-    let mut got = Vec::new();
-    run_shards(&mut e0, &mut e1, || {
-        got.extend(outcomes(&mut a));
-        got.extend(outcomes(&mut b));
-        got.len() >= 2
-    });
-    let a_index = e0.qp_by_number(a.qpn).unwrap();
-    let expected = |e: &Engine| {
-        e.qps
-            .get(a_index)
-            .unwrap()
-            .remote
-            .as_ref()
-            .unwrap()
-            .expected
-    };
-    let seq = expected(&e0);
-    let landing = |e: &mut Engine| {
-        e.transport()
-            .incoming
-            .iter()
-            .any(|c| c.link == Link::Shard(1) && c.landing())
-    };
-    let passes = |e0: &mut Engine, n: usize| {
-        for _ in 0..n {
-            e0.poll();
-            e0.transport().poll_now();
-            std::thread::sleep(std::time::Duration::from_micros(200));
-        }
-    };
-    let mut h = FrameHeader::new(FrameKind::Write);
-    (h.src_ip, h.dst_ip) = (b.ip.into(), a.ip.into());
-    (h.src_qpn, h.dst_qpn) = (b.qpn, a.qpn);
-    (h.seq, h.rkey, h.remote_addr, h.len) = (seq, am.rkey, BASE + AT, LEN as u32);
-    let payload: Vec<u8> = (0..LEN).map(|i| ((i * 11) >> 2) as u8 | 1).collect();
-    tap.write_all(&h.encode()).unwrap();
-    tap.write_all(&payload[..1000]).unwrap();
-    let mut on = false;
+    let mut t = LandingBench::new();
+    let seq = t.seq;
+    let payload: Vec<u8> = (0..LandingBench::LEN)
+        .map(|i| ((i * 11) >> 2) as u8 | 1)
+        .collect();
+    t.send(&t.write_header(seq, t.am.rkey));
+    t.send(&payload[..1000]);
+    t.wait_for_landing();
+    t.send(&payload[1000..BEFORE]);
     for _ in 0..1000 {
-        passes(&mut e0, 1);
-        on = landing(&mut e0);
-        if on {
-            break;
-        }
-    }
-    assert!(on, "the checked WRITE is not received into its target");
-    tap.write_all(&payload[1000..BEFORE]).unwrap();
-    let mut file_now = vec![0u8; LEN];
-    for _ in 0..1000 {
-        passes(&mut e0, 1);
-        a.file.read_exact_at(&mut file_now, BASE + AT).unwrap();
-        if file_now[..BEFORE] == payload[..BEFORE] {
+        t.passes(1);
+        if t.region()[..BEFORE] == payload[..BEFORE] {
             break;
         }
     }
     assert!(
-        file_now[..BEFORE] == payload[..BEFORE],
+        t.region()[..BEFORE] == payload[..BEFORE],
         "the first pieces did not land"
     );
     // The region goes; the rest of the payload, then c and d's SEND on the same connection.
-    let dereg = DeregMr { mr: am.mr }.to_vec();
-    assert_eq!(status_of(&mut e0, &a, op::DEREG_MR, &dereg), status::OK);
+    let dereg = DeregMr { mr: t.am.mr }.to_vec();
+    assert_eq!(status_of(&mut t.e0, &t.a, op::DEREG_MR, &dereg), status::OK);
     for piece in payload[BEFORE..].chunks(20_000) {
-        tap.write_all(piece).unwrap();
-        passes(&mut e0, 3);
+        t.send(piece);
+        t.passes(3);
     }
-    for _ in 0..1000 {
-        passes(&mut e0, 1);
-        if expected(&e0) == seq.wrapping_add(1) {
-            break;
-        }
-    }
-    assert_eq!(
-        expected(&e0),
-        seq.wrapping_add(1),
-        "the WRITE was not answered"
-    );
-    assert_eq!(e0.qps.get(a_index).unwrap().state, QpState::Err);
-    a.file.read_exact_at(&mut file_now, BASE + AT).unwrap();
-    assert!(file_now[..BEFORE] == payload[..BEFORE]);
+    t.wait_until_expected(seq.wrapping_add(1), "the WRITE was not answered");
+    assert_eq!(t.e0.qps.get(t.a_index).unwrap().state, QpState::Err);
+    let now = t.region();
+    assert!(now[..BEFORE] == payload[..BEFORE]);
     assert!(
-        file_now[BEFORE..].iter().all(|&x| x == 0),
+        now[BEFORE..].iter().all(|&x| x == 0),
         "bytes landed after the dereg"
     );
-    drop(tap);
-    post_recv(&mut c, 20, sge(ck, 2000, 64));
-    post_send(&mut d, 21, wr_opcode::SEND, &[sge(dk, 100, 16)], 0, 0);
-    let mut got = Vec::new();
-    run_shards(&mut e0, &mut e1, || {
-        got.extend(outcomes(&mut c));
-        got.extend(outcomes(&mut d));
-        got.len() >= 2
-    });
-    got.sort_unstable();
-    assert_eq!(got, vec![(20, 0, c.qpn), (21, 0, d.qpn)]);
+    t.other_pair_still_talks();
 }

@@ -17,21 +17,15 @@ pub(super) fn resolve_list<'a>(
     need: Need,
     views: &mut Views<'a>,
 ) -> Result<u64, ()> {
-    let mut total = 0u64;
-    for (slot, sge) in views.iter_mut().zip(sges) {
-        let view = table
-            .resolve(
-                pd,
-                Key::Local(sge.lkey),
-                sge.addr,
-                u64::from(sge.length),
-                need,
-            )
-            .map_err(|_| ())?;
-        total += u64::from(sge.length);
-        *slot = Some(view);
-    }
-    Ok(total)
+    resolve_each(sges, views, |sge| {
+        table.resolve(
+            pd,
+            Key::Local(sge.lkey),
+            sge.addr,
+            u64::from(sge.length),
+            need,
+        )
+    })
 }
 
 /// As [`resolve_list`], into spans that keep their regions mapped while held (a zero-copy
@@ -43,19 +37,28 @@ pub(super) fn resolve_shared_list(
     need: Need,
     spans: &mut [Option<SharedSpan>; MAX_SGE as usize],
 ) -> Result<u64, ()> {
+    resolve_each(sges, spans, |sge| {
+        table.resolve_shared(
+            pd,
+            Key::Local(sge.lkey),
+            sge.addr,
+            u64::from(sge.length),
+            need,
+        )
+    })
+}
+
+/// Fills `slots` with what `resolve` makes of each element of `sges`; returns their total
+/// length, or fails at the first element that does not resolve.
+fn resolve_each<T, E>(
+    sges: impl Iterator<Item = Sge>,
+    slots: &mut [Option<T>],
+    mut resolve: impl FnMut(&Sge) -> Result<T, E>,
+) -> Result<u64, ()> {
     let mut total = 0u64;
-    for (slot, sge) in spans.iter_mut().zip(sges) {
-        let span = table
-            .resolve_shared(
-                pd,
-                Key::Local(sge.lkey),
-                sge.addr,
-                u64::from(sge.length),
-                need,
-            )
-            .map_err(|_| ())?;
+    for (slot, sge) in slots.iter_mut().zip(sges) {
+        *slot = Some(resolve(&sge).map_err(|_| ())?);
         total += u64::from(sge.length);
-        *slot = Some(span);
     }
     Ok(total)
 }

@@ -195,20 +195,23 @@ impl Engine {
             .get(peer.index)
             .and_then(|q| q.remote.as_deref())
             .is_some_and(|rq| rq.expected == h.seq);
-        if !in_sequence || !peer.access.contains(AccessFlags::REMOTE_WRITE) {
-            return None;
-        }
-        let ctx = self.contexts.get(&peer.owner)?;
-        ctx.table
-            .resolve(
-                peer.pd,
-                Key::Remote(h.rkey),
-                h.remote_addr,
-                u64::from(h.len),
-                Need::RemoteWrite,
-            )
-            .ok()?;
-        Some(peer)
+        (in_sequence && self.grants_write(&peer, h)).then_some(peer)
+    }
+
+    /// Whether `peer`'s QP and the region `h`'s key names let `h`'s payload be written there.
+    fn grants_write(&self, peer: &Peer, h: &FrameHeader) -> bool {
+        peer.access.contains(AccessFlags::REMOTE_WRITE)
+            && self.contexts.get(&peer.owner).is_some_and(|ctx| {
+                ctx.table
+                    .resolve(
+                        peer.pd,
+                        Key::Remote(h.rkey),
+                        h.remote_addr,
+                        u64::from(h.len),
+                        Need::RemoteWrite,
+                    )
+                    .is_ok()
+            })
     }
 
     /// Revokes the landings that are no longer granted (the region was deregistered, the QP
@@ -248,19 +251,7 @@ impl Engine {
             return;
         }
         rq.expected = rq.expected.wrapping_add(1);
-        let still_granted = !revoked
-            && peer.access.contains(AccessFlags::REMOTE_WRITE)
-            && self.contexts.get(&peer.owner).is_some_and(|ctx| {
-                ctx.table
-                    .resolve(
-                        peer.pd,
-                        Key::Remote(h.rkey),
-                        h.remote_addr,
-                        u64::from(h.len),
-                        Need::RemoteWrite,
-                    )
-                    .is_ok()
-            });
+        let still_granted = !revoked && self.grants_write(&peer, h);
         if still_granted {
             self.hold_ack(conn, h, peer.index, now);
         } else {
