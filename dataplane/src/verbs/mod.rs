@@ -627,7 +627,10 @@ impl VerbsTable {
                 .ok_or(VerbsError::NoMemoryFile)?
                 .file
         };
-        let mapping = file.map(mr.file_start, mr.mapping.len() as u64, true)?;
+        let mut mapping = file.map(mr.file_start, mr.mapping.len() as u64, true)?;
+        // The device's mapping is the container's too: counted while it lives, so that its
+        // next registrations see what the router really maps for it.
+        mapping.charge_to(&self.mapped);
         Ok(DeviceRegion {
             pd: mr.pd,
             access: mr.access,

@@ -802,3 +802,22 @@ fn a_mapping_held_past_its_dereg_stays_counted() {
     assert_eq!(t.mapped_bytes(), limits::MAX_MAPPED_BYTES - 2 * PAGE_SIZE);
     reg(&mut t, pd, BASE, 2 * PAGE_SIZE, RW);
 }
+
+/// The device path's second mapping of a region counts in the container's mapped bytes while
+/// it lives.
+#[cfg(feature = "rdma-hw")]
+#[test]
+fn a_regions_device_mapping_counts_while_it_lives() {
+    let (mut t, _file) = table_with_memory();
+    let pd = t.alloc_pd().unwrap();
+    let mr = reg(&mut t, pd, BASE, PAGE_SIZE, RW);
+    assert_eq!(t.mapped_bytes(), PAGE_SIZE);
+    let device = t.map_for_device(mr.mr).unwrap();
+    assert_eq!(
+        t.mapped_bytes(),
+        2 * PAGE_SIZE,
+        "the device's mapping went uncounted"
+    );
+    drop(device);
+    assert_eq!(t.mapped_bytes(), PAGE_SIZE);
+}
