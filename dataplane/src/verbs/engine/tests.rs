@@ -1607,13 +1607,20 @@ fn post_atomic(
     let _ = s.sq.publish();
 }
 
+/// A QP of a container at 10.32.0.2 on shard 0 (attachment `number`) and one at 10.32.0.3 on
+/// shard 1 (`number + 1`), both of tenant blue, connected to each other.
+fn pair_across_shards(e0: &mut Engine, e1: &mut Engine, number: u32) -> (Side, Side) {
+    let a = side(e0, number, [10, 32, 0, 2], "blue", 64);
+    let b = side(e1, number + 1, [10, 32, 0, 3], "blue", 64);
+    connect(e0, &a, b.ip, b.qpn, 7);
+    connect(e1, &b, a.ip, a.qpn, 7);
+    (a, b)
+}
+
 #[test]
 fn qps_on_two_shards_connect_and_run_every_opcode() {
     let (mut e0, mut e1) = two_shards();
-    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
-    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
-    connect(&mut e0, &a, b.ip, b.qpn, 7);
-    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    let (mut a, mut b) = pair_across_shards(&mut e0, &mut e1, 1);
     let (ak, bk) = (a.mr.lkey, b.mr.lkey);
     a.file
         .write_all_at(b"across the shards", BASE + 100)
@@ -1773,14 +1780,8 @@ fn garbage_on_a_shard_pair_drops_that_pair_only() {
     use std::io::Write;
     let (mut e0, mut e1, mut tap) = two_shards_tapped();
     // a (shard 0) and b (shard 1) connected; c (shard 0) and d (shard 1) connected.
-    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
-    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
-    let mut c = side(&mut e0, 3, [10, 32, 0, 2], "blue", 64);
-    let mut d = side(&mut e1, 4, [10, 32, 0, 3], "blue", 64);
-    connect(&mut e0, &a, b.ip, b.qpn, 7);
-    connect(&mut e1, &b, a.ip, a.qpn, 7);
-    connect(&mut e0, &c, d.ip, d.qpn, 7);
-    connect(&mut e1, &d, c.ip, c.qpn, 7);
+    let (mut a, mut b) = pair_across_shards(&mut e0, &mut e1, 1);
+    let (mut c, mut d) = pair_across_shards(&mut e0, &mut e1, 3);
     let (ak, bk, ck, dk) = (a.mr.lkey, b.mr.lkey, c.mr.lkey, d.mr.lkey);
     // Both pairs work both ways first.
     post_recv(&mut a, 10, sge(ak, 2000, 64));
@@ -1872,10 +1873,7 @@ fn a_reply_across_shards_carries_the_ack_of_the_request_it_answers() {
     let (mut e0, mut e1) = two_shards();
     e1.ack_hold = std::time::Duration::from_secs(3600);
     e0.ack_hold = std::time::Duration::from_secs(3600);
-    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
-    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
-    connect(&mut e0, &a, b.ip, b.qpn, 7);
-    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    let (mut a, mut b) = pair_across_shards(&mut e0, &mut e1, 1);
     let (ak, bk) = (a.mr.lkey, b.mr.lkey);
     post_recv(&mut a, 80, sge(ak, 2000, 64));
     post_recv(&mut b, 90, sge(bk, 2000, 64));
@@ -2043,10 +2041,7 @@ fn big_region(
 #[test]
 fn across_shards_large_payloads_go_from_registered_memory() {
     let (mut e0, mut e1) = two_shards();
-    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
-    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
-    connect(&mut e0, &a, b.ip, b.qpn, 7);
-    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    let (mut a, mut b) = pair_across_shards(&mut e0, &mut e1, 1);
     const AT: u64 = 1 << 20;
     const LEN: u64 = 256 << 10;
     let pa = |i: u64| (i.wrapping_mul(13) >> 4) as u8;
@@ -2159,14 +2154,8 @@ impl LandingBench {
 
     fn new() -> LandingBench {
         let (mut e0, mut e1, tap) = two_shards_tapped();
-        let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
-        let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
-        let c = side(&mut e0, 3, [10, 32, 0, 2], "blue", 64);
-        let d = side(&mut e1, 4, [10, 32, 0, 3], "blue", 64);
-        connect(&mut e0, &a, b.ip, b.qpn, 7);
-        connect(&mut e1, &b, a.ip, a.qpn, 7);
-        connect(&mut e0, &c, d.ip, d.qpn, 7);
-        connect(&mut e1, &d, c.ip, c.qpn, 7);
+        let (mut a, mut b) = pair_across_shards(&mut e0, &mut e1, 1);
+        let (c, d) = pair_across_shards(&mut e0, &mut e1, 3);
         let am = big_region(&mut e0, &a, Self::AT, Self::LEN as u64, |_| 0);
         let (ak, bk) = (a.mr.lkey, b.mr.lkey);
         post_recv(&mut a, 10, sge(ak, 2000, 64));
@@ -2324,10 +2313,7 @@ fn a_read_longer_than_a_frame_is_an_invalid_request() {
     use freeflow_proto::verbs::remote::{nak, FrameHeader, FrameKind, HEADER_LEN, MAX_PAYLOAD};
     use std::io::{Read, Write};
     let (mut e0, mut e1, mut tap) = two_shards_tapped();
-    let mut a = side(&mut e0, 1, [10, 32, 0, 2], "blue", 64);
-    let mut b = side(&mut e1, 2, [10, 32, 0, 3], "blue", 64);
-    connect(&mut e0, &a, b.ip, b.qpn, 7);
-    connect(&mut e1, &b, a.ip, a.qpn, 7);
+    let (mut a, mut b) = pair_across_shards(&mut e0, &mut e1, 1);
     let (ak, bk) = (a.mr.lkey, b.mr.lkey);
     const AT: u64 = 1 << 20;
     let len = u64::from(MAX_PAYLOAD) + 4096;
