@@ -42,20 +42,36 @@ pub(super) fn post(
     body: &[u8],
     deadline: Instant,
 ) -> Result<Vec<u8>, ExchangeError> {
+    let mut stream = send_post(endpoint, path, body, deadline)?;
+    let raw = read_to_end(&mut stream, deadline).map_err(|e| no_answer("receiving", e))?;
+    parse_response(&raw)
+}
+
+/// Connects to `endpoint` and sends a POST of `body` to `path`, by `deadline`; the answer is
+/// left in the returned stream.
+fn send_post(
+    endpoint: &str,
+    path: &str,
+    body: &[u8],
+    deadline: Instant,
+) -> Result<TcpStream, ExchangeError> {
     let mut stream = connect(endpoint, deadline)?;
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    let no_answer = |what: &str, e: io::Error| ExchangeError::NoAnswer(format!("{what}: {e}"));
     set_timeouts(&stream, deadline).map_err(|e| no_answer("sending", e))?;
     stream
         .write_all(request.as_bytes())
         .and_then(|()| stream.write_all(body))
         .map_err(|e| no_answer("sending", e))?;
-    let raw = read_to_end(&mut stream, deadline).map_err(|e| no_answer("receiving", e))?;
-    parse_response(&raw)
+    Ok(stream)
+}
+
+/// An exchange that may have reached etcd but got no complete answer.
+fn no_answer(what: &str, e: io::Error) -> ExchangeError {
+    ExchangeError::NoAnswer(format!("{what}: {e}"))
 }
 
 /// Largest line of a streamed answer (one watch response: the events of one revision).
@@ -83,18 +99,7 @@ impl LineStream {
         body: &[u8],
         deadline: Instant,
     ) -> Result<LineStream, ExchangeError> {
-        let mut stream = connect(endpoint, deadline)?;
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        let no_answer = |what: &str, e: io::Error| ExchangeError::NoAnswer(format!("{what}: {e}"));
-        set_timeouts(&stream, deadline).map_err(|e| no_answer("sending", e))?;
-        stream
-            .write_all(request.as_bytes())
-            .and_then(|()| stream.write_all(body))
-            .map_err(|e| no_answer("sending", e))?;
+        let mut stream = send_post(endpoint, path, body, deadline)?;
         let mut raw = Vec::new();
         let mut buf = [0u8; 16 << 10];
         let header_end = loop {

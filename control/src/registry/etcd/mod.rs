@@ -505,7 +505,20 @@ impl Client {
         }
     }
 
-    /// Reads everything under the prefix in one range (one revision).
+    /// The generation after the one `kv` (read from `key`) holds; an absent key counts as 0.
+    fn next_generation(&self, key: &str, kv: Option<&KeyValue>) -> Result<u64, RegistryError> {
+        let generation = match kv {
+            Some(kv) => match self.entry(key, &self.decode(kv)?.1)? {
+                Entry::Generation(g) => g,
+                _ => 0,
+            },
+            None => 0,
+        };
+        generation
+            .checked_add(1)
+            .ok_or_else(|| self.corrupt(key, "the generation counter is at its maximum".to_owned()))
+    }
+
     /// One keys-only range under the prefix: how many keys, and the newest change among them.
     fn fingerprint(&self) -> Result<Fingerprint, RegistryError> {
         let (start, end) = prefix_range(&self.root);
@@ -688,41 +701,18 @@ impl Client {
         let ip_key = format!("{}ips/{}", self.root, rec.ip);
         let netns_key = format!("{}netns/{}", self.root, rec.netns.display());
         let value = self.encode(rec)?;
-        let range = |key: &str| json!({ "request_range": { "key": BASE64.encode(key) } });
         for attempt in 0..UPDATE_ATTEMPTS {
             if attempt > 0 {
                 thread::sleep(backoff(attempt));
             }
             let read: TxnResponse = self.call(
                 "/v3/kv/txn",
-                &json!({ "success": [range(&generation_key), range(&host_key)] }),
+                &json!({ "success": [txn_range(&generation_key), txn_range(&host_key)] }),
                 Retry::Safe,
             )?;
             let [generation_kv, host_kv] = [0, 1].map(|i| read.first_kv(i));
-            let generation = match generation_kv {
-                Some(kv) => match self.entry(&generation_key, &self.decode(kv)?.1)? {
-                    Entry::Generation(g) => g,
-                    _ => 0,
-                },
-                None => 0,
-            };
-            let next = generation.checked_add(1).ok_or_else(|| {
-                self.corrupt(
-                    &generation_key,
-                    "the generation counter is at its maximum".to_owned(),
-                )
-            })?;
+            let next = self.next_generation(&generation_key, generation_kv)?;
             let lease = host_kv.map_or(0, |kv| kv.lease);
-            let unchanged = |key: &str, kv: Option<&KeyValue>| match kv {
-                Some(kv) => json!({
-                    "key": BASE64.encode(key), "target": "MOD", "result": "EQUAL",
-                    "mod_revision": kv.mod_revision.to_string(),
-                }),
-                None => json!({
-                    "key": BASE64.encode(key), "target": "CREATE", "result": "EQUAL",
-                    "create_revision": "0",
-                }),
-            };
             let put = |key: &str, value: &[u8], lease: i64| {
                 json!({ "request_put": {
                     "key": BASE64.encode(key), "value": BASE64.encode(value),
@@ -731,11 +721,11 @@ impl Client {
             };
             let body = json!({
                 "compare": [
-                    unchanged(&generation_key, generation_kv),
-                    unchanged(&host_key, host_kv),
-                    unchanged(&name_key, None),
-                    unchanged(&ip_key, None),
-                    unchanged(&netns_key, None),
+                    txn_unchanged(&generation_key, generation_kv),
+                    txn_unchanged(&host_key, host_kv),
+                    txn_unchanged(&name_key, None),
+                    txn_unchanged(&ip_key, None),
+                    txn_unchanged(&netns_key, None),
                 ],
                 "success": [
                     put(&generation_key, next.to_string().as_bytes(), 0),
@@ -743,7 +733,7 @@ impl Client {
                     put(&ip_key, rec.name.as_bytes(), lease),
                     put(&netns_key, rec.name.as_bytes(), lease),
                 ],
-                "failure": [range(&name_key), range(&ip_key), range(&netns_key)],
+                "failure": [txn_range(&name_key), txn_range(&ip_key), txn_range(&netns_key)],
             });
             let answer: TxnResponse = match self.call("/v3/kv/txn", &body, Retry::IfNotSent) {
                 // The host's lease expired between the read and the write: read again.
@@ -805,7 +795,6 @@ impl Client {
     fn remove_container(&self, name: &str) -> Result<(ContainerRecord, u64), RegistryError> {
         let generation_key = format!("{}generation", self.root);
         let name_key = format!("{}containers/{name}", self.root);
-        let range = |key: &str| json!({ "request_range": { "key": BASE64.encode(key) } });
         let delete = |key: &str| json!({ "request_delete_range": { "key": BASE64.encode(key) } });
         for attempt in 0..UPDATE_ATTEMPTS {
             if attempt > 0 {
@@ -813,7 +802,7 @@ impl Client {
             }
             let read: TxnResponse = self.call(
                 "/v3/kv/txn",
-                &json!({ "success": [range(&generation_key), range(&name_key)] }),
+                &json!({ "success": [txn_range(&generation_key), txn_range(&name_key)] }),
                 Retry::Safe,
             )?;
             let [generation_kv, name_kv] = [0, 1].map(|i| read.first_kv(i));
@@ -823,33 +812,11 @@ impl Client {
             let Entry::Container(rec) = self.decode(name_kv)?.2 else {
                 return Err(self.corrupt(&name_key, "not a container record".to_owned()));
             };
-            let generation = match generation_kv {
-                Some(kv) => match self.entry(&generation_key, &self.decode(kv)?.1)? {
-                    Entry::Generation(g) => g,
-                    _ => 0,
-                },
-                None => 0,
-            };
-            let next = generation.checked_add(1).ok_or_else(|| {
-                self.corrupt(
-                    &generation_key,
-                    "the generation counter is at its maximum".to_owned(),
-                )
-            })?;
-            let unchanged = |key: &str, kv: Option<&KeyValue>| match kv {
-                Some(kv) => json!({
-                    "key": BASE64.encode(key), "target": "MOD", "result": "EQUAL",
-                    "mod_revision": kv.mod_revision.to_string(),
-                }),
-                None => json!({
-                    "key": BASE64.encode(key), "target": "CREATE", "result": "EQUAL",
-                    "create_revision": "0",
-                }),
-            };
+            let next = self.next_generation(&generation_key, generation_kv)?;
             let body = json!({
                 "compare": [
-                    unchanged(&generation_key, generation_kv),
-                    unchanged(&name_key, Some(name_kv)),
+                    txn_unchanged(&generation_key, generation_kv),
+                    txn_unchanged(&name_key, Some(name_kv)),
                 ],
                 "success": [
                     json!({ "request_put": {
@@ -1162,6 +1129,25 @@ struct ErrorBody {
     error: String,
     #[serde(default)]
     message: String,
+}
+
+/// A transaction's read of `key`.
+fn txn_range(key: &str) -> serde_json::Value {
+    json!({ "request_range": { "key": BASE64.encode(key) } })
+}
+
+/// A transaction's comparison: `key` is as `kv` was read (absent when `None`).
+fn txn_unchanged(key: &str, kv: Option<&KeyValue>) -> serde_json::Value {
+    match kv {
+        Some(kv) => json!({
+            "key": BASE64.encode(key), "target": "MOD", "result": "EQUAL",
+            "mod_revision": kv.mod_revision.to_string(),
+        }),
+        None => json!({
+            "key": BASE64.encode(key), "target": "CREATE", "result": "EQUAL",
+            "create_revision": "0",
+        }),
+    }
 }
 
 #[cfg(test)]
