@@ -56,6 +56,16 @@ impl KeyTable {
         self.rkeys.insert(rkey, mr);
     }
 
+    /// A region of another host's container, known by its rkey only (what its router
+    /// answered).
+    pub fn insert_remote(&mut self, rkey: u32, mr: MrEntry) {
+        self.rkeys.insert(rkey, mr);
+    }
+
+    pub fn has_rkey(&self, rkey: u32) -> bool {
+        self.rkeys.contains_key(&rkey)
+    }
+
     pub fn remove(&mut self, lkey: u32, rkey: u32) {
         self.lkeys.remove(&lkey);
         self.rkeys.remove(&rkey);

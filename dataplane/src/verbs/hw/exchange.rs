@@ -1,0 +1,437 @@
+//! Across hosts, the device path connects a container's QP to a QP of a container of another
+//! host's router: the device needs the real QP number behind the destination's virtual one,
+//! and the GID of the device it lives on; an RDMA WRITE or READ needs the real rkey and address
+//! behind the destination container's virtual rkey. Only the destination's router knows them,
+//! so the asking router asks it (as MasQ translates at connection setup): one
+//! [`DeviceQuery`] on a TCP connection to its device port (the peer port +
+//! [`DEVICE_PORT_OFFSET`]), one [`DeviceAnswer`] back.
+//!
+//! [`Exchange`] is shared by the router's shards: each shard's device path enters its device
+//! QPs and regions as it makes them (by the owner's overlay address and virtual number), a
+//! thread of the router answers the queries from them, and a shard asks another host's
+//! router at RTR (and at a WRITE or READ whose virtual rkey it has not asked about yet on that
+//! QP). Asking blocks the shard for one exchange, bounded by [`ASK_TIMEOUT`] (connect, then
+//! read and write each): a peer router that is down fails the RTR with an error, never a
+//! hang.
+//!
+//! The answering router believes only what its own view of the cluster says: the connection
+//! must come from a registered host's address, the source container must be one of that host's
+//! (the daemon's table), and the destination QP must belong to a container of the source's
+//! tenant; another tenant's QP and a QP that does not exist get the same answer
+//! ([`DeviceStatus::NotFound`]). A key is answered only in the PD of the named QP.
+
+use freeflow_proto::control::NetworkView;
+use freeflow_proto::verbs::device::{
+    DeviceAnswer, DeviceQuery, DeviceStatus, QueryKind, ANSWER_LEN, DEVICE_PORT_OFFSET, QUERY_LEN,
+};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// The longest each step of an exchange may take (connect; write the query; read the answer),
+/// asking and answering.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A device QP others may connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ExportedQp {
+    real_qpn: u32,
+    tenant: String,
+    pd: u32,
+}
+
+/// A device region others may reach with its virtual rkey.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportedKey {
+    pub pd: u32,
+    pub access: u32,
+    pub iova: u64,
+    pub length: u64,
+    pub real_addr: u64,
+    pub real_rkey: u32,
+}
+
+#[derive(Debug, Default)]
+struct ExchangeState {
+    /// By (owner's overlay address, virtual QP number).
+    qps: HashMap<(Ipv4Addr, u32), ExportedQp>,
+    /// By (owner's overlay address, virtual rkey).
+    keys: HashMap<(Ipv4Addr, u32), ExportedKey>,
+    /// Registered overlay addresses of other hosts: (host, tenant).
+    overlay: HashMap<Ipv4Addr, (Ipv4Addr, String)>,
+    /// Other hosts' routers: their peer ports.
+    hosts: HashMap<Ipv4Addr, u16>,
+    /// Where this router answers (set once it listens).
+    listening: Option<SocketAddrV4>,
+}
+
+/// Why asking another router failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("host {0} is not a registered host")]
+    UnknownHost(Ipv4Addr),
+    #[error("the router of {host} did not answer on its device port {port}: {source}")]
+    Io {
+        host: Ipv4Addr,
+        port: u16,
+        source: io::Error,
+    },
+    #[error("the router of {0} answered with something that is not a device answer")]
+    Garbled(Ipv4Addr),
+}
+
+/// The device QPs and regions of this router's containers, the cluster's view, and the
+/// asking side.
+#[derive(Debug)]
+pub struct Exchange {
+    state: Mutex<ExchangeState>,
+    /// The device's GID (what an answer about a QP tells).
+    gid: [u8; 16],
+}
+
+impl Exchange {
+    pub fn new(gid: [u8; 16]) -> Arc<Exchange> {
+        Arc::new(Exchange {
+            state: Mutex::new(ExchangeState::default()),
+            gid,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, ExchangeState> {
+        // The state is plain maps, consistent after any panic: take it back.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn export_qp(&self, owner: Ipv4Addr, qpn: u32, real_qpn: u32, tenant: &str, pd: u32) {
+        self.state().qps.insert(
+            (owner, qpn),
+            ExportedQp {
+                real_qpn,
+                tenant: tenant.to_owned(),
+                pd,
+            },
+        );
+    }
+
+    pub fn withdraw_qp(&self, owner: Ipv4Addr, qpn: u32) {
+        self.state().qps.remove(&(owner, qpn));
+    }
+
+    pub fn export_key(&self, owner: Ipv4Addr, rkey: u32, key: ExportedKey) {
+        self.state().keys.insert((owner, rkey), key);
+    }
+
+    pub fn withdraw_key(&self, owner: Ipv4Addr, rkey: u32) {
+        self.state().keys.remove(&(owner, rkey));
+    }
+
+    /// Follows a new view of the cluster; the first one (or one that moves this host's
+    /// address or port) starts the thread that answers other routers.
+    pub fn follow(self: &Arc<Self>, network: &NetworkView) {
+        let port = network.peer_port.wrapping_add(DEVICE_PORT_OFFSET);
+        let addr = SocketAddrV4::new(network.host_ip, port);
+        let start = {
+            let mut s = self.state();
+            s.hosts = network
+                .hosts
+                .iter()
+                .filter(|h| h.host_ip != network.host_ip)
+                .map(|h| (h.host_ip, h.peer_port))
+                .collect();
+            s.overlay = network
+                .overlay
+                .iter()
+                .filter(|e| e.host_ip != network.host_ip)
+                .map(|e| (e.ip, (e.host_ip, e.tenant.clone())))
+                .collect();
+            let start = s.listening != Some(addr);
+            if start {
+                s.listening = Some(addr);
+            }
+            start
+        };
+        if !start {
+            return;
+        }
+        match TcpListener::bind(addr) {
+            Ok(listener) => {
+                let me = Arc::clone(self);
+                let spawned = std::thread::Builder::new()
+                    .name("ff-device-x".into())
+                    .spawn(move || me.serve(listener, addr));
+                if let Err(e) = spawned {
+                    log::warn!("RDMA device path: cannot start the device exchange: {e}");
+                }
+            }
+            Err(e) => log::warn!(
+                "RDMA device path: cannot listen for other routers' device queries on {addr}: \
+                 {e} (QPs of other hosts cannot connect to this host's)"
+            ),
+        }
+    }
+
+    /// Answers queries on `listener` one at a time while it is where this router answers.
+    fn serve(&self, listener: TcpListener, addr: SocketAddrV4) {
+        log::info!("RDMA device path: answering other routers' device queries on {addr}");
+        for stream in listener.incoming() {
+            if self.state().listening != Some(addr) {
+                return;
+            }
+            let Ok(mut stream) = stream else {
+                continue;
+            };
+            if let Err(e) = self.answer_one(&mut stream) {
+                log::info!("RDMA device path: a device query failed: {e}");
+            }
+        }
+    }
+
+    fn answer_one(&self, stream: &mut TcpStream) -> io::Result<()> {
+        stream.set_read_timeout(Some(ASK_TIMEOUT))?;
+        stream.set_write_timeout(Some(ASK_TIMEOUT))?;
+        let from = match stream.peer_addr()? {
+            SocketAddr::V4(a) => *a.ip(),
+            SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                Some(ip) => ip,
+                None => return Ok(()),
+            },
+        };
+        let answer = if self.state().hosts.contains_key(&from) {
+            let mut b = [0u8; QUERY_LEN];
+            stream.read_exact(&mut b)?;
+            match DeviceQuery::decode(&b) {
+                Ok(q) => self.answer(from, &q),
+                Err(e) => {
+                    log::info!("RDMA device path: a device query from {from}: {e}");
+                    return Ok(());
+                }
+            }
+        } else {
+            // Not a router of the cluster: nothing read, nothing told.
+            DeviceAnswer::empty(DeviceStatus::Refused)
+        };
+        stream.write_all(&answer.encode())
+    }
+
+    /// The answer to `q`, asked by the router of host `from`.
+    pub fn answer(&self, from: Ipv4Addr, q: &DeviceQuery) -> DeviceAnswer {
+        let s = self.state();
+        let tenant = match s.overlay.get(&q.src_ip) {
+            Some((host, tenant)) if *host == from => tenant,
+            _ => return DeviceAnswer::empty(DeviceStatus::Refused),
+        };
+        let Some(qp) = s
+            .qps
+            .get(&(q.dst_ip, q.dst_qpn))
+            .filter(|qp| qp.tenant == *tenant)
+        else {
+            return DeviceAnswer::empty(DeviceStatus::NotFound);
+        };
+        match q.kind {
+            QueryKind::Qp => DeviceAnswer {
+                real_qpn: qp.real_qpn,
+                gid: self.gid,
+                ..DeviceAnswer::empty(DeviceStatus::Found)
+            },
+            QueryKind::Key => match s.keys.get(&(q.dst_ip, q.rkey)).filter(|k| k.pd == qp.pd) {
+                Some(k) => DeviceAnswer {
+                    real_rkey: k.real_rkey,
+                    iova: k.iova,
+                    length: k.length,
+                    real_addr: k.real_addr,
+                    access: k.access,
+                    ..DeviceAnswer::empty(DeviceStatus::Found)
+                },
+                None => DeviceAnswer::empty(DeviceStatus::NotFound),
+            },
+        }
+    }
+
+    /// Asks the router of `host` (blocking, each step bounded by [`ASK_TIMEOUT`]).
+    pub fn ask(&self, host: Ipv4Addr, q: &DeviceQuery) -> Result<DeviceAnswer, AskError> {
+        let peer_port = *self
+            .state()
+            .hosts
+            .get(&host)
+            .ok_or(AskError::UnknownHost(host))?;
+        let port = peer_port.wrapping_add(DEVICE_PORT_OFFSET);
+        let io_error = |source| AskError::Io { host, port, source };
+        let addr = SocketAddr::new(IpAddr::V4(host), port);
+        let mut stream = TcpStream::connect_timeout(&addr, ASK_TIMEOUT).map_err(io_error)?;
+        stream
+            .set_read_timeout(Some(ASK_TIMEOUT))
+            .and_then(|_| stream.set_write_timeout(Some(ASK_TIMEOUT)))
+            .and_then(|_| stream.set_nodelay(true))
+            .map_err(io_error)?;
+        stream.write_all(&q.encode()).map_err(io_error)?;
+        let mut b = [0u8; ANSWER_LEN];
+        stream.read_exact(&mut b).map_err(io_error)?;
+        DeviceAnswer::decode(&b).map_err(|_| AskError::Garbled(host))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freeflow_proto::control::{OverlayEntry, PeerHost};
+
+    const HOST1: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+    const HOST2: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 64, 0, 3);
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 64, 0, 2);
+    const RED: Ipv4Addr = Ipv4Addr::new(10, 64, 0, 4);
+
+    fn view(me: Ipv4Addr, other: Ipv4Addr, port: u16) -> NetworkView {
+        NetworkView {
+            host_ip: me,
+            peer_port: port,
+            hosts: vec![
+                PeerHost {
+                    host_ip: HOST1,
+                    peer_port: port,
+                },
+                PeerHost {
+                    host_ip: HOST2,
+                    peer_port: port,
+                },
+            ],
+            overlay: vec![
+                OverlayEntry {
+                    ip: CLIENT,
+                    tenant: "blue".into(),
+                    host_ip: other,
+                },
+                OverlayEntry {
+                    ip: RED,
+                    tenant: "red".into(),
+                    host_ip: other,
+                },
+                OverlayEntry {
+                    ip: SERVER,
+                    tenant: "blue".into(),
+                    host_ip: me,
+                },
+            ],
+        }
+    }
+
+    fn query(kind: QueryKind, src_ip: Ipv4Addr, dst_qpn: u32, rkey: u32) -> DeviceQuery {
+        DeviceQuery {
+            kind,
+            src_ip,
+            dst_ip: SERVER,
+            dst_qpn,
+            rkey,
+        }
+    }
+
+    /// The answering side's checks, without sockets: the source must be the asking host's
+    /// container, the QP its tenant's, the key in the QP's PD.
+    #[test]
+    fn answers_only_about_the_askers_tenant() {
+        let x = Exchange::new([7; 16]);
+        {
+            let mut s = x.state();
+            let v = view(HOST2, HOST1, 0);
+            s.hosts = v.hosts.iter().map(|h| (h.host_ip, h.peer_port)).collect();
+            s.overlay = v
+                .overlay
+                .iter()
+                .filter(|e| e.host_ip != HOST2)
+                .map(|e| (e.ip, (e.host_ip, e.tenant.clone())))
+                .collect();
+        }
+        x.export_qp(SERVER, 0x11, 0x99, "blue", 1);
+        let key = ExportedKey {
+            pd: 1,
+            access: 2,
+            iova: 0x1000,
+            length: 4096,
+            real_addr: 0x5000,
+            real_rkey: 0xabc,
+        };
+        x.export_key(SERVER, 0x77, key);
+        x.export_key(SERVER, 0x78, ExportedKey { pd: 2, ..key });
+        let a = x.answer(HOST1, &query(QueryKind::Qp, CLIENT, 0x11, 0));
+        assert_eq!(
+            (a.status, a.real_qpn, a.gid),
+            (DeviceStatus::Found, 0x99, [7; 16])
+        );
+        // Another tenant's asker learns nothing: the same answer as for no QP at all.
+        let red = x.answer(HOST1, &query(QueryKind::Qp, RED, 0x11, 0));
+        let none = x.answer(HOST1, &query(QueryKind::Qp, CLIENT, 0x12, 0));
+        assert_eq!(red, DeviceAnswer::empty(DeviceStatus::NotFound));
+        assert_eq!(none, red);
+        // A host speaking for a container that is not its own.
+        let forged = x.answer(HOST2, &query(QueryKind::Qp, CLIENT, 0x11, 0));
+        assert_eq!(forged, DeviceAnswer::empty(DeviceStatus::Refused));
+        let k = x.answer(HOST1, &query(QueryKind::Key, CLIENT, 0x11, 0x77));
+        assert_eq!(
+            (
+                k.status,
+                k.real_rkey,
+                k.iova,
+                k.length,
+                k.real_addr,
+                k.access
+            ),
+            (DeviceStatus::Found, 0xabc, 0x1000, 4096, 0x5000, 2)
+        );
+        // A key in another PD than the QP's, a key that is not there, a red asker.
+        for (src, rkey) in [(CLIENT, 0x78), (CLIENT, 0x79), (RED, 0x77)] {
+            let k = x.answer(HOST1, &query(QueryKind::Key, src, 0x11, rkey));
+            assert_eq!(k, DeviceAnswer::empty(DeviceStatus::NotFound));
+        }
+        x.withdraw_qp(SERVER, 0x11);
+        let gone = x.answer(HOST1, &query(QueryKind::Qp, CLIENT, 0x11, 0));
+        assert_eq!(gone.status, DeviceStatus::NotFound);
+        x.withdraw_key(SERVER, 0x77);
+        assert!(!x.state().keys.contains_key(&(SERVER, 0x77)));
+    }
+
+    /// Two exchanges on loopback addresses: a query crosses a real socket; a host with no
+    /// router listening fails within the bound.
+    #[test]
+    fn a_query_crosses_to_the_other_router_and_a_silent_one_fails() {
+        let port = {
+            // A free port pair: the device port is the peer port + 2.
+            let l = TcpListener::bind("127.0.0.2:0").unwrap();
+            l.local_addr()
+                .unwrap()
+                .port()
+                .saturating_sub(DEVICE_PORT_OFFSET)
+        };
+        let server = Exchange::new([9; 16]);
+        server.follow(&view(HOST2, HOST1, port));
+        server.export_qp(SERVER, 0x11, 0x42, "blue", 1);
+        let client = Exchange::new([8; 16]);
+        client.state().hosts = [(HOST2, port)].into();
+        let q = query(QueryKind::Qp, CLIENT, 0x11, 0);
+        // The listener thread starts asynchronously: a bounded wait for it.
+        let mut answer = None;
+        for _ in 0..100 {
+            match client.ask(HOST2, &q) {
+                Ok(a) => {
+                    answer = Some(a);
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let a = answer.expect("no answer from the exchange on 127.0.0.2");
+        assert_eq!(
+            (a.status, a.real_qpn, a.gid),
+            (DeviceStatus::Found, 0x42, [9; 16])
+        );
+        // An address that is not a registered host.
+        assert!(matches!(
+            client.ask(Ipv4Addr::new(127, 0, 0, 3), &q),
+            Err(AskError::UnknownHost(_))
+        ));
+        // A registered host whose router is not there: refused at connect, an error.
+        client.state().hosts.insert(HOST1, port.wrapping_add(7));
+        assert!(matches!(client.ask(HOST1, &q), Err(AskError::Io { .. })));
+    }
+}
