@@ -4,7 +4,9 @@
  * then the client sends SEND, SEND_WITH_IMM, RDMA WRITE, WRITE_WITH_IMM, an inline SEND and an
  * RDMA READ, each checked byte for byte (the server checks what it received and what was
  * written into its region, the client what it read); then a WRITE with a forged rkey fails
- * with REM_ACCESS_ERR and writes nothing, the WRITE behind it flushed.
+ * with REM_ACCESS_ERR and writes nothing, the WRITE behind it flushed; reconnected, the
+ * client's SEND to a server QP destroyed meanwhile exhausts its retries on the device
+ * (RETRY_EXC_ERR), and an RTR toward that QP number fails (ENETUNREACH).
  * Usage: probe server PORT | probe client SERVER_IP PORT. Each prints "checks passed".
  * `probe connect SERVER_IP PORT`: only takes the server's QP number and moves its QP to RTR
  * toward it, printing "RTR failed: <error> after <ms> ms" or "RTR succeeded". */
@@ -161,8 +163,12 @@ static int server(int port)
     CHECK(filled(buf + AT_INLINE, 48, 6), "inline SEND: bytes differ");
     /* The client reads, then forges an rkey for a WRITE over the SEND's bytes. */
     read_line(c, line, sizeof(line));
-    CHECK(strcmp(line, "done") == 0, "the client said %s", line);
+    CHECK(strcmp(line, "destroy") == 0, "the client said %s", line);
     CHECK(filled(buf + AT_SEND, 4096, 1), "the forged WRITE wrote into the region");
+    CHECK(ibv_destroy_qp(qp) == 0, "destroy the server QP");
+    send_line(c, "destroyed\n");
+    read_line(c, line, sizeof(line));
+    CHECK(strcmp(line, "done") == 0, "the client said %s", line);
     return verdict("checks passed");
 }
 
@@ -237,6 +243,26 @@ static int client(const char *ip, int port, int connect_only)
     expect(71, IBV_WC_REM_ACCESS_ERR, -1, -1, 0, 0, "forged rkey");
     expect(72, IBV_WC_WR_FLUSH_ERR, -1, -1, 0, 0, "WRITE behind the forged one");
     CHECK(state_of(qp) == IBV_QPS_ERR, "forged rkey: QP state %d", state_of(qp));
+
+    /* Reconnected (the server's router is asked again), then the server destroys its QP: a
+     * SEND finds no QP behind the real number and exhausts its retries, as on a device. */
+    CHECK(to_state(qp, IBV_QPS_RESET) == 0 && to_init(qp, ACCESS) == 0 &&
+              to_rtr(qp, dest, gid_of(ip), 12) == 0 && to_rts(qp, 10, 3, 7) == 0,
+          "reconnect");
+    send_line(c, "destroy\n");
+    read_line(c, line, sizeof(line));
+    CHECK(strcmp(line, "destroyed") == 0, "the server said %s", line);
+    fill(out, 64, 8);
+    CHECK(post(qp, IBV_WR_SEND, 81, out, 64, mr->lkey, SIG, 0, 0) == 0, "post SEND");
+    expect(81, IBV_WC_RETRY_EXC_ERR, -1, -1, 0, 0, "SEND to a destroyed QP");
+    /* Its number is withdrawn: a new QP cannot connect to it. */
+    struct ibv_qp_init_attr init = { .send_cq = cq, .recv_cq = cq, .qp_type = IBV_QPT_RC,
+                                     .cap = { .max_send_wr = 4, .max_recv_wr = 4,
+                                              .max_send_sge = 1, .max_recv_sge = 1 } };
+    struct ibv_qp *late = ibv_create_qp(pd, &init);
+    CHECK(late && to_init(late, ACCESS) == 0, "a new QP");
+    int r = late ? to_rtr(late, dest, gid_of(ip), 12) : -1;
+    CHECK(r == ENETUNREACH, "RTR toward a destroyed QP: %d (%s)", r, strerror(r));
     send_line(c, "done\n");
     return verdict("checks passed");
 }
