@@ -499,9 +499,21 @@ fn perftest_typical_us(
     tool: &str,
     port: u16,
 ) -> f64 {
+    perftest_typical_us_between(site, (app, container), (app, ip), tool, port)
+}
+
+/// [`perftest_typical_us`] with the server in `server_container` (through `server_app`) and
+/// the client through `client_app`, naming the server's `server_ip`.
+fn perftest_typical_us_between(
+    site: &Site,
+    (server_app, container): (&dyn Fn() -> Command, &str),
+    (client_app, ip): (&dyn Fn() -> Command, &str),
+    tool: &str,
+    port: u16,
+) -> f64 {
     let port_arg = port.to_string();
     let args = ["-d", "ffv0", "-p", &port_arg, "-s", "64", "-n", "1000"];
-    let mut server = app()
+    let mut server = server_app()
         .arg(tool)
         .args(args)
         .stdout(Stdio::piped())
@@ -509,7 +521,7 @@ fn perftest_typical_us(
         .spawn()
         .unwrap();
     site.wait_listening(container, port, Some(&mut server));
-    let client = app().arg(tool).args(args).arg(ip).output().unwrap();
+    let client = client_app().arg(tool).args(args).arg(ip).output().unwrap();
     if !client.status.success() {
         let _ = server.kill();
     }
@@ -695,6 +707,83 @@ fn host_connected_to(site: &Site, host: usize, peer: &str) -> bool {
         .any(|w| w == peer)
 }
 
+/// The nested topology on two hosts: each host has its router S (the two-host site: together
+/// the "fabric") and router H (the `rdma-hw` build, `freeflow up --rdma-device ffv0 H_ARGS`)
+/// in a namespace registered with its S as container `nic1` (10.32.0.9, host 0) or `nic2`
+/// (10.32.0.11, host 1), each H driving its own S's `ffv0`. The two H routers share a
+/// registry: they are the two hosts of H's cluster, with H's containers `hclient` (blue, on
+/// H1) and `hserver` (blue, on H2) registered; `hother` (10.64.0.4, host 0) is there to be
+/// registered by a test. Both H routers are brought down when it drops (before the site).
+struct TwoHosts {
+    site: Site,
+    h1: PathBuf,
+    h2: PathBuf,
+}
+
+impl TwoHosts {
+    fn up(prefix: &str, h_args: &[&str]) -> TwoHosts {
+        let site = Site::create_verbs(SiteSpec {
+            prefix,
+            work_prefix: "ff-verbs-nic",
+            hosts: 2,
+            containers: &[
+                (0, "nic1", [10, 32, 0, 9]),
+                (1, "nic2", [10, 32, 0, 11]),
+                (0, "hclient", [10, 64, 0, 3]),
+                (0, "hother", [10, 64, 0, 4]),
+                (1, "hserver", [10, 64, 0, 2]),
+            ],
+            registered: &[("nic1", "infra"), ("nic2", "infra")],
+            verbs_timeout: 60,
+            ..SiteSpec::default()
+        });
+        let (h1, h2) = (site.work.join("H1"), site.work.join("H2"));
+        let hosts = TwoHosts { site, h1, h2 };
+        let registry = hosts.site.work.join("H-registry.json");
+        let mut args = vec!["up", "--rdma-device", "ffv0"];
+        args.extend_from_slice(h_args);
+        for (nic, ip, dir) in [
+            ("nic1", "10.32.0.9", &hosts.h1),
+            ("nic2", "10.32.0.11", &hosts.h2),
+        ] {
+            let out = freeflow_in(&hosts.site, (nic, ip), &registry, &args, dir);
+            assert_success(
+                &out,
+                &format!("freeflow up --rdma-device ffv0 (router H in {nic})"),
+            );
+        }
+        h_container_add(
+            &hosts.site,
+            "nic1",
+            &hosts.h1,
+            ("hclient", "10.64.0.3", "blue"),
+        );
+        h_container_add(
+            &hosts.site,
+            "nic2",
+            &hosts.h2,
+            ("hserver", "10.64.0.2", "blue"),
+        );
+        wait_h_routers_serve_the_registry(&hosts.site, &[("nic1", &hosts.h1), ("nic2", &hosts.h2)]);
+        hosts
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        drop(Down {
+            site: &self.site,
+            nic: "nic1",
+            dir: self.h1.clone(),
+        });
+        drop(Down {
+            site: &self.site,
+            nic: "nic2",
+            dir: self.h2.clone(),
+        });
+    }
+}
+
 /// Two hosts, each with router S (software engine: together the "fabric", the usual two-host
 /// site) and router H (the `rdma-hw` build) in a namespace registered with its S as container
 /// `nic1` (10.32.0.9, host 0) or `nic2` (10.32.0.11, host 1), each H driving its S's `ffv0`.
@@ -709,50 +798,10 @@ fn host_connected_to(site: &Site, host: usize, peer: &str) -> bool {
 /// refused), and with H2 gone an RTR toward its container fails with an error, not a hang.
 #[test]
 fn containers_of_nested_routers_on_two_hosts_connect_through_the_device() {
-    let site = Site::create_verbs(SiteSpec {
-        prefix: "vnicx",
-        work_prefix: "ff-verbs-nic",
-        hosts: 2,
-        containers: &[
-            (0, "nic1", [10, 32, 0, 9]),
-            (1, "nic2", [10, 32, 0, 11]),
-            (0, "hclient", [10, 64, 0, 3]),
-            (0, "hother", [10, 64, 0, 4]),
-            (1, "hserver", [10, 64, 0, 2]),
-        ],
-        registered: &[("nic1", "infra"), ("nic2", "infra")],
-        verbs_timeout: 60,
-        ..SiteSpec::default()
-    });
-    let (h1, h2) = (site.work.join("H1"), site.work.join("H2"));
-    let registry = site.work.join("H-registry.json");
-    let _down1 = Down {
-        site: &site,
-        nic: "nic1",
-        dir: h1.clone(),
-    };
-    let _down2 = Down {
-        site: &site,
-        nic: "nic2",
-        dir: h2.clone(),
-    };
-    for (nic, ip, dir) in [("nic1", "10.32.0.9", &h1), ("nic2", "10.32.0.11", &h2)] {
-        let out = freeflow_in(
-            &site,
-            (nic, ip),
-            &registry,
-            &["up", "--rdma-device", "ffv0"],
-            dir,
-        );
-        assert_success(
-            &out,
-            &format!("freeflow up --rdma-device ffv0 (router H in {nic})"),
-        );
-    }
-    h_container_add(&site, "nic1", &h1, ("hclient", "10.64.0.3", "blue"));
-    h_container_add(&site, "nic1", &h1, ("hother", "10.64.0.4", "red"));
-    h_container_add(&site, "nic2", &h2, ("hserver", "10.64.0.2", "blue"));
-    wait_h_routers_serve_the_registry(&site, &[("nic1", &h1), ("nic2", &h2)]);
+    let hosts = TwoHosts::up("vnicx", &[]);
+    let (site, h1, h2) = (&hosts.site, &hosts.h1, &hosts.h2);
+    h_container_add(site, "nic1", h1, ("hother", "10.64.0.4", "red"));
+    wait_h_routers_serve_the_registry(site, &[("nic1", h1), ("nic2", h2)]);
 
     let s_before = [
         engine_ops(&site.router_status(0)),
@@ -886,4 +935,73 @@ fn containers_of_nested_routers_on_two_hosts_connect_through_the_device() {
     assert!(client.status.success(), "{said}");
     assert!(said.contains("RTR failed: "), "{said}");
     eprintln!("with H2 down: {}", said.trim());
+}
+
+/// `env FREEFLOW_DIR=DIR LD_LIBRARY_PATH=DIR/verbs timeout -s KILL 60` in container `name`:
+/// a program after it runs as an application of the router whose DIR is `dir`.
+fn app_env(site: &Site, dir: &std::path::Path, name: &str) -> Command {
+    let c = site.cluster().container(name).unwrap().clone();
+    let mut cmd = freeflow_testbed::command_in(&c.netns, "env");
+    cmd.arg(format!("FREEFLOW_DIR={}", dir.display()))
+        .arg(format!("LD_LIBRARY_PATH={}", dir.join("verbs").display()))
+        .args(["timeout", "-s", "KILL", "60"])
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// What the H routers add to an operation across hosts: Debian's unmodified perftest
+/// `ib_send_lat` and `ib_write_lat` (64 B, 1000 iterations), server on host 1 and client on
+/// host 0, on S's `ffv0` directly (containers `nic2` and `nic1`, S1 <-> S2) and through both
+/// H routers' device paths (`hserver` and `hclient`, H1 -> S1 <-> S2 <- H2), alternately,
+/// three runs each; prints the medians, the difference per operation (t_typical is one way)
+/// and the load average before and after. No threshold: the numbers go to the README.
+#[test]
+fn perftest_latency_across_hosts_directly_and_through_the_nested_routers() {
+    // The H routers' shards on core 0, the S routers' on the last core (their default).
+    let hosts = TwoHosts::up("vnicxbench", &["--cores", "0"]);
+    let (site, h1, h2) = (&hosts.site, &hosts.h1, &hosts.h2);
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load_before = load();
+    let s_server = || app_env(site, &site.dirs[1], "nic2");
+    let s_client = || app_env(site, &site.dirs[0], "nic1");
+    let h_server = || app_env(site, h2, "hserver");
+    let h_client = || app_env(site, h1, "hclient");
+    let mut port = 18720;
+    for tool in ["ib_send_lat", "ib_write_lat"] {
+        let (mut s, mut h) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            port += 1;
+            s.push(perftest_typical_us_between(
+                site,
+                (&s_server, "nic2"),
+                (&s_client, "10.32.0.11"),
+                tool,
+                port,
+            ));
+            port += 1;
+            h.push(perftest_typical_us_between(
+                site,
+                (&h_server, "hserver"),
+                (&h_client, "10.64.0.2"),
+                tool,
+                port,
+            ));
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[1]
+        };
+        let (s_med, h_med) = (median(&mut s), median(&mut h));
+        eprintln!(
+            "across hosts, {tool} 64 B t_typical (medians of 3): S1<->S2 directly {s_med:.2} \
+             us, through H1 and H2's device paths {h_med:.2} us: the H routers add {:.0} ns \
+             per operation (runs: S {s:?}, H {h:?})",
+            (h_med - s_med) * 1000.0
+        );
+    }
+    eprintln!(
+        "load average before: {}, after: {}",
+        load_before.trim(),
+        load().trim()
+    );
 }
