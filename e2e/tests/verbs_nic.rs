@@ -819,7 +819,7 @@ fn containers_of_nested_routers_on_two_hosts_connect_through_the_device() {
         if events {
             args.push("-e");
         }
-        let runs = h_pingpong_between(&site, ("hserver", &h2), ("hclient", &h1), port, &args);
+        let runs = h_pingpong_between(site, ("hserver", h2), ("hclient", h1), port, &args);
         for (who, out) in [("server", &runs.0), ("client", &runs.1)] {
             let said = text(out);
             assert!(
@@ -838,14 +838,14 @@ fn containers_of_nested_routers_on_two_hosts_connect_through_the_device() {
 
     // Every carried opcode between the hosts, byte for byte; a forged rkey stops at H1.
     let probe = NIC_PAIR_PROBE.build(&site.work);
-    let mut server = h_app(&site, &h2, "hserver", probe.to_str().unwrap())
+    let mut server = h_app(site, h2, "hserver", probe.to_str().unwrap())
         .args(["server", "18640"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     site.wait_listening("hserver", 18640, Some(&mut server));
-    let client = h_app(&site, &h1, "hclient", probe.to_str().unwrap())
+    let client = h_app(site, h1, "hclient", probe.to_str().unwrap())
         .args(["client", "10.64.0.2", "18640"])
         .output()
         .unwrap();
@@ -876,12 +876,12 @@ fn containers_of_nested_routers_on_two_hosts_connect_through_the_device() {
         );
     }
     assert!(
-        host_connected_to(&site, 0, "192.168.1.2:7472")
-            || host_connected_to(&site, 1, "192.168.1.1:7472"),
+        host_connected_to(site, 0, "192.168.1.2:7472")
+            || host_connected_to(site, 1, "192.168.1.1:7472"),
         "no verbs connection between S1 and S2"
     );
-    for (nic, dir) in [("nic1", &h1), ("nic2", &h2)] {
-        let status = h_status_in(&site, nic, dir);
+    for (nic, dir) in [("nic1", h1), ("nic2", h2)] {
+        let status = h_status_in(site, nic, dir);
         assert_eq!(
             engine_ops(&status),
             0,
@@ -896,13 +896,7 @@ fn containers_of_nested_routers_on_two_hosts_connect_through_the_device() {
 
     // Red's container cannot connect to blue's server on the other host: RTR refused (the
     // server's, first: it connects before it answers), nothing exchanged.
-    let runs = h_pingpong_between(
-        &site,
-        ("hserver", &h2),
-        ("hother", &h1),
-        18635,
-        &["-g", "0"],
-    );
+    let runs = h_pingpong_between(site, ("hserver", h2), ("hother", h1), 18635, &["-g", "0"]);
     let (server, client) = (text(&runs.0), text(&runs.1));
     assert!(!runs.0.status.success(), "{server}");
     assert!(server.contains("Failed to modify QP to RTR"), "{server}");
@@ -911,7 +905,7 @@ fn containers_of_nested_routers_on_two_hosts_connect_through_the_device() {
 
     // H2 gone (its daemon and router stopped, its host still registered): an RTR toward its
     // container's QP fails at H1 (no answer on H2's device port) with an error, not a hang.
-    let mut server = h_app(&site, &h2, "hserver", probe.to_str().unwrap())
+    let mut server = h_app(site, h2, "hserver", probe.to_str().unwrap())
         .args(["server", "18641"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -921,11 +915,11 @@ fn containers_of_nested_routers_on_two_hosts_connect_through_the_device() {
     let out = site
         .verbs_app("nic2", &*FREEFLOW, &[])
         .args(["down", "--dir"])
-        .arg(&h2)
+        .arg(h2)
         .output()
         .unwrap();
     assert_success(&out, "freeflow down (router H in nic2)");
-    let client = h_app(&site, &h1, "hclient", probe.to_str().unwrap())
+    let client = h_app(site, h1, "hclient", probe.to_str().unwrap())
         .args(["connect", "10.64.0.2", "18641"])
         .output()
         .unwrap();
