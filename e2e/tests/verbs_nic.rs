@@ -433,7 +433,7 @@ fn containers_of_the_nested_router_run_ibv_rc_pingpong() {
         // Each iteration is a SEND each way.
         messages += 2 * iters;
     }
-    // Every opcode the device path carries, byte for byte; a forged rkey; an atomic refused.
+    // Every opcode the device path carries (atomics too), byte for byte; a forged rkey.
     let probe = NIC_PROBE.build(&site.work);
     let out = h_app(&site, &h_dir, "hserver", probe.to_str().unwrap())
         .arg("10.64.0.2")

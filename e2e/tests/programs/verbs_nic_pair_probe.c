@@ -3,7 +3,8 @@
  * their QP numbers and the server region's address and rkey over TCP (as ibv_rc_pingpong does),
  * then the client sends SEND, SEND_WITH_IMM, RDMA WRITE, WRITE_WITH_IMM, an inline SEND and an
  * RDMA READ, each checked byte for byte (the server checks what it received and what was
- * written into its region, the client what it read); then a WRITE with a forged rkey fails
+ * written into its region, the client what it read), a compare-and-swap and a fetch-and-add
+ * (old values and the word checked); then a WRITE with a forged rkey fails
  * with REM_ACCESS_ERR and writes nothing, the WRITE behind it flushed; reconnected, the
  * client's SEND to a server QP destroyed meanwhile exhausts its retries on the device
  * (RETRY_EXC_ERR), and an RTR toward that QP number fails (ENETUNREACH).
@@ -16,7 +17,8 @@
 #include <sys/socket.h>
 
 #define BUF 65536
-#define ACCESS (IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ)
+#define ACCESS (IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ | \
+                IBV_ACCESS_REMOTE_ATOMIC)
 /* Where each operation lands in the server's region. */
 #define AT_SEND 0
 #define AT_SEND_IMM 4096
@@ -24,6 +26,7 @@
 #define AT_WRITE_IMM 30000
 #define AT_READ 33000
 #define AT_INLINE 63200
+#define AT_ATOMIC 64000
 #define WAIT_MS 10000
 
 static struct ibv_context *ctx;
@@ -122,6 +125,7 @@ static int server(int port)
 {
     setup();
     fill(buf + AT_READ, 30000, 5);
+    *(uint64_t *)(buf + AT_ATOMIC) = 100;
     int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
     setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
@@ -165,6 +169,8 @@ static int server(int port)
     read_line(c, line, sizeof(line));
     CHECK(strcmp(line, "destroy") == 0, "the client said %s", line);
     CHECK(filled(buf + AT_SEND, 4096, 1), "the forged WRITE wrote into the region");
+    CHECK(*(uint64_t *)(buf + AT_ATOMIC) == 205, "the atomics left %" PRIu64,
+          *(uint64_t *)(buf + AT_ATOMIC));
     CHECK(ibv_destroy_qp(qp) == 0, "destroy the server QP");
     send_line(c, "destroyed\n");
     read_line(c, line, sizeof(line));
@@ -233,6 +239,15 @@ static int client(const char *ip, int port, int connect_only)
           "post READ");
     expect(51, IBV_WC_SUCCESS, IBV_WC_RDMA_READ, 30000, 0, 0, "READ");
     CHECK(filled(in, 30000, 5), "READ: bytes differ");
+    uint64_t *old = (uint64_t *)in;
+    CHECK(post_atomic(qp, IBV_WR_ATOMIC_CMP_AND_SWP, 52, in, mr->lkey, raddr + AT_ATOMIC, rkey,
+                      100, 200) == 0, "post CMP_AND_SWP");
+    expect(52, IBV_WC_SUCCESS, IBV_WC_COMP_SWAP, -1, 0, 0, "CMP_AND_SWP");
+    CHECK(*old == 100, "CMP_AND_SWP: old value %" PRIu64, *old);
+    CHECK(post_atomic(qp, IBV_WR_ATOMIC_FETCH_AND_ADD, 53, in, mr->lkey, raddr + AT_ATOMIC, rkey,
+                      5, 0) == 0, "post FETCH_AND_ADD");
+    expect(53, IBV_WC_SUCCESS, IBV_WC_FETCH_ADD, -1, 0, 0, "FETCH_AND_ADD");
+    CHECK(*old == 200, "FETCH_AND_ADD: old value %" PRIu64, *old);
 
     /* A forged rkey: REM_ACCESS_ERR, the WRITE behind it flushed, the QP in ERR. */
     fill(out, 4096, 7);

@@ -10,7 +10,7 @@
 //! router answers (`exchange`: MasQ-style, checked there against its own tenants), and the
 //! peer's virtual rkeys are translated with what that router answers about them.
 //!
-//! What the device path does not carry (UD and UC QPs, SRQs, atomics, a destination on
+//! What the device path does not carry (UD and UC QPs, SRQs, a destination on
 //! another shard of this router, resizing a CQ) is refused at the verb with EOPNOTSUPP (the
 //! reason logged when FREEFLOW_DEBUG is set), never run by the software engine instead: a
 //! device QP and a software QP cannot talk to each other.
@@ -209,11 +209,16 @@ fn learn_remote_key(nic: &super::Nic, remote: &mut RemotePeer, rkey: u32) {
     }
 }
 
-/// Whether a send opcode names the peer's memory by rkey (RDMA WRITE, WRITE_WITH_IMM, READ).
+/// Whether a send opcode names the peer's memory by rkey (RDMA WRITE, WRITE_WITH_IMM, READ,
+/// the atomics).
 fn names_remote_memory(opcode: u8) -> bool {
     matches!(
         WrOpcode::try_from(opcode),
-        Ok(WrOpcode::RdmaWrite | WrOpcode::RdmaWriteWithImm | WrOpcode::RdmaRead)
+        Ok(WrOpcode::RdmaWrite
+            | WrOpcode::RdmaWriteWithImm
+            | WrOpcode::RdmaRead
+            | WrOpcode::AtomicCmpAndSwp
+            | WrOpcode::AtomicFetchAndAdd)
     )
 }
 
