@@ -10,9 +10,11 @@
 //! QPs and regions as it makes them (by the owner's overlay address and virtual number), a
 //! thread of the router answers the queries from them, and a shard asks another host's
 //! router at RTR (and at a WRITE or READ whose virtual rkey it has not asked about yet on that
-//! QP). Asking blocks the shard for one exchange, bounded by [`ASK_TIMEOUT`] (connect, then
-//! read and write each): a peer router that is down fails the RTR with an error, never a
-//! hang.
+//! QP). Asking blocks the shard for one exchange, bounded by [`CONNECT_TIMEOUT`] and
+//! [`ASK_TIMEOUT`] (read and write each): a peer router that is down fails the RTR with an
+//! error, never a hang. A host whose router did not answer is not asked again for
+//! [`DOWN_FOR`] (its asks fail at once): a tenant that keeps connecting toward a dead host
+//! cannot keep its shard blocked.
 //!
 //! The answering router believes only what its own view of the cluster says: the connection
 //! must come from a registered host's address, the source container must be one of that host's
@@ -28,11 +30,14 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// The longest each step of an exchange may take (connect; write the query; read the answer),
-/// asking and answering.
+/// The longest a connect to another router's device port may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest writing the query or reading the answer may take, asking and answering.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a host whose router did not answer is taken for down.
+pub const DOWN_FOR: Duration = Duration::from_secs(3);
 
 /// A device QP others may connect to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +70,8 @@ struct ExchangeState {
     hosts: HashMap<Ipv4Addr, u16>,
     /// Where this router answers (set once it listens).
     listening: Option<SocketAddrV4>,
+    /// Hosts whose router did not answer, until when they are not asked.
+    down_until: HashMap<Ipv4Addr, Instant>,
 }
 
 /// Why asking another router failed.
@@ -80,6 +87,8 @@ pub enum AskError {
     },
     #[error("the router of {0} answered with something that is not a device answer")]
     Garbled(Ipv4Addr),
+    #[error("the router of {0} did not answer a moment ago (not asked again yet)")]
+    RecentlyDown(Ipv4Addr),
 }
 
 /// The device QPs and regions of this router's containers, the cluster's view, and the
@@ -165,10 +174,14 @@ impl Exchange {
                     log::warn!("RDMA device path: cannot start the device exchange: {e}");
                 }
             }
-            Err(e) => log::warn!(
-                "RDMA device path: cannot listen for other routers' device queries on {addr}: \
-                 {e} (QPs of other hosts cannot connect to this host's)"
-            ),
+            Err(e) => {
+                // Tried again with the next view.
+                self.state().listening = None;
+                log::warn!(
+                    "RDMA device path: cannot listen for other routers' device queries on \
+                     {addr}: {e} (QPs of other hosts cannot connect to this host's)"
+                )
+            }
         }
     }
 
@@ -249,17 +262,40 @@ impl Exchange {
         }
     }
 
-    /// Asks the router of `host` (blocking, each step bounded by [`ASK_TIMEOUT`]).
+    /// Asks the router of `host` (blocking, each step bounded); a router that does not answer
+    /// is not asked again for [`DOWN_FOR`].
     pub fn ask(&self, host: Ipv4Addr, q: &DeviceQuery) -> Result<DeviceAnswer, AskError> {
-        let peer_port = *self
-            .state()
-            .hosts
-            .get(&host)
-            .ok_or(AskError::UnknownHost(host))?;
+        let peer_port = {
+            let mut s = self.state();
+            let port = *s.hosts.get(&host).ok_or(AskError::UnknownHost(host))?;
+            match s.down_until.get(&host) {
+                Some(until) if Instant::now() < *until => return Err(AskError::RecentlyDown(host)),
+                Some(_) => {
+                    s.down_until.remove(&host);
+                }
+                None => {}
+            }
+            port
+        };
+        let asked = self.ask_once(host, peer_port, q);
+        if matches!(asked, Err(AskError::Io { .. })) {
+            self.state()
+                .down_until
+                .insert(host, Instant::now() + DOWN_FOR);
+        }
+        asked
+    }
+
+    fn ask_once(
+        &self,
+        host: Ipv4Addr,
+        peer_port: u16,
+        q: &DeviceQuery,
+    ) -> Result<DeviceAnswer, AskError> {
         let port = peer_port.wrapping_add(DEVICE_PORT_OFFSET);
         let io_error = |source| AskError::Io { host, port, source };
         let addr = SocketAddr::new(IpAddr::V4(host), port);
-        let mut stream = TcpStream::connect_timeout(&addr, ASK_TIMEOUT).map_err(io_error)?;
+        let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(io_error)?;
         stream
             .set_read_timeout(Some(ASK_TIMEOUT))
             .and_then(|_| stream.set_write_timeout(Some(ASK_TIMEOUT)))
@@ -430,8 +466,19 @@ mod tests {
             client.ask(Ipv4Addr::new(127, 0, 0, 3), &q),
             Err(AskError::UnknownHost(_))
         ));
-        // A registered host whose router is not there: refused at connect, an error.
+        // A registered host whose router is not there: refused at connect, an error; asked
+        // again at once, it is not connected to (taken for down a while).
         client.state().hosts.insert(HOST1, port.wrapping_add(7));
+        assert!(matches!(client.ask(HOST1, &q), Err(AskError::Io { .. })));
+        assert!(matches!(
+            client.ask(HOST1, &q),
+            Err(AskError::RecentlyDown(HOST1))
+        ));
+        // Once that time is over (made so here), it is asked again.
+        client
+            .state()
+            .down_until
+            .insert(HOST1, Instant::now() - Duration::from_millis(1));
         assert!(matches!(client.ask(HOST1, &q), Err(AskError::Io { .. })));
     }
 }
