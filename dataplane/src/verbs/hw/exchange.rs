@@ -10,11 +10,16 @@
 //! QPs and regions as it makes them (by the owner's overlay address and virtual number), a
 //! thread of the router answers the queries from them, and a shard asks another host's
 //! router at RTR (and at a WRITE or READ whose virtual rkey it has not asked about yet on that
-//! QP). Asking blocks the shard for one exchange, bounded by [`CONNECT_TIMEOUT`] and
-//! [`ASK_TIMEOUT`] (read and write each): a peer router that is down fails the RTR with an
-//! error, never a hang. A host whose router did not answer is not asked again for
-//! [`DOWN_FOR`] (its asks fail at once): a tenant that keeps connecting toward a dead host
-//! cannot keep its shard blocked.
+//! QP). Asking blocks the shard for one exchange, bounded as a whole by [`ASK_DEADLINE`]
+//! (connect, query and answer together; each step waits only for the time left): a peer
+//! router that is down, slow or garbled fails the RTR with an error, never a hang. A host
+//! whose router did not answer in time or answered garbage (or a QP's GID that is not its
+//! host's) is not asked again for [`DOWN_FOR`] (its asks fail at once): a tenant that keeps
+//! connecting toward such a host cannot keep its shard blocked.
+//!
+//! The answering thread serves each connection on a thread of its own (at most
+//! [`MAX_ANSWERING`] at once), each bounded by [`ANSWER_DEADLINE`]: a process of a registered
+//! host that holds a connection open and idle delays no other asker.
 //!
 //! The answering router believes only what its own view of the cluster says: the connection
 //! must come from a registered host's address, the source container must be one of that host's
@@ -29,13 +34,18 @@ use freeflow_proto::verbs::device::{
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The longest a connect to another router's device port may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// The longest writing the query or reading the answer may take, asking and answering.
-pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest one ask may block its shard: connect, write the query and read the answer
+/// together (routers of one cluster answer in well under a millisecond; this leaves room for
+/// a loaded host, not for a peer that trickles).
+pub const ASK_DEADLINE: Duration = Duration::from_millis(200);
+/// The longest the answering side gives one connection, from accept to the answer written.
+pub const ANSWER_DEADLINE: Duration = Duration::from_millis(100);
+/// Connections answered at once; more are closed unanswered (the asker marks the host down).
+pub const MAX_ANSWERING: usize = 16;
 /// How long a host whose router did not answer is taken for down.
 pub const DOWN_FOR: Duration = Duration::from_secs(3);
 
@@ -87,6 +97,8 @@ pub enum AskError {
     },
     #[error("the router of {0} answered with something that is not a device answer")]
     Garbled(Ipv4Addr),
+    #[error("the router of {0} answered a GID that is not its host's device's")]
+    WrongGid(Ipv4Addr),
     #[error("the router of {0} did not answer a moment ago (not asked again yet)")]
     RecentlyDown(Ipv4Addr),
 }
@@ -169,7 +181,14 @@ impl Exchange {
                 let me = Arc::clone(self);
                 let spawned = std::thread::Builder::new()
                     .name("ff-device-x".into())
-                    .spawn(move || me.serve(listener, addr));
+                    .spawn(move || {
+                        // Started from a shard thread (at its view of the cluster): not the
+                        // shard's core alone, it answers wherever the kernel finds room.
+                        if let Err(e) = crate::sys::unpin_current_thread() {
+                            log::warn!("RDMA device path: the device exchange stays pinned: {e}");
+                        }
+                        me.serve(listener, addr)
+                    });
                 if let Err(e) = spawned {
                     log::warn!("RDMA device path: cannot start the device exchange: {e}");
                 }
@@ -185,25 +204,46 @@ impl Exchange {
         }
     }
 
-    /// Answers queries on `listener` one at a time while it is where this router answers.
-    fn serve(&self, listener: TcpListener, addr: SocketAddrV4) {
+    /// Answers queries on `listener` while it is where this router answers, each connection
+    /// on a thread of its own (at most [`MAX_ANSWERING`] at once).
+    fn serve(self: Arc<Self>, listener: TcpListener, addr: SocketAddrV4) {
         log::info!("RDMA device path: answering other routers' device queries on {addr}");
+        let answering = Arc::new(AtomicUsize::new(0));
         for stream in listener.incoming() {
             if self.state().listening != Some(addr) {
                 return;
             }
-            let Ok(mut stream) = stream else {
+            let Ok(stream) = stream else {
                 continue;
             };
-            if let Err(e) = self.answer_one(&mut stream) {
-                log::info!("RDMA device path: a device query failed: {e}");
+            let accepted = Instant::now();
+            if answering.fetch_add(1, Ordering::AcqRel) >= MAX_ANSWERING {
+                answering.fetch_sub(1, Ordering::AcqRel);
+                log::info!(
+                    "RDMA device path: {MAX_ANSWERING} device queries already being answered: \
+                     one closed unanswered"
+                );
+                continue;
+            }
+            let me = Arc::clone(&self);
+            let count = Arc::clone(&answering);
+            let spawned = std::thread::Builder::new()
+                .name("ff-device-q".into())
+                .spawn(move || {
+                    let mut stream = stream;
+                    if let Err(e) = me.answer_one(&mut stream, accepted + ANSWER_DEADLINE) {
+                        log::info!("RDMA device path: a device query failed: {e}");
+                    }
+                    count.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                answering.fetch_sub(1, Ordering::AcqRel);
+                log::warn!("RDMA device path: cannot answer a device query: {e}");
             }
         }
     }
 
-    fn answer_one(&self, stream: &mut TcpStream) -> io::Result<()> {
-        stream.set_read_timeout(Some(ASK_TIMEOUT))?;
-        stream.set_write_timeout(Some(ASK_TIMEOUT))?;
+    fn answer_one(&self, stream: &mut TcpStream, deadline: Instant) -> io::Result<()> {
         let from = match stream.peer_addr()? {
             SocketAddr::V4(a) => *a.ip(),
             SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
@@ -213,7 +253,7 @@ impl Exchange {
         };
         let answer = if self.state().hosts.contains_key(&from) {
             let mut b = [0u8; QUERY_LEN];
-            stream.read_exact(&mut b)?;
+            read_exact_by(stream, &mut b, deadline)?;
             match DeviceQuery::decode(&b) {
                 Ok(q) => self.answer(from, &q),
                 Err(e) => {
@@ -225,7 +265,7 @@ impl Exchange {
             // Not a router of the cluster: nothing read, nothing told.
             DeviceAnswer::empty(DeviceStatus::Refused)
         };
-        stream.write_all(&answer.encode())
+        write_all_by(stream, &answer.encode(), deadline)
     }
 
     /// The answer to `q`, asked by the router of host `from`.
@@ -262,8 +302,9 @@ impl Exchange {
         }
     }
 
-    /// Asks the router of `host` (blocking, each step bounded); a router that does not answer
-    /// is not asked again for [`DOWN_FOR`].
+    /// Asks the router of `host` (blocking, bounded by [`ASK_DEADLINE`] as a whole); a router
+    /// that does not answer in time, answers garbage or, about a QP, a GID other than its
+    /// host's IPv4-mapped one, is not asked again for [`DOWN_FOR`].
     pub fn ask(&self, host: Ipv4Addr, q: &DeviceQuery) -> Result<DeviceAnswer, AskError> {
         let peer_port = {
             let mut s = self.state();
@@ -277,8 +318,10 @@ impl Exchange {
             }
             port
         };
-        let asked = self.ask_once(host, peer_port, q);
-        if matches!(asked, Err(AskError::Io { .. })) {
+        let asked = self
+            .ask_once(host, peer_port, q, Instant::now() + ASK_DEADLINE)
+            .and_then(|a| self.check_answer(host, q, a));
+        if asked.is_err() {
             self.state()
                 .down_until
                 .insert(host, Instant::now() + DOWN_FOR);
@@ -286,26 +329,100 @@ impl Exchange {
         asked
     }
 
+    /// A QP's answer must name the device of the host asked: RoCE v2's IPv4-mapped GID of
+    /// that host's address (what a device bound to it has), never this host's own device.
+    fn check_answer(
+        &self,
+        host: Ipv4Addr,
+        q: &DeviceQuery,
+        answer: DeviceAnswer,
+    ) -> Result<DeviceAnswer, AskError> {
+        if q.kind == QueryKind::Qp
+            && answer.status == DeviceStatus::Found
+            && (answer.gid != ipv4_mapped_gid(host) || answer.gid == self.gid)
+        {
+            return Err(AskError::WrongGid(host));
+        }
+        Ok(answer)
+    }
+
     fn ask_once(
         &self,
         host: Ipv4Addr,
         peer_port: u16,
         q: &DeviceQuery,
+        deadline: Instant,
     ) -> Result<DeviceAnswer, AskError> {
         let port = peer_port.wrapping_add(DEVICE_PORT_OFFSET);
         let io_error = |source| AskError::Io { host, port, source };
         let addr = SocketAddr::new(IpAddr::V4(host), port);
-        let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(io_error)?;
-        stream
-            .set_read_timeout(Some(ASK_TIMEOUT))
-            .and_then(|_| stream.set_write_timeout(Some(ASK_TIMEOUT)))
-            .and_then(|_| stream.set_nodelay(true))
+        let mut stream = time_left(deadline)
+            .and_then(|left| TcpStream::connect_timeout(&addr, left))
             .map_err(io_error)?;
-        stream.write_all(&q.encode()).map_err(io_error)?;
+        stream.set_nodelay(true).map_err(io_error)?;
+        write_all_by(&mut stream, &q.encode(), deadline).map_err(io_error)?;
         let mut b = [0u8; ANSWER_LEN];
-        stream.read_exact(&mut b).map_err(io_error)?;
+        read_exact_by(&mut stream, &mut b, deadline).map_err(io_error)?;
         DeviceAnswer::decode(&b).map_err(|_| AskError::Garbled(host))
     }
+}
+
+/// RoCE v2's GID of an IPv4 address: `::ffff:a.b.c.d`.
+pub fn ipv4_mapped_gid(ip: Ipv4Addr) -> [u8; 16] {
+    ip.to_ipv6_mapped().octets()
+}
+
+/// What is left until `deadline`; a timeout error once it has passed.
+fn time_left(deadline: Instant) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the exchange's deadline passed",
+        ));
+    }
+    Ok(left)
+}
+
+/// Whether an error of a socket with a timeout is that timeout.
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Fills `buf` from `stream` by `deadline`: each read waits only for the time left, so a
+/// peer trickling one byte at a time gets no more than the whole deadline.
+fn read_exact_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        stream.set_read_timeout(Some(time_left(deadline)?))?;
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) => time_left(deadline).map(drop)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` to `stream` by `deadline` (each write waits only for the time left).
+fn write_all_by(stream: &mut TcpStream, buf: &[u8], deadline: Instant) -> io::Result<()> {
+    let mut written = 0;
+    while written < buf.len() {
+        stream.set_write_timeout(Some(time_left(deadline)?))?;
+        match stream.write(&buf[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) => time_left(deadline).map(drop)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -439,7 +556,7 @@ mod tests {
                 .port()
                 .saturating_sub(DEVICE_PORT_OFFSET)
         };
-        let server = Exchange::new([9; 16]);
+        let server = Exchange::new(ipv4_mapped_gid(HOST2));
         server.follow(&view(HOST2, HOST1, port));
         server.export_qp(SERVER, 0x11, 0x42, "blue", 1);
         let client = Exchange::new([8; 16]);
@@ -459,7 +576,7 @@ mod tests {
         let a = answer.expect("no answer from the exchange on 127.0.0.2");
         assert_eq!(
             (a.status, a.real_qpn, a.gid),
-            (DeviceStatus::Found, 0x42, [9; 16])
+            (DeviceStatus::Found, 0x42, ipv4_mapped_gid(HOST2))
         );
         // An address that is not a registered host.
         assert!(matches!(
@@ -480,5 +597,166 @@ mod tests {
             .down_until
             .insert(HOST1, Instant::now() - Duration::from_millis(1));
         assert!(matches!(client.ask(HOST1, &q), Err(AskError::Io { .. })));
+    }
+
+    /// A router on `ip` whose device port is listening, and the peer port to register it by.
+    fn fake_router(ip: Ipv4Addr) -> (TcpListener, u16) {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        (listener, port.wrapping_sub(DEVICE_PORT_OFFSET))
+    }
+
+    /// A peer that sends a valid answer one byte at a time, each byte well within the time
+    /// one read may wait, costs the asker one deadline for the whole answer: the asker gives
+    /// up before the answer is complete, and takes the host for down.
+    #[test]
+    fn a_trickling_answer_ends_at_the_ask_deadline() {
+        let host = Ipv4Addr::new(127, 0, 0, 3);
+        let (listener, peer_port) = fake_router(host);
+        let answer = DeviceAnswer {
+            real_qpn: 0x42,
+            gid: ipv4_mapped_gid(host),
+            ..DeviceAnswer::empty(DeviceStatus::Found)
+        }
+        .encode();
+        let peer = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut q = [0u8; QUERY_LEN];
+            stream.read_exact(&mut q).unwrap();
+            // Bytes sent before the asker closed; the asker closing makes a write fail (a
+            // bounded count of writes in all).
+            let mut sent = 0;
+            for byte in answer {
+                std::thread::sleep(ASK_DEADLINE / 4);
+                if stream
+                    .write_all(&[byte])
+                    .and_then(|_| stream.flush())
+                    .is_err()
+                {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        });
+        let client = Exchange::new(ipv4_mapped_gid(HOST1));
+        client.state().hosts = [(host, peer_port)].into();
+        let q = query(QueryKind::Qp, CLIENT, 0x11, 0);
+        match client.ask(host, &q) {
+            Err(AskError::Io { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::TimedOut, "{source}")
+            }
+            other => panic!("a trickled answer was taken: {other:?}"),
+        }
+        assert!(matches!(
+            client.ask(host, &q),
+            Err(AskError::RecentlyDown(h)) if h == host
+        ));
+        let sent = peer.join().unwrap();
+        assert!(
+            sent < ANSWER_LEN,
+            "the asker waited for the whole trickled answer ({sent} bytes)"
+        );
+    }
+
+    /// A garbled answer, and an answer about a QP whose GID is not the asked host's (another
+    /// host's, or this host's own), fail the ask and take the host for down.
+    #[test]
+    fn a_garbled_answer_or_a_foreign_gid_takes_the_host_for_down() {
+        let host = Ipv4Addr::new(127, 0, 0, 4);
+        let mine = ipv4_mapped_gid(HOST1);
+        let found = |gid| {
+            DeviceAnswer {
+                real_qpn: 0x42,
+                gid,
+                ..DeviceAnswer::empty(DeviceStatus::Found)
+            }
+            .encode()
+        };
+        let answers = [
+            [0x5a; ANSWER_LEN],
+            found(ipv4_mapped_gid(HOST2)),
+            found(mine),
+            found(ipv4_mapped_gid(host)),
+        ];
+        let (listener, peer_port) = fake_router(host);
+        let peer = std::thread::spawn(move || {
+            for answer in answers {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut q = [0u8; QUERY_LEN];
+                stream.read_exact(&mut q).unwrap();
+                stream.write_all(&answer).unwrap();
+            }
+        });
+        let client = Exchange::new(mine);
+        client.state().hosts = [(host, peer_port)].into();
+        let q = query(QueryKind::Qp, CLIENT, 0x11, 0);
+        let mut results = Vec::new();
+        for _ in &answers {
+            let result = client.ask(host, &q);
+            if result.is_err() {
+                assert!(matches!(
+                    client.ask(host, &q),
+                    Err(AskError::RecentlyDown(h)) if h == host
+                ));
+                client.state().down_until.clear();
+            }
+            results.push(result);
+        }
+        peer.join().unwrap();
+        assert!(matches!(results[0], Err(AskError::Garbled(h)) if h == host));
+        assert!(matches!(results[1], Err(AskError::WrongGid(h)) if h == host));
+        assert!(matches!(results[2], Err(AskError::WrongGid(h)) if h == host));
+        let a = results
+            .pop()
+            .unwrap()
+            .expect("the host's own GID is refused");
+        assert_eq!((a.real_qpn, a.gid), (0x42, ipv4_mapped_gid(host)));
+    }
+
+    /// Processes of a registered host holding connections to the device port open and idle
+    /// (more of them than fit in one ask's deadline one after another) delay no other asker,
+    /// and the answering side closes them.
+    #[test]
+    fn idle_connections_delay_no_other_asker() {
+        let port = {
+            let l = TcpListener::bind("127.0.0.5:0").unwrap();
+            l.local_addr()
+                .unwrap()
+                .port()
+                .wrapping_sub(DEVICE_PORT_OFFSET)
+        };
+        let here = Ipv4Addr::new(127, 0, 0, 5);
+        let mut v = view(here, HOST1, port);
+        v.hosts.push(PeerHost {
+            host_ip: here,
+            peer_port: port,
+        });
+        let server = Exchange::new(ipv4_mapped_gid(here));
+        server.follow(&v);
+        server.export_qp(SERVER, 0x11, 0x42, "blue", 1);
+        let device_port = SocketAddr::from((here, port.wrapping_add(DEVICE_PORT_OFFSET)));
+        let idle_count = (ASK_DEADLINE.as_millis() / ANSWER_DEADLINE.as_millis()) as usize + 3;
+        let idle: Vec<TcpStream> = (0..idle_count)
+            .map(|_| TcpStream::connect(device_port).unwrap())
+            .collect();
+        let client = Exchange::new(ipv4_mapped_gid(HOST1));
+        client.state().hosts = [(here, port)].into();
+        let a = client
+            .ask(here, &query(QueryKind::Qp, CLIENT, 0x11, 0))
+            .expect("an asker behind idle connections got no answer");
+        assert_eq!((a.status, a.real_qpn), (DeviceStatus::Found, 0x42));
+        for mut stream in idle {
+            // Closed by the answering side (a bounded wait: the test's, not the router's).
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut b = [0u8; 1];
+            match stream.read(&mut b) {
+                Ok(0) => {}
+                Ok(_) => panic!("an idle connection got an answer"),
+                Err(e) => assert!(!timed_out(&e), "an idle connection stays open: {e}"),
+            }
+        }
     }
 }

@@ -604,6 +604,7 @@ impl Engine {
                             qpn,
                             keys: KeyTable::default(),
                         };
+                        // The exchange took this GID only as `host`'s IPv4-mapped one.
                         (answer.real_qpn, answer.gid, Some(Box::new(remote)))
                     }
                     Some(Route::Remote {
