@@ -417,6 +417,7 @@ pub fn raise_fd_limit() {
 /// Lets the calling thread run on every core this process may use (a thread started by a
 /// pinned thread inherits its one core). The kernel keeps the mask within the process's
 /// cpuset, so asking for all cores is asking for all allowed ones.
+#[cfg(any(feature = "rdma-hw", test))]
 pub fn unpin_current_thread() -> io::Result<()> {
     // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
     let mut all: libc::cpu_set_t = unsafe { std::mem::zeroed() };
