@@ -414,6 +414,24 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Lets the calling thread run on every core this process may use (a thread started by a
+/// pinned thread inherits its one core). The kernel keeps the mask within the process's
+/// cpuset, so asking for all cores is asking for all allowed ones.
+#[cfg(any(feature = "rdma-hw", test))]
+pub fn unpin_current_thread() -> io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut all: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..libc::CPU_SETSIZE as usize {
+        // SAFETY: `cpu` is below CPU_SETSIZE, within the set's bits.
+        unsafe { libc::CPU_SET(cpu, &mut all) };
+    }
+    // SAFETY: pid 0 names the calling thread; the set is a live local of the size given.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &all) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sets the calling thread's nice value (on Linux a per-thread attribute, inherited by the
 /// threads it starts afterwards). Lowering it takes CAP_SYS_NICE.
 pub fn set_thread_nice(nice: i32) -> io::Result<()> {
@@ -579,7 +597,7 @@ pub fn involuntary_switches() -> io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{set_thread_nice, thread_nice};
+    use super::{set_thread_nice, thread_nice, unpin_current_thread};
 
     /// The nice value is the thread's own (the control thread's must not reach the shards
     /// started before it), and threads started afterwards inherit it.
@@ -598,5 +616,30 @@ mod tests {
         .unwrap();
         assert_eq!((own, child), (before + 3, before + 3));
         assert_eq!(thread_nice().unwrap(), before);
+    }
+
+    /// A thread started by a thread pinned to one core gets that core alone until it unpins
+    /// itself; then it has every core the process had.
+    #[test]
+    fn an_unpinned_thread_has_the_process_cores_back() {
+        let cores = |ids: Option<Vec<core_affinity::CoreId>>| -> Vec<usize> {
+            ids.unwrap_or_default().iter().map(|c| c.id).collect()
+        };
+        let all = cores(core_affinity::get_core_ids());
+        let first = core_affinity::CoreId { id: all[0] };
+        let (inherited, unpinned) = std::thread::spawn(move || {
+            assert!(core_affinity::set_for_current(first));
+            std::thread::spawn(move || {
+                let inherited = cores(core_affinity::get_core_ids());
+                unpin_current_thread().unwrap();
+                (inherited, cores(core_affinity::get_core_ids()))
+            })
+            .join()
+            .unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(inherited, vec![first.id]);
+        assert_eq!(unpinned, all);
     }
 }

@@ -16,6 +16,7 @@ use freeflow_proto::control::{self, ControlRequest, ControlResponse};
 use freeflow_proto::msg::{self, MsgHeader, HEADER_LEN};
 use freeflow_proto::peer::PeerMsg;
 use freeflow_proto::sockmsg::{FromRouter, SockNotice, SockReply, SockRequest};
+use freeflow_proto::verbs::device::{self, DeviceAnswer, DeviceQuery};
 use freeflow_proto::verbs::qp::{
     check_transition, CreateQp, ModifyQp, QpAttr, QpCap, QpCreated, QpQueried, QpState,
 };
@@ -345,8 +346,11 @@ pub fn control_request(data: &[u8]) {
 /// from every peer router's connection): the first 16 bytes as a [`frames::Hello`], the first
 /// 72 as a [`FrameHeader`], and the whole input as a connection's bytes: the hello (or the
 /// [`frames::HelloAnswer`], the same magic and version) if it decodes, then frames split off one after another ([`split_frame`], the receiver's own
-/// framing) until one is incomplete or does not decode.
+/// framing) until one is incomplete or does not decode. Also the device path's exchange between
+/// routers (`verbs::device`): the first 32 bytes as a [`DeviceQuery`], the first 64 as a
+/// [`DeviceAnswer`].
 pub fn verbs_frames(data: &[u8]) {
+    device_exchange(data);
     let hello = data
         .first_chunk::<{ frames::HELLO_LEN }>()
         .and_then(|b| frames::Hello::decode(b).ok().map(|h| (b, h)));
@@ -400,6 +404,25 @@ pub fn verbs_frames(data: &[u8]) {
         }
     }
     panic!("split_frame took a frame without consuming a header");
+}
+
+/// A device query or answer re-encodes to its bytes but for the reserved ones (query 24..32,
+/// answer 60..64).
+fn device_exchange(data: &[u8]) {
+    if let Some(b) = data.first_chunk::<{ device::QUERY_LEN }>() {
+        if let Ok(q) = DeviceQuery::decode(b) {
+            let again = q.encode();
+            assert_eq!(DeviceQuery::decode(&again), Ok(q));
+            assert_eq!(&again[..24], &b[..24]);
+        }
+    }
+    if let Some(b) = data.first_chunk::<{ device::ANSWER_LEN }>() {
+        if let Ok(a) = DeviceAnswer::decode(b) {
+            let again = a.encode();
+            assert_eq!(DeviceAnswer::decode(&again), Ok(a));
+            assert_eq!(&again[..60], &b[..60]);
+        }
+    }
 }
 
 /// A frame header: decodes only in a shape its kind allows, and re-encodes to its bytes but
@@ -867,10 +890,34 @@ fn verbs_frame_seeds() -> Vec<Vec<u8>> {
         frame(FrameKind::Nak, b"", &|h| h.code = nak::REM_ACCESS),
     ]
     .concat();
+    let query = DeviceQuery {
+        kind: device::QueryKind::Key,
+        src_ip: [10, 64, 0, 3].into(),
+        dst_ip: [10, 64, 0, 2].into(),
+        dst_qpn: 0x11_2233,
+        rkey: 0xdead_beef,
+    };
+    let mut gid = [0u8; 16];
+    gid[10..].copy_from_slice(&[0xff, 0xff, 10, 32, 0, 11]);
+    let answer = DeviceAnswer {
+        real_qpn: 0x42,
+        real_rkey: 0x0102_0304,
+        gid,
+        iova: 0x7f00_0000_1000,
+        length: 65536,
+        real_addr: 0x5555_0000_2000,
+        access: 7,
+        ..DeviceAnswer::empty(device::DeviceStatus::Found)
+    };
     vec![
         requests,
         responses,
         hello.to_vec(),
         frame(FrameKind::Write, &[0; 3], &|h| h.ack = Some(u32::MAX)),
+        query.encode().to_vec(),
+        answer.encode().to_vec(),
+        DeviceAnswer::empty(device::DeviceStatus::NotFound)
+            .encode()
+            .to_vec(),
     ]
 }

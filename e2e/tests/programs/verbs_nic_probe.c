@@ -5,8 +5,8 @@
  *   checked byte for byte (and the immediate data);
  *   a WRITE with a forged rkey: REM_ACCESS_ERR, nothing written, both QPs in ERR and the
  *   WRITE behind it flushed (WR_FLUSH_ERR);
- *   after RESET and reconnecting: a fetch-and-add (not carried by the device path) completes
- *   with LOC_QP_OP_ERR; after another reconnect a SEND works again.
+ *   after RESET and reconnecting: compare-and-swap and fetch-and-add, the old values and the
+ *   word checked; after another reconnect a SEND works again.
  * Usage: probe OWN_IP. Prints "checks passed". */
 #include "verbs_probe.h"
 #include <arpa/inet.h>
@@ -153,18 +153,27 @@ int main(int argc, char **argv)
     /* The responder's QP too (a remote access error is the responder's as well). */
     CHECK(state_of(y) == IBV_QPS_ERR, "forged rkey: responder QP state %d", state_of(y));
 
-    /* Atomics are not carried: LOC_QP_OP_ERR. */
+    /* Atomics on an aligned word of y's region: compare-and-swap, fetch-and-add, a
+     * compare-and-swap whose compare fails; each brings the old value back. */
     CHECK(connect_qp_pair(x, y, gid, ALL_ACCESS, 7, 12) == 0, "reconnect");
     {
-        struct ibv_sge sge = { .addr = (uintptr_t)a, .length = 8, .lkey = ma->lkey };
-        struct ibv_send_wr wr = { .wr_id = 81, .sg_list = &sge, .num_sge = 1,
-                                  .opcode = IBV_WR_ATOMIC_FETCH_AND_ADD, .send_flags = SIG },
-                           *bad = NULL;
-        wr.wr.atomic.remote_addr = (uintptr_t)b;
-        wr.wr.atomic.rkey = mb->rkey;
-        wr.wr.atomic.compare_add = 1;
-        CHECK(ibv_post_send(x, &wr, &bad) == 0, "post FETCH_AND_ADD");
-        EXPECT(cqx, 81, IBV_WC_LOC_QP_OP_ERR, -1, "FETCH_AND_ADD (not carried)");
+        uint64_t *word = (uint64_t *)(b + 4096), *old = (uint64_t *)a;
+        *word = 100;
+        CHECK(post_atomic(x, IBV_WR_ATOMIC_CMP_AND_SWP, 81, a, ma->lkey, (uintptr_t)word,
+                          mb->rkey, 100, 200) == 0, "post CMP_AND_SWP");
+        EXPECT(cqx, 81, IBV_WC_SUCCESS, IBV_WC_COMP_SWAP, "CMP_AND_SWP");
+        CHECK(*old == 100 && *word == 200, "CMP_AND_SWP: old %" PRIu64 " word %" PRIu64, *old,
+              *word);
+        CHECK(post_atomic(x, IBV_WR_ATOMIC_FETCH_AND_ADD, 82, a, ma->lkey, (uintptr_t)word,
+                          mb->rkey, 5, 0) == 0, "post FETCH_AND_ADD");
+        EXPECT(cqx, 82, IBV_WC_SUCCESS, IBV_WC_FETCH_ADD, "FETCH_AND_ADD");
+        CHECK(*old == 200 && *word == 205, "FETCH_AND_ADD: old %" PRIu64 " word %" PRIu64, *old,
+              *word);
+        CHECK(post_atomic(x, IBV_WR_ATOMIC_CMP_AND_SWP, 83, a, ma->lkey, (uintptr_t)word,
+                          mb->rkey, 1, 7) == 0, "post CMP_AND_SWP");
+        EXPECT(cqx, 83, IBV_WC_SUCCESS, IBV_WC_COMP_SWAP, "CMP_AND_SWP, compare fails");
+        CHECK(*old == 205 && *word == 205, "CMP_AND_SWP (no swap): old %" PRIu64 " word %" PRIu64,
+              *old, *word);
     }
 
     /* Reconnected again, a SEND works. */

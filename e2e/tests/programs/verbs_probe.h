@@ -188,6 +188,21 @@ static inline int post(struct ibv_qp *qp, enum ibv_wr_opcode op, uint64_t id, vo
     return ibv_post_send(qp, &wr, &bad);
 }
 
+/* An atomic (op) on the word at raddr; the old value comes back into the 8 bytes at local. */
+static inline int post_atomic(struct ibv_qp *qp, enum ibv_wr_opcode op, uint64_t id, void *local,
+                       uint32_t lkey, uint64_t raddr, uint32_t rkey, uint64_t compare_add,
+                       uint64_t swap)
+{
+    struct ibv_sge sge = { .addr = (uintptr_t)local, .length = 8, .lkey = lkey };
+    struct ibv_send_wr wr = { .wr_id = id, .sg_list = &sge, .num_sge = 1, .opcode = op,
+                              .send_flags = SIG }, *bad = NULL;
+    wr.wr.atomic.remote_addr = raddr;
+    wr.wr.atomic.rkey = rkey;
+    wr.wr.atomic.compare_add = compare_add;
+    wr.wr.atomic.swap = swap;
+    return ibv_post_send(qp, &wr, &bad);
+}
+
 /* A receive work request of one scatter/gather element. */
 static inline int post_recv(struct ibv_qp *qp, uint64_t id, void *buf, uint32_t len,
                             uint32_t lkey)

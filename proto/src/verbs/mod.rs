@@ -26,6 +26,7 @@ pub mod access;
 pub mod ah;
 pub mod async_event;
 pub mod cq;
+pub mod device;
 pub mod files;
 pub mod grh;
 pub mod limits;

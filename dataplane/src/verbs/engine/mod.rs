@@ -650,6 +650,10 @@ impl Engine {
     /// the other hosts' routers (for RDMA between hosts).
     pub fn set_network(&mut self, network: &freeflow_proto::control::NetworkView) {
         self.remote.set_network(network);
+        #[cfg(feature = "rdma-hw")]
+        if let Some(d) = &self.device {
+            d.follow(network);
+        }
     }
 
     /// Whether the transport to other hosts' routers has a connection (or one to accept).

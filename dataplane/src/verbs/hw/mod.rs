@@ -13,6 +13,7 @@
 //! makes the containers' PDs, MRs, CQs and RC QPs on the device and runs their rings there
 //! (docs/verbs-engine.md, "The hardware backend").
 
+pub mod exchange;
 pub mod path;
 #[allow(unsafe_code)]
 pub mod sys;
@@ -69,6 +70,9 @@ pub struct Nic {
     pub device: Arc<Device>,
     pub port: sys::PortInfo,
     pub gid: [u8; 16],
+    /// What this router's device QPs and regions are, for other hosts' routers, and the
+    /// asking side (`exchange`).
+    pub exchange: Arc<exchange::Exchange>,
 }
 
 /// The IPv4 address of an IPv4-mapped GID (`::ffff:a.b.c.d`, RoCE v2's form).
@@ -173,7 +177,12 @@ impl Nic {
             return Err(NicError::Invalid("port 1 of the device is not active"));
         }
         let gid = device.query_gid(PORT, i32::from(GID_INDEX))?;
-        Ok(Nic { device, port, gid })
+        Ok(Nic {
+            device,
+            port,
+            gid,
+            exchange: exchange::Exchange::new(gid),
+        })
     }
 
     /// One line for the router's log.

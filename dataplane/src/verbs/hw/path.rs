@@ -6,14 +6,19 @@
 //! completions into the containers' CQ rings (never more than a ring has room for). The
 //! software engine never executes a work request of a device QP.
 //!
-//! What the device path does not carry (UD and UC QPs, SRQs, atomics, a destination on
-//! another host or another shard, resizing a CQ) is refused at the verb with EOPNOTSUPP (the
+//! A destination on another host is connected at RTR with the real QP number and GID its
+//! router answers (`exchange`: MasQ-style, checked there against its own tenants), and the
+//! peer's virtual rkeys are translated with what that router answers about them.
+//!
+//! What the device path does not carry (UD and UC QPs, SRQs, a destination on
+//! another shard of this router, resizing a CQ) is refused at the verb with EOPNOTSUPP (the
 //! reason logged when FREEFLOW_DEBUG is set), never run by the software engine instead: a
 //! device QP and a software QP cannot talk to each other.
 //!
 //! One engine per shard, each with its own twins; the device context is shared (libibverbs is
 //! thread-safe).
 
+use super::exchange::ExportedKey;
 use super::sys::{
     CompChannel, Completion, Cq as DeviceCq, Destination, Mr as DeviceMr, NicError, Pd as DevicePd,
     Qp as DeviceQp, QpCaps, SendRequest, Sge as RealSge,
@@ -22,11 +27,14 @@ use super::translate::{translate_completion, translate_send, KeyTable, MrEntry, 
 use super::{Nic, GID_INDEX, PORT};
 use crate::verbs::engine::{Engine, Route};
 use crate::verbs::ids::{AttachmentId, CqId, PdId, QpId};
+use crate::verbs::remote::Link;
 use crate::verbs::send_op::wc_opcode_of;
 use crate::verbs::{NumberMap, VerbsError};
+use freeflow_proto::verbs::device::{DeviceQuery, DeviceStatus, QueryKind};
 use freeflow_proto::verbs::qp::{QpAttr, QpCap, QpState};
-use freeflow_proto::verbs::work::{Cqe, RecvWqe, SendWqe, SendWqeHeader, MAX_SGE};
+use freeflow_proto::verbs::work::{Cqe, RecvWqe, SendWqe, SendWqeHeader, WrOpcode, MAX_SGE};
 use freeflow_proto::verbs::{wc_status, AccessFlags};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, OnceLock};
 
 /// `enum ibv_wc_opcode` IBV_WC_RECV: what a flushed receive reports.
@@ -64,6 +72,24 @@ struct QpTwin {
     /// The engine's copy of the send slot holds a WQE taken off the ring that the device had
     /// no room for yet: posted again before the next one is taken.
     held: bool,
+    /// The owner's overlay address (the exchange knows the QP by it and its virtual number).
+    owner_ip: Ipv4Addr,
+    /// The QP of another host's container it connected to at RTR.
+    remote: Option<Box<RemotePeer>>,
+}
+
+/// A destination QP on another host, and what its router said about its container's keys.
+#[derive(Debug)]
+struct RemotePeer {
+    /// The router's host.
+    host: Ipv4Addr,
+    /// The asking QP's container, and the destination's address and virtual QP number.
+    src_ip: Ipv4Addr,
+    ip: Ipv4Addr,
+    qpn: u32,
+    /// The destination container's regions asked about so far, by virtual rkey (in PD 0: the
+    /// answering router checked the PD).
+    keys: KeyTable,
 }
 
 /// A container's region on the device, with its virtual keys.
@@ -72,6 +98,7 @@ struct MrTwin {
     _mr: DeviceMr,
     lkey: u32,
     rkey: u32,
+    owner_ip: Ipv4Addr,
 }
 
 /// The device twins of one engine's objects.
@@ -122,6 +149,77 @@ impl DevicePath {
     pub(in crate::verbs) fn has_qps(&self) -> bool {
         !self.qps.is_empty()
     }
+
+    /// Follows the daemon's view of the cluster (other hosts' routers and containers, for the
+    /// exchange).
+    pub(in crate::verbs) fn follow(&self, network: &freeflow_proto::control::NetworkView) {
+        self.nic.exchange.follow(network);
+    }
+
+    /// A QP twin goes: it is withdrawn from the exchange (no other host connects to it).
+    fn drop_qp(&mut self, index: QpId, qpn: u32) {
+        if let Some(twin) = self.qps.remove(&index) {
+            self.nic.exchange.withdraw_qp(twin.owner_ip, qpn);
+        }
+        self.directory.remove(qpn);
+    }
+}
+
+/// Asks the router of `remote`'s host about virtual rkey `rkey` of its container, unless
+/// asked already; a region it names enters `remote`'s keys. Nothing enters for a key it does
+/// not give (or a router that does not answer): the work request then fails translation with
+/// REM_ACCESS_ERR, as a forged rkey does on one host.
+fn learn_remote_key(nic: &super::Nic, remote: &mut RemotePeer, rkey: u32) {
+    if remote.keys.has_rkey(rkey) {
+        return;
+    }
+    let query = DeviceQuery {
+        kind: QueryKind::Key,
+        src_ip: remote.src_ip,
+        dst_ip: remote.ip,
+        dst_qpn: remote.qpn,
+        rkey,
+    };
+    match nic.exchange.ask(remote.host, &query) {
+        Ok(a) if a.status == DeviceStatus::Found => remote.keys.insert_remote(
+            rkey,
+            MrEntry {
+                pd: 0,
+                access: AccessFlags::from_bits_retain(a.access),
+                iova: a.iova,
+                length: a.length,
+                real_addr: a.real_addr,
+                real_lkey: 0,
+                real_rkey: a.real_rkey,
+            },
+        ),
+        Ok(a) => {
+            if debug_enabled() {
+                log::info!(
+                    "RDMA device path: rkey {rkey:#x} of {}: {:?}",
+                    remote.ip,
+                    a.status
+                );
+            }
+        }
+        Err(e) => log::warn!(
+            "RDMA device path: asking about rkey {rkey:#x} of {}: {e}",
+            remote.ip
+        ),
+    }
+}
+
+/// Whether a send opcode names the peer's memory by rkey (RDMA WRITE, WRITE_WITH_IMM, READ,
+/// the atomics).
+fn names_remote_memory(opcode: u8) -> bool {
+    matches!(
+        WrOpcode::try_from(opcode),
+        Ok(WrOpcode::RdmaWrite
+            | WrOpcode::RdmaWriteWithImm
+            | WrOpcode::RdmaRead
+            | WrOpcode::AtomicCmpAndSwp
+            | WrOpcode::AtomicFetchAndAdd)
+    )
 }
 
 /// The memory access bits a region grants on the device (`enum ibv_access_flags`: the
@@ -247,6 +345,19 @@ impl Engine {
             .ok_or(VerbsError::NoSuchPd(region.pd.0))?
             .clone();
         let mr = DeviceMr::register(&pd, Arc::new(region.mapping), device_access(region.access))?;
+        let owner_ip = ctx.container.ip;
+        d.nic.exchange.export_key(
+            owner_ip,
+            region.rkey,
+            ExportedKey {
+                pd: region.pd.0,
+                access: region.access,
+                iova: region.iova,
+                length: region.length,
+                real_addr: mr.addr + region.offset as u64,
+                real_rkey: mr.rkey,
+            },
+        );
         d.keys.entry(attachment).or_default().insert(
             region.lkey,
             region.rkey,
@@ -266,6 +377,7 @@ impl Engine {
                 _mr: mr,
                 lkey: region.lkey,
                 rkey: region.rkey,
+                owner_ip,
             },
         );
         Ok(())
@@ -276,6 +388,7 @@ impl Engine {
             return;
         };
         if let Some(twin) = d.mrs.remove(&(attachment, handle)) {
+            d.nic.exchange.withdraw_key(twin.owner_ip, twin.rkey);
             if let Some(keys) = d.keys.get_mut(&attachment) {
                 keys.remove(twin.lkey, twin.rkey);
             }
@@ -358,12 +471,21 @@ impl Engine {
                 tenant: ctx.tenant.0,
             },
         );
+        d.nic.exchange.export_qp(
+            ctx.container.ip,
+            qp.qpn,
+            twin.qpn,
+            &ctx.container.tenant,
+            qp.pd.0,
+        );
         d.qps.insert(
             index,
             QpTwin {
                 qp: twin,
                 peer: None,
                 held: false,
+                owner_ip: ctx.container.ip,
+                remote: None,
             },
         );
         Ok(cap)
@@ -371,8 +493,7 @@ impl Engine {
 
     pub(in crate::verbs) fn device_destroy_qp(&mut self, index: QpId, qpn: u32) {
         if let Some(d) = self.device.as_deref_mut() {
-            d.qps.remove(&index);
-            d.directory.remove(qpn);
+            d.drop_qp(index, qpn);
         }
     }
 
@@ -383,10 +504,16 @@ impl Engine {
             return;
         };
         for &(index, qpn) in qps {
-            d.qps.remove(&index);
-            d.directory.remove(qpn);
+            d.drop_qp(index, qpn);
         }
-        d.mrs.retain(|(a, _), _| *a != attachment);
+        let exchange = &d.nic.exchange;
+        d.mrs.retain(|(a, _), twin| {
+            let keep = *a != attachment;
+            if !keep {
+                exchange.withdraw_key(twin.owner_ip, twin.rkey);
+            }
+            keep
+        });
         d.keys.remove(&attachment);
         d.pds.retain(|(a, _), _| *a != attachment);
     }
@@ -424,30 +551,76 @@ impl Engine {
             (_, QpState::Reset) => {
                 twin.qp.to_reset()?;
                 twin.peer = None;
+                twin.remote = None;
                 twin.held = false;
             }
             (_, QpState::Err) => twin.qp.to_error()?,
             (QpState::Reset, QpState::Init) => twin.qp.to_init(PORT, attr.qp_access_flags)?,
             (QpState::Init, QpState::Rtr) => {
-                let (ip, qpn) = match route {
-                    Some(Route::Local { ip, qpn }) => (ip, qpn),
-                    Some(Route::Remote { .. }) => {
+                let (real, gid, remote) = match route {
+                    Some(Route::Local { ip, qpn }) => {
+                        let real = d.directory.destination(tenant.0, ip, qpn).map_err(|e| {
+                            if debug_enabled() {
+                                log::info!("RDMA device path: RTR refused: {e}");
+                            }
+                            VerbsError::Unreachable(e.to_string())
+                        })?;
+                        (real, d.nic.gid, None)
+                    }
+                    Some(Route::Remote {
+                        link: Link::Host(host),
+                        ip,
+                        qpn,
+                    }) => {
+                        // The destination's router says which real QP (and device) is behind
+                        // its virtual number, if it is a QP of this QP's tenant.
+                        let src_ip = twin.owner_ip;
+                        let query = DeviceQuery {
+                            kind: QueryKind::Qp,
+                            src_ip,
+                            dst_ip: ip,
+                            dst_qpn: qpn,
+                            rkey: 0,
+                        };
+                        let answer = d.nic.exchange.ask(host, &query).map_err(|e| {
+                            log::warn!("RDMA device path: RTR toward {ip}: {e}");
+                            VerbsError::Unreachable(e.to_string())
+                        })?;
+                        if answer.status != DeviceStatus::Found {
+                            let why = format!(
+                                "the router of {host} has no device QP {qpn:#x} of this \
+                                 tenant at {ip} ({:?})",
+                                answer.status
+                            );
+                            if debug_enabled() {
+                                log::info!("RDMA device path: RTR refused: {why}");
+                            }
+                            return Err(VerbsError::Unreachable(why));
+                        }
+                        let remote = RemotePeer {
+                            host,
+                            src_ip,
+                            ip,
+                            qpn,
+                            keys: KeyTable::default(),
+                        };
+                        // The exchange took this GID only as `host`'s IPv4-mapped one.
+                        (answer.real_qpn, answer.gid, Some(Box::new(remote)))
+                    }
+                    Some(Route::Remote {
+                        link: Link::Shard(_),
+                        ..
+                    }) => {
                         return Err(refuse(
-                            "a destination on another host or another shard (the device \
-                             path connects QPs of one shard only)",
+                            "a destination on another shard of this router (the device path \
+                             connects QPs of one shard, or of another host)",
                         ))
                     }
                     None => return Err(VerbsError::Invalid("RTR without a destination")),
                 };
-                let real = d.directory.destination(tenant.0, ip, qpn).map_err(|e| {
-                    if debug_enabled() {
-                        log::info!("RDMA device path: RTR refused: {e}");
-                    }
-                    VerbsError::Unreachable(e.to_string())
-                })?;
                 twin.qp.to_rtr(&Destination {
                     qpn: real,
-                    gid: d.nic.gid,
+                    gid,
                     lid: d.nic.port.lid,
                     rq_psn: attr.rq_psn,
                     mtu: u32::from(attr.path_mtu).min(d.nic.port.active_mtu),
@@ -457,6 +630,7 @@ impl Engine {
                     max_dest_rd_atomic: attr.max_dest_rd_atomic,
                 })?;
                 twin.peer = peer;
+                twin.remote = remote;
             }
             (QpState::Rtr, QpState::Rts) => twin.qp.to_rts(
                 attr.sq_psn,
@@ -701,12 +875,23 @@ impl Engine {
             let Some(d) = self.device.as_deref_mut() else {
                 break;
             };
+            if names_remote_memory(wqe.header.opcode) {
+                if let Some(remote) = d.qps.get_mut(&index).and_then(|t| t.remote.as_deref_mut()) {
+                    learn_remote_key(&d.nic, remote, wqe.header.rkey);
+                }
+            }
             let empty = KeyTable::default();
             let own = d.keys.get(&owner).unwrap_or(&empty);
             let peer_qp = peer_of.and_then(|(p, qpn)| self.qps.get(p).filter(|q| q.qpn == qpn));
-            let (peer_table, peer_pd) = match peer_qp {
-                Some(p) => (d.keys.get(&p.owner).unwrap_or(&empty), p.pd.0),
-                None => (&empty, 0),
+            let remote_keys = d
+                .qps
+                .get(&index)
+                .and_then(|t| t.remote.as_deref())
+                .map(|r| &r.keys);
+            let (peer_table, peer_pd) = match (peer_qp, remote_keys) {
+                (Some(p), _) => (d.keys.get(&p.owner).unwrap_or(&empty), p.pd.0),
+                (None, Some(keys)) => (keys, 0),
+                (None, None) => (&empty, 0),
             };
             let translated = translate_send(
                 &wqe,

@@ -657,6 +657,20 @@ pub enum SendOpcode {
         remote_addr: u64,
         rkey: u32,
     },
+    /// The 64-bit word at `remote_addr` becomes `swap` if it is `compare`; its old value comes
+    /// back into the request's first 8 bytes.
+    CompareSwap {
+        remote_addr: u64,
+        rkey: u32,
+        compare: u64,
+        swap: u64,
+    },
+    /// The 64-bit word at `remote_addr` grows by `add`; its old value comes back.
+    FetchAdd {
+        remote_addr: u64,
+        rkey: u32,
+        add: u64,
+    },
 }
 
 /// A send work request in the device's terms.
@@ -924,6 +938,37 @@ impl Qp {
             SendOpcode::Read { remote_addr, rkey } => {
                 wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
                 wr.wr = rdma(remote_addr, rkey);
+            }
+            SendOpcode::CompareSwap {
+                remote_addr,
+                rkey,
+                compare,
+                swap,
+            } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_CMP_AND_SWP;
+                wr.wr = wr_t {
+                    atomic: atomic_t {
+                        remote_addr,
+                        compare_add: compare,
+                        swap,
+                        rkey,
+                    },
+                };
+            }
+            SendOpcode::FetchAdd {
+                remote_addr,
+                rkey,
+                add,
+            } => {
+                wr.opcode = ibv_wr_opcode::IBV_WR_ATOMIC_FETCH_AND_ADD;
+                wr.wr = wr_t {
+                    atomic: atomic_t {
+                        remote_addr,
+                        compare_add: add,
+                        swap: 0,
+                        rkey,
+                    },
+                };
             }
         }
         // SAFETY: the QP and its context are alive.

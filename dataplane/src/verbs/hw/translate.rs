@@ -56,6 +56,16 @@ impl KeyTable {
         self.rkeys.insert(rkey, mr);
     }
 
+    /// A region of another host's container, known by its rkey only (what its router
+    /// answered).
+    pub fn insert_remote(&mut self, rkey: u32, mr: MrEntry) {
+        self.rkeys.insert(rkey, mr);
+    }
+
+    pub fn has_rkey(&self, rkey: u32) -> bool {
+        self.rkeys.contains_key(&rkey)
+    }
+
     pub fn remove(&mut self, lkey: u32, rkey: u32) {
         self.lkeys.remove(&lkey);
         self.rkeys.remove(&rkey);
@@ -152,7 +162,9 @@ pub fn translate_send(
     let h = &wqe.header;
     let op = WrOpcode::try_from(h.opcode).map_err(|_| wc_status::LOC_QP_OP_ERR)?;
     let (own_table, own_pd) = own;
-    let write_locally = op == WrOpcode::RdmaRead;
+    let atomic = matches!(op, WrOpcode::AtomicCmpAndSwp | WrOpcode::AtomicFetchAndAdd);
+    // A READ and an atomic write into the requester's own list (the data read, the old value).
+    let write_locally = op == WrOpcode::RdmaRead || atomic;
     let mut sges = [RealSge::default(); MAX_SGE as usize];
     let mut num_sge = 0;
     let mut total = 0u64;
@@ -180,9 +192,12 @@ pub fn translate_send(
         }
     }
     let (peer_table, peer_pd) = peer;
+    // An atomic reaches one 64-bit word whatever the local list's length (the device checks
+    // that list and the word's alignment, as the software engine does).
+    let remote_len = if atomic { 8 } else { total };
     let remote = |need| {
         peer_table
-            .remote(peer_pd, h.rkey, h.remote_addr, total, need)
+            .remote(peer_pd, h.rkey, h.remote_addr, remote_len, need)
             .map_err(|_| wc_status::REM_ACCESS_ERR)
     };
     let opcode = match op {
@@ -204,9 +219,22 @@ pub fn translate_send(
             let (remote_addr, rkey) = remote(AccessFlags::REMOTE_READ)?;
             SendOpcode::Read { remote_addr, rkey }
         }
-        // Not carried by the backend yet (the device path completes them with this error).
-        WrOpcode::AtomicCmpAndSwp | WrOpcode::AtomicFetchAndAdd => {
-            return Err(wc_status::LOC_QP_OP_ERR)
+        WrOpcode::AtomicCmpAndSwp => {
+            let (remote_addr, rkey) = remote(AccessFlags::REMOTE_ATOMIC)?;
+            SendOpcode::CompareSwap {
+                remote_addr,
+                rkey,
+                compare: h.compare_add,
+                swap: h.swap,
+            }
+        }
+        WrOpcode::AtomicFetchAndAdd => {
+            let (remote_addr, rkey) = remote(AccessFlags::REMOTE_ATOMIC)?;
+            SendOpcode::FetchAdd {
+                remote_addr,
+                rkey,
+                add: h.compare_add,
+            }
         }
     };
     Ok(RealSend {
@@ -433,11 +461,54 @@ mod tests {
             run(ro_sge, WrOpcode::RdmaRead, 22, 0x7000_0000, (&ro, 1)),
             Err(wc_status::LOC_PROT_ERR)
         );
-        // Atomics are not carried by the device path yet; an inline READ has no meaning.
+        // An atomic needs REMOTE_ATOMIC on the peer's region and writes locally (the old
+        // value); an inline READ has no meaning.
         let s = slot(WrOpcode::AtomicFetchAndAdd, good, 22, 0x7000_0000, 0);
         assert_eq!(
             translate_send(&decode(&s), &s, (&a, 1), (&b, 2), false),
-            Err(wc_status::LOC_QP_OP_ERR)
+            Err(wc_status::REM_ACCESS_ERR)
+        );
+        let mut atomic_peer = KeyTable::default();
+        atomic_peer.insert(21, 22, mr(2, AccessFlags::REMOTE_ATOMIC));
+        let s = slot(WrOpcode::AtomicCmpAndSwp, ro_sge, 22, 0x7000_0008, 0);
+        assert_eq!(
+            translate_send(&decode(&s), &s, (&ro, 1), (&atomic_peer, 2), false),
+            Err(wc_status::LOC_PROT_ERR)
+        );
+        let mut s = slot(WrOpcode::AtomicCmpAndSwp, good, 22, 0x7000_0008, 0);
+        let mut header = SendWqeHeader::read(&s);
+        header.compare_add = 5;
+        header.swap = 9;
+        header.write(&mut s);
+        let real = translate_send(&decode(&s), &s, (&a, 1), (&atomic_peer, 2), false).unwrap();
+        assert_eq!(
+            real.opcode,
+            SendOpcode::CompareSwap {
+                remote_addr: 0x5555_0000_1008,
+                rkey: 0xbbbb,
+                compare: 5,
+                swap: 9,
+            }
+        );
+        // The word must lie in the region (the last 8 bytes do, one byte further does not).
+        let s = slot(
+            WrOpcode::AtomicFetchAndAdd,
+            good,
+            22,
+            0x7000_0000 + 8192 - 8,
+            0,
+        );
+        assert!(translate_send(&decode(&s), &s, (&a, 1), (&atomic_peer, 2), false).is_ok());
+        let s = slot(
+            WrOpcode::AtomicFetchAndAdd,
+            good,
+            22,
+            0x7000_0000 + 8192 - 7,
+            0,
+        );
+        assert_eq!(
+            translate_send(&decode(&s), &s, (&a, 1), (&atomic_peer, 2), false),
+            Err(wc_status::REM_ACCESS_ERR)
         );
         let s = slot(WrOpcode::RdmaRead, good, 22, 0x7000_0000, 0);
         let mut wqe = decode(&s);
