@@ -5,11 +5,25 @@
 //! from its fd again. So before a swap the shim reads which of the process's epoll instances
 //! watch the fd (the kernel lists them in /proc/self/fdinfo/<epfd>), and after it adds the same
 //! events and data for the new socket. The shim knows the process's epoll instances by
-//! wrapping epoll_create/epoll_create1: nothing is tracked on the epoll_ctl/epoll_wait path.
+//! wrapping epoll_create/epoll_create1.
+//!
+//! Also, the overlay listener beside the host listener (see `overlay_accept`): an epoll
+//! instance that watches an accelerated listener watches the shim's duplicate of its overlay
+//! listener too, with the application's events and data (a "mirror"), so that a client without
+//! Freeflow wakes the application's event loop as an accelerated client does; the loop then
+//! calls accept on the listener's fd, where the shim's non-blocking accept looks at the overlay
+//! listener when the host listener has nothing. The mirror follows the application's
+//! epoll_ctl (ADD, MOD, DEL), and is withdrawn when the listener or the epoll instance is
+//! closed, or the overlay listener stops listening (no router: a level-triggered instance would
+//! report its hang-up again and again), and registered again when it listens again.
+//! EPOLLEXCLUSIVE is passed on (forked workers each register it in their own instance, and
+//! the kernel wakes one of them per client); for EPOLLONESHOT, an event from either
+//! registration disarms both, in the shim's epoll_wait (see [`after_wait`]).
 
 use crate::forklock::ForkLock;
 use crate::real;
 use libc::c_int;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub(crate) static EPOLL_FDS: ForkLock<Vec<c_int>> = ForkLock::new(Vec::new());
@@ -86,7 +100,7 @@ pub fn forget(fd: c_int, registrations: &[Registration]) {
     for r in registrations {
         let mut unused = libc::epoll_event { events: 0, u64: 0 };
         // SAFETY: EPOLL_CTL_DEL ignores the event; a live one is passed for old kernels.
-        unsafe { libc::epoll_ctl(r.epfd, libc::EPOLL_CTL_DEL, fd, &mut unused) };
+        unsafe { real::epoll_ctl(r.epfd, libc::EPOLL_CTL_DEL, fd, &mut unused) };
     }
 }
 
@@ -98,12 +112,249 @@ pub fn restore(fd: c_int, registrations: &[Registration]) {
             u64: r.data,
         };
         // SAFETY: epoll_ctl reads one epoll_event from a live local.
-        let rc = unsafe { libc::epoll_ctl(r.epfd, libc::EPOLL_CTL_ADD, fd, &mut event) };
+        let rc = unsafe { real::epoll_ctl(r.epfd, libc::EPOLL_CTL_ADD, fd, &mut event) };
         if rc != 0 && real::errno() == libc::EEXIST {
             // SAFETY: as above.
-            unsafe { libc::epoll_ctl(r.epfd, libc::EPOLL_CTL_MOD, fd, &mut event) };
+            unsafe { real::epoll_ctl(r.epfd, libc::EPOLL_CTL_MOD, fd, &mut event) };
         }
     }
+}
+
+/// The shim's overlay listener registered in an epoll instance beside an accelerated listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mirror {
+    epfd: c_int,
+    /// The application's fd of the (host) listener it stands beside.
+    listener: c_int,
+    /// The shim's duplicate of the overlay listener.
+    overlay: c_int,
+    /// The process that registered it: an instance shared with a forked child is left alone
+    /// when the child closes its copies (the kernel keeps registrations while a process holds
+    /// the files).
+    pid: i32,
+    events: u32,
+    data: u64,
+    /// Registered now; false while withdrawn (its overlay listener is not listening).
+    armed: bool,
+}
+
+static MIRRORS: ForkLock<Vec<Mirror>> = ForkLock::new(Vec::new());
+/// Set once a mirror exists, so that close() and epoll_wait elsewhere cost one relaxed load.
+static ANY_MIRROR: AtomicBool = AtomicBool::new(false);
+/// Set once a mirror of an EPOLLONESHOT registration exists (epoll_wait then looks).
+static ANY_ONESHOT: AtomicBool = AtomicBool::new(false);
+
+const ONESHOT: u32 = libc::EPOLLONESHOT as u32;
+
+fn ctl(epfd: c_int, op: c_int, fd: c_int, events: u32, data: u64) -> Result<(), c_int> {
+    let mut event = libc::epoll_event { events, u64: data };
+    // SAFETY: epoll_ctl reads one epoll_event from a live local (ignored by DEL).
+    let rc = unsafe { real::epoll_ctl(epfd, op, fd, &mut event) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(real::errno())
+    }
+}
+
+/// The application's epoll_ctl(`epfd`, `op`, `fd`) with `event` (events and data; None for
+/// DEL) succeeded: if `fd` is an accelerated listener, its overlay listener follows. Returns
+/// the overlay address of a listener the instance now watches (its process takes that
+/// listener's clients without Freeflow itself, and tells the router so).
+pub fn after_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    event: Option<(u32, u64)>,
+) -> Option<(Ipv4Addr, u16)> {
+    let me = real::getpid();
+    match (op, event) {
+        (libc::EPOLL_CTL_DEL, _) => {
+            if !ANY_MIRROR.load(Ordering::Relaxed) {
+                return None;
+            }
+            let gone = take_mirrors(|m| m.epfd == epfd && m.listener == fd);
+            for m in gone.iter().filter(|m| m.armed) {
+                let _ = ctl(m.epfd, libc::EPOLL_CTL_DEL, m.overlay, 0, 0);
+            }
+            None
+        }
+        (libc::EPOLL_CTL_MOD, Some((events, data))) => {
+            let mut mirrors = MIRRORS.lock();
+            if let Some(m) = mirrors
+                .iter_mut()
+                .find(|m| m.epfd == epfd && m.listener == fd)
+            {
+                if m.armed {
+                    ctl(epfd, libc::EPOLL_CTL_MOD, m.overlay, events, data).ok()?;
+                }
+                m.events = events;
+                m.data = data;
+                if events & ONESHOT != 0 {
+                    ANY_ONESHOT.store(true, Ordering::Relaxed);
+                }
+                return None;
+            }
+            drop(mirrors);
+            // Not mirrored yet (its overlay listener was not listening then): as an ADD.
+            add_mirror(epfd, fd, events, data, me)
+        }
+        (libc::EPOLL_CTL_ADD, Some((events, data))) => add_mirror(epfd, fd, events, data, me),
+        _ => None,
+    }
+}
+
+fn add_mirror(epfd: c_int, fd: c_int, events: u32, data: u64, pid: i32) -> Option<(Ipv4Addr, u16)> {
+    let (_, local, overlay) = crate::state::overlays_of_listeners([fd]).pop()?;
+    if !real::is_listening(overlay) {
+        return None;
+    }
+    // EEXIST: another fd of the same listener is mirrored in this instance already.
+    ctl(epfd, libc::EPOLL_CTL_ADD, overlay, events, data).ok()?;
+    MIRRORS.lock().push(Mirror {
+        epfd,
+        listener: fd,
+        overlay,
+        pid,
+        events,
+        data,
+        armed: true,
+    });
+    ANY_MIRROR.store(true, Ordering::Relaxed);
+    if events & ONESHOT != 0 {
+        ANY_ONESHOT.store(true, Ordering::Relaxed);
+    }
+    (events & libc::EPOLLIN as u32 != 0).then_some(local)
+}
+
+/// Removes the mirrors `which` picks from the table, returning them.
+fn take_mirrors(which: impl Fn(&Mirror) -> bool) -> Vec<Mirror> {
+    let mut mirrors = MIRRORS.lock();
+    let mut taken = Vec::new();
+    mirrors.retain(|m| {
+        let take = which(m);
+        if take {
+            taken.push(*m);
+        }
+        !take
+    });
+    taken
+}
+
+/// The application is about to close `fd` (or replace it with dup2/dup3): the mirrors of an
+/// epoll instance, of a listener or of an overlay listener that goes with it are withdrawn
+/// first (an overlay listener's registration would outlive its fd: the router holds the same
+/// socket, and the kernel drops a registration only with the last reference to its file).
+pub fn closing(fd: c_int) {
+    closing_range(fd, fd);
+}
+
+/// As [`closing`], for every fd from `first` to `last`.
+pub fn closing_range(first: c_int, last: c_int) {
+    if !ANY_MIRROR.load(Ordering::Relaxed) {
+        return;
+    }
+    let within = |fd: c_int| fd >= first && fd <= last;
+    let gone = take_mirrors(|m| within(m.epfd) || within(m.listener) || within(m.overlay));
+    let me = real::getpid();
+    for m in gone {
+        if m.armed && m.pid == me && !within(m.epfd) {
+            let _ = ctl(m.epfd, libc::EPOLL_CTL_DEL, m.overlay, 0, 0);
+        }
+    }
+}
+
+/// Overlay listener `overlay` is closed by the shim (its process's last fd of the listener
+/// went): its mirrors registered by this process are withdrawn and forgotten.
+pub fn release_overlay(overlay: c_int) {
+    closing(overlay);
+}
+
+/// Overlay listener `overlay` stopped listening (no router; or found so at an accept): its
+/// mirrors are withdrawn (a level-triggered instance would report its hang-up without end),
+/// and kept to be registered again when it listens again ([`rearm_overlay`]).
+pub fn withdraw_overlay(overlay: c_int) {
+    if !ANY_MIRROR.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut mirrors = MIRRORS.lock();
+    for m in mirrors
+        .iter_mut()
+        .filter(|m| m.overlay == overlay && m.armed)
+    {
+        let _ = ctl(m.epfd, libc::EPOLL_CTL_DEL, m.overlay, 0, 0);
+        m.armed = false;
+    }
+}
+
+/// Overlay listener `overlay` listens again: its withdrawn mirrors are registered again.
+pub fn rearm_overlay(overlay: c_int) {
+    if !ANY_MIRROR.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut mirrors = MIRRORS.lock();
+    for m in mirrors
+        .iter_mut()
+        .filter(|m| m.overlay == overlay && !m.armed)
+    {
+        let added = ctl(m.epfd, libc::EPOLL_CTL_ADD, m.overlay, m.events, m.data);
+        m.armed = matches!(added, Ok(()) | Err(libc::EEXIST));
+    }
+}
+
+/// After the application's epoll_wait on `epfd` returned `ready` events in `events`: an
+/// EPOLLONESHOT listener mirrored there reports once until the application re-arms it (with
+/// EPOLL_CTL_MOD, which the mirror follows), as it would alone: an event from either
+/// registration disarms the other, and a second event for it in the same call is dropped.
+/// Returns the number of events left.
+///
+/// # Safety
+/// `events` points at `ready` events the kernel just wrote.
+pub unsafe fn after_wait(epfd: c_int, events: *mut libc::epoll_event, ready: c_int) -> c_int {
+    if ready <= 0 || !ANY_ONESHOT.load(Ordering::Relaxed) {
+        return ready;
+    }
+    let oneshots: Vec<Mirror> = MIRRORS
+        .lock()
+        .iter()
+        .filter(|m| m.epfd == epfd && m.events & ONESHOT != 0)
+        .copied()
+        .collect();
+    if oneshots.is_empty() {
+        return ready;
+    }
+    let mut seen: Vec<c_int> = Vec::new();
+    let mut kept = 0;
+    for i in 0..ready as usize {
+        // SAFETY: `i` is below `ready`, within what the kernel wrote (read unaligned: the
+        // structure is packed on x86_64).
+        let event = unsafe { std::ptr::read_unaligned(events.add(i)) };
+        let data = event.u64;
+        if let Some(m) = oneshots.iter().find(|m| m.data == data) {
+            if seen.contains(&m.listener) {
+                continue;
+            }
+            seen.push(m.listener);
+            // The one that fired is disarmed by the kernel; both are, for the other.
+            let _ = ctl(epfd, libc::EPOLL_CTL_MOD, m.listener, ONESHOT, data);
+            if m.armed {
+                let _ = ctl(epfd, libc::EPOLL_CTL_MOD, m.overlay, ONESHOT, data);
+            }
+        }
+        // SAFETY: `kept` <= `i`, within the same array.
+        unsafe { std::ptr::write_unaligned(events.add(kept), event) };
+        kept += 1;
+    }
+    kept as c_int
+}
+
+/// Mirrors the registrations an fd had before it became an accelerated listener (an
+/// application that registered its socket before listen): `fd` now holds the host listener.
+pub fn mirror_registered(fd: c_int) -> Vec<(Ipv4Addr, u16)> {
+    registrations_of(fd)
+        .into_iter()
+        .filter_map(|r| add_mirror(r.epfd, fd, r.events, r.data, real::getpid()))
+        .collect()
 }
 
 /// One "tfd:" line of an epoll instance's fdinfo.
@@ -143,8 +394,190 @@ fn parse_fdinfo(info: &str) -> Vec<Watched> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::state::{self, Accelerated, KeptOverlay, Role};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    /// A host listener and an overlay listener (both on loopback, as kernel sockets), known to
+    /// the shim as the accelerated listener of overlay address `local` and its overlay
+    /// listener. Forgotten by the shim when dropped.
+    pub(crate) struct Pair {
+        pub host: TcpListener,
+        pub overlay: TcpListener,
+        pub local: (Ipv4Addr, u16),
+    }
+
+    impl Pair {
+        pub(crate) fn new(local: (Ipv4Addr, u16)) -> Pair {
+            let host = TcpListener::bind("127.0.0.1:0").unwrap();
+            let overlay = TcpListener::bind("127.0.0.1:0").unwrap();
+            state::insert(
+                host.as_raw_fd(),
+                Accelerated {
+                    role: Role::Listener,
+                    local,
+                    peer: None,
+                    v6: false,
+                    wildcard: false,
+                },
+            );
+            let fd = overlay.as_raw_fd();
+            assert_eq!(
+                state::keep_overlay_first(local, KeptOverlay { fd, backlog: 16 }),
+                fd
+            );
+            Pair {
+                host,
+                overlay,
+                local,
+            }
+        }
+
+        /// A client waiting on the overlay listener (a client without Freeflow).
+        pub(crate) fn plain_client(&self) -> TcpStream {
+            TcpStream::connect(self.overlay.local_addr().unwrap()).unwrap()
+        }
+    }
+
+    impl Drop for Pair {
+        fn drop(&mut self) {
+            // Out of the table first: the close would tell a router otherwise.
+            closing(self.host.as_raw_fd());
+            closing(self.overlay.as_raw_fd());
+            state::remove(self.host.as_raw_fd());
+            state::take_overlay(self.local);
+        }
+    }
+
+    /// What epoll_wait on `epfd` reports within `ms` (the data of each event), as the shim's
+    /// epoll_wait would pass it on.
+    fn waited(epfd: c_int, ms: c_int) -> Vec<u64> {
+        let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        // SAFETY: epoll_wait writes at most 8 events into the live array.
+        let n = unsafe { real::epoll_wait(epfd, ready.as_mut_ptr(), 8, ms) };
+        assert!(n >= 0, "epoll_wait: {}", real::errno());
+        // SAFETY: the kernel wrote `n` events there.
+        let n = unsafe { after_wait(epfd, ready.as_mut_ptr(), n) };
+        ready[..n as usize].iter().map(|e| e.u64).collect()
+    }
+
+    /// The application's epoll_ctl, then the shim's part of it.
+    fn app_ctl(
+        epfd: c_int,
+        op: c_int,
+        fd: c_int,
+        events: u32,
+        data: u64,
+    ) -> Option<(Ipv4Addr, u16)> {
+        ctl(epfd, op, fd, events, data).unwrap();
+        let event = (op != libc::EPOLL_CTL_DEL).then_some((events, data));
+        after_ctl(epfd, op, fd, event)
+    }
+
+    #[test]
+    fn an_epoll_instance_watching_a_listener_wakes_for_its_overlay_listeners_clients() {
+        let pair = Pair::new((Ipv4Addr::new(10, 77, 0, 1), 4001));
+        let (host, overlay) = (pair.host.as_raw_fd(), pair.overlay.as_raw_fd());
+        let epfd = real::epoll_create1(libc::EPOLL_CLOEXEC);
+        assert!(epfd >= 0);
+        let level = libc::EPOLLIN as u32;
+        assert_eq!(
+            app_ctl(epfd, libc::EPOLL_CTL_ADD, host, level, 0xabc),
+            Some(pair.local)
+        );
+        assert!(waited(epfd, 0).is_empty(), "no client yet");
+        let _client = pair.plain_client();
+        assert_eq!(waited(epfd, 5000), vec![0xabc], "the listener's data");
+        // Level-triggered: reported while the client waits; MOD follows (new data).
+        assert_eq!(app_ctl(epfd, libc::EPOLL_CTL_MOD, host, level, 0xdef), None);
+        assert_eq!(waited(epfd, 0), vec![0xdef]);
+        // No router: the overlay listener stops listening (its clients get a reset). Its
+        // hang-up must not wake a level-triggered instance again and again.
+        assert_eq!(real::stop_listening(overlay), 0);
+        withdraw_overlay(overlay);
+        assert!(
+            waited(epfd, 0).is_empty(),
+            "a dead overlay listener is withdrawn"
+        );
+        // A new router: it listens again, and is watched again.
+        assert_eq!(real::listen(overlay, 16), 0);
+        rearm_overlay(overlay);
+        let _client = pair.plain_client();
+        assert_eq!(waited(epfd, 5000), vec![0xdef]);
+        // DEL of the listener withdraws it.
+        app_ctl(epfd, libc::EPOLL_CTL_DEL, host, 0, 0);
+        assert!(
+            waited(epfd, 0).is_empty(),
+            "withdrawn with the listener's registration"
+        );
+        // And an ADD again, then the listener's close.
+        app_ctl(epfd, libc::EPOLL_CTL_ADD, host, level, 0x1);
+        assert_eq!(waited(epfd, 5000), vec![0x1]);
+        closing(host);
+        assert!(
+            waited(epfd, 0).is_empty(),
+            "withdrawn at the listener's close"
+        );
+        real::close(epfd);
+    }
+
+    #[test]
+    fn an_oneshot_listener_reports_once_until_rearmed_whichever_socket_is_ready() {
+        let pair = Pair::new((Ipv4Addr::new(10, 77, 0, 2), 4002));
+        let host = pair.host.as_raw_fd();
+        let epfd = real::epoll_create1(libc::EPOLL_CLOEXEC);
+        assert!(epfd >= 0);
+        let oneshot = (libc::EPOLLIN | libc::EPOLLONESHOT) as u32;
+        app_ctl(epfd, libc::EPOLL_CTL_ADD, host, oneshot, 7);
+        // A client on each: the host listener's (an accelerated client) and a plain one.
+        let _accelerated = TcpStream::connect(pair.host.local_addr().unwrap()).unwrap();
+        let _plain = pair.plain_client();
+        // Both sockets are ready before the wait: one event all the same.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(waited(epfd, 5000), vec![7]);
+        assert!(
+            waited(epfd, 0).is_empty(),
+            "disarmed until the application re-arms it"
+        );
+        app_ctl(epfd, libc::EPOLL_CTL_MOD, host, oneshot, 8);
+        assert_eq!(waited(epfd, 5000), vec![8]);
+        assert!(waited(epfd, 0).is_empty());
+        real::close(epfd);
+    }
+
+    #[test]
+    fn exclusive_registrations_of_two_workers_each_see_plain_clients() {
+        let pair = Pair::new((Ipv4Addr::new(10, 77, 0, 3), 4003));
+        let host = pair.host.as_raw_fd();
+        let exclusive = (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32;
+        // Two workers' instances, as nginx's (each forked worker makes its own, and registers
+        // the shared listener with EPOLLEXCLUSIVE, which the mirror keeps: while they wait,
+        // the kernel wakes one of them per client; idle, each finds the client ready).
+        let epfds = [0, 1].map(|_| real::epoll_create1(libc::EPOLL_CLOEXEC));
+        for (i, &epfd) in epfds.iter().enumerate() {
+            assert!(epfd >= 0);
+            app_ctl(epfd, libc::EPOLL_CTL_ADD, host, exclusive, i as u64);
+        }
+        let _plain = pair.plain_client();
+        assert_eq!(waited(epfds[0], 5000), vec![0]);
+        assert_eq!(waited(epfds[1], 5000), vec![1]);
+        // EPOLL_CTL_MOD of an exclusive registration is refused to the application (EINVAL):
+        // the mirror is left as it is.
+        let mut event = libc::epoll_event {
+            events: exclusive,
+            u64: 9,
+        };
+        // SAFETY: a live epoll_event.
+        let rc = unsafe { real::epoll_ctl(epfds[0], libc::EPOLL_CTL_MOD, host, &mut event) };
+        assert_eq!((rc, real::errno()), (-1, libc::EINVAL));
+        assert_eq!(waited(epfds[0], 5000), vec![0]);
+        for epfd in epfds {
+            closing(epfd);
+            real::close(epfd);
+        }
+    }
 
     #[test]
     fn fdinfo_lines_are_parsed() {

@@ -13,6 +13,13 @@
 //! rings only for clients still waiting after a short grace (a process that stopped
 //! accepting, or is busy elsewhere).
 //!
+//! Servers that wait in epoll, poll or select (nginx's workers, PostgreSQL's postmaster) are
+//! seen too: an epoll instance that watches an accelerated listener watches its overlay
+//! listener beside it (`epoll`), and the shim's poll and select add the overlay listener beside
+//! the listener's fd and report its clients as the listener's; the application then calls
+//! accept on the listener's fd, which takes the client from the overlay listener. Such a
+//! process tells the router too.
+//!
 //! The duplicate is made at listen (forked children inherit it); a process without one (it
 //! was exec'd: the duplicate is close-on-exec, or the application closed it) asks the router
 //! for it once, with a `Resolve` of the doorbell.
@@ -24,14 +31,14 @@
 //! they must be refused rather than accepted by the kernel and left waiting. It listens again
 //! when it is handed to the next router (`Relisten`).
 
+use crate::epoll;
 use crate::real;
 use crate::session;
 use crate::state::{self, KeptOverlay};
-use freeflow_os::poll::{poll, PollFd};
 use freeflow_proto::sockmsg::{SockOp, SockRequest, SockStatus};
 use libc::{c_int, sockaddr, socklen_t};
 use std::net::Ipv4Addr;
-use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 
 /// Where the router's doorbells come from.
 const DOORBELL_SOURCE: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -88,6 +95,8 @@ pub fn keep(fd: c_int, local: (Ipv4Addr, u16), backlog: c_int) {
 /// again for the next router. Other processes holding the same socket see the same.
 pub fn refuse_clients() {
     for kept in state::kept_overlays() {
+        // Its hang-up would wake a level-triggered epoll instance without end.
+        epoll::withdraw_overlay(kept.fd);
         if real::is_listening(kept.fd) {
             real::stop_listening(kept.fd);
             session::debug(format_args!(
@@ -103,6 +112,7 @@ pub fn refuse_clients() {
 pub fn release(local: (Ipv4Addr, u16)) {
     state::forget_accepting(local);
     if let Some(fd) = state::take_overlay(local) {
+        epoll::release_overlay(fd);
         real::close(fd);
     }
 }
@@ -114,6 +124,7 @@ pub fn kept_clone(local: (Ipv4Addr, u16)) -> Option<OwnedFd> {
     if !real::is_listening(kept.fd) && real::listen(kept.fd, kept.backlog) != 0 {
         return None;
     }
+    epoll::rearm_overlay(kept.fd);
     let dup = real::fcntl_set(kept.fd, libc::F_DUPFD_CLOEXEC, 0);
     // SAFETY: a fresh fd nobody else owns.
     (dup >= 0).then(|| unsafe { OwnedFd::from_raw_fd(dup) })
@@ -204,12 +215,16 @@ pub unsafe fn take(
     match err {
         libc::EAGAIN | libc::ECONNABORTED | libc::EINTR => Ok(None),
         // Not listening while no router serves it (`refuse_clients`): kept, to listen again
-        // for the next router.
-        libc::EINVAL => Ok(None),
+        // for the next router; out of the process's epoll instances meanwhile.
+        libc::EINVAL => {
+            epoll::withdraw_overlay(overlay);
+            Ok(None)
+        }
         e @ (libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Err(e),
         // Not a listener any more: forget it.
         _ => {
             if state::drop_overlay(local, overlay) {
+                epoll::release_overlay(overlay);
                 real::close(overlay);
             }
             Ok(None)
@@ -239,19 +254,20 @@ pub enum Ready {
 /// listening (no router: its clients are refused) reports a hang-up, never a client: the wait
 /// then is for the host listener's (its accept blocks as before).
 pub fn wait_either(fd: c_int, overlay: c_int, local: (Ipv4Addr, u16)) -> Ready {
-    // SAFETY: `fd` is the application's listener, in its own accept call, and `overlay` the
-    // shim's; one closed meanwhile by another thread only makes poll report POLLNVAL.
-    let (host, kept) = unsafe { (BorrowedFd::borrow_raw(fd), BorrowedFd::borrow_raw(overlay)) };
-    let mut fds = [
-        PollFd::new(host, libc::POLLIN),
-        PollFd::new(kept, libc::POLLIN),
-    ];
-    let mut ready = poll(&mut fds, Some(std::time::Duration::ZERO));
+    // `fd` is the application's listener, in its own accept call, and `overlay` the shim's;
+    // one closed meanwhile by another thread only makes poll report POLLNVAL. The C library's
+    // poll: the shim's would add the overlay listener again.
+    let mut fds = [fd, overlay].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let mut ready = real::poll_fds(&mut fds, Some(std::time::Duration::ZERO));
     if matches!(ready, Ok(0)) {
         announce_accepting(local);
         let timeout = real::receive_timeout(fd);
         loop {
-            ready = poll(&mut fds, timeout);
+            ready = real::poll_fds(&mut fds, timeout);
             // The kernel restarts an accept that a signal interrupted when the handler was
             // installed with SA_RESTART (and the socket has no receive timeout); poll is never
             // restarted. Forking servers reap children in a SIGCHLD handler with SA_RESTART
@@ -266,13 +282,143 @@ pub fn wait_either(fd: c_int, overlay: c_int, local: (Ipv4Addr, u16)) -> Ready {
     }
     match ready {
         Ok(0) => Ready::Failed(libc::EAGAIN),
-        Ok(_) if fds[0].revents() != 0 => Ready::Host,
-        Ok(_) if fds[1].revents() & libc::POLLIN != 0 => Ready::Overlay,
+        Ok(_) if fds[0].revents != 0 => Ready::Host,
+        Ok(_) if fds[1].revents & libc::POLLIN != 0 && fds[1].revents & libc::POLLHUP == 0 => {
+            Ready::Overlay
+        }
         // Only the overlay listener hung up: the host listener's accept, as without it.
         Ok(_) => Ready::Host,
         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ready::Failed(libc::EINTR),
         Err(e) => Ready::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
     }
+}
+
+/// The most descriptors a poll may list for the shim to look at them (a larger one is passed
+/// on as it came: the kernel's own limit is RLIMIT_NOFILE).
+const POLL_LOOK_LIMIT: usize = 1 << 16;
+
+/// A poll or ppoll of the application (`wait`: the C library's, given the descriptors and their
+/// number) over `nfds` entries at `fds`: the shim's overlay listener of each accelerated
+/// listener polled for input is polled beside it, and its clients are reported as the
+/// listener's (POLLIN), for the application's accept on the listener to take.
+///
+/// # Safety
+/// `fds` points at `nfds` pollfd entries, as poll(2) requires.
+pub unsafe fn poll_with_overlays(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    wait: impl Fn(*mut libc::pollfd, libc::nfds_t) -> c_int,
+) -> c_int {
+    let n = nfds as usize;
+    if !state::in_use() || fds.is_null() || n == 0 || n > POLL_LOOK_LIMIT {
+        return wait(fds, nfds);
+    }
+    // SAFETY: the application's array of `nfds` entries (the caller's contract).
+    let polled = unsafe { std::slice::from_raw_parts_mut(fds, n) };
+    let beside = state::overlays_of_listeners(
+        polled
+            .iter()
+            .filter(|p| p.fd >= 0 && p.events & libc::POLLIN != 0)
+            .map(|p| p.fd),
+    );
+    let beside: Vec<_> = beside
+        .into_iter()
+        .filter(|&(_, _, overlay)| real::is_listening(overlay))
+        .collect();
+    if beside.is_empty() {
+        return wait(fds, nfds);
+    }
+    for &(_, local, _) in &beside {
+        announce_accepting(local);
+    }
+    let mut all = polled.to_vec();
+    all.extend(beside.iter().map(|&(_, _, overlay)| libc::pollfd {
+        fd: overlay,
+        events: libc::POLLIN,
+        revents: 0,
+    }));
+    let rc = wait(all.as_mut_ptr(), all.len() as libc::nfds_t);
+    if rc <= 0 {
+        if rc == 0 {
+            polled.iter_mut().for_each(|p| p.revents = 0);
+        }
+        return rc;
+    }
+    for (p, got) in polled.iter_mut().zip(&all) {
+        p.revents = got.revents;
+    }
+    for (k, &(listener, _, _)) in beside.iter().enumerate() {
+        let got = all[n + k].revents;
+        // A hang-up: it stopped listening (no router), no client.
+        if got & libc::POLLIN == 0 || got & libc::POLLHUP != 0 {
+            continue;
+        }
+        for p in polled.iter_mut().filter(|p| p.fd == listener) {
+            p.revents |= p.events & (libc::POLLIN | libc::POLLRDNORM);
+        }
+    }
+    let ready = polled.iter().filter(|p| p.revents != 0).count();
+    if ready == 0 {
+        // Only an overlay listener's hang-up: the wait goes on without it.
+        return wait(fds, nfds);
+    }
+    ready as c_int
+}
+
+/// A select or pselect of the application (`wait`: the C library's, given nfds and the read
+/// set; the other sets and the timeout are the application's): the shim's overlay listener of
+/// each accelerated listener in `read` is selected beside it, and its clients are reported as
+/// the listener's.
+///
+/// # Safety
+/// `read` is NULL or a live fd_set, as select(2) requires.
+pub unsafe fn select_with_overlays(
+    nfds: c_int,
+    read: *mut libc::fd_set,
+    wait: impl Fn(c_int, *mut libc::fd_set) -> c_int,
+) -> c_int {
+    let setsize = libc::FD_SETSIZE as c_int;
+    if !state::in_use() || read.is_null() || nfds <= 0 || nfds > setsize {
+        return wait(nfds, read);
+    }
+    // SAFETY: a live fd_set (the caller's contract), copied.
+    let mut selected: libc::fd_set = unsafe { std::ptr::read(read) };
+    // SAFETY: FD_ISSET reads a bit of a live set, for fds below FD_SETSIZE.
+    let wanted = (0..nfds).filter(|&fd| unsafe { libc::FD_ISSET(fd, &selected) });
+    let beside: Vec<_> = state::overlays_of_listeners(wanted)
+        .into_iter()
+        .filter(|&(_, _, overlay)| overlay < setsize && real::is_listening(overlay))
+        .collect();
+    if beside.is_empty() {
+        return wait(nfds, read);
+    }
+    let mut widest = nfds;
+    for &(_, local, overlay) in &beside {
+        announce_accepting(local);
+        // SAFETY: `overlay` is below FD_SETSIZE (checked).
+        unsafe { libc::FD_SET(overlay, &mut selected) };
+        widest = widest.max(overlay + 1);
+    }
+    let mut rc = wait(widest, &mut selected);
+    if rc < 0 {
+        return rc;
+    }
+    for &(listener, _, overlay) in &beside {
+        // SAFETY: both fds are below FD_SETSIZE.
+        unsafe {
+            if libc::FD_ISSET(overlay, &selected) {
+                libc::FD_CLR(overlay, &mut selected);
+                if libc::FD_ISSET(listener, &selected) {
+                    rc -= 1;
+                } else {
+                    libc::FD_SET(listener, &mut selected);
+                }
+            }
+        }
+    }
+    // SAFETY: the application's live set, written as select writes it.
+    unsafe { std::ptr::write(read, selected) };
+    rc
 }
 
 /// Whether every signal with a handler of the program's has SA_RESTART, so the signal that
@@ -333,4 +479,91 @@ fn tell_accepting(local: (Ipv4Addr, u16)) {
             " (the router did not take note)"
         }
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::epoll::tests::Pair;
+    use std::os::fd::AsRawFd;
+
+    /// The C library's poll, as the shim's poll calls it, with `ms`.
+    fn poll_wait(ms: c_int) -> impl Fn(*mut libc::pollfd, libc::nfds_t) -> c_int {
+        // SAFETY: the array and its length come from poll_with_overlays, live for the call.
+        move |fds, nfds| unsafe { real::poll_raw(fds, nfds, ms) }
+    }
+
+    #[test]
+    fn poll_reports_a_plain_client_as_the_listeners_and_ignores_a_dead_overlay_listener() {
+        let pair = Pair::new((Ipv4Addr::new(10, 77, 1, 1), 4101));
+        let (host, overlay) = (pair.host.as_raw_fd(), pair.overlay.as_raw_fd());
+        // A pipe beside it, as a program polls other things too.
+        let mut pipe = [0; 2];
+        // SAFETY: pipe writes two fds into a live array.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        let mut fds = [host, pipe[0]].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: a live array of two entries.
+        let poll_now = |fds: &mut [libc::pollfd; 2], ms| unsafe {
+            poll_with_overlays(fds.as_mut_ptr(), 2, poll_wait(ms))
+        };
+        assert_eq!(poll_now(&mut fds, 0), 0, "nothing yet");
+        let _client = pair.plain_client();
+        assert_eq!(poll_now(&mut fds, 5000), 1);
+        assert_eq!(fds[0].revents, libc::POLLIN, "the listener's entry");
+        assert_eq!(fds[1].revents, 0);
+        // It stopped listening (no router): its hang-up is not a client.
+        assert_eq!(real::stop_listening(overlay), 0);
+        assert_eq!(poll_now(&mut fds, 0), 0);
+        assert_eq!(fds[0].revents, 0);
+        for fd in pipe {
+            real::close(fd);
+        }
+    }
+
+    #[test]
+    fn select_reports_a_plain_client_as_the_listeners() {
+        let pair = Pair::new((Ipv4Addr::new(10, 77, 1, 2), 4102));
+        let host = pair.host.as_raw_fd();
+        let overlay = pair.overlay.as_raw_fd();
+        let select_now = |ms: i64| {
+            // SAFETY: an all-zero fd_set is an empty one; FD_SET on an fd below FD_SETSIZE.
+            let mut read: libc::fd_set = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            unsafe { libc::FD_SET(host, &mut read) };
+            let mut timeout = libc::timeval {
+                tv_sec: ms / 1000,
+                tv_usec: (ms % 1000) * 1000,
+            };
+            let timeout = &mut timeout as *mut libc::timeval;
+            // SAFETY: live sets and timeout; the C library's select.
+            let wait = |nfds, read| unsafe {
+                real::select(
+                    nfds,
+                    read,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    timeout,
+                )
+            };
+            // SAFETY: a live set.
+            let rc = unsafe { select_with_overlays(host + 1, &mut read, wait) };
+            // SAFETY: reads bits of a live set.
+            let (listener, shims) =
+                unsafe { (libc::FD_ISSET(host, &read), libc::FD_ISSET(overlay, &read)) };
+            (rc, listener, shims)
+        };
+        assert_eq!(select_now(0), (0, false, false));
+        let _client = pair.plain_client();
+        assert_eq!(
+            select_now(5000),
+            (1, true, false),
+            "the listener's bit, not the shim's"
+        );
+        let _accelerated = std::net::TcpStream::connect(pair.host.local_addr().unwrap()).unwrap();
+        assert_eq!(select_now(5000), (1, true, false), "both ready: one count");
+    }
 }
