@@ -554,3 +554,148 @@ fn a_restarting_signal_does_not_end_the_shims_blocking_accept() {
     common::assert_success(&client, "a plain client");
     assert_eq!(String::from_utf8_lossy(&client.stdout).trim(), "OK");
 }
+
+/// The processes whose parent is `parent`.
+fn children_of(parent: i32) -> Vec<i32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // The fields after the command's ')': state, then the parent's pid.
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(parent) {
+            children.push(pid);
+        }
+    }
+    children
+}
+
+/// Whether an epoll instance of process `pid` watches two fds with the same data: a listener
+/// and the shim's overlay listener beside it (nginx gives each fd its own data otherwise).
+fn watches_an_overlay_listener(pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        let is_epoll = std::fs::read_link(fd.path())
+            .is_ok_and(|target| target.to_string_lossy() == "anon_inode:[eventpoll]");
+        if !is_epoll {
+            return false;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        let data: Vec<&str> = info
+            .lines()
+            .filter(|l| l.starts_with("tfd:"))
+            .filter_map(|l| l.split("data:").nth(1)?.split_whitespace().next())
+            .collect();
+        data.iter()
+            .enumerate()
+            .any(|(i, d)| data[i + 1..].contains(d))
+    })
+}
+
+/// Waits (at most 20 s) until `check` holds for every one of `pids`.
+fn wait_all(pids: &[i32], check: impl Fn(i32) -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if pids.iter().all(|&pid| check(pid)) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// While no router serves nginx's listener (the router died and is not restarted yet), the
+/// shim's overlay listener stops listening, and the workers' epoll instances stop watching it
+/// (its hang-up would wake a level-triggered instance without end); once the restarted router
+/// takes the listener back, they watch it again and take their plain clients themselves.
+#[test]
+fn nginx_workers_stop_watching_a_dead_overlay_listener_and_watch_it_again_after_a_restart() {
+    common::require_programs(&["nginx", "python3"], "nginx python3");
+    let site = site_with("rw", LONG_GRACE);
+    let dir = site.work.join("nginx");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(&dir)).unwrap();
+    let out = site
+        .shim_env("db", true)
+        .arg("FREEFLOW_DEBUG=1")
+        .args(["timeout", "30", "nginx", "-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let _nginx = Nginx(dir.clone());
+    common::assert_success(&out, "nginx (daemon on)");
+    site.wait_listening("db", 80, None);
+    let log = dir.join("error.log");
+    assert!(
+        wait_for_lines(&log, "10.32.0.4:80: this process takes its clients", 2),
+        "nginx's two workers did not tell the router"
+    );
+    let master: i32 = std::fs::read_to_string(dir.join("nginx.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let workers = children_of(master);
+    assert_eq!(workers.len(), 2, "nginx's workers: {workers:?}");
+    assert!(
+        wait_all(&workers, watches_an_overlay_listener),
+        "the workers' epoll instances watch the overlay listener"
+    );
+    // The router dies while its daemon cannot restart it.
+    let router: i32 = std::fs::read_to_string(site.state_dir(1).join("router.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    {
+        let _stopped = site.stop_daemon(1);
+        freeflow_os::signals::send_signal(router, libc::SIGKILL).unwrap();
+        assert!(
+            wait_all(&workers, |pid| !watches_an_overlay_listener(pid)),
+            "a worker's epoll instance still watches the overlay listener with no router"
+        );
+    }
+    // The daemon restarts the router; the workers' shims hand the listener to it.
+    assert!(
+        wait_all(&workers, watches_an_overlay_listener),
+        "the workers' epoll instances watch the overlay listener again"
+    );
+    site.wait_listener_known(0, DB_IP, 80);
+    let relayed = site.router_counter(1, "tcp_relayed");
+    let out = site
+        .shim_env("web", false)
+        .args(["timeout", "120", "python3", "-c", CLIENT, DB_IP, "80"])
+        .args(["10", "3"])
+        .arg("nginx saw 10.32.0.2")
+        .output()
+        .unwrap();
+    common::assert_success(&out, "the load client");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("SERVED 30 ERRORS 0\n"),
+        "{said}\n--- router log\n{}",
+        site.router_log()
+    );
+    assert_eq!(
+        site.router_counter(1, "tcp_relayed") - relayed,
+        0,
+        "doorbells answered after the restart"
+    );
+}
