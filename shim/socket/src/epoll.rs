@@ -122,7 +122,7 @@ pub fn restore(fd: c_int, registrations: &[Registration]) {
 
 /// The shim's overlay listener registered in an epoll instance beside an accelerated listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Mirror {
+pub(crate) struct Mirror {
     epfd: c_int,
     /// The application's fd of the (host) listener it stands beside.
     listener: c_int,
@@ -138,7 +138,7 @@ struct Mirror {
     armed: bool,
 }
 
-static MIRRORS: ForkLock<Vec<Mirror>> = ForkLock::new(Vec::new());
+pub(crate) static MIRRORS: ForkLock<Vec<Mirror>> = ForkLock::new(Vec::new());
 /// Set once a mirror exists, so that close() and epoll_wait elsewhere cost one relaxed load.
 static ANY_MIRROR: AtomicBool = AtomicBool::new(false);
 /// Set once a mirror of an EPOLLONESHOT registration exists (epoll_wait then looks).
