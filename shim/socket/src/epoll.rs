@@ -167,7 +167,6 @@ pub fn after_ctl(
     fd: c_int,
     event: Option<(u32, u64)>,
 ) -> Option<(Ipv4Addr, u16)> {
-    let me = real::getpid();
     match (op, event) {
         (libc::EPOLL_CTL_DEL, _) => {
             if !ANY_MIRROR.load(Ordering::Relaxed) {
@@ -197,14 +196,14 @@ pub fn after_ctl(
             }
             drop(mirrors);
             // Not mirrored yet (its overlay listener was not listening then): as an ADD.
-            add_mirror(epfd, fd, events, data, me)
+            add_mirror(epfd, fd, events, data)
         }
-        (libc::EPOLL_CTL_ADD, Some((events, data))) => add_mirror(epfd, fd, events, data, me),
+        (libc::EPOLL_CTL_ADD, Some((events, data))) => add_mirror(epfd, fd, events, data),
         _ => None,
     }
 }
 
-fn add_mirror(epfd: c_int, fd: c_int, events: u32, data: u64, pid: i32) -> Option<(Ipv4Addr, u16)> {
+fn add_mirror(epfd: c_int, fd: c_int, events: u32, data: u64) -> Option<(Ipv4Addr, u16)> {
     let (_, local, overlay) = crate::state::overlays_of_listeners([fd]).pop()?;
     if !real::is_listening(overlay) {
         return None;
@@ -215,7 +214,7 @@ fn add_mirror(epfd: c_int, fd: c_int, events: u32, data: u64, pid: i32) -> Optio
         epfd,
         listener: fd,
         overlay,
-        pid,
+        pid: real::getpid(),
         events,
         data,
         armed: true,
@@ -256,6 +255,9 @@ pub fn closing_range(first: c_int, last: c_int) {
     }
     let within = |fd: c_int| fd >= first && fd <= last;
     let gone = take_mirrors(|m| within(m.epfd) || within(m.listener) || within(m.overlay));
+    if gone.is_empty() {
+        return;
+    }
     let me = real::getpid();
     for m in gone {
         if m.armed && m.pid == me && !within(m.epfd) {
@@ -353,7 +355,7 @@ pub unsafe fn after_wait(epfd: c_int, events: *mut libc::epoll_event, ready: c_i
 pub fn mirror_registered(fd: c_int) -> Vec<(Ipv4Addr, u16)> {
     registrations_of(fd)
         .into_iter()
-        .filter_map(|r| add_mirror(r.epfd, fd, r.events, r.data, real::getpid()))
+        .filter_map(|r| add_mirror(r.epfd, fd, r.events, r.data))
         .collect()
 }
 
