@@ -1,6 +1,6 @@
 //! The functions this library exports in place of the C library's: connect, listen, accept,
 //! accept4, getsockname, getpeername, close, close_range, closefrom, dup, dup2, dup3, fcntl
-//! (F_DUPFD), epoll_create, epoll_create1, epoll_ctl, epoll_wait, epoll_pwait, poll, ppoll,
+//! (F_DUPFD), epoll_create, epoll_create1, epoll_ctl, poll, ppoll,
 //! select, pselect, and execve/execv/execvp/execvpe/posix_spawn/posix_spawnp (to pass accelerated
 //! sockets on). Each decides from its arguments whether the call concerns an overlay TCP socket;
 //! if not, it calls the C library unchanged. Each runs behind the panic guard (`guard`): a panic
@@ -840,55 +840,6 @@ pub unsafe extern "C" fn epoll_ctl(
     rc
 }
 
-/// epoll_wait(2): see `epoll::after_wait` (EPOLLONESHOT listeners).
-///
-/// # Safety
-/// Called by the application with epoll_wait(2)'s arguments.
-#[no_mangle]
-pub unsafe extern "C" fn epoll_wait(
-    epfd: c_int,
-    events: *mut libc::epoll_event,
-    max: c_int,
-    timeout: c_int,
-) -> c_int {
-    // SAFETY: forwarded unchanged.
-    let ready = unsafe { real::epoll_wait(epfd, events, max, timeout) };
-    // SAFETY: the kernel wrote `ready` events there.
-    unsafe { epoll_waited(epfd, events, ready) }
-}
-
-/// epoll_pwait(2), as [`epoll_wait`].
-///
-/// # Safety
-/// Called by the application with epoll_pwait(2)'s arguments.
-#[no_mangle]
-pub unsafe extern "C" fn epoll_pwait(
-    epfd: c_int,
-    events: *mut libc::epoll_event,
-    max: c_int,
-    timeout: c_int,
-    sigmask: *const libc::sigset_t,
-) -> c_int {
-    // SAFETY: forwarded unchanged.
-    let ready = unsafe { real::epoll_pwait(epfd, events, max, timeout, sigmask) };
-    // SAFETY: the kernel wrote `ready` events there.
-    unsafe { epoll_waited(epfd, events, ready) }
-}
-
-/// # Safety
-/// `events` holds `ready` events the kernel just wrote.
-unsafe fn epoll_waited(epfd: c_int, events: *mut libc::epoll_event, ready: c_int) -> c_int {
-    if ready <= 0 {
-        return ready;
-    }
-    guard::or_else(
-        "epoll_wait",
-        // SAFETY: the caller's contract.
-        || unsafe { epoll::after_wait(epfd, events, ready) },
-        || ready,
-    )
-}
-
 /// poll(2): an accelerated listener's clients without Freeflow make it ready too (see
 /// `overlay_accept::poll_with_overlays`).
 ///
@@ -978,13 +929,21 @@ pub unsafe extern "C" fn select(
     except: *mut libc::fd_set,
     timeout: *mut libc::timeval,
 ) -> c_int {
-    // SAFETY: forwarded, the read set possibly widened by the shim's own fds.
-    let wait = |nfds, read| unsafe { real::select(nfds, read, write, except, timeout) };
+    let sets = overlay_accept::FdSets {
+        read,
+        write,
+        except,
+    };
+    // SAFETY: the application's sets, or the shim's full-size copies of them with the shim's
+    // own fds added, and the application's timeout.
+    let wait = |nfds, sets: overlay_accept::FdSets| unsafe {
+        real::select(nfds, sets.read, sets.write, sets.except, timeout)
+    };
     guard::or_else(
         "select",
         // SAFETY: select(2)'s arguments, as the application gave them.
-        || unsafe { overlay_accept::select_with_overlays(nfds, read, wait) },
-        || wait(nfds, read),
+        || unsafe { overlay_accept::select_with_overlays(nfds, sets, wait) },
+        || wait(nfds, sets),
     )
 }
 
@@ -1001,13 +960,20 @@ pub unsafe extern "C" fn pselect(
     timeout: *const libc::timespec,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
-    // SAFETY: forwarded, the read set possibly widened by the shim's own fds.
-    let wait = |nfds, read| unsafe { real::pselect(nfds, read, write, except, timeout, sigmask) };
+    let sets = overlay_accept::FdSets {
+        read,
+        write,
+        except,
+    };
+    // SAFETY: as in select.
+    let wait = |nfds, sets: overlay_accept::FdSets| unsafe {
+        real::pselect(nfds, sets.read, sets.write, sets.except, timeout, sigmask)
+    };
     guard::or_else(
         "pselect",
         // SAFETY: pselect(2)'s arguments, as the application gave them.
-        || unsafe { overlay_accept::select_with_overlays(nfds, read, wait) },
-        || wait(nfds, read),
+        || unsafe { overlay_accept::select_with_overlays(nfds, sets, wait) },
+        || wait(nfds, sets),
     )
 }
 

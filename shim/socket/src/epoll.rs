@@ -17,8 +17,11 @@
 //! closed, or the overlay listener stops listening (no router: a level-triggered instance would
 //! report its hang-up again and again), and registered again when it listens again.
 //! EPOLLEXCLUSIVE is passed on (forked workers each register it in their own instance, and
-//! the kernel wakes one of them per client); for EPOLLONESHOT, an event from either
-//! registration disarms both, in the shim's epoll_wait (see [`after_wait`]).
+//! the kernel wakes one of them per client). An EPOLLONESHOT registration is not mirrored: the
+//! two would have to disarm each other at the wait, and an event names its registration only
+//! by the application's data, which other fds may share (one handler for all, or data 0), so
+//! another fd's event would disarm the listener for good. Such a listener's plain clients come
+//! by the router's doorbell, as before the mirrors.
 
 use crate::forklock::ForkLock;
 use crate::real;
@@ -139,10 +142,8 @@ pub(crate) struct Mirror {
 }
 
 pub(crate) static MIRRORS: ForkLock<Vec<Mirror>> = ForkLock::new(Vec::new());
-/// Set once a mirror exists, so that close() and epoll_wait elsewhere cost one relaxed load.
+/// Set once a mirror exists, so that close() elsewhere costs one relaxed load.
 static ANY_MIRROR: AtomicBool = AtomicBool::new(false);
-/// Set once a mirror of an EPOLLONESHOT registration exists (epoll_wait then looks).
-static ANY_ONESHOT: AtomicBool = AtomicBool::new(false);
 
 const ONESHOT: u32 = libc::EPOLLONESHOT as u32;
 
@@ -184,14 +185,21 @@ pub fn after_ctl(
                 .iter_mut()
                 .find(|m| m.epfd == epfd && m.listener == fd)
             {
+                if events & ONESHOT != 0 {
+                    // Not mirrored (see the module's comment): withdrawn.
+                    let gone = *m;
+                    drop(mirrors);
+                    take_mirrors(|m| *m == gone);
+                    if gone.armed {
+                        let _ = ctl(epfd, libc::EPOLL_CTL_DEL, gone.overlay, 0, 0);
+                    }
+                    return None;
+                }
                 if m.armed {
                     ctl(epfd, libc::EPOLL_CTL_MOD, m.overlay, events, data).ok()?;
                 }
                 m.events = events;
                 m.data = data;
-                if events & ONESHOT != 0 {
-                    ANY_ONESHOT.store(true, Ordering::Relaxed);
-                }
                 return None;
             }
             drop(mirrors);
@@ -204,6 +212,11 @@ pub fn after_ctl(
 }
 
 fn add_mirror(epfd: c_int, fd: c_int, events: u32, data: u64) -> Option<(Ipv4Addr, u16)> {
+    if events & ONESHOT != 0 {
+        // Not mirrored (see the module's comment); nor told to the router, which then rings
+        // for this listener's plain clients without a grace.
+        return None;
+    }
     let (_, local, overlay) = crate::state::overlays_of_listeners([fd]).pop()?;
     if !real::is_listening(overlay) {
         return None;
@@ -220,9 +233,6 @@ fn add_mirror(epfd: c_int, fd: c_int, events: u32, data: u64) -> Option<(Ipv4Add
         armed: true,
     });
     ANY_MIRROR.store(true, Ordering::Relaxed);
-    if events & ONESHOT != 0 {
-        ANY_ONESHOT.store(true, Ordering::Relaxed);
-    }
     (events & libc::EPOLLIN as u32 != 0).then_some(local)
 }
 
@@ -304,52 +314,6 @@ pub fn rearm_overlay(overlay: c_int) {
     }
 }
 
-/// After the application's epoll_wait on `epfd` returned `ready` events in `events`: an
-/// EPOLLONESHOT listener mirrored there reports once until the application re-arms it (with
-/// EPOLL_CTL_MOD, which the mirror follows), as it would alone: an event from either
-/// registration disarms the other, and a second event for it in the same call is dropped.
-/// Returns the number of events left.
-///
-/// # Safety
-/// `events` points at `ready` events the kernel just wrote.
-pub unsafe fn after_wait(epfd: c_int, events: *mut libc::epoll_event, ready: c_int) -> c_int {
-    if ready <= 0 || !ANY_ONESHOT.load(Ordering::Relaxed) {
-        return ready;
-    }
-    let oneshots: Vec<Mirror> = MIRRORS
-        .lock()
-        .iter()
-        .filter(|m| m.epfd == epfd && m.events & ONESHOT != 0)
-        .copied()
-        .collect();
-    if oneshots.is_empty() {
-        return ready;
-    }
-    let mut seen: Vec<c_int> = Vec::new();
-    let mut kept = 0;
-    for i in 0..ready as usize {
-        // SAFETY: `i` is below `ready`, within what the kernel wrote (read unaligned: the
-        // structure is packed on x86_64).
-        let event = unsafe { std::ptr::read_unaligned(events.add(i)) };
-        let data = event.u64;
-        if let Some(m) = oneshots.iter().find(|m| m.data == data) {
-            if seen.contains(&m.listener) {
-                continue;
-            }
-            seen.push(m.listener);
-            // The one that fired is disarmed by the kernel; both are, for the other.
-            let _ = ctl(epfd, libc::EPOLL_CTL_MOD, m.listener, ONESHOT, data);
-            if m.armed {
-                let _ = ctl(epfd, libc::EPOLL_CTL_MOD, m.overlay, ONESHOT, data);
-            }
-        }
-        // SAFETY: `kept` <= `i`, within the same array.
-        unsafe { std::ptr::write_unaligned(events.add(kept), event) };
-        kept += 1;
-    }
-    kept as c_int
-}
-
 /// Mirrors the registrations an fd had before it became an accelerated listener (an
 /// application that registered its socket before listen): `fd` now holds the host listener.
 pub fn mirror_registered(fd: c_int) -> Vec<(Ipv4Addr, u16)> {
@@ -400,13 +364,15 @@ pub(crate) mod tests {
     use super::*;
     use crate::state::{self, Accelerated, KeptOverlay, Role};
     use std::net::{TcpListener, TcpStream};
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsRawFd, FromRawFd};
 
     /// A host listener and an overlay listener (both on loopback, as kernel sockets), known to
     /// the shim as the accelerated listener of overlay address `local` and its overlay
     /// listener. Forgotten by the shim when dropped.
     pub(crate) struct Pair {
         pub host: TcpListener,
+        /// Where the host listener listens (its clients connect there).
+        pub host_addr: std::net::SocketAddr,
         pub overlay: TcpListener,
         pub local: (Ipv4Addr, u16),
     }
@@ -414,7 +380,15 @@ pub(crate) mod tests {
     impl Pair {
         pub(crate) fn new(local: (Ipv4Addr, u16)) -> Pair {
             let host = TcpListener::bind("127.0.0.1:0").unwrap();
-            let overlay = TcpListener::bind("127.0.0.1:0").unwrap();
+            // Before the shim knows it: its getsockname then says the overlay address.
+            let host_addr = host.local_addr().unwrap();
+            let low = TcpListener::bind("127.0.0.1:0").unwrap();
+            // At the shim's floor, as its duplicates are: above the application's low fds.
+            let high = real::fcntl_set(low.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 256);
+            assert!(high >= 256, "dup: {}", real::errno());
+            // SAFETY: a fresh fd nobody else owns.
+            let overlay = unsafe { TcpListener::from_raw_fd(high) };
+            drop(low);
             state::insert(
                 host.as_raw_fd(),
                 Accelerated {
@@ -432,6 +406,7 @@ pub(crate) mod tests {
             );
             Pair {
                 host,
+                host_addr,
                 overlay,
                 local,
             }
@@ -453,15 +428,12 @@ pub(crate) mod tests {
         }
     }
 
-    /// What epoll_wait on `epfd` reports within `ms` (the data of each event), as the shim's
-    /// epoll_wait would pass it on.
+    /// What epoll_wait on `epfd` reports within `ms` (the data of each event).
     fn waited(epfd: c_int, ms: c_int) -> Vec<u64> {
         let mut ready = [libc::epoll_event { events: 0, u64: 0 }; 8];
         // SAFETY: epoll_wait writes at most 8 events into the live array.
-        let n = unsafe { real::epoll_wait(epfd, ready.as_mut_ptr(), 8, ms) };
+        let n = unsafe { libc::epoll_wait(epfd, ready.as_mut_ptr(), 8, ms) };
         assert!(n >= 0, "epoll_wait: {}", real::errno());
-        // SAFETY: the kernel wrote `n` events there.
-        let n = unsafe { after_wait(epfd, ready.as_mut_ptr(), n) };
         ready[..n as usize].iter().map(|e| e.u64).collect()
     }
 
@@ -526,27 +498,90 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn an_oneshot_listener_reports_once_until_rearmed_whichever_socket_is_ready() {
+    fn an_oneshot_registration_is_not_mirrored() {
         let pair = Pair::new((Ipv4Addr::new(10, 77, 0, 2), 4002));
         let host = pair.host.as_raw_fd();
         let epfd = real::epoll_create1(libc::EPOLL_CLOEXEC);
         assert!(epfd >= 0);
         let oneshot = (libc::EPOLLIN | libc::EPOLLONESHOT) as u32;
-        app_ctl(epfd, libc::EPOLL_CTL_ADD, host, oneshot, 7);
-        // A client on each: the host listener's (an accelerated client) and a plain one.
-        let _accelerated = TcpStream::connect(pair.host.local_addr().unwrap()).unwrap();
-        let _plain = pair.plain_client();
-        // Both sockets are ready before the wait: one event all the same.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(waited(epfd, 5000), vec![7]);
-        assert!(
-            waited(epfd, 0).is_empty(),
-            "disarmed until the application re-arms it"
+        assert_eq!(
+            app_ctl(epfd, libc::EPOLL_CTL_ADD, host, oneshot, 7),
+            None,
+            "not told to the router: its doorbells are wanted"
         );
-        app_ctl(epfd, libc::EPOLL_CTL_MOD, host, oneshot, 8);
-        assert_eq!(waited(epfd, 5000), vec![8]);
-        assert!(waited(epfd, 0).is_empty());
+        let _plain = pair.plain_client();
+        assert!(waited(epfd, 0).is_empty(), "a plain client: no event");
+        // The host listener's own client (or doorbell): one event until re-armed.
+        let _accelerated = TcpStream::connect(pair.host_addr).unwrap();
+        assert_eq!(waited(epfd, 5000), vec![7]);
+        assert!(waited(epfd, 0).is_empty(), "disarmed until re-armed");
+        // The C library's accept: the shim's would take a loopback client for a doorbell.
+        // SAFETY: NULL address arguments.
+        let taken = unsafe { real::accept4(host, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+        assert!(taken >= 0, "accept: {}", real::errno());
+        real::close(taken);
+        // MOD to level-triggered mirrors it; MOD back to EPOLLONESHOT withdraws the mirror.
+        let level = libc::EPOLLIN as u32;
+        assert_eq!(
+            app_ctl(epfd, libc::EPOLL_CTL_MOD, host, level, 8),
+            Some(pair.local)
+        );
+        assert_eq!(waited(epfd, 5000), vec![8], "the plain client, mirrored");
+        assert_eq!(app_ctl(epfd, libc::EPOLL_CTL_MOD, host, oneshot, 9), None);
+        assert!(waited(epfd, 0).is_empty(), "the mirror is withdrawn");
+        assert!(MIRRORS.lock().iter().all(|m| m.listener != host));
         real::close(epfd);
+    }
+
+    /// A pipe (read end, write end), to register beside a listener.
+    fn pipe() -> [c_int; 2] {
+        let mut ends = [0; 2];
+        // SAFETY: pipe writes two fds into a live array.
+        assert_eq!(unsafe { libc::pipe(ends.as_mut_ptr()) }, 0);
+        ends
+    }
+
+    fn put_byte(fd: c_int) {
+        // SAFETY: writes one byte from a live buffer.
+        assert_eq!(unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) }, 1);
+    }
+
+    fn take_byte(fd: c_int) {
+        let mut byte = 0u8;
+        // SAFETY: reads one byte into a live buffer.
+        let got = unsafe { libc::read(fd, (&mut byte as *mut u8).cast(), 1) };
+        assert_eq!(got, 1);
+    }
+
+    #[test]
+    fn an_oneshot_listener_is_not_disarmed_by_another_fds_event_with_the_same_data() {
+        let pair = Pair::new((Ipv4Addr::new(10, 77, 0, 4), 4004));
+        let host = pair.host.as_raw_fd();
+        let epfd = real::epoll_create1(libc::EPOLL_CLOEXEC);
+        assert!(epfd >= 0);
+        let oneshot = (libc::EPOLLIN | libc::EPOLLONESHOT) as u32;
+        // One handler for both (its pointer as their data; 0 here, as many programs leave it).
+        app_ctl(epfd, libc::EPOLL_CTL_ADD, host, oneshot, 0);
+        let [readable, writable] = pipe();
+        app_ctl(epfd, libc::EPOLL_CTL_ADD, readable, libc::EPOLLIN as u32, 0);
+        put_byte(writable);
+        assert_eq!(waited(epfd, 5000), vec![0], "the pipe's event");
+        take_byte(readable);
+        // The listener is still armed: its client is reported.
+        let _accelerated = TcpStream::connect(pair.host_addr).unwrap();
+        assert_eq!(waited(epfd, 5000), vec![0], "the listener's event");
+        assert!(waited(epfd, 0).is_empty(), "disarmed until re-armed");
+        // Both ready in one call: both reported.
+        put_byte(writable);
+        app_ctl(epfd, libc::EPOLL_CTL_MOD, host, oneshot, 0);
+        assert_eq!(
+            waited(epfd, 5000),
+            vec![0, 0],
+            "the listener's and the pipe's"
+        );
+        for fd in [epfd, readable, writable] {
+            real::close(fd);
+        }
     }
 
     #[test]

@@ -365,59 +365,151 @@ pub unsafe fn poll_with_overlays(
     ready as c_int
 }
 
-/// A select or pselect of the application (`wait`: the C library's, given nfds and the read
-/// set; the other sets and the timeout are the application's): the shim's overlay listener of
-/// each accelerated listener in `read` is selected beside it, and its clients are reported as
-/// the listener's.
+/// The three sets of a select or pselect (each NULL or an fd_set).
+#[derive(Debug, Clone, Copy)]
+pub struct FdSets {
+    pub read: *mut libc::fd_set,
+    pub write: *mut libc::fd_set,
+    pub except: *mut libc::fd_set,
+}
+
+/// One word of an fd_set, as the C library lays it out.
+type SetWord = libc::c_ulong;
+const SET_WORD_BITS: usize = SetWord::BITS as usize;
+
+/// The words of an fd_set select reads and writes for `nfds`: howmany(nfds, NFDBITS). A
+/// program may allocate only these (older sshd does).
+fn set_words(nfds: usize) -> usize {
+    nfds.div_ceil(SET_WORD_BITS)
+}
+
+/// The bits of word `i` that stand for fds below `nfds`.
+fn word_mask(i: usize, nfds: usize) -> SetWord {
+    let below = nfds.saturating_sub(i * SET_WORD_BITS);
+    if below >= SET_WORD_BITS {
+        SetWord::MAX
+    } else {
+        (1 << below) - 1
+    }
+}
+
+/// A full-size copy of the application's set `set` (NULL: an empty one) holding its bits
+/// for the fds below `nfds`, read word by word from the words select would read.
 ///
 /// # Safety
-/// `read` is NULL or a live fd_set, as select(2) requires.
+/// `set` is NULL or has [`set_words`]`(nfds)` readable words, `nfds` at most FD_SETSIZE.
+unsafe fn read_set(set: *const libc::fd_set, nfds: usize) -> libc::fd_set {
+    // SAFETY: an all-zero fd_set is an empty one.
+    let mut copy: libc::fd_set = unsafe { std::mem::zeroed() };
+    if set.is_null() {
+        return copy;
+    }
+    let words = (&mut copy as *mut libc::fd_set).cast::<SetWord>();
+    for i in 0..set_words(nfds) {
+        // SAFETY: word `i` is within the application's set (the caller's contract) and within
+        // the full-size copy (`nfds` <= FD_SETSIZE); read unaligned: any address may come.
+        unsafe {
+            let word = std::ptr::read_unaligned(set.cast::<SetWord>().add(i));
+            words.add(i).write(word & word_mask(i, nfds));
+        }
+    }
+    copy
+}
+
+/// Writes the bits of `copy` for the fds below `nfds` into the application's set `set`
+/// (NULL: nothing), in the words select would write, as the kernel's select does.
+///
+/// # Safety
+/// As [`read_set`], the words writable.
+unsafe fn write_set(set: *mut libc::fd_set, copy: &libc::fd_set, nfds: usize) {
+    if set.is_null() {
+        return;
+    }
+    let words = (copy as *const libc::fd_set).cast::<SetWord>();
+    for i in 0..set_words(nfds) {
+        // SAFETY: as in read_set.
+        unsafe {
+            let word = words.add(i).read() & word_mask(i, nfds);
+            std::ptr::write_unaligned(set.cast::<SetWord>().add(i), word);
+        }
+    }
+}
+
+/// A select or pselect of the application (`wait`: the C library's, given nfds and the three
+/// sets; the timeout is the application's) over the fds below `nfds` in `sets`: the shim's
+/// overlay listener of each accelerated listener in the read set is selected beside it, and
+/// its clients are reported as the listener's. The application's sets may hold only the
+/// words for `nfds` fds, and the overlay listener's fd is usually above them: the wait is on
+/// the shim's own full-size copies, and only the application's words are read and written.
+///
+/// # Safety
+/// Each set is NULL or has the words select(2) reads and writes for `nfds`.
 pub unsafe fn select_with_overlays(
     nfds: c_int,
-    read: *mut libc::fd_set,
-    wait: impl Fn(c_int, *mut libc::fd_set) -> c_int,
+    sets: FdSets,
+    wait: impl Fn(c_int, FdSets) -> c_int,
 ) -> c_int {
     let setsize = libc::FD_SETSIZE as c_int;
-    if !state::in_use() || read.is_null() || nfds <= 0 || nfds > setsize {
-        return wait(nfds, read);
+    if !state::in_use() || sets.read.is_null() || nfds <= 0 || nfds > setsize {
+        return wait(nfds, sets);
     }
-    // SAFETY: a live fd_set (the caller's contract), copied.
-    let mut selected: libc::fd_set = unsafe { std::ptr::read(read) };
-    // SAFETY: FD_ISSET reads a bit of a live set, for fds below FD_SETSIZE.
-    let wanted = (0..nfds).filter(|&fd| unsafe { libc::FD_ISSET(fd, &selected) });
+    let n = nfds as usize;
+    // SAFETY: the application's read set, for `nfds` (the caller's contract).
+    let mut read = unsafe { read_set(sets.read, n) };
+    // SAFETY: FD_ISSET reads a bit of a full-size set, for fds below FD_SETSIZE.
+    let wanted = (0..nfds).filter(|&fd| unsafe { libc::FD_ISSET(fd, &read) });
     let beside: Vec<_> = state::overlays_of_listeners(wanted)
         .into_iter()
         .filter(|&(_, _, overlay)| overlay < setsize && real::is_listening(overlay))
         .collect();
     if beside.is_empty() {
-        return wait(nfds, read);
+        return wait(nfds, sets);
     }
+    // SAFETY: the application's other sets, for `nfds` (the caller's contract).
+    let (mut write, mut except) = unsafe { (read_set(sets.write, n), read_set(sets.except, n)) };
     let mut widest = nfds;
     for &(_, local, overlay) in &beside {
         announce_accepting(local);
         // SAFETY: `overlay` is below FD_SETSIZE (checked).
-        unsafe { libc::FD_SET(overlay, &mut selected) };
+        unsafe { libc::FD_SET(overlay, &mut read) };
         widest = widest.max(overlay + 1);
     }
-    let mut rc = wait(widest, &mut selected);
+    // The application's NULL sets stay NULL.
+    let own_or_null = |app: *mut libc::fd_set, own: &mut libc::fd_set| {
+        if app.is_null() {
+            app
+        } else {
+            own as *mut libc::fd_set
+        }
+    };
+    let own = FdSets {
+        read: &mut read,
+        write: own_or_null(sets.write, &mut write),
+        except: own_or_null(sets.except, &mut except),
+    };
+    let mut rc = wait(widest, own);
     if rc < 0 {
         return rc;
     }
     for &(listener, _, overlay) in &beside {
         // SAFETY: both fds are below FD_SETSIZE.
         unsafe {
-            if libc::FD_ISSET(overlay, &selected) {
-                libc::FD_CLR(overlay, &mut selected);
-                if libc::FD_ISSET(listener, &selected) {
+            if libc::FD_ISSET(overlay, &read) {
+                libc::FD_CLR(overlay, &mut read);
+                if libc::FD_ISSET(listener, &read) {
                     rc -= 1;
                 } else {
-                    libc::FD_SET(listener, &mut selected);
+                    libc::FD_SET(listener, &mut read);
                 }
             }
         }
     }
-    // SAFETY: the application's live set, written as select writes it.
-    unsafe { std::ptr::write(read, selected) };
+    // SAFETY: the application's sets, written for `nfds` as select writes them.
+    unsafe {
+        write_set(sets.read, &read, n);
+        write_set(sets.write, &write, n);
+        write_set(sets.except, &except, n);
+    }
     rc
 }
 
@@ -540,17 +632,16 @@ mod tests {
             };
             let timeout = &mut timeout as *mut libc::timeval;
             // SAFETY: live sets and timeout; the C library's select.
-            let wait = |nfds, read| unsafe {
-                real::select(
-                    nfds,
-                    read,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    timeout,
-                )
+            let wait = |nfds, sets: FdSets| unsafe {
+                real::select(nfds, sets.read, sets.write, sets.except, timeout)
             };
-            // SAFETY: a live set.
-            let rc = unsafe { select_with_overlays(host + 1, &mut read, wait) };
+            let sets = FdSets {
+                read: &mut read,
+                write: std::ptr::null_mut(),
+                except: std::ptr::null_mut(),
+            };
+            // SAFETY: a live set, the others NULL.
+            let rc = unsafe { select_with_overlays(host + 1, sets, wait) };
             // SAFETY: reads bits of a live set.
             let (listener, shims) =
                 unsafe { (libc::FD_ISSET(host, &read), libc::FD_ISSET(overlay, &read)) };
@@ -563,7 +654,66 @@ mod tests {
             (1, true, false),
             "the listener's bit, not the shim's"
         );
-        let _accelerated = std::net::TcpStream::connect(pair.host.local_addr().unwrap()).unwrap();
+        let _accelerated = std::net::TcpStream::connect(pair.host_addr).unwrap();
         assert_eq!(select_now(5000), (1, true, false), "both ready: one count");
+    }
+
+    /// Words of a full fd_set (FD_SETSIZE bits).
+    const SET_WORDS: usize = libc::FD_SETSIZE / 64;
+    /// What the words past an application's set hold (other data of its own).
+    const GUARD: u64 = 0x5a5a_5a5a_5a5a_5a5a;
+
+    /// An fd_set sized for fds below 64 (one word, as a program sizes it for its nfds),
+    /// followed by guard words: in an allocation of a full set's size, so that the words past
+    /// it are the test's.
+    fn narrow_set(fds: &[c_int]) -> Box<[u64; SET_WORDS]> {
+        let mut set = Box::new([GUARD; SET_WORDS]);
+        set[0] = fds.iter().fold(0, |word, &fd| word | 1 << fd);
+        set
+    }
+
+    #[test]
+    fn select_reads_and_writes_only_the_words_of_the_applications_sets() {
+        let pair = Pair::new((Ipv4Addr::new(10, 77, 1, 3), 4103));
+        let host = pair.host.as_raw_fd();
+        let mut pipe = [0; 2];
+        // SAFETY: pipe writes two fds into a live array.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        let (readable, writable) = (pipe[0], pipe[1]);
+        assert!(host.max(readable).max(writable) < 64 && pair.overlay.as_raw_fd() >= 64);
+        let nfds = host.max(readable).max(writable) + 1;
+        let mut read = narrow_set(&[host, readable]);
+        let mut write = narrow_set(&[writable]);
+        let mut except = narrow_set(&[host]);
+        let _client = pair.plain_client();
+        let sets = FdSets {
+            read: read.as_mut_ptr().cast(),
+            write: write.as_mut_ptr().cast(),
+            except: except.as_mut_ptr().cast(),
+        };
+        let mut timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        let timeout = &mut timeout as *mut libc::timeval;
+        // SAFETY: live sets and timeout; the C library's select.
+        let wait = |nfds, sets: FdSets| unsafe {
+            real::select(nfds, sets.read, sets.write, sets.except, timeout)
+        };
+        // SAFETY: live sets (of a full set's size, the words past the first the test's).
+        let rc = unsafe { select_with_overlays(nfds, sets, wait) };
+        assert_eq!(rc, 2, "the listener readable, the pipe writable");
+        assert_eq!(read[0], 1 << host);
+        assert_eq!(write[0], 1 << writable);
+        assert_eq!(except[0], 0);
+        for set in [&read, &write, &except] {
+            assert!(
+                set[1..].iter().all(|&w| w == GUARD),
+                "past the set: {set:x?}"
+            );
+        }
+        for fd in pipe {
+            real::close(fd);
+        }
     }
 }

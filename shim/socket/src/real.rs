@@ -2,7 +2,7 @@
 //! shim makes on descriptors.
 //!
 //! This library exports its own `connect`, `listen`, `accept4`, `close`, `dup*`, `fcntl`,
-//! `epoll_create*`, `epoll_ctl`, `epoll_wait`, `epoll_pwait`, `poll`, `ppoll`, `select`,
+//! `epoll_create*`, `epoll_ctl`, `poll`, `ppoll`, `select`,
 //! `pselect`, `exec*` and `posix_spawn*` (see `abi`), so `libc::close` and the like, called
 //! from inside it, would reach the shim's versions again: those are called here through the
 //! pointers dlsym found. Waits through `freeflow-os` reach the shim's `poll`, which passes
@@ -23,14 +23,6 @@ type DupFn = unsafe extern "C" fn(c_int) -> c_int;
 type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
 type EpollCreate1Fn = unsafe extern "C" fn(c_int) -> c_int;
 type EpollCtlFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
-type EpollWaitFn = unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int;
-type EpollPwaitFn = unsafe extern "C" fn(
-    c_int,
-    *mut libc::epoll_event,
-    c_int,
-    c_int,
-    *const libc::sigset_t,
-) -> c_int;
 type PollFn = unsafe extern "C" fn(*mut libc::pollfd, libc::nfds_t, c_int) -> c_int;
 type PpollFn = unsafe extern "C" fn(
     *mut libc::pollfd,
@@ -79,8 +71,6 @@ struct Real {
     fcntl: FcntlFn,
     epoll_create1: EpollCreate1Fn,
     epoll_ctl: EpollCtlFn,
-    epoll_wait: EpollWaitFn,
-    epoll_pwait: EpollPwaitFn,
     poll: PollFn,
     ppoll: PpollFn,
     select: SelectFn,
@@ -122,12 +112,6 @@ fn real() -> &'static Real {
                 )),
                 epoll_ctl: std::mem::transmute::<*mut libc::c_void, EpollCtlFn>(lookup(
                     c"epoll_ctl",
-                )),
-                epoll_wait: std::mem::transmute::<*mut libc::c_void, EpollWaitFn>(lookup(
-                    c"epoll_wait",
-                )),
-                epoll_pwait: std::mem::transmute::<*mut libc::c_void, EpollPwaitFn>(lookup(
-                    c"epoll_pwait",
                 )),
                 poll: std::mem::transmute::<*mut libc::c_void, PollFn>(lookup(c"poll")),
                 ppoll: std::mem::transmute::<*mut libc::c_void, PpollFn>(lookup(c"ppoll")),
@@ -387,35 +371,6 @@ pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
 pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, event: *mut libc::epoll_event) -> c_int {
     // SAFETY: the caller's contract is epoll_ctl(2)'s.
     unsafe { (real().epoll_ctl)(epfd, op, fd, event) }
-}
-
-/// The C library's epoll_wait.
-///
-/// # Safety
-/// `events` must have room for `max` events.
-pub unsafe fn epoll_wait(
-    epfd: c_int,
-    events: *mut libc::epoll_event,
-    max: c_int,
-    ms: c_int,
-) -> c_int {
-    // SAFETY: the caller's contract is epoll_wait(2)'s.
-    unsafe { (real().epoll_wait)(epfd, events, max, ms) }
-}
-
-/// The C library's epoll_pwait.
-///
-/// # Safety
-/// As epoll_pwait(2): `events` has room for `max` events, `sigmask` is NULL or a live set.
-pub unsafe fn epoll_pwait(
-    epfd: c_int,
-    events: *mut libc::epoll_event,
-    max: c_int,
-    ms: c_int,
-    sigmask: *const libc::sigset_t,
-) -> c_int {
-    // SAFETY: the caller's contract.
-    unsafe { (real().epoll_pwait)(epfd, events, max, ms, sigmask) }
 }
 
 /// The C library's poll.
