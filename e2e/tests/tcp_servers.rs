@@ -74,12 +74,12 @@ impl Site {
         self.client(container, preload, &["python3", "-c", CLIENT, DB_IP, &port])
     }
 
-    /// Connects accelerated by host 0's router (web's) and clients relayed by host 1's (db's).
-    fn connects_and_relays(&self) -> (u64, u64) {
-        (
-            self.router_counter(0, "tcp_connects"),
-            self.router_counter(1, "tcp_relayed"),
-        )
+    /// Connects accelerated by host 0's router (web's). (A plain client of an accelerated
+    /// server is relayed either by db's router's doorbell or, where the server's shim sees it
+    /// wait, by the shim itself, which the router does not count: the tests check that it is
+    /// served, with its own address.)
+    fn connects(&self) -> u64 {
+        self.router_counter(0, "tcp_connects")
     }
 }
 
@@ -187,19 +187,18 @@ fn wait_exit(child: &mut Child) {
 fn v6_only_and_dual_stack_listeners_serve_ipv4_clients_as_the_kernel_would() {
     let site = Site::new("sv");
     let (mut server, line, _reaper) = start_python_server(&site, 7000, "pair", false, 2);
-    let (connects, relayed) = site.connects_and_relays();
+    let connects = site.connects();
     let out = site.python_client("web", true, 7000);
     assert!(
         out.contains("ARRIVED inet ('10.32.0.2',") && out.contains("CLIENT 10.32.0.2"),
         "a shim client's connection arrives on the AF_INET listener: {out}"
     );
-    assert_eq!(site.connects_and_relays().0, connects + 1, "accelerated");
+    assert_eq!(site.connects(), connects + 1, "accelerated");
     let out = site.python_client("plain", false, 7000);
     assert!(
         out.contains("ARRIVED inet ('10.32.0.5',"),
         "a plain client's connection arrives on the AF_INET listener: {out}"
     );
-    assert_eq!(site.connects_and_relays().1, relayed + 1, "relayed");
     wait_exit(&mut server);
     assert!(
         line.contains("('0.0.0.0', 7000) ('::', 7000, 0, 0)"),
@@ -207,21 +206,20 @@ fn v6_only_and_dual_stack_listeners_serve_ipv4_clients_as_the_kernel_would() {
     );
 
     let (mut server, line, _reaper) = start_python_server(&site, 7001, "dual", false, 2);
-    let (connects, relayed) = site.connects_and_relays();
+    let connects = site.connects();
     let out = site.python_client("web", true, 7001);
     assert!(
         out.contains("ARRIVED inet6 ('::ffff:10.32.0.2',")
             && out.contains("('::ffff:10.32.0.4', 7001, 0, 0)"),
         "v4-mapped addresses on the dual-stack listener: {out}"
     );
-    assert_eq!(site.connects_and_relays().0, connects + 1, "accelerated");
+    assert_eq!(site.connects(), connects + 1, "accelerated");
     let out = site.python_client("plain", false, 7001);
     assert!(
         out.contains("ARRIVED inet6 ('::ffff:10.32.0.5',")
             && out.contains("('::ffff:10.32.0.4', 7001, 0, 0)"),
         "a plain client on the dual-stack listener: {out}"
     );
-    assert_eq!(site.connects_and_relays().1, relayed + 1, "relayed");
     wait_exit(&mut server);
     assert!(line.contains("('::', 7001, 0, 0)"), "getsockname: {line}");
     let log = site.router_log();
@@ -237,13 +235,12 @@ fn a_daemonizing_server_serves_clients_with_and_without_freeflow() {
     let (_, line, _reaper) = start_python_server(&site, 7002, "v4", true, 2);
     // Longer than the router keeps a listener whose holders all left.
     std::thread::sleep(Duration::from_millis(2500));
-    let (connects, relayed) = site.connects_and_relays();
+    let connects = site.connects();
     let out = site.python_client("web", true, 7002);
     assert!(out.contains("ARRIVED inet ('10.32.0.2',"), "{out}");
-    assert_eq!(site.connects_and_relays().0, connects + 1, "accelerated");
+    assert_eq!(site.connects(), connects + 1, "accelerated");
     let out = site.python_client("plain", false, 7002);
     assert!(out.contains("ARRIVED inet ('10.32.0.5',"), "{out}");
-    assert_eq!(site.connects_and_relays().1, relayed + 1, "relayed");
     assert!(line.contains("('0.0.0.0', 7002)"), "getsockname: {line}");
 }
 
@@ -288,13 +285,12 @@ fn a_daemonizing_nginx_serves_clients_with_and_without_freeflow() {
     std::thread::sleep(Duration::from_millis(2500));
     let url = format!("http://{DB_IP}/");
     let curl = ["curl", "-sS", "--max-time", "10", url.as_str()];
-    let (connects, relayed) = site.connects_and_relays();
+    let connects = site.connects();
     let out = site.client("web", true, &curl);
     assert!(out.contains("nginx saw 10.32.0.2"), "{out}");
-    assert!(site.connects_and_relays().0 > connects, "accelerated");
+    assert!(site.connects() > connects, "accelerated");
     let out = site.client("plain", false, &curl);
     assert!(out.contains("nginx saw 10.32.0.5"), "{out}");
-    assert!(site.connects_and_relays().1 > relayed, "relayed");
 }
 
 /// A PostgreSQL cluster in `work/pg`, made by initdb as the postgres user, trusting every IPv4
@@ -378,13 +374,12 @@ fn postgresql_listening_everywhere_accepts_remote_logins() {
     let psql = [
         "psql", "-h", DB_IP, "-U", "postgres", "-d", "postgres", "-tAc", "select 1",
     ];
-    let (connects, relayed) = site.connects_and_relays();
+    let connects = site.connects();
     let out = site.client("web", true, &psql);
     assert_eq!(out.trim(), "1", "psql with the shim");
-    assert!(site.connects_and_relays().0 > connects, "accelerated");
+    assert!(site.connects() > connects, "accelerated");
     let out = site.client("plain", false, &psql);
     assert_eq!(out.trim(), "1", "psql without the shim");
-    assert!(site.connects_and_relays().1 > relayed, "relayed");
     let _ = Command::new("runuser")
         .args(["-u", "postgres", "--", "timeout", "20"])
         .arg(pg_bin("pg_ctl"))

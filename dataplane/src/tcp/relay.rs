@@ -43,8 +43,24 @@ const EXPIRE_EVERY: Duration = Duration::from_millis(100);
 /// How long the clients of a listener whose processes take them themselves (`Accepts`) are
 /// left to those processes before the router rings for the ones still waiting: a process
 /// that stopped accepting, or is busy, must not leave them waiting without bound. Arrivals in
-/// that time do not wake the router.
+/// that time do not wake the router. `FREEFLOW_ACCEPT_GRACE_MS` sets another (tests that must
+/// tell a client the process took from one a doorbell brought, whatever the machine's load).
 pub(super) const ACCEPT_GRACE: Duration = Duration::from_millis(20);
+
+/// The grace in force: [`ACCEPT_GRACE`], or `FREEFLOW_ACCEPT_GRACE_MS` (at most a minute, so
+/// that no client waits without bound).
+fn accept_grace() -> Duration {
+    static GRACE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *GRACE.get_or_init(|| grace_from(std::env::var("FREEFLOW_ACCEPT_GRACE_MS").ok().as_deref()))
+}
+
+/// The grace `FREEFLOW_ACCEPT_GRACE_MS` asks for: milliseconds, up to a minute; the default
+/// when unset or unreadable.
+pub(super) fn grace_from(setting: Option<&str>) -> Duration {
+    setting
+        .and_then(|ms| ms.trim().parse::<u64>().ok())
+        .map_or(ACCEPT_GRACE, |ms| Duration::from_millis(ms.min(60_000)))
+}
 /// Doorbells rung for one listener per turn of the control loop: the turn stays short, and
 /// each answered doorbell rings again for the clients still waiting.
 const RING_BATCH: usize = 64;
@@ -537,7 +553,7 @@ impl TcpService {
                         // Its processes wait on the overlay listener: they take the client.
                         // (Doorbells rung at a grace's end are taken at the next one, or
                         // at the check: not a wake-up per arrival meanwhile.)
-                        self.relays.pause(key, now + ACCEPT_GRACE);
+                        self.relays.pause(key, now + accept_grace());
                     } else {
                         listeners.push(key);
                     }
@@ -705,4 +721,19 @@ fn ring_doorbell(host_listener: HostEndpoint) -> io::Result<Doorbell> {
         socket,
         since: Instant::now(),
     })
+}
+
+#[cfg(test)]
+mod grace_tests {
+    use super::{grace_from, ACCEPT_GRACE};
+    use std::time::Duration;
+
+    #[test]
+    fn the_accept_grace_is_the_default_unless_set_and_at_most_a_minute() {
+        assert_eq!(grace_from(None), ACCEPT_GRACE);
+        assert_eq!(grace_from(Some("soon")), ACCEPT_GRACE);
+        assert_eq!(grace_from(Some("-5")), ACCEPT_GRACE);
+        assert_eq!(grace_from(Some(" 250 ")), Duration::from_millis(250));
+        assert_eq!(grace_from(Some("99999999")), Duration::from_secs(60));
+    }
 }

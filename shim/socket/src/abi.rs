@@ -1,7 +1,7 @@
 //! The functions this library exports in place of the C library's: connect, listen, accept,
 //! accept4, getsockname, getpeername, close, close_range, closefrom, dup, dup2, dup3, fcntl
-//! (F_DUPFD), epoll_create,
-//! epoll_create1, and execve/execv/execvp/execvpe/posix_spawn/posix_spawnp (to pass accelerated
+//! (F_DUPFD), epoll_create, epoll_create1, epoll_ctl, poll, ppoll,
+//! select, pselect, and execve/execv/execvp/execvpe/posix_spawn/posix_spawnp (to pass accelerated
 //! sockets on). Each decides from its arguments whether the call concerns an overlay TCP socket;
 //! if not, it calls the C library unchanged. Each runs behind the panic guard (`guard`): a panic
 //! inside takes the C library's path.
@@ -278,6 +278,10 @@ unsafe fn listen_shimmed(fd: c_int, backlog: c_int) -> c_int {
                 reply.ip, reply.port
             ));
             session::ensure_watcher();
+            // Registered in epoll before it listened: its overlay listener is watched too.
+            for local in epoll::mirror_registered(fd) {
+                overlay_accept::announce_accepting(local);
+            }
             0
         }
         (SockStatus::Error, _) => {
@@ -537,6 +541,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     guard::or_else(
         "close",
         || {
+            epoll::closing(fd);
             epoll::closed(fd);
             unlisten_if_last(state::remove(fd));
             real::close(fd)
@@ -566,6 +571,9 @@ pub unsafe extern "C" fn close_range(
     guard::or_else(
         "close_range",
         || {
+            if flags & CLOSE_RANGE_CLOEXEC == 0 {
+                epoll::closing_range(first, last);
+            }
             let rc = real::close_range_around(first, last, flags, &private::held_in(first, last));
             if rc == 0 && flags & CLOSE_RANGE_CLOEXEC == 0 {
                 epoll::closed_range(first, last);
@@ -699,6 +707,9 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
         "dup3",
         || {
             replaced.set((old != new).then(|| state::get(new)).flatten());
+            if old != new {
+                epoll::closing(new);
+            }
             real::dup3(old, new, flags)
         },
         |rc| {
@@ -791,6 +802,178 @@ pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
         "epoll_create1",
         || real::epoll_create1(flags),
         epoll_created,
+    )
+}
+
+/// epoll_ctl(2): the shim's overlay listener of an accelerated listener follows the
+/// listener's registration (see `epoll`).
+///
+/// # Safety
+/// Called by the application with epoll_ctl(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    event: *mut libc::epoll_event,
+) -> c_int {
+    // SAFETY: forwarded unchanged.
+    let rc = unsafe { real::epoll_ctl(epfd, op, fd, event) };
+    if rc != 0 || !state::in_use() {
+        return rc;
+    }
+    let errno = real::errno();
+    guard::or_else(
+        "epoll_ctl",
+        || {
+            // SAFETY: the kernel just read this event (ADD, MOD); read unaligned: the structure
+            // is packed on x86_64.
+            let read = (!event.is_null()).then(|| unsafe { std::ptr::read_unaligned(event) });
+            let watched = epoll::after_ctl(epfd, op, fd, read.map(|e| (e.events, e.u64)));
+            if let Some(local) = watched {
+                overlay_accept::announce_accepting(local);
+            }
+        },
+        || {},
+    );
+    real::set_errno(errno);
+    rc
+}
+
+/// poll(2): an accelerated listener's clients without Freeflow make it ready too (see
+/// `overlay_accept::poll_with_overlays`).
+///
+/// # Safety
+/// Called by the application with poll(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int) -> c_int {
+    // SAFETY: forwarded, the array possibly extended by the shim's own entries.
+    let wait = |fds, nfds| unsafe { real::poll_raw(fds, nfds, timeout) };
+    guard::or_else(
+        "poll",
+        // SAFETY: poll(2)'s arguments, as the application gave them.
+        || unsafe { overlay_accept::poll_with_overlays(fds, nfds, wait) },
+        || wait(fds, nfds),
+    )
+}
+
+/// __poll_chk: the name fortified programs call poll by (the size check is the C library's).
+///
+/// # Safety
+/// As [`poll`]; `fds_len` is the size of the array `fds` points at.
+#[no_mangle]
+pub unsafe extern "C" fn __poll_chk(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    timeout: c_int,
+    fds_len: libc::size_t,
+) -> c_int {
+    if fds_len / std::mem::size_of::<libc::pollfd>() < nfds as usize {
+        // As the C library's check does: the program is broken.
+        std::process::abort();
+    }
+    // SAFETY: same contract.
+    unsafe { poll(fds, nfds, timeout) }
+}
+
+/// ppoll(2), as [`poll`].
+///
+/// # Safety
+/// Called by the application with ppoll(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn ppoll(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    // SAFETY: forwarded, the array possibly extended by the shim's own entries.
+    let wait = |fds, nfds| unsafe { real::ppoll(fds, nfds, timeout, sigmask) };
+    guard::or_else(
+        "ppoll",
+        // SAFETY: ppoll(2)'s arguments, as the application gave them.
+        || unsafe { overlay_accept::poll_with_overlays(fds, nfds, wait) },
+        || wait(fds, nfds),
+    )
+}
+
+/// __ppoll_chk, as [`__poll_chk`].
+///
+/// # Safety
+/// As [`ppoll`]; `fds_len` is the size of the array `fds` points at.
+#[no_mangle]
+pub unsafe extern "C" fn __ppoll_chk(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+    fds_len: libc::size_t,
+) -> c_int {
+    if fds_len / std::mem::size_of::<libc::pollfd>() < nfds as usize {
+        std::process::abort();
+    }
+    // SAFETY: same contract.
+    unsafe { ppoll(fds, nfds, timeout, sigmask) }
+}
+
+/// select(2): an accelerated listener's clients without Freeflow make it readable too (see
+/// `overlay_accept::select_with_overlays`).
+///
+/// # Safety
+/// Called by the application with select(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn select(
+    nfds: c_int,
+    read: *mut libc::fd_set,
+    write: *mut libc::fd_set,
+    except: *mut libc::fd_set,
+    timeout: *mut libc::timeval,
+) -> c_int {
+    let sets = overlay_accept::FdSets {
+        read,
+        write,
+        except,
+    };
+    // SAFETY: the application's sets, or the shim's full-size copies of them with the shim's
+    // own fds added, and the application's timeout.
+    let wait = |nfds, sets: overlay_accept::FdSets| unsafe {
+        real::select(nfds, sets.read, sets.write, sets.except, timeout)
+    };
+    guard::or_else(
+        "select",
+        // SAFETY: select(2)'s arguments, as the application gave them.
+        || unsafe { overlay_accept::select_with_overlays(nfds, sets, wait) },
+        || wait(nfds, sets),
+    )
+}
+
+/// pselect(2), as [`select`].
+///
+/// # Safety
+/// Called by the application with pselect(2)'s arguments.
+#[no_mangle]
+pub unsafe extern "C" fn pselect(
+    nfds: c_int,
+    read: *mut libc::fd_set,
+    write: *mut libc::fd_set,
+    except: *mut libc::fd_set,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    let sets = overlay_accept::FdSets {
+        read,
+        write,
+        except,
+    };
+    // SAFETY: as in select.
+    let wait = |nfds, sets: overlay_accept::FdSets| unsafe {
+        real::pselect(nfds, sets.read, sets.write, sets.except, timeout, sigmask)
+    };
+    guard::or_else(
+        "pselect",
+        // SAFETY: pselect(2)'s arguments, as the application gave them.
+        || unsafe { overlay_accept::select_with_overlays(nfds, sets, wait) },
+        || wait(nfds, sets),
     )
 }
 

@@ -67,11 +67,13 @@ extern "C" fn before_fork() {
     session::SESSION.hold_across_fork();
     state::TABLE.hold_across_fork();
     epoll::EPOLL_FDS.hold_across_fork();
+    epoll::MIRRORS.hold_across_fork();
 }
 
 /// In the parent after fork: the listeners now have other holders; closing one here must not
 /// take it from a child that has not claimed it yet.
 extern "C" fn after_fork_in_parent() {
+    epoll::MIRRORS.release_in_parent();
     epoll::EPOLL_FDS.release_in_parent();
     state::TABLE.release_in_parent();
     session::SESSION.release_in_parent();
@@ -80,6 +82,7 @@ extern "C" fn after_fork_in_parent() {
 
 /// In a forked child: claim the inherited listeners with a session of the child's own.
 extern "C" fn after_fork_in_child() {
+    epoll::MIRRORS.release_in_child();
     epoll::EPOLL_FDS.release_in_child();
     state::TABLE.release_in_child();
     session::SESSION.release_in_child();

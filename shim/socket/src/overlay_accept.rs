@@ -13,6 +13,13 @@
 //! rings only for clients still waiting after a short grace (a process that stopped
 //! accepting, or is busy elsewhere).
 //!
+//! Servers that wait in epoll, poll or select (nginx's workers, PostgreSQL's postmaster) are
+//! seen too: an epoll instance that watches an accelerated listener watches its overlay
+//! listener beside it (`epoll`), and the shim's poll and select add the overlay listener beside
+//! the listener's fd and report its clients as the listener's; the application then calls
+//! accept on the listener's fd, which takes the client from the overlay listener. Such a
+//! process tells the router too.
+//!
 //! The duplicate is made at listen (forked children inherit it); a process without one (it
 //! was exec'd: the duplicate is close-on-exec, or the application closed it) asks the router
 //! for it once, with a `Resolve` of the doorbell.
@@ -24,14 +31,14 @@
 //! they must be refused rather than accepted by the kernel and left waiting. It listens again
 //! when it is handed to the next router (`Relisten`).
 
+use crate::epoll;
 use crate::real;
 use crate::session;
 use crate::state::{self, KeptOverlay};
-use freeflow_os::poll::{poll, PollFd};
 use freeflow_proto::sockmsg::{SockOp, SockRequest, SockStatus};
 use libc::{c_int, sockaddr, socklen_t};
 use std::net::Ipv4Addr;
-use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 
 /// Where the router's doorbells come from.
 const DOORBELL_SOURCE: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -88,6 +95,8 @@ pub fn keep(fd: c_int, local: (Ipv4Addr, u16), backlog: c_int) {
 /// again for the next router. Other processes holding the same socket see the same.
 pub fn refuse_clients() {
     for kept in state::kept_overlays() {
+        // Its hang-up would wake a level-triggered epoll instance without end.
+        epoll::withdraw_overlay(kept.fd);
         if real::is_listening(kept.fd) {
             real::stop_listening(kept.fd);
             session::debug(format_args!(
@@ -103,6 +112,7 @@ pub fn refuse_clients() {
 pub fn release(local: (Ipv4Addr, u16)) {
     state::forget_accepting(local);
     if let Some(fd) = state::take_overlay(local) {
+        epoll::release_overlay(fd);
         real::close(fd);
     }
 }
@@ -114,6 +124,7 @@ pub fn kept_clone(local: (Ipv4Addr, u16)) -> Option<OwnedFd> {
     if !real::is_listening(kept.fd) && real::listen(kept.fd, kept.backlog) != 0 {
         return None;
     }
+    epoll::rearm_overlay(kept.fd);
     let dup = real::fcntl_set(kept.fd, libc::F_DUPFD_CLOEXEC, 0);
     // SAFETY: a fresh fd nobody else owns.
     (dup >= 0).then(|| unsafe { OwnedFd::from_raw_fd(dup) })
@@ -204,12 +215,16 @@ pub unsafe fn take(
     match err {
         libc::EAGAIN | libc::ECONNABORTED | libc::EINTR => Ok(None),
         // Not listening while no router serves it (`refuse_clients`): kept, to listen again
-        // for the next router.
-        libc::EINVAL => Ok(None),
+        // for the next router; out of the process's epoll instances meanwhile.
+        libc::EINVAL => {
+            epoll::withdraw_overlay(overlay);
+            Ok(None)
+        }
         e @ (libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Err(e),
         // Not a listener any more: forget it.
         _ => {
             if state::drop_overlay(local, overlay) {
+                epoll::release_overlay(overlay);
                 real::close(overlay);
             }
             Ok(None)
@@ -239,19 +254,20 @@ pub enum Ready {
 /// listening (no router: its clients are refused) reports a hang-up, never a client: the wait
 /// then is for the host listener's (its accept blocks as before).
 pub fn wait_either(fd: c_int, overlay: c_int, local: (Ipv4Addr, u16)) -> Ready {
-    // SAFETY: `fd` is the application's listener, in its own accept call, and `overlay` the
-    // shim's; one closed meanwhile by another thread only makes poll report POLLNVAL.
-    let (host, kept) = unsafe { (BorrowedFd::borrow_raw(fd), BorrowedFd::borrow_raw(overlay)) };
-    let mut fds = [
-        PollFd::new(host, libc::POLLIN),
-        PollFd::new(kept, libc::POLLIN),
-    ];
-    let mut ready = poll(&mut fds, Some(std::time::Duration::ZERO));
+    // `fd` is the application's listener, in its own accept call, and `overlay` the shim's;
+    // one closed meanwhile by another thread only makes poll report POLLNVAL. The C library's
+    // poll: the shim's would add the overlay listener again.
+    let mut fds = [fd, overlay].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let mut ready = real::poll_fds(&mut fds, Some(std::time::Duration::ZERO));
     if matches!(ready, Ok(0)) {
         announce_accepting(local);
         let timeout = real::receive_timeout(fd);
         loop {
-            ready = poll(&mut fds, timeout);
+            ready = real::poll_fds(&mut fds, timeout);
             // The kernel restarts an accept that a signal interrupted when the handler was
             // installed with SA_RESTART (and the socket has no receive timeout); poll is never
             // restarted. Forking servers reap children in a SIGCHLD handler with SA_RESTART
@@ -266,13 +282,235 @@ pub fn wait_either(fd: c_int, overlay: c_int, local: (Ipv4Addr, u16)) -> Ready {
     }
     match ready {
         Ok(0) => Ready::Failed(libc::EAGAIN),
-        Ok(_) if fds[0].revents() != 0 => Ready::Host,
-        Ok(_) if fds[1].revents() & libc::POLLIN != 0 => Ready::Overlay,
+        Ok(_) if fds[0].revents != 0 => Ready::Host,
+        Ok(_) if fds[1].revents & libc::POLLIN != 0 && fds[1].revents & libc::POLLHUP == 0 => {
+            Ready::Overlay
+        }
         // Only the overlay listener hung up: the host listener's accept, as without it.
         Ok(_) => Ready::Host,
         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ready::Failed(libc::EINTR),
         Err(e) => Ready::Failed(e.raw_os_error().unwrap_or(libc::EIO)),
     }
+}
+
+/// The most descriptors a poll may list for the shim to look at them (a larger one is passed
+/// on as it came: the kernel's own limit is RLIMIT_NOFILE).
+const POLL_LOOK_LIMIT: usize = 1 << 16;
+
+/// A poll or ppoll of the application (`wait`: the C library's, given the descriptors and their
+/// number) over `nfds` entries at `fds`: the shim's overlay listener of each accelerated
+/// listener polled for input is polled beside it, and its clients are reported as the
+/// listener's (POLLIN), for the application's accept on the listener to take.
+///
+/// # Safety
+/// `fds` points at `nfds` pollfd entries, as poll(2) requires.
+pub unsafe fn poll_with_overlays(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    wait: impl Fn(*mut libc::pollfd, libc::nfds_t) -> c_int,
+) -> c_int {
+    let n = nfds as usize;
+    if !state::in_use() || fds.is_null() || n == 0 || n > POLL_LOOK_LIMIT {
+        return wait(fds, nfds);
+    }
+    // SAFETY: the application's array of `nfds` entries (the caller's contract).
+    let polled = unsafe { std::slice::from_raw_parts_mut(fds, n) };
+    let beside = state::overlays_of_listeners(
+        polled
+            .iter()
+            .filter(|p| p.fd >= 0 && p.events & libc::POLLIN != 0)
+            .map(|p| p.fd),
+    );
+    let beside: Vec<_> = beside
+        .into_iter()
+        .filter(|&(_, _, overlay)| real::is_listening(overlay))
+        .collect();
+    if beside.is_empty() {
+        return wait(fds, nfds);
+    }
+    for &(_, local, _) in &beside {
+        announce_accepting(local);
+    }
+    let mut all = polled.to_vec();
+    all.extend(beside.iter().map(|&(_, _, overlay)| libc::pollfd {
+        fd: overlay,
+        events: libc::POLLIN,
+        revents: 0,
+    }));
+    let rc = wait(all.as_mut_ptr(), all.len() as libc::nfds_t);
+    if rc <= 0 {
+        if rc == 0 {
+            polled.iter_mut().for_each(|p| p.revents = 0);
+        }
+        return rc;
+    }
+    for (p, got) in polled.iter_mut().zip(&all) {
+        p.revents = got.revents;
+    }
+    for (k, &(listener, _, _)) in beside.iter().enumerate() {
+        let got = all[n + k].revents;
+        // A hang-up: it stopped listening (no router), no client.
+        if got & libc::POLLIN == 0 || got & libc::POLLHUP != 0 {
+            continue;
+        }
+        for p in polled.iter_mut().filter(|p| p.fd == listener) {
+            p.revents |= p.events & (libc::POLLIN | libc::POLLRDNORM);
+        }
+    }
+    let ready = polled.iter().filter(|p| p.revents != 0).count();
+    if ready == 0 {
+        // Only an overlay listener's hang-up: the wait goes on without it.
+        return wait(fds, nfds);
+    }
+    ready as c_int
+}
+
+/// The three sets of a select or pselect (each NULL or an fd_set).
+#[derive(Debug, Clone, Copy)]
+pub struct FdSets {
+    pub read: *mut libc::fd_set,
+    pub write: *mut libc::fd_set,
+    pub except: *mut libc::fd_set,
+}
+
+/// One word of an fd_set, as the C library lays it out.
+type SetWord = libc::c_ulong;
+const SET_WORD_BITS: usize = SetWord::BITS as usize;
+
+/// The words of an fd_set select reads and writes for `nfds`: howmany(nfds, NFDBITS). A
+/// program may allocate only these (older sshd does).
+fn set_words(nfds: usize) -> usize {
+    nfds.div_ceil(SET_WORD_BITS)
+}
+
+/// The bits of word `i` that stand for fds below `nfds`.
+fn word_mask(i: usize, nfds: usize) -> SetWord {
+    let below = nfds.saturating_sub(i * SET_WORD_BITS);
+    if below >= SET_WORD_BITS {
+        SetWord::MAX
+    } else {
+        (1 << below) - 1
+    }
+}
+
+/// A full-size copy of the application's set `set` (NULL: an empty one) holding its bits
+/// for the fds below `nfds`, read word by word from the words select would read.
+///
+/// # Safety
+/// `set` is NULL or has [`set_words`]`(nfds)` readable words, `nfds` at most FD_SETSIZE.
+unsafe fn read_set(set: *const libc::fd_set, nfds: usize) -> libc::fd_set {
+    // SAFETY: an all-zero fd_set is an empty one.
+    let mut copy: libc::fd_set = unsafe { std::mem::zeroed() };
+    if set.is_null() {
+        return copy;
+    }
+    let words = (&mut copy as *mut libc::fd_set).cast::<SetWord>();
+    for i in 0..set_words(nfds) {
+        // SAFETY: word `i` is within the application's set (the caller's contract) and within
+        // the full-size copy (`nfds` <= FD_SETSIZE); read unaligned: any address may come.
+        unsafe {
+            let word = std::ptr::read_unaligned(set.cast::<SetWord>().add(i));
+            words.add(i).write(word & word_mask(i, nfds));
+        }
+    }
+    copy
+}
+
+/// Writes the bits of `copy` for the fds below `nfds` into the application's set `set`
+/// (NULL: nothing), in the words select would write, as the kernel's select does.
+///
+/// # Safety
+/// As [`read_set`], the words writable.
+unsafe fn write_set(set: *mut libc::fd_set, copy: &libc::fd_set, nfds: usize) {
+    if set.is_null() {
+        return;
+    }
+    let words = (copy as *const libc::fd_set).cast::<SetWord>();
+    for i in 0..set_words(nfds) {
+        // SAFETY: as in read_set.
+        unsafe {
+            let word = words.add(i).read() & word_mask(i, nfds);
+            std::ptr::write_unaligned(set.cast::<SetWord>().add(i), word);
+        }
+    }
+}
+
+/// A select or pselect of the application (`wait`: the C library's, given nfds and the three
+/// sets; the timeout is the application's) over the fds below `nfds` in `sets`: the shim's
+/// overlay listener of each accelerated listener in the read set is selected beside it, and
+/// its clients are reported as the listener's. The application's sets may hold only the
+/// words for `nfds` fds, and the overlay listener's fd is usually above them: the wait is on
+/// the shim's own full-size copies, and only the application's words are read and written.
+///
+/// # Safety
+/// Each set is NULL or has the words select(2) reads and writes for `nfds`.
+pub unsafe fn select_with_overlays(
+    nfds: c_int,
+    sets: FdSets,
+    wait: impl Fn(c_int, FdSets) -> c_int,
+) -> c_int {
+    let setsize = libc::FD_SETSIZE as c_int;
+    if !state::in_use() || sets.read.is_null() || nfds <= 0 || nfds > setsize {
+        return wait(nfds, sets);
+    }
+    let n = nfds as usize;
+    // SAFETY: the application's read set, for `nfds` (the caller's contract).
+    let mut read = unsafe { read_set(sets.read, n) };
+    // SAFETY: FD_ISSET reads a bit of a full-size set, for fds below FD_SETSIZE.
+    let wanted = (0..nfds).filter(|&fd| unsafe { libc::FD_ISSET(fd, &read) });
+    let beside: Vec<_> = state::overlays_of_listeners(wanted)
+        .into_iter()
+        .filter(|&(_, _, overlay)| overlay < setsize && real::is_listening(overlay))
+        .collect();
+    if beside.is_empty() {
+        return wait(nfds, sets);
+    }
+    // SAFETY: the application's other sets, for `nfds` (the caller's contract).
+    let (mut write, mut except) = unsafe { (read_set(sets.write, n), read_set(sets.except, n)) };
+    let mut widest = nfds;
+    for &(_, local, overlay) in &beside {
+        announce_accepting(local);
+        // SAFETY: `overlay` is below FD_SETSIZE (checked).
+        unsafe { libc::FD_SET(overlay, &mut read) };
+        widest = widest.max(overlay + 1);
+    }
+    // The application's NULL sets stay NULL.
+    let own_or_null = |app: *mut libc::fd_set, own: &mut libc::fd_set| {
+        if app.is_null() {
+            app
+        } else {
+            own as *mut libc::fd_set
+        }
+    };
+    let own = FdSets {
+        read: &mut read,
+        write: own_or_null(sets.write, &mut write),
+        except: own_or_null(sets.except, &mut except),
+    };
+    let mut rc = wait(widest, own);
+    if rc < 0 {
+        return rc;
+    }
+    for &(listener, _, overlay) in &beside {
+        // SAFETY: both fds are below FD_SETSIZE.
+        unsafe {
+            if libc::FD_ISSET(overlay, &read) {
+                libc::FD_CLR(overlay, &mut read);
+                if libc::FD_ISSET(listener, &read) {
+                    rc -= 1;
+                } else {
+                    libc::FD_SET(listener, &mut read);
+                }
+            }
+        }
+    }
+    // SAFETY: the application's sets, written for `nfds` as select writes them.
+    unsafe {
+        write_set(sets.read, &read, n);
+        write_set(sets.write, &write, n);
+        write_set(sets.except, &except, n);
+    }
+    rc
 }
 
 /// Whether every signal with a handler of the program's has SA_RESTART, so the signal that
@@ -333,4 +571,149 @@ fn tell_accepting(local: (Ipv4Addr, u16)) {
             " (the router did not take note)"
         }
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::epoll::tests::Pair;
+    use std::os::fd::AsRawFd;
+
+    /// The C library's poll, as the shim's poll calls it, with `ms`.
+    fn poll_wait(ms: c_int) -> impl Fn(*mut libc::pollfd, libc::nfds_t) -> c_int {
+        // SAFETY: the array and its length come from poll_with_overlays, live for the call.
+        move |fds, nfds| unsafe { real::poll_raw(fds, nfds, ms) }
+    }
+
+    #[test]
+    fn poll_reports_a_plain_client_as_the_listeners_and_ignores_a_dead_overlay_listener() {
+        let pair = Pair::new((Ipv4Addr::new(10, 77, 1, 1), 4101));
+        let (host, overlay) = (pair.host.as_raw_fd(), pair.overlay.as_raw_fd());
+        // A pipe beside it, as a program polls other things too.
+        let mut pipe = [0; 2];
+        // SAFETY: pipe writes two fds into a live array.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        let mut fds = [host, pipe[0]].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: a live array of two entries.
+        let poll_now = |fds: &mut [libc::pollfd; 2], ms| unsafe {
+            poll_with_overlays(fds.as_mut_ptr(), 2, poll_wait(ms))
+        };
+        assert_eq!(poll_now(&mut fds, 0), 0, "nothing yet");
+        let _client = pair.plain_client();
+        assert_eq!(poll_now(&mut fds, 5000), 1);
+        assert_eq!(fds[0].revents, libc::POLLIN, "the listener's entry");
+        assert_eq!(fds[1].revents, 0);
+        // It stopped listening (no router): its hang-up is not a client.
+        assert_eq!(real::stop_listening(overlay), 0);
+        assert_eq!(poll_now(&mut fds, 0), 0);
+        assert_eq!(fds[0].revents, 0);
+        for fd in pipe {
+            real::close(fd);
+        }
+    }
+
+    #[test]
+    fn select_reports_a_plain_client_as_the_listeners() {
+        let pair = Pair::new((Ipv4Addr::new(10, 77, 1, 2), 4102));
+        let host = pair.host.as_raw_fd();
+        let overlay = pair.overlay.as_raw_fd();
+        let select_now = |ms: i64| {
+            // SAFETY: an all-zero fd_set is an empty one; FD_SET on an fd below FD_SETSIZE.
+            let mut read: libc::fd_set = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            unsafe { libc::FD_SET(host, &mut read) };
+            let mut timeout = libc::timeval {
+                tv_sec: ms / 1000,
+                tv_usec: (ms % 1000) * 1000,
+            };
+            let timeout = &mut timeout as *mut libc::timeval;
+            // SAFETY: live sets and timeout; the C library's select.
+            let wait = |nfds, sets: FdSets| unsafe {
+                real::select(nfds, sets.read, sets.write, sets.except, timeout)
+            };
+            let sets = FdSets {
+                read: &mut read,
+                write: std::ptr::null_mut(),
+                except: std::ptr::null_mut(),
+            };
+            // SAFETY: a live set, the others NULL.
+            let rc = unsafe { select_with_overlays(host + 1, sets, wait) };
+            // SAFETY: reads bits of a live set.
+            let (listener, shims) =
+                unsafe { (libc::FD_ISSET(host, &read), libc::FD_ISSET(overlay, &read)) };
+            (rc, listener, shims)
+        };
+        assert_eq!(select_now(0), (0, false, false));
+        let _client = pair.plain_client();
+        assert_eq!(
+            select_now(5000),
+            (1, true, false),
+            "the listener's bit, not the shim's"
+        );
+        let _accelerated = std::net::TcpStream::connect(pair.host_addr).unwrap();
+        assert_eq!(select_now(5000), (1, true, false), "both ready: one count");
+    }
+
+    /// Words of a full fd_set (FD_SETSIZE bits).
+    const SET_WORDS: usize = libc::FD_SETSIZE / 64;
+    /// What the words past an application's set hold (other data of its own).
+    const GUARD: u64 = 0x5a5a_5a5a_5a5a_5a5a;
+
+    /// An fd_set sized for fds below 64 (one word, as a program sizes it for its nfds),
+    /// followed by guard words: in an allocation of a full set's size, so that the words past
+    /// it are the test's.
+    fn narrow_set(fds: &[c_int]) -> Box<[u64; SET_WORDS]> {
+        let mut set = Box::new([GUARD; SET_WORDS]);
+        set[0] = fds.iter().fold(0, |word, &fd| word | 1 << fd);
+        set
+    }
+
+    #[test]
+    fn select_reads_and_writes_only_the_words_of_the_applications_sets() {
+        let pair = Pair::new((Ipv4Addr::new(10, 77, 1, 3), 4103));
+        let host = pair.host.as_raw_fd();
+        let mut pipe = [0; 2];
+        // SAFETY: pipe writes two fds into a live array.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        let (readable, writable) = (pipe[0], pipe[1]);
+        assert!(host.max(readable).max(writable) < 64 && pair.overlay.as_raw_fd() >= 64);
+        let nfds = host.max(readable).max(writable) + 1;
+        let mut read = narrow_set(&[host, readable]);
+        let mut write = narrow_set(&[writable]);
+        let mut except = narrow_set(&[host]);
+        let _client = pair.plain_client();
+        let sets = FdSets {
+            read: read.as_mut_ptr().cast(),
+            write: write.as_mut_ptr().cast(),
+            except: except.as_mut_ptr().cast(),
+        };
+        let mut timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        let timeout = &mut timeout as *mut libc::timeval;
+        // SAFETY: live sets and timeout; the C library's select.
+        let wait = |nfds, sets: FdSets| unsafe {
+            real::select(nfds, sets.read, sets.write, sets.except, timeout)
+        };
+        // SAFETY: live sets (of a full set's size, the words past the first the test's).
+        let rc = unsafe { select_with_overlays(nfds, sets, wait) };
+        assert_eq!(rc, 2, "the listener readable, the pipe writable");
+        assert_eq!(read[0], 1 << host);
+        assert_eq!(write[0], 1 << writable);
+        assert_eq!(except[0], 0);
+        for set in [&read, &write, &except] {
+            assert!(
+                set[1..].iter().all(|&w| w == GUARD),
+                "past the set: {set:x?}"
+            );
+        }
+        for fd in pipe {
+            real::close(fd);
+        }
+    }
 }

@@ -2,9 +2,12 @@
 //! shim makes on descriptors.
 //!
 //! This library exports its own `connect`, `listen`, `accept4`, `close`, `dup*`, `fcntl`,
-//! `epoll_create*`, `exec*` and `posix_spawn*` (see `abi`), so `libc::close` and the like, called
+//! `epoll_create*`, `epoll_ctl`, `poll`, `ppoll`, `select`,
+//! `pselect`, `exec*` and `posix_spawn*` (see `abi`), so `libc::close` and the like, called
 //! from inside it, would reach the shim's versions again: those are called here through the
-//! pointers dlsym found. `poll` is not interposed, so waiting goes through `freeflow-os`.
+//! pointers dlsym found. Waits through `freeflow-os` reach the shim's `poll`, which passes
+//! every call without an accelerated listener on unchanged; the shim's own waits on a
+//! listener call [`poll_fds`] here.
 
 use freeflow_os::poll::{poll, PollFd};
 use libc::{c_int, sockaddr, socklen_t};
@@ -19,6 +22,29 @@ type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
 type DupFn = unsafe extern "C" fn(c_int) -> c_int;
 type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
 type EpollCreate1Fn = unsafe extern "C" fn(c_int) -> c_int;
+type EpollCtlFn = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
+type PollFn = unsafe extern "C" fn(*mut libc::pollfd, libc::nfds_t, c_int) -> c_int;
+type PpollFn = unsafe extern "C" fn(
+    *mut libc::pollfd,
+    libc::nfds_t,
+    *const libc::timespec,
+    *const libc::sigset_t,
+) -> c_int;
+type SelectFn = unsafe extern "C" fn(
+    c_int,
+    *mut libc::fd_set,
+    *mut libc::fd_set,
+    *mut libc::fd_set,
+    *mut libc::timeval,
+) -> c_int;
+type PselectFn = unsafe extern "C" fn(
+    c_int,
+    *mut libc::fd_set,
+    *mut libc::fd_set,
+    *mut libc::fd_set,
+    *const libc::timespec,
+    *const libc::sigset_t,
+) -> c_int;
 type ExecveFn = unsafe extern "C" fn(
     *const libc::c_char,
     *const *const libc::c_char,
@@ -44,6 +70,11 @@ struct Real {
     dup: DupFn,
     fcntl: FcntlFn,
     epoll_create1: EpollCreate1Fn,
+    epoll_ctl: EpollCtlFn,
+    poll: PollFn,
+    ppoll: PpollFn,
+    select: SelectFn,
+    pselect: PselectFn,
     execve: ExecveFn,
     execvpe: ExecveFn,
     posix_spawn: PosixSpawnFn,
@@ -79,6 +110,13 @@ fn real() -> &'static Real {
                 epoll_create1: std::mem::transmute::<*mut libc::c_void, EpollCreate1Fn>(lookup(
                     c"epoll_create1",
                 )),
+                epoll_ctl: std::mem::transmute::<*mut libc::c_void, EpollCtlFn>(lookup(
+                    c"epoll_ctl",
+                )),
+                poll: std::mem::transmute::<*mut libc::c_void, PollFn>(lookup(c"poll")),
+                ppoll: std::mem::transmute::<*mut libc::c_void, PpollFn>(lookup(c"ppoll")),
+                select: std::mem::transmute::<*mut libc::c_void, SelectFn>(lookup(c"select")),
+                pselect: std::mem::transmute::<*mut libc::c_void, PselectFn>(lookup(c"pselect")),
                 execve: std::mem::transmute::<*mut libc::c_void, ExecveFn>(lookup(c"execve")),
                 execvpe: std::mem::transmute::<*mut libc::c_void, ExecveFn>(lookup(c"execvpe")),
                 posix_spawn: std::mem::transmute::<*mut libc::c_void, PosixSpawnFn>(lookup(
@@ -324,6 +362,87 @@ pub fn fcntl_set(fd: c_int, cmd: c_int, value: c_int) -> c_int {
 pub unsafe fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
     // SAFETY: the caller's contract.
     unsafe { (real().fcntl)(fd, cmd, arg) }
+}
+
+/// The C library's epoll_ctl.
+///
+/// # Safety
+/// `event` must be NULL (EPOLL_CTL_DEL) or point at a live epoll_event.
+pub unsafe fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, event: *mut libc::epoll_event) -> c_int {
+    // SAFETY: the caller's contract is epoll_ctl(2)'s.
+    unsafe { (real().epoll_ctl)(epfd, op, fd, event) }
+}
+
+/// The C library's poll.
+///
+/// # Safety
+/// `fds` must point at `nfds` writable pollfd entries.
+pub unsafe fn poll_raw(fds: *mut libc::pollfd, nfds: libc::nfds_t, ms: c_int) -> c_int {
+    // SAFETY: the caller's contract is poll(2)'s.
+    unsafe { (real().poll)(fds, nfds, ms) }
+}
+
+/// The C library's ppoll.
+///
+/// # Safety
+/// As ppoll(2).
+pub unsafe fn ppoll(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { (real().ppoll)(fds, nfds, timeout, sigmask) }
+}
+
+/// The C library's select.
+///
+/// # Safety
+/// As select(2): each set NULL or a live fd_set, `timeout` NULL or live.
+pub unsafe fn select(
+    nfds: c_int,
+    read: *mut libc::fd_set,
+    write: *mut libc::fd_set,
+    except: *mut libc::fd_set,
+    timeout: *mut libc::timeval,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { (real().select)(nfds, read, write, except, timeout) }
+}
+
+/// The C library's pselect.
+///
+/// # Safety
+/// As pselect(2).
+pub unsafe fn pselect(
+    nfds: c_int,
+    read: *mut libc::fd_set,
+    write: *mut libc::fd_set,
+    except: *mut libc::fd_set,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { (real().pselect)(nfds, read, write, except, timeout, sigmask) }
+}
+
+/// Waits (the C library's poll, not the shim's) until one of `fds` has an event or `timeout`
+/// passes (None: no limit). Ok(number of entries with events), or the error.
+pub fn poll_fds(
+    fds: &mut [libc::pollfd],
+    timeout: Option<std::time::Duration>,
+) -> std::io::Result<usize> {
+    let ms = timeout.map_or(-1, |t| {
+        // Rounded up: a wait never ends before its timeout.
+        c_int::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(c_int::MAX)
+    });
+    // SAFETY: a live slice of pollfd entries, its length passed with it.
+    let rc = unsafe { poll_raw(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(rc as usize)
 }
 
 pub fn dup(fd: c_int) -> c_int {

@@ -130,6 +130,33 @@ pub fn overlay_of(local: (Ipv4Addr, u16)) -> Option<i32> {
     kept_overlay(local).map(|k| k.fd)
 }
 
+/// For each of `fds` that is an accelerated listener with an overlay listener kept by the
+/// shim: (the fd, its overlay address, the overlay listener's fd), looked up under one lock.
+pub fn overlays_of_listeners(
+    fds: impl IntoIterator<Item = i32>,
+) -> Vec<(i32, (Ipv4Addr, u16), i32)> {
+    if !IN_USE.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    with_table(|t| {
+        if t.overlay.is_empty() {
+            return Vec::new();
+        }
+        fds.into_iter()
+            .filter_map(|fd| {
+                let s = t.fds.get(&fd).filter(|s| s.role == Role::Listener)?;
+                let kept = t.overlay.get(&s.local)?;
+                Some((fd, s.local, kept.fd))
+            })
+            .collect()
+    })
+}
+
+/// Whether anything is in the table (a relaxed load: the cheap test before a lookup).
+pub fn in_use() -> bool {
+    IN_USE.load(Ordering::Relaxed)
+}
+
 /// The shim's overlay listener for the listener on overlay address `local`, with its backlog.
 pub fn kept_overlay(local: (Ipv4Addr, u16)) -> Option<KeptOverlay> {
     if !IN_USE.load(Ordering::Relaxed) {
