@@ -8,7 +8,9 @@ use crate::attachment::Attachment;
 use crate::cm::CmService;
 use crate::shard::{AttachedTable, ShardCommand, ShardHandle};
 use crate::sys;
-use crate::tcp::{Caller, Deferred, TcpService};
+use crate::tcp::{
+    Caller, ConnectJob, Deferred, Setup, SetupReturn, SetupReturns, ShardConnect, TcpService,
+};
 use freeflow_os::poll::{self, PollFd};
 use freeflow_os::signals;
 use freeflow_proto::attach::{Hello, HelloError, Refusal, ShimKind, Welcome, HELLO_LEN};
@@ -21,6 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod requests;
@@ -37,7 +40,8 @@ const MAX_OUTBOX: usize = 1024;
 /// A socket shim (TCP mode): served by this thread, not by a shard, because its requests are
 /// connection setup with sockets passed back, not ring traffic.
 struct SocketShim {
-    conn: OwnedFd,
+    /// Shared with the shards serving its connects (they send those replies).
+    conn: Arc<OwnedFd>,
     container: ContainerEntry,
     pid: i32,
     /// Notices to this process are being skipped (it does not read them); it was told to
@@ -88,6 +92,15 @@ pub struct ControlThread {
     pending: PendingHandshakes,
     socket_shims: HashMap<u32, SocketShim>,
     tcp: TcpService,
+    /// Connects the shards give back (crate::tcp::dispatch); `None` when connects are served
+    /// on this thread (the default: see [`connects_on_shards`]), or if its doorbell could not
+    /// be made.
+    setup_returns: Option<Arc<SetupReturns>>,
+    /// Shards handed connects since their doorbell last rang: rung once per turn, after the
+    /// turn's requests (a batch per ring).
+    shards_to_ring: Vec<bool>,
+    /// The shard the next connect goes to (round robin).
+    next_connect_shard: usize,
     /// The connection manager (rdma_cm) and its processes' connections.
     cm: CmService,
     next_id: u32,
@@ -123,6 +136,18 @@ impl ControlThread {
             pending: PendingHandshakes::default(),
             socket_shims: HashMap::new(),
             tcp: TcpService::default(),
+            setup_returns: match connects_on_shards() {
+                false => None,
+                true => match SetupReturns::new() {
+                    Ok(returns) => Some(Arc::new(returns)),
+                    Err(e) => {
+                        log::warn!("tcp: connects served on the control thread (no doorbell: {e})");
+                        None
+                    }
+                },
+            },
+            shards_to_ring: Vec::new(),
+            next_connect_shard: 0,
             cm: CmService::default(),
             next_id: 1,
             accepted: 0,
@@ -167,6 +192,11 @@ impl ControlThread {
                 cm_fds
                     .iter()
                     .map(|&(_, fd, events)| PollFd::new(fd, events)),
+            )
+            .chain(
+                self.setup_returns
+                    .iter()
+                    .map(|r| PollFd::new(r.bell.as_fd(), libc::POLLIN)),
             )
             .collect();
         let revents = match poll::poll(&mut fds, timeout) {
@@ -224,6 +254,10 @@ impl ControlThread {
                 if revents[shims_at + i] != 0 {
                     self.serve_socket_shim(id);
                 }
+            }
+            self.ring_shards();
+            if revents.get(cm_at + cm_conns.len()).is_some_and(|&r| r != 0) {
+                self.take_setup_returns();
             }
             for (i, &id) in cm_conns.iter().enumerate() {
                 if revents[cm_at + i] != 0 {
@@ -575,7 +609,7 @@ impl ControlThread {
         self.socket_shims.insert(
             id,
             SocketShim {
-                conn,
+                conn: Arc::new(conn),
                 container,
                 pid,
                 notice_gap: false,
@@ -725,17 +759,101 @@ impl ControlThread {
         }
         let passed = got.fds.into_iter().map(sys::Untrusted::new).collect();
         // Borrowed, not cloned: the table of shims and the TCP service are separate fields.
-        if let Some((reply, socket)) = self.tcp.handle(
+        let served = self.tcp.serve(
             Caller {
                 attachment: id,
                 container: &shim.container,
             },
             request,
             passed,
-        ) {
-            self.reply_socket_shim(id, reply, socket);
-        }
+        );
+        self.answer(id, served);
         true
+    }
+
+    /// Answers socket shim `id` with what serving its request came to.
+    fn answer(&mut self, id: u32, served: Setup) {
+        match served {
+            Setup::Reply((reply, socket)) => self.reply_socket_shim(id, reply, socket),
+            Setup::Connect(job) => self.hand_connect(job),
+            Setup::Deferred => {}
+        }
+    }
+
+    /// Hands a connect's kernel work and reply to the next shard in turn (a process with many
+    /// threads connecting, such as a server's client pool, is served on every core; its
+    /// replies are numbered), or, without shards or room in the shard's inbox, does it here.
+    fn hand_connect(&mut self, job: ConnectJob) {
+        let id = job.attachment;
+        let Some(shim) = self.socket_shims.get(&id) else {
+            return;
+        };
+        let job = match (&self.setup_returns, self.shards.len()) {
+            (None, _) | (_, 0) => job,
+            (Some(returns), n) => {
+                let index = self.next_connect_shard % n;
+                self.next_connect_shard = (index + 1) % n;
+                let connect = ShardConnect {
+                    job,
+                    conn: shim.conn.clone(),
+                    returns: returns.clone(),
+                };
+                match self.shards[index]
+                    .inbox
+                    .push(ShardCommand::Connect(Box::new(connect)))
+                {
+                    Ok(()) => {
+                        self.shards_to_ring.resize(n, false);
+                        self.shards_to_ring[index] = true;
+                        return;
+                    }
+                    Err(ShardCommand::Connect(connect)) => connect.job,
+                    Err(_) => unreachable!("the inbox gives back what was pushed"),
+                }
+            }
+        };
+        let (reply, socket) = self.tcp.run_inline(job);
+        self.reply_socket_shim(id, reply, socket);
+    }
+
+    /// Rings the doorbells of the shards handed connects this turn.
+    fn ring_shards(&mut self) {
+        for (index, due) in self.shards_to_ring.iter_mut().enumerate() {
+            if std::mem::take(due) {
+                if let Err(e) = self.shards[index].bell.ring() {
+                    log::warn!("shard {index} doorbell: {e}");
+                }
+            }
+        }
+    }
+
+    /// Finishes the connects the shards gave back: replies that did not fit join their
+    /// process's outbox; refused connects give their port back and are answered (or tried
+    /// again from a new port).
+    fn take_setup_returns(&mut self) {
+        let Some(returns) = self.setup_returns.clone() else {
+            return;
+        };
+        returns.bell.drain();
+        // Bounded: shards may give back more meanwhile; the doorbell rang for those.
+        for _ in 0..4096 {
+            let Some(item) = returns.take() else {
+                break;
+            };
+            match item {
+                SetupReturn::Unsent {
+                    attachment,
+                    reply,
+                    socket,
+                } => self.reply_socket_shim(attachment, reply, Some(socket)),
+                SetupReturn::Failed(failed) => {
+                    let id = failed.attachment;
+                    let served = self.tcp.connect_failed(failed);
+                    self.answer(id, served);
+                }
+            }
+        }
+        self.ring_shards();
     }
 
     /// Sends a reply, or keeps it until the process has room (its threads may have many
@@ -794,6 +912,15 @@ impl ControlThread {
             }
         }
     }
+}
+
+/// Whether connects' kernel work and replies go to the shards (`FREEFLOW_CONNECTS_ON_SHARDS=1`;
+/// default: this thread does them). Not the default: measured on a loaded 2-core machine
+/// (docs/tcp-setup.md), handing them to the router's one shard (pinned to one core) made a
+/// connect wait for that core, and added a wake-up per batch, for requests per second within
+/// the noise.
+fn connects_on_shards() -> bool {
+    std::env::var("FREEFLOW_CONNECTS_ON_SHARDS").is_ok_and(|v| v.trim() == "1")
 }
 
 /// The pid that connected `conn` and its network namespace, from the kernel (SO_PEERCRED, then

@@ -48,6 +48,7 @@ const ENVIRONMENT: &str = "Environment:
   FREEFLOW_STATE_DIR        the default of --state-dir
   FREEFLOW_CONTROL_SPIN_US  how long the control thread polls without sleeping after a request (default 0)
   FREEFLOW_CONTROL_NICE     the control thread's nice value, -20..19 (default -10; 0: an ordinary thread)
+  FREEFLOW_CONNECTS_ON_SHARDS  1: TCP-mode connects are started and answered by the shards (default: the control thread)
 
 Log lines on stderr: <RFC 3339 UTC time, ms> freeflow-router[<pid>] <ERROR|WARN|INFO> <message>
 

@@ -86,6 +86,8 @@ pub enum ShardCommand {
     /// A connection from another host's router that another shard accepted for a container
     /// this shard serves.
     AdoptLink(Box<Conn>),
+    /// A TCP-mode connect's kernel work and reply (crate::tcp::ShardConnect).
+    Connect(Box<crate::tcp::ShardConnect>),
     /// Tests only (`ControlRequest::TestPanic`): the shard panics.
     #[cfg(debug_assertions)]
     TestPanic,
@@ -110,6 +112,12 @@ pub struct ShardStats {
     pub qps: AtomicUsize,
     pub verbs_ops: AtomicU64,
     pub verbs_bytes: AtomicU64,
+    /// TCP-mode connects this shard started and answered (the control thread counts them all,
+    /// by tenant, when it hands them over).
+    pub tcp_connects: AtomicU64,
+    /// Of those handed over, given back to the control thread (refused by the kernel, or a
+    /// reply that did not fit).
+    pub tcp_returned: AtomicU64,
 }
 
 /// This thread's id, from the link `/proc/thread-self` (`PID/task/TID`).
@@ -277,7 +285,11 @@ impl Shard {
             // budget. (On one host the shard's next work is its program's next post: there it
             // keeps spinning, so that the post needs no doorbell.)
             let shared = self.engine.remote_connected() && sharing.core_shared();
-            if !shared && idle_since.elapsed() < self.spin {
+            // A shard without attachments has no ring to watch: its work (connects handed
+            // over) comes with a ring of its doorbell, so spinning would only take CPU from
+            // the programs whose connects it serves.
+            let ringless = self.slots.is_empty();
+            if !shared && !ringless && idle_since.elapsed() < self.spin {
                 continue;
             }
             self.park();
@@ -307,6 +319,7 @@ impl Shard {
                     self.engine.set_local(containers.iter().cloned())
                 }
                 ShardCommand::AdoptLink(conn) => self.engine.transport().adopt_incoming(*conn),
+                ShardCommand::Connect(connect) => self.serve_connect(*connect),
                 #[cfg(debug_assertions)]
                 ShardCommand::TestPanic => {
                     panic!(
@@ -317,6 +330,16 @@ impl Shard {
             }
         }
         n
+    }
+
+    fn serve_connect(&mut self, connect: crate::tcp::ShardConnect) {
+        use crate::tcp::ShardConnected;
+        let counter = match connect.serve() {
+            ShardConnected::Answered => &self.stats.tcp_connects,
+            ShardConnected::Returned => &self.stats.tcp_returned,
+            ShardConnected::Dropped => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     fn adopt(&mut self, attachment: Attachment) {

@@ -20,9 +20,9 @@ const UNREAD_REPLIES: &str = include_str!("programs/tcp_unread_replies.py");
 /// Threads with connects outstanding while the router is stopped, killed, or the process forks.
 const CONNECTS_OUTSTANDING: &str = include_str!("programs/tcp_connects_outstanding.py");
 
-/// More threads than the shim has requests outstanding on its session (64): the rest wait for
-/// a slot.
-const THREADS: u64 = 150;
+/// More threads than the shim has requests outstanding on its session (256): the rest wait
+/// for a slot.
+const THREADS: u64 = 320;
 
 /// Two hosts, web (host 0) and db (host 1) of one tenant, and a threaded echo server on db's
 /// port 6100 under the shim, its listener known on host 0.

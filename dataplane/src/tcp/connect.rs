@@ -17,47 +17,143 @@ use freeflow_proto::peer::PeerMsg;
 use freeflow_proto::sockmsg::{SockNotice, SockReply, SockRequest};
 use std::io;
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 impl TcpService {
+    /// Serves a Connect up to its kernel work: the policy check, and a host socket bound to a
+    /// port announced (or claimed ahead) for it. The connect itself is the [`ConnectJob`]'s,
+    /// run by a shard or inline ([`TcpService::run_inline`]).
     pub(super) fn connect(
         &mut self,
         caller: Caller<'_>,
         req: SockRequest,
         host_ip: Ipv4Addr,
         v6: bool,
-    ) -> Reply {
+    ) -> Setup {
         let dst = OverlayEndpoint::new(req.ip, req.port);
         let tenant = caller.container.tenant.as_str();
         let Some((key, listener)) = self.connect_target(caller.container, dst, host_ip) else {
             self.counters.fell_back(tenant);
-            return (SockReply::fallback(req.seq), None);
+            return Setup::Reply((SockReply::fallback(req.seq), None));
         };
-        let me = caller.container.ip;
         if key.dst_host != host_ip && !v6 {
-            if let Some(answer) = self.connect_claimed(key, listener, caller.container, req.seq) {
-                return answer;
+            if let Some(bound) = self.take_claimed(key) {
+                self.counters.connected(tenant, true);
+                return Setup::Connect(ConnectJob {
+                    attachment: caller.attachment,
+                    seq: req.seq,
+                    key,
+                    listener,
+                    bound,
+                    v6,
+                    claimed: true,
+                    tenant: tenant.to_owned(),
+                });
             }
         }
-        let result = self
-            .ports
-            .take(host_ip, v6)
-            .and_then(|bound| self.connect_announced(key, listener, host_ip, bound, v6));
-        if result.as_ref().is_err_and(port_taken) {
-            // No port is free for every destination (many connections in TIME_WAIT), or not
-            // towards this one. A port connect picks would be announced only after the SYN,
-            // and the server could meet an older announcement of that port first: the overlay
-            // is the safe way (the server's router relays the client at accept).
-            self.counters.fell_back(tenant);
-            return (SockReply::fallback(req.seq), None);
-        }
-        match result {
+        self.connect_general(
+            caller.attachment,
+            req.seq,
+            tenant,
+            key,
+            listener,
+            host_ip,
+            v6,
+        )
+    }
+
+    /// A connect from a newly bound host port, announced to the listener's router first.
+    #[allow(clippy::too_many_arguments)]
+    fn connect_general(
+        &mut self,
+        attachment: u32,
+        seq: u32,
+        tenant: &str,
+        key: Target,
+        listener: HostEndpoint,
+        host_ip: Ipv4Addr,
+        v6: bool,
+    ) -> Setup {
+        match self.ports.take(host_ip, v6) {
             Ok(bound) => {
+                // Announce before connecting, so the announcement is on its way before the SYN.
+                self.announce(key, HostEndpoint::new(host_ip, bound.port));
                 self.counters.connected(tenant, false);
-                let source = OverlayEndpoint::new(me, bound.port);
-                (ok(req.seq, source), Some(bound.socket))
+                Setup::Connect(ConnectJob {
+                    attachment,
+                    seq,
+                    key,
+                    listener,
+                    bound,
+                    v6,
+                    claimed: false,
+                    tenant: tenant.to_owned(),
+                })
             }
-            Err(e) => (errno_reply(req.seq, &e), None),
+            // No port is free for every destination (many connections in TIME_WAIT): see
+            // `connect_failed`.
+            Err(e) if port_taken(&e) => {
+                self.counters.fell_back(tenant);
+                Setup::Reply((SockReply::fallback(seq), None))
+            }
+            Err(e) => Setup::Reply((errno_reply(seq, &e), None)),
+        }
+    }
+
+    /// Finishes a connect whose kernel connect failed (the socket is closed): the port's
+    /// announcement or claim is taken back, and the answer is an error, "fall back", or, for a
+    /// claimed port whose four-tuple is taken, a connect from a new port.
+    pub fn connect_failed(&mut self, failed: FailedConnect) -> Setup {
+        let FailedConnect {
+            attachment,
+            seq,
+            key,
+            listener,
+            port,
+            v6,
+            claimed,
+            tenant,
+            error,
+        } = failed;
+        self.counters.not_connected(&tenant, claimed);
+        let Some(host_ip) = self.registry.host_ip() else {
+            return Setup::Reply((SockReply::fallback(seq), None));
+        };
+        if claimed {
+            // Its socket closed, so the claim must go too.
+            self.claims.unused(key, port);
+            if !port_taken(&error) {
+                return Setup::Reply((errno_reply(seq, &error), None));
+            }
+            // The four-tuple is taken (a connection from that port to this listener in
+            // TIME_WAIT): the general way is taken.
+            return self.connect_general(attachment, seq, &tenant, key, listener, host_ip, v6);
+        }
+        // The port is free again (the socket closed): take the word back.
+        self.retract(key, HostEndpoint::new(host_ip, port));
+        if port_taken(&error) {
+            // Not towards this destination. A port connect picks would be announced only
+            // after the SYN, and the server could meet an older announcement of that port
+            // first: the overlay is the safe way (the server's router relays the client).
+            self.counters.fell_back(&tenant);
+            return Setup::Reply((SockReply::fallback(seq), None));
+        }
+        Setup::Reply((errno_reply(seq, &error), None))
+    }
+
+    /// Runs a connect's kernel work on this thread (no shard to take it), to the reply.
+    pub fn run_inline(&mut self, mut job: ConnectJob) -> Reply {
+        // At most twice: a retry after a failure is never from a claimed port.
+        loop {
+            match job.run() {
+                ConnectOutcome::Connected { reply, socket, .. } => return (reply, Some(socket)),
+                ConnectOutcome::Failed(failed) => match self.connect_failed(failed) {
+                    Setup::Reply(reply) => return reply,
+                    Setup::Connect(next) => job = next,
+                    Setup::Deferred => unreachable!("a connect is never deferred"),
+                },
+            }
         }
     }
 
@@ -87,62 +183,6 @@ impl TcpService {
             to_port: listener.port(),
         };
         Some((key, listener))
-    }
-
-    /// A connect from a socket of the claim pool `key`, if one is ready: the answer, or `None`
-    /// for the general way.
-    fn connect_claimed(
-        &mut self,
-        key: Target,
-        listener: HostEndpoint,
-        container: &ContainerEntry,
-        seq: u32,
-    ) -> Option<Reply> {
-        let BoundSocket { socket, port } = self.take_claimed(key)?;
-        match sys::connect_nonblocking(&socket, listener.ip(), listener.port(), false) {
-            Ok(_) => {
-                crate::jail::mark_connection(&socket);
-                self.counters.connected(&container.tenant, true);
-                Some((
-                    ok(seq, OverlayEndpoint::new(container.ip, port)),
-                    Some(socket),
-                ))
-            }
-            // The four-tuple is taken (a connection from that port to this listener in
-            // TIME_WAIT): the port is given back (the socket closes here, so the claim
-            // must go too), and the general way is taken.
-            Err(e) if port_taken(&e) => {
-                self.claims.unused(key, port);
-                None
-            }
-            Err(e) => Some((errno_reply(seq, &e), None)),
-        }
-    }
-
-    /// Announces host port `bound.port` for `key`, then connects it to `listener`.
-    fn connect_announced(
-        &mut self,
-        key: Target,
-        listener: HostEndpoint,
-        host_ip: Ipv4Addr,
-        bound: BoundSocket,
-        v6: bool,
-    ) -> io::Result<BoundSocket> {
-        let from = HostEndpoint::new(host_ip, bound.port);
-        // Announce before connecting, so the announcement is on its way before the SYN.
-        self.announce(key, from);
-        match sys::connect_nonblocking(&bound.socket, listener.ip(), listener.port(), v6) {
-            Ok(_) => {
-                // After the connect, which the mark would refuse.
-                crate::jail::mark_connection(&bound.socket);
-                Ok(bound)
-            }
-            Err(e) => {
-                // The port is free again (the socket closes here): take the word back.
-                self.retract(key, from);
-                Err(e)
-            }
-        }
     }
 
     /// Tells the destination's router (or this router's own listeners) which overlay address
@@ -177,6 +217,98 @@ impl TcpService {
             }
         } else {
             self.send_release(t, &[from.port()]);
+        }
+    }
+}
+
+/// What serving a request came to.
+pub enum Setup {
+    /// The answer, and the socket to pass with it.
+    Reply(Reply),
+    /// A connect whose kernel work is left to do (on a shard, or inline).
+    Connect(ConnectJob),
+    /// A resolve waiting for its announcement: answered later.
+    Deferred,
+}
+
+/// The kernel half of an accelerated connect: a host socket bound to a port the listener's
+/// router knows (claimed ahead or just announced) connects to the listener, takes the jail's
+/// connection mark, and goes to the process with the reply. It holds no reference to the
+/// service, so that a shard can run it beside the control thread: the kernel's connect (both
+/// ends' SYN handling over veth runs on the calling thread) is most of a connect's CPU.
+pub struct ConnectJob {
+    /// The requesting process's session.
+    pub attachment: u32,
+    pub(super) seq: u32,
+    pub(super) key: Target,
+    pub(super) listener: HostEndpoint,
+    pub(super) bound: BoundSocket,
+    pub(super) v6: bool,
+    pub(super) claimed: bool,
+    pub(super) tenant: String,
+}
+
+/// How a [`ConnectJob`] ended.
+pub enum ConnectOutcome {
+    /// Connecting (or connected): the reply and the socket for process `attachment`.
+    Connected {
+        attachment: u32,
+        reply: SockReply,
+        socket: OwnedFd,
+    },
+    /// The kernel refused the connect: for [`TcpService::connect_failed`].
+    Failed(FailedConnect),
+}
+
+/// A connect the kernel refused (its socket closed), with what it takes to give its port back
+/// and answer.
+pub struct FailedConnect {
+    pub attachment: u32,
+    seq: u32,
+    key: Target,
+    listener: HostEndpoint,
+    port: u16,
+    v6: bool,
+    claimed: bool,
+    tenant: String,
+    error: io::Error,
+}
+
+impl ConnectJob {
+    /// Starts the non-blocking connect, so EINPROGRESS, SO_ERROR and ECONNREFUSED are the
+    /// kernel's own, and marks the socket after it (the mark refuses connects).
+    pub fn run(self) -> ConnectOutcome {
+        let ConnectJob {
+            attachment,
+            seq,
+            key,
+            listener,
+            bound: BoundSocket { socket, port },
+            v6,
+            claimed,
+            tenant,
+        } = self;
+        match sys::connect_nonblocking(&socket, listener.ip(), listener.port(), v6) {
+            Ok(_) => {
+                crate::jail::mark_connection(&socket);
+                let source = OverlayEndpoint::new(key.container, port);
+                ConnectOutcome::Connected {
+                    attachment,
+                    reply: ok(seq, source),
+                    socket,
+                }
+            }
+            Err(error) => ConnectOutcome::Failed(FailedConnect {
+                attachment,
+                seq,
+                key,
+                listener,
+                port,
+                v6,
+                claimed,
+                tenant,
+                error,
+            }),
         }
     }
 }

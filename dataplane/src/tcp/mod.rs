@@ -28,6 +28,7 @@
 
 mod claims;
 mod connect;
+mod dispatch;
 mod endpoint;
 mod listen;
 mod passed;
@@ -41,6 +42,8 @@ mod tests;
 
 use crate::sys::Untrusted;
 use claims::Claims;
+pub use connect::{ConnectJob, Setup};
+pub use dispatch::{SetupReturn, SetupReturns, ShardConnect, ShardConnected};
 use endpoint::OverlayEndpoint;
 use freeflow_proto::control::{ContainerEntry, NetworkView};
 use freeflow_proto::sockmsg::{SockNotice, SockOp, SockReply, SockRequest, SockStatus, FLAG_INET6};
@@ -106,6 +109,14 @@ impl Counters {
         self.tenant(tenant).connects += 1;
     }
 
+    /// Takes back [`Self::connected`] for a connect the kernel refused afterwards.
+    fn not_connected(&mut self, tenant: &str, claimed: bool) {
+        self.connects = self.connects.saturating_sub(1);
+        self.claimed = self.claimed.saturating_sub(u64::from(claimed));
+        let t = self.tenant(tenant);
+        t.connects = t.connects.saturating_sub(1);
+    }
+
     fn fell_back(&mut self, tenant: &str) {
         self.fallbacks += 1;
         self.tenant(tenant).fallbacks += 1;
@@ -152,26 +163,43 @@ impl TcpService {
         self.registry.set(network);
     }
 
-    /// Serves one request. Returns the reply and the socket to pass with it, or `None` when the
-    /// reply is deferred (a resolve waiting for its announcement).
-    /// `passed` are the descriptors that came with the request (a Listen carries at most one, a
-    /// Relisten two; the control thread refuses others).
+    /// Serves one request to its reply (a connect's kernel work done here: see [`Self::serve`]).
+    /// Returns the reply and the socket to pass with it, or `None` when the reply is deferred
+    /// (a resolve waiting for its announcement). The tests' way in.
+    #[cfg(test)]
     pub fn handle(
         &mut self,
         caller: Caller<'_>,
         req: SockRequest,
         passed: Vec<Untrusted>,
     ) -> Option<(SockReply, Option<OwnedFd>)> {
+        match self.serve(caller, req, passed) {
+            Setup::Reply(reply) => Some(reply),
+            Setup::Connect(job) => Some(self.run_inline(job)),
+            Setup::Deferred => None,
+        }
+    }
+
+    /// Serves one request, up to a connect's kernel work, which the caller runs where it
+    /// chooses ([`ConnectJob::run`] on a shard, or [`Self::run_inline`]).
+    /// `passed` are the descriptors that came with the request (a Listen carries at most one, a
+    /// Relisten two; the control thread refuses others).
+    pub fn serve(&mut self, caller: Caller<'_>, req: SockRequest, passed: Vec<Untrusted>) -> Setup {
         let Some(host_ip) = self.registry.host_ip() else {
             // A router without a network view (run alone) accelerates nothing.
-            return Some((SockReply::fallback(req.seq), None));
+            return Setup::Reply((SockReply::fallback(req.seq), None));
         };
         let v6 = req.flags & FLAG_INET6 != 0;
         let reply = match req.op {
-            SockOp::Connect => return Some(self.connect(caller, req, host_ip, v6)),
-            SockOp::Resolve => return self.resolve(caller, req),
-            SockOp::Own => return Some(self.own(caller, req)),
-            SockOp::Accepts => return Some(self.accepts(caller, req)),
+            SockOp::Connect => return self.connect(caller, req, host_ip, v6),
+            SockOp::Resolve => {
+                return match self.resolve(caller, req) {
+                    Some(reply) => Setup::Reply(reply),
+                    None => Setup::Deferred,
+                }
+            }
+            SockOp::Own => return Setup::Reply(self.own(caller, req)),
+            SockOp::Accepts => return Setup::Reply(self.accepts(caller, req)),
             SockOp::Listen => self.listen(caller, req, host_ip, v6, passed.into_iter().next()),
             SockOp::Relisten => self.relisten(caller, req, host_ip, passed),
             SockOp::Unlisten => self.unlisten(caller, req),
@@ -179,7 +207,7 @@ impl TcpService {
         // An overlay listener let go of (or replaced) is closed before the answer: the
         // container may bind its port again as soon as its close() returns.
         self.unwatch_gone_overlays();
-        Some(reply)
+        Setup::Reply(reply)
     }
 
     /// Forgets everything an attachment registered (its process went away).

@@ -21,9 +21,9 @@ pub(super) const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(120);
 /// How often old announcements are looked for (they live a little longer than their TTL).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Resolves one process may have waiting for their announcements at most: the shim has at
-/// most 64 requests outstanding, so only a process that speaks the protocol itself (a hostile
-/// one) goes past it.
-pub(super) const MAX_PENDING_PER_PROCESS: usize = 64;
+/// most 256 requests outstanding (`MAX_IN_FLIGHT` in shim/socket/src/session/exchange.rs), so
+/// only a process that speaks the protocol itself (a hostile one) goes past it.
+pub(super) const MAX_PENDING_PER_PROCESS: usize = 256;
 /// Resolves waiting in all at most (each is looked at on every turn of the control loop).
 pub(super) const MAX_PENDING: usize = 4096;
 

@@ -24,9 +24,13 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 /// Requests one process has outstanding on its router connection at most; more threads wait
-/// for a slot. The router serves this many per turn, and the replies fit in the socket buffer
-/// (about 270 messages by default) with room for notices.
-const MAX_IN_FLIGHT: usize = 64;
+/// for a slot. Not 64 (the router's batch per turn): at 400 threads connecting at once, the 336
+/// waiting for a slot each took a futex wake-up and a switch per request; with 256 the client's
+/// CPU per request at 400 clients came down by about 10-40 µs (docs/tcp-setup.md). The
+/// replies may then outgrow the socket buffer (about 270 messages) when the reader lags: the
+/// router keeps them in order until there is room, and skips notices past 3/8 of the buffer
+/// (the process resolves its accepts instead).
+const MAX_IN_FLIGHT: usize = 256;
 /// How often a thread waiting for room in a full socket buffer looks again without being
 /// woken (the buffer frees without telling anyone).
 const BUFFER_RECHECK: std::time::Duration = std::time::Duration::from_millis(2);
