@@ -29,6 +29,8 @@ pub(in crate::verbs) struct Cq {
     /// QPs that complete into it (destroying it is refused while there are any).
     pub(super) users: u32,
     pub(in crate::verbs) dirty: bool,
+    /// In the engine's `published` list (see `Engine::completions_waiting`).
+    pub(in crate::verbs) watched: bool,
     /// Completions carry the time they were produced (`cq_flags::TIMESTAMPS`).
     pub(in crate::verbs) stamped: bool,
     /// The owner wrote a corrupt index into the ring: it is no longer touched.
@@ -161,6 +163,7 @@ impl Engine {
             notify,
             users: 0,
             dirty: false,
+            watched: false,
             stamped: r.flags & cq_flags::TIMESTAMPS != 0,
             broken: false,
             _region: region,
@@ -309,6 +312,31 @@ impl Engine {
             };
             cq.dirty = false;
             cq.publish();
+            if !cq.watched {
+                cq.watched = true;
+                self.published.push(index);
+            }
         }
+    }
+
+    /// Whether a completion published since the last call still waits in its ring, the
+    /// program not having polled it meanwhile; then each such CQ is forgotten until it gets
+    /// completions again (so a CQ its program leaves full says so once, not at every call).
+    ///
+    /// The shard asks at its idle checks, a few microseconds after its last work: a program
+    /// polling on a core of its own has taken its completions by then. One that has not is
+    /// busy elsewhere or, typically, waiting for the core the shard holds (a program and its
+    /// router sharing a core, as in `freeflow-bench rdma --hosts 2`): there the shard should
+    /// give the core up rather than spin on (see the shard's `CoreSharing`).
+    pub fn completions_waiting(&mut self) -> bool {
+        let mut waiting = false;
+        for index in self.published.drain(..) {
+            let Some(cq) = self.cqs.get_mut(index) else {
+                continue;
+            };
+            cq.watched = false;
+            waiting |= !cq.broken && cq.ring.unconsumed().is_ok_and(|n| n > 0);
+        }
+        waiting
     }
 }

@@ -300,6 +300,36 @@ fn send_and_write_copy_between_two_containers_memory() {
     assert!(completions(&mut b).is_empty());
 }
 
+/// A completion the program has not taken says so once; taken ones, or none, say nothing.
+#[test]
+fn completions_left_in_their_ring_are_reported_once() {
+    let mut engine = Engine::new(false);
+    let (mut a, mut b) = pair(&mut engine);
+    let (ak, bk) = (a.mr.lkey, b.mr.lkey);
+    assert!(!engine.completions_waiting());
+    post_recv(&mut b, 1, sge(bk, 0, 64));
+    post_send(&mut a, 2, wr_opcode::SEND, &[sge(ak, 0, 8)], 0, 0);
+    engine.poll();
+    assert!(engine.completions_waiting());
+    // Reported once: the same untaken completions do not say it again.
+    assert!(!engine.completions_waiting());
+    assert_eq!(outcomes(&mut a).len(), 1);
+    assert_eq!(outcomes(&mut b).len(), 1);
+    // Taken before the shard asks: nothing waits.
+    post_recv(&mut b, 3, sge(bk, 0, 64));
+    post_send(&mut a, 4, wr_opcode::SEND, &[sge(ak, 0, 8)], 0, 0);
+    engine.poll();
+    assert_eq!(outcomes(&mut a).len(), 1);
+    assert_eq!(outcomes(&mut b).len(), 1);
+    assert!(!engine.completions_waiting());
+    // One of the two CQs left untaken is enough.
+    post_recv(&mut b, 5, sge(bk, 0, 64));
+    post_send(&mut a, 6, wr_opcode::SEND, &[sge(ak, 0, 8)], 0, 0);
+    engine.poll();
+    assert_eq!(outcomes(&mut a).len(), 1);
+    assert!(engine.completions_waiting());
+}
+
 #[test]
 fn bad_keys_fail_the_work_request_and_flush_the_queue() {
     let mut engine = Engine::new(false);
