@@ -63,8 +63,9 @@ const SHARED_HOLD: Duration = Duration::from_millis(100);
 /// per core as in `freeflow-bench rdma --hosts 2`) holds the core that program needs to post
 /// and to see its completions, and its wake-ups then wait on the scheduler's fairness: traced,
 /// that cost every step of a round trip between hosts tens to hundreds of microseconds. Such a
-/// shard with connections to other hosts' routers therefore parks at its first idle check (as
-/// with `--spin-us 0`) while it was switched out within the last [`SHARED_HOLD`]; a single
+/// shard with connections to other hosts' routers therefore parks at its first empty pass (as
+/// with `--spin-us 0`) while it was switched out, or left completions untaken, within the last
+/// [`SHARED_HOLD`]; a single
 /// check would not do, as a shard the scheduler favours keeps the core through its yields
 /// while the program waits. On a core of its own the count does not grow, and the shard spins
 /// out its budget as before; on one host it always does (its next work is its program's next
@@ -78,6 +79,12 @@ struct CoreSharing {
 }
 
 impl CoreSharing {
+    /// Whether the core counted as shared at the last check and still does at `now` (no
+    /// system call: the check itself is [`CoreSharing::core_shared`]).
+    fn holding(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| now < until)
+    }
+
     /// Whether another task took the core, or a program left the completions the shard
     /// published untaken (`completions_waiting`: see `Engine::completions_waiting`), within the
     /// last [`SHARED_HOLD`] (one `getrusage`).
@@ -98,7 +105,7 @@ impl CoreSharing {
                 self.until = Some(now + SHARED_HOLD);
             }
         }
-        self.until.is_some_and(|until| now < until)
+        self.holding(now)
     }
 }
 
@@ -300,6 +307,15 @@ impl Shard {
             // The idle clock starts at the first empty pass, so a busy shard reads no clock.
             if spins == 1 {
                 idle_since = Instant::now();
+                // Known to share its core (below): park at once. The 16 empty passes before
+                // the next check, with their yield, took 10-30 us of the core per step of a
+                // round trip between hosts, from the program waiting for it; and a shard that
+                // spends its share spinning is no longer eligible to preempt when it wakes.
+                if sharing.holding(idle_since) && self.engine.remote_connected() {
+                    self.park();
+                    spins = 0;
+                    idle_since = Instant::now();
+                }
                 continue;
             }
             // Reading the clock on every empty pass would cost more than the pass itself.
