@@ -42,7 +42,10 @@ const IDLE_YIELD_PASSES: u32 = 16;
 /// whatever ran on its core: traced during `freeflow-bench rdma --hosts 2`, 13-15 us at the
 /// median, 160-190 us at p90, up to 12 ms. With the shortest slice the kernel grants, its
 /// wake-up preempts (EEVDF: the earlier virtual deadline runs); its share of the core is
-/// unchanged. On a core of its own it changes nothing.
+/// unchanged. On a core of its own it changes nothing. Asked for only once the shard has
+/// connections to other hosts' routers, whose steps are such wake-ups: a shard serving one
+/// host's programs spins (their posts need no wake-up), and finer slices would only cut its
+/// turns on a core it shares into more pieces.
 const SHARD_SLICE: Duration = Duration::from_micros(100);
 
 /// The slice of [`SHARD_SLICE`], or as `FREEFLOW_SHARD_SLICE_US` says.
@@ -275,17 +278,8 @@ impl Shard {
         self.stats
             .tid
             .store(current_tid().unwrap_or(0), Ordering::Relaxed);
-        let slice = shard_slice();
-        if !slice.is_zero() {
-            match crate::sys::set_thread_slice(slice) {
-                Ok(applied) => log::debug!("shard {}: time slice {applied:?}", self.index),
-                Err(e) => log::warn!(
-                    "shard {}: cannot ask for a {slice:?} time slice ({e}); its wake-ups wait \
-                     for the slice of whatever runs on its core",
-                    self.index
-                ),
-            }
-        }
+        // Asked for once the shard serves QPs across hosts (see [`SHARD_SLICE`]).
+        let mut slice = Some(shard_slice()).filter(|s| !s.is_zero());
         let mut idle_since = Instant::now();
         let mut spins: u32 = 0;
         let mut sharing = CoreSharing::default();
@@ -331,7 +325,13 @@ impl Shard {
             // budget. (On one host the shard's next work is its program's next post: there it
             // keeps spinning, so that the post needs no doorbell.)
             let waiting = self.engine.completions_waiting();
-            let shared = self.engine.remote_connected() && sharing.core_shared(waiting);
+            let remote = self.engine.remote_connected();
+            if remote {
+                if let Some(slice) = slice.take() {
+                    self.ask_for_slice(slice);
+                }
+            }
+            let shared = remote && sharing.core_shared(waiting);
             if !shared && idle_since.elapsed() < self.spin {
                 continue;
             }
@@ -347,6 +347,18 @@ impl Shard {
             .collect();
         for id in ids {
             self.detach_id(id, "router shutting down");
+        }
+    }
+
+    /// Asks the kernel for a time slice of `slice` for this thread (see [`SHARD_SLICE`]).
+    fn ask_for_slice(&self, slice: Duration) {
+        match crate::sys::set_thread_slice(slice) {
+            Ok(applied) => log::debug!("shard {}: time slice {applied:?}", self.index),
+            Err(e) => log::warn!(
+                "shard {}: cannot ask for a {slice:?} time slice ({e}); its wake-ups wait for \
+                 the slice of whatever runs on its core",
+                self.index
+            ),
         }
     }
 
