@@ -324,14 +324,13 @@ impl Shard {
             // if another task wants this core meanwhile, park now rather than spin out the
             // budget. (On one host the shard's next work is its program's next post: there it
             // keeps spinning, so that the post needs no doorbell.)
-            let waiting = self.engine.completions_waiting();
             let remote = self.engine.remote_connected();
             if remote {
                 if let Some(slice) = slice.take() {
                     self.ask_for_slice(slice);
                 }
             }
-            let shared = remote && sharing.core_shared(waiting);
+            let shared = remote && sharing.core_shared(self.engine.completions_waiting());
             if !shared && idle_since.elapsed() < self.spin {
                 continue;
             }

@@ -312,7 +312,8 @@ impl Engine {
             };
             cq.dirty = false;
             cq.publish();
-            if !cq.watched {
+            // Only a shard serving QPs across hosts asks (see `completions_waiting`).
+            if !cq.watched && self.remote.active() {
                 cq.watched = true;
                 self.published.push(index);
             }
