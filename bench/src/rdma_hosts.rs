@@ -8,8 +8,10 @@
 //! last (the same one on a one-core machine). The measuring program (rdma_bench.c's two-host
 //! form, built against the installed verbs headers) runs in container web on host 0, its peer
 //! in db on host 1, each pinned to its host's router core, as on a real host with one core:
-//! the programs yield the core while they find nothing to do. The TCP floor is this binary's
-//! `tcp-server` / `tcp-client` roles between the host namespaces (not pinned).
+//! the programs poll as perftest's do, and the verbs library yields the router's core while
+//! they find nothing (not a `sched_yield` per empty poll: see rdma_bench_hosts.c). The TCP
+//! floor is this binary's `tcp-server` / `tcp-client` roles between the host namespaces (not
+//! pinned).
 //!
 //! SIGINT, SIGTERM and SIGHUP stop the experiment at the next step: whatever it made is removed.
 

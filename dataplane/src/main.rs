@@ -49,6 +49,8 @@ const ENVIRONMENT: &str = "Environment:
   FREEFLOW_CONTROL_SPIN_US  how long the control thread polls without sleeping after a request (default 0)
   FREEFLOW_CONTROL_NICE     the control thread's nice value, -20..19 (default -10; 0: an ordinary thread)
   FREEFLOW_CONNECTS_ON_SHARDS  1: TCP-mode connects are started and answered by the shards (default: the control thread)
+  FREEFLOW_SHARD_SLICE_US   the time slice each shard asks the kernel for, in us (default 100, the
+                            shortest: its wake-ups preempt; 0: the kernel's default)
 
 Log lines on stderr: <RFC 3339 UTC time, ms> freeflow-router[<pid>] <ERROR|WARN|INFO> <message>
 

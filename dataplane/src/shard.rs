@@ -36,6 +36,26 @@ use std::time::{Duration, Instant};
 /// unchanged.
 const IDLE_YIELD_PASSES: u32 = 16;
 
+/// The time slice a shard asks the kernel for (`FREEFLOW_SHARD_SLICE_US`; 0: the kernel's
+/// default). A parked shard woken by its doorbell or a socket is the next step of somebody's
+/// request; with the default slice (a few milliseconds) it waited, runnable, for the slice of
+/// whatever ran on its core: traced during `freeflow-bench rdma --hosts 2`, 13-15 us at the
+/// median, 160-190 us at p90, up to 12 ms. With the shortest slice the kernel grants, its
+/// wake-up preempts (EEVDF: the earlier virtual deadline runs); its share of the core is
+/// unchanged. On a core of its own it changes nothing. Asked for only once the shard has
+/// connections to other hosts' routers, whose steps are such wake-ups: a shard serving one
+/// host's programs spins (their posts need no wake-up), and finer slices would only cut its
+/// turns on a core it shares into more pieces.
+const SHARD_SLICE: Duration = Duration::from_micros(100);
+
+/// The slice of [`SHARD_SLICE`], or as `FREEFLOW_SHARD_SLICE_US` says.
+fn shard_slice() -> Duration {
+    std::env::var("FREEFLOW_SHARD_SLICE_US")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(SHARD_SLICE, Duration::from_micros)
+}
+
 /// How long a shard treats its core as shared after it last found another task on it.
 const SHARED_HOLD: Duration = Duration::from_millis(100);
 
@@ -46,8 +66,9 @@ const SHARED_HOLD: Duration = Duration::from_millis(100);
 /// per core as in `freeflow-bench rdma --hosts 2`) holds the core that program needs to post
 /// and to see its completions, and its wake-ups then wait on the scheduler's fairness: traced,
 /// that cost every step of a round trip between hosts tens to hundreds of microseconds. Such a
-/// shard with connections to other hosts' routers therefore parks at its first idle check (as
-/// with `--spin-us 0`) while it was switched out within the last [`SHARED_HOLD`]; a single
+/// shard with connections to other hosts' routers therefore parks at its first empty pass (as
+/// with `--spin-us 0`) while it was switched out, or left completions untaken, within the last
+/// [`SHARED_HOLD`]; a single
 /// check would not do, as a shard the scheduler favours keeps the core through its yields
 /// while the program waits. On a core of its own the count does not grow, and the shard spins
 /// out its budget as before; on one host it always does (its next work is its program's next
@@ -61,17 +82,33 @@ struct CoreSharing {
 }
 
 impl CoreSharing {
-    /// Whether another task took the core within the last [`SHARED_HOLD`] (one `getrusage`).
-    fn core_shared(&mut self) -> bool {
-        let Ok(count) = crate::sys::involuntary_switches() else {
-            return false;
-        };
+    /// Whether the core counted as shared at the last check and still does at `now` (no
+    /// system call: the check itself is [`CoreSharing::core_shared`]).
+    fn holding(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| now < until)
+    }
+
+    /// Whether another task took the core, or a program left the completions the shard
+    /// published untaken (`completions_waiting`: see `Engine::completions_waiting`), within the
+    /// last [`SHARED_HOLD`] (one `getrusage`).
+    ///
+    /// The switches alone miss the commonest case: a program spinning on the shard's core
+    /// whose own `sched_yield`s put it behind the shard, so that the shard's yields return at
+    /// once and it is never switched out, while the program, which needs the core to take the
+    /// completion the shard just produced, waits out the shard's whole idle budget (traced:
+    /// the shards then ran 56-75 us per wake-up, most of it spinning idle).
+    fn core_shared(&mut self, completions_waiting: bool) -> bool {
         let now = Instant::now();
-        if count != self.seen {
-            self.seen = count;
+        if completions_waiting {
             self.until = Some(now + SHARED_HOLD);
         }
-        self.until.is_some_and(|until| now < until)
+        if let Ok(count) = crate::sys::involuntary_switches() {
+            if count != self.seen {
+                self.seen = count;
+                self.until = Some(now + SHARED_HOLD);
+            }
+        }
+        self.holding(now)
     }
 }
 
@@ -249,6 +286,8 @@ impl Shard {
         self.stats
             .tid
             .store(current_tid().unwrap_or(0), Ordering::Relaxed);
+        // Asked for once the shard serves QPs across hosts (see [`SHARD_SLICE`]).
+        let mut slice = Some(shard_slice()).filter(|s| !s.is_zero());
         let mut idle_since = Instant::now();
         let mut spins: u32 = 0;
         let mut sharing = CoreSharing::default();
@@ -270,6 +309,15 @@ impl Shard {
             // The idle clock starts at the first empty pass, so a busy shard reads no clock.
             if spins == 1 {
                 idle_since = Instant::now();
+                // Known to share its core (below): park at once. The 16 empty passes before
+                // the next check, with their yield, took 10-30 us of the core per step of a
+                // round trip between hosts, from the program waiting for it; and a shard that
+                // spends its share spinning is no longer eligible to preempt when it wakes.
+                if sharing.holding(idle_since) && self.engine.remote_connected() {
+                    self.park();
+                    spins = 0;
+                    idle_since = Instant::now();
+                }
                 continue;
             }
             // Reading the clock on every empty pass would cost more than the pass itself.
@@ -284,7 +332,13 @@ impl Shard {
             // if another task wants this core meanwhile, park now rather than spin out the
             // budget. (On one host the shard's next work is its program's next post: there it
             // keeps spinning, so that the post needs no doorbell.)
-            let shared = self.engine.remote_connected() && sharing.core_shared();
+            let remote = self.engine.remote_connected();
+            if remote {
+                if let Some(slice) = slice.take() {
+                    self.ask_for_slice(slice);
+                }
+            }
+            let shared = remote && sharing.core_shared(self.engine.completions_waiting());
             // A shard without attachments has no ring to watch: its work (connects handed
             // over) comes with a ring of its doorbell, so spinning would only take CPU from
             // the programs whose connects it serves.
@@ -304,6 +358,18 @@ impl Shard {
             .collect();
         for id in ids {
             self.detach_id(id, "router shutting down");
+        }
+    }
+
+    /// Asks the kernel for a time slice of `slice` for this thread (see [`SHARD_SLICE`]).
+    fn ask_for_slice(&self, slice: Duration) {
+        match crate::sys::set_thread_slice(slice) {
+            Ok(applied) => log::debug!("shard {}: time slice {applied:?}", self.index),
+            Err(e) => log::warn!(
+                "shard {}: cannot ask for a {slice:?} time slice ({e}); its wake-ups wait for \
+                 the slice of whatever runs on its core",
+                self.index
+            ),
         }
     }
 
@@ -676,7 +742,7 @@ mod tests {
                 break;
             }
             std::thread::yield_now();
-            shared = sharing.core_shared();
+            shared = sharing.core_shared(false);
         }
         stop.store(true, Ordering::Relaxed);
         busy.join().expect("the busy thread");
@@ -686,5 +752,20 @@ mod tests {
             core.id
         );
         assert!(sharing.until.is_some_and(|until| until > Instant::now()));
+    }
+
+    /// Completions the shard published and its program has not taken mark the core shared
+    /// for the hold, whatever the switch count says.
+    #[test]
+    fn completions_left_untaken_mark_the_core_shared() {
+        let mut sharing = CoreSharing {
+            seen: crate::sys::involuntary_switches().expect("getrusage"),
+            until: None,
+        };
+        let before = Instant::now();
+        assert!(sharing.core_shared(true));
+        assert!(sharing
+            .until
+            .is_some_and(|until| until >= before + SHARED_HOLD));
     }
 }

@@ -226,6 +226,12 @@ impl Producer {
         Ok(self.tail.wrapping_sub(self.head_cache))
     }
 
+    /// How many messages the consumer had taken in all (modulo 2^32) as of the last
+    /// [`Producer::unconsumed`]: unchanged between two calls when it took nothing.
+    pub fn consumed(&self) -> u32 {
+        self.head_cache
+    }
+
     /// Copies the first `min(out.len(), slot_size)` bytes of the `n`th message not yet
     /// consumed (0: the oldest, as of the last [`Producer::unconsumed`]) into `out`; false if
     /// there is no such message. For handing what a ring holds over to a new ring while its

@@ -29,6 +29,11 @@ pub(in crate::verbs) struct Cq {
     /// QPs that complete into it (destroying it is refused while there are any).
     pub(super) users: u32,
     pub(in crate::verbs) dirty: bool,
+    /// In the engine's `published` list (see `Engine::completions_waiting`).
+    pub(in crate::verbs) watched: bool,
+    /// The consumer's head at the last check that found completions waiting in the ring (see
+    /// `Engine::completions_waiting`); `None` when the last check found it empty.
+    pub(in crate::verbs) untaken_at: Option<u32>,
     /// Completions carry the time they were produced (`cq_flags::TIMESTAMPS`).
     pub(in crate::verbs) stamped: bool,
     /// The owner wrote a corrupt index into the ring: it is no longer touched.
@@ -161,6 +166,8 @@ impl Engine {
             notify,
             users: 0,
             dirty: false,
+            watched: false,
+            untaken_at: None,
             stamped: r.flags & cq_flags::TIMESTAMPS != 0,
             broken: false,
             _region: region,
@@ -200,6 +207,7 @@ impl Engine {
         #[cfg(feature = "rdma-hw")]
         self.device_destroy_cq(index);
         self.dirty.retain(|&i| i != index);
+        self.published.retain(|&i| i != index);
         Ok(())
     }
 
@@ -309,6 +317,40 @@ impl Engine {
             };
             cq.dirty = false;
             cq.publish();
+            // Only a shard serving QPs across hosts asks (see `completions_waiting`).
+            if !cq.watched && self.remote.active() {
+                cq.watched = true;
+                self.published.push(index);
+            }
         }
+    }
+
+    /// Whether a completion published since the last call still waits in its ring, the
+    /// program not having polled it meanwhile; then each such CQ is forgotten until it gets
+    /// completions again (so a CQ its program leaves full says so once, not at every call).
+    /// A CQ whose program took nothing since the previous check that found it waiting does
+    /// not count: its program is not polling, so it is not waiting for the core.
+    ///
+    /// The shard asks at its idle checks, a few microseconds after its last work: a program
+    /// polling on a core of its own has taken its completions by then. One that has not is
+    /// busy elsewhere or, typically, waiting for the core the shard holds (a program and its
+    /// router sharing a core, as in `freeflow-bench rdma --hosts 2`): there the shard should
+    /// give the core up rather than spin on (see the shard's `CoreSharing`).
+    pub fn completions_waiting(&mut self) -> bool {
+        let mut waiting = false;
+        for index in self.published.drain(..) {
+            let Some(cq) = self.cqs.get_mut(index) else {
+                continue;
+            };
+            cq.watched = false;
+            let untaken = !cq.broken && cq.ring.unconsumed().is_ok_and(|n| n > 0);
+            let head = cq.ring.consumed();
+            // A program that took nothing since the last check found its CQ waiting is not
+            // polling it (it may never): that says nothing of the core, and must not let one
+            // tenant make its shard park early for every other.
+            waiting |= untaken && cq.untaken_at != Some(head);
+            cq.untaken_at = untaken.then_some(head);
+        }
+        waiting
     }
 }

@@ -164,6 +164,9 @@ pub struct Engine {
     test_hooks: bool,
     /// CQs with entries pushed and not yet published.
     pub(super) dirty: Vec<CqId>,
+    /// CQs published since the shard last asked whether their completions were taken
+    /// (`completions_waiting`).
+    pub(super) published: Vec<CqId>,
     /// Attachments that broke a ring (to be detached by the shard), with the reason.
     pub(super) broken: Vec<(AttachmentId, String)>,
     /// The transport to other hosts' routers (idle until the daemon describes a cluster).
@@ -224,6 +227,7 @@ impl Engine {
             budgets: Budgets::new(budget),
             test_hooks,
             dirty: Vec::new(),
+            published: Vec::new(),
             broken: Vec::new(),
             remote: Transport::default(),
             held_acks: Vec::new(),
@@ -294,6 +298,7 @@ impl Engine {
             self.srqs.remove(i);
         }
         self.dirty.retain(|&i| self.cqs.get(i).is_some());
+        self.published.retain(|&i| self.cqs.get(i).is_some());
         Some(held)
     }
 

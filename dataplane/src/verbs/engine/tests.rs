@@ -1617,6 +1617,65 @@ fn pair_across_shards(e0: &mut Engine, e1: &mut Engine, number: u32) -> (Side, S
     (a, b)
 }
 
+/// A completion the program has not taken says so once (to a shard serving QPs through the
+/// transport); taken ones, or none, say nothing; an engine without a transport never keeps
+/// the list.
+#[test]
+fn completions_left_in_their_ring_are_reported_once() {
+    let (mut e0, mut e1) = two_shards();
+    let (mut a, mut b) = pair_across_shards(&mut e0, &mut e1, 1);
+    let (ak, bk) = (a.mr.lkey, b.mr.lkey);
+    assert!(!e1.completions_waiting());
+    post_recv(&mut b, 1, sge(bk, 0, 64));
+    post_send(&mut a, 2, wr_opcode::SEND, &[sge(ak, 0, 8)], 0, 0);
+    // Until a's SEND completed (its ACK came back): b's receive completed before it.
+    run_shards(&mut e0, &mut e1, || a.cq_ring.available().unwrap() > 0);
+    assert!(e0.completions_waiting());
+    assert!(e1.completions_waiting());
+    // Reported once: the same untaken completions do not say it again.
+    assert!(!e0.completions_waiting());
+    assert!(!e1.completions_waiting());
+    // New completions while the programs took nothing since: they are not polling, which
+    // says nothing of the core (one tenant must not make its shard park early for all).
+    post_recv(&mut b, 7, sge(bk, 0, 64));
+    post_send(&mut a, 8, wr_opcode::SEND, &[sge(ak, 0, 8)], 0, 0);
+    run_shards(&mut e0, &mut e1, || a.cq_ring.available_now().unwrap() > 1);
+    assert!(!e0.completions_waiting());
+    assert!(!e1.completions_waiting());
+    assert_eq!(outcomes(&mut a), vec![(2, 0, a.qpn), (8, 0, a.qpn)]);
+    assert_eq!(outcomes(&mut b).len(), 2);
+    // Polling again, then behind again: said again.
+    post_recv(&mut b, 9, sge(bk, 0, 64));
+    post_send(&mut a, 10, wr_opcode::SEND, &[sge(ak, 0, 8)], 0, 0);
+    run_shards(&mut e0, &mut e1, || a.cq_ring.available().unwrap() > 0);
+    assert!(e0.completions_waiting());
+    assert!(e1.completions_waiting());
+    assert_eq!(outcomes(&mut a), vec![(10, 0, a.qpn)]);
+    assert_eq!(outcomes(&mut b).len(), 1);
+    // Taken before the shard asks: nothing waits.
+    post_recv(&mut b, 3, sge(bk, 0, 64));
+    post_send(&mut a, 4, wr_opcode::SEND, &[sge(ak, 0, 8)], 0, 0);
+    let mut got = (0, 0);
+    run_shards(&mut e0, &mut e1, || {
+        got.0 += outcomes(&mut a).len();
+        got.1 += outcomes(&mut b).len();
+        got == (1, 1)
+    });
+    assert!(!e0.completions_waiting());
+    assert!(!e1.completions_waiting());
+
+    // One host, no transport: nothing is kept, nothing is said.
+    let mut engine = Engine::new(false);
+    let (mut c, mut d) = pair(&mut engine);
+    let (ck, dk) = (c.mr.lkey, d.mr.lkey);
+    post_recv(&mut d, 5, sge(dk, 0, 64));
+    post_send(&mut c, 6, wr_opcode::SEND, &[sge(ck, 0, 8)], 0, 0);
+    engine.poll();
+    assert!(!engine.completions_waiting());
+    assert!(engine.published.is_empty());
+    assert_eq!(outcomes(&mut c).len(), 1);
+}
+
 #[test]
 fn qps_on_two_shards_connect_and_run_every_opcode() {
     let (mut e0, mut e1) = two_shards();
