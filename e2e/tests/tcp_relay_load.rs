@@ -66,6 +66,35 @@ fn nginx_conf(dir: &Path) -> String {
     )
 }
 
+/// Starts nginx (daemon on, FREEFLOW_DEBUG) under the shim in container db of `site`, in
+/// `site.work/nginx`, and waits until its two workers' shims told the router that their epoll
+/// instances take the listener's clients (nginx sends the daemon's stderr to its error log).
+fn start_nginx_watching_in_epoll(site: &Site) -> (Nginx, PathBuf) {
+    let dir = site.work.join("nginx");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(&dir)).unwrap();
+    let out = site
+        .shim_env("db", true)
+        .arg("FREEFLOW_DEBUG=1")
+        .args(["timeout", "30", "nginx", "-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let nginx = Nginx(dir.clone());
+    common::assert_success(&out, "nginx (daemon on)");
+    site.wait_listening("db", 80, None);
+    let log = dir.join("error.log");
+    assert!(
+        wait_for_lines(&log, "10.32.0.4:80: this process takes its clients", 2),
+        "nginx's two workers did not tell the router:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    (nginx, dir)
+}
+
 /// Kills the daemonized nginx (master and workers) when the test ends, however it ends.
 struct Nginx(PathBuf);
 
@@ -163,30 +192,7 @@ fn wait_for_lines(file: &Path, needle: &str, count: usize) -> bool {
 fn nginx_workers_waiting_in_epoll_take_plain_clients_without_doorbells() {
     common::require_programs(&["nginx", "python3"], "nginx python3");
     let site = site_with("re", LONG_GRACE);
-    let dir = site.work.join("nginx");
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(&dir)).unwrap();
-    let out = site
-        .shim_env("db", true)
-        .arg("FREEFLOW_DEBUG=1")
-        .args(["timeout", "30", "nginx", "-p"])
-        .arg(&dir)
-        .arg("-c")
-        .arg(&conf)
-        .output()
-        .unwrap();
-    let _nginx = Nginx(dir.clone());
-    common::assert_success(&out, "nginx (daemon on)");
-    site.wait_listening("db", 80, None);
-    // Each worker's shim tells the router when the worker's epoll instance takes in the
-    // listener (nginx sends the daemon's stderr to its error log).
-    let log = dir.join("error.log");
-    assert!(
-        wait_for_lines(&log, "10.32.0.4:80: this process takes its clients", 2),
-        "nginx's two workers did not tell the router:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let (_nginx, _) = start_nginx_watching_in_epoll(&site);
     let relayed = site.router_counter(1, "tcp_relayed");
     let (connections, each) = (50, 4);
     let out = site
@@ -728,27 +734,7 @@ fn wait_all(pids: &[i32], check: impl Fn(i32) -> bool) -> bool {
 fn nginx_workers_stop_watching_a_dead_overlay_listener_and_watch_it_again_after_a_restart() {
     common::require_programs(&["nginx", "python3"], "nginx python3");
     let site = site_with("rw", LONG_GRACE);
-    let dir = site.work.join("nginx");
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(&dir)).unwrap();
-    let out = site
-        .shim_env("db", true)
-        .arg("FREEFLOW_DEBUG=1")
-        .args(["timeout", "30", "nginx", "-p"])
-        .arg(&dir)
-        .arg("-c")
-        .arg(&conf)
-        .output()
-        .unwrap();
-    let _nginx = Nginx(dir.clone());
-    common::assert_success(&out, "nginx (daemon on)");
-    site.wait_listening("db", 80, None);
-    let log = dir.join("error.log");
-    assert!(
-        wait_for_lines(&log, "10.32.0.4:80: this process takes its clients", 2),
-        "nginx's two workers did not tell the router"
-    );
+    let (_nginx, dir) = start_nginx_watching_in_epoll(&site);
     let master: i32 = std::fs::read_to_string(dir.join("nginx.pid"))
         .unwrap()
         .trim()
