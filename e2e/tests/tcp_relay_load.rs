@@ -16,7 +16,7 @@ mod common;
 
 use common::{LineWatch, Site, SiteSpec};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 const CLIENT: &str = include_str!("programs/tcp_relay_load_client.py");
@@ -169,6 +169,18 @@ fn nginx_serves_400_plain_clients_at_once_through_the_relay_round_after_round() 
     );
 }
 
+/// Starts python3 `script` under the shim in container db of `site`, with FREEFLOW_DEBUG and
+/// both outputs piped, killed by `timeout` after `seconds`.
+fn spawn_debug_server(site: &Site, script: &str, seconds: &str) -> Child {
+    site.shim_env("db", true)
+        .arg("FREEFLOW_DEBUG=1")
+        .args(["timeout", seconds, "python3", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Waits (at most 20 s) until `file` holds `count` lines containing `needle`.
 fn wait_for_lines(file: &Path, needle: &str, count: usize) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -283,14 +295,7 @@ fn client_of(site: &Site, port: u16, preload: bool, what: &str) -> String {
 fn select_and_poll_servers_take_plain_clients_without_doorbells() {
     common::require_programs(&["python3"], "python3");
     let site = site_with("rp", LONG_GRACE);
-    let mut server = site
-        .shim_env("db", true)
-        .arg("FREEFLOW_DEBUG=1")
-        .args(["timeout", "90", "python3", "-c", EVENT_LOOP_SERVER])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = spawn_debug_server(&site, EVENT_LOOP_SERVER, "90");
     let mut said = LineWatch::new(server.stderr.take().unwrap());
     // Its first select tells the router, before any client comes.
     assert!(
@@ -448,14 +453,7 @@ print("DONE", flush=True)
 fn a_server_that_closed_the_shims_overlay_listener_serves_plain_clients() {
     common::require_programs(&["python3"], "python3");
     let site = site("rx");
-    let mut server = site
-        .shim_env("db", true)
-        .arg("FREEFLOW_DEBUG=1")
-        .args(["timeout", "60", "python3", "-c", FD_CLOSING_SERVER])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = spawn_debug_server(&site, FD_CLOSING_SERVER, "60");
     site.wait_listening("db", 7301, Some(&mut server));
     let relayed = site.router_counter(1, "tcp_relayed");
     for _ in 0..3 {
@@ -535,14 +533,7 @@ print("DONE", flush=True)
 fn a_plain_client_of_a_process_that_stopped_accepting_gets_a_doorbell_after_the_grace() {
     common::require_programs(&["python3"], "python3");
     let site = site("rg");
-    let mut server = site
-        .shim_env("db", true)
-        .arg("FREEFLOW_DEBUG=1")
-        .args(["timeout", "60", "python3", "-c", ACCEPT_THEN_SELECT_SERVER])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = spawn_debug_server(&site, ACCEPT_THEN_SELECT_SERVER, "60");
     let mut said = LineWatch::new(server.stderr.take().unwrap());
     // No client exists yet, so its first accept waits, and its shim tells the router so.
     assert!(
